@@ -4,7 +4,7 @@
 # Output: $BATON_TESTBED_CACHE (default ~/.cache/baton-testbed)/<key>/bin with etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler, kubectl, kwok, kwokctl and helm. The key covers every pinned
 # version, so a fresh clone on the same machine (CI) reuses the binaries and a version bump rebuilds.
-# Versions are pinned here and nowhere else; `baton devcluster` reads them from this file's output.
+# Versions are pinned here and nowhere else; `baton devcluster` asks this script for the bin directory.
 set -euo pipefail
 
 K8S=1.37.2

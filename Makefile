@@ -1,0 +1,46 @@
+# Baton developer targets. `make help` lists them.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV ?= .venv
+BATON := $(VENV)/bin/baton
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+.PHONY: install
+install: $(VENV)/.installed ## create .venv with Baton and its test dependencies
+
+.PHONY: binaries
+binaries: ## build the local control plane's binaries once per machine (cached under ~/.cache/baton-testbed)
+	bash operator/baton/devcluster/build-binaries.sh
+
+.PHONY: test
+test: install binaries ## run every test (brings the local cluster up itself)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+.PHONY: demo
+demo: install binaries ## run Baton's main job on a local cluster it brings up itself
+	$(BATON) demo
+
+.PHONY: crds
+crds: install ## regenerate crds/ from the API models
+	$(BATON) crd --output-dir crds
+
+.PHONY: up
+up: install ## bring the local cluster up (builds binaries on first use)
+	$(BATON) devcluster up
+
+.PHONY: down
+down: install ## stop the local cluster and remove its state
+	$(BATON) devcluster down
