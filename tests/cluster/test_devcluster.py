@@ -144,8 +144,9 @@ def test_crd_structural_schema_and_cel_rule_reject_a_bad_object_with_the_api_ser
     cluster.apply_crd(crd)
     try:
         obj = {"apiVersion": f"{group}/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"min": 5, "max": 1}}
+        wait_for(lambda: _served(cluster, group), 20, what="CRD served")
         with pytest.raises(ApiException) as err:
-            wait_for(lambda: _create_or_raise_unless_404(cluster, group, obj), 20, what="CRD served")
+            cluster.custom.create_namespaced_custom_object(group, "v1", "default", "widgets", obj)
         assert err.value.status == 422
         assert "min must not exceed max" in err.value.body
         good = {**obj, "metadata": {"name": "ok"}, "spec": {"min": 1, "max": 5}}
@@ -154,13 +155,9 @@ def test_crd_structural_schema_and_cel_rule_reject_a_bad_object_with_the_api_ser
         cluster.extensions.delete_custom_resource_definition(f"widgets.{group}")
 
 
-def _create_or_raise_unless_404(cluster, group, obj):
-    try:
-        return cluster.custom.create_namespaced_custom_object(group, "v1", "default", "widgets", obj)
-    except ApiException as exc:
-        if exc.status == 404:  # discovery not caught up yet
-            return None
-        raise
+def _served(cluster, group):
+    cluster.custom.list_namespaced_custom_object(group, "v1", "default", "widgets")
+    return True
 
 
 def test_every_node_and_pod_address_is_loopback(cluster, namespace):
@@ -172,7 +169,7 @@ def test_every_node_and_pod_address_is_loopback(cluster, namespace):
     for node in cluster.core.list_node().items:
         addresses += [a.address for a in node.status.addresses if a.type in ("InternalIP", "ExternalIP")]
     for pod in cluster.core.list_pod_for_all_namespaces().items:
-        addresses += [ip.ip for ip in pod.status.pod_i_ps or []] + [ip.ip for ip in pod.status.host_i_ps or []]
+        addresses += [ip.ip for ip in pod.status.pod_ips or []] + [ip.ip for ip in pod.status.host_ips or []]
     assert addresses, "expected node and pod addresses"
     assert all(ipaddress.ip_address(a) in loopback for a in addresses), sorted(set(addresses))
     server = cluster.api_client.configuration.host

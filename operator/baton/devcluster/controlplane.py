@@ -344,10 +344,8 @@ class ControlPlane:
         self.kubeconfig.chmod(0o600)
 
     def _write_kwok_config(self) -> None:
+        # Only Stage documents: a KwokConfiguration document here would replace KWOK's defaults
+        # wholesale (its options are not defaulted when loaded from a file); --cidr and --node-ip
+        # on the command line set what Baton needs.
         stages = (resources.files("baton.devcluster") / "kwok-stages.yaml").read_text()
-        options = {
-            "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
-            "kind": "KwokConfiguration",
-            "options": {"cidr": POD_CIDR, "nodeIP": LOOPBACK},
-        }
-        (self.dir / "kwok.yaml").write_text(yaml.safe_dump(options) + "---\n" + stages)
+        (self.dir / "kwok.yaml").write_text(stages)

@@ -112,7 +112,6 @@ def node_manifest(pool: Pool, name: str) -> dict[str, Any]:
             "addresses": [{"type": "InternalIP", "address": NODE_IP}, {"type": "Hostname", "address": name}],
             "allocatable": dict(capacity),
             "capacity": dict(capacity),
-            "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux", "kubeletVersion": "fake"},
         },
     }
 
