@@ -1,0 +1,434 @@
+"""The KV-cache format ("CacheState") of a TensorRT-LLM worker, and whether two workers can hand off KV.
+
+TensorRT-LLM checks the KV format of a context (prefill) and a generation (decode) worker only at the first
+transfer handshake, when the context side runs `CacheFormatter::inquireSupport(self, peer)`. Baton derives the
+same description from the files it renders (the model's Hugging Face `config.json` and the
+`--extra_llm_api_options` / `--config` YAML) so that it can refuse an incompatible pair before any traffic.
+
+Pure logic: the only I/O is `cache_state_from_files`, which reads `MODEL_DIR/config.json`. Used by the
+operator (static gate), the scheduler (pairing tiers) and the engine simulator (the handshake itself).
+
+Hard-equal fields (`HARD_EQUAL_FIELDS`) must be identical on both tiers: the ones TensorRT-LLM checks (KV
+dtype, attention type, kv factor, tokens per block, head size, layer count, context parallelism) plus the
+ones it does not check but that still have to agree (global KV heads, resolved transfer backend, TensorRT-LLM
+version, speculative-decoding config, model identity). TP, PP, attention DP and beam width are not compared
+between tiers; single-tier rules (`rule_violations`) cover them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+__all__ = [
+    "BACKENDS",
+    "HARD_EQUAL_FIELDS",
+    "KV_DTYPES",
+    "TRANSCEIVER_DISABLED_MESSAGE",
+    "TRTLLM_CACHESTATE_ERROR",
+    "CacheState",
+    "KVFormatError",
+    "Mismatch",
+    "cache_state_from_files",
+    "compare",
+    "fingerprint",
+    "from_wire",
+    "kv_bytes_per_token",
+    "normalize_kv_dtype",
+    "resolve_backend",
+    "rule_violations",
+    "speculative_string",
+    "to_wire",
+    "trtllm_error",
+]
+
+KV_DTYPES = ("fp16", "bf16", "fp8")
+BACKENDS = ("UCX", "NIXL", "MPI", "MOONCAKE")
+DEFAULT_TOKENS_PER_BLOCK = 32  # PyTorch backend default of kv_cache_config.tokens_per_block
+
+# TensorRT-LLM's own texts (tensorrt_llm/executor/worker.py, batch_manager/cacheTransceiver.cpp).
+TRANSCEIVER_DISABLED_MESSAGE = (
+    "kv_cache_transceiver is disabled, please set 'cache_transceiver_config: backend:<backend_type>` "
+    "in config file for disaggregated serving"
+)
+TRTLLM_CACHESTATE_ERROR = (
+    "Disagg server does not currently support these cacheState, please check the cacheState of the context "
+    "and gen executors"
+)
+
+# DEFAULT backend resolution, in TensorRT-LLM's order: the first env var set to "1" wins.
+_BACKEND_ENV = (
+    ("TRTLLM_USE_UCX_KVCACHE", "UCX"),
+    ("TRTLLM_USE_NIXL_KVCACHE", "NIXL"),
+    ("TRTLLM_USE_MOONCAKE_KVCACHE", "MOONCAKE"),
+    ("TRTLLM_USE_MPI_KVCACHE", "MPI"),
+)
+
+_DTYPE_ALIASES = {
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp8": "fp8",
+    "float8": "fp8",
+    "float8_e4m3fn": "fp8",
+    "e4m3": "fp8",
+}
+_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp8": 1}
+
+
+class KVFormatError(ValueError):
+    """The configuration does not describe a usable disaggregated KV format."""
+
+
+@dataclass(frozen=True)
+class CacheState:
+    """What TensorRT-LLM's CacheState (plus the parts it does not carry but Baton compares) says about a worker."""
+
+    kv_dtype: str  # "fp16" | "bf16" | "fp8" (explicit; "auto" is refused)
+    tokens_per_block: int
+    num_layers: int  # KV-carrying layers
+    num_kv_heads: int  # global KV heads
+    head_dim: int
+    attention_type: str  # "DEFAULT" | "MLA"
+    kv_factor: int  # 2 = K+V, 1 = K only (MLA)
+    tp: int
+    pp: int
+    cp: int
+    enable_attention_dp: bool
+    transfer_backend: str  # resolved: "UCX" | "NIXL" | "MPI" | "MOONCAKE" (never "DEFAULT")
+    trtllm_version: str
+    speculative: str  # canonical string of speculative_config, "" when none
+    model_identity: str  # served model name/revision; "" when unknown
+    beam_width: int = 1
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One hard-equal field that differs between the context and the generation worker."""
+
+    field: str  # camelCase name users see, e.g. "kvCacheDtype"
+    context: object  # prefill/ctx value
+    generation: object  # decode/gen value
+
+
+# Hard-equal CacheState attribute -> the camelCase name shown to users. Order = report order.
+HARD_EQUAL_FIELDS: dict[str, str] = {
+    "kv_dtype": "kvCacheDtype",
+    "attention_type": "attentionType",
+    "kv_factor": "kvFactor",
+    "cp": "contextParallelSize",
+    "tokens_per_block": "tokensPerBlock",
+    "head_dim": "headDim",
+    "num_layers": "numLayers",
+    "num_kv_heads": "numKvHeads",
+    "transfer_backend": "transferBackend",
+    "trtllm_version": "trtllmVersion",
+    "speculative": "speculativeConfig",
+    "model_identity": "modelIdentity",
+}
+
+# camelCase field -> the failing check named in the error. TensorRT-LLM's own fragments (cacheFormatter.cpp)
+# where it checks the field; Baton's wording, marked "(Baton)", where TensorRT-LLM does not check it and a real
+# pair would fail some other way (or silently corrupt output).
+_CHECK_TEXT = {
+    "kvCacheDtype": "selfConfig.getDataType() != destConfig.getDataType(): only support same kv cache dtype",
+    "attentionType": "only support same attention type",
+    "kvFactor": "only support same kv factor",
+    "contextParallelSize": "context parallelism is not currently supported",
+    "tokensPerBlock": "only support same tokens per block and size per head",
+    "headDim": "only support same tokens per block and size per head",
+    "numLayers": "only support same number of layers",
+    "numKvHeads": "only support same number of kv heads (Baton)",
+    "transferBackend": "only support same cache transceiver backend (Baton)",
+    "trtllmVersion": "only support same TensorRT-LLM version: the serialized state is positional (Baton)",
+    "speculativeConfig": "only support same speculative_config (Baton)",
+    "modelIdentity": "only support same model (Baton)",
+}
+
+
+def normalize_kv_dtype(dtype: object) -> str:
+    """Canonical KV dtype ("fp16" | "bf16" | "fp8"); refuses "auto", a missing value and anything unknown."""
+    if dtype is None or str(dtype).strip().lower() in ("", "auto"):
+        raise KVFormatError(
+            f"kv_cache_config.dtype is {'unset' if dtype is None else repr(dtype)}: Baton requires an explicit KV "
+            "cache dtype (fp16, bf16 or fp8) on every disaggregated worker, because 'auto' resolves from "
+            "checkpoint metadata and tools disagree on the result"
+        )
+    key = str(dtype).strip().lower()
+    if key not in _DTYPE_ALIASES:
+        raise KVFormatError(f"unsupported kv_cache_config.dtype {dtype!r}; use one of {', '.join(KV_DTYPES)}")
+    return _DTYPE_ALIASES[key]
+
+
+def _major_version(version: str) -> int:
+    match = re.match(r"\s*v?(\d+)", version or "")
+    if not match:
+        raise KVFormatError(f"cannot parse TensorRT-LLM version {version!r}")
+    return int(match.group(1))
+
+
+def resolve_backend(backend: str | None, env: Mapping[str, str], trtllm_version: str) -> str:
+    """The transfer backend a worker really uses.
+
+    `None`/empty means the transceiver is disabled (TensorRT-LLM's message is raised). `DEFAULT` checks
+    TRTLLM_USE_UCX_KVCACHE, TRTLLM_USE_NIXL_KVCACHE, TRTLLM_USE_MOONCAKE_KVCACHE, TRTLLM_USE_MPI_KVCACHE in that
+    order (the first one set to "1" wins, as in cacheTransceiver.cpp), else the version's built-in default:
+    NIXL for TensorRT-LLM >= 1.0, UCX before (Baton's reading of the history; never rely on it, render an
+    explicit backend).
+    """
+    if backend is None or str(backend).strip() == "":
+        raise KVFormatError(TRANSCEIVER_DISABLED_MESSAGE)
+    name = str(backend).strip().upper()
+    if name in BACKENDS:
+        return name
+    if name != "DEFAULT":
+        raise KVFormatError(
+            f"unknown cache_transceiver_config.backend {backend!r}; use DEFAULT, {', '.join(BACKENDS)}"
+        )
+    for var, resolved in _BACKEND_ENV:
+        if str(env.get(var, "")).strip() == "1":
+            return resolved
+    return "NIXL" if _major_version(trtllm_version) >= 1 else "UCX"
+
+
+def _canonical_json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def speculative_string(speculative_config: object) -> str:
+    """The canonical `CacheState.speculative` of a speculative_config: compact sorted JSON, "" when none.
+
+    Anything that builds a CacheState by hand must use this, or fingerprints will not match."""
+    return _canonical_json(speculative_config) if speculative_config else ""
+
+
+def _text_config(config: dict) -> dict:
+    # Multimodal checkpoints nest the language model's shape under text_config.
+    if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict):
+        return config["text_config"]
+    return config
+
+
+def _positive_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise KVFormatError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def cache_state_from_files(
+    model_dir: Path,
+    llm_api_options: dict,
+    *,
+    trtllm_version: str,
+    env: Mapping[str, str] | None = None,
+    tp: int | None = None,
+    pp: int | None = None,
+    model_identity: str | None = None,
+) -> CacheState:
+    """Derive a worker's CacheState the way trtllm-serve would from MODEL_DIR/config.json and its YAML.
+
+    - Shape: `num_hidden_layers`, `num_key_value_heads` (default `num_attention_heads`), `head_dim` (else
+      `hidden_size // num_attention_heads`). MLA (`kv_lora_rank` set): kv_factor 1, one KV head, head size
+      `kv_lora_rank + qk_rope_head_dim`. MTP speculative decoding adds `num_nextn_predict_layers` KV layers.
+    - YAML (`llm_api_options`, the parsed --extra_llm_api_options/--config): `kv_cache_config.dtype` (required,
+      explicit), `kv_cache_config.tokens_per_block` (default 32), `cache_transceiver_config.backend` (required;
+      DEFAULT resolved by `resolve_backend`), `tensor_parallel_size`, `pipeline_parallel_size`,
+      `context_parallel_size`, `enable_attention_dp`, `speculative_config`, `max_beam_width`.
+    - `tp`/`pp` are the command-line `--tp_size`/`--pp_size`; as in trtllm-serve the YAML wins when it sets them.
+    - `model_identity` is the served model name (trtllm-serve uses the model argument); "" when not given.
+
+    Raises KVFormatError (a ValueError) with a readable message when something is missing or unsupported.
+    """
+    config_path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise KVFormatError(f"{config_path}: no such file (MODEL_DIR must hold a Hugging Face config.json)") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KVFormatError(f"{config_path}: cannot read config.json: {exc}") from exc
+    if not isinstance(config, dict):
+        raise KVFormatError(f"{config_path}: expected a JSON object")
+    options = llm_api_options or {}
+    if not isinstance(options, dict):
+        raise KVFormatError("the LLM-API options must be a mapping (YAML object)")
+    shape = _text_config(config)
+
+    num_layers = _positive_int(shape.get("num_hidden_layers"), "config.json num_hidden_layers")
+    num_heads = shape.get("num_attention_heads")
+    if shape.get("kv_lora_rank") is not None:
+        attention_type, kv_factor, num_kv_heads = "MLA", 1, 1
+        head_dim = int(shape["kv_lora_rank"]) + int(shape.get("qk_rope_head_dim") or 0)
+    else:
+        attention_type, kv_factor = "DEFAULT", 2
+        num_kv_heads = shape.get("num_key_value_heads") or num_heads
+        num_kv_heads = _positive_int(num_kv_heads, "config.json num_key_value_heads/num_attention_heads")
+        head_dim = shape.get("head_dim")
+        if head_dim is None:
+            hidden = _positive_int(shape.get("hidden_size"), "config.json hidden_size")
+            head_dim = hidden // _positive_int(num_heads, "config.json num_attention_heads")
+        head_dim = _positive_int(head_dim, "config.json head_dim")
+
+    ctc = options.get("cache_transceiver_config")
+    if not isinstance(ctc, dict) or not ctc.get("backend"):
+        raise KVFormatError(TRANSCEIVER_DISABLED_MESSAGE)
+    backend = resolve_backend(ctc.get("backend"), env if env is not None else {}, trtllm_version)
+
+    kv_cfg = options.get("kv_cache_config") or {}
+    if not isinstance(kv_cfg, dict):
+        raise KVFormatError("kv_cache_config must be a mapping")
+    kv_dtype = normalize_kv_dtype(kv_cfg.get("dtype"))
+    tokens_per_block = _positive_int(
+        kv_cfg.get("tokens_per_block", DEFAULT_TOKENS_PER_BLOCK), "kv_cache_config.tokens_per_block"
+    )
+
+    spec = options.get("speculative_config") or None
+    speculative = speculative_string(spec)
+    if isinstance(spec, dict) and str(spec.get("decoding_type", "")).upper() == "MTP":
+        num_layers += int(spec.get("num_nextn_predict_layers") or 1)
+
+    tp_size = options.get("tensor_parallel_size", tp if tp is not None else 1)
+    pp_size = options.get("pipeline_parallel_size", pp if pp is not None else 1)
+    return CacheState(
+        kv_dtype=kv_dtype,
+        tokens_per_block=tokens_per_block,
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        attention_type=attention_type,
+        kv_factor=kv_factor,
+        tp=_positive_int(tp_size, "tensor_parallel_size"),
+        pp=_positive_int(pp_size, "pipeline_parallel_size"),
+        cp=_positive_int(options.get("context_parallel_size", 1), "context_parallel_size"),
+        enable_attention_dp=bool(options.get("enable_attention_dp", False)),
+        transfer_backend=backend,
+        trtllm_version=str(trtllm_version),
+        speculative=speculative,
+        model_identity=model_identity or "",
+        beam_width=_positive_int(options.get("max_beam_width", 1), "max_beam_width"),
+    )
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def rule_violations(state: CacheState) -> list[str]:
+    """Single-tier rules a worker must satisfy to take part in disaggregated serving; [] when it does."""
+    problems: list[str] = []
+    if state.kv_dtype not in KV_DTYPES:
+        problems.append(
+            f"kvCacheDtype must be explicit (one of {', '.join(KV_DTYPES)}), got {state.kv_dtype!r}"
+        )
+    if state.transfer_backend not in BACKENDS:
+        problems.append(
+            f"transferBackend must be resolved to one of {', '.join(BACKENDS)}, got {state.transfer_backend!r}"
+        )
+    for name, value in (("tensorParallelSize", state.tp), ("pipelineParallelSize", state.pp),
+                        ("contextParallelSize", state.cp), ("tokensPerBlock", state.tokens_per_block),
+                        ("numLayers", state.num_layers), ("numKvHeads", state.num_kv_heads),
+                        ("headDim", state.head_dim)):
+        if value < 1:
+            problems.append(f"{name} must be at least 1, got {value}")
+    # With attention DP every rank is its own DP group (TP per DP group = 1); otherwise the group is all of TP.
+    tp_per_dp = 1 if state.enable_attention_dp else state.tp
+    if state.tp >= 1 and not _is_power_of_two(tp_per_dp):
+        problems.append(f"TP per DP group must be a power of two, got {tp_per_dp} (tensorParallelSize={state.tp})")
+    if state.cp >= 1 and not _is_power_of_two(state.cp):
+        problems.append(f"contextParallelSize must be a power of two, got {state.cp}")
+    if state.attention_type != "MLA" and state.cp != 1:
+        problems.append(
+            f"context parallelism is not currently supported for non-MLA models: contextParallelSize must be 1, "
+            f"got {state.cp}"
+        )
+    if state.pp >= 1 and state.num_layers % state.pp != 0:
+        problems.append(
+            f"layers must be divisible by pipeline parallelism: numLayers={state.num_layers}, "
+            f"pipelineParallelSize={state.pp}"
+        )
+    if state.beam_width != 1:
+        problems.append(f"Currently, only beam width 1 is supported (maxBeamWidth={state.beam_width})")
+    if state.attention_type not in ("DEFAULT", "MLA"):
+        problems.append(f"attentionType must be DEFAULT or MLA, got {state.attention_type!r}")
+    expected_factor = 1 if state.attention_type == "MLA" else 2
+    if state.kv_factor != expected_factor:
+        problems.append(f"kvFactor must be {expected_factor} for {state.attention_type} attention, got {state.kv_factor}")
+    if state.attention_type == "MLA" and state.num_kv_heads != 1:
+        problems.append(f"MLA caches one KV head per layer, got numKvHeads={state.num_kv_heads}")
+    return problems
+
+
+def compare(ctx: CacheState, gen: CacheState) -> list[Mismatch]:
+    """Hard-equal fields that differ between a context and a generation worker ([] = compatible).
+
+    TP, PP, attention DP and beam width are not compared (TensorRT-LLM maps TP/PP; the rest are tier rules).
+    """
+    return [
+        Mismatch(label, getattr(ctx, attr), getattr(gen, attr))
+        for attr, label in HARD_EQUAL_FIELDS.items()
+        if getattr(ctx, attr) != getattr(gen, attr)
+    ]
+
+
+def trtllm_error(mismatches: list[Mismatch]) -> str:
+    """The error a handoff between such workers fails with: TensorRT-LLM's text, then each failing check.
+
+    Starts with "Disagg server does not currently support these cacheState" (TensorRT-LLM's TLLM_CHECK text),
+    then "; "-separated checks, each with the field and both values, e.g.
+    "only support same number of layers (numLayers: context=80, generation=32)".
+    """
+    if not mismatches:
+        return ""
+    checks = []
+    for m in mismatches:
+        check = _CHECK_TEXT.get(m.field, f"only support same {m.field} (Baton)")
+        checks.append(f"{check} ({m.field}: context={m.context}, generation={m.generation})")
+    return f"{TRTLLM_CACHESTATE_ERROR}: " + "; ".join(checks)
+
+
+def kv_bytes_per_token(state: CacheState) -> int:
+    """KV bytes one token occupies across the whole model: kv_factor x layers x KV heads x head_dim x bytes."""
+    if state.kv_dtype not in _DTYPE_BYTES:
+        raise KVFormatError(f"unknown kv dtype {state.kv_dtype!r}")
+    return state.kv_factor * state.num_layers * state.num_kv_heads * state.head_dim * _DTYPE_BYTES[state.kv_dtype]
+
+
+def fingerprint(state: CacheState) -> str:
+    """First 12 hex digits of sha256 over the hard-equal fields: equal fingerprints <=> compare() == []."""
+    payload = _canonical_json({label: getattr(state, attr) for attr, label in HARD_EQUAL_FIELDS.items()})
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
+
+
+def to_wire(state: CacheState) -> dict:
+    """A JSON-able dict of every field (snake_case keys, as in the dataclass)."""
+    return asdict(state)
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(CacheState)}
+
+
+def from_wire(d: Mapping[str, object]) -> CacheState:
+    """The inverse of `to_wire`; unknown keys are ignored, missing or mistyped ones raise KVFormatError."""
+    if not isinstance(d, Mapping):
+        raise KVFormatError("cache state must be a JSON object")
+    values: dict[str, object] = {}
+    for f in fields(CacheState):
+        if f.name not in d:
+            if f.name == "beam_width":
+                continue
+            raise KVFormatError(f"cache state is missing {f.name!r}")
+        value = d[f.name]
+        if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise KVFormatError(f"cache state field {f.name!r} must be an integer, got {value!r}")
+        if f.type == "str" and not isinstance(value, str):
+            raise KVFormatError(f"cache state field {f.name!r} must be a string, got {value!r}")
+        if f.type == "bool" and not isinstance(value, bool):
+            raise KVFormatError(f"cache state field {f.name!r} must be a boolean, got {value!r}")
+        values[f.name] = value
+    return CacheState(**values)  # type: ignore[arg-type]
+

@@ -1,0 +1,334 @@
+"""baton.kvformat: CacheState derivation, tier rules, pair comparison, TensorRT-LLM's error text."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from baton import kvformat
+from baton.kvformat import CacheState, Mismatch
+
+MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
+LLAMA_8B = MODELS / "llama-3-8b"
+LLAMA_70B = MODELS / "llama-3-70b"
+
+
+def options(dtype: str | None = "fp16", backend: str | None = "UCX", **extra) -> dict:
+    opts: dict = {"kv_cache_config": {}, **extra}
+    if dtype is not None:
+        opts["kv_cache_config"]["dtype"] = dtype
+    if backend is not None:
+        opts["cache_transceiver_config"] = {"backend": backend}
+    return opts
+
+
+def state(model: Path = LLAMA_70B, *, version: str = "1.2.0", env: dict | None = None, **kw) -> CacheState:
+    tp = kw.pop("tp", None)
+    pp = kw.pop("pp", None)
+    return kvformat.cache_state_from_files(model, options(**kw), trtllm_version=version, env=env or {}, tp=tp, pp=pp)
+
+
+# ---------------------------------------------------------------- derivation from files
+
+
+def test_llama_70b_shape_from_config_json():
+    s = state(LLAMA_70B)
+    assert (s.num_layers, s.num_kv_heads, s.head_dim) == (80, 8, 128)
+    assert (s.attention_type, s.kv_factor, s.kv_dtype, s.tokens_per_block) == ("DEFAULT", 2, "fp16", 32)
+    assert (s.tp, s.pp, s.cp, s.enable_attention_dp, s.beam_width) == (1, 1, 1, False, 1)
+    assert s.transfer_backend == "UCX" and s.trtllm_version == "1.2.0" and s.speculative == ""
+
+
+@pytest.mark.parametrize(
+    ("model", "dtype", "expected"),
+    [
+        (LLAMA_70B, "fp16", 327_680),
+        (LLAMA_70B, "bf16", 327_680),
+        (LLAMA_70B, "fp8", 163_840),
+        (LLAMA_8B, "fp16", 131_072),
+        (LLAMA_8B, "fp8", 65_536),
+    ],
+)
+def test_kv_bytes_per_token(model, dtype, expected):
+    assert kvformat.kv_bytes_per_token(state(model, dtype=dtype)) == expected
+
+
+def test_dtype_aliases_are_normalised():
+    assert state(dtype="float16").kv_dtype == "fp16"
+    assert state(dtype="bfloat16").kv_dtype == "bf16"
+    assert state(dtype="FP8").kv_dtype == "fp8"
+
+
+@pytest.mark.parametrize("dtype", ["auto", None, ""])
+def test_auto_or_missing_dtype_is_refused(dtype):
+    with pytest.raises(kvformat.KVFormatError, match="explicit KV cache dtype"):
+        state(dtype=dtype)
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(kvformat.KVFormatError, match="unsupported kv_cache_config.dtype"):
+        state(dtype="int4")
+
+
+def test_missing_transceiver_config_uses_trtllm_message():
+    with pytest.raises(kvformat.KVFormatError) as err:
+        state(backend=None)
+    assert str(err.value) == kvformat.TRANSCEIVER_DISABLED_MESSAGE
+    assert str(err.value).startswith("kv_cache_transceiver is disabled, please set 'cache_transceiver_config: backend:")
+
+
+def test_yaml_options_are_read():
+    opts = options(
+        dtype="fp8",
+        tensor_parallel_size=4,
+        pipeline_parallel_size=2,
+        enable_attention_dp=True,
+        max_beam_width=1,
+        speculative_config={"max_draft_len": 3, "decoding_type": "Eagle"},
+    )
+    opts["kv_cache_config"]["tokens_per_block"] = 64
+    s = kvformat.cache_state_from_files(LLAMA_70B, opts, trtllm_version="1.1.0", env={}, model_identity="llama")
+    assert (s.tp, s.pp, s.enable_attention_dp, s.tokens_per_block, s.kv_dtype) == (4, 2, True, 64, "fp8")
+    assert s.speculative == '{"decoding_type":"Eagle","max_draft_len":3}'
+    assert s.model_identity == "llama"
+
+
+def test_command_line_tp_pp_used_unless_yaml_sets_them():
+    assert (state(tp=2, pp=2).tp, state(tp=2, pp=2).pp) == (2, 2)
+    s = kvformat.cache_state_from_files(
+        LLAMA_70B, options(tensor_parallel_size=8), trtllm_version="1.2.0", env={}, tp=2
+    )
+    assert s.tp == 8  # trtllm-serve applies the YAML over the command line
+
+
+def test_head_dim_and_kv_heads_fall_back(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 12, "num_attention_heads": 16, "hidden_size": 2048,
+    }))
+    s = kvformat.cache_state_from_files(tmp_path, options(), trtllm_version="1.2.0", env={})
+    assert (s.num_kv_heads, s.head_dim) == (16, 128)
+
+
+def test_mla_model_detected(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128, "hidden_size": 7168,
+        "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+    }))
+    s = kvformat.cache_state_from_files(tmp_path, options(dtype="fp8"), trtllm_version="1.2.0", env={})
+    assert (s.attention_type, s.kv_factor, s.num_kv_heads, s.head_dim) == ("MLA", 1, 1, 576)
+    assert kvformat.kv_bytes_per_token(s) == 61 * 576
+    assert kvformat.rule_violations(s) == []
+
+
+def test_mtp_adds_kv_layers(tmp_path):
+    opts = options(speculative_config={"decoding_type": "MTP", "num_nextn_predict_layers": 2})
+    assert kvformat.cache_state_from_files(LLAMA_8B, opts, trtllm_version="1.2.0", env={}).num_layers == 34
+
+
+def test_missing_config_json_is_a_clear_error(tmp_path):
+    with pytest.raises(kvformat.KVFormatError, match="config.json"):
+        kvformat.cache_state_from_files(tmp_path, options(), trtllm_version="1.2.0", env={})
+
+
+# ---------------------------------------------------------------- backend resolution
+
+
+@pytest.mark.parametrize(
+    ("env", "version", "expected"),
+    [
+        ({}, "1.2.0", "NIXL"),
+        ({}, "1.0.0rc3", "NIXL"),
+        ({}, "0.21.0", "UCX"),
+        ({"TRTLLM_USE_UCX_KVCACHE": "1"}, "1.2.0", "UCX"),
+        ({"TRTLLM_USE_NIXL_KVCACHE": "1"}, "0.20.0", "NIXL"),
+        ({"TRTLLM_USE_MOONCAKE_KVCACHE": "1"}, "1.2.0", "MOONCAKE"),
+        ({"TRTLLM_USE_MPI_KVCACHE": "1"}, "1.2.0", "MPI"),
+        ({"TRTLLM_USE_UCX_KVCACHE": "1", "TRTLLM_USE_NIXL_KVCACHE": "1"}, "1.2.0", "UCX"),  # UCX checked first
+        ({"TRTLLM_USE_NIXL_KVCACHE": "1", "TRTLLM_USE_MPI_KVCACHE": "1"}, "0.21.0", "NIXL"),
+        ({"TRTLLM_USE_UCX_KVCACHE": "0"}, "1.2.0", "NIXL"),  # only "1" switches a backend on
+    ],
+)
+def test_default_backend_resolution(env, version, expected):
+    assert kvformat.resolve_backend("DEFAULT", env, version) == expected
+
+
+def test_explicit_backend_ignores_env():
+    assert kvformat.resolve_backend("ucx", {"TRTLLM_USE_NIXL_KVCACHE": "1"}, "1.2.0") == "UCX"
+    assert kvformat.resolve_backend("MOONCAKE", {}, "1.2.0") == "MOONCAKE"
+
+
+def test_backend_errors():
+    with pytest.raises(kvformat.KVFormatError, match="kv_cache_transceiver is disabled"):
+        kvformat.resolve_backend(None, {}, "1.2.0")
+    with pytest.raises(kvformat.KVFormatError, match="unknown cache_transceiver_config.backend"):
+        kvformat.resolve_backend("TCP", {}, "1.2.0")
+
+
+def test_cache_state_resolves_default_backend_through_env():
+    assert state(backend="DEFAULT", env={"TRTLLM_USE_UCX_KVCACHE": "1"}).transfer_backend == "UCX"
+    assert state(backend="DEFAULT").transfer_backend == "NIXL"
+    assert state(backend="DEFAULT", version="0.21.0").transfer_backend == "UCX"
+
+
+# ---------------------------------------------------------------- single-tier rules
+
+
+def test_valid_state_has_no_violations():
+    assert kvformat.rule_violations(state(tp=4, pp=2)) == []
+
+
+@pytest.mark.parametrize("tp", [3, 6, 12])
+def test_tp_must_be_power_of_two(tp):
+    problems = kvformat.rule_violations(state(tp=tp))
+    assert any("TP per DP group must be a power of two" in p for p in problems)
+
+
+def test_attention_dp_makes_tp_per_group_one():
+    s = dataclasses.replace(state(), tp=6, enable_attention_dp=True)
+    assert not any("power of two" in p for p in kvformat.rule_violations(s))
+
+
+def test_cp_rules():
+    non_mla = dataclasses.replace(state(), cp=2)
+    assert any("context parallelism is not currently supported" in p for p in kvformat.rule_violations(non_mla))
+    mla = dataclasses.replace(state(), attention_type="MLA", kv_factor=1, num_kv_heads=1, cp=3)
+    problems = kvformat.rule_violations(mla)
+    assert any("contextParallelSize must be a power of two" in p for p in problems)
+    assert kvformat.rule_violations(dataclasses.replace(mla, cp=2)) == []
+
+
+def test_beam_width_and_dtype_rules():
+    assert any("only beam width 1" in p for p in kvformat.rule_violations(dataclasses.replace(state(), beam_width=2)))
+    assert any("kvCacheDtype must be explicit" in p for p in kvformat.rule_violations(dataclasses.replace(state(), kv_dtype="auto")))
+
+
+def test_layers_must_divide_by_pp():
+    problems = kvformat.rule_violations(state(LLAMA_70B, pp=3))
+    assert any("layers must be divisible by pipeline parallelism" in p for p in problems)
+
+
+def test_unresolved_backend_is_a_violation():
+    assert any("transferBackend" in p for p in kvformat.rule_violations(dataclasses.replace(state(), transfer_backend="DEFAULT")))
+
+
+# ---------------------------------------------------------------- pair comparison
+
+HARD = {
+    "kv_dtype": ("fp8", "kvCacheDtype"),
+    "tokens_per_block": (64, "tokensPerBlock"),
+    "num_layers": (32, "numLayers"),
+    "num_kv_heads": (4, "numKvHeads"),
+    "head_dim": (64, "headDim"),
+    "attention_type": ("MLA", "attentionType"),
+    "kv_factor": (1, "kvFactor"),
+    "cp": (2, "contextParallelSize"),
+    "transfer_backend": ("NIXL", "transferBackend"),
+    "trtllm_version": ("1.1.0", "trtllmVersion"),
+    "speculative": ('{"decoding_type":"Eagle"}', "speculativeConfig"),
+    "model_identity": ("other-model", "modelIdentity"),
+}
+
+
+def test_hard_field_table_covers_every_compared_field():
+    assert set(HARD) == set(kvformat.HARD_EQUAL_FIELDS)
+
+
+@pytest.mark.parametrize("attr", sorted(HARD))
+def test_each_hard_field_mismatch_reports_both_values(attr):
+    ctx = state()
+    value, label = HARD[attr]
+    gen = dataclasses.replace(ctx, **{attr: value})
+    assert kvformat.compare(ctx, gen) == [Mismatch(label, getattr(ctx, attr), value)]
+    assert kvformat.compare(gen, ctx) == [Mismatch(label, value, getattr(ctx, attr))]
+    assert kvformat.fingerprint(ctx) != kvformat.fingerprint(gen)
+
+
+@pytest.mark.parametrize(
+    "change", [{"tp": 4}, {"pp": 2}, {"tp": 8, "pp": 2}, {"enable_attention_dp": True}, {"beam_width": 2}]
+)
+def test_tp_pp_and_tier_settings_may_differ(change):
+    ctx = state()
+    gen = dataclasses.replace(ctx, **change)
+    assert kvformat.compare(ctx, gen) == []
+    assert kvformat.fingerprint(ctx) == kvformat.fingerprint(gen)
+
+
+def test_compare_lists_every_difference_in_order():
+    ctx = state()
+    gen = dataclasses.replace(ctx, kv_dtype="fp8", tokens_per_block=64, trtllm_version="1.1.0")
+    assert [m.field for m in kvformat.compare(ctx, gen)] == ["kvCacheDtype", "tokensPerBlock", "trtllmVersion"]
+
+
+def test_trtllm_error_text():
+    ctx = state()
+    gen = dataclasses.replace(ctx, kv_dtype="fp8", num_layers=32, tokens_per_block=64)
+    text = kvformat.trtllm_error(kvformat.compare(ctx, gen))
+    assert text.startswith("Disagg server does not currently support these cacheState")
+    assert "please check the cacheState of the context and gen executors" in text
+    assert "only support same kv cache dtype (kvCacheDtype: context=fp16, generation=fp8)" in text
+    assert "only support same number of layers (numLayers: context=80, generation=32)" in text
+    assert "only support same tokens per block and size per head (tokensPerBlock: context=32, generation=64)" in text
+    assert kvformat.trtllm_error([]) == ""
+
+
+@pytest.mark.parametrize(
+    ("attr", "fragment"),
+    [
+        ("kv_factor", "only support same kv factor"),
+        ("attention_type", "only support same attention type"),
+        ("head_dim", "only support same tokens per block and size per head"),
+        ("cp", "context parallelism is not currently supported"),
+        ("trtllm_version", "TensorRT-LLM version"),
+    ],
+)
+def test_trtllm_error_names_the_failing_check(attr, fragment):
+    ctx = state()
+    gen = dataclasses.replace(ctx, **{attr: HARD[attr][0]})
+    assert fragment in kvformat.trtllm_error(kvformat.compare(ctx, gen))
+
+
+# ---------------------------------------------------------------- fingerprint and wire form
+
+
+def test_fingerprint_is_short_and_stable():
+    fp = kvformat.fingerprint(state())
+    assert len(fp) == 12 and int(fp, 16) >= 0
+    assert fp == kvformat.fingerprint(state())
+
+
+def test_fingerprint_equality_iff_compatible():
+    base = state()
+    variants = [base] + [dataclasses.replace(base, **{a: v}) for a, (v, _) in HARD.items()]
+    variants += [dataclasses.replace(base, tp=4), dataclasses.replace(base, pp=2, enable_attention_dp=True)]
+    for a in variants:
+        for b in variants:
+            assert (kvformat.fingerprint(a) == kvformat.fingerprint(b)) == (kvformat.compare(a, b) == [])
+
+
+def test_wire_round_trip():
+    s = state(dtype="fp8", tp=2)
+    wire = kvformat.to_wire(s)
+    assert json.loads(json.dumps(wire)) == wire
+    assert kvformat.from_wire(json.loads(json.dumps(wire))) == s
+
+
+def test_from_wire_rejects_bad_input_and_ignores_unknown_keys():
+    wire = kvformat.to_wire(state())
+    assert kvformat.from_wire({**wire, "future_field": 1}) == state()
+    with pytest.raises(kvformat.KVFormatError, match="missing"):
+        kvformat.from_wire({k: v for k, v in wire.items() if k != "kv_dtype"})
+    with pytest.raises(kvformat.KVFormatError, match="integer"):
+        kvformat.from_wire({**wire, "tp": "2"})
+    with pytest.raises(kvformat.KVFormatError):
+        kvformat.from_wire([])  # type: ignore[arg-type]
+
+
+def test_speculative_string_is_canonical():
+    cfg = {"max_draft_len": 3, "decoding_type": "Eagle"}
+    assert kvformat.speculative_string(cfg) == '{"decoding_type":"Eagle","max_draft_len":3}'
+    assert kvformat.speculative_string(None) == "" and kvformat.speculative_string({}) == ""
+    s = kvformat.cache_state_from_files(LLAMA_8B, options(speculative_config=cfg), trtllm_version="1.2.0", env={})
+    assert s.speculative == kvformat.speculative_string(dict(reversed(list(cfg.items()))))
