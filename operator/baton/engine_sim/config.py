@@ -1,0 +1,334 @@
+"""Command line and configuration of `baton engine-sim`: trtllm-serve's arguments plus `--sim-*` options.
+
+`load_config(argv, env)` parses the arguments, reads MODEL_DIR/config.json and the LLM-API YAML, applies
+trtllm-serve's precedence (YAML over command line), derives the worker's CacheState and capacity, and
+raises `StartupError` with the same message TensorRT-LLM would print when the worker cannot serve
+disaggregated traffic (plus Baton's deliberately stricter rules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from baton import kvformat
+from baton.engine_sim import timing
+
+GIB = 1024**3
+DEFAULT_TRTLLM_VERSION = "1.2.0"
+# trtllm-serve / LLM-API defaults the simulator copies.
+DEFAULT_MAX_BATCH_SIZE = 2048
+DEFAULT_MAX_NUM_TOKENS = 8192
+DEFAULT_FREE_GPU_MEMORY_FRACTION = 0.9
+DEFAULT_MAX_SEQ_LEN = 8192  # when config.json has no max_position_embeddings
+# Simulator assumptions.
+DEFAULT_GPU_MEMORY_GB = 141.0  # one H200: 141 GB (decimal) of HBM3e
+DEFAULT_LINK_GBPS = 400.0  # gigabits/s, NDR400 InfiniBand = 50 GB/s
+DEFAULT_TP_EFFICIENCY = 0.85
+DEFAULT_STATS_MAX = 1000
+
+
+class StartupError(Exception):
+    """The worker cannot start; the message is what trtllm-serve would fail with (or Baton's stricter rule)."""
+
+
+@dataclass
+class SimConfig:
+    model_dir: Path
+    model_name: str
+    host: str
+    port: int
+    advertise_host: str
+    options: dict
+    hf_config: dict
+    trtllm_version: str
+    cache_state: kvformat.CacheState
+    max_batch_size: int
+    max_num_tokens: int
+    max_seq_len: int
+    max_input_len: int | None
+    overlap_enabled: bool
+    tokens_per_block: int
+    max_blocks: int
+    kv_capacity_source: str
+    kv_transfer_timeout_s: float | None
+    timing: timing.TimingModel
+    time_scale: float
+    link_bytes_per_s: float
+    load_seconds: float = 0.0
+    fail_after: int | None = None
+    log_level: str = "INFO"
+    vocab_size: int = timing.LLAMA3_VOCAB
+    iter_stats_max: int = DEFAULT_STATS_MAX
+    perf_metrics_max: int = DEFAULT_STATS_MAX
+    default_max_tokens: int = 16
+    notes: list[str] = field(default_factory=list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="baton engine-sim",
+        description=(
+            "A stand-in for `trtllm-serve MODEL --host --port --extra_llm_api_options FILE`: the same command "
+            "line, HTTP surface, disaggregated handoff and startup failures, with simulated timing from a "
+            "calibration table. Options starting with --sim- are the simulator's own."
+        ),
+    )
+    p.add_argument("model", help="MODEL_DIR holding a Hugging Face config.json; also the served model id")
+    p.add_argument("--host", default="localhost", help="address to bind (default: localhost)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
+    p.add_argument(
+        "--extra_llm_api_options", "--config", dest="config_file", metavar="FILE",
+        help="LLM-API options YAML (trtllm-serve's --extra_llm_api_options, newer name --config)",
+    )
+    p.add_argument("--tp_size", type=int, default=1, help="tensor parallel size (YAML tensor_parallel_size wins)")
+    p.add_argument("--pp_size", type=int, default=1, help="pipeline parallel size (YAML pipeline_parallel_size wins)")
+    p.add_argument("--ep_size", type=int, default=None, help="accepted and ignored (MoE expert parallelism)")
+    p.add_argument("--backend", default="pytorch", help="only 'pytorch' is simulated (default: pytorch)")
+    p.add_argument("--max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
+    p.add_argument("--max_num_tokens", type=int, default=DEFAULT_MAX_NUM_TOKENS)
+    p.add_argument("--max_seq_len", type=int, default=None)
+    p.add_argument("--max_beam_width", type=int, default=1)
+    p.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=DEFAULT_FREE_GPU_MEMORY_FRACTION)
+    p.add_argument("--log_level", default=None, help="trtllm-serve log level (maps onto --sim-log-level)")
+    p.add_argument("--tokenizer", default=None, help="accepted and ignored (the simulator tokenizes with baton.tokens)")
+    p.add_argument("--trust_remote_code", action="store_true", help="accepted and ignored")
+    p.add_argument("--num_postprocess_workers", type=int, default=0, help="accepted and ignored")
+    p.add_argument("--gpus_per_node", type=int, default=None, help="accepted and ignored")
+
+    s = p.add_argument_group("simulator options")
+    s.add_argument("--sim-timing", metavar="FILE", type=Path, default=None,
+                   help="timing table (Baton format or raw calibration/measure.py output); default: the shipped H200 table")
+    s.add_argument("--sim-timing-model", metavar="NAME", default=None,
+                   help="use this table model instead of the nearest one by parameter count")
+    s.add_argument("--sim-speed", metavar="X", type=float, default=1.0,
+                   help="time scale: every modelled delay is multiplied by X (1 = calibrated, 0 = no delays)")
+    s.add_argument("--sim-trtllm-version", metavar="V", default=DEFAULT_TRTLLM_VERSION,
+                   help=f"TensorRT-LLM version to report and carry in the CacheState (default {DEFAULT_TRTLLM_VERSION})")
+    s.add_argument("--sim-link-gbps", metavar="GBIT", type=float, default=DEFAULT_LINK_GBPS,
+                   help="KV link rate in gigaBITS per second (default 400 = NDR400 = 50 GB/s)")
+    s.add_argument("--sim-tp-efficiency", metavar="E", type=float, default=DEFAULT_TP_EFFICIENCY,
+                   help="TP of N divides compute time by N x E (default 0.85)")
+    s.add_argument("--sim-gpu-memory-gb", metavar="GB", type=float, default=DEFAULT_GPU_MEMORY_GB,
+                   help="memory of one GPU in GB (10^9 bytes; default 141 = H200)")
+    s.add_argument("--sim-kv-cache-gib", metavar="GIB", type=float, default=None,
+                   help="KV cache size of the replica, overriding the memory-fraction derivation")
+    s.add_argument("--sim-load-seconds", metavar="S", type=float, default=0.0,
+                   help="report 503 on /health for S seconds after binding (model loading)")
+    s.add_argument("--sim-fail-after", metavar="N", type=int, default=None,
+                   help="fault injection: after N finished requests enter the fatal state (/health 503)")
+    s.add_argument("--sim-advertise-host", metavar="HOST", default=None,
+                   help="host put in the handoff CommState (default: --host, or 127.0.0.1 for a wildcard bind)")
+    s.add_argument("--sim-model-name", metavar="NAME", default=None,
+                   help="served model id (default: the MODEL_DIR argument, as trtllm-serve does)")
+    s.add_argument("--sim-model-identity", metavar="ID", default=None,
+                   help="model identity carried in the CacheState (default: the served model id)")
+    s.add_argument("--sim-default-max-tokens", metavar="N", type=int, default=16,
+                   help="max_tokens when a request does not set it (default 16, OpenAI's completions default)")
+    s.add_argument("--sim-log-level", metavar="LEVEL", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
+    return p
+
+
+def _read_yaml(path: str | None) -> dict:
+    if not path:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StartupError(f"cannot read LLM-API options file {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise StartupError(f"LLM-API options file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise StartupError(f"LLM-API options file {path} must hold a YAML mapping")
+    return data
+
+
+def _read_hf_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise StartupError(f"{path}: no such file (MODEL_DIR must hold a Hugging Face config.json)") from exc
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"{path}: cannot read config.json: {exc}") from exc
+    if not isinstance(data, dict):
+        raise StartupError(f"{path}: expected a JSON object")
+    return data
+
+
+def _int_option(options: Mapping, key: str, fallback: int | None) -> int | None:
+    value = options.get(key)
+    if value is None:
+        return fallback
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise StartupError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimConfig:
+    """Parse argv (SystemExit on usage errors) and build the worker's configuration (StartupError)."""
+    args = build_parser().parse_args(argv)
+    env = dict(os.environ if env is None else env)
+    if str(args.backend).lower() != "pytorch":
+        raise StartupError(f"--backend {args.backend!r} is not simulated; the engine simulator models the pytorch backend")
+    if args.sim_speed < 0:
+        raise StartupError("--sim-speed must be >= 0")
+    if args.sim_link_gbps <= 0:
+        raise StartupError("--sim-link-gbps must be > 0")
+    if not 0 < args.sim_tp_efficiency <= 1:
+        raise StartupError("--sim-tp-efficiency must be in (0, 1]")
+
+    model_dir = Path(args.model)
+    model_name = args.sim_model_name or args.model
+    options = _read_yaml(args.config_file)
+    hf_config = _read_hf_config(model_dir)
+    version = args.sim_trtllm_version
+
+    try:
+        state = kvformat.cache_state_from_files(
+            model_dir, options, trtllm_version=version, env=env, tp=args.tp_size, pp=args.pp_size,
+            model_identity=args.sim_model_identity or model_name,
+        )
+    except kvformat.KVFormatError as exc:
+        raise StartupError(str(exc)) from exc
+    problems = kvformat.rule_violations(state)
+    if problems:
+        raise StartupError("invalid configuration for disaggregated serving: " + "; ".join(problems))
+
+    max_batch_size = _int_option(options, "max_batch_size", args.max_batch_size)
+    max_num_tokens = _int_option(options, "max_num_tokens", args.max_num_tokens)
+    text_cfg = hf_config.get("text_config") if "num_hidden_layers" not in hf_config else hf_config
+    text_cfg = text_cfg if isinstance(text_cfg, dict) else hf_config
+    model_max_len = text_cfg.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN
+    max_seq_len = _int_option(options, "max_seq_len", args.max_seq_len or int(model_max_len))
+    max_input_len = _int_option(options, "max_input_len", None)
+    overlap_enabled = not bool(options.get("disable_overlap_scheduler", False))
+
+    # Timing.
+    try:
+        table = timing.load_table(args.sim_timing)
+        timing_model = timing.build_timing_model(
+            table, hf_config, tp=state.tp, tp_efficiency=args.sim_tp_efficiency, time_scale=args.sim_speed,
+            link_bytes_per_s=args.sim_link_gbps * 1e9 / 8, model_name=args.sim_timing_model,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StartupError(f"cannot load the timing table: {type(exc).__name__}: {exc}") from exc
+
+    # KV capacity, in blocks of tokens_per_block.
+    kv_cfg = options.get("kv_cache_config") or {}
+    tpb = state.tokens_per_block
+    bytes_per_token = kvformat.kv_bytes_per_token(state)
+    # Beyond one KV head per rank, heads are duplicated on every rank that needs them.
+    dup = max(1.0, state.tp / state.num_kv_heads) if state.attention_type != "MLA" else float(state.tp)
+    replica_bytes_per_token = bytes_per_token * dup
+    gpus = state.tp * state.pp * state.cp
+    if kv_cfg.get("max_tokens") is not None:
+        capacity_tokens = _int_option(kv_cfg, "max_tokens", None) or 0
+        source = f"kv_cache_config.max_tokens={capacity_tokens}"
+    elif args.sim_kv_cache_gib is not None:
+        capacity_tokens = int(args.sim_kv_cache_gib * GIB / replica_bytes_per_token)
+        source = f"--sim-kv-cache-gib {args.sim_kv_cache_gib:g}"
+    else:
+        fraction = kv_cfg.get("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction)
+        weights = timing.estimate_params(timing.shape_from_hf_config(hf_config)) * 2  # bf16 weights
+        total = args.sim_gpu_memory_gb * 1e9 * gpus
+        free = total - weights
+        if free <= 0:
+            raise StartupError(
+                f"model weights (~{weights / 1e9:.0f} GB in bf16) do not fit in {gpus} GPU(s) of "
+                f"{args.sim_gpu_memory_gb:g} GB; raise --tp_size/--pp_size, set kv_cache_config.max_tokens "
+                "or --sim-kv-cache-gib"
+            )
+        capacity_tokens = int(free * float(fraction) / replica_bytes_per_token)
+        source = (
+            f"free_gpu_memory_fraction {float(fraction):g} x ({gpus} x {args.sim_gpu_memory_gb:g} GB - "
+            f"{weights / 1e9:.1f} GB weights)"
+        )
+    max_blocks = capacity_tokens // tpb
+    if max_blocks < 1:
+        raise StartupError(f"KV cache holds no block of {tpb} tokens ({source})")
+
+    ctc = options.get("cache_transceiver_config") or {}
+    timeout_ms = ctc.get("kv_transfer_timeout_ms")
+    if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms <= 0):
+        raise StartupError(f"cache_transceiver_config.kv_transfer_timeout_ms must be a positive number, got {timeout_ms!r}")
+
+    advertise = args.sim_advertise_host or args.host
+    if advertise in ("0.0.0.0", "::", ""):
+        advertise = "127.0.0.1"
+    log_level = (args.sim_log_level or args.log_level or "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        log_level = "INFO"
+    perf_max = options.get("perf_metrics_max_requests") or DEFAULT_STATS_MAX
+    iter_max = options.get("iter_stats_max_iterations") or DEFAULT_STATS_MAX
+    if args.sim_default_max_tokens < 1:
+        raise StartupError("--sim-default-max-tokens must be >= 1")
+    return SimConfig(
+        model_dir=model_dir,
+        model_name=model_name,
+        host=args.host,
+        port=args.port,
+        advertise_host=advertise,
+        options=options,
+        hf_config=hf_config,
+        trtllm_version=version,
+        cache_state=state,
+        max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE,
+        max_num_tokens=max_num_tokens or DEFAULT_MAX_NUM_TOKENS,
+        max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN,
+        max_input_len=max_input_len,
+        overlap_enabled=overlap_enabled,
+        tokens_per_block=tpb,
+        max_blocks=max_blocks,
+        kv_capacity_source=source,
+        kv_transfer_timeout_s=(float(timeout_ms) / 1000.0) if timeout_ms is not None else None,
+        timing=timing_model,
+        time_scale=args.sim_speed,
+        link_bytes_per_s=args.sim_link_gbps * 1e9 / 8,
+        load_seconds=max(0.0, args.sim_load_seconds),
+        fail_after=args.sim_fail_after,
+        log_level=log_level,
+        vocab_size=int(text_cfg.get("vocab_size") or timing.LLAMA3_VOCAB),
+        iter_stats_max=int(iter_max),
+        perf_metrics_max=int(perf_max),
+        default_max_tokens=args.sim_default_max_tokens,
+    )
+
+
+def describe(cfg: SimConfig) -> dict:
+    """A JSON-able summary for the startup log line and GET /_sim/state."""
+    return {
+        "model": cfg.model_name,
+        "trtllm_version": cfg.trtllm_version,
+        "cache_state": kvformat.to_wire(cfg.cache_state),
+        "fingerprint": kvformat.fingerprint(cfg.cache_state),
+        "kv_bytes_per_token": kvformat.kv_bytes_per_token(cfg.cache_state),
+        "overlap_scheduler": cfg.overlap_enabled,
+        "max_batch_size": cfg.max_batch_size,
+        "max_num_tokens": cfg.max_num_tokens,
+        "max_seq_len": cfg.max_seq_len,
+        "max_input_len": cfg.max_input_len,
+        "tokens_per_block": cfg.tokens_per_block,
+        "max_blocks": cfg.max_blocks,
+        "kv_capacity_tokens": cfg.max_blocks * cfg.tokens_per_block,
+        "kv_capacity_source": cfg.kv_capacity_source,
+        "kv_transfer_timeout_ms": None if cfg.kv_transfer_timeout_s is None else cfg.kv_transfer_timeout_s * 1000,
+        "timing_model": cfg.timing.model.name,
+        "timing_param_scale": round(cfg.timing.param_scale, 4),
+        "time_scale": cfg.time_scale,
+        "link_bytes_per_s": cfg.link_bytes_per_s,
+        "tp_speedup": cfg.timing.tp_speedup,
+    }
+
+
+def blocks_for(tokens: int, tokens_per_block: int) -> int:
+    return math.ceil(tokens / tokens_per_block) if tokens > 0 else 0

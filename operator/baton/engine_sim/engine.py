@@ -1,0 +1,665 @@
+"""The engine core: continuous batching, KV-block accounting, held KV for handoffs, and statistics.
+
+One asyncio task (`Engine._run`) plays the executor loop. Each iteration it
+1. admits queued requests in FIFO order while a batch slot is free and the KV cache can reserve
+   ceil((prompt + max_tokens) / tokens_per_block) blocks (TensorRT-LLM's GUARANTEED_NO_EVICT policy);
+   a generation-only request starts its KV pull instead of a prefill;
+2. schedules every decoding sequence (one token each) and, in FIFO order, the prefills that fit in
+   max_num_tokens minus the decode tokens (no chunked prefill);
+3. sleeps the modelled iteration time (timing.TimingModel; nothing at --sim-speed 0, but still yields);
+4. emits one token per scheduled sequence and finishes those that reached max_tokens.
+
+A context-only request ends after its prefill; its KV stays allocated ("held") until a generation worker
+pulls it (`serve_pull`) or `kv_transfer_timeout_ms` expires. The HTTP layer (server.py) only translates
+requests into `submit()` calls and results into OpenAI responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+import uuid
+import zlib
+from array import array
+from collections.abc import Callable
+
+from baton import kvformat
+from baton.engine_sim.config import SimConfig, blocks_for
+from baton.engine_sim.handoff import HandoffError, KVPuller, OpaqueState
+
+log = logging.getLogger("baton.engine_sim.engine")
+
+CTX_AND_GEN = "context_and_generation"
+CTX_ONLY = "context_only"
+GEN_ONLY = "generation_only"
+REQUEST_TYPES = (CTX_AND_GEN, CTX_ONLY, GEN_ONLY)
+
+QUEUED, PREFILL, TRANSFER, DECODE, FINISHED = range(5)
+_LIVE = (PREFILL, TRANSFER, DECODE)
+
+OVERLAP_CTX_ONLY_MESSAGE = "Context only requests are not supported in pytorch backend when overlap is enabled."
+
+_WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there one all we their can has more will would been if no when what so out up "
+    "time into only new some could them these two may first then do any like my now over such our man me "
+    "even most made after also did many before must through back years where much your way well down should "
+    "because each just those people how too little state good very make world still own see men work long "
+    "get here between both life being under never day same another know while last might us great old year "
+    "off come since against go came right used take three"
+).split()
+
+
+def token_seed(prompt: list[int]) -> int:
+    """Seed of a sequence's generated tokens: a CRC of its prompt ids (the same on every process)."""
+    return zlib.crc32(array("q", prompt).tobytes())
+
+
+def token_at(seed: int, index: int, vocab: int) -> int:
+    """The index-th generated token of a sequence (deterministic; index 0 is produced by the prefill)."""
+    x = (seed * 0x9E3779B1 + (index + 1) * 0x85EBCA77) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+    x ^= x >> 12
+    return x % vocab
+
+
+def token_text(token: int) -> str:
+    """The text of one generated token: a space and a word chosen by the id."""
+    return " " + _WORDS[token % len(_WORDS)]
+
+
+class EngineError(Exception):
+    """A request failed; `status` is the HTTP status and `err_type` the error type the server reports."""
+
+    def __init__(self, message: str, status: int = 400, err_type: str = "BadRequestError") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.err_type = err_type
+
+
+class Seq:
+    """One request inside the engine."""
+
+    __slots__ = (
+        "rid", "x_request_id", "kind", "prompt", "max_tokens", "seed", "need_blocks", "tokens", "phase",
+        "done", "changed", "error", "arrival", "first_scheduled", "first_token_time", "last_token_time",
+        "first_iter", "last_iter", "handle", "first_tokens", "kv_size", "kv_start", "kv_end", "original_max_tokens",
+    )
+
+    def __init__(self, rid: int, kind: str, prompt: list[int], max_tokens: int, x_request_id: str) -> None:
+        self.rid = rid
+        self.x_request_id = x_request_id
+        self.kind = kind
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.original_max_tokens = max_tokens
+        self.seed = token_seed(prompt)
+        self.need_blocks = 0
+        self.tokens: list[int] = []
+        self.phase = QUEUED
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.changed: asyncio.Event | None = None
+        self.error: EngineError | None = None
+        self.arrival = time.monotonic()
+        self.first_scheduled: float | None = None
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.first_iter: int | None = None
+        self.last_iter: int | None = None
+        self.handle: OpaqueState | None = None
+        self.first_tokens: list[int] = []
+        self.kv_size: int | None = None
+        self.kv_start: float | None = None
+        self.kv_end: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.phase == FINISHED
+
+
+class _Held:
+    __slots__ = ("rid", "blocks", "num_tokens", "kv_bytes", "timer", "created")
+
+    def __init__(self, rid: int, blocks: int, num_tokens: int, kv_bytes: int) -> None:
+        self.rid = rid
+        self.blocks = blocks
+        self.num_tokens = num_tokens
+        self.kv_bytes = kv_bytes
+        self.timer: asyncio.TimerHandle | None = None
+        self.created = time.monotonic()
+
+
+_COUNTERS = (
+    "requestsReceived", "requestsCompleted", "requestsFailed", "requestsRejected", "requestsCancelled",
+    "kvFormatRejections", "kvPullsServed", "kvPullsFailed", "kvExpired", "kvTransfersCompleted",
+    "kvTransferFailures", "kvBytesSent", "kvBytesReceived",
+)
+
+
+class Engine:
+    def __init__(self, cfg: SimConfig, *, puller: KVPuller | None = None) -> None:
+        self.cfg = cfg
+        self.state = cfg.cache_state
+        self.instance = uuid.uuid4().hex[:16]
+        self.kv_bytes_per_token = kvformat.kv_bytes_per_token(cfg.cache_state)
+        self.puller = puller or KVPuller()
+        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self.fatal: str | None = None
+        self.on_fatal: Callable[[str], None] | None = None
+        # ctx_request_ids start at a random offset so a restarted worker does not reuse live ids.
+        self._next_id = random.randrange(1, 1 << 40)
+        self._queue: collections.deque[Seq] = collections.deque()
+        self._active: list[Seq] = []
+        self._reserved = 0  # blocks reserved by live sequences and held KV
+        self._held: dict[int, _Held] = {}
+        self._sending: dict[int, _Held] = {}
+        self._held_blocks = 0
+        self._expired: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._iter = 0
+        self._iter_stats: collections.deque[dict] = collections.deque(maxlen=cfg.iter_stats_max)
+        self._perf: collections.deque[dict] = collections.deque(maxlen=cfg.perf_metrics_max)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._transfers: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
+
+    async def stop(self) -> None:
+        for task in [self._task, *self._transfers]:
+            if task is not None:
+                task.cancel()
+        for task in [self._task, *self._transfers]:
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        for held in self._held.values():
+            if held.timer:
+                held.timer.cancel()
+        await self.puller.close()
+
+    def set_fatal(self, reason: str) -> None:
+        """Enter the fatal state: /health turns 503, every request fails, held KV is dropped."""
+        if self.fatal is not None:
+            return
+        self.fatal = reason
+        log.error("engine entered the fatal state", extra={"fields": {"event": "fatal", "reason": reason}})
+        error = EngineError(f"engine is in a fatal state: {reason}", 503, "ServiceUnavailableError")
+        for seq in list(self._queue) + list(self._active):
+            self._fail(seq, error)
+        for held in list(self._held.values()):
+            self._drop_held(held)
+        if self.on_fatal:
+            self.on_fatal(reason)
+
+    # ------------------------------------------------------------------ requests
+    def _new_id(self) -> int:
+        rid = self._next_id
+        self._next_id += 1
+        return rid
+
+    def submit(
+        self,
+        *,
+        kind: str,
+        prompt: list[int],
+        max_tokens: int,
+        x_request_id: str = "",
+        stream: bool = False,
+        handle: OpaqueState | None = None,
+        first_tokens: list[int] | None = None,
+    ) -> Seq:
+        """Validate and queue a request; raises EngineError when it must be refused."""
+        self.counters["requestsReceived"] += 1
+        try:
+            return self._submit(kind, prompt, max_tokens, x_request_id, stream, handle, first_tokens)
+        except EngineError:
+            self.counters["requestsRejected"] += 1
+            raise
+
+    def _submit(self, kind, prompt, max_tokens, x_request_id, stream, handle, first_tokens) -> Seq:
+        cfg = self.cfg
+        if self.fatal is not None:
+            raise EngineError(f"engine is in a fatal state: {self.fatal}", 503, "ServiceUnavailableError")
+        if kind not in REQUEST_TYPES:
+            raise EngineError(f"unknown disaggregated_params.request_type {kind!r}")
+        if kind == CTX_ONLY and cfg.overlap_enabled:
+            raise EngineError(OVERLAP_CTX_ONLY_MESSAGE)
+        n = len(prompt)
+        if n == 0:
+            raise EngineError("the prompt must contain at least one token")
+        if max_tokens < 1:
+            raise EngineError(f"max_tokens must be at least 1, got {max_tokens}")
+        original_max_tokens = max_tokens
+        if kind == CTX_ONLY:
+            max_tokens = 1  # the PyTorch backend forces max_tokens=1 on context-only requests
+        if kind != GEN_ONLY and n > cfg.max_num_tokens:
+            raise EngineError(
+                f"prompt length ({n}) exceeds max_num_tokens ({cfg.max_num_tokens}); chunked prefill is not simulated"
+            )
+        if cfg.max_input_len is not None and n > cfg.max_input_len:
+            raise EngineError(f"prompt length ({n}) exceeds max_input_len ({cfg.max_input_len})")
+        if n + max_tokens > cfg.max_seq_len:
+            raise EngineError(
+                f"prompt length ({n}) plus max_tokens ({max_tokens}) exceeds max_seq_len ({cfg.max_seq_len})"
+            )
+        need = blocks_for(n + max_tokens, cfg.tokens_per_block)
+        if need > cfg.max_blocks:
+            raise EngineError(
+                f"request can never fit in the KV cache: {n} prompt + {max_tokens} max_tokens tokens need {need} "
+                f"blocks of {cfg.tokens_per_block} tokens, the cache has {cfg.max_blocks} ({cfg.kv_capacity_source})"
+            )
+        seq = Seq(self._new_id(), kind, prompt, max_tokens, x_request_id)
+        seq.need_blocks = need
+        seq.original_max_tokens = original_max_tokens
+        if kind == GEN_ONLY:
+            if handle is None or not first_tokens:
+                raise EngineError("generation_only requests need first_gen_tokens, ctx_request_id and encoded_opaque_state")
+            mismatches = kvformat.compare(handle.cache_state, self.state)
+            if mismatches:
+                message = kvformat.trtllm_error(mismatches)
+                self.counters["kvFormatRejections"] += 1
+                log.warning(
+                    "handoff refused: KV format mismatch",
+                    extra={"fields": {"event": "kv_format_rejected", "request_id": x_request_id,
+                                      "ctx_request_id": handle.ctx_request_id,
+                                      "ctx": f"{handle.host}:{handle.port}", "error": message}},
+                )
+                seq.handle = handle
+                seq.error = EngineError(message, 500, "InternalServerError")
+                self._record_perf(seq, "rejected")
+                raise seq.error
+            seq.handle = handle
+            seq.first_tokens = list(first_tokens)
+        if stream:
+            seq.changed = asyncio.Event()
+        self._queue.append(seq)
+        self._wake.set()
+        return seq
+
+    def cancel(self, seq: Seq) -> None:
+        """The client went away: drop the request and free what it holds (held KV of a finished ctx stays)."""
+        if seq.phase == FINISHED:
+            return
+        self.counters["requestsCancelled"] += 1
+        self._fail(seq, EngineError("request cancelled by the client", 499, "RequestCancelled"), count=False)
+
+    # ------------------------------------------------------------------ the ctx side of a handoff
+    async def serve_pull(
+        self, ctx_request_id: int, instance: str, peer_state: kvformat.CacheState, link_bytes_per_s: float | None,
+        x_request_id: str = "",
+    ) -> dict:
+        """A generation worker pulls the KV of a finished context-only request (TensorRT-LLM: inquireSupport,
+        then the block transfer). The blocks stay allocated for the transfer time, then are freed."""
+        if self.fatal is not None:
+            raise EngineError(f"engine is in a fatal state: {self.fatal}", 503, "ServiceUnavailableError")
+        if instance != self.instance:
+            self.counters["kvPullsFailed"] += 1
+            raise EngineError(
+                f"KV cache for ctx_request_id {ctx_request_id} is not available: the handle names context worker "
+                f"instance {instance}, this worker is {self.instance} (it restarted since the prefill)",
+                404, "NotFoundError",
+            )
+        mismatches = kvformat.compare(self.state, peer_state)
+        if mismatches:
+            self.counters["kvFormatRejections"] += 1
+            message = kvformat.trtllm_error(mismatches)
+            log.warning("KV pull refused: format mismatch", extra={"fields": {
+                "event": "kv_format_rejected", "request_id": x_request_id, "ctx_request_id": ctx_request_id,
+                "error": message}})
+            raise EngineError(message, 409, "CacheStateMismatch")
+        held = self._held.pop(ctx_request_id, None)
+        if held is None:
+            self.counters["kvPullsFailed"] += 1
+            if ctx_request_id in self._expired:
+                reason = (f"it expired after kv_transfer_timeout_ms="
+                          f"{(self.cfg.kv_transfer_timeout_s or 0) * 1000:g} and was freed")
+            elif ctx_request_id in self._sending:
+                reason = "it is being transferred to another generation request"
+            else:
+                reason = "unknown ctx_request_id, or it was already transferred"
+            raise EngineError(
+                f"KV cache for ctx_request_id {ctx_request_id} is not available on this context worker: {reason}",
+                404, "NotFoundError",
+            )
+        if held.timer:
+            held.timer.cancel()
+        self._sending[ctx_request_id] = held
+        started = time.monotonic()
+        try:
+            delay = self.cfg.timing.transfer_seconds(held.kv_bytes, link_bytes_per_s)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        finally:
+            self._sending.pop(ctx_request_id, None)
+            self._release_held(held)
+        self.counters["kvPullsServed"] += 1
+        self.counters["kvBytesSent"] += held.kv_bytes
+        log.debug("KV sent", extra={"fields": {"event": "kv_sent", "request_id": x_request_id,
+                                               "ctx_request_id": ctx_request_id, "bytes": held.kv_bytes}})
+        return {
+            "ctx_request_id": ctx_request_id,
+            "kv_cache_size": held.kv_bytes,
+            "num_tokens": held.num_tokens,
+            "transfer_start": started,
+            "transfer_end": time.monotonic(),
+        }
+
+    def _release_held(self, held: _Held) -> None:
+        self._reserved -= held.blocks
+        self._held_blocks -= held.blocks
+        self._wake.set()
+
+    def _drop_held(self, held: _Held) -> None:
+        if self._held.pop(held.rid, None) is not None:
+            if held.timer:
+                held.timer.cancel()
+            self._release_held(held)
+
+    def _expire(self, rid: int) -> None:
+        held = self._held.pop(rid, None)
+        if held is None:
+            return
+        self._release_held(held)
+        self.counters["kvExpired"] += 1
+        self._expired[rid] = None
+        while len(self._expired) > 10_000:
+            self._expired.popitem(last=False)
+        log.info("held KV expired", extra={"fields": {"event": "kv_expired", "ctx_request_id": rid,
+                                                      "blocks": held.blocks}})
+
+    # ------------------------------------------------------------------ the loop
+    async def _run(self) -> None:
+        try:
+            await self._loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not leave every request hanging: turn it into the fatal state
+            log.exception("engine loop crashed", extra={"fields": {"event": "engine_crashed"}})
+            self.set_fatal(f"engine loop crashed: {type(exc).__name__}: {exc}")
+
+    async def _loop(self) -> None:
+        cfg = self.cfg
+        model = cfg.timing
+        loop = asyncio.get_running_loop()
+        while True:
+            self._admit()
+            decoders: list[Seq] = []
+            waiting_prefill: list[Seq] = []
+            for s in self._active:
+                if s.phase == DECODE:
+                    decoders.append(s)
+                elif s.phase == PREFILL:
+                    waiting_prefill.append(s)
+            budget = cfg.max_num_tokens - len(decoders)
+            prefills: list[Seq] = []
+            ctx_tokens = 0
+            for s in waiting_prefill:
+                n = len(s.prompt)
+                if ctx_tokens + n > budget:
+                    break
+                prefills.append(s)
+                ctx_tokens += n
+            if not prefills and not decoders:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            context = sum(len(s.prompt) + len(s.tokens) for s in decoders) / len(decoders) if decoders else 0.0
+            delay = model.iteration_seconds(ctx_tokens, len(decoders), context)
+            self._iter += 1
+            it = self._iter
+            started = loop.time()
+            await asyncio.sleep(delay)
+            now = time.monotonic()
+            completed = 0
+            vocab = cfg.vocab_size
+            for s in prefills:
+                if s.phase == PREFILL:
+                    s.first_iter = it
+                    completed += self._emit(s, token_at(s.seed, 0, vocab), now, it)
+            for s in decoders:
+                if s.phase == DECODE:
+                    completed += self._emit(s, token_at(s.seed, len(s.tokens), vocab), now, it)
+            self._active = [s for s in self._active if s.phase in _LIVE]
+            self._record_iteration(it, (loop.time() - started) * 1000.0, len(prefills), len(decoders),
+                                   ctx_tokens, completed)
+            if cfg.fail_after is not None and self.counters["requestsCompleted"] >= cfg.fail_after:
+                self.set_fatal(f"injected fault after {cfg.fail_after} finished requests (--sim-fail-after)")
+
+    def _admit(self) -> None:
+        cfg = self.cfg
+        queue = self._queue
+        if queue and len(self._active) >= cfg.max_batch_size:
+            self._active = [s for s in self._active if s.phase in _LIVE]
+        while queue:
+            s = queue[0]
+            if len(self._active) >= cfg.max_batch_size or self._reserved + s.need_blocks > cfg.max_blocks:
+                break
+            queue.popleft()
+            self._reserved += s.need_blocks
+            s.first_scheduled = time.monotonic()
+            self._active.append(s)
+            if s.kind == GEN_ONLY:
+                s.phase = TRANSFER
+                task = asyncio.get_running_loop().create_task(self._transfer(s))
+                self._transfers.add(task)
+                task.add_done_callback(self._transfers.discard)
+            else:
+                s.phase = PREFILL
+
+    async def _transfer(self, s: Seq) -> None:
+        assert s.handle is not None
+        s.kv_start = time.monotonic()
+        try:
+            result = await self.puller.pull(s.handle, self.state, link_bytes_per_s=self.cfg.link_bytes_per_s,
+                                            x_request_id=s.x_request_id)
+        except HandoffError as exc:
+            if exc.kind == "format":
+                self.counters["kvFormatRejections"] += 1
+            self.counters["kvTransferFailures"] += 1
+            if s.phase == TRANSFER:
+                log.warning("KV transfer failed", extra={"fields": {
+                    "event": "kv_transfer_failed", "request_id": s.x_request_id,
+                    "ctx_request_id": s.handle.ctx_request_id, "error": exc.message}})
+                self._fail(s, EngineError(exc.message, 500, "InternalServerError"))
+            return
+        s.kv_end = time.monotonic()
+        if s.phase != TRANSFER:
+            return
+        s.kv_size = int(result.get("kv_cache_size") or 0)
+        self.counters["kvTransfersCompleted"] += 1
+        self.counters["kvBytesReceived"] += s.kv_size
+        it = self._iter
+        s.first_iter = it
+        for token in s.first_tokens[: s.max_tokens]:
+            if self._emit(s, token, s.kv_end, it):
+                break
+        self._active = [x for x in self._active if x.phase in _LIVE]
+        self._wake.set()
+
+    def _emit(self, s: Seq, token: int, now: float, it: int) -> int:
+        """Append one generated token; returns 1 when that finished the sequence."""
+        s.tokens.append(token)
+        if s.first_token_time is None:
+            s.first_token_time = now
+        s.last_token_time = now
+        s.last_iter = it
+        finished = len(s.tokens) >= s.max_tokens
+        if finished:
+            self._finish(s)
+        else:
+            s.phase = DECODE
+            if s.changed is not None:
+                s.changed.set()
+        return 1 if finished else 0
+
+    def _finish(self, s: Seq) -> None:
+        s.phase = FINISHED
+        if s.kind == CTX_ONLY:
+            kept = blocks_for(len(s.prompt), self.cfg.tokens_per_block)
+            self._reserved -= s.need_blocks - kept
+            held = _Held(s.rid, kept, len(s.prompt), len(s.prompt) * self.kv_bytes_per_token)
+            self._held[s.rid] = held
+            self._held_blocks += kept
+            if self.cfg.kv_transfer_timeout_s is not None:
+                held.timer = asyncio.get_running_loop().call_later(self.cfg.kv_transfer_timeout_s, self._expire, s.rid)
+        else:
+            self._reserved -= s.need_blocks
+        self.counters["requestsCompleted"] += 1
+        self._record_perf(s, "ok")
+        if s.changed is not None:
+            s.changed.set()
+        if not s.done.done():
+            s.done.set_result(None)
+        self._wake.set()
+
+    def _fail(self, s: Seq, error: EngineError, *, count: bool = True) -> None:
+        if s.phase == FINISHED:
+            return
+        if s.phase == QUEUED:
+            try:
+                self._queue.remove(s)
+            except ValueError:
+                pass
+        else:
+            self._reserved -= s.need_blocks
+        s.phase = FINISHED
+        s.error = error
+        if count:
+            self.counters["requestsFailed"] += 1
+        self._record_perf(s, "error")
+        if s.changed is not None:
+            s.changed.set()
+        if not s.done.done():
+            s.done.set_exception(error)
+            s.done.exception()  # mark retrieved: a cancelled client may never await it
+        self._wake.set()
+
+    # ------------------------------------------------------------------ statistics
+    def used_blocks(self) -> int:
+        tpb = self.cfg.tokens_per_block
+        used = self._held_blocks
+        for s in self._active:
+            if s.phase in _LIVE:
+                used += -(-(len(s.prompt) + len(s.tokens)) // tpb)
+        return used
+
+    def _kv_stats(self) -> dict:
+        used = self.used_blocks()
+        return {
+            "maxNumBlocks": self.cfg.max_blocks,
+            "freeNumBlocks": self.cfg.max_blocks - used,
+            "usedNumBlocks": used,
+            "tokensPerBlock": self.cfg.tokens_per_block,
+            "allocTotalBlocks": used,
+            "allocNewBlocks": 0,
+            "reusedBlocks": 0,
+            "missedBlocks": 0,
+            "cacheHitRate": 0.0,
+        }
+
+    def _sim_stats(self) -> dict:
+        return {
+            **self.counters,
+            "reservedNumBlocks": self._reserved,
+            "numHeldKvRequests": len(self._held),
+            "heldKvBlocks": self._held_blocks,
+            "numSendingKvRequests": len(self._sending),
+            "numTransferringRequests": sum(1 for s in self._active if s.phase == TRANSFER),
+            "fatal": self.fatal,
+        }
+
+    def _record_iteration(self, it: int, latency_ms: float, n_ctx: int, n_gen: int, ctx_tokens: int,
+                          completed: int) -> None:
+        live = sum(1 for s in self._active if s.phase in _LIVE)
+        self._iter_stats.append({
+            "iter": it,
+            "iterLatencyMS": latency_ms,
+            "timestamp": time.time(),
+            "numActiveRequests": live,
+            "numQueuedRequests": len(self._queue),
+            "numCompletedRequests": completed,
+            "maxNumActiveRequests": self.cfg.max_batch_size,
+            "maxBatchSizeStatic": self.cfg.max_batch_size,
+            "maxNumTokensStatic": self.cfg.max_num_tokens,
+            "gpuMemUsage": 0,
+            "cpuMemUsage": 0,
+            "pinnedMemUsage": 0,
+            "kvCacheStats": self._kv_stats(),
+            "inflightBatchingStats": {
+                "numScheduledRequests": n_ctx + n_gen,
+                "numContextRequests": n_ctx,
+                "numGenRequests": n_gen,
+                "numPausedRequests": 0,
+                "numCtxTokens": ctx_tokens,
+                "microBatchId": 0,
+                "avgNumDecodedTokensPerIter": 1.0 if n_gen else 0.0,
+            },
+            "sim": self._sim_stats(),
+        })
+
+    def snapshot(self) -> dict:
+        """The current state in the shape of an iteration record (iteration fields describe the last one)."""
+        live = sum(1 for s in self._active if s.phase in _LIVE)
+        return {
+            "iter": self._iter,
+            "iterLatencyMS": 0.0,
+            "timestamp": time.time(),
+            "numActiveRequests": live,
+            "numQueuedRequests": len(self._queue),
+            "numCompletedRequests": 0,
+            "maxNumActiveRequests": self.cfg.max_batch_size,
+            "maxBatchSizeStatic": self.cfg.max_batch_size,
+            "maxNumTokensStatic": self.cfg.max_num_tokens,
+            "gpuMemUsage": 0,
+            "cpuMemUsage": 0,
+            "pinnedMemUsage": 0,
+            "kvCacheStats": self._kv_stats(),
+            "sim": {**self._sim_stats(), "snapshot": True},
+        }
+
+    def drain_iteration_stats(self) -> list[dict]:
+        out = list(self._iter_stats)
+        self._iter_stats.clear()
+        return out
+
+    def _record_perf(self, s: Seq, status: str) -> None:
+        ctx_request_id = s.rid if s.kind == CTX_ONLY else (s.handle.ctx_request_id if s.handle else None)
+        record = {
+            "request_id": s.rid,
+            "x_request_id": s.x_request_id,
+            "request_type": s.kind,
+            "ctx_request_id": ctx_request_id,
+            "status": status,
+            "prompt_tokens": len(s.prompt),
+            "completion_tokens": len(s.tokens),
+            "perf_metrics": {
+                "first_iter": s.first_iter,
+                "last_iter": s.last_iter,
+                "timing_metrics": {
+                    "arrival_time": s.arrival,
+                    "first_scheduled_time": s.first_scheduled,
+                    "first_token_time": s.first_token_time,
+                    "last_token_time": s.last_token_time,
+                    "kv_cache_size": s.kv_size,
+                    "kv_cache_transfer_start": s.kv_start,
+                    "kv_cache_transfer_end": s.kv_end,
+                },
+            },
+        }
+        if s.error is not None:
+            record["error"] = s.error.message
+        self._perf.append(record)
+
+    def drain_perf(self) -> list[dict]:
+        out = list(self._perf)
+        self._perf.clear()
+        return out

@@ -1,0 +1,94 @@
+"""Capacity: batch-slot queueing, KV-block waiting (including KV held for a handoff), impossible requests."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from simproc import worker_yaml
+
+
+def run_concurrently(engine, bodies):
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda b: engine.post("/v1/completions", b), bodies))
+
+
+def timings(engine) -> list[dict]:
+    status, records = engine.get("/perf_metrics")
+    assert status == 200
+    return sorted((r["perf_metrics"]["timing_metrics"] for r in records if r["status"] == "ok"),
+                  key=lambda t: t["first_scheduled_time"])
+
+
+@pytest.fixture(scope="module")
+def one_slot(engines):
+    # max_batch_size 1: a second request waits for the first. Real-time decode (~5 ms/step for 8B).
+    return engines.start(worker_yaml(ctx=True, max_batch_size=1, max_num_tokens=512,
+                                     kv_cache_config={"max_tokens": 4096}))
+
+
+@pytest.fixture(scope="module")
+def small_cache(engines):
+    # 256 tokens of KV = 8 blocks of 32; held ctx KV expires after 500 ms.
+    return engines.start(worker_yaml(ctx=True, timeout_ms=500, max_batch_size=8,
+                                     kv_cache_config={"max_tokens": 256}), "--sim-speed", "0.5")
+
+
+def test_batch_slots_queue_fifo(one_slot):
+    one_slot.get("/perf_metrics")
+    one_slot.get("/metrics")
+    bodies = [{"prompt": list(range(1, 11)), "max_tokens": 60}, {"prompt": list(range(2, 12)), "max_tokens": 60}]
+    results = run_concurrently(one_slot, bodies)
+    assert [status for status, _ in results] == [200, 200]
+    first, second = timings(one_slot)
+    assert second["arrival_time"] < first["last_token_time"], "requests did not overlap"
+    assert second["first_scheduled_time"] >= first["last_token_time"]
+    records = one_slot.get("/metrics")[1]
+    assert max(r["numQueuedRequests"] for r in records) >= 1
+    assert max(r["numActiveRequests"] for r in records) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"prompt": list(range(1, 601)), "max_tokens": 1}, "exceeds max_num_tokens (512)"),
+        ({"prompt": [1, 2, 3], "max_tokens": 8200}, "exceeds max_seq_len (8192)"),
+    ],
+)
+def test_requests_over_the_limits_are_refused(one_slot, body, fragment):
+    status, err = one_slot.post("/v1/completions", body)
+    assert status == 400 and fragment in err["message"]
+
+
+def test_request_that_can_never_fit_the_cache_is_refused(small_cache):
+    status, err = small_cache.post("/v1/completions", {"prompt": list(range(1, 201)), "max_tokens": 100})
+    assert status == 400
+    assert "can never fit in the KV cache" in err["message"] and "the cache has 8" in err["message"]
+
+
+def test_request_that_fits_waits_for_blocks(small_cache):
+    small_cache.wait_for(lambda: small_cache.state()["counters"]["numHeldKvRequests"] == 0, "no held KV")
+    small_cache.get("/perf_metrics")
+    # each needs ceil((100 + 60) / 32) = 5 blocks; two do not fit in 8 at once
+    bodies = [{"prompt": list(range(1, 101)), "max_tokens": 60}, {"prompt": list(range(3, 103)), "max_tokens": 60}]
+    results = run_concurrently(small_cache, bodies)
+    assert [status for status, _ in results] == [200, 200]
+    first, second = timings(small_cache)
+    assert second["arrival_time"] < first["last_token_time"], "requests did not overlap"
+    assert second["first_scheduled_time"] >= first["last_token_time"]
+
+
+def test_held_kv_counts_against_capacity(small_cache):
+    small_cache.wait_for(lambda: small_cache.state()["counters"]["numHeldKvRequests"] == 0, "no held KV")
+    expired_before = small_cache.state()["counters"]["kvExpired"]
+    status, _ = small_cache.post("/v1/completions", {"prompt": list(range(1, 201)), "max_tokens": 1,
+                                                     "disaggregated_params": {"request_type": "context_only"}})
+    assert status == 200
+    assert small_cache.state()["kvCacheStats"]["usedNumBlocks"] == 7  # 200 tokens held
+    small_cache.get("/perf_metrics")
+    # needs 4 blocks: waits until the held KV expires (kv_transfer_timeout_ms 500), then runs
+    status, resp = small_cache.post("/v1/completions", {"prompt": list(range(1, 101)), "max_tokens": 16})
+    assert status == 200, resp
+    assert small_cache.state()["counters"]["kvExpired"] == expired_before + 1
+    (t,) = timings(small_cache)
+    assert t["first_scheduled_time"] - t["arrival_time"] > 0.2

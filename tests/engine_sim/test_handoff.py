@@ -1,0 +1,187 @@
+"""context_only -> generation_only between two processes, KV lifetime on the ctx side, format mismatches."""
+
+from __future__ import annotations
+
+import pytest
+from simproc import handoff, stream_text, text_of, worker_yaml
+
+from baton import kvformat
+
+MISMATCHES = {
+    # name: (gen YAML overrides, extra gen args, expected fragment of TRT-LLM's text)
+    "fp8": ({"dtype": "fp8"}, (), "only support same kv cache dtype (kvCacheDtype: context=fp16, generation=fp8)"),
+    "tokens_per_block": ({"tokens_per_block": 64}, (),
+                         "only support same tokens per block and size per head (tokensPerBlock: context=32, generation=64)"),
+    "version": ({}, ("--sim-trtllm-version", "1.1.0"), "trtllmVersion: context=1.2.0, generation=1.1.0"),
+}
+
+
+@pytest.fixture(scope="module")
+def ctx(engines):
+    return engines.start(worker_yaml(ctx=True, timeout_ms=60_000), "--sim-speed", "0")
+
+
+@pytest.fixture(scope="module")
+def gen(engines):
+    return engines.start(worker_yaml(ctx=False), "--sim-speed", "0")
+
+
+@pytest.fixture(scope="module")
+def bad_gens(engines):
+    return {
+        name: engines.start(worker_yaml(ctx=False, **yaml_kw), "--sim-speed", "0", *args)
+        for name, (yaml_kw, args, _) in MISMATCHES.items()
+    }
+
+
+def held(engine) -> int:
+    return engine.state()["counters"]["numHeldKvRequests"]
+
+
+def test_context_only_response_shape(ctx):
+    resp = ctx.complete({"prompt": "prefill me please", "max_tokens": 20,
+                         "disaggregated_params": {"request_type": "context_only"}})
+    choice = resp["choices"][0]
+    params = choice["disaggregated_params"]
+    assert params["request_type"] == "context_only"
+    assert params["first_gen_tokens"] == choice["token_ids"] and len(params["first_gen_tokens"]) == 1
+    assert isinstance(params["ctx_request_id"], int) and params["draft_tokens"] is None
+    assert isinstance(params["encoded_opaque_state"], str)
+    assert choice["finish_reason"] == "length"  # max_tokens forced to 1, original asked for more
+    assert resp["prompt_token_ids"] and all(isinstance(t, int) for t in resp["prompt_token_ids"])
+    assert resp["usage"]["completion_tokens"] == 1
+    # asked for exactly one token: the answer is complete, the router must not go on to a gen server
+    one = ctx.complete({"prompt": "one token only", "max_tokens": 1,
+                        "disaggregated_params": {"request_type": "context_only"}})
+    assert one["choices"][0]["finish_reason"] == "stop"
+
+
+def test_context_only_ignores_stream(ctx):
+    resp = ctx.complete({"prompt": "no streaming here", "max_tokens": 4, "stream": True,
+                         "disaggregated_params": {"request_type": "context_only"}})
+    assert resp["choices"][0]["disaggregated_params"]["ctx_request_id"]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 9])
+def test_handoff_produces_the_same_tokens_as_local(ctx, gen, max_tokens):
+    body = {"prompt": f"The same answer either way, {max_tokens}", "max_tokens": max_tokens}
+    local = gen.complete(body)
+    ctx_resp, (status, gen_resp) = handoff(ctx, gen, body)
+    assert status == 200, gen_resp
+    assert gen_resp["choices"][0]["token_ids"] == local["choices"][0]["token_ids"]
+    assert text_of(gen_resp) == text_of(local)
+    assert gen_resp["choices"][0]["token_ids"][0] == ctx_resp["choices"][0]["token_ids"][0]
+
+
+def test_streaming_handoff(ctx, gen):
+    body = {"prompt": "streamed from the decode tier", "max_tokens": 10}
+    local = gen.complete(body)
+    _, (status, chunks) = handoff(ctx, gen, body, stream=True)
+    assert status == 200 and chunks[-1] == "[DONE]"
+    assert stream_text(chunks) == text_of(local)
+
+
+def test_chat_handoff(ctx, gen):
+    body = {"messages": [{"role": "user", "content": "hello over two tiers"}], "max_tokens": 5}
+    local = gen.complete(body, "/v1/chat/completions")
+    _, (status, resp) = handoff(ctx, gen, body, path="/v1/chat/completions")
+    assert status == 200 and text_of(resp) == text_of(local)
+
+
+def test_kv_held_until_pulled_then_freed(ctx, gen):
+    before = ctx.state()  # earlier tests may have left unpulled KV behind
+    held0, used0 = before["counters"]["numHeldKvRequests"], before["kvCacheStats"]["usedNumBlocks"]
+    ctx_body = {"prompt": list(range(1, 101)), "max_tokens": 8, "disaggregated_params": {"request_type": "context_only"}}
+    ctx_resp = ctx.complete(ctx_body)
+    state = ctx.state()
+    assert state["counters"]["numHeldKvRequests"] == held0 + 1
+    assert state["kvCacheStats"]["usedNumBlocks"] == used0 + 4  # 100 tokens in blocks of 32
+    gen.get("/perf_metrics")
+    params = {**ctx_resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
+    status, gen_resp = gen.post("/v1/completions", {"prompt": ctx_resp["prompt_token_ids"], "max_tokens": 8,
+                                                    "disaggregated_params": params})
+    assert status == 200, gen_resp
+    state = ctx.state()
+    assert state["counters"]["numHeldKvRequests"] == held0 and state["kvCacheStats"]["usedNumBlocks"] == used0
+    # the gen side recorded the transfer
+    records = [r for r in gen.get("/perf_metrics")[1] if r["request_type"] == "generation_only"]
+    assert len(records) == 1
+    rec = records[0]
+    assert rec["ctx_request_id"] == params["ctx_request_id"]
+    t = rec["perf_metrics"]["timing_metrics"]
+    assert t["kv_cache_size"] == 100 * 131_072  # 8B fp16
+    assert t["kv_cache_transfer_start"] <= t["kv_cache_transfer_end"]
+    # a second pull of the same KV fails clearly
+    status, err = gen.post("/v1/completions", {"prompt": ctx_resp["prompt_token_ids"], "max_tokens": 8,
+                                               "disaggregated_params": params})
+    assert status == 500 and "already transferred" in err["message"]
+
+
+def test_decode_worker_with_overlap_rejects_context_only(gen):
+    status, err = gen.post("/v1/completions", {"prompt": "x", "disaggregated_params": {"request_type": "context_only"}})
+    assert status == 400
+    assert err["message"] == "Context only requests are not supported in pytorch backend when overlap is enabled."
+    # ... but serves the other two request types
+    assert gen.post("/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200
+    assert gen.post("/v1/completions", {"prompt": "x", "max_tokens": 2,
+                                        "disaggregated_params": {"request_type": "context_and_generation"}})[0] == 200
+
+
+@pytest.mark.parametrize("name", sorted(MISMATCHES))
+def test_mismatched_tiers_are_rejected_and_counted(ctx, bad_gens, name):
+    bad = bad_gens[name]
+    before = bad.state()["counters"]["kvFormatRejections"]
+    bad.get("/perf_metrics")
+    _, (status, err) = handoff(ctx, bad, {"prompt": "cross-generation handoff", "max_tokens": 4})
+    assert status == 500
+    assert err["message"].startswith("Disagg server does not currently support these cacheState")
+    assert MISMATCHES[name][2] in err["message"]
+    # counted in /metrics (cumulative counter) and visible in /perf_metrics
+    status, metrics = bad.get("/metrics")
+    assert metrics[-1]["sim"]["kvFormatRejections"] == before + 1
+    rejected = [r for r in bad.get("/perf_metrics")[1] if r["status"] == "rejected"]
+    assert len(rejected) == 1 and rejected[0]["error"] == err["message"]
+    # the refused handoff leaves the ctx KV held (until a compatible pull or the timeout)
+    assert held(ctx) >= 1
+
+
+def test_ctx_side_also_checks_the_format(ctx):
+    """inquireSupport runs on the ctx side: a pull announcing an incompatible CacheState is refused there."""
+    ctx_resp = ctx.complete({"prompt": "guarded KV", "max_tokens": 3,
+                             "disaggregated_params": {"request_type": "context_only"}})
+    params = ctx_resp["choices"][0]["disaggregated_params"]
+    own = kvformat.from_wire(ctx.state()["cache_state"])
+    peer = kvformat.to_wire(kvformat.CacheState(**{**kvformat.to_wire(own), "num_layers": 80}))
+    before = ctx.state()["counters"]["kvFormatRejections"]
+    status, err = ctx.post("/_sim/kv/pull", {"ctx_request_id": params["ctx_request_id"],
+                                            "instance": ctx.state()["instance"], "cache_state": peer})
+    assert status == 409 and err["type"] == "CacheStateMismatch"
+    assert "only support same number of layers (numLayers: context=32, generation=80)" in err["message"]
+    assert ctx.state()["counters"]["kvFormatRejections"] == before + 1
+
+
+def test_held_kv_expires_after_timeout(engines, gen):
+    short = engines.start(worker_yaml(ctx=True, timeout_ms=300), "--sim-speed", "0")
+    ctx_resp = short.complete({"prompt": list(range(1, 65)), "max_tokens": 4,
+                               "disaggregated_params": {"request_type": "context_only"}})
+    assert held(short) == 1 and short.state()["kvCacheStats"]["usedNumBlocks"] == 2
+    short.wait_for(lambda: held(short) == 0, "held KV to expire", deadline_s=10)
+    state = short.state()
+    assert state["kvCacheStats"]["usedNumBlocks"] == 0 and state["counters"]["kvExpired"] == 1
+    params = {**ctx_resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
+    status, err = gen.post("/v1/completions", {"prompt": ctx_resp["prompt_token_ids"], "max_tokens": 4,
+                                               "disaggregated_params": params})
+    assert status == 500 and "expired after kv_transfer_timeout_ms=300" in err["message"]
+
+
+def test_gen_failure_when_ctx_is_gone(engines, gen):
+    doomed = engines.start(worker_yaml(ctx=True), "--sim-speed", "0")
+    ctx_resp = doomed.complete({"prompt": "orphaned", "max_tokens": 4,
+                                "disaggregated_params": {"request_type": "context_only"}})
+    doomed.proc.terminate()
+    doomed.proc.wait(timeout=10)
+    params = {**ctx_resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
+    status, err = gen.post("/v1/completions", {"prompt": ctx_resp["prompt_token_ids"], "max_tokens": 4,
+                                               "disaggregated_params": params})
+    assert status == 500 and "KV transfer from context worker 127.0.0.1:" in err["message"]
+    assert gen.state()["counters"]["kvTransferFailures"] >= 1

@@ -1,0 +1,180 @@
+"""The trtllm-serve HTTP surface of one simulated worker (no handoff)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from simproc import LLAMA_8B, stream_text, text_of, worker_yaml
+
+from baton import tokens
+
+
+@pytest.fixture(scope="module")
+def worker(engines):
+    # A ctx-capable worker at zero latency: serves every request type.
+    return engines.start(worker_yaml(ctx=True), "--sim-speed", "0")
+
+
+def test_health_version_models(worker):
+    status, body = worker.get("/health")
+    assert (status, body) == (200, "")
+    assert worker.get("/version") == (200, {"version": "1.2.0"})
+    status, models = worker.get("/v1/models")
+    assert status == 200 and models["object"] == "list"
+    # trtllm-serve uses the model argument as the model id
+    assert [m["id"] for m in models["data"]] == [str(LLAMA_8B)]
+
+
+def test_completion_non_streaming(worker):
+    resp = worker.complete({"prompt": "The quick brown fox jumps over the lazy dog", "max_tokens": 7})
+    assert resp["object"] == "text_completion" and resp["model"] == str(LLAMA_8B)
+    choice = resp["choices"][0]
+    assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == 7
+    assert len(choice["text"].split()) == 7  # one word per token
+    prompt_tokens = tokens.count_prompt_tokens("The quick brown fox jumps over the lazy dog")
+    assert resp["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 7, "total_tokens": prompt_tokens + 7}
+
+
+def test_output_is_deterministic_and_prompt_dependent(worker):
+    a = worker.complete({"prompt": "same prompt", "max_tokens": 5})
+    b = worker.complete({"prompt": "same prompt", "max_tokens": 5})
+    c = worker.complete({"prompt": "another prompt", "max_tokens": 5})
+    assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"] != c["choices"][0]["token_ids"]
+    # token ids and text agree
+    ids = tokens.tokenize("same prompt")
+    d = worker.complete({"prompt": ids, "max_tokens": 5})
+    assert d["choices"][0]["token_ids"] == a["choices"][0]["token_ids"]
+
+
+def test_streaming_equals_non_streaming(worker):
+    body = {"prompt": "Streaming must produce the same words", "max_tokens": 12}
+    full = worker.complete(body)
+    status, chunks = worker.stream({**body, "stream_options": {"include_usage": True}})
+    assert status == 200
+    assert chunks[-1] == "[DONE]"
+    assert stream_text(chunks) == text_of(full)
+    ids = [t for c in chunks[:-1] if c.get("choices") for t in c["choices"][0]["token_ids"]]
+    assert ids == full["choices"][0]["token_ids"]
+    finals = [c["choices"][0]["finish_reason"] for c in chunks[:-1] if c.get("choices")]
+    assert finals[-1] == "length" and all(f is None for f in finals[:-1])
+    assert chunks[-2]["usage"]["completion_tokens"] == 12
+
+
+def test_chat_completions(worker):
+    body = {"messages": [{"role": "user", "content": "Say something"}], "max_tokens": 6}
+    full = worker.complete(body, "/v1/chat/completions")
+    assert full["object"] == "chat.completion"
+    assert full["choices"][0]["message"]["role"] == "assistant"
+    status, chunks = worker.stream(body, "/v1/chat/completions")
+    assert status == 200 and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert stream_text(chunks) == text_of(full)
+    assert full["usage"]["prompt_tokens"] == len(tokens.tokenize(tokens.chat_prompt_text(body["messages"])))
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"prompt": 42}, "prompt must be"),
+        ({"prompt": [1, -2]}, "outside the vocabulary"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens must be at least 1"),
+        ({"prompt": "hi", "n": 2}, "only n=1"),
+        ({"prompt": "hi", "disaggregated_params": {"request_type": "prefill"}}, "request_type must be one of"),
+        ({"prompt": [1, 2], "disaggregated_params": {"request_type": "generation_only"}}, "first_gen_tokens"),
+        (
+            {"prompt": [1, 2], "disaggregated_params": {"request_type": "generation_only", "first_gen_tokens": [3],
+                                                        "ctx_request_id": 1, "encoded_opaque_state": "bm90IGpzb24="}},
+            "encoded_opaque_state",
+        ),
+    ],
+)
+def test_invalid_requests_get_trtllm_error_shape(worker, body, fragment):
+    status, err = worker.post("/v1/completions", body)
+    assert status == 400
+    assert err["object"] == "error" and err["type"] == "BadRequestError" and err["code"] == 400
+    assert fragment in err["message"]
+
+
+def test_metrics_report_iterations_and_kv_stats(worker):
+    worker.get("/metrics")  # drain
+    worker.complete({"prompt": "count my iterations", "max_tokens": 4})
+    status, records = worker.get("/metrics")
+    assert status == 200 and len(records) >= 5  # 4 iterations + the current-state record
+    last = records[-1]
+    assert last["sim"]["snapshot"] is True
+    kv = last["kvCacheStats"]
+    assert {"maxNumBlocks", "freeNumBlocks", "usedNumBlocks", "tokensPerBlock"} <= set(kv)
+    assert kv["tokensPerBlock"] == 32 and kv["usedNumBlocks"] + kv["freeNumBlocks"] == kv["maxNumBlocks"]
+    assert {"numActiveRequests", "numQueuedRequests"} <= set(records[0])
+    assert records[0]["inflightBatchingStats"]["numContextRequests"] == 1
+    # drained on read: the next read only has the current-state record
+    status, again = worker.get("/metrics")
+    assert len(again) == 1 and again[0]["sim"]["snapshot"] is True
+
+
+def test_perf_metrics_are_drained_on_read(worker):
+    worker.get("/perf_metrics")
+    worker.complete({"prompt": "timed", "max_tokens": 3}, headers={"X-Request-Id": "perf-1"})
+    status, records = worker.get("/perf_metrics")
+    assert status == 200 and len(records) == 1
+    rec = records[0]
+    assert rec["x_request_id"] == "perf-1" and rec["request_type"] == "context_and_generation"
+    t = rec["perf_metrics"]["timing_metrics"]
+    assert t["arrival_time"] <= t["first_scheduled_time"] <= t["first_token_time"] <= t["last_token_time"]
+    assert worker.get("/perf_metrics") == (200, [])
+
+
+def test_logs_carry_the_request_id(worker):
+    worker.post("/v1/completions", {"prompt": "hi", "n": 3}, headers={"X-Request-Id": "trace-me-42"})
+    # a refused request is logged at DEBUG; a failed one (5xx) at WARNING: use a handoff failure instead
+    bogus = {"prompt": [1, 2], "max_tokens": 2, "disaggregated_params": {
+        "request_type": "generation_only", "first_gen_tokens": [5], "ctx_request_id": 9,
+        "encoded_opaque_state": _opaque_for(worker, ctx_request_id=9)}}
+    status, _ = worker.post("/v1/completions", bogus, headers={"X-Request-Id": "trace-me-43"})
+    assert status == 500
+    lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    assert any(entry.get("request_id") == "trace-me-43" for entry in lines)
+
+
+def _opaque_for(worker, ctx_request_id: int) -> str:
+    """A well-formed handle naming `worker` as the ctx worker, for an id it never produced."""
+    from baton import kvformat
+    from baton.engine_sim.handoff import OpaqueState, encode_opaque
+
+    state = kvformat.from_wire(worker.state()["cache_state"])
+    return encode_opaque(OpaqueState("127.0.0.1", worker.port, worker.state()["instance"], ctx_request_id, state))
+
+
+def test_many_concurrent_requests(worker):
+    def one(i):
+        return worker.complete({"prompt": f"request number {i}", "max_tokens": 3})
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(200)))
+    assert all(len(r["choices"][0]["token_ids"]) == 3 for r in results)
+
+
+def test_health_generate(worker):
+    assert worker.get("/health_generate")[0] == 200
+    assert worker.post("/kv_cache_events", {}) == (200, [])
+
+
+def test_client_disconnect_frees_the_request(engines):
+    import http.client
+    import json as _json
+
+    slow = engines.start(worker_yaml(ctx=True), "--sim-speed", "1")
+    conn = http.client.HTTPConnection("127.0.0.1", slow.port, timeout=30)
+    conn.request("POST", "/v1/completions", _json.dumps({"prompt": "long story", "max_tokens": 2000, "stream": True}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")  # generation is under way (2000 steps would take ~10 s)
+    assert slow.state()["numActiveRequests"] == 1
+    resp.close()
+    conn.close()
+    slow.wait_for(lambda: slow.state()["numActiveRequests"] == 0, "the abandoned request to be dropped",
+                  deadline_s=5)
+    state = slow.state()
+    assert state["counters"]["requestsCancelled"] == 1 and state["kvCacheStats"]["usedNumBlocks"] == 0

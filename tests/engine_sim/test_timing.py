@@ -1,0 +1,197 @@
+"""The timing model (unit) and its effect on a running worker (relative durations only, never thresholds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+
+import pytest
+from simproc import LLAMA_70B, LLAMA_8B, handoff, worker_yaml
+
+from baton.engine_sim import timing
+from baton.engine_sim.engine import token_at, token_seed, token_text
+
+# ---------------------------------------------------------------- interpolation
+
+
+def test_interp_hits_table_points():
+    xs, ys = [1.0, 10.0, 100.0], [2.0, 20.0, 400.0]
+    for x, y in zip(xs, ys):
+        assert timing.interp_loglog(xs, ys, x) == pytest.approx(y)
+
+
+def test_interp_is_loglog_between_points():
+    # a power law y = 2 x is reproduced exactly between points
+    assert timing.interp_loglog([1.0, 10.0], [2.0, 20.0], 3.0) == pytest.approx(6.0)
+    # y = x^2 between 10 and 100: log-log interpolation of a power law is exact
+    assert timing.interp_loglog([10.0, 100.0], [100.0, 10000.0], 30.0) == pytest.approx(900.0)
+
+
+def test_interp_clamps_below_and_extrapolates_above():
+    xs, ys = [10.0, 100.0], [5.0, 50.0]
+    assert timing.interp_loglog(xs, ys, 1.0) == 5.0
+    assert timing.interp_loglog(xs, ys, 1000.0) == pytest.approx(500.0)  # slope 1 continues
+    # extrapolation never decreases, even if the last segment does
+    assert timing.interp_loglog([1.0, 2.0], [10.0, 9.0], 8.0) == pytest.approx(9.0)
+
+
+def test_interp_is_monotone_on_the_shipped_prefill_curve():
+    model = timing.load_table().models["llama3-8b"]
+    values = [model.prefill(t) for t in range(100, 20000, 97)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+# ---------------------------------------------------------------- the shipped table
+
+
+def test_shipped_table_reproduces_measured_points():
+    table = timing.load_table()
+    assert set(table.models) == {"llama3-8b", "llama3-70b"}
+    assert "h200" in json.dumps(table.provenance).lower()
+    m8, m70 = table.models["llama3-8b"], table.models["llama3-70b"]
+    assert m8.prefill(16384) == pytest.approx(513.4776, rel=1e-6)
+    assert m70.prefill(1024) == pytest.approx(229.1018, rel=1e-6)
+    assert m8.decode(1, 1024) == pytest.approx(4.8717, rel=1e-4)
+    assert m70.decode(128, 4096) == pytest.approx(95.959, rel=1e-4)
+
+
+def test_decode_interpolates_between_batches_and_contexts():
+    m = timing.load_table().models["llama3-8b"]
+    mid = m.decode(16, 2048)
+    assert m.decode(8, 1024) < mid < m.decode(32, 4096)
+    assert m.decode(64, 16384) > m.decode(64, 4096)  # filled cell grows with context
+    assert m.decode(512, 1024) > m.decode(256, 1024)  # extrapolated beyond the table
+
+
+def test_table_from_raw_calibration_fills_missing_cells():
+    raw = {
+        "device": "test",
+        "models": {
+            "tiny": {
+                "hidden": 64, "intermediate": 256, "layers_full": 2, "heads": 4, "kv_heads": 2, "head_dim": 16,
+                "prefill": [{"batch": 1, "tokens": 128, "ms_full_est": 1.0},
+                            {"batch": 1, "tokens": 1024, "ms_full_est": 8.0},
+                            {"batch": 4, "tokens": 128, "ms_full_est": 3.0}],
+                "decode": [{"batch": 1, "context": 100, "ms_step_full_est": 1.0},
+                           {"batch": 1, "context": 1000, "ms_step_full_est": 1.9},
+                           {"batch": 10, "context": 100, "ms_step_full_est": 2.0}],
+            }
+        },
+    }
+    table = timing.table_from_dict(raw)
+    m = table.models["tiny"]
+    # slope from the measured pair: (1.9 - 1.0) / (1 x 900) = 0.001 ms per cached token
+    assert m.decode(10, 1000) == pytest.approx(2.0 + 0.001 * 10 * 900)
+    assert m.prefill_tokens == (128.0, 1024.0)  # batched prefill points are reference only
+
+
+@pytest.mark.parametrize("bad", [{"models": {}}, {"models": {"x": {"prefill": [[1, 1]], "shape": {},
+                                                                     "decode": {"batches": [2, 1], "contexts": [1],
+                                                                                "ms": [[1], [1]]}}}}])
+def test_bad_tables_are_refused(bad):
+    with pytest.raises(ValueError):
+        timing.table_from_dict(bad)
+
+
+# ---------------------------------------------------------------- model selection and scaling
+
+
+def _config(path):
+    return json.loads((path / "config.json").read_text())
+
+
+def test_param_estimates_and_nearest_model():
+    table = timing.load_table()
+    p8 = timing.estimate_params(timing.shape_from_hf_config(_config(LLAMA_8B)))
+    p70 = timing.estimate_params(timing.shape_from_hf_config(_config(LLAMA_70B)))
+    assert p8 == pytest.approx(8.03e9, rel=0.01) and p70 == pytest.approx(70.6e9, rel=0.01)
+    assert table.nearest(p8).name == "llama3-8b" and table.nearest(p70).name == "llama3-70b"
+    assert table.nearest(13e9).name == "llama3-8b" and table.nearest(34e9).name == "llama3-70b"
+
+
+def test_exact_shapes_scale_by_one_and_others_by_params():
+    table = timing.load_table()
+    assert timing.build_timing_model(table, _config(LLAMA_8B)).param_scale == pytest.approx(1.0)
+    assert timing.build_timing_model(table, _config(LLAMA_70B)).param_scale == pytest.approx(1.0)
+    bigger = {**_config(LLAMA_8B), "num_hidden_layers": 48}
+    tm = timing.build_timing_model(table, bigger)
+    assert tm.model.name == "llama3-8b" and 1.4 < tm.param_scale < 1.5
+
+
+def test_tp_speed_scale_and_transfer():
+    table = timing.load_table()
+    cfg = _config(LLAMA_70B)
+    one = timing.build_timing_model(table, cfg)
+    four = timing.build_timing_model(table, cfg, tp=4, tp_efficiency=0.85)
+    assert four.prefill_seconds(2048) == pytest.approx(one.prefill_seconds(2048) / (4 * 0.85))
+    half = timing.build_timing_model(table, cfg, time_scale=0.5)
+    assert half.decode_seconds(8, 1024) == pytest.approx(one.decode_seconds(8, 1024) / 2)
+    zero = timing.build_timing_model(table, cfg, time_scale=0.0)
+    assert zero.iteration_seconds(8192, 64, 4096) == 0.0 and zero.transfer_seconds(10**9) == 0.0
+    assert one.transfer_seconds(50 * 10**9) == pytest.approx(1.0)  # 50 GB at the default 50 GB/s
+    assert one.transfer_seconds(50 * 10**9, link_bytes_per_s=25e9) == pytest.approx(2.0)  # slower end wins
+    assert one.iteration_seconds(1024, 8, 1024) == pytest.approx(
+        one.prefill_seconds(1024) + one.decode_seconds(8, 1024))
+
+
+# ---------------------------------------------------------------- deterministic output
+
+
+def test_tokens_are_deterministic_and_in_vocab():
+    seed = token_seed([1, 2, 3])
+    assert seed == token_seed([1, 2, 3]) != token_seed([1, 2, 4])
+    ids = [token_at(seed, i, 128_256) for i in range(50)]
+    assert ids == [token_at(seed, i, 128_256) for i in range(50)]
+    assert all(0 <= t < 128_256 for t in ids) and len(set(ids)) > 40
+    assert token_text(ids[0]).startswith(" ") and token_text(ids[0]) == token_text(ids[0])
+
+
+# ---------------------------------------------------------------- on a running worker
+
+
+def _median_duration(engine, body, runs=3) -> float:
+    durations = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        engine.complete(body)
+        durations.append(time.perf_counter() - start)
+    return statistics.median(durations)
+
+
+@pytest.fixture(scope="module")
+def realtime(engines):
+    return engines.start(worker_yaml(ctx=True), "--sim-speed", "2")
+
+
+def test_longer_prompt_prefills_longer(realtime):
+    # modelled: ~7.6 ms vs ~104 ms (x2 time scale); compare, never threshold
+    short = _median_duration(realtime, {"prompt": list(range(1, 129)), "max_tokens": 1})
+    long = _median_duration(realtime, {"prompt": list(range(1, 4097)), "max_tokens": 1})
+    assert long > short
+
+
+def test_more_tokens_decode_longer(realtime):
+    few = _median_duration(realtime, {"prompt": [5, 6, 7], "max_tokens": 2})
+    many = _median_duration(realtime, {"prompt": [5, 6, 7], "max_tokens": 40})
+    assert many > few
+
+
+def test_kv_transfer_time_grows_with_prompt(engines):
+    slow_link = ("--sim-link-gbps", "1", "--sim-speed", "1")  # 1 Gbit/s = 125 MB/s
+    ctx = engines.start(worker_yaml(ctx=True), *slow_link)
+    gen = engines.start(worker_yaml(ctx=False), *slow_link)
+
+    def transfer_time(prompt_len: int) -> float:
+        gen.get("/perf_metrics")
+        _, (status, _) = handoff(ctx, gen, {"prompt": list(range(1, prompt_len + 1)), "max_tokens": 2})
+        assert status == 200
+        (rec,) = [r for r in gen.get("/perf_metrics")[1] if r["request_type"] == "generation_only"]
+        t = rec["perf_metrics"]["timing_metrics"]
+        assert t["kv_cache_size"] == prompt_len * 131_072
+        return t["kv_cache_transfer_end"] - t["kv_cache_transfer_start"]
+
+    small, large = transfer_time(16), transfer_time(256)  # modelled: ~17 ms vs ~268 ms
+    assert large > small
+    assert not math.isclose(large, small, rel_tol=0.5)
