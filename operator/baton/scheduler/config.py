@@ -1,0 +1,292 @@
+"""The scheduler's config file: schema (pydantic, camelCase keys), loading, CLI overrides and hot reload.
+
+The operator renders this file into a ConfigMap; standalone users write it by hand or pass flags instead.
+Unknown keys are rejected so that a typo fails loudly instead of silently falling back to a default.
+`ConfigWatcher` polls the file's *content* (a ConfigMap volume swaps a symlink, so mtimes lie) and
+hands every valid new version to a callback; an invalid new version is logged and the old one kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+log = logging.getLogger("baton.scheduler.config")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class StaticEndpoint(_Model):
+    """One engine address, optionally with the KV-format fingerprint it serves."""
+
+    address: str
+    fingerprint: str | None = None
+
+
+def _parse_address(value: str) -> str:
+    value = value.strip()
+    for prefix in ("http://", "https://"):
+        if value.startswith(prefix):
+            value = value[len(prefix) :]
+    value = value.rstrip("/")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"endpoint {value!r} must be host:port")
+    return value
+
+
+class StaticEndpoints(_Model):
+    prefill: list[StaticEndpoint] = Field(default_factory=list)
+    decode: list[StaticEndpoint] = Field(default_factory=list)
+
+    @field_validator("prefill", "decode", mode="before")
+    @classmethod
+    def _strings_to_endpoints(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        out = []
+        for item in value or []:
+            if isinstance(item, str):
+                item = {"address": item}
+            if isinstance(item, Mapping):
+                item = dict(item)
+                item["address"] = _parse_address(str(item.get("address", "")))
+            out.append(item)
+        return out
+
+
+class KubernetesEndpoints(_Model):
+    namespace: str = "default"
+    prefill_service: str = ""
+    decode_service: str = ""
+    port: int = Field(8000, ge=1, le=65535)
+    # When set, only pods labelled baton.dev/generation=<generation> are used (pods without the label
+    # are accepted too, so a scheduler can run against unlabelled engines).
+    generation: str = ""
+
+
+class EndpointsConfig(_Model):
+    discovery: Literal["static", "kubernetes"] = "static"
+    static: StaticEndpoints = Field(default_factory=StaticEndpoints)
+    kubernetes: KubernetesEndpoints = Field(default_factory=KubernetesEndpoints)
+
+    @model_validator(mode="after")
+    def _check_kubernetes(self) -> EndpointsConfig:
+        if self.discovery == "kubernetes" and not (self.kubernetes.prefill_service and self.kubernetes.decode_service):
+            raise ValueError("endpoints.kubernetes.prefillService and decodeService are required for kubernetes discovery")
+        return self
+
+
+class RoutingConfig(_Model):
+    local_prefill_below_tokens: int = Field(4096, ge=0)
+    always_prefill_at_or_above_tokens: int = Field(16384, ge=0)
+    algorithm: Literal["throughput-optimized", "latency-optimized"] = "throughput-optimized"
+    placement_policy: Literal["shortest-prefill-first", "round-robin", "least-loaded"] = "shortest-prefill-first"
+    prefill_batch_size: int = Field(32, ge=1)
+    decode_batch_size: int = Field(1, ge=1)
+    max_concurrent_prefills: int = Field(64, ge=1)
+    kv_transfer_compression: Literal["none", "fp8"] = "none"
+    ring_size: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> RoutingConfig:
+        if self.local_prefill_below_tokens > self.always_prefill_at_or_above_tokens:
+            raise ValueError(
+                "routing.localPrefillBelowTokens "
+                f"({self.local_prefill_below_tokens}) must not exceed routing.alwaysPrefillAtOrAboveTokens "
+                f"({self.always_prefill_at_or_above_tokens})"
+            )
+        return self
+
+
+class QueueConfig(_Model):
+    max_depth: int = Field(256, ge=0)
+    # How long a request may wait in the queue before it is rejected with 429 (reason queue_timeout).
+    max_wait_seconds: float = Field(30.0, gt=0)
+
+
+class AdmissionConfig(_Model):
+    prefill_tokens_per_second: float = Field(0, ge=0)
+    prefill_burst_tokens: float = Field(0, ge=0)
+    decode_requests_per_second: float = Field(0, ge=0)
+    decode_burst: float = Field(0, ge=0)
+
+
+class BackpressureConfig(_Model):
+    max_active_per_decode_replica: int = Field(64, ge=1)
+    decode_p95_latency_threshold_ms: float = Field(200, ge=0)  # 0 disables latency throttling
+
+
+class DegradationConfig(_Model):
+    hold_ttl_seconds: float = Field(120, gt=0)
+    store: Literal["memory", "redis"] = "memory"
+    redis_url: str = ""
+
+    @model_validator(mode="after")
+    def _check_redis(self) -> DegradationConfig:
+        if self.store == "redis" and not self.redis_url:
+            raise ValueError("degradation.redisUrl is required when degradation.store is redis")
+        return self
+
+
+class RetriesConfig(_Model):
+    max_attempts: int = Field(2, ge=1)
+    budget_ratio: float = Field(0.2, ge=0, le=1)
+
+
+class ServerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+
+class SchedulerConfig(_Model):
+    model: str = "model"
+    runtime: Literal["trtllm-serve", "triton"] = "trtllm-serve"
+    endpoints: EndpointsConfig = Field(default_factory=EndpointsConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    backpressure: BackpressureConfig = Field(default_factory=BackpressureConfig)
+    degradation: DegradationConfig = Field(default_factory=DegradationConfig)
+    heartbeat_seconds: float = Field(15, gt=0)
+    retries: RetriesConfig = Field(default_factory=RetriesConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    # Per-request upstream read timeout (seconds without a byte from an engine before it counts as failed).
+    engine_timeout_seconds: float = Field(600, gt=0)
+
+
+class ConfigError(ValueError):
+    """The config file is unreadable or invalid; the message names the file and the field."""
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[leaf] = value
+
+
+def parse_config(text: str | bytes, overrides: Mapping[str, Any] | None = None, source: str = "<config>") -> SchedulerConfig:
+    """Parse YAML or JSON text (JSON is YAML) into a validated config; `overrides` are dotted camelCase paths."""
+    try:
+        data = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML/JSON: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_path(data, dotted, value)
+    try:
+        return SchedulerConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{source}: invalid scheduler config: {problems}") from exc
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> SchedulerConfig:
+    if path is None:
+        return parse_config("", overrides, source="<flags>")
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    return parse_config(text, overrides, source=str(path))
+
+
+def config_to_dict(config: SchedulerConfig) -> dict[str, Any]:
+    """The config as the file would spell it (camelCase), e.g. for logging or rendering."""
+    return json.loads(config.model_dump_json(by_alias=True))
+
+
+class ConfigWatcher:
+    """Polls a config file's content and calls `on_change(config)` for each valid new version."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        on_change: Callable[[SchedulerConfig], Awaitable[None] | None],
+        overrides: Mapping[str, Any] | None = None,
+        interval: float = 1.0,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.on_change = on_change
+        self.overrides = dict(overrides or {})
+        self.interval = interval
+        self.on_error = on_error
+        self._digest: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def prime(self) -> None:
+        """Remember the current content as already applied (call after the initial load)."""
+        try:
+            self._digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        except OSError:
+            self._digest = None
+
+    async def check_once(self) -> bool:
+        """Re-read the file; apply it if its content changed and is valid. Returns True when applied."""
+        try:
+            text = await asyncio.to_thread(self.path.read_bytes)
+        except OSError as exc:
+            log.warning("event=config_unreadable path=%s error=%r", self.path, str(exc))
+            return False
+        digest = hashlib.sha256(text).hexdigest()
+        if digest == self._digest:
+            return False
+        self._digest = digest
+        try:
+            config = parse_config(text, self.overrides, source=str(self.path))
+        except ConfigError as exc:
+            log.error("event=config_reload_rejected error=%r", str(exc))
+            if self.on_error:
+                self.on_error(str(exc))
+            return False
+        result = self.on_change(config)
+        if asyncio.iscoroutine(result):
+            await result
+        log.info("event=config_reloaded path=%s sha256=%s", self.path, digest[:12])
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.check_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep watching whatever one bad reload did
+                log.exception("event=config_reload_failed")
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="baton-config-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None

@@ -1,0 +1,237 @@
+"""Engine endpoints: the endpoint model and where the lists come from.
+
+- `Endpoint` is what discovery produces: an address, its tier, and an optional KV-format fingerprint.
+- `endpoints_from_slices` is the pure part of Kubernetes discovery: EndpointSlice objects (dicts as the
+  API returns them, or `kubernetes` client models) -> the ready endpoints' pod IPs with the configured port.
+- `StaticDiscovery` and `KubernetesDiscovery` push `(prefill, decode)` lists into a callback on the event
+  loop; the Kubernetes one watches EndpointSlices in a background thread (the `kubernetes` client is
+  blocking) and reads each pod's `baton.dev/kv-fingerprint` annotation through the endpoint's targetRef.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from baton.scheduler.config import EndpointsConfig, KubernetesEndpoints
+
+log = logging.getLogger("baton.scheduler.endpoints")
+
+FINGERPRINT_ANNOTATION = "baton.dev/kv-fingerprint"
+GENERATION_LABEL = "baton.dev/generation"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+PREFILL = "prefill"
+DECODE = "decode"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One engine replica as discovery sees it. Equal fingerprints (None == None) may be paired."""
+
+    address: str  # host:port ([v6]:port for IPv6)
+    tier: str  # "prefill" | "decode"
+    fingerprint: str | None = None
+    pod: str | None = None  # pod name when discovered from Kubernetes
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+
+def format_address(ip: str, port: int) -> str:
+    try:
+        if isinstance(ipaddress.ip_address(ip), ipaddress.IPv6Address):
+            return f"[{ip}]:{port}"
+    except ValueError:
+        pass
+    return f"{ip}:{port}"
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    """EndpointSlice as the API spells it (camelCase dict), from a dict or a kubernetes client model."""
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    from kubernetes.client import ApiClient  # only when handed client models
+
+    return ApiClient().sanitize_for_serialization(obj)
+
+
+def endpoints_from_slices(
+    slices: Iterable[Any],
+    port: int,
+    tier: str,
+    pod_info: Callable[[str, str | None], tuple[str | None, str | None]] | None = None,
+    generation: str = "",
+) -> list[Endpoint]:
+    """The ready endpoints of a Service's EndpointSlices, as pod IP + `port`, sorted and deduplicated.
+
+    An endpoint counts when `conditions.ready` is true or unset (the API says nil means ready); terminating
+    and not-ready endpoints are skipped, as are FQDN slices. `pod_info(pod_name, pod_uid)` returns the
+    pod's (fingerprint, generation); with `generation` set, pods labelled with another generation are skipped.
+    """
+    seen: dict[str, Endpoint] = {}
+    for raw in slices:
+        eps = _as_dict(raw)
+        if eps.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+            continue
+        for ep in eps.get("endpoints") or []:
+            conditions = ep.get("conditions") or {}
+            if conditions.get("ready") is False:
+                continue
+            addresses = ep.get("addresses") or []
+            if not addresses:
+                continue
+            target = ep.get("targetRef") or {}
+            pod = target.get("name") if target.get("kind", "Pod") == "Pod" else None
+            fingerprint = None
+            pod_generation = None
+            if pod and pod_info is not None:
+                fingerprint, pod_generation = pod_info(pod, target.get("uid"))
+            if generation and pod_generation and pod_generation != generation:
+                continue
+            address = format_address(addresses[0], port)
+            seen.setdefault(address, Endpoint(address=address, tier=tier, fingerprint=fingerprint, pod=pod))
+    return [seen[a] for a in sorted(seen)]
+
+
+def static_endpoints(config: EndpointsConfig) -> tuple[list[Endpoint], list[Endpoint]]:
+    prefill = [Endpoint(e.address, PREFILL, e.fingerprint) for e in config.static.prefill]
+    decode = [Endpoint(e.address, DECODE, e.fingerprint) for e in config.static.decode]
+    return prefill, decode
+
+
+UpdateCallback = Callable[[list[Endpoint], list[Endpoint]], None]
+
+
+class StaticDiscovery:
+    """Fixed lists from the config file or flags."""
+
+    def __init__(self, config: EndpointsConfig, on_update: UpdateCallback) -> None:
+        self.config = config
+        self.on_update = on_update
+
+    def start(self) -> None:
+        self.on_update(*static_endpoints(self.config))
+
+    def stop(self) -> None:
+        pass
+
+
+class KubernetesDiscovery:
+    """Watches the two tier Services' EndpointSlices and reports ready pod endpoints.
+
+    Runs the blocking `kubernetes` client in one daemon thread per tier; results are handed to the event
+    loop with `call_soon_threadsafe`. Each watch is bounded (`timeout_seconds`) and re-listed after errors.
+    """
+
+    WATCH_TIMEOUT_S = 30
+
+    def __init__(self, config: KubernetesEndpoints, on_update: UpdateCallback, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.on_update = on_update
+        self.loop = loop
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lists: dict[str, list[Endpoint]] = {PREFILL: [], DECODE: []}
+        self._pods: dict[str, tuple[str | None, str | None]] = {}
+        self._lock = threading.Lock()
+        self._api_client: Any = None
+
+    def _client(self) -> Any:
+        if self._api_client is None:
+            from kubernetes import client, config
+
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            self._api_client = client.ApiClient()
+        return self._api_client
+
+    def _pod_info(self, name: str, uid: str | None) -> tuple[str | None, str | None]:
+        # StatefulSet pods keep their names across rollouts, so the cache is keyed by uid too.
+        key = f"{name}/{uid}"
+        with self._lock:
+            if key in self._pods:
+                return self._pods[key]
+        from kubernetes import client
+
+        try:
+            pod = client.CoreV1Api(self._client()).read_namespaced_pod(name, self.config.namespace)
+            annotations = pod.metadata.annotations or {}
+            labels = pod.metadata.labels or {}
+            info = (annotations.get(FINGERPRINT_ANNOTATION), labels.get(GENERATION_LABEL))
+        except Exception as exc:  # pod gone or RBAC missing: no fingerprint, still usable with None peers
+            log.warning("event=pod_lookup_failed pod=%s error=%r", name, str(exc))
+            return (None, None)
+        with self._lock:
+            if uid:  # without a uid the answer cannot be tied to one pod incarnation: do not cache it
+                self._pods[key] = info
+        return info
+
+    def _publish(self, tier: str, endpoints: list[Endpoint]) -> None:
+        with self._lock:
+            self._lists[tier] = endpoints
+            prefill, decode = list(self._lists[PREFILL]), list(self._lists[DECODE])
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.on_update, prefill, decode)
+
+    def _watch_tier(self, tier: str, service: str) -> None:
+        from kubernetes import client, watch
+
+        selector = f"{SERVICE_NAME_LABEL}={service}"
+        while not self._stop.is_set():
+            try:
+                api = client.DiscoveryV1Api(self._client())
+                listing = api.list_namespaced_endpoint_slice(self.config.namespace, label_selector=selector)
+                slices = {s.metadata.name: s for s in listing.items}
+                self._publish(tier, self._compute(tier, slices.values()))
+                version = listing.metadata.resource_version
+                w = watch.Watch()
+                for event in w.stream(
+                    api.list_namespaced_endpoint_slice,
+                    self.config.namespace,
+                    label_selector=selector,
+                    resource_version=version,
+                    timeout_seconds=self.WATCH_TIMEOUT_S,
+                ):
+                    if self._stop.is_set():
+                        w.stop()
+                        break
+                    obj = event["object"]
+                    if event["type"] == "DELETED":
+                        slices.pop(obj.metadata.name, None)
+                    elif event["type"] in ("ADDED", "MODIFIED"):
+                        slices[obj.metadata.name] = obj
+                    else:
+                        continue
+                    self._publish(tier, self._compute(tier, slices.values()))
+            except Exception as exc:
+                log.warning("event=endpointslice_watch_error tier=%s service=%s error=%r", tier, service, str(exc))
+                self._stop.wait(2.0)
+
+    def _compute(self, tier: str, slices: Iterable[Any]) -> list[Endpoint]:
+        return endpoints_from_slices(slices, self.config.port, tier, self._pod_info, self.config.generation)
+
+    def start(self) -> None:
+        for tier, service in ((PREFILL, self.config.prefill_service), (DECODE, self.config.decode_service)):
+            thread = threading.Thread(
+                target=self._watch_tier, args=(tier, service), name=f"baton-discovery-{tier}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def make_discovery(config: EndpointsConfig, on_update: UpdateCallback, loop: asyncio.AbstractEventLoop) -> Any:
+    if config.discovery == "kubernetes":
+        return KubernetesDiscovery(config.kubernetes, on_update, loop)
+    return StaticDiscovery(config, on_update)

@@ -1,0 +1,186 @@
+"""`baton scheduler`: run Baton's request scheduler.
+
+    baton scheduler --config /etc/baton/scheduler.yaml
+    baton scheduler --prefill-endpoints 127.0.0.1:8001 --decode-endpoints 127.0.0.1:8002 --model llama-3-8b
+
+Flags override the config file (and keep overriding it across reloads). With neither a file nor
+endpoint flags the scheduler starts with no endpoints and stays unready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+
+from baton.scheduler.config import ConfigError, ConfigWatcher, load_config
+
+log = logging.getLogger("baton.scheduler")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="baton scheduler", description="Baton's disaggregated prefill/decode router.")
+    p.add_argument("--config", help="YAML/JSON config file (reloaded when its content changes)")
+    p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config file checks")
+    p.add_argument("--model", help="served model name (/v1/models; other names get 404)")
+    p.add_argument("--prefill-endpoints", help="comma-separated host:port list of prefill (context) workers")
+    p.add_argument("--decode-endpoints", help="comma-separated host:port list of decode (generation) workers")
+    p.add_argument("--prefill-batch-size", type=int, help="max context-only requests in flight per prefill replica")
+    p.add_argument("--decode-batch-size", type=int, help="max local prefills in flight per decode replica")
+    p.add_argument("--max-concurrent-prefills", type=int, help="max context-only requests in flight in total")
+    p.add_argument("--kv-cache-transfer-compression", choices=["none", "fp8"])
+    p.add_argument("--placement-policy", choices=["shortest-prefill-first", "round-robin", "least-loaded"])
+    p.add_argument("--routing-algorithm", choices=["throughput-optimized", "latency-optimized"])
+    p.add_argument("--local-prefill-below-tokens", type=int)
+    p.add_argument("--always-prefill-at-or-above-tokens", type=int)
+    p.add_argument("--ring-size", type=int)
+    p.add_argument("--max-queue-depth", type=int)
+    p.add_argument("--max-queue-wait-seconds", type=float)
+    p.add_argument("--max-active-per-decode-replica", type=int)
+    p.add_argument("--decode-p95-latency-threshold-ms", type=float)
+    p.add_argument("--hold-ttl-seconds", type=float)
+    p.add_argument("--heartbeat-seconds", type=float)
+    p.add_argument("--max-attempts", type=int, help="attempts per request including the first")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 8000; 0 = pick a free one)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="kv", choices=["kv", "json"], help="key=value lines or JSON lines")
+    return p
+
+
+# flag dest -> dotted camelCase path in the config file
+FLAG_PATHS = {
+    "model": "model",
+    "prefill_batch_size": "routing.prefillBatchSize",
+    "decode_batch_size": "routing.decodeBatchSize",
+    "max_concurrent_prefills": "routing.maxConcurrentPrefills",
+    "kv_cache_transfer_compression": "routing.kvTransferCompression",
+    "placement_policy": "routing.placementPolicy",
+    "routing_algorithm": "routing.algorithm",
+    "local_prefill_below_tokens": "routing.localPrefillBelowTokens",
+    "always_prefill_at_or_above_tokens": "routing.alwaysPrefillAtOrAboveTokens",
+    "ring_size": "routing.ringSize",
+    "max_queue_depth": "queue.maxDepth",
+    "max_queue_wait_seconds": "queue.maxWaitSeconds",
+    "max_active_per_decode_replica": "backpressure.maxActivePerDecodeReplica",
+    "decode_p95_latency_threshold_ms": "backpressure.decodeP95LatencyThresholdMs",
+    "hold_ttl_seconds": "degradation.holdTtlSeconds",
+    "heartbeat_seconds": "heartbeatSeconds",
+    "max_attempts": "retries.maxAttempts",
+    "host": "server.host",
+    "port": "server.port",
+}
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dest, path in FLAG_PATHS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            out[path] = value
+    if args.prefill_endpoints is not None or args.decode_endpoints is not None:
+        out["endpoints.discovery"] = "static"
+        if args.prefill_endpoints is not None:
+            out["endpoints.static.prefill"] = args.prefill_endpoints
+        if args.decode_endpoints is not None:
+            out["endpoints.static.decode"] = args.decode_endpoints
+    return out
+
+
+class _KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        line = f"ts={ts} level={record.levelname.lower()} logger={record.name} {record.getMessage()}"
+        if record.exc_info:
+            line += " exc=" + repr(self.formatException(record.exc_info))
+        return line
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        import shlex
+
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        data: dict[str, Any] = {"ts": ts, "level": record.levelname.lower(), "logger": record.name}
+        message = record.getMessage()
+        try:
+            for part in shlex.split(message):
+                key, sep, value = part.partition("=")
+                if sep:
+                    data[key] = value
+                else:
+                    data.setdefault("msg", part)
+        except ValueError:
+            data["msg"] = message
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _KeyValueFormatter())
+    root = logging.getLogger("baton")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from baton.scheduler.server import build_app
+    from baton.scheduler.service import SchedulerService
+
+    overrides = overrides_from_args(args)
+    try:
+        config = load_config(args.config, overrides)
+        service = SchedulerService(config)
+    except (ConfigError, NotImplementedError, RuntimeError) as exc:
+        print(f"baton scheduler: {exc}", file=sys.stderr)
+        return 2
+    watcher = None
+    if args.config:
+        watcher = ConfigWatcher(
+            args.config, service.apply_config, overrides, interval=args.reload_interval,
+            on_error=lambda _msg: service.hooks.config_reload("rejected"),
+        )
+        watcher.prime()
+    app = build_app(service, watcher)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        print(f"baton scheduler: cannot listen on {config.server.host}:{config.server.port}: {exc}", file=sys.stderr)
+        await runner.cleanup()
+        return 1
+    sockets = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
+    port = sockets[0][1] if sockets else config.server.port
+    log.info("event=listening url=http://%s:%d model=%s", config.server.host, port, config.model)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await stop.wait()
+    log.info("event=shutting_down")
+    await runner.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 130

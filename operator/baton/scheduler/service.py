@@ -1,0 +1,901 @@
+"""The request flow: route, admit, place, dispatch, hand off, stream, retry, account.
+
+One `SchedulerService` per process (tests build several). For each OpenAI request it:
+1. parses the body once and counts the prompt (`requests`);
+2. decides local vs disaggregated (`routing.decide`) from a snapshot of the endpoint state;
+3. local: waits for a decode slot (decode queue: token bucket, per-replica cap, backpressure), sends the
+   request unchanged (context and generation on the decode replica) and relays the answer;
+4. disaggregated: waits for a prefill slot (prefill queue: token bucket, per-replica batch size, total
+   concurrent prefills; placement policy), sends `context_only`, then takes a decode slot in that prefill
+   replica's ring -- or, when the ring is saturated, holds the handle (`holds`) until one frees or the hold
+   expires -- and sends `generation_only` with the handle and the prompt token ids;
+5. retries on another replica/pair when an engine fails before anything reached the client (connection
+   error, 5xx), within `retries.maxAttempts` and the retry budget; a KV-format mismatch is never retried
+   onto the same pair: the pair is remembered as incompatible and the engine's message is returned.
+Every request ends in a response or an explicit error and is counted once by outcome:
+completed | rejected (429) | failed | invalid (4xx from the client's own request) | cancelled (client left).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+
+from baton.scheduler.admission import (
+    LatencyWindow,
+    QueueTimeout,
+    RetryBudget,
+    TokenBucket,
+    WaitQueue,
+    retry_after_seconds,
+)
+from baton.scheduler.config import SchedulerConfig
+from baton.scheduler.endpoints import DECODE, PREFILL, Endpoint, make_discovery
+from baton.scheduler.engines import EngineClient, EngineFailure, classify_failure, make_engine_client
+from baton.scheduler.holds import Hold, HoldStore, make_hold_store
+from baton.scheduler.metrics import ROUTE_UNROUTED, PrometheusHooks, SchedulerHooks
+from baton.scheduler.placement import ReplicaState, build_rings, make_policy, pick_decode
+from baton.scheduler.replies import (
+    STREAM_ERROR,
+    STREAM_ERROR_COMPACT,
+    HDR_DECODE,
+    HDR_ERROR,
+    HDR_PREFILL,
+    HDR_REQUEST_ID,
+    HDR_ROUTE,
+    Reply,
+    SchedulerError,
+    StreamReply,
+    error_body,
+    sse_error,
+)
+from baton.scheduler.requests import CHAT, ParsedRequest, RequestError, parse_request
+from baton.scheduler.routing import Band, Decision, LoadView, Route, classify, decide
+
+log = logging.getLogger("baton.scheduler")
+
+LOCAL = Route.LOCAL.value
+DISAGG = Route.DISAGGREGATED.value
+
+DEFAULT_PREFILL_TPS = 20_000.0  # prefill throughput assumed until one is observed (tokens/s)
+INCOMPATIBLE_PAIR_TTL_S = 300.0  # how long a KV-format mismatch keeps a pair out of placement
+UNHEALTHY_AFTER_5XX = 3  # consecutive 5xx answers before a replica is taken out of rotation
+
+# ---------------------------------------------------------------------------------------------- per request
+class _Ctx:
+    __slots__ = ("rid", "api", "t0", "req", "route", "reason", "attempt", "excluded", "prefill", "decode",
+                 "reprefilled", "queue_wait", "dispatch_t")
+
+    def __init__(self, rid: str, api: str, t0: float) -> None:
+        self.rid = rid
+        self.api = api
+        self.t0 = t0
+        self.req: ParsedRequest | None = None
+        self.route = ROUTE_UNROUTED
+        self.reason = ""
+        self.attempt = 0
+        self.excluded: set[str] = set()
+        self.prefill: ReplicaState | None = None
+        self.decode: ReplicaState | None = None
+        self.reprefilled = False
+        self.queue_wait = 0.0
+        self.dispatch_t = t0
+
+    def headers(self) -> dict[str, str]:
+        h = {HDR_REQUEST_ID: self.rid}
+        if self.route != ROUTE_UNROUTED:
+            h[HDR_ROUTE] = self.route
+        if self.prefill is not None:
+            h[HDR_PREFILL] = self.prefill.address
+        if self.decode is not None:
+            h[HDR_DECODE] = self.decode.address
+        return h
+
+
+class _DecodeLease:
+    """A decode slot: `first_token()` ends a local request's context phase, `release()` frees the slot."""
+
+    __slots__ = ("svc", "replica", "local_open", "open")
+
+    def __init__(self, svc: SchedulerService, replica: ReplicaState, local: bool) -> None:
+        self.svc = svc
+        self.replica = replica
+        self.local_open = local
+        self.open = True
+
+    def first_token(self) -> None:
+        if self.local_open:
+            self.local_open = False
+            self.replica.local_prefills -= 1
+            self.svc.decode_queue.notify()
+
+    def release(self) -> None:
+        if self.local_open:
+            self.local_open = False
+            self.replica.local_prefills -= 1
+        if self.open:
+            self.open = False
+            self.replica.active -= 1
+            self.svc.decode_queue.notify()
+
+
+class _RateMeter:
+    """Events per second, exponentially decayed (time constant `tau` seconds)."""
+
+    __slots__ = ("tau", "value", "stamp", "clock")
+
+    def __init__(self, clock: Any, tau: float = 10.0) -> None:
+        self.clock = clock
+        self.tau = tau
+        self.value = 0.0
+        self.stamp = clock()
+
+    def _decay(self) -> None:
+        now = self.clock()
+        self.value *= math.exp(-(now - self.stamp) / self.tau)
+        self.stamp = now
+
+    def tick(self) -> None:
+        self._decay()
+        self.value += 1.0 / self.tau
+
+    def rate(self) -> float:
+        self._decay()
+        return self.value
+
+
+# ---------------------------------------------------------------------------------------------- service
+class SchedulerService:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        *,
+        engine: EngineClient | None = None,
+        hooks: SchedulerHooks | None = None,
+        hold_store: HoldStore | None = None,
+        clock: Any = time.monotonic,
+        discover: bool = True,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = PrometheusHooks(self.snapshot)
+        self.hooks: SchedulerHooks = hooks or self.metrics
+        self.engine: EngineClient = engine or make_engine_client(config.runtime, config.engine_timeout_seconds)
+        self.holds: HoldStore = hold_store or make_hold_store(
+            config.degradation.store, config.degradation.redis_url, clock
+        )
+        self.prefill: dict[str, ReplicaState] = {}
+        self.decode: dict[str, ReplicaState] = {}
+        self._prefill_eps: list[Endpoint] = []
+        self._decode_eps: list[Endpoint] = []
+        self.rings: dict[str, tuple[str, ...]] = {}
+        self.policy = make_policy(config.routing.placement_policy)
+        adm = config.admission
+        self.prefill_bucket = TokenBucket(adm.prefill_tokens_per_second, adm.prefill_burst_tokens, clock)
+        self.decode_bucket = TokenBucket(adm.decode_requests_per_second, adm.decode_burst, clock)
+        self.prefill_queue: WaitQueue[ReplicaState] = WaitQueue("prefill", strict=True)
+        self.decode_queue: WaitQueue[_DecodeLease] = WaitQueue("decode", strict=False)
+        self.retry_budget = RetryBudget(config.retries.budget_ratio, clock)
+        self.tpot_window = LatencyWindow(clock=clock)
+        self.incompatible: dict[tuple[str, str], tuple[float, str]] = {}
+        self.prefills_in_flight = 0
+        self.prefill_tps = 0.0
+        self.completions = _RateMeter(clock)
+        self.config_loaded = True
+        self._discover = discover
+        self._discovery: Any = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._probe_tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._discover:
+            self._discovery = make_discovery(self.config.endpoints, self.update_endpoints, loop)
+            self._discovery.start()
+        self._tasks.append(loop.create_task(self._heartbeat_loop(), name="baton-heartbeat"))
+        log.info("event=scheduler_started model=%s discovery=%s", self.config.model, self.config.endpoints.discovery)
+
+    async def stop(self) -> None:
+        if self._discovery is not None:
+            self._discovery.stop()
+        for task in [*self._tasks, *self._probe_tasks]:
+            task.cancel()
+        for task in [*self._tasks, *self._probe_tasks]:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        self.prefill_queue.close()
+        self.decode_queue.close()
+        await self.holds.close()
+        await self.engine.close()
+
+    def apply_config(self, new: SchedulerConfig) -> None:
+        """Hot reload: thresholds, policies, limits and endpoints change in place; the listen address does not."""
+        old = self.config
+        self.config = new
+        if new.routing.placement_policy != old.routing.placement_policy:
+            self.policy = make_policy(new.routing.placement_policy)
+        adm = new.admission
+        self.prefill_bucket.configure(adm.prefill_tokens_per_second, adm.prefill_burst_tokens)
+        self.decode_bucket.configure(adm.decode_requests_per_second, adm.decode_burst)
+        self.retry_budget.ratio = new.retries.budget_ratio
+        if new.server != old.server:
+            log.warning("event=config_needs_restart field=server detail=%r", "listen address changes need a restart")
+        if new.degradation.store != old.degradation.store or new.runtime != old.runtime:
+            log.warning("event=config_needs_restart field=degradation.store/runtime")
+        if self._discover and new.endpoints != old.endpoints:
+            if self._discovery is not None:
+                self._discovery.stop()
+            self._discovery = make_discovery(new.endpoints, self.update_endpoints, asyncio.get_running_loop())
+            self._discovery.start()
+        elif new.routing.ring_size != old.routing.ring_size:
+            self.rings = build_rings(self._prefill_eps, self._decode_eps, new.routing.ring_size)
+        self.hooks.config_reload("applied")
+        self.prefill_queue.notify()
+        self.decode_queue.notify()
+
+    def update_endpoints(self, prefill: list[Endpoint], decode: list[Endpoint]) -> None:
+        """Install new endpoint lists; state (load, health) is kept for replicas that stay."""
+        fresh: list[ReplicaState] = []
+
+        def merge(old: dict[str, ReplicaState], eps: list[Endpoint]) -> dict[str, ReplicaState]:
+            out = {}
+            for ep in eps:
+                state = old.get(ep.address)
+                if state is None or state.endpoint != ep:
+                    state = ReplicaState(ep)
+                    fresh.append(state)
+                out[ep.address] = state
+            return out
+
+        self.prefill = merge(self.prefill, prefill)
+        self.decode = merge(self.decode, decode)
+        self._prefill_eps, self._decode_eps = list(prefill), list(decode)
+        self.rings = build_rings(prefill, decode, self.config.routing.ring_size)
+        known = set(self.prefill) | set(self.decode)
+        self.incompatible = {k: v for k, v in self.incompatible.items() if k[0] in known and k[1] in known}
+        log.info(
+            "event=endpoints_updated prefill=%s decode=%s",
+            ",".join(self.prefill) or "-", ",".join(self.decode) or "-",
+        )
+        if fresh:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                task = loop.create_task(self._probe(fresh))
+                self._probe_tasks.add(task)
+                task.add_done_callback(self._probe_tasks.discard)
+        self.prefill_queue.notify()
+        self.decode_queue.notify()
+
+    # ------------------------------------------------------------------------------ health
+    async def _probe(self, replicas: list[ReplicaState]) -> None:
+        timeout = min(5.0, max(0.5, self.config.heartbeat_seconds))
+        results = await asyncio.gather(*(self.engine.health(r.endpoint, timeout) for r in replicas))
+        changed = False
+        now = self.clock()
+        for replica, ok in zip(replicas, results):
+            self.hooks.heartbeat(replica.endpoint.tier, ok)
+            if ok:
+                replica.last_ok = now
+                replica.failures = 0
+                if not replica.healthy:
+                    replica.healthy = True
+                    changed = True
+                    log.info("event=endpoint_healthy tier=%s endpoint=%s", replica.endpoint.tier, replica.address)
+            elif replica.healthy:
+                replica.healthy = False
+                changed = True
+                log.warning("event=endpoint_unhealthy tier=%s endpoint=%s cause=heartbeat",
+                            replica.endpoint.tier, replica.address)
+        if changed:
+            self.prefill_queue.notify()
+            self.decode_queue.notify()
+
+    async def heartbeat_once(self) -> None:
+        """Probe idle replicas not heard from for a heartbeat period, and every unhealthy one."""
+        now = self.clock()
+        period = self.config.heartbeat_seconds
+        targets = [
+            r
+            for r in (*self.decode.values(), *self.prefill.values())
+            if not r.healthy or (r.active == 0 and now - r.last_ok >= period)
+        ]
+        if targets:
+            await self._probe(targets)
+        await self.holds.expired()  # sweep (entries are normally removed by their request)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_seconds)
+            try:
+                await self.heartbeat_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event=heartbeat_failed")
+
+    def _engine_ok(self, replica: ReplicaState) -> None:
+        replica.failures = 0
+        replica.last_ok = self.clock()
+
+    def _engine_failed(self, failure: EngineFailure, replica: ReplicaState | None) -> None:
+        if replica is None or failure.kind == "kv_mismatch":
+            return
+        replica.failures += 1
+        if replica.healthy and (failure.connection_level or replica.failures >= UNHEALTHY_AFTER_5XX):
+            replica.healthy = False
+            log.warning("event=endpoint_unhealthy tier=%s endpoint=%s cause=%r",
+                        replica.endpoint.tier, replica.address, failure.message[:200])
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.config_loaded:
+            return False, "config not loaded"
+        if not any(r.healthy for r in self.decode.values()):
+            return False, "no healthy decode endpoint"
+        return True, "ok"
+
+    # ------------------------------------------------------------------------------ state views
+    def _decode_cap(self) -> int:
+        cap = self.config.backpressure.max_active_per_decode_replica
+        return max(1, cap // 2) if self.decode_throttled() else cap
+
+    def decode_throttled(self) -> bool:
+        threshold_ms = self.config.backpressure.decode_p95_latency_threshold_ms
+        if threshold_ms <= 0:
+            return False
+        p95 = self.tpot_window.p95()
+        return p95 is not None and p95 * 1000.0 > threshold_ms
+
+    def _pair_ok(self, prefill: str, decode: str) -> bool:
+        mark = self.incompatible.get((prefill, decode))
+        if mark is None:
+            return True
+        if mark[0] <= self.clock():
+            del self.incompatible[(prefill, decode)]
+            return True
+        return False
+
+    def _ring(self, prefill: str, excluded: set[str]) -> list[str]:
+        """The healthy, compatible decode replicas `prefill` may feed; `excluded` holds this request's failed
+        addresses and failed pairs ("prefill->decode")."""
+        return [
+            d for d in self.rings.get(prefill, ())
+            if (r := self.decode.get(d)) is not None and r.healthy and self._pair_ok(prefill, d)
+            and not (excluded and (d in excluded or f"{prefill}->{d}" in excluded))
+        ]
+
+    def _usable_prefills(self, excluded: set[str]) -> list[ReplicaState]:
+        return [
+            r for r in self.prefill.values()
+            if r.healthy and r.address not in excluded and self._ring(r.address, excluded)
+        ]
+
+    def _decode_candidates(self, addresses: Any, excluded: set[str], local: bool) -> list[ReplicaState]:
+        cap = self._decode_cap()
+        batch = self.config.routing.decode_batch_size
+        pool = self.decode.values() if addresses is None else [self.decode[a] for a in addresses if a in self.decode]
+        return [
+            r for r in pool
+            if r.healthy and r.address not in excluded and r.active < cap and (not local or r.local_prefills < batch)
+        ]
+
+    def _load_view(self, req: ParsedRequest, excluded: set[str]) -> LoadView:
+        usable = self._usable_prefills(excluded)
+        if not usable:
+            return LoadView(prefill_available=False)
+        band = classify(req.tokens, self.config.routing)
+        if band is Band.LONG:
+            return LoadView()
+        candidates = self._decode_candidates(None, excluded, local=True)
+        best = pick_decode(candidates)
+        if band is Band.SHORT:
+            return LoadView(decode_has_room=best is not None)
+        cap = self._decode_cap()
+        routing = self.config.routing
+        free = [r for r in usable if r.active < routing.prefill_batch_size]
+        backed_up = (
+            not free
+            or self.prefill_queue.waiting > 0
+            or self.prefills_in_flight >= routing.max_concurrent_prefills
+            or not self.prefill_bucket.can_take(req.tokens)
+        )
+        tps = self.prefill_tps or DEFAULT_PREFILL_TPS
+        queued = min(r.queued_tokens for r in usable)
+        return LoadView(
+            prefill_available=True,
+            decode_has_room=best is not None,
+            decode_idle_fraction=(1.0 - best.active / cap) if best is not None else 0.0,
+            prefill_backed_up=backed_up,
+            prefill_queue_delay_s=queued / tps + (self.prefill_queue.waiting * req.tokens) / tps,
+            local_prefill_cost_s=req.tokens / tps,
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """Current state for the scrape-time gauges and /debug."""
+        cap = self.config.backpressure.max_active_per_decode_replica
+        routing = self.config.routing
+        healthy_d = sum(1 for r in self.decode.values() if r.healthy)
+        healthy_p = sum(1 for r in self.prefill.values() if r.healthy)
+        active_d = sum(r.active for r in self.decode.values())
+        active_p = sum(r.active for r in self.prefill.values())
+        p_cap = min(routing.max_concurrent_prefills, routing.prefill_batch_size * healthy_p)
+        p95 = self.tpot_window.p95()
+        endpoints: dict[tuple[str, str], int] = {}
+        for tier, pool in ((PREFILL, self.prefill), (DECODE, self.decode)):
+            for state in ("healthy", "unhealthy"):
+                endpoints[(tier, state)] = sum(1 for r in pool.values() if r.healthy == (state == "healthy"))
+        return {
+            "queue_depth": {PREFILL: self.prefill_queue.waiting, DECODE: self.decode_queue.waiting},
+            "holds": len(self.holds),
+            "active": {PREFILL: active_p, DECODE: active_d},
+            "utilization": {
+                PREFILL: active_p / p_cap if p_cap else 0.0,
+                DECODE: active_d / (cap * healthy_d) if healthy_d else 0.0,
+            },
+            "endpoint_active": {
+                **{(PREFILL, a): r.active for a, r in self.prefill.items()},
+                **{(DECODE, a): r.active for a, r in self.decode.items()},
+            },
+            "endpoints": endpoints,
+            "decode_tpot_p95": p95 if p95 is not None else float("nan"),
+            "decode_throttled": self.decode_throttled(),
+        }
+
+    def debug_state(self) -> dict[str, Any]:
+        def replica(r: ReplicaState) -> dict[str, Any]:
+            return {"address": r.address, "fingerprint": r.endpoint.fingerprint, "healthy": r.healthy,
+                    "active": r.active, "localPrefills": r.local_prefills, "queuedTokens": r.queued_tokens}
+
+        return {
+            "prefill": [replica(r) for r in self.prefill.values()],
+            "decode": [replica(r) for r in self.decode.values()],
+            "rings": {k: list(v) for k, v in self.rings.items()},
+            "queue": {"prefill": self.prefill_queue.waiting, "decode": self.decode_queue.waiting,
+                      "holds": len(self.holds)},
+            "incompatiblePairs": [f"{p}->{d}" for (p, d) in self.incompatible],
+            "decodeThrottled": self.decode_throttled(),
+            "routing": self.config.routing.model_dump(by_alias=True),
+        }
+
+    # ------------------------------------------------------------------------------ admission
+    def _queue_depth(self) -> int:
+        return self.prefill_queue.waiting + self.decode_queue.waiting
+
+    def _backlog(self) -> int:
+        """What `queue.maxDepth` bounds: requests waiting for a slot, plus held prefills; while the decode
+        tier is saturated, prefills in flight count too (each will wait for a decode slot next)."""
+        depth = self.prefill_queue.waiting + self.decode_queue.waiting + len(self.holds)
+        if not self._decode_candidates(None, set(), False):
+            depth += self.prefills_in_flight
+        return depth
+
+    def _reject(self, ctx: _Ctx, reason: str, message: str) -> SchedulerError:
+        retry_after = retry_after_seconds(self._backlog(), self.completions.rate())
+        return SchedulerError(429, message, reason, "rate_limit_error", outcome="rejected", retry_after=retry_after)
+
+    async def _admit(self, ctx: _Ctx, queue: WaitQueue[Any], try_acquire: Any, release: Any, pool: str) -> Any:
+        t = self.clock()
+        value = None
+        ahead = len(queue) if queue.strict else 0
+        if not ahead:
+            value = try_acquire()
+        if value is None:
+            if self._backlog() >= self.config.queue.max_depth:
+                raise self._reject(ctx, "queue_full", f"the scheduler queue is full ({self.config.queue.max_depth} "
+                                   "requests waiting); retry later")
+            try:
+                value = await queue.acquire(try_acquire, release, self.config.queue.max_wait_seconds)
+            except QueueTimeout:
+                raise self._reject(ctx, "queue_timeout", "no capacity became free within "
+                                   f"{self.config.queue.max_wait_seconds:g}s; retry later") from None
+        waited = self.clock() - t
+        ctx.queue_wait += waited
+        self.hooks.queue_wait(ctx.route, pool, waited)
+        return value
+
+    def _try_decode(self, addresses: Any, excluded: set[str], local: bool) -> _DecodeLease | None:
+        replica = pick_decode(self._decode_candidates(addresses, excluded, local))
+        if replica is None:
+            return None
+        if not self.decode_bucket.try_take(1):
+            self.decode_queue.wake_after(self.decode_bucket.time_until(1))
+            return None
+        replica.active += 1
+        replica.dispatched += 1
+        if local:
+            replica.local_prefills += 1
+        return _DecodeLease(self, replica, local)
+
+    def _try_prefill(self, tokens: int, excluded: set[str]) -> ReplicaState | None:
+        routing = self.config.routing
+        if self.prefills_in_flight >= routing.max_concurrent_prefills:
+            return None
+        candidates = [r for r in self._usable_prefills(excluded) if r.active < routing.prefill_batch_size]
+        if not candidates:
+            return None
+        if not self.prefill_bucket.try_take(tokens):
+            self.prefill_queue.wake_after(self.prefill_bucket.time_until(tokens))
+            return None
+        replica = self.policy.pick(candidates, tokens)
+        assert replica is not None
+        replica.active += 1
+        replica.queued_tokens += tokens
+        replica.dispatched += 1
+        self.prefills_in_flight += 1
+        return replica
+
+    def _release_prefill(self, replica: ReplicaState, tokens: int) -> None:
+        replica.active -= 1
+        replica.queued_tokens -= tokens
+        self.prefills_in_flight -= 1
+        self.prefill_queue.notify()
+
+    # ------------------------------------------------------------------------------ request entry
+    def models(self) -> Reply:
+        body = {"object": "list", "data": [{"id": self.config.model, "object": "model", "created": 0,
+                                            "owned_by": "baton"}]}
+        return Reply(200, json.dumps(body).encode())
+
+    async def complete(self, api: str, raw: bytes, headers: Mapping[str, str]) -> Reply | StreamReply:
+        """Serve one /v1/completions or /v1/chat/completions request."""
+        ctx = _Ctx(headers.get(HDR_REQUEST_ID) or uuid.uuid4().hex, api, self.clock())
+        try:
+            ctx.req = req = parse_request(raw, api, headers, self.config.model)
+        except RequestError as exc:
+            return self._finish_error(ctx, SchedulerError(exc.status, exc.message, exc.code,
+                                                          "invalid_request_error", outcome="invalid"))
+        self.retry_budget.record_request()
+        decision = self._decide(ctx)
+        self.hooks.routed(decision.route.value, decision.reason, req.tokens)
+        return await self._run(ctx)
+
+    def _decide(self, ctx: _Ctx) -> Decision:
+        req = ctx.req
+        assert req is not None
+        decision = decide(req.tokens, req.high_precision, self.config.routing, self._load_view(req, ctx.excluded))
+        ctx.route = decision.route.value
+        ctx.reason = decision.reason
+        return decision
+
+    async def _run(self, ctx: _Ctx) -> Reply | StreamReply:
+        max_attempts = self.config.retries.max_attempts
+        while True:
+            ctx.attempt += 1
+            try:
+                if ctx.route == LOCAL:
+                    return await self._serve_local(ctx)
+                return await self._serve_disaggregated(ctx)
+            except SchedulerError as exc:
+                return self._finish_error(ctx, exc)
+            except EngineFailure as failure:
+                if failure.kind == "kv_mismatch":
+                    return self._finish_error(ctx, SchedulerError(
+                        502,
+                        f"KV cache handoff from {ctx.prefill.address if ctx.prefill else '?'} to "
+                        f"{failure.endpoint.address} failed: the two tiers' KV formats are incompatible: "
+                        f"{failure.message}",
+                        "kv_format_mismatch", "engine_error",
+                    ))
+                if ctx.prefill is not None and ctx.decode is not None and not failure.connection_level:
+                    # a generation-only request failed without losing the connection: the handoff between
+                    # this pair failed (e.g. the context worker lost the KV); avoid the pair, not the replicas
+                    ctx.excluded.add(f"{ctx.prefill.address}->{ctx.decode.address}")
+                else:
+                    ctx.excluded.add(failure.endpoint.address)
+                elsewhere = any(r.healthy and r.address not in ctx.excluded for r in self.decode.values())
+                if elsewhere and ctx.attempt < max_attempts and self.retry_budget.try_spend():
+                    self.hooks.retried(ctx.route, failure.kind)
+                    log.warning("event=retry request_id=%s route=%s attempt=%d endpoint=%s error=%r", ctx.rid,
+                                ctx.route, ctx.attempt, failure.endpoint.address, failure.message[:300])
+                    ctx.prefill = ctx.decode = None
+                    self._decide(ctx)
+                    continue
+                return self._finish_error(ctx, SchedulerError(
+                    502, f"engine {failure.endpoint.address} failed: {failure.message}", "engine_error", "engine_error"
+                ))
+
+    # ------------------------------------------------------------------------------ local route
+    async def _serve_local(self, ctx: _Ctx) -> Reply | StreamReply:
+        req = ctx.req
+        assert req is not None
+        if not any(r.healthy and r.address not in ctx.excluded for r in self.decode.values()):
+            raise SchedulerError(503, "no healthy decode endpoint is available", "no_decode_endpoints",
+                                 "service_unavailable")
+        excluded = ctx.excluded
+        lease: _DecodeLease = await self._admit(
+            ctx, self.decode_queue, lambda: self._try_decode(None, excluded, True), _DecodeLease.release, DECODE
+        )
+        ctx.decode = lease.replica
+        return await self._generate(ctx, lease, req.local_body())
+
+    # ------------------------------------------------------------------------------ disaggregated route
+    async def _serve_disaggregated(self, ctx: _Ctx) -> Reply | StreamReply:
+        req = ctx.req
+        assert req is not None
+        while True:
+            if not self._usable_prefills(ctx.excluded):
+                if self._decode_candidates(None, ctx.excluded, False) or any(
+                    r.healthy and r.address not in ctx.excluded for r in self.decode.values()
+                ):
+                    ctx.route, ctx.reason = LOCAL, "no-prefill-pair"
+                    return await self._serve_local(ctx)
+                raise SchedulerError(503, "no healthy prefill/decode endpoint pair is available",
+                                     "no_endpoints", "service_unavailable")
+            excluded = ctx.excluded
+            if (not ctx.reprefilled and not self._decode_candidates(None, excluded, False)
+                    and self._backlog() >= self.config.queue.max_depth):
+                # decode is saturated and the backlog is full: prefilling now would only feed a hold
+                raise self._reject(ctx, "queue_full", "the decode tier is saturated and the scheduler queue is "
+                                   f"full ({self.config.queue.max_depth}); retry later")
+            prefill: ReplicaState = await self._admit(
+                ctx, self.prefill_queue, lambda: self._try_prefill(req.tokens, excluded),
+                lambda r: self._release_prefill(r, req.tokens), PREFILL,
+            )
+            ctx.prefill = prefill
+            ctx.decode = None
+            t_ctx = self.clock()
+            self.hooks.dispatched(ctx.route, max(0.0, t_ctx - ctx.t0 - ctx.queue_wait))
+            try:
+                status, data, ctype = await self.engine.post(prefill.endpoint, req.path, req.context_body(), ctx.rid)
+            except EngineFailure as failure:
+                self._engine_failed(failure, prefill)
+                raise
+            finally:
+                self._release_prefill(prefill, req.tokens)
+            failure = classify_failure(prefill.endpoint, status, data)
+            if failure is not None:
+                self._engine_failed(failure, prefill)
+                raise failure
+            self._engine_ok(prefill)
+            if status != 200:
+                return self._finish_passthrough(ctx, status, data, ctype)
+            elapsed = self.clock() - t_ctx
+            if elapsed > 0 and req.tokens > 0:
+                sample = req.tokens / elapsed
+                self.prefill_tps = sample if not self.prefill_tps else 0.8 * self.prefill_tps + 0.2 * sample
+            try:
+                answer = json.loads(data)
+                choice = answer["choices"][0]
+                handle = choice.get("disaggregated_params") or {}
+                if handle.get("ctx_request_id") is None:
+                    raise KeyError("ctx_request_id")
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                failure = EngineFailure(prefill.endpoint, "Context server did not return disaggregated params",
+                                        status, data)
+                self._engine_failed(failure, prefill)
+                raise failure from None
+            if choice.get("finish_reason") not in ("length", "not_finished"):
+                return self._finish_from_context(ctx, answer)
+            ring = self._ring(prefill.address, ctx.excluded)
+            lease = self._try_decode(ring, ctx.excluded, False)
+            if lease is None:
+                lease = await self._hold(ctx, prefill, handle, tuple(ring))
+            if lease is None:  # the hold expired
+                if not ctx.reprefilled and self.retry_budget.try_spend():
+                    ctx.reprefilled = True
+                    self.hooks.hold("reprefilled")
+                    log.warning("event=hold_reprefill request_id=%s prefill=%s", ctx.rid, prefill.address)
+                    continue
+                raise SchedulerError(
+                    503,
+                    f"no decode slot freed within degradation.holdTtlSeconds="
+                    f"{self.config.degradation.hold_ttl_seconds:g}s after prefill (decode tier saturated)",
+                    "hold_expired", "service_unavailable",
+                )
+            ctx.decode = lease.replica
+            body = req.generation_body(handle, answer.get("prompt_token_ids"))
+            return await self._generate(ctx, lease, body, handoff=True)
+
+    async def _hold(self, ctx: _Ctx, prefill: ReplicaState, handle: dict[str, Any],
+                    ring: tuple[str, ...]) -> _DecodeLease | None:
+        ttl = self.config.degradation.hold_ttl_seconds
+        now = self.clock()
+        await self.holds.put(Hold(ctx.rid, prefill.address, handle, now, now + ttl, ring))
+        self.hooks.hold("held")
+        log.info("event=hold request_id=%s prefill=%s ring=%s ttl_s=%g", ctx.rid, prefill.address, ",".join(ring), ttl)
+        excluded = ctx.excluded
+        try:
+            lease = await self.decode_queue.acquire(
+                lambda: self._try_decode(ring, excluded, False), _DecodeLease.release, ttl, priority=True
+            )
+        except QueueTimeout:
+            self.hooks.hold("expired")
+            log.warning("event=hold_expired request_id=%s prefill=%s", ctx.rid, prefill.address)
+            return None
+        finally:
+            await self.holds.remove(ctx.rid)
+        self.hooks.hold("resumed")
+        waited = self.clock() - now
+        ctx.queue_wait += waited
+        self.hooks.queue_wait(ctx.route, "hold", waited)
+        return lease
+
+    # ------------------------------------------------------------------------------ generation + relay
+    async def _generate(self, ctx: _Ctx, lease: _DecodeLease, body: bytes, handoff: bool = False
+                        ) -> Reply | StreamReply:
+        req = ctx.req
+        assert req is not None
+        replica = lease.replica
+        t_dispatch = self.clock()
+        if not handoff:
+            self.hooks.dispatched(ctx.route, max(0.0, t_dispatch - ctx.t0 - ctx.queue_wait))
+        try:
+            if not req.stream:
+                if lease.local_open:
+                    # no first token to watch: end the local context phase after its estimated duration
+                    asyncio.get_running_loop().call_later(
+                        req.tokens / (self.prefill_tps or DEFAULT_PREFILL_TPS), lease.first_token)
+                status, data, ctype = await self.engine.post(replica.endpoint, req.path, body, ctx.rid)
+                failure = classify_failure(replica.endpoint, status, data)
+                if failure is not None:
+                    raise failure
+                self._engine_ok(replica)
+                lease.release()
+                if status != 200:
+                    return self._finish_passthrough(ctx, status, data, ctype)
+                return self._finish_ok(ctx, Reply(status, data, ctype, ctx.headers()))
+            resp = await self.engine.open(replica.endpoint, req.path, body, ctx.rid)
+            if resp.status != 200:
+                data = await resp.read()
+                failure = classify_failure(replica.endpoint, resp.status, data)
+                if failure is not None:
+                    raise failure
+                lease.release()
+                return self._finish_passthrough(ctx, resp.status, data, resp.content_type)
+            chunks = resp.chunks().__aiter__()
+            try:
+                first = await chunks.__anext__()
+            except StopAsyncIteration:
+                first = b""
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                resp.release()
+                raise EngineFailure(replica.endpoint, f"{type(exc).__name__}: {exc}", kind="connection") from exc
+        except EngineFailure as failure:
+            lease.release()
+            self._engine_failed(failure, replica)
+            if failure.kind == "kv_mismatch" and ctx.prefill is not None:
+                self.incompatible[(ctx.prefill.address, replica.address)] = (
+                    self.clock() + INCOMPATIBLE_PAIR_TTL_S, failure.message)
+                log.error("event=kv_format_mismatch request_id=%s prefill=%s decode=%s error=%r", ctx.rid,
+                          ctx.prefill.address, replica.address, failure.message[:500])
+            raise
+        except BaseException:
+            lease.release()
+            raise
+        t_first = self.clock()
+        lease.first_token()
+        self._engine_ok(replica)
+        self.hooks.first_token(ctx.route, t_first - ctx.t0)
+        if handoff:
+            self.hooks.kv_transfer(t_first - t_dispatch, "handoff")
+        headers = ctx.headers()
+        return StreamReply(self._relay(ctx, lease, resp, chunks, first, t_first), resp.content_type, headers)
+
+    async def _relay(self, ctx: _Ctx, lease: _DecodeLease, resp: Any, chunks: AsyncIterator[bytes],
+                     first: bytes, t_first: float) -> AsyncIterator[bytes]:
+        events = first.count(b"data:")
+        done = b"[DONE]" in first
+        errored = STREAM_ERROR in first or STREAM_ERROR_COMPACT in first
+        t_last = t_first
+        outcome = "cancelled"
+        try:
+            yield first
+            try:
+                async for chunk in chunks:
+                    events += chunk.count(b"data:")
+                    if b"[DONE]" in chunk:
+                        done = True
+                    if STREAM_ERROR in chunk or STREAM_ERROR_COMPACT in chunk:
+                        errored = True
+                    t_last = self.clock()
+                    yield chunk
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                failure = EngineFailure(lease.replica.endpoint, f"{type(exc).__name__}: {exc}", kind="connection")
+                self._engine_failed(failure, lease.replica)
+                outcome = "failed"
+                log.error("event=stream_broken request_id=%s endpoint=%s error=%r", ctx.rid,
+                          lease.replica.address, failure.message)
+                yield sse_error(f"decode replica {lease.replica.address} failed mid-stream: {failure.message}",
+                                "engine_error", "stream_interrupted")
+                return
+            if not done:
+                outcome = "failed"
+                log.error("event=stream_truncated request_id=%s endpoint=%s", ctx.rid, lease.replica.address)
+                yield sse_error(f"decode replica {lease.replica.address} ended the stream before [DONE]",
+                                "engine_error", "stream_interrupted")
+                return
+            if errored:  # the engine reported an error inside the stream (already relayed to the client)
+                outcome = "failed"
+                log.error("event=stream_error request_id=%s endpoint=%s", ctx.rid, lease.replica.address)
+                return
+            outcome = "completed"
+            tokens = events - 1  # minus the [DONE] event
+            if tokens >= 2:
+                tpot = (t_last - t_first) / (tokens - 1)
+                self.hooks.tpot(ctx.route, tpot)
+                self.tpot_window.record(tpot)
+        finally:
+            resp.release()
+            lease.release()
+            self._account(ctx, outcome, 200)
+
+    # ------------------------------------------------------------------------------ endings
+    def _account(self, ctx: _Ctx, outcome: str, status: int, error: str = "") -> None:
+        elapsed = self.clock() - ctx.t0
+        self.hooks.finished(ctx.route, outcome, elapsed)
+        if outcome == "completed":
+            self.completions.tick()
+        log.info(
+            "event=request_done request_id=%s api=%s route=%s reason=%s tokens=%s prefill=%s decode=%s "
+            "attempts=%d outcome=%s status=%d queue_ms=%.1f latency_ms=%.1f%s",
+            ctx.rid, ctx.api, ctx.route, ctx.reason or "-", ctx.req.tokens if ctx.req else "-",
+            ctx.prefill.address if ctx.prefill else "-", ctx.decode.address if ctx.decode else "-",
+            ctx.attempt, outcome, status, ctx.queue_wait * 1000, elapsed * 1000,
+            f" error={error!r}" if error else "",
+        )
+
+    def _finish_ok(self, ctx: _Ctx, reply: Reply) -> Reply:
+        self._account(ctx, "completed", reply.status)
+        return reply
+
+    def _finish_passthrough(self, ctx: _Ctx, status: int, data: bytes, ctype: str) -> Reply:
+        """An engine's own non-2xx/5xx answer (e.g. 400 for a prompt over its limits) goes back as is."""
+        outcome = "completed" if status < 400 else "invalid"
+        self._account(ctx, outcome, status, data[:200].decode("utf-8", "replace") if status >= 400 else "")
+        return Reply(status, data, ctype, ctx.headers())
+
+    def _finish_error(self, ctx: _Ctx, exc: SchedulerError) -> Reply:
+        if exc.outcome == "rejected":
+            self.hooks.rejected(ctx.route, exc.code)
+        self._account(ctx, exc.outcome, exc.status, exc.message)
+        headers = ctx.headers()
+        headers[HDR_ERROR] = exc.code
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        return Reply(exc.status, error_body(exc.message, exc.err_type, exc.code), "application/json", headers)
+
+    def _finish_from_context(self, ctx: _Ctx, answer: dict[str, Any]) -> Reply | StreamReply:
+        """The prefill already finished the request (e.g. EOS on the first token): answer from it."""
+        req = ctx.req
+        assert req is not None
+        for choice in answer.get("choices", []):
+            choice.pop("disaggregated_params", None)
+        answer.pop("prompt_token_ids", None)
+        if not req.stream:
+            return self._finish_ok(ctx, Reply(200, json.dumps(answer).encode(), "application/json", ctx.headers()))
+        choice = answer["choices"][0]
+        if req.api == CHAT:
+            message = choice.get("message") or {}
+            chunk_choice = {"index": 0, "delta": {"role": "assistant", "content": message.get("content", "")},
+                            "finish_reason": choice.get("finish_reason")}
+            obj = "chat.completion.chunk"
+        else:
+            chunk_choice = {"index": 0, "text": choice.get("text", ""), "finish_reason": choice.get("finish_reason")}
+            obj = "text_completion"
+        chunk = {"id": answer.get("id", ctx.rid), "object": obj, "created": answer.get("created", int(time.time())),
+                 "model": answer.get("model", self.config.model), "choices": [chunk_choice]}
+        payload = b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+
+        async def one_shot() -> AsyncIterator[bytes]:
+            outcome = "cancelled"
+            try:
+                yield payload
+                outcome = "completed"
+            finally:
+                self._account(ctx, outcome, 200)
+
+        return StreamReply(one_shot(), "text/event-stream", ctx.headers())

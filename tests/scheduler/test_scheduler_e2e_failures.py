@@ -1,0 +1,124 @@
+"""Failures end to end: a decode replica dying mid-request, and an incompatible prefill/decode pair."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+from scheduler_harness import (
+    MODEL,
+    http,
+    metric,
+    metrics,
+    post,
+    prompt_ids,
+    start_engine,
+    wait_all,
+    wait_for,
+)
+
+
+@pytest.fixture
+def fresh_engines(tmp_path):
+    """Engines this test may kill: one prefill, two decode replicas."""
+    procs = [start_engine(tmp_path, "p", "prefill", 0.2), start_engine(tmp_path, "d1", "decode", 0.2),
+             start_engine(tmp_path, "d2", "decode", 0.2)]
+    try:
+        wait_all(procs, "/health")
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def _state(url: str) -> dict:
+    return json.loads(http("GET", url + "/debug/state")[2])
+
+
+def test_decode_killed_mid_stream_ends_the_stream_with_an_explicit_error(fresh_engines, make_scheduler):
+    prefill, d1, d2 = fresh_engines
+    sched = make_scheduler([prefill], [d1, d2])
+    body = {"model": MODEL, "prompt": prompt_ids(2000, 1), "max_tokens": 3000, "stream": True}
+    req = urllib.request.Request(sched.url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200 and resp.headers["X-Baton-Route"] == "disaggregated"
+        victim = {d1.address: d1, d2.address: d2}[resp.headers["X-Baton-Decode-Endpoint"]]
+        assert resp.readline().startswith(b"data: ")  # tokens are flowing
+        victim.kill()
+        rest = resp.read().decode()
+    assert "[DONE]" not in rest
+    error = json.loads(rest.strip().splitlines()[-1][len("data: "):])["error"]
+    assert error["code"] == "stream_interrupted" and victim.address in error["message"]
+    values = metrics(sched.url)
+    assert metric(values, "baton_scheduler_requests_total", route="disaggregated", outcome="failed") == 1
+    # the dead replica is out of rotation; the next request is served by the survivor
+    wait_for(lambda: not [d for d in _state(sched.url)["decode"] if d["address"] == victim.address][0]["healthy"],
+             5, "the killed replica to be marked unhealthy")
+    status, headers, _ = post(sched.url + "/v1/completions", {**body, "stream": False, "max_tokens": 4})
+    assert status == 200 and headers["X-Baton-Decode-Endpoint"] != victim.address
+
+
+def test_decode_killed_before_the_answer_is_retried_on_another_pair(fresh_engines, make_scheduler):
+    prefill, d1, d2 = fresh_engines
+    sched = make_scheduler([prefill], [d1, d2])
+    import threading
+
+    out: list = []
+    body = {"model": MODEL, "prompt": prompt_ids(2000, 2), "max_tokens": 2500}
+    thread = threading.Thread(target=lambda: out.append(post(sched.url + "/v1/completions", body, timeout=60)))
+    thread.start()
+    busy = wait_for(lambda: [d for d in _state(sched.url)["decode"] if d["active"] == 1], 10,
+                    "the request to reach a decode replica")
+    victim = {d1.address: d1, d2.address: d2}[busy[0]["address"]]
+    victim.kill()
+    thread.join(60)
+    status, headers, answer = out[0]
+    assert status == 200, answer
+    assert headers["X-Baton-Decode-Endpoint"] != victim.address
+    assert answer["usage"]["completion_tokens"] == 2500
+    values = metrics(sched.url)
+    assert metric(values, "baton_scheduler_retries_total", route="disaggregated") == 1
+    assert metric(values, "baton_scheduler_requests_total", outcome="completed") == 1
+    assert metric(values, "baton_scheduler_requests_total", outcome="failed") == 0
+
+
+def test_incompatible_kv_formats_fail_with_the_engines_error(engines, make_scheduler):
+    prefill, decode16 = engines["prefill"], engines["decode_fp16"]  # fp8 KV vs fp16 KV
+    sched = make_scheduler([prefill], [decode16])
+    body = {"model": MODEL, "prompt": prompt_ids(2000, 7), "max_tokens": 4}
+    status, headers, answer = post(sched.url + "/v1/completions", body)
+    assert status == 502
+    assert headers["X-Baton-Error"] == "kv_format_mismatch" and headers["X-Baton-Route"] == "disaggregated"
+    message = answer["error"]["message"]
+    assert "Disagg server does not currently support these cacheState" in message
+    assert prefill.address in message and decode16.address in message
+    state = _state(sched.url)
+    assert state["incompatiblePairs"] == [f"{prefill.address}->{decode16.address}"]
+    # the pair is not used again: long prompts degrade to local prefill on the decode tier instead
+    status, headers, answer = post(sched.url + "/v1/completions", body)
+    assert status == 200 and headers["X-Baton-Route"] == "local"
+    values = metrics(sched.url)
+    assert metric(values, "baton_scheduler_routing_decisions_total", reason="no-prefill-pair") == 1
+    assert metric(values, "baton_scheduler_retries_total") == 0
+
+
+def test_client_leaving_mid_stream_frees_the_slot_and_is_counted(engines, make_scheduler):
+    import socket
+
+    decode = engines["decode2"]
+    sched = make_scheduler([engines["prefill"]], [decode])
+    body = json.dumps({"model": MODEL, "prompt": prompt_ids(30, 9), "max_tokens": 3000, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", sched.port), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert b"200 OK" in sock.recv(4096)
+    assert _state(sched.url)["decode"][0]["active"] == 1
+    sock.close()
+    wait_for(lambda: _state(sched.url)["decode"][0]["active"] == 0, 10, "the decode slot to be released")
+    wait_for(lambda: metric(metrics(sched.url), "baton_scheduler_requests_total", outcome="cancelled") == 1, 10,
+             "the request to be counted as cancelled")
+    # the upstream request was dropped too: the engine is not left generating for nobody
+    wait_for(lambda: json.loads(http("GET", decode.url + "/_sim/state")[2])["numActiveRequests"] == 0, 10,
+             "the engine to drop the abandoned sequence")

@@ -1,0 +1,160 @@
+"""EndpointSlice parsing: ready pod IPs with the configured port, fingerprints through targetRef."""
+
+from __future__ import annotations
+
+from kubernetes import client
+
+from baton.scheduler.endpoints import Endpoint, endpoints_from_slices, static_endpoints
+from baton.scheduler.config import parse_config
+
+SLICE = {
+    "apiVersion": "discovery.k8s.io/v1",
+    "kind": "EndpointSlice",
+    "metadata": {
+        "name": "m-decode-abc12",
+        "namespace": "ns",
+        "labels": {"kubernetes.io/service-name": "m-decode", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+    },
+    "addressType": "IPv4",
+    "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
+    "endpoints": [
+        {"addresses": ["10.244.1.7"], "conditions": {"ready": True, "serving": True, "terminating": False},
+         "targetRef": {"kind": "Pod", "name": "m-decode-1", "namespace": "ns", "uid": "u1"}, "nodeName": "n1"},
+        {"addresses": ["10.244.1.5"], "conditions": {"ready": True},
+         "targetRef": {"kind": "Pod", "name": "m-decode-0", "namespace": "ns", "uid": "u0"}},
+        {"addresses": ["10.244.2.9"], "conditions": {"ready": False, "serving": True, "terminating": True},
+         "targetRef": {"kind": "Pod", "name": "m-decode-2", "namespace": "ns", "uid": "u2"}},
+        {"addresses": ["10.244.2.10"], "conditions": {},  # nil ready means ready
+         "targetRef": {"kind": "Pod", "name": "m-decode-3", "namespace": "ns", "uid": "u3"}},
+    ],
+}
+
+
+def test_ready_endpoints_only_with_configured_port_sorted():
+    out = endpoints_from_slices([SLICE], 8001, "decode")
+    assert [e.address for e in out] == ["10.244.1.5:8001", "10.244.1.7:8001", "10.244.2.10:8001"]
+    assert all(e.tier == "decode" and e.fingerprint is None for e in out)
+    assert out[0].pod == "m-decode-0"
+
+
+def test_fingerprint_and_generation_come_from_the_pod():
+    info = {"m-decode-0": ("fpA", "g2"), "m-decode-1": ("fpB", "g1"), "m-decode-3": (None, None)}
+    calls = []
+
+    def pod_info(name, uid):
+        calls.append((name, uid))
+        return info[name]
+
+    out = endpoints_from_slices([SLICE], 8000, "decode", pod_info, generation="g2")
+    # m-decode-1 belongs to another generation; unlabelled m-decode-3 is kept
+    assert [(e.address, e.fingerprint) for e in out] == [("10.244.1.5:8000", "fpA"), ("10.244.2.10:8000", None)]
+    assert ("m-decode-0", "u0") in calls
+
+
+def test_multiple_slices_deduplicate_and_skip_fqdn():
+    second = {**SLICE, "metadata": {"name": "m-decode-def34"}, "endpoints": [SLICE["endpoints"][0]]}
+    fqdn = {"addressType": "FQDN", "endpoints": [{"addresses": ["db.example.com"], "conditions": {"ready": True}}]}
+    out = endpoints_from_slices([SLICE, second, fqdn], 8000, "decode")
+    assert len(out) == 3
+
+
+def test_ipv6_addresses_are_bracketed():
+    v6 = {"addressType": "IPv6", "endpoints": [{"addresses": ["fd00::5"], "conditions": {"ready": True}}]}
+    assert endpoints_from_slices([v6], 8000, "prefill") == [Endpoint("[fd00::5]:8000", "prefill")]
+
+
+def test_kubernetes_client_models_are_accepted():
+    model = client.V1EndpointSlice(
+        address_type="IPv4",
+        metadata=client.V1ObjectMeta(name="m-prefill-x", labels={"kubernetes.io/service-name": "m-prefill"}),
+        endpoints=[
+            client.V1Endpoint(addresses=["10.1.0.4"], conditions=client.V1EndpointConditions(ready=True),
+                              target_ref=client.V1ObjectReference(kind="Pod", name="m-prefill-0", uid="p0")),
+            client.V1Endpoint(addresses=["10.1.0.5"], conditions=client.V1EndpointConditions(ready=False)),
+        ],
+        ports=[client.DiscoveryV1EndpointPort(port=9999)],
+    )
+    out = endpoints_from_slices([model], 8000, "prefill", lambda name, uid: ("fp" + uid, None))
+    assert out == [Endpoint("10.1.0.4:8000", "prefill", "fpp0", "m-prefill-0")]
+
+
+def test_static_endpoints_from_config():
+    cfg = parse_config('endpoints: {static: {prefill: ["a:1"], decode: [{address: "b:2", fingerprint: x}]}}')
+    prefill, decode = static_endpoints(cfg.endpoints)
+    assert prefill == [Endpoint("a:1", "prefill")]
+    assert decode == [Endpoint("b:2", "decode", "x")]
+
+
+def test_kubernetes_discovery_lists_watches_and_reads_fingerprints(monkeypatch):
+    """The watch loop with the kubernetes client replaced by fakes: list, then a MODIFIED event."""
+    import asyncio
+    import threading
+
+    from kubernetes import watch as k8s_watch
+
+    from baton.scheduler.config import KubernetesEndpoints
+    from baton.scheduler.endpoints import KubernetesDiscovery
+
+    def slice_obj(name, ips):
+        return client.V1EndpointSlice(
+            address_type="IPv4", metadata=client.V1ObjectMeta(name=name),
+            endpoints=[client.V1Endpoint(addresses=[ip], conditions=client.V1EndpointConditions(ready=True),
+                                         target_ref=client.V1ObjectReference(kind="Pod", name=f"pod-{ip}", uid=ip))
+                       for ip in ips])
+
+    class FakeDiscoveryApi:
+        def __init__(self, api_client):
+            pass
+
+        def list_namespaced_endpoint_slice(self, namespace, label_selector, **kw):
+            svc = label_selector.split("=", 1)[1]
+            return client.V1EndpointSliceList(items=[slice_obj(f"{svc}-a", [f"10.0.{len(svc)}.1"])],
+                                              metadata=client.V1ListMeta(resource_version="1"))
+
+    class FakeCoreApi:
+        def __init__(self, api_client):
+            pass
+
+        def read_namespaced_pod(self, name, namespace):
+            return client.V1Pod(metadata=client.V1ObjectMeta(name=name,
+                                                             annotations={"baton.dev/kv-fingerprint": "fp-" + name}))
+
+    stop = threading.Event()
+
+    class FakeWatch:
+        def stream(self, fn, namespace, label_selector, **kw):
+            svc = label_selector.split("=", 1)[1]
+            if svc == "m-decode":
+                yield {"type": "MODIFIED", "object": slice_obj("m-decode-a", ["10.0.8.1", "10.0.8.2"])}
+            stop.wait(5)
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(client, "DiscoveryV1Api", FakeDiscoveryApi)
+    monkeypatch.setattr(client, "CoreV1Api", FakeCoreApi)
+    monkeypatch.setattr(k8s_watch, "Watch", FakeWatch)
+
+    async def main():
+        updates = []
+        done = asyncio.Event()
+
+        def on_update(prefill, decode):
+            updates.append((prefill, decode))
+            if prefill and len(decode) == 2:
+                done.set()
+
+        disc = KubernetesDiscovery(KubernetesEndpoints(namespace="ns", prefill_service="m-prefill",
+                                                       decode_service="m-decode", port=8000),
+                                   on_update, asyncio.get_running_loop())
+        disc._api_client = object()
+        disc.start()
+        await asyncio.wait_for(done.wait(), 5)
+        disc.stop()
+        stop.set()
+        prefill, decode = updates[-1]
+        assert [e.address for e in prefill] == ["10.0.9.1:8000"]
+        assert [(e.address, e.fingerprint) for e in decode] == [("10.0.8.1:8000", "fp-pod-10.0.8.1"),
+                                                                ("10.0.8.2:8000", "fp-pod-10.0.8.2")]
+
+    asyncio.run(main())

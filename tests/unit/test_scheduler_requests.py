@@ -1,0 +1,77 @@
+"""Request parsing and the upstream bodies (context_only / generation_only) built from one parse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from baton.scheduler.requests import RequestError, parse_request
+from baton.tokens import chat_prompt_text, count_text_tokens
+
+
+def parse(body, api="completions", headers=None, model="m"):
+    return parse_request(json.dumps(body).encode(), api, headers or {}, model)
+
+
+def test_token_ids_count_exactly_and_local_body_is_the_raw_bytes():
+    raw = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 4}).encode()
+    req = parse_request(raw, "completions", {}, "m")
+    assert req.tokens == 3
+    assert req.local_body() is raw
+
+
+def test_text_and_chat_prompts_use_the_shared_estimate():
+    assert parse({"model": "m", "prompt": "x" * 401}).tokens == count_text_tokens("x" * 401) == 101
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    assert parse({"model": "m", "messages": msgs}, "chat").tokens == count_text_tokens(chat_prompt_text(msgs))
+
+
+def test_errors():
+    with pytest.raises(RequestError) as e:
+        parse({"model": "other", "prompt": "x"})
+    assert e.value.status == 404 and e.value.code == "model_not_found"
+    with pytest.raises(RequestError, match="prompt"):
+        parse({"model": "m"})
+    with pytest.raises(RequestError, match="one prompt per request"):
+        parse({"model": "m", "prompt": ["a", "b"]})
+    with pytest.raises(RequestError):
+        parse_request(b"{not json", "completions", {}, "m")
+    with pytest.raises(RequestError, match="messages"):
+        parse({"model": "m", "messages": []}, "chat")
+
+
+def test_missing_model_and_baton_extension_are_rewritten():
+    req = parse({"prompt": "hi", "baton": {"highPrecision": True}})
+    assert req.high_precision
+    body = json.loads(req.local_body())
+    assert body == {"prompt": "hi", "model": "m"}
+    assert parse({"model": "m", "prompt": "hi"}, headers={"X-Baton-High-Precision": "true"}).high_precision
+    assert not parse({"model": "m", "prompt": "hi"}).high_precision
+
+
+def test_context_body_forces_context_only_non_streaming():
+    req = parse({"model": "m", "prompt": "hello \u00e9\"quoted\"", "stream": True,
+                 "stream_options": {"include_usage": True}, "max_tokens": 7})
+    body = json.loads(req.context_body())
+    assert body == {"model": "m", "max_tokens": 7, "stream": False,
+                    "disaggregated_params": {"request_type": "context_only"}, "prompt": "hello \u00e9\"quoted\""}
+
+
+def test_generation_body_swaps_prompt_for_token_ids():
+    req = parse({"model": "m", "prompt": "hello", "stream": True, "max_tokens": 3})
+    handle = {"request_type": "context_only", "first_gen_tokens": [5], "ctx_request_id": 42,
+              "encoded_opaque_state": "abc", "draft_tokens": None}
+    body = json.loads(req.generation_body(handle, [9, 8]))
+    assert body["prompt"] == [9, 8]
+    assert body["stream"] is True
+    assert body["disaggregated_params"] == {**handle, "request_type": "generation_only"}
+    chat = parse({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, "chat")
+    body = json.loads(chat.generation_body(handle, [9, 8]))
+    assert body["prompt_token_ids"] == [9, 8] and body["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_prompt_marker_in_other_fields_does_not_confuse_the_splice():
+    req = parse({"model": "m", "prompt": [1, 2], "user": "\u0000baton-prompt\u0000"})
+    body = json.loads(req.context_body())
+    assert body["prompt"] == [1, 2] and body["user"] == "\u0000baton-prompt\u0000"
