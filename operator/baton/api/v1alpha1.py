@@ -1,0 +1,346 @@
+"""DisaggregatedModel, serving.baton.dev/v1alpha1: the pydantic models the CRD is generated from.
+
+Every field carries its description (it becomes `kubectl explain` text), its bounds and its default.
+Rules that span fields live in `x-kubernetes-validations` (CEL) on the model that holds them, with a
+message a user can act on, so the API server rejects a bad object at `kubectl apply` time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from baton.api.units import DURATION_PATTERN, QUANTITY_PATTERN
+
+GROUP = "serving.baton.dev"
+VERSION = "v1alpha1"
+KIND = "DisaggregatedModel"
+PLURAL = "disaggregatedmodels"
+SINGULAR = "disaggregatedmodel"
+SHORT_NAMES = ["dm"]
+CATEGORIES = ["baton"]
+
+POWERS_OF_TWO = [1, 2, 4, 8, 16, 32, 64]
+
+
+def _cel(rule: str, message: str, **extra: str) -> dict[str, str]:
+    return {"rule": rule, "message": message, **extra}
+
+
+class ApiModel(BaseModel):
+    """Base: camelCase on the wire, unknown fields refused (the CRD prunes them anyway)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+# Free-form Kubernetes objects (affinity, env entries, volumes, ...) are passed through untouched;
+# the API server validates them when the operator creates the child that carries them.
+KubeObject = dict[str, Any]
+
+
+def _free_form(description: str, default_factory=None, **kw: Any):
+    extra = {"x-kubernetes-preserve-unknown-fields": True, "type": "object"}
+    if default_factory is None:
+        return Field(default=None, description=description, json_schema_extra=extra, **kw)
+    return Field(default_factory=default_factory, description=description, json_schema_extra=extra, **kw)
+
+
+def _nested(model: type, description: str):
+    """A sub-object that defaults to its own defaults, spelled out in full in the schema: the API server
+    checks a default against the CEL rules as written, before it would default nested fields."""
+    default = model().model_dump(mode="json", by_alias=True, exclude_none=True)
+    return Field(default_factory=model, description=description, json_schema_extra={"default": default})
+
+
+def _free_form_list(description: str):
+    return Field(
+        default_factory=list,
+        description=description,
+        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+    )
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class PVCSource(ApiModel):
+    claim_name: str = Field(min_length=1, description="Name of a PersistentVolumeClaim in the model's namespace holding the checkpoint.")
+    sub_path: str = Field(default="", description="Directory inside the volume that holds the checkpoint (with its config.json).")
+
+
+class HostPathSource(ApiModel):
+    path: str = Field(pattern=r"^/", description="Absolute path on the node holding the checkpoint (with its config.json).")
+
+
+class SecretKeyRef(ApiModel):
+    name: str = Field(min_length=1, description="Secret name, in the model's namespace.")
+    key: str = Field(default="token", min_length=1, description="Key inside the Secret.")
+
+
+class HuggingFaceSource(ApiModel):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?$", description="Hugging Face model id, e.g. meta-llama/Llama-3.1-70B-Instruct.")
+    revision: str = Field(default="", description="Git revision (branch, tag or commit) to pin; empty means the default branch.")
+    token_secret: SecretKeyRef | None = Field(default=None, description="Secret holding a Hugging Face access token, exposed to the engine as HF_TOKEN.")
+
+
+class ModelSource(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "[has(self.pvc), has(self.hostPath), has(self.huggingFace)].filter(x, x).size() == 1",
+                    "model.source must set exactly one of pvc, hostPath or huggingFace",
+                )
+            ]
+        }
+    )
+    pvc: PVCSource | None = Field(default=None, description="Load the checkpoint from a PersistentVolumeClaim.")
+    host_path: HostPathSource | None = Field(default=None, description="Load the checkpoint from a directory on the node.")
+    hugging_face: HuggingFaceSource | None = Field(default=None, description="Download the checkpoint from Hugging Face at start-up.")
+
+
+class ModelArchitecture(ApiModel):
+    num_layers: int = Field(ge=1, le=1024, description="Transformer layers that carry KV cache (config.json num_hidden_layers).")
+    num_kv_heads: int = Field(ge=1, le=1024, description="Global key/value heads (config.json num_key_value_heads).")
+    head_dim: int = Field(ge=1, le=4096, description="Size of one attention head (config.json head_dim, else hidden_size / num_attention_heads).")
+    attention_type: Literal["DEFAULT", "MLA"] = Field(default="DEFAULT", description="DEFAULT for MHA/GQA (K and V cached), MLA for multi-head latent attention (one compressed KV).")
+
+
+class ModelSpec(ApiModel):
+    name: str = Field(min_length=1, max_length=253, description="Served model name: what clients put in the OpenAI `model` field and what /v1/models lists.")
+    revision: str = Field(default="", description="Identity of the weights (e.g. a checkpoint digest or release tag). Part of the KV-format identity: prefill and decode must serve the same weights.")
+    source: ModelSource = Field(description="Where the engines load the checkpoint from.")
+    architecture: ModelArchitecture | None = Field(default=None, description="Architecture facts for KV sizing and the KV-format check. Optional when the engines can read them from the checkpoint's config.json; required for status KV sizing.")
+
+
+# -------------------------------------------------------------------------------------------- engine
+
+
+class KVCacheSpec(ApiModel):
+    dtype: Literal["fp16", "bf16", "fp8"] = Field(description="KV cache element type, set explicitly (never `auto`): both tiers must store the same type.")
+    tokens_per_block: Literal[8, 16, 32, 64, 128] = Field(default=32, description="Tokens per KV cache block; must be equal on both tiers.")
+    free_gpu_memory_fraction: float = Field(default=0.9, ge=0.05, le=0.99, description="Fraction of free GPU memory the engine may use for KV cache when no explicit size is given.")
+    enable_block_reuse: bool = Field(default=True, description="Reuse KV blocks across requests sharing a prefix.")
+
+
+class KVTransferSpec(ApiModel):
+    backend: Literal["UCX", "NIXL"] = Field(default="UCX", description="KV transfer backend between tiers. Rendered explicitly (never DEFAULT, whose meaning changed between TensorRT-LLM versions).")
+    compression: Literal["none", "fp8"] = Field(default="none", description="Compress KV to fp8 for transfer. Requests flagged high-precision take the uncompressed path (prefilled on the decode replica).")
+    high_precision_fallback: bool = Field(default=True, description="With compression on, let requests flagged high-precision bypass it by prefilling on the decode tier.")
+    max_tokens_in_buffer: int = Field(default=8192, ge=256, le=1048576, description="Transfer staging buffer in tokens; should be at least the longest prompt.")
+    timeout: str = Field(default="30s", pattern=DURATION_PATTERN, description="How long a prefill replica keeps KV waiting for its decode replica to pull it (kv_transfer_timeout_ms).")
+
+
+class EngineSpec(ApiModel):
+    runtime: Literal["trtllm-serve", "triton"] = Field(default="trtllm-serve", description="Serving front end: trtllm-serve (OpenAI-compatible HTTP) or triton (KServe v2).")
+    image: str = Field(min_length=1, description="Engine container image, e.g. nvcr.io/nvidia/tensorrt-llm/release:1.2.0.")
+    trtllm_version: str = Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+([a-z0-9.+-]*)?$", description="TensorRT-LLM version inside the image (e.g. 1.2.0). Both tiers must run the same version: the KV handle format carries no version tag.")
+    kv_cache: KVCacheSpec = Field(description="KV cache layout, shared by both tiers.")
+    kv_transfer: KVTransferSpec = _nested(KVTransferSpec, "How KV moves from the prefill tier to the decode tier.")
+    speculative_config: KubeObject | None = _free_form("TensorRT-LLM speculative_config, rendered on both tiers (set on one side only, the KV layouts would differ).")
+    extra_options: KubeObject | None = _free_form("Extra TensorRT-LLM LLM-API options (the --extra_llm_api_options YAML) merged into both tiers' config. Keys Baton renders itself cannot be overridden here.")
+    env: list[KubeObject] = _free_form_list("Extra environment variables (core/v1 EnvVar) for the engine containers of both tiers.")
+
+
+# --------------------------------------------------------------------------------------------- tiers
+
+
+class PoolSpec(ApiModel):
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the tier's pods must match, e.g. {baton.dev/pool: prefill-h100}.")
+    affinity: KubeObject | None = _free_form("core/v1 Affinity for the tier's pods (in addition to nodeSelector).")
+    tolerations: list[KubeObject] = _free_form_list("Extra core/v1 Tolerations. Baton always tolerates the nvidia.com/gpu NoSchedule taint on GPU tiers.")
+
+
+class ResourcesSpec(ApiModel):
+    requests: dict[str, str] = Field(default_factory=dict, description="Resource requests besides GPUs (cpu, memory, ...). GPUs come from gpusPerReplica.")
+    limits: dict[str, str] = Field(default_factory=dict, description="Resource limits besides GPUs. nvidia.com/gpu is always set from gpusPerReplica.")
+
+
+class PodTemplateOverrides(ApiModel):
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels (Baton's own labels win on conflict).")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+    env: list[KubeObject] = _free_form_list("Extra environment variables (core/v1 EnvVar) for this tier's engine container.")
+    volumes: list[KubeObject] = _free_form_list("Extra pod volumes (core/v1 Volume).")
+    volume_mounts: list[KubeObject] = _free_form_list("Extra mounts (core/v1 VolumeMount) for the engine container.")
+    priority_class_name: str = Field(default="", description="PriorityClass for the tier's pods.")
+    topology_spread_constraints: list[KubeObject] = _free_form_list("core/v1 TopologySpreadConstraints for the tier's pods.")
+    service_account_name: str = Field(default="", description="ServiceAccount for the tier's pods (default: the namespace's default account).")
+
+
+_TIER_RULES = [
+    _cel("self.minReplicas <= self.maxReplicas", "minReplicas must be less than or equal to maxReplicas"),
+    _cel(
+        "!has(self.replicas) || (self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas)",
+        "replicas must lie between minReplicas and maxReplicas",
+    ),
+    _cel(
+        "self.tensorParallelSize * self.pipelineParallelSize == self.gpusPerReplica",
+        "tensorParallelSize x pipelineParallelSize must equal gpusPerReplica",
+    ),
+]
+
+
+class TierSpec(ApiModel):
+    replicas: int | None = Field(default=None, ge=0, le=1024, description="Desired replicas. Defaults to minReplicas. Leave unset when an autoscaler drives the tier's scale subresource.")
+    min_replicas: int = Field(default=1, ge=0, le=1024, description="Fewest replicas the tier runs.")
+    max_replicas: int = Field(default=1, ge=1, le=1024, description="Most replicas the tier may scale to.")
+    gpus_per_replica: int = Field(default=1, ge=1, le=64, description="GPUs per replica (nvidia.com/gpu limit); equals tensorParallelSize x pipelineParallelSize.")
+    tensor_parallel_size: Literal[1, 2, 4, 8, 16, 32, 64] = Field(default=1, description="Tensor parallelism per replica; a power of two (TensorRT-LLM splits KV heads across ranks).")
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=64, description="Pipeline parallelism per replica.")
+    pool: PoolSpec = _nested(PoolSpec, "The GPU node pool the tier runs on.")
+    allow_spot: bool = Field(default=False, description="Whether the tier may run on spot/preemptible capacity (adds the usual spot tolerations). Allowed for prefill; refused for decode.")
+    max_batch_size: int = Field(default=64, ge=1, le=4096, description="Most sequences batched together per replica (max_batch_size).")
+    max_num_tokens: int = Field(default=8192, ge=64, le=1048576, description="Most tokens processed per engine iteration (max_num_tokens).")
+    resources: ResourcesSpec = _nested(ResourcesSpec, "CPU, memory and other resources for the engine container.")
+    pod_template: PodTemplateOverrides = _nested(PodTemplateOverrides, "Overrides merged into the tier's pod template.")
+    port: int = Field(default=8000, ge=1024, le=65535, description="Port the engine serves HTTP on.")
+
+    def desired_replicas(self) -> int:
+        return self.min_replicas if self.replicas is None else self.replicas
+
+
+class PrefillTierSpec(TierSpec):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _TIER_RULES})
+    max_prompt_tokens: int = Field(default=32768, ge=16, le=2097152, description="Longest prompt the prefill tier accepts (max_input_len).")
+
+
+class DecodeTierSpec(TierSpec):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                *_TIER_RULES,
+                _cel(
+                    "!self.allowSpot",
+                    "decode.allowSpot must be false: decode replicas hold live KV cache and generation state, "
+                    "so preempting one fails every request it serves; run spot capacity on the prefill tier only",
+                    fieldPath=".allowSpot",
+                ),
+            ]
+        }
+    )
+    kv_cache_size: str = Field(default="", pattern=r"^$|^" + QUANTITY_PATTERN[1:], description="KV cache memory per decode replica (e.g. 128Gi); sets the engine's KV token capacity. Empty: a fraction of free GPU memory (engine.kvCache.freeGpuMemoryFraction).")
+    max_generated_tokens: int = Field(default=4096, ge=1, le=1048576, description="Most tokens one request may generate.")
+
+
+# ------------------------------------------------------------------------------------------ scheduler
+
+
+class AdmissionSpec(ApiModel):
+    prefill_tokens_per_second: int = Field(default=0, ge=0, description="Token bucket refill rate for prompt tokens sent to the prefill pool; 0 means unlimited.")
+    prefill_burst_tokens: int = Field(default=0, ge=0, description="Token bucket size for the prefill pool; 0 means one second of the rate.")
+    decode_requests_per_second: int = Field(default=0, ge=0, description="Token bucket refill rate for requests admitted to the decode pool; 0 means unlimited.")
+    decode_burst: int = Field(default=0, ge=0, description="Token bucket size for the decode pool; 0 means one second of the rate.")
+
+
+class BackpressureSpec(ApiModel):
+    max_active_per_decode_replica: int = Field(default=64, ge=1, le=65536, description="Most sequences in flight on one decode replica before the scheduler holds new work.")
+    decode_p95_latency_threshold: str = Field(default="200ms", pattern=DURATION_PATTERN, description="Throttle new decode admissions while the decode tier's p95 time per output token exceeds this.")
+
+
+class DegradationSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self.store != 'redis' || self.redisUrl != ''", "scheduler.degradation.redisUrl is required when store is redis")
+            ]
+        }
+    )
+    hold_ttl: str = Field(default="120s", pattern=DURATION_PATTERN, description="How long a finished prefill may wait for a decode slot while decode is saturated before it is re-prefilled or failed.")
+    store: Literal["memory", "redis"] = Field(default="memory", description="Where held prefill results are tracked.")
+    redis_url: str = Field(default="", description="Redis URL when store is redis.")
+
+
+class SchedulerSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "self.localPrefillBelowTokens <= self.alwaysPrefillAtOrAboveTokens",
+                    "scheduler.localPrefillBelowTokens must be less than or equal to alwaysPrefillAtOrAboveTokens",
+                ),
+            ]
+        }
+    )
+    replicas: int = Field(default=1, ge=1, le=64, description="Scheduler Deployment replicas.")
+    image: str = Field(default="", description="Scheduler image; empty means the operator's own image (`baton scheduler`).")
+    algorithm: Literal["throughput-optimized", "latency-optimized"] = Field(default="throughput-optimized", description="How prompts between the two routing thresholds are routed.")
+    placement_policy: Literal["shortest-prefill-first", "least-loaded", "round-robin"] = Field(default="shortest-prefill-first", description="How a prefill replica is chosen: least queued prefill tokens, fewest active requests, or in turn.")
+    local_prefill_below_tokens: int = Field(default=4096, ge=0, le=2097152, description="Prompts shorter than this may be prefilled on a decode replica (no KV transfer).")
+    always_prefill_at_or_above_tokens: int = Field(default=16384, ge=0, le=2097152, description="Prompts at least this long always go to the prefill tier.")
+    prefill_batch_size: int = Field(default=32, ge=1, le=4096, description="Most prefills the scheduler batches towards one prefill replica at a time.")
+    decode_batch_size: int = Field(default=1, ge=1, le=4096, description="Most requests the scheduler hands to one decode replica at a time.")
+    max_queue_depth: int = Field(default=256, ge=1, le=1000000, description="Requests that may wait; beyond it the scheduler answers 429 with Retry-After.")
+    max_concurrent_prefills: int = Field(default=64, ge=1, le=100000, description="Most prefills in flight across the prefill tier.")
+    admission: AdmissionSpec = _nested(AdmissionSpec, "Token-bucket admission per pool.")
+    backpressure: BackpressureSpec = _nested(BackpressureSpec, "Decode-tier protection.")
+    degradation: DegradationSpec = _nested(DegradationSpec, "What happens to finished prefills while decode is saturated.")
+    heartbeat_interval: str = Field(default="15s", pattern=DURATION_PATTERN, description="Health-check interval for idle decode replicas.")
+    port: int = Field(default=8000, ge=1024, le=65535, description="Port the scheduler serves the OpenAI-compatible API on.")
+    resources: ResourcesSpec = _nested(ResourcesSpec, "Scheduler container resources.")
+    pool: PoolSpec = _nested(PoolSpec, "Where scheduler pods run (typically a CPU pool).")
+
+
+# -------------------------------------------------------------------------------------------- rollout
+
+
+class RolloutSpec(ApiModel):
+    strategy: Literal["AtomicGeneration", "PairwiseSwap"] = Field(default="AtomicGeneration", description="AtomicGeneration: a KV-format change starts a full new generation of both tiers beside the serving one and switches traffic in one step. PairwiseSwap: for GPU-tight clusters, surge one replica per tier at a time.")
+    progress_deadline: str = Field(default="15m", pattern=DURATION_PATTERN, description="How long a new generation may take to become Ready and pass its handoff probe before it is rolled back.")
+    drain_timeout: str = Field(default="5m", pattern=DURATION_PATTERN, description="How long the old generation may finish in-flight KV transfers and decodes after the switch.")
+    paused: bool = Field(default=False, description="Pause an ongoing rollout where it is.")
+
+
+class DisaggregatedModelSpec(ApiModel):
+    model: ModelSpec = Field(description="The model served.")
+    engine: EngineSpec = Field(description="TensorRT-LLM engine settings shared by both tiers.")
+    prefill: PrefillTierSpec = Field(description="The prefill (context) tier: compute-bound prompt processing.")
+    decode: DecodeTierSpec = Field(description="The decode (generation) tier: memory-bound token generation.")
+    scheduler: SchedulerSpec = _nested(SchedulerSpec, "Baton's request scheduler in front of both tiers.")
+    rollout: RolloutSpec = _nested(RolloutSpec, "How engine changes roll out across both tiers.")
+
+
+# --------------------------------------------------------------------------------------------- status
+
+
+class Condition(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str = Field(description="Condition type: Ready, Reconciling, Stalled, KVFormatCompatible, ...")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="CamelCase reason for the condition's last transition.")
+    message: str = Field(default="", description="What happened and what to do, for humans.")
+    last_transition_time: str = Field(default="", description="When the status last changed (RFC 3339).")
+    observed_generation: int = Field(default=0, description="metadata.generation the condition was computed from.")
+
+
+class TierStatus(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+    replicas: int = Field(default=0, description="Desired replicas.")
+    ready_replicas: int = Field(default=0, description="Replicas whose engine is ready.")
+    updated_replicas: int = Field(default=0, description="Replicas running the current revision.")
+    summary: str = Field(default="", description="ready/desired, for printer columns.")
+    kv_fingerprint: str = Field(default="", description="Fingerprint of the tier's KV-cache layout.")
+
+
+class DisaggregatedModelStatus(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+    observed_generation: int = Field(default=0, description="metadata.generation last reconciled.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Reconciling, Stalled (kstatus) and Baton's own conditions.")
+    revision: str = Field(default="", description="Hash of everything that shapes the engines' pods (engine, model, tier templates).")
+    prefill: TierStatus = Field(default_factory=TierStatus, description="Prefill tier replicas.")
+    decode: TierStatus = Field(default_factory=TierStatus, description="Decode tier replicas.")
+    scheduler_endpoint: str = Field(default="", description="Service address clients send requests to (host:port).")
+    kv_bytes_per_token: int = Field(default=0, description="KV cache bytes per token of context, from the architecture and KV dtype.")
+    decode_kv_capacity_tokens: int = Field(default=0, description="KV cache capacity in tokens per decode replica, from decode.kvCacheSize.")
+
+
+class DisaggregatedModel(ApiModel):
+    """The full object as the operator reads it (metadata kept loose)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    api_version: str = Field(default=f"{GROUP}/{VERSION}")
+    kind: str = Field(default=KIND)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: DisaggregatedModelSpec
+    status: DisaggregatedModelStatus = Field(default_factory=DisaggregatedModelStatus)

@@ -1,0 +1,25 @@
+"""Pure builders: a DisaggregatedModel in, the Kubernetes objects that serve it out.
+
+No client, no I/O: every function takes the parsed spec and returns plain dicts, deterministic for the
+same input, so the operator can compare them with what is in the cluster and tests can check them
+alone. Modules: `naming` (names and labels), `engine_config` (the TensorRT-LLM YAML per tier),
+`tiers` (prefill/decode StatefulSets and Services), `scheduler` (Deployment, Service, config, RBAC).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from baton.render import scheduler, tiers
+from baton.render.derived import Derived, derive
+from baton.render.naming import Target
+
+
+def render_children(target: Target, derived: Derived | None = None) -> list[dict[str, Any]]:
+    """Every child object of one DisaggregatedModel, in apply order (config before workloads)."""
+    derived = derived or derive(target.spec)
+    return [
+        *tiers.render_tier(target, "prefill", derived),
+        *tiers.render_tier(target, "decode", derived),
+        *scheduler.render_scheduler(target),
+    ]

@@ -1,0 +1,99 @@
+"""Names, labels and the revision hash shared by every rendered object."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from baton import __version__
+from baton.api.v1alpha1 import DisaggregatedModelSpec
+
+Tier = Literal["prefill", "decode"]
+
+LABEL_MODEL = "baton.dev/model"
+LABEL_TIER = "baton.dev/tier"
+LABEL_REVISION = "baton.dev/revision"
+ANNOTATION_KV_FINGERPRINT = "baton.dev/kv-fingerprint"
+MANAGED_BY = "baton-operator"
+FIELD_MANAGER = "baton-operator"
+
+DEFAULT_IMAGE = os.environ.get("BATON_IMAGE", f"ghcr.io/baton-serving/baton:{__version__}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """The DisaggregatedModel being rendered: identity plus parsed spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: DisaggregatedModelSpec
+
+    def owner_reference(self) -> dict[str, Any]:
+        from baton.api.v1alpha1 import GROUP, KIND, VERSION
+
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def child_name(target: Target, component: str) -> str:
+    return f"{target.name}-{component}"
+
+
+def selector_labels(target: Target, component: str) -> dict[str, str]:
+    """Immutable selector labels (a StatefulSet's selector can never change)."""
+    return {LABEL_MODEL: target.name, LABEL_TIER: component}
+
+
+def labels(target: Target, component: str, revision: str | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "baton",
+        "app.kubernetes.io/instance": target.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "baton",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        **selector_labels(target, component),
+    }
+    if revision:
+        out[LABEL_REVISION] = revision
+    return out
+
+
+def metadata(target: Target, component: str, name: str | None = None, revision: str | None = None) -> dict[str, Any]:
+    return {
+        "name": name or child_name(target, component),
+        "namespace": target.namespace,
+        "labels": labels(target, component, revision),
+        "ownerReferences": [target.owner_reference()],
+    }
+
+
+def stable_hash(value: Any, length: int = 10) -> str:
+    """Short sha256 of a JSON-able value, independent of dict ordering."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def revision(spec: DisaggregatedModelSpec) -> str:
+    """Hash of what shapes the engines' pods: model, engine and each tier's template-relevant fields.
+
+    Replica counts and the scheduler are left out: scaling or retuning routing is not a new revision.
+    """
+    tier_fields = {"replicas", "min_replicas", "max_replicas"}
+    return stable_hash(
+        {
+            "model": spec.model.model_dump(mode="json"),
+            "engine": spec.engine.model_dump(mode="json"),
+            "prefill": spec.prefill.model_dump(mode="json", exclude=tier_fields),
+            "decode": spec.decode.model_dump(mode="json", exclude=tier_fields),
+        }
+    )

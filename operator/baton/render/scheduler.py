@@ -1,0 +1,167 @@
+"""The scheduler: its config (the file `baton scheduler --config` reads), RBAC to discover engine
+endpoints, the Deployment and the Service clients send requests to."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from baton.api.units import parse_duration
+from baton.render.naming import DEFAULT_IMAGE, Target, child_name, labels, metadata, selector_labels
+
+COMPONENT = "scheduler"
+CONFIG_DIR = "/etc/baton/scheduler"
+CONFIG_FILE = "config.yaml"
+
+
+def scheduler_config(target: Target) -> dict[str, Any]:
+    """Everything the scheduler needs: where each tier's endpoints are and every routing setting."""
+    spec = target.spec
+    s = spec.scheduler
+    return {
+        "model": spec.model.name,
+        "runtime": spec.engine.runtime,
+        "endpoints": {
+            "discovery": "kubernetes",
+            "kubernetes": {
+                "namespace": target.namespace,
+                "prefillService": child_name(target, "prefill"),
+                "decodeService": child_name(target, "decode"),
+                "port": spec.decode.port,
+            },
+        },
+        "routing": {
+            "localPrefillBelowTokens": s.local_prefill_below_tokens,
+            "alwaysPrefillAtOrAboveTokens": s.always_prefill_at_or_above_tokens,
+            "algorithm": s.algorithm,
+            "placementPolicy": s.placement_policy,
+            "prefillBatchSize": s.prefill_batch_size,
+            "decodeBatchSize": s.decode_batch_size,
+            "maxConcurrentPrefills": s.max_concurrent_prefills,
+            "kvTransferCompression": spec.engine.kv_transfer.compression,
+        },
+        "queue": {"maxDepth": s.max_queue_depth},
+        "admission": {
+            "prefillTokensPerSecond": s.admission.prefill_tokens_per_second,
+            "prefillBurstTokens": s.admission.prefill_burst_tokens,
+            "decodeRequestsPerSecond": s.admission.decode_requests_per_second,
+            "decodeBurst": s.admission.decode_burst,
+        },
+        "backpressure": {
+            "maxActivePerDecodeReplica": s.backpressure.max_active_per_decode_replica,
+            "decodeP95LatencyThresholdMs": parse_duration(s.backpressure.decode_p95_latency_threshold) * 1000,
+        },
+        "degradation": {
+            "holdTtlSeconds": parse_duration(s.degradation.hold_ttl),
+            "store": s.degradation.store,
+            "redisUrl": s.degradation.redis_url,
+        },
+        "heartbeatSeconds": parse_duration(s.heartbeat_interval),
+        "server": {"host": "0.0.0.0", "port": s.port},
+    }
+
+
+def configmap(target: Target) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(target, COMPONENT),
+        "data": {CONFIG_FILE: yaml.safe_dump(scheduler_config(target), sort_keys=False)},
+    }
+
+
+def service_account(target: Target) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(target, COMPONENT)}
+
+
+def role(target: Target) -> dict[str, Any]:
+    # Endpoint discovery only: EndpointSlices of the tier Services and the pods behind them (for
+    # their KV-format fingerprints). Nothing else, and nothing cluster-wide.
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": metadata(target, COMPONENT),
+        "rules": [
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        ],
+    }
+
+
+def role_binding(target: Target) -> dict[str, Any]:
+    name = child_name(target, COMPONENT)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": metadata(target, COMPONENT),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": target.namespace}],
+    }
+
+
+def service(target: Target) -> dict[str, Any]:
+    port = target.spec.scheduler.port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(target, COMPONENT),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(target, COMPONENT),
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def deployment(target: Target) -> dict[str, Any]:
+    s = target.spec.scheduler
+    requests = {"cpu": "1", "memory": "512Mi", **s.resources.requests}
+    limits = {"memory": "2Gi", **s.resources.limits}
+    probe = {"httpGet": {"port": "http"}, "periodSeconds": 5, "timeoutSeconds": 3}
+    container = {
+        "name": COMPONENT,
+        "image": s.image or DEFAULT_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["baton", "scheduler"],
+        "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--host", "$(POD_IP)", "--port", str(s.port)],
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "ports": [{"name": "http", "containerPort": s.port, "protocol": "TCP"}],
+        "resources": {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))},
+        "readinessProbe": {**probe, "httpGet": {**probe["httpGet"], "path": "/readyz"}, "failureThreshold": 2},
+        "livenessProbe": {**probe, "httpGet": {**probe["httpGet"], "path": "/healthz"}, "failureThreshold": 6},
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": child_name(target, COMPONENT),
+        "containers": [container],
+        "nodeSelector": dict(s.pool.node_selector),
+        "tolerations": list(s.pool.tolerations),
+        "volumes": [{"name": "config", "configMap": {"name": child_name(target, COMPONENT)}}],
+        # In-flight streams finish before the pod goes.
+        "terminationGracePeriodSeconds": 60,
+    }
+    if s.pool.affinity:
+        pod_spec["affinity"] = s.pool.affinity
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(target, COMPONENT),
+        "spec": {
+            "replicas": s.replicas,
+            "selector": {"matchLabels": selector_labels(target, COMPONENT)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {"metadata": {"labels": labels(target, COMPONENT)}, "spec": pod_spec},
+        },
+    }
+
+
+def render_scheduler(target: Target) -> list[dict[str, Any]]:
+    return [configmap(target), service_account(target), role(target), role_binding(target), service(target), deployment(target)]

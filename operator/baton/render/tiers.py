@@ -1,0 +1,203 @@
+"""The prefill and decode tiers: engine ConfigMap, headless Service and StatefulSet per tier."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from baton.api.v1alpha1 import DecodeTierSpec, DisaggregatedModelSpec, PrefillTierSpec
+from baton.render import engine_config
+from baton.render.derived import Derived
+from baton.render.naming import (
+    ANNOTATION_KV_FINGERPRINT,
+    Target,
+    Tier,
+    child_name,
+    labels,
+    metadata,
+    selector_labels,
+)
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+# The taints the big clouds put on spot/preemptible nodes; tolerated only when a tier allows spot.
+SPOT_TOLERATIONS = [
+    {"key": "cloud.google.com/gke-spot", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "kubernetes.azure.com/scalesetpriority", "operator": "Equal", "value": "spot", "effect": "NoSchedule"},
+    {"key": "eks.amazonaws.com/capacityType", "operator": "Equal", "value": "SPOT", "effect": "NoSchedule"},
+]
+MODEL_MOUNT = "/models"
+SHM_SIZE = "16Gi"
+
+
+def tier_spec(spec: DisaggregatedModelSpec, tier: Tier) -> PrefillTierSpec | DecodeTierSpec:
+    return spec.prefill if tier == "prefill" else spec.decode
+
+
+def model_argument_and_volume(spec: DisaggregatedModelSpec) -> tuple[str, list[dict], list[dict], list[dict]]:
+    """(model argument for trtllm-serve, volumes, mounts, env) for the model source."""
+    source = spec.model.source
+    if source.pvc:
+        sub = source.pvc.sub_path.strip("/")
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True}}
+        return (f"{MODEL_MOUNT}/{sub}" if sub else MODEL_MOUNT), [volume], [
+            {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}], []
+    if source.host_path:
+        volume = {"name": "model", "hostPath": {"path": source.host_path.path, "type": "Directory"}}
+        return MODEL_MOUNT, [volume], [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}], []
+    hf = source.hugging_face
+    assert hf is not None  # the CRD's CEL rule guarantees exactly one source
+    env: list[dict] = [{"name": "HF_HOME", "value": "/cache/huggingface"}]
+    if hf.revision:
+        env.append({"name": "HF_REVISION", "value": hf.revision})
+    if hf.token_secret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hf.token_secret.name, "key": hf.token_secret.key}}})
+    cache = {"name": "hf-cache", "emptyDir": {}}
+    return hf.id, [cache], [{"name": "hf-cache", "mountPath": "/cache"}], env
+
+
+def engine_configmap(target: Target, tier: Tier, kv_bytes_per_token: int) -> dict[str, Any]:
+    options = engine_config.engine_options(target.spec, tier, kv_bytes_per_token)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(target, tier, name=child_name(target, f"{tier}-engine")),
+        "data": {engine_config.CONFIG_FILE: yaml.safe_dump(options, sort_keys=True)},
+    }
+
+
+def headless_service(target: Target, tier: Tier) -> dict[str, Any]:
+    port = tier_spec(target.spec, tier).port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(target, tier),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(target, tier),
+            "publishNotReadyAddresses": False,
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def _resources(tier: PrefillTierSpec | DecodeTierSpec) -> dict[str, Any]:
+    gpus = str(tier.gpus_per_replica)
+    requests = {"cpu": str(max(4, tier.gpus_per_replica)), "memory": f"{8 * max(4, tier.gpus_per_replica)}Gi"}
+    requests.update(tier.resources.requests)
+    limits = dict(tier.resources.limits)
+    requests[GPU_RESOURCE] = gpus
+    limits[GPU_RESOURCE] = gpus
+    return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
+
+
+def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
+    spec = target.spec
+    t = tier_spec(spec, tier)
+    model_arg, _, model_mounts, model_env = model_argument_and_volume(spec)
+    env = [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        # KV transfer binds an ephemeral port on an automatically picked interface; pin the pod's own.
+        {"name": "TRTLLM_UCX_INTERFACE", "value": "eth0"},
+        {"name": "TRTLLM_SERVER_DISABLE_GC", "value": "1"},
+        {"name": "TRTLLM_WORKER_DISABLE_GC", "value": "1"},
+        *model_env,
+        *spec.engine.env,
+        *t.pod_template.env,
+    ]
+    config_path = f"{engine_config.ENGINE_CONFIG_DIR}/{engine_config.CONFIG_FILE}"
+    if spec.engine.runtime == "trtllm-serve":
+        command = ["trtllm-serve"]
+        args = [
+            model_arg, "--host", "$(POD_IP)", "--port", str(t.port), "--backend", "pytorch",
+            "--tp_size", str(t.tensor_parallel_size), "--pp_size", str(t.pipeline_parallel_size),
+            "--extra_llm_api_options", config_path,
+        ]
+        health = "/health"
+    else:
+        command = ["tritonserver"]
+        args = [
+            f"--model-repository={MODEL_MOUNT}", f"--http-port={t.port}", f"--grpc-port={t.port + 1}",
+            f"--metrics-port={t.port + 2}", "--strict-readiness=true",
+        ]
+        health = "/v2/health/ready"
+    probe = {"httpGet": {"path": health, "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
+    return {
+        "name": "engine",
+        "image": spec.engine.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": command,
+        "args": args,
+        "env": env,
+        "ports": [{"name": "http", "containerPort": t.port, "protocol": "TCP"}],
+        "resources": _resources(t),
+        # Model load and warm-up take minutes: give start-up 30 minutes before liveness applies.
+        "startupProbe": {**probe, "failureThreshold": 180},
+        "readinessProbe": {**probe, "failureThreshold": 3},
+        "livenessProbe": {**probe, "failureThreshold": 6},
+        "volumeMounts": [
+            {"name": "engine-config", "mountPath": engine_config.ENGINE_CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            *model_mounts,
+            *t.pod_template.volume_mounts,
+        ],
+    }
+
+
+def statefulset(target: Target, tier: Tier, revision: str, kv_fingerprint: str = "") -> dict[str, Any]:
+    spec = target.spec
+    t = tier_spec(spec, tier)
+    _, model_volumes, _, _ = model_argument_and_volume(spec)
+    pod_labels = {**t.pod_template.labels, **labels(target, tier, revision)}
+    annotations = dict(t.pod_template.annotations)
+    if kv_fingerprint:
+        annotations[ANNOTATION_KV_FINGERPRINT] = kv_fingerprint
+    tolerations = [GPU_TOLERATION, *(SPOT_TOLERATIONS if t.allow_spot else []), *t.pool.tolerations]
+    pod_spec: dict[str, Any] = {
+        "containers": [engine_container(target, tier)],
+        "nodeSelector": dict(t.pool.node_selector),
+        "tolerations": tolerations,
+        # Decode replicas finish in-flight generations; prefill replicas keep KV until it is pulled.
+        "terminationGracePeriodSeconds": 120,
+        "volumes": [
+            {"name": "engine-config", "configMap": {"name": child_name(target, f"{tier}-engine")}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
+            *model_volumes,
+            *t.pod_template.volumes,
+        ],
+    }
+    if t.pool.affinity:
+        pod_spec["affinity"] = t.pool.affinity
+    if t.pod_template.priority_class_name:
+        pod_spec["priorityClassName"] = t.pod_template.priority_class_name
+    if t.pod_template.topology_spread_constraints:
+        pod_spec["topologySpreadConstraints"] = t.pod_template.topology_spread_constraints
+    if t.pod_template.service_account_name:
+        pod_spec["serviceAccountName"] = t.pod_template.service_account_name
+    template_metadata: dict[str, Any] = {"labels": pod_labels}
+    if annotations:
+        template_metadata["annotations"] = annotations
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": metadata(target, tier, revision=revision),
+        "spec": {
+            "serviceName": child_name(target, tier),
+            "replicas": t.desired_replicas(),
+            # Engines are independent replicas: start and replace them in parallel, not one by one.
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "selector": {"matchLabels": selector_labels(target, tier)},
+            "template": {"metadata": template_metadata, "spec": pod_spec},
+        },
+    }
+
+
+def render_tier(target: Target, tier: Tier, derived: Derived) -> list[dict[str, Any]]:
+    return [
+        engine_configmap(target, tier, derived.kv_bytes_per_token),
+        headless_service(target, tier),
+        statefulset(target, tier, derived.revision, derived.fingerprint(tier)),
+    ]

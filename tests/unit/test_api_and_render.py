@@ -1,0 +1,149 @@
+"""The API models, the generated CRD and the rendered children (pure, no cluster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from baton.api import crd as crd_module
+from baton.api.v1alpha1 import DisaggregatedModel
+from baton.operator import diff
+from baton.operator.validation import spec_problems
+from baton.render import engine_config, render_children
+from baton.render.derived import derive
+from baton.render.naming import Target, revision
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def model(example: str = "llama-70b.yaml", **spec_overrides) -> DisaggregatedModel:
+    data = yaml.safe_load((REPO / "examples" / example).read_text())
+    for path, value in spec_overrides.items():
+        node = data["spec"]
+        keys = path.split("__")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return DisaggregatedModel.model_validate(data)
+
+
+def target(m: DisaggregatedModel) -> Target:
+    return Target(name=m.metadata["name"], namespace="ns", uid="uid-1", spec=m.spec)
+
+
+def by_name(objs):
+    return {f"{o['kind']}/{o['metadata']['name']}": o for o in objs}
+
+
+def test_committed_crd_is_the_generated_one():
+    committed = (REPO / "crds" / crd_module.CRD_FILE).read_text()
+    assert committed == crd_module.render(), "crds/ is stale: run `make crds`"
+
+
+def test_every_schema_field_has_a_description():
+    schema = crd_module.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    missing = []
+
+    def walk(node, path):
+        for name, child in node.get("properties", {}).items():
+            if name != "metadata" and not child.get("description"):
+                missing.append(f"{path}.{name}")
+            walk(child, f"{path}.{name}")
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], path + "[]")
+
+    walk(schema, "")
+    assert missing == []
+
+
+def test_crd_names_printer_columns_and_subresources():
+    spec = crd_module.crd()["spec"]
+    assert spec["names"]["shortNames"] == ["dm"] and spec["names"]["categories"] == ["baton"]
+    version = spec["versions"][0]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Ready", "Prefill", "Decode", "Revision", "Age"]
+    assert "status" in version["subresources"]
+
+
+def test_prefill_and_decode_engine_configs_follow_the_disaggregation_rules():
+    m = model()
+    derived = derive(m.spec)
+    prefill = engine_config.engine_options(m.spec, "prefill", derived.kv_bytes_per_token)
+    decode = engine_config.engine_options(m.spec, "decode", derived.kv_bytes_per_token)
+    assert prefill["disable_overlap_scheduler"] is True and decode["disable_overlap_scheduler"] is False
+    for opts in (prefill, decode):
+        assert opts["cache_transceiver_config"]["backend"] in ("UCX", "NIXL")  # never DEFAULT
+        assert opts["max_beam_width"] == 1
+    same_layout = ("dtype", "tokens_per_block")
+    assert {k: prefill["kv_cache_config"][k] for k in same_layout} == {k: decode["kv_cache_config"][k] for k in same_layout}
+    assert prefill["tensor_parallel_size"] == 8 and decode["tensor_parallel_size"] == 4
+    # decode.kvCacheSize 128G at fp8 Llama-70B (160 KiB per token) -> 781,250 tokens
+    assert derived.kv_bytes_per_token == 163840
+    assert decode["kv_cache_config"]["max_tokens"] == 128_000_000_000 // 163840
+
+
+def test_children_are_pinned_to_their_pools_with_gpus_probes_and_shm():
+    m = model()
+    objs = by_name(render_children(target(m)))
+    sts = objs["StatefulSet/llama-70b-prefill"]
+    pod = sts["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "p5.48xlarge"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert container["command"] == ["trtllm-serve"]
+    assert "--extra_llm_api_options" in container["args"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in pod["volumes"]
+    assert sts["spec"]["replicas"] == 2 and objs["StatefulSet/llama-70b-decode"]["spec"]["replicas"] == 4
+    for obj in objs.values():
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+        assert obj["metadata"]["labels"]["baton.dev/model"] == "llama-70b"
+    assert sts["spec"]["template"]["metadata"]["annotations"]["baton.dev/kv-fingerprint"]
+
+
+def test_scheduler_config_carries_discovery_and_every_routing_setting():
+    from baton.scheduler.config import SchedulerConfig
+
+    m = model()
+    objs = by_name(render_children(target(m)))
+    config = yaml.safe_load(objs["ConfigMap/llama-70b-scheduler"]["data"]["config.yaml"])
+    parsed = SchedulerConfig.model_validate(config)  # the scheduler accepts what the operator renders
+    assert parsed.endpoints.kubernetes.prefill_service == "llama-70b-prefill"
+    assert parsed.routing.local_prefill_below_tokens == 4096
+    assert parsed.routing.always_prefill_at_or_above_tokens == 16384
+    assert parsed.queue.max_depth == 256
+    assert parsed.routing.kv_transfer_compression == "fp8"
+    assert parsed.backpressure.decode_p95_latency_threshold_ms == 200
+    assert parsed.degradation.hold_ttl_seconds == 120
+
+
+def test_rendering_is_deterministic_and_revision_ignores_replicas():
+    m = model()
+    assert render_children(target(m)) == render_children(target(model()))
+    scaled = model(decode__minReplicas=6)
+    assert revision(scaled.spec) == revision(m.spec)
+    assert revision(model(engine__kvCache={"dtype": "bf16"}).spec) != revision(m.spec)
+
+
+def test_reserved_extra_options_are_refused_with_a_clear_message():
+    m = model(engine__extraOptions={"kv_cache_config": {"dtype": "fp16"}, "enable_chunked_prefill": True})
+    problems = spec_problems(m.spec)
+    assert len(problems) == 1 and "kv_cache_config" in problems[0] and "engine.kvCache" in problems[0]
+    assert "enable_chunked_prefill" in engine_config.engine_options(m.spec, "decode")
+
+
+def test_drift_comparison_tolerates_server_defaults_and_canonical_quantities():
+    want = {"metadata": {"name": "x", "labels": {"a": "1"}}, "spec": {"cpu": "1000m", "list": [{"k": 1}], "empty": {}}}
+    live = {"metadata": {"name": "x", "labels": {"a": "1"}, "uid": "u"},
+            "spec": {"cpu": "1", "list": [{"k": 1, "default": True}], "extra": 2}}
+    assert diff.in_sync({"kind": "X", **want}, live)
+    live["spec"]["list"][0]["k"] = 2
+    assert not diff.in_sync({"kind": "X", **want}, live)
+    assert not diff.in_sync({"kind": "X", **want}, None)
+
+
+@pytest.mark.parametrize("example", ["llama-70b.yaml", "small.yaml"])
+def test_examples_parse(example):
+    assert model(example).spec.model.name
