@@ -1,0 +1,132 @@
+"""kopf wiring: one reconcile loop per DisaggregatedModel, woken by changes to it or its children.
+
+Each DisaggregatedModel gets a kopf daemon that runs `Reconciler.reconcile` in a worker thread, then
+sleeps until something relevant changes (the object's generation or annotations, or one of its
+children) or its resync interval passes. One loop per object means passes for one model never
+overlap, and a burst of events collapses into a single pass.
+
+kopf's own bookkeeping (progress, diff base, finalizer) is kept in annotations under Baton's prefix:
+the CRD's structural schema would prune anything kopf wrote into an undeclared status field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import random
+from typing import Any
+
+import kopf
+
+from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
+from baton.operator.kube import Kube
+from baton.operator.reconciler import Reconciler
+from baton.render.naming import LABEL_MODEL, MANAGED_BY
+
+PREFIX = GROUP
+_CHILD_FILTER = {"app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+class _Runtime:
+    """Process-wide state, built at start-up (so importing this module has no side effects)."""
+
+    kube: Kube | None = None
+    reconciler: Reconciler | None = None
+    executor: concurrent.futures.ThreadPoolExecutor | None = None
+    triggers: dict[tuple[str, str], asyncio.Event] = {}
+    seen: dict[tuple[str, str], tuple[Any, ...]] = {}
+
+
+runtime = _Runtime()
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    # Baton posts its own Events (reasons users can search for); kopf's are for warnings only.
+    settings.posting.level = logging.WARNING
+    server_timeout = int(os.environ.get("BATON_WATCH_SERVER_TIMEOUT", "300"))  # an integer: timeoutSeconds
+    settings.watching.server_timeout = server_timeout
+    settings.watching.client_timeout = server_timeout + 30
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 60
+    workers = int(os.environ.get("BATON_RECONCILE_WORKERS", "8"))
+    runtime.kube = Kube()
+    runtime.reconciler = Reconciler(runtime.kube)
+    runtime.executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the ServiceAccount. Elsewhere: $KUBECONFIG (or ~/.kube/config), read at login time."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.cleanup()
+def shutdown(**_: Any) -> None:
+    if runtime.executor:
+        runtime.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _wake(namespace: str | None, name: str | None) -> None:
+    if namespace and name and (namespace, name) in runtime.triggers:
+        runtime.triggers[(namespace, name)].set()
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+async def reconcile_loop(name: str, namespace: str, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any) -> None:
+    key = (namespace, name)
+    trigger = runtime.triggers.setdefault(key, asyncio.Event())
+    loop = asyncio.get_running_loop()
+    failures = 0
+    try:
+        while not stopped:
+            trigger.clear()
+            try:
+                outcome = await loop.run_in_executor(runtime.executor, runtime.reconciler.reconcile, namespace, name)
+                delay = outcome.requeue_after
+                failures = 0
+            except Exception:  # an API outage or a bug must not kill the loop: back off and retry
+                failures += 1
+                delay = min(300.0, 2.0**failures)
+                logger.exception("reconcile of %s/%s failed; retrying in %.0fs", namespace, name, delay)
+            try:
+                await asyncio.wait_for(trigger.wait(), timeout=delay * random.uniform(0.9, 1.1))
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        runtime.triggers.pop(key, None)
+        runtime.seen.pop(key, None)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def model_event(body: kopf.Body, name: str, namespace: str, type: str, **_: Any) -> None:
+    # Status writes (Baton's own) change neither generation nor annotations: they need no new pass.
+    meta = body.get("metadata", {})
+    fingerprint = (meta.get("generation"), tuple(sorted((meta.get("annotations") or {}).items())), meta.get("deletionTimestamp"))
+    key = (namespace, name)
+    if type == "DELETED":
+        runtime.seen.pop(key, None)
+        return
+    if runtime.seen.get(key) != fingerprint:
+        runtime.seen[key] = fingerprint
+        _wake(namespace, name)
+
+
+def _child_event(body: kopf.Body, namespace: str, **_: Any) -> None:
+    _wake(namespace, (body.get("metadata", {}).get("labels") or {}).get(LABEL_MODEL))
+
+
+for _group, _version, _plural in (
+    ("apps", "v1", "statefulsets"),
+    ("apps", "v1", "deployments"),
+    ("", "v1", "services"),
+    ("", "v1", "configmaps"),
+):
+    kopf.on.event(_group, _version, _plural, labels=_CHILD_FILTER, id=f"child-{_plural}")(_child_event)

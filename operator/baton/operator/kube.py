@@ -1,0 +1,132 @@
+"""The operator's Kubernetes access: get, server-side apply and status patches, nothing else.
+
+Children are applied server-side under Baton's field manager, so Baton owns exactly the fields it
+renders and never fights other writers (an HPA, a GitOps tool) over fields it does not set. Every
+request is counted by verb, which the benchmark reports and tests use to prove a no-op resync writes
+nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import Counter
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from baton import __version__
+from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
+from baton.render.naming import FIELD_MANAGER
+
+USER_AGENT = f"baton-operator/{__version__}"
+
+# kind -> (API path prefix, plural). Only the kinds Baton renders.
+RESOURCES: dict[str, tuple[str, str]] = {
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "Service": ("/api/v1", "services"),
+    "ServiceAccount": ("/api/v1", "serviceaccounts"),
+    "Event": ("/api/v1", "events"),
+    "Pod": ("/api/v1", "pods"),
+    "StatefulSet": ("/apis/apps/v1", "statefulsets"),
+    "Deployment": ("/apis/apps/v1", "deployments"),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "DisaggregatedModel": (f"/apis/{GROUP}/{VERSION}", PLURAL),
+}
+
+
+class Kube:
+    """A thin, thread-safe REST client over the official client's ApiClient."""
+
+    def __init__(self, api_client: client.ApiClient | None = None):
+        if api_client is None:
+            try:
+                config.load_incluster_config()
+                api_client = client.ApiClient()
+            except config.ConfigException:
+                # The client reads $KUBECONFIG once, at import; read it now.
+                api_client = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+        api_client.user_agent = USER_AGENT
+        self.api = api_client
+        self.requests: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _count(self, verb: str) -> None:
+        with self._lock:
+            self.requests[verb] += 1
+
+    def writes(self) -> int:
+        return sum(n for verb, n in self.requests.items() if verb not in ("GET", "LIST"))
+
+    def _call(self, method: str, path: str, body: Any = None, query: list | None = None,
+              content_type: str = "application/json", count_as: str = "") -> Any:
+        self._count(count_as or method)
+        verb, url, headers, payload, post = self.api.param_serialize(
+            method=method, resource_path=path, query_params=query or [], body=body,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(verb, url, header_params=headers, body=payload, post_params=post)
+        data = response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(http_resp=response, body=data.decode(errors="replace") if data else None)
+        return json.loads(data) if data else None
+
+    @staticmethod
+    def path(kind: str, namespace: str, name: str = "", subresource: str = "") -> str:
+        prefix, plural = RESOURCES[kind]
+        out = f"{prefix}/namespaces/{namespace}/{plural}"
+        if name:
+            out += f"/{name}"
+        if subresource:
+            out += f"/{subresource}"
+        return out
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", self.path(kind, namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(self, kind: str, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
+        query = [("labelSelector", label_selector)] if label_selector else []
+        return self._call("GET", self.path(kind, namespace), query=query, count_as="LIST").get("items", [])
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply `obj` under Baton's field manager (forcing: Baton owns what it renders)."""
+        meta = obj["metadata"]
+        return self._call(
+            "PATCH", self.path(obj["kind"], meta["namespace"], meta["name"]), body=obj,
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        return self._call(
+            "PATCH", self.path("DisaggregatedModel", namespace, name, "status"),
+            body={"status": status}, content_type="application/merge-patch+json",
+        )
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        try:
+            self._call("DELETE", self.path(kind, namespace, name),
+                       body={"propagationPolicy": "Background"})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def create_event(self, event: dict[str, Any]) -> None:
+        self._call("POST", self.path("Event", event["metadata"]["namespace"]), body=event)
+
+
+def api_error_message(exc: ApiException) -> str:
+    """The API server's own message from an error response (what `kubectl` would print)."""
+    try:
+        return json.loads(exc.body).get("message") or str(exc.reason)
+    except (TypeError, ValueError):
+        return f"{exc.status} {exc.reason}"

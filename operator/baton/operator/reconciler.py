@@ -1,0 +1,168 @@
+"""Reconcile one DisaggregatedModel: read it, render its children, write only what differs, report.
+
+Level-triggered: every pass starts from the object and the cluster as they are now, so a missed
+event, a restart or a hand edit of a child all end the same way. A pass that finds everything in
+place makes no write at all (no apply, no status patch, no Event).
+
+The steps, each able to end the pass early:
+1. read the DisaggregatedModel (gone or being deleted: nothing to do, ownerReferences clean up);
+2. parse and check the spec beyond what the CRD schema can say; a spec Baton cannot serve is reported
+   (Stalled, an Event) and the children that are already serving are left exactly as they are;
+3. render the children and server-side apply each one that is missing or differs (drift repaired);
+4. compute status from the live children and patch it if anything changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from baton.api.v1alpha1 import DisaggregatedModel
+from baton.operator import diff, events, status
+from baton.operator.kube import Kube, api_error_message
+from baton.operator.validation import spec_problems
+from baton.render import render_children
+from baton.render.derived import derive
+from baton.render.naming import LABEL_MODEL, Target, child_name
+
+log = logging.getLogger("baton.operator")
+
+RESYNC_SECONDS = 60.0
+PROGRESS_SECONDS = 5.0
+
+
+@dataclass
+class Outcome:
+    """When to look again: soon while children converge, later once settled, backing off on errors."""
+
+    requeue_after: float
+    writes: int = 0
+    failed: bool = False
+
+
+def _short(obj: dict[str, Any]) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+class Reconciler:
+    def __init__(self, kube: Kube):
+        self.kube = kube
+
+    def reconcile(self, namespace: str, name: str) -> Outcome:
+        body = self.kube.get("DisaggregatedModel", namespace, name)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return Outcome(requeue_after=RESYNC_SECONDS)
+        meta = body["metadata"]
+        generation = int(meta.get("generation", 0))
+        previous = body.get("status") or {}
+        writes_before = self.kube.writes()
+
+        try:
+            model = DisaggregatedModel.model_validate(body)
+        except ValidationError as exc:
+            # The CRD schema normally stops this at admission; an older CRD may not have.
+            problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+            return self._stalled(body, status.REASON_INVALID_SPEC, "; ".join(problems), previous, generation)
+
+        spec = model.spec
+        problems = spec_problems(spec)
+        if problems:
+            return self._stalled(body, status.REASON_INVALID_SPEC, "; ".join(problems), previous, generation)
+
+        target = Target(name=name, namespace=namespace, uid=meta["uid"], spec=spec)
+        derived = derive(spec)
+        observed = status.Observed()
+        changed: list[str] = []
+        for desired in render_children(target, derived):
+            live = self.kube.get(desired["kind"], namespace, desired["metadata"]["name"])
+            if not diff.in_sync(desired, live):
+                action = "created " if live is None else "updated "
+                try:
+                    live = self.kube.apply(desired)
+                except ApiException as exc:
+                    message = f"{_short(desired)} was refused by the API server: {api_error_message(exc)}"
+                    return self._stalled(body, status.REASON_APPLY_FAILED, message, previous, generation)
+                changed.append(action + _short(desired))
+            if desired["kind"] == "StatefulSet":
+                setattr(observed, desired["metadata"]["labels"]["baton.dev/tier"], live)
+            elif desired["kind"] == "Deployment":
+                observed.scheduler = live
+        if changed:
+            events.record(self.kube, body, "Normal", "Applied", "; ".join(changed))
+
+        desired_counts = (spec.prefill.desired_replicas(), spec.decode.desired_replicas(), spec.scheduler.replicas)
+        settled = all(
+            status._workload_settled(obj, n)
+            for obj, n in zip((observed.prefill, observed.decode, observed.scheduler), desired_counts)
+        )
+        if not settled:
+            observed.unschedulable = self._unschedulable_pods(namespace, name)
+        new_status = status.compute(
+            generation=generation,
+            previous=previous,
+            observed=observed,
+            desired_prefill=desired_counts[0],
+            desired_decode=desired_counts[1],
+            desired_scheduler=desired_counts[2],
+            revision=derived.revision,
+            fingerprints=(derived.fingerprint("prefill"), derived.fingerprint("decode")),
+            scheduler_endpoint=f"{child_name(target, 'scheduler')}.{namespace}.svc:{spec.scheduler.port}",
+            kv_bytes_per_token=derived.kv_bytes_per_token,
+            decode_kv_capacity_tokens=derived.decode_kv_capacity_tokens,
+        )
+        self._write_status(body, previous, new_status)
+        return Outcome(
+            requeue_after=RESYNC_SECONDS if settled else PROGRESS_SECONDS,
+            writes=self.kube.writes() - writes_before,
+        )
+
+    # ------------------------------------------------------------------------------------------
+
+    def _stalled(self, body: dict, reason: str, message: str, previous: dict, generation: int) -> Outcome:
+        """Report a problem the user must fix; touch no child (what serves keeps serving)."""
+        writes_before = self.kube.writes()
+        new_status = dict(previous)
+        observed = status.Observed(problem=(reason, message))
+        computed = status.compute(
+            generation=generation, previous=previous, observed=observed,
+            desired_prefill=previous.get("prefill", {}).get("replicas", 0),
+            desired_decode=previous.get("decode", {}).get("replicas", 0),
+            desired_scheduler=0,
+            revision=previous.get("revision", ""),
+            fingerprints=(previous.get("prefill", {}).get("kvFingerprint", ""),
+                          previous.get("decode", {}).get("kvFingerprint", "")),
+            scheduler_endpoint=previous.get("schedulerEndpoint", ""),
+            kv_bytes_per_token=previous.get("kvBytesPerToken", 0),
+            decode_kv_capacity_tokens=previous.get("decodeKvCapacityTokens", 0),
+        )
+        # Keep the last observed tier numbers: they still describe what is serving.
+        for key in ("prefill", "decode"):
+            if key in previous:
+                computed[key] = previous[key]
+        new_status.update(computed)
+        old_stalled = next((c for c in previous.get("conditions", []) if c.get("type") == status.STALLED), {})
+        if old_stalled.get("status") != "True" or old_stalled.get("message") != message:
+            events.record(self.kube, body, "Warning", reason, message)
+        self._write_status(body, previous, new_status)
+        return Outcome(requeue_after=RESYNC_SECONDS, writes=self.kube.writes() - writes_before, failed=True)
+
+    def _write_status(self, body: dict, previous: dict, new_status: dict) -> None:
+        if status.same(previous, new_status):
+            return
+        was_ready = next((c.get("status") for c in previous.get("conditions", []) if c.get("type") == status.READY), None)
+        now_ready = next(c for c in new_status["conditions"] if c["type"] == status.READY)
+        self.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"], new_status)
+        if was_ready != now_ready["status"] and now_ready["status"] == "True":
+            events.record(self.kube, body, "Normal", "Ready", now_ready["message"])
+
+    def _unschedulable_pods(self, namespace: str, name: str) -> list[str]:
+        out = []
+        for pod in self.kube.list("Pod", namespace, f"{LABEL_MODEL}={name}"):
+            for cond in pod.get("status", {}).get("conditions", []) or []:
+                if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
+                    out.append(f"{pod['metadata']['name']}: {cond.get('message', '')}")
+        return sorted(out)

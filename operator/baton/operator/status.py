@@ -1,0 +1,159 @@
+"""Status: observed children in, the DisaggregatedModel's status out (pure).
+
+Conditions follow Kubernetes conventions and kstatus: `Ready` is the summary, `Reconciling` is True
+while the children are on their way to the spec, `Stalled` is True when Baton cannot make progress
+without the user (the reason and message say what to do). Each reason is a constant here.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+# Condition types.
+READY = "Ready"
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
+
+# Reasons.
+REASON_ALL_READY = "AllComponentsReady"  # both tiers and the scheduler serve at the desired scale
+REASON_PROGRESSING = "Progressing"  # children are being created, scaled or updated
+REASON_NOT_READY = "ComponentsNotReady"  # some replicas are not ready yet
+REASON_RECONCILED = "Reconciled"  # nothing left to do
+REASON_INVALID_SPEC = "InvalidSpec"  # the spec passed the schema but cannot be served as written
+REASON_APPLY_FAILED = "ApplyFailed"  # the API server refused a child object
+REASON_PODS_UNSCHEDULABLE = "PodsUnschedulable"  # pods cannot be placed (GPUs, selectors, taints)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Observed:
+    """What the reconciler saw in the cluster."""
+
+    prefill: dict[str, Any] | None = None  # the StatefulSet
+    decode: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None  # the Deployment
+    problem: tuple[str, str] | None = None  # (reason, message) when Baton is stuck
+    unschedulable: list[str] = field(default_factory=list)  # "pod: scheduler message"
+
+
+def tier_status(sts: dict[str, Any] | None, desired: int, fingerprint: str) -> dict[str, Any]:
+    status = (sts or {}).get("status", {})
+    ready = int(status.get("readyReplicas", 0) or 0)
+    updated = int(status.get("updatedReplicas", 0) or 0)
+    return {
+        "replicas": desired,
+        "readyReplicas": ready,
+        "updatedReplicas": updated,
+        "summary": f"{ready}/{desired}",
+        "kvFingerprint": fingerprint,
+    }
+
+
+def _workload_settled(obj: dict[str, Any] | None, desired: int) -> bool:
+    if obj is None:
+        return False
+    meta, status = obj.get("metadata", {}), obj.get("status", {})
+    if status.get("observedGeneration", 0) < meta.get("generation", 1):
+        return False
+    ready = int(status.get("readyReplicas", 0) or 0)
+    updated = int(status.get("updatedReplicas", 0) or 0)
+    total = int(status.get("replicas", 0) or 0)
+    return ready >= desired and updated >= desired and total == desired
+
+
+def _condition(ctype: str, ok: bool, reason: str, message: str, generation: int, previous: list[dict]) -> dict:
+    status = "True" if ok else "False"
+    old = next((c for c in previous if c.get("type") == ctype), None)
+    since = old["lastTransitionTime"] if old and old.get("status") == status and old.get("lastTransitionTime") else now()
+    return {
+        "type": ctype,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    }
+
+
+def compute(
+    *,
+    generation: int,
+    previous: dict[str, Any],
+    observed: Observed,
+    desired_prefill: int,
+    desired_decode: int,
+    desired_scheduler: int,
+    revision: str,
+    fingerprints: tuple[str, str],
+    scheduler_endpoint: str,
+    kv_bytes_per_token: int,
+    decode_kv_capacity_tokens: int,
+) -> dict[str, Any]:
+    """The whole status object; `lastTransitionTime`s move only when a condition's status changes."""
+    conditions = previous.get("conditions", []) or []
+    prefill = tier_status(observed.prefill, desired_prefill, fingerprints[0])
+    decode = tier_status(observed.decode, desired_decode, fingerprints[1])
+    settled = {
+        "prefill": _workload_settled(observed.prefill, desired_prefill),
+        "decode": _workload_settled(observed.decode, desired_decode),
+        "scheduler": _workload_settled(observed.scheduler, desired_scheduler),
+    }
+    waiting = [name for name, ok in settled.items() if not ok]
+    if observed.problem:
+        reason, message = observed.problem
+        ready = (False, reason, message)
+        reconciling = (False, reason, "reconciliation is blocked; see the Stalled condition")
+        stalled = (True, reason, message)
+    elif observed.unschedulable:
+        message = "pods cannot be scheduled: " + "; ".join(observed.unschedulable[:3])
+        ready = (False, REASON_PODS_UNSCHEDULABLE, message)
+        reconciling = (True, REASON_PODS_UNSCHEDULABLE, message)
+        stalled = (False, REASON_PODS_UNSCHEDULABLE, "waiting for capacity; the scheduler retries as nodes free up")
+    elif waiting:
+        detail = ", ".join(
+            f"{n} {s['summary']}" for n, s in (("prefill", prefill), ("decode", decode)) if n in waiting
+        )
+        if "scheduler" in waiting:
+            detail = ", ".join(filter(None, [detail, "scheduler not available"]))
+        ready = (False, REASON_NOT_READY, f"waiting for {detail}")
+        reconciling = (True, REASON_PROGRESSING, f"waiting for {detail}")
+        stalled = (False, REASON_PROGRESSING, "")
+    else:
+        message = f"prefill {prefill['summary']}, decode {decode['summary']}, scheduler at {scheduler_endpoint}"
+        ready = (True, REASON_ALL_READY, message)
+        reconciling = (False, REASON_RECONCILED, "")
+        stalled = (False, REASON_RECONCILED, "")
+    return {
+        "observedGeneration": generation,
+        "conditions": [
+            _condition(READY, *ready, generation, conditions),
+            _condition(RECONCILING, *reconciling, generation, conditions),
+            _condition(STALLED, *stalled, generation, conditions),
+            *[c for c in conditions if c.get("type") not in (READY, RECONCILING, STALLED)],
+        ],
+        "revision": revision,
+        "prefill": prefill,
+        "decode": decode,
+        "schedulerEndpoint": scheduler_endpoint,
+        "kvBytesPerToken": kv_bytes_per_token,
+        "decodeKvCapacityTokens": decode_kv_capacity_tokens,
+    }
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal for writing purposes: condition timestamps aside, nothing differs."""
+
+    def strip(status: dict[str, Any]) -> dict[str, Any]:
+        out = dict(status)
+        out["conditions"] = sorted(
+            ({k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions", []) or []),
+            key=lambda c: c.get("type", ""),
+        )
+        return out
+
+    return strip(a) == strip(b)

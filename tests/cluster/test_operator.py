@@ -1,0 +1,270 @@
+"""The operator against the real local cluster: apply, scale, move, drift, delete, admission, no-op."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from kubernetes.client.rest import ApiException
+
+from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
+from baton.devcluster.pools import POOL_LABEL
+from baton.operator.kube import Kube
+from baton.operator.reconciler import Reconciler
+from cluster_plugin import REPO, load_example, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def create(cluster, namespace, manifest):
+    return cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+
+
+def get_dm(cluster, namespace, name):
+    return cluster.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def patch_dm(cluster, namespace, name, spec_patch):
+    return cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": spec_patch})
+
+
+def condition(obj, ctype):
+    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == ctype), {})
+
+
+def wait_ready(cluster, namespace, name, timeout=90):
+    def ready():
+        obj = get_dm(cluster, namespace, name)
+        status = obj.get("status") or {}
+        ok = condition(obj, "Ready").get("status") == "True" and status.get("observedGeneration") == obj["metadata"]["generation"]
+        return obj if ok else None
+
+    return wait_for(ready, timeout, what=f"{name} Ready at its current generation")
+
+
+def pools_of_pods(cluster, namespace, tier):
+    pool_of = {n.metadata.name: n.metadata.labels.get(POOL_LABEL) for n in cluster.core.list_node().items}
+    pods = cluster.core.list_namespaced_pod(namespace, label_selector=f"baton.dev/tier={tier}").items
+    return [pool_of.get(p.spec.node_name) for p in pods if p.metadata.deletion_timestamp is None]
+
+
+def small(name="llama-8b"):
+    manifest = load_example("small.yaml")
+    manifest["metadata"]["name"] = name
+    return manifest
+
+
+def audit_writes(cluster, namespace, since_line):
+    """Baton's write requests (its own client or kopf's) that the API server audited in `namespace`
+    after line `since_line` of its audit log. Kubernetes' controllers write too; they don't count."""
+    lines = cluster.plane.audit_log.read_text().splitlines()
+    writes = []
+    for line in lines[since_line:]:
+        entry = json.loads(line)
+        baton = entry.get("userAgent", "").startswith(("baton-operator/", "kopf/"))
+        if baton and entry.get("objectRef", {}).get("namespace") == namespace and entry.get("stage") == "ResponseComplete":
+            writes.append(f"{entry['verb']} {entry['objectRef'].get('resource')}/{entry['objectRef'].get('name', '')}")
+    return writes, len(lines)
+
+
+def test_apply_creates_pinned_tiers_and_scheduler_and_reports_ready(cluster, namespace, operator):
+    create(cluster, namespace, small())
+    obj = wait_ready(cluster, namespace, "llama-8b")
+    status = obj["status"]
+    assert status["prefill"]["summary"] == "1/1" and status["decode"]["summary"] == "1/1"
+    assert status["kvBytesPerToken"] == 131072  # Llama-3-8B, bf16
+    assert status["decodeKvCapacityTokens"] == 24 * 2**30 // 131072
+    assert status["schedulerEndpoint"] == f"llama-8b-scheduler.{namespace}.svc:8000"
+    assert status["revision"] and status["prefill"]["kvFingerprint"] == status["decode"]["kvFingerprint"]
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "Reconciling": "False", "Stalled": "False"}
+
+    prefill = cluster.apps.read_namespaced_stateful_set("llama-8b-prefill", namespace)
+    container = prefill.spec.template.spec.containers[0]
+    assert container.resources.limits["nvidia.com/gpu"] == "1"
+    assert prefill.metadata.owner_references[0].kind == "DisaggregatedModel"
+    engine_cfg = yaml.safe_load(cluster.core.read_namespaced_config_map("llama-8b-prefill-engine", namespace).data["config.yaml"])
+    assert engine_cfg["disable_overlap_scheduler"] is True
+    assert engine_cfg["cache_transceiver_config"]["backend"] == "UCX"
+    assert cluster.core.read_namespaced_service("llama-8b-prefill", namespace).spec.cluster_ip == "None"
+    assert cluster.apps.read_namespaced_deployment("llama-8b-scheduler", namespace).status.ready_replicas == 1
+    assert pools_of_pods(cluster, namespace, "prefill") == ["prefill-h100"]
+    assert pools_of_pods(cluster, namespace, "decode") == ["decode-l40s"]
+    assert pools_of_pods(cluster, namespace, "scheduler") == ["system"]
+    reasons = {e.reason for e in cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=llama-8b").items}
+    assert {"Applied", "Ready"} <= reasons
+
+
+def test_scaling_a_tier_reaches_the_statefulset_and_status(cluster, namespace, operator):
+    create(cluster, namespace, small())
+    wait_ready(cluster, namespace, "llama-8b")
+    patch_dm(cluster, namespace, "llama-8b", {"decode": {"replicas": 3}})
+    obj = wait_ready(cluster, namespace, "llama-8b")
+    assert obj["status"]["decode"]["summary"] == "3/3"
+    assert cluster.apps.read_namespaced_stateful_set("llama-8b-decode", namespace).spec.replicas == 3
+    assert pools_of_pods(cluster, namespace, "decode") == ["decode-l40s"] * 3
+    # Replica changes are not a new revision.
+    assert obj["status"]["revision"] == get_dm(cluster, namespace, "llama-8b")["status"]["revision"]
+
+
+def test_moving_a_tier_to_another_pool_moves_its_pods(cluster, namespace, operator):
+    create(cluster, namespace, small())
+    wait_ready(cluster, namespace, "llama-8b")
+    patch_dm(cluster, namespace, "llama-8b", {"prefill": {"pool": {"nodeSelector": {POOL_LABEL: "decode-l40s"}}}})
+    wait_ready(cluster, namespace, "llama-8b")
+    wait_for(lambda: pools_of_pods(cluster, namespace, "prefill") == ["decode-l40s"], 60, what="prefill pod on decode-l40s")
+
+
+def test_drift_is_repaired(cluster, namespace, operator):
+    create(cluster, namespace, small())
+    wait_ready(cluster, namespace, "llama-8b")
+    cluster.apps.patch_namespaced_stateful_set("llama-8b-decode", namespace, {"spec": {"replicas": 5}})
+    cluster.core.delete_namespaced_service("llama-8b-scheduler", namespace)
+    cluster.core.patch_namespaced_config_map("llama-8b-decode-engine", namespace, {"data": {"config.yaml": "tampered: true\n"}})
+    wait_for(lambda: cluster.apps.read_namespaced_stateful_set("llama-8b-decode", namespace).spec.replicas == 1, 60,
+             what="decode replicas restored")
+    wait_for(lambda: cluster.core.read_namespaced_service("llama-8b-scheduler", namespace), 60, what="Service recreated")
+    wait_for(lambda: "tampered" not in cluster.core.read_namespaced_config_map("llama-8b-decode-engine", namespace).data["config.yaml"],
+             60, what="engine config restored")
+
+
+def test_deleting_the_model_removes_everything(cluster, namespace, operator):
+    create(cluster, namespace, small())
+    wait_ready(cluster, namespace, "llama-8b")
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "llama-8b")
+
+    def all_gone():
+        selector = "baton.dev/model=llama-8b"
+        left = (cluster.apps.list_namespaced_stateful_set(namespace, label_selector=selector).items
+                + cluster.apps.list_namespaced_deployment(namespace, label_selector=selector).items
+                + cluster.core.list_namespaced_service(namespace, label_selector=selector).items
+                + cluster.core.list_namespaced_config_map(namespace, label_selector=selector).items
+                + cluster.core.list_namespaced_pod(namespace, label_selector=selector).items)
+        return not left
+
+    wait_for(all_gone, 90, what="every child removed")
+    with pytest.raises(ApiException) as err:
+        get_dm(cluster, namespace, "llama-8b")
+    assert err.value.status == 404
+
+
+def test_a_no_op_resync_makes_zero_writes(cluster, namespace, operator):
+    create(cluster, namespace, small())
+    wait_ready(cluster, namespace, "llama-8b")
+    time.sleep(2)  # let the last status write and its watch events settle
+    _, mark = audit_writes(cluster, namespace, 0)
+    kube = Kube(cluster.api_client)
+    reconciler = Reconciler(kube)
+    for _ in range(3):
+        outcome = reconciler.reconcile(namespace, "llama-8b")
+        assert outcome.writes == 0 and not outcome.failed
+    assert kube.writes() == 0 and kube.requests["GET"] > 0
+    time.sleep(2)
+    writes, _ = audit_writes(cluster, namespace, mark)
+    assert writes == [], writes  # neither these passes nor the running operator wrote anything
+
+
+def test_a_spec_baton_cannot_serve_is_reported_and_leaves_serving_children_alone(cluster, namespace, operator):
+    create(cluster, namespace, small())
+    wait_ready(cluster, namespace, "llama-8b")
+    before = cluster.apps.read_namespaced_stateful_set("llama-8b-prefill", namespace).metadata.resource_version
+    patch_dm(cluster, namespace, "llama-8b", {"engine": {"extraOptions": {"kv_cache_config": {"dtype": "fp16"}}}})
+
+    def stalled():
+        obj = get_dm(cluster, namespace, "llama-8b")
+        return obj if condition(obj, "Stalled").get("status") == "True" else None
+
+    obj = wait_for(stalled, 60, what="Stalled=True")
+    assert condition(obj, "Stalled")["reason"] == "InvalidSpec"
+    assert "kv_cache_config" in condition(obj, "Stalled")["message"]
+    assert condition(obj, "Ready")["status"] == "False"
+    events = cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=llama-8b").items
+    assert any(e.type == "Warning" and e.reason == "InvalidSpec" for e in events)
+    assert cluster.apps.read_namespaced_stateful_set("llama-8b-prefill", namespace).metadata.resource_version == before
+
+
+BASE = small("bad")
+
+
+def _mutate(path, value):
+    manifest = copy.deepcopy(BASE)
+    node = manifest
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    if value is _DELETE:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
+    return manifest
+
+
+_DELETE = object()
+
+INVALID = [
+    ("spec.decode.allowSpot", True, "decode.allowSpot must be false"),
+    ("spec.prefill.tensorParallelSize", 2, "tensorParallelSize x pipelineParallelSize must equal gpusPerReplica"),
+    ("spec.prefill.minReplicas", 3, "minReplicas must be less than or equal to maxReplicas"),
+    ("spec.decode.replicas", 9, "replicas must lie between minReplicas and maxReplicas"),
+    ("spec.scheduler.localPrefillBelowTokens", 20000, "localPrefillBelowTokens must be less than or equal to alwaysPrefillAtOrAboveTokens"),
+    ("spec.engine.kvCache.dtype", "auto", 'Unsupported value: "auto"'),
+    ("spec.engine.kvCache.tokensPerBlock", 48, "Unsupported value: 48"),
+    ("spec.engine.kvTransfer.backend", "DEFAULT", 'Unsupported value: "DEFAULT"'),
+    ("spec.model.source", {"pvc": {"claimName": "w"}, "huggingFace": {"id": "x/y"}}, "exactly one of pvc, hostPath or huggingFace"),
+    ("spec.engine.trtllmVersion", "latest", "spec.engine.trtllmVersion"),
+    ("spec.scheduler.algorithm", "fastest", 'Unsupported value: "fastest"'),
+    ("spec.scheduler.maxQueueDepth", 0, "should be greater than or equal to 1"),
+    ("spec.scheduler.backpressure.decodeP95LatencyThreshold", "fast", "decodeP95LatencyThreshold"),
+    ("spec.engine.image", _DELETE, "spec.engine.image: Required value"),
+    ("spec.decode.kvCacheSize", "lots", "spec.decode.kvCacheSize"),
+    ("spec.scheduler.degradation", {"store": "redis"}, "redisUrl is required when store is redis"),
+]
+
+
+@pytest.mark.parametrize("path,value,message", INVALID, ids=[i[0].removeprefix("spec.") for i in INVALID])
+def test_invalid_objects_are_rejected_at_admission_with_a_clear_message(cluster, namespace, path, value, message):
+    with pytest.raises(ApiException) as err:
+        create(cluster, namespace, _mutate(path, value))
+    assert err.value.status == 422
+    assert message in json.loads(err.value.body)["message"]
+
+
+def test_the_documented_invalid_example_is_rejected(cluster, namespace):
+    with pytest.raises(ApiException) as err:
+        create(cluster, namespace, load_example("invalid-spot-decode.yaml"))
+    body = json.loads(err.value.body)["message"]
+    assert "decode.allowSpot must be false" in body
+    assert "tensorParallelSize x pipelineParallelSize must equal gpusPerReplica" in body
+
+
+def test_converted_design_brief_config_is_accepted_by_the_api_server(cluster, namespace):
+    out = subprocess.run(
+        [sys.executable, "-m", "baton.cli", "convert", str(REPO / "tests/data/disaggregated_config.yaml"),
+         "--scheduler-command", "disaggregated-scheduler --prefill-batch-size 32 --decode-batch-size 1 "
+         "--kv-cache-transfer-compression fp8 --max-concurrent-prefills 64 --placement-policy shortest-prefill-first"],
+        capture_output=True, text=True, check=True)
+    obj = yaml.safe_load(out.stdout)
+    created = cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, obj, dry_run="All")
+    spec = created["spec"]
+    assert spec["prefill"]["gpusPerReplica"] == 8 and spec["decode"]["kvCacheSize"] == "128G"
+    assert spec["scheduler"]["prefillBatchSize"] == 32 and spec["engine"]["kvTransfer"]["compression"] == "fp8"
+    assert spec["scheduler"]["maxQueueDepth"] == 256 and spec["decode"]["maxReplicas"] == 16
+    assert "warning: model.source" in out.stderr
+
+
+def test_kubectl_shows_short_name_category_columns_and_explain(cluster, namespace, operator):
+    create(cluster, namespace, small())
+    wait_ready(cluster, namespace, "llama-8b")
+    kubectl = [str(cluster.plane.bin_dir / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", "-n", namespace]
+    table = subprocess.run([*kubectl, "get", "dm"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "PREFILL", "DECODE", "REVISION", "AGE"]
+    row = table[1].split()
+    assert row[:4] == ["llama-8b", "True", "1/1", "1/1"]
+    by_category = subprocess.run([*kubectl, "get", "baton", "-o", "name"], capture_output=True, text=True, check=True).stdout
+    assert "disaggregatedmodel.serving.baton.dev/llama-8b" in by_category
+    explain = subprocess.run([*kubectl, "explain", "dm.spec.scheduler.localPrefillBelowTokens"], capture_output=True, text=True, check=True).stdout
+    assert "prefilled on a decode replica" in explain
