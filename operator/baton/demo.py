@@ -1,0 +1,163 @@
+"""`baton demo`: Baton's main job, end to end, on a local cluster it brings up itself.
+
+1. bring up the local control plane with its fake GPU node pools (building the binaries on first use);
+2. install the DisaggregatedModel CRD and start the operator;
+3. apply an example DisaggregatedModel and wait until it is Ready;
+4. print what was created: pods per node pool, and `kubectl get dm`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from baton.api import crd as crd_module
+from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
+from baton.devcluster import binaries, pools
+from baton.devcluster.cli import pool_table, wait_nodes_ready
+from baton.devcluster.controlplane import ControlPlane
+
+REPO_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def install_crd(api_client: Any) -> None:
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    ext = client.ApiextensionsV1Api(api_client)
+    body = crd_module.crd()
+    name = body["metadata"]["name"]
+    try:
+        ext.create_custom_resource_definition(body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        live = ext.read_custom_resource_definition(name)
+        body["metadata"]["resourceVersion"] = live.metadata.resource_version
+        ext.replace_custom_resource_definition(name, body)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        live = ext.read_custom_resource_definition(name)
+        if any(c.type == "Established" and c.status == "True" for c in live.status.conditions or []):
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"CRD {name} did not become Established")
+
+
+def apply_model(api_client: Any, namespace: str, manifest: dict[str, Any]) -> None:
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    custom = client.CustomObjectsApi(api_client)
+    name = manifest["metadata"]["name"]
+    try:
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        live = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        manifest["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+        custom.replace_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, manifest)
+
+
+def wait_ready(api_client: Any, namespace: str, name: str, timeout: float) -> dict[str, Any]:
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api_client)
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        status = obj.get("status") or {}
+        ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), None)
+        line = f"prefill {status.get('prefill', {}).get('summary', '-')}, decode {status.get('decode', {}).get('summary', '-')}"
+        if ready:
+            line += f" - {ready['reason']}: {ready['message']}"
+        if line != last:
+            say(line)
+            last = line
+        if ready and ready["status"] == "True" and status.get("observedGeneration") == obj["metadata"]["generation"]:
+            return obj
+        time.sleep(1)
+    raise RuntimeError(f"{name} not Ready after {timeout:.0f}s")
+
+
+def pods_by_pool(api_client: Any, namespace: str) -> str:
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    pool_of = {n.metadata.name: n.metadata.labels.get(pools.POOL_LABEL, "-") for n in core.list_node().items}
+    rows = [("POOL", "NODE", "POD", "TIER", "GPUS", "POD IP")]
+    for pod in sorted(core.list_namespaced_pod(namespace).items, key=lambda p: (pool_of.get(p.spec.node_name or "", "~"), p.metadata.name)):
+        gpus = sum(int((c.resources.limits or {}).get("nvidia.com/gpu", 0)) for c in pod.spec.containers)
+        rows.append((pool_of.get(pod.spec.node_name or "", "(pending)"), pod.spec.node_name or "-", pod.metadata.name,
+                     (pod.metadata.labels or {}).get("baton.dev/tier", "-"), str(gpus or "-"), pod.status.pod_ip or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="baton demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--example", default=str(REPO_EXAMPLES / "llama-70b.yaml"), help="DisaggregatedModel manifest to apply")
+    parser.add_argument("--namespace", default="baton-demo")
+    parser.add_argument("--cluster", default="baton", help="local cluster name")
+    parser.add_argument("--timeout", type=float, default=300)
+    args = parser.parse_args(argv)
+
+    from kubernetes import client, config
+
+    say("step 1/4: local cluster (the first run builds Kubernetes, etcd, KWOK and Helm from source)")
+    plane = ControlPlane(bin_dir=binaries.ensure_built(), name=args.cluster)
+    kubeconfig = plane.up(timeout=180)
+    api_client = config.new_client_from_config(config_file=str(kubeconfig))
+    core = client.CoreV1Api(api_client)
+    wait_nodes_ready(core, pools.apply_pools(core, pools.load_pools()), timeout=120)
+    print(pool_table(core))
+
+    say("step 2/4: CRD and operator")
+    install_crd(api_client)
+    try:
+        core.create_namespace({"metadata": {"name": args.namespace}})
+    except client.rest.ApiException as exc:
+        if exc.status != 409:
+            raise
+    log_path = plane.dir / "logs" / "operator.log"
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "NO_PROXY": "127.0.0.1,localhost"}
+    with open(log_path, "ab") as log:
+        operator = subprocess.Popen([sys.executable, "-m", "baton.cli", "operator", "--namespace", args.namespace],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+    say(f"operator running (pid {operator.pid}, log {log_path})")
+    try:
+        manifest = yaml.safe_load(Path(args.example).read_text())
+        name = manifest["metadata"]["name"]
+        say(f"step 3/4: applying {args.example} as {args.namespace}/{name}")
+        apply_model(api_client, args.namespace, manifest)
+        wait_ready(api_client, args.namespace, name, args.timeout)
+
+        say("step 4/4: what Baton created")
+        print(pods_by_pool(api_client, args.namespace))
+        print()
+        kubectl = [str(plane.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig}", "-n", args.namespace]
+        subprocess.run([*kubectl, "get", "dm"], check=True)
+        print()
+        subprocess.run([*kubectl, "get", "statefulsets,deployments,services", "-l", f"baton.dev/model={name}"], check=True)
+    finally:
+        operator.terminate()
+        try:
+            operator.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            operator.kill()
+    say("done. Explore with: eval \"$(baton devcluster env)\"; kubectl -n %s describe dm %s" % (args.namespace, name))
+    say("tear down with: baton devcluster down")
+    return 0
