@@ -268,3 +268,29 @@ def test_kubectl_shows_short_name_category_columns_and_explain(cluster, namespac
     assert "disaggregatedmodel.serving.baton.dev/llama-8b" in by_category
     explain = subprocess.run([*kubectl, "explain", "dm.spec.scheduler.localPrefillBelowTokens"], capture_output=True, text=True, check=True).stdout
     assert "prefilled on a decode replica" in explain
+
+
+def test_a_child_the_api_server_refuses_stalls_the_model_and_changes_nothing(cluster, namespace, operator):
+    create(cluster, namespace, small())
+    wait_ready(cluster, namespace, "llama-8b")
+    versions = {
+        "cm": cluster.core.read_namespaced_config_map("llama-8b-decode-engine", namespace).metadata.resource_version,
+        "sts": cluster.apps.read_namespaced_stateful_set("llama-8b-decode", namespace).metadata.resource_version,
+    }
+    # An env entry the API server refuses, together with a change that would alter the engine config.
+    patch_dm(cluster, namespace, "llama-8b", {"decode": {"maxGeneratedTokens": 1024,
+                                                         "podTemplate": {"env": [{"name": "BROKEN", "valueFrom": {}}]}}})
+
+    def stalled():
+        obj = get_dm(cluster, namespace, "llama-8b")
+        return obj if condition(obj, "Stalled").get("status") == "True" else None
+
+    obj = wait_for(stalled, 60, what="Stalled=True")
+    assert condition(obj, "Stalled")["reason"] == "ApplyFailed"
+    assert "StatefulSet/llama-8b-decode" in condition(obj, "Stalled")["message"]
+    assert "valueFrom" in condition(obj, "Stalled")["message"]
+    assert cluster.core.read_namespaced_config_map("llama-8b-decode-engine", namespace).metadata.resource_version == versions["cm"]
+    assert cluster.apps.read_namespaced_stateful_set("llama-8b-decode", namespace).metadata.resource_version == versions["sts"]
+    # Fixing the spec recovers without any other action.
+    patch_dm(cluster, namespace, "llama-8b", {"decode": {"podTemplate": {"env": []}}})
+    wait_ready(cluster, namespace, "llama-8b")

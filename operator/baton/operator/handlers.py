@@ -19,8 +19,11 @@ import random
 from typing import Any
 
 import kopf
+import prometheus_client
 
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
+from baton.operator import metrics
+from baton.operator.cache import ChildCache
 from baton.operator.kube import Kube
 from baton.operator.reconciler import Reconciler
 from baton.render.naming import LABEL_MODEL, MANAGED_BY
@@ -34,6 +37,7 @@ class _Runtime:
 
     kube: Kube | None = None
     reconciler: Reconciler | None = None
+    cache: ChildCache = ChildCache()
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     triggers: dict[tuple[str, str], asyncio.Event] = {}
     seen: dict[tuple[str, str], tuple[Any, ...]] = {}
@@ -58,7 +62,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 60
     workers = int(os.environ.get("BATON_RECONCILE_WORKERS", "8"))
     runtime.kube = Kube()
-    runtime.reconciler = Reconciler(runtime.kube)
+    runtime.cache = ChildCache()
+    if os.environ.get("BATON_METRICS_ADDRESS"):
+        host, _, port = os.environ["BATON_METRICS_ADDRESS"].rpartition(":")
+        metrics.watch_client(runtime.kube)
+        prometheus_client.start_http_server(int(port), addr=host, registry=metrics.REGISTRY)
+    runtime.reconciler = Reconciler(runtime.kube, runtime.cache)
     runtime.executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
 
 
@@ -89,10 +98,13 @@ async def reconcile_loop(name: str, namespace: str, stopped: kopf.DaemonStopped,
         while not stopped:
             trigger.clear()
             try:
-                outcome = await loop.run_in_executor(runtime.executor, runtime.reconciler.reconcile, namespace, name)
+                with metrics.RECONCILE_SECONDS.time():
+                    outcome = await loop.run_in_executor(runtime.executor, runtime.reconciler.reconcile, namespace, name)
+                metrics.RECONCILES.labels("stalled" if outcome.failed else "ok").inc()
                 delay = outcome.requeue_after
                 failures = 0
             except Exception:  # an API outage or a bug must not kill the loop: back off and retry
+                metrics.RECONCILES.labels("error").inc()
                 failures += 1
                 delay = min(300.0, 2.0**failures)
                 logger.exception("reconcile of %s/%s failed; retrying in %.0fs", namespace, name, delay)
@@ -103,6 +115,7 @@ async def reconcile_loop(name: str, namespace: str, stopped: kopf.DaemonStopped,
     finally:
         runtime.triggers.pop(key, None)
         runtime.seen.pop(key, None)
+        runtime.cache.forget_model(namespace, name)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -119,14 +132,33 @@ async def model_event(body: kopf.Body, name: str, namespace: str, type: str, **_
         _wake(namespace, name)
 
 
-def _child_event(body: kopf.Body, namespace: str, **_: Any) -> None:
-    _wake(namespace, (body.get("metadata", {}).get("labels") or {}).get(LABEL_MODEL))
+async def _child_event(body: kopf.Body, namespace: str, type: str, **_: Any) -> None:
+    obj = dict(body)
+    meta = obj.get("metadata", {})
+    if type == "DELETED":
+        runtime.cache.forget(obj.get("kind", ""), namespace, meta.get("name", ""))
+    else:
+        runtime.cache.put(obj)
+    _wake(namespace, (meta.get("labels") or {}).get(LABEL_MODEL))
 
 
+async def _pod_event(body: kopf.Body, namespace: str, type: str, **_: Any) -> None:
+    model = (body.get("metadata", {}).get("labels") or {}).get(LABEL_MODEL)
+    if model:
+        runtime.cache.put_pod(model, dict(body), deleted=type == "DELETED")
+        if body.get("status", {}).get("conditions"):
+            _wake(namespace, model)
+
+
+# Every kind Baton renders is watched: changes wake the owner's loop and keep the cache current.
 for _group, _version, _plural in (
     ("apps", "v1", "statefulsets"),
     ("apps", "v1", "deployments"),
     ("", "v1", "services"),
     ("", "v1", "configmaps"),
+    ("", "v1", "serviceaccounts"),
+    ("rbac.authorization.k8s.io", "v1", "roles"),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings"),
 ):
     kopf.on.event(_group, _version, _plural, labels=_CHILD_FILTER, id=f"child-{_plural}")(_child_event)
+kopf.on.event("", "v1", "pods", labels={LABEL_MODEL: kopf.PRESENT}, id="pods")(_pod_event)

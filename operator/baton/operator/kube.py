@@ -59,7 +59,7 @@ class Kube:
             self.requests[verb] += 1
 
     def writes(self) -> int:
-        return sum(n for verb, n in self.requests.items() if verb not in ("GET", "LIST"))
+        return sum(n for verb, n in self.requests.items() if verb not in ("GET", "LIST", "DRYRUN"))
 
     def _call(self, method: str, path: str, body: Any = None, query: list | None = None,
               content_type: str = "application/json", count_as: str = "") -> Any:
@@ -97,13 +97,13 @@ class Kube:
         query = [("labelSelector", label_selector)] if label_selector else []
         return self._call("GET", self.path(kind, namespace), query=query, count_as="LIST").get("items", [])
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, obj: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
         """Server-side apply `obj` under Baton's field manager (forcing: Baton owns what it renders)."""
         meta = obj["metadata"]
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true")] + ([("dryRun", "All")] if dry_run else [])
         return self._call(
-            "PATCH", self.path(obj["kind"], meta["namespace"], meta["name"]), body=obj,
-            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-            content_type="application/apply-patch+yaml",
+            "PATCH", self.path(obj["kind"], meta["namespace"], meta["name"]), body=obj, query=query,
+            content_type="application/apply-patch+yaml", count_as="DRYRUN" if dry_run else "",
         )
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:

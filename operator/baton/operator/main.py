@@ -16,6 +16,7 @@ def parser() -> argparse.ArgumentParser:
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
     p.add_argument("--peering", default="", help="kopf peering name for running several replicas (default: standalone)")
     p.add_argument("--liveness", default="", help="liveness endpoint, e.g. http://127.0.0.1:8080/healthz")
+    p.add_argument("--metrics-address", default="", help="serve Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9090")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--debug", action="store_true")
     return p
@@ -26,6 +27,8 @@ def main(argv: list[str]) -> int:
     import baton.operator.handlers  # noqa: F401  (registers the handlers)
 
     kopf.configure(verbose=args.verbose, debug=args.debug)
+    if args.metrics_address:
+        os.environ["BATON_METRICS_ADDRESS"] = args.metrics_address
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
     asyncio.run(
         kopf.operator(

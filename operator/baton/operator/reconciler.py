@@ -15,6 +15,7 @@ The steps, each able to end the pass early:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 
 from baton.api.v1alpha1 import DisaggregatedModel
 from baton.operator import diff, events, status
+from baton.operator.cache import ChildCache
 from baton.operator.kube import Kube, api_error_message
 from baton.operator.validation import spec_problems
 from baton.render import render_children
@@ -31,7 +33,7 @@ from baton.render.naming import LABEL_MODEL, Target, child_name
 
 log = logging.getLogger("baton.operator")
 
-RESYNC_SECONDS = 60.0
+RESYNC_SECONDS = float(os.environ.get("BATON_RESYNC_SECONDS", "60"))
 PROGRESS_SECONDS = 5.0
 
 
@@ -49,8 +51,17 @@ def _short(obj: dict[str, Any]) -> str:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube):
+    def __init__(self, kube: Kube, cache: ChildCache | None = None):
         self.kube = kube
+        self.cache = cache
+
+    def _read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A child as last seen by the watch streams, else as the API server has it."""
+        if self.cache is not None:
+            cached = self.cache.get(kind, namespace, name)
+            if cached is not None:
+                return cached
+        return self.kube.get(kind, namespace, name)
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         body = self.kube.get("DisaggregatedModel", namespace, name)
@@ -76,17 +87,30 @@ class Reconciler:
         target = Target(name=name, namespace=namespace, uid=meta["uid"], spec=spec)
         derived = derive(spec)
         observed = status.Observed()
+        children = render_children(target, derived)
+        live_objects = {_short(d): self._read(d["kind"], namespace, d["metadata"]["name"]) for d in children}
+        stale = [d for d in children if not diff.in_sync(d, live_objects[_short(d)])]
+        # All or nothing: every changed child is first checked by the API server (dry run), so a
+        # change it would refuse leaves every serving child exactly as it was.
+        for desired in stale:
+            try:
+                self.kube.apply(desired, dry_run=True)
+            except ApiException as exc:
+                message = f"{_short(desired)} would be refused by the API server: {api_error_message(exc)}"
+                return self._stalled(body, status.REASON_APPLY_FAILED, message, previous, generation)
         changed: list[str] = []
-        for desired in render_children(target, derived):
-            live = self.kube.get(desired["kind"], namespace, desired["metadata"]["name"])
-            if not diff.in_sync(desired, live):
-                action = "created " if live is None else "updated "
-                try:
-                    live = self.kube.apply(desired)
-                except ApiException as exc:
-                    message = f"{_short(desired)} was refused by the API server: {api_error_message(exc)}"
-                    return self._stalled(body, status.REASON_APPLY_FAILED, message, previous, generation)
-                changed.append(action + _short(desired))
+        for desired in stale:
+            action = "created " if live_objects[_short(desired)] is None else "updated "
+            try:
+                live_objects[_short(desired)] = self.kube.apply(desired)
+            except ApiException as exc:
+                message = f"{_short(desired)} was refused by the API server: {api_error_message(exc)}"
+                return self._stalled(body, status.REASON_APPLY_FAILED, message, previous, generation)
+            if self.cache is not None:
+                self.cache.put(live_objects[_short(desired)])
+            changed.append(action + _short(desired))
+        for desired in children:
+            live = live_objects[_short(desired)]
             if desired["kind"] == "StatefulSet":
                 setattr(observed, desired["metadata"]["labels"]["baton.dev/tier"], live)
             elif desired["kind"] == "Deployment":
@@ -161,7 +185,8 @@ class Reconciler:
 
     def _unschedulable_pods(self, namespace: str, name: str) -> list[str]:
         out = []
-        for pod in self.kube.list("Pod", namespace, f"{LABEL_MODEL}={name}"):
+        pods = self.cache.pods(namespace, name) if self.cache is not None else self.kube.list("Pod", namespace, f"{LABEL_MODEL}={name}")
+        for pod in pods:
             for cond in pod.get("status", {}).get("conditions", []) or []:
                 if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
                     out.append(f"{pod['metadata']['name']}: {cond.get('message', '')}")
