@@ -294,3 +294,15 @@ def test_a_child_the_api_server_refuses_stalls_the_model_and_changes_nothing(clu
     # Fixing the spec recovers without any other action.
     patch_dm(cluster, namespace, "llama-8b", {"decode": {"podTemplate": {"env": []}}})
     wait_ready(cluster, namespace, "llama-8b")
+
+
+def test_a_model_deleted_while_the_operator_is_down_goes_away_with_its_children(cluster, namespace):
+    from kopf.testing import KopfRunner
+
+    with KopfRunner(["run", "--standalone", "--namespace", namespace, "-m", "baton.operator.handlers"], timeout=60):
+        create(cluster, namespace, small())
+        obj = wait_ready(cluster, namespace, "llama-8b")
+    assert not obj["metadata"].get("finalizers"), "Baton needs no finalizer: deletion never waits for the operator"
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "llama-8b")
+    wait_for(lambda: not cluster.apps.list_namespaced_stateful_set(namespace, label_selector="baton.dev/model=llama-8b").items,
+             60, what="children collected without the operator")

@@ -1,6 +1,6 @@
 """kopf wiring: one reconcile loop per DisaggregatedModel, woken by changes to it or its children.
 
-Each DisaggregatedModel gets a kopf daemon that runs `Reconciler.reconcile` in a worker thread, then
+Each DisaggregatedModel gets an asyncio task that runs `Reconciler.reconcile` in a worker thread, then
 sleeps until something relevant changes (the object's generation or annotations, or one of its
 children) or its resync interval passes. One loop per object means passes for one model never
 overlap, and a burst of events collapses into a single pass.
@@ -29,6 +29,7 @@ from baton.operator.reconciler import Reconciler
 from baton.render.naming import LABEL_MODEL, MANAGED_BY
 
 PREFIX = GROUP
+log = logging.getLogger("baton.operator")
 _CHILD_FILTER = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
 
@@ -40,6 +41,7 @@ class _Runtime:
     cache: ChildCache = ChildCache()
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     triggers: dict[tuple[str, str], asyncio.Event] = {}
+    loops: dict[tuple[str, str], asyncio.Task] = {}
     seen: dict[tuple[str, str], tuple[Any, ...]] = {}
 
 
@@ -78,7 +80,9 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.cleanup()
-def shutdown(**_: Any) -> None:
+async def shutdown(**_: Any) -> None:
+    for key in list(runtime.loops):
+        _stop_loop(key)
     if runtime.executor:
         runtime.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -88,14 +92,14 @@ def _wake(namespace: str | None, name: str | None) -> None:
         runtime.triggers[(namespace, name)].set()
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
-async def reconcile_loop(name: str, namespace: str, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any) -> None:
+async def reconcile_loop(namespace: str, name: str) -> None:
+    """Reconcile one model until it is deleted or the operator stops; sleep between passes."""
     key = (namespace, name)
     trigger = runtime.triggers.setdefault(key, asyncio.Event())
     loop = asyncio.get_running_loop()
     failures = 0
     try:
-        while not stopped:
+        while True:
             trigger.clear()
             try:
                 with metrics.RECONCILE_SECONDS.time():
@@ -107,7 +111,7 @@ async def reconcile_loop(name: str, namespace: str, stopped: kopf.DaemonStopped,
                 metrics.RECONCILES.labels("error").inc()
                 failures += 1
                 delay = min(300.0, 2.0**failures)
-                logger.exception("reconcile of %s/%s failed; retrying in %.0fs", namespace, name, delay)
+                log.exception("reconcile of %s/%s failed; retrying in %.0fs", namespace, name, delay)
             try:
                 await asyncio.wait_for(trigger.wait(), timeout=delay * random.uniform(0.9, 1.1))
             except asyncio.TimeoutError:
@@ -118,15 +122,28 @@ async def reconcile_loop(name: str, namespace: str, stopped: kopf.DaemonStopped,
         runtime.cache.forget_model(namespace, name)
 
 
+def _stop_loop(key: tuple[str, str]) -> None:
+    task = runtime.loops.pop(key, None)
+    if task is not None:
+        task.cancel()
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def model_event(body: kopf.Body, name: str, namespace: str, type: str, **_: Any) -> None:
-    # Status writes (Baton's own) change neither generation nor annotations: they need no new pass.
+    """Start a model's loop when it appears, wake it on changes that matter, stop it when it goes.
+
+    No finalizer is needed: children carry ownerReferences and the garbage collector removes them,
+    so deleting a model never waits for the operator (or hangs while it is down).
+    """
     meta = body.get("metadata", {})
-    fingerprint = (meta.get("generation"), tuple(sorted((meta.get("annotations") or {}).items())), meta.get("deletionTimestamp"))
     key = (namespace, name)
-    if type == "DELETED":
-        runtime.seen.pop(key, None)
+    if type == "DELETED" or meta.get("deletionTimestamp"):
+        _stop_loop(key)
         return
+    if key not in runtime.loops or runtime.loops[key].done():
+        runtime.loops[key] = asyncio.create_task(reconcile_loop(namespace, name), name=f"reconcile {namespace}/{name}")
+    # Status writes (Baton's own) change neither generation nor annotations: they need no new pass.
+    fingerprint = (meta.get("generation"), tuple(sorted((meta.get("annotations") or {}).items())))
     if runtime.seen.get(key) != fingerprint:
         runtime.seen[key] = fingerprint
         _wake(namespace, name)
