@@ -158,3 +158,20 @@ def test_kubernetes_discovery_lists_watches_and_reads_fingerprints(monkeypatch):
                                                                 ("10.0.8.2:8000", "fp-pod-10.0.8.2")]
 
     asyncio.run(main())
+
+
+def test_endpoints_from_pods_keeps_ready_running_pods_with_their_fingerprints():
+    from baton.scheduler.endpoints import endpoints_from_pods
+
+    def pod(name, ip, ready="True", deleting=False, fingerprint="fp1", generation=None):
+        meta = {"name": name, "annotations": {"baton.dev/kv-fingerprint": fingerprint}, "labels": {}}
+        if generation:
+            meta["labels"]["baton.dev/generation"] = generation
+        if deleting:
+            meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        return {"metadata": meta, "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]}}
+
+    pods = [pod("b", "127.64.0.2"), pod("a", "127.64.0.1"), pod("c", "127.64.0.3", ready="False"),
+            pod("d", "127.64.0.4", deleting=True), pod("e", "", ready="True"), pod("f", "127.64.0.6", generation="g2")]
+    eps = endpoints_from_pods(pods, 8000, "decode", generation="g1")
+    assert [(e.address, e.pod, e.fingerprint) for e in eps] == [("127.64.0.1:8000", "a", "fp1"), ("127.64.0.2:8000", "b", "fp1")]

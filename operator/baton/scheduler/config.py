@@ -74,6 +74,11 @@ class KubernetesEndpoints(_Model):
     # When set, only pods labelled baton.dev/generation=<generation> are used (pods without the label
     # are accepted too, so a scheduler can run against unlabelled engines).
     generation: str = ""
+    # Where ready endpoints come from: the Services' EndpointSlices (what a cluster publishes), or the
+    # pods the Services select (same readiness, read directly). The local cluster needs `pods`: its pod
+    # IPs are loopback addresses, which the API server refuses in EndpointSlices. The environment
+    # variable BATON_DISCOVERY_SOURCE overrides this.
+    source: Literal["endpointslices", "pods"] = "endpointslices"
 
 
 class EndpointsConfig(_Model):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -100,6 +101,28 @@ def endpoints_from_slices(
     return [seen[a] for a in sorted(seen)]
 
 
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def endpoints_from_pods(pods: Iterable[Any], port: int, tier: str, generation: str = "") -> list[Endpoint]:
+    """The ready pods behind a Service, as pod IP + `port`: what the EndpointSlice controller would publish."""
+    seen: dict[str, Endpoint] = {}
+    for raw in pods:
+        pod = _as_dict(raw)
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        if meta.get("deletionTimestamp") or not status.get("podIP") or not _pod_ready(pod):
+            continue
+        labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+        if generation and labels.get(GENERATION_LABEL) and labels[GENERATION_LABEL] != generation:
+            continue
+        address = format_address(status["podIP"], port)
+        seen.setdefault(address, Endpoint(address=address, tier=tier, fingerprint=annotations.get(FINGERPRINT_ANNOTATION),
+                                          pod=meta.get("name")))
+    return [seen[a] for a in sorted(seen)]
+
+
 def static_endpoints(config: EndpointsConfig) -> tuple[list[Endpoint], list[Endpoint]]:
     prefill = [Endpoint(e.address, PREFILL, e.fingerprint) for e in config.static.prefill]
     decode = [Endpoint(e.address, DECODE, e.fingerprint) for e in config.static.decode]
@@ -142,6 +165,7 @@ class KubernetesDiscovery:
         self._pods: dict[str, tuple[str | None, str | None]] = {}
         self._lock = threading.Lock()
         self._api_client: Any = None
+        self.source = os.environ.get("BATON_DISCOVERY_SOURCE") or config.source
 
     def _client(self) -> Any:
         if self._api_client is None:
@@ -183,6 +207,8 @@ class KubernetesDiscovery:
             self.loop.call_soon_threadsafe(self.on_update, prefill, decode)
 
     def _watch_tier(self, tier: str, service: str) -> None:
+        if self.source == "pods":
+            return self._watch_tier_pods(tier, service)
         from kubernetes import client, watch
 
         selector = f"{SERVICE_NAME_LABEL}={service}"
@@ -214,6 +240,37 @@ class KubernetesDiscovery:
                     self._publish(tier, self._compute(tier, slices.values()))
             except Exception as exc:
                 log.warning("event=endpointslice_watch_error tier=%s service=%s error=%r", tier, service, str(exc))
+                self._stop.wait(2.0)
+
+    def _watch_tier_pods(self, tier: str, service: str) -> None:
+        """Watch the pods `service` selects; readiness from their Ready condition."""
+        from kubernetes import client, watch
+
+        while not self._stop.is_set():
+            try:
+                core = client.CoreV1Api(self._client())
+                selector_map = core.read_namespaced_service(service, self.config.namespace).spec.selector or {}
+                selector = ",".join(f"{k}={v}" for k, v in sorted(selector_map.items()))
+                listing = core.list_namespaced_pod(self.config.namespace, label_selector=selector)
+                pods = {p.metadata.name: p for p in listing.items}
+                self._publish(tier, endpoints_from_pods(pods.values(), self.config.port, tier, self.config.generation))
+                w = watch.Watch()
+                for event in w.stream(core.list_namespaced_pod, self.config.namespace, label_selector=selector,
+                                      resource_version=listing.metadata.resource_version,
+                                      timeout_seconds=self.WATCH_TIMEOUT_S):
+                    if self._stop.is_set():
+                        w.stop()
+                        break
+                    obj = event["object"]
+                    if event["type"] == "DELETED":
+                        pods.pop(obj.metadata.name, None)
+                    elif event["type"] in ("ADDED", "MODIFIED"):
+                        pods[obj.metadata.name] = obj
+                    else:
+                        continue
+                    self._publish(tier, endpoints_from_pods(pods.values(), self.config.port, tier, self.config.generation))
+            except Exception as exc:
+                log.warning("event=pod_watch_error tier=%s service=%s error=%r", tier, service, str(exc))
                 self._stop.wait(2.0)
 
     def _compute(self, tier: str, slices: Iterable[Any]) -> list[Endpoint]:

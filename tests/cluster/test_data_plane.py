@@ -1,0 +1,110 @@
+"""The full path on the local cluster: operator -> StatefulSets -> pod runner -> scheduler discovers
+the engines from EndpointSlices -> requests served through both tiers."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+
+import pytest
+
+from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
+from baton.podrunner.runner import PodRunner
+from cluster_plugin import load_example, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def pod_runner(cluster, namespace, tmp_path):
+    runner = PodRunner(api_client=cluster.api_client, workdir=tmp_path / "pods", namespace=namespace,
+                       sim_args=["--sim-speed", "0.05"], kubeconfig=str(cluster.kubeconfig))
+    thread = runner.start()
+    yield runner
+    runner.stop()
+    thread.join(timeout=30)
+
+
+def _ready_model(cluster, namespace, name):
+    obj = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    status = obj.get("status") or {}
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+    return obj if ready and status.get("observedGeneration") == obj["metadata"]["generation"] else None
+
+
+def _post(url, body, headers=None, timeout=60):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        return resp.status, dict(resp.headers), resp.read().decode()
+
+
+def _scheduler_url(cluster, namespace, name):
+    pods = cluster.core.list_namespaced_pod(namespace, label_selector=f"baton.dev/model={name},baton.dev/tier=scheduler").items
+    pod = next(p for p in pods if p.status.pod_ip and p.metadata.deletion_timestamp is None)
+    return f"http://{pod.status.pod_ip}:8000"
+
+
+def _scheduler_ready(url):
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def test_requests_flow_through_the_scheduler_to_engines_the_operator_created(cluster, namespace, operator, pod_runner):
+    manifest = load_example("small.yaml")
+    # Low thresholds so a 600-token prompt must take the prefill tier.
+    manifest["spec"]["scheduler"].update({"localPrefillBelowTokens": 100, "alwaysPrefillAtOrAboveTokens": 200})
+    manifest["spec"]["decode"].update({"minReplicas": 2, "replicas": 2})
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+    wait_for(lambda: _ready_model(cluster, namespace, "llama-8b"), 120, what="model Ready with real processes behind it")
+
+    # Readiness reflects the processes: every Baton pod's Ready comes from the runner's probe.
+    pods = cluster.core.list_namespaced_pod(namespace, label_selector="baton.dev/model=llama-8b").items
+    assert len(pods) == 4
+    for pod in pods:
+        ready = next(c for c in pod.status.conditions if c.type == "Ready")
+        assert ready.status == "True" and ready.reason == "ProbeSucceeded", (pod.metadata.name, ready)
+
+    url = _scheduler_url(cluster, namespace, "llama-8b")
+    assert url.startswith("http://127.")
+    wait_for(lambda: _scheduler_ready(url), 60, what="scheduler /readyz (endpoints discovered)")
+
+    # Short prompt: context and generation on one decode replica.
+    status, headers, body = _post(f"{url}/v1/completions", {"model": "llama-3-8b", "prompt": "Hello there", "max_tokens": 8})
+    assert status == 200 and headers["X-Baton-Route"] == "local"
+    decode_ips = {p.status.pod_ip for p in pods if p.metadata.labels["baton.dev/tier"] == "decode"}
+    assert headers["X-Baton-Decode-Endpoint"].split(":")[0] in decode_ips
+    assert json.loads(body)["usage"]["completion_tokens"] == 8
+
+    # Long prompt: context_only on the prefill tier, KV pulled by a paired decode replica.
+    status, headers, body = _post(f"{url}/v1/completions", {"model": "llama-3-8b", "prompt": list(range(1, 601)), "max_tokens": 5})
+    assert status == 200 and headers["X-Baton-Route"] == "disaggregated"
+    prefill_ip = next(p.status.pod_ip for p in pods if p.metadata.labels["baton.dev/tier"] == "prefill")
+    assert headers["X-Baton-Prefill-Endpoint"] == f"{prefill_ip}:8000"
+    assert headers["X-Baton-Decode-Endpoint"].split(":")[0] in decode_ips
+    assert json.loads(body)["usage"]["prompt_tokens"] == 600
+
+    # Streaming through the scheduler.
+    request = urllib.request.Request(f"{url}/v1/completions", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"model": "llama-3-8b", "prompt": list(range(1, 601)), "max_tokens": 4, "stream": True}).encode())
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        events = [line for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 5
+
+
+def test_a_killed_decode_engine_is_marked_unready_and_comes_back(cluster, namespace, operator, pod_runner):
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, load_example("small.yaml"))
+    wait_for(lambda: _ready_model(cluster, namespace, "llama-8b"), 120, what="model Ready")
+    pod_runner.kill(namespace, "llama-8b-decode-0")
+
+    def decode_pod_ready(expected):
+        pod = cluster.core.read_namespaced_pod("llama-8b-decode-0", namespace)
+        return next(c.status for c in pod.status.conditions if c.type == "Ready") == expected
+
+    wait_for(lambda: decode_pod_ready("False"), 30, what="pod Ready=False after its process died")
+    wait_for(lambda: decode_pod_ready("True"), 60, what="process restarted and Ready again")
+    wait_for(lambda: _ready_model(cluster, namespace, "llama-8b"), 60, what="model Ready again")
