@@ -33,6 +33,14 @@ test: install binaries ## run every test (brings the local cluster up itself)
 demo: install binaries ## run Baton's main job on a local cluster it brings up itself
 	$(BATON) demo
 
+.PHONY: bench-operator
+bench-operator: install binaries ## operator benchmark (N = 1, 100, 500 models) -> BENCHMARKS.md
+	$(BATON) bench operator
+
+.PHONY: bench-scheduler
+bench-scheduler: install ## scheduler overhead benchmark -> BENCHMARKS.md
+	$(BATON) bench scheduler
+
 .PHONY: crds
 crds: install ## regenerate crds/ from the API models
 	$(BATON) crd --output-dir crds

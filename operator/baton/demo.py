@@ -3,7 +3,10 @@
 1. bring up the local control plane with its fake GPU node pools (building the binaries on first use);
 2. install the DisaggregatedModel CRD and start the operator;
 3. apply an example DisaggregatedModel and wait until it is Ready;
-4. print what was created: pods per node pool, and `kubectl get dm`.
+4. print what was created: pods per node pool, and `kubectl get dm`;
+5. run every Baton pod as a local process (the pod runner: engine simulators for the GPU tiers,
+   Baton's scheduler) and send a handful of requests through the scheduler, printing the path
+   each one took (local or disaggregated, which replicas) and its timings.
 """
 
 from __future__ import annotations
@@ -107,6 +110,69 @@ def pods_by_pool(api_client: Any, namespace: str) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def _stream(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
+    """One streaming completion: route headers, time to first token, total time, tokens."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    start = time.monotonic()
+    first = None
+    tokens = 0
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        headers = dict(resp.headers)
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if first is None:
+                first = time.monotonic()
+            tokens += 1
+    end = time.monotonic()
+    return {"headers": headers, "ttft": (first or end) - start, "total": end - start, "tokens": tokens}
+
+
+def send_requests(api_client: Any, namespace: str, name: str, manifest: dict[str, Any]) -> None:
+    import urllib.error
+
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    pods = core.list_namespaced_pod(namespace, label_selector=f"baton.dev/model={name}").items
+    by_ip = {p.status.pod_ip: p.metadata.name for p in pods if p.status.pod_ip}
+    scheduler = next(p for p in pods if p.metadata.labels.get("baton.dev/tier") == "scheduler" and p.status.pod_ip)
+    url = f"http://{scheduler.status.pod_ip}:{manifest['spec'].get('scheduler', {}).get('port', 8000)}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            import urllib.request
+
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    model = manifest["spec"]["model"]["name"]
+    say(f"scheduler at {url} (its pod IP), model {model!r}")
+    rows = [("PROMPT TOKENS", "ROUTE", "PREFILL REPLICA", "DECODE REPLICA", "TTFT (ms)", "TOTAL (ms)", "TOKENS")]
+    for prompt_tokens, max_tokens in ((200, 16), (1500, 16), (6000, 32), (12000, 32), (16000, 16)):
+        try:
+            result = _stream(url, {"model": model, "prompt": list(range(1, prompt_tokens + 1)), "max_tokens": max_tokens})
+        except urllib.error.HTTPError as exc:
+            rows.append((str(prompt_tokens), f"error {exc.code}", exc.read().decode()[:60], "", "", "", ""))
+            continue
+        h = result["headers"]
+        name_of = lambda endpoint: by_ip.get((endpoint or "").rsplit(":", 1)[0], "-")  # noqa: E731
+        rows.append((str(prompt_tokens), h.get("X-Baton-Route", "?"), name_of(h.get("X-Baton-Prefill-Endpoint")),
+                     name_of(h.get("X-Baton-Decode-Endpoint")), f"{result['ttft'] * 1000:.0f}",
+                     f"{result['total'] * 1000:.0f}", str(result["tokens"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
+    say("short prompts are prefilled on a decode replica (local); long ones go through the prefill tier, "
+        "whose KV the paired decode replica pulls (disaggregated). Engine timing: H200-calibrated simulator.")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="baton demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--example", default=str(REPO_EXAMPLES / "llama-70b.yaml"), help="DisaggregatedModel manifest to apply")
@@ -117,7 +183,7 @@ def main(argv: list[str]) -> int:
 
     from kubernetes import client, config
 
-    say("step 1/4: local cluster (the first run builds Kubernetes, etcd, KWOK and Helm from source)")
+    say("step 1/5: local cluster (the first run builds Kubernetes, etcd, KWOK and Helm from source)")
     plane = ControlPlane(bin_dir=binaries.ensure_built(), name=args.cluster)
     kubeconfig = plane.up(timeout=180)
     api_client = config.new_client_from_config(config_file=str(kubeconfig))
@@ -125,7 +191,7 @@ def main(argv: list[str]) -> int:
     wait_nodes_ready(core, pools.apply_pools(core, pools.load_pools()), timeout=120)
     print(pool_table(core))
 
-    say("step 2/4: CRD and operator")
+    say("step 2/5: CRD and operator")
     install_crd(api_client)
     try:
         core.create_namespace({"metadata": {"name": args.namespace}})
@@ -138,26 +204,35 @@ def main(argv: list[str]) -> int:
         operator = subprocess.Popen([sys.executable, "-m", "baton.cli", "operator", "--namespace", args.namespace],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
     say(f"operator running (pid {operator.pid}, log {log_path})")
+    runner_log = plane.dir / "logs" / "pod-runner.log"
+    with open(runner_log, "ab") as log:
+        runner = subprocess.Popen([sys.executable, "-m", "baton.cli", "pod-runner", "--namespace", args.namespace,
+                                   "--workdir", str(plane.dir / "pods")], stdout=log, stderr=subprocess.STDOUT, env=env)
+    say(f"pod runner running (pid {runner.pid}, log {runner_log}): each Baton pod becomes a local process")
     try:
         manifest = yaml.safe_load(Path(args.example).read_text())
         name = manifest["metadata"]["name"]
-        say(f"step 3/4: applying {args.example} as {args.namespace}/{name}")
+        say(f"step 3/5: applying {args.example} as {args.namespace}/{name}")
         apply_model(api_client, args.namespace, manifest)
         wait_ready(api_client, args.namespace, name, args.timeout)
 
-        say("step 4/4: what Baton created")
+        say("step 4/5: what Baton created")
         print(pods_by_pool(api_client, args.namespace))
         print()
         kubectl = [str(plane.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig}", "-n", args.namespace]
         subprocess.run([*kubectl, "get", "dm"], check=True)
         print()
         subprocess.run([*kubectl, "get", "statefulsets,deployments,services", "-l", f"baton.dev/model={name}"], check=True)
+        print()
+        say("step 5/5: requests through the scheduler")
+        send_requests(api_client, args.namespace, name, manifest)
     finally:
-        operator.terminate()
-        try:
-            operator.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            operator.kill()
+        for proc in (runner, operator):
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     say("done. Explore with: eval \"$(baton devcluster env)\"; kubectl -n %s describe dm %s" % (args.namespace, name))
     say("tear down with: baton devcluster down")
     return 0

@@ -1,0 +1,346 @@
+"""`baton bench operator`: how close the operator gets to the floor Kubernetes itself sets.
+
+For each N (default 1, 100, 500), on one local cluster whose node pools this benchmark sizes itself:
+- floor: the children Baton would render for N small models (ConfigMaps, Services, RBAC, two
+  StatefulSets and a Deployment each) are server-side applied directly, 8 requests in flight, and
+  timed until every StatefulSet and Deployment is ready;
+- operator: N DisaggregatedModels are created and timed until every one reports Ready, with the
+  operator running as its own process;
+then the ratio of the two, the operator's API requests per reconcile pass, its writes during a
+window of resyncs with nothing to do, and its peak RSS. Finally N_rss models (default 1,000) with
+both tiers at zero replicas measure the operator's memory at that object count. Results go to
+BENCHMARKS.md between this benchmark's markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import copy
+import datetime
+import math
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from baton.api.v1alpha1 import GROUP, PLURAL, VERSION, DisaggregatedModel
+from baton.render import render_children
+from baton.render.naming import Target
+
+REPO = Path(__file__).resolve().parents[3]
+START, END = "<!-- bench:operator:start -->", "<!-- bench:operator:end -->"
+RESYNC_SECONDS = 10
+
+
+def say(message: str) -> None:
+    print(f"[bench operator] {message}", file=sys.stderr, flush=True)
+
+
+def model_manifest(name: str, replicas: int = 1) -> dict[str, Any]:
+    manifest = yaml.safe_load((REPO / "examples" / "small.yaml").read_text())
+    manifest["metadata"] = {"name": name}
+    spec = manifest["spec"]
+    spec["prefill"]["pool"] = {"nodeSelector": {"baton.dev/pool": "bench-prefill"}}
+    spec["decode"]["pool"] = {"nodeSelector": {"baton.dev/pool": "bench-decode"}}
+    spec["scheduler"]["pool"] = {"nodeSelector": {"baton.dev/pool": "bench-system"}}
+    for tier in ("prefill", "decode"):
+        spec[tier]["minReplicas"] = replicas
+        spec[tier]["replicas"] = replicas
+    return manifest
+
+
+def pools_file(n: int, directory: Path) -> Path:
+    gpu_nodes = max(1, math.ceil(n / 8))
+    doc = {"pools": [
+        {"name": "bench-prefill", "nodes": gpu_nodes, "instanceType": "p5.48xlarge",
+         "gpu": {"count": 8, "product": "NVIDIA-H100-80GB-HBM3"}, "cpu": "192", "memory": "2Ti"},
+        {"name": "bench-decode", "nodes": gpu_nodes, "instanceType": "p5.48xlarge",
+         "gpu": {"count": 8, "product": "NVIDIA-H100-80GB-HBM3"}, "cpu": "192", "memory": "2Ti"},
+        {"name": "bench-system", "nodes": max(1, math.ceil(n / 100)), "instanceType": "m7i.16xlarge",
+         "cpu": "512", "memory": "2Ti"},
+    ]}
+    path = directory / "bench-pools.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+class Cluster:
+    def __init__(self, name: str, n: int, workdir: Path):
+        from kubernetes import client, config
+
+        from baton.devcluster import binaries, pools
+        from baton.devcluster.cli import wait_nodes_ready
+        from baton.devcluster.controlplane import ControlPlane
+        from baton.demo import install_crd
+
+        self.plane = ControlPlane(bin_dir=binaries.ensure_built(), name=name)
+        self.kubeconfig = self.plane.up(timeout=180)
+        self.api_client = config.new_client_from_config(config_file=str(self.kubeconfig))
+        self.api_client.configuration.connection_pool_maxsize = 16
+        self.core = client.CoreV1Api(self.api_client)
+        self.apps = client.AppsV1Api(self.api_client)
+        self.custom = client.CustomObjectsApi(self.api_client)
+        names = pools.apply_pools(self.core, pools.load_pools(pools_file(n, workdir)))
+        wait_nodes_ready(self.core, names, timeout=300)
+        install_crd(self.api_client)
+
+    def namespace(self, name: str) -> str:
+        self.core.create_namespace({"metadata": {"name": name}})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                self.core.read_namespaced_service_account("default", name)
+                return name
+            except Exception:  # noqa: BLE001 - not created yet
+                time.sleep(0.2)
+        raise RuntimeError(f"namespace {name} has no default ServiceAccount")
+
+    def delete_namespace(self, name: str) -> None:
+        self.core.delete_namespace(name)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                self.core.read_namespace(name)
+                time.sleep(1)
+            except Exception:  # noqa: BLE001 - gone
+                return
+
+    def workloads_ready(self, namespace: str, expected_sts: int, expected_deploy: int) -> bool:
+        sts = self.apps.list_namespaced_stateful_set(namespace).items
+        deploys = self.apps.list_namespaced_deployment(namespace).items
+        ok_sts = sum(1 for s in sts if (s.status.ready_replicas or 0) >= (s.spec.replicas or 0))
+        ok_dep = sum(1 for d in deploys if (d.status.ready_replicas or 0) >= (d.spec.replicas or 0))
+        return ok_sts == expected_sts and ok_dep == expected_deploy
+
+    def models_ready(self, namespace: str, n: int) -> int:
+        items = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        return sum(
+            1 for o in items
+            if any(c["type"] == "Ready" and c["status"] == "True" for c in (o.get("status") or {}).get("conditions", []))
+        )
+
+
+def _ssa(api_client: Any, obj: dict[str, Any]) -> None:
+    from baton.operator.kube import Kube
+
+    Kube(api_client).apply(obj)
+
+
+def floor_phase(cluster: Cluster, n: int) -> float:
+    namespace = cluster.namespace(f"bench-floor-{n}")
+    objects = []
+    for i in range(n):
+        manifest = model_manifest(f"m{i}")
+        model = DisaggregatedModel.model_validate(manifest)
+        for obj in render_children(Target(name=f"m{i}", namespace=namespace, uid="floor", spec=model.spec)):
+            obj = copy.deepcopy(obj)
+            obj["metadata"].pop("ownerReferences", None)  # no owner: the GC would collect orphans
+            objects.append(obj)
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda o: _ssa(cluster.api_client, o), objects))
+    while not cluster.workloads_ready(namespace, 2 * n, n):
+        time.sleep(0.5)
+    elapsed = time.monotonic() - start
+    cluster.delete_namespace(namespace)
+    return elapsed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r'^(baton_operator_\w+)(\{[^}]*\})?\s+([0-9.eE+-]+)$', line)
+        if match:
+            out[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return out
+
+
+def _writes(m: dict[str, float]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("baton_operator_api_requests_total")
+               and not any(f'verb="{v_}"' in k for v_ in ("GET", "LIST", "DRYRUN")))
+
+
+def _requests(m: dict[str, float]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("baton_operator_api_requests_total"))
+
+
+def _reconciles(m: dict[str, float]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("baton_operator_reconciles_total"))
+
+
+def _rss_mib(pid: int) -> tuple[float, float]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+class Operator:
+    def __init__(self, cluster: Cluster, namespace: str, log: Path):
+        self.port = _free_port()
+        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "BATON_RESYNC_SECONDS": str(RESYNC_SECONDS),
+               "NO_PROXY": "127.0.0.1,localhost"}
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "baton.cli", "operator", "--namespace", namespace,
+             "--metrics-address", f"127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                self.metrics()
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"operator did not start; see {log}")
+
+    def metrics(self) -> dict[str, float]:
+        return _metrics(self.port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def operator_phase(cluster: Cluster, n: int, log: Path) -> dict[str, float]:
+    namespace = cluster.namespace(f"bench-op-{n}")
+    op = Operator(cluster, namespace, log)
+    try:
+        start = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda i: cluster.custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, model_manifest(f"m{i}")), range(n)))
+        while cluster.models_ready(namespace, n) < n:
+            if op.proc.poll() is not None:
+                raise RuntimeError(f"operator exited; see {log}")
+            time.sleep(0.5)
+        elapsed = time.monotonic() - start
+        # Let in-flight passes finish, then watch a window of pure resyncs.
+        time.sleep(3)
+        before = op.metrics()
+        time.sleep(2.5 * RESYNC_SECONDS)
+        after = op.metrics()
+        rss, peak = _rss_mib(op.proc.pid)
+        return {
+            "seconds": elapsed,
+            "requests_per_reconcile": _requests(before) / max(1.0, _reconciles(before)),
+            "reconciles": _reconciles(before),
+            "noop_reconciles": _reconciles(after) - _reconciles(before),
+            "noop_writes": _writes(after) - _writes(before),
+            "noop_requests_per_reconcile": (_requests(after) - _requests(before)) / max(1.0, _reconciles(after) - _reconciles(before)),
+            "rss_mib": rss,
+            "peak_rss_mib": peak,
+        }
+    finally:
+        op.stop()
+        cluster.delete_namespace(namespace)
+
+
+def rss_phase(cluster: Cluster, n: int, log: Path) -> dict[str, float]:
+    """N models with both tiers at zero replicas: the operator's memory at that object count."""
+    namespace = cluster.namespace(f"bench-rss-{n}")
+    op = Operator(cluster, namespace, log)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda i: cluster.custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, model_manifest(f"m{i}", replicas=0)), range(n)))
+        deadline = time.monotonic() + 1800
+        while cluster.models_ready(namespace, n) < n and time.monotonic() < deadline:
+            time.sleep(1)
+        ready = cluster.models_ready(namespace, n)
+        time.sleep(2 * RESYNC_SECONDS)
+        rss, peak = _rss_mib(op.proc.pid)
+        return {"models": n, "ready": ready, "rss_mib": rss, "peak_rss_mib": peak}
+    finally:
+        op.stop()
+        cluster.delete_namespace(namespace)
+
+
+def report(results: dict[int, dict[str, float]], rss: dict[str, float] | None, elapsed: float) -> str:
+    lines = [
+        START,
+        "## Operator",
+        "",
+        f"`baton bench operator`, run {datetime.date.today().isoformat()} on {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, local control plane (Kubernetes v1.37.2, KWOK) on the same machine; "
+        f"{elapsed / 60:.1f} minutes in all. Each model is `examples/small.yaml` (1 prefill + 1 decode replica, "
+        "1 scheduler pod, 12 child objects).",
+        "",
+        "| models | floor: children applied directly (s) | operator: all Ready (s) | ratio (target <= 1.2 at 500) | API requests / reconcile | writes in a no-op resync window (target 0) | requests / no-op reconcile | operator peak RSS (MiB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, r in sorted(results.items()):
+        ratio = r["seconds"] / r["floor_seconds"] if r["floor_seconds"] else float("nan")
+        lines.append(
+            f"| {n} | {r['floor_seconds']:.1f} | {r['seconds']:.1f} | {ratio:.2f} | {r['requests_per_reconcile']:.1f} | "
+            f"{int(r['noop_writes'])} (over {int(r['noop_reconciles'])} passes) | {r['noop_requests_per_reconcile']:.2f} | {r['peak_rss_mib']:.0f} |"
+        )
+    if rss:
+        verdict = "meets" if rss["peak_rss_mib"] <= 150 else "misses"
+        lines += ["", f"Memory at {int(rss['models'])} models (tiers at zero replicas, {int(rss['ready'])} Ready): "
+                  f"RSS {rss['rss_mib']:.0f} MiB, peak {rss['peak_rss_mib']:.0f} MiB ({verdict} the 150 MiB target)."]
+    lines += ["", "The floor is what Kubernetes itself needs to create the same objects and get the same pods Ready; "
+              "the ratio is the operator's overhead on top of it.", END]
+    return "\n".join(lines)
+
+
+def write_report(section: str, path: Path) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nResults of `baton bench`; each section is rewritten by its benchmark.\n"
+    if START in text and END in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="baton bench operator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="1,100,500", help="comma-separated model counts")
+    parser.add_argument("--rss-models", type=int, default=1000, help="model count for the memory measurement (0 skips)")
+    parser.add_argument("--cluster", default="baton-bench")
+    parser.add_argument("--keep-cluster", action="store_true")
+    parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
+    args = parser.parse_args(argv)
+    sizes = [int(x) for x in args.models.split(",") if x.strip()]
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="baton-bench-"))
+    say(f"local cluster {args.cluster!r} sized for {max(sizes)} models")
+    cluster = Cluster(args.cluster, max(sizes), workdir)
+    results: dict[int, dict[str, float]] = {}
+    rss = None
+    try:
+        for n in sizes:
+            say(f"{n} models: floor (children applied directly)")
+            floor = floor_phase(cluster, n)
+            say(f"{n} models: floor {floor:.1f}s; now through the operator")
+            results[n] = {**operator_phase(cluster, n, workdir / f"operator-{n}.log"), "floor_seconds": floor}
+            say(f"{n} models: operator {results[n]['seconds']:.1f}s, ratio {results[n]['seconds'] / floor:.2f}")
+        if args.rss_models:
+            say(f"memory with {args.rss_models} models")
+            rss = rss_phase(cluster, args.rss_models, workdir / "operator-rss.log")
+    finally:
+        if not args.keep_cluster:
+            cluster.plane.down()
+    section = report(results, rss, time.monotonic() - started)
+    print(section)
+    write_report(section, Path(args.output))
+    return 0
