@@ -81,7 +81,8 @@ def test_apply_creates_pinned_tiers_and_scheduler_and_reports_ready(cluster, nam
     assert status["decodeKvCapacityTokens"] == 24 * 2**30 // 131072
     assert status["schedulerEndpoint"] == f"llama-8b-scheduler.{namespace}.svc:8000"
     assert status["revision"] and status["prefill"]["kvFingerprint"] == status["decode"]["kvFingerprint"]
-    assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "Reconciling": "False", "Stalled": "False"}
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Ready": "True", "Reconciling": "False", "Stalled": "False", "KVFormatCompatible": "True"}
 
     prefill = cluster.apps.read_namespaced_stateful_set("llama-8b-prefill", namespace)
     container = prefill.spec.template.spec.containers[0]
@@ -306,3 +307,28 @@ def test_a_model_deleted_while_the_operator_is_down_goes_away_with_its_children(
     cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "llama-8b")
     wait_for(lambda: not cluster.apps.list_namespaced_stateful_set(namespace, label_selector="baton.dev/model=llama-8b").items,
              60, what="children collected without the operator")
+
+
+def test_tiers_that_could_not_hand_off_kv_are_refused_with_each_field_named(cluster, namespace, operator):
+    create(cluster, namespace, small())
+    serving = wait_ready(cluster, namespace, "llama-8b")
+    assert condition(serving, "KVFormatCompatible")["status"] == "True"
+    before = {t: cluster.apps.read_namespaced_stateful_set(f"llama-8b-{t}", namespace).metadata.resource_version
+              for t in ("prefill", "decode")}
+    patch_dm(cluster, namespace, "llama-8b", {"decode": {"engineOverrides": {"kvCacheDtype": "fp8", "trtllmVersion": "1.3.0"}}})
+
+    def refused():
+        obj = get_dm(cluster, namespace, "llama-8b")
+        return obj if condition(obj, "KVFormatCompatible").get("status") == "False" else None
+
+    obj = wait_for(refused, 60, what="KVFormatCompatible=False")
+    message = condition(obj, "KVFormatCompatible")["message"]
+    assert "kvCacheDtype: prefill=bf16, decode=fp8" in message
+    assert "trtllmVersion: prefill=1.2.0, decode=1.3.0" in message
+    assert condition(obj, "Stalled")["reason"] == "KVFormatMismatch"
+    events = cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=llama-8b").items
+    assert any(e.type == "Warning" and e.reason == "KVFormatMismatch" and "kvCacheDtype" in e.message for e in events)
+    # What serves is untouched, and still reported as serving.
+    for tier, version in before.items():
+        assert cluster.apps.read_namespaced_stateful_set(f"llama-8b-{tier}", namespace).metadata.resource_version == version
+    assert obj["status"]["decode"]["summary"] == "1/1"

@@ -169,6 +169,13 @@ class PodTemplateOverrides(ApiModel):
     service_account_name: str = Field(default="", description="ServiceAccount for the tier's pods (default: the namespace's default account).")
 
 
+class TierEngineOverrides(ApiModel):
+    image: str = Field(default="", description="Engine image for this tier only (default: engine.image).")
+    trtllm_version: str = Field(default="", pattern=r"^$|^[0-9]+\.[0-9]+\.[0-9]+([a-z0-9.+-]*)?$", description="TensorRT-LLM version for this tier only (default: engine.trtllmVersion). Must equal the other tier's: the KV handle format carries no version tag.")
+    kv_cache_dtype: Literal["", "fp16", "bf16", "fp8"] = Field(default="", description="KV cache dtype for this tier only (default: engine.kvCache.dtype). Must equal the other tier's.")
+    tokens_per_block: Literal[0, 8, 16, 32, 64, 128] = Field(default=0, description="KV tokens per block for this tier only (0: engine.kvCache.tokensPerBlock). Must equal the other tier's.")
+
+
 _TIER_RULES = [
     _cel("self.minReplicas <= self.maxReplicas", "minReplicas must be less than or equal to maxReplicas"),
     _cel(
@@ -196,6 +203,7 @@ class TierSpec(ApiModel):
     resources: ResourcesSpec = _nested(ResourcesSpec, "CPU, memory and other resources for the engine container.")
     pod_template: PodTemplateOverrides = _nested(PodTemplateOverrides, "Overrides merged into the tier's pod template.")
     port: int = Field(default=8000, ge=1024, le=65535, description="Port the engine serves HTTP on.")
+    engine_overrides: TierEngineOverrides = _nested(TierEngineOverrides, "Per-tier engine settings (e.g. a patched image). Baton refuses overrides that would make the two tiers' KV formats incompatible.")
 
     def desired_replicas(self) -> int:
         return self.min_replicas if self.replicas is None else self.replicas
@@ -292,6 +300,15 @@ class RolloutSpec(ApiModel):
     paused: bool = Field(default=False, description="Pause an ongoing rollout where it is.")
 
 
+class TierEngine(BaseModel):
+    """Resolved per-tier engine settings (not part of the API schema)."""
+
+    image: str
+    trtllm_version: str
+    kv_cache_dtype: str
+    tokens_per_block: int
+
+
 class DisaggregatedModelSpec(ApiModel):
     model: ModelSpec = Field(description="The model served.")
     engine: EngineSpec = Field(description="TensorRT-LLM engine settings shared by both tiers.")
@@ -299,6 +316,19 @@ class DisaggregatedModelSpec(ApiModel):
     decode: DecodeTierSpec = Field(description="The decode (generation) tier: memory-bound token generation.")
     scheduler: SchedulerSpec = _nested(SchedulerSpec, "Baton's request scheduler in front of both tiers.")
     rollout: RolloutSpec = _nested(RolloutSpec, "How engine changes roll out across both tiers.")
+
+    def tier(self, name: str) -> PrefillTierSpec | DecodeTierSpec:
+        return self.prefill if name == "prefill" else self.decode
+
+    def tier_engine(self, name: str) -> TierEngine:
+        """The engine settings one tier really runs with: engine.* with the tier's overrides applied."""
+        o = self.tier(name).engine_overrides
+        return TierEngine(
+            image=o.image or self.engine.image,
+            trtllm_version=o.trtllm_version or self.engine.trtllm_version,
+            kv_cache_dtype=o.kv_cache_dtype or self.engine.kv_cache.dtype,
+            tokens_per_block=o.tokens_per_block or self.engine.kv_cache.tokens_per_block,
+        )
 
 
 # --------------------------------------------------------------------------------------------- status

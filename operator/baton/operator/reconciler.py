@@ -86,6 +86,17 @@ class Reconciler:
 
         target = Target(name=name, namespace=namespace, uid=meta["uid"], spec=spec)
         derived = derive(spec)
+        mismatches = derived.kv_mismatches()
+        if mismatches:
+            # The static gate: TensorRT-LLM would only find out at the first KV handoff, failing
+            # every disaggregated request. Refuse before touching anything that serves.
+            fields = "; ".join(f"{m.field}: prefill={m.context}, decode={m.generation}" for m in mismatches)
+            message = (f"prefill and decode would not be able to hand off KV cache ({fields}); "
+                       "make these fields equal on both tiers (engine.* or the tiers' engineOverrides)")
+            return self._stalled(body, status.REASON_KV_FORMAT_MISMATCH, message, previous, generation,
+                                 extra=[(status.KV_FORMAT_COMPATIBLE, False, status.REASON_KV_FORMAT_MISMATCH, message)])
+        kv_ok = [(status.KV_FORMAT_COMPATIBLE, True, status.REASON_KV_FORMAT_MATCH,
+                  f"both tiers share KV format {derived.fingerprint('prefill')}")]
         observed = status.Observed()
         children = render_children(target, derived)
         live_objects = {_short(d): self._read(d["kind"], namespace, d["metadata"]["name"]) for d in children}
@@ -137,6 +148,7 @@ class Reconciler:
             scheduler_endpoint=f"{child_name(target, 'scheduler')}.{namespace}.svc:{spec.scheduler.port}",
             kv_bytes_per_token=derived.kv_bytes_per_token,
             decode_kv_capacity_tokens=derived.decode_kv_capacity_tokens,
+            extra=kv_ok,
         )
         self._write_status(body, previous, new_status)
         return Outcome(
@@ -146,7 +158,8 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------------------
 
-    def _stalled(self, body: dict, reason: str, message: str, previous: dict, generation: int) -> Outcome:
+    def _stalled(self, body: dict, reason: str, message: str, previous: dict, generation: int,
+                 extra: list[tuple[str, bool, str, str]] = ()) -> Outcome:
         """Report a problem the user must fix; touch no child (what serves keeps serving)."""
         writes_before = self.kube.writes()
         new_status = dict(previous)
@@ -162,6 +175,7 @@ class Reconciler:
             scheduler_endpoint=previous.get("schedulerEndpoint", ""),
             kv_bytes_per_token=previous.get("kvBytesPerToken", 0),
             decode_kv_capacity_tokens=previous.get("decodeKvCapacityTokens", 0),
+            extra=extra,
         )
         # Keep the last observed tier numbers: they still describe what is serving.
         for key in ("prefill", "decode"):

@@ -15,6 +15,7 @@ from typing import Any
 READY = "Ready"
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
+KV_FORMAT_COMPATIBLE = "KVFormatCompatible"
 
 # Reasons.
 REASON_ALL_READY = "AllComponentsReady"  # both tiers and the scheduler serve at the desired scale
@@ -24,6 +25,8 @@ REASON_RECONCILED = "Reconciled"  # nothing left to do
 REASON_INVALID_SPEC = "InvalidSpec"  # the spec passed the schema but cannot be served as written
 REASON_APPLY_FAILED = "ApplyFailed"  # the API server refused a child object
 REASON_PODS_UNSCHEDULABLE = "PodsUnschedulable"  # pods cannot be placed (GPUs, selectors, taints)
+REASON_KV_FORMAT_MISMATCH = "KVFormatMismatch"  # prefill and decode could not hand KV to each other
+REASON_KV_FORMAT_MATCH = "KVFormatMatch"  # every hard-equal KV-format field agrees
 
 
 def now() -> str:
@@ -93,6 +96,7 @@ def compute(
     scheduler_endpoint: str,
     kv_bytes_per_token: int,
     decode_kv_capacity_tokens: int,
+    extra: list[tuple[str, bool, str, str]] = (),
 ) -> dict[str, Any]:
     """The whole status object; `lastTransitionTime`s move only when a condition's status changes."""
     conditions = previous.get("conditions", []) or []
@@ -134,7 +138,8 @@ def compute(
             _condition(READY, *ready, generation, conditions),
             _condition(RECONCILING, *reconciling, generation, conditions),
             _condition(STALLED, *stalled, generation, conditions),
-            *[c for c in conditions if c.get("type") not in (READY, RECONCILING, STALLED)],
+            *[_condition(ctype, ok, reason, message, generation, conditions) for ctype, ok, reason, message in extra],
+            *[c for c in conditions if c.get("type") not in (READY, RECONCILING, STALLED, *(e[0] for e in extra))],
         ],
         "revision": revision,
         "prefill": prefill,

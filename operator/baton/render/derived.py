@@ -15,14 +15,17 @@ from baton.render.naming import Tier, revision
 @dataclass(frozen=True)
 class Derived:
     revision: str
-    prefill_state: kvformat.CacheState | None
-    decode_state: kvformat.CacheState | None
+    prefill_state: kvformat.CacheState
+    decode_state: kvformat.CacheState
     kv_bytes_per_token: int
     decode_kv_capacity_tokens: int
 
     def fingerprint(self, tier: Tier) -> str:
-        state = self.prefill_state if tier == "prefill" else self.decode_state
-        return kvformat.fingerprint(state) if state else ""
+        return kvformat.fingerprint(self.prefill_state if tier == "prefill" else self.decode_state)
+
+    def kv_mismatches(self) -> list[kvformat.Mismatch]:
+        """Hard-equal KV-format fields on which the two tiers differ (empty: they can hand off)."""
+        return kvformat.compare(self.prefill_state, self.decode_state)
 
 
 def model_identity(spec: DisaggregatedModelSpec) -> str:
@@ -39,27 +42,26 @@ def model_identity(spec: DisaggregatedModelSpec) -> str:
     return spec.model.name
 
 
-def cache_state(spec: DisaggregatedModelSpec, tier: Tier) -> kvformat.CacheState | None:
-    """The tier's KV layout, or None when the spec lacks the architecture facts to derive it."""
+def cache_state(spec: DisaggregatedModelSpec, tier: Tier) -> kvformat.CacheState:
+    """The tier's KV layout. Without spec.model.architecture the shape fields are 0 (the engines read
+    them from the checkpoint, which both tiers share); everything else still compares."""
     arch = spec.model.architecture
-    if arch is None:
-        return None
     t = spec.prefill if tier == "prefill" else spec.decode
-    mla = arch.attention_type == "MLA"
+    mla = bool(arch) and arch.attention_type == "MLA"
     return kvformat.CacheState(
-        kv_dtype=spec.engine.kv_cache.dtype,
-        tokens_per_block=spec.engine.kv_cache.tokens_per_block,
-        num_layers=arch.num_layers,
-        num_kv_heads=1 if mla else arch.num_kv_heads,
-        head_dim=arch.head_dim,
-        attention_type=arch.attention_type,
+        kv_dtype=spec.tier_engine(tier).kv_cache_dtype,
+        tokens_per_block=spec.tier_engine(tier).tokens_per_block,
+        num_layers=arch.num_layers if arch else 0,
+        num_kv_heads=(1 if mla else arch.num_kv_heads) if arch else 0,
+        head_dim=arch.head_dim if arch else 0,
+        attention_type=arch.attention_type if arch else "DEFAULT",
         kv_factor=1 if mla else 2,
         tp=t.tensor_parallel_size,
         pp=t.pipeline_parallel_size,
         cp=1,
         enable_attention_dp=False,
         transfer_backend=spec.engine.kv_transfer.backend,
-        trtllm_version=spec.engine.trtllm_version,
+        trtllm_version=spec.tier_engine(tier).trtllm_version,
         speculative=kvformat.speculative_string(spec.engine.speculative_config),
         model_identity=model_identity(spec),
     )
@@ -67,7 +69,7 @@ def cache_state(spec: DisaggregatedModelSpec, tier: Tier) -> kvformat.CacheState
 
 def derive(spec: DisaggregatedModelSpec) -> Derived:
     prefill, decode = cache_state(spec, "prefill"), cache_state(spec, "decode")
-    per_token = kvformat.kv_bytes_per_token(decode) if decode else 0
+    per_token = kvformat.kv_bytes_per_token(decode) if spec.model.architecture else 0
     return Derived(
         revision=revision(spec),
         prefill_state=prefill,

@@ -52,8 +52,8 @@ def engine_options(spec: DisaggregatedModelSpec, tier: Tier, kv_bytes_per_token:
     engine = spec.engine
     tier_spec = spec.prefill if tier == "prefill" else spec.decode
     kv_cache: dict[str, Any] = {
-        "dtype": engine.kv_cache.dtype,
-        "tokens_per_block": engine.kv_cache.tokens_per_block,
+        "dtype": spec.tier_engine(tier).kv_cache_dtype,
+        "tokens_per_block": spec.tier_engine(tier).tokens_per_block,
         "enable_block_reuse": engine.kv_cache.enable_block_reuse,
         "free_gpu_memory_fraction": engine.kv_cache.free_gpu_memory_fraction,
     }

@@ -126,7 +126,7 @@ def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
     probe = {"httpGet": {"path": health, "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
     return {
         "name": "engine",
-        "image": spec.engine.image,
+        "image": spec.tier_engine(tier).image,
         "imagePullPolicy": "IfNotPresent",
         "command": command,
         "args": args,
