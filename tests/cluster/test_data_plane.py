@@ -99,10 +99,11 @@ def test_requests_flow_through_the_scheduler_to_engines_the_operator_created(clu
 def test_a_killed_decode_engine_is_marked_unready_and_comes_back(cluster, namespace, operator, pod_runner):
     cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, load_example("small.yaml"))
     wait_for(lambda: _ready_model(cluster, namespace, "llama-8b"), 120, what="model Ready")
-    pod_runner.kill(namespace, "llama-8b-decode-0")
+    decode_pod = cluster.core.list_namespaced_pod(namespace, label_selector="baton.dev/model=llama-8b,baton.dev/tier=decode").items[0].metadata.name
+    pod_runner.kill(namespace, decode_pod)
 
     def decode_pod_ready(expected):
-        pod = cluster.core.read_namespaced_pod("llama-8b-decode-0", namespace)
+        pod = cluster.core.read_namespaced_pod(decode_pod, namespace)
         return next(c.status for c in pod.status.conditions if c.type == "Ready") == expected
 
     wait_for(lambda: decode_pod_ready("False"), 30, what="pod Ready=False after its process died")

@@ -53,6 +53,18 @@ def pools_of_pods(cluster, namespace, tier):
     return [pool_of.get(p.spec.node_name) for p in pods if p.metadata.deletion_timestamp is None]
 
 
+def sts_name(cluster, namespace, tier, model="llama-8b"):
+    """The serving generation's StatefulSet of a tier (names carry the generation key)."""
+    obj = get_dm(cluster, namespace, model)
+    gen = obj["status"]["rollout"]["servingGeneration"]
+    return f"{model}-{tier}-{gen}"
+
+
+def engine_cm_name(cluster, namespace, tier, model="llama-8b"):
+    gen = get_dm(cluster, namespace, model)["status"]["rollout"]["servingGeneration"]
+    return f"{model}-{tier}-engine-{gen}"
+
+
 def small(name="llama-8b"):
     manifest = load_example("small.yaml")
     manifest["metadata"]["name"] = name
@@ -84,11 +96,11 @@ def test_apply_creates_pinned_tiers_and_scheduler_and_reports_ready(cluster, nam
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "Ready": "True", "Reconciling": "False", "Stalled": "False", "KVFormatCompatible": "True"}
 
-    prefill = cluster.apps.read_namespaced_stateful_set("llama-8b-prefill", namespace)
+    prefill = cluster.apps.read_namespaced_stateful_set(sts_name(cluster, namespace, "prefill"), namespace)
     container = prefill.spec.template.spec.containers[0]
     assert container.resources.limits["nvidia.com/gpu"] == "1"
     assert prefill.metadata.owner_references[0].kind == "DisaggregatedModel"
-    engine_cfg = yaml.safe_load(cluster.core.read_namespaced_config_map("llama-8b-prefill-engine", namespace).data["config.yaml"])
+    engine_cfg = yaml.safe_load(cluster.core.read_namespaced_config_map(engine_cm_name(cluster, namespace, "prefill"), namespace).data["config.yaml"])
     assert engine_cfg["disable_overlap_scheduler"] is True
     assert engine_cfg["cache_transceiver_config"]["backend"] == "UCX"
     assert cluster.core.read_namespaced_service("llama-8b-prefill", namespace).spec.cluster_ip == "None"
@@ -106,7 +118,7 @@ def test_scaling_a_tier_reaches_the_statefulset_and_status(cluster, namespace, o
     patch_dm(cluster, namespace, "llama-8b", {"decode": {"replicas": 3}})
     obj = wait_ready(cluster, namespace, "llama-8b")
     assert obj["status"]["decode"]["summary"] == "3/3"
-    assert cluster.apps.read_namespaced_stateful_set("llama-8b-decode", namespace).spec.replicas == 3
+    assert cluster.apps.read_namespaced_stateful_set(sts_name(cluster, namespace, "decode"), namespace).spec.replicas == 3
     assert pools_of_pods(cluster, namespace, "decode") == ["decode-l40s"] * 3
     # Replica changes are not a new revision.
     assert obj["status"]["revision"] == get_dm(cluster, namespace, "llama-8b")["status"]["revision"]
@@ -123,13 +135,13 @@ def test_moving_a_tier_to_another_pool_moves_its_pods(cluster, namespace, operat
 def test_drift_is_repaired(cluster, namespace, operator):
     create(cluster, namespace, small())
     wait_ready(cluster, namespace, "llama-8b")
-    cluster.apps.patch_namespaced_stateful_set("llama-8b-decode", namespace, {"spec": {"replicas": 5}})
+    cluster.apps.patch_namespaced_stateful_set(sts_name(cluster, namespace, "decode"), namespace, {"spec": {"replicas": 5}})
     cluster.core.delete_namespaced_service("llama-8b-scheduler", namespace)
-    cluster.core.patch_namespaced_config_map("llama-8b-decode-engine", namespace, {"data": {"config.yaml": "tampered: true\n"}})
-    wait_for(lambda: cluster.apps.read_namespaced_stateful_set("llama-8b-decode", namespace).spec.replicas == 1, 60,
+    cluster.core.patch_namespaced_config_map(engine_cm_name(cluster, namespace, "decode"), namespace, {"data": {"config.yaml": "tampered: true\n"}})
+    wait_for(lambda: cluster.apps.read_namespaced_stateful_set(sts_name(cluster, namespace, "decode"), namespace).spec.replicas == 1, 60,
              what="decode replicas restored")
     wait_for(lambda: cluster.core.read_namespaced_service("llama-8b-scheduler", namespace), 60, what="Service recreated")
-    wait_for(lambda: "tampered" not in cluster.core.read_namespaced_config_map("llama-8b-decode-engine", namespace).data["config.yaml"],
+    wait_for(lambda: "tampered" not in cluster.core.read_namespaced_config_map(engine_cm_name(cluster, namespace, "decode"), namespace).data["config.yaml"],
              60, what="engine config restored")
 
 
@@ -172,7 +184,7 @@ def test_a_no_op_resync_makes_zero_writes(cluster, namespace, operator):
 def test_a_spec_baton_cannot_serve_is_reported_and_leaves_serving_children_alone(cluster, namespace, operator):
     create(cluster, namespace, small())
     wait_ready(cluster, namespace, "llama-8b")
-    before = cluster.apps.read_namespaced_stateful_set("llama-8b-prefill", namespace).metadata.resource_version
+    before = cluster.apps.read_namespaced_stateful_set(sts_name(cluster, namespace, "prefill"), namespace).metadata.resource_version
     patch_dm(cluster, namespace, "llama-8b", {"engine": {"extraOptions": {"kv_cache_config": {"dtype": "fp16"}}}})
 
     def stalled():
@@ -185,7 +197,7 @@ def test_a_spec_baton_cannot_serve_is_reported_and_leaves_serving_children_alone
     assert condition(obj, "Ready")["status"] == "False"
     events = cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=llama-8b").items
     assert any(e.type == "Warning" and e.reason == "InvalidSpec" for e in events)
-    assert cluster.apps.read_namespaced_stateful_set("llama-8b-prefill", namespace).metadata.resource_version == before
+    assert cluster.apps.read_namespaced_stateful_set(sts_name(cluster, namespace, "prefill"), namespace).metadata.resource_version == before
 
 
 BASE = small("bad")
@@ -275,8 +287,8 @@ def test_a_child_the_api_server_refuses_stalls_the_model_and_changes_nothing(clu
     create(cluster, namespace, small())
     wait_ready(cluster, namespace, "llama-8b")
     versions = {
-        "cm": cluster.core.read_namespaced_config_map("llama-8b-decode-engine", namespace).metadata.resource_version,
-        "sts": cluster.apps.read_namespaced_stateful_set("llama-8b-decode", namespace).metadata.resource_version,
+        "cm": cluster.core.read_namespaced_config_map(engine_cm_name(cluster, namespace, "decode"), namespace).metadata.resource_version,
+        "sts": cluster.apps.read_namespaced_stateful_set(sts_name(cluster, namespace, "decode"), namespace).metadata.resource_version,
     }
     # An env entry the API server refuses, together with a change that would alter the engine config.
     patch_dm(cluster, namespace, "llama-8b", {"decode": {"maxGeneratedTokens": 1024,
@@ -290,8 +302,8 @@ def test_a_child_the_api_server_refuses_stalls_the_model_and_changes_nothing(clu
     assert condition(obj, "Stalled")["reason"] == "ApplyFailed"
     assert "StatefulSet/llama-8b-decode" in condition(obj, "Stalled")["message"]
     assert "valueFrom" in condition(obj, "Stalled")["message"]
-    assert cluster.core.read_namespaced_config_map("llama-8b-decode-engine", namespace).metadata.resource_version == versions["cm"]
-    assert cluster.apps.read_namespaced_stateful_set("llama-8b-decode", namespace).metadata.resource_version == versions["sts"]
+    assert cluster.core.read_namespaced_config_map(engine_cm_name(cluster, namespace, "decode"), namespace).metadata.resource_version == versions["cm"]
+    assert cluster.apps.read_namespaced_stateful_set(sts_name(cluster, namespace, "decode"), namespace).metadata.resource_version == versions["sts"]
     # Fixing the spec recovers without any other action.
     patch_dm(cluster, namespace, "llama-8b", {"decode": {"podTemplate": {"env": []}}})
     wait_ready(cluster, namespace, "llama-8b")
@@ -313,7 +325,7 @@ def test_tiers_that_could_not_hand_off_kv_are_refused_with_each_field_named(clus
     create(cluster, namespace, small())
     serving = wait_ready(cluster, namespace, "llama-8b")
     assert condition(serving, "KVFormatCompatible")["status"] == "True"
-    before = {t: cluster.apps.read_namespaced_stateful_set(f"llama-8b-{t}", namespace).metadata.resource_version
+    before = {t: cluster.apps.read_namespaced_stateful_set(sts_name(cluster, namespace, t), namespace).metadata.resource_version
               for t in ("prefill", "decode")}
     patch_dm(cluster, namespace, "llama-8b", {"decode": {"engineOverrides": {"kvCacheDtype": "fp8", "trtllmVersion": "1.3.0"}}})
 
@@ -330,5 +342,5 @@ def test_tiers_that_could_not_hand_off_kv_are_refused_with_each_field_named(clus
     assert any(e.type == "Warning" and e.reason == "KVFormatMismatch" and "kvCacheDtype" in e.message for e in events)
     # What serves is untouched, and still reported as serving.
     for tier, version in before.items():
-        assert cluster.apps.read_namespaced_stateful_set(f"llama-8b-{tier}", namespace).metadata.resource_version == version
+        assert cluster.apps.read_namespaced_stateful_set(sts_name(cluster, namespace, tier), namespace).metadata.resource_version == version
     assert obj["status"]["decode"]["summary"] == "1/1"

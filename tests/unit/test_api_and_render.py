@@ -85,8 +85,9 @@ def test_prefill_and_decode_engine_configs_follow_the_disaggregation_rules():
 
 def test_children_are_pinned_to_their_pools_with_gpus_probes_and_shm():
     m = model()
+    gen = derive(m.spec).generation
     objs = by_name(render_children(target(m)))
-    sts = objs["StatefulSet/llama-70b-prefill"]
+    sts = objs[f"StatefulSet/llama-70b-prefill-{gen}"]
     pod = sts["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "p5.48xlarge"}
@@ -96,7 +97,8 @@ def test_children_are_pinned_to_their_pools_with_gpus_probes_and_shm():
     assert "--extra_llm_api_options" in container["args"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in pod["volumes"]
-    assert sts["spec"]["replicas"] == 2 and objs["StatefulSet/llama-70b-decode"]["spec"]["replicas"] == 4
+    assert sts["spec"]["replicas"] == 2 and objs[f"StatefulSet/llama-70b-decode-{gen}"]["spec"]["replicas"] == 4
+    assert sts["spec"]["selector"]["matchLabels"]["baton.dev/generation"] == gen
     for obj in objs.values():
         assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
         assert obj["metadata"]["labels"]["baton.dev/model"] == "llama-70b"
@@ -117,6 +119,20 @@ def test_scheduler_config_carries_discovery_and_every_routing_setting():
     assert parsed.routing.kv_transfer_compression == "fp8"
     assert parsed.backpressure.decode_p95_latency_threshold_ms == 200
     assert parsed.degradation.hold_ttl_seconds == 120
+
+
+def test_generation_changes_with_the_engine_but_not_with_in_place_fields():
+    from baton.render.naming import generation_key
+
+    base = generation_key(model().spec)
+    for in_place in (dict(decode__minReplicas=6), dict(prefill__maxBatchSize=8),
+                     dict(decode__resources={"requests": {"cpu": "8"}}), dict(scheduler__maxQueueDepth=10),
+                     dict(prefill__pool={"nodeSelector": {"baton.dev/pool": "prefill-h100"}})):
+        assert generation_key(model(**in_place).spec) == base, in_place
+    for new_generation in (dict(engine__kvCache={"dtype": "bf16"}), dict(engine__image="trtllm:1.3.0"),
+                           dict(engine__trtllmVersion="1.3.0"), dict(decode__tensorParallelSize=2, decode__gpusPerReplica=2),
+                           dict(decode__engineOverrides={"image": "patched:1"})):
+        assert generation_key(model(**new_generation).spec) != base, new_generation
 
 
 def test_rendering_is_deterministic_and_revision_ignores_replicas():

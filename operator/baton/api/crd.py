@@ -50,6 +50,8 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
             return _convert({**options[0], **rest}, defs)
     for key in ("title", "$defs"):
         node.pop(key, None)
+    if "const" in node:  # a one-value Literal; OpenAPI v3.0 has no const
+        node["enum"] = [node.pop("const")]
     if node.get("default", 0) is None:
         node.pop("default")
     if node.get("x-kubernetes-preserve-unknown-fields"):

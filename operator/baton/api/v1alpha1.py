@@ -294,9 +294,10 @@ class SchedulerSpec(ApiModel):
 
 
 class RolloutSpec(ApiModel):
-    strategy: Literal["AtomicGeneration", "PairwiseSwap"] = Field(default="AtomicGeneration", description="AtomicGeneration: a KV-format change starts a full new generation of both tiers beside the serving one and switches traffic in one step. PairwiseSwap: for GPU-tight clusters, surge one replica per tier at a time.")
+    strategy: Literal["AtomicGeneration"] = Field(default="AtomicGeneration", description="AtomicGeneration: a change to the engine or KV format starts a full new generation of both tiers beside the serving one, probes a real KV handoff through it, and switches traffic in one step.")
     progress_deadline: str = Field(default="15m", pattern=DURATION_PATTERN, description="How long a new generation may take to become Ready and pass its handoff probe before it is rolled back.")
     drain_timeout: str = Field(default="5m", pattern=DURATION_PATTERN, description="How long the old generation may finish in-flight KV transfers and decodes after the switch.")
+    rollback_window: str = Field(default="60s", pattern=DURATION_PATTERN, description="How long the previous generation is kept after the switch, so a new generation that fails can be rolled back in one step.")
     paused: bool = Field(default=False, description="Pause an ongoing rollout where it is.")
 
 
@@ -353,6 +354,36 @@ class TierStatus(ApiModel):
     kv_fingerprint: str = Field(default="", description="Fingerprint of the tier's KV-cache layout.")
 
 
+class GenerationRef(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+    generation: str = Field(default="", description="Generation key (hash of the engine and KV-format settings).")
+    prefill_fingerprint: str = Field(default="", description="KV-format fingerprint of the generation's prefill tier.")
+    decode_fingerprint: str = Field(default="", description="KV-format fingerprint of the generation's decode tier.")
+
+
+class ProbeStatus(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+    generation: str = Field(default="", description="Generation the probe ran against.")
+    passed: bool = Field(default=False, description="Whether every probed prefill->decode handoff succeeded.")
+    message: str = Field(default="", description="What the probe did, or why it failed.")
+    at: str = Field(default="", description="When the probe ran (RFC 3339).")
+
+
+class RolloutStatus(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+    phase: str = Field(default="", description="Serving, Progressing, Probing, Draining, Paused, BlockedOnCapacity, RolledBack.")
+    serving_generation: str = Field(default="", description="The generation the scheduler routes to. Switching traffic is writing this one field.")
+    target_generation: str = Field(default="", description="The generation the spec asks for.")
+    previous_generation: str = Field(default="", description="The generation being drained after a switch (kept for instant rollback).")
+    failed_generation: str = Field(default="", description="A generation that was rolled back; it is not retried until the spec changes (or the retry annotation is set).")
+    last_known_good: GenerationRef = Field(default_factory=GenerationRef, description="The last generation that served successfully.")
+    started_at: str = Field(default="", description="When the current rollout started.")
+    switched_at: str = Field(default="", description="When traffic last switched generations.")
+    probe: ProbeStatus = Field(default_factory=ProbeStatus, description="The live handoff probe of the updating generation.")
+    message: str = Field(default="", description="What the rollout is doing, in words.")
+    last_rollback_millis: int = Field(default=0, description="Time from detecting a failed generation to switching traffic back, in milliseconds.")
+
+
 class DisaggregatedModelStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
     observed_generation: int = Field(default=0, description="metadata.generation last reconciled.")
@@ -363,6 +394,7 @@ class DisaggregatedModelStatus(ApiModel):
     scheduler_endpoint: str = Field(default="", description="Service address clients send requests to (host:port).")
     kv_bytes_per_token: int = Field(default=0, description="KV cache bytes per token of context, from the architecture and KV dtype.")
     decode_kv_capacity_tokens: int = Field(default=0, description="KV cache capacity in tokens per decode replica, from decode.kvCacheSize.")
+    rollout: RolloutStatus = Field(default_factory=RolloutStatus, description="Generations and the state of the current rollout.")
 
 
 class DisaggregatedModel(ApiModel):

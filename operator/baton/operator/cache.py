@@ -47,6 +47,11 @@ class ChildCache:
         with self._lock:
             return self._objects.get((kind, namespace, name))
 
+    def list_kind(self, kind: str, namespace: str, model: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [v for (k, ns, _), v in self._objects.items()
+                    if k == kind and ns == namespace and (v.get("metadata", {}).get("labels") or {}).get("baton.dev/model") == model]
+
     def put_pod(self, model: str, pod: dict[str, Any], deleted: bool = False) -> None:
         meta = pod.get("metadata", {})
         with self._lock:

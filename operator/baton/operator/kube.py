@@ -30,6 +30,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "ServiceAccount": ("/api/v1", "serviceaccounts"),
     "Event": ("/api/v1", "events"),
     "Pod": ("/api/v1", "pods"),
+    "Node": ("/api/v1", "nodes"),
     "StatefulSet": ("/apis/apps/v1", "statefulsets"),
     "Deployment": ("/apis/apps/v1", "deployments"),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
@@ -96,6 +97,11 @@ class Kube:
     def list(self, kind: str, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
         query = [("labelSelector", label_selector)] if label_selector else []
         return self._call("GET", self.path(kind, namespace), query=query, count_as="LIST").get("items", [])
+
+    def list_cluster(self, kind: str) -> list[dict[str, Any]]:
+        """Every object of a kind across the cluster (Nodes, or Pods in all namespaces)."""
+        prefix, plural = RESOURCES[kind]
+        return self._call("GET", f"{prefix}/{plural}", count_as="LIST").get("items", [])
 
     def apply(self, obj: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
         """Server-side apply `obj` under Baton's field manager (forcing: Baton owns what it renders)."""

@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
             namespaces=args.namespace or None,
             standalone=not args.peering,
             peering_name=args.peering or None,
+            priority=int.from_bytes(os.urandom(4), "big") >> 1 if args.peering else None,  # kopf freezes all peers of equal priority
             liveness_endpoint=args.liveness or None,
         )
     )

@@ -27,9 +27,10 @@ from baton.operator import diff, events, status
 from baton.operator.cache import ChildCache
 from baton.operator.kube import Kube, api_error_message
 from baton.operator.validation import spec_problems
-from baton.render import render_children
+from baton.operator.rollout_pass import ANNOTATION_RETRY, ANNOTATION_ROLLBACK, RolloutPass, _replicas
+from baton.render import render_generation, render_shared
 from baton.render.derived import derive
-from baton.render.naming import LABEL_MODEL, Target, child_name
+from baton.render.naming import LABEL_GENERATION, LABEL_MODEL, Target, child_name
 
 log = logging.getLogger("baton.operator")
 
@@ -97,45 +98,56 @@ class Reconciler:
                                  extra=[(status.KV_FORMAT_COMPATIBLE, False, status.REASON_KV_FORMAT_MISMATCH, message)])
         kv_ok = [(status.KV_FORMAT_COMPATIBLE, True, status.REASON_KV_FORMAT_MATCH,
                   f"both tiers share KV format {derived.fingerprint('prefill')}")]
-        observed = status.Observed()
-        children = render_children(target, derived)
-        live_objects = {_short(d): self._read(d["kind"], namespace, d["metadata"]["name"]) for d in children}
-        stale = [d for d in children if not diff.in_sync(d, live_objects[_short(d)])]
-        # All or nothing: every changed child is first checked by the API server (dry run), so a
-        # change it would refuse leaves every serving child exactly as it was.
-        for desired in stale:
-            try:
-                self.kube.apply(desired, dry_run=True)
-            except ApiException as exc:
-                message = f"{_short(desired)} would be refused by the API server: {api_error_message(exc)}"
-                return self._stalled(body, status.REASON_APPLY_FAILED, message, previous, generation)
+
+        # Shared objects (tier Services, scheduler) and the spec's generation.
+        gen = derived.generation
+        ro = dict(previous.get("rollout") or {})
+        serving = ro.get("servingGeneration", "")
+        generations = self._generations(namespace, name)
+        annotations = meta.get("annotations") or {}
         changed: list[str] = []
-        for desired in stale:
-            action = "created " if live_objects[_short(desired)] is None else "updated "
-            try:
-                live_objects[_short(desired)] = self.kube.apply(desired)
-            except ApiException as exc:
-                message = f"{_short(desired)} was refused by the API server: {api_error_message(exc)}"
-                return self._stalled(body, status.REASON_APPLY_FAILED, message, previous, generation)
-            if self.cache is not None:
-                self.cache.put(live_objects[_short(desired)])
-            changed.append(action + _short(desired))
-        for desired in children:
-            live = live_objects[_short(desired)]
-            if desired["kind"] == "StatefulSet":
-                setattr(observed, desired["metadata"]["labels"]["baton.dev/tier"], live)
-            elif desired["kind"] == "Deployment":
-                observed.scheduler = live
+        failure = self._apply_all(render_shared(target), namespace, changed)
+        if failure:
+            return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation)
+
+        rollout_state = RolloutPass(self, body, target, derived, ro, generations, changed)
+        if not serving or gen == serving:
+            # First deployment, or a change that keeps the KV format and engine: roll in place.
+            failure = self._apply_all(render_generation(target, derived), namespace, changed, prefix="in place: ")
+            if failure:
+                return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation)
+            rollout_state.steady()
+        elif gen == ro.get("failedGeneration") and annotations.get(ANNOTATION_RETRY) != gen:
+            rollout_state.hold_failed()
+        else:
+            rollout_state.advance(annotations.get(ANNOTATION_ROLLBACK) in ("true", gen))
         if changed:
             events.record(self.kube, body, "Normal", "Applied", "; ".join(changed))
 
-        desired_counts = (spec.prefill.desired_replicas(), spec.decode.desired_replicas(), spec.scheduler.replicas)
+        ro = rollout_state.ro
+        serving = ro.get("servingGeneration", "")
+        observed = status.Observed()
+        live = self._generations(namespace, name).get(serving, {})
+        observed.prefill, observed.decode = live.get("prefill"), live.get("decode")
+        observed.scheduler = self._read("Deployment", namespace, child_name(target, "scheduler"))
+        desired_counts = (
+            _replicas(observed.prefill, spec.prefill.desired_replicas()) if serving != gen else spec.prefill.desired_replicas(),
+            _replicas(observed.decode, spec.decode.desired_replicas()) if serving != gen else spec.decode.desired_replicas(),
+            spec.scheduler.replicas,
+        )
         settled = all(
             status._workload_settled(obj, n)
             for obj, n in zip((observed.prefill, observed.decode, observed.scheduler), desired_counts)
         )
         if not settled:
             observed.unschedulable = self._unschedulable_pods(namespace, name)
+        serving_fp = (
+            (derived.fingerprint("prefill"), derived.fingerprint("decode")) if serving == gen
+            else ((previous.get("prefill") or {}).get("kvFingerprint", ""), (previous.get("decode") or {}).get("kvFingerprint", ""))
+        )
+        extra = list(kv_ok)
+        if rollout_state.problem:
+            extra.append(rollout_state.problem)
         new_status = status.compute(
             generation=generation,
             previous=previous,
@@ -143,20 +155,63 @@ class Reconciler:
             desired_prefill=desired_counts[0],
             desired_decode=desired_counts[1],
             desired_scheduler=desired_counts[2],
-            revision=derived.revision,
-            fingerprints=(derived.fingerprint("prefill"), derived.fingerprint("decode")),
+            revision=serving or gen,
+            fingerprints=serving_fp,
             scheduler_endpoint=f"{child_name(target, 'scheduler')}.{namespace}.svc:{spec.scheduler.port}",
             kv_bytes_per_token=derived.kv_bytes_per_token,
             decode_kv_capacity_tokens=derived.decode_kv_capacity_tokens,
-            extra=kv_ok,
+            extra=extra,
+            rolling=rollout_state.rolling,
         )
+        new_status["rollout"] = ro
         self._write_status(body, previous, new_status)
-        return Outcome(
-            requeue_after=RESYNC_SECONDS if settled else PROGRESS_SECONDS,
-            writes=self.kube.writes() - writes_before,
-        )
+        requeue = RESYNC_SECONDS if settled and not rollout_state.rolling else PROGRESS_SECONDS
+        return Outcome(requeue_after=min(requeue, rollout_state.requeue), writes=self.kube.writes() - writes_before)
 
     # ------------------------------------------------------------------------------------------
+
+    def _apply_all(self, children: list[dict], namespace: str, changed: list[str], prefix: str = "") -> str:
+        """Apply what differs, all or nothing (dry run first); return the API server's refusal, if any."""
+        live_objects = {_short(d): self._read(d["kind"], namespace, d["metadata"]["name"]) for d in children}
+        stale = [d for d in children if not diff.in_sync(d, live_objects[_short(d)])]
+        # A change the API server would refuse leaves every serving child exactly as it was.
+        for desired in stale:
+            try:
+                self.kube.apply(desired, dry_run=True)
+            except ApiException as exc:
+                return f"{_short(desired)} would be refused by the API server: {api_error_message(exc)}"
+        for desired in stale:
+            action = "created " if live_objects[_short(desired)] is None else "updated "
+            try:
+                live = self.kube.apply(desired)
+            except ApiException as exc:
+                return f"{_short(desired)} was refused by the API server: {api_error_message(exc)}"
+            if self.cache is not None:
+                self.cache.put(live)
+            changed.append(prefix + action + _short(desired))
+        return ""
+
+    def _generations(self, namespace: str, name: str) -> dict[str, dict[str, dict]]:
+        """generation -> tier -> StatefulSet, for every generation of this model in the cluster."""
+        if self.cache is not None:
+            objects = self.cache.list_kind("StatefulSet", namespace, name)
+        else:
+            objects = self.kube.list("StatefulSet", namespace, f"{LABEL_MODEL}={name}")
+        out: dict[str, dict[str, dict]] = {}
+        for sts in objects:
+            labels = sts.get("metadata", {}).get("labels") or {}
+            if labels.get(LABEL_GENERATION) and labels.get("baton.dev/tier") in ("prefill", "decode"):
+                out.setdefault(labels[LABEL_GENERATION], {})[labels["baton.dev/tier"]] = sts
+        return out
+
+    def delete_generation(self, namespace: str, name: str, gen: str) -> None:
+        for tier in ("prefill", "decode"):
+            for kind, suffix in (("StatefulSet", ""), ("ConfigMap", "-engine")):
+                obj_name = f"{name}-{tier}{suffix}-{gen}"
+                self.kube.delete(kind, namespace, obj_name)
+                if self.cache is not None:
+                    self.cache.forget(kind, namespace, obj_name)
+
 
     def _stalled(self, body: dict, reason: str, message: str, previous: dict, generation: int,
                  extra: list[tuple[str, bool, str, str]] = ()) -> Outcome:

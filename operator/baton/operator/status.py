@@ -25,6 +25,7 @@ REASON_RECONCILED = "Reconciled"  # nothing left to do
 REASON_INVALID_SPEC = "InvalidSpec"  # the spec passed the schema but cannot be served as written
 REASON_APPLY_FAILED = "ApplyFailed"  # the API server refused a child object
 REASON_PODS_UNSCHEDULABLE = "PodsUnschedulable"  # pods cannot be placed (GPUs, selectors, taints)
+REASON_ROLLOUT = "RollingOut"  # a new generation of both tiers is being created, probed or drained
 REASON_KV_FORMAT_MISMATCH = "KVFormatMismatch"  # prefill and decode could not hand KV to each other
 REASON_KV_FORMAT_MATCH = "KVFormatMatch"  # every hard-equal KV-format field agrees
 
@@ -97,6 +98,7 @@ def compute(
     kv_bytes_per_token: int,
     decode_kv_capacity_tokens: int,
     extra: list[tuple[str, bool, str, str]] = (),
+    rolling: bool = False,
 ) -> dict[str, Any]:
     """The whole status object; `lastTransitionTime`s move only when a condition's status changes."""
     conditions = previous.get("conditions", []) or []
@@ -130,7 +132,7 @@ def compute(
     else:
         message = f"prefill {prefill['summary']}, decode {decode['summary']}, scheduler at {scheduler_endpoint}"
         ready = (True, REASON_ALL_READY, message)
-        reconciling = (False, REASON_RECONCILED, "")
+        reconciling = (True, REASON_ROLLOUT, "a new generation is rolling out; see status.rollout") if rolling else (False, REASON_RECONCILED, "")
         stalled = (False, REASON_RECONCILED, "")
     return {
         "observedGeneration": generation,

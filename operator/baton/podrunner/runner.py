@@ -75,6 +75,7 @@ class PodRunner:
     sim_args: list[str] = field(default_factory=list)
     kubeconfig: str | None = None
     processes: dict[str, LocalProcess] = field(default_factory=dict)
+    unrunnable: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -160,6 +161,8 @@ class PodRunner:
             if version and "--sim-trtllm-version" not in self.sim_args:
                 argv += ["--sim-trtllm-version", version]
             argv += ["--sim-model-name", args[0]]
+            # Fault injection for tests: extra simulator flags from the pod's own environment.
+            argv += env.get("BATON_SIM_ARGS", "").split()
         elif command[:2] == ["baton", "scheduler"]:
             argv = [sys.executable, "-m", "baton.cli", "scheduler", *args]
             # The API server refuses loopback addresses in EndpointSlices, so on this cluster the
@@ -202,6 +205,7 @@ class PodRunner:
             pods = self.core.list_pod_for_all_namespaces(label_selector=TIER_LABEL).items
         wanted = {f"{p.metadata.namespace}/{p.metadata.name}": p for p in pods if self._wanted(p)}
         with self._lock:
+            self.unrunnable &= set(wanted)
             for key in list(self.processes):
                 local = self.processes[key]
                 pod = wanted.get(key)
@@ -216,7 +220,10 @@ class PodRunner:
                     try:
                         self.processes[key] = self.translate(pod)
                     except (RuntimeError, StopIteration) as exc:
-                        log.error("cannot run %s locally: %s", key, exc)
+                        if key not in self.unrunnable:
+                            log.error("cannot run %s locally: %s", key, exc)
+                            self._set_ready(pod.metadata.namespace, pod.metadata.name, False, "CannotRunLocally", str(exc))
+                            self.unrunnable.add(key)
                         continue
                     self._set_ready(pod.metadata.namespace, pod.metadata.name, False, "Starting", "local process starting")
                 self._tend(self.processes[key], pod)

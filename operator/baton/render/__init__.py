@@ -15,11 +15,18 @@ from baton.render.derived import Derived, derive
 from baton.render.naming import Target
 
 
+def render_shared(target: Target) -> list[dict[str, Any]]:
+    """Objects every generation shares: the tier Services and the scheduler with its config and RBAC."""
+    return [tiers.headless_service(target, "prefill"), tiers.headless_service(target, "decode"),
+            *scheduler.render_scheduler(target)]
+
+
+def render_generation(target: Target, derived: Derived) -> list[dict[str, Any]]:
+    """Both tiers of the spec's generation (engine configs, then StatefulSets)."""
+    return [*tiers.render_generation(target, "prefill", derived), *tiers.render_generation(target, "decode", derived)]
+
+
 def render_children(target: Target, derived: Derived | None = None) -> list[dict[str, Any]]:
-    """Every child object of one DisaggregatedModel, in apply order (config before workloads)."""
+    """Every child object of one DisaggregatedModel for its current spec, in apply order."""
     derived = derived or derive(target.spec)
-    return [
-        *tiers.render_tier(target, "prefill", derived),
-        *tiers.render_tier(target, "decode", derived),
-        *scheduler.render_scheduler(target),
-    ]
+    return [*render_shared(target), *render_generation(target, derived)]

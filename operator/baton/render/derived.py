@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from baton import kvformat
 from baton.api.v1alpha1 import DisaggregatedModelSpec
 from baton.render import engine_config
-from baton.render.naming import Tier, revision
+from baton.render.naming import Tier, generation_key, revision
 
 
 @dataclass(frozen=True)
 class Derived:
     revision: str
+    generation: str
     prefill_state: kvformat.CacheState
     decode_state: kvformat.CacheState
     kv_bytes_per_token: int
@@ -72,6 +73,7 @@ def derive(spec: DisaggregatedModelSpec) -> Derived:
     per_token = kvformat.kv_bytes_per_token(decode) if spec.model.architecture else 0
     return Derived(
         revision=revision(spec),
+        generation=generation_key(spec),
         prefill_state=prefill,
         decode_state=decode,
         kv_bytes_per_token=per_token,

@@ -16,6 +16,7 @@ Tier = Literal["prefill", "decode"]
 LABEL_MODEL = "baton.dev/model"
 LABEL_TIER = "baton.dev/tier"
 LABEL_REVISION = "baton.dev/revision"
+LABEL_GENERATION = "baton.dev/generation"
 ANNOTATION_KV_FINGERPRINT = "baton.dev/kv-fingerprint"
 MANAGED_BY = "baton-operator"
 FIELD_MANAGER = "baton-operator"
@@ -97,3 +98,30 @@ def revision(spec: DisaggregatedModelSpec) -> str:
             "decode": spec.decode.model_dump(mode="json", exclude=tier_fields),
         }
     )
+
+
+def generation_key(spec: DisaggregatedModelSpec) -> str:
+    """What makes a new generation of BOTH tiers: everything that shapes the engines' KV format or the
+    engine itself (image, TensorRT-LLM version, model, KV and transfer settings, parallelism, engine
+    options). Replicas, resources, pools, batch limits and the scheduler are left out: those roll in
+    place, because old and new pods of one generation can always hand KV to each other."""
+    return stable_hash(
+        {
+            "model": spec.model.model_dump(mode="json"),
+            "engine": spec.engine.model_dump(mode="json", exclude={"env"}),
+            "tiers": {
+                tier: {
+                    "engine": spec.tier_engine(tier).model_dump(mode="json"),
+                    "tp": spec.tier(tier).tensor_parallel_size,
+                    "pp": spec.tier(tier).pipeline_parallel_size,
+                    "gpus": spec.tier(tier).gpus_per_replica,
+                }
+                for tier in ("prefill", "decode")
+            },
+        },
+        length=8,
+    )
+
+
+def generation_child_name(target: Target, tier: str, generation: str, suffix: str = "") -> str:
+    return f"{target.name}-{tier}{suffix}-{generation}"

@@ -29,6 +29,7 @@ def scheduler_config(target: Target) -> dict[str, Any]:
                 "prefillService": child_name(target, "prefill"),
                 "decodeService": child_name(target, "decode"),
                 "port": spec.decode.port,
+                "model": target.name,
             },
         },
         "routing": {
@@ -84,7 +85,10 @@ def role(target: Target) -> dict[str, Any]:
         "metadata": metadata(target, COMPONENT),
         "rules": [
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["pods", "services"], "verbs": ["get", "list", "watch"]},
+            # The serving generation is read from the model's status (one field switches traffic).
+            {"apiGroups": ["serving.baton.dev"], "resources": ["disaggregatedmodels"], "verbs": ["get", "list", "watch"],
+             "resourceNames": [target.name]},
         ],
     }
 

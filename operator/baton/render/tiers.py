@@ -11,6 +11,8 @@ from baton.render import engine_config
 from baton.render.derived import Derived
 from baton.render.naming import (
     ANNOTATION_KV_FINGERPRINT,
+    LABEL_GENERATION,
+    generation_child_name,
     Target,
     Tier,
     child_name,
@@ -57,12 +59,14 @@ def model_argument_and_volume(spec: DisaggregatedModelSpec) -> tuple[str, list[d
     return hf.id, [cache], [{"name": "hf-cache", "mountPath": "/cache"}], env
 
 
-def engine_configmap(target: Target, tier: Tier, kv_bytes_per_token: int) -> dict[str, Any]:
+def engine_configmap(target: Target, tier: Tier, kv_bytes_per_token: int, generation: str) -> dict[str, Any]:
     options = engine_config.engine_options(target.spec, tier, kv_bytes_per_token)
+    meta = metadata(target, tier, name=generation_child_name(target, tier, generation, "-engine"))
+    meta["labels"][LABEL_GENERATION] = generation
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": metadata(target, tier, name=child_name(target, f"{tier}-engine")),
+        "metadata": meta,
         "data": {engine_config.CONFIG_FILE: yaml.safe_dump(options, sort_keys=True)},
     }
 
@@ -146,11 +150,11 @@ def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
     }
 
 
-def statefulset(target: Target, tier: Tier, revision: str, kv_fingerprint: str = "") -> dict[str, Any]:
+def statefulset(target: Target, tier: Tier, revision: str, generation: str, kv_fingerprint: str = "") -> dict[str, Any]:
     spec = target.spec
     t = tier_spec(spec, tier)
     _, model_volumes, _, _ = model_argument_and_volume(spec)
-    pod_labels = {**t.pod_template.labels, **labels(target, tier, revision)}
+    pod_labels = {**t.pod_template.labels, **labels(target, tier, revision), LABEL_GENERATION: generation}
     annotations = dict(t.pod_template.annotations)
     if kv_fingerprint:
         annotations[ANNOTATION_KV_FINGERPRINT] = kv_fingerprint
@@ -162,7 +166,7 @@ def statefulset(target: Target, tier: Tier, revision: str, kv_fingerprint: str =
         # Decode replicas finish in-flight generations; prefill replicas keep KV until it is pulled.
         "terminationGracePeriodSeconds": 120,
         "volumes": [
-            {"name": "engine-config", "configMap": {"name": child_name(target, f"{tier}-engine")}},
+            {"name": "engine-config", "configMap": {"name": generation_child_name(target, tier, generation, "-engine")}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
             *model_volumes,
             *t.pod_template.volumes,
@@ -179,25 +183,28 @@ def statefulset(target: Target, tier: Tier, revision: str, kv_fingerprint: str =
     template_metadata: dict[str, Any] = {"labels": pod_labels}
     if annotations:
         template_metadata["annotations"] = annotations
+    meta = metadata(target, tier, name=generation_child_name(target, tier, generation), revision=revision)
+    meta["labels"][LABEL_GENERATION] = generation
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": metadata(target, tier, revision=revision),
+        "metadata": meta,
         "spec": {
             "serviceName": child_name(target, tier),
             "replicas": t.desired_replicas(),
             # Engines are independent replicas: start and replace them in parallel, not one by one.
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "RollingUpdate"},
-            "selector": {"matchLabels": selector_labels(target, tier)},
+            # One StatefulSet per generation: selectors must not overlap between generations.
+            "selector": {"matchLabels": {**selector_labels(target, tier), LABEL_GENERATION: generation}},
             "template": {"metadata": template_metadata, "spec": pod_spec},
         },
     }
 
 
-def render_tier(target: Target, tier: Tier, derived: Derived) -> list[dict[str, Any]]:
+def render_generation(target: Target, tier: Tier, derived: Derived) -> list[dict[str, Any]]:
+    """One tier of one generation: its engine config and its StatefulSet."""
     return [
-        engine_configmap(target, tier, derived.kv_bytes_per_token),
-        headless_service(target, tier),
-        statefulset(target, tier, derived.revision, derived.fingerprint(tier)),
+        engine_configmap(target, tier, derived.kv_bytes_per_token, derived.generation),
+        statefulset(target, tier, derived.revision, derived.generation, derived.fingerprint(tier)),
     ]

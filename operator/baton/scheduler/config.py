@@ -79,6 +79,9 @@ class KubernetesEndpoints(_Model):
     # IPs are loopback addresses, which the API server refuses in EndpointSlices. The environment
     # variable BATON_DISCOVERY_SOURCE overrides this.
     source: Literal["endpointslices", "pods"] = "endpointslices"
+    # The DisaggregatedModel whose status.rollout.servingGeneration selects the generation to route
+    # to (it overrides `generation` as soon as it is set); empty: no generation filter from the API.
+    model: str = ""
 
 
 class EndpointsConfig(_Model):

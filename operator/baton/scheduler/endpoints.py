@@ -166,6 +166,8 @@ class KubernetesDiscovery:
         self._lock = threading.Lock()
         self._api_client: Any = None
         self.source = os.environ.get("BATON_DISCOVERY_SOURCE") or config.source
+        self.generation = config.generation
+        self._raw: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def _client(self) -> Any:
         if self._api_client is None:
@@ -217,6 +219,7 @@ class KubernetesDiscovery:
                 api = client.DiscoveryV1Api(self._client())
                 listing = api.list_namespaced_endpoint_slice(self.config.namespace, label_selector=selector)
                 slices = {s.metadata.name: s for s in listing.items}
+                self._raw[tier] = ("slices", slices)
                 self._publish(tier, self._compute(tier, slices.values()))
                 version = listing.metadata.resource_version
                 w = watch.Watch()
@@ -237,6 +240,7 @@ class KubernetesDiscovery:
                         slices[obj.metadata.name] = obj
                     else:
                         continue
+                    self._raw[tier] = ("slices", slices)
                     self._publish(tier, self._compute(tier, slices.values()))
             except Exception as exc:
                 log.warning("event=endpointslice_watch_error tier=%s service=%s error=%r", tier, service, str(exc))
@@ -253,7 +257,8 @@ class KubernetesDiscovery:
                 selector = ",".join(f"{k}={v}" for k, v in sorted(selector_map.items()))
                 listing = core.list_namespaced_pod(self.config.namespace, label_selector=selector)
                 pods = {p.metadata.name: p for p in listing.items}
-                self._publish(tier, endpoints_from_pods(pods.values(), self.config.port, tier, self.config.generation))
+                self._raw[tier] = ("pods", pods)
+                self._publish(tier, endpoints_from_pods(pods.values(), self.config.port, tier, self.generation))
                 w = watch.Watch()
                 for event in w.stream(core.list_namespaced_pod, self.config.namespace, label_selector=selector,
                                       resource_version=listing.metadata.resource_version,
@@ -268,19 +273,58 @@ class KubernetesDiscovery:
                         pods[obj.metadata.name] = obj
                     else:
                         continue
-                    self._publish(tier, endpoints_from_pods(pods.values(), self.config.port, tier, self.config.generation))
+                    self._raw[tier] = ("pods", pods)
+                    self._publish(tier, endpoints_from_pods(pods.values(), self.config.port, tier, self.generation))
             except Exception as exc:
                 log.warning("event=pod_watch_error tier=%s service=%s error=%r", tier, service, str(exc))
                 self._stop.wait(2.0)
 
     def _compute(self, tier: str, slices: Iterable[Any]) -> list[Endpoint]:
-        return endpoints_from_slices(slices, self.config.port, tier, self._pod_info, self.config.generation)
+        return endpoints_from_slices(slices, self.config.port, tier, self._pod_info, self.generation)
+
+    def _recompute(self) -> None:
+        for tier, (kind, objects) in list(self._raw.items()):
+            values = list(objects.values())
+            if kind == "pods":
+                self._publish(tier, endpoints_from_pods(values, self.config.port, tier, self.generation))
+            else:
+                self._publish(tier, self._compute(tier, values))
+
+    def _watch_serving_generation(self) -> None:
+        """Follow the DisaggregatedModel's status.rollout.servingGeneration: the operator switches
+        traffic between generations by writing that one field, and every scheduler follows at once."""
+        from kubernetes import client, watch
+
+        name = self.config.model
+        while not self._stop.is_set():
+            try:
+                api = client.CustomObjectsApi(self._client())
+                w = watch.Watch()
+                for event in w.stream(api.list_namespaced_custom_object, "serving.baton.dev", "v1alpha1",
+                                      self.config.namespace, "disaggregatedmodels",
+                                      field_selector=f"metadata.name={name}", timeout_seconds=self.WATCH_TIMEOUT_S):
+                    if self._stop.is_set():
+                        w.stop()
+                        break
+                    obj = event["object"]
+                    serving = ((obj.get("status") or {}).get("rollout") or {}).get("servingGeneration", "")
+                    if serving and serving != self.generation:
+                        log.info("event=generation_switch from=%s to=%s", self.generation or "-", serving)
+                        self.generation = serving
+                        self._recompute()
+            except Exception as exc:
+                log.warning("event=model_watch_error model=%s error=%r", name, str(exc))
+                self._stop.wait(2.0)
 
     def start(self) -> None:
         for tier, service in ((PREFILL, self.config.prefill_service), (DECODE, self.config.decode_service)):
             thread = threading.Thread(
                 target=self._watch_tier, args=(tier, service), name=f"baton-discovery-{tier}", daemon=True
             )
+            thread.start()
+            self._threads.append(thread)
+        if self.config.model:
+            thread = threading.Thread(target=self._watch_serving_generation, name="baton-discovery-generation", daemon=True)
             thread.start()
             self._threads.append(thread)
 

@@ -1,0 +1,124 @@
+"""Rollout mechanics that touch the outside world: GPU capacity, the live handoff probe, drain checks.
+
+Pure where it can be (`fit_replicas` is the capacity arithmetic); the probe and the drain check talk
+to engine pods at their pod IPs, the way the scheduler does.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+GPU = "nvidia.com/gpu"
+
+
+def _tolerates(tolerations: list[dict[str, Any]], taint: dict[str, Any]) -> bool:
+    for t in tolerations:
+        if t.get("effect") and t.get("effect") != taint.get("effect"):
+            continue
+        if t.get("operator") == "Exists" and (not t.get("key") or t.get("key") == taint.get("key")):
+            return True
+        if t.get("key") == taint.get("key") and t.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+def _node_matches(node: dict[str, Any], selector: dict[str, str], tolerations: list[dict[str, Any]]) -> bool:
+    meta, spec = node.get("metadata", {}), node.get("spec", {})
+    labels = meta.get("labels") or {}
+    if spec.get("unschedulable") or any(labels.get(k) != v for k, v in selector.items()):
+        return False
+    return all(_tolerates(tolerations, t) for t in spec.get("taints") or [] if t.get("effect") in ("NoSchedule", "NoExecute"))
+
+
+def free_gpus(nodes: list[dict[str, Any]], pods: list[dict[str, Any]]) -> dict[str, int]:
+    """nvidia.com/gpu still free on each node: allocatable minus what non-finished pods request."""
+    free = {n["metadata"]["name"]: int((n.get("status", {}).get("allocatable") or {}).get(GPU, 0)) for n in nodes}
+    for pod in pods:
+        node = pod.get("spec", {}).get("nodeName")
+        if node not in free or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        for c in pod.get("spec", {}).get("containers", []):
+            resources = c.get("resources") or {}
+            free[node] -= int((resources.get("requests") or resources.get("limits") or {}).get(GPU, 0))
+    return free
+
+
+def fit_replicas(
+    nodes: list[dict[str, Any]], free: dict[str, int], tiers: list[tuple[str, int, int, dict[str, str], list[dict[str, Any]]]]
+) -> list[str]:
+    """Place each tier's replicas (name, replicas, gpus each, nodeSelector, tolerations) greedily on the
+    free GPUs, tier after tier; return one sentence per tier that does not fit (empty: all fit)."""
+    free = dict(free)
+    problems = []
+    for name, replicas, gpus, selector, tolerations in tiers:
+        matching = [n["metadata"]["name"] for n in nodes if _node_matches(n, selector, tolerations)]
+        before = {n: free[n] for n in matching}
+        placed = 0
+        for node in sorted(matching, key=lambda n: -free[n]):
+            while placed < replicas and free[node] >= gpus:
+                free[node] -= gpus
+                placed += 1
+        if placed < replicas:
+            detail = ", ".join(f"{n}: {before[n]}" for n in sorted(before)) or "no node matches its pool"
+            problems.append(
+                f"{name} needs {replicas} replica(s) x {gpus} GPU(s) but only {placed} fit "
+                f"(free nvidia.com/gpu per matching node: {detail})"
+            )
+    return problems
+
+
+def _post(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "X-Request-Id": "baton-probe"})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _error_text(exc: Exception) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        try:
+            body = json.loads(exc.read())
+            return str(body.get("message") or body.get("error", {}).get("message") or body)
+        except ValueError:
+            return f"HTTP {exc.code}"
+    return str(exc)
+
+
+def probe_handoffs(prefill: list[str], decode: list[str], model: str, timeout: float = 20.0) -> tuple[bool, str]:
+    """A real KV handoff through every new replica: context_only on each prefill pod, then
+    generation_only with its handle on a paired decode pod, until every pod took part once."""
+    if not prefill or not decode:
+        return False, "no ready pods to probe"
+    prompt = list(range(1, 33))
+    rounds = max(len(prefill), len(decode))
+    for i in range(rounds):
+        p, d = prefill[i % len(prefill)], decode[i % len(decode)]
+        try:
+            ctx = _post(f"http://{p}/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 1,
+                                                        "disaggregated_params": {"request_type": "context_only"}}, timeout)
+            params = dict(ctx["choices"][0]["disaggregated_params"])
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            return False, f"context_only on prefill {p} failed: {_error_text(exc)}"
+        params["request_type"] = "generation_only"
+        try:
+            _post(f"http://{d}/v1/completions", {"model": model, "prompt": ctx.get("prompt_token_ids") or prompt,
+                                                  "max_tokens": 2, "disaggregated_params": params}, timeout)
+        except (OSError, ValueError) as exc:
+            return False, f"generation_only on decode {d} with the handle from {p} failed: {_error_text(exc)}"
+    return True, f"{rounds} handoff(s) succeeded across {len(prefill)} prefill and {len(decode)} decode replica(s)"
+
+
+def active_requests(address: str, timeout: float = 3.0) -> int:
+    """Requests an engine still holds (running or queued), from its /metrics; 0 when unreachable."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as resp:
+            stats = json.loads(resp.read())
+    except (OSError, ValueError):
+        return 0
+    if isinstance(stats, list) and stats:
+        last = stats[-1]
+        return int(last.get("numActiveRequests", 0)) + int(last.get("numQueuedRequests", 0))
+    return 0

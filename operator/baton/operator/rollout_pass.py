@@ -1,0 +1,254 @@
+"""One reconcile pass of the generation state machine, with everything it decides kept in
+status.rollout (so an operator restarted at any step resumes from the cluster and the status).
+
+Phases of status.rollout.phase:
+- Serving: one generation serves; spec changes that keep the KV format and engine roll in place.
+- BlockedOnCapacity: a new generation is wanted but a GPU pool has no room for it; nothing started.
+- Progressing: the new generation's StatefulSets run beside the serving ones, not yet Ready.
+- Draining: traffic switched to the new generation; the previous one finishes its in-flight work and
+  is kept for `rollout.rollbackWindow` so a failing new generation can be switched back in one step.
+- Paused: `spec.rollout.paused`; nothing moves.
+- RolledBack: the new generation failed (never Ready in time, probe failed, lost readiness after the
+  switch, or the user asked); traffic is on the last known-good generation; the failed generation is
+  deleted and not retried until the spec changes or the retry annotation names it.
+
+Switching traffic is writing one field, status.rollout.servingGeneration, which every scheduler
+watches; schedulers also only ever pair engines of equal KV fingerprint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import TYPE_CHECKING, Any
+
+from baton.api.units import parse_duration
+from baton.operator import events, rollout, status
+from baton.render.naming import LABEL_GENERATION, LABEL_MODEL
+
+if TYPE_CHECKING:
+    from baton.operator.reconciler import Reconciler
+
+ANNOTATION_ROLLBACK = "serving.baton.dev/rollback"  # "true" (or the target generation): abort and roll back
+ANNOTATION_RETRY = "serving.baton.dev/retry-generation"  # a failed generation's key: try it again
+
+ROLLOUT = "RolloutSucceeded"  # condition type: False while a rollout is blocked or failed
+
+
+def _now() -> str:
+    return status.now()
+
+
+def _age(timestamp: str) -> float:
+    if not timestamp:
+        return 0.0
+    then = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    return (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds()
+
+
+def _replicas(sts: dict[str, Any] | None, default: int) -> int:
+    return int((sts or {}).get("spec", {}).get("replicas", default)) if sts else default
+
+
+class RolloutPass:
+    def __init__(self, reconciler: "Reconciler", body: dict, target: Any, derived: Any, ro: dict,
+                 generations: dict[str, dict[str, dict]], changed: list[str]):
+        self.r, self.body, self.target, self.derived = reconciler, body, target, derived
+        self.ro = ro
+        self.generations = generations
+        self.changed = changed
+        self.spec = target.spec
+        self.ns, self.name = target.namespace, target.name
+        self.problem: tuple[str, bool, str, str] | None = None
+        self.rolling = False
+        self.requeue = 60.0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _event(self, kind: str, reason: str, message: str) -> None:
+        events.record(self.r.kube, self.body, kind, reason, message)
+
+    def _phase(self, phase: str, message: str) -> None:
+        self.ro["phase"], self.ro["message"] = phase, message
+
+    def _settled(self, gen: str) -> bool:
+        tiers = self.generations.get(gen, {})
+        wanted = {"prefill": self.spec.prefill.desired_replicas(), "decode": self.spec.decode.desired_replicas()}
+        if gen != self.derived.generation:
+            wanted = {t: _replicas(tiers.get(t), wanted[t]) for t in wanted}
+        return all(status._workload_settled(tiers.get(t), n) for t, n in wanted.items())
+
+    def _ref(self, gen: str, fingerprints: tuple[str, str]) -> dict[str, str]:
+        return {"generation": gen, "prefillFingerprint": fingerprints[0], "decodeFingerprint": fingerprints[1]}
+
+    def _pod_addresses(self, gen: str, tier: str) -> list[str]:
+        port = self.spec.tier(tier).port
+        if self.r.cache is not None:
+            pods = self.r.cache.pods(self.ns, self.name)
+        else:
+            pods = self.r.kube.list("Pod", self.ns, f"{LABEL_MODEL}={self.name}")
+        out = []
+        for pod in pods:
+            labels = pod.get("metadata", {}).get("labels") or {}
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in pod.get("status", {}).get("conditions") or [])
+            if labels.get(LABEL_GENERATION) == gen and labels.get("baton.dev/tier") == tier and ready and pod["status"].get("podIP"):
+                out.append(f"{pod['status']['podIP']}:{port}")
+        return sorted(out)
+
+    def _rollback(self, failed: str, why: str, detected_at: float | None = None) -> None:
+        """Traffic to the last known-good generation, the failed one removed, the story told."""
+        previous = self.ro.get("previousGeneration", "")
+        good = self.ro.get("lastKnownGood", {}).get("generation", "") or previous or self.ro.get("servingGeneration", "")
+        switched_back = self.ro.get("servingGeneration") == failed and good and good != failed
+        if switched_back:
+            self.ro["servingGeneration"] = good
+            self.ro["switchedAt"] = _now()
+            if detected_at is not None:
+                self.ro["lastRollbackMillis"] = int((time.monotonic() - detected_at) * 1000)
+        self.r.delete_generation(self.ns, self.name, failed)
+        self.generations.pop(failed, None)
+        self.ro.update({"failedGeneration": failed, "previousGeneration": "", "targetGeneration": failed})
+        where = f"traffic back on generation {good}" if switched_back else f"generation {good} kept serving"
+        self._phase("RolledBack", f"generation {failed} rolled back: {why}; {where}")
+        self.problem = (ROLLOUT, False, "RolledBack",
+                        f"generation {failed} rolled back: {why}. Fix the spec (any engine or KV change starts a "
+                        f"new generation) or set annotation {ANNOTATION_RETRY}={failed} to try it again")
+        self._event("Warning", "RolledBack", self.ro["message"])
+
+    # ------------------------------------------------------------------ phases
+
+    def steady(self) -> None:
+        """The spec's generation serves (or is being deployed for the first time)."""
+        gen = self.derived.generation
+        fps = (self.derived.fingerprint("prefill"), self.derived.fingerprint("decode"))
+        if not self.ro.get("servingGeneration"):
+            if self._settled(gen):
+                self.ro.update({"servingGeneration": gen, "targetGeneration": gen, "lastKnownGood": self._ref(gen, fps),
+                                "switchedAt": _now()})
+                self._phase("Serving", f"generation {gen} serves")
+            else:
+                self.ro["targetGeneration"] = gen
+                self._phase("Progressing", f"deploying generation {gen}")
+                self.rolling = True
+                self.requeue = 2.0
+            return
+        previous = self.ro.get("previousGeneration", "")
+        if previous and previous in self.generations:
+            self._drain(gen, previous)
+        else:
+            # Leftovers of an aborted rollout (e.g. the operator died mid-way): remove them.
+            for other in [g for g in self.generations if g != gen]:
+                self.r.delete_generation(self.ns, self.name, other)
+                self.changed.append(f"deleted generation {other}")
+            if self.ro.get("phase") != "Serving" or self.ro.get("previousGeneration"):
+                self.ro.update({"previousGeneration": "", "lastKnownGood": self._ref(gen, fps)})
+                self._phase("Serving", f"generation {gen} serves")
+        if self.ro.get("failedGeneration") == gen:
+            self.ro["failedGeneration"] = ""
+
+    def _drain(self, gen: str, previous: str) -> None:
+        """After the switch: watch the new generation, let the old one finish, then delete it."""
+        self.rolling = True
+        self.requeue = 2.0
+        if not self._settled(gen):
+            self._rollback(gen, "it lost readiness after the switch", detected_at=time.monotonic())
+            return
+        since = _age(self.ro.get("switchedAt", ""))
+        window = parse_duration(self.spec.rollout.rollback_window)
+        timeout = parse_duration(self.spec.rollout.drain_timeout)
+        in_flight = sum(rollout.active_requests(a) for t in ("prefill", "decode") for a in self._pod_addresses(previous, t))
+        if since >= timeout or (since >= window and in_flight == 0):
+            self.r.delete_generation(self.ns, self.name, previous)
+            self.generations.pop(previous, None)
+            fps = (self.derived.fingerprint("prefill"), self.derived.fingerprint("decode"))
+            self.ro.update({"previousGeneration": "", "lastKnownGood": self._ref(gen, fps)})
+            how = "drained" if in_flight == 0 else f"drain timeout reached with {in_flight} request(s) in flight"
+            self._phase("Serving", f"generation {gen} serves; previous generation {previous} {how} and deleted")
+            self._event("Normal", "Drained", self.ro["message"])
+            self.rolling = False
+            self.requeue = 60.0
+        else:
+            self._phase("Draining", f"generation {gen} serves; generation {previous} drains "
+                                    f"({in_flight} request(s) in flight) and stays for rollback until "
+                                    f"{max(0, int(window - since))}s from now")
+
+    def hold_failed(self) -> None:
+        gen = self.derived.generation
+        serving = self.ro.get("servingGeneration", "")
+        self.problem = (ROLLOUT, False, "RolledBack",
+                        f"generation {gen} was rolled back ({self.ro.get('message', '')}); generation {serving} serves. "
+                        f"Fix the spec or set annotation {ANNOTATION_RETRY}={gen} to try again")
+
+    def advance(self, rollback_requested: bool) -> None:
+        """The spec asks for a new generation: capacity, start, Ready, probe, switch."""
+        gen = self.derived.generation
+        serving = self.ro["servingGeneration"]
+        self.rolling = True
+        self.requeue = 2.0
+        if self.ro.get("targetGeneration") != gen:
+            why = "the engine or KV format changed (image, TensorRT-LLM version, model, KV cache or transfer settings, parallelism)"
+            self.ro.update({"targetGeneration": gen, "startedAt": "", "probe": {}, "failedGeneration": self.ro.get("failedGeneration", "")})
+            self._event("Normal", "NewGeneration", f"{why}: generation {gen} of both tiers will be created beside "
+                                                   f"serving generation {serving}, probed, then switched to atomically")
+        if rollback_requested:
+            self._rollback(gen, f"rollback requested with annotation {ANNOTATION_ROLLBACK}")
+            return
+        if self.spec.rollout.paused:
+            self._phase("Paused", f"rollout to generation {gen} paused (spec.rollout.paused)")
+            return
+        if gen not in self.generations:
+            blocked = self._capacity_problems()
+            if blocked:
+                message = "blocked on capacity: " + "; ".join(blocked) + ". Free GPUs, add nodes, or scale the tiers down"
+                if self.ro.get("phase") != "BlockedOnCapacity" or self.ro.get("message") != message:
+                    self._event("Warning", "BlockedOnCapacity", message)
+                self._phase("BlockedOnCapacity", message)
+                self.problem = (ROLLOUT, False, "BlockedOnCapacity", message)
+                self.requeue = 10.0
+                return
+            self.ro["startedAt"] = _now()
+        from baton.render import render_generation
+
+        failure = self.r._apply_all(render_generation(self.target, self.derived), self.ns, self.changed,
+                                    prefix=f"new generation {gen}: ")
+        if failure:
+            self._rollback(gen, failure)
+            return
+        self.generations = self.r._generations(self.ns, self.name)
+        if not self._settled(gen):
+            deadline = parse_duration(self.spec.rollout.progress_deadline)
+            if _age(self.ro.get("startedAt", "")) > deadline:
+                self._rollback(gen, f"it did not become Ready within progressDeadline {self.spec.rollout.progress_deadline}")
+            else:
+                self._phase("Progressing", f"generation {gen} starting beside serving generation {serving}")
+            return
+        probe = self.ro.get("probe") or {}
+        if probe.get("generation") != gen or not probe.get("passed"):
+            if self.spec.engine.runtime != "trtllm-serve":
+                ok, message = True, f"not probed: the {self.spec.engine.runtime} runtime has no HTTP handoff"
+            else:
+                ok, message = rollout.probe_handoffs(self._pod_addresses(gen, "prefill"), self._pod_addresses(gen, "decode"),
+                                                     self.spec.model.name)
+            self.ro["probe"] = {"generation": gen, "passed": ok, "message": message, "at": _now()}
+            self._event("Normal" if ok else "Warning", "ProbePassed" if ok else "ProbeFailed", f"generation {gen}: {message}")
+            if not ok:
+                self._rollback(gen, f"the live handoff probe failed: {message}")
+                return
+        # The switch: one field, which every scheduler watches.
+        self.ro.update({"servingGeneration": gen, "previousGeneration": serving, "switchedAt": _now()})
+        self._phase("Draining", f"switched traffic from generation {serving} to {gen}")
+        self._event("Normal", "Switched", f"traffic switched atomically from generation {serving} to {gen} "
+                                          f"(KV fingerprints prefill {self.derived.fingerprint('prefill')}, "
+                                          f"decode {self.derived.fingerprint('decode')})")
+
+    def _capacity_problems(self) -> list[str]:
+        nodes = self.r.kube.list_cluster("Node")
+        pods = self.r.kube.list_cluster("Pod")
+        from baton.render.tiers import GPU_TOLERATION, SPOT_TOLERATIONS
+
+        tiers = []
+        for name in ("prefill", "decode"):
+            t = self.spec.tier(name)
+            tolerations = [GPU_TOLERATION, *(SPOT_TOLERATIONS if t.allow_spot else []), *t.pool.tolerations]
+            tiers.append((name, t.desired_replicas(), t.gpus_per_replica, dict(t.pool.node_selector), tolerations))
+        return rollout.fit_replicas(nodes, rollout.free_gpus(nodes, pods), tiers)
