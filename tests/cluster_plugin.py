@@ -143,5 +143,18 @@ def operator(cluster: Cluster, namespace: str) -> Iterator[Any]:
     assert "Traceback" not in runner.output, runner.output
 
 
+@pytest.fixture
+def pod_runner(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Any]:
+    """Local processes for this namespace's Baton pods (engine simulators at a fast time scale)."""
+    from baton.podrunner.runner import PodRunner
+
+    runner = PodRunner(api_client=cluster.api_client, workdir=tmp_path / "pods", namespace=namespace,
+                       sim_args=["--sim-speed", "0.05"], kubeconfig=str(cluster.kubeconfig))
+    thread = runner.start()
+    yield runner
+    runner.stop()
+    thread.join(timeout=30)
+
+
 def load_example(name: str) -> dict[str, Any]:
     return yaml.safe_load((REPO / "examples" / name).read_text())

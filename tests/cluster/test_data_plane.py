@@ -10,20 +10,9 @@ import urllib.request
 import pytest
 
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
-from baton.podrunner.runner import PodRunner
 from cluster_plugin import load_example, wait_for
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def pod_runner(cluster, namespace, tmp_path):
-    runner = PodRunner(api_client=cluster.api_client, workdir=tmp_path / "pods", namespace=namespace,
-                       sim_args=["--sim-speed", "0.05"], kubeconfig=str(cluster.kubeconfig))
-    thread = runner.start()
-    yield runner
-    runner.stop()
-    thread.join(timeout=30)
 
 
 def _ready_model(cluster, namespace, name):

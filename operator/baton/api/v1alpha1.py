@@ -298,6 +298,7 @@ class RolloutSpec(ApiModel):
     progress_deadline: str = Field(default="15m", pattern=DURATION_PATTERN, description="How long a new generation may take to become Ready and pass its handoff probe before it is rolled back.")
     drain_timeout: str = Field(default="5m", pattern=DURATION_PATTERN, description="How long the old generation may finish in-flight KV transfers and decodes after the switch.")
     rollback_window: str = Field(default="60s", pattern=DURATION_PATTERN, description="How long the previous generation is kept after the switch, so a new generation that fails can be rolled back in one step.")
+    min_ready_seconds: int = Field(default=5, ge=0, le=3600, description="How long an engine pod must stay Ready before it counts as available (StatefulSet minReadySeconds): a generation is probed and switched to only when every replica is available.")
     paused: bool = Field(default=False, description="Pause an ongoing rollout where it is.")
 
 

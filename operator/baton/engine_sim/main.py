@@ -1,5 +1,8 @@
 """`baton engine-sim`: run one simulated trtllm-serve worker until SIGTERM/SIGINT.
 
+`--sim-frontend triton` serves the same simulated worker behind a real Triton server instead
+(`triton_frontend.py`; needs the PyTriton venv made by `triton-venv.sh`).
+
 Exit codes: 0 after a clean shutdown, 1 when the worker cannot start (the message is on stderr, as
 trtllm-serve would print it), 2 for command-line usage errors.
 """
@@ -54,7 +57,31 @@ async def serve(cfg: SimConfig, *, stop: asyncio.Event | None = None) -> None:
     await server.engine.stop()
 
 
+def _frontend(argv: list[str]) -> tuple[str, list[str]]:
+    """Take `--sim-frontend http|triton` (default http) out of argv."""
+    frontend, rest, i = "http", [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--sim-frontend" and i + 1 < len(argv):
+            frontend, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--sim-frontend="):
+            frontend = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return frontend, rest
+
+
 def main(argv: list[str]) -> int:
+    frontend, argv = _frontend(argv)
+    if frontend == "triton":  # a real Triton server (PyTriton): see triton_frontend.py
+        from baton.engine_sim import triton_frontend
+
+        return triton_frontend.main(argv)
+    if frontend != "http":
+        print(f"baton engine-sim: --sim-frontend must be http or triton, got {frontend!r}", file=sys.stderr)
+        return 2
     try:
         cfg = config_mod.load_config(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)

@@ -7,6 +7,7 @@ to engine pods at their pod IPs, the way the scheduler does.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -71,10 +72,22 @@ def fit_replicas(
 
 
 def _post(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """POST, retrying only while the engine is not accepting connections yet (bounded by `timeout`):
+    an engine that answers with an error has answered, and that answer is the verdict."""
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json", "X-Request-Id": "baton-probe"})
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
-        return json.loads(resp.read())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError:
+            raise
+        except (urllib.error.URLError, ConnectionError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if not isinstance(reason, ConnectionRefusedError) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _error_text(exc: Exception) -> str:

@@ -135,6 +135,7 @@ class RolloutPass:
         previous = self.ro.get("previousGeneration", "")
         if previous and previous in self.generations:
             self._drain(gen, previous)
+            return
         else:
             # Leftovers of an aborted rollout (e.g. the operator died mid-way): remove them.
             for other in [g for g in self.generations if g != gen]:

@@ -64,10 +64,11 @@ def _workload_settled(obj: dict[str, Any] | None, desired: int) -> bool:
     meta, status = obj.get("metadata", {}), obj.get("status", {})
     if status.get("observedGeneration", 0) < meta.get("generation", 1):
         return False
-    ready = int(status.get("readyReplicas", 0) or 0)
+    # Available = Ready for at least minReadySeconds: a pod that only flickered Ready does not count.
+    available = int(status.get("availableReplicas", status.get("readyReplicas", 0)) or 0)
     updated = int(status.get("updatedReplicas", 0) or 0)
     total = int(status.get("replicas", 0) or 0)
-    return ready >= desired and updated >= desired and total == desired
+    return available >= desired and updated >= desired and total == desired
 
 
 def _condition(ctype: str, ok: bool, reason: str, message: str, generation: int, previous: list[dict]) -> dict:

@@ -195,6 +195,7 @@ def statefulset(target: Target, tier: Tier, revision: str, generation: str, kv_f
             # Engines are independent replicas: start and replace them in parallel, not one by one.
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "RollingUpdate"},
+            "minReadySeconds": spec.rollout.min_ready_seconds,
             # One StatefulSet per generation: selectors must not overlap between generations.
             "selector": {"matchLabels": {**selector_labels(target, tier), LABEL_GENERATION: generation}},
             "template": {"metadata": template_metadata, "spec": pod_spec},

@@ -242,7 +242,7 @@ class RetryBudget:
 
 
 class LatencyWindow:
-    """Recent latency samples (seconds) within `window_s`, at most `max_samples`; p95 cached briefly."""
+    """Recent latency samples (seconds) within `window_s`, at most `max_samples`; p95 cached for `cache_s`."""
 
     def __init__(
         self, window_s: float = 30.0, max_samples: int = 512, clock: Clock = time.monotonic, cache_s: float = 0.25
@@ -255,7 +255,11 @@ class LatencyWindow:
 
     def record(self, value: float) -> None:
         self._samples.append((self.clock(), value))
-        self._cached = None
+        # A new sample shows in p95() within `cache_s` (p95 is read twice per request and sorts up to
+        # `max_samples` values; recomputing it after every streamed request was the scheduler's biggest
+        # CPU cost). Only the first sample after an empty window invalidates at once.
+        if self._cached is not None and math.isnan(self._cached[1]):
+            self._cached = None
 
     def p95(self) -> float | None:
         now = self.clock()

@@ -283,12 +283,18 @@ class KubernetesDiscovery:
         return endpoints_from_slices(slices, self.config.port, tier, self._pod_info, self.generation)
 
     def _recompute(self) -> None:
+        """Re-filter both tiers for a new serving generation and publish them together: the scheduler
+        must never see the new prefill tier beside the old decode tier."""
+        lists = {}
         for tier, (kind, objects) in list(self._raw.items()):
             values = list(objects.values())
-            if kind == "pods":
-                self._publish(tier, endpoints_from_pods(values, self.config.port, tier, self.generation))
-            else:
-                self._publish(tier, self._compute(tier, values))
+            lists[tier] = (endpoints_from_pods(values, self.config.port, tier, self.generation) if kind == "pods"
+                           else self._compute(tier, values))
+        with self._lock:
+            self._lists.update(lists)
+            prefill, decode = list(self._lists[PREFILL]), list(self._lists[DECODE])
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.on_update, prefill, decode)
 
     def _watch_serving_generation(self) -> None:
         """Follow the DisaggregatedModel's status.rollout.servingGeneration: the operator switches

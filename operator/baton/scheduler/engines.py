@@ -7,18 +7,26 @@ either read whole (`post`) or streamed (`open`). `classify_failure` decides what
 a KV-format mismatch (never retried onto the same pair), a retryable replica failure (connection error,
 timeout, 5xx), or an engine answer to pass through (4xx).
 
-The Triton (`runtime: triton`) path is not implemented: see docs/scheduler.md.
+`TritonClient` implements the same interface for `runtime: triton` with `tritonclient.grpc.aio`: it turns
+each OpenAI body into KServe v2 requests on the `tensorrt_llm`-style models (`context`, unary `infer`, for
+`context_only`; `generation`, decoupled, gRPC `stream_infer`, for the rest) and their answers back into the
+OpenAI JSON / SSE bytes the request flow expects, so everything above this module is runtime-agnostic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import re
+import time
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
 from baton.scheduler.endpoints import Endpoint
+from baton.tokens import chat_prompt_text, is_token_ids
 
 # Fragments of TensorRT-LLM's cache-transceiver errors for incompatible KV layouts (cacheFormatter.cpp,
 # cacheTransferLayer.cpp). A generation-only request failing with one of these will fail the same way on
@@ -120,9 +128,8 @@ class _AiohttpResponse:
         finally:
             self._resp.release()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._resp.content.iter_any():
-            yield chunk
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._resp.content.iter_any()  # aiohttp's own iterator: no extra generator hop per chunk
 
     def release(self) -> None:
         if self._resp.content.at_eof():
@@ -184,10 +191,448 @@ class TrtllmServeClient:
         self._session = None
 
 
+# ---------------------------------------------------------------------------------------------- Triton
+TRITON_CONTEXT_MODEL = "context"
+TRITON_GENERATION_MODEL = "generation"
+TRITON_GRPC_PORT_OFFSET = 1  # the operator renders Triton pods with --http-port=P --grpc-port=P+1
+DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default; request_output_len is a required Triton input
+_TRITON_OUTPUTS = ("output_ids", "sequence_length", "num_input_tokens", "num_output_tokens", "text_output")
+# The engine simulator's errors end with "EngineRequestError: <status> <type>: <message>" inside Triton's
+# error text (PyTriton wraps the traceback); other Triton errors are mapped by their gRPC status.
+_ENGINE_ERROR_RE = re.compile(r"EngineRequestError: (\d{3}) ([A-Za-z]+): ([^\n]*)")
+_CONNECTION_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+class _BadRequest(Exception):
+    """The OpenAI body cannot become a Triton request (answered 400, as the HTTP engine would)."""
+
+
+def _error_json(message: str, status: int, err_type: str) -> bytes:
+    return json.dumps({"object": "error", "message": message, "type": err_type, "param": None,
+                       "code": status}).encode()
+
+
+def triton_error(text: str, grpc_status: str | None = None) -> tuple[int, bytes]:
+    """(HTTP-like status, OpenAI error body) for a Triton error text, so `classify_failure` applies unchanged."""
+    matches = _ENGINE_ERROR_RE.findall(text or "")
+    if matches:
+        status, err_type, message = matches[-1]
+        return int(status), _error_json(message.strip(), int(status), err_type)
+    code = (grpc_status or "").rsplit(".", 1)[-1]
+    status = 400 if code in ("INVALID_ARGUMENT", "NOT_FOUND") else 503 if code == "UNAVAILABLE" else 500
+    err_type = {400: "BadRequestError", 503: "ServiceUnavailableError"}.get(status, "InternalServerError")
+    return status, _error_json((text or f"Triton error {code}").strip()[:2000], status, err_type)
+
+
+def grpc_address(endpoint: Endpoint) -> str:
+    """Triton's gRPC address for an endpoint discovered by its HTTP port."""
+    host, _, port = endpoint.address.rpartition(":")
+    return f"{host}:{int(port) + TRITON_GRPC_PORT_OFFSET}"
+
+
+class _TritonCall:
+    """One OpenAI request as Triton inputs, and the OpenAI shapes of its answer."""
+
+    def __init__(self, body: bytes, path: str, request_id: str) -> None:
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise _BadRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise _BadRequest("request body must be a JSON object")
+        self.chat = path.endswith("/chat/completions")
+        self.request_id = request_id
+        self.model = data.get("model")
+        self.created = int(time.time())
+        dp = data.get("disaggregated_params") or {}
+        if not isinstance(dp, dict):
+            raise _BadRequest("disaggregated_params must be an object")
+        self.kind = dp.get("request_type") or "context_and_generation"
+        self.ids: list[int] | None = None
+        self.text: str | None = None
+        if self.chat:
+            if data.get("prompt_token_ids") is not None:
+                self.ids = data["prompt_token_ids"]
+            else:
+                messages = data.get("messages")
+                if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+                    raise _BadRequest("messages must be a non-empty list of message objects")
+                self.text = chat_prompt_text(messages)
+            max_tokens = data.get("max_completion_tokens")
+            if max_tokens is None:
+                max_tokens = data.get("max_tokens")
+        else:
+            prompt = data.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+                prompt = prompt[0]
+            if isinstance(prompt, str):
+                self.text = prompt
+            elif is_token_ids(prompt):
+                self.ids = prompt
+            else:
+                raise _BadRequest("prompt must be a string or a list of token ids (one prompt per request)")
+            max_tokens = data.get("max_tokens")
+        if self.ids is not None and not is_token_ids(self.ids):
+            raise _BadRequest("prompt_token_ids must be a list of integer token ids")
+        if max_tokens is None:
+            max_tokens = DEFAULT_MAX_TOKENS
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise _BadRequest(f"max_tokens must be an integer, got {max_tokens!r}")
+        self.max_tokens = max_tokens
+        if data.get("n") not in (None, 1):
+            raise _BadRequest("only n=1 is supported")
+        best_of = data.get("best_of")
+        self.beam_width = best_of if isinstance(best_of, int) and best_of > 1 else 2 if data.get("use_beam_search") else 1
+        self.stream = bool(data.get("stream")) and self.kind != "context_only"
+        options = data.get("stream_options") or {}
+        self.include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+        self.context_phase_params: bytes | None = None
+        if self.kind == "generation_only":
+            self.context_phase_params = self._handle_bytes(dp)
+
+    @staticmethod
+    def _handle_bytes(dp: dict) -> bytes:
+        raw = dp.get("context_phase_params")
+        if isinstance(raw, str) and raw:
+            try:
+                return base64.b64decode(raw, validate=True)
+            except ValueError as exc:
+                raise _BadRequest(f"disaggregated_params.context_phase_params is not base64: {exc}") from None
+        # a trtllm-serve-style handle: the simulator's ContextPhaseParams encoding of the same fields
+        fields = {k: dp.get(k) for k in ("first_gen_tokens", "ctx_request_id", "encoded_opaque_state", "draft_tokens")}
+        return json.dumps(fields, separators=(",", ":")).encode()
+
+    # ---------------------------------------------------------------- Triton side
+    def inputs(self, streaming: bool) -> list[Any]:
+        import numpy as np
+        from tritonclient.grpc import InferInput
+
+        def tensor(name: str, array: Any, dtype: str) -> Any:
+            t = InferInput(name, list(array.shape), dtype)
+            t.set_data_from_numpy(array)
+            return t
+
+        out = []
+        if self.ids is not None:
+            out.append(tensor("input_ids", np.array([self.ids], dtype=np.int32).reshape(1, -1), "INT32"))
+            out.append(tensor("input_lengths", np.array([[len(self.ids)]], dtype=np.int32), "INT32"))
+        else:
+            out.append(tensor("text_input", np.array([[(self.text or "").encode()]], dtype=np.object_), "BYTES"))
+        out.append(tensor("request_output_len", np.array([[self.max_tokens]], dtype=np.int32), "INT32"))
+        if self.beam_width != 1:
+            out.append(tensor("beam_width", np.array([[self.beam_width]], dtype=np.int32), "INT32"))
+        out.append(tensor("streaming", np.array([[streaming]], dtype=bool), "BOOL"))
+        if self.context_phase_params is not None:
+            cpp = np.frombuffer(self.context_phase_params, dtype=np.uint8).reshape(1, -1)
+            out.append(tensor("context_phase_params", cpp, "UINT8"))
+        return out
+
+    @staticmethod
+    def outputs(context: bool) -> list[Any]:
+        from tritonclient.grpc import InferRequestedOutput
+
+        names = (*_TRITON_OUTPUTS, "context_phase_params") if context else _TRITON_OUTPUTS
+        return [InferRequestedOutput(n) for n in names]
+
+    @staticmethod
+    def tokens_of(result: Any) -> tuple[list[int], str, int | None]:
+        ids = result.as_numpy("output_ids")
+        text = result.as_numpy("text_output")
+        n_in = result.as_numpy("num_input_tokens")
+        new = [int(t) for t in ids.reshape(-1)] if ids is not None else []
+        piece = b"".join(x if isinstance(x, bytes) else str(x).encode() for x in text.reshape(-1)).decode(
+            "utf-8", "replace") if text is not None else ""
+        return new, piece, int(n_in.reshape(-1)[0]) if n_in is not None and n_in.size else None
+
+    # ---------------------------------------------------------------- OpenAI side
+    @property
+    def cid(self) -> str:
+        return f"{'chatcmpl' if self.chat else 'cmpl'}-{self.request_id}"
+
+    def finish_reason(self, produced: int) -> str:
+        if self.kind == "context_only":
+            return "stop" if self.max_tokens == 1 else "length"
+        return "length" if produced >= self.max_tokens else "stop"
+
+    @staticmethod
+    def usage(prompt_tokens: int | None, completion_tokens: int) -> dict:
+        p = prompt_tokens or 0
+        return {"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens}
+
+    def full(self, ids: list[int], text: str, prompt_tokens: int | None, handle: dict | None = None) -> bytes:
+        fr = self.finish_reason(len(ids))
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": fr, "token_ids": ids, "disaggregated_params": handle}
+            out = {"id": self.cid, "object": "chat.completion", "created": self.created, "model": self.model,
+                   "choices": [choice], "usage": self.usage(prompt_tokens, len(ids))}
+        else:
+            choice = {"index": 0, "text": text, "token_ids": ids, "logprobs": None, "finish_reason": fr,
+                      "stop_reason": None, "disaggregated_params": handle}
+            out = {"id": self.cid, "object": "text_completion", "created": self.created, "model": self.model,
+                   "choices": [choice], "usage": self.usage(prompt_tokens, len(ids))}
+        return json.dumps(out).encode()
+
+    def _event(self, payload: dict) -> bytes:
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+    def chunk(self, ids: list[int], text: str, finish_reason: str | None) -> bytes:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        if self.chat:
+            choice = {"index": 0, "delta": {"content": text}, "token_ids": ids, "logprobs": None,
+                      "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "token_ids": ids, "logprobs": None, "finish_reason": finish_reason,
+                      "stop_reason": None}
+        return self._event({"id": self.cid, "object": obj, "created": self.created, "model": self.model,
+                            "choices": [choice]})
+
+    def role_chunk(self) -> bytes:
+        return self._event({"id": self.cid, "object": "chat.completion.chunk", "created": self.created,
+                            "model": self.model, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                              "logprobs": None, "finish_reason": None}]})
+
+    def usage_chunk(self, prompt_tokens: int | None, completion_tokens: int) -> bytes:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._event({"id": self.cid, "object": obj, "created": self.created, "model": self.model,
+                            "choices": [], "usage": self.usage(prompt_tokens, completion_tokens)})
+
+    def context_handle(self, first_tokens: list[int], raw: bytes) -> dict:
+        """`disaggregated_params` of a context-only answer. The raw ContextPhaseParams bytes travel as base64
+        (passed back verbatim on generation); the simulator's bytes are JSON, whose fields are copied out."""
+        handle: dict[str, Any] = {"request_type": "context_only", "first_gen_tokens": first_tokens,
+                                  "ctx_request_id": self.request_id, "encoded_opaque_state": None,
+                                  "draft_tokens": None, "context_phase_params": base64.b64encode(raw).decode()}
+        try:
+            decoded = json.loads(raw)
+        except ValueError:
+            decoded = None  # a real executor's binary ContextPhaseParams: opaque to the scheduler
+        if isinstance(decoded, dict):
+            for key in ("first_gen_tokens", "ctx_request_id", "encoded_opaque_state", "draft_tokens"):
+                if decoded.get(key) is not None:
+                    handle[key] = decoded[key]
+        return handle
+
+
+class _StaticResponse:
+    """An answer that is already complete (an error before the first token)."""
+
+    __slots__ = ("status", "content_type", "_body")
+
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.status = status
+        self.content_type = content_type
+        self._body = body
+
+    async def read(self) -> bytes:
+        return self._body
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self._body
+
+    def release(self) -> None:
+        pass
+
+
+class _TritonStream:
+    """A streamed generation: Triton responses -> OpenAI SSE events, ending with `[DONE]` as trtllm-serve does.
+    A transport failure mid-stream surfaces as ConnectionError (an OSError), which the relay treats as a
+    broken engine stream."""
+
+    status = 200
+    content_type = "text/event-stream"
+
+    def __init__(self, call: _TritonCall, responses: Any, first: Any, read_timeout: float) -> None:
+        self._call = call
+        self._responses = responses
+        self._first = first
+        self._timeout = read_timeout
+        self._done = False
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        call = self._call
+        produced = 0
+        prompt_tokens = None
+        if call.chat:
+            yield call.role_chunk()
+        item = self._first
+        while item is not None:
+            result, error = item
+            if error is not None:
+                _, body = triton_error(error.message(), error.status())
+                yield b"data: " + body + b"\n\n" + b"data: [DONE]\n\n"
+                self._done = True
+                return
+            ids, text, n_in = call.tokens_of(result)
+            prompt_tokens = n_in if n_in is not None else prompt_tokens
+            produced += len(ids)
+            if ids or text:
+                yield call.chunk(ids, text, call.finish_reason(produced) if produced >= call.max_tokens else None)
+            item = await self._next()
+        if produced < call.max_tokens:  # ended early (a real engine's EOS): say so in an empty last chunk
+            yield call.chunk([], "", call.finish_reason(produced))
+        if call.include_usage:
+            yield call.usage_chunk(prompt_tokens, produced)
+        yield b"data: [DONE]\n\n"
+        self._done = True
+
+    async def _next(self) -> Any:
+        try:
+            return await asyncio.wait_for(self._responses.__anext__(), self._timeout)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            self.release()
+            raise
+        except Exception as exc:  # grpc.aio.AioRpcError and the like: the stream broke
+            raise ConnectionError(f"Triton stream failed: {type(exc).__name__}: {exc}") from exc
+
+    def release(self) -> None:
+        if not self._done:
+            self._done = True
+            _cancel(self._responses)
+
+
+def _cancel(responses: Any) -> None:
+    """Cancel a gRPC stream (nothing happens when it has already ended)."""
+    try:
+        responses.cancel()
+    except Exception:  # noqa: BLE001 - already finished, or no stream
+        pass
+
+
+class TritonClient:
+    """Triton's KServe v2 gRPC API through `tritonclient.grpc.aio`; one client (channel) per replica."""
+
+    def __init__(self, read_timeout: float = 600.0, connect_timeout: float = 5.0) -> None:
+        import tritonclient.grpc.aio  # noqa: F401 - fail at start-up, not at the first request
+
+        self.read_timeout = read_timeout
+        self.connect_timeout = connect_timeout
+        self._clients: dict[str, Any] = {}
+
+    def _client(self, endpoint: Endpoint) -> Any:
+        address = grpc_address(endpoint)
+        client = self._clients.get(address)
+        if client is None:
+            from tritonclient.grpc.aio import InferenceServerClient
+
+            client = self._clients[address] = InferenceServerClient(address)
+        return client
+
+    @staticmethod
+    def _metadata(request_id: str) -> dict[str, str]:
+        return {"x-request-id": request_id}
+
+    def _failure(self, endpoint: Endpoint, exc: Exception) -> EngineFailure:
+        return EngineFailure(endpoint, f"{type(exc).__name__}: {exc}", kind="connection")
+
+    async def _context(self, endpoint: Endpoint, call: _TritonCall) -> tuple[int, bytes, str]:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            result = await self._client(endpoint).infer(
+                TRITON_CONTEXT_MODEL, call.inputs(False), outputs=call.outputs(context=True),
+                request_id=call.request_id, parameters={"request_type": call.kind},
+                headers=self._metadata(call.request_id), client_timeout=self.read_timeout,
+            )
+        except InferenceServerException as exc:
+            status = str(exc.status() or "")
+            if status.rsplit(".", 1)[-1] in _CONNECTION_CODES and not _ENGINE_ERROR_RE.search(exc.message() or ""):
+                raise self._failure(endpoint, exc) from exc
+            code, body = triton_error(exc.message() or "", status)
+            return code, body, "application/json"
+        ids, text, n_in = call.tokens_of(result)
+        raw = result.as_numpy("context_phase_params")
+        handle = call.context_handle(ids, raw.astype("uint8").tobytes()) if raw is not None else None
+        return 200, call.full(ids, text, n_in, handle), "application/json"
+
+    async def _start_stream(self, endpoint: Endpoint, call: _TritonCall, streaming: bool) -> tuple[Any, Any]:
+        """Open the generation stream and wait for its first response (result, error)."""
+        request = {"model_name": TRITON_GENERATION_MODEL, "inputs": call.inputs(streaming),
+                   "outputs": call.outputs(context=False), "request_id": call.request_id,
+                   "parameters": {"request_type": call.kind}}
+
+        async def one() -> AsyncIterator[dict]:
+            yield request
+
+        try:
+            responses = self._client(endpoint).stream_infer(one(), headers=self._metadata(call.request_id))
+            first = await asyncio.wait_for(responses.__anext__(), self.read_timeout)
+        except StopAsyncIteration:
+            return None, None
+        except Exception as exc:  # InferenceServerException, grpc.aio.AioRpcError, timeouts: transport-level
+            raise self._failure(endpoint, exc) from exc
+        return responses, first
+
+    async def post(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> tuple[int, bytes, str]:
+        try:
+            call = _TritonCall(body, path, request_id)
+        except _BadRequest as exc:
+            return 400, _error_json(str(exc), 400, "BadRequestError"), "application/json"
+        if call.kind == "context_only":
+            return await self._context(endpoint, call)
+        responses, item = await self._start_stream(endpoint, call, streaming=False)
+        ids: list[int] = []
+        texts: list[str] = []
+        prompt_tokens = None
+        try:
+            while item is not None:
+                result, error = item
+                if error is not None:
+                    code, err = triton_error(error.message(), error.status())
+                    return code, err, "application/json"
+                new, text, n_in = call.tokens_of(result)
+                ids += new
+                texts.append(text)
+                prompt_tokens = n_in if n_in is not None else prompt_tokens
+                try:
+                    item = await asyncio.wait_for(responses.__anext__(), self.read_timeout)
+                except StopAsyncIteration:
+                    item = None
+        except Exception as exc:
+            raise self._failure(endpoint, exc) from exc
+        finally:
+            if item is not None:  # left before the stream's end
+                _cancel(responses)
+        return 200, call.full(ids, "".join(texts), prompt_tokens), "application/json"
+
+    async def open(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> EngineResponse:
+        try:
+            call = _TritonCall(body, path, request_id)
+        except _BadRequest as exc:
+            return _StaticResponse(400, _error_json(str(exc), 400, "BadRequestError"))
+        if call.kind == "context_only":
+            status, data, ctype = await self._context(endpoint, call)
+            return _StaticResponse(status, data, ctype)
+        responses, first = await self._start_stream(endpoint, call, streaming=True)
+        if first is not None and first[1] is not None:  # failed before the first token: an ordinary error
+            _cancel(responses)
+            status, data = triton_error(first[1].message(), first[1].status())
+            return _StaticResponse(status, data)
+        return _TritonStream(call, responses, first, self.read_timeout)
+
+    async def health(self, endpoint: Endpoint, timeout: float) -> bool:
+        try:
+            client = self._client(endpoint)
+            return bool(await client.is_server_ready(client_timeout=timeout)
+                        and await client.is_model_ready(TRITON_GENERATION_MODEL, client_timeout=timeout))
+        except Exception:  # noqa: BLE001 - any failure means not healthy
+            return False
+
+    async def close(self) -> None:
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            try:
+                await client.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
 def make_engine_client(runtime: str, read_timeout: float) -> EngineClient:
     if runtime == "triton":
-        raise NotImplementedError(
-            "runtime 'triton' is not supported by the scheduler yet (Triton runs both tiers in one MPI world; "
-            "see docs/scheduler.md); use runtime: trtllm-serve"
-        )
+        return TritonClient(read_timeout=read_timeout)
     return TrtllmServeClient(read_timeout=read_timeout)

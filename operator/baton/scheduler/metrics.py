@@ -192,47 +192,57 @@ class PrometheusHooks(SchedulerHooks):
         )
         if snapshot is not None:
             self.registry.register(_StateCollector(snapshot))
+        # labelled children, looked up once: `labels()` validates and locks on every call, and the request
+        # path records about eight samples per request (label values are a small fixed set)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
     def routed(self, route: str, reason: str, prompt_tokens: int) -> None:
-        self.routing_decisions.labels(route, reason).inc()
-        self.prompt_tokens.labels(route).inc(prompt_tokens)
+        self._child(self.routing_decisions, route, reason).inc()
+        self._child(self.prompt_tokens, route).inc(prompt_tokens)
 
     def queue_wait(self, route: str, pool: str, seconds: float) -> None:
-        self.queue_wait_seconds.labels(route, pool).observe(seconds)
+        self._child(self.queue_wait_seconds, route, pool).observe(seconds)
 
     def dispatched(self, route: str, overhead_seconds: float) -> None:
-        self.overhead_seconds.labels(route).observe(overhead_seconds)
+        self._child(self.overhead_seconds, route).observe(overhead_seconds)
 
     def rejected(self, route: str, reason: str) -> None:
-        self.rejections.labels(route, reason).inc()
+        self._child(self.rejections, route, reason).inc()
 
     def retried(self, route: str, reason: str) -> None:
-        self.retries.labels(route, reason).inc()
+        self._child(self.retries, route, reason).inc()
 
     def first_token(self, route: str, seconds: float) -> None:
-        self.ttft_seconds.labels(route).observe(seconds)
+        self._child(self.ttft_seconds, route).observe(seconds)
 
     def tpot(self, route: str, seconds: float) -> None:
-        self.tpot_seconds.labels(route).observe(seconds)
+        self._child(self.tpot_seconds, route).observe(seconds)
 
     def kv_transfer(self, seconds: float, source: str) -> None:
-        self.kv_transfer_seconds.labels(source).observe(seconds)
+        self._child(self.kv_transfer_seconds, source).observe(seconds)
 
     def hold(self, event: str) -> None:
-        self.holds.labels(event).inc()
+        self._child(self.holds, event).inc()
 
     def finished(self, route: str, outcome: str, seconds: float) -> None:
-        self.requests.labels(route, outcome).inc()
-        self.e2e_seconds.labels(route, outcome).observe(seconds)
+        self._child(self.requests, route, outcome).inc()
+        self._child(self.e2e_seconds, route, outcome).observe(seconds)
 
     def heartbeat(self, tier: str, ok: bool) -> None:
-        self.heartbeats.labels(tier, "ok" if ok else "failed").inc()
+        self._child(self.heartbeats, tier, "ok" if ok else "failed").inc()
 
     def config_reload(self, result: str) -> None:
-        self.reloads.labels(result).inc()
+        self._child(self.reloads, result).inc()
 
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -2,7 +2,9 @@
 
 `ParsedRequest` keeps the client's raw bytes (forwarded untouched on the local route whenever possible),
 the decoded dict, and the prompt serialized at most once. Upstream bodies are built by serializing the
-small fields and splicing the prompt's JSON in, so a 220 KB prompt is never re-encoded per attempt.
+small fields and splicing the prompt's JSON in, so a 220 KB prompt is never re-encoded per attempt; the
+context answer's prompt_token_ids are cut out of its bytes and spliced into the generation request
+without being decoded (`parse_context_answer`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from baton.tokens import chat_prompt_text, count_prompt_tokens, count_text_tokens, is_token_ids
+from baton.tokens import chat_prompt_text, count_text_tokens
 
 COMPLETIONS = "completions"
 CHAT = "chat"
@@ -22,7 +24,36 @@ BATON_FIELD = "baton"  # request extension: {"baton": {"highPrecision": true}}; 
 
 _MARK = "\u0000baton-prompt\u0000"
 _MARK_JSON = json.dumps(_MARK).encode()
+_RAW_MARK = "\u0000baton-raw\u0000"
+_RAW_MARK_JSON = json.dumps(_RAW_MARK).encode()
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+_IDS_KEY = b'"prompt_token_ids"'
+_ID_LIST_CHARS = b"0123456789, \t\r\n"
+
+
+class RawJSON(bytes):
+    """An already-serialized JSON value, spliced into an upstream body as is (never decoded)."""
+
+
+def parse_context_answer(data: bytes) -> tuple[Any, RawJSON | None]:
+    """A context-only answer, decoded except for its top-level `prompt_token_ids`, returned as raw JSON.
+
+    The ids (one per prompt token: ~56K for a 220 KB prompt) only travel on to the generation request, so
+    they are cut out of the bytes instead of being decoded and encoded again. Anything unusual (the key
+    seen more than once, a value that is not a flat list of non-negative integers, the key not at the top
+    level) falls back to decoding everything, with `None` for the raw ids.
+    """
+    key = data.find(_IDS_KEY)
+    if key >= 0 and data.find(_IDS_KEY, key + 1) < 0:
+        start = data.find(b"[", key)
+        end = data.find(b"]", start) if start >= 0 else -1
+        if end > 0 and data[key + len(_IDS_KEY): start].strip() == b":" \
+                and not data[start + 1: end].translate(None, _ID_LIST_CHARS):
+            answer = json.loads(data[:start] + b"[]" + data[end + 1:])
+            if isinstance(answer, dict) and answer.get("prompt_token_ids") == []:
+                return answer, RawJSON(data[start: end + 1])
+    return json.loads(data), None
 
 
 class RequestError(Exception):
@@ -34,6 +65,14 @@ class RequestError(Exception):
         self.message = message
         self.code = code
         self.param = param
+
+
+def _is_token_ids(value: object) -> bool:
+    """`baton.tokens.is_token_ids` for a JSON-decoded value, at C speed (a prompt can hold 100K ids).
+
+    json.loads only produces exact ints, so `type(t) is int` (which excludes bools) is the same test.
+    """
+    return isinstance(value, list) and (not value or set(map(type, value)) == {int})
 
 
 def _truthy(value: object) -> bool:
@@ -68,15 +107,27 @@ class ParsedRequest:
 
     def render(self, overrides: Mapping[str, Any], drop: tuple[str, ...] = (), prompt_json: bytes | None = None,
                ) -> bytes:
-        """The request with `overrides` set and `drop` removed; the prompt is spliced in, not re-encoded."""
+        """The request with `overrides` set and `drop` removed; the prompt (and at most one `RawJSON`
+        override) is spliced in, not re-encoded."""
         small = {
             k: v
             for k, v in self.data.items()
             if k != self.prompt_key and k != BATON_FIELD and k not in drop and k not in overrides
         }
-        small.update(overrides)
+        raw_value: RawJSON | None = None
+        raw_key = ""
+        for key, value in overrides.items():
+            if isinstance(value, RawJSON):
+                raw_key, raw_value = key, value
+            else:
+                small[key] = value
+        if raw_value is not None:
+            small[raw_key] = _RAW_MARK  # second to last key: the last raw marker before the prompt's is ours
         small[self.prompt_key] = _MARK  # last key, so the last occurrence of the marker is ours
         head, _, tail = _dumps(small).encode().rpartition(_MARK_JSON)
+        if raw_value is not None:
+            before, _, after = head.rpartition(_RAW_MARK_JSON)
+            head = b"".join((before, raw_value, after))
         return b"".join((head, prompt_json if prompt_json is not None else self.prompt_json(), tail))
 
     def local_body(self) -> bytes:
@@ -91,16 +142,20 @@ class ParsedRequest:
             {"disaggregated_params": {"request_type": "context_only"}, "stream": False}, drop=("stream_options",)
         )
 
-    def generation_body(self, handle: Mapping[str, Any], prompt_token_ids: list[int] | None) -> bytes:
-        """generation_only with the context handle; the prompt becomes the context's prompt_token_ids."""
+    def generation_body(self, handle: Mapping[str, Any], prompt_token_ids: list[int] | bytes | None) -> bytes:
+        """generation_only with the context handle; the prompt becomes the context's prompt_token_ids
+        (a list, or their JSON as cut out of the context answer by `parse_context_answer`)."""
         params = dict(handle)
         params["request_type"] = "generation_only"
         if prompt_token_ids is None:
             return self.render({"disaggregated_params": params})
-        ids_json = _dumps(prompt_token_ids).encode()
+        if isinstance(prompt_token_ids, bytes):
+            ids_json = RawJSON(prompt_token_ids)
+        else:
+            ids_json = RawJSON(_dumps(prompt_token_ids).encode())
         if self.api == COMPLETIONS:
             return self.render({"disaggregated_params": params}, prompt_json=ids_json)
-        return self.render({"disaggregated_params": params, "prompt_token_ids": prompt_token_ids})
+        return self.render({"disaggregated_params": params, "prompt_token_ids": ids_json})
 
 
 def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) -> ParsedRequest:
@@ -126,8 +181,8 @@ def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) 
             rewrite = True
         if isinstance(prompt, str):
             tokens = count_text_tokens(prompt)
-        elif is_token_ids(prompt):
-            tokens = count_prompt_tokens(prompt)
+        elif _is_token_ids(prompt):
+            tokens = len(prompt)
         elif prompt is None:
             raise RequestError(400, "`prompt` is required", "invalid_request", "prompt")
         else:

@@ -57,7 +57,7 @@ from baton.scheduler.replies import (
     error_body,
     sse_error,
 )
-from baton.scheduler.requests import CHAT, ParsedRequest, RequestError, parse_request
+from baton.scheduler.requests import CHAT, ParsedRequest, RequestError, parse_context_answer, parse_request
 from baton.scheduler.routing import Band, Decision, LoadView, Route, classify, decide
 
 log = logging.getLogger("baton.scheduler")
@@ -668,7 +668,7 @@ class SchedulerService:
                 sample = req.tokens / elapsed
                 self.prefill_tps = sample if not self.prefill_tps else 0.8 * self.prefill_tps + 0.2 * sample
             try:
-                answer = json.loads(data)
+                answer, ids_json = parse_context_answer(data)
                 choice = answer["choices"][0]
                 handle = choice.get("disaggregated_params") or {}
                 if handle.get("ctx_request_id") is None:
@@ -697,8 +697,15 @@ class SchedulerService:
                     "hold_expired", "service_unavailable",
                 )
             ctx.decode = lease.replica
-            body = req.generation_body(handle, answer.get("prompt_token_ids"))
+            body = req.generation_body(handle, ids_json if ids_json is not None else answer.get("prompt_token_ids"))
             return await self._generate(ctx, lease, body, handoff=True)
+
+    def _current_ring(self, prefill: ReplicaState) -> tuple[str, ...]:
+        ring = self.rings.get(prefill.address)
+        if ring:
+            return ring
+        fingerprint = prefill.endpoint.fingerprint
+        return tuple(sorted(a for a, r in self.decode.items() if r.endpoint.fingerprint == fingerprint))
 
     async def _hold(self, ctx: _Ctx, prefill: ReplicaState, handle: dict[str, Any],
                     ring: tuple[str, ...]) -> _DecodeLease | None:
@@ -709,8 +716,11 @@ class SchedulerService:
         log.info("event=hold request_id=%s prefill=%s ring=%s ttl_s=%g", ctx.rid, prefill.address, ",".join(ring), ttl)
         excluded = ctx.excluded
         try:
+            # The ring is looked up on every attempt: endpoints may change while the request is held
+            # (a generation switch), and the handle fits any decode replica of the prefill's KV format.
             lease = await self.decode_queue.acquire(
-                lambda: self._try_decode(ring, excluded, False), _DecodeLease.release, ttl, priority=True
+                lambda: self._try_decode(self._current_ring(prefill) or ring, excluded, False),
+                _DecodeLease.release, ttl, priority=True,
             )
         except QueueTimeout:
             self.hooks.hold("expired")

@@ -1,0 +1,557 @@
+"""The benchmarks' load generator: a separate process that sends HTTP requests and times them.
+
+    python -m baton.bench.loadgen < spec.json > results.json
+
+It runs in its own process so that, on a small machine, its CPU time is not charged to the processes
+under test and can be reported separately. It uses a minimal HTTP/1.1 client on an asyncio protocol
+(keep-alive, Content-Length and chunked bodies, parsed in the data callback) because a full client library
+would cost several times more CPU per request than the scheduler being measured.
+
+Input (stdin, one JSON object):
+    {"watch": {"name": pid, ...},          # processes whose CPU time is read from /proc before/after each phase
+     "phases": [PHASE, ...]}             # (nanosecond schedstat counts when they agree with the ticks)
+PHASE:
+    {"name": str,
+     "target": {"kind": "single", "addr": "127.0.0.1:PORT", "path": "/v1/completions"}
+             | {"kind": "handoff", "ctx": ADDR, "gen": ADDR, "path": "/v1/completions"},
+     "bodies": {"kind": "ids", "rows": [[prompt_tokens, max_tokens], ...], "first_index": int}
+             | {"kind": "text", "bytes": int, "count": int, "max_tokens": int, "first_index": int},
+     "model": str, "stream": bool,
+     "mode": "open", "rate": float            # fixed-rate arrivals (open loop)
+           | "closed", "concurrency": int     # each worker sends its next request when the last one ends
+     "max_seconds": float,                     # no request is sent after this; outstanding ones get `timeout_s`
+     "timeout_s": float,
+     "record": bool}                           # false: warm-up, results not returned
+Output (stdout, one JSON object): {"phases": [RESULT, ...]} where RESULT has "name", "sent", "wall_s"
+(first send to last answer), "loadgen_cpu_s", "cpu_s" ({name: seconds} of the watched processes),
+"machine_busy_s" (busy CPU seconds of the whole machine, every process included),
+"send_lag_ms" ({p50, p99, max}: how late sends were against the schedule), and "requests": one list per
+request, in index order: [index, status, latency_s, ttft_s, retry_after, route, engine_s, error, sent_at_s,
+sse_events] (`sent_at_s` from the phase's start), where
+`engine_s` (handoff target only) is the sum of the two engine round trips, excluding the client's own
+work between them, and `retry_after` is the Retry-After header's value or null.
+Every phase is bounded by its request count and `max_seconds`; every request by `timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+VOCAB_LOW, VOCAB_HIGH = 1000, 30000  # token ids valid for any Llama vocabulary (as baton.replay uses)
+_WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+    "quebec romeo sierra tango uniform victor whiskey xray yankee zulu the of and to in is that for it as"
+).split()
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+# ------------------------------------------------------------------------------------------------ bodies
+def prompt_ids(index: int, length: int) -> list[int]:
+    """`length` token ids, different for each request index (the same ids as `baton replay` sends)."""
+    span = VOCAB_HIGH - VOCAB_LOW
+    start = (index * 7919) % span
+    return [VOCAB_LOW + (start + i * 31) % span for i in range(length)]
+
+
+def prompt_text(index: int, nbytes: int) -> str:
+    """ASCII text of exactly `nbytes` bytes, different for each request index (no JSON escaping needed)."""
+    words = []
+    size = 0
+    k = index * 2654435761
+    while size < nbytes:
+        k = (k * 1103515245 + 12345) & 0x7FFFFFFF
+        word = _WORDS[k % len(_WORDS)]
+        words.append(word)
+        size += len(word) + 1
+    return (f"{index} " + " ".join(words))[:nbytes]
+
+
+def build_bodies(spec: dict[str, Any], model: str, stream: bool) -> list[dict[str, Any]]:
+    first = int(spec.get("first_index", 0))
+    if spec["kind"] == "ids":
+        return [{"model": model, "prompt": prompt_ids(first + i, int(n)), "max_tokens": int(m), "stream": stream}
+                for i, (n, m) in enumerate(spec["rows"])]
+    if spec["kind"] == "text":
+        return [{"model": model, "prompt": prompt_text(first + i, int(spec["bytes"])),
+                 "max_tokens": int(spec["max_tokens"]), "stream": stream} for i in range(int(spec["count"]))]
+    raise ValueError(f"unknown bodies kind {spec['kind']!r}")
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def split_ids(data: bytes) -> tuple[Any, bytes]:
+    """A context-only answer decoded without its `prompt_token_ids`, which are returned as raw JSON
+    (decoding and re-encoding ~56K ids per 220 KB prompt would make the load generator the bottleneck)."""
+    key = data.rfind(b'"prompt_token_ids"')
+    start = data.index(b"[", key)
+    end = data.index(b"]", start) + 1
+    return json.loads(data[:start] + b"[]" + data[end:]), data[start:end]
+
+
+# ------------------------------------------------------------------------------------------------ HTTP
+class HttpError(Exception):
+    pass
+
+
+class Answer:
+    __slots__ = ("status", "headers", "body", "t_first", "done", "events")
+
+    def __init__(self, status: int, headers: dict[bytes, bytes], body: bytes, t_first: float | None,
+                 done: bool, events: int = 0) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.t_first = t_first  # perf_counter when the first body bytes arrived
+        self.done = done  # a streamed answer ended with [DONE]
+        self.events = events  # SSE events ("data:" lines) in the body
+
+
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _UNTIL_CLOSE = range(6)
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, parsed in `data_received` (one callback per socket read, no
+    coroutine switch per SSE chunk: the load generator must stay cheaper than what it measures)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.waiter: asyncio.Future[Answer] | None = None
+        self.buf = bytearray()
+        self.state = -1  # no request in progress
+        self.got_bytes = False
+        self.keep = True
+
+    # -- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.state == _UNTIL_CLOSE and self.waiter is not None and not self.waiter.done():
+            self._finish()
+            return
+        if self.waiter is not None and not self.waiter.done():
+            err = ConnectionResetError("connection closed by the server")
+            err.partial = bytes(self.buf) if self.got_bytes else b""  # type: ignore[attr-defined]
+            self.waiter.set_exception(err)
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiter is None or self.waiter.done():
+            return  # nothing asked for (a stray byte after an answer); ignored
+        if not self.got_bytes:
+            self.got_bytes = True
+        self.buf += data
+        try:
+            self._parse()
+        except (ValueError, IndexError) as exc:
+            self.waiter.set_exception(HttpError(f"unparseable response: {exc}"))
+            self.close()
+
+    # -- request
+    def send(self, head: bytes, body: bytes) -> asyncio.Future[Answer]:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.buf.clear()
+        self.got_bytes = False
+        self.state = _HEAD
+        self.status = 0
+        self.headers: dict[bytes, bytes] = {}
+        self.parts: list[bytes] = []
+        self.t_first: float | None = None
+        self.tail = b""
+        self.done = False
+        self.events = 0
+        self.need = 0
+        self.keep = True
+        self.transport.write(head)
+        self.transport.write(body)
+        return self.waiter
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    # -- parsing
+    def _body(self, data: bytes) -> None:
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        if self.status != 200 or self.state == _LENGTH or self.state == _UNTIL_CLOSE:
+            self.parts.append(data)
+        if b"[DONE]" in self.tail + data:
+            self.done = True
+        self.tail = data[-16:]
+        self.events += data.count(b"data:")
+
+    def _finish(self) -> None:
+        body = b"".join(self.parts) if (self.status != 200 or self.state != _TRAILER) else b""
+        self.state = -1
+        assert self.waiter is not None
+        self.waiter.set_result(Answer(self.status, self.headers, body, self.t_first, self.done, self.events))
+
+    def _parse(self) -> None:
+        buf = self.buf
+        while True:
+            state = self.state
+            if state == _HEAD:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                lines = bytes(buf[:end]).split(b"\r\n")
+                del buf[:end + 4]
+                self.status = int(lines[0].split(b" ", 2)[1])
+                headers = self.headers
+                for line in lines[1:]:
+                    key, _, value = line.partition(b":")
+                    headers[key.strip().lower()] = value.strip()
+                self.keep = headers.get(b"connection", b"").lower() != b"close"
+                if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+                    self.state = _CHUNK_SIZE
+                elif b"content-length" in headers:
+                    self.need = int(headers[b"content-length"])
+                    self.state = _LENGTH
+                    if self.need == 0:
+                        self._finish()
+                        return
+                else:
+                    self.keep = False
+                    self.state = _UNTIL_CLOSE
+            elif state == _LENGTH:
+                if len(buf) < self.need:
+                    return
+                self._body(bytes(buf[:self.need]))
+                del buf[:self.need]
+                self._finish()
+                return
+            elif state == _UNTIL_CLOSE:
+                if buf:
+                    self._body(bytes(buf))
+                    buf.clear()
+                return
+            elif state == _CHUNK_SIZE:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    return
+                size = int(bytes(buf[:end]).split(b";", 1)[0], 16)
+                del buf[:end + 2]
+                if size == 0:
+                    self.state = _TRAILER
+                else:
+                    self.need = size
+                    self.state = _CHUNK_DATA
+            elif state == _CHUNK_DATA:
+                if len(buf) < self.need + 2:
+                    return
+                self._body(bytes(buf[:self.need]))
+                del buf[:self.need + 2]
+                self.state = _CHUNK_SIZE
+            elif state == _TRAILER:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    return
+                del buf[:end + 2]
+                if end == 0:  # the empty line after the last chunk (aiohttp sends no trailers)
+                    self._finish()
+                    return
+            else:
+                return
+
+
+class Pool:
+    """Keep-alive connections to one host:port; a connection serves one request at a time."""
+
+    def __init__(self, addr: str) -> None:
+        host, _, port = addr.rpartition(":")
+        self.host = host
+        self.port = int(port)
+        self.host_header = addr.encode()
+        self.idle: list[_Conn] = []
+
+    async def _connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(_Conn, self.host, self.port)
+        return conn
+
+    async def request(self, path: str, body: bytes, request_id: str) -> Answer:
+        head = (b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"X-Request-Id: %s\r\n\r\n" % (path.encode(), self.host_header, len(body), request_id.encode()))
+        conn = None
+        while self.idle and conn is None:
+            candidate = self.idle.pop()
+            if not candidate.closed:
+                conn = candidate
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect()
+        try:
+            try:
+                answer = await conn.send(head, body)
+            except ConnectionError as exc:
+                conn.close()
+                if not (reused and not getattr(exc, "partial", b"")):
+                    raise
+                # the server closed an idle keep-alive connection before answering: once more on a fresh one
+                conn = await self._connect()
+                answer = await conn.send(head, body)
+        except BaseException:
+            conn.close()
+            raise
+        if conn.keep and not conn.closed:
+            self.idle.append(conn)
+        else:
+            conn.close()
+        return answer
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+# ------------------------------------------------------------------------------------------------ phases
+def proc_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a whole process (all its threads, live or exited) from /proc/<pid>/stat, in
+    10 ms ticks; None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def proc_cpu_ns_seconds(pid: int) -> float | None:
+    """CPU time of a process's live threads from /proc/<pid>/task/*/schedstat (nanoseconds); None if
+    unreadable. Finer than `proc_cpu_seconds` but blind to threads that exited."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as handle:
+                total += int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
+
+
+def cpu_reading(pid: int) -> tuple[float | None, float | None]:
+    return proc_cpu_seconds(pid), proc_cpu_ns_seconds(pid)
+
+
+def cpu_delta(before: tuple[float | None, float | None], after: tuple[float | None, float | None]) -> float | None:
+    """CPU seconds between two `cpu_reading`s: the nanosecond count when it agrees with the tick count
+    (within two ticks and 5%), else the tick count (a thread exited in between)."""
+    if before[0] is None or after[0] is None:
+        return None
+    ticks = after[0] - before[0]
+    if before[1] is not None and after[1] is not None:
+        ns = after[1] - before[1]
+        if ns >= 0 and abs(ns - ticks) <= 2.0 / CLK_TCK + 0.05 * ticks:
+            return ns
+    return ticks
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds spent busy (not idle or waiting for I/O) by all CPUs since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat", "rb") as handle:
+            fields = handle.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != b"cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+class Phase:
+    def __init__(self, spec: dict[str, Any], pools: dict[str, Pool]) -> None:
+        self.spec = spec
+        self.name = spec["name"]
+        self.stream = bool(spec.get("stream", True))
+        self.timeout = float(spec.get("timeout_s", 30.0))
+        target = spec["target"]
+        self.kind = target["kind"]
+        self.path = target.get("path", "/v1/completions")
+
+        def pool(addr: str) -> Pool:
+            if addr not in pools:
+                pools[addr] = Pool(addr)
+            return pools[addr]
+
+        bodies = build_bodies(spec["bodies"], spec["model"], self.stream)
+        self.first_index = int(spec["bodies"].get("first_index", 0))
+        if self.kind == "single":
+            self.pool = pool(target["addr"])
+            self.payloads = [_dumps(b) for b in bodies]
+        elif self.kind == "handoff":
+            self.ctx_pool = pool(target["ctx"])
+            self.gen_pool = pool(target["gen"])
+            self.payloads = [
+                _dumps({**b, "stream": False, "disaggregated_params": {"request_type": "context_only"}})
+                for b in bodies
+            ]
+            # generation_only bodies are this head + the handle + the context answer's prompt ids (spliced)
+            self.gen_heads = [_dumps({k: v for k, v in b.items() if k != "prompt"})[:-1] for b in bodies]
+        else:
+            raise ValueError(f"unknown target kind {self.kind!r}")
+        self.results: list[list[Any] | None] = [None] * len(self.payloads)
+        self.t_start = time.perf_counter()
+
+    async def one(self, i: int) -> None:
+        rid = f"bench-{self.name}-{self.first_index + i}"
+        t0 = time.perf_counter()
+        sent_at = t0 - self.t_start
+        engine_s = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self.kind == "single":
+                    answer = await self.pool.request(self.path, self.payloads[i], rid)
+                else:
+                    ctx = await self.ctx_pool.request(self.path, self.payloads[i], rid)
+                    t_ctx = time.perf_counter()
+                    if ctx.status != 200:
+                        self.results[i] = [i, ctx.status, t_ctx - t0, None, None, "", None, "context_failed",
+                                           sent_at, 0]
+                        return
+                    data, ids = split_ids(ctx.body)
+                    params = dict(data["choices"][0]["disaggregated_params"])
+                    params["request_type"] = "generation_only"
+                    payload = b"".join((self.gen_heads[i], b',"disaggregated_params":', _dumps(params),
+                                        b',"prompt":', ids, b"}"))
+                    t_gen = time.perf_counter()
+                    answer = await self.gen_pool.request(self.path, payload, rid)
+                    engine_s = (t_ctx - t0) + (time.perf_counter() - t_gen)
+                    if answer.t_first is not None:  # TTFT as the engines alone would give it
+                        answer.t_first = t0 + (t_ctx - t0) + (answer.t_first - t_gen)
+        except TimeoutError:
+            self.results[i] = [i, 0, time.perf_counter() - t0, None, None, "", None, "timeout", sent_at, 0]
+            return
+        except (OSError, HttpError, ValueError, KeyError, IndexError) as exc:
+            self.results[i] = [i, 0, time.perf_counter() - t0, None, None, "", None, type(exc).__name__, sent_at, 0]
+            return
+        t_end = time.perf_counter()
+        latency = engine_s if engine_s is not None else t_end - t0
+        ttft = (answer.t_first - t0) if answer.t_first is not None else None
+        retry_after = answer.headers.get(b"retry-after")
+        error = ""
+        if answer.status != 200:
+            error = answer.headers.get(b"x-baton-error", b"").decode() or f"http_{answer.status}"
+        elif self.stream and not answer.done:
+            error = "stream_incomplete"
+        self.results[i] = [i, answer.status, latency, ttft, retry_after.decode() if retry_after else None,
+                           answer.headers.get(b"x-baton-route", b"").decode(), engine_s, error, sent_at,
+                           answer.events]
+
+    async def run(self) -> dict[str, Any]:
+        spec = self.spec
+        loop = asyncio.get_running_loop()
+        n = len(self.payloads)
+        max_seconds = float(spec.get("max_seconds", 60.0))
+        lags: list[float] = []
+        tasks: list[asyncio.Task[None]] = []
+        start = loop.time() + 0.02
+        deadline = start + max_seconds
+        sent = 0
+        t_wall0 = time.perf_counter()
+        self.t_start = t_wall0
+        if spec["mode"] == "open":
+            rate = float(spec["rate"])
+            for i in range(n):
+                at = start + i / rate
+                now = loop.time()
+                if at > deadline:
+                    break
+                if at > now:
+                    await asyncio.sleep(at - now)
+                    now = loop.time()
+                lags.append(max(0.0, now - at))
+                tasks.append(loop.create_task(self.one(i)))
+                sent += 1
+            if tasks:
+                await asyncio.wait(tasks)
+        else:
+            next_index = 0
+
+            async def worker() -> None:
+                nonlocal next_index, sent
+                while next_index < n and loop.time() < deadline:
+                    i = next_index
+                    next_index += 1
+                    sent += 1
+                    await self.one(i)
+
+            await asyncio.gather(*(worker() for _ in range(int(spec["concurrency"]))))
+        wall = time.perf_counter() - t_wall0
+        return {
+            "name": self.name,
+            "sent": sent,
+            "wall_s": wall,
+            "send_lag_ms": {"p50": _ms(_pct(lags, 50)), "p99": _ms(_pct(lags, 99)),
+                            "max": _ms(max(lags, default=None))},
+            "requests": [r for r in self.results if r is not None],
+        }
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000.0, 3)
+
+
+async def run(spec: dict[str, Any]) -> dict[str, Any]:
+    watch = {name: int(pid) for name, pid in (spec.get("watch") or {}).items()}
+    pools: dict[str, Pool] = {}
+    out = []
+    for phase_spec in spec["phases"]:
+        phase = Phase(phase_spec, pools)  # bodies are built before the clocks start
+        cpu0 = {name: cpu_reading(pid) for name, pid in watch.items()}
+        self0 = _self_cpu()
+        busy0 = machine_busy_seconds()
+        result = await phase.run()
+        busy1 = machine_busy_seconds()
+        self1 = _self_cpu()
+        cpu1 = {name: cpu_reading(pid) for name, pid in watch.items()}
+        result["loadgen_cpu_s"] = self1 - self0
+        result["machine_busy_s"] = busy1 - busy0 if busy0 is not None and busy1 is not None else None
+        result["cpu_s"] = {name: cpu_delta(cpu0[name], cpu1[name]) for name in watch}
+        if phase_spec.get("record", True):
+            out.append(result)
+        await asyncio.sleep(float(phase_spec.get("pause_after_s", 0.2)))
+    for pool in pools.values():
+        pool.close()
+    return {"phases": out}
+
+
+def main() -> int:
+    spec = json.load(sys.stdin)
+    result = asyncio.run(run(spec))
+    json.dump(result, sys.stdout, separators=(",", ":"))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

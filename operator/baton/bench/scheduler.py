@@ -1,0 +1,979 @@
+"""`baton bench scheduler`: what Baton's scheduler costs, measured against the engines alone in one run.
+
+    baton bench scheduler [--quick] [--output BENCHMARKS.md | --no-write] [--json] [--trace CSV]
+                          [--rate R] [--overload-sim-speed X] [--keep-logs]
+
+Everything runs on 127.0.0.1 as separate processes: `baton engine-sim` replicas (a decode and a prefill
+worker), `baton scheduler` processes in front of them, a bare aiohttp proxy for reference
+(`baton.bench.proxy`), and the load generator (`baton.bench.loadgen`) in a process of its own, so that
+each one's CPU time can be read separately from /proc/<pid>/stat.
+
+Part 1, engines at `--sim-speed 0` (no modelled GPU time: whatever latency remains is HTTP and Python):
+  - overhead at a fixed 500 req/s (the issue's rate) with trace prompt sizes (token-id prompts, streamed):
+    the same requests sent straight to the engine(s) and through a scheduler, in rounds that rotate the
+    order; added latency = scheduler-path percentile - direct percentile, plus the per-request (paired)
+    difference, and the scheduler's CPU time per request. Measured for the local route (scheduler ->
+    decode replica) and the disaggregated route (scheduler -> context_only on the prefill replica ->
+    generation_only on the decode replica; the direct baseline makes the same two engine calls from the
+    load generator and counts only their round trips);
+  - the same at a lower reference rate (50 req/s), where the bare proxy also gets the same requests;
+  - 220 KB text prompts on both routes;
+  - throughput: a closed loop through one scheduler process: routed req/s and CPU time per request.
+Part 2, engines at a realistic `--overload-sim-speed` (1 = the calibrated H200 timing), a scheduler with a
+small queue: capacity is probed with rising open-loop rates, then the TTFT p99 at light load is compared
+with the admitted requests' TTFT p99 at 2x the capacity, and the excess is checked for 429 + Retry-After.
+
+Every phase is bounded by a request count and a time limit; a run takes ~4 minutes (`--quick`: ~1.5).
+The results, with the machine's facts and the targets, go to the scheduler section of BENCHMARKS.md.
+Prompt and output sizes come from the Azure LLM inference trace (code, 2023-11-16; Azure/AzurePublicDataset,
+CC-BY 4.0; Patel et al., "Splitwise: Efficient generative LLM inference using phase splitting", ISCA 2024).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from baton.bench.report import (
+    Metric,
+    Target,
+    added,
+    default_output,
+    fmt_result,
+    fmt_target,
+    fmt_value,
+    machine_facts,
+    markdown_table,
+    paired_differences,
+    per_item,
+    percentiles,
+    ratio,
+    repo_root,
+    text_table,
+    write_section,
+)
+
+SECTION = "scheduler"
+MODEL = "llama-3-8b"
+TRACE_NAME = "azure-llm-inference-2023-code.csv"
+TRACE_ATTRIBUTION = (
+    "Prompt and output sizes: Azure LLM inference trace (code, 2023-11-16), Azure/AzurePublicDataset, "
+    "CC-BY 4.0; Patel et al., \"Splitwise: Efficient generative LLM inference using phase splitting\", "
+    "ISCA 2024."
+)
+# The engine simulator needs a Hugging Face config.json; this is Meta-Llama-3-8B-Instruct's.
+LLAMA_3_8B = {
+    "architectures": ["LlamaForCausalLM"], "bos_token_id": 128000, "eos_token_id": 128009, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 8192,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "vocab_size": 128256,
+}
+UNLIMITED = 1_000_000  # admission limits for the overhead phases: nothing should queue there
+_LISTEN_RE = re.compile(rb"listening on http://[^:\s]+:(\d+)|event=listening url=http://[^:\s]+:(\d+)")
+
+TARGETS = {
+    "added_p50_ms": Target("<=", 1.0),
+    "added_p99_ms": Target("<=", 5.0),
+    "routed_rps": Target(">=", 1500.0),
+    "cpu_ms_per_request": Target("<=", 1.0),
+    "big_added_p50_ms": Target("<=", 60.0),
+    "overload_ttft_ratio": Target("<=", 2.0),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    rate: float = 500.0  # req/s of the overhead phases the targets are defined at
+    requests: int = 1200  # per path and route at `rate`, split into `rounds`
+    rounds: int = 4
+    ref_rate: float = 50.0  # a second, lower fixed rate (informational: overhead where the machine keeps up)
+    ref_requests: int = 400
+    warmup: int = 150
+    big_kb: int = 220
+    big_requests: int = 30  # per path and route
+    big_rate: float = 5.0
+    throughput_requests: int = 20000
+    throughput_seconds: float = 8.0
+    concurrency: int = 32
+    max_tokens_cap: int = 64
+    overload_sim_speed: float = 1.0
+    overload_queue_depth: int = 2
+    overload_max_wait_s: float = 0.1
+    overload_prefill_batch: int = 1
+    probe_seconds: float = 3.0
+    light_fraction: float = 0.25
+    load_seconds: float = 20.0  # light and overload phases, each
+    timeout_s: float = 30.0
+
+
+FULL = Settings()
+QUICK = Settings(requests=300, rounds=2, ref_requests=100, warmup=50, big_requests=6, throughput_requests=6000,
+                 throughput_seconds=3.0, probe_seconds=1.5, load_seconds=6.0)
+
+# fields of a load generator request record (see baton.bench.loadgen)
+I_INDEX, I_STATUS, I_LATENCY, I_TTFT, I_RETRY_AFTER, I_ROUTE, I_ENGINE, I_ERROR, I_SENT_AT, I_EVENTS = range(10)
+
+
+# ------------------------------------------------------------------------------------------------ processes
+class Proc:
+    """A child process (own session) logging to a file; `port` comes from its 'listening' line."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, start_new_session=True)
+        self.port: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def wait_ready(self, path: str, deadline: float) -> None:
+        while self.port is None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            m = _LISTEN_RE.search(self.log_path.read_bytes())
+            if m:
+                self.port = int(m.group(1) or m.group(2))
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} did not report its port in time:\n{self.tail()}")
+            time.sleep(0.05)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(f"http://{self.address}{path}", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} {path} never answered 200:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._log.close()
+
+
+def _baton() -> list[str]:
+    script = Path(sys.executable).with_name("baton")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "baton.cli"]
+
+
+class Cluster:
+    """The processes of one part of the benchmark; `stop()` ends every one of them."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+        self.model_dir = workdir / "model"
+        self.model_dir.mkdir(exist_ok=True)
+        (self.model_dir / "config.json").write_text(json.dumps(LLAMA_3_8B, indent=2))
+
+    def engine(self, name: str, tier: str, sim_speed: float, big_prompts: bool) -> Proc:
+        options: dict[str, Any] = {
+            "cache_transceiver_config": {"backend": "UCX"},
+            "kv_cache_config": {"dtype": "fp8", "tokens_per_block": 32},
+        }
+        if tier == "prefill":
+            options["disable_overlap_scheduler"] = True
+        if big_prompts:  # room for 220 KB prompts (~56K tokens) in one sequence and one iteration
+            options["max_seq_len"] = 131072
+            options["max_num_tokens"] = 131072
+        cfg = self.workdir / f"{name}.json"
+        cfg.write_text(json.dumps(options))  # JSON is YAML
+        argv = [*_baton(), "engine-sim", str(self.model_dir), "--host", "127.0.0.1", "--port", "0",
+                "--extra_llm_api_options", str(cfg), "--sim-speed", repr(sim_speed), "--sim-model-name", MODEL]
+        proc = Proc(name, argv, self.workdir / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def scheduler(self, name: str, config: dict[str, Any]) -> Proc:
+        cfg = self.workdir / f"{name}.json"
+        cfg.write_text(json.dumps(config, indent=2))
+        argv = [*_baton(), "scheduler", "--config", str(cfg)]
+        proc = Proc(name, argv, self.workdir / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def proxy(self, name: str, upstream: Proc) -> Proc:
+        argv = [sys.executable, "-m", "baton.bench.proxy", upstream.address]
+        proc = Proc(name, argv, self.workdir / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            try:
+                proc.stop()
+            except Exception:  # keep stopping the others
+                pass
+        self.procs.clear()
+
+
+def scheduler_config(prefill: Proc, decode: Proc, route: str, **sections: Any) -> dict[str, Any]:
+    """A scheduler config sending every prompt down `route` ('local' | 'disaggregated' | 'default')."""
+    routing: dict[str, Any] = {}
+    if route == "local":
+        routing = {"localPrefillBelowTokens": UNLIMITED * 1000, "alwaysPrefillAtOrAboveTokens": UNLIMITED * 1000}
+    elif route == "disaggregated":
+        routing = {"localPrefillBelowTokens": 0, "alwaysPrefillAtOrAboveTokens": 0}
+    config: dict[str, Any] = {
+        "model": MODEL,
+        "endpoints": {"discovery": "static", "static": {"prefill": [prefill.address], "decode": [decode.address]}},
+        "routing": routing,
+        "server": {"host": "127.0.0.1", "port": 0},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def unlimited_sections() -> dict[str, Any]:
+    """Admission limits out of the way: the overhead phases measure the request path, not queueing."""
+    return {
+        "routing": {"decodeBatchSize": UNLIMITED, "prefillBatchSize": UNLIMITED, "maxConcurrentPrefills": UNLIMITED},
+        "queue": {"maxDepth": UNLIMITED},
+        "backpressure": {"maxActivePerDecodeReplica": UNLIMITED, "decodeP95LatencyThresholdMs": 0},
+    }
+
+
+def run_loadgen(spec: dict[str, Any], workdir: Path, label: str) -> list[dict[str, Any]]:
+    """Run the load generator in its own process; returns its recorded phases."""
+    budget = sum(float(p.get("max_seconds", 60)) + float(p.get("timeout_s", 30)) + 5 for p in spec["phases"])
+    (workdir / f"loadgen-{label}.json").write_text(json.dumps({**spec, "phases": [
+        {k: v for k, v in p.items() if k != "bodies"} for p in spec["phases"]]}, indent=1))
+    proc = subprocess.run([sys.executable, "-m", "baton.bench.loadgen"], input=json.dumps(spec).encode(),
+                          capture_output=True, timeout=budget + 30)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace")[-3000:]
+        raise RuntimeError(f"load generator failed ({proc.returncode}):\n{err}")
+    return json.loads(proc.stdout)["phases"]
+
+
+# ------------------------------------------------------------------------------------------------ workload
+def trace_path(explicit: str | None) -> Path:
+    candidates = [Path(explicit)] if explicit else []
+    if not explicit:
+        if os.environ.get("BATON_TRACE"):
+            candidates.append(Path(os.environ["BATON_TRACE"]))
+        root = repo_root() or Path.cwd()
+        candidates += [root / "shared" / "traces" / TRACE_NAME, root.parent / "shared" / "traces" / TRACE_NAME,
+                       Path("/work/shared/traces") / TRACE_NAME]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"trace not found (tried {', '.join(map(str, candidates))}); pass --trace")
+
+
+def trace_rows(path: Path, count: int, cap: int) -> list[list[int]]:
+    """[prompt tokens, max tokens] of the first `count` trace rows in arrival order (wrapping around)."""
+    from baton.replay import read_trace
+
+    rows = read_trace(path)
+    if not rows:
+        raise ValueError(f"{path}: no requests")
+    return [[rows[i % len(rows)].context_tokens, min(rows[i % len(rows)].generated_tokens, cap)]
+            for i in range(count)]
+
+
+def phase_spec(name: str, target: dict[str, Any], bodies: dict[str, Any], *, mode: str = "open",
+               rate: float = 0.0, concurrency: int = 0, max_seconds: float = 60.0, timeout_s: float = 30.0,
+               record: bool = True, stream: bool = True) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": name, "target": target, "bodies": bodies, "model": MODEL, "stream": stream,
+                            "mode": mode, "max_seconds": max_seconds, "timeout_s": timeout_s, "record": record}
+    if mode == "open":
+        spec["rate"] = rate
+    else:
+        spec["concurrency"] = concurrency
+    return spec
+
+
+def single(addr: str) -> dict[str, Any]:
+    return {"kind": "single", "addr": addr, "path": "/v1/completions"}
+
+
+def handoff(prefill: str, decode: str) -> dict[str, Any]:
+    return {"kind": "handoff", "ctx": prefill, "gen": decode, "path": "/v1/completions"}
+
+
+def interleaved(group: str, paths: Sequence[tuple[str, dict[str, Any]]], make_bodies: Any, total: int,
+                rounds: int, rate: float, timeout_s: float) -> list[dict[str, Any]]:
+    """`rounds` rounds of the same requests sent down each path ('direct', 'sched', ...) at a fixed rate;
+    the order of the paths rotates from round to round so that drift on the machine hits them alike.
+    Phase names are GROUP-PATH-ROUND."""
+    phases = []
+    per = max(1, total // rounds)
+    for r in range(rounds):
+        bodies = make_bodies(r * per, per)
+        k = r % len(paths)
+        for path, target in [*paths[k:], *paths[:k]]:
+            phases.append(phase_spec(f"{group}-{path}-{r}", target, bodies, rate=rate,
+                                     max_seconds=per / rate * 1.5 + 2, timeout_s=timeout_s))
+    return phases
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+def ok(req: Sequence[Any]) -> bool:
+    return req[I_STATUS] == 200 and not req[I_ERROR]
+
+
+def split_name(name: str) -> tuple[str, str, str]:
+    """'ref-local-sched-3' -> ('ref-local', 'sched', '3')."""
+    head, rnd = name.rsplit("-", 1)
+    group, path = head.rsplit("-", 1)
+    return group, path, rnd
+
+
+def merge(phases: Sequence[dict[str, Any]], group: str, path: str) -> dict[str, Any]:
+    """Every round of one group and path: requests keyed by (round, index), CPU, wall and lag summed."""
+    requests: dict[tuple[str, int], list[Any]] = {}
+    cpu: dict[str, float] = {}
+    wall = loadgen_cpu = foreign = 0.0
+    lags = []
+    sent = 0
+    for p in phases:
+        g, pth, rnd = split_name(p["name"])
+        if (g, pth) != (group, path):
+            continue
+        for req in p["requests"]:
+            requests[(rnd, req[I_INDEX])] = req
+        for name, value in p["cpu_s"].items():
+            if value is not None:
+                cpu[name] = cpu.get(name, 0.0) + value
+        wall += p["wall_s"]
+        loadgen_cpu += p["loadgen_cpu_s"]
+        foreign += foreign_cpu_s(p) or 0.0
+        sent += p["sent"]
+        if p["send_lag_ms"]["p99"] is not None:
+            lags.append(p["send_lag_ms"]["p99"])
+    return {"requests": requests, "cpu_s": cpu, "wall_s": wall, "loadgen_cpu_s": loadgen_cpu, "sent": sent,
+            "foreign_cpu_s": foreign, "send_lag_p99_ms": max(lags) if lags else None}
+
+
+def foreign_cpu_s(phase: dict[str, Any]) -> float | None:
+    """CPU seconds other processes on the machine used during a phase (machine busy time minus ours)."""
+    busy = phase.get("machine_busy_s")
+    if busy is None:
+        return None
+    ours = sum(v for v in phase["cpu_s"].values() if v is not None) + phase["loadgen_cpu_s"]
+    return max(0.0, busy - ours)
+
+
+def latencies(merged: dict[str, Any]) -> dict[tuple[str, int], float]:
+    """(round, index) -> end-to-end latency in seconds, successful requests only."""
+    return {key: req[I_LATENCY] for key, req in merged["requests"].items() if ok(req)}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+def _ms_pcts(values: Sequence[float]) -> dict[str, float | None]:
+    return percentiles([v * 1000.0 for v in values])
+
+
+def _errors(requests: Sequence[Sequence[Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for req in requests:
+        if not ok(req):
+            key = req[I_ERROR] or f"http_{req[I_STATUS]}"
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _rate(merged: dict[str, Any]) -> float | None:
+    return merged["sent"] / merged["wall_s"] if merged["wall_s"] else None
+
+
+def overhead(phases: Sequence[dict[str, Any]], group: str, sched_proc: str, engine_procs: Sequence[str]
+             ) -> dict[str, Any]:
+    """One group: direct vs scheduler (and bare proxy, if measured) latency percentiles in ms, the added
+    latency (difference of percentiles), the paired per-request difference, and CPU per request."""
+    direct, sched = merge(phases, group, "direct"), merge(phases, group, "sched")
+    d_lat, s_lat = latencies(direct), latencies(sched)
+    d_ms, s_ms = _ms_pcts(list(d_lat.values())), _ms_pcts(list(s_lat.values()))
+    n_sched = len(s_lat)
+    routes: dict[str, int] = {}
+    for req in sched["requests"].values():
+        if req[I_ROUTE]:
+            routes[req[I_ROUTE]] = routes.get(req[I_ROUTE], 0) + 1
+    events = [req[I_EVENTS] for req in sched["requests"].values() if ok(req)]
+    engine_cpu = sum(direct["cpu_s"].get(name, 0.0) for name in engine_procs)
+    wall = direct["wall_s"] + sched["wall_s"]
+    out: dict[str, Any] = {
+        "direct_ms": d_ms,
+        "sched_ms": s_ms,
+        "added_ms": added(s_ms, d_ms),
+        "paired_ms": _ms_pcts(paired_differences(s_lat, d_lat)),
+        "requests": {"direct": len(direct["requests"]), "sched": len(sched["requests"])},
+        "ok": {"direct": len(d_lat), "sched": n_sched},
+        "errors": _errors([*direct["requests"].values(), *sched["requests"].values()]),
+        "routes": routes,
+        "sse_events_mean": sum(events) / len(events) if events else None,
+        "sched_cpu_ms_per_request": _ms(per_item(sched["cpu_s"].get(sched_proc), n_sched)),
+        "engine_cpu_ms_per_request": _ms(per_item(engine_cpu, len(d_lat))),
+        "loadgen_cpu_ms_per_request": _ms(per_item(direct["loadgen_cpu_s"] + sched["loadgen_cpu_s"],
+                                                   direct["sent"] + sched["sent"])),
+        "achieved_rps": {"direct": _rate(direct), "sched": _rate(sched)},
+        "send_lag_p99_ms": max((x for x in (direct["send_lag_p99_ms"], sched["send_lag_p99_ms"]) if x is not None),
+                               default=None),
+        "foreign_cpus": (direct["foreign_cpu_s"] + sched["foreign_cpu_s"]) / wall if wall else None,
+    }
+    proxy = merge(phases, group, "proxy")
+    if proxy["requests"]:
+        p_lat = latencies(proxy)
+        out["proxy_ms"] = _ms_pcts(list(p_lat.values()))
+        out["proxy_cpu_ms_per_request"] = _ms(per_item(proxy["cpu_s"].get("proxy"), len(p_lat)))
+        out["ok"]["proxy"] = len(p_lat)
+    return out
+
+
+def throughput(phase: dict[str, Any], sched_proc: str) -> dict[str, Any]:
+    reqs = phase["requests"]
+    good = [r for r in reqs if ok(r)]
+    wall = phase["wall_s"]
+    cpu = phase["cpu_s"]
+    sched_cpu = cpu.get(sched_proc)
+    utilization = {name: value / wall for name, value in cpu.items() if value is not None and wall > 0 and value > 0.05}
+    if wall > 0:
+        utilization["loadgen"] = phase["loadgen_cpu_s"] / wall
+        foreign = foreign_cpu_s(phase)
+        if foreign is not None:
+            utilization["other processes"] = foreign / wall
+    cpu_ms = _ms(per_item(sched_cpu, len(good)))
+    return {
+        "requests": len(reqs),
+        "ok": len(good),
+        "wall_s": wall,
+        "routed_rps": len(good) / wall if wall > 0 else None,
+        "sched_cpu_ms_per_request": cpu_ms,
+        "ceiling_rps": 1000.0 / cpu_ms if cpu_ms else None,  # one fully busy core at this CPU cost
+        "cpu_utilization": utilization,
+        "latency_ms": _ms_pcts([r[I_LATENCY] for r in good]),
+        "errors": _errors(reqs),
+    }
+
+
+def capacity_from_probe(phase: dict[str, Any], settle_s: float = 0.5) -> dict[str, Any]:
+    """Completions per second at saturation: successful answers that ended inside the sending window
+    (after `settle_s`), per second of that window; plus the share of 429s."""
+    reqs = phase["requests"]
+    sent_end = max((r[I_SENT_AT] for r in reqs), default=0.0)
+    window = sent_end - settle_s
+    done = [r for r in reqs if ok(r) and settle_s <= r[I_SENT_AT] + r[I_LATENCY] <= sent_end]
+    rejected = sum(1 for r in reqs if r[I_STATUS] == 429)
+    return {"capacity_rps": len(done) / window if window > 0 else None,
+            "rejected_share": rejected / len(reqs) if reqs else 0.0,
+            "requests": len(reqs), "ok": sum(1 for r in reqs if ok(r)), "rejected": rejected}
+
+
+def load_summary(phase: dict[str, Any]) -> dict[str, Any]:
+    reqs = phase["requests"]
+    good = [r for r in reqs if ok(r)]
+    rejected = [r for r in reqs if r[I_STATUS] == 429]
+    with_retry_after = [r for r in rejected if r[I_RETRY_AFTER] is not None and str(r[I_RETRY_AFTER]).isdigit()]
+    return {
+        "requests": len(reqs),
+        "admitted_ok": len(good),
+        "rejected_429": len(rejected),
+        "rejected_with_retry_after": len(with_retry_after),
+        "retry_after_values": sorted({int(r[I_RETRY_AFTER]) for r in with_retry_after}),
+        "other_failures": _errors([r for r in reqs if r[I_STATUS] != 429]),
+        "ttft_ms": _ms_pcts([r[I_TTFT] for r in good if r[I_TTFT] is not None]),
+        "latency_ms": _ms_pcts([r[I_LATENCY] for r in good]),
+        "achieved_rps": phase["sent"] / phase["wall_s"] if phase["wall_s"] else None,
+        "send_lag_p99_ms": phase["send_lag_ms"]["p99"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str, Any]:
+    """Engines at --sim-speed 0; direct vs scheduler at fixed rates, 220 KB prompts, closed-loop throughput."""
+    cluster = Cluster(workdir)
+    try:
+        decode = cluster.engine("decode", "decode", 0.0, big_prompts=True)
+        prefill = cluster.engine("prefill", "prefill", 0.0, big_prompts=True)
+        deadline = time.monotonic() + 60
+        for p in (decode, prefill):
+            p.wait_ready("/health", deadline)
+        unl = unlimited_sections()
+        s_local = cluster.scheduler("sched-local", scheduler_config(prefill, decode, "local", **unl))
+        s_disagg = cluster.scheduler("sched-disagg", scheduler_config(prefill, decode, "disaggregated", **unl))
+        proxy = cluster.proxy("proxy", decode)
+        for p in (s_local, s_disagg):
+            p.wait_ready("/readyz", deadline)
+        proxy.wait_ready("/healthz", deadline)
+        log(f"part 1: engines at --sim-speed 0 (decode {decode.address}, prefill {prefill.address}); schedulers "
+            f"{s_local.address} (every request local) and {s_disagg.address} (every request disaggregated)")
+
+        n_rate = s.requests // s.rounds * s.rounds
+        n_ref = s.ref_requests // s.rounds * s.rounds
+        offsets = {"warm": 0, "rate": s.warmup, "ref": s.warmup + n_rate, "tp": s.warmup + n_rate + n_ref}
+        rows = trace_rows(trace, offsets["tp"] + s.throughput_requests, s.max_tokens_cap)
+
+        def ids(offset: int) -> Any:
+            def make(first: int, count: int) -> dict[str, Any]:
+                return {"kind": "ids", "rows": rows[offset + first: offset + first + count],
+                        "first_index": offset + first}
+            return make
+
+        def text(first: int, count: int) -> dict[str, Any]:
+            return {"kind": "text", "bytes": s.big_kb * 1024, "count": count, "max_tokens": 16,
+                    "first_index": first}
+
+        t_local, t_disagg, t_proxy = single(s_local.address), single(s_disagg.address), single(proxy.address)
+        t_decode, t_handoff = single(decode.address), handoff(prefill.address, decode.address)
+        local_paths = [("direct", t_decode), ("sched", t_local)]
+        disagg_paths = [("direct", t_handoff), ("sched", t_disagg)]
+        warm = ids(0)(0, s.warmup)
+        phases: list[dict[str, Any]] = []
+        for name, target in (("warm-local-direct", t_decode), ("warm-local-sched", t_local),
+                             ("warm-local-proxy", t_proxy), ("warm-disagg-direct", t_handoff),
+                             ("warm-disagg-sched", t_disagg)):
+            phases.append(phase_spec(f"{name}-0", target, warm, rate=s.ref_rate * 2,
+                                     max_seconds=s.warmup / s.ref_rate + 5, record=False))
+        phases += interleaved("local", local_paths, ids(offsets["rate"]), n_rate, s.rounds, s.rate, s.timeout_s)
+        phases += interleaved("disagg", disagg_paths, ids(offsets["rate"]), n_rate, s.rounds, s.rate, s.timeout_s)
+        phases += interleaved("ref-local", [*local_paths, ("proxy", t_proxy)], ids(offsets["ref"]), n_ref,
+                              s.rounds, s.ref_rate, s.timeout_s)
+        phases += interleaved("ref-disagg", disagg_paths, ids(offsets["ref"]), n_ref, s.rounds, s.ref_rate,
+                              s.timeout_s)
+        phases.append(phase_spec("warm-big-sched-0", t_local, text(10**6, 2), rate=s.big_rate, record=False))
+        phases += interleaved("big-local", local_paths, text, s.big_requests, 2, s.big_rate, 60.0)
+        phases += interleaved("big-disagg", disagg_paths, text, s.big_requests, 2, s.big_rate, 60.0)
+        tp_bodies = ids(offsets["tp"])(0, s.throughput_requests)
+        for name, target in (("throughput-local-sched-0", t_local), ("throughput-disagg-sched-0", t_disagg)):
+            phases.append(phase_spec(name, target, tp_bodies, mode="closed", concurrency=s.concurrency,
+                                     max_seconds=s.throughput_seconds, timeout_s=s.timeout_s))
+        watch = {"sched-local": s_local.pid, "sched-disagg": s_disagg.pid, "decode": decode.pid,
+                 "prefill": prefill.pid, "proxy": proxy.pid}
+        log(f"part 1: {len(phases)} load phases: overhead at {s.rate:g} and {s.ref_rate:g} req/s, "
+            f"{s.big_kb} KB prompts, throughput")
+        results = run_loadgen({"watch": watch, "phases": phases}, workdir, "overhead")
+    finally:
+        cluster.stop()
+    by_name = {p["name"]: p for p in results}
+    local_engines, disagg_engines = ("decode",), ("decode", "prefill")
+    out = {
+        "local": overhead(results, "local", "sched-local", local_engines),
+        "disagg": overhead(results, "disagg", "sched-disagg", disagg_engines),
+        "ref_local": overhead(results, "ref-local", "sched-local", local_engines),
+        "ref_disagg": overhead(results, "ref-disagg", "sched-disagg", disagg_engines),
+        "big_local": overhead(results, "big-local", "sched-local", local_engines),
+        "big_disagg": overhead(results, "big-disagg", "sched-disagg", disagg_engines),
+        "throughput_local": throughput(by_name["throughput-local-sched-0"], "sched-local"),
+        "throughput_disagg": throughput(by_name["throughput-disagg-sched-0"], "sched-disagg"),
+    }
+    busy = [(foreign_cpu_s(p), p["wall_s"]) for p in results]
+    wall = sum(w for f, w in busy if f is not None)
+    out["foreign_cpus"] = sum(f for f, _ in busy if f is not None) / wall if wall else None
+    return out
+
+
+def overload_config(prefill: Proc, decode: Proc, s: Settings) -> dict[str, Any]:
+    """Default routing; admission small enough that queueing cannot stretch TTFT much (see the docs)."""
+    return scheduler_config(
+        prefill, decode, "default",
+        routing={"prefillBatchSize": s.overload_prefill_batch},
+        queue={"maxDepth": s.overload_queue_depth, "maxWaitSeconds": s.overload_max_wait_s},
+    )
+
+
+def part_overload(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str, Any]:
+    """Engines with modelled GPU time: capacity probe, then light load vs 2x capacity."""
+    cluster = Cluster(workdir)
+    try:
+        decode = cluster.engine("decode-timed", "decode", s.overload_sim_speed, big_prompts=False)
+        prefill = cluster.engine("prefill-timed", "prefill", s.overload_sim_speed, big_prompts=False)
+        deadline = time.monotonic() + 60
+        for p in (decode, prefill):
+            p.wait_ready("/health", deadline)
+        config = overload_config(prefill, decode, s)
+        sched = cluster.scheduler("sched-overload", config)
+        sched.wait_ready("/readyz", deadline)
+        log(f"part 2: engines at --sim-speed {s.overload_sim_speed:g}, scheduler {sched.address} with "
+            f"queue.maxDepth={s.overload_queue_depth}, queue.maxWaitSeconds={s.overload_max_wait_s:g}, "
+            f"routing.prefillBatchSize={s.overload_prefill_batch}")
+        target = single(sched.address)
+        watch = {"sched": sched.pid, "decode": decode.pid, "prefill": prefill.pid}
+        offset = 100_000  # request indices apart from part 1's, so the prompts differ
+        n_rows = 8000
+        rows = trace_rows(trace, n_rows, s.max_tokens_cap)
+        cursor = [0]
+
+        def bodies(count: int) -> dict[str, Any]:
+            first = cursor[0] % max(1, n_rows - count)
+            cursor[0] += count
+            return {"kind": "ids", "rows": rows[first: first + count], "first_index": offset + cursor[0]}
+
+        run_loadgen({"watch": watch, "phases": [
+            phase_spec("warm-overload-sched-0", target, bodies(20), rate=10, record=False)]}, workdir, "warm")
+        probes = []
+        capacity = None
+        for rate in (10, 20, 40, 80, 160, 320):
+            phase = phase_spec(f"probe-{rate}-sched-0", target, bodies(int(rate * s.probe_seconds)), rate=rate,
+                               max_seconds=s.probe_seconds + 1, timeout_s=s.timeout_s)
+            result = run_loadgen({"watch": watch, "phases": [phase]}, workdir, f"probe-{rate}")[0]
+            probe = {"rate": rate, **capacity_from_probe(result)}
+            probes.append(probe)
+            log(f"  capacity probe at {rate} req/s: {probe['ok']} ok, {probe['rejected']} x 429, "
+                f"{fmt_value(probe['capacity_rps'], 'req/s')} completed")
+            if probe["rejected_share"] >= 0.2:
+                capacity = probe["capacity_rps"]
+                break
+            time.sleep(0.5)
+        saturated = capacity is not None
+        if capacity is None:
+            capacity = probes[-1]["capacity_rps"]
+        capacity = max(1.0, capacity or 1.0)
+        light_rate = max(1.0, s.light_fraction * capacity)
+        over_rate = 2.0 * capacity
+        log(f"  capacity {capacity:.1f} req/s: light load {light_rate:.1f} req/s, overload {over_rate:.1f} req/s, "
+            f"{s.load_seconds:g} s each")
+        time.sleep(1.0)
+        light = phase_spec("light-sched-0", target, bodies(int(light_rate * s.load_seconds)), rate=light_rate,
+                           max_seconds=s.load_seconds + 1, timeout_s=s.timeout_s)
+        light["pause_after_s"] = 2.0
+        over = phase_spec("overload-sched-0", target, bodies(int(over_rate * s.load_seconds)), rate=over_rate,
+                          max_seconds=s.load_seconds + 1, timeout_s=s.timeout_s)
+        results = run_loadgen({"watch": watch, "phases": [light, over]}, workdir, "overload")
+    finally:
+        cluster.stop()
+    light_s, over_s = load_summary(results[0]), load_summary(results[1])
+    return {
+        "config": {"queue": config["queue"], "routing": config["routing"], "sim_speed": s.overload_sim_speed},
+        "probes": probes,
+        "capacity_rps": capacity,
+        "saturated": saturated,
+        "light_rate": light_rate,
+        "overload_rate": over_rate,
+        "light": light_s,
+        "overload": over_s,
+        "ttft_p99_ratio": ratio(over_s["ttft_ms"]["p99"], light_s["ttft_ms"]["p99"]),
+        "foreign_cpus": ((foreign_cpu_s(results[0]) or 0) + (foreign_cpu_s(results[1]) or 0))
+        / (results[0]["wall_s"] + results[1]["wall_s"]),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ report
+def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
+    """The issue's targets, one row each, evaluated; informational rows have no target."""
+    T = TARGETS
+    metrics: list[Metric] = []
+    rate = f"@ {s.rate:g} req/s"
+    unsustained: set[str] = set()
+    for key, route in (("local", "local"), ("disagg", "disaggregated")):
+        o = r.get(key)
+        if not o:
+            continue
+        note = _rate_note(o, s.rate)
+        if not sustained(o, s.rate):
+            unsustained |= {f"{key}_added_p50", f"{key}_added_p99"}
+            note = f"NOT SUSTAINED, the comparison is void: {note}"
+        metrics += [
+            Metric(f"{key}_added_p50", f"added latency p50, {route} route, trace prompts {rate}", o["added_ms"]["p50"],
+                   "ms", T["added_p50_ms"], f"paired p50 {fmt_value(o['paired_ms']['p50'], 'ms')}; {note}"),
+            Metric(f"{key}_added_p99", f"added latency p99, {route} route, trace prompts {rate}", o["added_ms"]["p99"],
+                   "ms", T["added_p99_ms"], f"paired p99 {fmt_value(o['paired_ms']['p99'], 'ms')}"),
+            Metric(f"{key}_cpu", f"scheduler CPU per request, {route} route {rate}", o["sched_cpu_ms_per_request"],
+                   "ms", T["cpu_ms_per_request"], f"{fmt_value(o['sse_events_mean'])} SSE events relayed per request"),
+        ]
+    for key, route in (("throughput_local", "local"), ("throughput_disagg", "disaggregated")):
+        t = r.get(key)
+        if not t:
+            continue
+        metrics += [
+            Metric(f"{key}_rps", f"routed req/s, one scheduler process, {route} route", t["routed_rps"], "req/s",
+                   T["routed_rps"], _tp_note(t)),
+            Metric(f"{key}_cpu", f"scheduler CPU per request at that throughput, {route} route",
+                   t["sched_cpu_ms_per_request"], "ms", T["cpu_ms_per_request"],
+                   f"= {fmt_value(t['ceiling_rps'], 'req/s')} for a dedicated core"),
+        ]
+    for key, route in (("big_local", "local"), ("big_disagg", "disaggregated")):
+        o = r.get(key)
+        if o:
+            metrics.append(Metric(f"{key}_added_p50", f"added latency p50, {s.big_kb} KB prompts, {route} route",
+                                  o["added_ms"]["p50"], "ms", T["big_added_p50_ms"],
+                                  f"paired p50 {fmt_value(o['paired_ms']['p50'], 'ms')}; direct p50 "
+                                  f"{fmt_value(o['direct_ms']['p50'], 'ms')}"))
+    ov = r.get("overload")
+    if ov:
+        metrics.append(Metric(
+            "overload_ttft_ratio", "admitted TTFT p99 at 2x capacity / TTFT p99 at light load", ov["ttft_p99_ratio"],
+            "x", T["overload_ttft_ratio"],
+            f"{fmt_value(ov['overload']['ttft_ms']['p99'], 'ms')} / {fmt_value(ov['light']['ttft_ms']['p99'], 'ms')}"))
+        over = ov["overload"]
+        excess_ok = (over["rejected_429"] > 0 and over["rejected_with_retry_after"] == over["rejected_429"]
+                     and not over["other_failures"])
+        metrics.append(Metric(
+            "overload_429", "excess at 2x capacity answered 429 with Retry-After", over["rejected_429"], "count", None,
+            f"{over['rejected_with_retry_after']}/{over['rejected_429']} carried Retry-After "
+            f"(values {', '.join(map(str, over['retry_after_values'])) or '-'}); other failures: "
+            f"{json.dumps(over['other_failures']) if over['other_failures'] else 'none'}", passed=excess_ok))
+    for key, route in (("ref_local", "local"), ("ref_disagg", "disaggregated")):
+        o = r.get(key)
+        if o:
+            metrics += [
+                Metric(f"{key}_added_p50", f"added latency p50, {route} route @ {s.ref_rate:g} req/s (reference)",
+                       o["added_ms"]["p50"], "ms", None, f"paired p50 {fmt_value(o['paired_ms']['p50'], 'ms')}; "
+                       + _rate_note(o, s.ref_rate)),
+                Metric(f"{key}_added_p99", f"added latency p99, {route} route @ {s.ref_rate:g} req/s (reference)",
+                       o["added_ms"]["p99"], "ms", None, f"paired p99 {fmt_value(o['paired_ms']['p99'], 'ms')}"),
+                Metric(f"{key}_cpu", f"scheduler CPU per request, {route} route @ {s.ref_rate:g} req/s (reference)",
+                       o["sched_cpu_ms_per_request"], "ms", None,
+                       f"bare aiohttp proxy, same requests: {fmt_value(o['proxy_cpu_ms_per_request'], 'ms')}"
+                       if o.get("proxy_cpu_ms_per_request") is not None else ""),
+            ]
+    metrics = [m.evaluate() for m in metrics]
+    for m in metrics:
+        if m.key in unsustained:
+            m.passed = False  # the rate was not reached, so neither was the target at that rate
+    return metrics
+
+
+def sustained(o: dict[str, Any], offered: float, share: float = 0.9) -> bool:
+    """Both paths completed requests at (nearly) the offered rate; otherwise their latencies measure a
+    backlog, not the hop, and their difference means nothing."""
+    got = o["achieved_rps"]
+    return all(v is not None and v >= share * offered for v in (got["direct"], got["sched"]))
+
+
+def _rate_note(o: dict[str, Any], offered: float) -> str:
+    got = o["achieved_rps"]
+    return (f"offered {offered:g} req/s, sent {fmt_value(got['direct'])} direct / {fmt_value(got['sched'])} "
+            f"via scheduler req/s")
+
+
+def _tp_note(t: dict[str, Any]) -> str:
+    parts = [f"{k} {v * 100:.0f}%" for k, v in t["cpu_utilization"].items()]
+    return "CPU busy: " + ", ".join(parts)
+
+
+def metric_dicts(metrics: Sequence[Metric]) -> list[dict[str, Any]]:
+    return [{**asdict(m), "target": asdict(m.target) if m.target else None, "value_text": fmt_value(m.value, m.unit),
+             "target_text": "429 + Retry-After" if m.key == "overload_429" else fmt_target(m.target, m.unit),
+             "result": fmt_result(m.passed)} for m in metrics]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    s = Settings(**report["settings"])
+    r = report["results"]
+    facts = report["machine"]
+    metrics = report["metrics"]
+    evaluated = [m for m in metrics if m["passed"] is not None]
+    lines = [
+        "## Scheduler",
+        "",
+        f"`baton bench scheduler{' --quick' if report['quick'] else ''}` on {report['date']} took "
+        f"{report['duration_s']:.0f} s. Machine: {facts.get('nproc')} CPUs"
+        f"{' (' + facts['cpu'] + ')' if facts.get('cpu') else ''}, Python {facts.get('python')}, "
+        f"{facts.get('platform')}; load average {facts.get('loadavg_1m', 0):.2f} at the start; other processes "
+        f"kept {fmt_value(r.get('foreign_cpus'))} CPUs busy on average during part 1 and "
+        f"{fmt_value((r.get('overload') or {}).get('foreign_cpus'))} during part 2. "
+        f"**{sum(1 for m in evaluated if m['passed'])} of {len(evaluated)} targets met.**",
+        "",
+        markdown_table(["metric", "value", "target", "result", "note"],
+                       [[m["label"], m["value_text"], m["target_text"], m["result"], m["note"]] for m in metrics]),
+        "",
+        "Latency percentiles in ms (to the end of the streamed answer; direct = the engines alone, sched = through "
+        "the scheduler):",
+        "",
+    ]
+    rows = []
+    for key, label in (("local", f"local, trace prompts @ {s.rate:g} req/s"),
+                       ("disagg", f"disaggregated, trace prompts @ {s.rate:g} req/s"),
+                       ("ref_local", f"local, trace prompts @ {s.ref_rate:g} req/s"),
+                       ("ref_disagg", f"disaggregated, trace prompts @ {s.ref_rate:g} req/s"),
+                       ("big_local", f"local, {s.big_kb} KB prompts @ {s.big_rate:g} req/s"),
+                       ("big_disagg", f"disaggregated, {s.big_kb} KB prompts @ {s.big_rate:g} req/s")):
+        o = r.get(key)
+        if not o:
+            continue
+        rows.append([label, f"{o['ok']['direct']} / {o['ok']['sched']}",
+                     *(f"{fmt_value(o['direct_ms'][q])} / {fmt_value(o['sched_ms'][q])}"
+                       for q in ("p50", "p90", "p99")),
+                     f"{fmt_value(o['paired_ms']['p50'])} / {fmt_value(o['paired_ms']['p99'])}",
+                     fmt_value(o["engine_cpu_ms_per_request"]), fmt_value(o["sched_cpu_ms_per_request"]),
+                     fmt_value(o["loadgen_cpu_ms_per_request"]), fmt_value(o["send_lag_p99_ms"])])
+    lines.append(markdown_table(
+        ["phase", "ok direct / sched", "p50 direct / sched", "p90", "p99", "paired diff p50 / p99",
+         "engine CPU ms/req", "sched CPU ms/req", "load generator CPU ms/req", "send lag p99 ms"], rows))
+    ov = r.get("overload")
+    if ov:
+        cfg = ov["config"]
+        lines += [
+            "",
+            f"Overload: engines at `--sim-speed {cfg['sim_speed']:g}` (the calibrated H200 timing of Llama-3-8B), "
+            f"scheduler with `queue: {json.dumps(cfg['queue'])}`, `routing: {json.dumps(cfg['routing'])}`, other "
+            f"settings default. Capacity {fmt_value(ov['capacity_rps'], 'req/s')} (completions per second while "
+            f"the probe was turning requests away{'' if ov['saturated'] else '; NOT reached by the probes'}); light "
+            f"load {ov['light_rate']:.1f} req/s, overload {ov['overload_rate']:.1f} req/s, {s.load_seconds:g} s each.",
+            "",
+            markdown_table(
+                ["load", "sent", "ok", "429", "TTFT p50", "TTFT p99", "latency p99", "other failures"],
+                [[name, str(x["requests"]), str(x["admitted_ok"]), str(x["rejected_429"]),
+                  fmt_value(x["ttft_ms"]["p50"], "ms"), fmt_value(x["ttft_ms"]["p99"], "ms"),
+                  fmt_value(x["latency_ms"]["p99"], "ms"),
+                  json.dumps(x["other_failures"]) if x["other_failures"] else "-"]
+                 for name, x in (("light", ov["light"]), ("2x capacity", ov["overload"]))]),
+        ]
+    lines += [
+        "",
+        "How it is measured:",
+        "",
+        "- Separate processes on 127.0.0.1: a decode and a prefill `baton engine-sim` (Llama-3-8B config), "
+        "`baton scheduler` processes in front of them, and the load generator (`baton.bench.loadgen`: a minimal "
+        "keep-alive HTTP/1.1 client on asyncio) in a process of its own. CPU times are read around each phase "
+        "from `/proc/<pid>/task/*/schedstat` (ns; `/proc/<pid>/stat` ticks as a cross-check); 'other "
+        "processes' is the machine's busy time (`/proc/stat`) minus ours.",
+        f"- Part 1, engines at `--sim-speed 0` (no modelled GPU time, so what remains is HTTP and Python): streamed "
+        f"`/v1/completions` with token-id prompts of the trace's `ContextTokens` and `max_tokens` = `GeneratedTokens` "
+        f"capped at {s.max_tokens_cap}, sent at a fixed rate in {s.rounds} rounds; each round sends the same "
+        "requests down every path, in rotating order. One scheduler sends everything local (to the decode "
+        "engine), the other everything disaggregated (context_only to the prefill engine, then generation_only to "
+        "the decode engine, which pulls the KV from the prefill engine); their admission limits are raised out of "
+        "the way. The direct baseline of the disaggregated route makes the same two engine calls from the load "
+        "generator and counts only their round trips, not its own JSON work in between.",
+        "- Added latency = scheduler percentile - direct percentile (the issue's definition); 'paired' = the "
+        "percentile of the per-request difference between the two paths.",
+        f"- {s.big_kb} KB prompts: text of {s.big_kb * 1024:,} bytes (~{s.big_kb * 1024 // 4:,} tokens), "
+        f"{s.big_requests} requests per path, 16 output tokens.",
+        f"- Throughput: closed loop with {s.concurrency} connections, up to {s.throughput_requests} requests or "
+        f"{s.throughput_seconds:g} s. The load generator and the engines share the machine's CPUs with the "
+        "scheduler, so this is what one scheduler process reached here, not its ceiling; 1000 / (CPU ms per "
+        "request) is what a dedicated core would give.",
+        "- The bare aiohttp proxy (`baton.bench.proxy`) forwards the same requests with the same client and server "
+        "library but does nothing else: the CPU floor of an aiohttp router on this machine.",
+        f"- Overload: capacity probed with open-loop rates doubling from 10 req/s until at least 20% get 429; then "
+        f"{s.light_fraction:g}x and 2x that capacity, requests as in part 1 (`max_tokens` capped at "
+        f"{s.max_tokens_cap}).",
+        f"- {TRACE_ATTRIBUTION}",
+    ]
+    return "\n".join(lines)
+
+
+def render_text(report: dict[str, Any]) -> str:
+    rows = [[m["label"], m["value_text"], m["target_text"], m["result"], m["note"]] for m in report["metrics"]]
+    evaluated = [m for m in report["metrics"] if m["passed"] is not None]
+    return (text_table(["metric", "value", "target", "result", "note"], rows)
+            + f"\n\n{sum(1 for m in evaluated if m['passed'])} of {len(evaluated)} targets met "
+              f"({report['duration_s']:.0f} s)")
+
+
+# ------------------------------------------------------------------------------------------------ entry
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="baton bench scheduler",
+                                description="Measure the scheduler against the engines alone and write BENCHMARKS.md.")
+    p.add_argument("--quick", action="store_true", help="smaller counts: about a minute and a half")
+    p.add_argument("--output", type=Path, help="BENCHMARKS.md to update (default: the checkout's)")
+    p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a table")
+    p.add_argument("--trace", help=f"trace CSV (default: shared/traces/{TRACE_NAME})")
+    p.add_argument("--rate", type=float, help="req/s of the fixed-rate overhead phases (default 500)")
+    p.add_argument("--overload-sim-speed", type=float, help="engine --sim-speed in the overload part (default 1)")
+    p.add_argument("--parts", default="overhead,overload", help=argparse.SUPPRESS)
+    p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (the path is printed)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    s = QUICK if args.quick else FULL
+    if args.rate:
+        s = replace(s, rate=args.rate)
+    if args.overload_sim_speed is not None:
+        s = replace(s, overload_sim_speed=args.overload_sim_speed)
+    parts = set(args.parts.split(","))
+    try:
+        trace = trace_path(args.trace)
+    except FileNotFoundError as exc:
+        print(f"baton bench scheduler: {exc}", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="baton-bench-scheduler-"))
+    t0 = time.monotonic()
+    facts = machine_facts()
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:5.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    finished = False
+    try:
+        log(f"baton bench scheduler{' --quick' if args.quick else ''}: {facts.get('nproc')} CPUs, Python "
+            f"{facts['python']}, load average {facts.get('loadavg_1m', 0):.2f}; logs in {workdir}")
+        results: dict[str, Any] = {}
+        if "overhead" in parts:
+            results.update(part_overhead(s, workdir, trace, log))
+        if "overload" in parts:
+            results["overload"] = part_overload(s, workdir, trace, log)
+        finished = True
+    except (RuntimeError, TimeoutError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        print(f"baton bench scheduler: {exc}\n(logs kept in {workdir})", file=sys.stderr)
+        return 1
+    finally:
+        if finished and not args.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+    metrics = build_metrics(results, s)
+    report: dict[str, Any] = {
+        "benchmark": SECTION,
+        "date": date,
+        "quick": bool(args.quick),
+        "duration_s": time.monotonic() - t0,
+        "machine": {**facts, "loadavg_1m_end": machine_facts().get("loadavg_1m")},
+        "settings": asdict(s),
+        "trace": str(trace),
+        "metrics": metric_dicts(metrics),
+        "results": results,
+    }
+    print(json.dumps(report, indent=1) if args.json else render_text(report))
+    if not args.no_write:
+        if parts != {"overhead", "overload"}:
+            print("baton bench scheduler: a partial run (--parts) does not write BENCHMARKS.md", file=sys.stderr)
+        else:
+            output = args.output or default_output()
+            write_section(output, SECTION, render_markdown(report))
+            print(f"wrote the scheduler section of {output}", file=sys.stderr)
+    if args.keep_logs:
+        print(f"logs: {workdir}", file=sys.stderr)
+    return 0

@@ -1,0 +1,628 @@
+"""The Triton front end of the engine simulator (`baton engine-sim --sim-frontend triton`).
+
+The same simulated worker as the trtllm-serve front end (`engine.Engine`: batching, KV accounting, the
+CacheState check, the KV pull), served by a real Triton Inference Server started with PyTriton and spoken
+to over the KServe v2 protocol (HTTP and gRPC). The models follow the `tensorrt_llm` model of
+TensorRT-LLM's Triton backend, batch size 1:
+
+- `context` (not decoupled: unary `infer`) and `generation` (decoupled: gRPC `stream_infer` or
+  `/generate_stream`) both serve every request type; the request *parameter* `request_type` is
+  `context_only` | `generation_only` | `context_and_generation` (default), as in the backend's utils.h.
+- Inputs (leading dimension 1, the batch): `input_ids` INT32 [1, N] or `text_input` BYTES [1, 1] (tokenized
+  with `baton.tokens`, as the ensemble's preprocessing would), `input_lengths` INT32 [1, 1] (optional),
+  `request_output_len` INT32 [1, 1] (required), `streaming` BOOL [1, 1], `beam_width` INT32 [1, 1],
+  `end_id`/`pad_id` INT32 [1, 1] (ignored: no EOS), and `context_phase_params` UINT8 [1, -1] on
+  `generation_only`.
+- Outputs: `output_ids` INT32 [1, 1, n] (generated tokens only: `exclude_input_in_output` behaviour),
+  `sequence_length` INT32 [1, 1], `num_input_tokens` / `num_output_tokens` INT32 [1, 1], `text_output`
+  BYTES [1, 1] (the tokens' text, as the ensemble's postprocessing would), and `context_phase_params` UINT8
+  [1, -1] on `context_only`.
+
+`context_phase_params` stands in for the executor-serialized ContextPhaseParams: UTF-8 JSON
+`{"first_gen_tokens", "ctx_request_id", "encoded_opaque_state", "draft_tokens"}`, `encoded_opaque_state`
+being exactly the HTTP front end's (base64 of the CommState + CacheState, see handoff.py). The KV itself
+moves between workers over the simulator's own HTTP endpoint (`POST /_sim/kv/pull`, standing in for
+UCX/NIXL), which this process also serves, with `/health`, `/metrics`, `/perf_metrics` and `/_sim/*`.
+
+Errors reach Triton clients as `... EngineRequestError: <status> <type>: <message>` inside Triton's error
+text (PyTriton wraps the Python traceback); status and type are the HTTP front end's, and the message is
+the same, e.g. TensorRT-LLM's "Disagg server does not currently support these cacheState ..." on a
+KV-format mismatch.
+
+PyTriton must run from a venv made with Debian's /usr/bin/python3.11 (see triton-venv.sh); it is imported
+only when this front end starts.
+
+Threads: the engine and the simulator's HTTP endpoint run on one asyncio loop in a thread of their own;
+PyTriton runs each model instance's inference callable on a loop of its own; the callables hand their work
+to the engine loop (`run_coroutine_threadsafe`) and get results and streamed tokens back through
+thread-safe calls. The main thread starts Triton (so its parent-death signal is tied to a thread that lives
+as long as the process) and waits for SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from baton import tokens
+from baton.engine_sim import config as config_mod
+from baton.engine_sim import logs
+from baton.engine_sim.config import SimConfig, StartupError
+from baton.engine_sim.engine import CTX_AND_GEN, CTX_ONLY, GEN_ONLY, REQUEST_TYPES, EngineError, Seq, token_text
+from baton.engine_sim.handoff import OpaqueState, decode_opaque, encode_opaque
+from baton.engine_sim.server import SimServer
+
+log = logging.getLogger("baton.engine_sim.triton")
+
+CONTEXT_MODEL = "context"
+GENERATION_MODEL = "generation"
+SHUTDOWN_GRACE_S = 30
+REQUEST_ID_PARAMETER = "x-request-id"  # forwarded from the gRPC metadata / HTTP header of the same name
+BEAM_MESSAGE = "Currently, only beam width 1 is supported."
+VENV_HINT = (
+    "the Triton front end needs nvidia-pytriton in a venv made from Debian's /usr/bin/python3.11: "
+    "run `bash operator/baton/engine_sim/triton-venv.sh` and start the simulator with the python it prints"
+)
+
+
+class EngineRequestError(Exception):
+    """A refused or failed request. Its text, `<status> <type>: <message>`, is what Triton clients see at the
+    end of the error (after PyTriton's traceback); status and type are those of the HTTP front end."""
+
+    def __init__(self, message: str, status: int = 400, err_type: str = "BadRequestError") -> None:
+        message = " ".join(str(message).splitlines())
+        super().__init__(f"{status} {err_type}: {message}")
+        self.message = message
+        self.status = status
+        self.err_type = err_type
+
+    @classmethod
+    def from_engine(cls, exc: EngineError) -> EngineRequestError:
+        return cls(exc.message, exc.status, exc.err_type)
+
+
+# ---------------------------------------------------------------------------------------------- options
+@dataclass
+class TritonOptions:
+    grpc_port: int | None
+    sim_http_port: int
+    context_instances: int
+    log_verbose: int
+
+
+def _options_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="baton engine-sim --sim-frontend triton", add_help=False)
+    p.add_argument("--sim-triton-grpc-port", type=int, default=None, metavar="PORT",
+                   help="Triton's gRPC port (default: --port + 1, as the operator renders Triton pods)")
+    p.add_argument("--sim-http-port", type=int, default=0, metavar="PORT",
+                   help="the simulator's own HTTP endpoint: KV transfer, /health, /metrics, /_sim/* (default: any free)")
+    p.add_argument("--sim-triton-context-instances", type=int, default=1, metavar="N",
+                   help="instances of the (not decoupled) context model = context requests in the engine at once "
+                        "(default 1; PyTriton's multi-instance start-up is racy, failed starts are retried)")
+    p.add_argument("--sim-triton-log-verbose", type=int, default=0, metavar="N", help="Triton's --log-verbose")
+    return p
+
+
+def split_options(argv: list[str]) -> tuple[TritonOptions, list[str]]:
+    """This front end's own options, and the rest (the engine simulator's command line)."""
+    ns, rest = _options_parser().parse_known_args(argv)
+    if ns.sim_triton_context_instances < 1:
+        raise StartupError("--sim-triton-context-instances must be >= 1")
+    return TritonOptions(ns.sim_triton_grpc_port, ns.sim_http_port, ns.sim_triton_context_instances,
+                         ns.sim_triton_log_verbose), rest
+
+
+def options_help() -> str:
+    return _options_parser().format_help().split("\n", 1)[1]
+
+
+def _bind_host(host: str) -> str:
+    return "127.0.0.1" if host in ("localhost", "") else host
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_ports(host: str, http_port: int, grpc_port: int | None) -> tuple[int, int]:
+    """Triton's HTTP and gRPC ports. Triton cannot bind port 0 itself: for `--port 0` pick a free pair
+    P, P+1 (the layout the operator renders: HTTP on the tier port, gRPC on the next one)."""
+    if http_port:
+        return http_port, grpc_port or http_port + 1
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(200):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        if grpc_port:
+            return port, grpc_port
+        if _port_free(host, port + 1) and _port_free(host, port):
+            return port, port + 1
+    raise StartupError(f"no two consecutive free ports found on {host}")
+
+
+# ---------------------------------------------------------------------------------------------- requests
+@dataclass
+class TritonRequest:
+    kind: str
+    prompt: list[int]
+    max_tokens: int
+    streaming: bool
+    x_request_id: str
+    handle: OpaqueState | None = None
+    first_tokens: list[int] | None = None
+
+
+def _scalar(data: dict, name: str, default: Any = None) -> Any:
+    value = data.get(name)
+    if value is None:
+        return default
+    flat = value.reshape(-1)
+    if flat.size != 1:
+        raise EngineRequestError(f"input {name} must hold exactly one value, got {flat.size}")
+    return flat[0].item() if hasattr(flat[0], "item") else flat[0]
+
+
+def encode_context_phase_params(first_tokens: list[int], ctx_request_id: int, opaque: str) -> bytes:
+    return json.dumps({"first_gen_tokens": list(first_tokens), "ctx_request_id": ctx_request_id,
+                       "encoded_opaque_state": opaque, "draft_tokens": None}, separators=(",", ":")).encode()
+
+
+def decode_context_phase_params(raw: bytes) -> tuple[list[int], int, OpaqueState]:
+    """(first_gen_tokens, ctx_request_id, opaque state); EngineRequestError (400) when it is not ours."""
+    try:
+        payload = json.loads(raw.decode("utf-8"))
+    except (UnicodeError, ValueError) as exc:
+        raise EngineRequestError(f"context_phase_params is not the simulator's ContextPhaseParams: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise EngineRequestError("context_phase_params must hold a JSON object")
+    first = payload.get("first_gen_tokens")
+    if not tokens.is_token_ids(first) or not first:
+        raise EngineRequestError("context_phase_params.first_gen_tokens must be a non-empty list of token ids")
+    ctx_id = payload.get("ctx_request_id")
+    if isinstance(ctx_id, bool) or not isinstance(ctx_id, int):
+        raise EngineRequestError("context_phase_params.ctx_request_id must be an integer")
+    try:
+        handle = decode_opaque(payload.get("encoded_opaque_state"))
+    except ValueError as exc:
+        raise EngineRequestError(f"context_phase_params.{exc}") from exc
+    if handle.ctx_request_id != ctx_id:
+        raise EngineRequestError(
+            f"context_phase_params.ctx_request_id {ctx_id} does not match the encoded_opaque_state "
+            f"({handle.ctx_request_id})")
+    return list(first), ctx_id, handle
+
+
+def parse_request(req: Any, vocab_size: int) -> TritonRequest:
+    """A PyTriton request (numpy inputs + parameters) -> what `Engine.submit` needs."""
+    params = dict(req.parameters or {})
+    data = req.data
+    kind = params.get("request_type") or CTX_AND_GEN
+    if kind not in REQUEST_TYPES:
+        raise EngineRequestError(f"request_type must be one of {', '.join(REQUEST_TYPES)}, got {kind!r}")
+    x_rid = ""
+    for key, value in params.items():
+        if key.lower() == REQUEST_ID_PARAMETER:
+            x_rid = str(value)
+    ids, text = data.get("input_ids"), data.get("text_input")
+    if ids is not None and text is not None:
+        raise EngineRequestError("send either input_ids or text_input, not both")
+    if ids is not None:
+        flat = ids.reshape(-1)
+        length = _scalar(data, "input_lengths")
+        if length is not None:
+            if not 0 < int(length) <= flat.size:
+                raise EngineRequestError(f"input_lengths ({length}) must be in [1, {flat.size}] (the input_ids given)")
+            flat = flat[: int(length)]
+        if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
+            bad = next(int(t) for t in flat if t < 0 or t >= vocab_size)
+            raise EngineRequestError(f"input_ids contains token id {bad} outside the vocabulary [0, {vocab_size})")
+        prompt = [int(t) for t in flat.tolist()]
+    elif text is not None:
+        raw = _scalar(data, "text_input")
+        prompt = tokens.tokenize(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
+    else:
+        raise EngineRequestError("input_ids or text_input is required")
+    max_tokens = _scalar(data, "request_output_len")
+    if max_tokens is None:
+        raise EngineRequestError("request_output_len is required")
+    beam = _scalar(data, "beam_width", 1)
+    if int(beam) != 1:
+        raise EngineRequestError(BEAM_MESSAGE)
+    parsed = TritonRequest(kind, prompt, int(max_tokens), bool(_scalar(data, "streaming", False)), x_rid)
+    cpp = data.get("context_phase_params")
+    if kind == GEN_ONLY:
+        if cpp is None or cpp.size == 0:
+            raise EngineRequestError("generation_only requests need the context_phase_params input")
+        parsed.first_tokens, _, parsed.handle = decode_context_phase_params(cpp.astype("uint8").tobytes())
+    elif cpp is not None and cpp.size:
+        raise EngineRequestError(f"context_phase_params is only accepted with request_type generation_only, not {kind}")
+    return parsed
+
+
+# ---------------------------------------------------------------------------------------------- the front end
+class TritonFrontend:
+    """One simulated worker behind Triton. `start()` runs the engine thread and Triton; `stop()` undoes it."""
+
+    def __init__(self, cfg: SimConfig, opts: TritonOptions) -> None:
+        self.cfg = cfg
+        self.opts = opts
+        self.host = _bind_host(cfg.host)
+        self.server = SimServer(cfg)  # engine + the HTTP handlers the side endpoint reuses
+        self.engine = self.server.engine
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.sim_http_port: int | None = None
+        self.http_port = 0
+        self.grpc_port = 0
+        self.triton: Any = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._stop_async: asyncio.Event | None = None
+        self._workspace: str | None = None
+
+    # ------------------------------------------------------------------ engine thread
+    def _side_app(self) -> web.Application:
+        s = self.server
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_get("/health", s.health)
+        app.router.add_get("/version", s.version)
+        app.router.add_get("/metrics", s.metrics)
+        app.router.add_get("/perf_metrics", s.perf_metrics)
+        app.router.add_post("/kv_cache_events", s.kv_cache_events)
+        app.router.add_post("/_sim/kv/pull", s.kv_pull)
+        app.router.add_get("/_sim/state", self._state)
+        app.router.add_post("/_sim/fatal", s.sim_fatal)
+        return app
+
+    async def _state(self, request: web.Request) -> web.Response:
+        resp = await self.server.sim_state(request)
+        data = json.loads(resp.body)
+        data["triton"] = {"http_port": self.http_port, "grpc_port": self.grpc_port,
+                          "models": [CONTEXT_MODEL, GENERATION_MODEL]}
+        return web.json_response(data)
+
+    async def _engine_main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop_async = asyncio.Event()
+        runner = web.AppRunner(self._side_app(), access_log=None, handler_cancellation=True,
+                               shutdown_timeout=SHUTDOWN_GRACE_S)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.opts.sim_http_port, backlog=1024)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            self._startup_error = exc
+            self._ready.set()
+            return
+        sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001 - aiohttp exposes no public accessor
+        self.sim_http_port = sockets[0].getsockname()[1] if sockets else self.opts.sim_http_port
+        self.engine.start()
+        self.server.started(self.sim_http_port)  # the port written into handles (CommState)
+        self._ready.set()
+        await self._stop_async.wait()
+        self.server.draining = True
+        await runner.cleanup()
+        await self.engine.stop()
+
+    def _engine_thread(self) -> None:
+        try:
+            asyncio.run(self._engine_main())
+        except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+            self._startup_error = self._startup_error or exc
+            self._ready.set()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        try:
+            from pytriton.model_config import ModelConfig
+            from pytriton.triton import Triton, TritonConfig
+        except ImportError as exc:
+            raise StartupError(f"cannot import pytriton ({exc}); {VENV_HINT}") from exc
+        base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+        if base != os.path.realpath("/usr/bin/python3.11"):
+            log.warning("not Debian's python3.11: Triton's Python-backend stub links the system libpython, and a "
+                        "different CPython build fails at model load ('_thread.RLock' object has no attribute "
+                        "'_recursion_count')", extra={"fields": {"event": "python_mismatch", "python": base}})
+        self._thread = threading.Thread(target=self._engine_thread, name="engine-loop", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        if self._startup_error is not None or self.sim_http_port is None:
+            raise OSError(f"cannot bind the simulator endpoint {self.host}:{self.opts.sim_http_port}: "
+                          f"{self._startup_error}")
+        self.http_port, self.grpc_port = pick_ports(self.host, self.cfg.port, self.opts.grpc_port)
+        triton_config = TritonConfig(
+            http_address=self.host, http_port=self.http_port,
+            grpc_address=self.host, grpc_port=self.grpc_port,
+            metrics_address=self.host, allow_metrics=False, allow_gpu_metrics=False, allow_cpu_metrics=False,
+            allow_sagemaker=False, allow_vertex_ai=False,
+            strict_readiness=True, exit_timeout_secs=SHUTDOWN_GRACE_S, log_verbose=self.opts.log_verbose,
+            http_header_forward_pattern=REQUEST_ID_PARAMETER, grpc_header_forward_pattern=REQUEST_ID_PARAMETER,
+        )
+        # Tensors are tiny here: base64 over PyTriton's sockets instead of its shared-memory tensor store (whose
+        # manager process slows model start-up and adds a process per model).
+        os.environ["PYTRITON_NO_TENSORSTORE"] = "1"
+        # PyTriton's extra model instances wait one second for instance 0's handshake socket and fail to load
+        # when they lose that race (likely on a busy machine); with several instances, start over a few times.
+        attempts = 3 if self.opts.context_instances > 1 else 1
+        for attempt in range(1, attempts + 1):
+            self._workspace = tempfile.mkdtemp(prefix="baton-triton-")
+            self.triton = Triton(config=triton_config, workspace=f"{self._workspace}/workspace")
+            inputs, outputs = self._signature()
+            self.triton.bind(
+                model_name=CONTEXT_MODEL, infer_func=[self._context_infer] * self.opts.context_instances,
+                inputs=inputs, outputs=outputs, config=ModelConfig(batching=False),
+            )
+            self.triton.bind(
+                model_name=GENERATION_MODEL, infer_func=self._generation_infer,
+                inputs=inputs, outputs=outputs, config=ModelConfig(batching=False, decoupled=True),
+            )
+            try:
+                self.triton.run()
+                return
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                with contextlib.suppress(Exception):
+                    self.triton.stop()
+                self.triton = None
+                shutil.rmtree(self._workspace, ignore_errors=True)
+                log.warning("Triton did not start", extra={"fields": {
+                    "event": "triton_start_failed", "attempt": attempt, "error": error[:2000]}})
+        raise OSError(f"Triton did not start on {self.host}:{self.http_port}/{self.grpc_port}: {error}")
+
+    def alive(self) -> bool:
+        return (self.triton is not None and self.triton.is_alive() and self._thread is not None
+                and self._thread.is_alive())
+
+    def stop(self) -> None:
+        if self.triton is not None:
+            with contextlib.suppress(Exception):
+                self.triton.stop()
+        if self.loop is not None and self._stop_async is not None:
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._stop_async.set)
+        if self._thread is not None:
+            self._thread.join(SHUTDOWN_GRACE_S + 5)
+        if self._workspace:
+            shutil.rmtree(self._workspace, ignore_errors=True)
+
+    @staticmethod
+    def _signature() -> tuple[list, list]:
+        import numpy as np
+        from pytriton.model_config import Tensor
+
+        inputs = [
+            Tensor(name="input_ids", dtype=np.int32, shape=(1, -1), optional=True),
+            Tensor(name="text_input", dtype=bytes, shape=(1, 1), optional=True),
+            Tensor(name="input_lengths", dtype=np.int32, shape=(1, 1), optional=True),
+            Tensor(name="request_output_len", dtype=np.int32, shape=(1, 1)),
+            Tensor(name="streaming", dtype=np.bool_, shape=(1, 1), optional=True),
+            Tensor(name="beam_width", dtype=np.int32, shape=(1, 1), optional=True),
+            Tensor(name="end_id", dtype=np.int32, shape=(1, 1), optional=True),
+            Tensor(name="pad_id", dtype=np.int32, shape=(1, 1), optional=True),
+            Tensor(name="context_phase_params", dtype=np.uint8, shape=(1, -1), optional=True),
+        ]
+        outputs = [
+            Tensor(name="output_ids", dtype=np.int32, shape=(1, 1, -1)),
+            Tensor(name="sequence_length", dtype=np.int32, shape=(1, 1)),
+            Tensor(name="num_input_tokens", dtype=np.int32, shape=(1, 1)),
+            Tensor(name="num_output_tokens", dtype=np.int32, shape=(1, 1)),
+            Tensor(name="text_output", dtype=bytes, shape=(1, 1)),
+            Tensor(name="context_phase_params", dtype=np.uint8, shape=(1, -1)),
+        ]
+        return inputs, outputs
+
+    # ------------------------------------------------------------------ inference callables (PyTriton loops)
+    async def _context_infer(self, requests: list) -> list[dict]:
+        """Unary: one full response per request (the context model is not decoupled)."""
+        out = []
+        for req in requests:
+            result = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._run_unary(req), self.loop))
+            out.append(result)
+        return out
+
+    async def _generation_infer(self, requests: list) -> AsyncIterator[list[dict]]:
+        """Decoupled: one response per engine iteration with `streaming`, else one response."""
+        if len(requests) != 1:
+            raise EngineRequestError(f"the simulator serves one request per call, got {len(requests)}")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(item: tuple[str, Any]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        future = asyncio.run_coroutine_threadsafe(self._run_stream(requests[0], put), self.loop)
+        try:
+            while True:
+                kind, payload = await queue.get()
+                if kind == "data":
+                    yield [payload]
+                elif kind == "error":
+                    raise payload
+                else:
+                    break
+        finally:
+            if not future.done():
+                future.cancel()
+
+    # ------------------------------------------------------------------ engine-loop side
+    def _submit(self, req: Any) -> tuple[TritonRequest, Seq]:
+        reason = self.server.not_ready_reason()
+        if reason:
+            raise EngineRequestError(reason, 503, "ServiceUnavailableError")
+        parsed = parse_request(req, self.cfg.vocab_size)
+        try:
+            seq = self.engine.submit(
+                kind=parsed.kind, prompt=parsed.prompt, max_tokens=parsed.max_tokens,
+                x_request_id=parsed.x_request_id, stream=parsed.streaming and parsed.kind != CTX_ONLY,
+                handle=parsed.handle, first_tokens=parsed.first_tokens,
+            )
+        except EngineError as exc:
+            self._log_failure(exc, parsed.x_request_id)
+            raise EngineRequestError.from_engine(exc) from None
+        return parsed, seq
+
+    def _log_failure(self, exc: EngineError, x_rid: str) -> None:
+        fields = {"event": "request_failed" if exc.status >= 500 else "request_refused", "request_id": x_rid,
+                  "status": exc.status, "error": exc.message, "frontend": "triton"}
+        if exc.status >= 500:
+            log.warning("request failed", extra={"fields": fields})
+        else:
+            log.debug("request refused", extra={"fields": fields})
+
+    def _response(self, seq: Seq, new: list[int], *, final: bool) -> dict:
+        import numpy as np
+
+        out = {
+            "output_ids": np.array([[new]], dtype=np.int32).reshape(1, 1, len(new)),
+            "sequence_length": np.array([[len(new)]], dtype=np.int32),
+            "num_input_tokens": np.array([[len(seq.prompt)]], dtype=np.int32),
+            "num_output_tokens": np.array([[len(seq.tokens)]], dtype=np.int32),
+            "text_output": np.array([["".join(token_text(t) for t in new).encode()]], dtype=np.object_),
+        }
+        if final and seq.kind == CTX_ONLY:
+            handle = OpaqueState(self.cfg.advertise_host, self.sim_http_port or 0, self.engine.instance, seq.rid,
+                                 self.cfg.cache_state)
+            raw = encode_context_phase_params(seq.tokens, seq.rid, encode_opaque(handle))
+            out["context_phase_params"] = np.frombuffer(raw, dtype=np.uint8).reshape(1, -1).copy()
+        return out
+
+    async def _run_unary(self, req: Any) -> dict:
+        seq = None
+        try:
+            parsed, seq = self._submit(req)
+            try:
+                await seq.done
+            except EngineError as exc:
+                self._log_failure(exc, parsed.x_request_id)
+                raise EngineRequestError.from_engine(exc) from None
+            return self._response(seq, list(seq.tokens), final=True)
+        finally:
+            if seq is not None and not seq.finished:
+                self.engine.cancel(seq)
+
+    async def _run_stream(self, req: Any, put: Callable[[tuple[str, Any]], None]) -> None:
+        seq = None
+        try:
+            try:
+                parsed, seq = self._submit(req)
+            except EngineRequestError as exc:
+                put(("error", exc))
+                return
+            if seq.changed is None:  # one response with every token
+                try:
+                    await seq.done
+                except EngineError as exc:
+                    self._log_failure(exc, parsed.x_request_id)
+                    put(("error", EngineRequestError.from_engine(exc)))
+                    return
+                put(("data", self._response(seq, list(seq.tokens), final=True)))
+                put(("end", None))
+                return
+            changed = seq.changed
+            sent = 0
+            while True:
+                produced = len(seq.tokens)
+                if sent < produced:
+                    new = seq.tokens[sent:produced]
+                    sent = produced
+                    put(("data", self._response(seq, new, final=seq.finished and seq.error is None)))
+                    continue
+                if seq.finished:
+                    break
+                changed.clear()
+                await changed.wait()
+            if seq.error is not None:
+                self._log_failure(seq.error, parsed.x_request_id)
+                put(("error", EngineRequestError.from_engine(seq.error)))
+            else:
+                put(("end", None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must still end the client's stream
+            log.exception("triton stream failed", extra={"fields": {"event": "stream_failed"}})
+            put(("error", EngineRequestError(f"{type(exc).__name__}: {exc}", 500, "InternalServerError")))
+        finally:
+            if seq is not None and not seq.finished:
+                self.engine.cancel(seq)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def main(argv: list[str]) -> int:
+    """`baton engine-sim --sim-frontend triton ...` (the flag itself already removed by engine_sim.main)."""
+    if "-h" in argv or "--help" in argv:
+        config_mod.build_parser().print_help()
+        print("\nTriton front end options:\n" + options_help())
+        return 0
+    try:
+        opts, rest = split_options(argv)
+        cfg = config_mod.load_config(rest)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except StartupError as exc:
+        logs.setup("INFO")
+        log.error("startup failed", extra={"fields": {"event": "startup_failed", "error": str(exc)}})
+        print(f"baton engine-sim: startup failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    logs.setup(cfg.log_level)
+    for name, level in (("pytriton", "WARNING"), ("pytriton.proxy.inference", "ERROR")):
+        logging.getLogger(name).handlers[:] = logging.getLogger("baton.engine_sim").handlers
+        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).propagate = False
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    frontend = TritonFrontend(cfg, opts)
+    try:
+        try:
+            frontend.start()
+        except StartupError as exc:
+            print(f"baton engine-sim: startup failed: {exc}", file=sys.stderr, flush=True)
+            return 1
+        except OSError as exc:
+            print(f"baton engine-sim: {exc}", file=sys.stderr, flush=True)
+            return 1
+        host = frontend.host
+        log.info("engine simulator listening (triton)", extra={"fields": {
+            "event": "listening", "frontend": "triton", "url": f"http://{host}:{frontend.http_port}",
+            "grpc": f"{host}:{frontend.grpc_port}", "sim_http": f"http://{host}:{frontend.sim_http_port}",
+            "models": [CONTEXT_MODEL, GENERATION_MODEL], **config_mod.describe(cfg)}})
+        print(f"baton engine-sim (triton) listening on http://{host}:{frontend.http_port} "
+              f"grpc={host}:{frontend.grpc_port} sim-http=http://{host}:{frontend.sim_http_port}", flush=True)
+        while not stop.wait(0.5):
+            if not frontend.alive():
+                print("baton engine-sim: Triton exited unexpectedly", file=sys.stderr, flush=True)
+                return 1
+        log.info("shutting down", extra={"fields": {"event": "shutdown"}})
+        return 0
+    finally:
+        started = time.monotonic()
+        frontend.stop()
+        log.debug("stopped", extra={"fields": {"event": "stopped", "seconds": round(time.monotonic() - started, 2)}})
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

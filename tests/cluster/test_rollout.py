@@ -1,0 +1,286 @@
+"""Two-tier rollouts under live traffic: local cluster, operator, pod runner, engine simulators and
+Baton's scheduler, with requests flowing through the scheduler during every rollout."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import pytest
+from kopf.testing import KopfRunner
+
+from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
+from cluster_plugin import load_example, wait_for
+
+pytestmark = pytest.mark.cluster
+NAME = "llama-8b"
+
+
+def get_dm(cluster, namespace):
+    return cluster.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, NAME)
+
+
+def patch_spec(cluster, namespace, spec):
+    cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, NAME, {"spec": spec})
+
+
+def rollout(cluster, namespace):
+    return (get_dm(cluster, namespace).get("status") or {}).get("rollout") or {}
+
+
+def condition(obj, ctype):
+    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == ctype), {})
+
+
+def generations(cluster, namespace):
+    items = cluster.apps.list_namespaced_stateful_set(namespace, label_selector=f"baton.dev/model={NAME}").items
+    return sorted({s.metadata.labels["baton.dev/generation"] for s in items})
+
+
+def manifest(**spec_updates):
+    m = load_example("small.yaml")
+    m["spec"]["decode"].update({"minReplicas": 2, "replicas": 2, "maxReplicas": 4})
+    m["spec"]["rollout"] = {"rollbackWindow": "5s", "progressDeadline": "60s", "drainTimeout": "60s", "minReadySeconds": 2}
+    for key, value in spec_updates.items():
+        m["spec"][key] = {**m["spec"].get(key, {}), **value}
+    return m
+
+
+def deploy(cluster, namespace, m=None):
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, m or manifest())
+
+    def serving():
+        obj = get_dm(cluster, namespace)
+        ro = (obj.get("status") or {}).get("rollout") or {}
+        return obj if condition(obj, "Ready").get("status") == "True" and ro.get("phase") == "Serving" else None
+
+    return wait_for(serving, 120, what="model Ready and Serving")
+
+
+class Traffic:
+    """Requests through the scheduler until stopped (bounded: at most `limit`), counting outcomes,
+    plus a sampler of every engine's KV-format rejection counter."""
+
+    def __init__(self, cluster, namespace, limit=5000):
+        self.cluster, self.namespace, self.limit = cluster, namespace, limit
+        self.outcomes: Counter[str] = Counter()
+        self.routes: Counter[str] = Counter()
+        self.decode_endpoints: list[tuple[float, str]] = []
+        self.errors: list[str] = []
+        self.rejections: dict[str, int] = {}
+        self._stop = threading.Event()
+        pods = cluster.core.list_namespaced_pod(namespace, label_selector=f"baton.dev/model={NAME},baton.dev/tier=scheduler").items
+        self.url = f"http://{next(p.status.pod_ip for p in pods if p.status.pod_ip)}:8000"
+        wait_for(self._ready, 60, what="scheduler ready")
+        self.threads = [threading.Thread(target=self._send, daemon=True), threading.Thread(target=self._sample, daemon=True)]
+
+    def _ready(self):
+        try:
+            with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def _send(self):
+        i = 0
+        while not self._stop.is_set() and i < self.limit:
+            prompt = list(range(1, 50)) if i % 2 else list(range(1, 6001))  # local and disaggregated
+            body = json.dumps({"model": "llama-3-8b", "prompt": prompt, "max_tokens": 4}).encode()
+            request = urllib.request.Request(f"{self.url}/v1/completions", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as resp:
+                    resp.read()
+                    self.outcomes["ok"] += 1
+                    self.routes[resp.headers.get("X-Baton-Route", "?")] += 1
+                    self.decode_endpoints.append((time.monotonic(), resp.headers.get("X-Baton-Decode-Endpoint", "")))
+            except urllib.error.HTTPError as exc:
+                self.outcomes[f"http {exc.code}"] += 1
+                self.errors.append(exc.read().decode()[:300])
+            except OSError as exc:
+                self.outcomes["connection"] += 1
+                self.errors.append(str(exc))
+            i += 1
+            time.sleep(0.02)
+
+    def _sample(self):
+        while not self._stop.is_set():
+            pods = self.cluster.core.list_namespaced_pod(self.namespace, label_selector=f"baton.dev/model={NAME}").items
+            for pod in pods:
+                if pod.metadata.labels.get("baton.dev/tier") in ("prefill", "decode") and pod.status.pod_ip:
+                    try:
+                        with urllib.request.urlopen(f"http://{pod.status.pod_ip}:8000/_sim/state", timeout=2) as resp:
+                            counters = json.loads(resp.read()).get("counters", {})
+                        key = f"{pod.metadata.name}/{pod.metadata.uid}"
+                        self.rejections[key] = max(self.rejections.get(key, 0), int(counters.get("kvFormatRejections", 0)))
+                    except (OSError, ValueError):
+                        pass
+            self._stop.wait(0.5)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self.threads:
+            t.join(timeout=40)
+
+    def failed(self):
+        return sum(n for k, n in self.outcomes.items() if k != "ok")
+
+
+def wait_phase(cluster, namespace, phase, timeout=120):
+    return wait_for(lambda: (ro := rollout(cluster, namespace)).get("phase") == phase and ro, timeout, what=f"rollout phase {phase}")
+
+
+def events_of(cluster, namespace):
+    return [(e.reason, e.message) for e in cluster.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={NAME}").items]
+
+
+def test_a_kv_neutral_change_rolls_in_place_with_zero_failed_requests(cluster, namespace, operator, pod_runner):
+    before = deploy(cluster, namespace)["status"]["rollout"]["servingGeneration"]
+    with Traffic(cluster, namespace) as traffic:
+        time.sleep(1)
+        patch_spec(cluster, namespace, {"decode": {"replicas": 3}, "scheduler": {"maxQueueDepth": 128}})
+        wait_for(lambda: get_dm(cluster, namespace)["status"]["decode"]["summary"] == "3/3", 60, what="decode 3/3")
+        time.sleep(2)
+    assert traffic.outcomes["ok"] > 20 and traffic.failed() == 0, (traffic.outcomes, traffic.errors[:3])
+    assert rollout(cluster, namespace)["servingGeneration"] == before
+    assert generations(cluster, namespace) == [before]
+    assert any(r == "Applied" and "in place" in m for r, m in events_of(cluster, namespace))
+
+
+def test_a_kv_changing_change_swaps_both_tiers_atomically_with_zero_failures(cluster, namespace, operator, pod_runner):
+    old = deploy(cluster, namespace)["status"]["rollout"]["servingGeneration"]
+    with Traffic(cluster, namespace) as traffic:
+        time.sleep(1)
+        patch_spec(cluster, namespace, {"engine": {"kvCache": {"dtype": "fp8"}}})
+        wait_phase(cluster, namespace, "Draining")
+        ro = wait_phase(cluster, namespace, "Serving", timeout=90)
+        time.sleep(2)
+    new = ro["servingGeneration"]
+    assert new != old and ro["lastKnownGood"]["generation"] == new and ro["probe"]["passed"] is True
+    assert generations(cluster, namespace) == [new], "the old generation is deleted after draining"
+    assert traffic.outcomes["ok"] > 20 and traffic.failed() == 0, (traffic.outcomes, traffic.errors[:3])
+    assert sum(traffic.rejections.values()) == 0, traffic.rejections  # never a cross-generation pair
+    assert {"local", "disaggregated"} <= set(traffic.routes)
+    reasons = [r for r, _ in events_of(cluster, namespace)]
+    for reason in ("NewGeneration", "ProbePassed", "Switched", "Drained"):
+        assert reason in reasons
+    obj = get_dm(cluster, namespace)
+    assert obj["status"]["revision"] == new and obj["status"]["prefill"]["kvFingerprint"] == obj["status"]["decode"]["kvFingerprint"]
+
+
+def test_an_incompatible_spec_is_refused_and_the_old_generation_keeps_serving(cluster, namespace, operator, pod_runner):
+    serving = deploy(cluster, namespace)["status"]["rollout"]["servingGeneration"]
+    with Traffic(cluster, namespace) as traffic:
+        patch_spec(cluster, namespace, {"decode": {"engineOverrides": {"tokensPerBlock": 64}}})
+        def refused():
+            obj = get_dm(cluster, namespace)
+            return obj if condition(obj, "KVFormatCompatible").get("status") == "False" else None
+
+        obj = wait_for(refused, 60, what="KVFormatCompatible=False")
+        time.sleep(3)
+    assert "tokensPerBlock: prefill=32, decode=64" in condition(obj, "KVFormatCompatible")["message"]
+    assert generations(cluster, namespace) == [serving]
+    assert traffic.outcomes["ok"] > 20 and traffic.failed() == 0, (traffic.outcomes, traffic.errors[:3])
+
+
+def test_a_new_generation_that_never_becomes_ready_is_rolled_back(cluster, namespace, operator, pod_runner):
+    serving = deploy(cluster, namespace, manifest(rollout={"progressDeadline": "10s"}))["status"]["rollout"]["servingGeneration"]
+    with Traffic(cluster, namespace) as traffic:
+        # A checkpoint that is not there: the new engines can never start.
+        patch_spec(cluster, namespace, {"model": {"source": {"huggingFace": None, "hostPath": {"path": "/nonexistent/model"}}}})
+        ro = wait_phase(cluster, namespace, "RolledBack", timeout=90)
+        time.sleep(2)
+    assert ro["servingGeneration"] == serving and ro["failedGeneration"] != serving
+    assert "did not become Ready within progressDeadline 10s" in ro["message"]
+    assert generations(cluster, namespace) == [serving], "the failed generation is removed"
+    assert traffic.failed() == 0 and traffic.outcomes["ok"] > 20, (traffic.outcomes, traffic.errors[:3])
+    obj = get_dm(cluster, namespace)
+    assert condition(obj, "Ready")["status"] == "True" and condition(obj, "RolloutSucceeded")["status"] == "False"
+    assert any(r == "RolledBack" for r, _ in events_of(cluster, namespace))
+
+
+def test_a_failed_handoff_probe_means_no_switch(cluster, namespace, operator, pod_runner):
+    serving = deploy(cluster, namespace)["status"]["rollout"]["servingGeneration"]
+    seen_serving = set()
+    with Traffic(cluster, namespace) as traffic:
+        # The new decode replicas load other weights than the new prefill replicas: same declared KV
+        # format, so only a real handoff can tell.
+        patch_spec(cluster, namespace, {"engine": {"kvCache": {"dtype": "fp8"}},
+                                        "decode": {"podTemplate": {"env": [{"name": "BATON_SIM_ARGS", "value": "--sim-model-identity other-weights"}]}}})
+        deadline = time.monotonic() + 90
+        while (ro := rollout(cluster, namespace)).get("phase") != "RolledBack" and time.monotonic() < deadline:
+            seen_serving.add(ro.get("servingGeneration"))
+            time.sleep(0.2)
+        time.sleep(2)
+    assert ro["phase"] == "RolledBack", ro
+    assert seen_serving == {serving}, "traffic never switched"
+    assert ro["probe"]["passed"] is False and "Disagg server does not currently support these cacheState" in ro["probe"]["message"]
+    assert traffic.failed() == 0, (traffic.outcomes, traffic.errors[:3])
+    assert any(r == "ProbeFailed" for r, _ in events_of(cluster, namespace))
+
+
+def test_a_generation_failing_after_the_switch_is_rolled_back_within_the_bound(cluster, namespace, operator, pod_runner):
+    serving = deploy(cluster, namespace, manifest(rollout={"rollbackWindow": "120s"}))["status"]["rollout"]["servingGeneration"]
+    with Traffic(cluster, namespace) as traffic:
+        # The new decode engines go fatal after a few requests, once traffic is on them.
+        patch_spec(cluster, namespace, {"engine": {"kvCache": {"dtype": "fp8"}},
+                                        "decode": {"podTemplate": {"env": [{"name": "BATON_SIM_ARGS", "value": "--sim-fail-after 4"}]}}})
+        switched = wait_phase(cluster, namespace, "Draining", timeout=90)
+        new = switched["servingGeneration"]
+        ro = wait_phase(cluster, namespace, "RolledBack", timeout=90)
+        back_at = time.monotonic()
+        # When did a new-generation decode pod first lose readiness (the failure Baton detects)?
+        pods = cluster.core.list_namespaced_pod(namespace, label_selector=f"baton.dev/generation={new},baton.dev/tier=decode").items
+        time.sleep(3)
+    assert ro["servingGeneration"] == serving and ro["failedGeneration"] == new
+    assert "lost readiness after the switch" in ro["message"]
+    assert 0 <= ro["lastRollbackMillis"] < 30_000
+    # End to end: after the rollback every request is served by the old generation's decode pods.
+    old_decode = {p.status.pod_ip for p in cluster.core.list_namespaced_pod(
+        namespace, label_selector=f"baton.dev/generation={serving},baton.dev/tier=decode").items}
+    late = [ep.split(":")[0] for t, ep in traffic.decode_endpoints if t > back_at + 1 and ep]
+    assert late and set(late) <= old_decode
+    print(f"\nrollback: detection -> switch {ro['lastRollbackMillis']} ms; new decode pods: {[p.metadata.name for p in pods]}")
+
+
+def test_an_operator_killed_mid_rollout_resumes_and_leaves_nothing_orphaned(cluster, namespace, pod_runner):
+    args = ["run", "--standalone", "--namespace", namespace, "-m", "baton.operator.handlers"]
+    with KopfRunner(args, timeout=60):
+        old = deploy(cluster, namespace, manifest(rollout={"rollbackWindow": "8s"}))["status"]["rollout"]["servingGeneration"]
+        # New engines take a while to load, so the rollout is caught in Progressing.
+        patch_spec(cluster, namespace, {"engine": {"kvCache": {"dtype": "fp8"}},
+                                        "prefill": {"podTemplate": {"env": [{"name": "BATON_SIM_ARGS", "value": "--sim-load-seconds 6"}]}}})
+        wait_phase(cluster, namespace, "Progressing", timeout=60)
+    assert len(generations(cluster, namespace)) == 2  # killed with both generations present
+    with KopfRunner(args, timeout=60):
+        draining = wait_phase(cluster, namespace, "Draining", timeout=90)
+    assert draining["servingGeneration"] != old
+    with KopfRunner(args, timeout=60):
+        ro = wait_phase(cluster, namespace, "Serving", timeout=90)
+    assert ro["servingGeneration"] == draining["servingGeneration"]
+    assert generations(cluster, namespace) == [ro["servingGeneration"]]
+    configmaps = [c.metadata.name for c in cluster.core.list_namespaced_config_map(namespace, label_selector=f"baton.dev/model={NAME}").items]
+    assert sorted(configmaps) == sorted([f"{NAME}-prefill-engine-{ro['servingGeneration']}",
+                                         f"{NAME}-decode-engine-{ro['servingGeneration']}", f"{NAME}-scheduler"])
+
+
+def test_a_rollout_without_gpus_for_the_new_generation_is_blocked_with_the_numbers(cluster, namespace, operator, pod_runner):
+    serving = deploy(cluster, namespace)["status"]["rollout"]["servingGeneration"]
+    # 4 replicas x 4 GPUs = the whole decode pool, while the serving generation still holds 2 GPUs of it.
+    patch_spec(cluster, namespace, {"decode": {"gpusPerReplica": 4, "tensorParallelSize": 4, "replicas": 4}})
+    ro = wait_phase(cluster, namespace, "BlockedOnCapacity", timeout=60)
+    assert "decode needs 4 replica(s) x 4 GPU(s) but only" in ro["message"]
+    assert "decode-l40s-0:" in ro["message"]
+    assert generations(cluster, namespace) == [serving] and ro["servingGeneration"] == serving
+    obj = get_dm(cluster, namespace)
+    assert condition(obj, "RolloutSucceeded")["reason"] == "BlockedOnCapacity"
+    assert condition(obj, "Ready")["status"] == "True"
