@@ -284,3 +284,21 @@ def test_a_rollout_without_gpus_for_the_new_generation_is_blocked_with_the_numbe
     obj = get_dm(cluster, namespace)
     assert condition(obj, "RolloutSucceeded")["reason"] == "BlockedOnCapacity"
     assert condition(obj, "Ready")["status"] == "True"
+
+
+def test_a_paused_rollout_waits_and_an_explicit_rollback_aborts_it(cluster, namespace, operator, pod_runner):
+    serving = deploy(cluster, namespace, manifest(rollout={"paused": True}))["status"]["rollout"]["servingGeneration"]
+    patch_spec(cluster, namespace, {"engine": {"kvCache": {"dtype": "fp8"}}})
+    ro = wait_phase(cluster, namespace, "Paused", timeout=60)
+    assert generations(cluster, namespace) == [serving], "nothing starts while paused"
+    target = ro["targetGeneration"]
+    cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, NAME,
+                                                  {"metadata": {"annotations": {"serving.baton.dev/rollback": "true"}}})
+    ro = wait_phase(cluster, namespace, "RolledBack", timeout=60)
+    assert ro["failedGeneration"] == target and ro["servingGeneration"] == serving
+    assert "rollback requested" in ro["message"]
+    # Retrying the same generation on purpose: annotate it, unpause, and it rolls out.
+    cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, NAME, {
+        "metadata": {"annotations": {"serving.baton.dev/rollback": None, "serving.baton.dev/retry-generation": target}},
+        "spec": {"rollout": {"paused": False}}})
+    wait_for(lambda: rollout(cluster, namespace).get("servingGeneration") == target, 90, what="retried generation serving")
