@@ -1,0 +1,132 @@
+"""Pure helpers of the benchmarks: percentiles and differences, targets, and BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import pytest
+
+from baton.bench.report import (
+    INTRO,
+    Metric,
+    Target,
+    added,
+    fmt_target,
+    fmt_value,
+    markdown_table,
+    paired_differences,
+    per_item,
+    percentile,
+    percentiles,
+    ratio,
+    replace_section,
+    write_section,
+)
+
+
+def test_percentile_interpolates_linearly_like_numpy():
+    values = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 4.0
+    assert percentile(values, 50) == pytest.approx(2.5)
+    assert percentile(values, 99) == pytest.approx(3.97)  # numpy.percentile([1, 2, 3, 4], 99)
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([], 50) is None
+    assert percentile(reversed(values), 25) == pytest.approx(1.75)  # order does not matter
+
+
+def test_percentiles_keys():
+    assert percentiles(list(range(101))) == {"p50": 50, "p90": 90, "p99": 99}
+    assert percentiles([], (50,)) == {"p50": None}
+
+
+def test_added_is_subject_minus_baseline_per_percentile():
+    sched = {"p50": 3.0, "p99": 10.0, "p90": None}
+    direct = {"p50": 2.5, "p99": 4.0, "p90": 1.0}
+    assert added(sched, direct) == {"p50": 0.5, "p99": 6.0, "p90": None}
+    assert added({"p50": 1.0}, {}) == {"p50": None}
+
+
+def test_paired_differences_use_requests_measured_on_both_paths():
+    direct = {("0", 1): 0.010, ("0", 2): 0.020, ("1", 1): 0.030}
+    sched = {("0", 1): 0.011, ("0", 2): 0.025, ("1", 7): 0.5}
+    assert sorted(paired_differences(sched, direct)) == pytest.approx([0.001, 0.005])
+    assert paired_differences({}, direct) == []
+
+
+def test_ratio_and_per_item_guard_against_missing_values():
+    assert ratio(3.0, 2.0) == 1.5
+    assert ratio(None, 2.0) is None and ratio(1.0, None) is None and ratio(1.0, 0.0) is None
+    assert per_item(2.0, 4) == 0.5
+    assert per_item(None, 4) is None and per_item(2.0, 0) is None
+
+
+def test_targets_and_metrics():
+    assert Target("<=", 1.0).check(1.0) is True
+    assert Target("<=", 1.0).check(1.01) is False
+    assert Target(">=", 1500).check(1499.9) is False
+    assert Target(">=", 1500).check(None) is None
+    assert Target("<=", 1.0).check(float("nan")) is None
+    with pytest.raises(ValueError):
+        Target("<", 1.0).check(0.5)
+    m = Metric("k", "label", 0.8, "ms", Target("<=", 1.0)).evaluate()
+    assert m.passed is True
+    m = Metric("k", "label", None, "ms", Target("<=", 1.0)).evaluate()
+    assert m.passed is None
+    m = Metric("k", "yes/no", 3, "count", None, passed=False).evaluate()
+    assert m.passed is False  # no target: evaluate() keeps what was set
+
+
+def test_formatting():
+    assert fmt_value(None, "ms") == "n/a"
+    assert fmt_value(0.4567, "ms") == "0.46 ms"
+    assert fmt_value(12.34, "ms") == "12.3 ms"
+    assert fmt_value(1234.5, "ms") == "1,234 ms"  # banker's rounding of .5 does not matter here
+    assert fmt_value(1499.6, "req/s") == "1,500 req/s"
+    assert fmt_value(1.234, "x") == "1.23 x"
+    assert fmt_value(7, "count") == "7"
+    assert fmt_target(Target("<=", 1.0), "ms") == "≤ 1.00 ms"
+    assert fmt_target(Target(">=", 1500.0), "req/s") == "≥ 1,500 req/s"
+    assert fmt_target(None) == "-"
+    table = markdown_table(["a", "b"], [["1", "x|y"]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x\\|y |"]
+
+
+START, END = "<!-- bench:scheduler:start -->", "<!-- bench:scheduler:end -->"
+
+
+def test_replace_section_in_an_empty_document_adds_the_intro():
+    doc = replace_section("", "scheduler", "## Scheduler\n\nnumbers")
+    assert doc.startswith(INTRO.splitlines()[0])
+    assert f"{START}\n## Scheduler\n\nnumbers\n{END}\n" in doc
+
+
+def test_replace_section_keeps_everything_outside_its_markers():
+    other = "<!-- bench:operator:start -->\n## Operator\n\nkeep me\n<!-- bench:operator:end -->"
+    doc = f"# Benchmarks\n\nhand-written intro\n\n{START}\nold numbers\n{END}\n\n{other}\n\ntrailer\n"
+    new = replace_section(doc, "scheduler", "new numbers")
+    assert new == doc.replace("old numbers", "new numbers")
+    # idempotent, and a second section is untouched by the first one's updates
+    assert replace_section(new, "scheduler", "new numbers") == new
+    assert replace_section(new, "operator", "## Operator\n\nkeep me") == new
+
+
+def test_replace_section_appends_when_the_markers_are_absent():
+    doc = "# Benchmarks\n\nsomething else\n"
+    new = replace_section(doc, "scheduler", "body")
+    assert new == f"# Benchmarks\n\nsomething else\n\n{START}\nbody\n{END}\n"
+
+
+def test_replace_section_body_is_literal_text():
+    # backslashes and group references in the body must not be interpreted as regex replacements
+    new = replace_section(f"{START}\nx\n{END}\n", "scheduler", r"a \1 \g<0> b")
+    assert r"a \1 \g<0> b" in new
+
+
+def test_write_section_creates_and_updates_a_file(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    write_section(path, "scheduler", "first")
+    write_section(path, "operator", "theirs")
+    write_section(path, "scheduler", "second")
+    text = path.read_text()
+    assert "second" in text and "first" not in text and "theirs" in text
+    assert text.count(START) == 1 and text.count("<!-- bench:operator:start -->") == 1
+    assert not [p for p in tmp_path.iterdir() if p.name != "BENCHMARKS.md"]  # no temporary file left behind

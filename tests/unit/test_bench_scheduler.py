@@ -1,0 +1,371 @@
+"""`baton bench scheduler` without processes: the analysis of load-generator results, the report, the
+subcommand dispatch, and the load generator's request bodies and HTTP parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from baton.bench import loadgen
+from baton.bench import main as bench_main
+from baton.bench import scheduler as sb
+from baton.bench.report import replace_section
+
+
+def rec(i, latency, status=200, *, ttft=None, retry_after=None, route="local", error="", sent_at=0.0, events=3):
+    return [i, status, latency, ttft, retry_after, route, None, error, sent_at, events]
+
+
+def phase(name, requests, cpu=None, *, wall=1.0, loadgen_cpu=0.1, busy=None, lag=1.0):
+    return {"name": name, "sent": len(requests), "wall_s": wall, "send_lag_ms": {"p50": lag, "p99": lag, "max": lag},
+            "requests": requests, "cpu_s": cpu or {}, "loadgen_cpu_s": loadgen_cpu, "machine_busy_s": busy}
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+def test_split_name():
+    assert sb.split_name("ref-local-sched-3") == ("ref-local", "sched", "3")
+    assert sb.split_name("local-direct-0") == ("local", "direct", "0")
+
+
+def test_interleaved_sends_the_same_requests_down_every_path_in_rotating_order():
+    def bodies(first, count):
+        return {"kind": "ids", "rows": [[10, 2]] * count, "first_index": first}
+
+    phases = sb.interleaved("local", [("direct", sb.single("a:1")), ("sched", sb.single("b:2"))], bodies,
+                            total=10, rounds=3, rate=100.0, timeout_s=5.0)
+    assert [p["name"] for p in phases] == ["local-direct-0", "local-sched-0", "local-sched-1", "local-direct-1",
+                                           "local-direct-2", "local-sched-2"]
+    assert phases[0]["bodies"] == phases[1]["bodies"] == {"kind": "ids", "rows": [[10, 2]] * 3, "first_index": 0}
+    assert phases[2]["bodies"]["first_index"] == 3
+    assert all(p["mode"] == "open" and p["rate"] == 100.0 and p["max_seconds"] > 3 / 100.0 for p in phases)
+
+
+def test_overhead_compares_percentiles_and_pairs_requests():
+    direct = [rec(i, 0.010 + i * 0.001) for i in range(10)]
+    sched = [rec(i, 0.011 + i * 0.001) for i in range(10)]
+    sched[9] = rec(9, 0.5, status=502, error="http_502")  # failures count as errors, not latencies
+    phases = [
+        phase("local-direct-0", direct[:5], {"decode": 0.02, "sched-local": 0.0}, busy=1.0),
+        phase("local-sched-0", sched[:5], {"decode": 0.02, "sched-local": 0.010}, busy=1.0),
+        phase("local-sched-1", sched[5:], {"decode": 0.02, "sched-local": 0.008}, busy=1.0),
+        phase("local-direct-1", direct[5:], {"decode": 0.02, "sched-local": 0.0}, busy=1.0),
+        phase("other-sched-0", [rec(0, 9.0)], {"sched-local": 5.0}),
+    ]
+    o = sb.overhead(phases, "local", "sched-local", ("decode",))
+    assert o["ok"] == {"direct": 10, "sched": 9}
+    assert o["errors"] == {"http_502": 1}
+    assert o["direct_ms"]["p50"] == pytest.approx(14.5)
+    assert o["sched_ms"]["p50"] == pytest.approx(15.0)
+    assert o["added_ms"]["p50"] == pytest.approx(0.5)
+    assert o["paired_ms"]["p50"] == pytest.approx(1.0)  # every pair differs by exactly 1 ms
+    assert o["paired_ms"]["p99"] == pytest.approx(1.0)
+    assert o["sched_cpu_ms_per_request"] == pytest.approx(18.0 / 9)  # 18 ms over 9 successful requests
+    assert o["engine_cpu_ms_per_request"] == pytest.approx(40.0 / 10)
+    assert o["routes"] == {"local": 10}
+    assert o["sse_events_mean"] == 3
+    assert o["achieved_rps"] == {"direct": 5.0, "sched": 5.0}
+    # 4 phases of 1 s: machine busy 4 s, ours 0.02 + 0.03 + 0.028 + 0.02 + 4 x 0.1 (load generator)
+    assert o["foreign_cpus"] == pytest.approx((4.0 - 0.098 - 0.4) / 4.0)
+    assert "proxy_ms" not in o
+
+
+def test_overhead_includes_the_bare_proxy_when_measured():
+    phases = [phase("g-direct-0", [rec(0, 0.01)]), phase("g-sched-0", [rec(0, 0.02)], {"s": 0.002}),
+              phase("g-proxy-0", [rec(0, 0.015)], {"proxy": 0.001})]
+    o = sb.overhead(phases, "g", "s", ())
+    assert o["proxy_ms"]["p50"] == pytest.approx(15.0)
+    assert o["proxy_cpu_ms_per_request"] == pytest.approx(1.0)
+    assert o["sched_cpu_ms_per_request"] == pytest.approx(2.0)
+
+
+def test_throughput_and_the_one_core_ceiling():
+    t = sb.throughput(phase("throughput-local-sched-0", [rec(i, 0.05) for i in range(300)],
+                            {"sched-local": 0.6, "decode": 0.9, "idle": 0.0}, wall=2.0, loadgen_cpu=0.2, busy=2.0),
+                      "sched-local")
+    assert t["routed_rps"] == pytest.approx(150.0)
+    assert t["sched_cpu_ms_per_request"] == pytest.approx(2.0)
+    assert t["ceiling_rps"] == pytest.approx(500.0)
+    assert t["cpu_utilization"] == pytest.approx({"sched-local": 0.3, "decode": 0.45, "loadgen": 0.1,
+                                                  "other processes": 0.15})
+
+
+def test_capacity_counts_completions_inside_the_sending_window():
+    reqs = [rec(i, 0.25, sent_at=i * 0.1) for i in range(31)]  # sent over 3 s, each done 0.25 s later
+    reqs += [rec(100 + i, 0.001, status=429, retry_after="1", sent_at=1.0) for i in range(9)]
+    c = sb.capacity_from_probe(phase("probe-10-sched-0", reqs))
+    # completions between 0.5 s and 3.0 s: requests sent at 0.3 .. 2.7 s -> 25 in 2.5 s
+    assert c["capacity_rps"] == pytest.approx(25 / 2.5)
+    assert c["rejected"] == 9 and c["ok"] == 31
+    assert c["rejected_share"] == pytest.approx(9 / 40)
+
+
+def test_load_summary_counts_429s_and_their_retry_after():
+    reqs = [rec(0, 0.3, ttft=0.05), rec(1, 0.4, ttft=0.07), rec(2, 0.001, status=429, retry_after="2"),
+            rec(3, 0.001, status=429, retry_after=None), rec(4, 0.5, status=502, error="http_502")]
+    s = sb.load_summary(phase("overload-sched-0", reqs, wall=2.0))
+    assert s["admitted_ok"] == 2 and s["rejected_429"] == 2 and s["rejected_with_retry_after"] == 1
+    assert s["retry_after_values"] == [2]
+    assert s["other_failures"] == {"http_502": 1}
+    assert s["ttft_ms"]["p50"] == pytest.approx(60.0)
+    assert s["achieved_rps"] == pytest.approx(2.5)
+
+
+def _results(added_p50=0.5, ratio=1.5, retry_after=True):
+    def o(a50):
+        return {"direct_ms": {"p50": 10.0, "p90": 12.0, "p99": 15.0},
+                "sched_ms": {"p50": 10.0 + a50, "p90": 13.0, "p99": 18.0},
+                "added_ms": {"p50": a50, "p90": 1.0, "p99": 3.0}, "paired_ms": {"p50": a50, "p90": 1.0, "p99": 4.0},
+                "requests": {"direct": 10, "sched": 10}, "ok": {"direct": 10, "sched": 10}, "errors": {},
+                "routes": {"local": 10}, "sse_events_mean": 12.0, "sched_cpu_ms_per_request": 0.9,
+                "engine_cpu_ms_per_request": 1.0, "loadgen_cpu_ms_per_request": 0.3,
+                "achieved_rps": {"direct": 500.0, "sched": 499.0}, "send_lag_p99_ms": 2.0, "foreign_cpus": 0.1,
+                "proxy_cpu_ms_per_request": 0.7}
+
+    def t(rps):
+        return {"routed_rps": rps, "sched_cpu_ms_per_request": 0.5, "ceiling_rps": 2000.0,
+                "cpu_utilization": {"sched-local": 0.9}}
+
+    load = {"requests": 100, "admitted_ok": 50, "rejected_429": 50, "rejected_with_retry_after": 50 if retry_after
+            else 10, "retry_after_values": [1], "other_failures": {}, "ttft_ms": {"p50": 50.0, "p99": 150.0},
+            "latency_ms": {"p99": 300.0}}
+    return {
+        "local": o(added_p50), "disagg": o(2.0), "ref_local": o(0.2), "ref_disagg": o(0.3),
+        "big_local": o(5.0), "big_disagg": o(70.0),
+        "throughput_local": t(1600.0), "throughput_disagg": t(900.0), "foreign_cpus": 0.2,
+        "overload": {"config": {"queue": {"maxDepth": 2, "maxWaitSeconds": 0.1}, "routing": {"prefillBatchSize": 1},
+                                "sim_speed": 1.0},
+                     "probes": [], "capacity_rps": 30.0, "saturated": True, "light_rate": 7.5, "overload_rate": 60.0,
+                     "light": {**load, "ttft_ms": {"p50": 40.0, "p99": 100.0}}, "overload": load,
+                     "ttft_p99_ratio": ratio, "foreign_cpus": 0.3},
+    }
+
+
+def test_build_metrics_evaluates_each_target():
+    metrics = {m.key: m for m in sb.build_metrics(_results(), sb.FULL)}
+    assert metrics["local_added_p50"].passed is True
+    assert metrics["disagg_added_p50"].passed is False  # 2.0 ms > 1 ms
+    assert metrics["local_added_p99"].passed is True
+    assert metrics["local_cpu"].passed is True
+    assert metrics["throughput_local_rps"].passed is True and metrics["throughput_disagg_rps"].passed is False
+    assert metrics["big_local_added_p50"].passed is True and metrics["big_disagg_added_p50"].passed is False
+    assert metrics["overload_ttft_ratio"].passed is True
+    assert metrics["overload_429"].passed is True
+    assert metrics["ref_local_added_p50"].passed is None  # reference rows carry no target
+    bad = {m.key: m for m in sb.build_metrics(_results(ratio=2.5, retry_after=False), sb.FULL)}
+    assert bad["overload_ttft_ratio"].passed is False and bad["overload_429"].passed is False
+
+
+def test_a_rate_that_was_not_reached_fails_its_latency_targets():
+    results = _results(added_p50=-5.0)  # a negative "added" latency from a backlog must not pass
+    results["local"]["achieved_rps"] = {"direct": 150.0, "sched": 120.0}
+    metrics = {m.key: m for m in sb.build_metrics(results, sb.FULL)}
+    assert metrics["local_added_p50"].passed is False and metrics["local_added_p99"].passed is False
+    assert "NOT SUSTAINED" in metrics["local_added_p50"].note
+    assert metrics["local_cpu"].passed is True  # CPU per request is still measured
+    assert sb.sustained({"achieved_rps": {"direct": 460.0, "sched": 451.0}}, 500.0)
+    assert not sb.sustained({"achieved_rps": {"direct": 460.0, "sched": None}}, 500.0)
+
+
+def _report(results):
+    metrics = sb.build_metrics(results, sb.QUICK)
+    return {"benchmark": "scheduler", "date": "2026-01-01 00:00 UTC", "quick": True, "duration_s": 61.0,
+            "machine": {"nproc": 2, "python": "3.11.7", "platform": "Linux", "loadavg_1m": 0.5, "cpu": "X"},
+            "settings": sb.asdict(sb.QUICK), "trace": "t.csv", "metrics": sb.metric_dicts(metrics),
+            "results": results}
+
+
+def test_markdown_and_text_reports():
+    report = _report(_results())
+    md = sb.render_markdown(report)
+    assert md.startswith("## Scheduler")
+    assert "2 CPUs (X), Python 3.11.7" in md
+    assert "| added latency p50, local route, trace prompts @ 500 req/s | 0.50 ms | ≤ 1.00 ms | pass |" in md
+    assert "FAIL" in md
+    assert sb.TRACE_ATTRIBUTION in md and "CC-BY 4.0" in md
+    json.dumps(report)  # the --json output must be serializable
+    text = sb.render_text(report)
+    evaluated = [m for m in report["metrics"] if m["passed"] is not None]
+    assert f"{sum(m['passed'] for m in evaluated)} of {len(evaluated)} targets met" in text
+    doc = replace_section("", "scheduler", md)
+    assert doc.count("## Scheduler") == 1
+
+
+def test_reading_notes_follow_the_measurements():
+    results = _results()
+    notes = " ".join(sb._reading_notes(results, sb.FULL))
+    assert "bare aiohttp pass-through proxy spent 0.70 ms" in notes and "its own work" in notes
+    assert "below what that HTTP stack costs" not in notes  # 0.7 ms is under the 1 ms target
+    assert "not sustained" not in notes
+    results["ref_local"]["proxy_cpu_ms_per_request"] = 2.5
+    results["disagg"]["achieved_rps"] = {"direct": 100.0, "sched": 60.0}
+    notes = " ".join(sb._reading_notes(results, sb.FULL))
+    assert "below what that HTTP stack costs" in notes
+    assert "disaggregated phases were not sustained" in notes and "local phases" not in notes
+
+
+def test_partial_results_still_render():
+    results = {"overload": _results()["overload"]}
+    report = _report(results)
+    assert [m["key"] for m in report["metrics"]] == ["overload_ttft_ratio", "overload_429"]
+    assert "Overload:" in sb.render_markdown(report)
+
+
+def test_scheduler_configs_route_everything_one_way():
+    class P:
+        address = "127.0.0.1:1"
+
+    local = sb.scheduler_config(P(), P(), "local", **sb.unlimited_sections())
+    disagg = sb.scheduler_config(P(), P(), "disaggregated", **sb.unlimited_sections())
+    from baton.scheduler.config import parse_config
+
+    for cfg in (local, disagg):
+        parsed = parse_config(json.dumps(cfg))  # valid for the scheduler as written
+        assert parsed.queue.max_depth == sb.UNLIMITED and parsed.backpressure.decode_p95_latency_threshold_ms == 0
+    assert parse_config(json.dumps(local)).routing.local_prefill_below_tokens > 10**6
+    assert parse_config(json.dumps(disagg)).routing.always_prefill_at_or_above_tokens == 0
+    over = parse_config(json.dumps(sb.overload_config(P(), P(), sb.FULL)))
+    assert over.queue.max_depth == sb.FULL.overload_queue_depth
+    assert over.routing.local_prefill_below_tokens == 4096  # default routing
+
+
+def test_trace_rows_cap_output_tokens_and_wrap(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,4808,10\n"
+                    "2023-11-16 18:17:04.0319600,3180,800\n")
+    assert sb.trace_rows(path, 3, 64) == [[4808, 10], [3180, 64], [4808, 10]]
+    assert sb.trace_path(str(path)) == path
+    with pytest.raises(FileNotFoundError):
+        sb.trace_path(str(tmp_path / "missing.csv"))
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+def test_bench_main_dispatches_lazily(capsys, monkeypatch):
+    assert bench_main.main([]) == 0
+    assert "scheduler" in capsys.readouterr().out
+    assert bench_main.main(["nope"]) == 2
+    seen = []
+    monkeypatch.setattr(sb, "main", lambda argv: seen.append(argv) or 0)
+    assert bench_main.main(["scheduler", "--quick"]) == 0
+    assert seen == [["--quick"]]
+
+
+def test_bench_main_reports_a_missing_benchmark_module(capsys, monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name, *args):
+        if name == "baton.bench.operator":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    assert bench_main.main(["operator"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ load generator
+def test_request_bodies():
+    assert loadgen.prompt_ids(3, 4) == loadgen.prompt_ids(3, 4)
+    assert loadgen.prompt_ids(3, 4) != loadgen.prompt_ids(4, 4)
+    assert all(loadgen.VOCAB_LOW <= t < loadgen.VOCAB_HIGH for t in loadgen.prompt_ids(7, 5000))
+    text = loadgen.prompt_text(5, 220 * 1024)
+    assert len(text.encode()) == 220 * 1024 and text.isascii() and json.dumps(text) == f'"{text}"'
+    assert loadgen.prompt_text(5, 100) != loadgen.prompt_text(6, 100)
+    bodies = loadgen.build_bodies({"kind": "ids", "rows": [[3, 2], [5, 1]], "first_index": 10}, "m", True)
+    assert bodies[0] == {"model": "m", "prompt": loadgen.prompt_ids(10, 3), "max_tokens": 2, "stream": True}
+    assert len(bodies[1]["prompt"]) == 5
+    text_bodies = loadgen.build_bodies({"kind": "text", "bytes": 64, "count": 2, "max_tokens": 16}, "m", False)
+    assert [len(b["prompt"]) for b in text_bodies] == [64, 64] and text_bodies[0]["stream"] is False
+
+
+def test_split_ids_keeps_the_prompt_ids_raw():
+    answer = {"choices": [{"disaggregated_params": {"ctx_request_id": 5}}], "prompt_token_ids": [1, 2, 30]}
+    data, ids = loadgen.split_ids(json.dumps(answer).encode())
+    assert ids == b"[1, 2, 30]" and data["prompt_token_ids"] == [] and data["choices"] == answer["choices"]
+
+
+class _Transport:
+    def __init__(self):
+        self.written = []
+        self.closed = False
+
+    def write(self, data):
+        self.written.append(data)
+
+    def close(self):
+        self.closed = True
+
+
+def _exchange(chunks, stream=True):
+    async def run():
+        conn = loadgen._Conn()
+        conn.connection_made(_Transport())
+        fut = conn.send(b"HEAD", b"BODY")
+        for c in chunks:
+            conn.data_received(c)
+        return fut.result(), conn
+
+    return asyncio.run(run())
+
+
+def test_http_parser_chunked_stream_split_anywhere():
+    events = [b'data: {"t": 1}\n\n', b'data: {"t": 2}\n\n', b"data: [DONE]\n\n"]
+    raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    raw += b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+    for size in (1, 7, len(raw)):
+        answer, conn = _exchange([raw[i:i + size] for i in range(0, len(raw), size)])
+        assert answer.status == 200 and answer.done and answer.events == 3 and answer.body == b""
+        assert answer.headers[b"content-type"] == b"text/event-stream" and conn.keep
+
+
+def test_http_parser_content_length_and_errors():
+    body = b'{"error": {"code": "queue_full"}}'
+    raw = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: %d\r\nRetry-After: 3\r\nX-Baton-Error: queue_full\r\n"
+           b"Connection: close\r\n\r\n%s" % (len(body), body))
+    answer, conn = _exchange([raw[:20], raw[20:]])
+    assert answer.status == 429 and answer.body == body and answer.headers[b"retry-after"] == b"3"
+    assert not conn.keep
+    # an error streamed as chunks keeps its body
+    raw = b"HTTP/1.1 500 Internal\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nboom!\r\n0\r\n\r\n"
+    answer, _ = _exchange([raw])
+    assert answer.status == 500 and answer.body == b"boom!" and not answer.done
+
+
+def test_http_parser_connection_lost_mid_answer():
+    async def run():
+        conn = loadgen._Conn()
+        conn.connection_made(_Transport())
+        fut = conn.send(b"HEAD", b"BODY")
+        conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab")
+        conn.connection_lost(None)
+        return fut
+
+    fut = asyncio.run(run())
+    with pytest.raises(ConnectionResetError):
+        fut.result()
+
+
+def test_proc_cpu_and_machine_busy_are_readable():
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("no /proc")
+    mine = loadgen.proc_cpu_seconds(os.getpid())
+    assert mine is not None and mine >= 0
+    assert loadgen.proc_cpu_seconds(2**22 + 12345) is None
+    busy = loadgen.machine_busy_seconds()
+    assert busy is not None and busy > 0
+
+
+def test_cpu_delta_prefers_nanoseconds_when_they_agree_with_ticks():
+    tick = 1.0 / loadgen.CLK_TCK
+    assert loadgen.cpu_delta((1.0, 5.0), (1.5, 5.503)) == pytest.approx(0.503)  # ns agree: finer value
+    assert loadgen.cpu_delta((1.0, 5.0), (1.5, 5.1)) == pytest.approx(0.5)  # a thread exited: ticks
+    assert loadgen.cpu_delta((1.0, None), (1.0 + tick, None)) == pytest.approx(tick)
+    assert loadgen.cpu_delta((None, 1.0), (1.0, 2.0)) is None
+    reading = loadgen.cpu_reading(os.getpid())
+    if reading[0] is not None:
+        sum(range(200000))
+        assert loadgen.cpu_delta(reading, loadgen.cpu_reading(os.getpid())) >= 0
