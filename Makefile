@@ -42,8 +42,10 @@ bench-scheduler: install ## scheduler overhead benchmark -> BENCHMARKS.md
 	$(BATON) bench scheduler
 
 .PHONY: crds
-crds: install ## regenerate crds/ from the API models
+crds: install ## regenerate crds/, the chart's copy and docs/api-reference.md from the API models
 	$(BATON) crd --output-dir crds
+	cp crds/disaggregatedmodels.serving.baton.dev.yaml charts/baton/crds/
+	$(BATON) api-reference --output docs/api-reference.md
 
 .PHONY: up
 up: install ## bring the local cluster up (builds binaries on first use)

@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "devcluster": ("baton.devcluster.cli", "bring up, inspect and tear down the local Kubernetes control plane"),
     "crd": ("baton.api.crd", "print the DisaggregatedModel CRD generated from the API models"),
+    "api-reference": ("baton.api.reference", "write docs/api-reference.md from the API models"),
     "operator": ("baton.operator.main", "run the operator (kopf) against the current kubeconfig"),
     "convert": ("baton.convert", "turn a TensorRT-LLM disaggregated_config.yaml into a DisaggregatedModel"),
     "demo": ("baton.demo", "run Baton's main job on the local cluster, end to end"),

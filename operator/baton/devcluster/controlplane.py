@@ -30,6 +30,8 @@ import yaml
 LOOPBACK = "127.0.0.1"
 # Fake pod IPs come from this range: inside 127.0.0.0/8, so every pod address is a loopback address.
 POD_CIDR = "127.64.0.1/16"
+# Kubernetes refuses loopback Service ranges; this one is allocated from and never reached.
+SERVICE_CIDR = "10.96.0.0/16"
 # Start order; stopped in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -281,6 +283,9 @@ class ControlPlane:
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--allow-privileged=true", "--endpoint-reconciler-type=none", "--profiling=false",
+                # Room for thousands of ClusterIP Services (the default /24 holds 254). These
+                # addresses are only allocated, never connected to: nothing here routes them.
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
                 # Every write (not lease renewals) lands in logs/audit.log: tests count the operator's writes.
                 f"--audit-policy-file={d / 'audit-policy.yaml'}", f"--audit-log-path={self.audit_log}",
                 "--audit-log-format=json", "--audit-log-maxsize=200", "--audit-log-maxbackup=1",
