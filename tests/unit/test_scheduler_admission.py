@@ -205,3 +205,35 @@ def test_retry_after_is_clamped():
     assert retry_after_seconds(0, 0) == 1
     assert retry_after_seconds(100, 10) == 10
     assert retry_after_seconds(10_000, 1) == 30
+
+
+def test_a_waiter_that_can_never_be_served_fails_without_breaking_notify():
+    import asyncio
+
+    from baton.scheduler.admission import WaitQueue
+
+    class Gone(Exception):
+        pass
+
+    async def scenario():
+        queue = WaitQueue("decode", strict=False)
+        state = {"mode": "wait"}
+
+        def doomed():
+            if state["mode"] == "gone":
+                raise Gone()
+            return None
+
+        waiter = asyncio.ensure_future(queue.acquire(doomed, lambda _: None, 5.0, priority=True))
+        other = asyncio.ensure_future(queue.acquire(lambda: state.get("slot"), lambda _: None, 5.0))
+        await asyncio.sleep(0)
+        state.update(mode="gone", slot="ok")
+        queue.notify()  # must not raise
+        assert await other == "ok"
+        try:
+            await waiter
+        except Gone:
+            return True
+        return False
+
+    assert asyncio.run(scenario())

@@ -174,8 +174,10 @@ class Reconciler:
         """Apply what differs, all or nothing (dry run first); return the API server's refusal, if any."""
         live_objects = {_short(d): self._read(d["kind"], namespace, d["metadata"]["name"]) for d in children}
         stale = [d for d in children if not diff.in_sync(d, live_objects[_short(d)])]
-        # A change the API server would refuse leaves every serving child exactly as it was.
-        for desired in [d for d in stale if not (d["kind"] == "RoleBinding" and live_objects.get(f"Role/{d['roleRef']['name']}") is None)]:  # a binding's dry run needs its Role to exist (RBAC escalation check)
+        # A change the API server would refuse leaves every serving child exactly as it was: every
+        # update is dry-run first. Creations need no dry run (nothing serves from them yet), which
+        # halves the requests for a new model.
+        for desired in [d for d in stale if live_objects[_short(d)] is not None]:
             try:
                 self.kube.apply(desired, dry_run=True)
             except ApiException as exc:

@@ -171,7 +171,12 @@ class WaitQueue(Generic[T]):
                 if waiter.future.done():
                     del queue[i]
                     continue
-                value = waiter.try_acquire()
+                try:
+                    value = waiter.try_acquire()
+                except Exception as exc:  # the waiter can never be served: fail it, not the notifier
+                    del queue[i]
+                    waiter.future.set_exception(exc)
+                    continue
                 if value is None:
                     if self.strict:
                         return

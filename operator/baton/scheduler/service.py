@@ -70,6 +70,10 @@ INCOMPATIBLE_PAIR_TTL_S = 300.0  # how long a KV-format mismatch keeps a pair ou
 UNHEALTHY_AFTER_5XX = 3  # consecutive 5xx answers before a replica is taken out of rotation
 
 # ---------------------------------------------------------------------------------------------- per request
+class _StrandedHold(Exception):
+    """A held prefill whose KV format no current decode replica shares."""
+
+
 class _Ctx:
     __slots__ = ("rid", "api", "t0", "req", "route", "reason", "attempt", "excluded", "prefill", "decode",
                  "reprefilled", "queue_wait", "dispatch_t")
@@ -700,6 +704,12 @@ class SchedulerService:
             body = req.generation_body(handle, ids_json if ids_json is not None else answer.get("prompt_token_ids"))
             return await self._generate(ctx, lease, body, handoff=True)
 
+    def _held_ring(self, prefill: ReplicaState, ring: tuple[str, ...]) -> tuple[str, ...]:
+        current = self._current_ring(prefill)
+        if not current and prefill.address not in self.prefill:
+            raise _StrandedHold()
+        return current or ring
+
     def _current_ring(self, prefill: ReplicaState) -> tuple[str, ...]:
         ring = self.rings.get(prefill.address)
         if ring:
@@ -719,9 +729,15 @@ class SchedulerService:
             # The ring is looked up on every attempt: endpoints may change while the request is held
             # (a generation switch), and the handle fits any decode replica of the prefill's KV format.
             lease = await self.decode_queue.acquire(
-                lambda: self._try_decode(self._current_ring(prefill) or ring, excluded, False),
+                lambda: self._try_decode(self._held_ring(prefill, ring), excluded, False),
                 _DecodeLease.release, ttl, priority=True,
             )
+        except _StrandedHold:
+            # The prefill's generation left the endpoint lists (a switch): no decode of its KV format
+            # will come back, so give up the handle now and let the request be prefilled again.
+            self.hooks.hold("stranded")
+            log.warning("event=hold_stranded request_id=%s prefill=%s", ctx.rid, prefill.address)
+            return None
         except QueueTimeout:
             self.hooks.hold("expired")
             log.warning("event=hold_expired request_id=%s prefill=%s", ctx.rid, prefill.address)
