@@ -334,6 +334,8 @@ def main(argv: list[str]) -> int:
             say(f"{n} models: floor {floor:.1f}s; now through the operator")
             results[n] = {**operator_phase(cluster, n, workdir / f"operator-{n}.log"), "floor_seconds": floor}
             say(f"{n} models: operator {results[n]['seconds']:.1f}s, ratio {results[n]['seconds'] / floor:.2f}")
+            # Written after every size, so a long run that is cut short still leaves its results.
+            write_report(report(results, rss, time.monotonic() - started), Path(args.output))
         if args.rss_models:
             say(f"memory with {args.rss_models} models")
             rss = rss_phase(cluster, args.rss_models, workdir / "operator-rss.log")
