@@ -26,37 +26,42 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    width = max(len(name) for name in SUBCOMMANDS)
-    lines = ["usage: baton COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-    lines += ["", "Run `baton COMMAND --help` for a command's own options."]
+def _usage(prog: str, noun: str, subcommands: dict[str, tuple[str, str]]) -> str:
+    width = max(len(name) for name in subcommands)
+    lines = [f"usage: {prog} {noun.upper()} [ARGS...]", "", f"{noun}s:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in subcommands.items()]
+    lines += ["", f"Run `{prog} {noun.upper()} --help` for its own options."]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+def dispatch(prog: str, noun: str, subcommands: dict[str, tuple[str, str]], args: list[str]) -> int:
+    """Run `args[0]`'s module (`main(argv) -> int`) with the rest of the arguments, imported lazily."""
     if not args or args[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0
-    if args[0] in ("-V", "--version"):
-        from baton import __version__
-
-        print(f"baton {__version__}")
+        print(_usage(prog, noun, subcommands))
         return 0
     name, rest = args[0], args[1:]
-    if name not in SUBCOMMANDS:
-        print(f"baton: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+    if name not in subcommands:
+        print(f"{prog}: unknown {noun} {name!r}\n\n{_usage(prog, noun, subcommands)}", file=sys.stderr)
         return 2
-    module_name, _ = SUBCOMMANDS[name]
+    module_name, _ = subcommands[name]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            print(f"baton: command {name!r} is not available in this build", file=sys.stderr)
+            print(f"{prog}: {noun} {name!r} is not available in this build", file=sys.stderr)
             return 2
         raise
     return int(module.main(rest) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] in (["-V"], ["--version"]):
+        from baton import __version__
+
+        print(f"baton {__version__}")
+        return 0
+    return dispatch("baton", "command", SUBCOMMANDS, args)
 
 
 if __name__ == "__main__":

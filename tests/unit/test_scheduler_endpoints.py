@@ -18,13 +18,13 @@ SLICE = {
     "addressType": "IPv4",
     "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
     "endpoints": [
-        {"addresses": ["10.244.1.7"], "conditions": {"ready": True, "serving": True, "terminating": False},
+        {"addresses": ["127.244.1.7"], "conditions": {"ready": True, "serving": True, "terminating": False},
          "targetRef": {"kind": "Pod", "name": "m-decode-1", "namespace": "ns", "uid": "u1"}, "nodeName": "n1"},
-        {"addresses": ["10.244.1.5"], "conditions": {"ready": True},
+        {"addresses": ["127.244.1.5"], "conditions": {"ready": True},
          "targetRef": {"kind": "Pod", "name": "m-decode-0", "namespace": "ns", "uid": "u0"}},
-        {"addresses": ["10.244.2.9"], "conditions": {"ready": False, "serving": True, "terminating": True},
+        {"addresses": ["127.244.2.9"], "conditions": {"ready": False, "serving": True, "terminating": True},
          "targetRef": {"kind": "Pod", "name": "m-decode-2", "namespace": "ns", "uid": "u2"}},
-        {"addresses": ["10.244.2.10"], "conditions": {},  # nil ready means ready
+        {"addresses": ["127.244.2.10"], "conditions": {},  # nil ready means ready
          "targetRef": {"kind": "Pod", "name": "m-decode-3", "namespace": "ns", "uid": "u3"}},
     ],
 }
@@ -32,7 +32,7 @@ SLICE = {
 
 def test_ready_endpoints_only_with_configured_port_sorted():
     out = endpoints_from_slices([SLICE], 8001, "decode")
-    assert [e.address for e in out] == ["10.244.1.5:8001", "10.244.1.7:8001", "10.244.2.10:8001"]
+    assert [e.address for e in out] == ["127.244.1.5:8001", "127.244.1.7:8001", "127.244.2.10:8001"]
     assert all(e.tier == "decode" and e.fingerprint is None for e in out)
     assert out[0].pod == "m-decode-0"
 
@@ -47,7 +47,7 @@ def test_fingerprint_and_generation_come_from_the_pod():
 
     out = endpoints_from_slices([SLICE], 8000, "decode", pod_info, generation="g2")
     # m-decode-1 belongs to another generation; unlabelled m-decode-3 is kept
-    assert [(e.address, e.fingerprint) for e in out] == [("10.244.1.5:8000", "fpA"), ("10.244.2.10:8000", None)]
+    assert [(e.address, e.fingerprint) for e in out] == [("127.244.1.5:8000", "fpA"), ("127.244.2.10:8000", None)]
     assert ("m-decode-0", "u0") in calls
 
 
