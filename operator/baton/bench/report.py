@@ -23,6 +23,9 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+# One percentile definition for replay and the benchmarks (linear interpolation, numpy's default).
+from baton.replay import percentile
 from typing import Any
 
 INTRO = """# Benchmarks
@@ -34,19 +37,6 @@ baseline taken in the same run and compared with its target.
 
 
 # ------------------------------------------------------------------------------------------------ stats
-def percentile(values: Iterable[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0..100), numpy's default method; None for no values."""
-    data = sorted(values)
-    if not data:
-        return None
-    if len(data) == 1:
-        return data[0]
-    pos = (len(data) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
-
-
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> dict[str, float | None]:
     return {f"p{q:g}": percentile(values, q) for q in qs}
 
