@@ -25,6 +25,24 @@ def _rv(obj: dict[str, Any]) -> int:
         return 0
 
 
+def _without_managed_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """managedFields are often the largest part of an object and the reconciler never reads them."""
+    meta = obj.get("metadata")
+    if not meta or "managedFields" not in meta:
+        return obj
+    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
+def _slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
+    """Only what the reconciler reads of a pod: identity, labels, readiness, IP and scheduling state."""
+    meta, status = pod.get("metadata", {}), pod.get("status", {})
+    return {
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "labels", "annotations", "deletionTimestamp") if k in meta},
+        "spec": {"nodeName": (pod.get("spec") or {}).get("nodeName")},
+        "status": {k: status[k] for k in ("phase", "podIP", "conditions") if k in status},
+    }
+
+
 class ChildCache:
     def __init__(self) -> None:
         self._objects: dict[Key, dict[str, Any]] = {}
@@ -32,6 +50,7 @@ class ChildCache:
         self._lock = threading.Lock()
 
     def put(self, obj: dict[str, Any]) -> None:
+        obj = _without_managed_fields(obj)
         meta = obj.get("metadata", {})
         key = (obj.get("kind", ""), meta.get("namespace", ""), meta.get("name", ""))
         with self._lock:
@@ -59,7 +78,7 @@ class ChildCache:
             if deleted:
                 pods.pop(meta.get("name", ""), None)
             else:
-                pods[meta.get("name", "")] = pod
+                pods[meta.get("name", "")] = _slim_pod(pod)
 
     def pods(self, namespace: str, model: str) -> list[dict[str, Any]]:
         with self._lock:
