@@ -323,8 +323,9 @@ def main(argv: list[str]) -> int:
     sizes = [int(x) for x in args.models.split(",") if x.strip()]
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="baton-bench-"))
-    say(f"local cluster {args.cluster!r} sized for {max(sizes)} models")
-    cluster = Cluster(args.cluster, max(sizes), workdir)
+    say(f"local cluster {args.cluster!r} sized for {max([*sizes, args.rss_models])} models")
+    # The memory run's models have zero engine replicas but one scheduler pod each: size for both.
+    cluster = Cluster(args.cluster, max([*sizes, args.rss_models]), workdir)
     results: dict[int, dict[str, float]] = {}
     rss = None
     try:
