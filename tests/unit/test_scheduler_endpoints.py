@@ -68,14 +68,14 @@ def test_kubernetes_client_models_are_accepted():
         address_type="IPv4",
         metadata=client.V1ObjectMeta(name="m-prefill-x", labels={"kubernetes.io/service-name": "m-prefill"}),
         endpoints=[
-            client.V1Endpoint(addresses=["10.1.0.4"], conditions=client.V1EndpointConditions(ready=True),
+            client.V1Endpoint(addresses=["127.1.0.4"], conditions=client.V1EndpointConditions(ready=True),
                               target_ref=client.V1ObjectReference(kind="Pod", name="m-prefill-0", uid="p0")),
-            client.V1Endpoint(addresses=["10.1.0.5"], conditions=client.V1EndpointConditions(ready=False)),
+            client.V1Endpoint(addresses=["127.1.0.5"], conditions=client.V1EndpointConditions(ready=False)),
         ],
         ports=[client.DiscoveryV1EndpointPort(port=9999)],
     )
     out = endpoints_from_slices([model], 8000, "prefill", lambda name, uid: ("fp" + uid, None))
-    assert out == [Endpoint("10.1.0.4:8000", "prefill", "fpp0", "m-prefill-0")]
+    assert out == [Endpoint("127.1.0.4:8000", "prefill", "fpp0", "m-prefill-0")]
 
 
 def test_static_endpoints_from_config():
@@ -108,7 +108,7 @@ def test_kubernetes_discovery_lists_watches_and_reads_fingerprints(monkeypatch):
 
         def list_namespaced_endpoint_slice(self, namespace, label_selector, **kw):
             svc = label_selector.split("=", 1)[1]
-            return client.V1EndpointSliceList(items=[slice_obj(f"{svc}-a", [f"10.0.{len(svc)}.1"])],
+            return client.V1EndpointSliceList(items=[slice_obj(f"{svc}-a", [f"127.0.{len(svc)}.1"])],
                                               metadata=client.V1ListMeta(resource_version="1"))
 
     class FakeCoreApi:
@@ -125,7 +125,7 @@ def test_kubernetes_discovery_lists_watches_and_reads_fingerprints(monkeypatch):
         def stream(self, fn, namespace, label_selector, **kw):
             svc = label_selector.split("=", 1)[1]
             if svc == "m-decode":
-                yield {"type": "MODIFIED", "object": slice_obj("m-decode-a", ["10.0.8.1", "10.0.8.2"])}
+                yield {"type": "MODIFIED", "object": slice_obj("m-decode-a", ["127.0.8.1", "127.0.8.2"])}
             stop.wait(5)
 
         def stop(self):
@@ -153,9 +153,9 @@ def test_kubernetes_discovery_lists_watches_and_reads_fingerprints(monkeypatch):
         disc.stop()
         stop.set()
         prefill, decode = updates[-1]
-        assert [e.address for e in prefill] == ["10.0.9.1:8000"]
-        assert [(e.address, e.fingerprint) for e in decode] == [("10.0.8.1:8000", "fp-pod-10.0.8.1"),
-                                                                ("10.0.8.2:8000", "fp-pod-10.0.8.2")]
+        assert [e.address for e in prefill] == ["127.0.9.1:8000"]
+        assert [(e.address, e.fingerprint) for e in decode] == [("127.0.8.1:8000", "fp-pod-127.0.8.1"),
+                                                                ("127.0.8.2:8000", "fp-pod-127.0.8.2")]
 
     asyncio.run(main())
 
