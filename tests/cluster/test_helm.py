@@ -480,10 +480,6 @@ def test_two_peered_replicas_run_the_charts_command_line_one_active_at_a_time(cl
         delete_namespace(cluster, release_ns)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "operator/baton/operator/handlers.py: reconcile_loop() tasks keep running when kopf pauses the "
-    "operator for a higher-priority peer (kopf stops only its own daemons and timers), so a replica "
-    "that was active once keeps reconciling after it hands over"))
 def test_a_replica_that_hands_over_to_a_higher_priority_peer_stops_reconciling(cluster, namespace, tmp_path):
     install_peering_crds(cluster)
     run(cluster, "kubectl", "apply", "-n", namespace, "-f", "-",

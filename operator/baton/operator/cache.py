@@ -84,6 +84,11 @@ class ChildCache:
         with self._lock:
             return list(self._pods.get((namespace, model), {}).values())
 
+    def clear(self) -> None:
+        with self._lock:
+            self._objects.clear()
+            self._pods.clear()
+
     def forget_model(self, namespace: str, model: str) -> None:
         with self._lock:
             self._pods.pop((namespace, model), None)

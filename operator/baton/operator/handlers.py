@@ -25,6 +25,7 @@ from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
 from baton.operator import metrics
 from baton.operator.cache import ChildCache
 from baton.operator.kube import Kube
+from baton.operator.pausing import gate as pause_gate
 from baton.operator.reconciler import Reconciler
 from baton.render.naming import LABEL_MODEL, MANAGED_BY
 
@@ -43,9 +44,12 @@ class _Runtime:
     triggers: dict[tuple[str, str], asyncio.Event] = {}
     loops: dict[tuple[str, str], asyncio.Task] = {}
     seen: dict[tuple[str, str], tuple[Any, ...]] = {}
+    pause_follower: asyncio.Task | None = None
 
 
 runtime = _Runtime()
+# kopf builds its pause state when the operator starts, after this module is imported: hook in first.
+pause_gate.install()
 
 
 @kopf.on.startup()
@@ -73,6 +77,28 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     runtime.executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
 
 
+@kopf.on.startup()
+async def start_pause_follower(**_: Any) -> None:
+    runtime.pause_follower = asyncio.create_task(follow_pauses(), name="baton pause follower")
+
+
+async def follow_pauses() -> None:
+    """Stop every model loop while kopf pauses this replica for a peer; kopf restarts them on resume.
+
+    On resume kopf lists every watched object again, so `model_event` starts the loops afresh and
+    the child cache fills again. The cache is emptied while paused: deletions that happened in the
+    meantime produce no event, and a cold cache only costs reads.
+    """
+    while True:
+        await pause_gate.wait(True)
+        log.info("paused in favour of a peer: stopping %d model loops", len(runtime.loops))
+        for key in list(runtime.loops):
+            _stop_loop(key)
+        runtime.cache.clear()
+        await pause_gate.wait(False)
+        log.info("resumed: model loops restart as kopf lists the models again")
+
+
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """In a pod: the ServiceAccount. Elsewhere: $KUBECONFIG (or ~/.kube/config), read at login time."""
@@ -81,6 +107,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def shutdown(**_: Any) -> None:
+    if runtime.pause_follower:
+        runtime.pause_follower.cancel()
     for key in list(runtime.loops):
         _stop_loop(key)
     if runtime.executor:
@@ -99,7 +127,7 @@ async def reconcile_loop(namespace: str, name: str) -> None:
     loop = asyncio.get_running_loop()
     failures = 0
     try:
-        while True:
+        while not pause_gate.paused:
             trigger.clear()
             try:
                 with metrics.RECONCILE_SECONDS.time():
@@ -139,6 +167,8 @@ async def model_event(body: kopf.Body, name: str, namespace: str, type: str, **_
     key = (namespace, name)
     if type == "DELETED" or meta.get("deletionTimestamp"):
         _stop_loop(key)
+        return
+    if pause_gate.paused:  # an event kopf delivered as it paused: the replica in charge handles it
         return
     if key not in runtime.loops or runtime.loops[key].done():
         runtime.loops[key] = asyncio.create_task(reconcile_loop(namespace, name), name=f"reconcile {namespace}/{name}")
