@@ -222,7 +222,7 @@ INVALID = [
     ("spec.decode.allowSpot", True, "decode.allowSpot must be false"),
     ("spec.prefill.tensorParallelSize", 2, "tensorParallelSize x pipelineParallelSize must equal gpusPerReplica"),
     ("spec.prefill.minReplicas", 3, "minReplicas must be less than or equal to maxReplicas"),
-    ("spec.decode.replicas", 9, "replicas must lie between minReplicas and maxReplicas"),
+    ("spec.decode.replicas", 9, "replicas must not exceed maxReplicas"),
     ("spec.scheduler.localPrefillBelowTokens", 20000, "localPrefillBelowTokens must be less than or equal to alwaysPrefillAtOrAboveTokens"),
     ("spec.engine.kvCache.dtype", "auto", 'Unsupported value: "auto"'),
     ("spec.engine.kvCache.tokensPerBlock", 48, "Unsupported value: 48"),

@@ -163,3 +163,18 @@ def test_drift_comparison_tolerates_server_defaults_and_canonical_quantities():
 @pytest.mark.parametrize("example", ["llama-70b.yaml", "small.yaml"])
 def test_examples_parse(example):
     assert model(example).spec.model.name
+
+
+def test_minreplicas_is_a_floor_and_decode_replicas_is_always_present_for_the_scale_subresource():
+    version = crd_module.crd()["spec"]["versions"][0]
+    scale = version["subresources"]["scale"]
+    assert scale == {"specReplicasPath": ".spec.decode.replicas", "statusReplicasPath": ".status.decode.replicas",
+                     "labelSelectorPath": ".status.decode.selector"}
+    decode = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["decode"]["properties"]
+    assert decode["replicas"]["default"] == 1  # GET .../scale fails while the field is absent
+
+    m = model("small.yaml", decode__minReplicas=3, decode__maxReplicas=6)
+    assert m.spec.decode.replicas == 1 and m.spec.decode.desired_replicas() == 3
+    assert model("small.yaml", decode__minReplicas=3, decode__maxReplicas=6, decode__replicas=5).spec.decode.desired_replicas() == 5
+    assert model("small.yaml", prefill__minReplicas=2, prefill__maxReplicas=2).spec.prefill.desired_replicas() == 2
+    assert model("small.yaml", decode__minReplicas=0, decode__replicas=0).spec.decode.desired_replicas() == 0

@@ -118,6 +118,7 @@ def crd() -> dict[str, Any]:
                         "scale": {
                             "specReplicasPath": ".spec.decode.replicas",
                             "statusReplicasPath": ".status.decode.replicas",
+                            "labelSelectorPath": ".status.decode.selector",
                         },
                     },
                     "additionalPrinterColumns": PRINTER_COLUMNS,

@@ -178,10 +178,7 @@ class TierEngineOverrides(ApiModel):
 
 _TIER_RULES = [
     _cel("self.minReplicas <= self.maxReplicas", "minReplicas must be less than or equal to maxReplicas"),
-    _cel(
-        "!has(self.replicas) || (self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas)",
-        "replicas must lie between minReplicas and maxReplicas",
-    ),
+    _cel("!has(self.replicas) || self.replicas <= self.maxReplicas", "replicas must not exceed maxReplicas"),
     _cel(
         "self.tensorParallelSize * self.pipelineParallelSize == self.gpusPerReplica",
         "tensorParallelSize x pipelineParallelSize must equal gpusPerReplica",
@@ -190,7 +187,7 @@ _TIER_RULES = [
 
 
 class TierSpec(ApiModel):
-    replicas: int | None = Field(default=None, ge=0, le=1024, description="Desired replicas. Defaults to minReplicas. Leave unset when an autoscaler drives the tier's scale subresource.")
+    replicas: int | None = Field(default=None, ge=0, le=1024, description="Desired replicas, at most maxReplicas; the tier runs at least minReplicas. Defaults to minReplicas.")
     min_replicas: int = Field(default=1, ge=0, le=1024, description="Fewest replicas the tier runs.")
     max_replicas: int = Field(default=1, ge=1, le=1024, description="Most replicas the tier may scale to.")
     gpus_per_replica: int = Field(default=1, ge=1, le=64, description="GPUs per replica (nvidia.com/gpu limit); equals tensorParallelSize x pipelineParallelSize.")
@@ -206,7 +203,8 @@ class TierSpec(ApiModel):
     engine_overrides: TierEngineOverrides = _nested(TierEngineOverrides, "Per-tier engine settings (e.g. a patched image). Baton refuses overrides that would make the two tiers' KV formats incompatible.")
 
     def desired_replicas(self) -> int:
-        return self.min_replicas if self.replicas is None else self.replicas
+        """minReplicas is a floor (as an autoscaler's minimum is); the schema refuses more than maxReplicas."""
+        return max(self.min_replicas, self.min_replicas if self.replicas is None else self.replicas)
 
 
 class PrefillTierSpec(TierSpec):
@@ -228,6 +226,12 @@ class DecodeTierSpec(TierSpec):
             ]
         }
     )
+    # Always present, like a Deployment's: the scale subresource (kubectl scale, HorizontalPodAutoscaler)
+    # reads and writes this field, and the API server cannot serve a scale whose replicas are unset.
+    replicas: int = Field(default=1, ge=0, le=1024, description=(
+        "Desired decode replicas, the target of the scale subresource (`kubectl scale dm/NAME`, a "
+        "HorizontalPodAutoscaler). At most maxReplicas; the tier runs at least minReplicas, so the default "
+        "of 1 means minReplicas. Leave it out of GitOps manifests when an autoscaler drives the tier."))
     kv_cache_size: str = Field(default="", pattern=r"^$|^" + QUANTITY_PATTERN[1:], description="KV cache memory per decode replica (e.g. 128Gi); sets the engine's KV token capacity. Empty: a fraction of free GPU memory (engine.kvCache.freeGpuMemoryFraction).")
     max_generated_tokens: int = Field(default=4096, ge=1, le=1048576, description="Most tokens one request may generate.")
 
@@ -352,6 +356,7 @@ class TierStatus(ApiModel):
     ready_replicas: int = Field(default=0, description="Replicas whose engine is ready.")
     updated_replicas: int = Field(default=0, description="Replicas running the current revision.")
     summary: str = Field(default="", description="ready/desired, for printer columns.")
+    selector: str = Field(default="", description="Label selector of the tier's pods (all generations), for the scale subresource: a HorizontalPodAutoscaler reads pod metrics through it.")
     kv_fingerprint: str = Field(default="", description="Fingerprint of the tier's KV-cache layout.")
 
 

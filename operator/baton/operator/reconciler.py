@@ -30,7 +30,7 @@ from baton.operator.validation import spec_problems
 from baton.operator.rollout_pass import ANNOTATION_RETRY, ANNOTATION_ROLLBACK, RolloutPass, _replicas
 from baton.render import render_generation, render_shared
 from baton.render.derived import derive
-from baton.render.naming import LABEL_GENERATION, LABEL_MODEL, Target, child_name
+from baton.render.naming import LABEL_GENERATION, LABEL_MODEL, Target, child_name, selector_labels
 
 log = logging.getLogger("baton.operator")
 
@@ -162,6 +162,7 @@ class Reconciler:
             decode_kv_capacity_tokens=derived.decode_kv_capacity_tokens,
             extra=extra,
             rolling=rollout_state.rolling,
+            selectors=tuple(",".join(f"{k}={v}" for k, v in sorted(selector_labels(target, t).items())) for t in ("prefill", "decode")),
         )
         new_status["rollout"] = ro
         self._write_status(body, previous, new_status)

@@ -45,7 +45,7 @@ class Observed:
     unschedulable: list[str] = field(default_factory=list)  # "pod: scheduler message"
 
 
-def tier_status(sts: dict[str, Any] | None, desired: int, fingerprint: str) -> dict[str, Any]:
+def tier_status(sts: dict[str, Any] | None, desired: int, fingerprint: str, selector: str = "") -> dict[str, Any]:
     status = (sts or {}).get("status", {})
     ready = int(status.get("readyReplicas", 0) or 0)
     updated = int(status.get("updatedReplicas", 0) or 0)
@@ -55,6 +55,7 @@ def tier_status(sts: dict[str, Any] | None, desired: int, fingerprint: str) -> d
         "updatedReplicas": updated,
         "summary": f"{ready}/{desired}",
         "kvFingerprint": fingerprint,
+        **({"selector": selector} if selector else {}),
     }
 
 
@@ -100,11 +101,12 @@ def compute(
     decode_kv_capacity_tokens: int,
     extra: list[tuple[str, bool, str, str]] = (),
     rolling: bool = False,
+    selectors: tuple[str, str] = ("", ""),
 ) -> dict[str, Any]:
     """The whole status object; `lastTransitionTime`s move only when a condition's status changes."""
     conditions = previous.get("conditions", []) or []
-    prefill = tier_status(observed.prefill, desired_prefill, fingerprints[0])
-    decode = tier_status(observed.decode, desired_decode, fingerprints[1])
+    prefill = tier_status(observed.prefill, desired_prefill, fingerprints[0], selectors[0])
+    decode = tier_status(observed.decode, desired_decode, fingerprints[1], selectors[1])
     settled = {
         "prefill": _workload_settled(observed.prefill, desired_prefill),
         "decode": _workload_settled(observed.decode, desired_decode),
