@@ -59,6 +59,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PREFIX, key="last-handled-configuration"
     )
+    watch_only_batons_objects(settings)
     # Baton posts its own Events (reasons users can search for); kopf's are for warnings only.
     settings.posting.level = logging.WARNING
     server_timeout = int(os.environ.get("BATON_WATCH_SERVER_TIMEOUT", "300"))  # an integer: timeoutSeconds
@@ -198,7 +199,7 @@ async def _pod_event(body: kopf.Body, namespace: str, type: str, **_: Any) -> No
 
 
 # Every kind Baton renders is watched: changes wake the owner's loop and keep the cache current.
-for _group, _version, _plural in (
+CHILD_KINDS = (
     ("apps", "v1", "statefulsets"),
     ("apps", "v1", "deployments"),
     ("", "v1", "services"),
@@ -206,6 +207,20 @@ for _group, _version, _plural in (
     ("", "v1", "serviceaccounts"),
     ("rbac.authorization.k8s.io", "v1", "roles"),
     ("rbac.authorization.k8s.io", "v1", "rolebindings"),
-):
+)
+POD_KIND = ("", "v1", "pods")
+for _group, _version, _plural in CHILD_KINDS:
     kopf.on.event(_group, _version, _plural, labels=_CHILD_FILTER, id=f"child-{_plural}")(_child_event)
-kopf.on.event("", "v1", "pods", labels={LABEL_MODEL: kopf.PRESENT}, id="pods")(_pod_event)
+kopf.on.event(*POD_KIND, labels={LABEL_MODEL: kopf.PRESENT}, id="pods")(_pod_event)
+
+
+def watch_only_batons_objects(settings: kopf.OperatorSettings) -> None:
+    """Filter the child and pod watch streams on the server, not only in the handlers.
+
+    Without this kopf streams every ConfigMap, Service and pod in the watched namespaces (the whole
+    cluster for a cluster-wide operator) and keeps a record of each; with it the operator's memory
+    and CPU follow the number of models, not the size of the cluster.
+    """
+    for kind in CHILD_KINDS:
+        settings.watching.label_selectors[kind] = ",".join(f"{k}={v}" for k, v in _CHILD_FILTER.items())
+    settings.watching.label_selectors[POD_KIND] = LABEL_MODEL

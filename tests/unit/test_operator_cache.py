@@ -1,0 +1,55 @@
+"""The operator's child cache: newest object wins, per-model views, readers get their own copies."""
+
+from __future__ import annotations
+
+from baton.operator.cache import ChildCache
+
+
+def sts(name: str, model: str, rv: int, replicas: int = 1) -> dict:
+    return {"kind": "StatefulSet", "metadata": {"name": name, "namespace": "ns", "resourceVersion": str(rv),
+                                                 "labels": {"baton.dev/model": model},
+                                                 "managedFields": [{"manager": "baton-operator"}]},
+            "spec": {"replicas": replicas}}
+
+
+def test_an_older_watch_event_never_replaces_a_newer_object():
+    cache = ChildCache()
+    cache.put(sts("a-decode", "a", 20, replicas=3))
+    cache.put(sts("a-decode", "a", 10, replicas=1))
+    got = cache.get("StatefulSet", "ns", "a-decode")
+    assert got["spec"]["replicas"] == 3 and got["metadata"]["resourceVersion"] == "20"
+    assert "managedFields" not in got["metadata"]
+    cache.put(sts("a-decode", "a", 30, replicas=2))
+    assert cache.get("StatefulSet", "ns", "a-decode")["spec"]["replicas"] == 2
+
+
+def test_readers_get_copies_that_cannot_change_the_cache():
+    cache = ChildCache()
+    cache.put(sts("a-decode", "a", 1))
+    cache.get("StatefulSet", "ns", "a-decode")["spec"]["replicas"] = 99
+    assert cache.get("StatefulSet", "ns", "a-decode")["spec"]["replicas"] == 1
+
+
+def test_per_model_views_and_forgetting_a_model():
+    cache = ChildCache()
+    for model in ("a", "b"):
+        cache.put(sts(f"{model}-prefill", model, 1))
+        cache.put(sts(f"{model}-decode", model, 1))
+        cache.put_pod(model, {"metadata": {"name": f"{model}-decode-0", "namespace": "ns", "labels": {"baton.dev/model": model}},
+                              "spec": {"nodeName": "n1", "containers": [{"name": "engine", "image": "x"}]},
+                              "status": {"phase": "Running", "podIP": "127.64.0.9", "hostIP": "127.0.0.1"}})
+    assert sorted(o["metadata"]["name"] for o in cache.list_kind("StatefulSet", "ns", "a")) == ["a-decode", "a-prefill"]
+    assert cache.list_kind("Deployment", "ns", "a") == []
+    [pod] = cache.pods("ns", "a")
+    assert pod == {"metadata": {"name": "a-decode-0", "namespace": "ns", "labels": {"baton.dev/model": "a"}},
+                   "spec": {"nodeName": "n1"}, "status": {"phase": "Running", "podIP": "127.64.0.9"}}
+    cache.put_pod("a", pod, deleted=True)
+    assert cache.pods("ns", "a") == []
+
+    cache.forget_model("ns", "a")
+    assert cache.get("StatefulSet", "ns", "a-decode") is None and cache.list_kind("StatefulSet", "ns", "a") == []
+    assert cache.get("StatefulSet", "ns", "b-decode") is not None and len(cache.pods("ns", "b")) == 1
+    cache.forget("StatefulSet", "ns", "b-decode")
+    assert [o["metadata"]["name"] for o in cache.list_kind("StatefulSet", "ns", "b")] == ["b-prefill"]
+    cache.clear()
+    assert cache.get("StatefulSet", "ns", "b-prefill") is None and cache.pods("ns", "b") == []
