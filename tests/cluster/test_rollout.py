@@ -252,6 +252,36 @@ def test_a_generation_failing_after_the_switch_is_rolled_back_within_the_bound(c
     print(f"\nrollback: detection -> switch {ro['lastRollbackMillis']} ms; new decode pods: {[p.metadata.name for p in pods]}")
 
 
+def test_a_generation_whose_requests_fail_after_the_switch_is_rolled_back_on_its_error_rate(cluster, namespace, operator, pod_runner):
+    serving = deploy(cluster, namespace, manifest(rollout={"rollbackWindow": "120s", "errorRateMinRequests": 10}))["status"]["rollout"]["servingGeneration"]
+    with Traffic(cluster, namespace) as traffic:
+        # Every second request on the new decode engines fails with a 500 while they stay healthy: the
+        # probe passes (one handoff per replica) and readiness never drops; only the error rate shows it.
+        patch_spec(cluster, namespace, {"engine": {"kvCache": {"dtype": "fp8"}},
+                                        "decode": {"podTemplate": {"env": [{"name": "BATON_SIM_ARGS", "value": "--sim-error-ratio 0.5"}]}}})
+        switched = wait_phase(cluster, namespace, "Draining", timeout=90)
+        new = switched["servingGeneration"]
+        assert new != serving
+        ro = wait_phase(cluster, namespace, "RolledBack", timeout=90)
+        back_at = time.monotonic()
+        time.sleep(1)  # a request in flight at the switch may still end badly
+        failed_after_switch_back = traffic.failed()
+        time.sleep(4)
+    assert ro["servingGeneration"] == serving and ro["failedGeneration"] == new
+    assert "above rollout.errorRateThresholdPercent=5" in ro["message"], ro["message"]
+    errors = ro["errorRate"]
+    assert errors["generation"] == new and errors["total"] >= 10 and errors["failed"] * 100 > 5 * errors["total"]
+    assert 0 <= ro["lastRollbackMillis"] < 30_000
+    assert any(r == "RolledBack" and "errorRateThresholdPercent" in m for r, m in events_of(cluster, namespace))
+    # Back on the old generation, requests are served again, and none failed any more.
+    old_decode = {p.status.pod_ip for p in cluster.core.list_namespaced_pod(
+        namespace, label_selector=f"baton.dev/generation={serving},baton.dev/tier=decode").items}
+    late = [ep.split(":")[0] for t, ep in traffic.decode_endpoints if t > back_at + 1 and ep]
+    assert late and set(late) <= old_decode
+    assert traffic.failed() == failed_after_switch_back, (traffic.outcomes, traffic.errors[-3:])
+    print(f"\nerror-rate rollback: {errors['failed']}/{errors['total']} failed; detection -> switch {ro['lastRollbackMillis']} ms")
+
+
 def test_an_operator_killed_mid_rollout_resumes_and_leaves_nothing_orphaned(cluster, namespace, pod_runner):
     args = ["run", "--standalone", "--namespace", namespace, "-m", "baton.operator.handlers"]
     with KopfRunner(args, timeout=60):

@@ -117,6 +117,15 @@ def test_fatal_state_and_fault_injection(fresh_engines):
     assert status == 503 and "GPU fell off the bus" in body
 
 
+def test_error_ratio_fails_that_share_of_requests_while_health_stays_ok(fresh_engines):
+    eng = fresh_engines.start(worker_yaml(ctx=True), "--sim-speed", "0", "--sim-error-ratio", "0.25")
+    statuses = [eng.post("/v1/completions", {"prompt": f"p{i}", "max_tokens": 2}) for i in range(8)]
+    failed = [body for status, body in statuses if status == 500]
+    assert [status for status, _ in statuses].count(200) == 6 and len(failed) == 2
+    assert all(b["type"] == "InternalServerError" and "--sim-error-ratio" in b["message"] for b in failed)
+    assert eng.get("/health")[0] == 200
+
+
 def test_sigterm_exits_cleanly(fresh_engines):
     eng = fresh_engines.start(worker_yaml(ctx=True), "--sim-speed", "0")
     assert re.search(r"listening on http://127\.0\.0\.1:\d+", eng.log())

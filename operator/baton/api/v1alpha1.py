@@ -302,6 +302,8 @@ class RolloutSpec(ApiModel):
     progress_deadline: str = Field(default="15m", pattern=DURATION_PATTERN, description="How long a new generation may take to become Ready and pass its handoff probe before it is rolled back.")
     drain_timeout: str = Field(default="5m", pattern=DURATION_PATTERN, description="How long the old generation may finish in-flight KV transfers and decodes after the switch.")
     rollback_window: str = Field(default="60s", pattern=DURATION_PATTERN, description="How long the previous generation is kept after the switch, so a new generation that fails can be rolled back in one step.")
+    error_rate_threshold_percent: int = Field(default=5, ge=1, le=100, description="After the switch and until rollbackWindow ends, roll back when more than this percentage of the requests the schedulers dispatched to the new generation failed (100 turns the check off).")
+    error_rate_min_requests: int = Field(default=20, ge=1, le=1000000, description="Requests the new generation must have served before its error rate is judged.")
     min_ready_seconds: int = Field(default=5, ge=0, le=3600, description="How long an engine pod must stay Ready before it counts as available (StatefulSet minReadySeconds): a generation is probed and switched to only when every replica is available.")
     paused: bool = Field(default=False, description="Pause an ongoing rollout where it is.")
 
@@ -360,6 +362,13 @@ class TierStatus(ApiModel):
     kv_fingerprint: str = Field(default="", description="Fingerprint of the tier's KV-cache layout.")
 
 
+class ErrorRateStatus(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+    generation: str = Field(default="", description="The generation judged (the one switched to).")
+    failed: int = Field(default=0, description="Requests dispatched to it that failed, summed over the schedulers.")
+    total: int = Field(default=0, description="Requests dispatched to it that completed or failed.")
+
+
 class GenerationRef(ApiModel):
     model_config = ConfigDict(extra="ignore")
     generation: str = Field(default="", description="Generation key (hash of the engine and KV-format settings).")
@@ -387,6 +396,7 @@ class RolloutStatus(ApiModel):
     switched_at: str = Field(default="", description="When traffic last switched generations.")
     probe: ProbeStatus = Field(default_factory=ProbeStatus, description="The live handoff probe of the updating generation.")
     message: str = Field(default="", description="What the rollout is doing, in words.")
+    error_rate: ErrorRateStatus = Field(default_factory=ErrorRateStatus, description="What the schedulers saw the new generation do after the switch (rollout.errorRateThresholdPercent).")
     last_rollback_millis: int = Field(default=0, description="Time from detecting a failed generation to switching traffic back, in milliseconds.")
 
 

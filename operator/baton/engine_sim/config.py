@@ -64,6 +64,7 @@ class SimConfig:
     link_bytes_per_s: float
     load_seconds: float = 0.0
     fail_after: int | None = None
+    error_ratio: float = 0.0
     log_level: str = "INFO"
     vocab_size: int = timing.LLAMA3_VOCAB
     iter_stats_max: int = DEFAULT_STATS_MAX
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report 503 on /health for S seconds after binding (model loading)")
     s.add_argument("--sim-fail-after", metavar="N", type=int, default=None,
                    help="fault injection: after N finished requests enter the fatal state (/health 503)")
+    s.add_argument("--sim-error-ratio", metavar="R", type=float, default=0.0,
+                   help="fault injection: answer this fraction (0-1) of completion requests with HTTP 500, "
+                        "evenly spread, while /health stays 200 (a bad engine build that still looks healthy)")
     s.add_argument("--sim-advertise-host", metavar="HOST", default=None,
                    help="host put in the handoff CommState (default: --host, or 127.0.0.1 for a wildcard bind)")
     s.add_argument("--sim-model-name", metavar="NAME", default=None,
@@ -296,6 +300,7 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         link_bytes_per_s=args.sim_link_gbps * 1e9 / 8,
         load_seconds=max(0.0, args.sim_load_seconds),
         fail_after=args.sim_fail_after,
+        error_ratio=min(1.0, max(0.0, args.sim_error_ratio)),
         log_level=log_level,
         vocab_size=int(text_cfg.get("vocab_size") or timing.LLAMA3_VOCAB),
         iter_stats_max=int(iter_max),

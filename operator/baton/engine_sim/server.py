@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -71,6 +72,7 @@ class SimServer:
         self.port = cfg.port
         self.ready_at: float | None = None  # loop time when /health turns 200
         self.draining = False
+        self._completion_requests = 0  # for --sim-error-ratio
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_get("/health", self.health)
         app.router.add_get("/health_generate", self.health_generate)
@@ -264,6 +266,15 @@ class SimServer:
                 )
         return parsed
 
+    def _maybe_inject_error(self) -> None:
+        """--sim-error-ratio R fails request n when floor(n*R) steps up: exactly R of them, evenly spread."""
+        ratio = self.cfg.error_ratio
+        if ratio <= 0:
+            return
+        n = self._completion_requests = self._completion_requests + 1
+        if math.floor(n * ratio) > math.floor((n - 1) * ratio):
+            raise EngineError(f"injected fault: request {n} failed (--sim-error-ratio {ratio:g})", 500, "InternalServerError")
+
     def _error(self, exc: EngineError, x_rid: str) -> web.Response:
         if exc.status >= 500:
             log.warning("request failed", extra={"fields": {
@@ -286,6 +297,7 @@ class SimServer:
             if not isinstance(body, dict):
                 raise EngineError("request body must be a JSON object")
             parsed = self._parse(body, chat)
+            self._maybe_inject_error()
             seq = self.engine.submit(
                 kind=parsed.kind,
                 prompt=parsed.prompt,

@@ -95,6 +95,27 @@ class RolloutPass:
                 out.append(f"{pod['status']['podIP']}:{port}")
         return sorted(out)
 
+    def _scheduler_addresses(self) -> list[str]:
+        pods = self.r.cache.pods(self.ns, self.name) if self.r.cache is not None else \
+            self.r.kube.list("Pod", self.ns, f"{LABEL_MODEL}={self.name}")
+        return sorted(f"{p['status']['podIP']}:{self.spec.scheduler.port}" for p in pods
+                      if (p.get("metadata", {}).get("labels") or {}).get("baton.dev/tier") == "scheduler"
+                      and p.get("status", {}).get("podIP"))
+
+    def _error_rate_problem(self, gen: str) -> str:
+        """Why the new generation must go, judged from what the schedulers saw it do; "" when it is fine."""
+        threshold = self.spec.rollout.error_rate_threshold_percent
+        if threshold >= 100:
+            return ""
+        outcomes, _ = rollout.generation_outcomes(self._scheduler_addresses(), gen)
+        failed = int(outcomes.get("failed", 0))
+        total = failed + int(outcomes.get("completed", 0))
+        self.ro["errorRate"] = {"generation": gen, "failed": failed, "total": total}
+        if total >= self.spec.rollout.error_rate_min_requests and failed * 100 > threshold * total:
+            return (f"{failed} of {total} requests dispatched to it failed ({100 * failed / total:.0f}%) after the switch, "
+                    f"above rollout.errorRateThresholdPercent={threshold}")
+        return ""
+
     def _rollback(self, failed: str, why: str, detected_at: float | None = None) -> None:
         """Traffic to the last known-good generation, the failed one removed, the story told."""
         previous = self.ro.get("previousGeneration", "")
@@ -156,6 +177,11 @@ class RolloutPass:
             return
         since = _age(self.ro.get("switchedAt", ""))
         window = parse_duration(self.spec.rollout.rollback_window)
+        if since < window:
+            errors = self._error_rate_problem(gen)
+            if errors:
+                self._rollback(gen, errors, detected_at=time.monotonic())
+                return
         timeout = parse_duration(self.spec.rollout.drain_timeout)
         in_flight = sum(rollout.active_requests(a) for t in ("prefill", "decode") for a in self._pod_addresses(previous, t))
         if since >= timeout or (since >= window and in_flight == 0):

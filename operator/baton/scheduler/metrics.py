@@ -59,6 +59,9 @@ class SchedulerHooks:
 
     def finished(self, route: str, outcome: str, seconds: float) -> None: ...
 
+    def generation_finished(self, generation: str, outcome: str) -> None:
+        self._child(self.generation_requests, generation, outcome).inc()
+
     def heartbeat(self, tier: str, ok: bool) -> None: ...
 
     def config_reload(self, result: str) -> None: ...
@@ -122,6 +125,11 @@ class PrometheusHooks(SchedulerHooks):
         r = self.registry
         self.requests = Counter(
             f"{PREFIX}_requests_total", "Requests by route and final outcome", ["route", "outcome"], registry=r
+        )
+        # The operator reads this after a generation switch and rolls back when the new one fails too often.
+        self.generation_requests = Counter(
+            f"{PREFIX}_generation_requests_total",
+            "Requests dispatched to each engine generation, by final outcome", ["generation", "outcome"], registry=r
         )
         self.routing_decisions = Counter(
             f"{PREFIX}_routing_decisions_total", "Routing decisions by route and reason", ["route", "reason"], registry=r
@@ -237,6 +245,9 @@ class PrometheusHooks(SchedulerHooks):
     def finished(self, route: str, outcome: str, seconds: float) -> None:
         self._child(self.requests, route, outcome).inc()
         self._child(self.e2e_seconds, route, outcome).observe(seconds)
+
+    def generation_finished(self, generation: str, outcome: str) -> None:
+        self._child(self.generation_requests, generation, outcome).inc()
 
     def heartbeat(self, tier: str, ok: bool) -> None:
         self._child(self.heartbeats, tier, "ok" if ok else "failed").inc()

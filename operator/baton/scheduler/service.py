@@ -76,7 +76,7 @@ class _StrandedHold(Exception):
 
 class _Ctx:
     __slots__ = ("rid", "api", "t0", "req", "route", "reason", "attempt", "excluded", "prefill", "decode",
-                 "reprefilled", "queue_wait", "dispatch_t")
+                 "reprefilled", "queue_wait", "dispatch_t", "generation")
 
     def __init__(self, rid: str, api: str, t0: float) -> None:
         self.rid = rid
@@ -92,6 +92,7 @@ class _Ctx:
         self.reprefilled = False
         self.queue_wait = 0.0
         self.dispatch_t = t0
+        self.generation = ""  # the engine generation serving when the request was dispatched
 
     def headers(self) -> dict[str, str]:
         h = {HDR_REQUEST_ID: self.rid}
@@ -624,6 +625,7 @@ class SchedulerService:
             ctx, self.decode_queue, lambda: self._try_decode(None, excluded, True), _DecodeLease.release, DECODE
         )
         ctx.decode = lease.replica
+        ctx.generation = self._serving_generation()
         return await self._generate(ctx, lease, req.local_body())
 
     # ------------------------------------------------------------------------------ disaggregated route
@@ -651,6 +653,7 @@ class SchedulerService:
             )
             ctx.prefill = prefill
             ctx.decode = None
+            ctx.generation = self._serving_generation()
             t_ctx = self.clock()
             self.hooks.dispatched(ctx.route, max(0.0, t_ctx - ctx.t0 - ctx.queue_wait))
             try:
@@ -701,6 +704,7 @@ class SchedulerService:
                     "hold_expired", "service_unavailable",
                 )
             ctx.decode = lease.replica
+            ctx.generation = self._serving_generation()
             body = req.generation_body(handle, ids_json if ids_json is not None else answer.get("prompt_token_ids"))
             return await self._generate(ctx, lease, body, handoff=True)
 
@@ -860,9 +864,15 @@ class SchedulerService:
             self._account(ctx, outcome, 200)
 
     # ------------------------------------------------------------------------------ endings
+    def _serving_generation(self) -> str:
+        """The generation discovery follows (status.rollout.servingGeneration); empty when standalone."""
+        return getattr(self._discovery, "generation", "") or ""
+
     def _account(self, ctx: _Ctx, outcome: str, status: int, error: str = "") -> None:
         elapsed = self.clock() - ctx.t0
         self.hooks.finished(ctx.route, outcome, elapsed)
+        if ctx.generation:
+            self.metrics.generation_finished(ctx.generation, outcome)
         if outcome == "completed":
             self.completions.tick()
         log.info(
