@@ -22,7 +22,7 @@ import kopf
 import prometheus_client
 
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
-from baton.operator import metrics
+from baton.operator import memory, metrics
 from baton.operator.cache import ChildCache
 from baton.operator.kube import Kube
 from baton.operator.pausing import gate as pause_gate
@@ -45,6 +45,7 @@ class _Runtime:
     loops: dict[tuple[str, str], asyncio.Task] = {}
     seen: dict[tuple[str, str], tuple[Any, ...]] = {}
     pause_follower: asyncio.Task | None = None
+    trimmer: asyncio.Task | None = None
 
 
 runtime = _Runtime()
@@ -54,6 +55,7 @@ pause_gate.install()
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    memory.tune_allocator()  # before the reconcile threads start
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -67,6 +69,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = server_timeout + 30
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 60
+    # kopf keeps a worker task per object for this long after its last event; thousands of children
+    # change at once when many models start, and idle workers are pure memory.
+    settings.queueing.idle_timeout = 1.0
     workers = int(os.environ.get("BATON_RECONCILE_WORKERS", "8"))
     runtime.kube = Kube()
     runtime.cache = ChildCache()
@@ -81,6 +86,14 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.startup()
 async def start_pause_follower(**_: Any) -> None:
     runtime.pause_follower = asyncio.create_task(follow_pauses(), name="baton pause follower")
+    runtime.trimmer = asyncio.create_task(trim_memory(), name="baton memory trimmer")
+
+
+async def trim_memory(interval: float = 15.0) -> None:
+    """Hand memory freed after bursts of events (many models starting at once) back to the system."""
+    while True:
+        await asyncio.sleep(interval)
+        memory.trim()
 
 
 async def follow_pauses() -> None:
@@ -108,8 +121,9 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def shutdown(**_: Any) -> None:
-    if runtime.pause_follower:
-        runtime.pause_follower.cancel()
+    for task in (runtime.pause_follower, runtime.trimmer):
+        if task:
+            task.cancel()
     for key in list(runtime.loops):
         _stop_loop(key)
     if runtime.executor:
@@ -174,7 +188,8 @@ async def model_event(body: kopf.Body, name: str, namespace: str, type: str, **_
     if key not in runtime.loops or runtime.loops[key].done():
         runtime.loops[key] = asyncio.create_task(reconcile_loop(namespace, name), name=f"reconcile {namespace}/{name}")
     # Status writes (Baton's own) change neither generation nor annotations: they need no new pass.
-    fingerprint = (meta.get("generation"), tuple(sorted((meta.get("annotations") or {}).items())))
+    # Hashed: annotations can hold a whole manifest (kubectl's last-applied-configuration).
+    fingerprint = (meta.get("generation"), hash(frozenset((meta.get("annotations") or {}).items())))
     if runtime.seen.get(key) != fingerprint:
         runtime.seen[key] = fingerprint
         _wake(namespace, name)
