@@ -316,6 +316,79 @@ def test_a_rollout_without_gpus_for_the_new_generation_is_blocked_with_the_numbe
     assert condition(obj, "Ready")["status"] == "True"
 
 
+def test_a_gpu_tight_model_rolls_pair_by_pair_with_pairwise_swap_and_zero_failed_requests(cluster, namespace, operator, pod_runner):
+    # 3 decode replicas x 4 GPUs hold 12 of the decode pool's 16 GPUs: no room for a second full
+    # generation, room for one more replica.
+    serving = deploy(cluster, namespace, manifest(
+        prefill={"gpusPerReplica": 8, "tensorParallelSize": 8},
+        decode={"gpusPerReplica": 4, "tensorParallelSize": 4, "replicas": 3}))["status"]["rollout"]["servingGeneration"]
+    patch_spec(cluster, namespace, {"engine": {"kvCache": {"dtype": "fp8"}}})
+    ro = wait_phase(cluster, namespace, "BlockedOnCapacity", timeout=60)
+    assert "decode needs 3 replica(s) x 4 GPU(s)" in ro["message"]
+
+    ip_generation: dict[str, str] = {}
+    most = Counter()
+    swapping_seen = False
+    switched_at = None
+    with Traffic(cluster, namespace) as traffic:
+        patch_spec(cluster, namespace, {"rollout": {"strategy": "PairwiseSwap"}})
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            ro = rollout(cluster, namespace)
+            pods = cluster.core.list_namespaced_pod(namespace, label_selector=f"baton.dev/model={NAME}").items
+            per_tier = Counter(p.metadata.labels.get("baton.dev/tier") for p in pods if not p.metadata.deletion_timestamp)
+            for tier in ("prefill", "decode"):
+                most[tier] = max(most[tier], per_tier[tier])
+            for p in pods:
+                if p.status.pod_ip and p.metadata.labels.get("baton.dev/generation"):
+                    ip_generation[p.status.pod_ip] = p.metadata.labels["baton.dev/generation"]
+            swapping_seen |= (ro.get("swap") or {}).get("generation", "") not in ("", serving)
+            if switched_at is None and ro.get("servingGeneration") not in (None, "", serving):
+                switched_at = time.monotonic()
+            if ro.get("phase") == "Serving" and ro.get("servingGeneration") != serving:
+                break
+            assert ro.get("phase") != "RolledBack", ro
+            time.sleep(0.3)
+        else:
+            raise AssertionError(f"the pairwise swap did not finish: {rollout(cluster, namespace)}")
+        time.sleep(2)
+    new = ro["servingGeneration"]
+    assert generations(cluster, namespace) == [new]
+    assert swapping_seen, "the new generation never served beside the old one"
+    # Never more than one extra replica per tier (the surge), so it fits where a full generation does not.
+    assert most["prefill"] <= 2 and most["decode"] <= 4, most
+    # Both generations served requests before the final switch, each only within its own pairs.
+    before_switch = {ip_generation.get(ep.split(":")[0]) for t, ep in traffic.decode_endpoints if ep and t < switched_at}
+    assert {serving, new} <= before_switch, before_switch
+    assert traffic.failed() == 0, (traffic.outcomes, traffic.errors[:3])
+    assert sum(traffic.rejections.values()) == 0, "a prefill handed KV to a decode of the other generation"
+    reasons = [r for r, _ in events_of(cluster, namespace)]
+    assert "SwapStarted" in reasons and "Switched" in reasons
+    obj = cluster.apps.list_namespaced_stateful_set(namespace, label_selector=f"baton.dev/model={NAME},baton.dev/tier=decode").items
+    assert [s.spec.replicas for s in obj] == [3]
+
+
+def test_a_pairwise_swap_whose_new_replicas_fail_mid_swap_restores_the_old_generation(cluster, namespace, operator, pod_runner):
+    serving = deploy(cluster, namespace, manifest(
+        decode={"replicas": 3},
+        rollout={"strategy": "PairwiseSwap", "progressDeadline": "15s"}))["status"]["rollout"]["servingGeneration"]
+    with Traffic(cluster, namespace) as traffic:
+        # The new decode engines pass the probe, serve a few requests beside the old ones, then die.
+        patch_spec(cluster, namespace, {"engine": {"kvCache": {"dtype": "fp8"}},
+                                        "decode": {"podTemplate": {"env": [{"name": "BATON_SIM_ARGS", "value": "--sim-fail-after 6"}]}}})
+        wait_for(lambda: (rollout(cluster, namespace).get("swap") or {}).get("generation"), 90, what="the swap serving both generations")
+        ro = wait_phase(cluster, namespace, "RolledBack", timeout=120)
+        back_at = time.monotonic()
+        time.sleep(4)
+    assert ro["servingGeneration"] == serving and ro["failedGeneration"] != serving
+    assert (ro.get("swap") or {}).get("generation", "") == ""
+    wait_for(lambda: generations(cluster, namespace) == [serving], 30, what="the failed generation deleted")
+    decode = cluster.apps.list_namespaced_stateful_set(namespace, label_selector=f"baton.dev/model={NAME},baton.dev/tier=decode").items
+    assert [s.spec.replicas for s in decode] == [3], "the old generation got its replicas back"
+    late = [ep for t, ep in traffic.decode_endpoints if t > back_at + 1 and ep]
+    assert late, "requests are served after the rollback"
+
+
 def test_a_paused_rollout_waits_and_an_explicit_rollback_aborts_it(cluster, namespace, operator, pod_runner):
     serving = deploy(cluster, namespace, manifest(rollout={"paused": True}))["status"]["rollout"]["servingGeneration"]
     patch_spec(cluster, namespace, {"engine": {"kvCache": {"dtype": "fp8"}}})

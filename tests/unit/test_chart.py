@@ -330,6 +330,10 @@ def required_permissions() -> tuple[set[tuple[str, str, str]], set[tuple[str, st
             namespaced.add(("", "events", "create"))
         elif method == "apply":
             continue  # covered by the rendered children above
+        elif method == "scale":
+            assert kind, f"scale() in {func.name}() must name its kind"
+            group, plural = resource(kind)
+            namespaced.add((group, f"{plural}/scale", "patch"))
         elif method in verbs:
             # A kind passed in a variable: the kinds named in the same function (delete_generation's
             # loop), or else a read of Baton's own children (the reconciler's cache-miss reads).

@@ -51,6 +51,14 @@ def test_fingerprint_and_generation_come_from_the_pod():
     assert ("m-decode-0", "u0") in calls
 
 
+def test_a_pairwise_swap_accepts_both_generations_and_no_other():
+    info = {"m-decode-0": ("fpNew", "g2"), "m-decode-1": ("fpOld", "g1"), "m-decode-3": (None, None)}
+    out = endpoints_from_slices([SLICE], 8000, "decode", lambda name, uid: info[name], generation="g1,g2")
+    assert sorted(e.fingerprint or "-" for e in out) == ["-", "fpNew", "fpOld"]
+    out = endpoints_from_slices([SLICE], 8000, "decode", lambda name, uid: info[name], generation="g1,g3")
+    assert sorted(e.fingerprint or "-" for e in out) == ["-", "fpOld"]
+
+
 def test_multiple_slices_deduplicate_and_skip_fqdn():
     second = {**SLICE, "metadata": {"name": "m-decode-def34"}, "endpoints": [SLICE["endpoints"][0]]}
     fqdn = {"addressType": "FQDN", "endpoints": [{"addresses": ["db.example.com"], "conditions": {"ready": True}}]}

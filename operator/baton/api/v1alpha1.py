@@ -298,7 +298,12 @@ class SchedulerSpec(ApiModel):
 
 
 class RolloutSpec(ApiModel):
-    strategy: Literal["AtomicGeneration"] = Field(default="AtomicGeneration", description="AtomicGeneration: a change to the engine or KV format starts a full new generation of both tiers beside the serving one, probes a real KV handoff through it, and switches traffic in one step.")
+    strategy: Literal["AtomicGeneration", "PairwiseSwap"] = Field(default="AtomicGeneration", description=(
+        "AtomicGeneration: a change to the engine or KV format starts a full new generation of both tiers beside the "
+        "serving one, probes a real KV handoff through it, and switches traffic in one step; it needs GPUs for a "
+        "second full generation. PairwiseSwap, for GPU-tight clusters: the new generation starts with one replica "
+        "per tier (a surge of one), is probed, serves beside the old one (schedulers pair only equal KV formats), "
+        "then grows one replica per tier as the old generation shrinks, each step probed, until it has all replicas."))
     progress_deadline: str = Field(default="15m", pattern=DURATION_PATTERN, description="How long a new generation may take to become Ready and pass its handoff probe before it is rolled back.")
     drain_timeout: str = Field(default="5m", pattern=DURATION_PATTERN, description="How long the old generation may finish in-flight KV transfers and decodes after the switch.")
     rollback_window: str = Field(default="60s", pattern=DURATION_PATTERN, description="How long the previous generation is kept after the switch, so a new generation that fails can be rolled back in one step.")
@@ -369,6 +374,13 @@ class ErrorRateStatus(ApiModel):
     total: int = Field(default=0, description="Requests dispatched to it that completed or failed.")
 
 
+class SwapStatus(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+    generation: str = Field(default="", description="The incoming generation of a PairwiseSwap once its first pair passed the probe: schedulers route to it beside servingGeneration, pairing only equal KV fingerprints.")
+    prefill_replicas: int = Field(default=0, description="The serving generation's prefill replicas when the swap began (restored on rollback).")
+    decode_replicas: int = Field(default=0, description="The serving generation's decode replicas when the swap began (restored on rollback).")
+
+
 class GenerationRef(ApiModel):
     model_config = ConfigDict(extra="ignore")
     generation: str = Field(default="", description="Generation key (hash of the engine and KV-format settings).")
@@ -382,6 +394,7 @@ class ProbeStatus(ApiModel):
     passed: bool = Field(default=False, description="Whether every probed prefill->decode handoff succeeded.")
     message: str = Field(default="", description="What the probe did, or why it failed.")
     at: str = Field(default="", description="When the probe ran (RFC 3339).")
+    step: str = Field(default="", description="PairwiseSwap: the new generation's prefill x decode replicas when it was probed.")
 
 
 class RolloutStatus(ApiModel):
@@ -394,8 +407,10 @@ class RolloutStatus(ApiModel):
     last_known_good: GenerationRef = Field(default_factory=GenerationRef, description="The last generation that served successfully.")
     started_at: str = Field(default="", description="When the current rollout started.")
     switched_at: str = Field(default="", description="When traffic last switched generations.")
+    step_started_at: str = Field(default="", description="PairwiseSwap: when the current step began (each step must become Ready within progressDeadline).")
     probe: ProbeStatus = Field(default_factory=ProbeStatus, description="The live handoff probe of the updating generation.")
     message: str = Field(default="", description="What the rollout is doing, in words.")
+    swap: SwapStatus = Field(default_factory=SwapStatus, description="The state of a PairwiseSwap rollout.")
     error_rate: ErrorRateStatus = Field(default_factory=ErrorRateStatus, description="What the schedulers saw the new generation do after the switch (rollout.errorRateThresholdPercent).")
     last_rollback_millis: int = Field(default=0, description="Time from detecting a failed generation to switching traffic back, in milliseconds.")
 

@@ -112,6 +112,12 @@ class Kube:
             content_type="application/apply-patch+yaml", count_as="DRYRUN" if dry_run else "",
         )
 
+    def scale(self, kind: str, namespace: str, name: str, replicas: int) -> dict[str, Any]:
+        """Set a workload's replicas through its scale subresource (what `kubectl scale` does)."""
+        return self._call("PATCH", self.path(kind, namespace, name, "scale"), body={"spec": {"replicas": replicas}},
+                          query=[("fieldManager", FIELD_MANAGER)],
+                          content_type="application/merge-patch+json")
+
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         return self._call(
             "PATCH", self.path("DisaggregatedModel", namespace, name, "status"),

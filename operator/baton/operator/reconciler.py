@@ -119,6 +119,8 @@ class Reconciler:
             rollout_state.steady()
         elif gen == ro.get("failedGeneration") and annotations.get(ANNOTATION_RETRY) != gen:
             rollout_state.hold_failed()
+        elif spec.rollout.strategy == "PairwiseSwap":
+            rollout_state.advance_pairwise(annotations.get(ANNOTATION_ROLLBACK) in ("true", gen))
         else:
             rollout_state.advance(annotations.get(ANNOTATION_ROLLBACK) in ("true", gen))
         if changed:

@@ -7,6 +7,9 @@ Phases of status.rollout.phase:
 - Progressing: the new generation's StatefulSets run beside the serving ones, not yet Ready.
 - Draining: traffic switched to the new generation; the previous one finishes its in-flight work and
   is kept for `rollout.rollbackWindow` so a failing new generation can be switched back in one step.
+- Swapping (strategy PairwiseSwap): the new generation runs beside the serving one with a surge of one
+  replica per tier; both serve (schedulers pair only equal KV fingerprints) while the new one grows
+  and the old one shrinks a replica per tier at a time, each step probed; then the switch and drain.
 - Paused: `spec.rollout.paused`; nothing moves.
 - RolledBack: the new generation failed (never Ready in time, probe failed, lost readiness after the
   switch, or the user asked); traffic is on the last known-good generation; the failed generation is
@@ -31,6 +34,9 @@ if TYPE_CHECKING:
 
 ANNOTATION_ROLLBACK = "serving.baton.dev/rollback"  # "true" (or the target generation): abort and roll back
 ANNOTATION_RETRY = "serving.baton.dev/retry-generation"  # a failed generation's key: try it again
+
+# Status is merge-patched, where {} changes nothing: clearing takes explicit empty values.
+NO_SWAP = {"generation": "", "prefillReplicas": 0, "decodeReplicas": 0}
 
 ROLLOUT = "RolloutSucceeded"  # condition type: False while a rollout is blocked or failed
 
@@ -126,6 +132,16 @@ class RolloutPass:
             self.ro["switchedAt"] = _now()
             if detected_at is not None:
                 self.ro["lastRollbackMillis"] = int((time.monotonic() - detected_at) * 1000)
+        swap = self.ro.get("swap") or {}
+        if swap.get("prefillReplicas") or swap.get("decodeReplicas"):
+            # A pairwise swap had shrunk the good generation: traffic leaves the failed one first
+            # (swap.generation cleared), then the good one grows back to its size before the swap.
+            for tier in ("prefill", "decode"):
+                sts = self.generations.get(good, {}).get(tier)
+                want = int(swap.get(f"{tier}Replicas", 0))
+                if sts and want and _replicas(sts, want) != want:
+                    self.r.kube.scale("StatefulSet", self.ns, sts["metadata"]["name"], want)
+            self.ro["swap"] = dict(NO_SWAP)
         self.r.delete_generation(self.ns, self.name, failed)
         self.generations.pop(failed, None)
         self.ro.update({"failedGeneration": failed, "previousGeneration": "", "targetGeneration": failed})
@@ -188,7 +204,7 @@ class RolloutPass:
             self.r.delete_generation(self.ns, self.name, previous)
             self.generations.pop(previous, None)
             fps = (self.derived.fingerprint("prefill"), self.derived.fingerprint("decode"))
-            self.ro.update({"previousGeneration": "", "lastKnownGood": self._ref(gen, fps)})
+            self.ro.update({"previousGeneration": "", "lastKnownGood": self._ref(gen, fps), "swap": dict(NO_SWAP)})
             how = "drained" if in_flight == 0 else f"drain timeout reached with {in_flight} request(s) in flight"
             self._phase("Serving", f"generation {gen} serves; previous generation {previous} {how} and deleted")
             self._event("Normal", "Drained", self.ro["message"])
@@ -268,7 +284,8 @@ class RolloutPass:
                                           f"(KV fingerprints prefill {self.derived.fingerprint('prefill')}, "
                                           f"decode {self.derived.fingerprint('decode')})")
 
-    def _capacity_problems(self) -> list[str]:
+    def _capacity_problems(self, counts: dict[str, int] | None = None) -> list[str]:
+        """What keeps the pools from taking `counts` more replicas per tier (default: a full generation)."""
         nodes = self.r.kube.list_cluster("Node")
         pods = self.r.kube.list_cluster("Pod")
         from baton.render.tiers import GPU_TOLERATION, SPOT_TOLERATIONS
@@ -277,5 +294,138 @@ class RolloutPass:
         for name in ("prefill", "decode"):
             t = self.spec.tier(name)
             tolerations = [GPU_TOLERATION, *(SPOT_TOLERATIONS if t.allow_spot else []), *t.pool.tolerations]
-            tiers.append((name, t.desired_replicas(), t.gpus_per_replica, dict(t.pool.node_selector), tolerations))
+            n = t.desired_replicas() if counts is None else counts.get(name, 0)
+            if n:
+                tiers.append((name, n, t.gpus_per_replica, dict(t.pool.node_selector), tolerations))
         return rollout.fit_replicas(nodes, rollout.free_gpus(nodes, pods), tiers)
+
+    # ------------------------------------------------------------------ PairwiseSwap
+
+    def _probe(self, gen: str, key: str) -> bool:
+        """Probe the generation's current pods once per `key` (its replica counts); False when it failed."""
+        probe = self.ro.get("probe") or {}
+        if probe.get("generation") == gen and probe.get("step") == key and probe.get("passed"):
+            return True
+        if self.spec.engine.runtime != "trtllm-serve":
+            ok, message = True, f"not probed: the {self.spec.engine.runtime} runtime has no HTTP handoff"
+        else:
+            ok, message = rollout.probe_handoffs(self._pod_addresses(gen, "prefill"), self._pod_addresses(gen, "decode"),
+                                                 self.spec.model.name)
+        self.ro["probe"] = {"generation": gen, "step": key, "passed": ok, "message": message, "at": _now()}
+        self._event("Normal" if ok else "Warning", "ProbePassed" if ok else "ProbeFailed", f"generation {gen} ({key}): {message}")
+        if not ok:
+            self._rollback(gen, f"the live handoff probe failed: {message}")
+        return ok
+
+    def _tier_settled(self, sts: dict | None, replicas: int) -> bool:
+        return status._workload_settled(sts, replicas) if replicas else True
+
+    def advance_pairwise(self, rollback_requested: bool) -> None:
+        """PairwiseSwap: surge one replica per tier, probe, serve both, then grow new / shrink old."""
+        gen = self.derived.generation
+        serving = self.ro["servingGeneration"]
+        tiers = ("prefill", "decode")
+        self.rolling = True
+        self.requeue = 2.0
+        if self.ro.get("targetGeneration") != gen:
+            abandoned = self.ro.get("targetGeneration", "")
+            if abandoned and abandoned != serving and abandoned in self.generations:
+                # The spec moved on mid-swap: give the serving generation its replicas back first.
+                self._rollback(abandoned, f"the spec changed to generation {gen} during the swap")
+                self.problem = None
+            self.ro.update({"targetGeneration": gen, "startedAt": "", "probe": {}, "swap": dict(NO_SWAP), "failedGeneration": ""})
+            self._event("Normal", "NewGeneration",
+                        f"the engine or KV format changed: generation {gen} will replace serving generation {serving} "
+                        "pair by pair (strategy PairwiseSwap: one extra replica per tier at a time, each step probed)")
+        if rollback_requested:
+            self._rollback(gen, f"rollback requested with annotation {ANNOTATION_ROLLBACK}")
+            return
+        if self.spec.rollout.paused:
+            self._phase("Paused", f"rollout to generation {gen} paused (spec.rollout.paused)")
+            return
+        old = self.generations.get(serving, {})
+        desired = {t: self.spec.tier(t).desired_replicas() for t in tiers}
+        swap = dict(self.ro.get("swap") or {})
+        if gen not in self.generations:
+            surge = {t: 1 for t in tiers if desired[t]}
+            blocked = self._capacity_problems(surge)
+            if blocked:
+                message = ("blocked on capacity even for a pairwise swap (one extra replica per tier): " + "; ".join(blocked)
+                           + ". Free GPUs or add nodes")
+                if self.ro.get("phase") != "BlockedOnCapacity" or self.ro.get("message") != message:
+                    self._event("Warning", "BlockedOnCapacity", message)
+                self._phase("BlockedOnCapacity", message)
+                self.problem = (ROLLOUT, False, "BlockedOnCapacity", message)
+                self.requeue = 10.0
+                return
+            swap = {"generation": "", **{f"{t}Replicas": _replicas(old.get(t), desired[t]) for t in tiers}}
+            self.ro.update({"startedAt": _now(), "stepStartedAt": _now(), "swap": swap})
+            new_counts = surge
+        else:
+            new_counts = {t: _replicas(self.generations[gen].get(t), 0) for t in tiers}
+        if self._apply_new(gen, new_counts):
+            return
+        new = self.generations.get(gen, {})
+        old_counts = {t: _replicas(old.get(t), 0) for t in tiers}
+        summary = (f"generation {gen} at {new_counts['prefill']}/{desired['prefill']} prefill, "
+                   f"{new_counts['decode']}/{desired['decode']} decode; generation {serving} at "
+                   f"{old_counts['prefill']} prefill, {old_counts['decode']} decode")
+        steady = (all(self._tier_settled(new.get(t), new_counts[t]) for t in tiers)
+                  and all(self._tier_settled(old.get(t), old_counts[t]) for t in tiers))
+        if not steady:
+            deadline = parse_duration(self.spec.rollout.progress_deadline)
+            if _age(self.ro.get("stepStartedAt", "")) > deadline:
+                self._rollback(gen, f"a swap step did not become Ready within progressDeadline {self.spec.rollout.progress_deadline}")
+            else:
+                self._phase("Swapping", f"pairwise swap: {summary}; waiting for the step to become Ready")
+            return
+        if not self._probe(gen, f"{new_counts['prefill']}x{new_counts['decode']}"):
+            return
+        if swap.get("generation") != gen:
+            swap["generation"] = gen  # schedulers now route to both generations
+            self.ro["swap"] = swap
+            self._event("Normal", "SwapStarted", f"generation {gen} passed the probe and serves beside generation {serving}")
+        budget = {t: max(int(swap.get(f"{t}Replicas", 0)), desired[t]) for t in tiers}
+        # Shrink the old generation where the surge is in place (never below one replica while it serves).
+        shrink = [t for t in tiers if old_counts[t] > 1 and old_counts[t] + new_counts[t] > budget[t]]
+        if shrink:
+            for t in shrink:
+                self.r.kube.scale("StatefulSet", self.ns, old[t]["metadata"]["name"], old_counts[t] - 1)
+            self.ro["stepStartedAt"] = _now()
+            self._phase("Swapping", f"pairwise swap: {summary}; scaling generation {serving} {', '.join(shrink)} down by one")
+            return
+        grow = [t for t in tiers if new_counts[t] < desired[t]]
+        if grow:
+            blocked = self._capacity_problems({t: 1 for t in grow})
+            if blocked:
+                message = f"pairwise swap waiting for GPUs: {'; '.join(blocked)}"
+                self._phase("Swapping", f"pairwise swap: {summary}; {message}")
+                self.problem = (ROLLOUT, False, "BlockedOnCapacity", message)
+                self.requeue = 10.0
+                return
+            self._apply_new(gen, {t: new_counts[t] + (1 if t in grow else 0) for t in tiers})
+            self.ro["stepStartedAt"] = _now()
+            self._phase("Swapping", f"pairwise swap: {summary}; adding a generation {gen} replica to {', '.join(grow)}")
+            return
+        # The new generation has every replica: the final switch, then the usual drain and rollback window.
+        self.ro.update({"servingGeneration": gen, "previousGeneration": serving, "switchedAt": _now(),
+                        "swap": {**swap, "generation": ""}})
+        self._phase("Draining", f"pairwise swap complete: traffic on generation {gen}; generation {serving} drains")
+        self._event("Normal", "Switched", f"pairwise swap complete: generation {gen} serves with all replicas; "
+                                          f"generation {serving} drains and is kept for rollback")
+
+    def _apply_new(self, gen: str, counts: dict[str, int]) -> bool:
+        """Apply the new generation at `counts` replicas per tier; True when that failed (rolled back)."""
+        from baton.render import render_generation
+
+        children = render_generation(self.target, self.derived)
+        for child in children:
+            tier = (child["metadata"].get("labels") or {}).get("baton.dev/tier")
+            if child["kind"] == "StatefulSet" and tier in counts:
+                child["spec"]["replicas"] = counts[tier]
+        failure = self.r._apply_all(children, self.ns, self.changed, prefix=f"new generation {gen}: ")
+        if failure:
+            self._rollback(gen, failure)
+            return True
+        self.generations = self.r._generations(self.ns, self.name)
+        return False

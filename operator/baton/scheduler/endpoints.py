@@ -94,11 +94,17 @@ def endpoints_from_slices(
             pod_generation = None
             if pod and pod_info is not None:
                 fingerprint, pod_generation = pod_info(pod, target.get("uid"))
-            if generation and pod_generation and pod_generation != generation:
+            if not _generation_accepted(pod_generation, generation):
                 continue
             address = format_address(addresses[0], port)
             seen.setdefault(address, Endpoint(address=address, tier=tier, fingerprint=fingerprint, pod=pod))
     return [seen[a] for a in sorted(seen)]
+
+
+def _generation_accepted(pod_generation: str | None, accepted: str) -> bool:
+    """`accepted` is one generation key or several, comma-separated (a PairwiseSwap routes to two);
+    empty accepts every pod, as does a pod without a generation label."""
+    return not accepted or not pod_generation or pod_generation in accepted.split(",")
 
 
 def _pod_ready(pod: Mapping[str, Any]) -> bool:
@@ -115,7 +121,7 @@ def endpoints_from_pods(pods: Iterable[Any], port: int, tier: str, generation: s
         if meta.get("deletionTimestamp") or not status.get("podIP") or not _pod_ready(pod):
             continue
         labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
-        if generation and labels.get(GENERATION_LABEL) and labels[GENERATION_LABEL] != generation:
+        if not _generation_accepted(labels.get(GENERATION_LABEL), generation):
             continue
         address = format_address(status["podIP"], port)
         seen.setdefault(address, Endpoint(address=address, tier=tier, fingerprint=annotations.get(FINGERPRINT_ANNOTATION),
@@ -166,7 +172,8 @@ class KubernetesDiscovery:
         self._lock = threading.Lock()
         self._api_client: Any = None
         self.source = os.environ.get("BATON_DISCOVERY_SOURCE") or config.source
-        self.generation = config.generation
+        self.generation = config.generation  # status.rollout.servingGeneration
+        self.swap_generation = ""  # status.rollout.swap.generation: routed to as well during a PairwiseSwap
         self._raw: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def _client(self) -> Any:
@@ -258,7 +265,7 @@ class KubernetesDiscovery:
                 listing = core.list_namespaced_pod(self.config.namespace, label_selector=selector)
                 pods = {p.metadata.name: p for p in listing.items}
                 self._raw[tier] = ("pods", pods)
-                self._publish(tier, endpoints_from_pods(pods.values(), self.config.port, tier, self.generation))
+                self._publish(tier, endpoints_from_pods(pods.values(), self.config.port, tier, self.accepted_generations))
                 w = watch.Watch()
                 for event in w.stream(core.list_namespaced_pod, self.config.namespace, label_selector=selector,
                                       resource_version=listing.metadata.resource_version,
@@ -274,13 +281,17 @@ class KubernetesDiscovery:
                     else:
                         continue
                     self._raw[tier] = ("pods", pods)
-                    self._publish(tier, endpoints_from_pods(pods.values(), self.config.port, tier, self.generation))
+                    self._publish(tier, endpoints_from_pods(pods.values(), self.config.port, tier, self.accepted_generations))
             except Exception as exc:
                 log.warning("event=pod_watch_error tier=%s service=%s error=%r", tier, service, str(exc))
                 self._stop.wait(2.0)
 
     def _compute(self, tier: str, slices: Iterable[Any]) -> list[Endpoint]:
-        return endpoints_from_slices(slices, self.config.port, tier, self._pod_info, self.generation)
+        return endpoints_from_slices(slices, self.config.port, tier, self._pod_info, self.accepted_generations)
+
+    @property
+    def accepted_generations(self) -> str:
+        return ",".join(g for g in (self.generation, self.swap_generation) if g)
 
     def _recompute(self) -> None:
         """Re-filter both tiers for a new serving generation and publish them together: the scheduler
@@ -288,7 +299,7 @@ class KubernetesDiscovery:
         lists = {}
         for tier, (kind, objects) in list(self._raw.items()):
             values = list(objects.values())
-            lists[tier] = (endpoints_from_pods(values, self.config.port, tier, self.generation) if kind == "pods"
+            lists[tier] = (endpoints_from_pods(values, self.config.port, tier, self.accepted_generations) if kind == "pods"
                            else self._compute(tier, values))
         with self._lock:
             self._lists.update(lists)
@@ -313,10 +324,12 @@ class KubernetesDiscovery:
                         w.stop()
                         break
                     obj = event["object"]
-                    serving = ((obj.get("status") or {}).get("rollout") or {}).get("servingGeneration", "")
-                    if serving and serving != self.generation:
-                        log.info("event=generation_switch from=%s to=%s", self.generation or "-", serving)
-                        self.generation = serving
+                    ro = (obj.get("status") or {}).get("rollout") or {}
+                    serving = ro.get("servingGeneration", "")
+                    swap = (ro.get("swap") or {}).get("generation", "")
+                    if serving and (serving, swap) != (self.generation, self.swap_generation):
+                        log.info("event=generation_switch from=%s to=%s swap=%s", self.generation or "-", serving, swap or "-")
+                        self.generation, self.swap_generation = serving, swap
                         self._recompute()
             except Exception as exc:
                 log.warning("event=model_watch_error model=%s error=%r", name, str(exc))
