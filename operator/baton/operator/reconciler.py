@@ -198,9 +198,10 @@ class Reconciler:
 
     def _generations(self, namespace: str, name: str) -> dict[str, dict[str, dict]]:
         """generation -> tier -> StatefulSet, for every generation of this model in the cluster."""
-        if self.cache is not None:
-            objects = self.cache.list_kind("StatefulSet", namespace, name)
-        else:
+        objects = self.cache.list_kind("StatefulSet", namespace, name) if self.cache is not None else []
+        if not objects:
+            # Nothing cached: a new model, or an operator that just started and whose watch streams have
+            # not delivered yet. Ask the API server rather than report the tiers missing.
             objects = self.kube.list("StatefulSet", namespace, f"{LABEL_MODEL}={name}")
         out: dict[str, dict[str, dict]] = {}
         for sts in objects:
@@ -257,9 +258,14 @@ class Reconciler:
         if was_ready != now_ready["status"] and now_ready["status"] == "True":
             events.record(self.kube, body, "Normal", "Ready", now_ready["message"])
 
+    def model_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The model's pods from the watch cache; from the API server when the cache has none yet."""
+        pods = self.cache.pods(namespace, name) if self.cache is not None else []
+        return pods or self.kube.list("Pod", namespace, f"{LABEL_MODEL}={name}")
+
     def _unschedulable_pods(self, namespace: str, name: str) -> list[str]:
         out = []
-        pods = self.cache.pods(namespace, name) if self.cache is not None else self.kube.list("Pod", namespace, f"{LABEL_MODEL}={name}")
+        pods = self.model_pods(namespace, name)
         for pod in pods:
             for cond in pod.get("status", {}).get("conditions", []) or []:
                 if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from baton.api.units import parse_duration
 from baton.operator import events, rollout, status
-from baton.render.naming import LABEL_GENERATION, LABEL_MODEL
+from baton.render.naming import LABEL_GENERATION
 
 if TYPE_CHECKING:
     from baton.operator.reconciler import Reconciler
@@ -89,10 +89,7 @@ class RolloutPass:
 
     def _pod_addresses(self, gen: str, tier: str) -> list[str]:
         port = self.spec.tier(tier).port
-        if self.r.cache is not None:
-            pods = self.r.cache.pods(self.ns, self.name)
-        else:
-            pods = self.r.kube.list("Pod", self.ns, f"{LABEL_MODEL}={self.name}")
+        pods = self.r.model_pods(self.ns, self.name)
         out = []
         for pod in pods:
             labels = pod.get("metadata", {}).get("labels") or {}
@@ -102,8 +99,7 @@ class RolloutPass:
         return sorted(out)
 
     def _scheduler_addresses(self) -> list[str]:
-        pods = self.r.cache.pods(self.ns, self.name) if self.r.cache is not None else \
-            self.r.kube.list("Pod", self.ns, f"{LABEL_MODEL}={self.name}")
+        pods = self.r.model_pods(self.ns, self.name)
         return sorted(f"{p['status']['podIP']}:{self.spec.scheduler.port}" for p in pods
                       if (p.get("metadata", {}).get("labels") or {}).get("baton.dev/tier") == "scheduler"
                       and p.get("status", {}).get("podIP"))
