@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 
 import kopf
@@ -27,6 +28,10 @@ def main(argv: list[str]) -> int:
     import baton.operator.handlers  # noqa: F401  (registers the handlers)
 
     kopf.configure(verbose=args.verbose, debug=args.debug)
+    if not (args.verbose or args.debug):
+        # kopf logs every handler call at INFO: one line per watch event on every child and pod.
+        # Baton logs what it does itself; kopf's warnings and errors still show.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.metrics_address:
         os.environ["BATON_METRICS_ADDRESS"] = args.metrics_address
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
