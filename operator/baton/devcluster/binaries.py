@@ -36,6 +36,14 @@ def bin_dir() -> Path:
     return Path(out.stdout.strip())
 
 
+def monitoring_crds_dir() -> Path:
+    """The Prometheus Operator's ServiceMonitor and PrometheusRule CRDs (fetched with the binaries)."""
+    out = subprocess.run(
+        ["bash", str(build_script()), "--print-crds"], check=True, capture_output=True, text=True
+    )
+    return Path(out.stdout.strip())
+
+
 def missing(directory: Path) -> list[str]:
     return [b for b in BINARIES if not os.access(directory / b, os.X_OK)]
 
@@ -43,7 +51,7 @@ def missing(directory: Path) -> list[str]:
 def ensure_built() -> Path:
     """Build whatever is missing (streaming the build's progress to the terminal); return the bin dir."""
     directory = bin_dir()
-    if missing(directory):
+    if missing(directory) or not any(monitoring_crds_dir().glob("*.yaml")):
         subprocess.run(["bash", str(build_script())], check=True)
         still = missing(directory)
         if still:

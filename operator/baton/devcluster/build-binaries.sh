@@ -12,13 +12,29 @@ STG=v0.37.2
 ETCD=v3.6.16
 KWOK=v0.8.0
 HELM=v3.22.0
+PROMETHEUS_OPERATOR=v0.94.1  # only its ServiceMonitor and PrometheusRule CRDs, to check the chart against
 MINOR=${K8S#1.}; MINOR=${MINOR%%.*}
 KEY="k8s-$K8S-etcd-$ETCD-kwok-$KWOK-helm-$HELM"
 CACHE=${BATON_TESTBED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/baton-testbed}
 BIN=$CACHE/$KEY/bin
 BINARIES="etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwokctl helm"
+CRDS=$CACHE/prometheus-operator-$PROMETHEUS_OPERATOR/crds
+MONITORING_CRDS="monitoring.coreos.com_servicemonitors.yaml monitoring.coreos.com_prometheusrules.yaml"
 
 if [ "${1:-}" = "--print-bin" ]; then echo "$BIN"; exit 0; fi
+if [ "${1:-}" = "--print-crds" ]; then echo "$CRDS"; exit 0; fi
+
+# The Prometheus Operator's own CRDs (from its Go module, a few MB): the chart's optional
+# ServiceMonitor and PrometheusRule are checked against them by the real API server.
+have_crds() { for f in $MONITORING_CRDS; do [ -s "$CRDS/$f" ] || return 1; done; }
+if ! have_crds; then
+  command -v go >/dev/null || { echo "error: Go >= 1.26 is needed to fetch the Prometheus Operator CRDs" >&2; exit 1; }
+  SRC=$(GOFLAGS=-mod=mod go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR" \
+        | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  mkdir -p "$CRDS"
+  for f in $MONITORING_CRDS; do cp "$SRC/example/prometheus-operator-crd/$f" "$CRDS/$f"; done
+  echo "Prometheus Operator $PROMETHEUS_OPERATOR CRDs in $CRDS"
+fi
 
 have_all() { for b in $BINARIES; do [ -x "$BIN/$b" ] || return 1; done; }
 if have_all; then echo "testbed binaries already built in $BIN"; exit 0; fi
