@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 ANNOTATION_ROLLBACK = "serving.baton.dev/rollback"  # "true" (or the target generation): abort and roll back
 ANNOTATION_RETRY = "serving.baton.dev/retry-generation"  # a failed generation's key: try it again
 
+WAIT_SECONDS = 15.0  # safety poll while waiting on events alone
+
 # Status is merge-patched, where {} changes nothing: clearing takes explicit empty values.
 NO_SWAP = {"generation": "", "prefillReplicas": 0, "decodeReplicas": 0}
 
@@ -148,6 +150,23 @@ class RolloutPass:
                         f"new generation) or set annotation {ANNOTATION_RETRY}={failed} to try it again")
         self._event("Warning", "RolledBack", self.ro["message"])
 
+    def _held(self, gen: str, rollback_requested: bool) -> bool:
+        """An explicit rollback or a pause stops a rollout where it is; True when one did."""
+        if rollback_requested:
+            self._rollback(gen, f"rollback requested with annotation {ANNOTATION_ROLLBACK}")
+            return True
+        if self.spec.rollout.paused:
+            self._phase("Paused", f"rollout to generation {gen} paused (spec.rollout.paused)")
+            return True
+        return False
+
+    def _blocked(self, message: str) -> None:
+        if self.ro.get("phase") != "BlockedOnCapacity" or self.ro.get("message") != message:
+            self._event("Warning", "BlockedOnCapacity", message)
+        self._phase("BlockedOnCapacity", message)
+        self.problem = (ROLLOUT, False, "BlockedOnCapacity", message)
+        self.requeue = 10.0
+
     # ------------------------------------------------------------------ phases
 
     def steady(self) -> None:
@@ -163,7 +182,10 @@ class RolloutPass:
                 self.ro["targetGeneration"] = gen
                 self._phase("Progressing", f"deploying generation {gen}")
                 self.rolling = True
-                self.requeue = 2.0
+                # Nothing here runs against a clock: the children's and pods' watch events wake the
+                # pass when something moves. A fast poll would only load the API server (hundreds of
+                # models created at once each asking every 2 s).
+                self.requeue = WAIT_SECONDS
             return
         previous = self.ro.get("previousGeneration", "")
         if previous and previous in self.generations:
@@ -229,21 +251,12 @@ class RolloutPass:
             self.ro.update({"targetGeneration": gen, "startedAt": "", "probe": {}, "failedGeneration": self.ro.get("failedGeneration", "")})
             self._event("Normal", "NewGeneration", f"{why}: generation {gen} of both tiers will be created beside "
                                                    f"serving generation {serving}, probed, then switched to atomically")
-        if rollback_requested:
-            self._rollback(gen, f"rollback requested with annotation {ANNOTATION_ROLLBACK}")
-            return
-        if self.spec.rollout.paused:
-            self._phase("Paused", f"rollout to generation {gen} paused (spec.rollout.paused)")
+        if self._held(gen, rollback_requested):
             return
         if gen not in self.generations:
             blocked = self._capacity_problems()
             if blocked:
-                message = "blocked on capacity: " + "; ".join(blocked) + ". Free GPUs, add nodes, or scale the tiers down"
-                if self.ro.get("phase") != "BlockedOnCapacity" or self.ro.get("message") != message:
-                    self._event("Warning", "BlockedOnCapacity", message)
-                self._phase("BlockedOnCapacity", message)
-                self.problem = (ROLLOUT, False, "BlockedOnCapacity", message)
-                self.requeue = 10.0
+                self._blocked("blocked on capacity: " + "; ".join(blocked) + ". Free GPUs, add nodes, or scale the tiers down")
                 return
             self.ro["startedAt"] = _now()
         from baton.render import render_generation
@@ -261,18 +274,8 @@ class RolloutPass:
             else:
                 self._phase("Progressing", f"generation {gen} starting beside serving generation {serving}")
             return
-        probe = self.ro.get("probe") or {}
-        if probe.get("generation") != gen or not probe.get("passed"):
-            if self.spec.engine.runtime != "trtllm-serve":
-                ok, message = True, f"not probed: the {self.spec.engine.runtime} runtime has no HTTP handoff"
-            else:
-                ok, message = rollout.probe_handoffs(self._pod_addresses(gen, "prefill"), self._pod_addresses(gen, "decode"),
-                                                     self.spec.model.name)
-            self.ro["probe"] = {"generation": gen, "passed": ok, "message": message, "at": _now()}
-            self._event("Normal" if ok else "Warning", "ProbePassed" if ok else "ProbeFailed", f"generation {gen}: {message}")
-            if not ok:
-                self._rollback(gen, f"the live handoff probe failed: {message}")
-                return
+        if not self._probe(gen):
+            return
         # The switch: one field, which every scheduler watches.
         self.ro.update({"servingGeneration": gen, "previousGeneration": serving, "switchedAt": _now()})
         self._phase("Draining", f"switched traffic from generation {serving} to {gen}")
@@ -297,8 +300,9 @@ class RolloutPass:
 
     # ------------------------------------------------------------------ PairwiseSwap
 
-    def _probe(self, gen: str, key: str) -> bool:
-        """Probe the generation's current pods once per `key` (its replica counts); False when it failed."""
+    def _probe(self, gen: str, key: str = "") -> bool:
+        """Probe the generation's current pods once (per `key`: a swap step's replica counts); False
+        when the probe failed and the generation was rolled back."""
         probe = self.ro.get("probe") or {}
         if probe.get("generation") == gen and probe.get("step") == key and probe.get("passed"):
             return True
@@ -308,7 +312,8 @@ class RolloutPass:
             ok, message = rollout.probe_handoffs(self._pod_addresses(gen, "prefill"), self._pod_addresses(gen, "decode"),
                                                  self.spec.model.name)
         self.ro["probe"] = {"generation": gen, "step": key, "passed": ok, "message": message, "at": _now()}
-        self._event("Normal" if ok else "Warning", "ProbePassed" if ok else "ProbeFailed", f"generation {gen} ({key}): {message}")
+        step = f" ({key})" if key else ""
+        self._event("Normal" if ok else "Warning", "ProbePassed" if ok else "ProbeFailed", f"generation {gen}{step}: {message}")
         if not ok:
             self._rollback(gen, f"the live handoff probe failed: {message}")
         return ok
@@ -333,11 +338,7 @@ class RolloutPass:
             self._event("Normal", "NewGeneration",
                         f"the engine or KV format changed: generation {gen} will replace serving generation {serving} "
                         "pair by pair (strategy PairwiseSwap: one extra replica per tier at a time, each step probed)")
-        if rollback_requested:
-            self._rollback(gen, f"rollback requested with annotation {ANNOTATION_ROLLBACK}")
-            return
-        if self.spec.rollout.paused:
-            self._phase("Paused", f"rollout to generation {gen} paused (spec.rollout.paused)")
+        if self._held(gen, rollback_requested):
             return
         old = self.generations.get(serving, {})
         desired = {t: self.spec.tier(t).desired_replicas() for t in tiers}
@@ -346,13 +347,8 @@ class RolloutPass:
             surge = {t: 1 for t in tiers if desired[t]}
             blocked = self._capacity_problems(surge)
             if blocked:
-                message = ("blocked on capacity even for a pairwise swap (one extra replica per tier): " + "; ".join(blocked)
-                           + ". Free GPUs or add nodes")
-                if self.ro.get("phase") != "BlockedOnCapacity" or self.ro.get("message") != message:
-                    self._event("Warning", "BlockedOnCapacity", message)
-                self._phase("BlockedOnCapacity", message)
-                self.problem = (ROLLOUT, False, "BlockedOnCapacity", message)
-                self.requeue = 10.0
+                self._blocked("blocked on capacity even for a pairwise swap (one extra replica per tier): "
+                              + "; ".join(blocked) + ". Free GPUs or add nodes")
                 return
             swap = {"generation": "", **{f"{t}Replicas": _replicas(old.get(t), desired[t]) for t in tiers}}
             self.ro.update({"startedAt": _now(), "stepStartedAt": _now(), "swap": swap})
