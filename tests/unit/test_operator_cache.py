@@ -35,21 +35,13 @@ def test_per_model_views_and_forgetting_a_model():
     for model in ("a", "b"):
         cache.put(sts(f"{model}-prefill", model, 1))
         cache.put(sts(f"{model}-decode", model, 1))
-        cache.put_pod(model, {"metadata": {"name": f"{model}-decode-0", "namespace": "ns", "labels": {"baton.dev/model": model}},
-                              "spec": {"nodeName": "n1", "containers": [{"name": "engine", "image": "x"}]},
-                              "status": {"phase": "Running", "podIP": "127.64.0.9", "hostIP": "127.0.0.1"}})
     assert sorted(o["metadata"]["name"] for o in cache.list_kind("StatefulSet", "ns", "a")) == ["a-decode", "a-prefill"]
     assert cache.list_kind("Deployment", "ns", "a") == []
-    [pod] = cache.pods("ns", "a")
-    assert pod == {"metadata": {"name": "a-decode-0", "namespace": "ns", "labels": {"baton.dev/model": "a"}},
-                   "spec": {"nodeName": "n1"}, "status": {"phase": "Running", "podIP": "127.64.0.9"}}
-    cache.put_pod("a", pod, deleted=True)
-    assert cache.pods("ns", "a") == []
 
     cache.forget_model("ns", "a")
     assert cache.get("StatefulSet", "ns", "a-decode") is None and cache.list_kind("StatefulSet", "ns", "a") == []
-    assert cache.get("StatefulSet", "ns", "b-decode") is not None and len(cache.pods("ns", "b")) == 1
+    assert cache.get("StatefulSet", "ns", "b-decode") is not None
     cache.forget("StatefulSet", "ns", "b-decode")
     assert [o["metadata"]["name"] for o in cache.list_kind("StatefulSet", "ns", "b")] == ["b-prefill"]
     cache.clear()
-    assert cache.get("StatefulSet", "ns", "b-prefill") is None and cache.pods("ns", "b") == []
+    assert cache.get("StatefulSet", "ns", "b-prefill") is None

@@ -50,21 +50,10 @@ def _without_managed_fields(obj: dict[str, Any]) -> dict[str, Any]:
     return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
 
 
-def _slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
-    """Only what the reconciler reads of a pod: identity, labels, readiness, IP and scheduling state."""
-    meta, status = pod.get("metadata", {}), pod.get("status", {})
-    return {
-        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "labels", "annotations", "deletionTimestamp") if k in meta},
-        "spec": {"nodeName": (pod.get("spec") or {}).get("nodeName")},
-        "status": {k: status[k] for k in ("phase", "podIP", "conditions") if k in status},
-    }
-
-
 class ChildCache:
     def __init__(self) -> None:
         self._objects: dict[Key, tuple[int, bytes]] = {}  # key -> (resourceVersion, compressed JSON)
         self._by_model: dict[ModelKey, set[Key]] = defaultdict(set)
-        self._pods: dict[ModelKey, dict[str, bytes]] = defaultdict(dict)  # (ns, model) -> name -> pod
         self._lock = threading.Lock()
 
     def put(self, obj: dict[str, Any]) -> None:
@@ -99,29 +88,12 @@ class ChildCache:
                      if k[0] == kind and k in self._objects]
         return [_decode(b) for b in blobs]
 
-    def put_pod(self, model: str, pod: dict[str, Any], deleted: bool = False) -> None:
-        meta = pod.get("metadata", {})
-        blob = None if deleted else _encode(_slim_pod(pod))
-        with self._lock:
-            pods = self._pods[(meta.get("namespace", ""), model)]
-            if blob is None:
-                pods.pop(meta.get("name", ""), None)
-            else:
-                pods[meta.get("name", "")] = blob
-
-    def pods(self, namespace: str, model: str) -> list[dict[str, Any]]:
-        with self._lock:
-            blobs = list(self._pods.get((namespace, model), {}).values())
-        return [_decode(b) for b in blobs]
-
     def clear(self) -> None:
         with self._lock:
             self._objects.clear()
             self._by_model.clear()
-            self._pods.clear()
 
     def forget_model(self, namespace: str, model: str) -> None:
         with self._lock:
-            self._pods.pop((namespace, model), None)
             for key in self._by_model.pop((namespace, model), ()):
                 self._objects.pop(key, None)

@@ -205,14 +205,6 @@ async def _child_event(body: kopf.Body, namespace: str, type: str, **_: Any) -> 
     _wake(namespace, (meta.get("labels") or {}).get(LABEL_MODEL))
 
 
-async def _pod_event(body: kopf.Body, namespace: str, type: str, **_: Any) -> None:
-    model = (body.get("metadata", {}).get("labels") or {}).get(LABEL_MODEL)
-    if model:
-        runtime.cache.put_pod(model, dict(body), deleted=type == "DELETED")
-        if body.get("status", {}).get("conditions"):
-            _wake(namespace, model)
-
-
 # Every kind Baton renders is watched: changes wake the owner's loop and keep the cache current.
 CHILD_KINDS = (
     ("apps", "v1", "statefulsets"),
@@ -223,19 +215,19 @@ CHILD_KINDS = (
     ("rbac.authorization.k8s.io", "v1", "roles"),
     ("rbac.authorization.k8s.io", "v1", "rolebindings"),
 )
-POD_KIND = ("", "v1", "pods")
 for _group, _version, _plural in CHILD_KINDS:
     kopf.on.event(_group, _version, _plural, labels=_CHILD_FILTER, id=f"child-{_plural}")(_child_event)
-kopf.on.event(*POD_KIND, labels={LABEL_MODEL: kopf.PRESENT}, id="pods")(_pod_event)
+# Pods are not watched: they grow with replicas, not models, and the operator needs them only while a
+# model is unsettled or rolling out; it lists a model's pods then (Reconciler.model_pods). Pod
+# readiness still wakes a model through its StatefulSets' and Deployment's status.
 
 
 def watch_only_batons_objects(settings: kopf.OperatorSettings) -> None:
     """Filter the child and pod watch streams on the server, not only in the handlers.
 
-    Without this kopf streams every ConfigMap, Service and pod in the watched namespaces (the whole
+    Without this kopf streams every ConfigMap and Service in the watched namespaces (the whole
     cluster for a cluster-wide operator) and keeps a record of each; with it the operator's memory
     and CPU follow the number of models, not the size of the cluster.
     """
     for kind in CHILD_KINDS:
         settings.watching.label_selectors[kind] = ",".join(f"{k}={v}" for k, v in _CHILD_FILTER.items())
-    settings.watching.label_selectors[POD_KIND] = LABEL_MODEL

@@ -259,9 +259,9 @@ class Reconciler:
             events.record(self.kube, body, "Normal", "Ready", now_ready["message"])
 
     def model_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        """The model's pods from the watch cache; from the API server when the cache has none yet."""
-        pods = self.cache.pods(namespace, name) if self.cache is not None else []
-        return pods or self.kube.list("Pod", namespace, f"{LABEL_MODEL}={name}")
+        """The model's pods, listed when needed (an unsettled model, a rollout step): pods are not
+        watched, so a settled model costs nothing per pod."""
+        return self.kube.list("Pod", namespace, f"{LABEL_MODEL}={name}")
 
     def _unschedulable_pods(self, namespace: str, name: str) -> list[str]:
         out = []

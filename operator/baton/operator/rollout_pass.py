@@ -70,6 +70,13 @@ class RolloutPass:
         self.problem: tuple[str, bool, str, str] | None = None
         self.rolling = False
         self.requeue = 60.0
+        self._pod_list: list[dict] | None = None
+
+    def _pods(self) -> list[dict]:
+        """The model's pods, listed at most once per pass."""
+        if self._pod_list is None:
+            self._pod_list = self.r.model_pods(self.ns, self.name)
+        return self._pod_list
 
     # ------------------------------------------------------------------ helpers
 
@@ -91,7 +98,7 @@ class RolloutPass:
 
     def _pod_addresses(self, gen: str, tier: str) -> list[str]:
         port = self.spec.tier(tier).port
-        pods = self.r.model_pods(self.ns, self.name)
+        pods = self._pods()
         out = []
         for pod in pods:
             labels = pod.get("metadata", {}).get("labels") or {}
@@ -101,7 +108,7 @@ class RolloutPass:
         return sorted(out)
 
     def _scheduler_addresses(self) -> list[str]:
-        pods = self.r.model_pods(self.ns, self.name)
+        pods = self._pods()
         return sorted(f"{p['status']['podIP']}:{self.spec.scheduler.port}" for p in pods
                       if (p.get("metadata", {}).get("labels") or {}).get("baton.dev/tier") == "scheduler"
                       and p.get("status", {}).get("podIP"))
@@ -420,4 +427,5 @@ class RolloutPass:
             self._rollback(gen, failure)
             return True
         self.generations = self.r._generations(self.ns, self.name)
+        self._pod_list = None
         return False
