@@ -130,3 +130,22 @@ def test_write_section_creates_and_updates_a_file(tmp_path):
     assert "second" in text and "first" not in text and "theirs" in text
     assert text.count(START) == 1 and text.count("<!-- bench:operator:start -->") == 1
     assert not [p for p in tmp_path.iterdir() if p.name != "BENCHMARKS.md"]  # no temporary file left behind
+
+
+def test_operator_bench_keeps_the_rows_a_partial_run_did_not_measure(tmp_path):
+    from baton.bench import operator as bench
+
+    out = tmp_path / "BENCHMARKS.md"
+    row = {"seconds": 10.0, "floor_seconds": 9.0, "requests_per_reconcile": 4.5, "noop_writes": 0,
+           "noop_reconciles": 12, "noop_requests_per_reconcile": 1.0, "peak_rss_mib": 70}
+    full = {1: row, 500: {**row, "seconds": 300.0, "floor_seconds": 260.0}}
+    bench.write_report(bench.report(full, {"models": 1000, "ready": 1000, "rss_mib": 140, "peak_rss_mib": 149}, 60), out)
+    rows, memory = bench.previous_results(out)
+    assert sorted(rows) == [1, 500] and "meets the 150 MiB target" in memory
+
+    # Only N = 1 again, no memory run: row 500 and the memory line survive, and the section says so.
+    bench.write_report(bench.report({1: {**row, "seconds": 5.0}}, None, 30, {500: rows[500]}, memory), out)
+    text = out.read_text()
+    assert "| 1 | 9.0 | 5.0 | 0.56 |" in text and rows[500] in text and memory in text
+    assert "the rows for 500 model(s) and the memory line come from an earlier run" in text
+    assert text.count(bench.START) == 1

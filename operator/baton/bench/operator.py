@@ -138,8 +138,8 @@ def _ssa(api_client: Any, obj: dict[str, Any]) -> None:
     Kube(api_client).apply(obj)
 
 
-def floor_phase(cluster: Cluster, n: int) -> float:
-    namespace = cluster.namespace(f"bench-floor-{n}")
+def floor_phase(cluster: Cluster, n: int, label: str = "floor") -> float:
+    namespace = cluster.namespace(f"bench-{label}-{n}")
     objects = []
     for i in range(n):
         manifest = model_manifest(f"m{i}")
@@ -276,7 +276,20 @@ def rss_phase(cluster: Cluster, n: int, log: Path) -> dict[str, float]:
         cluster.delete_namespace(namespace, wait=False)  # the last phase: the cluster goes next
 
 
-def report(results: dict[int, dict[str, float]], rss: dict[str, float] | None, elapsed: float) -> str:
+def previous_results(path: Path) -> tuple[dict[int, str], str]:
+    """The table rows (by model count) and the memory line of the section already in `path`, so a
+    run that measures only some sizes (or skips the memory run) keeps the others."""
+    text = path.read_text() if path.exists() else ""
+    if START not in text or END not in text:
+        return {}, ""
+    section = text[text.index(START): text.index(END)]
+    rows = {int(m.group(1)): m.group(0) for m in re.finditer(r"^\| (\d+) \|.*$", section, re.MULTILINE)}
+    memory = next((line for line in section.splitlines() if line.startswith("Memory at ")), "")
+    return rows, memory
+
+
+def report(results: dict[int, dict[str, float]], rss: dict[str, float] | None, elapsed: float,
+           kept_rows: dict[int, str] | None = None, kept_memory: str = "") -> str:
     lines = [
         START,
         "## Operator",
@@ -289,16 +302,25 @@ def report(results: dict[int, dict[str, float]], rss: dict[str, float] | None, e
         "| models | floor: children applied directly (s) | operator: all Ready (s) | ratio (target <= 1.2 at 500) | API requests / reconcile | writes in a no-op resync window (target 0) | requests / no-op reconcile | operator peak RSS (MiB) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for n, r in sorted(results.items()):
+    rows = dict(kept_rows or {})
+    for n, r in results.items():
         ratio = r["seconds"] / r["floor_seconds"] if r["floor_seconds"] else float("nan")
-        lines.append(
+        rows[n] = (
             f"| {n} | {r['floor_seconds']:.1f} | {r['seconds']:.1f} | {ratio:.2f} | {r['requests_per_reconcile']:.1f} | "
             f"{int(r['noop_writes'])} (over {int(r['noop_reconciles'])} passes) | {r['noop_requests_per_reconcile']:.2f} | {r['peak_rss_mib']:.0f} |"
         )
+    lines += [rows[n] for n in sorted(rows)]
     if rss:
         verdict = "meets" if rss["peak_rss_mib"] <= 150 else "misses"
         lines += ["", f"Memory at {int(rss['models'])} models (tiers at zero replicas, {int(rss['ready'])} Ready): "
                   f"RSS {rss['rss_mib']:.0f} MiB, peak {rss['peak_rss_mib']:.0f} MiB ({verdict} the 150 MiB target)."]
+    elif kept_memory:
+        lines += ["", kept_memory]
+    earlier = sorted(set(rows) - set(results))
+    if earlier or (kept_memory and not rss):
+        what = [f"the rows for {', '.join(map(str, earlier))} model(s)"] if earlier else []
+        what += ["the memory line"] if kept_memory and not rss else []
+        lines += ["", f"This run measured only part of the table: {' and '.join(what)} come from an earlier run."]
     lines += ["", "The floor is what Kubernetes itself needs to create the same objects and get the same pods Ready; "
               "the ratio is the operator's overhead on top of it.", END]
     return "\n".join(lines)
@@ -330,7 +352,16 @@ def main(argv: list[str]) -> int:
     cluster = Cluster(args.cluster, max([*sizes, args.rss_models]), workdir)
     results: dict[int, dict[str, float]] = {}
     rss = None
+    kept_rows, kept_memory = previous_results(Path(args.output))
+    kept_rows = {n: row for n, row in kept_rows.items() if n not in sizes}
+    if args.rss_models:
+        kept_memory = ""
     try:
+        if sizes:
+            # A control plane that just started (hundreds of fresh fake nodes) is slow for a minute:
+            # one unreported round first, so the smallest size measures Kubernetes, not its warm-up.
+            say("warming up the control plane")
+            floor_phase(cluster, 1, label="warmup")
         for n in sizes:
             say(f"{n} models: floor (children applied directly)")
             floor = floor_phase(cluster, n)
@@ -338,14 +369,14 @@ def main(argv: list[str]) -> int:
             results[n] = {**operator_phase(cluster, n, workdir / f"operator-{n}.log"), "floor_seconds": floor}
             say(f"{n} models: operator {results[n]['seconds']:.1f}s, ratio {results[n]['seconds'] / floor:.2f}")
             # Written after every size, so a long run that is cut short still leaves its results.
-            write_report(report(results, rss, time.monotonic() - started), Path(args.output))
+            write_report(report(results, rss, time.monotonic() - started, kept_rows, kept_memory), Path(args.output))
         if args.rss_models:
             say(f"memory with {args.rss_models} models")
             rss = rss_phase(cluster, args.rss_models, workdir / "operator-rss.log")
     finally:
         if not args.keep_cluster:
             cluster.plane.down()
-    section = report(results, rss, time.monotonic() - started)
+    section = report(results, rss, time.monotonic() - started, kept_rows, kept_memory)
     print(section)
     write_report(section, Path(args.output))
     return 0
