@@ -35,7 +35,7 @@ from baton.render.naming import LABEL_GENERATION, LABEL_MODEL, Target, child_nam
 log = logging.getLogger("baton.operator")
 
 RESYNC_SECONDS = float(os.environ.get("BATON_RESYNC_SECONDS", "60"))
-PROGRESS_SECONDS = 15.0  # unsettled children: their watch events wake the pass; this is a safety poll
+PROGRESS_SECONDS = 5.0
 
 
 @dataclass

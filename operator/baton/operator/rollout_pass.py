@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 ANNOTATION_ROLLBACK = "serving.baton.dev/rollback"  # "true" (or the target generation): abort and roll back
 ANNOTATION_RETRY = "serving.baton.dev/retry-generation"  # a failed generation's key: try it again
 
-WAIT_SECONDS = 15.0  # safety poll while waiting on events alone
-
 # Status is merge-patched, where {} changes nothing: clearing takes explicit empty values.
 NO_SWAP = {"generation": "", "prefillReplicas": 0, "decodeReplicas": 0}
 
@@ -189,10 +187,7 @@ class RolloutPass:
                 self.ro["targetGeneration"] = gen
                 self._phase("Progressing", f"deploying generation {gen}")
                 self.rolling = True
-                # Nothing here runs against a clock: the children's and pods' watch events wake the
-                # pass when something moves. A fast poll would only load the API server (hundreds of
-                # models created at once each asking every 2 s).
-                self.requeue = WAIT_SECONDS
+                self.requeue = 2.0
             return
         previous = self.ro.get("previousGeneration", "")
         if previous and previous in self.generations:
