@@ -118,10 +118,11 @@ class Cluster:
                 return
 
     def workloads_ready(self, namespace: str, expected_sts: int, expected_deploy: int) -> bool:
+        """Every workload available (Ready for its minReadySeconds): the state a model reports Ready in."""
         sts = self.apps.list_namespaced_stateful_set(namespace).items
         deploys = self.apps.list_namespaced_deployment(namespace).items
-        ok_sts = sum(1 for s in sts if (s.status.ready_replicas or 0) >= (s.spec.replicas or 0))
-        ok_dep = sum(1 for d in deploys if (d.status.ready_replicas or 0) >= (d.spec.replicas or 0))
+        ok_sts = sum(1 for s in sts if (s.status.available_replicas or 0) >= (s.spec.replicas or 0))
+        ok_dep = sum(1 for d in deploys if (d.status.available_replicas or 0) >= (d.spec.replicas or 0))
         return ok_sts == expected_sts and ok_dep == expected_deploy
 
     def models_ready(self, namespace: str, n: int) -> int:
