@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ log = logging.getLogger("baton.operator")
 
 RESYNC_SECONDS = float(os.environ.get("BATON_RESYNC_SECONDS", "60"))
 PROGRESS_SECONDS = 5.0
+UNSCHEDULABLE_CHECK_SECONDS = 15.0
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Reconciler:
     def __init__(self, kube: Kube, cache: ChildCache | None = None):
         self.kube = kube
         self.cache = cache
+        self._unschedulable: dict[tuple[str, str], tuple[float, list[str]]] = {}  # model -> (listed at, pods)
 
     def _read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """A child as last seen by the watch streams, else as the API server has it."""
@@ -67,6 +70,7 @@ class Reconciler:
     def reconcile(self, namespace: str, name: str) -> Outcome:
         body = self.kube.get("DisaggregatedModel", namespace, name)
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            self._unschedulable.pop((namespace, name), None)
             return Outcome(requeue_after=RESYNC_SECONDS)
         meta = body["metadata"]
         generation = int(meta.get("generation", 0))
@@ -264,10 +268,17 @@ class Reconciler:
         return self.kube.list("Pod", namespace, f"{LABEL_MODEL}={name}")
 
     def _unschedulable_pods(self, namespace: str, name: str) -> list[str]:
+        """Pods the scheduler cannot place, for the status message; listed at most every
+        UNSCHEDULABLE_CHECK_SECONDS per model (a waiting model polls every few seconds, and hundreds
+        of models starting at once would otherwise turn into hundreds of pod LISTs a second)."""
+        key = (namespace, name)
+        listed = self._unschedulable.get(key)
+        if listed and time.monotonic() - listed[0] < UNSCHEDULABLE_CHECK_SECONDS:
+            return listed[1]
         out = []
-        pods = self.model_pods(namespace, name)
-        for pod in pods:
+        for pod in self.model_pods(namespace, name):
             for cond in pod.get("status", {}).get("conditions", []) or []:
                 if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
                     out.append(f"{pod['metadata']['name']}: {cond.get('message', '')}")
+        self._unschedulable[key] = (time.monotonic(), sorted(out))
         return sorted(out)
