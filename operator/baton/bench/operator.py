@@ -322,8 +322,9 @@ def report(results: dict[int, dict[str, float]], rss: dict[str, float] | None, e
         what = [f"the rows for {', '.join(map(str, earlier))} model(s)"] if earlier else []
         what += ["the memory line"] if kept_memory and not rss else []
         lines += ["", f"This run measured only part of the table: {' and '.join(what)} come from an earlier run."]
-    lines += ["", "The floor is what Kubernetes itself needs to create the same objects and get the same pods Ready; "
-              "the ratio is the operator's overhead on top of it.", END]
+    lines += ["", "The floor is what Kubernetes itself needs to create the same objects and get every workload available "
+              "(pods Ready for minReadySeconds, the state a model reports Ready in), measured after one unreported "
+              "warm-up round; the ratio is the operator's overhead on top of it.", END]
     return "\n".join(lines)
 
 
