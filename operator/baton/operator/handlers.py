@@ -27,7 +27,7 @@ from baton.operator.cache import ChildCache
 from baton.operator.kube import Kube
 from baton.operator.pausing import gate as pause_gate
 from baton.operator.reconciler import Reconciler
-from baton.render.naming import LABEL_MODEL, MANAGED_BY
+from baton.render.naming import LABEL_MODEL, MANAGED_BY, label_selector
 
 PREFIX = GROUP
 log = logging.getLogger("baton.operator")
@@ -223,11 +223,11 @@ for _group, _version, _plural in CHILD_KINDS:
 
 
 def watch_only_batons_objects(settings: kopf.OperatorSettings) -> None:
-    """Filter the child and pod watch streams on the server, not only in the handlers.
+    """Filter the child watch streams on the server, not only in the handlers.
 
     Without this kopf streams every ConfigMap and Service in the watched namespaces (the whole
     cluster for a cluster-wide operator) and keeps a record of each; with it the operator's memory
     and CPU follow the number of models, not the size of the cluster.
     """
     for kind in CHILD_KINDS:
-        settings.watching.label_selectors[kind] = ",".join(f"{k}={v}" for k, v in _CHILD_FILTER.items())
+        settings.watching.label_selectors[kind] = label_selector(_CHILD_FILTER)

@@ -46,10 +46,6 @@ class PauseGate:
         self.installed = True
         return True
 
-    def bind(self, toggles: Any) -> None:
-        """Use this toggle set directly (tests, or an embedding that builds its own)."""
-        self._toggles = toggles
-
     @property
     def paused(self) -> bool:
         return self._toggles is not None and self._toggles.is_on()

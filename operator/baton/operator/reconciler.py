@@ -31,7 +31,7 @@ from baton.operator.validation import spec_problems
 from baton.operator.rollout_pass import ANNOTATION_RETRY, ANNOTATION_ROLLBACK, RolloutPass, _replicas
 from baton.render import render_generation, render_shared
 from baton.render.derived import derive
-from baton.render.naming import LABEL_GENERATION, LABEL_MODEL, Target, child_name, selector_labels
+from baton.render.naming import LABEL_GENERATION, LABEL_MODEL, Target, child_name, label_selector, selector_labels
 
 log = logging.getLogger("baton.operator")
 
@@ -142,7 +142,7 @@ class Reconciler:
             spec.scheduler.replicas,
         )
         settled = all(
-            status._workload_settled(obj, n)
+            status.workload_settled(obj, n)
             for obj, n in zip((observed.prefill, observed.decode, observed.scheduler), desired_counts)
         )
         if not settled:
@@ -168,7 +168,7 @@ class Reconciler:
             decode_kv_capacity_tokens=derived.decode_kv_capacity_tokens,
             extra=extra,
             rolling=rollout_state.rolling,
-            selectors=tuple(",".join(f"{k}={v}" for k, v in sorted(selector_labels(target, t).items())) for t in ("prefill", "decode")),
+            selectors=(label_selector(selector_labels(target, "prefill")), label_selector(selector_labels(target, "decode"))),
         )
         new_status["rollout"] = ro
         self._write_status(body, previous, new_status)
@@ -275,10 +275,11 @@ class Reconciler:
         listed = self._unschedulable.get(key)
         if listed and time.monotonic() - listed[0] < UNSCHEDULABLE_CHECK_SECONDS:
             return listed[1]
-        out = []
-        for pod in self.model_pods(namespace, name):
-            for cond in pod.get("status", {}).get("conditions", []) or []:
-                if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
-                    out.append(f"{pod['metadata']['name']}: {cond.get('message', '')}")
-        self._unschedulable[key] = (time.monotonic(), sorted(out))
-        return sorted(out)
+        out = sorted(
+            f"{pod['metadata']['name']}: {cond.get('message', '')}"
+            for pod in self.model_pods(namespace, name)
+            for cond in pod.get("status", {}).get("conditions", []) or []
+            if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable"
+        )
+        self._unschedulable[key] = (time.monotonic(), out)
+        return out

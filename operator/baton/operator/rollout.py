@@ -140,25 +140,21 @@ def active_requests(address: str, timeout: float = 3.0) -> int:
 GENERATION_REQUESTS = "baton_scheduler_generation_requests_total"
 
 
-def generation_outcomes(addresses: list[str], generation: str, timeout: float = 2.0) -> tuple[dict[str, float], int]:
+def generation_outcomes(addresses: list[str], generation: str, timeout: float = 2.0) -> dict[str, float]:
     """Requests the schedulers dispatched to `generation`, by outcome, summed over the schedulers that
-    answered (from their /metrics); also how many answered."""
+    answered (from their /metrics)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     totals: dict[str, float] = {}
-    answered = 0
     for address in addresses:
         try:
             with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as resp:
                 text = resp.read().decode("utf-8", "replace")
         except OSError:
             continue
-        answered += 1
         for family in text_string_to_metric_families(text):
-            if family.name + "_total" != GENERATION_REQUESTS and family.name != GENERATION_REQUESTS:
-                continue
             for sample in family.samples:
                 if sample.name == GENERATION_REQUESTS and sample.labels.get("generation") == generation:
                     outcome = sample.labels.get("outcome", "")
                     totals[outcome] = totals.get(outcome, 0.0) + sample.value
-    return totals, answered
+    return totals

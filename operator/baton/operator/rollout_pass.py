@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from baton.api.units import parse_duration
 from baton.operator import events, rollout, status
-from baton.render.naming import LABEL_GENERATION
+from baton.render.naming import LABEL_GENERATION, LABEL_TIER
 
 if TYPE_CHECKING:
     from baton.operator.reconciler import Reconciler
@@ -89,7 +89,7 @@ class RolloutPass:
         wanted = {"prefill": self.spec.prefill.desired_replicas(), "decode": self.spec.decode.desired_replicas()}
         if gen != self.derived.generation:
             wanted = {t: _replicas(tiers.get(t), wanted[t]) for t in wanted}
-        return all(status._workload_settled(tiers.get(t), n) for t, n in wanted.items())
+        return all(status.workload_settled(tiers.get(t), n) for t, n in wanted.items())
 
     def _ref(self, gen: str, fingerprints: tuple[str, str]) -> dict[str, str]:
         return {"generation": gen, "prefillFingerprint": fingerprints[0], "decodeFingerprint": fingerprints[1]}
@@ -108,7 +108,7 @@ class RolloutPass:
     def _scheduler_addresses(self) -> list[str]:
         pods = self._pods()
         return sorted(f"{p['status']['podIP']}:{self.spec.scheduler.port}" for p in pods
-                      if (p.get("metadata", {}).get("labels") or {}).get("baton.dev/tier") == "scheduler"
+                      if (p.get("metadata", {}).get("labels") or {}).get(LABEL_TIER) == "scheduler"
                       and p.get("status", {}).get("podIP"))
 
     def _error_rate_problem(self, gen: str) -> str:
@@ -116,7 +116,7 @@ class RolloutPass:
         threshold = self.spec.rollout.error_rate_threshold_percent
         if threshold >= 100:
             return ""
-        outcomes, _ = rollout.generation_outcomes(self._scheduler_addresses(), gen)
+        outcomes = rollout.generation_outcomes(self._scheduler_addresses(), gen)
         failed = int(outcomes.get("failed", 0))
         total = failed + int(outcomes.get("completed", 0))
         self.ro["errorRate"] = {"generation": gen, "failed": failed, "total": total}
@@ -321,7 +321,7 @@ class RolloutPass:
         return ok
 
     def _tier_settled(self, sts: dict | None, replicas: int) -> bool:
-        return status._workload_settled(sts, replicas) if replicas else True
+        return status.workload_settled(sts, replicas) if replicas else True
 
     def advance_pairwise(self, rollback_requested: bool) -> None:
         """PairwiseSwap: surge one replica per tier, probe, serve both, then grow new / shrink old."""
@@ -414,7 +414,7 @@ class RolloutPass:
 
         children = render_generation(self.target, self.derived)
         for child in children:
-            tier = (child["metadata"].get("labels") or {}).get("baton.dev/tier")
+            tier = (child["metadata"].get("labels") or {}).get(LABEL_TIER)
             if child["kind"] == "StatefulSet" and tier in counts:
                 child["spec"]["replicas"] = counts[tier]
         failure = self.r._apply_all(children, self.ns, self.changed, prefix=f"new generation {gen}: ")

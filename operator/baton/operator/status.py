@@ -59,7 +59,7 @@ def tier_status(sts: dict[str, Any] | None, desired: int, fingerprint: str, sele
     }
 
 
-def _workload_settled(obj: dict[str, Any] | None, desired: int) -> bool:
+def workload_settled(obj: dict[str, Any] | None, desired: int) -> bool:
     if obj is None:
         return False
     meta, status = obj.get("metadata", {}), obj.get("status", {})
@@ -108,9 +108,9 @@ def compute(
     prefill = tier_status(observed.prefill, desired_prefill, fingerprints[0], selectors[0])
     decode = tier_status(observed.decode, desired_decode, fingerprints[1], selectors[1])
     settled = {
-        "prefill": _workload_settled(observed.prefill, desired_prefill),
-        "decode": _workload_settled(observed.decode, desired_decode),
-        "scheduler": _workload_settled(observed.scheduler, desired_scheduler),
+        "prefill": workload_settled(observed.prefill, desired_prefill),
+        "decode": workload_settled(observed.decode, desired_decode),
+        "scheduler": workload_settled(observed.scheduler, desired_scheduler),
     }
     waiting = [name for name, ok in settled.items() if not ok]
     if observed.problem:

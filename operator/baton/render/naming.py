@@ -50,6 +50,11 @@ def child_name(target: Target, component: str) -> str:
     return f"{target.name}-{component}"
 
 
+def label_selector(labels: dict[str, str]) -> str:
+    """A label selector string (`k=v,k=v`, sorted) for equality-matching `labels`."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
 def selector_labels(target: Target, component: str) -> dict[str, str]:
     """Immutable selector labels (a StatefulSet's selector can never change)."""
     return {LABEL_MODEL: target.name, LABEL_TIER: component}
