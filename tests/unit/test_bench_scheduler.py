@@ -196,7 +196,7 @@ def test_markdown_and_text_reports():
 def test_reading_notes_follow_the_measurements():
     results = _results()
     notes = " ".join(sb._reading_notes(results, sb.FULL))
-    assert "bare aiohttp pass-through proxy spent 0.70 ms" in notes and "its own work" in notes
+    assert "bare pass-through proxy on the same HTTP layer spent 0.70 ms" in notes and "its own work" in notes
     assert "below what that HTTP stack costs" not in notes  # 0.7 ms is under the 1 ms target
     assert "not sustained" not in notes
     results["ref_local"]["proxy_cpu_ms_per_request"] = 2.5

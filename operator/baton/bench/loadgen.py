@@ -259,7 +259,7 @@ class _Conn(asyncio.Protocol):
                 if end < 0:
                     return
                 del buf[:end + 2]
-                if end == 0:  # the empty line after the last chunk (aiohttp sends no trailers)
+                if end == 0:  # the empty line after the last chunk (the servers measured send no trailers)
                     self._finish()
                     return
             else:

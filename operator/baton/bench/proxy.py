@@ -1,12 +1,13 @@
-"""A bare aiohttp pass-through proxy: the CPU floor of any aiohttp-based router on the machine.
+"""A bare pass-through proxy on the scheduler's own HTTP layer: the CPU floor of a router built on it.
 
-    python -m baton.bench.proxy UPSTREAM_HOST:PORT
+    python -m baton.bench.proxy UPSTREAM_HOST:PORT [FLUSH_INTERVAL_MS]
 
 It serves POST /v1/completions and /v1/chat/completions on 127.0.0.1 (a free port, printed as
-`listening on http://127.0.0.1:PORT`) and forwards each request body unchanged to the upstream engine with
-one pooled aiohttp ClientSession (as the scheduler does), relaying the answer chunk by chunk. No parsing, no
-routing, no metrics, no logs. `baton bench scheduler` sends it the same requests as the scheduler, so the
-difference in CPU time per request is what the scheduler's own work costs.
+`listening on http://127.0.0.1:PORT`) and forwards each request body unchanged to the upstream engine
+with `baton.http1` (the scheduler's server and client), splicing the answer into the client's connection
+with the scheduler's own `StreamRelay` (same flush interval, default 1 ms). No parsing, no routing, no
+admission, no metrics, no logs. `baton bench scheduler` sends it the same requests as the scheduler, so
+the difference in CPU time per request is what the scheduler's own work costs.
 """
 
 from __future__ import annotations
@@ -14,57 +15,51 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
 
-import aiohttp
-from aiohttp import web
+from baton.http1.client import HttpClient
+from baton.http1.server import AnyResponse, HttpServer, PushResponse, Request, Response
+from baton.scheduler.relay import StreamRelay
 
 
-async def serve(upstream: str) -> None:
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
-                                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=600))
-    base = f"http://{upstream}"
+async def serve(upstream: str, interval_ms: float) -> None:
+    host, _, port_text = upstream.rpartition(":")
+    port = int(port_text)
+    client = HttpClient(connect_timeout=5, read_timeout=600)
 
-    async def forward(request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        headers = {"Content-Type": "application/json", "X-Request-Id": request.headers.get("X-Request-Id", "")}
-        async with session.post(base + request.path, data=raw, headers=headers) as upstream_resp:
-            resp = web.StreamResponse(status=upstream_resp.status)
-            resp.headers["Content-Type"] = upstream_resp.headers.get("Content-Type", "application/json")
-            await resp.prepare(request)
-            async for chunk in upstream_resp.content.iter_any():
-                await resp.write(chunk)
-            await resp.write_eof()
-            return resp
+    async def forward(request: Request) -> AnyResponse:
+        headers = {"Content-Type": "application/json", "X-Request-Id": request.headers.get("X-Request-Id") or ""}
+        resp = await client.open("POST", host, port, request.path, request.body, headers)
+        if resp.status != 200 or not resp.content_type.startswith("text/event-stream"):
+            return Response(resp.status, await resp.read(), resp.content_type)
+        first = await resp.first()
+        relay = StreamRelay(resp, first, upstream, interval_ms / 1000.0, time.monotonic,
+                            on_broken=lambda exc: str(exc), on_finish=lambda outcome, r: None)
+        return PushResponse(relay, 200, resp.content_type)
 
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_post("/v1/completions", forward)
-    app.router.add_post("/v1/chat/completions", forward)
-    app.router.add_get("/healthz", lambda _r: _ok())
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
-    print(f"listening on http://127.0.0.1:{port}", flush=True)
+    async def ok(request: Request) -> AnyResponse:
+        return Response(200, b"ok", "text/plain")
+
+    server = HttpServer()
+    server.route("POST", "/v1/completions", forward)
+    server.route("POST", "/v1/chat/completions", forward)
+    server.route("GET", "/healthz", ok)
+    await server.start("127.0.0.1", 0)
+    print(f"listening on http://127.0.0.1:{server.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await runner.cleanup()
-    await session.close()
-
-
-async def _ok() -> web.Response:
-    return web.Response(text="ok")
+    await server.stop(5)
+    await client.close()
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
-        print("usage: python -m baton.bench.proxy UPSTREAM_HOST:PORT", file=sys.stderr)
+    if len(sys.argv) not in (2, 3):
+        print("usage: python -m baton.bench.proxy UPSTREAM_HOST:PORT [FLUSH_INTERVAL_MS]", file=sys.stderr)
         return 2
-    asyncio.run(serve(sys.argv[1]))
+    asyncio.run(serve(sys.argv[1], float(sys.argv[2]) if len(sys.argv) == 3 else 1.0))
     return 0
 
 

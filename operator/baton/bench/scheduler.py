@@ -4,8 +4,8 @@
                           [--rate R] [--overload-sim-speed X] [--keep-logs]
 
 Everything runs on 127.0.0.1 as separate processes: `baton engine-sim` replicas (a decode and a prefill
-worker), `baton scheduler` processes in front of them, a bare aiohttp proxy for reference
-(`baton.bench.proxy`), and the load generator (`baton.bench.loadgen`) in a process of its own, so that
+worker), `baton scheduler` processes in front of them, a bare pass-through proxy on the scheduler's own
+HTTP layer for reference (`baton.bench.proxy`), and the load generator (`baton.bench.loadgen`) in a process of its own, so that
 each one's CPU time can be read separately from /proc/<pid>/stat.
 
 Part 1, engines at `--sim-speed 0` (no modelled GPU time: whatever latency remains is HTTP and Python):
@@ -764,7 +764,7 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
                        o["added_ms"]["p99"], "ms", None, f"paired p99 {fmt_value(o['paired_ms']['p99'], 'ms')}"),
                 Metric(f"{key}_cpu", f"scheduler CPU per request, {route} route @ {s.ref_rate:g} req/s (reference)",
                        o["sched_cpu_ms_per_request"], "ms", None,
-                       f"bare aiohttp proxy, same requests: {fmt_value(o['proxy_cpu_ms_per_request'], 'ms')}"
+                       f"bare proxy, same requests: {fmt_value(o['proxy_cpu_ms_per_request'], 'ms')}"
                        if o.get("proxy_cpu_ms_per_request") is not None else ""),
             ]
     metrics = [m.evaluate() for m in metrics]
@@ -883,8 +883,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{s.throughput_seconds:g} s. The load generator and the engines share the machine's CPUs with the "
         "scheduler, so this is what one scheduler process reached here, not its ceiling; 1000 / (CPU ms per "
         "request) is what a dedicated core would give.",
-        "- The bare aiohttp proxy (`baton.bench.proxy`) forwards the same requests with the same client and server "
-        "library but does nothing else: the CPU floor of an aiohttp router on this machine.",
+        "- The bare proxy (`baton.bench.proxy`) forwards the same requests with the scheduler's own HTTP server, "
+        "client and stream relay (`baton.http1`, `StreamRelay`, same flush interval) but does nothing else: the "
+        "CPU floor of a router built on that layer on this machine.",
         f"- Overload: capacity probed with open-loop rates doubling from 10 req/s until at least 20% get 429; then "
         f"{s.light_fraction:g}x and 2x that capacity, requests as in part 1 (`max_tokens` capped at "
         f"{s.max_tokens_cap}).",
@@ -900,7 +901,7 @@ def _reading_notes(r: dict[str, Any], s: Settings) -> list[str]:
     proxy, sched = ref.get("proxy_cpu_ms_per_request"), ref.get("sched_cpu_ms_per_request")
     if proxy and sched:
         notes.append(
-            f"Reading these numbers: at {s.ref_rate:g} req/s a bare aiohttp pass-through proxy spent "
+            f"Reading these numbers: at {s.ref_rate:g} req/s a bare pass-through proxy on the same HTTP layer spent "
             f"{fmt_value(proxy, 'ms')} of CPU per request on the same requests, the scheduler "
             f"{fmt_value(sched, 'ms')}: its own work (parsing, routing, admission, metrics, logs) was "
             f"{fmt_value(sched - proxy, 'ms')}, the rest is the HTTP server and client it is built on, per request "

@@ -44,6 +44,11 @@ class Endpoint:
     def url(self) -> str:
         return f"http://{self.address}"
 
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.address.rpartition(":")
+        return host.strip("[]"), int(port)
+
 
 def format_address(ip: str, port: int) -> str:
     try:

@@ -1,7 +1,7 @@
 """Engine clients: how the scheduler talks to one engine replica.
 
 `EngineClient` is the interface the request flow uses; `TrtllmServeClient` implements it for
-trtllm-serve workers (and Baton's engine simulator) over HTTP with one pooled aiohttp session.
+trtllm-serve workers (and Baton's engine simulator) over HTTP with `baton.http1`'s keep-alive pools.
 Requests are sent as ready-made JSON bytes (the service serializes each body once), and responses are
 either read whole (`post`) or streamed (`open`). `classify_failure` decides what a failed call means:
 a KV-format mismatch (never retried onto the same pair), a retryable replica failure (connection error,
@@ -20,11 +20,10 @@ import base64
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-import aiohttp
-
+from baton.http1.client import HttpClient
 from baton.scheduler.endpoints import Endpoint
 from baton.tokens import chat_prompt_text, is_token_ids
 
@@ -90,12 +89,22 @@ def _error_message(text: str) -> str:
 
 
 class EngineResponse(Protocol):
+    """An engine's answer whose status is known and whose body is read whole (`read`), or awaited for its
+    first bytes (`first`) and then pushed to callbacks (`relay`); `release` is called once either way."""
+
     status: int
     content_type: str
 
     async def read(self) -> bytes: ...
 
-    def chunks(self) -> AsyncIterator[bytes]: ...
+    async def first(self) -> bytes: ...
+
+    def relay(self, on_data: Callable[[bytes], None], on_end: Callable[[], None],
+              on_error: Callable[[Exception], None]) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
 
     def release(self) -> None: ...
 
@@ -114,81 +123,108 @@ class EngineClient(Protocol):
     async def close(self) -> None: ...
 
 
-class _AiohttpResponse:
-    __slots__ = ("_resp", "status", "content_type")
+class IteratedResponse:
+    """An `EngineResponse` over an async iterator of body pieces (Triton's streams, complete answers):
+    `relay` pumps the iterator from a task."""
 
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self._resp = resp
-        self.status = resp.status
-        self.content_type = resp.headers.get("Content-Type", "application/json")
+    def __init__(self, status: int, chunks: AsyncIterator[bytes], content_type: str,
+                 on_release: Callable[[], None] | None = None) -> None:
+        self.status = status
+        self.content_type = content_type
+        self._chunks = chunks.__aiter__()
+        self._on_release = on_release
+        self._task: asyncio.Task[None] | None = None
+        self._running = asyncio.Event()
+        self._running.set()
 
     async def read(self) -> bytes:
         try:
-            return await self._resp.read()
+            return b"".join([chunk async for chunk in self._chunks])
         finally:
-            self._resp.release()
+            self.release()
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        return self._resp.content.iter_any()  # aiohttp's own iterator: no extra generator hop per chunk
+    async def first(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return b""
+
+    def relay(self, on_data: Callable[[bytes], None], on_end: Callable[[], None],
+              on_error: Callable[[Exception], None]) -> None:
+        async def pump() -> None:
+            try:
+                async for chunk in self._chunks:
+                    on_data(chunk)
+                    if not self._running.is_set():
+                        await self._running.wait()
+            except asyncio.CancelledError:
+                raise
+            except (asyncio.TimeoutError, OSError) as exc:
+                on_error(exc)
+                return
+            on_end()
+
+        self._task = asyncio.get_running_loop().create_task(pump())
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
 
     def release(self) -> None:
-        if self._resp.content.at_eof():
-            self._resp.release()  # fully read: the connection goes back to the pool
-        else:
-            self._resp.close()  # abandoned mid-body: drop the connection
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+        on_release, self._on_release = self._on_release, None
+        if on_release is not None:
+            on_release()
+
+
+def _static(status: int, body: bytes, content_type: str = "application/json") -> IteratedResponse:
+    """An answer that is already complete (an error before the first token)."""
+
+    async def once() -> AsyncIterator[bytes]:
+        yield body
+
+    return IteratedResponse(status, once(), content_type)
 
 
 class TrtllmServeClient:
-    """trtllm-serve's OpenAI HTTP API; one ClientSession and connection pool for all replicas."""
+    """trtllm-serve's OpenAI HTTP API over `baton.http1`'s keep-alive pools (one client for all replicas)."""
 
     def __init__(self, read_timeout: float = 600.0, connect_timeout: float = 5.0) -> None:
-        self.read_timeout = read_timeout
-        self.connect_timeout = connect_timeout
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=60)
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
-            )
-        return self._session
+        self.http = HttpClient(connect_timeout=connect_timeout, read_timeout=read_timeout)
 
     @staticmethod
     def _headers(request_id: str) -> dict[str, str]:
         return {"Content-Type": "application/json", "X-Request-Id": request_id}
 
     async def post(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> tuple[int, bytes, str]:
+        host, port = endpoint.host_port
         try:
-            async with self.session.post(endpoint.url + path, data=body, headers=self._headers(request_id)) as resp:
-                data = await resp.read()
-                return resp.status, data, resp.headers.get("Content-Type", "application/json")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            status, headers, data = await self.http.request("POST", host, port, path, body, self._headers(request_id))
+        except OSError as exc:  # ConnectionError, TimeoutError
             raise EngineFailure(endpoint, f"{type(exc).__name__}: {exc}", kind="connection") from exc
+        return status, data, headers.get("content-type", "application/json")
 
     async def open(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> EngineResponse:
+        host, port = endpoint.host_port
         try:
-            resp = await self.session.post(endpoint.url + path, data=body, headers=self._headers(request_id))
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return await self.http.open("POST", host, port, path, body, self._headers(request_id))
+        except OSError as exc:
             raise EngineFailure(endpoint, f"{type(exc).__name__}: {exc}", kind="connection") from exc
-        return _AiohttpResponse(resp)
 
     async def health(self, endpoint: Endpoint, timeout: float) -> bool:
+        host, port = endpoint.host_port
         try:
-            async with self.session.get(
-                endpoint.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp:
-                await resp.read()
-                return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            status, _, _ = await self.http.request("GET", host, port, "/health", timeout=timeout)
+        except OSError:
             return False
+        return status == 200
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        await self.http.close()
 
 
 # ---------------------------------------------------------------------------------------------- Triton
@@ -414,33 +450,13 @@ class _TritonCall:
         return handle
 
 
-class _StaticResponse:
-    """An answer that is already complete (an error before the first token)."""
-
-    __slots__ = ("status", "content_type", "_body")
-
-    def __init__(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-        self.status = status
-        self.content_type = content_type
-        self._body = body
-
-    async def read(self) -> bytes:
-        return self._body
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        yield self._body
-
-    def release(self) -> None:
-        pass
-
-
 class _TritonStream:
     """A streamed generation: Triton responses -> OpenAI SSE events, ending with `[DONE]` as trtllm-serve does.
     A transport failure mid-stream surfaces as ConnectionError (an OSError), which the relay treats as a
-    broken engine stream."""
+    broken engine stream. `response()` wraps it as an `EngineResponse`."""
 
-    status = 200
-    content_type = "text/event-stream"
+    def response(self) -> IteratedResponse:
+        return IteratedResponse(200, self.chunks(), "text/event-stream", self.release)
 
     def __init__(self, call: _TritonCall, responses: Any, first: Any, read_timeout: float) -> None:
         self._call = call
@@ -448,9 +464,6 @@ class _TritonStream:
         self._first = first
         self._timeout = read_timeout
         self._done = False
-
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
 
     async def chunks(self) -> AsyncIterator[bytes]:
         call = self._call
@@ -604,16 +617,16 @@ class TritonClient:
         try:
             call = _TritonCall(body, path, request_id)
         except _BadRequest as exc:
-            return _StaticResponse(400, _error_json(str(exc), 400, "BadRequestError"))
+            return _static(400, _error_json(str(exc), 400, "BadRequestError"))
         if call.kind == "context_only":
             status, data, ctype = await self._context(endpoint, call)
-            return _StaticResponse(status, data, ctype)
+            return _static(status, data, ctype)
         responses, first = await self._start_stream(endpoint, call, streaming=True)
         if first is not None and first[1] is not None:  # failed before the first token: an ordinary error
             _cancel(responses)
             status, data = triton_error(first[1].message(), first[1].status())
-            return _StaticResponse(status, data)
-        return _TritonStream(call, responses, first, self.read_timeout)
+            return _static(status, data)
+        return _TritonStream(call, responses, first, self.read_timeout).response()
 
     async def health(self, endpoint: Endpoint, timeout: float) -> bool:
         try:

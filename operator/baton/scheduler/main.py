@@ -17,11 +17,11 @@ import sys
 import time
 from typing import Any
 
-from aiohttp import web
-
 from baton.scheduler.config import ConfigError, ConfigWatcher, load_config
 
 log = logging.getLogger("baton.scheduler")
+
+SHUTDOWN_GRACE_S = 30.0  # in-flight requests get this long to finish on SIGTERM
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, help="attempts per request including the first")
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 8000; 0 = pick a free one)")
+    p.add_argument("--stream-flush-interval-ms", type=float,
+                   help="gather streamed tokens arriving sooner than this after the last write (default 1; 0 = off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="kv", choices=["kv", "json"], help="key=value lines or JSON lines")
     return p
@@ -75,6 +77,7 @@ FLAG_PATHS = {
     "max_attempts": "retries.maxAttempts",
     "host": "server.host",
     "port": "server.port",
+    "stream_flush_interval_ms": "server.streamFlushIntervalMs",
 }
 
 
@@ -93,9 +96,60 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _timestamp(record: logging.LogRecord, _cache: list[Any] = [-1, ""]) -> str:  # noqa: B006 - per-second cache
+    second = int(record.created)
+    if second != _cache[0]:
+        _cache[0], _cache[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_cache[1]}.{int(record.msecs):03d}Z"
+
+
+class _BatchedStderrHandler(logging.Handler):
+    """Writes log lines to stderr in batches: one write per FLUSH_S (or per 256 lines) instead of one per
+    request line; warnings and errors, and lines logged outside the event loop, are written at once."""
+
+    FLUSH_S = 0.1
+    MAX_LINES = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING or len(self.lines) >= self.MAX_LINES:
+            self.flush()
+        elif self.timer is None:
+            try:
+                self.timer = asyncio.get_running_loop().call_later(self.FLUSH_S, self.flush)
+            except RuntimeError:  # no event loop: nothing would flush later
+                self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr] - a Handler always has its lock
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            if self.lines:
+                lines, self.lines = self.lines, []
+                try:
+                    sys.stderr.write("\n".join(lines) + "\n")
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
+
+
 class _KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        ts = _timestamp(record)
         line = f"ts={ts} level={record.levelname.lower()} logger={record.name} {record.getMessage()}"
         if record.exc_info:
             line += " exc=" + repr(self.formatException(record.exc_info))
@@ -107,7 +161,7 @@ class _JsonFormatter(logging.Formatter):
         import json
         import shlex
 
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        ts = _timestamp(record)
         data: dict[str, Any] = {"ts": ts, "level": record.levelname.lower(), "logger": record.name}
         message = record.getMessage()
         try:
@@ -125,7 +179,7 @@ class _JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _BatchedStderrHandler()
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _KeyValueFormatter())
     root = logging.getLogger("baton")
     root.handlers[:] = [handler]
@@ -134,7 +188,7 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from baton.scheduler.server import build_app
+    from baton.scheduler.server import build_server
     from baton.scheduler.service import SchedulerService
 
     overrides = overrides_from_args(args)
@@ -151,19 +205,17 @@ async def serve(args: argparse.Namespace) -> int:
             on_error=lambda _msg: service.hooks.config_reload("rejected"),
         )
         watcher.prime()
-    app = build_app(service, watcher)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024, reuse_address=True)
+    server = build_server(service)
+    await service.start()
     try:
-        await site.start()
+        await server.start(config.server.host, config.server.port)
     except OSError as exc:
         print(f"baton scheduler: cannot listen on {config.server.host}:{config.server.port}: {exc}", file=sys.stderr)
-        await runner.cleanup()
+        await service.stop()
         return 1
-    sockets = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
-    port = sockets[0][1] if sockets else config.server.port
-    log.info("event=listening url=http://%s:%d model=%s", config.server.host, port, config.model)
+    if watcher is not None:
+        watcher.start()
+    log.info("event=listening url=http://%s:%d model=%s", config.server.host, server.port, config.model)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -173,7 +225,10 @@ async def serve(args: argparse.Namespace) -> int:
             pass
     await stop.wait()
     log.info("event=shutting_down")
-    await runner.cleanup()
+    await server.stop(SHUTDOWN_GRACE_S)
+    if watcher is not None:
+        await watcher.stop()
+    await service.stop()
     return 0
 
 

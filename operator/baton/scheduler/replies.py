@@ -1,7 +1,9 @@
 """What the scheduler answers: reply objects the HTTP layer writes, its own errors, and header names.
 
 `Reply` is a complete answer; `StreamReply` wraps an async iterator of SSE bytes whose `finally` block
-does the request's accounting, so the HTTP layer must exhaust or close it. `SchedulerError` is an
+does the request's accounting, so the HTTP layer must exhaust or close it; `RelayReply` carries a push
+producer (`baton.http1.server.Producer`) that splices an engine's stream into the client's connection and
+does the accounting when it ends or is aborted. `SchedulerError` is an
 error the scheduler itself produces, rendered in the OpenAI error shape.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 HDR_REQUEST_ID = "X-Request-Id"
 HDR_ROUTE = "X-Baton-Route"
@@ -39,6 +42,20 @@ class StreamReply:
     content_type: str = "text/event-stream"
     headers: dict[str, str] = field(default_factory=dict)
     status: int = 200
+
+
+@dataclass
+class RelayReply:
+    """A streamed answer pushed by `producer` (start / pause / resume / abort); the HTTP layer starts it
+    once the status line is written and aborts it if the client goes away."""
+
+    producer: Any
+    content_type: str = "text/event-stream"
+    headers: dict[str, str] = field(default_factory=dict)
+    status: int = 200
+
+
+AnyReply = Reply | StreamReply | RelayReply
 
 
 class SchedulerError(Exception):

@@ -27,8 +27,6 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import aiohttp
-
 from baton.scheduler.admission import (
     LatencyWindow,
     QueueTimeout,
@@ -39,25 +37,41 @@ from baton.scheduler.admission import (
 )
 from baton.scheduler.config import SchedulerConfig
 from baton.scheduler.endpoints import DECODE, PREFILL, Endpoint, make_discovery
-from baton.scheduler.engines import EngineClient, EngineFailure, classify_failure, make_engine_client
+from baton.scheduler.engines import (
+    EngineClient,
+    EngineFailure,
+    classify_failure,
+    make_engine_client,
+)
 from baton.scheduler.holds import Hold, HoldStore, make_hold_store
 from baton.scheduler.metrics import ROUTE_UNROUTED, PrometheusHooks, SchedulerHooks
-from baton.scheduler.placement import ReplicaState, build_rings, make_policy, pick_decode
+from baton.scheduler.placement import (
+    ReplicaState,
+    build_rings,
+    make_policy,
+    pick_decode,
+)
+from baton.scheduler.relay import StreamRelay
 from baton.scheduler.replies import (
-    STREAM_ERROR,
-    STREAM_ERROR_COMPACT,
     HDR_DECODE,
     HDR_ERROR,
     HDR_PREFILL,
     HDR_REQUEST_ID,
     HDR_ROUTE,
+    AnyReply,
+    RelayReply,
     Reply,
     SchedulerError,
     StreamReply,
     error_body,
-    sse_error,
 )
-from baton.scheduler.requests import CHAT, ParsedRequest, RequestError, parse_context_answer, parse_request
+from baton.scheduler.requests import (
+    CHAT,
+    ParsedRequest,
+    RequestError,
+    parse_context_answer,
+    parse_request,
+)
 from baton.scheduler.routing import Band, Decision, LoadView, Route, classify, decide
 
 log = logging.getLogger("baton.scheduler")
@@ -555,7 +569,7 @@ class SchedulerService:
                                             "owned_by": "baton"}]}
         return Reply(200, json.dumps(body).encode())
 
-    async def complete(self, api: str, raw: bytes, headers: Mapping[str, str]) -> Reply | StreamReply:
+    async def complete(self, api: str, raw: bytes, headers: Mapping[str, str]) -> AnyReply:
         """Serve one /v1/completions or /v1/chat/completions request."""
         ctx = _Ctx(headers.get(HDR_REQUEST_ID) or uuid.uuid4().hex, api, self.clock())
         try:
@@ -576,7 +590,7 @@ class SchedulerService:
         ctx.reason = decision.reason
         return decision
 
-    async def _run(self, ctx: _Ctx) -> Reply | StreamReply:
+    async def _run(self, ctx: _Ctx) -> AnyReply:
         max_attempts = self.config.retries.max_attempts
         while True:
             ctx.attempt += 1
@@ -614,7 +628,7 @@ class SchedulerService:
                 ))
 
     # ------------------------------------------------------------------------------ local route
-    async def _serve_local(self, ctx: _Ctx) -> Reply | StreamReply:
+    async def _serve_local(self, ctx: _Ctx) -> AnyReply:
         req = ctx.req
         assert req is not None
         if not any(r.healthy and r.address not in ctx.excluded for r in self.decode.values()):
@@ -629,7 +643,7 @@ class SchedulerService:
         return await self._generate(ctx, lease, req.local_body())
 
     # ------------------------------------------------------------------------------ disaggregated route
-    async def _serve_disaggregated(self, ctx: _Ctx) -> Reply | StreamReply:
+    async def _serve_disaggregated(self, ctx: _Ctx) -> AnyReply:
         req = ctx.req
         assert req is not None
         while True:
@@ -756,7 +770,7 @@ class SchedulerService:
 
     # ------------------------------------------------------------------------------ generation + relay
     async def _generate(self, ctx: _Ctx, lease: _DecodeLease, body: bytes, handoff: bool = False
-                        ) -> Reply | StreamReply:
+                        ) -> AnyReply:
         req = ctx.req
         assert req is not None
         replica = lease.replica
@@ -780,20 +794,23 @@ class SchedulerService:
                 return self._finish_ok(ctx, Reply(status, data, ctype, ctx.headers()))
             resp = await self.engine.open(replica.endpoint, req.path, body, ctx.rid)
             if resp.status != 200:
-                data = await resp.read()
+                try:
+                    data = await resp.read()
+                except (asyncio.TimeoutError, OSError) as exc:
+                    raise EngineFailure(replica.endpoint, f"{type(exc).__name__}: {exc}", kind="connection") from exc
                 failure = classify_failure(replica.endpoint, resp.status, data)
                 if failure is not None:
                     raise failure
                 lease.release()
                 return self._finish_passthrough(ctx, resp.status, data, resp.content_type)
-            chunks = resp.chunks().__aiter__()
             try:
-                first = await chunks.__anext__()
-            except StopAsyncIteration:
-                first = b""
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                first = await resp.first()
+            except (asyncio.TimeoutError, OSError) as exc:
                 resp.release()
                 raise EngineFailure(replica.endpoint, f"{type(exc).__name__}: {exc}", kind="connection") from exc
+            except BaseException:
+                resp.release()
+                raise
         except EngineFailure as failure:
             lease.release()
             self._engine_failed(failure, replica)
@@ -806,62 +823,40 @@ class SchedulerService:
         except BaseException:
             lease.release()
             raise
-        t_first = self.clock()
         lease.first_token()
         self._engine_ok(replica)
+        t_first = self.clock()
         self.hooks.first_token(ctx.route, t_first - ctx.t0)
         if handoff:
             self.hooks.kv_transfer(t_first - t_dispatch, "handoff")
-        headers = ctx.headers()
-        return StreamReply(self._relay(ctx, lease, resp, chunks, first, t_first), resp.content_type, headers)
+        relay = StreamRelay(
+            resp, first, replica.address, self.config.server.stream_flush_interval_ms / 1000.0, self.clock,
+            on_broken=lambda exc: self._stream_broken(ctx, replica, exc),
+            on_finish=lambda outcome, r: self._stream_finished(ctx, lease, outcome, r),
+        )
+        return RelayReply(relay, resp.content_type, ctx.headers())
 
-    async def _relay(self, ctx: _Ctx, lease: _DecodeLease, resp: Any, chunks: AsyncIterator[bytes],
-                     first: bytes, t_first: float) -> AsyncIterator[bytes]:
-        events = first.count(b"data:")
-        done = b"[DONE]" in first
-        errored = STREAM_ERROR in first or STREAM_ERROR_COMPACT in first
-        t_last = t_first
-        outcome = "cancelled"
-        try:
-            yield first
-            try:
-                async for chunk in chunks:
-                    events += chunk.count(b"data:")
-                    if b"[DONE]" in chunk:
-                        done = True
-                    if STREAM_ERROR in chunk or STREAM_ERROR_COMPACT in chunk:
-                        errored = True
-                    t_last = self.clock()
-                    yield chunk
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                failure = EngineFailure(lease.replica.endpoint, f"{type(exc).__name__}: {exc}", kind="connection")
-                self._engine_failed(failure, lease.replica)
-                outcome = "failed"
-                log.error("event=stream_broken request_id=%s endpoint=%s error=%r", ctx.rid,
-                          lease.replica.address, failure.message)
-                yield sse_error(f"decode replica {lease.replica.address} failed mid-stream: {failure.message}",
-                                "engine_error", "stream_interrupted")
-                return
-            if not done:
-                outcome = "failed"
-                log.error("event=stream_truncated request_id=%s endpoint=%s", ctx.rid, lease.replica.address)
-                yield sse_error(f"decode replica {lease.replica.address} ended the stream before [DONE]",
-                                "engine_error", "stream_interrupted")
-                return
-            if errored:  # the engine reported an error inside the stream (already relayed to the client)
-                outcome = "failed"
-                log.error("event=stream_error request_id=%s endpoint=%s", ctx.rid, lease.replica.address)
-                return
-            outcome = "completed"
-            tokens = events - 1  # minus the [DONE] event
+    def _stream_broken(self, ctx: _Ctx, replica: ReplicaState, exc: Exception) -> str:
+        failure = EngineFailure(replica.endpoint, f"{type(exc).__name__}: {exc}", kind="connection")
+        self._engine_failed(failure, replica)
+        log.error("event=stream_broken request_id=%s endpoint=%s error=%r", ctx.rid, replica.address, failure.message)
+        return failure.message
+
+    def _stream_finished(self, ctx: _Ctx, lease: _DecodeLease, outcome: str, relay: StreamRelay) -> None:
+        lease.release()
+        if outcome == "truncated":
+            log.error("event=stream_truncated request_id=%s endpoint=%s", ctx.rid, lease.replica.address)
+            outcome = "failed"
+        elif outcome == "engine_error":  # reported inside the stream (already relayed to the client)
+            log.error("event=stream_error request_id=%s endpoint=%s", ctx.rid, lease.replica.address)
+            outcome = "failed"
+        elif outcome == "completed":
+            tokens = relay.events - 1  # minus the [DONE] event
             if tokens >= 2:
-                tpot = (t_last - t_first) / (tokens - 1)
+                tpot = (relay.t_last - relay.t_first) / (tokens - 1)
                 self.hooks.tpot(ctx.route, tpot)
                 self.tpot_window.record(tpot)
-        finally:
-            resp.release()
-            lease.release()
-            self._account(ctx, outcome, 200)
+        self._account(ctx, outcome, 200)
 
     # ------------------------------------------------------------------------------ endings
     def _serving_generation(self) -> str:
@@ -904,7 +899,7 @@ class SchedulerService:
             headers["Retry-After"] = str(exc.retry_after)
         return Reply(exc.status, error_body(exc.message, exc.err_type, exc.code), "application/json", headers)
 
-    def _finish_from_context(self, ctx: _Ctx, answer: dict[str, Any]) -> Reply | StreamReply:
+    def _finish_from_context(self, ctx: _Ctx, answer: dict[str, Any]) -> AnyReply:
         """The prefill already finished the request (e.g. EOS on the first token): answer from it."""
         req = ctx.req
         assert req is not None

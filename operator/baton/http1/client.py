@@ -1,0 +1,461 @@
+"""Keep-alive HTTP/1.1 client on an asyncio protocol.
+
+`HttpClient.request` returns a whole answer. `HttpClient.open` returns a `ClientResponse` once the status
+line and headers have arrived; its body is then either read whole (`read`), or its first bytes awaited
+(`first`) and the rest pushed to callbacks from the socket's data callback (`relay`), which is how the
+scheduler relays a token stream without a coroutine switch per chunk. A relayed body can be paused and
+resumed (the client's connection applies backpressure through them).
+
+Every failure is an `OSError`: `ConnectionError` (refused, reset, closed early, unparseable answer) or
+`TimeoutError` (connect timeout, no bytes for `read_timeout` seconds, a request's own `timeout`).
+Idle connections expire after `keepalive_s` (below uvicorn's 5 s default, so a server never closes one
+under a request); a request that fails on a reused connection before any answer byte is sent once more
+on a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+DataCallback = Callable[[bytes], None]
+EndCallback = Callable[[], None]
+ErrorCallback = Callable[[Exception], None]
+
+SWEEP_INTERVAL_S = 1.0
+
+_IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _UNTIL_CLOSE, _DONE = range(8)
+
+
+class ProtocolError(ConnectionError):
+    """The server's answer is not HTTP/1.1 we understand."""
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, client: HttpClient, key: tuple[str, int]) -> None:
+        self.client = client
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.buf = bytearray()
+        self.state = _IDLE
+        self.last_active = 0.0
+        self.head_waiter: asyncio.Future[None] | None = None
+        self.got_bytes = False
+        self.keep = True
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.need = 0
+        # body delivery: collected until a consumer attaches, then pushed
+        self.parts: list[bytes] = []
+        self.body_waiter: asyncio.Future[None] | None = None  # first body bytes, or the end
+        self.on_data: DataCallback | None = None
+        self.on_end: EndCallback | None = None
+        self.on_error: ErrorCallback | None = None
+        self.error: Exception | None = None
+        self.paused = False
+
+    # ------------------------------------------------------------------ asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.client._forget(self)  # noqa: SLF001
+        if self.state == _UNTIL_CLOSE:
+            self._end()
+            return
+        if self.state not in (_IDLE, _DONE):
+            err: Exception = exc if isinstance(exc, OSError) else ConnectionResetError(
+                "the server closed the connection" + (" mid-answer" if self.got_bytes else " before answering"))
+            self._fail(err)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = self.client.loop.time()
+        if self.state in (_IDLE, _DONE):
+            self.keep = False  # bytes nobody asked for: the connection is not reused
+            if self.state == _IDLE:
+                self.close()
+            return
+        self.got_bytes = True
+        self.buf += data
+        try:
+            self._parse()
+        except (ValueError, IndexError, UnicodeDecodeError) as exc:
+            self.abort(ProtocolError(f"unparseable answer: {exc}"))
+
+    # ------------------------------------------------------------------ request
+    def send(self, head: bytes, body: bytes) -> asyncio.Future[None]:
+        assert self.transport is not None
+        loop = self.client.loop
+        self.head_waiter = loop.create_future()
+        self.body_waiter = None
+        self.buf.clear()
+        self.state = _HEAD
+        self.got_bytes = False
+        self.keep = True
+        self.status = 0
+        self.headers = {}
+        self.parts = []
+        self.on_data = self.on_end = self.on_error = None
+        self.error = None
+        self.last_active = loop.time()
+        if len(body) < 65536:
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+            self.transport.write(body)
+        return self.head_waiter
+
+    def abort(self, exc: Exception) -> None:
+        """Fail what is in progress with `exc` and drop the connection."""
+        if self.state not in (_IDLE, _DONE):
+            self._fail(exc)
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+            self.client._forget(self)  # noqa: SLF001
+
+    # ------------------------------------------------------------------ parsing
+    def _parse(self) -> None:
+        buf = self.buf
+        out: list[bytes] = []
+        ended = False
+        while True:
+            state = self.state
+            if state == _HEAD:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > 65536:
+                        raise ValueError("response head over 64 KiB")
+                    return
+                lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+                del buf[:end + 4]
+                parts = lines[0].split(" ", 2)
+                if not parts[0].startswith("HTTP/1.") or len(parts) < 2:
+                    raise ValueError(f"bad status line {lines[0][:80]!r}")
+                status = int(parts[1])
+                headers: dict[str, str] = {}
+                for line in lines[1:]:
+                    key, _, value = line.partition(":")
+                    headers[key.strip().lower()] = value.strip()
+                if 100 <= status < 200:
+                    continue  # 100 Continue and friends: the real answer follows
+                self.status = status
+                self.headers = headers
+                self.keep = headers.get("connection", "").lower() != "close" and parts[0] != "HTTP/1.0"
+                if headers.get("transfer-encoding", "").lower() == "chunked":
+                    self.state = _CHUNK_SIZE
+                elif "content-length" in headers:
+                    self.need = int(headers["content-length"])
+                    self.state = _LENGTH
+                    if self.need == 0:
+                        ended = True
+                else:
+                    self.keep = False
+                    self.state = _UNTIL_CLOSE
+                waiter = self.head_waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+                if ended:
+                    break
+            elif state == _LENGTH:
+                if not buf:
+                    break
+                take = min(len(buf), self.need)
+                out.append(bytes(buf[:take]))
+                del buf[:take]
+                self.need -= take
+                if self.need == 0:
+                    ended = True
+                break
+            elif state == _UNTIL_CLOSE:
+                if buf:
+                    out.append(bytes(buf))
+                    buf.clear()
+                break
+            elif state == _CHUNK_SIZE:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > 1024:
+                        raise ValueError("chunk size line too long")
+                    break
+                size = int(bytes(buf[:end]).split(b";", 1)[0], 16)
+                del buf[:end + 2]
+                if size == 0:
+                    self.state = _TRAILER
+                else:
+                    self.need = size
+                    self.state = _CHUNK_DATA
+            elif state == _CHUNK_DATA:
+                if len(buf) < self.need + 2:
+                    break
+                out.append(bytes(buf[:self.need]))
+                del buf[:self.need + 2]
+                self.state = _CHUNK_SIZE
+            elif state == _TRAILER:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    break
+                del buf[:end + 2]
+                if end == 0:
+                    ended = True
+                    break
+            else:
+                return
+        if out:
+            self._deliver(out[0] if len(out) == 1 else b"".join(out))
+        if ended:
+            self._end()
+
+    def _deliver(self, data: bytes) -> None:
+        if self.on_data is not None:
+            self.on_data(data)
+            return
+        self.parts.append(data)
+        waiter = self.body_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _end(self) -> None:
+        self.state = _DONE
+        if self.buf:
+            self.keep = False  # bytes after the answer: do not trust the connection
+        if self.on_end is not None:
+            on_end = self.on_end
+            self.on_data = self.on_end = self.on_error = None
+            on_end()
+            return
+        waiter = self.body_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: Exception) -> None:
+        self.state = _DONE
+        self.keep = False
+        self.error = exc
+        for waiter in (self.head_waiter, self.body_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+                waiter.exception()  # mark retrieved: nobody may be waiting any more
+        if self.on_error is not None:
+            on_error = self.on_error
+            self.on_data = self.on_end = self.on_error = None
+            on_error(exc)
+
+
+class ClientResponse:
+    """An answer whose status and headers have arrived; the body is read, awaited or relayed."""
+
+    __slots__ = ("_conn", "status", "headers", "content_type", "_released")
+
+    def __init__(self, conn: _Conn) -> None:
+        self._conn = conn
+        self.status = conn.status
+        self.headers = conn.headers
+        self.content_type = conn.headers.get("content-type", "application/json")
+        self._released = False
+
+    @property
+    def complete(self) -> bool:
+        return self._conn.state == _DONE and self._conn.error is None
+
+    async def read(self) -> bytes:
+        """The whole body (the connection then goes back to the pool)."""
+        conn = self._conn
+        try:
+            while conn.state != _DONE:
+                conn.body_waiter = conn.client.loop.create_future()
+                await conn.body_waiter
+            if conn.error is not None:
+                raise conn.error
+            return b"".join(conn.parts)
+        finally:
+            self.release()
+
+    async def first(self) -> bytes:
+        """The first body bytes that arrive (b"" when the body is empty); `relay` gets the rest."""
+        conn = self._conn
+        if not conn.parts and conn.state != _DONE:
+            conn.body_waiter = conn.client.loop.create_future()
+            try:
+                await conn.body_waiter
+            except BaseException:
+                self.release()
+                raise
+        if conn.error is not None and not conn.parts:
+            raise conn.error
+        data = b"".join(conn.parts)
+        conn.parts = []
+        return data
+
+    def relay(self, on_data: DataCallback, on_end: EndCallback, on_error: ErrorCallback) -> None:
+        """Push the rest of the body: `on_data` per socket read, then `on_end` or `on_error` exactly once."""
+        conn = self._conn
+        early = b"".join(conn.parts)
+        conn.parts = []
+        if early:
+            on_data(early)
+        if conn.state == _DONE:
+            if conn.error is not None:
+                on_error(conn.error)
+            else:
+                on_end()
+            return
+        conn.on_data, conn.on_end, conn.on_error = on_data, on_end, on_error
+
+    def pause(self) -> None:
+        conn = self._conn
+        if not conn.paused and not conn.closed and conn.transport is not None:
+            conn.paused = True
+            conn.transport.pause_reading()
+
+    def resume(self) -> None:
+        conn = self._conn
+        if conn.paused and not conn.closed and conn.transport is not None:
+            conn.paused = False
+            conn.transport.resume_reading()
+
+    def release(self) -> None:
+        """Done with the answer: a fully read connection is reused, any other is closed."""
+        if self._released:
+            return
+        self._released = True
+        conn = self._conn
+        conn.on_data = conn.on_end = conn.on_error = None
+        if conn.paused:
+            self.resume()
+        if conn.state == _DONE and conn.error is None and conn.keep and not conn.closed:
+            conn.client._idle(conn)  # noqa: SLF001
+        else:
+            conn.state = _DONE
+            conn.close()
+
+
+class HttpClient:
+    def __init__(self, *, connect_timeout: float = 5.0, read_timeout: float = 600.0,
+                 keepalive_s: float = 4.0) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.keepalive_s = keepalive_s
+        self.idle: dict[tuple[str, int], list[tuple[float, _Conn]]] = {}
+        self.busy: set[_Conn] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ pool
+    def _idle(self, conn: _Conn) -> None:
+        self.busy.discard(conn)
+        conn.state = _IDLE
+        self.idle.setdefault(conn.key, []).append((self.loop.time(), conn))
+
+    def _forget(self, conn: _Conn) -> None:
+        self.busy.discard(conn)
+
+    def _take(self, key: tuple[str, int]) -> _Conn | None:
+        stack = self.idle.get(key)
+        now = self.loop.time()
+        while stack:
+            since, conn = stack.pop()
+            if not conn.closed and now - since < self.keepalive_s:
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self, key: tuple[str, int]) -> _Conn:
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(lambda: _Conn(self, key), key[0], key[1]), self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"connect to {key[0]}:{key[1]} timed out after {self.connect_timeout:g}s") from None
+        return conn
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for key, stack in list(self.idle.items()):
+            keep = []
+            for since, c in stack:
+                if not c.closed and now - since < self.keepalive_s:
+                    keep.append((since, c))
+                else:
+                    c.close()
+            if keep:
+                self.idle[key] = keep
+            else:
+                del self.idle[key]
+        for conn in list(self.busy):
+            if not conn.paused and now - conn.last_active > self.read_timeout:
+                conn.abort(TimeoutError(f"no answer bytes from {conn.key[0]}:{conn.key[1]} for "
+                                        f"{self.read_timeout:g}s"))
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep) if (self.idle or self.busy) else None
+
+    # ------------------------------------------------------------------ requests
+    async def open(self, method: str, host: str, port: int, path: str, body: bytes = b"",
+                   headers: dict[str, str] | None = None, timeout: float | None = None) -> ClientResponse:
+        """Send a request and return once the answer's status and headers are in."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        key = (host, port)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()) if headers else ""
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+                ).encode("latin-1")
+        conn = self._take(key)
+        reused = conn is not None
+        for attempt in (0, 1):
+            if conn is None:
+                conn = await self._connect(key)
+            self.busy.add(conn)
+            if self._sweeper is None:
+                self._sweeper = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep)
+            timer = None
+            if timeout is not None:
+                timer = self.loop.call_later(timeout, conn.abort, TimeoutError(
+                    f"{method} {host}:{port}{path} got no answer within {timeout:g}s"))
+            try:
+                await conn.send(head, body)
+            except ConnectionError:
+                if attempt == 0 and reused and not conn.got_bytes:
+                    conn.close()
+                    conn = None  # the server dropped an idle connection as we used it: once more, fresh
+                    continue
+                conn.close()
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            return ClientResponse(conn)
+        raise ConnectionResetError("unreachable")  # pragma: no cover
+
+    async def request(self, method: str, host: str, port: int, path: str, body: bytes = b"",
+                      headers: dict[str, str] | None = None, timeout: float | None = None
+                      ) -> tuple[int, dict[str, str], bytes]:
+        """Send a request and return `(status, headers, body)`."""
+        if timeout is None:
+            resp = await self.open(method, host, port, path, body, headers)
+            return resp.status, resp.headers, await resp.read()
+        async with asyncio.timeout(timeout):
+            resp = await self.open(method, host, port, path, body, headers)
+            return resp.status, resp.headers, await resp.read()
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for stack in self.idle.values():
+            for _, conn in stack:
+                conn.close()
+        self.idle.clear()
+        for conn in list(self.busy):
+            conn.abort(ConnectionAbortedError("client closed"))
+        self.busy.clear()
+        with contextlib.suppress(Exception):
+            await asyncio.sleep(0)

@@ -1,0 +1,141 @@
+"""Relaying an engine's token stream to the client: `StreamRelay`, a `baton.http1` push producer.
+
+The engine connection's data callback hands each piece straight on to the client's connection (no
+coroutine, no copy of the stream), counting SSE events and watching for `[DONE]` and trtllm-serve's
+in-stream error events on the way. Pieces that arrive sooner than `interval_s` after the last write to
+the client are held and written together when the interval is up, and the engine connection is not read
+meanwhile, so a fast stream costs one read and one write per interval instead of one per token; the
+first piece and the end of the stream are never held. The client's write backpressure pauses reading
+the engine. Exactly one ending (the stream's end, its failure, the client going away) calls `on_finish`.
+
+Endings passed to `on_finish(outcome, relay)`: "completed"; "engine_error" (an error event inside the
+stream, relayed as is); "truncated" (the engine ended the stream before `[DONE]`; an error event is
+appended); "failed" (the engine connection broke; `on_broken` names the failure for the error event
+appended); "cancelled" (the client went away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from baton.scheduler.replies import STREAM_ERROR, STREAM_ERROR_COMPACT, sse_error
+
+
+class StreamRelay:
+    __slots__ = ("resp", "first", "address", "interval", "clock", "on_broken", "on_finish", "t_first", "t_last",
+                 "events", "tail", "done", "errored", "sink", "finished", "flushed_at", "held", "timer", "loop",
+                 "backpressured")
+
+    def __init__(self, resp: Any, first: bytes, address: str, interval_s: float, clock: Callable[[], float], *,
+                 on_broken: Callable[[Exception], str], on_finish: Callable[[str, StreamRelay], None]) -> None:
+        self.resp = resp  # baton.scheduler.engines.EngineResponse
+        self.first = first
+        self.address = address  # the engine replica, for error events
+        self.interval = interval_s
+        self.clock = clock
+        self.on_broken = on_broken
+        self.on_finish = on_finish
+        self.t_first = self.t_last = clock()
+        self.events = 0  # SSE events seen ("data:" lines)
+        self.tail = b""  # the end of the previous piece, so markers split across pieces are still seen
+        self.done = False
+        self.errored = False
+        self.sink: Any = None
+        self.finished = False
+        self.loop = asyncio.get_running_loop()
+        self.flushed_at = 0.0  # loop time of the last write to the client
+        self.held: list[bytes] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.backpressured = False
+
+    # ------------------------------------------------------------------ producer interface
+    def start(self, sink: Any) -> None:
+        self.sink = sink
+        first, self.first = self.first, b""
+        self._scan(first)
+        sink.write(first)
+        self.flushed_at = self.loop.time()
+        self.resp.relay(self._data, self._end, self._error)
+
+    def pause(self) -> None:
+        """The client's connection is full: stop reading the engine."""
+        self.backpressured = True
+        self.resp.pause()
+
+    def resume(self) -> None:
+        self.backpressured = False
+        if self.timer is None:
+            self.resp.resume()
+
+    def abort(self) -> None:
+        """The client went away."""
+        self._take_held()
+        self._finish("cancelled")
+
+    # ------------------------------------------------------------------ engine callbacks
+    def _scan(self, chunk: bytes) -> None:
+        self.events += chunk.count(b"data:")
+        window = self.tail + chunk if self.tail else chunk
+        if b"[DONE]" in window:
+            self.done = True
+        if STREAM_ERROR in window or STREAM_ERROR_COMPACT in window:
+            self.errored = True
+        self.tail = chunk[-24:]
+
+    def _data(self, chunk: bytes) -> None:
+        self._scan(chunk)
+        self.t_last = self.clock()
+        if self.held:
+            self.held.append(chunk)
+            return
+        now = self.loop.time()
+        due = self.flushed_at + self.interval
+        if now >= due:
+            self.flushed_at = now
+            self.sink.write(chunk)
+            return
+        self.held.append(chunk)
+        self.timer = self.loop.call_at(due, self._flush)
+        self.resp.pause()  # what the engine sends meanwhile waits in the socket: one read per interval
+
+    def _flush(self) -> None:
+        self.timer = None
+        held, self.held = self.held, []
+        if held and not self.finished:
+            self.flushed_at = self.loop.time()
+            self.sink.write(held[0] if len(held) == 1 else b"".join(held))
+        if not self.backpressured and not self.finished:
+            self.resp.resume()
+
+    def _take_held(self) -> bytes:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        held, self.held = self.held, []
+        return b"".join(held)
+
+    def _end(self) -> None:
+        held = self._take_held()
+        if not self.done:
+            self.sink.end(held + sse_error(f"decode replica {self.address} ended the stream before [DONE]",
+                                           "engine_error", "stream_interrupted"))
+            self._finish("truncated")
+            return
+        self.sink.end(held)
+        self._finish("engine_error" if self.errored else "completed")
+
+    def _error(self, exc: Exception) -> None:
+        held = self._take_held()
+        message = self.on_broken(exc)
+        self.sink.end(held + sse_error(f"decode replica {self.address} failed mid-stream: {message}",
+                                       "engine_error", "stream_interrupted"))
+        self._finish("failed")
+
+    def _finish(self, outcome: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.resp.release()
+        self.on_finish(outcome, self)

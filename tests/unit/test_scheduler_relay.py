@@ -1,0 +1,176 @@
+"""StreamRelay: what reaches the client, when, and how a relayed stream ends (pure logic, a real event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from baton.scheduler.relay import StreamRelay
+
+DONE = b"data: [DONE]\n\n"
+
+
+def event(i: int) -> bytes:
+    return b'data: {"choices": [{"text": "t%d"}]}\n\n' % i
+
+
+class FakeEngineResponse:
+    """The engine side: records reading state and hands the relay's callbacks to the test."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.released = False
+        self.on_data = self.on_end = self.on_error = None
+
+    def relay(self, on_data, on_end, on_error) -> None:
+        self.on_data, self.on_end, self.on_error = on_data, on_end, on_error
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def release(self) -> None:
+        self.released = True
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.writes: list[tuple[float, bytes]] = []
+        self.ended: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        self.writes.append((time.monotonic(), data))
+
+    def end(self, data: bytes = b"") -> None:
+        assert self.ended is None, "end() called twice"
+        self.ended = data
+
+    def body(self) -> bytes:
+        return b"".join(d for _, d in self.writes) + (self.ended or b"")
+
+
+def make(interval_s: float, first: bytes = b""):
+    resp, sink, endings = FakeEngineResponse(), FakeSink(), []
+    relay = StreamRelay(resp, first or event(0), "127.0.0.9:8000", interval_s, time.monotonic,
+                        on_broken=lambda exc: f"{type(exc).__name__}: {exc}",
+                        on_finish=lambda outcome, r: endings.append((outcome, r.events)))
+    relay.start(sink)
+    return relay, resp, sink, endings
+
+
+def test_first_token_goes_out_at_once_and_fast_tokens_are_gathered_into_one_write():
+    async def scenario():
+        relay, resp, sink, endings = make(0.05)
+        assert [d for _, d in sink.writes] == [event(0)]  # the first token is never held
+        resp.on_data(event(1))
+        resp.on_data(event(2))
+        assert len(sink.writes) == 1 and resp.paused  # held, and the engine is not read meanwhile
+        await asyncio.sleep(0.08)
+        assert [d for _, d in sink.writes] == [event(0), event(1) + event(2)]
+        assert not resp.paused
+        resp.on_data(event(3) + DONE)  # within the next interval: held ...
+        resp.on_end()  # ... but the end of the stream flushes it at once
+        assert sink.ended == event(3) + DONE
+        assert endings == [("completed", 5)] and resp.released
+        await asyncio.sleep(0.08)
+        assert sink.body() == b"".join(event(i) for i in range(4)) + DONE  # nothing written twice
+
+    asyncio.run(scenario())
+
+
+def test_tokens_slower_than_the_interval_are_never_held():
+    async def scenario():
+        relay, resp, sink, endings = make(0.01)
+        for i in range(1, 4):
+            await asyncio.sleep(0.02)
+            resp.on_data(event(i))
+            assert sink.writes[-1][1] == event(i) and not resp.paused
+        await asyncio.sleep(0.02)
+        resp.on_data(DONE)  # arrives long after the last write: out at once
+        resp.on_end()
+        assert [d for _, d in sink.writes] == [event(i) for i in range(4)] + [DONE] and sink.ended == b""
+        assert endings == [("completed", 5)]
+
+    asyncio.run(scenario())
+
+
+def test_interval_zero_writes_every_piece_as_it_arrives():
+    async def scenario():
+        relay, resp, sink, endings = make(0.0)
+        for i in range(1, 6):
+            resp.on_data(event(i))
+        assert len(sink.writes) == 6 and not resp.paused
+
+    asyncio.run(scenario())
+
+
+def test_client_backpressure_keeps_the_engine_paused_across_a_flush():
+    async def scenario():
+        relay, resp, sink, endings = make(0.02)
+        resp.on_data(event(1))  # held, engine paused by the relay
+        relay.pause()  # the client's connection is full
+        await asyncio.sleep(0.05)
+        assert sink.writes[-1][1] == event(1)  # the held token went out ...
+        assert resp.paused  # ... but the engine stays paused until the client drains
+        relay.resume()
+        assert not resp.paused
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("ending", ["truncated", "broken"])
+def test_a_stream_that_ends_badly_gets_an_error_event_after_what_was_held(ending):
+    async def scenario():
+        relay, resp, sink, endings = make(0.05)
+        resp.on_data(event(1))
+        if ending == "truncated":
+            resp.on_end()
+        else:
+            resp.on_error(ConnectionResetError("peer reset"))
+        assert sink.ended is not None and sink.ended.startswith(event(1))
+        assert b'"code": "stream_interrupted"' in sink.ended and b"127.0.0.9:8000" in sink.ended
+        if ending == "broken":
+            assert b"ConnectionResetError: peer reset" in sink.ended
+        assert endings == [("truncated" if ending == "truncated" else "failed", 2)] and resp.released
+
+    asyncio.run(scenario())
+
+
+def test_an_error_event_from_the_engine_is_relayed_and_counted_as_an_engine_error():
+    async def scenario():
+        relay, resp, sink, endings = make(0.0)
+        resp.on_data(b'data: {"object": "error", "message": "boom"}\n\n' + DONE)
+        resp.on_end()
+        assert endings and endings[0][0] == "engine_error"
+        assert b"boom" in sink.body()
+
+    asyncio.run(scenario())
+
+
+def test_done_split_across_two_reads_is_still_seen():
+    async def scenario():
+        relay, resp, sink, endings = make(0.0)
+        resp.on_data(b"data: [DO")
+        resp.on_data(b"NE]\n\n")
+        resp.on_end()
+        assert endings[0][0] == "completed"
+
+    asyncio.run(scenario())
+
+
+def test_client_going_away_drops_held_tokens_and_ends_once():
+    async def scenario():
+        relay, resp, sink, endings = make(0.05)
+        resp.on_data(event(1))
+        relay.abort()
+        await asyncio.sleep(0.08)
+        assert [d for _, d in sink.writes] == [event(0)]  # the held token was not written to a dead client
+        assert endings == [("cancelled", 2)] and resp.released
+        relay.abort()
+        assert len(endings) == 1
+
+    asyncio.run(scenario())
