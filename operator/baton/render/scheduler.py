@@ -59,7 +59,7 @@ def scheduler_config(target: Target) -> dict[str, Any]:
             "redisUrl": s.degradation.redis_url,
         },
         "heartbeatSeconds": parse_duration(s.heartbeat_interval),
-        "server": {"host": "0.0.0.0", "port": s.port},
+        "server": {"host": "0.0.0.0", "port": s.port, "streamFlushIntervalMs": s.stream_flush_interval_ms},
     }
 
 
