@@ -55,6 +55,7 @@ class _Conn(asyncio.Protocol):
         self.on_error: ErrorCallback | None = None
         self.error: Exception | None = None
         self.paused = False
+        self.method = ""
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -63,8 +64,8 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.client._forget(self)  # noqa: SLF001
-        if self.state == _UNTIL_CLOSE:
-            self._end()
+        if self.state == _UNTIL_CLOSE and exc is None:
+            self._end()  # the body is delimited by the server closing the connection
             return
         if self.state not in (_IDLE, _DONE):
             err: Exception = exc if isinstance(exc, OSError) else ConnectionResetError(
@@ -86,8 +87,9 @@ class _Conn(asyncio.Protocol):
             self.abort(ProtocolError(f"unparseable answer: {exc}"))
 
     # ------------------------------------------------------------------ request
-    def send(self, head: bytes, body: bytes) -> asyncio.Future[None]:
+    def send(self, method: str, head: bytes, body: bytes) -> asyncio.Future[None]:
         assert self.transport is not None
+        self.method = method
         loop = self.client.loop
         self.head_waiter = loop.create_future()
         self.body_waiter = None
@@ -151,6 +153,10 @@ class _Conn(asyncio.Protocol):
                 self.keep = headers.get("connection", "").lower() != "close" and parts[0] != "HTTP/1.0"
                 if headers.get("transfer-encoding", "").lower() == "chunked":
                     self.state = _CHUNK_SIZE
+                elif status in (204, 304) or self.method == "HEAD":
+                    self.need = 0
+                    self.state = _LENGTH
+                    ended = True  # no body, whatever the headers say
                 elif "content-length" in headers:
                     self.need = int(headers["content-length"])
                     self.state = _LENGTH
@@ -252,7 +258,7 @@ class _Conn(asyncio.Protocol):
 class ClientResponse:
     """An answer whose status and headers have arrived; the body is read, awaited or relayed."""
 
-    __slots__ = ("_conn", "status", "headers", "content_type", "_released")
+    __slots__ = ("_conn", "status", "headers", "content_type", "_released", "_complete")
 
     def __init__(self, conn: _Conn) -> None:
         self._conn = conn
@@ -260,9 +266,13 @@ class ClientResponse:
         self.headers = conn.headers
         self.content_type = conn.headers.get("content-type", "application/json")
         self._released = False
+        self._complete = False
 
     @property
     def complete(self) -> bool:
+        """The whole body has arrived (and nothing failed)."""
+        if self._released:
+            return self._complete
         return self._conn.state == _DONE and self._conn.error is None
 
     async def read(self) -> bytes:
@@ -327,6 +337,7 @@ class ClientResponse:
             return
         self._released = True
         conn = self._conn
+        self._complete = conn.state == _DONE and conn.error is None
         conn.on_data = conn.on_end = conn.on_error = None
         if conn.paused:
             self.resume()
@@ -347,6 +358,7 @@ class HttpClient:
         self.busy: set[_Conn] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.closed = False
 
     # ------------------------------------------------------------------ pool
     def _idle(self, conn: _Conn) -> None:
@@ -398,6 +410,8 @@ class HttpClient:
     async def open(self, method: str, host: str, port: int, path: str, body: bytes = b"",
                    headers: dict[str, str] | None = None, timeout: float | None = None) -> ClientResponse:
         """Send a request and return once the answer's status and headers are in."""
+        if self.closed:
+            raise ConnectionAbortedError("the HTTP client is closed")
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         key = (host, port)
@@ -410,6 +424,9 @@ class HttpClient:
         for attempt in (0, 1):
             if conn is None:
                 conn = await self._connect(key)
+                if self.closed:
+                    conn.close()
+                    raise ConnectionAbortedError("the HTTP client is closed")
             self.busy.add(conn)
             if self._sweeper is None:
                 self._sweeper = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep)
@@ -418,9 +435,9 @@ class HttpClient:
                 timer = self.loop.call_later(timeout, conn.abort, TimeoutError(
                     f"{method} {host}:{port}{path} got no answer within {timeout:g}s"))
             try:
-                await conn.send(head, body)
+                await conn.send(method, head, body)
             except ConnectionError:
-                if attempt == 0 and reused and not conn.got_bytes:
+                if attempt == 0 and reused and not conn.got_bytes and not self.closed:
                     conn.close()
                     conn = None  # the server dropped an idle connection as we used it: once more, fresh
                     continue
@@ -447,6 +464,7 @@ class HttpClient:
             return resp.status, resp.headers, await resp.read()
 
     async def close(self) -> None:
+        self.closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -48,16 +48,17 @@ class Headers(dict):  # type: ignore[type-arg]
 
 
 class Request:
-    __slots__ = ("method", "path", "query", "version", "headers", "body")
+    __slots__ = ("method", "path", "query", "version", "headers", "body", "keep_alive")
 
     def __init__(self, method: str, path: str, query: str, version: str, headers: Headers,
-                 body: bytes) -> None:
+                 body: bytes, keep_alive: bool = True) -> None:
         self.method = method
         self.path = path
         self.query = query
         self.version = version
         self.headers = headers  # a repeated header keeps its last value
         self.body = body
+        self.keep_alive = keep_alive  # the client allows another request on this connection
 
 
 class Response:
@@ -138,15 +139,20 @@ class _Date:
         return cls.value
 
 
-def _head(status: int, content_type: str, headers: dict[str, str] | None, length: int | None, keep: bool) -> bytes:
+def _head(status: int, content_type: str, headers: dict[str, str] | None, length: int | None, keep: bool,
+          version: str = "HTTP/1.1") -> bytes:
+    """A response head; `length` None means a streamed body (chunked for HTTP/1.1, delimited by closing
+    the connection for HTTP/1.0)."""
     parts = [b"HTTP/1.1 %d %s\r\nServer: baton\r\nDate: %s\r\nContent-Type: %s\r\n"
              % (status, _REASONS.get(status, "Unknown").encode(), _Date.get(), content_type.encode())]
-    if length is None:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
-    else:
+    if length is not None:
         parts.append(b"Content-Length: %d\r\n" % length)
+    elif version != "HTTP/1.0":
+        parts.append(b"Transfer-Encoding: chunked\r\n")
     if not keep:
         parts.append(b"Connection: close\r\n")
+    elif version == "HTTP/1.0":
+        parts.append(b"Connection: keep-alive\r\n")
     if headers:
         for key, value in headers.items():
             parts.append(f"{key}: {value}\r\n".encode("latin-1"))
@@ -165,6 +171,16 @@ class _BadRequest(Exception):
         self.message = message
 
 
+class _Failure:
+    """An unparseable request, answered in its turn (after the requests before it), then the connection closes."""
+
+    __slots__ = ("status", "message")
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+
+
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER = range(5)
 
 
@@ -176,20 +192,22 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.state = _HEAD
-        self.pending: collections.deque[Request] = collections.deque()
+        self.pending: collections.deque[Request | _Failure] = collections.deque()
         self.task: asyncio.Task[None] | None = None
         self.closed = False
-        self.keep = True
         self.eof = False
         self.dead = False  # an unparseable request was seen: nothing more is read
+        self.continue_owed = False  # a 100 Continue to send once the answers before it are out
         self.paused_reading = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.producer: Producer | None = None
+        self.push_done: asyncio.Future[None] | None = None
         self.last_active = 0.0
         # request being parsed
         self._method = self._path = self._query = self._version = ""
         self._headers = Headers()
+        self._keep = True
         self._need = 0
         self._parts: list[bytes] = []
         self._size = 0
@@ -207,6 +225,8 @@ class _Connection(asyncio.Protocol):
         producer, self.producer = self.producer, None
         if producer is not None:
             producer.abort()
+        if self.push_done is not None and not self.push_done.done():
+            self.push_done.set_result(None)  # the sink is dead: the answer is over
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_exception(ConnectionResetError("client closed the connection"))
         if self.task is not None and not self.task.done() and self.server.cancel_on_disconnect:
@@ -237,6 +257,8 @@ class _Connection(asyncio.Protocol):
             self._fail(400, f"malformed request: {exc}")
 
     def eof_received(self) -> bool | None:
+        if self.server.cancel_on_disconnect:
+            return False  # a client that stops sending has gone away: close, and cancel what it asked for
         # the client half-closed: finish what it asked for, then close
         self.eof = True
         if self.task is None:
@@ -246,19 +268,22 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ parsing
     def _parse(self) -> None:
         buf = self.buf
-        while not self.closed:
+        while not self.closed and not self.dead:
             state = self.state
             if state == _HEAD:
+                while buf[:2] == b"\r\n":  # blank lines before a request line are ignored (RFC 9112 2.2)
+                    del buf[:2]
                 end = buf.find(b"\r\n\r\n")
                 if end < 0:
                     if len(buf) > MAX_HEAD_BYTES:
                         raise _BadRequest(431, "request header fields too large")
                     return
-                if end == 0:  # a stray empty line between requests
-                    del buf[:4]
-                    continue
+                if end > MAX_HEAD_BYTES:
+                    raise _BadRequest(431, "request header fields too large")
                 self._start(bytes(buf[:end]))
                 del buf[:end + 4]
+                if self.state == _HEAD:  # no body
+                    self._complete(b"")
             elif state == _BODY:
                 if len(buf) < self._need:
                     return
@@ -273,6 +298,8 @@ class _Connection(asyncio.Protocol):
                     return
                 size = int(bytes(buf[:end]).split(b";", 1)[0], 16)
                 del buf[:end + 2]
+                if size < 0:
+                    raise _BadRequest(400, "negative chunk size")
                 if size == 0:
                     self.state = _TRAILER
                 else:
@@ -315,10 +342,7 @@ class _Connection(asyncio.Protocol):
         self._method, self._path, self._query, self._version = method, path, query, version
         self._headers = headers
         conn = headers.get("connection", "").lower()
-        if version == "HTTP/1.0":
-            self.keep = self.keep and conn == "keep-alive"
-        elif conn == "close":
-            self.keep = False
+        self._keep = conn == "keep-alive" if version == "HTTP/1.0" else conn != "close"
         if headers.get("transfer-encoding", "").lower() == "chunked":
             self._parts = []
             self._size = 0
@@ -330,33 +354,40 @@ class _Connection(asyncio.Protocol):
             if length > self.server.max_body_bytes:
                 raise _BadRequest(413, f"request body exceeds {self.server.max_body_bytes} bytes")
             if length == 0:
-                self._complete(b"")
+                self.state = _HEAD
                 return
             self._need = length
             self.state = _BODY
-        if headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if headers.get("expect", "").lower() == "100-continue":
+            if self.task is None:
+                self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:
+                self.continue_owed = True  # not inside the answer being written: after it
 
     def _complete(self, body: bytes) -> None:
         self.state = _HEAD
-        request = Request(self._method, self._path, self._query, self._version, self._headers, body)
+        self._enqueue(Request(self._method, self._path, self._query, self._version, self._headers, body, self._keep))
+        if not self._keep:
+            self.dead = True  # the client said this is its last request: nothing after it is read
+
+    def _enqueue(self, item: Request | _Failure) -> None:
         if self.task is None:
-            self.task = self.server.loop.create_task(self._serve(request))
+            self.task = self.server.loop.create_task(self._serve(item))
         else:
-            self.pending.append(request)
+            self.pending.append(item)
             if len(self.pending) >= 16 and not self.paused_reading and self.transport is not None:
                 self.paused_reading = True
                 self.transport.pause_reading()
 
     def _fail(self, status: int, message: str) -> None:
-        """A request we cannot parse: answer it (after whatever is in progress) and close."""
-        self.keep = False
+        """A request we cannot parse: answered in its turn, then the connection closes."""
         self.dead = True
         self.buf.clear()
-        if self.task is None and self.transport is not None and not self.closed:
-            body = message.encode()
-            self.transport.write(_head(status, "text/plain; charset=utf-8", None, len(body), False) + body)
-            self._close()
+        self._enqueue(_Failure(status, message))
+
+    def _write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
 
     def _close(self) -> None:
         if not self.closed and self.transport is not None:
@@ -364,30 +395,42 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     # ------------------------------------------------------------------ answering
-    async def _serve(self, request: Request) -> None:
-        while True:
-            try:
-                await self._answer(request)
-            except Exception:  # a bug in a handler: answered 500 if nothing was sent yet
-                log.exception("request handler failed: %s %s", request.method, request.path)
-                self.keep = False
-            self.last_active = self.server.loop.time()
-            if self.closed:
-                break
-            if not self.keep:
-                self._close()
-                break
-            if not self.pending:
-                if self.eof:
+    async def _serve(self, item: Request | _Failure) -> None:
+        try:
+            while True:
+                keep = False
+                if isinstance(item, _Failure):
+                    body = item.message.encode()
+                    self._write(_head(item.status, "text/plain; charset=utf-8", None, len(body), False) + body)
+                else:
+                    try:
+                        keep = await self._answer(item)
+                    except Exception:  # a bug in a handler: answered 500 if nothing was sent yet
+                        log.exception("request handler failed: %s %s", item.method, item.path)
+                        keep = False
+                self.last_active = self.server.loop.time()
+                if self.closed:
+                    break
+                if not keep:
                     self._close()
-                break
-            request = self.pending.popleft()
-            if self.paused_reading and len(self.pending) < 8 and self.transport is not None:
-                self.paused_reading = False
-                self.transport.resume_reading()
-        self.task = None
+                    break
+                if not self.pending:
+                    if self.continue_owed:
+                        self.continue_owed = False
+                        self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    if self.eof:
+                        self._close()
+                    break
+                item = self.pending.popleft()
+                if self.paused_reading and len(self.pending) < 8 and self.transport is not None:
+                    self.paused_reading = False
+                    self.transport.resume_reading()
+        finally:
+            self.task = None
 
-    async def _answer(self, request: Request) -> None:
+    async def _answer(self, request: Request) -> bool:
+        """Answer one request; returns whether the connection may serve another."""
+        keep = request.keep_alive and not self.server.draining
         handler = self.server.routes.get((request.method, request.path))
         if handler is None:
             methods = [m for (m, p) in self.server.routes if p == request.path]
@@ -395,49 +438,51 @@ class _Connection(asyncio.Protocol):
             body = (f"{request.method} is not allowed on {request.path}" if methods
                     else f"no such path: {request.path}").encode()
             self._write_whole(Response(status, body, "text/plain; charset=utf-8",
-                                       {"Allow": ", ".join(methods)} if methods else None))
-            return
-        if self.server.draining:
-            self.keep = False
+                                       {"Allow": ", ".join(methods)} if methods else None), request, keep)
+            return keep
         try:
             response = await handler(request)
         except Exception:
             log.exception("request handler failed: %s %s", request.method, request.path)
-            self.keep = False
-            self._write_whole(Response(500, b"internal server error", "text/plain; charset=utf-8"))
-            return
+            self._write_whole(Response(500, b"internal server error", "text/plain; charset=utf-8"), request, False)
+            return False
+        keep = keep and not self.server.draining
         if isinstance(response, Response):
-            self._write_whole(response)
-        elif isinstance(response, PushResponse):
-            await self._push(response)
-        else:
-            await self._iterate(response)
+            self._write_whole(response, request, keep)
+            return keep
+        if request.version == "HTTP/1.0":
+            keep = False  # no chunked encoding: the body ends when the connection does
+        if isinstance(response, PushResponse):
+            return await self._push(response, request, keep)
+        return await self._iterate(response, request, keep)
 
-    def _write_whole(self, response: Response) -> None:
-        if self.closed or self.transport is None:
-            return
+    def _write_whole(self, response: Response, request: Request, keep: bool) -> None:
         body = response.body
-        self.transport.write(_head(response.status, response.content_type, response.headers, len(body), self.keep)
-                             + body)
+        self._write(_head(response.status, response.content_type, response.headers, len(body), keep,
+                          request.version) + body)
 
-    async def _iterate(self, response: StreamResponse) -> None:
+    async def _iterate(self, response: StreamResponse, request: Request, keep: bool) -> bool:
         chunks = response.chunks
+        chunked = request.version != "HTTP/1.0"
         try:
-            if self.closed or self.transport is None:
-                return
-            transport = self.transport
-            transport.write(_head(response.status, response.content_type, response.headers, None, self.keep))
+            if self.closed:
+                return False
+            self._write(_head(response.status, response.content_type, response.headers, None, keep,
+                              request.version))
             async for chunk in chunks:
                 if self.closed:
-                    return
+                    return False
                 if chunk:
-                    transport.write(_frame(chunk))
+                    self._write(_frame(chunk) if chunked else chunk)
                 if self.write_paused:
                     await self._drain()
-            if not self.closed:
-                transport.write(b"0\r\n\r\n")
+            if chunked:
+                self._write(b"0\r\n\r\n")
+            return keep
         except ConnectionError:
-            pass  # the client went away; closing the iterator below runs its accounting
+            if not self.closed:
+                raise  # the stream's own source failed: the answer is cut, and the connection closes
+            return False  # the client went away; closing the iterator below runs its accounting
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
@@ -452,14 +497,16 @@ class _Connection(asyncio.Protocol):
         finally:
             self.drain_waiter = None
 
-    async def _push(self, response: PushResponse) -> None:
+    async def _push(self, response: PushResponse, request: Request, keep: bool) -> bool:
         producer = response.producer
-        if self.closed or self.transport is None:
+        if self.closed:
             producer.abort()
-            return
+            return False
         done: asyncio.Future[None] = self.server.loop.create_future()
-        sink = _PushSink(self, done)
-        self.transport.write(_head(response.status, response.content_type, response.headers, None, self.keep))
+        self.push_done = done
+        sink = _PushSink(self, done, chunked=request.version != "HTTP/1.0")
+        self._write(_head(response.status, response.content_type, response.headers, None, keep, request.version))
+        paused_before = self.write_paused  # pause_writing tells the producer only of pauses from now on
         self.producer = producer
         try:
             try:
@@ -468,35 +515,37 @@ class _Connection(asyncio.Protocol):
                 self.producer = None
                 producer.abort()
                 raise
-            if self.write_paused and self.producer is not None:
+            if paused_before and self.write_paused and not done.done() and self.producer is not None:
                 producer.pause()
             await done
-        except ConnectionError:
-            pass
         finally:
             self.producer = None
+            self.push_done = None
+        return keep and not self.closed
 
 
 class _PushSink:
     """Where a producer writes; `end` finishes the response."""
 
-    __slots__ = ("conn", "done")
+    __slots__ = ("conn", "done", "chunked")
 
-    def __init__(self, conn: _Connection, done: asyncio.Future[None]) -> None:
+    def __init__(self, conn: _Connection, done: asyncio.Future[None], chunked: bool) -> None:
         self.conn = conn
         self.done = done
+        self.chunked = chunked
 
     def write(self, data: bytes) -> None:
-        conn = self.conn
-        if data and not conn.closed and conn.transport is not None:
-            conn.transport.write(_frame(data))
+        if data and not self.done.done():
+            self.conn._write(_frame(data) if self.chunked else data)  # noqa: SLF001
 
     def end(self, data: bytes = b"") -> None:
-        conn = self.conn
-        if not conn.closed and conn.transport is not None:
-            conn.transport.write((_frame(data) if data else b"") + b"0\r\n\r\n")
-        if not self.done.done():
-            self.done.set_result(None)
+        if self.done.done():
+            return
+        if self.chunked:
+            self.conn._write((_frame(data) if data else b"") + b"0\r\n\r\n")  # noqa: SLF001
+        elif data:
+            self.conn._write(data)  # noqa: SLF001
+        self.done.set_result(None)
 
 
 class HttpServer:
@@ -541,16 +590,17 @@ class HttpServer:
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
-            conn.keep = False
             if conn.task is None:
                 conn._close()  # noqa: SLF001
         deadline = time.monotonic() + grace_s
         while any(c.task is not None for c in self.connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
-            if conn.producer is not None:
-                conn.producer.abort()
-                conn.producer = None
+            producer, conn.producer = conn.producer, None
+            if producer is not None:
+                producer.abort()
+            if conn.push_done is not None and not conn.push_done.done():
+                conn.push_done.set_result(None)
             if conn.task is not None:
                 conn.task.cancel()
             conn._close()  # noqa: SLF001

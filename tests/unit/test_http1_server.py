@@ -1,0 +1,1373 @@
+"""baton.http1.server over real sockets on 127.0.0.1: raw bytes (exact framing, malformed input, pipelining),
+the http1 client, and the standard library's http.client/urllib as an independent client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import http.client
+import itertools
+import socket
+import struct
+import time
+import urllib.error
+import urllib.request
+
+import baton.http1.server as server_mod
+import pytest
+from baton.http1.client import HttpClient
+from baton.http1.server import (
+    Headers,
+    HttpServer,
+    PushResponse,
+    Request,
+    Response,
+    StreamResponse,
+    json_response,
+    text_response,
+)
+
+HOST = "127.0.0.1"
+
+
+def run(coro):
+    """Every scenario runs in a fresh loop with a hard ceiling, so a hang fails fast instead of at pytest-timeout."""
+    return asyncio.run(asyncio.wait_for(coro, 15))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+@contextlib.asynccontextmanager
+async def serving(routes=None, **kwargs):
+    server = HttpServer(**kwargs)
+    for (method, path), handler in (routes or {}).items():
+        server.route(method, path, handler)
+    await server.start(HOST, 0)
+    try:
+        yield server
+    finally:
+        await server.stop(grace_s=0.5)
+
+
+async def connect(port, rcvbuf=None):
+    if rcvbuf is None:
+        return await asyncio.open_connection(HOST, port)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (HOST, port))
+    return await asyncio.open_connection(sock=sock)
+
+
+def reset_on_close(writer):
+    """Make `writer.close()` send a TCP RST (an abortive close) instead of a FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def close(writer):
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+
+
+async def until(predicate, timeout=3.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+class Raw:
+    def __init__(self, status, reason, headers, body, chunks, head):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.chunks = chunks
+        self.head = head
+
+    def __repr__(self):
+        return f"Raw({self.status} {self.reason!r}, {self.headers!r}, {self.body[:200]!r})"
+
+
+async def read_head(reader, timeout=3.0):
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    lines = head[:-4].decode("latin-1").split("\r\n")
+    version, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+    assert version == "HTTP/1.1", lines[0]
+    headers = {}
+    for line in lines[1:]:
+        key, sep, value = line.partition(":")
+        assert sep, f"bad header line {line!r}"
+        headers[key.strip().lower()] = value.strip()
+    return int(status), reason, headers, head
+
+
+async def read_chunked(reader, timeout=3.0):
+    async def go():
+        chunks = []
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            size = int(line[:-2].split(b";")[0], 16)
+            if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass
+                return chunks
+            chunks.append(await reader.readexactly(size))
+            assert await reader.readexactly(2) == b"\r\n"
+
+    return await asyncio.wait_for(go(), timeout)
+
+
+async def read_response(reader, timeout=3.0):
+    status, reason, headers, head = await read_head(reader, timeout)
+    chunks = None
+    if headers.get("transfer-encoding") == "chunked":
+        chunks = await read_chunked(reader, timeout)
+        body = b"".join(chunks)
+    elif "content-length" in headers:
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), timeout)
+    else:
+        body = await asyncio.wait_for(reader.read(), timeout)
+    return Raw(status, reason, headers, body, chunks, head)
+
+
+async def expect_eof(reader, timeout=3.0):
+    rest = await asyncio.wait_for(reader.read(), timeout)
+    assert rest == b"", f"expected the server to close, got {rest[:200]!r}"
+
+
+def get(path, extra=""):
+    return f"GET {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode()
+
+
+def post(path, body, extra=""):
+    return f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+async def echo(request: Request) -> Response:
+    return Response(200, request.body, "application/octet-stream", {"X-Method": request.method})
+
+
+async def numbered(request: Request) -> Response:
+    return text_response(request.query)
+
+
+ROUTES = {("POST", "/echo"): echo, ("GET", "/n"): numbered}
+
+
+# ---------------------------------------------------------------------------------------------- basics
+def test_whole_response_status_headers_and_body():
+    async def hello(request):
+        return Response(201, b'{"a": 1}', headers={"X-Thing": "v1"})
+
+    async def main():
+        async with serving({("GET", "/hello"): hello}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/hello"))
+            resp = await read_response(reader)
+            assert resp.status == 201 and resp.reason == "Created"
+            assert resp.body == b'{"a": 1}'
+            assert resp.headers["content-length"] == "8"
+            assert resp.headers["content-type"] == "application/json"
+            assert resp.headers["x-thing"] == "v1"
+            assert resp.headers["server"] == "baton"
+            assert email.utils.parsedate_to_datetime(resp.headers["date"]).tzinfo is not None
+            assert "connection" not in resp.headers  # HTTP/1.1 default: keep-alive
+            assert "transfer-encoding" not in resp.headers
+            await close(writer)
+
+    run(main())
+
+
+def test_request_fields_reach_the_handler():
+    seen = []
+
+    async def capture(request):
+        seen.append(request)
+        return json_response(b"{}", 202, {"X-A": "b"})
+
+    async def main():
+        async with serving({("PUT", "/items/7"): capture}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"PUT /items/7?x=1&y=two HTTP/1.1\r\nHost: t\r\nX-Custom:   padded value  \r\n"
+                         b"X-Dup: first\r\nx-dup: second\r\nContent-Length: 5\r\n\r\nhello")
+            resp = await read_response(reader)
+            assert resp.status == 202 and resp.headers["x-a"] == "b" and resp.body == b"{}"
+            await close(writer)
+        (req,) = seen
+        assert (req.method, req.path, req.query, req.version) == ("PUT", "/items/7", "x=1&y=two", "HTTP/1.1")
+        assert req.body == b"hello"
+        assert req.headers.get("X-CUSTOM") == "padded value" and req.headers["x-custom"] == "padded value"
+        assert "X-Custom" in req.headers and "x-missing" not in req.headers
+        assert req.headers.get("x-missing", "dflt") == "dflt"
+        assert req.headers["X-Dup"] == "second"  # a repeated header keeps its last value
+
+    run(main())
+
+
+def test_headers_mapping_is_case_insensitive():
+    headers = Headers()
+    dict.__setitem__(headers, "content-type", "text/plain")
+    assert headers["Content-Type"] == "text/plain"
+    assert headers.get("CONTENT-TYPE") == "text/plain"
+    assert "Content-TYPE" in headers and "content-length" not in headers and 3 not in headers
+    assert headers.get("Nope") is None
+    with pytest.raises(KeyError):
+        headers["Nope"]
+
+
+def test_text_response_helper_sets_plain_text():
+    async def text(request):
+        return text_response("héllo", 418)
+
+    async def main():
+        async with serving({("GET", "/t"): text}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/t"))
+            resp = await read_response(reader)
+            assert resp.status == 418 and resp.reason == "I'm a Teapot"
+            assert resp.headers["content-type"] == "text/plain; charset=utf-8"
+            assert resp.body == "héllo".encode()
+            await close(writer)
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- keep-alive / pipelining
+def test_keep_alive_serves_several_requests_on_one_connection():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            for i in range(5):
+                writer.write(post("/echo", b"body-%d" % i))
+                resp = await read_response(reader)
+                assert resp.status == 200 and resp.body == b"body-%d" % i
+                assert "connection" not in resp.headers
+                assert len(server.connections) == 1  # the very same connection answered each time
+            await close(writer)
+
+    run(main())
+
+
+def test_pipelined_requests_are_answered_in_order():
+    async def slow_then_fast(request):
+        n = int(request.query)
+        for _ in range(40 - n):  # earlier requests take longer: answering out of order would show
+            await asyncio.sleep(0)
+        return text_response(str(n))
+
+    async def main():
+        async with serving({("GET", "/n"): slow_then_fast}) as server:
+            reader, writer = await connect(server.port)
+            # 40 requests in one write: more than the 16 after which the server stops reading for a while
+            writer.write(b"".join(get(f"/n?{i}") for i in range(40)))
+            got = [(await read_response(reader)).body for _ in range(40)]
+            assert got == [str(i).encode() for i in range(40)]
+            writer.write(get("/n?40"))  # reading was resumed
+            assert (await read_response(reader)).body == b"40"
+            await close(writer)
+
+    run(main())
+
+
+def test_pipelined_requests_with_bodies_fed_one_byte_at_a_time():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            stream = (post("/echo", b"first")
+                      + b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nsec\r\n3;x=y\r\nond\r\n0\r\n\r\n"
+                      + get("/n?third")
+                      + post("/echo", b""))
+            for i in range(len(stream)):
+                writer.write(stream[i:i + 1])
+                await writer.drain()
+                await asyncio.sleep(0)
+            bodies = [(await read_response(reader)).body for _ in range(4)]
+            assert bodies == [b"first", b"second", b"third", b""]
+            await close(writer)
+
+    run(main())
+
+
+def test_stray_blank_line_between_requests_is_ignored():
+    # RFC 9112 section 2.2: a server SHOULD ignore at least one empty line (CRLF) received before the request-line;
+    # some clients send an extra CRLF after a POST body
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            writer.write(post("/echo", b"abc") + b"\r\n")
+            first = await read_response(reader)
+            assert (first.status, first.body) == (200, b"abc")
+            writer.write(get("/n?2"))
+            second = await read_response(reader)
+            assert (second.status, second.body) == (200, b"2")
+            await close(writer)
+
+    run(main())
+
+
+def test_pipelined_connection_close_answers_that_request_then_closes():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/n?1") + get("/n?2", "Connection: close\r\n") + get("/n?3"))
+            first = await read_response(reader)
+            assert (first.status, first.body) == (200, b"1")
+            assert "connection" not in first.headers  # only the second request asked to close
+            second = await read_response(reader)
+            assert (second.status, second.body) == (200, b"2")
+            assert second.headers["connection"] == "close"
+            await expect_eof(reader)  # the third request, sent after "close", is not answered
+            await close(writer)
+
+    run(main())
+
+
+def test_pipelined_valid_requests_before_a_malformed_one_are_answered():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/n?1") + get("/n?2") + b"THIS IS NOT HTTP\r\n\r\n")
+            assert (await read_response(reader)).body == b"1"
+            assert (await read_response(reader)).body == b"2"
+            third = await read_response(reader)
+            assert third.status == 400
+            await expect_eof(reader)
+            await close(writer)
+
+    run(main())
+
+
+def test_malformed_request_behind_an_inflight_one_still_gets_its_400():
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request):
+        entered.set()
+        await release.wait()
+        return text_response("slow done")
+
+    async def main():
+        async with serving({("GET", "/slow"): slow}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/slow"))
+            await asyncio.wait_for(entered.wait(), 3)
+            writer.write(b"BROKEN\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # let the server read the broken request while /slow is in flight
+            release.set()
+            first = await read_response(reader)
+            assert (first.status, first.body) == (200, b"slow done")
+            second = await read_response(reader)
+            assert second.status == 400 and second.headers["connection"] == "close"
+            await expect_eof(reader)
+            await close(writer)
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- request bodies
+def test_chunked_request_body_split_across_writes():
+    seen = []
+
+    async def capture(request):
+        seen.append(request)
+        return Response(200, b"%d" % len(request.body))
+
+    async def main():
+        async with serving({("POST", "/up"): capture}) as server:
+            reader, writer = await connect(server.port)
+            pieces = [b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: Chunked\r\n\r\n",
+                      b"5\r\nhel", b"lo\r\n", b"1", b"0;name=value\r\n", b"0123456789abcdef\r", b"\n",
+                      b"0\r\nX-Trailer: yes\r\n", b"\r\n"]
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            resp = await read_response(reader)
+            assert resp.status == 200 and resp.body == b"21"
+            assert seen[0].body == b"hello0123456789abcdef"
+            writer.write(get("/up"))  # the connection is in a clean state after the trailer: next request parses
+            assert (await read_response(reader)).status == 405
+            await close(writer)
+
+    run(main())
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent():
+    calls = []
+
+    async def capture(request):
+        calls.append(request.body)
+        return Response(200, request.body)
+
+    async def main():
+        async with serving({("POST", "/up"): capture}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n")
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            assert calls == []  # the handler waits for the body
+            writer.write(b"hello world")
+            resp = await read_response(reader)
+            assert resp.status == 200 and resp.body == b"hello world"
+            # chunked bodies get the interim answer too
+            writer.write(b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-Continue\r\n\r\n")
+            assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"2\r\nok\r\n0\r\n\r\n")
+            assert (await read_response(reader)).body == b"ok"
+            await close(writer)
+
+    run(main())
+
+
+def test_expect_100_continue_for_an_oversized_body_gets_413_instead():
+    async def main():
+        async with serving(ROUTES, max_body_bytes=10) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"POST /echo HTTP/1.1\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n")
+            resp = await read_response(reader)
+            assert resp.status == 413 and resp.headers["connection"] == "close"
+            await expect_eof(reader)
+            await close(writer)
+
+    run(main())
+
+
+def test_interim_100_for_a_pipelined_request_does_not_land_inside_the_previous_answer():
+    go = asyncio.Event()
+
+    async def stream(request):
+        async def chunks():
+            yield b"first"
+            await go.wait()
+            yield b"second"
+
+        return StreamResponse(chunks())
+
+    async def main():
+        async with serving({("GET", "/stream"): stream, **ROUTES}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/stream") + b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+            status, _, headers, _ = await read_head(reader)
+            assert status == 200 and headers["transfer-encoding"] == "chunked"
+            go.set()
+            assert await read_chunked(reader) == [b"first", b"second"]
+            assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"abc")
+            assert (await read_response(reader)).body == b"abc"
+            await close(writer)
+
+    run(main())
+
+
+def test_body_at_the_limit_is_accepted():
+    async def main():
+        async with serving(ROUTES, max_body_bytes=100) as server:
+            reader, writer = await connect(server.port)
+            writer.write(post("/echo", b"x" * 100))
+            resp = await read_response(reader)
+            assert resp.status == 200 and resp.body == b"x" * 100
+            writer.write(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n32\r\n" + b"y" * 50
+                         + b"\r\n32\r\n" + b"z" * 50 + b"\r\n0\r\n\r\n")
+            resp = await read_response(reader)
+            assert resp.status == 200 and resp.body == b"y" * 50 + b"z" * 50
+            await close(writer)
+
+    run(main())
+
+
+def test_content_length_over_the_limit_is_413_and_the_connection_closes():
+    calls = []
+
+    async def capture(request):
+        calls.append(request)
+        return Response(200)
+
+    async def main():
+        async with serving({("POST", "/up"): capture}, max_body_bytes=100) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"POST /up HTTP/1.1\r\nContent-Length: 101\r\n\r\n")
+            resp = await read_response(reader)
+            assert resp.status == 413 and resp.headers["connection"] == "close"
+            assert b"100" in resp.body
+            await expect_eof(reader)
+            assert calls == []
+            await close(writer)
+
+    run(main())
+
+
+def test_chunked_body_over_the_limit_is_413_and_the_connection_closes():
+    calls = []
+
+    async def capture(request):
+        calls.append(request)
+        return Response(200)
+
+    async def main():
+        async with serving({("POST", "/up"): capture}, max_body_bytes=16) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n" + b"a" * 16 + b"\r\n1\r\nb\r\n")
+            resp = await read_response(reader)
+            assert resp.status == 413 and resp.headers["connection"] == "close"
+            await expect_eof(reader)
+            assert calls == []
+            await close(writer)
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_incomplete_head_over_the_limit_is_431():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            filler = b"".join(b"X-Filler-%05d: %s\r\n" % (i, b"v" * 100) for i in range(700))  # ~84 KiB, no end
+            assert len(filler) > server_mod.MAX_HEAD_BYTES
+            writer.write(b"GET /n?1 HTTP/1.1\r\n" + filler)
+            resp = await read_response(reader)
+            assert resp.status == 431 and resp.reason == "Request Header Fields Too Large"
+            assert resp.headers["connection"] == "close"
+            await expect_eof(reader)
+            await close(writer)
+
+    run(main())
+
+
+def test_complete_head_over_the_limit_is_431():
+    calls = []
+
+    async def capture(request):
+        calls.append(request)
+        return Response(200)
+
+    async def main():
+        async with serving({("GET", "/n"): capture}) as server:
+            reader, writer = await connect(server.port)
+            filler = b"".join(b"X-Filler-%05d: %s\r\n" % (i, b"v" * 100) for i in range(700))
+            writer.write(b"GET /n?1 HTTP/1.1\r\n" + filler + b"\r\n")  # the whole oversized head in one write
+            resp = await read_response(reader)
+            assert resp.status == 431
+            await expect_eof(reader)
+            assert calls == []
+
+    run(main())
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /n\r\n\r\n",                                                 # no version
+    b"GET  /n HTTP/1.1\r\n\r\n",                                       # two spaces
+    b"GET /n HTTP/1.1 extra\r\n\r\n",                                  # four parts
+    b"garbage\r\n\r\n",
+    b"GET /n HTTP/1.1\r\nno-colon-here\r\n\r\n",                       # header line without a colon
+    b"POST /echo HTTP/1.1\r\nContent-Length: ten\r\n\r\n",              # unparseable length
+    b"POST /echo HTTP/1.1\r\nContent-Length: -1\r\n\r\n",               # negative length
+    b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # bad chunk size
+])
+def test_malformed_request_is_400_and_the_connection_closes(raw):
+    calls = []
+
+    async def capture(request):
+        calls.append(request)
+        return Response(200)
+
+    async def main():
+        async with serving({("GET", "/n"): capture, ("POST", "/echo"): capture}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(raw)
+            resp = await read_response(reader)
+            assert resp.status == 400 and resp.reason == "Bad Request"
+            assert resp.headers["connection"] == "close"
+            assert resp.headers["content-type"] == "text/plain; charset=utf-8"
+            await expect_eof(reader)
+            assert calls == []
+            # the server itself is fine
+            reader2, writer2 = await connect(server.port)
+            writer2.write(get("/n?ok"))
+            assert (await read_response(reader2)).status == 200
+            await close(writer2)
+            await close(writer)
+
+    run(main())
+
+
+def test_oversized_chunk_size_line_is_400():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 2000)
+            resp = await read_response(reader)
+            assert resp.status == 400 and b"chunk" in resp.body
+            await expect_eof(reader)
+            await close(writer)
+
+    run(main())
+
+
+def test_unsupported_protocol_version_is_505():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"GET /n HTTP/2.0\r\n\r\n")
+            resp = await read_response(reader)
+            assert resp.status == 505 and resp.headers["connection"] == "close"
+            await expect_eof(reader)
+            await close(writer)
+
+    run(main())
+
+
+def test_unknown_path_is_404_and_the_connection_stays_usable():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/nowhere?n=1"))
+            resp = await read_response(reader)
+            assert resp.status == 404 and b"/nowhere" in resp.body
+            assert "allow" not in resp.headers and "connection" not in resp.headers
+            writer.write(get("/n?still-open"))
+            assert (await read_response(reader)).body == b"still-open"
+            await close(writer)
+
+    run(main())
+
+
+def test_wrong_method_is_405_with_allow():
+    async def ok(request):
+        return Response(200)
+
+    async def main():
+        async with serving({("GET", "/x"): ok, ("POST", "/x"): ok, ("DELETE", "/y"): ok}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"PATCH /x HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+            resp = await read_response(reader)
+            assert resp.status == 405 and resp.reason == "Method Not Allowed"
+            assert sorted(m.strip() for m in resp.headers["allow"].split(",")) == ["GET", "POST"]
+            assert b"PATCH" in resp.body
+            writer.write(get("/x"))  # the body was consumed: the next request parses
+            assert (await read_response(reader)).status == 200
+            await close(writer)
+
+    run(main())
+
+
+def test_http10_without_keep_alive_closes_after_the_answer():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"GET /n?old HTTP/1.0\r\n\r\n")
+            resp = await read_response(reader)
+            assert resp.status == 200 and resp.body == b"old"
+            assert resp.headers["connection"] == "close"
+            await expect_eof(reader)
+            await close(writer)
+
+    run(main())
+
+
+def test_http10_with_keep_alive_stays_open():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"GET /n?a HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            resp = await read_response(reader)
+            assert resp.body == b"a" and resp.headers.get("connection") != "close"
+            writer.write(b"GET /n?b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            assert (await read_response(reader)).body == b"b"
+            await close(writer)
+
+    run(main())
+
+
+def test_connection_close_request_is_answered_then_closed():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/n?bye", "Connection: Close\r\n"))
+            resp = await read_response(reader)
+            assert resp.body == b"bye" and resp.headers["connection"] == "close"
+            await expect_eof(reader)
+            await close(writer)
+
+    run(main())
+
+
+def test_client_half_close_still_gets_its_answers():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/n?1") + get("/n?2"))
+            writer.write_eof()
+            assert (await read_response(reader)).body == b"1"
+            assert (await read_response(reader)).body == b"2"
+            await expect_eof(reader)
+            await close(writer)
+
+    run(main())
+
+
+def test_handler_exception_is_500_and_the_server_keeps_serving():
+    async def boom(request):
+        raise RuntimeError("handler bug")
+
+    async def main():
+        async with serving({("GET", "/boom"): boom, **ROUTES}) as server:
+            other_reader, other_writer = await connect(server.port)
+            other_writer.write(get("/n?before"))
+            assert (await read_response(other_reader)).body == b"before"
+
+            reader, writer = await connect(server.port)
+            writer.write(get("/boom"))
+            resp = await read_response(reader)
+            assert resp.status == 500 and resp.body == b"internal server error"
+            assert resp.headers["connection"] == "close"
+            await expect_eof(reader)
+            await close(writer)
+
+            other_writer.write(get("/n?after"))  # an open keep-alive connection is unaffected
+            assert (await read_response(other_reader)).body == b"after"
+            await close(other_writer)
+            reader3, writer3 = await connect(server.port)  # and new connections are accepted
+            writer3.write(get("/n?new"))
+            assert (await read_response(reader3)).body == b"new"
+            await close(writer3)
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- StreamResponse
+def test_stream_response_uses_chunked_framing():
+    async def stream(request):
+        async def chunks():
+            yield b"data: one\n\n"
+            await asyncio.sleep(0)
+            yield b""  # empty pieces are skipped, they would end the body
+            yield b"data: two\n\n"
+            await asyncio.sleep(0.01)
+            yield b"x" * 70000
+
+        return StreamResponse(chunks(), headers={"X-Stream": "1"})
+
+    async def main():
+        async with serving({("GET", "/s"): stream, **ROUTES}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/s"))
+            resp = await read_response(reader)
+            assert resp.status == 200
+            assert resp.headers["transfer-encoding"] == "chunked" and "content-length" not in resp.headers
+            assert resp.headers["content-type"] == "text/event-stream" and resp.headers["x-stream"] == "1"
+            assert resp.chunks == [b"data: one\n\n", b"data: two\n\n", b"x" * 70000]
+            writer.write(get("/n?next"))  # the stream ended cleanly: the connection is reusable
+            assert (await read_response(reader)).body == b"next"
+            await close(writer)
+
+    run(main())
+
+
+def test_stream_generator_finally_runs_when_the_client_disconnects():
+    finalized = asyncio.Event()
+    produced = []
+
+    async def stream(request):
+        async def chunks():
+            try:
+                while True:
+                    produced.append(1)
+                    yield b"tick\n"
+                    await asyncio.sleep(0.002)
+            finally:
+                finalized.set()
+
+        return StreamResponse(chunks())
+
+    async def main():
+        async with serving({("GET", "/s"): stream}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/s"))
+            await read_head(reader)
+            assert await asyncio.wait_for(reader.readuntil(b"tick\n\r\n"), 3)
+            await close(writer)  # an ordinary close (FIN) in the middle of the stream
+            await asyncio.wait_for(finalized.wait(), 3)
+            count = len(produced)
+            await asyncio.sleep(0.05)
+            assert len(produced) == count  # nothing is pulled from the generator any more
+            await until(lambda: not server.connections, what="the server to drop the connection")
+
+    run(main())
+
+
+def test_stream_blocked_generator_is_closed_on_reset_with_cancel_on_disconnect():
+    finalized = asyncio.Event()
+    never = asyncio.Event()
+
+    async def stream(request):
+        async def chunks():
+            try:
+                yield b"first"
+                await never.wait()  # e.g. waiting for an upstream that never answers
+                yield b"unreachable"
+            finally:
+                finalized.set()
+
+        return StreamResponse(chunks())
+
+    async def main():
+        async with serving({("GET", "/s"): stream}, cancel_on_disconnect=True) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/s"))
+            await read_head(reader)
+            assert await asyncio.wait_for(reader.readuntil(b"first\r\n"), 3)
+            reset_on_close(writer)
+            await close(writer)
+            await asyncio.wait_for(finalized.wait(), 3)
+            await until(lambda: not server.connections, what="the server to drop the connection")
+
+    run(main())
+
+
+def test_cancel_on_disconnect_cancels_a_handler_when_the_client_closes_normally():
+    cancelled = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(request):
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return Response(200)
+
+    async def main():
+        async with serving({("GET", "/slow"): slow}, cancel_on_disconnect=True) as server:
+            _, writer = await connect(server.port)
+            writer.write(get("/slow"))
+            await asyncio.wait_for(entered.wait(), 3)
+            await close(writer)  # the client gives up: an ordinary close, as curl or a browser does
+            await asyncio.wait_for(cancelled.wait(), 2)
+
+    run(main())
+
+
+def test_stream_generator_error_mid_stream_closes_without_the_terminating_chunk():
+    async def stream(request):
+        async def chunks():
+            yield b"partial"
+            raise RuntimeError("generator bug")
+
+        return StreamResponse(chunks())
+
+    async def main():
+        async with serving({("GET", "/s"): stream, **ROUTES}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/s"))
+            status, _, headers, _ = await read_head(reader)
+            assert status == 200 and headers["transfer-encoding"] == "chunked"
+            rest = await asyncio.wait_for(reader.read(), 3)  # the server closes: the client sees a cut body
+            assert rest == b"7\r\npartial\r\n"
+            await close(writer)
+            reader2, writer2 = await connect(server.port)
+            writer2.write(get("/n?alive"))
+            assert (await read_response(reader2)).body == b"alive"
+            await close(writer2)
+
+    run(main())
+
+
+def test_stream_generator_raising_connection_error_does_not_leave_the_client_hanging():
+    # a generator relaying from an upstream (an engine) fails with ConnectionResetError when that upstream dies;
+    # the client must learn the body is cut (the connection closes), not wait for a terminating chunk forever
+    async def stream(request):
+        async def chunks():
+            yield b"partial"
+            raise ConnectionResetError("upstream went away")
+
+        return StreamResponse(chunks())
+
+    async def main():
+        async with serving({("GET", "/s"): stream}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/s"))
+            await read_head(reader)
+            rest = await asyncio.wait_for(reader.read(), 2)
+            assert rest.startswith(b"7\r\npartial\r\n")
+            await close(writer)
+
+    run(main())
+
+
+def test_stream_waits_for_a_slow_reader_then_delivers_everything():
+    piece = bytes(range(256)) * 256  # 64 KiB
+    total_pieces = 256  # 16 MiB: far more than the socket buffers hold
+    produced = []
+
+    async def stream(request):
+        async def chunks():
+            for i in range(total_pieces):
+                produced.append(i)
+                yield piece
+
+        return StreamResponse(chunks(), content_type="application/octet-stream")
+
+    async def main():
+        async with serving({("GET", "/big"): stream, **ROUTES}) as server:
+            reader, writer = await connect(server.port, rcvbuf=16384)
+            writer.write(get("/big"))
+            await until(lambda: server.connections, what="the server to accept")
+            (conn,) = server.connections
+            await until(lambda: conn.write_paused, what="write backpressure")
+            stalled = len(produced)
+            await asyncio.sleep(0.1)
+            assert len(produced) == stalled < total_pieces  # the generator is not pulled while the client lags
+            resp = await read_response(reader, timeout=10)
+            assert len(resp.body) == total_pieces * len(piece)
+            assert resp.body == piece * total_pieces
+            assert len(produced) == total_pieces
+            writer.write(get("/n?next"))
+            assert (await read_response(reader)).body == b"next"
+            await close(writer)
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- PushResponse
+class Pusher:
+    """A producer writing 64 KiB pieces synchronously until paused or done."""
+
+    def __init__(self, total: int, piece: int = 65536, end: bool = True) -> None:
+        self.total = total
+        self.piece = bytes(range(256)) * (piece // 256)
+        self.end_when_done = end
+        self.calls: list[str] = []
+        self.sink = None
+        self.sent = 0
+        self.paused = False
+        self.ended = False
+        self.paused_event = asyncio.Event()
+        self.aborted = asyncio.Event()
+        self.started = asyncio.Event()
+
+    def start(self, sink) -> None:
+        self.calls.append("start")
+        self.sink = sink
+        self.started.set()
+        self.pump()
+
+    def pump(self) -> None:
+        while not self.paused and not self.aborted.is_set() and self.sent < self.total:
+            data = self.piece[:min(len(self.piece), self.total - self.sent)]
+            self.sent += len(data)
+            self.sink.write(data)
+        if self.sent >= self.total and not self.paused and not self.ended and self.end_when_done:
+            self.ended = True
+            self.calls.append("end")
+            self.sink.end(b"<END>")
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+        self.paused = True
+        self.paused_event.set()
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+        self.paused = False
+        self.pump()
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+        self.aborted.set()
+
+
+def test_push_response_delivers_a_small_body_in_chunked_framing():
+    async def push(request):
+        return PushResponse(Pusher(1000, piece=256), status=203, headers={"X-Push": "yes"})
+
+    async def main():
+        async with serving({("GET", "/p"): push, **ROUTES}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/p"))
+            resp = await read_response(reader)
+            assert resp.status == 203 and resp.headers["x-push"] == "yes"
+            assert resp.headers["transfer-encoding"] == "chunked"
+            assert [len(c) for c in resp.chunks] == [256, 256, 256, 232, 5]
+            assert resp.chunks[-1] == b"<END>"
+            writer.write(get("/n?next"))
+            assert (await read_response(reader)).body == b"next"
+            await close(writer)
+
+    run(main())
+
+
+def test_push_producer_is_paused_while_the_client_does_not_read_and_resumed_after():
+    total = 16 * 1024 * 1024
+    producers = []
+
+    async def push(request):
+        producers.append(Pusher(total))
+        return PushResponse(producers[-1], content_type="application/octet-stream")
+
+    async def main():
+        async with serving({("GET", "/p"): push, **ROUTES}) as server:
+            reader, writer = await connect(server.port, rcvbuf=16384)
+            writer.write(get("/p"))  # ... and read nothing for now
+            await until(lambda: producers and producers[0].paused_event.is_set(), what="the producer to be paused")
+            producer = producers[0]
+            assert producer.calls[0] == "start"
+            assert producer.sent < total and not producer.ended
+            sent = producer.sent
+            await asyncio.sleep(0.1)
+            assert producer.sent == sent  # still paused: nothing more is pushed
+            resp = await read_response(reader, timeout=10)
+            assert len(resp.body) == total + len(b"<END>")
+            assert resp.body[:total] == (producer.piece * (total // len(producer.piece)))
+            assert "resume" in producer.calls and producer.calls[-1] == "end"
+            assert "abort" not in producer.calls
+            writer.write(get("/n?next"))  # the connection is reusable after a pushed body
+            assert (await read_response(reader)).body == b"next"
+            await close(writer)
+
+    run(main())
+
+
+def test_push_producer_pause_and_resume_calls_alternate():
+    producers = []
+
+    async def push(request):
+        producers.append(Pusher(16 * 1024 * 1024))
+        return PushResponse(producers[-1])
+
+    async def main():
+        async with serving({("GET", "/p"): push}) as server:
+            reader, writer = await connect(server.port, rcvbuf=16384)
+            writer.write(get("/p"))
+            await until(lambda: producers and producers[0].paused_event.is_set(), what="the producer to be paused")
+            await read_response(reader, timeout=10)
+            flow = [c for c in producers[0].calls if c in ("pause", "resume")]
+            assert flow and all(a != b for a, b in itertools.pairwise(flow)), flow
+            await close(writer)
+
+    run(main())
+
+
+def test_push_producer_is_aborted_when_the_client_resets():
+    producers = []
+
+    async def push(request):
+        producers.append(Pusher(10, piece=256, end=False))  # writes 10 bytes and then waits for "upstream"
+        return PushResponse(producers[-1])
+
+    async def main():
+        async with serving({("GET", "/p"): push}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/p"))
+            await read_head(reader)
+            assert await asyncio.wait_for(reader.readexactly(15), 3) == b"a\r\n" + bytes(range(10)) + b"\r\n"
+            reset_on_close(writer)
+            await close(writer)
+            producer = producers[0]
+            await asyncio.wait_for(producer.aborted.wait(), 3)
+            assert producer.calls == ["start", "abort"]
+            await until(lambda: not server.connections, what="the server to drop the connection")
+
+    run(main())
+
+
+def test_push_producer_is_aborted_when_the_client_closes_mid_stream():
+    class Ticker:
+        """Pushes a piece every few milliseconds, as an engine relaying tokens does."""
+
+        def __init__(self):
+            self.calls = []
+            self.aborted = asyncio.Event()
+            self.handle = None
+            self.sink = None
+
+        def start(self, sink):
+            self.calls.append("start")
+            self.sink = sink
+            self.tick()
+
+        def tick(self):
+            self.sink.write(b"data: token\n\n")
+            self.handle = asyncio.get_running_loop().call_later(0.002, self.tick)
+
+        def pause(self):
+            self.calls.append("pause")
+
+        def resume(self):
+            self.calls.append("resume")
+
+        def abort(self):
+            self.calls.append("abort")
+            self.handle.cancel()
+            self.aborted.set()
+
+    tickers = []
+
+    async def push(request):
+        tickers.append(Ticker())
+        return PushResponse(tickers[-1])
+
+    async def main():
+        async with serving({("GET", "/p"): push}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/p"))
+            await read_head(reader)
+            await asyncio.wait_for(reader.readuntil(b"token\n\n\r\n"), 3)
+            await close(writer)
+            await asyncio.wait_for(tickers[0].aborted.wait(), 3)
+            assert tickers[0].calls.count("abort") == 1
+            await until(lambda: not server.connections, what="the server to drop the connection")
+
+    run(main())
+
+
+def test_aborted_push_does_not_leave_the_connection_task_behind():
+    producers = []
+
+    async def push(request):
+        producers.append(Pusher(10, piece=256, end=False))
+        return PushResponse(producers[-1])
+
+    async def main():
+        baseline = asyncio.all_tasks()
+        async with serving({("GET", "/p"): push}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/p"))
+            await read_head(reader)
+            await asyncio.wait_for(reader.readexactly(15), 3)
+            reset_on_close(writer)
+            await close(writer)
+            await asyncio.wait_for(producers[0].aborted.wait(), 3)
+            # the producer was told the sink is dead and will never call end(): the server must not wait for it
+            await until(lambda: not (asyncio.all_tasks() - baseline), timeout=2,
+                        what="the connection's serving task to finish")
+
+    run(main())
+
+
+def test_push_producer_that_fails_to_start_gets_abort_and_the_connection_closes():
+    class Failing:
+        def __init__(self):
+            self.calls = []
+
+        def start(self, sink):
+            self.calls.append("start")
+            raise RuntimeError("cannot start")
+
+        def pause(self):
+            self.calls.append("pause")
+
+        def resume(self):
+            self.calls.append("resume")
+
+        def abort(self):
+            self.calls.append("abort")
+
+    failing = Failing()
+
+    async def push(request):
+        return PushResponse(failing)
+
+    async def main():
+        async with serving({("GET", "/p"): push}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/p"))
+            status, _, headers, _ = await read_head(reader)
+            assert status == 200 and headers["transfer-encoding"] == "chunked"
+            assert await asyncio.wait_for(reader.read(), 3) == b""  # cut body, then the connection closes
+            assert failing.calls == ["start", "abort"]
+            await close(writer)
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- lifecycle
+def test_stop_lets_an_inflight_request_finish_then_closes():
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request):
+        entered.set()
+        await release.wait()
+        return text_response("finished")
+
+    async def main():
+        server = HttpServer()
+        server.route("GET", "/slow", slow)
+        server.route("GET", "/n", numbered)
+        await server.start(HOST, 0)
+        port = server.port
+        try:
+            idle_reader, idle_writer = await connect(port)
+            idle_writer.write(get("/n?idle"))
+            assert (await read_response(idle_reader)).body == b"idle"
+
+            reader, writer = await connect(port)
+            writer.write(get("/slow"))
+            await asyncio.wait_for(entered.wait(), 3)
+
+            stopping = asyncio.create_task(server.stop(grace_s=5))
+            await expect_eof(idle_reader)  # an idle keep-alive connection is closed at once
+            with pytest.raises(OSError):
+                await asyncio.open_connection(HOST, port)  # no new connections
+            assert not stopping.done()  # waits for the in-flight request
+
+            release.set()
+            resp = await read_response(reader)
+            assert resp.status == 200 and resp.body == b"finished"
+            assert resp.headers["connection"] == "close"
+            await expect_eof(reader)
+            await asyncio.wait_for(stopping, 2)
+            assert not server.connections
+            await close(writer)
+            await close(idle_writer)
+        finally:
+            await server.stop(grace_s=0)
+
+    run(main())
+
+
+def test_stop_cancels_requests_still_running_after_the_grace_period():
+    entered = asyncio.Event()
+    cancelled = []
+
+    async def stuck(request):
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return Response(200)
+
+    async def main():
+        server = HttpServer()
+        server.route("GET", "/stuck", stuck)
+        await server.start(HOST, 0)
+        reader, writer = await connect(server.port)
+        writer.write(get("/stuck"))
+        await asyncio.wait_for(entered.wait(), 3)
+        started = time.monotonic()
+        await server.stop(grace_s=0.2)
+        assert time.monotonic() - started < 1.5
+        await expect_eof(reader)  # no answer, just closed
+        await until(lambda: cancelled, what="the handler to be cancelled")
+        await close(writer)
+
+    run(main())
+
+
+def test_idle_connections_are_reaped_but_busy_ones_are_not(monkeypatch):
+    monkeypatch.setattr(server_mod, "IDLE_TIMEOUT_S", 0.15)
+    monkeypatch.setattr(server_mod, "SWEEP_INTERVAL_S", 0.03)
+    release = asyncio.Event()
+
+    async def slow(request):
+        await release.wait()
+        return text_response("slow")
+
+    async def main():
+        async with serving({("GET", "/slow"): slow, **ROUTES}) as server:
+            idle_reader, idle_writer = await connect(server.port)
+            idle_writer.write(get("/n?1"))
+            assert (await read_response(idle_reader)).body == b"1"
+            busy_reader, busy_writer = await connect(server.port)
+            busy_writer.write(get("/slow"))
+            started = time.monotonic()
+            await expect_eof(idle_reader, timeout=3)
+            assert time.monotonic() - started >= 0.1  # not before it was idle long enough
+            await asyncio.sleep(0.3)  # the busy connection is now well past the idle timeout too
+            release.set()
+            assert (await read_response(busy_reader)).body == b"slow"
+            await close(idle_writer)
+            await close(busy_writer)
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- other clients
+def test_standard_library_clients_interoperate():
+    async def stream(request):
+        async def chunks():
+            for word in (b"alpha ", b"beta ", b"gamma"):
+                yield word
+                await asyncio.sleep(0)
+
+        return StreamResponse(chunks(), content_type="text/plain")
+
+    async def only_get(request):
+        return Response(200, b"got")
+
+    def blocking(port):
+        conn = http.client.HTTPConnection(HOST, port, timeout=5)
+        conn.request("POST", "/echo", body=b"plain body")
+        r = conn.getresponse()
+        first = (r.status, r.getheader("X-Method"), r.read())
+        sock = conn.sock
+        conn.request("POST", "/echo", body=iter([b"chunk-1 ", b"chunk-2"]), encode_chunked=True)
+        r = conn.getresponse()
+        chunked = (r.status, r.read())
+        same_socket_1 = conn.sock is sock
+        conn.request("GET", "/stream")
+        r = conn.getresponse()
+        streamed = (r.status, r.getheader("Transfer-Encoding"), r.read())
+        same_socket_2 = conn.sock is sock
+        conn.close()
+
+        with urllib.request.urlopen(f"http://{HOST}:{port}/only-get", timeout=5) as r:
+            via_urllib = (r.status, r.read())
+        with pytest.raises(urllib.error.HTTPError) as not_found:
+            urllib.request.urlopen(f"http://{HOST}:{port}/missing", timeout=5)
+        nf = (not_found.value.code, not_found.value.read())
+        req = urllib.request.Request(f"http://{HOST}:{port}/only-get", data=b"x", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as not_allowed:
+            urllib.request.urlopen(req, timeout=5)
+        na = (not_allowed.value.code, not_allowed.value.headers["Allow"])
+        return first, chunked, streamed, same_socket_1, same_socket_2, via_urllib, nf, na
+
+    async def main():
+        async with serving({("GET", "/stream"): stream, ("GET", "/only-get"): only_get, **ROUTES}) as server:
+            first, chunked, streamed, same1, same2, via_urllib, nf, na = await asyncio.to_thread(
+                blocking, server.port)
+        assert first == (200, "POST", b"plain body")
+        assert chunked == (200, b"chunk-1 chunk-2")
+        assert streamed == (200, "chunked", b"alpha beta gamma")
+        assert same1 and same2  # http.client kept its one connection alive
+        assert via_urllib == (200, b"got")
+        assert nf == (404, b"no such path: /missing")
+        assert na == (405, "GET")
+
+    run(main())
+
+
+def test_http1_client_against_the_server():
+    async def stream(request):
+        async def chunks():
+            for i in range(5):
+                yield b"part%d;" % i
+                await asyncio.sleep(0)
+
+        return StreamResponse(chunks())
+
+    async def main():
+        async with serving({("GET", "/stream"): stream, **ROUTES}) as server:
+            client = HttpClient()
+            try:
+                status, headers, body = await client.request("POST", HOST, server.port, "/echo", b"via client")
+                assert (status, headers["x-method"], body) == (200, "POST", b"via client")
+                resp = await client.open("GET", HOST, server.port, "/stream")
+                assert resp.status == 200 and resp.headers["transfer-encoding"] == "chunked"
+                assert await resp.read() == b"part0;part1;part2;part3;part4;"
+                status, _, body = await client.request("GET", HOST, server.port, "/missing")
+                assert (status, body) == (404, b"no such path: /missing")
+                big = bytes(range(256)) * 4096  # 1 MiB, sent in two writes by the client
+                status, _, body = await client.request("POST", HOST, server.port, "/echo", big)
+                assert status == 200 and body == big
+                assert len(server.connections) == 1  # all of it over one kept-alive connection
+            finally:
+                await client.close()
+
+    run(main())
