@@ -1371,3 +1371,54 @@ def test_http1_client_against_the_server():
                 await client.close()
 
     run(main())
+
+
+def test_stream_whose_client_left_before_it_started_still_runs_its_finally():
+    """A handler that takes a while returns a stream after its client has gone: the generator never
+    starts, yet its finally block (accounting, cleanup) must run."""
+    finalized = asyncio.Event()
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(request):
+        entered.set()
+        await release.wait()
+
+        async def chunks():
+            try:
+                yield b"never sent"
+            finally:
+                finalized.set()
+
+        return StreamResponse(chunks())
+
+    async def main():
+        async with serving({("GET", "/slow"): slow}) as server:
+            reader, writer = await connect(server.port)
+            reset_on_close(writer)
+            writer.write(get("/slow"))
+            await asyncio.wait_for(entered.wait(), 3)
+            await close(writer)
+            await until(lambda: not server.connections, what="the server to see the client go")
+            release.set()
+            await asyncio.wait_for(finalized.wait(), 3)
+
+    run(main())
+
+
+def test_head_on_a_get_route_gets_the_head_without_a_body():
+    async def hello(request):
+        return Response(200, b"hello world", "text/plain")
+
+    async def main():
+        async with serving({("GET", "/h"): hello}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, headers, _ = await read_head(reader)
+            assert status == 200 and headers["content-length"] == "11"
+            writer.write(get("/h"))  # the next answer starts right after the head: no body was sent
+            resp = await read_response(reader)
+            assert resp.status == 200 and resp.body == b"hello world"
+            await close(writer)
+
+    run(main())

@@ -20,9 +20,8 @@ import binascii
 import json
 from dataclasses import dataclass
 
-import aiohttp
-
 from baton import kvformat
+from baton.http1.client import HttpClient
 
 PROTOCOL = "baton-engine-sim/1"
 
@@ -79,23 +78,28 @@ def decode_opaque(text: object) -> OpaqueState:
         raise ValueError(f"encoded_opaque_state is incomplete: {exc}") from exc
 
 
-def _url(host: str, port: int, path: str) -> str:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{port}{path}"
+def _header_value(text: str) -> str:
+    """`text` as one header line's value the client can send (latin-1 on the wire; other text as its UTF-8)."""
+    if "\r" in text or "\n" in text:
+        text = text.replace("\r", " ").replace("\n", " ")
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogateescape").decode("latin-1")
+    return text
 
 
 class KVPuller:
     """The gen side of the KV transfer: one pooled HTTP client per gen worker."""
 
     def __init__(self, *, timeout_s: float = 60.0) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+        self._timeout = timeout_s  # the whole pull: connect, the ctx side's transfer time, the answer
+        self._client: HttpClient | None = None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     async def pull(
         self,
@@ -106,36 +110,39 @@ class KVPuller:
         x_request_id: str = "",
     ) -> dict:
         """Pull the KV named by `handle`; returns the ctx answer ({"kv_cache_size", "num_tokens", ...})."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0, force_close=False)
-            )
-        body = {
+        if self._client is None:
+            self._client = HttpClient(connect_timeout=self._timeout, read_timeout=self._timeout)
+        body = json.dumps({
             "ctx_request_id": handle.ctx_request_id,
             "instance": handle.instance,
             "cache_state": kvformat.to_wire(own_state),
             "link_bytes_per_s": link_bytes_per_s,
-        }
-        headers = {"X-Request-Id": x_request_id} if x_request_id else None
+        }).encode()
+        headers = {"Content-Type": "application/json"}
+        if x_request_id:
+            headers["X-Request-Id"] = _header_value(x_request_id)
+        host = handle.host
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
         where = f"{handle.host}:{handle.port}"
         try:
-            async with self._session.post(
-                _url(handle.host, handle.port, "/_sim/kv/pull"), json=body, headers=headers
-            ) as resp:
-                try:
-                    data = await resp.json(content_type=None)
-                except (aiohttp.ContentTypeError, ValueError):
-                    data = {}
-                if resp.status == 200 and isinstance(data, dict):
-                    return data
-                message = data.get("message") if isinstance(data, dict) else None
-                kind = "format" if isinstance(data, dict) and data.get("type") == "CacheStateMismatch" else "transfer"
-                raise HandoffError(
-                    message or f"KV transfer from context worker {where} failed with HTTP {resp.status}", kind
-                )
-        except HandoffError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            status, _, raw = await self._client.request(
+                "POST", host, handle.port, "/_sim/kv/pull", body, headers, timeout=self._timeout)
+        except OSError as exc:  # ConnectionError (refused, reset, closed early) or TimeoutError
             raise HandoffError(
                 f"KV transfer from context worker {where} failed: {type(exc).__name__}: {exc}"
             ) from exc
+        data: object
+        stripped = raw.strip()
+        if not stripped:
+            data = None
+        else:
+            try:
+                data = json.loads(stripped)
+            except ValueError:
+                data = {}
+        if status == 200 and isinstance(data, dict):
+            return data
+        message = data.get("message") if isinstance(data, dict) else None
+        kind = "format" if isinstance(data, dict) and data.get("type") == "CacheStateMismatch" else "transfer"
+        raise HandoffError(message or f"KV transfer from context worker {where} failed with HTTP {status}", kind)

@@ -15,12 +15,11 @@ import logging
 import signal
 import sys
 
-from aiohttp import web
-
 from baton.engine_sim import config as config_mod
 from baton.engine_sim import logs
 from baton.engine_sim.config import SimConfig, StartupError
-from baton.engine_sim.server import SimServer
+from baton.engine_sim.server import MAX_BODY_BYTES, SimServer
+from baton.http1.server import HttpServer
 
 log = logging.getLogger("baton.engine_sim.main")
 
@@ -30,16 +29,12 @@ SHUTDOWN_GRACE_S = 30.0
 async def serve(cfg: SimConfig, *, stop: asyncio.Event | None = None) -> None:
     """Bind, serve until `stop` is set (or a signal arrives), then drain in-flight requests and exit."""
     server = SimServer(cfg)
-    runner = web.AppRunner(server.app, access_log=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024)
-    try:
-        await site.start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001 - aiohttp exposes no public accessor
-    port = sockets[0].getsockname()[1] if sockets else cfg.port
+    # a handler whose client went away is cancelled, so the engine drops that request's sequence
+    http = HttpServer(max_body_bytes=MAX_BODY_BYTES, cancel_on_disconnect=True)
+    for method, path, handler in server.routes():
+        http.route(method, path, handler)
+    await http.start(cfg.host, cfg.port, backlog=1024)
+    port = http.port
     server.engine.start()
     server.started(port)
     stop = stop or asyncio.Event()
@@ -53,7 +48,7 @@ async def serve(cfg: SimConfig, *, stop: asyncio.Event | None = None) -> None:
     await stop.wait()
     server.draining = True
     log.info("shutting down", extra={"fields": {"event": "shutdown"}})
-    await runner.cleanup()
+    await http.stop(SHUTDOWN_GRACE_S)  # stop accepting, let in-flight requests finish, then close
     await server.engine.stop()
 
 

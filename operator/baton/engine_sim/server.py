@@ -6,7 +6,8 @@ Internal: POST /_sim/kv/pull (the KV transfer between workers), GET /_sim/state 
 not drained), POST /_sim/fatal (fault injection).
 
 Errors use TensorRT-LLM's shape: {"object": "error", "message": ..., "type": ..., "param": null, "code": status}.
-This module only translates HTTP to `Engine.submit()` and back; the behaviour lives in engine.py.
+This module only translates HTTP (`baton.http1`) to `Engine.submit()` and back; the behaviour lives in
+engine.py. `routes()` lists the handlers; main.py serves them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-
-from aiohttp import web
 
 from baton import kvformat, tokens
 from baton.engine_sim import config as config_mod
@@ -34,27 +34,33 @@ from baton.engine_sim.engine import (
     token_text,
 )
 from baton.engine_sim.handoff import OpaqueState, decode_opaque, encode_opaque
+from baton.http1.server import AnyResponse, Handler, Request, Response, StreamResponse, text_response
 
 log = logging.getLogger("baton.engine_sim.server")
 
+MAX_BODY_BYTES = 256 * 1024 * 1024  # the largest request body (long prompts travel as JSON token ids)
+_STREAM_HEADERS = {"Cache-Control": "no-cache"}
+_DONE = b"data: [DONE]\n\n"
+
 _dumps = json.dumps
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # as Starlette's JSONResponse renders
+_loads = json.loads
+_TOKEN_TEXT_JSON: dict[str, bytes] = {}  # one token's text as JSON (a few hundred words: bounded)
 
 
 def error_body(message: str, status: int, err_type: str) -> dict:
     return {"object": "error", "message": message, "type": err_type, "param": None, "code": status}
 
 
-def error_response(message: str, status: int = 400, err_type: str = "BadRequestError") -> web.Response:
-    return web.Response(
-        body=_dumps(error_body(message, status, err_type)).encode(), status=status, content_type="application/json"
-    )
+def error_response(message: str, status: int = 400, err_type: str = "BadRequestError") -> Response:
+    return Response(status, _dumps(error_body(message, status, err_type)).encode())
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=_dumps(data).encode(), status=status, content_type="application/json")
+def _json(data: object, status: int = 200) -> Response:
+    return Response(status, _compact(data).encode())
 
 
-@dataclass
+@dataclass(slots=True)
 class Parsed:
     kind: str
     prompt: list[int]
@@ -73,20 +79,23 @@ class SimServer:
         self.ready_at: float | None = None  # loop time when /health turns 200
         self.draining = False
         self._completion_requests = 0  # for --sim-error-ratio
-        app = web.Application(client_max_size=256 * 1024 * 1024)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/health_generate", self.health_generate)
-        app.router.add_get("/version", self.version)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_get("/perf_metrics", self.perf_metrics)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_post("/kv_cache_events", self.kv_cache_events)
-        app.router.add_post("/_sim/kv/pull", self.kv_pull)
-        app.router.add_get("/_sim/state", self.sim_state)
-        app.router.add_post("/_sim/fatal", self.sim_fatal)
-        self.app = app
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        """(method, path, handler) of every endpoint, for a `baton.http1.server.HttpServer`."""
+        return [
+            ("GET", "/health", self.health),
+            ("GET", "/health_generate", self.health_generate),
+            ("GET", "/version", self.version),
+            ("GET", "/v1/models", self.models),
+            ("GET", "/metrics", self.metrics),
+            ("GET", "/perf_metrics", self.perf_metrics),
+            ("POST", "/v1/completions", self.completions),
+            ("POST", "/v1/chat/completions", self.chat_completions),
+            ("POST", "/kv_cache_events", self.kv_cache_events),
+            ("POST", "/_sim/kv/pull", self.kv_pull),
+            ("GET", "/_sim/state", self.sim_state),
+            ("POST", "/_sim/fatal", self.sim_fatal),
+        ]
 
     # ------------------------------------------------------------------ readiness
     def started(self, port: int) -> None:
@@ -102,45 +111,49 @@ class SimServer:
             return "model is loading"
         return None
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request) -> Response:
         reason = self.not_ready_reason()
         if reason:
-            return web.Response(status=503, text=reason)
-        return web.Response(status=200, text="")
+            return text_response(reason, 503)
+        return text_response("", 200)
 
-    async def health_generate(self, request: web.Request) -> web.Response:
+    async def health_generate(self, request: Request) -> Response:
         reason = self.not_ready_reason()
         if reason:
-            return web.Response(status=503, text=reason)
+            return text_response(reason, 503)
         try:
             seq = self.engine.submit(kind=CTX_AND_GEN, prompt=[1], max_tokens=1, x_request_id="health_generate")
             await seq.done
         except EngineError as exc:
-            return web.Response(status=503, text=exc.message)
-        return web.Response(status=200, text="")
+            return text_response(exc.message, 503)
+        return text_response("", 200)
 
-    async def version(self, request: web.Request) -> web.Response:
+    async def version(self, request: Request) -> Response:
         return _json({"version": self.cfg.trtllm_version})
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, request: Request) -> Response:
         return _json({
             "object": "list",
             "data": [{"id": self.cfg.model_name, "object": "model", "created": int(time.time()),
                       "owned_by": "tensorrt_llm"}],
         })
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    async def metrics(self, request: Request) -> Response:
         return _json(self.engine.drain_iteration_stats() + [self.engine.snapshot()])
 
-    async def perf_metrics(self, request: web.Request) -> web.Response:
+    async def perf_metrics(self, request: Request) -> Response:
         return _json(self.engine.drain_perf())
 
-    async def kv_cache_events(self, request: web.Request) -> web.Response:
+    async def kv_cache_events(self, request: Request) -> Response:
         return _json([])  # block reuse is not simulated: no stored/removed events
 
-    async def sim_state(self, request: web.Request) -> web.Response:
+    async def sim_state(self, request: Request) -> Response:
+        return _json(self.state())
+
+    def state(self) -> dict:
+        """What GET /_sim/state answers."""
         snap = self.engine.snapshot()
-        return _json({
+        return {
             **config_mod.describe(self.cfg),
             "instance": self.engine.instance,
             "port": self.port,
@@ -149,11 +162,11 @@ class SimServer:
             "kvCacheStats": snap["kvCacheStats"],
             "numActiveRequests": snap["numActiveRequests"],
             "numQueuedRequests": snap["numQueuedRequests"],
-        })
+        }
 
-    async def sim_fatal(self, request: web.Request) -> web.Response:
+    async def sim_fatal(self, request: Request) -> Response:
         try:
-            body = await request.json()
+            body = _loads(request.body)
         except ValueError:
             body = {}
         reason = str((body or {}).get("reason") or "injected fault (POST /_sim/fatal)")
@@ -161,10 +174,10 @@ class SimServer:
         return _json({"fatal": self.engine.fatal})
 
     # ------------------------------------------------------------------ KV transfer (ctx side)
-    async def kv_pull(self, request: web.Request) -> web.Response:
-        x_rid = request.headers.get("X-Request-Id", "")
+    async def kv_pull(self, request: Request) -> Response:
+        x_rid = request.headers.get("x-request-id", "")
         try:
-            body = await request.json()
+            body = _loads(request.body)
             ctx_request_id = int(body["ctx_request_id"])
             instance = str(body["instance"])
             peer = kvformat.from_wire(body["cache_state"])
@@ -179,10 +192,10 @@ class SimServer:
         return _json(result)
 
     # ------------------------------------------------------------------ OpenAI endpoints
-    async def completions(self, request: web.Request) -> web.StreamResponse:
+    async def completions(self, request: Request) -> AnyResponse:
         return await self._generate(request, chat=False)
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+    async def chat_completions(self, request: Request) -> AnyResponse:
         return await self._generate(request, chat=True)
 
     def _token_list(self, value: object, what: str) -> list[int]:
@@ -275,7 +288,7 @@ class SimServer:
         if math.floor(n * ratio) > math.floor((n - 1) * ratio):
             raise EngineError(f"injected fault: request {n} failed (--sim-error-ratio {ratio:g})", 500, "InternalServerError")
 
-    def _error(self, exc: EngineError, x_rid: str) -> web.Response:
+    def _error(self, exc: EngineError, x_rid: str) -> Response:
         if exc.status >= 500:
             log.warning("request failed", extra={"fields": {
                 "event": "request_failed", "request_id": x_rid, "status": exc.status, "error": exc.message}})
@@ -284,14 +297,14 @@ class SimServer:
                 "event": "request_refused", "request_id": x_rid, "status": exc.status, "error": exc.message}})
         return error_response(exc.message, exc.status, exc.err_type)
 
-    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        x_rid = request.headers.get("X-Request-Id", "")
+    async def _generate(self, request: Request, chat: bool) -> AnyResponse:
+        x_rid = request.headers.get("x-request-id", "")
         reason = self.not_ready_reason()
         if reason:
             return error_response(reason, 503, "ServiceUnavailableError")
         try:
             try:
-                body = await request.json()
+                body = _loads(request.body)
             except ValueError:
                 raise EngineError("request body is not valid JSON") from None
             if not isinstance(body, dict):
@@ -309,20 +322,29 @@ class SimServer:
             )
         except EngineError as exc:
             return self._error(exc, x_rid)
+        if seq.changed is not None:
+            events = self._events(seq, parsed.include_usage, chat)
+            # Hold the status line until the first token (or the failure): a failed handoff is still an HTTP
+            # error. From its first step on, the generator owns `seq` (it cancels it if the client goes away).
+            try:
+                await events.__anext__()
+            except StopAsyncIteration:
+                assert seq.error is not None
+                return self._error(seq.error, seq.x_request_id)
+            return StreamResponse(events, headers=_STREAM_HEADERS)
         try:
-            if seq.changed is not None:
-                return await self._stream(request, seq, parsed, chat)
             try:
                 await seq.done
             except EngineError as exc:
                 return self._error(exc, x_rid)
-            log.debug("request done", extra={"fields": {
-                "event": "request_done", "request_id": x_rid or seq.rid, "request_type": seq.kind,
-                "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens)}})
-            return _json(self._full_response(seq, chat))
         finally:
             if not seq.finished:
                 self.engine.cancel(seq)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request done", extra={"fields": {
+                "event": "request_done", "request_id": x_rid or seq.rid, "request_type": seq.kind,
+                "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens)}})
+        return _json(self._full_response(seq, chat))
 
     def _finish_reason(self, seq: Seq) -> str:
         if seq.kind == CTX_ONLY:
@@ -364,55 +386,78 @@ class SimServer:
             out["prompt_token_ids"] = list(seq.prompt)
         return out
 
-    async def _stream(self, request: web.Request, seq: Seq, parsed: Parsed, chat: bool) -> web.StreamResponse:
+    async def _events(self, seq: Seq, include_usage: bool, chat: bool) -> AsyncIterator[bytes]:
+        """The SSE answer of a streamed request, as trtllm-serve frames it.
+
+        The first step waits for the first token and yields b"" (the status line may go), or returns when the
+        request failed first (the caller answers with an HTTP error instead). Events that are ready together
+        go out in one write. The `finally` cancels the sequence when the client goes away (the server closes
+        the generator, or cancels the handler while it waits)."""
         changed = seq.changed
         assert changed is not None
-        # Hold the status line until the first token (or the failure): a failed handoff is still an HTTP error.
-        while not seq.tokens and not seq.finished:
-            changed.clear()
-            await changed.wait()
-        if seq.error is not None and not seq.tokens:
-            return self._error(seq.error, seq.x_request_id)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        created = int(time.time())
-        model = self.cfg.model_name
-        cid = f"{'chatcmpl' if chat else 'cmpl'}-{seq.rid}"
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        if chat:
-            first = {"id": cid, "object": obj, "created": created, "model": model,
-                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}]}
-            await resp.write(b"data: " + _dumps(first).encode() + b"\n\n")
-        sent = 0
-        while True:
-            produced = len(seq.tokens)
-            if sent < produced:
-                new = seq.tokens[sent:produced]
-                sent = produced
-                done = seq.finished and seq.error is None
-                text = "".join(token_text(t) for t in new)
-                fr = self._finish_reason(seq) if done else None
-                if chat:
-                    choice = {"index": 0, "delta": {"content": text}, "token_ids": new, "logprobs": None,
-                              "finish_reason": fr}
-                else:
-                    choice = {"index": 0, "text": text, "token_ids": new, "logprobs": None, "finish_reason": fr,
-                              "stop_reason": None}
-                chunk = {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
-                await resp.write(b"data: " + _dumps(chunk).encode() + b"\n\n")
-                continue
-            if seq.finished:
-                break
-            changed.clear()
-            await changed.wait()
-        if seq.error is not None:
-            err = error_body(seq.error.message, seq.error.status, seq.error.err_type)
-            await resp.write(b"data: " + _dumps(err).encode() + b"\n\n")
-        elif parsed.include_usage:
-            usage = {"id": cid, "object": obj, "created": created, "model": model, "choices": [],
-                     "usage": self._usage(seq)}
-            await resp.write(b"data: " + _dumps(usage).encode() + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+        try:
+            while not seq.tokens and not seq.finished:
+                changed.clear()
+                await changed.wait()
+            if seq.error is not None and not seq.tokens:
+                return
+            yield b""
+            # Each event is the json.dumps of a dict; the constant parts are serialized once per stream.
+            cid = f"{'chatcmpl' if chat else 'cmpl'}-{seq.rid}"
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            head = b"data: " + _dumps({"id": cid, "object": obj, "created": int(time.time()),
+                                       "model": self.cfg.model_name})[:-1].encode() + b', "choices": '
+            if chat:
+                opening = head + b'[{"index": 0, "delta": {"content": '
+                middle = b'}, "token_ids": '
+                closing = b"}]}\n\n"
+                out = [head + b'[{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, '
+                              b'"finish_reason": null}]}\n\n']
+            else:
+                opening = head + b'[{"index": 0, "text": '
+                middle = b', "token_ids": '
+                closing = b', "stop_reason": null}]}\n\n'
+                out = []
+            finish = b', "logprobs": null, "finish_reason": '
+            unfinished = finish + b"null" + closing
+            tokens_ = seq.tokens
+            sent = 0
+            while True:
+                produced = len(tokens_)
+                if sent < produced:
+                    if produced - sent == 1:
+                        token = tokens_[sent]
+                        text = token_text(token)
+                        text_json = _TOKEN_TEXT_JSON.get(text)
+                        if text_json is None:
+                            text_json = _TOKEN_TEXT_JSON[text] = _dumps(text).encode()
+                        ids = b"[%d]" % token
+                    else:
+                        new = tokens_[sent:produced]
+                        text_json = _dumps("".join([token_text(t) for t in new])).encode()
+                        ids = _dumps(new).encode()
+                    sent = produced
+                    if seq.finished and seq.error is None:
+                        end = finish + _dumps(self._finish_reason(seq)).encode() + closing
+                    else:
+                        end = unfinished
+                    out.append(b"".join((opening, text_json, middle, ids, end)))
+                    continue
+                if seq.finished:
+                    break
+                if out:
+                    yield out[0] if len(out) == 1 else b"".join(out)
+                    out = []
+                    continue
+                changed.clear()
+                await changed.wait()
+            if seq.error is not None:
+                err = error_body(seq.error.message, seq.error.status, seq.error.err_type)
+                out.append(b"data: " + _dumps(err).encode() + b"\n\n")
+            elif include_usage:
+                out.append(head + b'[], "usage": ' + _dumps(self._usage(seq)).encode() + b"}\n\n")
+            out.append(_DONE)
+            yield b"".join(out)
+        finally:
+            if not seq.finished:
+                self.engine.cancel(seq)

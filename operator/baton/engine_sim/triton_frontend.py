@@ -67,6 +67,7 @@ from baton.engine_sim.config import SimConfig, StartupError
 from baton.engine_sim.engine import CTX_AND_GEN, CTX_ONLY, GEN_ONLY, REQUEST_TYPES, EngineError, Seq, token_text
 from baton.engine_sim.handoff import OpaqueState, decode_opaque, encode_opaque
 from baton.engine_sim.server import SimServer
+from baton.http1.server import Handler, Headers, Request, Response
 
 log = logging.getLogger("baton.engine_sim.triton")
 
@@ -264,6 +265,21 @@ def parse_request(req: Any, vocab_size: int) -> TritonRequest:
     return parsed
 
 
+def _aiohttp(handler: Handler) -> Callable[[web.Request], Any]:
+    """A `SimServer` handler (a `baton.http1` request in, a whole `Response` out) as an aiohttp handler."""
+
+    async def serve(request: web.Request) -> web.Response:
+        headers = Headers((key.lower(), value) for key, value in request.headers.items())
+        version = f"HTTP/{request.version.major}.{request.version.minor}"
+        resp = await handler(Request(request.method, request.path, request.query_string, version, headers,
+                                     await request.read()))
+        assert isinstance(resp, Response), "the side endpoint serves whole answers only"
+        return web.Response(body=resp.body, status=resp.status,
+                            headers={**(resp.headers or {}), "Content-Type": resp.content_type})
+
+    return serve
+
+
 # ---------------------------------------------------------------------------------------------- the front end
 class TritonFrontend:
     """One simulated worker behind Triton. `start()` runs the engine thread and Triton; `stop()` undoes it."""
@@ -289,19 +305,18 @@ class TritonFrontend:
     def _side_app(self) -> web.Application:
         s = self.server
         app = web.Application(client_max_size=16 * 1024 * 1024)
-        app.router.add_get("/health", s.health)
-        app.router.add_get("/version", s.version)
-        app.router.add_get("/metrics", s.metrics)
-        app.router.add_get("/perf_metrics", s.perf_metrics)
-        app.router.add_post("/kv_cache_events", s.kv_cache_events)
-        app.router.add_post("/_sim/kv/pull", s.kv_pull)
+        app.router.add_get("/health", _aiohttp(s.health))
+        app.router.add_get("/version", _aiohttp(s.version))
+        app.router.add_get("/metrics", _aiohttp(s.metrics))
+        app.router.add_get("/perf_metrics", _aiohttp(s.perf_metrics))
+        app.router.add_post("/kv_cache_events", _aiohttp(s.kv_cache_events))
+        app.router.add_post("/_sim/kv/pull", _aiohttp(s.kv_pull))
         app.router.add_get("/_sim/state", self._state)
-        app.router.add_post("/_sim/fatal", s.sim_fatal)
+        app.router.add_post("/_sim/fatal", _aiohttp(s.sim_fatal))
         return app
 
     async def _state(self, request: web.Request) -> web.Response:
-        resp = await self.server.sim_state(request)
-        data = json.loads(resp.body)
+        data = self.server.state()
         data["triton"] = {"http_port": self.http_port, "grpc_port": self.grpc_port,
                           "models": [CONTEXT_MODEL, GENERATION_MODEL]}
         return web.json_response(data)

@@ -432,6 +432,10 @@ class _Connection(asyncio.Protocol):
         """Answer one request; returns whether the connection may serve another."""
         keep = request.keep_alive and not self.server.draining
         handler = self.server.routes.get((request.method, request.path))
+        if handler is None and request.method == "HEAD":
+            handler = self.server.routes.get(("GET", request.path))
+            if handler is not None:
+                return await self._answer_head(handler, request, keep)
         if handler is None:
             methods = [m for (m, p) in self.server.routes if p == request.path]
             status = 405 if methods else 404
@@ -456,6 +460,29 @@ class _Connection(asyncio.Protocol):
             return await self._push(response, request, keep)
         return await self._iterate(response, request, keep)
 
+    async def _answer_head(self, handler: Handler, request: Request, keep: bool) -> bool:
+        """HEAD on a GET route: the GET answer's head, no body."""
+        try:
+            response = await handler(request)
+        except Exception:
+            log.exception("request handler failed: %s %s", request.method, request.path)
+            self._write_whole(Response(500, b"", "text/plain; charset=utf-8"), request, False)
+            return False
+        if isinstance(response, Response):
+            self._write(_head(response.status, response.content_type, response.headers, len(response.body), keep,
+                              request.version))
+            return keep
+        if isinstance(response, PushResponse):
+            response.producer.abort()
+        else:
+            with contextlib.suppress(Exception):
+                await response.chunks.__anext__()  # see _iterate: let the generator's finally run
+            aclose = getattr(response.chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        self._write(_head(response.status, response.content_type, response.headers, 0, keep, request.version))
+        return keep
+
     def _write_whole(self, response: Response, request: Request, keep: bool) -> None:
         body = response.body
         self._write(_head(response.status, response.content_type, response.headers, len(body), keep,
@@ -466,6 +493,10 @@ class _Connection(asyncio.Protocol):
         chunked = request.version != "HTTP/1.0"
         try:
             if self.closed:
+                # The client left while the handler ran. A generator that never started does not run its
+                # finally block on aclose(): take one step so that it does (its accounting, its cleanup).
+                with contextlib.suppress(Exception):
+                    await chunks.__anext__()
                 return False
             self._write(_head(response.status, response.content_type, response.headers, None, keep,
                               request.version))
