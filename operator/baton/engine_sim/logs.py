@@ -30,7 +30,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level: str, component: dict | None = None) -> None:
-    """Send baton.engine_sim logs (and aiohttp's errors) to stderr as JSON lines."""
+    """Send baton.engine_sim logs (and, for the Triton front end's side app, aiohttp's errors) to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     for name, lvl in (("baton.engine_sim", level), ("aiohttp", "WARNING")):
