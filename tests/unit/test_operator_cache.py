@@ -45,3 +45,35 @@ def test_per_model_views_and_forgetting_a_model():
     assert [o["metadata"]["name"] for o in cache.list_kind("StatefulSet", "ns", "b")] == ["b-prefill"]
     cache.clear()
     assert cache.get("StatefulSet", "ns", "b-prefill") is None
+
+
+def test_a_verification_survives_status_changes_and_ends_with_any_other_change():
+    cache = ChildCache()
+    cache.put(sts("a-decode", "a", 1))
+    assert cache.verified("StatefulSet", "ns", "a-decode") is None
+    cache.mark_verified("StatefulSet", "ns", "a-decode", "1", digest=1234)
+    assert cache.verified("StatefulSet", "ns", "a-decode") == 1234
+
+    with_status = {**sts("a-decode", "a", 2), "status": {"readyReplicas": 1}}
+    cache.put(with_status)  # the controller reports progress: what Baton renders is untouched
+    assert cache.verified("StatefulSet", "ns", "a-decode") == 1234
+    got = cache.get("StatefulSet", "ns", "a-decode")
+    assert got["status"] == {"readyReplicas": 1} and got["metadata"]["resourceVersion"] == "2"
+
+    cache.put({**sts("a-decode", "a", 3, replicas=5), "status": {"readyReplicas": 1}})  # someone edits the spec
+    assert cache.verified("StatefulSet", "ns", "a-decode") is None
+    assert cache.get("StatefulSet", "ns", "a-decode")["spec"]["replicas"] == 5
+
+    labelled = sts("a-decode", "a", 4, replicas=5)
+    cache.mark_verified("StatefulSet", "ns", "a-decode", "3", digest=99)
+    labelled["metadata"]["labels"]["extra"] = "x"  # a metadata edit is a change too
+    cache.put(labelled)
+    assert cache.verified("StatefulSet", "ns", "a-decode") is None
+
+
+def test_a_verification_of_an_outdated_read_is_not_recorded():
+    cache = ChildCache()
+    cache.put(sts("a-decode", "a", 1))
+    cache.put(sts("a-decode", "a", 2, replicas=4))
+    cache.mark_verified("StatefulSet", "ns", "a-decode", "1", digest=7)  # compared against version 1
+    assert cache.verified("StatefulSet", "ns", "a-decode") is None

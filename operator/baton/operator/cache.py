@@ -10,7 +10,8 @@ resourceVersion never overwrites a newer object.
 
 Objects are held as compressed JSON (a tenth of the memory of the parsed dicts, which dominated the
 operator's footprint at hundreds of models) and decoded on each read, so every reader gets its own
-copy. An index by model keeps per-model lookups independent of how many models there are.
+copy; an object's status is kept apart from the rest, which status-only events (most of them) leave
+untouched. An index by model keeps per-model lookups independent of how many models there are.
 """
 
 from __future__ import annotations
@@ -34,25 +35,44 @@ def _rv(obj: dict[str, Any]) -> int:
         return 0
 
 
-def _encode(obj: dict[str, Any]) -> bytes:
-    return zlib.compress(json.dumps(obj, separators=(",", ":")).encode(), 1)
+def _pack(data: Any) -> bytes:
+    return zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 1)
 
 
-def _decode(blob: bytes) -> dict[str, Any]:
+def _unpack(blob: bytes) -> Any:
     return json.loads(zlib.decompress(blob))
 
 
-def _without_managed_fields(obj: dict[str, Any]) -> dict[str, Any]:
-    """managedFields are often the largest part of an object and the reconciler never reads them."""
-    meta = obj.get("metadata")
-    if not meta or "managedFields" not in meta:
+class _Entry:
+    """One object: everything but its status (with a fingerprint), and its status, compressed apart.
+
+    Most watch events of a starting model only change a workload's status: the rest is then reused as is
+    (not compressed again), and its unchanged fingerprint tells the reconciler that what it verified
+    against the object last time still holds (`verified`: the digest of the rendered object it matched).
+    """
+
+    __slots__ = ("rv", "rv_text", "fingerprint", "main", "status", "verified")
+
+    def __init__(self, rv: int, rv_text: str, fingerprint: int, main: bytes, status: bytes | None) -> None:
+        self.rv = rv
+        self.rv_text = rv_text
+        self.fingerprint = fingerprint
+        self.main = main
+        self.status = status
+        self.verified: int | None = None
+
+    def decode(self) -> dict[str, Any]:
+        obj = _unpack(self.main)
+        if self.rv_text:
+            obj.setdefault("metadata", {})["resourceVersion"] = self.rv_text
+        if self.status is not None:
+            obj["status"] = _unpack(self.status)
         return obj
-    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
 
 
 class ChildCache:
     def __init__(self) -> None:
-        self._objects: dict[Key, tuple[int, bytes]] = {}  # key -> (resourceVersion, compressed JSON)
+        self._objects: dict[Key, _Entry] = {}
         self._by_model: dict[ModelKey, set[Key]] = defaultdict(set)
         self._lock = threading.Lock()
 
@@ -62,14 +82,27 @@ class ChildCache:
         rv = _rv(obj)
         with self._lock:
             current = self._objects.get(key)
-            if current is not None and rv < current[0]:
+            if current is not None and rv < current.rv:
                 return
-        blob = _encode(_without_managed_fields(obj))  # outside the lock: the costly part
+        # managedFields are often the largest part of an object and the reconciler never reads them.
+        main = {k: v for k, v in obj.items() if k != "status"}
+        main["metadata"] = {k: v for k, v in meta.items() if k not in ("managedFields", "resourceVersion")}
+        main_json = json.dumps(main, separators=(",", ":")).encode()  # outside the lock: the costly part
+        fingerprint = hash(main_json)
+        status = obj.get("status")
+        status_blob = _pack(status) if status is not None else None
+        reuse = current is not None and current.fingerprint == fingerprint
+        entry = _Entry(rv, str(meta.get("resourceVersion", "")), fingerprint,
+                       current.main if reuse else zlib.compress(main_json, 1), status_blob)  # type: ignore[union-attr]
+        if reuse:
+            entry.verified = current.verified  # type: ignore[union-attr]
         model = (meta.get("labels") or {}).get(LABEL_MODEL)
         with self._lock:
-            current = self._objects.get(key)
-            if current is None or rv >= current[0]:
-                self._objects[key] = (rv, blob)
+            latest = self._objects.get(key)
+            if latest is None or rv >= latest.rv:
+                if latest is not None and latest is not current and latest.fingerprint == fingerprint:
+                    entry.verified = latest.verified
+                self._objects[key] = entry
                 if model:
                     self._by_model[(key[1], model)].add(key)
 
@@ -80,13 +113,27 @@ class ChildCache:
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
             entry = self._objects.get((kind, namespace, name))
-        return _decode(entry[1]) if entry else None
+        return entry.decode() if entry else None
+
+    def verified(self, kind: str, namespace: str, name: str) -> int | None:
+        """The digest of the rendered object this cached object was last found to carry (None: never, or
+        it changed since). Costs no decoding."""
+        with self._lock:
+            entry = self._objects.get((kind, namespace, name))
+            return entry.verified if entry else None
+
+    def mark_verified(self, kind: str, namespace: str, name: str, rv: str, digest: int) -> None:
+        """The object at resourceVersion `rv` carries the rendered object whose digest is `digest`."""
+        with self._lock:
+            entry = self._objects.get((kind, namespace, name))
+            if entry is not None and entry.rv_text == rv:
+                entry.verified = digest
 
     def list_kind(self, kind: str, namespace: str, model: str) -> list[dict[str, Any]]:
         with self._lock:
-            blobs = [self._objects[k][1] for k in self._by_model.get((namespace, model), ())
-                     if k[0] == kind and k in self._objects]
-        return [_decode(b) for b in blobs]
+            entries = [self._objects[k] for k in self._by_model.get((namespace, model), ())
+                       if k[0] == kind and k in self._objects]
+        return [e.decode() for e in entries]
 
     def clear(self) -> None:
         with self._lock:

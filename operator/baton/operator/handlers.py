@@ -130,6 +130,9 @@ async def shutdown(**_: Any) -> None:
         runtime.executor.shutdown(wait=False, cancel_futures=True)
 
 
+WAKE_COALESCE_SECONDS = 0.2
+
+
 def _wake(namespace: str | None, name: str | None) -> None:
     if namespace and name and (namespace, name) in runtime.triggers:
         runtime.triggers[(namespace, name)].set()
@@ -157,6 +160,9 @@ async def reconcile_loop(namespace: str, name: str) -> None:
                 log.exception("reconcile of %s/%s failed; retrying in %.0fs", namespace, name, delay)
             try:
                 await asyncio.wait_for(trigger.wait(), timeout=delay * random.uniform(0.9, 1.1))
+                # Woken by an event: let the rest of its burst land (creating a model's children brings a
+                # dozen watch events back within milliseconds), so one pass serves them all.
+                await asyncio.sleep(WAKE_COALESCE_SECONDS)
             except asyncio.TimeoutError:
                 pass
     finally:

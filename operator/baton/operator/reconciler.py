@@ -14,8 +14,10 @@ The steps, each able to end the pass early:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +29,23 @@ from baton.api.v1alpha1 import DisaggregatedModel
 from baton.operator import diff, events, status
 from baton.operator.cache import ChildCache
 from baton.operator.kube import Kube, api_error_message
+from baton.operator.rollout_pass import (
+    ANNOTATION_RETRY,
+    ANNOTATION_ROLLBACK,
+    RolloutPass,
+    _replicas,
+)
 from baton.operator.validation import spec_problems
-from baton.operator.rollout_pass import ANNOTATION_RETRY, ANNOTATION_ROLLBACK, RolloutPass, _replicas
 from baton.render import render_generation, render_shared
 from baton.render.derived import derive
-from baton.render.naming import LABEL_GENERATION, LABEL_MODEL, Target, child_name, label_selector, selector_labels
+from baton.render.naming import (
+    LABEL_GENERATION,
+    LABEL_MODEL,
+    Target,
+    child_name,
+    label_selector,
+    selector_labels,
+)
 
 log = logging.getLogger("baton.operator")
 
@@ -58,13 +72,21 @@ class Reconciler:
         self.kube = kube
         self.cache = cache
         self._unschedulable: dict[tuple[str, str], tuple[float, list[str]]] = {}  # model -> (listed at, pods)
+        self._fresh = threading.local()  # .model: the pass is the first one of a model no operator has reconciled
+
+    def _new_model(self) -> bool:
+        return getattr(self._fresh, "model", False)
 
     def _read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        """A child as last seen by the watch streams, else as the API server has it."""
+        """A child as last seen by the watch streams, else as the API server has it. A model that has never
+        been reconciled (no status yet) has no children worth a GET: a miss is taken as absent, and the
+        apply that follows (server-side apply: create or update) is right either way."""
         if self.cache is not None:
             cached = self.cache.get(kind, namespace, name)
             if cached is not None:
                 return cached
+            if self._new_model():
+                return None
         return self.kube.get(kind, namespace, name)
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
@@ -76,6 +98,7 @@ class Reconciler:
         generation = int(meta.get("generation", 0))
         previous = body.get("status") or {}
         writes_before = self.kube.writes()
+        self._fresh.model = "observedGeneration" not in previous
 
         try:
             model = DisaggregatedModel.model_validate(body)
@@ -179,8 +202,22 @@ class Reconciler:
 
     def _apply_all(self, children: list[dict], namespace: str, changed: list[str], prefix: str = "") -> str:
         """Apply what differs, all or nothing (dry run first); return the API server's refusal, if any."""
-        live_objects = {_short(d): self._read(d["kind"], namespace, d["metadata"]["name"]) for d in children}
-        stale = [d for d in children if not diff.in_sync(d, live_objects[_short(d)])]
+        live_objects: dict[str, dict[str, Any] | None] = {}
+        stale = []
+        for desired in children:
+            kind, obj_name = desired["kind"], desired["metadata"]["name"]
+            # What was verified against an unchanged object need not be decoded and compared again.
+            digest = hash(json.dumps(desired, separators=(",", ":"))) if self.cache is not None else 0
+            if self.cache is not None and self.cache.verified(kind, namespace, obj_name) == digest:
+                continue
+            live = self._read(kind, namespace, obj_name)
+            if diff.in_sync(desired, live):
+                if self.cache is not None and live is not None:
+                    self.cache.mark_verified(kind, namespace, obj_name,
+                                             str(live["metadata"].get("resourceVersion", "")), digest)
+                continue
+            live_objects[_short(desired)] = live
+            stale.append(desired)
         # A change the API server would refuse leaves every serving child exactly as it was: every
         # update is dry-run first. Creations need no dry run (nothing serves from them yet), which
         # halves the requests for a new model.
@@ -203,7 +240,7 @@ class Reconciler:
     def _generations(self, namespace: str, name: str) -> dict[str, dict[str, dict]]:
         """generation -> tier -> StatefulSet, for every generation of this model in the cluster."""
         objects = self.cache.list_kind("StatefulSet", namespace, name) if self.cache is not None else []
-        if not objects:
+        if not objects and not (self.cache is not None and self._new_model()):
             # Nothing cached: a new model, or an operator that just started and whose watch streams have
             # not delivered yet. Ask the API server rather than report the tiers missing.
             objects = self.kube.list("StatefulSet", namespace, f"{LABEL_MODEL}={name}")

@@ -3,7 +3,6 @@ KV layout (TensorRT-LLM's CacheState, as `baton.kvformat` models it), its finger
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from baton import kvformat

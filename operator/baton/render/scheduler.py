@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from baton.api.units import parse_duration
-from baton.render.naming import DEFAULT_IMAGE, Target, child_name, labels, metadata, selector_labels
+from baton.render import yaml_text
+from baton.render.naming import (
+    DEFAULT_IMAGE,
+    Target,
+    child_name,
+    labels,
+    metadata,
+    selector_labels,
+)
 
 COMPONENT = "scheduler"
 CONFIG_DIR = "/etc/baton/scheduler"
@@ -68,7 +74,7 @@ def configmap(target: Target) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(target, COMPONENT),
-        "data": {CONFIG_FILE: yaml.safe_dump(scheduler_config(target), sort_keys=False)},
+        "data": {CONFIG_FILE: yaml_text.dump(scheduler_config(target), sort_keys=False)},
     }
 
 

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from baton.api.v1alpha1 import DecodeTierSpec, DisaggregatedModelSpec, PrefillTierSpec
-from baton.render import engine_config
+from baton.render import engine_config, yaml_text
 from baton.render.derived import Derived
 from baton.render.naming import (
     ANNOTATION_KV_FINGERPRINT,
     LABEL_GENERATION,
-    generation_child_name,
     Target,
     Tier,
     child_name,
+    generation_child_name,
     labels,
     metadata,
     selector_labels,
@@ -67,7 +65,7 @@ def engine_configmap(target: Target, tier: Tier, kv_bytes_per_token: int, genera
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": meta,
-        "data": {engine_config.CONFIG_FILE: yaml.safe_dump(options, sort_keys=True)},
+        "data": {engine_config.CONFIG_FILE: yaml_text.dump(options, sort_keys=True)},
     }
 
 
