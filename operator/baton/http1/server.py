@@ -498,17 +498,17 @@ class _Connection(asyncio.Protocol):
                 with contextlib.suppress(Exception):
                     await chunks.__anext__()
                 return False
-            self._write(_head(response.status, response.content_type, response.headers, None, keep,
-                              request.version))
+            # The head goes out with the first piece (one write, one segment), or alone if there is none.
+            head = _head(response.status, response.content_type, response.headers, None, keep, request.version)
             async for chunk in chunks:
                 if self.closed:
                     return False
                 if chunk:
-                    self._write(_frame(chunk) if chunked else chunk)
+                    self._write(head + (_frame(chunk) if chunked else chunk))
+                    head = b""
                 if self.write_paused:
                     await self._drain()
-            if chunked:
-                self._write(b"0\r\n\r\n")
+            self._write(head + b"0\r\n\r\n" if chunked else head)
             return keep
         except ConnectionError:
             if not self.closed:
@@ -535,8 +535,8 @@ class _Connection(asyncio.Protocol):
             return False
         done: asyncio.Future[None] = self.server.loop.create_future()
         self.push_done = done
-        sink = _PushSink(self, done, chunked=request.version != "HTTP/1.0")
-        self._write(_head(response.status, response.content_type, response.headers, None, keep, request.version))
+        sink = _PushSink(self, done, request.version != "HTTP/1.0",
+                         _head(response.status, response.content_type, response.headers, None, keep, request.version))
         paused_before = self.write_paused  # pause_writing tells the producer only of pauses from now on
         self.producer = producer
         try:
@@ -545,7 +545,12 @@ class _Connection(asyncio.Protocol):
             except BaseException:
                 self.producer = None
                 producer.abort()
+                if sink.head and not done.done():  # nothing was sent yet: a clean error instead of a cut 200
+                    sink.head = b""
+                    body = b"internal server error"
+                    self._write(_head(500, "text/plain; charset=utf-8", None, len(body), False) + body)
                 raise
+            sink.flush_head()  # a producer that wrote nothing yet: the client gets the status line now
             if paused_before and self.write_paused and not done.done() and self.producer is not None:
                 producer.pause()
             await done
@@ -556,26 +561,35 @@ class _Connection(asyncio.Protocol):
 
 
 class _PushSink:
-    """Where a producer writes; `end` finishes the response."""
+    """Where a producer writes; `end` finishes the response. The response head goes out with the first
+    write (one write, one TCP segment for head and first token)."""
 
-    __slots__ = ("conn", "done", "chunked")
+    __slots__ = ("conn", "done", "chunked", "head")
 
-    def __init__(self, conn: _Connection, done: asyncio.Future[None], chunked: bool) -> None:
+    def __init__(self, conn: _Connection, done: asyncio.Future[None], chunked: bool, head: bytes) -> None:
         self.conn = conn
         self.done = done
         self.chunked = chunked
+        self.head = head
+
+    def flush_head(self) -> None:
+        if self.head and not self.done.done():
+            head, self.head = self.head, b""
+            self.conn._write(head)  # noqa: SLF001
 
     def write(self, data: bytes) -> None:
         if data and not self.done.done():
-            self.conn._write(_frame(data) if self.chunked else data)  # noqa: SLF001
+            head, self.head = self.head, b""
+            self.conn._write(head + (_frame(data) if self.chunked else data))  # noqa: SLF001
 
     def end(self, data: bytes = b"") -> None:
         if self.done.done():
             return
+        head, self.head = self.head, b""
         if self.chunked:
-            self.conn._write((_frame(data) if data else b"") + b"0\r\n\r\n")  # noqa: SLF001
-        elif data:
-            self.conn._write(data)  # noqa: SLF001
+            self.conn._write(head + (_frame(data) if data else b"") + b"0\r\n\r\n")  # noqa: SLF001
+        elif head or data:
+            self.conn._write(head + data)  # noqa: SLF001
         self.done.set_result(None)
 
 
