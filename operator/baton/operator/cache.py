@@ -51,11 +51,10 @@ class _Entry:
     against the object last time still holds (`verified`: the digest of the rendered object it matched).
     """
 
-    __slots__ = ("rv", "rv_text", "fingerprint", "main", "status", "verified")
+    __slots__ = ("rv", "fingerprint", "main", "status", "verified")
 
-    def __init__(self, rv: int, rv_text: str, fingerprint: int, main: bytes, status: bytes | None) -> None:
-        self.rv = rv
-        self.rv_text = rv_text
+    def __init__(self, rv: int, fingerprint: int, main: bytes, status: bytes | None) -> None:
+        self.rv = rv  # resourceVersion (etcd revisions are integers)
         self.fingerprint = fingerprint
         self.main = main
         self.status = status
@@ -63,8 +62,8 @@ class _Entry:
 
     def decode(self) -> dict[str, Any]:
         obj = _unpack(self.main)
-        if self.rv_text:
-            obj.setdefault("metadata", {})["resourceVersion"] = self.rv_text
+        if self.rv:
+            obj.setdefault("metadata", {})["resourceVersion"] = str(self.rv)
         if self.status is not None:
             obj["status"] = _unpack(self.status)
         return obj
@@ -92,7 +91,7 @@ class ChildCache:
         status = obj.get("status")
         status_blob = _pack(status) if status is not None else None
         reuse = current is not None and current.fingerprint == fingerprint
-        entry = _Entry(rv, str(meta.get("resourceVersion", "")), fingerprint,
+        entry = _Entry(rv, fingerprint,
                        current.main if reuse else zlib.compress(main_json, 1), status_blob)  # type: ignore[union-attr]
         if reuse:
             entry.verified = current.verified  # type: ignore[union-attr]
@@ -126,7 +125,7 @@ class ChildCache:
         """The object at resourceVersion `rv` carries the rendered object whose digest is `digest`."""
         with self._lock:
             entry = self._objects.get((kind, namespace, name))
-            if entry is not None and entry.rv_text == rv:
+            if entry is not None and str(entry.rv) == rv:
                 entry.verified = digest
 
     def list_kind(self, kind: str, namespace: str, model: str) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=256)
 def _dump(content_json: str, sort_keys: bool) -> str:
     return yaml.safe_dump(json.loads(content_json), sort_keys=sort_keys)
 
