@@ -179,6 +179,12 @@ class _JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, fmt: str) -> None:
+    # No caller, thread or process lookup per record: the lines carry none of them (the logging
+    # documentation's own advice for hot paths).
+    logging._srcfile = None  # type: ignore[attr-defined]  # noqa: SLF001
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = _BatchedStderrHandler()
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _KeyValueFormatter())
     root = logging.getLogger("baton")

@@ -77,10 +77,12 @@ class StreamRelay:
     # ------------------------------------------------------------------ engine callbacks
     def _scan(self, chunk: bytes) -> None:
         self.events += chunk.count(b"data:")
-        window = self.tail + chunk if self.tail else chunk
-        if b"[DONE]" in window:
+        # Markers are looked for in the piece, and across the seam with the previous one (no copy of the piece).
+        seam = self.tail + chunk[:24]
+        if b"[DONE]" in chunk or b"[DONE]" in seam:
             self.done = True
-        if STREAM_ERROR in window or STREAM_ERROR_COMPACT in window:
+        if (STREAM_ERROR in chunk or STREAM_ERROR_COMPACT in chunk or STREAM_ERROR in seam
+                or STREAM_ERROR_COMPACT in seam):
             self.errored = True
         self.tail = chunk[-24:]
 
