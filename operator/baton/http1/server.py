@@ -181,6 +181,13 @@ class _Failure:
         self.message = message
 
 
+async def _step_once(chunks: AsyncIterator[bytes]) -> None:
+    """Take one step of a stream that will not be sent: a generator that never started does not run its
+    finally block on aclose(), and that block holds its accounting and cleanup."""
+    with contextlib.suppress(Exception):
+        await chunks.__anext__()  # type: ignore[attr-defined]
+
+
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER = range(5)
 
 
@@ -432,10 +439,10 @@ class _Connection(asyncio.Protocol):
         """Answer one request; returns whether the connection may serve another."""
         keep = request.keep_alive and not self.server.draining
         handler = self.server.routes.get((request.method, request.path))
-        if handler is None and request.method == "HEAD":
+        head_only = False
+        if handler is None and request.method == "HEAD":  # HEAD on a GET route: the GET answer's head
             handler = self.server.routes.get(("GET", request.path))
-            if handler is not None:
-                return await self._answer_head(handler, request, keep)
+            head_only = handler is not None
         if handler is None:
             methods = [m for (m, p) in self.server.routes if p == request.path]
             status = 405 if methods else 404
@@ -448,9 +455,12 @@ class _Connection(asyncio.Protocol):
             response = await handler(request)
         except Exception:
             log.exception("request handler failed: %s %s", request.method, request.path)
-            self._write_whole(Response(500, b"internal server error", "text/plain; charset=utf-8"), request, False)
+            body = b"" if head_only else b"internal server error"
+            self._write_whole(Response(500, body, "text/plain; charset=utf-8"), request, False)
             return False
         keep = keep and not self.server.draining
+        if head_only:
+            return await self._answer_head(response, request, keep)
         if isinstance(response, Response):
             self._write_whole(response, request, keep)
             return keep
@@ -460,27 +470,17 @@ class _Connection(asyncio.Protocol):
             return await self._push(response, request, keep)
         return await self._iterate(response, request, keep)
 
-    async def _answer_head(self, handler: Handler, request: Request, keep: bool) -> bool:
-        """HEAD on a GET route: the GET answer's head, no body."""
-        try:
-            response = await handler(request)
-        except Exception:
-            log.exception("request handler failed: %s %s", request.method, request.path)
-            self._write_whole(Response(500, b"", "text/plain; charset=utf-8"), request, False)
-            return False
-        if isinstance(response, Response):
-            self._write(_head(response.status, response.content_type, response.headers, len(response.body), keep,
-                              request.version))
-            return keep
+    async def _answer_head(self, response: AnyResponse, request: Request, keep: bool) -> bool:
+        """The head of `response` without its body; a streamed body is dropped unsent."""
+        length = len(response.body) if isinstance(response, Response) else 0
         if isinstance(response, PushResponse):
             response.producer.abort()
-        else:
-            with contextlib.suppress(Exception):
-                await response.chunks.__anext__()  # see _iterate: let the generator's finally run
+        elif isinstance(response, StreamResponse):
+            await _step_once(response.chunks)
             aclose = getattr(response.chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
-        self._write(_head(response.status, response.content_type, response.headers, 0, keep, request.version))
+        self._write(_head(response.status, response.content_type, response.headers, length, keep, request.version))
         return keep
 
     def _write_whole(self, response: Response, request: Request, keep: bool) -> None:
@@ -493,10 +493,7 @@ class _Connection(asyncio.Protocol):
         chunked = request.version != "HTTP/1.0"
         try:
             if self.closed:
-                # The client left while the handler ran. A generator that never started does not run its
-                # finally block on aclose(): take one step so that it does (its accounting, its cleanup).
-                with contextlib.suppress(Exception):
-                    await chunks.__anext__()
+                await _step_once(chunks)  # the client left while the handler ran
                 return False
             # The head goes out with the first piece (one write, one segment), or alone if there is none.
             head = _head(response.status, response.content_type, response.headers, None, keep, request.version)
