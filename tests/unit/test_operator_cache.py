@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import zlib
+
 from baton.operator.cache import ChildCache
 
 
@@ -77,3 +80,34 @@ def test_a_verification_of_an_outdated_read_is_not_recorded():
     cache.put(sts("a-decode", "a", 2, replicas=4))
     cache.mark_verified("StatefulSet", "ns", "a-decode", "1", digest=7)  # compared against version 1
     assert cache.verified("StatefulSet", "ns", "a-decode") is None
+
+
+def deployment(name: str, image: str, rv: int, status: dict | None) -> dict:
+    obj = {"kind": "Deployment", "apiVersion": "apps/v1",
+           "metadata": {"name": name, "namespace": "ns", "resourceVersion": str(rv),
+                        "labels": {"baton.dev/model": name, "app.kubernetes.io/managed-by": "baton"}},
+           "spec": {"replicas": 1, "template": {"spec": {"containers": [
+               {"name": "scheduler", "image": image, "args": ["--config", f"/etc/baton/{name}.json"] * 20}]}}}}
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+def test_objects_of_one_kind_are_stored_as_their_differences_and_read_back_exactly():
+    cache = ChildCache()
+    first = deployment("alpha", "baton:1", 5, None)  # the kind's first object has no status at all
+    cache.put(first)
+    others = [deployment(f"model-{i}", f"baton:{i}", 10 + i, {"readyReplicas": i, "conditions": [{"type": "Available"}]})
+              for i in range(20)]
+    for obj in others:
+        cache.put(obj)
+    for obj in [first, *others]:
+        got = cache.get("Deployment", "ns", obj["metadata"]["name"])
+        assert got == obj
+    objects, stored = cache.footprint()
+    alone = sum(len(zlib.compress(json.dumps(o, separators=(",", ":")).encode(), 1)) for o in others)
+    assert objects == 21
+    assert stored < alone / 2, (stored, alone)  # every object after the first costs a fraction of itself
+    cache.clear()
+    cache.put(others[3])
+    assert cache.get("Deployment", "ns", "model-3") == others[3]

@@ -1,10 +1,11 @@
-"""The operator's Prometheus metrics: reconcile passes, their duration and outcome, and every API
-request it made by verb (what the benchmark reports as requests per reconcile)."""
+"""The operator's Prometheus metrics: reconcile passes, their duration and outcome, every API request
+it made by verb (what the benchmark reports as requests per reconcile), and the size of its child
+cache."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 REGISTRY = CollectorRegistry()
 
@@ -32,3 +33,17 @@ class _ApiRequests:
 
 def watch_client(kube) -> None:
     REGISTRY.register(_ApiRequests(kube))
+
+
+class _CacheSize:
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    def collect(self):
+        objects, size = self.cache.footprint()
+        yield GaugeMetricFamily("baton_operator_cache_objects", "Child objects held in the operator's cache.", value=objects)
+        yield GaugeMetricFamily("baton_operator_cache_bytes", "Bytes of compressed JSON the cached children take.", value=size)
+
+
+def watch_cache(cache) -> None:
+    REGISTRY.register(_CacheSize(cache))
