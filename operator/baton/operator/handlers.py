@@ -5,8 +5,9 @@ sleeps until something relevant changes (the object's generation or annotations,
 children) or its resync interval passes. One loop per object means passes for one model never
 overlap, and a burst of events collapses into a single pass.
 
-kopf's own bookkeeping (progress, diff base, finalizer) is kept in annotations under Baton's prefix:
-the CRD's structural schema would prune anything kopf wrote into an undeclared status field.
+kopf's own bookkeeping (progress, finalizer) is kept in annotations under Baton's prefix: the CRD's
+structural schema would prune anything kopf wrote into an undeclared status field. With only event
+handlers there is no diff base to keep, and no per-object record for children (bookkeeping.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import prometheus_client
 
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
 from baton.operator import memory, metrics
+from baton.operator.bookkeeping import NoDiffBase
 from baton.operator.cache import ChildCache
 from baton.operator.kube import Kube
 from baton.operator.pausing import gate as pause_gate
@@ -58,9 +60,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     memory.tune_allocator()  # before the reconcile threads start
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration"
-    )
+    # Only event handlers here: no diff base to build (a deep copy per event) or store (bookkeeping.py).
+    settings.persistence.diffbase_storage = NoDiffBase()
     watch_only_batons_objects(settings)
     # Baton posts its own Events (reasons users can search for); kopf's are for warnings only.
     settings.posting.level = logging.WARNING
@@ -68,6 +69,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = server_timeout
     settings.watching.client_timeout = server_timeout + 30
     settings.watching.connect_timeout = 10
+    # The initial listing in pages: a restart among a thousand models lists 12,000 children, and one
+    # unpaged answer per kind is parsed whole (tens of MB of dicts at once) before any is handled.
+    settings.watching.chunk_size = 250
     settings.networking.request_timeout = 60
     # kopf keeps a worker task per object for this long after its last event; thousands of children
     # change at once when many models start, and idle workers are pure memory.
@@ -78,6 +82,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     if os.environ.get("BATON_METRICS_ADDRESS"):
         host, _, port = os.environ["BATON_METRICS_ADDRESS"].rpartition(":")
         metrics.watch_client(runtime.kube)
+        metrics.watch_cache(runtime.cache)
         prometheus_client.start_http_server(int(port), addr=host, registry=metrics.REGISTRY)
     runtime.reconciler = Reconciler(runtime.kube, runtime.cache)
     runtime.executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")

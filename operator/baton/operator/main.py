@@ -26,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     import baton.operator.handlers  # noqa: F401  (registers the handlers)
+    from baton.operator.bookkeeping import ModelMemories
 
     kopf.configure(verbose=args.verbose, debug=args.debug)
     if not (args.verbose or args.debug):
@@ -43,6 +44,7 @@ def main(argv: list[str]) -> int:
             peering_name=args.peering or None,
             priority=int.from_bytes(os.urandom(4), "big") >> 1 if args.peering else None,  # kopf freezes all peers of equal priority
             liveness_endpoint=args.liveness or None,
+            memories=ModelMemories(),  # no per-object records for the children
         )
     )
     return 0
