@@ -139,7 +139,11 @@ def test_operator_bench_keeps_the_rows_a_partial_run_did_not_measure(tmp_path):
     row = {"seconds": 10.0, "floor_seconds": 9.0, "requests_per_reconcile": 4.5, "noop_writes": 0,
            "noop_reconciles": 12, "noop_requests_per_reconcile": 1.0, "peak_rss_mib": 70}
     full = {1: row, 500: {**row, "seconds": 300.0, "floor_seconds": 260.0}}
-    bench.write_report(bench.report(full, {"models": 1000, "ready": 1000, "rss_mib": 140, "peak_rss_mib": 149}, 60), out)
+    memory_run = {"models": 1000, "ready": 1000, "rss_mib": 140, "peak_rss_mib": 149,
+                  "restart_rss_mib": 130, "restart_peak_rss_mib": 151}
+    bench.write_report(bench.report(full, memory_run, 60), out)
+    assert "peak 151 MiB (misses the 150 MiB target)" in out.read_text()  # a restart counts as well
+    bench.write_report(bench.report(full, {**memory_run, "restart_peak_rss_mib": 145}, 60), out)
     rows, memory = bench.previous_results(out)
     assert sorted(rows) == [1, 500] and "meets the 150 MiB target" in memory
 

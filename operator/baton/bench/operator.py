@@ -8,8 +8,9 @@ For each N (default 1, 100, 500), on one local cluster whose node pools this ben
   operator running as its own process;
 then the ratio of the two, the operator's API requests per reconcile pass, its writes during a
 window of resyncs with nothing to do, and its peak RSS. Finally N_rss models (default 1,000) with
-both tiers at zero replicas measure the operator's memory at that object count. Results go to
-BENCHMARKS.md between this benchmark's markers.
+both tiers at zero replicas measure the operator's memory at that object count: while they are
+created, and in a new operator process started among them. Results go to BENCHMARKS.md between this
+benchmark's markers.
 """
 
 from __future__ import annotations
@@ -278,7 +279,17 @@ def rss_phase(cluster: Cluster, n: int, log: Path) -> dict[str, float]:
         ready = cluster.models_ready(namespace, n)
         time.sleep(2 * RESYNC_SECONDS)
         rss, peak = _rss_mib(op.proc.pid)
-        return {"models": n, "ready": ready, "rss_mib": rss, "peak_rss_mib": peak}
+        # A restarted operator meets all of it at once: kopf lists every model and child, and each
+        # model's first pass finds its children already there.
+        op.stop()
+        op = Operator(cluster, namespace, log.with_name(log.stem + "-restart.log"))
+        deadline = time.monotonic() + 1800
+        while _reconciles(op.metrics()) < n and time.monotonic() < deadline:
+            time.sleep(1)
+        time.sleep(2 * RESYNC_SECONDS)
+        restart_rss, restart_peak = _rss_mib(op.proc.pid)
+        return {"models": n, "ready": ready, "rss_mib": rss, "peak_rss_mib": peak,
+                "restart_rss_mib": restart_rss, "restart_peak_rss_mib": restart_peak}
     finally:
         op.stop()
         cluster.delete_namespace(namespace, wait=False)  # the last phase: the cluster goes next
@@ -319,9 +330,11 @@ def report(results: dict[int, dict[str, float]], rss: dict[str, float] | None, e
         )
     lines += [rows[n] for n in sorted(rows)]
     if rss:
-        verdict = "meets" if rss["peak_rss_mib"] <= 150 else "misses"
+        verdict = "meets" if max(rss["peak_rss_mib"], rss["restart_peak_rss_mib"]) <= 150 else "misses"
         lines += ["", f"Memory at {int(rss['models'])} models (tiers at zero replicas, {int(rss['ready'])} Ready): "
-                  f"RSS {rss['rss_mib']:.0f} MiB, peak {rss['peak_rss_mib']:.0f} MiB ({verdict} the 150 MiB target)."]
+                  f"RSS {rss['rss_mib']:.0f} MiB, peak {rss['peak_rss_mib']:.0f} MiB while they were created; "
+                  f"after restarting the operator among them, RSS {rss['restart_rss_mib']:.0f} MiB, peak "
+                  f"{rss['restart_peak_rss_mib']:.0f} MiB ({verdict} the 150 MiB target)."]
     elif kept_memory:
         lines += ["", kept_memory]
     earlier = sorted(set(rows) - set(results))
