@@ -13,7 +13,8 @@ operator's footprint at hundreds of models) and decoded on each read, so every r
 copy; an object's status is kept apart from the rest, which status-only events (most of them) leave
 untouched. Every object of one kind is rendered from the same template, so each is compressed against
 a preset dictionary: the first object of its kind the cache saw. What is stored is then little more
-than how an object differs from that one, about a sixth of compressing it on its own (and faster). An index by model keeps per-model lookups independent of how many models there are.
+than how an object differs from that one, about a sixth of compressing it on its own (and faster).
+An index by model keeps per-model lookups independent of how many models there are.
 """
 
 from __future__ import annotations
