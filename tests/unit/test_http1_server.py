@@ -1373,6 +1373,25 @@ def test_http1_client_against_the_server():
     run(main())
 
 
+def test_concurrent_large_bodies_through_the_shared_read_buffer_arrive_intact():
+    """Server and client connections of one thread read into one reused buffer (baton.http1.reading):
+    interleaved reads of different connections must not leak into each other."""
+
+    async def main():
+        async with serving(ROUTES) as server:
+            client = HttpClient()
+            try:
+                bodies = [bytes([i]) * (300_000 + 4099 * i) for i in range(8)]  # each over one read's 256 KiB
+                answers = await asyncio.gather(*(client.request("POST", HOST, server.port, "/echo", body)
+                                                 for body in bodies))
+                assert [(status, body) for status, _, body in answers] == [(200, body) for body in bodies]
+                assert len(server.connections) == len(bodies)
+            finally:
+                await client.close()
+
+    run(main())
+
+
 def test_stream_whose_client_left_before_it_started_still_runs_its_finally():
     """A handler that takes a while returns a stream after its client has gone: the generator never
     starts, yet its finally block (accounting, cleanup) must run."""

@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+from baton.http1.reading import ReusedBufferProtocol
+
 DataCallback = Callable[[bytes], None]
 EndCallback = Callable[[], None]
 ErrorCallback = Callable[[Exception], None]
@@ -32,7 +34,7 @@ class ProtocolError(ConnectionError):
     """The server's answer is not HTTP/1.1 we understand."""
 
 
-class _Conn(asyncio.Protocol):
+class _Conn(ReusedBufferProtocol):
     def __init__(self, client: HttpClient, key: tuple[str, int]) -> None:
         self.client = client
         self.key = key
@@ -72,7 +74,7 @@ class _Conn(asyncio.Protocol):
                 "the server closed the connection" + (" mid-answer" if self.got_bytes else " before answering"))
             self._fail(err)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: memoryview) -> None:  # valid during the call only (ReusedBufferProtocol)
         self.last_active = self.client.loop.time()
         if self.state in (_IDLE, _DONE):
             self.keep = False  # bytes nobody asked for: the connection is not reused

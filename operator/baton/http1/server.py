@@ -26,6 +26,8 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Protocol
 
+from baton.http1.reading import ReusedBufferProtocol
+
 log = logging.getLogger("baton.http1.server")
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -191,7 +193,7 @@ async def _step_once(chunks: AsyncIterator[bytes]) -> None:
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER = range(5)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(ReusedBufferProtocol):
     """One client connection: parses requests in `data_received`, answers them in order."""
 
     def __init__(self, server: HttpServer) -> None:
@@ -251,7 +253,7 @@ class _Connection(asyncio.Protocol):
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: memoryview) -> None:  # valid during the call only (ReusedBufferProtocol)
         if self.dead:
             return
         self.last_active = self.server.loop.time()
