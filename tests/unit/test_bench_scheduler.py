@@ -13,6 +13,7 @@ from baton.bench import loadgen
 from baton.bench import main as bench_main
 from baton.bench import scheduler as sb
 from baton.bench.report import replace_section
+from baton.http1.client import HttpClient
 
 
 def rec(i, latency, status=200, *, ttft=None, retry_after=None, route="local", error="", sent_at=0.0, events=3):
@@ -282,71 +283,69 @@ def test_request_bodies():
     assert [len(b["prompt"]) for b in text_bodies] == [64, 64] and text_bodies[0]["stream"] is False
 
 
-def test_split_ids_keeps_the_prompt_ids_raw():
-    answer = {"choices": [{"disaggregated_params": {"ctx_request_id": 5}}], "prompt_token_ids": [1, 2, 30]}
-    data, ids = loadgen.split_ids(json.dumps(answer).encode())
-    assert ids == b"[1, 2, 30]" and data["prompt_token_ids"] == [] and data["choices"] == answer["choices"]
+def _answer_from(pieces, *, close=False):
+    """What the load generator's `Pool` makes of an answer a loopback server sends in `pieces`."""
 
-
-class _Transport:
-    def __init__(self):
-        self.written = []
-        self.closed = False
-
-    def write(self, data):
-        self.written.append(data)
-
-    def close(self):
-        self.closed = True
-
-
-def _exchange(chunks, stream=True):
     async def run():
-        conn = loadgen._Conn()
-        conn.connection_made(_Transport())
-        fut = conn.send(b"HEAD", b"BODY")
-        for c in chunks:
-            conn.data_received(c)
-        return fut.result(), conn
+        async def handle(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            if close:
+                writer.close()
+            else:
+                await reader.read()  # until the client lets the connection go
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        client = HttpClient()
+        try:
+            pool = loadgen.Pool(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", client)
+            return await asyncio.wait_for(pool.request("/v1/completions", b'{"prompt": [1]}', "rid-1"), 10)
+        finally:
+            await client.close()
+            server.close()
 
     return asyncio.run(run())
 
 
-def test_http_parser_chunked_stream_split_anywhere():
+def _split(raw, size):
+    return [raw[i:i + size] for i in range(0, len(raw), size)]
+
+
+def test_pool_times_and_counts_a_stream_split_anywhere():
     events = [b'data: {"t": 1}\n\n', b'data: {"t": 2}\n\n', b"data: [DONE]\n\n"]
     raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
     raw += b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
-    for size in (1, 7, len(raw)):
-        answer, conn = _exchange([raw[i:i + size] for i in range(0, len(raw), size)])
+    for size in (3, 11, len(raw)):
+        answer = _answer_from(_split(raw, size))
         assert answer.status == 200 and answer.done and answer.events == 3 and answer.body == b""
-        assert answer.headers[b"content-type"] == b"text/event-stream" and conn.keep
+        assert answer.headers["content-type"] == "text/event-stream" and answer.t_first is not None
+    # a stream cut before [DONE] is not done
+    cut = raw[:raw.index(b"e\r\ndata: [DONE]")] + b"0\r\n\r\n"
+    answer = _answer_from([cut])
+    assert answer.status == 200 and not answer.done and answer.events == 2
 
 
-def test_http_parser_content_length_and_errors():
+def test_pool_reads_refusals_and_errors_whole():
     body = b'{"error": {"code": "queue_full"}}'
     raw = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: %d\r\nRetry-After: 3\r\nX-Baton-Error: queue_full\r\n"
            b"Connection: close\r\n\r\n%s" % (len(body), body))
-    answer, conn = _exchange([raw[:20], raw[20:]])
-    assert answer.status == 429 and answer.body == body and answer.headers[b"retry-after"] == b"3"
-    assert not conn.keep
+    answer = _answer_from([raw[:20], raw[20:]], close=True)
+    assert answer.status == 429 and answer.body == body and answer.headers["retry-after"] == "3"
+    assert answer.headers["x-baton-error"] == "queue_full"
     # an error streamed as chunks keeps its body
-    raw = b"HTTP/1.1 500 Internal\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nboom!\r\n0\r\n\r\n"
-    answer, _ = _exchange([raw])
+    answer = _answer_from([b"HTTP/1.1 500 Internal\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nboom!\r\n0\r\n\r\n"])
     assert answer.status == 500 and answer.body == b"boom!" and not answer.done
 
 
-def test_http_parser_connection_lost_mid_answer():
-    async def run():
-        conn = loadgen._Conn()
-        conn.connection_made(_Transport())
-        fut = conn.send(b"HEAD", b"BODY")
-        conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab")
-        conn.connection_lost(None)
-        return fut
-
-    fut = asyncio.run(run())
+def test_pool_raises_when_the_connection_drops_mid_answer():
     with pytest.raises(ConnectionResetError):
-        fut.result()
+        _answer_from([b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"5\r\nab"], close=True)
 
 
 def test_proc_cpu_and_machine_busy_are_readable():

@@ -3,9 +3,9 @@
     python -m baton.bench.loadgen < spec.json > results.json
 
 It runs in its own process so that, on a small machine, its CPU time is not charged to the processes
-under test and can be reported separately. It uses a minimal HTTP/1.1 client on an asyncio protocol
-(keep-alive, Content-Length and chunked bodies, parsed in the data callback) because a full client library
-would cost several times more CPU per request than the scheduler being measured.
+under test and can be reported separately. It uses the scheduler's own HTTP/1.1 client (`baton.http1`,
+parsed in the data callbacks) because a general-purpose client library would cost several times more CPU
+per request than the scheduler being measured.
 
 Input (stdin, one JSON object):
     {"watch": {"name": pid, ...},          # processes whose CPU time is read from /proc before/after each phase
@@ -42,6 +42,9 @@ import resource
 import sys
 import time
 from typing import Any
+
+from baton.http1.client import HttpClient
+from baton.scheduler.requests import parse_context_answer
 
 VOCAB_LOW, VOCAB_HIGH = 1000, 30000  # token ids valid for any Llama vocabulary (as baton.replay uses)
 _WORDS = (
@@ -87,234 +90,76 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def split_ids(data: bytes) -> tuple[Any, bytes]:
-    """A context-only answer decoded without its `prompt_token_ids`, which are returned as raw JSON
-    (decoding and re-encoding ~56K ids per 220 KB prompt would make the load generator the bottleneck)."""
-    key = data.rfind(b'"prompt_token_ids"')
-    start = data.index(b"[", key)
-    end = data.index(b"]", start) + 1
-    return json.loads(data[:start] + b"[]" + data[end:]), data[start:end]
-
-
 # ------------------------------------------------------------------------------------------------ HTTP
-class HttpError(Exception):
-    pass
-
-
 class Answer:
     __slots__ = ("status", "headers", "body", "t_first", "done", "events")
 
-    def __init__(self, status: int, headers: dict[bytes, bytes], body: bytes, t_first: float | None,
+    def __init__(self, status: int, headers: dict[str, str], body: bytes, t_first: float | None,
                  done: bool, events: int = 0) -> None:
         self.status = status
-        self.headers = headers
-        self.body = body
+        self.headers = headers  # lower-case names
+        self.body = body  # b"" for a streamed 200 answer (only its events are counted)
         self.t_first = t_first  # perf_counter when the first body bytes arrived
         self.done = done  # a streamed answer ended with [DONE]
         self.events = events  # SSE events ("data:" lines) in the body
 
 
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _UNTIL_CLOSE = range(6)
+class _StreamCount:
+    """Counts a relayed stream's SSE events and watches for `[DONE]` (also across a read boundary)."""
 
+    __slots__ = ("events", "done", "tail", "ended")
 
-class _Conn(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection, parsed in `data_received` (one callback per socket read, no
-    coroutine switch per SSE chunk: the load generator must stay cheaper than what it measures)."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.waiter: asyncio.Future[Answer] | None = None
-        self.buf = bytearray()
-        self.state = -1  # no request in progress
-        self.got_bytes = False
-        self.keep = True
-
-    # -- asyncio callbacks
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.state == _UNTIL_CLOSE and self.waiter is not None and not self.waiter.done():
-            self._finish()
-            return
-        if self.waiter is not None and not self.waiter.done():
-            err = ConnectionResetError("connection closed by the server")
-            err.partial = bytes(self.buf) if self.got_bytes else b""  # type: ignore[attr-defined]
-            self.waiter.set_exception(err)
-
-    def data_received(self, data: bytes) -> None:
-        if self.waiter is None or self.waiter.done():
-            return  # nothing asked for (a stray byte after an answer); ignored
-        if not self.got_bytes:
-            self.got_bytes = True
-        self.buf += data
-        try:
-            self._parse()
-        except (ValueError, IndexError) as exc:
-            self.waiter.set_exception(HttpError(f"unparseable response: {exc}"))
-            self.close()
-
-    # -- request
-    def send(self, head: bytes, body: bytes) -> asyncio.Future[Answer]:
-        assert self.transport is not None
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.buf.clear()
-        self.got_bytes = False
-        self.state = _HEAD
-        self.status = 0
-        self.headers: dict[bytes, bytes] = {}
-        self.parts: list[bytes] = []
-        self.t_first: float | None = None
-        self.tail = b""
-        self.done = False
+    def __init__(self, ended: asyncio.Future[None], first: bytes) -> None:
         self.events = 0
-        self.need = 0
-        self.keep = True
-        self.transport.write(head)
-        self.transport.write(body)
-        return self.waiter
+        self.done = False
+        self.tail = b""
+        self.ended = ended
+        self.data(first)
 
-    def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.close()
-        self.closed = True
-
-    # -- parsing
-    def _body(self, data: bytes) -> None:
-        if self.t_first is None:
-            self.t_first = time.perf_counter()
-        if self.status != 200 or self.state == _LENGTH or self.state == _UNTIL_CLOSE:
-            self.parts.append(data)
-        if b"[DONE]" in self.tail + data:
+    def data(self, chunk: bytes) -> None:
+        if b"[DONE]" in chunk or b"[DONE]" in self.tail + chunk[:8]:
             self.done = True
-        self.tail = data[-16:]
-        self.events += data.count(b"data:")
+        self.tail = chunk[-8:]
+        self.events += chunk.count(b"data:")
 
-    def _finish(self) -> None:
-        body = b"".join(self.parts) if (self.status != 200 or self.state != _TRAILER) else b""
-        self.state = -1
-        assert self.waiter is not None
-        self.waiter.set_result(Answer(self.status, self.headers, body, self.t_first, self.done, self.events))
+    def end(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
 
-    def _parse(self) -> None:
-        buf = self.buf
-        while True:
-            state = self.state
-            if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    return
-                lines = bytes(buf[:end]).split(b"\r\n")
-                del buf[:end + 4]
-                self.status = int(lines[0].split(b" ", 2)[1])
-                headers = self.headers
-                for line in lines[1:]:
-                    key, _, value = line.partition(b":")
-                    headers[key.strip().lower()] = value.strip()
-                self.keep = headers.get(b"connection", b"").lower() != b"close"
-                if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-                    self.state = _CHUNK_SIZE
-                elif b"content-length" in headers:
-                    self.need = int(headers[b"content-length"])
-                    self.state = _LENGTH
-                    if self.need == 0:
-                        self._finish()
-                        return
-                else:
-                    self.keep = False
-                    self.state = _UNTIL_CLOSE
-            elif state == _LENGTH:
-                if len(buf) < self.need:
-                    return
-                self._body(bytes(buf[:self.need]))
-                del buf[:self.need]
-                self._finish()
-                return
-            elif state == _UNTIL_CLOSE:
-                if buf:
-                    self._body(bytes(buf))
-                    buf.clear()
-                return
-            elif state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    return
-                size = int(bytes(buf[:end]).split(b";", 1)[0], 16)
-                del buf[:end + 2]
-                if size == 0:
-                    self.state = _TRAILER
-                else:
-                    self.need = size
-                    self.state = _CHUNK_DATA
-            elif state == _CHUNK_DATA:
-                if len(buf) < self.need + 2:
-                    return
-                self._body(bytes(buf[:self.need]))
-                del buf[:self.need + 2]
-                self.state = _CHUNK_SIZE
-            elif state == _TRAILER:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    return
-                del buf[:end + 2]
-                if end == 0:  # the empty line after the last chunk (the servers measured send no trailers)
-                    self._finish()
-                    return
-            else:
-                return
+    def error(self, exc: Exception) -> None:
+        if not self.ended.done():
+            self.ended.set_exception(exc)
 
 
 class Pool:
-    """Keep-alive connections to one host:port; a connection serves one request at a time."""
+    """Requests to one host:port over the shared `baton.http1` client (keep-alive, one request per
+    connection at a time): whole answers are read, a streamed answer is timed at its first bytes and its
+    events counted from the client's data callbacks (no coroutine switch per SSE chunk: the load generator
+    must stay cheaper than what it measures)."""
 
-    def __init__(self, addr: str) -> None:
+    def __init__(self, addr: str, client: HttpClient) -> None:
         host, _, port = addr.rpartition(":")
         self.host = host
         self.port = int(port)
-        self.host_header = addr.encode()
-        self.idle: list[_Conn] = []
-
-    async def _connect(self) -> _Conn:
-        loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(_Conn, self.host, self.port)
-        return conn
+        self.client = client
 
     async def request(self, path: str, body: bytes, request_id: str) -> Answer:
-        head = (b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                b"X-Request-Id: %s\r\n\r\n" % (path.encode(), self.host_header, len(body), request_id.encode()))
-        conn = None
-        while self.idle and conn is None:
-            candidate = self.idle.pop()
-            if not candidate.closed:
-                conn = candidate
-        reused = conn is not None
-        if conn is None:
-            conn = await self._connect()
+        resp = await self.client.open("POST", self.host, self.port, path, body,
+                                      {"Content-Type": "application/json", "X-Request-Id": request_id})
         try:
-            try:
-                answer = await conn.send(head, body)
-            except ConnectionError as exc:
-                conn.close()
-                if not (reused and not getattr(exc, "partial", b"")):
-                    raise
-                # the server closed an idle keep-alive connection before answering: once more on a fresh one
-                conn = await self._connect()
-                answer = await conn.send(head, body)
-        except BaseException:
-            conn.close()
-            raise
-        if conn.keep and not conn.closed:
-            self.idle.append(conn)
-        else:
-            conn.close()
-        return answer
-
-    def close(self) -> None:
-        for conn in self.idle:
-            conn.close()
-        self.idle.clear()
+            if resp.status != 200 or not resp.content_type.startswith("text/event-stream"):
+                data = await resp.read()
+                return Answer(resp.status, resp.headers, data, time.perf_counter(), False,
+                              data.count(b"data:"))
+            first = await resp.first()
+            t_first = time.perf_counter()
+            ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            count = _StreamCount(ended, first)
+            resp.relay(count.data, count.end, count.error)
+            await ended
+            return Answer(200, resp.headers, b"", t_first, count.done, count.events)
+        finally:
+            resp.release()  # a connection not read to its end is closed, not reused
 
 
 # ------------------------------------------------------------------------------------------------ phases
@@ -389,7 +234,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 class Phase:
-    def __init__(self, spec: dict[str, Any], pools: dict[str, Pool]) -> None:
+    def __init__(self, spec: dict[str, Any], pools: dict[str, Pool], client: HttpClient) -> None:
         self.spec = spec
         self.name = spec["name"]
         self.stream = bool(spec.get("stream", True))
@@ -400,7 +245,7 @@ class Phase:
 
         def pool(addr: str) -> Pool:
             if addr not in pools:
-                pools[addr] = Pool(addr)
+                pools[addr] = Pool(addr, client)
             return pools[addr]
 
         bodies = build_bodies(spec["bodies"], spec["model"], self.stream)
@@ -438,7 +283,7 @@ class Phase:
                         self.results[i] = [i, ctx.status, t_ctx - t0, None, None, "", None, "context_failed",
                                            sent_at, 0]
                         return
-                    data, ids = split_ids(ctx.body)
+                    data, ids = parse_context_answer(ctx.body)
                     params = dict(data["choices"][0]["disaggregated_params"])
                     params["request_type"] = "generation_only"
                     payload = b"".join((self.gen_heads[i], b',"disaggregated_params":', _dumps(params),
@@ -451,21 +296,19 @@ class Phase:
         except TimeoutError:
             self.results[i] = [i, 0, time.perf_counter() - t0, None, None, "", None, "timeout", sent_at, 0]
             return
-        except (OSError, HttpError, ValueError, KeyError, IndexError) as exc:
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
             self.results[i] = [i, 0, time.perf_counter() - t0, None, None, "", None, type(exc).__name__, sent_at, 0]
             return
         t_end = time.perf_counter()
         latency = engine_s if engine_s is not None else t_end - t0
         ttft = (answer.t_first - t0) if answer.t_first is not None else None
-        retry_after = answer.headers.get(b"retry-after")
         error = ""
         if answer.status != 200:
-            error = answer.headers.get(b"x-baton-error", b"").decode() or f"http_{answer.status}"
+            error = answer.headers.get("x-baton-error") or f"http_{answer.status}"
         elif self.stream and not answer.done:
             error = "stream_incomplete"
-        self.results[i] = [i, answer.status, latency, ttft, retry_after.decode() if retry_after else None,
-                           answer.headers.get(b"x-baton-route", b"").decode(), engine_s, error, sent_at,
-                           answer.events]
+        self.results[i] = [i, answer.status, latency, ttft, answer.headers.get("retry-after"),
+                           answer.headers.get("x-baton-route", ""), engine_s, error, sent_at, answer.events]
 
     async def run(self) -> dict[str, Any]:
         spec = self.spec
@@ -524,9 +367,10 @@ def _ms(value: float | None) -> float | None:
 async def run(spec: dict[str, Any]) -> dict[str, Any]:
     watch = {name: int(pid) for name, pid in (spec.get("watch") or {}).items()}
     pools: dict[str, Pool] = {}
+    client = HttpClient(connect_timeout=10.0)
     out = []
     for phase_spec in spec["phases"]:
-        phase = Phase(phase_spec, pools)  # bodies are built before the clocks start
+        phase = Phase(phase_spec, pools, client)  # bodies are built before the clocks start
         cpu0 = {name: cpu_reading(pid) for name, pid in watch.items()}
         self0 = _self_cpu()
         busy0 = machine_busy_seconds()
@@ -540,8 +384,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         if phase_spec.get("record", True):
             out.append(result)
         await asyncio.sleep(float(phase_spec.get("pause_after_s", 0.2)))
-    for pool in pools.values():
-        pool.close()
+    await client.close()
     return {"phases": out}
 
 

@@ -1,0 +1,53 @@
+"""The benchmark's load generator against real processes: engine simulators and a scheduler on 127.0.0.1.
+
+`baton bench scheduler` reads everything it reports from what the load generator records, so this checks
+that those records are right for each kind of target: streamed answers straight from an engine, the
+two-call handoff (context_only, then generation_only with the handle), and the scheduler's routes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from baton.bench import scheduler as sb
+
+
+def test_loadgen_records_every_target_kind(tmp_path: Path) -> None:
+    cluster = sb.Cluster(tmp_path)
+    try:
+        decode = cluster.engine("decode", "decode", 0.0, False)
+        prefill = cluster.engine("prefill", "prefill", 0.0, False)
+        deadline = time.monotonic() + 60
+        for proc in (decode, prefill):
+            proc.wait_ready("/health", deadline)
+        sched = cluster.scheduler("sched", sb.scheduler_config(prefill, decode, "disaggregated",
+                                                               **sb.unlimited_sections()))
+        sched.wait_ready("/readyz", deadline)
+        rows = [[40 + 7 * i, 3 + i % 5] for i in range(12)]
+        bodies = {"kind": "ids", "rows": rows, "first_index": 0}
+        spec = {"watch": {"sched": sched.pid, "decode": decode.pid}, "phases": [
+            sb.phase_spec("direct", sb.single(decode.address), bodies, rate=40, max_seconds=10),
+            sb.phase_spec("handoff", sb.handoff(prefill.address, decode.address), bodies, rate=40, max_seconds=10),
+            sb.phase_spec("sched", sb.single(sched.address), bodies, mode="closed", concurrency=4, max_seconds=10),
+            sb.phase_spec("whole", sb.single(sched.address), bodies, rate=40, max_seconds=10, stream=False),
+        ]}
+        phases = {p["name"]: p for p in sb.run_loadgen(spec, tmp_path, "e2e")}
+    finally:
+        cluster.stop()
+
+    for name in ("direct", "handoff", "sched", "whole"):
+        phase = phases[name]
+        assert phase["sent"] == len(rows), name
+        requests = phase["requests"]
+        assert [r[0] for r in requests] == list(range(len(rows))), name
+        assert all(r[1] == 200 and r[7] == "" for r in requests), (name, requests)
+        assert phase["cpu_s"]["decode"] > 0 and phase["loadgen_cpu_s"] > 0, name
+    for name in ("direct", "handoff", "sched"):
+        for index, status, latency, ttft, _retry, _route, _engine_s, _error, _sent_at, events in phases[name]["requests"]:
+            # one event per generated token, plus [DONE]
+            assert events == rows[index][1] + 1, (name, index, events)
+            assert 0 < ttft <= latency, (name, index)
+    assert {r[5] for r in phases["sched"]["requests"]} == {"disaggregated"}
+    assert all(r[6] is not None and r[6] > 0 for r in phases["handoff"]["requests"])  # the two round trips
+    assert all(r[9] == 0 for r in phases["whole"]["requests"])  # a whole JSON answer has no SSE events
