@@ -353,6 +353,41 @@ def test_unparseable_answer_is_a_protocol_error():
     run(main())
 
 
+def test_many_chunks_in_one_read_with_extensions_arrive_in_order():
+    events = [b"data: {\"n\": %d}\n\n" % i for i in range(40)]
+    framed = b"".join(b"%x;ext=%d\r\n%s\r\n" % (len(e), i, e) if i % 3 == 0 else b"%x\r\n%s\r\n" % (len(e), e)
+                      for i, e in enumerate(events))
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    async def script(srv, reader, writer, index):
+        while await srv.read_request(reader, index) is not None:
+            writer.write(head + framed + b"0\r\n\r\n")  # one write: every chunk in the same read
+            await writer.drain()
+
+    async def main():
+        async with Scripted(script) as srv, http_client() as client:
+            status, _, body = await client.request("GET", HOST, srv.port, "/")
+            assert status == 200 and body == b"".join(events)
+            await client.request("GET", HOST, srv.port, "/")
+            assert srv.accepted == 1  # the answer ended cleanly
+
+    run(main())
+
+
+def test_chunk_data_not_followed_by_crlf_is_a_protocol_error():
+    async def script(srv, reader, writer, index):
+        await srv.read_request(reader, index)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n")
+        await srv.wait_eof(reader, index)
+
+    async def main():
+        async with Scripted(script) as srv, http_client() as client:
+            with pytest.raises(ProtocolError, match="CRLF"):
+                await client.request("GET", HOST, srv.port, "/")
+
+    run(main())
+
+
 def test_oversized_answer_head_is_a_protocol_error():
     async def script(srv, reader, writer, index):
         await srv.read_request(reader, index)

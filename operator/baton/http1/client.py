@@ -27,7 +27,44 @@ ErrorCallback = Callable[[Exception], None]
 
 SWEEP_INTERVAL_S = 1.0
 
-_IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _UNTIL_CLOSE, _DONE = range(8)
+_IDLE, _HEAD, _LENGTH, _CHUNKS, _TRAILER, _UNTIL_CLOSE, _DONE = range(7)
+
+
+def _take_chunks(buf: bytearray, out: list[bytes]) -> bool:
+    """Move the data of every complete chunk at the front of `buf` to `out`; True when the last chunk
+    (size 0) was reached and taken. A streamed answer is one chunk per SSE event, many per read: they are
+    walked by index and cut from `buf` once, not one deletion and state change per chunk."""
+    pos = 0
+    last = False
+    n = len(buf)
+    view = memoryview(buf)
+    try:
+        while True:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                if n - pos > 1024:
+                    raise ValueError("chunk size line too long")
+                break
+            line = buf[pos:end]
+            size = int(line.split(b";", 1)[0] if b";" in line else line, 16)
+            if size < 0:
+                raise ValueError("negative chunk size")
+            if size == 0:
+                pos = end + 2
+                last = True
+                break
+            stop = end + 2 + size
+            if stop + 2 > n:
+                break  # not all here yet: taken from its size line on the next read
+            if view[stop:stop + 2] != b"\r\n":
+                raise ValueError("chunk data not followed by CRLF")
+            out.append(view[end + 2:stop].tobytes())
+            pos = stop + 2
+    finally:
+        view.release()
+    if pos:
+        del buf[:pos]
+    return last
 
 
 class ProtocolError(ConnectionError):
@@ -154,7 +191,7 @@ class _Conn(ReusedBufferProtocol):
                 self.headers = headers
                 self.keep = headers.get("connection", "").lower() != "close" and parts[0] != "HTTP/1.0"
                 if headers.get("transfer-encoding", "").lower() == "chunked":
-                    self.state = _CHUNK_SIZE
+                    self.state = _CHUNKS
                 elif status in (204, 304) or self.method == "HEAD":
                     self.need = 0
                     self.state = _LENGTH
@@ -187,25 +224,11 @@ class _Conn(ReusedBufferProtocol):
                     out.append(bytes(buf))
                     buf.clear()
                 break
-            elif state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > 1024:
-                        raise ValueError("chunk size line too long")
-                    break
-                size = int(bytes(buf[:end]).split(b";", 1)[0], 16)
-                del buf[:end + 2]
-                if size == 0:
+            elif state == _CHUNKS:
+                if _take_chunks(buf, out):
                     self.state = _TRAILER
                 else:
-                    self.need = size
-                    self.state = _CHUNK_DATA
-            elif state == _CHUNK_DATA:
-                if len(buf) < self.need + 2:
                     break
-                out.append(bytes(buf[:self.need]))
-                del buf[:self.need + 2]
-                self.state = _CHUNK_SIZE
             elif state == _TRAILER:
                 end = buf.find(b"\r\n")
                 if end < 0:
