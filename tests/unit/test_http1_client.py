@@ -16,51 +16,15 @@ import baton.http1.client as client_mod
 import pytest
 from baton.http1.client import HttpClient, ProtocolError
 from baton.http1.server import (
-    HttpServer,
     PushResponse,
     Response,
     StreamResponse,
     text_response,
 )
-
-HOST = "127.0.0.1"
-
-
-def run(coro):
-    """Every scenario runs in a fresh loop with a hard ceiling, so a hang fails fast instead of at pytest-timeout."""
-    return asyncio.run(asyncio.wait_for(coro, 15))
+from http1_harness import HOST, http_client, run, serving, until
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-async def until(predicate, timeout=3.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-
-
-@contextlib.asynccontextmanager
-async def http1_server(routes, **kwargs):
-    server = HttpServer(**kwargs)
-    for (method, path), handler in routes.items():
-        server.route(method, path, handler)
-    await server.start(HOST, 0)
-    try:
-        yield server
-    finally:
-        await server.stop(grace_s=0.5)
-
-
-@contextlib.asynccontextmanager
-async def http_client(**kwargs):
-    client = HttpClient(**kwargs)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
 class Scripted:
     """A raw TCP server; `script(srv, reader, writer, index)` plays one connection (index counts connections)."""
 
@@ -174,12 +138,12 @@ def free_port() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- answers
-def test_request_against_the_http1_server():
+def test_request_against_the_serving():
     async def echo(request):
         return Response(201, request.body[::-1], "text/plain", {"X-Seen": request.headers.get("x-echo", "")})
 
     async def main():
-        async with http1_server({("POST", "/echo"): echo}) as server, http_client() as client:
+        async with serving({("POST", "/echo"): echo}) as server, http_client() as client:
             status, headers, body = await client.request("POST", HOST, server.port, "/echo", b"abc",
                                                          {"X-Echo": "hi"})
             assert (status, body) == (201, b"cba")
@@ -506,7 +470,7 @@ def test_concurrent_requests_use_separate_connections_then_reuse_them():
         return text_response(request.query)
 
     async def main():
-        async with http1_server({("GET", "/b"): barrier}) as server, http_client() as client:
+        async with serving({("GET", "/b"): barrier}) as server, http_client() as client:
             results = await asyncio.gather(*(client.request("GET", HOST, server.port, f"/b?{i}") for i in range(4)))
             assert [r[2] for r in results] == [b"0", b"1", b"2", b"3"]
             assert len(server.connections) == 4
@@ -618,7 +582,7 @@ def test_first_then_relay_delivers_the_rest_and_one_on_end():
         return StreamResponse(chunks())
 
     async def main():
-        async with http1_server({("GET", "/s"): stream}) as server, http_client() as client:
+        async with serving({("GET", "/s"): stream}) as server, http_client() as client:
             resp = await client.open("GET", HOST, server.port, "/s")
             assert resp.status == 200 and resp.headers["transfer-encoding"] == "chunked"
             assert await resp.first() == b"first;"
@@ -822,7 +786,7 @@ def test_pause_and_resume_reach_the_server_producer():
         return PushResponse(pushers[-1], content_type="application/octet-stream")
 
     async def main():
-        async with http1_server({("GET", "/p"): push}) as server, http_client() as client:
+        async with serving({("GET", "/p"): push}) as server, http_client() as client:
             resp = await client.open("GET", HOST, server.port, "/p")
             first = await resp.first()
             resp.pause()

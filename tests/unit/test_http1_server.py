@@ -27,28 +27,10 @@ from baton.http1.server import (
     json_response,
     text_response,
 )
-
-HOST = "127.0.0.1"
-
-
-def run(coro):
-    """Every scenario runs in a fresh loop with a hard ceiling, so a hang fails fast instead of at pytest-timeout."""
-    return asyncio.run(asyncio.wait_for(coro, 15))
+from http1_harness import HOST, run, serving, until
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-@contextlib.asynccontextmanager
-async def serving(routes=None, **kwargs):
-    server = HttpServer(**kwargs)
-    for (method, path), handler in (routes or {}).items():
-        server.route(method, path, handler)
-    await server.start(HOST, 0)
-    try:
-        yield server
-    finally:
-        await server.stop(grace_s=0.5)
-
-
 async def connect(port, rcvbuf=None):
     if rcvbuf is None:
         return await asyncio.open_connection(HOST, port)
@@ -69,14 +51,6 @@ async def close(writer):
     writer.close()
     with contextlib.suppress(Exception):
         await writer.wait_closed()
-
-
-async def until(predicate, timeout=3.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 class Raw:
