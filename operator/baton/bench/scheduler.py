@@ -863,8 +863,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", *_reading_notes(r, s), "How it is measured:", ""]
     lines += [
         "- Separate processes on 127.0.0.1: a decode and a prefill `baton engine-sim` (Llama-3-8B config), "
-        "`baton scheduler` processes in front of them, and the load generator (`baton.bench.loadgen`: a minimal "
-        "keep-alive HTTP/1.1 client on asyncio) in a process of its own. CPU times are read around each phase "
+        "`baton scheduler` processes in front of them, and the load generator (`baton.bench.loadgen`, on the "
+        "scheduler's own keep-alive HTTP/1.1 client) in a process of its own. CPU times are read around each phase "
         "from `/proc/<pid>/task/*/schedstat` (ns; `/proc/<pid>/stat` ticks as a cross-check); 'other "
         "processes' is the machine's busy time (`/proc/stat`) minus ours.",
         f"- Part 1, engines at `--sim-speed 0` (no modelled GPU time, so what remains is HTTP and Python): streamed "
