@@ -6,7 +6,13 @@ turn into thousands of GETs per minute. What the cache lacks (not yet seen, or d
 the API server, so a cold or lagging cache is never wrong, only slower.
 
 Writes Baton makes are recorded from their responses at once; a watch event carrying an older
-resourceVersion never overwrites a newer object.
+resourceVersion never overwrites a newer object, nor brings back one that was deleted.
+
+A per-model list (`list_kind`) is only answered once it is known complete: after an operator starts,
+kopf delivers its initial listing object by object (in pages), so a model can be reconciled while some
+of its children have arrived and others have not. Until the reconciler has listed a model's children of
+a kind from the API server once (`seed`), `list_kind` says it does not know (None) rather than give a
+partial answer a rollout could act on (a missing tier reads as one that lost readiness).
 
 Objects are held as compressed JSON (a tenth of the memory of the parsed dicts, which dominated the
 operator's footprint at hundreds of models) and decoded on each read, so every reader gets its own
@@ -83,6 +89,8 @@ class ChildCache:
     def __init__(self) -> None:
         self._objects: dict[Key, _Entry] = {}
         self._by_model: dict[ModelKey, set[Key]] = defaultdict(set)
+        self._complete: set[tuple[str, str, str]] = set()  # (kind, namespace, model) lists known complete
+        self._gone: dict[Key, int] = {}  # deleted objects: the resourceVersion they were last seen at
         # kind -> (main, status) preset dictionaries; set once per kind, so every stored blob stays readable
         self._zdicts: dict[str, tuple[bytes, bytes]] = {}
         self._lock = threading.Lock()
@@ -100,7 +108,7 @@ class ChildCache:
         rv = _rv(obj)
         with self._lock:
             current = self._objects.get(key)
-            if current is not None and rv < current.rv:
+            if (current is not None and rv < current.rv) or rv <= self._gone.get(key, -1):
                 return
         # managedFields are often the largest part of an object and the reconciler never reads them.
         main = {k: v for k, v in obj.items() if k != "status"}
@@ -119,16 +127,23 @@ class ChildCache:
         model = (meta.get("labels") or {}).get(LABEL_MODEL)
         with self._lock:
             latest = self._objects.get(key)
-            if latest is None or rv >= latest.rv:
+            if (latest is None or rv >= latest.rv) and rv > self._gone.get(key, -1):
                 if latest is not None and latest is not current and latest.fingerprint == fingerprint:
                     entry.verified = latest.verified
                 self._objects[key] = entry
+                self._gone.pop(key, None)  # created again
                 if model:
                     self._by_model[(key[1], model)].add(key)
 
-    def forget(self, kind: str, namespace: str, name: str) -> None:
+    def forget(self, kind: str, namespace: str, name: str, rv: str | int | None = None) -> None:
+        """The object was deleted (`rv`: the resourceVersion its deletion was seen at, if known): older
+        copies of it that arrive later (a listing that was under way) are not taken."""
+        key = (kind, namespace, name)
         with self._lock:
-            self._objects.pop((kind, namespace, name), None)
+            entry = self._objects.pop(key, None)
+            seen = max(entry.rv if entry else 0, _rv({"metadata": {"resourceVersion": rv}}) if rv else 0)
+            if seen:
+                self._gone[key] = max(seen, self._gone.get(key, 0))
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
@@ -149,11 +164,22 @@ class ChildCache:
             if entry is not None and str(entry.rv) == rv:
                 entry.verified = digest
 
-    def list_kind(self, kind: str, namespace: str, model: str) -> list[dict[str, Any]]:
+    def list_kind(self, kind: str, namespace: str, model: str) -> list[dict[str, Any]] | None:
+        """The model's objects of `kind`; None until that list is known complete (see `seed`)."""
         with self._lock:
+            if (kind, namespace, model) not in self._complete:
+                return None
             entries = [self._objects[k] for k in self._by_model.get((namespace, model), ())
                        if k[0] == kind and k in self._objects]
         return [e.decode(self._zdicts[kind]) for e in entries]
+
+    def seed(self, kind: str, namespace: str, model: str, objects: list[dict[str, Any]]) -> None:
+        """Take the model's objects of `kind` as listed by the API server (items of a list carry no kind);
+        from now on the watch streams keep that list complete."""
+        for obj in objects:
+            self.put({**obj, "kind": kind})
+        with self._lock:
+            self._complete.add((kind, namespace, model))
 
     def footprint(self) -> tuple[int, int]:
         """How many objects are held and the bytes their compressed forms take."""
@@ -165,8 +191,12 @@ class ChildCache:
         with self._lock:
             self._objects.clear()
             self._by_model.clear()
+            self._complete.clear()
+            self._gone.clear()
 
     def forget_model(self, namespace: str, model: str) -> None:
         with self._lock:
             for key in self._by_model.pop((namespace, model), ()):
                 self._objects.pop(key, None)
+                self._gone.pop(key, None)
+            self._complete = {c for c in self._complete if c[1:] != (namespace, model)}

@@ -212,7 +212,7 @@ async def _child_event(body: kopf.Body, namespace: str, type: str, **_: Any) -> 
     obj = dict(body)
     meta = obj.get("metadata", {})
     if type == "DELETED":
-        runtime.cache.forget(obj.get("kind", ""), namespace, meta.get("name", ""))
+        runtime.cache.forget(obj.get("kind", ""), namespace, meta.get("name", ""), meta.get("resourceVersion"))
     else:
         runtime.cache.put(obj)
     _wake(namespace, (meta.get("labels") or {}).get(LABEL_MODEL))

@@ -239,11 +239,15 @@ class Reconciler:
 
     def _generations(self, namespace: str, name: str) -> dict[str, dict[str, dict]]:
         """generation -> tier -> StatefulSet, for every generation of this model in the cluster."""
-        objects = self.cache.list_kind("StatefulSet", namespace, name) if self.cache is not None else []
-        if not objects and not (self.cache is not None and self._new_model()):
-            # Nothing cached: a new model, or an operator that just started and whose watch streams have
-            # not delivered yet. Ask the API server rather than report the tiers missing.
-            objects = self.kube.list("StatefulSet", namespace, f"{LABEL_MODEL}={name}")
+        objects = self.cache.list_kind("StatefulSet", namespace, name) if self.cache is not None else None
+        if objects is None:
+            # Not known complete: an operator that just started (its watch streams may have delivered some
+            # of the model's StatefulSets and not others) or no cache. Ask the API server rather than act
+            # on a partial list. A new model has none yet: what it gets, the cache records as it is written.
+            new = self.cache is not None and self._new_model()
+            objects = [] if new else self.kube.list("StatefulSet", namespace, f"{LABEL_MODEL}={name}")
+            if self.cache is not None:
+                self.cache.seed("StatefulSet", namespace, name, objects)
         out: dict[str, dict[str, dict]] = {}
         for sts in objects:
             labels = sts.get("metadata", {}).get("labels") or {}
