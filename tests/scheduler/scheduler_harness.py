@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,14 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from baton.localproc import ListeningProcess, baton_command
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "tests" / "data" / "models" / "llama-3-8b"
-_SCRIPT = Path(sys.executable).with_name("baton")
-BATON = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "baton.cli"]
+BATON = baton_command()
 MODEL = "llama-3-8b"
-
-_LISTEN_RE = re.compile(rb"listening on http://[^:\s]+:(\d+)|event=listening url=http://[^:\s]+:(\d+)")
 
 
 def engine_options(tier: str, kv_dtype: str = "fp8", **extra: Any) -> dict[str, Any]:
@@ -41,75 +34,15 @@ def engine_options(tier: str, kv_dtype: str = "fp8", **extra: Any) -> dict[str, 
     return options
 
 
-class Proc:
-    """A child process whose output goes to a log file; `port` is read from its 'listening' line."""
+class Proc(ListeningProcess):
+    """A `baton` child process (own session, log file under the test's tmp_path, port from its log)."""
 
     def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                     start_new_session=True)
-        self.port: int | None = None
+        super().__init__(name, argv, log_path, cwd=REPO)
+        self.config_path: Path | None = None  # a scheduler's config file, for the reload tests
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_listening(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            m = _LISTEN_RE.search(self.log_path.read_bytes())
-            if m:
-                self.port = int(m.group(1) or m.group(2))
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name} did not report its port in time:\n{self.log()[-3000:]}")
-
-    def wait_http_ok(self, path: str, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + path, timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name} {path} never answered 200:\n{self.log()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL: the replica dies without a goodbye."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=8)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=5)
-        self._log.close()
+    def stop(self, timeout: float = 8.0) -> None:
+        super().stop(timeout)
 
 
 def start_engine(tmp: Path, name: str, tier: str, sim_speed: float = 0.05, kv_dtype: str = "fp8",
@@ -128,7 +61,7 @@ def start_scheduler(tmp: Path, name: str, config: dict[str, Any], extra_args: li
     argv = [*BATON, "scheduler", "--config", str(cfg), "--port", "0", "--reload-interval", "0.2",
             *(extra_args or [])]
     proc = Proc(name, argv, tmp / f"{name}.log")
-    proc.config_path = cfg  # type: ignore[attr-defined]
+    proc.config_path = cfg
     return proc
 
 

@@ -13,16 +13,15 @@ import ipaddress
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
+from baton.localproc import ListeningProcess
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "tests" / "data" / "models" / "llama-3-8b"
@@ -59,63 +58,33 @@ def engine_options(tier: str, kv_dtype: str = "fp8") -> dict[str, Any]:
     return options
 
 
-class Proc:
+class Proc(ListeningProcess):
+    """A child process in a session of its own; an engine simulator with the Triton front end also reports
+    its gRPC port and its own HTTP port ("sim-http") on its 'listening' line."""
+
+    listening = _SIM_RE
+    poll_s = 0.1
+
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRTLLM_USE_")}
         full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=full_env, cwd=log_path.parent, start_new_session=True)
-        self.port: int | None = None
+        super().__init__(name, argv, log_path, env=full_env, cwd=log_path.parent)
         self.grpc_port: int | None = None
         self.sim_port: int | None = None
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
+    def on_listening(self, match: re.Match[bytes]) -> None:
+        self.port = int(match.group(1))
+        if match.re is _SIM_RE and match.group(2):
+            self.grpc_port, self.sim_port = int(match.group(2)), int(match.group(3))
 
     @property
     def sim_url(self) -> str:
         """The Triton-fronted simulator's own HTTP endpoint (/_sim/state, /perf_metrics, KV pulls)."""
         return f"http://127.0.0.1:{self.sim_port}"
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
     def wait_listening(self, deadline: float, pattern: re.Pattern[bytes] = _SIM_RE) -> None:
-        while time.monotonic() < deadline:
-            m = pattern.search(self.log_path.read_bytes())
-            if m:
-                self.port = int(m.group(1))
-                if m.re is _SIM_RE and m.group(2):
-                    self.grpc_port, self.sim_port = int(m.group(2)), int(m.group(3))
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            time.sleep(0.1)
-        raise TimeoutError(f"{self.name} did not report its port in time:\n{self.log()[-4000:]}")
-
-    def wait_http_ok(self, url: str, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"{self.name}: {url} never answered 200:\n{self.log()[-4000:]}")
+        self.listening = pattern
+        super().wait_listening(deadline)
 
     def session_pids(self) -> list[int]:
         """This process and every process in its session (Triton, its Python-backend stubs)."""
@@ -130,27 +99,9 @@ class Proc:
                 continue
         return pids
 
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
     def stop(self, timeout: float = 40.0) -> None:
         """SIGTERM to the session, wait, then SIGKILL whatever is left of it (Triton's children too)."""
-        self.terminate()
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=10)
-        self._log.close()
+        super().stop(timeout)
 
 
 def stop_all(procs: list[Proc]) -> None:

@@ -35,15 +35,11 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -67,6 +63,7 @@ from baton.bench.report import (
     text_table,
     write_section,
 )
+from baton.localproc import ListeningProcess, baton_command
 
 SECTION = "scheduler"
 MODEL = "llama-3-8b"
@@ -85,7 +82,6 @@ LLAMA_3_8B = {
     "vocab_size": 128256,
 }
 UNLIMITED = 1_000_000  # admission limits for the overhead phases: nothing should queue there
-_LISTEN_RE = re.compile(rb"listening on http://[^:\s]+:(\d+)|event=listening url=http://[^:\s]+:(\d+)")
 
 TARGETS = {
     "added_p50_ms": Target("<=", 1.0),
@@ -132,83 +128,17 @@ I_INDEX, I_STATUS, I_LATENCY, I_TTFT, I_RETRY_AFTER, I_ROUTE, I_ENGINE, I_ERROR,
 
 
 # ------------------------------------------------------------------------------------------------ processes
-class Proc:
-    """A child process (own session) logging to a file; `port` comes from its 'listening' line."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
-        self.port: int | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def wait_ready(self, path: str, deadline: float) -> None:
-        while self.port is None:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            m = _LISTEN_RE.search(self.log_path.read_bytes())
-            if m:
-                self.port = int(m.group(1) or m.group(2))
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} did not report its port in time:\n{self.tail()}")
-            time.sleep(0.05)
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(f"http://{self.address}{path}", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} {path} never answered 200:\n{self.tail()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._log.close()
-
-
-def _baton() -> list[str]:
-    script = Path(sys.executable).with_name("baton")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "baton.cli"]
-
-
 class Cluster:
     """The processes of one part of the benchmark; `stop()` ends every one of them."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.procs: list[Proc] = []
+        self.procs: list[ListeningProcess] = []
         self.model_dir = workdir / "model"
         self.model_dir.mkdir(exist_ok=True)
         (self.model_dir / "config.json").write_text(json.dumps(LLAMA_3_8B, indent=2))
 
-    def engine(self, name: str, tier: str, sim_speed: float, big_prompts: bool) -> Proc:
+    def engine(self, name: str, tier: str, sim_speed: float, big_prompts: bool) -> ListeningProcess:
         options: dict[str, Any] = {
             "cache_transceiver_config": {"backend": "UCX"},
             "kv_cache_config": {"dtype": "fp8", "tokens_per_block": 32},
@@ -220,23 +150,23 @@ class Cluster:
             options["max_num_tokens"] = 131072
         cfg = self.workdir / f"{name}.json"
         cfg.write_text(json.dumps(options))  # JSON is YAML
-        argv = [*_baton(), "engine-sim", str(self.model_dir), "--host", "127.0.0.1", "--port", "0",
+        argv = [*baton_command(), "engine-sim", str(self.model_dir), "--host", "127.0.0.1", "--port", "0",
                 "--extra_llm_api_options", str(cfg), "--sim-speed", repr(sim_speed), "--sim-model-name", MODEL]
-        proc = Proc(name, argv, self.workdir / f"{name}.log")
+        proc = ListeningProcess(name, argv, self.workdir / f"{name}.log")
         self.procs.append(proc)
         return proc
 
-    def scheduler(self, name: str, config: dict[str, Any]) -> Proc:
+    def scheduler(self, name: str, config: dict[str, Any]) -> ListeningProcess:
         cfg = self.workdir / f"{name}.json"
         cfg.write_text(json.dumps(config, indent=2))
-        argv = [*_baton(), "scheduler", "--config", str(cfg)]
-        proc = Proc(name, argv, self.workdir / f"{name}.log")
+        argv = [*baton_command(), "scheduler", "--config", str(cfg)]
+        proc = ListeningProcess(name, argv, self.workdir / f"{name}.log")
         self.procs.append(proc)
         return proc
 
-    def proxy(self, name: str, upstream: Proc) -> Proc:
+    def proxy(self, name: str, upstream: ListeningProcess) -> ListeningProcess:
         argv = [sys.executable, "-m", "baton.bench.proxy", upstream.address]
-        proc = Proc(name, argv, self.workdir / f"{name}.log")
+        proc = ListeningProcess(name, argv, self.workdir / f"{name}.log")
         self.procs.append(proc)
         return proc
 
@@ -249,7 +179,7 @@ class Cluster:
         self.procs.clear()
 
 
-def scheduler_config(prefill: Proc, decode: Proc, route: str, **sections: Any) -> dict[str, Any]:
+def scheduler_config(prefill: ListeningProcess, decode: ListeningProcess, route: str, **sections: Any) -> dict[str, Any]:
     """A scheduler config sending every prompt down `route` ('local' | 'disaggregated' | 'default')."""
     routing: dict[str, Any] = {}
     if route == "local":
@@ -612,7 +542,7 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
     return out
 
 
-def overload_config(prefill: Proc, decode: Proc, s: Settings) -> dict[str, Any]:
+def overload_config(prefill: ListeningProcess, decode: ListeningProcess, s: Settings) -> dict[str, Any]:
     """Default routing; admission small enough that queueing cannot stretch TTFT much (see the docs)."""
     return scheduler_config(
         prefill, decode, "default",
