@@ -9,7 +9,10 @@ The process gets the container's environment (downward-API fields resolved from 
 ConfigMap volumes materialised as files (paths in the arguments rewritten to them), and binds the
 pod's own IP (a loopback address) and container port. The container's readinessProbe is run against
 the process and its result written to the pod's Ready condition, so EndpointSlices, and therefore
-the scheduler and the operator, see exactly the processes that can serve. When the pod goes away
+the scheduler and the operator, see exactly the processes that can serve. As the kubelet does, a
+Ready pod turns unready only after the probe's `failureThreshold` consecutive failures (a process that
+exits does at once); probes run every runner pass (faster than `periodSeconds`, so tests stay quick)
+with a timeout of at most `PROBE_TIMEOUT_S`, since one thread probes every pod. When the pod goes away
 the process is stopped; when the process dies it is restarted with back-off, like a kubelet would.
 """
 
@@ -36,6 +39,7 @@ log = logging.getLogger("baton.podrunner")
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 TIER_LABEL = "baton.dev/tier"
+PROBE_TIMEOUT_S = 1.0
 MANAGED_BY = "baton-operator"
 
 
@@ -57,6 +61,9 @@ class LocalProcess:
     env: dict[str, str]
     probe_url: str | None
     log_path: Path
+    probe_timeout_s: float = PROBE_TIMEOUT_S
+    failure_threshold: int = 3  # consecutive failed probes that make a Ready pod unready
+    probe_failures: int = 0
     proc: subprocess.Popen | None = None
     ready: bool | None = None
     restarts: int = 0
@@ -172,6 +179,10 @@ class PodRunner:
             raise RuntimeError(f"container command {command!r} has no local stand-in")
         probe = container.readiness_probe
         probe_url = None
+        failure_threshold, probe_timeout_s = 3, PROBE_TIMEOUT_S  # the kubelet's defaults: 3, 1 s
+        if probe:
+            failure_threshold = max(1, probe.failure_threshold or 3)
+            probe_timeout_s = min(PROBE_TIMEOUT_S, probe.timeout_seconds or 1)
         if probe and probe.http_get:
             port = probe.http_get.port
             if isinstance(port, str) and not port.isdigit():
@@ -183,7 +194,8 @@ class PodRunner:
         if self.kubeconfig:
             proc_env["KUBECONFIG"] = self.kubeconfig  # what a pod gets from its ServiceAccount
         return LocalProcess(key=key, uid=pod.metadata.uid, argv=argv, env=proc_env, probe_url=probe_url,
-                            log_path=root / "process.log")
+                            log_path=root / "process.log", probe_timeout_s=probe_timeout_s,
+                            failure_threshold=failure_threshold)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -240,12 +252,19 @@ class PodRunner:
             if now >= local.next_start:
                 log.info("starting %s: %s", local.key, " ".join(local.argv[2:]))
                 with open(local.log_path, "ab") as out:
+                    local.probe_failures = 0
                     local.proc = subprocess.Popen(local.argv, env=local.env, stdout=out, stderr=subprocess.STDOUT,
                                                   stdin=subprocess.DEVNULL, start_new_session=True)
             return
-        healthy = self._probe(local.probe_url) if local.probe_url else True
-        self._mark(local, pod, healthy, "ProbeSucceeded" if healthy else "ProbeFailed",
-                   "readiness probe succeeded" if healthy else f"readiness probe {local.probe_url} failed")
+        healthy = self._probe(local.probe_url, local.probe_timeout_s) if local.probe_url else True
+        if healthy:
+            local.probe_failures = 0
+            self._mark(local, pod, True, "ProbeSucceeded", "readiness probe succeeded")
+            return
+        local.probe_failures += 1
+        if local.ready is not True or local.probe_failures >= local.failure_threshold:
+            self._mark(local, pod, False, "ProbeFailed",
+                       f"readiness probe {local.probe_url} failed {local.probe_failures} time(s) in a row")
 
     def _mark(self, local: LocalProcess, pod: Any, ready: bool, reason: str, message: str) -> None:
         if local.ready == ready:
@@ -254,9 +273,9 @@ class PodRunner:
         self._set_ready(pod.metadata.namespace, pod.metadata.name, ready, reason, message)
 
     @staticmethod
-    def _probe(url: str) -> bool:
+    def _probe(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
                 return 200 <= resp.status < 400
         except (urllib.error.URLError, OSError, ValueError):
             return False
