@@ -577,14 +577,13 @@ class Engine:
             "fatal": self.fatal,
         }
 
-    def _record_iteration(self, it: int, latency_ms: float, n_ctx: int, n_gen: int, ctx_tokens: int,
-                          completed: int) -> None:
-        live = sum(1 for s in self._active if s.phase in _LIVE)
-        self._iter_stats.append({
+    def _iteration_fields(self, it: int, latency_ms: float, completed: int) -> dict:
+        """The fields of trtllm-serve's /metrics iteration records that do not depend on what ran."""
+        return {
             "iter": it,
             "iterLatencyMS": latency_ms,
             "timestamp": time.time(),
-            "numActiveRequests": live,
+            "numActiveRequests": sum(1 for s in self._active if s.phase in _LIVE),
             "numQueuedRequests": len(self._queue),
             "numCompletedRequests": completed,
             "maxNumActiveRequests": self.cfg.max_batch_size,
@@ -594,6 +593,12 @@ class Engine:
             "cpuMemUsage": 0,
             "pinnedMemUsage": 0,
             "kvCacheStats": self._kv_stats(),
+        }
+
+    def _record_iteration(self, it: int, latency_ms: float, n_ctx: int, n_gen: int, ctx_tokens: int,
+                          completed: int) -> None:
+        self._iter_stats.append({
+            **self._iteration_fields(it, latency_ms, completed),
             "inflightBatchingStats": {
                 "numScheduledRequests": n_ctx + n_gen,
                 "numContextRequests": n_ctx,
@@ -608,23 +613,7 @@ class Engine:
 
     def snapshot(self) -> dict:
         """The current state in the shape of an iteration record (iteration fields describe the last one)."""
-        live = sum(1 for s in self._active if s.phase in _LIVE)
-        return {
-            "iter": self._iter,
-            "iterLatencyMS": 0.0,
-            "timestamp": time.time(),
-            "numActiveRequests": live,
-            "numQueuedRequests": len(self._queue),
-            "numCompletedRequests": 0,
-            "maxNumActiveRequests": self.cfg.max_batch_size,
-            "maxBatchSizeStatic": self.cfg.max_batch_size,
-            "maxNumTokensStatic": self.cfg.max_num_tokens,
-            "gpuMemUsage": 0,
-            "cpuMemUsage": 0,
-            "pinnedMemUsage": 0,
-            "kvCacheStats": self._kv_stats(),
-            "sim": {**self._sim_stats(), "snapshot": True},
-        }
+        return {**self._iteration_fields(self._iter, 0.0, 0), "sim": {**self._sim_stats(), "snapshot": True}}
 
     def drain_iteration_stats(self) -> list[dict]:
         out = list(self._iter_stats)
