@@ -64,13 +64,22 @@ def test_context_answer_ids_are_cut_out_verbatim(answer):
 @pytest.mark.parametrize("answer", [
     {**CTX, "prompt_token_ids": None},  # not a list
     {k: v for k, v in CTX.items() if k != "prompt_token_ids"},  # absent
-    {**CTX, "prompt_token_ids": [1, -2]},  # not what a flat id list looks like: decode it all
+    {**CTX, "prompt_token_ids": [[1, 2], [3]]},  # nested: the cut is not valid JSON, decode it all
+    {**CTX, "prompt_token_ids": ["a]", 1]},  # a "]" inside a string: likewise
     {**CTX, "prompt_token_ids": [1, 2], "choices": [{**CTX["choices"][0], "prompt_token_ids": [3]}]},  # twice
     {"choices": [{"prompt_token_ids": [3]}]},  # nested only
 ])
 def test_context_answer_falls_back_to_a_full_decode(answer):
     decoded, ids = parse_context_answer(json.dumps(answer).encode())
     assert ids is None and decoded == answer
+
+
+def test_context_answer_ids_are_passed_on_unchecked():
+    """The decode engine checks the ids of a generation request itself (and answers 400, relayed), so the
+    scheduler does not check the ones it only passes on."""
+    answer = {**CTX, "prompt_token_ids": [1, -2, 3.5]}
+    decoded, ids = parse_context_answer(json.dumps(answer).encode())
+    assert ids == b"[1, -2, 3.5]" and decoded["prompt_token_ids"] == [] and decoded["choices"] == CTX["choices"]
 
 
 def test_context_answer_key_quoted_inside_a_string_does_not_confuse_the_cut():

@@ -58,7 +58,7 @@ class RawJSON(bytes):
     """An already-serialized JSON value, spliced into an upstream body as is (never decoded)."""
 
 
-def cut_id_list(data: bytes, key: bytes, name: str) -> tuple[Any, RawJSON | None, int]:
+def cut_id_list(data: bytes, key: bytes, name: str, check: bool = True) -> tuple[Any, RawJSON | None, int]:
     """`data` decoded except for the top-level `name` (spelled `key` in JSON) when that holds a flat list of
     non-negative integers: `(object with [] in its place, the list's raw JSON, its length)`.
 
@@ -66,14 +66,21 @@ def cut_id_list(data: bytes, key: bytes, name: str) -> tuple[Any, RawJSON | None
     most of the cost of decoding a request, so they are cut out of the bytes and checked with bytes methods
     instead (`_id_count`). Anything unusual (the key seen more than once, a value that is not such a
     list, the key not at the top level) falls back to decoding everything, with `None` for the raw list.
+    `check=False` skips checking and counting the ids (the length is then 0): for lists that are only
+    passed on to an engine, which checks them itself.
     """
     at = data.find(key)
     if at >= 0 and data.find(key, at + 1) < 0:
         start = data.find(b"[", at)
         end = data.find(b"]", start) if start >= 0 else -1
-        count = _id_count(data[start + 1: end]) if end > 0 and data[at + len(key): start].strip() == b":" else None
+        count = None
+        if end > 0 and data[at + len(key): start].strip() == b":":
+            count = _id_count(data[start + 1: end]) if check else 0
         if count is not None:
-            obj = json.loads(data[:start] + b"[]" + data[end + 1:])
+            try:
+                obj = json.loads(data[:start] + b"[]" + data[end + 1:])
+            except ValueError:  # unchecked, the cut was not around one flat list (a nested one, a "]" in a string)
+                obj = None
             if isinstance(obj, dict) and obj.get(name) == []:
                 return obj, RawJSON(data[start: end + 1]), count
     return json.loads(data), None, 0
@@ -81,8 +88,10 @@ def cut_id_list(data: bytes, key: bytes, name: str) -> tuple[Any, RawJSON | None
 
 def parse_context_answer(data: bytes) -> tuple[Any, RawJSON | None]:
     """A context-only answer, decoded except for its top-level `prompt_token_ids`, returned as raw JSON
-    (they only travel on to the generation request; see `cut_id_list`)."""
-    answer, ids, _ = cut_id_list(data, _IDS_KEY, "prompt_token_ids")
+    (see `cut_id_list`). They only travel on to the generation request, and the decode engine checks
+    them there as it checks any request (a broken list is its 400, relayed), so they are not checked
+    here: that took as long as decoding the rest of the answer."""
+    answer, ids, _ = cut_id_list(data, _IDS_KEY, "prompt_token_ids", check=False)
     return answer, ids
 
 
