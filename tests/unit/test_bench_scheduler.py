@@ -159,6 +159,15 @@ def test_build_metrics_evaluates_each_target():
     assert bad["overload_ttft_ratio"].passed is False and bad["overload_429"].passed is False
 
 
+def test_the_cpu_row_at_the_target_rate_carries_the_same_run_proxy_baseline():
+    results = _results()
+    metrics = {m.key: m for m in sb.build_metrics(results, sb.FULL)}
+    assert metrics["local_cpu"].note.endswith("; bare proxy, same requests: 0.70 ms (scheduler = 1.29x)")
+    del results["disagg"]["proxy_cpu_ms_per_request"]  # the proxy relays to the decode engine only
+    metrics = {m.key: m for m in sb.build_metrics(results, sb.FULL)}
+    assert "bare proxy" not in metrics["disagg_cpu"].note
+
+
 def test_a_rate_that_was_not_reached_fails_its_latency_targets():
     results = _results(added_p50=-5.0)  # a negative "added" latency from a backlog must not pass
     results["local"]["achieved_rps"] = {"direct": 150.0, "sched": 120.0}
@@ -199,6 +208,8 @@ def test_reading_notes_follow_the_measurements():
     notes = " ".join(sb._reading_notes(results, sb.FULL))
     assert "bare pass-through proxy on the same HTTP layer spent 0.70 ms" in notes and "its own work" in notes
     assert "below what that HTTP stack costs" not in notes  # 0.7 ms is under the 1 ms target
+    assert "At 500 req/s the bare proxy spent 0.70 ms of CPU per request on the same requests and the " \
+           "scheduler 0.90 ms (1.29x)" in notes
     assert "not sustained" not in notes
     results["ref_local"]["proxy_cpu_ms_per_request"] = 2.5
     results["disagg"]["achieved_rps"] = {"direct": 100.0, "sched": 60.0}

@@ -13,7 +13,8 @@ Part 1, engines at `--sim-speed 0` (no modelled GPU time: whatever latency remai
     the same requests sent straight to the engine(s) and through a scheduler, in rounds that rotate the
     order; added latency = scheduler-path percentile - direct percentile, plus the per-request (paired)
     difference, and the scheduler's CPU time per request. Measured for the local route (scheduler ->
-    decode replica) and the disaggregated route (scheduler -> context_only on the prefill replica ->
+    decode replica; the bare proxy gets the same requests too, a same-run baseline for the CPU time,
+    which on a shared machine varies from run to run) and the disaggregated route (scheduler -> context_only on the prefill replica ->
     generation_only on the decode replica; the direct baseline makes the same two engine calls from the
     load generator and counts only their round trips);
   - the same at a lower reference rate (50 req/s), where the bare proxy also gets the same requests;
@@ -504,7 +505,8 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
                              ("warm-disagg-sched", t_disagg)):
             phases.append(phase_spec(f"{name}-0", target, warm, rate=s.ref_rate * 2,
                                      max_seconds=s.warmup / s.ref_rate + 5, record=False))
-        phases += interleaved("local", local_paths, ids(offsets["rate"]), n_rate, s.rounds, s.rate, s.timeout_s)
+        phases += interleaved("local", [*local_paths, ("proxy", t_proxy)], ids(offsets["rate"]), n_rate, s.rounds,
+                              s.rate, s.timeout_s)
         phases += interleaved("disagg", disagg_paths, ids(offsets["rate"]), n_rate, s.rounds, s.rate, s.timeout_s)
         phases += interleaved("ref-local", [*local_paths, ("proxy", t_proxy)], ids(offsets["ref"]), n_ref,
                               s.rounds, s.ref_rate, s.timeout_s)
@@ -649,7 +651,8 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
                    "ms", T["added_p99_ms"], f"paired p99 {fmt_value(o['paired_ms']['p99'], 'ms')}"
                    + ("" if sustained(o, s.rate) else "; rate not sustained")),
             Metric(f"{key}_cpu", f"scheduler CPU per request, {route} route {rate}", o["sched_cpu_ms_per_request"],
-                   "ms", T["cpu_ms_per_request"], f"{fmt_value(o['sse_events_mean'])} SSE events relayed per request"),
+                   "ms", T["cpu_ms_per_request"], f"{fmt_value(o['sse_events_mean'])} SSE events relayed per request"
+                   + _proxy_note(o)),
         ]
     for key, route in (("throughput_local", "local"), ("throughput_disagg", "disaggregated")):
         t = r.get(key)
@@ -702,6 +705,14 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
         if m.key in unsustained:
             m.passed = False  # the rate was not reached, so neither was the target at that rate
     return metrics
+
+
+def _proxy_note(o: dict[str, Any]) -> str:
+    """The bare proxy's CPU on the same requests in the same run, and the scheduler's as a multiple of it."""
+    proxy, sched = o.get("proxy_cpu_ms_per_request"), o.get("sched_cpu_ms_per_request")
+    if not proxy or sched is None:
+        return ""
+    return f"; bare proxy, same requests: {fmt_value(proxy, 'ms')} (scheduler = {sched / proxy:.2f}x)"
 
 
 def sustained(o: dict[str, Any], offered: float, share: float = 0.9) -> bool:
@@ -838,6 +849,13 @@ def _reading_notes(r: dict[str, Any], s: Settings) -> list[str]:
             f"and per relayed SSE event ({fmt_value(ref.get('sse_events_mean'))} per request here)."
             + (" On this machine the CPU target is below what that HTTP stack costs on its own."
                if proxy > TARGETS["cpu_ms_per_request"].limit else ""))
+    at_rate = r.get("local") or {}
+    proxy, sched = at_rate.get("proxy_cpu_ms_per_request"), at_rate.get("sched_cpu_ms_per_request")
+    if proxy and sched:
+        notes.append(
+            f"At {s.rate:g} req/s the bare proxy spent {fmt_value(proxy, 'ms')} of CPU per request on the same "
+            f"requests and the scheduler {fmt_value(sched, 'ms')} ({sched / proxy:.2f}x): the share of the "
+            "scheduler's own work is the steadier figure from run to run, as the machine's speed varies.")
     for key in ("local", "disagg"):
         o = r.get(key)
         if o and not sustained(o, s.rate):
