@@ -37,11 +37,16 @@ Key = tuple[str, str, str]  # kind, namespace, name
 ModelKey = tuple[str, str]  # namespace, model
 
 
-def _rv(obj: dict[str, Any]) -> int:
+def _version(value: str | int | None) -> int:
+    """A resourceVersion as an integer (etcd revisions are), 0 when absent or not a number."""
     try:
-        return int(obj.get("metadata", {}).get("resourceVersion", "0"))
+        return int(value or 0)
     except (TypeError, ValueError):
         return 0
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    return _version(obj.get("metadata", {}).get("resourceVersion"))
 
 
 # An 8 KiB window and a smaller hash table: children are a few KiB of JSON, and setting up zlib's
@@ -141,7 +146,7 @@ class ChildCache:
         key = (kind, namespace, name)
         with self._lock:
             entry = self._objects.pop(key, None)
-            seen = max(entry.rv if entry else 0, _rv({"metadata": {"resourceVersion": rv}}) if rv else 0)
+            seen = max(entry.rv if entry else 0, _version(rv))
             if seen:
                 self._gone[key] = max(seen, self._gone.get(key, 0))
 
