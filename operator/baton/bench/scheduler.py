@@ -14,9 +14,9 @@ Part 1, engines at `--sim-speed 0` (no modelled GPU time: whatever latency remai
     order; added latency = scheduler-path percentile - direct percentile, plus the per-request (paired)
     difference, and the scheduler's CPU time per request. Measured for the local route (scheduler ->
     decode replica; the bare proxy gets the same requests too, a same-run baseline for the CPU time,
-    which on a shared machine varies from run to run) and the disaggregated route (scheduler -> context_only on the prefill replica ->
-    generation_only on the decode replica; the direct baseline makes the same two engine calls from the
-    load generator and counts only their round trips);
+    which on a shared machine varies from run to run) and the disaggregated route (scheduler ->
+    context_only on the prefill replica -> generation_only on the decode replica; the direct baseline
+    makes the same two engine calls from the load generator and counts only their round trips);
   - the same at a lower reference rate (50 req/s), where the bare proxy also gets the same requests;
   - 220 KB text prompts on both routes;
   - throughput: a closed loop through one scheduler process: routed req/s and CPU time per request.
@@ -180,7 +180,8 @@ class Cluster:
         self.procs.clear()
 
 
-def scheduler_config(prefill: ListeningProcess, decode: ListeningProcess, route: str, **sections: Any) -> dict[str, Any]:
+def scheduler_config(prefill: ListeningProcess, decode: ListeningProcess, route: str, **sections: Any
+                     ) -> dict[str, Any]:
     """A scheduler config sending every prompt down `route` ('local' | 'disaggregated' | 'default')."""
     routing: dict[str, Any] = {}
     if route == "local":
@@ -707,11 +708,18 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
     return metrics
 
 
+def _proxy_and_sched_cpu(o: dict[str, Any] | None) -> tuple[float, float] | None:
+    """CPU ms per request of the bare proxy and of the scheduler on the same requests, when both were measured."""
+    proxy, sched = (o or {}).get("proxy_cpu_ms_per_request"), (o or {}).get("sched_cpu_ms_per_request")
+    return (proxy, sched) if proxy and sched else None
+
+
 def _proxy_note(o: dict[str, Any]) -> str:
     """The bare proxy's CPU on the same requests in the same run, and the scheduler's as a multiple of it."""
-    proxy, sched = o.get("proxy_cpu_ms_per_request"), o.get("sched_cpu_ms_per_request")
-    if not proxy or sched is None:
+    cpu = _proxy_and_sched_cpu(o)
+    if cpu is None:
         return ""
+    proxy, sched = cpu
     return f"; bare proxy, same requests: {fmt_value(proxy, 'ms')} (scheduler = {sched / proxy:.2f}x)"
 
 
@@ -839,8 +847,9 @@ def _reading_notes(r: dict[str, Any], s: Settings) -> list[str]:
     """Sentences computed from this run that say what limits the numbers (empty when nothing to say)."""
     notes = []
     ref = r.get("ref_local") or {}
-    proxy, sched = ref.get("proxy_cpu_ms_per_request"), ref.get("sched_cpu_ms_per_request")
-    if proxy and sched:
+    cpu = _proxy_and_sched_cpu(ref)
+    if cpu is not None:
+        proxy, sched = cpu
         notes.append(
             f"Reading these numbers: at {s.ref_rate:g} req/s a bare pass-through proxy on the same HTTP layer spent "
             f"{fmt_value(proxy, 'ms')} of CPU per request on the same requests, the scheduler "
@@ -849,9 +858,9 @@ def _reading_notes(r: dict[str, Any], s: Settings) -> list[str]:
             f"and per relayed SSE event ({fmt_value(ref.get('sse_events_mean'))} per request here)."
             + (" On this machine the CPU target is below what that HTTP stack costs on its own."
                if proxy > TARGETS["cpu_ms_per_request"].limit else ""))
-    at_rate = r.get("local") or {}
-    proxy, sched = at_rate.get("proxy_cpu_ms_per_request"), at_rate.get("sched_cpu_ms_per_request")
-    if proxy and sched:
+    cpu = _proxy_and_sched_cpu(r.get("local"))
+    if cpu is not None:
+        proxy, sched = cpu
         notes.append(
             f"At {s.rate:g} req/s the bare proxy spent {fmt_value(proxy, 'ms')} of CPU per request on the same "
             f"requests and the scheduler {fmt_value(sched, 'ms')} ({sched / proxy:.2f}x): the share of the "
