@@ -24,6 +24,8 @@ def test_an_older_watch_event_never_replaces_a_newer_object():
     assert "managedFields" not in got["metadata"]
     cache.put(sts("a-decode", "a", 30, replicas=2))
     assert cache.get("StatefulSet", "ns", "a-decode")["spec"]["replicas"] == 2
+    cache.put(sts("a-decode", "a", 30, replicas=5))  # one version is one content: the copy held stays
+    assert cache.get("StatefulSet", "ns", "a-decode")["spec"]["replicas"] == 2
 
 
 def test_readers_get_copies_that_cannot_change_the_cache():

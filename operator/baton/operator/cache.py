@@ -113,7 +113,9 @@ class ChildCache:
         rv = _rv(obj)
         with self._lock:
             current = self._objects.get(key)
-            if (current is not None and rv < current.rv) or rv <= self._gone.get(key, -1):
+            if current is not None and (rv < current.rv or (rv and rv == current.rv)):
+                return  # older, or the same version again (a seeding list, a no-op apply): nothing to redo
+            if rv <= self._gone.get(key, -1):
                 return
         # managedFields are often the largest part of an object and the reconciler never reads them.
         main = {k: v for k, v in obj.items() if k != "status"}
