@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from simproc import handoff, stream_text, text_of, worker_yaml
 
-from baton import kvformat
+from baton import kvformat, tokens
 
 MISMATCHES = {
     # name: (gen YAML overrides, extra gen args, expected fragment of TRT-LLM's text)
@@ -48,8 +48,12 @@ def test_context_only_response_shape(ctx):
     assert isinstance(params["ctx_request_id"], int) and params["draft_tokens"] is None
     assert isinstance(params["encoded_opaque_state"], str)
     assert choice["finish_reason"] == "length"  # max_tokens forced to 1, original asked for more
-    assert resp["prompt_token_ids"] and all(isinstance(t, int) for t in resp["prompt_token_ids"])
+    assert resp["prompt_token_ids"] == tokens.tokenize("prefill me please")
     assert resp["usage"]["completion_tokens"] == 1
+    # a prompt of ids comes back as sent (the simulator keeps it as JSON text, never decoded)
+    ids = [5, 70000, 0, 128255, 31]
+    by_ids = ctx.complete({"prompt": ids, "max_tokens": 3, "disaggregated_params": {"request_type": "context_only"}})
+    assert by_ids["prompt_token_ids"] == ids and by_ids["usage"]["prompt_tokens"] == len(ids)
     # asked for exactly one token: the answer is complete, the router must not go on to a gen server
     one = ctx.complete({"prompt": "one token only", "max_tokens": 1,
                         "disaggregated_params": {"request_type": "context_only"}})

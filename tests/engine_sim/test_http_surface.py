@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -48,6 +50,40 @@ def test_output_is_deterministic_and_prompt_dependent(worker):
     assert d["choices"][0]["token_ids"] == a["choices"][0]["token_ids"]
 
 
+def _post_bytes(worker, path: str, data: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(worker.url + path, data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_token_id_prompts_mean_the_same_however_they_are_written(worker):
+    """The simulator reads token-id prompts as text; spacing, a batch of one and the chat field must not
+    change what a prompt means, and ids at the vocabulary's edge are still in it."""
+    ids = [128255, 0, 99999, 7, 100000, 31]
+    bodies = [
+        b'{"prompt":[128255,0,99999,7,100000,31],"max_tokens":6}',
+        b'{"prompt": [128255, 0, 99999, 7, 100000, 31], "max_tokens": 6}',
+        b'{"max_tokens": 6, "prompt" : [ 128255 ,\n 0,\t99999 , 7,100000, 31 ]}',
+        b'{"prompt": [[128255, 0, 99999, 7, 100000, 31]], "max_tokens": 6}',
+    ]
+    answers = [_post_bytes(worker, "/v1/completions", body) for body in bodies]
+    assert [status for status, _ in answers] == [200] * len(bodies), answers
+    generated = [answer["choices"][0]["token_ids"] for _, answer in answers]
+    assert generated == [generated[0]] * len(bodies)
+    assert [answer["usage"]["prompt_tokens"] for _, answer in answers] == [len(ids)] * len(bodies)
+    chat = worker.complete({"messages": [{"role": "user", "content": "ignored"}], "prompt_token_ids": ids,
+                            "max_tokens": 6}, "/v1/chat/completions")
+    assert chat["choices"][0]["token_ids"] == generated[0]
+    assert worker.complete({"prompt": ids[:-1], "max_tokens": 6})["choices"][0]["token_ids"] != generated[0]
+    status, err = _post_bytes(worker, "/v1/chat/completions",
+                              b'{"messages": [{"role": "user", "content": "x"}], "prompt_token_ids": [3, 200000]}')
+    assert status == 400 and "prompt_token_ids contains token id 200000 outside the vocabulary" in err["message"]
+
+
 def test_streaming_equals_non_streaming(worker):
     body = {"prompt": "Streaming must produce the same words", "max_tokens": 12}
     full = worker.complete(body)
@@ -78,6 +114,10 @@ def test_chat_completions(worker):
     [
         ({"prompt": 42}, "prompt must be"),
         ({"prompt": [1, -2]}, "outside the vocabulary"),
+        ({"prompt": [1, 128256, 3]}, "token id 128256 outside the vocabulary [0, 128256)"),
+        ({"prompt": [7, 99999999]}, "token id 99999999 outside"),
+        ({"prompt": [1, 2.5]}, "must be a list of integer token ids"),
+        ({"prompt": []}, "at least one token"),
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens must be at least 1"),
         ({"prompt": "hi", "n": 2}, "only n=1"),
         ({"prompt": "hi", "disaggregated_params": {"request_type": "prefill"}}, "request_type must be one of"),

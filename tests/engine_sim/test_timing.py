@@ -11,7 +11,8 @@ import pytest
 from simproc import LLAMA_70B, LLAMA_8B, handoff, worker_yaml
 
 from baton.engine_sim import timing
-from baton.engine_sim.engine import token_at, token_seed, token_text
+from baton.engine_sim.engine import Prompt, token_at, token_text
+from baton.idlists import compact_ids
 
 # ---------------------------------------------------------------- interpolation
 
@@ -140,8 +141,10 @@ def test_tp_speed_scale_and_transfer():
 
 
 def test_tokens_are_deterministic_and_in_vocab():
-    seed = token_seed([1, 2, 3])
-    assert seed == token_seed([1, 2, 3]) != token_seed([1, 2, 4])
+    seed = Prompt.of([1, 2, 3]).seed
+    # a prompt read as JSON text (compact_ids) and one given as ints have the same seed
+    assert seed == Prompt(compact_ids(b"[1, 2,\n3]"), 3).seed != Prompt.of([1, 2, 4]).seed
+    assert Prompt.of([1, 2, 3]).ids() == [1, 2, 3] and Prompt.of([1, 2, 3]).length == 3
     ids = [token_at(seed, i, 128_256) for i in range(50)]
     assert ids == [token_at(seed, i, 128_256) for i in range(50)]
     assert all(0 <= t < 128_256 for t in ids) and len(set(ids)) > 40

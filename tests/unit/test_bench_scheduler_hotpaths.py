@@ -4,7 +4,8 @@
   prompt_token_ids are cut out of its bytes and spliced into the generation request undecoded
   (`parse_context_answer`, `RawJSON`); the decode TPOT p95 is not re-sorted after every sample; Prometheus
   children are looked up once;
-- engine simulator: token lists are validated at C speed (`SimServer._token_list`).
+- engine simulator: token lists are validated at C speed (`SimServer._token_list`); token-id prompts are
+  read as text (`baton.idlists`, tested in test_idlists.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from baton.engine_sim.engine import EngineError
 from baton.engine_sim.server import SimServer
 from baton.scheduler.admission import LatencyWindow
 from baton.scheduler.metrics import PrometheusHooks
-from baton.scheduler.requests import RawJSON, RequestError, _is_token_ids, parse_context_answer, parse_request
+from baton.idlists import RawJSON
+from baton.scheduler.requests import RequestError, _is_token_ids, parse_context_answer, parse_request
 
 JSON_VALUES = ["[]", "[1, 2, 3]", "[0]", "[1, true]", "[false]", "[1.0]", "[1, \"a\"]", "[[1, 2]]", "[1, null]",
                "\"text\"", "{}", "null", "7", f"[{2**70}]", "[-3, 4]"]

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import random
 import time
 import uuid
 import zlib
-from array import array
 from collections.abc import Callable
 
 from baton import kvformat
 from baton.engine_sim.config import SimConfig, blocks_for
 from baton.engine_sim.handoff import HandoffError, KVPuller, OpaqueState
+from baton.idlists import ids_text
 
 log = logging.getLogger("baton.engine_sim.engine")
 
@@ -53,9 +54,26 @@ _WORDS = (
 ).split()
 
 
-def token_seed(prompt: list[int]) -> int:
-    """Seed of a sequence's generated tokens: a CRC of its prompt ids (the same on every process)."""
-    return zlib.crc32(array("q", prompt).tobytes())
+class Prompt:
+    """A request's prompt as the engine keeps it: its length, the seed of its generated tokens (a CRC of
+    its ids, the same on every process) and its ids as compact JSON (what a context-only answer returns
+    as prompt_token_ids). Prompts sent as token ids stay text (`baton.idlists`): nothing in the engine
+    needs them as Python ints, and decoding them was the largest part of reading a request."""
+
+    __slots__ = ("ids_json", "length", "seed")
+
+    def __init__(self, compact: bytes, length: int) -> None:
+        """`compact`: the ids as `baton.idlists.compact_ids` gives them (`1,2,3`)."""
+        self.length = length
+        self.seed = zlib.crc32(compact)
+        self.ids_json = b"[" + compact + b"]"
+
+    @classmethod
+    def of(cls, ids: list[int]) -> Prompt:
+        return cls(ids_text(ids), len(ids))
+
+    def ids(self) -> list[int]:
+        return json.loads(self.ids_json)
 
 
 def token_at(seed: int, index: int, vocab: int) -> int:
@@ -86,19 +104,20 @@ class Seq:
     """One request inside the engine."""
 
     __slots__ = (
-        "rid", "x_request_id", "kind", "prompt", "max_tokens", "seed", "need_blocks", "tokens", "phase",
-        "done", "changed", "error", "arrival", "first_scheduled", "first_token_time", "last_token_time",
+        "rid", "x_request_id", "kind", "prompt", "prompt_len", "max_tokens", "seed", "need_blocks", "tokens",
+        "phase", "done", "changed", "error", "arrival", "first_scheduled", "first_token_time", "last_token_time",
         "first_iter", "last_iter", "handle", "first_tokens", "kv_size", "kv_start", "kv_end", "original_max_tokens",
     )
 
-    def __init__(self, rid: int, kind: str, prompt: list[int], max_tokens: int, x_request_id: str) -> None:
+    def __init__(self, rid: int, kind: str, prompt: Prompt, max_tokens: int, x_request_id: str) -> None:
         self.rid = rid
         self.x_request_id = x_request_id
         self.kind = kind
         self.prompt = prompt
         self.max_tokens = max_tokens
         self.original_max_tokens = max_tokens
-        self.seed = token_seed(prompt)
+        self.prompt_len = prompt.length
+        self.seed = prompt.seed
         self.need_blocks = 0
         self.tokens: list[int] = []
         self.phase = QUEUED
@@ -210,7 +229,7 @@ class Engine:
         self,
         *,
         kind: str,
-        prompt: list[int],
+        prompt: Prompt,
         max_tokens: int,
         x_request_id: str = "",
         stream: bool = False,
@@ -233,7 +252,7 @@ class Engine:
             raise EngineError(f"unknown disaggregated_params.request_type {kind!r}")
         if kind == CTX_ONLY and cfg.overlap_enabled:
             raise EngineError(OVERLAP_CTX_ONLY_MESSAGE)
-        n = len(prompt)
+        n = prompt.length
         if n == 0:
             raise EngineError("the prompt must contain at least one token")
         if max_tokens < 1:
@@ -403,7 +422,7 @@ class Engine:
             prefills: list[Seq] = []
             ctx_tokens = 0
             for s in waiting_prefill:
-                n = len(s.prompt)
+                n = s.prompt_len
                 if ctx_tokens + n > budget:
                     break
                 prefills.append(s)
@@ -412,7 +431,7 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            context = sum(len(s.prompt) + len(s.tokens) for s in decoders) / len(decoders) if decoders else 0.0
+            context = sum(s.prompt_len + len(s.tokens) for s in decoders) / len(decoders) if decoders else 0.0
             delay = model.iteration_seconds(ctx_tokens, len(decoders), context)
             self._iter += 1
             it = self._iter
@@ -504,9 +523,9 @@ class Engine:
     def _finish(self, s: Seq) -> None:
         s.phase = FINISHED
         if s.kind == CTX_ONLY:
-            kept = blocks_for(len(s.prompt), self.cfg.tokens_per_block)
+            kept = blocks_for(s.prompt_len, self.cfg.tokens_per_block)
             self._reserved -= s.need_blocks - kept
-            held = _Held(s.rid, kept, len(s.prompt), len(s.prompt) * self.kv_bytes_per_token)
+            held = _Held(s.rid, kept, s.prompt_len, s.prompt_len * self.kv_bytes_per_token)
             self._held[s.rid] = held
             self._held_blocks += kept
             if self.cfg.kv_transfer_timeout_s is not None:
@@ -549,7 +568,7 @@ class Engine:
         used = self._held_blocks
         for s in self._active:
             if s.phase in _LIVE:
-                used += -(-(len(s.prompt) + len(s.tokens)) // tpb)
+                used += -(-(s.prompt_len + len(s.tokens)) // tpb)
         return used
 
     def _kv_stats(self) -> dict:
@@ -628,7 +647,7 @@ class Engine:
             "request_type": s.kind,
             "ctx_request_id": ctx_request_id,
             "status": status,
-            "prompt_tokens": len(s.prompt),
+            "prompt_tokens": s.prompt_len,
             "completion_tokens": len(s.tokens),
             "perf_metrics": {
                 "first_iter": s.first_iter,

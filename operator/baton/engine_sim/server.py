@@ -30,11 +30,20 @@ from baton.engine_sim.engine import (
     REQUEST_TYPES,
     Engine,
     EngineError,
+    Prompt,
     Seq,
     token_text,
 )
 from baton.engine_sim.handoff import OpaqueState, decode_opaque, encode_opaque
-from baton.http1.server import AnyResponse, Handler, Request, Response, StreamResponse, text_response
+from baton.http1.server import (
+    AnyResponse,
+    Handler,
+    Request,
+    Response,
+    StreamResponse,
+    text_response,
+)
+from baton.idlists import RawJSON, all_below, compact_ids, cut_id_list
 
 log = logging.getLogger("baton.engine_sim.server")
 
@@ -46,6 +55,10 @@ _dumps = json.dumps
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # as Starlette's JSONResponse renders
 _loads = json.loads
 _TOKEN_TEXT_JSON: dict[str, bytes] = {}  # one token's text as JSON (a few hundred words: bounded)
+_PROMPT_KEY = b'"prompt"'
+_PROMPT_IDS_KEY = b'"prompt_token_ids"'
+_IDS_MARK = "\u0000prompt-ids\u0000"  # stands for a context answer's prompt_token_ids until spliced in
+_IDS_MARK_JSON = _compact(_IDS_MARK).encode()
 
 
 def error_body(message: str, status: int, err_type: str) -> dict:
@@ -63,7 +76,7 @@ def _json(data: object, status: int = 200) -> Response:
 @dataclass(slots=True)
 class Parsed:
     kind: str
-    prompt: list[int]
+    prompt: Prompt
     max_tokens: int
     stream: bool
     include_usage: bool
@@ -122,7 +135,8 @@ class SimServer:
         if reason:
             return text_response(reason, 503)
         try:
-            seq = self.engine.submit(kind=CTX_AND_GEN, prompt=[1], max_tokens=1, x_request_id="health_generate")
+            seq = self.engine.submit(kind=CTX_AND_GEN, prompt=Prompt.of([1]), max_tokens=1,
+                                      x_request_id="health_generate")
             await seq.done
         except EngineError as exc:
             return text_response(exc.message, 503)
@@ -211,7 +225,20 @@ class SimServer:
                     raise EngineError(f"{what} contains token id {t} outside the vocabulary [0, {vocab})")
         return list(value)  # type: ignore[arg-type]
 
-    def _parse(self, body: dict, chat: bool) -> Parsed:
+    def _prompt(self, value: object, ids_json: RawJSON | None, count: int, what: str) -> Prompt:
+        """The prompt of token ids `value`, or of `ids_json` when the body's reading cut it out as text
+        (`value` is then its [] placeholder): checked against the vocabulary without being decoded, and
+        decoded only to name an id outside it."""
+        if ids_json is None:
+            return Prompt.of(self._token_list(value, what))
+        compact = compact_ids(ids_json)
+        if not all_below(compact, self.cfg.vocab_size):
+            self._token_list(json.loads(ids_json), what)  # raises, naming the id
+        return Prompt(compact, count)
+
+    def _parse(self, body: dict, chat: bool, ids_json: RawJSON | None = None, count: int = 0) -> Parsed:
+        """`body` decoded, but for the prompt's ids when they were cut out of it as text (`ids_json`, `count`
+        of them)."""
         dp = body.get("disaggregated_params")
         if dp is None:
             dp = {}
@@ -223,23 +250,23 @@ class SimServer:
 
         if chat:
             if body.get("prompt_token_ids") is not None:
-                prompt = self._token_list(body["prompt_token_ids"], "prompt_token_ids")
+                prompt = self._prompt(body["prompt_token_ids"], ids_json, count, "prompt_token_ids")
             else:
                 messages = body.get("messages")
                 if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
                     raise EngineError("messages must be a non-empty list of message objects")
-                prompt = tokens.tokenize(tokens.chat_prompt_text(messages))
+                prompt = Prompt.of(tokens.tokenize(tokens.chat_prompt_text(messages)))
             max_tokens = body.get("max_completion_tokens")
             if max_tokens is None:
                 max_tokens = body.get("max_tokens")
         else:
             raw = body.get("prompt")
-            if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], (str, list)):
+            if ids_json is None and isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], (str, list)):
                 raw = raw[0]
             if isinstance(raw, str):
-                prompt = tokens.tokenize(raw)
+                prompt = Prompt.of(tokens.tokenize(raw))
             elif isinstance(raw, list):
-                prompt = self._token_list(raw, "prompt")
+                prompt = self._prompt(raw, ids_json, count, "prompt")
             else:
                 raise EngineError("prompt must be a string or a list of token ids (one prompt per request)")
             max_tokens = body.get("max_tokens")
@@ -304,12 +331,16 @@ class SimServer:
             return error_response(reason, 503, "ServiceUnavailableError")
         try:
             try:
-                body = _loads(request.body)
+                # the prompt's ids are cut out of the body as text, not decoded (`baton.idlists`)
+                if chat:
+                    body, ids_json, count = cut_id_list(request.body, _PROMPT_IDS_KEY, "prompt_token_ids")
+                else:
+                    body, ids_json, count = cut_id_list(request.body, _PROMPT_KEY, "prompt")
             except ValueError:
                 raise EngineError("request body is not valid JSON") from None
             if not isinstance(body, dict):
                 raise EngineError("request body must be a JSON object")
-            parsed = self._parse(body, chat)
+            parsed = self._parse(body, chat, ids_json, count)
             self._maybe_inject_error()
             seq = self.engine.submit(
                 kind=parsed.kind,
@@ -343,8 +374,11 @@ class SimServer:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request done", extra={"fields": {
                 "event": "request_done", "request_id": x_rid or seq.rid, "request_type": seq.kind,
-                "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens)}})
-        return _json(self._full_response(seq, chat))
+                "prompt_tokens": seq.prompt_len, "completion_tokens": len(seq.tokens)}})
+        data = _compact(self._full_response(seq, chat)).encode()
+        if seq.kind == CTX_ONLY:
+            data = data.replace(_IDS_MARK_JSON, seq.prompt.ids_json, 1)
+        return Response(200, data)
 
     def _finish_reason(self, seq: Seq) -> str:
         if seq.kind == CTX_ONLY:
@@ -364,8 +398,8 @@ class SimServer:
         }
 
     def _usage(self, seq: Seq) -> dict:
-        return {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens),
-                "total_tokens": len(seq.prompt) + len(seq.tokens)}
+        return {"prompt_tokens": seq.prompt_len, "completion_tokens": len(seq.tokens),
+                "total_tokens": seq.prompt_len + len(seq.tokens)}
 
     def _full_response(self, seq: Seq, chat: bool) -> dict:
         text = "".join(token_text(t) for t in seq.tokens)
@@ -383,7 +417,7 @@ class SimServer:
             out = {"id": f"cmpl-{seq.rid}", "object": "text_completion", "created": created,
                    "model": self.cfg.model_name, "choices": [choice], "usage": self._usage(seq)}
         if seq.kind == CTX_ONLY:
-            out["prompt_token_ids"] = list(seq.prompt)
+            out["prompt_token_ids"] = _IDS_MARK  # spliced in as text by the caller
         return out
 
     async def _events(self, seq: Seq, include_usage: bool, chat: bool) -> AsyncIterator[bytes]:

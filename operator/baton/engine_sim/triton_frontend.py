@@ -64,7 +64,16 @@ from baton import tokens
 from baton.engine_sim import config as config_mod
 from baton.engine_sim import logs
 from baton.engine_sim.config import SimConfig, StartupError
-from baton.engine_sim.engine import CTX_AND_GEN, CTX_ONLY, GEN_ONLY, REQUEST_TYPES, EngineError, Seq, token_text
+from baton.engine_sim.engine import (
+    CTX_AND_GEN,
+    CTX_ONLY,
+    GEN_ONLY,
+    REQUEST_TYPES,
+    EngineError,
+    Prompt,
+    Seq,
+    token_text,
+)
 from baton.engine_sim.handoff import OpaqueState, decode_opaque, encode_opaque
 from baton.engine_sim.server import SimServer
 from baton.http1.server import Handler, Headers, Request, Response
@@ -493,7 +502,7 @@ class TritonFrontend:
         parsed = parse_request(req, self.cfg.vocab_size)
         try:
             seq = self.engine.submit(
-                kind=parsed.kind, prompt=parsed.prompt, max_tokens=parsed.max_tokens,
+                kind=parsed.kind, prompt=Prompt.of(parsed.prompt), max_tokens=parsed.max_tokens,
                 x_request_id=parsed.x_request_id, stream=parsed.streaming and parsed.kind != CTX_ONLY,
                 handle=parsed.handle, first_tokens=parsed.first_tokens,
             )
@@ -516,7 +525,7 @@ class TritonFrontend:
         out = {
             "output_ids": np.array([[new]], dtype=np.int32).reshape(1, 1, len(new)),
             "sequence_length": np.array([[len(new)]], dtype=np.int32),
-            "num_input_tokens": np.array([[len(seq.prompt)]], dtype=np.int32),
+            "num_input_tokens": np.array([[seq.prompt_len]], dtype=np.int32),
             "num_output_tokens": np.array([[len(seq.tokens)]], dtype=np.int32),
             "text_output": np.array([["".join(token_text(t) for t in new).encode()]], dtype=np.object_),
         }

@@ -1,7 +1,8 @@
 """Client requests: parse once, count the prompt, and build each upstream body with one serialization.
 
-`ParsedRequest` keeps the client's raw bytes (forwarded untouched on the local route whenever possible),
-the decoded dict, and the prompt serialized at most once. Upstream bodies are built by serializing the
+A prompt of token ids is cut out of the client's bytes and counted without being decoded
+(`baton.idlists`). `ParsedRequest` keeps the client's raw bytes (forwarded untouched on the local route
+whenever possible), the decoded dict, and the prompt serialized at most once. Upstream bodies are built by serializing the
 small fields and splicing the prompt's JSON in, so a 220 KB prompt is never re-encoded per attempt; the
 context answer's prompt_token_ids are cut out of its bytes and spliced into the generation request
 without being decoded (`parse_context_answer`).
@@ -10,10 +11,10 @@ without being decoded (`parse_context_answer`).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
+from baton.idlists import RawJSON, cut_id_list
 from baton.tokens import chat_prompt_text, count_text_tokens
 
 COMPLETIONS = "completions"
@@ -31,59 +32,6 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 _IDS_KEY = b'"prompt_token_ids"'
 _PROMPT_KEY = b'"prompt"'
-_DIGITS_AND_COMMAS = b"0123456789,"
-_WHITESPACE = b" \t\r\n"
-_LEADING_ZERO = re.compile(rb",0[0-9]")
-_SPLIT_NUMBER = re.compile(rb"[0-9][ \t\r\n]+[0-9]")
-
-
-def _id_count(inner: bytes) -> int | None:
-    """How many ids `inner` (a JSON list's text between its brackets) holds when it is a flat list of
-    non-negative integers; None for anything else, which the caller then decodes normally. Bytes methods
-    only (a regular expression just for unusual spacing): several times faster than decoding the list."""
-    compact = inner.translate(None, _WHITESPACE)
-    spaces = len(inner) - len(compact)
-    if spaces and spaces != inner.count(b", ") and _SPLIT_NUMBER.search(inner):
-        return None  # "1 2" is not two ids (spacing other than one space after each comma is checked)
-    if not compact:
-        return 0
-    if (compact.translate(None, _DIGITS_AND_COMMAS) or b",," in compact or compact[:1] == b","
-            or compact[-1:] == b"," or (compact[:1] == b"0" and compact[1:2] not in (b",", b""))
-            or (b",0" in compact and _LEADING_ZERO.search(compact))):
-        return None
-    return compact.count(b",") + 1
-
-
-class RawJSON(bytes):
-    """An already-serialized JSON value, spliced into an upstream body as is (never decoded)."""
-
-
-def cut_id_list(data: bytes, key: bytes, name: str, check: bool = True) -> tuple[Any, RawJSON | None, int]:
-    """`data` decoded except for the top-level `name` (spelled `key` in JSON) when that holds a flat list of
-    non-negative integers: `(object with [] in its place, the list's raw JSON, its length)`.
-
-    Token-id lists are long (one id per prompt token) and mostly travel on unread, and decoding them is
-    most of the cost of decoding a request, so they are cut out of the bytes and checked with bytes methods
-    instead (`_id_count`). Anything unusual (the key seen more than once, a value that is not such a
-    list, the key not at the top level) falls back to decoding everything, with `None` for the raw list.
-    `check=False` skips checking and counting the ids (the length is then 0): for lists that are only
-    passed on to an engine, which checks them itself.
-    """
-    at = data.find(key)
-    if at >= 0 and data.find(key, at + 1) < 0:
-        start = data.find(b"[", at)
-        end = data.find(b"]", start) if start >= 0 else -1
-        count = None
-        if end > 0 and data[at + len(key): start].strip() == b":":
-            count = _id_count(data[start + 1: end]) if check else 0
-        if count is not None:
-            try:
-                obj = json.loads(data[:start] + b"[]" + data[end + 1:])
-            except ValueError:  # unchecked, the cut was not around one flat list (a nested one, a "]" in a string)
-                obj = None
-            if isinstance(obj, dict) and obj.get(name) == []:
-                return obj, RawJSON(data[start: end + 1]), count
-    return json.loads(data), None, 0
 
 
 def parse_context_answer(data: bytes) -> tuple[Any, RawJSON | None]:

@@ -1,0 +1,102 @@
+"""JSON token-id lists read as bytes: cut out of a request, counted and checked without being decoded.
+
+A prompt sent as token ids is one JSON integer per token, and decoding it (one Python int per id) is
+most of the cost of reading such a request: ~270 µs for the trace's mean prompt of 2,048 ids. The
+scheduler only needs the prompt's length and passes the ids on; the engine simulator only needs their
+length, a checksum and their JSON. Both cut the list out of the body (`cut_id_list`) and work on its
+text with bytes methods, which run at C speed; anything unusual falls back to decoding.
+
+Lists accepted on the fast path are flat lists of non-negative integers without leading zeros, so their
+compact text (`compact_ids`) is the same whichever client spacing they came with.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+_DIGITS_AND_COMMAS = b"0123456789,"
+_WHITESPACE = b" \t\r\n"
+_LEADING_ZERO = re.compile(rb",0[0-9]")
+_SPLIT_NUMBER = re.compile(rb"[0-9][ \t\r\n]+[0-9]")
+
+
+class RawJSON(bytes):
+    """An already-serialized JSON value, spliced into a body as is (never decoded)."""
+
+
+def count_ids(inner: bytes) -> int | None:
+    """How many ids `inner` (a JSON list's text between its brackets) holds when it is a flat list of
+    non-negative integers; None for anything else, which the caller then decodes normally. Bytes methods
+    only (a regular expression just for unusual spacing): several times faster than decoding the list."""
+    compact = inner.translate(None, _WHITESPACE)
+    spaces = len(inner) - len(compact)
+    if spaces and spaces != inner.count(b", ") and _SPLIT_NUMBER.search(inner):
+        return None  # "1 2" is not two ids (spacing other than one space after each comma is checked)
+    if not compact:
+        return 0
+    if (compact.translate(None, _DIGITS_AND_COMMAS) or b",," in compact or compact[:1] == b","
+            or compact[-1:] == b"," or (compact[:1] == b"0" and compact[1:2] not in (b",", b""))
+            or (b",0" in compact and _LEADING_ZERO.search(compact))):
+        return None
+    return compact.count(b",") + 1
+
+
+def compact_ids(ids_json: bytes) -> bytes:
+    """The ids of a list `count_ids` accepted, as `1,2,3`: its text without brackets and whitespace."""
+    return ids_json[1:-1].translate(None, _WHITESPACE)
+
+
+def ids_text(ids: list[int]) -> bytes:
+    """`compact_ids` of a decoded list."""
+    return ",".join(map(str, ids)).encode()
+
+
+_AS_D = bytes.maketrans(b"0123456789", b"dddddddddd")
+_EXACTLY: dict[int, re.Pattern[bytes]] = {}
+
+
+def all_below(compact: bytes, limit: int) -> bool:
+    """Whether every id of `compact` (as `compact_ids` gives it) is below `limit` (> 0).
+
+    The ids have no leading zeros, so an id with more digits than `limit` is larger, one with fewer is
+    smaller, and ids with as many digits compare as text: only those are read. With every digit made a
+    `d`, substring searches find how long the ids are (a regular expression trying each position took
+    ten times as long)."""
+    digits = len(str(limit))
+    shape = (b"," + compact + b",").translate(_AS_D)
+    if b"d" * (digits + 1) + b"," in shape:
+        return False
+    if b"," + b"d" * digits + b"," not in shape:
+        return True
+    exactly = _EXACTLY.get(digits)
+    if exactly is None:
+        exactly = _EXACTLY[digits] = re.compile(rb",([0-9]{%d})(?=,)" % digits)
+    return max(exactly.findall(b"," + compact + b",")) < str(limit).encode()
+
+
+def cut_id_list(data: bytes, key: bytes, name: str, check: bool = True) -> tuple[Any, RawJSON | None, int]:
+    """`data` decoded except for the top-level `name` (spelled `key` in JSON) when that holds a flat list of
+    non-negative integers: `(object with [] in its place, the list's raw JSON, its length)`.
+
+    Anything unusual (the key seen more than once, a value that is not such a list, the key not at the
+    top level) falls back to decoding everything, with `None` for the raw list. `check=False` skips
+    checking and counting the ids (the length is then 0): for lists that are only passed on to an engine,
+    which checks them itself. Raises ValueError when `data` is not JSON.
+    """
+    at = data.find(key)
+    if at >= 0 and data.find(key, at + 1) < 0:
+        start = data.find(b"[", at)
+        end = data.find(b"]", start) if start >= 0 else -1
+        count = None
+        if end > 0 and data[at + len(key): start].strip() == b":":
+            count = count_ids(data[start + 1: end]) if check else 0
+        if count is not None:
+            try:
+                obj = json.loads(data[:start] + b"[]" + data[end + 1:])
+            except ValueError:  # unchecked, the cut was not around one flat list (a nested one, a "]" in a string)
+                obj = None
+            if isinstance(obj, dict) and obj.get(name) == []:
+                return obj, RawJSON(data[start: end + 1]), count
+    return json.loads(data), None, 0

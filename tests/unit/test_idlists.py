@@ -1,0 +1,62 @@
+"""Token-id lists read as bytes (`baton.idlists`) mean exactly what decoding them would."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from baton.idlists import all_below, compact_ids, count_ids, cut_id_list, ids_text
+
+
+@pytest.mark.parametrize("limit", [1, 9, 10, 11, 1000, 32000, 128256, 151936])
+def test_all_below_agrees_with_comparing_every_id(limit):
+    rng = random.Random(limit)
+    edges = [0, limit - 1, limit, limit + 1, limit * 10, max(0, limit // 10), 10 ** len(str(limit)) - 1]
+    for _ in range(400):
+        ids = [rng.choice(edges) if rng.random() < 0.2 else rng.randrange(0, limit * 2)
+               for _ in range(rng.randint(1, 30))]
+        assert all_below(ids_text(ids), limit) == (max(ids) < limit), (ids, limit)
+
+
+def test_compact_ids_drops_brackets_and_spacing():
+    assert compact_ids(b"[1, 2,\n 3\t]") == b"1,2,3" == ids_text([1, 2, 3])
+    assert compact_ids(b"[]") == b"" == ids_text([])
+
+
+JSON_BODIES = [
+    '{"prompt": [1, 2, 3], "max_tokens": 4}',
+    '{"max_tokens": 4, "prompt":[1,2,3]}',
+    '{"prompt": [ 1 ,\n 2 ], "x": [9]}',
+    '{"prompt": []}',
+    '{"prompt": [0, 10, 0]}',
+    '{"prompt": [01, 2]}',  # not JSON
+    '{"prompt": [1 2]}',  # not JSON
+    '{"prompt": [1, -2]}',
+    '{"prompt": [1.5, 2]}',
+    '{"prompt": [[1, 2]]}',
+    '{"prompt": "text with [1, 2]"}',
+    '{"prompt": [1, 2], "prompt": [3]}',
+    '{"nested": {"prompt": [1, 2]}, "prompt": "x"}',
+    '{"s": "\\"prompt\\": [1]", "prompt": [4, 5]}',
+    '[1, 2]',
+]
+
+
+@pytest.mark.parametrize("text", JSON_BODIES)
+def test_cut_id_list_reads_what_json_would(text):
+    data = text.encode()
+    try:
+        expected = json.loads(data)
+    except ValueError:
+        with pytest.raises(ValueError):
+            cut_id_list(data, b'"prompt"', "prompt")
+        return
+    obj, raw, count = cut_id_list(data, b'"prompt"', "prompt")
+    if raw is not None:
+        ids = json.loads(raw)
+        assert count == len(ids) == count_ids(raw[1:-1])
+        assert compact_ids(raw) == ids_text(ids)
+        obj["prompt"] = ids
+    assert obj == expected
