@@ -6,7 +6,6 @@ import json
 import random
 
 import pytest
-
 from baton.idlists import all_below, compact_ids, count_ids, cut_id_list, ids_text
 
 

@@ -105,7 +105,8 @@ class Seq:
 
     __slots__ = (
         "rid", "x_request_id", "kind", "prompt", "prompt_len", "max_tokens", "seed", "need_blocks", "tokens",
-        "phase", "done", "changed", "error", "arrival", "first_scheduled", "first_token_time", "last_token_time",
+        "phase", "done", "changed", "notify", "error", "arrival", "first_scheduled", "first_token_time",
+        "last_token_time",
         "first_iter", "last_iter", "handle", "first_tokens", "kv_size", "kv_start", "kv_end", "original_max_tokens",
     )
 
@@ -122,7 +123,8 @@ class Seq:
         self.tokens: list[int] = []
         self.phase = QUEUED
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.changed: asyncio.Event | None = None
+        self.changed: asyncio.Event | None = None  # set at each change, for a consumer that waits (stream=True)
+        self.notify: Callable[[], None] | None = None  # called at each change: new tokens, the end, a failure
         self.error: EngineError | None = None
         self.arrival = time.monotonic()
         self.first_scheduled: float | None = None
@@ -235,16 +237,20 @@ class Engine:
         stream: bool = False,
         handle: OpaqueState | None = None,
         first_tokens: list[int] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> Seq:
-        """Validate and queue a request; raises EngineError when it must be refused."""
+        """Validate and queue a request; raises EngineError when it must be refused.
+
+        A streamed request is followed either by waiting on `seq.changed` (`stream=True`) or through
+        `on_change`, called by the engine loop itself after each change (new tokens, the end, a failure)."""
         self.counters["requestsReceived"] += 1
         try:
-            return self._submit(kind, prompt, max_tokens, x_request_id, stream, handle, first_tokens)
+            return self._submit(kind, prompt, max_tokens, x_request_id, stream, handle, first_tokens, on_change)
         except EngineError:
             self.counters["requestsRejected"] += 1
             raise
 
-    def _submit(self, kind, prompt, max_tokens, x_request_id, stream, handle, first_tokens) -> Seq:
+    def _submit(self, kind, prompt, max_tokens, x_request_id, stream, handle, first_tokens, on_change) -> Seq:
         cfg = self.cfg
         if self.fatal is not None:
             raise EngineError(f"engine is in a fatal state: {self.fatal}", 503, "ServiceUnavailableError")
@@ -298,8 +304,11 @@ class Engine:
                 raise seq.error
             seq.handle = handle
             seq.first_tokens = list(first_tokens)
-        if stream:
+        if on_change is not None:
+            seq.notify = on_change
+        elif stream:
             seq.changed = asyncio.Event()
+            seq.notify = seq.changed.set
         self._queue.append(seq)
         self._wake.set()
         return seq
@@ -516,8 +525,8 @@ class Engine:
             self._finish(s)
         else:
             s.phase = DECODE
-            if s.changed is not None:
-                s.changed.set()
+            if s.notify is not None:
+                s.notify()
         return 1 if finished else 0
 
     def _finish(self, s: Seq) -> None:
@@ -534,8 +543,8 @@ class Engine:
             self._reserved -= s.need_blocks
         self.counters["requestsCompleted"] += 1
         self._record_perf(s, "ok")
-        if s.changed is not None:
-            s.changed.set()
+        if s.notify is not None:
+            s.notify()
         if not s.done.done():
             s.done.set_result(None)
         self._wake.set()
@@ -555,8 +564,8 @@ class Engine:
         if count:
             self.counters["requestsFailed"] += 1
         self._record_perf(s, "error")
-        if s.changed is not None:
-            s.changed.set()
+        if s.notify is not None:
+            s.notify()
         if not s.done.done():
             s.done.set_exception(error)
             s.done.exception()  # mark retrieved: a cancelled client may never await it

@@ -17,8 +17,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from baton import kvformat, tokens
 from baton.engine_sim import config as config_mod
@@ -38,9 +38,9 @@ from baton.engine_sim.handoff import OpaqueState, decode_opaque, encode_opaque
 from baton.http1.server import (
     AnyResponse,
     Handler,
+    PushResponse,
     Request,
     Response,
-    StreamResponse,
     text_response,
 )
 from baton.idlists import RawJSON, all_below, compact_ids, cut_id_list
@@ -342,27 +342,31 @@ class SimServer:
                 raise EngineError("request body must be a JSON object")
             parsed = self._parse(body, chat, ids_json, count)
             self._maybe_inject_error()
+            stream = _TokenStream(self, chat, parsed.include_usage) if parsed.stream and parsed.kind != CTX_ONLY \
+                else None
             seq = self.engine.submit(
                 kind=parsed.kind,
                 prompt=parsed.prompt,
                 max_tokens=parsed.max_tokens,
                 x_request_id=x_rid,
-                stream=parsed.stream and parsed.kind != CTX_ONLY,
                 handle=parsed.handle,
                 first_tokens=parsed.first_tokens,
+                on_change=stream.changed if stream is not None else None,
             )
         except EngineError as exc:
             return self._error(exc, x_rid)
-        if seq.changed is not None:
-            events = self._events(seq, parsed.include_usage, chat)
+        if stream is not None:
+            stream.seq = seq
             # Hold the status line until the first token (or the failure): a failed handoff is still an HTTP
-            # error. From its first step on, the generator owns `seq` (it cancels it if the client goes away).
+            # error. Once the response starts, the stream owns `seq` (it cancels it if the client goes away).
             try:
-                await events.__anext__()
-            except StopAsyncIteration:
-                assert seq.error is not None
+                await stream.first
+            except asyncio.CancelledError:  # the client went away first
+                self.engine.cancel(seq)
+                raise
+            if seq.error is not None and not seq.tokens:
                 return self._error(seq.error, seq.x_request_id)
-            return StreamResponse(events, headers=_STREAM_HEADERS)
+            return PushResponse(stream, headers=_STREAM_HEADERS)
         try:
             try:
                 await seq.done
@@ -420,78 +424,125 @@ class SimServer:
             out["prompt_token_ids"] = _IDS_MARK  # spliced in as text by the caller
         return out
 
-    async def _events(self, seq: Seq, include_usage: bool, chat: bool) -> AsyncIterator[bytes]:
-        """The SSE answer of a streamed request, as trtllm-serve frames it.
 
-        The first step waits for the first token and yields b"" (the status line may go), or returns when the
-        request failed first (the caller answers with an HTTP error instead). Events that are ready together
-        go out in one write. The `finally` cancels the sequence when the client goes away (the server closes
-        the generator, or cancels the handler while it waits)."""
-        changed = seq.changed
-        assert changed is not None
+class _TokenStream:
+    """The SSE answer of a streamed request, as trtllm-serve frames it, pushed to the client by the engine
+    loop (a `baton.http1` push producer).
+
+    The engine calls `changed` after each change of the sequence (new tokens, its end, a failure). Until the
+    response starts, that only resolves `first` (the handler waits for the first token or the failure, so a
+    failed handoff is still an HTTP error). From `start` on, the tokens produced since the last write go out
+    as one write right away: one write per engine iteration, as a server loop draining the executor's
+    responses does, without a task woken per stream and per token. While the client's connection is full
+    (`pause`) tokens wait in the sequence and go out together on `resume`. `abort` (the client went away)
+    cancels the sequence."""
+
+    __slots__ = ("chat", "closed", "closing", "first", "head", "include_usage", "middle", "opening", "paused",
+                 "pending", "sent", "seq", "sim", "sink")
+
+    _FINISH = b', "logprobs": null, "finish_reason": '
+
+    def __init__(self, sim: SimServer, chat: bool, include_usage: bool) -> None:
+        self.sim = sim
+        self.seq: Seq = None  # type: ignore[assignment]  # set right after submit, before the engine runs it
+        self.chat = chat
+        self.include_usage = include_usage
+        self.first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sink: Any = None
+        self.sent = 0
+        self.paused = False
+        self.closed = False
+        self.head = self.opening = self.middle = self.closing = b""
+        self.pending: list[bytes] = []
+
+    def changed(self) -> None:
+        if self.sink is None:
+            if not self.first.done():
+                self.first.set_result(None)
+        elif not self.paused:
+            self._flush()
+
+    # ------------------------------------------------------------------ producer interface
+    def start(self, sink: Any) -> None:
+        self.sink = sink
+        seq = self.seq
+        # Each event is the json.dumps of a dict; the constant parts are serialized once per stream.
+        cid = f"{'chatcmpl' if self.chat else 'cmpl'}-{seq.rid}"
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        self.head = b"data: " + _dumps({"id": cid, "object": obj, "created": int(time.time()),
+                                        "model": self.sim.cfg.model_name})[:-1].encode() + b', "choices": '
+        if self.chat:
+            self.opening = self.head + b'[{"index": 0, "delta": {"content": '
+            self.middle = b'}, "token_ids": '
+            self.closing = b"}]}\n\n"
+            self.pending.append(self.head + b'[{"index": 0, "delta": {"role": "assistant", "content": ""}, '
+                                            b'"logprobs": null, "finish_reason": null}]}\n\n')
+        else:
+            self.opening = self.head + b'[{"index": 0, "text": '
+            self.middle = b', "token_ids": '
+            self.closing = b', "stop_reason": null}]}\n\n'
+        self._flush()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self._flush()
+
+    def abort(self) -> None:
+        self.closed = True
+        if not self.seq.finished:
+            self.sim.engine.cancel(self.seq)
+
+    # ------------------------------------------------------------------ writing
+    def _flush(self) -> None:
+        if self.closed:
+            return
         try:
-            while not seq.tokens and not seq.finished:
-                changed.clear()
-                await changed.wait()
-            if seq.error is not None and not seq.tokens:
-                return
-            yield b""
-            # Each event is the json.dumps of a dict; the constant parts are serialized once per stream.
-            cid = f"{'chatcmpl' if chat else 'cmpl'}-{seq.rid}"
-            obj = "chat.completion.chunk" if chat else "text_completion"
-            head = b"data: " + _dumps({"id": cid, "object": obj, "created": int(time.time()),
-                                       "model": self.cfg.model_name})[:-1].encode() + b', "choices": '
-            if chat:
-                opening = head + b'[{"index": 0, "delta": {"content": '
-                middle = b'}, "token_ids": '
-                closing = b"}]}\n\n"
-                out = [head + b'[{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, '
-                              b'"finish_reason": null}]}\n\n']
+            self._write()
+        except Exception:  # called from the engine loop: a bug here must only end this stream
+            log.exception("stream failed", extra={"fields": {"event": "stream_failed",
+                                                             "request_id": self.seq.x_request_id}})
+            self.closed = True
+            self.sink.end(b"")
+            if not self.seq.finished:
+                self.sim.engine.cancel(self.seq)
+
+    def _write(self) -> None:
+        seq = self.seq
+        tokens_ = seq.tokens
+        produced = len(tokens_)
+        out = self.pending
+        if self.sent < produced:
+            if produced - self.sent == 1:
+                token = tokens_[self.sent]
+                text = token_text(token)
+                text_json = _TOKEN_TEXT_JSON.get(text)
+                if text_json is None:
+                    text_json = _TOKEN_TEXT_JSON[text] = _dumps(text).encode()
+                ids = b"[%d]" % token
             else:
-                opening = head + b'[{"index": 0, "text": '
-                middle = b', "token_ids": '
-                closing = b', "stop_reason": null}]}\n\n'
-                out = []
-            finish = b', "logprobs": null, "finish_reason": '
-            unfinished = finish + b"null" + closing
-            tokens_ = seq.tokens
-            sent = 0
-            while True:
-                produced = len(tokens_)
-                if sent < produced:
-                    if produced - sent == 1:
-                        token = tokens_[sent]
-                        text = token_text(token)
-                        text_json = _TOKEN_TEXT_JSON.get(text)
-                        if text_json is None:
-                            text_json = _TOKEN_TEXT_JSON[text] = _dumps(text).encode()
-                        ids = b"[%d]" % token
-                    else:
-                        new = tokens_[sent:produced]
-                        text_json = _dumps("".join([token_text(t) for t in new])).encode()
-                        ids = _dumps(new).encode()
-                    sent = produced
-                    if seq.finished and seq.error is None:
-                        end = finish + _dumps(self._finish_reason(seq)).encode() + closing
-                    else:
-                        end = unfinished
-                    out.append(b"".join((opening, text_json, middle, ids, end)))
-                    continue
-                if seq.finished:
-                    break
-                if out:
-                    yield out[0] if len(out) == 1 else b"".join(out)
-                    out = []
-                    continue
-                changed.clear()
-                await changed.wait()
+                new = tokens_[self.sent: produced]
+                text_json = _dumps("".join([token_text(t) for t in new])).encode()
+                ids = _dumps(new).encode()
+            self.sent = produced
+            if seq.finished and seq.error is None:
+                end = self._FINISH + _dumps(self.sim._finish_reason(seq)).encode() + self.closing
+            else:
+                end = self._FINISH + b"null" + self.closing
+            out.append(b"".join((self.opening, text_json, self.middle, ids, end)))
+        if seq.finished:
             if seq.error is not None:
                 err = error_body(seq.error.message, seq.error.status, seq.error.err_type)
                 out.append(b"data: " + _dumps(err).encode() + b"\n\n")
-            elif include_usage:
-                out.append(head + b'[], "usage": ' + _dumps(self._usage(seq)).encode() + b"}\n\n")
+            elif self.include_usage:
+                out.append(self.head + b'[], "usage": ' + _dumps(self.sim._usage(seq)).encode()
+                           + b"}\n\n")
             out.append(_DONE)
-            yield b"".join(out)
-        finally:
-            if not seq.finished:
-                self.engine.cancel(seq)
+            self.closed = True
+            self.pending = []
+            self.sink.end(b"".join(out))
+        elif out:
+            self.pending = []
+            self.sink.write(out[0] if len(out) == 1 else b"".join(out))
