@@ -4,8 +4,9 @@ The engine connection's data callback hands each piece straight on to the client
 coroutine, no copy of the stream), counting SSE events and watching for `[DONE]` and trtllm-serve's
 in-stream error events on the way. Pieces that arrive sooner than `interval_s` after the last write to
 the client are held and written together when the interval is up, and the engine connection is not read
-meanwhile, so a fast stream costs one read and one write per interval instead of one per token; the
-first piece and the end of the stream are never held. The client's write backpressure pauses reading
+meanwhile, so a fast stream costs one read and one write per interval instead of one per token. The
+first piece is never held; the end is written as soon as it is read, which during a hold is when the
+interval is up. The client's write backpressure pauses reading
 the engine. Exactly one ending (the stream's end, its failure, the client going away) calls `on_finish`.
 
 Endings passed to `on_finish(outcome, relay)`: "completed"; "engine_error" (an error event inside the
