@@ -179,6 +179,18 @@ def test_a_rate_that_was_not_reached_fails_its_latency_targets():
     assert not sb.sustained({"achieved_rps": {"direct": 460.0, "sched": None}}, 500.0)
 
 
+def test_a_latency_target_met_only_by_a_difference_of_percentiles_is_not_met():
+    results = _results()
+    # a tail in the direct phase: the scheduler's p99 is below the direct one, yet requests paid 9 ms each
+    results["local"]["added_ms"]["p99"] = -13.0
+    results["local"]["paired_ms"]["p99"] = 9.0
+    metrics = {m.key: m for m in sb.build_metrics(results, sb.FULL)}
+    assert metrics["local_added_p99"].passed is False
+    assert metrics["local_added_p99"].note.endswith("the paired value is above the target, so not met")
+    assert metrics["local_added_p50"].passed is True  # paired 0.5 ms: within the target
+    assert metrics["ref_local_added_p99"].passed is None  # reference rows still carry no target
+
+
 def _report(results):
     metrics = sb.build_metrics(results, sb.QUICK)
     return {"benchmark": "scheduler", "date": "2026-01-01 00:00 UTC", "quick": True, "duration_s": 61.0,
