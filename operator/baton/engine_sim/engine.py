@@ -182,7 +182,7 @@ class Engine:
         self._held_blocks = 0
         self._expired: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._iter = 0
-        self._iter_stats: collections.deque[dict] = collections.deque(maxlen=cfg.iter_stats_max)
+        self._iter_stats: collections.deque[tuple] = collections.deque(maxlen=cfg.iter_stats_max)
         self._perf: collections.deque[dict] = collections.deque(maxlen=cfg.perf_metrics_max)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -573,15 +573,23 @@ class Engine:
 
     # ------------------------------------------------------------------ statistics
     def used_blocks(self) -> int:
+        return self._state_counts()[1]
+
+    def _state_counts(self) -> tuple[int, int, int]:
+        """(active sequences, used KV blocks, sequences pulling KV), in one pass over the batch."""
         tpb = self.cfg.tokens_per_block
         used = self._held_blocks
+        active = transferring = 0
         for s in self._active:
-            if s.phase in _LIVE:
+            phase = s.phase
+            if phase in _LIVE:
+                active += 1
                 used += -(-(s.prompt_len + len(s.tokens)) // tpb)
-        return used
+                if phase == TRANSFER:
+                    transferring += 1
+        return active, used, transferring
 
-    def _kv_stats(self) -> dict:
-        used = self.used_blocks()
+    def _kv_stats(self, used: int) -> dict:
         return {
             "maxNumBlocks": self.cfg.max_blocks,
             "freeNumBlocks": self.cfg.max_blocks - used,
@@ -594,25 +602,32 @@ class Engine:
             "cacheHitRate": 0.0,
         }
 
-    def _sim_stats(self) -> dict:
+    def _sim_fields(self, transferring: int) -> tuple:
+        return (dict(self.counters), self._reserved, len(self._held), self._held_blocks, len(self._sending),
+                transferring, self.fatal)
+
+    @staticmethod
+    def _sim_stats(fields: tuple) -> dict:
+        counters, reserved, held, held_blocks, sending, transferring, fatal = fields
         return {
-            **self.counters,
-            "reservedNumBlocks": self._reserved,
-            "numHeldKvRequests": len(self._held),
-            "heldKvBlocks": self._held_blocks,
-            "numSendingKvRequests": len(self._sending),
-            "numTransferringRequests": sum(1 for s in self._active if s.phase == TRANSFER),
-            "fatal": self.fatal,
+            **counters,
+            "reservedNumBlocks": reserved,
+            "numHeldKvRequests": held,
+            "heldKvBlocks": held_blocks,
+            "numSendingKvRequests": sending,
+            "numTransferringRequests": transferring,
+            "fatal": fatal,
         }
 
-    def _iteration_fields(self, it: int, latency_ms: float, completed: int) -> dict:
+    def _iteration_fields(self, it: int, latency_ms: float, timestamp: float, active: int, queued: int,
+                          completed: int, used: int) -> dict:
         """The fields of trtllm-serve's /metrics iteration records that do not depend on what ran."""
         return {
             "iter": it,
             "iterLatencyMS": latency_ms,
-            "timestamp": time.time(),
-            "numActiveRequests": sum(1 for s in self._active if s.phase in _LIVE),
-            "numQueuedRequests": len(self._queue),
+            "timestamp": timestamp,
+            "numActiveRequests": active,
+            "numQueuedRequests": queued,
             "numCompletedRequests": completed,
             "maxNumActiveRequests": self.cfg.max_batch_size,
             "maxBatchSizeStatic": self.cfg.max_batch_size,
@@ -620,13 +635,21 @@ class Engine:
             "gpuMemUsage": 0,
             "cpuMemUsage": 0,
             "pinnedMemUsage": 0,
-            "kvCacheStats": self._kv_stats(),
+            "kvCacheStats": self._kv_stats(used),
         }
 
     def _record_iteration(self, it: int, latency_ms: float, n_ctx: int, n_gen: int, ctx_tokens: int,
                           completed: int) -> None:
-        self._iter_stats.append({
-            **self._iteration_fields(it, latency_ms, completed),
+        # Kept as a tuple of the numbers; the record is built only when /metrics is read (most never are: the
+        # deque keeps the last iter_stats_max_iterations), which took a few percent of the engine's CPU.
+        active, used, transferring = self._state_counts()
+        self._iter_stats.append((it, latency_ms, time.time(), active, len(self._queue), completed, used,
+                                 n_ctx, n_gen, ctx_tokens, self._sim_fields(transferring)))
+
+    def _iteration_record(self, raw: tuple) -> dict:
+        it, latency_ms, timestamp, active, queued, completed, used, n_ctx, n_gen, ctx_tokens, sim = raw
+        return {
+            **self._iteration_fields(it, latency_ms, timestamp, active, queued, completed, used),
             "inflightBatchingStats": {
                 "numScheduledRequests": n_ctx + n_gen,
                 "numContextRequests": n_ctx,
@@ -636,15 +659,17 @@ class Engine:
                 "microBatchId": 0,
                 "avgNumDecodedTokensPerIter": 1.0 if n_gen else 0.0,
             },
-            "sim": self._sim_stats(),
-        })
+            "sim": self._sim_stats(sim),
+        }
 
     def snapshot(self) -> dict:
         """The current state in the shape of an iteration record (iteration fields describe the last one)."""
-        return {**self._iteration_fields(self._iter, 0.0, 0), "sim": {**self._sim_stats(), "snapshot": True}}
+        active, used, transferring = self._state_counts()
+        return {**self._iteration_fields(self._iter, 0.0, time.time(), active, len(self._queue), 0, used),
+                "sim": {**self._sim_stats(self._sim_fields(transferring)), "snapshot": True}}
 
     def drain_iteration_stats(self) -> list[dict]:
-        out = list(self._iter_stats)
+        out = [self._iteration_record(raw) for raw in self._iter_stats]
         self._iter_stats.clear()
         return out
 
