@@ -304,7 +304,10 @@ def test_answer_without_content_type_defaults_to_json():
 @pytest.mark.parametrize("answer, match", [
     (b"220 smtp.example.org ESMTP ready\r\n\r\n", "bad status line"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n", "not followed by CRLF"),
-], ids=["not-http", "chunk-without-crlf"])
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", "base 16"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz;x=1\r\nabc\r\n0\r\n\r\n", "base 16"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-3\r\nabc\r\n0\r\n\r\n", "negative chunk size"),
+], ids=["not-http", "chunk-without-crlf", "bad-chunk-size", "bad-chunk-size-with-extension", "negative-chunk-size"])
 def test_unparseable_answer_is_a_protocol_error(answer, match):
     async def script(srv, reader, writer, index):
         await srv.read_request(reader, index)
