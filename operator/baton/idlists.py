@@ -30,14 +30,19 @@ def count_ids(inner: bytes) -> int | None:
     """How many ids `inner` (a JSON list's text between its brackets) holds when it is a flat list of
     non-negative integers; None for anything else, which the caller then decodes normally. Bytes methods
     only (a regular expression just for unusual spacing): several times faster than decoding the list."""
-    compact = inner.translate(None, _WHITESPACE)
-    spaces = len(inner) - len(compact)
-    if spaces and spaces != inner.count(b", ") and _SPLIT_NUMBER.search(inner):
-        return None  # "1 2" is not two ids (spacing other than one space after each comma is checked)
+    if not inner.translate(None, _DIGITS_AND_COMMAS):
+        compact = inner  # only digits and commas (a compact list): no spacing to look at
+    else:
+        compact = inner.translate(None, _WHITESPACE)
+        spaces = len(inner) - len(compact)
+        if not spaces or compact.translate(None, _DIGITS_AND_COMMAS):
+            return None  # something other than digits, commas and spacing
+        if spaces != inner.count(b", ") and _SPLIT_NUMBER.search(inner):
+            return None  # "1 2" is not two ids (spacing other than one space after each comma is checked)
     if not compact:
         return 0
-    if (compact.translate(None, _DIGITS_AND_COMMAS) or b",," in compact or compact[:1] == b","
-            or compact[-1:] == b"," or (compact[:1] == b"0" and compact[1:2] not in (b",", b""))
+    if (b",," in compact or compact[:1] == b"," or compact[-1:] == b","
+            or (compact[:1] == b"0" and compact[1:2] not in (b",", b""))
             or (b",0" in compact and _LEADING_ZERO.search(compact))):
         return None
     return compact.count(b",") + 1

@@ -59,3 +59,18 @@ def test_cut_id_list_reads_what_json_would(text):
         assert compact_ids(raw) == ids_text(ids)
         obj["prompt"] = ids
     assert obj == expected
+
+
+def test_count_ids_agrees_with_json_on_random_lists_and_spacings():
+    rng = random.Random(7)
+    pieces = ["0", "1", "7", "10", "01", "123", "-4", "1.5", "", " ", "\n", "\t", "a", "1e3", "true", "[1]"]
+    for _ in range(3000):
+        items = [rng.choice(pieces) for _ in range(rng.randint(0, 6))]
+        seps = [rng.choice([",", ", ", " ,", ",\n ", " ", ",,"]) for _ in items]
+        inner = "".join(item + sep for item, sep in zip(items, seps))[:-1] if items else rng.choice(["", " "])
+        try:
+            value = json.loads("[" + inner + "]")
+            expected = len(value) if all(type(v) is int and v >= 0 for v in value) else None
+        except ValueError:
+            expected = None
+        assert count_ids(inner.encode()) == expected, inner
