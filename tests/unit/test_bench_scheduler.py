@@ -82,6 +82,29 @@ def test_overhead_includes_the_bare_proxy_when_measured():
     assert o["sched_cpu_ms_per_request"] == pytest.approx(2.0)
 
 
+def test_the_unheld_scheduler_shows_the_stream_hold_trade_off():
+    phases = [phase("local-direct-0", [rec(i, 0.010) for i in range(4)]),
+              phase("local-sched-0", [rec(i, 0.012) for i in range(4)], {"sched-local": 0.004}),
+              phase("local-unheld-0", [rec(i, 0.0105) for i in range(4)], {sb.UNHELD_PROC: 0.0048})]
+    o = sb.overhead(phases, "local", "sched-local", ())
+    assert o["paired_ms"]["p50"] == pytest.approx(2.0)
+    assert o["unheld"]["paired_ms"]["p50"] == pytest.approx(0.5)
+    assert o["unheld"]["added_ms"]["p50"] == pytest.approx(0.5)
+    assert o["unheld"]["cpu_ms_per_request"] == pytest.approx(1.2)
+    assert o["sched_cpu_ms_per_request"] == pytest.approx(1.0)
+    results = _results()
+    results["local"]["unheld"] = o["unheld"]
+    metrics = {m.key: m for m in sb.build_metrics(results, sb.FULL)}
+    row = metrics["unheld_added_p50"]
+    assert row.passed is None and row.value == pytest.approx(0.5)  # a reference row: no target
+    assert row.note == "paired p50 0.50 ms; scheduler CPU 1.20 ms per request (default 1 ms: 0.90 ms)"
+    notes = " ".join(sb._reading_notes(results, sb.FULL))
+    assert "with the default streamFlushIntervalMs of 1 the scheduler added 0.50 ms (paired p50) for 0.90 ms" in notes
+    assert "with 0 (every piece read and written as it comes) 0.50 ms for 1.20 ms" in notes
+    del results["local"]["unheld"]
+    assert "unheld_added_p50" not in {m.key for m in sb.build_metrics(results, sb.FULL)}
+
+
 def test_throughput_and_the_one_core_ceiling():
     t = sb.throughput(phase("throughput-local-sched-0", [rec(i, 0.05) for i in range(300)],
                             {"sched-local": 0.6, "decode": 0.9, "idle": 0.0}, wall=2.0, loadgen_cpu=0.2, busy=2.0),

@@ -83,6 +83,7 @@ LLAMA_3_8B = {
     "vocab_size": 128256,
 }
 UNLIMITED = 1_000_000  # admission limits for the overhead phases: nothing should queue there
+UNHELD_PROC = "sched-local-unheld"  # a local scheduler with streamFlushIntervalMs 0, for the hold's trade-off
 
 TARGETS = {
     "added_p50_ms": Target("<=", 1.0),
@@ -399,6 +400,13 @@ def overhead(phases: Sequence[dict[str, Any]], group: str, sched_proc: str, engi
         out["proxy_ms"] = _ms_pcts(list(p_lat.values()))
         out["proxy_cpu_ms_per_request"] = _ms(per_item(proxy["cpu_s"].get("proxy"), len(p_lat)))
         out["ok"]["proxy"] = len(p_lat)
+    unheld = merge(phases, group, "unheld")
+    if unheld["requests"]:  # a second scheduler with streamFlushIntervalMs 0: the stream hold's trade-off
+        u_lat = latencies(unheld)
+        u_ms = _ms_pcts(list(u_lat.values()))
+        out["unheld"] = {"added_ms": added(u_ms, d_ms), "paired_ms": _ms_pcts(paired_differences(u_lat, d_lat)),
+                         "cpu_ms_per_request": _ms(per_item(unheld["cpu_s"].get(UNHELD_PROC), len(u_lat))),
+                         "ok": len(u_lat), "requests": len(unheld["requests"])}
     return out
 
 
@@ -472,9 +480,11 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
             p.wait_ready("/health", deadline)
         unl = unlimited_sections()
         s_local = cluster.scheduler("sched-local", scheduler_config(prefill, decode, "local", **unl))
+        s_unheld = cluster.scheduler(UNHELD_PROC, scheduler_config(
+            prefill, decode, "local", **{**unl, "server": {"streamFlushIntervalMs": 0}}))
         s_disagg = cluster.scheduler("sched-disagg", scheduler_config(prefill, decode, "disaggregated", **unl))
         proxy = cluster.proxy("proxy", decode)
-        for p in (s_local, s_disagg):
+        for p in (s_local, s_disagg, s_unheld):
             p.wait_ready("/readyz", deadline)
         proxy.wait_ready("/healthz", deadline)
         log(f"part 1: engines at --sim-speed 0 (decode {decode.address}, prefill {prefill.address}); schedulers "
@@ -506,8 +516,10 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
                              ("warm-disagg-sched", t_disagg)):
             phases.append(phase_spec(f"{name}-0", target, warm, rate=s.ref_rate * 2,
                                      max_seconds=s.warmup / s.ref_rate + 5, record=False))
-        phases += interleaved("local", [*local_paths, ("proxy", t_proxy)], ids(offsets["rate"]), n_rate, s.rounds,
-                              s.rate, s.timeout_s)
+        phases.append(phase_spec("warm-local-unheld-0", single(s_unheld.address), warm, rate=s.ref_rate * 2,
+                                 max_seconds=s.warmup / s.ref_rate + 5, record=False))
+        phases += interleaved("local", [*local_paths, ("proxy", t_proxy), ("unheld", single(s_unheld.address))],
+                              ids(offsets["rate"]), n_rate, s.rounds, s.rate, s.timeout_s)
         phases += interleaved("disagg", disagg_paths, ids(offsets["rate"]), n_rate, s.rounds, s.rate, s.timeout_s)
         phases += interleaved("ref-local", [*local_paths, ("proxy", t_proxy)], ids(offsets["ref"]), n_ref,
                               s.rounds, s.ref_rate, s.timeout_s)
@@ -521,7 +533,7 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
             phases.append(phase_spec(name, target, tp_bodies, mode="closed", concurrency=s.concurrency,
                                      max_seconds=s.throughput_seconds, timeout_s=s.timeout_s))
         watch = {"sched-local": s_local.pid, "sched-disagg": s_disagg.pid, "decode": decode.pid,
-                 "prefill": prefill.pid, "proxy": proxy.pid}
+                 "prefill": prefill.pid, "proxy": proxy.pid, UNHELD_PROC: s_unheld.pid}
         log(f"part 1: {len(phases)} load phases: overhead at {s.rate:g} and {s.ref_rate:g} req/s, "
             f"{s.big_kb} KB prompts, throughput")
         results = run_loadgen({"watch": watch, "phases": phases}, workdir, "overhead")
@@ -690,6 +702,17 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
             f"{over['rejected_with_retry_after']}/{over['rejected_429']} carried Retry-After "
             f"(values {', '.join(map(str, over['retry_after_values'])) or '-'}); other failures: "
             f"{json.dumps(over['other_failures']) if over['other_failures'] else 'none'}", passed=excess_ok))
+    unheld = (r.get("local") or {}).get("unheld")
+    if unheld:
+        label = f"local route {rate}, streamFlushIntervalMs 0 (reference)"
+        metrics += [
+            Metric("unheld_added_p50", f"added latency p50, {label}", unheld["added_ms"]["p50"], "ms", None,
+                   f"paired p50 {fmt_value(unheld['paired_ms']['p50'], 'ms')}; scheduler CPU "
+                   f"{fmt_value(unheld['cpu_ms_per_request'], 'ms')} per request (default 1 ms: "
+                   f"{fmt_value(r['local']['sched_cpu_ms_per_request'], 'ms')})"),
+            Metric("unheld_added_p99", f"added latency p99, {label}", unheld["added_ms"]["p99"], "ms", None,
+                   f"paired p99 {fmt_value(unheld['paired_ms']['p99'], 'ms')}"),
+        ]
     for key, route in (("ref_local", "local"), ("ref_disagg", "disaggregated")):
         o = r.get(key)
         if o:
@@ -831,8 +854,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "requests down every path, in rotating order. One scheduler sends everything local (to the decode "
         "engine), the other everything disaggregated (context_only to the prefill engine, then generation_only to "
         "the decode engine, which pulls the KV from the prefill engine); their admission limits are raised out of "
-        "the way. The direct baseline of the disaggregated route makes the same two engine calls from the load "
-        "generator and counts only their round trips, not its own JSON work in between.",
+        f"the way. A third, local with streamFlushIntervalMs 0, also gets the {s.rate:g} req/s local requests (the "
+        "reference rows on the stream hold's trade-off). The direct baseline of the disaggregated route makes the "
+        "same two engine calls from the load generator and counts only their round trips, not its own JSON work "
+        "in between.",
         "- Added latency = scheduler percentile - direct percentile (the issue's definition); 'paired' = the "
         "percentile of the per-request difference between the two paths. A latency target counts as met only when "
         "both are within it: a tail in the direct phase alone can make the difference small or negative.",
@@ -875,6 +900,17 @@ def _reading_notes(r: dict[str, Any], s: Settings) -> list[str]:
             f"At {s.rate:g} req/s the bare proxy spent {fmt_value(proxy, 'ms')} of CPU per request on the same "
             f"requests and the scheduler {fmt_value(sched, 'ms')} ({sched / proxy:.2f}x): the share of the "
             "scheduler's own work is the steadier figure from run to run, as the machine's speed varies.")
+    local = r.get("local") or {}
+    unheld = local.get("unheld")
+    if unheld and local.get("sched_cpu_ms_per_request") and unheld.get("cpu_ms_per_request"):
+        notes.append(
+            f"The stream hold's trade-off, same run, same requests at {s.rate:g} req/s: with the default "
+            f"streamFlushIntervalMs of 1 the scheduler added {fmt_value(local['paired_ms']['p50'], 'ms')} (paired "
+            f"p50) for {fmt_value(local['sched_cpu_ms_per_request'], 'ms')} of CPU per request; with 0 (every piece "
+            f"read and written as it comes) {fmt_value(unheld['paired_ms']['p50'], 'ms')} for "
+            f"{fmt_value(unheld['cpu_ms_per_request'], 'ms')}. The engine here answers in no time, so tokens come "
+            "faster than one per millisecond and the hold gathers them (and delays the stream's end by up to one "
+            "interval); at real decode speeds nothing is held and both settings cost the same.")
     for key in ("local", "disagg"):
         o = r.get(key)
         if o and not sustained(o, s.rate):
