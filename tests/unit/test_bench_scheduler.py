@@ -114,6 +114,10 @@ def test_throughput_and_the_one_core_ceiling():
     assert t["ceiling_rps"] == pytest.approx(500.0)
     assert t["cpu_utilization"] == pytest.approx({"sched-local": 0.3, "decode": 0.45, "loadgen": 0.1,
                                                   "other processes": 0.15})
+    assert sb._tp_note(t) == "CPU busy: sched-local 30%, decode 45%, loadgen 10%, other processes 15%"
+    proxy = sb.throughput(phase("throughput-local-proxy-0", [rec(i, 0.05) for i in range(500)], {"proxy": 0.5},
+                                wall=2.0), "proxy")
+    assert sb._tp_note({**t, "proxy": proxy}).endswith("; bare proxy, same closed loop: 250 req/s")
 
 
 def test_capacity_counts_completions_inside_the_sending_window():

@@ -529,7 +529,8 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
         phases += interleaved("big-local", local_paths, text, s.big_requests, s.big_rounds, s.big_rate, 60.0)
         phases += interleaved("big-disagg", disagg_paths, text, s.big_requests, s.big_rounds, s.big_rate, 60.0)
         tp_bodies = ids(offsets["tp"])(0, s.throughput_requests)
-        for name, target in (("throughput-local-sched-0", t_local), ("throughput-disagg-sched-0", t_disagg)):
+        for name, target in (("throughput-local-sched-0", t_local), ("throughput-local-proxy-0", t_proxy),
+                             ("throughput-disagg-sched-0", t_disagg)):
             phases.append(phase_spec(name, target, tp_bodies, mode="closed", concurrency=s.concurrency,
                                      max_seconds=s.throughput_seconds, timeout_s=s.timeout_s))
         watch = {"sched-local": s_local.pid, "sched-disagg": s_disagg.pid, "decode": decode.pid,
@@ -548,7 +549,8 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
         "ref_disagg": overhead(results, "ref-disagg", "sched-disagg", disagg_engines),
         "big_local": overhead(results, "big-local", "sched-local", local_engines),
         "big_disagg": overhead(results, "big-disagg", "sched-disagg", disagg_engines),
-        "throughput_local": throughput(by_name["throughput-local-sched-0"], "sched-local"),
+        "throughput_local": {**throughput(by_name["throughput-local-sched-0"], "sched-local"),
+                             "proxy": throughput(by_name["throughput-local-proxy-0"], "proxy")},
         "throughput_disagg": throughput(by_name["throughput-disagg-sched-0"], "sched-disagg"),
     }
     busy = [(foreign_cpu_s(p), p["wall_s"]) for p in results]
@@ -770,7 +772,11 @@ def _rate_note(o: dict[str, Any], offered: float) -> str:
 
 def _tp_note(t: dict[str, Any]) -> str:
     parts = [f"{k} {v * 100:.0f}%" for k, v in t["cpu_utilization"].items()]
-    return "CPU busy: " + ", ".join(parts)
+    note = "CPU busy: " + ", ".join(parts)
+    proxy = t.get("proxy") or {}
+    if proxy.get("routed_rps"):  # the same closed loop through the bare proxy: what the machine allows
+        note += f"; bare proxy, same closed loop: {fmt_value(proxy['routed_rps'], 'req/s')}"
+    return note
 
 
 def metric_dicts(metrics: Sequence[Metric]) -> list[dict[str, Any]]:
@@ -866,7 +872,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Throughput: closed loop with {s.concurrency} connections, up to {s.throughput_requests} requests or "
         f"{s.throughput_seconds:g} s. The load generator and the engines share the machine's CPUs with the "
         "scheduler, so this is what one scheduler process reached here, not its ceiling; 1000 / (CPU ms per "
-        "request) is what a dedicated core would give.",
+        "request) is what a dedicated core would give. The local loop is also run through the bare proxy, "
+        "right after: what a router on the same HTTP layer reached on the machine at that moment.",
         "- The bare proxy (`baton.bench.proxy`) forwards the same requests with the scheduler's own HTTP server, "
         "client and stream relay (`baton.http1`, `StreamRelay`, same flush interval) but does nothing else: the "
         "CPU floor of a router built on that layer on this machine.",
