@@ -2,10 +2,10 @@
 
 A prompt of token ids is cut out of the client's bytes and counted without being decoded
 (`baton.idlists`). `ParsedRequest` keeps the client's raw bytes (forwarded untouched on the local route
-whenever possible), the decoded dict, and the prompt serialized at most once. Upstream bodies are built by serializing the
-small fields and splicing the prompt's JSON in, so a 220 KB prompt is never re-encoded per attempt; the
-context answer's prompt_token_ids are cut out of its bytes and spliced into the generation request
-without being decoded (`parse_context_answer`).
+whenever possible), the decoded dict, and the prompt serialized at most once. Upstream bodies are built
+by serializing the small fields and splicing the prompt's JSON in, so a 220 KB prompt is never
+re-encoded per attempt; the context answer's prompt_token_ids are cut out of its bytes and spliced into
+the generation request without being decoded (`parse_context_answer`).
 """
 
 from __future__ import annotations
