@@ -6,8 +6,8 @@ scheduler only needs the prompt's length and passes the ids on; the engine simul
 length, a checksum and their JSON. Both cut the list out of the body (`cut_id_list`) and work on its
 text with bytes methods, which run at C speed; anything unusual falls back to decoding.
 
-Lists accepted on the fast path are flat lists of non-negative integers without leading zeros, so their
-compact text (`compact_ids`) is the same whichever client spacing they came with.
+Lists accepted on the fast path are flat lists of non-negative integers without leading zeros, and
+`cut_id_list` hands them back compact (`[1,2,3]`, the same whichever client spacing they came with).
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ def count_ids(inner: bytes) -> int | None:
     """How many ids `inner` (a JSON list's text between its brackets) holds when it is a flat list of
     non-negative integers; None for anything else, which the caller then decodes normally. Bytes methods
     only (a regular expression just for unusual spacing): several times faster than decoding the list."""
+    read = _read_ids(inner)
+    return None if read is None else read[0]
+
+
+def _read_ids(inner: bytes) -> tuple[int, bytes] | None:
+    """`count_ids`, and the ids as `1,2,3` (`inner` itself when it holds no spacing)."""
     if not inner.translate(None, _DIGITS_AND_COMMAS):
         compact = inner  # only digits and commas (a compact list): no spacing to look at
     else:
@@ -40,21 +46,16 @@ def count_ids(inner: bytes) -> int | None:
         if spaces != inner.count(b", ") and _SPLIT_NUMBER.search(inner):
             return None  # "1 2" is not two ids (spacing other than one space after each comma is checked)
     if not compact:
-        return 0
+        return 0, compact
     if (b",," in compact or compact[:1] == b"," or compact[-1:] == b","
             or (compact[:1] == b"0" and compact[1:2] not in (b",", b""))
             or (b",0" in compact and _LEADING_ZERO.search(compact))):
         return None
-    return compact.count(b",") + 1
-
-
-def compact_ids(ids_json: bytes) -> bytes:
-    """The ids of a list `count_ids` accepted, as `1,2,3`: its text without brackets and whitespace."""
-    return ids_json[1:-1].translate(None, _WHITESPACE)
+    return compact.count(b",") + 1, compact
 
 
 def ids_text(ids: list[int]) -> bytes:
-    """`compact_ids` of a decoded list."""
+    """A decoded list's ids as `1,2,3` (what `cut_id_list` gives between the brackets)."""
     return ",".join(map(str, ids)).encode()
 
 
@@ -63,14 +64,15 @@ _EXACTLY: dict[int, re.Pattern[bytes]] = {}
 
 
 def all_below(compact: bytes, limit: int) -> bool:
-    """Whether every id of `compact` (as `compact_ids` gives it) is below `limit` (> 0).
+    """Whether every id of `compact` (`1,2,3`, as `ids_text` writes them) is below `limit` (> 0).
 
     The ids have no leading zeros, so an id with more digits than `limit` is larger, one with fewer is
     smaller, and ids with as many digits compare as text: only those are read. With every digit made a
     `d`, substring searches find how long the ids are (a regular expression trying each position took
     ten times as long)."""
     digits = len(str(limit))
-    shape = (b"," + compact + b",").translate(_AS_D)
+    framed = b"," + compact + b","
+    shape = framed.translate(_AS_D)
     if b"d" * (digits + 1) + b"," in shape:
         return False
     if b"," + b"d" * digits + b"," not in shape:
@@ -78,12 +80,13 @@ def all_below(compact: bytes, limit: int) -> bool:
     exactly = _EXACTLY.get(digits)
     if exactly is None:
         exactly = _EXACTLY[digits] = re.compile(rb",([0-9]{%d})(?=,)" % digits)
-    return max(exactly.findall(b"," + compact + b",")) < str(limit).encode()
+    return max(exactly.findall(framed)) < str(limit).encode()
 
 
 def cut_id_list(data: bytes, key: bytes, name: str, check: bool = True) -> tuple[Any, RawJSON | None, int]:
     """`data` decoded except for the top-level `name` (spelled `key` in JSON) when that holds a flat list of
-    non-negative integers: `(object with [] in its place, the list's raw JSON, its length)`.
+    non-negative integers: `(object with [] in its place, the list's raw JSON, its length)`. A checked
+    list's raw JSON is compact (`[1,2,3]`, spacing dropped), so its ids are `raw[1:-1]`.
 
     Anything unusual (the key seen more than once, a value that is not such a list, the key not at the
     top level) falls back to decoding everything, with `None` for the raw list. `check=False` skips
@@ -95,13 +98,21 @@ def cut_id_list(data: bytes, key: bytes, name: str, check: bool = True) -> tuple
         start = data.find(b"[", at)
         end = data.find(b"]", start) if start >= 0 else -1
         count = None
+        raw = data[start: end + 1]
         if end > 0 and data[at + len(key): start].strip() == b":":
-            count = count_ids(data[start + 1: end]) if check else 0
+            if not check:
+                count = 0
+            else:
+                read = _read_ids(raw[1:-1])
+                if read is not None:
+                    count, compact = read
+                    if len(compact) != len(raw) - 2:
+                        raw = b"[" + compact + b"]"
         if count is not None:
             try:
                 obj = json.loads(data[:start] + b"[]" + data[end + 1:])
             except ValueError:  # unchecked, the cut was not around one flat list (a nested one, a "]" in a string)
                 obj = None
             if isinstance(obj, dict) and obj.get(name) == []:
-                return obj, RawJSON(data[start: end + 1]), count
+                return obj, RawJSON(raw), count
     return json.loads(data), None, 0

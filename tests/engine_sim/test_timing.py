@@ -12,7 +12,7 @@ from simproc import LLAMA_70B, LLAMA_8B, handoff, worker_yaml
 
 from baton.engine_sim import timing
 from baton.engine_sim.engine import Prompt, token_at, token_text
-from baton.idlists import compact_ids
+from baton.idlists import cut_id_list
 
 # ---------------------------------------------------------------- interpolation
 
@@ -142,9 +142,10 @@ def test_tp_speed_scale_and_transfer():
 
 def test_tokens_are_deterministic_and_in_vocab():
     seed = Prompt.of([1, 2, 3]).seed
-    # a prompt read as JSON text (compact_ids) and one given as ints have the same seed
-    assert seed == Prompt(compact_ids(b"[1, 2,\n3]"), 3).seed != Prompt.of([1, 2, 4]).seed
-    assert Prompt.of([1, 2, 3]).ids() == [1, 2, 3] and Prompt.of([1, 2, 3]).length == 3
+    # a prompt read as JSON text (cut out of a body, whatever its spacing) and one given as ints have the same seed
+    _, raw, count = cut_id_list(b'{"prompt": [1, 2,\n3]}', b'"prompt"', "prompt")
+    assert seed == Prompt(raw[1:-1], count).seed != Prompt.of([1, 2, 4]).seed
+    assert json.loads(Prompt.of([1, 2, 3]).ids_json) == [1, 2, 3] and Prompt.of([1, 2, 3]).length == 3
     ids = [token_at(seed, i, 128_256) for i in range(50)]
     assert ids == [token_at(seed, i, 128_256) for i in range(50)]
     assert all(0 <= t < 128_256 for t in ids) and len(set(ids)) > 40

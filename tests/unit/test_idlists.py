@@ -6,7 +6,7 @@ import json
 import random
 
 import pytest
-from baton.idlists import all_below, compact_ids, count_ids, cut_id_list, ids_text
+from baton.idlists import all_below, count_ids, cut_id_list, ids_text
 
 
 @pytest.mark.parametrize("limit", [1, 9, 10, 11, 1000, 32000, 128256, 151936])
@@ -19,9 +19,13 @@ def test_all_below_agrees_with_comparing_every_id(limit):
         assert all_below(ids_text(ids), limit) == (max(ids) < limit), (ids, limit)
 
 
-def test_compact_ids_drops_brackets_and_spacing():
-    assert compact_ids(b"[1, 2,\n 3\t]") == b"1,2,3" == ids_text([1, 2, 3])
-    assert compact_ids(b"[]") == b"" == ids_text([])
+def test_a_checked_list_comes_back_compact_whatever_its_spacing():
+    for text in (b'{"prompt": [1, 2,\n 3\t]}', b'{"prompt":[1,2,3]}', b'{"prompt": [ 1 ,2 , 3 ]}'):
+        assert cut_id_list(text, b'"prompt"', "prompt")[1:] == (b"[1,2,3]", 3)
+    assert cut_id_list(b'{"prompt": [ ]}', b'"prompt"', "prompt")[1:] == (b"[]", 0)
+    assert ids_text([1, 2, 3]) == b"1,2,3" and ids_text([]) == b""
+    # unchecked, the list is passed on as it came
+    assert cut_id_list(b'{"p": [1, 2]}', b'"p"', "p", check=False)[1] == b"[1, 2]"
 
 
 JSON_BODIES = [
@@ -56,7 +60,7 @@ def test_cut_id_list_reads_what_json_would(text):
     if raw is not None:
         ids = json.loads(raw)
         assert count == len(ids) == count_ids(raw[1:-1])
-        assert compact_ids(raw) == ids_text(ids)
+        assert raw == b"[" + ids_text(ids) + b"]"  # compact
         obj["prompt"] = ids
     assert obj == expected
 

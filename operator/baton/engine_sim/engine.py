@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import random
 import time
@@ -63,7 +62,7 @@ class Prompt:
     __slots__ = ("ids_json", "length", "seed")
 
     def __init__(self, compact: bytes, length: int) -> None:
-        """`compact`: the ids as `baton.idlists.compact_ids` gives them (`1,2,3`)."""
+        """`compact`: the ids as `1,2,3` (`baton.idlists.ids_text`, or a list `cut_id_list` cut out)."""
         self.length = length
         self.seed = zlib.crc32(compact)
         self.ids_json = b"[" + compact + b"]"
@@ -71,9 +70,6 @@ class Prompt:
     @classmethod
     def of(cls, ids: list[int]) -> Prompt:
         return cls(ids_text(ids), len(ids))
-
-    def ids(self) -> list[int]:
-        return json.loads(self.ids_json)
 
 
 def token_at(seed: int, index: int, vocab: int) -> int:
