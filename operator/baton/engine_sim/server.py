@@ -438,7 +438,7 @@ class _TokenStream:
     cancels the sequence."""
 
     __slots__ = ("chat", "closed", "closing", "first", "head", "include_usage", "middle", "opening", "paused",
-                 "pending", "sent", "seq", "sim", "sink")
+                 "pending", "sent", "seq", "sim", "sink", "unfinished")
 
     _FINISH = b', "logprobs": null, "finish_reason": '
 
@@ -452,7 +452,7 @@ class _TokenStream:
         self.sent = 0
         self.paused = False
         self.closed = False
-        self.head = self.opening = self.middle = self.closing = b""
+        self.head = self.opening = self.middle = self.closing = self.unfinished = b""
         self.pending: list[bytes] = []
 
     def changed(self) -> None:
@@ -481,6 +481,7 @@ class _TokenStream:
             self.opening = self.head + b'[{"index": 0, "text": '
             self.middle = b', "token_ids": '
             self.closing = b', "stop_reason": null}]}\n\n'
+        self.unfinished = self._FINISH + b"null" + self.closing
         self._flush()
 
     def pause(self) -> None:
@@ -530,7 +531,7 @@ class _TokenStream:
             if seq.finished and seq.error is None:
                 end = self._FINISH + _dumps(self.sim._finish_reason(seq)).encode() + self.closing
             else:
-                end = self._FINISH + b"null" + self.closing
+                end = self.unfinished
             out.append(b"".join((self.opening, text_json, self.middle, ids, end)))
         if seq.finished:
             if seq.error is not None:
