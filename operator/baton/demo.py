@@ -173,6 +173,20 @@ def send_requests(api_client: Any, namespace: str, name: str, manifest: dict[str
         "whose KV the paired decode replica pulls (disaggregated). Engine timing: H200-calibrated simulator.")
 
 
+def wait_claimed(core: Any, namespace: str, runner: subprocess.Popen, runner_log: Path, timeout: float = 60) -> None:
+    """Wait until the pod runner has claimed the namespace: from then on it, not the cluster's
+    readiness stand-in, decides when a Baton pod there is Ready."""
+    from baton.podrunner.runner import CLAIM_ANNOTATION
+
+    deadline = time.monotonic() + timeout
+    while CLAIM_ANNOTATION not in (core.read_namespace(namespace).metadata.annotations or {}):
+        if runner.poll() is not None:
+            raise SystemExit(f"the pod runner exited with code {runner.returncode}; see {runner_log}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the pod runner did not claim namespace {namespace} within {timeout:g}s; see {runner_log}")
+        time.sleep(0.2)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="baton demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--example", default=str(REPO_EXAMPLES / "llama-70b.yaml"), help="DisaggregatedModel manifest to apply")
@@ -210,6 +224,7 @@ def main(argv: list[str]) -> int:
                                    "--workdir", str(plane.dir / "pods")], stdout=log, stderr=subprocess.STDOUT, env=env)
     say(f"pod runner running (pid {runner.pid}, log {runner_log}): each Baton pod becomes a local process")
     try:
+        wait_claimed(core, args.namespace, runner, runner_log)
         manifest = yaml.safe_load(Path(args.example).read_text())
         name = manifest["metadata"]["name"]
         say(f"step 3/5: applying {args.example} as {args.namespace}/{name}")

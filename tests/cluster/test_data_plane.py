@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import urllib.request
 
 import pytest
+from kubernetes import watch
 
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
 from cluster_plugin import load_example, wait_for
@@ -43,13 +45,46 @@ def _scheduler_ready(url):
         return False
 
 
+class ReadyHistory:
+    """Every Ready condition the namespace's pods went through, from a watch started before they exist."""
+
+    def __init__(self, cluster, namespace):
+        self.cluster, self.namespace = cluster, namespace
+        self.seen: list[tuple[str, str, str | None, str]] = []  # (pod, Ready status, reason, pod IP)
+        self._watch = watch.Watch()
+
+    def _run(self, version):
+        try:
+            for event in self._watch.stream(self.cluster.core.list_namespaced_pod, self.namespace,
+                                            resource_version=version, timeout_seconds=180):
+                pod = event["object"]
+                ready = next((c for c in pod.status.conditions or [] if c.type == "Ready"), None)
+                if ready is not None:
+                    self.seen.append((pod.metadata.name, ready.status, ready.reason, pod.status.pod_ip or ""))
+        except Exception:
+            if not self._stopped:
+                raise
+
+    def __enter__(self):
+        self._stopped = False
+        version = self.cluster.core.list_namespaced_pod(self.namespace).metadata.resource_version
+        self._thread = threading.Thread(target=self._run, args=(version,), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stopped = True
+        self._watch.stop()
+
+
 def test_requests_flow_through_the_scheduler_to_engines_the_operator_created(cluster, namespace, operator, pod_runner):
     manifest = load_example("small.yaml")
     # Low thresholds so a 600-token prompt must take the prefill tier.
     manifest["spec"]["scheduler"].update({"localPrefillBelowTokens": 100, "alwaysPrefillAtOrAboveTokens": 200})
     manifest["spec"]["decode"].update({"minReplicas": 2, "replicas": 2})
-    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
-    wait_for(lambda: _ready_model(cluster, namespace, "llama-8b"), 120, what="model Ready with real processes behind it")
+    with ReadyHistory(cluster, namespace) as history:
+        cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+        wait_for(lambda: _ready_model(cluster, namespace, "llama-8b"), 120, what="model Ready with real processes behind it")
 
     # Readiness reflects the processes: every Baton pod's Ready comes from the runner's probe.
     pods = cluster.core.list_namespaced_pod(namespace, label_selector="baton.dev/model=llama-8b").items
@@ -57,6 +92,11 @@ def test_requests_flow_through_the_scheduler_to_engines_the_operator_created(clu
     for pod in pods:
         ready = next(c for c in pod.status.conditions if c.type == "Ready")
         assert ready.status == "True" and ready.reason == "ProbeSucceeded", (pod.metadata.name, ready)
+        # ...and never from anything else, not even for a moment: a pod that was Ready before its own
+        # process answered could be handed requests by whatever still listened at its IP.
+        states = [(status, reason) for name, status, reason, _ in history.seen if name == pod.metadata.name]
+        assert ("False", "ReadinessProbePending") in states, states
+        assert {reason for status, reason in states if status == "True"} == {"ProbeSucceeded"}, states
 
     url = _scheduler_url(cluster, namespace, "llama-8b")
     assert url.startswith("http://127.")

@@ -1,5 +1,6 @@
 """Start, inspect and stop the local control plane: etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler and the KWOK controller, each a real process listening on 127.0.0.1 only.
+kube-scheduler and the KWOK controller, each a real process listening on 127.0.0.1 only, plus the
+readiness stand-in (`readiness.py`), which passes the readiness probe of pods no local process runs.
 
 State lives in one directory per cluster (default `~/.local/state/baton/devcluster/<name>`): PKI, the
 etcd data, one log per component, the kubeconfig and `state.json` (ports and pids). The processes run
@@ -17,6 +18,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -33,7 +35,7 @@ POD_CIDR = "127.64.0.1/16"
 # Kubernetes refuses loopback Service ranges; this one is allocated from and never reached.
 SERVICE_CIDR = "10.96.0.0/16"
 # Start order; stopped in reverse.
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "readiness")
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
@@ -310,6 +312,8 @@ class ControlPlane:
                 f"--cidr={POD_CIDR}", f"--node-ip={LOOPBACK}",
                 f"--server-address={LOOPBACK}:{s['kwokPort']}", "--node-lease-duration-seconds=40",
             ]
+        if component == "readiness":
+            return [sys.executable, "-m", "baton.cli", "devcluster", "readiness", f"--kubeconfig={kubeconfig}"]
         raise ValueError(component)
 
     def _make_pki(self) -> None:

@@ -14,6 +14,12 @@ Ready pod turns unready only after the probe's `failureThreshold` consecutive fa
 exits does at once); probes run every runner pass (faster than `periodSeconds`, so tests stay quick)
 with a timeout of at most `PROBE_TIMEOUT_S`, since one thread probes every pod. When the pod goes away
 the process is stopped; when the process dies it is restarted with back-off, like a kubelet would.
+
+Before running anything the runner claims its namespace (or every namespace), so that the local
+cluster's readiness stand-in (`baton.devcluster.readiness`) leaves these pods alone: KWOK starts a
+probed pod not Ready, and only this runner's probe of the pod's own process turns it Ready. A pod that
+takes over the IP of one deleted a moment ago is never Ready while the old process still answers
+there: each pass stops the processes of departed pods before it starts new ones.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +48,17 @@ LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 TIER_LABEL = "baton.dev/tier"
 PROBE_TIMEOUT_S = 1.0
 MANAGED_BY = "baton-operator"
+# A runner claims the namespace it runs (annotation on it), or every namespace (annotation on
+# CLAIM_HOLDER_NAMESPACE), before it runs anything: the devcluster's readiness stand-in then leaves
+# the readiness of those pods to the runner's probes (see baton.devcluster.readiness).
+CLAIM_ANNOTATION = "baton.dev/pod-runner"
+ALL_NAMESPACES_CLAIM = "baton.dev/pod-runner-all-namespaces"
+CLAIM_HOLDER_NAMESPACE = "kube-system"
+
+
+def runs_locally(labels: dict[str, str]) -> bool:
+    """The pods a runner runs as local processes: Baton's tiers and scheduler."""
+    return labels.get("app.kubernetes.io/managed-by") == MANAGED_BY and TIER_LABEL in labels
 
 
 def packaged_models_root() -> Path:
@@ -90,6 +108,8 @@ class PodRunner:
         self.core = client.CoreV1Api(self.api_client)
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._claimed = False
+        self._identity = f"{socket.gethostname()}/{os.getpid()}/{id(self):x}"
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ translation
@@ -200,10 +220,8 @@ class PodRunner:
     # ------------------------------------------------------------------ lifecycle
 
     def _wanted(self, pod: Any) -> bool:
-        labels = pod.metadata.labels or {}
         return (
-            labels.get("app.kubernetes.io/managed-by") == MANAGED_BY
-            and TIER_LABEL in labels
+            runs_locally(pod.metadata.labels or {})
             and pod.metadata.deletion_timestamp is None
             and pod.status.phase == "Running"
             and bool(pod.status.pod_ip)
@@ -309,19 +327,58 @@ class PodRunner:
             except ProcessLookupError:
                 pass
 
+    # ------------------------------------------------------------------ claim
+
+    @property
+    def _claim(self) -> tuple[str, str]:
+        """(namespace, annotation) this runner's claim is written to."""
+        if self.namespace:
+            return self.namespace, CLAIM_ANNOTATION
+        return CLAIM_HOLDER_NAMESPACE, ALL_NAMESPACES_CLAIM
+
+    def claim(self) -> None:
+        """Tell the readiness stand-in that this runner probes its pods; done before it runs any."""
+        namespace, key = self._claim
+        self.core.patch_namespace(namespace, {"metadata": {"annotations": {key: self._identity}}})
+        self._claimed = True
+
+    def release(self) -> None:
+        """Withdraw the claim (only if it is still this runner's)."""
+        if not self._claimed:
+            return
+        from kubernetes.client.rest import ApiException
+
+        namespace, key = self._claim
+        try:
+            current = (self.core.read_namespace(namespace).metadata.annotations or {}).get(key)
+            if current == self._identity:
+                self.core.patch_namespace(namespace, {"metadata": {"annotations": {key: None}}})
+        except ApiException as exc:
+            if exc.status != 404:  # a deleted namespace has no claim left to withdraw
+                log.warning("could not withdraw the pod-runner claim on %s: %s", namespace, exc.reason)
+        self._claimed = False
+
+    # ------------------------------------------------------------------ loop
+
     def run(self, interval: float = 0.5) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sync()
-            except Exception:  # noqa: BLE001 - an API hiccup must not stop the runner
-                log.exception("pod runner pass failed")
-            self._stop.wait(interval)
-        with self._lock:
-            for local in self.processes.values():
-                self._stop_process(local)
-            self.processes.clear()
+        if not self._claimed:
+            self.claim()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.sync()
+                except Exception:  # noqa: BLE001 - an API hiccup must not stop the runner
+                    log.exception("pod runner pass failed")
+                self._stop.wait(interval)
+        finally:
+            with self._lock:
+                for local in self.processes.values():
+                    self._stop_process(local)
+                self.processes.clear()
+            self.release()
 
     def start(self) -> threading.Thread:
+        self.claim()  # before start() returns: pods created from now on are this runner's to probe
         thread = threading.Thread(target=self.run, name="pod-runner", daemon=True)
         thread.start()
         return thread

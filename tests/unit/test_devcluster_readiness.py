@@ -1,0 +1,63 @@
+"""The local cluster's readiness stand-in decides which pods it may turn Ready: only running pods whose
+readiness probe KWOK left pending, and never a pod a pod runner runs and probes itself."""
+
+from __future__ import annotations
+
+import copy
+
+from baton.devcluster.readiness import PASSED_REASON, PROBE_PENDING, claimed, passed_probe_patch, probe_pending
+from baton.podrunner.runner import ALL_NAMESPACES_CLAIM, CLAIM_ANNOTATION
+
+BATON_LABELS = {"app.kubernetes.io/managed-by": "baton-operator", "baton.dev/tier": "decode"}
+
+
+def pod(ready: str = "False", reason: str | None = PROBE_PENDING, phase: str = "Running", ip: str = "127.64.0.9",
+        labels: dict[str, str] | None = None, deleting: bool = False) -> dict:
+    ready_condition = {"type": "Ready", "status": ready}
+    if reason:
+        ready_condition["reason"] = reason
+    meta = {"name": "p-0", "namespace": "ns", "labels": labels or {"app": "x"}}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-27T00:00:00Z"
+    return {
+        "metadata": meta,
+        "status": {
+            "phase": phase, "podIP": ip,
+            "conditions": [{"type": "Initialized", "status": "True"}, {"type": "ContainersReady", "status": "False"},
+                           ready_condition],
+            "containerStatuses": [{"name": "engine", "image": "engine:test", "ready": False, "started": True}],
+        },
+    }
+
+
+def test_only_a_running_pod_whose_probe_kwok_left_pending_is_a_candidate() -> None:
+    assert probe_pending(pod())
+    assert not probe_pending(pod(ready="True", reason=None))  # probe-less: KWOK made it Ready already
+    assert not probe_pending(pod(reason="ProbeFailed"))  # a pod runner's verdict is never overturned
+    assert not probe_pending(pod(reason="Starting"))
+    assert not probe_pending(pod(phase="Pending"))
+    assert not probe_pending(pod(ip=""))
+    assert not probe_pending(pod(deleting=True))
+
+
+def test_a_pod_runner_claim_covers_only_the_pods_it_runs() -> None:
+    baton = pod(labels=BATON_LABELS)
+    other = pod()
+    claim = {CLAIM_ANNOTATION: "host/1/abc"}
+    assert claimed(baton, claim, {})
+    assert not claimed(other, claim, {}), "a runner runs only Baton's tiers and scheduler"
+    assert not claimed(baton, {}, {})
+    assert claimed(baton, {}, {ALL_NAMESPACES_CLAIM: "host/1/abc"})
+    assert not claimed(baton, {}, {CLAIM_ANNOTATION: "host/1/abc"}), "a claim on kube-system is for kube-system only"
+
+
+def test_the_patch_is_what_a_kubelet_writes_when_the_probe_passes() -> None:
+    before = pod()
+    original = copy.deepcopy(before)
+    patch = passed_probe_patch(before, "2026-11-27T10:00:00Z")
+    conditions = {c["type"]: c for c in patch["status"]["conditions"]}
+    assert set(conditions) == {"Ready", "ContainersReady"}
+    assert all(c["status"] == "True" and c["reason"] == PASSED_REASON for c in conditions.values())
+    assert patch["status"]["containerStatuses"] == [
+        {"name": "engine", "image": "engine:test", "ready": True, "started": True}]
+    assert before == original, "the pod it was built from is left as it was"
