@@ -183,3 +183,50 @@ def test_endpoints_from_pods_keeps_ready_running_pods_with_their_fingerprints():
             pod("d", "127.64.0.4", deleting=True), pod("e", "", ready="True"), pod("f", "127.64.0.6", generation="g2")]
     eps = endpoints_from_pods(pods, 8000, "decode", generation="g1")
     assert [(e.address, e.pod, e.fingerprint) for e in eps] == [("127.64.0.1:8000", "a", "fp1"), ("127.64.0.2:8000", "b", "fp1")]
+
+
+def test_a_tier_change_during_a_generation_switch_is_not_overwritten_by_the_switchs_older_lists():
+    """The generation watch and the tier watches are separate threads. A switch that is still reading
+    pods when a tier changes must not publish its older view of that tier after the newer one."""
+    import asyncio
+    import threading
+    import time
+
+    from baton.scheduler.config import KubernetesEndpoints
+    from baton.scheduler.endpoints import KubernetesDiscovery
+
+    def slices(*ips):
+        return {"s": {"addressType": "IPv4", "endpoints": [
+            {"addresses": [ip], "conditions": {"ready": True}, "targetRef": {"kind": "Pod", "name": f"pod-{ip}", "uid": ip}}
+            for ip in ips]}}
+
+    generation_of = {"127.0.0.1": "old", "127.0.0.2": "new", "127.0.0.3": "new"}
+    in_switch, release = threading.Event(), threading.Event()
+
+    def pod_info(name, uid):
+        if threading.current_thread().name == "switch" and not release.is_set():
+            in_switch.set()  # the switch is mid-way through reading the decode tier's pods
+            release.wait(5)
+        return f"fp-{generation_of[uid]}", generation_of[uid]
+
+    loop = asyncio.new_event_loop()
+    published = []
+    disc = KubernetesDiscovery(KubernetesEndpoints(namespace="ns", prefill_service="p", decode_service="d", port=8000),
+                               lambda prefill, decode: published.append([e.address for e in decode]), loop)
+    disc._pod_info = pod_info
+    disc.generation = "old"
+    disc._raw["decode"] = ("slices", slices("127.0.0.1", "127.0.0.2"))
+    try:
+        switch = threading.Thread(target=disc._switch, args=("new", ""), name="switch")
+        switch.start()
+        assert in_switch.wait(5)
+        tier = threading.Thread(target=disc._update_tier, args=("decode", "slices", slices("127.0.0.2", "127.0.0.3")))
+        tier.start()
+        time.sleep(0.2)
+        release.set()
+        switch.join(5)
+        tier.join(5)
+        loop.run_until_complete(asyncio.sleep(0))  # run the queued on_update calls in order
+    finally:
+        loop.close()
+    assert published[-1] == ["127.0.0.2:8000", "127.0.0.3:8000"], published

@@ -175,6 +175,9 @@ class KubernetesDiscovery:
         self._lists: dict[str, list[Endpoint]] = {PREFILL: [], DECODE: []}
         self._pods: dict[str, tuple[str | None, str | None]] = {}
         self._lock = threading.Lock()
+        # Held while a list is computed and queued for the event loop, so lists reach the scheduler in
+        # the order they were computed (the tier watches and the generation watch are three threads).
+        self._publish_lock = threading.Lock()
         self._api_client: Any = None
         self.source = os.environ.get("BATON_DISCOVERY_SOURCE") or config.source
         self.generation = config.generation  # status.rollout.servingGeneration
@@ -213,12 +216,23 @@ class KubernetesDiscovery:
                 self._pods[key] = info
         return info
 
-    def _publish(self, tier: str, endpoints: list[Endpoint]) -> None:
-        with self._lock:
-            self._lists[tier] = endpoints
-            prefill, decode = list(self._lists[PREFILL]), list(self._lists[DECODE])
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.on_update, prefill, decode)
+    def _tier_endpoints(self, tier: str, kind: str, objects: dict[str, Any]) -> list[Endpoint]:
+        values = list(objects.values())
+        if kind == "pods":
+            return endpoints_from_pods(values, self.config.port, tier, self.accepted_generations)
+        return self._compute(tier, values)
+
+    def _update_tier(self, tier: str, kind: str, objects: dict[str, Any]) -> None:
+        """A tier's objects changed: recompute its list and publish both tiers. Serialized with
+        `_switch`, so a list computed before a generation switch never lands after it."""
+        with self._publish_lock:
+            self._raw[tier] = (kind, objects)
+            endpoints = self._tier_endpoints(tier, kind, objects)
+            with self._lock:
+                self._lists[tier] = endpoints
+                prefill, decode = list(self._lists[PREFILL]), list(self._lists[DECODE])
+            if not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.on_update, prefill, decode)
 
     def _watch_tier(self, tier: str, service: str) -> None:
         if self.source == "pods":
@@ -231,8 +245,7 @@ class KubernetesDiscovery:
                 api = client.DiscoveryV1Api(self._client())
                 listing = api.list_namespaced_endpoint_slice(self.config.namespace, label_selector=selector)
                 slices = {s.metadata.name: s for s in listing.items}
-                self._raw[tier] = ("slices", slices)
-                self._publish(tier, self._compute(tier, slices.values()))
+                self._update_tier(tier, "slices", slices)
                 version = listing.metadata.resource_version
                 w = watch.Watch()
                 for event in w.stream(
@@ -252,8 +265,7 @@ class KubernetesDiscovery:
                         slices[obj.metadata.name] = obj
                     else:
                         continue
-                    self._raw[tier] = ("slices", slices)
-                    self._publish(tier, self._compute(tier, slices.values()))
+                    self._update_tier(tier, "slices", slices)
             except Exception as exc:
                 log.warning("event=endpointslice_watch_error tier=%s service=%s error=%r", tier, service, str(exc))
                 self._stop.wait(2.0)
@@ -269,8 +281,7 @@ class KubernetesDiscovery:
                 selector = ",".join(f"{k}={v}" for k, v in sorted(selector_map.items()))
                 listing = core.list_namespaced_pod(self.config.namespace, label_selector=selector)
                 pods = {p.metadata.name: p for p in listing.items}
-                self._raw[tier] = ("pods", pods)
-                self._publish(tier, endpoints_from_pods(pods.values(), self.config.port, tier, self.accepted_generations))
+                self._update_tier(tier, "pods", pods)
                 w = watch.Watch()
                 for event in w.stream(core.list_namespaced_pod, self.config.namespace, label_selector=selector,
                                       resource_version=listing.metadata.resource_version,
@@ -285,8 +296,7 @@ class KubernetesDiscovery:
                         pods[obj.metadata.name] = obj
                     else:
                         continue
-                    self._raw[tier] = ("pods", pods)
-                    self._publish(tier, endpoints_from_pods(pods.values(), self.config.port, tier, self.accepted_generations))
+                    self._update_tier(tier, "pods", pods)
             except Exception as exc:
                 log.warning("event=pod_watch_error tier=%s service=%s error=%r", tier, service, str(exc))
                 self._stop.wait(2.0)
@@ -298,19 +308,17 @@ class KubernetesDiscovery:
     def accepted_generations(self) -> str:
         return ",".join(g for g in (self.generation, self.swap_generation) if g)
 
-    def _recompute(self) -> None:
-        """Re-filter both tiers for a new serving generation and publish them together: the scheduler
-        must never see the new prefill tier beside the old decode tier."""
-        lists = {}
-        for tier, (kind, objects) in list(self._raw.items()):
-            values = list(objects.values())
-            lists[tier] = (endpoints_from_pods(values, self.config.port, tier, self.accepted_generations) if kind == "pods"
-                           else self._compute(tier, values))
-        with self._lock:
-            self._lists.update(lists)
-            prefill, decode = list(self._lists[PREFILL]), list(self._lists[DECODE])
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.on_update, prefill, decode)
+    def _switch(self, serving: str, swap: str) -> None:
+        """Re-filter both tiers for a new serving (and swap) generation and publish them together: the
+        scheduler must never see the new prefill tier beside the old decode tier."""
+        with self._publish_lock:
+            self.generation, self.swap_generation = serving, swap
+            lists = {tier: self._tier_endpoints(tier, kind, objects) for tier, (kind, objects) in list(self._raw.items())}
+            with self._lock:
+                self._lists.update(lists)
+                prefill, decode = list(self._lists[PREFILL]), list(self._lists[DECODE])
+            if not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.on_update, prefill, decode)
 
     def _watch_serving_generation(self) -> None:
         """Follow the DisaggregatedModel's status.rollout.servingGeneration: the operator switches
@@ -334,8 +342,7 @@ class KubernetesDiscovery:
                     swap = (ro.get("swap") or {}).get("generation", "")
                     if serving and (serving, swap) != (self.generation, self.swap_generation):
                         log.info("event=generation_switch from=%s to=%s swap=%s", self.generation or "-", serving, swap or "-")
-                        self.generation, self.swap_generation = serving, swap
-                        self._recompute()
+                        self._switch(serving, swap)
             except Exception as exc:
                 log.warning("event=model_watch_error model=%s error=%r", name, str(exc))
                 self._stop.wait(2.0)
