@@ -72,12 +72,30 @@ def test_first_token_goes_out_at_once_and_fast_tokens_are_gathered_into_one_writ
         await asyncio.sleep(0.08)
         assert [d for _, d in sink.writes] == [event(0), event(1) + event(2)]
         assert not resp.paused
-        resp.on_data(event(3) + DONE)  # within the next interval: held ...
-        resp.on_end()  # ... but the end of the stream flushes it at once
-        assert sink.ended == event(3) + DONE
-        assert endings == [("completed", 5)] and resp.released
+        resp.on_data(event(3))  # within the next interval: held ...
+        resp.on_end()  # ... but the end of the stream (here without [DONE]) flushes it at once
+        assert sink.ended.startswith(event(3)) and b"stream_interrupted" in sink.ended
+        assert endings == [("truncated", 4)] and resp.released
         await asyncio.sleep(0.08)
-        assert sink.body() == b"".join(event(i) for i in range(4)) + DONE  # nothing written twice
+        assert sink.body().startswith(b"".join(event(i) for i in range(4)))  # nothing written twice
+        assert sink.body().count(b"t3") == 1
+
+    asyncio.run(scenario())
+
+
+def test_the_last_event_is_never_held_and_takes_what_was_held_with_it():
+    async def scenario():
+        relay, resp, sink, endings = make(0.05)
+        resp.on_data(event(1))
+        assert len(sink.writes) == 1 and resp.paused  # held
+        t0 = time.monotonic()
+        resp.on_data(event(2) + DONE)  # the engine's last iteration, well within the interval
+        assert sink.writes[-1][1] == event(1) + event(2) + DONE and sink.writes[-1][0] - t0 < 0.01
+        assert not resp.paused  # read on: the end of the chunked body follows the last event at once
+        resp.on_end()
+        assert sink.ended == b"" and endings == [("completed", 4)]
+        await asyncio.sleep(0.08)  # the cancelled hold writes nothing later
+        assert sink.body() == b"".join(event(i) for i in range(3)) + DONE
 
     asyncio.run(scenario())
 

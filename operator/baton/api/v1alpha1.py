@@ -293,7 +293,7 @@ class SchedulerSpec(ApiModel):
     stream_flush_interval_ms: int = Field(default=1, ge=0, le=100, description=(
         "Streamed tokens an engine sends sooner than this many milliseconds after the scheduler's previous write to "
         "the client are gathered and written together, at most this much later (the engine connection is not read "
-        "meanwhile, so the end of such a stream can also wait up to one interval); the first token is never held. "
+        "meanwhile); the first token and the last event ([DONE]) are never held. "
         "Fewer, larger writes and reads cost the scheduler less CPU when tokens arrive faster than the interval; at "
         "usual decode speeds nothing is held. 0 writes every token as it arrives."))
     resources: ResourcesSpec = _nested(ResourcesSpec, "Scheduler container resources.")

@@ -5,9 +5,9 @@ coroutine, no copy of the stream), counting SSE events and watching for `[DONE]`
 in-stream error events on the way. Pieces that arrive sooner than `interval_s` after the last write to
 the client are held and written together when the interval is up, and the engine connection is not read
 meanwhile, so a fast stream costs one read and one write per interval instead of one per token. The
-first piece is never held; the end is written as soon as it is read, which during a hold is when the
-interval is up. The client's write backpressure pauses reading
-the engine. Exactly one ending (the stream's end, its failure, the client going away) calls `on_finish`.
+first piece is never held, nor is the piece with `[DONE]` (the last event: it goes out at once with
+whatever was held, so a stream's end is not delayed by the hold). The client's write backpressure
+pauses reading the engine. Exactly one ending (the stream's end, its failure, the client going away) calls `on_finish`.
 
 Endings passed to `on_finish(outcome, relay)`: "completed"; "engine_error" (an error event inside the
 stream, relayed as is); "truncated" (the engine ended the stream before `[DONE]`; an error event is
@@ -90,6 +90,15 @@ class StreamRelay:
     def _data(self, chunk: bytes) -> None:
         self._scan(chunk)
         self.t_last = self.clock()
+        if self.done:
+            # `[DONE]` is the stream's last event: nothing more is coming worth waiting for, so what is
+            # held goes out with it now and the engine is read on (its end follows at once).
+            held = self._take_held()
+            self.flushed_at = self.loop.time()
+            self.sink.write(held + chunk if held else chunk)
+            if not self.backpressured:
+                self.resp.resume()
+            return
         if self.held:
             self.held.append(chunk)
             return
