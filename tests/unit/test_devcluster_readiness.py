@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import copy
 
-from baton.devcluster.readiness import PASSED_REASON, PROBE_PENDING, claimed, passed_probe_patch, probe_pending
+from baton.devcluster.readiness import (
+    PASSED_REASON,
+    PROBE_PENDING,
+    claimed,
+    passed_probe_patch,
+    probe_pending,
+)
 from baton.podrunner.runner import ALL_NAMESPACES_CLAIM, CLAIM_ANNOTATION
 
 BATON_LABELS = {"app.kubernetes.io/managed-by": "baton-operator", "baton.dev/tier": "decode"}

@@ -85,7 +85,7 @@ def test_first_token_goes_out_at_once_and_fast_tokens_are_gathered_into_one_writ
 
 def test_the_last_event_is_never_held_and_takes_what_was_held_with_it():
     async def scenario():
-        relay, resp, sink, endings = make(0.05)
+        _, resp, sink, endings = make(0.05)
         resp.on_data(event(1))
         assert len(sink.writes) == 1 and resp.paused  # held
         t0 = time.monotonic()
