@@ -10,6 +10,7 @@ from baton.devcluster.readiness import (
     PROBE_PENDING,
     claimed,
     passed_probe_patch,
+    pods_to_mark,
     probe_pending,
 )
 from baton.podrunner.runner import ALL_NAMESPACES_CLAIM, CLAIM_ANNOTATION
@@ -22,7 +23,7 @@ def pod(ready: str = "False", reason: str | None = PROBE_PENDING, phase: str = "
     ready_condition = {"type": "Ready", "status": ready}
     if reason:
         ready_condition["reason"] = reason
-    meta = {"name": "p-0", "namespace": "ns", "labels": labels or {"app": "x"}}
+    meta = {"name": "p-0", "namespace": "ns", "labels": labels or {"app": "x"}, "resourceVersion": "42"}
     if deleting:
         meta["deletionTimestamp"] = "2026-11-27T00:00:00Z"
     return {
@@ -66,4 +67,19 @@ def test_the_patch_is_what_a_kubelet_writes_when_the_probe_passes() -> None:
     assert all(c["status"] == "True" and c["reason"] == PASSED_REASON for c in conditions.values())
     assert patch["status"]["containerStatuses"] == [
         {"name": "engine", "image": "engine:test", "ready": True, "started": True}]
+    assert patch["metadata"] == {"resourceVersion": "42"}, "refused if the pod changed since it was seen"
     assert before == original, "the pod it was built from is left as it was"
+
+
+def test_a_batch_is_sorted_out_with_one_view_of_every_namespaces_claims() -> None:
+    def named(namespace, labels):
+        p = pod(labels=labels)
+        p["metadata"]["namespace"] = namespace
+        return p
+
+    batch = [named("run", BATON_LABELS), named("run", {"app": "x"}), named("free", BATON_LABELS), named("gone", BATON_LABELS)]
+    claims = {"run": {CLAIM_ANNOTATION: "host/1/abc"}, "free": {}, "kube-system": {}}
+    assert [(p["metadata"]["namespace"], p["metadata"]["labels"]) for p in pods_to_mark(batch, claims)] == [
+        ("run", {"app": "x"}), ("free", BATON_LABELS), ("gone", BATON_LABELS)]
+    everywhere = {**claims, "kube-system": {ALL_NAMESPACES_CLAIM: "host/1/abc"}}
+    assert [p["metadata"]["labels"] for p in pods_to_mark(batch, everywhere)] == [{"app": "x"}]

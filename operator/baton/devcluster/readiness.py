@@ -69,8 +69,17 @@ def claimed(pod: Mapping[str, Any], namespace_annotations: Mapping[str, str],
     return CLAIM_ANNOTATION in namespace_annotations or ALL_NAMESPACES_CLAIM in holder_annotations
 
 
+def pods_to_mark(batch: list[Mapping[str, Any]], claims: Mapping[str, Mapping[str, str]]) -> list[Mapping[str, Any]]:
+    """The pods of `batch` whose probe the stand-in passes, given every namespace's annotations."""
+    holder = claims.get(CLAIM_HOLDER_NAMESPACE) or {}
+    return [pod for pod in batch
+            if not claimed(pod, claims.get((pod.get("metadata") or {}).get("namespace", "")) or {}, holder)]
+
+
 def passed_probe_patch(pod: Mapping[str, Any], now: str) -> dict[str, Any]:
-    """The status patch a kubelet writes when every readiness probe of `pod` passes."""
+    """The status patch a kubelet writes when every readiness probe of `pod` passes. It carries the
+    pod's resourceVersion: if the pod changed since it was seen (a pod runner took it over, a test
+    set its readiness), the API server refuses the patch and the pod's next event decides."""
     conditions = [
         {"type": kind, "status": "True", "reason": PASSED_REASON, "message": "no local process runs this pod; "
          "its readiness probe is taken as passed", "lastTransitionTime": now}
@@ -78,13 +87,25 @@ def passed_probe_patch(pod: Mapping[str, Any], now: str) -> dict[str, Any]:
     ]
     statuses = [{**s, "ready": True} for s in (pod.get("status") or {}).get("containerStatuses") or []]
     patch: dict[str, Any] = {"status": {"conditions": conditions}}
+    version = (pod.get("metadata") or {}).get("resourceVersion")
+    if version:
+        patch["metadata"] = {"resourceVersion": version}
     if statuses:
         patch["status"]["containerStatuses"] = statuses
     return patch
 
 
 class ReadinessStandIn:
-    """Watches every pod of the cluster and passes the readiness probe of those nothing runs."""
+    """Watches every pod of the cluster and passes the readiness probe of those nothing runs.
+
+    The watch only queues candidates; a worker takes everything queued at once, reads the namespaces'
+    claims with one list made after those pods arrived (a runner claims its namespace before the first
+    pod it runs exists, so that read cannot miss the claim of any pod in the batch), and writes the
+    Ready conditions with a few requests in parallel. So a burst of pods (hundreds of models at once)
+    costs one status write each and one namespace list per batch, not a read per pod.
+    """
+
+    PATCH_WORKERS = 8
 
     def __init__(self, api_client: Any) -> None:
         from kubernetes import client
@@ -92,55 +113,78 @@ class ReadinessStandIn:
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
         self._stop = threading.Event()
+        self._pending: dict[str, Mapping[str, Any]] = {}  # namespace/name -> latest pod seen
+        self._wake = threading.Condition()
         self.marked = 0
 
-    def _annotations(self, namespace: str) -> dict[str, str]:
-        from kubernetes.client.rest import ApiException
-
-        try:
-            return dict(self.core.read_namespace(namespace).metadata.annotations or {})
-        except ApiException as exc:
-            if exc.status == 404:
-                return {}
-            raise
-
-    def handle(self, pod: Mapping[str, Any]) -> bool:
-        """Mark `pod` Ready if its probe is pending and no pod runner claims it; True when marked."""
+    def offer(self, pod: Mapping[str, Any]) -> None:
+        """A pod event: queue the pod if its probe is pending."""
         if not probe_pending(pod):
-            return False
+            return
         meta = pod.get("metadata") or {}
-        namespace = meta.get("namespace", "")
-        # Claims are read fresh for each pod: a runner claims its namespace just before the first pod
-        # it runs exists, and no cached answer may be older than that.
-        if runs_locally(meta.get("labels") or {}) and claimed(
-                pod, self._annotations(namespace), self._annotations(CLAIM_HOLDER_NAMESPACE)):
-            return False
+        with self._wake:
+            self._pending[f"{meta.get('namespace', '')}/{meta.get('name', '')}"] = pod
+            self._wake.notify()
+
+    def _take(self) -> list[Mapping[str, Any]]:
+        with self._wake:
+            while not self._pending and not self._stop.is_set():
+                self._wake.wait(1.0)
+            batch, self._pending = list(self._pending.values()), {}
+        return batch
+
+    def _claims(self) -> dict[str, dict[str, str]]:
+        resp = self.core.list_namespace(_preload_content=False)
+        return {(n.get("metadata") or {}).get("name", ""): (n.get("metadata") or {}).get("annotations") or {}
+                for n in json.loads(resp.data).get("items") or []}
+
+    def _mark(self, pod: Mapping[str, Any]) -> bool:
         from kubernetes.client.rest import ApiException
 
+        meta = pod.get("metadata") or {}
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         try:
-            self.core.patch_namespaced_pod_status(meta["name"], namespace, passed_probe_patch(pod, now))
+            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], passed_probe_patch(pod, now))
         except ApiException as exc:
-            if exc.status in (404, 409, 422):  # gone, or changed under us: the next event decides
-                return False
-            raise
-        self.marked += 1
-        log.info("event=probe_passed pod=%s/%s", namespace, meta["name"])
+            if exc.status not in (404, 409, 422):  # gone, or changed under us: the next event decides
+                log.warning("event=mark_failed pod=%s/%s status=%s", meta.get("namespace"), meta.get("name"), exc.status)
+            return False
+        log.info("event=probe_passed pod=%s/%s", meta["namespace"], meta["name"])
         return True
+
+    def _work(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.PATCH_WORKERS, thread_name_prefix="readiness-mark") as pool:
+            while not self._stop.is_set():
+                batch = self._take()
+                if not batch:
+                    continue
+                try:
+                    claims = self._claims()
+                except Exception as exc:  # noqa: BLE001 - retried with the next batch
+                    log.warning("event=namespace_list_failed error=%r", str(exc))
+                    with self._wake:
+                        for pod in batch:
+                            meta = pod.get("metadata") or {}
+                            self._pending.setdefault(f"{meta.get('namespace')}/{meta.get('name')}", pod)
+                    self._stop.wait(1.0)
+                    continue
+                self.marked += sum(pool.map(self._mark, pods_to_mark(batch, claims)))
 
     def _list(self) -> tuple[list[dict[str, Any]], str]:
         resp = self.core.list_pod_for_all_namespaces(_preload_content=False)
         body = json.loads(resp.data)
         return body.get("items") or [], (body.get("metadata") or {}).get("resourceVersion", "")
 
-    def run(self) -> None:
+    def _watch(self) -> None:
         from kubernetes import watch
 
         while not self._stop.is_set():
             try:
                 items, version = self._list()
                 for pod in items:
-                    self.handle(pod)
+                    self.offer(pod)
                 w = watch.Watch()
                 for event in w.stream(self.core.list_pod_for_all_namespaces, resource_version=version,
                                       timeout_seconds=WATCH_TIMEOUT_S, deserialize=False):
@@ -148,12 +192,17 @@ class ReadinessStandIn:
                         w.stop()
                         break
                     if event["type"] in ("ADDED", "MODIFIED"):
-                        self.handle(event["raw_object"])
+                        self.offer(event["raw_object"])
                     elif event["type"] == "ERROR":
                         break  # e.g. 410 Gone: list again
             except Exception as exc:  # noqa: BLE001 - an API hiccup must not end the stand-in
                 log.warning("event=watch_error error=%r", str(exc))
                 self._stop.wait(1.0)
+
+    def run(self) -> None:
+        worker = threading.Thread(target=self._work, name="readiness-worker", daemon=True)
+        worker.start()
+        self._watch()
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="readiness-stand-in", daemon=True)
@@ -162,6 +211,8 @@ class ReadinessStandIn:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
 
 
 def main(kubeconfig: str) -> int:
