@@ -83,3 +83,17 @@ def test_a_batch_is_sorted_out_with_one_view_of_every_namespaces_claims() -> Non
         ("run", {"app": "x"}), ("free", BATON_LABELS), ("gone", BATON_LABELS)]
     everywhere = {**claims, "kube-system": {ALL_NAMESPACES_CLAIM: "host/1/abc"}}
     assert [p["metadata"]["labels"] for p in pods_to_mark(batch, everywhere)] == [{"app": "x"}]
+
+
+def test_watch_lines_are_split_across_reads_and_the_resource_version_is_the_objects() -> None:
+    from baton.devcluster.readiness import _RESOURCE_VERSION, _lines
+
+    class Streamed:
+        def stream(self, amt=None, decode_content=False):
+            yield b'{"type":"ADDED","object":{"metadata":{"name":"a","resourceVersion":"7"},"status":{}}}\n{"ty'
+            yield b'pe":"BOOKMARK","object":{"metadata":{"resourceVersion":"9"}}}\n'
+            yield b'{"type":"MODIFIED"'
+
+    lines = list(_lines(Streamed()))
+    assert [line[:18] for line in lines] == [b'{"type":"ADDED","o', b'{"type":"BOOKMARK"', b'{"type":"MODIFIED"']
+    assert [m.group(1) for m in map(_RESOURCE_VERSION.search, lines[:2])] == [b"7", b"9"]

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from baton.podrunner.runner import (
@@ -35,7 +36,22 @@ log = logging.getLogger("baton.devcluster.readiness")
 
 PROBE_PENDING = "ReadinessProbePending"
 PASSED_REASON = "ReadinessStandIn"
-WATCH_TIMEOUT_S = 30
+WATCH_TIMEOUT_S = 300
+_PENDING_MARK = PROBE_PENDING.encode()
+# The first resourceVersion of a watch event's line is its object's (metadata comes first).
+_RESOURCE_VERSION = re.compile(rb'"resourceVersion":"([0-9]+)"')
+
+
+def _lines(resp: Any) -> Iterator[bytes]:
+    """The lines of a streamed watch response (one event per line), as bytes."""
+    buffer = b""
+    for piece in resp.stream(amt=None, decode_content=False):
+        buffer += piece
+        if b"\n" in buffer:
+            *lines, buffer = buffer.split(b"\n")
+            yield from (line for line in lines if line)
+    if buffer:
+        yield buffer
 
 
 def _ready_condition(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -172,32 +188,50 @@ class ReadinessStandIn:
                     continue
                 self.marked += sum(pool.map(self._mark, pods_to_mark(batch, claims)))
 
-    def _list(self) -> tuple[list[dict[str, Any]], str]:
+    def _list(self) -> str:
+        """Offer every pod of the cluster; the list's resourceVersion, to watch from."""
         resp = self.core.list_pod_for_all_namespaces(_preload_content=False)
         body = json.loads(resp.data)
-        return body.get("items") or [], (body.get("metadata") or {}).get("resourceVersion", "")
+        for pod in body.get("items") or []:
+            self.offer(pod)
+        return (body.get("metadata") or {}).get("resourceVersion", "")
 
     def _watch(self) -> None:
-        from kubernetes import watch
+        """Watch every pod from one list, resuming from the last resourceVersion seen. Only the events
+        that mention ReadinessProbePending are decoded: the rest (most of them) cost a substring search
+        and a regex for their resourceVersion, not a JSON parse of the whole pod."""
+        from kubernetes.client.rest import ApiException
 
+        version = ""
         while not self._stop.is_set():
             try:
-                items, version = self._list()
-                for pod in items:
-                    self.offer(pod)
-                w = watch.Watch()
-                for event in w.stream(self.core.list_pod_for_all_namespaces, resource_version=version,
-                                      timeout_seconds=WATCH_TIMEOUT_S, deserialize=False):
-                    if self._stop.is_set():
-                        w.stop()
-                        break
-                    if event["type"] in ("ADDED", "MODIFIED"):
-                        self.offer(event["raw_object"])
-                    elif event["type"] == "ERROR":
-                        break  # e.g. 410 Gone: list again
+                if not version:
+                    version = self._list()
+                resp = self.core.list_pod_for_all_namespaces(
+                    watch=True, resource_version=version, allow_watch_bookmarks=True,
+                    timeout_seconds=WATCH_TIMEOUT_S, _preload_content=False)
+                try:
+                    for line in _lines(resp):
+                        if self._stop.is_set():
+                            break
+                        if line.startswith(b'{"type":"ERROR"'):
+                            version = ""  # e.g. 410 Gone: list again
+                            break
+                        found = _RESOURCE_VERSION.search(line)
+                        if found:
+                            version = found.group(1).decode()
+                        if _PENDING_MARK in line:
+                            event = json.loads(line)
+                            if event.get("type") in ("ADDED", "MODIFIED"):
+                                self.offer(event["object"])
+                finally:
+                    resp.close()  # a watch left mid-stream must not go back to the pool half-read
+                    resp.release_conn()
             except Exception as exc:  # noqa: BLE001 - an API hiccup must not end the stand-in
-                log.warning("event=watch_error error=%r", str(exc))
-                self._stop.wait(1.0)
+                if not (isinstance(exc, ApiException) and exc.status == 410):
+                    log.warning("event=watch_error error=%r", str(exc))
+                    self._stop.wait(1.0)
+                version = ""
 
     def run(self) -> None:
         worker = threading.Thread(target=self._work, name="readiness-worker", daemon=True)
