@@ -346,12 +346,12 @@ def report(results: dict[int, dict[str, float]], rss: dict[str, float] | None, e
               "(pods Ready for minReadySeconds, the state a model reports Ready in), measured after one unreported "
               "warm-up round; the ratio is the operator's overhead on top of it. The ratio rows run on node pools "
               "sized for the largest model count measured; the memory run grows them first.",
-              "", "Pods become Ready as on a kubelet: KWOK starts them Running but not Ready (every Baton pod has a "
+              "", ("Pods become Ready as on a kubelet: KWOK starts them Running but not Ready (every Baton pod has a "
               "readinessProbe) and the local cluster's readiness stand-in passes the probe in a second status write. "
               "Until 2026-11-27 KWOK made pods Running and Ready in one write; those runs measured 1.05 at 500 "
               "models (floor 247 s, operator 260 s). With the second write the floor stayed where it was and the "
               "operator phase got slower; why (the extra StatefulSet status events it reacts to, or the stand-in's "
-              "share of the two CPUs while the operator is the busiest process) is not established yet.", END]
+              "share of the two CPUs while the operator is the busiest process) is not established yet."), END]
     return "\n".join(lines)
 
 
