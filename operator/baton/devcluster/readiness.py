@@ -126,26 +126,27 @@ class ReadinessStandIn:
     def __init__(self, api_client: Any) -> None:
         from kubernetes import client
 
-        self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
-        self._stop = threading.Event()
-        self._pending: dict[str, Mapping[str, Any]] = {}  # namespace/name -> latest pod seen
+        self._pending: dict[tuple[str, str], Mapping[str, Any]] = {}  # (namespace, name) -> latest pod seen
         self._wake = threading.Condition()
-        self.marked = 0
+
+    @staticmethod
+    def _key(pod: Mapping[str, Any]) -> tuple[str, str]:
+        meta = pod.get("metadata") or {}
+        return meta.get("namespace", ""), meta.get("name", "")
 
     def offer(self, pod: Mapping[str, Any]) -> None:
         """A pod event: queue the pod if its probe is pending."""
         if not probe_pending(pod):
             return
-        meta = pod.get("metadata") or {}
         with self._wake:
-            self._pending[f"{meta.get('namespace', '')}/{meta.get('name', '')}"] = pod
+            self._pending[self._key(pod)] = pod
             self._wake.notify()
 
     def _take(self) -> list[Mapping[str, Any]]:
         with self._wake:
-            while not self._pending and not self._stop.is_set():
-                self._wake.wait(1.0)
+            while not self._pending:
+                self._wake.wait()
             batch, self._pending = list(self._pending.values()), {}
         return batch
 
@@ -154,7 +155,7 @@ class ReadinessStandIn:
         return {(n.get("metadata") or {}).get("name", ""): (n.get("metadata") or {}).get("annotations") or {}
                 for n in json.loads(resp.data).get("items") or []}
 
-    def _mark(self, pod: Mapping[str, Any]) -> bool:
+    def _mark(self, pod: Mapping[str, Any]) -> None:
         from kubernetes.client.rest import ApiException
 
         meta = pod.get("metadata") or {}
@@ -164,29 +165,25 @@ class ReadinessStandIn:
         except ApiException as exc:
             if exc.status not in (404, 409, 422):  # gone, or changed under us: the next event decides
                 log.warning("event=mark_failed pod=%s/%s status=%s", meta.get("namespace"), meta.get("name"), exc.status)
-            return False
+            return
         log.info("event=probe_passed pod=%s/%s", meta["namespace"], meta["name"])
-        return True
 
     def _work(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(self.PATCH_WORKERS, thread_name_prefix="readiness-mark") as pool:
-            while not self._stop.is_set():
+            while True:
                 batch = self._take()
-                if not batch:
-                    continue
                 try:
                     claims = self._claims()
                 except Exception as exc:  # noqa: BLE001 - retried with the next batch
                     log.warning("event=namespace_list_failed error=%r", str(exc))
                     with self._wake:
-                        for pod in batch:
-                            meta = pod.get("metadata") or {}
-                            self._pending.setdefault(f"{meta.get('namespace')}/{meta.get('name')}", pod)
-                    self._stop.wait(1.0)
+                        for pod in batch:  # back in the queue, unless a newer event queued the pod again
+                            self._pending.setdefault(self._key(pod), pod)
+                    time.sleep(1.0)
                     continue
-                self.marked += sum(pool.map(self._mark, pods_to_mark(batch, claims)))
+                list(pool.map(self._mark, pods_to_mark(batch, claims)))  # all written before the next batch
 
     def _list(self) -> str:
         """Offer every pod of the cluster; the list's resourceVersion, to watch from."""
@@ -203,7 +200,7 @@ class ReadinessStandIn:
         from kubernetes.client.rest import ApiException
 
         version = ""
-        while not self._stop.is_set():
+        while True:
             try:
                 if not version:
                     version = self._list()
@@ -212,8 +209,6 @@ class ReadinessStandIn:
                     timeout_seconds=WATCH_TIMEOUT_S, _preload_content=False)
                 try:
                     for line in _lines(resp):
-                        if self._stop.is_set():
-                            break
                         if line.startswith(b'{"type":"ERROR"'):
                             version = ""  # e.g. 410 Gone: list again
                             break
@@ -230,23 +225,13 @@ class ReadinessStandIn:
             except Exception as exc:  # noqa: BLE001 - an API hiccup must not end the stand-in
                 if not (isinstance(exc, ApiException) and exc.status == 410):
                     log.warning("event=watch_error error=%r", str(exc))
-                    self._stop.wait(1.0)
+                    time.sleep(1.0)
                 version = ""
 
     def run(self) -> None:
         worker = threading.Thread(target=self._work, name="readiness-worker", daemon=True)
         worker.start()
         self._watch()
-
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name="readiness-stand-in", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
-        with self._wake:
-            self._wake.notify_all()
 
 
 def main(kubeconfig: str) -> int:
