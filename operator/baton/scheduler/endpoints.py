@@ -227,12 +227,16 @@ class KubernetesDiscovery:
         `_switch`, so a list computed before a generation switch never lands after it."""
         with self._publish_lock:
             self._raw[tier] = (kind, objects)
-            endpoints = self._tier_endpoints(tier, kind, objects)
-            with self._lock:
-                self._lists[tier] = endpoints
-                prefill, decode = list(self._lists[PREFILL]), list(self._lists[DECODE])
-            if not self.loop.is_closed():
-                self.loop.call_soon_threadsafe(self.on_update, prefill, decode)
+            self._publish({tier: self._tier_endpoints(tier, kind, objects)})
+
+    def _publish(self, lists: dict[str, list[Endpoint]]) -> None:
+        """Install new lists for some tiers and queue both tiers' lists for the event loop (the caller
+        holds `_publish_lock`)."""
+        with self._lock:
+            self._lists.update(lists)
+            prefill, decode = list(self._lists[PREFILL]), list(self._lists[DECODE])
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.on_update, prefill, decode)
 
     def _watch_tier(self, tier: str, service: str) -> None:
         if self.source == "pods":
@@ -313,12 +317,7 @@ class KubernetesDiscovery:
         scheduler must never see the new prefill tier beside the old decode tier."""
         with self._publish_lock:
             self.generation, self.swap_generation = serving, swap
-            lists = {tier: self._tier_endpoints(tier, kind, objects) for tier, (kind, objects) in list(self._raw.items())}
-            with self._lock:
-                self._lists.update(lists)
-                prefill, decode = list(self._lists[PREFILL]), list(self._lists[DECODE])
-            if not self.loop.is_closed():
-                self.loop.call_soon_threadsafe(self.on_update, prefill, decode)
+            self._publish({tier: self._tier_endpoints(tier, kind, objects) for tier, (kind, objects) in self._raw.items()})
 
     def _watch_serving_generation(self) -> None:
         """Follow the DisaggregatedModel's status.rollout.servingGeneration: the operator switches
