@@ -100,10 +100,9 @@ class Seq:
     """One request inside the engine."""
 
     __slots__ = (
-        "rid", "x_request_id", "kind", "prompt", "prompt_len", "max_tokens", "seed", "need_blocks", "tokens",
-        "phase", "done", "changed", "notify", "error", "arrival", "first_scheduled", "first_token_time",
-        "last_token_time",
-        "first_iter", "last_iter", "handle", "first_tokens", "kv_size", "kv_start", "kv_end", "original_max_tokens",
+        "rid", "x_request_id", "kind", "prompt", "max_tokens", "need_blocks", "tokens", "phase", "done", "changed",
+        "notify", "error", "arrival", "first_scheduled", "first_token_time", "last_token_time", "first_iter", "last_iter",
+        "handle", "first_tokens", "kv_size", "kv_start", "kv_end", "original_max_tokens",
     )
 
     def __init__(self, rid: int, kind: str, prompt: Prompt, max_tokens: int, x_request_id: str) -> None:
@@ -113,8 +112,6 @@ class Seq:
         self.prompt = prompt
         self.max_tokens = max_tokens
         self.original_max_tokens = max_tokens
-        self.prompt_len = prompt.length
-        self.seed = prompt.seed
         self.need_blocks = 0
         self.tokens: list[int] = []
         self.phase = QUEUED
@@ -427,7 +424,7 @@ class Engine:
             prefills: list[Seq] = []
             ctx_tokens = 0
             for s in waiting_prefill:
-                n = s.prompt_len
+                n = s.prompt.length
                 if ctx_tokens + n > budget:
                     break
                 prefills.append(s)
@@ -436,7 +433,7 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            context = sum(s.prompt_len + len(s.tokens) for s in decoders) / len(decoders) if decoders else 0.0
+            context = sum(s.prompt.length + len(s.tokens) for s in decoders) / len(decoders) if decoders else 0.0
             delay = model.iteration_seconds(ctx_tokens, len(decoders), context)
             self._iter += 1
             it = self._iter
@@ -448,10 +445,10 @@ class Engine:
             for s in prefills:
                 if s.phase == PREFILL:
                     s.first_iter = it
-                    completed += self._emit(s, token_at(s.seed, 0, vocab), now, it)
+                    completed += self._emit(s, token_at(s.prompt.seed, 0, vocab), now, it)
             for s in decoders:
                 if s.phase == DECODE:
-                    completed += self._emit(s, token_at(s.seed, len(s.tokens), vocab), now, it)
+                    completed += self._emit(s, token_at(s.prompt.seed, len(s.tokens), vocab), now, it)
             self._active = [s for s in self._active if s.phase in _LIVE]
             self._record_iteration(it, (loop.time() - started) * 1000.0, len(prefills), len(decoders),
                                    ctx_tokens, completed)
@@ -528,9 +525,9 @@ class Engine:
     def _finish(self, s: Seq) -> None:
         s.phase = FINISHED
         if s.kind == CTX_ONLY:
-            kept = blocks_for(s.prompt_len, self.cfg.tokens_per_block)
+            kept = blocks_for(s.prompt.length, self.cfg.tokens_per_block)
             self._reserved -= s.need_blocks - kept
-            held = _Held(s.rid, kept, s.prompt_len, s.prompt_len * self.kv_bytes_per_token)
+            held = _Held(s.rid, kept, s.prompt.length, s.prompt.length * self.kv_bytes_per_token)
             self._held[s.rid] = held
             self._held_blocks += kept
             if self.cfg.kv_transfer_timeout_s is not None:
@@ -580,7 +577,7 @@ class Engine:
             phase = s.phase
             if phase in _LIVE:
                 active += 1
-                used += -(-(s.prompt_len + len(s.tokens)) // tpb)
+                used += -(-(s.prompt.length + len(s.tokens)) // tpb)
                 if phase == TRANSFER:
                     transferring += 1
         return active, used, transferring
@@ -677,7 +674,7 @@ class Engine:
             "request_type": s.kind,
             "ctx_request_id": ctx_request_id,
             "status": status,
-            "prompt_tokens": s.prompt_len,
+            "prompt_tokens": s.prompt.length,
             "completion_tokens": len(s.tokens),
             "perf_metrics": {
                 "first_iter": s.first_iter,

@@ -378,7 +378,7 @@ class SimServer:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request done", extra={"fields": {
                 "event": "request_done", "request_id": x_rid or seq.rid, "request_type": seq.kind,
-                "prompt_tokens": seq.prompt_len, "completion_tokens": len(seq.tokens)}})
+                "prompt_tokens": seq.prompt.length, "completion_tokens": len(seq.tokens)}})
         data = _compact(self._full_response(seq, chat)).encode()
         if seq.kind == CTX_ONLY:
             data = data.replace(_IDS_MARK_JSON, seq.prompt.ids_json, 1)
@@ -402,8 +402,8 @@ class SimServer:
         }
 
     def _usage(self, seq: Seq) -> dict:
-        return {"prompt_tokens": seq.prompt_len, "completion_tokens": len(seq.tokens),
-                "total_tokens": seq.prompt_len + len(seq.tokens)}
+        return {"prompt_tokens": seq.prompt.length, "completion_tokens": len(seq.tokens),
+                "total_tokens": seq.prompt.length + len(seq.tokens)}
 
     def _full_response(self, seq: Seq, chat: bool) -> dict:
         text = "".join(token_text(t) for t in seq.tokens)

@@ -525,7 +525,7 @@ class TritonFrontend:
         out = {
             "output_ids": np.array([[new]], dtype=np.int32).reshape(1, 1, len(new)),
             "sequence_length": np.array([[len(new)]], dtype=np.int32),
-            "num_input_tokens": np.array([[seq.prompt_len]], dtype=np.int32),
+            "num_input_tokens": np.array([[seq.prompt.length]], dtype=np.int32),
             "num_output_tokens": np.array([[len(seq.tokens)]], dtype=np.int32),
             "text_output": np.array([["".join(token_text(t) for t in new).encode()]], dtype=np.object_),
         }
