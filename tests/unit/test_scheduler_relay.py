@@ -68,10 +68,10 @@ def test_first_token_goes_out_at_once_and_fast_tokens_are_gathered_into_one_writ
         assert [d for _, d in sink.writes] == [event(0)]  # the first token is never held
         resp.on_data(event(1))
         resp.on_data(event(2))
-        assert len(sink.writes) == 1 and resp.paused  # held, and the engine is not read meanwhile
+        assert len(sink.writes) == 1  # held ...
+        assert not resp.paused  # ... while the engine is read on, so its last event is seen when it comes
         await asyncio.sleep(0.08)
         assert [d for _, d in sink.writes] == [event(0), event(1) + event(2)]
-        assert not resp.paused
         resp.on_data(event(3))  # within the next interval: held ...
         resp.on_end()  # ... but the end of the stream (here without [DONE]) flushes it at once
         assert sink.ended.startswith(event(3)) and b"stream_interrupted" in sink.ended
@@ -87,11 +87,10 @@ def test_the_last_event_is_never_held_and_takes_what_was_held_with_it():
     async def scenario():
         _, resp, sink, endings = make(0.05)
         resp.on_data(event(1))
-        assert len(sink.writes) == 1 and resp.paused  # held
+        assert len(sink.writes) == 1 and not resp.paused  # held, engine read on
         t0 = time.monotonic()
         resp.on_data(event(2) + DONE)  # the engine's last iteration, well within the interval
         assert sink.writes[-1][1] == event(1) + event(2) + DONE and sink.writes[-1][0] - t0 < 0.01
-        assert not resp.paused  # read on: the end of the chunked body follows the last event at once
         resp.on_end()
         assert sink.ended == b"" and endings == [("completed", 4)]
         await asyncio.sleep(0.08)  # the cancelled hold writes nothing later
@@ -129,11 +128,12 @@ def test_interval_zero_writes_every_piece_as_it_arrives():
 def test_client_backpressure_keeps_the_engine_paused_across_a_flush():
     async def scenario():
         relay, resp, sink, endings = make(0.02)
-        resp.on_data(event(1))  # held, engine paused by the relay
+        resp.on_data(event(1))  # held
         relay.pause()  # the client's connection is full
+        assert resp.paused  # the engine is not read while the client cannot take more
         await asyncio.sleep(0.05)
         assert sink.writes[-1][1] == event(1)  # the held token went out ...
-        assert resp.paused  # ... but the engine stays paused until the client drains
+        assert resp.paused  # ... and the engine stays paused until the client drains
         relay.resume()
         assert not resp.paused
 

@@ -292,10 +292,10 @@ class SchedulerSpec(ApiModel):
     port: int = Field(default=8000, ge=1024, le=65535, description="Port the scheduler serves the OpenAI-compatible API on.")
     stream_flush_interval_ms: int = Field(default=1, ge=0, le=100, description=(
         "Streamed tokens an engine sends sooner than this many milliseconds after the scheduler's previous write to "
-        "the client are gathered and written together, at most this much later (the engine connection is not read "
-        "meanwhile); the first token and the last event ([DONE]) are never held. "
-        "Fewer, larger writes and reads cost the scheduler less CPU when tokens arrive faster than the interval; at "
-        "usual decode speeds nothing is held. 0 writes every token as it arrives."))
+        "the client are gathered and written together, at most this much later; the first token and the last event "
+        "([DONE]) are never held, so a stream's end is not delayed. "
+        "Fewer, larger writes cost the scheduler less CPU when tokens arrive faster than the interval; at usual "
+        "decode speeds nothing is held. 0 writes every token as it arrives."))
     resources: ResourcesSpec = _nested(ResourcesSpec, "Scheduler container resources.")
     pool: PoolSpec = _nested(PoolSpec, "Where scheduler pods run (typically a CPU pool).")
 

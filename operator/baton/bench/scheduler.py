@@ -914,7 +914,7 @@ def _reading_notes(r: dict[str, Any], s: Settings) -> list[str]:
             f"The stream hold's trade-off, same run, same requests at {s.rate:g} req/s: with the default "
             f"streamFlushIntervalMs of 1 the scheduler added {fmt_value(local['paired_ms']['p50'], 'ms')} (paired "
             f"p50) for {fmt_value(local['sched_cpu_ms_per_request'], 'ms')} of CPU per request; with 0 (every piece "
-            f"read and written as it comes) {fmt_value(unheld['paired_ms']['p50'], 'ms')} for "
+            f"written as it comes) {fmt_value(unheld['paired_ms']['p50'], 'ms')} for "
             f"{fmt_value(unheld['cpu_ms_per_request'], 'ms')}. The engine here answers in no time, so tokens come "
             "faster than one per millisecond and the hold gathers them (never the last event, so a stream's end is "
             "not delayed); at real decode speeds nothing is held and both settings cost the same.")

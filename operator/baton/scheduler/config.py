@@ -157,8 +157,8 @@ class ServerConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     # Streamed pieces that arrive from an engine sooner than this after the last write to the client are
-    # gathered and written together, at most this much later (the engine is not read meanwhile); the first token
-    # and the last event ([DONE]) are never held, and 0 writes every piece at once. Fewer, larger writes cost
+    # gathered and written together, at most this much later; the first token and the last event ([DONE]) are
+    # never held (the engine is read on meanwhile), and 0 writes every piece at once. Fewer, larger writes cost
     # the scheduler less CPU when an engine streams faster than one token per interval; at usual decode speeds
     # nothing is held.
     stream_flush_interval_ms: float = Field(1.0, ge=0, le=100)
