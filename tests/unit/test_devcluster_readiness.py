@@ -86,7 +86,7 @@ def test_a_batch_is_sorted_out_with_one_view_of_every_namespaces_claims() -> Non
 
 
 def test_watch_lines_are_split_across_reads_and_the_resource_version_is_the_objects() -> None:
-    from baton.devcluster.readiness import _RESOURCE_VERSION, _lines
+    from baton.devcluster.readiness import _RESOURCE_VERSION, watch_lines
 
     class Streamed:
         def stream(self, amt=None, decode_content=False):
@@ -94,6 +94,6 @@ def test_watch_lines_are_split_across_reads_and_the_resource_version_is_the_obje
             yield b'pe":"BOOKMARK","object":{"metadata":{"resourceVersion":"9"}}}\n'
             yield b'{"type":"MODIFIED"'
 
-    lines = list(_lines(Streamed()))
+    lines = list(watch_lines(Streamed()))
     assert [line[:18] for line in lines] == [b'{"type":"ADDED","o', b'{"type":"BOOKMARK"', b'{"type":"MODIFIED"']
     assert [m.group(1) for m in map(_RESOURCE_VERSION.search, lines[:2])] == [b"7", b"9"]

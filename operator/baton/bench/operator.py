@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import copy
 import datetime
+import json
 import math
 import os
 import platform
@@ -29,12 +30,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION, DisaggregatedModel
+from baton.devcluster.readiness import watch_lines
 from baton.render import render_children
 from baton.render.naming import Target
 
@@ -125,20 +128,72 @@ class Cluster:
             except Exception:  # noqa: BLE001 - gone
                 return
 
-    def workloads_ready(self, namespace: str, expected_sts: int, expected_deploy: int) -> bool:
-        """Every workload available (Ready for its minReadySeconds): the state a model reports Ready in."""
-        sts = self.apps.list_namespaced_stateful_set(namespace).items
-        deploys = self.apps.list_namespaced_deployment(namespace).items
-        ok_sts = sum(1 for s in sts if (s.status.available_replicas or 0) >= (s.spec.replicas or 0))
-        ok_dep = sum(1 for d in deploys if (d.status.available_replicas or 0) >= (d.spec.replicas or 0))
-        return ok_sts == expected_sts and ok_dep == expected_deploy
+    def wait_workloads_ready(self, namespace: str, n_sts: int, n_deploy: int, timeout: float) -> None:
+        """Until every StatefulSet and Deployment is available (Ready for its minReadySeconds): the state
+        a model reports Ready in."""
+        deadline = time.monotonic() + timeout
+        wait_ready(self.apps.list_namespaced_stateful_set, namespace, n_sts, workload_available, deadline)
+        wait_ready(self.apps.list_namespaced_deployment, namespace, n_deploy, workload_available, deadline)
 
-    def models_ready(self, namespace: str, n: int) -> int:
-        items = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
-        return sum(
-            1 for o in items
-            if any(c["type"] == "Ready" and c["status"] == "True" for c in (o.get("status") or {}).get("conditions", []))
-        )
+    def wait_models_ready(self, namespace: str, n: int, timeout: float, alive: Callable[[], None] = lambda: None) -> int:
+        """Until `n` models report Ready (or the deadline: then how many did)."""
+        def list_models(ns: str, **kwargs: Any) -> Any:
+            return self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, **kwargs)
+        return wait_ready(list_models, namespace, n, model_ready, time.monotonic() + timeout, alive, strict=False)
+
+
+def workload_available(obj: dict[str, Any]) -> bool:
+    return (obj.get("status") or {}).get("availableReplicas", 0) >= (obj.get("spec") or {}).get("replicas", 1)
+
+
+def model_ready(obj: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (obj.get("status") or {}).get("conditions") or [])
+
+
+def wait_ready(list_call: Callable[..., Any], namespace: str, expected: int, is_ready: Callable[[dict[str, Any]], bool],
+               deadline: float, alive: Callable[[], None] = lambda: None, strict: bool = True) -> int:
+    """Until `expected` objects of one kind in `namespace` are ready: one LIST, then a watch from its
+    resourceVersion, so the moment the last one turns ready is seen as it happens. (Polling did this
+    before: a LIST of 500 models every half second, ~3 MB of JSON for the API server to encode and this
+    process to parse each time, a load on the same two CPUs as the operator it was timing; and a LIST of
+    1,500 workloads took this process seconds to parse, so the floor was seen late.) Returns how many
+    are ready; at the deadline raises TimeoutError, or returns the count when not `strict`. `alive` is
+    called between watch requests (e.g. to fail when the operator has exited)."""
+    ready: set[str] = set()
+    version = ""
+    while True:
+        if not version:
+            body = json.loads(list_call(namespace, _preload_content=False).data)
+            ready = {o["metadata"]["name"] for o in body.get("items") or [] if is_ready(o)}
+            version = body["metadata"]["resourceVersion"]
+        remaining = deadline - time.monotonic()
+        if len(ready) >= expected or remaining <= 0:
+            break
+        alive()
+        resp = list_call(namespace, watch=True, resource_version=version, allow_watch_bookmarks=True,
+                         timeout_seconds=max(1, min(10, int(remaining))), _preload_content=False)
+        try:
+            for line in watch_lines(resp):
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                if event.get("type") == "ERROR":  # e.g. 410 Gone: list again
+                    version = ""
+                    break
+                version = (obj.get("metadata") or {}).get("resourceVersion", version)
+                name = (obj.get("metadata") or {}).get("name")
+                if event.get("type") in ("ADDED", "MODIFIED") and is_ready(obj):
+                    ready.add(name)
+                elif event.get("type") in ("MODIFIED", "DELETED"):
+                    ready.discard(name)
+                if len(ready) >= expected:
+                    return len(ready)
+        finally:
+            resp.close()
+            resp.release_conn()
+    if len(ready) < expected and strict:
+        raise TimeoutError(f"{len(ready)} of {expected} ready in {namespace} at the deadline")
+    return len(ready)
 
 
 def _ssa(api_client: Any, obj: dict[str, Any]) -> None:
@@ -160,8 +215,7 @@ def floor_phase(cluster: Cluster, n: int, label: str = "floor") -> float:
     start = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda o: _ssa(cluster.api_client, o), objects))
-    while not cluster.workloads_ready(namespace, 2 * n, n):
-        time.sleep(0.5)
+    cluster.wait_workloads_ready(namespace, 2 * n, n, timeout=3600)
     elapsed = time.monotonic() - start
     cluster.delete_namespace(namespace)
     return elapsed
@@ -239,10 +293,12 @@ def operator_phase(cluster: Cluster, n: int, log: Path) -> dict[str, float]:
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda i: cluster.custom.create_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, model_manifest(f"m{i}")), range(n)))
-        while cluster.models_ready(namespace, n) < n:
+        def alive() -> None:
             if op.proc.poll() is not None:
                 raise RuntimeError(f"operator exited; see {log}")
-            time.sleep(0.5)
+
+        if cluster.wait_models_ready(namespace, n, timeout=3600, alive=alive) < n:
+            raise RuntimeError(f"not every model Ready within an hour; see {log}")
         elapsed = time.monotonic() - start
         # Let in-flight passes finish, then watch a window of pure resyncs.
         time.sleep(3)
@@ -273,10 +329,7 @@ def rss_phase(cluster: Cluster, n: int, log: Path) -> dict[str, float]:
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda i: cluster.custom.create_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, model_manifest(f"m{i}", replicas=0)), range(n)))
-        deadline = time.monotonic() + 1800
-        while cluster.models_ready(namespace, n) < n and time.monotonic() < deadline:
-            time.sleep(1)
-        ready = cluster.models_ready(namespace, n)
+        ready = cluster.wait_models_ready(namespace, n, timeout=1800)
         time.sleep(2 * RESYNC_SECONDS)
         rss, peak = _rss_mib(op.proc.pid)
         # A restarted operator meets all of it at once: kopf lists every model and child, and each

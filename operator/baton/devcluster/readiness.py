@@ -42,7 +42,7 @@ _PENDING_MARK = PROBE_PENDING.encode()
 _RESOURCE_VERSION = re.compile(rb'"resourceVersion":"([0-9]+)"')
 
 
-def _lines(resp: Any) -> Iterator[bytes]:
+def watch_lines(resp: Any) -> Iterator[bytes]:
     """The lines of a streamed watch response (one event per line), as bytes."""
     buffer = b""
     for piece in resp.stream(amt=None, decode_content=False):
@@ -208,7 +208,7 @@ class ReadinessStandIn:
                     watch=True, resource_version=version, allow_watch_bookmarks=True,
                     timeout_seconds=WATCH_TIMEOUT_S, _preload_content=False)
                 try:
-                    for line in _lines(resp):
+                    for line in watch_lines(resp):
                         if line.startswith(b'{"type":"ERROR"'):
                             version = ""  # e.g. 410 Gone: list again
                             break
