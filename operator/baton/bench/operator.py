@@ -399,12 +399,18 @@ def report(results: dict[int, dict[str, float]], rss: dict[str, float] | None, e
               "(pods Ready for minReadySeconds, the state a model reports Ready in), measured after one unreported "
               "warm-up round; the ratio is the operator's overhead on top of it. The ratio rows run on node pools "
               "sized for the largest model count measured; the memory run grows them first.",
-              "", ("Pods become Ready as on a kubelet: KWOK starts them Running but not Ready (every Baton pod has a "
-              "readinessProbe) and the local cluster's readiness stand-in passes the probe in a second status write. "
-              "Until 2026-11-27 KWOK made pods Running and Ready in one write; those runs measured 1.05 at 500 "
-              "models (floor 247 s, operator 260 s). With the second write the floor stayed where it was and the "
-              "operator phase got slower; why (the extra StatefulSet status events it reacts to, or the stand-in's "
-              "share of the two CPUs while the operator is the busiest process) is not established yet."), END]
+              "", ("Both phases end the moment the last object turns ready, seen on a watch. Pods become Ready as on "
+              "a kubelet: KWOK starts them Running but not Ready (every Baton pod has a readinessProbe) and the "
+              "local cluster's readiness stand-in passes the probe in a second status write."),
+              "", ("Variance: on this shared 2-core machine, where the API server, the controllers, KWOK and the "
+              "operator compete for the same CPUs, the 500-model ratio moved by about 0.1 between runs of the same "
+              "code. History, 500 models: 1.05 when KWOK made pods Ready in one write; 1.39, 1.30 and 1.19 with "
+              "the second write while this benchmark still polled every half second (a LIST of all 500 models "
+              "per poll, ~3 MB of JSON for the API server to encode on the CPUs the operator was timed on: 38 s "
+              "more API server CPU in the operator phase than with the watch); 1.12 with the one-write stage "
+              "and the same polling, on the same day. The second write adds about 17% pod watch events and one "
+              "status PATCH per pod, in both phases; the floor absorbs it (it waits on the controller "
+              "manager's request rate, not on CPU), the operator phase, which keeps the CPUs busy, pays for it."), END]
     return "\n".join(lines)
 
 
