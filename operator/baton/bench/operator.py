@@ -408,7 +408,8 @@ def report(results: dict[int, dict[str, float]], rss: dict[str, float] | None, e
               "the second write while this benchmark still polled every half second (a LIST of all 500 models "
               "per poll, ~3 MB of JSON for the API server to encode on the CPUs the operator was timed on: 38 s "
               "more API server CPU in the operator phase than with the watch); 1.12 with the one-write stage "
-              "and the same polling, on the same day. The second write adds about 17% pod watch events and one "
+              "and the same polling, on the same day; 1.15 and 1.04 in the first two runs with the watch (2026-11-27). "
+              "The second write adds about 17% pod watch events and one "
               "status PATCH per pod, in both phases; the floor absorbs it (it waits on the controller "
               "manager's request rate, not on CPU), the operator phase, which keeps the CPUs busy, pays for it."), END]
     return "\n".join(lines)
