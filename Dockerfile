@@ -17,7 +17,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/ ./operator/
-RUN pip install . \
+# The redis extra: a model with spec.scheduler.degradation.store: redis runs this image's scheduler.
+RUN pip install ".[redis]" \
     && rm -rf /src
 
 # A fixed numeric UID, so Kubernetes can verify runAsNonRoot (charts/baton runs it as 10001).

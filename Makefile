@@ -25,8 +25,19 @@ install: $(VENV)/.installed ## create .venv with Baton and its test dependencies
 binaries: ## build the local control plane's binaries once per machine (cached under ~/.cache/baton-testbed)
 	bash operator/baton/devcluster/build-binaries.sh
 
+.PHONY: redis-server
+redis-server: ## install redis-server (Debian's package) for the redis hold-store tests, once per machine
+	@command -v redis-server >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "error: the tests need redis-server; install it" >&2; exit 1; }; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "installing redis-server (Debian package) for the redis hold-store tests"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server >/dev/null \
+	    || { $$SUDO apt-get update -q >/dev/null \
+	         && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server >/dev/null; }; \
+	}
+
 .PHONY: test
-test: install binaries ## run every test (brings the local cluster up itself)
+test: install binaries redis-server ## run every test (brings the local cluster and a redis-server up itself)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: demo

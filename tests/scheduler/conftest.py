@@ -44,8 +44,8 @@ def make_scheduler(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     started: list[Proc] = []
 
     def make(prefill: list[Proc], decode: list[Proc], name: str = "scheduler", extra_args: list[str] | None = None,
-             **sections: Any) -> Proc:
-        proc = start_scheduler(tmp_path, name, scheduler_config(prefill, decode, **sections), extra_args)
+             env: dict[str, str] | None = None, **sections: Any) -> Proc:
+        proc = start_scheduler(tmp_path, name, scheduler_config(prefill, decode, **sections), extra_args, env)
         started.append(proc)
         wait_all([proc], "/readyz")
         return proc

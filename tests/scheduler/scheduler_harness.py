@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -37,8 +38,9 @@ def engine_options(tier: str, kv_dtype: str = "fp8", **extra: Any) -> dict[str, 
 class Proc(ListeningProcess):
     """A `baton` child process (own session, log file under the test's tmp_path, port from its log)."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
-        super().__init__(name, argv, log_path, cwd=REPO)
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(name, argv, log_path, cwd=REPO,
+                         env=None if env is None else dict(os.environ, PYTHONUNBUFFERED="1", **env))
         self.config_path: Path | None = None  # a scheduler's config file, for the reload tests
 
     def stop(self, timeout: float = 8.0) -> None:
@@ -55,12 +57,13 @@ def start_engine(tmp: Path, name: str, tier: str, sim_speed: float = 0.05, kv_dt
     return Proc(name, argv, tmp / f"{name}.log")
 
 
-def start_scheduler(tmp: Path, name: str, config: dict[str, Any], extra_args: list[str] | None = None) -> Proc:
+def start_scheduler(tmp: Path, name: str, config: dict[str, Any], extra_args: list[str] | None = None,
+                    env: dict[str, str] | None = None) -> Proc:
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     argv = [*BATON, "scheduler", "--config", str(cfg), "--port", "0", "--reload-interval", "0.2",
             *(extra_args or [])]
-    proc = Proc(name, argv, tmp / f"{name}.log")
+    proc = Proc(name, argv, tmp / f"{name}.log", env)
     proc.config_path = cfg
     return proc
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 
+from redis_harness import free_port
 from scheduler_harness import (
     MODEL,
     http,
@@ -14,6 +15,8 @@ from scheduler_harness import (
     post,
     post_concurrently,
     prompt_ids,
+    scheduler_config,
+    start_scheduler,
     wait_for,
 )
 
@@ -116,3 +119,73 @@ def test_expired_hold_is_reprefilled_once_then_fails_explicitly(engines, make_sc
     assert events == {"held": 2, "resumed": 0, "expired": 2, "reprefilled": 1}
     values = metrics(sched.url)
     assert metric(values, "baton_scheduler_requests_total", route="disaggregated", outcome="failed") == 1
+
+
+def _held_request(sched, seed: int) -> tuple[list, threading.Thread, list]:
+    """Occupy the only decode slot, then send a long prompt: its prefill finishes and is held."""
+    first: list = []
+    occupier = _occupy(sched.url, _short(seed, 1500), first)  # ~1.5 s on the only decode slot
+    wait_for(lambda: json.loads(http("GET", sched.url + "/debug/state")[2])["decode"][0]["active"] == 1, 10,
+             "the first request to occupy the decode slot")
+    held: list = []
+    thread = _occupy(sched.url, _long(seed + 1, 5), held)
+    return first, thread, held
+
+
+def test_held_prefills_are_published_to_redis_while_held(engines, make_scheduler, redis_server):
+    with redis_server.client() as c:
+        c.flushdb()
+    prefill = engines["prefill"]
+    sched = make_scheduler([prefill], [engines["decode1"]], backpressure={"maxActivePerDecodeReplica": 1},
+                           degradation={"holdTtlSeconds": 20, "store": "redis", "redisUrlEnv": "BATON_REDIS_URL"},
+                           env={"BATON_REDIS_URL": redis_server.url})
+    first, thread, held = _held_request(sched, 40)
+    with redis_server.client() as c:
+        key = wait_for(lambda: c.keys("baton:hold:*"), 10, "the held prefill to be published to redis")[0]
+        record = json.loads(c.get(key))
+        ttl_ms = c.pttl(key)
+    assert record["prefill"] == prefill.address and record["ring"] == [engines["decode1"].address]
+    assert isinstance(record["handle"]["ctx_request_id"], int) and record["handle"]["encoded_opaque_state"]
+    assert 0 < ttl_ms <= 20_000
+    thread.join(30)
+    status, headers, body = held[0]
+    assert status == 200 and headers["X-Baton-Route"] == "disaggregated"
+    assert key.decode() == f"baton:hold:{headers['X-Request-Id']}"
+    assert body["usage"]["completion_tokens"] == 5
+    with redis_server.client() as c:
+        wait_for(lambda: not c.keys("baton:hold:*"), 5, "the resumed hold's key to be deleted")
+    values = metrics(sched.url)
+    assert metric(values, "baton_scheduler_hold_store_healthy", store="redis") == 1
+    assert metric(values, "baton_scheduler_hold_store_errors_total") == 0
+    assert _hold_events(sched.url)["resumed"] == 1
+    assert first[0][0] == 200
+
+
+def test_a_dead_redis_does_not_fail_held_requests(engines, make_scheduler):
+    sched = make_scheduler([engines["prefill"]], [engines["decode1"]], backpressure={"maxActivePerDecodeReplica": 1},
+                           degradation={"holdTtlSeconds": 20, "store": "redis",
+                                        "redisUrl": f"redis://127.0.0.1:{free_port()}/0"})
+    first, thread, held = _held_request(sched, 50)
+    thread.join(30)
+    assert first[0][0] == 200
+    status, headers, body = held[0]
+    assert status == 200 and headers["X-Baton-Route"] == "disaggregated" and body["usage"]["completion_tokens"] == 5
+    events = _hold_events(sched.url)
+    assert events["held"] == 1 and events["resumed"] == 1
+    values = metrics(sched.url)
+    assert metric(values, "baton_scheduler_hold_store_errors_total", store="redis", operation="put") == 1
+    assert metric(values, "baton_scheduler_hold_store_healthy", store="redis") == 0
+    assert metric(values, "baton_scheduler_holds") == 0
+    assert http("GET", sched.url + "/readyz")[0] == 200  # serving does not depend on redis
+    assert "event=hold_store_unavailable store=redis operation=put" in sched.log()
+
+
+def test_a_redis_url_variable_that_is_not_set_stops_the_scheduler_at_start(tmp_path, engines):
+    config = scheduler_config([engines["prefill"]], [engines["decode1"]],
+                              degradation={"store": "redis", "redisUrlEnv": "BATON_REDIS_URL_UNSET"})
+    proc = start_scheduler(tmp_path, "no-redis-url", config)
+    try:
+        assert proc.proc.wait(timeout=30) == 2
+        assert "BATON_REDIS_URL_UNSET, which is unset or empty" in proc.log()
+    finally:
+        proc.stop()

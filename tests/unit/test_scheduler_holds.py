@@ -1,11 +1,16 @@
-"""Degradation holds: the in-memory store with a fake clock, and the redis store against a fake client."""
+"""Degradation holds: the in-memory store with a fake clock, and the redis store against a real redis-server
+(running, stopped, hung, and coming back)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import pytest
+from redis_harness import RedisServer, SilentServer, free_port
 
+from baton.scheduler.config import ConfigError, DegradationConfig
 from baton.scheduler.holds import Hold, MemoryHoldStore, RedisHoldStore, make_hold_store
 
 
@@ -36,42 +41,166 @@ def test_memory_store_expires_by_clock():
     asyncio.run(main())
 
 
-class FakeRedis:
-    def __init__(self):
-        self.data = {}
-        self.ttl = {}
-
-    async def set(self, key, value, px=None):
-        self.data[key] = value
-        self.ttl[key] = px
-
-    async def get(self, key):
-        return self.data.get(key)
-
-    async def delete(self, key):
-        self.data.pop(key, None)
-
-    async def aclose(self):
-        pass
+# ---------------------------------------------------------------------------------------------- redis
+def _keys(server: RedisServer) -> list[str]:
+    with server.client() as c:
+        return sorted(k.decode() for k in c.keys("baton:hold:*"))
 
 
-def test_redis_store_round_trip_with_ttl():
+@pytest.fixture
+def redis(redis_server: RedisServer):
+    with redis_server.client() as c:
+        c.flushdb()
+    yield redis_server
+    with redis_server.client() as c:
+        c.flushdb()
+
+
+def _hold(rid: str, expires_in: float, now: float = 0.0) -> Hold:
+    return Hold(rid, "10.0.0.7:8000", {"ctx_request_id": 41, "encoded_opaque_state": "abc"}, now, now + expires_in,
+                ("10.0.0.8:8000", "10.0.0.9:8000"))
+
+
+def test_redis_store_publishes_each_hold_with_its_ttl_and_deletes_it_on_remove(redis):
     clock = Clock()
-    fake = FakeRedis()
-    store = RedisHoldStore("redis://unused", clock, client=fake)
+    errors: list[str] = []
+    store = RedisHoldStore(redis.url, clock, on_error=errors.append)
 
     async def main():
-        await store.put(Hold("r1", "p:1", {"ctx_request_id": 1}, 0.0, 2.5, ("d:1",)))
-        assert fake.ttl["baton:hold:r1"] == 2500
-        hold = await store.get("r1")
-        assert hold.ring == ("d:1",) and hold.handle == {"ctx_request_id": 1}
-        assert len(store) == 1
-        clock.now = 3
-        assert [h.request_id for h in await store.expired()] == ["r1"]
-        assert "baton:hold:r1" not in fake.data
+        await store.put(_hold("r1", 30.0))
+        await store.flush()
+        with redis.client() as c:
+            assert 29_000 < c.pttl("baton:hold:r1") <= 30_000
+            published = json.loads(c.get("baton:hold:r1"))
+        assert published == {"request_id": "r1", "prefill": "10.0.0.7:8000",
+                             "handle": {"ctx_request_id": 41, "encoded_opaque_state": "abc"},
+                             "created": 0.0, "expires": 30.0, "ring": ["10.0.0.8:8000", "10.0.0.9:8000"]}
+        assert len(store) == 1 and (await store.get("r1")).ring == ("10.0.0.8:8000", "10.0.0.9:8000")
+        assert (await store.remove("r1")).request_id == "r1"
+        await store.flush()
+        assert _keys(redis) == [] and len(store) == 0
+        assert store.healthy() and store.writes == 2 and errors == []
         await store.close()
 
     asyncio.run(main())
+
+
+def test_redis_expires_a_held_key_by_itself(redis):
+    store = RedisHoldStore(redis.url, time.monotonic)
+
+    async def main():
+        await store.put(_hold("short", 0.3, time.monotonic()))
+        await store.flush()
+        assert _keys(redis) == ["baton:hold:short"]
+        await asyncio.sleep(0.6)
+        assert _keys(redis) == []  # nobody deleted it: the key's own expiry did
+        assert [h.request_id for h in await store.expired()] == ["short"]
+        assert len(store) == 0
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_remove_right_after_its_put_never_leaves_the_key_behind(redis):
+    store = RedisHoldStore(redis.url, Clock())
+
+    async def main():
+        for i in range(50):
+            await store.put(_hold(f"r{i}", 60.0))
+            await store.remove(f"r{i}")  # before the put's write has even started
+        await store.flush()
+        assert _keys(redis) == []
+        assert store.writes == 100
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_an_unreachable_redis_costs_requests_nothing_and_holds_go_on_from_memory(tmp_path):
+    clock = Clock()
+    errors: list[str] = []
+    store = RedisHoldStore(f"redis://127.0.0.1:{free_port()}/0", clock, timeout_s=0.2, backoff_s=30,
+                           on_error=errors.append)
+
+    async def main():
+        started = time.monotonic()
+        await store.put(_hold("r1", 10.0))
+        await store.put(_hold("r2", 10.0))
+        assert time.monotonic() - started < 0.05  # the request path never waits for redis
+        assert len(store) == 2 and (await store.get("r1")) is not None
+        await store.flush()
+        assert not store.healthy()
+        assert errors == ["put", "put"]
+        assert (await store.remove("r1")).request_id == "r1"
+        clock.now = 11
+        assert [h.request_id for h in await store.expired()] == ["r2"]
+        await store.flush()
+        assert errors == ["put", "put", "remove", "expire"] and len(store) == 0
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_hung_redis_is_cut_off_by_the_write_timeout():
+    silent = SilentServer()
+    errors: list[str] = []
+    store = RedisHoldStore(silent.url, Clock(), timeout_s=0.3, on_error=errors.append)
+
+    async def main():
+        await store.put(_hold("r1", 10.0))
+        started = time.monotonic()
+        await store.flush()
+        assert time.monotonic() - started < 2.0
+        assert errors == ["put"] and not store.healthy()
+        # within the back-off, later writes are skipped at once instead of each waiting for the timeout
+        await store.put(_hold("r2", 10.0))
+        await store.remove("r1")
+        started = time.monotonic()
+        await store.flush()
+        assert time.monotonic() - started < 0.1
+        assert errors == ["put", "put", "remove"]
+        await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        silent.close()
+
+
+def test_the_store_recovers_when_redis_comes_back(tmp_path):
+    server = RedisServer(tmp_path)  # its port is known, nothing listens on it yet
+    store = RedisHoldStore(server.url, Clock(), timeout_s=0.3, backoff_s=0.2)
+
+    async def main():
+        await store.put(_hold("before", 60.0))
+        await store.flush()
+        assert not store.healthy() and store.errors == 1
+        server.start()
+        await asyncio.sleep(0.3)  # past the back-off
+        await store.put(_hold("after", 60.0))
+        await store.flush()
+        assert store.healthy()
+        assert _keys(server) == ["baton:hold:after"]  # "before" was never written; it lived in memory
+        assert len(store) == 2
+        await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
+
+
+def test_redis_url_from_the_environment_and_clear_errors():
+    config = DegradationConfig(store="redis", redis_url_env="BATON_REDIS_URL")
+    assert config.resolved_redis_url({"BATON_REDIS_URL": "redis://r:6379/1"}) == "redis://r:6379/1"
+    with pytest.raises(ConfigError, match="BATON_REDIS_URL, which is unset or empty"):
+        config.resolved_redis_url({})
+    with pytest.raises(ConfigError, match="must start with redis://"):
+        config.resolved_redis_url({"BATON_REDIS_URL": "http://r:6379"})
+    with pytest.raises(ValueError, match="redisUrl .or redisUrlEnv. is required"):
+        DegradationConfig(store="redis")
+    with pytest.raises(ValueError, match="must start with redis://"):
+        DegradationConfig(store="redis", redis_url="localhost:6379")
 
 
 def test_redis_store_without_package_explains(monkeypatch):
@@ -85,6 +214,6 @@ def test_redis_store_without_package_explains(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_redis)
-    with pytest.raises(RuntimeError, match="pip install redis"):
+    with pytest.raises(RuntimeError, match=r"pip install 'baton\[redis\]'"):
         make_hold_store("redis", "redis://localhost:6379")
     assert isinstance(make_hold_store("memory"), MemoryHoldStore)

@@ -136,16 +136,36 @@ class BackpressureConfig(_Model):
     decode_p95_latency_threshold_ms: float = Field(200, ge=0)  # 0 disables latency throttling
 
 
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 class DegradationConfig(_Model):
     hold_ttl_seconds: float = Field(120, gt=0)
     store: Literal["memory", "redis"] = "memory"
     redis_url: str = ""
+    # The name of an environment variable holding the URL (the operator sets it from a Secret, so a password
+    # never lands in the ConfigMap); used when redisUrl is empty.
+    redis_url_env: str = ""
 
     @model_validator(mode="after")
     def _check_redis(self) -> DegradationConfig:
-        if self.store == "redis" and not self.redis_url:
-            raise ValueError("degradation.redisUrl is required when degradation.store is redis")
+        if self.store == "redis" and not self.redis_url and not self.redis_url_env:
+            raise ValueError("degradation.redisUrl (or redisUrlEnv) is required when degradation.store is redis")
+        if self.redis_url and not self.redis_url.startswith(REDIS_URL_SCHEMES):
+            raise ValueError(f"degradation.redisUrl must start with {', '.join(REDIS_URL_SCHEMES)}")
         return self
+
+    def resolved_redis_url(self, environ: Mapping[str, str]) -> str:
+        """The redis URL: `redisUrl`, else the value of the variable `redisUrlEnv` names."""
+        if self.redis_url:
+            return self.redis_url
+        url = environ.get(self.redis_url_env, "").strip() if self.redis_url_env else ""
+        if not url:
+            raise ConfigError(f"degradation.redisUrlEnv names {self.redis_url_env}, which is unset or empty "
+                              f"(the Secret behind spec.scheduler.degradation.redisUrlSecret?)")
+        if not url.startswith(REDIS_URL_SCHEMES):
+            raise ConfigError(f"the redis URL in {self.redis_url_env} must start with {', '.join(REDIS_URL_SCHEMES)}")
+        return url
 
 
 class RetriesConfig(_Model):

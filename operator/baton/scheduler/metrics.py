@@ -57,6 +57,8 @@ class SchedulerHooks:
 
     def hold(self, event: str) -> None: ...
 
+    def hold_store_error(self, store: str, operation: str) -> None: ...
+
     def finished(self, route: str, outcome: str, seconds: float) -> None: ...
 
     def generation_finished(self, generation: str, outcome: str) -> None:
@@ -85,6 +87,16 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_holds", "Finished prefills held waiting for a decode slot", value=s.get("holds", 0)
         )
+        store = s.get("hold_store")
+        if store is not None:
+            g = GaugeMetricFamily(
+                f"{PREFIX}_hold_store_healthy",
+                "1 while the hold store takes writes (a redis store: 0 from a failed write until one succeeds; "
+                "holds go on from memory meanwhile)",
+                labels=["store"],
+            )
+            g.add_metric([store[0]], 1.0 if store[1] else 0.0)
+            yield g
         g = GaugeMetricFamily(f"{PREFIX}_active_sequences", "Requests in flight on each tier", labels=["tier"])
         for tier, value in s.get("active", {}).items():
             g.add_metric([tier], value)
@@ -147,6 +159,13 @@ class PrometheusHooks(SchedulerHooks):
             f"{PREFIX}_hold_events_total",
             "Degradation hold events (held, resumed, expired, reprefilled)",
             ["event"],
+            registry=r,
+        )
+        self.hold_store_errors = Counter(
+            f"{PREFIX}_hold_store_errors_total",
+            "Hold-store writes that failed or were skipped while the store was failing, by store and operation "
+            "(put, remove, expire); the holds themselves go on from memory",
+            ["store", "operation"],
             registry=r,
         )
         self.heartbeats = Counter(
@@ -241,6 +260,9 @@ class PrometheusHooks(SchedulerHooks):
 
     def hold(self, event: str) -> None:
         self._child(self.holds, event).inc()
+
+    def hold_store_error(self, store: str, operation: str) -> None:
+        self._child(self.hold_store_errors, store, operation).inc()
 
     def finished(self, route: str, outcome: str, seconds: float) -> None:
         self._child(self.requests, route, outcome).inc()

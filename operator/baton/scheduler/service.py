@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -188,8 +189,12 @@ class SchedulerService:
         self.metrics = PrometheusHooks(self.snapshot)
         self.hooks: SchedulerHooks = hooks or self.metrics
         self.engine: EngineClient = engine or make_engine_client(config.runtime, config.engine_timeout_seconds)
+        degradation = config.degradation
         self.holds: HoldStore = hold_store or make_hold_store(
-            config.degradation.store, config.degradation.redis_url, clock
+            degradation.store,
+            degradation.resolved_redis_url(os.environ) if degradation.store == "redis" else "",
+            clock,
+            on_error=lambda operation: self.hooks.hold_store_error(degradation.store, operation),
         )
         self.prefill: dict[str, ReplicaState] = {}
         self.decode: dict[str, ReplicaState] = {}
@@ -251,8 +256,10 @@ class SchedulerService:
         self.retry_budget.ratio = new.retries.budget_ratio
         if new.server != old.server:
             log.warning("event=config_needs_restart field=server detail=%r", "listen address changes need a restart")
-        if new.degradation.store != old.degradation.store or new.runtime != old.runtime:
-            log.warning("event=config_needs_restart field=degradation.store/runtime")
+        nd, od = new.degradation, old.degradation
+        if (nd.store, nd.redis_url, nd.redis_url_env) != (od.store, od.redis_url, od.redis_url_env) \
+                or new.runtime != old.runtime:
+            log.warning("event=config_needs_restart field=degradation.store/redisUrl/runtime")
         if self._discover and new.endpoints != old.endpoints:
             if self._discovery is not None:
                 self._discovery.stop()
@@ -460,6 +467,7 @@ class SchedulerService:
         return {
             "queue_depth": {PREFILL: self.prefill_queue.waiting, DECODE: self.decode_queue.waiting},
             "holds": len(self.holds),
+            "hold_store": (self.holds.kind, self.holds.healthy()),
             "active": {PREFILL: active_p, DECODE: active_d},
             "utilization": {
                 PREFILL: active_p / p_cap if p_cap else 0.0,
@@ -485,6 +493,7 @@ class SchedulerService:
             "rings": {k: list(v) for k, v in self.rings.items()},
             "queue": {"prefill": self.prefill_queue.waiting, "decode": self.decode_queue.waiting,
                       "holds": len(self.holds)},
+            "holdStore": {"kind": self.holds.kind, "healthy": self.holds.healthy()},
             "incompatiblePairs": [f"{p}->{d}" for (p, d) in self.incompatible],
             "decodeThrottled": self.decode_throttled(),
             "routing": self.config.routing.model_dump(by_alias=True),
