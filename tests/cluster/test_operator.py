@@ -258,7 +258,10 @@ INVALID = [
     ("spec.scheduler.backpressure.decodeP95LatencyThreshold", "fast", "decodeP95LatencyThreshold"),
     ("spec.engine.image", _DELETE, "spec.engine.image: Required value"),
     ("spec.decode.kvCacheSize", "lots", "spec.decode.kvCacheSize"),
-    ("spec.scheduler.degradation", {"store": "redis"}, "redisUrl is required when store is redis"),
+    ("spec.scheduler.degradation", {"store": "redis"}, "redisUrl or redisUrlSecret is required when store is redis"),
+    ("spec.scheduler.degradation", {"store": "redis", "redisUrl": "redis://r:6379", "redisUrlSecret": {"name": "s"}},
+     "set redisUrl or redisUrlSecret, not both"),
+    ("spec.scheduler.degradation.redisUrl", "r:6379", "spec.scheduler.degradation.redisUrl"),
 ]
 
 

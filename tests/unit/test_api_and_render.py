@@ -121,6 +121,28 @@ def test_scheduler_config_carries_discovery_and_every_routing_setting():
     assert parsed.degradation.hold_ttl_seconds == 120
 
 
+def test_a_redis_url_from_a_secret_reaches_the_scheduler_as_an_env_var_and_never_the_configmap():
+    from baton.scheduler.config import SchedulerConfig
+
+    m = model(scheduler__degradation={"store": "redis", "redisUrlSecret": {"name": "hold-store"}})
+    objs = by_name(render_children(target(m)))
+    text = objs["ConfigMap/llama-70b-scheduler"]["data"]["config.yaml"]
+    parsed = SchedulerConfig.model_validate(yaml.safe_load(text))
+    assert parsed.degradation.store == "redis" and parsed.degradation.redis_url_env == "BATON_REDIS_URL"
+    assert "redisUrl:" not in text
+    container = objs["Deployment/llama-70b-scheduler"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"] for e in container["env"]}
+    assert env["BATON_REDIS_URL"] == {"secretKeyRef": {"name": "hold-store", "key": "url"}}
+    assert parsed.degradation.resolved_redis_url({"BATON_REDIS_URL": "redis://:pw@redis:6379/0"})
+
+    plain = model(scheduler__degradation={"store": "redis", "redisUrl": "redis://redis.infra:6379/2"})
+    objs = by_name(render_children(target(plain)))
+    parsed = SchedulerConfig.model_validate(yaml.safe_load(objs["ConfigMap/llama-70b-scheduler"]["data"]["config.yaml"]))
+    assert parsed.degradation.redis_url == "redis://redis.infra:6379/2" and not parsed.degradation.redis_url_env
+    container = objs["Deployment/llama-70b-scheduler"]["spec"]["template"]["spec"]["containers"][0]
+    assert [e["name"] for e in container["env"]] == ["POD_IP"]
+
+
 def test_generation_changes_with_the_engine_but_not_with_in_place_fields():
     from baton.render.naming import generation_key
 

@@ -251,17 +251,33 @@ class BackpressureSpec(ApiModel):
     decode_p95_latency_threshold: str = Field(default="200ms", pattern=DURATION_PATTERN, description="Throttle new decode admissions while the decode tier's p95 time per output token exceeds this.")
 
 
+class RedisUrlSecretRef(ApiModel):
+    name: str = Field(min_length=1, description="Secret name, in the model's namespace.")
+    key: str = Field(default="url", min_length=1, description="Key inside the Secret whose value is the Redis URL.")
+
+
 class DegradationSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                _cel("self.store != 'redis' || self.redisUrl != ''", "scheduler.degradation.redisUrl is required when store is redis")
+                _cel("self.store != 'redis' || self.redisUrl != '' || has(self.redisUrlSecret)",
+                     "scheduler.degradation.redisUrl or redisUrlSecret is required when store is redis"),
+                _cel("self.redisUrl == '' || !has(self.redisUrlSecret)",
+                     "scheduler.degradation: set redisUrl or redisUrlSecret, not both"),
             ]
         }
     )
     hold_ttl: str = Field(default="120s", pattern=DURATION_PATTERN, description="How long a finished prefill may wait for a decode slot while decode is saturated before it is re-prefilled or failed.")
-    store: Literal["memory", "redis"] = Field(default="memory", description="Where held prefill results are tracked.")
-    redis_url: str = Field(default="", description="Redis URL when store is redis.")
+    store: Literal["memory", "redis"] = Field(default="memory", description=(
+        "Where held prefill results are recorded. memory: in the scheduler process. redis: also published to "
+        "Redis (key baton:hold:<request id>, expiring with the hold) so every scheduler replica's holds can be "
+        "seen in one place; holds keep working from memory while Redis is unreachable."))
+    redis_url: str = Field(default="", max_length=2048, pattern=r"^((rediss?|unix)://.+)?$", description=(
+        "Redis URL (redis://, rediss:// or unix://) when store is redis. It is written into the scheduler's "
+        "ConfigMap: use redisUrlSecret for a URL with a password."))
+    redis_url_secret: RedisUrlSecretRef | None = Field(default=None, description=(
+        "Secret holding the Redis URL when store is redis, given to the scheduler as the BATON_REDIS_URL "
+        "environment variable (the URL stays out of the ConfigMap)."))
 
 
 class SchedulerSpec(ApiModel):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from baton.api.units import parse_duration
+from baton.api.v1alpha1 import DegradationSpec, SchedulerSpec
 from baton.render import yaml_text
 from baton.render.naming import (
     DEFAULT_IMAGE,
@@ -17,6 +18,7 @@ from baton.render.naming import (
 )
 
 COMPONENT = "scheduler"
+REDIS_URL_ENV = "BATON_REDIS_URL"
 CONFIG_DIR = "/etc/baton/scheduler"
 CONFIG_FILE = "config.yaml"
 
@@ -59,14 +61,20 @@ def scheduler_config(target: Target) -> dict[str, Any]:
             "maxActivePerDecodeReplica": s.backpressure.max_active_per_decode_replica,
             "decodeP95LatencyThresholdMs": parse_duration(s.backpressure.decode_p95_latency_threshold) * 1000,
         },
-        "degradation": {
-            "holdTtlSeconds": parse_duration(s.degradation.hold_ttl),
-            "store": s.degradation.store,
-            "redisUrl": s.degradation.redis_url,
-        },
+        "degradation": _degradation(s.degradation),
         "heartbeatSeconds": parse_duration(s.heartbeat_interval),
         "server": {"host": "0.0.0.0", "port": s.port, "streamFlushIntervalMs": s.stream_flush_interval_ms},
     }
+
+
+def _degradation(d: DegradationSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"holdTtlSeconds": parse_duration(d.hold_ttl), "store": d.store}
+    if d.store == "redis":
+        if d.redis_url_secret is not None:
+            out["redisUrlEnv"] = REDIS_URL_ENV  # set from the Secret in the Deployment: no password in the ConfigMap
+        else:
+            out["redisUrl"] = d.redis_url
+    return out
 
 
 def configmap(target: Target) -> dict[str, Any]:
@@ -124,6 +132,14 @@ def service(target: Target) -> dict[str, Any]:
     }
 
 
+def _env(s: SchedulerSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    secret = s.degradation.redis_url_secret
+    if s.degradation.store == "redis" and secret is not None:
+        env.append({"name": REDIS_URL_ENV, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+    return env
+
+
 def deployment(target: Target) -> dict[str, Any]:
     s = target.spec.scheduler
     requests = {"cpu": "1", "memory": "512Mi", **s.resources.requests}
@@ -135,7 +151,7 @@ def deployment(target: Target) -> dict[str, Any]:
         "imagePullPolicy": "IfNotPresent",
         "command": ["baton", "scheduler"],
         "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--host", "$(POD_IP)", "--port", str(s.port)],
-        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "env": _env(s),
         "ports": [{"name": "http", "containerPort": s.port, "protocol": "TCP"}],
         "resources": {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))},
         "readinessProbe": {**probe, "httpGet": {**probe["httpGet"], "path": "/readyz"}, "failureThreshold": 2},
