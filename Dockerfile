@@ -17,8 +17,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/ ./operator/
-# The redis extra: a model with spec.scheduler.degradation.store: redis runs this image's scheduler.
-RUN pip install ".[redis]" \
+# The extras a model's scheduler may need: redis (spec.scheduler.degradation.store: redis) and tokenizer
+# (spec.scheduler.tokenizer: model).
+RUN pip install ".[redis,tokenizer]" \
     && rm -rf /src
 
 # A fixed numeric UID, so Kubernetes can verify runAsNonRoot (charts/baton runs it as 10001).

@@ -2,46 +2,105 @@
 
 Routing depends on prompt length, so both sides must agree on it:
 - a prompt given as token ids (OpenAI `prompt` as a list of integers) is exact: its length;
-- a text prompt is split by a documented, deterministic stand-in tokenizer: one token per 4 bytes of
-  UTF-8 (rounded up), the usual rule of thumb for English text with BPE tokenizers. Token ids are
-  derived from the bytes, so the same text always yields the same ids on every process.
-
-When a real tokenizer is available it can be plugged in with `set_tokenizer`; the simulator and the
-scheduler then count with it instead.
+- a text prompt is counted with the model's own tokenizer when the process has one
+  (`set_tokenizer`, a `baton.model_tokenizer.ModelTokenizer`: the scheduler's `tokenizer` config, the
+  engine simulator's MODEL_DIR/tokenizer.json), exactly as trtllm-serve would;
+- otherwise with a documented, deterministic stand-in: one token per 4 bytes of UTF-8 (rounded up), the
+  usual rule of thumb for English text with BPE tokenizers. Token ids are derived from the bytes, so the
+  same text always yields the same ids on every process. Chat messages are flattened first
+  (`chat_prompt_text`).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 BYTES_PER_TOKEN = 4
 VOCAB_SIZE = 128_256  # Llama-3 vocabulary size; ids stay in range for any realistic model config
 
-_tokenizer: Callable[[str], list[int]] | None = None
+
+class Tokenizer(Protocol):
+    """What a real tokenizer provides (`baton.model_tokenizer.ModelTokenizer`)."""
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
+
+    def count_text(self, text: str) -> int: ...
+
+    def count_chat(self, messages: Sequence[Mapping[str, Any]]) -> int: ...
+
+    def chat_text(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, bool]: ...
+
+    async def encode_async(self, text: str, special: bool = True) -> list[int]: ...
 
 
-def set_tokenizer(tokenize_fn: Callable[[str], list[int]] | None) -> None:
-    """Use a real tokenizer (e.g. a Hugging Face tokenizer's `encode`) instead of the estimate."""
+_tokenizer: Tokenizer | None = None
+
+
+def set_tokenizer(tokenizer: Tokenizer | None) -> None:
+    """Count and tokenize with `tokenizer` in this process from now on (None: the estimate)."""
     global _tokenizer
-    _tokenizer = tokenize_fn
+    _tokenizer = tokenizer
 
 
-def tokenize(text: str) -> list[int]:
-    """Token ids for `text`: the plugged-in tokenizer, else one id per 4-byte chunk of UTF-8."""
-    if _tokenizer is not None:
-        return list(_tokenizer(text))
+def active_tokenizer() -> Tokenizer | None:
+    return _tokenizer
+
+
+def _estimate_ids(text: str) -> list[int]:
     data = text.encode("utf-8")
     return [
         zlib.crc32(data[i : i + BYTES_PER_TOKEN]) % VOCAB_SIZE for i in range(0, len(data), BYTES_PER_TOKEN)
     ]
 
 
+def tokenize(text: str) -> list[int]:
+    """Token ids of a completions prompt: the model's tokenizer, else one id per 4-byte chunk of UTF-8."""
+    if _tokenizer is not None:
+        return _tokenizer.encode_text(text)
+    return _estimate_ids(text)
+
+
+def tokenize_chat(messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Token ids of a chat prompt: the model's chat template and tokenizer, else the flattened messages."""
+    if _tokenizer is not None:
+        return _tokenizer.encode_chat(messages)
+    return _estimate_ids(chat_prompt_text(messages))
+
+
+def chat_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """A chat prompt as text (what a text-input runtime such as Triton gets): the model's chat template
+    when there is one, else the flattened messages."""
+    if _tokenizer is not None:
+        return _tokenizer.chat_text(messages)[0]
+    return chat_prompt_text(messages)
+
+
 def count_text_tokens(text: str) -> int:
     """Token count for `text` without materialising ids when the estimate is in use."""
     if _tokenizer is not None:
-        return len(_tokenizer(text))
+        return _tokenizer.count_text(text)
     return -(-len(text.encode("utf-8")) // BYTES_PER_TOKEN)
+
+
+def count_chat_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    if _tokenizer is not None:
+        return _tokenizer.count_chat(messages)
+    return count_text_tokens(chat_prompt_text(messages))
+
+
+async def tokenize_async(text: str, chat_messages: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+    """`tokenize` (or `tokenize_chat` when `chat_messages` is given), with a real tokenizer's work on a long
+    text done off the event loop."""
+    if _tokenizer is None:
+        return _estimate_ids(chat_prompt_text(chat_messages) if chat_messages is not None else text)
+    if chat_messages is not None:
+        text, special = _tokenizer.chat_text(chat_messages)
+        return await _tokenizer.encode_async(text, special)
+    return await _tokenizer.encode_async(text)
 
 
 def is_token_ids(prompt: object) -> bool:
@@ -49,7 +108,7 @@ def is_token_ids(prompt: object) -> bool:
 
 
 def count_prompt_tokens(prompt: str | Sequence[int]) -> int:
-    """Length of an OpenAI completions `prompt`: exact for token ids, the documented estimate for text."""
+    """Length of an OpenAI completions `prompt`: exact for token ids; text as `count_text_tokens` counts it."""
     if isinstance(prompt, str):
         return count_text_tokens(prompt)
     if is_token_ids(prompt):

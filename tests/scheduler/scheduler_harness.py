@@ -48,10 +48,10 @@ class Proc(ListeningProcess):
 
 
 def start_engine(tmp: Path, name: str, tier: str, sim_speed: float = 0.05, kv_dtype: str = "fp8",
-                 extra_args: list[str] | None = None, **options: Any) -> Proc:
+                 extra_args: list[str] | None = None, model_dir: Path = MODEL_DIR, **options: Any) -> Proc:
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(engine_options(tier, kv_dtype, **options)))
-    argv = [*BATON, "engine-sim", str(MODEL_DIR), "--host", "127.0.0.1", "--port", "0",
+    argv = [*BATON, "engine-sim", str(model_dir), "--host", "127.0.0.1", "--port", "0",
             "--extra_llm_api_options", str(cfg), "--sim-speed", str(sim_speed), "--sim-model-name", MODEL,
             *(extra_args or [])]
     return Proc(name, argv, tmp / f"{name}.log")

@@ -431,9 +431,10 @@ def test_dockerfile_installs_the_package_and_runs_baton_as_a_non_root_user():
     for src in copied:
         assert (REPO / src).exists(), src
     runs = " && ".join(rest for op, rest in steps if op == "RUN")
-    assert re.search(r"pip install (--[a-z-]+ )*\"\.\[redis\]\"( |$)", runs), runs
-    # ... with the extra that `spec.scheduler.degradation.store: redis` needs in the scheduler it runs
-    assert re.search(r"^redis = \[", (REPO / "pyproject.toml").read_text(), re.M)
+    assert re.search(r"pip install (--[a-z-]+ )*\"\.\[redis,tokenizer\]\"( |$)", runs), runs
+    # ... with the extras the scheduler it runs needs for `degradation.store: redis` and `tokenizer: model`
+    for extra in ("redis", "tokenizer"):
+        assert re.search(rf"^{extra} = \[", (REPO / "pyproject.toml").read_text(), re.M), extra
     users = [rest for op, rest in steps if op == "USER"]
     assert users, "the image must not run as root"
     uid = users[-1].split(":")[0]

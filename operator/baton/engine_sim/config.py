@@ -20,6 +20,7 @@ import yaml
 
 from baton import kvformat
 from baton.engine_sim import timing
+from baton.model_tokenizer import TOKENIZER_FILE, ModelTokenizer, TokenizerError, load_tokenizer
 
 GIB = 1024**3
 DEFAULT_TRTLLM_VERSION = "1.2.0"
@@ -68,6 +69,9 @@ class SimConfig:
     log_level: str = "INFO"
     vocab_size: int = timing.LLAMA3_VOCAB
     iter_stats_max: int = DEFAULT_STATS_MAX
+    # MODEL_DIR/tokenizer.json, as trtllm-serve would load it (text prompts counted exactly); None: the
+    # documented estimate of baton.tokens
+    tokenizer: ModelTokenizer | None = None
     perf_metrics_max: int = DEFAULT_STATS_MAX
     default_max_tokens: int = 16
     notes: list[str] = field(default_factory=list)
@@ -276,6 +280,12 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
     iter_max = options.get("iter_stats_max_iterations") or DEFAULT_STATS_MAX
     if args.sim_default_max_tokens < 1:
         raise StartupError("--sim-default-max-tokens must be >= 1")
+    tokenizer = None
+    if (model_dir / TOKENIZER_FILE).is_file():
+        try:
+            tokenizer = load_tokenizer(model_dir)
+        except TokenizerError as exc:
+            raise StartupError(f"cannot load the model's tokenizer: {exc}") from exc
     return SimConfig(
         model_dir=model_dir,
         model_name=model_name,
@@ -306,6 +316,7 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         iter_stats_max=int(iter_max),
         perf_metrics_max=int(perf_max),
         default_max_tokens=args.sim_default_max_tokens,
+        tokenizer=tokenizer,
     )
 
 
@@ -332,6 +343,7 @@ def describe(cfg: SimConfig) -> dict:
         "time_scale": cfg.time_scale,
         "link_bytes_per_s": cfg.link_bytes_per_s,
         "tp_speedup": cfg.timing.tp_speedup,
+        "tokenizer": cfg.tokenizer.source if cfg.tokenizer is not None else "estimate (4 bytes of UTF-8 per token)",
     }
 
 

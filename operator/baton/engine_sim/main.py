@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 
+from baton import tokens
 from baton.engine_sim import config as config_mod
 from baton.engine_sim import logs
 from baton.engine_sim.config import SimConfig, StartupError
@@ -28,6 +29,7 @@ SHUTDOWN_GRACE_S = 30.0
 
 async def serve(cfg: SimConfig, *, stop: asyncio.Event | None = None) -> None:
     """Bind, serve until `stop` is set (or a signal arrives), then drain in-flight requests and exit."""
+    tokens.set_tokenizer(cfg.tokenizer)
     server = SimServer(cfg)
     # a handler whose client went away is cancelled, so the engine drops that request's sequence
     http = HttpServer(max_body_bytes=MAX_BODY_BYTES, cancel_on_disconnect=True)

@@ -236,9 +236,10 @@ class SimServer:
             self._token_list(json.loads(ids_json), what)  # raises, naming the id
         return Prompt(compact, count)
 
-    def _parse(self, body: dict, chat: bool, ids_json: RawJSON | None = None, count: int = 0) -> Parsed:
+    async def _parse(self, body: dict, chat: bool, ids_json: RawJSON | None = None, count: int = 0) -> Parsed:
         """`body` decoded, but for the prompt's ids when they were cut out of it as text (`ids_json`, `count`
-        of them)."""
+        of them). Text is tokenized as trtllm-serve does (`baton.tokens`: the model's tokenizer when MODEL_DIR
+        has one, a long text off the event loop; else the documented estimate)."""
         dp = body.get("disaggregated_params")
         if dp is None:
             dp = {}
@@ -255,7 +256,10 @@ class SimServer:
                 messages = body.get("messages")
                 if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
                     raise EngineError("messages must be a non-empty list of message objects")
-                prompt = Prompt.of(tokens.tokenize(tokens.chat_prompt_text(messages)))
+                try:
+                    prompt = Prompt.of(await tokens.tokenize_async("", messages))
+                except ValueError as exc:  # the chat template refused the messages
+                    raise EngineError(str(exc)) from None
             max_tokens = body.get("max_completion_tokens")
             if max_tokens is None:
                 max_tokens = body.get("max_tokens")
@@ -264,7 +268,7 @@ class SimServer:
             if ids_json is None and isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], (str, list)):
                 raw = raw[0]
             if isinstance(raw, str):
-                prompt = Prompt.of(tokens.tokenize(raw))
+                prompt = Prompt.of(await tokens.tokenize_async(raw))
             elif isinstance(raw, list):
                 prompt = self._prompt(raw, ids_json, count, "prompt")
             else:
@@ -340,7 +344,7 @@ class SimServer:
                 raise EngineError("request body is not valid JSON") from None
             if not isinstance(body, dict):
                 raise EngineError("request body must be a JSON object")
-            parsed = self._parse(body, chat, ids_json, count)
+            parsed = await self._parse(body, chat, ids_json, count)
             self._maybe_inject_error()
             stream = _TokenStream(self, chat, parsed.include_usage) if parsed.stream and parsed.kind != CTX_ONLY \
                 else None

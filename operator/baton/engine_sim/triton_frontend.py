@@ -614,6 +614,7 @@ def main(argv: list[str]) -> int:
         print(f"baton engine-sim: startup failed: {exc}", file=sys.stderr, flush=True)
         return 1
     logs.setup(cfg.log_level)
+    tokens.set_tokenizer(cfg.tokenizer)
     for name, level in (("pytriton", "WARNING"), ("pytriton.proxy.inference", "ERROR")):
         logging.getLogger(name).handlers[:] = logging.getLogger("baton.engine_sim").handlers
         logging.getLogger(name).setLevel(level)

@@ -168,6 +168,24 @@ class DegradationConfig(_Model):
         return url
 
 
+class TokenizerConfig(_Model):
+    """How text prompts are counted for routing: empty, the documented estimate (`baton.tokens`); else the
+    model's own tokenizer, from `path` (a checkpoint directory with tokenizer.json, or that file) or fetched
+    from the Hugging Face Hub at start (`huggingFaceId`, `revision`; HF_ENDPOINT and HF_TOKEN apply)."""
+
+    path: str = ""
+    hugging_face_id: str = ""
+    revision: str = ""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenizerConfig:
+        if self.path and self.hugging_face_id:
+            raise ValueError("tokenizer: set path or huggingFaceId, not both")
+        if self.revision and not self.hugging_face_id:
+            raise ValueError("tokenizer.revision needs tokenizer.huggingFaceId")
+        return self
+
+
 class RetriesConfig(_Model):
     max_attempts: int = Field(2, ge=1)
     budget_ratio: float = Field(0.2, ge=0, le=1)
@@ -193,6 +211,7 @@ class SchedulerConfig(_Model):
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     backpressure: BackpressureConfig = Field(default_factory=BackpressureConfig)
     degradation: DegradationConfig = Field(default_factory=DegradationConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     heartbeat_seconds: float = Field(15, gt=0)
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from baton.http1.client import HttpClient
 from baton.scheduler.endpoints import Endpoint
-from baton.tokens import chat_prompt_text, is_token_ids
+from baton.tokens import chat_text, is_token_ids
 
 # Fragments of TensorRT-LLM's cache-transceiver errors for incompatible KV layouts (cacheFormatter.cpp,
 # cacheTransferLayer.cpp). A generation-only request failing with one of these will fail the same way on
@@ -293,7 +293,10 @@ class _TritonCall:
                 messages = data.get("messages")
                 if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
                     raise _BadRequest("messages must be a non-empty list of message objects")
-                self.text = chat_prompt_text(messages)
+                try:
+                    self.text = chat_text(messages)  # the model's chat template, when the scheduler has it
+                except ValueError as exc:
+                    raise _BadRequest(str(exc)) from None
             max_tokens = data.get("max_completion_tokens")
             if max_tokens is None:
                 max_tokens = data.get("max_tokens")

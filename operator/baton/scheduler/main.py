@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
-from baton.scheduler.config import ConfigError, ConfigWatcher, load_config
+from baton import tokens
+from baton.model_tokenizer import ModelTokenizer, TokenizerError, fetch_tokenizer, load_tokenizer
+from baton.scheduler.config import ConfigError, ConfigWatcher, TokenizerConfig, load_config
 
 log = logging.getLogger("baton.scheduler")
 
@@ -47,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold-ttl-seconds", type=float)
     p.add_argument("--heartbeat-seconds", type=float)
     p.add_argument("--max-attempts", type=int, help="attempts per request including the first")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="count text prompts with the model's tokenizer: a checkpoint directory with tokenizer.json "
+                        "(and tokenizer_config.json), or that file (default: the documented estimate)")
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 8000; 0 = pick a free one)")
     p.add_argument("--stream-flush-interval-ms", type=float,
@@ -78,6 +85,7 @@ FLAG_PATHS = {
     "host": "server.host",
     "port": "server.port",
     "stream_flush_interval_ms": "server.streamFlushIntervalMs",
+    "tokenizer": "tokenizer.path",
 }
 
 
@@ -178,6 +186,15 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+def load_scheduler_tokenizer(config: TokenizerConfig, environ: Mapping[str, str]) -> ModelTokenizer | None:
+    """The model's tokenizer the config names, or None for the estimate."""
+    if config.path:
+        return load_tokenizer(config.path)
+    if config.hugging_face_id:
+        return fetch_tokenizer(config.hugging_face_id, config.revision, environ)
+    return None
+
+
 def setup_logging(level: str, fmt: str) -> None:
     # No caller, thread or process lookup per record: the lines carry none of them (the logging
     # documentation's own advice for hot paths).
@@ -200,10 +217,13 @@ async def serve(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     try:
         config = load_config(args.config, overrides)
+        tokens.set_tokenizer(await asyncio.to_thread(load_scheduler_tokenizer, config.tokenizer, os.environ))
         service = SchedulerService(config)
-    except (ConfigError, NotImplementedError, RuntimeError) as exc:
+    except (ConfigError, TokenizerError, NotImplementedError, RuntimeError) as exc:
         print(f"baton scheduler: {exc}", file=sys.stderr)
         return 2
+    if tokens.active_tokenizer() is not None:
+        log.info("event=tokenizer_loaded source=%s", getattr(tokens.active_tokenizer(), "source", "?"))
     watcher = None
     if args.config:
         watcher = ConfigWatcher(

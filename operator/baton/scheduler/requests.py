@@ -14,8 +14,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from baton import tokens as token_counting
 from baton.idlists import RawJSON, cut_id_list
-from baton.tokens import chat_prompt_text, count_text_tokens
+
+# With the model's tokenizer, longer text prompts are counted by `count_deferred`, off the event loop.
+DEFER_COUNT_CHARS = 16 * 1024
 
 COMPLETIONS = "completions"
 CHAT = "chat"
@@ -69,7 +72,8 @@ def _truthy(value: object) -> bool:
 
 
 class ParsedRequest:
-    __slots__ = ("raw", "api", "data", "prompt_key", "tokens", "stream", "high_precision", "_rewrite", "_prompt_json")
+    __slots__ = ("raw", "api", "data", "prompt_key", "tokens", "stream", "high_precision", "_rewrite", "_prompt_json",
+                 "uncounted")
 
     def __init__(self, raw: bytes, api: str, data: dict[str, Any], prompt_key: str, tokens: int, stream: bool,
                  high_precision: bool, rewrite: bool) -> None:
@@ -82,6 +86,16 @@ class ParsedRequest:
         self.high_precision = high_precision
         self._rewrite = rewrite
         self._prompt_json: bytes | None = None
+        self.uncounted: Any = None  # a long text prompt (str) or chat messages (list) that `count_deferred` counts
+
+    async def count_deferred(self) -> None:
+        """Count a prompt `parse_request` left uncounted (long text, a real tokenizer): off the event loop."""
+        if self.uncounted is not None:
+            pending, self.uncounted = self.uncounted, None
+            if isinstance(pending, str):
+                self.tokens = len(await token_counting.tokenize_async(pending))
+            else:
+                self.tokens = len(await token_counting.tokenize_async("", pending))
 
     @property
     def path(self) -> str:
@@ -147,6 +161,7 @@ class ParsedRequest:
 
 def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) -> ParsedRequest:
     ids_json: RawJSON | None = None
+    uncounted: Any = None
     try:
         if api == COMPLETIONS:
             data, ids_json, id_count = cut_id_list(raw, _PROMPT_KEY, "prompt")
@@ -175,7 +190,10 @@ def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) 
         if ids_json is not None:
             pass
         elif isinstance(prompt, str):
-            tokens = count_text_tokens(prompt)
+            if len(prompt) > DEFER_COUNT_CHARS and token_counting.active_tokenizer() is not None:
+                tokens, uncounted = 0, prompt
+            else:
+                tokens = token_counting.count_text_tokens(prompt)
         elif _is_token_ids(prompt):
             tokens = len(prompt)
         elif prompt is None:
@@ -191,7 +209,14 @@ def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) 
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise RequestError(400, "`messages` must be a non-empty list of message objects", "invalid_request",
                                "messages")
-        tokens = count_text_tokens(chat_prompt_text(messages))
+        if (token_counting.active_tokenizer() is not None
+                and sum(len(str(m.get("content", ""))) for m in messages) > DEFER_COUNT_CHARS):
+            tokens, uncounted = 0, messages
+        else:
+            try:
+                tokens = token_counting.count_chat_tokens(messages)
+            except ValueError as exc:  # the model's chat template refused the messages
+                raise RequestError(400, str(exc), "invalid_request", "messages") from None
     extension = data.get(BATON_FIELD)
     high_precision = _truthy(headers.get(HIGH_PRECISION_HEADER, ""))
     if extension is not None:
@@ -202,4 +227,5 @@ def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) 
                            rewrite)
     if ids_json is not None:
         parsed._prompt_json = ids_json  # noqa: SLF001 - the prompt's JSON, cut out of the client's bytes
+    parsed.uncounted = uncounted
     return parsed

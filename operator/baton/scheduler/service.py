@@ -256,6 +256,9 @@ class SchedulerService:
         self.retry_budget.ratio = new.retries.budget_ratio
         if new.server != old.server:
             log.warning("event=config_needs_restart field=server detail=%r", "listen address changes need a restart")
+        if new.tokenizer != old.tokenizer:
+            log.warning("event=config_needs_restart field=tokenizer detail=%r",
+                        "the tokenizer is loaded at start; this scheduler keeps counting as before")
         nd, od = new.degradation, old.degradation
         if (nd.store, nd.redis_url, nd.redis_url_env) != (od.store, od.redis_url, od.redis_url_env) \
                 or new.runtime != old.runtime:
@@ -583,6 +586,11 @@ class SchedulerService:
         ctx = _Ctx(headers.get(HDR_REQUEST_ID) or uuid.uuid4().hex, api, self.clock())
         try:
             ctx.req = req = parse_request(raw, api, headers, self.config.model)
+            if req.uncounted is not None:
+                try:
+                    await req.count_deferred()
+                except ValueError as exc:  # the model's chat template refused the messages
+                    raise RequestError(400, str(exc), "invalid_request", "messages") from None
         except RequestError as exc:
             return self._finish_error(ctx, SchedulerError(exc.status, exc.message, exc.code,
                                                           "invalid_request_error", outcome="invalid"))
