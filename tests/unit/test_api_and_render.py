@@ -143,6 +143,42 @@ def test_a_redis_url_from_a_secret_reaches_the_scheduler_as_an_env_var_and_never
     assert [e["name"] for e in container["env"]] == ["POD_IP"]
 
 
+def _scheduler_parts(m: DisaggregatedModel):
+    from baton.scheduler.config import SchedulerConfig
+
+    objs = by_name(render_children(target(m)))
+    config = SchedulerConfig.model_validate(yaml.safe_load(objs["ConfigMap/llama-70b-scheduler"]["data"]["config.yaml"]))
+    pod = objs["Deployment/llama-70b-scheduler"]["spec"]["template"]["spec"]
+    return config, pod, pod["containers"][0]
+
+
+def test_the_scheduler_counts_text_prompts_with_the_models_own_tokenizer_when_asked():
+    # default: the estimate, nothing mounted
+    config, pod, container = _scheduler_parts(model())
+    assert config.tokenizer.path == "" and config.tokenizer.hugging_face_id == ""
+    assert [v["name"] for v in pod["volumes"]] == ["config"]
+    # Hugging Face source: fetched at start with the model's token, nothing mounted
+    config, pod, container = _scheduler_parts(model(scheduler__tokenizer="model"))
+    assert config.tokenizer.hugging_face_id == "meta-llama/Llama-3.1-70B-Instruct" and not config.tokenizer.path
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    assert [v["name"] for v in pod["volumes"]] == ["config"]
+    # a PVC: mounted read-only as the engines mount it, the tokenizer read from the checkpoint directory
+    pvc = {"pvc": {"claimName": "weights", "subPath": "llama-70b"}}
+    config, pod, container = _scheduler_parts(model(model__source=pvc, scheduler__tokenizer="model"))
+    assert config.tokenizer.path == "/models/llama-70b"
+    volume = next(v for v in pod["volumes"] if v["name"] == "model")
+    assert volume["persistentVolumeClaim"] == {"claimName": "weights", "readOnly": True}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "model")
+    assert mount == {"name": "model", "mountPath": "/models", "readOnly": True}
+    assert "HF_TOKEN" not in {e["name"] for e in container["env"]}
+    # a hostPath
+    config, pod, _ = _scheduler_parts(model(model__source={"hostPath": {"path": "/data/llama"}},
+                                            scheduler__tokenizer="model"))
+    assert config.tokenizer.path == "/models"
+    assert next(v for v in pod["volumes"] if v["name"] == "model")["hostPath"]["path"] == "/data/llama"
+
+
 def test_generation_changes_with_the_engine_but_not_with_in_place_fields():
     from baton.render.naming import generation_key
 

@@ -304,6 +304,12 @@ class SchedulerSpec(ApiModel):
     admission: AdmissionSpec = _nested(AdmissionSpec, "Token-bucket admission per pool.")
     backpressure: BackpressureSpec = _nested(BackpressureSpec, "Decode-tier protection.")
     degradation: DegradationSpec = _nested(DegradationSpec, "What happens to finished prefills while decode is saturated.")
+    tokenizer: Literal["estimate", "model"] = Field(default="estimate", description=(
+        "How the scheduler counts text prompts for routing (token-id prompts are always exact). estimate: one "
+        "token per 4 bytes of UTF-8, no tokenizer needed. model: the model's own tokenizer.json and chat "
+        "template, read from spec.model.source (a PVC must allow ReadOnlyMany or ReadWriteMany, a hostPath must "
+        "exist on the scheduler's nodes, a Hugging Face model is fetched at start with its tokenSecret): exact, "
+        "at some CPU per text prompt."))
     heartbeat_interval: str = Field(default="15s", pattern=DURATION_PATTERN, description="Health-check interval for idle decode replicas.")
     port: int = Field(default=8000, ge=1024, le=65535, description="Port the scheduler serves the OpenAI-compatible API on.")
     stream_flush_interval_ms: int = Field(default=1, ge=0, le=100, description=(

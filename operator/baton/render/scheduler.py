@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from baton.api.units import parse_duration
-from baton.api.v1alpha1 import DegradationSpec, SchedulerSpec
+from baton.api.v1alpha1 import DegradationSpec, DisaggregatedModelSpec, SchedulerSpec
 from baton.render import yaml_text
 from baton.render.naming import (
     DEFAULT_IMAGE,
@@ -16,6 +16,7 @@ from baton.render.naming import (
     metadata,
     selector_labels,
 )
+from baton.render.tiers import model_argument_and_volume
 
 COMPONENT = "scheduler"
 REDIS_URL_ENV = "BATON_REDIS_URL"
@@ -62,6 +63,7 @@ def scheduler_config(target: Target) -> dict[str, Any]:
             "decodeP95LatencyThresholdMs": parse_duration(s.backpressure.decode_p95_latency_threshold) * 1000,
         },
         "degradation": _degradation(s.degradation),
+        "tokenizer": _tokenizer(spec),
         "heartbeatSeconds": parse_duration(s.heartbeat_interval),
         "server": {"host": "0.0.0.0", "port": s.port, "streamFlushIntervalMs": s.stream_flush_interval_ms},
     }
@@ -75,6 +77,31 @@ def _degradation(d: DegradationSpec) -> dict[str, Any]:
         else:
             out["redisUrl"] = d.redis_url
     return out
+
+
+def _tokenizer(spec: DisaggregatedModelSpec) -> dict[str, Any]:
+    """Where the scheduler reads the model's tokenizer (`spec.scheduler.tokenizer: model`): the model's
+    own checkpoint, mounted as the engines mount it, or fetched from the Hugging Face Hub at start."""
+    if spec.scheduler.tokenizer != "model":
+        return {}
+    hf = spec.model.source.hugging_face
+    if hf is not None:
+        return {"huggingFaceId": hf.id, **({"revision": hf.revision} if hf.revision else {})}
+    model_path, _, _, _ = model_argument_and_volume(spec)
+    return {"path": model_path}
+
+
+def _model_volume(spec: DisaggregatedModelSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts, env) the tokenizer needs in the scheduler pod."""
+    if spec.scheduler.tokenizer != "model":
+        return [], [], []
+    hf = spec.model.source.hugging_face
+    if hf is not None:  # fetched into memory: no cache volume, only the token for gated models
+        token = hf.token_secret
+        env = [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}] if token else []
+        return [], [], env
+    _, volumes, mounts, _ = model_argument_and_volume(spec)
+    return volumes, mounts, []
 
 
 def configmap(target: Target) -> dict[str, Any]:
@@ -145,18 +172,19 @@ def deployment(target: Target) -> dict[str, Any]:
     requests = {"cpu": "1", "memory": "512Mi", **s.resources.requests}
     limits = {"memory": "2Gi", **s.resources.limits}
     probe = {"httpGet": {"port": "http"}, "periodSeconds": 5, "timeoutSeconds": 3}
+    tokenizer_volumes, tokenizer_mounts, tokenizer_env = _model_volume(target.spec)
     container = {
         "name": COMPONENT,
         "image": s.image or DEFAULT_IMAGE,
         "imagePullPolicy": "IfNotPresent",
         "command": ["baton", "scheduler"],
         "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--host", "$(POD_IP)", "--port", str(s.port)],
-        "env": _env(s),
+        "env": _env(s) + tokenizer_env,
         "ports": [{"name": "http", "containerPort": s.port, "protocol": "TCP"}],
         "resources": {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))},
         "readinessProbe": {**probe, "httpGet": {**probe["httpGet"], "path": "/readyz"}, "failureThreshold": 2},
         "livenessProbe": {**probe, "httpGet": {**probe["httpGet"], "path": "/healthz"}, "failureThreshold": 6},
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, *tokenizer_mounts],
         "securityContext": {
             "runAsNonRoot": True,
             "allowPrivilegeEscalation": False,
@@ -170,7 +198,7 @@ def deployment(target: Target) -> dict[str, Any]:
         "containers": [container],
         "nodeSelector": dict(s.pool.node_selector),
         "tolerations": list(s.pool.tolerations),
-        "volumes": [{"name": "config", "configMap": {"name": child_name(target, COMPONENT)}}],
+        "volumes": [{"name": "config", "configMap": {"name": child_name(target, COMPONENT)}}, *tokenizer_volumes],
         # In-flight streams finish before the pod goes.
         "terminationGracePeriodSeconds": 60,
     }
