@@ -119,8 +119,8 @@ def _redis_client(url: str, timeout_s: float) -> Any:
         raise RuntimeError(f"degradation redis URL is not usable: {exc}") from None
 
 
-class RedisHoldStore:
-    """Holds kept in memory and published to redis in the background (see the module docstring)."""
+class RedisHoldStore(MemoryHoldStore):
+    """The memory store, each hold also published to redis in the background (see the module docstring)."""
 
     kind = "redis"
     PREFIX = "baton:hold:"
@@ -131,12 +131,11 @@ class RedisHoldStore:
     def __init__(self, url: str, clock: Callable[[], float] = time.monotonic, client: Any = None, *,
                  timeout_s: float | None = None, backoff_s: float | None = None,
                  on_error: Callable[[str], None] | None = None) -> None:
+        super().__init__(clock)
         self.timeout_s = self.TIMEOUT_S if timeout_s is None else timeout_s
         self.backoff_s = self.BACKOFF_S if backoff_s is None else backoff_s
         self.client = client if client is not None else _redis_client(url, self.timeout_s)
-        self.clock = clock
         self.on_error = on_error
-        self._holds: dict[str, Hold] = {}
         self._writes: dict[str, asyncio.Task[None]] = {}  # the last background write per request id
         self._down_until = 0.0  # monotonic time before which writes are skipped (after a failure)
         self._failing = False
@@ -145,28 +144,19 @@ class RedisHoldStore:
         self.errors = 0  # failed or skipped writes, in all
         self.writes = 0  # writes that reached redis
 
-    def __len__(self) -> int:
-        return len(self._holds)
-
     def healthy(self) -> bool:
         """False from a failed write until one succeeds again."""
         return not self._failing
 
     async def put(self, hold: Hold) -> None:
-        self._holds[hold.request_id] = hold
+        await super().put(hold)
         ttl_ms = max(1, int((hold.expires - self.clock()) * 1000))
         payload = json.dumps(asdict(hold))
         key = self.PREFIX + hold.request_id
         self._write(hold.request_id, "put", lambda: self.client.set(key, payload, px=ttl_ms))
 
-    async def get(self, request_id: str) -> Hold | None:
-        hold = self._holds.get(request_id)
-        if hold is not None and hold.expires <= self.clock():
-            return None
-        return hold
-
     async def remove(self, request_id: str) -> Hold | None:
-        hold = self._holds.pop(request_id, None)
+        hold = await super().remove(request_id)
         if hold is not None or request_id in self._writes:
             key = self.PREFIX + request_id
             self._write(request_id, "remove", lambda: self.client.delete(key))
@@ -174,10 +164,8 @@ class RedisHoldStore:
 
     async def expired(self) -> list[Hold]:
         """Remove and return every hold past its expiry (its key has expired in redis by itself)."""
-        now = self.clock()
-        gone = [h for h in self._holds.values() if h.expires <= now]
+        gone = await super().expired()
         for hold in gone:
-            del self._holds[hold.request_id]
             key = self.PREFIX + hold.request_id
             self._write(hold.request_id, "expire", lambda key=key: self.client.delete(key))
         return gone
@@ -193,7 +181,7 @@ class RedisHoldStore:
         except asyncio.TimeoutError:
             for task in list(self._writes.values()):
                 task.cancel()
-        self._holds.clear()
+        await super().close()
         close = getattr(self.client, "aclose", None) or getattr(self.client, "close", None)
         if close is not None:
             try:
