@@ -63,7 +63,7 @@ def scheduler_config(target: Target) -> dict[str, Any]:
             "decodeP95LatencyThresholdMs": parse_duration(s.backpressure.decode_p95_latency_threshold) * 1000,
         },
         "degradation": _degradation(s.degradation),
-        "tokenizer": _tokenizer(spec),
+        "tokenizer": _tokenizer(spec)[0],
         "heartbeatSeconds": parse_duration(s.heartbeat_interval),
         "server": {"host": "0.0.0.0", "port": s.port, "streamFlushIntervalMs": s.stream_flush_interval_ms},
     }
@@ -79,29 +79,21 @@ def _degradation(d: DegradationSpec) -> dict[str, Any]:
     return out
 
 
-def _tokenizer(spec: DisaggregatedModelSpec) -> dict[str, Any]:
-    """Where the scheduler reads the model's tokenizer (`spec.scheduler.tokenizer: model`): the model's
-    own checkpoint, mounted as the engines mount it, or fetched from the Hugging Face Hub at start."""
+def _tokenizer(spec: DisaggregatedModelSpec) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]],
+                                                   list[dict[str, Any]]]:
+    """Where the scheduler reads the model's tokenizer (`spec.scheduler.tokenizer: model`): (its config
+    section, and the volumes, mounts and env the scheduler pod needs for it). The model's own checkpoint,
+    mounted as the engines mount it, or fetched from the Hugging Face Hub at start (into memory: no cache
+    volume, only the token for gated models)."""
     if spec.scheduler.tokenizer != "model":
-        return {}
+        return {}, [], [], []
     hf = spec.model.source.hugging_face
     if hf is not None:
-        return {"huggingFaceId": hf.id, **({"revision": hf.revision} if hf.revision else {})}
-    model_path, _, _, _ = model_argument_and_volume(spec)
-    return {"path": model_path}
-
-
-def _model_volume(spec: DisaggregatedModelSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """(volumes, mounts, env) the tokenizer needs in the scheduler pod."""
-    if spec.scheduler.tokenizer != "model":
-        return [], [], []
-    hf = spec.model.source.hugging_face
-    if hf is not None:  # fetched into memory: no cache volume, only the token for gated models
         token = hf.token_secret
         env = [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}] if token else []
-        return [], [], env
-    _, volumes, mounts, _ = model_argument_and_volume(spec)
-    return volumes, mounts, []
+        return {"huggingFaceId": hf.id, **({"revision": hf.revision} if hf.revision else {})}, [], [], env
+    model_path, volumes, mounts, _ = model_argument_and_volume(spec)
+    return {"path": model_path}, volumes, mounts, []
 
 
 def configmap(target: Target) -> dict[str, Any]:
@@ -172,7 +164,7 @@ def deployment(target: Target) -> dict[str, Any]:
     requests = {"cpu": "1", "memory": "512Mi", **s.resources.requests}
     limits = {"memory": "2Gi", **s.resources.limits}
     probe = {"httpGet": {"port": "http"}, "periodSeconds": 5, "timeoutSeconds": 3}
-    tokenizer_volumes, tokenizer_mounts, tokenizer_env = _model_volume(target.spec)
+    _, tokenizer_volumes, tokenizer_mounts, tokenizer_env = _tokenizer(target.spec)
     container = {
         "name": COMPONENT,
         "image": s.image or DEFAULT_IMAGE,
