@@ -13,7 +13,7 @@ token), as `tokenizer.encode(prompt)` does; a chat prompt is the rendered templa
 (the template writes its own). A checkpoint without a chat template gets the documented flattening
 (`baton.tokens.chat_prompt_text`), encoded like a completions prompt.
 
-Long prompts are encoded off the event loop (`count_async`): `tokenizers` releases the GIL in
+Long prompts are encoded off the event loop (`encode_async`): `tokenizers` releases the GIL in
 `encode_batch`, not in `encode`, and a 200 KB prompt takes tens of milliseconds.
 """
 

@@ -16,9 +16,7 @@ from typing import Any
 
 from baton import tokens as token_counting
 from baton.idlists import RawJSON, cut_id_list
-
-# With the model's tokenizer, longer text prompts are counted by `count_deferred`, off the event loop.
-DEFER_COUNT_CHARS = 16 * 1024
+from baton.model_tokenizer import OFFLOAD_CHARS  # longer text prompts are counted by `count_deferred`
 
 COMPLETIONS = "completions"
 CHAT = "chat"
@@ -190,7 +188,7 @@ def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) 
         if ids_json is not None:
             pass
         elif isinstance(prompt, str):
-            if len(prompt) > DEFER_COUNT_CHARS and token_counting.active_tokenizer() is not None:
+            if len(prompt) > OFFLOAD_CHARS and token_counting.active_tokenizer() is not None:
                 tokens, uncounted = 0, prompt
             else:
                 tokens = token_counting.count_text_tokens(prompt)
@@ -210,7 +208,7 @@ def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) 
             raise RequestError(400, "`messages` must be a non-empty list of message objects", "invalid_request",
                                "messages")
         if (token_counting.active_tokenizer() is not None
-                and sum(len(str(m.get("content", ""))) for m in messages) > DEFER_COUNT_CHARS):
+                and sum(len(str(m.get("content", ""))) for m in messages) > OFFLOAD_CHARS):
             tokens, uncounted = 0, messages
         else:
             try:
