@@ -57,8 +57,8 @@ def redis(redis_server: RedisServer):
 
 
 def _hold(rid: str, expires_in: float, now: float = 0.0) -> Hold:
-    return Hold(rid, "10.0.0.7:8000", {"ctx_request_id": 41, "encoded_opaque_state": "abc"}, now, now + expires_in,
-                ("10.0.0.8:8000", "10.0.0.9:8000"))
+    return Hold(rid, "127.64.0.7:8000", {"ctx_request_id": 41, "encoded_opaque_state": "abc"}, now, now + expires_in,
+                ("127.64.0.8:8000", "127.64.0.9:8000"))
 
 
 def test_redis_store_publishes_each_hold_with_its_ttl_and_deletes_it_on_remove(redis):
@@ -72,10 +72,10 @@ def test_redis_store_publishes_each_hold_with_its_ttl_and_deletes_it_on_remove(r
         with redis.client() as c:
             assert 29_000 < c.pttl("baton:hold:r1") <= 30_000
             published = json.loads(c.get("baton:hold:r1"))
-        assert published == {"request_id": "r1", "prefill": "10.0.0.7:8000",
+        assert published == {"request_id": "r1", "prefill": "127.64.0.7:8000",
                              "handle": {"ctx_request_id": 41, "encoded_opaque_state": "abc"},
-                             "created": 0.0, "expires": 30.0, "ring": ["10.0.0.8:8000", "10.0.0.9:8000"]}
-        assert len(store) == 1 and (await store.get("r1")).ring == ("10.0.0.8:8000", "10.0.0.9:8000")
+                             "created": 0.0, "expires": 30.0, "ring": ["127.64.0.8:8000", "127.64.0.9:8000"]}
+        assert len(store) == 1 and (await store.get("r1")).ring == ("127.64.0.8:8000", "127.64.0.9:8000")
         assert (await store.remove("r1")).request_id == "r1"
         await store.flush()
         assert _keys(redis) == [] and len(store) == 0
