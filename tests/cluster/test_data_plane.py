@@ -138,3 +138,49 @@ def test_a_killed_decode_engine_is_marked_unready_and_comes_back(cluster, namesp
     wait_for(lambda: decode_pod_ready("False"), 30, what="pod Ready=False after its process died")
     wait_for(lambda: decode_pod_ready("True"), 60, what="process restarted and Ready again")
     wait_for(lambda: _ready_model(cluster, namespace, "llama-8b"), 60, what="model Ready again")
+
+
+def test_the_scheduler_counts_text_with_the_tokenizer_of_the_checkpoint_it_mounts(cluster, namespace, operator, pod_runner, tmp_path):
+    """`spec.scheduler.tokenizer: model` on the local cluster: the scheduler reads tokenizer.json from the
+    hostPath checkpoint the engines load, so both count a text prompt alike and routing follows the real
+    length; a Hugging Face model, which the cluster cannot fetch, leaves the scheduler pod unready with
+    the reason rather than letting it reach out to the Hub."""
+    from baton.model_tokenizer import load_tokenizer
+    from baton.podrunner.runner import packaged_models_root
+    from baton.tokens import BYTES_PER_TOKEN
+    from tokenizer_fixture import WORDS, model_dir_with_tokenizer
+
+    checkpoint = model_dir_with_tokenizer(tmp_path / "checkpoint",
+                                          packaged_models_root() / "meta-llama/Llama-3.1-8B-Instruct/config.json")
+    threshold = 150
+    exact = load_example("small.yaml")
+    exact["metadata"]["name"] = "tok-hostpath"
+    exact["spec"]["model"]["source"] = {"hostPath": {"path": str(checkpoint)}}
+    exact["spec"]["scheduler"].update({"tokenizer": "model", "localPrefillBelowTokens": threshold,
+                                       "alwaysPrefillAtOrAboveTokens": threshold})
+    hub = load_example("small.yaml")
+    hub["metadata"]["name"] = "tok-hub"
+    hub["spec"]["scheduler"]["tokenizer"] = "model"
+    for manifest in (exact, hub):
+        cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+    wait_for(lambda: _ready_model(cluster, namespace, "tok-hostpath"), 120, what="model Ready")
+    url = _scheduler_url(cluster, namespace, "tok-hostpath")
+    wait_for(lambda: _scheduler_ready(url), 60, what="scheduler /readyz")
+
+    text = " ".join(WORDS * 5)
+    real = load_tokenizer(checkpoint).count_text(text)
+    assert real < threshold <= -(-len(text.encode()) // BYTES_PER_TOKEN)  # the estimate would go to prefill
+    status, headers, body = _post(f"{url}/v1/completions", {"model": "llama-3-8b", "prompt": text, "max_tokens": 4})
+    assert status == 200 and headers["X-Baton-Route"] == "local", headers
+    assert json.loads(body)["usage"]["prompt_tokens"] == real  # counted by the engine, from the same files
+
+    def hub_scheduler_refused():
+        pods = cluster.core.list_namespaced_pod(
+            namespace, label_selector="baton.dev/model=tok-hub,baton.dev/tier=scheduler").items
+        conditions = [c for p in pods for c in p.status.conditions or [] if c.type == "Ready"]
+        return next((c for c in conditions if c.reason == "CannotRunLocally"), None)
+
+    refused = wait_for(hub_scheduler_refused, 60, what="the Hub-tokenizer scheduler pod marked CannotRunLocally")
+    assert refused.status == "False"
+    assert "meta-llama/Llama-3.1-8B-Instruct" in refused.message and "Hugging Face Hub" in refused.message
+    assert "tokenizer: estimate" in refused.message

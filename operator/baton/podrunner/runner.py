@@ -4,7 +4,8 @@ On the local cluster nothing executes containers. For every Running pod of a Bat
 this runner starts what the container would run, as a real process on this machine:
 - a TensorRT-LLM container (`trtllm-serve ...`) becomes `baton engine-sim ...` with the same
   arguments, its model directory resolved locally;
-- the scheduler container (`baton scheduler ...`) runs as is.
+- the scheduler container (`baton scheduler ...`) runs as is, its model tokenizer (if it counts with
+  one) resolved locally as the engines' model directory is.
 The process gets the container's environment (downward-API fields resolved from the pod), its
 ConfigMap volumes materialised as files (paths in the arguments rewritten to them), and binds the
 pod's own IP (a loopback address) and container port. The container's readinessProbe is run against
@@ -41,6 +42,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 log = logging.getLogger("baton.podrunner")
 
@@ -148,19 +151,53 @@ class PodRunner:
             mounts[mount.mount_path.rstrip("/")] = target
         return mounts
 
-    def _model_dir(self, pod: Any, container: Any, model_arg: str) -> Path:
+    def _mounted_path(self, pod: Any, container: Any, path: str) -> Path | None:
+        """The local directory behind `path` in the container, when a hostPath mount holds it (None when
+        no mount does); RuntimeError for a PVC, which the local cluster has nothing to back."""
         volumes = {v.name: v for v in pod.spec.volumes or []}
         for mount in container.volume_mounts or []:
-            if model_arg == mount.mount_path or model_arg.startswith(mount.mount_path.rstrip("/") + "/"):
+            if path == mount.mount_path or path.startswith(mount.mount_path.rstrip("/") + "/"):
                 volume = volumes.get(mount.name)
                 if volume and volume.host_path:
-                    return Path(volume.host_path.path) / model_arg[len(mount.mount_path):].lstrip("/")
+                    return Path(volume.host_path.path) / path[len(mount.mount_path):].lstrip("/")
                 if volume and volume.persistent_volume_claim:
                     raise RuntimeError("PVC model sources are not supported on the local cluster; use hostPath or huggingFace")
+        return None
+
+    def _model_dir(self, pod: Any, container: Any, model_arg: str) -> Path:
+        mounted = self._mounted_path(pod, container, model_arg)
+        if mounted is not None:
+            return mounted
         candidate = self.models_root / model_arg
         if (candidate / "config.json").exists():
             return candidate
         raise RuntimeError(f"no local config.json for model {model_arg!r} under {self.models_root}")
+
+    def _localise_tokenizer(self, pod: Any, container: Any, config_file: Path) -> None:
+        """Point the scheduler's `tokenizer` section (`spec.scheduler.tokenizer: model`) at a local copy
+        of the model's tokenizer, in the runner's own copy of the config file: the checkpoint's hostPath
+        directory, or for a Hugging Face model that id's directory under the models root, since the local
+        cluster has no way out to the Hub (nothing here may connect beyond loopback)."""
+        if not config_file.is_file():
+            return
+        config = yaml.safe_load(config_file.read_text()) or {}
+        section = config.get("tokenizer") or {}
+        if section.get("path"):
+            local = self._mounted_path(pod, container, section["path"])
+            if local is None:
+                raise RuntimeError(f"the scheduler's tokenizer path {section['path']} is on no hostPath mount of its pod")
+        elif section.get("huggingFaceId"):
+            local = self.models_root / section["huggingFaceId"]
+            if not (local / "tokenizer.json").is_file():
+                raise RuntimeError(
+                    f"the scheduler would fetch the tokenizer of {section['huggingFaceId']} from the Hugging Face Hub, "
+                    f"which the local cluster cannot reach: put its tokenizer.json (and tokenizer_config.json) "
+                    f"in {local} (under the runner's --models-root), use a hostPath model source, "
+                    f"or set spec.scheduler.tokenizer: estimate")
+        else:
+            return
+        config["tokenizer"] = {"path": str(local)}
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def translate(self, pod: Any) -> LocalProcess:
         """The local process standing in for `pod`'s main container."""
@@ -191,6 +228,8 @@ class PodRunner:
             # Fault injection for tests: extra simulator flags from the pod's own environment.
             argv += env.get("BATON_SIM_ARGS", "").split()
         elif command[:2] == ["baton", "scheduler"]:
+            if "--config" in args[:-1]:
+                self._localise_tokenizer(pod, container, Path(args[args.index("--config") + 1]))
             argv = [sys.executable, "-m", "baton.cli", "scheduler", *args]
             # The API server refuses loopback addresses in EndpointSlices, so on this cluster the
             # scheduler reads readiness from the pods its Services select instead.
