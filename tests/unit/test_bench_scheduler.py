@@ -63,6 +63,10 @@ def test_overhead_compares_percentiles_and_pairs_requests():
     assert o["added_ms"]["p50"] == pytest.approx(0.5)
     assert o["paired_ms"]["p50"] == pytest.approx(1.0)  # every pair differs by exactly 1 ms
     assert o["paired_ms"]["p99"] == pytest.approx(1.0)
+    # each round on its own: round 0 13 - 12 ms; round 1 (its failed request left out) 17.5 - 17 ms
+    assert o["round_added_p50_ms"] == pytest.approx([1.0, 0.5])
+    assert sb._rounds_note(o) == "rounds' own added p50 0.50 to 1.00 ms; "
+    assert sb._rounds_note({**o, "round_added_p50_ms": [1.0]}) == ""
     assert o["sched_cpu_ms_per_request"] == pytest.approx(18.0 / 9)  # 18 ms over 9 successful requests
     assert o["engine_cpu_ms_per_request"] == pytest.approx(40.0 / 10)
     assert o["routes"] == {"local": 10}

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -380,6 +380,7 @@ def overhead(phases: Sequence[dict[str, Any]], group: str, sched_proc: str, engi
         "sched_ms": s_ms,
         "added_ms": added(s_ms, d_ms),
         "paired_ms": _ms_pcts(paired_differences(s_lat, d_lat)),
+        "round_added_p50_ms": _round_added_p50(d_lat, s_lat),
         "requests": {"direct": len(direct["requests"]), "sched": len(sched["requests"])},
         "ok": {"direct": len(d_lat), "sched": n_sched},
         "errors": _errors([*direct["requests"].values(), *sched["requests"].values()]),
@@ -407,6 +408,20 @@ def overhead(phases: Sequence[dict[str, Any]], group: str, sched_proc: str, engi
         out["unheld"] = {"added_ms": added(u_ms, d_ms), "paired_ms": _ms_pcts(paired_differences(u_lat, d_lat)),
                          "cpu_ms_per_request": _ms(per_item(unheld["cpu_s"].get(UNHELD_PROC), len(u_lat))),
                          "ok": len(u_lat), "requests": len(unheld["requests"])}
+    return out
+
+
+def _round_added_p50(direct: Mapping[tuple[str, int], float], sched: Mapping[tuple[str, int], float]
+                     ) -> list[float]:
+    """The added p50 of each round on its own (ms, in round order): how much the figure moves within one
+    run, as the machine's speed drifts."""
+    out = []
+    for rnd in sorted({key[0] for key in direct} & {key[0] for key in sched}, key=int):
+        d = _ms_pcts([v for k, v in direct.items() if k[0] == rnd])
+        s_ = _ms_pcts([v for k, v in sched.items() if k[0] == rnd])
+        value = added(s_, d)["p50"]
+        if value is not None:
+            out.append(value)
     return out
 
 
@@ -663,7 +678,8 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
         paired[f"{key}_added_p50"], paired[f"{key}_added_p99"] = o["paired_ms"]["p50"], o["paired_ms"]["p99"]
         metrics += [
             Metric(f"{key}_added_p50", f"added latency p50, {route} route, trace prompts {rate}", o["added_ms"]["p50"],
-                   "ms", T["added_p50_ms"], f"paired p50 {fmt_value(o['paired_ms']['p50'], 'ms')}; {note}"),
+                   "ms", T["added_p50_ms"], f"paired p50 {fmt_value(o['paired_ms']['p50'], 'ms')}; "
+                   f"{_rounds_note(o)}{note}"),
             Metric(f"{key}_added_p99", f"added latency p99, {route} route, trace prompts {rate}", o["added_ms"]["p99"],
                    "ms", T["added_p99_ms"], f"paired p99 {fmt_value(o['paired_ms']['p99'], 'ms')}"
                    + ("" if sustained(o, s.rate) else "; rate not sustained")),
@@ -768,6 +784,13 @@ def _rate_note(o: dict[str, Any], offered: float) -> str:
     got = o["achieved_rps"]
     return (f"offered {offered:g} req/s, sent {fmt_value(got['direct'])} direct / {fmt_value(got['sched'])} "
             f"via scheduler req/s")
+
+
+def _rounds_note(o: dict[str, Any]) -> str:
+    rounds = o.get("round_added_p50_ms") or []
+    if len(rounds) < 2:
+        return ""
+    return f"rounds' own added p50 {fmt_value(min(rounds))} to {fmt_value(max(rounds), 'ms')}; "
 
 
 def _tp_note(t: dict[str, Any]) -> str:
