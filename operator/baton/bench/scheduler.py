@@ -12,11 +12,13 @@ Part 1, engines at `--sim-speed 0` (no modelled GPU time: whatever latency remai
   - overhead at a fixed 500 req/s (the issue's rate) with trace prompt sizes (token-id prompts, streamed):
     the same requests sent straight to the engine(s) and through a scheduler, in rounds that rotate the
     order; added latency = scheduler-path percentile - direct percentile, plus the per-request (paired)
-    difference, and the scheduler's CPU time per request. Measured for the local route (scheduler ->
-    decode replica; the bare proxy gets the same requests too, a same-run baseline for the CPU time,
-    which on a shared machine varies from run to run) and the disaggregated route (scheduler ->
-    context_only on the prefill replica -> generation_only on the decode replica; the direct baseline
-    makes the same two engine calls from the load generator and counts only their round trips);
+    difference, the same two figures for the direct requests sent a second time (A/A: what the machine's
+    noise alone makes of a path that adds nothing), and the scheduler's CPU time per request. Measured for
+    the local route (scheduler -> decode replica; the bare proxy gets the same requests too, a same-run
+    baseline for the CPU time, which on a shared machine varies from run to run) and the disaggregated
+    route (scheduler -> context_only on the prefill replica -> generation_only on the decode replica; the
+    direct baseline makes the same two engine calls from the load generator and counts only their round
+    trips);
   - the same at a lower reference rate (50 req/s), where the bare proxy also gets the same requests;
   - 220 KB text prompts on both routes;
   - throughput: a closed loop through one scheduler process: routed req/s and CPU time per request.
