@@ -87,13 +87,18 @@ class ParsedRequest:
         self.uncounted: Any = None  # a long text prompt (str) or chat messages (list) that `count_deferred` counts
 
     async def count_deferred(self) -> None:
-        """Count a prompt `parse_request` left uncounted (long text, a real tokenizer): off the event loop."""
-        if self.uncounted is not None:
-            pending, self.uncounted = self.uncounted, None
+        """Count a prompt `parse_request` left uncounted (long text, a real tokenizer): off the event loop.
+        RequestError (400) when the model's chat template refuses the messages, as `parse_request` says."""
+        if self.uncounted is None:
+            return
+        pending, self.uncounted = self.uncounted, None
+        try:
             if isinstance(pending, str):
                 self.tokens = len(await token_counting.tokenize_async(pending))
             else:
                 self.tokens = len(await token_counting.tokenize_async("", pending))
+        except ValueError as exc:
+            raise _template_refused(exc) from None
 
     @property
     def path(self) -> str:
@@ -157,6 +162,11 @@ class ParsedRequest:
         return self.render({"disaggregated_params": params, "prompt_token_ids": ids_json})
 
 
+def _template_refused(exc: ValueError) -> RequestError:
+    """The model's chat template refused the messages (`baton.model_tokenizer`): the client's error."""
+    return RequestError(400, str(exc), "invalid_request", "messages")
+
+
 def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) -> ParsedRequest:
     ids_json: RawJSON | None = None
     uncounted: Any = None
@@ -213,8 +223,8 @@ def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) 
         else:
             try:
                 tokens = token_counting.count_chat_tokens(messages)
-            except ValueError as exc:  # the model's chat template refused the messages
-                raise RequestError(400, str(exc), "invalid_request", "messages") from None
+            except ValueError as exc:
+                raise _template_refused(exc) from None
     extension = data.get(BATON_FIELD)
     high_precision = _truthy(headers.get(HIGH_PRECISION_HEADER, ""))
     if extension is not None:

@@ -587,10 +587,7 @@ class SchedulerService:
         try:
             ctx.req = req = parse_request(raw, api, headers, self.config.model)
             if req.uncounted is not None:
-                try:
-                    await req.count_deferred()
-                except ValueError as exc:  # the model's chat template refused the messages
-                    raise RequestError(400, str(exc), "invalid_request", "messages") from None
+                await req.count_deferred()
         except RequestError as exc:
             return self._finish_error(ctx, SchedulerError(exc.status, exc.message, exc.code,
                                                           "invalid_request_error", outcome="invalid"))
