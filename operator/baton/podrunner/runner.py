@@ -45,6 +45,8 @@ from typing import Any
 
 import yaml
 
+from baton.model_tokenizer import TOKENIZER_FILE
+
 log = logging.getLogger("baton.podrunner")
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
@@ -188,7 +190,7 @@ class PodRunner:
                 raise RuntimeError(f"the scheduler's tokenizer path {section['path']} is on no hostPath mount of its pod")
         elif section.get("huggingFaceId"):
             local = self.models_root / section["huggingFaceId"]
-            if not (local / "tokenizer.json").is_file():
+            if not (local / TOKENIZER_FILE).is_file():
                 raise RuntimeError(
                     f"the scheduler would fetch the tokenizer of {section['huggingFaceId']} from the Hugging Face Hub, "
                     f"which the local cluster cannot reach: put its tokenizer.json (and tokenizer_config.json) "

@@ -217,13 +217,14 @@ async def serve(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     try:
         config = load_config(args.config, overrides)
-        tokens.set_tokenizer(await asyncio.to_thread(load_scheduler_tokenizer, config.tokenizer, os.environ))
+        tokenizer = await asyncio.to_thread(load_scheduler_tokenizer, config.tokenizer, os.environ)
+        tokens.set_tokenizer(tokenizer)
         service = SchedulerService(config)
     except (ConfigError, TokenizerError, NotImplementedError, RuntimeError) as exc:
         print(f"baton scheduler: {exc}", file=sys.stderr)
         return 2
-    if tokens.active_tokenizer() is not None:
-        log.info("event=tokenizer_loaded source=%s", getattr(tokens.active_tokenizer(), "source", "?"))
+    if tokenizer is not None:
+        log.info("event=tokenizer_loaded source=%s", tokenizer.source)
     watcher = None
     if args.config:
         watcher = ConfigWatcher(
