@@ -137,7 +137,8 @@ def test_throughput_and_the_one_core_ceiling():
     assert sb._tp_note(t) == "CPU busy: sched-local 30%, decode 45%, loadgen 10%, other processes 15%"
     proxy = sb.throughput(phase("throughput-local-proxy-0", [rec(i, 0.05) for i in range(500)], {"proxy": 0.5},
                                 wall=2.0), "proxy")
-    assert sb._tp_note({**t, "proxy": proxy}).endswith("; bare proxy, same closed loop: 250 req/s")
+    assert sb._tp_note({**t, "proxy": proxy}).endswith(
+        "; bare proxy, same closed loop: 250 req/s (scheduler = 0.60x)")
 
 
 def test_capacity_counts_completions_inside_the_sending_window():

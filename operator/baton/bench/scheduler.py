@@ -21,7 +21,9 @@ Part 1, engines at `--sim-speed 0` (no modelled GPU time: whatever latency remai
     trips);
   - the same at a lower reference rate (50 req/s), where the bare proxy also gets the same requests;
   - 220 KB text prompts on both routes;
-  - throughput: a closed loop through one scheduler process: routed req/s and CPU time per request.
+  - throughput: a closed loop through one scheduler process: routed req/s and CPU time per request, each
+    route's loop then run again through the bare proxy on that route (what any router on the same HTTP
+    layer reached on the machine at that moment).
 Part 2, engines at a realistic `--overload-sim-speed` (1 = the calibrated H200 timing), a scheduler with a
 small queue: capacity is probed with rising open-loop rates, then the TTFT p99 at light load is compared
 with the admitted requests' TTFT p99 at 2x the capacity, and the excess is checked for 429 + Retry-After.
@@ -168,8 +170,11 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def proxy(self, name: str, upstream: ListeningProcess) -> ListeningProcess:
+    def proxy(self, name: str, upstream: ListeningProcess, prefill: ListeningProcess | None = None) -> ListeningProcess:
+        """The bare proxy to `upstream`; with `prefill`, on the disaggregated route through it."""
         argv = [sys.executable, "-m", "baton.bench.proxy", upstream.address]
+        if prefill is not None:
+            argv += ["--prefill", prefill.address]
         proc = ListeningProcess(name, argv, self.workdir / f"{name}.log")
         self.procs.append(proc)
         return proc
@@ -512,9 +517,11 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
             prefill, decode, "local", **{**unl, "server": {"streamFlushIntervalMs": 0}}))
         s_disagg = cluster.scheduler("sched-disagg", scheduler_config(prefill, decode, "disaggregated", **unl))
         proxy = cluster.proxy("proxy", decode)
+        proxy_disagg = cluster.proxy("proxy-disagg", decode, prefill)
         for p in (s_local, s_disagg, s_unheld):
             p.wait_ready("/readyz", deadline)
-        proxy.wait_ready("/healthz", deadline)
+        for p in (proxy, proxy_disagg):
+            p.wait_ready("/healthz", deadline)
         log(f"part 1: engines at --sim-speed 0 (decode {decode.address}, prefill {prefill.address}); schedulers "
             f"{s_local.address} (every request local) and {s_disagg.address} (every request disaggregated)")
 
@@ -534,6 +541,7 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
                     "first_index": first}
 
         t_local, t_disagg, t_proxy = single(s_local.address), single(s_disagg.address), single(proxy.address)
+        t_proxy_disagg = single(proxy_disagg.address)
         t_decode, t_handoff = single(decode.address), handoff(prefill.address, decode.address)
         local_paths = [("direct", t_decode), ("sched", t_local)]
         disagg_paths = [("direct", t_handoff), ("sched", t_disagg)]
@@ -544,7 +552,7 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
         phases: list[dict[str, Any]] = []
         for name, target in (("warm-local-direct", t_decode), ("warm-local-sched", t_local),
                              ("warm-local-proxy", t_proxy), ("warm-disagg-direct", t_handoff),
-                             ("warm-disagg-sched", t_disagg)):
+                             ("warm-disagg-sched", t_disagg), ("warm-disagg-proxy", t_proxy_disagg)):
             phases.append(phase_spec(f"{name}-0", target, warm, rate=s.ref_rate * 2,
                                      max_seconds=s.warmup / s.ref_rate + 5, record=False))
         phases.append(phase_spec("warm-local-unheld-0", single(s_unheld.address), warm, rate=s.ref_rate * 2,
@@ -563,11 +571,12 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
         phases += interleaved("big-disagg", disagg_paths, text, s.big_requests, s.big_rounds, s.big_rate, 60.0)
         tp_bodies = ids(offsets["tp"])(0, s.throughput_requests)
         for name, target in (("throughput-local-sched-0", t_local), ("throughput-local-proxy-0", t_proxy),
-                             ("throughput-disagg-sched-0", t_disagg)):
+                             ("throughput-disagg-sched-0", t_disagg), ("throughput-disagg-proxy-0", t_proxy_disagg)):
             phases.append(phase_spec(name, target, tp_bodies, mode="closed", concurrency=s.concurrency,
                                      max_seconds=s.throughput_seconds, timeout_s=s.timeout_s))
         watch = {"sched-local": s_local.pid, "sched-disagg": s_disagg.pid, "decode": decode.pid,
-                 "prefill": prefill.pid, "proxy": proxy.pid, UNHELD_PROC: s_unheld.pid}
+                 "prefill": prefill.pid, "proxy": proxy.pid, "proxy-disagg": proxy_disagg.pid,
+                 UNHELD_PROC: s_unheld.pid}
         log(f"part 1: {len(phases)} load phases: overhead at {s.rate:g} and {s.ref_rate:g} req/s, "
             f"{s.big_kb} KB prompts, throughput")
         results = run_loadgen({"watch": watch, "phases": phases}, workdir, "overhead")
@@ -584,7 +593,8 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
         "big_disagg": overhead(results, "big-disagg", "sched-disagg", disagg_engines),
         "throughput_local": {**throughput(by_name["throughput-local-sched-0"], "sched-local"),
                              "proxy": throughput(by_name["throughput-local-proxy-0"], "proxy")},
-        "throughput_disagg": throughput(by_name["throughput-disagg-sched-0"], "sched-disagg"),
+        "throughput_disagg": {**throughput(by_name["throughput-disagg-sched-0"], "sched-disagg"),
+                              "proxy": throughput(by_name["throughput-disagg-proxy-0"], "proxy-disagg")},
     }
     busy = [(foreign_cpu_s(p), p["wall_s"]) for p in results]
     wall = sum(w for f, w in busy if f is not None)
@@ -839,6 +849,8 @@ def _tp_note(t: dict[str, Any]) -> str:
     proxy = t.get("proxy") or {}
     if proxy.get("routed_rps"):  # the same closed loop through the bare proxy: what the machine allows
         note += f"; bare proxy, same closed loop: {fmt_value(proxy['routed_rps'], 'req/s')}"
+        if t.get("routed_rps"):
+            note += f" (scheduler = {t['routed_rps'] / proxy['routed_rps']:.2f}x)"
     return note
 
 
@@ -946,11 +958,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Throughput: closed loop with {s.concurrency} connections, up to {s.throughput_requests} requests or "
         f"{s.throughput_seconds:g} s. The load generator and the engines share the machine's CPUs with the "
         "scheduler, so this is what one scheduler process reached here, not its ceiling; 1000 / (CPU ms per "
-        "request) is what a dedicated core would give. The local loop is also run through the bare proxy, "
-        "right after: what a router on the same HTTP layer reached on the machine at that moment.",
+        "request) is what a dedicated core would give. Each route's loop is also run through the bare proxy on "
+        "that route, right after: what a router on the same HTTP layer reached on the machine at that moment.",
         "- The bare proxy (`baton.bench.proxy`) forwards the same requests with the scheduler's own HTTP server, "
         "client and stream relay (`baton.http1`, `StreamRelay`, same flush interval) but does nothing else: the "
-        "CPU floor of a router built on that layer on this machine.",
+        "CPU floor of a router built on that layer on this machine. On the disaggregated route it does the least "
+        "a router can: the body context_only to the prefill engine, the answer's handle and prompt ids "
+        "generation_only to the decode engine, that stream relayed.",
         f"- Overload: capacity probed with open-loop rates doubling from 10 req/s until at least 20% get 429; then "
         f"{s.light_fraction:g}x and 2x that capacity, requests as in part 1 (`max_tokens` capped at "
         f"{s.max_tokens_cap}).",
