@@ -470,3 +470,19 @@ def test_cpu_delta_prefers_nanoseconds_when_they_agree_with_ticks():
     if reading[0] is not None:
         sum(range(200000))
         assert loadgen.cpu_delta(reading, loadgen.cpu_reading(os.getpid())) >= 0
+
+
+def test_closed_loops_alternate_the_paths_and_add_their_rounds_up():
+    paths = [("sched", sb.single("127.0.0.1:1")), ("proxy", sb.single("127.0.0.1:2"))]
+    specs = sb.closed_rounds("tp-disagg", paths, {"kind": "ids", "rows": [[10, 2]]}, 3, 32, 6.0, 30.0)
+    assert [p["name"] for p in specs] == ["tp-disagg-sched-0", "tp-disagg-proxy-0", "tp-disagg-proxy-1",
+                                          "tp-disagg-sched-1", "tp-disagg-sched-2", "tp-disagg-proxy-2"]
+    assert all(p["mode"] == "closed" and p["concurrency"] == 32 and p["max_seconds"] == 2.0 for p in specs)
+    results = [phase(f"tp-disagg-sched-{r}", [rec(i, 0.01) for i in range(100 * (r + 1))],
+                     {"sched-disagg": 0.05 * (r + 1), "proxy-disagg": 0.0}, wall=1.0, loadgen_cpu=0.01, busy=0.5)
+               for r in range(3)]
+    results.append(phase("tp-disagg-proxy-0", [rec(i, 0.01) for i in range(900)], {"proxy-disagg": 0.3}, wall=1.0))
+    t = sb.throughput(sb.closed_loop(results, "tp-disagg", "sched"), "sched-disagg")
+    assert t["ok"] == 600 and t["routed_rps"] == pytest.approx(200.0)  # 600 answers in 3 s of the scheduler's rounds
+    assert t["sched_cpu_ms_per_request"] == pytest.approx(0.5)  # 0.3 s of CPU for 600 requests
+    assert t["cpu_utilization"]["other processes"] == pytest.approx((1.5 - 0.3 - 0.03) / 3.0)

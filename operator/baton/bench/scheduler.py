@@ -21,9 +21,9 @@ Part 1, engines at `--sim-speed 0` (no modelled GPU time: whatever latency remai
     trips);
   - the same at a lower reference rate (50 req/s), where the bare proxy also gets the same requests;
   - 220 KB text prompts on both routes;
-  - throughput: a closed loop through one scheduler process: routed req/s and CPU time per request, each
-    route's loop then run again through the bare proxy on that route (what any router on the same HTTP
-    layer reached on the machine at that moment).
+  - throughput: a closed loop through one scheduler process: routed req/s and CPU time per request; each
+    route's loop also goes through the bare proxy on that route, in rounds that alternate the two (what any
+    router on the same HTTP layer reached on the machine at that moment).
 Part 2, engines at a realistic `--overload-sim-speed` (1 = the calibrated H200 timing), a scheduler with a
 small queue: capacity is probed with rising open-loop rates, then the TTFT p99 at light load is compared
 with the admitted requests' TTFT p99 at 2x the capacity, and the excess is checked for 429 + Retry-After.
@@ -111,8 +111,9 @@ class Settings:
     big_requests: int = 30  # per path and route, in `big_rounds`
     big_rounds: int = 5
     big_rate: float = 5.0
-    throughput_requests: int = 20000
-    throughput_seconds: float = 6.0
+    throughput_requests: int = 20000  # bodies for each round of a closed loop (more than it gets through)
+    throughput_seconds: float = 6.0  # per path and route, split into `throughput_rounds`
+    throughput_rounds: int = 3
     concurrency: int = 32
     max_tokens_cap: int = 64
     overload_sim_speed: float = 1.0
@@ -127,7 +128,8 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(requests=300, rounds=2, ref_requests=100, warmup=50, big_requests=6, big_rounds=2,
-                 throughput_requests=6000, throughput_seconds=3.0, probe_seconds=1.5, load_seconds=6.0)
+                 throughput_requests=6000, throughput_seconds=3.0, throughput_rounds=2, probe_seconds=1.5,
+                 load_seconds=6.0)
 
 # fields of a load generator request record (see baton.bench.loadgen)
 I_INDEX, I_STATUS, I_LATENCY, I_TTFT, I_RETRY_AFTER, I_ROUTE, I_ENGINE, I_ERROR, I_SENT_AT, I_EVENTS = range(10)
@@ -294,6 +296,20 @@ def interleaved(group: str, paths: Sequence[tuple[str, dict[str, Any]]], make_bo
     return phases
 
 
+def closed_rounds(group: str, paths: Sequence[tuple[str, dict[str, Any]]], bodies: dict[str, Any], rounds: int,
+                  concurrency: int, seconds: float, timeout_s: float) -> list[dict[str, Any]]:
+    """Closed loops of `seconds` per path in all, in `rounds` rounds that alternate the paths (as
+    `interleaved` does for fixed rates), so that drift on the machine hits the scheduler and the bare proxy
+    alike. Phase names are GROUP-PATH-ROUND; `closed_loop` adds the rounds of one path up."""
+    phases = []
+    for r in range(rounds):
+        k = r % len(paths)
+        for path, target in [*paths[k:], *paths[:k]]:
+            phases.append(phase_spec(f"{group}-{path}-{r}", target, bodies, mode="closed", concurrency=concurrency,
+                                     max_seconds=seconds / rounds, timeout_s=timeout_s))
+    return phases
+
+
 # ------------------------------------------------------------------------------------------------ analysis
 def ok(req: Sequence[Any]) -> bool:
     return req[I_STATUS] == 200 and not req[I_ERROR]
@@ -330,6 +346,14 @@ def merge(phases: Sequence[dict[str, Any]], group: str, path: str) -> dict[str, 
             lags.append(p["send_lag_ms"]["p99"])
     return {"requests": requests, "cpu_s": cpu, "wall_s": wall, "loadgen_cpu_s": loadgen_cpu, "sent": sent,
             "foreign_cpu_s": foreign, "send_lag_p99_ms": max(lags) if lags else None}
+
+
+def closed_loop(phases: Sequence[dict[str, Any]], group: str, path: str) -> dict[str, Any]:
+    """Every round of one path's closed loop as one phase, for `throughput`: requests, wall and CPU added up."""
+    merged = merge(phases, group, path)
+    ours = sum(merged["cpu_s"].values()) + merged["loadgen_cpu_s"]
+    return {"requests": list(merged["requests"].values()), "wall_s": merged["wall_s"], "cpu_s": merged["cpu_s"],
+            "loadgen_cpu_s": merged["loadgen_cpu_s"], "machine_busy_s": ours + merged["foreign_cpu_s"]}
 
 
 def foreign_cpu_s(phase: dict[str, Any]) -> float | None:
@@ -570,10 +594,10 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
         phases += interleaved("big-local", local_paths, text, s.big_requests, s.big_rounds, s.big_rate, 60.0)
         phases += interleaved("big-disagg", disagg_paths, text, s.big_requests, s.big_rounds, s.big_rate, 60.0)
         tp_bodies = ids(offsets["tp"])(0, s.throughput_requests)
-        for name, target in (("throughput-local-sched-0", t_local), ("throughput-local-proxy-0", t_proxy),
-                             ("throughput-disagg-sched-0", t_disagg), ("throughput-disagg-proxy-0", t_proxy_disagg)):
-            phases.append(phase_spec(name, target, tp_bodies, mode="closed", concurrency=s.concurrency,
-                                     max_seconds=s.throughput_seconds, timeout_s=s.timeout_s))
+        for group, paths in (("tp-local", [("sched", t_local), ("proxy", t_proxy)]),
+                             ("tp-disagg", [("sched", t_disagg), ("proxy", t_proxy_disagg)])):
+            phases += closed_rounds(group, paths, tp_bodies, s.throughput_rounds, s.concurrency,
+                                    s.throughput_seconds, s.timeout_s)
         watch = {"sched-local": s_local.pid, "sched-disagg": s_disagg.pid, "decode": decode.pid,
                  "prefill": prefill.pid, "proxy": proxy.pid, "proxy-disagg": proxy_disagg.pid,
                  UNHELD_PROC: s_unheld.pid}
@@ -582,7 +606,6 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
         results = run_loadgen({"watch": watch, "phases": phases}, workdir, "overhead")
     finally:
         cluster.stop()
-    by_name = {p["name"]: p for p in results}
     local_engines, disagg_engines = ("decode",), ("decode", "prefill")
     out = {
         "local": overhead(results, "local", "sched-local", local_engines),
@@ -591,10 +614,10 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
         "ref_disagg": overhead(results, "ref-disagg", "sched-disagg", disagg_engines),
         "big_local": overhead(results, "big-local", "sched-local", local_engines),
         "big_disagg": overhead(results, "big-disagg", "sched-disagg", disagg_engines),
-        "throughput_local": {**throughput(by_name["throughput-local-sched-0"], "sched-local"),
-                             "proxy": throughput(by_name["throughput-local-proxy-0"], "proxy")},
-        "throughput_disagg": {**throughput(by_name["throughput-disagg-sched-0"], "sched-disagg"),
-                              "proxy": throughput(by_name["throughput-disagg-proxy-0"], "proxy-disagg")},
+        "throughput_local": {**throughput(closed_loop(results, "tp-local", "sched"), "sched-local"),
+                             "proxy": throughput(closed_loop(results, "tp-local", "proxy"), "proxy")},
+        "throughput_disagg": {**throughput(closed_loop(results, "tp-disagg", "sched"), "sched-disagg"),
+                              "proxy": throughput(closed_loop(results, "tp-disagg", "proxy"), "proxy-disagg")},
     }
     busy = [(foreign_cpu_s(p), p["wall_s"]) for p in results]
     wall = sum(w for f, w in busy if f is not None)
@@ -955,11 +978,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "that noise, so the difference of percentiles decides alone.",
         f"- {s.big_kb} KB prompts: text of {s.big_kb * 1024:,} bytes (~{s.big_kb * 1024 // 4:,} tokens), "
         f"{s.big_requests} requests per path, 16 output tokens.",
-        f"- Throughput: closed loop with {s.concurrency} connections, up to {s.throughput_requests} requests or "
-        f"{s.throughput_seconds:g} s. The load generator and the engines share the machine's CPUs with the "
+        f"- Throughput: closed loop with {s.concurrency} connections, {s.throughput_seconds:g} s per path in "
+        f"{s.throughput_rounds} rounds. The load generator and the engines share the machine's CPUs with the "
         "scheduler, so this is what one scheduler process reached here, not its ceiling; 1000 / (CPU ms per "
-        "request) is what a dedicated core would give. Each route's loop is also run through the bare proxy on "
-        "that route, right after: what a router on the same HTTP layer reached on the machine at that moment.",
+        "request) is what a dedicated core would give. Each route's loop also goes through the bare proxy on "
+        "that route, the rounds alternating the two: what a router on the same HTTP layer reached on the machine "
+        "at that moment.",
         "- The bare proxy (`baton.bench.proxy`) forwards the same requests with the scheduler's own HTTP server, "
         "client and stream relay (`baton.http1`, `StreamRelay`, same flush interval) but does nothing else: the "
         "CPU floor of a router built on that layer on this machine. On the disaggregated route it does the least "
