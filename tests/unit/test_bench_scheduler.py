@@ -139,6 +139,8 @@ def test_throughput_and_the_one_core_ceiling():
                                 wall=2.0), "proxy")
     assert sb._tp_note({**t, "proxy": proxy}).endswith(
         "; bare proxy, same closed loop: 250 req/s (scheduler = 0.60x)")
+    assert sb._tp_cpu_note(t) == ""
+    assert sb._tp_cpu_note({**t, "proxy": proxy}) == "; bare proxy, same closed loop: 1.00 ms"
 
 
 def test_capacity_counts_completions_inside_the_sending_window():

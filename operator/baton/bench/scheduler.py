@@ -754,7 +754,7 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
                    T["routed_rps"], _tp_note(t)),
             Metric(f"{key}_cpu", f"scheduler CPU per request at that throughput, {route} route",
                    t["sched_cpu_ms_per_request"], "ms", T["cpu_ms_per_request"],
-                   f"= {fmt_value(t['ceiling_rps'], 'req/s')} for a dedicated core"),
+                   f"= {fmt_value(t['ceiling_rps'], 'req/s')} for a dedicated core" + _tp_cpu_note(t)),
         ]
     for key, route in (("big_local", "local"), ("big_disagg", "disaggregated")):
         o = r.get(key)
@@ -875,6 +875,12 @@ def _tp_note(t: dict[str, Any]) -> str:
         if t.get("routed_rps"):
             note += f" (scheduler = {t['routed_rps'] / proxy['routed_rps']:.2f}x)"
     return note
+
+
+def _tp_cpu_note(t: dict[str, Any]) -> str:
+    """The bare proxy's CPU per request in the same closed loop: what the scheduler's own work adds to it."""
+    proxy = (t.get("proxy") or {}).get("sched_cpu_ms_per_request")
+    return f"; bare proxy, same closed loop: {fmt_value(proxy, 'ms')}" if proxy else ""
 
 
 def metric_dicts(metrics: Sequence[Metric]) -> list[dict[str, Any]]:
