@@ -488,3 +488,21 @@ def test_closed_loops_alternate_the_paths_and_add_their_rounds_up():
     assert t["ok"] == 600 and t["routed_rps"] == pytest.approx(200.0)  # 600 answers in 3 s of the scheduler's rounds
     assert t["sched_cpu_ms_per_request"] == pytest.approx(0.5)  # 0.3 s of CPU for 600 requests
     assert t["cpu_utilization"]["other processes"] == pytest.approx((1.5 - 0.3 - 0.03) / 3.0)
+
+
+def test_loadgen_builds_a_set_of_bodies_once_for_consecutive_phases():
+    loadgen._payloads.clear()
+    first = {"kind": "ids", "rows": [[5, 2], [7, 3]], "first_index": 0}
+    bodies, heads = loadgen.payloads(first, "m", True, "single")
+    assert [json.loads(b) for b in bodies] == [
+        {"model": "m", "prompt": loadgen.prompt_ids(0, 5), "max_tokens": 2, "stream": True},
+        {"model": "m", "prompt": loadgen.prompt_ids(1, 7), "max_tokens": 3, "stream": True}]
+    assert heads == []
+    assert loadgen.payloads(dict(first), "m", True, "single")[0] is bodies  # the next path, same requests
+    ctx, gen_heads = loadgen.payloads(first, "m", True, "handoff")  # another target kind: its own bodies
+    assert json.loads(ctx[0])["disaggregated_params"] == {"request_type": "context_only"}
+    assert json.loads(ctx[0])["stream"] is False and json.loads(gen_heads[1] + b"}")["max_tokens"] == 3
+    loadgen.payloads({**first, "first_index": 2}, "m", True, "single")  # a third set: the oldest goes
+    assert len(loadgen._payloads) == loadgen._PAYLOADS_KEPT
+    assert loadgen.payloads(first, "m", True, "handoff")[0] is ctx  # used more recently than "single"
+    assert loadgen.payloads(first, "m", True, "single")[0] is not bodies  # rebuilt

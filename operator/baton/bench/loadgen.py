@@ -90,6 +90,35 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+_PAYLOADS_KEPT = 2
+_payloads: dict[tuple[str, str, bool, str], tuple[list[bytes], list[bytes]]] = {}
+
+
+def payloads(spec: dict[str, Any], model: str, stream: bool, kind: str) -> tuple[list[bytes], list[bytes]]:
+    """The request bodies of a phase (and, for the handoff target, the generation_only bodies' heads).
+
+    Building them takes seconds for a closed loop's thousands of token-id prompts, and consecutive phases
+    often send the same requests down different paths (a round of `interleaved`, the alternating closed
+    loops), so the last few sets are kept (`_PAYLOADS_KEPT`; a set can hold hundreds of MB)."""
+    key = (json.dumps(spec, sort_keys=True), model, stream, kind)
+    kept = _payloads.pop(key, None)
+    if kept is None:
+        bodies = build_bodies(spec, model, stream)
+        if kind == "single":
+            kept = [_dumps(b) for b in bodies], []
+        elif kind == "handoff":
+            kept = ([_dumps({**b, "stream": False, "disaggregated_params": {"request_type": "context_only"}})
+                     for b in bodies],
+                    # generation_only bodies are this head + the handle + the context answer's prompt ids (spliced)
+                    [_dumps({k: v for k, v in b.items() if k != "prompt"})[:-1] for b in bodies])
+        else:
+            raise ValueError(f"unknown target kind {kind!r}")
+        while len(_payloads) >= _PAYLOADS_KEPT:
+            del _payloads[next(iter(_payloads))]  # the least recently used
+    _payloads[key] = kept
+    return kept
+
+
 # ------------------------------------------------------------------------------------------------ HTTP
 class Answer:
     __slots__ = ("status", "headers", "body", "t_first", "done", "events")
@@ -248,22 +277,13 @@ class Phase:
                 pools[addr] = Pool(addr, client)
             return pools[addr]
 
-        bodies = build_bodies(spec["bodies"], spec["model"], self.stream)
         self.first_index = int(spec["bodies"].get("first_index", 0))
+        self.payloads, self.gen_heads = payloads(spec["bodies"], spec["model"], self.stream, self.kind)
         if self.kind == "single":
             self.pool = pool(target["addr"])
-            self.payloads = [_dumps(b) for b in bodies]
-        elif self.kind == "handoff":
+        else:
             self.ctx_pool = pool(target["ctx"])
             self.gen_pool = pool(target["gen"])
-            self.payloads = [
-                _dumps({**b, "stream": False, "disaggregated_params": {"request_type": "context_only"}})
-                for b in bodies
-            ]
-            # generation_only bodies are this head + the handle + the context answer's prompt ids (spliced)
-            self.gen_heads = [_dumps({k: v for k, v in b.items() if k != "prompt"})[:-1] for b in bodies]
-        else:
-            raise ValueError(f"unknown target kind {self.kind!r}")
         self.results: list[list[Any] | None] = [None] * len(self.payloads)
         self.t_start = time.perf_counter()
 
