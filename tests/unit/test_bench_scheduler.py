@@ -458,8 +458,24 @@ def test_proc_cpu_and_machine_busy_are_readable():
     mine = loadgen.proc_cpu_seconds(os.getpid())
     assert mine is not None and mine >= 0
     assert loadgen.proc_cpu_seconds(2**22 + 12345) is None
-    busy = loadgen.machine_busy_seconds()
-    assert busy is not None and busy > 0
+    machine = loadgen.machine_seconds()
+    assert machine is not None
+    busy, steal = machine
+    assert busy > 0 and 0 <= steal <= busy
+
+
+def test_the_hosts_steal_time_is_told_apart_from_other_processes():
+    p = phase("tp-disagg-sched-0", [rec(i, 0.01) for i in range(100)], {"sched-disagg": 0.5, "decode": 0.4},
+              wall=1.0, loadgen_cpu=0.1, busy=1.6)
+    assert sb.foreign_cpu_s(p) == pytest.approx(0.6)  # no steal reading (an older load generator): all foreign
+    p["machine_steal_s"] = 0.4
+    assert sb.foreign_cpu_s(p) == pytest.approx(0.2)
+    t = sb.throughput(p, "sched-disagg")
+    assert t["cpu_utilization"]["other processes"] == pytest.approx(0.2)
+    assert t["cpu_utilization"]["the host (steal)"] == pytest.approx(0.4)
+    merged = sb.closed_loop([p, {**p, "name": "tp-disagg-sched-1"}], "tp-disagg", "sched")
+    assert merged["machine_steal_s"] == pytest.approx(0.8) and sb.foreign_cpu_s(merged) == pytest.approx(0.4)
+    assert sb._average_cpus([p, {**p, "wall_s": 3.0, "machine_steal_s": None}], sb.steal_cpu_s) == pytest.approx(0.4)
 
 
 def test_cpu_delta_prefers_nanoseconds_when_they_agree_with_ticks():

@@ -24,7 +24,8 @@ PHASE:
      "record": bool}                           # false: warm-up, results not returned
 Output (stdout, one JSON object): {"phases": [RESULT, ...]} where RESULT has "name", "sent", "wall_s"
 (first send to last answer), "loadgen_cpu_s", "cpu_s" ({name: seconds} of the watched processes),
-"machine_busy_s" (busy CPU seconds of the whole machine, every process included),
+"machine_busy_s" (busy CPU seconds of the whole machine, every process included, and the time the
+host ran something else on its CPUs, "steal"), "machine_steal_s" (that steal time alone),
 "send_lag_ms" ({p50, p99, max}: how late sends were against the schedule), and "requests": one list per
 request, in index order: [index, status, latency_s, ttft_s, retry_after, route, engine_s, error, sent_at_s,
 sse_events] (`sent_at_s` from the phase's start), where
@@ -234,8 +235,10 @@ def cpu_delta(before: tuple[float | None, float | None], after: tuple[float | No
     return ticks
 
 
-def machine_busy_seconds() -> float | None:
-    """CPU seconds spent busy (not idle or waiting for I/O) by all CPUs since boot, from /proc/stat."""
+def machine_seconds() -> tuple[float, float] | None:
+    """(busy, steal) CPU seconds of all CPUs since boot, from /proc/stat: busy = not idle or waiting for
+    I/O, steal (a virtual machine's CPUs running nothing of ours because the host ran something else)
+    included; None if unreadable."""
     try:
         with open("/proc/stat", "rb") as handle:
             fields = handle.readline().split()
@@ -244,7 +247,7 @@ def machine_busy_seconds() -> float | None:
     if not fields or fields[0] != b"cpu":
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK, steal / CLK_TCK
 
 
 def _self_cpu() -> float:
@@ -393,13 +396,15 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         phase = Phase(phase_spec, pools, client)  # bodies are built before the clocks start
         cpu0 = {name: cpu_reading(pid) for name, pid in watch.items()}
         self0 = _self_cpu()
-        busy0 = machine_busy_seconds()
+        machine0 = machine_seconds()
         result = await phase.run()
-        busy1 = machine_busy_seconds()
+        machine1 = machine_seconds()
         self1 = _self_cpu()
         cpu1 = {name: cpu_reading(pid) for name, pid in watch.items()}
         result["loadgen_cpu_s"] = self1 - self0
-        result["machine_busy_s"] = busy1 - busy0 if busy0 is not None and busy1 is not None else None
+        both = machine0 is not None and machine1 is not None
+        result["machine_busy_s"] = machine1[0] - machine0[0] if both else None  # type: ignore[index]
+        result["machine_steal_s"] = machine1[1] - machine0[1] if both else None  # type: ignore[index]
         result["cpu_s"] = {name: cpu_delta(cpu0[name], cpu1[name]) for name in watch}
         if phase_spec.get("record", True):
             out.append(result)

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -326,7 +326,7 @@ def merge(phases: Sequence[dict[str, Any]], group: str, path: str) -> dict[str, 
     """Every round of one group and path: requests keyed by (round, index), CPU, wall and lag summed."""
     requests: dict[tuple[str, int], list[Any]] = {}
     cpu: dict[str, float] = {}
-    wall = loadgen_cpu = foreign = 0.0
+    wall = loadgen_cpu = foreign = steal = 0.0
     lags = []
     sent = 0
     for p in phases:
@@ -341,11 +341,12 @@ def merge(phases: Sequence[dict[str, Any]], group: str, path: str) -> dict[str, 
         wall += p["wall_s"]
         loadgen_cpu += p["loadgen_cpu_s"]
         foreign += foreign_cpu_s(p) or 0.0
+        steal += p.get("machine_steal_s") or 0.0
         sent += p["sent"]
         if p["send_lag_ms"]["p99"] is not None:
             lags.append(p["send_lag_ms"]["p99"])
     return {"requests": requests, "cpu_s": cpu, "wall_s": wall, "loadgen_cpu_s": loadgen_cpu, "sent": sent,
-            "foreign_cpu_s": foreign, "send_lag_p99_ms": max(lags) if lags else None}
+            "foreign_cpu_s": foreign, "steal_s": steal, "send_lag_p99_ms": max(lags) if lags else None}
 
 
 def closed_loop(phases: Sequence[dict[str, Any]], group: str, path: str) -> dict[str, Any]:
@@ -353,16 +354,30 @@ def closed_loop(phases: Sequence[dict[str, Any]], group: str, path: str) -> dict
     merged = merge(phases, group, path)
     ours = sum(merged["cpu_s"].values()) + merged["loadgen_cpu_s"]
     return {"requests": list(merged["requests"].values()), "wall_s": merged["wall_s"], "cpu_s": merged["cpu_s"],
-            "loadgen_cpu_s": merged["loadgen_cpu_s"], "machine_busy_s": ours + merged["foreign_cpu_s"]}
+            "loadgen_cpu_s": merged["loadgen_cpu_s"], "machine_steal_s": merged["steal_s"],
+            "machine_busy_s": ours + merged["foreign_cpu_s"] + merged["steal_s"]}
 
 
 def foreign_cpu_s(phase: dict[str, Any]) -> float | None:
-    """CPU seconds other processes on the machine used during a phase (machine busy time minus ours)."""
+    """CPU seconds other processes on the machine used during a phase (machine busy time minus ours, and
+    minus the host's steal time, which `steal_cpu_s` reports)."""
     busy = phase.get("machine_busy_s")
     if busy is None:
         return None
     ours = sum(v for v in phase["cpu_s"].values() if v is not None) + phase["loadgen_cpu_s"]
-    return max(0.0, busy - ours)
+    return max(0.0, busy - ours - (phase.get("machine_steal_s") or 0.0))
+
+
+def steal_cpu_s(phase: dict[str, Any]) -> float | None:
+    """CPU seconds the host ran something else on the machine's CPUs during a phase (a VM's steal time)."""
+    return phase.get("machine_steal_s")
+
+
+def _average_cpus(phases: Sequence[dict[str, Any]], seconds: Callable[[dict[str, Any]], float | None]) -> float | None:
+    """CPUs `seconds` kept busy on average over `phases` (those that could read it)."""
+    read = [(seconds(p), p["wall_s"]) for p in phases]
+    wall = sum(w for v, w in read if v is not None)
+    return sum(v for v, _ in read if v is not None) / wall if wall else None
 
 
 def latencies(merged: dict[str, Any]) -> dict[tuple[str, int], float]:
@@ -479,6 +494,9 @@ def throughput(phase: dict[str, Any], sched_proc: str) -> dict[str, Any]:
         foreign = foreign_cpu_s(phase)
         if foreign is not None:
             utilization["other processes"] = foreign / wall
+        steal = steal_cpu_s(phase)
+        if steal:
+            utilization["the host (steal)"] = steal / wall
     cpu_ms = _ms(per_item(sched_cpu, len(good)))
     return {
         "requests": len(reqs),
@@ -619,9 +637,8 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
         "throughput_disagg": {**throughput(closed_loop(results, "tp-disagg", "sched"), "sched-disagg"),
                               "proxy": throughput(closed_loop(results, "tp-disagg", "proxy"), "proxy-disagg")},
     }
-    busy = [(foreign_cpu_s(p), p["wall_s"]) for p in results]
-    wall = sum(w for f, w in busy if f is not None)
-    out["foreign_cpus"] = sum(f for f, _ in busy if f is not None) / wall if wall else None
+    out["foreign_cpus"] = _average_cpus(results, foreign_cpu_s)
+    out["steal_cpus"] = _average_cpus(results, steal_cpu_s)
     return out
 
 
@@ -705,8 +722,8 @@ def part_overload(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
         "light": light_s,
         "overload": over_s,
         "ttft_p99_ratio": ratio(over_s["ttft_ms"]["p99"], light_s["ttft_ms"]["p99"]),
-        "foreign_cpus": ((foreign_cpu_s(results[0]) or 0) + (foreign_cpu_s(results[1]) or 0))
-        / (results[0]["wall_s"] + results[1]["wall_s"]),
+        "foreign_cpus": _average_cpus(results[:2], foreign_cpu_s),
+        "steal_cpus": _average_cpus(results[:2], steal_cpu_s),
     }
 
 
@@ -903,7 +920,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{' (' + facts['cpu'] + ')' if facts.get('cpu') else ''}, Python {facts.get('python')}, "
         f"{facts.get('platform')}; load average {facts.get('loadavg_1m', 0):.2f} at the start; other processes "
         f"kept {fmt_value(r.get('foreign_cpus'))} CPUs busy on average during part 1 and "
-        f"{fmt_value((r.get('overload') or {}).get('foreign_cpus'))} during part 2. "
+        f"{fmt_value((r.get('overload') or {}).get('foreign_cpus'))} during part 2; the host took "
+        f"{fmt_value(r.get('steal_cpus'))} and {fmt_value((r.get('overload') or {}).get('steal_cpus'))} CPUs "
+        "from the machine (steal time). "
         f"**{sum(1 for m in evaluated if m['passed'])} of {len(evaluated)} targets met.**",
         "",
         markdown_table(["metric", "value", "target", "result", "note"],
@@ -964,7 +983,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "`baton scheduler` processes in front of them, and the load generator (`baton.bench.loadgen`, on the "
         "scheduler's own keep-alive HTTP/1.1 client) in a process of its own. CPU times are read around each phase "
         "from `/proc/<pid>/task/*/schedstat` (ns; `/proc/<pid>/stat` ticks as a cross-check); 'other "
-        "processes' is the machine's busy time (`/proc/stat`) minus ours.",
+        "processes' is the machine's busy time (`/proc/stat`) minus ours and minus its steal time (on a virtual "
+        "machine, time the host gave its CPUs to something else: reported on its own as 'the host (steal)').",
         f"- Part 1, engines at `--sim-speed 0` (no modelled GPU time, so what remains is HTTP and Python): streamed "
         f"`/v1/completions` with token-id prompts of the trace's `ContextTokens` and `max_tokens` = `GeneratedTokens` "
         f"capped at {s.max_tokens_cap}, sent at a fixed rate in {s.rounds} rounds; each round sends the same "
