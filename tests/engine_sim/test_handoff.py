@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
 from simproc import handoff, stream_text, text_of, worker_yaml
 
@@ -47,6 +50,13 @@ def test_context_only_response_shape(ctx):
     assert params["first_gen_tokens"] == choice["token_ids"] and len(params["first_gen_tokens"]) == 1
     assert isinstance(params["ctx_request_id"], int) and params["draft_tokens"] is None
     assert isinstance(params["encoded_opaque_state"], str)
+    # what the handle carries (the simulator's stand-in for DataTransceiverState): how to reach this worker,
+    # which request, and its KV format, as the worker's own state reports them
+    opaque = json.loads(base64.b64decode(params["encoded_opaque_state"]))
+    own = ctx.state()
+    assert opaque == {"protocol": "baton-engine-sim/1", "ctx_request_id": params["ctx_request_id"],
+                      "comm_state": {"host": "127.0.0.1", "port": ctx.port, "instance": own["instance"]},
+                      "cache_state": own["cache_state"]}
     assert choice["finish_reason"] == "length"  # max_tokens forced to 1, original asked for more
     assert resp["prompt_token_ids"] == tokens.tokenize("prefill me please")
     assert resp["usage"]["completion_tokens"] == 1

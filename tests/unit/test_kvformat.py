@@ -326,6 +326,19 @@ def test_from_wire_rejects_bad_input_and_ignores_unknown_keys():
         kvformat.from_wire([])  # type: ignore[arg-type]
 
 
+def test_from_wire_keeps_the_last_state_read_but_checks_every_type():
+    wire = kvformat.to_wire(state(tp=2))
+    first = kvformat.from_wire(dict(wire))
+    assert kvformat.from_wire(dict(wire)) is first  # the same cache state again: the same CacheState
+    # equal in Python but not the same JSON: a boolean for an integer field, a float for an integer
+    with pytest.raises(kvformat.KVFormatError, match="integer"):
+        kvformat.from_wire({**wire, "pp": True})
+    with pytest.raises(kvformat.KVFormatError, match="integer"):
+        kvformat.from_wire({**wire, "tp": 2.0})
+    other = kvformat.from_wire({**wire, "tp": 4})
+    assert other.tp == 4 and kvformat.from_wire(dict(wire)) == first
+
+
 def test_speculative_string_is_canonical():
     cfg = {"max_draft_len": 3, "decoding_type": "Eagle"}
     assert kvformat.speculative_string(cfg) == '{"decoding_type":"Eagle","max_draft_len":3}'

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from dataclasses import dataclass
 
@@ -44,14 +45,22 @@ class OpaqueState:
     cache_state: kvformat.CacheState
 
 
+def _compact(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=16)
+def _opaque_parts(host: str, port: int, instance: str, cache_state: kvformat.CacheState) -> tuple[str, str]:
+    """The JSON of an opaque state around its ctx_request_id, the only part that changes from one context
+    request to the next on a worker: serialized once per worker instead of for every handoff."""
+    head = _compact({"protocol": PROTOCOL, "comm_state": {"host": host, "port": port, "instance": instance}})
+    return head[:-1] + ',"ctx_request_id":', ',"cache_state":' + _compact(kvformat.to_wire(cache_state)) + "}"
+
+
 def encode_opaque(state: OpaqueState) -> str:
-    payload = {
-        "protocol": PROTOCOL,
-        "comm_state": {"host": state.host, "port": state.port, "instance": state.instance},
-        "ctx_request_id": state.ctx_request_id,
-        "cache_state": kvformat.to_wire(state.cache_state),
-    }
-    return base64.b64encode(json.dumps(payload, separators=(",", ":")).encode("utf-8")).decode("ascii")
+    """base64 of {"protocol", "comm_state", "ctx_request_id", "cache_state"} as compact JSON."""
+    head, tail = _opaque_parts(state.host, state.port, state.instance, state.cache_state)
+    return base64.b64encode(f"{head}{int(state.ctx_request_id)}{tail}".encode("utf-8")).decode("ascii")
 
 
 def decode_opaque(text: object) -> OpaqueState:
@@ -89,6 +98,12 @@ def _header_value(text: str) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=16)
+def _state_json(state: kvformat.CacheState) -> bytes:
+    """A worker's own CacheState as JSON, sent with every KV pull: serialized once."""
+    return _compact(kvformat.to_wire(state)).encode()
+
+
 class KVPuller:
     """The gen side of the KV transfer: one pooled HTTP client per gen worker."""
 
@@ -112,12 +127,9 @@ class KVPuller:
         """Pull the KV named by `handle`; returns the ctx answer ({"kv_cache_size", "num_tokens", ...})."""
         if self._client is None:
             self._client = HttpClient(connect_timeout=self._timeout, read_timeout=self._timeout)
-        body = json.dumps({
-            "ctx_request_id": handle.ctx_request_id,
-            "instance": handle.instance,
-            "cache_state": kvformat.to_wire(own_state),
-            "link_bytes_per_s": link_bytes_per_s,
-        }).encode()
+        body = b'{"ctx_request_id":%d,"instance":%s,"cache_state":%s,"link_bytes_per_s":%s}' % (
+            handle.ctx_request_id, _compact(handle.instance).encode(), _state_json(own_state),
+            _compact(link_bytes_per_s).encode())
         headers = {"Content-Type": "application/json"}
         if x_request_id:
             headers["X-Request-Id"] = _header_value(x_request_id)
