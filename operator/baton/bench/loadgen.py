@@ -45,6 +45,7 @@ import time
 from typing import Any
 
 from baton.http1.client import HttpClient
+from baton.idlists import RawJSON
 from baton.scheduler.requests import parse_context_answer
 
 VOCAB_LOW, VOCAB_HIGH = 1000, 30000  # token ids valid for any Llama vocabulary (as baton.replay uses)
@@ -87,8 +88,22 @@ def build_bodies(spec: dict[str, Any], model: str, stream: bool) -> list[dict[st
     raise ValueError(f"unknown bodies kind {spec['kind']!r}")
 
 
-def _dumps(obj: Any) -> bytes:
+def compact_json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def context_only(body: dict[str, Any]) -> dict[str, Any]:
+    """A request's fields as the context_only half of a handoff sends them (a whole JSON answer)."""
+    return {**body, "stream": False, "disaggregated_params": {"request_type": "context_only"}}
+
+
+def generation_only_params(answer: bytes) -> tuple[dict[str, Any], RawJSON | None]:
+    """From a context_only answer: the `disaggregated_params` the generation_only half sends, and the
+    answer's prompt ids as raw JSON (None when it had none) for that request's prompt."""
+    data, ids = parse_context_answer(answer)
+    params = dict(data["choices"][0]["disaggregated_params"])
+    params["request_type"] = "generation_only"
+    return params, ids
 
 
 _PAYLOADS_KEPT = 2
@@ -106,12 +121,11 @@ def payloads(spec: dict[str, Any], model: str, stream: bool, kind: str) -> tuple
     if kept is None:
         bodies = build_bodies(spec, model, stream)
         if kind == "single":
-            kept = [_dumps(b) for b in bodies], []
+            kept = [compact_json(b) for b in bodies], []
         elif kind == "handoff":
-            kept = ([_dumps({**b, "stream": False, "disaggregated_params": {"request_type": "context_only"}})
-                     for b in bodies],
+            kept = ([compact_json(context_only(b)) for b in bodies],
                     # generation_only bodies are this head + the handle + the context answer's prompt ids (spliced)
-                    [_dumps({k: v for k, v in b.items() if k != "prompt"})[:-1] for b in bodies])
+                    [compact_json({k: v for k, v in b.items() if k != "prompt"})[:-1] for b in bodies])
         else:
             raise ValueError(f"unknown target kind {kind!r}")
         while len(_payloads) >= _PAYLOADS_KEPT:
@@ -306,10 +320,8 @@ class Phase:
                         self.results[i] = [i, ctx.status, t_ctx - t0, None, None, "", None, "context_failed",
                                            sent_at, 0]
                         return
-                    data, ids = parse_context_answer(ctx.body)
-                    params = dict(data["choices"][0]["disaggregated_params"])
-                    params["request_type"] = "generation_only"
-                    payload = b"".join((self.gen_heads[i], b',"disaggregated_params":', _dumps(params),
+                    params, ids = generation_only_params(ctx.body)
+                    payload = b"".join((self.gen_heads[i], b',"disaggregated_params":', compact_json(params),
                                         b',"prompt":', ids, b"}"))
                     t_gen = time.perf_counter()
                     answer = await self.gen_pool.request(self.path, payload, rid)

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import time
 from typing import Any
 
+from baton.bench.loadgen import compact_json, context_only, generation_only_params
 from baton.http1.client import HttpClient
 from baton.http1.server import AnyResponse, HttpServer, PushResponse, Request, Response
 from baton.idlists import cut_id_list
 from baton.scheduler.relay import StreamRelay
-from baton.scheduler.requests import parse_context_answer
 
 _PROMPT_KEY = b'"prompt"'
 
@@ -38,31 +37,24 @@ def _address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
 def with_prompt(fields: dict[str, Any], ids: bytes | None) -> bytes:
     """`fields` as a JSON body, with the raw prompt ids `ids` spliced in last (or `fields` as they are)."""
     if ids is None:
-        return _dumps(fields)
-    return b"".join((_dumps(fields)[:-1], b',"prompt":' if fields else b'"prompt":', ids, b"}"))
+        return compact_json(fields)
+    return b"".join((compact_json(fields)[:-1], b',"prompt":' if fields else b'"prompt":', ids, b"}"))
 
 
-def context_body(body: bytes) -> tuple[bytes, dict[str, Any], bytes | None]:
+def context_body(body: bytes) -> tuple[bytes, dict[str, Any]]:
     """The context_only body for a client body, and the client's fields (prompt ids cut out, unchecked)."""
     fields, ids, _ = cut_id_list(body, _PROMPT_KEY, "prompt", check=False)
     if ids is not None:
         del fields["prompt"]
-    ctx = {**fields, "stream": False, "disaggregated_params": {"request_type": "context_only"}}
-    return with_prompt(ctx, ids), fields, ids
+    return with_prompt(context_only(fields), ids), fields
 
 
 def generation_body(fields: dict[str, Any], answer: bytes) -> bytes:
     """The generation_only body: the client's fields, the context answer's handle and its prompt ids."""
-    data, ids = parse_context_answer(answer)
-    params = dict(data["choices"][0]["disaggregated_params"])
-    params["request_type"] = "generation_only"
+    params, ids = generation_only_params(answer)
     gen = {k: v for k, v in fields.items() if k != "prompt"} if ids is not None else dict(fields)
     gen["disaggregated_params"] = params
     return with_prompt(gen, ids)
@@ -72,6 +64,9 @@ async def serve(decode: str, prefill: str | None, interval_ms: float) -> None:
     host, port = _address(decode)
     ctx_host, ctx_port = _address(prefill) if prefill else ("", 0)
     client = HttpClient(connect_timeout=5, read_timeout=600)
+
+    def forwarded_headers(request: Request) -> dict[str, str]:
+        return {"Content-Type": "application/json", "X-Request-Id": request.headers.get("X-Request-Id") or ""}
 
     async def relay(body: bytes, request: Request, headers: dict[str, str]) -> AnyResponse:
         resp = await client.open("POST", host, port, request.path, body, headers)
@@ -83,12 +78,11 @@ async def serve(decode: str, prefill: str | None, interval_ms: float) -> None:
         return PushResponse(stream, 200, resp.content_type)
 
     async def forward(request: Request) -> AnyResponse:
-        headers = {"Content-Type": "application/json", "X-Request-Id": request.headers.get("X-Request-Id") or ""}
-        return await relay(request.body, request, headers)
+        return await relay(request.body, request, forwarded_headers(request))
 
     async def handoff(request: Request) -> AnyResponse:
-        headers = {"Content-Type": "application/json", "X-Request-Id": request.headers.get("X-Request-Id") or ""}
-        ctx, fields, _ = context_body(request.body)
+        headers = forwarded_headers(request)
+        ctx, fields = context_body(request.body)
         status, ctx_headers, answer = await client.request("POST", ctx_host, ctx_port, request.path, ctx, headers)
         if status != 200:
             return Response(status, answer, ctx_headers.get("content-type") or "application/json")
