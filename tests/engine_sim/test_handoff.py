@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import socket
+import time
 
 import pytest
 from simproc import handoff, stream_text, text_of, worker_yaml
 
 from baton import kvformat, tokens
+from baton.engine_sim.handoff import HandoffError, KVPuller, OpaqueState, decode_opaque
 
 MISMATCHES = {
     # name: (gen YAML overrides, extra gen args, expected fragment of TRT-LLM's text)
@@ -54,8 +58,10 @@ def test_context_only_response_shape(ctx):
     # which request, and its KV format, as the worker's own state reports them
     opaque = json.loads(base64.b64decode(params["encoded_opaque_state"]))
     own = ctx.state()
+    # the port is the KV transfer listener's, a channel apart from the HTTP server (as UCX/NIXL under TensorRT-LLM)
+    assert own["kv_port"] not in (0, ctx.port)
     assert opaque == {"protocol": "baton-engine-sim/1", "ctx_request_id": params["ctx_request_id"],
-                      "comm_state": {"host": "127.0.0.1", "port": ctx.port, "instance": own["instance"]},
+                      "comm_state": {"host": "127.0.0.1", "port": own["kv_port"], "instance": own["instance"]},
                       "cache_state": own["cache_state"]}
     assert choice["finish_reason"] == "length"  # max_tokens forced to 1, original asked for more
     assert resp["prompt_token_ids"] == tokens.tokenize("prefill me please")
@@ -159,19 +165,79 @@ def test_mismatched_tiers_are_rejected_and_counted(ctx, bad_gens, name):
     assert held(ctx) >= 1
 
 
+def pull(handle: OpaqueState, own: kvformat.CacheState, times: int = 1) -> list:
+    """Pull over the KV channel as a gen worker does, `times` at once on one channel: answers or HandoffErrors."""
+    async def run() -> list:
+        puller = KVPuller(timeout_s=10)
+        try:
+            return await asyncio.gather(*(puller.pull(handle, own, link_bytes_per_s=50e9, x_request_id=f"t-{i}")
+                                          for i in range(times)), return_exceptions=True)
+        finally:
+            await puller.close()
+    return asyncio.run(run())
+
+
+def context_handle(ctx, prompt: str) -> OpaqueState:
+    resp = ctx.complete({"prompt": prompt, "max_tokens": 3, "disaggregated_params": {"request_type": "context_only"}})
+    return decode_opaque(resp["choices"][0]["disaggregated_params"]["encoded_opaque_state"])
+
+
 def test_ctx_side_also_checks_the_format(ctx):
     """inquireSupport runs on the ctx side: a pull announcing an incompatible CacheState is refused there."""
-    ctx_resp = ctx.complete({"prompt": "guarded KV", "max_tokens": 3,
-                             "disaggregated_params": {"request_type": "context_only"}})
-    params = ctx_resp["choices"][0]["disaggregated_params"]
+    handle = context_handle(ctx, "guarded KV")
     own = kvformat.from_wire(ctx.state()["cache_state"])
-    peer = kvformat.to_wire(kvformat.CacheState(**{**kvformat.to_wire(own), "num_layers": 80}))
+    peer = kvformat.CacheState(**{**kvformat.to_wire(own), "num_layers": 80})
     before = ctx.state()["counters"]["kvFormatRejections"]
-    status, err = ctx.post("/_sim/kv/pull", {"ctx_request_id": params["ctx_request_id"],
-                                            "instance": ctx.state()["instance"], "cache_state": peer})
-    assert status == 409 and err["type"] == "CacheStateMismatch"
-    assert "only support same number of layers (numLayers: context=32, generation=80)" in err["message"]
+    [err] = pull(handle, peer)
+    assert isinstance(err, HandoffError) and err.kind == "format"
+    assert err.message.startswith("Disagg server does not currently support these cacheState")
+    assert "only support same number of layers (numLayers: context=32, generation=80)" in err.message
     assert ctx.state()["counters"]["kvFormatRejections"] == before + 1
+    # the refused pull left the KV in place: a compatible one still gets it
+    [ok] = pull(handle, own)
+    assert ok["ctx_request_id"] == handle.ctx_request_id and ok["kv_cache_size"] == ok["num_tokens"] * 131_072
+
+
+def test_kv_channel_serves_concurrent_pulls_and_refuses_stale_handles(ctx):
+    """Pulls share one channel and are answered by id; a handle from an earlier incarnation of the worker
+    (another instance id) or a second pull of the same KV are refused with the reason."""
+    own = kvformat.from_wire(ctx.state()["cache_state"])
+    handles = [context_handle(ctx, f"one of many {i}") for i in range(8)]
+    served = ctx.state()["counters"]["kvPullsServed"]
+
+    async def run() -> list:
+        puller = KVPuller(timeout_s=10)
+        try:
+            return await asyncio.gather(*(puller.pull(h, own, link_bytes_per_s=50e9) for h in handles))
+        finally:
+            await puller.close()
+    answers = asyncio.run(run())
+    assert [a["ctx_request_id"] for a in answers] == [h.ctx_request_id for h in handles]
+    assert ctx.state()["counters"]["kvPullsServed"] == served + len(handles)
+    again, = pull(handles[0], own)
+    assert isinstance(again, HandoffError) and "already transferred" in again.message
+    stale = context_handle(ctx, "from another life")
+    failed = ctx.state()["counters"]["kvPullsFailed"]
+    [err] = pull(OpaqueState(stale.host, stale.port, "0123456789abcdef", stale.ctx_request_id, stale.cache_state), own)
+    assert isinstance(err, HandoffError) and "(it restarted since the prefill)" in err.message
+    assert ctx.state()["counters"]["kvPullsFailed"] == failed + 1
+    [ok] = pull(stale, own)  # the real owner of that KV still gets it
+    assert ok["ctx_request_id"] == stale.ctx_request_id
+
+
+def test_kv_channel_drops_a_peer_that_does_not_speak_it(ctx, gen):
+    """Bytes that are not the KV protocol (say, an HTTP request sent to the KV port) close that connection
+    and nothing else: the worker goes on serving handoffs."""
+    kv_port = ctx.state()["kv_port"]
+    for junk in (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00\x00\x00\x05hello"):
+        with socket.create_connection(("127.0.0.1", kv_port), timeout=5) as sock:
+            sock.sendall(junk)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and sock.recv(4096):
+                pass
+            assert sock.recv(4096) == b""  # closed by the worker
+    _, (status, resp) = handoff(ctx, gen, {"prompt": "still serving", "max_tokens": 3})
+    assert status == 200, resp
 
 
 def test_held_kv_expires_after_timeout(engines, gen):
@@ -199,3 +265,29 @@ def test_gen_failure_when_ctx_is_gone(engines, gen):
                                                "disaggregated_params": params})
     assert status == 500 and "KV transfer from context worker 127.0.0.1:" in err["message"]
     assert gen.state()["counters"]["kvTransferFailures"] >= 1
+
+
+def test_a_transfer_cut_off_midway_frees_the_blocks(engines):
+    """The gen worker goes away during the transfer: the ctx side frees the KV and counts a failed pull."""
+    slow = engines.start(worker_yaml(ctx=True), "--sim-speed", "1", "--sim-link-gbps", "0.05")  # 6.25 MB/s
+    used0 = slow.state()["kvCacheStats"]["usedNumBlocks"]
+    resp = slow.complete({"prompt": list(range(1, 65)), "max_tokens": 3,
+                          "disaggregated_params": {"request_type": "context_only"}})
+    handle = decode_opaque(resp["choices"][0]["disaggregated_params"]["encoded_opaque_state"])
+    own = kvformat.from_wire(slow.state()["cache_state"])
+    assert slow.state()["kvCacheStats"]["usedNumBlocks"] == used0 + 2
+
+    async def cut_off() -> None:
+        puller = KVPuller(timeout_s=10)
+        pulling = asyncio.ensure_future(puller.pull(handle, own, link_bytes_per_s=50e9))
+        await asyncio.sleep(0.3)  # 64 tokens x 128 KiB take ~1.3 s at 6.25 MB/s
+        assert not pulling.done()
+        await puller.close()  # the channel goes down with the pull in flight
+        with pytest.raises(HandoffError, match="KV transfer from context worker 127.0.0.1:"):
+            await pulling
+    asyncio.run(cut_off())
+    slow.wait_for(lambda: slow.state()["kvCacheStats"]["usedNumBlocks"] == used0, "the blocks to be freed",
+                  deadline_s=5)
+    state = slow.state()
+    assert state["counters"]["kvPullsFailed"] == 1 and state["counters"]["kvPullsServed"] == 0
+    assert state["counters"]["numHeldKvRequests"] == 0

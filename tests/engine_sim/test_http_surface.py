@@ -183,7 +183,8 @@ def _opaque_for(worker, ctx_request_id: int) -> str:
     from baton.engine_sim.handoff import OpaqueState, encode_opaque
 
     state = kvformat.from_wire(worker.state()["cache_state"])
-    return encode_opaque(OpaqueState("127.0.0.1", worker.port, worker.state()["instance"], ctx_request_id, state))
+    own = worker.state()
+    return encode_opaque(OpaqueState("127.0.0.1", own["kv_port"], own["instance"], ctx_request_id, state))
 
 
 def test_many_concurrent_requests(worker):

@@ -38,6 +38,11 @@ CASES = [  # (api path, body): short prompts stay local, long ones (>= 1024 toke
 ]
 
 
+def kv_port(proc) -> int:
+    """The port of a worker's KV transfer listener, which its handles name (as UCX/NIXL's under TensorRT-LLM)."""
+    return get_json(proc.sim_url + "/_sim/state")["kv_port"]
+
+
 def _choice_text(body: dict) -> str:
     choice = body["choices"][0]
     return choice["text"] if "text" in choice else choice["message"]["content"]
@@ -125,7 +130,8 @@ def test_kserve_v2_surface_and_loopback_only(deployment, pytriton_python):
     for proc in (prefill, decode):
         listeners = loopback_listeners(proc.session_pids())
         ports = {port for _, port in listeners}
-        assert {proc.port, proc.grpc_port, proc.sim_port} <= ports, listeners
+        own = {proc.port, proc.grpc_port, proc.sim_port, kv_port(proc)}  # with the KV transfer listener
+        assert len(own) == 4 and own <= ports, listeners
         assert all(addr == "127.0.0.1" for addr, _ in listeners), listeners
 
 
@@ -171,7 +177,7 @@ def test_grpc_context_only_and_overlap_refusal(deployment):
     output_ids, handle, opaque, refused, unary = asyncio.run(run())
     assert output_ids == [[handle["first_gen_tokens"]]]
     assert opaque["protocol"] == "baton-engine-sim/1"
-    assert opaque["comm_state"]["host"] == "127.0.0.1" and opaque["comm_state"]["port"] == prefill.sim_port
+    assert opaque["comm_state"]["host"] == "127.0.0.1" and opaque["comm_state"]["port"] == kv_port(prefill)
     assert opaque["ctx_request_id"] == handle["ctx_request_id"]
     assert opaque["cache_state"]["kv_dtype"] == "fp8"
     assert refused is not None

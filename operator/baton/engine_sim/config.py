@@ -46,6 +46,7 @@ class SimConfig:
     model_name: str
     host: str
     port: int
+    kv_port: int
     advertise_host: str
     options: dict
     hf_config: dict
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sim-error-ratio", metavar="R", type=float, default=0.0,
                    help="fault injection: answer this fraction (0-1) of completion requests with HTTP 500, "
                         "evenly spread, while /health stays 200 (a bad engine build that still looks healthy)")
+    s.add_argument("--sim-kv-port", metavar="PORT", type=int, default=0,
+                   help="port of the KV transfer listener, the one handles name (default 0: any free port, as "
+                        "UCX and NIXL pick theirs)")
     s.add_argument("--sim-advertise-host", metavar="HOST", default=None,
                    help="host put in the handoff CommState (default: --host, or 127.0.0.1 for a wildcard bind)")
     s.add_argument("--sim-model-name", metavar="NAME", default=None,
@@ -190,6 +194,8 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         raise StartupError(f"--backend {args.backend!r} is not simulated; the engine simulator models the pytorch backend")
     if args.sim_speed < 0:
         raise StartupError("--sim-speed must be >= 0")
+    if not 0 <= args.sim_kv_port <= 65535:
+        raise StartupError("--sim-kv-port must be a port number (0 = any free port)")
     if args.sim_link_gbps <= 0:
         raise StartupError("--sim-link-gbps must be > 0")
     if not 0 < args.sim_tp_efficiency <= 1:
@@ -291,6 +297,7 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         model_name=model_name,
         host=args.host,
         port=args.port,
+        kv_port=args.sim_kv_port,
         advertise_host=advertise,
         options=options,
         hf_config=hf_config,

@@ -10,7 +10,7 @@ One asyncio task (`Engine._run`) plays the executor loop. Each iteration it
 4. emits one token per scheduled sequence and finishes those that reached max_tokens.
 
 A context-only request ends after its prefill; its KV stays allocated ("held") until a generation worker
-pulls it (`serve_pull`) or `kv_transfer_timeout_ms` expires. The HTTP layer (server.py) only translates
+pulls it (`begin_pull` / `end_pull`, driven by transfer_server.py) or `kv_transfer_timeout_ms` expires. The HTTP layer (server.py) only translates
 requests into `submit()` calls and results into OpenAI responses.
 """
 
@@ -314,12 +314,12 @@ class Engine:
         self._fail(seq, EngineError("request cancelled by the client", 499, "RequestCancelled"), count=False)
 
     # ------------------------------------------------------------------ the ctx side of a handoff
-    async def serve_pull(
-        self, ctx_request_id: int, instance: str, peer_state: kvformat.CacheState, link_bytes_per_s: float | None,
-        x_request_id: str = "",
-    ) -> dict:
-        """A generation worker pulls the KV of a finished context-only request (TensorRT-LLM: inquireSupport,
-        then the block transfer). The blocks stay allocated for the transfer time, then are freed."""
+    def begin_pull(
+        self, ctx_request_id: int, instance: str, peer_state: kvformat.CacheState, x_request_id: str = "",
+    ) -> _Held:
+        """A generation worker asks for the KV of a finished context-only request (TensorRT-LLM: inquireSupport
+        on the ctx side, then the block transfer). Raises EngineError when it cannot have it; otherwise the
+        blocks stay allocated, marked as being sent, until `end_pull` (after `pull_seconds`)."""
         if self.fatal is not None:
             raise EngineError(f"engine is in a fatal state: {self.fatal}", 503, "ServiceUnavailableError")
         if instance != self.instance:
@@ -354,20 +354,26 @@ class Engine:
         if held.timer:
             held.timer.cancel()
         self._sending[ctx_request_id] = held
-        started = time.monotonic()
-        try:
-            delay = self.cfg.timing.transfer_seconds(held.kv_bytes, link_bytes_per_s)
-            if delay > 0:
-                await asyncio.sleep(delay)
-        finally:
-            self._sending.pop(ctx_request_id, None)
-            self._release_held(held)
+        return held
+
+    def pull_seconds(self, held: _Held, link_bytes_per_s: float | None) -> float:
+        """How long sending `held` takes: its bytes over the slower of the two workers' links."""
+        return self.cfg.timing.transfer_seconds(held.kv_bytes, link_bytes_per_s)
+
+    def end_pull(self, held: _Held, started: float, *, sent: bool = True, x_request_id: str = "") -> dict:
+        """The transfer begun by `begin_pull` is over: the blocks are freed. `sent` is False when it broke off
+        (the generation worker went away, or this worker stops): the KV is lost, and not counted as served."""
+        self._sending.pop(held.rid, None)
+        self._release_held(held)
+        if not sent:
+            self.counters["kvPullsFailed"] += 1
+            return {}
         self.counters["kvPullsServed"] += 1
         self.counters["kvBytesSent"] += held.kv_bytes
         log.debug("KV sent", extra={"fields": {"event": "kv_sent", "request_id": x_request_id,
-                                               "ctx_request_id": ctx_request_id, "bytes": held.kv_bytes}})
+                                               "ctx_request_id": held.rid, "bytes": held.kv_bytes}})
         return {
-            "ctx_request_id": ctx_request_id,
+            "ctx_request_id": held.rid,
             "kv_cache_size": held.kv_bytes,
             "num_tokens": held.num_tokens,
             "transfer_start": started,

@@ -1,30 +1,40 @@
-"""The prefill -> decode handoff: the opaque state a context-only response carries, and the KV pull.
+"""The prefill -> decode handoff: the opaque state a context-only response carries, and the KV transfer.
 
 `encoded_opaque_state` stands in for TensorRT-LLM's serialized DataTransceiverState: base64 of a JSON object
   {"protocol": "baton-engine-sim/1",
-   "comm_state": {"host": ..., "port": ..., "instance": ...},   # how to reach the ctx worker (CommState)
+   "comm_state": {"host": ..., "port": ..., "instance": ...},   # how to reach the ctx worker's KV channel
    "ctx_request_id": ...,
    "cache_state": kvformat.to_wire(ctx CacheState)}            # the KV format (CacheState)
-`instance` is a random id per ctx process, so a handle from a restarted worker is refused instead of
-pulling somebody else's KV.
+`port` is the ctx worker's KV transfer listener (transfer_server.py), not its HTTP port: like UCX and NIXL
+under TensorRT-LLM's cache transceiver, the KV moves on a channel of its own, on a port the OS picks unless
+`--sim-kv-port` fixes it. `instance` is a random id per ctx process, so a handle from a restarted worker is
+refused instead of pulling somebody else's KV.
 
-The gen worker pulls the KV with `POST /_sim/kv/pull` on the ctx worker (see server.py), sending its own
-CacheState; the ctx side re-checks compatibility (TensorRT-LLM's inquireSupport runs on the ctx side),
-holds the blocks for the transfer time, frees them and answers with the KV size.
+The channel: one TCP connection from a gen worker to each ctx worker it pulls from, carrying any number of
+pulls at once. Each message is a frame: a 4-byte big-endian length, then compact JSON.
+  pull    (gen -> ctx) {"id": N, "ctx_request_id", "instance", "cache_state": <gen CacheState>,
+                        "link_bytes_per_s", "request_id"}
+  answer  (ctx -> gen) {"id": N, "ok": {"ctx_request_id", "kv_cache_size", "num_tokens",
+                                         "transfer_start", "transfer_end"}}
+                    or {"id": N, "error": {"message", "status", "type"}}
+Answers come back in the order transfers end, matched by `id`. The ctx side re-checks compatibility
+(TensorRT-LLM's inquireSupport runs on the ctx side), holds the blocks for the transfer time, frees them and
+answers with the KV size.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import asyncio
 import functools
 import json
 from dataclasses import dataclass
 
 from baton import kvformat
-from baton.http1.client import HttpClient
 
 PROTOCOL = "baton-engine-sim/1"
+MAX_FRAME_BYTES = 1 << 20  # far above any pull or answer; a larger length means the peer does not speak this
 
 
 class HandoffError(Exception):
@@ -87,15 +97,38 @@ def decode_opaque(text: object) -> OpaqueState:
         raise ValueError(f"encoded_opaque_state is incomplete: {exc}") from exc
 
 
-def _header_value(text: str) -> str:
-    """`text` as one header line's value the client can send (latin-1 on the wire; other text as its UTF-8)."""
-    if "\r" in text or "\n" in text:
-        text = text.replace("\r", " ").replace("\n", " ")
-    try:
-        text.encode("latin-1")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "surrogateescape").decode("latin-1")
-    return text
+def frame(payload: bytes) -> bytes:
+    """One message on the KV channel: its length, then the JSON."""
+    return len(payload).to_bytes(4, "big") + payload
+
+
+class FrameReader:
+    """Cuts the bytes arriving on a KV channel into the JSON payloads of its frames."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The payloads completed by `data`; ValueError when a frame announces an impossible length."""
+        buf = self._buf
+        buf += data
+        out = []
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            size = int.from_bytes(buf[pos:pos + 4], "big")
+            if size > MAX_FRAME_BYTES:
+                raise ValueError(f"a KV channel frame announces {size} bytes (at most {MAX_FRAME_BYTES}): "
+                                 "the peer does not speak this protocol")
+            stop = pos + 4 + size
+            if stop > end:
+                break
+            out.append(bytes(buf[pos + 4:stop]))
+            pos = stop
+        if pos:
+            del buf[:pos]
+        return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -104,17 +137,89 @@ def _state_json(state: kvformat.CacheState) -> bytes:
     return _compact(kvformat.to_wire(state)).encode()
 
 
+class _Channel(asyncio.Protocol):
+    """The gen side of one KV channel: pulls in flight wait on futures keyed by their frame id."""
+
+    def __init__(self, where: str, on_close) -> None:
+        self.where = where
+        self.transport: asyncio.Transport | None = None
+        self.reader = FrameReader()
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.next_id = 1
+        self.closed = False
+        self._on_close = on_close
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for payload in self.reader.feed(data):
+                answer = json.loads(payload)
+                fut = self.waiting.pop(answer["id"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(answer)
+        except (ValueError, KeyError, TypeError) as exc:  # not our protocol: nothing more on it can be trusted
+            self.fail(ConnectionError(f"unreadable answer on the KV channel: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(exc or ConnectionResetError("the context worker closed the KV channel"))
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.closed:
+            self.closed = True
+            self._on_close(self)
+            if self.transport is not None:
+                self.transport.abort()
+        waiting, self.waiting = self.waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+
+def _time_out(fut: asyncio.Future, seconds: float) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError(f"no answer within {seconds:g} s"))
+
+
 class KVPuller:
-    """The gen side of the KV transfer: one pooled HTTP client per gen worker."""
+    """The gen side of the KV transfer: one channel per ctx worker, opened on first use, shared by all pulls."""
 
     def __init__(self, *, timeout_s: float = 60.0) -> None:
         self._timeout = timeout_s  # the whole pull: connect, the ctx side's transfer time, the answer
-        self._client: HttpClient | None = None
+        self._channels: dict[tuple[str, int], _Channel] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Task] = {}
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        for task in list(self._connecting.values()):
+            task.cancel()
+        for chan in list(self._channels.values()):
+            chan.fail(ConnectionAbortedError("the generation worker is shutting down"))
+        self._channels.clear()
+
+    def _forget(self, chan: _Channel) -> None:
+        for key, known in list(self._channels.items()):
+            if known is chan:
+                del self._channels[key]
+
+    async def _connect(self, host: str, port: int, where: str) -> _Channel:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self._timeout):
+            _, chan = await loop.create_connection(lambda: _Channel(where, self._forget), host, port)
+        self._channels[(host, port)] = chan
+        return chan
+
+    async def _channel(self, host: str, port: int, where: str) -> _Channel:
+        key = (host, port)
+        chan = self._channels.get(key)
+        if chan is not None and not chan.closed:
+            return chan
+        task = self._connecting.get(key)
+        if task is None:  # one connect per ctx worker, however many pulls wait for it
+            task = asyncio.get_running_loop().create_task(self._connect(host, port, where))
+            self._connecting[key] = task
+            task.add_done_callback(lambda _t: self._connecting.pop(key, None))
+        return await asyncio.shield(task)
 
     async def pull(
         self,
@@ -125,36 +230,35 @@ class KVPuller:
         x_request_id: str = "",
     ) -> dict:
         """Pull the KV named by `handle`; returns the ctx answer ({"kv_cache_size", "num_tokens", ...})."""
-        if self._client is None:
-            self._client = HttpClient(connect_timeout=self._timeout, read_timeout=self._timeout)
-        body = b'{"ctx_request_id":%d,"instance":%s,"cache_state":%s,"link_bytes_per_s":%s}' % (
-            handle.ctx_request_id, _compact(handle.instance).encode(), _state_json(own_state),
-            _compact(link_bytes_per_s).encode())
-        headers = {"Content-Type": "application/json"}
-        if x_request_id:
-            headers["X-Request-Id"] = _header_value(x_request_id)
         host = handle.host
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         where = f"{handle.host}:{handle.port}"
+        loop = asyncio.get_running_loop()
         try:
-            status, _, raw = await self._client.request(
-                "POST", host, handle.port, "/_sim/kv/pull", body, headers, timeout=self._timeout)
+            chan = await self._channel(host, handle.port, where)
+            fid = chan.next_id
+            chan.next_id += 1
+            fut = loop.create_future()
+            chan.waiting[fid] = fut
+            chan.transport.write(frame(b'{"id":%d,"ctx_request_id":%d,"instance":%s,"cache_state":%s,'  # type: ignore[union-attr]
+                                       b'"link_bytes_per_s":%s,"request_id":%s}' % (
+                fid, handle.ctx_request_id, _compact(handle.instance).encode(), _state_json(own_state),
+                _compact(link_bytes_per_s).encode(), _compact(x_request_id).encode())))
+            timer = loop.call_later(self._timeout, _time_out, fut, self._timeout)
+            try:
+                answer = await fut
+            finally:
+                timer.cancel()
+                chan.waiting.pop(fid, None)
         except OSError as exc:  # ConnectionError (refused, reset, closed early) or TimeoutError
             raise HandoffError(
                 f"KV transfer from context worker {where} failed: {type(exc).__name__}: {exc}"
             ) from exc
-        data: object
-        stripped = raw.strip()
-        if not stripped:
-            data = None
-        else:
-            try:
-                data = json.loads(stripped)
-            except ValueError:
-                data = {}
-        if status == 200 and isinstance(data, dict):
-            return data
-        message = data.get("message") if isinstance(data, dict) else None
-        kind = "format" if isinstance(data, dict) and data.get("type") == "CacheStateMismatch" else "transfer"
-        raise HandoffError(message or f"KV transfer from context worker {where} failed with HTTP {status}", kind)
+        ok = answer.get("ok")
+        if isinstance(ok, dict):
+            return ok
+        error = answer.get("error")
+        error = error if isinstance(error, dict) else {}
+        kind = "format" if error.get("type") == "CacheStateMismatch" else "transfer"
+        raise HandoffError(str(error.get("message") or f"KV transfer from context worker {where} failed"), kind)

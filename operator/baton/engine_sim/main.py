@@ -20,6 +20,7 @@ from baton.engine_sim import config as config_mod
 from baton.engine_sim import logs
 from baton.engine_sim.config import SimConfig, StartupError
 from baton.engine_sim.server import MAX_BODY_BYTES, SimServer
+from baton.engine_sim.transfer_server import KVTransferServer
 from baton.http1.server import HttpServer
 
 log = logging.getLogger("baton.engine_sim.main")
@@ -37,20 +38,24 @@ async def serve(cfg: SimConfig, *, stop: asyncio.Event | None = None) -> None:
         http.route(method, path, handler)
     await http.start(cfg.host, cfg.port, backlog=1024)
     port = http.port
+    transfer = KVTransferServer(server.engine)
+    kv_port = await transfer.start(cfg.host, cfg.kv_port)
     server.engine.start()
-    server.started(port)
+    server.started(port, kv_port)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     log.info("engine simulator listening", extra={"fields": {
-        "event": "listening", "url": f"http://{cfg.host}:{port}", **config_mod.describe(cfg)}})
+        "event": "listening", "url": f"http://{cfg.host}:{port}", "kv_transfer": f"{cfg.host}:{kv_port}",
+        **config_mod.describe(cfg)}})
     print(f"baton engine-sim listening on http://{cfg.host}:{port}", flush=True)
     await stop.wait()
     server.draining = True
     log.info("shutting down", extra={"fields": {"event": "shutdown"}})
     await http.stop(SHUTDOWN_GRACE_S)  # stop accepting, let in-flight requests finish, then close
+    await transfer.stop(SHUTDOWN_GRACE_S)  # pulls of KV still held may come after the last HTTP answer
     await server.engine.stop()
 
 
@@ -92,7 +97,8 @@ def main(argv: list[str]) -> int:
     try:
         asyncio.run(serve(cfg))
     except OSError as exc:
-        print(f"baton engine-sim: cannot bind {cfg.host}:{cfg.port}: {exc}", file=sys.stderr, flush=True)
+        print(f"baton engine-sim: cannot bind {cfg.host} (port {cfg.port}, KV transfer port {cfg.kv_port}): {exc}",
+              file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         pass

@@ -2,8 +2,8 @@
 
 Public (as trtllm-serve): GET /health, /health_generate, /version, /v1/models, /metrics, /perf_metrics;
 POST /v1/completions, /v1/chat/completions, /kv_cache_events.
-Internal: POST /_sim/kv/pull (the KV transfer between workers), GET /_sim/state (cumulative counters,
-not drained), POST /_sim/fatal (fault injection).
+Internal: GET /_sim/state (cumulative counters, not drained), POST /_sim/fatal (fault injection).
+The KV transfer between workers has its own listener (transfer_server.py), as in TensorRT-LLM.
 
 Errors use TensorRT-LLM's shape: {"object": "error", "message": ..., "type": ..., "param": null, "code": status}.
 This module only translates HTTP (`baton.http1`) to `Engine.submit()` and back; the behaviour lives in
@@ -89,6 +89,7 @@ class SimServer:
         self.cfg = cfg
         self.engine = Engine(cfg)
         self.port = cfg.port
+        self.kv_port = 0  # the KV transfer listener's, written into handles (CommState)
         self.ready_at: float | None = None  # loop time when /health turns 200
         self.draining = False
         self._completion_requests = 0  # for --sim-error-ratio
@@ -105,14 +106,14 @@ class SimServer:
             ("POST", "/v1/completions", self.completions),
             ("POST", "/v1/chat/completions", self.chat_completions),
             ("POST", "/kv_cache_events", self.kv_cache_events),
-            ("POST", "/_sim/kv/pull", self.kv_pull),
             ("GET", "/_sim/state", self.sim_state),
             ("POST", "/_sim/fatal", self.sim_fatal),
         ]
 
     # ------------------------------------------------------------------ readiness
-    def started(self, port: int) -> None:
+    def started(self, port: int, kv_port: int) -> None:
         self.port = port
+        self.kv_port = kv_port
         self.ready_at = asyncio.get_running_loop().time() + self.cfg.load_seconds
 
     def not_ready_reason(self) -> str | None:
@@ -171,6 +172,7 @@ class SimServer:
             **config_mod.describe(self.cfg),
             "instance": self.engine.instance,
             "port": self.port,
+            "kv_port": self.kv_port,
             "ready": self.not_ready_reason() is None,
             "counters": snap["sim"],
             "kvCacheStats": snap["kvCacheStats"],
@@ -186,24 +188,6 @@ class SimServer:
         reason = str((body or {}).get("reason") or "injected fault (POST /_sim/fatal)")
         self.engine.set_fatal(reason)
         return _json({"fatal": self.engine.fatal})
-
-    # ------------------------------------------------------------------ KV transfer (ctx side)
-    async def kv_pull(self, request: Request) -> Response:
-        x_rid = request.headers.get("x-request-id", "")
-        try:
-            body = _loads(request.body)
-            ctx_request_id = int(body["ctx_request_id"])
-            instance = str(body["instance"])
-            peer = kvformat.from_wire(body["cache_state"])
-            link = body.get("link_bytes_per_s")
-            link = float(link) if link else None
-        except (ValueError, KeyError, TypeError) as exc:
-            return error_response(f"invalid KV pull request: {exc}")
-        try:
-            result = await self.engine.serve_pull(ctx_request_id, instance, peer, link, x_rid)
-        except EngineError as exc:
-            return error_response(exc.message, exc.status, exc.err_type)
-        return _json(result)
 
     # ------------------------------------------------------------------ OpenAI endpoints
     async def completions(self, request: Request) -> AnyResponse:
@@ -396,7 +380,7 @@ class SimServer:
     def _disagg_out(self, seq: Seq) -> dict | None:
         if seq.kind != CTX_ONLY:
             return None
-        handle = OpaqueState(self.cfg.advertise_host, self.port, self.engine.instance, seq.rid, self.cfg.cache_state)
+        handle = OpaqueState(self.cfg.advertise_host, self.kv_port, self.engine.instance, seq.rid, self.cfg.cache_state)
         return {
             "request_type": CTX_ONLY,
             "first_gen_tokens": list(seq.tokens),

@@ -21,8 +21,9 @@ TensorRT-LLM's Triton backend, batch size 1:
 `context_phase_params` stands in for the executor-serialized ContextPhaseParams: UTF-8 JSON
 `{"first_gen_tokens", "ctx_request_id", "encoded_opaque_state", "draft_tokens"}`, `encoded_opaque_state`
 being exactly the HTTP front end's (base64 of the CommState + CacheState, see handoff.py). The KV itself
-moves between workers over the simulator's own HTTP endpoint (`POST /_sim/kv/pull`, standing in for
-UCX/NIXL), which this process also serves, with `/health`, `/metrics`, `/perf_metrics` and `/_sim/*`.
+moves between workers over the same KV transfer channel as the HTTP front end's (transfer_server.py,
+standing in for UCX/NIXL). The simulator's own HTTP endpoint serves `/health`, `/metrics`, `/perf_metrics`
+and `/_sim/*`.
 
 Errors reach Triton clients as `... EngineRequestError: <status> <type>: <message>` inside Triton's error
 text (PyTriton wraps the Python traceback); status and type are the HTTP front end's, and the message is
@@ -76,6 +77,7 @@ from baton.engine_sim.engine import (
 )
 from baton.engine_sim.handoff import OpaqueState, decode_opaque, encode_opaque
 from baton.engine_sim.server import SimServer
+from baton.engine_sim.transfer_server import KVTransferServer
 from baton.http1.server import Handler, Headers, Request, Response
 
 log = logging.getLogger("baton.engine_sim.triton")
@@ -121,7 +123,7 @@ def _options_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-triton-grpc-port", type=int, default=None, metavar="PORT",
                    help="Triton's gRPC port (default: --port + 1, as the operator renders Triton pods)")
     p.add_argument("--sim-http-port", type=int, default=0, metavar="PORT",
-                   help="the simulator's own HTTP endpoint: KV transfer, /health, /metrics, /_sim/* (default: any free)")
+                   help="the simulator's own HTTP endpoint: /health, /metrics, /_sim/* (default: any free)")
     p.add_argument("--sim-triton-context-instances", type=int, default=1, metavar="N",
                    help="instances of the (not decoupled) context model = context requests in the engine at once "
                         "(default 1; PyTriton's multi-instance start-up is racy, failed starts are retried)")
@@ -319,7 +321,6 @@ class TritonFrontend:
         app.router.add_get("/metrics", _aiohttp(s.metrics))
         app.router.add_get("/perf_metrics", _aiohttp(s.perf_metrics))
         app.router.add_post("/kv_cache_events", _aiohttp(s.kv_cache_events))
-        app.router.add_post("/_sim/kv/pull", _aiohttp(s.kv_pull))
         app.router.add_get("/_sim/state", self._state)
         app.router.add_post("/_sim/fatal", _aiohttp(s.sim_fatal))
         return app
@@ -345,13 +346,22 @@ class TritonFrontend:
             self._ready.set()
             return
         sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001 - aiohttp exposes no public accessor
+        transfer = KVTransferServer(self.engine)
+        try:
+            kv_port = await transfer.start(self.host, self.cfg.kv_port)
+        except OSError as exc:
+            await runner.cleanup()
+            self._startup_error = exc
+            self._ready.set()
+            return
         self.sim_http_port = sockets[0].getsockname()[1] if sockets else self.opts.sim_http_port
         self.engine.start()
-        self.server.started(self.sim_http_port)  # the port written into handles (CommState)
+        self.server.started(self.sim_http_port, kv_port)  # kv_port is the one written into handles (CommState)
         self._ready.set()
         await self._stop_async.wait()
         self.server.draining = True
         await runner.cleanup()
+        await transfer.stop(SHUTDOWN_GRACE_S)
         await self.engine.stop()
 
     def _engine_thread(self) -> None:
@@ -377,7 +387,8 @@ class TritonFrontend:
         self._thread.start()
         self._ready.wait(30)
         if self._startup_error is not None or self.sim_http_port is None:
-            raise OSError(f"cannot bind the simulator endpoint {self.host}:{self.opts.sim_http_port}: "
+            raise OSError(f"cannot bind the simulator endpoint {self.host}:{self.opts.sim_http_port} or its KV "
+                          f"transfer port {self.cfg.kv_port}: "
                           f"{self._startup_error}")
         self.http_port, self.grpc_port = pick_ports(self.host, self.cfg.port, self.opts.grpc_port)
         triton_config = TritonConfig(
@@ -530,7 +541,7 @@ class TritonFrontend:
             "text_output": np.array([["".join(token_text(t) for t in new).encode()]], dtype=np.object_),
         }
         if final and seq.kind == CTX_ONLY:
-            handle = OpaqueState(self.cfg.advertise_host, self.sim_http_port or 0, self.engine.instance, seq.rid,
+            handle = OpaqueState(self.cfg.advertise_host, self.server.kv_port, self.engine.instance, seq.rid,
                                  self.cfg.cache_state)
             raw = encode_context_phase_params(seq.tokens, seq.rid, encode_opaque(handle))
             out["context_phase_params"] = np.frombuffer(raw, dtype=np.uint8).reshape(1, -1).copy()
@@ -636,6 +647,7 @@ def main(argv: list[str]) -> int:
         log.info("engine simulator listening (triton)", extra={"fields": {
             "event": "listening", "frontend": "triton", "url": f"http://{host}:{frontend.http_port}",
             "grpc": f"{host}:{frontend.grpc_port}", "sim_http": f"http://{host}:{frontend.sim_http_port}",
+            "kv_transfer": f"{host}:{frontend.server.kv_port}",
             "models": [CONTEXT_MODEL, GENERATION_MODEL], **config_mod.describe(cfg)}})
         print(f"baton engine-sim (triton) listening on http://{host}:{frontend.http_port} "
               f"grpc={host}:{frontend.grpc_port} sim-http=http://{host}:{frontend.sim_http_port}", flush=True)

@@ -1,0 +1,153 @@
+"""The ctx side of the KV transfer channel: the listener a context worker's handles point at.
+
+TensorRT-LLM's cache transceiver moves KV over its own connection (UCX, NIXL), on a port the OS picks, never
+through the OpenAI server. So does the simulator: `KVTransferServer` listens on the worker's host, on
+`--sim-kv-port` (default 0: any free port), and that port goes into every handle's comm_state. The frames are
+described in handoff.py, which holds the gen side (`KVPuller`).
+
+Each pull runs `Engine.begin_pull` (instance, CacheState and availability checks, with TensorRT-LLM's error
+text), keeps the blocks for the modelled transfer time, then `Engine.end_pull` frees them and the answer goes
+back. A pull whose connection drops before its answer is sent frees the blocks without counting as served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from baton import kvformat
+from baton.engine_sim.engine import Engine, EngineError
+from baton.engine_sim.handoff import FrameReader, frame
+
+log = logging.getLogger("baton.engine_sim.transfer")
+
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _error(fid: int, message: str, status: int, err_type: str) -> bytes:
+    return frame(_compact({"id": fid, "error": {"message": message, "status": status, "type": err_type}}).encode())
+
+
+class _Connection(asyncio.Protocol):
+    """One gen worker's channel: reads pulls, answers each when its transfer ends."""
+
+    def __init__(self, server: KVTransferServer) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.transport: asyncio.Transport | None = None
+        self.reader = FrameReader()
+        self.transfers: set[asyncio.Task] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        for task in list(self.transfers):  # nobody to send these to: their blocks are freed, not sent
+            task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            payloads = self.reader.feed(data)
+        except ValueError as exc:
+            self._drop(str(exc))
+            return
+        for payload in payloads:
+            try:
+                msg = json.loads(payload)
+                fid = msg["id"]
+                if type(fid) is not int:
+                    raise TypeError("the frame id must be an integer")
+            except (ValueError, KeyError, TypeError) as exc:
+                self._drop(f"unreadable pull: {exc}")
+                return
+            self._pull(fid, msg)
+
+    def _drop(self, why: str) -> None:
+        log.warning("KV channel closed: not our protocol", extra={"fields": {"event": "kv_channel_refused",
+                                                                            "error": why}})
+        assert self.transport is not None
+        self.transport.abort()
+
+    def _pull(self, fid: int, msg: dict) -> None:
+        transport = self.transport
+        assert transport is not None
+        x_rid = msg.get("request_id") or ""
+        try:
+            ctx_request_id = int(msg["ctx_request_id"])
+            instance = str(msg["instance"])
+            peer = kvformat.from_wire(msg["cache_state"])
+            link = msg.get("link_bytes_per_s")
+            link = float(link) if link else None
+            x_rid = str(x_rid)
+        except (ValueError, KeyError, TypeError) as exc:
+            transport.write(_error(fid, f"invalid KV pull request: {exc}", 400, "BadRequestError"))
+            return
+        engine = self.engine
+        try:
+            held = engine.begin_pull(ctx_request_id, instance, peer, x_rid)
+        except EngineError as exc:
+            transport.write(_error(fid, exc.message, exc.status, exc.err_type))
+            return
+        started = time.monotonic()
+        delay = engine.pull_seconds(held, link)
+        if delay <= 0:
+            answer = engine.end_pull(held, started, x_request_id=x_rid)
+            transport.write(frame(b'{"id":%d,"ok":%s}' % (fid, _compact(answer).encode())))
+            return
+        task = asyncio.get_running_loop().create_task(self._send_later(fid, held, started, delay, x_rid))
+        self.transfers.add(task)
+        self.server.transfers.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.transfers.discard(task)
+        self.server.transfers.discard(task)
+
+    async def _send_later(self, fid: int, held, started: float, delay: float, x_rid: str) -> None:
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            self.engine.end_pull(held, started, sent=False, x_request_id=x_rid)
+            raise
+        answer = self.engine.end_pull(held, started, x_request_id=x_rid)
+        assert self.transport is not None
+        self.transport.write(frame(b'{"id":%d,"ok":%s}' % (fid, _compact(answer).encode())))
+
+
+class KVTransferServer:
+    """A context worker's KV transfer listener."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.port: int | None = None
+        self.connections: set[_Connection] = set()
+        self.transfers: set[asyncio.Task] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int = 0) -> int:
+        """Listen on host:port (0 = any free port); returns the port."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), host or None, port, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop listening; transfers still running get `grace_s` to end, then every channel is closed."""
+        if self._server is not None:
+            self._server.close()
+        if self.transfers and grace_s > 0:
+            await asyncio.wait(list(self.transfers), timeout=grace_s)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for task in list(self.transfers):
+            task.cancel()
+        if self.transfers:
+            await asyncio.wait(list(self.transfers))
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
