@@ -88,12 +88,28 @@ def test_the_last_event_is_never_held_and_takes_what_was_held_with_it():
         _, resp, sink, endings = make(0.05)
         resp.on_data(event(1))
         assert len(sink.writes) == 1 and not resp.paused  # held, engine read on
+        resp.on_data(event(2) + DONE)  # the engine's last iteration, well within the interval ...
+        resp.on_end()  # ... and the end of its response, in the same read
+        # one write to the client: what was held, the last event and the end of the response
+        assert len(sink.writes) == 1 and sink.ended == event(1) + event(2) + DONE
+        assert endings == [("completed", 4)]
+        await asyncio.sleep(0.08)  # the cancelled hold writes nothing later
+        assert sink.body() == b"".join(event(i) for i in range(3)) + DONE and len(sink.writes) == 1
+
+    asyncio.run(scenario())
+
+
+def test_the_last_event_goes_out_after_its_read_when_the_end_comes_later():
+    async def scenario():
+        _, resp, sink, endings = make(0.05)
+        resp.on_data(event(1))
         t0 = time.monotonic()
-        resp.on_data(event(2) + DONE)  # the engine's last iteration, well within the interval
+        resp.on_data(event(2) + DONE)  # the end of the response is not in this read
+        await asyncio.sleep(0)  # the next turn of the loop, not the end of the 50 ms interval
         assert sink.writes[-1][1] == event(1) + event(2) + DONE and sink.writes[-1][0] - t0 < 0.01
+        assert sink.ended is None and endings == []
         resp.on_end()
         assert sink.ended == b"" and endings == [("completed", 4)]
-        await asyncio.sleep(0.08)  # the cancelled hold writes nothing later
         assert sink.body() == b"".join(event(i) for i in range(3)) + DONE
 
     asyncio.run(scenario())
@@ -107,9 +123,9 @@ def test_tokens_slower_than_the_interval_are_never_held():
             resp.on_data(event(i))
             assert sink.writes[-1][1] == event(i) and not resp.paused
         await asyncio.sleep(0.02)
-        resp.on_data(DONE)  # arrives long after the last write: out at once
+        resp.on_data(DONE)  # arrives long after the last write: out at once, with the end of the response
         resp.on_end()
-        assert [d for _, d in sink.writes] == [event(i) for i in range(4)] + [DONE] and sink.ended == b""
+        assert [d for _, d in sink.writes] == [event(i) for i in range(4)] and sink.ended == DONE
         assert endings == [("completed", 5)]
 
     asyncio.run(scenario())
