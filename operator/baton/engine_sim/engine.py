@@ -10,8 +10,9 @@ One asyncio task (`Engine._run`) plays the executor loop. Each iteration it
 4. emits one token per scheduled sequence and finishes those that reached max_tokens.
 
 A context-only request ends after its prefill; its KV stays allocated ("held") until a generation worker
-pulls it (`begin_pull` / `end_pull`, driven by transfer_server.py) or `kv_transfer_timeout_ms` expires. The HTTP layer (server.py) only translates
-requests into `submit()` calls and results into OpenAI responses.
+pulls it (`begin_pull` / `end_pull`, driven by transfer_server.py) or `kv_transfer_timeout_ms` expires.
+The HTTP layer (server.py) only translates requests into `submit()` calls and results into OpenAI
+responses.
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ answers with the KV size.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import asyncio
 import functools
 import json
 from dataclasses import dataclass
@@ -102,6 +102,11 @@ def frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(4, "big") + payload
 
 
+def frame_json(message: dict) -> bytes:
+    """`message` as one frame of compact JSON."""
+    return frame(_compact(message).encode())
+
+
 class FrameReader:
     """Cuts the bytes arriving on a KV channel into the JSON payloads of its frames."""
 
@@ -140,8 +145,8 @@ def _state_json(state: kvformat.CacheState) -> bytes:
 class _Channel(asyncio.Protocol):
     """The gen side of one KV channel: pulls in flight wait on futures keyed by their frame id."""
 
-    def __init__(self, where: str, on_close) -> None:
-        self.where = where
+    def __init__(self, key: tuple[str, int], on_close) -> None:
+        self.key = key  # (host, port) of the ctx worker's listener
         self.transport: asyncio.Transport | None = None
         self.reader = FrameReader()
         self.waiting: dict[int, asyncio.Future] = {}
@@ -198,25 +203,24 @@ class KVPuller:
         self._channels.clear()
 
     def _forget(self, chan: _Channel) -> None:
-        for key, known in list(self._channels.items()):
-            if known is chan:
-                del self._channels[key]
+        if self._channels.get(chan.key) is chan:
+            del self._channels[chan.key]
 
-    async def _connect(self, host: str, port: int, where: str) -> _Channel:
+    async def _connect(self, key: tuple[str, int]) -> _Channel:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._timeout):
-            _, chan = await loop.create_connection(lambda: _Channel(where, self._forget), host, port)
-        self._channels[(host, port)] = chan
+            _, chan = await loop.create_connection(lambda: _Channel(key, self._forget), *key)
+        self._channels[key] = chan
         return chan
 
-    async def _channel(self, host: str, port: int, where: str) -> _Channel:
+    async def _channel(self, host: str, port: int) -> _Channel:
         key = (host, port)
         chan = self._channels.get(key)
         if chan is not None and not chan.closed:
             return chan
         task = self._connecting.get(key)
         if task is None:  # one connect per ctx worker, however many pulls wait for it
-            task = asyncio.get_running_loop().create_task(self._connect(host, port, where))
+            task = asyncio.get_running_loop().create_task(self._connect(key))
             self._connecting[key] = task
             task.add_done_callback(lambda _t: self._connecting.pop(key, None))
         return await asyncio.shield(task)
@@ -236,7 +240,7 @@ class KVPuller:
         where = f"{handle.host}:{handle.port}"
         loop = asyncio.get_running_loop()
         try:
-            chan = await self._channel(host, handle.port, where)
+            chan = await self._channel(host, handle.port)
             fid = chan.next_id
             chan.next_id += 1
             fut = loop.create_future()

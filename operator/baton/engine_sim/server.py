@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from baton import kvformat, tokens
+from baton import tokens
 from baton.engine_sim import config as config_mod
 from baton.engine_sim.config import SimConfig
 from baton.engine_sim.engine import (

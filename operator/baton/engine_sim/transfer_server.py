@@ -19,15 +19,13 @@ import time
 
 from baton import kvformat
 from baton.engine_sim.engine import Engine, EngineError
-from baton.engine_sim.handoff import FrameReader, frame
+from baton.engine_sim.handoff import FrameReader, frame_json
 
 log = logging.getLogger("baton.engine_sim.transfer")
 
-_compact = json.JSONEncoder(separators=(",", ":")).encode
-
 
 def _error(fid: int, message: str, status: int, err_type: str) -> bytes:
-    return frame(_compact({"id": fid, "error": {"message": message, "status": status, "type": err_type}}).encode())
+    return frame_json({"id": fid, "error": {"message": message, "status": status, "type": err_type}})
 
 
 class _Connection(asyncio.Protocol):
@@ -95,17 +93,11 @@ class _Connection(asyncio.Protocol):
         started = time.monotonic()
         delay = engine.pull_seconds(held, link)
         if delay <= 0:
-            answer = engine.end_pull(held, started, x_request_id=x_rid)
-            transport.write(frame(b'{"id":%d,"ok":%s}' % (fid, _compact(answer).encode())))
+            transport.write(frame_json({"id": fid, "ok": engine.end_pull(held, started, x_request_id=x_rid)}))
             return
         task = asyncio.get_running_loop().create_task(self._send_later(fid, held, started, delay, x_rid))
         self.transfers.add(task)
-        self.server.transfers.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task) -> None:
-        self.transfers.discard(task)
-        self.server.transfers.discard(task)
+        task.add_done_callback(self.transfers.discard)
 
     async def _send_later(self, fid: int, held, started: float, delay: float, x_rid: str) -> None:
         try:
@@ -115,7 +107,7 @@ class _Connection(asyncio.Protocol):
             raise
         answer = self.engine.end_pull(held, started, x_request_id=x_rid)
         assert self.transport is not None
-        self.transport.write(frame(b'{"id":%d,"ok":%s}' % (fid, _compact(answer).encode())))
+        self.transport.write(frame_json({"id": fid, "ok": answer}))
 
 
 class KVTransferServer:
@@ -125,7 +117,6 @@ class KVTransferServer:
         self.engine = engine
         self.port: int | None = None
         self.connections: set[_Connection] = set()
-        self.transfers: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int = 0) -> int:
@@ -135,19 +126,25 @@ class KVTransferServer:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
+    def _transfers(self) -> list[asyncio.Task]:
+        """The transfers still waiting out their modelled time, on every channel."""
+        return [task for conn in self.connections for task in conn.transfers]
+
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop listening; transfers still running get `grace_s` to end, then every channel is closed."""
         if self._server is not None:
             self._server.close()
-        if self.transfers and grace_s > 0:
-            await asyncio.wait(list(self.transfers), timeout=grace_s)
+        running = self._transfers()
+        if running and grace_s > 0:
+            await asyncio.wait(running, timeout=grace_s)
+        running = self._transfers()
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
-        for task in list(self.transfers):
+        for task in running:
             task.cancel()
-        if self.transfers:
-            await asyncio.wait(list(self.transfers))
+        if running:
+            await asyncio.wait(running)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
