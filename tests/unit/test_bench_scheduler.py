@@ -506,7 +506,7 @@ def test_closed_loops_alternate_the_paths_and_add_their_rounds_up():
     assert t["cpu_utilization"]["other processes"] == pytest.approx((1.5 - 0.3 - 0.03) / 3.0)
 
 
-def test_loadgen_builds_a_set_of_bodies_once_for_consecutive_phases():
+def test_loadgen_builds_a_set_of_bodies_once_and_keeps_recent_sets_within_a_byte_budget(monkeypatch):
     loadgen._payloads.clear()
     first = {"kind": "ids", "rows": [[5, 2], [7, 3]], "first_index": 0}
     bodies, heads = loadgen.payloads(first, "m", True, "single")
@@ -518,7 +518,36 @@ def test_loadgen_builds_a_set_of_bodies_once_for_consecutive_phases():
     ctx, gen_heads = loadgen.payloads(first, "m", True, "handoff")  # another target kind: its own bodies
     assert json.loads(ctx[0])["disaggregated_params"] == {"request_type": "context_only"}
     assert json.loads(ctx[0])["stream"] is False and json.loads(gen_heads[1] + b"}")["max_tokens"] == 3
-    loadgen.payloads({**first, "first_index": 2}, "m", True, "single")  # a third set: the oldest goes
-    assert len(loadgen._payloads) == loadgen._PAYLOADS_KEPT
-    assert loadgen.payloads(first, "m", True, "handoff")[0] is ctx  # used more recently than "single"
-    assert loadgen.payloads(first, "m", True, "single")[0] is not bodies  # rebuilt
+    # within the budget, sets used a few phases apart are not built again (rounds woven together)
+    third, _ = loadgen.payloads({**first, "first_index": 2}, "m", True, "single")
+    assert loadgen.payloads(first, "m", True, "single")[0] is bodies
+    assert loadgen.payloads(first, "m", True, "handoff")[0] is ctx
+    # over it, the least recently used sets go first, and the newest set is kept whatever its size
+    size = sum(map(len, bodies))
+    monkeypatch.setattr(loadgen, "_PAYLOADS_BUDGET", size + sum(map(len, ctx)) + sum(map(len, gen_heads)))
+    loadgen.payloads(first, "m", True, "single")  # used now: "third" is the least recently used, and goes
+    assert loadgen.payloads(first, "m", True, "handoff")[0] is ctx
+    assert loadgen.payloads({**first, "first_index": 2}, "m", True, "single")[0] is not third  # rebuilt
+    monkeypatch.setattr(loadgen, "_PAYLOADS_BUDGET", 1)
+    kept, _ = loadgen.payloads(first, "m", True, "single")
+    assert list(loadgen._payloads.values()) == [(kept, [])]
+    assert loadgen.payloads(first, "m", True, "single")[0] is kept
+
+
+def test_woven_spreads_each_measurements_rounds_over_the_whole_run_and_keeps_their_rotation():
+    bodies = {"kind": "ids", "rows": [[10, 2]] * 4}
+    five = sb.interleaved("local", [("direct", sb.single("a:1")), ("sched", sb.single("b:2"))],
+                          lambda first, count: bodies, 4, 4, 500.0, 30.0)
+    two = sb.closed_rounds("tp-disagg", [("sched", sb.single("c:3")), ("proxy", sb.single("d:4"))], bodies, 2,
+                           32, 4.0, 30.0)
+    order = [p["name"] for p in sb.woven([five, two])]
+    assert sorted(order) == sorted(p["name"] for p in five + two)  # every phase, once
+    # 4 rounds at 1/8, 3/8, 5/8, 7/8 of the way; 2 rounds at 1/4 and 3/4: neither measurement runs in one stretch
+    assert order == ["local-direct-0", "local-sched-0",
+                     "tp-disagg-sched-0", "tp-disagg-proxy-0",
+                     "local-sched-1", "local-direct-1",
+                     "local-direct-2", "local-sched-2",
+                     "tp-disagg-proxy-1", "tp-disagg-sched-1",
+                     "local-sched-3", "local-direct-3"]
+    same_slot = sb.woven([two, sb.closed_rounds("tp-local", [("sched", sb.single("e:5"))], bodies, 2, 32, 4.0, 30.0)])
+    assert [p["name"] for p in same_slot][:3] == ["tp-disagg-sched-0", "tp-disagg-proxy-0", "tp-local-sched-0"]

@@ -106,16 +106,21 @@ def generation_only_params(answer: bytes) -> tuple[dict[str, Any], RawJSON | Non
     return params, ids
 
 
-_PAYLOADS_KEPT = 2
+_PAYLOADS_BUDGET = 768 << 20  # bytes of bodies kept (a closed loop's 8,000 trace prompts are ~100 MB)
 _payloads: dict[tuple[str, str, bool, str], tuple[list[bytes], list[bytes]]] = {}
+
+
+def _set_bytes(kept: tuple[list[bytes], list[bytes]]) -> int:
+    return sum(map(len, kept[0])) + sum(map(len, kept[1]))
 
 
 def payloads(spec: dict[str, Any], model: str, stream: bool, kind: str) -> tuple[list[bytes], list[bytes]]:
     """The request bodies of a phase (and, for the handoff target, the generation_only bodies' heads).
 
-    Building them takes seconds for a closed loop's thousands of token-id prompts, and consecutive phases
-    often send the same requests down different paths (a round of `interleaved`, the alternating closed
-    loops), so the last few sets are kept (`_PAYLOADS_KEPT`; a set can hold hundreds of MB)."""
+    Building them takes seconds for a closed loop's thousands of token-id prompts, and the same requests
+    come back: down another path in the same round (`interleaved`, the alternating closed loops), or a few
+    phases later when the rounds of several measurements are woven together. So the most recently used
+    sets are kept, up to `_PAYLOADS_BUDGET` bytes of bodies (the newest set always)."""
     key = (json.dumps(spec, sort_keys=True), model, stream, kind)
     kept = _payloads.pop(key, None)
     if kept is None:
@@ -128,9 +133,11 @@ def payloads(spec: dict[str, Any], model: str, stream: bool, kind: str) -> tuple
                     [compact_json({k: v for k, v in b.items() if k != "prompt"})[:-1] for b in bodies])
         else:
             raise ValueError(f"unknown target kind {kind!r}")
-        while len(_payloads) >= _PAYLOADS_KEPT:
-            del _payloads[next(iter(_payloads))]  # the least recently used
     _payloads[key] = kept
+    total = sum(map(_set_bytes, _payloads.values()))
+    while total > _PAYLOADS_BUDGET and len(_payloads) > 1:
+        oldest = next(iter(_payloads))  # the least recently used
+        total -= _set_bytes(_payloads.pop(oldest))
     return kept
 
 

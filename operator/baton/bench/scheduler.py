@@ -112,8 +112,8 @@ class Settings:
     big_rounds: int = 5
     big_rate: float = 5.0
     throughput_requests: int = 8000  # bodies for each round of a closed loop (4,000 req/s for 2 s)
-    throughput_seconds: float = 6.0  # per path and route, split into `throughput_rounds`
-    throughput_rounds: int = 3
+    throughput_seconds: float = 10.0  # per path and route, split into `throughput_rounds`
+    throughput_rounds: int = 5
     concurrency: int = 32
     max_tokens_cap: int = 64
     overload_sim_speed: float = 1.0
@@ -308,6 +308,22 @@ def closed_rounds(group: str, paths: Sequence[tuple[str, dict[str, Any]]], bodie
             phases.append(phase_spec(f"{group}-{path}-{r}", target, bodies, mode="closed", concurrency=concurrency,
                                      max_seconds=seconds / rounds, timeout_s=timeout_s))
     return phases
+
+
+def woven(groups: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The rounds of several measurements (each a list of GROUP-PATH-ROUND phases from `interleaved` or
+    `closed_rounds`) woven into one run, each measurement's rounds evenly spread over all of it: round j of
+    n goes at (j + 1/2) / n of the way through. A spell in which the machine is slower then costs each
+    measurement a round or so, not all of one measurement's rounds. The order inside a round, and so the
+    rotation of its paths, is kept."""
+    blocks: list[tuple[float, int, list[dict[str, Any]]]] = []
+    for g, phases in enumerate(groups):
+        rounds: dict[str, list[dict[str, Any]]] = {}
+        for p in phases:
+            rounds.setdefault(split_name(p["name"])[2], []).append(p)
+        blocks += [((j + 0.5) / len(rounds), g, block) for j, block in enumerate(rounds.values())]
+    blocks.sort(key=lambda b: (b[0], b[1]))
+    return [p for _, _, block in blocks for p in block]
 
 
 # ------------------------------------------------------------------------------------------------ analysis
@@ -599,23 +615,23 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
                                      max_seconds=s.warmup / s.ref_rate + 5, record=False))
         phases.append(phase_spec("warm-local-unheld-0", single(s_unheld.address), warm, rate=s.ref_rate * 2,
                                  max_seconds=s.warmup / s.ref_rate + 5, record=False))
-        phases += interleaved("local", [*local_paths, local_aa, ("proxy", t_proxy),
-                                        ("unheld", single(s_unheld.address))],
-                              ids(offsets["rate"]), n_rate, s.rounds, s.rate, s.timeout_s)
-        phases += interleaved("disagg", [*disagg_paths, disagg_aa], ids(offsets["rate"]), n_rate, s.rounds, s.rate,
-                              s.timeout_s)
-        phases += interleaved("ref-local", [*local_paths, ("proxy", t_proxy)], ids(offsets["ref"]), n_ref,
-                              s.rounds, s.ref_rate, s.timeout_s)
-        phases += interleaved("ref-disagg", disagg_paths, ids(offsets["ref"]), n_ref, s.rounds, s.ref_rate,
-                              s.timeout_s)
         phases.append(phase_spec("warm-big-sched-0", t_local, text(10**6, 2), rate=s.big_rate, record=False))
-        phases += interleaved("big-local", local_paths, text, s.big_requests, s.big_rounds, s.big_rate, 60.0)
-        phases += interleaved("big-disagg", disagg_paths, text, s.big_requests, s.big_rounds, s.big_rate, 60.0)
         tp_bodies = ids(offsets["tp"])(0, s.throughput_requests)
-        for group, paths in (("tp-local", [("sched", t_local), ("proxy", t_proxy)]),
-                             ("tp-disagg", [("sched", t_disagg), ("proxy", t_proxy_disagg)])):
-            phases += closed_rounds(group, paths, tp_bodies, s.throughput_rounds, s.concurrency,
-                                    s.throughput_seconds, s.timeout_s)
+        phases += woven([
+            interleaved("local", [*local_paths, local_aa, ("proxy", t_proxy), ("unheld", single(s_unheld.address))],
+                        ids(offsets["rate"]), n_rate, s.rounds, s.rate, s.timeout_s),
+            interleaved("disagg", [*disagg_paths, disagg_aa], ids(offsets["rate"]), n_rate, s.rounds, s.rate,
+                        s.timeout_s),
+            interleaved("ref-local", [*local_paths, ("proxy", t_proxy)], ids(offsets["ref"]), n_ref, s.rounds,
+                        s.ref_rate, s.timeout_s),
+            interleaved("ref-disagg", disagg_paths, ids(offsets["ref"]), n_ref, s.rounds, s.ref_rate, s.timeout_s),
+            interleaved("big-local", local_paths, text, s.big_requests, s.big_rounds, s.big_rate, 60.0),
+            interleaved("big-disagg", disagg_paths, text, s.big_requests, s.big_rounds, s.big_rate, 60.0),
+            *(closed_rounds(group, paths, tp_bodies, s.throughput_rounds, s.concurrency, s.throughput_seconds,
+                            s.timeout_s)
+              for group, paths in (("tp-local", [("sched", t_local), ("proxy", t_proxy)]),
+                                   ("tp-disagg", [("sched", t_disagg), ("proxy", t_proxy_disagg)]))),
+        ])
         watch = {"sched-local": s_local.pid, "sched-disagg": s_disagg.pid, "decode": decode.pid,
                  "prefill": prefill.pid, "proxy": proxy.pid, "proxy-disagg": proxy_disagg.pid,
                  UNHELD_PROC: s_unheld.pid}
@@ -988,7 +1004,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Part 1, engines at `--sim-speed 0` (no modelled GPU time, so what remains is HTTP and Python): streamed "
         f"`/v1/completions` with token-id prompts of the trace's `ContextTokens` and `max_tokens` = `GeneratedTokens` "
         f"capped at {s.max_tokens_cap}, sent at a fixed rate in {s.rounds} rounds; each round sends the same "
-        "requests down every path, in rotating order. One scheduler sends everything local (to the decode "
+        "requests down every path, in rotating order. The rounds of all of part 1's measurements (these, the "
+        f"{s.big_kb} KB prompts' and the closed loops') are woven together, each measurement's spread evenly "
+        "over the whole part, so a spell in which the machine is slower falls on a round of several of them "
+        "rather than on every round of one. One scheduler sends everything local (to the decode "
         "engine), the other everything disaggregated (context_only to the prefill engine, then generation_only to "
         "the decode engine, which pulls the KV from the prefill engine); their admission limits are raised out of "
         f"the way. A third, local with streamFlushIntervalMs 0, also gets the {s.rate:g} req/s local requests (the "
