@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from baton.bench.report import (
@@ -9,6 +11,7 @@ from baton.bench.report import (
     Metric,
     Target,
     added,
+    code_version,
     fmt_target,
     fmt_value,
     markdown_table,
@@ -18,6 +21,7 @@ from baton.bench.report import (
     percentiles,
     ratio,
     replace_section,
+    table_rows_under,
     write_section,
 )
 
@@ -153,3 +157,38 @@ def test_operator_bench_keeps_the_rows_a_partial_run_did_not_measure(tmp_path):
     assert "| 1 | 9.0 | 5.0 | 0.56 |" in text and rows[500] in text and memory in text
     assert "the rows for 500 model(s) and the memory line come from an earlier run" in text
     assert text.count(bench.START) == 1
+
+
+def test_table_rows_under_a_heading_of_one_section():
+    doc = replace_section("", "scheduler", "## S\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n### Runs\n\nsome words\n\n"
+                          "| run | code |\n|---|---|\n| r2 | c2 |\n| r1 | c1 |\n\nafter\n| x | y |")
+    doc = replace_section(doc, "operator", "### Runs\n\n| run | code |\n|---|---|\n| theirs | t |")
+    assert table_rows_under(doc, "scheduler", "### Runs") == ["| r2 | c2 |", "| r1 | c1 |"]
+    assert table_rows_under(doc, "operator", "### Runs") == ["| theirs | t |"]
+    assert table_rows_under(doc, "scheduler", "### Other") == []
+    assert table_rows_under(doc, "missing", "### Runs") == []
+    assert table_rows_under(replace_section("", "scheduler", "### Runs\n\nno table"), "scheduler", "### Runs") == []
+    no_table = replace_section("", "scheduler", "### Runs\n\nnone yet\n\n### Next\n\n| a |\n|---|\n| 1 |")
+    assert table_rows_under(no_table, "scheduler", "### Runs") == []  # not the next heading's table
+
+
+def test_code_version_names_the_commit_and_says_when_the_tree_differs(tmp_path):
+    assert code_version(None) == "-"
+    assert code_version(tmp_path) == "-"  # not a checkout
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    git("init", "-q")
+    git("config", "user.email", "t@example.invalid")
+    git("config", "user.name", "t")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "BENCHMARKS.md").write_text("# Benchmarks\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "one")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert code_version(tmp_path) == head
+    (tmp_path / "BENCHMARKS.md").write_text("# Benchmarks\n\na run\n")  # what a run writes: not a change
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert code_version(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == f"{head} + uncommitted changes"

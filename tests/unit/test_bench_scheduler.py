@@ -12,7 +12,7 @@ import pytest
 from baton.bench import loadgen
 from baton.bench import main as bench_main
 from baton.bench import scheduler as sb
-from baton.bench.report import replace_section
+from baton.bench.report import replace_section, table_rows_under
 from baton.http1.client import HttpClient
 
 
@@ -551,3 +551,40 @@ def test_woven_spreads_each_measurements_rounds_over_the_whole_run_and_keeps_the
                      "local-sched-3", "local-direct-3"]
     same_slot = sb.woven([two, sb.closed_rounds("tp-local", [("sched", sb.single("e:5"))], bodies, 2, 32, 4.0, 30.0)])
     assert [p["name"] for p in same_slot][:3] == ["tp-disagg-sched-0", "tp-disagg-proxy-0", "tp-local-sched-0"]
+
+
+def test_each_run_adds_a_row_to_recent_runs_newest_first_and_the_oldest_go(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nhand-written text\n")
+    results = _results()
+    first = {**_report(results), "date": "2026-01-01 00:00 UTC", "code": "aaaaaaa"}
+    failed = [m for m in first["metrics"] if m["passed"] is False]
+    assert failed  # the fixture misses at least one target: its row names it, with value and target
+    sb.write_report(first, out)
+    rows = table_rows_under(out.read_text(), "scheduler", sb.HISTORY_HEADING)
+    evaluated = [m for m in first["metrics"] if m["passed"] is not None]
+    assert rows == [sb.run_summary(first)]
+    assert rows[0].startswith(f"| 2026-01-01 00:00 UTC (--quick) | aaaaaaa | {len(evaluated) - len(failed)} of "
+                              f"{len(evaluated)} | {failed[0]['label']}: {failed[0]['value_text']} (target "
+                              f"{failed[0]['target_text']})")
+    for m in first["metrics"]:  # a run that meets every target says so
+        m["passed"] = True if m["passed"] is not None else None
+    for n in range(2, sb.HISTORY_KEPT + 3):
+        sb.write_report({**first, "date": f"2026-01-{n:02d} 00:00 UTC", "code": f"c{n}"}, out)
+    text = out.read_text()
+    rows = table_rows_under(text, "scheduler", sb.HISTORY_HEADING)
+    assert len(rows) == sb.HISTORY_KEPT
+    assert rows[0].startswith(f"| 2026-01-{sb.HISTORY_KEPT + 2:02d} 00:00 UTC (--quick) | c{sb.HISTORY_KEPT + 2} | ")
+    assert rows[0].endswith(f"| {len(evaluated)} of {len(evaluated)} | - |")
+    assert "aaaaaaa" not in text and "| c3 |" in text and "| c2 |" not in text  # the oldest went
+    assert text.startswith("# Benchmarks\n\nhand-written text\n") and text.count(sb.HISTORY_HEADING) == 1
+
+
+def test_a_run_row_names_the_figure_that_missed_when_the_value_itself_is_within_the_target():
+    results = _results()
+    results["disagg"]["added_ms"]["p99"] = 2.5
+    results["disagg"]["paired_ms"]["p99"] = 5.3
+    report = _report(results)
+    row = sb.run_summary(report)
+    label = next(m["label"] for m in report["metrics"] if m["key"] == "disagg_added_p99")
+    assert f"{label}: 2.50 ms, paired p99 5.30 ms (target ≤ 5.00 ms)" in row

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -186,6 +187,46 @@ def replace_section(document: str, name: str, body: str, intro: str = INTRO) -> 
     if not document.strip():
         return f"{intro.rstrip()}\n\n{block}\n"
     return f"{document.rstrip()}\n\n{block}\n"
+
+
+def table_rows_under(document: str, name: str, heading: str) -> list[str]:
+    """The rows (`| ...` lines, without the header and its rule) of the table that follows the line
+    `heading` inside section NAME of `document`; [] when there is none."""
+    start, end = markers(name)
+    a = document.find(start)
+    b = document.find(end, a)
+    if a < 0 or b < 0:
+        return []
+    lines = document[a:b].splitlines()
+    try:
+        at = lines.index(heading)
+    except ValueError:
+        return []
+    rows: list[str] = []
+    for line in lines[at + 1:]:
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows or line.startswith("#"):
+            break  # the table is over, or the next heading came first
+    return rows[2:]  # header and rule
+
+
+def code_version(root: Path | None, ignore: Sequence[str] = ("BENCHMARKS.md",)) -> str:
+    """The commit a benchmark ran (short id), with '+ uncommitted changes' when tracked files other than
+    `ignore` differ from it; '-' when `root` is not a git checkout (or git is missing)."""
+    if root is None:
+        return "-"
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "-"
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "-"
+    dirty = [line[3:] for line in changed.stdout.splitlines() if line[3:].strip() not in ignore]
+    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
 
 
 def write_section(path: str | Path, name: str, body: str, intro: str = INTRO) -> None:

@@ -54,6 +54,7 @@ from baton.bench.report import (
     Metric,
     Target,
     added,
+    code_version,
     default_output,
     fmt_result,
     fmt_target,
@@ -65,12 +66,15 @@ from baton.bench.report import (
     percentiles,
     ratio,
     repo_root,
+    table_rows_under,
     text_table,
     write_section,
 )
 from baton.localproc import ListeningProcess, baton_command
 
 SECTION = "scheduler"
+HISTORY_HEADING = "### Recent runs"
+HISTORY_KEPT = 12  # runs listed in the section, newest first
 MODEL = "llama-3-8b"
 TRACE_NAME = "azure-llm-inference-2023-code.csv"
 TRACE_ATTRIBUTION = (
@@ -922,6 +926,30 @@ def metric_dicts(metrics: Sequence[Metric]) -> list[dict[str, Any]]:
              "result": fmt_result(m.passed)} for m in metrics]
 
 
+def run_summary(report: dict[str, Any]) -> str:
+    """One run as a row of the section's "Recent runs" table: when, which code, and which targets it missed."""
+    evaluated = [m for m in report["metrics"] if m["passed"] is not None]
+
+    def why(m: dict[str, Any]) -> str:
+        target = Target(**m["target"]) if m.get("target") else None
+        if target is not None and target.check(m["value"]):  # the value is within: its note's first figure is not
+            return f"{m['value_text']}, {m['note'].split(';')[0]}"
+        return m["value_text"]
+
+    missed = "; ".join(f"{m['label']}: {why(m)} (target {m['target_text']})" for m in evaluated if not m["passed"])
+    when = report["date"] + (" (--quick)" if report["quick"] else "")
+    return (f"| {when} | {report.get('code', '-')} | {sum(1 for m in evaluated if m['passed'])} of "
+            f"{len(evaluated)} | {missed or '-'} |")
+
+
+def write_report(report: dict[str, Any], output: Path) -> None:
+    """The scheduler section of `output` rewritten with `report`, its "Recent runs" carried over."""
+    earlier = table_rows_under(output.read_text(encoding="utf-8"), SECTION, HISTORY_HEADING) \
+        if output.exists() else []
+    report["history"] = [run_summary(report), *earlier][:HISTORY_KEPT]
+    write_section(output, SECTION, render_markdown(report))
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     s = Settings(**report["settings"])
     r = report["results"]
@@ -943,6 +971,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         markdown_table(["metric", "value", "target", "result", "note"],
                        [[m["label"], m["value_text"], m["target_text"], m["result"], m["note"]] for m in metrics]),
+        "",
+        HISTORY_HEADING,
+        "",
+        f"Each run adds a row here, newest first (the last {HISTORY_KEPT} are kept): the spread between runs of "
+        "the same code is this machine's.",
+        "",
+        "| run | code | targets met | missed |",
+        "|---|---|---|---|",
+        *(report.get("history") or [run_summary(report)]),
         "",
         "Latency percentiles in ms (to the end of the streamed answer; direct = the engines alone, sched = through "
         "the scheduler):",
@@ -1130,6 +1167,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     facts = machine_facts()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    code = code_version(repo_root())  # read before the run: the code that is measured
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t0:5.0f}s] {msg}", file=sys.stderr, flush=True)
@@ -1154,6 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "benchmark": SECTION,
         "date": date,
+        "code": code,
         "quick": bool(args.quick),
         "duration_s": time.monotonic() - t0,
         "machine": {**facts, "loadavg_1m_end": machine_facts().get("loadavg_1m")},
@@ -1168,7 +1207,7 @@ def main(argv: list[str] | None = None) -> int:
             print("baton bench scheduler: a partial run (--parts) does not write BENCHMARKS.md", file=sys.stderr)
         else:
             output = args.output or default_output()
-            write_section(output, SECTION, render_markdown(report))
+            write_report(report, output)
             print(f"wrote the scheduler section of {output}", file=sys.stderr)
     if args.keep_logs:
         print(f"logs: {workdir}", file=sys.stderr)
