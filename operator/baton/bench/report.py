@@ -32,8 +32,9 @@ from typing import Any
 INTRO = """# Benchmarks
 
 Measured by `baton bench <name>` (`make bench-<name>`) on the machine described in each section, and
-rewritten by the next run. Speed targets live here, not in timed tests: each value is measured against a
-baseline taken in the same run and compared with its target.
+rewritten by the next run (a section may carry a table of its recent runs' verdicts over). Speed targets
+live here, not in timed tests: each value is measured against a baseline taken in the same run and
+compared with its target.
 """
 
 
