@@ -37,12 +37,14 @@ from typing import Any
 import yaml
 
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION, DisaggregatedModel
+from baton.bench.report import markers, write_section
 from baton.devcluster.readiness import watch_lines
 from baton.render import render_children
 from baton.render.naming import Target
 
 REPO = Path(__file__).resolve().parents[3]
-START, END = "<!-- bench:operator:start -->", "<!-- bench:operator:end -->"
+SECTION = "operator"
+START, END = markers(SECTION)
 RESYNC_SECONDS = 10
 
 
@@ -363,7 +365,6 @@ def previous_results(path: Path) -> tuple[dict[int, str], str]:
 def report(results: dict[int, dict[str, float]], rss: dict[str, float] | None, elapsed: float,
            kept_rows: dict[int, str] | None = None, kept_memory: str = "") -> str:
     lines = [
-        START,
         "## Operator",
         "",
         f"`baton bench operator`, run {datetime.date.today().isoformat()} on {os.cpu_count()} cores, "
@@ -411,17 +412,13 @@ def report(results: dict[int, dict[str, float]], rss: dict[str, float] | None, e
               "and the same polling, on the same day; 1.15 and 1.04 in the first two runs with the watch (2026-11-27). "
               "The second write adds about 17% pod watch events and one "
               "status PATCH per pod, in both phases; the floor absorbs it (it waits on the controller "
-              "manager's request rate, not on CPU), the operator phase, which keeps the CPUs busy, pays for it."), END]
+              "manager's request rate, not on CPU), the operator phase, which keeps the CPUs busy, pays for it.")]
     return "\n".join(lines)
 
 
 def write_report(section: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nResults of `baton bench`; each section is rewritten by its benchmark.\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    """The operator section of BENCHMARKS.md at `path` replaced by `section` (the rest kept as it is)."""
+    write_section(path, SECTION, section)
 
 
 def main(argv: list[str]) -> int:
