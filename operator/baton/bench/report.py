@@ -226,7 +226,7 @@ def code_version(root: Path | None, ignore: Sequence[str] = ("BENCHMARKS.md",)) 
                                  capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "-"
-    dirty = [line[3:] for line in changed.stdout.splitlines() if line[3:].strip() not in ignore]
+    dirty = any(line[3:].strip() not in ignore for line in changed.stdout.splitlines())
     return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
 
 
