@@ -588,3 +588,9 @@ def test_a_run_row_names_the_figure_that_missed_when_the_value_itself_is_within_
     row = sb.run_summary(report)
     label = next(m["label"] for m in report["metrics"] if m["key"] == "disagg_added_p99")
     assert f"{label}: 2.50 ms, paired p99 5.30 ms (target ≤ 5.00 ms)" in row
+    # a value within the target at a rate that was not reached: the row says that, not a figure of its note
+    results = _results()
+    results["local"]["achieved_rps"] = {"direct": 150.0, "sched": 120.0}
+    report = _report(results)
+    label = next(m["label"] for m in report["metrics"] if m["key"] == "local_added_p50")
+    assert f"{label}: 0.50 ms, rate not sustained (target ≤ 1.00 ms)" in sb.run_summary(report)

@@ -97,6 +97,7 @@ class Metric:
     target: Target | None = None
     note: str = ""
     passed: bool | None = None  # set by `evaluate`, or directly for yes/no checks
+    missed_by: str = ""  # when a rule other than the target failed a value within it: what decided
 
     def evaluate(self) -> Metric:
         if self.target is not None:

@@ -844,6 +844,7 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
     for m in metrics:
         if m.key in unsustained:
             m.passed = False  # the rate was not reached, so neither was the target at that rate
+            m.missed_by = "rate not sustained"
         # A difference of two percentiles can meet a target by noise alone (a tail in the direct phase makes it
         # small or negative); the per-request difference must then meet it as well. Unless the engines alone
         # miss it too: when the same direct requests, sent again, differ from the first time by more than the
@@ -856,6 +857,7 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
                            "so the difference of percentiles decides")
             else:
                 m.passed = False
+                m.missed_by = f"paired {m.key.rsplit('_', 1)[1]} {fmt_value(both, 'ms')}"
                 m.note += "; the paired value is above the target, so not met"
     return metrics
 
@@ -931,10 +933,7 @@ def run_summary(report: dict[str, Any]) -> str:
     evaluated = [m for m in report["metrics"] if m["passed"] is not None]
 
     def why(m: dict[str, Any]) -> str:
-        target = Target(**m["target"]) if m.get("target") else None
-        if target is not None and target.check(m["value"]):  # the value is within: its note's first figure is not
-            return f"{m['value_text']}, {m['note'].split(';')[0]}"
-        return m["value_text"]
+        return f"{m['value_text']}, {m['missed_by']}" if m.get("missed_by") else m["value_text"]
 
     missed = "; ".join(f"{m['label']}: {why(m)} (target {m['target_text']})" for m in evaluated if not m["passed"])
     when = report["date"] + (" (--quick)" if report["quick"] else "")
