@@ -361,7 +361,7 @@ def merge(phases: Sequence[dict[str, Any]], group: str, path: str) -> dict[str, 
         wall += p["wall_s"]
         loadgen_cpu += p["loadgen_cpu_s"]
         foreign += foreign_cpu_s(p) or 0.0
-        steal += p.get("machine_steal_s") or 0.0
+        steal += steal_cpu_s(p) or 0.0
         sent += p["sent"]
         if p["send_lag_ms"]["p99"] is not None:
             lags.append(p["send_lag_ms"]["p99"])
@@ -385,7 +385,7 @@ def foreign_cpu_s(phase: dict[str, Any]) -> float | None:
     if busy is None:
         return None
     ours = sum(v for v in phase["cpu_s"].values() if v is not None) + phase["loadgen_cpu_s"]
-    return max(0.0, busy - ours - (phase.get("machine_steal_s") or 0.0))
+    return max(0.0, busy - ours - (steal_cpu_s(phase) or 0.0))
 
 
 def steal_cpu_s(phase: dict[str, Any]) -> float | None:
