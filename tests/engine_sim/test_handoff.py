@@ -165,13 +165,14 @@ def test_mismatched_tiers_are_rejected_and_counted(ctx, bad_gens, name):
     assert held(ctx) >= 1
 
 
-def pull(handle: OpaqueState, own: kvformat.CacheState, times: int = 1) -> list:
-    """Pull over the KV channel as a gen worker does, `times` at once on one channel: answers or HandoffErrors."""
+def pull(handles: list[OpaqueState], own: kvformat.CacheState) -> list:
+    """Pull over the KV channel as a gen worker does, all of `handles` at once on one channel: the answers
+    or HandoffErrors, in the order of `handles`."""
     async def run() -> list:
         puller = KVPuller(timeout_s=10)
         try:
-            return await asyncio.gather(*(puller.pull(handle, own, link_bytes_per_s=50e9, x_request_id=f"t-{i}")
-                                          for i in range(times)), return_exceptions=True)
+            return await asyncio.gather(*(puller.pull(h, own, link_bytes_per_s=50e9, x_request_id=f"t-{i}")
+                                          for i, h in enumerate(handles)), return_exceptions=True)
         finally:
             await puller.close()
     return asyncio.run(run())
@@ -188,13 +189,13 @@ def test_ctx_side_also_checks_the_format(ctx):
     own = kvformat.from_wire(ctx.state()["cache_state"])
     peer = kvformat.CacheState(**{**kvformat.to_wire(own), "num_layers": 80})
     before = ctx.state()["counters"]["kvFormatRejections"]
-    [err] = pull(handle, peer)
+    [err] = pull([handle], peer)
     assert isinstance(err, HandoffError) and err.kind == "format"
     assert err.message.startswith("Disagg server does not currently support these cacheState")
     assert "only support same number of layers (numLayers: context=32, generation=80)" in err.message
     assert ctx.state()["counters"]["kvFormatRejections"] == before + 1
     # the refused pull left the KV in place: a compatible one still gets it
-    [ok] = pull(handle, own)
+    [ok] = pull([handle], own)
     assert ok["ctx_request_id"] == handle.ctx_request_id and ok["kv_cache_size"] == ok["num_tokens"] * 131_072
 
 
@@ -204,24 +205,18 @@ def test_kv_channel_serves_concurrent_pulls_and_refuses_stale_handles(ctx):
     own = kvformat.from_wire(ctx.state()["cache_state"])
     handles = [context_handle(ctx, f"one of many {i}") for i in range(8)]
     served = ctx.state()["counters"]["kvPullsServed"]
-
-    async def run() -> list:
-        puller = KVPuller(timeout_s=10)
-        try:
-            return await asyncio.gather(*(puller.pull(h, own, link_bytes_per_s=50e9) for h in handles))
-        finally:
-            await puller.close()
-    answers = asyncio.run(run())
+    answers = pull(handles, own)
     assert [a["ctx_request_id"] for a in answers] == [h.ctx_request_id for h in handles]
     assert ctx.state()["counters"]["kvPullsServed"] == served + len(handles)
-    again, = pull(handles[0], own)
+    again, = pull([handles[0]], own)
     assert isinstance(again, HandoffError) and "already transferred" in again.message
     stale = context_handle(ctx, "from another life")
     failed = ctx.state()["counters"]["kvPullsFailed"]
-    [err] = pull(OpaqueState(stale.host, stale.port, "0123456789abcdef", stale.ctx_request_id, stale.cache_state), own)
+    another_life = OpaqueState(stale.host, stale.port, "0123456789abcdef", stale.ctx_request_id, stale.cache_state)
+    [err] = pull([another_life], own)
     assert isinstance(err, HandoffError) and "(it restarted since the prefill)" in err.message
     assert ctx.state()["counters"]["kvPullsFailed"] == failed + 1
-    [ok] = pull(stale, own)  # the real owner of that KV still gets it
+    [ok] = pull([stale], own)  # the real owner of that KV still gets it
     assert ok["ctx_request_id"] == stale.ctx_request_id
 
 
