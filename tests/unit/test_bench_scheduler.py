@@ -536,12 +536,12 @@ def test_loadgen_builds_a_set_of_bodies_once_and_keeps_recent_sets_within_a_byte
 
 def test_woven_spreads_each_measurements_rounds_over_the_whole_run_and_keeps_their_rotation():
     bodies = {"kind": "ids", "rows": [[10, 2]] * 4}
-    five = sb.interleaved("local", [("direct", sb.single("a:1")), ("sched", sb.single("b:2"))],
+    four = sb.interleaved("local", [("direct", sb.single("a:1")), ("sched", sb.single("b:2"))],
                           lambda first, count: bodies, 4, 4, 500.0, 30.0)
     two = sb.closed_rounds("tp-disagg", [("sched", sb.single("c:3")), ("proxy", sb.single("d:4"))], bodies, 2,
                            32, 4.0, 30.0)
-    order = [p["name"] for p in sb.woven([five, two])]
-    assert sorted(order) == sorted(p["name"] for p in five + two)  # every phase, once
+    order = [p["name"] for p in sb.woven([four, two])]
+    assert sorted(order) == sorted(p["name"] for p in four + two)  # every phase, once
     # 4 rounds at 1/8, 3/8, 5/8, 7/8 of the way; 2 rounds at 1/4 and 3/4: neither measurement runs in one stretch
     assert order == ["local-direct-0", "local-sched-0",
                      "tp-disagg-sched-0", "tp-disagg-proxy-0",
