@@ -175,3 +175,17 @@ def test_rings_pair_prefill_with_its_own_decode_subset():
         await svc.stop()
 
     run(main())
+
+
+def test_base_hooks_take_every_call_and_do_nothing():
+    """Custom hooks subclass SchedulerHooks and override what they watch: the rest must be no-ops."""
+    import inspect
+
+    hooks = SchedulerHooks()
+    called = []
+    for name, method in inspect.getmembers(hooks, inspect.ismethod):
+        if not name.startswith("_"):
+            args = ["x" if p.annotation in ("str",) else 1 for p in inspect.signature(method).parameters.values()]
+            assert method(*args) is None
+            called.append(name)
+    assert {"routed", "finished", "generation_finished", "heartbeat", "config_reload"} <= set(called)

@@ -61,8 +61,7 @@ class SchedulerHooks:
 
     def finished(self, route: str, outcome: str, seconds: float) -> None: ...
 
-    def generation_finished(self, generation: str, outcome: str) -> None:
-        self._child(self.generation_requests, generation, outcome).inc()
+    def generation_finished(self, generation: str, outcome: str) -> None: ...
 
     def heartbeat(self, tier: str, ok: bool) -> None: ...
 
