@@ -135,6 +135,18 @@ def test_service_endpoints_and_errors(engines, make_scheduler):
     assert 'baton_scheduler_endpoints{state="healthy",tier="decode"}' in values
 
 
+def test_scheduler_freezes_its_start_up_heap_and_exports_gc_pauses(engines, make_scheduler):
+    sched = make_scheduler([engines["prefill"]], [engines["decode1"]])
+    for i in range(20):
+        assert post(sched.url + "/v1/completions", {"model": MODEL, "prompt": f"hi {i}", "max_tokens": 2})[0] == 200
+    values = metrics(sched.url)
+    # full collections no longer walk the modules, config and registry it started with
+    assert metric(values, "baton_scheduler_gc_frozen_objects") > 10_000
+    for generation in "012":  # collections are rare after the freeze: the counts may still be 0
+        count = values[f'baton_scheduler_gc_pause_seconds_count{{generation="{generation}"}}']
+        assert metric(values, "baton_scheduler_gc_pause_seconds_bucket", generation=generation, le="+Inf") == count
+
+
 def test_scheduler_without_healthy_decode_is_not_ready(engines, tmp_path):
     from scheduler_harness import start_scheduler, wait_all
 

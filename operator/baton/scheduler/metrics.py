@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from baton.gcpauses import PauseClock, frozen_objects, pause_clock
 
 PREFIX = "baton_scheduler"
 
@@ -130,6 +132,31 @@ class _StateCollector(Collector):
         )
 
 
+class _GcCollector(Collector):
+    """The process's garbage-collector pauses by generation, and how much of its heap is frozen."""
+
+    def __init__(self, clock: PauseClock) -> None:
+        self.clock = clock
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        h = HistogramMetricFamily(
+            f"{PREFIX}_gc_pause_seconds",
+            "Time the process stood still for each garbage collection, by generation (2 = full pass)",
+            labels=["generation"],
+        )
+        for generation, pauses in self.clock.generations.items():
+            h.add_metric([generation], pauses.cumulative(), pauses.total_s)
+        yield h
+        yield GaugeMetricFamily(
+            f"{PREFIX}_gc_frozen_objects",
+            "Objects frozen after start-up, which full collections no longer walk",
+            value=frozen_objects(),
+        )
+
+
 class PrometheusHooks(SchedulerHooks):
     def __init__(self, snapshot: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -218,6 +245,7 @@ class PrometheusHooks(SchedulerHooks):
         )
         if snapshot is not None:
             self.registry.register(_StateCollector(snapshot))
+        self.registry.register(_GcCollector(pause_clock()))
         # labelled children, looked up once: `labels()` validates and locks on every call, and the request
         # path records about eight samples per request (label values are a small fixed set)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
