@@ -44,6 +44,7 @@ import sys
 import time
 from typing import Any
 
+from baton.gcpauses import freeze_heap
 from baton.http1.client import HttpClient
 from baton.idlists import RawJSON
 from baton.scheduler.requests import parse_context_answer
@@ -413,6 +414,9 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     out = []
     for phase_spec in spec["phases"]:
         phase = Phase(phase_spec, pools, client)  # bodies are built before the clocks start
+        # so are earlier phases' results: frozen, a full GC pass in this phase does not walk them (unfrozen,
+        # passes of tens of ms stalled the sending and showed up as the measured processes' latency)
+        freeze_heap()
         cpu0 = {name: cpu_reading(pid) for name, pid in watch.items()}
         self0 = _self_cpu()
         machine0 = machine_seconds()

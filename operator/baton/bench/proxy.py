@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from baton.bench.loadgen import compact_json, context_only, generation_only_params
+from baton.gcpauses import freeze_heap
 from baton.http1.client import HttpClient
 from baton.http1.server import AnyResponse, HttpServer, PushResponse, Request, Response
 from baton.idlists import cut_id_list
@@ -97,6 +98,7 @@ async def serve(decode: str, prefill: str | None, interval_ms: float) -> None:
     server.route("POST", "/v1/chat/completions", route)
     server.route("GET", "/healthz", ok)
     await server.start("127.0.0.1", 0)
+    freeze_heap()  # as the scheduler does, so the two compare on the same footing
     print(f"listening on http://127.0.0.1:{server.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ from baton.engine_sim import logs
 from baton.engine_sim.config import SimConfig, StartupError
 from baton.engine_sim.server import MAX_BODY_BYTES, SimServer
 from baton.engine_sim.transfer_server import KVTransferServer
+from baton.gcpauses import freeze_heap
 from baton.http1.server import HttpServer
 
 log = logging.getLogger("baton.engine_sim.main")
@@ -42,6 +43,7 @@ async def serve(cfg: SimConfig, *, stop: asyncio.Event | None = None) -> None:
     kv_port = await transfer.start(cfg.host, cfg.kv_port)
     server.engine.start()
     server.started(port, kv_port)
+    freeze_heap()  # as the scheduler: full GC passes skip the start-up heap
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
