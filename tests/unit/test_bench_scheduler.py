@@ -557,6 +557,7 @@ def test_each_run_adds_a_row_to_recent_runs_newest_first_and_the_oldest_go(tmp_p
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\nhand-written text\n")
     results = _results()
+    results["throughput_disagg"]["proxy"] = {"routed_rps": 1234.4, "sched_cpu_ms_per_request": 0.3}
     first = {**_report(results), "date": "2026-01-01 00:00 UTC", "code": "aaaaaaa"}
     failed = [m for m in first["metrics"] if m["passed"] is False]
     assert failed  # the fixture misses at least one target: its row names it, with value and target
@@ -565,8 +566,9 @@ def test_each_run_adds_a_row_to_recent_runs_newest_first_and_the_oldest_go(tmp_p
     evaluated = [m for m in first["metrics"] if m["passed"] is not None]
     assert rows == [sb.run_summary(first)]
     assert rows[0].startswith(f"| 2026-01-01 00:00 UTC (--quick) | aaaaaaa | {len(evaluated) - len(failed)} of "
-                              f"{len(evaluated)} | {failed[0]['label']}: {failed[0]['value_text']} (target "
-                              f"{failed[0]['target_text']})")
+                              f"{len(evaluated)} | 1,234 req/s | {failed[0]['label']}: {failed[0]['value_text']} "
+                              f"(target {failed[0]['target_text']})")
+    del results["throughput_disagg"]["proxy"]
     for m in first["metrics"]:  # a run that meets every target says so
         m["passed"] = True if m["passed"] is not None else None
     for n in range(2, sb.HISTORY_KEPT + 3):
@@ -575,9 +577,23 @@ def test_each_run_adds_a_row_to_recent_runs_newest_first_and_the_oldest_go(tmp_p
     rows = table_rows_under(text, "scheduler", sb.HISTORY_HEADING)
     assert len(rows) == sb.HISTORY_KEPT
     assert rows[0].startswith(f"| 2026-01-{sb.HISTORY_KEPT + 2:02d} 00:00 UTC (--quick) | c{sb.HISTORY_KEPT + 2} | ")
-    assert rows[0].endswith(f"| {len(evaluated)} of {len(evaluated)} | - |")
+    assert rows[0].endswith(f"| {len(evaluated)} of {len(evaluated)} | - | - |")  # no proxy figure: '-'
     assert "aaaaaaa" not in text and "| c3 |" in text and "| c2 |" not in text  # the oldest went
     assert text.startswith("# Benchmarks\n\nhand-written text\n") and text.count(sb.HISTORY_HEADING) == 1
+
+
+def test_rows_from_before_the_bare_proxy_column_are_carried_over_with_a_dash_in_it(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    old_row = "| 2025-12-31 00:00 UTC | 0ld0000 | 13 of 14 | routed req/s, disaggregated: 1,400 req/s (target ≥ 1,500 req/s) |"
+    report = {**_report(_results()), "date": "2026-01-01 00:00 UTC", "code": "aaaaaaa"}
+    sb.write_report(report, out)
+    text = out.read_text().replace(sb.run_summary(report), sb.run_summary(report) + "\n" + old_row)
+    out.write_text(text)
+    sb.write_report({**report, "date": "2026-01-02 00:00 UTC", "code": "bbbbbbb"}, out)
+    rows = table_rows_under(out.read_text(), "scheduler", sb.HISTORY_HEADING)
+    assert rows[2] == ("| 2025-12-31 00:00 UTC | 0ld0000 | 13 of 14 | - | routed req/s, disaggregated: 1,400 req/s "
+                       "(target ≥ 1,500 req/s) |")
+    assert all(row.count("|") == len(sb.HISTORY_COLUMNS) + 1 for row in rows)
 
 
 def test_a_run_row_names_the_figure_that_missed_when_the_value_itself_is_within_the_target():

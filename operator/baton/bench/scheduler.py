@@ -937,15 +937,27 @@ def run_summary(report: dict[str, Any]) -> str:
 
     missed = "; ".join(f"{m['label']}: {why(m)} (target {m['target_text']})" for m in evaluated if not m["passed"])
     when = report["date"] + (" (--quick)" if report["quick"] else "")
+    proxy = ((report["results"].get("throughput_disagg") or {}).get("proxy") or {}).get("routed_rps")
     return (f"| {when} | {report.get('code', '-')} | {sum(1 for m in evaluated if m['passed'])} of "
-            f"{len(evaluated)} | {missed or '-'} |")
+            f"{len(evaluated)} | {fmt_value(proxy, 'req/s') if proxy else '-'} | {missed or '-'} |")
+
+
+HISTORY_COLUMNS = ["run", "code", "targets met", "bare proxy, disaggregated closed loop", "missed"]
+
+
+def _history_row(row: str) -> str:
+    """A carried-over row with the current columns: rows written before the bare-proxy column get '-' there."""
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    if len(cells) == len(HISTORY_COLUMNS) - 1:
+        cells.insert(HISTORY_COLUMNS.index("bare proxy, disaggregated closed loop"), "-")
+    return "| " + " | ".join(cells) + " |"
 
 
 def write_report(report: dict[str, Any], output: Path) -> None:
     """The scheduler section of `output` rewritten with `report`, its "Recent runs" carried over."""
     earlier = table_rows_under(output.read_text(encoding="utf-8"), SECTION, HISTORY_HEADING) \
         if output.exists() else []
-    report["history"] = [run_summary(report), *earlier][:HISTORY_KEPT]
+    report["history"] = [run_summary(report), *map(_history_row, earlier)][:HISTORY_KEPT]
     write_section(output, SECTION, render_markdown(report))
 
 
@@ -974,10 +986,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         HISTORY_HEADING,
         "",
         f"Each run adds a row here, newest first (the last {HISTORY_KEPT} are kept): the spread between runs of "
-        "the same code is this machine's.",
+        "the same code is this machine's. The bare proxy's closed loop (the disaggregated requests through a "
+        "forwarder on the same HTTP layer that does no scheduling, in the same rounds as the scheduler's) shows "
+        "how fast the machine was during each run.",
         "",
-        "| run | code | targets met | missed |",
-        "|---|---|---|---|",
+        "| " + " | ".join(HISTORY_COLUMNS) + " |",
+        "|" + "---|" * len(HISTORY_COLUMNS),
         *(report.get("history") or [run_summary(report)]),
         "",
         "Latency percentiles in ms (to the end of the streamed answer; direct = the engines alone, sched = through "
