@@ -14,6 +14,7 @@ from baton.bench.report import (
     code_version,
     fmt_target,
     fmt_value,
+    markdown_cells,
     markdown_table,
     paired_differences,
     per_item,
@@ -92,6 +93,7 @@ def test_formatting():
     assert fmt_target(None) == "-"
     table = markdown_table(["a", "b"], [["1", "x|y"]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x\\|y |"]
+    assert markdown_cells(table.splitlines()[2]) == ["1", "x|y"]  # a row read back, its escaped pipe kept
 
 
 START, END = "<!-- bench:scheduler:start -->", "<!-- bench:scheduler:end -->"

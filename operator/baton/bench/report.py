@@ -133,9 +133,18 @@ def fmt_result(passed: bool | None) -> str:
     return {True: "pass", False: "FAIL", None: "n/a"}[passed]
 
 
+def markdown_row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def markdown_cells(row: str) -> list[str]:
+    """The cells of a `markdown_row` line, unescaped."""
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row.strip()[1:-1])]
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines += [markdown_row(row) for row in rows]
     return "\n".join(lines)
 
 

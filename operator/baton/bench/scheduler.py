@@ -60,6 +60,8 @@ from baton.bench.report import (
     fmt_target,
     fmt_value,
     machine_facts,
+    markdown_cells,
+    markdown_row,
     markdown_table,
     paired_differences,
     per_item,
@@ -928,8 +930,13 @@ def metric_dicts(metrics: Sequence[Metric]) -> list[dict[str, Any]]:
              "result": fmt_result(m.passed)} for m in metrics]
 
 
-def run_summary(report: dict[str, Any]) -> str:
-    """One run as a row of the section's "Recent runs" table: when, which code, and which targets it missed."""
+HISTORY_COLUMNS = ["run", "code", "targets met", "bare proxy, disaggregated closed loop", "missed"]
+_PROXY_COLUMN = HISTORY_COLUMNS.index("bare proxy, disaggregated closed loop")
+
+
+def run_cells(report: dict[str, Any]) -> list[str]:
+    """One run as the cells of the section's "Recent runs" table: when, which code, which targets it
+    missed, and how fast the machine was (the bare proxy's closed loop)."""
     evaluated = [m for m in report["metrics"] if m["passed"] is not None]
 
     def why(m: dict[str, Any]) -> str:
@@ -938,26 +945,28 @@ def run_summary(report: dict[str, Any]) -> str:
     missed = "; ".join(f"{m['label']}: {why(m)} (target {m['target_text']})" for m in evaluated if not m["passed"])
     when = report["date"] + (" (--quick)" if report["quick"] else "")
     proxy = ((report["results"].get("throughput_disagg") or {}).get("proxy") or {}).get("routed_rps")
-    return (f"| {when} | {report.get('code', '-')} | {sum(1 for m in evaluated if m['passed'])} of "
-            f"{len(evaluated)} | {fmt_value(proxy, 'req/s') if proxy else '-'} | {missed or '-'} |")
+    return [when, report.get("code", "-"), f"{sum(1 for m in evaluated if m['passed'])} of {len(evaluated)}",
+            fmt_value(proxy, "req/s") if proxy else "-", missed or "-"]
 
 
-HISTORY_COLUMNS = ["run", "code", "targets met", "bare proxy, disaggregated closed loop", "missed"]
+def run_summary(report: dict[str, Any]) -> str:
+    """One run as a row of the section's "Recent runs" table."""
+    return markdown_row(run_cells(report))
 
 
-def _history_row(row: str) -> str:
+def _history_cells(row: str) -> list[str]:
     """A carried-over row with the current columns: rows written before the bare-proxy column get '-' there."""
-    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    cells = markdown_cells(row)
     if len(cells) == len(HISTORY_COLUMNS) - 1:
-        cells.insert(HISTORY_COLUMNS.index("bare proxy, disaggregated closed loop"), "-")
-    return "| " + " | ".join(cells) + " |"
+        cells.insert(_PROXY_COLUMN, "-")
+    return cells
 
 
 def write_report(report: dict[str, Any], output: Path) -> None:
     """The scheduler section of `output` rewritten with `report`, its "Recent runs" carried over."""
     earlier = table_rows_under(output.read_text(encoding="utf-8"), SECTION, HISTORY_HEADING) \
         if output.exists() else []
-    report["history"] = [run_summary(report), *map(_history_row, earlier)][:HISTORY_KEPT]
+    report["history"] = [run_cells(report), *map(_history_cells, earlier)][:HISTORY_KEPT]
     write_section(output, SECTION, render_markdown(report))
 
 
@@ -990,9 +999,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "forwarder on the same HTTP layer that does no scheduling, in the same rounds as the scheduler's) shows "
         "how fast the machine was during each run.",
         "",
-        "| " + " | ".join(HISTORY_COLUMNS) + " |",
-        "|" + "---|" * len(HISTORY_COLUMNS),
-        *(report.get("history") or [run_summary(report)]),
+        markdown_table(HISTORY_COLUMNS, report.get("history") or [run_cells(report)]),
         "",
         "Latency percentiles in ms (to the end of the streamed answer; direct = the engines alone, sched = through "
         "the scheduler):",
