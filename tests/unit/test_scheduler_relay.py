@@ -208,3 +208,33 @@ def test_client_going_away_drops_held_tokens_and_ends_once():
         assert len(endings) == 1
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("split", [None, 3, 9])
+def test_a_token_that_reads_done_does_not_end_the_stream(split):
+    async def scenario():
+        _, resp, sink, endings = make(0.0)
+        text = b'data: {"choices": [{"text": "data: [DONE]"}]}\n\n'  # what a model wrote, not the last event
+        pieces = [text] if split is None else [text[:split], text[split:]]
+        for piece in pieces:
+            resp.on_data(piece)
+        resp.on_end()  # the engine stopped without its [DONE] event: the client must be told
+        assert b'"code": "stream_interrupted"' in sink.ended
+        assert [outcome for outcome, _ in endings] == ["truncated"]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("done", [DONE, b"data:[DONE]\n\n", b"data: [DONE]\r\n\r\n"])
+def test_the_done_event_is_seen_when_split_across_reads_and_as_the_first_piece(done):
+    async def scenario():
+        _, resp, sink, endings = make(0.0)
+        resp.on_data(event(1) + done[:4])
+        resp.on_data(done[4:])
+        resp.on_end()
+        assert [outcome for outcome, _ in endings] == ["completed"] and b"stream_interrupted" not in sink.body()
+        _, resp, sink, endings = make(0.0, first=done)
+        resp.on_end()
+        assert [outcome for outcome, _ in endings] == ["completed"]
+
+    asyncio.run(scenario())

@@ -27,6 +27,11 @@ from typing import Any
 
 from baton.scheduler.replies import STREAM_ERROR, STREAM_ERROR_COMPACT, sse_error
 
+# `[DONE]` counts only as an event of its own: at the start of a line (a token's text may say "[DONE]",
+# but inside an event's JSON a line break is always escaped)
+_DONE_EVENT = b"\ndata: [DONE]"
+_DONE_EVENT_COMPACT = b"\ndata:[DONE]"
+
 
 class StreamRelay:
     __slots__ = ("resp", "first", "address", "interval", "clock", "on_broken", "on_finish", "t_first", "t_last",
@@ -43,7 +48,7 @@ class StreamRelay:
         self.on_finish = on_finish
         self.t_first = self.t_last = clock()
         self.events = 0  # SSE events seen ("data:" lines)
-        self.tail = b""  # the end of the previous piece, so markers split across pieces are still seen
+        self.tail = b"\n"  # the end of the previous piece, so markers split across pieces are still seen
         self.done = False
         self.errored = False
         self.sink: Any = None
@@ -79,12 +84,14 @@ class StreamRelay:
         self.events += chunk.count(b"data:")
         # Markers are looked for in the piece, and across the seam with the previous one (no copy of the piece).
         seam = self.tail + chunk[:24]
-        if b"[DONE]" in chunk or b"[DONE]" in seam:
+        if (b"[DONE]" in chunk or b"[DONE]" in seam) and (
+                _DONE_EVENT in seam or _DONE_EVENT in chunk or _DONE_EVENT_COMPACT in seam
+                or _DONE_EVENT_COMPACT in chunk):
             self.done = True
         if (STREAM_ERROR in chunk or STREAM_ERROR_COMPACT in chunk or STREAM_ERROR in seam
                 or STREAM_ERROR_COMPACT in seam):
             self.errored = True
-        self.tail = chunk[-24:]
+        self.tail = chunk[-24:] if len(chunk) >= 24 else (self.tail + chunk)[-24:]
 
     def _data(self, chunk: bytes) -> None:
         self._scan(chunk)
