@@ -75,3 +75,17 @@ def test_prompt_marker_in_other_fields_does_not_confuse_the_splice():
     req = parse({"model": "m", "prompt": [1, 2], "user": "\u0000baton-prompt\u0000"})
     body = json.loads(req.context_body())
     assert body["prompt"] == [1, 2] and body["user"] == "\u0000baton-prompt\u0000"
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+@pytest.mark.parametrize("field", ["prompt", "user"])
+def test_a_lone_surrogate_escape_is_the_clients_error_and_a_pair_is_text(api, field):
+    base = '{"model": "m", %s, "user": "u"}' % (
+        '"prompt": "hi"' if api == "completions" else '"messages": [{"role": "user", "content": "hi"}]')
+    lone = base.replace('"hi"', '"a\\ud800b"') if field == "prompt" else base.replace('"u"', '"\\uDFFF"')
+    with pytest.raises(RequestError) as err:
+        parse_request(lone.encode(), api, {}, "m")
+    assert err.value.status == 400 and err.value.code == "invalid_json" and "surrogate" in err.value.message
+    pair = base.replace('"hi"', '"smile \\ud83d\\ude00"')
+    req = parse_request(pair.encode(), api, {}, "m")
+    assert "\U0001F600" in json.dumps(json.loads(req.local_body()), ensure_ascii=False)

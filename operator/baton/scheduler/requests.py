@@ -179,6 +179,12 @@ def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) 
         raise RequestError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
     if not isinstance(data, dict):
         raise RequestError(400, "request body must be a JSON object", "invalid_request")
+    if b"\\ud" in raw or b"\\uD" in raw:  # only then can a string hold half a surrogate pair
+        try:
+            _dumps(data).encode()
+        except UnicodeEncodeError:
+            raise RequestError(400, "request body is not valid JSON: a \\u escape names half of a UTF-16 "
+                               "surrogate pair (lone surrogates are not text)", "invalid_json") from None
     rewrite = False
     requested = data.get("model")
     if requested is None:
