@@ -237,3 +237,49 @@ def test_a_waiter_that_can_never_be_served_fails_without_breaking_notify():
         return False
 
     assert asyncio.run(scenario())
+
+
+def test_a_strict_queue_goes_past_a_waiter_that_passes_and_looks_again_when_the_head_leaves():
+    from baton.scheduler.admission import PASS
+
+    async def scenario():
+        q: WaitQueue[str] = WaitQueue("prefill", strict=True)
+        free = {"slot": True}
+
+        def take_any():
+            if free["slot"]:
+                free["slot"] = False
+                return "slot"
+            return None
+
+        head = asyncio.create_task(q.acquire(lambda: PASS, lambda v: None, 5))  # must avoid what is free
+        await asyncio.sleep(0)
+        assert await asyncio.wait_for(q.acquire(take_any, lambda v: None, 5), 1) == "slot"  # not blocked by it
+        blocker = asyncio.create_task(q.acquire(lambda: None, lambda v: None, 0.05))  # blocks the queue
+        await asyncio.sleep(0)
+        behind = asyncio.create_task(q.acquire(take_any, lambda v: None, 5))
+        await asyncio.sleep(0)
+        free["slot"] = True
+        q.notify()
+        assert not behind.done()  # strict: the blocker is first
+        with pytest.raises(QueueTimeout):
+            await blocker
+        assert await asyncio.wait_for(behind, 1) == "slot"  # the blocker's leaving let it look again
+        head.cancel()
+        await asyncio.gather(head, return_exceptions=True)
+        assert len(q) == 0
+
+    asyncio.run(scenario())
+
+
+def test_fail_all_ends_every_waiter_with_its_own_error():
+    async def scenario():
+        q: WaitQueue[str] = WaitQueue("decode", strict=False)
+        waiters = [asyncio.create_task(q.acquire(lambda: None, lambda v: None, 5, priority=p)) for p in (True, False)]
+        await asyncio.sleep(0)
+        assert q.fail_all(lambda: RuntimeError("shutting down")) == 2
+        errors = await asyncio.gather(*waiters, return_exceptions=True)
+        assert [str(e) for e in errors] == ["shutting down"] * 2 and errors[0] is not errors[1]
+        assert len(q) == 0
+
+    asyncio.run(scenario())

@@ -11,7 +11,11 @@ Everything takes an injectable clock (seconds, monotonic) so it can be tested wi
   order. A strict queue stops at the first waiter that cannot proceed (FIFO, no overtaking: used for the
   prefill pool, whose waiters all compete for the same things); a non-strict queue lets later waiters
   take slots an earlier one cannot use (used for the decode pool, where a held prefill may only use the
-  decode replicas of its own ring). A waiter that waits longer than its timeout gets `QueueTimeout`.
+  decode replicas of its own ring). A `try_acquire()` may return `PASS` instead of None: "nothing I may
+  use is free, but what is free may serve others" (a retried request that must avoid a replica); a
+  strict queue then goes on to the next waiter instead of stopping. A waiter that waits longer than its
+  timeout gets `QueueTimeout`; a waiter that leaves (timeout, cancellation) lets the ones behind it look
+  again. `fail_all(make_exc)` ends every waiter with an error (shutdown).
 - `RetryBudget`: retries are allowed while they stay within `ratio` of recent requests, plus a small
   reserve that refills over time so a quiet scheduler can still retry.
 - `LatencyWindow`: recent decode TPOT samples; its p95 drives decode backpressure.
@@ -92,6 +96,16 @@ class QueueTimeout(Exception):
     """A waiter was not served within its timeout."""
 
 
+class _Pass:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "PASS"
+
+
+PASS: Any = _Pass()  # see the module doc: not served, but not blocking the waiters behind
+
+
 class _Waiter:
     __slots__ = ("future", "try_acquire", "priority")
 
@@ -131,16 +145,22 @@ class WaitQueue(Generic[T]):
     ) -> T:
         """Reserve a slot now or wait for one; raises QueueTimeout after `timeout` seconds."""
         ahead = self._priority if priority else (self._priority or self._normal)
-        if not (self.strict and ahead):
+        queued_behind = self.strict and bool(ahead)
+        if not queued_behind:
             value = try_acquire()
-            if value is not None:
+            if value is not None and value is not PASS:
                 return value
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), try_acquire, priority)
         (self._priority if priority else self._normal).append(waiter)
         timer = loop.call_later(timeout, self._expire, waiter)
+        if queued_behind:
+            self.notify()  # the waiters ahead may all be passing on what is free
+        granted = False
         try:
-            return await waiter.future
+            value = await waiter.future
+            granted = True
+            return value
         except asyncio.CancelledError:
             fut = waiter.future
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -149,6 +169,8 @@ class WaitQueue(Generic[T]):
         finally:
             timer.cancel()
             self._discard(waiter)
+            if not granted and self.strict:
+                self.notify()  # it may have been blocking the head of the queue
 
     def _discard(self, waiter: _Waiter) -> None:
         queue = self._priority if waiter.priority else self._normal
@@ -177,13 +199,24 @@ class WaitQueue(Generic[T]):
                     del queue[i]
                     waiter.future.set_exception(exc)
                     continue
-                if value is None:
-                    if self.strict:
+                if value is None or value is PASS:
+                    if self.strict and value is None:
                         return
                     i += 1
                     continue
                 del queue[i]
                 waiter.future.set_result(value)
+
+    def fail_all(self, make_exc: Callable[[], BaseException]) -> int:
+        """End every waiter with an exception from `make_exc()`; returns how many there were."""
+        n = 0
+        for queue in (self._priority, self._normal):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.future.done():
+                    waiter.future.set_exception(make_exc())
+                    n += 1
+        return n
 
     def wake_after(self, delay: float) -> None:
         """Run `notify()` again after `delay` seconds (e.g. when a token bucket refills)."""
