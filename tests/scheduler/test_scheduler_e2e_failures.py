@@ -122,3 +122,37 @@ def test_client_leaving_mid_stream_frees_the_slot_and_is_counted(engines, make_s
     # the upstream request was dropped too: the engine is not left generating for nobody
     wait_for(lambda: json.loads(http("GET", decode.url + "/_sim/state")[2])["numActiveRequests"] == 0, 10,
              "the engine to drop the abandoned sequence")
+
+
+def _send_and_leave_later(port: int, body: dict):
+    import socket
+
+    raw = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+    return sock
+
+
+def test_a_client_leaving_before_its_answer_starts_takes_its_request_with_it(engines, make_scheduler):
+    decode = engines["decode2"]
+    sched = make_scheduler([engines["prefill"]], [decode], backpressure={"maxActivePerDecodeReplica": 1})
+    long_running = {"model": MODEL, "prompt": prompt_ids(30, 11), "max_tokens": 3000, "stream": False}
+    first = _send_and_leave_later(sched.port, long_running)  # holds the only decode slot, answer not started
+    wait_for(lambda: _state(sched.url)["decode"][0]["active"] == 1, 10, "the first request to take the slot")
+    second = _send_and_leave_later(sched.port, {**long_running, "prompt": prompt_ids(30, 12)})
+
+    def waiting() -> int:
+        queue = _state(sched.url)["queue"]
+        return queue["prefill"] + queue["decode"] + queue["holds"]
+
+    wait_for(lambda: waiting() == 1, 10, "the second request to wait for a slot (queued or held)")
+    second.close()  # gives up while waiting: its place (or hold) is given back, it never reaches a decode engine
+    wait_for(lambda: waiting() == 0, 10, "the place to be given back")
+    first.close()  # gives up during the engine call: the slot and the engine's sequence are freed
+    wait_for(lambda: _state(sched.url)["decode"][0]["active"] == 0, 10, "the decode slot to be released")
+    wait_for(lambda: json.loads(http("GET", decode.url + "/_sim/state")[2])["numActiveRequests"] == 0, 10,
+             "the engine to drop the abandoned sequence")
+    wait_for(lambda: metric(metrics(sched.url), "baton_scheduler_requests_total", outcome="cancelled") == 2, 10,
+             "both requests to be counted as cancelled")
+    assert metric(metrics(sched.url), "baton_scheduler_requests_total", outcome="completed") == 0

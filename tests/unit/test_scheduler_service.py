@@ -189,3 +189,227 @@ def test_base_hooks_take_every_call_and_do_nothing():
             assert method(*args) is None
             called.append(name)
     assert {"routed", "finished", "generation_finished", "heartbeat", "config_reload"} <= set(called)
+
+
+# ---------------------------------------------------------------------------------------------- lifecycle
+def _outcomes(svc):
+    seen = []
+    orig = svc.hooks.finished
+    svc.hooks.finished = lambda route, outcome, s: (seen.append(outcome), orig(route, outcome, s))
+    return seen
+
+
+def test_a_held_handle_never_resumes_on_a_pair_known_to_be_incompatible():
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\n", decode=("d1:1", "d2:1"))
+        svc.incompatible[("p1:1", "d1:1")] = (svc.clock() + 300, KV_ERROR)
+        engine.fail["d1:1"] = "kv"
+        svc.decode["d2:1"].active = 1  # the only compatible decode replica is full: the handle is held
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await asyncio.sleep(0.05)
+        assert len(svc.holds) == 1 and not task.done()  # d1 was free, but not for this handle
+        svc.decode["d2:1"].active = 0
+        svc.decode_queue.notify()
+        reply = await asyncio.wait_for(task, 2)
+        assert reply.status == 200 and reply.headers["X-Baton-Decode-Endpoint"] == "d2:1"
+        assert ("d1:1", "generation_only") not in engine.calls
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_held_retry_does_not_go_back_to_the_pair_that_failed_it():
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\nretries: {maxAttempts: 3}\n",
+                           decode=("d1:1", "d2:1"))
+        engine.fail["d1:1"] = "500"
+        svc.decode["d2:1"].active = 1  # first attempt: only d1 is free, and it fails the handoff
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await asyncio.sleep(0.05)
+        assert len(svc.holds) == 1  # the retry's handle waits for d2 instead of going back to d1
+        svc.decode["d2:1"].active = 0
+        svc.decode_queue.notify()
+        reply = await asyncio.wait_for(task, 2)
+        assert reply.status == 200 and reply.headers["X-Baton-Decode-Endpoint"] == "d2:1"
+        assert engine.calls.count(("d1:1", "generation_only")) == 1
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_handle_held_for_a_prefill_whose_address_now_serves_another_engine_is_prefilled_again():
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\n", decode=("d1:1",))
+        svc.decode["d1:1"].active = 1
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await asyncio.sleep(0.05)
+        assert len(svc.holds) == 1
+        # the prefill pod was replaced: same address, another pod (its KV, and the handle's, are gone)
+        svc.update_endpoints([Endpoint("p1:1", "prefill", pod="prefill-0-new")], [Endpoint("d1:1", "decode")])
+        svc.decode["d1:1"].active = 0
+        svc.decode_queue.notify()
+        reply = await asyncio.wait_for(task, 2)
+        assert reply.status == 200
+        assert [k for a, k in engine.calls if a == "p1:1"] == ["context_only", "context_only"]
+        await svc.stop()
+
+    run(main())
+
+
+def test_requests_waiting_for_a_prefill_slot_are_routed_again_when_the_prefill_tier_dies():
+    async def main():
+        svc, engine = make("routing: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100, prefillBatchSize: 1}\nqueue: {maxWaitSeconds: 5}\n", decode=("d1:1",))
+        outcomes = _outcomes(svc)
+        orig = engine.post
+
+        async def post(ep, path, body, rid):
+            if ep.address == "p1:1":
+                await asyncio.sleep(0.1)
+                raise EngineFailure(ep, "ConnectionResetError: the prefill pod died", kind="connection")
+            return await orig(ep, path, body, rid)
+
+        engine.post = post
+        first = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await asyncio.sleep(0.02)
+        second = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await asyncio.sleep(0.02)
+        assert svc.prefill_queue.waiting == 1  # the second waits for p1's only slot
+        replies = await asyncio.wait_for(asyncio.gather(first, second), 2)  # long before maxWaitSeconds
+        assert [r.status for r in replies] == [200, 200]
+        assert [r.headers["X-Baton-Route"] for r in replies] == ["local", "local"]
+        assert outcomes == ["completed", "completed"]
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_retried_request_avoiding_an_idle_replica_does_not_block_the_queue_behind_it():
+    async def main():
+        svc, engine = make("routing: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100, prefillBatchSize: 1}\nqueue: {maxWaitSeconds: 5}\n",
+                           prefill=("p1:1", "p2:1"), decode=("d1:1", "d2:1"))
+        gate = asyncio.Event()
+        orig = engine.post
+
+        async def post(ep, path, body, rid):
+            if rid == "slow" and ep.address == "p1:1":
+                await gate.wait()  # a long prefill holds p1
+            return await orig(ep, path, body, rid)
+
+        engine.post = post
+        slow = asyncio.create_task(svc.complete("completions", long_request(), {"X-Request-Id": "slow"}))
+        await asyncio.sleep(0.02)
+        assert svc.prefill["p1:1"].active == 1
+        ctx_a = asyncio.create_task(svc.complete("completions", long_request(), {"X-Request-Id": "a"}))
+        await asyncio.sleep(0.02)  # "a" took p2; make it a retry that must avoid p2, waiting for p1
+        svc.prefill["p2:1"].active = 0
+        svc.prefill_queue.notify()
+        await asyncio.wait_for(ctx_a, 1)
+        from baton.scheduler.service import _Ctx
+        avoiding = _Ctx("avoid", "completions", svc.clock())
+        avoiding.excluded.add("p2:1")
+        waiter = asyncio.create_task(svc._admit(  # noqa: SLF001 - a retry's admission, as _run makes it
+            avoiding, svc.prefill_queue, lambda: svc._try_prefill(200, avoiding.excluded),  # noqa: SLF001
+            lambda r: svc._release_prefill(r, 200), "prefill"))  # noqa: SLF001
+        await asyncio.sleep(0.02)
+        assert svc.prefill_queue.waiting == 1 and not waiter.done()
+        behind = await asyncio.wait_for(svc.complete("completions", long_request(), {"X-Request-Id": "b"}), 1)
+        assert behind.status == 200 and behind.headers["X-Baton-Prefill-Endpoint"] == "p2:1"
+        gate.set()
+        await asyncio.wait_for(slow, 1)
+        got = await asyncio.wait_for(waiter, 1)  # p1 freed: the waiter that avoids p2 gets it
+        assert got.address == "p1:1"
+        svc._release_prefill(got, 200)  # noqa: SLF001
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_request_whose_client_leaves_gives_back_its_place_and_counts_as_cancelled():
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\n", prefill=(), decode=("d1:1",))
+        outcomes = _outcomes(svc)
+        svc.decode["d1:1"].active = 1
+        task = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        await asyncio.sleep(0.02)
+        assert svc.decode_queue.waiting == 1
+        task.cancel()  # what the HTTP server does when the client disconnects
+        await asyncio.gather(task, return_exceptions=True)
+        assert svc.decode_queue.waiting == 0 and outcomes == ["cancelled"]
+        svc.decode["d1:1"].active = 0
+        engine.delay = 5
+        task = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        await asyncio.sleep(0.02)
+        assert svc.decode["d1:1"].active == 1  # in the engine call now
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert svc.decode["d1:1"].active == 0 and outcomes == ["cancelled", "cancelled"]
+        await svc.stop()
+
+    run(main())
+
+
+def test_shutdown_answers_waiting_and_held_requests_with_503_and_retry_after():
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\n", decode=("d1:1",))
+        svc.decode["d1:1"].active = 1
+        held = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        waiting = asyncio.create_task(svc.complete("completions", long_request(50), {}))
+        await asyncio.sleep(0.05)
+        assert len(svc.holds) + svc.decode_queue.waiting + svc.prefill_queue.waiting == 2
+        assert len(svc.holds) >= 1
+        assert svc.shed_waiting() == 2
+        for reply in await asyncio.wait_for(asyncio.gather(held, waiting), 1):
+            assert reply.status == 503 and reply.headers["Retry-After"] == "1"
+            assert json.loads(reply.body)["error"]["code"] == "shutting_down"
+        assert len(svc.holds) == 0
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_request_id_that_is_not_a_plain_token_is_replaced():
+    async def main():
+        svc, _ = make(prefill=(), decode=("d1:1",))
+        reply = await svc.complete("completions", long_request(5), {"X-Request-Id": "trace-1a2b:3/4=+_."})
+        assert reply.headers["X-Request-Id"] == "trace-1a2b:3/4=+_."
+        for bad in ("abc\nSet-Cookie: x=1", "a b", "x" * 129, "é"):
+            reply = await svc.complete("completions", long_request(5), {"X-Request-Id": bad})
+            rid = reply.headers["X-Request-Id"]
+            assert rid != bad and len(rid) == 32 and rid.isalnum()
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_stream_the_prefill_finished_carries_usage_when_asked():
+    async def main():
+        svc, engine = make(decode=("d1:1",))
+        orig = engine.post
+
+        async def post(ep, path, body, rid):
+            status, data, ctype = await orig(ep, path, body, rid)
+            answer = json.loads(data)
+            if "prompt_token_ids" in answer:  # the context phase ended the request (EOS on the first token)
+                answer["choices"][0]["finish_reason"] = "stop"
+                answer["usage"] = {"prompt_tokens": 200, "completion_tokens": 1, "total_tokens": 201}
+            return status, json.dumps(answer).encode(), ctype
+
+        engine.post = post
+        for api, body in (("completions", {"model": "m", "prompt": list(range(1, 201))}),
+                          ("chat", {"model": "m", "messages": [{"role": "user", "content": "x " * 400}]})):
+            for include in (True, False):
+                req = {**body, "max_tokens": 2, "stream": True, "stream_options": {"include_usage": include}}
+                reply = await svc.complete(api, json.dumps(req).encode(), {})
+                events = [e async for e in reply.chunks]
+                text = b"".join(events).decode()
+                chunks = [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
+                assert text.endswith("data: [DONE]\n\n")
+                usage = [c for c in chunks if c.get("usage")]
+                if include:
+                    assert len(usage) == 1 and usage[0]["choices"] == [] and chunks[-1] is usage[0]
+                    assert usage[0]["usage"]["total_tokens"] >= usage[0]["usage"]["prompt_tokens"] > 0
+                else:
+                    assert usage == []
+        await svc.stop()
+
+    run(main())

@@ -32,7 +32,8 @@ def to_response(reply: AnyReply) -> AnyResponse:
 
 
 def build_server(service: SchedulerService) -> HttpServer:
-    server = HttpServer(max_body_bytes=MAX_BODY_BYTES)
+    # a client that goes away takes its request with it: its queue place, hold, slot and engine call
+    server = HttpServer(max_body_bytes=MAX_BODY_BYTES, cancel_on_disconnect=True)
 
     def completion_handler(api: str):  # type: ignore[no-untyped-def]
         async def handler(request: Request) -> AnyResponse:

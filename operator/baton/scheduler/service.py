@@ -23,12 +23,14 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from baton.scheduler.admission import (
+    PASS,
     LatencyWindow,
     QueueTimeout,
     RetryBudget,
@@ -84,9 +86,18 @@ DEFAULT_PREFILL_TPS = 20_000.0  # prefill throughput assumed until one is observ
 INCOMPATIBLE_PAIR_TTL_S = 300.0  # how long a KV-format mismatch keeps a pair out of placement
 UNHEALTHY_AFTER_5XX = 3  # consecutive 5xx answers before a replica is taken out of rotation
 
+# A client's X-Request-Id is carried through both tiers and into logs: kept when it is a plain token
+# (what tracing systems and ingress controllers generate), replaced by a fresh id otherwise.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
 # ---------------------------------------------------------------------------------------------- per request
 class _StrandedHold(Exception):
     """A held prefill whose KV format no current decode replica shares."""
+
+
+class _NoPrefillPair(Exception):
+    """A request waiting for a prefill slot has no usable prefill replica left (all unhealthy or excluded)."""
 
 
 class _Ctx:
@@ -274,6 +285,19 @@ class SchedulerService:
         self.prefill_queue.notify()
         self.decode_queue.notify()
 
+    def shed_waiting(self) -> int:
+        """Shutdown, at the end of the grace period: every request still waiting for a slot, or held after
+        its prefill, is answered 503 with Retry-After (another scheduler replica can take it) instead of
+        having its connection closed unanswered. Returns how many there were."""
+        def shutting_down() -> SchedulerError:
+            return SchedulerError(503, "the scheduler is shutting down before a slot freed for this request; "
+                                  "retry it", "shutting_down", "service_unavailable", retry_after=1)
+
+        n = self.prefill_queue.fail_all(shutting_down) + self.decode_queue.fail_all(shutting_down)
+        if n:
+            log.warning("event=shutdown_shed waiting=%d", n)
+        return n
+
     def update_endpoints(self, prefill: list[Endpoint], decode: list[Endpoint]) -> None:
         """Install new endpoint lists; state (load, health) is kept for replicas that stay."""
         fresh: list[ReplicaState] = []
@@ -369,6 +393,9 @@ class SchedulerService:
             replica.healthy = False
             log.warning("event=endpoint_unhealthy tier=%s endpoint=%s cause=%r",
                         replica.endpoint.tier, replica.address, failure.message[:200])
+            # waiters re-check: a prefill waiter with no usable replica left is routed again
+            self.prefill_queue.notify()
+            self.decode_queue.notify()
 
     def ready(self) -> tuple[bool, str]:
         if not self.config_loaded:
@@ -524,7 +551,7 @@ class SchedulerService:
         ahead = len(queue) if queue.strict else 0
         if not ahead:
             value = try_acquire()
-        if value is None:
+        if value is None or value is PASS:
             if self._backlog() >= self.config.queue.max_depth:
                 raise self._reject(ctx, "queue_full", f"the scheduler queue is full ({self.config.queue.max_depth} "
                                    "requests waiting); retry later")
@@ -555,8 +582,13 @@ class SchedulerService:
         routing = self.config.routing
         if self.prefills_in_flight >= routing.max_concurrent_prefills:
             return None
-        candidates = [r for r in self._usable_prefills(excluded) if r.active < routing.prefill_batch_size]
+        usable = self._usable_prefills(excluded)
+        if not usable:
+            raise _NoPrefillPair()
+        candidates = [r for r in usable if r.active < routing.prefill_batch_size]
         if not candidates:
+            if excluded and any(r.healthy and r.active < routing.prefill_batch_size for r in self.prefill.values()):
+                return PASS  # what is free, this request must avoid: let the waiters behind it have it
             return None
         if not self.prefill_bucket.try_take(tokens):
             self.prefill_queue.wake_after(self.prefill_bucket.time_until(tokens))
@@ -583,18 +615,28 @@ class SchedulerService:
 
     async def complete(self, api: str, raw: bytes, headers: Mapping[str, str]) -> AnyReply:
         """Serve one /v1/completions or /v1/chat/completions request."""
-        ctx = _Ctx(headers.get(HDR_REQUEST_ID) or uuid.uuid4().hex, api, self.clock())
+        rid = headers.get(HDR_REQUEST_ID)
+        if not rid or not _REQUEST_ID.fullmatch(rid):
+            rid = uuid.uuid4().hex
+        ctx = _Ctx(rid, api, self.clock())
         try:
-            ctx.req = req = parse_request(raw, api, headers, self.config.model)
-            if req.uncounted is not None:
-                await req.count_deferred()
-        except RequestError as exc:
-            return self._finish_error(ctx, SchedulerError(exc.status, exc.message, exc.code,
-                                                          "invalid_request_error", outcome="invalid"))
-        self.retry_budget.record_request()
-        decision = self._decide(ctx)
-        self.hooks.routed(decision.route.value, decision.reason, req.tokens)
-        return await self._run(ctx)
+            try:
+                ctx.req = req = parse_request(raw, api, headers, self.config.model)
+                if req.uncounted is not None:
+                    await req.count_deferred()
+            except RequestError as exc:
+                return self._finish_error(ctx, SchedulerError(exc.status, exc.message, exc.code,
+                                                              "invalid_request_error", outcome="invalid"))
+            self.retry_budget.record_request()
+            decision = self._decide(ctx)
+            self.hooks.routed(decision.route.value, decision.reason, req.tokens)
+            return await self._run(ctx)
+        except asyncio.CancelledError:
+            # the client went away before its answer started (the HTTP server cancels the handler):
+            # whatever the request held -- a queue place, a hold, a slot, an engine call -- is given back
+            # on the way out; it is counted here
+            self._account(ctx, "cancelled", 499, "the client closed the connection before the answer started")
+            raise
 
     def _decide(self, ctx: _Ctx) -> Decision:
         req = ctx.req
@@ -675,10 +717,13 @@ class SchedulerService:
                 # decode is saturated and the backlog is full: prefilling now would only feed a hold
                 raise self._reject(ctx, "queue_full", "the decode tier is saturated and the scheduler queue is "
                                    f"full ({self.config.queue.max_depth}); retry later")
-            prefill: ReplicaState = await self._admit(
-                ctx, self.prefill_queue, lambda: self._try_prefill(req.tokens, excluded),
-                lambda r: self._release_prefill(r, req.tokens), PREFILL,
-            )
+            try:
+                prefill: ReplicaState = await self._admit(
+                    ctx, self.prefill_queue, lambda: self._try_prefill(req.tokens, excluded),
+                    lambda r: self._release_prefill(r, req.tokens), PREFILL,
+                )
+            except _NoPrefillPair:
+                continue  # the prefill tier went away while this request waited: route it again (above)
             ctx.prefill = prefill
             ctx.decode = None
             ctx.generation = self._serving_generation()
@@ -736,11 +781,19 @@ class SchedulerService:
             body = req.generation_body(handle, ids_json if ids_json is not None else answer.get("prompt_token_ids"))
             return await self._generate(ctx, lease, body, handoff=True)
 
-    def _held_ring(self, prefill: ReplicaState, ring: tuple[str, ...]) -> tuple[str, ...]:
+    def _held_ring(self, prefill: ReplicaState, ring: tuple[str, ...], excluded: set[str]) -> list[str]:
+        """The decode replicas a held handle may go to now: its prefill's current ring (or the ring it was
+        held with), less pairs known to be KV-incompatible and pairs that already failed this request."""
+        now_at = self.prefill.get(prefill.address)
+        if now_at is not None and now_at.endpoint != prefill.endpoint:
+            raise _StrandedHold()  # another engine answers at the prefill's address: the handle's KV left with it
         current = self._current_ring(prefill)
-        if not current and prefill.address not in self.prefill:
+        if not current and now_at is None:
             raise _StrandedHold()
-        return current or ring
+        return [
+            d for d in (current or ring)
+            if self._pair_ok(prefill.address, d) and not (excluded and f"{prefill.address}->{d}" in excluded)
+        ]
 
     def _current_ring(self, prefill: ReplicaState) -> tuple[str, ...]:
         ring = self.rings.get(prefill.address)
@@ -761,7 +814,7 @@ class SchedulerService:
             # The ring is looked up on every attempt: endpoints may change while the request is held
             # (a generation switch), and the handle fits any decode replica of the prefill's KV format.
             lease = await self.decode_queue.acquire(
-                lambda: self._try_decode(self._held_ring(prefill, ring), excluded, False),
+                lambda: self._try_decode(self._held_ring(prefill, ring, excluded), excluded, False),
                 _DecodeLease.release, ttl, priority=True,
             )
         except _StrandedHold:
@@ -933,7 +986,16 @@ class SchedulerService:
             obj = "text_completion"
         chunk = {"id": answer.get("id", ctx.rid), "object": obj, "created": answer.get("created", int(time.time())),
                  "model": answer.get("model", self.config.model), "choices": [chunk_choice]}
-        payload = b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+        payload = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        options = req.data.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            usage = answer.get("usage")
+            if not isinstance(usage, dict):
+                produced = len(choice.get("token_ids") or ()) or 1
+                usage = {"prompt_tokens": req.tokens, "completion_tokens": produced,
+                         "total_tokens": req.tokens + produced}
+            payload += b"data: " + json.dumps({**chunk, "choices": [], "usage": usage}).encode() + b"\n\n"
+        payload += b"data: [DONE]\n\n"
 
         async def one_shot() -> AsyncIterator[bytes]:
             outcome = "cancelled"
