@@ -12,7 +12,8 @@ Hard-equal fields (`HARD_EQUAL_FIELDS`) must be identical on both tiers: the one
 dtype, attention type, kv factor, tokens per block, head size, layer count, context parallelism) plus the
 ones it does not check but that still have to agree (global KV heads, resolved transfer backend, TensorRT-LLM
 version, speculative-decoding config, model identity). TP, PP, attention DP and beam width are not compared
-between tiers; single-tier rules (`rule_violations`) cover them.
+between tiers; single-tier rules (`rule_violations`) cover them. PP splits the layers as TensorRT-LLM does
+(`pp_layer_counts`, its `attentionLayerNumPerPP`): unevenly when PP does not divide the layer count.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "TRANSCEIVER_DISABLED_MESSAGE",
     "TRTLLM_CACHESTATE_ERROR",
     "CacheState",
+    "checkpoint_identity",
     "KVFormatError",
     "Mismatch",
     "cache_state_from_files",
@@ -39,9 +41,11 @@ __all__ = [
     "from_wire",
     "kv_bytes_per_token",
     "normalize_kv_dtype",
+    "pp_layer_counts",
     "resolve_backend",
     "rule_violations",
     "speculative_string",
+    "stage_kv_bytes_per_token",
     "to_wire",
     "trtllm_error",
 ]
@@ -104,8 +108,26 @@ class CacheState:
     transfer_backend: str  # resolved: "UCX" | "NIXL" | "MPI" | "MOONCAKE" (never "DEFAULT")
     trtllm_version: str
     speculative: str  # canonical string of speculative_config, "" when none
-    model_identity: str  # served model name/revision; "" when unknown
+    model_identity: str  # what names the weights (e.g. hf:<id>@<revision>, `checkpoint_identity`); "" when unknown
     beam_width: int = 1
+
+    @property
+    def attention_layer_num_per_pp(self) -> tuple[int, ...]:
+        """KV layers of each pipeline stage, as TensorRT-LLM's CacheState `attentionLayerNumPerPP` holds them."""
+        return pp_layer_counts(self.num_layers, self.pp)
+
+
+def pp_layer_counts(num_layers: int, pp: int) -> tuple[int, ...]:
+    """How many layers each of `pp` pipeline stages holds, the way TensorRT-LLM splits them.
+
+    `tensorrt_llm.mapping.Mapping.pp_layers` uses `torch.tensor_split(range(num_layers), pp_size)`: when
+    `num_layers % pp = n != 0`, the first n stages get one extra layer (TinyLlama's 22 layers over PP=4 are
+    6, 6, 5, 5). The CacheState's `attentionLayerNumPerPP` is built from it. Stages beyond the layer count
+    get 0 layers (`rule_violations` refuses that)."""
+    if pp < 1 or num_layers < 0:
+        return ()
+    base, extra = divmod(num_layers, pp)
+    return tuple(base + 1 if stage < extra else base for stage in range(pp))
 
 
 @dataclass(frozen=True)
@@ -221,6 +243,38 @@ def _positive_int(value: object, what: str) -> int:
     return value
 
 
+# config.json keys that name where or by what a checkpoint was saved, not what it is.
+_VOLATILE_CONFIG_KEYS = ("transformers_version",)
+_IDENTITY_FILES = ("config.json", "hf_quant_config.json")
+
+
+def checkpoint_identity(model_dir: Path) -> str:
+    """A model identity that does not depend on the path the checkpoint is read from.
+
+    TensorRT-LLM never compares model paths (CacheState carries none); Baton compares a model identity
+    because weights that differ behind an equal KV layout silently corrupt output. Without an explicit
+    identity (the operator's `hf:<id>@<revision>`, the simulator's `--sim-model-identity`), this names the
+    checkpoint by its content: sha256 over config.json (and hf_quant_config.json when present), parsed and
+    re-serialised canonically, without keys starting with "_" (`_name_or_path` is often a local path) or
+    `transformers_version`. `dir`, `dir/` and its absolute path, or the same files mounted elsewhere, get the
+    same identity. Raises KVFormatError when config.json cannot be read."""
+    parts: dict[str, object] = {}
+    for name in _IDENTITY_FILES:
+        path = Path(model_dir) / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            if name == "config.json":
+                raise KVFormatError(f"{path}: no such file (MODEL_DIR must hold a Hugging Face config.json)") from exc
+            continue
+        except (OSError, json.JSONDecodeError) as exc:
+            raise KVFormatError(f"{path}: cannot read {name}: {exc}") from exc
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+        parts[name] = data
+    return "checkpoint-sha256:" + hashlib.sha256(_canonical_json(parts).encode("utf-8")).hexdigest()[:16]
+
+
 def cache_state_from_files(
     model_dir: Path,
     llm_api_options: dict,
@@ -230,6 +284,7 @@ def cache_state_from_files(
     tp: int | None = None,
     pp: int | None = None,
     model_identity: str | None = None,
+    beam_width: int | None = None,
 ) -> CacheState:
     """Derive a worker's CacheState the way trtllm-serve would from MODEL_DIR/config.json and its YAML.
 
@@ -240,8 +295,10 @@ def cache_state_from_files(
       explicit), `kv_cache_config.tokens_per_block` (default 32), `cache_transceiver_config.backend` (required;
       DEFAULT resolved by `resolve_backend`), `tensor_parallel_size`, `pipeline_parallel_size`,
       `context_parallel_size`, `enable_attention_dp`, `speculative_config`, `max_beam_width`.
-    - `tp`/`pp` are the command-line `--tp_size`/`--pp_size`; as in trtllm-serve the YAML wins when it sets them.
-    - `model_identity` is the served model name (trtllm-serve uses the model argument); "" when not given.
+    - `tp`/`pp`/`beam_width` are the command-line `--tp_size`/`--pp_size`/`--max_beam_width`; as in
+      trtllm-serve (the extra LLM-API options are applied over the command-line arguments) the YAML's
+      `tensor_parallel_size`/`pipeline_parallel_size`/`max_beam_width` win when they are set.
+    - `model_identity` names the weights (see `checkpoint_identity`); "" when not given.
 
     Raises KVFormatError (a ValueError) with a readable message when something is missing or unsupported.
     """
@@ -310,7 +367,9 @@ def cache_state_from_files(
         trtllm_version=str(trtllm_version),
         speculative=speculative,
         model_identity=model_identity or "",
-        beam_width=_positive_int(options.get("max_beam_width", 1), "max_beam_width"),
+        beam_width=_positive_int(
+            options.get("max_beam_width", beam_width if beam_width is not None else 1), "max_beam_width"
+        ),
     )
 
 
@@ -346,9 +405,10 @@ def rule_violations(state: CacheState) -> list[str]:
             f"context parallelism is not currently supported for non-MLA models: contextParallelSize must be 1, "
             f"got {state.cp}"
         )
-    if state.pp >= 1 and state.num_layers % state.pp != 0:
+    # TensorRT-LLM splits uneven layer counts (pp_layer_counts); a stage needs at least one layer (Baton).
+    if state.pp >= 1 and state.num_layers >= 1 and state.pp > state.num_layers:
         problems.append(
-            f"layers must be divisible by pipeline parallelism: numLayers={state.num_layers}, "
+            f"every pipeline stage needs at least one layer: numLayers={state.num_layers}, "
             f"pipelineParallelSize={state.pp}"
         )
     if state.beam_width != 1:
@@ -367,6 +427,9 @@ def compare(ctx: CacheState, gen: CacheState) -> list[Mismatch]:
     """Hard-equal fields that differ between a context and a generation worker ([] = compatible).
 
     TP, PP, attention DP and beam width are not compared (TensorRT-LLM maps TP/PP; the rest are tier rules).
+    The layer count compared is the total, as TensorRT-LLM's "only support same number of layers" check
+    compares `nbKvHeadsPerLayer.size()`; each side's `attentionLayerNumPerPP` is split from it
+    (`pp_layer_counts`), so different PP sizes, even or not, map onto each other.
     """
     return [
         Mismatch(label, getattr(ctx, attr), getattr(gen, attr))
@@ -391,11 +454,23 @@ def trtllm_error(mismatches: list[Mismatch]) -> str:
     return f"{TRTLLM_CACHESTATE_ERROR}: " + "; ".join(checks)
 
 
-def kv_bytes_per_token(state: CacheState) -> int:
-    """KV bytes one token occupies across the whole model: kv_factor x layers x KV heads x head_dim x bytes."""
+def _kv_bytes_per_layer_token(state: CacheState) -> int:
     if state.kv_dtype not in _DTYPE_BYTES:
         raise KVFormatError(f"unknown kv dtype {state.kv_dtype!r}")
-    return state.kv_factor * state.num_layers * state.num_kv_heads * state.head_dim * _DTYPE_BYTES[state.kv_dtype]
+    return state.kv_factor * state.num_kv_heads * state.head_dim * _DTYPE_BYTES[state.kv_dtype]
+
+
+def kv_bytes_per_token(state: CacheState) -> int:
+    """KV bytes one token occupies across the whole model: kv_factor x layers x KV heads x head_dim x bytes."""
+    return _kv_bytes_per_layer_token(state) * state.num_layers
+
+
+def stage_kv_bytes_per_token(state: CacheState) -> tuple[int, ...]:
+    """KV bytes one token occupies on each pipeline stage (global heads, before TP sharding): the stage's
+    layers (`attention_layer_num_per_pp`) x kv_factor x KV heads x head_dim x bytes. Sums to
+    `kv_bytes_per_token`; with uneven PP the first stages hold more and fill first."""
+    per_layer = _kv_bytes_per_layer_token(state)
+    return tuple(per_layer * layers for layers in state.attention_layer_num_per_pp)
 
 
 def fingerprint(state: CacheState) -> str:

@@ -6,9 +6,11 @@ Routing depends on prompt length, so both sides must agree on it:
   (`set_tokenizer`, a `baton.model_tokenizer.ModelTokenizer`: the scheduler's `tokenizer` config, the
   engine simulator's MODEL_DIR/tokenizer.json), exactly as trtllm-serve would;
 - otherwise with a documented, deterministic stand-in: one token per 4 bytes of UTF-8 (rounded up), the
-  usual rule of thumb for English text with BPE tokenizers. Token ids are derived from the bytes, so the
-  same text always yields the same ids on every process. Chat messages are flattened first
-  (`chat_prompt_text`).
+  usual rule of thumb for English text with BPE tokenizers. Token ids are derived from the bytes (CRC-32 of
+  each 4-byte chunk modulo the vocabulary size), so the same text always yields the same ids on every
+  process. The vocabulary is the model's when the process knows it (`EstimateTokenizer(vocab_size)`, what
+  the engine simulator installs from config.json `vocab_size`), else Llama-3's 128,256; the vocabulary
+  changes only the ids, never the count. Chat messages are flattened first (`chat_prompt_text`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 BYTES_PER_TOKEN = 4
-VOCAB_SIZE = 128_256  # Llama-3 vocabulary size; ids stay in range for any realistic model config
+VOCAB_SIZE = 128_256  # Llama-3 vocabulary size: the estimate's ids when no model vocabulary is known
+ESTIMATE_SOURCE = "estimate (4 bytes of UTF-8 per token)"
 
 
 class Tokenizer(Protocol):
@@ -50,11 +53,51 @@ def active_tokenizer() -> Tokenizer | None:
     return _tokenizer
 
 
-def _estimate_ids(text: str) -> list[int]:
+def _estimate_ids(text: str, vocab_size: int = VOCAB_SIZE) -> list[int]:
     data = text.encode("utf-8")
     return [
-        zlib.crc32(data[i : i + BYTES_PER_TOKEN]) % VOCAB_SIZE for i in range(0, len(data), BYTES_PER_TOKEN)
+        zlib.crc32(data[i : i + BYTES_PER_TOKEN]) % vocab_size for i in range(0, len(data), BYTES_PER_TOKEN)
     ]
+
+
+def _estimate_count(text: str) -> int:
+    return -(-len(text.encode("utf-8")) // BYTES_PER_TOKEN)
+
+
+class EstimateTokenizer:
+    """The documented estimate (one token per 4 bytes of UTF-8) with ids inside a model's vocabulary.
+
+    Counts exactly as the module-level estimate does (so a scheduler without the model's vocabulary still
+    agrees on every length); only the ids are reduced modulo `vocab_size` instead of Llama-3's 128,256, so
+    that ids a worker returns (`prompt_token_ids`) are valid input for another worker of the same model."""
+
+    source = ESTIMATE_SOURCE
+
+    def __init__(self, vocab_size: int = VOCAB_SIZE) -> None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+
+    def encode_text(self, text: str) -> list[int]:
+        return _estimate_ids(text, self.vocab_size)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        return _estimate_ids(chat_prompt_text(messages), self.vocab_size)
+
+    def count_text(self, text: str) -> int:
+        return _estimate_count(text)
+
+    def count_chat(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        return _estimate_count(chat_prompt_text(messages))
+
+    def chat_text(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, bool]:
+        return chat_prompt_text(messages), False
+
+    async def encode_async(self, text: str, special: bool = True) -> list[int]:
+        return _estimate_ids(text, self.vocab_size)
+
+    def __repr__(self) -> str:
+        return f"EstimateTokenizer(vocab_size={self.vocab_size})"
 
 
 def tokenize(text: str) -> list[int]:
@@ -83,7 +126,7 @@ def count_text_tokens(text: str) -> int:
     """Token count for `text` without materialising ids when the estimate is in use."""
     if _tokenizer is not None:
         return _tokenizer.count_text(text)
-    return -(-len(text.encode("utf-8")) // BYTES_PER_TOKEN)
+    return _estimate_count(text)
 
 
 def count_chat_tokens(messages: Sequence[Mapping[str, Any]]) -> int:

@@ -155,3 +155,169 @@ def test_model_identity_and_name_options(fresh_engines):
     expected = kvformat.cache_state_from_files(LLAMA_8B, worker_yaml(ctx=True), trtllm_version="1.2.0", env={},
                                                model_identity="hf:meta-llama/Meta-Llama-3-8B@main")
     assert state["fingerprint"] == kvformat.fingerprint(expected)
+
+
+# ---------------------------------------------------------------- configuration (in process, no worker started)
+
+TINYLLAMA = {  # TinyLlama-1.1B: 22 layers, 4 KV heads of 64, vocabulary 32,000; no tokenizer.json
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "intermediate_size": 5632,
+    "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 22,
+    "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": False,
+}
+
+
+def model_dir(path, config: dict, **files: dict):
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    for name, content in files.items():
+        (path / f"{name}.json").write_text(json.dumps(content))
+    return path
+
+
+def load(tmp_path, model, options: dict, *args: str):
+    import yaml
+
+    from baton.engine_sim import config
+
+    cfg_file = tmp_path / f"opts-{abs(hash((str(model), repr(options), args)))}.yaml"
+    cfg_file.write_text(yaml.safe_dump(options))
+    return config.load_config([str(model), "--config", str(cfg_file), *args], env={})
+
+
+def memory_tokens(cfg_state, hf_config: dict, *, bytes_per_param: float = 2.0, gpus: int = 1,
+                  fraction: float = 0.9, gpu_gb: float = 141.0, skew: float = 1.0) -> int:
+    from baton.engine_sim import timing
+
+    weights = timing.estimate_params(timing.shape_from_hf_config(hf_config)) * bytes_per_param
+    per_token = kvformat.kv_bytes_per_token(cfg_state) * max(1.0, cfg_state.tp / cfg_state.num_kv_heads)
+    return int((gpu_gb * 1e9 * gpus - weights * skew) * fraction / (per_token * skew))
+
+
+def test_uneven_pipeline_split_starts_and_its_largest_stage_bounds_capacity(tmp_path):
+    from baton.engine_sim import config
+
+    model = model_dir(tmp_path / "tinyllama", TINYLLAMA)
+    ctx = load(tmp_path, model, worker_yaml(ctx=True, pipeline_parallel_size=4))
+    gen = load(tmp_path, model, worker_yaml(ctx=False, tensor_parallel_size=4))
+    assert ctx.cache_state.attention_layer_num_per_pp == (6, 6, 5, 5)
+    assert config.describe(ctx)["attention_layer_num_per_pp"] == [6, 6, 5, 5]
+    assert kvformat.compare(ctx.cache_state, gen.cache_state) == []
+    # the first stages hold 6 of 22 layers (not 5.5): they fill first
+    expected = memory_tokens(ctx.cache_state, TINYLLAMA, gpus=4, skew=4 * 6 / 22)
+    assert ctx.max_blocks == expected // 32
+    assert gen.max_blocks == memory_tokens(gen.cache_state, TINYLLAMA, gpus=4) // 32
+    assert ctx.max_blocks < gen.max_blocks
+    # an even split is sized as before
+    even = load(tmp_path, LLAMA_8B, worker_yaml(ctx=True, pipeline_parallel_size=2))
+    assert even.max_blocks == memory_tokens(even.cache_state, even.hf_config, gpus=2) // 32
+
+
+def test_kv_max_tokens_is_capped_by_the_memory_fraction(tmp_path):
+    base = load(tmp_path, LLAMA_8B, worker_yaml(ctx=True))
+    memory = memory_tokens(base.cache_state, base.hf_config)
+    assert base.max_blocks == memory // 32
+    huge = load(tmp_path, LLAMA_8B, worker_yaml(ctx=True, kv_cache_config={"max_tokens": 100_000_000}))
+    assert huge.max_blocks == memory // 32
+    assert "below kv_cache_config.max_tokens=100000000" in huge.kv_capacity_source
+    small = load(tmp_path, LLAMA_8B, worker_yaml(ctx=True, kv_cache_config={"max_tokens": 4096}))
+    assert small.max_blocks == 4096 // 32
+    assert small.kv_capacity_source.startswith("kv_cache_config.max_tokens=4096")
+    half = load(tmp_path, LLAMA_8B, worker_yaml(ctx=True, kv_cache_config={
+        "max_tokens": 100_000_000, "free_gpu_memory_fraction": 0.45}))
+    assert half.max_blocks == memory_tokens(base.cache_state, base.hf_config, fraction=0.45) // 32
+
+
+def test_max_tokens_does_not_make_weights_fit(tmp_path):
+    from baton.engine_sim import config
+
+    with pytest.raises(config.StartupError, match="do not fit"):
+        load(tmp_path, LLAMA_70B, worker_yaml(ctx=True, kv_cache_config={"max_tokens": 4096}))
+
+
+def test_command_line_max_beam_width_counts(tmp_path):
+    from baton.engine_sim import config
+
+    with pytest.raises(config.StartupError, match="only beam width 1 is supported"):
+        load(tmp_path, LLAMA_8B, worker_yaml(ctx=True), "--max_beam_width", "4")
+    # the YAML is applied over the command line, as for every other CLI/YAML pair
+    assert load(tmp_path, LLAMA_8B, worker_yaml(ctx=True, max_beam_width=1), "--max_beam_width", "4") \
+        .cache_state.beam_width == 1
+    assert load(tmp_path, LLAMA_8B, worker_yaml(ctx=True), "--max_beam_width", "1").cache_state.beam_width == 1
+
+
+def test_model_path_spelling_is_not_a_different_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(LLAMA_8B.parents[3])  # the repository
+    spellings = ["tests/data/models/llama-3-8b", "tests/data/models/llama-3-8b/", str(LLAMA_8B)]
+    states = [load(tmp_path, p, worker_yaml(ctx=True)).cache_state for p in spellings]
+    assert all(kvformat.compare(states[0], s) == [] for s in states)
+    assert len({kvformat.fingerprint(s) for s in states}) == 1
+    assert states[0].model_identity == kvformat.checkpoint_identity(LLAMA_8B)
+    # another checkpoint, or an explicit identity, still differs
+    other = load(tmp_path, LLAMA_70B, worker_yaml(ctx=True), "--tp_size", "2").cache_state
+    assert [m.field for m in kvformat.compare(states[0], other)] == ["numLayers", "modelIdentity"]
+    named = load(tmp_path, LLAMA_8B, worker_yaml(ctx=True), "--sim-model-identity", "other-weights").cache_state
+    assert [m.field for m in kvformat.compare(states[0], named)] == ["modelIdentity"]
+
+
+@pytest.mark.parametrize(
+    ("quant", "dtype"),
+    [
+        ({"config": {"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}}}, "fp8"),
+        ({"config": {"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8"}}}, "fp8"),
+        ({"hf_quant_config": {"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}}}, "fp8"),
+        ({"config": {"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {
+            "group_0": {"weights": {"num_bits": 8, "type": "float"}}}}}}, "fp8"),
+        ({"hf_quant_config": {"quantization": {"quant_algo": "NVFP4"}}}, "fp4"),
+    ],
+)
+def test_quantized_checkpoint_weights_count_their_bytes(tmp_path, quant, dtype):
+    import json
+
+    from baton.engine_sim import config
+
+    hf = {**json.loads((LLAMA_70B / "config.json").read_text()), **quant.get("config", {})}
+    files = {"hf_quant_config": quant["hf_quant_config"]} if "hf_quant_config" in quant else {}
+    model = model_dir(tmp_path / "llama-70b-quant", hf, **files)
+    # 70B in bf16 (~141 GB) does not fit one 141 GB GPU; in fp8 (~71 GB) it does
+    cfg = load(tmp_path, model, worker_yaml(ctx=True, dtype="fp8"))
+    assert cfg.weight_dtype == dtype and config.describe(cfg)["weight_dtype"] == dtype
+    per_param = {"fp8": 1.0, "fp4": 0.5}[dtype]
+    assert cfg.max_blocks == memory_tokens(cfg.cache_state, hf, bytes_per_param=per_param) // 32
+    assert f"GB {dtype} weights" in cfg.kv_capacity_source
+
+
+def test_unquantized_weights_stay_bf16(tmp_path):
+    from baton.engine_sim import config
+
+    with pytest.raises(config.StartupError, match=r"~141 GB in bf16\) do not fit"):
+        load(tmp_path, LLAMA_70B, worker_yaml(ctx=True, dtype="fp8"))
+    assert load(tmp_path, LLAMA_8B, worker_yaml(ctx=True)).weight_dtype == "bf16"
+
+
+def test_estimated_ids_use_the_model_vocabulary(tmp_path):
+    from baton import tokens
+
+    model = model_dir(tmp_path / "tinyllama", TINYLLAMA)
+    cfg = load(tmp_path, model, worker_yaml(ctx=True))
+    assert cfg.vocab_size == 32000
+    assert isinstance(cfg.tokenizer, tokens.EstimateTokenizer) and cfg.tokenizer.vocab_size == 32000
+    text = "Hello there, how are you doing today?" * 20
+    ids = cfg.tokenizer.encode_text(text)
+    assert all(0 <= t < 32000 for t in ids) and len(ids) == tokens.count_text_tokens(text)
+
+
+def test_context_worker_ids_are_valid_for_the_generation_worker(fresh_engines, tmp_path):
+    from simproc import handoff
+
+    model = model_dir(tmp_path / "tinyllama", TINYLLAMA)
+    ctx = fresh_engines.start(worker_yaml(ctx=True), "--sim-speed", "0", model=model)
+    gen = fresh_engines.start(worker_yaml(ctx=False), "--sim-speed", "0", model=model)
+    prompt = "Hello there, how are you doing today?"
+    ctx_resp, (status, body) = handoff(ctx, gen, {"prompt": prompt, "max_tokens": 8})
+    assert status == 200, body
+    ids = ctx_resp["prompt_token_ids"]
+    assert all(0 <= t < 32000 for t in ids) and len(ids) == ctx_resp["usage"]["prompt_tokens"] == 10
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    assert ctx.state()["counters"]["heldKvBlocks"] == 0

@@ -104,6 +104,20 @@ def test_command_line_tp_pp_used_unless_yaml_sets_them():
     assert s.tp == 8  # trtllm-serve applies the YAML over the command line
 
 
+def test_command_line_beam_width_used_unless_yaml_sets_it():
+    def beam(cli, **yaml_opts):
+        return kvformat.cache_state_from_files(
+            LLAMA_8B, options(**yaml_opts), trtllm_version="1.2.0", env={}, beam_width=cli
+        ).beam_width
+
+    assert beam(None) == 1
+    assert beam(4) == 4  # --max_beam_width 4 counts
+    assert beam(4, max_beam_width=1) == 1  # the YAML is applied over the command line
+    assert beam(None, max_beam_width=2) == 2
+    s = kvformat.cache_state_from_files(LLAMA_8B, options(), trtllm_version="1.2.0", env={}, beam_width=4)
+    assert any("only beam width 1" in p for p in kvformat.rule_violations(s))
+
+
 def test_head_dim_and_kv_heads_fall_back(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({
         "num_hidden_layers": 12, "num_attention_heads": 16, "hidden_size": 2048,
@@ -205,9 +219,56 @@ def test_beam_width_and_dtype_rules():
     assert any("kvCacheDtype must be explicit" in p for p in kvformat.rule_violations(dataclasses.replace(state(), kv_dtype="auto")))
 
 
-def test_layers_must_divide_by_pp():
-    problems = kvformat.rule_violations(state(LLAMA_70B, pp=3))
-    assert any("layers must be divisible by pipeline parallelism" in p for p in problems)
+def tinyllama(tmp_path: Path) -> Path:
+    """TinyLlama-1.1B's shape: 22 layers, 4 KV heads of 64, vocabulary 32,000 (TensorRT-LLM's ctxpp4_gentp4 model)."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "intermediate_size": 5632,
+        "num_attention_heads": 32, "num_hidden_layers": 22, "num_key_value_heads": 4, "vocab_size": 32000,
+    }))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("layers", "pp", "expected"),
+    [
+        (22, 4, (6, 6, 5, 5)),  # TinyLlama, TensorRT-LLM's tested ctxpp4_gentp4 pair
+        (80, 3, (27, 27, 26)),
+        (61, 4, (16, 15, 15, 15)),
+        (32, 2, (16, 16)),
+        (32, 1, (32,)),
+        (2, 4, (1, 1, 0, 0)),
+    ],
+)
+def test_pp_layer_counts_give_the_first_stages_the_extra_layers(layers, pp, expected):
+    # tensorrt_llm.mapping.Mapping.pp_layers: torch.tensor_split, "first n ranks get one extra layer"
+    assert kvformat.pp_layer_counts(layers, pp) == expected
+    assert sum(expected) == layers
+
+
+def test_uneven_pipeline_split_is_valid():
+    s = state(LLAMA_70B, pp=3)
+    assert kvformat.rule_violations(s) == []
+    assert s.attention_layer_num_per_pp == (27, 27, 26)
+    assert state(LLAMA_70B, pp=4).attention_layer_num_per_pp == (20, 20, 20, 20)
+
+
+def test_tinyllama_ctxpp4_gentp4_pair_is_compatible(tmp_path):
+    model = tinyllama(tmp_path)
+    ctx = kvformat.cache_state_from_files(model, options(pipeline_parallel_size=4), trtllm_version="1.2.0", env={})
+    gen = kvformat.cache_state_from_files(model, options(tensor_parallel_size=4), trtllm_version="1.2.0", env={})
+    assert kvformat.rule_violations(ctx) == [] and kvformat.rule_violations(gen) == []
+    assert (ctx.attention_layer_num_per_pp, gen.attention_layer_num_per_pp) == ((6, 6, 5, 5), (22,))
+    assert kvformat.compare(ctx, gen) == [] and kvformat.fingerprint(ctx) == kvformat.fingerprint(gen)
+    # per stage: 2 (K+V) x 4 heads x 64 x 2 bytes = 1 KiB per layer
+    assert kvformat.stage_kv_bytes_per_token(ctx) == (6144, 6144, 5120, 5120)
+    assert kvformat.stage_kv_bytes_per_token(gen) == (22528,)
+    assert sum(kvformat.stage_kv_bytes_per_token(ctx)) == kvformat.kv_bytes_per_token(ctx) == 22528
+
+
+def test_a_pipeline_stage_without_layers_is_a_violation():
+    s = dataclasses.replace(state(LLAMA_8B), pp=64)
+    assert any("every pipeline stage needs at least one layer" in p for p in kvformat.rule_violations(s))
+    assert kvformat.rule_violations(dataclasses.replace(s, pp=32)) == []
 
 
 def test_unresolved_backend_is_a_violation():
@@ -297,6 +358,34 @@ def test_fingerprint_is_short_and_stable():
     fp = kvformat.fingerprint(state())
     assert len(fp) == 12 and int(fp, 16) >= 0
     assert fp == kvformat.fingerprint(state())
+
+
+def test_fingerprint_of_an_unchanged_layout_is_unchanged():
+    # pinned: operators and schedulers pair tiers by fingerprint, so a release must not move it
+    assert kvformat.fingerprint(state()) == "1e0936b4d985"
+    assert kvformat.fingerprint(state(LLAMA_8B, pp=2)) == "ee2eac5c0e8a"
+    assert kvformat.fingerprint(state(LLAMA_70B, pp=3)) == kvformat.fingerprint(state(LLAMA_70B))
+
+
+def test_checkpoint_identity_does_not_depend_on_the_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(LLAMA_8B.parent)
+    spellings = ["llama-3-8b", "llama-3-8b/", "./llama-3-8b", str(LLAMA_8B), str(LLAMA_8B) + "/"]
+    identities = {kvformat.checkpoint_identity(Path(p)) for p in spellings}
+    assert len(identities) == 1
+    # the same checkpoint mounted elsewhere, even re-saved from another path or transformers version
+    config = json.loads((LLAMA_8B / "config.json").read_text())
+    copy = tmp_path / "mounted" / "elsewhere"
+    copy.mkdir(parents=True)
+    (copy / "config.json").write_text(json.dumps(
+        {**config, "_name_or_path": "/some/local/dir", "transformers_version": "9.9.9"}, indent=4
+    ))
+    assert kvformat.checkpoint_identity(copy) in identities
+    # a different checkpoint is a different model
+    assert kvformat.checkpoint_identity(LLAMA_70B) not in identities
+    (copy / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
+    assert kvformat.checkpoint_identity(copy) not in identities
+    with pytest.raises(kvformat.KVFormatError, match="config.json"):
+        kvformat.checkpoint_identity(tmp_path)
 
 
 def test_fingerprint_equality_iff_compatible():

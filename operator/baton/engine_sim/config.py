@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from baton import kvformat
+from baton import kvformat, tokens
 from baton.engine_sim import timing
 from baton.model_tokenizer import TOKENIZER_FILE, ModelTokenizer, TokenizerError, load_tokenizer
 
@@ -70,11 +70,13 @@ class SimConfig:
     log_level: str = "INFO"
     vocab_size: int = timing.LLAMA3_VOCAB
     iter_stats_max: int = DEFAULT_STATS_MAX
-    # MODEL_DIR/tokenizer.json, as trtllm-serve would load it (text prompts counted exactly); None: the
-    # documented estimate of baton.tokens
-    tokenizer: ModelTokenizer | None = None
+    # MODEL_DIR/tokenizer.json, as trtllm-serve would load it (text prompts counted exactly); else the
+    # documented estimate of baton.tokens with ids inside the model's vocab_size (`tokens.EstimateTokenizer`);
+    # None: the module-level estimate (Llama-3 vocabulary)
+    tokenizer: ModelTokenizer | tokens.EstimateTokenizer | None = None
     perf_metrics_max: int = DEFAULT_STATS_MAX
     default_max_tokens: int = 16
+    weight_dtype: str = "bf16"  # what the weight-memory estimate assumes (`weight_format`)
     notes: list[str] = field(default_factory=list)
 
 
@@ -141,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sim-model-name", metavar="NAME", default=None,
                    help="served model id (default: the MODEL_DIR argument, as trtllm-serve does)")
     s.add_argument("--sim-model-identity", metavar="ID", default=None,
-                   help="model identity carried in the CacheState (default: the served model id)")
+                   help="model identity carried in the CacheState (default: a digest of MODEL_DIR's config.json, "
+                        "kvformat.checkpoint_identity; never the path)")
     s.add_argument("--sim-default-max-tokens", metavar="N", type=int, default=16,
                    help="max_tokens when a request does not set it (default 16, OpenAI's completions default)")
     s.add_argument("--sim-log-level", metavar="LEVEL", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
@@ -177,6 +180,71 @@ def _read_hf_config(model_dir: Path) -> dict:
     return data
 
 
+# Bytes per parameter of quantized checkpoints, by TensorRT-LLM / ModelOpt quant_algo prefix (checked in order).
+_QUANT_ALGO_BYTES = (
+    ("NO_QUANT", 2.0, "bf16"),
+    ("FP8", 1.0, "fp8"),
+    ("W8A8", 1.0, "int8"),
+    ("W8A16", 1.0, "int8"),
+    ("INT8", 1.0, "int8"),
+    ("NVFP4", 0.5, "fp4"),
+    ("MXFP4", 0.5, "fp4"),
+    ("W4A", 0.5, "int4"),
+    ("INT4", 0.5, "int4"),
+)
+
+
+def _quant_algo_format(algo: object) -> tuple[float, str] | None:
+    if not isinstance(algo, str) or not algo.strip():
+        return None
+    name = algo.strip().upper()
+    for prefix, size, label in _QUANT_ALGO_BYTES:
+        if name.startswith(prefix):
+            return size, label
+    return None
+
+
+def weight_format(model_dir: Path, hf_config: Mapping) -> tuple[float, str]:
+    """(bytes per parameter, label) of the checkpoint's weights, for the memory estimate.
+
+    Quantized checkpoints say so in MODEL_DIR/hf_quant_config.json (ModelOpt: `quantization.quant_algo`, e.g.
+    FP8, NVFP4, W4A16_AWQ) or in config.json `quantization_config` (`quant_algo`; `quant_method` fp8 /
+    fbgemm_fp8; awq/gptq `bits`; compressed-tensors `config_groups.*.weights.num_bits`). FP8 and INT8 count
+    1 byte per parameter, 4-bit formats 0.5; anything else (unquantized) 2 bytes (bf16/fp16). Embeddings and
+    norms kept in higher precision are not modelled."""
+    quant_file = Path(model_dir) / "hf_quant_config.json"
+    if quant_file.is_file():
+        try:
+            data = json.loads(quant_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"{quant_file}: cannot read hf_quant_config.json: {exc}") from exc
+        if isinstance(data, dict):
+            quant = data.get("quantization") if isinstance(data.get("quantization"), dict) else data
+            found = _quant_algo_format(quant.get("quant_algo"))
+            if found:
+                return found
+    qc = hf_config.get("quantization_config")
+    if not isinstance(qc, dict):
+        text = hf_config.get("text_config")
+        qc = text.get("quantization_config") if isinstance(text, dict) else None
+    if isinstance(qc, dict):
+        found = _quant_algo_format(qc.get("quant_algo"))
+        if found:
+            return found
+        method = str(qc.get("quant_method") or "").lower()
+        if method in ("fp8", "fbgemm_fp8"):
+            return 1.0, "fp8"
+        bits, kind = qc.get("bits"), "int"  # awq, gptq
+        groups = qc.get("config_groups")
+        if bits is None and isinstance(groups, dict):  # compressed-tensors
+            weights = next((g["weights"] for g in groups.values()
+                            if isinstance(g, dict) and isinstance(g.get("weights"), dict)), {})
+            bits, kind = weights.get("num_bits"), "fp" if weights.get("type") == "float" else "int"
+        if bits in (8, 4):
+            return bits / 8, f"{kind}{bits}"
+    return 2.0, "bf16"
+
+
 def _int_option(options: Mapping, key: str, fallback: int | None) -> int | None:
     value = options.get(key)
     if value is None:
@@ -208,9 +276,11 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
     version = args.sim_trtllm_version
 
     try:
+        # TensorRT-LLM compares no model path; Baton's identity names the checkpoint by content unless given.
+        identity = args.sim_model_identity or kvformat.checkpoint_identity(model_dir)
         state = kvformat.cache_state_from_files(
             model_dir, options, trtllm_version=version, env=env, tp=args.tp_size, pp=args.pp_size,
-            model_identity=args.sim_model_identity or model_name,
+            model_identity=identity, beam_width=args.max_beam_width,
         )
     except kvformat.KVFormatError as exc:
         raise StartupError(str(exc)) from exc
@@ -245,28 +315,45 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
     dup = max(1.0, state.tp / state.num_kv_heads) if state.attention_type != "MLA" else float(state.tp)
     replica_bytes_per_token = bytes_per_token * dup
     gpus = state.tp * state.pp * state.cp
-    if kv_cfg.get("max_tokens") is not None:
-        capacity_tokens = _int_option(kv_cfg, "max_tokens", None) or 0
-        source = f"kv_cache_config.max_tokens={capacity_tokens}"
-    elif args.sim_kv_cache_gib is not None:
-        capacity_tokens = int(args.sim_kv_cache_gib * GIB / replica_bytes_per_token)
-        source = f"--sim-kv-cache-gib {args.sim_kv_cache_gib:g}"
+    # Each pipeline stage has its own GPUs and KV pool; with an uneven split (TensorRT-LLM's
+    # attentionLayerNumPerPP) the stage with the most layers fills first and bounds the replica. `skew` is
+    # that stage's share of the layers relative to an even split (exactly 1 when PP divides the layers).
+    stage_layers = state.attention_layer_num_per_pp
+    skew = state.pp * max(stage_layers) / state.num_layers if stage_layers and state.num_layers else 1.0
+    bytes_per_param, weight_dtype = weight_format(model_dir, hf_config)
+    if args.sim_kv_cache_gib is not None:
+        memory_tokens = int(args.sim_kv_cache_gib * GIB / (replica_bytes_per_token * skew))
+        memory_source = f"--sim-kv-cache-gib {args.sim_kv_cache_gib:g}"
     else:
         fraction = kv_cfg.get("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction)
-        weights = timing.estimate_params(timing.shape_from_hf_config(hf_config)) * 2  # bf16 weights
+        weights = timing.estimate_params(timing.shape_from_hf_config(hf_config)) * bytes_per_param
         total = args.sim_gpu_memory_gb * 1e9 * gpus
-        free = total - weights
+        free = total - weights * skew
         if free <= 0:
             raise StartupError(
-                f"model weights (~{weights / 1e9:.0f} GB in bf16) do not fit in {gpus} GPU(s) of "
-                f"{args.sim_gpu_memory_gb:g} GB; raise --tp_size/--pp_size, set kv_cache_config.max_tokens "
-                "or --sim-kv-cache-gib"
+                f"model weights (~{weights / 1e9:.0f} GB in {weight_dtype}) do not fit in {gpus} GPU(s) of "
+                f"{args.sim_gpu_memory_gb:g} GB; raise --tp_size/--pp_size or set --sim-kv-cache-gib"
             )
-        capacity_tokens = int(free * float(fraction) / replica_bytes_per_token)
-        source = (
+        memory_tokens = int(free * float(fraction) / (replica_bytes_per_token * skew))
+        memory_source = (
             f"free_gpu_memory_fraction {float(fraction):g} x ({gpus} x {args.sim_gpu_memory_gb:g} GB - "
-            f"{weights / 1e9:.1f} GB weights)"
+            f"{weights / 1e9:.1f} GB {weight_dtype} weights)"
         )
+        if skew != 1.0:
+            memory_source += (
+                f", largest of {state.pp} pipeline stages {max(stage_layers)}/{state.num_layers} layers"
+            )
+    if kv_cfg.get("max_tokens") is not None:
+        # KvCacheConfig: with max_tokens and free_gpu_memory_fraction both in play, the smaller one wins.
+        max_tokens = _int_option(kv_cfg, "max_tokens", None) or 0
+        capacity_tokens = min(max_tokens, memory_tokens)
+        if max_tokens <= memory_tokens:
+            source = f"kv_cache_config.max_tokens={max_tokens} (memory allows {memory_tokens}: {memory_source})"
+        else:
+            source = f"{memory_source}, below kv_cache_config.max_tokens={max_tokens}"
+    else:
+        capacity_tokens = memory_tokens
+        source = memory_source
     max_blocks = capacity_tokens // tpb
     if max_blocks < 1:
         raise StartupError(f"KV cache holds no block of {tpb} tokens ({source})")
@@ -286,12 +373,19 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
     iter_max = options.get("iter_stats_max_iterations") or DEFAULT_STATS_MAX
     if args.sim_default_max_tokens < 1:
         raise StartupError("--sim-default-max-tokens must be >= 1")
-    tokenizer = None
+    vocab = text_cfg.get("vocab_size") or timing.LLAMA3_VOCAB
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise StartupError(f"{model_dir / 'config.json'}: vocab_size must be a positive integer, got {vocab!r}")
+    tokenizer: ModelTokenizer | tokens.EstimateTokenizer
     if (model_dir / TOKENIZER_FILE).is_file():
         try:
             tokenizer = load_tokenizer(model_dir)
         except TokenizerError as exc:
             raise StartupError(f"cannot load the model's tokenizer: {exc}") from exc
+    else:
+        # The estimate's ids must lie in this model's vocabulary: a context worker's prompt_token_ids are the
+        # generation worker's input, checked against [0, vocab_size).
+        tokenizer = tokens.EstimateTokenizer(vocab)
     return SimConfig(
         model_dir=model_dir,
         model_name=model_name,
@@ -319,11 +413,12 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         fail_after=args.sim_fail_after,
         error_ratio=min(1.0, max(0.0, args.sim_error_ratio)),
         log_level=log_level,
-        vocab_size=int(text_cfg.get("vocab_size") or timing.LLAMA3_VOCAB),
+        vocab_size=vocab,
         iter_stats_max=int(iter_max),
         perf_metrics_max=int(perf_max),
         default_max_tokens=args.sim_default_max_tokens,
         tokenizer=tokenizer,
+        weight_dtype=weight_dtype,
     )
 
 
@@ -335,6 +430,8 @@ def describe(cfg: SimConfig) -> dict:
         "cache_state": kvformat.to_wire(cfg.cache_state),
         "fingerprint": kvformat.fingerprint(cfg.cache_state),
         "kv_bytes_per_token": kvformat.kv_bytes_per_token(cfg.cache_state),
+        "attention_layer_num_per_pp": list(cfg.cache_state.attention_layer_num_per_pp),
+        "weight_dtype": cfg.weight_dtype,
         "overlap_scheduler": cfg.overlap_enabled,
         "max_batch_size": cfg.max_batch_size,
         "max_num_tokens": cfg.max_num_tokens,
@@ -350,7 +447,7 @@ def describe(cfg: SimConfig) -> dict:
         "time_scale": cfg.time_scale,
         "link_bytes_per_s": cfg.link_bytes_per_s,
         "tp_speedup": cfg.timing.tp_speedup,
-        "tokenizer": cfg.tokenizer.source if cfg.tokenizer is not None else "estimate (4 bytes of UTF-8 per token)",
+        "tokenizer": cfg.tokenizer.source if cfg.tokenizer is not None else tokens.ESTIMATE_SOURCE,
     }
 
 
