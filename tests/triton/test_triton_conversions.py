@@ -4,6 +4,7 @@ PyTriton import is deferred, so it loads in the project's own venv)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from types import SimpleNamespace
@@ -154,3 +155,148 @@ def test_parse_request_refusals_are_400s(params, data, message):
         parse_request(_request(params, **data), VOCAB)
     assert message in info.value.message and info.value.status == 400
     assert str(info.value).startswith("400 BadRequestError: ")
+
+
+# ------------------------------------------------------------------------------ sampling parameters
+def _tensors(body: dict, path: str = "/v1/completions") -> dict[str, tuple[str, list[int], object]]:
+    """name -> (datatype, shape, value) of the Triton inputs built for an OpenAI body."""
+    from tritonclient.utils import deserialize_bytes_tensor
+
+    call = _TritonCall(json.dumps({"model": "m", "prompt": "hi", **body}).encode(), path, "r")
+    out = {}
+    for t in call.inputs(False):
+        raw = t._get_content()  # noqa: SLF001 - the serialized tensor, as sent on the wire
+        if t.datatype() == "BYTES":
+            value = [v.decode() for v in deserialize_bytes_tensor(raw)]
+        else:
+            dtype = {"FP32": np.float32, "INT32": np.int32, "UINT64": np.uint64, "BOOL": np.bool_}[t.datatype()]
+            value = np.frombuffer(raw, dtype=dtype).reshape(t.shape()).tolist()
+        out[t.name()] = (t.datatype(), t.shape(), value)
+    return out
+
+
+def test_sampling_parameters_become_the_backends_input_tensors():
+    got = _tensors({"temperature": 0.5, "top_p": 0.25, "top_k": 7, "seed": 2**63 + 5, "presence_penalty": 1.5,
+                    "frequency_penalty": -0.5, "repetition_penalty": 1.25, "length_penalty": 0.75, "min_tokens": 3,
+                    "stop": ["\n", "END"], "stop_token_ids": [13, 2], "ignore_eos": True})
+    assert got["temperature"] == ("FP32", [1, 1], [[0.5]])
+    assert got["runtime_top_p"] == ("FP32", [1, 1], [[0.25]])
+    assert got["runtime_top_k"] == ("INT32", [1, 1], [[7]])
+    assert got["seed"] == ("UINT64", [1, 1], [[2**63 + 5]])
+    assert got["presence_penalty"] == ("FP32", [1, 1], [[1.5]])
+    assert got["frequency_penalty"] == ("FP32", [1, 1], [[-0.5]])
+    assert got["repetition_penalty"] == ("FP32", [1, 1], [[1.25]])
+    assert got["len_penalty"] == ("FP32", [1, 1], [[0.75]])
+    assert got["min_tokens"] == ("INT32", [1, 1], [[3]])
+    assert got["stop_words"] == ("BYTES", [1, 2], ["\n", "END"])
+    assert got["stop_words_list"] == ("INT32", [1, 2, 2], [[[13, 2], [1, 2]]])  # one-token words
+    assert got["end_id"] == ("INT32", [1, 1], [[-1]])  # ignore_eos, as TensorRT-LLM's LLM API does it
+    assert _tensors({"stop": "x"})["stop_words"] == ("BYTES", [1, 1], ["x"])
+    # unset (or neutral) parameters send nothing: the model's defaults apply
+    plain = _tensors({"stop": [], "stop_token_ids": [], "ignore_eos": False, "user": "u", "logprobs": 0,
+                      "echo": False, "n": 1, "response_format": {"type": "text"}, "temperature": None})
+    assert set(plain) == {"text_input", "request_output_len", "streaming"}
+    chat = _tensors({"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "logprobs": False,
+                     "top_logprobs": 0, "seed": 1}, "/v1/chat/completions")
+    assert chat["temperature"][2] == [[0.0]] and chat["seed"][2] == [[1]]
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"logprobs": 1}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ({"logit_bias": {"50256": -100}}, "logit_bias"),
+    ({"echo": True}, "echo"),
+    ({"n": 2}, "n"),
+    ({"top_p_min": 0.1}, "top_p_min"),
+    ({"min_p": 0.05}, "min_p"),
+    ({"early_stopping": True}, "early_stopping"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ({"skip_special_tokens": False}, "skip_special_tokens"),
+    ({"suffix": "tail"}, "suffix"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"frobnicate": 1}, "frobnicate"),
+])
+def test_parameters_the_runtime_cannot_carry_are_a_400_naming_them(extra, param):
+    from baton.scheduler.engines import TritonClient
+
+    body = json.dumps({"model": "m", "prompt": "hi", "temperature": 0.5, **extra}).encode()
+    status, answer, ctype = asyncio.run(TritonClient().post(Endpoint("127.0.0.1:1", "decode"), "/v1/completions",
+                                                            body, "r"))
+    error = json.loads(answer)["error"]
+    assert status == 400 and ctype == "application/json"
+    assert error["type"] == "invalid_request_error" and error["code"] == "unsupported_parameter"
+    assert error["param"] == param
+    assert error["message"].startswith(param) and "runtime: triton" in error["message"]
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"top_p": True}, "top_p"),
+    ({"top_k": 1.5}, "top_k"),
+    ({"top_k": 2**31}, "top_k"),
+    ({"seed": -1}, "seed"),
+    ({"min_tokens": "3"}, "min_tokens"),
+    ({"stop": [1]}, "stop"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"ignore_eos": "yes"}, "ignore_eos"),
+])
+def test_values_a_tensor_cannot_hold_are_a_400(extra, param):
+    with pytest.raises(_BadRequest) as info:
+        _TritonCall(json.dumps({"prompt": "x", **extra}).encode(), "/v1/completions", "r")
+    body = json.loads(info.value.body())
+    assert body["param"] == param and body["code"] == 400 and body["message"].startswith(param)
+
+
+def test_front_end_reads_and_checks_the_sampling_inputs():
+    f32, i32 = np.float32, np.int32
+    req = _request(input_ids=np.array([[1, 2]], dtype=i32), temperature=np.array([[0.5]], dtype=f32),
+                   runtime_top_k=np.array([[4]], dtype=i32), runtime_top_p=np.array([[0.0]], dtype=f32),
+                   seed=np.array([[2**64 - 1]], dtype=np.uint64), min_tokens=np.array([[2]], dtype=i32),
+                   end_id=np.array([[-1]], dtype=i32), return_log_probs=np.array([[True]]),
+                   stop_words=np.array([[b"\n", b"END"]], dtype=np.object_),
+                   stop_words_list=np.array([[[5, 6, 7, 0], [2, 3, -1, -1]]], dtype=i32))
+    parsed = parse_request(req, VOCAB)
+    assert parsed.sampling == {"temperature": 0.5, "runtime_top_k": 4, "runtime_top_p": 0.0, "seed": 2**64 - 1,
+                               "min_tokens": 2, "end_id": -1, "return_log_probs": True,
+                               "stop_words": ["\n", "END"], "stop_words_list": [[5, 6], [7]]}
+    assert parsed.max_tokens == 4 and parsed.prompt == [1, 2]  # generation itself is unchanged
+    assert parse_request(_request(input_ids=np.array([[1]], dtype=i32)), VOCAB).sampling == {}
+
+
+def test_the_schedulers_tensors_pass_the_front_ends_checks():
+    call = _TritonCall(json.dumps({"prompt": [1, 2], "temperature": 0.5, "top_p": 0.5, "seed": 9, "stop": ["a"],
+                                   "stop_token_ids": [3, 4], "ignore_eos": True}).encode(), "/v1/completions", "r")
+    data = {}
+    for name, dtype, value in call.sampling:
+        if dtype == "BYTES":
+            data[name] = np.array([[v.encode() for v in value]], dtype=np.object_)
+        elif name == "stop_words_list":
+            data[name] = np.array([[value, list(range(1, len(value) + 1))]], dtype=np.int32)
+        else:
+            data[name] = np.array([[value]], dtype={"FP32": np.float32, "INT32": np.int32, "UINT64": np.uint64}[dtype])
+    parsed = parse_request(_request(input_ids=np.array([[1, 2]], dtype=np.int32), **data), VOCAB)
+    assert parsed.sampling == {"temperature": 0.5, "runtime_top_p": 0.5, "seed": 9, "stop_words": ["a"],
+                               "stop_words_list": [[3], [4]], "end_id": -1}
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"temperature": np.array([[0.5]], dtype=np.float64)}, "unexpected datatype FP64 for input temperature"),
+    ({"seed": np.array([[1]], dtype=np.int64)}, "unexpected datatype INT64 for input seed, expecting UINT64"),
+    ({"stop_words": np.array([[1]], dtype=np.int32)}, "unexpected datatype INT32 for input stop_words"),
+    ({"temperature": np.array([[0.5, 0.5]], dtype=np.float32)}, "unexpected shape for input temperature"),
+    ({"stop_words_list": np.array([[1, 2]], dtype=np.int32)}, "unexpected shape for input stop_words_list"),
+    ({"temperature": np.array([[-0.1]], dtype=np.float32)}, "temperature must be >= 0"),
+    ({"runtime_top_p": np.array([[1.5]], dtype=np.float32)}, "runtime_top_p must be <= 1"),
+    ({"runtime_top_k": np.array([[-1]], dtype=np.int32)}, "runtime_top_k must be >= 0"),
+    ({"repetition_penalty": np.array([[0.0]], dtype=np.float32)}, "repetition_penalty must be > 0"),
+    ({"min_tokens": np.array([[-2]], dtype=np.int32)}, "min_tokens must be >= 0"),
+    ({"stop_words_list": np.array([[[1, 2], [2, 1]]], dtype=np.int32)}, "non-increasing offsets"),
+    ({"stop_words_list": np.array([[[1, 2], [3, -1]]], dtype=np.int32)}, "out-of-bound offsets"),
+    ({"bad_words_list": np.array([[[1, 2], [-1, 2]]], dtype=np.int32)}, "additional -1s"),
+])
+def test_front_end_refuses_sampling_inputs_as_the_backend_would(data, message):
+    with pytest.raises(EngineRequestError) as info:
+        parse_request(_request(input_ids=np.array([[1]], dtype=np.int32), **data), VOCAB)
+    assert message in info.value.message and info.value.status == 400

@@ -183,3 +183,40 @@ def test_grpc_context_only_and_overlap_refusal(deployment):
     assert refused is not None
     assert "400 BadRequestError: Context only requests are not supported in pytorch backend when overlap is enabled." in refused
     assert unary is not None and "decoupled" in unary
+
+
+def test_sampling_parameters_reach_the_engines_as_tensors(deployment):
+    """temperature/top_p/seed/stop go through a `runtime: triton` scheduler as the backend's input tensors, on the
+    local route and to both workers of a disaggregated one; the answer is the simulator's (which, like its HTTP
+    front end, generates the same tokens whatever the sampling); a parameter no tensor carries is a 400."""
+    sched, ref = deployment["scheduler"], deployment["reference"]
+    sampling = {"temperature": 0.5, "top_p": 0.25, "seed": 1234, "stop": ["\n\n", "END"], "stop_token_ids": [13],
+                "min_tokens": 2}
+    want = {"temperature": 0.5, "runtime_top_p": 0.25, "seed": 1234, "stop_words": ["\n\n", "END"],
+            "stop_words_list": [[13]], "min_tokens": 2}
+    for route, prompt, workers in (("local", prompt_ids(40, seed=21), ("decode",)),
+                                   ("disaggregated", prompt_ids(1500, seed=22), ("prefill", "decode"))):
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 6, **sampling}
+        rid = f"sampling-{route}"
+        status, headers, routed = post_json(sched.url + "/v1/completions", body, headers={"X-Request-Id": rid})
+        assert status == 200, routed
+        assert headers["X-Baton-Route"] == route
+        status, _, direct = post_json(ref.url + "/v1/completions", body)
+        assert status == 200, direct
+        assert routed["choices"][0]["token_ids"] == direct["choices"][0]["token_ids"]
+        assert routed["choices"][0]["text"] == direct["choices"][0]["text"]
+        for name in workers:
+            seen = get_json(deployment[name].sim_url + f"/_sim/triton/requests?request_id={rid}")
+            assert len(seen) == 1, (name, seen)
+            assert seen[0]["sampling"] == want, (name, seen)
+
+    status, _, refused = post_json(sched.url + "/v1/completions",
+                                   {"model": MODEL, "prompt": prompt_ids(40, seed=23), "logit_bias": {"5": 1}})
+    assert status == 400, refused
+    assert refused["error"]["type"] == "invalid_request_error" and refused["error"]["param"] == "logit_bias"
+    assert "runtime: triton" in refused["error"]["message"]
+    # a value the engine refuses (the executor's range check) comes back as the engine's 400
+    status, _, bad = post_json(sched.url + "/v1/completions",
+                               {"model": MODEL, "prompt": prompt_ids(40, seed=24), "temperature": -1})
+    assert status == 400, bad
+    assert "temperature must be >= 0" in bad["message"]

@@ -11,8 +11,14 @@ TensorRT-LLM's Triton backend, batch size 1:
 - Inputs (leading dimension 1, the batch): `input_ids` INT32 [1, N] or `text_input` BYTES [1, 1] (tokenized
   with `baton.tokens`, as the ensemble's preprocessing would), `input_lengths` INT32 [1, 1] (optional),
   `request_output_len` INT32 [1, 1] (required), `streaming` BOOL [1, 1], `beam_width` INT32 [1, 1],
-  `end_id`/`pad_id` INT32 [1, 1] (ignored: no EOS), and `context_phase_params` UINT8 [1, -1] on
-  `generation_only`.
+  `context_phase_params` UINT8 [1, -1] on `generation_only`, and the backend's optional sampling inputs
+  (`SAMPLING_INPUTS`: `temperature`, `runtime_top_k`, `runtime_top_p`, `seed`, the penalties, `min_tokens`,
+  `end_id`/`pad_id`, `return_log_probs`, word lists `stop_words_list`/`bad_words_list` INT32 [1, 2, N] and
+  their text forms `stop_words`/`bad_words` BYTES [1, K]). Those are checked as the backend checks them
+  (datatype, shape, the executor's SamplingConfig ranges, the word-list layout) and then, like the HTTP front
+  end's `temperature`/`stop`/..., ignored: tokens are a function of the prompt, generation runs to
+  `request_output_len` (no EOS, no stop-word match). What each request carried is kept for tests
+  (GET /_sim/triton/requests on the simulator's own endpoint).
 - Outputs: `output_ids` INT32 [1, 1, n] (generated tokens only: `exclude_input_in_output` behaviour),
   `sequence_length` INT32 [1, 1], `num_input_tokens` / `num_output_tokens` INT32 [1, 1], `text_output`
   BYTES [1, 1] (the tokens' text, as the ensemble's postprocessing would), and `context_phase_params` UINT8
@@ -23,7 +29,7 @@ TensorRT-LLM's Triton backend, batch size 1:
 being exactly the HTTP front end's (base64 of the CommState + CacheState, see handoff.py). The KV itself
 moves between workers over the same KV transfer channel as the HTTP front end's (transfer_server.py,
 standing in for UCX/NIXL). The simulator's own HTTP endpoint serves `/health`, `/metrics`, `/perf_metrics`
-and `/_sim/*`.
+and `/_sim/*` (`/_sim/triton/requests[?request_id=X]`: the last requests' sampling inputs, as received).
 
 Errors reach Triton clients as `... EngineRequestError: <status> <type>: <message>` inside Triton's error
 text (PyTriton wraps the Python traceback); status and type are the HTTP front end's, and the message is
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -178,6 +185,43 @@ def pick_ports(host: str, http_port: int, grpc_port: int | None) -> tuple[int, i
 
 
 # ---------------------------------------------------------------------------------------------- requests
+# The optional sampling inputs of TensorRT-LLM's `tensorrt_llm` model (all_models/inflight_batcher_llm/
+# tensorrt_llm/config.pbtxt: name, datatype, dims with the batch dimension in front), plus the ensemble's / BLS's
+# text word lists. Checked as the backend checks them, then ignored (see the module docstring).
+SAMPLING_INPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "end_id": ("INT32", (1, 1)),
+    "pad_id": ("INT32", (1, 1)),
+    "temperature": ("FP32", (1, 1)),
+    "runtime_top_k": ("INT32", (1, 1)),
+    "runtime_top_p": ("FP32", (1, 1)),
+    "runtime_top_p_min": ("FP32", (1, 1)),
+    "len_penalty": ("FP32", (1, 1)),
+    "repetition_penalty": ("FP32", (1, 1)),
+    "presence_penalty": ("FP32", (1, 1)),
+    "frequency_penalty": ("FP32", (1, 1)),
+    "min_tokens": ("INT32", (1, 1)),
+    "seed": ("UINT64", (1, 1)),
+    "return_log_probs": ("BOOL", (1, 1)),
+    "stop_words_list": ("INT32", (1, 2, -1)),
+    "bad_words_list": ("INT32", (1, 2, -1)),
+    "stop_words": ("BYTES", (1, -1)),
+    "bad_words": ("BYTES", (1, -1)),
+}
+_NUMPY_NAMES = {"INT32": "int32", "FP32": "float32", "UINT64": "uint64", "BOOL": "bool", "UINT8": "uint8"}
+_TRITON_NAMES = {**{v: k for k, v in _NUMPY_NAMES.items()}, "float64": "FP64", "float16": "FP16"}
+# TensorRT-LLM's executor SamplingConfig checks (samplingConfig.cpp); runtime_top_p <= 0 means "not set" there
+# (the backend's getSamplingConfigFromTensors drops it).
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "temperature": (lambda v: v >= 0, ">= 0"),
+    "runtime_top_k": (lambda v: v >= 0, ">= 0"),
+    "runtime_top_p": (lambda v: v <= 1, "<= 1"),
+    "runtime_top_p_min": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "> 0"),
+    "min_tokens": (lambda v: v >= 0, ">= 0"),
+}
+RECENT_REQUESTS = 256  # kept for GET /_sim/triton/requests
+
+
 @dataclass
 class TritonRequest:
     kind: str
@@ -187,6 +231,65 @@ class TritonRequest:
     x_request_id: str
     handle: OpaqueState | None = None
     first_tokens: list[int] | None = None
+    sampling: dict[str, Any] | None = None  # the sampling inputs given: name -> value (word lists decoded)
+
+
+def _datatype(array: Any) -> str:
+    kind = array.dtype.kind
+    if kind in "OSU":
+        return "BYTES"
+    return _TRITON_NAMES.get(array.dtype.name, array.dtype.name.upper())
+
+
+def _word_list(name: str, array: Any) -> list[list[int]]:
+    """A [1, 2, N] word list (ids, then each word's end offset, -1 padded) as words, checked as TensorRT-LLM's
+    backend checks it (utils::convertWordList)."""
+    ids, offsets = array[0].tolist()
+    words: list[list[int]] = []
+    start = 0
+    for i, end in enumerate(offsets):
+        if end == -1:
+            if any(o != -1 for o in offsets[i:]):
+                raise EngineRequestError(f"input {name}: sparse list must not have additional -1s: {offsets}")
+            break
+        if end > len(ids) or end < 0:
+            raise EngineRequestError(f"input {name}: sparse list must not have out-of-bound offsets: {offsets}")
+        if end <= start and i:
+            raise EngineRequestError(f"input {name}: sparse list must not have non-increasing offsets: {offsets}")
+        words.append(ids[start:end])
+        start = end
+    return words
+
+
+def parse_sampling(data: dict) -> dict[str, Any]:
+    """The optional sampling inputs given, checked: datatype and shape (as Triton checks them against the
+    model config), the executor's value ranges, the word lists' layout. EngineRequestError (400) otherwise."""
+    out: dict[str, Any] = {}
+    for name, (datatype, shape) in SAMPLING_INPUTS.items():
+        array = data.get(name)
+        if array is None:
+            continue
+        got = _datatype(array)
+        if got != datatype:
+            raise EngineRequestError(f"unexpected datatype {got} for input {name}, expecting {datatype}")
+        if len(array.shape) != len(shape) or any(want not in (-1, have) for want, have in zip(shape, array.shape)):
+            want = "[" + ",".join(str(d) for d in shape) + "]"
+            raise EngineRequestError(
+                f"unexpected shape for input {name}: {list(array.shape)}, the model expects {want}")
+        if datatype == "BYTES":
+            try:
+                out[name] = [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in array.reshape(-1)]
+            except UnicodeDecodeError as exc:
+                raise EngineRequestError(f"input {name} is not UTF-8: {exc}") from None
+        elif shape == (1, 2, -1):
+            out[name] = _word_list(name, array)
+        else:
+            value = array.reshape(-1)[0].item()
+            check = _RANGES.get(name)
+            if check is not None and not check[0](value):
+                raise EngineRequestError(f"input {name} must be {check[1]}, got {value}")
+            out[name] = value
+    return out
 
 
 def _scalar(data: dict, name: str, default: Any = None) -> Any:
@@ -265,7 +368,8 @@ def parse_request(req: Any, vocab_size: int) -> TritonRequest:
     beam = _scalar(data, "beam_width", 1)
     if int(beam) != 1:
         raise EngineRequestError(BEAM_MESSAGE)
-    parsed = TritonRequest(kind, prompt, int(max_tokens), bool(_scalar(data, "streaming", False)), x_rid)
+    parsed = TritonRequest(kind, prompt, int(max_tokens), bool(_scalar(data, "streaming", False)), x_rid,
+                           sampling=parse_sampling(data))
     cpp = data.get("context_phase_params")
     if kind == GEN_ONLY:
         if cpp is None or cpp.size == 0:
@@ -311,6 +415,8 @@ class TritonFrontend:
         self._startup_error: BaseException | None = None
         self._stop_async: asyncio.Event | None = None
         self._workspace: str | None = None
+        # the sampling inputs of the last requests (engine loop only): GET /_sim/triton/requests
+        self.received: collections.deque[dict] = collections.deque(maxlen=RECENT_REQUESTS)
 
     # ------------------------------------------------------------------ engine thread
     def _side_app(self) -> web.Application:
@@ -322,6 +428,7 @@ class TritonFrontend:
         app.router.add_get("/perf_metrics", _aiohttp(s.perf_metrics))
         app.router.add_post("/kv_cache_events", _aiohttp(s.kv_cache_events))
         app.router.add_get("/_sim/state", self._state)
+        app.router.add_get("/_sim/triton/requests", self._requests)
         app.router.add_post("/_sim/fatal", _aiohttp(s.sim_fatal))
         return app
 
@@ -330,6 +437,10 @@ class TritonFrontend:
         data["triton"] = {"http_port": self.http_port, "grpc_port": self.grpc_port,
                           "models": [CONTEXT_MODEL, GENERATION_MODEL]}
         return web.json_response(data)
+
+    async def _requests(self, request: web.Request) -> web.Response:
+        rid = request.query.get("request_id")
+        return web.json_response([r for r in self.received if rid is None or r["x_request_id"] == rid])
 
     async def _engine_main(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -458,10 +569,10 @@ class TritonFrontend:
             Tensor(name="request_output_len", dtype=np.int32, shape=(1, 1)),
             Tensor(name="streaming", dtype=np.bool_, shape=(1, 1), optional=True),
             Tensor(name="beam_width", dtype=np.int32, shape=(1, 1), optional=True),
-            Tensor(name="end_id", dtype=np.int32, shape=(1, 1), optional=True),
-            Tensor(name="pad_id", dtype=np.int32, shape=(1, 1), optional=True),
             Tensor(name="context_phase_params", dtype=np.uint8, shape=(1, -1), optional=True),
         ]
+        inputs += [Tensor(name=name, dtype=bytes if datatype == "BYTES" else np.dtype(_NUMPY_NAMES[datatype]).type,
+                          shape=shape, optional=True) for name, (datatype, shape) in SAMPLING_INPUTS.items()]
         outputs = [
             Tensor(name="output_ids", dtype=np.int32, shape=(1, 1, -1)),
             Tensor(name="sequence_length", dtype=np.int32, shape=(1, 1)),
@@ -511,6 +622,8 @@ class TritonFrontend:
         if reason:
             raise EngineRequestError(reason, 503, "ServiceUnavailableError")
         parsed = parse_request(req, self.cfg.vocab_size)
+        self.received.append({"x_request_id": parsed.x_request_id, "request_type": parsed.kind,
+                              "inputs": sorted(req.data), "sampling": parsed.sampling})
         try:
             seq = self.engine.submit(
                 kind=parsed.kind, prompt=Prompt.of(parsed.prompt), max_tokens=parsed.max_tokens,

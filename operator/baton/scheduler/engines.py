@@ -11,6 +11,8 @@ timeout, 5xx), or an engine answer to pass through (4xx).
 each OpenAI body into KServe v2 requests on the `tensorrt_llm`-style models (`context`, unary `infer`, for
 `context_only`; `generation`, decoupled, gRPC `stream_infer`, for the rest) and their answers back into the
 OpenAI JSON / SSE bytes the request flow expects, so everything above this module is runtime-agnostic.
+Sampling parameters become the backend's optional input tensors (`_sampling_inputs`); a parameter no tensor
+carries is refused with a 400 `invalid_request_error` naming it, never dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Protocol
 
 from baton.http1.client import HttpClient
 from baton.scheduler.endpoints import Endpoint
+from baton.scheduler.replies import error_body
 from baton.tokens import chat_text, is_token_ids
 
 # Fragments of TensorRT-LLM's cache-transceiver errors for incompatible KV layouts (cacheFormatter.cpp,
@@ -240,12 +243,74 @@ _CONNECTION_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 class _BadRequest(Exception):
-    """The OpenAI body cannot become a Triton request (answered 400, as the HTTP engine would)."""
+    """The OpenAI body cannot become a Triton request: answered 400. An invalid value gets the engine's error
+    shape (as the HTTP engine would answer); a parameter the `triton` runtime cannot carry (`unsupported`)
+    gets an OpenAI `invalid_request_error` naming it, as the scheduler's own 400s do."""
+
+    def __init__(self, message: str, param: str | None = None, unsupported: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.unsupported = unsupported
+
+    def body(self) -> bytes:
+        if self.unsupported:
+            return error_body(self.message, "invalid_request_error", "unsupported_parameter", self.param)
+        return _error_json(self.message, 400, "BadRequestError", self.param)
 
 
-def _error_json(message: str, status: int, err_type: str) -> bytes:
-    return json.dumps({"object": "error", "message": message, "type": err_type, "param": None,
+def _error_json(message: str, status: int, err_type: str, param: str | None = None) -> bytes:
+    return json.dumps({"object": "error", "message": message, "type": err_type, "param": param,
                        "code": status}).encode()
+
+
+# OpenAI / trtllm-serve request fields -> optional inputs of TensorRT-LLM's Triton models (names, datatypes and
+# shapes of all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt; `stop_words` is the ensemble's / BLS's
+# text form). Every value is a [1, 1] tensor (batch 1) unless noted. Values are checked for the tensor's type
+# here; their ranges are the engine's to check (its 400 is passed through).
+_FP32_MAX = 3.4028234663852886e38
+_INT32 = (-(2**31), 2**31 - 1)
+_TENSOR_FIELDS: dict[str, tuple[str, str]] = {  # field -> (Triton input, datatype)
+    "temperature": ("temperature", "FP32"),
+    "top_p": ("runtime_top_p", "FP32"),
+    "top_k": ("runtime_top_k", "INT32"),
+    "seed": ("seed", "UINT64"),
+    "presence_penalty": ("presence_penalty", "FP32"),
+    "frequency_penalty": ("frequency_penalty", "FP32"),
+    "repetition_penalty": ("repetition_penalty", "FP32"),
+    "length_penalty": ("len_penalty", "FP32"),
+    "min_tokens": ("min_tokens", "INT32"),
+}
+# Fields read elsewhere in `_TritonCall` (prompt, lengths, streaming, beam width, the disaggregated handle).
+_HANDLED_FIELDS = frozenset((
+    "model", "prompt", "messages", "prompt_token_ids", "max_tokens", "max_completion_tokens", "stream",
+    "stream_options", "disaggregated_params", "n", "best_of", "use_beam_search", "stop", "stop_token_ids",
+    "ignore_eos",
+))
+# Fields without effect on the generation: accepted with any value (trtllm-serve does not use them either).
+_IGNORED_FIELDS = frozenset(("user", "conversation_params"))
+# Fields no Triton input carries (or whose answer the runtime cannot build): refused with 400 unless they hold
+# their neutral value (listed; None is always neutral). The reason is added to the message.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "logprobs": (0, False), "top_logprobs": (0,), "echo": (False,), "logit_bias": ({},), "suffix": ("",),
+    "min_p": (0,), "top_p_min": (0,), "early_stopping": (), "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "detokenize": (True,),
+    "truncate_prompt_tokens": (), "return_context_logits": (False,), "response_format": ({"type": "text"},),
+    "lora_request": (), "prompt_ignore_length": (0,), "thinking_token_budget": (), "priority": (),
+    "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+    "parallel_tool_calls": (), "chat_template": (), "chat_template_kwargs": ({},), "documents": ([],),
+    "add_generation_prompt": (True,), "continue_final_message": (False,), "add_special_tokens": (),
+    "reasoning_effort": (), "mm_processor_kwargs": ({},),
+}
+_REASONS = {
+    "logprobs": "the runtime does not turn output_log_probs into OpenAI logprobs",
+    "top_logprobs": "the answer carries no log probabilities",
+    "logit_bias": "the tensorrt_llm model's embedding_bias needs the vocabulary size, unknown to the scheduler",
+    "top_p_min": "the backend reads runtime_top_k_min, not the declared runtime_top_p_min, so the value would be "
+                 "ignored",
+    "early_stopping": "the backend reads the BOOL early_stopping input as INT32",
+    "response_format": "guided decoding inputs are not sent by the scheduler",
+}
 
 
 def triton_error(text: str, grpc_status: str | None = None) -> tuple[int, bytes]:
@@ -264,6 +329,76 @@ def grpc_address(endpoint: Endpoint) -> str:
     """Triton's gRPC address for an endpoint discovered by its HTTP port."""
     host, _, port = endpoint.address.rpartition(":")
     return f"{host}:{int(port) + TRITON_GRPC_PORT_OFFSET}"
+
+
+_NP_DTYPES = {"FP32": "float32", "INT32": "int32", "UINT64": "uint64", "BOOL": "bool"}
+
+
+def _unsupported(key: str, value: Any) -> _BadRequest:
+    reason = _REASONS.get(key)
+    known = key in _NEUTRAL
+    what = f"{key}={json.dumps(value)[:80]}" if known else key
+    return _BadRequest(
+        f"{what} is not supported with runtime: triton ("
+        + (reason or ("no input of TensorRT-LLM's Triton models carries it" if known else "unknown parameter"))
+        + "); remove it, or use runtime: trtllm-serve", key, unsupported=True)
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -_FP32_MAX <= value <= _FP32_MAX:
+        raise _BadRequest(f"{key} must be a finite number, got {value!r}", key)
+    return float(value)
+
+
+def _integer(key: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _BadRequest(f"{key} must be an integer, got {value!r}", key)
+    if not lo <= value <= hi:
+        raise _BadRequest(f"{key} must be in [{lo}, {hi}], got {value}", key)
+    return value
+
+
+def _sampling_inputs(data: dict) -> list[tuple[str, str, Any]]:
+    """(Triton input, datatype, value) for every sampling field the request sets; _BadRequest (400) for a value
+    the input cannot hold and for a field the `triton` runtime cannot carry. One pass over the body's keys."""
+    out: list[tuple[str, str, Any]] = []
+    for key, value in data.items():
+        if value is None or key in _HANDLED_FIELDS or key in _IGNORED_FIELDS:
+            continue
+        spec = _TENSOR_FIELDS.get(key)
+        if spec is not None:
+            name, dtype = spec
+            if dtype == "FP32":
+                out.append((name, dtype, _number(key, value)))
+            elif dtype == "UINT64":
+                out.append((name, dtype, _integer(key, value, 0, 2**64 - 1)))
+            else:
+                out.append((name, dtype, _integer(key, value, *_INT32)))
+            continue
+        neutral = _NEUTRAL.get(key)
+        if neutral is None or value not in neutral:
+            raise _unsupported(key, value)
+    stop = data.get("stop")
+    if stop is not None:
+        words = [stop] if isinstance(stop, str) else stop
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise _BadRequest(f"stop must be a string or a list of strings, got {stop!r}", "stop")
+        words = [w for w in words if w]
+        if words:
+            out.append(("stop_words", "BYTES", words))
+    ids = data.get("stop_token_ids")
+    if ids is not None:
+        if not isinstance(ids, list) or not all(not isinstance(t, bool) and isinstance(t, int) and 0 <= t < 2**31
+                                                for t in ids):
+            raise _BadRequest(f"stop_token_ids must be a list of token ids, got {ids!r}", "stop_token_ids")
+        if ids:
+            out.append(("stop_words_list", "INT32", ids))
+    ignore_eos = data.get("ignore_eos")
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise _BadRequest(f"ignore_eos must be a boolean, got {ignore_eos!r}", "ignore_eos")
+    if ignore_eos:
+        out.append(("end_id", "INT32", -1))  # as TensorRT-LLM's LLM API does for ignore_eos
+    return out
 
 
 class _TritonCall:
@@ -318,8 +453,11 @@ class _TritonCall:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
             raise _BadRequest(f"max_tokens must be an integer, got {max_tokens!r}")
         self.max_tokens = max_tokens
-        if data.get("n") not in (None, 1):
-            raise _BadRequest("only n=1 is supported")
+        n = data.get("n")
+        if n is not None and (n != 1 or isinstance(n, bool)):
+            raise _BadRequest(f"n={n!r} is not supported with runtime: triton (only n=1: the scheduler reads one "
+                              f"sequence per request)", "n", unsupported=True)
+        self.sampling = _sampling_inputs(data)
         best_of = data.get("best_of")
         self.beam_width = best_of if isinstance(best_of, int) and best_of > 1 else 2 if data.get("use_beam_search") else 1
         self.stream = bool(data.get("stream")) and self.kind != "context_only"
@@ -364,6 +502,14 @@ class _TritonCall:
         if self.context_phase_params is not None:
             cpp = np.frombuffer(self.context_phase_params, dtype=np.uint8).reshape(1, -1)
             out.append(tensor("context_phase_params", cpp, "UINT8"))
+        for name, dtype, value in self.sampling:
+            if dtype == "BYTES":
+                array = np.array([[v.encode() for v in value]], dtype=np.object_)
+            elif name == "stop_words_list":  # [1, 2, N]: the ids, then each word's end offset (one token each)
+                array = np.array([[value, list(range(1, len(value) + 1))]], dtype=np.int32)
+            else:
+                array = np.array([[value]], dtype=_NP_DTYPES[dtype])
+            out.append(tensor(name, array, dtype))
         return out
 
     @staticmethod
@@ -588,7 +734,7 @@ class TritonClient:
         try:
             call = _TritonCall(body, path, request_id)
         except _BadRequest as exc:
-            return 400, _error_json(str(exc), 400, "BadRequestError"), "application/json"
+            return 400, exc.body(), "application/json"
         if call.kind == "context_only":
             return await self._context(endpoint, call)
         responses, item = await self._start_stream(endpoint, call, streaming=False)
@@ -620,7 +766,7 @@ class TritonClient:
         try:
             call = _TritonCall(body, path, request_id)
         except _BadRequest as exc:
-            return _static(400, _error_json(str(exc), 400, "BadRequestError"))
+            return _static(400, exc.body())
         if call.kind == "context_only":
             status, data, ctype = await self._context(endpoint, call)
             return _static(status, data, ctype)
