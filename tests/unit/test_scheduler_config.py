@@ -8,7 +8,15 @@ import os
 
 import pytest
 
-from baton.scheduler.config import ConfigError, ConfigWatcher, SchedulerConfig, config_to_dict, parse_config
+from baton.scheduler.config import (
+    ConfigError,
+    ConfigWatcher,
+    SchedulerConfig,
+    config_to_dict,
+    load_config,
+    parse_config,
+)
+from baton.scheduler.main import build_parser, overrides_from_args
 
 FULL = """
 model: llama-3-70b
@@ -66,6 +74,8 @@ def test_unknown_keys_and_bad_values_name_the_field():
         parse_config("routing: {localPrefillBelowTokens: 9000, alwaysPrefillAtOrAboveTokens: 100}")
     with pytest.raises(ConfigError, match="host:port"):
         parse_config("endpoints: {static: {prefill: [nohost]}}")
+    with pytest.raises(ConfigError, match="host:port"):
+        parse_config("endpoints: {static: {prefill: ['h:\u0663']}}")  # a digit, but not an ASCII one
     with pytest.raises(ConfigError, match="redisUrl"):
         parse_config("degradation: {store: redis}")
     with pytest.raises(ConfigError, match="prefillService"):
@@ -93,15 +103,18 @@ def test_watcher_applies_only_changed_valid_content(tmp_path):
     async def run():
         assert not await watcher.check_once()  # unchanged
         path.write_text("model: b\n")
+        assert not await watcher.check_once()  # new: acted on once the next poll reads the same
         assert await watcher.check_once()
         assert not await watcher.check_once()
         path.write_text("model: c\nrouting: {bogus: 1}\n")
+        assert not await watcher.check_once()
         assert not await watcher.check_once()  # invalid: kept the old one
+        assert not await watcher.check_once()  # and reported once
 
     asyncio.run(run())
     assert [c.model for c in seen] == ["b"]
     assert seen[0].queue.max_depth == 7  # flags keep overriding across reloads
-    assert errors and "bogus" in errors[0]
+    assert len(errors) == 1 and "bogus" in errors[0]
 
 
 def test_watcher_follows_configmap_symlink_swaps(tmp_path):
@@ -117,5 +130,145 @@ def test_watcher_follows_configmap_symlink_swaps(tmp_path):
     watcher.prime()
     os.symlink("v2", tmp_path / "..data_tmp")
     os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
-    assert asyncio.run(watcher.check_once())
+
+    async def run():
+        assert not await watcher.check_once()
+        assert await watcher.check_once()
+
+    asyncio.run(run())
     assert seen == ["two"]
+
+
+FILE = """\
+model: llama-3-8b
+endpoints:
+  static:
+    prefill: ["127.0.0.1:8001"]
+    decode: ["127.0.0.1:8002"]
+"""
+
+
+@pytest.mark.parametrize("empty", ["", "  \n\t\n", "# rendered by the operator\n", "---\n"])
+def test_an_empty_file_is_rejected_on_reload_and_the_running_config_kept(tmp_path, empty):
+    # `render > cfg.yaml` truncates first: a poll may read nothing (or only a leading comment) for a while.
+    path = tmp_path / "cfg.yaml"
+    path.write_text(FILE)
+    seen: list[SchedulerConfig] = []
+    errors: list[str] = []
+    watcher = ConfigWatcher(path, seen.append, on_error=errors.append)
+    watcher.prime(FILE.encode())
+    path.write_text(empty)
+
+    async def run():
+        for _ in range(3):
+            assert not await watcher.check_once()
+
+    asyncio.run(run())
+    assert seen == []  # nothing applied: not an all-defaults config without endpoints and model
+    assert len(errors) == 1 and "empty" in errors[0] and "{}" in errors[0]
+    # `{}` is how a file says "all defaults"
+    path.write_text("{}\n")
+
+    async def defaults():
+        assert not await watcher.check_once()
+        assert await watcher.check_once()
+
+    asyncio.run(defaults())
+    assert seen == [SchedulerConfig()]
+
+
+def test_an_empty_file_at_start_is_an_error_and_flags_alone_still_work(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("\n")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: the config is empty .*write \{\}"):
+        load_config(path, {"endpoints.static.prefill": "h:1", "endpoints.static.decode": "h:2"})
+    cfg = load_config(None, {"model": "m", "endpoints.static.decode": "h:2"})  # no --config: flags only
+    assert cfg.model == "m" and [e.address for e in cfg.endpoints.static.decode] == ["h:2"]
+    assert load_config(None) == SchedulerConfig()
+
+
+def test_a_file_caught_mid_write_is_not_applied_even_when_it_parses(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(FILE)
+    seen: list[SchedulerConfig] = []
+    errors: list[str] = []
+    watcher = ConfigWatcher(path, seen.append, on_error=errors.append)
+    watcher.prime(FILE.encode())
+    new = FILE.replace("llama-3-8b", "llama-3-70b")
+    cut = new.index("    decode:")
+
+    async def run():
+        path.write_text("")  # the writer truncated ...
+        assert not await watcher.check_once()
+        path.write_text(new[:cut])  # ... and has written part of it: valid YAML, with no decode endpoints
+        assert parse_config(new[:cut]).endpoints.static.decode == []
+        assert not await watcher.check_once()
+        path.write_text(new)  # done
+        assert not await watcher.check_once()
+        assert await watcher.check_once()  # read the same twice in a row: applied
+
+    asyncio.run(run())
+    assert errors == []  # the passing states were never judged, so never counted as rejected
+    assert len(seen) == 1 and seen[0].model == "llama-3-70b"
+    assert [e.address for e in seen[0].endpoints.static.decode] == ["127.0.0.1:8002"]
+
+
+def test_a_change_between_the_initial_load_and_prime_is_applied(tmp_path):
+    # serve(): load the file, load the tokenizer (a Hub fetch may take long), then prime the watcher.
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model: old-name\n")
+    loaded = path.read_bytes()
+    running = parse_config(loaded)
+    path.write_text("model: new-name\n")  # changed while the tokenizer loaded
+    seen: list[str] = []
+    watcher = ConfigWatcher(path, lambda c: seen.append(c.model))
+    watcher.prime(loaded)  # what the running config came from, not the file as it is now
+
+    async def run():
+        assert not await watcher.check_once()
+        assert await watcher.check_once()
+
+    asyncio.run(run())
+    assert running.model == "old-name" and seen == ["new-name"]
+
+
+def _args(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "nan", "inf", "soon"])
+def test_reload_interval_must_be_positive_seconds(capsys, interval):
+    with pytest.raises(SystemExit) as exc:
+        _args("--reload-interval", interval)
+    assert exc.value.code == 2
+    assert "argument --reload-interval" in capsys.readouterr().err
+    assert _args("--reload-interval", "0.2").reload_interval == 0.2
+    assert _args().reload_interval == 1.0
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "99999"])
+def test_endpoint_ports_outside_1_to_65535_are_rejected(capsys, port):
+    with pytest.raises(ConfigError, match=f"port {int(port)} is out of range \\(1-65535\\)"):
+        parse_config(f"endpoints: {{static: {{decode: ['127.0.0.1:{port}']}}}}")
+    with pytest.raises(SystemExit):
+        _args("--prefill-endpoints", f"127.0.0.1:8001,127.0.0.1:{port}")
+    err = capsys.readouterr().err
+    assert "argument --prefill-endpoints" in err and f"port {int(port)} is out of range (1-65535)" in err
+
+
+def test_endpoint_ports_at_the_limits_are_accepted():
+    args = _args("--prefill-endpoints", "127.0.0.1:1", "--decode-endpoints", "http://127.0.0.1:65535/")
+    cfg = parse_config("{}", overrides_from_args(args))
+    assert [e.address for e in cfg.endpoints.static.prefill] == ["127.0.0.1:1"]
+    assert [e.address for e in cfg.endpoints.static.decode] == ["127.0.0.1:65535"]
+
+
+def test_the_tokenizer_flag_replaces_the_files_tokenizer_source():
+    text = "model: m\ntokenizer: {huggingFaceId: org/model, revision: v2}\n"
+    cfg = parse_config(text, overrides_from_args(_args("--tokenizer", "/models/m")))
+    assert (cfg.tokenizer.path, cfg.tokenizer.hugging_face_id, cfg.tokenizer.revision) == ("/models/m", "", "")
+    assert cfg.model == "m"  # the rest of the file still applies
+    # the file alone keeps its own source, and a file naming both is still an error
+    assert parse_config(text).tokenizer.hugging_face_id == "org/model"
+    with pytest.raises(ConfigError, match="not both"):
+        parse_config("tokenizer: {path: /p, huggingFaceId: org/model}")

@@ -3,7 +3,9 @@
 The operator renders this file into a ConfigMap; standalone users write it by hand or pass flags instead.
 Unknown keys are rejected so that a typo fails loudly instead of silently falling back to a default.
 `ConfigWatcher` polls the file's *content* (a ConfigMap volume swaps a symlink, so mtimes lie) and
-hands every valid new version to a callback; an invalid new version is logged and the old one kept.
+hands every valid new version to a callback once two consecutive polls read the same bytes (a file caught
+in the middle of a write is never acted on); an invalid new version is logged and the old one kept. An
+empty file (or one holding only comments) is never a config: to mean "all defaults", write `{}`.
 """
 
 from __future__ import annotations
@@ -34,15 +36,18 @@ class StaticEndpoint(_Model):
     fingerprint: str | None = None
 
 
-def _parse_address(value: str) -> str:
+def parse_address(value: str) -> str:
+    """`host:port` (an http:// or https:// prefix and a trailing slash are dropped); ValueError otherwise."""
     value = value.strip()
     for prefix in ("http://", "https://"):
         if value.startswith(prefix):
             value = value[len(prefix) :]
     value = value.rstrip("/")
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise ValueError(f"endpoint {value!r} must be host:port")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"endpoint {value!r}: port {int(port)} is out of range (1-65535)")
     return value
 
 
@@ -61,7 +66,7 @@ class StaticEndpoints(_Model):
                 item = {"address": item}
             if isinstance(item, Mapping):
                 item = dict(item)
-                item["address"] = _parse_address(str(item.get("address", "")))
+                item["address"] = parse_address(str(item.get("address", "")))
             out.append(item)
         return out
 
@@ -235,17 +240,29 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+# An override naming one tokenizer source (the --tokenizer flag) replaces the file's whole `tokenizer`
+# section: the file may name the other source, and both together are an error.
+_TOKENIZER_SOURCES = ("tokenizer.path", "tokenizer.huggingFaceId")
+
+
 def parse_config(text: str | bytes, overrides: Mapping[str, Any] | None = None, source: str = "<config>") -> SchedulerConfig:
-    """Parse YAML or JSON text (JSON is YAML) into a validated config; `overrides` are dotted camelCase paths."""
+    """Parse YAML or JSON text (JSON is YAML) into a validated config; `overrides` are dotted camelCase paths.
+
+    Text without a document (empty, whitespace, only comments) is an error, not an all-defaults config: it
+    is what a reader sees of a file that a writer has just truncated. `{}` spells "all defaults"."""
     try:
-        data = yaml.safe_load(text) if text else {}
+        data = yaml.safe_load(text) if text.strip() else None  # whitespace-only (a tab, say) is no YAML error
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML/JSON: {exc}") from exc
     if data is None:
-        data = {}
+        raise ConfigError(f"{source}: the config is empty (no settings, at most comments); "
+                          "write {} for an all-defaults config")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
-    for dotted, value in (overrides or {}).items():
+    overrides = overrides or {}
+    if any(key in overrides for key in _TOKENIZER_SOURCES):
+        data.pop("tokenizer", None)
+    for dotted, value in overrides.items():
         _set_path(data, dotted, value)
     try:
         return SchedulerConfig.model_validate(data)
@@ -256,14 +273,18 @@ def parse_config(text: str | bytes, overrides: Mapping[str, Any] | None = None, 
         raise ConfigError(f"{source}: invalid scheduler config: {problems}") from exc
 
 
-def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> SchedulerConfig:
-    if path is None:
-        return parse_config("", overrides, source="<flags>")
+def read_config_file(path: str | Path) -> bytes:
     try:
-        text = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    return parse_config(text, overrides, source=str(path))
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> SchedulerConfig:
+    """The config in `path` with `overrides` applied; without a file, the defaults with `overrides` applied."""
+    if path is None:
+        return parse_config("{}", overrides, source="<flags>")
+    return parse_config(read_config_file(path), overrides, source=str(path))
 
 
 def config_to_dict(config: SchedulerConfig) -> dict[str, Any]:
@@ -272,7 +293,17 @@ def config_to_dict(config: SchedulerConfig) -> dict[str, Any]:
 
 
 class ConfigWatcher:
-    """Polls a config file's content and calls `on_change(config)` for each valid new version."""
+    """Polls a config file's content and calls `on_change(config)` for each valid new version.
+
+    New content is acted on (applied, or rejected and reported to `on_error`) only when two consecutive
+    polls read the same bytes. A writer that truncates the file and then writes it (`render > file`) can be
+    caught in between: the reader sees an empty file, or a prefix that may well be valid YAML (a config
+    without its decode endpoints, say). Such a state lasts as long as the write, so it is not read twice in
+    a row a poll interval apart unless the writer stalls for a whole interval, while a finished file is; a
+    change thus lands one interval later than it would otherwise. It costs nothing extra: one read and one
+    sha256 per poll, as before. (A writer that renames a complete file into place, as a ConfigMap volume
+    does, is never seen mid-write at all.)
+    """
 
     def __init__(
         self,
@@ -287,31 +318,49 @@ class ConfigWatcher:
         self.overrides = dict(overrides or {})
         self.interval = interval
         self.on_error = on_error
-        self._digest: str | None = None
+        self._digest: str | None = None  # the content last acted on: applied (or primed), or rejected
+        self._pending: str | None = None  # new content read at the previous poll, not acted on yet
         self._task: asyncio.Task[None] | None = None
 
-    def prime(self) -> None:
-        """Remember the current content as already applied (call after the initial load)."""
-        try:
-            self._digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
-        except OSError:
-            self._digest = None
+    def prime(self, content: str | bytes | None = None) -> None:
+        """Remember `content`, the bytes the running config was loaded from, as already applied: a file that
+        differs from it is applied by the next polls. Pass the loaded bytes: without them the file is read
+        again now, and a change made since the initial load would be taken as applied and never applied."""
+        if content is None:
+            try:
+                content = self.path.read_bytes()
+            except OSError:
+                self._digest = None
+                return
+        if isinstance(content, str):
+            content = content.encode()
+        self._digest = hashlib.sha256(content).hexdigest()
+        self._pending = None
 
     async def check_once(self) -> bool:
-        """Re-read the file; apply it if its content changed and is valid. Returns True when applied."""
+        """Re-read the file; apply it if its content changed, read the same at the previous call (settled)
+        and is valid. Returns True when applied."""
         try:
             text = await asyncio.to_thread(self.path.read_bytes)
         except OSError as exc:
             log.warning("event=config_unreadable path=%s error=%r", self.path, str(exc))
+            self._pending = None
             return False
         digest = hashlib.sha256(text).hexdigest()
         if digest == self._digest:
+            self._pending = None
             return False
+        if digest != self._pending:  # new content: wait for the next poll to read the same (a writer may be busy)
+            self._pending = digest
+            log.debug("event=config_change_seen path=%s sha256=%s", self.path, digest[:12])
+            return False
+        self._pending = None
         self._digest = digest
         try:
             config = parse_config(text, self.overrides, source=str(self.path))
         except ConfigError as exc:
-            log.error("event=config_reload_rejected error=%r", str(exc))
+            log.error("event=config_reload_rejected path=%s sha256=%s error=%r detail=%r", self.path, digest[:12],
+                      str(exc), "keeping the running config")
             if self.on_error:
                 self.on_error(str(exc))
             return False

@@ -3,8 +3,9 @@
     baton scheduler --config /etc/baton/scheduler.yaml
     baton scheduler --prefill-endpoints 127.0.0.1:8001 --decode-endpoints 127.0.0.1:8002 --model llama-3-8b
 
-Flags override the config file (and keep overriding it across reloads). With neither a file nor
-endpoint flags the scheduler starts with no endpoints and stays unready.
+Flags override the config file (and keep overriding it across reloads); `--tokenizer` replaces the file's
+whole `tokenizer` section. With neither a file nor endpoint flags the scheduler starts with no endpoints
+and stays unready. An empty config file is an error (write `{}` for all defaults, or leave out --config).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -22,20 +24,52 @@ from typing import Any
 from baton import tokens
 from baton.gcpauses import freeze_heap
 from baton.model_tokenizer import ModelTokenizer, TokenizerError, fetch_tokenizer, load_tokenizer
-from baton.scheduler.config import ConfigError, ConfigWatcher, TokenizerConfig, load_config
+from baton.scheduler.config import (
+    ConfigError,
+    ConfigWatcher,
+    TokenizerConfig,
+    load_config,
+    parse_address,
+    parse_config,
+    read_config_file,
+)
 
 log = logging.getLogger("baton.scheduler")
 
 SHUTDOWN_GRACE_S = 30.0  # in-flight requests get this long to finish on SIGTERM
 
 
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {value}")
+    return seconds
+
+
+def _endpoint_list(value: str) -> str:
+    """A comma-separated host:port list, checked here so that a bad flag is named as such."""
+    for item in value.split(","):
+        if item.strip():
+            try:
+                parse_address(item)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="baton scheduler", description="Baton's disaggregated prefill/decode router.")
     p.add_argument("--config", help="YAML/JSON config file (reloaded when its content changes)")
-    p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config file checks")
+    p.add_argument("--reload-interval", type=_positive_seconds, default=1.0,
+                   help="seconds between config file checks (> 0; a change applies once two checks agree)")
     p.add_argument("--model", help="served model name (/v1/models; other names get 404)")
-    p.add_argument("--prefill-endpoints", help="comma-separated host:port list of prefill (context) workers")
-    p.add_argument("--decode-endpoints", help="comma-separated host:port list of decode (generation) workers")
+    p.add_argument("--prefill-endpoints", type=_endpoint_list,
+                   help="comma-separated host:port list of prefill (context) workers")
+    p.add_argument("--decode-endpoints", type=_endpoint_list,
+                   help="comma-separated host:port list of decode (generation) workers")
     p.add_argument("--prefill-batch-size", type=int, help="max context-only requests in flight per prefill replica")
     p.add_argument("--decode-batch-size", type=int, help="max local prefills in flight per decode replica")
     p.add_argument("--max-concurrent-prefills", type=int, help="max context-only requests in flight in total")
@@ -54,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, help="attempts per request including the first")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="count text prompts with the model's tokenizer: a checkpoint directory with tokenizer.json "
-                        "(and tokenizer_config.json), or that file (default: the documented estimate)")
+                        "(and tokenizer_config.json), or that file (default: the documented estimate); "
+                        "replaces the config file's tokenizer section")
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 8000; 0 = pick a free one)")
     p.add_argument("--stream-flush-interval-ms", type=float,
@@ -216,8 +251,13 @@ async def serve(args: argparse.Namespace) -> int:
     from baton.scheduler.service import SchedulerService
 
     overrides = overrides_from_args(args)
+    loaded: bytes | None = None  # the file's content the running config comes from, for the watcher
     try:
-        config = load_config(args.config, overrides)
+        if args.config:
+            loaded = read_config_file(args.config)
+            config = parse_config(loaded, overrides, source=args.config)
+        else:
+            config = load_config(None, overrides)
         tokenizer = await asyncio.to_thread(load_scheduler_tokenizer, config.tokenizer, os.environ)
         tokens.set_tokenizer(tokenizer)
         service = SchedulerService(config)
@@ -232,7 +272,7 @@ async def serve(args: argparse.Namespace) -> int:
             args.config, service.apply_config, overrides, interval=args.reload_interval,
             on_error=lambda _msg: service.hooks.config_reload("rejected"),
         )
-        watcher.prime()
+        watcher.prime(loaded)  # not a re-read: the file may have changed while the tokenizer loaded
     server = build_server(service)
     await service.start()
     try:
