@@ -48,16 +48,58 @@ def test_batch_slots_queue_fifo(one_slot):
     assert max(r["numActiveRequests"] for r in records) == 1
 
 
-@pytest.mark.parametrize(
-    ("body", "fragment"),
-    [
-        ({"prompt": list(range(1, 601)), "max_tokens": 1}, "exceeds max_num_tokens (512)"),
-        ({"prompt": [1, 2, 3], "max_tokens": 8200}, "exceeds max_seq_len (8192)"),
-    ],
-)
-def test_requests_over_the_limits_are_refused(one_slot, body, fragment):
-    status, err = one_slot.post("/v1/completions", body)
-    assert status == 400 and fragment in err["message"]
+@pytest.mark.parametrize("request_type", ["context_and_generation", "context_only"])
+def test_prompt_over_max_num_tokens_is_refused_with_trtllm_text(one_slot, request_type):
+    status, err = one_slot.post("/v1/completions", {"prompt": list(range(1, 601)), "max_tokens": 1,
+                                                    "disaggregated_params": {"request_type": request_type}})
+    assert status == 400 and err["type"] == "BadRequestError"
+    # LLM._check_arguments: prompt_len / cp_size is a float in TensorRT-LLM's text
+    assert err["message"] == "The sum of prompt length (600.0), query length (0) should not exceed max_num_tokens (512)"
+
+
+@pytest.fixture(scope="module")
+def short_seq(engines):
+    # max_seq_len 256 below max_num_tokens 512: a prompt can fit an iteration but leave no room to generate
+    return engines.start(worker_yaml(ctx=True, max_seq_len=256, max_num_tokens=512), "--sim-speed", "0")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_max_tokens_is_lowered_to_what_max_seq_len_leaves(short_seq, path):
+    """As the PyTorch worker's _deduce_max_tokens: max_tokens above max_seq_len - prompt is lowered (with
+    TensorRT-LLM's warning in the log), not refused."""
+    key = "prompt" if "chat" not in path else "prompt_token_ids"
+    body = {key: list(range(1, 201)), "max_tokens": 1000}
+    if "chat" in path:
+        body["messages"] = [{"role": "user", "content": "x"}]
+    status, resp = short_seq.post(path, body)
+    assert status == 200, resp
+    assert resp["usage"] == {"prompt_tokens": 200, "completion_tokens": 56, "total_tokens": 256}
+    assert resp["choices"][0]["finish_reason"] == "length"
+    assert ("User-specified `max_tokens` (1000) is greater than deduced `default_max_tokens` (56), using "
+            "default_max_tokens instead.") in short_seq.log()
+
+
+@pytest.mark.parametrize("request_type", ["context_and_generation", "context_only"])
+@pytest.mark.parametrize("prompt_len", [256, 300])
+def test_prompt_that_leaves_no_room_in_max_seq_len_is_refused(short_seq, request_type, prompt_len):
+    status, err = short_seq.post("/v1/completions", {"prompt": [7] * prompt_len, "max_tokens": 1,
+                                                     "disaggregated_params": {"request_type": request_type}})
+    assert status == 400 and err["type"] == "BadRequestError"
+    left = 256 - prompt_len
+    assert err["message"] == (f"`default_max_tokens` ({left}) must be greater than 0, `default_max_tokens` ({left}) "
+                              f"= max_seq_len (256) - `splited_prompt_len` ({prompt_len})")
+
+
+def test_chunked_prefill_is_not_simulated(engines):
+    """With enable_chunked_prefill TensorRT-LLM accepts a prompt longer than max_num_tokens; the simulator
+    cannot run it, and says so instead of giving TensorRT-LLM's refusal."""
+    chunked = engines.start(worker_yaml(ctx=True, max_num_tokens=512, enable_chunked_prefill=True),
+                            "--sim-speed", "0")
+    status, err = chunked.post("/v1/completions", {"prompt": list(range(1, 601)), "max_tokens": 1})
+    assert status == 400
+    assert err["message"] == ("prompt length (600) exceeds max_num_tokens (512): enable_chunked_prefill is set, so "
+                              "TensorRT-LLM would prefill it in chunks, but chunked prefill is not simulated")
+    assert chunked.post("/v1/completions", {"prompt": list(range(1, 501)), "max_tokens": 2})[0] == 200
 
 
 def test_request_that_can_never_fit_the_cache_is_refused(small_cache):

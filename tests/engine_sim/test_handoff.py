@@ -151,6 +151,7 @@ def test_decode_worker_with_overlap_rejects_context_only(gen):
 def test_mismatched_tiers_are_rejected_and_counted(ctx, bad_gens, name):
     bad = bad_gens[name]
     before = bad.state()["counters"]["kvFormatRejections"]
+    held0 = held(ctx)
     bad.get("/perf_metrics")
     _, (status, err) = handoff(ctx, bad, {"prompt": "cross-generation handoff", "max_tokens": 4})
     assert status == 500
@@ -161,8 +162,8 @@ def test_mismatched_tiers_are_rejected_and_counted(ctx, bad_gens, name):
     assert metrics[-1]["sim"]["kvFormatRejections"] == before + 1
     rejected = [r for r in bad.get("/perf_metrics")[1] if r["status"] == "rejected"]
     assert len(rejected) == 1 and rejected[0]["error"] == err["message"]
-    # the refused handoff leaves the ctx KV held (until a compatible pull or the timeout)
-    assert held(ctx) >= 1
+    # the gen side told the ctx side in the handshake: the context request failed there and its KV is freed
+    ctx.wait_for(lambda: held(ctx) == held0, "the refused handoff's KV to be freed on the ctx side", deadline_s=5)
 
 
 def pull(handles: list[OpaqueState], own: kvformat.CacheState) -> list:
@@ -194,9 +195,13 @@ def test_ctx_side_also_checks_the_format(ctx):
     assert err.message.startswith("Disagg server does not currently support these cacheState")
     assert "only support same number of layers (numLayers: context=32, generation=80)" in err.message
     assert ctx.state()["counters"]["kvFormatRejections"] == before + 1
-    # the refused pull left the KV in place: a compatible one still gets it
-    [ok] = pull([handle], own)
-    assert ok["ctx_request_id"] == handle.ctx_request_id and ok["kv_cache_size"] == ok["num_tokens"] * 131_072
+    # the failed handshake failed the context request: its KV is gone, even for a compatible pull
+    [gone] = pull([handle], own)
+    assert isinstance(gone, HandoffError) and gone.kind == "transfer"
+    assert "its handoff failed in the handshake with a generation worker (the KV cache formats differ)" in gone.message
+    ok_handle = context_handle(ctx, "guarded KV, pulled right")
+    [ok] = pull([ok_handle], own)
+    assert ok["ctx_request_id"] == ok_handle.ctx_request_id and ok["kv_cache_size"] == ok["num_tokens"] * 131_072
 
 
 def test_kv_channel_serves_concurrent_pulls_and_refuses_stale_handles(ctx):
@@ -286,3 +291,99 @@ def test_a_transfer_cut_off_midway_frees_the_blocks(engines):
     state = slow.state()
     assert state["counters"]["kvPullsFailed"] == 1 and state["counters"]["kvPullsServed"] == 0
     assert state["counters"]["numHeldKvRequests"] == 0
+
+
+def test_refused_handoffs_do_not_starve_the_context_worker(engines, bad_gens):
+    """A gen worker that refuses a handle (CacheState mismatch) tells the ctx worker in the handshake, which
+    frees the KV at once: refused handoffs no longer pile up held KV until kv_transfer_timeout_ms (here unset:
+    forever) and block later context requests."""
+    small = engines.start(worker_yaml(ctx=True, kv_cache_config={"max_tokens": 1024}), "--sim-speed", "0")  # 32 blocks
+    bad = bad_gens["tokens_per_block"]
+    handles = []
+    for i in range(2):  # 500 tokens = 16 blocks each: together they fill the cache
+        ctx_resp, (status, err) = handoff(small, bad, {"prompt": [5 + i] * 500, "max_tokens": 8})
+        assert status == 500 and err["message"].startswith("Disagg server does not currently support these cacheState")
+        handles.append(decode_opaque(ctx_resp["choices"][0]["disaggregated_params"]["encoded_opaque_state"]))
+    small.wait_for(lambda: small.state()["counters"]["heldKvBlocks"] == 0, "the refused handoffs' KV to be freed",
+                   deadline_s=5)
+    state = small.state()
+    assert state["counters"]["numHeldKvRequests"] == 0 and state["kvCacheStats"]["usedNumBlocks"] == 0
+    assert state["counters"]["kvFormatRejections"] == 2  # the ctx side's inquireSupport failed too
+    # the context worker still serves
+    status, resp = small.request("POST", "/v1/completions", {
+        "prompt": [9] * 500, "max_tokens": 1, "disaggregated_params": {"request_type": "context_only"}}, timeout=10)
+    assert status == 200, resp
+    # a pull of a refused handle says why its KV is gone
+    [err] = pull([handles[0]], kvformat.from_wire(small.state()["cache_state"]))
+    assert isinstance(err, HandoffError) and "failed in the handshake" in err.message
+
+
+@pytest.fixture(scope="module")
+def short_tiers(engines):
+    """A ctx and a gen worker with max_seq_len 256."""
+    return (engines.start(worker_yaml(ctx=True, max_seq_len=256, timeout_ms=60_000), "--sim-speed", "0"),
+            engines.start(worker_yaml(ctx=False, max_seq_len=256), "--sim-speed", "0"))
+
+
+def test_max_tokens_lowered_to_max_seq_len_on_both_tiers(short_tiers):
+    """TensorRT-LLM's _deduce_max_tokens lowers max_tokens to max_seq_len - prompt on every request type: a
+    context-only request that was accepted is followed by a generation-only request that is accepted too."""
+    ctx, gen = short_tiers
+    body = {"prompt": list(range(1, 201)), "max_tokens": 100}  # 200 + 100 > 256: lowered to 56
+    local = gen.complete(body)
+    assert local["usage"]["completion_tokens"] == 56 and local["choices"][0]["finish_reason"] == "length"
+    _, (status, resp) = handoff(ctx, gen, body)
+    assert status == 200, resp
+    assert resp["choices"][0]["token_ids"] == local["choices"][0]["token_ids"]
+    assert ("User-specified `max_tokens` (100) is greater than deduced `default_max_tokens` (56), using "
+            "default_max_tokens instead.") in gen.log()
+
+
+def test_kv_transfer_timeout_bounds_the_pull_on_the_gen_side(engines, gen):
+    """kv_transfer_timeout_ms on the gen worker bounds its pull: the request is cancelled when it runs out,
+    and the ctx worker stops sending and frees the KV (the cancel goes over the KV channel)."""
+    # 500 tokens x 128 KiB = 65.5 MB over 0.01 Gbit/s (1.25 MB/s): a 52 s transfer; gen timeout 0.5 s
+    slow = engines.start(worker_yaml(ctx=True), "--sim-speed", "1", "--sim-link-gbps", "0.01")
+    impatient = engines.start(worker_yaml(ctx=False, timeout_ms=500), "--sim-speed", "0")
+    used0 = slow.state()["kvCacheStats"]["usedNumBlocks"]
+    ctx_resp = slow.complete({"prompt": [3] * 500, "max_tokens": 4,
+                              "disaggregated_params": {"request_type": "context_only"}})
+    params = {**ctx_resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
+    started = time.monotonic()
+    status, err = impatient.request("POST", "/v1/completions", {
+        "prompt": ctx_resp["prompt_token_ids"], "max_tokens": 4, "disaggregated_params": params}, timeout=20)
+    assert time.monotonic() - started < 10
+    assert status == 500 and err["type"] == "InternalServerError"
+    assert err["message"].startswith("KV cache transfer timed out")
+    assert "within kv_transfer_timeout_ms=500 of the generation worker" in err["message"]
+    assert impatient.state()["counters"]["kvTransferFailures"] == 1
+    assert "due to KV cache transfer timeout" in impatient.log()
+    slow.wait_for(lambda: slow.state()["kvCacheStats"]["usedNumBlocks"] == used0, "the ctx side to free the KV",
+                  deadline_s=5)
+    counters = slow.state()["counters"]
+    assert counters["kvPullsFailed"] == 1 and counters["kvPullsServed"] == 0
+    assert counters["numSendingKvRequests"] == 0 and counters["numHeldKvRequests"] == 0
+
+
+def test_kv_transfer_timeout_bounds_the_send_on_the_ctx_side(engines, gen):
+    """kv_transfer_timeout_ms on the ctx worker counts from the end of the prefill and also bounds the transfer:
+    a send still running when it expires is cancelled, the KV freed, and the gen request fails."""
+    # a 52 s transfer (see above); the ctx timeout of 3 s leaves ample time to start the pull
+    slow = engines.start(worker_yaml(ctx=True, timeout_ms=3000), "--sim-speed", "1", "--sim-link-gbps", "0.01")
+    used0 = slow.state()["kvCacheStats"]["usedNumBlocks"]
+    ctx_resp = slow.complete({"prompt": [4] * 500, "max_tokens": 4,
+                              "disaggregated_params": {"request_type": "context_only"}})
+    params = {**ctx_resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
+    failures = gen.state()["counters"]["kvTransferFailures"]
+    started = time.monotonic()
+    status, err = gen.request("POST", "/v1/completions", {
+        "prompt": ctx_resp["prompt_token_ids"], "max_tokens": 4, "disaggregated_params": params}, timeout=20)
+    assert time.monotonic() - started < 10  # the 52 s transfer was cut off
+    assert status == 500 and err["message"].startswith("KV cache transfer timed out")
+    assert "was not sent within kv_transfer_timeout_ms=3000 of the context worker" in err["message"]
+    assert gen.state()["counters"]["kvTransferFailures"] == failures + 1
+    state = slow.state()
+    assert state["kvCacheStats"]["usedNumBlocks"] == used0
+    assert state["counters"]["kvExpired"] == 1 and state["counters"]["kvPullsServed"] == 0
+    assert state["counters"]["numSendingKvRequests"] == 0 and state["counters"]["numHeldKvRequests"] == 0
+    assert "Terminating context request" in slow.log()

@@ -10,7 +10,10 @@ One asyncio task (`Engine._run`) plays the executor loop. Each iteration it
 4. emits one token per scheduled sequence and finishes those that reached max_tokens.
 
 A context-only request ends after its prefill; its KV stays allocated ("held") until a generation worker
-pulls it (`begin_pull` / `end_pull`, driven by transfer_server.py) or `kv_transfer_timeout_ms` expires.
+pulls it (`begin_pull` / `end_pull`, driven by transfer_server.py), the handshake of a pull fails (the
+CacheStates differ: the context request fails and its KV is freed), or `kv_transfer_timeout_ms` expires
+(counted from the end of the prefill, it also bounds the transfer itself; the generation side bounds its pull
+by its own `kv_transfer_timeout_ms`).
 The HTTP layer (server.py) only translates requests into `submit()` calls and results into OpenAI
 responses.
 """
@@ -163,6 +166,8 @@ class Engine:
         self.instance = uuid.uuid4().hex[:16]
         self.kv_bytes_per_token = kvformat.kv_bytes_per_token(cfg.cache_state)
         self.puller = puller or KVPuller()
+        # not simulated: only changes how a prompt longer than max_num_tokens is refused
+        self._chunked_prefill = bool(cfg.options.get("enable_chunked_prefill"))
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self.fatal: str | None = None
         self.on_fatal: Callable[[str], None] | None = None
@@ -174,7 +179,7 @@ class Engine:
         self._held: dict[int, _Held] = {}
         self._sending: dict[int, _Held] = {}
         self._held_blocks = 0
-        self._expired: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._gone: collections.OrderedDict[int, str] = collections.OrderedDict()  # freed KV: why
         self._iter = 0
         self._iter_stats: collections.deque[tuple] = collections.deque(maxlen=cfg.iter_stats_max)
         self._perf: collections.deque[dict] = collections.deque(maxlen=cfg.perf_metrics_max)
@@ -260,16 +265,38 @@ class Engine:
         original_max_tokens = max_tokens
         if kind == CTX_ONLY:
             max_tokens = 1  # the PyTorch backend forces max_tokens=1 on context-only requests
-        if kind != GEN_ONLY and n > cfg.max_num_tokens:
+        cp = self.state.cp
+        # LLM._check_arguments (PyTorch backend): the prompt must fit one iteration unless chunked prefill is on;
+        # generation-only requests skip the check (their prompt was prefilled elsewhere).
+        if kind != GEN_ONLY and n / cp > cfg.max_num_tokens:
+            if self._chunked_prefill:
+                raise EngineError(
+                    f"prompt length ({n}) exceeds max_num_tokens ({cfg.max_num_tokens}): enable_chunked_prefill is "
+                    "set, so TensorRT-LLM would prefill it in chunks, but chunked prefill is not simulated"
+                )
             raise EngineError(
-                f"prompt length ({n}) exceeds max_num_tokens ({cfg.max_num_tokens}); chunked prefill is not simulated"
+                f"The sum of prompt length ({n / cp}), query length (0) should not exceed "
+                f"max_num_tokens ({cfg.max_num_tokens})"
             )
         if cfg.max_input_len is not None and n > cfg.max_input_len:
             raise EngineError(f"prompt length ({n}) exceeds max_input_len ({cfg.max_input_len})")
-        if n + max_tokens > cfg.max_seq_len:
+        # The worker's _deduce_max_tokens, on every request type: what is left of max_seq_len after the prompt
+        # bounds max_tokens (lowered, with a warning); a prompt that leaves nothing is refused.
+        split_prompt_len = int(n / cp)
+        default_max_tokens = cfg.max_seq_len - split_prompt_len
+        if default_max_tokens <= 0:
             raise EngineError(
-                f"prompt length ({n}) plus max_tokens ({max_tokens}) exceeds max_seq_len ({cfg.max_seq_len})"
+                f"`default_max_tokens` ({default_max_tokens}) must be greater than 0, `default_max_tokens` "
+                f"({default_max_tokens}) = max_seq_len ({cfg.max_seq_len}) - `splited_prompt_len` ({split_prompt_len})"
             )
+        if max_tokens > default_max_tokens:
+            log.warning(
+                f"User-specified `max_tokens` ({max_tokens}) is greater than deduced `default_max_tokens` "
+                f"({default_max_tokens}), using default_max_tokens instead.",
+                extra={"fields": {"event": "max_tokens_lowered", "request_id": x_request_id,
+                                  "max_tokens": max_tokens, "default_max_tokens": default_max_tokens}},
+            )
+            max_tokens = default_max_tokens
         need = blocks_for(n + max_tokens, cfg.tokens_per_block)
         if need > cfg.max_blocks:
             raise EngineError(
@@ -295,6 +322,7 @@ class Engine:
                 seq.handle = handle
                 seq.error = EngineError(message, 500, "InternalServerError")
                 self._record_perf(seq, "rejected")
+                self._refuse_handoff(handle, message, x_request_id)
                 raise seq.error
             seq.handle = handle
             seq.first_tokens = list(first_tokens)
@@ -307,6 +335,23 @@ class Engine:
         self._wake.set()
         return seq
 
+    def _refuse_handoff(self, handle: OpaqueState, message: str, x_request_id: str) -> None:
+        """Tell the context worker that this worker refused its handle (TensorRT-LLM fails the handoff in the
+        handshake between the two workers, which fails the context request there too): it frees the KV at
+        once instead of holding it until kv_transfer_timeout_ms, or forever without one. Runs in the
+        background: the refused request's answer does not wait for it."""
+        async def tell() -> None:
+            try:
+                await self.puller.refuse(handle, self.state, message, x_request_id=x_request_id)
+            except HandoffError as exc:
+                log.info("could not tell the context worker about a refused handoff", extra={"fields": {
+                    "event": "kv_refusal_unsent", "request_id": x_request_id,
+                    "ctx_request_id": handle.ctx_request_id, "error": exc.message}})
+
+        task = asyncio.get_running_loop().create_task(tell())
+        self._transfers.add(task)
+        task.add_done_callback(self._transfers.discard)
+
     def cancel(self, seq: Seq) -> None:
         """The client went away: drop the request and free what it holds (held KV of a finished ctx stays)."""
         if seq.phase == FINISHED:
@@ -317,10 +362,14 @@ class Engine:
     # ------------------------------------------------------------------ the ctx side of a handoff
     def begin_pull(
         self, ctx_request_id: int, instance: str, peer_state: kvformat.CacheState, x_request_id: str = "",
+        *, refused: str | None = None,
     ) -> _Held:
         """A generation worker asks for the KV of a finished context-only request (TensorRT-LLM: inquireSupport
         on the ctx side, then the block transfer). Raises EngineError when it cannot have it; otherwise the
-        blocks stay allocated, marked as being sent, until `end_pull` (after `pull_seconds`)."""
+        blocks stay allocated, marked as being sent, until `end_pull` (after `pull_seconds`).
+
+        A handshake that fails (the CacheStates differ, or the generation worker already refused the handle:
+        `refused` holds its reason) fails the context request: its KV is freed at once."""
         if self.fatal is not None:
             raise EngineError(f"engine is in a fatal state: {self.fatal}", 503, "ServiceUnavailableError")
         if instance != self.instance:
@@ -331,23 +380,35 @@ class Engine:
                 404, "NotFoundError",
             )
         mismatches = kvformat.compare(self.state, peer_state)
-        if mismatches:
-            self.counters["kvFormatRejections"] += 1
-            message = kvformat.trtllm_error(mismatches)
-            log.warning("KV pull refused: format mismatch", extra={"fields": {
-                "event": "kv_format_rejected", "request_id": x_request_id, "ctx_request_id": ctx_request_id,
-                "error": message}})
+        if mismatches or refused is not None:
+            if mismatches:
+                self.counters["kvFormatRejections"] += 1
+                message = kvformat.trtllm_error(mismatches)
+                log.warning("KV pull refused: format mismatch", extra={"fields": {
+                    "event": "kv_format_rejected", "request_id": x_request_id, "ctx_request_id": ctx_request_id,
+                    "error": message}})
+            else:
+                self.counters["kvPullsFailed"] += 1
+                message = f"the generation worker refused the handoff: {refused}"
+            held = self._held.get(ctx_request_id)
+            if held is not None:
+                self._drop_held(held)
+                why = "the KV cache formats differ" if mismatches else "the generation worker refused it"
+                self._forget(ctx_request_id, f"its handoff failed in the handshake with a generation worker ({why}) "
+                                             "and it was freed")
+                log.info("held KV freed: handoff refused", extra={"fields": {
+                    "event": "kv_refused_freed", "request_id": x_request_id, "ctx_request_id": ctx_request_id,
+                    "blocks": held.blocks}})
             raise EngineError(message, 409, "CacheStateMismatch")
         held = self._held.pop(ctx_request_id, None)
         if held is None:
             self.counters["kvPullsFailed"] += 1
-            if ctx_request_id in self._expired:
-                reason = (f"it expired after kv_transfer_timeout_ms="
-                          f"{(self.cfg.kv_transfer_timeout_s or 0) * 1000:g} and was freed")
-            elif ctx_request_id in self._sending:
-                reason = "it is being transferred to another generation request"
-            else:
-                reason = "unknown ctx_request_id, or it was already transferred"
+            reason = self._gone.get(ctx_request_id)
+            if reason is None:
+                if ctx_request_id in self._sending:
+                    reason = "it is being transferred to another generation request"
+                else:
+                    reason = "unknown ctx_request_id, or it was already transferred"
             raise EngineError(
                 f"KV cache for ctx_request_id {ctx_request_id} is not available on this context worker: {reason}",
                 404, "NotFoundError",
@@ -356,6 +417,30 @@ class Engine:
             held.timer.cancel()
         self._sending[ctx_request_id] = held
         return held
+
+    def send_budget(self, held: _Held) -> float | None:
+        """Seconds left for sending `held` before kv_transfer_timeout_ms, counted from the end of its prefill
+        as TensorRT-LLM does on the context side (None: no timeout)."""
+        timeout = self.cfg.kv_transfer_timeout_s
+        if timeout is None:
+            return None
+        return held.created + timeout - time.monotonic()
+
+    def send_timed_out(self, held: _Held, x_request_id: str = "") -> str:
+        """The transfer begun by `begin_pull` did not end within kv_transfer_timeout_ms: the context request
+        is cancelled and its blocks freed. Returns the error the generation worker gets."""
+        self._sending.pop(held.rid, None)
+        self._release_held(held)
+        self.counters["kvExpired"] += 1
+        timeout_ms = (self.cfg.kv_transfer_timeout_s or 0) * 1000
+        self._forget(held.rid, f"its transfer did not finish within kv_transfer_timeout_ms={timeout_ms:g} and "
+                               "it was freed")
+        log.warning(f"Terminating context request {held.rid} due to KV cache transfer timeout", extra={"fields": {
+            "event": "kv_send_timed_out", "request_id": x_request_id, "ctx_request_id": held.rid,
+            "blocks": held.blocks, "timeout_ms": timeout_ms}})
+        return (f"KV cache transfer timed out: ctx_request_id {held.rid} was not sent within "
+                f"kv_transfer_timeout_ms={timeout_ms:g} of the context worker; the context request was cancelled "
+                "and its KV cache freed")
 
     def pull_seconds(self, held: _Held, link_bytes_per_s: float | None) -> float:
         """How long sending `held` takes: its bytes over the slower of the two workers' links."""
@@ -392,15 +477,20 @@ class Engine:
                 held.timer.cancel()
             self._release_held(held)
 
+    def _forget(self, rid: int, reason: str) -> None:
+        """Remember why the KV of `rid` is gone, for a later pull of it (the last 10,000)."""
+        self._gone[rid] = reason
+        while len(self._gone) > 10_000:
+            self._gone.popitem(last=False)
+
     def _expire(self, rid: int) -> None:
         held = self._held.pop(rid, None)
         if held is None:
             return
         self._release_held(held)
         self.counters["kvExpired"] += 1
-        self._expired[rid] = None
-        while len(self._expired) > 10_000:
-            self._expired.popitem(last=False)
+        self._forget(rid, f"it expired after kv_transfer_timeout_ms={(self.cfg.kv_transfer_timeout_s or 0) * 1000:g} "
+                          "and was freed")
         log.info("held KV expired", extra={"fields": {"event": "kv_expired", "ctx_request_id": rid,
                                                       "blocks": held.blocks}})
 
@@ -488,11 +578,15 @@ class Engine:
         s.kv_start = time.monotonic()
         try:
             result = await self.puller.pull(s.handle, self.state, link_bytes_per_s=self.cfg.link_bytes_per_s,
-                                            x_request_id=s.x_request_id)
+                                            x_request_id=s.x_request_id, timeout_s=self.cfg.kv_transfer_timeout_s)
         except HandoffError as exc:
             if exc.kind == "format":
                 self.counters["kvFormatRejections"] += 1
             self.counters["kvTransferFailures"] += 1
+            if exc.kind == "timeout" and s.phase == TRANSFER:
+                log.warning(f"Terminating generation request {s.rid} due to KV cache transfer timeout",
+                            extra={"fields": {"event": "kv_receive_timed_out", "request_id": s.x_request_id,
+                                              "ctx_request_id": s.handle.ctx_request_id}})
             if s.phase == TRANSFER:
                 log.warning("KV transfer failed", extra={"fields": {
                     "event": "kv_transfer_failed", "request_id": s.x_request_id,

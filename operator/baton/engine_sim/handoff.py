@@ -14,12 +14,18 @@ The channel: one TCP connection from a gen worker to each ctx worker it pulls fr
 pulls at once. Each message is a frame: a 4-byte big-endian length, then compact JSON.
   pull    (gen -> ctx) {"id": N, "ctx_request_id", "instance", "cache_state": <gen CacheState>,
                         "link_bytes_per_s", "request_id"}
+  refusal (gen -> ctx) a pull with "refused": <the gen side's error>: the gen worker refused the handle (its
+                        CacheState differs), the handshake fails and the ctx side frees the KV
+  cancel  (gen -> ctx) {"id": N, "cancel": true}: the gen side gave up pull N (kv_transfer_timeout_ms); the
+                        ctx side stops that transfer and frees the KV, and sends no answer
   answer  (ctx -> gen) {"id": N, "ok": {"ctx_request_id", "kv_cache_size", "num_tokens",
                                          "transfer_start", "transfer_end"}}
                     or {"id": N, "error": {"message", "status", "type"}}
 Answers come back in the order transfers end, matched by `id`. The ctx side re-checks compatibility
-(TensorRT-LLM's inquireSupport runs on the ctx side), holds the blocks for the transfer time, frees them and
-answers with the KV size.
+(TensorRT-LLM's inquireSupport runs on the ctx side; a mismatch fails the context request and frees its KV),
+holds the blocks for the transfer time, frees them and answers with the KV size. With kv_transfer_timeout_ms
+set, each side bounds the transfer by its own timeout: the ctx side from the end of the prefill (it answers
+a "KVTransferTimeout" error), the gen side from the start of its pull.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ MAX_FRAME_BYTES = 1 << 20  # far above any pull or answer; a larger length means
 
 
 class HandoffError(Exception):
-    """A handoff failed; `kind` says why ("format" = KV-format mismatch, else "transfer")."""
+    """A handoff failed; `kind` says why ("format" = KV-format mismatch, "timeout" = not received within the
+    gen side's kv_transfer_timeout_ms, else "transfer")."""
 
     def __init__(self, message: str, kind: str = "transfer") -> None:
         super().__init__(message)
@@ -182,9 +189,13 @@ class _Channel(asyncio.Protocol):
                 fut.set_exception(exc)
 
 
+class _PullTimeout(TimeoutError):
+    """The gen side's limit on one pull ran out (kv_transfer_timeout_ms, else the puller's own)."""
+
+
 def _time_out(fut: asyncio.Future, seconds: float) -> None:
     if not fut.done():
-        fut.set_exception(TimeoutError(f"no answer within {seconds:g} s"))
+        fut.set_exception(_PullTimeout(f"no answer within {seconds:g} s"))
 
 
 class KVPuller:
@@ -232,30 +243,71 @@ class KVPuller:
         *,
         link_bytes_per_s: float,
         x_request_id: str = "",
+        timeout_s: float | None = None,
     ) -> dict:
-        """Pull the KV named by `handle`; returns the ctx answer ({"kv_cache_size", "num_tokens", ...})."""
+        """Pull the KV named by `handle`; returns the ctx answer ({"kv_cache_size", "num_tokens", ...}).
+
+        `timeout_s` (the worker's kv_transfer_timeout_ms) bounds the whole pull: connecting, the ctx side's
+        transfer time and the answer. When it runs out the pull is cancelled on the ctx side too, and this
+        raises a HandoffError of kind "timeout". Without it, the puller's own limit applies (60 s)."""
+        extra = b'"link_bytes_per_s":%s' % _compact(link_bytes_per_s).encode()
+        return await self._ask(handle, own_state, extra, x_request_id, timeout_s)
+
+    async def refuse(
+        self, handle: OpaqueState, own_state: kvformat.CacheState, reason: str, *, x_request_id: str = "",
+    ) -> None:
+        """Tell the ctx worker named by `handle` that this worker refused it (the handshake fails there too, and
+        the ctx side frees the KV). Its error answer is the expected outcome; HandoffError only when the ctx
+        worker could not be told."""
+        extra = b'"refused":%s' % _compact(reason).encode()
+        try:
+            await self._ask(handle, own_state, extra, x_request_id, None)
+        except HandoffError as exc:
+            if exc.kind != "format":
+                raise
+
+    async def _ask(
+        self, handle: OpaqueState, own_state: kvformat.CacheState, extra: bytes, x_request_id: str,
+        timeout_s: float | None,
+    ) -> dict:
+        """Send one pull frame (with `extra` fields) and wait for its answer."""
         host = handle.host
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         where = f"{handle.host}:{handle.port}"
         loop = asyncio.get_running_loop()
+        limit = self._timeout if timeout_s is None else timeout_s
+        deadline = loop.time() + limit
         try:
-            chan = await self._channel(host, handle.port)
-            fid = chan.next_id
-            chan.next_id += 1
-            fut = loop.create_future()
-            chan.waiting[fid] = fut
+            async with asyncio.timeout_at(deadline):
+                chan = await self._channel(host, handle.port)
+        except TimeoutError as exc:
+            raise self._timed_out(where, handle, timeout_s, _PullTimeout(f"not connected within {limit:g} s")) \
+                from exc
+        except OSError as exc:  # ConnectionError (refused, reset, closed early)
+            raise HandoffError(
+                f"KV transfer from context worker {where} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        fid = chan.next_id
+        chan.next_id += 1
+        fut = loop.create_future()
+        chan.waiting[fid] = fut
+        try:
             chan.transport.write(frame(b'{"id":%d,"ctx_request_id":%d,"instance":%s,"cache_state":%s,'  # type: ignore[union-attr]
-                                       b'"link_bytes_per_s":%s,"request_id":%s}' % (
+                                       b'%s,"request_id":%s}' % (
                 fid, handle.ctx_request_id, _compact(handle.instance).encode(), _state_json(own_state),
-                _compact(link_bytes_per_s).encode(), _compact(x_request_id).encode())))
-            timer = loop.call_later(self._timeout, _time_out, fut, self._timeout)
+                extra, _compact(x_request_id).encode())))
+            timer = loop.call_at(deadline, _time_out, fut, limit)
             try:
                 answer = await fut
             finally:
                 timer.cancel()
                 chan.waiting.pop(fid, None)
-        except OSError as exc:  # ConnectionError (refused, reset, closed early) or TimeoutError
+        except _PullTimeout as exc:
+            if timeout_s is not None and not chan.closed and chan.transport is not None:
+                chan.transport.write(frame(b'{"id":%d,"cancel":true}' % fid))  # stop the ctx side's transfer too
+            raise self._timed_out(where, handle, timeout_s, exc) from exc
+        except OSError as exc:  # the channel broke with the pull in flight
             raise HandoffError(
                 f"KV transfer from context worker {where} failed: {type(exc).__name__}: {exc}"
             ) from exc
@@ -266,3 +318,12 @@ class KVPuller:
         error = error if isinstance(error, dict) else {}
         kind = "format" if error.get("type") == "CacheStateMismatch" else "transfer"
         raise HandoffError(str(error.get("message") or f"KV transfer from context worker {where} failed"), kind)
+
+    @staticmethod
+    def _timed_out(where: str, handle: OpaqueState, timeout_s: float | None, exc: Exception) -> HandoffError:
+        if timeout_s is None:  # the puller's own limit: a context worker that does not answer
+            return HandoffError(f"KV transfer from context worker {where} failed: TimeoutError: {exc}")
+        return HandoffError(
+            f"KV cache transfer timed out: ctx_request_id {handle.ctx_request_id} was not received from context "
+            f"worker {where} within kv_transfer_timeout_ms={timeout_s * 1000:g} of the generation worker; the "
+            "request was cancelled", "timeout")

@@ -6,8 +6,12 @@ through the OpenAI server. So does the simulator: `KVTransferServer` listens on 
 described in handoff.py, which holds the gen side (`KVPuller`).
 
 Each pull runs `Engine.begin_pull` (instance, CacheState and availability checks, with TensorRT-LLM's error
-text), keeps the blocks for the modelled transfer time, then `Engine.end_pull` frees them and the answer goes
-back. A pull whose connection drops before its answer is sent frees the blocks without counting as served.
+text; a failed CacheState check, or a refusal sent by the gen side, fails the context request and frees its
+KV), keeps the blocks for the modelled transfer time, then `Engine.end_pull` frees them and the answer goes
+back. With kv_transfer_timeout_ms set, a transfer that would end after the timeout (counted from the end of the
+prefill) is cut off when it runs out: `Engine.send_timed_out` frees the blocks and the gen side gets a
+"KVTransferTimeout" error. A pull whose connection drops before its answer is sent, or that the gen side
+cancels (its own timeout ran out), frees the blocks without counting as served.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ class _Connection(asyncio.Protocol):
         self.engine = server.engine
         self.transport: asyncio.Transport | None = None
         self.reader = FrameReader()
-        self.transfers: set[asyncio.Task] = set()
+        self.transfers: dict[int, asyncio.Task] = {}  # by frame id: the transfers waiting out their time
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -44,7 +48,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        for task in list(self.transfers):  # nobody to send these to: their blocks are freed, not sent
+        for task in list(self.transfers.values()):  # nobody to send these to: their blocks are freed, not sent
             task.cancel()
 
     def data_received(self, data: bytes) -> None:
@@ -62,6 +66,11 @@ class _Connection(asyncio.Protocol):
             except (ValueError, KeyError, TypeError) as exc:
                 self._drop(f"unreadable pull: {exc}")
                 return
+            if msg.get("cancel") is True:  # the gen side gave up this pull: stop sending, free the blocks
+                task = self.transfers.get(fid)
+                if task is not None:
+                    task.cancel()
+                continue
             self._pull(fid, msg)
 
     def _drop(self, why: str) -> None:
@@ -80,24 +89,33 @@ class _Connection(asyncio.Protocol):
             peer = kvformat.from_wire(msg["cache_state"])
             link = msg.get("link_bytes_per_s")
             link = float(link) if link else None
+            refused = msg.get("refused")
+            refused = None if refused is None else str(refused)
             x_rid = str(x_rid)
         except (ValueError, KeyError, TypeError) as exc:
             transport.write(_error(fid, f"invalid KV pull request: {exc}", 400, "BadRequestError"))
             return
         engine = self.engine
         try:
-            held = engine.begin_pull(ctx_request_id, instance, peer, x_rid)
+            held = engine.begin_pull(ctx_request_id, instance, peer, x_rid, refused=refused)
         except EngineError as exc:
             transport.write(_error(fid, exc.message, exc.status, exc.err_type))
             return
         started = time.monotonic()
         delay = engine.pull_seconds(held, link)
+        budget = engine.send_budget(held)  # None: no kv_transfer_timeout_ms
+        if budget is not None and budget <= 0:
+            transport.write(_error(fid, engine.send_timed_out(held, x_rid), 500, "KVTransferTimeout"))
+            return
         if delay <= 0:
             transport.write(frame_json({"id": fid, "ok": engine.end_pull(held, started, x_request_id=x_rid)}))
             return
-        task = asyncio.get_running_loop().create_task(self._send_later(fid, held, started, delay, x_rid))
-        self.transfers.add(task)
-        task.add_done_callback(self.transfers.discard)
+        if budget is not None and budget < delay:
+            task = asyncio.get_running_loop().create_task(self._time_out_later(fid, held, started, budget, x_rid))
+        else:
+            task = asyncio.get_running_loop().create_task(self._send_later(fid, held, started, delay, x_rid))
+        self.transfers[fid] = task
+        task.add_done_callback(lambda t: self.transfers.pop(fid, None) if self.transfers.get(fid) is t else None)
 
     async def _send_later(self, fid: int, held, started: float, delay: float, x_rid: str) -> None:
         try:
@@ -108,6 +126,17 @@ class _Connection(asyncio.Protocol):
         answer = self.engine.end_pull(held, started, x_request_id=x_rid)
         assert self.transport is not None
         self.transport.write(frame_json({"id": fid, "ok": answer}))
+
+    async def _time_out_later(self, fid: int, held, started: float, budget: float, x_rid: str) -> None:
+        """A transfer that cannot end within kv_transfer_timeout_ms: sent until the time is up, then cancelled."""
+        try:
+            await asyncio.sleep(budget)
+        except asyncio.CancelledError:
+            self.engine.end_pull(held, started, sent=False, x_request_id=x_rid)
+            raise
+        message = self.engine.send_timed_out(held, x_rid)
+        assert self.transport is not None
+        self.transport.write(_error(fid, message, 500, "KVTransferTimeout"))
 
 
 class KVTransferServer:
@@ -128,7 +157,7 @@ class KVTransferServer:
 
     def _transfers(self) -> list[asyncio.Task]:
         """The transfers still waiting out their modelled time, on every channel."""
-        return [task for conn in self.connections for task in conn.transfers]
+        return [task for conn in self.connections for task in conn.transfers.values()]
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop listening; transfers still running get `grace_s` to end, then every channel is closed."""
