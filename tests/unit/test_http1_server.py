@@ -437,6 +437,29 @@ def test_interim_100_for_a_pipelined_request_does_not_land_inside_the_previous_a
     run(main())
 
 
+def test_no_100_continue_follows_the_answer_of_a_pipelined_request_whose_body_came_without_waiting():
+    async def slow(request):
+        await asyncio.sleep(0.05)
+        return text_response("slow")
+
+    async def main():
+        async with serving({("GET", "/slow"): slow, **ROUTES}) as server:
+            reader, writer = await connect(server.port)
+            # the body follows its Expect head at once, while /slow is in flight: no 100 is owed any more
+            writer.write(get("/slow") + b"POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+                                        b"Content-Length: 2\r\n\r\nhi")
+            assert (await read_response(reader)).body == b"slow"
+            second = await read_response(reader)
+            assert (second.status, second.body) == (200, b"hi")
+            writer.write(get("/n?3"))
+            status, _, _, _ = await read_head(reader)
+            assert status == 200  # not a stray "100 Continue" ahead of it
+            assert await asyncio.wait_for(reader.readexactly(1), 3) == b"3"
+            await close(writer)
+
+    run(main())
+
+
 def test_body_at_the_limit_is_accepted():
     async def main():
         async with serving(ROUTES, max_body_bytes=100) as server:
@@ -473,6 +496,136 @@ def test_body_over_the_limit_is_413_and_the_connection_closes(limit, request_byt
             assert str(limit).encode() in resp.body
             await expect_eof(reader)
             assert calls == []
+            await close(writer)
+
+    run(main())
+
+
+def send_all_then_read(port, head, piece, total):
+    """A client that sends its whole request before it reads the answer (as http.client does), over a
+    blocking socket: an answer the server sends early must not be lost to a connection reset."""
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(head)
+        for _ in range(total // len(piece)):
+            sock.sendall(piece)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize("status, head, piece", [
+    (413, b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (16 * MIB), b"x" * MIB),
+    (413, b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
+     b"%x\r\n%s\r\n" % (MIB - 10, b"x" * (MIB - 10))),
+    (431, b"GET /n HTTP/1.1\r\nHost: t\r\n", b"X-Filler: %s\r\n" % (b"v" * (MIB - 12))),
+], ids=["content-length", "chunked", "head"])
+def test_client_still_sending_a_refused_request_gets_the_answer_not_a_reset(status, head, piece):
+    async def main():
+        async with serving(ROUTES, max_body_bytes=64 * 1024) as server:
+            for _ in range(2):
+                answer = await asyncio.to_thread(send_all_then_read, server.port, head, piece, 16 * MIB)
+                assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:100]
+                assert b"\r\nConnection: close\r\n" in answer
+
+    run(main())
+
+
+def test_reading_after_a_closing_answer_stops_after_linger_seconds(monkeypatch):
+    monkeypatch.setattr(server_mod, "LINGER_S", 0.5)
+
+    async def main():
+        async with serving(ROUTES, max_body_bytes=10) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"POST /echo HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+            resp = await read_response(reader)
+            assert resp.status == 413 and resp.headers["connection"] == "close"
+            await expect_eof(reader)  # a FIN after the answer ...
+            answered = time.monotonic()
+            assert len(server.connections) == 1  # ... while what the client still sends is read and dropped
+            writer.write(b"x" * 1000)
+            await until(lambda: not server.connections, what="the server to close after LINGER_S")
+            assert time.monotonic() - answered >= 0.3
+            await close(writer)
+
+    run(main())
+
+
+def test_reading_after_a_closing_answer_stops_after_linger_bytes(monkeypatch):
+    monkeypatch.setattr(server_mod, "LINGER_BYTES", 100_000)
+
+    async def main():
+        async with serving(ROUTES, max_body_bytes=10) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"POST /echo HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n")
+            assert (await read_response(reader)).status == 413
+            await expect_eof(reader)
+            assert len(server.connections) == 1
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"x" * 200_000)
+                await writer.drain()
+            await until(lambda: not server.connections, timeout=1.5, what="the server to close after LINGER_BYTES")
+            await close(writer)
+
+    run(main())
+
+
+def test_a_client_closing_after_the_closing_answer_ends_the_linger_at_once():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/n?bye", "Connection: close\r\n"))
+            assert (await read_response(reader)).body == b"bye"
+            await expect_eof(reader)
+            writer.write_eof()
+            await until(lambda: not server.connections, timeout=1, what="the server to close when the client does")
+            await close(writer)
+
+    run(main())
+
+
+@pytest.mark.parametrize("trailer", [
+    b"X" * (100 * 1024),  # one line without an end
+    b"".join(b"X-Trailer-%05d: %s\r\n" % (i, b"v" * 100) for i in range(700)),  # many lines, no empty one
+], ids=["one-line", "many-lines"])
+def test_trailer_section_over_the_limit_is_431(trailer):
+    calls = []
+
+    async def capture(request):
+        calls.append(request)
+        return Response(200)
+
+    async def main():
+        async with serving({("POST", "/up"): capture}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n" + trailer)
+            resp = await read_response(reader)
+            assert resp.status == 431 and b"trailer" in resp.body
+            assert resp.headers["connection"] == "close"
+            await expect_eof(reader)
+            (conn,) = server.connections or (None,)
+            assert conn is None or len(conn.buf) == 0  # nothing kept of it
+            assert calls == []
+            await close(writer)
+
+    run(main())
+
+
+def test_trailer_fields_fed_one_byte_at_a_time_are_dropped_and_the_next_request_parses():
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            stream = (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2 ;ext=1\r\nhi\r\n0\r\n"
+                      b"X-One: 1\r\nX-Two: \t2\r\n\r\n" + get("/n?next"))
+            for i in range(len(stream)):
+                writer.write(stream[i:i + 1])
+                await writer.drain()
+                await asyncio.sleep(0)
+            assert (await read_response(reader)).body == b"hi"
+            assert (await read_response(reader)).body == b"next"
             await close(writer)
 
     run(main())
@@ -547,6 +700,113 @@ def test_malformed_request_is_400_and_the_connection_closes(raw):
             writer2.write(get("/n?ok"))
             assert (await read_response(reader2)).status == 200
             await close(writer2)
+            await close(writer)
+
+    run(main())
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"GET /n HTTP/1.1\r\nX-Request-Id: abc\nSet-Cookie: injected=1\r\n\r\n", b"bare CR or LF"),
+    (b"GET /n HTTP/1.1\r\nX-Request-Id: abc\rSet-Cookie: injected=1\r\n\r\n", b"bare CR or LF"),
+    (b"GET /n HTTP/1.1\nHost: t\r\n\r\n", b"bare CR or LF in the request line"),
+    (b"GET /n HTTP/1.1\r\nX-A: a\x00b\r\n\r\n", b"NUL in header field 'X-A'"),
+    (b"GET /n\x00 HTTP/1.1\r\nHost: t\r\n\r\n", b"NUL in the request line"),
+    (b"GET /n HTTP/1.1\r\nX-A: a\x1bb\r\n\r\n", b"control character"),
+    (b"GET /n HTTP/1.1\r\nX-A: a\x7f\r\n\r\n", b"control character"),
+    (b"GET /n HTTP/1.1\r\nX-A: a\r\n folded\r\n\r\n", b"obs-fold"),
+    (b"GET /n HTTP/1.1\r\nX-A: a\r\n\tb: c\r\n\r\n", b"obs-fold"),
+    (b"GET /n HTTP/1.1\r\n Host: t\r\n\r\n", b"obs-fold"),  # whitespace before the first field line
+    (b"GET /n HTTP/1.1\r\nHost : t\r\n\r\n", b"whitespace between header field name 'Host' and the colon"),
+    (b"GET /n HTTP/1.1\r\nX(A): t\r\n\r\n", b"invalid header field name"),
+    (b"GET /n HTTP/1.1\r\nX-Caf\xe9: t\r\n\r\n", b"invalid header field name"),
+    (b"GET /n HTTP/1.1\r\n: t\r\n\r\n", b"empty header field name"),
+], ids=["lf-in-value", "cr-in-value", "lf-ends-request-line", "nul-in-value", "nul-in-target", "esc", "del",
+        "obs-fold-sp", "obs-fold-htab", "space-before-first-field", "space-before-colon", "non-token-name",
+        "non-ascii-name", "empty-name"])
+def test_head_with_a_bare_cr_lf_control_character_or_invalid_field_is_400(raw, reason):
+    calls = []
+
+    async def capture(request):
+        calls.append(request)
+        return Response(200, request.headers.get("x-request-id", "").encode())
+
+    async def main():
+        async with serving({("GET", "/n"): capture}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(raw)
+            resp = await read_response(reader)
+            assert resp.status == 400 and resp.headers["connection"] == "close"
+            assert reason in resp.body, resp.body
+            await expect_eof(reader)
+            assert calls == []
+            await close(writer)
+
+    run(main())
+
+
+def test_field_values_keep_htab_and_obs_text_and_any_token_is_a_name():
+    seen = []
+
+    async def capture(request):
+        seen.append(request)
+        return Response(200, request.body)
+
+    async def main():
+        async with serving({("POST", "/echo"): capture}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nX-Tab:\ta\tb \t\r\nX-Obs: caf\xe9\r\n"
+                         b"A!#$%&'*+-.^_`|~9z: token\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\nhi")
+            resp = await read_response(reader)
+            assert (resp.status, resp.body) == (200, b"hi")  # a repeated Content-Length with one value is fine
+            await close(writer)
+        (req,) = seen
+        assert req.headers["x-tab"] == "a\tb" and req.headers["x-obs"] == "caf\xe9"
+        assert req.headers["a!#$%&'*+-.^_`|~9z"] == "token"
+
+    run(main())
+
+
+@pytest.mark.parametrize("raw, status, reason", [
+    (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n", 501,
+     b"unsupported Transfer-Encoding 'gzip, chunked'"),
+    (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n", 501, b"unsupported Transfer-Encoding"),
+    (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501,
+     b"repeated Transfer-Encoding"),
+    (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\nhi\r\n0\r\n\r\n", 400,
+     b"both Transfer-Encoding and Content-Length"),
+    (b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n", 400, b"HTTP/1.0"),
+    (b"POST /echo HTTP/1.1\r\nContent-Length: +2\r\n\r\nhi", 400, b"invalid Content-Length '+2'"),
+    (b"POST /echo HTTP/1.1\r\nContent-Length: 0_2\r\n\r\nhi", 400, b"invalid Content-Length '0_2'"),
+    (b"POST /echo HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\nhi", 400, b"invalid Content-Length"),
+    (b"POST /echo HTTP/1.1\r\nContent-Length: \xb2\r\n\r\nhi", 400, b"invalid Content-Length"),  # superscript 2
+    (b"POST /echo HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi", 400,
+     b"conflicting Content-Length"),
+    (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nhi\r\n0\r\n\r\n", 400, b"chunk size"),
+    (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\nhi\r\n0\r\n\r\n", 400, b"chunk size"),
+    (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2;x\ny\r\nhi\r\n0\r\n\r\n", 400, b"chunk size"),
+    (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhiXX0\r\n\r\n", 400,
+     b"chunk data not followed by CRLF"),
+    (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nX: a\nb\r\n\r\n", 400,
+     b"trailer section"),
+], ids=["te-gzip-chunked", "te-identity", "te-repeated", "te-and-cl", "te-in-http10", "cl-plus", "cl-underscore",
+        "cl-list", "cl-unicode-digit", "cl-conflicting", "chunk-size-0x", "chunk-size-plus", "chunk-ext-lf",
+        "chunk-data-no-crlf", "trailer-lf"])
+def test_ambiguous_body_framing_is_refused_and_the_connection_closes(raw, status, reason):
+    calls = []
+
+    async def capture(request):
+        calls.append(request)
+        return Response(200, request.body)
+
+    async def main():
+        async with serving({("POST", "/echo"): capture}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(raw)
+            resp = await read_response(reader)
+            assert resp.status == status and resp.headers["connection"] == "close"
+            assert reason in resp.body, resp.body
+            await expect_eof(reader)
+            assert calls == []
             await close(writer)
 
     run(main())
@@ -1218,6 +1478,120 @@ def test_stop_cancels_requests_still_running_after_the_grace_period():
     run(main())
 
 
+def test_stop_calls_before_cancel_once_and_lets_handlers_answer_before_cancelling_the_rest():
+    entered = []
+    shutting_down = asyncio.Event()
+    cancelled = []
+    calls = []
+
+    async def waiting(request):
+        entered.append(request.query)
+        if request.query == "stubborn":
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+        await shutting_down.wait()
+        return Response(503, b"shutting down")
+
+    def before_cancel():
+        calls.append(time.monotonic())
+        shutting_down.set()
+
+    async def main():
+        server = HttpServer()
+        server.route("GET", "/w", waiting)
+        await server.start(HOST, 0)
+        polite_reader, polite_writer = await connect(server.port)
+        polite_writer.write(get("/w?polite"))
+        stubborn_reader, stubborn_writer = await connect(server.port)
+        stubborn_writer.write(get("/w?stubborn"))
+        await until(lambda: len(entered) == 2, what="both handlers to start")
+        started = time.monotonic()
+        await server.stop(grace_s=0.2, before_cancel=before_cancel, after_s=0.5)
+        elapsed = time.monotonic() - started
+        assert len(calls) == 1 and calls[0] - started >= 0.15  # once, when the grace period ended
+        assert 0.6 <= elapsed < 1.5  # then up to after_s for the stubborn handler, then cancelled
+        resp = await read_response(polite_reader)
+        assert (resp.status, resp.body) == (503, b"shutting down") and resp.headers["connection"] == "close"
+        await expect_eof(polite_reader)
+        await expect_eof(stubborn_reader)  # no answer
+        await until(lambda: cancelled, what="the stubborn handler to be cancelled")
+        await close(polite_writer)
+        await close(stubborn_writer)
+
+    run(main())
+
+
+def test_stop_returns_once_handlers_answered_after_before_cancel():
+    shutting_down = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def waiting(request):
+        entered.set()
+        await shutting_down.wait()
+        return Response(503, b"bye")
+
+    async def before_cancel():  # an awaitable result is awaited
+        await asyncio.sleep(0.01)
+        shutting_down.set()
+
+    async def main():
+        server = HttpServer()
+        server.route("GET", "/w", waiting)
+        await server.start(HOST, 0)
+        reader, writer = await connect(server.port)
+        writer.write(get("/w"))
+        await asyncio.wait_for(entered.wait(), 3)
+        started = time.monotonic()
+        await server.stop(grace_s=0.1, before_cancel=before_cancel, after_s=5)
+        assert time.monotonic() - started < 1.0  # not the whole after_s
+        assert (await read_response(reader)).status == 503
+        await close(writer)
+
+    run(main())
+
+
+def test_stop_does_not_call_before_cancel_when_handlers_finish_in_time_and_survives_one_that_fails():
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(request):
+        entered.set()
+        await release.wait()
+        return text_response("done")
+
+    async def main():
+        calls = []
+        server = HttpServer()
+        server.route("GET", "/slow", slow)
+        await server.start(HOST, 0)
+        reader, writer = await connect(server.port)
+        writer.write(get("/slow"))
+        await asyncio.wait_for(entered.wait(), 3)
+        asyncio.get_running_loop().call_later(0.05, release.set)
+        await server.stop(grace_s=3, before_cancel=lambda: calls.append(1))
+        assert calls == []  # nothing was left to cancel
+        assert (await read_response(reader)).body == b"done"
+        await close(writer)
+
+        def failing():
+            raise RuntimeError("before_cancel bug")
+
+        stuck = HttpServer()
+        stuck.route("GET", "/stuck", lambda request: asyncio.Event().wait())
+        await stuck.start(HOST, 0)
+        reader, writer = await connect(stuck.port)
+        writer.write(get("/stuck"))
+        await until(lambda: any(c.task for c in stuck.connections), what="the handler to start")
+        await asyncio.wait_for(stuck.stop(grace_s=0.05, before_cancel=failing, after_s=0.1), 2)
+        await expect_eof(reader)
+        await close(writer)
+
+    run(main())
+
+
 def test_idle_connections_are_reaped_but_busy_ones_are_not(monkeypatch):
     monkeypatch.setattr(server_mod, "IDLE_TIMEOUT_S", 0.15)
     monkeypatch.setattr(server_mod, "SWEEP_INTERVAL_S", 0.03)
@@ -1396,6 +1770,38 @@ def test_head_on_a_get_route_gets_the_head_without_a_body():
             writer.write(get("/h"))  # the next answer starts right after the head: no body was sent
             resp = await read_response(reader)
             assert resp.status == 200 and resp.body == b"hello world"
+            await close(writer)
+
+    run(main())
+
+
+def test_head_without_a_get_route_gets_the_error_head_without_its_body():
+    async def explicit_head(request):
+        return Response(200, b"explicit body", "text/plain")
+
+    async def boom(request):
+        raise RuntimeError("handler bug")
+
+    async def main():
+        async with serving({("HEAD", "/explicit"): explicit_head, ("GET", "/boom"): boom, **ROUTES}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"HEAD /nowhere HTTP/1.1\r\nHost: t\r\n\r\n"
+                         b"HEAD /echo HTTP/1.1\r\nHost: t\r\n\r\n"
+                         b"HEAD /explicit HTTP/1.1\r\nHost: t\r\n\r\n" + get("/n?after"))
+            status, _, headers, _ = await read_head(reader)  # each head: Content-Length of the body not sent
+            assert status == 404 and headers["content-length"] == str(len(b"no such path: /nowhere"))
+            status, _, headers, _ = await read_head(reader)
+            assert status == 405 and headers["allow"] == "POST"
+            assert headers["content-length"] == str(len(b"HEAD is not allowed on /echo"))
+            status, _, headers, _ = await read_head(reader)
+            assert status == 200 and headers["content-length"] == "13"
+            resp = await read_response(reader)  # framing intact: the next answer starts right after the heads
+            assert (resp.status, resp.body) == (200, b"after")
+            writer.write(b"HEAD /boom HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, _, headers, _ = await read_head(reader)
+            assert status == 500 and headers["content-length"] == str(len(b"internal server error"))
+            assert headers["connection"] == "close"
+            await expect_eof(reader)  # and no body before the close
             await close(writer)
 
     run(main())

@@ -11,7 +11,24 @@ A handler takes a `Request` and returns one of:
 
 Requests on one connection are answered in order (pipelining is allowed, not parallelised). Handlers are
 not cancelled when their client disconnects unless `cancel_on_disconnect` is set; a stream the client
-abandons is closed either way.
+abandons is closed either way. A HEAD request gets the head of the GET answer (or of the 404/405/500), with
+its Content-Length, never a body.
+
+Requests are parsed strictly where laxness would let a client smuggle one request inside another or inject
+header lines (RFC 9112, RFC 9110); these are answered 400 (501 for a transfer coding other than chunked)
+and the connection closes:
+- a CR or LF anywhere in the head other than in a CRLF line end, or any other control character except
+  HTAB (NUL included); obs-fold (a field line starting with whitespace); a field name that is not a token
+  (whitespace before the colon included);
+- Transfer-Encoding other than exactly `chunked`, or together with Content-Length, or in HTTP/1.0; a
+  Content-Length that is not plain digits, or repeated with different values;
+- a chunk size that is not plain hex, chunk data not followed by CRLF; a trailer section over
+  `MAX_HEAD_BYTES` (431) or with stray CR/LF/control characters (trailer fields are dropped).
+
+When the server closes a connection after an answer (an error, `Connection: close`, shutting down) while the
+client may still be sending (a body over `max_body_bytes`, say), it does not reset the connection, which
+could destroy the answer before the client reads it: it half-closes (FIN after the answer) and discards what
+still arrives, up to `LINGER_S` seconds or `LINGER_BYTES` bytes, or until the client closes too.
 """
 
 from __future__ import annotations
@@ -19,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,10 +48,21 @@ from baton.http1.reading import ReusedBufferProtocol
 
 log = logging.getLogger("baton.http1.server")
 
-MAX_HEAD_BYTES = 64 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # the request line and header fields; also the trailer section of a chunked body
+LINGER_S = 2.0  # after a closing answer, how long what the client still sends is read and dropped
+LINGER_BYTES = 64 * 1024 * 1024  # ... and how much of it (an over-limit body at the default limit fits)
 IDLE_TIMEOUT_S = 75.0  # longer than clients' keep-alive expiry, so a client never reuses a connection we close
 SWEEP_INTERVAL_S = 5.0
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+# What a field line may hold (RFC 9110 5.5, RFC 9112 5): HTAB, SP, visible ASCII, obs-text. Deleting these
+# from a head leaves exactly one CR LF pair per line end when it is well formed: one C pass finds any bare
+# CR or LF, NUL or other control character.
+_FIELD_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+# RFC 9110 5.6.2, lower-case (names are checked once lower-cased): deleting these from all the names of a
+# head, joined, leaves nothing when each is a token
+_TCHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+_HEX = b"0123456789abcdefABCDEF"
 
 
 class Headers(dict):  # type: ignore[type-arg]
@@ -190,6 +219,51 @@ async def _step_once(chunks: AsyncIterator[bytes]) -> None:
         await chunks.__anext__()  # type: ignore[attr-defined]
 
 
+def _control_fault(lines: list[str]) -> str:
+    """Why a head failed the control-character check (the error path: a slow scan is fine here)."""
+    for number, line in enumerate(lines):
+        bad = next((ch for ch in line if (ch < " " and ch != "\t") or ch == "\x7f"), None)
+        if bad is not None:
+            where = "the request line" if number == 0 else f"header field {line.partition(':')[0][:60]!r}"
+            if bad in "\r\n":
+                return f"bare CR or LF in {where} (lines must end with CRLF)"
+            return f"{'NUL' if bad == chr(0) else f'control character {bad!r}'} in {where}"
+    return "control character in the request head"
+
+
+def _field_fault(line: str) -> str | None:
+    """What is wrong with a header field line, if anything (the error path)."""
+    if line[:1] in (" ", "\t"):
+        return f"obs-fold (a header line starting with whitespace) is not allowed: {line[:100]!r}"
+    name, sep, _ = line.partition(":")
+    if not sep:
+        return f"malformed header line {line[:100]!r}"
+    if not name:
+        return f"empty header field name in {line[:100]!r}"
+    if name.lower().encode("latin-1").translate(None, _TCHARS):
+        if name != name.rstrip(" \t"):
+            return f"whitespace between header field name {name.rstrip()[:60]!r} and the colon is not allowed"
+        return f"invalid header field name {name[:100]!r}"
+    return None
+
+
+def _repeat_fault(lines: list[str]) -> _BadRequest | None:
+    """A framing field given more than once (the slow path, taken only when some field is repeated)."""
+    lengths, codings = set(), 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        name = name.lower()
+        if name == "content-length":
+            lengths.add(value.strip(" \t"))
+        elif name == "transfer-encoding":
+            codings += 1
+    if len(lengths) > 1:
+        return _BadRequest(400, "conflicting Content-Length values")
+    if codings > 1:
+        return _BadRequest(501, "repeated Transfer-Encoding: only a single chunked coding is supported")
+    return None
+
+
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER = range(5)
 
 
@@ -213,6 +287,8 @@ class _Connection(ReusedBufferProtocol):
         self.producer: Producer | None = None
         self.push_done: asyncio.Future[None] | None = None
         self.last_active = 0.0
+        self.linger: asyncio.TimerHandle | None = None  # half-closed after a final answer, dropping input
+        self.discarded = 0  # bytes dropped while lingering
         # request being parsed
         self._method = self._path = self._query = self._version = ""
         self._headers = Headers()
@@ -220,6 +296,7 @@ class _Connection(ReusedBufferProtocol):
         self._need = 0
         self._parts: list[bytes] = []
         self._size = 0
+        self._scan = 0  # where the search for the trailer section's end resumes
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -231,6 +308,8 @@ class _Connection(ReusedBufferProtocol):
         self.closed = True
         self.server.connections.discard(self)
         self.pending.clear()
+        if self.linger is not None:
+            self.linger.cancel()
         producer, self.producer = self.producer, None
         if producer is not None:
             producer.abort()
@@ -254,7 +333,11 @@ class _Connection(ReusedBufferProtocol):
             self.drain_waiter.set_result(None)
 
     def data_received(self, data: memoryview) -> None:  # valid during the call only (ReusedBufferProtocol)
-        if self.dead:
+        if self.dead:  # nothing more is parsed: dropped
+            if self.linger is not None:
+                self.discarded += len(data)
+                if self.discarded > LINGER_BYTES:
+                    self._close()
             return
         self.last_active = self.server.loop.time()
         self.buf += data
@@ -305,11 +388,14 @@ class _Connection(ReusedBufferProtocol):
                     if len(buf) > 1024:
                         raise _BadRequest(400, "malformed chunk size line")
                     return
-                size = int(bytes(buf[:end]).split(b";", 1)[0], 16)
+                line = bytes(buf[:end])
+                digits = line.split(b";", 1)[0].rstrip(b" \t")  # BWS may precede a chunk extension
+                if not digits or digits.strip(_HEX) or line.translate(None, _FIELD_BYTES):
+                    raise _BadRequest(400, f"malformed chunk size line {line[:100]!r}")
+                size = int(digits, 16)
                 del buf[:end + 2]
-                if size < 0:
-                    raise _BadRequest(400, "negative chunk size")
                 if size == 0:
+                    self._scan = 0
                     self.state = _TRAILER
                 else:
                     self._size += size
@@ -318,23 +404,38 @@ class _Connection(ReusedBufferProtocol):
                     self._need = size
                     self.state = _CHUNK_DATA
             elif state == _CHUNK_DATA:
-                if len(buf) < self._need + 2:
+                need = self._need
+                if len(buf) < need + 2:
                     return
-                self._parts.append(bytes(buf[:self._need]))
-                del buf[:self._need + 2]
+                if buf[need:need + 2] != b"\r\n":
+                    raise _BadRequest(400, "chunk data not followed by CRLF")
+                self._parts.append(bytes(buf[:need]))
+                del buf[:need + 2]
                 self.state = _CHUNK_SIZE
-            else:  # _TRAILER
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    return
-                del buf[:end + 2]
-                if end == 0:
-                    body = b"".join(self._parts)
-                    self._parts = []
-                    self._complete(body)
+            else:  # _TRAILER: field lines, then an empty line; checked like the head, bounded, dropped
+                if buf[:2] == b"\r\n":  # no trailer fields (the usual case)
+                    end = -2
+                else:
+                    end = buf.find(b"\r\n\r\n", self._scan)
+                    if end < 0 or end > MAX_HEAD_BYTES:
+                        if len(buf) > MAX_HEAD_BYTES:
+                            raise _BadRequest(431, f"request trailer section exceeds {MAX_HEAD_BYTES} bytes")
+                        self._scan = max(0, len(buf) - 3)  # the part searched is not searched again
+                        return
+                    trailer = bytes(buf[:end + 2])
+                    if len(trailer.translate(None, _FIELD_BYTES)) != 2 * trailer.count(b"\r\n"):
+                        raise _BadRequest(400, "bare CR or LF, or a control character, in the trailer section")
+                del buf[:end + 4]
+                body = b"".join(self._parts)
+                self._parts = []
+                self._complete(body)
 
     def _start(self, head: bytes) -> None:
         lines = head.decode("latin-1").split("\r\n")
+        # One C pass over the whole head: every CR and LF is in a CRLF line end (so no line hides inside
+        # another), and there is no NUL or other control character but HTAB.
+        if len(head.translate(None, _FIELD_BYTES)) != 2 * len(lines) - 2:
+            raise _BadRequest(400, _control_fault(lines))
         try:
             method, target, version = lines[0].split(" ")
         except ValueError:
@@ -345,21 +446,39 @@ class _Connection(ReusedBufferProtocol):
         for line in lines[1:]:
             key, sep, value = line.partition(":")
             if not sep:
-                raise _BadRequest(400, f"malformed header line {line[:100]!r}")
-            dict.__setitem__(headers, key.strip().lower(), value.strip())
+                raise _BadRequest(400, _field_fault(line) or f"malformed header line {line[:100]!r}")
+            dict.__setitem__(headers, key.lower(), value.strip(" \t"))
+        # every name a token (no whitespace before the colon, no obs-fold): one C pass over all of them
+        if "".join(headers).encode("latin-1").translate(None, _TCHARS) or dict.__contains__(headers, ""):
+            raise _BadRequest(400, next(filter(None, map(_field_fault, lines[1:])), "invalid header field name"))
+        if len(headers) != len(lines) - 1:  # some field is repeated: not a framing one
+            fault = _repeat_fault(lines)
+            if fault is not None:
+                raise fault
         path, _, query = target.partition("?")
         self._method, self._path, self._query, self._version = method, path, query, version
         self._headers = headers
-        conn = headers.get("connection", "").lower()
+        conn = dict.get(headers, "connection", "").lower()
         self._keep = conn == "keep-alive" if version == "HTTP/1.0" else conn != "close"
-        if headers.get("transfer-encoding", "").lower() == "chunked":
+        coding = dict.get(headers, "transfer-encoding")
+        length_field = dict.get(headers, "content-length")
+        if coding is not None:  # RFC 9112 6.1: a smuggling vector unless unambiguous
+            if length_field is not None:
+                raise _BadRequest(400, "both Transfer-Encoding and Content-Length")
+            if coding.lower() != "chunked":
+                raise _BadRequest(501, f"unsupported Transfer-Encoding {coding[:100]!r}: only chunked is")
+            if version == "HTTP/1.0":
+                raise _BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
             self._parts = []
             self._size = 0
             self.state = _CHUNK_SIZE
         else:
-            length = int(headers.get("content-length", "0") or "0")
-            if length < 0:
-                raise _BadRequest(400, "negative Content-Length")
+            if length_field is None:
+                length = 0
+            elif length_field.isdigit() and length_field.isascii():  # int() would take "+5", "1_0", " 5"
+                length = int(length_field)
+            else:
+                raise _BadRequest(400, f"invalid Content-Length {length_field[:40]!r}")
             if length > self.server.max_body_bytes:
                 raise _BadRequest(413, f"request body exceeds {self.server.max_body_bytes} bytes")
             if length == 0:
@@ -367,7 +486,7 @@ class _Connection(ReusedBufferProtocol):
                 return
             self._need = length
             self.state = _BODY
-        if headers.get("expect", "").lower() == "100-continue":
+        if dict.get(headers, "expect", "").lower() == "100-continue":
             if self.task is None:
                 self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
             else:
@@ -375,6 +494,7 @@ class _Connection(ReusedBufferProtocol):
 
     def _complete(self, body: bytes) -> None:
         self.state = _HEAD
+        self.continue_owed = False  # the body is here: no 100 Continue is owed for it any more
         self._enqueue(Request(self._method, self._path, self._query, self._version, self._headers, body, self._keep))
         if not self._keep:
             self.dead = True  # the client said this is its last request: nothing after it is read
@@ -403,6 +523,27 @@ class _Connection(ReusedBufferProtocol):
             self.closed = True
             self.transport.close()
 
+    def _close_after_answer(self) -> None:
+        """Close once the last answer is written, without a reset: closing a socket with unread input makes
+        the kernel reset the connection, and the client, often still sending (a body over the limit, say),
+        gets the reset instead of the answer. So send a FIN after the answer and keep reading, dropping what
+        arrives, until the client closes too or `LINGER_S` / `LINGER_BYTES` run out."""
+        transport = self.transport
+        if self.closed or transport is None:
+            return
+        if self.eof or self.linger is not None or not transport.can_write_eof():
+            self._close()
+            return
+        self.dead = True  # nothing more is parsed or answered
+        self.buf.clear()
+        self.pending.clear()
+        self.discarded = 0
+        transport.write_eof()
+        if self.paused_reading:
+            self.paused_reading = False
+            transport.resume_reading()
+        self.linger = self.server.loop.call_later(LINGER_S, self._close)
+
     # ------------------------------------------------------------------ answering
     async def _serve(self, item: Request | _Failure) -> None:
         try:
@@ -421,7 +562,7 @@ class _Connection(ReusedBufferProtocol):
                 if self.closed:
                     break
                 if not keep:
-                    self._close()
+                    self._close_after_answer()
                     break
                 if not self.pending:
                     if self.continue_owed:
@@ -441,10 +582,9 @@ class _Connection(ReusedBufferProtocol):
         """Answer one request; returns whether the connection may serve another."""
         keep = request.keep_alive and not self.server.draining
         handler = self.server.routes.get((request.method, request.path))
-        head_only = False
-        if handler is None and request.method == "HEAD":  # HEAD on a GET route: the GET answer's head
+        head_only = request.method == "HEAD"  # whatever answers it, a HEAD answer has no body
+        if handler is None and head_only:  # HEAD on a GET route: the GET answer's head
             handler = self.server.routes.get(("GET", request.path))
-            head_only = handler is not None
         if handler is None:
             methods = [m for (m, p) in self.server.routes if p == request.path]
             status = 405 if methods else 404
@@ -457,8 +597,7 @@ class _Connection(ReusedBufferProtocol):
             response = await handler(request)
         except Exception:
             log.exception("request handler failed: %s %s", request.method, request.path)
-            body = b"" if head_only else b"internal server error"
-            self._write_whole(Response(500, body, "text/plain; charset=utf-8"), request, False)
+            self._write_whole(Response(500, b"internal server error", "text/plain; charset=utf-8"), request, False)
             return False
         keep = keep and not self.server.draining
         if head_only:
@@ -486,9 +625,10 @@ class _Connection(ReusedBufferProtocol):
         return keep
 
     def _write_whole(self, response: Response, request: Request, keep: bool) -> None:
+        """`response` with its body; for HEAD, its head alone (with the body's Content-Length)."""
         body = response.body
-        self._write(_head(response.status, response.content_type, response.headers, len(body), keep,
-                          request.version) + body)
+        head = _head(response.status, response.content_type, response.headers, len(body), keep, request.version)
+        self._write(head if request.method == "HEAD" else head + body)
 
     async def _iterate(self, response: StreamResponse, request: Request, keep: bool) -> bool:
         chunks = response.chunks
@@ -626,8 +766,23 @@ class HttpServer:
                 conn._close()  # noqa: SLF001 - the server owns its connections
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep)
 
-    async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop accepting, let in-flight requests finish (up to `grace_s`), then close every connection."""
+    def _busy(self) -> bool:
+        return any(c.task is not None for c in self.connections)
+
+    async def _wait_idle(self, deadline: float) -> None:
+        while self._busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def stop(self, grace_s: float = 10.0, *, before_cancel: Callable[[], object] | None = None,
+                   after_s: float = 1.0) -> None:
+        """Stop accepting, let in-flight requests finish (up to `grace_s`), then close every connection.
+
+        Handlers still running when the grace period ends are cancelled (and push producers aborted), their
+        clients getting no answer. If `before_cancel` is given, it is called once at that point first (not
+        at all if every handler finished in time), as a last chance to make them answer (the scheduler
+        answers the requests still waiting in its queues 503), and they get up to `after_s` more seconds to
+        write those answers; only then is the rest cancelled. An awaitable it returns is awaited (within
+        `after_s`); an exception from it is logged and shutting down goes on."""
         self.draining = True
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -636,9 +791,18 @@ class HttpServer:
         for conn in list(self.connections):
             if conn.task is None:
                 conn._close()  # noqa: SLF001
-        deadline = time.monotonic() + grace_s
-        while any(c.task is not None for c in self.connections) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self._wait_idle(time.monotonic() + grace_s)
+        if before_cancel is not None and self._busy():
+            deadline = time.monotonic() + after_s
+            try:
+                result = before_cancel()
+                if inspect.isawaitable(result):
+                    await asyncio.wait_for(result, max(0.0, after_s))
+            except TimeoutError:
+                log.warning("before_cancel did not finish within %.1f s", after_s)
+            except Exception:
+                log.exception("before_cancel failed")
+            await self._wait_idle(deadline)
         for conn in list(self.connections):
             producer, conn.producer = conn.producer, None
             if producer is not None:
