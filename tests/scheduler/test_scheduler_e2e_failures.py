@@ -156,3 +156,32 @@ def test_a_client_leaving_before_its_answer_starts_takes_its_request_with_it(eng
     wait_for(lambda: metric(metrics(sched.url), "baton_scheduler_requests_total", outcome="cancelled") == 2, 10,
              "both requests to be counted as cancelled")
     assert metric(metrics(sched.url), "baton_scheduler_requests_total", outcome="completed") == 0
+
+
+def test_on_sigterm_waiting_requests_get_503_with_retry_after_once_the_drain_ends(engines, make_scheduler):
+    import signal
+    import threading
+
+    decode = engines["decode2"]
+    sched = make_scheduler([engines["prefill"]], [decode], extra_args=["--drain-seconds", "1"],
+                           backpressure={"maxActivePerDecodeReplica": 1})
+    running = _send_and_leave_later(sched.port, {"model": MODEL, "prompt": prompt_ids(30, 21), "max_tokens": 3000})
+    wait_for(lambda: _state(sched.url)["decode"][0]["active"] == 1, 10, "the first request to take the slot")
+    answers: list = []
+    waiter = threading.Thread(target=lambda: answers.append(post(
+        sched.url + "/v1/completions", {"model": MODEL, "prompt": prompt_ids(30, 22), "max_tokens": 4}, timeout=30)))
+    waiter.start()
+
+    def waiting() -> int:
+        queue = _state(sched.url)["queue"]
+        return queue["prefill"] + queue["decode"] + queue["holds"]
+
+    wait_for(lambda: waiting() == 1, 10, "the second request to wait for the slot")
+    sched.proc.send_signal(signal.SIGTERM)
+    waiter.join(15)
+    assert answers, "the waiting request got no answer"
+    status, headers, body = answers[0]
+    assert status == 503 and headers["Retry-After"] == "1" and body["error"]["code"] == "shutting_down"
+    assert sched.proc.wait(15) == 0  # then the process ends (the in-flight request is cut at the drain's end)
+    running.close()
+    assert "event=shutdown_shed waiting=1" in sched.log()

@@ -36,7 +36,7 @@ from baton.scheduler.config import (
 
 log = logging.getLogger("baton.scheduler")
 
-SHUTDOWN_GRACE_S = 30.0  # in-flight requests get this long to finish on SIGTERM
+SHUTDOWN_GRACE_S = 30.0  # default --drain-seconds: in-flight requests get this long to finish on SIGTERM
 
 
 def _positive_seconds(value: str) -> float:
@@ -63,6 +63,10 @@ def _endpoint_list(value: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="baton scheduler", description="Baton's disaggregated prefill/decode router.")
     p.add_argument("--config", help="YAML/JSON config file (reloaded when its content changes)")
+    p.add_argument("--drain-seconds", type=_positive_seconds, default=SHUTDOWN_GRACE_S,
+                   help="on SIGTERM, how long in-flight requests may finish; requests still waiting for a slot "
+                        "then get 503 shutting_down with Retry-After (keep it below the pod's "
+                        "terminationGracePeriodSeconds)")
     p.add_argument("--reload-interval", type=_positive_seconds, default=1.0,
                    help="seconds between config file checks (> 0; a change applies once two checks agree)")
     p.add_argument("--model", help="served model name (/v1/models; other names get 404)")
@@ -294,7 +298,8 @@ async def serve(args: argparse.Namespace) -> int:
             pass
     await stop.wait()
     log.info("event=shutting_down")
-    await server.stop(SHUTDOWN_GRACE_S)
+    # waiting and held requests still unserved when the drain ends are answered 503 (retry elsewhere)
+    await server.stop(args.drain_seconds, before_cancel=service.shed_waiting)
     if watcher is not None:
         await watcher.stop()
     await service.stop()
