@@ -8,11 +8,18 @@ shared/traces/azure-llm-inference-2023-code.csv is from Azure/AzurePublicDataset
 "Splitwise: Efficient generative LLM inference using phase splitting", ISCA 2024). Each row becomes one
 streaming /v1/completions request whose prompt is exactly ContextTokens token ids and whose max_tokens is
 GeneratedTokens, sent at its arrival time divided by --speedup (or at a fixed --rate per second).
+Timestamps with a UTC offset are converted to UTC; timestamps without one are taken as UTC, so a trace may
+mix both. --limit N keeps the N earliest arrivals (the whole trace is read and sorted first).
 
 It measures time to first token (first streamed token), time per output token, end-to-end latency, and
 counts completed / rejected (HTTP 429, by reason) / failed requests and the routes the scheduler reports
 (X-Baton-Route). A progress line goes to stderr; the summary to stdout, as a table or (--json) one object.
 The run is bounded: every request has a timeout and no request is sent after the schedule ends.
+Ctrl-C stops sending, cancels the requests in flight and prints the summary of those that finished,
+marked as interrupted.
+
+Exit status: 0 when at least one request completed (rejections are a normal outcome of a load test),
+1 when none did, 2 for bad arguments or an unreadable trace, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -22,16 +29,23 @@ import asyncio
 import csv
 import json
 import math
+import re
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
 VOCAB_LOW, VOCAB_HIGH = 1000, 30000  # token ids used for synthetic prompts (valid for any Llama vocabulary)
+COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+EXIT_OK = 0  # at least one request completed
+EXIT_NONE_COMPLETED = 1  # every request was rejected or failed
+EXIT_USAGE = 2  # bad arguments or an unreadable trace (argparse's own code)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after printing the partial summary
 
 
 @dataclass(frozen=True)
@@ -43,7 +57,7 @@ class TraceRow:
 
 @dataclass
 class Result:
-    status: str  # completed | rejected | failed
+    status: str  # completed | rejected | failed | unfinished (not sent, or cancelled by Ctrl-C)
     reason: str = ""
     route: str = ""
     ttft_s: float | None = None
@@ -56,41 +70,64 @@ class Result:
 class Summary:
     results: list[Result] = field(default_factory=list)
     duration_s: float = 0.0
+    interrupted: bool = False
+
+
+_FRACTION = re.compile(r"\.(\d+)")
 
 
 def parse_timestamp(text: str) -> datetime:
-    """'2023-11-16 18:17:03.9799600' (7 fractional digits) or ISO 8601; naive, as written."""
+    """'2023-11-16 18:17:03.9799600' (7 fractional digits) or ISO 8601, as naive UTC.
+
+    A timestamp with an offset ('+02:00', 'Z') is converted to UTC; one without is taken as UTC already,
+    so naive and offset timestamps in one trace compare correctly.
+    """
     text = text.strip()
-    base, dot, frac = text.partition(".")
-    if dot:
-        digits = "".join(ch for ch in frac if ch.isdigit())
-        tail = frac[len(digits):]
-        text = f"{base}.{(digits + '000000')[:6]}{tail}"
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    match = _FRACTION.search(text)
+    if match:  # only the digits right after the dot: an offset such as '+00:00' follows them
+        digits = (match.group(1) + "000000")[:6]
+        text = f"{text[:match.start()]}.{digits}{text[match.end():]}"
+    ts = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if ts.tzinfo is not None:
+        ts = ts.astimezone(timezone.utc).replace(tzinfo=None)
+    return ts
 
 
 def read_trace(path: str | Path | TextIO, limit: int | None = None) -> list[TraceRow]:
-    """Rows sorted by arrival, offsets relative to the first; bad rows raise ValueError with the line number."""
-    handle = open(path, newline="", encoding="utf-8") if isinstance(path, (str, Path)) else path
+    """Rows sorted by arrival, offsets relative to the first; bad rows raise ValueError with the line number.
+
+    A UTF-8 byte order mark and spaces around header names and values are ignored; blank rows are skipped.
+    `limit` keeps the `limit` earliest arrivals (the whole trace is read and sorted first).
+    """
+    handle = open(path, newline="", encoding="utf-8-sig") if isinstance(path, (str, Path)) else path
     try:
         reader = csv.DictReader(handle)
-        missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(reader.fieldnames or [])
+        if reader.fieldnames:  # the BOM too, for a handle opened without utf-8-sig
+            reader.fieldnames = [(name or "").strip().lstrip("\ufeff").strip() for name in reader.fieldnames]
+        missing = set(COLUMNS) - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"trace is missing column(s) {', '.join(sorted(missing))}")
         raw: list[tuple[datetime, int, int]] = []
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            values = [row.get(name) for name in COLUMNS]
+            if all(not (v or "").strip() for v in values):
+                continue  # a row of separators or spaces only
             try:
-                raw.append((parse_timestamp(row["TIMESTAMP"]), int(row["ContextTokens"]), int(row["GeneratedTokens"])))
+                absent = [name for name, v in zip(COLUMNS, values) if v is None or not v.strip()]
+                if absent:
+                    raise ValueError(f"no value for {', '.join(absent)}")
+                ts, context, generated = (v or "" for v in values)
+                raw.append((parse_timestamp(ts), int(context), int(generated)))
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"trace line {line}: {exc}") from None
-            if limit is not None and len(raw) >= limit:
-                break
+                raise ValueError(f"trace line {reader.line_num}: {exc}") from None
     finally:
         if handle is not path:
             handle.close()
+    raw.sort(key=lambda r: r[0])  # stable: rows with equal timestamps keep their order in the file
+    if limit is not None:
+        raw = raw[:limit]
     if not raw:
         return []
-    raw.sort(key=lambda r: r[0])
     t0 = raw[0][0]
     return [TraceRow((ts - t0).total_seconds(), max(1, c), max(1, g)) for ts, c, g in raw]
 
@@ -132,7 +169,8 @@ def synthetic_prompt(index: int, length: int) -> list[int]:
 
 
 def summarize(summary: Summary) -> dict[str, Any]:
-    results = summary.results
+    """The report; `requests` counts the finished ones (all of them, unless the run was interrupted)."""
+    results = [r for r in summary.results if r.status != "unfinished"]
     completed = [r for r in results if r.status == "completed"]
     rejected = [r for r in results if r.status == "rejected"]
     failed = [r for r in results if r.status == "failed"]
@@ -150,6 +188,8 @@ def summarize(summary: Summary) -> dict[str, Any]:
         "output_tokens": sum(r.output_tokens for r in completed),
         "duration_s": round(summary.duration_s, 3),
         "throughput_rps": round(len(completed) / summary.duration_s, 3) if summary.duration_s > 0 else 0.0,
+        "interrupted": summary.interrupted,
+        "unfinished": len(summary.results) - len(results),
     }
 
 
@@ -164,6 +204,8 @@ def format_table(report: dict[str, Any]) -> str:
         "",
         f"{'metric':<14}{'p50':>10}{'p90':>10}{'p99':>10}",
     ]
+    if report.get("interrupted"):
+        lines.insert(0, f"interrupted: {report['unfinished']} request(s) not sent or cancelled, not counted below")
     for key, label in (("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("latency_ms", "latency ms")):
         s = report[key]
         lines.append(f"{label:<14}{f(s['p50']):>10}{f(s['p90']):>10}{f(s['p99']):>10}")
@@ -222,6 +264,40 @@ def _error_reason(status: int, headers: Any, body: bytes) -> str:
     return reason or f"http_{status}"
 
 
+_SSE_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def split_sse_events(buffer: bytes, final: bool = False) -> tuple[list[bytes], bytes]:
+    """The complete events at the start of `buffer` (their lines joined by LF) and the unparsed rest.
+
+    Lines end in CRLF, LF or CR (the SSE spec) and a blank line ends an event. A CR at the very end of the
+    buffer may be half of a CRLF split across reads, so it is kept for the next call unless `final`.
+    """
+    events: list[bytes] = []
+    lines: list[bytes] = []
+    pos = rest = 0
+    for match in _SSE_LINE_END.finditer(buffer):
+        if match.group() == b"\r" and match.end() == len(buffer) and not final:
+            break
+        line = buffer[pos:match.start()]
+        pos = match.end()
+        if line:
+            lines.append(line)
+            continue
+        if lines:
+            events.append(b"\n".join(lines))
+            lines = []
+        rest = pos
+    return events, buffer[rest:]
+
+
+def sse_data(event: bytes) -> bytes | None:
+    """The data of one event (its `data:` lines, each less one leading space, joined by LF), or None."""
+    data = [line[6:] if line.startswith(b"data: ") else line[5:]
+            for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(data).strip() if data else None
+
+
 async def send_one(session: Any, url: str, model: str, index: int, row: TraceRow, max_tokens_cap: int | None,
                    timeout: float) -> Result:
     import aiohttp
@@ -244,20 +320,25 @@ async def send_one(session: Any, url: str, model: str, index: int, row: TraceRow
                 tokens = 0
                 done = False
                 buffer = b""
-                async for chunk in resp.content.iter_any():
-                    buffer += chunk
-                    while b"\n\n" in buffer:
-                        event, buffer = buffer.split(b"\n\n", 1)
-                        payload = event.strip()
-                        if not payload.startswith(b"data:"):
+                eof = False
+                chunks = resp.content.iter_any()
+                while not eof:
+                    chunk = await anext(chunks, None)
+                    eof = chunk is None
+                    buffer += chunk or b""
+                    events, buffer = split_sse_events(buffer, final=eof)
+                    for event in events:
+                        payload = sse_data(event)
+                        if payload is None:
                             continue
-                        payload = payload[5:].strip()
                         if payload == b"[DONE]":
                             done = True
                             continue
                         try:
                             data = json.loads(payload)
                         except ValueError:
+                            continue
+                        if not isinstance(data, dict):
                             continue
                         if "error" in data or data.get("object") == "error":
                             err = data.get("error", data)
@@ -290,12 +371,20 @@ async def send_one(session: Any, url: str, model: str, index: int, row: TraceRow
 
 async def run_replay(rows: Sequence[TraceRow], url: str, *, model: str, speedup: float | None = None,
                      rate: float | None = None, max_tokens_cap: int | None = None, timeout: float = 60.0,
-                     progress: Progress | None = None) -> Summary:
+                     progress: Progress | None = None, summary: Summary | None = None) -> Summary:
+    """Send every row on schedule and collect the results into `summary` (a new one if None).
+
+    Results are recorded as requests finish, so when the run is cancelled (Ctrl-C under asyncio.run) the
+    caller's `summary` still holds those that finished, with the duration so far; requests not sent or
+    cancelled in flight stay "unfinished".
+    """
     import aiohttp
 
     url = url.rstrip("/")
     times = schedule(rows, speedup, rate)
-    summary = Summary(results=[Result("failed", "not_sent")] * len(rows))
+    if summary is None:
+        summary = Summary()
+    summary.results = [Result("unfinished")] * len(rows)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         loop = asyncio.get_running_loop()
@@ -310,8 +399,10 @@ async def run_replay(rows: Sequence[TraceRow], url: str, *, model: str, speedup:
             if progress is not None:
                 progress.update(result.status)
 
-        await asyncio.gather(*(fire(i) for i in range(len(rows))))
-        summary.duration_s = loop.time() - start
+        try:
+            await asyncio.gather(*(fire(i) for i in range(len(rows))))  # cancelled, it cancels every fire()
+        finally:
+            summary.duration_s = loop.time() - start
     return summary
 
 
@@ -326,17 +417,62 @@ def discover_model(url: str, timeout: float) -> str:
         return "model"
 
 
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0 (not nan, not inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def base_url(text: str) -> str:
+    """An argparse type: an http:// or https:// URL with a host (aiohttp sends nothing to anything else)."""
+    from urllib.parse import urlsplit
+
+    text = text.strip()
+    parts = urlsplit(text)
+    try:
+        parts.port  # raises ValueError for a port out of range
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad URL {text!r}: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"must be an http:// or https:// URL such as http://127.0.0.1:8000, "
+                                         f"got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="baton replay", description="Replay a request trace against a scheduler.")
+    p = argparse.ArgumentParser(
+        prog="baton replay", description="Replay a request trace against a scheduler.",
+        epilog=f"Exit status: {EXIT_OK} when at least one request completed (rejections are a normal outcome); "
+               f"{EXIT_NONE_COMPLETED} when none did; {EXIT_USAGE} for bad arguments or an unreadable trace; "
+               f"{EXIT_INTERRUPTED} when interrupted by Ctrl-C (after printing the summary of the requests "
+               "that finished).")
     p.add_argument("trace", help="CSV with TIMESTAMP,ContextTokens,GeneratedTokens")
-    p.add_argument("--url", required=True, help="scheduler base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--url", required=True, type=base_url, help="scheduler base URL, e.g. http://127.0.0.1:8000")
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--speedup", type=float, help="divide the trace's inter-arrival times by X (default 1)")
-    pace.add_argument("--rate", type=float, help="ignore the timestamps; send R requests per second")
-    p.add_argument("--limit", type=int, help="replay only the first N requests")
-    p.add_argument("--max-tokens-cap", type=int, help="cap max_tokens (GeneratedTokens) at N")
+    pace.add_argument("--speedup", type=positive_number,
+                      help="divide the trace's inter-arrival times by X (default 1)")
+    pace.add_argument("--rate", type=positive_number, help="ignore the timestamps; send R requests per second")
+    p.add_argument("--limit", type=positive_int, help="replay only the N earliest requests (by timestamp)")
+    p.add_argument("--max-tokens-cap", type=positive_int, help="cap max_tokens (GeneratedTokens) at N")
     p.add_argument("--model", help="model name to send (default: the first id the URL's /v1/models lists)")
-    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds (default 60)")
+    p.add_argument("--timeout", type=positive_number, default=60.0,
+                   help="per-request timeout in seconds (default 60)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
@@ -344,25 +480,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.speedup is not None and args.speedup <= 0:
-        print("baton replay: --speedup must be > 0", file=sys.stderr)
-        return 2
-    if args.rate is not None and args.rate <= 0:
-        print("baton replay: --rate must be > 0", file=sys.stderr)
-        return 2
     try:
         rows = read_trace(args.trace, args.limit)
+        if not rows:
+            print("baton replay: the trace has no requests", file=sys.stderr)
+            return EXIT_USAGE
+        model = args.model or discover_model(args.url, args.timeout)
     except (OSError, ValueError) as exc:
         print(f"baton replay: {exc}", file=sys.stderr)
-        return 2
-    if not rows:
-        print("baton replay: the trace has no requests", file=sys.stderr)
-        return 2
-    model = args.model or discover_model(args.url, args.timeout)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("baton replay: interrupted before sending anything", file=sys.stderr)
+        return EXIT_INTERRUPTED
     progress = Progress(len(rows), enabled=not args.no_progress)
-    summary = asyncio.run(run_replay(rows, args.url, model=model, speedup=args.speedup, rate=args.rate,
-                                     max_tokens_cap=args.max_tokens_cap, timeout=args.timeout, progress=progress))
+    summary = Summary()
+    try:
+        asyncio.run(run_replay(rows, args.url, model=model, speedup=args.speedup, rate=args.rate,
+                               max_tokens_cap=args.max_tokens_cap, timeout=args.timeout, progress=progress,
+                               summary=summary))
+    except KeyboardInterrupt:  # asyncio.run has cancelled the replay: summary holds what finished
+        summary.interrupted = True
     progress.close()
     report = summarize(summary)
-    print(json.dumps(report) if args.json else format_table(report))
-    return 0
+    print(json.dumps(report) if args.json else format_table(report), flush=True)
+    if summary.interrupted:
+        print(f"baton replay: interrupted; {report['unfinished']} request(s) not sent or cancelled",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not report["completed"]:
+        print("baton replay: no request completed", file=sys.stderr)
+        return EXIT_NONE_COMPLETED
+    return EXIT_OK

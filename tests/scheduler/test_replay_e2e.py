@@ -1,11 +1,24 @@
-"""`baton replay` against a real scheduler and engines: the JSON summary adds up."""
+"""`baton replay` against a real scheduler and engines (the JSON summary adds up), and against a stub server
+(SSE line endings, exit codes, Ctrl-C)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import socket
 import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
-from scheduler_harness import BATON
+import pytest
+from aiohttp import web
+from scheduler_harness import BATON, wait_for
 
 TRACE = "/work/shared/traces/azure-llm-inference-2023-code.csv"
 
@@ -33,3 +46,158 @@ def test_replay_reports_a_correct_json_summary(engines, make_scheduler, tmp_path
     assert report["ttft_ms"]["p50"] <= report["latency_ms"]["p50"]
     assert report["throughput_rps"] > 0
     assert "30/30" in out.stderr  # the progress bar
+
+
+# ------------------------------------------------------------------------------ against a stub server
+# A small OpenAI-style streaming server on 127.0.0.1 in a background thread, so each behaviour (event line
+# endings, 429s, a request that never answers) is exact. What it does with a request depends on its index
+# (X-Request-Id replay-N); it records arrivals, finished answers and clients that hung up.
+
+
+class Stub:
+    def __init__(self, behave: Callable[[int], str], eol: bytes = b"\n") -> None:
+        self.behave = behave  # index -> "ok" | "429" | "hang"
+        self.eol = eol
+        self.arrived: list[int] = []
+        self.answered: list[int] = []
+        self.hung_up: list[int] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="replay-stub", daemon=True)
+        self.thread.start()
+        self.release = asyncio.Event()  # ends every "hang" at teardown
+        self.runner, self.url = self._call(self._start())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    async def _start(self) -> tuple[web.AppRunner, str]:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._completions)
+        runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    async def _completions(self, req: web.Request) -> web.StreamResponse:
+        index = int(req.headers["X-Request-Id"].rsplit("-", 1)[1])
+        body = await req.json()
+        self.arrived.append(index)
+        mode = self.behave(index)
+        if mode == "429":
+            self.answered.append(index)
+            return web.json_response({"error": {"code": "queue_full"}}, status=429,
+                                     headers={"X-Baton-Error": "queue_full"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Baton-Route": "local"})
+        await resp.prepare(req)
+        if mode == "hang":
+            deadline = time.monotonic() + 30
+            while not self.release.is_set() and time.monotonic() < deadline:
+                if req.transport is None or req.transport.is_closing():
+                    self.hung_up.append(index)
+                    return resp
+                await asyncio.sleep(0.02)
+            return resp
+        end = self.eol * 2
+        for i in range(body["max_tokens"]):
+            event = {"choices": [{"index": 0, "text": " w", "token_ids": [100 + i]}]}
+            await resp.write(b"data: " + json.dumps(event).encode() + end)
+        await resp.write(b": keep-alive" + end + b"data: [DONE]" + end)
+        await resp.write_eof()
+        self.answered.append(index)
+        return resp
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.release.set)
+        self._call(self.runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def stub() -> Iterator[Callable[..., Stub]]:
+    started: list[Stub] = []
+
+    def make(behave: Callable[[int], str], eol: bytes = b"\n") -> Stub:
+        started.append(Stub(behave, eol))
+        return started[-1]
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+def write_trace(path: Path, offsets: list[float]) -> Path:
+    t0 = datetime(2023, 11, 16, 18, 17, 0)
+    rows = [f"{(t0 + timedelta(seconds=s)).isoformat(sep=' ')},16,3" for s in offsets]
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def replay(trace: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BATON, "replay", str(trace), "--url", url, "--model", "stub", "--json", "--no-progress",
+                           "--timeout", "20", *extra], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+def test_replay_reads_events_with_any_line_ending(stub, tmp_path, eol):
+    server = stub(lambda i: "ok", eol)
+    out = replay(write_trace(tmp_path / "t.csv", [0, 0, 0, 0]), server.url, "--rate", "1000")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert (report["completed"], report["failed"], report["output_tokens"]) == (4, 0, 12), report
+    assert report["interrupted"] is False
+
+
+def test_replay_exits_1_when_no_request_completes(stub, tmp_path):
+    trace = write_trace(tmp_path / "t.csv", [0, 0, 0])
+    with socket.socket() as sock:  # bound, not listening: connections are refused, and no one else takes it
+        sock.bind(("127.0.0.1", 0))
+        out = replay(trace, f"http://127.0.0.1:{sock.getsockname()[1]}", "--rate", "1000")
+    assert out.returncode == 1, out.stderr
+    report = json.loads(out.stdout)
+    assert (report["requests"], report["completed"], report["failed"]) == (3, 0, 3)
+    assert "no request completed" in out.stderr
+
+    rejecting = stub(lambda i: "429")
+    out = replay(trace, rejecting.url, "--rate", "1000")
+    assert out.returncode == 1, out.stderr
+    assert json.loads(out.stdout)["rejected_by_reason"] == {"queue_full": 3}
+
+    partly = stub(lambda i: "ok" if i == 0 else "429")  # rejections are a normal outcome of a load test
+    out = replay(trace, partly.url, "--rate", "1000")
+    assert out.returncode == 0, out.stderr
+    assert (json.loads(out.stdout)["completed"], json.loads(out.stdout)["rejected"]) == (1, 2)
+
+
+def test_replay_url_without_scheme_is_a_usage_error(tmp_path):
+    out = replay(write_trace(tmp_path / "t.csv", [0]), "127.0.0.1:8000")
+    assert out.returncode == 2
+    assert "--url: must be an http:// or https:// URL" in out.stderr and out.stdout == ""
+
+
+def test_ctrl_c_cancels_in_flight_requests_and_prints_what_finished(stub, tmp_path):
+    # replay-0 answers, replay-1 never does, replay-2 is due in an hour: SIGINT once 0 is done and 1 is in flight
+    server = stub(lambda i: "ok" if i == 0 else "hang")
+    trace = write_trace(tmp_path / "t.csv", [0, 0.001, 3600])
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "  # even if SIGINT is
+            "from baton.replay import main; sys.exit(main(sys.argv[1:]))")  # ignored where the tests run
+    proc = subprocess.Popen([sys.executable, "-c", code, str(trace), "--url", server.url, "--model", "stub",
+                             "--json", "--no-progress", "--timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: 0 in server.answered and 1 in server.arrived, 20, "replay-0 answered, replay-1 sent")
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=20)  # not the 60 s --timeout: the request is cancelled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    report = json.loads(stdout)
+    assert report["interrupted"] is True
+    assert (report["requests"], report["completed"], report["unfinished"]) == (1, 1, 2), report
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    wait_for(lambda: 1 in server.hung_up, 10, "the stub to see replay-1's connection closed")
+    assert 2 not in server.arrived  # nothing is sent after Ctrl-C

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import io
+from datetime import datetime
 
 import pytest
 
 from baton.replay import (
+    EXIT_USAGE,
     Result,
     Summary,
     TraceRow,
+    build_parser,
     format_table,
+    main,
     parse_timestamp,
     percentile,
     read_trace,
     schedule,
+    split_sse_events,
+    sse_data,
     summarize,
     synthetic_prompt,
 )
@@ -91,3 +97,149 @@ def test_summary_counts_and_percentiles():
     assert report["latency_ms"]["p99"] == pytest.approx(298.0)
     assert report["throughput_rps"] == 1.0
     assert "TTFT ms" in format_table(report)
+
+
+# ------------------------------------------------------------------------------ timestamps with offsets
+def test_fraction_digits_stop_before_a_utc_offset():
+    expected = datetime(2024, 5, 10, 0, 0, 0, 9930)
+    assert parse_timestamp("2024-05-10 00:00:00.009930+00:00") == expected
+    assert parse_timestamp("2024-05-10 00:00:00.0099300Z") == expected
+    assert parse_timestamp("2024-05-10 00:00:00.009930") == expected  # naive is taken as UTC
+    assert parse_timestamp("2024-05-10 00:00:01+00:00").tzinfo is None  # all naive UTC, so all comparable
+
+
+def test_non_utc_offsets_are_converted_to_utc():
+    assert parse_timestamp("2024-05-10 02:00:00.5+02:00") == datetime(2024, 5, 10, 0, 0, 0, 500000)
+    assert parse_timestamp("2024-05-09T19:30:00-04:30") == datetime(2024, 5, 10, 0, 0, 0)
+
+
+def test_trace_mixing_naive_and_offset_timestamps():
+    rows = read_trace(io.StringIO(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2024-05-10 00:00:00.009930+00:00,10,11\n"
+        "2024-05-10 00:00:01Z,20,11\n"
+        "2024-05-10 00:00:02,30,11\n"
+        "2024-05-10 02:00:00.5+02:00,40,11\n"
+    ))
+    assert [r.context_tokens for r in rows] == [10, 40, 20, 30]
+    assert [r.offset_s for r in rows] == pytest.approx([0.0, 0.49007, 0.99007, 1.99007])
+
+
+# ------------------------------------------------------------------------------ SSE line endings
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
+def test_sse_events_end_with_any_line_ending(eol):
+    stream = b"data: {\"a\":1}" + eol + eol + b": comment" + eol + eol + b"data: [DONE]" + eol + eol
+    events, rest = split_sse_events(stream, final=True)
+    assert [sse_data(e) for e in events] == [b'{"a":1}', None, b"[DONE]"]
+    assert rest == b""
+
+
+def test_sse_crlf_split_across_reads_is_one_line_end():
+    events, rest = split_sse_events(b"data: 1\r\n\r")  # the last CR may be half of a CRLF
+    assert events == [] and rest == b"data: 1\r\n\r"
+    events, rest = split_sse_events(rest + b"\ndata: 2\r\n")
+    assert [sse_data(e) for e in events] == [b"1"] and rest == b"data: 2\r\n"
+    events, rest = split_sse_events(b"data: [DONE]\r\r", final=False)
+    assert events == []  # could still be CR + CRLF
+    events, rest = split_sse_events(b"data: [DONE]\r\r", final=True)
+    assert [sse_data(e) for e in events] == [b"[DONE]"] and rest == b""
+
+
+def test_sse_multiline_events_and_mixed_endings():
+    events, rest = split_sse_events(b"event: x\r\ndata: a\rdata: b\n\r\ndata: c")
+    assert [sse_data(e) for e in events] == [b"a\nb"] and rest == b"data: c"
+    assert split_sse_events(b"data: c", final=True) == ([], b"data: c")  # unterminated: not an event
+
+
+# ------------------------------------------------------------------------------ flag validation
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "0"], "--limit: must be an integer >= 1"),
+    (["--limit=-2"], "--limit: must be an integer >= 1"),
+    (["--max-tokens-cap", "0"], "--max-tokens-cap: must be an integer >= 1"),
+    (["--max-tokens-cap=-1"], "--max-tokens-cap: must be an integer >= 1"),
+    (["--timeout", "0"], "--timeout: must be a positive finite number"),
+    (["--timeout=-5"], "--timeout: must be a positive finite number"),
+    (["--timeout", "nan"], "--timeout: must be a positive finite number"),
+    (["--speedup", "nan"], "--speedup: must be a positive finite number"),
+    (["--speedup", "inf"], "--speedup: must be a positive finite number"),
+    (["--speedup", "0"], "--speedup: must be a positive finite number"),
+    (["--rate", "nan"], "--rate: must be a positive finite number"),
+    (["--rate=-inf"], "--rate: must be a positive finite number"),
+    (["--rate", "fast"], "--rate: expected a number"),
+])
+def test_bad_flags_are_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["trace.csv", "--url", "http://127.0.0.1:1", *flags])
+    assert exc.value.code == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_good_flags_parse():
+    args = build_parser().parse_args(["t.csv", "--url", "https://127.0.0.1:8000/", "--rate", "2.5", "--limit", "1",
+                                      "--max-tokens-cap", "1", "--timeout", "0.5"])
+    assert (args.url, args.rate, args.limit, args.max_tokens_cap, args.timeout) == (
+        "https://127.0.0.1:8000/", 2.5, 1, 1, 0.5)
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "localhost:8000", "ftp://127.0.0.1", "http://", "http://h:99999"])
+def test_url_needs_http_scheme_and_host(url, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["trace.csv", "--url", url])
+    assert exc.value.code == EXIT_USAGE
+    assert "argument --url:" in capsys.readouterr().err
+
+
+def test_main_rejects_a_url_before_reading_the_trace(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["no-such-trace.csv", "--url", "127.0.0.1:8000"])
+    assert exc.value.code == EXIT_USAGE
+    assert "must be an http:// or https:// URL" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ trace header and rows
+def test_trace_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffTIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:00,10,11\n".encode())
+    assert read_trace(path) == [TraceRow(0.0, 10, 11)]
+    assert read_trace(io.StringIO(path.read_text(encoding="utf-8"))) == [TraceRow(0.0, 10, 11)]
+
+
+def test_trace_with_spaces_around_names_and_values():
+    rows = read_trace(io.StringIO(
+        " TIMESTAMP , ContextTokens,GeneratedTokens \n"
+        " 2023-11-16 18:17:00.0000000 , 10 , 11 \n"
+        "2023-11-16 18:17:01 ,20, 12\n"
+    ))
+    assert rows == [TraceRow(0.0, 10, 11), TraceRow(1.0, 20, 12)]
+
+
+def test_bad_row_after_blank_lines_names_its_own_line():
+    text = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:00,10,11\n\n\n2023-11-16 18:17:01,x,11\n"
+    with pytest.raises(ValueError, match="trace line 5:"):
+        read_trace(io.StringIO(text))
+    with pytest.raises(ValueError, match="trace line 3: no value for GeneratedTokens"):
+        read_trace(io.StringIO("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:00,10,11\n"
+                               "2023-11-16 18:17:01,10\n"))
+
+
+def test_limit_keeps_the_earliest_arrivals():
+    text = ("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+            "2023-11-16 18:17:05,1,1\n"
+            "2023-11-16 18:17:04,2,1\n"
+            "2023-11-16 18:17:01,3,1\n"
+            "2023-11-16 18:17:02,4,1\n")
+    rows = read_trace(io.StringIO(text), limit=2)
+    assert rows == [TraceRow(0.0, 3, 1), TraceRow(1.0, 4, 1)]
+
+
+# ------------------------------------------------------------------------------ interrupted summary
+def test_interrupted_summary_counts_only_finished_requests():
+    results = [Result("completed", ttft_s=0.01, tpot_s=0.001, latency_s=0.02, output_tokens=3),
+               Result("unfinished"), Result("unfinished")]
+    report = summarize(Summary(results, duration_s=1.0, interrupted=True))
+    assert (report["requests"], report["completed"], report["failed"]) == (1, 1, 0)
+    assert report["interrupted"] is True and report["unfinished"] == 2
+    assert format_table(report).startswith("interrupted: 2 request(s)")
+    report = summarize(Summary([Result("completed")], duration_s=1.0))
+    assert report["interrupted"] is False and report["unfinished"] == 0
+    assert "interrupted" not in format_table(report)
