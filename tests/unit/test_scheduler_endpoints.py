@@ -230,3 +230,27 @@ def test_a_tier_change_during_a_generation_switch_is_not_overwritten_by_the_swit
     finally:
         loop.close()
     assert published[-1] == ["127.0.0.2:8000", "127.0.0.3:8000"], published
+
+
+def test_a_stopped_discovery_publishes_nothing_even_what_it_queued_before_stopping():
+    """A config reload stops the old discovery and starts a new one; a watch thread of the old one that
+    was mid-way (or whose lists are still queued for the loop) must not overwrite the new one's lists."""
+    import asyncio
+
+    from baton.scheduler.config import KubernetesEndpoints
+    from baton.scheduler.endpoints import KubernetesDiscovery
+
+    loop = asyncio.new_event_loop()
+    published = []
+    disc = KubernetesDiscovery(KubernetesEndpoints(namespace="ns", prefill_service="p", decode_service="d", port=8000),
+                               lambda prefill, decode: published.append([e.address for e in decode]), loop)
+    disc._pod_info = lambda name, uid: (None, None)
+    one = {"s": {"addressType": "IPv4", "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]}}
+    try:
+        disc._update_tier("decode", "slices", one)  # queued for the loop ...
+        disc.stop()  # ... then the reload stops this discovery before the loop ran it
+        disc._update_tier("decode", "slices", one)  # a watch thread past its stop check
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+    assert published == []

@@ -235,8 +235,14 @@ class KubernetesDiscovery:
         with self._lock:
             self._lists.update(lists)
             prefill, decode = list(self._lists[PREFILL]), list(self._lists[DECODE])
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.on_update, prefill, decode)
+        if not self.loop.is_closed() and not self._stop.is_set():
+            self.loop.call_soon_threadsafe(self._deliver, prefill, decode)
+
+    def _deliver(self, prefill: list[Endpoint], decode: list[Endpoint]) -> None:
+        """On the event loop: hand the lists over unless this discovery was stopped since they were queued
+        (a config reload replaced it; its lists must not land after the new discovery's)."""
+        if not self._stop.is_set():
+            self.on_update(prefill, decode)
 
     def _watch_tier(self, tier: str, service: str) -> None:
         if self.source == "pods":
