@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from baton.api.v1alpha1 import DisaggregatedModelSpec
-from baton.render import engine_config
+from baton.render import engine_config, tiers
 
 
 def spec_problems(spec: DisaggregatedModelSpec) -> list[str]:
@@ -22,4 +22,5 @@ def spec_problems(spec: DisaggregatedModelSpec) -> list[str]:
                 f"{tier_name}.resources sets nvidia.com/gpu={gpu_limit} but gpusPerReplica is "
                 f"{tier.gpus_per_replica}; drop nvidia.com/gpu from resources (it comes from gpusPerReplica)"
             )
+    problems.extend(tiers.reserved_env_overrides(spec))
     return problems

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from baton.api.units import parse_quantity
 from baton.api.v1alpha1 import DecodeTierSpec, DisaggregatedModelSpec, PrefillTierSpec
 from baton.render import engine_config, yaml_text
 from baton.render.derived import Derived
@@ -50,6 +51,8 @@ def model_argument_and_volume(spec: DisaggregatedModelSpec) -> tuple[str, list[d
     assert hf is not None  # the CRD's CEL rule guarantees exactly one source
     env: list[dict] = [{"name": "HF_HOME", "value": "/cache/huggingface"}]
     if hf.revision:
+        # Informational only: neither huggingface_hub nor trtllm-serve reads HF_REVISION; what pins the weights
+        # is the `revision` LLM-API option (engine_config). Kept for images/entrypoints that read it.
         env.append({"name": "HF_REVISION", "value": hf.revision})
     if hf.token_secret:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hf.token_secret.name, "key": hf.token_secret.key}}})
@@ -84,31 +87,98 @@ def headless_service(target: Target, tier: Tier) -> dict[str, Any]:
     }
 
 
+def _below_limit(request: str, limit: str) -> bool:
+    """Whether `request` is at most `limit`; True when either is not a quantity (the API server says why)."""
+    try:
+        return parse_quantity(request) <= parse_quantity(limit)
+    except ValueError:
+        return True
+
+
 def _resources(tier: PrefillTierSpec | DecodeTierSpec) -> dict[str, Any]:
+    """Requests and limits of an engine container. Baton's default cpu and memory requests fill in only what
+    the user left out, and never exceed the user's limit for that resource (the API server refuses a request
+    above its limit): a default above the limit is lowered to the limit. GPUs always come from gpusPerReplica."""
     gpus = str(tier.gpus_per_replica)
-    requests = {"cpu": str(max(4, tier.gpus_per_replica)), "memory": f"{8 * max(4, tier.gpus_per_replica)}Gi"}
-    requests.update(tier.resources.requests)
     limits = dict(tier.resources.limits)
+    defaults = {"cpu": str(max(4, tier.gpus_per_replica)), "memory": f"{8 * max(4, tier.gpus_per_replica)}Gi"}
+    requests: dict[str, Any] = {}
+    for resource, default in defaults.items():
+        limit = limits.get(resource)
+        requests[resource] = default if limit is None or _below_limit(default, str(limit)) else limit
+    requests.update(tier.resources.requests)
     requests[GPU_RESOURCE] = gpus
     limits[GPU_RESOURCE] = gpus
     return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
 
 
-def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
-    spec = target.spec
-    t = tier_spec(spec, tier)
-    model_arg, _, model_mounts, model_env = model_argument_and_volume(spec)
-    env = [
+def _baton_env(spec: DisaggregatedModelSpec) -> list[dict]:
+    """The variables Baton sets on every engine container, before the user's."""
+    _, _, _, model_env = model_argument_and_volume(spec)
+    return [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         # KV transfer binds an ephemeral port on an automatically picked interface; pin the pod's own.
+        # Overridable (engine.env or podTemplate.env), e.g. net1 when KV travels over a Multus network.
         {"name": "TRTLLM_UCX_INTERFACE", "value": "eth0"},
         {"name": "TRTLLM_SERVER_DISABLE_GC", "value": "1"},
         {"name": "TRTLLM_WORKER_DISABLE_GC", "value": "1"},
         *model_env,
-        *spec.engine.env,
-        *t.pod_template.env,
     ]
+
+
+def reserved_env(spec: DisaggregatedModelSpec) -> dict[str, str]:
+    """Baton-set variables a user may not override, each with where its value comes from instead. Only names
+    Baton sets are reserved (overriding them used to render a duplicate the API server refused).
+
+    POD_IP: the engine listens on `--host $(POD_IP)`, the address schedulers discover and probes reach.
+    HF_REVISION: names the weights, which are part of the KV-format identity the operator compares between the
+    tiers (model.source.huggingFace.revision); a per-tier value would contradict that check."""
+    reserved = {"POD_IP": "the pod's IP: trtllm-serve listens on --host $(POD_IP), where schedulers and probes reach it"}
+    hf = spec.model.source.hugging_face
+    if hf and hf.revision:  # only when Baton sets it: a spec that set HF_REVISION alone keeps working
+        reserved["HF_REVISION"] = (
+            "spec.model.source.huggingFace.revision, part of the KV-format identity both tiers must share"
+        )
+    return reserved
+
+
+def reserved_env_overrides(spec: DisaggregatedModelSpec) -> list[str]:
+    """Problems for each user env entry that sets a reserved variable (empty: none), one sentence each, in the
+    style of `engine_config.reserved_overrides`; meant for the operator's spec validation. Rendering keeps
+    Baton's value for these names either way."""
+    reserved = reserved_env(spec)
+    sources = [("engine.env", spec.engine.env), ("prefill.podTemplate.env", spec.prefill.pod_template.env),
+               ("decode.podTemplate.env", spec.decode.pod_template.env)]
+    problems = []
+    for where, entries in sources:
+        for name in sorted({e.get("name") for e in entries if isinstance(e, dict)} & reserved.keys()):
+            problems.append(f"{where} sets {name}, which Baton sets itself from {reserved[name]}; remove it from {where}")
+    return problems
+
+
+def merge_env(*sources: list[dict], reserved: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+    """Concatenate env lists, later sources overriding earlier ones by name: one entry per name (the API
+    server refuses duplicates), at the place its first definition had, holding the last definition. Entries
+    named in `reserved` keep the first source's value. Entries without a name pass through (the API server
+    says what is wrong with them)."""
+    merged: dict[Any, dict] = {}
+    for index, source in enumerate(sources):
+        for position, entry in enumerate(source):
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if not isinstance(name, str):
+                merged[("unnamed", index, position)] = entry
+            elif not (index > 0 and name in reserved and name in merged):
+                merged[name] = entry
+    return list(merged.values())
+
+
+def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
+    spec = target.spec
+    t = tier_spec(spec, tier)
+    model_arg, _, model_mounts, _ = model_argument_and_volume(spec)
+    # Baton's defaults < engine.env < the tier's podTemplate.env, one entry per name.
+    env = merge_env(_baton_env(spec), spec.engine.env, t.pod_template.env, reserved=set(reserved_env(spec)))
     config_path = f"{engine_config.ENGINE_CONFIG_DIR}/{engine_config.CONFIG_FILE}"
     if spec.engine.runtime == "trtllm-serve":
         command = ["trtllm-serve"]
