@@ -272,3 +272,21 @@ def test_the_tokenizer_flag_replaces_the_files_tokenizer_source():
     assert parse_config(text).tokenizer.hugging_face_id == "org/model"
     with pytest.raises(ConfigError, match="not both"):
         parse_config("tokenizer: {path: /p, huggingFaceId: org/model}")
+
+
+def test_kubernetes_tier_ports_default_to_port():
+    base = "endpoints: {discovery: kubernetes, kubernetes: {prefillService: p, decodeService: d"
+    one = parse_config(base + ", port: 9000}}").endpoints.kubernetes  # a hand-written config with one port
+    assert (one.tier_port("prefill"), one.tier_port("decode")) == (9000, 9000)
+    assert parse_config(base + "}}").endpoints.kubernetes.tier_port("prefill") == 8000
+    both = parse_config(base + ", port: 9000, prefillPort: 8001, decodePort: 8002}}").endpoints.kubernetes
+    assert (both.prefill_port, both.decode_port) == (8001, 8002)
+    assert (both.tier_port("prefill"), both.tier_port("decode")) == (8001, 8002)
+    only = parse_config(base + ", port: 9000, prefillPort: 8001}}").endpoints.kubernetes
+    assert (only.tier_port("prefill"), only.tier_port("decode")) == (8001, 9000)
+    assert parse_config(json.dumps(config_to_dict(parse_config(base + ", prefillPort: 8001}}")))).endpoints.kubernetes == \
+        parse_config(base + ", prefillPort: 8001}}").endpoints.kubernetes
+    with pytest.raises(ConfigError, match=r"endpoints\.kubernetes\.prefillPort"):
+        parse_config(base + ", prefillPort: 0}}")
+    with pytest.raises(ConfigError, match=r"endpoints\.kubernetes\.decodePort"):
+        parse_config(base + ", decodePort: 65536}}")

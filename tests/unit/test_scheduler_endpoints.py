@@ -254,3 +254,34 @@ def test_a_stopped_discovery_publishes_nothing_even_what_it_queued_before_stoppi
     finally:
         loop.close()
     assert published == []
+
+
+def test_kubernetes_discovery_dials_each_tier_on_its_own_port():
+    """prefillPort and decodePort from the config, for both sources (EndpointSlices and pods); `port` is
+    the default for a tier without its own."""
+    import asyncio
+
+    from baton.scheduler.config import KubernetesEndpoints
+    from baton.scheduler.endpoints import KubernetesDiscovery
+
+    slices = {"s": {"addressType": "IPv4", "endpoints": [
+        {"addresses": ["127.0.0.7"], "conditions": {"ready": True}, "targetRef": {"kind": "Pod", "name": "pod-7", "uid": "u7"}}]}}
+    pods = {"pod-7": {"metadata": {"name": "pod-7"},
+                      "status": {"podIP": "127.0.0.7", "conditions": [{"type": "Ready", "status": "True"}]}}}
+
+    def addresses(config):
+        loop = asyncio.new_event_loop()
+        try:
+            disc = KubernetesDiscovery(config, lambda prefill, decode: None, loop)
+            disc._pod_info = lambda name, uid: (None, None)
+            return {(tier, kind): [e.address for e in disc._tier_endpoints(tier, kind, objects)]
+                    for tier in ("prefill", "decode") for kind, objects in (("slices", slices), ("pods", pods))}
+        finally:
+            loop.close()
+
+    per_tier = KubernetesEndpoints(namespace="ns", prefill_service="p", decode_service="d", port=9000,
+                                   prefill_port=8001, decode_port=8000)
+    assert addresses(per_tier) == {("prefill", "slices"): ["127.0.0.7:8001"], ("prefill", "pods"): ["127.0.0.7:8001"],
+                                   ("decode", "slices"): ["127.0.0.7:8000"], ("decode", "pods"): ["127.0.0.7:8000"]}
+    one_port = KubernetesEndpoints(namespace="ns", prefill_service="p", decode_service="d", port=9000)
+    assert set(map(tuple, addresses(one_port).values())) == {("127.0.0.7:9000",)}

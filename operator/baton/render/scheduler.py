@@ -3,9 +3,10 @@ endpoints, the Deployment and the Service clients send requests to."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
-from baton.api.units import parse_duration
+from baton.api.units import parse_duration, parse_quantity
 from baton.api.v1alpha1 import DegradationSpec, DisaggregatedModelSpec, SchedulerSpec
 from baton.render import yaml_text
 from baton.render.naming import (
@@ -37,7 +38,9 @@ def scheduler_config(target: Target) -> dict[str, Any]:
                 "namespace": target.namespace,
                 "prefillService": child_name(target, "prefill"),
                 "decodeService": child_name(target, "decode"),
-                "port": spec.decode.port,
+                # Each tier's engines on their own port (the tiers' ports may differ).
+                "prefillPort": spec.prefill.port,
+                "decodePort": spec.decode.port,
                 "model": target.name,
             },
         },
@@ -159,10 +162,41 @@ def _env(s: SchedulerSpec) -> list[dict[str, Any]]:
     return env
 
 
+DEFAULT_REQUESTS = {"cpu": "1", "memory": "512Mi"}
+DEFAULT_LIMITS = {"memory": "2Gi"}
+
+
+def _quantity(value: str) -> Decimal | None:
+    try:
+        return parse_quantity(value)
+    except ValueError:
+        return None
+
+
+def resources(s: SchedulerSpec) -> dict[str, dict[str, str]]:
+    """The scheduler container's requests and limits: the user's, plus defaults that never conflict with
+    them (Kubernetes refuses a request above its limit). A default request is left out where the user's
+    limit is below it (Kubernetes then requests the limit); a default limit below the user's request is
+    raised to that request."""
+    requests, limits = dict(s.resources.requests), dict(s.resources.limits)
+    for name, default in DEFAULT_REQUESTS.items():
+        if name in requests:
+            continue
+        limit = _quantity(limits[name]) if name in limits else None
+        if name not in limits or (limit is not None and parse_quantity(default) <= limit):
+            requests[name] = default
+    for name, default in DEFAULT_LIMITS.items():
+        if name in limits:
+            continue
+        request = _quantity(requests[name]) if name in requests else None
+        if name in requests and request is None:
+            continue  # an unreadable request: the API server names it; no default to compare it with
+        limits[name] = requests[name] if request is not None and request > parse_quantity(default) else default
+    return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
+
+
 def deployment(target: Target) -> dict[str, Any]:
     s = target.spec.scheduler
-    requests = {"cpu": "1", "memory": "512Mi", **s.resources.requests}
-    limits = {"memory": "2Gi", **s.resources.limits}
     probe = {"httpGet": {"port": "http"}, "periodSeconds": 5, "timeoutSeconds": 3}
     _, tokenizer_volumes, tokenizer_mounts, tokenizer_env = _tokenizer(target.spec)
     container = {
@@ -173,7 +207,7 @@ def deployment(target: Target) -> dict[str, Any]:
         "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--host", "$(POD_IP)", "--port", str(s.port)],
         "env": _env(s) + tokenizer_env,
         "ports": [{"name": "http", "containerPort": s.port, "protocol": "TCP"}],
-        "resources": {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))},
+        "resources": resources(s),
         "readinessProbe": {**probe, "httpGet": {**probe["httpGet"], "path": "/readyz"}, "failureThreshold": 2},
         "livenessProbe": {**probe, "httpGet": {**probe["httpGet"], "path": "/healthz"}, "failureThreshold": 6},
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, *tokenizer_mounts],

@@ -75,7 +75,13 @@ class KubernetesEndpoints(_Model):
     namespace: str = "default"
     prefill_service: str = ""
     decode_service: str = ""
+    # The engines' port: endpoints are dialled at pod IP + this port, for both tiers unless the tier's
+    # own port below is set.
     port: int = Field(8000, ge=1, le=65535)
+    # Each tier's own port (the operator renders both, from spec.prefill.port and spec.decode.port); unset
+    # (or null): `port`.
+    prefill_port: int | None = Field(None, ge=1, le=65535)
+    decode_port: int | None = Field(None, ge=1, le=65535)
     # When set, only pods labelled baton.dev/generation=<generation> are used (pods without the label
     # are accepted too, so a scheduler can run against unlabelled engines).
     generation: str = ""
@@ -87,6 +93,14 @@ class KubernetesEndpoints(_Model):
     # The DisaggregatedModel whose status.rollout.servingGeneration selects the generation to route
     # to (it overrides `generation` as soon as it is set); empty: no generation filter from the API.
     model: str = ""
+
+    def tier_port(self, tier: str) -> int:
+        """The port `tier`'s ("prefill" or "decode") endpoints are dialled on."""
+        if tier == "prefill":
+            return self.prefill_port if self.prefill_port is not None else self.port
+        if tier == "decode":
+            return self.decode_port if self.decode_port is not None else self.port
+        raise ValueError(f"unknown tier {tier!r}")
 
 
 class EndpointsConfig(_Model):

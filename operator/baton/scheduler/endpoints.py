@@ -2,7 +2,7 @@
 
 - `Endpoint` is what discovery produces: an address, its tier, and an optional KV-format fingerprint.
 - `endpoints_from_slices` is the pure part of Kubernetes discovery: EndpointSlice objects (dicts as the
-  API returns them, or `kubernetes` client models) -> the ready endpoints' pod IPs with the configured port.
+  API returns them, or `kubernetes` client models) -> the ready endpoints' pod IPs with the tier's port.
 - `StaticDiscovery` and `KubernetesDiscovery` push `(prefill, decode)` lists into a callback on the event
   loop; the Kubernetes one watches EndpointSlices in a background thread (the `kubernetes` client is
   blocking) and reads each pod's `baton.dev/kv-fingerprint` annotation through the endpoint's targetRef.
@@ -219,7 +219,7 @@ class KubernetesDiscovery:
     def _tier_endpoints(self, tier: str, kind: str, objects: dict[str, Any]) -> list[Endpoint]:
         values = list(objects.values())
         if kind == "pods":
-            return endpoints_from_pods(values, self.config.port, tier, self.accepted_generations)
+            return endpoints_from_pods(values, self.config.tier_port(tier), tier, self.accepted_generations)
         return self._compute(tier, values)
 
     def _update_tier(self, tier: str, kind: str, objects: dict[str, Any]) -> None:
@@ -312,7 +312,7 @@ class KubernetesDiscovery:
                 self._stop.wait(2.0)
 
     def _compute(self, tier: str, slices: Iterable[Any]) -> list[Endpoint]:
-        return endpoints_from_slices(slices, self.config.port, tier, self._pod_info, self.accepted_generations)
+        return endpoints_from_slices(slices, self.config.tier_port(tier), tier, self._pod_info, self.accepted_generations)
 
     @property
     def accepted_generations(self) -> str:

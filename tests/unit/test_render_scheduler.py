@@ -1,0 +1,108 @@
+"""The rendered scheduler: its config's per-tier engine ports and its container's resources (pure, no cluster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from baton.api.units import parse_quantity
+from baton.api.v1alpha1 import DisaggregatedModel
+from baton.render import render_children
+from baton.render.naming import Target
+from baton.scheduler.config import SchedulerConfig
+from baton.scheduler.endpoints import endpoints_from_slices
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def target(example: str = "llama-70b.yaml", **spec_overrides) -> Target:
+    data = yaml.safe_load((REPO / "examples" / example).read_text())
+    for path, value in spec_overrides.items():
+        node = data["spec"]
+        keys = path.split("__")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    m = DisaggregatedModel.model_validate(data)
+    return Target(name=m.metadata["name"], namespace="ns", uid="uid-1", spec=m.spec)
+
+
+def rendered(t: Target) -> dict[str, dict]:
+    return {f"{o['kind']}/{o['metadata']['name']}": o for o in render_children(t)}
+
+
+def scheduler_config(t: Target) -> SchedulerConfig:
+    text = rendered(t)[f"ConfigMap/{t.name}-scheduler"]["data"]["config.yaml"]
+    return SchedulerConfig.model_validate(yaml.safe_load(text))  # the scheduler accepts what the operator renders
+
+
+def container_resources(t: Target) -> dict[str, dict[str, str]]:
+    deployment = rendered(t)[f"Deployment/{t.name}-scheduler"]
+    return deployment["spec"]["template"]["spec"]["containers"][0]["resources"]
+
+
+@pytest.mark.parametrize("example", ["llama-70b.yaml", "small.yaml"])
+def test_each_tier_is_dialled_on_its_own_port(example):
+    t = target(example, prefill__port=8001, decode__port=8000)
+    k8s = scheduler_config(t).endpoints.kubernetes
+    assert (k8s.prefill_port, k8s.decode_port) == (8001, 8000)
+    assert (k8s.tier_port("prefill"), k8s.tier_port("decode")) == (8001, 8000)
+    # and the prefill pods are reached on the port their engine listens on, not the decode one
+    engine_ports = {
+        tier: rendered(t)[name]["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+        for name in rendered(t)
+        if name.startswith("StatefulSet/") and (tier := name.split("-")[-2]) in ("prefill", "decode")
+    }
+    assert engine_ports == {"prefill": 8001, "decode": 8000}
+    slice_ = {"addressType": "IPv4", "endpoints": [{"addresses": ["10.1.2.3"], "conditions": {"ready": True}}]}
+    for tier in ("prefill", "decode"):
+        [endpoint] = endpoints_from_slices([slice_], k8s.tier_port(tier), tier)
+        assert endpoint.address == f"10.1.2.3:{engine_ports[tier]}"
+
+
+def test_equal_tier_ports_render_both():
+    t = target(prefill__port=9000, decode__port=9000)
+    k8s = scheduler_config(t).endpoints.kubernetes
+    assert (k8s.tier_port("prefill"), k8s.tier_port("decode")) == (9000, 9000)
+
+
+def _valid(resources: dict[str, dict[str, str]]) -> None:
+    """What the API server checks: no request above its limit."""
+    for name, limit in resources["limits"].items():
+        if name in resources["requests"]:
+            assert parse_quantity(resources["requests"][name]) <= parse_quantity(limit), (name, resources)
+
+
+def test_default_resources_without_user_settings():
+    res = container_resources(target())
+    assert res == {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+
+
+@pytest.mark.parametrize(
+    "user, expected",
+    [
+        # a request above the default limit: the limit is raised to it
+        ({"requests": {"memory": "4Gi"}}, {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}),
+        # a request below the default limit keeps the default limit
+        ({"requests": {"memory": "1Gi"}}, {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}),
+        # a limit below the default request: no default request (Kubernetes requests the limit)
+        ({"limits": {"memory": "256Mi"}}, {"requests": {"cpu": "1"}, "limits": {"memory": "256Mi"}}),
+        ({"limits": {"cpu": "500m"}}, {"requests": {"memory": "512Mi"}, "limits": {"cpu": "500m", "memory": "2Gi"}}),
+        # a limit at or above the default request keeps it
+        ({"limits": {"memory": "512Mi", "cpu": "2"}},
+         {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "512Mi"}}),
+        ({"limits": {"memory": "8Gi"}}, {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "8Gi"}}),
+        # the user's own pair is kept as written
+        ({"requests": {"memory": "3Gi", "cpu": "250m"}, "limits": {"memory": "6Gi"}},
+         {"requests": {"cpu": "250m", "memory": "3Gi"}, "limits": {"memory": "6Gi"}}),
+    ],
+)
+def test_defaults_never_conflict_with_the_users_resources(user, expected):
+    res = container_resources(target(scheduler__resources=user))
+    assert res == expected
+    _valid(res)
+    for kind in ("requests", "limits"):  # whatever the user set is kept
+        for name, value in user.get(kind, {}).items():
+            assert res[kind][name] == value
