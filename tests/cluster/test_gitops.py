@@ -362,6 +362,6 @@ def test_kubectl_describe_says_what_is_wrong_and_what_to_do(cluster, namespace, 
     conditions_section = out[out.index("Conditions:"):out.index("Events:")]
     assert "Stalled" in conditions_section and "InvalidSpec" in conditions_section
     # The message names the problem and the fix.
-    assert "engine.extraOptions sets kv_cache_config" in out and "remove them from extraOptions" in out
+    assert "engine.extraOptions cannot set kv_cache_config: use engine.kvCache" in out
     events = out[out.index("Events:"):]
     assert "baton-operator" in events and "Normal   Applied" in events and "Normal   Ready" in events

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,377 @@ def test_minreplicas_is_a_floor_and_decode_replicas_is_always_present_for_the_sc
     assert model("small.yaml", decode__minReplicas=3, decode__maxReplicas=6, decode__replicas=5).spec.decode.desired_replicas() == 5
     assert model("small.yaml", prefill__minReplicas=2, prefill__maxReplicas=2).spec.prefill.desired_replicas() == 2
     assert model("small.yaml", decode__minReplicas=0, decode__replicas=0).spec.decode.desired_replicas() == 0
+
+
+# ------------------------------------------------------------------ CEL rules, evaluated in Python
+# A minimal evaluator of the CEL subset the generated rules use, so their logic is checked here without an
+# API server (a throwaway kube-apiserver was used to check that the API server compiles and enforces them).
+_TOKEN = re.compile(r"\s*(?:(\d+)|('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")|(&&|\|\||==|!=|<=|>=|[!<>?:()\[\].,+*])|([A-Za-z_]\w*))")
+
+
+def _tokens(text):
+    pos, out = 0, []
+    while pos < len(text.rstrip()):
+        m = _TOKEN.match(text, pos)
+        assert m, f"cannot tokenize at {text[pos:pos + 20]!r}"
+        num, string, op, ident = m.groups()
+        out.append(("num", int(num)) if num else ("str", string[1:-1].replace("\\'", "'")) if string
+                   else ("op", op) if op else ("id", ident))
+        pos = m.end()
+    return out + [("end", None)]
+
+
+class _Missing(Exception):
+    pass
+
+
+def cel_eval(rule, self_value):
+    """Evaluate the CEL subset Baton's rules use (no macros): literals, self paths, has(), ! && || ?: == != <
+    <= > >= in + *, indexing, size(), string(), matches(), duration() of ms|s|m|h. A missing field raises."""
+    toks, i = _tokens(rule), [0]
+
+    def peek():
+        return toks[i[0]]
+
+    def take(kind=None, value=None):
+        tok = toks[i[0]]
+        assert (kind is None or tok[0] == kind) and (value is None or tok[1] == value), (tok, kind, value)
+        i[0] += 1
+        return tok
+
+    def ternary():
+        cond = lor()
+        if peek() == ("op", "?"):
+            take()
+            a = ternary()
+            take("op", ":")
+            b = ternary()
+            return lambda: a() if cond() else b()
+        return cond
+
+    def binary(sub, ops):
+        def parse():
+            left = sub()
+            while peek()[0] == "op" and peek()[1] in ops or (peek() == ("id", "in") and "in" in ops):
+                op = take()[1]
+                right = sub()
+                left = (lambda l, r, o: lambda: _apply(o, l, r))(left, right, op)
+            return left
+        return parse
+
+    def unary():
+        if peek() == ("op", "!"):
+            take()
+            inner = unary()
+            return lambda: not inner()
+        return postfix()
+
+    def postfix():
+        node = primary()
+        while True:
+            if peek() == ("op", "."):
+                take()
+                name = take("id")[1]
+                if peek() == ("op", "("):
+                    take()
+                    args = [] if peek() == ("op", ")") else [ternary()]
+                    take("op", ")")
+                    node = (lambda n, name, args: lambda: _method(n(), name, [a() for a in args]))(node, name, args)
+                else:
+                    node = (lambda n, name: lambda: _field(n(), name))(node, name)
+            elif peek() == ("op", "["):
+                take()
+                key = ternary()
+                take("op", "]")
+                node = (lambda n, k: lambda: _index(n(), k()))(node, key)
+            else:
+                return node
+
+    def primary():
+        kind, value = take()
+        if kind == "num":
+            return lambda: value
+        if kind == "str":
+            return lambda: value
+        if (kind, value) == ("op", "("):
+            inner = ternary()
+            take("op", ")")
+            return inner
+        if kind == "id" and value == "self":
+            return lambda: self_value
+        if kind == "id" and value in ("true", "false"):
+            return lambda: value == "true"
+        if kind == "id" and value in ("has", "string", "duration"):
+            take("op", "(")
+            arg = ternary()
+            take("op", ")")
+            if value == "has":
+                def has():
+                    try:
+                        arg()
+                        return True
+                    except _Missing:
+                        return False
+                return has
+            if value == "string":
+                return lambda: str(arg())
+            return lambda: _duration(arg())
+        raise AssertionError(f"unsupported token {kind} {value}")
+
+    rel = binary(binary(binary(unary, {"*"}), {"+"}), {"==", "!=", "<", "<=", ">", ">=", "in"})
+    land = binary(rel, {"&&"})
+    lor = binary(land, {"||"})
+    tree = ternary()
+    take("end")
+    return tree()
+
+
+def _apply(op, left, right):
+    if op == "&&":
+        return left() and right()
+    if op == "||":
+        return left() or right()
+    a, b = left(), right()
+    return {"==": lambda: a == b, "!=": lambda: a != b, "<": lambda: a < b, "<=": lambda: a <= b,
+            ">": lambda: a > b, ">=": lambda: a >= b, "in": lambda: a in b, "+": lambda: a + b,
+            "*": lambda: a * b}[op]()
+
+
+def _field(value, name):
+    if not isinstance(value, dict) or name not in value:
+        raise _Missing(name)
+    return value[name]
+
+
+def _index(value, key):
+    if key not in value:
+        raise _Missing(key)
+    return value[key]
+
+
+def _method(value, name, args):
+    if name == "size":
+        return len(value)
+    if name == "matches":
+        return re.search(args[0], value) is not None
+    raise AssertionError(name)
+
+
+def _duration(text):
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"([0-9.]+)(ms|s|m|h)", text)
+    assert "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def _schema():
+    return crd_module.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _rules(*path: str) -> list[dict]:
+    node = _schema()
+    for key in path:
+        node = node["properties"][key]
+    return node.get("x-kubernetes-validations", [])
+
+
+def _refused(rules: list[dict], obj: dict) -> list[str]:
+    """Messages of the rules `obj` fails, as the API server would report them (an evaluation error fails too)."""
+    out = []
+    for rule in rules:
+        try:
+            ok = cel_eval(rule["rule"], obj)
+        except _Missing:
+            ok = False
+        if not ok:
+            out.append(rule["message"])
+    return out
+
+
+def _wire(m: DisaggregatedModel) -> dict:
+    """The spec as the API server stores it after defaulting (every default filled in)."""
+    return m.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# 1. metadata.name
+
+
+def test_the_name_bound_keeps_every_child_name_valid_as_naming_builds_them():
+    from baton.api import v1alpha1 as api
+    from baton.render.naming import child_name, generation_child_name
+
+    def longest_label(name: str) -> int:
+        spec = model("small.yaml").spec
+        t = Target(name=name, namespace="ns", uid="u", spec=spec)
+        gen = derive(spec).generation
+        sts = [generation_child_name(t, tier, gen) for tier in ("prefill", "decode")]
+        # controller-revision-hash = <StatefulSet>-<hash of up to 10 characters>; pod = <StatefulSet>-<ordinal>
+        return max([len(s) + 11 for s in sts] + [len(s) + 1 + len(str(1024 - 1)) for s in sts]
+                   + [len(child_name(t, c)) for c in ("prefill", "decode", "scheduler")])
+
+    assert api.NAME_MAX_LENGTH == 35
+    assert longest_label("a" * api.NAME_MAX_LENGTH) == 63
+    assert longest_label("a" * (api.NAME_MAX_LENGTH + 1)) > 63
+
+
+@pytest.mark.parametrize("name,refused", [
+    ("llama-8b", None), ("a" * 35, None), ("a" * 36, "at most 35 characters"),
+    ("meta-llama-3-1-8b-instruct-bf16-production-eu-west-1-canary-00001", "at most 35 characters"),
+    ("70b.llama", "DNS-1035 label"), ("70b-llama", "DNS-1035 label"), ("Llama", "DNS-1035 label"),
+    ("llama-", "DNS-1035 label"),
+])
+def test_the_crd_root_refuses_names_whose_children_kubernetes_would_refuse(name, refused):
+    rules = _schema()["x-kubernetes-validations"]
+    assert all("self.metadata.name" in r["rule"] for r in rules)
+    messages = _refused(rules, {"metadata": {"name": name}})
+    if refused is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and refused in messages[0]
+
+
+# 2. engine.kvTransfer.timeout
+
+
+@pytest.mark.parametrize("timeout,ms", [("0s", None), ("0.5ms", None), ("0ms", None), ("1ms", 1), ("1.5ms", 2),
+                                        ("30s", 30000), ("1h30m", 5400000)])
+def test_kv_transfer_timeout_is_at_least_1ms_at_admission_and_in_the_model(timeout, ms):
+    from pydantic import ValidationError
+
+    rules = _rules("spec", "engine", "kvTransfer")
+    messages = _refused(rules, {"timeout": timeout})
+    if ms is None:
+        assert messages and "at least 1ms" in messages[0]
+        with pytest.raises(ValidationError, match="at least 1ms"):
+            model("small.yaml", engine__kvTransfer={"timeout": timeout})
+    else:
+        assert messages == []
+        m = model("small.yaml", engine__kvTransfer={"timeout": timeout})
+        for tier in ("prefill", "decode"):
+            assert engine_config.engine_options(m.spec, tier)["cache_transceiver_config"]["kv_transfer_timeout_ms"] == ms
+
+
+# 3. Hugging Face revision
+
+
+def test_the_hugging_face_revision_pin_is_rendered_as_the_llm_api_revision_option():
+    pinned = model("small.yaml", model__source={"huggingFace": {"id": "meta-llama/Llama-3.1-8B-Instruct",
+                                                                "revision": "0e9e39f"}})
+    for tier in ("prefill", "decode"):
+        assert engine_config.engine_options(pinned.spec, tier)["revision"] == "0e9e39f"
+        assert "revision" not in engine_config.engine_options(model("small.yaml").spec, tier)
+        pvc = model("small.yaml", model__source={"pvc": {"claimName": "weights"}}, model__revision="v1")
+        assert "revision" not in engine_config.engine_options(pvc.spec, tier)
+    # extraOptions cannot pin a different revision than the one the KV-format identity names
+    assert spec_problems(model("small.yaml", engine__extraOptions={"revision": "main"}).spec)
+
+
+# 4. extraOptions that change the GPU count or the KV CacheState
+
+
+@pytest.mark.parametrize("key,value", [("context_parallel_size", 2), ("enable_attention_dp", True)])
+def test_extra_options_cannot_enable_context_parallelism_or_attention_dp(key, value):
+    m = model("small.yaml", engine__extraOptions={key: value, "enable_iter_perf_stats": True})
+    assert engine_config.reserved_overrides(m.spec) == [key]
+    problems = spec_problems(m.spec)
+    assert len(problems) == 1 and key in problems[0]
+    [why] = engine_config.reserved_override_problems(m.spec)
+    assert key in why and "not supported" in why
+    for tier in ("prefill", "decode"):
+        assert key not in engine_config.engine_options(m.spec, tier)
+    state = derive(m.spec).prefill_state
+    assert state.cp == 1 and state.enable_attention_dp is False
+
+
+def test_reserved_override_problems_name_the_field_to_use():
+    m = model("small.yaml", engine__extraOptions={"kv_cache_config": {}, "tensor_parallel_size": 2})
+    assert engine_config.reserved_override_problems(m.spec) == [
+        "engine.extraOptions cannot set kv_cache_config: use engine.kvCache (and decode.kvCacheSize)",
+        "engine.extraOptions cannot set tensor_parallel_size: use the tiers' tensorParallelSize",
+    ]
+
+
+# 5. checks the operator makes, at admission
+
+
+KV_OVERRIDES = [
+    {}, {"kvCacheDtype": "fp8"}, {"kvCacheDtype": "bf16"}, {"tokensPerBlock": 64}, {"tokensPerBlock": 32},
+    {"trtllmVersion": "1.2.1"}, {"trtllmVersion": "1.2.0"}, {"image": "registry/trtllm:patched"},
+    {"kvCacheDtype": "fp8", "tokensPerBlock": 64},
+]
+KV_FIELDS = {"kvCacheDtype", "tokensPerBlock", "trtllmVersion"}
+
+
+@pytest.mark.parametrize("prefill", KV_OVERRIDES)
+@pytest.mark.parametrize("decode", KV_OVERRIDES)
+def test_kv_format_rules_at_admission_refuse_exactly_what_the_operator_refuses(prefill, decode):
+    m = model("small.yaml", prefill__engineOverrides=prefill, decode__engineOverrides=decode)
+    operator = {mm.field for mm in derive(m.spec).kv_mismatches()}
+    assert operator <= KV_FIELDS  # the other hard-equal fields cannot differ between the tiers of one spec
+    refused = _refused(_rules("spec"), _wire(m))
+    assert {f for f in KV_FIELDS if any(f"({f} " in msg for msg in refused)} == operator
+    for rule in _rules("spec"):
+        assert "prefill and decode would not be able to hand off KV cache" in rule["message"]
+        assert "make these fields equal on both tiers (engine.* or the tiers' engineOverrides)" in rule["message"]
+
+
+@pytest.mark.parametrize("resources,gpus", [
+    ({}, 1), ({"limits": {"nvidia.com/gpu": "1"}}, 1), ({"limits": {"nvidia.com/gpu": "2"}}, 1),
+    ({"requests": {"nvidia.com/gpu": "2"}}, 1), ({"requests": {"nvidia.com/gpu": "2"}}, 2),
+    ({"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "2"}}, 1),
+    ({"limits": {"nvidia.com/gpu": ""}, "requests": {"nvidia.com/gpu": "2"}}, 1),
+    ({"limits": {"memory": "24Gi"}}, 1), ({"limits": {"nvidia.com/gpu": "01"}}, 1),
+])
+@pytest.mark.parametrize("tier", ["prefill", "decode"])
+def test_tier_gpu_resources_are_refused_at_admission_exactly_when_the_operator_refuses_them(tier, resources, gpus):
+    m = model("small.yaml", **{f"{tier}__resources": resources, f"{tier}__gpusPerReplica": gpus,
+                               f"{tier}__tensorParallelSize": gpus})
+    operator = [p for p in spec_problems(m.spec) if "nvidia.com/gpu" in p]
+    refused = [msg for msg in _refused(_rules("spec", tier), _wire(m)[tier]) if "nvidia.com/gpu" in msg]
+    assert len(refused) == len(operator)
+    if operator:
+        assert refused[0].startswith(f"{tier}.resources sets nvidia.com/gpu")
+        rule = next(r for r in _rules("spec", tier) if "nvidia.com/gpu" in r["message"])
+        gpu = operator[0].split("nvidia.com/gpu=")[1].split(" ")[0]
+        # the API server's message (messageExpression) names the value, as the operator's does
+        assert cel_eval(rule["messageExpression"], _wire(m)[tier]).startswith(
+            f"{tier}.resources sets nvidia.com/gpu={gpu}, which differs from gpusPerReplica; drop nvidia.com/gpu")
+
+
+def test_kv_format_message_expression_names_both_values_like_the_operator():
+    m = model("small.yaml", prefill__engineOverrides={"kvCacheDtype": "fp8"})
+    rule = next(r for r in _rules("spec") if "kvCacheDtype" in r["rule"])
+    assert cel_eval(rule["messageExpression"], _wire(m)) == (
+        "prefill and decode would not be able to hand off KV cache (kvCacheDtype: prefill=fp8, decode=bf16); "
+        "make these fields equal on both tiers (engine.* or the tiers' engineOverrides)")
+
+
+# 6. chunked prefill
+
+
+def test_chunked_prefill_is_rendered_when_prompts_can_exceed_max_num_tokens():
+    m = model("small.yaml")  # maxPromptTokens 16384, maxNumTokens 8192 (default)
+    for tier in ("prefill", "decode"):
+        assert engine_config.engine_options(m.spec, tier)["enable_chunked_prefill"] is True
+    fits = model("small.yaml", prefill__maxPromptTokens=8192)
+    for tier in ("prefill", "decode"):
+        assert "enable_chunked_prefill" not in engine_config.engine_options(fits.spec, tier)
+    # per tier: the decode tier (local prefills) chunks when its own maxNumTokens is the smaller
+    mixed = model("small.yaml", prefill__maxNumTokens=16384)
+    assert "enable_chunked_prefill" not in engine_config.engine_options(mixed.spec, "prefill")
+    assert engine_config.engine_options(mixed.spec, "decode")["enable_chunked_prefill"] is True
+
+
+# 7. KV cache dtype
+
+
+@pytest.mark.parametrize("dtype,rendered", [("bf16", "auto"), ("fp16", "auto"), ("fp8", "fp8")])
+def test_kv_dtype_renders_what_the_pytorch_backend_accepts_and_the_gate_keeps_the_declared_one(dtype, rendered):
+    m = model("small.yaml", engine__kvCache={"dtype": dtype})
+    for tier in ("prefill", "decode"):
+        assert engine_config.engine_options(m.spec, tier)["kv_cache_config"]["dtype"] == rendered
+    d = derive(m.spec)
+    assert d.prefill_state.kv_dtype == dtype and d.decode_state.kv_dtype == dtype
+    # bf16 on one tier and fp16 on the other both render auto, but the static gate still refuses them
+    mixed = model("small.yaml", engine__kvCache={"dtype": "bf16"}, decode__engineOverrides={"kvCacheDtype": "fp16"})
+    assert [mm.field for mm in derive(mixed.spec).kv_mismatches()] == ["kvCacheDtype"]

@@ -131,6 +131,8 @@ def crd() -> dict[str, Any]:
                                 "scheduler routing requests and handing the KV cache from one to the other."
                             ),
                             "required": ["spec"],
+                            # Rules on metadata (CEL reads metadata.name only at the root).
+                            "x-kubernetes-validations": api.ROOT_RULES,
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "API version: serving.baton.dev/v1alpha1."},
                                 "kind": {"type": "string", "description": "DisaggregatedModel."},

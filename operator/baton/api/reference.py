@@ -185,6 +185,10 @@ def _resource_section() -> list[str]:
         f"| `status` | [{api.DisaggregatedModelStatus.__name__}](#{_anchor(api.DisaggregatedModelStatus.__name__)}) | "
         "Observed state, written by the operator. |",
     ]
+    root_rules = version["schema"]["openAPIV3Schema"].get("x-kubernetes-validations", [])
+    if root_rules:
+        lines += ["", "Rules (checked by the API server):", ""]
+        lines += [f"- {rule['message']} (`{rule['rule']}`)" for rule in root_rules]
     return lines
 
 

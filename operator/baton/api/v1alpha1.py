@@ -7,12 +7,12 @@ message a user can act on, so the API server rejects a bad object at `kubectl ap
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
-from baton.api.units import DURATION_PATTERN, QUANTITY_PATTERN
+from baton.api.units import DURATION_PATTERN, QUANTITY_PATTERN, parse_duration
 
 GROUP = "serving.baton.dev"
 VERSION = "v1alpha1"
@@ -24,9 +24,36 @@ CATEGORIES = ["baton"]
 
 POWERS_OF_TWO = [1, 2, 4, 8, 16, 32, 64]
 
+# metadata.name is the prefix of every child's name (baton.render.naming): the longest is a tier's
+# StatefulSet, `<name>-prefill-<8-hex generation>` (name + 17). Kubernetes labels each of its pods
+# `controller-revision-hash: <StatefulSet>-<revision hash of up to 10 characters>` (name + 28), a label
+# value of at most 63 characters, so a longer name gives a StatefulSet that never creates a pod.
+# tests/unit/test_api_and_render.py recomputes this bound from naming.py.
+STATEFULSET_NAME_EXTRA = len("-prefill-") + 8  # "-<tier>-<generation>", prefill being the longer tier
+CONTROLLER_REVISION_HASH_EXTRA = 1 + 10  # "-<fnv32 hash, safe-encoded: up to 10 characters>"
+LABEL_VALUE_MAX = 63
+NAME_MAX_LENGTH = LABEL_VALUE_MAX - CONTROLLER_REVISION_HASH_EXTRA - STATEFULSET_NAME_EXTRA  # 35
+DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
 
 def _cel(rule: str, message: str, **extra: str) -> dict[str, str]:
     return {"rule": rule, "message": message, **extra}
+
+
+# Rules on the whole object (the CRD's root schema), where CEL can read metadata.name.
+ROOT_RULES = [
+    _cel(
+        f"self.metadata.name.size() <= {NAME_MAX_LENGTH}",
+        f"metadata.name must be at most {NAME_MAX_LENGTH} characters: it prefixes the names of the model's "
+        "StatefulSets (<name>-prefill-<generation>), and Kubernetes labels their pods with the StatefulSet's name "
+        "plus an 11-character revision hash, which must fit in 63 characters",
+    ),
+    _cel(
+        f"self.metadata.name.matches('{DNS1035_LABEL}')",
+        "metadata.name must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter and "
+        "ending with a letter or digit (no dots): it names the model's Services and StatefulSets",
+    ),
+]
 
 
 class ApiModel(BaseModel):
@@ -119,24 +146,48 @@ class ModelSpec(ApiModel):
 
 
 class KVCacheSpec(ApiModel):
-    dtype: Literal["fp16", "bf16", "fp8"] = Field(description="KV cache element type, set explicitly (never `auto`): both tiers must store the same type.")
+    dtype: Literal["fp16", "bf16", "fp8"] = Field(description=(
+        "KV cache element type, set explicitly: both tiers must store the same type. fp8 is rendered as "
+        "kv_cache_config.dtype fp8. bf16 and fp16 mean an unquantized KV cache in the checkpoint's own dtype and "
+        "must equal the checkpoint's config.json torch_dtype: TensorRT-LLM's PyTorch backend accepts only auto or "
+        "fp8 there, so Baton renders auto, which resolves from torch_dtype."))
     tokens_per_block: Literal[8, 16, 32, 64, 128] = Field(default=32, description="Tokens per KV cache block; must be equal on both tiers.")
     free_gpu_memory_fraction: float = Field(default=0.9, ge=0.05, le=0.99, description="Fraction of free GPU memory the engine may use for KV cache when no explicit size is given.")
     enable_block_reuse: bool = Field(default=True, description="Reuse KV blocks across requests sharing a prefix.")
 
 
 class KVTransferSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "duration(self.timeout) >= duration('1ms')",
+                    "engine.kvTransfer.timeout must be at least 1ms: it is rendered as kv_transfer_timeout_ms, "
+                    "which TensorRT-LLM requires to be greater than 0",
+                    fieldPath=".timeout",
+                )
+            ]
+        }
+    )
     backend: Literal["UCX", "NIXL"] = Field(default="UCX", description="KV transfer backend between tiers. Rendered explicitly (never DEFAULT, whose meaning changed between TensorRT-LLM versions).")
     compression: Literal["none", "fp8"] = Field(default="none", description="Compress KV to fp8 for transfer. Requests flagged high-precision take the uncompressed path (prefilled on the decode replica).")
     high_precision_fallback: bool = Field(default=True, description="With compression on, let requests flagged high-precision bypass it by prefilling on the decode tier.")
     max_tokens_in_buffer: int = Field(default=8192, ge=256, le=1048576, description="Transfer staging buffer in tokens; should be at least the longest prompt.")
-    timeout: str = Field(default="30s", pattern=DURATION_PATTERN, description="How long a prefill replica keeps KV waiting for its decode replica to pull it (kv_transfer_timeout_ms).")
+    timeout: str = Field(default="30s", pattern=DURATION_PATTERN, description="How long a prefill replica keeps KV waiting for its decode replica to pull it (kv_transfer_timeout_ms, in whole milliseconds): at least 1ms.")
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_at_least_1ms(cls, value: str) -> str:
+        if parse_duration(value) < 0.001:
+            raise ValueError("engine.kvTransfer.timeout must be at least 1ms: it is rendered as kv_transfer_timeout_ms, "
+                             "which TensorRT-LLM requires to be greater than 0")
+        return value
 
 
 class EngineSpec(ApiModel):
     runtime: Literal["trtllm-serve", "triton"] = Field(default="trtllm-serve", description="Serving front end: trtllm-serve (OpenAI-compatible HTTP) or triton (KServe v2).")
     image: str = Field(min_length=1, description="Engine container image, e.g. nvcr.io/nvidia/tensorrt-llm/release:1.2.0.")
-    trtllm_version: str = Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+([a-z0-9.+-]*)?$", description="TensorRT-LLM version inside the image (e.g. 1.2.0). Both tiers must run the same version: the KV handle format carries no version tag.")
+    trtllm_version: str = Field(max_length=64, pattern=r"^[0-9]+\.[0-9]+\.[0-9]+([a-z0-9.+-]*)?$", description="TensorRT-LLM version inside the image (e.g. 1.2.0). Both tiers must run the same version: the KV handle format carries no version tag.")
     kv_cache: KVCacheSpec = Field(description="KV cache layout, shared by both tiers.")
     kv_transfer: KVTransferSpec = _nested(KVTransferSpec, "How KV moves from the prefill tier to the decode tier.")
     speculative_config: KubeObject | None = _free_form("TensorRT-LLM speculative_config, rendered on both tiers (set on one side only, the KV layouts would differ).")
@@ -153,9 +204,13 @@ class PoolSpec(ApiModel):
     tolerations: list[KubeObject] = _free_form_list("Extra core/v1 Tolerations. Baton always tolerates the nvidia.com/gpu NoSchedule taint on GPU tiers.")
 
 
+# Bounded so that CEL rules reading resources stay within the API server's cost budget.
+ResourceQuantities = dict[str, Annotated[str, Field(max_length=64)]]
+
+
 class ResourcesSpec(ApiModel):
-    requests: dict[str, str] = Field(default_factory=dict, description="Resource requests besides GPUs (cpu, memory, ...). GPUs come from gpusPerReplica.")
-    limits: dict[str, str] = Field(default_factory=dict, description="Resource limits besides GPUs. nvidia.com/gpu is always set from gpusPerReplica.")
+    requests: ResourceQuantities = Field(default_factory=dict, max_length=64, description="Resource requests besides GPUs (cpu, memory, ...). GPUs come from gpusPerReplica.")
+    limits: ResourceQuantities = Field(default_factory=dict, max_length=64, description="Resource limits besides GPUs. nvidia.com/gpu is always set from gpusPerReplica.")
 
 
 class PodTemplateOverrides(ApiModel):
@@ -171,19 +226,45 @@ class PodTemplateOverrides(ApiModel):
 
 class TierEngineOverrides(ApiModel):
     image: str = Field(default="", description="Engine image for this tier only (default: engine.image).")
-    trtllm_version: str = Field(default="", pattern=r"^$|^[0-9]+\.[0-9]+\.[0-9]+([a-z0-9.+-]*)?$", description="TensorRT-LLM version for this tier only (default: engine.trtllmVersion). Must equal the other tier's: the KV handle format carries no version tag.")
+    trtllm_version: str = Field(default="", max_length=64, pattern=r"^$|^[0-9]+\.[0-9]+\.[0-9]+([a-z0-9.+-]*)?$", description="TensorRT-LLM version for this tier only (default: engine.trtllmVersion). Must equal the other tier's: the KV handle format carries no version tag.")
     kv_cache_dtype: Literal["", "fp16", "bf16", "fp8"] = Field(default="", description="KV cache dtype for this tier only (default: engine.kvCache.dtype). Must equal the other tier's.")
     tokens_per_block: Literal[0, 8, 16, 32, 64, 128] = Field(default=0, description="KV tokens per block for this tier only (0: engine.kvCache.tokensPerBlock). Must equal the other tier's.")
 
 
-_TIER_RULES = [
-    _cel("self.minReplicas <= self.maxReplicas", "minReplicas must be less than or equal to maxReplicas"),
-    _cel("!has(self.replicas) || self.replicas <= self.maxReplicas", "replicas must not exceed maxReplicas"),
-    _cel(
-        "self.tensorParallelSize * self.pipelineParallelSize == self.gpusPerReplica",
-        "tensorParallelSize x pipelineParallelSize must equal gpusPerReplica",
-    ),
-]
+def _gpu_resource(kind: str) -> str:
+    return (f"(has(self.resources) && has(self.resources.{kind}) && 'nvidia.com/gpu' in self.resources.{kind} "
+            f"&& self.resources.{kind}['nvidia.com/gpu'] != '')")
+
+
+# The GPU count a tier's resources ask for, read as the operator does (baton.operator.validation):
+# limits first, else requests, else '' (not set).
+_GPU_IN_RESOURCES = (
+    f"({_gpu_resource('limits')} ? self.resources.limits['nvidia.com/gpu'] : "
+    f"{_gpu_resource('requests')} ? self.resources.requests['nvidia.com/gpu'] : '')"
+)
+
+
+def _tier_rules(tier: str) -> list[dict[str, str]]:
+    return [
+        _cel("self.minReplicas <= self.maxReplicas", "minReplicas must be less than or equal to maxReplicas"),
+        _cel("!has(self.replicas) || self.replicas <= self.maxReplicas", "replicas must not exceed maxReplicas"),
+        _cel(
+            "self.tensorParallelSize * self.pipelineParallelSize == self.gpusPerReplica",
+            "tensorParallelSize x pipelineParallelSize must equal gpusPerReplica",
+        ),
+        # Also checked by the operator (a second line for objects admitted before this rule existed).
+        _cel(
+            f"{_GPU_IN_RESOURCES} == '' || {_GPU_IN_RESOURCES} == string(self.gpusPerReplica)",
+            f"{tier}.resources sets nvidia.com/gpu but it differs from gpusPerReplica; drop nvidia.com/gpu from "
+            "resources (it comes from gpusPerReplica)",
+            messageExpression=(
+                # (no string(int) here: the API server's cost estimate for it exceeds the budget)
+                f"'{tier}.resources sets nvidia.com/gpu=' + {_GPU_IN_RESOURCES} + ', which differs from "
+                "gpusPerReplica; drop nvidia.com/gpu from resources (it comes from gpusPerReplica)'"
+            ),
+            fieldPath=".resources",
+        ),
+    ]
 
 
 class TierSpec(ApiModel):
@@ -208,7 +289,7 @@ class TierSpec(ApiModel):
 
 
 class PrefillTierSpec(TierSpec):
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _TIER_RULES})
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _tier_rules("prefill")})
     max_prompt_tokens: int = Field(default=32768, ge=16, le=2097152, description="Longest prompt the prefill tier accepts (max_input_len).")
 
 
@@ -216,7 +297,7 @@ class DecodeTierSpec(TierSpec):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                *_TIER_RULES,
+                *_tier_rules("decode"),
                 _cel(
                     "!self.allowSpot",
                     "decode.allowSpot must be false: decode replicas hold live KV cache and generation state, "
@@ -350,7 +431,43 @@ class TierEngine(BaseModel):
     tokens_per_block: int
 
 
+def _tier_engine(tier: str, override: str, unset: str, base: str) -> str:
+    """CEL for one tier's effective engine setting: its engineOverrides value, else engine.* (as tier_engine())."""
+    o = f"self.{tier}.engineOverrides"
+    return f"((has({o}) && has({o}.{override}) && {o}.{override} != {unset}) ? {o}.{override} : self.engine.{base})"
+
+
+def _kv_format_rule(override: str, unset: str, base: str, numeric: bool = False) -> dict[str, str]:
+    """Both tiers' effective value of a KV-format field must be equal, with the operator's KV-gate message
+    (baton.operator.reconciler; kvformat labels the fields by their engineOverrides names)."""
+    prefill, decode = (_tier_engine(t, override, unset, base) for t in ("prefill", "decode"))
+    # A numeric field gets the static message: the API server's cost estimate for string(int) in a
+    # messageExpression exceeds its budget.
+    extra = {} if numeric else {"messageExpression": (
+        f'"prefill and decode would not be able to hand off KV cache ({override}: prefill=" + {prefill} '
+        f'+ ", decode=" + {decode} + "); make these fields equal on both tiers (engine.* or the '
+        "tiers' engineOverrides)\""
+    )}
+    return _cel(
+        f"{prefill} == {decode}",
+        f"prefill and decode would not be able to hand off KV cache ({override} differs); make these fields equal "
+        "on both tiers (engine.* or the tiers' engineOverrides)",
+        **extra,
+    )
+
+
 class DisaggregatedModelSpec(ApiModel):
+    # The KV-format fields a tier can override: the operator refuses a spec whose tiers differ on them
+    # (KVFormatMismatch); the API server refuses it first. The operator check stays as a second line.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _kv_format_rule("kvCacheDtype", "''", "kvCache.dtype"),
+                _kv_format_rule("tokensPerBlock", "0", "kvCache.tokensPerBlock", numeric=True),
+                _kv_format_rule("trtllmVersion", "''", "trtllmVersion"),
+            ]
+        }
+    )
     model: ModelSpec = Field(description="The model served.")
     engine: EngineSpec = Field(description="TensorRT-LLM engine settings shared by both tiers.")
     prefill: PrefillTierSpec = Field(description="The prefill (context) tier: compute-bound prompt processing.")

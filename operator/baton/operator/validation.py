@@ -7,14 +7,7 @@ from baton.render import engine_config, tiers
 
 
 def spec_problems(spec: DisaggregatedModelSpec) -> list[str]:
-    problems = []
-    reserved = engine_config.reserved_overrides(spec)
-    if reserved:
-        problems.append(
-            f"engine.extraOptions sets {', '.join(reserved)}, which Baton renders itself from the typed fields "
-            "(engine.kvCache, engine.kvTransfer, engine.speculativeConfig, the tiers' parallelism); "
-            "remove them from extraOptions and use those fields"
-        )
+    problems = engine_config.reserved_override_problems(spec)
     for tier_name, tier in (("prefill", spec.prefill), ("decode", spec.decode)):
         gpu_limit = tier.resources.limits.get("nvidia.com/gpu") or tier.resources.requests.get("nvidia.com/gpu")
         if gpu_limit and str(gpu_limit) != str(tier.gpus_per_replica):

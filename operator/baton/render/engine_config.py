@@ -6,7 +6,11 @@ this module enforces by construction:
   place for both tiers, so the tiers cannot drift apart;
 - the transceiver backend is always explicit (never DEFAULT, whose meaning changed across versions);
 - the prefill (context) tier runs with the overlap scheduler disabled, which context-only requests need;
-- beam width is 1, the only width KV transfer supports.
+- beam width is 1, the only width KV transfer supports;
+- kv_cache_config.dtype is what the PyTorch backend accepts: fp8, or auto for the API's bf16/fp16 (an
+  unquantized KV cache in the checkpoint's dtype; trtllm-serve refuses an explicit bf16/fp16 at start);
+- prompts longer than max_num_tokens are chunked (enable_chunked_prefill), which the PyTorch backend
+  otherwise refuses ("The sum of prompt length ... should not exceed max_num_tokens").
 """
 
 from __future__ import annotations
@@ -20,24 +24,50 @@ from baton.render.naming import Tier
 CONFIG_FILE = "config.yaml"
 ENGINE_CONFIG_DIR = "/etc/baton/engine"
 
-# Keys Baton renders itself: engine.extraOptions cannot override them (they decide the KV layout,
-# the parallelism the pod's GPU count was sized for, or the tier's role).
-RESERVED_KEYS = frozenset(
-    {
-        "kv_cache_config",
-        "cache_transceiver_config",
-        "tensor_parallel_size",
-        "pipeline_parallel_size",
-        "disable_overlap_scheduler",
-        "speculative_config",
-        "max_beam_width",
-        "backend",
-    }
-)
+# Keys engine.extraOptions cannot set, each with what to use instead: the ones Baton renders itself
+# (they decide the KV layout, the parallelism the pod's GPU count was sized for, or the tier's role) and
+# the ones Baton does not support (they change the GPU count or the KV CacheState, which Baton derives
+# with context parallelism 1 and attention data parallelism off).
+RESERVED_KEY_FIELDS = {
+    "kv_cache_config": "engine.kvCache (and decode.kvCacheSize)",
+    "cache_transceiver_config": "engine.kvTransfer",
+    "tensor_parallel_size": "the tiers' tensorParallelSize",
+    "pipeline_parallel_size": "the tiers' pipelineParallelSize",
+    "disable_overlap_scheduler": "nothing: Baton disables the overlap scheduler on the prefill tier, as TensorRT-LLM requires",
+    "speculative_config": "engine.speculativeConfig",
+    "max_beam_width": "nothing: KV transfer supports beam width 1 only",
+    "backend": "nothing: Baton runs the PyTorch backend",
+    "revision": "model.source.huggingFace.revision",
+    "context_parallel_size": "nothing: context parallelism is not supported by Baton (its GPU count and KV format assume 1)",
+    "enable_attention_dp": "nothing: attention data parallelism is not supported by Baton (its KV format assumes it off)",
+}
+RESERVED_KEYS = frozenset(RESERVED_KEY_FIELDS)
 
 
 def reserved_overrides(spec: DisaggregatedModelSpec) -> list[str]:
     return sorted(RESERVED_KEYS.intersection((spec.engine.extra_options or {}).keys()))
+
+
+def reserved_override_problems(spec: DisaggregatedModelSpec) -> list[str]:
+    """One sentence per reserved key engine.extraOptions sets, naming what to use instead."""
+    return [f"engine.extraOptions cannot set {key}: use {RESERVED_KEY_FIELDS[key]}" if not
+            RESERVED_KEY_FIELDS[key].startswith("nothing")
+            else f"engine.extraOptions cannot set {key}: {RESERVED_KEY_FIELDS[key].removeprefix('nothing: ')}"
+            for key in reserved_overrides(spec)]
+
+
+def kv_cache_dtype_option(dtype: str) -> str:
+    """kv_cache_config.dtype for the API's KV dtype. TensorRT-LLM's PyTorch backend accepts auto or fp8
+    (newer versions nvfp4) and fails at start on bf16/fp16 ("Overriding KV cache quantization with an
+    invalid type"): bf16/fp16 mean the checkpoint's own dtype, which auto resolves from config.json
+    torch_dtype. The KV-format gate (derived.py) keeps the declared dtype."""
+    return "fp8" if dtype == "fp8" else "auto"
+
+
+def kv_transfer_timeout_ms(spec: DisaggregatedModelSpec) -> int:
+    """engine.kvTransfer.timeout in whole milliseconds, at least 1 (TensorRT-LLM requires > 0; the schema
+    refuses less than 1ms)."""
+    return max(1, round(parse_duration(spec.engine.kv_transfer.timeout) * 1000))
 
 
 def decode_kv_capacity_tokens(spec: DisaggregatedModelSpec, kv_bytes_per_token: int) -> int:
@@ -52,7 +82,7 @@ def engine_options(spec: DisaggregatedModelSpec, tier: Tier, kv_bytes_per_token:
     engine = spec.engine
     tier_spec = spec.prefill if tier == "prefill" else spec.decode
     kv_cache: dict[str, Any] = {
-        "dtype": spec.tier_engine(tier).kv_cache_dtype,
+        "dtype": kv_cache_dtype_option(spec.tier_engine(tier).kv_cache_dtype),
         "tokens_per_block": spec.tier_engine(tier).tokens_per_block,
         "enable_block_reuse": engine.kv_cache.enable_block_reuse,
         "free_gpu_memory_fraction": engine.kv_cache.free_gpu_memory_fraction,
@@ -73,7 +103,7 @@ def engine_options(spec: DisaggregatedModelSpec, tier: Tier, kv_bytes_per_token:
             "cache_transceiver_config": {
                 "backend": engine.kv_transfer.backend,
                 "max_tokens_in_buffer": engine.kv_transfer.max_tokens_in_buffer,
-                "kv_transfer_timeout_ms": int(parse_duration(engine.kv_transfer.timeout) * 1000),
+                "kv_transfer_timeout_ms": kv_transfer_timeout_ms(spec),
             },
             "enable_iter_perf_stats": True,
             "return_perf_metrics": True,
@@ -86,4 +116,10 @@ def engine_options(spec: DisaggregatedModelSpec, tier: Tier, kv_bytes_per_token:
             kv_cache["max_tokens"] = capacity
     if engine.speculative_config:
         options["speculative_config"] = engine.speculative_config
+    if max_input > tier_spec.max_num_tokens:
+        # Without chunking the PyTorch backend refuses a prompt longer than max_num_tokens.
+        options["enable_chunked_prefill"] = True
+    hf = spec.model.source.hugging_face
+    if hf and hf.revision:
+        options["revision"] = hf.revision  # LLM-API `revision`: the Hugging Face revision to download
     return dict(sorted(options.items()))
