@@ -97,3 +97,14 @@ def test_watch_lines_are_split_across_reads_and_the_resource_version_is_the_obje
     lines = list(watch_lines(Streamed()))
     assert [line[:18] for line in lines] == [b'{"type":"ADDED","o', b'{"type":"BOOKMARK"', b'{"type":"MODIFIED"']
     assert [m.group(1) for m in map(_RESOURCE_VERSION.search, lines[:2])] == [b"7", b"9"]
+
+
+def test_a_claim_whose_lease_ran_out_no_longer_keeps_the_stand_in_away() -> None:
+    import time
+
+    baton = {"metadata": {"labels": BATON_LABELS}}
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 120))
+    fresh = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    assert not claimed(baton, {CLAIM_ANNOTATION: f"host/1/abc;renewed={stamp};lease=30"}, {})
+    assert not claimed(baton, {}, {ALL_NAMESPACES_CLAIM: f"host/1/abc;renewed={stamp};lease=30"})
+    assert claimed(baton, {CLAIM_ANNOTATION: f"host/1/abc;renewed={fresh};lease=30"}, {})

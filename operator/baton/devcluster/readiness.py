@@ -29,6 +29,7 @@ from baton.podrunner.runner import (
     ALL_NAMESPACES_CLAIM,
     CLAIM_ANNOTATION,
     CLAIM_HOLDER_NAMESPACE,
+    claim_live,
     runs_locally,
 )
 
@@ -78,11 +79,13 @@ def probe_pending(pod: Mapping[str, Any]) -> bool:
 def claimed(pod: Mapping[str, Any], namespace_annotations: Mapping[str, str],
             holder_annotations: Mapping[str, str]) -> bool:
     """Whether a pod runner runs (and so probes) `pod`: one of the pods it runs, in a namespace it
-    claimed, or anywhere when a runner claimed every namespace."""
+    claimed, or anywhere when a runner claimed every namespace. A claim whose lease ran out (its runner
+    died without releasing it) no longer counts."""
     labels = (pod.get("metadata") or {}).get("labels") or {}
     if not runs_locally(labels):
         return False
-    return CLAIM_ANNOTATION in namespace_annotations or ALL_NAMESPACES_CLAIM in holder_annotations
+    return claim_live(namespace_annotations.get(CLAIM_ANNOTATION)) or claim_live(
+        holder_annotations.get(ALL_NAMESPACES_CLAIM))
 
 
 def pods_to_mark(batch: list[Mapping[str, Any]], claims: Mapping[str, Mapping[str, str]]) -> list[Mapping[str, Any]]:

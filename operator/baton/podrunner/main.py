@@ -11,6 +11,14 @@ from pathlib import Path
 from baton.podrunner.runner import PodRunner, packaged_models_root
 
 
+def install_stop_handlers(runner: PodRunner) -> None:
+    """SIGTERM and SIGHUP (the terminal closed, the parent session gone) stop the runner cleanly: its
+    processes stopped, its claim withdrawn. (After a SIGKILL, the next runner with the same workdir stops
+    the processes left behind, and the claim expires with its lease.)"""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: runner.stop())
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="baton pod-runner", description=__doc__)
     parser.add_argument("--namespace", "-n", help="only this namespace (default: all)")
@@ -29,7 +37,7 @@ def main(argv: list[str]) -> int:
         namespace=args.namespace, models_root=Path(args.models_root),
         sim_args=["--sim-speed", str(args.sim_speed)], kubeconfig=kubeconfig,
     )
-    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    install_stop_handlers(runner)
     try:
         runner.run()
     except KeyboardInterrupt:

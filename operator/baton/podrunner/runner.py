@@ -6,26 +6,46 @@ this runner starts what the container would run, as a real process on this machi
   arguments, its model directory resolved locally;
 - the scheduler container (`baton scheduler ...`) runs as is, its model tokenizer (if it counts with
   one) resolved locally as the engines' model directory is.
-The process gets the container's environment (downward-API fields resolved from the pod), its
-ConfigMap volumes materialised as files (paths in the arguments rewritten to them), and binds the
-pod's own IP (a loopback address) and container port. The container's readinessProbe is run against
-the process and its result written to the pod's Ready condition, so EndpointSlices, and therefore
-the scheduler and the operator, see exactly the processes that can serve. As the kubelet does, a
-Ready pod turns unready only after the probe's `failureThreshold` consecutive failures (a process that
-exits does at once); probes run every runner pass (faster than `periodSeconds`, so tests stay quick)
-with a timeout of at most `PROBE_TIMEOUT_S`, since one thread probes every pod. When the pod goes away
-the process is stopped; when the process dies it is restarted with back-off, like a kubelet would.
+The process gets the container's environment, resolved as the kubelet resolves it (`$(VAR)`
+expansion with `$$` escapes, downward-API fields, ConfigMap keys, `envFrom` ConfigMaps; Secrets when
+they exist, since nothing local needs credentials that are missing), its ConfigMap volumes
+materialised as files (paths in the arguments rewritten to them), and binds the pod's own IP (a
+loopback address) and container port. As the kubelet updates a ConfigMap volume, every pass re-reads
+the pod's ConfigMaps and replaces the files whose content changed (atomically: a temporary file
+renamed over the old one), so a process that reloads its configuration file sees the update. A pod
+the runner cannot run (a missing ConfigMap, an environment source it cannot resolve, no local model)
+is marked unready with reason `CannotRunLocally` and the reason in its message; the other pods carry on.
+
+The container's readinessProbe is run against the process (never through a proxy) and its result
+written to the pod's Ready condition, so EndpointSlices, and therefore the scheduler and the operator,
+see exactly the processes that can serve. As the kubelet does, a Ready pod turns unready only after
+the probe's `failureThreshold` consecutive failures; probes run every runner pass (faster than
+`periodSeconds`, so tests stay quick) with a timeout of at most `PROBE_TIMEOUT_S`, since one thread
+probes every pod. A process that exits turns its pod unready at once with reason `ProcessExited`, its
+exit code and its log file in the message (and in the runner's log), and is restarted with back-off,
+like a kubelet would. A status write that fails is retried on the next pass. When the pod goes away
+its process is stopped (SIGTERM, then SIGKILL after `stop_grace_s`) in the background, so the other
+pods are still probed and restarted meanwhile.
 
 Before running anything the runner claims its namespace (or every namespace), so that the local
 cluster's readiness stand-in (`baton.devcluster.readiness`) leaves these pods alone: KWOK starts a
-probed pod not Ready, and only this runner's probe of the pod's own process turns it Ready. A pod that
-takes over the IP of one deleted a moment ago is never Ready while the old process still answers
-there: each pass stops the processes of departed pods before it starts new ones.
+probed pod not Ready, and only this runner's probe of the pod's own process turns it Ready. The claim
+is a lease (`claim_live`): the runner renews it while it runs, so the claim of a runner that died
+without withdrawing it expires. A pod that takes over the IP of one deleted a moment ago is never
+Ready while the old process still answers there: a pod is not started while a departed pod's process
+at its IP is still stopping.
+
+Every process runs in a session of its own and has a pid file under `<workdir>/.pids`; a runner that
+starts stops whatever an earlier runner that died (SIGKILL) left running. SIGHUP and SIGTERM stop the
+runner (`baton pod-runner`) cleanly.
 """
 
 from __future__ import annotations
 
+import base64
+import calendar
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -34,10 +54,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -52,18 +74,50 @@ log = logging.getLogger("baton.podrunner")
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 TIER_LABEL = "baton.dev/tier"
 PROBE_TIMEOUT_S = 1.0
+STOP_GRACE_S = 10.0
 MANAGED_BY = "baton-operator"
 # A runner claims the namespace it runs (annotation on it), or every namespace (annotation on
 # CLAIM_HOLDER_NAMESPACE), before it runs anything: the devcluster's readiness stand-in then leaves
-# the readiness of those pods to the runner's probes (see baton.devcluster.readiness).
+# the readiness of those pods to the runner's probes (see baton.devcluster.readiness). The value is
+# `<identity>;renewed=<RFC 3339 UTC>;lease=<seconds>`: see `claim_live`.
 CLAIM_ANNOTATION = "baton.dev/pod-runner"
 ALL_NAMESPACES_CLAIM = "baton.dev/pod-runner-all-namespaces"
 CLAIM_HOLDER_NAMESPACE = "kube-system"
+CLAIM_LEASE_S = 30
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+# Probes go straight to the pod's IP: never through HTTP(S)_PROXY, which NO_PROXY=127.0.0.1 does not
+# keep away from 127.64.x.x.
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def runs_locally(labels: dict[str, str]) -> bool:
     """The pods a runner runs as local processes: Baton's tiers and scheduler."""
     return labels.get("app.kubernetes.io/managed-by") == MANAGED_BY and TIER_LABEL in labels
+
+
+def claim_value(identity: str, now: float | None = None, lease_s: int = CLAIM_LEASE_S) -> str:
+    """The claim annotation's value: who holds it, when it was last renewed, for how long it holds."""
+    renewed = time.strftime(_TIME_FORMAT, time.gmtime(time.time() if now is None else now))
+    return f"{identity};renewed={renewed};lease={lease_s}"
+
+
+def claim_identity(value: str | None) -> str | None:
+    return None if value is None else value.split(";", 1)[0]
+
+
+def claim_live(value: str | None, now: float | None = None) -> bool:
+    """Whether a claim annotation's value still holds: present and renewed within its lease. A value
+    without a lease (written by hand, or by an older runner) never expires."""
+    if value is None:
+        return False
+    fields = dict(part.split("=", 1) for part in value.split(";")[1:] if "=" in part)
+    try:
+        renewed = calendar.timegm(time.strptime(fields["renewed"], _TIME_FORMAT))
+        lease = float(fields["lease"])
+    except (KeyError, ValueError):
+        return True
+    return (time.time() if now is None else now) <= renewed + lease
 
 
 def packaged_models_root() -> Path:
@@ -74,6 +128,90 @@ def trtllm_version_from_image(image: str) -> str | None:
     """`nvcr.io/nvidia/tensorrt-llm/release:1.2.0` -> `1.2.0` (the image decides the version)."""
     tag = image.rsplit(":", 1)[-1] if ":" in image.rsplit("/", 1)[-1] else ""
     return tag if re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+[a-z0-9.+-]*", tag) else None
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' `$(VAR)` expansion (k8s.io/kubernetes third_party/forked/golang/expansion): `$(VAR)`
+    becomes VAR's value when VAR is defined and stays as written otherwise, `$$` is a literal `$` (so
+    `$$(VAR)` is a literal `$(VAR)`), any other `$` is kept."""
+    out: list[str] = []
+    i, n = 0, len(value)
+    while i < n:
+        ch = value[i]
+        if ch != "$" or i + 1 == n:
+            out.append(ch)
+            i += 1
+            continue
+        nxt = value[i + 1]
+        if nxt == "$":
+            out.append("$")
+            i += 2
+        elif nxt == "(":
+            close = value.find(")", i + 2)
+            if close < 0:  # an incomplete reference stays as written
+                out.append("$(")
+                i += 2
+            else:
+                name = value[i + 2:close]
+                out.append(env[name] if name in env else f"$({name})")
+                i = close + 1
+        else:
+            out.append("$" + nxt)
+            i += 2
+    return "".join(out)
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot), to tell it from a later one with its pid;
+    None when no such process runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _last_line(path: Path, limit: int = 300) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 4096))
+            lines = [line for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip()[:limit] if lines else ""
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    """Replace `path` with `content` at once (a reader sees the old file or the new one, never a mix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class CannotRunLocally(RuntimeError):
+    """A pod the runner cannot run as a local process (the message says why)."""
+
+
+@dataclass
+class ConfigMapVolume:
+    """A ConfigMap volume of a pod's container, as materialised under `target`."""
+
+    config_map: str
+    optional: bool
+    items: list[tuple[str, str]] | None  # (key, relative path), or None: every key as a file of its name
+    target: Path
+    files: dict[str, bytes] = field(default_factory=dict)  # relative path -> content the ConfigMap gave
 
 
 @dataclass
@@ -88,10 +226,17 @@ class LocalProcess:
     failure_threshold: int = 3  # consecutive failed probes that make a Ready pod unready
     probe_failures: int = 0
     proc: subprocess.Popen | None = None
-    ready: bool | None = None
+    ready: bool | None = None  # as last written to the pod (None: nothing written yet)
     restarts: int = 0
     next_start: float = 0.0
     last_failure: str = ""
+    pod_ip: str = ""
+    config_maps: list[ConfigMapVolume] = field(default_factory=list)
+    # files whose content the runner transforms before writing (the scheduler's tokenizer section)
+    localise: dict[Path, Callable[[bytes], bytes]] = field(default_factory=dict)
+    pidfile: Path | None = None
+    exit_report: str | None = None  # a ProcessExited condition not written yet
+    refresh_error: str = ""
 
 
 @dataclass
@@ -105,7 +250,9 @@ class PodRunner:
     sim_args: list[str] = field(default_factory=list)
     kubeconfig: str | None = None
     processes: dict[str, LocalProcess] = field(default_factory=dict)
-    unrunnable: set[str] = field(default_factory=set)
+    unrunnable: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (uid, message written)
+    stop_grace_s: float = STOP_GRACE_S
+    claim_lease_s: int = CLAIM_LEASE_S
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -113,45 +260,164 @@ class PodRunner:
         self.core = client.CoreV1Api(self.api_client)
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._stopping_lock = threading.Lock()
+        self._stopping: list[LocalProcess] = []  # departed pods' processes still being stopped
+        self._stoppers: list[threading.Thread] = []
         self._claimed = False
+        self._claim_renewed = 0.0
         self._identity = f"{socket.gethostname()}/{os.getpid()}/{id(self):x}"
+        self._errors: dict[str, str] = {}
+        self._reaped = False
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.pid_dir = self.workdir / ".pids"
 
     # ------------------------------------------------------------------ translation
 
     def _resolve_env(self, pod: Any, container: Any) -> dict[str, str]:
+        """The container's environment as the kubelet builds it: `envFrom` first, then `env` in order,
+        each `value` expanded with the variables before it. CannotRunLocally for a source this runner
+        cannot resolve."""
+        namespace = pod.metadata.namespace
         env: dict[str, str] = {}
-        field_values = {
-            "status.podIP": pod.status.pod_ip or "",
-            "status.hostIP": pod.status.host_ip or "",
-            "metadata.name": pod.metadata.name,
-            "metadata.namespace": pod.metadata.namespace,
-            "spec.nodeName": pod.spec.node_name or "",
-        }
+        for source in container.env_from or []:
+            prefix = source.prefix or ""
+            if source.config_map_ref:
+                data = self._config_map_data(namespace, source.config_map_ref.name, source.config_map_ref.optional)
+                env.update({prefix + k: v for k, v in (data or {}).items()})
+            elif source.secret_ref:
+                data = self._secret_data(pod, source.secret_ref.name)
+                env.update({prefix + k: v for k, v in (data or {}).items()})
         for item in container.env or []:
-            if item.value is not None:
-                env[item.name] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), item.value)
-            elif item.value_from and item.value_from.field_ref:
-                env[item.name] = field_values.get(item.value_from.field_ref.field_path, "")
-            elif item.value_from and item.value_from.secret_key_ref:
-                continue  # secrets (e.g. HF_TOKEN) are not needed by local stand-ins
+            source = item.value_from
+            if source is None:
+                env[item.name] = expand(item.value or "", env)
+            elif source.field_ref:
+                env[item.name] = self._field_value(pod, source.field_ref.field_path, item.name)
+            elif source.config_map_key_ref:
+                ref = source.config_map_key_ref
+                data = self._config_map_data(namespace, ref.name, ref.optional)
+                if data is None:
+                    continue
+                if ref.key not in data:
+                    if ref.optional:
+                        continue
+                    raise CannotRunLocally(f"env {item.name}: ConfigMap {namespace}/{ref.name} has no key {ref.key!r}")
+                env[item.name] = data[ref.key]
+            elif source.secret_key_ref:
+                ref = source.secret_key_ref
+                data = self._secret_data(pod, ref.name)
+                if data is not None and ref.key in data:
+                    env[item.name] = data[ref.key]
+                # else: a missing Secret (e.g. an HF_TOKEN the local cluster never has) is left unset:
+                # nothing local needs credentials; the kubelet would refuse to start the container
+            else:
+                raise CannotRunLocally(f"env {item.name}: its valueFrom source is not supported by the pod runner")
         return env
 
-    def _materialise_config_maps(self, pod: Any, container: Any, root: Path) -> dict[str, Path]:
-        """Write the container's ConfigMap mounts under `root`; return mountPath -> local directory."""
+    @staticmethod
+    def _field_value(pod: Any, path: str, name: str) -> str:
+        meta, spec, status = pod.metadata, pod.spec, pod.status
+        simple = {
+            "metadata.name": (meta, "name"),
+            "metadata.namespace": (meta, "namespace"),
+            "metadata.uid": (meta, "uid"),
+            "spec.nodeName": (spec, "node_name"),
+            "spec.serviceAccountName": (spec, "service_account_name"),
+            "status.podIP": (status, "pod_ip"),
+            "status.hostIP": (status, "host_ip"),
+        }
+        if path in simple:
+            obj, attr = simple[path]
+            return getattr(obj, attr, None) or ""
+        if path == "status.podIPs":
+            ips = [getattr(p, "ip", None) for p in getattr(status, "pod_ips", None) or []]
+            return ",".join(ip for ip in ips if ip) or (status.pod_ip or "")
+        found = re.fullmatch(r"metadata\.(labels|annotations)\['([^']*)'\]", path)
+        if found:
+            return (getattr(meta, found.group(1)) or {}).get(found.group(2), "")
+        raise CannotRunLocally(f"env {name}: fieldRef {path!r} is not supported by the pod runner")
+
+    def _config_map_data(self, namespace: str, name: str, optional: bool | None) -> dict[str, bytes | str] | None:
+        """A ConfigMap's data (binaryData decoded), None for a missing optional one; CannotRunLocally for a
+        missing required one. Other API errors propagate (a hiccup: the pod is retried next pass)."""
+        from kubernetes.client.rest import ApiException
+
+        try:
+            cm = self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                if optional:
+                    return None
+                raise CannotRunLocally(f"ConfigMap {namespace}/{name} not found") from None
+            raise
+        data: dict[str, bytes | str] = dict(cm.data or {})
+        for key, value in (cm.binary_data or {}).items():
+            data[key] = base64.b64decode(value)
+        return data
+
+    def _secret_data(self, pod: Any, name: str) -> dict[str, str] | None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            secret = self.core.read_namespaced_secret(name, pod.metadata.namespace)
+        except ApiException as exc:
+            log.warning("%s/%s: Secret %s not readable (%s): its variables are left unset",
+                        pod.metadata.namespace, pod.metadata.name, name, exc.status)
+            return None
+        return {k: base64.b64decode(v).decode(errors="replace") for k, v in (secret.data or {}).items()}
+
+    def _config_map_volumes(self, pod: Any, container: Any, root: Path) -> tuple[list[ConfigMapVolume], dict[str, Path]]:
+        """The container's ConfigMap mounts (local directories under `root`); and mountPath -> directory."""
         volumes = {v.name: v for v in pod.spec.volumes or []}
+        result: list[ConfigMapVolume] = []
         mounts: dict[str, Path] = {}
         for mount in container.volume_mounts or []:
             volume = volumes.get(mount.name)
             if not volume or not volume.config_map:
                 continue
-            cm = self.core.read_namespaced_config_map(volume.config_map.name, pod.metadata.namespace)
+            source = volume.config_map
+            items = [(i.key, i.path) for i in source.items] if source.items else None
             target = root / mount.mount_path.strip("/")
             target.mkdir(parents=True, exist_ok=True)
-            for name, content in (cm.data or {}).items():
-                (target / name).write_text(content)
+            result.append(ConfigMapVolume(source.name, bool(source.optional), items, target))
             mounts[mount.mount_path.rstrip("/")] = target
-        return mounts
+        return result, mounts
+
+    def _project(self, namespace: str, volume: ConfigMapVolume) -> dict[str, bytes]:
+        """The files a ConfigMap volume holds now: relative path -> content."""
+        data = self._config_map_data(namespace, volume.config_map, volume.optional)
+        if data is None:
+            return {}
+        encoded = {k: v.encode() if isinstance(v, str) else v for k, v in data.items()}
+        if volume.items is None:
+            return encoded
+        files: dict[str, bytes] = {}
+        for key, path in volume.items:
+            if key in encoded:
+                files[path] = encoded[key]
+            elif not volume.optional:
+                raise CannotRunLocally(f"ConfigMap {namespace}/{volume.config_map} has no key {key!r}")
+        return files
+
+    def _refresh_config_maps(self, local: LocalProcess, namespace: str) -> bool:
+        """Bring the materialised ConfigMap files up to date (as the kubelet updates a ConfigMap volume):
+        changed files replaced atomically, re-localised; removed keys removed. Whether anything changed."""
+        changed = False
+        for volume in local.config_maps:
+            files = self._project(namespace, volume)
+            for rel, content in files.items():
+                if volume.files.get(rel) == content:
+                    continue
+                path = volume.target / rel
+                transform = local.localise.get(path)
+                _write_atomic(path, transform(content) if transform else content)
+                volume.files[rel] = content
+                changed = True
+            for rel in set(volume.files) - set(files):
+                (volume.target / rel).unlink(missing_ok=True)
+                del volume.files[rel]
+                changed = True
+        return changed
 
     def _mounted_path(self, pod: Any, container: Any, path: str) -> Path | None:
         """The local directory behind `path` in the container, when a hostPath mount holds it (None when
@@ -175,15 +441,13 @@ class PodRunner:
             return candidate
         raise RuntimeError(f"no local config.json for model {model_arg!r} under {self.models_root}")
 
-    def _localise_tokenizer(self, pod: Any, container: Any, config_file: Path) -> None:
-        """Point the scheduler's `tokenizer` section (`spec.scheduler.tokenizer: model`) at a local copy
-        of the model's tokenizer, in the runner's own copy of the config file: the checkpoint's hostPath
-        directory, or for a Hugging Face model that id's directory under the models root, since the local
-        cluster has no way out to the Hub (nothing here may connect beyond loopback)."""
-        if not config_file.is_file():
-            return
-        config = yaml.safe_load(config_file.read_text()) or {}
-        section = config.get("tokenizer") or {}
+    def _localised_config(self, pod: Any, container: Any, text: str) -> str:
+        """The scheduler's config with its `tokenizer` section (`spec.scheduler.tokenizer: model`) pointed
+        at a local copy of the model's tokenizer: the checkpoint's hostPath directory, or for a Hugging
+        Face model that id's directory under the models root, since the local cluster has no way out to
+        the Hub (nothing here may connect beyond loopback)."""
+        config = yaml.safe_load(text) or {}
+        section = (config.get("tokenizer") or {}) if isinstance(config, dict) else {}
         if section.get("path"):
             local = self._mounted_path(pod, container, section["path"])
             if local is None:
@@ -197,9 +461,17 @@ class PodRunner:
                     f"in {local} (under the runner's --models-root), use a hostPath model source, "
                     f"or set spec.scheduler.tokenizer: estimate")
         else:
-            return
+            return text
         config["tokenizer"] = {"path": str(local)}
-        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        return yaml.safe_dump(config, sort_keys=False)
+
+    def _localise_tokenizer(self, pod: Any, container: Any, config_file: Path) -> None:
+        """`_localised_config` applied to a file, in place."""
+        if config_file.is_file():
+            text = config_file.read_text()
+            localised = self._localised_config(pod, container, text)
+            if localised != text:
+                _write_atomic(config_file, localised.encode())
 
     def translate(self, pod: Any) -> LocalProcess:
         """The local process standing in for `pod`'s main container."""
@@ -209,17 +481,18 @@ class PodRunner:
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
         env = self._resolve_env(pod, container)
-        mounts = self._materialise_config_maps(pod, container, root)
+        config_maps, mounts = self._config_map_volumes(pod, container, root)
 
-        def expand(arg: str) -> str:
-            arg = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
+        def localise(arg: str) -> str:
+            arg = expand(arg, env)
             for mount_path, local in mounts.items():
                 if arg == mount_path or arg.startswith(mount_path + "/"):
                     return str(local) + arg[len(mount_path):]
             return arg
 
-        command = [expand(a) for a in (container.command or [])]
-        args = [expand(a) for a in (container.args or [])]
+        command = [localise(a) for a in (container.command or [])]
+        args = [localise(a) for a in (container.args or [])]
+        transforms: dict[Path, Callable[[bytes], bytes]] = {}
         if command[:1] == ["trtllm-serve"]:
             model_dir = self._model_dir(pod, container, args[0])
             argv = [sys.executable, "-m", "baton.cli", "engine-sim", str(model_dir), *args[1:], *self.sim_args]
@@ -230,9 +503,13 @@ class PodRunner:
             # Fault injection for tests: extra simulator flags from the pod's own environment.
             argv += env.get("BATON_SIM_ARGS", "").split()
         elif command[:2] == ["baton", "scheduler"]:
-            if "--config" in args[:-1]:
-                self._localise_tokenizer(pod, container, Path(args[args.index("--config") + 1]))
             argv = [sys.executable, "-m", "baton.cli", "scheduler", *args]
+            if "--config" in args[:-1]:
+                config_file = Path(args[args.index("--config") + 1])
+                if any(config_file.is_relative_to(v.target) for v in config_maps):  # re-localised on every update
+                    transforms[config_file] = lambda content: self._localised_config(pod, container, content.decode()).encode()
+                else:
+                    self._localise_tokenizer(pod, container, config_file)
             # The API server refuses loopback addresses in EndpointSlices, so on this cluster the
             # scheduler reads readiness from the pods its Services select instead.
             env["BATON_DISCOVERY_SOURCE"] = "pods"
@@ -254,9 +531,12 @@ class PodRunner:
         proc_env["NO_PROXY"] = proc_env["no_proxy"] = "127.0.0.1,localhost"
         if self.kubeconfig:
             proc_env["KUBECONFIG"] = self.kubeconfig  # what a pod gets from its ServiceAccount
-        return LocalProcess(key=key, uid=pod.metadata.uid, argv=argv, env=proc_env, probe_url=probe_url,
-                            log_path=root / "process.log", probe_timeout_s=probe_timeout_s,
-                            failure_threshold=failure_threshold)
+        local = LocalProcess(key=key, uid=pod.metadata.uid, argv=argv, env=proc_env, probe_url=probe_url,
+                             log_path=root / "process.log", probe_timeout_s=probe_timeout_s,
+                             failure_threshold=failure_threshold, pod_ip=pod.status.pod_ip or "",
+                             config_maps=config_maps, localise=transforms)
+        self._refresh_config_maps(local, pod.metadata.namespace)
+        return local
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -269,51 +549,102 @@ class PodRunner:
         )
 
     def sync(self) -> None:
-        """One pass: start processes for new pods, stop those whose pods are gone, probe the rest."""
+        """One pass: stop the processes of departed pods (in the background), start processes for new
+        pods, refresh the ConfigMap files of the others and probe them. What goes wrong with one pod is
+        that pod's: it is logged (and, if the pod cannot run, written to it) and the pass goes on."""
         if self.namespace:
             pods = self.core.list_namespaced_pod(self.namespace, label_selector=TIER_LABEL).items
         else:
             pods = self.core.list_pod_for_all_namespaces(label_selector=TIER_LABEL).items
         wanted = {f"{p.metadata.namespace}/{p.metadata.name}": p for p in pods if self._wanted(p)}
         with self._lock:
-            self.unrunnable &= set(wanted)
+            self.unrunnable = {k: v for k, v in self.unrunnable.items() if k in wanted and wanted[k].metadata.uid == v[0]}
+            self._errors = {k: v for k, v in self._errors.items() if k in wanted}
+            departed = []
             for key in list(self.processes):
                 local = self.processes[key]
                 pod = wanted.get(key)
                 if pod is None or pod.metadata.uid != local.uid:
-                    self._stop_process(local)
-                    del self.processes[key]
+                    departed.append(self.processes.pop(key))
+            self._stop_in_background(departed)
             for key, pod in wanted.items():
-                if key not in self.processes:
-                    if not ipaddress.ip_address(pod.status.pod_ip) in LOOPBACK:
-                        log.error("refusing to run %s: pod IP %s is not a loopback address", key, pod.status.pod_ip)
-                        continue
-                    try:
-                        self.processes[key] = self.translate(pod)
-                    except (RuntimeError, StopIteration) as exc:
-                        if key not in self.unrunnable:
-                            log.error("cannot run %s locally: %s", key, exc)
-                            self._set_ready(pod.metadata.namespace, pod.metadata.name, False, "CannotRunLocally", str(exc))
-                            self.unrunnable.add(key)
-                        continue
-                    self._set_ready(pod.metadata.namespace, pod.metadata.name, False, "Starting", "local process starting")
-                self._tend(self.processes[key], pod)
+                try:
+                    self._sync_pod(key, pod)
+                except Exception as exc:  # noqa: BLE001 - one pod's failure must not stall the others
+                    message = f"{type(exc).__name__}: {exc}"
+                    if self._errors.get(key) != message:
+                        log.exception("pod runner: %s failed this pass", key)
+                        self._errors[key] = message
+                else:
+                    self._errors.pop(key, None)
+
+    def _stopping_ips(self) -> set[str]:
+        with self._stopping_lock:
+            return {local.pod_ip for local in self._stopping if local.pod_ip}
+
+    def _sync_pod(self, key: str, pod: Any) -> None:
+        local = self.processes.get(key)
+        if local is None:
+            if not ipaddress.ip_address(pod.status.pod_ip) in LOOPBACK:
+                self._cannot_run(key, pod, f"pod IP {pod.status.pod_ip} is not a loopback address")
+                return
+            if pod.status.pod_ip in self._stopping_ips():
+                log.info("%s waits: the process of a departed pod at %s is still stopping", key, pod.status.pod_ip)
+                return
+            from kubernetes.client.rest import ApiException
+
+            try:
+                local = self.translate(pod)
+            except (RuntimeError, StopIteration) as exc:
+                self._cannot_run(key, pod, str(exc) or type(exc).__name__)
+                return
+            except ApiException as exc:
+                self._cannot_run(key, pod, f"API error reading what the pod refers to: {exc.status} {exc.reason}")
+                return
+            self.processes[key] = local
+            self.unrunnable.pop(key, None)
+            self._set_ready(pod.metadata.namespace, pod.metadata.name, False, "Starting", "local process starting")
+        else:
+            try:
+                self._refresh_config_maps(local, pod.metadata.namespace)
+                local.refresh_error = ""
+            except Exception as exc:  # noqa: BLE001 - the process keeps its files, as with the kubelet
+                message = str(exc)
+                if message != local.refresh_error:
+                    log.error("%s: could not update its ConfigMap files: %s", key, message)
+                    local.refresh_error = message
+        self._tend(local, pod)
+
+    def _cannot_run(self, key: str, pod: Any, message: str) -> None:
+        """Write (once per message) that `pod` cannot run here; retried next pass if the write fails."""
+        if self.unrunnable.get(key) == (pod.metadata.uid, message):
+            return
+        log.error("cannot run %s locally: %s", key, message)
+        if self._set_ready(pod.metadata.namespace, pod.metadata.name, False, "CannotRunLocally", message) is not False:
+            self.unrunnable[key] = (pod.metadata.uid, message)
 
     def _tend(self, local: LocalProcess, pod: Any) -> None:
         now = time.monotonic()
-        if local.proc is None or local.proc.poll() is not None:
-            if local.proc is not None:
-                local.last_failure = f"process exited with code {local.proc.returncode}"
-                local.restarts += 1
-                local.next_start = now + min(30.0, 0.5 * 2 ** min(local.restarts, 6))
-                local.proc = None
-                self._mark(local, pod, False, "ProcessExited", local.last_failure)
+        if local.proc is not None and local.proc.poll() is not None:
+            code = local.proc.returncode
+            how = f"code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"code {code}"
+            local.restarts += 1
+            delay = min(30.0, 0.5 * 2 ** min(local.restarts, 6))
+            local.next_start = now + delay
+            local.last_failure = f"process exited with {how}"
+            tail = _last_line(local.log_path)
+            local.exit_report = (f"{local.last_failure} (restart {local.restarts} in {delay:g}s); "
+                                 f"log: {local.log_path}" + (f"; last line: {tail}" if tail else ""))
+            log.warning("%s: %s", local.key, local.exit_report)
+            local.proc = None
+            self._remove_pidfile(local)
+        if local.exit_report is not None:
+            # always written, whatever was written before: a crash must show even on a pod never Ready
+            if self._mark(local, pod, False, "ProcessExited", local.exit_report, force=True):
+                local.exit_report = None
+        if local.proc is None:
             if now >= local.next_start:
-                log.info("starting %s: %s", local.key, " ".join(local.argv[2:]))
-                with open(local.log_path, "ab") as out:
-                    local.probe_failures = 0
-                    local.proc = subprocess.Popen(local.argv, env=local.env, stdout=out, stderr=subprocess.STDOUT,
-                                                  stdin=subprocess.DEVNULL, start_new_session=True)
+                self._start(local)
             return
         healthy = self._probe(local.probe_url, local.probe_timeout_s) if local.probe_url else True
         if healthy:
@@ -325,25 +656,40 @@ class PodRunner:
             self._mark(local, pod, False, "ProbeFailed",
                        f"readiness probe {local.probe_url} failed {local.probe_failures} time(s) in a row")
 
-    def _mark(self, local: LocalProcess, pod: Any, ready: bool, reason: str, message: str) -> None:
-        if local.ready == ready:
-            return
+    def _start(self, local: LocalProcess) -> None:
+        log.info("starting %s: %s (log %s)", local.key, " ".join(local.argv[2:]), local.log_path)
+        local.probe_failures = 0
+        local.next_start = time.monotonic() + 0.5  # a start that fails is retried, not on every pass
+        with open(local.log_path, "ab") as out:
+            local.proc = subprocess.Popen(local.argv, env=local.env, stdout=out, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True)
+        self._write_pidfile(local)
+
+    def _mark(self, local: LocalProcess, pod: Any, ready: bool, reason: str, message: str, force: bool = False) -> bool:
+        """Write the pod's readiness if it changed (or `force`); remember it only once written, so a write
+        that fails is made again on the next pass. Whether the pod now shows it."""
+        if local.ready == ready and not force:
+            return True
+        if self._set_ready(pod.metadata.namespace, pod.metadata.name, ready, reason, message) is False:
+            return False
         local.ready = ready
-        self._set_ready(pod.metadata.namespace, pod.metadata.name, ready, reason, message)
+        return True
 
     @staticmethod
     def _probe(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
         try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            with _NO_PROXY_OPENER.open(url, timeout=timeout_s) as resp:
                 return 200 <= resp.status < 400
         except (urllib.error.URLError, OSError, ValueError):
             return False
 
-    def _set_ready(self, namespace: str, name: str, ready: bool, reason: str, message: str) -> None:
+    def _set_ready(self, namespace: str, name: str, ready: bool, reason: str, message: str) -> bool:
+        """Patch the pod's Ready and ContainersReady conditions; False when the write failed (a pod that
+        is gone counts as written: there is nothing left to tell)."""
         from kubernetes.client.rest import ApiException
 
         status = "True" if ready else "False"
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = time.strftime(_TIME_FORMAT, time.gmtime())
         conditions = [
             {"type": "Ready", "status": status, "reason": reason, "message": message, "lastTransitionTime": now},
             {"type": "ContainersReady", "status": status, "reason": reason, "message": message, "lastTransitionTime": now},
@@ -351,22 +697,131 @@ class PodRunner:
         try:
             self.core.patch_namespaced_pod_status(name, namespace, {"status": {"conditions": conditions}})
         except ApiException as exc:
-            if exc.status != 404:
-                log.warning("could not update readiness of %s/%s: %s", namespace, name, exc.reason)
+            if exc.status == 404:
+                return True
+            log.warning("could not update readiness of %s/%s (retried next pass): %s %s", namespace, name, exc.status, exc.reason)
+            return False
+        except Exception as exc:  # noqa: BLE001 - e.g. the API server unreachable for a moment
+            log.warning("could not update readiness of %s/%s (retried next pass): %s", namespace, name, exc)
+            return False
+        return True
+
+    # ------------------------------------------------------------------ stopping
+
+    def _stop_in_background(self, departed: list[LocalProcess]) -> None:
+        """SIGTERM to the departed pods' processes now; wait for them (one shared deadline, then SIGKILL)
+        in a thread, so this pass goes on probing and restarting the other pods."""
+        running = [local for local in departed if local.proc is not None]
+        if not running:
+            return
+        for local in running:
+            log.info("stopping %s", local.key)
+            self._signal(local, signal.SIGTERM)
+        with self._stopping_lock:
+            self._stopping.extend(running)
+
+        def finish() -> None:
+            try:
+                self._stop_all(running, self.stop_grace_s, signalled=True)
+            finally:
+                with self._stopping_lock:
+                    for local in running:
+                        if local in self._stopping:
+                            self._stopping.remove(local)
+
+        thread = threading.Thread(target=finish, name="pod-runner-stop", daemon=True)
+        self._stoppers = [t for t in self._stoppers if t.is_alive()] + [thread]
+        thread.start()
 
     @staticmethod
-    def _stop_process(local: LocalProcess) -> None:
-        if local.proc is None or local.proc.poll() is not None:
+    def _signal(local: LocalProcess, sig: int) -> None:
+        if local.proc is None:
             return
-        log.info("stopping %s", local.key)
         try:
-            os.killpg(local.proc.pid, signal.SIGTERM)
-            local.proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(local.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    @classmethod
+    def _stop_all(cls, locals_: list[LocalProcess], grace_s: float = STOP_GRACE_S, signalled: bool = False) -> None:
+        """SIGTERM to every process's session, then up to `grace_s` in all for them to exit, then SIGKILL
+        to whatever is left of each session."""
+        running = [local for local in locals_ if local.proc is not None]
+        if not signalled:
+            for local in running:
+                if local.proc.poll() is None:
+                    log.info("stopping %s", local.key)
+                cls._signal(local, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for local in running:
             try:
-                os.killpg(local.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                local.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %gs of SIGTERM: SIGKILL", local.key, grace_s)
+        for local in running:
+            cls._signal(local, signal.SIGKILL)  # the session's leftovers too
+            try:
+                local.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.error("%s (pid %d) survived SIGKILL", local.key, local.proc.pid)
+                continue
+            cls._remove_pidfile(local)
+
+    @classmethod
+    def _stop_process(cls, local: LocalProcess, grace_s: float = STOP_GRACE_S) -> None:
+        cls._stop_all([local], grace_s)
+
+    # ------------------------------------------------------------------ leftovers of an earlier runner
+
+    def _write_pidfile(self, local: LocalProcess) -> None:
+        assert local.proc is not None
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
+        local.pidfile = self.pid_dir / f"{local.proc.pid}.json"
+        record = {"pid": local.proc.pid, "start": _proc_start_time(local.proc.pid), "key": local.key,
+                  "runner_pid": os.getpid(), "runner_start": _proc_start_time(os.getpid())}
+        _write_atomic(local.pidfile, json.dumps(record).encode())
+
+    @staticmethod
+    def _remove_pidfile(local: LocalProcess) -> None:
+        if local.pidfile is not None:
+            local.pidfile.unlink(missing_ok=True)
+            local.pidfile = None
+
+    def reap_orphans(self, grace_s: float | None = None) -> list[int]:
+        """Stop the processes an earlier runner with this workdir started and left running when it died
+        (their pid files say whose they are; a runner still alive keeps its own). The pids stopped."""
+        self._reaped = True
+        grace_s = self.stop_grace_s if grace_s is None else grace_s
+        victims: list[tuple[int, str, Path, str]] = []
+        for pidfile in sorted(self.pid_dir.glob("*.json")) if self.pid_dir.is_dir() else []:
+            try:
+                record = json.loads(pidfile.read_text())
+                pid, start, owner, owner_start = record["pid"], record["start"], record["runner_pid"], record["runner_start"]
+            except (OSError, ValueError, KeyError, TypeError):
+                pidfile.unlink(missing_ok=True)
+                continue
+            if owner == os.getpid() or (owner_start is not None and _proc_start_time(owner) == owner_start):
+                continue  # its runner is alive (or is this process): it is that runner's to stop
+            if start is None or _proc_start_time(pid) != start:
+                pidfile.unlink(missing_ok=True)  # long gone (or the pid is another process's now)
+                continue
+            victims.append((pid, start, pidfile, record.get("key", "?")))
+        for pid, _, _, key in victims:
+            log.warning("stopping %s (pid %d), left running by a runner that died", key, pid)
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
                 pass
+        deadline = time.monotonic() + grace_s
+        while any(_proc_start_time(pid) == start for pid, start, _, _ in victims) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid, start, pidfile, _ in victims:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            pidfile.unlink(missing_ok=True)
+        return [pid for pid, _, _, _ in victims]
 
     # ------------------------------------------------------------------ claim
 
@@ -378,10 +833,22 @@ class PodRunner:
         return CLAIM_HOLDER_NAMESPACE, ALL_NAMESPACES_CLAIM
 
     def claim(self) -> None:
-        """Tell the readiness stand-in that this runner probes its pods; done before it runs any."""
+        """Tell the readiness stand-in that this runner probes its pods; done before it runs any. The claim
+        holds for `claim_lease_s` unless renewed (`renew_claim`)."""
         namespace, key = self._claim
-        self.core.patch_namespace(namespace, {"metadata": {"annotations": {key: self._identity}}})
+        now = time.time()
+        self.core.patch_namespace(namespace, {"metadata": {"annotations": {key: claim_value(self._identity, now, self.claim_lease_s)}}})
         self._claimed = True
+        self._claim_renewed = now
+
+    def renew_claim(self, force: bool = False) -> None:
+        """Renew the claim's lease once a third of it has passed (failures are logged and retried)."""
+        if not self._claimed or (not force and time.time() - self._claim_renewed < self.claim_lease_s / 3):
+            return
+        try:
+            self.claim()
+        except Exception as exc:  # noqa: BLE001 - retried on the next pass
+            log.warning("could not renew the pod-runner claim: %s", exc)
 
     def release(self) -> None:
         """Withdraw the claim (only if it is still this runner's)."""
@@ -392,7 +859,7 @@ class PodRunner:
         namespace, key = self._claim
         try:
             current = (self.core.read_namespace(namespace).metadata.annotations or {}).get(key)
-            if current == self._identity:
+            if claim_identity(current) == self._identity:
                 self.core.patch_namespace(namespace, {"metadata": {"annotations": {key: None}}})
         except ApiException as exc:
             if exc.status != 404:  # a deleted namespace has no claim left to withdraw
@@ -401,9 +868,17 @@ class PodRunner:
 
     # ------------------------------------------------------------------ loop
 
+    def _keep_claim(self) -> None:
+        while not self._stop.wait(min(1.0, self.claim_lease_s / 6)):
+            self.renew_claim()
+
     def run(self, interval: float = 0.5) -> None:
+        if not self._reaped:
+            self.reap_orphans()
         if not self._claimed:
             self.claim()
+        keeper = threading.Thread(target=self._keep_claim, name="pod-runner-claim", daemon=True)
+        keeper.start()
         try:
             while not self._stop.is_set():
                 try:
@@ -412,13 +887,18 @@ class PodRunner:
                     log.exception("pod runner pass failed")
                 self._stop.wait(interval)
         finally:
+            self._stop.set()
             with self._lock:
-                for local in self.processes.values():
-                    self._stop_process(local)
+                self._stop_all(list(self.processes.values()), self.stop_grace_s)
                 self.processes.clear()
+            for thread in self._stoppers:
+                thread.join(timeout=self.stop_grace_s + 15)
+            keeper.join(timeout=15)  # no renewal may land after the release
             self.release()
 
     def start(self) -> threading.Thread:
+        if not self._reaped:
+            self.reap_orphans()
         self.claim()  # before start() returns: pods created from now on are this runner's to probe
         thread = threading.Thread(target=self.run, name="pod-runner", daemon=True)
         thread.start()

@@ -1,0 +1,285 @@
+"""The pod runner's passes against a fake API (no cluster): ConfigMap volumes kept up to date as the kubelet
+keeps them, one pod's failure contained to that pod, the environment resolved as Kubernetes resolves it,
+status writes retried, process exits shown, probes that never go through a proxy."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import logging
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+from baton.podrunner import runner as podrunner
+from baton.podrunner.runner import LocalProcess, PodRunner
+from kubernetes.client import ApiClient, V1ConfigMap, V1Pod
+from kubernetes.client.rest import ApiException
+
+
+class FakeCore:
+    """The CoreV1Api calls the runner makes, in memory."""
+
+    def __init__(self) -> None:
+        self.pods: list[V1Pod] = []
+        self.cms: dict[tuple[str, str], dict[str, str]] = {}
+        self.secrets: dict[tuple[str, str], dict[str, str]] = {}
+        self.patches: list[tuple[str, str, dict]] = []
+        self.fail_patch: list[Exception] = []
+        self.annotations: dict[str, dict[str, str]] = {}
+
+    def list_namespaced_pod(self, namespace, label_selector=None):
+        return SimpleNamespace(items=[p for p in self.pods if p.metadata.namespace == namespace])
+
+    def list_pod_for_all_namespaces(self, label_selector=None):
+        return SimpleNamespace(items=list(self.pods))
+
+    def read_namespaced_config_map(self, name, namespace):
+        if (namespace, name) not in self.cms:
+            raise ApiException(status=404, reason="Not Found")
+        return V1ConfigMap.from_dict({"metadata": {"name": name, "namespace": namespace}, "data": self.cms[(namespace, name)]})
+
+    def read_namespaced_secret(self, name, namespace):
+        if (namespace, name) not in self.secrets:
+            raise ApiException(status=404, reason="Not Found")
+        data = {k: base64.b64encode(v.encode()).decode() for k, v in self.secrets[(namespace, name)].items()}
+        return SimpleNamespace(data=data)
+
+    def patch_namespaced_pod_status(self, name, namespace, body):
+        if self.fail_patch:
+            raise self.fail_patch.pop(0)
+        self.patches.append((namespace, name, body))
+
+    def patch_namespace(self, namespace, body):
+        annotations = self.annotations.setdefault(namespace, {})
+        for key, value in body["metadata"]["annotations"].items():
+            if value is None:
+                annotations.pop(key, None)
+            else:
+                annotations[key] = value
+
+    def read_namespace(self, namespace):
+        return SimpleNamespace(metadata=SimpleNamespace(annotations=dict(self.annotations.get(namespace, {}))))
+
+    def conditions(self, name: str) -> list[tuple[str, str, str]]:
+        """(status, reason, message) of every Ready write to pod `name`, in order."""
+        return [(c["status"], c["reason"], c["message"]) for _, n, body in self.patches if n == name
+                for c in body["status"]["conditions"] if c["type"] == "Ready"]
+
+
+def scheduler_pod(name: str = "m-scheduler-abc", uid: str = "u1", ip: str = "127.64.0.5", *, config_map: str = "m-scheduler",
+                  optional: bool | None = None, env: list[dict] | None = None, env_from: list[dict] | None = None,
+                  args: list[str] | None = None) -> V1Pod:
+    volume: dict[str, Any] = {"name": config_map}
+    if optional is not None:
+        volume["optional"] = optional
+    container: dict[str, Any] = {
+        "name": "scheduler", "image": "baton:1", "command": ["baton", "scheduler"],
+        "args": args or ["--config", "/etc/baton/scheduler/config.yaml", "--host", "$(POD_IP)", "--port", "8000"],
+        "env": env if env is not None else [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "ports": [{"name": "http", "containerPort": 8000}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "failureThreshold": 2},
+        "volumeMounts": [{"name": "config", "mountPath": "/etc/baton/scheduler"}],
+    }
+    if env_from is not None:
+        container["envFrom"] = env_from
+    return V1Pod.from_dict({
+        "metadata": {"name": name, "namespace": "ns", "uid": uid,
+                     "labels": {"app.kubernetes.io/managed-by": "baton-operator", "baton.dev/tier": "scheduler"}},
+        "spec": {"containers": [container], "volumes": [{"name": "config", "configMap": volume}]},
+        "status": {"phase": "Running", "podIP": ip}})
+
+
+def make_runner(tmp_path: Path, core: FakeCore, *, tend: bool = False, **kwargs: Any) -> PodRunner:
+    runner = PodRunner(ApiClient(), tmp_path / "work", namespace="ns", **kwargs)
+    runner.core = core
+    if not tend:
+        runner._tend = lambda local, pod: None  # no real process
+    return runner
+
+
+def config_path(runner: PodRunner, key: str) -> Path:
+    argv = runner.processes[key].argv
+    return Path(argv[argv.index("--config") + 1])
+
+
+def test_a_config_map_update_replaces_the_file_atomically_and_is_localised_again(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "org" / "m").mkdir(parents=True)
+    (models / "org" / "m" / "tokenizer.json").write_text("{}")
+    core = FakeCore()
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\ntokenizer: {huggingFaceId: org/m}\nrouting: {x: 1}\n",
+                                       "extra.txt": "gone soon"}
+    core.pods = [scheduler_pod()]
+    runner = make_runner(tmp_path, core, models_root=models)
+    runner.sync()
+    cfg = config_path(runner, "ns/m-scheduler-abc")
+    first = yaml.safe_load(cfg.read_text())
+    assert first["routing"] == {"x": 1} and first["tokenizer"] == {"path": str(models / "org" / "m")}
+    assert (cfg.parent / "extra.txt").read_text() == "gone soon"
+    inode = cfg.stat().st_ino
+
+    runner.sync()  # nothing changed: nothing rewritten
+    assert cfg.stat().st_ino == inode
+
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\ntokenizer: {huggingFaceId: org/m}\nrouting: {x: 2}\n"}
+    runner.sync()
+    second = yaml.safe_load(cfg.read_text())
+    assert second["routing"] == {"x": 2}, "the ConfigMap update never reached the process's file"
+    assert second["tokenizer"] == {"path": str(models / "org" / "m")}, "the new content was not localised"
+    assert cfg.stat().st_ino != inode, "not replaced by a rename (a reader could see a half-written file)"
+    assert sorted(p.name for p in cfg.parent.iterdir()) == ["config.yaml"], "removed key kept, or a temp file left"
+
+
+def test_one_pods_missing_config_map_is_that_pods_problem_only(tmp_path: Path) -> None:
+    core = FakeCore()
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n"}
+    core.pods = [scheduler_pod("a-bad", "ua", "127.64.0.6", config_map="missing-cm"),
+                 scheduler_pod("b-optional", "ub", "127.64.0.7", config_map="absent-optional", optional=True),
+                 scheduler_pod("c-good", "uc", "127.64.0.8")]
+    runner = make_runner(tmp_path, core)
+    runner.sync()
+    runner.sync()
+    assert sorted(runner.processes) == ["ns/b-optional", "ns/c-good"]
+    assert core.conditions("a-bad") == [("False", "CannotRunLocally", "ConfigMap ns/missing-cm not found")], \
+        "written once, with the reason"
+
+    core.cms[("ns", "missing-cm")] = {"config.yaml": "model: m\n"}  # it appears: the pod runs
+    runner.sync()
+    assert "ns/a-bad" in runner.processes and core.conditions("a-bad")[-1][1] == "Starting"
+
+
+def test_the_environment_and_arguments_are_expanded_as_kubernetes_does(tmp_path: Path) -> None:
+    assert podrunner.expand("$$(A)|$$|$(A)|$(B)|$(|$x|$", {"A": "1"}) == "$(A)|$|1|$(B)|$(|$x|$"
+    core = FakeCore()
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n"}
+    core.cms[("ns", "settings")] = {"LEVEL": "debug", "MODE": "fast"}
+    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+           {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+           {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+           {"name": "LITERAL", "value": "$$(POD_IP)"},
+           {"name": "DOLLARS", "value": "pa$$word"},
+           {"name": "URL", "value": "http://$(POD_IP):$(PORT)"},
+           {"name": "EMPTY"},
+           {"name": "LEVEL", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "LEVEL"}}},
+           {"name": "NOPE", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "nope", "optional": True}}}]
+    args = ["--config", "/etc/baton/scheduler/config.yaml", "--host", "$(POD_IP)", "--x", "$$(POD_IP)", "--y", "$(S_MODE)"]
+    pod = scheduler_pod(env=env, env_from=[{"prefix": "S_", "configMapRef": {"name": "settings"}}], args=args)
+    local = make_runner(tmp_path, core).translate(pod)
+    got = {k: local.env.get(k, "<unset>") for k in ("POD_IP", "NAME", "NS", "LITERAL", "DOLLARS", "URL", "EMPTY",
+                                                     "LEVEL", "NOPE", "S_MODE")}
+    assert got == {"POD_IP": "127.64.0.5", "NAME": "m-scheduler-abc", "NS": "ns", "LITERAL": "$(POD_IP)",
+                   "DOLLARS": "pa$word", "URL": "http://127.64.0.5:$(PORT)", "EMPTY": "", "LEVEL": "debug",
+                   "NOPE": "<unset>", "S_MODE": "fast"}
+    assert local.argv[-6:] == ["--host", "127.64.0.5", "--x", "$(POD_IP)", "--y", "fast"]
+
+
+def test_an_environment_source_the_runner_cannot_resolve_is_written_to_the_pod(tmp_path: Path) -> None:
+    core = FakeCore()
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n"}
+    core.pods = [
+        scheduler_pod("a", "ua", "127.64.0.6", env=[{"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}}]),
+        scheduler_pod("b", "ub", "127.64.0.7", env=[{"name": "K", "valueFrom": {"configMapKeyRef": {"name": "none", "key": "k"}}}]),
+        scheduler_pod("c", "uc", "127.64.0.8", env=[{"name": "F", "valueFrom": {"fieldRef": {"fieldPath": "spec.unknown"}}}]),
+    ]
+    runner = make_runner(tmp_path, core)
+    runner.sync()
+    assert runner.processes == {}
+    assert [core.conditions(n)[0][1] for n in "abc"] == ["CannotRunLocally"] * 3
+    assert "env CPU" in core.conditions("a")[0][2] and "ConfigMap ns/none not found" in core.conditions("b")[0][2]
+    assert "spec.unknown" in core.conditions("c")[0][2]
+
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def health_server():
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_ready_write_that_fails_is_made_again_on_the_next_pass(tmp_path: Path, health_server) -> None:
+    core = FakeCore()
+    runner = make_runner(tmp_path, core, tend=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        local = LocalProcess(key="ns/p", uid="u", argv=[], env={}, log_path=tmp_path / "p.log",
+                             probe_url=f"http://127.0.0.1:{health_server.server_port}/")
+        local.proc = proc
+        pod = SimpleNamespace(metadata=SimpleNamespace(namespace="ns", name="p"))
+        core.fail_patch = [ApiException(status=500, reason="etcdserver: request timed out")]
+        runner._tend(local, pod)
+        assert local.ready is None and core.patches == []
+        runner._tend(local, pod)
+        runner._tend(local, pod)
+        assert core.conditions("p") == [("True", "ProbeSucceeded", "readiness probe succeeded")]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_a_process_exit_shows_in_the_pod_and_the_log_even_before_it_was_ever_ready(tmp_path: Path, caplog) -> None:
+    core = FakeCore()
+    runner = make_runner(tmp_path, core, tend=True)
+    code = "import sys, time; print('bad config: no model', flush=True); time.sleep(0.3); sys.exit(2)"
+    local = LocalProcess(key="ns/p", uid="u", argv=[sys.executable, "-c", code], env={}, log_path=tmp_path / "p.log",
+                         probe_url="http://127.0.0.1:9/health")  # nothing listens: the probe fails
+    pod = SimpleNamespace(metadata=SimpleNamespace(namespace="ns", name="p"))
+    caplog.set_level(logging.INFO, logger="baton.podrunner")
+    try:
+        runner._tend(local, pod)  # starts it
+        assert local.proc is not None and local.pidfile is not None and local.pidfile.exists()
+        runner._tend(local, pod)  # first probe fails while it still runs
+        assert core.conditions("p")[-1][1] == "ProbeFailed"
+        local.proc.wait(timeout=20)
+        runner._tend(local, pod)
+        status, reason, message = core.conditions("p")[-1]
+        assert (status, reason) == ("False", "ProcessExited")
+        assert "code 2" in message and str(local.log_path) in message and "bad config: no model" in message
+        assert any("exited with code 2" in r.getMessage() for r in caplog.records)
+        assert local.pidfile is None and not list(runner.pid_dir.glob("*.json"))
+    finally:
+        runner._stop_process(local, grace_s=2)
+
+
+def test_probes_never_go_through_a_proxy(monkeypatch, health_server) -> None:
+    hits: list[str] = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            self.send_response(502)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    proxy = http.server.HTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        for name in ("HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.server_port}")
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's opener takes the proxies in force now
+        assert PodRunner._probe(f"http://127.0.0.1:{health_server.server_port}/health", 2.0)
+        assert hits == []
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
