@@ -30,17 +30,20 @@ __all__ = [
     "HARD_EQUAL_FIELDS",
     "KV_DTYPES",
     "TRANSCEIVER_DISABLED_MESSAGE",
+    "TRTLLM_KV_DTYPE_CHOICES",
     "TRTLLM_CACHESTATE_ERROR",
     "CacheState",
     "checkpoint_identity",
     "KVFormatError",
     "Mismatch",
     "cache_state_from_files",
+    "checkpoint_kv_dtype",
     "compare",
     "fingerprint",
     "from_wire",
     "kv_bytes_per_token",
     "normalize_kv_dtype",
+    "resolve_kv_dtype",
     "pp_layer_counts",
     "resolve_backend",
     "rule_violations",
@@ -48,9 +51,13 @@ __all__ = [
     "stage_kv_bytes_per_token",
     "to_wire",
     "trtllm_error",
+    "trtllm_kv_dtype_error",
 ]
 
-KV_DTYPES = ("fp16", "bf16", "fp8")
+KV_DTYPES = ("fp16", "bf16", "fp8")  # resolved KV dtypes a CacheState carries
+# What the PyTorch backend accepts in kv_cache_config.dtype (tensorrt_llm/_torch/pyexecutor/model_loader.py
+# _VALID_KV_CACHE_DTYPES); anything else fails at start-up with `trtllm_kv_dtype_error`.
+TRTLLM_KV_DTYPE_CHOICES = ("fp8", "nvfp4", "auto")
 BACKENDS = ("UCX", "NIXL", "MPI", "MOONCAKE")
 DEFAULT_TOKENS_PER_BLOCK = 32  # PyTorch backend default of kv_cache_config.tokens_per_block
 
@@ -94,7 +101,7 @@ class KVFormatError(ValueError):
 class CacheState:
     """What TensorRT-LLM's CacheState (plus the parts it does not carry but Baton compares) says about a worker."""
 
-    kv_dtype: str  # "fp16" | "bf16" | "fp8" (explicit; "auto" is refused)
+    kv_dtype: str  # "fp16" | "bf16" | "fp8": resolved ("auto" resolves from the checkpoint, `resolve_kv_dtype`)
     tokens_per_block: int
     num_layers: int  # KV-carrying layers
     num_kv_heads: int  # global KV heads
@@ -175,17 +182,110 @@ _CHECK_TEXT = {
 
 
 def normalize_kv_dtype(dtype: object) -> str:
-    """Canonical KV dtype ("fp16" | "bf16" | "fp8"); refuses "auto", a missing value and anything unknown."""
+    """Canonical name ("fp16" | "bf16" | "fp8") of a resolved KV dtype, e.g. "bfloat16" -> "bf16".
+
+    For what a CacheState carries, not for reading kv_cache_config.dtype (`resolve_kv_dtype` does that):
+    "auto" and a missing value have no dtype until the checkpoint resolves them, and are refused here."""
     if dtype is None or str(dtype).strip().lower() in ("", "auto"):
         raise KVFormatError(
-            f"kv_cache_config.dtype is {'unset' if dtype is None else repr(dtype)}: Baton requires an explicit KV "
-            "cache dtype (fp16, bf16 or fp8) on every disaggregated worker, because 'auto' resolves from "
-            "checkpoint metadata and tools disagree on the result"
+            f"KV dtype is {'unset' if dtype is None else repr(dtype)}: 'auto' is resolved from the checkpoint "
+            "(kvformat.resolve_kv_dtype), it is not a KV dtype"
         )
     key = str(dtype).strip().lower()
     if key not in _DTYPE_ALIASES:
-        raise KVFormatError(f"unsupported kv_cache_config.dtype {dtype!r}; use one of {', '.join(KV_DTYPES)}")
+        raise KVFormatError(f"unsupported KV dtype {dtype!r}; use one of {', '.join(KV_DTYPES)}")
     return _DTYPE_ALIASES[key]
+
+
+def trtllm_kv_dtype_error(dtype: object) -> str:
+    """TensorRT-LLM's start-up error for a kv_cache_config.dtype the PyTorch backend does not accept
+    (`validate_and_set_kv_cache_quant` in tensorrt_llm/_torch/pyexecutor/model_loader.py, raised as a
+    ValueError; its quotes are unbalanced in the original too)."""
+    return (
+        "Overriding KV cache quantization with an invalid type "
+        f'"llm_args.KvCacheConfig.dtype="{dtype}" '
+        f'Accepted types are "{TRTLLM_KV_DTYPE_CHOICES}".'
+    )
+
+
+# torch dtype names in config.json -> KV dtype; float32 checkpoints are not simulated.
+_TORCH_DTYPES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+
+
+def _read_json_object(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KVFormatError(f"{path}: cannot read {path.name}: {exc}") from exc
+    return data if isinstance(data, dict) else None
+
+
+def _kv_quant_algo(model_dir: Path, config: Mapping) -> tuple[str, str] | None:
+    """(kv_cache_quant_algo, where it was read) of a quantized checkpoint, None when it has none."""
+    quant_file = Path(model_dir) / "hf_quant_config.json"
+    data = _read_json_object(quant_file)
+    if data is not None:
+        quant = data.get("quantization") if isinstance(data.get("quantization"), dict) else data
+        algo = quant.get("kv_cache_quant_algo")
+        if algo:
+            return str(algo), f"{quant_file.name} kv_cache_quant_algo"
+    for where in (config, _text_config(dict(config))):
+        qc = where.get("quantization_config")
+        if isinstance(qc, dict) and qc.get("kv_cache_quant_algo"):
+            return str(qc["kv_cache_quant_algo"]), "config.json quantization_config.kv_cache_quant_algo"
+    return None
+
+
+def checkpoint_kv_dtype(model_dir: Path, config: Mapping | None = None) -> str:
+    """The KV dtype `kv_cache_config.dtype: auto` (TensorRT-LLM's default) gives on the PyTorch backend.
+
+    "auto" keeps the checkpoint's KV quantization: a checkpoint whose `hf_quant_config.json`
+    (`quantization.kv_cache_quant_algo`, or config.json `quantization_config.kv_cache_quant_algo`) says FP8
+    caches fp8 (NVFP4 and INT8 KV are not simulated). Otherwise the KV cache is in the model's dtype:
+    config.json `torch_dtype` (newer transformers write `dtype`; `text_config` for multimodal checkpoints),
+    bfloat16 when it has none (TensorRT-LLM's `ModelConfig.torch_dtype` assumes bfloat16)."""
+    if config is None:
+        config = _read_json_object(Path(model_dir) / "config.json")
+        if config is None:
+            raise KVFormatError(f"{Path(model_dir) / 'config.json'}: no such file or not a JSON object")
+    found = _kv_quant_algo(model_dir, config)
+    if found is not None:
+        algo, where = found
+        if algo.strip().upper() == "FP8":
+            return "fp8"
+        raise KVFormatError(
+            f"{where} is {algo!r}: only FP8 KV cache quantization is simulated (kv_cache_config.dtype auto keeps "
+            "the checkpoint's KV quantization)"
+        )
+    for where in (_text_config(dict(config)), config):
+        value = where.get("torch_dtype") or where.get("dtype")
+        if value:
+            name = str(value).strip().lower().removeprefix("torch.")
+            if name not in _TORCH_DTYPES:
+                raise KVFormatError(
+                    f"config.json torch_dtype is {value!r}: kv_cache_config.dtype auto would cache KV in it, and "
+                    "only float16 and bfloat16 checkpoints are simulated"
+                )
+            return _TORCH_DTYPES[name]
+    return "bf16"
+
+
+def resolve_kv_dtype(dtype: object, model_dir: Path, config: Mapping | None = None) -> str:
+    """The KV dtype a PyTorch-backend worker ends up with for `kv_cache_config.dtype` = `dtype`.
+
+    Unset or "auto" (the default): the checkpoint's (`checkpoint_kv_dtype`). "fp8": fp8, overriding the
+    checkpoint's KV quantization (TensorRT-LLM warns and goes on). "nvfp4" is accepted by TensorRT-LLM but
+    not simulated. Anything else, "bf16" and "fp16" included, fails at start-up in TensorRT-LLM, with the
+    text of `trtllm_kv_dtype_error` (raised here as KVFormatError)."""
+    if dtype is None or dtype == "auto":
+        return checkpoint_kv_dtype(model_dir, config)
+    if dtype == "fp8":
+        return "fp8"
+    if dtype == "nvfp4":
+        raise KVFormatError("kv_cache_config.dtype 'nvfp4' is accepted by TensorRT-LLM but not simulated")
+    raise KVFormatError(trtllm_kv_dtype_error(dtype))
 
 
 def _major_version(version: str) -> int:
@@ -291,8 +391,9 @@ def cache_state_from_files(
     - Shape: `num_hidden_layers`, `num_key_value_heads` (default `num_attention_heads`), `head_dim` (else
       `hidden_size // num_attention_heads`). MLA (`kv_lora_rank` set): kv_factor 1, one KV head, head size
       `kv_lora_rank + qk_rope_head_dim`. MTP speculative decoding adds `num_nextn_predict_layers` KV layers.
-    - YAML (`llm_api_options`, the parsed --extra_llm_api_options/--config): `kv_cache_config.dtype` (required,
-      explicit), `kv_cache_config.tokens_per_block` (default 32), `cache_transceiver_config.backend` (required;
+    - YAML (`llm_api_options`, the parsed --extra_llm_api_options/--config): `kv_cache_config.dtype` ("auto",
+      the default, or "fp8"; resolved by `resolve_kv_dtype`: "auto" gives the checkpoint's KV dtype, explicit
+      "bf16"/"fp16" fail with TensorRT-LLM's start-up error), `kv_cache_config.tokens_per_block` (default 32), `cache_transceiver_config.backend` (required;
       DEFAULT resolved by `resolve_backend`), `tensor_parallel_size`, `pipeline_parallel_size`,
       `context_parallel_size`, `enable_attention_dp`, `speculative_config`, `max_beam_width`.
     - `tp`/`pp`/`beam_width` are the command-line `--tp_size`/`--pp_size`/`--max_beam_width`; as in
@@ -339,7 +440,7 @@ def cache_state_from_files(
     kv_cfg = options.get("kv_cache_config") or {}
     if not isinstance(kv_cfg, dict):
         raise KVFormatError("kv_cache_config must be a mapping")
-    kv_dtype = normalize_kv_dtype(kv_cfg.get("dtype"))
+    kv_dtype = resolve_kv_dtype(kv_cfg.get("dtype"), Path(model_dir), config)
     tokens_per_block = _positive_int(
         kv_cfg.get("tokens_per_block", DEFAULT_TOKENS_PER_BLOCK), "kv_cache_config.tokens_per_block"
     )
@@ -382,7 +483,7 @@ def rule_violations(state: CacheState) -> list[str]:
     problems: list[str] = []
     if state.kv_dtype not in KV_DTYPES:
         problems.append(
-            f"kvCacheDtype must be explicit (one of {', '.join(KV_DTYPES)}), got {state.kv_dtype!r}"
+            f"kvCacheDtype must be resolved (one of {', '.join(KV_DTYPES)}), got {state.kv_dtype!r}"
         )
     if state.transfer_backend not in BACKENDS:
         problems.append(

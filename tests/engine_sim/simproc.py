@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "tests" / "data" / "models"
 LLAMA_8B = MODELS / "llama-3-8b"
 LLAMA_70B = MODELS / "llama-3-70b"
+LLAMA_8B_FP16 = MODELS / "llama-3-8b-fp16"  # torch_dtype float16: kv_cache_config.dtype auto caches fp16
 START_DEADLINE_S = 20.0
 
 
@@ -32,10 +33,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_yaml(*, ctx: bool, dtype: str = "fp16", tokens_per_block: int = 32, backend: str | None = "UCX",
+def worker_yaml(*, ctx: bool, dtype: str | None = "auto", tokens_per_block: int = 32, backend: str | None = "UCX",
                 timeout_ms: int | None = None, **extra) -> dict:
-    """LLM-API options of a ctx (overlap scheduler off) or gen (overlap on) worker."""
-    opts: dict = {"kv_cache_config": {"dtype": dtype, "tokens_per_block": tokens_per_block}}
+    """LLM-API options of a ctx (overlap scheduler off) or gen (overlap on) worker. `dtype` is
+    kv_cache_config.dtype: "auto" (the checkpoint's dtype, bf16 for the test models) or "fp8", as the PyTorch
+    backend accepts; None leaves it unset (TensorRT-LLM's default, auto)."""
+    opts: dict = {"kv_cache_config": {"tokens_per_block": tokens_per_block}}
+    if dtype is not None:
+        opts["kv_cache_config"]["dtype"] = dtype
     if backend is not None:
         opts["cache_transceiver_config"] = {"backend": backend}
         if timeout_ms is not None:

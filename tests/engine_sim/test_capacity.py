@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -90,16 +91,71 @@ def test_prompt_that_leaves_no_room_in_max_seq_len_is_refused(short_seq, request
                               f"= max_seq_len (256) - `splited_prompt_len` ({prompt_len})")
 
 
-def test_chunked_prefill_is_not_simulated(engines):
-    """With enable_chunked_prefill TensorRT-LLM accepts a prompt longer than max_num_tokens; the simulator
-    cannot run it, and says so instead of giving TensorRT-LLM's refusal."""
-    chunked = engines.start(worker_yaml(ctx=True, max_num_tokens=512, enable_chunked_prefill=True),
-                            "--sim-speed", "0")
-    status, err = chunked.post("/v1/completions", {"prompt": list(range(1, 601)), "max_tokens": 1})
-    assert status == 400
-    assert err["message"] == ("prompt length (600) exceeds max_num_tokens (512): enable_chunked_prefill is set, so "
-                              "TensorRT-LLM would prefill it in chunks, but chunked prefill is not simulated")
+@pytest.fixture(scope="module")
+def chunked(engines):
+    # enable_chunked_prefill: a prompt longer than max_num_tokens 512 is prefilled 512 tokens per iteration
+    return engines.start(worker_yaml(ctx=True, max_num_tokens=512, enable_chunked_prefill=True), "--sim-speed", "0")
+
+
+def context_iterations(records: list[dict]) -> list[tuple[int, int, int]]:
+    """(context requests, context tokens, generation requests) of each iteration that ran a prefill."""
+    out = []
+    for r in records:
+        stats = r.get("inflightBatchingStats")  # the last record is a snapshot without one
+        if stats and stats["numContextRequests"]:
+            out.append((stats["numContextRequests"], stats["numCtxTokens"], stats["numGenRequests"]))
+    return out
+
+
+@pytest.mark.parametrize("request_type", ["context_and_generation", "context_only"])
+def test_chunked_prefill_runs_a_prompt_longer_than_max_num_tokens(chunked, request_type):
+    """With enable_chunked_prefill TensorRT-LLM accepts a prompt longer than max_num_tokens and prefills it in
+    chunks of at most max_num_tokens tokens, one per iteration; the first token comes with the last chunk."""
+    chunked.get("/metrics")
+    chunked.get("/perf_metrics")
+    status, resp = chunked.post("/v1/completions", {"prompt": list(range(1, 2001)), "max_tokens": 3,
+                                                    "disaggregated_params": {"request_type": request_type}})
+    assert status == 200, resp
+    assert resp["usage"]["prompt_tokens"] == 2000
+    assert resp["usage"]["completion_tokens"] == (1 if request_type == "context_only" else 3)
+    # 2000 = 512 + 512 + 512 + 464: four context iterations, each within max_num_tokens
+    assert context_iterations(chunked.get("/metrics")[1]) == [(1, 512, 0), (1, 512, 0), (1, 512, 0), (1, 464, 0)]
+    (rec,) = [r for r in chunked.get("/perf_metrics")[1] if r["status"] == "ok"]
+    metrics = rec["perf_metrics"]
+    # the prefill spans iterations first_iter .. first_iter + 3; the first token is produced by the last chunk
+    assert metrics["last_iter"] - metrics["first_iter"] == 3 + (resp["usage"]["completion_tokens"] - 1)
+    # a prompt within max_num_tokens still prefills in one iteration
+    chunked.get("/metrics")
     assert chunked.post("/v1/completions", {"prompt": list(range(1, 501)), "max_tokens": 2})[0] == 200
+    assert context_iterations(chunked.get("/metrics")[1]) == [(1, 500, 0)]
+
+
+def test_chunked_prefill_shares_the_budget_with_decoding_sequences(engines):
+    """In a mixed iteration a chunk takes max_num_tokens minus one token per decoding sequence, rounded down to
+    whole chunk units (tokens_per_block, 32): 512 - 1 = 511 -> 480; the last chunk takes the rest."""
+    engine = engines.start(worker_yaml(ctx=True, max_num_tokens=512, enable_chunked_prefill=True),
+                           "--sim-speed", "1")
+    engine.get("/metrics")
+    with ThreadPoolExecutor(2) as pool:
+        decoding = pool.submit(engine.post, "/v1/completions", {"prompt": [3, 4, 5], "max_tokens": 400})
+        engine.wait_for(lambda: engine.state()["numActiveRequests"] == 1, "a decoding sequence")
+        time.sleep(0.1)  # past its prefill: it decodes (~5 ms a step) for about 2 s
+        long = pool.submit(engine.post, "/v1/completions", {"prompt": list(range(1, 2001)), "max_tokens": 1})
+        assert long.result()[0] == 200
+        assert decoding.result()[0] == 200
+    chunks = [c for c in context_iterations(engine.get("/metrics")[1]) if c != (1, 3, 0)]
+    assert chunks == [(1, 480, 1)] * 4 + [(1, 80, 1)]
+
+
+def test_prompt_over_max_num_tokens_is_refused_without_chunked_prefill(engines):
+    """Without enable_chunked_prefill the same prompt is refused with TensorRT-LLM's text (as in
+    test_prompt_over_max_num_tokens_is_refused_with_trtllm_text); generation_only requests are not checked."""
+    plain = engines.start(worker_yaml(ctx=True, max_num_tokens=512), "--sim-speed", "0")
+    status, err = plain.post("/v1/completions", {"prompt": list(range(1, 2001)), "max_tokens": 1})
+    assert status == 400 and err["type"] == "BadRequestError"
+    assert err["message"] == "The sum of prompt length (2000.0), query length (0) should not exceed max_num_tokens (512)"
+    off = engines.start(worker_yaml(ctx=True, max_num_tokens=512, enable_chunked_prefill=False), "--sim-speed", "0")
+    assert off.post("/v1/completions", {"prompt": list(range(1, 2001)), "max_tokens": 1})[0] == 400
 
 
 def test_request_that_can_never_fit_the_cache_is_refused(small_cache):

@@ -16,7 +16,7 @@ from baton.engine_sim.handoff import HandoffError, KVPuller, OpaqueState, decode
 
 MISMATCHES = {
     # name: (gen YAML overrides, extra gen args, expected fragment of TRT-LLM's text)
-    "fp8": ({"dtype": "fp8"}, (), "only support same kv cache dtype (kvCacheDtype: context=fp16, generation=fp8)"),
+    "fp8": ({"dtype": "fp8"}, (), "only support same kv cache dtype (kvCacheDtype: context=bf16, generation=fp8)"),
     "tokens_per_block": ({"tokens_per_block": 64}, (),
                          "only support same tokens per block and size per head (tokensPerBlock: context=32, generation=64)"),
     "version": ({}, ("--sim-trtllm-version", "1.1.0"), "trtllmVersion: context=1.2.0, generation=1.1.0"),
@@ -387,3 +387,27 @@ def test_kv_transfer_timeout_bounds_the_send_on_the_ctx_side(engines, gen):
     assert state["counters"]["kvExpired"] == 1 and state["counters"]["kvPullsServed"] == 0
     assert state["counters"]["numSendingKvRequests"] == 0 and state["counters"]["numHeldKvRequests"] == 0
     assert "Terminating context request" in slow.log()
+
+
+def test_chunked_prefill_prompt_hands_off(engines):
+    """A prompt longer than max_num_tokens, prefilled in chunks on a context worker with enable_chunked_prefill,
+    hands its whole KV to a generation worker (which checks no prompt length: it prefills nothing), and the
+    tokens are the ones a local run produces."""
+    opts = {"max_num_tokens": 512, "enable_chunked_prefill": True}
+    ctx = engines.start(worker_yaml(ctx=True, timeout_ms=60_000, **opts), "--sim-speed", "0")
+    gen = engines.start(worker_yaml(ctx=False, max_num_tokens=512), "--sim-speed", "0")
+    body = {"prompt": list(range(1, 2001)), "max_tokens": 6}
+    ctx.get("/metrics")
+    ctx_resp, (status, gen_resp) = handoff(ctx, gen, body)
+    assert status == 200, gen_resp
+    assert len(ctx_resp["prompt_token_ids"]) == 2000 and ctx_resp["usage"]["completion_tokens"] == 1
+    ctx_iters = [r["inflightBatchingStats"]["numCtxTokens"] for r in ctx.get("/metrics")[1]
+                 if r.get("inflightBatchingStats", {}).get("numContextRequests")]
+    assert ctx_iters == [512, 512, 512, 464]
+    assert gen_resp["usage"] == {"prompt_tokens": 2000, "completion_tokens": 6, "total_tokens": 2006}
+    assert gen_resp["choices"][0]["token_ids"][0] == ctx_resp["choices"][0]["token_ids"][0]
+    (rec,) = [r for r in gen.get("/perf_metrics")[1] if r["request_type"] == "generation_only"]
+    assert rec["perf_metrics"]["timing_metrics"]["kv_cache_size"] == 2000 * ctx.state()["kv_bytes_per_token"]
+    assert held(ctx) == 0
+    local = ctx.complete(body)
+    assert text_of(local) == text_of(gen_resp)

@@ -8,7 +8,7 @@ import time
 import urllib.request
 
 import pytest
-from simproc import LLAMA_70B, LLAMA_8B, worker_yaml
+from simproc import LLAMA_8B_FP16, LLAMA_70B, LLAMA_8B, worker_yaml
 
 from baton import kvformat
 
@@ -21,8 +21,8 @@ from baton import kvformat
         pytest.param({**worker_yaml(ctx=True), "cache_transceiver_config": {"max_tokens_in_buffer": 8192}}, (),
                      kvformat.TRANSCEIVER_DISABLED_MESSAGE, id="transceiver-without-backend"),
         pytest.param(None, (), kvformat.TRANSCEIVER_DISABLED_MESSAGE, id="no-yaml-at-all"),
-        pytest.param(worker_yaml(ctx=True, dtype="auto"), (), "Baton requires an explicit KV cache dtype",
-                     id="dtype-auto"),
+        pytest.param(worker_yaml(ctx=True, dtype="bf16"), (), kvformat.trtllm_kv_dtype_error("bf16"), id="dtype-bf16"),
+        pytest.param(worker_yaml(ctx=True, dtype="fp16"), (), kvformat.trtllm_kv_dtype_error("fp16"), id="dtype-fp16"),
         pytest.param(worker_yaml(ctx=True), ("--tp_size", "3"), "TP per DP group must be a power of two",
                      id="tp-3"),
         pytest.param(worker_yaml(ctx=True, context_parallel_size=2), (),
@@ -35,6 +35,44 @@ def test_startup_failures(fresh_engines, options, args, expected):
     code, output = fresh_engines.run_to_exit(options, *args)
     assert code == 1
     assert expected in output
+
+
+def test_explicit_bf16_kv_dtype_fails_with_trtllm_text_verbatim(fresh_engines):
+    """The PyTorch backend accepts kv_cache_config.dtype auto, fp8 (and nvfp4) only; validate_and_set_kv_cache_quant
+    raises this ValueError at start-up for anything else."""
+    code, output = fresh_engines.run_to_exit(worker_yaml(ctx=False, dtype="bf16"))
+    assert code == 1
+    assert ('Overriding KV cache quantization with an invalid type "llm_args.KvCacheConfig.dtype="bf16" '
+            """Accepted types are "('fp8', 'nvfp4', 'auto')".""") in output
+
+
+@pytest.mark.parametrize(("model", "dtype", "expected"), [
+    (LLAMA_8B, "auto", "bf16"),  # torch_dtype bfloat16
+    (LLAMA_8B, None, "bf16"),  # unset: TensorRT-LLM's default is auto
+    (LLAMA_8B_FP16, "auto", "fp16"),  # torch_dtype float16
+    (LLAMA_8B, "fp8", "fp8"),  # explicit fp8 overrides the checkpoint
+])
+def test_auto_kv_dtype_resolves_from_the_checkpoint(tmp_path, model, dtype, expected):
+    from baton.engine_sim import config
+
+    cfg = load(tmp_path, model, worker_yaml(ctx=True, dtype=dtype))
+    assert cfg.cache_state.kv_dtype == expected
+    assert config.describe(cfg)["cache_state"]["kv_dtype"] == expected
+    assert config.describe(cfg)["kv_bytes_per_token"] == (65_536 if expected == "fp8" else 131_072)
+
+
+def test_auto_kv_dtype_of_an_fp8_checkpoint_is_fp8(fresh_engines, tmp_path):
+    """An FP8 checkpoint with kv_cache_quant_algo FP8 in hf_quant_config.json caches fp8 under auto: its handle
+    carries fp8, and a generation worker with an explicit fp8 on the bf16 checkpoint has the same layout."""
+    import json
+
+    hf = json.loads((LLAMA_8B / "config.json").read_text())
+    model = model_dir(tmp_path / "llama-8b-fp8", hf, hf_quant_config={
+        "producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}})
+    eng = fresh_engines.start(worker_yaml(ctx=True, dtype="auto"), "--sim-speed", "0", model=model)
+    state = eng.state()
+    assert state["cache_state"]["kv_dtype"] == "fp8" and state["kv_bytes_per_token"] == 65_536
+    assert state["weight_dtype"] == "fp8"
 
 
 def test_trtllm_transceiver_message_is_verbatim(fresh_engines):

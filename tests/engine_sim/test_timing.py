@@ -199,3 +199,77 @@ def test_kv_transfer_time_grows_with_prompt(engines):
     small, large = transfer_time(16), transfer_time(256)  # modelled: ~17 ms vs ~268 ms
     assert large > small
     assert not math.isclose(large, small, rel_tol=0.5)
+
+
+# ---------------------------------------------------------------- chunked prefill
+
+
+def chunks_of(prompt: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, prompt)) for start in range(0, prompt, size)]
+
+
+def test_chunks_of_a_prompt_add_up_to_one_full_prefill():
+    """A later chunk [start, end) costs prefill(end) - prefill(start) on the batch-1 curve: the chunks of a
+    prompt cost what one full-length prefill costs wherever that difference is above the cost of a pass
+    over the chunk alone (the curve is superlinear from ~1k tokens up)."""
+    model = timing.load_table().models["llama3-8b"]
+    for prompt, size in [(8192, 2048), (16384, 4096), (12000, 3000)]:
+        first, *later = chunks_of(prompt, size)
+        total = model.prefill_with_chunks(first[1]) + sum(model.prefill_with_chunks(0, [c]) for c in later)
+        assert total == pytest.approx(model.prefill(prompt))
+    # a chunk at the end of a long prompt costs more than the same number of fresh tokens (its attention
+    # covers the whole prefix), and more than a chunk at the start
+    assert model.prefill_with_chunks(0, [(14336, 16384)]) > model.prefill_with_chunks(0, [(2048, 4096)]) > model.prefill(2048)
+    # no later chunk: the plain curve
+    assert model.prefill_with_chunks(3000) == model.prefill(3000)
+
+
+def test_small_chunks_never_cost_less_than_one_pass():
+    """Where the curve is flat (a small pass is bound by weight reads) a chunk costs at least a pass over its
+    tokens, so small chunks add up to a little more than one full prefill, never less."""
+    model = timing.load_table().models["llama3-8b"]
+    later = chunks_of(2048, 512)[1:]
+    for chunk in later:
+        assert model.prefill_with_chunks(0, [chunk]) >= model.prefill(512)
+    total = model.prefill(512) + sum(model.prefill_with_chunks(0, [c]) for c in later)
+    assert model.prefill(2048) <= total < 1.1 * model.prefill(2048)
+    # one iteration with fresh tokens and a later chunk: fresh prefill + the chunk's difference, or one pass
+    mixed = model.prefill_with_chunks(256, [(4096, 4352)])
+    assert mixed == pytest.approx(max(model.prefill(512), model.prefill(256) + model.prefill(4352) - model.prefill(4096)))
+
+
+def test_iteration_seconds_with_chunks_scales_like_the_rest():
+    table = timing.load_table()
+    tm = timing.build_timing_model(table, _config(LLAMA_8B), time_scale=2.0)
+    assert tm.iteration_seconds(0, 4, 1024, [(2048, 4096)]) == pytest.approx(
+        (tm.model.prefill(4096) - tm.model.prefill(2048)) * 2 / 1000 + tm.decode_seconds(4, 1024))
+    assert tm.iteration_seconds(1024, 0, 0.0, []) == pytest.approx(tm.prefill_seconds(1024))
+
+
+def _ttft(engine, prompt_len: int) -> tuple[float, dict]:
+    engine.get("/perf_metrics")
+    engine.complete({"prompt": list(range(1, prompt_len + 1)), "max_tokens": 1})
+    (rec,) = [r for r in engine.get("/perf_metrics")[1] if r["status"] == "ok"]
+    t = rec["perf_metrics"]["timing_metrics"]
+    return t["first_token_time"] - t["first_scheduled_time"], rec["perf_metrics"]
+
+
+def test_chunked_prefill_ttft_grows_with_the_chunks(engines):
+    """TTFT of a chunked prompt = its chunks' iterations, one after the other; each chunk is timed on the
+    calibrated curve, so a prompt of twice the chunks takes longer, and never less than the modelled sum."""
+    speed = 2.0
+    engine = engines.start(worker_yaml(ctx=True, max_num_tokens=2048, max_seq_len=16384, enable_chunked_prefill=True),
+                           "--sim-speed", str(speed))
+    model = timing.load_table().models["llama3-8b"]
+
+    def modelled(prompt: int) -> float:
+        first, *later = chunks_of(prompt, 2048)
+        ms = model.prefill_with_chunks(first[1]) + sum(model.prefill_with_chunks(0, [c]) for c in later)
+        return ms / 1000 * speed
+
+    short, short_perf = _ttft(engine, 4096)  # 2 chunks, modelled ~208 ms at x2
+    long, long_perf = _ttft(engine, 8192)  # 4 chunks, modelled ~456 ms at x2
+    assert long_perf["last_iter"] - long_perf["first_iter"] == 3 and short_perf["last_iter"] - short_perf["first_iter"] == 1
+    assert long > short
+    assert short >= 0.95 * modelled(4096) and long >= 0.95 * modelled(8192)
+    assert modelled(8192) == pytest.approx(model.prefill(8192) / 1000 * speed)  # = one full-length prefill

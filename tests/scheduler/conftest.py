@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scheduler_harness import Proc, scheduler_config, start_engine, start_scheduler, wait_all
+from scheduler_harness import (
+    MODEL_DIR_FP16,
+    Proc,
+    same_weights_args,
+    scheduler_config,
+    start_engine,
+    start_scheduler,
+    wait_all,
+)
 
 # Shared engines: decode steps take ~1 ms (llama-3-8b at --sim-speed 0.2), so 1,000 tokens last ~1 s.
 POOL_SPEED = 0.2
@@ -30,7 +38,9 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         procs["prefill"] = start_engine(tmp, "prefill", "prefill", POOL_SPEED)
         procs["decode1"] = start_engine(tmp, "decode1", "decode", POOL_SPEED)
         procs["decode2"] = start_engine(tmp, "decode2", "decode", POOL_SPEED)
-        procs["decode_fp16"] = start_engine(tmp, "decode_fp16", "decode", POOL_SPEED, kv_dtype="fp16")
+        # fp16 KV: kv_cache_config.dtype auto on the float16 copy of the checkpoint (same weights identity)
+        procs["decode_fp16"] = start_engine(tmp, "decode_fp16", "decode", POOL_SPEED, kv_dtype="auto",
+                                            model_dir=MODEL_DIR_FP16, extra_args=same_weights_args())
         wait_all(list(procs.values()), "/health")
         yield Pool(procs)
     finally:

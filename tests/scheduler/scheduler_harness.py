@@ -16,15 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from baton import kvformat
 from baton.localproc import ListeningProcess, baton_command
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "tests" / "data" / "models" / "llama-3-8b"
+# The same checkpoint saved in float16: kv_cache_config.dtype auto caches KV in fp16 (TensorRT-LLM's PyTorch
+# backend refuses an explicit bf16/fp16 KV dtype, so a tier's KV dtype other than fp8 comes from its checkpoint).
+MODEL_DIR_FP16 = REPO / "tests" / "data" / "models" / "llama-3-8b-fp16"
 BATON = baton_command()
 MODEL = "llama-3-8b"
 
 
 def engine_options(tier: str, kv_dtype: str = "fp8", **extra: Any) -> dict[str, Any]:
+    """LLM-API options of an engine; kv_dtype is kv_cache_config.dtype: "fp8" or "auto" (the checkpoint's)."""
     options: dict[str, Any] = {
         "cache_transceiver_config": {"backend": "UCX"},
         "kv_cache_config": {"dtype": kv_dtype, "tokens_per_block": 32},
@@ -55,6 +60,12 @@ def start_engine(tmp: Path, name: str, tier: str, sim_speed: float = 0.05, kv_dt
             "--extra_llm_api_options", str(cfg), "--sim-speed", str(sim_speed), "--sim-model-name", MODEL,
             *(extra_args or [])]
     return Proc(name, argv, tmp / f"{name}.log")
+
+
+def same_weights_args(model_dir: Path = MODEL_DIR) -> list[str]:
+    """--sim-model-identity naming `model_dir`'s checkpoint: for an engine started on a copy of it that differs
+    only in its dtype (MODEL_DIR_FP16), so that the KV dtype is the only field its CacheState differs in."""
+    return ["--sim-model-identity", kvformat.checkpoint_identity(model_dir)]
 
 
 def start_scheduler(tmp: Path, name: str, config: dict[str, Any], extra_args: list[str] | None = None,

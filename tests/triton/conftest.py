@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from triton_harness import (
+    MODEL_DIR_FP16,
     SCHEDULER_LISTENING,
     Proc,
     start_http_engine,
@@ -47,7 +48,9 @@ def deployment(pytriton_python: str, tmp_path_factory: pytest.TempPathFactory) -
         deadline = time.monotonic() + START_TIMEOUT_S
         procs["prefill"] = start_triton_engine(pytriton_python, tmp, "prefill", "prefill")
         procs["decode"] = start_triton_engine(pytriton_python, tmp, "decode", "decode")
-        procs["decode_fp16"] = start_triton_engine(pytriton_python, tmp, "decode_fp16", "decode", kv_dtype="fp16")
+        # fp16 KV: kv_cache_config.dtype auto on the float16 copy of the checkpoint
+        procs["decode_fp16"] = start_triton_engine(pytriton_python, tmp, "decode_fp16", "decode", kv_dtype="auto",
+                                                   model_dir=MODEL_DIR_FP16)
         procs["reference"] = start_http_engine(tmp, "reference", "decode")
         for name in ("prefill", "decode", "decode_fp16", "reference"):
             procs[name].wait_listening(deadline)

@@ -21,10 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from baton import kvformat
 from baton.localproc import ListeningProcess
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "tests" / "data" / "models" / "llama-3-8b"
+# The same checkpoint saved in float16: kv_cache_config.dtype auto caches KV in fp16 (TensorRT-LLM's PyTorch
+# backend refuses an explicit bf16/fp16 KV dtype, so a tier's KV dtype other than fp8 comes from its checkpoint).
+MODEL_DIR_FP16 = REPO / "tests" / "data" / "models" / "llama-3-8b-fp16"
 MODEL = "llama-3-8b"
 INSTALLER = REPO / "operator" / "baton" / "engine_sim" / "triton-venv.sh"
 INSTALL_TIMEOUT_S = 1200.0
@@ -49,6 +53,7 @@ def triton_python() -> str:
 
 
 def engine_options(tier: str, kv_dtype: str = "fp8") -> dict[str, Any]:
+    """LLM-API options of an engine; kv_dtype is kv_cache_config.dtype: "fp8" or "auto" (the checkpoint's)."""
     options: dict[str, Any] = {
         "cache_transceiver_config": {"backend": "UCX"},
         "kv_cache_config": {"dtype": kv_dtype, "tokens_per_block": 32},
@@ -113,12 +118,17 @@ def stop_all(procs: list[Proc]) -> None:
 
 
 def start_triton_engine(python: str, tmp: Path, name: str, tier: str, kv_dtype: str = "fp8",
-                        sim_speed: float = 0.1) -> Proc:
+                        sim_speed: float = 0.1, model_dir: Path = MODEL_DIR) -> Proc:
+    """A Triton-fronted engine. On another `model_dir` than MODEL_DIR (MODEL_DIR_FP16: the same checkpoint in
+    float16) the engine names MODEL_DIR's weights (--sim-model-identity), so that a KV dtype that `auto`
+    resolves differently is the only field its CacheState differs in."""
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(engine_options(tier, kv_dtype)))
-    argv = [python, "-m", "baton.cli", "engine-sim", str(MODEL_DIR), "--sim-frontend", "triton",
+    argv = [python, "-m", "baton.cli", "engine-sim", str(model_dir), "--sim-frontend", "triton",
             "--host", "127.0.0.1", "--port", "0", "--extra_llm_api_options", str(cfg),
             "--sim-speed", str(sim_speed), "--sim-model-name", MODEL]
+    if model_dir != MODEL_DIR:
+        argv += ["--sim-model-identity", kvformat.checkpoint_identity(MODEL_DIR)]
     # PYTHONPATH: this checkout's code, whichever clone the shared venv's editable install points at
     return Proc(name, argv, tmp / f"{name}.log", env={"PYTHONPATH": str(REPO / "operator")})
 

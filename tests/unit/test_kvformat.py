@@ -14,9 +14,12 @@ from baton.kvformat import CacheState, Mismatch
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 LLAMA_8B = MODELS / "llama-3-8b"
 LLAMA_70B = MODELS / "llama-3-70b"
+# copies with torch_dtype float16: kv_cache_config.dtype auto gives an fp16 KV cache
+LLAMA_8B_FP16 = MODELS / "llama-3-8b-fp16"
+LLAMA_70B_FP16 = MODELS / "llama-3-70b-fp16"
 
 
-def options(dtype: str | None = "fp16", backend: str | None = "UCX", **extra) -> dict:
+def options(dtype: str | None = "auto", backend: str | None = "UCX", **extra) -> dict:
     opts: dict = {"kv_cache_config": {}, **extra}
     if dtype is not None:
         opts["kv_cache_config"]["dtype"] = dtype
@@ -25,7 +28,7 @@ def options(dtype: str | None = "fp16", backend: str | None = "UCX", **extra) ->
     return opts
 
 
-def state(model: Path = LLAMA_70B, *, version: str = "1.2.0", env: dict | None = None, **kw) -> CacheState:
+def state(model: Path = LLAMA_70B_FP16, *, version: str = "1.2.0", env: dict | None = None, **kw) -> CacheState:
     tp = kw.pop("tp", None)
     pp = kw.pop("pp", None)
     return kvformat.cache_state_from_files(model, options(**kw), trtllm_version=version, env=env or {}, tp=tp, pp=pp)
@@ -37,7 +40,8 @@ def state(model: Path = LLAMA_70B, *, version: str = "1.2.0", env: dict | None =
 def test_llama_70b_shape_from_config_json():
     s = state(LLAMA_70B)
     assert (s.num_layers, s.num_kv_heads, s.head_dim) == (80, 8, 128)
-    assert (s.attention_type, s.kv_factor, s.kv_dtype, s.tokens_per_block) == ("DEFAULT", 2, "fp16", 32)
+    # kv_cache_config.dtype auto: the checkpoint's torch_dtype, bfloat16
+    assert (s.attention_type, s.kv_factor, s.kv_dtype, s.tokens_per_block) == ("DEFAULT", 2, "bf16", 32)
     assert (s.tp, s.pp, s.cp, s.enable_attention_dp, s.beam_width) == (1, 1, 1, False, 1)
     assert s.transfer_backend == "UCX" and s.trtllm_version == "1.2.0" and s.speculative == ""
 
@@ -45,10 +49,10 @@ def test_llama_70b_shape_from_config_json():
 @pytest.mark.parametrize(
     ("model", "dtype", "expected"),
     [
-        (LLAMA_70B, "fp16", 327_680),
-        (LLAMA_70B, "bf16", 327_680),
+        (LLAMA_70B_FP16, "auto", 327_680),
+        (LLAMA_70B, "auto", 327_680),
         (LLAMA_70B, "fp8", 163_840),
-        (LLAMA_8B, "fp16", 131_072),
+        (LLAMA_8B_FP16, "auto", 131_072),
         (LLAMA_8B, "fp8", 65_536),
     ],
 )
@@ -57,20 +61,71 @@ def test_kv_bytes_per_token(model, dtype, expected):
 
 
 def test_dtype_aliases_are_normalised():
-    assert state(dtype="float16").kv_dtype == "fp16"
-    assert state(dtype="bfloat16").kv_dtype == "bf16"
-    assert state(dtype="FP8").kv_dtype == "fp8"
+    assert kvformat.normalize_kv_dtype("float16") == "fp16"
+    assert kvformat.normalize_kv_dtype("bfloat16") == "bf16"
+    assert kvformat.normalize_kv_dtype("FP8") == "fp8"
+    with pytest.raises(kvformat.KVFormatError, match="resolved from the checkpoint"):
+        kvformat.normalize_kv_dtype("auto")
 
 
-@pytest.mark.parametrize("dtype", ["auto", None, ""])
-def test_auto_or_missing_dtype_is_refused(dtype):
-    with pytest.raises(kvformat.KVFormatError, match="explicit KV cache dtype"):
+@pytest.mark.parametrize("dtype", ["auto", None])
+def test_auto_or_missing_dtype_resolves_from_the_checkpoint(dtype):
+    """kv_cache_config.dtype auto (TensorRT-LLM's default, also when unset) keeps the checkpoint's KV dtype: its
+    torch_dtype when it has no KV quantization."""
+    assert state(LLAMA_70B, dtype=dtype).kv_dtype == "bf16"
+    assert state(LLAMA_8B_FP16, dtype=dtype).kv_dtype == "fp16"
+
+
+def write_config(tmp_path: Path, quant: dict | None = None, **changes) -> Path:
+    config = json.loads((LLAMA_8B / "config.json").read_text())
+    config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if quant is not None:
+        (tmp_path / "hf_quant_config.json").write_text(json.dumps(quant))
+    return tmp_path
+
+
+def test_auto_reads_the_checkpoint_dtype_spellings(tmp_path):
+    # newer transformers write "dtype"; a checkpoint with neither is taken as bfloat16 (ModelConfig.torch_dtype)
+    assert state(write_config(tmp_path, torch_dtype=None, dtype="float16")).kv_dtype == "fp16"
+    assert state(write_config(tmp_path, torch_dtype=None)).kv_dtype == "bf16"
+    with pytest.raises(kvformat.KVFormatError, match="only float16 and bfloat16 checkpoints are simulated"):
+        state(write_config(tmp_path, torch_dtype="float32"))
+
+
+def test_auto_on_an_fp8_checkpoint_gives_fp8(tmp_path):
+    """An FP8 checkpoint whose hf_quant_config.json says kv_cache_quant_algo FP8 caches fp8 under auto; one
+    without KV quantization caches in its torch_dtype."""
+    fp8_kv = {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}}
+    assert state(write_config(tmp_path, fp8_kv)).kv_dtype == "fp8"
+    assert kvformat.kv_bytes_per_token(state(tmp_path)) == 65_536
+    weights_only = {"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None}}
+    assert state(write_config(tmp_path, weights_only)).kv_dtype == "bf16"
+    (tmp_path / "hf_quant_config.json").unlink()
+    embedded = write_config(tmp_path, quantization_config={"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"})
+    assert state(embedded).kv_dtype == "fp8"
+    nvfp4 = write_config(tmp_path, {"quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": "NVFP4"}})
+    with pytest.raises(kvformat.KVFormatError, match="only FP8 KV cache quantization is simulated"):
+        state(nvfp4)
+    # an explicit fp8 overrides whatever the checkpoint says (TensorRT-LLM warns and goes on)
+    assert state(nvfp4, dtype="fp8").kv_dtype == "fp8"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "float16", "bfloat16", "int8"])
+def test_explicit_dtype_other_than_fp8_fails_with_trtllm_text(dtype):
+    """The PyTorch backend accepts auto, fp8 (and nvfp4); explicit bf16/fp16 fail at start-up."""
+    with pytest.raises(kvformat.KVFormatError) as err:
         state(dtype=dtype)
+    assert str(err.value) == (
+        f'Overriding KV cache quantization with an invalid type "llm_args.KvCacheConfig.dtype="{dtype}" '
+        """Accepted types are "('fp8', 'nvfp4', 'auto')".""")
+    assert str(err.value) == kvformat.trtllm_kv_dtype_error(dtype)
 
 
-def test_unknown_dtype_is_refused():
-    with pytest.raises(kvformat.KVFormatError, match="unsupported kv_cache_config.dtype"):
-        state(dtype="int4")
+def test_nvfp4_is_accepted_by_trtllm_but_not_simulated():
+    with pytest.raises(kvformat.KVFormatError, match="nvfp4.*not simulated"):
+        state(dtype="nvfp4")
 
 
 def test_missing_transceiver_config_uses_trtllm_message():
@@ -216,7 +271,7 @@ def test_cp_rules():
 
 def test_beam_width_and_dtype_rules():
     assert any("only beam width 1" in p for p in kvformat.rule_violations(dataclasses.replace(state(), beam_width=2)))
-    assert any("kvCacheDtype must be explicit" in p for p in kvformat.rule_violations(dataclasses.replace(state(), kv_dtype="auto")))
+    assert any("kvCacheDtype must be resolved" in p for p in kvformat.rule_violations(dataclasses.replace(state(), kv_dtype="auto")))
 
 
 def tinyllama(tmp_path: Path) -> Path:
@@ -363,8 +418,10 @@ def test_fingerprint_is_short_and_stable():
 def test_fingerprint_of_an_unchanged_layout_is_unchanged():
     # pinned: operators and schedulers pair tiers by fingerprint, so a release must not move it
     assert kvformat.fingerprint(state()) == "1e0936b4d985"
-    assert kvformat.fingerprint(state(LLAMA_8B, pp=2)) == "ee2eac5c0e8a"
-    assert kvformat.fingerprint(state(LLAMA_70B, pp=3)) == kvformat.fingerprint(state(LLAMA_70B))
+    assert kvformat.fingerprint(state(LLAMA_8B_FP16, pp=2)) == "ee2eac5c0e8a"
+    assert kvformat.fingerprint(state(LLAMA_70B_FP16, pp=3)) == kvformat.fingerprint(state(LLAMA_70B_FP16))
+    # kv_cache_config.dtype auto on a bfloat16 checkpoint: the same layout as an explicit bf16 had
+    assert kvformat.fingerprint(state(LLAMA_70B)) == kvformat.fingerprint(dataclasses.replace(state(), kv_dtype="bf16"))
 
 
 def test_checkpoint_identity_does_not_depend_on_the_path(tmp_path, monkeypatch):

@@ -5,9 +5,15 @@ One asyncio task (`Engine._run`) plays the executor loop. Each iteration it
    ceil((prompt + max_tokens) / tokens_per_block) blocks (TensorRT-LLM's GUARANTEED_NO_EVICT policy);
    a generation-only request starts its KV pull instead of a prefill;
 2. schedules every decoding sequence (one token each) and, in FIFO order, the prefills that fit in
-   max_num_tokens minus the decode tokens (no chunked prefill);
-3. sleeps the modelled iteration time (timing.TimingModel; nothing at --sim-speed 0, but still yields);
-4. emits one token per scheduled sequence and finishes those that reached max_tokens.
+   max_num_tokens minus the decode tokens. With `enable_chunked_prefill` a prompt that does not fit is
+   prefilled in chunks over several iterations, as TensorRT-LLM does: each chunk takes what is left of the
+   iteration's token budget, rounded down to whole chunk units of tokens_per_block (the last chunk takes
+   the rest of the prompt), and its attention covers the prompt tokens of the chunks before it;
+3. sleeps the modelled iteration time (timing.TimingModel; a later chunk over prompt positions [start, end)
+   costs prefill(end) - prefill(start) on the calibrated batch-1 curve; nothing at --sim-speed 0, but still
+   yields);
+4. emits one token per scheduled sequence whose prompt is fully prefilled (the first token comes with the
+   last chunk) and per decoding sequence, and finishes those that reached max_tokens.
 
 A context-only request ends after its prefill; its KV stays allocated ("held") until a generation worker
 pulls it (`begin_pull` / `end_pull`, driven by transfer_server.py), the handshake of a pull fails (the
@@ -106,7 +112,7 @@ class Seq:
     __slots__ = (
         "rid", "x_request_id", "kind", "prompt", "max_tokens", "need_blocks", "tokens", "phase", "done", "changed",
         "notify", "error", "arrival", "first_scheduled", "first_token_time", "last_token_time", "first_iter", "last_iter",
-        "handle", "first_tokens", "kv_size", "kv_start", "kv_end", "original_max_tokens",
+        "handle", "first_tokens", "kv_size", "kv_start", "kv_end", "original_max_tokens", "prefilled",
     )
 
     def __init__(self, rid: int, kind: str, prompt: Prompt, max_tokens: int, x_request_id: str) -> None:
@@ -119,6 +125,7 @@ class Seq:
         self.need_blocks = 0
         self.tokens: list[int] = []
         self.phase = QUEUED
+        self.prefilled = 0  # prompt tokens already prefilled (by earlier chunks of a chunked prefill)
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.changed: asyncio.Event | None = None  # set at each change, for a consumer that waits (stream=True)
         self.notify: Callable[[], None] | None = None  # called at each change: new tokens, the end, a failure
@@ -166,7 +173,7 @@ class Engine:
         self.instance = uuid.uuid4().hex[:16]
         self.kv_bytes_per_token = kvformat.kv_bytes_per_token(cfg.cache_state)
         self.puller = puller or KVPuller()
-        # not simulated: only changes how a prompt longer than max_num_tokens is refused
+        # a prompt longer than max_num_tokens is prefilled in chunks instead of refused
         self._chunked_prefill = bool(cfg.options.get("enable_chunked_prefill"))
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self.fatal: str | None = None
@@ -266,14 +273,10 @@ class Engine:
         if kind == CTX_ONLY:
             max_tokens = 1  # the PyTorch backend forces max_tokens=1 on context-only requests
         cp = self.state.cp
-        # LLM._check_arguments (PyTorch backend): the prompt must fit one iteration unless chunked prefill is on;
-        # generation-only requests skip the check (their prompt was prefilled elsewhere).
-        if kind != GEN_ONLY and n / cp > cfg.max_num_tokens:
-            if self._chunked_prefill:
-                raise EngineError(
-                    f"prompt length ({n}) exceeds max_num_tokens ({cfg.max_num_tokens}): enable_chunked_prefill is "
-                    "set, so TensorRT-LLM would prefill it in chunks, but chunked prefill is not simulated"
-                )
+        # LLM._check_arguments (PyTorch backend): the prompt must fit one iteration unless chunked prefill is on
+        # (then the loop prefills it in chunks); generation-only requests skip the check (their prompt was
+        # prefilled elsewhere).
+        if kind != GEN_ONLY and n / cp > cfg.max_num_tokens and not self._chunked_prefill:
             raise EngineError(
                 f"The sum of prompt length ({n / cp}), query length (0) should not exceed "
                 f"max_num_tokens ({cfg.max_num_tokens})"
@@ -518,20 +521,42 @@ class Engine:
                 elif s.phase == PREFILL:
                     waiting_prefill.append(s)
             budget = cfg.max_num_tokens - len(decoders)
-            prefills: list[Seq] = []
-            ctx_tokens = 0
+            prefills: list[tuple[Seq, int]] = []  # (sequence, prompt position its prefill reaches this iteration)
+            ctx_tokens = 0  # context tokens of this iteration: whole prompts and chunks
+            fresh_tokens = 0  # of them, those of whole prompts and first chunks
+            continued: list[tuple[int, int]] = []  # (start, end) of later chunks
+            tpb = cfg.tokens_per_block
             for s in waiting_prefill:
-                n = s.prompt.length
-                if ctx_tokens + n > budget:
+                start = s.prefilled
+                left = s.prompt.length - start
+                room = budget - ctx_tokens
+                if left <= room:
+                    take = left
+                elif self._chunked_prefill:
+                    # a chunk that is not the prompt's last is a whole number of chunk units (tokens_per_block);
+                    # an iteration with nothing else to do takes what it can, so that a budget below one unit
+                    # still moves
+                    take = room - room % tpb
+                    if take <= 0 and not prefills and not decoders:
+                        take = room
+                    if take <= 0:
+                        break
+                else:
                     break
-                prefills.append(s)
-                ctx_tokens += n
+                prefills.append((s, start + take))
+                ctx_tokens += take
+                if start == 0:
+                    fresh_tokens += take
+                else:
+                    continued.append((start, start + take))
+                if take < left:
+                    break  # the budget is used up
             if not prefills and not decoders:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             context = sum(s.prompt.length + len(s.tokens) for s in decoders) / len(decoders) if decoders else 0.0
-            delay = model.iteration_seconds(ctx_tokens, len(decoders), context)
+            delay = model.iteration_seconds(fresh_tokens, len(decoders), context, continued)
             self._iter += 1
             it = self._iter
             started = loop.time()
@@ -539,10 +564,13 @@ class Engine:
             now = time.monotonic()
             completed = 0
             vocab = cfg.vocab_size
-            for s in prefills:
+            for s, end in prefills:
                 if s.phase == PREFILL:
-                    s.first_iter = it
-                    completed += self._emit(s, token_at(s.prompt.seed, 0, vocab), now, it)
+                    if s.first_iter is None:
+                        s.first_iter = it
+                    s.prefilled = end
+                    if end >= s.prompt.length:
+                        completed += self._emit(s, token_at(s.prompt.seed, 0, vocab), now, it)
             for s in decoders:
                 if s.phase == DECODE:
                     completed += self._emit(s, token_at(s.prompt.seed, len(s.tokens), vocab), now, it)

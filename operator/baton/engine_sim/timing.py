@@ -8,6 +8,10 @@ Assumed (documented in docs/engine-simulator.md):
 - tensor parallelism of N divides times by N x efficiency (default 0.85); pipeline parallelism does not
   change the time of one iteration;
 - a mixed iteration costs prefill + decode (no fusion discount);
+- a chunk of a chunked prefill (enable_chunked_prefill) over prompt tokens [start, end) costs
+  prefill(end) - prefill(start) on the batch-1 curve (its tokens attend to the `start` tokens before them),
+  so the chunks of one prompt add up to one full-length prefill; an iteration never costs less than one
+  pass over all of its context tokens, prefill(total) (`ModelTiming.prefill_with_chunks`);
 - KV transfer time = KV bytes / link rate.
 Every modelled delay is multiplied by the time scale (`--sim-speed`; 0 = no delays at all).
 
@@ -101,6 +105,23 @@ class ModelTiming:
         if tokens <= 0:
             return 0.0
         return interp_loglog(self.prefill_tokens, self.prefill_ms, tokens)
+
+    def prefill_with_chunks(self, fresh_tokens: float, continued: Sequence[tuple[float, float]] = ()) -> float:
+        """Milliseconds for the context part of one iteration.
+
+        `fresh_tokens`: prompt tokens of whole prompts and of first chunks (nothing before them is cached);
+        `continued`: (start, end) of each later chunk of a chunked prefill, whose tokens attend to the
+        `start` prompt tokens already in the KV cache. A later chunk costs what the batch-1 curve adds from
+        `start` to `end`, prefill(end) - prefill(start), so the chunks of one prompt sum to prefill(prompt).
+        The iteration costs at least one pass over all its tokens, prefill(fresh + chunk tokens): where the
+        curve is flat (small passes are bound by weight reads) a small chunk costs what a small pass costs.
+        Without `continued` this is prefill(fresh_tokens)."""
+        base = self.prefill(fresh_tokens)
+        if not continued:
+            return base
+        marginal = sum(self.prefill(end) - self.prefill(start) for start, end in continued)
+        total = fresh_tokens + sum(end - start for start, end in continued)
+        return max(self.prefill(total), base + marginal)
 
     def decode(self, batch: float, context: float) -> float:
         """Milliseconds for one decode step of `batch` sequences with `context` cached tokens each."""
@@ -268,10 +289,15 @@ class TimingModel:
     def decode_seconds(self, batch: int, mean_context: float) -> float:
         return self._seconds(self.model.decode(batch, mean_context))
 
-    def iteration_seconds(self, prefill_tokens: int, decode_batch: int, mean_context: float) -> float:
+    def iteration_seconds(self, prefill_tokens: int, decode_batch: int, mean_context: float,
+                          continued_chunks: Sequence[tuple[int, int]] = ()) -> float:
+        """One iteration: `prefill_tokens` fresh prompt tokens (whole prompts and first chunks), the later
+        chunks `continued_chunks` ((start, end) prompt positions, `ModelTiming.prefill_with_chunks`) and one
+        decode step of `decode_batch` sequences."""
         if self.time_scale == 0.0:
             return 0.0
-        return self.prefill_seconds(prefill_tokens) + self.decode_seconds(decode_batch, mean_context)
+        return (self._seconds(self.model.prefill_with_chunks(prefill_tokens, continued_chunks))
+                + self.decode_seconds(decode_batch, mean_context))
 
     def transfer_seconds(self, num_bytes: int, link_bytes_per_s: float | None = None) -> float:
         if self.time_scale == 0.0 or num_bytes <= 0:
