@@ -180,7 +180,9 @@ def test_replay_url_without_scheme_is_a_usage_error(tmp_path):
 def test_ctrl_c_cancels_in_flight_requests_and_prints_what_finished(stub, tmp_path):
     # replay-0 answers, replay-1 never does, replay-2 is due in an hour: SIGINT once 0 is done and 1 is in flight
     server = stub(lambda i: "ok" if i == 0 else "hang")
-    trace = write_trace(tmp_path / "t.csv", [0, 0.001, 3600])
+    # replay-1 goes out a second after replay-0 was answered: by then the client has recorded replay-0 (the
+    # stub's having answered it does not mean the client has read the answer yet)
+    trace = write_trace(tmp_path / "t.csv", [0, 1.0, 3600])
     code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "  # even if SIGINT is
             "from baton.replay import main; sys.exit(main(sys.argv[1:]))")  # ignored where the tests run
     proc = subprocess.Popen([sys.executable, "-c", code, str(trace), "--url", server.url, "--model", "stub",
