@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import kopf
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
@@ -32,8 +33,14 @@ from baton.operator.kube import Kube, api_error_message
 from baton.operator.rollout_pass import (
     ANNOTATION_RETRY,
     ANNOTATION_ROLLBACK,
+    HANDLED,
+    NO_PROBE,
+    ROLLOUT,
     RolloutPass,
+    _fingerprints,
     _replicas,
+    handled_condition,
+    handled_value,
 )
 from baton.operator.validation import spec_problems
 from baton.render import render_generation, render_shared
@@ -67,12 +74,27 @@ def _short(obj: dict[str, Any]) -> str:
     return f"{obj['kind']}/{obj['metadata']['name']}"
 
 
+class TransientApiError(kopf.TemporaryError):
+    """The API server could not take a write right now (overload, a timeout, a conflict): the pass ends
+    without touching status, and the reconcile loop retries it with backoff. Nothing is rolled back and
+    nothing is reported Stalled: the spec is fine."""
+
+
+def transient(exc: ApiException) -> bool:
+    """True for API errors that say "not now" rather than "never": 5xx (etcd timeouts, an unavailable
+    webhook), 429 (API priority and fairness), 409 (a conflicting write) and no status at all (the
+    connection failed). 400/422 (an invalid object), 403, 404 and the like are for the user to fix."""
+    code = int(exc.status or 0)
+    return code == 0 or code in (409, 429) or code >= 500
+
+
 class Reconciler:
     def __init__(self, kube: Kube, cache: ChildCache | None = None):
         self.kube = kube
         self.cache = cache
         self._unschedulable: dict[tuple[str, str], tuple[float, list[str]]] = {}  # model -> (listed at, pods)
         self._fresh = threading.local()  # .model: the pass is the first one of a model no operator has reconciled
+        self._transient: dict[tuple[str, str], int] = {}  # model -> transient API errors in a row
 
     def _new_model(self) -> bool:
         return getattr(self._fresh, "model", False)
@@ -90,6 +112,21 @@ class Reconciler:
         return self.kube.get(kind, namespace, name)
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
+        """One pass. A transient API error ends it early with nothing decided (no rollback, no Stalled, no
+        status write) and a retry after a backoff: 1 s, 2 s, 4 s... up to 60 s."""
+        key = (namespace, name)
+        try:
+            outcome = self._reconcile(namespace, name)
+        except TransientApiError as exc:
+            failures = self._transient.get(key, 0) + 1
+            self._transient[key] = failures
+            delay = min(60.0, float(2 ** (failures - 1)))
+            log.warning("reconcile of %s/%s hit a transient API error (%s); retrying in %.0fs", namespace, name, exc, delay)
+            return Outcome(requeue_after=delay, writes=0)
+        self._transient.pop(key, None)
+        return outcome
+
+    def _reconcile(self, namespace: str, name: str) -> Outcome:
         body = self.kube.get("DisaggregatedModel", namespace, name)
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             self._unschedulable.pop((namespace, name), None)
@@ -137,19 +174,41 @@ class Reconciler:
         if failure:
             return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation)
 
-        rollout_state = RolloutPass(self, body, target, derived, ro, generations, changed)
+        # The control annotations, each acted on once per value (see rollout_pass.HANDLED).
+        conditions = previous.get("conditions") or []
+        handled: list[tuple[str, bool, str, str]] = []
+        forget = [HANDLED[a] for a in HANDLED if not annotations.get(a) and handled_value(conditions, a)]
+        rollback_request = annotations.get(ANNOTATION_ROLLBACK, "")
+        if rollback_request == handled_value(conditions, ANNOTATION_ROLLBACK):
+            rollback_request = ""
+        retry = annotations.get(ANNOTATION_RETRY, "")
+        if retry and retry != handled_value(conditions, ANNOTATION_RETRY):
+            if gen == ro.get("failedGeneration") and retry == gen and gen != serving:
+                # Try the failed generation again from the start: new StatefulSets, a new probe, a new deadline.
+                if gen in generations:
+                    self.delete_generation(namespace, name, gen)
+                    generations.pop(gen)
+                ro.update({"failedGeneration": "", "targetGeneration": "", "startedAt": "", "probe": dict(NO_PROBE)})
+                handled.append(handled_condition(ANNOTATION_RETRY, retry, f"generation {gen} retried"))
+            else:
+                handled.append(handled_condition(ANNOTATION_RETRY, retry, f"generation {retry} is not a failed generation of this spec"))
+
+        rollout_state = RolloutPass(self, body, target, derived, ro, generations, changed, rollback_request)
         if not serving or gen == serving:
             # First deployment, or a change that keeps the KV format and engine: roll in place.
             failure = self._apply_all(render_generation(target, derived), namespace, changed, prefix="in place: ")
             if failure:
                 return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation)
             rollout_state.steady()
-        elif gen == ro.get("failedGeneration") and annotations.get(ANNOTATION_RETRY) != gen:
+        elif gen == ro.get("failedGeneration"):  # a retry (above) clears it
             rollout_state.hold_failed()
         elif spec.rollout.strategy == "PairwiseSwap":
-            rollout_state.advance_pairwise(annotations.get(ANNOTATION_ROLLBACK) in ("true", gen))
+            rollout_state.advance_pairwise()
         else:
-            rollout_state.advance(annotations.get(ANNOTATION_ROLLBACK) in ("true", gen))
+            rollout_state.advance()
+        if rollback_request:
+            handled.append(handled_condition(ANNOTATION_ROLLBACK, rollback_request,
+                                             rollout_state.rollback_done or "no rollout of that generation in progress"))
         if changed:
             events.record(self.kube, body, "Normal", "Applied", "; ".join(changed))
 
@@ -170,13 +229,22 @@ class Reconciler:
         )
         if not settled:
             observed.unschedulable = self._unschedulable_pods(namespace, name)
-        serving_fp = (
-            (derived.fingerprint("prefill"), derived.fingerprint("decode")) if serving == gen
-            else ((previous.get("prefill") or {}).get("kvFingerprint", ""), (previous.get("decode") or {}).get("kvFingerprint", ""))
-        )
-        extra = list(kv_ok)
+        if serving == gen:
+            serving_fp = (derived.fingerprint("prefill"), derived.fingerprint("decode"))
+        else:
+            # Another generation serves (a rollout in progress, or one rolled back): its own fingerprints,
+            # as rendered on its StatefulSets.
+            good = ro.get("lastKnownGood") or {}
+            fallback = ((good.get("prefillFingerprint", ""), good.get("decodeFingerprint", "")) if good.get("generation") == serving
+                        else ((previous.get("prefill") or {}).get("kvFingerprint", ""), (previous.get("decode") or {}).get("kvFingerprint", "")))
+            serving_fp = tuple(a or b for a, b in zip(_fingerprints(live), fallback))
+        extra = list(kv_ok) + handled
         if rollout_state.problem:
             extra.append(rollout_state.problem)
+        elif ro.get("phase") == "Serving" and serving and (
+                rollout_state.succeeded or any(c.get("type") == ROLLOUT for c in previous.get("conditions") or [])):
+            # A rollout's condition: True again once a generation serves with nothing blocked or failed.
+            extra.append((ROLLOUT, True, "Serving", f"generation {serving} serves"))
         new_status = status.compute(
             generation=generation,
             previous=previous,
@@ -191,6 +259,7 @@ class Reconciler:
             decode_kv_capacity_tokens=derived.decode_kv_capacity_tokens,
             extra=extra,
             rolling=rollout_state.rolling,
+            drop=forget,
             selectors=(label_selector(selector_labels(target, "prefill")), label_selector(selector_labels(target, "decode"))),
         )
         new_status["rollout"] = ro
@@ -225,12 +294,16 @@ class Reconciler:
             try:
                 self.kube.apply(desired, dry_run=True)
             except ApiException as exc:
+                if transient(exc):
+                    raise TransientApiError(f"{_short(desired)}: {api_error_message(exc)}", delay=2) from exc
                 return f"{_short(desired)} would be refused by the API server: {api_error_message(exc)}"
         for desired in stale:
             action = "created " if live_objects[_short(desired)] is None else "updated "
             try:
                 live = self.kube.apply(desired)
             except ApiException as exc:
+                if transient(exc):
+                    raise TransientApiError(f"{_short(desired)}: {api_error_message(exc)}", delay=2) from exc
                 return f"{_short(desired)} was refused by the API server: {api_error_message(exc)}"
             if self.cache is not None:
                 self.cache.put(live)

@@ -6,14 +6,21 @@ Phases of status.rollout.phase:
 - BlockedOnCapacity: a new generation is wanted but a GPU pool has no room for it; nothing started.
 - Progressing: the new generation's StatefulSets run beside the serving ones, not yet Ready.
 - Draining: traffic switched to the new generation; the previous one finishes its in-flight work and
-  is kept for `rollout.rollbackWindow` so a failing new generation can be switched back in one step.
+  is kept for `rollout.rollbackWindow` so a failing new generation (replicas it had at the switch no
+  longer Ready, too many failed requests, or the rollback annotation) can be switched back in one step.
+  Scaling a tier meanwhile is not a failure. An engine change in this phase ends the window: the
+  serving generation becomes lastKnownGood and the previous one is deleted once idle.
 - Swapping (strategy PairwiseSwap): the new generation runs beside the serving one with a surge of one
   replica per tier; both serve (schedulers pair only equal KV fingerprints) while the new one grows
   and the old one shrinks a replica per tier at a time, each step probed; then the switch and drain.
 - Paused: `spec.rollout.paused`; nothing moves.
 - RolledBack: the new generation failed (never Ready in time, probe failed, lost readiness after the
-  switch, or the user asked); traffic is on the last known-good generation; the failed generation is
-  deleted and not retried until the spec changes or the retry annotation names it.
+  switch, or the user asked); traffic is on the last known-good generation (that status write comes
+  first); the failed generation is deleted and not retried until the spec changes or a new value of the
+  retry annotation names it.
+
+Transient API errors (5xx, 429, 409) never move the state machine: the pass is retried (reconciler).
+A target the spec moved away from before it served is deleted.
 
 Switching traffic is writing one field, status.rollout.servingGeneration, which every scheduler
 watches; schedulers also only ever pair engines of equal KV fingerprint.
@@ -37,8 +44,51 @@ ANNOTATION_RETRY = "serving.baton.dev/retry-generation"  # a failed generation's
 
 # Status is merge-patched, where {} changes nothing: clearing takes explicit empty values.
 NO_SWAP = {"generation": "", "prefillReplicas": 0, "decodeReplicas": 0}
+NO_PROBE = {"generation": "", "step": "", "passed": False, "message": "", "at": ""}
 
-ROLLOUT = "RolloutSucceeded"  # condition type: False while a rollout is blocked or failed
+ROLLOUT = "RolloutSucceeded"  # condition type: False while a rollout is blocked or failed, True once one serves
+
+# Which value of each control annotation was already acted on, kept as a condition (the status schema
+# has no free-form field): an annotation left in place (GitOps) is acted on once, not on every rollout.
+# Removing the annotation forgets it, so setting it again acts again.
+HANDLED = {ANNOTATION_ROLLBACK: "RollbackRequestHandled", ANNOTATION_RETRY: "RetryRequestHandled"}
+
+
+def handled_value(conditions: list[dict], annotation: str) -> str:
+    """The value of `annotation` that was already handled ("" when none)."""
+    cond = next((c for c in conditions or [] if c.get("type") == HANDLED[annotation]), None)
+    prefix = f"{annotation}="
+    message = (cond or {}).get("message", "")
+    return message[len(prefix):].split(": ", 1)[0] if message.startswith(prefix) else ""
+
+
+def handled_condition(annotation: str, value: str, what: str) -> tuple[str, bool, str, str]:
+    return (HANDLED[annotation], True, "Handled", f"{annotation}={value}: {what}")
+
+
+def _ready(pod: dict) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in pod.get("status", {}).get("conditions") or [])
+
+
+def lost_ready_pods(pods: list[dict], switched_at: str) -> list[str]:
+    """Pods that lost readiness since the switch: not Ready now although they were part of the
+    generation when it was switched to (created before the switch, when every replica was Ready), or
+    whose containers restarted. A replica added later (a scale-up in progress) that is still starting
+    is not a loss; a pod being deleted (scale-down, eviction) is not either."""
+    lost = []
+    for pod in pods:
+        meta = pod.get("metadata", {})
+        if meta.get("deletionTimestamp") or _ready(pod):
+            continue
+        created = meta.get("creationTimestamp", "")
+        restarted = any(int(c.get("restartCount", 0) or 0) > 0 for c in pod.get("status", {}).get("containerStatuses") or [])
+        if restarted or not created or not switched_at or _ts(created) < _ts(switched_at):
+            lost.append(meta.get("name", "?"))
+    return sorted(lost)
+
+
+def _ts(timestamp: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
 
 
 def _now() -> str:
@@ -52,13 +102,21 @@ def _age(timestamp: str) -> float:
     return (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds()
 
 
+def _fingerprints(tiers: dict[str, dict]) -> tuple[str, str]:
+    """The KV fingerprints a generation's StatefulSets were rendered with ("" when unknown)."""
+    from baton.render.naming import ANNOTATION_KV_FINGERPRINT
+
+    return tuple(((((tiers.get(t) or {}).get("spec") or {}).get("template") or {}).get("metadata") or {})
+                 .get("annotations", {}).get(ANNOTATION_KV_FINGERPRINT, "") for t in ("prefill", "decode"))  # type: ignore[return-value]
+
+
 def _replicas(sts: dict[str, Any] | None, default: int) -> int:
     return int((sts or {}).get("spec", {}).get("replicas", default)) if sts else default
 
 
 class RolloutPass:
     def __init__(self, reconciler: "Reconciler", body: dict, target: Any, derived: Any, ro: dict,
-                 generations: dict[str, dict[str, dict]], changed: list[str]):
+                 generations: dict[str, dict[str, dict]], changed: list[str], rollback_request: str = ""):
         self.r, self.body, self.target, self.derived = reconciler, body, target, derived
         self.ro = ro
         self.generations = generations
@@ -69,6 +127,10 @@ class RolloutPass:
         self.rolling = False
         self.requeue = 60.0
         self._pod_list: list[dict] | None = None
+        # A value of the rollback annotation not acted on yet ("" when none): "true" or a generation key.
+        self.rollback_request = rollback_request
+        self.rollback_done = ""  # what the rollback request did, for the handled condition
+        self.succeeded = False  # a new generation finished its rollout in this pass
 
     def _pods(self) -> list[dict]:
         """The model's pods, listed at most once per pass."""
@@ -143,10 +205,18 @@ class RolloutPass:
                 sts = self.generations.get(good, {}).get(tier)
                 want = int(swap.get(f"{tier}Replicas", 0))
                 if sts and want and _replicas(sts, want) != want:
-                    self.r.kube.scale("StatefulSet", self.ns, sts["metadata"]["name"], want)
+                    scaled = self.r.kube.scale("StatefulSet", self.ns, sts["metadata"]["name"], want)
+                    # What this pass reads next (e.g. a new swap's restore target) sees the restored size.
+                    self.generations[good][tier] = scaled if isinstance(scaled, dict) and scaled.get("spec") else {
+                        **sts, "spec": {**sts.get("spec", {}), "replicas": want}}
             self.ro["swap"] = dict(NO_SWAP)
-        self.r.delete_generation(self.ns, self.name, failed)
-        self.generations.pop(failed, None)
+        if switched_back:
+            # Traffic still points at the failed generation until this pass's status write moves
+            # servingGeneration back: delete it on the next pass, never before that write.
+            self.requeue = 2.0
+        else:
+            self.r.delete_generation(self.ns, self.name, failed)
+            self.generations.pop(failed, None)
         self.ro.update({"failedGeneration": failed, "previousGeneration": "", "targetGeneration": failed})
         where = f"traffic back on generation {good}" if switched_back else f"generation {good} kept serving"
         self._phase("RolledBack", f"generation {failed} rolled back: {why}; {where}")
@@ -155,10 +225,49 @@ class RolloutPass:
                         f"new generation) or set annotation {ANNOTATION_RETRY}={failed} to try it again")
         self._event("Warning", "RolledBack", self.ro["message"])
 
-    def _held(self, gen: str, rollback_requested: bool) -> bool:
+    def _rollback_requested(self, gen: str) -> bool:
+        return self.rollback_request in ("true", gen)
+
+    def _requested_rollback(self, gen: str) -> bool:
+        """Roll `gen` back when a new rollback annotation asks for it; True when it did."""
+        if not self._rollback_requested(gen):
+            return False
+        self._rollback(gen, f"rollback requested with annotation {ANNOTATION_ROLLBACK}")
+        self.rollback_done = f"generation {gen} rolled back"
+        return True
+
+    def _remove_leftovers(self, keep: set[str]) -> None:
+        """Delete every generation but `keep`: abandoned targets (they never served), a failed one."""
+        for other in [g for g in self.generations if g not in keep]:
+            self.r.delete_generation(self.ns, self.name, other)
+            self.generations.pop(other, None)
+            self.changed.append(f"deleted generation {other}")
+
+    def _lingering_previous(self, gen: str) -> bool:
+        """The spec moved on while a previous generation was still draining (its rollback window is
+        over: the user chose a newer generation). The serving one becomes the last known-good one, the
+        previous one is deleted once idle (or at drainTimeout); True while it is still there."""
+        serving = self.ro.get("servingGeneration", "")
+        previous = self.ro.get("previousGeneration", "")
+        if not previous or previous in (serving, gen) or previous not in self.generations:
+            if previous and previous not in self.generations:
+                self.ro["previousGeneration"] = ""
+            return False
+        if (self.ro.get("lastKnownGood") or {}).get("generation") != serving:
+            self.ro["lastKnownGood"] = self._ref(serving, _fingerprints(self.generations.get(serving, {})))
+        since = _age(self.ro.get("switchedAt", ""))
+        in_flight = sum(rollout.active_requests(a) for t in ("prefill", "decode") for a in self._pod_addresses(previous, t))
+        if in_flight and since < parse_duration(self.spec.rollout.drain_timeout):
+            return True
+        self.r.delete_generation(self.ns, self.name, previous)
+        self.generations.pop(previous, None)
+        self.ro["previousGeneration"] = ""
+        self._event("Normal", "Drained", f"generation {previous} drained and deleted (generation {serving} serves)")
+        return False
+
+    def _held(self, gen: str, rollback_requested: bool | None = None) -> bool:
         """An explicit rollback or a pause stops a rollout where it is; True when one did."""
-        if rollback_requested:
-            self._rollback(gen, f"rollback requested with annotation {ANNOTATION_ROLLBACK}")
+        if self._requested_rollback(gen):
             return True
         if self.spec.rollout.paused:
             self._phase("Paused", f"rollout to generation {gen} paused (spec.rollout.paused)")
@@ -179,6 +288,12 @@ class RolloutPass:
         gen = self.derived.generation
         fps = (self.derived.fingerprint("prefill"), self.derived.fingerprint("decode"))
         if not self.ro.get("servingGeneration"):
+            # First deployment: nothing serves, so an earlier generation that never became Ready (a
+            # broken first spec, since fixed) only holds GPUs the fixed one needs.
+            for other in [g for g in self.generations if g != gen and not self._settled(g)]:
+                self.r.delete_generation(self.ns, self.name, other)
+                self.generations.pop(other, None)
+                self.changed.append(f"deleted generation {other} (never Ready)")
             if self._settled(gen):
                 self.ro.update({"servingGeneration": gen, "targetGeneration": gen, "lastKnownGood": self._ref(gen, fps),
                                 "switchedAt": _now()})
@@ -190,7 +305,7 @@ class RolloutPass:
                 self.requeue = 2.0
             return
         previous = self.ro.get("previousGeneration", "")
-        if previous and previous in self.generations:
+        if previous and previous in self.generations and previous != gen:
             self._drain(gen, previous)
             return
         else:
@@ -201,15 +316,22 @@ class RolloutPass:
             if self.ro.get("phase") != "Serving" or self.ro.get("previousGeneration"):
                 self.ro.update({"previousGeneration": "", "lastKnownGood": self._ref(gen, fps)})
                 self._phase("Serving", f"generation {gen} serves")
-        if self.ro.get("failedGeneration") == gen:
-            self.ro["failedGeneration"] = ""
+        if self.rollback_request:
+            self.rollback_done = "nothing to roll back"
+        # The spec is back on the serving generation (e.g. reverted after a failed rollout): no rollout
+        # is targeted or failed any more.
+        if self.ro.get("targetGeneration") != gen or self.ro.get("failedGeneration"):
+            self.ro.update({"targetGeneration": gen, "failedGeneration": ""})
 
     def _drain(self, gen: str, previous: str) -> None:
         """After the switch: watch the new generation, let the old one finish, then delete it."""
         self.rolling = True
         self.requeue = 2.0
-        if not self._settled(gen):
-            self._rollback(gen, "it lost readiness after the switch", detected_at=time.monotonic())
+        if self._requested_rollback(gen):
+            return
+        lost = self._lost_readiness(gen)
+        if lost:
+            self._rollback(gen, f"it lost readiness after the switch ({lost})", detected_at=time.monotonic())
             return
         since = _age(self.ro.get("switchedAt", ""))
         window = parse_duration(self.spec.rollout.rollback_window)
@@ -228,6 +350,7 @@ class RolloutPass:
             how = "drained" if in_flight == 0 else f"drain timeout reached with {in_flight} request(s) in flight"
             self._phase("Serving", f"generation {gen} serves; previous generation {previous} {how} and deleted")
             self._event("Normal", "Drained", self.ro["message"])
+            self.succeeded = True
             self.rolling = False
             self.requeue = 60.0
         else:
@@ -235,14 +358,53 @@ class RolloutPass:
                                     f"({in_flight} request(s) in flight) and stays for rollback until "
                                     f"{max(0, int(window - since))}s from now")
 
+    def _lost_readiness(self, gen: str) -> str:
+        """Why the serving generation counts as failed ("" when it does not): replicas it had at the switch
+        are no longer Ready. A replica count changing (kubectl scale, an autoscaler, a replicas edit) is not
+        a loss: replicas being added may still be starting, replicas being removed go away."""
+        tiers = self.r._generations(self.ns, self.name).get(gen, {})  # as they are after this pass's apply
+        missing = [t for t in ("prefill", "decode") if t not in tiers]
+        if missing:
+            return f"its {' and '.join(missing)} StatefulSet is gone"
+        if all(status.workload_settled(tiers[t], _replicas(tiers[t], 0)) for t in ("prefill", "decode")):
+            return ""
+        pods = [p for p in self._pods() if (p.get("metadata", {}).get("labels") or {}).get(LABEL_GENERATION) == gen
+                and (p.get("metadata", {}).get("labels") or {}).get(LABEL_TIER) in ("prefill", "decode")]
+        lost = lost_ready_pods(pods, self.ro.get("switchedAt", ""))
+        return f"not Ready: {', '.join(lost)}" if lost else ""
+
     def hold_failed(self) -> None:
         gen = self.derived.generation
         serving = self.ro.get("servingGeneration", "")
+        # A generation rolled back after the switch is deleted once traffic is back (see _rollback).
+        self._remove_leftovers({serving, self.ro.get("previousGeneration", "")} - {""})
+        if self.rollback_request:
+            self.rollback_done = f"generation {gen} was already rolled back"
         self.problem = (ROLLOUT, False, "RolledBack",
                         f"generation {gen} was rolled back ({self.ro.get('message', '')}); generation {serving} serves. "
                         f"Fix the spec or set annotation {ANNOTATION_RETRY}={gen} to try again")
 
-    def advance(self, rollback_requested: bool) -> None:
+    def _start_deadline(self, gen: str, key: str = "startedAt") -> float:
+        """Seconds since the generation (or swap step) started. When the status write that recorded the
+        start was lost (an API error, an operator restart), the StatefulSets' creation time stands in,
+        else now: the progress deadline is always enforced."""
+        if not self.ro.get(key):
+            created = sorted(((sts or {}).get("metadata") or {}).get("creationTimestamp") or ""
+                             for sts in self.generations.get(gen, {}).values())
+            self.ro[key] = next((c for c in created if c), "") or _now()
+        return _age(self.ro[key])
+
+    def _restarting(self, gen: str) -> None:
+        """The spec went back to the generation still draining: it is old, its deadline starts now."""
+        if gen in self.generations and gen == self.ro.get("previousGeneration"):
+            self.ro["startedAt"] = self.ro["stepStartedAt"] = _now()
+
+    def _resumed(self, gen: str) -> None:
+        """Time spent paused does not count against the progress deadline."""
+        if self.ro.get("phase") == "Paused" and gen in self.generations:
+            self.ro["startedAt"] = self.ro["stepStartedAt"] = _now()
+
+    def advance(self, rollback_requested: bool | None = None) -> None:
         """The spec asks for a new generation: capacity, start, Ready, probe, switch."""
         gen = self.derived.generation
         serving = self.ro["servingGeneration"]
@@ -250,11 +412,17 @@ class RolloutPass:
         self.requeue = 2.0
         if self.ro.get("targetGeneration") != gen:
             why = "the engine or KV format changed (image, TensorRT-LLM version, model, KV cache or transfer settings, parallelism)"
-            self.ro.update({"targetGeneration": gen, "startedAt": "", "probe": {}, "failedGeneration": self.ro.get("failedGeneration", "")})
+            self.ro.update({"targetGeneration": gen, "startedAt": "", "stepStartedAt": "", "probe": dict(NO_PROBE),
+                            "failedGeneration": self.ro.get("failedGeneration", "")})
+            self._restarting(gen)
             self._event("Normal", "NewGeneration", f"{why}: generation {gen} of both tiers will be created beside "
                                                    f"serving generation {serving}, probed, then switched to atomically")
-        if self._held(gen, rollback_requested):
+        # An earlier target the spec moved away from never served: it goes, with its GPUs.
+        self._remove_leftovers({serving, gen, self.ro.get("previousGeneration", "")} - {""})
+        draining = self._lingering_previous(gen)
+        if self._held(gen):
             return
+        self._resumed(gen)
         if gen not in self.generations:
             blocked = self._capacity_problems()
             if blocked:
@@ -271,12 +439,16 @@ class RolloutPass:
         self.generations = self.r._generations(self.ns, self.name)
         if not self._settled(gen):
             deadline = parse_duration(self.spec.rollout.progress_deadline)
-            if _age(self.ro.get("startedAt", "")) > deadline:
+            if self._start_deadline(gen) > deadline:
                 self._rollback(gen, f"it did not become Ready within progressDeadline {self.spec.rollout.progress_deadline}")
             else:
                 self._phase("Progressing", f"generation {gen} starting beside serving generation {serving}")
             return
         if not self._probe(gen):
+            return
+        if draining:
+            self._phase("Progressing", f"generation {gen} is Ready; switching once generation "
+                                       f"{self.ro['previousGeneration']} has drained")
             return
         # The switch: one field, which every scheduler watches.
         self.ro.update({"servingGeneration": gen, "previousGeneration": serving, "switchedAt": _now()})
@@ -323,7 +495,7 @@ class RolloutPass:
     def _tier_settled(self, sts: dict | None, replicas: int) -> bool:
         return status.workload_settled(sts, replicas) if replicas else True
 
-    def advance_pairwise(self, rollback_requested: bool) -> None:
+    def advance_pairwise(self, rollback_requested: bool | None = None) -> None:
         """PairwiseSwap: surge one replica per tier, probe, serve both, then grow new / shrink old."""
         gen = self.derived.generation
         serving = self.ro["servingGeneration"]
@@ -336,12 +508,17 @@ class RolloutPass:
                 # The spec moved on mid-swap: give the serving generation its replicas back first.
                 self._rollback(abandoned, f"the spec changed to generation {gen} during the swap")
                 self.problem = None
-            self.ro.update({"targetGeneration": gen, "startedAt": "", "probe": {}, "swap": dict(NO_SWAP), "failedGeneration": ""})
+            self.ro.update({"targetGeneration": gen, "startedAt": "", "stepStartedAt": "", "probe": dict(NO_PROBE),
+                            "swap": dict(NO_SWAP), "failedGeneration": ""})
+            self._restarting(gen)
             self._event("Normal", "NewGeneration",
                         f"the engine or KV format changed: generation {gen} will replace serving generation {serving} "
                         "pair by pair (strategy PairwiseSwap: one extra replica per tier at a time, each step probed)")
-        if self._held(gen, rollback_requested):
+        self._remove_leftovers({serving, gen, self.ro.get("previousGeneration", "")} - {""})
+        draining = self._lingering_previous(gen)
+        if self._held(gen):
             return
+        self._resumed(gen)
         old = self.generations.get(serving, {})
         desired = {t: self.spec.tier(t).desired_replicas() for t in tiers}
         swap = dict(self.ro.get("swap") or {})
@@ -368,7 +545,7 @@ class RolloutPass:
                   and all(self._tier_settled(old.get(t), old_counts[t]) for t in tiers))
         if not steady:
             deadline = parse_duration(self.spec.rollout.progress_deadline)
-            if _age(self.ro.get("stepStartedAt", "")) > deadline:
+            if self._start_deadline(gen, "stepStartedAt") > deadline:
                 self._rollback(gen, f"a swap step did not become Ready within progressDeadline {self.spec.rollout.progress_deadline}")
             else:
                 self._phase("Swapping", f"pairwise swap: {summary}; waiting for the step to become Ready")
@@ -402,6 +579,10 @@ class RolloutPass:
             self._phase("Swapping", f"pairwise swap: {summary}; adding a generation {gen} replica to {', '.join(grow)}")
             return
         # The new generation has every replica: the final switch, then the usual drain and rollback window.
+        if draining:
+            self._phase("Swapping", f"pairwise swap: {summary}; switching once generation "
+                                    f"{self.ro['previousGeneration']} has drained")
+            return
         self.ro.update({"servingGeneration": gen, "previousGeneration": serving, "switchedAt": _now(),
                         "swap": {**swap, "generation": ""}})
         self._phase("Draining", f"pairwise swap complete: traffic on generation {gen}; generation {serving} drains")

@@ -102,9 +102,11 @@ def compute(
     extra: list[tuple[str, bool, str, str]] = (),
     rolling: bool = False,
     selectors: tuple[str, str] = ("", ""),
+    drop: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """The whole status object; `lastTransitionTime`s move only when a condition's status changes."""
-    conditions = previous.get("conditions", []) or []
+    """The whole status object; `lastTransitionTime`s move only when a condition's status changes.
+    Conditions of the types in `drop` are left out (a merge patch replaces the whole list)."""
+    conditions = [c for c in previous.get("conditions", []) or [] if c.get("type") not in drop]
     prefill = tier_status(observed.prefill, desired_prefill, fingerprints[0], selectors[0])
     decode = tier_status(observed.decode, desired_decode, fingerprints[1], selectors[1])
     settled = {

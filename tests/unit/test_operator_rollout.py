@@ -1,0 +1,568 @@
+"""The generation state machine (rollout_pass) and the reconciler around it, against an in-memory
+Kubernetes: rollouts, rollbacks, the control annotations and API errors."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes.client.rest import ApiException
+
+from baton.operator import rollout, rollout_pass
+from baton.operator.reconciler import Reconciler, TransientApiError, transient
+from baton.operator.rollout_pass import ANNOTATION_RETRY, ANNOTATION_ROLLBACK, handled_value, lost_ready_pods
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "small.yaml"
+IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:"
+
+
+class FakeKube:
+    """Just enough of the API server: server-side apply, scale, status merge patches, deletes; pods
+    appear when `settle` says the StatefulSets rolled out."""
+
+    def __init__(self, nodes):
+        self.objs: dict[tuple[str, str, str], dict] = {}
+        self.rv = 1
+        self.requests: Counter[str] = Counter()
+        self.events: list[tuple[str, str, str]] = []
+        self.nodes = nodes
+        self.fail_apply = None  # obj -> HTTP status to fail with (or None)
+        self.log: list[tuple[str, str]] = []  # ("status", servingGeneration) / ("delete", name), in order
+
+    def writes(self):
+        return sum(n for v, n in self.requests.items() if v not in ("GET", "LIST", "DRYRUN"))
+
+    def _bump(self, obj):
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+
+    def get(self, kind, ns, name):
+        o = self.objs.get((kind, ns, name))
+        return copy.deepcopy(o) if o else None
+
+    def list(self, kind, ns, sel=""):
+        k, v = sel.split("=") if sel else (None, None)
+        return [copy.deepcopy(o) for (kd, n, _), o in self.objs.items() if kd == kind and n == ns
+                and (k is None or (o["metadata"].get("labels") or {}).get(k) == v)]
+
+    def list_cluster(self, kind):
+        if kind == "Node":
+            return copy.deepcopy(self.nodes)
+        return [copy.deepcopy(o) for (kd, _, _), o in self.objs.items() if kd == kind]
+
+    def apply(self, obj, dry_run=False):
+        code = self.fail_apply(obj) if self.fail_apply else None
+        if code:
+            exc = ApiException(status=code, reason="injected")
+            exc.body = json.dumps({"message": f"injected {code}"})
+            raise exc
+        if dry_run:
+            self.requests["DRYRUN"] += 1
+            return copy.deepcopy(obj)
+        self.requests["PATCH"] += 1
+        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        cur = self.objs.get(key)
+        new = copy.deepcopy(obj)
+        if cur is None:
+            new["metadata"].update(generation=1, uid="uid-" + obj["metadata"]["name"])
+            if obj["kind"] in ("StatefulSet", "Deployment"):
+                new["status"] = {"observedGeneration": 0}
+        else:
+            changed = json.dumps(cur.get("spec"), sort_keys=True) != json.dumps(new.get("spec"), sort_keys=True)
+            new["metadata"].update(generation=cur["metadata"].get("generation", 1) + changed, uid=cur["metadata"]["uid"])
+            if "status" in cur:
+                new["status"] = cur["status"]
+        self._bump(new)
+        self.objs[key] = new
+        return copy.deepcopy(new)
+
+    def scale(self, kind, ns, name, replicas):
+        self.requests["PATCH"] += 1
+        o = self.objs[(kind, ns, name)]
+        o["spec"]["replicas"] = replicas
+        o["metadata"]["generation"] += 1
+        self._bump(o)
+        return copy.deepcopy(o)
+
+    def patch_status(self, ns, name, status):
+        self.requests["PATCH"] += 1
+        o = self.objs[("DisaggregatedModel", ns, name)]
+
+        def merge(a, b):
+            for k, v in b.items():
+                if isinstance(v, dict) and isinstance(a.get(k), dict):
+                    merge(a[k], v)
+                elif v is None:
+                    a.pop(k, None)
+                else:
+                    a[k] = copy.deepcopy(v)
+
+        merge(o.setdefault("status", {}), status)
+        self.log.append(("status", (status.get("rollout") or {}).get("servingGeneration", "")))
+        self._bump(o)
+
+    def delete(self, kind, ns, name):
+        self.requests["DELETE"] += 1
+        self.log.append(("delete", name))
+        self.objs.pop((kind, ns, name), None)
+        if kind == "StatefulSet":
+            for k in [k for k, p in self.objs.items() if k[0] == "Pod" and p["metadata"]["labels"].get("sts") == name]:
+                self.objs.pop(k)
+
+    def create_event(self, ev):
+        self.events.append((ev["type"], ev["reason"], ev["message"]))
+
+    def settle(self, ready=True, gen=None, keep_pods=False):
+        """Workloads observed and (if ready) available; their pods exist (on nodes with room)."""
+        for key, o in list(self.objs.items()):
+            if key[0] not in ("StatefulSet", "Deployment"):
+                continue
+            if gen and o["metadata"]["labels"].get("baton.dev/generation") != gen:
+                continue
+            n = o["spec"].get("replicas", 1)
+            o["status"] = {"observedGeneration": o["metadata"]["generation"], "replicas": n, "updatedReplicas": n,
+                           "readyReplicas": n if ready else 0, "availableReplicas": n if ready else 0}
+            if key[0] != "StatefulSet":
+                continue
+            pods = {k: p for k, p in self.objs.items() if k[0] == "Pod" and p["metadata"]["labels"].get("sts") == key[2]}
+            for k in pods:
+                if not keep_pods:
+                    self.objs.pop(k)
+            gpus = int(o["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+            selector = o["spec"]["template"]["spec"].get("nodeSelector") or {}
+            for i in range(n):
+                name = f"{key[2]}-{i}"
+                if keep_pods and ("Pod", key[1], name) in pods:
+                    continue
+                labels = {**o["spec"]["template"]["metadata"]["labels"], "sts": key[2]}
+                self.objs[("Pod", key[1], name)] = {
+                    "metadata": {"name": name, "namespace": key[1], "labels": labels},
+                    "spec": {"nodeName": self._place(selector, gpus),
+                             "containers": [{"resources": {"requests": {"nvidia.com/gpu": str(gpus)}}}]},
+                    "status": {"phase": "Running", "podIP": f"10.0.0.{i}",
+                               "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+    def _place(self, selector, gpus):
+        free = rollout.free_gpus(self.nodes, [o for k, o in self.objs.items() if k[0] == "Pod"])
+        for n in self.nodes:
+            if all((n["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items()) and free[n["metadata"]["name"]] >= gpus:
+                return n["metadata"]["name"]
+        return None
+
+
+def node(name, pool, gpus):
+    return {"metadata": {"name": name, "labels": {"baton.dev/pool": pool}}, "spec": {},
+            "status": {"allocatable": {"nvidia.com/gpu": str(gpus)}}}
+
+
+@pytest.fixture(autouse=True)
+def engines(monkeypatch):
+    """Probes pass, the old generation has work in flight, the schedulers saw no errors."""
+    calls = []
+    monkeypatch.setattr(rollout, "probe_handoffs", lambda p, d, m, timeout=20.0: (calls.append(1), (True, "ok"))[1])
+    monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 1)
+    monkeypatch.setattr(rollout, "generation_outcomes", lambda a, g, timeout=2.0: {})
+    return calls
+
+
+class Model:
+    def __init__(self, gpus=8, mutate=None, settle=True):
+        self.kube = FakeKube([node("p1", "prefill-h100", gpus), node("d1", "decode-l40s", gpus), node("s", "system", 0)])
+        doc = yaml.safe_load(EXAMPLE.read_text())
+        doc["metadata"] = {"name": "m", "namespace": "ns", "uid": "model-uid", "generation": 1, "annotations": {}}
+        if mutate:
+            mutate(doc["spec"])
+        self.kube.objs[("DisaggregatedModel", "ns", "m")] = doc
+        self.r = Reconciler(self.kube, None)
+        self.pass_()
+        if settle:
+            self.kube.settle()
+            self.pass_()
+
+    @property
+    def obj(self):
+        return self.kube.objs[("DisaggregatedModel", "ns", "m")]
+
+    @property
+    def ro(self):
+        return self.obj.get("status", {}).get("rollout", {})
+
+    def cond(self, ctype):
+        return next((c for c in self.obj.get("status", {}).get("conditions", []) if c["type"] == ctype), {})
+
+    def edit(self, fn):
+        fn(self.obj["spec"])
+        self.obj["metadata"]["generation"] += 1
+
+    def image(self, tag):
+        self.edit(lambda s: s["engine"].__setitem__("image", IMAGE + tag))
+
+    def annotate(self, key, value):
+        annotations = self.obj["metadata"]["annotations"]
+        if value is None:
+            annotations.pop(key, None)
+        else:
+            annotations[key] = value
+
+    def pass_(self, n=1):
+        for _ in range(n):
+            self.r.reconcile("ns", "m")
+
+    def generations(self):
+        return sorted({o["metadata"]["labels"]["baton.dev/generation"] for k, o in self.kube.objs.items() if k[0] == "StatefulSet"})
+
+    def replicas(self, gen):
+        return {t: self.kube.objs[("StatefulSet", "ns", f"m-{t}-{gen}")]["spec"]["replicas"] for t in ("prefill", "decode")}
+
+    def switch(self, tag):
+        """An engine change rolled out up to the switch (Draining)."""
+        self.image(tag)
+        self.pass_()
+        self.kube.settle()
+        self.pass_()
+        assert self.ro["phase"] == "Draining", self.ro
+        return self.ro["servingGeneration"]
+
+    def warnings(self):
+        return [e for e in self.kube.events if e[0] == "Warning"]
+
+
+def iso(seconds_ago=0.0):
+    t = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds_ago)
+    return t.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------- 1. scaling during the rollback window
+
+def test_lost_ready_pods_counts_only_replicas_that_were_there_at_the_switch():
+    def pod(name, ready, created, restarts=0, deleting=False):
+        return {"metadata": {"name": name, "creationTimestamp": created, **({"deletionTimestamp": iso()} if deleting else {})},
+                "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                           "containerStatuses": [{"restartCount": restarts}]}}
+
+    switched = iso(30)
+    assert lost_ready_pods([pod("a", True, iso(120)), pod("b", False, iso(5))], switched) == []  # scale-up starting
+    assert lost_ready_pods([pod("a", False, iso(120))], switched) == ["a"]  # was serving at the switch
+    assert lost_ready_pods([pod("c", False, iso(5), restarts=2)], switched) == ["c"]  # a new one that crashed
+    assert lost_ready_pods([pod("d", False, iso(120), deleting=True)], switched) == []  # scaled down / evicted
+
+
+def test_scaling_a_tier_during_the_rollback_window_keeps_the_new_generation(engines):
+    m = Model()
+    new = m.switch("1.2.1")
+    m.edit(lambda s: s["decode"].__setitem__("replicas", 2))  # kubectl scale / an HPA / a replicas edit
+    m.pass_()
+    assert m.ro["phase"] == "Draining" and m.ro["servingGeneration"] == new, m.ro
+    m.kube.settle(keep_pods=True)  # the added replica becomes Ready
+    m.pass_()
+    assert m.ro["servingGeneration"] == new and not m.warnings()
+    assert m.replicas(new)["decode"] == 2
+
+
+def test_a_generation_losing_readiness_after_the_switch_is_still_rolled_back():
+    m = Model()
+    old = m.ro["servingGeneration"]
+    new = m.switch("1.2.1")
+    m.kube.settle(ready=False, gen=new)
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == old and m.ro["failedGeneration"] == new
+    assert "lost readiness after the switch" in m.ro["message"]
+
+
+# ---------------------------------------------------------------- 2. transient API errors
+
+@pytest.mark.parametrize("code,expected", [(500, True), (503, True), (429, True), (409, True), (0, True),
+                                           (400, False), (422, False), (403, False), (404, False)])
+def test_transient_api_errors_are_told_from_permanent_ones(code, expected):
+    assert transient(ApiException(status=code)) is expected
+
+
+def test_a_transient_error_during_a_rollout_is_retried_not_rolled_back():
+    m = Model()
+    m.image("1.2.1")
+    fails = {"n": 1}
+
+    def flaky(obj):
+        if obj["kind"] == "StatefulSet" and fails["n"] and obj["metadata"]["labels"].get("baton.dev/generation") != m.ro["servingGeneration"]:
+            fails["n"] -= 1
+            return 500
+        return None
+
+    m.kube.fail_apply = flaky
+    before = copy.deepcopy(m.obj["status"])
+    outcome = m.r.reconcile("ns", "m")
+    assert 0 < outcome.requeue_after <= 2 and not outcome.failed
+    assert m.obj["status"] == before and not m.warnings()  # nothing rolled back, no status written
+    m.pass_()
+    m.kube.settle()
+    m.pass_()
+    assert m.ro["phase"] == "Draining" and not m.ro.get("failedGeneration"), m.ro
+
+
+def test_transient_errors_in_a_row_back_off():
+    m = Model()
+    m.kube.fail_apply = lambda o: 503 if o["kind"] == "Deployment" else None
+    m.edit(lambda s: s["scheduler"].__setitem__("replicas", 2))
+    delays = [m.r.reconcile("ns", "m").requeue_after for _ in range(8)]
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert issubclass(TransientApiError, __import__("kopf").TemporaryError)
+
+
+def test_an_invalid_new_generation_is_still_rolled_back():
+    m = Model()
+    m.image("1.2.1")
+    m.kube.fail_apply = lambda obj: 422 if obj["kind"] == "StatefulSet" and m.ro["servingGeneration"] not in obj["metadata"]["name"] else None
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and "refused by the API server" in m.ro["message"]
+
+
+def test_a_transient_error_in_steady_state_is_not_stalled():
+    m = Model()
+    fails = {"n": 1}
+    m.kube.fail_apply = lambda o: (o["kind"] == "Deployment" and fails.pop("n", None) and 503) or None
+    m.edit(lambda s: s["scheduler"].__setitem__("replicas", 2))
+    assert m.r.reconcile("ns", "m").requeue_after <= 2
+    assert m.cond("Stalled")["status"] == "False" and m.cond("Ready")["status"] == "True" and not m.warnings()
+    m.pass_()
+    assert m.kube.objs[("Deployment", "ns", "m-scheduler")]["spec"]["replicas"] == 2
+
+
+# ---------------------------------------------------------------- 3. RolloutSucceeded and stale fields
+
+def test_rollout_succeeded_turns_true_again_once_a_rollout_succeeds(monkeypatch):
+    m = Model(gpus=1)
+    m.image("1.2.1")
+    m.pass_()
+    assert m.ro["phase"] == "BlockedOnCapacity" and m.cond("RolloutSucceeded")["status"] == "False"
+    for n in m.kube.nodes:
+        n["status"]["allocatable"]["nvidia.com/gpu"] = "2"
+    monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 0)
+    m.pass_()
+    m.kube.settle()
+    m.pass_()
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 3600.0 if ts else 0.0)  # past the rollback window
+    m.pass_()
+    assert m.ro["phase"] == "Serving"
+    assert m.cond("RolloutSucceeded")["status"] == "True" and m.ro["servingGeneration"] in m.cond("RolloutSucceeded")["message"]
+
+
+def test_reverting_the_spec_after_a_rollback_clears_the_failed_rollout():
+    m = Model()
+    old = m.ro["servingGeneration"]
+    m.image("1.2.1")
+    m.pass_()
+    m.kube.settle(ready=False)
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.cond("RolloutSucceeded")["status"] == "False"
+    m.image("1.2.0")  # back to what serves
+    m.pass_()
+    assert m.ro["servingGeneration"] == old and m.ro["targetGeneration"] == old and m.ro["failedGeneration"] == ""
+    assert m.ro["phase"] == "Serving" and m.cond("RolloutSucceeded")["status"] == "True"
+
+
+# ---------------------------------------------------------------- 4. fingerprints after a rollback
+
+def test_status_shows_the_serving_generations_fingerprint_after_a_rollback():
+    m = Model()
+    good_fp = m.obj["status"]["prefill"]["kvFingerprint"]
+    m.edit(lambda s: s["engine"]["kvCache"].__setitem__("dtype", "fp8"))
+    m.pass_()
+    m.kube.settle()
+    m.pass_()
+    new = m.ro["servingGeneration"]
+    assert m.obj["status"]["prefill"]["kvFingerprint"] != good_fp
+    m.kube.settle(ready=False, gen=new)
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack"
+    assert m.obj["status"]["prefill"]["kvFingerprint"] == good_fp == m.obj["status"]["decode"]["kvFingerprint"]
+
+
+# ---------------------------------------------------------------- 5. a second edit mid-rollout
+
+def test_a_second_edit_while_progressing_deletes_the_abandoned_generation():
+    m = Model(gpus=2)
+    serving = m.ro["servingGeneration"]
+    m.image("1.2.1")
+    m.pass_()
+    first = m.ro["targetGeneration"]
+    m.kube.settle(ready=False, gen=first)  # holds the spare GPUs, never Ready
+    m.pass_()
+    m.image("1.2.2")
+    m.pass_()
+    second = m.ro["targetGeneration"]
+    assert first not in m.generations() and m.generations() == sorted([serving, second])
+    assert m.ro["phase"] == "Progressing", m.ro["message"]
+
+
+def test_a_second_edit_while_draining_keeps_the_serving_generation_as_last_known_good(monkeypatch):
+    m = Model()
+    g0 = m.ro["servingGeneration"]
+    g1 = m.switch("1.2.1")
+    m.image("1.2.2")
+    m.pass_()
+    assert m.ro["lastKnownGood"]["generation"] == g1
+    monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 0)  # g0 drained
+    m.kube.settle()
+    m.pass_()
+    g2 = m.ro["servingGeneration"]
+    assert g2 not in (g0, g1) and m.ro["previousGeneration"] == g1 and g0 not in m.generations()
+    m.kube.settle(ready=False, gen=g2)
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g1
+
+
+# ---------------------------------------------------------------- 6. the control annotations act once
+
+def test_handled_value_reads_back_what_was_recorded():
+    conditions = [{"type": "RollbackRequestHandled", "status": "True", "message": f"{ANNOTATION_ROLLBACK}=true: generation x rolled back"}]
+    assert handled_value(conditions, ANNOTATION_ROLLBACK) == "true"
+    assert handled_value(conditions, ANNOTATION_RETRY) == ""
+
+
+def test_a_rollback_annotation_left_in_place_does_not_roll_back_the_next_rollout():
+    m = Model()
+    m.image("1.2.1")
+    m.pass_()
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack"
+    m.image("1.2.2")  # the next upgrade, annotation still there (GitOps)
+    m.pass_()
+    assert m.ro["phase"] == "Progressing" and len(m.warnings()) == 1
+    # Removing the annotation forgets it; setting it again aborts again.
+    m.annotate(ANNOTATION_ROLLBACK, None)
+    m.pass_()
+    assert not m.cond("RollbackRequestHandled")
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and len(m.warnings()) == 2
+
+
+def test_a_retried_generation_is_probed_again_and_retried_once(engines, monkeypatch):
+    m = Model()
+    g = m.switch("1.2.1")
+    m.kube.settle(ready=False, gen=g)
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["probe"]["passed"] is True
+    m.annotate(ANNOTATION_RETRY, g)
+    monkeypatch.setattr(rollout, "probe_handoffs", lambda p, d, mm, timeout=20.0: (engines.append(1), (False, "handoff failed"))[1])
+    probes = len(engines)
+    m.pass_()
+    m.kube.settle()
+    m.pass_()
+    assert len(engines) == probes + 1 and m.ro["phase"] == "RolledBack" and m.ro["probe"]["passed"] is False
+    m.pass_(3)
+    m.kube.settle()
+    m.pass_()
+    assert len(engines) == probes + 1 and m.ro["phase"] == "RolledBack"  # not retried in a loop
+    assert g not in m.generations()
+
+
+# ---------------------------------------------------------------- 7. first deployment fixed
+
+def test_fixing_a_broken_first_deployment_replaces_its_never_ready_generation():
+    m = Model(gpus=1, settle=False)
+    m.kube.settle(ready=False)
+    m.pass_()
+    broken = m.ro["targetGeneration"]
+    m.image("1.2.1")
+    m.pass_()
+    assert broken not in m.generations()
+    m.kube.settle()
+    assert all(p["spec"]["nodeName"] for k, p in m.kube.objs.items() if k[0] == "Pod")
+    m.pass_()
+    assert m.ro["phase"] == "Serving" and m.ro["servingGeneration"] != broken
+
+
+# ---------------------------------------------------------------- 8. progress deadline without startedAt
+
+def test_the_progress_deadline_holds_when_the_start_was_never_recorded(monkeypatch):
+    m = Model()
+    m.image("1.2.1")
+
+    def unavailable(*a, **kw):
+        raise ApiException(status=503)
+
+    real = m.kube.patch_status
+    m.kube.patch_status = unavailable
+    with pytest.raises(ApiException):
+        m.pass_()
+    m.kube.patch_status = real
+    m.kube.settle(ready=False, gen=[g for g in m.generations() if g != m.ro["servingGeneration"]][0])
+    m.pass_()
+    assert m.ro["startedAt"]
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 1e6 if ts else 0.0)
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and "progressDeadline" in m.ro["message"]
+
+
+def test_time_paused_does_not_count_against_the_progress_deadline():
+    m = Model()
+    m.image("1.2.1")
+    m.pass_()
+    m.kube.settle(ready=False, gen=m.ro["targetGeneration"])
+    m.edit(lambda s: s.setdefault("rollout", {}).__setitem__("paused", True))
+    m.pass_()
+    assert m.ro["phase"] == "Paused"
+    m.ro["startedAt"] = iso(3600)  # paused for an hour
+    m.edit(lambda s: s["rollout"].__setitem__("paused", False))
+    m.pass_()
+    assert m.ro["phase"] == "Progressing", m.ro["message"]
+
+
+# ---------------------------------------------------------------- 9. PairwiseSwap re-spec
+
+def test_a_respec_mid_pairwise_swap_records_the_full_size_to_restore():
+    def pairwise(s):
+        s["rollout"] = {"strategy": "PairwiseSwap"}
+        for t in ("prefill", "decode"):
+            s[t].update(minReplicas=1, maxReplicas=4, replicas=3)
+
+    m = Model(gpus=4, mutate=pairwise)
+    g0 = m.ro["servingGeneration"]
+    m.image("1.2.1")
+    for _ in range(4):
+        m.pass_()
+        m.kube.settle()
+    assert m.replicas(g0)["prefill"] < 3  # mid-swap: the serving generation shrank
+    m.image("1.2.2")
+    m.pass_()
+    m.kube.settle()
+    assert m.ro["swap"]["prefillReplicas"] == 3 and m.ro["swap"]["decodeReplicas"] == 3, m.ro["swap"]
+    rollout.probe_handoffs = lambda p, d, mm, timeout=20.0: (False, "handoff failed")
+    for _ in range(3):
+        m.pass_()
+        m.kube.settle()
+    assert m.ro["phase"] == "RolledBack" and m.replicas(g0) == {"prefill": 3, "decode": 3}
+
+
+# ---------------------------------------------------------------- 10. rollback annotation while draining
+
+def test_the_rollback_annotation_works_while_draining_and_switches_back_before_deleting():
+    m = Model()
+    old = m.ro["servingGeneration"]
+    new = m.switch("1.2.1")
+    m.kube.log.clear()
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == old and "rollback requested" in m.ro["message"]
+    m.pass_()
+    assert new not in m.generations()
+    first_delete = next(i for i, (what, _) in enumerate(m.kube.log) if what == "delete")
+    assert ("status", old) in m.kube.log[:first_delete], m.kube.log
+
+
+def test_rollout_succeeded_appears_with_the_first_generation_rollout_only(monkeypatch):
+    m = Model()
+    assert not m.cond("RolloutSucceeded")  # a first deployment is not a rollout
+    monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 0)
+    m.switch("1.2.1")
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 3600.0 if ts else 0.0)
+    m.pass_()
+    assert m.ro["phase"] == "Serving" and m.cond("RolloutSucceeded")["status"] == "True"
