@@ -127,6 +127,12 @@ def test_service_endpoints_and_errors(engines, make_scheduler):
     assert status == 404 and body["error"]["code"] == "model_not_found"
     status, _, body = post(sched.url + "/v1/completions", b"{nope")
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    # the HTTP layer's own errors come in the same OpenAI shape (an SDK reads error.message from them)
+    status, headers, body = post(sched.url + "/v1/completion", {"model": MODEL, "prompt": "hi"})
+    assert status == 404 and headers["Content-Type"] == "application/json"
+    assert body["error"]["code"] == "not_found" and "/v1/completion" in body["error"]["message"]
+    status, headers, body = http("GET", sched.url + "/v1/completions")
+    assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
     status, headers, body = post(sched.url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
     assert status == 200 and len(headers["X-Request-Id"]) >= 16  # generated when the client sent none
     values = metrics(sched.url)

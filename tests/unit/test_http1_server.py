@@ -1805,3 +1805,28 @@ def test_head_without_a_get_route_gets_the_error_head_without_its_body():
             await close(writer)
 
     run(main())
+
+
+def test_the_servers_own_errors_take_the_applications_error_shape():
+    import json
+
+    def as_json(status, message):
+        return json.dumps({"error": {"status": status, "message": message}}).encode(), "application/json"
+
+    async def boom(request):
+        raise RuntimeError("a bug")
+
+    async def main():
+        async with serving({("GET", "/boom"): boom}, error_body=as_json, max_body_bytes=16) as server:
+            for request, status, words in ((get("/nowhere"), 404, "/nowhere"), (get("/boom"), 500, "internal"),
+                                           (b"POST /boom HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 100,
+                                            413, "")):
+                reader, writer = await connect(server.port)
+                writer.write(request)
+                resp = await read_response(reader)
+                assert resp.status == status and resp.headers["content-type"] == "application/json"
+                error = json.loads(resp.body)["error"]
+                assert error["status"] == status and words in error["message"]
+                await close(writer)
+
+    run(main())

@@ -151,6 +151,10 @@ def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None
     return Response(status, body, "application/json", headers)
 
 
+def _plain_error(status: int, message: str) -> tuple[bytes, str]:
+    return message.encode(), "text/plain; charset=utf-8"
+
+
 def text_response(text: str, status: int = 200) -> Response:
     return Response(status, text.encode(), "text/plain; charset=utf-8")
 
@@ -550,8 +554,8 @@ class _Connection(ReusedBufferProtocol):
             while True:
                 keep = False
                 if isinstance(item, _Failure):
-                    body = item.message.encode()
-                    self._write(_head(item.status, "text/plain; charset=utf-8", None, len(body), False) + body)
+                    body, ctype = self.server.error_body(item.status, item.message)
+                    self._write(_head(item.status, ctype, None, len(body), False) + body)
                 else:
                     try:
                         keep = await self._answer(item)
@@ -588,16 +592,16 @@ class _Connection(ReusedBufferProtocol):
         if handler is None:
             methods = [m for (m, p) in self.server.routes if p == request.path]
             status = 405 if methods else 404
-            body = (f"{request.method} is not allowed on {request.path}" if methods
-                    else f"no such path: {request.path}").encode()
-            self._write_whole(Response(status, body, "text/plain; charset=utf-8",
-                                       {"Allow": ", ".join(methods)} if methods else None), request, keep)
+            body, ctype = self.server.error_body(status, f"{request.method} is not allowed on {request.path}" if methods
+                                                 else f"no such path: {request.path}")
+            self._write_whole(Response(status, body, ctype, {"Allow": ", ".join(methods)} if methods else None),
+                              request, keep)
             return keep
         try:
             response = await handler(request)
         except Exception:
             log.exception("request handler failed: %s %s", request.method, request.path)
-            self._write_whole(Response(500, b"internal server error", "text/plain; charset=utf-8"), request, False)
+            self._write_whole(Response(500, *self.server.error_body(500, "internal server error")), request, False)
             return False
         keep = keep and not self.server.draining
         if head_only:
@@ -686,8 +690,8 @@ class _Connection(ReusedBufferProtocol):
                 producer.abort()
                 if sink.head and not done.done():  # nothing was sent yet: a clean error instead of a cut 200
                     sink.head = b""
-                    body = b"internal server error"
-                    self._write(_head(500, "text/plain; charset=utf-8", None, len(body), False) + body)
+                    body, ctype = self.server.error_body(500, "internal server error")
+                    self._write(_head(500, ctype, None, len(body), False) + body)
                 raise
             sink.flush_head()  # a producer that wrote nothing yet: the client gets the status line now
             if paused_before and self.write_paused and not done.done() and self.producer is not None:
@@ -735,8 +739,12 @@ class _PushSink:
 class HttpServer:
     """Routes `(method, path)` to handlers and serves them on one listening socket."""
 
-    def __init__(self, *, max_body_bytes: int = 64 * 1024 * 1024, cancel_on_disconnect: bool = False) -> None:
+    def __init__(self, *, max_body_bytes: int = 64 * 1024 * 1024, cancel_on_disconnect: bool = False,
+                 error_body: Callable[[int, str], tuple[bytes, str]] | None = None) -> None:
         self.routes: dict[tuple[str, str], Handler] = {}
+        # The body and content type of the answers the server itself makes (400, 404, 405, 413, 431, 500,
+        # 501, 505): plain text unless the application speaks another error shape (the scheduler: OpenAI's).
+        self.error_body = error_body or _plain_error
         self.max_body_bytes = max_body_bytes
         self.cancel_on_disconnect = cancel_on_disconnect
         self.connections: set[_Connection] = set()

@@ -12,7 +12,7 @@ import logging
 
 from baton.http1.server import AnyResponse, HttpServer, PushResponse, Request, Response, StreamResponse
 from baton.scheduler.metrics import CONTENT_TYPE
-from baton.scheduler.replies import AnyReply, RelayReply, Reply
+from baton.scheduler.replies import AnyReply, RelayReply, Reply, error_body
 from baton.scheduler.requests import CHAT, COMPLETIONS
 from baton.scheduler.service import SchedulerService
 
@@ -20,6 +20,18 @@ log = logging.getLogger("baton.scheduler.server")
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a 128k-token prompt as JSON ids is ~1 MB; leave ample room
 _STREAM_HEADERS = {"Cache-Control": "no-cache"}
+# The HTTP layer's own answers in OpenAI's error shape, as the scheduler's other errors are
+_HTTP_ERRORS = {400: ("invalid_request_error", "bad_request"), 404: ("invalid_request_error", "not_found"),
+                405: ("invalid_request_error", "method_not_allowed"),
+                413: ("invalid_request_error", "request_too_large"),
+                431: ("invalid_request_error", "request_header_fields_too_large"),
+                501: ("invalid_request_error", "not_implemented"),
+                505: ("invalid_request_error", "http_version_not_supported")}
+
+
+def openai_http_error(status: int, message: str) -> tuple[bytes, str]:
+    err_type, code = _HTTP_ERRORS.get(status, ("server_error", "internal_error"))
+    return error_body(message, err_type, code), "application/json"
 
 
 def to_response(reply: AnyReply) -> AnyResponse:
@@ -33,7 +45,7 @@ def to_response(reply: AnyReply) -> AnyResponse:
 
 def build_server(service: SchedulerService) -> HttpServer:
     # a client that goes away takes its request with it: its queue place, hold, slot and engine call
-    server = HttpServer(max_body_bytes=MAX_BODY_BYTES, cancel_on_disconnect=True)
+    server = HttpServer(max_body_bytes=MAX_BODY_BYTES, cancel_on_disconnect=True, error_body=openai_http_error)
 
     def completion_handler(api: str):  # type: ignore[no-untyped-def]
         async def handler(request: Request) -> AnyResponse:
