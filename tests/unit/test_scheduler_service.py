@@ -413,3 +413,22 @@ def test_a_stream_the_prefill_finished_carries_usage_when_asked():
         await svc.stop()
 
     run(main())
+
+
+def test_a_reload_warns_about_a_restart_only_for_what_needs_one(caplog):
+    import logging
+
+    async def main():
+        svc, _ = make(prefill=(), decode=("d1:1",))
+        base = "model: m\nrouting: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100}\n"
+        with caplog.at_level(logging.WARNING, logger="baton.scheduler"):
+            svc.apply_config(parse_config(base + "server: {streamFlushIntervalMs: 0}\n"))  # applies at once
+            assert "config_needs_restart" not in caplog.text
+            assert svc.config.server.stream_flush_interval_ms == 0
+            svc.apply_config(parse_config(base + "engineTimeoutSeconds: 30\n"))
+            assert "config_needs_restart field=engineTimeoutSeconds" in caplog.text
+            svc.apply_config(parse_config(base + "engineTimeoutSeconds: 30\nserver: {port: 9999}\n"))
+            assert "config_needs_restart field=server" in caplog.text
+        await svc.stop()
+
+    run(main())

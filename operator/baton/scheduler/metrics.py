@@ -230,8 +230,8 @@ class PrometheusHooks(SchedulerHooks):
         )
         self.kv_transfer_seconds = Histogram(
             f"{PREFIX}_kv_transfer_seconds",
-            "Prefill->decode KV handoff: engine-reported when available (source=engine), else measured from "
-            "the context response to the generation response's first byte (source=handoff)",
+            "Prefill->decode KV handoff as the scheduler sees it (source=handoff): from dispatching the "
+            "generation request to its first streamed byte (KV pull + first step)",
             ["source"],
             buckets=KV_BUCKETS,
             registry=r,

@@ -265,8 +265,11 @@ class SchedulerService:
         self.prefill_bucket.configure(adm.prefill_tokens_per_second, adm.prefill_burst_tokens)
         self.decode_bucket.configure(adm.decode_requests_per_second, adm.decode_burst)
         self.retry_budget.ratio = new.retries.budget_ratio
-        if new.server != old.server:
+        if (new.server.host, new.server.port) != (old.server.host, old.server.port):
             log.warning("event=config_needs_restart field=server detail=%r", "listen address changes need a restart")
+        if new.engine_timeout_seconds != old.engine_timeout_seconds:
+            log.warning("event=config_needs_restart field=engineTimeoutSeconds detail=%r",
+                        "the engine client is built at start; this scheduler keeps the old timeout")
         if new.tokenizer != old.tokenizer:
             log.warning("event=config_needs_restart field=tokenizer detail=%r",
                         "the tokenizer is loaded at start; this scheduler keeps counting as before")
