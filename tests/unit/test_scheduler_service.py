@@ -432,3 +432,39 @@ def test_a_reload_warns_about_a_restart_only_for_what_needs_one(caplog):
         await svc.stop()
 
     run(main())
+
+
+def test_overhead_is_the_schedulers_own_time_not_a_failed_attempts_or_an_expired_holds():
+    def observe(svc):
+        seen, waits = [], []
+        orig_dispatched, orig_wait = svc.hooks.dispatched, svc.hooks.queue_wait
+        svc.hooks.dispatched = lambda route, s: (seen.append(s), orig_dispatched(route, s))
+        svc.hooks.queue_wait = lambda route, pool, s: (waits.append((pool, s)), orig_wait(route, pool, s))
+        return seen, waits
+
+    async def retried():
+        svc, engine = make("retries: {maxAttempts: 3}\n")
+        seen, _ = observe(svc)
+        engine.fail["d1:1"] = "500"
+        engine.delay = 0.2  # every engine call takes 200 ms; the first generation fails
+        assert (await svc.complete("completions", long_request(), {})).status == 200
+        assert len(seen) == 2 and max(seen) < 0.1, seen  # not the failed attempt's 400 ms of engine calls
+        await svc.stop()
+
+    async def reprefilled():
+        svc, _ = make("backpressure: {maxActivePerDecodeReplica: 1}\ndegradation: {holdTtlSeconds: 0.3}\n",
+                      decode=("d1:1",))
+        seen, waits = observe(svc)
+        svc.decode["d1:1"].active = 1
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await asyncio.sleep(0.45)  # the hold expired; the request was prefilled again and is held again
+        svc.decode["d1:1"].active = 0
+        svc.decode_queue.notify()
+        assert (await asyncio.wait_for(task, 3)).status == 200
+        assert len(seen) == 2 and max(seen) < 0.1, seen  # the expired hold is a wait, not overhead
+        holds = [s for pool, s in waits if pool == "hold"]
+        assert len(holds) == 2 and holds[0] >= 0.25, holds  # the expired hold's wait is recorded too
+        await svc.stop()
+
+    run(retried())
+    run(reprefilled())

@@ -102,7 +102,7 @@ class _NoPrefillPair(Exception):
 
 class _Ctx:
     __slots__ = ("rid", "api", "t0", "req", "route", "reason", "attempt", "excluded", "prefill", "decode",
-                 "reprefilled", "queue_wait", "dispatch_t", "generation")
+                 "reprefilled", "queue_wait", "mark", "generation")
 
     def __init__(self, rid: str, api: str, t0: float) -> None:
         self.rid = rid
@@ -117,7 +117,9 @@ class _Ctx:
         self.decode: ReplicaState | None = None
         self.reprefilled = False
         self.queue_wait = 0.0
-        self.dispatch_t = t0
+        # where the scheduler's own work on the current attempt began, moved on by the time it waited:
+        # what `overhead_seconds` measures up to the dispatch
+        self.mark = t0
         self.generation = ""  # the engine generation serving when the request was dispatched
 
     def headers(self) -> dict[str, str]:
@@ -565,6 +567,7 @@ class SchedulerService:
                                    f"{self.config.queue.max_wait_seconds:g}s; retry later") from None
         waited = self.clock() - t
         ctx.queue_wait += waited
+        ctx.mark += waited
         self.hooks.queue_wait(ctx.route, pool, waited)
         return value
 
@@ -680,6 +683,7 @@ class SchedulerService:
                     log.warning("event=retry request_id=%s route=%s attempt=%d endpoint=%s error=%r", ctx.rid,
                                 ctx.route, ctx.attempt, failure.endpoint.address, failure.message[:300])
                     ctx.prefill = ctx.decode = None
+                    ctx.mark = self.clock()  # the failed attempt's engine time is not the scheduler's
                     self._decide(ctx)
                     continue
                 return self._finish_error(ctx, SchedulerError(
@@ -731,7 +735,7 @@ class SchedulerService:
             ctx.decode = None
             ctx.generation = self._serving_generation()
             t_ctx = self.clock()
-            self.hooks.dispatched(ctx.route, max(0.0, t_ctx - ctx.t0 - ctx.queue_wait))
+            self.hooks.dispatched(ctx.route, max(0.0, t_ctx - ctx.mark))
             try:
                 status, data, ctype = await self.engine.post(prefill.endpoint, req.path, req.context_body(), ctx.rid)
             except EngineFailure as failure:
@@ -772,6 +776,7 @@ class SchedulerService:
                     ctx.reprefilled = True
                     self.hooks.hold("reprefilled")
                     log.warning("event=hold_reprefill request_id=%s prefill=%s", ctx.rid, prefill.address)
+                    ctx.mark = self.clock()
                     continue
                 raise SchedulerError(
                     503,
@@ -830,13 +835,15 @@ class SchedulerService:
             self.hooks.hold("expired")
             log.warning("event=hold_expired request_id=%s prefill=%s", ctx.rid, prefill.address)
             return None
+        else:
+            self.hooks.hold("resumed")
+            return lease
         finally:
             await self.holds.remove(ctx.rid)
-        self.hooks.hold("resumed")
-        waited = self.clock() - now
-        ctx.queue_wait += waited
-        self.hooks.queue_wait(ctx.route, "hold", waited)
-        return lease
+            waited = self.clock() - now  # a wait, however the hold ended
+            ctx.queue_wait += waited
+            ctx.mark += waited
+            self.hooks.queue_wait(ctx.route, "hold", waited)
 
     # ------------------------------------------------------------------------------ generation + relay
     async def _generate(self, ctx: _Ctx, lease: _DecodeLease, body: bytes, handoff: bool = False
@@ -846,7 +853,7 @@ class SchedulerService:
         replica = lease.replica
         t_dispatch = self.clock()
         if not handoff:
-            self.hooks.dispatched(ctx.route, max(0.0, t_dispatch - ctx.t0 - ctx.queue_wait))
+            self.hooks.dispatched(ctx.route, max(0.0, t_dispatch - ctx.mark))
         try:
             if not req.stream:
                 if lease.local_open:
