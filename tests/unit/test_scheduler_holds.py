@@ -72,9 +72,13 @@ def test_redis_store_publishes_each_hold_with_its_ttl_and_deletes_it_on_remove(r
         with redis.client() as c:
             assert 29_000 < c.pttl("baton:hold:r1") <= 30_000
             published = json.loads(c.get("baton:hold:r1"))
+        # times are wall-clock epoch seconds (other replicas read them), not the store's (monotonic) clock
+        created, expires = published.pop("created"), published.pop("expires")
+        assert abs(created - time.time()) < 5 and expires - created == pytest.approx(30.0)
         assert published == {"request_id": "r1", "prefill": "127.64.0.7:8000",
                              "handle": {"ctx_request_id": 41, "encoded_opaque_state": "abc"},
-                             "created": 0.0, "expires": 30.0, "ring": ["127.64.0.8:8000", "127.64.0.9:8000"]}
+                             "ring": ["127.64.0.8:8000", "127.64.0.9:8000"]}
+        assert (await store.get("r1")).created == 0.0  # in memory the hold keeps the store's clock
         assert len(store) == 1 and (await store.get("r1")).ring == ("127.64.0.8:8000", "127.64.0.9:8000")
         assert (await store.remove("r1")).request_id == "r1"
         await store.flush()
@@ -165,6 +169,61 @@ def test_a_hung_redis_is_cut_off_by_the_write_timeout():
         asyncio.run(main())
     finally:
         silent.close()
+
+
+def test_a_hung_redis_under_load_gets_one_connection_per_back_off_period():
+    """Many holds a second against a redis that accepts and never answers: every write started before the first
+    timeout must not open its own connection and wait its own timeout; one probe per back-off period does."""
+    connections = 0
+    errors: list[str] = []
+
+    async def hung(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while await reader.read(1 << 16):
+                pass
+        finally:
+            writer.close()
+
+    async def main():
+        server = await asyncio.start_server(hung, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        store = RedisHoldStore(f"redis://127.0.0.1:{port}/0", time.monotonic, timeout_s=0.2, backoff_s=0.8,
+                               on_error=errors.append)
+        made = 0
+        counted: dict[str, int] = {}
+
+        async def load(seconds: float) -> None:
+            nonlocal made
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                for _ in range(10):  # ~1000 holds/s, each removed right after the next tick
+                    now = time.monotonic()
+                    rid = f"r{made}"
+                    made += 1
+                    started = time.monotonic()
+                    await store.put(Hold(rid, "p:1", {"ctx_request_id": 1}, now, now + 10))
+                    assert time.monotonic() - started < 0.05  # the request path never waits for redis
+                    asyncio.get_running_loop().call_soon(lambda rid=rid: asyncio.ensure_future(store.remove(rid)))
+                await asyncio.sleep(0.01)
+
+        try:
+            started = time.monotonic()
+            await load(0.9)  # the first timeout (0.2 s) and most of the first back-off period (to 1.0 s)
+            counted["first"] = connections
+            await load(0.8)  # the back-off ends at ~1.0 s: one probe, its timeout, a second back-off period
+            counted["second"] = connections
+            assert time.monotonic() - started < 3.0
+        finally:
+            await store.close()
+            server.close()
+        assert counted["first"] < 3, counted  # one probe; before the fix ~100 (one per write in flight)
+        assert counted["second"] < 5, counted
+        assert not store.healthy() and len(store) == 0
+        assert len(errors) == store.errors >= 2 * made - 50  # every failed or skipped write is counted
+
+    asyncio.run(main())
 
 
 def test_the_store_recovers_when_redis_comes_back(tmp_path):

@@ -13,14 +13,18 @@ Stores:
 - `MemoryHoldStore` (default, injectable clock).
 - `RedisHoldStore` (`degradation.store: redis`, the optional `redis` package, `pip install baton[redis]`;
   the Baton image has it). The process keeps its holds in memory as the memory store does, and
-  publishes each one to redis as `baton:hold:<request id>` (the hold as JSON, with the hold's TTL as the
+  publishes each one to redis as `baton:hold:<request id>` (the hold as JSON, its created/expires times
+  as wall-clock epoch seconds so other replicas can read them, with the hold's remaining TTL as the
   key's expiry), so every scheduler replica's held handles can be seen in one place and a key never
-  outlives its hold. Redis is a record, never on the request path: writes go out in the background,
-  in order per hold, each bounded by a timeout. While redis is unreachable the holds still work (from
-  memory); failed writes are counted (`baton_scheduler_hold_store_errors_total`), logged at most once
-  per `ERROR_LOG_INTERVAL_S`, and writes are skipped for `BACKOFF_S` after a failure, so a dead redis
-  costs one timeout per back-off period, not one per request. A key whose delete was skipped still
-  expires by its TTL.
+  outlives its hold. Redis is a record, never on the request path: a request only appends its write to
+  a queue; one writer task sends the queue in order (so in order per hold), a pipelined batch per round
+  trip, each round trip bounded by a timeout, over a pool of at most `MAX_CONNECTIONS`. So at most one
+  round trip is ever in flight, and while redis's health is unknown (at start) or failing, the writer
+  sends a single write as a probe and the rest wait behind it. After a failure every write is skipped
+  for `BACKOFF_S` (each skip counted in `baton_scheduler_hold_store_errors_total`; failures logged at
+  most once per `ERROR_LOG_INTERVAL_S`), then one probe goes out: a dead or hung redis costs one
+  connection and one timeout per back-off period, not one per request. A key whose delete was skipped
+  still expires by its TTL. The queue is bounded (`MAX_PENDING`; a write beyond it is skipped and counted).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -101,7 +106,7 @@ class MemoryHoldStore:
         self._holds.clear()
 
 
-def _redis_client(url: str, timeout_s: float) -> Any:
+def _redis_client(url: str, timeout_s: float, max_connections: int) -> Any:
     try:
         import redis.asyncio as redis_asyncio  # optional dependency
         from redis.asyncio.retry import Retry
@@ -113,10 +118,21 @@ def _redis_client(url: str, timeout_s: float) -> Any:
         ) from exc
     try:
         # No retries inside the client: the store backs off on its own, and a write must end within its timeout.
+        # A bounded pool: the store's one writer needs one connection; a pool that is used up fails at once
+        # (redis-py's default pool raises instead of waiting), which the store counts like any failed write.
         return redis_asyncio.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                      retry=Retry(NoBackoff(), 0))
+                                      retry=Retry(NoBackoff(), 0), max_connections=max_connections)
     except ValueError as exc:
         raise RuntimeError(f"degradation redis URL is not usable: {exc}") from None
+
+
+@dataclass(slots=True)
+class _Write:
+    request_id: str
+    operation: str  # "put" | "remove" | "expire": the metrics' operation label
+    key: str
+    payload: str | None = None  # a put's JSON; None for a delete
+    expires: float = 0.0  # a put's expiry on the store's clock: its key's TTL is taken when it is sent
 
 
 class RedisHoldStore(MemoryHoldStore):
@@ -124,9 +140,12 @@ class RedisHoldStore(MemoryHoldStore):
 
     kind = "redis"
     PREFIX = "baton:hold:"
-    TIMEOUT_S = 0.5  # one redis write, connect included
+    TIMEOUT_S = 0.5  # one redis round trip (a batch of writes), connect included
     BACKOFF_S = 5.0  # after a failed write, later writes are skipped this long
     ERROR_LOG_INTERVAL_S = 30.0
+    MAX_BATCH = 256  # writes sent in one pipeline (one round trip) while redis answers
+    MAX_PENDING = 10_000  # queued writes; beyond this a write is skipped (and counted) instead of queued
+    MAX_CONNECTIONS = 2  # the pool's bound: one writer, plus one being released after a timeout
 
     def __init__(self, url: str, clock: Callable[[], float] = time.monotonic, client: Any = None, *,
                  timeout_s: float | None = None, backoff_s: float | None = None,
@@ -134,10 +153,15 @@ class RedisHoldStore(MemoryHoldStore):
         super().__init__(clock)
         self.timeout_s = self.TIMEOUT_S if timeout_s is None else timeout_s
         self.backoff_s = self.BACKOFF_S if backoff_s is None else backoff_s
-        self.client = client if client is not None else _redis_client(url, self.timeout_s)
+        self.client = client if client is not None else _redis_client(url, self.timeout_s, self.MAX_CONNECTIONS)
         self.on_error = on_error
-        self._writes: dict[str, asyncio.Task[None]] = {}  # the last background write per request id
+        # One writer task drains one FIFO queue: at most one redis round trip is in flight at any time, and the
+        # writes of a hold are applied in the order they were made (a delete never runs before its put).
+        self._queue: deque[_Write] = deque()
+        self._pending: dict[str, int] = {}  # queued or in-flight writes per request id
+        self._writer: asyncio.Task[None] | None = None
         self._down_until = 0.0  # monotonic time before which writes are skipped (after a failure)
+        self._confirmed = False  # a write has succeeded since start or since the last failure
         self._failing = False
         self._errors_since_log = 0
         self._logged_at = -1e18
@@ -150,37 +174,40 @@ class RedisHoldStore(MemoryHoldStore):
 
     async def put(self, hold: Hold) -> None:
         await super().put(hold)
-        ttl_ms = max(1, int((hold.expires - self.clock()) * 1000))
-        payload = json.dumps(asdict(hold))
-        key = self.PREFIX + hold.request_id
-        self._write(hold.request_id, "put", lambda: self.client.set(key, payload, px=ttl_ms))
+        # Other replicas read the record: its times are wall-clock epoch seconds, not this process's clock.
+        offset = time.time() - self.clock()
+        record = asdict(hold)
+        record["created"] = hold.created + offset
+        record["expires"] = hold.expires + offset
+        self._write(_Write(hold.request_id, "put", self.PREFIX + hold.request_id, json.dumps(record), hold.expires))
 
     async def remove(self, request_id: str) -> Hold | None:
         hold = await super().remove(request_id)
-        if hold is not None or request_id in self._writes:
-            key = self.PREFIX + request_id
-            self._write(request_id, "remove", lambda: self.client.delete(key))
+        if hold is not None or request_id in self._pending:
+            self._write(_Write(request_id, "remove", self.PREFIX + request_id))
         return hold
 
     async def expired(self) -> list[Hold]:
         """Remove and return every hold past its expiry (its key has expired in redis by itself)."""
         gone = await super().expired()
         for hold in gone:
-            key = self.PREFIX + hold.request_id
-            self._write(hold.request_id, "expire", lambda key=key: self.client.delete(key))
+            self._write(_Write(hold.request_id, "expire", self.PREFIX + hold.request_id))
         return gone
 
     async def flush(self) -> None:
-        """Wait for the background writes started so far (tests, shutdown)."""
-        while self._writes:
-            await asyncio.gather(*list(self._writes.values()), return_exceptions=True)
+        """Wait for the background writes queued so far (tests, shutdown)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.wait([self._writer])
 
     async def close(self) -> None:
         try:
             await asyncio.wait_for(self.flush(), self.timeout_s * 2)
         except asyncio.TimeoutError:
-            for task in list(self._writes.values()):
-                task.cancel()
+            if self._writer is not None:
+                self._writer.cancel()
+                await asyncio.wait([self._writer])
+        self._queue.clear()
+        self._pending.clear()
         await super().close()
         close = getattr(self.client, "aclose", None) or getattr(self.client, "close", None)
         if close is not None:
@@ -192,44 +219,96 @@ class RedisHoldStore(MemoryHoldStore):
                 log.debug("redis client close failed", exc_info=True)
 
     # ------------------------------------------------------------------ background writes
-    def _write(self, request_id: str, operation: str, call: Callable[[], Awaitable[Any]]) -> None:
-        """Start `call` after the hold's previous write (so a put is never applied after its remove)."""
-        previous = self._writes.get(request_id)
-        task = asyncio.get_running_loop().create_task(self._run(previous, operation, call))
-        self._writes[request_id] = task
-        task.add_done_callback(lambda t: self._writes.pop(request_id, None) if self._writes.get(request_id) is t
-                               else None)
-
-    async def _run(self, previous: asyncio.Task[None] | None, operation: str,
-                   call: Callable[[], Awaitable[Any]]) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])
-        if time.monotonic() < self._down_until:
-            self._failed(operation, None)
+    def _write(self, write: _Write) -> None:
+        """Queue `write` for the writer task (started if it is not running); never waits."""
+        if len(self._queue) >= self.MAX_PENDING:  # redis is far behind: keep memory bounded, count the skip
+            self._count_error(write.operation)
             return
+        self._queue.append(write)
+        self._pending[write.request_id] = self._pending.get(write.request_id, 0) + 1
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """The one writer: send the queue in order, a batch per round trip, until it is empty."""
+        while self._queue:
+            if time.monotonic() < self._down_until:
+                size = len(self._queue)  # backing off: every queued write is skipped at once
+            elif not self._confirmed:
+                size = 1  # redis's health is unknown or failing: one probe write, the rest wait behind it
+            else:
+                size = self.MAX_BATCH
+            batch = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
+            try:
+                await self._send(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop the writer; the hold goes on from memory
+                log.exception("hold store writer failed")
+            finally:
+                for write in batch:
+                    left = self._pending.get(write.request_id, 0) - 1
+                    if left > 0:
+                        self._pending[write.request_id] = left
+                    else:
+                        self._pending.pop(write.request_id, None)
+
+    async def _send(self, batch: list[_Write]) -> None:
+        if time.monotonic() < self._down_until:
+            for write in batch:
+                self._failed(write.operation, None)
+            return
+        sent: list[_Write] = []
         try:
             async with asyncio.timeout(self.timeout_s):
-                await call()
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for write in batch:
+                        if write.payload is None:
+                            pipe.delete(write.key)
+                            sent.append(write)
+                            continue
+                        ttl_ms = int((write.expires - self.clock()) * 1000)
+                        if ttl_ms > 0:  # else the hold has expired while queued: nothing to publish
+                            pipe.set(write.key, write.payload, px=ttl_ms)
+                            sent.append(write)
+                    if not sent:
+                        return
+                    results = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # redis errors, OSError, TimeoutError: the hold goes on from memory
+        except Exception as exc:  # redis errors, OSError, TimeoutError: the holds go on from memory
             self._down_until = time.monotonic() + self.backoff_s
-            self._failed(operation, exc)
+            self._confirmed = False
+            for write in sent:
+                self._failed(write.operation, exc)
             return
-        self.writes += 1
+        self._confirmed = True
+        for write, result in zip(sent, results):
+            if isinstance(result, Exception):  # redis answered with an error for this one command
+                self._count_error(write.operation)
+                self._log_error(write.operation, result)
+            else:
+                self.writes += 1
         if self._failing:
             self._failing = False
             log.info("event=hold_store_recovered store=redis failed_writes=%d", self._errors_since_log)
             self._errors_since_log = 0
 
-    def _failed(self, operation: str, exc: BaseException | None) -> None:
+    def _count_error(self, operation: str) -> None:
         self.errors += 1
         self._errors_since_log += 1
-        self._failing = True
         if self.on_error is not None:
             self.on_error(operation)
+
+    def _failed(self, operation: str, exc: BaseException | None) -> None:
+        self._failing = True
+        self._count_error(operation)
+        if exc is not None:
+            self._log_error(operation, exc)
+
+    def _log_error(self, operation: str, exc: BaseException) -> None:
         now = time.monotonic()
-        if exc is not None and now - self._logged_at >= self.ERROR_LOG_INTERVAL_S:
+        if now - self._logged_at >= self.ERROR_LOG_INTERVAL_S:
             self._logged_at = now
             log.warning("event=hold_store_unavailable store=redis operation=%s failed_writes=%d error=%r "
                         "detail=%r", operation, self._errors_since_log, f"{type(exc).__name__}: {exc}",
