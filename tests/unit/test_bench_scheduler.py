@@ -72,6 +72,8 @@ def test_overhead_compares_percentiles_and_pairs_requests():
     assert o["routes"] == {"local": 10}
     assert o["sse_events_mean"] == 3
     assert o["achieved_rps"] == {"direct": 5.0, "sched": 5.0}
+    assert o["completed_rps"] == {"direct": 5.0, "sched": 4.5}  # 9 of 10 completed in 2 s
+    assert o["failed"] == {"direct": {}, "sched": {"http_502": 1}}
     # 4 phases of 1 s: machine busy 4 s, ours 0.02 + 0.03 + 0.028 + 0.02 + 4 x 0.1 (load generator)
     assert o["foreign_cpus"] == pytest.approx((4.0 - 0.098 - 0.4) / 4.0)
     assert "proxy_ms" not in o
@@ -172,7 +174,9 @@ def _results(added_p50=0.5, ratio=1.5, retry_after=True):
                 "requests": {"direct": 10, "sched": 10}, "ok": {"direct": 10, "sched": 10}, "errors": {},
                 "routes": {"local": 10}, "sse_events_mean": 12.0, "sched_cpu_ms_per_request": 0.9,
                 "engine_cpu_ms_per_request": 1.0, "loadgen_cpu_ms_per_request": 0.3,
-                "achieved_rps": {"direct": 500.0, "sched": 499.0}, "send_lag_p99_ms": 2.0, "foreign_cpus": 0.1,
+                "failed": {"direct": {}, "sched": {}},
+                "achieved_rps": {"direct": 500.0, "sched": 499.0}, "completed_rps": {"direct": 500.0, "sched": 499.0},
+                "send_lag_p99_ms": 2.0, "foreign_cpus": 0.1,
                 "proxy_cpu_ms_per_request": 0.7}
 
     def t(rps):
@@ -220,13 +224,98 @@ def test_the_cpu_row_at_the_target_rate_carries_the_same_run_proxy_baseline():
 
 def test_a_rate_that_was_not_reached_fails_its_latency_targets():
     results = _results(added_p50=-5.0)  # a negative "added" latency from a backlog must not pass
-    results["local"]["achieved_rps"] = {"direct": 150.0, "sched": 120.0}
+    results["local"]["achieved_rps"] = results["local"]["completed_rps"] = {"direct": 150.0, "sched": 120.0}
     metrics = {m.key: m for m in sb.build_metrics(results, sb.FULL)}
     assert metrics["local_added_p50"].passed is False and metrics["local_added_p99"].passed is False
     assert "NOT SUSTAINED" in metrics["local_added_p50"].note
     assert metrics["local_cpu"].passed is True  # CPU per request is still measured
-    assert sb.sustained({"achieved_rps": {"direct": 460.0, "sched": 451.0}}, 500.0)
-    assert not sb.sustained({"achieved_rps": {"direct": 460.0, "sched": None}}, 500.0)
+    assert sb.sustained({"completed_rps": {"direct": 460.0, "sched": 451.0}}, 500.0)
+    assert not sb.sustained({"completed_rps": {"direct": 460.0, "sched": None}}, 500.0)
+    # requests sent at the rate but failing do not sustain it: the rate that counts is the completed one
+    assert not sb.sustained({"achieved_rps": {"direct": 500.0, "sched": 500.0},
+                             "completed_rps": {"direct": 500.0, "sched": 400.0}}, 500.0)
+
+
+def _failing_rounds(sched_error, direct_error=None, rounds=5, n=400):
+    """Part 1 at 500 req/s as the load generator records it: 5% of the scheduler's requests fail fast (and so
+    drop out of its percentiles); the rest take 0.3 ms more than direct."""
+    direct, sched, again = [], [], []
+    for i in range(n):
+        lat = 0.001 + (i % 10) * 1e-5
+        direct.append(rec(i, lat, ttft=lat / 2, events=20, sent_at=i / 500))
+        again.append(rec(i, lat, ttft=lat / 2, events=20, sent_at=i / 500))
+        if i % 20 == 0:
+            sched.append(rec(i, 0.0005, error=sched_error, events=3, sent_at=i / 500))
+        else:
+            sched.append(rec(i, lat + 0.0003, ttft=lat / 2, events=20, sent_at=i / 500))
+    if direct_error:
+        direct[1] = rec(1, 0.0005, error=direct_error, sent_at=1 / 500)
+    cpu = {"sched-local": 0.3, "decode": 0.2}
+    phases = []
+    for r in range(rounds):
+        phases += [phase(f"local-direct-{r}", direct, cpu, wall=0.8), phase(f"local-sched-{r}", sched, cpu, wall=0.8),
+                   phase(f"local-again-{r}", again, cpu, wall=0.8)]
+    return phases
+
+
+def test_latency_targets_are_not_met_when_requests_fail_via_the_scheduler():
+    o = sb.overhead(_failing_rounds("stream_incomplete"), "local", "sched-local", ("decode",))
+    assert o["ok"] == {"direct": 2000, "sched": 1900}
+    assert o["failed"] == {"direct": {}, "sched": {"stream_incomplete": 100}}
+    # the percentiles of what completed are within the targets, and even the completed rate is sustained
+    assert o["added_ms"]["p50"] < 1.0 and o["added_ms"]["p99"] < 5.0 and o["paired_ms"]["p99"] < 5.0
+    assert sb.sustained(o, 500.0)
+    metrics = {m.key: m for m in sb.build_metrics({"local": o}, sb.FULL)}
+    for key in ("local_added_p50", "local_added_p99"):
+        row = metrics[key]
+        assert row.passed is False, key
+        assert row.missed_by == "100 failed via the scheduler (stream_incomplete x 100), 0 direct"
+        assert row.note.endswith("REQUESTS FAILED VIA THE SCHEDULER, so not met: completed 1900 of 2000 via the "
+                                 "scheduler, 2000 of 2000 direct; failed via the scheduler: stream_incomplete x 100; "
+                                 "direct: none")
+    assert metrics["local_cpu"].passed is True  # CPU per request has its own target
+    # the row of the run names the failures
+    cells = sb.run_cells(_report({"local": o}))
+    assert "100 failed via the scheduler (stream_incomplete x 100)" in cells[-1]
+    # some direct requests failed too, but the scheduler still completed fewer
+    o = sb.overhead(_failing_rounds("timeout", direct_error="timeout"), "local", "sched-local", ("decode",))
+    assert o["ok"] == {"direct": 1995, "sched": 1900}
+    assert {m.key: m for m in sb.build_metrics({"local": o}, sb.FULL)}["local_added_p50"].passed is False
+
+
+def test_sustained_counts_completed_requests_not_requests_sent():
+    # a fifth of the scheduler's requests time out: sent at 500 req/s, completed at 400
+    phases = []
+    for r in range(2):
+        phases += [phase(f"disagg-direct-{r}", [rec(i, 0.002) for i in range(500)], wall=1.0),
+                   phase(f"disagg-sched-{r}", [rec(i, 0.0025, error="timeout" if i % 5 == 0 else "")
+                                               for i in range(500)], wall=1.0)]
+    o = sb.overhead(phases, "disagg", "sched-disagg", ("decode", "prefill"))
+    assert o["achieved_rps"] == {"direct": 500.0, "sched": 500.0}
+    assert o["completed_rps"] == {"direct": 500.0, "sched": 400.0}
+    assert not sb.sustained(o, 500.0)
+    row = {m.key: m for m in sb.build_metrics({"disagg": o}, sb.FULL)}["disagg_added_p50"]
+    assert row.passed is False
+    assert "NOT SUSTAINED" in row.note and "completed 500 / 400" in row.note
+    assert "failed via the scheduler: timeout x 200" in row.note
+
+
+def test_big_prompt_and_throughput_targets_are_not_met_when_requests_fail_via_the_scheduler():
+    results = _results()
+    results["big_local"]["ok"] = {"direct": 10, "sched": 9}
+    results["big_local"]["failed"] = {"direct": {}, "sched": {"timeout": 1}}
+    results["throughput_local"].update(requests=100, ok=98, errors={"http_502": 2},
+                                       proxy={"requests": 120, "ok": 120, "errors": {}})
+    results["throughput_disagg"].update(routed_rps=1600.0, requests=100, ok=100, errors={},
+                                        proxy={"requests": 120, "ok": 120, "errors": {}})
+    metrics = {m.key: m for m in sb.build_metrics(results, sb.FULL)}
+    assert metrics["big_local_added_p50"].passed is False
+    assert "failed via the scheduler: timeout x 1" in metrics["big_local_added_p50"].note
+    assert metrics["throughput_local_rps"].passed is False
+    assert metrics["throughput_local_rps"].missed_by == ("2 failed via the scheduler (http_502 x 2), "
+                                                         "none via the bare proxy")
+    assert metrics["throughput_disagg_rps"].passed is True
+    assert sb.lost_requests(results["local"]) is None
 
 
 def test_a_latency_target_met_only_by_a_difference_of_percentiles_is_not_met():
@@ -305,7 +394,7 @@ def test_reading_notes_follow_the_measurements():
            "scheduler 0.90 ms (1.29x)" in notes
     assert "not sustained" not in notes
     results["ref_local"]["proxy_cpu_ms_per_request"] = 2.5
-    results["disagg"]["achieved_rps"] = {"direct": 100.0, "sched": 60.0}
+    results["disagg"]["achieved_rps"] = results["disagg"]["completed_rps"] = {"direct": 100.0, "sched": 60.0}
     notes = " ".join(sb._reading_notes(results, sb.FULL))
     assert "below what that HTTP stack costs" in notes
     assert "disaggregated phases were not sustained" in notes and "local phases" not in notes
@@ -606,7 +695,33 @@ def test_a_run_row_names_the_figure_that_missed_when_the_value_itself_is_within_
     assert f"{label}: 2.50 ms, paired p99 5.30 ms (target ≤ 5.00 ms)" in row
     # a value within the target at a rate that was not reached: the row says that, not a figure of its note
     results = _results()
-    results["local"]["achieved_rps"] = {"direct": 150.0, "sched": 120.0}
+    results["local"]["achieved_rps"] = results["local"]["completed_rps"] = {"direct": 150.0, "sched": 120.0}
     report = _report(results)
     label = next(m["label"] for m in report["metrics"] if m["key"] == "local_added_p50")
     assert f"{label}: 0.50 ms, rate not sustained (target ≤ 1.00 ms)" in sb.run_summary(report)
+
+
+def test_the_light_and_overload_phases_send_the_same_prompt_sizes():
+    rows = [[100 + i, 1 + i % 7] for i in range(50)]  # every row a prompt size of its own
+    cursor = sb.TraceCursor(rows, first_index=100_000)
+    warm = cursor(20)
+    assert warm == {"kind": "ids", "rows": rows[:20], "first_index": 100_000}  # indices of its own requests
+    probe = cursor(10)
+    assert probe == {"kind": "ids", "rows": rows[20:30], "first_index": 100_020}
+    s = sb.replace(sb.FULL, load_seconds=2.0)
+    light, over = sb.load_phases(cursor, sb.single("a:1"), light_rate=5.0, over_rate=40.0, s=s)
+    assert (light["name"], light["rate"], over["name"], over["rate"]) == ("light-sched-0", 5.0, "overload-sched-0",
+                                                                           40.0)
+    assert light["pause_after_s"] == 2.0
+    # the light phase's 10 rows, the next of the trace; the overload phase cycles through those same 10 rows
+    assert light["bodies"]["rows"] == rows[30:40]
+    assert over["bodies"]["rows"] == rows[30:40] * 8
+    # ... with prompt ids of their own: request indices follow on, none shared between phases
+    assert light["bodies"]["first_index"] == 100_030
+    assert over["bodies"]["first_index"] == 100_040
+    assert cursor(5)["first_index"] == 100_040 + 80
+    # the rows wrap around the trace
+    cursor = sb.TraceCursor(rows[:3], first_index=0)
+    light, over = sb.load_phases(cursor, sb.single("a:1"), light_rate=2.0, over_rate=5.0, s=s)
+    assert light["bodies"]["rows"] == [rows[0], rows[1], rows[2], rows[0]]
+    assert over["bodies"]["rows"] == ([rows[0], rows[1], rows[2], rows[0]] * 3)[:10]

@@ -428,6 +428,11 @@ def _rate(merged: dict[str, Any]) -> float | None:
     return merged["sent"] / merged["wall_s"] if merged["wall_s"] else None
 
 
+def _completed_rate(merged: dict[str, Any], completed: int) -> float | None:
+    """Successful requests per second of a path's phases (what `sustained` holds to the offered rate)."""
+    return completed / merged["wall_s"] if merged["wall_s"] else None
+
+
 def overhead(phases: Sequence[dict[str, Any]], group: str, sched_proc: str, engine_procs: Sequence[str]
              ) -> dict[str, Any]:
     """One group: direct vs scheduler (and bare proxy, if measured) latency percentiles in ms, the added
@@ -452,6 +457,8 @@ def overhead(phases: Sequence[dict[str, Any]], group: str, sched_proc: str, engi
         "requests": {"direct": len(direct["requests"]), "sched": len(sched["requests"])},
         "ok": {"direct": len(d_lat), "sched": n_sched},
         "errors": _errors([*direct["requests"].values(), *sched["requests"].values()]),
+        "failed": {"direct": _errors(list(direct["requests"].values())),
+                   "sched": _errors(list(sched["requests"].values()))},
         "routes": routes,
         "sse_events_mean": sum(events) / len(events) if events else None,
         "sched_cpu_ms_per_request": _ms(per_item(sched["cpu_s"].get(sched_proc), n_sched)),
@@ -459,6 +466,7 @@ def overhead(phases: Sequence[dict[str, Any]], group: str, sched_proc: str, engi
         "loadgen_cpu_ms_per_request": _ms(per_item(direct["loadgen_cpu_s"] + sched["loadgen_cpu_s"],
                                                    direct["sent"] + sched["sent"])),
         "achieved_rps": {"direct": _rate(direct), "sched": _rate(sched)},
+        "completed_rps": {"direct": _completed_rate(direct, len(d_lat)), "sched": _completed_rate(sched, n_sched)},
         "send_lag_p99_ms": max((x for x in (direct["send_lag_p99_ms"], sched["send_lag_p99_ms"]) if x is not None),
                                default=None),
         "foreign_cpus": (direct["foreign_cpu_s"] + sched["foreign_cpu_s"]) / wall if wall else None,
@@ -664,6 +672,48 @@ def part_overhead(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
     return out
 
 
+class TraceCursor:
+    """Trace rows for successive phases of part 2: `take` gives the next slice of rows (the rows wrap around)
+    with request indices, and so prompt ids, that follow on from the previous phase's."""
+
+    def __init__(self, rows: Sequence[Sequence[int]], first_index: int) -> None:
+        if not rows:
+            raise ValueError("no trace rows")
+        self.rows = [list(r) for r in rows]
+        self.row = 0  # the next trace row
+        self.index = first_index  # the next request index
+
+    def take(self, count: int, *, cycle: int | None = None) -> dict[str, Any]:
+        """The bodies of `count` requests: the next `count` rows or, with `cycle`, the next `cycle` rows
+        repeated until there are `count` (the cursor then moves on by `cycle` rows only)."""
+        span = count if cycle is None else max(1, cycle)
+        pool = [self.rows[(self.row + i) % len(self.rows)] for i in range(span)]
+        bodies = {"kind": "ids", "rows": [pool[i % span] for i in range(count)], "first_index": self.index}
+        self.row = (self.row + span) % len(self.rows)
+        self.index += count
+        return bodies
+
+    def __call__(self, count: int) -> dict[str, Any]:
+        return self.take(count)
+
+
+def load_phases(bodies: TraceCursor, target: dict[str, Any], light_rate: float, over_rate: float, s: Settings
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The light-load and the 2x-capacity phases. Both go through the same slice of the trace (as many rows as
+    the light phase sends; the overload phase cycles through it), so that their TTFT p99s see the same prompt
+    sizes and differ by the load alone; each request still has prompt ids of its own."""
+    n_light = max(1, int(light_rate * s.load_seconds))
+    n_over = max(1, int(over_rate * s.load_seconds))
+    start = bodies.row
+    light = phase_spec("light-sched-0", target, bodies.take(n_light, cycle=n_light), rate=light_rate,
+                       max_seconds=s.load_seconds + 1, timeout_s=s.timeout_s)
+    light["pause_after_s"] = 2.0
+    bodies.row = start  # the same rows again
+    over = phase_spec("overload-sched-0", target, bodies.take(n_over, cycle=n_light), rate=over_rate,
+                      max_seconds=s.load_seconds + 1, timeout_s=s.timeout_s)
+    return light, over
+
+
 def overload_config(prefill: ListeningProcess, decode: ListeningProcess, s: Settings) -> dict[str, Any]:
     """Default routing; admission small enough that queueing cannot stretch TTFT much (see the docs)."""
     return scheduler_config(
@@ -690,16 +740,8 @@ def part_overload(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
             f"routing.prefillBatchSize={s.overload_prefill_batch}")
         target = single(sched.address)
         watch = {"sched": sched.pid, "decode": decode.pid, "prefill": prefill.pid}
-        offset = 100_000  # request indices apart from part 1's, so the prompts differ
-        n_rows = 8000
-        rows = trace_rows(trace, n_rows, s.max_tokens_cap)
-        cursor = [0]
-
-        def bodies(count: int) -> dict[str, Any]:
-            first = cursor[0] % max(1, n_rows - count)
-            cursor[0] += count
-            return {"kind": "ids", "rows": rows[first: first + count], "first_index": offset + cursor[0]}
-
+        # request indices apart from part 1's, so the prompts differ
+        bodies = TraceCursor(trace_rows(trace, 8000, s.max_tokens_cap), first_index=100_000)
         run_loadgen({"watch": watch, "phases": [
             phase_spec("warm-overload-sched-0", target, bodies(20), rate=10, record=False)]}, workdir, "warm")
         probes = []
@@ -725,11 +767,7 @@ def part_overload(s: Settings, workdir: Path, trace: Path, log: Any) -> dict[str
         log(f"  capacity {capacity:.1f} req/s: light load {light_rate:.1f} req/s, overload {over_rate:.1f} req/s, "
             f"{s.load_seconds:g} s each")
         time.sleep(1.0)
-        light = phase_spec("light-sched-0", target, bodies(int(light_rate * s.load_seconds)), rate=light_rate,
-                           max_seconds=s.load_seconds + 1, timeout_s=s.timeout_s)
-        light["pause_after_s"] = 2.0
-        over = phase_spec("overload-sched-0", target, bodies(int(over_rate * s.load_seconds)), rate=over_rate,
-                          max_seconds=s.load_seconds + 1, timeout_s=s.timeout_s)
+        light, over = load_phases(bodies, target, light_rate, over_rate, s)
         results = run_loadgen({"watch": watch, "phases": [light, over]}, workdir, "overload")
     finally:
         cluster.stop()
@@ -756,6 +794,7 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
     metrics: list[Metric] = []
     rate = f"@ {s.rate:g} req/s"
     unsustained: set[str] = set()
+    lost: dict[str, tuple[str, str]] = {}  # target rows void because requests failed via the scheduler
     paired: dict[str, float | None] = {}  # added-latency rows: the paired percentile is held to the target too
     aa_paired: dict[str, float | None] = {}  # ... unless the engines alone, sent the same requests again, miss it
     for key, route in (("local", "local"), ("disagg", "disaggregated")):
@@ -766,6 +805,9 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
         if not sustained(o, s.rate):
             unsustained |= {f"{key}_added_p50", f"{key}_added_p99"}
             note = f"NOT SUSTAINED, the comparison is void: {note}"
+        failures = lost_requests(o)
+        if failures:
+            lost[f"{key}_added_p50"] = lost[f"{key}_added_p99"] = failures
         paired[f"{key}_added_p50"], paired[f"{key}_added_p99"] = o["paired_ms"]["p50"], o["paired_ms"]["p99"]
         aa = o.get("aa")
         if aa:
@@ -788,6 +830,9 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
         t = r.get(key)
         if not t:
             continue
+        failures = lost_in_loop(t)
+        if failures:
+            lost[f"{key}_rps"] = failures
         metrics += [
             Metric(f"{key}_rps", f"routed req/s, one scheduler process, {route} route", t["routed_rps"], "req/s",
                    T["routed_rps"], _tp_note(t)),
@@ -799,6 +844,9 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
         o = r.get(key)
         if o:
             paired[f"{key}_added_p50"] = o["paired_ms"]["p50"]
+            failures = lost_requests(o)
+            if failures:
+                lost[f"{key}_added_p50"] = failures
             metrics.append(Metric(f"{key}_added_p50", f"added latency p50, {s.big_kb} KB prompts, {route} route",
                                   o["added_ms"]["p50"], "ms", T["big_added_p50_ms"],
                                   f"paired p50 {fmt_value(o['paired_ms']['p50'], 'ms')}; direct p50 "
@@ -861,6 +909,12 @@ def build_metrics(r: dict[str, Any], s: Settings) -> list[Metric]:
                 m.passed = False
                 m.missed_by = f"paired {m.key.rsplit('_', 1)[1]} {fmt_value(both, 'ms')}"
                 m.note += "; the paired value is above the target, so not met"
+        if m.key in lost and m.target is not None:
+            # the scheduler's figures leave out the requests that failed through it: nothing to judge it on
+            short, note = lost[m.key]
+            m.passed = False
+            m.missed_by = short
+            m.note = f"{m.note}; {note}" if m.note else note
     return metrics
 
 
@@ -888,16 +942,50 @@ def _proxy_note(o: dict[str, Any]) -> str:
 
 
 def sustained(o: dict[str, Any], offered: float, share: float = 0.9) -> bool:
-    """Both paths completed requests at (nearly) the offered rate; otherwise their latencies measure a
-    backlog, not the hop, and their difference means nothing."""
-    got = o["achieved_rps"]
+    """Both paths completed requests (successfully) at (nearly) the offered rate; otherwise their latencies
+    measure a backlog, or leave out what failed, not the hop, and their difference means nothing."""
+    got = o["completed_rps"]
     return all(v is not None and v >= share * offered for v in (got["direct"], got["sched"]))
 
 
 def _rate_note(o: dict[str, Any], offered: float) -> str:
-    got = o["achieved_rps"]
+    got, done = o["achieved_rps"], o["completed_rps"]
     return (f"offered {offered:g} req/s, sent {fmt_value(got['direct'])} direct / {fmt_value(got['sched'])} "
-            f"via scheduler req/s")
+            f"via scheduler req/s, completed {fmt_value(done['direct'])} / {fmt_value(done['sched'])}")
+
+
+def _reasons(failed: Mapping[str, int]) -> str:
+    return ", ".join(f"{reason} x {n}" for reason, n in sorted(failed.items())) or "none"
+
+
+def lost_requests(o: dict[str, Any]) -> tuple[str, str] | None:
+    """(short reason, note) when the scheduler path completed fewer requests than the direct path in the same
+    phases, or some of its requests failed where none of the direct ones did: its percentiles then leave out
+    what failed (a timeout or a cut stream), so no latency target can be met on them. None otherwise."""
+    done = o["ok"]
+    failed = o.get("failed") or {}
+    s_failed, d_failed = failed.get("sched") or {}, failed.get("direct") or {}
+    if done["sched"] >= done["direct"] and not (s_failed and not d_failed):
+        return None
+    sent = o.get("requests") or {}
+    short = (f"{sum(s_failed.values())} failed via the scheduler ({_reasons(s_failed)}), "
+             f"{sum(d_failed.values())} direct")
+    note = (f"REQUESTS FAILED VIA THE SCHEDULER, so not met: completed {done['sched']} of {sent.get('sched', '-')} "
+            f"via the scheduler, {done['direct']} of {sent.get('direct', '-')} direct; failed via the scheduler: "
+            f"{_reasons(s_failed)}; direct: {_reasons(d_failed)}")
+    return short, note
+
+
+def lost_in_loop(t: dict[str, Any]) -> tuple[str, str] | None:
+    """(short reason, note) when the scheduler's closed loop had failed requests and the bare proxy's, on the
+    same requests and route, had none (for the throughput rows, which count successful requests only)."""
+    proxy = t.get("proxy") or {}
+    errors = t.get("errors") or {}
+    if not errors or not proxy or proxy.get("errors"):
+        return None
+    return (f"{sum(errors.values())} failed via the scheduler ({_reasons(errors)}), none via the bare proxy",
+            f"REQUESTS FAILED VIA THE SCHEDULER, so not met: {t.get('ok', '-')} of {t.get('requests', '-')} "
+            f"completed; failed: {_reasons(errors)}; bare proxy: none of {proxy.get('requests', '-')}")
 
 
 def _rounds_note(o: dict[str, Any]) -> str:
@@ -1077,7 +1165,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"when the A/A comparison misses it too: at {s.rate:g} req/s the direct requests are sent a second time in "
         "each round ('again'), and the same two figures between those two runs of the engines alone show what the "
         "machine's noise makes of a path that adds nothing. A paired percentile that even A/A is above measures "
-        "that noise, so the difference of percentiles decides alone.",
+        "that noise, so the difference of percentiles decides alone. Percentiles are of the requests that "
+        "completed, so no latency target is met when fewer completed through the scheduler than direct, or some "
+        "failed through it where none did direct (nor a throughput target when some failed in the scheduler's "
+        "closed loop and none in the bare proxy's); a rate counts as sustained when completed requests kept up "
+        "with it.",
         f"- {s.big_kb} KB prompts: text of {s.big_kb * 1024:,} bytes (~{s.big_kb * 1024 // 4:,} tokens), "
         f"{s.big_requests} requests per path, 16 output tokens.",
         f"- Throughput: closed loop with {s.concurrency} connections, {s.throughput_seconds:g} s per path in "
@@ -1093,7 +1185,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "generation_only to the decode engine, that stream relayed.",
         f"- Overload: capacity probed with open-loop rates doubling from 10 req/s until at least 20% get 429; then "
         f"{s.light_fraction:g}x and 2x that capacity, requests as in part 1 (`max_tokens` capped at "
-        f"{s.max_tokens_cap}).",
+        f"{s.max_tokens_cap}); both phases cycle through the same slice of the trace (as many rows as the light "
+        "phase sends), so their TTFT p99s see the same prompt sizes.",
         f"- {TRACE_ATTRIBUTION}",
     ]
     return "\n".join(lines)
@@ -1138,8 +1231,8 @@ def _reading_notes(r: dict[str, Any], s: Settings) -> list[str]:
             lg = o.get("loadgen_cpu_ms_per_request")
             notes.append(
                 f"At {s.rate:g} req/s the {'local' if key == 'local' else 'disaggregated'} phases were not sustained "
-                f"(completed {fmt_value(o['achieved_rps']['direct'])} req/s direct, "
-                f"{fmt_value(o['achieved_rps']['sched'])} via the scheduler): the engine simulator alone needs "
+                f"(completed {fmt_value(o['completed_rps']['direct'])} req/s direct, "
+                f"{fmt_value(o['completed_rps']['sched'])} via the scheduler): the engine simulator alone needs "
                 f"{fmt_value(o['engine_cpu_ms_per_request'], 'ms')} and the load generator "
                 f"{fmt_value(lg, 'ms')} of CPU per request, so their latencies measure a backlog; the overhead is "
                 f"better read at {s.ref_rate:g} req/s and in the CPU rows.")
