@@ -183,6 +183,30 @@ def test_monitoring_objects_only_when_asked_and_they_match_the_service_and_the_m
         assert f'job="{service["metadata"]["name"]}"' in rule["expr"]
 
 
+def _alerts(*sets: str) -> dict[str, dict[str, Any]]:
+    docs = render("metrics.prometheusRule.enabled=true", *sets)
+    return {r["alert"]: r for r in one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]}
+
+
+def test_the_operator_down_alert_is_made_only_where_its_series_can_exist():
+    # `up` with the metrics Service's job comes from the ServiceMonitor: without it (or without metrics at
+    # all) absent() would fire for ever
+    assert "BatonOperatorDown" in _alerts("metrics.serviceMonitor.enabled=true")
+    assert set(_alerts()) == {"BatonReconcileErrors", "BatonModelStalled"}
+    assert "BatonOperatorDown" not in _alerts("metrics.enabled=false", "metrics.serviceMonitor.enabled=true")
+
+
+def test_the_reconcile_error_alert_looks_back_further_than_the_longest_retry_back_off():
+    # a persistently failing model is retried at most every 300 s (+10%): a shorter window reads 0 between two
+    # retries and resets the alert's `for`
+    expr = _alerts("metrics.serviceMonitor.enabled=true")["BatonReconcileErrors"]["expr"]
+    windows = re.findall(r"\[(\d+)([smh])\]", expr)
+    assert windows, expr
+    seconds = [int(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in windows]
+    assert min(seconds) >= 2 * 300 * 1.1, expr
+    assert "increase(" in expr and expr.rstrip().endswith("> 0"), expr
+
+
 def test_object_names_fit_in_63_characters():
     release = "a-long-release-name-that-is-as-long-as-helm-allows-it"  # 53 characters, Helm's limit
     assert len(release) == 53
