@@ -65,8 +65,8 @@ class Traffic:
     """Requests through the scheduler until stopped (bounded: at most `limit`), counting outcomes,
     plus a sampler of every engine's KV-format rejection counter."""
 
-    def __init__(self, cluster, namespace, limit=5000):
-        self.cluster, self.namespace, self.limit = cluster, namespace, limit
+    def __init__(self, cluster, namespace, limit=5000, model="llama-3-8b"):
+        self.cluster, self.namespace, self.limit, self.model = cluster, namespace, limit, model
         self.outcomes: Counter[str] = Counter()
         self.routes: Counter[str] = Counter()
         self.decode_endpoints: list[tuple[float, str]] = []
@@ -89,7 +89,7 @@ class Traffic:
         i = 0
         while not self._stop.is_set() and i < self.limit:
             prompt = list(range(1, 50)) if i % 2 else list(range(1, 6001))  # local and disaggregated
-            body = json.dumps({"model": "llama-3-8b", "prompt": prompt, "max_tokens": 4}).encode()
+            body = json.dumps({"model": self.model, "prompt": prompt, "max_tokens": 4}).encode()
             request = urllib.request.Request(f"{self.url}/v1/completions", data=body, method="POST",
                                              headers={"Content-Type": "application/json"})
             try:
@@ -505,3 +505,39 @@ def test_an_engine_change_while_draining_drains_the_previous_generation_and_keep
     ro = wait_for(lambda: (r := rollout(cluster, namespace)).get("servingGeneration") not in (g0, g1) and r, 90, what="g2 switched")
     assert ro["previousGeneration"] == g1 and ro["lastKnownGood"]["generation"] == g1, ro
     assert g0 not in generations(cluster, namespace)
+
+
+def served_status(url, model):
+    """The HTTP status the scheduler answers a request naming `model` with."""
+    body = json.dumps({"model": model, "prompt": [1, 2, 3], "max_tokens": 2}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            resp.read()
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_a_model_name_change_reaches_the_scheduler_with_the_switch_not_before(cluster, namespace, operator, pod_runner):
+    """The served model name belongs to a generation: while a rollout to a new name cannot complete (its
+    engines never become Ready, then it is rolled back) clients' current name keeps working; once a new
+    generation serves, its name is the one served."""
+    serving = deploy(cluster, namespace, manifest(rollout={"progressDeadline": "10s"}))["status"]["rollout"]["servingGeneration"]
+    with Traffic(cluster, namespace) as traffic:
+        time.sleep(1)
+        patch_spec(cluster, namespace, {"model": {"name": "llama-3.1-8b",
+                                                  "source": {"huggingFace": None, "hostPath": {"path": "/nonexistent/model"}}}})
+        wait_phase(cluster, namespace, "Progressing", timeout=30)
+        ro = wait_phase(cluster, namespace, "RolledBack", timeout=90)
+        time.sleep(5)  # a scheduler config changed meanwhile would have been reloaded by now
+    assert ro["servingGeneration"] == serving
+    assert traffic.outcomes["ok"] > 20 and traffic.failed() == 0, (traffic.outcomes, traffic.errors[:3])
+    assert served_status(traffic.url, "llama-3-8b") == 200
+    # A new generation with the new name that does become Ready: after the switch the new name is served.
+    patch_spec(cluster, namespace, {"model": {"name": "llama-3.1-8b", "source": {"hostPath": None, "huggingFace": {
+        "id": "meta-llama/Llama-3.1-8B-Instruct"}}}})
+    wait_for(lambda: (ro := rollout(cluster, namespace)).get("servingGeneration") not in ("", serving) and ro, 120,
+             what="the switch to the renamed generation")
+    wait_for(lambda: served_status(traffic.url, "llama-3.1-8b") == 200, 60, what="the new model name served")
+    assert served_status(traffic.url, "llama-3-8b") == 404

@@ -566,3 +566,95 @@ def test_rollout_succeeded_appears_with_the_first_generation_rollout_only(monkey
     monkeypatch.setattr(rollout_pass, "_age", lambda ts: 3600.0 if ts else 0.0)
     m.pass_()
     assert m.ro["phase"] == "Serving" and m.cond("RolloutSucceeded")["status"] == "True"
+
+
+# ---------------------------------------------------------------- 11. the scheduler config follows the serving generation
+
+def scheduler_config(m):
+    return yaml.safe_load(m.kube.objs[("ConfigMap", "ns", "m-scheduler")]["data"]["config.yaml"])
+
+
+def generation_bound(m):
+    c = scheduler_config(m)
+    return c["model"], c["runtime"], c["routing"]["kvTransferCompression"]
+
+
+def rename_and_retune(s):
+    """A new generation (model name, KV transfer compression) and a routing setting, in one edit."""
+    s["model"]["name"] = "llama-3.1-8b"
+    s["engine"]["kvTransfer"] = {**(s["engine"].get("kvTransfer") or {}), "compression": "fp8"}
+    s["scheduler"]["localPrefillBelowTokens"] = 512
+
+
+def test_a_blocked_rollout_keeps_the_serving_generations_model_name_in_the_scheduler_config():
+    m = Model(gpus=1)  # no room for a second generation
+    old = m.ro["servingGeneration"]
+    assert generation_bound(m) == ("llama-3-8b", "trtllm-serve", "none")
+    m.edit(rename_and_retune)
+    m.pass_(2)
+    assert m.ro["phase"] == "BlockedOnCapacity" and m.ro["servingGeneration"] == old, m.ro
+    # Clients' model name keeps working while the old generation serves; routing settings apply at once.
+    assert generation_bound(m) == ("llama-3-8b", "trtllm-serve", "none")
+    assert scheduler_config(m)["routing"]["localPrefillBelowTokens"] == 512
+    # The capacity frees up: the new name reaches the scheduler with the switch, not before.
+    m.kube.nodes = [node("p1", "prefill-h100", 8), node("d1", "decode-l40s", 8), node("s", "system", 0)]
+    m.pass_()
+    assert m.ro["phase"] == "Progressing" and generation_bound(m)[0] == "llama-3-8b"
+    m.kube.settle()
+    m.kube.log.clear()
+    applied = []
+    apply = m.kube.apply
+    m.kube.apply = lambda obj, dry_run=False: (applied.append((obj["kind"], dry_run)), apply(obj, dry_run))[1]
+    m.pass_()
+    assert m.ro["phase"] == "Draining" and m.ro["servingGeneration"] != old, m.ro
+    assert generation_bound(m) == ("llama-3.1-8b", "trtllm-serve", "fp8")
+    assert ("ConfigMap", False) in applied and m.kube.log[-1][0] == "status"  # same pass as the switch
+
+
+def test_a_rollback_after_the_switch_restores_the_old_model_name_with_the_traffic():
+    m = Model()
+    old = m.ro["servingGeneration"]
+    m.edit(lambda s: s["model"].__setitem__("name", "llama-3.1-8b"))
+    m.pass_()
+    m.kube.settle()
+    m.pass_()
+    assert m.ro["phase"] == "Draining" and generation_bound(m)[0] == "llama-3.1-8b", m.ro
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == old, m.ro
+    assert generation_bound(m)[0] == "llama-3-8b"
+    m.pass_(2)  # the failed generation deleted, the spec still names it: the old name stays
+    assert m.ro["servingGeneration"] == old and generation_bound(m)[0] == "llama-3-8b"
+
+
+def test_a_pairwise_swap_serves_the_old_model_name_until_the_final_switch():
+    def pairwise(s):
+        s["rollout"] = {"strategy": "PairwiseSwap"}
+        for t in ("prefill", "decode"):
+            s[t].update(minReplicas=1, maxReplicas=4, replicas=2)
+
+    m = Model(gpus=3, mutate=pairwise)
+    old = m.ro["servingGeneration"]
+    m.edit(lambda s: s["model"].__setitem__("name", "llama-3.1-8b"))
+    both_served = False
+    for _ in range(20):
+        m.pass_()
+        m.kube.settle()
+        if m.ro["servingGeneration"] != old:
+            break
+        both_served |= bool(m.ro["swap"]["generation"])
+        assert generation_bound(m)[0] == "llama-3-8b", m.ro  # both serve: the name clients use until the switch
+    assert both_served and m.ro["phase"] == "Draining", m.ro
+    assert generation_bound(m)[0] == "llama-3.1-8b"
+
+
+def test_a_generation_rendered_without_the_annotation_keeps_the_live_scheduler_config():
+    """StatefulSets of an operator from before the annotation: the live ConfigMap (rendered while that
+    generation served) says what the scheduler must keep."""
+    m = Model(gpus=1)
+    for key, obj in m.kube.objs.items():
+        if key[0] == "StatefulSet":
+            obj["metadata"].get("annotations", {}).pop("baton.dev/scheduler-config", None)
+    m.edit(lambda s: s["model"].__setitem__("name", "llama-3.1-8b"))
+    m.pass_(2)
+    assert m.ro["phase"] == "BlockedOnCapacity" and generation_bound(m)[0] == "llama-3-8b"

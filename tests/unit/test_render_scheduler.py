@@ -106,3 +106,22 @@ def test_defaults_never_conflict_with_the_users_resources(user, expected):
     for kind in ("requests", "limits"):  # whatever the user set is kept
         for name, value in user.get(kind, {}).items():
             assert res[kind][name] == value
+
+
+def test_the_generation_bound_settings_come_from_the_serving_generation():
+    """Served model name, runtime and KV transfer compression follow the generation that serves; every
+    other setting follows the spec at once."""
+    from baton.render import render_shared
+    from baton.render.scheduler import generation_config, generation_config_of_configmap
+
+    t = target("small.yaml", model__name="llama-3.1-8b", scheduler__localPrefillBelowTokens=512,
+               engine__kvTransfer={"compression": "fp8"})
+    assert generation_config(t.spec) == {"model": "llama-3.1-8b", "runtime": "trtllm-serve", "kvTransferCompression": "fp8"}
+    serving = {"model": "llama-3-8b", "runtime": "trtllm-serve", "kvTransferCompression": "none"}
+    cm = next(o for o in render_shared(t, serving) if o["kind"] == "ConfigMap")
+    config = SchedulerConfig.model_validate(yaml.safe_load(cm["data"]["config.yaml"]))
+    assert (config.model, config.runtime, config.routing.kv_transfer_compression) == ("llama-3-8b", "trtllm-serve", "none")
+    assert config.routing.local_prefill_below_tokens == 512
+    assert generation_config_of_configmap(cm) == serving
+    assert scheduler_config(t).model == "llama-3.1-8b"  # no serving generation given: the spec's
+    assert generation_config_of_configmap({"data": {"config.yaml": ": not yaml :"}}) == {}

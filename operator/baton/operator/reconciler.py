@@ -39,12 +39,15 @@ from baton.operator.rollout_pass import (
     RolloutPass,
     _fingerprints,
     _replicas,
+    generation_children,
     handled_condition,
     handled_value,
+    rendered_generation_config,
 )
 from baton.operator.validation import spec_problems
-from baton.render import render_generation, render_shared
+from baton.render import render_shared
 from baton.render.derived import derive
+from baton.render.scheduler import generation_config_of_configmap
 from baton.render.naming import (
     LABEL_GENERATION,
     LABEL_MODEL,
@@ -170,7 +173,10 @@ class Reconciler:
         generations = self._generations(namespace, name)
         annotations = meta.get("annotations") or {}
         changed: list[str] = []
-        failure = self._apply_all(render_shared(target), namespace, changed)
+        # The scheduler config's generation-bound settings (served model name, runtime, KV transfer
+        # compression) are those of the generation that serves; the rest follows the spec at once.
+        failure = self._apply_all(render_shared(target, self._serving_generation_config(target, gen, serving, generations)),
+                                  namespace, changed)
         if failure:
             return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation)
 
@@ -196,7 +202,7 @@ class Reconciler:
         rollout_state = RolloutPass(self, body, target, derived, ro, generations, changed, rollback_request)
         if not serving or gen == serving:
             # First deployment, or a change that keeps the KV format and engine: roll in place.
-            failure = self._apply_all(render_generation(target, derived), namespace, changed, prefix="in place: ")
+            failure = self._apply_all(generation_children(target, derived), namespace, changed, prefix="in place: ")
             if failure:
                 return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation)
             rollout_state.steady()
@@ -209,10 +215,21 @@ class Reconciler:
         if rollback_request:
             handled.append(handled_condition(ANNOTATION_ROLLBACK, rollback_request,
                                              rollout_state.rollback_done or "no rollout of that generation in progress"))
+        ro = rollout_state.ro
+        if ro.get("servingGeneration", "") != serving:
+            # Traffic switched in this pass (to the new generation, or back): the scheduler's
+            # generation-bound settings switch with it, in the same pass as the status write.
+            # (The StatefulSets as listed: what the pass holds for a rescaled one may be its Scale.)
+            serving = ro.get("servingGeneration", "")
+            failure = self._apply_all(
+                render_shared(target, self._serving_generation_config(target, gen, serving,
+                                                                      self._generations(namespace, name))),
+                namespace, changed, prefix="switch: ")
+            if failure:
+                return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation)
         if changed:
             events.record(self.kube, body, "Normal", "Applied", "; ".join(changed))
 
-        ro = rollout_state.ro
         serving = ro.get("servingGeneration", "")
         observed = status.Observed()
         live = self._generations(namespace, name).get(serving, {})
@@ -309,6 +326,20 @@ class Reconciler:
                 self.cache.put(live)
             changed.append(prefix + action + _short(desired))
         return ""
+
+    def _serving_generation_config(self, target: Target, gen: str, serving: str,
+                                   generations: dict[str, dict[str, dict]]) -> dict[str, str] | None:
+        """The generation-bound scheduler settings of the serving generation; None for the spec's own (no
+        generation serves yet, or the spec's generation is the one serving). Read from the annotation its
+        StatefulSets were rendered with; for a generation rendered before that annotation existed, what
+        the live scheduler ConfigMap says (it was rendered while that generation served)."""
+        if not serving or serving == gen:
+            return None
+        values = rendered_generation_config(generations.get(serving, {}))
+        if values:
+            return values
+        live = self._read("ConfigMap", target.namespace, child_name(target, "scheduler"))
+        return generation_config_of_configmap(live) or None
 
     def _generations(self, namespace: str, name: str) -> dict[str, dict[str, dict]]:
         """generation -> tier -> StatefulSet, for every generation of this model in the cluster."""

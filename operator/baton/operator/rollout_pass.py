@@ -23,12 +23,16 @@ Transient API errors (5xx, 429, 409) never move the state machine: the pass is r
 A target the spec moved away from before it served is deleted.
 
 Switching traffic is writing one field, status.rollout.servingGeneration, which every scheduler
-watches; schedulers also only ever pair engines of equal KV fingerprint.
+watches; schedulers also only ever pair engines of equal KV fingerprint. The scheduler settings that
+belong to a generation (served model name, runtime, KV transfer compression) follow that field too:
+each generation's StatefulSets carry the values they were rendered with, and the reconciler renders the
+scheduler config from the serving generation's (see reconciler._serving_generation_config).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +112,40 @@ def _fingerprints(tiers: dict[str, dict]) -> tuple[str, str]:
 
     return tuple(((((tiers.get(t) or {}).get("spec") or {}).get("template") or {}).get("metadata") or {})
                  .get("annotations", {}).get(ANNOTATION_KV_FINGERPRINT, "") for t in ("prefill", "decode"))  # type: ignore[return-value]
+
+
+def generation_children(target: Any, derived: Any) -> list[dict[str, Any]]:
+    """The spec's generation as rendered, each StatefulSet annotated with the generation-bound scheduler
+    settings it was rendered with (served model name, runtime, KV transfer compression): what the
+    scheduler config must say while that generation serves (a metadata annotation: no pod restarts)."""
+    from baton.render import render_generation
+    from baton.render.scheduler import ANNOTATION_GENERATION_CONFIG, generation_config
+
+    value = json.dumps(generation_config(target.spec), sort_keys=True, separators=(",", ":"))
+    children = render_generation(target, derived)
+    for child in children:
+        if child["kind"] == "StatefulSet":
+            child["metadata"]["annotations"] = {**(child["metadata"].get("annotations") or {}),
+                                                ANNOTATION_GENERATION_CONFIG: value}
+    return children
+
+
+def rendered_generation_config(tiers: dict[str, dict]) -> dict[str, str]:
+    """The generation-bound scheduler settings a generation's StatefulSets were rendered with (empty when
+    they carry none: rendered by an operator before this annotation)."""
+    from baton.render.scheduler import ANNOTATION_GENERATION_CONFIG, GENERATION_FIELDS
+
+    for tier in ("prefill", "decode"):
+        raw = (((tiers.get(tier) or {}).get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_GENERATION_CONFIG)
+        try:
+            value = json.loads(raw) if raw else None
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            out = {k: v for k, v in value.items() if k in GENERATION_FIELDS and isinstance(v, str) and v}
+            if out:
+                return out
+    return {}
 
 
 def _replicas(sts: dict[str, Any] | None, default: int) -> int:
@@ -429,9 +467,7 @@ class RolloutPass:
                 self._blocked("blocked on capacity: " + "; ".join(blocked) + ". Free GPUs, add nodes, or scale the tiers down")
                 return
             self.ro["startedAt"] = _now()
-        from baton.render import render_generation
-
-        failure = self.r._apply_all(render_generation(self.target, self.derived), self.ns, self.changed,
+        failure = self.r._apply_all(generation_children(self.target, self.derived), self.ns, self.changed,
                                     prefix=f"new generation {gen}: ")
         if failure:
             self._rollback(gen, failure)
@@ -591,9 +627,7 @@ class RolloutPass:
 
     def _apply_new(self, gen: str, counts: dict[str, int]) -> bool:
         """Apply the new generation at `counts` replicas per tier; True when that failed (rolled back)."""
-        from baton.render import render_generation
-
-        children = render_generation(self.target, self.derived)
+        children = generation_children(self.target, self.derived)
         for child in children:
             tier = (child["metadata"].get("labels") or {}).get(LABEL_TIER)
             if child["kind"] == "StatefulSet" and tier in counts:

@@ -15,10 +15,12 @@ from baton.render.derived import Derived, derive
 from baton.render.naming import Target
 
 
-def render_shared(target: Target) -> list[dict[str, Any]]:
-    """Objects every generation shares: the tier Services and the scheduler with its config and RBAC."""
+def render_shared(target: Target, serving: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Objects every generation shares: the tier Services and the scheduler with its config and RBAC.
+    `serving`: the generation-bound scheduler settings (`scheduler.generation_config`) of the generation
+    that serves, when that is not the spec's (a rollout in progress, blocked or rolled back)."""
     return [tiers.headless_service(target, "prefill"), tiers.headless_service(target, "decode"),
-            *scheduler.render_scheduler(target)]
+            *scheduler.render_scheduler(target, serving)]
 
 
 def render_generation(target: Target, derived: Derived) -> list[dict[str, Any]]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import yaml
+
 from baton.api.units import parse_duration, parse_quantity
 from baton.api.v1alpha1 import DegradationSpec, DisaggregatedModelSpec, SchedulerSpec
 from baton.render import yaml_text
@@ -24,14 +26,44 @@ REDIS_URL_ENV = "BATON_REDIS_URL"
 CONFIG_DIR = "/etc/baton/scheduler"
 CONFIG_FILE = "config.yaml"
 
+# The scheduler settings that belong to an engine generation (each is part of the generation key): the
+# served model name (requests naming another model get 404), the engines' protocol and the KV transfer
+# compression. They follow the *serving* generation, not the spec: the scheduler hot-reloads its config,
+# so a spec value would reach it before the new generation serves (or forever, if that one never does).
+ANNOTATION_GENERATION_CONFIG = "baton.dev/scheduler-config"
+GENERATION_FIELDS = ("model", "runtime", "kvTransferCompression")
 
-def scheduler_config(target: Target) -> dict[str, Any]:
-    """Everything the scheduler needs: where each tier's endpoints are and every routing setting."""
+
+def generation_config(spec: DisaggregatedModelSpec) -> dict[str, str]:
+    """The generation-bound scheduler settings of `spec`'s generation (see GENERATION_FIELDS)."""
+    return {"model": spec.model.name, "runtime": spec.engine.runtime,
+            "kvTransferCompression": spec.engine.kv_transfer.compression}
+
+
+def generation_config_of_configmap(live: dict[str, Any] | None) -> dict[str, str]:
+    """The generation-bound settings a live scheduler ConfigMap carries (empty when unreadable)."""
+    try:
+        config = yaml.safe_load(((live or {}).get("data") or {}).get(CONFIG_FILE) or "") or {}
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    routing = config.get("routing") if isinstance(config.get("routing"), dict) else {}
+    out = {"model": config.get("model"), "runtime": config.get("runtime"),
+           "kvTransferCompression": routing.get("kvTransferCompression")}
+    return {k: v for k, v in out.items() if isinstance(v, str) and v}
+
+
+def scheduler_config(target: Target, serving: dict[str, str] | None = None) -> dict[str, Any]:
+    """Everything the scheduler needs: where each tier's endpoints are and every routing setting.
+    `serving`: the generation-bound settings of the generation that serves (default: the spec's);
+    everything else always comes from the spec."""
     spec = target.spec
     s = spec.scheduler
+    bound = {**generation_config(spec), **(serving or {})}
     return {
-        "model": spec.model.name,
-        "runtime": spec.engine.runtime,
+        "model": bound["model"],
+        "runtime": bound["runtime"],
         "endpoints": {
             "discovery": "kubernetes",
             "kubernetes": {
@@ -52,7 +84,7 @@ def scheduler_config(target: Target) -> dict[str, Any]:
             "prefillBatchSize": s.prefill_batch_size,
             "decodeBatchSize": s.decode_batch_size,
             "maxConcurrentPrefills": s.max_concurrent_prefills,
-            "kvTransferCompression": spec.engine.kv_transfer.compression,
+            "kvTransferCompression": bound["kvTransferCompression"],
         },
         "queue": {"maxDepth": s.max_queue_depth},
         "admission": {
@@ -99,12 +131,12 @@ def _tokenizer(spec: DisaggregatedModelSpec) -> tuple[dict[str, Any], list[dict[
     return {"path": model_path}, volumes, mounts, []
 
 
-def configmap(target: Target) -> dict[str, Any]:
+def configmap(target: Target, serving: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(target, COMPONENT),
-        "data": {CONFIG_FILE: yaml_text.dump(scheduler_config(target), sort_keys=False)},
+        "data": {CONFIG_FILE: yaml_text.dump(scheduler_config(target, serving), sort_keys=False)},
     }
 
 
@@ -243,5 +275,6 @@ def deployment(target: Target) -> dict[str, Any]:
     }
 
 
-def render_scheduler(target: Target) -> list[dict[str, Any]]:
-    return [configmap(target), service_account(target), role(target), role_binding(target), service(target), deployment(target)]
+def render_scheduler(target: Target, serving: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """`serving`: the generation-bound settings of the serving generation (default: the spec's)."""
+    return [configmap(target, serving), service_account(target), role(target), role_binding(target), service(target), deployment(target)]
