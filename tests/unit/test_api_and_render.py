@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from example_models import example_model
 from baton.api import crd as crd_module
 from baton.api.v1alpha1 import DisaggregatedModel
 from baton.operator import diff
@@ -20,14 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def model(example: str = "llama-70b.yaml", **spec_overrides) -> DisaggregatedModel:
-    data = yaml.safe_load((REPO / "examples" / example).read_text())
-    for path, value in spec_overrides.items():
-        node = data["spec"]
-        keys = path.split("__")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return DisaggregatedModel.model_validate(data)
+    return example_model(example, **spec_overrides)
 
 
 def target(m: DisaggregatedModel) -> Target:

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml
 
+from example_models import example_model
 from baton.api.units import parse_quantity
-from baton.api.v1alpha1 import DisaggregatedModel
 from baton.render import render_children
 from baton.render.naming import Target
 from baton.scheduler.config import SchedulerConfig
 from baton.scheduler.endpoints import endpoints_from_slices
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def target(example: str = "llama-70b.yaml", **spec_overrides) -> Target:
-    data = yaml.safe_load((REPO / "examples" / example).read_text())
-    for path, value in spec_overrides.items():
-        node = data["spec"]
-        keys = path.split("__")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    m = DisaggregatedModel.model_validate(data)
+    m = example_model(example, **spec_overrides)
     return Target(name=m.metadata["name"], namespace="ns", uid="uid-1", spec=m.spec)
 
 

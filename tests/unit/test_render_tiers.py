@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-import yaml
 
+from example_models import example_model
 from baton.api.units import parse_quantity
 from baton.api.v1alpha1 import DisaggregatedModel
 from baton.render import render_children, tiers
 from baton.render.naming import Target
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def model(example: str = "small.yaml", **spec_overrides) -> DisaggregatedModel:
-    data = yaml.safe_load((REPO / "examples" / example).read_text())
-    for path, value in spec_overrides.items():
-        node = data["spec"]
-        keys = path.split("__")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return DisaggregatedModel.model_validate(data)
+    return example_model(example, **spec_overrides)
 
 
 def containers(m: DisaggregatedModel) -> dict[str, dict]:

@@ -20,12 +20,12 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 # One percentile definition for replay and the benchmarks (linear interpolation, numpy's default).
+from baton.atomicfile import write_atomic
 from baton.replay import percentile
 from typing import Any
 
@@ -247,19 +247,7 @@ def write_section(path: str | Path, name: str, body: str, intro: str = INTRO) ->
         current = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         current = ""
-    updated = replace_section(current, name, body, intro)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(updated)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, replace_section(current, name, body, intro).encode("utf-8"))
 
 
 def repo_root() -> Path | None:

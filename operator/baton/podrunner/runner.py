@@ -54,7 +54,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -67,6 +66,7 @@ from typing import Any
 
 import yaml
 
+from baton.atomicfile import write_atomic
 from baton.model_tokenizer import TOKENIZER_FILE
 
 log = logging.getLogger("baton.podrunner")
@@ -180,23 +180,6 @@ def _last_line(path: Path, limit: int = 300) -> str:
     except OSError:
         return ""
     return lines[-1].strip()[:limit] if lines else ""
-
-
-def _write_atomic(path: Path, content: bytes) -> None:
-    """Replace `path` with `content` at once (a reader sees the old file or the new one, never a mix)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class CannotRunLocally(RuntimeError):
@@ -410,7 +393,7 @@ class PodRunner:
                     continue
                 path = volume.target / rel
                 transform = local.localise.get(path)
-                _write_atomic(path, transform(content) if transform else content)
+                write_atomic(path, transform(content) if transform else content)
                 volume.files[rel] = content
                 changed = True
             for rel in set(volume.files) - set(files):
@@ -471,7 +454,7 @@ class PodRunner:
             text = config_file.read_text()
             localised = self._localised_config(pod, container, text)
             if localised != text:
-                _write_atomic(config_file, localised.encode())
+                write_atomic(config_file, localised.encode())
 
     def translate(self, pod: Any) -> LocalProcess:
         """The local process standing in for `pod`'s main container."""
@@ -779,7 +762,7 @@ class PodRunner:
         local.pidfile = self.pid_dir / f"{local.proc.pid}.json"
         record = {"pid": local.proc.pid, "start": _proc_start_time(local.proc.pid), "key": local.key,
                   "runner_pid": os.getpid(), "runner_start": _proc_start_time(os.getpid())}
-        _write_atomic(local.pidfile, json.dumps(record).encode())
+        write_atomic(local.pidfile, json.dumps(record).encode())
 
     @staticmethod
     def _remove_pidfile(local: LocalProcess) -> None:
