@@ -18,9 +18,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-# Readiness checks go straight to the child on 127.0.0.1, never through HTTP(S)_PROXY (which a NO_PROXY
-# without 127.0.0.1 would otherwise apply).
-_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# Checks of local processes go straight to them (127.0.0.1, a pod's 127.64.x.x), never through
+# HTTP(S)_PROXY, which a NO_PROXY without that address would otherwise apply.
+NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 # `baton engine-sim` logs "listening on http://HOST:PORT", `baton scheduler` "event=listening url=http://HOST:PORT"
 LISTENING = re.compile(rb"listening on http://[^:\s]+:(\d+)|event=listening url=http://[^:\s]+:(\d+)")
@@ -94,7 +94,7 @@ class ListeningProcess:
             if self.proc.poll() is not None:
                 raise self._exited()
             try:
-                with _NO_PROXY_OPENER.open(url, timeout=2) as resp:
+                with NO_PROXY_OPENER.open(url, timeout=2) as resp:
                     if resp.status == 200:
                         return
             except (urllib.error.URLError, OSError):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from baton.localproc import ListeningProcess
+from proxy_harness import environment_proxy
 
 # Serves /ready (200 once a file exists) and starts a grandchild that would outlive a plain kill.
 SERVER = r"""
@@ -86,34 +86,12 @@ def test_a_process_that_never_listens_times_out(tmp_path: Path) -> None:
 
 
 def test_readiness_checks_never_go_through_a_proxy(tmp_path: Path, monkeypatch) -> None:
-    import http.server
-    import threading
-
-    hits: list[str] = []
-
-    class Proxy(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            hits.append(self.path)
-            self.send_response(502)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    proxy = http.server.HTTPServer(("127.0.0.1", 0), Proxy)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
     marker = tmp_path / "ready"
     marker.write_text("")
     proc = ListeningProcess("srv", [sys.executable, "-c", SERVER, str(marker)], tmp_path / "srv.log")
     try:
-        for name in ("HTTP_PROXY", "http_proxy"):
-            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.server_port}")
-        for name in ("NO_PROXY", "no_proxy"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's opener takes the proxies in force now
-        proc.wait_ready("/ready", time.monotonic() + 5)
-        assert hits == []
+        with environment_proxy(monkeypatch) as hits:
+            proc.wait_ready("/ready", time.monotonic() + 5)
+            assert hits == []
     finally:
         proc.stop(timeout=5)
-        proxy.shutdown()
-        proxy.server_close()

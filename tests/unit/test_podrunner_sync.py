@@ -10,7 +10,6 @@ import logging
 import subprocess
 import sys
 import threading
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 import yaml
 from baton.podrunner import runner as podrunner
 from baton.podrunner.runner import LocalProcess, PodRunner
+from proxy_harness import environment_proxy
 from kubernetes.client import ApiClient, V1ConfigMap, V1Pod
 from kubernetes.client.rest import ApiException
 
@@ -259,27 +259,6 @@ def test_a_process_exit_shows_in_the_pod_and_the_log_even_before_it_was_ever_rea
 
 
 def test_probes_never_go_through_a_proxy(monkeypatch, health_server) -> None:
-    hits: list[str] = []
-
-    class Proxy(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            hits.append(self.path)
-            self.send_response(502)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    proxy = http.server.HTTPServer(("127.0.0.1", 0), Proxy)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
-        for name in ("HTTP_PROXY", "http_proxy"):
-            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.server_port}")
-        for name in ("NO_PROXY", "no_proxy"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's opener takes the proxies in force now
+    with environment_proxy(monkeypatch) as hits:
         assert PodRunner._probe(f"http://127.0.0.1:{health_server.server_port}/health", 2.0)
         assert hits == []
-    finally:
-        proxy.shutdown()
-        proxy.server_close()

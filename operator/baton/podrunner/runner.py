@@ -67,6 +67,7 @@ from typing import Any
 import yaml
 
 from baton.atomicfile import write_atomic
+from baton.localproc import NO_PROXY_OPENER
 from baton.model_tokenizer import TOKENIZER_FILE
 
 log = logging.getLogger("baton.podrunner")
@@ -86,9 +87,6 @@ CLAIM_HOLDER_NAMESPACE = "kube-system"
 CLAIM_LEASE_S = 30
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
-# Probes go straight to the pod's IP: never through HTTP(S)_PROXY, which NO_PROXY=127.0.0.1 does not
-# keep away from 127.64.x.x.
-_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def runs_locally(labels: dict[str, str]) -> bool:
@@ -661,7 +659,7 @@ class PodRunner:
     @staticmethod
     def _probe(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
         try:
-            with _NO_PROXY_OPENER.open(url, timeout=timeout_s) as resp:
+            with NO_PROXY_OPENER.open(url, timeout=timeout_s) as resp:
                 return 200 <= resp.status < 400
         except (urllib.error.URLError, OSError, ValueError):
             return False
