@@ -27,3 +27,11 @@ def parse_quantity(value: str | int | float) -> Decimal:
         return k8s_parse_quantity(value)
     except ValueError as exc:
         raise ValueError(f"invalid quantity {value!r}: use Kubernetes units, e.g. 128Gi or 137G") from exc
+
+
+def quantity_or_none(value: str | int | float) -> Decimal | None:
+    """`parse_quantity`, or None when `value` is not a quantity (for code that leaves that to the API server)."""
+    try:
+        return parse_quantity(value)
+    except ValueError:
+        return None

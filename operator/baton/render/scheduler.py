@@ -3,12 +3,11 @@ endpoints, the Deployment and the Service clients send requests to."""
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 import yaml
 
-from baton.api.units import parse_duration, parse_quantity
+from baton.api.units import parse_duration, parse_quantity, quantity_or_none
 from baton.api.v1alpha1 import DegradationSpec, DisaggregatedModelSpec, SchedulerSpec
 from baton.render import yaml_text
 from baton.render.naming import (
@@ -198,13 +197,6 @@ DEFAULT_REQUESTS = {"cpu": "1", "memory": "512Mi"}
 DEFAULT_LIMITS = {"memory": "2Gi"}
 
 
-def _quantity(value: str) -> Decimal | None:
-    try:
-        return parse_quantity(value)
-    except ValueError:
-        return None
-
-
 def resources(s: SchedulerSpec) -> dict[str, dict[str, str]]:
     """The scheduler container's requests and limits: the user's, plus defaults that never conflict with
     them (Kubernetes refuses a request above its limit). A default request is left out where the user's
@@ -214,13 +206,13 @@ def resources(s: SchedulerSpec) -> dict[str, dict[str, str]]:
     for name, default in DEFAULT_REQUESTS.items():
         if name in requests:
             continue
-        limit = _quantity(limits[name]) if name in limits else None
+        limit = quantity_or_none(limits[name]) if name in limits else None
         if name not in limits or (limit is not None and parse_quantity(default) <= limit):
             requests[name] = default
     for name, default in DEFAULT_LIMITS.items():
         if name in limits:
             continue
-        request = _quantity(requests[name]) if name in requests else None
+        request = quantity_or_none(requests[name]) if name in requests else None
         if name in requests and request is None:
             continue  # an unreadable request: the API server names it; no default to compare it with
         limits[name] = requests[name] if request is not None and request > parse_quantity(default) else default

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from baton.api.units import parse_quantity
+from baton.api.units import quantity_or_none
 from baton.api.v1alpha1 import DecodeTierSpec, DisaggregatedModelSpec, PrefillTierSpec
 from baton.render import engine_config, yaml_text
 from baton.render.derived import Derived
@@ -89,10 +89,8 @@ def headless_service(target: Target, tier: Tier) -> dict[str, Any]:
 
 def _below_limit(request: str, limit: str) -> bool:
     """Whether `request` is at most `limit`; True when either is not a quantity (the API server says why)."""
-    try:
-        return parse_quantity(request) <= parse_quantity(limit)
-    except ValueError:
-        return True
+    req, lim = quantity_or_none(request), quantity_or_none(limit)
+    return req is None or lim is None or req <= lim
 
 
 def _resources(tier: PrefillTierSpec | DecodeTierSpec) -> dict[str, Any]:
