@@ -41,16 +41,17 @@ def test_each_tier_is_dialled_on_its_own_port(example):
     assert (k8s.prefill_port, k8s.decode_port) == (8001, 8000)
     assert (k8s.tier_port("prefill"), k8s.tier_port("decode")) == (8001, 8000)
     # and the prefill pods are reached on the port their engine listens on, not the decode one
+    objects = rendered(t)
     engine_ports = {
-        tier: rendered(t)[name]["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
-        for name in rendered(t)
+        tier: objects[name]["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+        for name in objects
         if name.startswith("StatefulSet/") and (tier := name.split("-")[-2]) in ("prefill", "decode")
     }
     assert engine_ports == {"prefill": 8001, "decode": 8000}
-    slice_ = {"addressType": "IPv4", "endpoints": [{"addresses": ["10.1.2.3"], "conditions": {"ready": True}}]}
+    slice_ = {"addressType": "IPv4", "endpoints": [{"addresses": ["127.64.1.3"], "conditions": {"ready": True}}]}
     for tier in ("prefill", "decode"):
         [endpoint] = endpoints_from_slices([slice_], k8s.tier_port(tier), tier)
-        assert endpoint.address == f"10.1.2.3:{engine_ports[tier]}"
+        assert endpoint.address == f"127.64.1.3:{engine_ports[tier]}"
 
 
 def test_equal_tier_ports_render_both():
