@@ -150,7 +150,9 @@ def test_held_prefills_are_published_to_redis_while_held(engines, make_scheduler
     thread.join(30)
     status, headers, body = held[0]
     assert status == 200 and headers["X-Baton-Route"] == "disaggregated"
-    assert key.decode() == f"baton:hold:{headers['X-Request-Id']}"
+    # one key per hold: the request's id, then a suffix of its own
+    assert key.decode() == f"baton:hold:{record['key']}" and record["request_id"] == headers["X-Request-Id"]
+    assert record["key"].startswith(headers["X-Request-Id"] + "#")
     assert body["usage"]["completion_tokens"] == 5
     with redis_server.client() as c:
         wait_for(lambda: not c.keys("baton:hold:*"), 5, "the resumed hold's key to be deleted")

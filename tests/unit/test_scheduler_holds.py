@@ -11,7 +11,7 @@ import pytest
 from redis_harness import RedisServer, SilentServer, free_port
 
 from baton.scheduler.config import ConfigError, DegradationConfig
-from baton.scheduler.holds import Hold, MemoryHoldStore, RedisHoldStore, make_hold_store
+from baton.scheduler.holds import Hold, MemoryHoldStore, RedisHoldStore, hold_key, make_hold_store
 
 
 class Clock:
@@ -37,6 +37,22 @@ def test_memory_store_expires_by_clock():
         assert len(store) == 1
         assert (await store.remove("r2")).request_id == "r2"
         assert await store.remove("r2") is None
+
+    asyncio.run(main())
+
+
+def test_holds_of_one_request_id_are_kept_and_removed_apart():
+    store = MemoryHoldStore(Clock())
+    a, b = (Hold("dup", "p:1", {"ctx_request_id": n}, 0.0, 10.0, key=hold_key("dup")) for n in (1, 2))
+    assert a.key != b.key and a.key.startswith("dup#") and len(a.key) == len("dup#") + 16
+
+    async def main():
+        await store.put(a)
+        await store.put(b)
+        assert len(store) == 2
+        assert (await store.remove(a.key)).handle == {"ctx_request_id": 1}
+        assert (await store.get(b.key)).handle == {"ctx_request_id": 2}  # the other one is still held
+        assert await store.remove(a.key) is None
 
     asyncio.run(main())
 
@@ -75,7 +91,7 @@ def test_redis_store_publishes_each_hold_with_its_ttl_and_deletes_it_on_remove(r
         # times are wall-clock epoch seconds (other replicas read them), not the store's (monotonic) clock
         created, expires = published.pop("created"), published.pop("expires")
         assert abs(created - time.time()) < 5 and expires - created == pytest.approx(30.0)
-        assert published == {"request_id": "r1", "prefill": "127.64.0.7:8000",
+        assert published == {"request_id": "r1", "key": "r1", "prefill": "127.64.0.7:8000",
                              "handle": {"ctx_request_id": 41, "encoded_opaque_state": "abc"},
                              "ring": ["127.64.0.8:8000", "127.64.0.9:8000"]}
         assert (await store.get("r1")).created == 0.0  # in memory the hold keeps the store's clock

@@ -468,3 +468,27 @@ def test_overhead_is_the_schedulers_own_time_not_a_failed_attempts_or_an_expired
 
     run(retried())
     run(reprefilled())
+
+
+def test_requests_sharing_a_client_request_id_are_held_apart():
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\n", decode=("d1:1",))
+        engine.delay = 0.1
+        svc.decode["d1:1"].active = 1  # decode full: both finished prefills are held
+        headers = {"X-Request-Id": "same-id"}
+        first = asyncio.create_task(svc.complete("completions", long_request(), headers))
+        second = asyncio.create_task(svc.complete("completions", long_request(150), headers))
+        await asyncio.sleep(0.15)
+        assert len(svc.holds) == 2  # a record each, not the second written over the first
+        assert svc.snapshot()["holds"] == 2
+        svc.decode["d1:1"].active = 0
+        svc.decode_queue.notify()
+        await asyncio.sleep(0.05)  # one resumed and is generating; the other is still held
+        assert len(svc.holds) == 1 and svc.decode["d1:1"].active == 1
+        replies = await asyncio.wait_for(asyncio.gather(first, second), 2)
+        assert [r.status for r in replies] == [200, 200]
+        assert [r.headers["X-Request-Id"] for r in replies] == ["same-id", "same-id"]
+        assert len(svc.holds) == 0
+        await svc.stop()
+
+    run(main())

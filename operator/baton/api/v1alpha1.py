@@ -351,8 +351,8 @@ class DegradationSpec(ApiModel):
     hold_ttl: str = Field(default="120s", pattern=DURATION_PATTERN, description="How long a finished prefill may wait for a decode slot while decode is saturated before it is re-prefilled or failed.")
     store: Literal["memory", "redis"] = Field(default="memory", description=(
         "Where held prefill results are recorded. memory: in the scheduler process. redis: also published to "
-        "Redis (key baton:hold:<request id>, expiring with the hold) so every scheduler replica's holds can be "
-        "seen in one place; holds keep working from memory while Redis is unreachable."))
+        "Redis (key baton:hold:<request id>#<random suffix>, expiring with the hold) so every scheduler "
+        "replica's holds can be seen in one place; holds keep working from memory while Redis is unreachable."))
     redis_url: str = Field(default="", max_length=2048, pattern=r"^((rediss?|unix)://.+)?$", description=(
         "Redis URL (redis://, rediss:// or unix://) when store is redis. It is written into the scheduler's "
         "ConfigMap: use redisUrlSecret for a URL with a password."))

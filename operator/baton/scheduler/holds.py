@@ -13,7 +13,7 @@ Stores:
 - `MemoryHoldStore` (default, injectable clock).
 - `RedisHoldStore` (`degradation.store: redis`, the optional `redis` package, `pip install baton[redis]`;
   the Baton image has it). The process keeps its holds in memory as the memory store does, and
-  publishes each one to redis as `baton:hold:<request id>` (the hold as JSON, its created/expires times
+  publishes each one to redis as `baton:hold:<hold key>` (the hold as JSON, its created/expires times
   as wall-clock epoch seconds so other replicas can read them, with the hold's remaining TTL as the
   key's expiry), so every scheduler replica's held handles can be seen in one place and a key never
   outlives its hold. Redis is a record, never on the request path: a request only appends its write to
@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,12 +44,26 @@ log = logging.getLogger("baton.scheduler.holds")
 
 @dataclass
 class Hold:
-    request_id: str
+    request_id: str  # the request's id (the client's X-Request-Id, or the scheduler's): logs and the record
     prefill: str  # address of the context worker that holds the KV
     handle: dict[str, Any]  # choices[0].disaggregated_params of the context-only response
     created: float
     expires: float
     ring: tuple[str, ...] = field(default_factory=tuple)
+    # What the store files the hold under (and its redis key's suffix). A client may send the same
+    # X-Request-Id on several requests at once, and several scheduler replicas may publish to one redis,
+    # so the service gives each hold a key of its own (`hold_key`); it defaults to the request id.
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = self.request_id
+
+
+def hold_key(request_id: str) -> str:
+    """A key no other hold has, in this process or another: the request id (so a key still names its
+    request), then '#' and 64 random bits."""
+    return f"{request_id}#{secrets.token_hex(8)}"
 
 
 class HoldStore(Protocol):
@@ -56,9 +71,9 @@ class HoldStore(Protocol):
 
     async def put(self, hold: Hold) -> None: ...
 
-    async def get(self, request_id: str) -> Hold | None: ...
+    async def get(self, key: str) -> Hold | None: ...
 
-    async def remove(self, request_id: str) -> Hold | None: ...
+    async def remove(self, key: str) -> Hold | None: ...
 
     async def expired(self) -> list[Hold]: ...
 
@@ -83,23 +98,23 @@ class MemoryHoldStore:
         return True
 
     async def put(self, hold: Hold) -> None:
-        self._holds[hold.request_id] = hold
+        self._holds[hold.key] = hold
 
-    async def get(self, request_id: str) -> Hold | None:
-        hold = self._holds.get(request_id)
+    async def get(self, key: str) -> Hold | None:
+        hold = self._holds.get(key)
         if hold is not None and hold.expires <= self.clock():
             return None
         return hold
 
-    async def remove(self, request_id: str) -> Hold | None:
-        return self._holds.pop(request_id, None)
+    async def remove(self, key: str) -> Hold | None:
+        return self._holds.pop(key, None)
 
     async def expired(self) -> list[Hold]:
         """Remove and return every hold past its expiry."""
         now = self.clock()
         gone = [h for h in self._holds.values() if h.expires <= now]
         for hold in gone:
-            del self._holds[hold.request_id]
+            del self._holds[hold.key]
         return gone
 
     async def close(self) -> None:
@@ -128,7 +143,7 @@ def _redis_client(url: str, timeout_s: float, max_connections: int) -> Any:
 
 @dataclass(slots=True)
 class _Write:
-    request_id: str
+    hold: str  # the hold's key
     operation: str  # "put" | "remove" | "expire": the metrics' operation label
     key: str
     payload: str | None = None  # a put's JSON; None for a delete
@@ -158,7 +173,7 @@ class RedisHoldStore(MemoryHoldStore):
         # One writer task drains one FIFO queue: at most one redis round trip is in flight at any time, and the
         # writes of a hold are applied in the order they were made (a delete never runs before its put).
         self._queue: deque[_Write] = deque()
-        self._pending: dict[str, int] = {}  # queued or in-flight writes per request id
+        self._pending: dict[str, int] = {}  # queued or in-flight writes per hold key
         self._writer: asyncio.Task[None] | None = None
         self._down_until = 0.0  # monotonic time before which writes are skipped (after a failure)
         self._confirmed = False  # a write has succeeded since start or since the last failure
@@ -179,19 +194,19 @@ class RedisHoldStore(MemoryHoldStore):
         record = asdict(hold)
         record["created"] = hold.created + offset
         record["expires"] = hold.expires + offset
-        self._write(_Write(hold.request_id, "put", self.PREFIX + hold.request_id, json.dumps(record), hold.expires))
+        self._write(_Write(hold.key, "put", self.PREFIX + hold.key, json.dumps(record), hold.expires))
 
-    async def remove(self, request_id: str) -> Hold | None:
-        hold = await super().remove(request_id)
-        if hold is not None or request_id in self._pending:
-            self._write(_Write(request_id, "remove", self.PREFIX + request_id))
+    async def remove(self, key: str) -> Hold | None:
+        hold = await super().remove(key)
+        if hold is not None or key in self._pending:
+            self._write(_Write(key, "remove", self.PREFIX + key))
         return hold
 
     async def expired(self) -> list[Hold]:
         """Remove and return every hold past its expiry (its key has expired in redis by itself)."""
         gone = await super().expired()
         for hold in gone:
-            self._write(_Write(hold.request_id, "expire", self.PREFIX + hold.request_id))
+            self._write(_Write(hold.key, "expire", self.PREFIX + hold.key))
         return gone
 
     async def flush(self) -> None:
@@ -225,7 +240,7 @@ class RedisHoldStore(MemoryHoldStore):
             self._count_error(write.operation)
             return
         self._queue.append(write)
-        self._pending[write.request_id] = self._pending.get(write.request_id, 0) + 1
+        self._pending[write.hold] = self._pending.get(write.hold, 0) + 1
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._drain())
 
@@ -247,11 +262,11 @@ class RedisHoldStore(MemoryHoldStore):
                 log.exception("hold store writer failed")
             finally:
                 for write in batch:
-                    left = self._pending.get(write.request_id, 0) - 1
+                    left = self._pending.get(write.hold, 0) - 1
                     if left > 0:
-                        self._pending[write.request_id] = left
+                        self._pending[write.hold] = left
                     else:
-                        self._pending.pop(write.request_id, None)
+                        self._pending.pop(write.hold, None)
 
     async def _send(self, batch: list[_Write]) -> None:
         if time.monotonic() < self._down_until:

@@ -46,7 +46,7 @@ from baton.scheduler.engines import (
     classify_failure,
     make_engine_client,
 )
-from baton.scheduler.holds import Hold, HoldStore, make_hold_store
+from baton.scheduler.holds import Hold, HoldStore, hold_key, make_hold_store
 from baton.scheduler.metrics import ROUTE_UNROUTED, PrometheusHooks, SchedulerHooks
 from baton.scheduler.placement import (
     ReplicaState,
@@ -814,9 +814,11 @@ class SchedulerService:
                     ring: tuple[str, ...]) -> _DecodeLease | None:
         ttl = self.config.degradation.hold_ttl_seconds
         now = self.clock()
-        await self.holds.put(Hold(ctx.rid, prefill.address, handle, now, now + ttl, ring))
+        hold = Hold(ctx.rid, prefill.address, handle, now, now + ttl, ring, key=hold_key(ctx.rid))
+        await self.holds.put(hold)
         self.hooks.hold("held")
-        log.info("event=hold request_id=%s prefill=%s ring=%s ttl_s=%g", ctx.rid, prefill.address, ",".join(ring), ttl)
+        log.info("event=hold request_id=%s key=%s prefill=%s ring=%s ttl_s=%g", ctx.rid, hold.key, prefill.address,
+                 ",".join(ring), ttl)
         excluded = ctx.excluded
         try:
             # The ring is looked up on every attempt: endpoints may change while the request is held
@@ -839,7 +841,7 @@ class SchedulerService:
             self.hooks.hold("resumed")
             return lease
         finally:
-            await self.holds.remove(ctx.rid)
+            await self.holds.remove(hold.key)
             waited = self.clock() - now  # a wait, however the hold ended
             ctx.queue_wait += waited
             ctx.mark += waited
