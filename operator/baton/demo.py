@@ -115,12 +115,14 @@ def _stream(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, A
     import json
     import urllib.request
 
+    from baton.direct_http import NO_PROXY_OPENER
+
     request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     start = time.monotonic()
     first = None
     tokens = 0
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
+    with NO_PROXY_OPENER.open(request, timeout=timeout) as resp:  # the scheduler pod's IP: never via a proxy
         headers = dict(resp.headers)
         for raw in resp:
             line = raw.decode().strip()
@@ -146,9 +148,9 @@ def send_requests(api_client: Any, namespace: str, name: str, manifest: dict[str
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            import urllib.request
+            from baton.direct_http import NO_PROXY_OPENER
 
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+            with NO_PROXY_OPENER.open(f"{url}/readyz", timeout=2) as resp:
                 if resp.status == 200:
                     break
         except OSError:

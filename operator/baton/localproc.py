@@ -15,12 +15,10 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
-# Checks of local processes go straight to them (127.0.0.1, a pod's 127.64.x.x), never through
-# HTTP(S)_PROXY, which a NO_PROXY without that address would otherwise apply.
-NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# Checks of local processes go straight to them (127.0.0.1, a pod's 127.64.x.x), never through a proxy.
+from baton.direct_http import NO_PROXY_OPENER
 
 # `baton engine-sim` logs "listening on http://HOST:PORT", `baton scheduler` "event=listening url=http://HOST:PORT"
 LISTENING = re.compile(rb"listening on http://[^:\s]+:(\d+)|event=listening url=http://[^:\s]+:(\d+)")

@@ -15,6 +15,7 @@ from kubernetes.client.rest import ApiException
 
 from baton.devcluster import pools
 from cluster_plugin import CLUSTER_NAME, wait_for
+from proxy_harness import environment_proxy
 
 pytestmark = pytest.mark.cluster
 
@@ -265,3 +266,12 @@ def test_devcluster_cli_up_is_idempotent_and_env_gives_a_working_shell(cluster):
     status = subprocess.run([*baton, "status"], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0
     assert "prefill-h100" in status.stdout and "2/2" in status.stdout
+
+
+def test_control_plane_checks_never_go_through_a_proxy(cluster, monkeypatch):
+    """The local control plane is on loopback: its health checks reach it even with HTTP(S)_PROXY set and
+    no NO_PROXY, and the proxy sees nothing."""
+    with environment_proxy(monkeypatch) as hits:
+        assert cluster.plane.version()["major"] == "1"
+        assert cluster.plane.is_healthy()
+    assert hits == []

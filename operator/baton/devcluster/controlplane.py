@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from baton.direct_http import NO_PROXY_OPENER, no_proxy_opener
+
 LOOPBACK = "127.0.0.1"
 # Fake pod IPs come from this range: inside 127.0.0.0/8, so every pod address is a loopback address.
 POD_CIDR = "127.64.0.1/16"
@@ -156,7 +158,7 @@ class ControlPlane:
             f"https://{LOOPBACK}:{state['apiserverPort']}{path}",
             headers={"Authorization": f"Bearer {state['adminToken']}"},
         )
-        with urllib.request.urlopen(req, timeout=timeout, context=self._ssl_context()) as resp:
+        with no_proxy_opener(self._ssl_context()).open(req, timeout=timeout) as resp:
             return resp.read().decode()
 
     def version(self) -> dict[str, Any]:
@@ -246,7 +248,7 @@ class ControlPlane:
         raise ControlPlaneError(f"{what} did not become ready in time; last log lines:\n{_tail(self.log(what))}")
 
     def _etcd_healthy(self, state: dict[str, Any]) -> bool:
-        with urllib.request.urlopen(f"http://{LOOPBACK}:{state['etcdPort']}/health", timeout=2) as resp:
+        with NO_PROXY_OPENER.open(f"http://{LOOPBACK}:{state['etcdPort']}/health", timeout=2) as resp:
             return json.loads(resp.read()).get("health") == "true"
 
     def _spawn(self, component: str, argv: list[str]) -> int:

@@ -12,6 +12,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from baton.direct_http import NO_PROXY_OPENER
+
 GPU = "nvidia.com/gpu"
 
 
@@ -79,7 +81,7 @@ def _post(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp:
+            with NO_PROXY_OPENER.open(request, timeout=timeout) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError:
             raise
@@ -127,7 +129,7 @@ def probe_handoffs(prefill: list[str], decode: list[str], model: str, timeout: f
 def active_requests(address: str, timeout: float = 3.0) -> int:
     """Requests an engine still holds (running or queued), from its /metrics; 0 when unreachable."""
     try:
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as resp:
+        with NO_PROXY_OPENER.open(f"http://{address}/metrics", timeout=timeout) as resp:
             stats = json.loads(resp.read())
     except (OSError, ValueError):
         return 0
@@ -148,7 +150,7 @@ def generation_outcomes(addresses: list[str], generation: str, timeout: float = 
     totals: dict[str, float] = {}
     for address in addresses:
         try:
-            with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as resp:
+            with NO_PROXY_OPENER.open(f"http://{address}/metrics", timeout=timeout) as resp:
                 text = resp.read().decode("utf-8", "replace")
         except OSError:
             continue
