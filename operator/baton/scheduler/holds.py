@@ -25,6 +25,10 @@ Stores:
   most once per `ERROR_LOG_INTERVAL_S`), then one probe goes out: a dead or hung redis costs one
   connection and one timeout per back-off period, not one per request. A key whose delete was skipped
   still expires by its TTL. The queue is bounded (`MAX_PENDING`; a write beyond it is skipped and counted).
+
+A reload that changes the store (or its redis URL) moves the holds: `held()` lists the old store's, `adopt()`
+files them in the new one at once without publishing; the service empties and closes the old store, then
+`put`s the moved holds still held into the new one (so an old store on the same redis never deletes them).
 """
 
 from __future__ import annotations
@@ -77,6 +81,15 @@ class HoldStore(Protocol):
 
     async def expired(self) -> list[Hold]: ...
 
+    def held(self) -> list[Hold]:
+        """Every hold filed now (a reload moving them to another store)."""
+        ...
+
+    def adopt(self, holds: list[Hold]) -> None:
+        """File `holds` at once, without publishing them anywhere (a reload moving them here from another
+        store; it publishes them with `put` once the old store has let go of them)."""
+        ...
+
     def __len__(self) -> int: ...
 
     def healthy(self) -> bool: ...
@@ -116,6 +129,13 @@ class MemoryHoldStore:
         for hold in gone:
             del self._holds[hold.key]
         return gone
+
+    def held(self) -> list[Hold]:
+        return list(self._holds.values())
+
+    def adopt(self, holds: list[Hold]) -> None:
+        for hold in holds:
+            self._holds[hold.key] = hold
 
     async def close(self) -> None:
         self._holds.clear()

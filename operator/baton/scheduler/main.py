@@ -18,16 +18,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from baton import tokens
 from baton.gcpauses import freeze_heap
-from baton.model_tokenizer import ModelTokenizer, TokenizerError, fetch_tokenizer, load_tokenizer
+from baton.model_tokenizer import TokenizerError
 from baton.scheduler.config import (
     ConfigError,
     ConfigWatcher,
-    TokenizerConfig,
     load_config,
     parse_address,
     parse_config,
@@ -226,15 +224,6 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
-def load_scheduler_tokenizer(config: TokenizerConfig, environ: Mapping[str, str]) -> ModelTokenizer | None:
-    """The model's tokenizer the config names, or None for the estimate."""
-    if config.path:
-        return load_tokenizer(config.path)
-    if config.hugging_face_id:
-        return fetch_tokenizer(config.hugging_face_id, config.revision, environ)
-    return None
-
-
 def setup_logging(level: str, fmt: str) -> None:
     # No caller, thread or process lookup per record: the lines carry none of them (the logging
     # documentation's own advice for hot paths).
@@ -252,7 +241,7 @@ def setup_logging(level: str, fmt: str) -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     from baton.scheduler.server import build_server
-    from baton.scheduler.service import SchedulerService
+    from baton.scheduler.service import SchedulerService, load_scheduler_tokenizer
 
     overrides = overrides_from_args(args)
     loaded: bytes | None = None  # the file's content the running config comes from, for the watcher

@@ -29,6 +29,8 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from baton import tokens
+from baton.model_tokenizer import ModelTokenizer, fetch_tokenizer, load_tokenizer
 from baton.scheduler.admission import (
     PASS,
     LatencyWindow,
@@ -38,7 +40,7 @@ from baton.scheduler.admission import (
     WaitQueue,
     retry_after_seconds,
 )
-from baton.scheduler.config import SchedulerConfig
+from baton.scheduler.config import ConfigError, SchedulerConfig, TokenizerConfig
 from baton.scheduler.endpoints import DECODE, PREFILL, Endpoint, make_discovery
 from baton.scheduler.engines import (
     EngineClient,
@@ -84,6 +86,9 @@ DISAGG = Route.DISAGGREGATED.value
 
 DEFAULT_PREFILL_TPS = 20_000.0  # prefill throughput assumed until one is observed (tokens/s)
 INCOMPATIBLE_PAIR_TTL_S = 300.0  # how long a KV-format mismatch keeps a pair out of placement
+# A reload that replaces the engine client (`runtime`, `engineTimeoutSeconds`) closes the old one when the
+# last request attempt or stream using it ends; one still in use this long after is closed anyway.
+RETIRED_ENGINE_GRACE_S = 1800.0
 UNHEALTHY_AFTER_5XX = 3  # consecutive 5xx answers before a replica is taken out of rotation
 
 # A client's X-Request-Id is carried through both tiers and into logs: kept when it is a plain token
@@ -100,9 +105,35 @@ class _NoPrefillPair(Exception):
     """A request waiting for a prefill slot has no usable prefill replica left (all unhealthy or excluded)."""
 
 
+class _EngineSlot:
+    """An engine client and how many request attempts (and streams) use it now. A reload that changes
+    `runtime` or `engineTimeoutSeconds` puts a new slot in place for the attempts that start after it; the
+    old slot is `retired` and its client closed when its last user is done (or after RETIRED_ENGINE_GRACE_S)."""
+
+    __slots__ = ("client", "runtime", "timeout", "users", "retired", "closed", "timer")
+
+    def __init__(self, client: EngineClient, runtime: str, timeout: float) -> None:
+        self.client = client
+        self.runtime = runtime
+        self.timeout = timeout
+        self.users = 0
+        self.retired = False
+        self.closed = False
+        self.timer: asyncio.TimerHandle | None = None
+
+
+def load_scheduler_tokenizer(config: TokenizerConfig, environ: Mapping[str, str]) -> ModelTokenizer | None:
+    """The model's tokenizer the config names, or None for the estimate (blocking: file or network I/O)."""
+    if config.path:
+        return load_tokenizer(config.path)
+    if config.hugging_face_id:
+        return fetch_tokenizer(config.hugging_face_id, config.revision, environ)
+    return None
+
+
 class _Ctx:
     __slots__ = ("rid", "api", "t0", "req", "route", "reason", "attempt", "excluded", "prefill", "decode",
-                 "reprefilled", "queue_wait", "mark", "generation")
+                 "reprefilled", "queue_wait", "mark", "generation", "engine", "slot")
 
     def __init__(self, rid: str, api: str, t0: float) -> None:
         self.rid = rid
@@ -121,6 +152,10 @@ class _Ctx:
         # what `overhead_seconds` measures up to the dispatch
         self.mark = t0
         self.generation = ""  # the engine generation serving when the request was dispatched
+        # the current attempt's engine client, taken from the service's slot when the attempt starts: a
+        # reload replacing the client leaves the attempt (and its stream) on the one it started with
+        self.engine: EngineClient | None = None
+        self.slot: _EngineSlot | None = None  # the slot this attempt holds a use of (None once a stream has it)
 
     def headers(self) -> dict[str, str]:
         h = {HDR_REQUEST_ID: self.rid}
@@ -196,19 +231,37 @@ class SchedulerService:
         hold_store: HoldStore | None = None,
         clock: Any = time.monotonic,
         discover: bool = True,
+        engine_factory: Any = None,
+        tokenizer_loader: Any = None,
     ) -> None:
+        """`engine_factory(runtime, timeout)` builds engine clients (default `make_engine_client`).
+        `config.tokenizer` is taken as the tokenizer installed in `baton.tokens` now (the caller loads it at
+        start); a reload that changes it loads the new one with `tokenizer_loader(config, environ)` (default
+        `load_scheduler_tokenizer`) in a thread."""
         self.config = config
         self.clock = clock
         self.metrics = PrometheusHooks(self.snapshot)
         self.hooks: SchedulerHooks = hooks or self.metrics
-        self.engine: EngineClient = engine or make_engine_client(config.runtime, config.engine_timeout_seconds)
-        degradation = config.degradation
-        self.holds: HoldStore = hold_store or make_hold_store(
-            degradation.store,
-            degradation.resolved_redis_url(os.environ) if degradation.store == "redis" else "",
-            clock,
-            on_error=lambda operation: self.hooks.hold_store_error(degradation.store, operation),
-        )
+        self._engine_factory = engine_factory or make_engine_client
+        timeout = config.engine_timeout_seconds
+        self._engine_slot = _EngineSlot(engine or self._engine_factory(config.runtime, timeout), config.runtime,
+                                        timeout)
+        self._retired_engines: set[_EngineSlot] = set()
+        if hold_store is None:
+            self._holds_target = self._hold_store_target(config)
+            self.holds: HoldStore = self._make_hold_store(self._holds_target)
+        else:
+            try:
+                self._holds_target = self._hold_store_target(config)
+            except ConfigError:
+                self._holds_target = (config.degradation.store, "")
+            self.holds = hold_store
+        self._tokenizer_loader = tokenizer_loader
+        self._tokenizer_loaded = config.tokenizer  # the tokenizer config counting uses now
+        self._tokenizer_wanted = config.tokenizer  # ... or is being loaded to (a reload changed it)
+        self._tokenizer_seq = 0  # bumped by every tokenizer change: a superseded load is dropped
+        self._background: set[asyncio.Task[Any]] = set()  # closing replaced clients and stores
+        self._loads: set[asyncio.Task[Any]] = set()  # tokenizer loads (cancelled on stop)
         self.prefill: dict[str, ReplicaState] = {}
         self.decode: dict[str, ReplicaState] = {}
         self._prefill_eps: list[Endpoint] = []
@@ -252,15 +305,34 @@ class SchedulerService:
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks.clear()
+        for task in self._loads:
+            task.cancel()
+        while pending := [*self._background, *self._loads]:
+            await asyncio.wait(pending)  # closing what reloads replaced is bounded; a load's thread is let go
         self.prefill_queue.close()
         self.decode_queue.close()
         await self.holds.close()
-        await self.engine.close()
+        for slot in [*self._retired_engines, self._engine_slot]:
+            await self._close_engine_now(slot)
+        self._retired_engines.clear()
+
+    # ------------------------------------------------------------------------------ reload
+    @property
+    def engine(self) -> EngineClient:
+        """The engine client new request attempts and health checks use."""
+        return self._engine_slot.client
 
     def apply_config(self, new: SchedulerConfig) -> None:
-        """Hot reload: thresholds, policies, limits and endpoints change in place; the listen address does not."""
+        """Hot reload: everything but the listen address changes in place. Thresholds, policies, limits and
+        endpoints at once; a new engine client (`runtime`, `engineTimeoutSeconds`) for the request attempts
+        that start from now on, the old one closed once its last attempt or stream ends; a new hold store
+        (`degradation.store`, the redis URL) taking over the current holds; a new tokenizer once loaded (in a
+        thread). A client, store or tokenizer that cannot be built is logged, the running one kept, and the
+        reload counted `rejected` (the rest of it applies); otherwise `applied` (when the tokenizer is loaded,
+        if it changed)."""
         old = self.config
         self.config = new
+        failed: list[str] = []
         if new.routing.placement_policy != old.routing.placement_policy:
             self.policy = make_policy(new.routing.placement_policy)
         adm = new.admission
@@ -269,16 +341,10 @@ class SchedulerService:
         self.retry_budget.ratio = new.retries.budget_ratio
         if (new.server.host, new.server.port) != (old.server.host, old.server.port):
             log.warning("event=config_needs_restart field=server detail=%r", "listen address changes need a restart")
-        if new.engine_timeout_seconds != old.engine_timeout_seconds:
-            log.warning("event=config_needs_restart field=engineTimeoutSeconds detail=%r",
-                        "the engine client is built at start; this scheduler keeps the old timeout")
-        if new.tokenizer != old.tokenizer:
-            log.warning("event=config_needs_restart field=tokenizer detail=%r",
-                        "the tokenizer is loaded at start; this scheduler keeps counting as before")
-        nd, od = new.degradation, old.degradation
-        if (nd.store, nd.redis_url, nd.redis_url_env) != (od.store, od.redis_url, od.redis_url_env) \
-                or new.runtime != old.runtime:
-            log.warning("event=config_needs_restart field=degradation.store/redisUrl/runtime")
+        engine_replaced = self._reload_engine(new, failed)  # before the endpoints: new replicas get its probes
+        self._reload_hold_store(new, failed)
+        loading = self._reload_tokenizer(new, failed)
+        known = [*self.prefill.values(), *self.decode.values()] if engine_replaced else []
         if self._discover and new.endpoints != old.endpoints:
             if self._discovery is not None:
                 self._discovery.stop()
@@ -286,9 +352,170 @@ class SchedulerService:
             self._discovery.start()
         elif new.routing.ring_size != old.routing.ring_size:
             self.rings = build_rings(self._prefill_eps, self._decode_eps, new.routing.ring_size)
-        self.hooks.config_reload("applied")
+        if known:
+            # the replicas known before answered the old client's health checks: ask those that stay the new
+            # one's (replicas that discovery adds are probed as they arrive, through the new client)
+            self._start_probe([r for r in known if (self.prefill if r.endpoint.tier == PREFILL else self.decode)
+                               .get(r.address) is r])
+        if not loading:
+            self._count_reload(failed)
         self.prefill_queue.notify()
         self.decode_queue.notify()
+
+    async def reloads_settled(self) -> None:
+        """Wait for what reloads started in the background: tokenizer loads, closing replaced hold stores and
+        idle engine clients (tests; a replaced client still in use is closed when its requests end)."""
+        while pending := [*self._background, *self._loads]:
+            await asyncio.wait(pending)
+
+    def _count_reload(self, failed: list[str]) -> None:
+        self.hooks.config_reload("rejected" if failed else "applied")
+
+    def _spawn(self, coro: Any, tasks: set[asyncio.Task[Any]] | None = None) -> asyncio.Task[Any]:
+        tasks = self._background if tasks is None else tasks
+        task = asyncio.get_running_loop().create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    # engine client
+    def _reload_engine(self, new: SchedulerConfig, failed: list[str]) -> bool:
+        """Put a new engine client in place when `runtime` or `engineTimeoutSeconds` changed; True if done."""
+        current = self._engine_slot
+        if (new.runtime, new.engine_timeout_seconds) == (current.runtime, current.timeout):
+            return False
+        try:
+            client = self._engine_factory(new.runtime, new.engine_timeout_seconds)
+        except Exception as exc:  # noqa: BLE001 - e.g. tritonclient not installed: keep the running client
+            failed.append("runtime")
+            log.error("event=config_reload_failed field=runtime runtime=%s error=%r detail=%r", new.runtime,
+                      f"{type(exc).__name__}: {exc}",
+                      f"keeping the {current.runtime} engine client (engineTimeoutSeconds={current.timeout:g})")
+            return False
+        self._engine_slot = _EngineSlot(client, new.runtime, new.engine_timeout_seconds)
+        current.retired = True
+        log.info("event=engine_client_replaced runtime=%s engine_timeout_s=%g previous=%s in_use=%d", new.runtime,
+                 new.engine_timeout_seconds, current.runtime, current.users)
+        if current.users:
+            self._retired_engines.add(current)
+            current.timer = asyncio.get_running_loop().call_later(
+                RETIRED_ENGINE_GRACE_S, self._close_engine, current)
+        else:
+            self._close_engine(current)
+        return True
+
+    def _engine_released(self, slot: _EngineSlot) -> None:
+        """An attempt (or its stream) is done with `slot`'s client."""
+        slot.users -= 1
+        if slot.retired and not slot.users:
+            self._close_engine(slot)
+
+    def _close_engine(self, slot: _EngineSlot) -> None:
+        if slot.closed:
+            return
+        if slot.users:
+            log.warning("event=engine_client_closed_in_use runtime=%s in_use=%d grace_s=%g", slot.runtime,
+                        slot.users, RETIRED_ENGINE_GRACE_S)
+        self._spawn(self._close_engine_now(slot))
+
+    async def _close_engine_now(self, slot: _EngineSlot) -> None:
+        if slot.closed:
+            return
+        slot.closed = True
+        self._retired_engines.discard(slot)
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
+        try:
+            await slot.client.close()
+        except Exception:  # noqa: BLE001 - closing must not fail a reload or the shutdown
+            log.exception("event=engine_client_close_failed runtime=%s", slot.runtime)
+        else:
+            if slot.retired:
+                log.info("event=engine_client_closed runtime=%s", slot.runtime)
+
+    # hold store
+    @staticmethod
+    def _hold_store_target(config: SchedulerConfig) -> tuple[str, str]:
+        """(store kind, redis URL or ""): what the hold store is built from (ConfigError: an unusable URL)."""
+        degradation = config.degradation
+        if degradation.store == "redis":
+            return degradation.store, degradation.resolved_redis_url(os.environ)
+        return degradation.store, ""
+
+    def _make_hold_store(self, target: tuple[str, str]) -> HoldStore:
+        kind, url = target
+        return make_hold_store(kind, url, self.clock,
+                               on_error=lambda operation: self.hooks.hold_store_error(kind, operation))
+
+    def _reload_hold_store(self, new: SchedulerConfig, failed: list[str]) -> None:
+        """A new hold store when the store or its redis URL changed: the current holds move into it at once
+        (their requests remove them from whichever store holds them then, by key); the old one is emptied and
+        closed in the background, then the moved holds still held are published in the new one."""
+        try:
+            target = self._hold_store_target(new)
+            if target == self._holds_target:
+                return
+            store = self._make_hold_store(target)
+        except (ConfigError, RuntimeError) as exc:  # no redis package, an unusable URL: keep the running store
+            failed.append("degradation.store")
+            log.error("event=config_reload_failed field=degradation.store store=%s error=%r detail=%r",
+                      new.degradation.store, str(exc), f"keeping the {self.holds.kind} hold store")
+            return
+        old = self.holds
+        moved = old.held()
+        store.adopt(moved)  # no await between reading the old store's holds and the switch: none is missed
+        self.holds = store
+        self._holds_target = target
+        log.info("event=hold_store_replaced store=%s previous=%s holds_moved=%d", store.kind, old.kind, len(moved))
+        self._spawn(self._retire_hold_store(old, store, moved))
+
+    async def _retire_hold_store(self, old: HoldStore, new: HoldStore, moved: list[Hold]) -> None:
+        try:
+            for hold in moved:
+                await old.remove(hold.key)  # a redis store deletes its records of them
+            await old.close()
+        except Exception:  # noqa: BLE001 - the old store is gone either way; the holds live on in the new one
+            log.exception("event=hold_store_close_failed store=%s", old.kind)
+        # Published only now, so that an old store on the same redis cannot delete the new store's keys.
+        for hold in moved:
+            if self.holds is not new:  # replaced again meanwhile: that reload moved them on
+                break
+            if await new.get(hold.key) is hold:  # still held (its request did not end meanwhile)
+                await new.put(hold)
+
+    # tokenizer
+    def _reload_tokenizer(self, new: SchedulerConfig, failed: list[str]) -> bool:
+        """Start loading a changed tokenizer in a thread; True when started (the reload is counted when the
+        load ends). Requests go on counting with the running tokenizer until the new one is installed."""
+        if new.tokenizer == self._tokenizer_wanted:
+            return False
+        self._tokenizer_wanted = new.tokenizer
+        self._tokenizer_seq += 1  # a load still under way is dropped when it ends
+        if not (new.tokenizer.path or new.tokenizer.hugging_face_id):  # the estimate: nothing to load
+            tokens.set_tokenizer(None)
+            self._tokenizer_loaded = new.tokenizer
+            log.info("event=tokenizer_loaded source=estimate")
+            return False
+        self._spawn(self._load_tokenizer(self._tokenizer_seq, new.tokenizer, failed), self._loads)
+        return True
+
+    async def _load_tokenizer(self, seq: int, config: TokenizerConfig, failed: list[str]) -> None:
+        try:
+            loader = self._tokenizer_loader or load_scheduler_tokenizer
+            tokenizer = await asyncio.to_thread(loader, config, os.environ)
+        except Exception as exc:  # noqa: BLE001 - TokenizerError, a missing package, a bug: keep counting as now
+            if seq == self._tokenizer_seq:  # else a later reload wants another tokenizer: it decides
+                self._tokenizer_wanted = self._tokenizer_loaded  # a later reload tries again
+                failed.append("tokenizer")
+                log.error("event=config_reload_failed field=tokenizer error=%r detail=%r",
+                          f"{type(exc).__name__}: {exc}", "keeping the running tokenizer")
+        else:
+            if seq == self._tokenizer_seq:
+                tokens.set_tokenizer(tokenizer)
+                self._tokenizer_loaded = config
+                log.info("event=tokenizer_loaded source=%s", tokenizer.source if tokenizer is not None else "estimate")
+        self._count_reload(failed)
 
     def shed_waiting(self) -> int:
         """Shutdown, at the end of the grace period: every request still waiting for a slot, or held after
@@ -328,21 +555,28 @@ class SchedulerService:
             ",".join(self.prefill) or "-", ",".join(self.decode) or "-",
         )
         if fresh:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-            if loop is not None:
-                task = loop.create_task(self._probe(fresh))
-                self._probe_tasks.add(task)
-                task.add_done_callback(self._probe_tasks.discard)
+            self._start_probe(fresh)
         self.prefill_queue.notify()
         self.decode_queue.notify()
+
+    def _start_probe(self, replicas: list[ReplicaState]) -> None:
+        if not replicas:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(self._probe(replicas))
+        self._probe_tasks.add(task)
+        task.add_done_callback(self._probe_tasks.discard)
 
     # ------------------------------------------------------------------------------ health
     async def _probe(self, replicas: list[ReplicaState]) -> None:
         timeout = min(5.0, max(0.5, self.config.heartbeat_seconds))
-        results = await asyncio.gather(*(self.engine.health(r.endpoint, timeout) for r in replicas))
+        engine = self.engine
+        results = await asyncio.gather(*(engine.health(r.endpoint, timeout) for r in replicas))
+        if engine is not self.engine:
+            return  # a reload replaced the client meanwhile (and probes through the new one): these answers are stale
         changed = False
         now = self.clock()
         for replica, ok in zip(replicas, results):
@@ -656,6 +890,11 @@ class SchedulerService:
         max_attempts = self.config.retries.max_attempts
         while True:
             ctx.attempt += 1
+            # The attempt's engine client: its prefill, hand-off and generation all go through this one, even
+            # if a reload replaces the service's client meanwhile (the old one is closed when its users are done).
+            slot = ctx.slot = self._engine_slot
+            ctx.engine = slot.client
+            slot.users += 1
             try:
                 if ctx.route == LOCAL:
                     return await self._serve_local(ctx)
@@ -689,6 +928,12 @@ class SchedulerService:
                 return self._finish_error(ctx, SchedulerError(
                     502, f"engine {failure.endpoint.address} failed: {failure.message}", "engine_error", "engine_error"
                 ))
+            finally:
+                if ctx.slot is slot:  # not handed on to a stream relay (which gives it back when the stream ends)
+                    ctx.slot = None
+                    slot.users -= 1
+                    if slot.retired and not slot.users:
+                        self._close_engine(slot)
 
     # ------------------------------------------------------------------------------ local route
     async def _serve_local(self, ctx: _Ctx) -> AnyReply:
@@ -737,7 +982,7 @@ class SchedulerService:
             t_ctx = self.clock()
             self.hooks.dispatched(ctx.route, max(0.0, t_ctx - ctx.mark))
             try:
-                status, data, ctype = await self.engine.post(prefill.endpoint, req.path, req.context_body(), ctx.rid)
+                status, data, ctype = await ctx.engine.post(prefill.endpoint, req.path, req.context_body(), ctx.rid)
             except EngineFailure as failure:
                 self._engine_failed(failure, prefill)
                 raise
@@ -851,7 +1096,8 @@ class SchedulerService:
     async def _generate(self, ctx: _Ctx, lease: _DecodeLease, body: bytes, handoff: bool = False
                         ) -> AnyReply:
         req = ctx.req
-        assert req is not None
+        engine = ctx.engine
+        assert req is not None and engine is not None
         replica = lease.replica
         t_dispatch = self.clock()
         if not handoff:
@@ -862,7 +1108,7 @@ class SchedulerService:
                     # no first token to watch: end the local context phase after its estimated duration
                     asyncio.get_running_loop().call_later(
                         req.tokens / (self.prefill_tps or DEFAULT_PREFILL_TPS), lease.first_token)
-                status, data, ctype = await self.engine.post(replica.endpoint, req.path, body, ctx.rid)
+                status, data, ctype = await engine.post(replica.endpoint, req.path, body, ctx.rid)
                 failure = classify_failure(replica.endpoint, status, data)
                 if failure is not None:
                     raise failure
@@ -871,7 +1117,7 @@ class SchedulerService:
                 if status != 200:
                     return self._finish_passthrough(ctx, status, data, ctype)
                 return self._finish_ok(ctx, Reply(status, data, ctype, ctx.headers()))
-            resp = await self.engine.open(replica.endpoint, req.path, body, ctx.rid)
+            resp = await engine.open(replica.endpoint, req.path, body, ctx.rid)
             if resp.status != 200:
                 try:
                     data = await resp.read()
@@ -908,10 +1154,11 @@ class SchedulerService:
         self.hooks.first_token(ctx.route, t_first - ctx.t0)
         if handoff:
             self.hooks.kv_transfer(t_first - t_dispatch, "handoff")
+        slot, ctx.slot = ctx.slot, None  # the stream keeps the engine client in use until it ends
         relay = StreamRelay(
             resp, first, replica.address, self.config.server.stream_flush_interval_ms / 1000.0, self.clock,
             on_broken=lambda exc: self._stream_broken(ctx, replica, exc),
-            on_finish=lambda outcome, r: self._stream_finished(ctx, lease, outcome, r),
+            on_finish=lambda outcome, r: self._stream_finished(ctx, lease, outcome, r, slot),
         )
         return RelayReply(relay, resp.content_type, ctx.headers())
 
@@ -921,8 +1168,11 @@ class SchedulerService:
         log.error("event=stream_broken request_id=%s endpoint=%s error=%r", ctx.rid, replica.address, failure.message)
         return failure.message
 
-    def _stream_finished(self, ctx: _Ctx, lease: _DecodeLease, outcome: str, relay: StreamRelay) -> None:
+    def _stream_finished(self, ctx: _Ctx, lease: _DecodeLease, outcome: str, relay: StreamRelay,
+                         slot: _EngineSlot | None = None) -> None:
         lease.release()
+        if slot is not None:
+            self._engine_released(slot)
         if outcome == "truncated":
             log.error("event=stream_truncated request_id=%s endpoint=%s", ctx.rid, lease.replica.address)
             outcome = "failed"

@@ -1,0 +1,504 @@
+"""Hot reload of the parts built at start: the engine client (`runtime`, `engineTimeoutSeconds`), the hold
+store (`degradation.store`, the redis URL) and the tokenizer. Each is replaced in place with nothing lost:
+requests in flight finish on the client they started with, held requests move to the new store and still
+resume and remove themselves, counting goes on with the old tokenizer until the new one is loaded; a part that
+cannot be built keeps the running one and the reload is counted rejected."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+
+import pytest
+from test_scheduler_service import FakeEngine, long_request
+
+from baton import tokens
+from baton.model_tokenizer import TokenizerError
+from baton.scheduler import service as service_module
+from baton.scheduler.config import parse_config
+from baton.scheduler.endpoints import Endpoint
+from baton.scheduler.engines import IteratedResponse
+from baton.scheduler.replies import RelayReply
+from baton.scheduler.service import SchedulerService
+from baton.tokens import EstimateTokenizer
+
+BASE = "model: m\nrouting: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100}\n"
+
+
+class Engine(FakeEngine):
+    """A FakeEngine that knows how it was built, records its health checks, refuses calls once closed, and
+    streams (the second half of a stream waits for `gate` when one is set)."""
+
+    def __init__(self, runtime: str = "trtllm-serve", timeout: float = 600.0) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.timeout = timeout
+        self.closed = False
+        self.health_checks: list[str] = []
+        self.gate: asyncio.Event | None = None
+
+    async def post(self, endpoint, path, body, request_id):
+        assert not self.closed, "a request sent on a closed engine client"
+        return await super().post(endpoint, path, body, request_id)
+
+    async def open(self, endpoint, path, body, request_id):
+        assert not self.closed, "a stream opened on a closed engine client"
+        self.calls.append((endpoint.address, "stream"))
+        gate = self.gate
+
+        async def chunks():
+            yield b'data: {"choices": [{"index": 0, "text": " a"}]}\n\n'
+            if gate is not None:
+                await gate.wait()
+            yield b'data: {"choices": [{"index": 0, "text": " b"}]}\n\ndata: [DONE]\n\n'
+
+        return IteratedResponse(200, chunks(), "text/event-stream")
+
+    async def health(self, endpoint, timeout):
+        assert not self.closed, "a health check on a closed engine client"
+        self.health_checks.append(endpoint.address)
+        return await super().health(endpoint, timeout)
+
+    async def close(self):
+        self.closed = True
+
+
+class Sink:
+    """The client's side of a relayed stream."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.ended = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def end(self, data: bytes = b"") -> None:
+        self.data += data
+        self.ended.set()
+
+
+# What the service builds its engine clients with (`make_engine_client`) and loads tokenizers with
+# (`load_scheduler_tokenizer`), replaced for every test by the fixtures below.
+_factory: list = [Engine]
+_built: list[Engine] = []
+
+
+@pytest.fixture(autouse=True)
+def engines(monkeypatch):
+    def build(runtime: str, timeout: float) -> Engine:
+        engine = _factory[0](runtime, timeout)
+        _built.append(engine)
+        return engine
+
+    _factory[0] = Engine
+    _built.clear()
+    monkeypatch.setattr(service_module, "make_engine_client", build)
+    yield _built
+    _built.clear()
+
+
+@pytest.fixture
+def tokenizer_loader(monkeypatch):
+    """Install `loader` as the service's tokenizer loader."""
+    return lambda loader: monkeypatch.setattr(service_module, "load_scheduler_tokenizer", loader, raising=False)
+
+
+def make(config_yaml: str = "", prefill=("p1:1",), decode=("d1:1", "d2:1")):
+    svc = SchedulerService(parse_config(BASE + config_yaml), discover=False)
+    svc.update_endpoints([Endpoint(a, "prefill") for a in prefill], [Endpoint(a, "decode") for a in decode])
+    return svc, _built
+
+
+def reloads(svc: SchedulerService) -> list[str]:
+    seen: list[str] = []
+    orig = svc.hooks.config_reload
+    svc.hooks.config_reload = lambda result: (seen.append(result), orig(result))
+    return seen
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(autouse=True)
+def estimate_tokenizer():
+    """Every test starts and ends counting with the estimate (the tokenizer is process-wide)."""
+    tokens.set_tokenizer(None)
+    yield
+    tokens.set_tokenizer(None)
+
+
+# ---------------------------------------------------------------------------------------------- engine client
+def test_a_runtime_change_sends_new_requests_on_a_new_client_and_closes_the_old_one_after_its_requests():
+    async def main():
+        svc, built = make()
+        old = built[0]
+        seen = reloads(svc)
+        old.delay = 0.1
+        in_flight = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await asyncio.sleep(0.05)
+        assert old.calls == [("p1:1", "context_only")]  # the prefill is under way on the old client
+        checked_before = len(old.health_checks)
+
+        svc.apply_config(parse_config(BASE + "runtime: triton\n"))
+        new = svc.engine
+        assert new is built[1] and (new.runtime, new.timeout) == ("triton", 600)
+        assert seen == ["applied"]
+        reply = await svc.complete("completions", long_request(), {})  # started after the reload
+        assert reply.status == 200
+        assert new.calls == [("p1:1", "context_only"), (reply.headers["X-Baton-Decode-Endpoint"], "generation_only")]
+        assert not old.closed  # its request is still in flight
+
+        reply = await asyncio.wait_for(in_flight, 2)
+        assert reply.status == 200
+        # the hand-off went through the client the attempt started with, not the one in place by then
+        assert [kind for _, kind in old.calls] == ["context_only", "generation_only"]
+        await svc.reloads_settled()
+        assert old.closed and not new.closed
+        # health: every known replica was asked again, through the new client only
+        assert sorted(new.health_checks) == ["d1:1", "d2:1", "p1:1"]
+        assert len(old.health_checks) == checked_before
+        await svc.heartbeat_once()
+        await svc.stop()
+        assert new.closed
+
+    run(main())
+
+
+def test_an_idle_old_client_is_closed_at_once_and_the_timeout_applies_in_place():
+    async def main():
+        svc, built = make(prefill=(), decode=("d1:1",))
+        svc.apply_config(parse_config(BASE + "engineTimeoutSeconds: 5\n"))
+        await svc.reloads_settled()
+        assert built[0].closed and (svc.engine.runtime, svc.engine.timeout) == ("trtllm-serve", 5)
+        svc.apply_config(parse_config(BASE + "engineTimeoutSeconds: 5\nqueue: {maxDepth: 7}\n"))
+        assert len(built) == 2  # nothing about the client changed: the same one goes on
+        assert (await svc.complete("completions", long_request(5), {})).status == 200
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_stream_keeps_its_client_open_until_it_ends():
+    async def main():
+        svc, built = make(prefill=(), decode=("d1:1",))
+        old = built[0]
+        old.gate = asyncio.Event()
+        body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": True}).encode()
+        reply = await svc.complete("completions", body, {})
+        assert isinstance(reply, RelayReply)
+        sink = Sink()
+        reply.producer.start(sink)
+
+        svc.apply_config(parse_config(BASE + "runtime: triton\n"))
+        await asyncio.sleep(0.05)
+        assert not old.closed and not sink.ended.is_set()  # the stream is still relaying from the old client
+        assert (await svc.complete("completions", long_request(5), {})).status == 200
+        assert built[1].calls == [("d1:1", "context_and_generation")]
+
+        old.gate.set()
+        await asyncio.wait_for(sink.ended.wait(), 2)
+        assert sink.data.endswith(b"data: [DONE]\n\n") and b" b" in sink.data
+        await svc.reloads_settled()
+        assert old.closed
+        await svc.stop()
+
+    run(main())
+
+
+def test_an_attempt_that_fails_on_the_old_client_is_retried_on_the_new_one():
+    async def main():
+        svc, built = make("retries: {maxAttempts: 3}\n", prefill=(), decode=("d1:1", "d2:1"))
+        old = built[0]
+        old.delay = 0.1
+        old.fail.update({"d1:1": "500", "d2:1": "500"})
+        task = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        await asyncio.sleep(0.05)
+        svc.apply_config(parse_config(BASE + "runtime: triton\nretries: {maxAttempts: 3}\n"))
+        reply = await asyncio.wait_for(task, 2)
+        assert reply.status == 200
+        assert len(old.calls) == 1 and len(built[1].calls) == 1  # the retry went through the new client
+        assert built[1].calls[0][0] != old.calls[0][0]  # ... and to the other replica
+        await svc.reloads_settled()
+        assert old.closed
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_client_still_in_use_after_the_grace_is_closed_anyway(monkeypatch, caplog):
+    monkeypatch.setattr(service_module, "RETIRED_ENGINE_GRACE_S", 0.1)
+
+    async def main():
+        svc, built = make(prefill=(), decode=("d1:1",))
+        built[0].gate = asyncio.Event()  # a stream that never ends
+        body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": True}).encode()
+        reply = await svc.complete("completions", body, {})
+        reply.producer.start(Sink())
+        svc.apply_config(parse_config(BASE + "runtime: triton\n"))
+        await asyncio.sleep(0.3)
+        assert built[0].closed
+        assert "event=engine_client_closed_in_use" in caplog.text
+        reply.producer.abort()  # the client goes away: the slot is given back, nothing is closed twice
+        await svc.stop()
+
+    with caplog.at_level(logging.INFO, logger="baton.scheduler"):
+        run(main())
+
+
+def test_health_answers_through_a_replaced_client_are_dropped():
+    async def main():
+        svc, built = make(prefill=(), decode=("d1:1",))
+        await asyncio.sleep(0.01)
+        gate = asyncio.Event()
+
+        async def unhealthy_late(endpoint, timeout):  # e.g. its connection aborted as the client was closed
+            await gate.wait()
+            return False
+
+        built[0].health = unhealthy_late
+        heartbeat = asyncio.create_task(svc._probe([svc.decode["d1:1"]]))  # under way through the old client
+        await asyncio.sleep(0.01)
+        svc.apply_config(parse_config(BASE + "runtime: triton\n"))
+        await asyncio.sleep(0.01)
+        assert built[1].health_checks == ["d1:1"]
+        gate.set()
+        await heartbeat
+        assert svc.decode["d1:1"].healthy and svc.ready() == (True, "ok")
+        await svc.stop()
+
+    run(main())
+
+
+def test_an_engine_client_that_cannot_be_built_keeps_the_running_one_and_the_reload_is_rejected(caplog):
+    attempts: list[str] = []
+
+    def factory(runtime, timeout):
+        attempts.append(runtime)
+        if runtime == "triton" and attempts.count("triton") == 1:
+            raise ModuleNotFoundError("No module named 'tritonclient'")
+        return Engine(runtime, timeout)
+
+    _factory[0] = factory
+
+    async def main():
+        svc, built = make(prefill=(), decode=("d1:1",))
+        seen = reloads(svc)
+        with caplog.at_level(logging.ERROR, logger="baton.scheduler"):
+            svc.apply_config(parse_config(BASE + "runtime: triton\nqueue: {maxDepth: 9}\n"))
+        assert seen == ["rejected"] and svc.engine is built[0] and not built[0].closed
+        assert "event=config_reload_failed field=runtime" in caplog.text and "tritonclient" in caplog.text
+        assert svc.config.queue.max_depth == 9  # the rest of the reload applied
+        assert (await svc.complete("completions", long_request(5), {})).status == 200
+        # the next reload (any change in the file) tries again
+        svc.apply_config(parse_config(BASE + "runtime: triton\nqueue: {maxDepth: 10}\n"))
+        assert seen == ["rejected", "applied"] and svc.engine.runtime == "triton"
+        await svc.reloads_settled()
+        assert built[0].closed
+        await svc.stop()
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- hold store
+def _redis_keys(server) -> list[str]:
+    with server.client() as c:
+        return sorted(k.decode() for k in c.keys("baton:hold:*"))
+
+
+def test_a_store_change_moves_the_held_requests_which_still_resume_and_remove_themselves(redis_server):
+    with redis_server.client() as c:
+        c.flushdb()
+    full = "backpressure: {maxActivePerDecodeReplica: 1}\n"
+    to_redis = full + f"degradation: {{store: redis, redisUrl: '{redis_server.url}'}}\n"
+
+    async def main():
+        svc, built = make(full, decode=("d1:1",))
+        seen = reloads(svc)
+        svc.decode["d1:1"].active = 1  # decode full: finished prefills are held
+        first = asyncio.create_task(svc.complete("completions", long_request(), {"X-Request-Id": "held-1"}))
+        await asyncio.sleep(0.05)
+        memory = svc.holds
+        assert memory.kind == "memory" and len(memory) == 1
+        key1 = memory.held()[0].key
+
+        svc.apply_config(parse_config(BASE + to_redis))  # memory -> redis
+        assert seen == ["applied"] and svc.holds.kind == "redis" and [h.key for h in svc.holds.held()] == [key1]
+        assert svc.snapshot()["holds"] == 1
+        second = asyncio.create_task(svc.complete("completions", long_request(150), {"X-Request-Id": "held-2"}))
+        await asyncio.sleep(0.05)
+        await svc.reloads_settled()
+        await svc.holds.flush()
+        assert len(memory) == 0  # the old store let go of it
+        key2 = next(h.key for h in svc.holds.held() if h.key != key1)
+        assert _redis_keys(redis_server) == sorted(f"baton:hold:{k}" for k in (key1, key2))  # moved one published
+
+        # one slot frees: one held request resumes (and stays generating a while) and removes its own record
+        built[0].delay = 0.2
+        svc.decode["d1:1"].active = 0
+        svc.decode_queue.notify()
+        await asyncio.sleep(0.05)
+        await svc.holds.flush()
+        (left,) = svc.holds.held()
+        assert _redis_keys(redis_server) == [f"baton:hold:{left.key}"]
+
+        redis_store = svc.holds
+        svc.apply_config(parse_config(BASE + full))  # redis -> memory: the held one moves back, its key goes
+        assert svc.holds.kind == "memory" and [h.key for h in svc.holds.held()] == [left.key]
+        await svc.reloads_settled()
+        assert _redis_keys(redis_server) == [] and len(redis_store) == 0
+        replies = await asyncio.wait_for(asyncio.gather(first, second), 3)
+        assert [r.status for r in replies] == [200, 200]
+        assert len(svc.holds) == 0  # each removed itself from the store that held it at the end
+        assert seen == ["applied", "applied"]
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_store_that_cannot_be_built_keeps_the_running_one_and_the_reload_is_rejected(monkeypatch, caplog):
+    def no_redis(*args, **kwargs):
+        raise RuntimeError("degradation.store is 'redis' but the 'redis' package is not installed")
+
+    async def main():
+        full = "backpressure: {maxActivePerDecodeReplica: 1}\n"
+        svc, _ = make(full, decode=("d1:1",))
+        seen = reloads(svc)
+        svc.decode["d1:1"].active = 1
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await asyncio.sleep(0.05)
+        store = svc.holds
+        with caplog.at_level(logging.ERROR, logger="baton.scheduler"):
+            monkeypatch.setattr(service_module, "make_hold_store", no_redis)
+            svc.apply_config(parse_config(BASE + full + "degradation: {store: redis, redisUrl: 'redis://r:6379'}\n"))
+            monkeypatch.undo()
+            # a redis URL from a variable that is not set is refused the same way
+            svc.apply_config(parse_config(BASE + full + "degradation: {store: redis, redisUrlEnv: BATON_NO_SUCH}\n"))
+        assert seen == ["rejected", "rejected"]
+        assert svc.holds is store and len(store) == 1
+        assert caplog.text.count("event=config_reload_failed field=degradation.store") == 2
+        assert "package is not installed" in caplog.text and "BATON_NO_SUCH" in caplog.text
+        svc.decode["d1:1"].active = 0
+        svc.decode_queue.notify()
+        assert (await asyncio.wait_for(task, 2)).status == 200
+        assert len(store) == 0
+        await svc.stop()
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+class CharTokenizer(EstimateTokenizer):
+    """One token per character (the estimate counts one per 4 bytes)."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def count_text(self, text: str) -> int:
+        return len(text)
+
+
+def _counted(svc: SchedulerService) -> list[int]:
+    counts: list[int] = []
+    orig = svc.hooks.routed
+    svc.hooks.routed = lambda route, reason, n: (counts.append(n), orig(route, reason, n))
+    return counts
+
+
+TEXT = json.dumps({"model": "m", "prompt": "x" * 40, "max_tokens": 2}).encode()  # 10 by the estimate, 40 by chars
+
+
+def test_a_new_tokenizer_is_loaded_in_a_thread_and_counts_once_loaded(tokenizer_loader):
+    loading = {"a": threading.Event(), "b": threading.Event()}
+    threads: list[str] = []
+
+    def loader(config, environ):
+        threads.append(threading.current_thread().name)
+        name = config.path.rsplit("/", 1)[-1]
+        assert loading[name].wait(5)
+        return CharTokenizer(config.path)
+
+    tokenizer_loader(loader)
+
+    async def main():
+        svc, _ = make(prefill=(), decode=("d1:1",))
+        seen, counted = reloads(svc), _counted(svc)
+        svc.apply_config(parse_config(BASE + "tokenizer: {path: /models/a}\n"))
+        await asyncio.sleep(0.05)
+        assert seen == []  # counted when the load ends
+        assert (await svc.complete("completions", TEXT, {})).status == 200  # meanwhile: the estimate
+        # another reload names another tokenizer before the first is loaded: the first load is dropped
+        svc.apply_config(parse_config(BASE + "tokenizer: {path: /models/b}\n"))
+        loading["b"].set()
+        await asyncio.sleep(0.1)
+        assert tokens.active_tokenizer().source == "/models/b"
+        loading["a"].set()
+        await svc.reloads_settled()
+        assert tokens.active_tokenizer().source == "/models/b" and seen == ["applied", "applied"]
+        assert (await svc.complete("completions", TEXT, {})).status == 200
+        assert counted == [10, 40]
+        assert threading.main_thread().name not in threads
+        # back to the estimate
+        svc.apply_config(parse_config(BASE))
+        await svc.reloads_settled()
+        assert tokens.active_tokenizer() is None and seen == ["applied"] * 3
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_tokenizer_that_cannot_be_loaded_keeps_the_running_one(caplog, tokenizer_loader):
+    running = CharTokenizer("/models/a")
+    tried: list[str] = []
+
+    def loader(config, environ):
+        tried.append(config.path)
+        raise TokenizerError(f"cannot read {config.path}/tokenizer.json: No such file or directory")
+
+    tokenizer_loader(loader)
+
+    async def main():
+        tokens.set_tokenizer(running)  # what the scheduler loaded at start for tokenizer.path /models/a
+        svc, _ = make("tokenizer: {path: /models/a}\n", prefill=(), decode=("d1:1",))
+        seen, counted = reloads(svc), _counted(svc)
+        with caplog.at_level(logging.ERROR, logger="baton.scheduler"):
+            svc.apply_config(parse_config(BASE + "tokenizer: {path: /missing}\n"))
+            await svc.reloads_settled()
+        assert seen == ["rejected"] and tokens.active_tokenizer() is running
+        assert "event=config_reload_failed field=tokenizer" in caplog.text and "/missing/tokenizer.json" in caplog.text
+        assert (await svc.complete("completions", TEXT, {})).status == 200 and counted == [40]
+        # the next reload still naming it tries again; one going back to the running tokenizer loads nothing
+        svc.apply_config(parse_config(BASE + "tokenizer: {path: /missing}\nqueue: {maxDepth: 5}\n"))
+        await svc.reloads_settled()
+        svc.apply_config(parse_config(BASE + "tokenizer: {path: /models/a}\n"))
+        await svc.reloads_settled()
+        assert tried == ["/missing", "/missing"] and seen == ["rejected", "rejected", "applied"]
+        assert tokens.active_tokenizer() is running
+        await svc.stop()
+
+    run(main())
+
+
+def test_stop_does_not_wait_for_a_tokenizer_load(tokenizer_loader):
+    release = threading.Event()
+
+    def loader(config, environ):
+        release.wait(5)
+        return CharTokenizer(config.path)
+
+    tokenizer_loader(loader)
+
+    async def main():
+        svc, _ = make(prefill=(), decode=("d1:1",))
+        seen = reloads(svc)
+        svc.apply_config(parse_config(BASE + "tokenizer: {path: /models/slow}\n"))
+        await asyncio.sleep(0.02)
+        await asyncio.wait_for(svc.stop(), 1)
+        assert seen == [] and tokens.active_tokenizer() is None
+        release.set()
+
+    run(main())
