@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kubernetes import client
 
-from baton.scheduler.endpoints import Endpoint, endpoints_from_slices, static_endpoints
+from baton.scheduler.endpoints import Endpoint, PodInfo, endpoints_from_slices, static_endpoints
 from baton.scheduler.config import parse_config
 
 SLICE = {
@@ -38,7 +38,7 @@ def test_ready_endpoints_only_with_configured_port_sorted():
 
 
 def test_fingerprint_and_generation_come_from_the_pod():
-    info = {"m-decode-0": ("fpA", "g2"), "m-decode-1": ("fpB", "g1"), "m-decode-3": (None, None)}
+    info = {"m-decode-0": PodInfo("fpA", "g2"), "m-decode-1": PodInfo("fpB", "g1"), "m-decode-3": PodInfo()}
     calls = []
 
     def pod_info(name, uid):
@@ -52,7 +52,7 @@ def test_fingerprint_and_generation_come_from_the_pod():
 
 
 def test_a_pairwise_swap_accepts_both_generations_and_no_other():
-    info = {"m-decode-0": ("fpNew", "g2"), "m-decode-1": ("fpOld", "g1"), "m-decode-3": (None, None)}
+    info = {"m-decode-0": PodInfo("fpNew", "g2"), "m-decode-1": PodInfo("fpOld", "g1"), "m-decode-3": PodInfo()}
     out = endpoints_from_slices([SLICE], 8000, "decode", lambda name, uid: info[name], generation="g1,g2")
     assert sorted(e.fingerprint or "-" for e in out) == ["-", "fpNew", "fpOld"]
     out = endpoints_from_slices([SLICE], 8000, "decode", lambda name, uid: info[name], generation="g1,g3")
@@ -82,7 +82,7 @@ def test_kubernetes_client_models_are_accepted():
         ],
         ports=[client.DiscoveryV1EndpointPort(port=9999)],
     )
-    out = endpoints_from_slices([model], 8000, "prefill", lambda name, uid: ("fp" + uid, None))
+    out = endpoints_from_slices([model], 8000, "prefill", lambda name, uid: PodInfo("fp" + uid))
     assert out == [Endpoint("127.1.0.4:8000", "prefill", "fpp0", "m-prefill-0")]
 
 
@@ -207,7 +207,7 @@ def test_a_tier_change_during_a_generation_switch_is_not_overwritten_by_the_swit
         if threading.current_thread().name == "switch" and not release.is_set():
             in_switch.set()  # the switch is mid-way through reading the decode tier's pods
             release.wait(5)
-        return f"fp-{generation_of[uid]}", generation_of[uid]
+        return PodInfo(f"fp-{generation_of[uid]}", generation_of[uid])
 
     loop = asyncio.new_event_loop()
     published = []
@@ -244,7 +244,7 @@ def test_a_stopped_discovery_publishes_nothing_even_what_it_queued_before_stoppi
     published = []
     disc = KubernetesDiscovery(KubernetesEndpoints(namespace="ns", prefill_service="p", decode_service="d", port=8000),
                                lambda prefill, decode: published.append([e.address for e in decode]), loop)
-    disc._pod_info = lambda name, uid: (None, None)
+    disc._pod_info = lambda name, uid: PodInfo()
     one = {"s": {"addressType": "IPv4", "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]}}
     try:
         disc._update_tier("decode", "slices", one)  # queued for the loop ...
@@ -273,7 +273,7 @@ def test_kubernetes_discovery_dials_each_tier_on_its_own_port():
         loop = asyncio.new_event_loop()
         try:
             disc = KubernetesDiscovery(config, lambda prefill, decode: None, loop)
-            disc._pod_info = lambda name, uid: (None, None)
+            disc._pod_info = lambda name, uid: PodInfo()
             return {(tier, kind): [e.address for e in disc._tier_endpoints(tier, kind, objects)]
                     for tier in ("prefill", "decode") for kind, objects in (("slices", slices), ("pods", pods))}
         finally:

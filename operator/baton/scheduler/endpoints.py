@@ -1,11 +1,13 @@
 """Engine endpoints: the endpoint model and where the lists come from.
 
-- `Endpoint` is what discovery produces: an address, its tier, and an optional KV-format fingerprint.
+- `Endpoint` is what discovery produces: an address, its tier, an optional KV-format fingerprint and the
+  runtime that serves it (read from the pod's engine container; None: the config's `runtime`).
 - `endpoints_from_slices` is the pure part of Kubernetes discovery: EndpointSlice objects (dicts as the
   API returns them, or `kubernetes` client models) -> the ready endpoints' pod IPs with the tier's port.
 - `StaticDiscovery` and `KubernetesDiscovery` push `(prefill, decode)` lists into a callback on the event
   loop; the Kubernetes one watches EndpointSlices in a background thread (the `kubernetes` client is
-  blocking) and reads each pod's `baton.dev/kv-fingerprint` annotation through the endpoint's targetRef.
+  blocking) and reads each pod's `baton.dev/kv-fingerprint` annotation, generation label and engine
+  command through the endpoint's targetRef.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from baton.scheduler.config import EndpointsConfig, KubernetesEndpoints
 
@@ -27,18 +29,33 @@ FINGERPRINT_ANNOTATION = "baton.dev/kv-fingerprint"
 GENERATION_LABEL = "baton.dev/generation"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
+# The engine container's command says which runtime serves a pod (see baton.render.tiers.engine_container).
+RUNTIME_OF_COMMAND = {"trtllm-serve": "trtllm-serve", "tritonserver": "triton"}
+
 PREFILL = "prefill"
 DECODE = "decode"
 
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One engine replica as discovery sees it. Equal fingerprints (None == None) may be paired."""
+    """One engine replica as discovery sees it. Replicas of equal `pairing` (fingerprint and runtime;
+    None == None) may be paired."""
 
     address: str  # host:port ([v6]:port for IPv6)
     tier: str  # "prefill" | "decode"
     fingerprint: str | None = None
     pod: str | None = None  # pod name when discovered from Kubernetes
+    # "trtllm-serve" | "triton" as the pod's engine container runs it; None (static endpoints, a pod that
+    # could not be read): the config's `runtime`. Requests to the endpoint go through that runtime's client,
+    # so a generation switch that changes the runtime is followed with the endpoints, not when the
+    # ConfigMap's new `runtime` reaches the pod (the kubelet takes up to a minute or so).
+    runtime: str | None = None
+
+    @property
+    def pairing(self) -> tuple[str | None, str | None]:
+        """What a prefill and a decode replica must share to be paired: the KV format, and the runtime
+        (a handle is only handed on between engines of the same front end)."""
+        return self.fingerprint, self.runtime
 
     @property
     def url(self) -> str:
@@ -59,6 +76,23 @@ def format_address(ip: str, port: int) -> str:
     return f"{ip}:{port}"
 
 
+class PodInfo(NamedTuple):
+    """What discovery reads from an endpoint's pod."""
+
+    fingerprint: str | None = None
+    generation: str | None = None
+    runtime: str | None = None
+
+
+def runtime_of_pod(pod: Mapping[str, Any]) -> str | None:
+    """The runtime a pod's engine container runs (the container named `engine`, else the first), from its
+    command; None when it is neither trtllm-serve nor tritonserver."""
+    containers = (pod.get("spec") or {}).get("containers") or []
+    container = next((c for c in containers if c.get("name") == "engine"), containers[0] if containers else {})
+    command = container.get("command") or []
+    return RUNTIME_OF_COMMAND.get(os.path.basename(str(command[0]))) if command else None
+
+
 def _as_dict(obj: Any) -> dict[str, Any]:
     """EndpointSlice as the API spells it (camelCase dict), from a dict or a kubernetes client model."""
     if isinstance(obj, Mapping):
@@ -72,14 +106,14 @@ def endpoints_from_slices(
     slices: Iterable[Any],
     port: int,
     tier: str,
-    pod_info: Callable[[str, str | None], tuple[str | None, str | None]] | None = None,
+    pod_info: Callable[[str, str | None], PodInfo] | None = None,
     generation: str = "",
 ) -> list[Endpoint]:
     """The ready endpoints of a Service's EndpointSlices, as pod IP + `port`, sorted and deduplicated.
 
     An endpoint counts when `conditions.ready` is true or unset (the API says nil means ready); terminating
     and not-ready endpoints are skipped, as are FQDN slices. `pod_info(pod_name, pod_uid)` returns the
-    pod's (fingerprint, generation); with `generation` set, pods labelled with another generation are skipped.
+    pod's `PodInfo`; with `generation` set, pods labelled with another generation are skipped.
     """
     seen: dict[str, Endpoint] = {}
     for raw in slices:
@@ -95,14 +129,12 @@ def endpoints_from_slices(
                 continue
             target = ep.get("targetRef") or {}
             pod = target.get("name") if target.get("kind", "Pod") == "Pod" else None
-            fingerprint = None
-            pod_generation = None
-            if pod and pod_info is not None:
-                fingerprint, pod_generation = pod_info(pod, target.get("uid"))
-            if not _generation_accepted(pod_generation, generation):
+            info = pod_info(pod, target.get("uid")) if pod and pod_info is not None else PodInfo()
+            if not _generation_accepted(info.generation, generation):
                 continue
             address = format_address(addresses[0], port)
-            seen.setdefault(address, Endpoint(address=address, tier=tier, fingerprint=fingerprint, pod=pod))
+            seen.setdefault(address, Endpoint(address=address, tier=tier, fingerprint=info.fingerprint, pod=pod,
+                                              runtime=info.runtime))
     return [seen[a] for a in sorted(seen)]
 
 
@@ -130,7 +162,7 @@ def endpoints_from_pods(pods: Iterable[Any], port: int, tier: str, generation: s
             continue
         address = format_address(status["podIP"], port)
         seen.setdefault(address, Endpoint(address=address, tier=tier, fingerprint=annotations.get(FINGERPRINT_ANNOTATION),
-                                          pod=meta.get("name")))
+                                          pod=meta.get("name"), runtime=runtime_of_pod(pod)))
     return [seen[a] for a in sorted(seen)]
 
 
@@ -195,7 +227,7 @@ class KubernetesDiscovery:
             self._api_client = client.ApiClient()
         return self._api_client
 
-    def _pod_info(self, name: str, uid: str | None) -> tuple[str | None, str | None]:
+    def _pod_info(self, name: str, uid: str | None) -> PodInfo:
         # StatefulSet pods keep their names across rollouts, so the cache is keyed by uid too.
         key = f"{name}/{uid}"
         with self._lock:
@@ -204,13 +236,13 @@ class KubernetesDiscovery:
         from kubernetes import client
 
         try:
-            pod = client.CoreV1Api(self._client()).read_namespaced_pod(name, self.config.namespace)
-            annotations = pod.metadata.annotations or {}
-            labels = pod.metadata.labels or {}
-            info = (annotations.get(FINGERPRINT_ANNOTATION), labels.get(GENERATION_LABEL))
+            pod = _as_dict(client.CoreV1Api(self._client()).read_namespaced_pod(name, self.config.namespace))
+            meta = pod.get("metadata") or {}
+            info = PodInfo((meta.get("annotations") or {}).get(FINGERPRINT_ANNOTATION),
+                           (meta.get("labels") or {}).get(GENERATION_LABEL), runtime_of_pod(pod))
         except Exception as exc:  # pod gone or RBAC missing: no fingerprint, still usable with None peers
             log.warning("event=pod_lookup_failed pod=%s error=%r", name, str(exc))
-            return (None, None)
+            return PodInfo()
         with self._lock:
             if uid:  # without a uid the answer cannot be tied to one pod incarnation: do not cache it
                 self._pods[key] = info

@@ -794,6 +794,53 @@ class TritonClient:
                 pass
 
 
+class EnginesByRuntime:
+    """An engine client per runtime, as one client: each call goes to the client of its endpoint's runtime
+    (`Endpoint.runtime`, which discovery reads from the pod), or of `default` (the config's `runtime`) for
+    an endpoint that does not say. The client of another runtime is built when an endpoint of it first
+    needs one; one that cannot be built (tritonclient missing) fails that endpoint's calls as a
+    connection failure, so the request goes on to another replica."""
+
+    def __init__(self, default: str, build: Callable[[str], EngineClient], first: EngineClient | None = None) -> None:
+        self.default = default
+        self._build = build
+        self.clients: dict[str, EngineClient] = {default: first if first is not None else build(default)}
+        self.primary = self.clients[default]
+
+    def client_for(self, endpoint: Endpoint) -> EngineClient:
+        runtime = endpoint.runtime
+        if runtime is None or runtime == self.default:
+            return self.primary
+        client = self.clients.get(runtime)
+        if client is None:
+            try:
+                client = self.clients[runtime] = self._build(runtime)
+            except Exception as exc:  # noqa: BLE001 - e.g. the tritonclient package missing
+                raise EngineFailure(endpoint, f"no {runtime} engine client: {type(exc).__name__}: {exc}",
+                                    kind="connection") from None
+        return client
+
+    async def post(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> tuple[int, bytes, str]:
+        return await self.client_for(endpoint).post(endpoint, path, body, request_id)
+
+    async def open(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> EngineResponse:
+        return await self.client_for(endpoint).open(endpoint, path, body, request_id)
+
+    async def health(self, endpoint: Endpoint, timeout: float) -> bool:
+        try:
+            client = self.client_for(endpoint)
+        except EngineFailure:
+            return False
+        return await client.health(endpoint, timeout)
+
+    async def close(self) -> None:
+        for client in list(self.clients.values()):
+            try:
+                await client.close()
+            except Exception:  # noqa: BLE001 - close the others
+                pass
+
+
 def make_engine_client(runtime: str, read_timeout: float) -> EngineClient:
     if runtime == "triton":
         return TritonClient(read_timeout=read_timeout)

@@ -13,8 +13,8 @@ Prefill policies (`routing.placementPolicy`):
 
 Rings (`build_rings`): each prefill replica feeds a fixed subset of decode replicas, so KV transfers
 stay within small groups (bounded cross-traffic and connection fan-out). Replicas are grouped by KV
-fingerprint first: a prefill replica only ever pairs with decode replicas of the same fingerprint
-(None pairs only with None). Within a group of P prefill and D decode replicas (addresses sorted), the
+fingerprint and runtime first (`Endpoint.pairing`): a prefill replica only ever pairs with decode
+replicas of the same fingerprint and runtime (None pairs only with None). Within a group of P prefill and D decode replicas (addresses sorted), the
 ring size is `ringSize` or ceil(D / P), and prefill i feeds decode replicas floor(i * D / P) onwards,
 wrapping around. When D is a multiple of P the rings are disjoint; otherwise neighbouring rings overlap
 by one replica. Every decode replica is in at least one ring when `ringSize` is 0.
@@ -125,12 +125,12 @@ def pick_decode(candidates: Sequence[ReplicaState]) -> ReplicaState | None:
 def build_rings(
     prefill: Iterable[Endpoint], decode: Iterable[Endpoint], ring_size: int = 0
 ) -> dict[str, tuple[str, ...]]:
-    """prefill address -> the decode addresses it may feed (same fingerprint only; see module doc)."""
-    groups: dict[str | None, tuple[list[str], list[str]]] = {}
+    """prefill address -> the decode addresses it may feed (same fingerprint and runtime only; see module doc)."""
+    groups: dict[tuple[str | None, str | None], tuple[list[str], list[str]]] = {}
     for ep in prefill:
-        groups.setdefault(ep.fingerprint, ([], []))[0].append(ep.address)
+        groups.setdefault(ep.pairing, ([], []))[0].append(ep.address)
     for ep in decode:
-        groups.setdefault(ep.fingerprint, ([], []))[1].append(ep.address)
+        groups.setdefault(ep.pairing, ([], []))[1].append(ep.address)
     rings: dict[str, tuple[str, ...]] = {}
     for prefills, decodes in groups.values():
         prefills.sort()

@@ -44,6 +44,7 @@ from baton.scheduler.config import ConfigError, SchedulerConfig, TokenizerConfig
 from baton.scheduler.endpoints import DECODE, PREFILL, Endpoint, make_discovery
 from baton.scheduler.engines import (
     EngineClient,
+    EnginesByRuntime,
     EngineFailure,
     classify_failure,
     make_engine_client,
@@ -112,7 +113,7 @@ class _EngineSlot:
 
     __slots__ = ("client", "runtime", "timeout", "users", "retired", "closed", "timer")
 
-    def __init__(self, client: EngineClient, runtime: str, timeout: float) -> None:
+    def __init__(self, client: EnginesByRuntime, runtime: str, timeout: float) -> None:
         self.client = client
         self.runtime = runtime
         self.timeout = timeout
@@ -244,8 +245,7 @@ class SchedulerService:
         self.hooks: SchedulerHooks = hooks or self.metrics
         self._engine_factory = engine_factory or make_engine_client
         timeout = config.engine_timeout_seconds
-        self._engine_slot = _EngineSlot(engine or self._engine_factory(config.runtime, timeout), config.runtime,
-                                        timeout)
+        self._engine_slot = _EngineSlot(self._engines(config.runtime, timeout, engine), config.runtime, timeout)
         self._retired_engines: set[_EngineSlot] = set()
         if hold_store is None:
             self._holds_target = self._hold_store_target(config)
@@ -319,8 +319,14 @@ class SchedulerService:
     # ------------------------------------------------------------------------------ reload
     @property
     def engine(self) -> EngineClient:
-        """The engine client new request attempts and health checks use."""
-        return self._engine_slot.client
+        """The client of the config's runtime that new request attempts and health checks use (for the
+        endpoints whose pods do not say which runtime serves them)."""
+        return self._engine_slot.client.primary
+
+    def _engines(self, runtime: str, timeout: float, first: EngineClient | None = None) -> EnginesByRuntime:
+        """A client per runtime (see `EnginesByRuntime`), `runtime` the default, all with `timeout`."""
+        factory = self._engine_factory
+        return EnginesByRuntime(runtime, lambda other: factory(other, timeout), first)
 
     def apply_config(self, new: SchedulerConfig) -> None:
         """Hot reload: everything but the listen address changes in place. Thresholds, policies, limits and
@@ -385,7 +391,7 @@ class SchedulerService:
         if (new.runtime, new.engine_timeout_seconds) == (current.runtime, current.timeout):
             return False
         try:
-            client = self._engine_factory(new.runtime, new.engine_timeout_seconds)
+            client = self._engines(new.runtime, new.engine_timeout_seconds)
         except Exception as exc:  # noqa: BLE001 - e.g. tritonclient not installed: keep the running client
             failed.append("runtime")
             log.error("event=config_reload_failed field=runtime runtime=%s error=%r detail=%r", new.runtime,
@@ -573,9 +579,9 @@ class SchedulerService:
     # ------------------------------------------------------------------------------ health
     async def _probe(self, replicas: list[ReplicaState]) -> None:
         timeout = min(5.0, max(0.5, self.config.heartbeat_seconds))
-        engine = self.engine
+        engine = self._engine_slot.client
         results = await asyncio.gather(*(engine.health(r.endpoint, timeout) for r in replicas))
-        if engine is not self.engine:
+        if engine is not self._engine_slot.client:
             return  # a reload replaced the client meanwhile (and probes through the new one): these answers are stale
         changed = False
         now = self.clock()
@@ -753,8 +759,9 @@ class SchedulerService:
 
     def debug_state(self) -> dict[str, Any]:
         def replica(r: ReplicaState) -> dict[str, Any]:
-            return {"address": r.address, "fingerprint": r.endpoint.fingerprint, "healthy": r.healthy,
-                    "active": r.active, "localPrefills": r.local_prefills, "queuedTokens": r.queued_tokens}
+            return {"address": r.address, "fingerprint": r.endpoint.fingerprint, "runtime": r.endpoint.runtime,
+                    "healthy": r.healthy, "active": r.active, "localPrefills": r.local_prefills,
+                    "queuedTokens": r.queued_tokens}
 
         return {
             "prefill": [replica(r) for r in self.prefill.values()],
@@ -1052,8 +1059,8 @@ class SchedulerService:
         ring = self.rings.get(prefill.address)
         if ring:
             return ring
-        fingerprint = prefill.endpoint.fingerprint
-        return tuple(sorted(a for a, r in self.decode.items() if r.endpoint.fingerprint == fingerprint))
+        pairing = prefill.endpoint.pairing
+        return tuple(sorted(a for a, r in self.decode.items() if r.endpoint.pairing == pairing))
 
     async def _hold(self, ctx: _Ctx, prefill: ReplicaState, handle: dict[str, Any],
                     ring: tuple[str, ...]) -> _DecodeLease | None:
