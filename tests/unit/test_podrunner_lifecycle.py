@@ -75,7 +75,7 @@ def test_departed_pods_are_stopped_together_while_the_others_are_tended(tmp_path
 
 CHILD_RUNNER = textwrap.dedent("""
     import sys, time
-    sys.path[:0] = [{tests!r}]
+    sys.path[:0] = [{tests!r}, {shared!r}]
     from pathlib import Path
     from baton.podrunner.runner import LocalProcess
     from test_podrunner_sync import FakeCore, make_runner, scheduler_pod
@@ -88,7 +88,7 @@ CHILD_RUNNER = textwrap.dedent("""
 
 
 def test_the_processes_a_killed_runner_left_are_stopped_by_the_next(tmp_path: Path) -> None:
-    script = CHILD_RUNNER.format(tests=str(REPO / "tests" / "unit"), tmp=str(tmp_path))
+    script = CHILD_RUNNER.format(tests=str(REPO / "tests" / "unit"), shared=str(REPO / "tests"), tmp=str(tmp_path))
     runner_proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pid_dir = tmp_path / "work" / ".pids"
     mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
