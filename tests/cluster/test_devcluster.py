@@ -203,6 +203,31 @@ def test_a_pod_with_a_readiness_probe_is_ready_only_once_something_passes_the_pr
     assert not any(s.ready for s in pod.status.container_statuses)
 
 
+
+def test_pods_of_a_runner_that_died_are_taken_over_once_its_claim_lapses(cluster, namespace):
+    """A runner that died without withdrawing its claim (SIGKILL) leaves pods nothing will ever probe:
+    once the claim's lease has run out, the stand-in passes their probe as it does for any pod nothing runs."""
+    from baton.podrunner.runner import CLAIM_ANNOTATION, claim_value
+
+    lease_s = 4
+    cluster.core.patch_namespace(namespace, {"metadata": {"annotations": {
+        CLAIM_ANNOTATION: claim_value("test/dead-runner", lease_s=lease_s)}}})
+    claimed_at = time.monotonic()
+    baton_labels = {"app.kubernetes.io/managed-by": "baton-operator", "baton.dev/tier": "prefill"}
+    cluster.core.create_namespaced_pod(namespace, _pod("orphan", baton_labels, probe=True))
+    wait_for(lambda: _ready(cluster, namespace, "orphan")[0].status.pod_ip, 60, what="the pod running with an IP")
+    pod, ready = _ready(cluster, namespace, "orphan")
+    if time.monotonic() - claimed_at < lease_s - 1:  # while the claim holds, the pod is the runner's
+        assert (ready.status, ready.reason) == ("False", "ReadinessProbePending")
+
+    def taken_over():
+        _, ready = _ready(cluster, namespace, "orphan")
+        return ready if ready.status == "True" else None
+
+    ready = wait_for(taken_over, 60, what="the orphaned pod Ready from the stand-in after the claim lapsed")
+    assert ready.reason == "ReadinessStandIn"
+    assert time.monotonic() - claimed_at >= lease_s - 1  # not before the lease ran out
+
 def test_every_node_and_pod_address_is_loopback(cluster, namespace):
     cluster.apps.create_namespaced_stateful_set(namespace, _gpu_statefulset("addr", 2, 1, "decode-l40s"))
     wait_for(lambda: len([p for p in cluster.core.list_namespaced_pod(namespace).items if p.status.pod_ip]) == 2,

@@ -4,14 +4,17 @@ readiness probe KWOK left pending, and never a pod a pod runner runs and probes 
 from __future__ import annotations
 
 import copy
+import time
 
 from baton.devcluster.readiness import (
     PASSED_REASON,
     PROBE_PENDING,
+    ReadinessStandIn,
     claimed,
     passed_probe_patch,
     pods_to_mark,
     probe_pending,
+    split_claimed,
 )
 from baton.podrunner.runner import ALL_NAMESPACES_CLAIM, CLAIM_ANNOTATION
 
@@ -108,3 +111,28 @@ def test_a_claim_whose_lease_ran_out_no_longer_keeps_the_stand_in_away() -> None
     assert not claimed(baton, {CLAIM_ANNOTATION: f"host/1/abc;renewed={stamp};lease=30"}, {})
     assert not claimed(baton, {}, {ALL_NAMESPACES_CLAIM: f"host/1/abc;renewed={stamp};lease=30"})
     assert claimed(baton, {CLAIM_ANNOTATION: f"host/1/abc;renewed={fresh};lease=30"}, {})
+
+
+def test_pods_a_live_claim_covers_are_looked_at_again_after_the_recheck_interval() -> None:
+    stand_in = ReadinessStandIn(None, recheck_s=0.3)
+    ours = pod(labels=BATON_LABELS)
+    fresh = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    mine, runners = split_claimed([ours, pod()], {"ns": {CLAIM_ANNOTATION: f"host/1/abc;renewed={fresh};lease=30"}})
+    assert [p["metadata"]["labels"] for p in mine] == [{"app": "x"}] and runners == [ours]
+    stand_in._defer(runners)
+    start = time.monotonic()
+    assert stand_in._take() == [ours]  # nothing else queued: the deferred pod comes back once its recheck is due
+    assert time.monotonic() - start >= 0.25
+    # a pod queued meanwhile is taken at once, the deferred ones only when due; a newer version of a
+    # deferred pod replaces the one kept
+    stand_in._defer([ours])
+    other = copy.deepcopy(ours)
+    other["metadata"]["name"] = "p-1"
+    stand_in.offer(other)
+    assert stand_in._take() == [other]
+    newer = copy.deepcopy(ours)
+    newer["metadata"]["resourceVersion"] = "43"
+    time.sleep(0.35)
+    stand_in.offer(newer)
+    assert stand_in._take() == [newer]
+    assert stand_in._deferred == {}

@@ -8,9 +8,11 @@ passes. Two things pass that probe:
 - this stand-in, for every other such pod: no process exists to probe, so the probe passes at once
   and the pod turns Ready, the state KWOK gives a probe-less pod straight away.
 
-A pod a pod runner claims is never touched here. So a Baton pod is only Ready once the process at
-its IP is its own and answers its probe, even when the pod took over the IP of a pod deleted a moment
-earlier whose process had not stopped yet.
+A pod a pod runner claims is never touched here while the claim holds. So a Baton pod is only Ready
+once the process at its IP is its own and answers its probe, even when the pod took over the IP of a
+pod deleted a moment earlier whose process had not stopped yet. The pods left to a runner are looked at
+again every `RECHECK_S`: once its claim has lapsed (the runner died without withdrawing it), nothing
+runs them any more and the stand-in passes the probes it never did.
 
 Runs as a devcluster component (`baton devcluster readiness`), started by `baton devcluster up`.
 """
@@ -38,6 +40,7 @@ log = logging.getLogger("baton.devcluster.readiness")
 PROBE_PENDING = "ReadinessProbePending"
 PASSED_REASON = "ReadinessStandIn"
 WATCH_TIMEOUT_S = 300
+RECHECK_S = 5.0  # how often the pods left to a pod runner are looked at again, while there are any
 _PENDING_MARK = PROBE_PENDING.encode()
 # The first resourceVersion of a watch event's line is its object's (metadata comes first).
 _RESOURCE_VERSION = re.compile(rb'"resourceVersion":"([0-9]+)"')
@@ -90,9 +93,19 @@ def claimed(pod: Mapping[str, Any], namespace_annotations: Mapping[str, str],
 
 def pods_to_mark(batch: list[Mapping[str, Any]], claims: Mapping[str, Mapping[str, str]]) -> list[Mapping[str, Any]]:
     """The pods of `batch` whose probe the stand-in passes, given every namespace's annotations."""
+    return split_claimed(batch, claims)[0]
+
+
+def split_claimed(batch: list[Mapping[str, Any]], claims: Mapping[str, Mapping[str, str]]
+                  ) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """(the pods of `batch` whose probe the stand-in passes, those a live pod-runner claim covers)."""
     holder = claims.get(CLAIM_HOLDER_NAMESPACE) or {}
-    return [pod for pod in batch
-            if not claimed(pod, claims.get((pod.get("metadata") or {}).get("namespace", "")) or {}, holder)]
+    mine: list[Mapping[str, Any]] = []
+    runners: list[Mapping[str, Any]] = []
+    for pod in batch:
+        namespace = (pod.get("metadata") or {}).get("namespace", "")
+        (runners if claimed(pod, claims.get(namespace) or {}, holder) else mine).append(pod)
+    return mine, runners
 
 
 def passed_probe_patch(pod: Mapping[str, Any], now: str) -> dict[str, Any]:
@@ -122,15 +135,23 @@ class ReadinessStandIn:
     pod it runs exists, so that read cannot miss the claim of any pod in the batch), and writes the
     Ready conditions with a few requests in parallel. So a burst of pods (hundreds of models at once)
     costs one status write each and one namespace list per batch, not a read per pod.
+
+    The pods a live claim covers are kept (`_deferred`, the latest version seen of each) and go back
+    into a batch every `recheck_s`: their claim may have lapsed since. Each patch carries the version
+    it was made from, so a pod that changed meanwhile (the runner made it Ready, it was deleted) is
+    refused by the API server and dropped; a newer pending version comes back through the watch.
     """
 
     PATCH_WORKERS = 8
 
-    def __init__(self, api_client: Any) -> None:
+    def __init__(self, api_client: Any, recheck_s: float = RECHECK_S) -> None:
         from kubernetes import client
 
         self.core = client.CoreV1Api(api_client)
+        self.recheck_s = recheck_s
         self._pending: dict[tuple[str, str], Mapping[str, Any]] = {}  # (namespace, name) -> latest pod seen
+        self._deferred: dict[tuple[str, str], Mapping[str, Any]] = {}  # pods a live claim covered (worker's own)
+        self._recheck_at = 0.0
         self._wake = threading.Condition()
 
     @staticmethod
@@ -147,11 +168,27 @@ class ReadinessStandIn:
             self._wake.notify()
 
     def _take(self) -> list[Mapping[str, Any]]:
+        """Everything queued, once something is; and the deferred pods as well when their recheck is due."""
         with self._wake:
             while not self._pending:
-                self._wake.wait()
-            batch, self._pending = list(self._pending.values()), {}
-        return batch
+                if not self._deferred:
+                    self._wake.wait()
+                    continue
+                left = self._recheck_at - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
+            fresh, self._pending = self._pending, {}
+        if self._deferred and time.monotonic() >= self._recheck_at:
+            fresh = {**self._deferred, **fresh}  # a newer event of a deferred pod wins
+            self._deferred = {}
+        return list(fresh.values())
+
+    def _defer(self, pods: list[Mapping[str, Any]]) -> None:
+        if pods and not self._deferred:
+            self._recheck_at = time.monotonic() + self.recheck_s
+        for pod in pods:
+            self._deferred[self._key(pod)] = pod
 
     def _claims(self) -> dict[str, dict[str, str]]:
         resp = self.core.list_namespace(_preload_content=False)
@@ -186,7 +223,9 @@ class ReadinessStandIn:
                             self._pending.setdefault(self._key(pod), pod)
                     time.sleep(1.0)
                     continue
-                list(pool.map(self._mark, pods_to_mark(batch, claims)))  # all written before the next batch
+                mine, runners = split_claimed(batch, claims)
+                self._defer(runners)
+                list(pool.map(self._mark, mine))  # all written before the next batch
 
     def _list(self) -> str:
         """Offer every pod of the cluster; the list's resourceVersion, to watch from."""
