@@ -39,6 +39,11 @@ KV-format mismatch.
 PyTriton must run from a venv made with Debian's /usr/bin/python3.11 (see triton-venv.sh); it is imported
 only when this front end starts.
 
+Triton starts with both models already in its model store (PyTriton's local model store), so its strict
+readiness (`/v2/health/ready`) holds only once they are loaded, as with tritonserver serving TensorRT-LLM's
+models: a readinessProbe on it (the operator renders one for Triton pods) never passes early. Triton's own
+Prometheus metrics are served when `--sim-triton-metrics-port` is given (tritonserver's `--metrics-port`).
+
 Threads: the engine and the simulator's HTTP endpoint run on one asyncio loop in a thread of their own;
 PyTriton runs each model instance's inference callable on a loop of its own; the callables hand their work
 to the engine loop (`run_coroutine_threadsafe`) and get results and streamed tokens back through
@@ -123,6 +128,7 @@ class TritonOptions:
     sim_http_port: int
     context_instances: int
     log_verbose: int
+    metrics_port: int | None = None  # None: Triton's metrics endpoint off
 
 
 def _options_parser() -> argparse.ArgumentParser:
@@ -134,6 +140,10 @@ def _options_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-triton-context-instances", type=int, default=1, metavar="N",
                    help="instances of the (not decoupled) context model = context requests in the engine at once "
                         "(default 1; PyTriton's multi-instance start-up is racy, failed starts are retried)")
+    p.add_argument("--sim-triton-metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Triton's own Prometheus metrics (GET /metrics: its inference counters) on PORT, "
+                        "as tritonserver --metrics-port does (default: Triton's metrics endpoint off; the engine's "
+                        "statistics are on the simulator endpoint either way)")
     p.add_argument("--sim-triton-log-verbose", type=int, default=0, metavar="N", help="Triton's --log-verbose")
     return p
 
@@ -143,8 +153,10 @@ def split_options(argv: list[str]) -> tuple[TritonOptions, list[str]]:
     ns, rest = _options_parser().parse_known_args(argv)
     if ns.sim_triton_context_instances < 1:
         raise StartupError("--sim-triton-context-instances must be >= 1")
+    if ns.sim_triton_metrics_port is not None and not 0 < ns.sim_triton_metrics_port < 65536:
+        raise StartupError("--sim-triton-metrics-port must be a port number (1-65535): Triton cannot bind port 0")
     return TritonOptions(ns.sim_triton_grpc_port, ns.sim_http_port, ns.sim_triton_context_instances,
-                         ns.sim_triton_log_verbose), rest
+                         ns.sim_triton_log_verbose, ns.sim_triton_metrics_port), rest
 
 
 def options_help() -> str:
@@ -486,7 +498,7 @@ class TritonFrontend:
     def start(self) -> None:
         try:
             from pytriton.model_config import ModelConfig
-            from pytriton.triton import Triton, TritonConfig
+            from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
         except ImportError as exc:
             raise StartupError(f"cannot import pytriton ({exc}); {VENV_HINT}") from exc
         base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
@@ -505,7 +517,8 @@ class TritonFrontend:
         triton_config = TritonConfig(
             http_address=self.host, http_port=self.http_port,
             grpc_address=self.host, grpc_port=self.grpc_port,
-            metrics_address=self.host, allow_metrics=False, allow_gpu_metrics=False, allow_cpu_metrics=False,
+            metrics_address=self.host, allow_metrics=self.opts.metrics_port is not None,
+            metrics_port=self.opts.metrics_port, allow_gpu_metrics=False, allow_cpu_metrics=False,
             allow_sagemaker=False, allow_vertex_ai=False,
             strict_readiness=True, exit_timeout_secs=SHUTDOWN_GRACE_S, log_verbose=self.opts.log_verbose,
             http_header_forward_pattern=REQUEST_ID_PARAMETER, grpc_header_forward_pattern=REQUEST_ID_PARAMETER,
@@ -518,7 +531,11 @@ class TritonFrontend:
         attempts = 3 if self.opts.context_instances > 1 else 1
         for attempt in range(1, attempts + 1):
             self._workspace = tempfile.mkdtemp(prefix="baton-triton-")
-            self.triton = Triton(config=triton_config, workspace=f"{self._workspace}/workspace")
+            # The models go in the model store before Triton starts and load with it: readiness is never true
+            # without them (PyTriton's default loads them after the server answers, ready with no models).
+            self.triton = Triton(config=triton_config, workspace=f"{self._workspace}/workspace",
+                                 triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=False,
+                                                                               local_model_store=True))
             inputs, outputs = self._signature()
             self.triton.bind(
                 model_name=CONTEXT_MODEL, infer_func=[self._context_infer] * self.opts.context_instances,

@@ -27,6 +27,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--models-root", default=str(packaged_models_root()),
                         help="directory of <model id>/config.json for Hugging Face model sources")
     parser.add_argument("--sim-speed", type=float, default=1.0, help="engine simulator time scale (0: no delays)")
+    parser.add_argument("--triton-python", metavar="PYTHON", default=None,
+                        help="the python of a PyTriton venv (made from Debian's python3.11) to run Triton tier pods "
+                             "with (default: the one operator/baton/engine_sim/triton-venv.sh makes once per "
+                             "machine, run on the first Triton pod)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from kubernetes import config
@@ -35,7 +39,7 @@ def main(argv: list[str]) -> int:
     runner = PodRunner(
         api_client=config.new_client_from_config(config_file=kubeconfig), workdir=Path(args.workdir),
         namespace=args.namespace, models_root=Path(args.models_root),
-        sim_args=["--sim-speed", str(args.sim_speed)], kubeconfig=kubeconfig,
+        sim_args=["--sim-speed", str(args.sim_speed)], kubeconfig=kubeconfig, triton_python=args.triton_python,
     )
     install_stop_handlers(runner)
     try:

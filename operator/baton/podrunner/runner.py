@@ -4,6 +4,16 @@ On the local cluster nothing executes containers. For every Running pod of a Bat
 this runner starts what the container would run, as a real process on this machine:
 - a TensorRT-LLM container (`trtllm-serve ...`) becomes `baton engine-sim ...` with the same
   arguments, its model directory resolved locally;
+- a Triton container (`tritonserver ...`, `spec.engine.runtime: triton`) becomes the engine simulator
+  behind a real Triton server (`baton engine-sim MODEL_DIR --sim-frontend triton`): the checkpoint is the
+  hostPath behind `--model-repository`, the engine options the tier's engine ConfigMap (mounted at
+  ENGINE_CONFIG_DIR for both runtimes), and Triton's HTTP, gRPC and metrics ports the container's
+  `--http-port`, `--grpc-port` and `--metrics-port` (the scheduler reaches Triton's gRPC at the tier
+  port plus one, the `--grpc-port` the operator renders). PyTriton needs a venv made from Debian's
+  python3.11: `triton-venv.sh` makes it once per machine (`TritonVenv`, run in the background on the
+  first Triton pod; until it is done such pods wait, with reason `Starting`, and if it fails they are
+  `CannotRunLocally` with its error and it is tried again), and the process runs with its python and
+  PYTHONPATH at this checkout's `operator/`;
 - the scheduler container (`baton scheduler ...`) runs as is, its model tokenizer (if it counts with
   one) resolved locally as the engines' model directory is.
 The process gets the container's environment, resolved as the kubelet resolves it (`$(VAR)`
@@ -35,9 +45,10 @@ without withdrawing it expires. A pod that takes over the IP of one deleted a mo
 Ready while the old process still answers there: a pod is not started while a departed pod's process
 at its IP is still stopping.
 
-Every process runs in a session of its own and has a pid file under `<workdir>/.pids`; a runner that
-starts stops whatever an earlier runner that died (SIGKILL) left running. SIGHUP and SIGTERM stop the
-runner (`baton pod-runner`) cleanly.
+Every process runs in a session of its own, which is what gets stopped (Triton and its Python-backend
+stubs are children of the simulator), and has a pid file under `<workdir>/.pids`; a runner that starts
+stops whatever an earlier runner that died (SIGKILL) left running. SIGHUP and SIGTERM stop the runner
+(`baton pod-runner`) cleanly.
 """
 
 from __future__ import annotations
@@ -67,8 +78,10 @@ from typing import Any
 import yaml
 
 from baton.atomicfile import write_atomic
-from baton.localproc import NO_PROXY_OPENER
+from baton.direct_http import NO_PROXY_OPENER
 from baton.model_tokenizer import TOKENIZER_FILE
+from baton.render.engine_config import CONFIG_FILE as ENGINE_CONFIG_FILE
+from baton.render.engine_config import ENGINE_CONFIG_DIR
 
 log = logging.getLogger("baton.podrunner")
 
@@ -87,6 +100,23 @@ CLAIM_HOLDER_NAMESPACE = "kube-system"
 CLAIM_LEASE_S = 30
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
+# Triton tier pods (`spec.engine.runtime: triton`). Their stand-in runs from the PyTriton venv (made from
+# Debian's python3.11 by triton-venv.sh) with this checkout's code first on its path.
+OPERATOR_DIR = Path(__file__).resolve().parents[2]
+TRITON_INSTALL_TIMEOUT_S = 1200.0
+TRITON_INSTALL_RETRY_S = 60.0
+# tritonserver's own defaults, for a port its command line leaves out (the operator always sets all three)
+TRITON_DEFAULT_PORTS = {"http-port": 8000, "grpc-port": 8001, "metrics-port": 8002}
+TRITON_TRANSLATED_OPTIONS = frozenset({"model-repository", *TRITON_DEFAULT_PORTS, "allow-metrics", "log-verbose"})
+# tritonserver options that change nothing a local stand-in could show: accepted and ignored. (The
+# addresses: every port binds the pod's IP, which is what 0.0.0.0 means in a pod. Readiness is strict
+# either way: the simulator's models load with the server.)
+TRITON_IGNORED_OPTIONS = frozenset({
+    "http-address", "grpc-address", "metrics-address", "strict-readiness", "exit-timeout-secs", "exit-on-error",
+    "log-info", "log-warning", "log-error", "log-format", "allow-gpu-metrics", "allow-cpu-metrics",
+    "metrics-interval-ms", "http-thread-count", "id", "disable-auto-complete-config", "backend-config",
+    "model-load-thread-count", "pinned-memory-pool-byte-size", "cuda-memory-pool-byte-size",
+})
 
 
 def runs_locally(labels: dict[str, str]) -> bool:
@@ -120,6 +150,41 @@ def claim_live(value: str | None, now: float | None = None) -> bool:
 
 def packaged_models_root() -> Path:
     return Path(str(resources.files("baton.podrunner") / "models"))
+
+
+def packaged_triton_venv_script() -> Path:
+    return Path(str(resources.files("baton.engine_sim") / "triton-venv.sh"))
+
+
+def checkout_root() -> Path | None:
+    """The repository checkout this package runs from (what triton-venv.sh installs editable), None when
+    the package is installed from a wheel."""
+    root = OPERATOR_DIR.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def tritonserver_options(args: list[str]) -> list[tuple[str, str]]:
+    """A tritonserver command line as (option, value) pairs, in order: `--name=value` or `--name value`
+    (every tritonserver option takes a value; booleans are spelt true/false)."""
+    options: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise CannotRunLocally(f"tritonserver argument {arg!r} is not an option")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise CannotRunLocally(f"tritonserver option --{name} has no value")
+            i += 1
+            value = args[i]
+        options.append((name, value))
+        i += 1
+    return options
+
+
+def _false(value: str) -> bool:
+    return value.strip().lower() in ("false", "0", "no", "off")
 
 
 def trtllm_version_from_image(image: str) -> str | None:
@@ -184,6 +249,131 @@ class CannotRunLocally(RuntimeError):
     """A pod the runner cannot run as a local process (the message says why)."""
 
 
+class NotYetRunnable(Exception):
+    """A pod the runner will run once something it needs is ready (the message says what it waits for)."""
+
+
+class TritonVenv:
+    """The python of the PyTriton venv that runs Triton pods' stand-ins. `triton-venv.sh` makes the venv
+    once per machine (1-2 minutes) and then only prints its python; it runs on the first Triton pod, in a
+    thread, so the runner goes on tending the other pods meanwhile. A failed install is reported (its
+    output in `log_path`) and tried again `retry_s` later."""
+
+    def __init__(self, script: Path, repo: Path | None, log_path: Path, python: str | None = None,
+                 retry_s: float = TRITON_INSTALL_RETRY_S, timeout_s: float = TRITON_INSTALL_TIMEOUT_S) -> None:
+        self.script, self.repo, self.log_path = script, repo, log_path
+        self.retry_s, self.timeout_s = retry_s, timeout_s
+        self.installs = 0  # runs of the script so far
+        self._python = python
+        self._error: str | None = None
+        self._failed_at = 0.0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen | None = None
+        self._stopped = False
+
+    @property
+    def command(self) -> list[str]:
+        return ["bash", str(self.script), *([str(self.repo)] if self.repo else [])]
+
+    @property
+    def installed(self) -> str | None:
+        """The venv's python once known, without starting anything."""
+        with self._lock:
+            return self._python
+
+    def python(self) -> str:
+        """The venv's python; NotYetRunnable while the script runs (started now if it is not running);
+        CannotRunLocally, with what to do, when it failed."""
+        with self._lock:
+            if self._python:
+                return self._python
+            if self._error is not None and time.monotonic() < self._failed_at + self.retry_s:
+                raise CannotRunLocally(self._error)
+            if self._stopped:
+                raise NotYetRunnable("the runner is stopping")
+            if self._thread is None or not self._thread.is_alive():
+                self.installs += 1
+                self._thread = threading.Thread(target=self._install, name="pod-runner-triton-venv", daemon=True)
+                self._thread.start()
+        raise NotYetRunnable(f"waiting for the PyTriton venv ({' '.join(self.command)}: the first install on a machine "
+                             f"takes 1-2 minutes; output in {self.log_path})")
+
+    def _install(self) -> None:
+        log.info("Triton pod: getting the PyTriton venv: %s (output in %s)", " ".join(self.command), self.log_path)
+        python, error = None, None
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self.log_path, "ab") as out:
+                proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=out, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+                with self._lock:
+                    self._proc = proc
+                try:
+                    stdout, _ = proc.communicate(timeout=self.timeout_s)
+                except subprocess.TimeoutExpired:
+                    self._kill(proc)
+                    proc.communicate()
+                    stdout = None
+        except OSError as exc:
+            error = f"could not run it: {exc}"
+        else:
+            lines = [line.strip() for line in (stdout or b"").decode(errors="replace").splitlines() if line.strip()]
+            if stdout is None:
+                error = f"it did not finish within {self.timeout_s:g}s"
+            elif proc.returncode != 0:
+                error = f"it failed (exit code {proc.returncode}): {self._error_line()}"
+            elif not lines or not os.access(lines[-1], os.X_OK):
+                error = f"it printed {lines[-1] if lines else 'nothing'!r}, not an executable python"
+            else:
+                python = lines[-1]
+        with self._lock:
+            self._proc = None
+            if python:
+                self._python, self._error = python, None
+                log.info("Triton pods run with %s", python)
+                return
+            self._failed_at = time.monotonic()
+            self._error = (
+                f"the engine simulator's Triton front end needs PyTriton in a venv made from Debian's python3.11, "
+                f"and `{' '.join(self.command)}` could not provide it: {error} (its output: {self.log_path}). Fix "
+                f"that and the runner tries again within {self.retry_s:g}s, or give `baton pod-runner "
+                f"--triton-python` the python of a PyTriton venv")
+            if not self._stopped:
+                log.error("cannot run Triton pods: %s", self._error)
+
+    def _error_line(self) -> str:
+        """The script's error (`[triton-venv] error: ...`), else its last line."""
+        try:
+            with open(self.log_path, "rb") as handle:
+                handle.seek(max(0, os.fstat(handle.fileno()).st_size - 16384))
+                lines = [line.strip() for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return "no output"
+        errors = [line for line in lines if line.startswith("[triton-venv] error:")]
+        return (errors or lines or ["no output"])[-1].removeprefix("[triton-venv] error: ")[:1000]
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self) -> None:
+        """Stop an install in progress (the script is idempotent: the next one starts over)."""
+        with self._lock:
+            self._stopped = True
+            proc = self._proc
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+
 @dataclass
 class ConfigMapVolume:
     """A ConfigMap volume of a pod's container, as materialised under `target`."""
@@ -234,6 +424,10 @@ class PodRunner:
     unrunnable: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (uid, message written)
     stop_grace_s: float = STOP_GRACE_S
     claim_lease_s: int = CLAIM_LEASE_S
+    # The PyTriton venv's python for Triton pods; None: triton-venv.sh finds or makes it on the first one.
+    triton_python: str | None = None
+    triton_venv_script: Path = field(default_factory=packaged_triton_venv_script)
+    triton_install_retry_s: float = TRITON_INSTALL_RETRY_S
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -251,6 +445,8 @@ class PodRunner:
         self._reaped = False
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pid_dir = self.workdir / ".pids"
+        self.triton_venv = TritonVenv(self.triton_venv_script, checkout_root(), self.workdir / "triton-venv.log",
+                                      python=self.triton_python, retry_s=self.triton_install_retry_s)
 
     # ------------------------------------------------------------------ translation
 
@@ -494,6 +690,10 @@ class PodRunner:
             # The API server refuses loopback addresses in EndpointSlices, so on this cluster the
             # scheduler reads readiness from the pods its Services select instead.
             env["BATON_DISCOVERY_SOURCE"] = "pods"
+        elif command[:1] == ["tritonserver"]:
+            argv = self._triton_argv(pod, container, [*command[1:], *args], mounts, env)
+            # this checkout's code first, whichever clone the shared venv's editable install points at
+            env["PYTHONPATH"] = os.pathsep.join([str(OPERATOR_DIR), *filter(None, [env.get("PYTHONPATH")])])
         else:
             raise RuntimeError(f"container command {command!r} has no local stand-in")
         probe = container.readiness_probe
@@ -518,6 +718,57 @@ class PodRunner:
                              config_maps=config_maps, localise=transforms)
         self._refresh_config_maps(local, pod.metadata.namespace)
         return local
+
+    def _triton_argv(self, pod: Any, container: Any, args: list[str], mounts: dict[str, Path],
+                     env: Mapping[str, str]) -> list[str]:
+        """`tritonserver ...` (a Triton tier pod) as the engine simulator behind a real Triton server (its
+        `--sim-frontend triton`), run by the PyTriton venv's python: the checkpoint is the hostPath behind
+        `--model-repository`, the engine options the tier's engine ConfigMap (mounted for trtllm-serve's
+        `--extra_llm_api_options` too), and Triton's HTTP, gRPC and metrics ports the container's, on the
+        pod's IP. The scheduler reaches a Triton replica on gRPC at the tier port + 1, the `--grpc-port`
+        the operator renders."""
+        options = tritonserver_options(args)
+        unknown = sorted({name for name, _ in options} - TRITON_TRANSLATED_OPTIONS - TRITON_IGNORED_OPTIONS)
+        if unknown:
+            raise CannotRunLocally("tritonserver option(s) " + ", ".join(f"--{name}" for name in unknown)
+                                   + " have no stand-in in the engine simulator's Triton front end")
+        values = dict(options)
+        repositories = [value for name, value in options if name == "model-repository"]
+        if len(repositories) != 1:
+            raise CannotRunLocally(f"tritonserver needs one --model-repository here, got {len(repositories)}")
+        repository = repositories[0]
+        model_dir = self._mounted_path(pod, container, repository)
+        if model_dir is None:
+            raise CannotRunLocally(
+                f"Triton's model repository {repository} is on no hostPath mount of the pod (a Hugging Face model "
+                f"source mounts nothing there): on the local cluster give a runtime: triton model a hostPath "
+                f"source, a directory holding the checkpoint's config.json")
+        if not (model_dir / "config.json").is_file():
+            raise CannotRunLocally(f"no config.json in {model_dir}, the hostPath behind Triton's model repository "
+                                   f"{repository}: the engine simulator reads the model's architecture from it")
+        engine_dir = mounts.get(ENGINE_CONFIG_DIR)
+        if engine_dir is None:
+            raise CannotRunLocally(f"the pod mounts no engine configuration (a ConfigMap at {ENGINE_CONFIG_DIR}), "
+                                   f"where the engine simulator reads its LLM-API options")
+        ports: dict[str, str] = {}
+        for name, default in TRITON_DEFAULT_PORTS.items():
+            value = values.get(name, str(default))
+            if not value.isdigit() or not 0 < int(value) < 65536:
+                raise CannotRunLocally(f"tritonserver --{name}={value} is not a port number")
+            ports[name] = value
+        argv = ["-m", "baton.cli", "engine-sim", str(model_dir), "--sim-frontend", "triton",
+                "--host", pod.status.pod_ip, "--port", ports["http-port"], "--sim-triton-grpc-port", ports["grpc-port"]]
+        if not _false(values.get("allow-metrics", "true")):
+            argv += ["--sim-triton-metrics-port", ports["metrics-port"]]
+        if "log-verbose" in values:
+            argv += ["--sim-triton-log-verbose", values["log-verbose"]]
+        argv += ["--extra_llm_api_options", str(engine_dir / ENGINE_CONFIG_FILE), *self.sim_args]
+        version = trtllm_version_from_image(container.image or "")
+        if version and "--sim-trtllm-version" not in self.sim_args:
+            argv += ["--sim-trtllm-version", version]
+        argv += ["--sim-model-name", repository]
+        argv += env.get("BATON_SIM_ARGS", "").split()  # fault injection for tests, as for trtllm-serve
+        return [self.triton_venv.python(), *argv]  # last: a pod that cannot run anyway installs nothing
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -579,6 +830,9 @@ class PodRunner:
             except (RuntimeError, StopIteration) as exc:
                 self._cannot_run(key, pod, str(exc) or type(exc).__name__)
                 return
+            except NotYetRunnable as exc:  # e.g. the PyTriton venv being installed: tried again next pass
+                self._cannot_run(key, pod, str(exc), reason="Starting")
+                return
             except ApiException as exc:
                 self._cannot_run(key, pod, f"API error reading what the pod refers to: {exc.status} {exc.reason}")
                 return
@@ -596,12 +850,16 @@ class PodRunner:
                     local.refresh_error = message
         self._tend(local, pod)
 
-    def _cannot_run(self, key: str, pod: Any, message: str) -> None:
-        """Write (once per message) that `pod` cannot run here; retried next pass if the write fails."""
+    def _cannot_run(self, key: str, pod: Any, message: str, reason: str = "CannotRunLocally") -> None:
+        """Write (once per message) that `pod` cannot run here (or, with another reason, not yet); retried
+        next pass if the write fails."""
         if self.unrunnable.get(key) == (pod.metadata.uid, message):
             return
-        log.error("cannot run %s locally: %s", key, message)
-        if self._set_ready(pod.metadata.namespace, pod.metadata.name, False, "CannotRunLocally", message) is not False:
+        if reason == "CannotRunLocally":
+            log.error("cannot run %s locally: %s", key, message)
+        else:
+            log.info("%s: %s", key, message)
+        if self._set_ready(pod.metadata.namespace, pod.metadata.name, False, reason, message) is not False:
             self.unrunnable[key] = (pod.metadata.uid, message)
 
     def _tend(self, local: LocalProcess, pod: Any) -> None:
@@ -875,6 +1133,7 @@ class PodRunner:
             for thread in self._stoppers:
                 thread.join(timeout=self.stop_grace_s + 15)
             keeper.join(timeout=15)  # no renewal may land after the release
+            self.triton_venv.stop()
             self.release()
 
     def start(self) -> threading.Thread:
