@@ -541,3 +541,43 @@ def test_a_model_name_change_reaches_the_scheduler_with_the_switch_not_before(cl
              what="the switch to the renamed generation")
     wait_for(lambda: served_status(traffic.url, "llama-3.1-8b") == 200, 60, what="the new model name served")
     assert served_status(traffic.url, "llama-3-8b") == 404
+
+
+def test_a_runtime_change_rolls_to_triton_under_traffic_without_restarting_the_scheduler(cluster, namespace, operator, pod_runner):
+    """trtllm-serve -> triton: a new generation of tritonserver pods (Triton-fronted simulators) is probed
+    and switched to while requests flow; the scheduler follows the switch in the new runtime, reading each
+    replica's runtime from its pod and reloading its config, with no failed request and no restart."""
+    from test_data_plane_triton import MODEL_DIR, _triton_harness
+
+    _triton_harness().triton_python()  # the PyTriton venv, made beforehand if this machine has none yet
+    m = manifest(model={"source": {"hostPath": {"path": str(MODEL_DIR)}}})
+    m["spec"]["decode"].update({"minReplicas": 1, "replicas": 1})
+    m["spec"]["rollout"]["progressDeadline"] = "120s"
+    old = deploy(cluster, namespace, m)["status"]["rollout"]["servingGeneration"]
+    scheduler_pod = lambda: cluster.core.list_namespaced_pod(  # noqa: E731
+        namespace, label_selector=f"baton.dev/model={NAME},baton.dev/tier=scheduler").items
+    [before] = scheduler_pod()
+    process = pod_runner.processes[f"{namespace}/{before.metadata.name}"].proc
+    with Traffic(cluster, namespace) as traffic:
+        time.sleep(1)
+        patch_spec(cluster, namespace, {"engine": {"runtime": "triton"}})
+        wait_phase(cluster, namespace, "Draining", timeout=150)
+        switched = len(traffic.decode_endpoints)
+        ro = wait_phase(cluster, namespace, "Serving", timeout=90)
+        time.sleep(2)
+    new = ro["servingGeneration"]
+    assert new != old and ro["probe"]["passed"] is True
+    assert traffic.outcomes["ok"] > 20 and traffic.failed() == 0, (traffic.outcomes, traffic.errors[:3])
+    assert len(traffic.decode_endpoints) > switched, "no request was served after the switch"
+    tiers = {p.metadata.labels["baton.dev/tier"]: p for p in cluster.core.list_namespaced_pod(
+        namespace, label_selector=f"baton.dev/model={NAME},baton.dev/generation={new}").items}
+    assert {tiers[t].spec.containers[0].command[0] for t in ("prefill", "decode")} == {"tritonserver"}
+    # the requests after the switch went to the Triton pods
+    decode_ip = tiers["decode"].status.pod_ip
+    assert traffic.decode_endpoints[-1][1] == f"{decode_ip}:8000", traffic.decode_endpoints[-3:]
+    [after] = scheduler_pod()
+    assert after.metadata.uid == before.metadata.uid and process.poll() is None, "the scheduler was restarted"
+    assert pod_runner.processes[f"{namespace}/{after.metadata.name}"].proc is process
+    with urllib.request.urlopen(f"{traffic.url}/debug/state", timeout=5) as resp:
+        state = json.loads(resp.read())
+    assert {r["runtime"] for tier in ("prefill", "decode") for r in state[tier]} == {"triton"}, state
