@@ -410,7 +410,7 @@ def discover_model(url: str, timeout: float) -> str:
     """The first model id served at `url` (GET /v1/models), or "model" when it cannot be read."""
     from baton.direct_http import NO_PROXY_OPENER
 
-    try:  # like the requests themselves (baton.http1 uses no proxy), never through a proxy
+    try:  # like the requests themselves (aiohttp, which ignores proxy variables by default): no proxy
         with NO_PROXY_OPENER.open(url.rstrip("/") + "/v1/models", timeout=min(timeout, 10.0)) as resp:
             return str(json.loads(resp.read())["data"][0]["id"])
     except (OSError, ValueError, KeyError, IndexError, TypeError):

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import yaml
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION, DisaggregatedModel
 from baton.bench.report import markers, write_section
 from baton.devcluster.readiness import watch_lines
+from baton.direct_http import NO_PROXY_OPENER
 from baton.render import render_children
 from baton.render.naming import Target
 
@@ -230,7 +230,8 @@ def _free_port() -> int:
 
 
 def _metrics(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    with NO_PROXY_OPENER.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:  # loopback: no proxy
+        text = resp.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         match = re.match(r'^(baton_operator_\w+)(\{[^}]*\})?\s+([0-9.eE+-]+)$', line)
