@@ -10,16 +10,18 @@ import asyncio
 import json
 import logging
 import threading
+import time
 
 import pytest
 from test_scheduler_service import FakeEngine, long_request
 
 from baton import tokens
 from baton.model_tokenizer import TokenizerError
+from baton.scheduler import holds as holds_module
 from baton.scheduler import service as service_module
 from baton.scheduler.config import parse_config
 from baton.scheduler.endpoints import Endpoint
-from baton.scheduler.engines import IteratedResponse
+from baton.scheduler.engines import EngineFailure, IteratedResponse
 from baton.scheduler.replies import RelayReply
 from baton.scheduler.service import SchedulerService
 from baton.tokens import EstimateTokenizer
@@ -249,6 +251,73 @@ def test_a_client_still_in_use_after_the_grace_is_closed_anyway(monkeypatch, cap
         run(main())
 
 
+class Aborting(Engine):
+    """Closing the client breaks what it has in flight, as `HttpClient.close` does: its streams end with
+    ConnectionAbortedError("client closed"), its requests with a connection failure. With `hang`, requests
+    and the second half of streams wait for that."""
+
+    hang = False
+
+    def __init__(self, runtime: str = "trtllm-serve", timeout: float = 600.0) -> None:
+        super().__init__(runtime, timeout)
+        self.aborted = asyncio.Event()
+
+    async def post(self, endpoint, path, body, request_id):
+        if self.hang:
+            self.calls.append((endpoint.address, "hung"))
+            await self.aborted.wait()
+            raise EngineFailure(endpoint, "ConnectionAbortedError: client closed", kind="connection")
+        return await super().post(endpoint, path, body, request_id)
+
+    async def open(self, endpoint, path, body, request_id):
+        assert not self.closed, "a stream opened on a closed engine client"
+        aborted = self.aborted
+
+        async def chunks():
+            yield b'data: {"choices": [{"index": 0, "text": " a"}]}\n\n'
+            await aborted.wait()
+            raise ConnectionAbortedError("client closed")
+
+        return IteratedResponse(200, chunks(), "text/event-stream")
+
+    async def close(self):
+        self.closed = True
+        self.aborted.set()
+
+
+def test_calls_broken_by_closing_a_replaced_client_do_not_mark_their_replicas_unhealthy(monkeypatch):
+    monkeypatch.setattr(service_module, "RETIRED_ENGINE_GRACE_S", 0.1)
+    _factory[0] = Aborting
+
+    async def main():
+        svc, built = make(decode=("d1:1",))
+        old = built[0]
+        old.hang = True
+        body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": True}).encode()
+        reply = await svc.complete("completions", body, {})  # a stream on d1:1, still relaying
+        sink = Sink()
+        reply.producer.start(sink)
+        prefilling = asyncio.create_task(svc.complete("completions", long_request(), {}))  # p1:1 never answers
+        await asyncio.sleep(0.05)
+        assert ("p1:1", "hung") in old.calls
+
+        svc.apply_config(parse_config(BASE + "runtime: triton\n"))
+        await asyncio.wait_for(sink.ended.wait(), 2)  # closed after the grace, under both
+        assert old.closed
+        # the stream still fails, and the request is retried (avoiding p1:1), as before ...
+        assert b"stream_interrupted" in sink.data and b"client closed" in sink.data
+        reply = await asyncio.wait_for(prefilling, 2)
+        assert reply.status == 200 and reply.headers["X-Baton-Route"] == "local"
+        # ... but the replicas did nothing wrong: they stay in rotation, their failure counts untouched
+        for replica in (svc.prefill["p1:1"], svc.decode["d1:1"]):
+            assert replica.healthy and replica.failures == 0, replica.address
+        assert svc.ready() == (True, "ok")
+        assert (await svc.complete("completions", long_request(), {})).status == 200  # through the new client
+        await svc.stop()
+
+    run(main())
+
+
 def test_health_answers_through_a_replaced_client_are_dropped():
     async def main():
         svc, built = make(prefill=(), decode=("d1:1",))
@@ -390,6 +459,93 @@ def test_a_store_that_cannot_be_built_keeps_the_running_one_and_the_reload_is_re
     run(main())
 
 
+class SlowRedis:
+    """A redis client over a dict per URL (`servers`) whose pipelines take `delay` seconds to answer."""
+
+    servers: dict[str, dict[str, str]] = {}
+
+    def __init__(self, url: str, delay: float) -> None:
+        self.db = self.servers.setdefault(url, {})
+        self.delay = delay
+
+    def pipeline(self, transaction: bool = False) -> SlowRedis._Pipe:
+        return SlowRedis._Pipe(self)
+
+    async def aclose(self) -> None:
+        pass
+
+    class _Pipe:
+        def __init__(self, client: SlowRedis) -> None:
+            self.client = client
+            self.ops: list[tuple[str, str, str]] = []
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        def set(self, key, value, px):
+            self.ops.append(("set", key, value))
+
+        def delete(self, key):
+            self.ops.append(("del", key, ""))
+
+        async def execute(self, raise_on_error=False):
+            await asyncio.sleep(self.client.delay)
+            for op, key, value in self.ops:
+                if op == "set":
+                    self.client.db[key] = value
+                else:
+                    self.client.db.pop(key, None)
+            return [True] * len(self.ops)
+
+
+def test_two_quick_store_changes_back_to_the_same_redis_keep_the_held_requests_published(monkeypatch):
+    """A -> memory -> A again, the second reload before the first retirement's deletes reached A: they must
+    land before the new store publishes the moved holds in A, or they delete its keys."""
+    clients: list[SlowRedis] = []
+
+    def client(url, timeout, max_connections):
+        clients.append(SlowRedis(url, 0.3 if not clients else 0.0))  # the first store's redis is slow
+        return clients[-1]
+
+    SlowRedis.servers.clear()
+    monkeypatch.setattr(holds_module, "_redis_client", client)
+    full = "backpressure: {maxActivePerDecodeReplica: 1}\n"
+    to_redis = full + "degradation: {store: redis, redisUrl: 'redis://a:6379/0'}\n"
+
+    async def main():
+        svc, _ = make(to_redis, decode=("d1:1",))
+        seen = reloads(svc)
+        svc.decode["d1:1"].active = 1  # decode full: finished prefills are held
+        task = asyncio.create_task(svc.complete("completions", long_request(), {"X-Request-Id": "held-1"}))
+        await asyncio.sleep(0.05)
+        await svc.holds.flush()
+        (hold,) = svc.holds.held()
+        key = f"baton:hold:{hold.key}"
+        redis_a = SlowRedis.servers["redis://a:6379/0"]
+        assert list(redis_a) == [key]
+
+        svc.apply_config(parse_config(BASE + full))  # redis A -> memory: deleting the key in A takes a while
+        await asyncio.sleep(0.01)
+        svc.apply_config(parse_config(BASE + to_redis))  # memory -> a new store on redis A
+        await svc.reloads_settled()
+        await svc.holds.flush()
+        assert seen == ["applied", "applied"] and len(clients) == 2
+        assert [h.key for h in svc.holds.held()] == [hold.key]
+        assert list(redis_a) == [key]  # still held, still published
+
+        svc.decode["d1:1"].active = 0
+        svc.decode_queue.notify()
+        assert (await asyncio.wait_for(task, 2)).status == 200
+        await svc.holds.flush()
+        assert redis_a == {} and len(svc.holds) == 0
+        await svc.stop()
+
+    run(main())
+
+
 # ---------------------------------------------------------------------------------------------- tokenizer
 class CharTokenizer(EstimateTokenizer):
     """One token per character (the estimate counts one per 4 bytes)."""
@@ -500,5 +656,89 @@ def test_stop_does_not_wait_for_a_tokenizer_load(tokenizer_loader):
         await asyncio.wait_for(svc.stop(), 1)
         assert seen == [] and tokens.active_tokenizer() is None
         release.set()
+
+    run(main())
+
+
+def test_a_tokenizer_load_under_way_does_not_hold_up_the_process_exit(tokenizer_loader):
+    """`asyncio.run` joins the loop's default executor at exit, without a timeout: the load must not run there."""
+    release = threading.Event()
+
+    def loader(config, environ):  # a download that takes its time
+        release.wait(5)
+        return CharTokenizer(config.path)
+
+    tokenizer_loader(loader)
+
+    async def main():
+        svc, _ = make(prefill=(), decode=("d1:1",))
+        svc.apply_config(parse_config(BASE + "tokenizer: {path: /models/slow}\n"))
+        await asyncio.sleep(0.05)
+        await svc.stop()
+
+    t0 = time.monotonic()
+    try:
+        run(main())
+        elapsed = time.monotonic() - t0
+    finally:
+        release.set()
+    assert elapsed < 2, f"asyncio.run returned after {elapsed:.1f}s"
+    assert tokens.active_tokenizer() is None
+
+
+# ---------------------------------------------------------------------------------------------- counting
+def test_a_discovery_that_cannot_be_built_is_a_rejected_reload_counted_once(monkeypatch, caplog, tokenizer_loader):
+    tokenizer_loader(lambda config, environ: CharTokenizer(config.path))
+    refuse = [True]
+    real = service_module.make_discovery
+
+    def make_discovery(config, on_update, loop):
+        if refuse[0]:
+            raise RuntimeError("Service host/port is not set")  # e.g. no Kubernetes credentials
+        return real(config, on_update, loop)
+
+    monkeypatch.setattr(service_module, "make_discovery", make_discovery)
+    static = "endpoints: {static: {decode: ['%s:1']}}\n"
+
+    async def main():
+        svc = SchedulerService(parse_config(BASE + static % "d1"))  # with its discovery (static lists)
+        refuse[0] = False
+        await svc.start()
+        refuse[0] = True
+        assert list(svc.decode) == ["d1:1"]
+        seen = reloads(svc)
+        changed = BASE + static % "d2" + "tokenizer: {path: /models/a}\n"
+        with caplog.at_level(logging.ERROR, logger="baton.scheduler"):
+            svc.apply_config(parse_config(changed))  # a tokenizer load starts too
+            await svc.reloads_settled()
+        assert seen == ["rejected"]  # once, when the load ended (not "applied")
+        assert "event=config_reload_failed field=endpoints" in caplog.text and "Service host" in caplog.text
+        assert list(svc.decode) == ["d1:1"]  # the running discovery goes on
+        assert tokens.active_tokenizer().source == "/models/a"  # the rest of the reload applied
+        refuse[0] = False
+        svc.apply_config(parse_config(changed + "queue: {maxDepth: 5}\n"))  # the next reload tries again
+        assert list(svc.decode) == ["d2:1"] and seen == ["rejected", "applied"]
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_reload_that_raises_is_counted_once_and_starts_no_tokenizer_load(monkeypatch, tokenizer_loader):
+    loaded: list[str] = []
+    tokenizer_loader(lambda config, environ: loaded.append(config.path) or CharTokenizer(config.path))
+
+    async def main():
+        svc, _ = make(prefill=(), decode=("d1:1",))
+        seen = reloads(svc)
+
+        def broken(*args):
+            raise KeyError("a bug")
+
+        monkeypatch.setattr(service_module, "build_rings", broken)  # a ring size change fails, after the rest
+        with pytest.raises(KeyError):  # the config watcher logs it (event=config_reload_failed)
+            svc.apply_config(parse_config(BASE.replace("100}", "100, ringSize: 3}") + "tokenizer: {path: /models/a}\n"))
+        await svc.reloads_settled()
+        assert seen == ["rejected"] and loaded == [] and tokens.active_tokenizer() is None
+        await svc.stop()
 
     run(main())

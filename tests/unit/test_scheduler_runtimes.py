@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from baton.scheduler.config import parse_config
 from baton.scheduler.endpoints import Endpoint, PodInfo, endpoints_from_pods, endpoints_from_slices, runtime_of_pod
+from baton.scheduler.engines import CLIENT_BUILD_RETRY_S, EngineFailure, EnginesByRuntime
 from baton.scheduler.placement import build_rings
 from baton.scheduler.service import SchedulerService
 
@@ -137,3 +140,44 @@ def test_a_runtime_whose_client_cannot_be_built_fails_its_replicas_not_the_other
         await svc.stop()
 
     asyncio.run(main())
+
+
+def test_a_client_that_cannot_be_built_is_not_tried_again_for_a_while():
+    """A missing tritonclient is an import attempt (a file system search) per call otherwise: each request to a
+    triton replica, and each health check, would pay it."""
+    now = [1000.0]
+    attempts: list[str] = []
+    fixed = [False]
+
+    def build(runtime):
+        attempts.append(runtime)
+        if runtime == "triton" and not fixed[0]:
+            raise ModuleNotFoundError("No module named 'tritonclient'")
+        return Engine(runtime, [])
+
+    engines = EnginesByRuntime("trtllm-serve", build, clock=lambda: now[0])
+    p2, d2 = Endpoint("p2:1", "prefill", "fp", runtime="triton"), Endpoint("d2:1", "decode", "fp", runtime="triton")
+    failures = []
+    for endpoint in (p2, d2, p2):
+        with pytest.raises(EngineFailure) as info:
+            engines.client_for(endpoint)
+        failures.append(info.value)
+    assert attempts == ["trtllm-serve", "triton"]  # built once; the failure answered the later calls
+    assert [f.endpoint for f in failures] == [p2, d2, p2]
+    assert {(f.kind, f.message) for f in failures} == {
+        ("connection", "no triton engine client: ModuleNotFoundError: No module named 'tritonclient'")}
+    assert not asyncio.run(engines.health(d2, 1.0)) and attempts == ["trtllm-serve", "triton"]
+    assert engines.client_for(Endpoint("d1:1", "decode", "fp")) is engines.primary  # the others are not affected
+
+    now[0] += CLIENT_BUILD_RETRY_S - 1
+    with pytest.raises(EngineFailure):
+        engines.client_for(p2)
+    assert len(attempts) == 2
+    now[0] += 1  # then it is tried again (the package may have been installed meanwhile)
+    with pytest.raises(EngineFailure):
+        engines.client_for(p2)
+    assert attempts == ["trtllm-serve", "triton", "triton"]
+    now[0] += CLIENT_BUILD_RETRY_S
+    fixed[0] = True
+    client = engines.client_for(p2)
+    assert client.runtime == "triton" and engines.client_for(d2) is client and len(attempts) == 4

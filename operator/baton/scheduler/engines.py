@@ -794,18 +794,27 @@ class TritonClient:
                 pass
 
 
+# How long a runtime's engine client that could not be built (e.g. tritonclient missing) is not tried again:
+# meanwhile its replicas' calls fail at once with the same error, not with a new import attempt each.
+CLIENT_BUILD_RETRY_S = 30.0
+
+
 class EnginesByRuntime:
     """An engine client per runtime, as one client: each call goes to the client of its endpoint's runtime
     (`Endpoint.runtime`, which discovery reads from the pod), or of `default` (the config's `runtime`) for
     an endpoint that does not say. The client of another runtime is built when an endpoint of it first
     needs one; one that cannot be built (tritonclient missing) fails that endpoint's calls as a
-    connection failure, so the request goes on to another replica."""
+    connection failure, so the request goes on to another replica, and is tried again after
+    CLIENT_BUILD_RETRY_S."""
 
-    def __init__(self, default: str, build: Callable[[str], EngineClient], first: EngineClient | None = None) -> None:
+    def __init__(self, default: str, build: Callable[[str], EngineClient], first: EngineClient | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.default = default
         self._build = build
+        self._clock = clock
         self.clients: dict[str, EngineClient] = {default: first if first is not None else build(default)}
         self.primary = self.clients[default]
+        self._unbuildable: dict[str, tuple[float, str]] = {}  # runtime -> (retry after, why it failed)
 
     def client_for(self, endpoint: Endpoint) -> EngineClient:
         runtime = endpoint.runtime
@@ -813,11 +822,16 @@ class EnginesByRuntime:
             return self.primary
         client = self.clients.get(runtime)
         if client is None:
+            failed = self._unbuildable.get(runtime)
+            if failed is not None and self._clock() < failed[0]:
+                raise EngineFailure(endpoint, failed[1], kind="connection")
             try:
                 client = self.clients[runtime] = self._build(runtime)
             except Exception as exc:  # noqa: BLE001 - e.g. the tritonclient package missing
-                raise EngineFailure(endpoint, f"no {runtime} engine client: {type(exc).__name__}: {exc}",
-                                    kind="connection") from None
+                message = f"no {runtime} engine client: {type(exc).__name__}: {exc}"
+                self._unbuildable[runtime] = (self._clock() + CLIENT_BUILD_RETRY_S, message)
+                raise EngineFailure(endpoint, message, kind="connection") from None
+            self._unbuildable.pop(runtime, None)
         return client
 
     async def post(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> tuple[int, bytes, str]:

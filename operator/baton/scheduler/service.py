@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -130,6 +131,39 @@ def load_scheduler_tokenizer(config: TokenizerConfig, environ: Mapping[str, str]
     if config.hugging_face_id:
         return fetch_tokenizer(config.hugging_face_id, config.revision, environ)
     return None
+
+
+def _in_daemon_thread(fn: Any, *args: Any) -> asyncio.Future[Any]:
+    """`fn(*args)` run in a thread of its own, its result (or exception) in the future returned. A daemon
+    thread, not the loop's default executor (`asyncio.to_thread`): `asyncio.run` joins the executor's
+    threads at exit without a timeout, so a tokenizer download still under way would hold up the shutdown.
+    An answer arriving after the loop closed (or the future was cancelled) is dropped."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if future.done():  # cancelled: nobody waits for it any more
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiter
+            error = exc
+        except BaseException as exc:  # noqa: BLE001 - e.g. SystemExit in the loader: a failed load all the same
+            error = RuntimeError(f"{type(exc).__name__}: {exc}")
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: the process is shutting down
+            pass
+
+    threading.Thread(target=work, name="baton-tokenizer-load", daemon=True).start()
+    return future
 
 
 class _Ctx:
@@ -262,6 +296,7 @@ class SchedulerService:
         self._tokenizer_seq = 0  # bumped by every tokenizer change: a superseded load is dropped
         self._background: set[asyncio.Task[Any]] = set()  # closing replaced clients and stores
         self._loads: set[asyncio.Task[Any]] = set()  # tokenizer loads (cancelled on stop)
+        self._hold_retirement: asyncio.Task[Any] | None = None  # the latest hold store retirement
         self.prefill: dict[str, ReplicaState] = {}
         self.decode: dict[str, ReplicaState] = {}
         self._prefill_eps: list[Endpoint] = []
@@ -282,6 +317,7 @@ class SchedulerService:
         self.config_loaded = True
         self._discover = discover
         self._discovery: Any = None
+        self._endpoints_config: Any = config.endpoints  # what the running discovery follows
         self._tasks: list[asyncio.Task[Any]] = []
         self._probe_tasks: set[asyncio.Task[Any]] = set()
 
@@ -290,6 +326,7 @@ class SchedulerService:
         loop = asyncio.get_running_loop()
         if self._discover:
             self._discovery = make_discovery(self.config.endpoints, self.update_endpoints, loop)
+            self._endpoints_config = self.config.endpoints
             self._discovery.start()
         self._tasks.append(loop.create_task(self._heartbeat_loop(), name="baton-heartbeat"))
         log.info("event=scheduler_started model=%s discovery=%s", self.config.model, self.config.endpoints.discovery)
@@ -333,12 +370,24 @@ class SchedulerService:
         endpoints at once; a new engine client (`runtime`, `engineTimeoutSeconds`) for the request attempts
         that start from now on, the old one closed once its last attempt or stream ends; a new hold store
         (`degradation.store`, the redis URL) taking over the current holds; a new tokenizer once loaded (in a
-        thread). A client, store or tokenizer that cannot be built is logged, the running one kept, and the
-        reload counted `rejected` (the rest of it applies); otherwise `applied` (when the tokenizer is loaded,
-        if it changed)."""
+        thread). A client, store, endpoint discovery or tokenizer that cannot be built is logged, the running
+        one kept, and the reload counted `rejected` (the rest of it applies); otherwise `applied` (when the
+        tokenizer is loaded, if it changed). Each reload is counted once: a reload that raises (a bug) is
+        counted `rejected` here, as the caller only logs it."""
+        failed: list[str] = []
+        try:
+            loading = self._apply_config(new, failed)
+        except Exception:
+            self._count_reload(["error"])
+            raise
+        if not loading:
+            self._count_reload(failed)
+
+    def _apply_config(self, new: SchedulerConfig, failed: list[str]) -> bool:
+        """`apply_config`'s work; True when a tokenizer load was started (it counts the reload when it ends).
+        The load is started last, so that nothing after it can fail the reload it counts."""
         old = self.config
         self.config = new
-        failed: list[str] = []
         if new.routing.placement_policy != old.routing.placement_policy:
             self.policy = make_policy(new.routing.placement_policy)
         adm = new.admission
@@ -349,24 +398,19 @@ class SchedulerService:
             log.warning("event=config_needs_restart field=server detail=%r", "listen address changes need a restart")
         engine_replaced = self._reload_engine(new, failed)  # before the endpoints: new replicas get its probes
         self._reload_hold_store(new, failed)
-        loading = self._reload_tokenizer(new, failed)
         known = [*self.prefill.values(), *self.decode.values()] if engine_replaced else []
-        if self._discover and new.endpoints != old.endpoints:
-            if self._discovery is not None:
-                self._discovery.stop()
-            self._discovery = make_discovery(new.endpoints, self.update_endpoints, asyncio.get_running_loop())
-            self._discovery.start()
-        elif new.routing.ring_size != old.routing.ring_size:
+        rediscovered = (self._discover and new.endpoints != self._endpoints_config
+                        and self._reload_discovery(new, failed))
+        if not rediscovered and new.routing.ring_size != old.routing.ring_size:
             self.rings = build_rings(self._prefill_eps, self._decode_eps, new.routing.ring_size)
         if known:
             # the replicas known before answered the old client's health checks: ask those that stay the new
             # one's (replicas that discovery adds are probed as they arrive, through the new client)
             self._start_probe([r for r in known if (self.prefill if r.endpoint.tier == PREFILL else self.decode)
                                .get(r.address) is r])
-        if not loading:
-            self._count_reload(failed)
         self.prefill_queue.notify()
         self.decode_queue.notify()
+        return self._reload_tokenizer(new, failed)
 
     async def reloads_settled(self) -> None:
         """Wait for what reloads started in the background: tokenizer loads, closing replaced hold stores and
@@ -383,6 +427,24 @@ class SchedulerService:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         return task
+
+    # endpoint discovery
+    def _reload_discovery(self, new: SchedulerConfig, failed: list[str]) -> bool:
+        """Follow `new.endpoints` with a new discovery; True if done. One that cannot be built (e.g. no
+        Kubernetes credentials) keeps the running one, and a later reload tries again."""
+        try:
+            discovery = make_discovery(new.endpoints, self.update_endpoints, asyncio.get_running_loop())
+        except Exception as exc:  # noqa: BLE001 - keep following the endpoints as now
+            failed.append("endpoints")
+            log.error("event=config_reload_failed field=endpoints discovery=%s error=%r detail=%r",
+                      new.endpoints.discovery, f"{type(exc).__name__}: {exc}", "keeping the running endpoint discovery")
+            return False
+        if self._discovery is not None:
+            self._discovery.stop()
+        self._discovery = discovery
+        discovery.start()
+        self._endpoints_config = new.endpoints
+        return True
 
     # engine client
     def _reload_engine(self, new: SchedulerConfig, failed: list[str]) -> bool:
@@ -474,16 +536,22 @@ class SchedulerService:
         self.holds = store
         self._holds_target = target
         log.info("event=hold_store_replaced store=%s previous=%s holds_moved=%d", store.kind, old.kind, len(moved))
-        self._spawn(self._retire_hold_store(old, store, moved))
+        self._hold_retirement = self._spawn(self._retire_hold_store(old, store, moved, self._hold_retirement))
 
-    async def _retire_hold_store(self, old: HoldStore, new: HoldStore, moved: list[Hold]) -> None:
+    async def _retire_hold_store(self, old: HoldStore, new: HoldStore, moved: list[Hold],
+                                 previous: asyncio.Task[Any] | None) -> None:
         try:
             for hold in moved:
                 await old.remove(hold.key)  # a redis store deletes its records of them
             await old.close()
         except Exception:  # noqa: BLE001 - the old store is gone either way; the holds live on in the new one
             log.exception("event=hold_store_close_failed store=%s", old.kind)
-        # Published only now, so that an old store on the same redis cannot delete the new store's keys.
+        # Published only now, so that an old store on the same redis cannot delete the new store's keys: not
+        # this retirement's old store, nor an earlier one's (A -> memory -> A' in quick succession: the first
+        # retirement's deletes in A must land before this one publishes in A'), hence the wait for the
+        # retirement before this one (which waited for its own predecessor), bounded as each store's close is.
+        if previous is not None:
+            await asyncio.wait([previous])
         for hold in moved:
             if self.holds is not new:  # replaced again meanwhile: that reload moved them on
                 break
@@ -509,7 +577,7 @@ class SchedulerService:
     async def _load_tokenizer(self, seq: int, config: TokenizerConfig, failed: list[str]) -> None:
         try:
             loader = self._tokenizer_loader or load_scheduler_tokenizer
-            tokenizer = await asyncio.to_thread(loader, config, os.environ)
+            tokenizer = await _in_daemon_thread(loader, config, os.environ)
         except Exception as exc:  # noqa: BLE001 - TokenizerError, a missing package, a bug: keep counting as now
             if seq == self._tokenizer_seq:  # else a later reload wants another tokenizer: it decides
                 self._tokenizer_wanted = self._tokenizer_loaded  # a later reload tries again
@@ -630,8 +698,12 @@ class SchedulerService:
         replica.failures = 0
         replica.last_ok = self.clock()
 
-    def _engine_failed(self, failure: EngineFailure, replica: ReplicaState | None) -> None:
-        if replica is None or failure.kind == "kv_mismatch":
+    def _engine_failed(self, failure: EngineFailure, replica: ReplicaState | None,
+                       slot: _EngineSlot | None = None) -> None:
+        """Count a failed call against `replica`'s health. Not when it went through `slot`, a client the
+        scheduler itself closed (a replaced one still in use after RETIRED_ENGINE_GRACE_S, or at shutdown):
+        its calls and streams break with the client, whatever the replica's state."""
+        if replica is None or failure.kind == "kv_mismatch" or (slot is not None and slot.closed):
             return
         replica.failures += 1
         if replica.healthy and (failure.connection_level or replica.failures >= UNHEALTHY_AFTER_5XX):
@@ -991,13 +1063,13 @@ class SchedulerService:
             try:
                 status, data, ctype = await ctx.engine.post(prefill.endpoint, req.path, req.context_body(), ctx.rid)
             except EngineFailure as failure:
-                self._engine_failed(failure, prefill)
+                self._engine_failed(failure, prefill, ctx.slot)
                 raise
             finally:
                 self._release_prefill(prefill, req.tokens)
             failure = classify_failure(prefill.endpoint, status, data)
             if failure is not None:
-                self._engine_failed(failure, prefill)
+                self._engine_failed(failure, prefill, ctx.slot)
                 raise failure
             self._engine_ok(prefill)
             if status != 200:
@@ -1015,7 +1087,7 @@ class SchedulerService:
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 failure = EngineFailure(prefill.endpoint, "Context server did not return disaggregated params",
                                         status, data)
-                self._engine_failed(failure, prefill)
+                self._engine_failed(failure, prefill, ctx.slot)
                 raise failure from None
             if choice.get("finish_reason") not in ("length", "not_finished"):
                 return self._finish_from_context(ctx, answer)
@@ -1145,7 +1217,7 @@ class SchedulerService:
                 raise
         except EngineFailure as failure:
             lease.release()
-            self._engine_failed(failure, replica)
+            self._engine_failed(failure, replica, ctx.slot)
             if failure.kind == "kv_mismatch" and ctx.prefill is not None:
                 self.incompatible[(ctx.prefill.address, replica.address)] = (
                     self.clock() + INCOMPATIBLE_PAIR_TTL_S, failure.message)
@@ -1164,15 +1236,17 @@ class SchedulerService:
         slot, ctx.slot = ctx.slot, None  # the stream keeps the engine client in use until it ends
         relay = StreamRelay(
             resp, first, replica.address, self.config.server.stream_flush_interval_ms / 1000.0, self.clock,
-            on_broken=lambda exc: self._stream_broken(ctx, replica, exc),
+            on_broken=lambda exc: self._stream_broken(ctx, replica, exc, slot),
             on_finish=lambda outcome, r: self._stream_finished(ctx, lease, outcome, r, slot),
         )
         return RelayReply(relay, resp.content_type, ctx.headers())
 
-    def _stream_broken(self, ctx: _Ctx, replica: ReplicaState, exc: Exception) -> str:
+    def _stream_broken(self, ctx: _Ctx, replica: ReplicaState, exc: Exception,
+                       slot: _EngineSlot | None = None) -> str:
         failure = EngineFailure(replica.endpoint, f"{type(exc).__name__}: {exc}", kind="connection")
-        self._engine_failed(failure, replica)
-        log.error("event=stream_broken request_id=%s endpoint=%s error=%r", ctx.rid, replica.address, failure.message)
+        self._engine_failed(failure, replica, slot)
+        log.error("event=stream_broken request_id=%s endpoint=%s error=%r%s", ctx.rid, replica.address,
+                  failure.message, " cause=engine_client_closed" if slot is not None and slot.closed else "")
         return failure.message
 
     def _stream_finished(self, ctx: _Ctx, lease: _DecodeLease, outcome: str, relay: StreamRelay,
