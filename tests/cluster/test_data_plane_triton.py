@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import sys
 import urllib.request
@@ -16,6 +15,7 @@ import pytest
 
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
 from cluster_plugin import REPO, load_example, wait_for
+from process_harness import alive, session_pids
 from test_data_plane import ReadyHistory, _post, _ready_model, _scheduler_ready, _scheduler_url
 
 # The first Triton pod may make the PyTriton venv (triton-venv.sh: 1-2 minutes on a fresh machine).
@@ -39,26 +39,6 @@ def _triton_harness():
 def _get(url, timeout=5):
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return resp.status, resp.read().decode()
-
-
-def _session_pids(leader: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == leader:
-                    pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def test_a_triton_model_serves_through_triton_fronted_engines_on_the_local_cluster(cluster, namespace, operator, pod_runner):
@@ -114,7 +94,7 @@ def test_a_triton_model_serves_through_triton_fronted_engines_on_the_local_clust
         assert status == 200 and "nv_inference_request_success" in metrics
         # every socket the pod's processes (the simulator, Triton, its Python-backend stubs) listen on is
         # on the pod's own loopback address
-        listeners = harness.loopback_listeners(_session_pids(local.proc.pid))
+        listeners = harness.loopback_listeners(session_pids(local.proc.pid))
         assert {(ip, PORT), (ip, PORT + 1), (ip, PORT + 2)} <= set(listeners), listeners
         assert {addr for addr, _ in listeners} == {ip}, listeners
 
@@ -153,7 +133,7 @@ def test_a_triton_model_serves_through_triton_fronted_engines_on_the_local_clust
     # A crashed engine: the whole session goes (the simulator, Triton, its stubs), the pod turns unready
     # with ProcessExited, and the restarted engine binds the same ports again and serves.
     decode = pods["decode"].metadata.name
-    session = _session_pids(pod_runner.processes[f"{namespace}/{decode}"].proc.pid)
+    session = session_pids(pod_runner.processes[f"{namespace}/{decode}"].proc.pid)
     assert len(session) > 1, session  # Triton runs as the simulator's child
 
     def decode_ready():
@@ -163,7 +143,7 @@ def test_a_triton_model_serves_through_triton_fronted_engines_on_the_local_clust
     pod_runner.kill(namespace, decode)
     wait_for(lambda: decode_ready().reason == "ProcessExited", 30, what="decode pod unready with ProcessExited")
     assert decode_ready().status == "False"
-    wait_for(lambda: not any(_alive(pid) for pid in session), 15, what="every process of the killed session gone")
+    wait_for(lambda: not any(alive(pid) for pid in session), 15, what="every process of the killed session gone")
     wait_for(lambda: decode_ready().status == "True", 60, what="the restarted Triton engine Ready again")
     status, headers, _ = wait_for(lambda: _post(f"{url}/v1/completions", {"model": "llama-3-8b", "prompt": "Hi again", "max_tokens": 3}),
                                   30, what="the scheduler serving through the restarted engine")

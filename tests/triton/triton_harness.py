@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from baton import kvformat
 from baton.localproc import ListeningProcess
+from process_harness import session_pids
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "tests" / "data" / "models" / "llama-3-8b"
@@ -93,16 +94,7 @@ class Proc(ListeningProcess):
 
     def session_pids(self) -> list[int]:
         """This process and every process in its session (Triton, its Python-backend stubs)."""
-        pids = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                if os.getsid(int(entry)) == self.proc.pid:
-                    pids.append(int(entry))
-            except OSError:
-                continue
-        return pids
+        return session_pids(self.proc.pid)
 
     def stop(self, timeout: float = 40.0) -> None:
         """SIGTERM to the session, wait, then SIGKILL whatever is left of it (Triton's children too)."""

@@ -3,13 +3,13 @@ failures a harness must report, and a stop that ends the whole session."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
 from baton.localproc import ListeningProcess
+from process_harness import alive
 from proxy_harness import environment_proxy
 
 # Serves /ready (200 once a file exists) and starts a grandchild that would outlive a plain kill.
@@ -31,18 +31,6 @@ srv.serve_forever()
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone for our purposes
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_port_from_the_log_readiness_and_a_stop_that_ends_the_session(tmp_path: Path) -> None:
     marker = tmp_path / "ready"
     proc = ListeningProcess("srv", [sys.executable, "-c", SERVER, str(marker)], tmp_path / "srv.log")
@@ -54,14 +42,14 @@ def test_port_from_the_log_readiness_and_a_stop_that_ends_the_session(tmp_path: 
         marker.write_text("")
         proc.wait_ready("/ready", time.monotonic() + 20)
         child = int((tmp_path / "ready.child").read_text())
-        assert _alive(child)
+        assert alive(child)
     finally:
         proc.stop(timeout=5)
     assert proc.proc.returncode is not None
     deadline = time.monotonic() + 5
-    while _alive(child) and time.monotonic() < deadline:
+    while alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(child), "the grandchild outlived stop()"
+    assert not alive(child), "the grandchild outlived stop()"
 
 
 def test_a_process_that_exits_early_is_reported_with_its_log(tmp_path: Path) -> None:

@@ -14,18 +14,11 @@ from pathlib import Path
 from baton.podrunner import main as podrunner_main
 from baton.podrunner import runner as podrunner
 from baton.podrunner.runner import CLAIM_ANNOTATION, LocalProcess
+from process_harness import alive
 from test_podrunner_sync import FakeCore, make_runner, scheduler_pod
 
 REPO = Path(__file__).resolve().parents[2]
 IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, lambda *a: None); time.sleep(60)"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def _wait_for(predicate, timeout: float) -> bool:
@@ -98,7 +91,7 @@ def test_the_processes_a_killed_runner_left_are_stopped_by_the_next(tmp_path: Pa
         child = int(next(pid_dir.glob("*.json")).stem)
         runner_proc.kill()  # no goodbye: its process keeps running
         runner_proc.wait(timeout=10)
-        assert _alive(child)
+        assert alive(child)
         # a live runner's process (this test's own) is never taken for a leftover
         other = make_runner(tmp_path / "other", FakeCore(), tend=True)
         other._start = lambda local: None
@@ -109,14 +102,14 @@ def test_the_processes_a_killed_runner_left_are_stopped_by_the_next(tmp_path: Pa
 
         successor = make_runner(tmp_path, FakeCore(), tend=True)
         assert successor.reap_orphans(grace_s=2.0) == [child]
-        assert _wait_for(lambda: not _alive(child), 5.0), "the leftover process still runs"
+        assert _wait_for(lambda: not alive(child), 5.0), "the leftover process still runs"
         assert mine.poll() is None, "the process of a live runner was stopped"
         assert [p.name for p in pid_dir.glob("*.json")] == [f"{mine.pid}.json"]
     finally:
         if runner_proc.poll() is None:
             runner_proc.kill()
             runner_proc.wait(timeout=10)
-        if child is not None and _alive(child):
+        if child is not None and alive(child):
             os.kill(child, signal.SIGKILL)
         mine.kill()
         mine.wait(timeout=10)
