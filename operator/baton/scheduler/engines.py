@@ -800,12 +800,12 @@ CLIENT_BUILD_RETRY_S = 30.0
 
 
 class EnginesByRuntime:
-    """An engine client per runtime, as one client: each call goes to the client of its endpoint's runtime
+    """An engine client per runtime: `client_for(endpoint)` is the client of the endpoint's runtime
     (`Endpoint.runtime`, which discovery reads from the pod), or of `default` (the config's `runtime`) for
-    an endpoint that does not say. The client of another runtime is built when an endpoint of it first
-    needs one; one that cannot be built (tritonclient missing) fails that endpoint's calls as a
-    connection failure, so the request goes on to another replica, and is tried again after
-    CLIENT_BUILD_RETRY_S."""
+    an endpoint that does not say; the request flow awaits that client's calls itself. The client of
+    another runtime is built when an endpoint of it first needs one; one that cannot be built (tritonclient
+    missing) fails that endpoint's calls as a connection failure, so the request goes on to another
+    replica, and is tried again after CLIENT_BUILD_RETRY_S."""
 
     def __init__(self, default: str, build: Callable[[str], EngineClient], first: EngineClient | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -833,12 +833,6 @@ class EnginesByRuntime:
                 raise EngineFailure(endpoint, message, kind="connection") from None
             self._unbuildable.pop(runtime, None)
         return client
-
-    async def post(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> tuple[int, bytes, str]:
-        return await self.client_for(endpoint).post(endpoint, path, body, request_id)
-
-    async def open(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> EngineResponse:
-        return await self.client_for(endpoint).open(endpoint, path, body, request_id)
 
     async def health(self, endpoint: Endpoint, timeout: float) -> bool:
         try:

@@ -1010,9 +1010,7 @@ class SchedulerService:
             finally:
                 if ctx.slot is slot:  # not handed on to a stream relay (which gives it back when the stream ends)
                     ctx.slot = None
-                    slot.users -= 1
-                    if slot.retired and not slot.users:
-                        self._close_engine(slot)
+                    self._engine_released(slot)
 
     # ------------------------------------------------------------------------------ local route
     async def _serve_local(self, ctx: _Ctx) -> AnyReply:
