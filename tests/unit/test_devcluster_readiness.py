@@ -12,7 +12,6 @@ from baton.devcluster.readiness import (
     ReadinessStandIn,
     claimed,
     passed_probe_patch,
-    pods_to_mark,
     probe_pending,
     split_claimed,
 )
@@ -82,10 +81,10 @@ def test_a_batch_is_sorted_out_with_one_view_of_every_namespaces_claims() -> Non
 
     batch = [named("run", BATON_LABELS), named("run", {"app": "x"}), named("free", BATON_LABELS), named("gone", BATON_LABELS)]
     claims = {"run": {CLAIM_ANNOTATION: "host/1/abc"}, "free": {}, "kube-system": {}}
-    assert [(p["metadata"]["namespace"], p["metadata"]["labels"]) for p in pods_to_mark(batch, claims)] == [
+    assert [(p["metadata"]["namespace"], p["metadata"]["labels"]) for p in split_claimed(batch, claims)[0]] == [
         ("run", {"app": "x"}), ("free", BATON_LABELS), ("gone", BATON_LABELS)]
     everywhere = {**claims, "kube-system": {ALL_NAMESPACES_CLAIM: "host/1/abc"}}
-    assert [p["metadata"]["labels"] for p in pods_to_mark(batch, everywhere)] == [{"app": "x"}]
+    assert [p["metadata"]["labels"] for p in split_claimed(batch, everywhere)[0]] == [{"app": "x"}]
 
 
 def test_watch_lines_are_split_across_reads_and_the_resource_version_is_the_objects() -> None:

@@ -91,11 +91,6 @@ def claimed(pod: Mapping[str, Any], namespace_annotations: Mapping[str, str],
         holder_annotations.get(ALL_NAMESPACES_CLAIM))
 
 
-def pods_to_mark(batch: list[Mapping[str, Any]], claims: Mapping[str, Mapping[str, str]]) -> list[Mapping[str, Any]]:
-    """The pods of `batch` whose probe the stand-in passes, given every namespace's annotations."""
-    return split_claimed(batch, claims)[0]
-
-
 def split_claimed(batch: list[Mapping[str, Any]], claims: Mapping[str, Mapping[str, str]]
                   ) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
     """(the pods of `batch` whose probe the stand-in passes, those a live pod-runner claim covers)."""
