@@ -26,6 +26,7 @@ from pathlib import Path
 
 # One percentile definition for replay and the benchmarks (linear interpolation, numpy's default).
 from baton.atomicfile import write_atomic
+from baton.checkout import repo_root
 from baton.replay import percentile
 from typing import Any
 
@@ -248,15 +249,6 @@ def write_section(path: str | Path, name: str, body: str, intro: str = INTRO) ->
     except FileNotFoundError:
         current = ""
     write_atomic(path, replace_section(current, name, body, intro).encode("utf-8"))
-
-
-def repo_root() -> Path | None:
-    """The checkout Baton runs from (editable install), if any: the directory holding pyproject.toml."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "pyproject.toml").is_file() and (parent / "operator" / "baton").is_dir():
-            return parent
-    return None
 
 
 def default_output() -> Path:

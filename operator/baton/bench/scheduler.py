@@ -67,11 +67,11 @@ from baton.bench.report import (
     per_item,
     percentiles,
     ratio,
-    repo_root,
     table_rows_under,
     text_table,
     write_section,
 )
+from baton.checkout import repo_root
 from baton.localproc import ListeningProcess, baton_command
 
 SECTION = "scheduler"

@@ -78,6 +78,7 @@ from typing import Any
 import yaml
 
 from baton.atomicfile import write_atomic
+from baton.checkout import repo_root
 from baton.direct_http import NO_PROXY_OPENER
 from baton.model_tokenizer import TOKENIZER_FILE
 from baton.render.engine_config import CONFIG_FILE as ENGINE_CONFIG_FILE
@@ -154,13 +155,6 @@ def packaged_models_root() -> Path:
 
 def packaged_triton_venv_script() -> Path:
     return Path(str(resources.files("baton.engine_sim") / "triton-venv.sh"))
-
-
-def checkout_root() -> Path | None:
-    """The repository checkout this package runs from (what triton-venv.sh installs editable), None when
-    the package is installed from a wheel."""
-    root = OPERATOR_DIR.parent
-    return root if (root / "pyproject.toml").is_file() else None
 
 
 def tritonserver_options(args: list[str]) -> list[tuple[str, str]]:
@@ -445,7 +439,7 @@ class PodRunner:
         self._reaped = False
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pid_dir = self.workdir / ".pids"
-        self.triton_venv = TritonVenv(self.triton_venv_script, checkout_root(), self.workdir / "triton-venv.log",
+        self.triton_venv = TritonVenv(self.triton_venv_script, repo_root(), self.workdir / "triton-venv.log",
                                       python=self.triton_python, retry_s=self.triton_install_retry_s)
 
     # ------------------------------------------------------------------ translation
