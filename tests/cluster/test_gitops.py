@@ -22,6 +22,7 @@ import yaml
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
 from baton.operator import status as status_module
 from cluster_plugin import load_example, wait_for
+from spec_fields import set_spec_fields
 
 pytestmark = pytest.mark.cluster
 
@@ -44,12 +45,7 @@ def git_manifest(**spec_changes: Any) -> dict[str, Any]:
     """examples/small.yaml as it would sit in Git: no decode.replicas (the autoscaler's field)."""
     manifest = load_example("small.yaml")
     manifest["spec"]["decode"].pop("replicas", None)
-    for path, value in spec_changes.items():
-        node = manifest["spec"]
-        keys = path.split("__")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
+    set_spec_fields(manifest["spec"], spec_changes)
     return manifest
 
 

@@ -518,13 +518,18 @@ def test_time_paused_does_not_count_against_the_progress_deadline():
 
 # ---------------------------------------------------------------- 9. PairwiseSwap re-spec
 
-def test_a_respec_mid_pairwise_swap_records_the_full_size_to_restore():
-    def pairwise(s):
+def pairwise_swap(replicas: int):
+    """A Model `mutate`: the PairwiseSwap strategy, `replicas` in each tier (room to scale to 4)."""
+    def mutate(s):
         s["rollout"] = {"strategy": "PairwiseSwap"}
         for t in ("prefill", "decode"):
-            s[t].update(minReplicas=1, maxReplicas=4, replicas=3)
+            s[t].update(minReplicas=1, maxReplicas=4, replicas=replicas)
 
-    m = Model(gpus=4, mutate=pairwise)
+    return mutate
+
+
+def test_a_respec_mid_pairwise_swap_records_the_full_size_to_restore():
+    m = Model(gpus=4, mutate=pairwise_swap(3))
     g0 = m.ro["servingGeneration"]
     m.image("1.2.1")
     for _ in range(4):
@@ -628,12 +633,7 @@ def test_a_rollback_after_the_switch_restores_the_old_model_name_with_the_traffi
 
 
 def test_a_pairwise_swap_serves_the_old_model_name_until_the_final_switch():
-    def pairwise(s):
-        s["rollout"] = {"strategy": "PairwiseSwap"}
-        for t in ("prefill", "decode"):
-            s[t].update(minReplicas=1, maxReplicas=4, replicas=2)
-
-    m = Model(gpus=3, mutate=pairwise)
+    m = Model(gpus=3, mutate=pairwise_swap(2))
     old = m.ro["servingGeneration"]
     m.edit(lambda s: s["model"].__setitem__("name", "llama-3.1-8b"))
     both_served = False
