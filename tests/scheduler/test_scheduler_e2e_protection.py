@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import threading
 
+import pytest
+
 from redis_harness import free_port
 from scheduler_harness import (
     MODEL,
@@ -132,13 +134,14 @@ def _held_request(sched, seed: int) -> tuple[list, threading.Thread, list]:
     return first, thread, held
 
 
-def test_held_prefills_are_published_to_redis_while_held(engines, make_scheduler, redis_server):
+def test_held_prefills_are_published_to_redis_while_held(engines, make_scheduler, redis_server, tmp_path):
     with redis_server.client() as c:
         c.flushdb()
     prefill = engines["prefill"]
+    url_file = tmp_path / "redis-url"  # as the operator mounts spec.scheduler.degradation.redisUrlSecret
+    url_file.write_text(redis_server.url + "\n")
     sched = make_scheduler([prefill], [engines["decode1"]], backpressure={"maxActivePerDecodeReplica": 1},
-                           degradation={"holdTtlSeconds": 20, "store": "redis", "redisUrlEnv": "BATON_REDIS_URL"},
-                           env={"BATON_REDIS_URL": redis_server.url})
+                           degradation={"holdTtlSeconds": 20, "store": "redis", "redisUrlFile": str(url_file)})
     first, thread, held = _held_request(sched, 40)
     with redis_server.client() as c:
         key = wait_for(lambda: c.keys("baton:hold:*"), 10, "the held prefill to be published to redis")[0]
@@ -182,12 +185,16 @@ def test_a_dead_redis_does_not_fail_held_requests(engines, make_scheduler):
     assert "event=hold_store_unavailable store=redis operation=put" in sched.log()
 
 
-def test_a_redis_url_variable_that_is_not_set_stops_the_scheduler_at_start(tmp_path, engines):
-    config = scheduler_config([engines["prefill"]], [engines["decode1"]],
-                              degradation={"store": "redis", "redisUrlEnv": "BATON_REDIS_URL_UNSET"})
-    proc = start_scheduler(tmp_path, "no-redis-url", config)
+@pytest.mark.parametrize("source", ["file", "variable"])
+def test_a_redis_url_that_is_missing_stops_the_scheduler_at_start(tmp_path, engines, source):
+    missing = {"file": {"redisUrlFile": str(tmp_path / "no-such-secret" / "url")},
+               "variable": {"redisUrlEnv": "BATON_REDIS_URL_UNSET"}}[source]
+    config = scheduler_config([engines["prefill"]], [engines["decode1"]], degradation={"store": "redis", **missing})
+    proc = start_scheduler(tmp_path, f"no-redis-url-{source}", config)
     try:
         assert proc.proc.wait(timeout=30) == 2
-        assert "BATON_REDIS_URL_UNSET, which is unset or empty" in proc.log()
+        expected = {"file": f"redisUrlFile {tmp_path / 'no-such-secret' / 'url'} is unreadable",
+                    "variable": "BATON_REDIS_URL_UNSET holds no URL: it is unset or empty"}[source]
+        assert expected in proc.log()
     finally:
         proc.stop()

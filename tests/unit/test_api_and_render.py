@@ -116,26 +116,38 @@ def test_scheduler_config_carries_discovery_and_every_routing_setting():
     assert parsed.degradation.hold_ttl_seconds == 120
 
 
-def test_a_redis_url_from_a_secret_reaches_the_scheduler_as_an_env_var_and_never_the_configmap():
+def test_a_redis_url_from_a_secret_reaches_the_scheduler_as_a_mounted_file_and_never_the_configmap(tmp_path):
     from baton.scheduler.config import SchedulerConfig
 
-    m = model(scheduler__degradation={"store": "redis", "redisUrlSecret": {"name": "hold-store"}})
+    m = model(scheduler__degradation={"store": "redis", "redisUrlSecret": {"name": "hold-store", "key": "dsn"}})
     objs = by_name(render_children(target(m)))
     text = objs["ConfigMap/llama-70b-scheduler"]["data"]["config.yaml"]
     parsed = SchedulerConfig.model_validate(yaml.safe_load(text))
-    assert parsed.degradation.store == "redis" and parsed.degradation.redis_url_env == "BATON_REDIS_URL"
+    assert parsed.degradation.store == "redis" and not parsed.degradation.redis_url_env
     assert "redisUrl:" not in text
-    container = objs["Deployment/llama-70b-scheduler"]["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["valueFrom"] for e in container["env"]}
-    assert env["BATON_REDIS_URL"] == {"secretKeyRef": {"name": "hold-store", "key": "url"}}
-    assert parsed.degradation.resolved_redis_url({"BATON_REDIS_URL": "redis://:pw@redis:6379/0"})
+    pod = objs["Deployment/llama-70b-scheduler"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert [e["name"] for e in container["env"]] == ["POD_IP"]  # an env var would never see a rotation
+    volume = next(v for v in pod["volumes"] if "secret" in v)
+    assert volume["secret"] == {"secretName": "hold-store", "items": [{"key": "dsn", "path": "url"}]}
+    mount = next(mt for mt in container["volumeMounts"] if mt["name"] == volume["name"])
+    assert mount["readOnly"] is True
+    assert parsed.degradation.redis_url_file == f"{mount['mountPath']}/url"
+    assert parsed.watched_files() == [Path(mount["mountPath"]) / "url"]
+    # what the kubelet writes there is what the scheduler uses
+    local = tmp_path / "url"
+    local.write_text("redis://:pw@redis:6379/0\n")
+    assert parsed.degradation.model_copy(update={"redis_url_file": str(local)}).resolved_redis_url({}) == \
+        "redis://:pw@redis:6379/0"
 
     plain = model(scheduler__degradation={"store": "redis", "redisUrl": "redis://redis.infra:6379/2"})
     objs = by_name(render_children(target(plain)))
     parsed = SchedulerConfig.model_validate(yaml.safe_load(objs["ConfigMap/llama-70b-scheduler"]["data"]["config.yaml"]))
-    assert parsed.degradation.redis_url == "redis://redis.infra:6379/2" and not parsed.degradation.redis_url_env
-    container = objs["Deployment/llama-70b-scheduler"]["spec"]["template"]["spec"]["containers"][0]
-    assert [e["name"] for e in container["env"]] == ["POD_IP"]
+    assert parsed.degradation.redis_url == "redis://redis.infra:6379/2" and not parsed.degradation.redis_url_file
+    assert parsed.watched_files() == []
+    pod = objs["Deployment/llama-70b-scheduler"]["spec"]["template"]["spec"]
+    assert [e["name"] for e in pod["containers"][0]["env"]] == ["POD_IP"]
+    assert not any("secret" in v for v in pod["volumes"])
 
 
 def _scheduler_parts(m: DisaggregatedModel):

@@ -117,6 +117,46 @@ def test_watcher_applies_only_changed_valid_content(tmp_path):
     assert len(errors) == 1 and "bogus" in errors[0]
 
 
+def test_watcher_applies_a_change_to_a_file_the_config_names_once_per_change(tmp_path):
+    """The redis URL file (a mounted Secret) is part of the config: a new URL in it is a new config version,
+    whether the config named that file from the start or only since a reload."""
+    path, url = tmp_path / "cfg.yaml", tmp_path / "url"
+    url.write_text("redis://a:6379/0")
+    path.write_text("degradation: {store: redis, redisUrl: 'redis://plain:6379/0'}\n")
+    seen: list[str] = []
+    seen_errors: list[Exception] = []
+
+    def on_change(c: SchedulerConfig) -> None:
+        try:
+            seen.append(c.degradation.resolved_redis_url({}) if c.degradation.store == "redis" else "memory")
+        except ConfigError as exc:
+            seen_errors.append(exc)
+
+    watcher = ConfigWatcher(path, on_change)
+    watcher.prime(path.read_bytes(), parse_config(path.read_bytes()))
+
+    async def polls(n: int = 2) -> list[bool]:
+        return [await watcher.check_once() for _ in range(n)]
+
+    async def run():
+        url.write_text("redis://b:6379/0")  # not named by the running config: no change
+        assert await polls() == [False, False]
+        path.write_text(f"degradation: {{store: redis, redisUrlFile: '{url}'}}\n")
+        assert await polls(3) == [False, True, False]  # applied once, not again for the newly watched file
+        url.write_text("redis://c:6379/0")
+        assert await polls(3) == [False, True, False]
+        url.unlink()
+        assert await polls(3) == [False, True, False]  # handed on: the service refuses a missing file
+        path.write_text("degradation: {store: memory}\n")
+        assert await polls(2) == [False, True]
+        url.write_text("redis://d:6379/0")  # no longer named: no change
+        assert await polls() == [False, False]
+
+    asyncio.run(run())
+    assert seen == ["redis://b:6379/0", "redis://c:6379/0", "memory"]
+    assert len(seen_errors) == 1 and "is unreadable" in str(seen_errors[0])
+
+
 def test_watcher_follows_configmap_symlink_swaps(tmp_path):
     # A ConfigMap volume: cfg.yaml -> ..data/cfg.yaml, ..data -> ..2024_x (swapped atomically on update).
     (tmp_path / "v1").mkdir()

@@ -268,14 +268,34 @@ def test_the_store_recovers_when_redis_comes_back(tmp_path):
 def test_redis_url_from_the_environment_and_clear_errors():
     config = DegradationConfig(store="redis", redis_url_env="BATON_REDIS_URL")
     assert config.resolved_redis_url({"BATON_REDIS_URL": "redis://r:6379/1"}) == "redis://r:6379/1"
-    with pytest.raises(ConfigError, match="BATON_REDIS_URL, which is unset or empty"):
+    with pytest.raises(ConfigError, match="BATON_REDIS_URL holds no URL: it is unset or empty"):
         config.resolved_redis_url({})
     with pytest.raises(ConfigError, match="must start with redis://"):
         config.resolved_redis_url({"BATON_REDIS_URL": "http://r:6379"})
-    with pytest.raises(ValueError, match="redisUrl .or redisUrlEnv. is required"):
+    with pytest.raises(ValueError, match="redisUrl .or redisUrlFile, or redisUrlEnv. is required"):
         DegradationConfig(store="redis")
     with pytest.raises(ValueError, match="must start with redis://"):
         DegradationConfig(store="redis", redis_url="localhost:6379")
+    with pytest.raises(ValueError, match="set one of redisUrl, redisUrlFile and redisUrlEnv, not redisUrl and redisUrlEnv"):
+        DegradationConfig(store="redis", redis_url="redis://r:6379", redis_url_env="BATON_REDIS_URL")
+
+
+def test_redis_url_from_a_file_is_read_each_time_and_errors_never_show_the_url(tmp_path):
+    url_file = tmp_path / "url"
+    config = DegradationConfig(store="redis", redis_url_file=str(url_file))
+    with pytest.raises(ConfigError, match=f"redisUrlFile {url_file} is unreadable .*redisUrlSecret"):
+        config.resolved_redis_url({})
+    url_file.write_text("redis://:secret-pw@r:6379/1\n")  # as a Secret's value often ends: with a newline
+    assert config.resolved_redis_url({}) == "redis://:secret-pw@r:6379/1"
+    url_file.write_text("redis://:rotated-pw@r2:6379/1")  # the kubelet updated the mounted Secret
+    assert config.resolved_redis_url({}) == "redis://:rotated-pw@r2:6379/1"
+    url_file.write_text("  \n")
+    with pytest.raises(ConfigError, match="holds no URL"):
+        config.resolved_redis_url({})
+    url_file.write_text("http://:secret-pw@r:6379")
+    with pytest.raises(ConfigError, match="must start with redis://") as raised:
+        config.resolved_redis_url({})
+    assert "secret-pw" not in str(raised.value)
 
 
 def test_redis_store_without_package_explains(monkeypatch):
@@ -292,3 +312,15 @@ def test_redis_store_without_package_explains(monkeypatch):
     with pytest.raises(RuntimeError, match=r"pip install 'baton\[redis\]'"):
         make_hold_store("redis", "redis://localhost:6379")
     assert isinstance(make_hold_store("memory"), MemoryHoldStore)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:s3cret@redis.infra:6379/2", "redis://:***@redis.infra:6379/2"),
+    ("rediss://baton:s3cret@redis.infra:6380/0?ssl_cert_reqs=required", "rediss://baton:***@redis.infra:6380/0?ssl_cert_reqs=required"),
+    ("redis://redis.infra:6379/0", "redis://redis.infra:6379/0"),
+    ("unix:///run/redis.sock?db=1", "unix:///run/redis.sock?db=1"),
+])
+def test_a_redis_url_is_shown_without_its_password(url, shown):
+    from baton.scheduler.holds import redacted_redis_url
+
+    assert redacted_redis_url(url) == shown

@@ -428,6 +428,83 @@ def test_a_store_change_moves_the_held_requests_which_still_resume_and_remove_th
     run(main())
 
 
+def _swap_in(path, text: str) -> None:
+    """Replace `path`'s content the way the kubelet updates a Secret volume: a complete file renamed in."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def test_a_rotated_redis_url_file_moves_the_holds_to_the_new_redis_without_a_restart(redis_server, tmp_path):
+    """spec.scheduler.degradation.redisUrlSecret is mounted as a file (the config's redisUrlFile): when the
+    Secret is rotated, the config file itself does not change, yet the watcher sees the new URL and the
+    holds move to the Redis it names; a rotation to an unusable value keeps the running store."""
+    import redis
+
+    db0, db1 = redis_server.url, redis_server.url[:-1] + "1"
+    for url in (db0, db1):
+        with redis.Redis.from_url(url) as c:
+            c.flushdb()
+    url_file = tmp_path / "redis-url"
+    url_file.write_text(db0 + "\n")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(BASE + "backpressure: {maxActivePerDecodeReplica: 1}\n"
+                           f"degradation: {{store: redis, redisUrlFile: '{url_file}'}}\n")
+
+    def keys(url: str) -> list[str]:
+        with redis.Redis.from_url(url) as c:
+            return sorted(k.decode() for k in c.keys("baton:hold:*"))
+
+    async def polls(watcher, n: int = 2) -> list[bool]:
+        return [await watcher.check_once() for _ in range(n)]
+
+    async def main():
+        from baton.scheduler.config import ConfigWatcher, read_config_file
+
+        loaded = read_config_file(config_file)
+        config = parse_config(loaded)
+        watcher = ConfigWatcher(config_file, lambda new: svc.apply_config(new), interval=0.05)
+        watcher.prime(loaded, config)
+        svc = SchedulerService(config, discover=False)
+        svc.update_endpoints([Endpoint("p1:1", "prefill")], [Endpoint("d1:1", "decode")])
+        seen = reloads(svc)
+        assert await polls(watcher) == [False, False]  # nothing changed: nothing applied
+        svc.decode["d1:1"].active = 1  # decode full: the finished prefill is held
+        held = asyncio.create_task(svc.complete("completions", long_request(), {"X-Request-Id": "rotated"}))
+        await asyncio.sleep(0.05)
+        await svc.holds.flush()
+        (hold,) = svc.holds.held()
+        assert keys(db0) == [f"baton:hold:{hold.key}"] and keys(db1) == []
+
+        _swap_in(url_file, db1 + "\n")  # the Secret was rotated; config.yaml is as it was
+        assert await polls(watcher) == [False, True]  # applied once two polls read the same
+        assert seen == ["applied"] and svc.holds.kind == "redis" and [h.key for h in svc.holds.held()] == [hold.key]
+        await svc.reloads_settled()
+        await svc.holds.flush()
+        assert keys(db0) == [] and keys(db1) == [f"baton:hold:{hold.key}"]
+        assert svc.debug_state()["holdStore"] == {"kind": "redis", "healthy": True, "redis": db1}
+
+        _swap_in(url_file, "not-a-url")  # a bad rotation: refused, the running store and its holds stay
+        assert await polls(watcher) == [False, True]  # handed to the service, which keeps its store
+        assert seen == ["applied", "rejected"] and keys(db1) == [f"baton:hold:{hold.key}"]
+        rotated_store = svc.holds
+
+        url_file.unlink()  # the key removed from the Secret: refused the same way
+        assert await polls(watcher) == [False, True]
+        assert seen == ["applied", "rejected", "rejected"] and svc.holds is rotated_store
+        assert svc.debug_state()["holdStore"]["redis"] == db1
+
+        svc.decode["d1:1"].active = 0  # decode frees up: the held request resumes and ends
+        svc.decode_queue.notify()
+        reply = await asyncio.wait_for(held, 3)
+        assert reply.status == 200
+        await svc.holds.flush()
+        assert keys(db1) == [] and len(svc.holds) == 0
+        await svc.stop()
+
+    run(main())
+
+
 def test_a_store_that_cannot_be_built_keeps_the_running_one_and_the_reload_is_rejected(monkeypatch, caplog):
     def no_redis(*args, **kwargs):
         raise RuntimeError("degradation.store is 'redis' but the 'redis' package is not installed")

@@ -357,8 +357,8 @@ class DegradationSpec(ApiModel):
         "Redis URL (redis://, rediss:// or unix://) when store is redis. It is written into the scheduler's "
         "ConfigMap: use redisUrlSecret for a URL with a password."))
     redis_url_secret: RedisUrlSecretRef | None = Field(default=None, description=(
-        "Secret holding the Redis URL when store is redis, given to the scheduler as the BATON_REDIS_URL "
-        "environment variable (the URL stays out of the ConfigMap)."))
+        "Secret holding the Redis URL when store is redis, mounted into the scheduler as a file (the URL stays "
+        "out of the ConfigMap); a rotated Secret applies without a restart."))
 
 
 class SchedulerSpec(ApiModel):

@@ -21,9 +21,13 @@ from baton.render.naming import (
 from baton.render.tiers import model_argument_and_volume
 
 COMPONENT = "scheduler"
-REDIS_URL_ENV = "BATON_REDIS_URL"
 CONFIG_DIR = "/etc/baton/scheduler"
 CONFIG_FILE = "config.yaml"
+# The Secret behind spec.scheduler.degradation.redisUrlSecret, mounted as a file: the URL stays out of the
+# ConfigMap, and a rotated Secret reaches the running scheduler (the kubelet updates the file; the scheduler
+# watches it and moves its holds to the new Redis) without a restart, which an environment variable cannot.
+REDIS_URL_DIR = "/etc/baton/redis-url"
+REDIS_URL_FILE = "url"
 
 # The scheduler settings that belong to an engine generation (each is part of the generation key): the
 # served model name (requests naming another model get 404), the engines' protocol and the KV transfer
@@ -107,7 +111,7 @@ def _degradation(d: DegradationSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"holdTtlSeconds": parse_duration(d.hold_ttl), "store": d.store}
     if d.store == "redis":
         if d.redis_url_secret is not None:
-            out["redisUrlEnv"] = REDIS_URL_ENV  # set from the Secret in the Deployment: no password in the ConfigMap
+            out["redisUrlFile"] = f"{REDIS_URL_DIR}/{REDIS_URL_FILE}"  # the Secret, mounted: no password here
         else:
             out["redisUrl"] = d.redis_url
     return out
@@ -186,11 +190,19 @@ def service(target: Target) -> dict[str, Any]:
 
 
 def _env(s: SchedulerSpec) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    return [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+
+
+def _redis_url_volume(s: SchedulerSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The volume and mount of the Secret holding the redis URL (none without redisUrlSecret): only its
+    one key, as the file the config's redisUrlFile names. The default file mode stays: the files belong to
+    root, and the scheduler runs as the image's non-root user."""
     secret = s.degradation.redis_url_secret
-    if s.degradation.store == "redis" and secret is not None:
-        env.append({"name": REDIS_URL_ENV, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
-    return env
+    if s.degradation.store != "redis" or secret is None:
+        return [], []
+    volume = {"name": "redis-url",
+              "secret": {"secretName": secret.name, "items": [{"key": secret.key, "path": REDIS_URL_FILE}]}}
+    return [volume], [{"name": "redis-url", "mountPath": REDIS_URL_DIR, "readOnly": True}]
 
 
 DEFAULT_REQUESTS = {"cpu": "1", "memory": "512Mi"}
@@ -223,6 +235,7 @@ def deployment(target: Target) -> dict[str, Any]:
     s = target.spec.scheduler
     probe = {"httpGet": {"port": "http"}, "periodSeconds": 5, "timeoutSeconds": 3}
     _, tokenizer_volumes, tokenizer_mounts, tokenizer_env = _tokenizer(target.spec)
+    redis_volumes, redis_mounts = _redis_url_volume(s)
     container = {
         "name": COMPONENT,
         "image": s.image or DEFAULT_IMAGE,
@@ -234,7 +247,8 @@ def deployment(target: Target) -> dict[str, Any]:
         "resources": resources(s),
         "readinessProbe": {**probe, "httpGet": {**probe["httpGet"], "path": "/readyz"}, "failureThreshold": 2},
         "livenessProbe": {**probe, "httpGet": {**probe["httpGet"], "path": "/healthz"}, "failureThreshold": 6},
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, *tokenizer_mounts],
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, *tokenizer_mounts,
+                         *redis_mounts],
         "securityContext": {
             "runAsNonRoot": True,
             "allowPrivilegeEscalation": False,
@@ -248,7 +262,8 @@ def deployment(target: Target) -> dict[str, Any]:
         "containers": [container],
         "nodeSelector": dict(s.pool.node_selector),
         "tolerations": list(s.pool.tolerations),
-        "volumes": [{"name": "config", "configMap": {"name": child_name(target, COMPONENT)}}, *tokenizer_volumes],
+        "volumes": [{"name": "config", "configMap": {"name": child_name(target, COMPONENT)}}, *tokenizer_volumes,
+                    *redis_volumes],
         # In-flight streams finish before the pod goes.
         "terminationGracePeriodSeconds": 60,
     }

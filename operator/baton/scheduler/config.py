@@ -2,7 +2,8 @@
 
 The operator renders this file into a ConfigMap; standalone users write it by hand or pass flags instead.
 Unknown keys are rejected so that a typo fails loudly instead of silently falling back to a default.
-`ConfigWatcher` polls the file's *content* (a ConfigMap volume swaps a symlink, so mtimes lie) and
+`ConfigWatcher` polls the file's *content* (a ConfigMap volume swaps a symlink, so mtimes lie), and that of
+the files the config names as part of it (the redis URL file a Secret volume holds), and
 hands every valid new version to a callback once two consecutive polls read the same bytes (a file caught
 in the middle of a write is never acted on); an invalid new version is logged and the old one kept. An
 empty file (or one holding only comments) is never a config: to mean "all defaults", write `{}`.
@@ -162,28 +163,52 @@ class DegradationConfig(_Model):
     hold_ttl_seconds: float = Field(120, gt=0)
     store: Literal["memory", "redis"] = "memory"
     redis_url: str = ""
-    # The name of an environment variable holding the URL (the operator sets it from a Secret, so a password
-    # never lands in the ConfigMap); used when redisUrl is empty.
+    # A file holding the URL: the operator mounts the Secret behind spec.scheduler.degradation.redisUrlSecret
+    # there, so a password never lands in the ConfigMap and a rotated Secret applies without a restart (the
+    # watcher re-reads the file as the kubelet updates it).
+    redis_url_file: str = ""
+    # The name of an environment variable holding the URL (read at start and on each reload; a process's
+    # environment does not change, so this suits standalone use, where the value is fixed for its life).
     redis_url_env: str = ""
 
     @model_validator(mode="after")
     def _check_redis(self) -> DegradationConfig:
-        if self.store == "redis" and not self.redis_url and not self.redis_url_env:
-            raise ValueError("degradation.redisUrl (or redisUrlEnv) is required when degradation.store is redis")
+        sources = [name for name, value in (("redisUrl", self.redis_url), ("redisUrlFile", self.redis_url_file),
+                                            ("redisUrlEnv", self.redis_url_env)) if value]
+        if self.store == "redis" and not sources:
+            raise ValueError("degradation.redisUrl (or redisUrlFile, or redisUrlEnv) is required when "
+                             "degradation.store is redis")
+        if len(sources) > 1:
+            raise ValueError(f"degradation: set one of redisUrl, redisUrlFile and redisUrlEnv, not {' and '.join(sources)}")
         if self.redis_url and not self.redis_url.startswith(REDIS_URL_SCHEMES):
             raise ValueError(f"degradation.redisUrl must start with {', '.join(REDIS_URL_SCHEMES)}")
         return self
 
+    def watched_files(self) -> list[Path]:
+        """Files whose content is part of this config (the redis URL file), for the watcher."""
+        return [Path(self.redis_url_file)] if self.store == "redis" and self.redis_url_file else []
+
     def resolved_redis_url(self, environ: Mapping[str, str]) -> str:
-        """The redis URL: `redisUrl`, else the value of the variable `redisUrlEnv` names."""
+        """The redis URL: `redisUrl`, else the content of `redisUrlFile` (surrounding whitespace dropped),
+        else the value of the variable `redisUrlEnv` names. ConfigError when that is missing, empty or not
+        a redis URL; the message never contains the value (it may hold a password)."""
         if self.redis_url:
             return self.redis_url
-        url = environ.get(self.redis_url_env, "").strip() if self.redis_url_env else ""
+        if self.redis_url_file:
+            where = f"degradation.redisUrlFile {self.redis_url_file}"
+            hint = "(the key of the Secret behind spec.scheduler.degradation.redisUrlSecret?)"
+            try:
+                url = Path(self.redis_url_file).read_text(errors="replace").strip()
+            except OSError as exc:
+                raise ConfigError(f"{where} is unreadable {hint}: {exc.strerror or exc}") from None
+        else:
+            where = f"degradation.redisUrlEnv {self.redis_url_env}"
+            hint = "(the Secret behind spec.scheduler.degradation.redisUrlSecret?)"
+            url = environ.get(self.redis_url_env, "").strip() if self.redis_url_env else ""
         if not url:
-            raise ConfigError(f"degradation.redisUrlEnv names {self.redis_url_env}, which is unset or empty "
-                              f"(the Secret behind spec.scheduler.degradation.redisUrlSecret?)")
+            raise ConfigError(f"{where} holds no URL: it is unset or empty {hint}")
         if not url.startswith(REDIS_URL_SCHEMES):
-            raise ConfigError(f"the redis URL in {self.redis_url_env} must start with {', '.join(REDIS_URL_SCHEMES)}")
+            raise ConfigError(f"the redis URL in {where} must start with {', '.join(REDIS_URL_SCHEMES)}")
         return url
 
 
@@ -236,6 +261,11 @@ class SchedulerConfig(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     # Per-request upstream read timeout (seconds without a byte from an engine before it counts as failed).
     engine_timeout_seconds: float = Field(600, gt=0)
+
+    def watched_files(self) -> list[Path]:
+        """Files besides the config file whose content the running config depends on: a change to one is
+        applied as a change to the config is."""
+        return self.degradation.watched_files()
 
 
 class ConfigError(ValueError):
@@ -307,7 +337,8 @@ def config_to_dict(config: SchedulerConfig) -> dict[str, Any]:
 
 
 class ConfigWatcher:
-    """Polls a config file's content and calls `on_change(config)` for each valid new version.
+    """Polls a config file's content, and that of the files the config names as part of it (the redis URL
+    file: `SchedulerConfig.watched_files`), and calls `on_change(config)` for each valid new version.
 
     New content is acted on (applied, or rejected and reported to `on_error`) only when two consecutive
     polls read the same bytes. A writer that truncates the file and then writes it (`render > file`) can be
@@ -315,8 +346,10 @@ class ConfigWatcher:
     without its decode endpoints, say). Such a state lasts as long as the write, so it is not read twice in
     a row a poll interval apart unless the writer stalls for a whole interval, while a finished file is; a
     change thus lands one interval later than it would otherwise. It costs nothing extra: one read and one
-    sha256 per poll, as before. (A writer that renames a complete file into place, as a ConfigMap volume
-    does, is never seen mid-write at all.)
+    sha256 per poll, as before. (A writer that renames a complete file into place, as a ConfigMap or Secret
+    volume does, is never seen mid-write at all.) The watched files are read before the config is applied,
+    and the service reads them again as it applies it: a file that changes in between is seen by the next
+    polls, never taken as applied.
     """
 
     def __init__(
@@ -334,12 +367,26 @@ class ConfigWatcher:
         self.on_error = on_error
         self._digest: str | None = None  # the content last acted on: applied (or primed), or rejected
         self._pending: str | None = None  # new content read at the previous poll, not acted on yet
+        self._watched: list[Path] = []  # the running config's other files (`SchedulerConfig.watched_files`)
         self._task: asyncio.Task[None] | None = None
 
-    def prime(self, content: str | bytes | None = None) -> None:
-        """Remember `content`, the bytes the running config was loaded from, as already applied: a file that
-        differs from it is applied by the next polls. Pass the loaded bytes: without them the file is read
-        again now, and a change made since the initial load would be taken as applied and never applied."""
+    def _digest_of(self, content: bytes, watched: list[Path]) -> str:
+        """One digest over the config's bytes and the watched files' (a missing file counts as a state)."""
+        h = hashlib.sha256(content)
+        for path in watched:
+            try:
+                data = b"\x01" + path.read_bytes()
+            except OSError:
+                data = b"\x00"
+            h.update(b"\x00" + str(path).encode() + b"\x00" + hashlib.sha256(data).digest())
+        return h.hexdigest()
+
+    def prime(self, content: str | bytes | None = None, config: SchedulerConfig | None = None) -> None:
+        """Remember `content`, the bytes the running config was loaded from, as already applied, with the
+        current content of the files `config` (the running config) watches: a file that differs from them
+        is applied by the next polls. Pass the loaded bytes, and call this before the service reads the
+        watched files: without them the file is read again now, and a change made since the initial load
+        would be taken as applied and never applied."""
         if content is None:
             try:
                 content = self.path.read_bytes()
@@ -348,19 +395,20 @@ class ConfigWatcher:
                 return
         if isinstance(content, str):
             content = content.encode()
-        self._digest = hashlib.sha256(content).hexdigest()
+        self._watched = config.watched_files() if config is not None else []
+        self._digest = self._digest_of(content, self._watched)
         self._pending = None
 
     async def check_once(self) -> bool:
-        """Re-read the file; apply it if its content changed, read the same at the previous call (settled)
-        and is valid. Returns True when applied."""
+        """Re-read the file (and the watched ones); apply it if its content changed, read the same at the
+        previous call (settled) and is valid. Returns True when applied."""
         try:
             text = await asyncio.to_thread(self.path.read_bytes)
         except OSError as exc:
             log.warning("event=config_unreadable path=%s error=%r", self.path, str(exc))
             self._pending = None
             return False
-        digest = hashlib.sha256(text).hexdigest()
+        digest = await asyncio.to_thread(self._digest_of, text, self._watched)
         if digest == self._digest:
             self._pending = None
             return False
@@ -378,6 +426,10 @@ class ConfigWatcher:
             if self.on_error:
                 self.on_error(str(exc))
             return False
+        watched = config.watched_files()
+        if watched != self._watched:  # read now, before the service does: a later change is seen next poll
+            self._watched = watched
+            self._digest = digest = await asyncio.to_thread(self._digest_of, text, watched)
         result = self.on_change(config)
         if asyncio.iscoroutine(result):
             await result

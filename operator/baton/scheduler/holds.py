@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger("baton.scheduler.holds")
 
@@ -349,6 +350,17 @@ class RedisHoldStore(MemoryHoldStore):
                         "detail=%r", operation, self._errors_since_log, f"{type(exc).__name__}: {exc}",
                         f"holds go on from memory; redis writes are skipped for {self.backoff_s:g}s after a failure")
             self._errors_since_log = 0
+
+
+def redacted_redis_url(url: str) -> str:
+    """`url` fit to show (in /debug/state and logs): its password replaced with `***`, the rest kept, so
+    an operator can tell which Redis, database and user a scheduler writes to."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def make_hold_store(store: str, redis_url: str = "", clock: Callable[[], float] = time.monotonic,

@@ -253,19 +253,21 @@ async def serve(args: argparse.Namespace) -> int:
             config = load_config(None, overrides)
         tokenizer = await asyncio.to_thread(load_scheduler_tokenizer, config.tokenizer, os.environ)
         tokens.set_tokenizer(tokenizer)
+        watcher = None
+        if args.config:
+            watcher = ConfigWatcher(
+                args.config, lambda new: service.apply_config(new), overrides, interval=args.reload_interval,
+                on_error=lambda _msg: service.hooks.config_reload("rejected"),
+            )
+            # Not a re-read of the config: it may have changed while the tokenizer loaded. Its watched files
+            # (the redis URL) are read now, before the service reads them: a change after this is applied.
+            watcher.prime(loaded, config)
         service = SchedulerService(config)
     except (ConfigError, TokenizerError, NotImplementedError, RuntimeError) as exc:
         print(f"baton scheduler: {exc}", file=sys.stderr)
         return 2
     if tokenizer is not None:
         log.info("event=tokenizer_loaded source=%s", tokenizer.source)
-    watcher = None
-    if args.config:
-        watcher = ConfigWatcher(
-            args.config, service.apply_config, overrides, interval=args.reload_interval,
-            on_error=lambda _msg: service.hooks.config_reload("rejected"),
-        )
-        watcher.prime(loaded)  # not a re-read: the file may have changed while the tokenizer loaded
     server = build_server(service)
     await service.start()
     try:

@@ -50,7 +50,7 @@ from baton.scheduler.engines import (
     classify_failure,
     make_engine_client,
 )
-from baton.scheduler.holds import Hold, HoldStore, hold_key, make_hold_store
+from baton.scheduler.holds import Hold, HoldStore, hold_key, make_hold_store, redacted_redis_url
 from baton.scheduler.metrics import ROUTE_UNROUTED, PrometheusHooks, SchedulerHooks
 from baton.scheduler.placement import (
     ReplicaState,
@@ -535,7 +535,8 @@ class SchedulerService:
         store.adopt(moved)  # no await between reading the old store's holds and the switch: none is missed
         self.holds = store
         self._holds_target = target
-        log.info("event=hold_store_replaced store=%s previous=%s holds_moved=%d", store.kind, old.kind, len(moved))
+        log.info("event=hold_store_replaced store=%s redis=%s previous=%s holds_moved=%d", store.kind,
+                 redacted_redis_url(target[1]) or "-", old.kind, len(moved))
         self._hold_retirement = self._spawn(self._retire_hold_store(old, store, moved, self._hold_retirement))
 
     async def _retire_hold_store(self, old: HoldStore, new: HoldStore, moved: list[Hold],
@@ -841,7 +842,8 @@ class SchedulerService:
             "rings": {k: list(v) for k, v in self.rings.items()},
             "queue": {"prefill": self.prefill_queue.waiting, "decode": self.decode_queue.waiting,
                       "holds": len(self.holds)},
-            "holdStore": {"kind": self.holds.kind, "healthy": self.holds.healthy()},
+            "holdStore": {"kind": self.holds.kind, "healthy": self.holds.healthy(),
+                          **({"redis": redacted_redis_url(self._holds_target[1])} if self._holds_target[1] else {})},
             "incompatiblePairs": [f"{p}->{d}" for (p, d) in self.incompatible],
             "decodeThrottled": self.decode_throttled(),
             "routing": self.config.routing.model_dump(by_alias=True),
