@@ -1,5 +1,5 @@
-"""The pod runner's passes against a fake API (no cluster): ConfigMap volumes kept up to date as the kubelet
-keeps them, one pod's failure contained to that pod, the environment resolved as Kubernetes resolves it,
+"""The pod runner's passes against a fake API (no cluster): ConfigMap and Secret volumes kept up to date as
+the kubelet keeps them, one pod's failure contained to that pod, the environment resolved as Kubernetes resolves it,
 status writes retried, process exits shown, probes that never go through a proxy."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class FakeCore:
 
 def scheduler_pod(name: str = "m-scheduler-abc", uid: str = "u1", ip: str = "127.64.0.5", *, config_map: str = "m-scheduler",
                   optional: bool | None = None, env: list[dict] | None = None, env_from: list[dict] | None = None,
-                  args: list[str] | None = None) -> V1Pod:
+                  args: list[str] | None = None, redis_secret: str | None = None) -> V1Pod:
     volume: dict[str, Any] = {"name": config_map}
     if optional is not None:
         volume["optional"] = optional
@@ -89,10 +89,15 @@ def scheduler_pod(name: str = "m-scheduler-abc", uid: str = "u1", ip: str = "127
     }
     if env_from is not None:
         container["envFrom"] = env_from
+    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": volume}]
+    if redis_secret is not None:  # as the operator renders spec.scheduler.degradation.redisUrlSecret
+        container["volumeMounts"].append({"name": "redis-url", "mountPath": "/etc/baton/redis-url", "readOnly": True})
+        volumes.append({"name": "redis-url",
+                        "secret": {"secretName": redis_secret, "items": [{"key": "url", "path": "url"}]}})
     return V1Pod.from_dict({
         "metadata": {"name": name, "namespace": "ns", "uid": uid,
                      "labels": {"app.kubernetes.io/managed-by": "baton-operator", "baton.dev/tier": "scheduler"}},
-        "spec": {"containers": [container], "volumes": [{"name": "config", "configMap": volume}]},
+        "spec": {"containers": [container], "volumes": volumes},
         "status": {"phase": "Running", "podIP": ip}})
 
 
@@ -135,6 +140,38 @@ def test_a_config_map_update_replaces_the_file_atomically_and_is_localised_again
     assert second["tokenizer"] == {"path": str(models / "org" / "m")}, "the new content was not localised"
     assert cfg.stat().st_ino != inode, "not replaced by a rename (a reader could see a half-written file)"
     assert sorted(p.name for p in cfg.parent.iterdir()) == ["config.yaml"], "removed key kept, or a temp file left"
+
+
+def test_a_secret_volume_is_materialised_kept_up_to_date_and_named_by_the_localised_config(tmp_path: Path) -> None:
+    """The redis URL Secret: its file exists where the scheduler's config (localised) says, and a rotated
+    Secret replaces it as the kubelet would, so the running scheduler can pick the new URL up."""
+    core = FakeCore()
+    core.cms[("ns", "m-scheduler")] = {
+        "config.yaml": "model: m\ndegradation: {store: redis, redisUrlFile: /etc/baton/redis-url/url}\n"}
+    core.secrets[("ns", "hold-store")] = {"url": "redis://:pw1@127.0.0.1:6379/0", "other": "not mounted"}
+    core.pods = [scheduler_pod(redis_secret="hold-store")]
+    runner = make_runner(tmp_path, core)
+    runner.sync()
+    config = yaml.safe_load(config_path(runner, "ns/m-scheduler-abc").read_text())
+    url_file = Path(config["degradation"]["redisUrlFile"])
+    assert url_file.is_relative_to(runner.workdir) and url_file.read_text() == "redis://:pw1@127.0.0.1:6379/0"
+    assert sorted(p.name for p in url_file.parent.iterdir()) == ["url"], "only the key the volume names"
+    inode = url_file.stat().st_ino
+
+    core.secrets[("ns", "hold-store")] = {"url": "redis://:pw2@127.0.0.1:6380/0"}  # rotated
+    runner.sync()
+    assert url_file.read_text() == "redis://:pw2@127.0.0.1:6380/0", "the rotation never reached the file"
+    assert url_file.stat().st_ino != inode, "not replaced by a rename"
+
+    core.secrets[("ns", "hold-store")] = {"dsn": "redis://elsewhere:6379/0"}  # the key is gone: the file stays
+    runner.sync()
+    assert url_file.read_text() == "redis://:pw2@127.0.0.1:6380/0"
+    assert "ns/m-scheduler-abc" in runner.processes
+
+    core.pods.append(scheduler_pod("m-scheduler-new", "u2", "127.64.0.9", redis_secret="no-such-secret"))
+    runner.sync()
+    assert "ns/m-scheduler-new" not in runner.processes
+    assert core.conditions("m-scheduler-new") == [("False", "CannotRunLocally", "Secret ns/no-such-secret not found")]
 
 
 def test_one_pods_missing_config_map_is_that_pods_problem_only(tmp_path: Path) -> None:

@@ -15,16 +15,18 @@ this runner starts what the container would run, as a real process on this machi
   `CannotRunLocally` with its error and it is tried again), and the process runs with its python and
   PYTHONPATH at this checkout's `operator/`;
 - the scheduler container (`baton scheduler ...`) runs as is, its model tokenizer (if it counts with
-  one) resolved locally as the engines' model directory is.
+  one) resolved locally as the engines' model directory is, and the redis URL file its config names
+  pointed at the materialised copy of the mounted Secret.
 The process gets the container's environment, resolved as the kubelet resolves it (`$(VAR)`
 expansion with `$$` escapes, downward-API fields, ConfigMap keys, `envFrom` ConfigMaps; Secrets when
-they exist, since nothing local needs credentials that are missing), its ConfigMap volumes
+they exist, since nothing local needs credentials that are missing), its ConfigMap and Secret volumes
 materialised as files (paths in the arguments rewritten to them), and binds the pod's own IP (a
-loopback address) and container port. As the kubelet updates a ConfigMap volume, every pass re-reads
-the pod's ConfigMaps and replaces the files whose content changed (atomically: a temporary file
-renamed over the old one), so a process that reloads its configuration file sees the update. A pod
-the runner cannot run (a missing ConfigMap, an environment source it cannot resolve, no local model)
-is marked unready with reason `CannotRunLocally` and the reason in its message; the other pods carry on.
+loopback address) and container port. As the kubelet updates a ConfigMap or Secret volume, every pass
+re-reads the pod's ConfigMaps and Secrets and replaces the files whose content changed (atomically: a
+temporary file renamed over the old one), so a process that reloads its configuration (or a rotated
+credential) sees the update. A pod the runner cannot run (a missing ConfigMap or Secret that a volume
+needs, an environment source it cannot resolve, no local model) is marked unready with reason
+`CannotRunLocally` and the reason in its message; the other pods carry on.
 
 The container's readinessProbe is run against the process (never through a proxy) and its result
 written to the pod's Ready condition, so EndpointSlices, and therefore the scheduler and the operator,
@@ -369,14 +371,15 @@ class TritonVenv:
 
 
 @dataclass
-class ConfigMapVolume:
-    """A ConfigMap volume of a pod's container, as materialised under `target`."""
+class ObjectVolume:
+    """A ConfigMap or Secret volume of a pod's container, as materialised under `target`."""
 
-    config_map: str
+    kind: str  # "ConfigMap" or "Secret"
+    name: str
     optional: bool
     items: list[tuple[str, str]] | None  # (key, relative path), or None: every key as a file of its name
     target: Path
-    files: dict[str, bytes] = field(default_factory=dict)  # relative path -> content the ConfigMap gave
+    files: dict[str, bytes] = field(default_factory=dict)  # relative path -> content the object gave
 
 
 @dataclass
@@ -396,7 +399,7 @@ class LocalProcess:
     next_start: float = 0.0
     last_failure: str = ""
     pod_ip: str = ""
-    config_maps: list[ConfigMapVolume] = field(default_factory=list)
+    volumes: list[ObjectVolume] = field(default_factory=list)  # ConfigMap and Secret volumes
     # files whose content the runner transforms before writing (the scheduler's tokenizer section)
     localise: dict[Path, Callable[[bytes], bytes]] = field(default_factory=dict)
     pidfile: Path | None = None
@@ -537,26 +540,50 @@ class PodRunner:
             return None
         return {k: base64.b64decode(v).decode(errors="replace") for k, v in (secret.data or {}).items()}
 
-    def _config_map_volumes(self, pod: Any, container: Any, root: Path) -> tuple[list[ConfigMapVolume], dict[str, Path]]:
-        """The container's ConfigMap mounts (local directories under `root`); and mountPath -> directory."""
+    def _secret_volume_data(self, namespace: str, name: str, optional: bool | None) -> dict[str, bytes] | None:
+        """A Secret's data for a volume, None for a missing optional one; CannotRunLocally for a missing
+        required one (the kubelet does not start a container whose Secret volume cannot be mounted)."""
+        from kubernetes.client.rest import ApiException
+
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                if optional:
+                    return None
+                raise CannotRunLocally(f"Secret {namespace}/{name} not found") from None
+            raise
+        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+    def _object_volumes(self, pod: Any, container: Any, root: Path) -> tuple[list[ObjectVolume], dict[str, Path]]:
+        """The container's ConfigMap and Secret mounts (local directories under `root`); and mountPath ->
+        directory."""
         volumes = {v.name: v for v in pod.spec.volumes or []}
-        result: list[ConfigMapVolume] = []
+        result: list[ObjectVolume] = []
         mounts: dict[str, Path] = {}
         for mount in container.volume_mounts or []:
             volume = volumes.get(mount.name)
-            if not volume or not volume.config_map:
+            if volume and volume.config_map:
+                kind, name, source = "ConfigMap", volume.config_map.name, volume.config_map
+            elif volume and volume.secret:
+                kind, name, source = "Secret", volume.secret.secret_name, volume.secret
+            else:
                 continue
-            source = volume.config_map
             items = [(i.key, i.path) for i in source.items] if source.items else None
             target = root / mount.mount_path.strip("/")
             target.mkdir(parents=True, exist_ok=True)
-            result.append(ConfigMapVolume(source.name, bool(source.optional), items, target))
+            result.append(ObjectVolume(kind, name, bool(source.optional), items, target))
             mounts[mount.mount_path.rstrip("/")] = target
         return result, mounts
 
-    def _project(self, namespace: str, volume: ConfigMapVolume) -> dict[str, bytes]:
-        """The files a ConfigMap volume holds now: relative path -> content."""
-        data = self._config_map_data(namespace, volume.config_map, volume.optional)
+    def _project(self, namespace: str, volume: ObjectVolume) -> dict[str, bytes]:
+        """The files a ConfigMap or Secret volume holds now: relative path -> content."""
+        data: dict[str, bytes | str] | None
+        if volume.kind == "Secret":
+            secret = self._secret_volume_data(namespace, volume.name, volume.optional)
+            data = None if secret is None else dict(secret)
+        else:
+            data = self._config_map_data(namespace, volume.name, volume.optional)
         if data is None:
             return {}
         encoded = {k: v.encode() if isinstance(v, str) else v for k, v in data.items()}
@@ -567,14 +594,15 @@ class PodRunner:
             if key in encoded:
                 files[path] = encoded[key]
             elif not volume.optional:
-                raise CannotRunLocally(f"ConfigMap {namespace}/{volume.config_map} has no key {key!r}")
+                raise CannotRunLocally(f"{volume.kind} {namespace}/{volume.name} has no key {key!r}")
         return files
 
-    def _refresh_config_maps(self, local: LocalProcess, namespace: str) -> bool:
-        """Bring the materialised ConfigMap files up to date (as the kubelet updates a ConfigMap volume):
-        changed files replaced atomically, re-localised; removed keys removed. Whether anything changed."""
+    def _refresh_volumes(self, local: LocalProcess, namespace: str) -> bool:
+        """Bring the materialised ConfigMap and Secret files up to date (as the kubelet updates such a
+        volume): changed files replaced atomically, re-localised; removed keys removed. Whether anything
+        changed."""
         changed = False
-        for volume in local.config_maps:
+        for volume in local.volumes:
             files = self._project(namespace, volume)
             for rel, content in files.items():
                 if volume.files.get(rel) == content:
@@ -612,13 +640,29 @@ class PodRunner:
             return candidate
         raise RuntimeError(f"no local config.json for model {model_arg!r} under {self.models_root}")
 
-    def _localised_config(self, pod: Any, container: Any, text: str) -> str:
-        """The scheduler's config with its `tokenizer` section (`spec.scheduler.tokenizer: model`) pointed
-        at a local copy of the model's tokenizer: the checkpoint's hostPath directory, or for a Hugging
-        Face model that id's directory under the models root, since the local cluster has no way out to
-        the Hub (nothing here may connect beyond loopback)."""
+    def _localised_config(self, pod: Any, container: Any, text: str, mounts: dict[str, Path]) -> str:
+        """The scheduler's config with the container paths it names pointed at their local stand-ins: the
+        redis URL file (`degradation.redisUrlFile`, in the mounted Secret) at its materialised copy under
+        `mounts` (mountPath -> local directory), and the `tokenizer` section (`spec.scheduler.tokenizer:
+        model`) at a local copy of the model's tokenizer: the checkpoint's hostPath directory, or for a
+        Hugging Face model that id's directory under the models root, since the local cluster has no way
+        out to the Hub (nothing here may connect beyond loopback)."""
         config = yaml.safe_load(text) or {}
-        section = (config.get("tokenizer") or {}) if isinstance(config, dict) else {}
+        if not isinstance(config, dict):
+            return text
+        localised = False
+        degradation = config.get("degradation")
+        url_file = degradation.get("redisUrlFile") if isinstance(degradation, dict) else None
+        if isinstance(url_file, str) and url_file:
+            for mount_path, local_dir in mounts.items():
+                if url_file.startswith(mount_path + "/"):
+                    degradation["redisUrlFile"] = str(local_dir) + url_file[len(mount_path):]
+                    localised = True
+                    break
+            else:
+                raise RuntimeError(f"the scheduler's degradation.redisUrlFile {url_file} is on no Secret or "
+                                   f"ConfigMap mount of its pod")
+        section = config.get("tokenizer") or {}
         if section.get("path"):
             local = self._mounted_path(pod, container, section["path"])
             if local is None:
@@ -632,15 +676,15 @@ class PodRunner:
                     f"in {local} (under the runner's --models-root), use a hostPath model source, "
                     f"or set spec.scheduler.tokenizer: estimate")
         else:
-            return text
+            return yaml.safe_dump(config, sort_keys=False) if localised else text
         config["tokenizer"] = {"path": str(local)}
         return yaml.safe_dump(config, sort_keys=False)
 
-    def _localise_tokenizer(self, pod: Any, container: Any, config_file: Path) -> None:
+    def _localise_config_file(self, pod: Any, container: Any, config_file: Path, mounts: dict[str, Path]) -> None:
         """`_localised_config` applied to a file, in place."""
         if config_file.is_file():
             text = config_file.read_text()
-            localised = self._localised_config(pod, container, text)
+            localised = self._localised_config(pod, container, text, mounts)
             if localised != text:
                 write_atomic(config_file, localised.encode())
 
@@ -652,7 +696,7 @@ class PodRunner:
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
         env = self._resolve_env(pod, container)
-        config_maps, mounts = self._config_map_volumes(pod, container, root)
+        volumes, mounts = self._object_volumes(pod, container, root)
 
         def localise(arg: str) -> str:
             arg = expand(arg, env)
@@ -677,10 +721,11 @@ class PodRunner:
             argv = [sys.executable, "-m", "baton.cli", "scheduler", *args]
             if "--config" in args[:-1]:
                 config_file = Path(args[args.index("--config") + 1])
-                if any(config_file.is_relative_to(v.target) for v in config_maps):  # re-localised on every update
-                    transforms[config_file] = lambda content: self._localised_config(pod, container, content.decode()).encode()
+                if any(config_file.is_relative_to(v.target) for v in volumes):  # re-localised on every update
+                    transforms[config_file] = lambda content: self._localised_config(pod, container, content.decode(),
+                                                                                     mounts).encode()
                 else:
-                    self._localise_tokenizer(pod, container, config_file)
+                    self._localise_config_file(pod, container, config_file, mounts)
             # The API server refuses loopback addresses in EndpointSlices, so on this cluster the
             # scheduler reads readiness from the pods its Services select instead.
             env["BATON_DISCOVERY_SOURCE"] = "pods"
@@ -709,8 +754,8 @@ class PodRunner:
         local = LocalProcess(key=key, uid=pod.metadata.uid, argv=argv, env=proc_env, probe_url=probe_url,
                              log_path=root / "process.log", probe_timeout_s=probe_timeout_s,
                              failure_threshold=failure_threshold, pod_ip=pod.status.pod_ip or "",
-                             config_maps=config_maps, localise=transforms)
-        self._refresh_config_maps(local, pod.metadata.namespace)
+                             volumes=volumes, localise=transforms)
+        self._refresh_volumes(local, pod.metadata.namespace)
         return local
 
     def _triton_argv(self, pod: Any, container: Any, args: list[str], mounts: dict[str, Path],
@@ -835,12 +880,12 @@ class PodRunner:
             self._set_ready(pod.metadata.namespace, pod.metadata.name, False, "Starting", "local process starting")
         else:
             try:
-                self._refresh_config_maps(local, pod.metadata.namespace)
+                self._refresh_volumes(local, pod.metadata.namespace)
                 local.refresh_error = ""
             except Exception as exc:  # noqa: BLE001 - the process keeps its files, as with the kubelet
                 message = str(exc)
                 if message != local.refresh_error:
-                    log.error("%s: could not update its ConfigMap files: %s", key, message)
+                    log.error("%s: could not update its ConfigMap and Secret files: %s", key, message)
                     local.refresh_error = message
         self._tend(local, pod)
 
