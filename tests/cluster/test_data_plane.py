@@ -184,3 +184,47 @@ def test_the_scheduler_counts_text_with_the_tokenizer_of_the_checkpoint_it_mount
     assert refused.status == "False"
     assert "meta-llama/Llama-3.1-8B-Instruct" in refused.message and "Hugging Face Hub" in refused.message
     assert "tokenizer: estimate" in refused.message
+
+
+def test_a_rotated_redis_url_secret_reaches_the_running_scheduler(cluster, namespace, operator, pod_runner, redis_server):
+    """`redisUrlSecret`: the URL reaches the scheduler from the Secret (never the ConfigMap), and when the
+    Secret is rotated the same scheduler process moves to the new Redis, with no restart and no new pod."""
+    db0, db1 = redis_server.url, redis_server.url[:-1] + "1"
+    cluster.core.create_namespaced_secret(namespace, {"metadata": {"name": "hold-store"}, "stringData": {"url": db0}})
+    manifest = load_example("small.yaml")
+    manifest["metadata"]["name"] = "redis-holds"
+    manifest["spec"]["scheduler"]["degradation"] = {"store": "redis", "redisUrlSecret": {"name": "hold-store"}}
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+    wait_for(lambda: _ready_model(cluster, namespace, "redis-holds"), 120, what="model Ready")
+    url = _scheduler_url(cluster, namespace, "redis-holds")
+    wait_for(lambda: _scheduler_ready(url), 60, what="scheduler /readyz")
+    config_map = cluster.core.read_namespaced_config_map("redis-holds-scheduler", namespace)
+    assert "redis://" not in config_map.data["config.yaml"]
+
+    def hold_store():
+        with urllib.request.urlopen(f"{url}/debug/state", timeout=5) as resp:
+            return json.loads(resp.read())["holdStore"]
+
+    assert hold_store()["redis"] == db0
+    pods = cluster.core.list_namespaced_pod(namespace, label_selector="baton.dev/model=redis-holds,baton.dev/tier=scheduler").items
+    assert len(pods) == 1
+    process = pod_runner.processes[f"{namespace}/{pods[0].metadata.name}"]
+    pid = process.proc.pid
+
+    def reloads():
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+            lines = resp.read().decode().splitlines()
+        return {result: next((float(line.split()[-1]) for line in lines
+                              if line.startswith(f'baton_scheduler_config_reloads_total{{result="{result}"}}')), 0.0)
+                for result in ("applied", "rejected")}
+
+    before = reloads()
+
+    cluster.core.patch_namespaced_secret("hold-store", namespace, {"stringData": {"url": db1}})
+    wait_for(lambda: hold_store()["redis"] == db1, 60, what="the scheduler on the rotated Secret's Redis")
+    assert process.proc.pid == pid and process.restarts == 0, "the scheduler was restarted"
+    after = cluster.core.list_namespaced_pod(namespace, label_selector="baton.dev/model=redis-holds,baton.dev/tier=scheduler").items
+    assert [p.metadata.uid for p in after] == [pods[0].metadata.uid], "a new scheduler pod"
+    assert reloads() == {"applied": before["applied"] + 1, "rejected": before["rejected"]}
+    status, headers, body = _post(f"{url}/v1/completions", {"model": "llama-3-8b", "prompt": list(range(1, 601)), "max_tokens": 4})
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 4
