@@ -456,7 +456,7 @@ class PodRunner:
         for source in container.env_from or []:
             prefix = source.prefix or ""
             if source.config_map_ref:
-                data = self._config_map_data(namespace, source.config_map_ref.name, source.config_map_ref.optional)
+                data = self._object_data("ConfigMap", namespace, source.config_map_ref.name, source.config_map_ref.optional)
                 env.update({prefix + k: v for k, v in (data or {}).items()})
             elif source.secret_ref:
                 data = self._secret_data(pod, source.secret_ref.name)
@@ -469,7 +469,7 @@ class PodRunner:
                 env[item.name] = self._field_value(pod, source.field_ref.field_path, item.name)
             elif source.config_map_key_ref:
                 ref = source.config_map_key_ref
-                data = self._config_map_data(namespace, ref.name, ref.optional)
+                data = self._object_data("ConfigMap", namespace, ref.name, ref.optional)
                 if data is None:
                     continue
                 if ref.key not in data:
@@ -511,18 +511,23 @@ class PodRunner:
             return (getattr(meta, found.group(1)) or {}).get(found.group(2), "")
         raise CannotRunLocally(f"env {name}: fieldRef {path!r} is not supported by the pod runner")
 
-    def _config_map_data(self, namespace: str, name: str, optional: bool | None) -> dict[str, bytes | str] | None:
-        """A ConfigMap's data (binaryData decoded), None for a missing optional one; CannotRunLocally for a
-        missing required one. Other API errors propagate (a hiccup: the pod is retried next pass)."""
+    def _object_data(self, kind: str, namespace: str, name: str, optional: bool | None) -> dict[str, bytes | str] | None:
+        """A ConfigMap's data (binaryData decoded) or a Secret's (decoded), `kind` saying which; None for a
+        missing optional one, CannotRunLocally for a missing required one (the kubelet does not start a
+        container whose volume or variable source is missing). Other API errors propagate (a hiccup: the
+        pod is retried next pass)."""
         from kubernetes.client.rest import ApiException
 
         try:
+            if kind == "Secret":
+                secret = self.core.read_namespaced_secret(name, namespace)
+                return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
             cm = self.core.read_namespaced_config_map(name, namespace)
         except ApiException as exc:
             if exc.status == 404:
                 if optional:
                     return None
-                raise CannotRunLocally(f"ConfigMap {namespace}/{name} not found") from None
+                raise CannotRunLocally(f"{kind} {namespace}/{name} not found") from None
             raise
         data: dict[str, bytes | str] = dict(cm.data or {})
         for key, value in (cm.binary_data or {}).items():
@@ -539,21 +544,6 @@ class PodRunner:
                         pod.metadata.namespace, pod.metadata.name, name, exc.status)
             return None
         return {k: base64.b64decode(v).decode(errors="replace") for k, v in (secret.data or {}).items()}
-
-    def _secret_volume_data(self, namespace: str, name: str, optional: bool | None) -> dict[str, bytes] | None:
-        """A Secret's data for a volume, None for a missing optional one; CannotRunLocally for a missing
-        required one (the kubelet does not start a container whose Secret volume cannot be mounted)."""
-        from kubernetes.client.rest import ApiException
-
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                if optional:
-                    return None
-                raise CannotRunLocally(f"Secret {namespace}/{name} not found") from None
-            raise
-        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
 
     def _object_volumes(self, pod: Any, container: Any, root: Path) -> tuple[list[ObjectVolume], dict[str, Path]]:
         """The container's ConfigMap and Secret mounts (local directories under `root`); and mountPath ->
@@ -578,12 +568,7 @@ class PodRunner:
 
     def _project(self, namespace: str, volume: ObjectVolume) -> dict[str, bytes]:
         """The files a ConfigMap or Secret volume holds now: relative path -> content."""
-        data: dict[str, bytes | str] | None
-        if volume.kind == "Secret":
-            secret = self._secret_volume_data(namespace, volume.name, volume.optional)
-            data = None if secret is None else dict(secret)
-        else:
-            data = self._config_map_data(namespace, volume.name, volume.optional)
+        data = self._object_data(volume.kind, namespace, volume.name, volume.optional)
         if data is None:
             return {}
         encoded = {k: v.encode() if isinstance(v, str) else v for k, v in data.items()}
