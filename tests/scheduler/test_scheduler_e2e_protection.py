@@ -123,7 +123,7 @@ def test_expired_hold_is_reprefilled_once_then_fails_explicitly(engines, make_sc
     assert metric(values, "baton_scheduler_requests_total", route="disaggregated", outcome="failed") == 1
 
 
-def _held_request(sched, seed: int) -> tuple[list, threading.Thread, list]:
+def _held_request(sched, seed: int) -> tuple[list, _Both, list]:
     """Occupy the only decode slot, then send a long prompt: its prefill finishes and is held."""
     first: list = []
     occupier = _occupy(sched.url, _short(seed, 1500), first)  # ~1.5 s on the only decode slot
@@ -131,7 +131,18 @@ def _held_request(sched, seed: int) -> tuple[list, threading.Thread, list]:
              "the first request to occupy the decode slot")
     held: list = []
     thread = _occupy(sched.url, _long(seed + 1, 5), held)
-    return first, thread, held
+    return first, _Both(occupier, thread), held
+
+
+class _Both:
+    """Joins two threads: the held request's and the one occupying the decode slot before it."""
+
+    def __init__(self, *threads: threading.Thread) -> None:
+        self.threads = threads
+
+    def join(self, timeout: float) -> None:
+        for t in self.threads:
+            t.join(timeout)
 
 
 def test_held_prefills_are_published_to_redis_while_held(engines, make_scheduler, redis_server, tmp_path):

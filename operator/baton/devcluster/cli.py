@@ -80,7 +80,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"[devcluster] Kubernetes {version} ready in {time.monotonic() - started:.1f}s; "
           f"{len(names)} fake nodes", file=sys.stderr)
     print(pool_table(core_v1), file=sys.stderr)
-    print(f"[devcluster] use it with: eval \"$(baton devcluster env)\"", file=sys.stderr)
+    print("[devcluster] use it with: eval \"$(baton devcluster env)\"", file=sys.stderr)
     print(kubeconfig)
     return 0
 
