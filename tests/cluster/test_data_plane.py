@@ -4,7 +4,6 @@ the engines from EndpointSlices -> requests served through both tiers."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import urllib.request
 
