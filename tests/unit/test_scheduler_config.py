@@ -157,6 +157,33 @@ def test_watcher_applies_a_change_to_a_file_the_config_names_once_per_change(tmp
     assert len(seen_errors) == 1 and "is unreadable" in str(seen_errors[0])
 
 
+def test_the_config_handed_on_resolves_the_url_the_watcher_digested_not_a_later_one(tmp_path):
+    """A file that changes between the watcher's read and the service's use is applied by the next polls,
+    and the config applied now uses the settled content (never a half-written or newer one)."""
+    path, url = tmp_path / "cfg.yaml", tmp_path / "url"
+    url.write_text("redis://a:6379/0")
+    path.write_text(f"degradation: {{store: redis, redisUrlFile: '{url}'}}\n")
+    seen: list[str] = []
+
+    def on_change(c: SchedulerConfig) -> None:
+        url.write_text("redis://c:6379/0")  # changes just as the service takes the config
+        seen.append(c.degradation.resolved_redis_url({}))
+
+    watcher = ConfigWatcher(path, on_change)
+    config = parse_config(path.read_bytes())
+    watcher.prime(path.read_bytes(), config)
+    url.write_text("redis://b:6379/0")
+    assert config.degradation.resolved_redis_url({}) == "redis://a:6379/0"  # what was primed
+
+    async def run():
+        assert [await watcher.check_once() for _ in range(2)] == [False, True]
+        assert seen == ["redis://b:6379/0"]
+        assert [await watcher.check_once() for _ in range(2)] == [False, True]  # c: a change of its own
+        assert seen == ["redis://b:6379/0", "redis://c:6379/0"]
+
+    asyncio.run(run())
+
+
 def test_watcher_follows_configmap_symlink_swaps(tmp_path):
     # A ConfigMap volume: cfg.yaml -> ..data/cfg.yaml, ..data -> ..2024_x (swapped atomically on update).
     (tmp_path / "v1").mkdir()

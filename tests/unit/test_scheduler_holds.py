@@ -319,8 +319,21 @@ def test_redis_store_without_package_explains(monkeypatch):
     ("rediss://baton:s3cret@redis.infra:6380/0?ssl_cert_reqs=required", "rediss://baton:***@redis.infra:6380/0?ssl_cert_reqs=required"),
     ("redis://redis.infra:6379/0", "redis://redis.infra:6379/0"),
     ("unix:///run/redis.sock?db=1", "unix:///run/redis.sock?db=1"),
+    ("unix:///run/redis.sock?db=1&password=s3cret", "unix:///run/redis.sock?db=1&password=***"),
+    ("redis://redis.infra:6379/0?Password=s3cret&client_name=b", "redis://redis.infra:6379/0?Password=***&client_name=b"),
+    ("redis://u:s3/cr@et@redis.infra:6379/0", "redis://u:***@redis.infra:6379/0"),  # unescaped / and @
+    ("redis://[::1]:6379/0", "redis://[::1]:6379/0"),
+    ("redis://:s3cret@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
 ])
 def test_a_redis_url_is_shown_without_its_password(url, shown):
     from baton.scheduler.holds import redacted_redis_url
 
     assert redacted_redis_url(url) == shown
+
+
+def test_an_unparseable_redis_url_is_refused_without_quoting_it():
+    from baton.scheduler.holds import make_hold_store
+
+    with pytest.raises(RuntimeError, match="cannot be parsed: percent-encode") as raised:
+        make_hold_store("redis", "redis://:xyzzy/plugh@r:6379/0")  # an unescaped / in the password
+    assert "xyzzy" not in str(raised.value) and "plugh" not in str(raised.value)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 log = logging.getLogger("baton.scheduler.config")
@@ -159,6 +159,17 @@ class BackpressureConfig(_Model):
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
+def read_files(paths: list[Path]) -> dict[Path, bytes | OSError]:
+    """Each file's content, or the error reading it."""
+    read: dict[Path, bytes | OSError] = {}
+    for path in paths:
+        try:
+            read[path] = path.read_bytes()
+        except OSError as exc:
+            read[path] = exc
+    return read
+
+
 class DegradationConfig(_Model):
     hold_ttl_seconds: float = Field(120, gt=0)
     store: Literal["memory", "redis"] = "memory"
@@ -170,6 +181,10 @@ class DegradationConfig(_Model):
     # The name of an environment variable holding the URL (read at start and on each reload; a process's
     # environment does not change, so this suits standalone use, where the value is fixed for its life).
     redis_url_env: str = ""
+    # What the config watcher read of redisUrlFile when it took this config (the bytes, or the error): the
+    # URL then comes from exactly what the watcher digested, never from a later read of a file that may be
+    # changing meanwhile. None: read the file when the URL is asked for.
+    _url_file_read: bytes | OSError | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_redis(self) -> DegradationConfig:
@@ -178,7 +193,7 @@ class DegradationConfig(_Model):
         if self.store == "redis" and not sources:
             raise ValueError("degradation.redisUrl (or redisUrlFile, or redisUrlEnv) is required when "
                              "degradation.store is redis")
-        if len(sources) > 1:
+        if self.store == "redis" and len(sources) > 1:
             raise ValueError(f"degradation: set one of redisUrl, redisUrlFile and redisUrlEnv, not {' and '.join(sources)}")
         if self.redis_url and not self.redis_url.startswith(REDIS_URL_SCHEMES):
             raise ValueError(f"degradation.redisUrl must start with {', '.join(REDIS_URL_SCHEMES)}")
@@ -197,10 +212,12 @@ class DegradationConfig(_Model):
         if self.redis_url_file:
             where = f"degradation.redisUrlFile {self.redis_url_file}"
             hint = "(the key of the Secret behind spec.scheduler.degradation.redisUrlSecret?)"
-            try:
-                url = Path(self.redis_url_file).read_text(errors="replace").strip()
-            except OSError as exc:
-                raise ConfigError(f"{where} is unreadable {hint}: {exc.strerror or exc}") from None
+            read = self._url_file_read
+            if read is None:
+                read = read_files([Path(self.redis_url_file)])[Path(self.redis_url_file)]
+            if isinstance(read, OSError):
+                raise ConfigError(f"{where} is unreadable {hint}: {read.strerror or read}")
+            url = read.decode(errors="replace").strip()
         else:
             where = f"degradation.redisUrlEnv {self.redis_url_env}"
             hint = "(the Secret behind spec.scheduler.degradation.redisUrlSecret?)"
@@ -266,6 +283,12 @@ class SchedulerConfig(_Model):
         """Files besides the config file whose content the running config depends on: a change to one is
         applied as a change to the config is."""
         return self.degradation.watched_files()
+
+    def use_read_files(self, read: Mapping[Path, bytes | OSError]) -> None:
+        """Take the watched files' content from `read` (what the watcher digested) instead of reading them
+        again later."""
+        if self.degradation.redis_url_file:
+            self.degradation._url_file_read = read.get(Path(self.degradation.redis_url_file))
 
 
 class ConfigError(ValueError):
@@ -347,9 +370,9 @@ class ConfigWatcher:
     a row a poll interval apart unless the writer stalls for a whole interval, while a finished file is; a
     change thus lands one interval later than it would otherwise. It costs nothing extra: one read and one
     sha256 per poll, as before. (A writer that renames a complete file into place, as a ConfigMap or Secret
-    volume does, is never seen mid-write at all.) The watched files are read before the config is applied,
-    and the service reads them again as it applies it: a file that changes in between is seen by the next
-    polls, never taken as applied.
+    volume does, is never seen mid-write at all.) The config handed on carries the watched files' content
+    as digested (`SchedulerConfig.use_read_files`), so the service applies exactly the settled content; a
+    file that changes afterwards is seen by the next polls.
     """
 
     def __init__(
@@ -370,23 +393,21 @@ class ConfigWatcher:
         self._watched: list[Path] = []  # the running config's other files (`SchedulerConfig.watched_files`)
         self._task: asyncio.Task[None] | None = None
 
-    def _digest_of(self, content: bytes, watched: list[Path]) -> str:
-        """One digest over the config's bytes and the watched files' (a missing file counts as a state)."""
+    @staticmethod
+    def _digest_of(content: bytes, read: Mapping[Path, bytes | OSError]) -> str:
+        """One digest over the config's bytes and the watched files' (an unreadable file counts as a state)."""
         h = hashlib.sha256(content)
-        for path in watched:
-            try:
-                data = b"\x01" + path.read_bytes()
-            except OSError:
-                data = b"\x00"
-            h.update(b"\x00" + str(path).encode() + b"\x00" + hashlib.sha256(data).digest())
+        for path, data in read.items():
+            marked = b"\x00" if isinstance(data, OSError) else b"\x01" + data
+            h.update(b"\x00" + str(path).encode() + b"\x00" + hashlib.sha256(marked).digest())
         return h.hexdigest()
 
     def prime(self, content: str | bytes | None = None, config: SchedulerConfig | None = None) -> None:
         """Remember `content`, the bytes the running config was loaded from, as already applied, with the
-        current content of the files `config` (the running config) watches: a file that differs from them
-        is applied by the next polls. Pass the loaded bytes, and call this before the service reads the
-        watched files: without them the file is read again now, and a change made since the initial load
-        would be taken as applied and never applied."""
+        current content of the files `config` (the running config) watches, which `config` then uses
+        (`use_read_files`): a file that differs from them is applied by the next polls. Pass the loaded
+        bytes: without them the file is read again now, and a change made since the initial load would be
+        taken as applied and never applied."""
         if content is None:
             try:
                 content = self.path.read_bytes()
@@ -396,7 +417,10 @@ class ConfigWatcher:
         if isinstance(content, str):
             content = content.encode()
         self._watched = config.watched_files() if config is not None else []
-        self._digest = self._digest_of(content, self._watched)
+        read = read_files(self._watched)
+        if config is not None:
+            config.use_read_files(read)
+        self._digest = self._digest_of(content, read)
         self._pending = None
 
     async def check_once(self) -> bool:
@@ -408,7 +432,8 @@ class ConfigWatcher:
             log.warning("event=config_unreadable path=%s error=%r", self.path, str(exc))
             self._pending = None
             return False
-        digest = await asyncio.to_thread(self._digest_of, text, self._watched)
+        read = await asyncio.to_thread(read_files, self._watched)
+        digest = self._digest_of(text, read)
         if digest == self._digest:
             self._pending = None
             return False
@@ -427,9 +452,11 @@ class ConfigWatcher:
                 self.on_error(str(exc))
             return False
         watched = config.watched_files()
-        if watched != self._watched:  # read now, before the service does: a later change is seen next poll
+        if watched != self._watched:  # newly named files: read now (a later change is seen by the next polls)
             self._watched = watched
-            self._digest = digest = await asyncio.to_thread(self._digest_of, text, watched)
+            read = await asyncio.to_thread(read_files, watched)
+            self._digest = digest = self._digest_of(text, read)
+        config.use_read_files(read)  # the service applies what was digested, not a later read
         result = self.on_change(config)
         if asyncio.iscoroutine(result):
             await result

@@ -36,13 +36,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger("baton.scheduler.holds")
 
@@ -158,8 +158,10 @@ def _redis_client(url: str, timeout_s: float, max_connections: int) -> Any:
         # (redis-py's default pool raises instead of waiting), which the store counts like any failed write.
         return redis_asyncio.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                       retry=Retry(NoBackoff(), 0), max_connections=max_connections)
-    except ValueError as exc:
-        raise RuntimeError(f"degradation redis URL is not usable: {exc}") from None
+    except ValueError:
+        # not redis-py's message: it quotes the part of the URL it could not parse, which may be the password
+        raise RuntimeError("the degradation redis URL cannot be parsed: percent-encode the reserved characters "
+                           "(/ ? # @ : %) in its user name and password") from None
 
 
 @dataclass(slots=True)
@@ -352,15 +354,20 @@ class RedisHoldStore(MemoryHoldStore):
             self._errors_since_log = 0
 
 
+_QUERY_SECRET = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
 def redacted_redis_url(url: str) -> str:
-    """`url` fit to show (in /debug/state and logs): its password replaced with `***`, the rest kept, so
-    an operator can tell which Redis, database and user a scheduler writes to."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """`url` fit to show (in /debug/state and logs): a password masked as `***` wherever redis-py takes one
+    from (the user info, even with an unescaped `/` or `@` in it, and a `password` query parameter), the
+    rest kept, so an operator can tell which Redis, database and user a scheduler writes to. Masks too much
+    rather than too little: everything between `://` and the last `@` is user info here."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        if ":" in userinfo:
+            rest = f"{userinfo.partition(':')[0]}:***@{host}"
+    return _QUERY_SECRET.sub(r"\1***", scheme + sep + rest)
 
 
 def make_hold_store(store: str, redis_url: str = "", clock: Callable[[], float] = time.monotonic,

@@ -260,7 +260,7 @@ async def serve(args: argparse.Namespace) -> int:
                 on_error=lambda _msg: service.hooks.config_reload("rejected"),
             )
             # Not a re-read of the config: it may have changed while the tokenizer loaded. Its watched files
-            # (the redis URL) are read now, before the service reads them: a change after this is applied.
+            # (the redis URL) are read now, and the service uses what was read: a change after this is applied.
             watcher.prime(loaded, config)
         service = SchedulerService(config)
     except (ConfigError, TokenizerError, NotImplementedError, RuntimeError) as exc:
