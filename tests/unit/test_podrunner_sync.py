@@ -163,10 +163,20 @@ def test_a_secret_volume_is_materialised_kept_up_to_date_and_named_by_the_locali
     assert url_file.read_text() == "redis://:pw2@127.0.0.1:6380/0", "the rotation never reached the file"
     assert url_file.stat().st_ino != inode, "not replaced by a rename"
 
+    assert url_file.stat().st_mode & 0o077 == 0, "a Secret's copy readable by other users"
+
     core.secrets[("ns", "hold-store")] = {"dsn": "redis://elsewhere:6379/0"}  # the key is gone: the file stays
     runner.sync()
     assert url_file.read_text() == "redis://:pw2@127.0.0.1:6380/0"
     assert "ns/m-scheduler-abc" in runner.processes
+
+    # one volume that cannot be read does not hold the others back
+    del core.cms[("ns", "m-scheduler")]
+    core.secrets[("ns", "hold-store")] = {"url": "redis://:pw3@127.0.0.1:6381/0"}
+    runner.sync()
+    assert url_file.read_text() == "redis://:pw3@127.0.0.1:6381/0"
+    assert runner.processes["ns/m-scheduler-abc"].refresh_error == "ConfigMap ns/m-scheduler not found"
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n"}
 
     core.pods.append(scheduler_pod("m-scheduler-new", "u2", "127.64.0.9", redis_secret="no-such-secret"))
     runner.sync()

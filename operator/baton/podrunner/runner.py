@@ -584,23 +584,33 @@ class PodRunner:
 
     def _refresh_volumes(self, local: LocalProcess, namespace: str) -> bool:
         """Bring the materialised ConfigMap and Secret files up to date (as the kubelet updates such a
-        volume): changed files replaced atomically, re-localised; removed keys removed. Whether anything
+        volume): changed files replaced atomically, re-localised; removed keys removed; Secret files
+        readable by this user alone. Each volume on its own, as the kubelet does: one that cannot be read
+        keeps its files and the others are still updated, then its error is raised. Whether anything
         changed."""
         changed = False
+        failures: list[Exception] = []
         for volume in local.volumes:
-            files = self._project(namespace, volume)
+            try:
+                files = self._project(namespace, volume)
+            except Exception as exc:  # noqa: BLE001 - raised once the other volumes are up to date
+                failures.append(exc)
+                continue
+            mode = 0o600 if volume.kind == "Secret" else 0o644
             for rel, content in files.items():
                 if volume.files.get(rel) == content:
                     continue
                 path = volume.target / rel
                 transform = local.localise.get(path)
-                write_atomic(path, transform(content) if transform else content)
+                write_atomic(path, transform(content) if transform else content, mode=mode)
                 volume.files[rel] = content
                 changed = True
             for rel in set(volume.files) - set(files):
                 (volume.target / rel).unlink(missing_ok=True)
                 del volume.files[rel]
                 changed = True
+        if failures:
+            raise failures[0]
         return changed
 
     def _mounted_path(self, pod: Any, container: Any, path: str) -> Path | None:
