@@ -70,10 +70,10 @@ def test_context_only_response_shape(ctx):
     ids = [5, 70000, 0, 128255, 31]
     by_ids = ctx.complete({"prompt": ids, "max_tokens": 3, "disaggregated_params": {"request_type": "context_only"}})
     assert by_ids["prompt_token_ids"] == ids and by_ids["usage"]["prompt_tokens"] == len(ids)
-    # asked for exactly one token: the answer is complete, the router must not go on to a gen server
+    # asked for exactly one token: still "length" (no EOS), as TensorRT-LLM reports it; a router goes on
     one = ctx.complete({"prompt": "one token only", "max_tokens": 1,
                         "disaggregated_params": {"request_type": "context_only"}})
-    assert one["choices"][0]["finish_reason"] == "stop"
+    assert one["choices"][0]["finish_reason"] == "length"
 
 
 def test_context_only_ignores_stream(ctx):

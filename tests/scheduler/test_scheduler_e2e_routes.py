@@ -102,19 +102,22 @@ def test_chat_completions_both_routes(engines, make_scheduler):
         assert stream_text(parse_sse(raw))[0] == direct["choices"][0]["message"]["content"]
 
 
-def test_context_that_finishes_in_prefill_is_returned_without_generation(engines, make_scheduler):
+def test_a_one_token_request_goes_on_to_generation_as_with_trtllm_and_returns_that_token(engines, make_scheduler):
+    """max_tokens=1: the context worker's one token ends it with finish_reason "length" (not an EOS), so the
+    request is handed to a decode replica, as TensorRT-LLM's own router does, which returns that token."""
     prefill, decode = engines["prefill"], engines["decode1"]
     sched = make_scheduler([prefill], [decode])
     _drain(prefill, decode)
-    # max_tokens=1: the prefill's one token finishes the request ("stop"), so no generation_only is sent
     body = {"model": MODEL, "prompt": prompt_ids(2000, seed=3), "max_tokens": 1}
-    status, headers, routed = post(sched.url + "/v1/completions", body, headers={"X-Request-Id": "eos-1"})
+    direct = post(prefill.url + "/v1/completions", {**body, "disaggregated_params": {"request_type": "context_only"}})[2]
+    status, headers, routed = post(sched.url + "/v1/completions", body, headers={"X-Request-Id": "one-1"})
     assert status == 200 and headers["X-Baton-Route"] == "disaggregated"
-    assert len(routed["choices"][0]["token_ids"]) == 1
-    assert not [r for r in perf(decode) if r["x_request_id"] == "eos-1"]
+    assert routed["choices"][0]["token_ids"] == direct["choices"][0]["disaggregated_params"]["first_gen_tokens"]
+    assert routed["choices"][0]["finish_reason"] == "length" and routed["usage"]["completion_tokens"] == 1
+    assert [r for r in perf(decode) if r["x_request_id"] == "one-1"], "never handed to the decode replica"
     status, _, raw = http("POST", sched.url + "/v1/completions", {**body, "stream": True})
     events = parse_sse(raw)
-    assert status == 200 and events[-1] == "[DONE]" and len(stream_text(events)[1]) in (0, 1)
+    assert status == 200 and events[-1] == "[DONE]" and len(stream_text(events)[1]) == 1
 
 
 def test_service_endpoints_and_errors(engines, make_scheduler):

@@ -112,7 +112,7 @@ class Seq:
     __slots__ = (
         "rid", "x_request_id", "kind", "prompt", "max_tokens", "need_blocks", "tokens", "phase", "done", "changed",
         "notify", "error", "arrival", "first_scheduled", "first_token_time", "last_token_time", "first_iter", "last_iter",
-        "handle", "first_tokens", "kv_size", "kv_start", "kv_end", "original_max_tokens", "prefilled",
+        "handle", "first_tokens", "kv_size", "kv_start", "kv_end", "prefilled",
     )
 
     def __init__(self, rid: int, kind: str, prompt: Prompt, max_tokens: int, x_request_id: str) -> None:
@@ -121,7 +121,6 @@ class Seq:
         self.kind = kind
         self.prompt = prompt
         self.max_tokens = max_tokens
-        self.original_max_tokens = max_tokens
         self.need_blocks = 0
         self.tokens: list[int] = []
         self.phase = QUEUED
@@ -269,7 +268,6 @@ class Engine:
             raise EngineError("the prompt must contain at least one token")
         if max_tokens < 1:
             raise EngineError(f"max_tokens must be at least 1, got {max_tokens}")
-        original_max_tokens = max_tokens
         if kind == CTX_ONLY:
             max_tokens = 1  # the PyTorch backend forces max_tokens=1 on context-only requests
         cp = self.state.cp
@@ -308,7 +306,6 @@ class Engine:
             )
         seq = Seq(self._new_id(), kind, prompt, max_tokens, x_request_id)
         seq.need_blocks = need
-        seq.original_max_tokens = original_max_tokens
         if kind == GEN_ONLY:
             if handle is None or not first_tokens:
                 raise EngineError("generation_only requests need first_gen_tokens, ctx_request_id and encoded_opaque_state")

@@ -373,8 +373,9 @@ class SimServer:
         return Response(200, data)
 
     def _finish_reason(self, seq: Seq) -> str:
-        if seq.kind == CTX_ONLY:
-            return "stop" if seq.original_max_tokens == 1 else "length"
+        # No EOS here: every answer ends at max_tokens, a context-only one at its forced single token, even
+        # when the client asked for one token (TensorRT-LLM reports "length", so a router still sends the
+        # request on to a generation worker, which returns that first token).
         return "length"
 
     def _disagg_out(self, seq: Seq) -> dict | None:
