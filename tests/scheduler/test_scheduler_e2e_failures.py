@@ -165,7 +165,8 @@ def test_on_sigterm_waiting_requests_get_503_with_retry_after_once_the_drain_end
     decode = engines["decode2"]
     sched = make_scheduler([engines["prefill"]], [decode], extra_args=["--drain-seconds", "1"],
                            backpressure={"maxActivePerDecodeReplica": 1})
-    running = _send_and_leave_later(sched.port, {"model": MODEL, "prompt": prompt_ids(30, 21), "max_tokens": 3000})
+    running = _send_and_leave_later(sched.port, {"model": MODEL, "prompt": prompt_ids(30, 21), "max_tokens": 3000,
+                                                 "stream": True})
     wait_for(lambda: _state(sched.url)["decode"][0]["active"] == 1, 10, "the first request to take the slot")
     answers: list = []
     waiter = threading.Thread(target=lambda: answers.append(post(
@@ -182,6 +183,16 @@ def test_on_sigterm_waiting_requests_get_503_with_retry_after_once_the_drain_end
     assert answers, "the waiting request got no answer"
     status, headers, body = answers[0]
     assert status == 503 and headers["Retry-After"] == "1" and body["error"]["code"] == "shutting_down"
-    assert sched.proc.wait(15) == 0  # then the process ends (the in-flight request is cut at the drain's end)
+    assert sched.proc.wait(15) == 0  # then the process ends
+    # the stream still running at the drain's end is cut, but never so that it passes for a whole answer:
+    # an error event says why, then the chunked body ends properly
+    received = b""
+    while chunk := running.recv(65536):
+        received += chunk
     running.close()
-    assert "event=shutdown_shed waiting=1" in sched.log()
+    assert received.startswith(b"HTTP/1.1 200")
+    assert b'"code": "shutting_down"' in received and b"[DONE]" not in received
+    assert received.endswith(b"\r\n0\r\n\r\n")
+    log = sched.log()
+    assert "event=shutdown_shed waiting=1" in log and "event=stream_cut_at_shutdown" in log
+    assert "outcome=failed" in log and "outcome=cancelled" not in log

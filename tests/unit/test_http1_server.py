@@ -1343,6 +1343,44 @@ def test_push_producer_is_aborted_when_the_client_closes_mid_stream():
     run(main())
 
 
+def test_stop_lets_a_producer_that_can_cut_end_its_answer_and_aborts_one_that_cannot():
+    """At the end of the drain an unfinished pushed answer is cut: a producer with `cut()` ends it itself
+    (the client reads a final piece and the end of the chunked body); one without is aborted (the body just
+    stops)."""
+    class Cutter(Pusher):
+        def cut(self) -> None:
+            self.calls.append("cut")
+            self.sink.end(b"<CUT>")
+
+    producers: list[Pusher] = []
+
+    async def push(request):
+        producers.append((Cutter if request.query == "cut" else Pusher)(256, piece=256, end=False))
+        return PushResponse(producers[-1])
+
+    async def main():
+        server = HttpServer()
+        server.route("GET", "/p", push)
+        await server.start(HOST, 0)
+        cut_reader, cut_writer = await connect(server.port)
+        cut_writer.write(get("/p?cut"))
+        plain_reader, plain_writer = await connect(server.port)
+        plain_writer.write(get("/p?plain"))
+        await until(lambda: len(producers) == 2 and all(p.sent == 256 for p in producers),
+                    what="both answers to start")
+        await server.stop(grace_s=0.1, after_s=0.1)
+        cut_raw = await asyncio.wait_for(cut_reader.read(), 3)
+        plain_raw = await asyncio.wait_for(plain_reader.read(), 3)
+        by_query = {type(p).__name__: p.calls for p in producers}
+        assert by_query == {"Cutter": ["start", "cut"], "Pusher": ["start", "abort"]}
+        assert cut_raw.endswith(b"5\r\n<CUT>\r\n0\r\n\r\n")
+        assert not plain_raw.endswith(b"0\r\n\r\n")  # cut off: the client can tell it is incomplete
+        await close(cut_writer)
+        await close(plain_writer)
+
+    run(main())
+
+
 def test_aborted_push_does_not_leave_the_connection_task_behind():
     producers = []
 

@@ -367,6 +367,31 @@ def test_shutdown_answers_waiting_and_held_requests_with_503_and_retry_after():
     run(main())
 
 
+def test_after_the_shed_nothing_waits_or_starts_a_generation_it_answers_503_at_once():
+    """A prefill still in flight when the drain ends finishes afterwards: it is answered 503 shutting_down
+    at once, rather than held (where no shed would reach it) or started on a decode slot only to be cut."""
+    async def main():
+        for decode_full in (True, False):
+            svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\n", decode=("d1:1",))
+            outcomes = _outcomes(svc)
+            svc.decode["d1:1"].active = 1 if decode_full else 0
+            engine.delay = 0.2  # the prefill is in flight when the drain ends
+            task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+            await asyncio.sleep(0.05)
+            assert svc.shed_waiting() == 0  # nothing waits yet
+            reply = await asyncio.wait_for(task, 2)
+            assert reply.status == 503 and reply.headers["Retry-After"] == "1"
+            assert json.loads(reply.body)["error"]["code"] == "shutting_down"
+            assert len(svc.holds) == 0 and svc.decode["d1:1"].active == (1 if decode_full else 0)
+            assert not [c for c in engine.calls if c[1] == "generation_only"], "a generation started after the shed"
+            fresh = await asyncio.wait_for(svc.complete("completions", long_request(5), {}), 1)  # a local one
+            assert fresh.status == 503 and json.loads(fresh.body)["error"]["code"] == "shutting_down"
+            assert outcomes == ["failed", "failed"]
+            await svc.stop()
+
+    run(main())
+
+
 def test_a_request_id_that_is_not_a_plain_token_is_replaced():
     async def main():
         svc, _ = make(prefill=(), decode=("d1:1",))

@@ -7,7 +7,8 @@ A handler takes a `Request` and returns one of:
 - `PushResponse`: chunked, pushed by a producer through a `Sink` from data callbacks (how the scheduler
   splices an engine's stream into the client's connection without a coroutine switch per chunk). The
   producer is told to pause and resume with the client connection's write buffer, and is aborted when
-  the client goes away.
+  the client goes away; when the server stops with its answer unfinished, a producer with a `cut()`
+  method ends the answer itself (an error event, the last chunk) before the connection closes.
 
 Requests on one connection are answered in order (pipelining is allowed, not parallelised). Handlers are
 not cancelled when their client disconnects unless `cancel_on_disconnect` is set; a stream the client
@@ -130,6 +131,10 @@ class Producer(Protocol):
 
     def abort(self) -> None:
         """The client went away (or the server is closing): stop and clean up; `sink` is dead."""
+
+    # Optional: `cut()`, called instead of `abort` when the server stops with the answer unfinished (the
+    # drain ran out): end it through `sink.end` (which still works) in a way the client can tell from a
+    # complete answer, e.g. with an error event, and clean up.
 
 
 class PushResponse:
@@ -814,7 +819,9 @@ class HttpServer:
         for conn in list(self.connections):
             producer, conn.producer = conn.producer, None
             if producer is not None:
-                producer.abort()
+                # a producer that can say why its answer ends here does (its sink writes before the close)
+                cut = getattr(producer, "cut", None)
+                (cut if cut is not None and not conn.closed else producer.abort)()
             if conn.push_done is not None and not conn.push_done.done():
                 conn.push_done.set_result(None)
             if conn.task is not None:

@@ -123,6 +123,7 @@ class WaitQueue(Generic[T]):
         self._priority: deque[_Waiter] = deque()
         self._wake: asyncio.TimerHandle | None = None
         self._wake_at = math.inf
+        self._closed: Callable[[], BaseException] | None = None  # set by `shut`: every acquire raises this
 
     def __len__(self) -> int:
         return len(self._normal) + len(self._priority)
@@ -143,7 +144,9 @@ class WaitQueue(Generic[T]):
         timeout: float,
         priority: bool = False,
     ) -> T:
-        """Reserve a slot now or wait for one; raises QueueTimeout after `timeout` seconds."""
+        """Reserve a slot now or wait for one; raises QueueTimeout after `timeout` seconds, and what `close`
+        gave it once the queue is shut."""
+        self.check_open()
         ahead = self._priority if priority else (self._priority or self._normal)
         queued_behind = self.strict and bool(ahead)
         if not queued_behind:
@@ -206,6 +209,17 @@ class WaitQueue(Generic[T]):
                     continue
                 del queue[i]
                 waiter.future.set_result(value)
+
+    def shut(self, make_exc: Callable[[], BaseException]) -> int:
+        """End every waiter with an exception from `make_exc()`, and every later `acquire` at once (the
+        service is shutting down); returns how many were waiting."""
+        self._closed = make_exc
+        return self.fail_all(make_exc)
+
+    def check_open(self) -> None:
+        """Raise what `shut` was given, if the queue is shut."""
+        if self._closed is not None:
+            raise self._closed()
 
     def fail_all(self, make_exc: Callable[[], BaseException]) -> int:
         """End every waiter with an exception from `make_exc()`; returns how many there were."""

@@ -16,7 +16,8 @@ ending (the stream's end, its failure, the client going away) calls `on_finish`.
 Endings passed to `on_finish(outcome, relay)`: "completed"; "engine_error" (an error event inside the
 stream, relayed as is); "truncated" (the engine ended the stream before `[DONE]`; an error event is
 appended); "failed" (the engine connection broke; `on_broken` names the failure for the error event
-appended); "cancelled" (the client went away).
+appended); "shutdown" (the scheduler stopped before the stream ended: a `shutting_down` error event ends
+it, so the client can tell it from a complete answer and retry); "cancelled" (the client went away).
 """
 
 from __future__ import annotations
@@ -78,6 +79,16 @@ class StreamRelay:
         """The client went away."""
         self._take_held()
         self._finish("cancelled")
+
+    def cut(self) -> None:
+        """The scheduler is stopping and the stream has not ended: end it with an error event (after what
+        is held), and the engine's stream with it."""
+        if self.finished:
+            return
+        held = self._take_held()
+        self.sink.end(held + sse_error("the scheduler shut down before this stream ended; retry the request",
+                                       "service_unavailable", "shutting_down"))
+        self._finish("shutdown")
 
     # ------------------------------------------------------------------ engine callbacks
     def _scan(self, chunk: bytes) -> None:

@@ -595,12 +595,14 @@ class SchedulerService:
     def shed_waiting(self) -> int:
         """Shutdown, at the end of the grace period: every request still waiting for a slot, or held after
         its prefill, is answered 503 with Retry-After (another scheduler replica can take it) instead of
-        having its connection closed unanswered. Returns how many there were."""
+        having its connection closed unanswered, and so is every request that would wait or take a slot
+        from now on (a prefill that finishes after this, a retry): the queues stay shut. Returns how many
+        were waiting."""
         def shutting_down() -> SchedulerError:
             return SchedulerError(503, "the scheduler is shutting down before a slot freed for this request; "
                                   "retry it", "shutting_down", "service_unavailable", retry_after=1)
 
-        n = self.prefill_queue.fail_all(shutting_down) + self.decode_queue.fail_all(shutting_down)
+        n = self.prefill_queue.shut(shutting_down) + self.decode_queue.shut(shutting_down)
         if n:
             log.warning("event=shutdown_shed waiting=%d", n)
         return n
@@ -866,6 +868,7 @@ class SchedulerService:
         return SchedulerError(429, message, reason, "rate_limit_error", outcome="rejected", retry_after=retry_after)
 
     async def _admit(self, ctx: _Ctx, queue: WaitQueue[Any], try_acquire: Any, release: Any, pool: str) -> Any:
+        queue.check_open()  # shutting down: nothing new starts
         t = self.clock()
         value = None
         ahead = len(queue) if queue.strict else 0
@@ -1094,6 +1097,7 @@ class SchedulerService:
             if choice.get("finish_reason") not in ("length", "not_finished"):
                 return self._finish_from_context(ctx, answer)
             ring = self._ring(prefill.address, ctx.excluded)
+            self.decode_queue.check_open()  # shutting down: no generation starts only to be cut
             lease = self._try_decode(ring, ctx.excluded, False)
             if lease is None:
                 lease = await self._hold(ctx, prefill, handle, tuple(ring))
@@ -1261,6 +1265,9 @@ class SchedulerService:
             outcome = "failed"
         elif outcome == "engine_error":  # reported inside the stream (already relayed to the client)
             log.error("event=stream_error request_id=%s endpoint=%s", ctx.rid, lease.replica.address)
+            outcome = "failed"
+        elif outcome == "shutdown":  # cut at the end of the drain, with a shutting_down error event
+            log.warning("event=stream_cut_at_shutdown request_id=%s endpoint=%s", ctx.rid, lease.replica.address)
             outcome = "failed"
         elif outcome == "completed":
             tokens = relay.events - 1  # minus the [DONE] event
