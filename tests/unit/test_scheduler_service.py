@@ -392,6 +392,28 @@ def test_after_the_shed_nothing_waits_or_starts_a_generation_it_answers_503_at_o
     run(main())
 
 
+def test_a_request_waiting_for_decode_when_the_tier_goes_away_gets_503_at_once_not_a_timeout():
+    """The only decode replica leaves rotation while a local request waits for it: the waiter gets what a
+    new request gets (503 no_decode_endpoints) now, not a 429 queue_timeout once maxWaitSeconds ran out."""
+    async def main():
+        svc, _ = make("backpressure: {maxActivePerDecodeReplica: 1}\nqueue: {maxWaitSeconds: 5}\n",
+                      prefill=(), decode=("d1:1",))
+        outcomes = _outcomes(svc)
+        svc.decode["d1:1"].active = 1
+        waiting = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        await asyncio.sleep(0.05)
+        assert svc.decode_queue.waiting == 1
+        svc._engine_failed(EngineFailure(svc.decode["d1:1"].endpoint, "reset", kind="connection"), svc.decode["d1:1"])
+        reply = await asyncio.wait_for(waiting, 1)
+        assert reply.status == 503 and json.loads(reply.body)["error"]["code"] == "no_decode_endpoints"
+        fresh = await svc.complete("completions", long_request(5), {})
+        assert fresh.status == 503 and json.loads(fresh.body)["error"]["code"] == "no_decode_endpoints"
+        assert outcomes == ["failed", "failed"] and svc.decode_queue.waiting == 0
+        await svc.stop()
+
+    run(main())
+
+
 def test_a_request_id_that_is_not_a_plain_token_is_replaced():
     async def main():
         svc, _ = make(prefill=(), decode=("d1:1",))

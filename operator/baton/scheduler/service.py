@@ -103,6 +103,10 @@ class _StrandedHold(Exception):
     """A held prefill whose KV format no current decode replica shares."""
 
 
+def _no_decode_endpoints() -> SchedulerError:
+    return SchedulerError(503, "no healthy decode endpoint is available", "no_decode_endpoints", "service_unavailable")
+
+
 class _NoPrefillPair(Exception):
     """A request waiting for a prefill slot has no usable prefill replica left (all unhealthy or excluded)."""
 
@@ -892,6 +896,10 @@ class SchedulerService:
     def _try_decode(self, addresses: Any, excluded: set[str], local: bool) -> _DecodeLease | None:
         replica = pick_decode(self._decode_candidates(addresses, excluded, local))
         if replica is None:
+            if local and not self._healthy_decode(excluded):
+                # the decode tier went away while this request waited for it: say so now, as to a new
+                # request, rather than time the wait out as if the tier were only busy
+                raise _no_decode_endpoints()
             return None
         if not self.decode_bucket.try_take(1):
             self.decode_queue.wake_after(self.decode_bucket.time_until(1))
@@ -901,6 +909,10 @@ class SchedulerService:
         if local:
             replica.local_prefills += 1
         return _DecodeLease(self, replica, local)
+
+    def _healthy_decode(self, excluded: set[str]) -> bool:
+        """Whether a healthy decode replica this request may use is left (busy or not)."""
+        return any(r.healthy and r.address not in excluded for r in self.decode.values())
 
     def _try_prefill(self, tokens: int, excluded: set[str]) -> ReplicaState | None:
         routing = self.config.routing
@@ -1021,9 +1033,8 @@ class SchedulerService:
     async def _serve_local(self, ctx: _Ctx) -> AnyReply:
         req = ctx.req
         assert req is not None
-        if not any(r.healthy and r.address not in ctx.excluded for r in self.decode.values()):
-            raise SchedulerError(503, "no healthy decode endpoint is available", "no_decode_endpoints",
-                                 "service_unavailable")
+        if not self._healthy_decode(ctx.excluded):
+            raise _no_decode_endpoints()
         excluded = ctx.excluded
         lease: _DecodeLease = await self._admit(
             ctx, self.decode_queue, lambda: self._try_decode(None, excluded, True), _DecodeLease.release, DECODE
@@ -1038,9 +1049,7 @@ class SchedulerService:
         assert req is not None
         while True:
             if not self._usable_prefills(ctx.excluded):
-                if self._decode_candidates(None, ctx.excluded, False) or any(
-                    r.healthy and r.address not in ctx.excluded for r in self.decode.values()
-                ):
+                if self._decode_candidates(None, ctx.excluded, False) or self._healthy_decode(ctx.excluded):
                     ctx.route, ctx.reason = LOCAL, "no-prefill-pair"
                     return await self._serve_local(ctx)
                 raise SchedulerError(503, "no healthy prefill/decode endpoint pair is available",
