@@ -210,6 +210,22 @@ def test_client_going_away_drops_held_tokens_and_ends_once():
     asyncio.run(scenario())
 
 
+def test_a_stream_cut_at_shutdown_ends_with_what_was_held_and_a_shutting_down_event_once():
+    async def scenario():
+        relay, resp, sink, endings = make(0.05)
+        resp.on_data(event(1))  # held: within the interval
+        relay.cut()
+        assert sink.ended is not None and sink.ended.startswith(event(1))
+        assert b'"code": "shutting_down"' in sink.ended and b"[DONE]" not in sink.body()
+        assert endings == [("shutdown", 2)] and resp.released
+        relay.cut()
+        relay.abort()  # the connection then closes: nothing more happens
+        await asyncio.sleep(0.08)
+        assert len(endings) == 1 and len(sink.writes) == 1
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("split", [None, 3, 9])
 def test_a_token_that_reads_done_does_not_end_the_stream(split):
     async def scenario():
