@@ -1658,6 +1658,44 @@ def test_idle_connections_are_reaped_but_busy_ones_are_not(monkeypatch):
     run(main())
 
 
+def test_a_client_that_stops_reading_is_cut_off_and_its_producer_aborted_but_a_slow_reader_is_not(monkeypatch):
+    """A stream whose client reads nothing for SEND_TIMEOUT_S (its connection's write buffer stays full) is
+    ended: the producer is aborted (what it holds, e.g. an engine slot, is given back). A client that keeps
+    reading, however slowly, is never cut."""
+    monkeypatch.setattr(server_mod, "SEND_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(server_mod, "SWEEP_INTERVAL_S", 0.03)
+    producers: list[Pusher] = []
+
+    async def push(request):
+        producers.append(Pusher(64 * 1024 * 1024, end=False))  # far more than the socket buffers hold
+        return PushResponse(producers[-1])
+
+    async def main():
+        async with serving({("GET", "/p"): push}) as server:
+            stalled = socket.socket()
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.connect((HOST, server.port))
+            stalled.sendall(get("/p"))
+            await until(lambda: producers and producers[0].paused, what="the stalled stream to pause")
+            started = time.monotonic()
+            await asyncio.wait_for(producers[0].aborted.wait(), 3)
+            assert time.monotonic() - started >= 0.2  # not before the timeout
+            await until(lambda: len(server.connections) == 0, what="the connection to be dropped")
+            stalled.close()
+
+            reader, writer = await connect(server.port)
+            writer.write(get("/p"))
+            await until(lambda: len(producers) == 2 and producers[1].paused, what="the second stream to pause")
+            deadline = time.monotonic() + 1.0  # over three send timeouts, reading a piece at a time
+            while time.monotonic() < deadline:
+                await reader.read(64 * 1024)
+                await asyncio.sleep(0.005)
+            assert not producers[1].aborted.is_set() and "abort" not in producers[1].calls
+            await close(writer)
+
+    run(main())
+
+
 # ---------------------------------------------------------------------------------------------- other clients
 def test_standard_library_clients_interoperate():
     async def stream(request):

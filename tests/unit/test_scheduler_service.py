@@ -541,3 +541,59 @@ def test_requests_sharing_a_client_request_id_are_held_apart():
         await svc.stop()
 
     run(main())
+
+
+def test_a_client_that_stops_reading_its_stream_gives_its_decode_slot_back(monkeypatch):
+    """The client keeps its socket open but reads nothing: the relay pauses the engine, and the HTTP
+    server's send timeout ends the stream, so the decode slot comes back (counted cancelled: the client
+    left its request) instead of staying taken for as long as the socket stays open."""
+    import socket
+
+    from baton.http1 import server as http_server
+    from baton.scheduler.server import build_server
+
+    monkeypatch.setattr(http_server, "SEND_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(http_server, "SWEEP_INTERVAL_S", 0.03)
+
+    async def engine(reader, writer):  # streams far more than the sockets between hold, then hangs
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        event = b"data: " + json.dumps({"choices": [{"text": "x" * 4000}]}).encode() + b"\n\n"
+        try:
+            for _ in range(5000):
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+            await asyncio.sleep(30)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+
+    async def main():
+        eng = await asyncio.start_server(engine, "127.0.0.1", 0)
+        address = f"127.0.0.1:{eng.sockets[0].getsockname()[1]}"
+        svc = SchedulerService(parse_config(f"model: m\nendpoints: {{static: {{decode: ['{address}']}}}}\n"))
+        outcomes = _outcomes(svc)
+        await svc.start()
+        server = build_server(svc)
+        await server.start("127.0.0.1", 0)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", server.port))
+        body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 5000, "stream": True}).encode()
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        replica = svc.decode[address]
+        for _ in range(100):
+            if replica.active == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert replica.active == 1
+        for _ in range(300):  # within a few send timeouts, with the client's socket still open
+            if replica.active == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert replica.active == 0 and outcomes == ["cancelled"]
+        client.close()
+        await server.stop(0.1)
+        await svc.stop()
+        eng.close()
+
+    run(main())

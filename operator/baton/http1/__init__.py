@@ -9,7 +9,8 @@ into the client's connection.
 
 - `server`  keep-alive HTTP/1.1 server: exact-path routing, Content-Length and chunked request bodies,
             `Expect: 100-continue`, size limits, whole, iterated and pushed (spliced) streamed responses
-            with write backpressure, idle-connection reaping and graceful shutdown.
+            with write backpressure, idle-connection reaping, a send timeout for clients that stop reading,
+            and graceful shutdown.
 - `reading` socket reads into a reused buffer (asyncio allocates 256 KiB per read otherwise).
 - `client`  keep-alive connection pools per host:port: whole answers, or a streamed answer whose first
             bytes are awaited and whose rest is pushed to callbacks, with connect and read timeouts.

@@ -53,6 +53,11 @@ MAX_HEAD_BYTES = 64 * 1024  # the request line and header fields; also the trail
 LINGER_S = 2.0  # after a closing answer, how long what the client still sends is read and dropped
 LINGER_BYTES = 64 * 1024 * 1024  # ... and how much of it (an over-limit body at the default limit fits)
 IDLE_TIMEOUT_S = 75.0  # longer than clients' keep-alive expiry, so a client never reuses a connection we close
+# A client that stops reading while its answer is being written (its connection's write buffer stays full
+# and does not shrink) for this long is cut off, as by nginx's send_timeout: a pushed stream is aborted, so
+# an engine slot held for it is given back, instead of waiting for as long as the client keeps its socket
+# open. Any progress (the buffer shrinking, writing resumed) starts the time again.
+SEND_TIMEOUT_S = 60.0
 SWEEP_INTERVAL_S = 5.0
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -292,6 +297,8 @@ class _Connection(ReusedBufferProtocol):
         self.continue_owed = False  # a 100 Continue to send once the answers before it are out
         self.paused_reading = False
         self.write_paused = False
+        self.write_paused_at = 0.0  # loop time the full write buffer last filled up or shrank
+        self.write_paused_size = 0  # its size then
         self.drain_waiter: asyncio.Future[None] | None = None
         self.producer: Producer | None = None
         self.push_done: asyncio.Future[None] | None = None
@@ -331,6 +338,8 @@ class _Connection(ReusedBufferProtocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_at = self.server.loop.time()
+        self.write_paused_size = -1  # read at the next sweep
         if self.producer is not None:
             self.producer.pause()
 
@@ -777,6 +786,13 @@ class HttpServer:
         for conn in list(self.connections):
             if conn.task is None and now - conn.last_active > IDLE_TIMEOUT_S:
                 conn._close()  # noqa: SLF001 - the server owns its connections
+            elif conn.write_paused and not conn.closed and conn.transport is not None:
+                size = conn.transport.get_write_buffer_size()
+                if size != conn.write_paused_size:  # the client took some of it: progress
+                    conn.write_paused_at, conn.write_paused_size = now, size
+                elif now - conn.write_paused_at > SEND_TIMEOUT_S:
+                    log.warning("a client took none of its answer for %.0f s: connection closed", SEND_TIMEOUT_S)
+                    conn.transport.abort()  # what is buffered cannot be delivered: drop it (connection_lost follows)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     def _busy(self) -> bool:
