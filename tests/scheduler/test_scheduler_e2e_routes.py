@@ -139,7 +139,8 @@ def test_service_endpoints_and_errors(engines, make_scheduler):
     status, headers, body = post(sched.url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
     assert status == 200 and len(headers["X-Request-Id"]) >= 16  # generated when the client sent none
     values = metrics(sched.url)
-    assert metric(values, "baton_scheduler_requests_total", route="unrouted", outcome="invalid") == 2
+    # the unknown model, the bad JSON, and the GET the HTTP layer refused (the unknown path is no completion)
+    assert metric(values, "baton_scheduler_requests_total", route="unrouted", outcome="invalid") == 3
     assert metric(values, "baton_scheduler_requests_total", route="local", outcome="completed") == 1
     assert 'baton_scheduler_endpoints{state="healthy",tier="decode"}' in values
 

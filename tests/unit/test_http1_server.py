@@ -1696,6 +1696,38 @@ def test_a_client_that_stops_reading_is_cut_off_and_its_producer_aborted_but_a_s
     run(main())
 
 
+def test_the_server_reports_each_request_it_answers_with_an_error_of_its_own():
+    """on_refused hears of every answer the server makes itself (with the request's path once read), and of
+    none its handlers make."""
+    refused: list[tuple[str, int]] = []
+
+    async def boom(request):
+        raise RuntimeError("a bug")
+
+    async def fine(request):
+        return Response(418, b"handler's own error")
+
+    async def main():
+        async with serving({("POST", "/up"): fine, ("POST", "/boom"): boom}, max_body_bytes=10,
+                           on_refused=lambda path, status: refused.append((path, status))) as server:
+            for raw, status in ((b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok", 418),
+                                (b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n", 413),
+                                (b"POST /boom HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 500),
+                                (b"GET /up HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+                                (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+                                (b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok"
+                                 b"GARBAGE\r\n\r\n", 418)):
+                reader, writer = await connect(server.port)
+                writer.write(raw)
+                assert (await read_response(reader)).status == status
+                if raw.endswith(b"GARBAGE\r\n\r\n"):  # a second, unparseable request after a good one
+                    assert (await read_response(reader)).status == 400
+                await close(writer)
+        assert refused == [("/up", 413), ("/boom", 500), ("/up", 405), ("/nowhere", 404), ("", 400)]
+
+    run(main())
+
+
 # ---------------------------------------------------------------------------------------------- other clients
 def test_standard_library_clients_interoperate():
     async def stream(request):

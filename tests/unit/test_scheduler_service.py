@@ -597,3 +597,37 @@ def test_a_client_that_stops_reading_its_stream_gives_its_decode_slot_back(monke
         eng.close()
 
     run(main())
+
+
+def test_completion_requests_the_http_layer_refuses_are_counted_too(monkeypatch):
+    """A completion request answered by the HTTP layer itself (too large, wrong method) still ends with one
+    outcome in requests_total (`invalid`, route unrouted); a request for another path or one whose request
+    line cannot be read is not a completion request and is not counted."""
+    import socket
+
+    from baton.scheduler import server as scheduler_server
+
+    monkeypatch.setattr(scheduler_server, "MAX_BODY_BYTES", 100)
+
+    def exchange(port: int, raw: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(raw)
+            return sock.recv(65536)
+
+    async def main():
+        svc, _ = make(prefill=(), decode=("d1:1",))
+        outcomes = _outcomes(svc)
+        server = scheduler_server.build_server(svc)
+        await server.start("127.0.0.1", 0)
+        big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n"
+        answers = [await asyncio.to_thread(exchange, server.port, raw) for raw in (
+            big, b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"NONSENSE\r\n\r\n")]
+        assert [a.split(b" ", 2)[1] for a in answers] == [b"413", b"405", b"404", b"400"]
+        assert outcomes == ["invalid", "invalid"]
+        exposition = svc.metrics.exposition().decode()
+        assert 'baton_scheduler_requests_total{outcome="invalid",route="unrouted"} 2.0' in exposition
+        await server.stop(0.1)
+        await svc.stop()
+
+    run(main())

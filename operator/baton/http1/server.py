@@ -219,11 +219,12 @@ class _BadRequest(Exception):
 class _Failure:
     """An unparseable request, answered in its turn (after the requests before it), then the connection closes."""
 
-    __slots__ = ("status", "message")
+    __slots__ = ("status", "message", "path")
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, path: str = "") -> None:
         self.status = status
         self.message = message
+        self.path = path  # the request's path, if its request line was read before the fault
 
 
 async def _step_once(chunks: AsyncIterator[bytes]) -> None:
@@ -514,6 +515,7 @@ class _Connection(ReusedBufferProtocol):
         self.state = _HEAD
         self.continue_owed = False  # the body is here: no 100 Continue is owed for it any more
         self._enqueue(Request(self._method, self._path, self._query, self._version, self._headers, body, self._keep))
+        self._path = ""  # a fault in the next request's head is not charged to this one's path
         if not self._keep:
             self.dead = True  # the client said this is its last request: nothing after it is read
 
@@ -530,7 +532,7 @@ class _Connection(ReusedBufferProtocol):
         """A request we cannot parse: answered in its turn, then the connection closes."""
         self.dead = True
         self.buf.clear()
-        self._enqueue(_Failure(status, message))
+        self._enqueue(_Failure(status, message, self._path))
 
     def _write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
@@ -570,6 +572,7 @@ class _Connection(ReusedBufferProtocol):
                 if isinstance(item, _Failure):
                     body, ctype = self.server.error_body(item.status, item.message)
                     self._write(_head(item.status, ctype, None, len(body), False) + body)
+                    self.server.refused(item.path, item.status)
                 else:
                     try:
                         keep = await self._answer(item)
@@ -610,12 +613,14 @@ class _Connection(ReusedBufferProtocol):
                                                  else f"no such path: {request.path}")
             self._write_whole(Response(status, body, ctype, {"Allow": ", ".join(methods)} if methods else None),
                               request, keep)
+            self.server.refused(request.path, status)
             return keep
         try:
             response = await handler(request)
         except Exception:
             log.exception("request handler failed: %s %s", request.method, request.path)
             self._write_whole(Response(500, *self.server.error_body(500, "internal server error")), request, False)
+            self.server.refused(request.path, 500)
             return False
         keep = keep and not self.server.draining
         if head_only:
@@ -754,8 +759,13 @@ class HttpServer:
     """Routes `(method, path)` to handlers and serves them on one listening socket."""
 
     def __init__(self, *, max_body_bytes: int = 64 * 1024 * 1024, cancel_on_disconnect: bool = False,
-                 error_body: Callable[[int, str], tuple[bytes, str]] | None = None) -> None:
+                 error_body: Callable[[int, str], tuple[bytes, str]] | None = None,
+                 on_refused: Callable[[str, int], None] | None = None) -> None:
         self.routes: dict[tuple[str, str], Handler] = {}
+        # Told of every request the server answers with an error of its own instead of its handler's
+        # (unparseable, too large, a handler that raised): (its path, "" if unread; the status), e.g. so an
+        # application's request counts include them.
+        self.on_refused = on_refused
         # The body and content type of the answers the server itself makes (400, 404, 405, 413, 431, 500,
         # 501, 505): plain text unless the application speaks another error shape (the scheduler: OpenAI's).
         self.error_body = error_body or _plain_error
@@ -769,6 +779,13 @@ class HttpServer:
 
     def route(self, method: str, path: str, handler: Handler) -> None:
         self.routes[(method, path)] = handler
+
+    def refused(self, path: str, status: int) -> None:
+        if self.on_refused is not None:
+            try:
+                self.on_refused(path, status)
+            except Exception:  # counting must never break answering
+                log.exception("on_refused failed")
 
     @property
     def port(self) -> int:

@@ -43,9 +43,13 @@ def to_response(reply: AnyReply) -> AnyResponse:
     return StreamResponse(reply.chunks, reply.status, reply.content_type, headers)
 
 
+COMPLETION_PATHS = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
+
+
 def build_server(service: SchedulerService) -> HttpServer:
     # a client that goes away takes its request with it: its queue place, hold, slot and engine call
-    server = HttpServer(max_body_bytes=MAX_BODY_BYTES, cancel_on_disconnect=True, error_body=openai_http_error)
+    server = HttpServer(max_body_bytes=MAX_BODY_BYTES, cancel_on_disconnect=True, error_body=openai_http_error,
+                        on_refused=lambda path, status: service.refused(path in COMPLETION_PATHS, status))
 
     def completion_handler(api: str):  # type: ignore[no-untyped-def]
         async def handler(request: Request) -> AnyResponse:
@@ -69,8 +73,8 @@ def build_server(service: SchedulerService) -> HttpServer:
     async def debug_state(request: Request) -> AnyResponse:
         return Response(200, json.dumps(service.debug_state()).encode())
 
-    server.route("POST", "/v1/completions", completion_handler(COMPLETIONS))
-    server.route("POST", "/v1/chat/completions", completion_handler(CHAT))
+    for path, api in COMPLETION_PATHS.items():
+        server.route("POST", path, completion_handler(api))
     server.route("GET", "/v1/models", models)
     server.route("GET", "/healthz", healthz)
     server.route("GET", "/readyz", readyz)

@@ -944,6 +944,15 @@ class SchedulerService:
         self.prefill_queue.notify()
 
     # ------------------------------------------------------------------------------ request entry
+    def refused(self, completion: bool, status: int) -> None:
+        """The HTTP layer answered a request itself (unparseable, too large, a handler that failed): a
+        completion request is counted as every other request is, `invalid` (4xx) or `failed`."""
+        if completion:
+            outcome = "invalid" if status < 500 else "failed"
+            self.hooks.finished(ROUTE_UNROUTED, outcome, 0.0)
+            log.info("event=request_done route=%s outcome=%s status=%d detail=%r", ROUTE_UNROUTED, outcome, status,
+                     "answered by the HTTP layer")
+
     def models(self) -> Reply:
         body = {"object": "list", "data": [{"id": self.config.model, "object": "model", "created": 0,
                                             "owned_by": "baton"}]}
