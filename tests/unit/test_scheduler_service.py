@@ -631,3 +631,35 @@ def test_completion_requests_the_http_layer_refuses_are_counted_too(monkeypatch)
         await svc.stop()
 
     run(main())
+
+
+def test_a_hold_stranded_twice_fails_with_a_message_that_says_so_not_a_ttl_expiry():
+    """The prefill pod holding the KV is replaced (another engine answers at its address) while the request
+    is held: it is prefilled again once; if that happens again, the request fails 503 hold_stranded with
+    the reason, long before the hold TTL, not 'hold_expired ... decode tier saturated'."""
+    async def main():
+        svc, _ = make("backpressure: {maxActivePerDecodeReplica: 1}\ndegradation: {holdTtlSeconds: 30}\n",
+                      prefill=("p1:1",), decode=("d1:1",))
+        events: list[str] = []
+        counted = svc.hooks.hold
+        svc.hooks.hold = lambda event: (events.append(event), counted(event))
+        svc.decode["d1:1"].active = 1  # decode full: every finished prefill is held
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        for held in (1, 2):
+            for _ in range(100):
+                if events.count("held") == held:
+                    break
+                await asyncio.sleep(0.01)
+            assert events.count("held") == held and len(svc.holds) == 1
+            pod = f"pod-{held}"
+            svc.update_endpoints([Endpoint("p1:1", "prefill", pod=pod)], [Endpoint("d1:1", "decode")])
+            svc.decode["d1:1"].active = 1
+            svc.decode_queue.notify()
+        reply = await asyncio.wait_for(task, 2)
+        error = json.loads(reply.body)["error"]
+        assert reply.status == 503 and error["code"] == "hold_stranded" and "p1:1" in error["message"]
+        assert "holdTtlSeconds" not in error["message"]
+        assert events == ["held", "stranded", "reprefilled", "held", "stranded"]
+        await svc.stop()
+
+    run(main())

@@ -172,7 +172,7 @@ def _in_daemon_thread(fn: Any, *args: Any) -> asyncio.Future[Any]:
 
 class _Ctx:
     __slots__ = ("rid", "api", "t0", "req", "route", "reason", "attempt", "excluded", "prefill", "decode",
-                 "reprefilled", "queue_wait", "mark", "generation", "engine", "slot")
+                 "reprefilled", "stranded", "queue_wait", "mark", "generation", "engine", "slot")
 
     def __init__(self, rid: str, api: str, t0: float) -> None:
         self.rid = rid
@@ -186,6 +186,7 @@ class _Ctx:
         self.prefill: ReplicaState | None = None
         self.decode: ReplicaState | None = None
         self.reprefilled = False
+        self.stranded = False  # how its last hold ended: stranded (its prefill replica left), else expired
         self.queue_wait = 0.0
         # where the scheduler's own work on the current attempt began, moved on by the time it waited:
         # what `overhead_seconds` measures up to the dispatch
@@ -1119,7 +1120,7 @@ class SchedulerService:
             lease = self._try_decode(ring, ctx.excluded, False)
             if lease is None:
                 lease = await self._hold(ctx, prefill, handle, tuple(ring))
-            if lease is None:  # the hold expired
+            if lease is None:  # the hold expired, or was stranded (ctx.stranded says which)
                 if not ctx.reprefilled and self.retry_budget.try_spend():
                     ctx.reprefilled = True
                     self.hooks.hold("reprefilled")
@@ -1129,8 +1130,12 @@ class SchedulerService:
                 raise SchedulerError(
                     503,
                     f"no decode slot freed within degradation.holdTtlSeconds="
-                    f"{self.config.degradation.hold_ttl_seconds:g}s after prefill (decode tier saturated)",
-                    "hold_expired", "service_unavailable",
+                    f"{self.config.degradation.hold_ttl_seconds:g}s after prefill (decode tier saturated)"
+                    if not ctx.stranded else
+                    f"the prefill replica {prefill.address} holding this request's KV cache left before a decode "
+                    "slot freed (an engine generation switch or a restart), and the request was already "
+                    "prefilled again once (or the retry budget is spent); retry it",
+                    "hold_expired" if not ctx.stranded else "hold_stranded", "service_unavailable",
                 )
             ctx.decode = lease.replica
             ctx.generation = self._serving_generation()
@@ -1178,10 +1183,12 @@ class SchedulerService:
         except _StrandedHold:
             # The prefill's generation left the endpoint lists (a switch): no decode of its KV format
             # will come back, so give up the handle now and let the request be prefilled again.
+            ctx.stranded = True
             self.hooks.hold("stranded")
             log.warning("event=hold_stranded request_id=%s prefill=%s", ctx.rid, prefill.address)
             return None
         except QueueTimeout:
+            ctx.stranded = False
             self.hooks.hold("expired")
             log.warning("event=hold_expired request_id=%s prefill=%s", ctx.rid, prefill.address)
             return None
