@@ -124,6 +124,15 @@ class CacheState:
         return pp_layer_counts(self.num_layers, self.pp)
 
 
+def kv_transfer_streams(state: CacheState) -> int:
+    """How many GPUs of a worker hold a share of one request's KV cache, and so send (or receive) it in
+    parallel, each over its own NIC: TP ranks (at most one per KV head, beyond which heads are replicated
+    rather than split; one with attention DP, where a request's KV lives on its own DP rank) x PP stages
+    x CP ranks."""
+    tp = 1 if state.enable_attention_dp else min(state.tp, max(1, state.num_kv_heads))
+    return tp * state.pp * state.cp
+
+
 def pp_layer_counts(num_layers: int, pp: int) -> tuple[int, ...]:
     """How many layers each of `pp` pipeline stages holds, the way TensorRT-LLM splits them.
 

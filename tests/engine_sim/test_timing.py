@@ -201,6 +201,26 @@ def test_kv_transfer_time_grows_with_prompt(engines):
     assert not math.isclose(large, small, rel_tol=0.5)
 
 
+def test_kv_transfer_runs_over_as_many_nics_as_the_side_with_fewer_kv_ranks_has(engines):
+    """One NIC per GPU: the KV of a prompt moves twice as fast between TP 2 workers as between TP 1 ones
+    (each rank sends its half of the KV heads), and from TP 2 to TP 1 no faster than TP 1 to TP 1."""
+    slow_link = ("--sim-link-gbps", "1", "--sim-speed", "1")  # 1 Gbit/s = 125 MB/s per GPU
+
+    def transfer_time(ctx_tp: str, gen_tp: str) -> float:
+        ctx = engines.start(worker_yaml(ctx=True), *slow_link, "--tp_size", ctx_tp)
+        gen = engines.start(worker_yaml(ctx=False), *slow_link, "--tp_size", gen_tp)
+        gen.get("/perf_metrics")
+        _, (status, _) = handoff(ctx, gen, {"prompt": list(range(1, 257)), "max_tokens": 2})
+        assert status == 200
+        (rec,) = [r for r in gen.get("/perf_metrics")[1] if r["request_type"] == "generation_only"]
+        t = rec["perf_metrics"]["timing_metrics"]
+        return t["kv_cache_transfer_end"] - t["kv_cache_transfer_start"]
+
+    one, two, mixed = transfer_time("1", "1"), transfer_time("2", "2"), transfer_time("2", "1")  # ~268/134/268 ms
+    assert 0.35 < two / one < 0.65
+    assert 0.8 < mixed / one < 1.25
+
+
 # ---------------------------------------------------------------- chunked prefill
 
 

@@ -491,3 +491,18 @@ def test_speculative_string_is_canonical():
     assert kvformat.speculative_string(None) == "" and kvformat.speculative_string({}) == ""
     s = kvformat.cache_state_from_files(LLAMA_8B, options(speculative_config=cfg), trtllm_version="1.2.0", env={})
     assert s.speculative == kvformat.speculative_string(dict(reversed(list(cfg.items()))))
+
+
+def test_kv_transfer_streams_count_the_gpus_that_hold_a_share_of_a_requests_kv():
+    from dataclasses import replace
+
+    from baton.kvformat import CacheState, kv_transfer_streams
+
+    base = CacheState(kv_dtype="fp8", tokens_per_block=32, num_layers=80, num_kv_heads=8, head_dim=128,
+                      attention_type="DEFAULT", kv_factor=2, tp=1, pp=1, cp=1, enable_attention_dp=False,
+                      transfer_backend="UCX", trtllm_version="1.2.0", speculative="", model_identity="")
+    assert kv_transfer_streams(base) == 1
+    assert kv_transfer_streams(replace(base, tp=4)) == 4
+    assert kv_transfer_streams(replace(base, tp=4, pp=2)) == 8
+    assert kv_transfer_streams(replace(base, tp=16)) == 8  # 8 KV heads: beyond that they are replicated
+    assert kv_transfer_streams(replace(base, tp=8, enable_attention_dp=True)) == 1  # a request's KV on one rank

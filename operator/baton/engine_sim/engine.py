@@ -442,9 +442,15 @@ class Engine:
                 f"kv_transfer_timeout_ms={timeout_ms:g} of the context worker; the context request was cancelled "
                 "and its KV cache freed")
 
-    def pull_seconds(self, held: _Held, link_bytes_per_s: float | None) -> float:
-        """How long sending `held` takes: its bytes over the slower of the two workers' links."""
-        return self.cfg.timing.transfer_seconds(held.kv_bytes, link_bytes_per_s)
+    def pull_seconds(self, held: _Held, link_bytes_per_s: float | None,
+                     peer: kvformat.CacheState | None = None) -> float:
+        """How long sending `held` takes: its bytes over the slower of the two workers' per-GPU links, the
+        ranks of each side that hold parts of its KV sending in parallel, one NIC per GPU (so as many
+        streams as the side with fewer such ranks has: `kv_transfer_streams`)."""
+        streams = kvformat.kv_transfer_streams(self.state)
+        if peer is not None:
+            streams = min(streams, kvformat.kv_transfer_streams(peer))
+        return self.cfg.timing.transfer_seconds(held.kv_bytes, link_bytes_per_s, streams)
 
     def end_pull(self, held: _Held, started: float, *, sent: bool = True, x_request_id: str = "") -> dict:
         """The transfer begun by `begin_pull` is over: the blocks are freed. `sent` is False when it broke off

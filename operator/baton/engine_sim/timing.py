@@ -299,10 +299,12 @@ class TimingModel:
         return (self._seconds(self.model.prefill_with_chunks(prefill_tokens, continued_chunks))
                 + self.decode_seconds(decode_batch, mean_context))
 
-    def transfer_seconds(self, num_bytes: int, link_bytes_per_s: float | None = None) -> float:
+    def transfer_seconds(self, num_bytes: int, link_bytes_per_s: float | None = None, streams: int = 1) -> float:
+        """`num_bytes` over the slower of this worker's and the peer's per-GPU link, `streams` GPU pairs
+        sending their shares at once."""
         if self.time_scale == 0.0 or num_bytes <= 0:
             return 0.0
-        rate = min(self.link_bytes_per_s, link_bytes_per_s or self.link_bytes_per_s)
+        rate = min(self.link_bytes_per_s, link_bytes_per_s or self.link_bytes_per_s) * max(1, streams)
         return num_bytes / rate * self.time_scale
 
 

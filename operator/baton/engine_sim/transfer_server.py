@@ -102,7 +102,7 @@ class _Connection(asyncio.Protocol):
             transport.write(_error(fid, exc.message, exc.status, exc.err_type))
             return
         started = time.monotonic()
-        delay = engine.pull_seconds(held, link)
+        delay = engine.pull_seconds(held, link, peer)
         budget = engine.send_budget(held)  # None: no kv_transfer_timeout_ms
         if budget is not None and budget <= 0:
             transport.write(_error(fid, engine.send_timed_out(held, x_rid), 500, "KVTransferTimeout"))
