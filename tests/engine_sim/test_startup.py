@@ -119,6 +119,14 @@ def test_tp_size_and_capacity_reported(fresh_engines):
     assert state["kv_bytes_per_token"] == 327_680 and state["timing_model"] == "llama3-70b"
 
 
+def test_a_disaggregated_workers_cluster_flags_are_accepted(fresh_engines):
+    """trtllm-serve worker command lines that join TensorRT-LLM's own router carry these flags; the same
+    command line starts the simulator."""
+    eng = fresh_engines.start(worker_yaml(ctx=True), "--sim-speed", "0", "--disagg_cluster_uri", "http://127.0.0.1:9",
+                              "--server_role", "context", "--metadata_server_config_file", "/nonexistent.yaml")
+    assert eng.get("/health")[0] == 200
+
+
 def test_loading_then_ready(fresh_engines):
     proc, port, _ = fresh_engines.launch(worker_yaml(ctx=True), "--sim-speed", "0", "--sim-load-seconds", "1.5")
     url = f"http://127.0.0.1:{port}/health"

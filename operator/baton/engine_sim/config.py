@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust_remote_code", action="store_true", help="accepted and ignored")
     p.add_argument("--num_postprocess_workers", type=int, default=0, help="accepted and ignored")
     p.add_argument("--gpus_per_node", type=int, default=None, help="accepted and ignored")
+    # A disaggregated worker's cluster membership (TensorRT-LLM's own router finds workers through it;
+    # Baton's scheduler finds them from Kubernetes): accepted so a worker command line runs unchanged.
+    p.add_argument("--disagg_cluster_uri", default=None,
+                   help="accepted and ignored (the simulator joins no disaggregated cluster)")
+    p.add_argument("--server_role", default=None, type=str.upper, choices=["CONTEXT", "GENERATION"],
+                   help="accepted and ignored (the older etcd membership's role)")
+    p.add_argument("--metadata_server_config_file", default=None, help="accepted and ignored")
 
     s = p.add_argument_group("simulator options")
     s.add_argument("--sim-timing", metavar="FILE", type=Path, default=None,
