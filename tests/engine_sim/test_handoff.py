@@ -166,6 +166,19 @@ def test_mismatched_tiers_are_rejected_and_counted(ctx, bad_gens, name):
     ctx.wait_for(lambda: held(ctx) == held0, "the refused handoff's KV to be freed on the ctx side", deadline_s=5)
 
 
+def test_separately_started_workers_cannot_hand_off_over_mpi(engines):
+    """MPI connects only executors launched together in one MPI world: two trtllm-serve processes on
+    backend MPI agree on every CacheState field, yet the handoff fails, saying what to change, and the
+    context side frees the KV."""
+    ctx = engines.start(worker_yaml(ctx=True, backend="MPI"), "--sim-speed", "0")
+    gen = engines.start(worker_yaml(ctx=False, backend="MPI"), "--sim-speed", "0")
+    _, (status, err) = handoff(ctx, gen, {"prompt": "over mpi", "max_tokens": 4})
+    assert status == 500
+    assert err["message"].startswith("KV cache transfer over MPI needs the context and generation executors in one")
+    assert "UCX or NIXL" in err["message"]
+    ctx.wait_for(lambda: held(ctx) == 0, "the refused handoff's KV to be freed on the ctx side", deadline_s=5)
+
+
 def pull(handles: list[OpaqueState], own: kvformat.CacheState) -> list:
     """Pull over the KV channel as a gen worker does, all of `handles` at once on one channel: the answers
     or HandoffErrors, in the order of `handles`."""

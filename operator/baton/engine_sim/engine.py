@@ -310,8 +310,11 @@ class Engine:
             if handle is None or not first_tokens:
                 raise EngineError("generation_only requests need first_gen_tokens, ctx_request_id and encoded_opaque_state")
             mismatches = kvformat.compare(handle.cache_state, self.state)
-            if mismatches:
-                message = kvformat.trtllm_error(mismatches)
+            if mismatches or self.state.transfer_backend == "MPI":
+                message = kvformat.trtllm_error(mismatches) if mismatches else (
+                    f"KV cache transfer over MPI needs the context and generation executors in one MPI world, "
+                    f"launched together; the context server at {handle.host}:{handle.port} was started on its "
+                    f"own: set cache_transceiver_config.backend to UCX or NIXL")
                 self.counters["kvFormatRejections"] += 1
                 log.warning(
                     "handoff refused: KV format mismatch",
