@@ -4,7 +4,7 @@
                  [--max-tokens-cap N] [--json] [--model NAME] [--timeout S]
 
 The trace is a CSV with TIMESTAMP,ContextTokens,GeneratedTokens (the Azure LLM inference trace format;
-shared/traces/azure-llm-inference-2023-code.csv is from Azure/AzurePublicDataset, CC-BY 4.0, Patel et al.,
+the one beside this checkout, ../shared/traces/azure-llm-inference-2023-code.csv, is from Azure/AzurePublicDataset, CC-BY 4.0, Patel et al.,
 "Splitwise: Efficient generative LLM inference using phase splitting", ISCA 2024). Each row becomes one
 streaming /v1/completions request whose prompt is exactly ContextTokens token ids and whose max_tokens is
 GeneratedTokens, sent at its arrival time divided by --speedup (or at a fixed --rate per second).
@@ -13,7 +13,8 @@ mix both. --limit N keeps the N earliest arrivals (the whole trace is read and s
 
 It measures time to first token (first streamed token), time per output token, end-to-end latency, and
 counts completed / rejected (HTTP 429, by reason) / failed requests and the routes the scheduler reports
-(X-Baton-Route). A progress line goes to stderr; the summary to stdout, as a table or (--json) one object.
+(X-Baton-Route). A progress line goes to stderr when it is a terminal; the summary to stdout, as a table
+or (--json) one object.
 The run is bounded: every request has a timeout and no request is sent after the schedule ends.
 Ctrl-C stops sending, cancels the requests in flight and prints the summary of those that finished,
 marked as interrupted.
@@ -117,9 +118,14 @@ def read_trace(path: str | Path | TextIO, limit: int | None = None) -> list[Trac
                 if absent:
                     raise ValueError(f"no value for {', '.join(absent)}")
                 ts, context, generated = (v or "" for v in values)
-                raw.append((parse_timestamp(ts), int(context), int(generated)))
+                counts = int(context), int(generated)
+                if min(counts) < 0:
+                    raise ValueError(f"negative token count ContextTokens={counts[0]}, GeneratedTokens={counts[1]}")
+                raw.append((parse_timestamp(ts), *counts))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"trace line {reader.line_num}: {exc}") from None
+    except csv.Error as exc:  # e.g. a field over the csv module's size limit, raised before its line counts
+        raise ValueError(f"trace line {reader.line_num + 1}: {exc}") from None
     finally:
         if handle is not path:
             handle.close()
@@ -303,10 +309,13 @@ async def send_one(session: Any, url: str, model: str, index: int, row: TraceRow
     import aiohttp
 
     max_tokens = min(row.generated_tokens, max_tokens_cap) if max_tokens_cap else row.generated_tokens
+    # usage at the end: the token count TPOT divides by, whatever the server's chunks carry
     body = json.dumps({"model": model, "prompt": synthetic_prompt(index, row.context_tokens),
-                       "max_tokens": max_tokens, "stream": True}, separators=(",", ":")).encode()
+                       "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}},
+                      separators=(",", ":")).encode()
     headers = {"Content-Type": "application/json", "X-Request-Id": f"replay-{index}"}
     t0 = time.perf_counter()
+    route = ""
     try:
         async with asyncio.timeout(timeout):
             async with session.post(url + "/v1/completions", data=body, headers=headers) as resp:
@@ -318,11 +327,12 @@ async def send_one(session: Any, url: str, model: str, index: int, row: TraceRow
                 first: float | None = None
                 last = t0
                 tokens = 0
+                usage_tokens: int | None = None
                 done = False
                 buffer = b""
                 eof = False
                 chunks = resp.content.iter_any()
-                while not eof:
+                while not eof and not done:
                     chunk = await anext(chunks, None)
                     eof = chunk is None
                     buffer += chunk or b""
@@ -332,8 +342,8 @@ async def send_one(session: Any, url: str, model: str, index: int, row: TraceRow
                         if payload is None:
                             continue
                         if payload == b"[DONE]":
-                            done = True
-                            continue
+                            done = True  # the last event: the answer is complete whether or not the body ends
+                            break
                         try:
                             data = json.loads(payload)
                         except ValueError:
@@ -344,13 +354,12 @@ async def send_one(session: Any, url: str, model: str, index: int, row: TraceRow
                             err = data.get("error", data)
                             code = err.get("code") if isinstance(err, dict) else None
                             return Result("failed", str(code or "stream_error"), route)
-                        n = 0
-                        for choice in data.get("choices") or []:
-                            ids = choice.get("token_ids")
-                            if ids:
-                                n += len(ids)
-                            elif choice.get("text") or (choice.get("delta") or {}).get("content"):
-                                n += 1
+                        n = event_tokens(data)
+                        if n is None:
+                            return Result("failed", "bad_event", route)
+                        usage = data.get("usage")
+                        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                            usage_tokens = usage["completion_tokens"]
                         if n:
                             now = time.perf_counter()
                             if first is None:
@@ -360,13 +369,36 @@ async def send_one(session: Any, url: str, model: str, index: int, row: TraceRow
                 end = time.perf_counter()
                 if not done:
                     return Result("failed", "stream_incomplete", route)
+                if usage_tokens is not None:
+                    tokens = usage_tokens
                 ttft = (first - t0) if first is not None else None
                 tpot = (last - first) / (tokens - 1) if first is not None and tokens > 1 else None
                 return Result("completed", "", route, ttft, tpot, end - t0, tokens)
     except TimeoutError:
-        return Result("failed", "timeout")
+        return Result("failed", "timeout", route)
     except (aiohttp.ClientError, OSError) as exc:
-        return Result("failed", type(exc).__name__)
+        return Result("failed", type(exc).__name__, route)
+
+
+def event_tokens(data: dict[str, Any]) -> int | None:
+    """Tokens one streamed event carries: its choices' token ids, else one per choice with text (a server
+    that sends no ids); None for an event that is not a completion chunk as OpenAI's API shapes one."""
+    choices = data.get("choices") or []
+    if not isinstance(choices, list):
+        return None
+    n = 0
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return None
+        ids = choice.get("token_ids")
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict) or not (ids is None or isinstance(ids, list)):
+            return None
+        if ids:
+            n += len(ids)
+        elif choice.get("text") or delta.get("content"):
+            n += 1
+    return n
 
 
 async def run_replay(rows: Sequence[TraceRow], url: str, *, model: str, speedup: float | None = None,
@@ -394,7 +426,10 @@ async def run_replay(rows: Sequence[TraceRow], url: str, *, model: str, speedup:
             delay = start + times[i] - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            result = await send_one(session, url, model, i, rows[i], max_tokens_cap, timeout)
+            try:
+                result = await send_one(session, url, model, i, rows[i], max_tokens_cap, timeout)
+            except Exception as exc:  # noqa: BLE001 - one request's surprise must not end the run
+                result = Result("failed", type(exc).__name__)
             summary.results[i] = result
             if progress is not None:
                 progress.update(result.status)
@@ -413,7 +448,9 @@ def discover_model(url: str, timeout: float) -> str:
     try:  # like the requests themselves (aiohttp, which ignores proxy variables by default): no proxy
         with NO_PROXY_OPENER.open(url.rstrip("/") + "/v1/models", timeout=min(timeout, 10.0)) as resp:
             return str(json.loads(resp.read())["data"][0]["id"])
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        print(f"baton replay: could not read the model name from {url.rstrip('/')}/v1/models "
+              f"({type(exc).__name__}: {exc}); sending model \"model\" (name one with --model)", file=sys.stderr)
         return "model"
 
 
@@ -492,7 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("baton replay: interrupted before sending anything", file=sys.stderr)
         return EXIT_INTERRUPTED
-    progress = Progress(len(rows), enabled=not args.no_progress)
+    times = schedule(rows, args.speedup, args.rate)
+    print(f"baton replay: {len(rows)} request(s) to {args.url}, model {model!r}, sent over "
+          f"{times[-1]:.1f} s", file=sys.stderr)
+    progress = Progress(len(rows), enabled=not args.no_progress and sys.stderr.isatty())
     summary = Summary()
     try:
         asyncio.run(run_replay(rows, args.url, model=model, speedup=args.speedup, rate=args.rate,

@@ -45,7 +45,7 @@ def test_replay_reports_a_correct_json_summary(engines, make_scheduler, tmp_path
         assert 0 < report[key]["p50"] <= report[key]["p90"] <= report[key]["p99"]
     assert report["ttft_ms"]["p50"] <= report["latency_ms"]["p50"]
     assert report["throughput_rps"] > 0
-    assert "30/30" in out.stderr  # the progress bar
+    assert "30 request(s) to" in out.stderr and "30/30" not in out.stderr  # no progress bar off a terminal
 
 
 # ------------------------------------------------------------------------------ against a stub server
@@ -99,6 +99,24 @@ class Stub:
                 await asyncio.sleep(0.02)
             return resp
         end = self.eol * 2
+        if mode == "bad":  # not a completion chunk as OpenAI's API shapes one
+            await resp.write(b'data: {"choices": ["oops"]}' + end)
+        if mode in ("open", "text"):
+            # "text": no token ids, one chunk with two tokens' text, one with none (a partial character),
+            # then the usage the request asked for; "open": [DONE], then the body stays open
+            for text in ((" one two", " three", "", " four") if mode == "text" else (" a", " b")):
+                await resp.write(b"data: " + json.dumps({"choices": [{"index": 0, "text": text}]}).encode() + end)
+                await asyncio.sleep(0.01)
+            if mode == "text" and body.get("stream_options", {}).get("include_usage"):
+                await resp.write(b'data: {"choices": [], "usage": {"completion_tokens": 4}}' + end)
+            await resp.write(b"data: [DONE]" + end)
+            self.answered.append(index)
+            if mode == "open":
+                while not self.release.is_set() and req.transport is not None and not req.transport.is_closing():
+                    await asyncio.sleep(0.02)
+                return resp
+            await resp.write_eof()
+            return resp
         for i in range(body["max_tokens"]):
             event = {"choices": [{"index": 0, "text": " w", "token_ids": [100 + i]}]}
             await resp.write(b"data: " + json.dumps(event).encode() + end)
@@ -148,6 +166,28 @@ def test_replay_reads_events_with_any_line_ending(stub, tmp_path, eol):
     report = json.loads(out.stdout)
     assert (report["completed"], report["failed"], report["output_tokens"]) == (4, 0, 12), report
     assert report["interrupted"] is False
+
+
+def test_replay_survives_odd_streams_and_counts_tokens_from_usage(stub, tmp_path):
+    """A malformed event fails its own request (bad_event) and the run goes on; an answer is complete at
+    [DONE] even if the body stays open; tokens come from the answer's usage when its chunks carry no ids."""
+    server = stub(lambda i: {0: "bad", 1: "open", 2: "text"}[i])
+    started = time.monotonic()
+    out = replay(write_trace(tmp_path / "t.csv", [0, 0, 0]), server.url, "--rate", "1000")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert (report["completed"], report["failed"], report["failed_by_reason"]) == (2, 1, {"bad_event": 1}), report
+    assert report["routes"] == {"local": 3}
+    assert report["output_tokens"] == 2 + 4  # "open": two chunks with text; "text": usage says 4
+    assert time.monotonic() - started < 10  # the open body was not waited on until --timeout (20 s)
+    assert "3 request(s) to" in out.stderr and "sent over 0.0 s" in out.stderr
+
+
+def test_a_trace_with_a_negative_count_is_refused_with_its_line(tmp_path):
+    trace = tmp_path / "t.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:00,16,3\n2023-11-16 18:17:01,-5,3\n")
+    out = replay(trace, "http://127.0.0.1:9")
+    assert out.returncode == 2 and "trace line 3: negative token count" in out.stderr
 
 
 def test_replay_exits_1_when_no_request_completes(stub, tmp_path):

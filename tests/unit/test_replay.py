@@ -51,6 +51,11 @@ def test_read_trace_reports_bad_lines_and_columns():
         read_trace(io.StringIO("TIMESTAMP,ContextTokens,GeneratedTokens\nnope,1,2\n"))
     with pytest.raises(ValueError, match="GeneratedTokens"):
         read_trace(io.StringIO("TIMESTAMP,ContextTokens\n"))
+    with pytest.raises(ValueError, match="line 3: negative token count"):
+        read_trace(io.StringIO("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:00,1,2\n"
+                               "2023-11-16 18:17:01,1,-2\n"))
+    with pytest.raises(ValueError, match="line 2: field larger than field limit"):  # the csv module's own error
+        read_trace(io.StringIO("TIMESTAMP,ContextTokens,GeneratedTokens\n\"" + "x" * 200_000 + "\",1,2\n"))
 
 
 def test_real_trace_parses():
