@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from baton.scheduler.config import parse_config
 from baton.scheduler.endpoints import Endpoint
@@ -660,6 +661,51 @@ def test_a_hold_stranded_twice_fails_with_a_message_that_says_so_not_a_ttl_expir
         assert reply.status == 503 and error["code"] == "hold_stranded" and "p1:1" in error["message"]
         assert "holdTtlSeconds" not in error["message"]
         assert events == ["held", "stranded", "reprefilled", "held", "stranded"]
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_request_waiting_while_decode_is_throttled_is_served_once_the_throttle_lifts():
+    """The throttle (decode p95 over its threshold halves the per-replica cap) lifts as slow samples age
+    out of the window, which no release announces: a request waiting for a decode slot is served then, not
+    left to time out while the restored cap has room."""
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 2, decodeP95LatencyThresholdMs: 50}\n"
+                           "queue: {maxWaitSeconds: 2}\n", prefill=(), decode=("d1:1",))
+        svc.tpot_window.window_s = 0.5  # the 30 s window, shortened
+        svc.tpot_window.cache_s = 0.0
+        for _ in range(20):
+            svc.tpot_window.record(0.2)  # p95 200 ms > 50 ms: the cap of 2 is halved
+        assert svc._decode_cap() == 1
+        engine.delay = 3.0  # the first request holds its slot for 3 s
+        first = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        second = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        while svc.decode["d1:1"].active < 2 and time.monotonic() - started < 2.5:
+            await asyncio.sleep(0.01)
+        assert svc.decode["d1:1"].active == 2 and time.monotonic() - started < 1.5  # as the window emptied
+        assert [r.status for r in await asyncio.gather(first, second)] == [200, 200]
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_reload_that_shortens_the_heartbeat_applies_at_once():
+    async def main():
+        svc, engine = make("heartbeatSeconds: 3600\n", prefill=(), decode=("d1:1",))
+        await svc.start()
+        engine.fail["d1:1"] = "connect"
+        await svc.heartbeat_once()
+        assert not svc.decode["d1:1"].healthy
+        engine.fail.clear()  # the replica is back; only a heartbeat can tell
+        svc.apply_config(parse_config("model: m\nheartbeatSeconds: 0.1\n"))
+        for _ in range(100):
+            if svc.decode["d1:1"].healthy:
+                break
+            await asyncio.sleep(0.02)
+        assert svc.decode["d1:1"].healthy, "still waiting out the old 3600 s period"
         await svc.stop()
 
     run(main())

@@ -19,6 +19,7 @@ completed | rejected (429) | failed | invalid (4xx from the client's own request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -88,6 +89,9 @@ DISAGG = Route.DISAGGREGATED.value
 
 DEFAULT_PREFILL_TPS = 20_000.0  # prefill throughput assumed until one is observed (tokens/s)
 INCOMPATIBLE_PAIR_TTL_S = 300.0  # how long a KV-format mismatch keeps a pair out of placement
+# While decode is throttled, requests waiting for a decode slot look again this often: the throttle lifts
+# as slow samples age out of the p95 window, which no release or arrival announces.
+THROTTLE_RECHECK_S = 0.5
 # A reload that replaces the engine client (`runtime`, `engineTimeoutSeconds`) closes the old one when the
 # last request attempt or stream using it ends; one still in use this long after is closed anyway.
 RETIRED_ENGINE_GRACE_S = 1800.0
@@ -325,6 +329,7 @@ class SchedulerService:
         self._endpoints_config: Any = config.endpoints  # what the running discovery follows
         self._tasks: list[asyncio.Task[Any]] = []
         self._probe_tasks: set[asyncio.Task[Any]] = set()
+        self._heartbeat_changed = asyncio.Event()  # set by a reload that changes heartbeatSeconds
 
     # ------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -399,6 +404,8 @@ class SchedulerService:
         self.prefill_bucket.configure(adm.prefill_tokens_per_second, adm.prefill_burst_tokens)
         self.decode_bucket.configure(adm.decode_requests_per_second, adm.decode_burst)
         self.retry_budget.ratio = new.retries.budget_ratio
+        if new.heartbeat_seconds != old.heartbeat_seconds:
+            self._heartbeat_changed.set()
         if (new.server.host, new.server.port) != (old.server.host, old.server.port):
             log.warning("event=config_needs_restart field=server detail=%r", "listen address changes need a restart")
         engine_replaced = self._reload_engine(new, failed)  # before the endpoints: new replicas get its probes
@@ -694,7 +701,11 @@ class SchedulerService:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.heartbeat_seconds)
+            # a reload that changes the period ends the wait (`_heartbeat_changed`): the new one applies at once
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._heartbeat_changed.wait(), self.config.heartbeat_seconds)
+                self._heartbeat_changed.clear()
+                continue
             try:
                 await self.heartbeat_once()
             except asyncio.CancelledError:
@@ -897,6 +908,8 @@ class SchedulerService:
     def _try_decode(self, addresses: Any, excluded: set[str], local: bool) -> _DecodeLease | None:
         replica = pick_decode(self._decode_candidates(addresses, excluded, local))
         if replica is None:
+            if self.decode_throttled():  # a waiter must see the throttle lift, which nothing announces
+                self.decode_queue.wake_after(THROTTLE_RECHECK_S)
             if local and not self._healthy_decode(excluded):
                 # the decode tier went away while this request waited for it: say so now, as to a new
                 # request, rather than time the wait out as if the tier were only busy
