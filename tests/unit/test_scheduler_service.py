@@ -709,3 +709,25 @@ def test_a_reload_that_shortens_the_heartbeat_applies_at_once():
         await svc.stop()
 
     run(main())
+
+
+def test_a_request_routed_again_is_counted_under_each_decision():
+    """The prefill replica refuses the connection: the retry decides again and, with no prefill replica
+    left, falls back to the local route; the routing counts show where the prompt went, not only the first
+    decision."""
+    async def main():
+        svc, engine = make(prefill=("p1:1",), decode=("d1:1",))
+        engine.fail["p1:1"] = "connect"
+        reply = await svc.complete("completions", long_request(500), {})
+        assert reply.status == 200 and reply.headers["X-Baton-Route"] == "local"
+        text = svc.metrics.exposition().decode()
+        decisions = sorted(line for line in text.splitlines()
+                           if line.startswith("baton_scheduler_routing_decisions_total{"))
+        assert decisions == [
+            'baton_scheduler_routing_decisions_total{reason="long-prompt",route="disaggregated"} 1.0',
+            'baton_scheduler_routing_decisions_total{reason="no-prefill-pair",route="local"} 1.0',
+        ], decisions
+        assert 'baton_scheduler_prompt_tokens_total{route="local"} 500.0' in text
+        await svc.stop()
+
+    run(main())

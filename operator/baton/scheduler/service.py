@@ -987,8 +987,7 @@ class SchedulerService:
                 return self._finish_error(ctx, SchedulerError(exc.status, exc.message, exc.code,
                                                               "invalid_request_error", outcome="invalid"))
             self.retry_budget.record_request()
-            decision = self._decide(ctx)
-            self.hooks.routed(decision.route.value, decision.reason, req.tokens)
+            self._decide(ctx)
             return await self._run(ctx)
         except asyncio.CancelledError:
             # the client went away before its answer started (the HTTP server cancels the handler):
@@ -1001,9 +1000,15 @@ class SchedulerService:
         req = ctx.req
         assert req is not None
         decision = decide(req.tokens, req.high_precision, self.config.routing, self._load_view(req, ctx.excluded))
-        ctx.route = decision.route.value
-        ctx.reason = decision.reason
+        self._route(ctx, decision.route.value, decision.reason)
         return decision
+
+    def _route(self, ctx: _Ctx, route: str, reason: str) -> None:
+        """Send the request down `route`, counted: its first decision, a retry's, or a fallback's."""
+        ctx.route = route
+        ctx.reason = reason
+        assert ctx.req is not None
+        self.hooks.routed(route, reason, ctx.req.tokens)
 
     async def _run(self, ctx: _Ctx) -> AnyReply:
         max_attempts = self.config.retries.max_attempts
@@ -1073,7 +1078,7 @@ class SchedulerService:
         while True:
             if not self._usable_prefills(ctx.excluded):
                 if self._decode_candidates(None, ctx.excluded, False) or self._healthy_decode(ctx.excluded):
-                    ctx.route, ctx.reason = LOCAL, "no-prefill-pair"
+                    self._route(ctx, LOCAL, "no-prefill-pair")
                     return await self._serve_local(ctx)
                 raise SchedulerError(503, "no healthy prefill/decode endpoint pair is available",
                                      "no_endpoints", "service_unavailable")
