@@ -731,3 +731,26 @@ def test_a_request_routed_again_is_counted_under_each_decision():
         await svc.stop()
 
     run(main())
+
+
+def test_a_high_precision_request_waiting_when_compression_comes_on_is_served_uncompressed():
+    """Routed disaggregated while kvTransferCompression was none, it waits for the only prefill slot; a
+    reload turns fp8 on: it then takes the local route, never a compressed KV transfer."""
+    async def main():
+        routing = ("routing: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100, prefillBatchSize: 1, "
+                   "maxConcurrentPrefills: 1%s}\n")
+        svc, engine = make(routing % "", decode=("d1:1",))
+        engine.delay = 0.3
+        first = asyncio.create_task(svc.complete("completions", long_request(500), {}))
+        await asyncio.sleep(0.05)
+        precise = asyncio.create_task(svc.complete("completions", long_request(500), {"X-Baton-High-Precision": "true"}))
+        await asyncio.sleep(0.05)
+        assert svc.prefill_queue.waiting == 1
+        svc.apply_config(parse_config("model: m\n" + routing % ", kvTransferCompression: fp8"))
+        reply = await asyncio.wait_for(precise, 3)
+        assert reply.status == 200 and reply.headers["X-Baton-Route"] == "local"
+        assert "X-Baton-Prefill-Endpoint" not in reply.headers
+        assert (await first).headers["X-Baton-Route"] == "disaggregated"
+        await svc.stop()
+
+    run(main())

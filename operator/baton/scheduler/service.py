@@ -1076,6 +1076,10 @@ class SchedulerService:
         req = ctx.req
         assert req is not None
         while True:
+            if req.high_precision and self.config.routing.kv_transfer_compression == "fp8":
+                # compression came on (a reload) after this request was routed: it must not be compressed
+                self._route(ctx, LOCAL, "high-precision")
+                return await self._serve_local(ctx)
             if not self._usable_prefills(ctx.excluded):
                 if self._decode_candidates(None, ctx.excluded, False) or self._healthy_decode(ctx.excluded):
                     self._route(ctx, LOCAL, "no-prefill-pair")
@@ -1095,6 +1099,9 @@ class SchedulerService:
                 )
             except _NoPrefillPair:
                 continue  # the prefill tier went away while this request waited: route it again (above)
+            if req.high_precision and self.config.routing.kv_transfer_compression == "fp8":
+                self._release_prefill(prefill, req.tokens)  # compression came on while it waited: local
+                continue
             ctx.prefill = prefill
             ctx.decode = None
             ctx.generation = self._serving_generation()
