@@ -226,6 +226,17 @@ def test_a_stream_cut_at_shutdown_ends_with_what_was_held_and_a_shutting_down_ev
     asyncio.run(scenario())
 
 
+def test_a_stream_cut_after_its_done_event_ends_as_the_whole_answer_it_is():
+    async def scenario():
+        relay, resp, sink, endings = make(0.05)
+        resp.on_data(event(1) + DONE)  # the last event came; the end of the engine's response has not
+        relay.cut()
+        assert sink.body().endswith(DONE) and b"shutting_down" not in sink.body()
+        assert endings == [("completed", 3)]
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("split", [None, 3, 9])
 def test_a_token_that_reads_done_does_not_end_the_stream(split):
     async def scenario():

@@ -86,6 +86,10 @@ class StreamRelay:
         if self.finished:
             return
         held = self._take_held()
+        if self.done:  # [DONE] is here, only the end of the engine's response is not: the answer is whole
+            self.sink.end(held)
+            self._finish("engine_error" if self.errored else "completed")
+            return
         self.sink.end(held + sse_error("the scheduler shut down before this stream ended; retry the request",
                                        "service_unavailable", "shutting_down"))
         self._finish("shutdown")
