@@ -1686,12 +1686,39 @@ def test_a_client_that_stops_reading_is_cut_off_and_its_producer_aborted_but_a_s
             reader, writer = await connect(server.port)
             writer.write(get("/p"))
             await until(lambda: len(producers) == 2 and producers[1].paused, what="the second stream to pause")
-            deadline = time.monotonic() + 1.0  # over three send timeouts, reading a piece at a time
+            # ~1 MB/s for 3 s, almost four send timeouts: each read moves what the kernel has queued for this
+            # client (~4 MB here) only slightly, yet it moves, so the client is not cut off
+            monkeypatch.setattr(server_mod, "SEND_TIMEOUT_S", 0.8)
+            deadline = time.monotonic() + 3.0
             while time.monotonic() < deadline:
                 await reader.read(64 * 1024)
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.05)
             assert not producers[1].aborted.is_set() and "abort" not in producers[1].calls
             await close(writer)
+
+    run(main())
+
+
+def test_a_closing_connection_whose_client_reads_nothing_is_dropped_too(monkeypatch):
+    """A last answer (Connection: close) far larger than the socket buffers, to a client that reads none of
+    it: the connection is closing, its flush can never end, and the send timeout drops it all the same."""
+    monkeypatch.setattr(server_mod, "SEND_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(server_mod, "LINGER_S", 0.1)  # closed (not only half-closed) well before the timeout
+    monkeypatch.setattr(server_mod, "SWEEP_INTERVAL_S", 0.03)
+
+    async def big(request):
+        return Response(200, b"x" * (32 * 1024 * 1024))
+
+    async def main():
+        async with serving({("GET", "/big"): big}) as server:
+            stalled = socket.socket()
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.connect((HOST, server.port))
+            stalled.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            await until(lambda: server.connections and all(c.closed for c in server.connections),
+                        what="the connection to be closing")
+            await until(lambda: not server.connections, timeout=5, what="the stalled closing connection to go")
+            stalled.close()
 
     run(main())
 

@@ -39,6 +39,7 @@ import collections
 import contextlib
 import inspect
 import logging
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
@@ -47,6 +48,15 @@ from typing import Protocol
 
 from baton.http1.reading import ReusedBufferProtocol
 
+try:  # the kernel's unsent/unacknowledged bytes of a TCP socket (Linux): progress of a slow reader
+    import fcntl
+    import termios
+
+    _SIOCOUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):
+    fcntl = None  # type: ignore[assignment]
+    _SIOCOUTQ = None
+
 log = logging.getLogger("baton.http1.server")
 
 MAX_HEAD_BYTES = 64 * 1024  # the request line and header fields; also the trailer section of a chunked body
@@ -54,9 +64,10 @@ LINGER_S = 2.0  # after a closing answer, how long what the client still sends i
 LINGER_BYTES = 64 * 1024 * 1024  # ... and how much of it (an over-limit body at the default limit fits)
 IDLE_TIMEOUT_S = 75.0  # longer than clients' keep-alive expiry, so a client never reuses a connection we close
 # A client that stops reading while its answer is being written (its connection's write buffer stays full
-# and does not shrink) for this long is cut off, as by nginx's send_timeout: a pushed stream is aborted, so
-# an engine slot held for it is given back, instead of waiting for as long as the client keeps its socket
-# open. Any progress (the buffer shrinking, writing resumed) starts the time again.
+# and nothing of what is queued for it, in this process or in the kernel's send queue, goes out) for this
+# long is cut off, as by nginx's send_timeout: a pushed stream is aborted, so an engine slot held for it is
+# given back, instead of waiting for as long as the client keeps its socket open. Any progress starts the
+# time again, however slowly the client reads.
 SEND_TIMEOUT_S = 60.0
 SWEEP_INTERVAL_S = 5.0
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
@@ -755,6 +766,20 @@ class _PushSink:
         self.done.set_result(None)
 
 
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes of a connection's answers not yet taken by the client: the transport's buffer, plus the kernel's
+    send queue (written, not yet acknowledged) where the platform says (Linux's SIOCOUTQ). The kernel's part
+    moves as soon as the client reads anything; the transport's only once much of that queue has drained."""
+    queued = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _SIOCOUTQ is not None:
+        try:
+            queued += struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
+        except (OSError, ValueError):
+            pass
+    return queued
+
+
 class HttpServer:
     """Routes `(method, path)` to handlers and serves them on one listening socket."""
 
@@ -803,8 +828,8 @@ class HttpServer:
         for conn in list(self.connections):
             if conn.task is None and now - conn.last_active > IDLE_TIMEOUT_S:
                 conn._close()  # noqa: SLF001 - the server owns its connections
-            elif conn.write_paused and not conn.closed and conn.transport is not None:
-                size = conn.transport.get_write_buffer_size()
+            elif conn.write_paused and conn.transport is not None:  # closing ones too: a flush can stall
+                size = _unsent(conn.transport)
                 if size != conn.write_paused_size:  # the client took some of it: progress
                     conn.write_paused_at, conn.write_paused_size = now, size
                 elif now - conn.write_paused_at > SEND_TIMEOUT_S:
