@@ -754,3 +754,15 @@ def test_a_high_precision_request_waiting_when_compression_comes_on_is_served_un
         await svc.stop()
 
     run(main())
+
+
+def test_the_engine_simulators_mpi_refusal_is_a_pair_that_cannot_hand_off_not_a_replica_fault():
+    from baton.scheduler.endpoints import Endpoint as Ep
+    from baton.scheduler.engines import classify_failure
+
+    body = json.dumps({"object": "error", "message": (
+        "KV cache transfer over MPI needs the context and generation executors in one MPI world, launched "
+        "together; the context server at 127.0.0.1:9 was started on its own: set "
+        "cache_transceiver_config.backend to UCX or NIXL")}).encode()
+    failure = classify_failure(Ep("d1:1", "decode"), 500, body)
+    assert failure is not None and failure.kind == "kv_mismatch"

@@ -221,6 +221,16 @@ class WaitQueue(Generic[T]):
         if self._closed is not None:
             raise self._closed()
 
+    def fail_normal(self, make_exc: Callable[[], BaseException]) -> int:
+        """End every ordinary waiter (not the priority ones) with an exception from `make_exc()`."""
+        n = 0
+        while self._normal:
+            waiter = self._normal.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(make_exc())
+                n += 1
+        return n
+
     def fail_all(self, make_exc: Callable[[], BaseException]) -> int:
         """End every waiter with an exception from `make_exc()`; returns how many there were."""
         n = 0

@@ -38,6 +38,9 @@ KV_MISMATCH_MARKERS = (
     "cache-transfer protocol mismatch",
     "only support same",
     "only support equal number of heads",
+    # the engine simulator's refusal of a hand-off between separately started workers on backend MPI: a pair
+    # that can never hand off, like a KV-format mismatch (not a replica fault to retry or count)
+    "needs the context and generation executors in one MPI world",
 )
 
 

@@ -645,7 +645,16 @@ class SchedulerService:
         )
         if fresh:
             self._start_probe(fresh)
+        self._replicas_changed()
+
+    def _replicas_changed(self) -> None:
+        """Replicas came, went or changed health: waiters look again (a prefill waiter with no usable replica
+        left is routed again). With no healthy decode replica left, requests waiting for one are answered
+        503 `no_decode_endpoints` now, as a new request would be, rather than timing the wait out as if the
+        tier were only busy (held prefills wait on for their ring, bounded by the hold TTL)."""
         self.prefill_queue.notify()
+        if self.decode_queue.waiting and not any(r.healthy for r in self.decode.values()):
+            self.decode_queue.fail_normal(_no_decode_endpoints)
         self.decode_queue.notify()
 
     def _start_probe(self, replicas: list[ReplicaState]) -> None:
@@ -683,8 +692,7 @@ class SchedulerService:
                 log.warning("event=endpoint_unhealthy tier=%s endpoint=%s cause=heartbeat",
                             replica.endpoint.tier, replica.address)
         if changed:
-            self.prefill_queue.notify()
-            self.decode_queue.notify()
+            self._replicas_changed()
 
     async def heartbeat_once(self) -> None:
         """Probe idle replicas not heard from for a heartbeat period, and every unhealthy one."""
@@ -729,9 +737,7 @@ class SchedulerService:
             replica.healthy = False
             log.warning("event=endpoint_unhealthy tier=%s endpoint=%s cause=%r",
                         replica.endpoint.tier, replica.address, failure.message[:200])
-            # waiters re-check: a prefill waiter with no usable replica left is routed again
-            self.prefill_queue.notify()
-            self.decode_queue.notify()
+            self._replicas_changed()
 
     def ready(self) -> tuple[bool, str]:
         if not self.config_loaded:
@@ -910,10 +916,6 @@ class SchedulerService:
         if replica is None:
             if self.decode_throttled():  # a waiter must see the throttle lift, which nothing announces
                 self.decode_queue.wake_after(THROTTLE_RECHECK_S)
-            if local and not self._healthy_decode(excluded):
-                # the decode tier went away while this request waited for it: say so now, as to a new
-                # request, rather than time the wait out as if the tier were only busy
-                raise _no_decode_endpoints()
             return None
         if not self.decode_bucket.try_take(1):
             self.decode_queue.wake_after(self.decode_bucket.time_until(1))
