@@ -283,3 +283,13 @@ def test_fail_all_ends_every_waiter_with_its_own_error():
         assert len(q) == 0
 
     asyncio.run(scenario())
+
+
+def test_a_bucket_takes_back_what_was_taken_for_work_that_did_not_happen():
+    now = [0.0]
+    bucket = TokenBucket(rate=10, burst=100, clock=lambda: now[0])
+    assert bucket.try_take(80) and bucket.available() == pytest.approx(20)
+    bucket.give_back(80)
+    assert bucket.available() == pytest.approx(100)
+    bucket.give_back(50)  # never above the burst
+    assert bucket.available() == pytest.approx(100)

@@ -738,7 +738,7 @@ def test_a_high_precision_request_waiting_when_compression_comes_on_is_served_un
     reload turns fp8 on: it then takes the local route, never a compressed KV transfer."""
     async def main():
         routing = ("routing: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100, prefillBatchSize: 1, "
-                   "maxConcurrentPrefills: 1%s}\n")
+                   "maxConcurrentPrefills: 1%s}\nadmission: {prefillTokensPerSecond: 1, prefillBurstTokens: 1000}\n")
         svc, engine = make(routing % "", decode=("d1:1",))
         engine.delay = 0.3
         first = asyncio.create_task(svc.complete("completions", long_request(500), {}))
@@ -751,6 +751,8 @@ def test_a_high_precision_request_waiting_when_compression_comes_on_is_served_un
         assert reply.status == 200 and reply.headers["X-Baton-Route"] == "local"
         assert "X-Baton-Prefill-Endpoint" not in reply.headers
         assert (await first).headers["X-Baton-Route"] == "disaggregated"
+        # only the first request's prompt was prefilled on the tier: the other's tokens came back
+        assert 500 <= svc.prefill_bucket.available() < 510
         await svc.stop()
 
     run(main())

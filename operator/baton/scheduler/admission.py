@@ -83,6 +83,13 @@ class TokenBucket:
             return True
         return False
 
+    def give_back(self, amount: float) -> None:
+        """Return what a `try_take` took for work that then did not happen (capped at the burst)."""
+        if self.unlimited:
+            return
+        self._refill()
+        self._tokens = min(self.burst, self._tokens + amount)
+
     def time_until(self, amount: float) -> float:
         """Seconds until `try_take(amount)` would succeed (0 if it would now)."""
         if self.unlimited:

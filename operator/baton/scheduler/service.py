@@ -1103,6 +1103,7 @@ class SchedulerService:
                 continue  # the prefill tier went away while this request waited: route it again (above)
             if req.high_precision and self.config.routing.kv_transfer_compression == "fp8":
                 self._release_prefill(prefill, req.tokens)  # compression came on while it waited: local
+                self.prefill_bucket.give_back(req.tokens)  # and it will not prefill on this tier after all
                 continue
             ctx.prefill = prefill
             ctx.decode = None
