@@ -1343,6 +1343,20 @@ def test_push_producer_is_aborted_when_the_client_closes_mid_stream():
     run(main())
 
 
+async def started_with_two_clients(path, handler, *targets):
+    """A server (stopped by the test itself) routing GET `path` to `handler`, and one client connection per
+    target, each having sent its GET."""
+    server = HttpServer()
+    server.route("GET", path, handler)
+    await server.start(HOST, 0)
+    clients = []
+    for target in targets:
+        reader, writer = await connect(server.port)
+        writer.write(get(target))
+        clients.append((reader, writer))
+    return server, clients
+
+
 def test_stop_lets_a_producer_that_can_cut_end_its_answer_and_aborts_one_that_cannot():
     """At the end of the drain an unfinished pushed answer is cut: a producer with `cut()` ends it itself
     (the client reads a final piece and the end of the chunked body); one without is aborted (the body just
@@ -1359,13 +1373,8 @@ def test_stop_lets_a_producer_that_can_cut_end_its_answer_and_aborts_one_that_ca
         return PushResponse(producers[-1])
 
     async def main():
-        server = HttpServer()
-        server.route("GET", "/p", push)
-        await server.start(HOST, 0)
-        cut_reader, cut_writer = await connect(server.port)
-        cut_writer.write(get("/p?cut"))
-        plain_reader, plain_writer = await connect(server.port)
-        plain_writer.write(get("/p?plain"))
+        server, ((cut_reader, cut_writer), (plain_reader, plain_writer)) = await started_with_two_clients(
+            "/p", push, "/p?cut", "/p?plain")
         await until(lambda: len(producers) == 2 and all(p.sent == 256 for p in producers),
                     what="both answers to start")
         await server.stop(grace_s=0.1, after_s=0.1)
@@ -1538,13 +1547,8 @@ def test_stop_calls_before_cancel_once_and_lets_handlers_answer_before_cancellin
         shutting_down.set()
 
     async def main():
-        server = HttpServer()
-        server.route("GET", "/w", waiting)
-        await server.start(HOST, 0)
-        polite_reader, polite_writer = await connect(server.port)
-        polite_writer.write(get("/w?polite"))
-        stubborn_reader, stubborn_writer = await connect(server.port)
-        stubborn_writer.write(get("/w?stubborn"))
+        server, ((polite_reader, polite_writer), (stubborn_reader, stubborn_writer)) = await started_with_two_clients(
+            "/w", waiting, "/w?polite", "/w?stubborn")
         await until(lambda: len(entered) == 2, what="both handlers to start")
         started = time.monotonic()
         await server.stop(grace_s=0.2, before_cancel=before_cancel, after_s=0.5)
