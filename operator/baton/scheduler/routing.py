@@ -64,11 +64,16 @@ def classify(tokens: int, config: RoutingConfig) -> Band:
     return Band.MEDIUM
 
 
+def must_stay_uncompressed(high_precision: bool, config: RoutingConfig) -> bool:
+    """A high-precision request while KV transfers are compressed: it is served locally, never handed off."""
+    return high_precision and config.kv_transfer_compression == "fp8"
+
+
 def decide(tokens: int, high_precision: bool, config: RoutingConfig, view: LoadView) -> Decision:
     band = classify(tokens, config)
     if not view.prefill_available:
         return Decision(Route.LOCAL, "no-prefill-pair", band)
-    if high_precision and config.kv_transfer_compression == "fp8":
+    if must_stay_uncompressed(high_precision, config):
         return Decision(Route.LOCAL, "high-precision", band)
     if band is Band.LONG:
         return Decision(Route.DISAGGREGATED, "long-prompt", band)

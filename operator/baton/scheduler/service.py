@@ -28,7 +28,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 
 from baton import tokens
@@ -80,7 +80,7 @@ from baton.scheduler.requests import (
     parse_context_answer,
     parse_request,
 )
-from baton.scheduler.routing import Band, Decision, LoadView, Route, classify, decide
+from baton.scheduler.routing import Band, Decision, LoadView, Route, classify, decide, must_stay_uncompressed
 
 log = logging.getLogger("baton.scheduler")
 
@@ -653,7 +653,7 @@ class SchedulerService:
         503 `no_decode_endpoints` now, as a new request would be, rather than timing the wait out as if the
         tier were only busy (held prefills wait on for their ring, bounded by the hold TTL)."""
         self.prefill_queue.notify()
-        if self.decode_queue.waiting and not any(r.healthy for r in self.decode.values()):
+        if self.decode_queue.waiting and not self._healthy_decode():
             self.decode_queue.fail_normal(_no_decode_endpoints)
         self.decode_queue.notify()
 
@@ -742,7 +742,7 @@ class SchedulerService:
     def ready(self) -> tuple[bool, str]:
         if not self.config_loaded:
             return False, "config not loaded"
-        if not any(r.healthy for r in self.decode.values()):
+        if not self._healthy_decode():
             return False, "no healthy decode endpoint"
         return True, "ok"
 
@@ -926,8 +926,8 @@ class SchedulerService:
             replica.local_prefills += 1
         return _DecodeLease(self, replica, local)
 
-    def _healthy_decode(self, excluded: set[str]) -> bool:
-        """Whether a healthy decode replica this request may use is left (busy or not)."""
+    def _healthy_decode(self, excluded: Collection[str] = ()) -> bool:
+        """Whether a healthy decode replica (one a request that avoids `excluded` may use) is left, busy or not."""
         return any(r.healthy and r.address not in excluded for r in self.decode.values())
 
     def _try_prefill(self, tokens: int, excluded: set[str]) -> ReplicaState | None:
@@ -1078,7 +1078,7 @@ class SchedulerService:
         req = ctx.req
         assert req is not None
         while True:
-            if req.high_precision and self.config.routing.kv_transfer_compression == "fp8":
+            if must_stay_uncompressed(req.high_precision, self.config.routing):
                 # compression came on (a reload) after this request was routed: it must not be compressed
                 self._route(ctx, LOCAL, "high-precision")
                 return await self._serve_local(ctx)
@@ -1101,7 +1101,7 @@ class SchedulerService:
                 )
             except _NoPrefillPair:
                 continue  # the prefill tier went away while this request waited: route it again (above)
-            if req.high_precision and self.config.routing.kv_transfer_compression == "fp8":
+            if must_stay_uncompressed(req.high_precision, self.config.routing):
                 self._release_prefill(prefill, req.tokens)  # compression came on while it waited: local
                 self.prefill_bucket.give_back(req.tokens)  # and it will not prefill on this tier after all
                 continue
