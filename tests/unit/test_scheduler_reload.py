@@ -114,6 +114,14 @@ def make(config_yaml: str = "", prefill=("p1:1",), decode=("d1:1", "d2:1")):
     return svc, _built
 
 
+async def held_request(svc: SchedulerService, request_id: str) -> asyncio.Task:
+    """Fill the only decode replica and send a long prompt: its prefill finishes and is held. Its task."""
+    svc.decode["d1:1"].active = 1
+    task = asyncio.create_task(svc.complete("completions", long_request(), {"X-Request-Id": request_id}))
+    await asyncio.sleep(0.05)
+    return task
+
+
 def reloads(svc: SchedulerService) -> list[str]:
     seen: list[str] = []
     orig = svc.hooks.config_reload
@@ -387,9 +395,7 @@ def test_a_store_change_moves_the_held_requests_which_still_resume_and_remove_th
     async def main():
         svc, built = make(full, decode=("d1:1",))
         seen = reloads(svc)
-        svc.decode["d1:1"].active = 1  # decode full: finished prefills are held
-        first = asyncio.create_task(svc.complete("completions", long_request(), {"X-Request-Id": "held-1"}))
-        await asyncio.sleep(0.05)
+        first = await held_request(svc, "held-1")
         memory = svc.holds
         assert memory.kind == "memory" and len(memory) == 1
         key1 = memory.held()[0].key
@@ -469,9 +475,7 @@ def test_a_rotated_redis_url_file_moves_the_holds_to_the_new_redis_without_a_res
         svc.update_endpoints([Endpoint("p1:1", "prefill")], [Endpoint("d1:1", "decode")])
         seen = reloads(svc)
         assert await polls(watcher) == [False, False]  # nothing changed: nothing applied
-        svc.decode["d1:1"].active = 1  # decode full: the finished prefill is held
-        held = asyncio.create_task(svc.complete("completions", long_request(), {"X-Request-Id": "rotated"}))
-        await asyncio.sleep(0.05)
+        held = await held_request(svc, "rotated")
         await svc.holds.flush()
         (hold,) = svc.holds.held()
         assert keys(db0) == [f"baton:hold:{hold.key}"] and keys(db1) == []
@@ -595,9 +599,7 @@ def test_two_quick_store_changes_back_to_the_same_redis_keep_the_held_requests_p
     async def main():
         svc, _ = make(to_redis, decode=("d1:1",))
         seen = reloads(svc)
-        svc.decode["d1:1"].active = 1  # decode full: finished prefills are held
-        task = asyncio.create_task(svc.complete("completions", long_request(), {"X-Request-Id": "held-1"}))
-        await asyncio.sleep(0.05)
+        task = await held_request(svc, "held-1")
         await svc.holds.flush()
         (hold,) = svc.holds.held()
         key = f"baton:hold:{hold.key}"

@@ -6,6 +6,8 @@ import asyncio
 import json
 import time
 
+from http1_harness import until
+
 from baton.scheduler.config import parse_config
 from baton.scheduler.endpoints import Endpoint
 from baton.scheduler.engines import EngineFailure
@@ -582,16 +584,10 @@ def test_a_client_that_stops_reading_its_stream_gives_its_decode_slot_back(monke
         body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 5000, "stream": True}).encode()
         client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         replica = svc.decode[address]
-        for _ in range(100):
-            if replica.active == 1:
-                break
-            await asyncio.sleep(0.01)
-        assert replica.active == 1
-        for _ in range(300):  # within a few send timeouts, with the client's socket still open
-            if replica.active == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert replica.active == 0 and outcomes == ["cancelled"]
+        await until(lambda: replica.active == 1, 1.0, "the stream to take the decode slot")
+        # within a few send timeouts, with the client's socket still open
+        await until(lambda: replica.active == 0, 3.0, "the stalled stream to give the slot back")
+        assert outcomes == ["cancelled"]
         client.close()
         await server.stop(0.1)
         await svc.stop()
@@ -647,11 +643,8 @@ def test_a_hold_stranded_twice_fails_with_a_message_that_says_so_not_a_ttl_expir
         svc.decode["d1:1"].active = 1  # decode full: every finished prefill is held
         task = asyncio.create_task(svc.complete("completions", long_request(), {}))
         for held in (1, 2):
-            for _ in range(100):
-                if events.count("held") == held:
-                    break
-                await asyncio.sleep(0.01)
-            assert events.count("held") == held and len(svc.holds) == 1
+            await until(lambda: events.count("held") == held, 1.0, f"hold number {held}")
+            assert len(svc.holds) == 1
             pod = f"pod-{held}"
             svc.update_endpoints([Endpoint("p1:1", "prefill", pod=pod)], [Endpoint("d1:1", "decode")])
             svc.decode["d1:1"].active = 1
@@ -701,11 +694,7 @@ def test_a_reload_that_shortens_the_heartbeat_applies_at_once():
         assert not svc.decode["d1:1"].healthy
         engine.fail.clear()  # the replica is back; only a heartbeat can tell
         svc.apply_config(parse_config("model: m\nheartbeatSeconds: 0.1\n"))
-        for _ in range(100):
-            if svc.decode["d1:1"].healthy:
-                break
-            await asyncio.sleep(0.02)
-        assert svc.decode["d1:1"].healthy, "still waiting out the old 3600 s period"
+        await until(lambda: svc.decode["d1:1"].healthy, 2.0, "a heartbeat at the new period (not the old 3600 s)")
         await svc.stop()
 
     run(main())
