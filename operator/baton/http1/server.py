@@ -309,8 +309,8 @@ class _Connection(ReusedBufferProtocol):
         self.continue_owed = False  # a 100 Continue to send once the answers before it are out
         self.paused_reading = False
         self.write_paused = False
-        self.write_paused_at = 0.0  # loop time the full write buffer last filled up or shrank
-        self.write_paused_size = 0  # its size then
+        self.write_paused_at = 0.0  # loop time the sweep last saw what is queued for the client change
+        self.write_paused_size = 0  # how much that was (-1: not seen since the buffer filled)
         self.drain_waiter: asyncio.Future[None] | None = None
         self.producer: Producer | None = None
         self.push_done: asyncio.Future[None] | None = None
@@ -350,8 +350,7 @@ class _Connection(ReusedBufferProtocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.write_paused_at = self.server.loop.time()
-        self.write_paused_size = -1  # read at the next sweep
+        self.write_paused_size = -1  # the next sweep reads it and starts the clock
         if self.producer is not None:
             self.producer.pause()
 
