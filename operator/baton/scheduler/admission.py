@@ -99,6 +99,17 @@ class TokenBucket:
         return max(0.0, need / self.rate)
 
 
+def _fail_waiters(queue: deque[_Waiter], make_exc: Callable[[], BaseException]) -> int:
+    """Empty `queue`, ending each waiter not yet served with an exception from `make_exc()`; how many."""
+    n = 0
+    while queue:
+        waiter = queue.popleft()
+        if not waiter.future.done():
+            waiter.future.set_exception(make_exc())
+            n += 1
+    return n
+
+
 class QueueTimeout(Exception):
     """A waiter was not served within its timeout."""
 
@@ -151,8 +162,8 @@ class WaitQueue(Generic[T]):
         timeout: float,
         priority: bool = False,
     ) -> T:
-        """Reserve a slot now or wait for one; raises QueueTimeout after `timeout` seconds, and what `close`
-        gave it once the queue is shut."""
+        """Reserve a slot now or wait for one; raises QueueTimeout after `timeout` seconds, and what `shut`
+        was given once the queue is shut."""
         self.check_open()
         ahead = self._priority if priority else (self._priority or self._normal)
         queued_behind = self.strict and bool(ahead)
@@ -230,24 +241,11 @@ class WaitQueue(Generic[T]):
 
     def fail_normal(self, make_exc: Callable[[], BaseException]) -> int:
         """End every ordinary waiter (not the priority ones) with an exception from `make_exc()`."""
-        n = 0
-        while self._normal:
-            waiter = self._normal.popleft()
-            if not waiter.future.done():
-                waiter.future.set_exception(make_exc())
-                n += 1
-        return n
+        return _fail_waiters(self._normal, make_exc)
 
     def fail_all(self, make_exc: Callable[[], BaseException]) -> int:
         """End every waiter with an exception from `make_exc()`; returns how many there were."""
-        n = 0
-        for queue in (self._priority, self._normal):
-            while queue:
-                waiter = queue.popleft()
-                if not waiter.future.done():
-                    waiter.future.set_exception(make_exc())
-                    n += 1
-        return n
+        return _fail_waiters(self._priority, make_exc) + _fail_waiters(self._normal, make_exc)
 
     def wake_after(self, delay: float) -> None:
         """Run `notify()` again after `delay` seconds (e.g. when a token bucket refills)."""
