@@ -80,7 +80,7 @@ from baton.scheduler.requests import (
     parse_context_answer,
     parse_request,
 )
-from baton.scheduler.routing import Band, Decision, LoadView, Route, classify, decide, must_stay_uncompressed
+from baton.scheduler.routing import Band, LoadView, Route, classify, decide, must_stay_uncompressed
 
 log = logging.getLogger("baton.scheduler")
 
@@ -998,12 +998,11 @@ class SchedulerService:
             self._account(ctx, "cancelled", 499, "the client closed the connection before the answer started")
             raise
 
-    def _decide(self, ctx: _Ctx) -> Decision:
+    def _decide(self, ctx: _Ctx) -> None:
         req = ctx.req
         assert req is not None
         decision = decide(req.tokens, req.high_precision, self.config.routing, self._load_view(req, ctx.excluded))
         self._route(ctx, decision.route.value, decision.reason)
-        return decision
 
     def _route(self, ctx: _Ctx, route: str, reason: str) -> None:
         """Send the request down `route`, counted: its first decision, a retry's, or a fallback's."""
@@ -1155,16 +1154,16 @@ class SchedulerService:
                     log.warning("event=hold_reprefill request_id=%s prefill=%s", ctx.rid, prefill.address)
                     ctx.mark = self.clock()
                     continue
+                if ctx.stranded:
+                    raise SchedulerError(
+                        503, f"the prefill replica {prefill.address} holding this request's KV cache left before a "
+                        "decode slot freed (an engine generation switch or a restart), and the request was already "
+                        "prefilled again once (or the retry budget is spent); retry it",
+                        "hold_stranded", "service_unavailable")
                 raise SchedulerError(
-                    503,
-                    f"no decode slot freed within degradation.holdTtlSeconds="
-                    f"{self.config.degradation.hold_ttl_seconds:g}s after prefill (decode tier saturated)"
-                    if not ctx.stranded else
-                    f"the prefill replica {prefill.address} holding this request's KV cache left before a decode "
-                    "slot freed (an engine generation switch or a restart), and the request was already "
-                    "prefilled again once (or the retry budget is spent); retry it",
-                    "hold_expired" if not ctx.stranded else "hold_stranded", "service_unavailable",
-                )
+                    503, f"no decode slot freed within degradation.holdTtlSeconds="
+                    f"{self.config.degradation.hold_ttl_seconds:g}s after prefill (decode tier saturated)",
+                    "hold_expired", "service_unavailable")
             ctx.decode = lease.replica
             ctx.generation = self._serving_generation()
             body = req.generation_body(handle, ids_json if ids_json is not None else answer.get("prompt_token_ids"))
