@@ -189,6 +189,15 @@ def trtllm_version_from_image(image: str) -> str | None:
     return tag if re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+[a-z0-9.+-]*", tag) else None
 
 
+def on_mount(path: str, mounts: Mapping[str, Path]) -> str | None:
+    """`path` in the container as the local path behind it, when it is a mount (mountPath -> local
+    directory) or inside one; None otherwise."""
+    for mount_path, local in mounts.items():
+        if path == mount_path or path.startswith(mount_path + "/"):
+            return str(local) + path[len(mount_path):]
+    return None
+
+
 def expand(value: str, env: Mapping[str, str]) -> str:
     """Kubernetes' `$(VAR)` expansion (k8s.io/kubernetes third_party/forked/golang/expansion): `$(VAR)`
     becomes VAR's value when VAR is defined and stays as written otherwise, `$$` is a literal `$` (so
@@ -649,14 +658,12 @@ class PodRunner:
         degradation = config.get("degradation")
         url_file = degradation.get("redisUrlFile") if isinstance(degradation, dict) else None
         if isinstance(url_file, str) and url_file:
-            for mount_path, local_dir in mounts.items():
-                if url_file.startswith(mount_path + "/"):
-                    degradation["redisUrlFile"] = str(local_dir) + url_file[len(mount_path):]
-                    localised = True
-                    break
-            else:
+            local_file = on_mount(url_file, mounts)
+            if local_file is None:
                 raise RuntimeError(f"the scheduler's degradation.redisUrlFile {url_file} is on no Secret or "
                                    f"ConfigMap mount of its pod")
+            degradation["redisUrlFile"] = local_file
+            localised = True
         section = config.get("tokenizer") or {}
         if section.get("path"):
             local = self._mounted_path(pod, container, section["path"])
@@ -695,10 +702,7 @@ class PodRunner:
 
         def localise(arg: str) -> str:
             arg = expand(arg, env)
-            for mount_path, local in mounts.items():
-                if arg == mount_path or arg.startswith(mount_path + "/"):
-                    return str(local) + arg[len(mount_path):]
-            return arg
+            return on_mount(arg, mounts) or arg
 
         command = [localise(a) for a in (container.command or [])]
         args = [localise(a) for a in (container.args or [])]
