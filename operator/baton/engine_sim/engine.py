@@ -529,8 +529,7 @@ class Engine:
             budget = cfg.max_num_tokens - len(decoders)
             prefills: list[tuple[Seq, int]] = []  # (sequence, prompt position its prefill reaches this iteration)
             ctx_tokens = 0  # context tokens of this iteration: whole prompts and chunks
-            fresh_tokens = 0  # of them, those of whole prompts and first chunks
-            continued: list[tuple[int, int]] = []  # (start, end) of later chunks
+            spans: list[tuple[int, int]] = []  # (start, end) prompt positions of each prefill in this pass
             tpb = cfg.tokens_per_block
             for s in waiting_prefill:
                 start = s.prefilled
@@ -551,10 +550,7 @@ class Engine:
                     break
                 prefills.append((s, start + take))
                 ctx_tokens += take
-                if start == 0:
-                    fresh_tokens += take
-                else:
-                    continued.append((start, start + take))
+                spans.append((start, start + take))
                 if take < left:
                     break  # the budget is used up
             if not prefills and not decoders:
@@ -562,7 +558,7 @@ class Engine:
                 await self._wake.wait()
                 continue
             context = sum(s.prompt.length + len(s.tokens) for s in decoders) / len(decoders) if decoders else 0.0
-            delay = model.iteration_seconds(fresh_tokens, len(decoders), context, continued)
+            delay = model.iteration_seconds(spans, len(decoders), context)
             self._iter += 1
             it = self._iter
             started = loop.time()

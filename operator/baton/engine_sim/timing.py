@@ -1,17 +1,18 @@
 """The simulator's timing model: how long a prefill, a decode step and a KV transfer take.
 
 Measured (the table, by default `timing_h200.json`, derived from shared/calibration/h200-llama3-shapes.json):
-- prefill time of one forward pass as a function of the total prompt tokens in the iteration;
+- prefill time of one forward pass over one prompt, by its length (the batch-1 curve), and the attention
+  coefficient that splits it into a part linear in the tokens of the pass and a part quadratic in each
+  sequence's own length (fitted to the batched prefill points: `ModelTiming.prefill_pass`);
 - decode-step time as a function of the batch size and the context length per sequence.
 Assumed (documented in docs/engine-simulator.md):
 - another model scales the nearest calibrated model's times by the ratio of parameter counts;
 - tensor parallelism of N divides times by N x efficiency (default 0.85); pipeline parallelism does not
   change the time of one iteration;
 - a mixed iteration costs prefill + decode (no fusion discount);
-- a chunk of a chunked prefill (enable_chunked_prefill) over prompt tokens [start, end) costs
-  prefill(end) - prefill(start) on the batch-1 curve (its tokens attend to the `start` tokens before them),
-  so the chunks of one prompt add up to one full-length prefill; an iteration never costs less than one
-  pass over all of its context tokens, prefill(total) (`ModelTiming.prefill_with_chunks`);
+- a pass's tokens attend only to their own sequence: a batch of prompts costs the pass over all their
+  tokens plus each prompt's own attention, and a chunk of a chunked prefill (enable_chunked_prefill) over
+  prompt positions [start, end) is charged the attention it adds, c x (end^2 - start^2);
 - KV transfer time = KV bytes / link rate.
 Every modelled delay is multiplied by the time scale (`--sim-speed`; 0 = no delays at all).
 
@@ -28,6 +29,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 DEFAULT_TABLE_PATH = Path(__file__).with_name("timing_h200.json")
@@ -86,7 +88,13 @@ def shape_from_hf_config(config: Mapping[str, object]) -> dict:
 
 @dataclass(frozen=True)
 class ModelTiming:
-    """One calibrated model: prefill curve and a full decode grid, times in milliseconds on one GPU."""
+    """One calibrated model: prefill curve and a full decode grid, times in milliseconds on one GPU.
+
+    A prefill pass splits into a part linear in its tokens (weights, projections, MLP: `linear_ms` by pass
+    size, interpolated) and attention, which is quadratic in each sequence's own length: a sequence whose
+    pass covers prompt positions [start, end) adds `attention_ms_per_token2` x (end^2 - start^2). The
+    linear points are the batch-1 curve minus its attention, so one whole prompt costs what the batch-1
+    curve says at every measured length."""
 
     name: str
     shape: Mapping[str, object]
@@ -95,33 +103,40 @@ class ModelTiming:
     decode_batches: tuple[float, ...]
     decode_contexts: tuple[float, ...]
     decode_grid_ms: tuple[tuple[float, ...], ...]  # [batch index][context index]
+    attention_ms_per_token2: float = 0.0
 
     @property
     def params(self) -> float:
         return estimate_params(self.shape)
 
+    @cached_property
+    def linear_ms(self) -> tuple[float, ...]:
+        """The batch-1 curve without its attention term, at the same token counts."""
+        c = self.attention_ms_per_token2
+        return tuple(ms - c * t * t for t, ms in zip(self.prefill_tokens, self.prefill_ms))
+
     def prefill(self, tokens: float) -> float:
-        """Milliseconds for one prefill pass over `tokens` prompt tokens in total."""
+        """Milliseconds for one prefill pass over one prompt of `tokens` tokens (nothing cached before it)."""
         if tokens <= 0:
             return 0.0
-        return interp_loglog(self.prefill_tokens, self.prefill_ms, tokens)
+        return self.prefill_pass(((0.0, tokens),))
 
-    def prefill_with_chunks(self, fresh_tokens: float, continued: Sequence[tuple[float, float]] = ()) -> float:
+    def prefill_pass(self, spans: Sequence[tuple[float, float]]) -> float:
         """Milliseconds for the context part of one iteration.
 
-        `fresh_tokens`: prompt tokens of whole prompts and of first chunks (nothing before them is cached);
-        `continued`: (start, end) of each later chunk of a chunked prefill, whose tokens attend to the
-        `start` prompt tokens already in the KV cache. A later chunk costs what the batch-1 curve adds from
-        `start` to `end`, prefill(end) - prefill(start), so the chunks of one prompt sum to prefill(prompt).
-        The iteration costs at least one pass over all its tokens, prefill(fresh + chunk tokens): where the
-        curve is flat (small passes are bound by weight reads) a small chunk costs what a small pass costs.
-        Without `continued` this is prefill(fresh_tokens)."""
-        base = self.prefill(fresh_tokens)
-        if not continued:
-            return base
-        marginal = sum(self.prefill(end) - self.prefill(start) for start, end in continued)
-        total = fresh_tokens + sum(end - start for start, end in continued)
-        return max(self.prefill(total), base + marginal)
+        `spans`: for each sequence prefilled in the pass, the prompt positions (start, end) it covers; start
+        is 0 for a whole prompt or a first chunk, and the number of tokens already in the KV cache for a
+        later chunk of a chunked prefill. The pass costs the linear part over all its tokens plus each
+        sequence's attention, c x (end^2 - start^2): tokens attend to their own sequence only, so a batch of
+        short prompts costs less than one prompt of the same total, and a chunk late in a long prompt more
+        than the same number of fresh tokens. The chunks of one prompt add up to about one full-length
+        prefill (a little more where the linear part is flat: small passes are bound by weight reads)."""
+        tokens = sum(end - start for start, end in spans)
+        if tokens <= 0:
+            return 0.0
+        c = self.attention_ms_per_token2
+        attention = c * sum(end * end - start * start for start, end in spans)
+        return interp_loglog(self.prefill_tokens, self.linear_ms, tokens) + attention
 
     def decode(self, batch: float, context: float) -> float:
         """Milliseconds for one decode step of `batch` sequences with `context` cached tokens each."""
@@ -140,6 +155,33 @@ class TimingTable:
     def nearest(self, params: float) -> ModelTiming:
         """The calibrated model whose parameter count is nearest to `params` on a log scale."""
         return min(self.models.values(), key=lambda m: abs(math.log(params / m.params)))
+
+
+def attention_from_batched(prefill: Sequence[tuple[float, float]], batched: Sequence[Mapping[str, float]]) -> float | None:
+    """The attention coefficient (ms per token^2) the batched prefill points measure, or None without any.
+
+    B prompts of T tokens in one pass cost the linear part over B x T tokens plus B x c x T^2, while one
+    prompt of B x T tokens costs the same linear part plus c x (B x T)^2: the batch-1 curve at B x T minus
+    the batched time is c x B x (B - 1) x T^2. The median over the batched points is taken."""
+    tokens = [t for t, _ in prefill]
+    ms = [m for _, m in prefill]
+    estimates = [
+        (interp_loglog(tokens, ms, p["batch"] * p["tokens"]) - p["ms"]) / (p["batch"] * (p["batch"] - 1) * p["tokens"] ** 2)
+        for p in batched
+        if p["batch"] > 1 and p["tokens"] > 0
+    ]
+    return max(statistics.median(estimates), 0.0) if estimates else None
+
+
+def attention_from_curve(tokens: Sequence[float], ms: Sequence[float]) -> float:
+    """The attention coefficient the batch-1 curve implies when no batched point says otherwise: the growth
+    of the time per token between its last two points (the linear part's time per token being constant
+    there), kept small enough that the linear part stays at least a tenth of every measured point."""
+    if len(tokens) < 2:
+        return 0.0
+    (t1, t2), (m1, m2) = tokens[-2:], ms[-2:]
+    c = max((m2 / t2 - m1 / t1) / (t2 - t1), 0.0)
+    return min(c, 0.9 * min(m / (t * t) for t, m in zip(tokens, ms)))
 
 
 def _ascending(name: str, values: Sequence[float]) -> tuple[float, ...]:
@@ -171,14 +213,27 @@ def table_from_dict(data: Mapping[str, object]) -> TimingTable:
             raise ValueError(f"{name}.decode.ms must be a {len(batches)}x{len(contexts)} grid")
         if any(v <= 0 for row in grid for v in row) or any(ms <= 0 for _, ms in prefill):
             raise ValueError(f"{name}: times must be positive")
+        prefill_tokens = _ascending(f"{name}.prefill tokens", [t for t, _ in prefill])
+        prefill_ms = tuple(ms for _, ms in prefill)
+        attention = m.get("attention_ms_per_token2")
+        if attention is None:
+            attention = attention_from_curve(prefill_tokens, prefill_ms)
+        elif isinstance(attention, bool) or not isinstance(attention, (int, float)) or attention < 0:
+            raise ValueError(f"{name}.attention_ms_per_token2 must be a number >= 0, got {attention!r}")
+        for t, ms in zip(prefill_tokens, prefill_ms):
+            if attention * t * t >= ms:
+                raise ValueError(
+                    f"{name}.attention_ms_per_token2={attention} is too large: attention alone would take "
+                    f"{attention * t * t:.4g} ms of the {ms:.4g} ms measured for a {t:.0f}-token prefill")
         models[name] = ModelTiming(
             name=name,
             shape=dict(m["shape"]),
-            prefill_tokens=_ascending(f"{name}.prefill tokens", [t for t, _ in prefill]),
-            prefill_ms=tuple(ms for _, ms in prefill),
+            prefill_tokens=prefill_tokens,
+            prefill_ms=prefill_ms,
             decode_batches=batches,
             decode_contexts=contexts,
             decode_grid_ms=grid,
+            attention_ms_per_token2=float(attention),
         )
     return TimingTable(models=models, provenance=dict(data.get("provenance") or {}))  # type: ignore[arg-type]
 
@@ -191,9 +246,8 @@ def load_table(path: Path | None = None) -> TimingTable:
 def table_from_calibration(raw: Mapping[str, object], *, source: str = "calibration file") -> dict:
     """Turn measure.py output into Baton's table format.
 
-    - prefill: the batch-1 points (tokens -> ms_full_est); batched points are kept aside for reference only,
-      since the model is a function of total tokens and batch-1 timings (which include one long sequence's
-      attention) are the conservative choice;
+    - prefill: the batch-1 points (tokens -> ms_full_est), and the attention coefficient the batched points
+      measure (`attention_from_batched`); each batched point is kept with what the model gives for it;
     - decode: the (batch, context) points (ms_step_full_est, CUDA-graph replay) on the full grid of measured
       batches x contexts; a missing cell is filled from the nearest measured context in the same batch row
       plus `kv_slope x batch x (context difference)`, where kv_slope is the median over measured neighbours
@@ -240,10 +294,21 @@ def table_from_calibration(raw: Mapping[str, object], *, source: str = "calibrat
                 row.append(round(measured[(b, c0)] + kv_slope * b * (c - c0), 4))
                 filled.append([b, c])
             grid.append(row)
+        curve_tokens, curve_ms = [t for t, _ in prefill], [ms for _, ms in prefill]
+        attention = attention_from_batched(prefill, batched)
+        if attention is None:
+            attention = attention_from_curve(curve_tokens, curve_ms)
+        attention = float(f"{min(attention, 0.9 * min(ms / (t * t) for t, ms in prefill)):.6g}")
+        linear = [ms - attention * t * t for t, ms in prefill]
+        for p in batched:
+            total = p["batch"] * p["tokens"]
+            p["modelled_ms"] = round(interp_loglog(curve_tokens, linear, total)
+                                     + attention * p["batch"] * p["tokens"] ** 2, 4)
         out_models[name] = {
             "shape": shape,
             "prefill": [[t, ms] for t, ms in prefill],
-            "prefill_batched_reference": batched,
+            "attention_ms_per_token2": attention,
+            "prefill_batched": batched,
             "decode": {"batches": batches, "contexts": contexts, "ms": grid, "filled_cells": filled},
             "kv_slope_ms_per_token": kv_slope,
         }
@@ -255,7 +320,9 @@ def table_from_calibration(raw: Mapping[str, object], *, source: str = "calibrat
         "dtype": raw.get("dtype"),
         "note": raw.get("note"),
         "method": (
-            "prefill = batch-1 ms_full_est by prompt tokens; decode = ms_step_full_est (CUDA graph) on the "
+            "prefill = batch-1 ms_full_est by prompt tokens; attention_ms_per_token2 = median over the batched "
+            "prefill points of (batch-1 ms at batch x tokens - batched ms) / (batch x (batch - 1) x tokens^2), "
+            "each batched point kept with the model's modelled_ms; decode = ms_step_full_est (CUDA graph) on the "
             "batch x context grid; cells listed in decode.filled_cells were not measured and are filled from "
             "the nearest measured context in the same batch row + kv_slope_ms_per_token x batch x delta context"
         ),
@@ -283,21 +350,20 @@ class TimingModel:
             return 0.0
         return ms / 1000.0 * self.param_scale / self.tp_speedup * self.time_scale
 
-    def prefill_seconds(self, total_tokens: int) -> float:
-        return self._seconds(self.model.prefill(total_tokens))
+    def prefill_seconds(self, tokens: int) -> float:
+        """One prefill pass over one prompt of `tokens` tokens."""
+        return self._seconds(self.model.prefill(tokens))
 
     def decode_seconds(self, batch: int, mean_context: float) -> float:
         return self._seconds(self.model.decode(batch, mean_context))
 
-    def iteration_seconds(self, prefill_tokens: int, decode_batch: int, mean_context: float,
-                          continued_chunks: Sequence[tuple[int, int]] = ()) -> float:
-        """One iteration: `prefill_tokens` fresh prompt tokens (whole prompts and first chunks), the later
-        chunks `continued_chunks` ((start, end) prompt positions, `ModelTiming.prefill_with_chunks`) and one
-        decode step of `decode_batch` sequences."""
+    def iteration_seconds(self, prefill_spans: Sequence[tuple[int, int]], decode_batch: int,
+                          mean_context: float) -> float:
+        """One iteration: the prefill pass over `prefill_spans` ((start, end) prompt positions of each
+        sequence prefilled, `ModelTiming.prefill_pass`) and one decode step of `decode_batch` sequences."""
         if self.time_scale == 0.0:
             return 0.0
-        return (self._seconds(self.model.prefill_with_chunks(prefill_tokens, continued_chunks))
-                + self.decode_seconds(decode_batch, mean_context))
+        return self._seconds(self.model.prefill_pass(prefill_spans)) + self.decode_seconds(decode_batch, mean_context)
 
     def transfer_seconds(self, num_bytes: int, link_bytes_per_s: float | None = None, streams: int = 1) -> float:
         """`num_bytes` over the slower of this worker's and the peer's per-GPU link, `streams` GPU pairs
