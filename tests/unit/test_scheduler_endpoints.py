@@ -47,7 +47,8 @@ def test_fingerprint_and_generation_come_from_the_pod():
 
     out = endpoints_from_slices([SLICE], 8000, "decode", pod_info, generation="g2")
     # m-decode-1 belongs to another generation; unlabelled m-decode-3 is kept
-    assert [(e.address, e.fingerprint) for e in out] == [("127.244.1.5:8000", "fpA"), ("127.244.2.10:8000", None)]
+    assert [(e.address, e.fingerprint, e.generation) for e in out] == [("127.244.1.5:8000", "fpA", "g2"),
+                                                                       ("127.244.2.10:8000", None, None)]
     assert ("m-decode-0", "u0") in calls
 
 
@@ -183,6 +184,8 @@ def test_endpoints_from_pods_keeps_ready_running_pods_with_their_fingerprints():
             pod("d", "127.64.0.4", deleting=True), pod("e", "", ready="True"), pod("f", "127.64.0.6", generation="g2")]
     eps = endpoints_from_pods(pods, 8000, "decode", generation="g1")
     assert [(e.address, e.pod, e.fingerprint) for e in eps] == [("127.64.0.1:8000", "a", "fp1"), ("127.64.0.2:8000", "b", "fp1")]
+    both = endpoints_from_pods(pods, 8000, "decode", generation="g1,g2")
+    assert [(e.pod, e.generation) for e in both] == [("a", None), ("b", None), ("f", "g2")]
 
 
 def test_a_tier_change_during_a_generation_switch_is_not_overwritten_by_the_switchs_older_lists():

@@ -46,6 +46,17 @@ def test_rings_only_pair_equal_fingerprints():
     assert build_rings([Endpoint("p:1", "prefill", "fpA")], [Endpoint("d:1", "decode")]) == {"p:1": ()}
 
 
+def test_rings_keep_two_generations_apart_when_their_fingerprints_agree():
+    """A PairwiseSwap of an image change that declares the same TensorRT-LLM version: both generations
+    are routed to and their KV fingerprints agree, yet no request crosses from one to the other."""
+    def ep(name, tier, generation):
+        return Endpoint(f"{name}:1", tier, "fpA", pod=name, runtime="trtllm-serve", generation=generation)
+
+    prefill = [ep("p-old", "prefill", "g1"), ep("p-new", "prefill", "g2")]
+    decode = [ep("d-old-0", "decode", "g1"), ep("d-old-1", "decode", "g1"), ep("d-new", "decode", "g2")]
+    assert build_rings(prefill, decode) == {"p-old:1": ("d-old-0:1", "d-old-1:1"), "p-new:1": ("d-new:1",)}
+
+
 def states(*loads):
     out = []
     for i, (queued, active) in enumerate(loads):

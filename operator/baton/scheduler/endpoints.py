@@ -38,8 +38,8 @@ DECODE = "decode"
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One engine replica as discovery sees it. Replicas of equal `pairing` (fingerprint and runtime;
-    None == None) may be paired."""
+    """One engine replica as discovery sees it. Replicas of equal `pairing` (fingerprint, runtime and
+    generation; None == None) may be paired."""
 
     address: str  # host:port ([v6]:port for IPv6)
     tier: str  # "prefill" | "decode"
@@ -50,12 +50,17 @@ class Endpoint:
     # so a generation switch that changes the runtime is followed with the endpoints, not when the
     # ConfigMap's new `runtime` reaches the pod (the kubelet takes up to a minute or so).
     runtime: str | None = None
+    # the pod's `baton.dev/generation` label (None: static endpoints, an unlabelled pod)
+    generation: str | None = None
 
     @property
-    def pairing(self) -> tuple[str | None, str | None]:
-        """What a prefill and a decode replica must share to be paired: the KV format, and the runtime
-        (a handle is only handed on between engines of the same front end)."""
-        return self.fingerprint, self.runtime
+    def pairing(self) -> tuple[str | None, str | None, str | None]:
+        """What a prefill and a decode replica must share to be paired: the KV format, the runtime (a
+        handle is only handed on between engines of the same front end) and the generation. While a
+        PairwiseSwap routes to two generations, their fingerprints can agree although their engines
+        differ (an image change that declares the same TensorRT-LLM version, other extraOptions): a
+        request then stays old-to-old or new-to-new."""
+        return self.fingerprint, self.runtime, self.generation
 
     @property
     def url(self) -> str:
@@ -134,7 +139,7 @@ def endpoints_from_slices(
                 continue
             address = format_address(addresses[0], port)
             seen.setdefault(address, Endpoint(address=address, tier=tier, fingerprint=info.fingerprint, pod=pod,
-                                              runtime=info.runtime))
+                                              runtime=info.runtime, generation=info.generation))
     return [seen[a] for a in sorted(seen)]
 
 
@@ -162,7 +167,8 @@ def endpoints_from_pods(pods: Iterable[Any], port: int, tier: str, generation: s
             continue
         address = format_address(status["podIP"], port)
         seen.setdefault(address, Endpoint(address=address, tier=tier, fingerprint=annotations.get(FINGERPRINT_ANNOTATION),
-                                          pod=meta.get("name"), runtime=runtime_of_pod(pod)))
+                                          pod=meta.get("name"), runtime=runtime_of_pod(pod),
+                                          generation=labels.get(GENERATION_LABEL)))
     return [seen[a] for a in sorted(seen)]
 
 

@@ -13,8 +13,8 @@ Prefill policies (`routing.placementPolicy`):
 
 Rings (`build_rings`): each prefill replica feeds a fixed subset of decode replicas, so KV transfers
 stay within small groups (bounded cross-traffic and connection fan-out). Replicas are grouped by KV
-fingerprint and runtime first (`Endpoint.pairing`): a prefill replica only ever pairs with decode
-replicas of the same fingerprint and runtime (None pairs only with None). Within a group of P prefill and D decode replicas (addresses sorted), the
+fingerprint, runtime and generation first (`Endpoint.pairing`): a prefill replica only ever pairs with
+decode replicas of the same fingerprint, runtime and generation (None pairs only with None). Within a group of P prefill and D decode replicas (addresses sorted), the
 ring size is `ringSize` or ceil(D / P), and prefill i feeds decode replicas floor(i * D / P) onwards,
 wrapping around. When D is a multiple of P the rings are disjoint; otherwise neighbouring rings overlap
 by one replica. Every decode replica is in at least one ring when `ringSize` is 0.

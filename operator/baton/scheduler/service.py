@@ -857,7 +857,7 @@ class SchedulerService:
     def debug_state(self) -> dict[str, Any]:
         def replica(r: ReplicaState) -> dict[str, Any]:
             return {"address": r.address, "fingerprint": r.endpoint.fingerprint, "runtime": r.endpoint.runtime,
-                    "healthy": r.healthy, "active": r.active, "localPrefills": r.local_prefills,
+                    "generation": r.endpoint.generation, "healthy": r.healthy, "active": r.active, "localPrefills": r.local_prefills,
                     "queuedTokens": r.queued_tokens}
 
         return {
