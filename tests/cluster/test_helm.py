@@ -246,7 +246,7 @@ def test_cluster_wide_install_is_sufficient_least_privilege_and_upgrades_and_uni
         out = run(cluster, "helm", "install", release, str(CHART), "-n", release_ns, "--set", SYSTEM_POOL,
                   "--wait", "--timeout", "90s")
         assert "serves DisaggregatedModels in every namespace" in out.stdout  # NOTES
-        assert "kubectl apply --server-side -f crds/" in out.stdout
+        assert "kubectl apply --server-side --force-conflicts -f charts/baton/crds/" in out.stdout
 
         # Everything is there, and the operator pod is Ready (through KWOK; nothing runs in it).
         deployment = deployment_of(cluster, release_ns, release)

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.parse
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,53 @@ def test_hardening_cannot_be_switched_off_through_values():
     assert "readOnlyRootFilesystem" in render_error("securityContext.readOnlyRootFilesystem=false")
     assert "allowPrivilegeEscalation" in render_error("securityContext.allowPrivilegeEscalation=true")
     assert "runAsNonRoot" in render_error("podSecurityContext.runAsNonRoot=false")
+
+
+@pytest.mark.parametrize("pod_ip", ["10.244.1.5", "fd00:10:244::5"], ids=["ipv4", "ipv6"])
+def test_the_charts_listen_addresses_work_on_ipv4_and_ipv6(pod_ip):
+    """The chart builds --liveness and --metrics-address from the unbracketed $(POD_IP); `baton operator`
+    brackets an IPv6 host before kopf reads the URL (urlsplit's port fails on `http://fd00::5:8081/...`)
+    and hands the metrics server host and port apart."""
+    from baton.operator import main
+
+    args = [a.replace("$(POD_IP)", pod_ip) for a in container(render())["args"]]
+    parsed = main.parser().parse_args(args[1:])
+    liveness = urllib.parse.urlsplit(main.liveness_endpoint(parsed.liveness))
+    assert (liveness.hostname, liveness.port, liveness.path) == (pod_ip, 8081, "/healthz")  # as kopf reads it
+    assert main.metrics_address(parsed.metrics_address).rpartition(":") == (pod_ip, ":", "8080")  # as handlers.py
+    # already bracketed, or IPv4: unchanged
+    assert main.liveness_endpoint("http://[fd00::5]:8081/healthz") == "http://[fd00::5]:8081/healthz"
+    assert main.liveness_endpoint("http://127.0.0.1:8081/healthz") == "http://127.0.0.1:8081/healthz"
+    assert main.metrics_address("[fd00::5]:8080") == "fd00::5:8080"
+    # an address without a port fails at start-up with the flag's value, before kopf runs
+    for bad in (["--liveness", "http://fd00::5/healthz"], ["--metrics-address", "127.0.0.1"]):
+        with pytest.raises(SystemExit) as exit_:
+            main.main(bad)
+        assert exit_.value.code == 2
+
+
+def test_image_pull_secrets_reach_the_operator_pod_and_every_models_scheduler(monkeypatch):
+    from baton.render.scheduler import image_pull_secrets
+
+    c = container(render())
+    assert "imagePullSecrets" not in one(render(), "Deployment")["spec"]["template"]["spec"]
+    assert "BATON_IMAGE_PULL_SECRETS" not in {e["name"] for e in c["env"]}
+    secrets = [{"name": "regcred"}, {"name": "mirror"}]
+    docs = render(values={"imagePullSecrets": secrets})
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["imagePullSecrets"] == secrets
+    env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+    assert env["BATON_IMAGE_PULL_SECRETS"] == "regcred,mirror"
+    # what the operator renders into each scheduler pod from that variable
+    monkeypatch.setenv("BATON_IMAGE_PULL_SECRETS", env["BATON_IMAGE_PULL_SECRETS"])
+    assert image_pull_secrets() == secrets
+
+
+def test_the_upgrade_note_applies_the_charts_crds_taking_over_helms_fields():
+    """Helm created the CRDs under its own field manager: a server-side apply of a changed schema must
+    force the conflicts, and must apply the chart's crds/ (with kopf's peering CRDs) as the docs say."""
+    command = "kubectl apply --server-side --force-conflicts -f charts/baton/crds/"
+    assert command in (CHART / "templates" / "NOTES.txt").read_text()
+    assert command in (REPO / "docs" / "operations.md").read_text()
 
 
 def test_the_metrics_service_reaches_the_metrics_port():

@@ -117,3 +117,20 @@ def test_the_generation_bound_settings_come_from_the_serving_generation():
     assert generation_config_of_configmap(cm) == serving
     assert scheduler_config(t).model == "llama-3.1-8b"  # no serving generation given: the spec's
     assert generation_config_of_configmap({"data": {"config.yaml": ": not yaml :"}}) == {}
+
+
+def test_the_scheduler_pod_gets_the_operators_image_pull_secrets(monkeypatch):
+    """The scheduler runs the operator's image by default, so it needs the secrets the chart pulls that
+    image with (BATON_IMAGE_PULL_SECRETS, comma-separated names); none set, none rendered."""
+    def pod(t: Target) -> dict:
+        return rendered(t)[f"Deployment/{t.name}-scheduler"]["spec"]["template"]["spec"]
+
+    monkeypatch.delenv("BATON_IMAGE_PULL_SECRETS", raising=False)
+    assert "imagePullSecrets" not in pod(target())
+    monkeypatch.setenv("BATON_IMAGE_PULL_SECRETS", "")
+    assert "imagePullSecrets" not in pod(target())
+    monkeypatch.setenv("BATON_IMAGE_PULL_SECRETS", "regcred, mirror,,regcred")
+    assert pod(target())["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    # a model's own scheduler image too (typically from the same private registry)
+    assert pod(target(scheduler__image="registry.example/baton:dev"))["imagePullSecrets"] == [
+        {"name": "regcred"}, {"name": "mirror"}]

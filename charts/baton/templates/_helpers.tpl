@@ -50,6 +50,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{/* The names of a list of imagePullSecrets ({name: ...}), comma-separated (BATON_IMAGE_PULL_SECRETS). */}}
+{{- define "baton.pullSecretNames" -}}
+{{- $names := list -}}
+{{- range . -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- join "," $names -}}
+{{- end -}}
+
 {{/* Cluster-wide unless namespaces are listed. */}}
 {{- define "baton.clusterWide" -}}
 {{- if not .Values.watch.namespaces -}}true{{- end -}}

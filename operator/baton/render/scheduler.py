@@ -3,6 +3,7 @@ endpoints, the Deployment and the Service clients send requests to."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import yaml
@@ -205,6 +206,14 @@ def _redis_url_volume(s: SchedulerSpec) -> tuple[list[dict[str, Any]], list[dict
     return [volume], [{"name": "redis-url", "mountPath": REDIS_URL_DIR, "readOnly": True}]
 
 
+def image_pull_secrets() -> list[dict[str, str]]:
+    """The scheduler pod's imagePullSecrets: the Secret names in BATON_IMAGE_PULL_SECRETS (comma-separated;
+    the chart sets them from its imagePullSecrets, since the scheduler runs the operator's image by default).
+    Each names a Secret in the model's namespace."""
+    names = (n.strip() for n in os.environ.get("BATON_IMAGE_PULL_SECRETS", "").split(","))
+    return [{"name": n} for n in dict.fromkeys(names) if n]
+
+
 DEFAULT_REQUESTS = {"cpu": "1", "memory": "512Mi"}
 DEFAULT_LIMITS = {"memory": "2Gi"}
 
@@ -269,6 +278,8 @@ def deployment(target: Target) -> dict[str, Any]:
     }
     if s.pool.affinity:
         pod_spec["affinity"] = s.pool.affinity
+    if pull_secrets := image_pull_secrets():
+        pod_spec["imagePullSecrets"] = pull_secrets
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
