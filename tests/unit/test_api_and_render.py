@@ -73,9 +73,11 @@ def test_prefill_and_decode_engine_configs_follow_the_disaggregation_rules():
     same_layout = ("dtype", "tokens_per_block")
     assert {k: prefill["kv_cache_config"][k] for k in same_layout} == {k: decode["kv_cache_config"][k] for k in same_layout}
     assert prefill["tensor_parallel_size"] == 8 and decode["tensor_parallel_size"] == 4
-    # decode.kvCacheSize 128G at fp8 Llama-70B (160 KiB per token) -> 781,250 tokens
+    # decode.kvCacheSize 24Gi at fp8 Llama-70B (160 KiB per token) -> 157,286 tokens
     assert derived.kv_bytes_per_token == 163840
-    assert decode["kv_cache_config"]["max_tokens"] == 128_000_000_000 // 163840
+    assert decode["kv_cache_config"]["max_tokens"] == 24 * 2**30 // 163840
+    # a decode replica batches as many sequences as the scheduler keeps in flight on it
+    assert decode["max_batch_size"] == m.spec.scheduler.backpressure.max_active_per_decode_replica == 64
 
 
 def test_children_are_pinned_to_their_pools_with_gpus_probes_and_shm():
