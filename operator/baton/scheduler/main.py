@@ -15,6 +15,7 @@ import asyncio
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -202,23 +203,91 @@ class _KeyValueFormatter(logging.Formatter):
         return line
 
 
+# A `key=` at the start of a field; a bare value runs to the whitespace before the next `key=` (so a `%s`
+# value with spaces or quotes stays whole), a quoted one is a Python string literal (`%r` of a str).
+_LOG_KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_.\-]*)=")
+_LOG_NEXT_KEY = re.compile(r"\s+(?=[A-Za-z_][A-Za-z0-9_.\-]*=)")
+_LOG_SPACE = re.compile(r"\s*")
+_LOG_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[0-7]{1,3}|.)", re.DOTALL)
+_LOG_SIMPLE_ESCAPES = {"\\": "\\", "'": "'", '"': '"', "a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+                       "t": "\t", "v": "\v", "\n": ""}
+
+
+def _unescape(match: re.Match[str]) -> str:
+    esc = match.group(1)
+    if esc in _LOG_SIMPLE_ESCAPES:
+        return _LOG_SIMPLE_ESCAPES[esc]
+    if esc[0] in "xuU" and len(esc) > 1:
+        code = int(esc[1:], 16)
+    elif esc[0] in "01234567":
+        code = int(esc, 8)
+    else:
+        return match.group(0)  # not an escape: kept as written, as in a Python literal
+    return chr(code) if code <= 0x10FFFF else match.group(0)
+
+
+def _string_literal(text: str, start: int) -> tuple[str, int] | None:
+    """The Python string literal (as repr() writes a str) opening at `start`, decoded, and the index after it;
+    None when it does not close before a whitespace or the end of `text`."""
+    quote = text[start]
+    i = start + 1
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+        elif c == quote:
+            end = i + 1
+            if end < n and not text[end].isspace():
+                return None
+            body = text[start + 1:i]
+            return (_LOG_ESCAPE.sub(_unescape, body) if "\\" in body else body), end
+        else:
+            i += 1
+    return None
+
+
+def _log_fields(message: str) -> tuple[list[tuple[str, str]], str]:
+    """The `key=value` fields of a log message, in order, and its other text (space-joined, may be empty).
+
+    Values written with `%r` (Python string literals, either quote, escapes included) are decoded to the
+    exact string; other values are taken as written, up to the next ` key=`. No content makes it fail."""
+    fields: list[tuple[str, str]] = []
+    free: list[str] = []
+    i, n = 0, len(message)
+    while True:
+        i = _LOG_SPACE.match(message, i).end()  # type: ignore[union-attr] - \s* always matches
+        if i >= n:
+            break
+        key = _LOG_KEY.match(message, i)
+        start = key.end() if key else i
+        if key and start < n and message[start] in "'\"":
+            literal = _string_literal(message, start)
+            if literal is not None:
+                fields.append((key.group(1), literal[0]))
+                i = literal[1]
+                continue
+        nxt = _LOG_NEXT_KEY.search(message, start)
+        end = nxt.start() if nxt else n
+        value = message[start:end]
+        if key:
+            fields.append((key.group(1), value if nxt else value.rstrip()))
+        else:
+            free.append(value.rstrip())
+        i = end
+    return fields, " ".join(free)
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         import json
-        import shlex
 
         ts = _timestamp(record)
         data: dict[str, Any] = {"ts": ts, "level": record.levelname.lower(), "logger": record.name}
-        message = record.getMessage()
-        try:
-            for part in shlex.split(message):
-                key, sep, value = part.partition("=")
-                if sep:
-                    data[key] = value
-                else:
-                    data.setdefault("msg", part)
-        except ValueError:
-            data["msg"] = message
+        fields, text = _log_fields(record.getMessage())
+        data.update(fields)
+        if text:
+            data.setdefault("msg", text)
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data)
