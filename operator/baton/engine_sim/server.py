@@ -268,6 +268,17 @@ class SimServer:
         best_of = body.get("best_of")
         if body.get("use_beam_search") or (isinstance(best_of, int) and best_of > 1):
             raise EngineError("Currently, only beam width 1 is supported.")
+        # No log probabilities are computed, so a request for them is refused rather than answered with
+        # `"logprobs": null`. Neutral values are those trtllm-serve also answers without logprobs (it asks for
+        # them with `bool(request.logprobs)`): completions `logprobs` null or 0 (OpenAI's 0 would return the
+        # sampled token's logprob; trtllm-serve returns none), chat `logprobs` null/false, `top_logprobs` null/0.
+        if chat:
+            if body.get("logprobs") not in (None, False):
+                raise EngineError("only logprobs=false is supported: the simulator computes no log probabilities")
+            if body.get("top_logprobs") not in (None, 0):
+                raise EngineError("only top_logprobs=0 is supported: the simulator computes no log probabilities")
+        elif body.get("logprobs") not in (None, 0):
+            raise EngineError("only logprobs=null (or 0) is supported: the simulator computes no log probabilities")
         stream_options = body.get("stream_options") or {}
         parsed = Parsed(
             kind=kind,
