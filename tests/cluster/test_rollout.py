@@ -312,9 +312,18 @@ def test_a_rollout_without_gpus_for_the_new_generation_is_blocked_with_the_numbe
     assert "decode needs 4 replica(s) x 4 GPU(s) but only" in ro["message"]
     assert "decode-l40s-0:" in ro["message"]
     assert generations(cluster, namespace) == [serving] and ro["servingGeneration"] == serving
-    obj = get_dm(cluster, namespace)
+    # The replica count asked for reaches the generation that serves meanwhile (as a scale or an
+    # autoscaler's would), and it turns Ready again at that size.
+
+    def serving_at_four():
+        obj = get_dm(cluster, namespace)
+        sts = cluster.apps.read_namespaced_stateful_set(f"{NAME}-decode-{serving}", namespace)
+        return obj if (condition(obj, "Ready").get("status") == "True" and sts.spec.replicas == 4
+                       and obj["status"]["decode"]["readyReplicas"] == 4) else None
+
+    obj = wait_for(serving_at_four, 60, what="the serving generation at 4 Ready decode replicas")
     assert condition(obj, "RolloutSucceeded")["reason"] == "BlockedOnCapacity"
-    assert condition(obj, "Ready")["status"] == "True"
+    assert obj["status"]["rollout"]["phase"] == "BlockedOnCapacity" and generations(cluster, namespace) == [serving]
 
 
 def test_a_gpu_tight_model_rolls_pair_by_pair_with_pairwise_swap_and_zero_failed_requests(cluster, namespace, operator, pod_runner):

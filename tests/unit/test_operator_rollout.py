@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -537,7 +538,7 @@ def test_a_respec_mid_pairwise_swap_records_the_full_size_to_restore():
         m.kube.settle()
     assert m.replicas(g0)["prefill"] < 3  # mid-swap: the serving generation shrank
     m.image("1.2.2")
-    m.pass_()
+    m.pass_(2)  # the abandoned generation is deleted on the pass after schedulers stop routing to it
     m.kube.settle()
     assert m.ro["swap"]["prefillReplicas"] == 3 and m.ro["swap"]["decodeReplicas"] == 3, m.ro["swap"]
     rollout.probe_handoffs = lambda p, d, mm, timeout=20.0: (False, "handoff failed")
@@ -658,3 +659,203 @@ def test_a_generation_rendered_without_the_annotation_keeps_the_live_scheduler_c
     m.edit(lambda s: s["model"].__setitem__("name", "llama-3.1-8b"))
     m.pass_(2)
     assert m.ro["phase"] == "BlockedOnCapacity" and generation_bound(m)[0] == "llama-3-8b"
+
+
+# ---------------------------------------------------------------- 12. a revert during the drain
+
+@pytest.mark.parametrize("failure", ["annotation", "lost readiness"])
+def test_a_rollback_after_a_revert_during_the_drain_returns_to_the_generation_that_served(failure):
+    m = Model()
+    g0 = m.ro["servingGeneration"]
+    g1 = m.switch("1.2.1")
+    m.image("1.2.0")  # a GitOps revert while g1 drains: g0 is switched to again
+    m.pass_()
+    assert m.ro["servingGeneration"] == g0 and m.ro["previousGeneration"] == g1, m.ro
+    assert m.ro["lastKnownGood"]["generation"] == g1
+    if failure == "annotation":
+        m.annotate(ANNOTATION_ROLLBACK, "true")
+    else:
+        m.kube.settle(ready=False, gen=g0)
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g1 and m.ro["failedGeneration"] == g0, m.ro
+    assert m.generations() == sorted([g0, g1])  # g0 goes only after the status write that moved traffic
+    m.pass_()
+    assert m.generations() == [g1] and m.replicas(g1) == {"prefill": 1, "decode": 1}
+    assert m.cond("Ready")["status"] == "True" and m.obj["status"]["revision"] == g1
+
+
+# ---------------------------------------------------------------- 13. scaling while another generation is targeted
+
+def test_scaling_while_rolled_back_reaches_the_serving_generation():
+    m = Model()
+    g0 = m.ro["servingGeneration"]
+    m.image("1.2.1")
+    m.pass_()
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack"
+    m.edit(lambda s: s["decode"].__setitem__("replicas", 4))  # kubectl scale dm / an HPA
+    m.pass_()
+    assert m.replicas(g0) == {"prefill": 1, "decode": 4}
+    assert m.obj["status"]["decode"]["replicas"] == 4 and m.cond("Ready")["status"] == "False"  # 4 asked, 1 ready
+    assert "only the spec's replica counts reach it" in m.cond("RolloutSucceeded")["message"]
+    m.kube.settle()
+    m.pass_()
+    assert m.obj["status"]["decode"]["summary"] == "4/4" and m.cond("Ready")["status"] == "True"
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g0
+
+
+def test_scaling_while_blocked_on_capacity_reaches_the_serving_generation():
+    m = Model(gpus=1)
+    g0 = m.ro["servingGeneration"]
+    m.image("1.2.1")
+    m.pass_()
+    m.edit(lambda s: s["decode"].update(replicas=0, minReplicas=0))
+    m.pass_()
+    assert m.ro["phase"] == "BlockedOnCapacity" and m.replicas(g0) == {"prefill": 1, "decode": 0}
+    assert m.obj["status"]["decode"]["replicas"] == 0
+    m.kube.settle()
+    m.pass_()
+    assert m.ro["phase"] == "BlockedOnCapacity" and m.cond("Ready")["status"] == "True"
+    assert "only the spec's replica counts reach it" in m.cond("Reconciling")["message"]
+
+
+# ---------------------------------------------------------------- 14. a retry judges only its own requests
+
+def test_a_retried_generation_is_judged_on_the_requests_after_its_switch(monkeypatch):
+    counters = {}  # the schedulers' counters: per generation, from the scheduler's start, never reset
+    monkeypatch.setattr(rollout, "generation_outcomes", lambda a, g, timeout=2.0: dict(counters.get(g, {})))
+    m = Model()
+    g1 = m.switch("1.2.1")
+    counters[g1] = {"failed": 15, "completed": 10}
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and "15 of 25" in m.ro["message"]
+    m.pass_()
+    m.annotate(ANNOTATION_RETRY, g1)
+    m.pass_()
+    m.kube.settle()
+    m.pass_()
+    assert m.ro["phase"] == "Draining" and m.ro["servingGeneration"] == g1
+    # counted from the counters at the switch: none since
+    assert m.ro["errorRate"] == {"generation": g1, "failed": 0, "total": 0, "failedAtSwitch": 15, "totalAtSwitch": 25}
+    m.pass_()
+    assert m.ro["phase"] == "Draining" and m.ro["servingGeneration"] == g1, m.ro["message"]
+    counters[g1] = {"failed": 15, "completed": 40}  # 30 more, all completed
+    m.pass_()
+    assert m.ro["phase"] == "Draining" and "0 of 30 request(s)" in m.ro["message"]
+    assert (m.ro["errorRate"]["failed"], m.ro["errorRate"]["total"]) == (0, 30)
+    counters[g1] = {"failed": 35, "completed": 40}  # then 20 failures of 50
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and "20 of 50" in m.ro["message"]
+    assert (m.ro["errorRate"]["failed"], m.ro["errorRate"]["total"]) == (20, 50)
+
+
+# ---------------------------------------------------------------- 15. a pairwise rollback stops routing first
+
+def test_a_pairwise_swap_rollback_stops_routing_to_the_new_generation_before_deleting_it():
+    m = Model(gpus=4, mutate=pairwise_swap(3))
+    g0 = m.ro["servingGeneration"]
+    m.image("1.2.1")
+    for _ in range(4):
+        m.pass_()
+        m.kube.settle()
+    g1 = m.ro["targetGeneration"]
+    assert m.ro["swap"]["generation"] == g1  # schedulers route to both
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["swap"]["generation"] == ""
+    assert g1 in m.generations() and m.replicas(g0) == {"prefill": 3, "decode": 3}  # deleted after that write
+    m.pass_()
+    assert m.generations() == [g0]
+
+
+# ---------------------------------------------------------------- 16. a tier at 0 replicas
+
+@pytest.mark.parametrize("strategy", ["AtomicGeneration", "PairwiseSwap"])
+def test_a_rollout_with_a_tier_at_zero_replicas_skips_the_probe_and_switches(strategy, engines):
+    def mutate(s):
+        s["prefill"].update(minReplicas=0, replicas=0)
+        s["rollout"] = {"strategy": strategy}
+
+    m = Model(mutate=mutate)
+    g0 = m.ro["servingGeneration"]
+    probes = len(engines)
+    m.image("1.2.1")
+    for _ in range(4):
+        m.pass_()
+        m.kube.settle()
+    g1 = m.ro["servingGeneration"]
+    assert m.ro["phase"] == "Draining" and g1 != g0, m.ro
+    assert m.ro["probe"]["passed"] and "0 prefill replicas" in m.ro["probe"]["message"] and len(engines) == probes
+    assert m.replicas(g1) == {"prefill": 0, "decode": 1}
+
+
+# ---------------------------------------------------------------- 17. PairwiseSwap chosen mid-rollout
+
+def test_switching_to_pairwise_swap_mid_rollout_never_shrinks_the_old_generation_unrecorded():
+    def three(s):
+        for t in ("prefill", "decode"):
+            s[t].update(minReplicas=1, maxReplicas=4, replicas=3)
+
+    m = Model(gpus=6, mutate=three)
+    g0 = m.ro["servingGeneration"]
+    m.image("1.2.1")
+    m.pass_()
+    g1 = m.ro["targetGeneration"]
+    assert m.ro["phase"] == "Progressing" and m.replicas(g1) == {"prefill": 3, "decode": 3}
+    m.edit(lambda s: s.setdefault("rollout", {}).__setitem__("strategy", "PairwiseSwap"))
+    for _ in range(4):
+        m.kube.settle()
+        m.pass_()
+        assert m.replicas(g0) == {"prefill": 3, "decode": 3}, m.ro  # the new one already has every replica
+    assert m.ro["phase"] == "Draining" and m.ro["swap"]["prefillReplicas"] == 3 and m.ro["swap"]["decodeReplicas"] == 3
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    m.kube.settle()
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g0
+    assert m.generations() == [g0] and m.replicas(g0) == {"prefill": 3, "decode": 3}
+
+
+# ---------------------------------------------------------------- 18. the phases the API documents
+
+def test_the_documented_rollout_phases_are_the_ones_the_code_sets():
+    from baton.api.v1alpha1 import RolloutStatus
+
+    phases = set(re.findall(r'_phase\("(\w+)"', Path(rollout_pass.__file__).read_text()))
+    described = RolloutStatus.model_fields["phase"].description
+    assert {"Serving", "Swapping", "RolledBack"} <= phases
+    assert [p for p in sorted(phases) if p not in described] == [] and "Probing" not in described, described
+
+
+# ---------------------------------------------------------------- 19. a refused spec during the drain
+
+@pytest.mark.parametrize("refused", ["InvalidSpec", "ApplyFailed"])
+def test_a_refused_edit_while_draining_keeps_the_rollback_protection(refused):
+    m = Model()
+    g0 = m.ro["servingGeneration"]
+    g1 = m.switch("1.2.1")
+    if refused == "InvalidSpec":
+        m.edit(lambda s: s["engine"].__setitem__("env", [{"name": "POD_IP", "value": "1.2.3.4"}]))
+    else:
+        m.kube.fail_apply = lambda o: 422 if o["kind"] == "Deployment" and not o["metadata"].get("uid") else None
+        m.edit(lambda s: s["scheduler"].__setitem__("replicas", 2))
+    m.pass_()
+    assert m.cond("Stalled")["reason"] == refused and m.ro["phase"] == "Draining"
+    m.kube.settle(ready=False, gen=g1)  # the new generation fails within its rollback window
+    m.pass_()
+    assert m.cond("Stalled")["reason"] == refused
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g0 and m.ro["failedGeneration"] == g1
+    assert g0 in m.generations() and m.replicas(g0) == {"prefill": 1, "decode": 1}
+
+
+def test_the_rollback_annotation_works_while_a_refused_edit_is_stalled():
+    m = Model()
+    g0 = m.ro["servingGeneration"]
+    m.switch("1.2.1")
+    m.edit(lambda s: s["engine"].__setitem__("env", [{"name": "POD_IP", "value": "1.2.3.4"}]))
+    m.pass_()
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g0
+    assert m.cond("RollbackRequestHandled")["status"] == "True" and m.cond("Stalled")["reason"] == "InvalidSpec"

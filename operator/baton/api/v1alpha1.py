@@ -515,15 +515,17 @@ class TierStatus(ApiModel):
 class ErrorRateStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
     generation: str = Field(default="", description="The generation judged (the one switched to).")
-    failed: int = Field(default=0, description="Requests dispatched to it that failed, summed over the schedulers.")
-    total: int = Field(default=0, description="Requests dispatched to it that completed or failed.")
+    failed: int = Field(default=0, description="Requests dispatched to it since the switch that failed, summed over the schedulers.")
+    total: int = Field(default=0, description="Requests dispatched to it since the switch that completed or failed.")
+    failed_at_switch: int = Field(default=0, description="The schedulers' failed-request counters for it when traffic switched to it (they never reset): failed counts from there.")
+    total_at_switch: int = Field(default=0, description="The schedulers' completed and failed counters for it when traffic switched to it: total counts from there.")
 
 
 class SwapStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
     generation: str = Field(default="", description="The incoming generation of a PairwiseSwap once its first pair passed the probe: schedulers route to it beside servingGeneration, pairing only equal KV fingerprints.")
-    prefill_replicas: int = Field(default=0, description="The serving generation's prefill replicas when the swap began (restored on rollback).")
-    decode_replicas: int = Field(default=0, description="The serving generation's decode replicas when the swap began (restored on rollback).")
+    prefill_replicas: int = Field(default=0, description="The serving generation's prefill replicas before the swap first shrank it (restored on rollback).")
+    decode_replicas: int = Field(default=0, description="The serving generation's decode replicas before the swap first shrank it (restored on rollback).")
 
 
 class GenerationRef(ApiModel):
@@ -544,7 +546,7 @@ class ProbeStatus(ApiModel):
 
 class RolloutStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
-    phase: str = Field(default="", description="Serving, Progressing, Probing, Draining, Paused, BlockedOnCapacity, RolledBack.")
+    phase: str = Field(default="", description="Serving, BlockedOnCapacity, Progressing (the handoff probe included), Swapping (PairwiseSwap), Draining, Paused, RolledBack.")
     serving_generation: str = Field(default="", description="The generation the scheduler routes to. Switching traffic is writing this one field.")
     target_generation: str = Field(default="", description="The generation the spec asks for.")
     previous_generation: str = Field(default="", description="The generation being drained after a switch (kept for instant rollback).")
@@ -556,7 +558,7 @@ class RolloutStatus(ApiModel):
     probe: ProbeStatus = Field(default_factory=ProbeStatus, description="The live handoff probe of the updating generation.")
     message: str = Field(default="", description="What the rollout is doing, in words.")
     swap: SwapStatus = Field(default_factory=SwapStatus, description="The state of a PairwiseSwap rollout.")
-    error_rate: ErrorRateStatus = Field(default_factory=ErrorRateStatus, description="What the schedulers saw the new generation do after the switch (rollout.errorRateThresholdPercent).")
+    error_rate: ErrorRateStatus = Field(default_factory=ErrorRateStatus, description="What the schedulers saw the generation switched to do since the switch (rollout.errorRateThresholdPercent): a retried or reverted-to generation starts from zero.")
     last_rollback_millis: int = Field(default=0, description="Time from detecting a failed generation to switching traffic back, in milliseconds.")
 
 
@@ -564,7 +566,7 @@ class DisaggregatedModelStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
     observed_generation: int = Field(default=0, description="metadata.generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Reconciling, Stalled (kstatus) and Baton's own conditions.")
-    revision: str = Field(default="", description="Hash of everything that shapes the engines' pods (engine, model, tier templates).")
+    revision: str = Field(default="", description="The generation serving traffic (rollout.servingGeneration; the spec's generation until a first one serves): a hash of the engine and KV-format settings, not of the whole pod template.")
     prefill: TierStatus = Field(default_factory=TierStatus, description="Prefill tier replicas.")
     decode: TierStatus = Field(default_factory=TierStatus, description="Decode tier replicas.")
     scheduler_endpoint: str = Field(default="", description="Service address clients send requests to (host:port).")

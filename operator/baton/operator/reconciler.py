@@ -42,6 +42,7 @@ from baton.operator.rollout_pass import (
     generation_children,
     handled_condition,
     handled_value,
+    in_place_held_back,
     rendered_generation_config,
 )
 from baton.operator.validation import spec_problems
@@ -148,11 +149,11 @@ class Reconciler:
             return self._stalled(body, status.REASON_INVALID_SPEC, "; ".join(problems), previous, generation)
 
         spec = model.spec
+        target = Target(name=name, namespace=namespace, uid=meta["uid"], spec=spec)
         problems = spec_problems(spec)
         if problems:
-            return self._stalled(body, status.REASON_INVALID_SPEC, "; ".join(problems), previous, generation)
+            return self._stalled(body, status.REASON_INVALID_SPEC, "; ".join(problems), previous, generation, target=target)
 
-        target = Target(name=name, namespace=namespace, uid=meta["uid"], spec=spec)
         derived = derive(spec)
         mismatches = derived.kv_mismatches()
         if mismatches:
@@ -162,7 +163,8 @@ class Reconciler:
             message = (f"prefill and decode would not be able to hand off KV cache ({fields}); "
                        "make these fields equal on both tiers (engine.* or the tiers' engineOverrides)")
             return self._stalled(body, status.REASON_KV_FORMAT_MISMATCH, message, previous, generation,
-                                 extra=[(status.KV_FORMAT_COMPATIBLE, False, status.REASON_KV_FORMAT_MISMATCH, message)])
+                                 extra=[(status.KV_FORMAT_COMPATIBLE, False, status.REASON_KV_FORMAT_MISMATCH, message)],
+                                 target=target)
         kv_ok = [(status.KV_FORMAT_COMPATIBLE, True, status.REASON_KV_FORMAT_MATCH,
                   f"both tiers share KV format {derived.fingerprint('prefill')}")]
 
@@ -178,15 +180,13 @@ class Reconciler:
         failure = self._apply_all(render_shared(target, self._serving_generation_config(target, gen, serving, generations)),
                                   namespace, changed)
         if failure:
-            return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation)
+            return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation, target=target)
 
         # The control annotations, each acted on once per value (see rollout_pass.HANDLED).
         conditions = previous.get("conditions") or []
         handled: list[tuple[str, bool, str, str]] = []
         forget = [HANDLED[a] for a in HANDLED if not annotations.get(a) and handled_value(conditions, a)]
-        rollback_request = annotations.get(ANNOTATION_ROLLBACK, "")
-        if rollback_request == handled_value(conditions, ANNOTATION_ROLLBACK):
-            rollback_request = ""
+        rollback_request = self._rollback_request(annotations, conditions)
         retry = annotations.get(ANNOTATION_RETRY, "")
         if retry and retry != handled_value(conditions, ANNOTATION_RETRY):
             if gen == ro.get("failedGeneration") and retry == gen and gen != serving:
@@ -204,14 +204,17 @@ class Reconciler:
             # First deployment, or a change that keeps the KV format and engine: roll in place.
             failure = self._apply_all(generation_children(target, derived), namespace, changed, prefix="in place: ")
             if failure:
-                return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation)
+                return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation, target=target)
             rollout_state.steady()
-        elif gen == ro.get("failedGeneration"):  # a retry (above) clears it
-            rollout_state.hold_failed()
-        elif spec.rollout.strategy == "PairwiseSwap":
-            rollout_state.advance_pairwise()
         else:
-            rollout_state.advance()
+            # Another generation is targeted or failed: the spec's replica counts still reach the serving one.
+            rollout_state.scale_serving()
+            if gen == ro.get("failedGeneration"):  # a retry (above) clears it
+                rollout_state.hold_failed()
+            elif spec.rollout.strategy == "PairwiseSwap":
+                rollout_state.advance_pairwise()
+            else:
+                rollout_state.advance()
         if rollback_request:
             handled.append(handled_condition(ANNOTATION_ROLLBACK, rollback_request,
                                              rollout_state.rollback_done or "no rollout of that generation in progress"))
@@ -235,9 +238,11 @@ class Reconciler:
         live = self._generations(namespace, name).get(serving, {})
         observed.prefill, observed.decode = live.get("prefill"), live.get("decode")
         observed.scheduler = self._read("Deployment", namespace, child_name(target, "scheduler"))
+        # What the spec asks for, whichever generation serves; during a pairwise swap, the size the swap gives it.
+        swap_sized = serving != gen and rollout_state.swap_sizes_serving()
         desired_counts = (
-            _replicas(observed.prefill, spec.prefill.desired_replicas()) if serving != gen else spec.prefill.desired_replicas(),
-            _replicas(observed.decode, spec.decode.desired_replicas()) if serving != gen else spec.decode.desired_replicas(),
+            _replicas(observed.prefill, spec.prefill.desired_replicas()) if swap_sized else spec.prefill.desired_replicas(),
+            _replicas(observed.decode, spec.decode.desired_replicas()) if swap_sized else spec.decode.desired_replicas(),
             spec.scheduler.replicas,
         )
         settled = all(
@@ -276,6 +281,7 @@ class Reconciler:
             decode_kv_capacity_tokens=derived.decode_kv_capacity_tokens,
             extra=extra,
             rolling=rollout_state.rolling,
+            rolling_note=in_place_held_back(serving, gen) if serving and serving != gen else "",
             drop=forget,
             selectors=(label_selector(selector_labels(target, "prefill")), label_selector(selector_labels(target, "decode"))),
         )
@@ -368,10 +374,36 @@ class Reconciler:
                     self.cache.forget(kind, namespace, obj_name)
 
 
+    @staticmethod
+    def _rollback_request(annotations: dict[str, str], conditions: list[dict]) -> str:
+        """The value of the rollback annotation not acted on yet ("" when none)."""
+        value = annotations.get(ANNOTATION_ROLLBACK, "")
+        return "" if value == handled_value(conditions, ANNOTATION_ROLLBACK) else value
+
+    def _guard_drain(self, body: dict, target: Target, previous: dict) -> RolloutPass | None:
+        """While the spec is refused, a generation switched to keeps its rollback protection: the drain's
+        checks run against the live generations (see RolloutPass.guard_drain). None when nothing drains."""
+        meta = body["metadata"]
+        ro = dict(previous.get("rollout") or {})
+        if not ro.get("previousGeneration"):
+            return None
+        request = self._rollback_request(meta.get("annotations") or {}, previous.get("conditions") or [])
+        guard = RolloutPass(self, body, target, None, ro, self._generations(target.namespace, target.name), [], request)
+        guard.guard_drain()
+        return guard
+
     def _stalled(self, body: dict, reason: str, message: str, previous: dict, generation: int,
-                 extra: list[tuple[str, bool, str, str]] = ()) -> Outcome:
-        """Report a problem the user must fix; touch no child (what serves keeps serving)."""
+                 extra: list[tuple[str, bool, str, str]] = (), target: Target | None = None) -> Outcome:
+        """Report a problem the user must fix; touch no child (what serves keeps serving). With the refused
+        spec's `target`, a drain in progress still rolls a failing generation back (traffic only: the
+        failed generation is deleted once a spec is accepted)."""
         writes_before = self.kube.writes()
+        guard = self._guard_drain(body, target, previous) if target is not None else None
+        if guard is not None and guard.rolling:
+            extra = [*extra, *([guard.problem] if guard.problem else [])]
+            if guard.rollback_request:
+                extra.append(handled_condition(ANNOTATION_ROLLBACK, guard.rollback_request,
+                                               guard.rollback_done or "no rollout of that generation in progress"))
         new_status = dict(previous)
         observed = status.Observed(problem=(reason, message))
         computed = status.compute(
@@ -392,11 +424,14 @@ class Reconciler:
             if key in previous:
                 computed[key] = previous[key]
         new_status.update(computed)
+        if guard is not None and guard.rolling:
+            new_status["rollout"] = guard.ro
         old_stalled = next((c for c in previous.get("conditions", []) if c.get("type") == status.STALLED), {})
         if old_stalled.get("status") != "True" or old_stalled.get("message") != message:
             events.record(self.kube, body, "Warning", reason, message)
         self._write_status(body, previous, new_status)
-        return Outcome(requeue_after=RESYNC_SECONDS, writes=self.kube.writes() - writes_before, failed=True)
+        requeue = guard.requeue if guard is not None and guard.rolling else RESYNC_SECONDS
+        return Outcome(requeue_after=requeue, writes=self.kube.writes() - writes_before, failed=True)
 
     def _write_status(self, body: dict, previous: dict, new_status: dict) -> None:
         if status.same(previous, new_status):

@@ -9,7 +9,8 @@ Phases of status.rollout.phase:
   is kept for `rollout.rollbackWindow` so a failing new generation (replicas it had at the switch no
   longer Ready, too many failed requests, or the rollback annotation) can be switched back in one step.
   Scaling a tier meanwhile is not a failure. An engine change in this phase ends the window: the
-  serving generation becomes lastKnownGood and the previous one is deleted once idle.
+  serving generation becomes lastKnownGood and the previous one is deleted once idle. A spec the
+  reconciler refuses (Stalled) in this phase applies nothing, but these checks still run (guard_drain).
 - Swapping (strategy PairwiseSwap): the new generation runs beside the serving one with a surge of one
   replica per tier; both serve (schedulers pair only equal KV fingerprints) while the new one grows
   and the old one shrinks a replica per tier at a time, each step probed; then the switch and drain.
@@ -91,6 +92,13 @@ def lost_ready_pods(pods: list[dict], switched_at: str) -> list[str]:
     return sorted(lost)
 
 
+def in_place_held_back(serving: str, gen: str) -> str:
+    """What of the spec does not reach the serving generation while the spec names another one."""
+    return (f"generation {serving} serves while the spec names generation {gen}: only the spec's replica counts "
+            "reach it; its other in-place changes (resources, pod template, pools, limits) reach pods with a "
+            "generation of the spec's engine")
+
+
 def _ts(timestamp: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
 
@@ -169,6 +177,8 @@ class RolloutPass:
         self.rollback_request = rollback_request
         self.rollback_done = ""  # what the rollback request did, for the handled condition
         self.succeeded = False  # a new generation finished its rollout in this pass
+        # A rolled-back generation schedulers still route to until this pass's status write: deleted next pass.
+        self.deferred_delete = ""
 
     def _pods(self) -> list[dict]:
         """The model's pods, listed at most once per pass."""
@@ -211,46 +221,85 @@ class RolloutPass:
                       if (p.get("metadata", {}).get("labels") or {}).get(LABEL_TIER) == "scheduler"
                       and p.get("status", {}).get("podIP"))
 
+    def _error_counts(self, gen: str) -> dict[str, Any]:
+        """status.rollout.errorRate at the switch to `gen`: the schedulers' request counters for it as they
+        stand now (they count from each scheduler's start and never reset), so that only the requests after
+        the switch are judged; none of those yet."""
+        outcomes = rollout.generation_outcomes(self._scheduler_addresses(), gen)
+        failed = int(outcomes.get("failed", 0))
+        return {"generation": gen, "failed": 0, "total": 0, "failedAtSwitch": failed,
+                "totalAtSwitch": failed + int(outcomes.get("completed", 0))}
+
     def _error_rate_problem(self, gen: str) -> str:
-        """Why the new generation must go, judged from what the schedulers saw it do; "" when it is fine."""
+        """Why the new generation must go, judged from what the schedulers saw it do since the switch; ""
+        when it is fine. status.rollout.errorRate shows the requests since the switch."""
         threshold = self.spec.rollout.error_rate_threshold_percent
         if threshold >= 100:
             return ""
+        counted = self.ro.get("errorRate") or {}
+        if counted.get("generation") != gen:
+            self.ro["errorRate"] = self._error_counts(gen)  # nothing recorded at the switch: judge from here on
+            return ""
         outcomes = rollout.generation_outcomes(self._scheduler_addresses(), gen)
-        failed = int(outcomes.get("failed", 0))
-        total = failed + int(outcomes.get("completed", 0))
-        self.ro["errorRate"] = {"generation": gen, "failed": failed, "total": total}
+        failed_now = int(outcomes.get("failed", 0))
+        total_now = failed_now + int(outcomes.get("completed", 0))
+        # Less than at the switch only when a scheduler restarted (its counters start again at 0).
+        failed = max(0, failed_now - int(counted.get("failedAtSwitch", 0)))
+        total = max(failed, total_now - int(counted.get("totalAtSwitch", 0)))
+        self.ro["errorRate"] = {**counted, "failed": failed, "total": total}
         if total >= self.spec.rollout.error_rate_min_requests and failed * 100 > threshold * total:
             return (f"{failed} of {total} requests dispatched to it failed ({100 * failed / total:.0f}%) after the switch, "
                     f"above rollout.errorRateThresholdPercent={threshold}")
         return ""
 
+    def _good_generation(self, failed: str) -> str:
+        """Where traffic goes when `failed` is rolled back: the last known-good generation, else the one
+        draining, else the one serving; never `failed` itself ("" when no other generation is there)."""
+        serving = self.ro.get("servingGeneration", "")
+        candidates = ((self.ro.get("lastKnownGood") or {}).get("generation", ""), self.ro.get("previousGeneration", ""), serving)
+        return next((g for g in candidates if g and g != failed and (g in self.generations or g == serving)), "")
+
+    def _scale(self, gen: str, tier: str, replicas: int) -> None:
+        """Scale one StatefulSet of a generation, when it exists at another size; what this pass reads
+        next (e.g. a new swap's restore target) sees the new size."""
+        sts = self.generations.get(gen, {}).get(tier)
+        if not sts or _replicas(sts, replicas) == replicas:
+            return
+        scaled = self.r.kube.scale("StatefulSet", self.ns, sts["metadata"]["name"], replicas)
+        self.generations[gen][tier] = scaled if isinstance(scaled, dict) and scaled.get("spec") else {
+            **sts, "spec": {**sts.get("spec", {}), "replicas": replicas}}
+
     def _rollback(self, failed: str, why: str, detected_at: float | None = None) -> None:
         """Traffic to the last known-good generation, the failed one removed, the story told."""
-        previous = self.ro.get("previousGeneration", "")
-        good = self.ro.get("lastKnownGood", {}).get("generation", "") or previous or self.ro.get("servingGeneration", "")
-        switched_back = self.ro.get("servingGeneration") == failed and good and good != failed
+        good = self._good_generation(failed)
+        serving = self.ro.get("servingGeneration", "")
+        if not good:
+            # The failed generation serves and no other generation could: it is never deleted while it serves.
+            self.problem = (ROLLOUT, False, "RolledBack", f"generation {failed} failed ({why}) but no other generation "
+                                                          "is there to serve instead; it keeps serving. Fix the spec")
+            self._event("Warning", "RolledBack", self.problem[3])
+            return
+        switched_back = serving == failed
         if switched_back:
             self.ro["servingGeneration"] = good
             self.ro["switchedAt"] = _now()
             if detected_at is not None:
                 self.ro["lastRollbackMillis"] = int((time.monotonic() - detected_at) * 1000)
         swap = self.ro.get("swap") or {}
+        # Schedulers route to the failed generation until this pass's status write: as the serving one,
+        # or beside it in a pairwise swap (swap.generation).
+        routed = switched_back or swap.get("generation") == failed
         if swap.get("prefillReplicas") or swap.get("decodeReplicas"):
             # A pairwise swap had shrunk the good generation: traffic leaves the failed one first
             # (swap.generation cleared), then the good one grows back to its size before the swap.
             for tier in ("prefill", "decode"):
-                sts = self.generations.get(good, {}).get(tier)
                 want = int(swap.get(f"{tier}Replicas", 0))
-                if sts and want and _replicas(sts, want) != want:
-                    scaled = self.r.kube.scale("StatefulSet", self.ns, sts["metadata"]["name"], want)
-                    # What this pass reads next (e.g. a new swap's restore target) sees the restored size.
-                    self.generations[good][tier] = scaled if isinstance(scaled, dict) and scaled.get("spec") else {
-                        **sts, "spec": {**sts.get("spec", {}), "replicas": want}}
+                if want:
+                    self._scale(good, tier, want)
             self.ro["swap"] = dict(NO_SWAP)
-        if switched_back:
-            # Traffic still points at the failed generation until this pass's status write moves
-            # servingGeneration back: delete it on the next pass, never before that write.
+        if routed:
+            # Delete it on the next pass, never before the status write that stops the routing.
+            self.deferred_delete = failed
             self.requeue = 2.0
         else:
             self.r.delete_generation(self.ns, self.name, failed)
@@ -276,7 +325,7 @@ class RolloutPass:
 
     def _remove_leftovers(self, keep: set[str]) -> None:
         """Delete every generation but `keep`: abandoned targets (they never served), a failed one."""
-        for other in [g for g in self.generations if g not in keep]:
+        for other in [g for g in self.generations if g not in keep and g != self.deferred_delete]:
             self.r.delete_generation(self.ns, self.name, other)
             self.generations.pop(other, None)
             self.changed.append(f"deleted generation {other}")
@@ -287,12 +336,15 @@ class RolloutPass:
         previous one is deleted once idle (or at drainTimeout); True while it is still there."""
         serving = self.ro.get("servingGeneration", "")
         previous = self.ro.get("previousGeneration", "")
+        if previous and previous != serving and previous in self.generations:
+            # Also when the spec went back to the previous generation (a GitOps revert): the generation
+            # that serves now is the one a rollback of the next switch returns to.
+            if (self.ro.get("lastKnownGood") or {}).get("generation") != serving:
+                self.ro["lastKnownGood"] = self._ref(serving, _fingerprints(self.generations.get(serving, {})))
         if not previous or previous in (serving, gen) or previous not in self.generations:
             if previous and previous not in self.generations:
                 self.ro["previousGeneration"] = ""
             return False
-        if (self.ro.get("lastKnownGood") or {}).get("generation") != serving:
-            self.ro["lastKnownGood"] = self._ref(serving, _fingerprints(self.generations.get(serving, {})))
         since = _age(self.ro.get("switchedAt", ""))
         in_flight = sum(rollout.active_requests(a) for t in ("prefill", "decode") for a in self._pod_addresses(previous, t))
         if in_flight and since < parse_duration(self.spec.rollout.drain_timeout):
@@ -320,6 +372,26 @@ class RolloutPass:
         self.requeue = 10.0
 
     # ------------------------------------------------------------------ phases
+
+    def swap_sizes_serving(self) -> bool:
+        """A PairwiseSwap owns the serving generation's size: it shrinks it step by step, and restores the
+        size recorded in status.rollout.swap on a rollback."""
+        swap = self.ro.get("swap") or {}
+        return self.spec.rollout.strategy == "PairwiseSwap" and bool(swap.get("prefillReplicas") or swap.get("decodeReplicas"))
+
+    def scale_serving(self) -> None:
+        """The spec names another generation than the serving one (targeted, or failed): its replica counts
+        (kubectl scale, an autoscaler) still reach the serving generation, unless a pairwise swap sizes it.
+        Its other in-place changes cannot: they reach pods with a generation of the spec's own engine."""
+        serving = self.ro.get("servingGeneration", "")
+        if not serving or self.swap_sizes_serving():
+            return
+        for tier in ("prefill", "decode"):
+            before = _replicas(self.generations.get(serving, {}).get(tier), 0)
+            self._scale(serving, tier, self.spec.tier(tier).desired_replicas())
+            after = _replicas(self.generations.get(serving, {}).get(tier), 0)
+            if after != before:
+                self.changed.append(f"in place: scaled generation {serving} {tier} from {before} to {after} replicas")
 
     def steady(self) -> None:
         """The spec's generation serves (or is being deployed for the first time)."""
@@ -365,19 +437,10 @@ class RolloutPass:
         """After the switch: watch the new generation, let the old one finish, then delete it."""
         self.rolling = True
         self.requeue = 2.0
-        if self._requested_rollback(gen):
-            return
-        lost = self._lost_readiness(gen)
-        if lost:
-            self._rollback(gen, f"it lost readiness after the switch ({lost})", detected_at=time.monotonic())
+        if self._drain_failed(gen):
             return
         since = _age(self.ro.get("switchedAt", ""))
         window = parse_duration(self.spec.rollout.rollback_window)
-        if since < window:
-            errors = self._error_rate_problem(gen)
-            if errors:
-                self._rollback(gen, errors, detected_at=time.monotonic())
-                return
         timeout = parse_duration(self.spec.rollout.drain_timeout)
         in_flight = sum(rollout.active_requests(a) for t in ("prefill", "decode") for a in self._pod_addresses(previous, t))
         if since >= timeout or (since >= window and in_flight == 0):
@@ -392,9 +455,38 @@ class RolloutPass:
             self.rolling = False
             self.requeue = 60.0
         else:
-            self._phase("Draining", f"generation {gen} serves; generation {previous} drains "
+            counted = self.ro.get("errorRate") or {}
+            errors = (f"; {counted.get('failed', 0)} of {counted.get('total', 0)} request(s) dispatched to it "
+                      "failed since the switch") if counted.get("generation") == gen else ""
+            self._phase("Draining", f"generation {gen} serves{errors}; generation {previous} drains "
                                     f"({in_flight} request(s) in flight) and stays for rollback until "
                                     f"{max(0, int(window - since))}s from now")
+
+    def _drain_failed(self, gen: str) -> bool:
+        """Roll back the generation switched to when it fails while the previous one is kept: a rollback
+        asked for, readiness lost, too many failed requests within the rollback window; True when it did."""
+        if self._requested_rollback(gen):
+            return True
+        lost = self._lost_readiness(gen)
+        if lost:
+            self._rollback(gen, f"it lost readiness after the switch ({lost})", detected_at=time.monotonic())
+            return True
+        if _age(self.ro.get("switchedAt", "")) < parse_duration(self.spec.rollout.rollback_window):
+            errors = self._error_rate_problem(gen)
+            if errors:
+                self._rollback(gen, errors, detected_at=time.monotonic())
+                return True
+        return False
+
+    def guard_drain(self) -> None:
+        """The spec was refused (Stalled) while a generation drains: nothing of it is applied and the drain
+        does not end, but the checks that protect traffic still run against what serves."""
+        serving, previous = self.ro.get("servingGeneration", ""), self.ro.get("previousGeneration", "")
+        if not serving or not previous or previous == serving or previous not in self.generations:
+            return
+        self.rolling = True
+        self.requeue = 2.0
+        self._drain_failed(serving)
 
     def _lost_readiness(self, gen: str) -> str:
         """Why the serving generation counts as failed ("" when it does not): replicas it had at the switch
@@ -420,7 +512,7 @@ class RolloutPass:
             self.rollback_done = f"generation {gen} was already rolled back"
         self.problem = (ROLLOUT, False, "RolledBack",
                         f"generation {gen} was rolled back ({self.ro.get('message', '')}); generation {serving} serves. "
-                        f"Fix the spec or set annotation {ANNOTATION_RETRY}={gen} to try again")
+                        f"Fix the spec or set annotation {ANNOTATION_RETRY}={gen} to try again; {in_place_held_back(serving, gen)}")
 
     def _start_deadline(self, gen: str, key: str = "startedAt") -> float:
         """Seconds since the generation (or swap step) started. When the status write that recorded the
@@ -487,7 +579,8 @@ class RolloutPass:
                                        f"{self.ro['previousGeneration']} has drained")
             return
         # The switch: one field, which every scheduler watches.
-        self.ro.update({"servingGeneration": gen, "previousGeneration": serving, "switchedAt": _now()})
+        self.ro.update({"servingGeneration": gen, "previousGeneration": serving, "switchedAt": _now(),
+                        "errorRate": self._error_counts(gen)})
         self._phase("Draining", f"switched traffic from generation {serving} to {gen}")
         self._event("Normal", "Switched", f"traffic switched atomically from generation {serving} to {gen} "
                                           f"(KV fingerprints prefill {self.derived.fingerprint('prefill')}, "
@@ -516,8 +609,11 @@ class RolloutPass:
         probe = self.ro.get("probe") or {}
         if probe.get("generation") == gen and probe.get("step") == key and probe.get("passed"):
             return True
+        empty = [t for t in ("prefill", "decode") if not self.spec.tier(t).desired_replicas()]
         if self.spec.engine.runtime != "trtllm-serve":
             ok, message = True, f"not probed: the {self.spec.engine.runtime} runtime has no HTTP handoff"
+        elif empty:
+            ok, message = True, f"not probed: the spec asks for 0 {' and '.join(empty)} replicas, so there is no pair to hand off through"
         else:
             ok, message = rollout.probe_handoffs(self._pod_addresses(gen, "prefill"), self._pod_addresses(gen, "decode"),
                                                  self.spec.model.name)
@@ -550,6 +646,8 @@ class RolloutPass:
             self._event("Normal", "NewGeneration",
                         f"the engine or KV format changed: generation {gen} will replace serving generation {serving} "
                         "pair by pair (strategy PairwiseSwap: one extra replica per tier at a time, each step probed)")
+        if self.deferred_delete:
+            return  # the abandoned swap's generation goes on the next pass, once schedulers stop routing to it
         self._remove_leftovers({serving, gen, self.ro.get("previousGeneration", "")} - {""})
         draining = self._lingering_previous(gen)
         if self._held(gen):
@@ -559,17 +657,21 @@ class RolloutPass:
         desired = {t: self.spec.tier(t).desired_replicas() for t in tiers}
         swap = dict(self.ro.get("swap") or {})
         if gen not in self.generations:
-            surge = {t: 1 for t in tiers if desired[t]}
+            surge = {t: 1 if desired[t] else 0 for t in tiers}
             blocked = self._capacity_problems(surge)
             if blocked:
                 self._blocked("blocked on capacity even for a pairwise swap (one extra replica per tier): "
                               + "; ".join(blocked) + ". Free GPUs or add nodes")
                 return
-            swap = {"generation": "", **{f"{t}Replicas": _replicas(old.get(t), desired[t]) for t in tiers}}
-            self.ro.update({"startedAt": _now(), "stepStartedAt": _now(), "swap": swap})
+            self.ro.update({"startedAt": _now(), "stepStartedAt": _now()})
             new_counts = surge
         else:
             new_counts = {t: _replicas(self.generations[gen].get(t), 0) for t in tiers}
+        if not (swap.get("prefillReplicas") or swap.get("decodeReplicas")):
+            # The serving generation's size to restore on a rollback, recorded before it first shrinks (also
+            # when the strategy became PairwiseSwap after the new generation had started).
+            swap = {**swap, **{f"{t}Replicas": _replicas(old.get(t), desired[t]) for t in tiers}}
+            self.ro["swap"] = swap
         if self._apply_new(gen, new_counts):
             return
         new = self.generations.get(gen, {})
@@ -593,8 +695,10 @@ class RolloutPass:
             self.ro["swap"] = swap
             self._event("Normal", "SwapStarted", f"generation {gen} passed the probe and serves beside generation {serving}")
         budget = {t: max(int(swap.get(f"{t}Replicas", 0)), desired[t]) for t in tiers}
-        # Shrink the old generation where the surge is in place (never below one replica while it serves).
-        shrink = [t for t in tiers if old_counts[t] > 1 and old_counts[t] + new_counts[t] > budget[t]]
+        # Shrink the old generation where the surge is in place (never below one replica while it serves),
+        # and only to make room for a new replica still to come.
+        shrink = [t for t in tiers if old_counts[t] > 1 and new_counts[t] < desired[t]
+                  and old_counts[t] + new_counts[t] > budget[t]]
         if shrink:
             for t in shrink:
                 self.r.kube.scale("StatefulSet", self.ns, old[t]["metadata"]["name"], old_counts[t] - 1)
@@ -620,7 +724,7 @@ class RolloutPass:
                                     f"{self.ro['previousGeneration']} has drained")
             return
         self.ro.update({"servingGeneration": gen, "previousGeneration": serving, "switchedAt": _now(),
-                        "swap": {**swap, "generation": ""}})
+                        "swap": {**swap, "generation": ""}, "errorRate": self._error_counts(gen)})
         self._phase("Draining", f"pairwise swap complete: traffic on generation {gen}; generation {serving} drains")
         self._event("Normal", "Switched", f"pairwise swap complete: generation {gen} serves with all replicas; "
                                           f"generation {serving} drains and is kept for rollback")

@@ -101,11 +101,13 @@ def compute(
     decode_kv_capacity_tokens: int,
     extra: list[tuple[str, bool, str, str]] = (),
     rolling: bool = False,
+    rolling_note: str = "",
     selectors: tuple[str, str] = ("", ""),
     drop: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The whole status object; `lastTransitionTime`s move only when a condition's status changes.
-    Conditions of the types in `drop` are left out (a merge patch replaces the whole list)."""
+    Conditions of the types in `drop` are left out (a merge patch replaces the whole list). `rolling_note`
+    completes the message of Reconciling while a new generation rolls out."""
     conditions = [c for c in previous.get("conditions", []) or [] if c.get("type") not in drop]
     prefill = tier_status(observed.prefill, desired_prefill, fingerprints[0], selectors[0])
     decode = tier_status(observed.decode, desired_decode, fingerprints[1], selectors[1])
@@ -137,7 +139,8 @@ def compute(
     else:
         message = f"prefill {prefill['summary']}, decode {decode['summary']}, scheduler at {scheduler_endpoint}"
         ready = (True, REASON_ALL_READY, message)
-        reconciling = (True, REASON_ROLLOUT, "a new generation is rolling out; see status.rollout") if rolling else (False, REASON_RECONCILED, "")
+        rolling_message = "; ".join(filter(None, ["a new generation is rolling out; see status.rollout", rolling_note]))
+        reconciling = (True, REASON_ROLLOUT, rolling_message) if rolling else (False, REASON_RECONCILED, "")
         stalled = (False, REASON_RECONCILED, "")
     return {
         "observedGeneration": generation,
