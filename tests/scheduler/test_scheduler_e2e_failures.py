@@ -60,6 +60,29 @@ def test_decode_killed_mid_stream_ends_the_stream_with_an_explicit_error(fresh_e
     assert status == 200 and headers["X-Baton-Decode-Endpoint"] != victim.address
 
 
+def test_a_decode_engine_reporting_an_error_mid_stream_ends_the_stream_as_an_error(fresh_engines, make_scheduler):
+    """trtllm-serve reports a fatal engine error inside the stream ({"object": "error"} then [DONE]): the
+    client gets the scheduler's stream_interrupted event with the engine's message and no [DONE], so an
+    OpenAI client raises instead of taking a cut answer for a whole one; the request counts as failed."""
+    prefill, d1, d2 = fresh_engines
+    sched = make_scheduler([prefill], [d1, d2])
+    body = {"model": MODEL, "prompt": prompt_ids(2000, 1), "max_tokens": 3000, "stream": True}
+    req = urllib.request.Request(sched.url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        victim = {d1.address: d1, d2.address: d2}[resp.headers["X-Baton-Decode-Endpoint"]]
+        assert resp.readline().startswith(b"data: ")  # tokens are flowing
+        http("POST", victim.url + "/_sim/fatal", {"reason": "xid 79: GPU has fallen off the bus"})
+        rest = resp.read().decode()
+    events = [line[len("data: "):] for line in rest.splitlines() if line.startswith("data: ")]
+    assert "[DONE]" not in events and '"object": "error"' not in rest
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "stream_interrupted" and "GPU has fallen off the bus" in error["message"]
+    assert victim.address in error["message"]
+    values = metrics(sched.url)
+    assert metric(values, "baton_scheduler_requests_total", route="disaggregated", outcome="failed") == 1
+
+
 def test_decode_killed_before_the_answer_is_retried_on_another_pair(fresh_engines, make_scheduler):
     prefill, d1, d2 = fresh_engines
     sched = make_scheduler([prefill], [d1, d2])

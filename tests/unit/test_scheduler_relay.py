@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -174,13 +175,72 @@ def test_a_stream_that_ends_badly_gets_an_error_event_after_what_was_held(ending
     asyncio.run(scenario())
 
 
-def test_an_error_event_from_the_engine_is_relayed_and_counted_as_an_engine_error():
+ENGINE_ERROR = (b'data: {"object": "error", "message": "engine is in a fatal state: boom", '
+                b'"type": "ServiceUnavailableError", "param": null, "code": 503}\n\n')
+
+
+def _client_events(body: bytes) -> list:
+    """The events an SSE client parses out of `body` (data lines; [DONE] as the string)."""
+    out = []
+    for block in body.replace(b"\r\n", b"\n").split(b"\n\n"):
+        if block.startswith(b"data:"):
+            data = block[5:].strip()
+            out.append(data.decode() if data == b"[DONE]" else json.loads(data))
+    return out
+
+
+@pytest.mark.parametrize("split", [None, 10, 40, len(ENGINE_ERROR) - 3])
+def test_an_engine_error_event_ends_the_stream_as_an_error_an_openai_client_raises_on(split):
+    """trtllm-serve reports a failure inside a stream with {"object": "error", ...} and then [DONE], which
+    openai-python reads as a malformed chunk and a complete answer. The client gets the tokens before it,
+    then the scheduler's stream_interrupted error event with the engine's message, and no [DONE]."""
     async def scenario():
-        relay, resp, sink, endings = make(0.0)
-        resp.on_data(b'data: {"object": "error", "message": "boom"}\n\n' + DONE)
+        relay, resp, sink, endings = make(0.05)
+        pieces = [event(1) + ENGINE_ERROR + DONE] if split is None else [
+            event(1) + ENGINE_ERROR[:split], ENGINE_ERROR[split:] + DONE]
+        for piece in pieces:
+            resp.on_data(piece)
+        assert sink.ended is not None  # ended at the error event, without waiting for the engine's end
         resp.on_end()
-        assert endings and endings[0][0] == "engine_error"
-        assert b"boom" in sink.body()
+        events = _client_events(sink.body())
+        assert [e["choices"][0]["text"] for e in events[:2]] == ["t0", "t1"]
+        assert len(events) == 3 and events[2]["error"]["code"] == "stream_interrupted"
+        assert "engine is in a fatal state: boom" in events[2]["error"]["message"]
+        assert "127.0.0.9:8000" in events[2]["error"]["message"]
+        assert [o for o, _ in endings] == ["engine_error"] and resp.released
+
+    asyncio.run(scenario())
+
+
+def test_an_error_event_as_the_first_piece_or_cut_short_still_ends_as_an_error():
+    async def scenario():
+        _, resp, sink, endings = make(0.0, first=ENGINE_ERROR + DONE)
+        (only,) = _client_events(sink.body())
+        assert only["error"]["code"] == "stream_interrupted" and "boom" in only["error"]["message"]
+        assert [o for o, _ in endings] == ["engine_error"]
+        # the engine's response ends in the middle of the error event: what there is of it is reported
+        _, resp, sink, endings = make(0.0)
+        resp.on_data(ENGINE_ERROR[:30])
+        assert sink.ended is None
+        resp.on_end()
+        events = _client_events(sink.body())
+        assert events[-1]["error"]["code"] == "stream_interrupted" and [o for o, _ in endings] == ["engine_error"]
+
+    asyncio.run(scenario())
+
+
+def test_token_events_leave_out_a_chat_role_chunk_the_usage_chunk_and_done():
+    async def scenario():
+        role = b'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\n\n'
+        usage = b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\n'
+        relay, resp, sink, endings = make(0.0, first=role + event(0))
+        resp.on_data(event(1) + usage + DONE)
+        resp.on_end()
+        assert relay.events == 5 and relay.token_events == 2
+        relay, resp, sink, endings = make(0.0)
+        resp.on_data(event(1) + DONE)
+        resp.on_end()
+        assert relay.token_events == 2
 
     asyncio.run(scenario())
 

@@ -13,8 +13,10 @@ interval: at 500 req/s on a fast engine that cost more latency than the whole ta
 first piece is never held. The client's write backpressure pauses reading the engine. Exactly one
 ending (the stream's end, its failure, the client going away) calls `on_finish`.
 
-Endings passed to `on_finish(outcome, relay)`: "completed"; "engine_error" (an error event inside the
-stream, relayed as is); "truncated" (the engine ended the stream before `[DONE]`; an error event is
+Endings passed to `on_finish(outcome, relay)`: "completed"; "engine_error" (trtllm-serve's error event
+inside the stream, `{"object": "error", ...}`, which OpenAI clients do not read as an error and which it
+follows with `[DONE]`: the stream ends instead with the scheduler's `stream_interrupted` error event
+carrying the engine's message, and nothing of the engine's after it); "truncated" (the engine ended the stream before `[DONE]`; an error event is
 appended); "failed" (the engine connection broke; `on_broken` names the failure for the error event
 appended); "shutdown" (the scheduler stopped before the stream ended: a `shutting_down` error event ends
 it, so the client can tell it from a complete answer and retry); "cancelled" (the client went away).
@@ -23,6 +25,7 @@ it, so the client can tell it from a complete answer and retry); "cancelled" (th
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -32,11 +35,15 @@ from baton.scheduler.replies import STREAM_ERROR, STREAM_ERROR_COMPACT, sse_erro
 # but inside an event's JSON a line break is always escaped)
 _DONE_EVENT = b"\ndata: [DONE]"
 _DONE_EVENT_COMPACT = b"\ndata:[DONE]"
+# Events that carry no generated token: a chat stream's first, role-only delta, and the usage chunk
+# (`stream_options.include_usage`, empty choices). The time per output token counts the others.
+_NO_TOKEN_MARKERS = (b'"role": "assistant"', b'"role":"assistant"', b'"choices": []', b'"choices":[]')
 
 
 class StreamRelay:
     __slots__ = ("resp", "first", "address", "interval", "clock", "on_broken", "on_finish", "t_first", "t_last",
-                 "events", "tail", "done", "errored", "sink", "finished", "flushed_at", "held", "timer", "loop")
+                 "events", "no_token_events", "tail", "done", "errored", "sink", "finished", "flushed_at", "held",
+                 "timer", "loop")
 
     def __init__(self, resp: Any, first: bytes, address: str, interval_s: float, clock: Callable[[], float], *,
                  on_broken: Callable[[Exception], str], on_finish: Callable[[str, StreamRelay], None]) -> None:
@@ -49,6 +56,7 @@ class StreamRelay:
         self.on_finish = on_finish
         self.t_first = self.t_last = clock()
         self.events = 0  # SSE events seen ("data:" lines)
+        self.no_token_events = 0  # of them, a chat role chunk and a usage chunk (`_NO_TOKEN_MARKERS`)
         self.tail = b"\n"  # the end of the previous piece, so markers split across pieces are still seen
         self.done = False
         self.errored = False
@@ -64,6 +72,11 @@ class StreamRelay:
         self.sink = sink
         first, self.first = self.first, b""
         self._scan(first)
+        if self.errored:
+            self.held.append(first)
+            self.resp.relay(self._data, self._end, self._error)
+            self._end_at_error_event()
+            return
         sink.write(first)
         self.flushed_at = self.loop.time()
         self.resp.relay(self._data, self._end, self._error)
@@ -85,10 +98,13 @@ class StreamRelay:
         is held), and the engine's stream with it."""
         if self.finished:
             return
+        if self.errored:
+            self._end_at_error_event(complete=True)
+            return
         held = self._take_held()
         if self.done:  # [DONE] is here, only the end of the engine's response is not: the answer is whole
             self.sink.end(held)
-            self._finish("engine_error" if self.errored else "completed")
+            self._finish("completed")
             return
         self.sink.end(held + sse_error("the scheduler shut down before this stream ended; retry the request",
                                        "service_unavailable", "shutting_down"))
@@ -97,6 +113,9 @@ class StreamRelay:
     # ------------------------------------------------------------------ engine callbacks
     def _scan(self, chunk: bytes) -> None:
         self.events += chunk.count(b"data:")
+        for marker in _NO_TOKEN_MARKERS:
+            if marker in chunk:
+                self.no_token_events += chunk.count(marker)
         # Markers are looked for in the piece, and across the seam with the previous one (no copy of the piece).
         seam = self.tail + chunk[:24]
         if (b"[DONE]" in chunk or b"[DONE]" in seam) and (
@@ -108,8 +127,26 @@ class StreamRelay:
             self.errored = True
         self.tail = chunk[-24:] if len(chunk) >= 24 else (self.tail + chunk)[-24:]
 
+    @property
+    def token_events(self) -> int:
+        """Events that carried generated tokens (one each from trtllm-serve and the simulator)."""
+        return max(0, self.events - self.no_token_events - (1 if self.done else 0))
+
     def _data(self, chunk: bytes) -> None:
+        if self.finished:
+            return
+        if self.errored:  # the rest of an error event (and whatever the engine sends after it)
+            self.held.append(chunk)
+            self._end_at_error_event()
+            return
         self._scan(chunk)
+        if self.errored:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self.held.append(chunk)
+            self._end_at_error_event()
+            return
         self.t_last = self.clock()
         if self.done:
             # `[DONE]` is the stream's last event: nothing more is coming worth waiting for, so what is held
@@ -145,7 +182,41 @@ class StreamRelay:
         held, self.held = self.held, []
         return b"".join(held)
 
+    def _end_at_error_event(self, complete: bool = False) -> None:
+        """The engine sent an error event: what came before it goes out, then the scheduler's own error event
+        with the engine's message, and the stream ends there. Waits for the rest of the event's line unless
+        the engine's response is `complete` (ended, broken or cut)."""
+        if self.finished:
+            return
+        buf = b"".join(self.held)
+        at = buf.find(STREAM_ERROR)
+        if at < 0:
+            at = buf.find(STREAM_ERROR_COMPACT)
+        line_end = buf.find(b"\n", at) if at >= 0 else -1
+        if at >= 0 and line_end < 0 and not complete:
+            return
+        self._take_held()
+        message = "an error event"
+        if at >= 0:
+            start = buf.rfind(b"data:", 0, at)
+            line = buf[start + 5 if start >= 0 else at:line_end if line_end >= 0 else len(buf)]
+            try:
+                event = json.loads(line if start >= 0 else b"{" + line)
+                message = str(event.get("message") or event)
+            except (ValueError, AttributeError):
+                message = line.decode("utf-8", "replace").strip()[:500] or message
+            # what came before the event; an event whose start went out already is closed with a blank line
+            prefix = buf[:start] if start >= 0 else b"\n\n"
+        else:  # the marker straddled a piece that went out: the event started there
+            prefix = b"\n\n"
+        self.sink.end(prefix + sse_error(f"decode replica {self.address} reported an error mid-stream: {message}",
+                                         "engine_error", "stream_interrupted"))
+        self._finish("engine_error")
+
     def _end(self) -> None:
+        if self.errored:
+            self._end_at_error_event(complete=True)
+            return
         held = self._take_held()
         if not self.done:
             self.sink.end(held + sse_error(f"decode replica {self.address} ended the stream before [DONE]",
@@ -153,9 +224,12 @@ class StreamRelay:
             self._finish("truncated")
             return
         self.sink.end(held)
-        self._finish("engine_error" if self.errored else "completed")
+        self._finish("completed")
 
     def _error(self, exc: Exception) -> None:
+        if self.errored:
+            self._end_at_error_event(complete=True)
+            return
         held = self._take_held()
         message = self.on_broken(exc)
         self.sink.end(held + sse_error(f"decode replica {self.address} failed mid-stream: {message}",
