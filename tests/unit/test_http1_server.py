@@ -1728,9 +1728,15 @@ def test_a_closing_connection_whose_client_reads_nothing_is_dropped_too(monkeypa
 
 
 def test_the_server_reports_each_request_it_answers_with_an_error_of_its_own():
-    """on_refused hears of every answer the server makes itself (with the request's path once read), and of
-    none its handlers make."""
+    """on_refused hears of every answer the server makes itself (with the request's path and headers once
+    read), and of none its handlers make; the headers it returns go out with that answer."""
     refused: list[tuple[str, int]] = []
+    seen_ids: list[str | None] = []
+
+    def on_refused(path, status, headers):
+        refused.append((path, status))
+        seen_ids.append(headers.get("x-request-id") if headers is not None else None)
+        return {"X-Request-Id": seen_ids[-1] or "made-up"}
 
     async def boom(request):
         raise RuntimeError("a bug")
@@ -1740,21 +1746,28 @@ def test_the_server_reports_each_request_it_answers_with_an_error_of_its_own():
 
     async def main():
         async with serving({("POST", "/up"): fine, ("POST", "/boom"): boom}, max_body_bytes=10,
-                           on_refused=lambda path, status: refused.append((path, status))) as server:
+                           on_refused=on_refused) as server:
             for raw, status in ((b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok", 418),
                                 (b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n", 413),
-                                (b"POST /boom HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 500),
-                                (b"GET /up HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+                                (b"POST /boom HTTP/1.1\r\nHost: x\r\nX-Request-Id: r-500\r\nContent-Length: 0\r\n\r\n", 500),
+                                (b"GET /up HTTP/1.1\r\nHost: x\r\nX-Request-Id: r-405\r\n\r\n", 405),
                                 (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
                                 (b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok"
                                  b"GARBAGE\r\n\r\n", 418)):
                 reader, writer = await connect(server.port)
                 writer.write(raw)
-                assert (await read_response(reader)).status == status
+                response = await read_response(reader)
+                assert response.status == status
+                if status in (500, 405):  # answered with the request's own id
+                    assert response.headers["x-request-id"] == f"r-{status}"
+                    assert status != 405 or response.headers["allow"] == "POST"
+                elif status != 418:
+                    assert response.headers["x-request-id"] == "made-up"
                 if raw.endswith(b"GARBAGE\r\n\r\n"):  # a second, unparseable request after a good one
                     assert (await read_response(reader)).status == 400
                 await close(writer)
         assert refused == [("/up", 413), ("/boom", 500), ("/up", 405), ("/nowhere", 404), ("", 400)]
+        assert seen_ids == [None, "r-500", "r-405", None, None]
 
     run(main())
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import time
 
 from http1_harness import until
@@ -460,6 +462,31 @@ def test_a_stream_the_prefill_finished_carries_usage_when_asked():
                     assert usage[0]["usage"]["total_tokens"] >= usage[0]["usage"]["prompt_tokens"] > 0
                 else:
                     assert usage == []
+        # each of those streams had its time to first token recorded, as every other stream has
+        exposition = svc.metrics.exposition().decode()
+        assert 'baton_scheduler_time_to_first_token_seconds_count{route="disaggregated"} 4.0' in exposition
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_request_that_times_out_in_the_queue_has_its_wait_recorded(caplog):
+    """The worst waits are the ones that end in a 429 queue_timeout: they reach the queue-wait histogram and
+    the request's log line like every other wait."""
+    async def main():
+        caplog.set_level(logging.INFO, logger="baton.scheduler")
+        svc, _ = make("backpressure: {maxActivePerDecodeReplica: 1}\nqueue: {maxWaitSeconds: 0.2}\n",
+                      prefill=(), decode=("d1:1",))
+        svc.decode["d1:1"].active = 1  # the only decode slot is taken
+        reply = await svc.complete("completions", long_request(5), {"X-Request-Id": "waited-1"})
+        assert reply.status == 429 and json.loads(reply.body)["error"]["code"] == "queue_timeout"
+        exposition = svc.metrics.exposition().decode()
+        count = re.search(r'baton_scheduler_queue_wait_seconds_count\{pool="decode",route="local"\} (\S+)', exposition)
+        total = re.search(r'baton_scheduler_queue_wait_seconds_sum\{pool="decode",route="local"\} (\S+)', exposition)
+        assert count and float(count.group(1)) == 1.0 and total and float(total.group(1)) >= 0.2
+        (line,) = [r.getMessage() for r in caplog.records if "request_id=waited-1" in r.getMessage()]
+        queue_ms = float(re.search(r"queue_ms=(\S+)", line).group(1))
+        assert queue_ms >= 200, line
         await svc.stop()
 
     run(main())
@@ -596,10 +623,11 @@ def test_a_client_that_stops_reading_its_stream_gives_its_decode_slot_back(monke
     run(main())
 
 
-def test_completion_requests_the_http_layer_refuses_are_counted_too(monkeypatch):
+def test_completion_requests_the_http_layer_refuses_are_counted_too(monkeypatch, caplog):
     """A completion request answered by the HTTP layer itself (too large, wrong method) still ends with one
     outcome in requests_total (`invalid`, route unrouted); a request for another path or one whose request
-    line cannot be read is not a completion request and is not counted."""
+    line cannot be read is not a completion request and is not counted. Every such answer carries a request
+    id, the client's own when it sent a valid one, and the request's log line has the documented fields."""
     import socket
 
     from baton.scheduler import server as scheduler_server
@@ -612,16 +640,23 @@ def test_completion_requests_the_http_layer_refuses_are_counted_too(monkeypatch)
             return sock.recv(65536)
 
     async def main():
+        caplog.set_level(logging.INFO, logger="baton.scheduler")
         svc, _ = make(prefill=(), decode=("d1:1",))
         outcomes = _outcomes(svc)
         server = scheduler_server.build_server(svc)
         await server.start("127.0.0.1", 0)
         big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n"
         answers = [await asyncio.to_thread(exchange, server.port, raw) for raw in (
-            big, b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n",
-            b"NONSENSE\r\n\r\n")]
+            big, b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: mine-1\r\n\r\n",
+            b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", b"NONSENSE\r\n\r\n")]
         assert [a.split(b" ", 2)[1] for a in answers] == [b"413", b"405", b"404", b"400"]
+        ids = [re.search(rb"\r\nX-Request-Id: ([^\r]+)\r\n", a) for a in answers]
+        assert all(ids) and ids[1].group(1) == b"mine-1" and len({m.group(1) for m in ids}) == 4
         assert outcomes == ["invalid", "invalid"]
+        (line,) = [r.getMessage() for r in caplog.records if "request_id=mine-1" in r.getMessage()]
+        for field in ("event=request_done", "api=chat", "route=unrouted", "outcome=invalid", "status=405",
+                      "latency_ms=", "error='answered by the HTTP layer'"):
+            assert field in line, line
         exposition = svc.metrics.exposition().decode()
         assert 'baton_scheduler_requests_total{outcome="invalid",route="unrouted"} 2.0' in exposition
         await server.stop(0.1)
@@ -757,3 +792,18 @@ def test_the_engine_simulators_mpi_refusal_is_a_pair_that_cannot_hand_off_not_a_
         "cache_transceiver_config.backend to UCX or NIXL")}).encode()
     failure = classify_failure(Ep("d1:1", "decode"), 500, body)
     assert failure is not None and failure.kind == "kv_mismatch"
+
+
+def test_a_refused_request_names_the_field_at_fault():
+    """OpenAI's error body has `param`: the scheduler's own 400s fill it in, as openai-python shows it."""
+    async def main():
+        svc, _ = make(prefill=(), decode=("d1:1",))
+        for api, body, param in (("completions", {"model": "m", "max_tokens": 2}, "prompt"),
+                                 ("chat", {"model": "m", "messages": "hi"}, "messages"),
+                                 ("completions", {"model": "other", "prompt": "hi"}, "model")):
+            reply = await svc.complete(api, json.dumps(body).encode(), {})
+            error = json.loads(reply.body)["error"]
+            assert reply.status in (400, 404) and error["param"] == param, error
+        await svc.stop()
+
+    run(main())

@@ -41,7 +41,7 @@ import inspect
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Protocol
@@ -581,8 +581,8 @@ class _Connection(ReusedBufferProtocol):
                 keep = False
                 if isinstance(item, _Failure):
                     body, ctype = self.server.error_body(item.status, item.message)
-                    self._write(_head(item.status, ctype, None, len(body), False) + body)
-                    self.server.refused(item.path, item.status)
+                    extra = self.server.refused(item.path, item.status, None)
+                    self._write(_head(item.status, ctype, extra, len(body), False) + body)
                 else:
                     try:
                         keep = await self._answer(item)
@@ -621,16 +621,16 @@ class _Connection(ReusedBufferProtocol):
             status = 405 if methods else 404
             body, ctype = self.server.error_body(status, f"{request.method} is not allowed on {request.path}" if methods
                                                  else f"no such path: {request.path}")
-            self._write_whole(Response(status, body, ctype, {"Allow": ", ".join(methods)} if methods else None),
-                              request, keep)
-            self.server.refused(request.path, status)
+            extra = {**({"Allow": ", ".join(methods)} if methods else {}),
+                     **(self.server.refused(request.path, status, request.headers) or {})}
+            self._write_whole(Response(status, body, ctype, extra or None), request, keep)
             return keep
         try:
             response = await handler(request)
         except Exception:
             log.exception("request handler failed: %s %s", request.method, request.path)
-            self._write_whole(Response(500, *self.server.error_body(500, "internal server error")), request, False)
-            self.server.refused(request.path, 500)
+            extra = self.server.refused(request.path, 500, request.headers)
+            self._write_whole(Response(500, *self.server.error_body(500, "internal server error"), extra), request, False)
             return False
         keep = keep and not self.server.draining
         if head_only:
@@ -784,11 +784,12 @@ class HttpServer:
 
     def __init__(self, *, max_body_bytes: int = 64 * 1024 * 1024, cancel_on_disconnect: bool = False,
                  error_body: Callable[[int, str], tuple[bytes, str]] | None = None,
-                 on_refused: Callable[[str, int], None] | None = None) -> None:
+                 on_refused: Callable[[str, int, Headers | None], Mapping[str, str] | None] | None = None) -> None:
         self.routes: dict[tuple[str, str], Handler] = {}
         # Told of every request the server answers with an error of its own instead of its handler's
-        # (unparseable, too large, a handler that raised): (its path, "" if unread; the status), e.g. so an
-        # application's request counts include them.
+        # (unparseable, too large, a handler that raised) before that answer is written: (its path, "" if
+        # unread; the status; its headers, None if unread), e.g. so an application's request counts include
+        # them. It may return headers to add to the answer (e.g. a request id).
         self.on_refused = on_refused
         # The body and content type of the answers the server itself makes (400, 404, 405, 413, 431, 500,
         # 501, 505): plain text unless the application speaks another error shape (the scheduler: OpenAI's).
@@ -804,12 +805,15 @@ class HttpServer:
     def route(self, method: str, path: str, handler: Handler) -> None:
         self.routes[(method, path)] = handler
 
-    def refused(self, path: str, status: int) -> None:
-        if self.on_refused is not None:
-            try:
-                self.on_refused(path, status)
-            except Exception:  # counting must never break answering
-                log.exception("on_refused failed")
+    def refused(self, path: str, status: int, headers: Headers | None) -> dict[str, str] | None:
+        if self.on_refused is None:
+            return None
+        try:
+            extra = self.on_refused(path, status, headers)
+        except Exception:  # counting must never break answering
+            log.exception("on_refused failed")
+            return None
+        return dict(extra) if extra else None
 
     @property
     def port(self) -> int:

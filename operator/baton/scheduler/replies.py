@@ -62,7 +62,7 @@ class SchedulerError(Exception):
     """A request ends with an error the scheduler itself produces (OpenAI-style body)."""
 
     def __init__(self, status: int, message: str, code: str, err_type: str = "server_error",
-                 outcome: str = "failed", retry_after: int | None = None) -> None:
+                 outcome: str = "failed", retry_after: int | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -70,6 +70,7 @@ class SchedulerError(Exception):
         self.err_type = err_type
         self.outcome = outcome
         self.retry_after = retry_after
+        self.param = param  # the request field at fault, for the error body's `param`
 
 
 def error_body(message: str, err_type: str, code: str, param: str | None = None) -> bytes:

@@ -49,7 +49,8 @@ COMPLETION_PATHS = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT
 def build_server(service: SchedulerService) -> HttpServer:
     # a client that goes away takes its request with it: its queue place, hold, slot and engine call
     server = HttpServer(max_body_bytes=MAX_BODY_BYTES, cancel_on_disconnect=True, error_body=openai_http_error,
-                        on_refused=lambda path, status: service.refused(path in COMPLETION_PATHS, status))
+                        on_refused=lambda path, status, headers: service.refused(COMPLETION_PATHS.get(path), status,
+                                                                                 headers))
 
     def completion_handler(api: str):  # type: ignore[no-untyped-def]
         async def handler(request: Request) -> AnyResponse:

@@ -905,11 +905,17 @@ class SchedulerService:
             except QueueTimeout:
                 raise self._reject(ctx, "queue_timeout", "no capacity became free within "
                                    f"{self.config.queue.max_wait_seconds:g}s; retry later") from None
-        waited = self.clock() - t
+            finally:  # a wait, however it ended (a slot, a timeout, shed at shutdown, the client gone)
+                self._waited(ctx, pool, t)
+            return value
+        self._waited(ctx, pool, t)
+        return value
+
+    def _waited(self, ctx: _Ctx, pool: str, since: float) -> None:
+        waited = self.clock() - since
         ctx.queue_wait += waited
         ctx.mark += waited
         self.hooks.queue_wait(ctx.route, pool, waited)
-        return value
 
     def _try_decode(self, addresses: Any, excluded: set[str], local: bool) -> _DecodeLease | None:
         replica = pick_decode(self._decode_candidates(addresses, excluded, local))
@@ -960,14 +966,17 @@ class SchedulerService:
         self.prefill_queue.notify()
 
     # ------------------------------------------------------------------------------ request entry
-    def refused(self, completion: bool, status: int) -> None:
-        """The HTTP layer answered a request itself (unparseable, too large, a handler that failed): a
-        completion request is counted as every other request is, `invalid` (4xx) or `failed`."""
-        if completion:
-            outcome = "invalid" if status < 500 else "failed"
-            self.hooks.finished(ROUTE_UNROUTED, outcome, 0.0)
-            log.info("event=request_done route=%s outcome=%s status=%d detail=%r", ROUTE_UNROUTED, outcome, status,
-                     "answered by the HTTP layer")
+    def refused(self, api: str | None, status: int, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """The HTTP layer answers a request itself (unparseable, too large, a wrong method, a handler that
+        failed): a completion request (`api` set) is counted and logged as every other request is,
+        `invalid` (4xx) or `failed`. Every such answer carries the request's id, the client's if valid."""
+        rid = (headers or {}).get(HDR_REQUEST_ID)
+        if not rid or not _REQUEST_ID.fullmatch(rid):
+            rid = uuid.uuid4().hex
+        if api is not None:
+            self._account(_Ctx(rid, api, self.clock()), "invalid" if status < 500 else "failed", status,
+                          "answered by the HTTP layer")
+        return {HDR_REQUEST_ID: rid}
 
     def models(self) -> Reply:
         body = {"object": "list", "data": [{"id": self.config.model, "object": "model", "created": 0,
@@ -987,7 +996,7 @@ class SchedulerService:
                     await req.count_deferred()
             except RequestError as exc:
                 return self._finish_error(ctx, SchedulerError(exc.status, exc.message, exc.code,
-                                                              "invalid_request_error", outcome="invalid"))
+                                                              "invalid_request_error", outcome="invalid", param=exc.param))
             self.retry_budget.record_request()
             self._decide(ctx)
             return await self._run(ctx)
@@ -1224,10 +1233,7 @@ class SchedulerService:
             return lease
         finally:
             await self.holds.remove(hold.key)
-            waited = self.clock() - now  # a wait, however the hold ended
-            ctx.queue_wait += waited
-            ctx.mark += waited
-            self.hooks.queue_wait(ctx.route, "hold", waited)
+            self._waited(ctx, "hold", now)  # a wait, however the hold ended
 
     # ------------------------------------------------------------------------------ generation + relay
     async def _generate(self, ctx: _Ctx, lease: _DecodeLease, body: bytes, handoff: bool = False
@@ -1322,7 +1328,7 @@ class SchedulerService:
             log.warning("event=stream_cut_at_shutdown request_id=%s endpoint=%s", ctx.rid, lease.replica.address)
             outcome = "failed"
         elif outcome == "completed":
-            tokens = relay.events - 1  # minus the [DONE] event
+            tokens = relay.token_events  # not a chat role chunk, the usage chunk or [DONE]
             if tokens >= 2:
                 tpot = (relay.t_last - relay.t_first) / (tokens - 1)
                 self.hooks.tpot(ctx.route, tpot)
@@ -1368,7 +1374,7 @@ class SchedulerService:
         headers[HDR_ERROR] = exc.code
         if exc.retry_after is not None:
             headers["Retry-After"] = str(exc.retry_after)
-        return Reply(exc.status, error_body(exc.message, exc.err_type, exc.code), "application/json", headers)
+        return Reply(exc.status, error_body(exc.message, exc.err_type, exc.code, exc.param), "application/json", headers)
 
     def _finish_from_context(self, ctx: _Ctx, answer: dict[str, Any]) -> AnyReply:
         """The prefill already finished the request (e.g. EOS on the first token): answer from it."""
@@ -1404,6 +1410,7 @@ class SchedulerService:
         async def one_shot() -> AsyncIterator[bytes]:
             outcome = "cancelled"
             try:
+                self.hooks.first_token(ctx.route, self.clock() - ctx.t0)
                 yield payload
                 outcome = "completed"
             finally:
