@@ -548,6 +548,28 @@ def test_a_respec_mid_pairwise_swap_records_the_full_size_to_restore():
     assert m.ro["phase"] == "RolledBack" and m.replicas(g0) == {"prefill": 3, "decode": 3}
 
 
+def test_a_respec_to_atomic_mid_pairwise_swap_stops_routing_to_the_abandoned_generation_before_deleting_it():
+    """The strategy goes back to AtomicGeneration with another engine change while a swap serves both
+    generations: status stops routing to the swap's generation and restores the serving one's size in one
+    pass, and the abandoned generation is deleted only on the next."""
+    m = Model(gpus=8, mutate=pairwise_swap(3))
+    g0 = m.ro["servingGeneration"]
+    m.image("1.2.1")
+    for _ in range(4):
+        m.pass_()
+        m.kube.settle()
+    g1 = m.ro["targetGeneration"]
+    assert m.ro["swap"]["generation"] == g1 and m.replicas(g0)["prefill"] < 3
+    m.edit(lambda s: (s["rollout"].update(strategy="AtomicGeneration"), s["engine"].update(image=IMAGE + "1.2.2")))
+    m.kube.log.clear()
+    m.pass_()
+    assert m.ro["swap"]["generation"] == "" and m.ro["targetGeneration"] not in ("", g1)
+    assert g1 in m.generations(), "deleted while schedulers still routed to it"
+    assert m.replicas(g0) == {"prefill": 3, "decode": 3} and m.ro["failedGeneration"] == ""
+    m.pass_()
+    assert g1 not in m.generations()
+
+
 # ---------------------------------------------------------------- 10. rollback annotation while draining
 
 def test_the_rollback_annotation_works_while_draining_and_switches_back_before_deleting():

@@ -542,11 +542,22 @@ class RolloutPass:
         self.requeue = 2.0
         if self.ro.get("targetGeneration") != gen:
             why = "the engine or KV format changed (image, TensorRT-LLM version, model, KV cache or transfer settings, parallelism)"
+            abandoned, swap = self.ro.get("targetGeneration", ""), self.ro.get("swap") or {}
+            if (abandoned and abandoned != serving and abandoned in self.generations
+                    and (swap.get("generation") or swap.get("prefillReplicas") or swap.get("decodeReplicas"))):
+                # A pairwise swap was under way (the strategy is AtomicGeneration again): its generation may
+                # still be routed to and the serving one shrunk. Routing stops and the size comes back first;
+                # the abandoned generation goes on the next pass.
+                self._rollback(abandoned, f"the spec changed to generation {gen} during the swap")
+                self.problem = None
+                self.ro["failedGeneration"] = ""
             self.ro.update({"targetGeneration": gen, "startedAt": "", "stepStartedAt": "", "probe": dict(NO_PROBE),
                             "failedGeneration": self.ro.get("failedGeneration", "")})
             self._restarting(gen)
             self._event("Normal", "NewGeneration", f"{why}: generation {gen} of both tiers will be created beside "
                                                    f"serving generation {serving}, probed, then switched to atomically")
+        if self.deferred_delete:
+            return  # the abandoned swap's generation goes on the next pass, once schedulers stop routing to it
         # An earlier target the spec moved away from never served: it goes, with its GPUs.
         self._remove_leftovers({serving, gen, self.ro.get("previousGeneration", "")} - {""})
         draining = self._lingering_previous(gen)
