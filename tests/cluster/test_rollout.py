@@ -156,6 +156,35 @@ def test_a_kv_neutral_change_rolls_in_place_with_zero_failed_requests(cluster, n
     assert any(r == "Applied" and "in place" in m for r, m in events_of(cluster, namespace))
 
 
+def test_a_tier_port_change_rolls_in_place_with_zero_failed_requests(cluster, namespace, operator, pod_runner):
+    """The scheduler's config names the new port at once, while the pods still serving were started with
+    the old one: it reaches each pod on the port Kubernetes publishes for it (the Services target the
+    named port), so the rolling update fails no request."""
+    before = deploy(cluster, namespace)["status"]["rollout"]["servingGeneration"]
+
+    def tier_pods_on(port):
+        pods = cluster.core.list_namespaced_pod(namespace, label_selector=f"baton.dev/model={NAME}").items
+        tier = [p for p in pods if p.metadata.labels.get("baton.dev/tier") in ("prefill", "decode")]
+        return len(tier) == 3 and all(
+            not p.metadata.deletion_timestamp and p.spec.containers[0].ports[0].container_port == port
+            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or []) for p in tier)
+
+    # New pods take a few seconds to load, so the scheduler has its new config long before the last old
+    # pod is replaced.
+    slow = {"env": [{"name": "BATON_SIM_ARGS", "value": "--sim-load-seconds 6"}]}
+    with Traffic(cluster, namespace) as traffic:
+        time.sleep(1)
+        patch_spec(cluster, namespace, {"prefill": {"port": 8100, "podTemplate": slow},
+                                        "decode": {"port": 8100, "podTemplate": slow}})
+        wait_for(lambda: tier_pods_on(8100), 120, what="every tier pod replaced and Ready on port 8100")
+        wait_for(lambda: condition(get_dm(cluster, namespace), "Ready").get("status") == "True", 30, what="Ready")
+        sent = sum(traffic.outcomes.values())
+        wait_for(lambda: sum(traffic.outcomes.values()) >= sent + 10, 30, what="requests after the change")
+    assert traffic.outcomes["ok"] > 20 and traffic.failed() == 0, (traffic.outcomes, traffic.errors[:3])
+    assert traffic.routes["disaggregated"] > 0 and traffic.routes["local"] > 0
+    assert rollout(cluster, namespace)["servingGeneration"] == before and generations(cluster, namespace) == [before]
+
+
 def test_a_kv_changing_change_swaps_both_tiers_atomically_with_zero_failures(cluster, namespace, operator, pod_runner):
     old = deploy(cluster, namespace)["status"]["rollout"]["servingGeneration"]
     with Traffic(cluster, namespace) as traffic:

@@ -1,4 +1,4 @@
-"""EndpointSlice parsing: ready pod IPs with the configured port, fingerprints through targetRef."""
+"""EndpointSlice parsing: ready pod IPs with their slice's port, fingerprints through targetRef."""
 
 from __future__ import annotations
 
@@ -30,11 +30,24 @@ SLICE = {
 }
 
 
-def test_ready_endpoints_only_with_configured_port_sorted():
-    out = endpoints_from_slices([SLICE], 8001, "decode")
-    assert [e.address for e in out] == ["127.244.1.5:8001", "127.244.1.7:8001", "127.244.2.10:8001"]
+def test_ready_endpoints_only_with_the_slices_port_sorted():
+    out = endpoints_from_slices([SLICE], 8001, "decode")  # the slice's port, not the configured one
+    assert [e.address for e in out] == ["127.244.1.5:8000", "127.244.1.7:8000", "127.244.2.10:8000"]
     assert all(e.tier == "decode" and e.fingerprint is None for e in out)
     assert out[0].pod == "m-decode-0"
+
+
+def test_a_tier_port_changing_in_a_rolling_update_reaches_each_pod_on_its_own_port():
+    """The tier Services target the pods' port by name, so Kubernetes puts pods whose `http` port differs
+    in separate slices, each with its port: old pods are still dialled on the old port, new ones on the
+    new. A slice that names no port (none published yet) gets the configured one."""
+    old = {**SLICE, "endpoints": SLICE["endpoints"][:2]}
+    new = {**SLICE, "metadata": {"name": "m-decode-new"}, "ports": [{"name": "http", "port": 9000, "protocol": "TCP"}],
+           "endpoints": [SLICE["endpoints"][3]]}
+    out = endpoints_from_slices([old, new], 9000, "decode")
+    assert [e.address for e in out] == ["127.244.1.5:8000", "127.244.1.7:8000", "127.244.2.10:9000"]
+    unnamed = {**SLICE, "ports": None, "endpoints": SLICE["endpoints"][:1]}
+    assert [e.address for e in endpoints_from_slices([unnamed], 9000, "decode")] == ["127.244.1.7:9000"]
 
 
 def test_fingerprint_and_generation_come_from_the_pod():
@@ -84,7 +97,7 @@ def test_kubernetes_client_models_are_accepted():
         ports=[client.DiscoveryV1EndpointPort(port=9999)],
     )
     out = endpoints_from_slices([model], 8000, "prefill", lambda name, uid: PodInfo("fp" + uid))
-    assert out == [Endpoint("127.1.0.4:8000", "prefill", "fpp0", "m-prefill-0")]
+    assert out == [Endpoint("127.1.0.4:9999", "prefill", "fpp0", "m-prefill-0")]  # the slice's only port
 
 
 def test_static_endpoints_from_config():
@@ -288,3 +301,16 @@ def test_kubernetes_discovery_dials_each_tier_on_its_own_port():
                                    ("decode", "slices"): ["127.0.0.7:8000"], ("decode", "pods"): ["127.0.0.7:8000"]}
     one_port = KubernetesEndpoints(namespace="ns", prefill_service="p", decode_service="d", port=9000)
     assert set(map(tuple, addresses(one_port).values())) == {("127.0.0.7:9000",)}
+
+
+def test_endpoints_from_pods_use_each_pods_http_port():
+    from baton.scheduler.endpoints import endpoints_from_pods
+
+    def pod(name, ip, port=None):
+        containers = [{"name": "sidecar", "ports": [{"name": "http", "containerPort": 1234}]},
+                      {"name": "engine", "ports": [{"name": "http", "containerPort": port}] if port else []}]
+        return {"metadata": {"name": name}, "spec": {"containers": containers},
+                "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}}
+
+    eps = endpoints_from_pods([pod("a", "127.64.0.1", 8000), pod("b", "127.64.0.2", 9000)], 9000, "decode")
+    assert [e.address for e in eps] == ["127.64.0.1:8000", "127.64.0.2:9000"]

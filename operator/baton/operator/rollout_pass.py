@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from baton.api.units import parse_duration
 from baton.operator import events, rollout, status
 from baton.render.naming import LABEL_GENERATION, LABEL_TIER
+from baton.pod_ports import http_port
 
 if TYPE_CHECKING:
     from baton.operator.reconciler import Reconciler
@@ -205,6 +206,8 @@ class RolloutPass:
         return {"generation": gen, "prefillFingerprint": fingerprints[0], "decodeFingerprint": fingerprints[1]}
 
     def _pod_addresses(self, gen: str, tier: str) -> list[str]:
+        """The Ready pods of a generation's tier, each on the port it serves on (a pod not yet replaced
+        after a port change still serves on the old one)."""
         port = self.spec.tier(tier).port
         pods = self._pods()
         out = []
@@ -212,12 +215,12 @@ class RolloutPass:
             labels = pod.get("metadata", {}).get("labels") or {}
             ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in pod.get("status", {}).get("conditions") or [])
             if labels.get(LABEL_GENERATION) == gen and labels.get("baton.dev/tier") == tier and ready and pod["status"].get("podIP"):
-                out.append(f"{pod['status']['podIP']}:{port}")
+                out.append(f"{pod['status']['podIP']}:{http_port(pod, port)}")
         return sorted(out)
 
     def _scheduler_addresses(self) -> list[str]:
         pods = self._pods()
-        return sorted(f"{p['status']['podIP']}:{self.spec.scheduler.port}" for p in pods
+        return sorted(f"{p['status']['podIP']}:{http_port(p, self.spec.scheduler.port)}" for p in pods
                       if (p.get("metadata", {}).get("labels") or {}).get(LABEL_TIER) == "scheduler"
                       and p.get("status", {}).get("podIP"))
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from baton.pod_ports import PORT_NAME, http_port
 from baton.scheduler.config import EndpointsConfig, KubernetesEndpoints
 
 log = logging.getLogger("baton.scheduler.endpoints")
@@ -114,17 +115,22 @@ def endpoints_from_slices(
     pod_info: Callable[[str, str | None], PodInfo] | None = None,
     generation: str = "",
 ) -> list[Endpoint]:
-    """The ready endpoints of a Service's EndpointSlices, as pod IP + `port`, sorted and deduplicated.
+    """The ready endpoints of a Service's EndpointSlices, as pod IP + port, sorted and deduplicated.
 
-    An endpoint counts when `conditions.ready` is true or unset (the API says nil means ready); terminating
-    and not-ready endpoints are skipped, as are FQDN slices. `pod_info(pod_name, pod_uid)` returns the
-    pod's `PodInfo`; with `generation` set, pods labelled with another generation are skipped.
+    The port is the slice's: Baton's tier Services target the pods' port by name (`http`), which
+    Kubernetes resolves per pod, so while a tier's port changes in a rolling update the old pods are in a
+    slice with the old port and the new ones in another; `port` (the configured one) only for a slice
+    that names none. An endpoint counts when `conditions.ready` is true or unset (the API says nil means
+    ready); terminating and not-ready endpoints are skipped, as are FQDN slices. `pod_info(pod_name,
+    pod_uid)` returns the pod's `PodInfo`; with `generation` set, pods labelled with another generation
+    are skipped.
     """
     seen: dict[str, Endpoint] = {}
     for raw in slices:
         eps = _as_dict(raw)
         if eps.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
             continue
+        slice_port = _slice_port(eps.get("ports") or [], port)
         for ep in eps.get("endpoints") or []:
             conditions = ep.get("conditions") or {}
             if conditions.get("ready") is False:
@@ -137,10 +143,20 @@ def endpoints_from_slices(
             info = pod_info(pod, target.get("uid")) if pod and pod_info is not None else PodInfo()
             if not _generation_accepted(info.generation, generation):
                 continue
-            address = format_address(addresses[0], port)
+            address = format_address(addresses[0], slice_port)
             seen.setdefault(address, Endpoint(address=address, tier=tier, fingerprint=info.fingerprint, pod=pod,
                                               runtime=info.runtime, generation=info.generation))
     return [seen[a] for a in sorted(seen)]
+
+
+def _slice_port(ports: list[dict[str, Any]], default: int) -> int:
+    """The port an EndpointSlice gives its endpoints: the one named `http` (Baton's tier Services), else
+    its only one, else `default`."""
+    numbered = [p for p in ports if isinstance(p, Mapping) and isinstance(p.get("port"), int)]
+    named = [p for p in numbered if p.get("name") == PORT_NAME]
+    if named:
+        return int(named[0]["port"])
+    return int(numbered[0]["port"]) if len(numbered) == 1 else default
 
 
 def _generation_accepted(pod_generation: str | None, accepted: str) -> bool:
@@ -155,7 +171,8 @@ def _pod_ready(pod: Mapping[str, Any]) -> bool:
 
 
 def endpoints_from_pods(pods: Iterable[Any], port: int, tier: str, generation: str = "") -> list[Endpoint]:
-    """The ready pods behind a Service, as pod IP + `port`: what the EndpointSlice controller would publish."""
+    """The ready pods behind a Service, as pod IP + port: what the EndpointSlice controller would publish
+    (each pod's port named `http`, else `port`)."""
     seen: dict[str, Endpoint] = {}
     for raw in pods:
         pod = _as_dict(raw)
@@ -165,7 +182,7 @@ def endpoints_from_pods(pods: Iterable[Any], port: int, tier: str, generation: s
         labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
         if not _generation_accepted(labels.get(GENERATION_LABEL), generation):
             continue
-        address = format_address(status["podIP"], port)
+        address = format_address(status["podIP"], http_port(pod, port))
         seen.setdefault(address, Endpoint(address=address, tier=tier, fingerprint=annotations.get(FINGERPRINT_ANNOTATION),
                                           pod=meta.get("name"), runtime=runtime_of_pod(pod),
                                           generation=labels.get(GENERATION_LABEL)))

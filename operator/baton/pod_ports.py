@@ -1,0 +1,24 @@
+"""The port a Baton pod serves on, read from the pod itself.
+
+Tier and scheduler containers name their serving port `http`, and the tier Services target it by that
+name, so while a tier's port changes in a rolling update each pod is reached on its own port: the one
+its engine container declares, not the one the spec says now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+PORT_NAME = "http"
+
+
+def http_port(pod: Mapping[str, Any], default: int) -> int:
+    """The `http` port of the pod's engine container (the container named `engine`, else the first), else
+    `default`."""
+    containers = (pod.get("spec") or {}).get("containers") or []
+    container = next((c for c in containers if c.get("name") == "engine"), containers[0] if containers else {})
+    for port in container.get("ports") or []:
+        if port.get("name") == PORT_NAME and isinstance(port.get("containerPort"), int):
+            return int(port["containerPort"])
+    return default
