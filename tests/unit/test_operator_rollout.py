@@ -881,3 +881,19 @@ def test_the_rollback_annotation_works_while_a_refused_edit_is_stalled():
     m.pass_()
     assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g0
     assert m.cond("RollbackRequestHandled")["status"] == "True" and m.cond("Stalled")["reason"] == "InvalidSpec"
+
+
+# ---------------------------------------------------------------- a refused child changes nothing
+
+def test_an_in_place_edit_with_one_refused_child_changes_no_shared_object_either():
+    """The tier Services and the scheduler are in the same all-or-nothing batch as the generation's
+    StatefulSets: a port change with an env entry the API server refuses leaves the scheduler's config and
+    the Services on the old port, as the Stalled condition's "nothing changed" says."""
+    m = Model()
+    before = {k: json.dumps(o, sort_keys=True) for k, o in m.kube.objs.items() if k[0] in ("Service", "ConfigMap", "Deployment")}
+    m.edit(lambda s: s["prefill"].update(port=9000, podTemplate={"env": [{"name": "BROKEN", "valueFrom": {}}]}))
+    m.kube.fail_apply = lambda o: 422 if o["kind"] == "StatefulSet" else None
+    m.pass_()
+    assert m.cond("Stalled")["status"] == "True" and m.cond("Stalled")["reason"] == "ApplyFailed"
+    after = {k: json.dumps(o, sort_keys=True) for k, o in m.kube.objs.items() if k in before}
+    assert after == before

@@ -177,8 +177,12 @@ class Reconciler:
         changed: list[str] = []
         # The scheduler config's generation-bound settings (served model name, runtime, KV transfer
         # compression) are those of the generation that serves; the rest follows the spec at once.
-        failure = self._apply_all(render_shared(target, self._serving_generation_config(target, gen, serving, generations)),
-                                  namespace, changed)
+        shared = render_shared(target, self._serving_generation_config(target, gen, serving, generations))
+        # First deployment, or a change that keeps the KV format and engine: the generation's children roll
+        # in place, in one all-or-nothing batch with the shared objects (a refusal of any leaves all as they were).
+        in_place = not serving or gen == serving
+        failure = self._apply_all(shared + (generation_children(target, derived) if in_place else []),
+                                  namespace, changed, prefix="in place: ")
         if failure:
             return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation, target=target)
 
@@ -200,11 +204,7 @@ class Reconciler:
                 handled.append(handled_condition(ANNOTATION_RETRY, retry, f"generation {retry} is not a failed generation of this spec"))
 
         rollout_state = RolloutPass(self, body, target, derived, ro, generations, changed, rollback_request)
-        if not serving or gen == serving:
-            # First deployment, or a change that keeps the KV format and engine: roll in place.
-            failure = self._apply_all(generation_children(target, derived), namespace, changed, prefix="in place: ")
-            if failure:
-                return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation, target=target)
+        if in_place:  # applied above
             rollout_state.steady()
         else:
             # Another generation is targeted or failed: the spec's replica counts still reach the serving one.
@@ -293,7 +293,8 @@ class Reconciler:
     # ------------------------------------------------------------------------------------------
 
     def _apply_all(self, children: list[dict], namespace: str, changed: list[str], prefix: str = "") -> str:
-        """Apply what differs, all or nothing (dry run first); return the API server's refusal, if any."""
+        """Apply what differs, all or nothing (dry run first); return the API server's refusal, if any.
+        `prefix` starts what `changed` says of a generation's children (objects with a generation label)."""
         live_objects: dict[str, dict[str, Any] | None] = {}
         stale = []
         for desired in children:
@@ -330,7 +331,8 @@ class Reconciler:
                 return f"{_short(desired)} was refused by the API server: {api_error_message(exc)}"
             if self.cache is not None:
                 self.cache.put(live)
-            changed.append(prefix + action + _short(desired))
+            generation_child = LABEL_GENERATION in (desired["metadata"].get("labels") or {})
+            changed.append((prefix if generation_child else "") + action + _short(desired))
         return ""
 
     def _serving_generation_config(self, target: Target, gen: str, serving: str,
