@@ -12,16 +12,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
+from collections.abc import Iterator
 
 import pytest
+from tokenizer_fixture import model_dir_with_tokenizer
 from triton_harness import (
     MODEL,
+    MODEL_DIR,
     get_json,
     http,
     loopback_listeners,
     parse_sse,
     post_json,
     prompt_ids,
+    start_http_engine,
+    stop_all,
     without_ids,
 )
 
@@ -35,6 +41,8 @@ CASES = [  # (api path, body): short prompts stay local, long ones (>= 1024 toke
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 6}, "local"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "relay " * 1000}], "max_tokens": 6},
      "disaggregated"),
+    # one token: the context-only answer says "length" (as trtllm-serve's), so generation still runs
+    ("/v1/completions", {"prompt": prompt_ids(1500, seed=4), "max_tokens": 1}, "disaggregated"),
 ]
 
 
@@ -49,7 +57,8 @@ def _choice_text(body: dict) -> str:
 
 
 @pytest.mark.parametrize(("path", "body", "route"), CASES, ids=[
-    "completions-short-ids", "completions-long-ids", "completions-long-text", "chat-short", "chat-long"])
+    "completions-short-ids", "completions-long-ids", "completions-long-text", "chat-short", "chat-long",
+    "completions-long-one-token"])
 def test_outputs_equal_the_http_front_end_streaming_and_not(deployment, path, body, route):
     sched, ref = deployment["scheduler"], deployment["reference"]
     body = {"model": MODEL, **body}
@@ -220,3 +229,144 @@ def test_sampling_parameters_reach_the_engines_as_tensors(deployment):
                                {"model": MODEL, "prompt": prompt_ids(40, seed=24), "temperature": -1})
     assert status == 400, bad
     assert "temperature must be >= 0" in bad["message"]
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"max_tokens": 2**31}, "max_tokens"),  # beyond the INT32 request_output_len: not a 500
+    ({"prompt": [1, 2**31]}, "prompt"),
+    ({"top_p": 0}, "top_p"),  # the backend would drop it (runtime_top_p <= 0 is unset)
+    ({"best_of": 3}, "best_of"),  # best-of sampling without beam search: not what the backend does
+    ({"max_completion_tokens": 5}, "max_completion_tokens"),  # chat's field: trtllm-serve refuses it here too
+])
+def test_requests_the_triton_runtime_cannot_translate_are_400s(deployment, extra, param):
+    sched = deployment["scheduler"]
+    body = {"model": MODEL, "prompt": prompt_ids(40, seed=25), "max_tokens": 4, **extra}
+    status, headers, answer = post_json(sched.url + "/v1/completions", body)
+    assert status == 400, answer
+    error = answer.get("error", answer)
+    assert error["param"] == param, answer
+    assert "X-Baton-Error" not in headers or headers["X-Baton-Error"] != "engine_error", headers
+
+
+def test_use_beam_search_alone_is_one_beam(deployment):
+    """beam width = best_of or n (1) with use_beam_search, as trtllm-serve's SamplingParams: no beam_width input,
+    the answer of the same request without it (the HTTP front end refuses use_beam_search outright, so the
+    reference is asked without it); the Triton front end refuses a width > 1."""
+    sched, ref = deployment["scheduler"], deployment["reference"]
+    body = {"model": MODEL, "prompt": prompt_ids(40, seed=26), "max_tokens": 3}
+    status, _, routed = post_json(sched.url + "/v1/completions", {**body, "use_beam_search": True})
+    assert status == 200, routed
+    status, _, direct = post_json(ref.url + "/v1/completions", body)
+    assert status == 200, direct
+    assert routed["choices"][0]["token_ids"] == direct["choices"][0]["token_ids"]
+
+
+def test_tritons_own_refusal_inside_a_stream_is_the_clients_400(deployment, monkeypatch):
+    """Triton's input validation (here: an input the model does not declare, as `seed` is to a backend before May
+    2025) reaches tritonclient's stream without a status; it must still be a 400 passed through, not a retried
+    500, on the unary context model and in the generation stream, streamed or not."""
+    import numpy as np
+    from tritonclient.grpc import InferInput
+
+    from baton.scheduler import engines
+    from baton.scheduler.endpoints import Endpoint
+
+    original = engines._TritonCall.inputs
+
+    def renamed(self, streaming):
+        out = []
+        for tensor in original(self, streaming):
+            if tensor.name() == "seed":
+                tensor = InferInput("random_seed", [1, 1], "UINT64")
+                tensor.set_data_from_numpy(np.array([[7]], dtype=np.uint64))
+            out.append(tensor)
+        return out
+
+    monkeypatch.setattr(engines._TritonCall, "inputs", renamed)
+    ids = prompt_ids(40, seed=27)
+
+    async def run():
+        client = engines.TritonClient(read_timeout=30)
+        answers = {}
+        try:
+            for name, worker, body in (
+                    ("context", "prefill", {"prompt": ids, "max_tokens": 4, "seed": 7,
+                                            "disaggregated_params": {"request_type": "context_only"}}),
+                    ("local", "decode", {"prompt": ids, "max_tokens": 4, "seed": 7}),
+                    ("local-stream", "decode", {"prompt": ids, "max_tokens": 4, "seed": 7, "stream": True})):
+                endpoint = Endpoint(deployment[worker].address, "decode")
+                raw = json.dumps({"model": MODEL, **body}).encode()
+                if body.get("stream"):
+                    response = await client.open(endpoint, "/v1/completions", raw, f"refused-{name}")
+                    answers[name] = (response.status, await response.read())
+                else:
+                    status, data, _ = await client.post(endpoint, "/v1/completions", raw, f"refused-{name}")
+                    answers[name] = (status, data)
+        finally:
+            await client.close()
+        return answers
+
+    for name, (status, data) in asyncio.run(run()).items():
+        assert status == 400, (name, data)
+        assert "unexpected inference input 'random_seed'" in json.loads(data)["message"], (name, data)
+        assert engines.classify_failure(Endpoint("x:1", "decode"), status, data) is None, name
+
+
+# ------------------------------------------------------------------------------ chat with the model's tokenizer
+@pytest.fixture(scope="module")
+def tokenizer_reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    """An HTTP-fronted simulator of the deployment's model with a real tokenizer (and chat template) in its
+    directory: it encodes a chat as trtllm-serve does. (The PyTriton venv has no `tokenizers` package, so the
+    Triton-fronted workers count with the estimate; given token ids they need no tokenizer.)"""
+    tmp = tmp_path_factory.mktemp("triton-tokenizer")
+    model = model_dir_with_tokenizer(tmp / "model", MODEL_DIR / "config.json")
+    proc = start_http_engine(tmp, "tok_http", "decode", model_dir=model)
+    try:
+        deadline = time.monotonic() + 120.0
+        proc.wait_listening(deadline)
+        proc.wait_http_ok(proc.url + "/health", deadline)
+        yield model, proc
+    finally:
+        stop_all([proc])
+
+
+def test_chat_with_the_models_tokenizer_reaches_triton_as_the_templates_token_ids(deployment, tokenizer_reference):
+    """With the model's tokenizer the scheduler sends a chat as the template's token ids (one BOS, as trtllm-serve
+    encodes it), so the Triton worker generates from the prompt trtllm-serve's worker would (same tokens, same
+    usage); as text_input the preprocessing would tokenize it again and add a second BOS."""
+    from baton import tokens
+    from baton.model_tokenizer import load_tokenizer
+    from baton.scheduler.endpoints import Endpoint
+    from baton.scheduler.engines import TritonClient
+
+    model, reference = tokenizer_reference
+    body = {"model": MODEL, "messages": [{"role": "system", "content": "kilo lima"},
+                                         {"role": "user", "content": "alpha bravo charlie"}], "max_tokens": 5}
+    status, _, direct = post_json(reference.url + "/v1/chat/completions", body)
+    assert status == 200, direct
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    _, _, raw_direct = http("POST", reference.url + "/v1/chat/completions", streamed)
+
+    async def run():
+        client = TritonClient(read_timeout=30)
+        endpoint = Endpoint(deployment["decode"].address, "decode")
+        try:
+            status, data, _ = await client.post(endpoint, "/v1/chat/completions", json.dumps(body).encode(), "tok-1")
+            response = await client.open(endpoint, "/v1/chat/completions", json.dumps(streamed).encode(), "tok-2")
+            return status, json.loads(data), response.status, await response.read()
+        finally:
+            await client.close()
+
+    tokenizer = load_tokenizer(model)
+    tokens.set_tokenizer(tokenizer)
+    try:
+        status, routed, stream_status, raw = asyncio.run(run())
+    finally:
+        tokens.set_tokenizer(None)
+    assert status == 200 and stream_status == 200, routed
+    assert direct["usage"]["prompt_tokens"] == tokenizer.count_chat(body["messages"])
+    assert routed["usage"] == direct["usage"]
+    assert routed["choices"][0]["token_ids"] == direct["choices"][0]["token_ids"]
+    usage = [e["usage"] for e in parse_sse(raw) if isinstance(e, dict) and e.get("usage")]
+    direct_usage = [e["usage"] for e in parse_sse(raw_direct) if isinstance(e, dict) and e.get("usage")]
+    assert usage == direct_usage == [direct["usage"]]

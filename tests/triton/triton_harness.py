@@ -125,11 +125,14 @@ def start_triton_engine(python: str, tmp: Path, name: str, tier: str, kv_dtype: 
     return Proc(name, argv, tmp / f"{name}.log", env={"PYTHONPATH": str(REPO / "operator")})
 
 
-def start_http_engine(tmp: Path, name: str, tier: str, kv_dtype: str = "fp8", sim_speed: float = 0.1) -> Proc:
+def start_http_engine(tmp: Path, name: str, tier: str, kv_dtype: str = "fp8", sim_speed: float = 0.1,
+                      model_dir: Path = MODEL_DIR) -> Proc:
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(engine_options(tier, kv_dtype)))
-    argv = [sys.executable, "-m", "baton.cli", "engine-sim", str(MODEL_DIR), "--host", "127.0.0.1", "--port", "0",
+    argv = [sys.executable, "-m", "baton.cli", "engine-sim", str(model_dir), "--host", "127.0.0.1", "--port", "0",
             "--extra_llm_api_options", str(cfg), "--sim-speed", str(sim_speed), "--sim-model-name", MODEL]
+    if model_dir != MODEL_DIR:
+        argv += ["--sim-model-identity", kvformat.checkpoint_identity(MODEL_DIR)]
     return Proc(name, argv, tmp / f"{name}.log")
 
 

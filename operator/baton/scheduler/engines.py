@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from baton.http1.client import HttpClient
 from baton.scheduler.endpoints import Endpoint
 from baton.scheduler.replies import error_body
-from baton.tokens import chat_text, is_token_ids
+from baton.tokens import EstimateTokenizer, active_tokenizer, chat_text, is_token_ids, tokenize_async
 
 # Fragments of TensorRT-LLM's cache-transceiver errors for incompatible KV layouts (cacheFormatter.cpp,
 # cacheTransferLayer.cpp). A generation-only request failing with one of these will fail the same way on
@@ -243,6 +243,27 @@ _TRITON_OUTPUTS = ("output_ids", "sequence_length", "num_input_tokens", "num_out
 # error text (PyTriton wraps the traceback); other Triton errors are mapped by their gRPC status.
 _ENGINE_ERROR_RE = re.compile(r"EngineRequestError: (\d{3}) ([A-Za-z]+): ([^\n]*)")
 _CONNECTION_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+# Triton's own checks of a request against the model configuration (triton-inference-server/core: model.cc,
+# infer_request.cc; all INVALID_ARG). An error response inside a gRPC stream carries only its text
+# (ModelStreamInferResponse.error_message: tritonclient's aio `stream_infer` raises no status with it), so
+# these are recognised by their text there: the client's request is wrong, and every replica will say so.
+_VALIDATION_RE = re.compile(
+    r"unexpected inference (?:input|output) '"
+    r"|unexpected shape for input '"
+    r"|unexpected datatype "
+    r"|data-type is '[^']*', but model '[^']*' expects"
+    r"|expected \d+ inputs but got \d+ inputs"
+    r"|expected number of inputs between \d+ and \d+"
+    r"|missing required input"
+    r"|input byte size mismatch for input '"
+    r"|batch size does not match other inputs"
+    r"|has no shape but model requires batch dimension"
+    r"|inference request batch-size must be <="
+    r"|All input dimensions should be specified for input '"
+    r"|unexpected number of string elements"
+    r"|incomplete string length indicator for inference input '"
+    r"|string elements for inference input '"
+)
 
 
 class _BadRequest(Exception):
@@ -323,9 +344,16 @@ def triton_error(text: str, grpc_status: str | None = None) -> tuple[int, bytes]
         status, err_type, message = matches[-1]
         return int(status), _error_json(message.strip(), int(status), err_type)
     code = (grpc_status or "").rsplit(".", 1)[-1]
+    if not code and is_request_validation_error(text or ""):
+        code = "INVALID_ARGUMENT"  # Triton's own refusal, reported inside a stream without its status
     status = 400 if code in ("INVALID_ARGUMENT", "NOT_FOUND") else 503 if code == "UNAVAILABLE" else 500
     err_type = {400: "BadRequestError", 503: "ServiceUnavailableError"}.get(status, "InternalServerError")
     return status, _error_json((text or f"Triton error {code}").strip()[:2000], status, err_type)
+
+
+def is_request_validation_error(text: str) -> bool:
+    """Triton's refusal of the request's inputs (a 400), not a KV-format mismatch (which stays one)."""
+    return _VALIDATION_RE.search(text) is not None and not is_kv_mismatch(text)
 
 
 def grpc_address(endpoint: Endpoint) -> str:
@@ -372,7 +400,13 @@ def _sampling_inputs(data: dict) -> list[tuple[str, str, Any]]:
         if spec is not None:
             name, dtype = spec
             if dtype == "FP32":
-                out.append((name, dtype, _number(key, value)))
+                number = _number(key, value)
+                if key == "top_p" and number <= 0:
+                    raise _BadRequest(
+                        f"top_p={json.dumps(value)} is not supported with runtime: triton (TensorRT-LLM's Triton "
+                        "backend treats runtime_top_p <= 0 as unset, so the value would be dropped); for greedy "
+                        "decoding send top_k: 1, or use runtime: trtllm-serve", key, unsupported=True)
+                out.append((name, dtype, number))
             elif dtype == "UINT64":
                 out.append((name, dtype, _integer(key, value, 0, 2**64 - 1)))
             else:
@@ -424,20 +458,31 @@ class _TritonCall:
         self.kind = dp.get("request_type") or "context_and_generation"
         self.ids: list[int] | None = None
         self.text: str | None = None
+        # chat messages still to be tokenized (`tokenize`): when the scheduler has the model's tokenizer
+        self.messages: list[dict] | None = None
+        ids_field = "prompt"
         if self.chat:
             if data.get("prompt_token_ids") is not None:
-                self.ids = data["prompt_token_ids"]
+                self.ids, ids_field = data["prompt_token_ids"], "prompt_token_ids"
             else:
                 messages = data.get("messages")
                 if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
                     raise _BadRequest("messages must be a non-empty list of message objects")
-                try:
-                    self.text = chat_text(messages)  # the model's chat template, when the scheduler has it
-                except ValueError as exc:
-                    raise _BadRequest(str(exc)) from None
-            max_tokens = data.get("max_completion_tokens")
+                tokenizer = active_tokenizer()
+                if tokenizer is not None and not isinstance(tokenizer, EstimateTokenizer):
+                    # the model's chat template and tokenizer, as trtllm-serve encodes a chat (the template's
+                    # BOS only): sent as input_ids, since the preprocessing would add a second BOS to text_input
+                    self.messages = messages
+                else:
+                    try:
+                        self.text = chat_text(messages)  # flattened: the preprocessing adds the special tokens
+                    except ValueError as exc:
+                        raise _BadRequest(str(exc)) from None
+            tokens_field = "max_completion_tokens"
+            max_tokens = data.get(tokens_field)
             if max_tokens is None:
-                max_tokens = data.get("max_tokens")
+                tokens_field = "max_tokens"
+                max_tokens = data.get(tokens_field)
         else:
             prompt = data.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -448,27 +493,60 @@ class _TritonCall:
                 self.ids = prompt
             else:
                 raise _BadRequest("prompt must be a string or a list of token ids (one prompt per request)")
-            max_tokens = data.get("max_tokens")
-        if self.ids is not None and not is_token_ids(self.ids):
-            raise _BadRequest("prompt_token_ids must be a list of integer token ids")
-        if max_tokens is None:
-            max_tokens = DEFAULT_MAX_TOKENS
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-            raise _BadRequest(f"max_tokens must be an integer, got {max_tokens!r}")
-        self.max_tokens = max_tokens
+            if data.get("max_completion_tokens") is not None:  # trtllm-serve's CompletionRequest refuses it too
+                raise _BadRequest("max_completion_tokens is not a field of /v1/completions (it is chat's); use "
+                                  "max_tokens", "max_completion_tokens")
+            tokens_field = "max_tokens"
+            max_tokens = data.get(tokens_field)
+        if self.ids is not None:
+            self._check_ids(self.ids, ids_field)
+        self.max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else _integer(tokens_field, max_tokens, *_INT32)
         n = data.get("n")
         if n is not None and (n != 1 or isinstance(n, bool)):
             raise _BadRequest(f"n={n!r} is not supported with runtime: triton (only n=1: the scheduler reads one "
                               f"sequence per request)", "n", unsupported=True)
         self.sampling = _sampling_inputs(data)
+        # trtllm-serve's SamplingParams: beam search (use_beam_search) with best_of (else n) beams; without it
+        # best_of > 1 samples that many sequences and returns the best, which the backend cannot do
+        use_beam_search = data.get("use_beam_search")
+        if use_beam_search is not None and not isinstance(use_beam_search, bool):
+            raise _BadRequest(f"use_beam_search must be a boolean, got {use_beam_search!r}", "use_beam_search")
         best_of = data.get("best_of")
-        self.beam_width = best_of if isinstance(best_of, int) and best_of > 1 else 2 if data.get("use_beam_search") else 1
+        if best_of is not None:
+            best_of = _integer("best_of", best_of, 1, _INT32[1])
+            if best_of > 1 and not use_beam_search:
+                raise _BadRequest(
+                    f"best_of={best_of} without use_beam_search is not supported with runtime: triton (trtllm-serve "
+                    "samples best_of sequences and returns the best; the backend returns every sequence it "
+                    "generates, and the scheduler reads one); set use_beam_search: true for beam search with "
+                    "best_of beams, or use runtime: trtllm-serve", "best_of", unsupported=True)
+        self.beam_width = (best_of or 1) if use_beam_search else 1
         self.stream = bool(data.get("stream")) and self.kind != "context_only"
         options = data.get("stream_options") or {}
         self.include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
         self.context_phase_params: bytes | None = None
         if self.kind == "generation_only":
             self.context_phase_params = self._handle_bytes(dp)
+
+    @staticmethod
+    def _check_ids(ids: Any, field: str) -> None:
+        """Token ids the INT32 `input_ids` tensor can hold (their range in the vocabulary is the engine's)."""
+        if not is_token_ids(ids):
+            raise _BadRequest(f"{field} must be a list of integer token ids", field)
+        lo, hi = _INT32
+        for t in ids:
+            if not lo <= t <= hi:
+                raise _BadRequest(f"{field} must hold token ids in [{lo}, {hi}], got {t}", field)
+
+    async def tokenize(self) -> None:
+        """Encode the chat messages left for the model's tokenizer (long ones off the event loop)."""
+        messages, self.messages = self.messages, None
+        if messages is None:
+            return
+        try:
+            self.ids = await tokenize_async("", messages)
+        except ValueError as exc:  # the model's chat template refused the messages
+            raise _BadRequest(str(exc)) from None
 
     @staticmethod
     def _handle_bytes(dp: dict) -> bytes:
@@ -524,12 +602,22 @@ class _TritonCall:
 
     @staticmethod
     def tokens_of(result: Any) -> tuple[list[int], str, int | None]:
+        """(token ids, text, prompt length) of one response: beam 0 only (output_ids is [batch, beam, seq],
+        each beam padded to the longest; `sequence_length` [batch, beam] says how much of it is the beam's)."""
         ids = result.as_numpy("output_ids")
         text = result.as_numpy("text_output")
         n_in = result.as_numpy("num_input_tokens")
-        new = [int(t) for t in ids.reshape(-1)] if ids is not None else []
-        piece = b"".join(x if isinstance(x, bytes) else str(x).encode() for x in text.reshape(-1)).decode(
-            "utf-8", "replace") if text is not None else ""
+        new: list[int] = []
+        if ids is not None and ids.size:
+            beam0 = ids.reshape(-1, ids.shape[-1])[0] if ids.ndim > 1 else ids
+            lengths = result.as_numpy("sequence_length")
+            if lengths is not None and lengths.size:
+                beam0 = beam0[:max(0, int(lengths.reshape(-1)[0]))]
+            new = [int(t) for t in beam0]
+        piece = ""
+        if text is not None and text.size:
+            first = text.reshape(-1)[0]
+            piece = (first if isinstance(first, bytes) else str(first).encode()).decode("utf-8", "replace")
         return new, piece, int(n_in.reshape(-1)[0]) if n_in is not None and n_in.size else None
 
     # ---------------------------------------------------------------- OpenAI side
@@ -538,8 +626,13 @@ class _TritonCall:
         return f"{'chatcmpl' if self.chat else 'cmpl'}-{self.request_id}"
 
     def finish_reason(self, produced: int) -> str:
+        """"length" when max_tokens tokens came back, else "stop" (the backend ended early: EOS, a stop word,
+        or max_seq_len, which the Triton model's configuration does not expose). A context-only answer always
+        says "length", as trtllm-serve's and the engine simulator's do even for max_tokens 1: the router then
+        goes on to generation, which returns that first token (a context-only answer cannot say whether its
+        one token ended the sequence)."""
         if self.kind == "context_only":
-            return "stop" if self.max_tokens == 1 else "length"
+            return "length"
         return "length" if produced >= self.max_tokens else "stop"
 
     @staticmethod
@@ -733,9 +826,15 @@ class TritonClient:
             raise self._failure(endpoint, exc) from exc
         return responses, first
 
+    @staticmethod
+    async def _call(body: bytes, path: str, request_id: str) -> _TritonCall:
+        call = _TritonCall(body, path, request_id)
+        await call.tokenize()
+        return call
+
     async def post(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> tuple[int, bytes, str]:
         try:
-            call = _TritonCall(body, path, request_id)
+            call = await self._call(body, path, request_id)
         except _BadRequest as exc:
             return 400, exc.body(), "application/json"
         if call.kind == "context_only":
@@ -767,7 +866,7 @@ class TritonClient:
 
     async def open(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> EngineResponse:
         try:
-            call = _TritonCall(body, path, request_id)
+            call = await self._call(body, path, request_id)
         except _BadRequest as exc:
             return _static(400, exc.body())
         if call.kind == "context_only":

@@ -1,0 +1,330 @@
+"""The `triton` runtime's request translation and error mapping (`baton.scheduler.engines.TritonClient`) against a
+stand-in for `tritonclient.grpc.aio`'s client: what goes out as Triton inputs, and what a Triton answer or error
+becomes for the request flow (status, body, whether `classify_failure` retries it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from tokenizer_fixture import BOS, write_tokenizer
+from tritonclient.utils import InferenceServerException
+
+from baton import tokens
+from baton.engine_sim.triton_frontend import parse_request
+from baton.model_tokenizer import load_tokenizer
+from baton.scheduler.endpoints import Endpoint
+from baton.scheduler.engines import TritonClient, _BadRequest, _TritonCall, classify_failure, triton_error
+
+EP = Endpoint("127.0.0.1:8000", "decode")
+MISMATCH = ("Disagg server does not currently support these cacheState, please check the cacheState of the context "
+            "and gen executors: only support same kv cache dtype (kvCacheDtype: context=fp8, generation=fp16)")
+
+
+# ------------------------------------------------------------------------------ a tritonclient stand-in
+class Result:
+    """An InferResult: `as_numpy` of the named outputs."""
+
+    def __init__(self, **arrays: Any) -> None:
+        self.arrays = arrays
+
+    def as_numpy(self, name: str) -> Any:
+        return self.arrays.get(name)
+
+
+def tokens_result(ids: list[int], text: str = "", n_in: int = 3, **extra: Any) -> Result:
+    return Result(output_ids=np.array([[ids]], dtype=np.int32), sequence_length=np.array([[len(ids)]], dtype=np.int32),
+                  num_input_tokens=np.array([[n_in]], dtype=np.int32),
+                  text_output=np.array([[text.encode()]], dtype=np.object_), **extra)
+
+
+class Stream:
+    """What `stream_infer` returns: an async iterator of (result, error) with `cancel()`."""
+
+    def __init__(self, requests: Any, items: list[tuple[Any, Any]]) -> None:
+        self._requests = requests
+        self._items = list(items)
+        self.sent: list[dict] | None = None
+        self.cancelled = False
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> tuple[Any, Any]:
+        if self.sent is None:
+            self.sent = [r async for r in self._requests]
+        if not self._items:
+            raise StopAsyncIteration
+        return self._items.pop(0)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeTriton:
+    def __init__(self, items: list[tuple[Any, Any]] | None = None, result: Any = None,
+                 error: Exception | None = None) -> None:
+        self.items = items or []
+        self.result = result
+        self.error = error
+        self.stream: Stream | None = None
+        self.infer_inputs: list[Any] | None = None
+
+    def stream_infer(self, inputs_iterator: Any, headers: Any = None) -> Stream:
+        self.stream = Stream(inputs_iterator, self.items)
+        return self.stream
+
+    async def infer(self, model_name: str, inputs: list[Any], **_: Any) -> Any:
+        self.infer_inputs = inputs
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    async def close(self) -> None:
+        pass
+
+
+def client_with(fake: FakeTriton) -> TritonClient:
+    client = TritonClient(read_timeout=5)
+    client._clients["127.0.0.1:8001"] = fake  # noqa: SLF001 - the channel of EP (gRPC at the HTTP port + 1)
+    return client
+
+
+def post(fake: FakeTriton, body: dict, path: str = "/v1/completions") -> tuple[int, Any]:
+    status, data, _ = asyncio.run(client_with(fake).post(EP, path, json.dumps(body).encode(), "rid"))
+    return status, json.loads(data)
+
+
+def open_(fake: FakeTriton, body: dict, path: str = "/v1/completions") -> tuple[int, bytes]:
+    async def run() -> tuple[int, bytes]:
+        response = await client_with(fake).open(EP, path, json.dumps({**body, "stream": True}).encode(), "rid")
+        return response.status, await response.read()
+
+    return asyncio.run(run())
+
+
+def sent_inputs(fake: FakeTriton) -> dict[str, Any]:
+    """name -> numpy value of the inputs the scheduler sent (stream or unary)."""
+    from tritonclient.utils import deserialize_bytes_tensor
+
+    inputs = fake.infer_inputs if fake.infer_inputs is not None else fake.stream.sent[0]["inputs"]
+    out = {}
+    for t in inputs:
+        raw = t._get_content()  # noqa: SLF001 - the serialized tensor, as sent on the wire
+        if t.datatype() == "BYTES":
+            out[t.name()] = [v.decode() for v in deserialize_bytes_tensor(raw)]
+        else:
+            dtype = {"FP32": np.float32, "INT32": np.int32, "UINT64": np.uint64, "BOOL": np.bool_,
+                     "UINT8": np.uint8}[t.datatype()]
+            out[t.name()] = np.frombuffer(raw, dtype=dtype).reshape(t.shape()).tolist()
+    return out
+
+
+def stream_error(message: str) -> tuple[None, InferenceServerException]:
+    """An error response inside a gRPC stream, as tritonclient's aio `stream_infer` builds it: no status."""
+    return None, InferenceServerException(msg=message)
+
+
+# ------------------------------------------------------------------------------ 1. errors inside a stream
+VALIDATION_ERRORS = [  # Triton core's INVALID_ARG texts (src/model.cc, src/infer_request.cc)
+    "unexpected inference input 'random_seed' for model 'generation'",
+    "[request id: rid] unexpected shape for input 'temperature' for model 'generation'. Expected [1,1], got [1,2]. ",
+    "[request id: rid] inference input 'seed' data-type is 'INT64', but model 'generation' expects 'UINT64'",
+    "[request id: rid] expected 3 inputs but got 2 inputs for model 'generation'. Got input(s) ['input_ids', "
+    "'streaming'], but missing required input(s) ['request_output_len']. Please provide all required input(s).",
+    "[request id: rid] expected number of inputs between 2 and 30 but got 1 inputs for model 'generation'. Got "
+    "input(s) ['input_ids'], but missing required input(s) ['request_output_len']. Please provide all required "
+    "input(s).",
+    "[request id: rid] input byte size mismatch for input 'input_ids' for model 'generation'. Expected 12, got 8",
+    "unexpected datatype FP64 for input temperature",
+]
+
+
+@pytest.mark.parametrize("message", VALIDATION_ERRORS)
+def test_tritons_request_validation_errors_without_a_status_are_400s_passed_through(message):
+    status, body = triton_error(message, None)
+    assert status == 400 and json.loads(body)["type"] == "BadRequestError"
+    assert classify_failure(EP, status, body) is None  # passed through, never retried
+
+
+def test_other_status_less_errors_stay_retryable_and_kv_mismatches_stay_kv_mismatches():
+    assert classify_failure(EP, *triton_error("boom", None)).kind == "retryable"
+    assert classify_failure(EP, *triton_error(MISMATCH, None)).kind == "kv_mismatch"
+    # a KV-format mismatch whose text happens to quote a validation phrase is still a mismatch
+    assert classify_failure(EP, *triton_error(MISMATCH + " (unexpected shape for input 'x')", None)).kind == \
+        "kv_mismatch"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_validation_error_inside_the_generation_stream_is_the_clients_400(stream):
+    """The docs' example: `seed` sent to a backend that names the input `random_seed` (before May 2025)."""
+    message = "unexpected inference input 'seed' for model 'generation'"
+    body = {"prompt": [1, 2, 3], "max_tokens": 4, "seed": 7}
+    if stream:
+        status, raw = open_(FakeTriton([stream_error(message)]), body)
+        data = json.loads(raw)
+    else:
+        status, data = post(FakeTriton([stream_error(message)]), body)
+    assert status == 400 and data["message"] == message
+    assert classify_failure(EP, status, json.dumps(data).encode()) is None
+
+
+# ------------------------------------------------------------------------------ 2. INT32 tensors
+@pytest.mark.parametrize(("body", "path", "param"), [
+    ({"prompt": "x", "max_tokens": 2**31}, "/v1/completions", "max_tokens"),
+    ({"prompt": "x", "max_tokens": -(2**31) - 1}, "/v1/completions", "max_tokens"),
+    ({"prompt": [1, 2**31], "max_tokens": 4}, "/v1/completions", "prompt"),
+    ({"prompt": [[1, -(2**31) - 1]], "max_tokens": 4}, "/v1/completions", "prompt"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2**40}, "/v1/chat/completions",
+     "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "prompt_token_ids": [2**31]}, "/v1/chat/completions",
+     "prompt_token_ids"),
+    ({"prompt": "x", "best_of": 2**31, "use_beam_search": True}, "/v1/completions", "best_of"),
+])
+def test_values_beyond_int32_are_a_400_not_an_overflow(body, path, param):
+    status, data = post(FakeTriton(), body, path)  # nothing reaches Triton
+    assert status == 400 and data["code"] == 400 and data["param"] == param, data
+    assert data["message"].startswith(param)
+
+
+# ------------------------------------------------------------------------------ 3. finish_reason
+def test_a_context_only_answer_says_length_even_for_one_token():
+    """As trtllm-serve and the HTTP simulator: the router then sends the request on to a generation worker
+    (a "stop" would make it answer the client from the prefill, unlike the same request served locally)."""
+    raw = json.dumps({"first_gen_tokens": [7], "ctx_request_id": 5, "encoded_opaque_state": "x"}).encode()
+    result = tokens_result([7], " a", context_phase_params=np.frombuffer(raw, dtype=np.uint8).reshape(1, -1))
+    for max_tokens in (1, 4):
+        status, data = post(FakeTriton(result=result), {"prompt": [1, 2], "max_tokens": max_tokens,
+                                                        "disaggregated_params": {"request_type": "context_only"}})
+        assert status == 200 and data["choices"][0]["finish_reason"] == "length"
+
+
+def test_local_answers_say_length_at_max_tokens_and_stop_before():
+    full = [(tokens_result([5, 6]), None), (tokens_result([7]), None)]
+    assert post(FakeTriton(list(full)), {"prompt": [1], "max_tokens": 3})[1]["choices"][0]["finish_reason"] == "length"
+    short = [(tokens_result([5, 6]), None)]
+    assert post(FakeTriton(short), {"prompt": [1], "max_tokens": 3})[1]["choices"][0]["finish_reason"] == "stop"
+
+
+# ------------------------------------------------------------------------------ 4. top_p, max_completion_tokens
+@pytest.mark.parametrize("top_p", [0, 0.0, -0.5])
+def test_top_p_the_backend_would_drop_is_refused(top_p):
+    status, data = post(FakeTriton(), {"prompt": "x", "top_p": top_p})
+    error = data["error"]
+    assert status == 400 and error["code"] == "unsupported_parameter" and error["param"] == "top_p"
+    assert "runtime: triton" in error["message"] and "top_k" in error["message"]
+
+
+def test_top_p_above_zero_is_sent():
+    fake = FakeTriton([(tokens_result([5]), None)])
+    assert post(fake, {"prompt": "x", "top_p": 0.1, "max_tokens": 1})[0] == 200
+    assert sent_inputs(fake)["runtime_top_p"] == [[pytest.approx(0.1)]]
+
+
+def test_max_completion_tokens_is_refused_on_completions_and_read_on_chat():
+    status, data = post(FakeTriton(), {"prompt": "x", "max_completion_tokens": 5})
+    assert status == 400 and data["param"] == "max_completion_tokens" and "max_tokens" in data["message"]
+    fake = FakeTriton([(tokens_result([5]), None)])
+    post(fake, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5}, "/v1/chat/completions")
+    assert sent_inputs(fake)["request_output_len"] == [[5]]
+
+
+# ------------------------------------------------------------------------------ 5. beam search
+@pytest.mark.parametrize(("extra", "width"), [
+    ({}, 1),
+    ({"use_beam_search": True}, 1),  # beam width = best_of or n (1), as trtllm-serve's SamplingParams
+    ({"use_beam_search": True, "best_of": 3}, 3),
+    ({"use_beam_search": False, "best_of": 1}, 1),
+    ({"best_of": 1}, 1),
+])
+def test_beam_width_is_best_of_or_n_only_with_use_beam_search(extra, width):
+    call = _TritonCall(json.dumps({"prompt": "x", **extra}).encode(), "/v1/completions", "r")
+    assert call.beam_width == width
+
+
+@pytest.mark.parametrize(("extra", "param", "unsupported"), [
+    ({"best_of": 3}, "best_of", True),  # trtllm-serve samples best_of sequences and returns the best: not here
+    ({"best_of": 2, "use_beam_search": False}, "best_of", True),
+    ({"best_of": 0, "use_beam_search": True}, "best_of", False),
+    ({"best_of": "2", "use_beam_search": True}, "best_of", False),
+    ({"use_beam_search": "yes"}, "use_beam_search", False),
+])
+def test_best_of_without_beam_search_and_bad_values_are_refused(extra, param, unsupported):
+    with pytest.raises(_BadRequest) as info:
+        _TritonCall(json.dumps({"prompt": "x", **extra}).encode(), "/v1/completions", "r")
+    body = json.loads(info.value.body())
+    if unsupported:
+        assert body["error"]["code"] == "unsupported_parameter" and body["error"]["param"] == param
+    else:
+        assert body["param"] == param and body["code"] == 400
+
+
+def test_only_beam_zero_is_read_up_to_its_sequence_length():
+    """A beam-width-2 answer as the tensorrt_llm backend shapes it: output_ids [1, beam, seq], padded."""
+    result = Result(output_ids=np.array([[[11, 12, 2], [21, 22, 23]]], dtype=np.int32),
+                    sequence_length=np.array([[2, 3]], dtype=np.int32),
+                    text_output=np.array([[b" a b", b" d e f"]], dtype=np.object_),
+                    num_input_tokens=np.array([[5]], dtype=np.int32))
+    call = _TritonCall(b'{"prompt": "x", "max_tokens": 3, "best_of": 2, "use_beam_search": true}',
+                       "/v1/completions", "r")
+    assert call.tokens_of(result) == ([11, 12], " a b", 5)
+    status, data = post(FakeTriton([(result, None)]), {"prompt": "x", "max_tokens": 3, "best_of": 2,
+                                                      "use_beam_search": True})
+    assert status == 200 and data["choices"][0]["token_ids"] == [11, 12] and data["choices"][0]["text"] == " a b"
+    assert data["usage"]["completion_tokens"] == 2
+    # without sequence_length: the whole of beam 0
+    assert call.tokens_of(Result(output_ids=np.array([[[4, 5]]], dtype=np.int32))) == ([4, 5], "", None)
+
+
+# ------------------------------------------------------------------------------ 6. chat prompts
+@pytest.fixture
+def model_tokenizer(tmp_path: Path):
+    tokenizer = load_tokenizer(write_tokenizer(tmp_path / "tok"))
+    tokens.set_tokenizer(tokenizer)
+    try:
+        yield tokenizer
+    finally:
+        tokens.set_tokenizer(None)
+
+
+def test_chat_goes_as_the_tokenized_template_when_the_scheduler_has_the_tokenizer(model_tokenizer):
+    """One BOS (the template's), as trtllm-serve encodes a chat; text_input would get a second one from the
+    preprocessing's add_special_tokens."""
+    messages = [{"role": "user", "content": "alpha bravo"}]
+    want = model_tokenizer.encode_chat(messages)
+    bos = model_tokenizer.tokenizer.token_to_id(BOS)
+    assert want.count(bos) == 1
+    for stream in (False, True):
+        fake = FakeTriton([(tokens_result([5]), None)])
+        body = {"messages": messages, "max_tokens": 1}
+        if stream:
+            assert open_(fake, body, "/v1/chat/completions")[0] == 200
+        else:
+            assert post(fake, body, "/v1/chat/completions")[0] == 200
+        sent = sent_inputs(fake)
+        assert "text_input" not in sent and sent["input_ids"] == [want] and sent["input_lengths"] == [[len(want)]]
+    # the engine simulator's Triton front end reads them as the same prompt trtllm-serve's chat would have
+    req = type("R", (), {"parameters": {}, "data": {"input_ids": np.array([want], dtype=np.int32),
+                                                    "request_output_len": np.array([[1]], dtype=np.int32)}})
+    assert parse_request(req, 600).prompt == want
+    # context-only (unary infer) too
+    raw = json.dumps({"first_gen_tokens": [5], "ctx_request_id": 1, "encoded_opaque_state": "x"}).encode()
+    fake = FakeTriton(result=tokens_result([5], context_phase_params=np.frombuffer(raw, dtype=np.uint8).reshape(1, -1)))
+    post(fake, {"messages": messages, "disaggregated_params": {"request_type": "context_only"}}, "/v1/chat/completions")
+    assert sent_inputs(fake)["input_ids"] == [want]
+
+
+def test_a_chat_the_template_refuses_is_a_400(model_tokenizer):
+    status, data = post(FakeTriton(), {"messages": [{"role": "tool", "content": "x"}]}, "/v1/chat/completions")
+    assert status == 400 and "unknown role tool" in data["message"]
+
+
+def test_chat_goes_as_text_without_the_models_tokenizer():
+    fake = FakeTriton([(tokens_result([5]), None)])
+    post(fake, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}, "/v1/chat/completions")
+    sent = sent_inputs(fake)
+    assert sent["text_input"] == ["<|user|>hi"] and "input_ids" not in sent
