@@ -159,6 +159,12 @@ def convert(config: dict[str, Any], *, name: str, image: str, trtllm_version: st
         scheduler.update(mapped)
     warnings.append(f"model.source: set to Hugging Face id {model_name!r}; point it at your checkpoint (pvc, hostPath or huggingFace)")
     warnings.append("model.architecture: not in the input; add numLayers, numKvHeads and headDim for KV sizing in status")
+    decode = _tier("decode", tiers.get("decode") or {}, warnings)
+    kv_cache_size = decode.pop("kvCacheSize", None)
+    if kv_cache_size:
+        # The size becomes the engine's KV token capacity through the architecture, which the input lacks.
+        warnings.append(f"tiers.decode.kv_cache_size: {kv_cache_size} left out: decode.kvCacheSize needs "
+                        f"model.architecture; add both (decode.kvCacheSize: {kv_cache_size})")
     obj = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
@@ -173,7 +179,7 @@ def convert(config: dict[str, Any], *, name: str, image: str, trtllm_version: st
                 "kvTransfer": {"compression": compression},
             },
             "prefill": _tier("prefill", tiers.get("prefill") or {}, warnings),
-            "decode": _tier("decode", tiers.get("decode") or {}, warnings),
+            "decode": decode,
             "scheduler": scheduler,
         },
     }

@@ -211,16 +211,18 @@ def test_rendering_is_deterministic_and_revision_ignores_replicas():
 
 
 def test_reserved_extra_options_are_refused_with_a_clear_message():
-    m = model(engine__extraOptions={"kv_cache_config": {"dtype": "fp16"}, "enable_chunked_prefill": True})
+    m = model(engine__extraOptions={"kv_cache_config": {"dtype": "fp16"}, "print_iter_log": True})
     problems = spec_problems(m.spec)
     assert len(problems) == 1 and "kv_cache_config" in problems[0] and "engine.kvCache" in problems[0]
-    assert "enable_chunked_prefill" in engine_config.engine_options(m.spec, "decode")
+    assert engine_config.engine_options(m.spec, "decode")["print_iter_log"] is True  # not reserved: passed through
 
 
 def test_drift_comparison_tolerates_server_defaults_and_canonical_quantities():
-    want = {"metadata": {"name": "x", "labels": {"a": "1"}}, "spec": {"cpu": "1000m", "list": [{"k": 1}], "empty": {}}}
+    # (quantities compare by value where they are quantities: under resources' requests and limits)
+    want = {"metadata": {"name": "x", "labels": {"a": "1"}},
+            "spec": {"requests": {"cpu": "1000m"}, "list": [{"k": 1}], "empty": {}}}
     live = {"metadata": {"name": "x", "labels": {"a": "1"}, "uid": "u"},
-            "spec": {"cpu": "1", "list": [{"k": 1, "default": True}], "extra": 2}}
+            "spec": {"requests": {"cpu": "1"}, "list": [{"k": 1, "default": True}], "extra": 2}}
     assert diff.in_sync({"kind": "X", **want}, live)
     live["spec"]["list"][0]["k"] = 2
     assert not diff.in_sync({"kind": "X", **want}, live)
@@ -515,7 +517,7 @@ def test_the_hugging_face_revision_pin_is_rendered_as_the_llm_api_revision_optio
 
 @pytest.mark.parametrize("key,value", [("context_parallel_size", 2), ("enable_attention_dp", True)])
 def test_extra_options_cannot_enable_context_parallelism_or_attention_dp(key, value):
-    m = model("small.yaml", engine__extraOptions={key: value, "enable_iter_perf_stats": True})
+    m = model("small.yaml", engine__extraOptions={key: value, "print_iter_log": True})
     assert engine_config.reserved_overrides(m.spec) == [key]
     problems = spec_problems(m.spec)
     assert len(problems) == 1 and key in problems[0]
@@ -552,9 +554,11 @@ def test_kv_format_rules_at_admission_refuse_exactly_what_the_operator_refuses(p
     m = model("small.yaml", prefill__engineOverrides=prefill, decode__engineOverrides=decode)
     operator = {mm.field for mm in derive(m.spec).kv_mismatches()}
     assert operator <= KV_FIELDS  # the other hard-equal fields cannot differ between the tiers of one spec
-    refused = _refused(_rules("spec"), _wire(m))
+    kv_rules = [r for r in _rules("spec") if any(f"self.prefill.engineOverrides.{f}" in r["rule"] for f in KV_FIELDS)]
+    assert len(kv_rules) == len(KV_FIELDS)
+    refused = _refused(kv_rules, _wire(m))
     assert {f for f in KV_FIELDS if any(f"({f} " in msg for msg in refused)} == operator
-    for rule in _rules("spec"):
+    for rule in kv_rules:
         assert "prefill and decode would not be able to hand off KV cache" in rule["message"]
         assert "make these fields equal on both tiers (engine.* or the tiers' engineOverrides)" in rule["message"]
 

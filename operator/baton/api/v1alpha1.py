@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
 from pydantic.alias_generators import to_camel
 
 from baton.api.units import DURATION_PATTERN, QUANTITY_PATTERN, parse_duration
@@ -139,7 +139,7 @@ class ModelSpec(ApiModel):
     name: str = Field(min_length=1, max_length=253, description="Served model name: what clients put in the OpenAI `model` field and what /v1/models lists.")
     revision: str = Field(default="", description="Identity of the weights (e.g. a checkpoint digest or release tag). Part of the KV-format identity: prefill and decode must serve the same weights.")
     source: ModelSource = Field(description="Where the engines load the checkpoint from.")
-    architecture: ModelArchitecture | None = Field(default=None, description="Architecture facts for KV sizing and the KV-format check. Optional when the engines can read them from the checkpoint's config.json; required for status KV sizing.")
+    architecture: ModelArchitecture | None = Field(default=None, description="Architecture facts for KV sizing and the KV-format check. Optional when the engines can read them from the checkpoint's config.json; required for decode.kvCacheSize and status KV sizing.")
 
 
 # -------------------------------------------------------------------------------------------- engine
@@ -204,13 +204,40 @@ class PoolSpec(ApiModel):
     tolerations: list[KubeObject] = _free_form_list("Extra core/v1 Tolerations. Baton always tolerates the nvidia.com/gpu NoSchedule taint on GPU tiers.")
 
 
-# Bounded so that CEL rules reading resources stay within the API server's cost budget.
-ResourceQuantities = dict[str, Annotated[str, Field(max_length=64)]]
+# A resource quantity as a core pod spec takes it: a string (32Gi, 500m, 1.5) or an unquoted integer (cpu: 4),
+# in Kubernetes' quantity syntax (Kubernetes' own pattern for resource.Quantity, without a minus sign), so a
+# value the API server would refuse in the pod (32GB, 4 cores) is refused at admission instead. '' is kept
+# as "not set" for nvidia.com/gpu, which always comes from gpusPerReplica.
+RESOURCE_QUANTITY_PATTERN = (
+    r"^$|^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _integer_quantity_as_string(value: Any) -> Any:
+    """`cpu: 4` (a JSON integer) is the quantity "4": the model keeps every quantity as a string."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# Bounded so that CEL rules reading resources stay within the API server's cost budget. The schema is
+# Kubernetes' int-or-string (pattern and maxLength apply to strings, minimum to integers).
+ResourceQuantity = Annotated[
+    str,
+    BeforeValidator(_integer_quantity_as_string),
+    StringConstraints(max_length=64, pattern=RESOURCE_QUANTITY_PATTERN),
+    WithJsonSchema({
+        "x-kubernetes-int-or-string": True,
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "minimum": 0,
+        "maxLength": 64,
+        "pattern": RESOURCE_QUANTITY_PATTERN,
+    }),
+]
+ResourceQuantities = dict[str, ResourceQuantity]
 
 
 class ResourcesSpec(ApiModel):
-    requests: ResourceQuantities = Field(default_factory=dict, max_length=64, description="Resource requests besides GPUs (cpu, memory, ...). GPUs come from gpusPerReplica.")
-    limits: ResourceQuantities = Field(default_factory=dict, max_length=64, description="Resource limits besides GPUs. nvidia.com/gpu is always set from gpusPerReplica.")
+    requests: ResourceQuantities = Field(default_factory=dict, max_length=64, description="Resource requests besides GPUs (cpu, memory, ...), as in a pod spec: Kubernetes quantities such as 4, 500m or 32Gi (not 32GB). GPUs come from gpusPerReplica.")
+    limits: ResourceQuantities = Field(default_factory=dict, max_length=64, description="Resource limits besides GPUs, as Kubernetes quantities (4, 500m, 32Gi). nvidia.com/gpu is always set from gpusPerReplica.")
 
 
 class PodTemplateOverrides(ApiModel):
@@ -233,14 +260,15 @@ class TierEngineOverrides(ApiModel):
 
 def _gpu_resource(kind: str) -> str:
     return (f"(has(self.resources) && has(self.resources.{kind}) && 'nvidia.com/gpu' in self.resources.{kind} "
-            f"&& self.resources.{kind}['nvidia.com/gpu'] != '')")
+            f"&& string(self.resources.{kind}['nvidia.com/gpu']) != '')")
 
 
 # The GPU count a tier's resources ask for, read as the operator does (baton.operator.validation):
-# limits first, else requests, else '' (not set).
+# limits first, else requests, else '' (not set). A quantity is int-or-string (`nvidia.com/gpu: 2`), so
+# it is read through string(), as the model keeps it.
 _GPU_IN_RESOURCES = (
-    f"({_gpu_resource('limits')} ? self.resources.limits['nvidia.com/gpu'] : "
-    f"{_gpu_resource('requests')} ? self.resources.requests['nvidia.com/gpu'] : '')"
+    f"({_gpu_resource('limits')} ? string(self.resources.limits['nvidia.com/gpu']) : "
+    f"{_gpu_resource('requests')} ? string(self.resources.requests['nvidia.com/gpu']) : '')"
 )
 
 
@@ -304,6 +332,12 @@ class DecodeTierSpec(TierSpec):
                     "so preempting one fails every request it serves; run spot capacity on the prefill tier only",
                     fieldPath=".allowSpot",
                 ),
+                _cel(
+                    "!self.kvCacheSize.matches('([mun]|[eE]-[0-9]+)$')",
+                    "decode.kvCacheSize is a number of bytes: m is milli (24m is 0.024 bytes); use M or Mi for "
+                    "megabytes, G or Gi for gigabytes (e.g. 24Gi)",
+                    fieldPath=".kvCacheSize",
+                ),
             ]
         }
     )
@@ -313,7 +347,11 @@ class DecodeTierSpec(TierSpec):
         "Desired decode replicas, the target of the scale subresource (`kubectl scale dm/NAME`, a "
         "HorizontalPodAutoscaler). At most maxReplicas; the tier runs at least minReplicas, so the default "
         "of 1 means minReplicas. Leave it out of GitOps manifests when an autoscaler drives the tier."))
-    kv_cache_size: str = Field(default="", pattern=r"^$|^" + QUANTITY_PATTERN[1:], description="KV cache memory per decode replica (e.g. 128Gi); sets the engine's KV token capacity. Empty: a fraction of free GPU memory (engine.kvCache.freeGpuMemoryFraction).")
+    kv_cache_size: str = Field(default="", max_length=64, pattern=r"^$|^" + QUANTITY_PATTERN[1:], description=(
+        "KV cache memory per decode replica in bytes (e.g. 24Gi); sets the engine's KV token capacity "
+        "(kv_cache_config.max_tokens: this size over the KV bytes per token). Needs model.architecture, and must "
+        "hold at least one sequence (prefill.maxPromptTokens + maxGeneratedTokens). Empty: a fraction of free GPU "
+        "memory (engine.kvCache.freeGpuMemoryFraction)."))
     max_generated_tokens: int = Field(default=4096, ge=1, le=1048576, description="Most tokens one request may generate.")
 
 
@@ -345,6 +383,12 @@ class DegradationSpec(ApiModel):
                      "scheduler.degradation.redisUrl or redisUrlSecret is required when store is redis"),
                 _cel("self.redisUrl == '' || !has(self.redisUrlSecret)",
                      "scheduler.degradation: set redisUrl or redisUrlSecret, not both"),
+                # The scheduler refuses 0 (baton.scheduler.config): a new scheduler would not start and a
+                # running one would keep its old config.
+                _cel("duration(self.holdTtl) > duration('0s')",
+                     "scheduler.degradation.holdTtl must be greater than 0s (the default is 120s): it is how long "
+                     "a finished prefill may wait for a decode slot, and the scheduler refuses 0",
+                     fieldPath=".holdTtl"),
             ]
         }
     )
@@ -367,7 +411,19 @@ class SchedulerSpec(ApiModel):
             "x-kubernetes-validations": [
                 _cel(
                     "self.localPrefillBelowTokens <= self.alwaysPrefillAtOrAboveTokens",
-                    "scheduler.localPrefillBelowTokens must be less than or equal to alwaysPrefillAtOrAboveTokens",
+                    "scheduler.localPrefillBelowTokens must be less than or equal to alwaysPrefillAtOrAboveTokens; "
+                    "localPrefillBelowTokens defaults to 4096, so with alwaysPrefillAtOrAboveTokens below 4096 also "
+                    "set localPrefillBelowTokens, to at most alwaysPrefillAtOrAboveTokens (0: no prompt is "
+                    "prefilled on a decode replica)",
+                    fieldPath=".localPrefillBelowTokens",
+                ),
+                # The scheduler refuses 0 (baton.scheduler.config): a new scheduler would not start and a
+                # running one would keep its old config.
+                _cel(
+                    "duration(self.heartbeatInterval) > duration('0s')",
+                    "scheduler.heartbeatInterval must be greater than 0s (the default is 15s): it is how often the "
+                    "scheduler health-checks idle decode replicas, and the scheduler refuses 0",
+                    fieldPath=".heartbeatInterval",
                 ),
             ]
         }
@@ -456,6 +512,13 @@ def _kv_format_rule(override: str, unset: str, base: str, numeric: bool = False)
     )
 
 
+KV_CACHE_SIZE_NEEDS_ARCHITECTURE = (
+    "decode.kvCacheSize needs model.architecture (numLayers, numKvHeads, headDim): Baton turns the size into the "
+    "engine's KV token capacity with it, and would otherwise ignore decode.kvCacheSize; set model.architecture, or "
+    "drop decode.kvCacheSize to size the KV cache by engine.kvCache.freeGpuMemoryFraction"
+)
+
+
 class DisaggregatedModelSpec(ApiModel):
     # The KV-format fields a tier can override: the operator refuses a spec whose tiers differ on them
     # (KVFormatMismatch); the API server refuses it first. The operator check stays as a second line.
@@ -465,6 +528,12 @@ class DisaggregatedModelSpec(ApiModel):
                 _kv_format_rule("kvCacheDtype", "''", "kvCache.dtype"),
                 _kv_format_rule("tokensPerBlock", "0", "kvCache.tokensPerBlock", numeric=True),
                 _kv_format_rule("trtllmVersion", "''", "trtllmVersion"),
+                # Also checked by the operator (baton.operator.validation), with the capacity check.
+                _cel(
+                    "self.decode.kvCacheSize == '' || has(self.model.architecture)",
+                    KV_CACHE_SIZE_NEEDS_ARCHITECTURE,
+                    fieldPath=".decode.kvCacheSize",
+                ),
             ]
         }
     )
@@ -551,6 +620,7 @@ class RolloutStatus(ApiModel):
     target_generation: str = Field(default="", description="The generation the spec asks for.")
     previous_generation: str = Field(default="", description="The generation being drained after a switch (kept for instant rollback).")
     failed_generation: str = Field(default="", description="A generation that was rolled back; it is not retried until the spec changes (or the retry annotation is set).")
+    failed_revision: str = Field(default="", description="The spec's revision (a hash of everything that shapes the engines' pods) when failedGeneration failed: an edit that changes it (an env entry, resources, the pod template) tries that generation again.")
     last_known_good: GenerationRef = Field(default_factory=GenerationRef, description="The last generation that served successfully.")
     started_at: str = Field(default="", description="When the current rollout started.")
     switched_at: str = Field(default="", description="When traffic last switched generations.")

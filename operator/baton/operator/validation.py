@@ -2,8 +2,131 @@
 
 from __future__ import annotations
 
-from baton.api.v1alpha1 import DisaggregatedModelSpec
-from baton.render import engine_config, tiers
+import functools
+import math
+
+from pydantic import ValidationError
+
+from baton.api.units import parse_quantity
+from baton.api.v1alpha1 import KV_CACHE_SIZE_NEEDS_ARCHITECTURE, DisaggregatedModelSpec
+from baton.render import engine_config, scheduler, tiers
+from baton.render.derived import derive
+from baton.render.naming import Target
+from baton.scheduler.config import ConfigError, parse_config
+
+# Where each setting of the scheduler's config file (baton.render.scheduler.scheduler_config) comes from in
+# the spec, by its dotted path in the file: the longest matching prefix names the field. A path that is not
+# here is named by its scheduler config path under spec.scheduler.
+SCHEDULER_CONFIG_FIELDS = {
+    "model": "model.name",
+    "runtime": "engine.runtime",
+    "endpoints.kubernetes.prefillPort": "prefill.port",
+    "endpoints.kubernetes.decodePort": "decode.port",
+    "routing": "scheduler.localPrefillBelowTokens and scheduler.alwaysPrefillAtOrAboveTokens",
+    "routing.localPrefillBelowTokens": "scheduler.localPrefillBelowTokens",
+    "routing.alwaysPrefillAtOrAboveTokens": "scheduler.alwaysPrefillAtOrAboveTokens",
+    "routing.algorithm": "scheduler.algorithm",
+    "routing.placementPolicy": "scheduler.placementPolicy",
+    "routing.prefillBatchSize": "scheduler.prefillBatchSize",
+    "routing.decodeBatchSize": "scheduler.decodeBatchSize",
+    "routing.maxConcurrentPrefills": "scheduler.maxConcurrentPrefills",
+    "routing.kvTransferCompression": "engine.kvTransfer.compression",
+    "queue.maxDepth": "scheduler.maxQueueDepth",
+    "admission": "scheduler.admission",
+    "backpressure.maxActivePerDecodeReplica": "scheduler.backpressure.maxActivePerDecodeReplica",
+    "backpressure.decodeP95LatencyThresholdMs": "scheduler.backpressure.decodeP95LatencyThreshold",
+    "degradation": "scheduler.degradation",
+    "degradation.holdTtlSeconds": "scheduler.degradation.holdTtl",
+    "tokenizer": "scheduler.tokenizer (with model.source)",
+    "heartbeatSeconds": "scheduler.heartbeatInterval",
+    "server.port": "scheduler.port",
+    "server.streamFlushIntervalMs": "scheduler.streamFlushIntervalMs",
+}
+
+
+# What to set, for the fields whose scheduler bound the CRD also states.
+SCHEDULER_FIELD_HINTS = {
+    "scheduler.heartbeatInterval": "set it above 0s (the default is 15s)",
+    "scheduler.degradation.holdTtl": "set it above 0s (the default is 120s)",
+}
+
+
+def _spec_field(config_path: str) -> str:
+    parts = config_path.split(".")
+    for end in range(len(parts), 0, -1):
+        field = SCHEDULER_CONFIG_FIELDS.get(".".join(parts[:end]))
+        if field:
+            if field == "scheduler.admission" and end < len(parts):
+                return f"scheduler.admission.{'.'.join(parts[end:])}"
+            return field
+    return f"spec.scheduler (scheduler config {config_path or '<root>'})"
+
+
+def scheduler_config_problems(spec: DisaggregatedModelSpec) -> list[str]:
+    """The scheduler config Baton would render for `spec`, run through the scheduler's own parser: one problem
+    per setting the scheduler would refuse (a new scheduler would crash-loop on it, a running one would keep
+    its old config), naming the spec field it comes from. The CRD refuses the known cases at admission; this
+    catches any mismatch between the two schemas."""
+    # The object's name and namespace only name Services in the config; any valid ones do here.
+    target = Target(name="model", namespace="default", uid="", spec=spec)
+    try:
+        text = scheduler.configmap(target)["data"][scheduler.CONFIG_FILE]
+    except ValueError as exc:
+        return [f"cannot render the scheduler config for this spec: {exc}"]
+    return list(_scheduler_config_text_problems(text))
+
+
+@functools.lru_cache(maxsize=256)
+def _scheduler_config_text_problems(text: str) -> tuple[str, ...]:
+    """Parsing costs milliseconds (pure-Python YAML); an unchanged spec renders the same text every reconcile."""
+    try:
+        parse_config(text, source="scheduler config")
+    except ConfigError as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, ValidationError):
+            return (f"the scheduler would refuse the config Baton renders for this spec: {exc}",)
+        problems = []
+        for err in cause.errors():
+            path = ".".join(str(p) for p in err["loc"])
+            field = _spec_field(path)
+            problems.append(f"{field}: the scheduler would refuse the config Baton renders from it ({path or '<root>'}: "
+                            f"{err['msg']}), so a new scheduler would not start and a running one would keep its "
+                            f"old config; {SCHEDULER_FIELD_HINTS.get(field, f'change {field}')}")
+        return tuple(problems)
+    return ()
+
+
+def _bytes(n: int) -> str:
+    """A byte count as the shortest exact binary quantity, rounded up to a whole Mi."""
+    mib = math.ceil(n / 2**20)
+    return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
+
+
+def kv_cache_size_problems(spec: DisaggregatedModelSpec) -> list[str]:
+    """decode.kvCacheSize must be sizable (model.architecture) and hold at least one sequence."""
+    size = spec.decode.kv_cache_size
+    if not size:
+        return []
+    if spec.model.architecture is None:
+        return [KV_CACHE_SIZE_NEEDS_ARCHITECTURE]
+    derived = derive(spec)
+    per_token, tokens = derived.kv_bytes_per_token, derived.decode_kv_capacity_tokens
+    prompt, generated = spec.prefill.max_prompt_tokens, spec.decode.max_generated_tokens
+    sequence = prompt + generated
+    if tokens >= sequence:
+        return []
+    size_bytes = parse_quantity(size)
+    unit = ""
+    if size_bytes != size_bytes.to_integral_value():
+        unit = f" ({size_bytes.normalize():f} bytes: m is milli; use M or Mi, G or Gi)"
+    elif size_bytes < 2**20:
+        unit = f" ({int(size_bytes)} bytes: the size is in bytes; use a unit such as Gi)"
+    return [
+        f"decode.kvCacheSize {size}{unit} holds {tokens} tokens at {per_token} KV bytes per token (from "
+        f"model.architecture and KV dtype {spec.tier_engine('decode').kv_cache_dtype}), fewer than one sequence: "
+        f"prefill.maxPromptTokens {prompt} + decode.maxGeneratedTokens {generated} = {sequence} tokens; set "
+        f"decode.kvCacheSize to at least {_bytes(sequence * per_token)}, or lower those limits"
+    ]
 
 
 def spec_problems(spec: DisaggregatedModelSpec) -> list[str]:
@@ -16,4 +139,6 @@ def spec_problems(spec: DisaggregatedModelSpec) -> list[str]:
                 f"{tier.gpus_per_replica}; drop nvidia.com/gpu from resources (it comes from gpusPerReplica)"
             )
     problems.extend(tiers.reserved_env_overrides(spec))
+    problems.extend(kv_cache_size_problems(spec))
+    problems.extend(scheduler_config_problems(spec))
     return problems

@@ -24,15 +24,26 @@ from baton.render.naming import Tier
 CONFIG_FILE = "config.yaml"
 ENGINE_CONFIG_DIR = "/etc/baton/engine"
 
-# Keys engine.extraOptions cannot set, each with what to use instead: the ones Baton renders itself
-# (they decide the KV layout, the parallelism the pod's GPU count was sized for, or the tier's role) and
-# the ones Baton does not support (they change the GPU count or the KV CacheState, which Baton derives
-# with context parallelism 1 and attention data parallelism off).
+# Keys engine.extraOptions cannot set, each with what to use instead: every key engine_options renders
+# (they decide the KV layout, the parallelism the pod's GPU count was sized for, the tier's role, the
+# sequence and batch limits the scheduler routes by, or the perf stats Baton's metrics read; a value set
+# here would be overwritten without a word) and the ones Baton does not support (they change the GPU count
+# or the KV CacheState, which Baton derives with context parallelism 1 and attention data parallelism off).
+# tests/unit/test_api_validation_gaps.py checks that every key engine_options renders is here.
 RESERVED_KEY_FIELDS = {
     "kv_cache_config": "engine.kvCache (and decode.kvCacheSize)",
     "cache_transceiver_config": "engine.kvTransfer",
     "tensor_parallel_size": "the tiers' tensorParallelSize",
     "pipeline_parallel_size": "the tiers' pipelineParallelSize",
+    "max_batch_size": "the tiers' maxBatchSize",
+    "max_num_tokens": "the tiers' maxNumTokens",
+    "max_input_len": "prefill.maxPromptTokens",
+    "max_seq_len": "prefill.maxPromptTokens and decode.maxGeneratedTokens (max_seq_len is their sum)",
+    "enable_chunked_prefill": "nothing: Baton turns chunked prefill on for a tier whose maxNumTokens is below "
+                              "prefill.maxPromptTokens, as the PyTorch backend requires",
+    "enable_iter_perf_stats": "nothing: Baton sets it, as its metrics need it",
+    "return_perf_metrics": "nothing: Baton sets it, as its metrics need it",
+    "perf_metrics_max_requests": "nothing: Baton sets it, as its metrics need it",
     "disable_overlap_scheduler": "nothing: Baton disables the overlap scheduler on the prefill tier, as TensorRT-LLM requires",
     "speculative_config": "engine.speculativeConfig",
     "max_beam_width": "nothing: KV transfer supports beam width 1 only",
