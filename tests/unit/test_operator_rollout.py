@@ -897,3 +897,56 @@ def test_an_in_place_edit_with_one_refused_child_changes_no_shared_object_either
     assert m.cond("Stalled")["status"] == "True" and m.cond("Stalled")["reason"] == "ApplyFailed"
     after = {k: json.dumps(o, sort_keys=True) for k, o in m.kube.objs.items() if k in before}
     assert after == before
+
+
+def test_a_generation_that_failed_on_a_refused_child_is_tried_again_once_the_spec_is_fixed():
+    """An engine change and an env entry the API server refuses, in one edit: the new generation is rolled
+    back. Removing the env entry keeps the generation key, but changes what shapes its pods, so it is
+    tried again (no retry annotation needed) and rolls out."""
+    def broken(o):
+        if o["kind"] != "StatefulSet":
+            return None
+        env = o["spec"]["template"]["spec"]["containers"][0]["env"]
+        return 422 if any(e.get("name") == "BROKEN" for e in env) else None
+
+    m = Model()
+    g0 = m.ro["servingGeneration"]
+    m.kube.fail_apply = broken
+
+    def change(s):
+        s["engine"]["image"] = IMAGE + "1.2.1"
+        s["decode"]["podTemplate"] = {"env": [{"name": "BROKEN", "valueFrom": {}}]}
+
+    m.edit(change)
+    m.pass_()
+    g1 = m.ro["failedGeneration"]
+    assert m.ro["phase"] == "RolledBack" and g1 and m.ro["servingGeneration"] == g0
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack"  # the same spec is not tried again
+    m.edit(lambda s: s["decode"].__setitem__("podTemplate", {}))
+    for _ in range(4):
+        m.pass_()
+        m.kube.settle()
+    assert m.ro["failedGeneration"] == "" and m.ro["servingGeneration"] == g1, m.ro["message"]
+
+
+def test_ready_says_why_pods_cannot_start():
+    """A bad image or a pod the API server would not create: the Ready message names the pod, the
+    container and the kubelet's or controller's reason, not only "waiting for decode 0/1"."""
+    m = Model()
+    m.edit(lambda s: s["engine"].update(env=[{"name": "NCCL_DEBUG", "value": "INFO"}]))  # in place: pods replaced
+    m.pass_()
+    m.kube.settle(ready=False)
+    for key, pod in m.kube.objs.items():
+        if key[0] == "Pod" and pod["metadata"]["labels"].get("baton.dev/tier") == "decode":
+            pod["status"]["containerStatuses"] = [{"name": "engine", "state": {"waiting": {
+                "reason": "ImagePullBackOff", "message": 'Back-off pulling image "nvcr.io/nvidia/tensorrt-llm/release:9.9"'}}}]
+    deployment = next(o for k, o in m.kube.objs.items() if k[0] == "Deployment")
+    deployment["status"]["conditions"] = [{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                                           "message": 'pods "m-scheduler-x" is forbidden: exceeded quota: compute'}]
+    m.r._unschedulable.clear()  # the pod listing is cached for a few seconds
+    m.pass_()
+    message = m.cond("Ready")["message"]
+    assert m.cond("Ready")["status"] == "False" and "waiting for" in message
+    assert "engine ImagePullBackOff" in message and "release:9.9" in message
+    assert "exceeded quota" in message

@@ -55,6 +55,7 @@ from baton.render.naming import (
     Target,
     child_name,
     label_selector,
+    revision,
     selector_labels,
 )
 
@@ -96,7 +97,8 @@ class Reconciler:
     def __init__(self, kube: Kube, cache: ChildCache | None = None):
         self.kube = kube
         self.cache = cache
-        self._unschedulable: dict[tuple[str, str], tuple[float, list[str]]] = {}  # model -> (listed at, pods)
+        # model -> (listed at, (unschedulable pods, failing containers))
+        self._unschedulable: dict[tuple[str, str], tuple[float, tuple[list[str], list[str]]]] = {}
         self._fresh = threading.local()  # .model: the pass is the first one of a model no operator has reconciled
         self._transient: dict[tuple[str, str], int] = {}  # model -> transient API errors in a row
 
@@ -203,6 +205,17 @@ class Reconciler:
             else:
                 handled.append(handled_condition(ANNOTATION_RETRY, retry, f"generation {retry} is not a failed generation of this spec"))
 
+        if (gen == ro.get("failedGeneration") and gen != serving and ro.get("failedRevision")
+                and ro["failedRevision"] != revision(spec)):
+            # The spec changed since the generation failed, in something that shapes its pods but not its
+            # generation key (env, resources, pod template): it is tried again from the start.
+            if gen in generations:
+                self.delete_generation(namespace, name, gen)
+                generations.pop(gen)
+            ro.update({"failedGeneration": "", "failedRevision": "", "targetGeneration": "", "startedAt": "",
+                       "probe": dict(NO_PROBE)})
+            changed.append(f"generation {gen} tried again: the spec changed since it failed")
+
         rollout_state = RolloutPass(self, body, target, derived, ro, generations, changed, rollback_request)
         if in_place:  # applied above
             rollout_state.steady()
@@ -250,7 +263,7 @@ class Reconciler:
             for obj, n in zip((observed.prefill, observed.decode, observed.scheduler), desired_counts)
         )
         if not settled:
-            observed.unschedulable = self._unschedulable_pods(namespace, name)
+            observed.unschedulable, observed.failing = self._pod_problems(namespace, name)
         if serving == gen:
             serving_fp = (derived.fingerprint("prefill"), derived.fingerprint("decode"))
         else:
@@ -449,19 +462,22 @@ class Reconciler:
         watched, so a settled model costs nothing per pod."""
         return self.kube.list("Pod", namespace, f"{LABEL_MODEL}={name}")
 
-    def _unschedulable_pods(self, namespace: str, name: str) -> list[str]:
-        """Pods the scheduler cannot place, for the status message; listed at most every
-        UNSCHEDULABLE_CHECK_SECONDS per model (a waiting model polls every few seconds, and hundreds
-        of models starting at once would otherwise turn into hundreds of pod LISTs a second)."""
+    def _pod_problems(self, namespace: str, name: str) -> tuple[list[str], list[str]]:
+        """Pods the scheduler cannot place, and containers that cannot start (`status.failing_containers`),
+        for the status message; listed at most every UNSCHEDULABLE_CHECK_SECONDS per model (a waiting model
+        polls every few seconds, and hundreds of models starting at once would otherwise turn into hundreds
+        of pod LISTs a second)."""
         key = (namespace, name)
         listed = self._unschedulable.get(key)
         if listed and time.monotonic() - listed[0] < UNSCHEDULABLE_CHECK_SECONDS:
             return listed[1]
-        out = sorted(
+        pods = self.model_pods(namespace, name)
+        unschedulable = sorted(
             f"{pod['metadata']['name']}: {cond.get('message', '')}"
-            for pod in self.model_pods(namespace, name)
+            for pod in pods
             for cond in pod.get("status", {}).get("conditions", []) or []
             if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable"
         )
-        self._unschedulable[key] = (time.monotonic(), out)
-        return out
+        failing = sorted(line for pod in pods for line in status.failing_containers(pod))
+        self._unschedulable[key] = (time.monotonic(), (unschedulable, failing))
+        return unschedulable, failing

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from baton.api.units import parse_duration
 from baton.operator import events, rollout, status
-from baton.render.naming import LABEL_GENERATION, LABEL_TIER
+from baton.render.naming import LABEL_GENERATION, LABEL_TIER, revision
 from baton.pod_ports import http_port
 
 if TYPE_CHECKING:
@@ -307,12 +307,16 @@ class RolloutPass:
         else:
             self.r.delete_generation(self.ns, self.name, failed)
             self.generations.pop(failed, None)
-        self.ro.update({"failedGeneration": failed, "previousGeneration": "", "targetGeneration": failed})
+        # The spec as it was when the generation failed: an edit of anything that shapes its pods (an env
+        # entry or resources the API server refused, a memory limit it ran out of) tries it again.
+        self.ro.update({"failedGeneration": failed, "failedRevision": revision(self.spec), "previousGeneration": "",
+                        "targetGeneration": failed})
         where = f"traffic back on generation {good}" if switched_back else f"generation {good} kept serving"
         self._phase("RolledBack", f"generation {failed} rolled back: {why}; {where}")
         self.problem = (ROLLOUT, False, "RolledBack",
-                        f"generation {failed} rolled back: {why}. Fix the spec (any engine or KV change starts a "
-                        f"new generation) or set annotation {ANNOTATION_RETRY}={failed} to try it again")
+                        f"generation {failed} rolled back: {why}. Fix the spec (an engine or KV change starts a "
+                        "new generation; a change of anything else that shapes its pods tries it again) or set "
+                        f"annotation {ANNOTATION_RETRY}={failed} to try it again")
         self._event("Warning", "RolledBack", self.ro["message"])
 
     def _rollback_requested(self, gen: str) -> bool:

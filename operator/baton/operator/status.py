@@ -43,6 +43,37 @@ class Observed:
     scheduler: dict[str, Any] | None = None  # the Deployment
     problem: tuple[str, str] | None = None  # (reason, message) when Baton is stuck
     unschedulable: list[str] = field(default_factory=list)  # "pod: scheduler message"
+    failing: list[str] = field(default_factory=list)  # "pod: container reason: message" (`failing_containers`)
+
+
+# Why a container cannot start, as the kubelet reports it (state.waiting.reason): each needs the user.
+FAILING_WAIT_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CrashLoopBackOff",
+                        "CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+
+
+def failing_containers(pod: dict[str, Any]) -> list[str]:
+    """The pod's containers that cannot start, e.g. "m-decode-x-0: engine ImagePullBackOff: Back-off ..."."""
+    out = []
+    statuses = (pod.get("status") or {}).get("initContainerStatuses") or []
+    statuses = [*statuses, *((pod.get("status") or {}).get("containerStatuses") or [])]
+    for cs in statuses:
+        waiting = ((cs.get("state") or {}).get("waiting") or {})
+        if waiting.get("reason") in FAILING_WAIT_REASONS:
+            detail = f": {waiting['message'][:200]}" if waiting.get("message") else ""
+            out.append(f"{pod['metadata']['name']}: {cs.get('name')} {waiting['reason']}{detail}")
+    return out
+
+
+def replica_failures(workloads: list[dict[str, Any] | None]) -> list[str]:
+    """A StatefulSet's or Deployment's ReplicaFailure condition: its pods could not even be created (a
+    quota, an admission policy, a missing service account), so there are none to look at."""
+    out = []
+    for obj in workloads:
+        for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+                out.append(f"{obj['kind'] if obj.get('kind') else 'workload'} {obj['metadata']['name']}: "
+                           f"{cond.get('message') or cond.get('reason', '')}"[:300])
+    return out
 
 
 def tier_status(sts: dict[str, Any] | None, desired: int, fingerprint: str, selector: str = "") -> dict[str, Any]:
@@ -133,6 +164,10 @@ def compute(
         )
         if "scheduler" in waiting:
             detail = ", ".join(filter(None, [detail, "scheduler not available"]))
+        # What keeps them from starting, when it is something the user must fix.
+        why = replica_failures([observed.prefill, observed.decode, observed.scheduler]) + observed.failing
+        if why:
+            detail += "; " + "; ".join(why[:3]) + (f" (and {len(why) - 3} more)" if len(why) > 3 else "")
         ready = (False, REASON_NOT_READY, f"waiting for {detail}")
         reconciling = (True, REASON_PROGRESSING, f"waiting for {detail}")
         stalled = (False, REASON_PROGRESSING, "")
