@@ -290,7 +290,7 @@ def test_converted_design_brief_config_is_accepted_by_the_api_server(cluster, na
     obj = yaml.safe_load(out.stdout)
     created = cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, obj, dry_run="All")
     spec = created["spec"]
-    assert spec["prefill"]["gpusPerReplica"] == 8 and "kvCacheSize" not in spec["decode"]
+    assert spec["prefill"]["gpusPerReplica"] == 8 and not spec["decode"].get("kvCacheSize")  # defaulted to ""
     assert "decode.kvCacheSize: 128G" in out.stderr  # left out: it needs model.architecture, which the brief lacks
     assert spec["scheduler"]["prefillBatchSize"] == 32 and spec["engine"]["kvTransfer"]["compression"] == "fp8"
     assert spec["scheduler"]["maxQueueDepth"] == 256 and spec["decode"]["maxReplicas"] == 16
