@@ -100,3 +100,24 @@ def test_pick_decode_prefers_fewest_sequences():
     a.active, b.active = 3, 1
     assert pick_decode([a, b]) is b
     assert pick_decode([]) is None
+
+
+def test_a_restarted_pod_keeps_every_ring_as_it_was():
+    """Rings follow the pods' names (StatefulSet ordinals), not their IPs: a decode pod that restarts and
+    comes back with another address takes its predecessor's place, and no other pairing moves."""
+    def ep(tier, i, ip):
+        return Endpoint(f"{ip}:8000", tier, "fp", pod=f"m-{tier}-g-{i}", runtime="trtllm-serve", generation="g")
+
+    prefill = [ep("prefill", 0, "127.0.0.50"), ep("prefill", 1, "127.0.0.9")]
+    decode = [ep("decode", i, ip) for i, ip in enumerate(["127.0.0.30", "127.0.0.4", "127.0.0.200", "127.0.0.11"])]
+    before = build_rings(prefill, decode)
+    assert before == {"127.0.0.50:8000": ("127.0.0.30:8000", "127.0.0.4:8000"),
+                      "127.0.0.9:8000": ("127.0.0.200:8000", "127.0.0.11:8000")}
+    decode[1] = ep("decode", 1, "127.0.0.99")  # m-decode-g-1 restarted with another IP
+    after = build_rings(prefill, decode)
+    assert after == {"127.0.0.50:8000": ("127.0.0.30:8000", "127.0.0.99:8000"),
+                     "127.0.0.9:8000": ("127.0.0.200:8000", "127.0.0.11:8000")}
+    # ordinals compare as numbers
+    many = [ep("decode", i, f"127.0.1.{i}") for i in (10, 2, 1)]
+    assert build_rings([ep("prefill", 0, "127.0.0.1")], many, ring_size=3)["127.0.0.1:8000"] == (
+        "127.0.1.1:8000", "127.0.1.2:8000", "127.0.1.10:8000")

@@ -14,7 +14,10 @@ Prefill policies (`routing.placementPolicy`):
 Rings (`build_rings`): each prefill replica feeds a fixed subset of decode replicas, so KV transfers
 stay within small groups (bounded cross-traffic and connection fan-out). Replicas are grouped by KV
 fingerprint, runtime and generation first (`Endpoint.pairing`): a prefill replica only ever pairs with
-decode replicas of the same fingerprint, runtime and generation (None pairs only with None). Within a group of P prefill and D decode replicas (addresses sorted), the
+decode replicas of the same fingerprint, runtime and generation (None pairs only with None). Within a
+group of P prefill and D decode replicas, in the order of their pod names (a StatefulSet's ordinals, so a
+restarted pod, which comes back with another IP, keeps its place and every ring stays as it was; static
+endpoints by address), the
 ring size is `ringSize` or ceil(D / P), and prefill i feeds decode replicas floor(i * D / P) onwards,
 wrapping around. When D is a multiple of P the rings are disjoint; otherwise neighbouring rings overlap
 by one replica. Every decode replica is in at least one ring when `ringSize` is 0.
@@ -122,19 +125,30 @@ def pick_decode(candidates: Sequence[ReplicaState]) -> ReplicaState | None:
     return min(candidates, key=lambda r: (r.active, r.local_prefills, r.dispatched, r.address))
 
 
+def _ring_order(ep: Endpoint) -> tuple[int, str, int, str]:
+    """Pods by name, a StatefulSet's ordinal compared as a number (m-decode-g-2 before m-decode-g-10);
+    endpoints without a pod (static) by address, after them."""
+    if ep.pod:
+        stem, _, ordinal = ep.pod.rpartition("-")
+        if stem and ordinal.isdigit():
+            return 0, stem, int(ordinal), ep.address
+        return 0, ep.pod, -1, ep.address
+    return 1, ep.address, -1, ep.address
+
+
 def build_rings(
     prefill: Iterable[Endpoint], decode: Iterable[Endpoint], ring_size: int = 0
 ) -> dict[str, tuple[str, ...]]:
     """prefill address -> the decode addresses it may feed (same fingerprint and runtime only; see module doc)."""
-    groups: dict[tuple[str | None, str | None], tuple[list[str], list[str]]] = {}
+    groups: dict[tuple[str | None, ...], tuple[list[Endpoint], list[Endpoint]]] = {}
     for ep in prefill:
-        groups.setdefault(ep.pairing, ([], []))[0].append(ep.address)
+        groups.setdefault(ep.pairing, ([], []))[0].append(ep)
     for ep in decode:
-        groups.setdefault(ep.pairing, ([], []))[1].append(ep.address)
+        groups.setdefault(ep.pairing, ([], []))[1].append(ep)
     rings: dict[str, tuple[str, ...]] = {}
-    for prefills, decodes in groups.values():
-        prefills.sort()
-        decodes.sort()
+    for prefill_eps, decode_eps in groups.values():
+        prefills = [ep.address for ep in sorted(prefill_eps, key=_ring_order)]
+        decodes = [ep.address for ep in sorted(decode_eps, key=_ring_order)]
         p, d = len(prefills), len(decodes)
         for i, address in enumerate(prefills):
             if d == 0:
