@@ -98,6 +98,13 @@ def test_streaming_equals_non_streaming(worker):
     assert chunks[-2]["usage"]["completion_tokens"] == 12
 
 
+def test_beam_search_with_one_beam_is_served(worker):
+    """use_beam_search with n = 1 and no best_of is a beam width of 1 in TensorRT-LLM: served as usual."""
+    plain = worker.complete({"prompt": "one beam", "max_tokens": 4})
+    beam = worker.complete({"prompt": "one beam", "max_tokens": 4, "use_beam_search": True})
+    assert text_of(beam) == text_of(plain)
+
+
 def test_chat_completions(worker):
     body = {"messages": [{"role": "user", "content": "Say something"}], "max_tokens": 6}
     full = worker.complete(body, "/v1/chat/completions")
@@ -120,6 +127,8 @@ def test_chat_completions(worker):
         ({"prompt": []}, "at least one token"),
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens must be at least 1"),
         ({"prompt": "hi", "n": 2}, "only n=1"),
+        ({"prompt": "hi", "use_beam_search": True, "best_of": 2}, "only beam width 1 is supported"),
+        ({"prompt": "hi", "best_of": 3}, "only beam width 1 is supported"),
         ({"prompt": "hi", "disaggregated_params": {"request_type": "prefill"}}, "request_type must be one of"),
         ({"prompt": [1, 2], "disaggregated_params": {"request_type": "generation_only"}}, "first_gen_tokens"),
         (

@@ -250,11 +250,11 @@ def test_requests_the_triton_runtime_cannot_translate_are_400s(deployment, extra
 
 def test_use_beam_search_alone_is_one_beam(deployment):
     """beam width = best_of or n (1) with use_beam_search, as trtllm-serve's SamplingParams: no beam_width input,
-    the answer of the same request without it (the HTTP front end refuses use_beam_search outright, so the
-    reference is asked without it); the Triton front end refuses a width > 1."""
+    the same answer as the HTTP front end gives the same request (one beam there too); the Triton front end
+    refuses a width > 1."""
     sched, ref = deployment["scheduler"], deployment["reference"]
-    body = {"model": MODEL, "prompt": prompt_ids(40, seed=26), "max_tokens": 3}
-    status, _, routed = post_json(sched.url + "/v1/completions", {**body, "use_beam_search": True})
+    body = {"model": MODEL, "prompt": prompt_ids(40, seed=26), "max_tokens": 3, "use_beam_search": True}
+    status, _, routed = post_json(sched.url + "/v1/completions", body)
     assert status == 200, routed
     status, _, direct = post_json(ref.url + "/v1/completions", body)
     assert status == 200, direct

@@ -265,8 +265,10 @@ class SimServer:
         n = body.get("n")
         if n not in (None, 1):
             raise EngineError("only n=1 is supported")
+        # TensorRT-LLM's beam width is best_of (else n) with use_beam_search: with n = 1 and no best_of that
+        # is one beam, which disaggregated serving supports; more is refused, as best_of > 1 sampling is.
         best_of = body.get("best_of")
-        if body.get("use_beam_search") or (isinstance(best_of, int) and best_of > 1):
+        if isinstance(best_of, int) and best_of > 1:
             raise EngineError("Currently, only beam width 1 is supported.")
         # No log probabilities are computed, so a request for them is refused rather than answered with
         # `"logprobs": null`. Neutral values are those trtllm-serve also answers without logprobs (it asks for
