@@ -32,6 +32,13 @@ def fresh_engines(tmp_path):
             p.stop()
 
 
+def _long_stream(sched, body: dict):
+    """A streamed completion through `sched`, open while tokens flow (a context manager)."""
+    req = urllib.request.Request(sched.url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    return urllib.request.urlopen(req, timeout=30)
+
+
 def _state(url: str) -> dict:
     return json.loads(http("GET", url + "/debug/state")[2])
 
@@ -40,9 +47,7 @@ def test_decode_killed_mid_stream_ends_the_stream_with_an_explicit_error(fresh_e
     prefill, d1, d2 = fresh_engines
     sched = make_scheduler([prefill], [d1, d2])
     body = {"model": MODEL, "prompt": prompt_ids(2000, 1), "max_tokens": 3000, "stream": True}
-    req = urllib.request.Request(sched.url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
+    with _long_stream(sched, body) as resp:
         assert resp.status == 200 and resp.headers["X-Baton-Route"] == "disaggregated"
         victim = {d1.address: d1, d2.address: d2}[resp.headers["X-Baton-Decode-Endpoint"]]
         assert resp.readline().startswith(b"data: ")  # tokens are flowing
@@ -67,9 +72,7 @@ def test_a_decode_engine_reporting_an_error_mid_stream_ends_the_stream_as_an_err
     prefill, d1, d2 = fresh_engines
     sched = make_scheduler([prefill], [d1, d2])
     body = {"model": MODEL, "prompt": prompt_ids(2000, 1), "max_tokens": 3000, "stream": True}
-    req = urllib.request.Request(sched.url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
+    with _long_stream(sched, body) as resp:
         victim = {d1.address: d1, d2.address: d2}[resp.headers["X-Baton-Decode-Endpoint"]]
         assert resp.readline().startswith(b"data: ")  # tokens are flowing
         http("POST", victim.url + "/_sim/fatal", {"reason": "xid 79: GPU has fallen off the bus"})

@@ -519,6 +519,20 @@ def test_time_paused_does_not_count_against_the_progress_deadline():
 
 # ---------------------------------------------------------------- 9. PairwiseSwap re-spec
 
+def mid_pairwise_swap(gpus: int):
+    """A Model three replicas per tier wide in the middle of a PairwiseSwap to image 1.2.1: schedulers
+    route to both generations. Returns (model, serving generation, new generation)."""
+    m = Model(gpus=gpus, mutate=pairwise_swap(3))
+    g0 = m.ro["servingGeneration"]
+    m.image("1.2.1")
+    for _ in range(4):
+        m.pass_()
+        m.kube.settle()
+    g1 = m.ro["targetGeneration"]
+    assert m.ro["swap"]["generation"] == g1  # schedulers route to both
+    return m, g0, g1
+
+
 def pairwise_swap(replicas: int):
     """A Model `mutate`: the PairwiseSwap strategy, `replicas` in each tier (room to scale to 4)."""
     def mutate(s):
@@ -530,12 +544,7 @@ def pairwise_swap(replicas: int):
 
 
 def test_a_respec_mid_pairwise_swap_records_the_full_size_to_restore():
-    m = Model(gpus=4, mutate=pairwise_swap(3))
-    g0 = m.ro["servingGeneration"]
-    m.image("1.2.1")
-    for _ in range(4):
-        m.pass_()
-        m.kube.settle()
+    m, g0, _ = mid_pairwise_swap(gpus=4)
     assert m.replicas(g0)["prefill"] < 3  # mid-swap: the serving generation shrank
     m.image("1.2.2")
     m.pass_(2)  # the abandoned generation is deleted on the pass after schedulers stop routing to it
@@ -552,14 +561,8 @@ def test_a_respec_to_atomic_mid_pairwise_swap_stops_routing_to_the_abandoned_gen
     """The strategy goes back to AtomicGeneration with another engine change while a swap serves both
     generations: status stops routing to the swap's generation and restores the serving one's size in one
     pass, and the abandoned generation is deleted only on the next."""
-    m = Model(gpus=8, mutate=pairwise_swap(3))
-    g0 = m.ro["servingGeneration"]
-    m.image("1.2.1")
-    for _ in range(4):
-        m.pass_()
-        m.kube.settle()
-    g1 = m.ro["targetGeneration"]
-    assert m.ro["swap"]["generation"] == g1 and m.replicas(g0)["prefill"] < 3
+    m, g0, g1 = mid_pairwise_swap(gpus=8)
+    assert m.replicas(g0)["prefill"] < 3
     m.edit(lambda s: (s["rollout"].update(strategy="AtomicGeneration"), s["engine"].update(image=IMAGE + "1.2.2")))
     m.kube.log.clear()
     m.pass_()
@@ -775,14 +778,7 @@ def test_a_retried_generation_is_judged_on_the_requests_after_its_switch(monkeyp
 # ---------------------------------------------------------------- 15. a pairwise rollback stops routing first
 
 def test_a_pairwise_swap_rollback_stops_routing_to_the_new_generation_before_deleting_it():
-    m = Model(gpus=4, mutate=pairwise_swap(3))
-    g0 = m.ro["servingGeneration"]
-    m.image("1.2.1")
-    for _ in range(4):
-        m.pass_()
-        m.kube.settle()
-    g1 = m.ro["targetGeneration"]
-    assert m.ro["swap"]["generation"] == g1  # schedulers route to both
+    m, g0, g1 = mid_pairwise_swap(gpus=4)
     m.annotate(ANNOTATION_ROLLBACK, "true")
     m.pass_()
     assert m.ro["phase"] == "RolledBack" and m.ro["swap"]["generation"] == ""
