@@ -115,7 +115,18 @@ def test_scheduler_config_carries_discovery_and_every_routing_setting():
     assert parsed.queue.max_depth == 256
     assert parsed.routing.kv_transfer_compression == "fp8"
     assert parsed.backpressure.decode_p95_latency_threshold_ms == 200
-    assert parsed.degradation.hold_ttl_seconds == 120
+    # holdTtl 120s, but a hold never outlives the engines' KV (kvTransfer.timeout 30s, 10% kept for the transfer)
+    assert parsed.degradation.hold_ttl_seconds == 27
+
+
+@pytest.mark.parametrize(("hold_ttl", "timeout", "expected"), [("120s", "30s", 27.0), ("10s", "30s", 10.0),
+                                                               ("120s", "300s", 120.0), ("5s", "1s", 0.9)])
+def test_a_hold_never_outlives_the_kv_it_holds(hold_ttl, timeout, expected):
+    """TensorRT-LLM's context worker frees a request's KV when it was not sent within kv_transfer_timeout_ms
+    of the end of its prefill, which is when a hold begins: the scheduler's hold TTL is capped below it."""
+    m = model(scheduler__degradation={"holdTtl": hold_ttl}, engine__kvTransfer={"timeout": timeout})
+    config = yaml.safe_load(by_name(render_children(target(m)))["ConfigMap/llama-70b-scheduler"]["data"]["config.yaml"])
+    assert config["degradation"]["holdTtlSeconds"] == pytest.approx(expected)
 
 
 def test_a_redis_url_from_a_secret_reaches_the_scheduler_as_a_mounted_file_and_never_the_configmap(tmp_path):

@@ -392,7 +392,7 @@ class DegradationSpec(ApiModel):
             ]
         }
     )
-    hold_ttl: str = Field(default="120s", pattern=DURATION_PATTERN, description="How long a finished prefill may wait for a decode slot while decode is saturated before it is re-prefilled or failed.")
+    hold_ttl: str = Field(default="120s", pattern=DURATION_PATTERN, description="How long a finished prefill may wait for a decode slot while decode is saturated before it is re-prefilled or failed; capped at 90% of engine.kvTransfer.timeout, after which the prefill engine frees the KV.")
     store: Literal["memory", "redis"] = Field(default="memory", description=(
         "Where held prefill results are recorded. memory: in the scheduler process. redis: also published to "
         "Redis (key baton:hold:<request id>#<random suffix>, expiring with the hold) so every scheduler "

@@ -101,15 +101,25 @@ def scheduler_config(target: Target, serving: dict[str, str] | None = None) -> d
             "maxActivePerDecodeReplica": s.backpressure.max_active_per_decode_replica,
             "decodeP95LatencyThresholdMs": parse_duration(s.backpressure.decode_p95_latency_threshold) * 1000,
         },
-        "degradation": _degradation(s.degradation),
+        "degradation": _degradation(s.degradation, parse_duration(spec.engine.kv_transfer.timeout)),
         "tokenizer": _tokenizer(spec)[0],
         "heartbeatSeconds": parse_duration(s.heartbeat_interval),
         "server": {"host": "0.0.0.0", "port": s.port, "streamFlushIntervalMs": s.stream_flush_interval_ms},
     }
 
 
-def _degradation(d: DegradationSpec) -> dict[str, Any]:
-    out: dict[str, Any] = {"holdTtlSeconds": parse_duration(d.hold_ttl), "store": d.store}
+# Of the prefill engine's kv_transfer_timeout_ms, the share a hold may wait: the rest is left for the
+# transfer itself, which must end before the context worker frees the KV.
+KV_TIMEOUT_HOLD_SHARE = 0.9
+
+
+def _degradation(d: DegradationSpec, kv_transfer_timeout_s: float) -> dict[str, Any]:
+    """The scheduler's degradation settings. A hold waits `holdTtl`, but never past the share of the engines'
+    KV transfer timeout that leaves room for the transfer: TensorRT-LLM's context worker frees a request's
+    KV when it was not sent within kv_transfer_timeout_ms of the end of its prefill, which is when the hold
+    begins, so a longer hold would hand the decode a handle whose KV is gone."""
+    ttl = min(parse_duration(d.hold_ttl), KV_TIMEOUT_HOLD_SHARE * kv_transfer_timeout_s)
+    out: dict[str, Any] = {"holdTtlSeconds": ttl, "store": d.store}
     if d.store == "redis":
         if d.redis_url_secret is not None:
             out["redisUrlFile"] = f"{REDIS_URL_DIR}/{REDIS_URL_FILE}"  # the Secret, mounted: no password here
