@@ -20,6 +20,10 @@ KV_ERROR = ("Disagg server does not currently support these cacheState: "
             "selfConfig.getDataType() != destConfig.getDataType()")
 
 
+KV_GONE_ERROR = ("KV cache transfer timed out: ctx_request_id 1 was not sent within kv_transfer_timeout_ms=30000 of "
+                 "the context worker; the context request was cancelled and its KV cache freed")
+
+
 class FakeEngine:
     """Answers like trtllm-serve; `fail` maps an address to a failure mode for generation requests."""
 
@@ -42,6 +46,9 @@ class FakeEngine:
             return 500, json.dumps({"object": "error", "message": KV_ERROR}).encode(), "application/json"
         if mode == "500":
             return 500, b'{"object": "error", "message": "boom"}', "application/json"
+        if mode == "kv_gone" and kind == "generation_only":  # the context worker freed the KV at its timeout
+            self.fail.pop(endpoint.address)  # once
+            return 500, json.dumps({"object": "error", "message": KV_GONE_ERROR}).encode(), "application/json"
         if kind == "context_only":
             answer = {"choices": [{"text": " a", "finish_reason": "length",
                                    "disaggregated_params": {"request_type": "context_only", "first_gen_tokens": [7],
@@ -804,6 +811,82 @@ def test_a_refused_request_names_the_field_at_fault():
             reply = await svc.complete(api, json.dumps(body).encode(), {})
             error = json.loads(reply.body)["error"]
             assert reply.status in (400, 404) and error["param"] == param, error
+        await svc.stop()
+
+    run(main())
+
+
+
+def test_a_handle_whose_kv_the_prefill_freed_is_prefilled_again_and_the_decode_replica_stays_healthy():
+    """The context worker freed the KV at its kv_transfer_timeout_ms before the decode pulled it: that says
+    nothing of the decode replica, which stays in rotation (three such answers used to take it out); the
+    request is prefilled again and served."""
+    async def main():
+        svc, engine = make(decode=("d1:1",))
+        retried = []
+        orig = svc.hooks.retried
+        svc.hooks.retried = lambda route, kind: (retried.append(kind), orig(route, kind))
+        for _ in range(3):
+            engine.fail["d1:1"] = "kv_gone"
+            reply = await svc.complete("completions", long_request(), {})
+            assert reply.status == 200, reply.body
+        assert retried == ["kv_lost"] * 3
+        # with the retry budget spent (its reserve is 3), the client is told what happened, as a 503
+        engine.fail["d1:1"] = "kv_gone"
+        reply = await svc.complete("completions", long_request(), {})
+        error = json.loads(reply.body)["error"]
+        assert reply.status == 503 and error["code"] == "kv_cache_lost" and "freed" in error["message"]
+        assert svc.decode["d1:1"].healthy and svc.decode["d1:1"].failures == 0 and svc.ready() == (True, "ok")
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_hold_whose_prefill_replica_leaves_is_stranded_and_prefilled_again_not_resumed_elsewhere():
+    """The prefill replica holding a handle's KV leaves the endpoint lists (scaled away, no longer ready):
+    the KV went with it, so the hold ends as stranded and the request is prefilled again on a replica
+    that is there, instead of resuming on another ring with a handle nobody can serve."""
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\n"
+                           "routing: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100, prefillBatchSize: 1}\n",
+                           prefill=("p1:1", "p2:1"), decode=("d1:1", "d2:1"))
+        events = []
+        orig = svc.hooks.hold
+        svc.hooks.hold = lambda e: (events.append(e), orig(e))
+        svc.prefill["p2:1"].active = 1  # p2 busy: the request is prefilled on p1
+        svc.decode["d1:1"].active = svc.decode["d2:1"].active = 1  # every decode slot taken
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: len(svc.holds) == 1)
+        svc.prefill["p2:1"].active = 0
+        svc.update_endpoints([Endpoint("p2:1", "prefill")], [Endpoint("d1:1", "decode"), Endpoint("d2:1", "decode")])
+        svc.decode["d2:1"].active = 0
+        svc.decode_queue.notify()
+        reply = await asyncio.wait_for(task, 2)
+        assert reply.status == 200 and reply.headers["X-Baton-Prefill-Endpoint"] == "p2:1"
+        assert events == ["held", "stranded", "reprefilled"]
+        assert [call for call in engine.calls if call[1] == "generation_only"] == [("d2:1", "generation_only")]
+        await svc.stop()
+
+    run(main())
+
+
+def test_every_hold_ends_with_one_event():
+    """hold_events_total balances: a hold the client leaves ends as cancelled, one shed at shutdown as shed."""
+    async def main():
+        svc, _ = make("backpressure: {maxActivePerDecodeReplica: 1}\n", decode=("d1:1",))
+        events = []
+        orig = svc.hooks.hold
+        svc.hooks.hold = lambda e: (events.append(e), orig(e))
+        svc.decode["d1:1"].active = 1
+        left = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        shed = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: len(svc.holds) == 2)
+        left.cancel()
+        await until(lambda: len(svc.holds) == 1)
+        svc.shed_waiting()
+        reply = await asyncio.wait_for(shed, 2)
+        assert reply.status == 503 and reply.headers["X-Baton-Error"] == "shutting_down"
+        assert sorted(events) == ["cancelled", "held", "held", "shed"]
         await svc.stop()
 
     run(main())

@@ -71,8 +71,19 @@ def classify_failure(endpoint: Endpoint, status: int, body: bytes) -> EngineFail
     if status < 500:
         return None
     text = body.decode("utf-8", "replace")
-    kind = "kv_mismatch" if is_kv_mismatch(text) else "retryable"
+    kind = "kv_mismatch" if is_kv_mismatch(text) else "kv_lost" if is_kv_lost(text) else "retryable"
     return EngineFailure(endpoint, _error_message(text) or f"HTTP {status}", status, body, kind)
+
+
+# A generation worker could not get a handle's KV because the context worker no longer has it: freed at its
+# kv_transfer_timeout_ms (TensorRT-LLM logs "due to KV cache transfer timeout"; the simulator's KVTransferTimeout
+# and NotFoundError answers), or already sent. The decode replica is fine; the request needs a new prefill.
+_KV_LOST_MARKERS = ("KV cache transfer timed out", "due to KV cache transfer timeout", "KVTransferTimeout",
+                    "is not available on this context worker")
+
+
+def is_kv_lost(text: str) -> bool:
+    return any(marker in text for marker in _KV_LOST_MARKERS)
 
 
 def _error_message(text: str) -> str:

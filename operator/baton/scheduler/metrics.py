@@ -183,7 +183,7 @@ class PrometheusHooks(SchedulerHooks):
         )
         self.holds = Counter(
             f"{PREFIX}_hold_events_total",
-            "Degradation hold events (held, resumed, expired, reprefilled)",
+            "Degradation hold events (held; then resumed, expired, stranded, cancelled, shed or failed; reprefilled)",
             ["event"],
             registry=r,
         )

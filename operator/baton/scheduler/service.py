@@ -730,7 +730,9 @@ class SchedulerService:
         """Count a failed call against `replica`'s health. Not when it went through `slot`, a client the
         scheduler itself closed (a replaced one still in use after RETIRED_ENGINE_GRACE_S, or at shutdown):
         its calls and streams break with the client, whatever the replica's state."""
-        if replica is None or failure.kind == "kv_mismatch" or (slot is not None and slot.closed):
+        # Neither a KV-format mismatch nor KV the context worker no longer had says anything of this
+        # replica's health: the pair, or the handle, was at fault.
+        if replica is None or failure.kind in ("kv_mismatch", "kv_lost") or (slot is not None and slot.closed):
             return
         replica.failures += 1
         if replica.healthy and (failure.connection_level or replica.failures >= UNHEALTHY_AFTER_5XX):
@@ -1059,6 +1061,12 @@ class SchedulerService:
                     ctx.mark = self.clock()  # the failed attempt's engine time is not the scheduler's
                     self._decide(ctx)
                     continue
+                if failure.kind == "kv_lost":
+                    return self._finish_error(ctx, SchedulerError(
+                        503, f"the prefill replica {ctx.prefill.address if ctx.prefill else '?'} no longer had this "
+                        f"request's KV cache when decode replica {failure.endpoint.address} pulled it (freed at the "
+                        f"engines' KV transfer timeout), and it could not be prefilled again (retries or the retry "
+                        f"budget spent): {failure.message}; retry the request", "kv_cache_lost", "service_unavailable"))
                 return self._finish_error(ctx, SchedulerError(
                     502, f"engine {failure.endpoint.address} failed: {failure.message}", "engine_error", "engine_error"
                 ))
@@ -1182,22 +1190,15 @@ class SchedulerService:
         """The decode replicas a held handle may go to now: its prefill's current ring (or the ring it was
         held with), less pairs known to be KV-incompatible and pairs that already failed this request."""
         now_at = self.prefill.get(prefill.address)
-        if now_at is not None and now_at.endpoint != prefill.endpoint:
-            raise _StrandedHold()  # another engine answers at the prefill's address: the handle's KV left with it
-        current = self._current_ring(prefill)
-        if not current and now_at is None:
+        if now_at is None or now_at.endpoint != prefill.endpoint:
+            # The prefill replica left the endpoint lists (a generation switch, a pod no longer ready: one that
+            # restarts comes back with an empty cache) or another engine answers at its address: the handle's
+            # KV left with it.
             raise _StrandedHold()
         return [
-            d for d in (current or ring)
+            d for d in (self.rings.get(prefill.address) or ring)
             if self._pair_ok(prefill.address, d) and not (excluded and f"{prefill.address}->{d}" in excluded)
         ]
-
-    def _current_ring(self, prefill: ReplicaState) -> tuple[str, ...]:
-        ring = self.rings.get(prefill.address)
-        if ring:
-            return ring
-        pairing = prefill.endpoint.pairing
-        return tuple(sorted(a for a, r in self.decode.items() if r.endpoint.pairing == pairing))
 
     async def _hold(self, ctx: _Ctx, prefill: ReplicaState, handle: dict[str, Any],
                     ring: tuple[str, ...]) -> _DecodeLease | None:
@@ -1228,6 +1229,13 @@ class SchedulerService:
             self.hooks.hold("expired")
             log.warning("event=hold_expired request_id=%s prefill=%s", ctx.rid, prefill.address)
             return None
+        except asyncio.CancelledError:
+            self.hooks.hold("cancelled")  # the client went away while held
+            raise
+        except SchedulerError as exc:
+            # shutting down (503 shutting_down), or the wait failed otherwise
+            self.hooks.hold("shed" if exc.code == "shutting_down" else "failed")
+            raise
         else:
             self.hooks.hold("resumed")
             return lease
