@@ -7,6 +7,7 @@ import copy
 import datetime
 import json
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -309,8 +310,9 @@ def test_transient_errors_in_a_row_back_off():
     m = Model()
     m.kube.fail_apply = lambda o: 503 if o["kind"] == "Deployment" else None
     m.edit(lambda s: s["scheduler"].__setitem__("replicas", 2))
-    delays = [m.r.reconcile("ns", "m").requeue_after for _ in range(8)]
-    assert delays == [1, 2, 4, 8, 16, 32, 60, 60]
+    outcomes = [m.r.reconcile("ns", "m") for _ in range(8)]
+    assert [o.requeue_after for o in outcomes] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert all(o.transient and not o.failed for o in outcomes)  # counted as result="transient", not "ok"
     assert issubclass(TransientApiError, __import__("kopf").TemporaryError)
 
 
@@ -946,3 +948,17 @@ def test_ready_says_why_pods_cannot_start():
     assert m.cond("Ready")["status"] == "False" and "waiting for" in message
     assert "engine ImagePullBackOff" in message and "release:9.9" in message
     assert "exceeded quota" in message
+
+
+
+def test_a_model_gone_without_its_delete_event_ends_its_loop_and_leaves_nothing_behind():
+    """A model deleted while the watch was down (its DELETED event never came): the next pass finds it
+    gone, says so (the loop ends), and what passes remembered of it is dropped, so a model created again
+    under the name does not see the old one's pod messages."""
+    m = Model()
+    m.r._unschedulable[("ns", "m")] = (time.monotonic(), (["m-decode-0: 0/3 nodes are available"], []))
+    m.r._transient[("ns", "m")] = 3
+    m.kube.objs.pop(("DisaggregatedModel", "ns", "m"))
+    outcome = m.r.reconcile("ns", "m")
+    assert outcome.gone
+    assert ("ns", "m") not in m.r._unschedulable and ("ns", "m") not in m.r._transient

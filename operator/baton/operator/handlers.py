@@ -157,7 +157,10 @@ async def reconcile_loop(namespace: str, name: str) -> None:
             try:
                 with metrics.RECONCILE_SECONDS.time():
                     outcome = await loop.run_in_executor(runtime.executor, runtime.reconciler.reconcile, namespace, name)
-                metrics.RECONCILES.labels("stalled" if outcome.failed else "ok").inc()
+                metrics.RECONCILES.labels("stalled" if outcome.failed else "transient" if outcome.transient
+                                          else "ok").inc()
+                if outcome.gone:
+                    break
                 delay = outcome.requeue_after
                 failures = 0
             except Exception:  # an API outage or a bug must not kill the loop: back off and retry
@@ -176,6 +179,10 @@ async def reconcile_loop(namespace: str, name: str) -> None:
         runtime.triggers.pop(key, None)
         runtime.seen.pop(key, None)
         runtime.cache.forget_model(namespace, name)
+        if runtime.reconciler is not None:
+            runtime.reconciler.forget(namespace, name)
+        if runtime.loops.get(key) is asyncio.current_task():
+            runtime.loops.pop(key, None)  # ended by itself (the model is gone): a new one starts if it comes back
 
 
 def _stop_loop(key: tuple[str, str]) -> None:

@@ -39,6 +39,11 @@ RESOURCES: dict[str, tuple[str, str]] = {
 }
 
 
+# (connect, read) seconds for every call: without a limit a half-open connection (an API server load balancer
+# failing over) blocks the worker thread of a reconcile pass forever, and a few of them stop every model.
+REQUEST_TIMEOUT = (10.0, 60.0)
+
+
 class Kube:
     """A thin, thread-safe REST client over the official client's ApiClient."""
 
@@ -70,7 +75,8 @@ class Kube:
             header_params={"Content-Type": content_type, "Accept": "application/json"},
             auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(verb, url, header_params=headers, body=payload, post_params=post)
+        response = self.api.call_api(verb, url, header_params=headers, body=payload, post_params=post,
+                                     _request_timeout=REQUEST_TIMEOUT)
         data = response.read()
         if not 200 <= response.status < 300:
             raise ApiException(http_resp=response, body=data.decode(errors="replace") if data else None)

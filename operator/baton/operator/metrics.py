@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 REGISTRY = CollectorRegistry()
 
 RECONCILES = Counter(
-    "baton_operator_reconciles_total", "Reconcile passes, by result (ok, stalled, error).", ["result"], registry=REGISTRY
+    "baton_operator_reconciles_total", "Reconcile passes, by result (ok, stalled, transient, error).", ["result"], registry=REGISTRY
 )
 RECONCILE_SECONDS = Histogram(
     "baton_operator_reconcile_duration_seconds", "Duration of one reconcile pass.",

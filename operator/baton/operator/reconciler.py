@@ -73,6 +73,8 @@ class Outcome:
     requeue_after: float
     writes: int = 0
     failed: bool = False
+    transient: bool = False  # the pass hit a transient API error and was cut short (retried with backoff)
+    gone: bool = False  # the model no longer exists (or is being deleted): its loop ends
 
 
 def _short(obj: dict[str, Any]) -> str:
@@ -128,15 +130,22 @@ class Reconciler:
             self._transient[key] = failures
             delay = min(60.0, float(2 ** (failures - 1)))
             log.warning("reconcile of %s/%s hit a transient API error (%s); retrying in %.0fs", namespace, name, exc, delay)
-            return Outcome(requeue_after=delay, writes=0)
+            return Outcome(requeue_after=delay, writes=0, transient=True)
         self._transient.pop(key, None)
         return outcome
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop what passes remember of a model (its model loop ended: deleted, or stopped): a model created
+        again under the name starts afresh."""
+        self._unschedulable.pop((namespace, name), None)
+        self._transient.pop((namespace, name), None)
 
     def _reconcile(self, namespace: str, name: str) -> Outcome:
         body = self.kube.get("DisaggregatedModel", namespace, name)
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
-            self._unschedulable.pop((namespace, name), None)
-            return Outcome(requeue_after=RESYNC_SECONDS)
+            # Deleted, also while the watch was down and its DELETED event never came: the loop ends.
+            self.forget(namespace, name)
+            return Outcome(requeue_after=RESYNC_SECONDS, gone=True)
         meta = body["metadata"]
         generation = int(meta.get("generation", 0))
         previous = body.get("status") or {}
