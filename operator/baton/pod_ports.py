@@ -13,12 +13,15 @@ from typing import Any
 PORT_NAME = "http"
 
 
-def http_port(pod: Mapping[str, Any], default: int) -> int:
-    """The `http` port of the pod's engine container (the container named `engine`, else the first), else
-    `default`."""
+def engine_container(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The pod's container named `engine`, else its first ({} without any)."""
     containers = (pod.get("spec") or {}).get("containers") or []
-    container = next((c for c in containers if c.get("name") == "engine"), containers[0] if containers else {})
-    for port in container.get("ports") or []:
+    return next((c for c in containers if c.get("name") == "engine"), containers[0] if containers else {})
+
+
+def http_port(pod: Mapping[str, Any], default: int) -> int:
+    """The `http` port of the pod's engine container (`engine_container`), else `default`."""
+    for port in engine_container(pod).get("ports") or []:
         if port.get("name") == PORT_NAME and isinstance(port.get("containerPort"), int):
             return int(port["containerPort"])
     return default

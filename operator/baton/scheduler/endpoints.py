@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from baton.pod_ports import PORT_NAME, http_port
+from baton.pod_ports import PORT_NAME, engine_container, http_port
 from baton.scheduler.config import EndpointsConfig, KubernetesEndpoints
 
 log = logging.getLogger("baton.scheduler.endpoints")
@@ -93,9 +93,7 @@ class PodInfo(NamedTuple):
 def runtime_of_pod(pod: Mapping[str, Any]) -> str | None:
     """The runtime a pod's engine container runs (the container named `engine`, else the first), from its
     command; None when it is neither trtllm-serve nor tritonserver."""
-    containers = (pod.get("spec") or {}).get("containers") or []
-    container = next((c for c in containers if c.get("name") == "engine"), containers[0] if containers else {})
-    command = container.get("command") or []
+    command = engine_container(pod).get("command") or []
     return RUNTIME_OF_COMMAND.get(os.path.basename(str(command[0]))) if command else None
 
 
