@@ -104,7 +104,15 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 # ---------------------------------------------------------------------------------------------- per request
 class _StrandedHold(Exception):
-    """A held prefill whose KV format no current decode replica shares."""
+    """A held prefill whose KV is gone: its prefill replica left the endpoint lists, or another pod answers
+    at its address."""
+
+
+def _request_id(headers: Mapping[str, str]) -> str:
+    """The client's X-Request-Id when it is a plain token (it is copied into headers to both tiers), else a
+    generated one."""
+    rid = headers.get(HDR_REQUEST_ID)
+    return rid if rid and _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
 
 
 def _no_decode_endpoints() -> SchedulerError:
@@ -972,9 +980,7 @@ class SchedulerService:
         """The HTTP layer answers a request itself (unparseable, too large, a wrong method, a handler that
         failed): a completion request (`api` set) is counted and logged as every other request is,
         `invalid` (4xx) or `failed`. Every such answer carries the request's id, the client's if valid."""
-        rid = (headers or {}).get(HDR_REQUEST_ID)
-        if not rid or not _REQUEST_ID.fullmatch(rid):
-            rid = uuid.uuid4().hex
+        rid = _request_id(headers or {})
         if api is not None:
             self._account(_Ctx(rid, api, self.clock()), "invalid" if status < 500 else "failed", status,
                           "answered by the HTTP layer")
@@ -987,10 +993,7 @@ class SchedulerService:
 
     async def complete(self, api: str, raw: bytes, headers: Mapping[str, str]) -> AnyReply:
         """Serve one /v1/completions or /v1/chat/completions request."""
-        rid = headers.get(HDR_REQUEST_ID)
-        if not rid or not _REQUEST_ID.fullmatch(rid):
-            rid = uuid.uuid4().hex
-        ctx = _Ctx(rid, api, self.clock())
+        ctx = _Ctx(_request_id(headers), api, self.clock())
         try:
             try:
                 ctx.req = req = parse_request(raw, api, headers, self.config.model)
@@ -1099,7 +1102,7 @@ class SchedulerService:
                 self._route(ctx, LOCAL, "high-precision")
                 return await self._serve_local(ctx)
             if not self._usable_prefills(ctx.excluded):
-                if self._decode_candidates(None, ctx.excluded, False) or self._healthy_decode(ctx.excluded):
+                if self._healthy_decode(ctx.excluded):
                     self._route(ctx, LOCAL, "no-prefill-pair")
                     return await self._serve_local(ctx)
                 raise SchedulerError(503, "no healthy prefill/decode endpoint pair is available",
@@ -1218,8 +1221,8 @@ class SchedulerService:
                 _DecodeLease.release, ttl, priority=True,
             )
         except _StrandedHold:
-            # The prefill's generation left the endpoint lists (a switch): no decode of its KV format
-            # will come back, so give up the handle now and let the request be prefilled again.
+            # The prefill replica holding the KV is gone (`_held_ring`): give up the handle now and let the
+            # request be prefilled again.
             ctx.stranded = True
             self.hooks.hold("stranded")
             log.warning("event=hold_stranded request_id=%s prefill=%s", ctx.rid, prefill.address)
