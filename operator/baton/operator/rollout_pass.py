@@ -157,6 +157,11 @@ def rendered_generation_config(tiers: dict[str, dict]) -> dict[str, str]:
     return {}
 
 
+def _swap_sized(swap: dict[str, Any]) -> bool:
+    """A PairwiseSwap recorded the serving generation's size before shrinking it (status.rollout.swap)."""
+    return bool(swap.get("prefillReplicas") or swap.get("decodeReplicas"))
+
+
 def _replicas(sts: dict[str, Any] | None, default: int) -> int:
     return int((sts or {}).get("spec", {}).get("replicas", default)) if sts else default
 
@@ -224,14 +229,18 @@ class RolloutPass:
                       if (p.get("metadata", {}).get("labels") or {}).get(LABEL_TIER) == "scheduler"
                       and p.get("status", {}).get("podIP"))
 
-    def _error_counts(self, gen: str) -> dict[str, Any]:
-        """status.rollout.errorRate at the switch to `gen`: the schedulers' request counters for it as they
-        stand now (they count from each scheduler's start and never reset), so that only the requests after
-        the switch are judged; none of those yet."""
+    def _request_counters(self, gen: str) -> tuple[int, int]:
+        """(failed, completed + failed) requests the schedulers dispatched to `gen`, summed over them; their
+        counters count from each scheduler's start and never reset."""
         outcomes = rollout.generation_outcomes(self._scheduler_addresses(), gen)
         failed = int(outcomes.get("failed", 0))
-        return {"generation": gen, "failed": 0, "total": 0, "failedAtSwitch": failed,
-                "totalAtSwitch": failed + int(outcomes.get("completed", 0))}
+        return failed, failed + int(outcomes.get("completed", 0))
+
+    def _error_counts(self, gen: str) -> dict[str, Any]:
+        """status.rollout.errorRate at the switch to `gen`: the counters as they stand now, so that only the
+        requests after the switch are judged; none of those yet."""
+        failed, total = self._request_counters(gen)
+        return {"generation": gen, "failed": 0, "total": 0, "failedAtSwitch": failed, "totalAtSwitch": total}
 
     def _error_rate_problem(self, gen: str) -> str:
         """Why the new generation must go, judged from what the schedulers saw it do since the switch; ""
@@ -243,9 +252,7 @@ class RolloutPass:
         if counted.get("generation") != gen:
             self.ro["errorRate"] = self._error_counts(gen)  # nothing recorded at the switch: judge from here on
             return ""
-        outcomes = rollout.generation_outcomes(self._scheduler_addresses(), gen)
-        failed_now = int(outcomes.get("failed", 0))
-        total_now = failed_now + int(outcomes.get("completed", 0))
+        failed_now, total_now = self._request_counters(gen)
         # Less than at the switch only when a scheduler restarted (its counters start again at 0).
         failed = max(0, failed_now - int(counted.get("failedAtSwitch", 0)))
         total = max(failed, total_now - int(counted.get("totalAtSwitch", 0)))
@@ -292,7 +299,7 @@ class RolloutPass:
         # Schedulers route to the failed generation until this pass's status write: as the serving one,
         # or beside it in a pairwise swap (swap.generation).
         routed = switched_back or swap.get("generation") == failed
-        if swap.get("prefillReplicas") or swap.get("decodeReplicas"):
+        if _swap_sized(swap):
             # A pairwise swap had shrunk the good generation: traffic leaves the failed one first
             # (swap.generation cleared), then the good one grows back to its size before the swap.
             for tier in ("prefill", "decode"):
@@ -384,7 +391,7 @@ class RolloutPass:
         """A PairwiseSwap owns the serving generation's size: it shrinks it step by step, and restores the
         size recorded in status.rollout.swap on a rollback."""
         swap = self.ro.get("swap") or {}
-        return self.spec.rollout.strategy == "PairwiseSwap" and bool(swap.get("prefillReplicas") or swap.get("decodeReplicas"))
+        return self.spec.rollout.strategy == "PairwiseSwap" and _swap_sized(swap)
 
     def scale_serving(self) -> None:
         """The spec names another generation than the serving one (targeted, or failed): its replica counts
@@ -551,7 +558,7 @@ class RolloutPass:
             why = "the engine or KV format changed (image, TensorRT-LLM version, model, KV cache or transfer settings, parallelism)"
             abandoned, swap = self.ro.get("targetGeneration", ""), self.ro.get("swap") or {}
             if (abandoned and abandoned != serving and abandoned in self.generations
-                    and (swap.get("generation") or swap.get("prefillReplicas") or swap.get("decodeReplicas"))):
+                    and (swap.get("generation") or _swap_sized(swap))):
                 # A pairwise swap was under way (the strategy is AtomicGeneration again): its generation may
                 # still be routed to and the serving one shrunk. Routing stops and the size comes back first;
                 # the abandoned generation goes on the next pass.
@@ -685,7 +692,7 @@ class RolloutPass:
             new_counts = surge
         else:
             new_counts = {t: _replicas(self.generations[gen].get(t), 0) for t in tiers}
-        if not (swap.get("prefillReplicas") or swap.get("decodeReplicas")):
+        if not _swap_sized(swap):
             # The serving generation's size to restore on a rollback, recorded before it first shrinks (also
             # when the strategy became PairwiseSwap after the new generation had started).
             swap = {**swap, **{f"{t}Replicas": _replicas(old.get(t), desired[t]) for t in tiers}}
