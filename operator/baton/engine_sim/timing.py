@@ -180,8 +180,13 @@ def attention_from_curve(tokens: Sequence[float], ms: Sequence[float]) -> float:
     if len(tokens) < 2:
         return 0.0
     (t1, t2), (m1, m2) = tokens[-2:], ms[-2:]
-    c = max((m2 / t2 - m1 / t1) / (t2 - t1), 0.0)
-    return min(c, 0.9 * min(m / (t * t) for t, m in zip(tokens, ms)))
+    return _within_curve(max((m2 / t2 - m1 / t1) / (t2 - t1), 0.0), tokens, ms)
+
+
+def _within_curve(attention: float, tokens: Sequence[float], ms: Sequence[float]) -> float:
+    """`attention`, lowered where needed so that the linear part stays at least a tenth of every measured
+    point of the batch-1 curve."""
+    return min(attention, 0.9 * min(m / (t * t) for t, m in zip(tokens, ms)))
 
 
 def _ascending(name: str, values: Sequence[float]) -> tuple[float, ...]:
@@ -298,7 +303,7 @@ def table_from_calibration(raw: Mapping[str, object], *, source: str = "calibrat
         attention = attention_from_batched(prefill, batched)
         if attention is None:
             attention = attention_from_curve(curve_tokens, curve_ms)
-        attention = float(f"{min(attention, 0.9 * min(ms / (t * t) for t, ms in prefill)):.6g}")
+        attention = float(f"{_within_curve(attention, curve_tokens, curve_ms):.6g}")
         linear = [ms - attention * t * t for t, ms in prefill]
         for p in batched:
             total = p["batch"] * p["tokens"]

@@ -135,13 +135,10 @@ class StreamRelay:
     def _data(self, chunk: bytes) -> None:
         if self.finished:
             return
-        if self.errored:  # the rest of an error event (and whatever the engine sends after it)
-            self.held.append(chunk)
-            self._end_at_error_event()
-            return
-        self._scan(chunk)
+        if not self.errored:  # after an error event, only the rest of its line matters
+            self._scan(chunk)
         if self.errored:
-            if self.timer is not None:
+            if self.timer is not None:  # nothing held goes out before the error event is rewritten
                 self.timer.cancel()
                 self.timer = None
             self.held.append(chunk)
@@ -197,18 +194,17 @@ class StreamRelay:
             return
         self._take_held()
         message = "an error event"
+        start = buf.rfind(b"data:", 0, at) if at >= 0 else -1
         if at >= 0:
-            start = buf.rfind(b"data:", 0, at)
             line = buf[start + 5 if start >= 0 else at:line_end if line_end >= 0 else len(buf)]
             try:
                 event = json.loads(line if start >= 0 else b"{" + line)
                 message = str(event.get("message") or event)
             except (ValueError, AttributeError):
                 message = line.decode("utf-8", "replace").strip()[:500] or message
-            # what came before the event; an event whose start went out already is closed with a blank line
-            prefix = buf[:start] if start >= 0 else b"\n\n"
-        else:  # the marker straddled a piece that went out: the event started there
-            prefix = b"\n\n"
+        # What came before the event. One whose start went out already (the marker straddled a piece that
+        # was written) is closed with a blank line.
+        prefix = buf[:start] if start >= 0 else b"\n\n"
         self.sink.end(prefix + sse_error(f"decode replica {self.address} reported an error mid-stream: {message}",
                                          "engine_error", "stream_interrupted"))
         self._finish("engine_error")
