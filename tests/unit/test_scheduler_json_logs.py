@@ -49,7 +49,8 @@ NASTY = [
 ]
 
 
-def _formatted(fmt: str, *args: object) -> dict:
+def _json_line(emit) -> dict:
+    """What `emit(logger)` logs through the JSON formatter: exactly one line, parsed."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(_JsonFormatter())
@@ -58,12 +59,16 @@ def _formatted(fmt: str, *args: object) -> dict:
     logger.propagate = False
     logger.setLevel(logging.DEBUG)
     try:
-        logger.info(fmt, *args)
+        emit(logger)
     finally:
         logger.handlers[:] = []
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1, lines  # one JSON line, whatever the message held
     return json.loads(lines[0])
+
+
+def _formatted(fmt: str, *args: object) -> dict:
+    return _json_line(lambda logger: logger.info(fmt, *args))
 
 
 def _request_done(error: str, rid: str = "0123456789abcdef", outcome: str = "invalid") -> dict:
@@ -143,20 +148,13 @@ def test_unclosed_quote_is_kept_as_written():
 
 
 def test_exception_text_is_its_own_field():
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(_JsonFormatter())
-    logger = logging.getLogger("baton.test.json_logs_exc")
-    logger.handlers[:] = [handler]
-    logger.propagate = False
-    try:
+    def emit(logger):
         try:
             raise ValueError("boom 'x' \"y\"")
         except ValueError:
             logger.exception("event=heartbeat_failed error=%r", "it's \"bad\"")
-    finally:
-        logger.handlers[:] = []
-    data = json.loads(stream.getvalue())
+
+    data = _json_line(emit)
     assert data["event"] == "heartbeat_failed" and data["error"] == "it's \"bad\"" and data["level"] == "error"
     assert "ValueError: boom 'x' \"y\"" in data["exc"]
 
