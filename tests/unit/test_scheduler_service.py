@@ -426,6 +426,73 @@ def test_a_request_waiting_for_decode_when_the_tier_goes_away_gets_503_at_once_n
     run(main())
 
 
+def test_requests_arriving_between_a_departure_and_its_replacement_in_the_endpoint_lists_are_served():
+    """A rolling update publishes the last old decode pod's departure and its replacement in two endpoint
+    updates (a slice per port, say). Requests arriving in between, local and disaggregated alike, and one
+    already waiting for a decode slot, are served by the replacement instead of getting 503 at once."""
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\nqueue: {maxWaitSeconds: 5}\n",
+                           prefill=(), decode=("d1:1",))
+        outcomes = _outcomes(svc)
+        svc.decode["d1:1"].active = 1
+        waiting = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        await asyncio.sleep(0.05)
+        assert svc.decode_queue.waiting == 1
+        svc.update_endpoints([], [])  # d1 leaves the lists ...
+        local = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        disagg = asyncio.create_task(svc.complete("completions", long_request(200), {}))
+        await asyncio.sleep(0.2)
+        assert not (waiting.done() or local.done() or disagg.done())
+        assert svc.ready() == (False, "no healthy decode endpoint")
+        svc.update_endpoints([Endpoint("p1:1", "prefill")], [Endpoint("d9:1", "decode")])  # ... replacements arrive
+        replies = await asyncio.wait_for(asyncio.gather(waiting, local, disagg), 2)
+        assert [r.status for r in replies] == [200, 200, 200]
+        assert {r.headers["X-Baton-Decode-Endpoint"] for r in replies} == {"d9:1"}
+        # routed once the lists settled, with both tiers in view: the long prompt goes to the prefill tier
+        assert [r.headers["X-Baton-Route"] for r in replies] == ["local", "local", "disaggregated"]
+        # a prefill tier that stays while decode is replaced: a long prompt waits, then goes disaggregated
+        svc.update_endpoints([Endpoint("p1:1", "prefill")], [])
+        disagg = asyncio.create_task(svc.complete("completions", long_request(200), {}))
+        await asyncio.sleep(0.2)
+        assert not disagg.done()
+        svc.update_endpoints([Endpoint("p1:1", "prefill")], [Endpoint("d8:1", "decode")])
+        reply = await asyncio.wait_for(disagg, 2)
+        assert reply.status == 200 and reply.headers["X-Baton-Route"] == "disaggregated"
+        assert reply.headers["X-Baton-Decode-Endpoint"] == "d8:1"
+        assert outcomes.count("failed") == 0
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_decode_tier_the_endpoint_lists_emptied_for_good_gets_503_once_the_settle_window_passes(monkeypatch):
+    from baton.scheduler import service
+
+    monkeypatch.setattr(service, "DECODE_SETTLE_S", 0.3)
+
+    async def main():
+        svc, _ = make("backpressure: {maxActivePerDecodeReplica: 1}\nqueue: {maxWaitSeconds: 5}\n",
+                      prefill=(), decode=("d1:1",))
+        svc.decode["d1:1"].active = 1
+        waiting = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        await asyncio.sleep(0.05)
+        assert svc.decode_queue.waiting == 1
+        t0 = time.monotonic()
+        svc.update_endpoints([], [])
+        fresh = await svc.complete("completions", long_request(200), {})
+        reply = await asyncio.wait_for(waiting, 2)
+        waited = time.monotonic() - t0
+        assert fresh.status == 503 and json.loads(fresh.body)["error"]["code"] == "no_decode_endpoints"
+        assert reply.status == 503 and json.loads(reply.body)["error"]["code"] == "no_decode_endpoints"
+        assert 0.25 <= waited < 1.5  # the window, not queue.maxWaitSeconds
+        later = await svc.complete("completions", long_request(5), {})  # after the window: at once
+        assert later.status == 503 and json.loads(later.body)["error"]["code"] == "no_decode_endpoints"
+        assert time.monotonic() - t0 - waited < 0.2
+        await svc.stop()
+
+    run(main())
+
+
 def test_a_request_id_that_is_not_a_plain_token_is_replaced():
     async def main():
         svc, _ = make(prefill=(), decode=("d1:1",))

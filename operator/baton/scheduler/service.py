@@ -96,6 +96,11 @@ THROTTLE_RECHECK_S = 0.5
 # last request attempt or stream using it ends; one still in use this long after is closed anyway.
 RETIRED_ENGINE_GRACE_S = 1800.0
 UNHEALTHY_AFTER_5XX = 3  # consecutive 5xx answers before a replica is taken out of rotation
+# When an endpoint update takes the last healthy decode replica away, requests that need one wait up to this
+# long for a replacement before the 503: a rolling update publishes the old pod's departure and its
+# replacement in separate EndpointSlice events (a slice per port, say), and the lists must not read as an
+# outage in between. A replica failing its calls or its heartbeat is an outage at once.
+DECODE_SETTLE_S = 2.0
 
 # A client's X-Request-Id is carried through both tiers and into logs: kept when it is a plain token
 # (what tracing systems and ingress controllers generate), replaced by a fresh id otherwise.
@@ -338,6 +343,10 @@ class SchedulerService:
         self._tasks: list[asyncio.Task[Any]] = []
         self._probe_tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat_changed = asyncio.Event()  # set by a reload that changes heartbeatSeconds
+        # until when requests wait for decode replicas an endpoint update took away (DECODE_SETTLE_S)
+        self._decode_settle_until = 0.0
+        self._decode_settle_timer: asyncio.TimerHandle | None = None
+        self._replicas_event = asyncio.Event()  # set (and replaced) whenever replicas change: settle waiters look again
 
     # ------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -360,6 +369,9 @@ class SchedulerService:
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks.clear()
+        if self._decode_settle_timer is not None:
+            self._decode_settle_timer.cancel()
+            self._decode_settle_timer = None
         for task in self._loads:
             task.cancel()
         while pending := [*self._background, *self._loads]:
@@ -628,8 +640,11 @@ class SchedulerService:
         return n
 
     def update_endpoints(self, prefill: list[Endpoint], decode: list[Endpoint]) -> None:
-        """Install new endpoint lists; state (load, health) is kept for replicas that stay."""
+        """Install new endpoint lists; state (load, health) is kept for replicas that stay. A list that takes
+        the last healthy decode replica away starts a settle window (`DECODE_SETTLE_S`) in which requests
+        wait for a replacement instead of getting 503 at once."""
         fresh: list[ReplicaState] = []
+        had_decode = self._healthy_decode()
 
         def merge(old: dict[str, ReplicaState], eps: list[Endpoint]) -> dict[str, ReplicaState]:
             out = {}
@@ -644,6 +659,12 @@ class SchedulerService:
         self.prefill = merge(self.prefill, prefill)
         self.decode = merge(self.decode, decode)
         self._prefill_eps, self._decode_eps = list(prefill), list(decode)
+        if self._healthy_decode():
+            self._decode_settle_until = 0.0
+        elif had_decode:
+            self._decode_settle_until = self.clock() + DECODE_SETTLE_S
+            log.warning("event=decode_tier_empty detail=%r", f"no decode replica left in the endpoint lists: "
+                        f"requests wait up to {DECODE_SETTLE_S:g}s for a replacement before 503")
         self.rings = build_rings(prefill, decode, self.config.routing.ring_size)
         known = set(self.prefill) | set(self.decode)
         self.incompatible = {k: v for k, v in self.incompatible.items() if k[0] in known and k[1] in known}
@@ -659,11 +680,50 @@ class SchedulerService:
         """Replicas came, went or changed health: waiters look again (a prefill waiter with no usable replica
         left is routed again). With no healthy decode replica left, requests waiting for one are answered
         503 `no_decode_endpoints` now, as a new request would be, rather than timing the wait out as if the
-        tier were only busy (held prefills wait on for their ring, bounded by the hold TTL)."""
+        tier were only busy (held prefills wait on for their ring, bounded by the hold TTL); when an endpoint
+        update emptied the tier, once its settle window has passed without a replacement."""
+        event, self._replicas_event = self._replicas_event, asyncio.Event()
+        event.set()
         self.prefill_queue.notify()
         if self.decode_queue.waiting and not self._healthy_decode():
-            self.decode_queue.fail_normal(_no_decode_endpoints)
+            remaining = self._decode_settle_until - self.clock()
+            if remaining > 0:
+                self._recheck_after_settle(remaining)
+            else:
+                self.decode_queue.fail_normal(_no_decode_endpoints)
         self.decode_queue.notify()
+
+    def _recheck_after_settle(self, delay: float) -> None:
+        """Look at the decode waiters again when the settle window ends (one timer at a time)."""
+        if self._decode_settle_timer is not None:
+            self._decode_settle_timer.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._decode_settle_timer = loop.call_later(delay, self._settle_ended)
+
+    def _settle_ended(self) -> None:
+        self._decode_settle_timer = None
+        self._replicas_changed()
+
+    async def _decode_replaced(self, ctx: _Ctx) -> bool:
+        """Whether a healthy decode replica (one `ctx` may use) is there, waiting for one while an endpoint
+        update's settle window lasts; the wait counts as a wait for decode."""
+        since = None
+        try:
+            while not self._healthy_decode(ctx.excluded):
+                remaining = self._decode_settle_until - self.clock()
+                if remaining <= 0:
+                    return False
+                if since is None:
+                    since = self.clock()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._replicas_event.wait(), remaining)
+            return True
+        finally:
+            if since is not None:
+                self._waited(ctx, DECODE, since)
 
     def _start_probe(self, replicas: list[ReplicaState]) -> None:
         if not replicas:
@@ -1003,6 +1063,8 @@ class SchedulerService:
                 return self._finish_error(ctx, SchedulerError(exc.status, exc.message, exc.code,
                                                               "invalid_request_error", outcome="invalid", param=exc.param))
             self.retry_budget.record_request()
+            if self._decode_settle_until and not self._healthy_decode():
+                await self._decode_replaced(ctx)  # routed once the endpoint lists settle: with both tiers in view
             self._decide(ctx)
             return await self._run(ctx)
         except asyncio.CancelledError:
@@ -1082,7 +1144,7 @@ class SchedulerService:
     async def _serve_local(self, ctx: _Ctx) -> AnyReply:
         req = ctx.req
         assert req is not None
-        if not self._healthy_decode(ctx.excluded):
+        if not self._healthy_decode(ctx.excluded) and not await self._decode_replaced(ctx):
             raise _no_decode_endpoints()
         excluded = ctx.excluded
         lease: _DecodeLease = await self._admit(
@@ -1102,6 +1164,8 @@ class SchedulerService:
                 self._route(ctx, LOCAL, "high-precision")
                 return await self._serve_local(ctx)
             if not self._usable_prefills(ctx.excluded):
+                if not self._healthy_decode(ctx.excluded) and await self._decode_replaced(ctx):
+                    continue  # the decode tier came back within its settle window: route again
                 if self._healthy_decode(ctx.excluded):
                     self._route(ctx, LOCAL, "no-prefill-pair")
                     return await self._serve_local(ctx)
