@@ -328,3 +328,39 @@ def test_chat_goes_as_text_without_the_models_tokenizer():
     post(fake, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}, "/v1/chat/completions")
     sent = sent_inputs(fake)
     assert sent["text_input"] == ["<|user|>hi"] and "input_ids" not in sent
+
+
+class Channel:
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_the_channel_of_a_replica_long_out_of_the_endpoint_lists_is_closed():
+    """Pod churn must not pile up gRPC channels: one whose replica left the lists is closed after
+    RETIRED_CHANNEL_S (its streams ended with its pod long before); one whose replica came back is kept."""
+    from baton.scheduler import engines
+
+    now = [0.0]
+    client = TritonClient(read_timeout=5, clock=lambda: now[0])
+    a, b, c = (Endpoint(f"127.0.0.{i}:8000", "decode") for i in (1, 2, 3))
+    channels = {e: Channel() for e in (a, b, c)}
+    for e, ch in channels.items():
+        client._clients[engines.grpc_address(e)] = ch  # noqa: SLF001 - as `_client` would have made them
+    by_runtime = engines.EnginesByRuntime("trtllm-serve", lambda runtime: client, first=engines.TrtllmServeClient())
+    by_runtime.clients["triton"] = client
+
+    async def main():
+        await by_runtime.retain([a])  # b and c leave the lists
+        now[0] = engines.RETIRED_CHANNEL_S - 1
+        await by_runtime.retain([a, c])  # c comes back (its pod's address again) before b's channel retires
+        assert not any(ch.closed for ch in channels.values())
+        now[0] = engines.RETIRED_CHANNEL_S
+        await by_runtime.retain([a, c])
+        assert [channels[e].closed for e in (a, b, c)] == [False, True, False]
+        assert client._client(b) is not channels[b]  # noqa: SLF001 - a replica at b again gets a new channel
+        await by_runtime.close()
+
+    asyncio.run(main())

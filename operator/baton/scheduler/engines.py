@@ -22,7 +22,7 @@ import base64
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol
 
 from baton.http1.client import HttpClient
@@ -773,15 +773,43 @@ def _cancel(responses: Any) -> None:
         pass
 
 
-class TritonClient:
-    """Triton's KServe v2 gRPC API through `tritonclient.grpc.aio`; one client (channel) per replica."""
+# How long the gRPC channel of a replica that left the endpoint lists is kept before it is closed: its pod
+# is gone well before (a terminating pod has its grace period), and so are the streams it was serving.
+RETIRED_CHANNEL_S = 900.0
 
-    def __init__(self, read_timeout: float = 600.0, connect_timeout: float = 5.0) -> None:
+
+class TritonClient:
+    """Triton's KServe v2 gRPC API through `tritonclient.grpc.aio`; one client (channel) per replica, closed
+    once its replica has been out of the endpoint lists for RETIRED_CHANNEL_S (`retain`)."""
+
+    def __init__(self, read_timeout: float = 600.0, connect_timeout: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         import tritonclient.grpc.aio  # noqa: F401 - fail at start-up, not at the first request
 
         self.read_timeout = read_timeout
         self.connect_timeout = connect_timeout
+        self._clock = clock
         self._clients: dict[str, Any] = {}
+        self._departed: dict[str, float] = {}  # gRPC address -> when its replica left the endpoint lists
+
+    async def retain(self, endpoints: Iterable[Endpoint]) -> None:
+        """Keep the channels of `endpoints` (every replica in the lists); close those of replicas that left
+        the lists more than RETIRED_CHANNEL_S ago, so that pod churn does not pile up channels (each keeps
+        trying to reconnect to an address nothing serves any more)."""
+        keep = {grpc_address(e) for e in endpoints}
+        now = self._clock()
+        retired = []
+        for address in list(self._clients):
+            if address in keep:
+                self._departed.pop(address, None)
+            elif now - self._departed.setdefault(address, now) >= RETIRED_CHANNEL_S:
+                retired.append(self._clients.pop(address))
+                del self._departed[address]
+        for client in retired:
+            try:
+                await client.close()
+            except Exception:  # noqa: BLE001 - close the others
+                pass
 
     def _client(self, endpoint: Endpoint) -> Any:
         address = grpc_address(endpoint)
@@ -953,6 +981,14 @@ class EnginesByRuntime:
         except EngineFailure:
             return False
         return await client.health(endpoint, timeout)
+
+    async def retain(self, endpoints: Iterable[Endpoint]) -> None:
+        """Tell each client that keeps something per replica (Triton's channels) which replicas are listed."""
+        listed = list(endpoints)
+        for client in list(self.clients.values()):
+            retain = getattr(client, "retain", None)
+            if retain is not None:
+                await retain(listed)
 
     async def close(self) -> None:
         for client in list(self.clients.values()):

@@ -774,6 +774,7 @@ class SchedulerService:
         if targets:
             await self._probe(targets)
         await self.holds.expired()  # sweep (entries are normally removed by their request)
+        await self._engine_slot.client.retain([*self._prefill_eps, *self._decode_eps])  # channels of gone replicas
 
     async def _heartbeat_loop(self) -> None:
         while True:
