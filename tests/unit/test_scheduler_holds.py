@@ -255,8 +255,42 @@ def test_the_store_recovers_when_redis_comes_back(tmp_path):
         await store.put(_hold("after", 60.0))
         await store.flush()
         assert store.healthy()
-        assert _keys(server) == ["baton:hold:after"]  # "before" was never written; it lived in memory
+        # "before", whose write was skipped while redis was down, is published once redis answers again
+        assert _keys(server) == ["baton:hold:after", "baton:hold:before"]
         assert len(store) == 2
+        await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
+
+
+def test_holds_skipped_while_redis_was_down_reach_it_with_no_new_hold_to_write(tmp_path):
+    """Redis comes back while the holds made during its outage are still held and no request writes
+    anything: the scheduler's periodic sweep (`expired`, every heartbeat) publishes them once the
+    back-off has passed, with their remaining TTL."""
+    server = RedisServer(tmp_path)
+    clock = Clock()
+    store = RedisHoldStore(server.url, clock, timeout_s=0.3, backoff_s=0.2)
+
+    async def main():
+        await store.put(_hold("a", 60.0))
+        await store.put(_hold("b", 60.0))
+        await store.flush()
+        assert not store.healthy() and store.errors == 2
+        server.start()
+        await store.expired()  # within the back-off: nothing is tried
+        await store.flush()
+        assert not store.healthy() and _keys(server) == []
+        await asyncio.sleep(0.3)
+        clock.now = 20.0
+        await store.expired()
+        await store.flush()
+        assert store.healthy() and _keys(server) == ["baton:hold:a", "baton:hold:b"]
+        with server.client() as c:
+            ttl_ms = c.pttl("baton:hold:a")
+        assert 35_000 < ttl_ms <= 40_000  # what is left of the hold's 60 s, not a fresh 60 s
         await store.close()
 
     try:

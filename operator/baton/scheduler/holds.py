@@ -23,8 +23,10 @@ Stores:
   sends a single write as a probe and the rest wait behind it. After a failure every write is skipped
   for `BACKOFF_S` (each skip counted in `baton_scheduler_hold_store_errors_total`; failures logged at
   most once per `ERROR_LOG_INTERVAL_S`), then one probe goes out: a dead or hung redis costs one
-  connection and one timeout per back-off period, not one per request. A key whose delete was skipped
-  still expires by its TTL. The queue is bounded (`MAX_PENDING`; a write beyond it is skipped and counted).
+  connection and one timeout per back-off period, not one per request. When redis answers again, every
+  hold still held is published again, so the record regains those whose writes were skipped (with no
+  other write to probe with, the heartbeat's sweep sends them once the back-off has passed). A key whose
+  delete was skipped still expires by its TTL. The queue is bounded (`MAX_PENDING`; a write beyond it is skipped and counted).
 
 A reload that changes the store (or its redis URL) moves the holds: `held()` lists the old store's, `adopt()`
 files them in the new one at once without publishing; the service empties and closes the old store, then
@@ -212,12 +214,21 @@ class RedisHoldStore(MemoryHoldStore):
 
     async def put(self, hold: Hold) -> None:
         await super().put(hold)
+        self._publish(hold)
+
+    def _publish(self, hold: Hold) -> None:
         # Other replicas read the record: its times are wall-clock epoch seconds, not this process's clock.
         offset = time.time() - self.clock()
         record = asdict(hold)
         record["created"] = hold.created + offset
         record["expires"] = hold.expires + offset
         self._write(_Write(hold.key, "put", self.PREFIX + hold.key, json.dumps(record), hold.expires))
+
+    def _republish(self) -> None:
+        """Publish every hold held now again: those whose writes were skipped while redis was failing are
+        missing from the record (a hold that is there already is only set again)."""
+        for hold in self.held():
+            self._publish(hold)
 
     async def remove(self, key: str) -> Hold | None:
         hold = await super().remove(key)
@@ -226,10 +237,15 @@ class RedisHoldStore(MemoryHoldStore):
         return hold
 
     async def expired(self) -> list[Hold]:
-        """Remove and return every hold past its expiry (its key has expired in redis by itself)."""
+        """Remove and return every hold past its expiry (its key has expired in redis by itself). Called
+        periodically (the scheduler's heartbeat): while redis is failing and nothing else is written, the
+        held holds are published again once the back-off has passed, which probes redis and, once it
+        answers, fills in the record."""
         gone = await super().expired()
         for hold in gone:
             self._write(_Write(hold.key, "expire", self.PREFIX + hold.key))
+        if self._failing and not self._queue and len(self) and time.monotonic() >= self._down_until:
+            self._republish()
         return gone
 
     async def flush(self) -> None:
@@ -329,8 +345,10 @@ class RedisHoldStore(MemoryHoldStore):
                 self.writes += 1
         if self._failing:
             self._failing = False
-            log.info("event=hold_store_recovered store=redis failed_writes=%d", self._errors_since_log)
+            log.info("event=hold_store_recovered store=redis failed_writes=%d republished=%d",
+                     self._errors_since_log, len(self))
             self._errors_since_log = 0
+            self._republish()  # what was skipped while it failed
 
     def _count_error(self, operation: str) -> None:
         self.errors += 1
