@@ -205,6 +205,40 @@ def test_a_pass_on_a_partly_filled_cache_sees_the_whole_model(cluster, namespace
     assert writes == [], writes
 
 
+def test_a_child_deleted_while_the_watch_was_away_is_applied_again_after_the_next_listing(cluster, namespace):
+    """A deletion the operator's watch missed (kopf lists again after a gap; a list carries no deletions)
+    leaves the child in the child cache, and passes take it as present. The periodic listing of a model's
+    children drops it, and the pass that follows applies it again. Here the cache is fed by nothing but
+    the passes' own writes, so any deletion is one the watch missed."""
+    create(cluster, namespace, small())
+    kube = Kube(cluster.api_client)
+    reconciler = Reconciler(kube, ChildCache())
+    for _ in range(2):  # the first creates the children, the second is a pass of a model already served
+        assert not reconciler.reconcile(namespace, "llama-8b").failed
+    services = cluster.core.list_namespaced_service(namespace, label_selector="baton.dev/model=llama-8b").items
+    victim = services[0].metadata
+    cluster.core.delete_namespaced_service(victim.name, namespace)
+
+    def service():
+        try:
+            return cluster.core.read_namespaced_service(victim.name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    wait_for(lambda: service() is None, 30, what=f"Service {victim.name} deleted")
+    reconciler.reconcile(namespace, "llama-8b")
+    assert service() is None  # the cache still holds it: the pass saw nothing missing
+    reconciler.child_list_seconds = 0  # the model's next listing is due now
+    reconciler._children_due[(namespace, "llama-8b")] = 0  # noqa: SLF001
+    lists = kube.requests["LIST"]
+    assert not reconciler.reconcile(namespace, "llama-8b").failed
+    again = service()
+    assert again is not None and again.metadata.uid != victim.uid
+    assert kube.requests["LIST"] - lists >= 7  # one per kind of child
+
+
 def test_a_spec_baton_cannot_serve_is_reported_and_leaves_serving_children_alone(cluster, namespace, operator):
     create(cluster, namespace, small())
     wait_ready(cluster, namespace, "llama-8b")

@@ -394,7 +394,7 @@ def required_permissions() -> tuple[set[tuple[str, str, str]], set[tuple[str, st
         if child["kind"] == "Role":
             namespaced |= {(g, r, v) for rule in child["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     # Every direct call.
-    verbs = {"get": "get", "list": "list", "delete": "delete", "list_cluster": "list"}
+    verbs = {"get": "get", "list": "list", "list_recent": "list", "delete": "delete", "list_cluster": "list"}
     for method, kind, func in _calls_to_kube():
         if method == "patch_status":
             namespaced.add(("serving.baton.dev", "disaggregatedmodels/status", "patch"))
@@ -411,7 +411,7 @@ def required_permissions() -> tuple[set[tuple[str, str, str]], set[tuple[str, st
             # loop), or else a read of Baton's own children (the reconciler's cache-miss reads).
             found = [kind] if kind else sorted({n.value for n in ast.walk(func) if isinstance(n, ast.Constant)
                                                 and isinstance(n.value, str) and n.value in RESOURCES})
-            if not found and method in ("get", "list"):
+            if not found and method in ("get", "list", "list_recent"):
                 found = sorted({c["kind"] for c in children})
             assert found, f"cannot tell which kinds {method}() in {func.name}() touches"
             for k in found:

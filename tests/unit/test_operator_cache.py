@@ -147,3 +147,25 @@ def test_objects_of_one_kind_are_stored_as_their_differences_and_read_back_exact
     cache.clear()
     cache.put(others[3])
     assert cache.get("Deployment", "ns", "model-3") == others[3]
+
+
+def test_a_listing_drops_the_children_whose_deletion_the_watch_missed():
+    """A child deleted while the watch was away never gets its DELETED event (kopf lists again, and a list
+    carries no deletions): a later listing drops it from the cache; what the listing cannot know of yet
+    (seen after it was taken), another model's objects, and another kind are kept."""
+    cache = ChildCache()
+    cache.put(sts("a-prefill", "a", 10))
+    cache.put(sts("a-decode", "a", 11))  # deleted at, say, 15: missed
+    cache.put(sts("a-new", "a", 30))  # created after the listing was taken
+    cache.put(sts("b-decode", "b", 12))
+    cache.put({**sts("a-decode", "a", 13), "kind": "ConfigMap"})
+    dropped = cache.resync("StatefulSet", "ns", "a", [sts("a-prefill", "a", 10)], listed_at=20)
+    assert dropped == ["a-decode"]
+    assert cache.get("StatefulSet", "ns", "a-decode") is None
+    assert sorted(o["metadata"]["name"] for o in cache.list_kind("StatefulSet", "ns", "a")) == ["a-new", "a-prefill"]
+    assert cache.get("StatefulSet", "ns", "b-decode") is not None
+    assert cache.get("ConfigMap", "ns", "a-decode") is not None
+    cache.put(sts("a-decode", "a", 14))  # a watch event older than the listing: the deletion stands
+    assert cache.get("StatefulSet", "ns", "a-decode") is None
+    cache.put(sts("a-decode", "a", 25))  # created again
+    assert cache.get("StatefulSet", "ns", "a-decode")["metadata"]["resourceVersion"] == "25"

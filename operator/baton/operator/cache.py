@@ -188,6 +188,25 @@ class ChildCache:
         with self._lock:
             self._complete.add((kind, namespace, model))
 
+    def resync(self, kind: str, namespace: str, model: str, objects: list[dict[str, Any]], listed_at: int) -> list[str]:
+        """Check the model's cached objects of `kind` against a listing taken at resourceVersion `listed_at`:
+        those the listing lacks although the cache saw them at or before it were deleted while the watch
+        was away (kopf lists again after a watch gap, and a listing carries no deletions), so they are
+        dropped and a read goes to the API server. The listed objects are taken as `seed` takes them.
+        Returns the names dropped."""
+        listed = {(o.get("metadata") or {}).get("name") for o in objects}
+        with self._lock:
+            stale = [k for k in self._by_model.get((namespace, model), ())
+                     if k[0] == kind and k[2] not in listed and k in self._objects and self._objects[k].rv <= listed_at]
+        for key in stale:
+            self.forget(*key, rv=listed_at)
+        with self._lock:
+            index = self._by_model.get((namespace, model))
+            if index is not None:
+                index.difference_update(stale)
+        self.seed(kind, namespace, model, objects)
+        return sorted(k[2] for k in stale)
+
     def footprint(self) -> tuple[int, int]:
         """How many objects are held and the bytes their compressed forms take."""
         with self._lock:

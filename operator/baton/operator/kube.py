@@ -104,6 +104,17 @@ class Kube:
         query = [("labelSelector", label_selector)] if label_selector else []
         return self._call("GET", self.path(kind, namespace), query=query, count_as="LIST").get("items", [])
 
+    def list_recent(self, kind: str, namespace: str, label_selector: str) -> tuple[list[dict[str, Any]], int]:
+        """A list served from the API server's watch cache (resourceVersion=0: no etcd read, at most a
+        moment behind), and the resourceVersion it was taken at."""
+        data = self._call("GET", self.path(kind, namespace), count_as="LIST",
+                          query=[("labelSelector", label_selector), ("resourceVersion", "0")])
+        try:
+            version = int((data.get("metadata") or {}).get("resourceVersion") or 0)
+        except (TypeError, ValueError):
+            version = 0
+        return data.get("items", []), version
+
     def list_cluster(self, kind: str) -> list[dict[str, Any]]:
         """Every object of a kind across the cluster (Nodes, or Pods in all namespaces)."""
         prefix, plural = RESOURCES[kind]

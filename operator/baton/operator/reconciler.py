@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from baton.render.scheduler import generation_config_of_configmap
 from baton.render.naming import (
     LABEL_GENERATION,
     LABEL_MODEL,
+    MANAGED_BY,
     Target,
     child_name,
     label_selector,
@@ -62,6 +64,11 @@ from baton.render.naming import (
 log = logging.getLogger("baton.operator")
 
 RESYNC_SECONDS = float(os.environ.get("BATON_RESYNC_SECONDS", "60"))
+# How often (on average; each model's own, jittered) a model's cached children are checked against a list:
+# a deletion the watch missed (kopf lists again after a gap, and a list carries no deletions) leaves a
+# child the cache still holds, which no pass would then re-create.
+CHILD_LIST_SECONDS = float(os.environ.get("BATON_CHILD_LIST_SECONDS", "600"))
+CHILD_KINDS = ("StatefulSet", "Deployment", "Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding")
 PROGRESS_SECONDS = 5.0
 UNSCHEDULABLE_CHECK_SECONDS = 15.0
 
@@ -99,6 +106,8 @@ class Reconciler:
     def __init__(self, kube: Kube, cache: ChildCache | None = None):
         self.kube = kube
         self.cache = cache
+        self.child_list_seconds = CHILD_LIST_SECONDS
+        self._children_due: dict[tuple[str, str], float] = {}  # model -> when its cached children are listed
         # model -> (listed at, (unschedulable pods, failing containers))
         self._unschedulable: dict[tuple[str, str], tuple[float, tuple[list[str], list[str]]]] = {}
         self._fresh = threading.local()  # .model: the pass is the first one of a model no operator has reconciled
@@ -139,6 +148,35 @@ class Reconciler:
         again under the name starts afresh."""
         self._unschedulable.pop((namespace, name), None)
         self._transient.pop((namespace, name), None)
+        self._children_due.pop((namespace, name), None)
+
+    def _list_cached_children(self, namespace: str, name: str) -> None:
+        """Every `child_list_seconds` or so (the first time at a random point of that period, so that models
+        started together do not list together), list the model's children of each kind from the API
+        server's watch cache and drop the cached ones whose deletion the watch missed: the pass then reads
+        them as absent and applies them again."""
+        key = (namespace, name)
+        now = time.monotonic()
+        due = self._children_due.get(key)
+        if due is None:  # this operator's first pass of the model: its children came with the watch's listing
+            self._children_due[key] = now + self.child_list_seconds * random.uniform(0.5, 1.5)
+            return
+        if now < due:
+            return
+        self._children_due[key] = now + self.child_list_seconds * random.uniform(0.75, 1.25)
+        assert self.cache is not None
+        selector = f"{LABEL_MODEL}={name},app.kubernetes.io/managed-by={MANAGED_BY}"
+        for kind in CHILD_KINDS:
+            try:
+                objects, version = self.kube.list_recent(kind, namespace, selector)
+            except Exception as exc:  # noqa: BLE001 - the pass goes on from the cache; tried again in a minute
+                self._children_due[key] = now + min(60.0, self.child_list_seconds)
+                log.warning("listing the %ss of %s/%s to check the cache failed: %s", kind, namespace, name, exc)
+                return
+            dropped = self.cache.resync(kind, namespace, name, objects, version)
+            if dropped:
+                log.warning("%s/%s: %s %s deleted while the watch was away; reading from the API server",
+                            namespace, name, kind, ", ".join(dropped))
 
     def _reconcile(self, namespace: str, name: str) -> Outcome:
         body = self.kube.get("DisaggregatedModel", namespace, name)
@@ -151,6 +189,8 @@ class Reconciler:
         previous = body.get("status") or {}
         writes_before = self.kube.writes()
         self._fresh.model = "observedGeneration" not in previous
+        if self.cache is not None and not self._new_model():
+            self._list_cached_children(namespace, name)
 
         try:
             model = DisaggregatedModel.model_validate(body)
