@@ -383,6 +383,57 @@ def test_a_model_deleted_while_the_operator_is_down_goes_away_with_its_children(
              60, what="children collected without the operator")
 
 
+def test_a_watch_stream_that_ends_for_good_stops_the_operator_so_that_it_is_restarted(cluster, namespace, monkeypatch):
+    """kopf never restarts a watch stream that failed (here the ConfigMaps' stream gets an error event other
+    than 410 Gone, as from an API server in trouble). Were the operator to go on, it would be blind to those
+    objects with its liveness probe green; instead the operator stops with the stream's error (its
+    container then exits, and the kubelet starts it again with every stream afresh)."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from kopf._cogs.clients import watching
+    from kopf.testing import KopfRunner
+
+    failing = {"configmaps": False}
+    original = watching.watch_objs
+
+    async def watch_objs(*, resource, **kwargs):
+        if failing.get(resource.plural):  # what an API server in trouble may send on a watch
+            yield {"type": "ERROR", "object": {"kind": "Status", "code": 500, "reason": "InternalError",
+                                               "message": "etcdserver: request timed out"}}
+            return
+        async for event in original(resource=resource, **kwargs):
+            yield event
+
+    monkeypatch.setattr(watching, "watch_objs", watch_objs)
+    monkeypatch.setenv("BATON_WATCH_SERVER_TIMEOUT", "2")  # each watch request ends (and is made again) every 2 s
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/healthz"
+
+    def health():
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None
+
+    with KopfRunner(["run", "--standalone", "--namespace", namespace, "--liveness", url,
+                     "-m", "baton.operator.handlers"], timeout=60, reraise=False) as runner:
+        assert wait_for(health, 30, what="the liveness endpoint") == 200
+        create(cluster, namespace, small())
+        wait_for(lambda: cluster.core.list_namespaced_config_map(namespace, label_selector="baton.dev/model=llama-8b").items,
+                 30, what="the model's ConfigMaps")
+        failing["configmaps"] = True  # the stream fails the next time its watch request is made
+        wait_for(lambda: health() is None, 30, what="the operator to stop")
+    assert isinstance(runner.exception, watching.WatchingError), runner.output[-2000:]
+    assert "InternalError" in str(runner.exception)
+
+
 def test_tiers_that_could_not_hand_off_kv_are_refused_with_each_field_named(cluster, namespace, operator):
     create(cluster, namespace, small())
     serving = wait_ready(cluster, namespace, "llama-8b")
