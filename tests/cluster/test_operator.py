@@ -434,6 +434,34 @@ def test_a_watch_stream_that_ends_for_good_stops_the_operator_so_that_it_is_rest
     assert "InternalError" in str(runner.exception)
 
 
+def test_a_repeated_event_counts_on_the_first_instead_of_piling_up(cluster, namespace):
+    """A condition that persists (a drift another controller keeps re-introducing, re-applied every pass)
+    must not post an Event per pass: repeats within ten minutes count on the Event already posted, as
+    Kubernetes' own recorder does, and one that expired from the API server is posted anew."""
+    from baton.operator import events
+
+    create(cluster, namespace, small())
+    body = get_dm(cluster, namespace, "llama-8b")
+    kube = Kube(cluster.api_client)
+
+    def baton_events():
+        items = cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=llama-8b").items
+        return [e for e in items if e.source and e.source.component == events.REPORTING_COMPONENT]
+
+    for _ in range(3):
+        events.record(kube, body, "Normal", "Applied", "in place: Deployment/llama-8b-scheduler (spec.replicas)")
+    events.record(kube, body, "Normal", "Applied", "in place: Service/llama-8b-decode (spec.ports)")
+    posted = sorted(((e.message, e.count) for e in baton_events()))
+    assert posted == [("in place: Deployment/llama-8b-scheduler (spec.replicas)", 3),
+                      ("in place: Service/llama-8b-decode (spec.ports)", 1)]
+    first = next(e for e in baton_events() if e.count == 3)
+    assert first.last_timestamp >= first.first_timestamp
+    cluster.core.delete_namespaced_event(first.metadata.name, namespace)  # as if it had expired
+    events.record(kube, body, "Normal", "Applied", "in place: Deployment/llama-8b-scheduler (spec.replicas)")
+    again = [e for e in baton_events() if "scheduler" in e.message]
+    assert [(e.count, e.metadata.name != first.metadata.name) for e in again] == [(1, True)]
+
+
 def test_tiers_that_could_not_hand_off_kv_are_refused_with_each_field_named(cluster, namespace, operator):
     create(cluster, namespace, small())
     serving = wait_ready(cluster, namespace, "llama-8b")

@@ -400,6 +400,8 @@ def required_permissions() -> tuple[set[tuple[str, str, str]], set[tuple[str, st
             namespaced.add(("serving.baton.dev", "disaggregatedmodels/status", "patch"))
         elif method == "create_event":
             namespaced.add(("", "events", "create"))
+        elif method == "patch_event":
+            namespaced.add(("", "events", "patch"))
         elif method == "apply":
             continue  # covered by the rendered children above
         elif method == "scale":

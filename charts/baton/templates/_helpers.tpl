@@ -87,7 +87,8 @@ tests/unit/test_chart.py re-derives it and fails when the code and these rules d
   not read by the operator itself, but the scheduler Role it creates grants get/list/watch on pods
   and endpointslices, and Kubernetes lets it create and bind that Role only if it holds the same
   permissions itself (RBAC escalation prevention), so it holds exactly those.
-- events: create (Baton's own Events and kopf's warnings; both post core/v1 Events).
+- events: create (Baton's own Events and kopf's warnings; both post core/v1 Events), patch (a repeat of
+  one of Baton's Events within 10 minutes counts on it rather than posting another).
 */}}
 {{- define "baton.operatorRules" -}}
 - apiGroups: [serving.baton.dev]
@@ -122,7 +123,7 @@ tests/unit/test_chart.py re-derives it and fails when the code and these rules d
   verbs: [get, list, watch]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, patch]
 {{- end -}}
 
 {{/*

@@ -152,6 +152,11 @@ class Kube:
     def create_event(self, event: dict[str, Any]) -> None:
         self._call("POST", self.path("Event", event["metadata"]["namespace"]), body=event)
 
+    def patch_event(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """Update an Event Baton posted (a repeat of it: its count and last timestamp)."""
+        self._call("PATCH", self.path("Event", namespace, name), body=patch,
+                   content_type="application/merge-patch+json")
+
 
 def api_error_message(exc: ApiException) -> str:
     """The API server's own message from an error response (what `kubectl` would print)."""
