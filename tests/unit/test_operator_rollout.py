@@ -32,6 +32,7 @@ class FakeKube:
         self.rv = 1
         self.requests: Counter[str] = Counter()
         self.events: list[tuple[str, str, str]] = []
+        self.posted: dict[str, tuple[str, str, str]] = {}  # Event name -> what it says
         self.nodes = nodes
         self.fail_apply = None  # obj -> HTTP status to fail with (or None)
         self.log: list[tuple[str, str]] = []  # ("status", servingGeneration) / ("delete", name), in order
@@ -118,6 +119,13 @@ class FakeKube:
 
     def create_event(self, ev):
         self.events.append((ev["type"], ev["reason"], ev["message"]))
+        self.posted[ev["metadata"]["name"]] = self.events[-1]
+
+    def patch_event(self, ns, name, patch):
+        """A repeat counted on an Event posted before: listed again here, as each time it happened."""
+        if name not in self.posted:  # posted through another FakeKube (an earlier test): gone, as if expired
+            raise ApiException(status=404, reason="Not Found")
+        self.events.append(self.posted[name])
 
     def settle(self, ready=True, gen=None, keep_pods=False):
         """Workloads observed and (if ready) available; their pods exist (on nodes with room)."""
