@@ -462,6 +462,48 @@ def test_a_repeated_event_counts_on_the_first_instead_of_piling_up(cluster, name
     assert [(e.count, e.metadata.name != first.metadata.name) for e in again] == [(1, True)]
 
 
+def test_a_child_another_writer_keeps_changing_back_draws_one_drift_warning(cluster, namespace):
+    """Another writer (a mutating policy, another controller) changes a field Baton sets after every pass:
+    each pass puts it back, the repeats count on one Applied Event, and after three passes in a row a
+    DriftNotConverging warning names the object, once."""
+    create(cluster, namespace, small())
+    kube = Kube(cluster.api_client)
+    reconciler = Reconciler(kube, ChildCache())
+    for _ in range(2):
+        assert not reconciler.reconcile(namespace, "llama-8b").failed
+    for _ in range(4):
+        cluster.core.patch_namespaced_service("llama-8b-decode", namespace,
+                                              {"metadata": {"labels": {"app.kubernetes.io/part-of": "mirror"}}})
+        reconciler.cache.put(kube.get("Service", namespace, "llama-8b-decode"))  # what the watch would bring
+        reconciler.reconcile(namespace, "llama-8b")
+        labels = cluster.core.read_namespaced_service("llama-8b-decode", namespace).metadata.labels
+        assert labels["app.kubernetes.io/part-of"] == "baton"  # put back by the pass
+    items = cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=llama-8b").items
+    drift = [e for e in items if e.reason == "DriftNotConverging"]
+    assert len(drift) == 1 and drift[0].count == 1 and drift[0].type == "Warning"
+    assert "Service/llama-8b-decode" in drift[0].message and "managedFields" in drift[0].message
+    applied = [e for e in items if e.reason == "Applied" and "updated Service/llama-8b-decode" in e.message]
+    assert [e.count for e in applied] == [4]
+
+
+def test_tiers_whose_pods_a_quota_forbids_say_so_in_ready(cluster, namespace, operator):
+    """A StatefulSet that cannot create its pods (here a quota allows no GPUs) has no condition saying so,
+    only FailedCreate Events: the model's Ready message names the StatefulSet and the API server's reason."""
+    cluster.core.create_namespaced_resource_quota(namespace, {
+        "metadata": {"name": "no-gpus"}, "spec": {"hard": {"requests.nvidia.com/gpu": "0"}}})
+    create(cluster, namespace, small())
+
+    def told():
+        message = condition(get_dm(cluster, namespace, "llama-8b"), "Ready").get("message", "")
+        return message if message.count("cannot create its pods") == 2 else None
+
+    message = wait_for(told, 90, what="Ready naming both tiers' StatefulSets")
+    assert condition(get_dm(cluster, namespace, "llama-8b"), "Ready")["status"] == "False"
+    for tier in ("prefill", "decode"):
+        assert f"StatefulSet llama-8b-{tier}-" in message
+    assert "exceeded quota: no-gpus" in message
+
+
 def test_tiers_that_could_not_hand_off_kv_are_refused_with_each_field_named(cluster, namespace, operator):
     create(cluster, namespace, small())
     serving = wait_ready(cluster, namespace, "llama-8b")

@@ -48,7 +48,7 @@ class FakeKube:
         o = self.objs.get((kind, ns, name))
         return copy.deepcopy(o) if o else None
 
-    def list(self, kind, ns, sel=""):
+    def list(self, kind, ns, sel="", field_selector=""):
         k, v = sel.split("=") if sel else (None, None)
         return [copy.deepcopy(o) for (kd, n, _), o in self.objs.items() if kd == kind and n == ns
                 and (k is None or (o["metadata"].get("labels") or {}).get(k) == v)]

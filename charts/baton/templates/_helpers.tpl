@@ -88,7 +88,8 @@ tests/unit/test_chart.py re-derives it and fails when the code and these rules d
   and endpointslices, and Kubernetes lets it create and bind that Role only if it holds the same
   permissions itself (RBAC escalation prevention), so it holds exactly those.
 - events: create (Baton's own Events and kopf's warnings; both post core/v1 Events), patch (a repeat of
-  one of Baton's Events within 10 minutes counts on it rather than posting another).
+  one of Baton's Events within 10 minutes counts on it rather than posting another), list (a StatefulSet
+  that cannot create its pods says why only in its FailedCreate Events).
 */}}
 {{- define "baton.operatorRules" -}}
 - apiGroups: [serving.baton.dev]
@@ -123,7 +124,7 @@ tests/unit/test_chart.py re-derives it and fails when the code and these rules d
   verbs: [get, list, watch]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create, patch, list]
 {{- end -}}
 
 {{/*

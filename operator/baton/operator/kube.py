@@ -100,8 +100,10 @@ class Kube:
                 return None
             raise
 
-    def list(self, kind: str, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
+    def list(self, kind: str, namespace: str, label_selector: str = "", field_selector: str = "") -> list[dict[str, Any]]:
         query = [("labelSelector", label_selector)] if label_selector else []
+        if field_selector:
+            query.append(("fieldSelector", field_selector))
         return self._call("GET", self.path(kind, namespace), query=query, count_as="LIST").get("items", [])
 
     def list_recent(self, kind: str, namespace: str, label_selector: str) -> tuple[list[dict[str, Any]], int]:

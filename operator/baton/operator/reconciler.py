@@ -69,6 +69,8 @@ RESYNC_SECONDS = float(os.environ.get("BATON_RESYNC_SECONDS", "60"))
 # child the cache still holds, which no pass would then re-create.
 CHILD_LIST_SECONDS = float(os.environ.get("BATON_CHILD_LIST_SECONDS", "600"))
 CHILD_KINDS = ("StatefulSet", "Deployment", "Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding")
+# A child Baton has to update again on this many passes in a row is being changed back by another writer.
+DRIFT_PASSES = 3
 PROGRESS_SECONDS = 5.0
 UNSCHEDULABLE_CHECK_SECONDS = 15.0
 
@@ -108,6 +110,7 @@ class Reconciler:
         self.cache = cache
         self.child_list_seconds = CHILD_LIST_SECONDS
         self._children_due: dict[tuple[str, str], float] = {}  # model -> when its cached children are listed
+        self._updated: dict[tuple[str, str], dict[str, int]] = {}  # model -> child -> passes in a row it was updated
         # model -> (listed at, (unschedulable pods, failing containers))
         self._unschedulable: dict[tuple[str, str], tuple[float, tuple[list[str], list[str]]]] = {}
         self._fresh = threading.local()  # .model: the pass is the first one of a model no operator has reconciled
@@ -149,6 +152,27 @@ class Reconciler:
         self._unschedulable.pop((namespace, name), None)
         self._transient.pop((namespace, name), None)
         self._children_due.pop((namespace, name), None)
+        self._updated.pop((namespace, name), None)
+
+    def _note_updates(self, body: dict, changed: list[str]) -> None:
+        """Warn (DriftNotConverging) of a child this pass updated for the DRIFT_PASSES-th pass in a row: some
+        other writer (a controller, a mutating admission policy) keeps changing fields Baton sets, and each
+        pass puts them back. Baton goes on applying what the spec says; the warning names the objects."""
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        before = self._updated.get(key, {})
+        now = {what: before.get(what, 0) + 1 for what in (c.rsplit("updated ", 1)[-1] for c in changed if "updated " in c)}
+        if now:
+            self._updated[key] = now
+        else:
+            self._updated.pop(key, None)
+        stuck = sorted(what for what, passes in now.items() if passes == DRIFT_PASSES)
+        if stuck:
+            events.record(self.kube, body, "Warning", "DriftNotConverging",
+                          f"{', '.join(stuck)} had to be updated again on {DRIFT_PASSES} passes in a row: another "
+                          "writer (a controller, a mutating admission policy) keeps changing fields Baton sets, and "
+                          "Baton keeps setting them back. Find it in the objects' managedFields (kubectl get "
+                          "--show-managed-fields -o yaml) and stop it, or express the change in the model's spec")
 
     def _list_cached_children(self, namespace: str, name: str) -> None:
         """Every `child_list_seconds` or so (the first time at a random point of that period, so that models
@@ -294,6 +318,7 @@ class Reconciler:
                 return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation)
         if changed:
             events.record(self.kube, body, "Normal", "Applied", "; ".join(changed))
+        self._note_updates(body, changed)
 
         serving = ro.get("servingGeneration", "")
         observed = status.Observed()
@@ -312,7 +337,9 @@ class Reconciler:
             for obj, n in zip((observed.prefill, observed.decode, observed.scheduler), desired_counts)
         )
         if not settled:
-            observed.unschedulable, observed.failing = self._pod_problems(namespace, name)
+            # the serving generation's StatefulSets; before any serves (a first deployment), the spec's
+            tiers = live or self._generations(namespace, name).get(gen, {})
+            observed.unschedulable, observed.failing = self._pod_problems(namespace, name, list(tiers.values()))
         if serving == gen:
             serving_fp = (derived.fingerprint("prefill"), derived.fingerprint("decode"))
         else:
@@ -511,11 +538,12 @@ class Reconciler:
         watched, so a settled model costs nothing per pod."""
         return self.kube.list("Pod", namespace, f"{LABEL_MODEL}={name}")
 
-    def _pod_problems(self, namespace: str, name: str) -> tuple[list[str], list[str]]:
-        """Pods the scheduler cannot place, and containers that cannot start (`status.failing_containers`),
-        for the status message; listed at most every UNSCHEDULABLE_CHECK_SECONDS per model (a waiting model
-        polls every few seconds, and hundreds of models starting at once would otherwise turn into hundreds
-        of pod LISTs a second)."""
+    def _pod_problems(self, namespace: str, name: str, statefulsets: list[dict[str, Any]] = ()
+                      ) -> tuple[list[str], list[str]]:
+        """Pods the scheduler cannot place, and containers that cannot start (`status.failing_containers`)
+        or pods a StatefulSet could not create (`_failed_creates`), for the status message; listed at most
+        every UNSCHEDULABLE_CHECK_SECONDS per model (a waiting model polls every few seconds, and hundreds
+        of models starting at once would otherwise turn into hundreds of pod LISTs a second)."""
         key = (namespace, name)
         listed = self._unschedulable.get(key)
         if listed and time.monotonic() - listed[0] < UNSCHEDULABLE_CHECK_SECONDS:
@@ -528,5 +556,23 @@ class Reconciler:
             if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable"
         )
         failing = sorted(line for pod in pods for line in status.failing_containers(pod))
+        failing += self._failed_creates(namespace, statefulsets)
         self._unschedulable[key] = (time.monotonic(), (unschedulable, failing))
         return unschedulable, failing
+
+    def _failed_creates(self, namespace: str, statefulsets: Any) -> list[str]:
+        """Why a StatefulSet that has fewer pods than it wants could not create them (a quota, an admission
+        policy, a missing service account): StatefulSets have no ReplicaFailure condition, and say so only
+        in their FailedCreate Events. The latest such Event of each, listed only while pods are missing."""
+        out = []
+        for sts in statefulsets:
+            want = int((sts.get("spec") or {}).get("replicas") or 0)
+            if int((sts.get("status") or {}).get("replicas") or 0) >= want:
+                continue
+            sts_name = sts["metadata"]["name"]
+            found = self.kube.list("Event", namespace, field_selector=f"involvedObject.kind=StatefulSet,"
+                                   f"involvedObject.name={sts_name},reason=FailedCreate")
+            if found:
+                latest = max(found, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+                out.append(f"StatefulSet {sts_name} cannot create its pods: {latest.get('message', '')}"[:300])
+        return out
