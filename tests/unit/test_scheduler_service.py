@@ -404,17 +404,23 @@ def test_after_the_shed_nothing_waits_or_starts_a_generation_it_answers_503_at_o
     run(main())
 
 
+async def _waiting_for_the_only_decode_replica():
+    """A scheduler whose only decode replica (d1, no prefill tier) is full, and a local request waiting for it."""
+    svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\nqueue: {maxWaitSeconds: 5}\n",
+                       prefill=(), decode=("d1:1",))
+    outcomes = _outcomes(svc)
+    svc.decode["d1:1"].active = 1
+    waiting = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+    await asyncio.sleep(0.05)
+    assert svc.decode_queue.waiting == 1
+    return svc, engine, outcomes, waiting
+
+
 def test_a_request_waiting_for_decode_when_the_tier_goes_away_gets_503_at_once_not_a_timeout():
     """The only decode replica leaves rotation while a local request waits for it: the waiter gets what a
     new request gets (503 no_decode_endpoints) now, not a 429 queue_timeout once maxWaitSeconds ran out."""
     async def main():
-        svc, _ = make("backpressure: {maxActivePerDecodeReplica: 1}\nqueue: {maxWaitSeconds: 5}\n",
-                      prefill=(), decode=("d1:1",))
-        outcomes = _outcomes(svc)
-        svc.decode["d1:1"].active = 1
-        waiting = asyncio.create_task(svc.complete("completions", long_request(5), {}))
-        await asyncio.sleep(0.05)
-        assert svc.decode_queue.waiting == 1
+        svc, _, outcomes, waiting = await _waiting_for_the_only_decode_replica()
         svc._engine_failed(EngineFailure(svc.decode["d1:1"].endpoint, "reset", kind="connection"), svc.decode["d1:1"])
         reply = await asyncio.wait_for(waiting, 1)
         assert reply.status == 503 and json.loads(reply.body)["error"]["code"] == "no_decode_endpoints"
@@ -431,13 +437,7 @@ def test_requests_arriving_between_a_departure_and_its_replacement_in_the_endpoi
     updates (a slice per port, say). Requests arriving in between, local and disaggregated alike, and one
     already waiting for a decode slot, are served by the replacement instead of getting 503 at once."""
     async def main():
-        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\nqueue: {maxWaitSeconds: 5}\n",
-                           prefill=(), decode=("d1:1",))
-        outcomes = _outcomes(svc)
-        svc.decode["d1:1"].active = 1
-        waiting = asyncio.create_task(svc.complete("completions", long_request(5), {}))
-        await asyncio.sleep(0.05)
-        assert svc.decode_queue.waiting == 1
+        svc, _, outcomes, waiting = await _waiting_for_the_only_decode_replica()
         svc.update_endpoints([], [])  # d1 leaves the lists ...
         local = asyncio.create_task(svc.complete("completions", long_request(5), {}))
         disagg = asyncio.create_task(svc.complete("completions", long_request(200), {}))
@@ -471,12 +471,7 @@ def test_a_decode_tier_the_endpoint_lists_emptied_for_good_gets_503_once_the_set
     monkeypatch.setattr(service, "DECODE_SETTLE_S", 0.3)
 
     async def main():
-        svc, _ = make("backpressure: {maxActivePerDecodeReplica: 1}\nqueue: {maxWaitSeconds: 5}\n",
-                      prefill=(), decode=("d1:1",))
-        svc.decode["d1:1"].active = 1
-        waiting = asyncio.create_task(svc.complete("completions", long_request(5), {}))
-        await asyncio.sleep(0.05)
-        assert svc.decode_queue.waiting == 1
+        svc, _, _, waiting = await _waiting_for_the_only_decode_replica()
         t0 = time.monotonic()
         svc.update_endpoints([], [])
         fresh = await svc.complete("completions", long_request(200), {})
