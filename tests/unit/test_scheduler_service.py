@@ -465,6 +465,25 @@ def test_requests_arriving_between_a_departure_and_its_replacement_in_the_endpoi
     run(main())
 
 
+def test_requests_waiting_out_a_settle_window_count_against_the_queue_limit():
+    """Waiting for a replacement decode replica is waiting: such requests count in the backlog that
+    `queue.maxDepth` bounds, and one beyond it gets 429 queue_full at once, not a place in the wait."""
+    async def main():
+        svc, _ = make("queue: {maxDepth: 2}\n", prefill=(), decode=("d1:1",))
+        svc.update_endpoints([], [])
+        first = [asyncio.create_task(svc.complete("completions", long_request(5), {})) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        over = await svc.complete("completions", long_request(5), {})
+        assert over.status == 429 and json.loads(over.body)["error"]["code"] == "queue_full"
+        svc.update_endpoints([], [Endpoint("d9:1", "decode")])
+        replies = await asyncio.wait_for(asyncio.gather(*first), 2)
+        assert [r.status for r in replies] == [200, 200]
+        assert svc._decode_settle_until == 0.0 and svc._decode_settle_timer is None  # noqa: SLF001 - window over
+        await svc.stop()
+
+    run(main())
+
+
 def test_a_decode_tier_the_endpoint_lists_emptied_for_good_gets_503_once_the_settle_window_passes(monkeypatch):
     from baton.scheduler import service
 

@@ -189,7 +189,7 @@ def _in_daemon_thread(fn: Any, *args: Any) -> asyncio.Future[Any]:
 
 class _Ctx:
     __slots__ = ("rid", "api", "t0", "req", "route", "reason", "attempt", "excluded", "prefill", "decode",
-                 "reprefilled", "stranded", "queue_wait", "mark", "generation", "engine", "slot")
+                 "reprefilled", "stranded", "queue_wait", "settle_wait", "mark", "generation", "engine", "slot")
 
     def __init__(self, rid: str, api: str, t0: float) -> None:
         self.rid = rid
@@ -205,6 +205,7 @@ class _Ctx:
         self.reprefilled = False
         self.stranded = False  # how its last hold ended: stranded (its prefill replica left), else expired
         self.queue_wait = 0.0
+        self.settle_wait = 0.0  # waited out a settle window before being routed (recorded once routed)
         # where the scheduler's own work on the current attempt began, moved on by the time it waited:
         # what `overhead_seconds` measures up to the dispatch
         self.mark = t0
@@ -347,6 +348,7 @@ class SchedulerService:
         self._decode_settle_until = 0.0
         self._decode_settle_timer: asyncio.TimerHandle | None = None
         self._replicas_event = asyncio.Event()  # set (and replaced) whenever replicas change: settle waiters look again
+        self._settling = 0  # requests waiting out a settle window (`_decode_replaced`)
 
     # ------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -659,9 +661,7 @@ class SchedulerService:
         self.prefill = merge(self.prefill, prefill)
         self.decode = merge(self.decode, decode)
         self._prefill_eps, self._decode_eps = list(prefill), list(decode)
-        if self._healthy_decode():
-            self._decode_settle_until = 0.0
-        elif had_decode:
+        if had_decode and not self._healthy_decode():
             self._decode_settle_until = self.clock() + DECODE_SETTLE_S
             log.warning("event=decode_tier_empty detail=%r", f"no decode replica left in the endpoint lists: "
                         f"requests wait up to {DECODE_SETTLE_S:g}s for a replacement before 503")
@@ -685,6 +685,11 @@ class SchedulerService:
         event, self._replicas_event = self._replicas_event, asyncio.Event()
         event.set()
         self.prefill_queue.notify()
+        if self._decode_settle_until and self._healthy_decode():  # replaced (or healthy again): window over
+            self._decode_settle_until = 0.0
+            if self._decode_settle_timer is not None:
+                self._decode_settle_timer.cancel()
+                self._decode_settle_timer = None
         if self.decode_queue.waiting and not self._healthy_decode():
             remaining = self._decode_settle_until - self.clock()
             if remaining > 0:
@@ -709,21 +714,40 @@ class SchedulerService:
 
     async def _decode_replaced(self, ctx: _Ctx) -> bool:
         """Whether a healthy decode replica (one `ctx` may use) is there, waiting for one while an endpoint
-        update's settle window lasts; the wait counts as a wait for decode."""
-        since = None
+        update's settle window lasts. The waiters count in the backlog `queue.maxDepth` bounds (beyond it,
+        429 queue_full), and the wait counts as a wait for decode (recorded once the request is routed)."""
+        if self._healthy_decode(ctx.excluded):
+            return True
+        if self._decode_settle_until - self.clock() <= 0:
+            return False
+        self.decode_queue.check_open()  # shutting down: nothing new waits
+        if self._backlog() >= self.config.queue.max_depth:
+            raise self._reject(ctx, "queue_full", f"the scheduler queue is full ({self.config.queue.max_depth} "
+                               "requests waiting); retry later")
+        since = self.clock()
+        self._settling += 1
         try:
             while not self._healthy_decode(ctx.excluded):
                 remaining = self._decode_settle_until - self.clock()
                 if remaining <= 0:
                     return False
-                if since is None:
-                    since = self.clock()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._replicas_event.wait(), remaining)
             return True
         finally:
-            if since is not None:
-                self._waited(ctx, DECODE, since)
+            self._settling -= 1
+            waited = self.clock() - since
+            ctx.queue_wait += waited
+            ctx.mark += waited
+            ctx.settle_wait += waited
+            if ctx.route != ROUTE_UNROUTED:
+                self._settle_waited(ctx)
+
+    def _settle_waited(self, ctx: _Ctx) -> None:
+        """Record a settle wait as a wait for decode, under the request's route."""
+        if ctx.settle_wait:
+            self.hooks.queue_wait(ctx.route, DECODE, ctx.settle_wait)
+            ctx.settle_wait = 0.0
 
     def _start_probe(self, replicas: list[ReplicaState]) -> None:
         if not replicas:
@@ -951,7 +975,7 @@ class SchedulerService:
     def _backlog(self) -> int:
         """What `queue.maxDepth` bounds: requests waiting for a slot, plus held prefills; while the decode
         tier is saturated, prefills in flight count too (each will wait for a decode slot next)."""
-        depth = self.prefill_queue.waiting + self.decode_queue.waiting + len(self.holds)
+        depth = self.prefill_queue.waiting + self.decode_queue.waiting + len(self.holds) + self._settling
         if not self._decode_candidates(None, set(), False):
             depth += self.prefills_in_flight
         return depth
@@ -1065,8 +1089,14 @@ class SchedulerService:
                                                               "invalid_request_error", outcome="invalid", param=exc.param))
             self.retry_budget.record_request()
             if self._decode_settle_until and not self._healthy_decode():
-                await self._decode_replaced(ctx)  # routed once the endpoint lists settle: with both tiers in view
-            self._decide(ctx)
+                try:  # routed once the endpoint lists settle: with both tiers in view
+                    await self._decode_replaced(ctx)
+                except SchedulerError as exc:  # the backlog is full, or shutting down
+                    return self._finish_error(ctx, exc)
+                self._decide(ctx)
+                self._settle_waited(ctx)
+            else:
+                self._decide(ctx)
             return await self._run(ctx)
         except asyncio.CancelledError:
             # the client went away before its answer started (the HTTP server cancels the handler):
