@@ -330,6 +330,36 @@ def test_chat_goes_as_text_without_the_models_tokenizer():
     assert sent["text_input"] == ["<|user|>hi"] and "input_ids" not in sent
 
 
+def test_a_channel_with_a_stream_in_flight_is_not_closed_until_the_stream_ends():
+    """A replica out of the lists can still be streaming (a pod that failed readiness under load keeps
+    serving what it started): its channel stays open past RETIRED_CHANNEL_S until that stream is over."""
+    from baton.scheduler import engines
+
+    now = [0.0]
+    fake = FakeTriton(items=[(tokens_result([5]), None), (tokens_result([6]), None)])
+    closed = []
+
+    async def close() -> None:
+        closed.append(True)
+
+    fake.close = close
+    client = client_with(fake)
+    client._clock = lambda: now[0]  # noqa: SLF001
+
+    async def main():
+        body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": True}).encode()
+        response = await client.open(EP, "/v1/completions", body, "rid")
+        await client.retain([])
+        now[0] = engines.RETIRED_CHANNEL_S + 1
+        await client.retain([])
+        assert not closed  # the stream is still being read
+        assert b"[DONE]" in await response.read()
+        await client.retain([])
+        assert closed == [True]
+
+    asyncio.run(main())
+
+
 class Channel:
     def __init__(self) -> None:
         self.closed = False

@@ -714,12 +714,19 @@ class _TritonStream:
     def response(self) -> IteratedResponse:
         return IteratedResponse(200, self.chunks(), "text/event-stream", self.release)
 
-    def __init__(self, call: _TritonCall, responses: Any, first: Any, read_timeout: float) -> None:
+    def __init__(self, call: _TritonCall, responses: Any, first: Any, read_timeout: float,
+                 on_end: Callable[[], None] | None = None) -> None:
         self._call = call
         self._responses = responses
         self._first = first
         self._timeout = read_timeout
         self._done = False
+        self._on_end = on_end  # run once, however the stream ends (its channel is no longer in use by it)
+
+    def _ended(self) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         call = self._call
@@ -734,6 +741,7 @@ class _TritonStream:
                 _, body = triton_error(error.message(), error.status())
                 yield b"data: " + body + b"\n\n" + b"data: [DONE]\n\n"
                 self._done = True
+                self._ended()
                 return
             ids, text, n_in = call.tokens_of(result)
             prompt_tokens = n_in if n_in is not None else prompt_tokens
@@ -747,6 +755,7 @@ class _TritonStream:
             yield call.usage_chunk(prompt_tokens, produced)
         yield b"data: [DONE]\n\n"
         self._done = True
+        self._ended()
 
     async def _next(self) -> Any:
         try:
@@ -763,6 +772,7 @@ class _TritonStream:
         if not self._done:
             self._done = True
             _cancel(self._responses)
+        self._ended()
 
 
 def _cancel(responses: Any) -> None:
@@ -791,6 +801,7 @@ class TritonClient:
         self._clock = clock
         self._clients: dict[str, Any] = {}
         self._departed: dict[str, float] = {}  # gRPC address -> when its replica left the endpoint lists
+        self._in_use: dict[str, int] = {}  # gRPC address -> calls and streams in flight on its channel
 
     async def retain(self, endpoints: Iterable[Endpoint]) -> None:
         """Keep the channels of `endpoints` (every replica in the lists); close those of replicas that left
@@ -802,7 +813,7 @@ class TritonClient:
         for address in list(self._clients):
             if address in keep:
                 self._departed.pop(address, None)
-            elif now - self._departed.setdefault(address, now) >= RETIRED_CHANNEL_S:
+            elif now - self._departed.setdefault(address, now) >= RETIRED_CHANNEL_S and not self._in_use.get(address):
                 retired.append(self._clients.pop(address))
                 del self._departed[address]
         for client in retired:
@@ -810,6 +821,19 @@ class TritonClient:
                 await client.close()
             except Exception:  # noqa: BLE001 - close the others
                 pass
+
+    def _using(self, endpoint: Endpoint) -> str:
+        """Count a call or stream on `endpoint`'s channel until `_used` (`retain` leaves such a channel open)."""
+        address = grpc_address(endpoint)
+        self._in_use[address] = self._in_use.get(address, 0) + 1
+        return address
+
+    def _used(self, address: str) -> None:
+        left = self._in_use.get(address, 0) - 1
+        if left > 0:
+            self._in_use[address] = left
+        else:
+            self._in_use.pop(address, None)
 
     def _client(self, endpoint: Endpoint) -> Any:
         address = grpc_address(endpoint)
@@ -872,6 +896,13 @@ class TritonClient:
         return call
 
     async def post(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> tuple[int, bytes, str]:
+        address = self._using(endpoint)
+        try:
+            return await self._post(endpoint, path, body, request_id)
+        finally:
+            self._used(address)
+
+    async def _post(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> tuple[int, bytes, str]:
         try:
             call = await self._call(body, path, request_id)
         except _BadRequest as exc:
@@ -904,19 +935,26 @@ class TritonClient:
         return 200, call.full(ids, "".join(texts), prompt_tokens), "application/json"
 
     async def open(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> EngineResponse:
+        address = self._using(endpoint)
+        streaming = False
         try:
-            call = await self._call(body, path, request_id)
-        except _BadRequest as exc:
-            return _static(400, exc.body())
-        if call.kind == "context_only":
-            status, data, ctype = await self._context(endpoint, call)
-            return _static(status, data, ctype)
-        responses, first = await self._start_stream(endpoint, call, streaming=True)
-        if first is not None and first[1] is not None:  # failed before the first token: an ordinary error
-            _cancel(responses)
-            status, data = triton_error(first[1].message(), first[1].status())
-            return _static(status, data)
-        return _TritonStream(call, responses, first, self.read_timeout).response()
+            try:
+                call = await self._call(body, path, request_id)
+            except _BadRequest as exc:
+                return _static(400, exc.body())
+            if call.kind == "context_only":
+                status, data, ctype = await self._context(endpoint, call)
+                return _static(status, data, ctype)
+            responses, first = await self._start_stream(endpoint, call, streaming=True)
+            if first is not None and first[1] is not None:  # failed before the first token: an ordinary error
+                _cancel(responses)
+                status, data = triton_error(first[1].message(), first[1].status())
+                return _static(status, data)
+            streaming = True  # the channel stays in use until the stream ends
+            return _TritonStream(call, responses, first, self.read_timeout, lambda: self._used(address)).response()
+        finally:
+            if not streaming:
+                self._used(address)
 
     async def health(self, endpoint: Endpoint, timeout: float) -> bool:
         try:
