@@ -238,14 +238,14 @@ class RedisHoldStore(MemoryHoldStore):
 
     async def expired(self) -> list[Hold]:
         """Remove and return every hold past its expiry (its key has expired in redis by itself). Called
-        periodically (the scheduler's heartbeat): while redis is failing and nothing else is written, the
-        held holds are published again once the back-off has passed, which probes redis and, once it
-        answers, fills in the record."""
+        periodically (the scheduler's heartbeat): while redis is failing and nothing else is written, one
+        held hold is published again once the back-off has passed, which probes redis; once it answers,
+        every hold is published again (`_send`)."""
         gone = await super().expired()
         for hold in gone:
             self._write(_Write(hold.key, "expire", self.PREFIX + hold.key))
         if self._failing and not self._queue and len(self) and time.monotonic() >= self._down_until:
-            self._republish()
+            self._publish(next(iter(self.held())))  # one probe; once it gets through, the rest follow
         return gone
 
     async def flush(self) -> None:
