@@ -195,15 +195,14 @@ class ChildCache:
         dropped and a read goes to the API server. The listed objects are taken as `seed` takes them.
         Returns the names dropped."""
         listed = {(o.get("metadata") or {}).get("name") for o in objects}
-        with self._lock:
-            stale = [k for k in self._by_model.get((namespace, model), ())
+        with self._lock:  # checked and dropped at once: an event taken meanwhile (a newer object) stays
+            index = self._by_model.get((namespace, model), set())
+            stale = [k for k in index
                      if k[0] == kind and k[2] not in listed and k in self._objects and self._objects[k].rv <= listed_at]
-        for key in stale:
-            self.forget(*key, rv=listed_at)
-        with self._lock:
-            index = self._by_model.get((namespace, model))
-            if index is not None:
-                index.difference_update(stale)
+            for key in stale:
+                del self._objects[key]
+                self._gone[key] = max(listed_at, self._gone.get(key, 0))
+            index.difference_update(stale)
         self.seed(kind, namespace, model, objects)
         return sorted(k[2] for k in stale)
 
