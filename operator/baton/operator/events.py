@@ -67,11 +67,10 @@ def record(kube: Any, body: dict[str, Any], event_type: str, reason: str, messag
             kube.patch_event(meta["namespace"], name, {"count": count + 1, "lastTimestamp": timestamp})
             _repeats.sent(key, name, count + 1, clock)
             return
-        except ApiException as exc:
-            if exc.status != 404:  # 404: the Event expired (the API server keeps them an hour): post anew
-                log.warning("could not record event %s on %s/%s: %s", reason, meta["namespace"], meta["name"],
-                            exc.reason)
-                return
+        except Exception as exc:  # noqa: BLE001 - expired (404; kept an hour), or not allowed: post anew
+            if not (isinstance(exc, ApiException) and exc.status == 404):
+                log.debug("could not count a repeat of event %s on %s/%s (%s); posting it", reason,
+                          meta["namespace"], meta["name"], exc)
     event = {
         "apiVersion": "v1",
         "kind": "Event",
@@ -97,5 +96,6 @@ def record(kube: Any, body: dict[str, Any], event_type: str, reason: str, messag
     try:
         kube.create_event(event)
         _repeats.sent(key, event["metadata"]["name"], 1, clock)
-    except ApiException as exc:
-        log.warning("could not record event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason)
+    except Exception as exc:  # noqa: BLE001 - an API refusal or a transport error: the pass goes on
+        log.warning("could not record event %s on %s/%s: %s", reason, meta["namespace"], meta["name"],
+                    exc.reason if isinstance(exc, ApiException) else exc)
