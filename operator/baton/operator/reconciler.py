@@ -110,7 +110,8 @@ class Reconciler:
         self.cache = cache
         self.child_list_seconds = CHILD_LIST_SECONDS
         self._children_due: dict[tuple[str, str], float] = {}  # model -> when its cached children are listed
-        self._updated: dict[tuple[str, str], dict[str, int]] = {}  # model -> child -> passes in a row it was updated
+        # model -> (its metadata.generation, child -> passes in a row it was updated at that generation)
+        self._updated: dict[tuple[str, str], tuple[Any, dict[str, int]]] = {}
         # model -> (listed at, (unschedulable pods, failing containers))
         self._unschedulable: dict[tuple[str, str], tuple[float, tuple[list[str], list[str]]]] = {}
         self._fresh = threading.local()  # .model: the pass is the first one of a model no operator has reconciled
@@ -160,10 +161,13 @@ class Reconciler:
         pass puts them back. Baton goes on applying what the spec says; the warning names the objects."""
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
-        before = self._updated.get(key, {})
+        generation = meta.get("generation")
+        seen_generation, before = self._updated.get(key, (None, {}))
+        if seen_generation != generation:
+            before = {}  # the spec changed since (an edit, GitOps syncing): updates are expected, not drift
         now = {what: before.get(what, 0) + 1 for what in (c.rsplit("updated ", 1)[-1] for c in changed if "updated " in c)}
         if now:
-            self._updated[key] = now
+            self._updated[key] = (generation, now)
         else:
             self._updated.pop(key, None)
         stuck = sorted(what for what, passes in now.items() if passes == DRIFT_PASSES)
@@ -569,9 +573,15 @@ class Reconciler:
             want = int((sts.get("spec") or {}).get("replicas") or 0)
             if int((sts.get("status") or {}).get("replicas") or 0) >= want:
                 continue
-            sts_name = sts["metadata"]["name"]
-            found = self.kube.list("Event", namespace, field_selector=f"involvedObject.kind=StatefulSet,"
-                                   f"involvedObject.name={sts_name},reason=FailedCreate")
+            sts_name, uid = sts["metadata"]["name"], sts["metadata"].get("uid", "")
+            selector = f"involvedObject.kind=StatefulSet,involvedObject.name={sts_name},reason=FailedCreate"
+            if uid:  # not the Events of an earlier StatefulSet of that name (a generation tried again)
+                selector += f",involvedObject.uid={uid}"
+            try:
+                found = self.kube.list("Event", namespace, field_selector=selector)
+            except ApiException as exc:  # e.g. an RBAC without it: the message goes without
+                log.debug("listing the events of StatefulSet %s/%s failed: %s", namespace, sts_name, exc.reason)
+                continue
             if found:
                 latest = max(found, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
                 out.append(f"StatefulSet {sts_name} cannot create its pods: {latest.get('message', '')}"[:300])
