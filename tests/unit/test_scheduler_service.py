@@ -438,6 +438,9 @@ def test_requests_arriving_between_a_departure_and_its_replacement_in_the_endpoi
     already waiting for a decode slot, are served by the replacement instead of getting 503 at once."""
     async def main():
         svc, _, outcomes, waiting = await _waiting_for_the_only_decode_replica()
+        waits = []
+        orig_wait = svc.hooks.queue_wait
+        svc.hooks.queue_wait = lambda route, pool, s: (waits.append((route, pool)), orig_wait(route, pool, s))
         svc.update_endpoints([], [])  # d1 leaves the lists ...
         local = asyncio.create_task(svc.complete("completions", long_request(5), {}))
         disagg = asyncio.create_task(svc.complete("completions", long_request(200), {}))
@@ -450,6 +453,9 @@ def test_requests_arriving_between_a_departure_and_its_replacement_in_the_endpoi
         assert {r.headers["X-Baton-Decode-Endpoint"] for r in replies} == {"d9:1"}
         # routed once the lists settled, with both tiers in view: the long prompt goes to the prefill tier
         assert [r.headers["X-Baton-Route"] for r in replies] == ["local", "local", "disaggregated"]
+        # each wait for the replacement is recorded as a wait for decode under the route the request took
+        assert ("local", "decode") in waits and ("disaggregated", "decode") in waits
+        assert not [w for w in waits if w[0] == "unrouted"]
         # a prefill tier that stays while decode is replaced: a long prompt waits, then goes disaggregated
         svc.update_endpoints([Endpoint("p1:1", "prefill")], [])
         disagg = asyncio.create_task(svc.complete("completions", long_request(200), {}))

@@ -205,7 +205,7 @@ class _Ctx:
         self.reprefilled = False
         self.stranded = False  # how its last hold ended: stranded (its prefill replica left), else expired
         self.queue_wait = 0.0
-        self.settle_wait = 0.0  # waited out a settle window before being routed (recorded once routed)
+        self.settle_wait = 0.0  # waited out a settle window before being routed (`_route` records it)
         # where the scheduler's own work on the current attempt began, moved on by the time it waited:
         # what `overhead_seconds` measures up to the dispatch
         self.mark = t0
@@ -715,15 +715,13 @@ class SchedulerService:
     async def _decode_replaced(self, ctx: _Ctx) -> bool:
         """Whether a healthy decode replica (one `ctx` may use) is there, waiting for one while an endpoint
         update's settle window lasts. The waiters count in the backlog `queue.maxDepth` bounds (beyond it,
-        429 queue_full), and the wait counts as a wait for decode (recorded once the request is routed)."""
+        429 queue_full), and the wait counts as a wait for decode."""
         if self._healthy_decode(ctx.excluded):
             return True
         if self._decode_settle_until - self.clock() <= 0:
             return False
         self.decode_queue.check_open()  # shutting down: nothing new waits
-        if self._backlog() >= self.config.queue.max_depth:
-            raise self._reject(ctx, "queue_full", f"the scheduler queue is full ({self.config.queue.max_depth} "
-                               "requests waiting); retry later")
+        self._check_backlog(ctx)
         since = self.clock()
         self._settling += 1
         try:
@@ -736,18 +734,7 @@ class SchedulerService:
             return True
         finally:
             self._settling -= 1
-            waited = self.clock() - since
-            ctx.queue_wait += waited
-            ctx.mark += waited
-            ctx.settle_wait += waited
-            if ctx.route != ROUTE_UNROUTED:
-                self._settle_waited(ctx)
-
-    def _settle_waited(self, ctx: _Ctx) -> None:
-        """Record a settle wait as a wait for decode, under the request's route."""
-        if ctx.settle_wait:
-            self.hooks.queue_wait(ctx.route, DECODE, ctx.settle_wait)
-            ctx.settle_wait = 0.0
+            self._waited(ctx, DECODE, since)
 
     def _start_probe(self, replicas: list[ReplicaState]) -> None:
         if not replicas:
@@ -980,6 +967,12 @@ class SchedulerService:
             depth += self.prefills_in_flight
         return depth
 
+    def _check_backlog(self, ctx: _Ctx) -> None:
+        """Refuse (429 queue_full) a request that would wait while the backlog is at `queue.maxDepth`."""
+        if self._backlog() >= self.config.queue.max_depth:
+            raise self._reject(ctx, "queue_full", f"the scheduler queue is full ({self.config.queue.max_depth} "
+                               "requests waiting); retry later")
+
     def _reject(self, ctx: _Ctx, reason: str, message: str) -> SchedulerError:
         retry_after = retry_after_seconds(self._backlog(), self.completions.rate())
         return SchedulerError(429, message, reason, "rate_limit_error", outcome="rejected", retry_after=retry_after)
@@ -992,9 +985,7 @@ class SchedulerService:
         if not ahead:
             value = try_acquire()
         if value is None or value is PASS:
-            if self._backlog() >= self.config.queue.max_depth:
-                raise self._reject(ctx, "queue_full", f"the scheduler queue is full ({self.config.queue.max_depth} "
-                                   "requests waiting); retry later")
+            self._check_backlog(ctx)
             try:
                 value = await queue.acquire(try_acquire, release, self.config.queue.max_wait_seconds)
             except QueueTimeout:
@@ -1010,7 +1001,10 @@ class SchedulerService:
         waited = self.clock() - since
         ctx.queue_wait += waited
         ctx.mark += waited
-        self.hooks.queue_wait(ctx.route, pool, waited)
+        if ctx.route == ROUTE_UNROUTED:  # a settle window, waited out before routing: `_route` records it
+            ctx.settle_wait += waited
+        else:
+            self.hooks.queue_wait(ctx.route, pool, waited)
 
     def _try_decode(self, addresses: Any, excluded: set[str], local: bool) -> _DecodeLease | None:
         replica = pick_decode(self._decode_candidates(addresses, excluded, local))
@@ -1093,10 +1087,7 @@ class SchedulerService:
                     await self._decode_replaced(ctx)
                 except SchedulerError as exc:  # the backlog is full, or shutting down
                     return self._finish_error(ctx, exc)
-                self._decide(ctx)
-                self._settle_waited(ctx)
-            else:
-                self._decide(ctx)
+            self._decide(ctx)
             return await self._run(ctx)
         except asyncio.CancelledError:
             # the client went away before its answer started (the HTTP server cancels the handler):
@@ -1117,6 +1108,9 @@ class SchedulerService:
         ctx.reason = reason
         assert ctx.req is not None
         self.hooks.routed(route, reason, ctx.req.tokens)
+        if ctx.settle_wait:  # waited for decode replicas before it could be routed
+            self.hooks.queue_wait(route, DECODE, ctx.settle_wait)
+            ctx.settle_wait = 0.0
 
     async def _run(self, ctx: _Ctx) -> AnyReply:
         max_attempts = self.config.retries.max_attempts
