@@ -145,12 +145,15 @@ class ChildCache:
     def forget(self, kind: str, namespace: str, name: str, rv: str | int | None = None) -> None:
         """The object was deleted (`rv`: the resourceVersion its deletion was seen at, if known): older
         copies of it that arrive later (a listing that was under way) are not taken."""
-        key = (kind, namespace, name)
         with self._lock:
-            entry = self._objects.pop(key, None)
-            seen = max(entry.rv if entry else 0, _version(rv))
-            if seen:
-                self._gone[key] = max(seen, self._gone.get(key, 0))
+            self._drop((kind, namespace, name), _version(rv))
+
+    def _drop(self, key: Key, rv: int) -> None:
+        """Drop `key`, remembering the version its deletion was seen at (the caller holds the lock)."""
+        entry = self._objects.pop(key, None)
+        seen = max(entry.rv if entry else 0, rv)
+        if seen:
+            self._gone[key] = max(seen, self._gone.get(key, 0))
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
@@ -200,8 +203,7 @@ class ChildCache:
             stale = [k for k in index
                      if k[0] == kind and k[2] not in listed and k in self._objects and self._objects[k].rv <= listed_at]
             for key in stale:
-                del self._objects[key]
-                self._gone[key] = max(listed_at, self._gone.get(key, 0))
+                self._drop(key, listed_at)
             index.difference_update(stale)
         self.seed(kind, namespace, model, objects)
         return sorted(k[2] for k in stale)
