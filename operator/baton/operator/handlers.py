@@ -26,7 +26,7 @@ from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
 from baton.operator import memory, metrics
 from baton.operator.bookkeeping import NoDiffBase
 from baton.operator.cache import ChildCache
-from baton.operator.kube import Kube
+from baton.operator.kube import CHILD_KINDS, Kube, api_resource
 from baton.operator.pausing import gate as pause_gate
 from baton.operator.reconciler import Reconciler
 from baton.render.naming import LABEL_MODEL, MANAGED_BY, label_selector
@@ -226,16 +226,8 @@ async def _child_event(body: kopf.Body, namespace: str, type: str, **_: Any) -> 
 
 
 # Every kind Baton renders is watched: changes wake the owner's loop and keep the cache current.
-CHILD_KINDS = (
-    ("apps", "v1", "statefulsets"),
-    ("apps", "v1", "deployments"),
-    ("", "v1", "services"),
-    ("", "v1", "configmaps"),
-    ("", "v1", "serviceaccounts"),
-    ("rbac.authorization.k8s.io", "v1", "roles"),
-    ("rbac.authorization.k8s.io", "v1", "rolebindings"),
-)
-for _group, _version, _plural in CHILD_KINDS:
+CHILD_RESOURCES = tuple(api_resource(kind) for kind in CHILD_KINDS)
+for _group, _version, _plural in CHILD_RESOURCES:
     kopf.on.event(_group, _version, _plural, labels=_CHILD_FILTER, id=f"child-{_plural}")(_child_event)
 # Pods are not watched: they grow with replicas, not models, and the operator needs them only while a
 # model is unsettled or rolling out; it lists a model's pods then (Reconciler.model_pods). Pod
@@ -249,5 +241,5 @@ def watch_only_batons_objects(settings: kopf.OperatorSettings) -> None:
     cluster for a cluster-wide operator) and keeps a record of each; with it the operator's memory
     and CPU follow the number of models, not the size of the cluster.
     """
-    for kind in CHILD_KINDS:
-        settings.watching.label_selectors[kind] = label_selector(_CHILD_FILTER)
+    for resource in CHILD_RESOURCES:
+        settings.watching.label_selectors[resource] = label_selector(_CHILD_FILTER)

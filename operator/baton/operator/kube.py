@@ -39,6 +39,17 @@ RESOURCES: dict[str, tuple[str, str]] = {
 }
 
 
+# The kinds Baton renders for a model: watched (kopf, `api_resource`) and listed (the child cache's check).
+CHILD_KINDS = ("StatefulSet", "Deployment", "Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding")
+
+
+def api_resource(kind: str) -> tuple[str, str, str]:
+    """(API group, version, plural) of a kind in RESOURCES, as kopf names a resource."""
+    prefix, plural = RESOURCES[kind]
+    parts = prefix.strip("/").split("/")  # ["api", version] or ["apis", group, version]
+    return ("", parts[1], plural) if parts[0] == "api" else (parts[1], parts[2], plural)
+
+
 # (connect, read) seconds for every call: without a limit a half-open connection (an API server load balancer
 # failing over) blocks the worker thread of a reconcile pass forever, and a few of them stop every model.
 REQUEST_TIMEOUT = (10.0, 60.0)

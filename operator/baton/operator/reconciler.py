@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from baton.api.v1alpha1 import DisaggregatedModel
 from baton.operator import diff, events, status
 from baton.operator.cache import ChildCache
-from baton.operator.kube import Kube, api_error_message
+from baton.operator.kube import CHILD_KINDS, Kube, api_error_message
 from baton.operator.rollout_pass import (
     ANNOTATION_RETRY,
     ANNOTATION_ROLLBACK,
@@ -68,7 +68,6 @@ RESYNC_SECONDS = float(os.environ.get("BATON_RESYNC_SECONDS", "60"))
 # a deletion the watch missed (kopf lists again after a gap, and a list carries no deletions) leaves a
 # child the cache still holds, which no pass would then re-create.
 CHILD_LIST_SECONDS = float(os.environ.get("BATON_CHILD_LIST_SECONDS", "600"))
-CHILD_KINDS = ("StatefulSet", "Deployment", "Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding")
 # A child Baton has to update again on this many passes in a row is being changed back by another writer.
 DRIFT_PASSES = 3
 PROGRESS_SECONDS = 5.0
@@ -193,7 +192,7 @@ class Reconciler:
             return
         self._children_due[key] = now + self.child_list_seconds * random.uniform(0.75, 1.25)
         assert self.cache is not None
-        selector = f"{LABEL_MODEL}={name},app.kubernetes.io/managed-by={MANAGED_BY}"
+        selector = label_selector({LABEL_MODEL: name, "app.kubernetes.io/managed-by": MANAGED_BY})
         for kind in CHILD_KINDS:
             try:
                 objects, version = self.kube.list_recent(kind, namespace, selector)
@@ -326,7 +325,8 @@ class Reconciler:
 
         serving = ro.get("servingGeneration", "")
         observed = status.Observed()
-        live = self._generations(namespace, name).get(serving, {})
+        current = self._generations(namespace, name)  # listed again: this pass may have created or deleted some
+        live = current.get(serving, {})
         observed.prefill, observed.decode = live.get("prefill"), live.get("decode")
         observed.scheduler = self._read("Deployment", namespace, child_name(target, "scheduler"))
         # What the spec asks for, whichever generation serves; during a pairwise swap, the size the swap gives it.
@@ -342,7 +342,7 @@ class Reconciler:
         )
         if not settled:
             # the serving generation's StatefulSets; before any serves (a first deployment), the spec's
-            tiers = live or self._generations(namespace, name).get(gen, {})
+            tiers = live or current.get(gen, {})
             observed.unschedulable, observed.failing = self._pod_problems(namespace, name, list(tiers.values()))
         if serving == gen:
             serving_fp = (derived.fingerprint("prefill"), derived.fingerprint("decode"))
