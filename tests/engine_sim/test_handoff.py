@@ -424,3 +424,60 @@ def test_chunked_prefill_prompt_hands_off(engines):
     assert held(ctx) == 0
     local = ctx.complete(body)
     assert text_of(local) == text_of(gen_resp)
+
+
+def small_buffer(backend: str) -> dict:
+    return {"backend": backend, "max_tokens_in_buffer": 256}  # room for 256 tokens + one block of 32
+
+
+LONG_PROMPT = list(range(1, 400))  # 13 blocks of 32 = 416 tokens of KV: more than 288
+SHORT_PROMPT = list(range(1, 250))  # 8 blocks: fits
+
+
+def test_nixl_fails_a_transfer_that_does_not_fit_the_buffer_and_frees_its_kv(engines):
+    """TensorRT-LLM sends KV that does not fit the pre-allocated transfer buffer through a buffer allocated for
+    it, which the NIXL backend cannot do: the transfer fails, with an error naming max_tokens_in_buffer, and
+    the context worker frees the KV at once. KV that fits is handed off as usual."""
+    ctx = engines.start(worker_yaml(ctx=True, backend="NIXL", cache_transceiver_config=small_buffer("NIXL")),
+                        "--sim-speed", "0")
+    gen = engines.start(worker_yaml(ctx=False, backend="NIXL", cache_transceiver_config=small_buffer("NIXL")),
+                        "--sim-speed", "0")
+    _, (status, resp) = handoff(ctx, gen, {"prompt": SHORT_PROMPT, "max_tokens": 3})
+    assert status == 200, resp
+    used = ctx.state()["kvCacheStats"]["usedNumBlocks"]
+    _, (status, err) = handoff(ctx, gen, {"prompt": LONG_PROMPT, "max_tokens": 3})
+    assert status == 500
+    assert "does not fit the generation worker's pre-allocated transfer buffer" in err["message"]
+    assert "max_tokens_in_buffer=256" in err["message"] and "NIXL" in err["message"]
+    ctx.wait_for(lambda: held(ctx) == 0, "the refused KV to be freed", deadline_s=5)
+    assert ctx.state()["kvCacheStats"]["usedNumBlocks"] == used
+    counters = gen.state()["counters"]
+    assert counters["kvTransfersDynamicBuffer"] == 1 and counters["kvTransferFailures"] == 1
+
+    # a generation worker with a large enough buffer: now the context worker's own buffer is too small
+    roomy = engines.start(worker_yaml(ctx=False, backend="NIXL", cache_transceiver_config={"max_tokens_in_buffer": 1024}),
+                          "--sim-speed", "0")
+    _, (status, err) = handoff(ctx, roomy, {"prompt": LONG_PROMPT, "max_tokens": 3})
+    assert status == 500 and "does not fit the context worker's pre-allocated transfer buffer" in err["message"]
+    assert held(ctx) == 0 and ctx.state()["counters"]["kvTransfersDynamicBuffer"] == 1
+    _, (status, resp) = handoff(ctx, roomy, {"prompt": SHORT_PROMPT, "max_tokens": 3})
+    assert status == 200, resp
+
+
+def test_ucx_sends_what_does_not_fit_the_buffer_more_slowly_with_a_warning(engines):
+    """With UCX the same transfer succeeds through a dynamically allocated buffer, each side taking
+    --sim-dynamic-buffer-ms longer and logging a warning that names max_tokens_in_buffer."""
+    args = ("--sim-speed", "1", "--sim-dynamic-buffer-ms", "400")
+    ctx = engines.start(worker_yaml(ctx=True, cache_transceiver_config=small_buffer("UCX")), *args)
+    gen = engines.start(worker_yaml(ctx=False, cache_transceiver_config=small_buffer("UCX")), *args)
+    _, (status, fits) = handoff(ctx, gen, {"prompt": SHORT_PROMPT, "max_tokens": 1})
+    assert status == 200, fits
+    start = time.monotonic()
+    _, (status, resp) = handoff(ctx, gen, {"prompt": LONG_PROMPT, "max_tokens": 1})
+    elapsed = time.monotonic() - start
+    assert status == 200, resp
+    assert elapsed >= 0.8  # 400 ms on each side, on top of the prefill and the transfer itself
+    for engine in (ctx, gen):
+        assert engine.state()["counters"]["kvTransfersDynamicBuffer"] == 1
+        assert '"event": "kv_transfer_dynamic_buffer"' in engine.log()
+        assert "max_tokens_in_buffer to at least the longest prompt" in engine.log()

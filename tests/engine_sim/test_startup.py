@@ -29,6 +29,8 @@ from baton import kvformat
                      "context parallelism is not currently supported", id="cp-non-mla"),
         pytest.param(worker_yaml(ctx=True, max_beam_width=2), (), "only beam width 1 is supported", id="beam-2"),
         pytest.param(worker_yaml(ctx=True), ("--backend", "trt"), "models the pytorch backend", id="trt-backend"),
+        pytest.param(worker_yaml(ctx=True, cache_transceiver_config={"max_tokens_in_buffer": 1000}), (),
+                     "Assertion failed: maxNumTokens.value() % tokensPerBlock == 0", id="buffer-not-whole-blocks"),
     ],
 )
 def test_startup_failures(fresh_engines, options, args, expected):
@@ -232,13 +234,56 @@ def load(tmp_path, model, options: dict, *args: str):
     return config.load_config([str(model), "--config", str(cfg_file), *args], env={})
 
 
+# TensorRT-LLM's default KV transfer buffers: 512 MiB each, two send buffers and one receive buffer per GPU.
+DEFAULT_TRANSFER_BUFFERS_BYTES_PER_GPU = 3 * 512 * 2**20
+
+
 def memory_tokens(cfg_state, hf_config: dict, *, bytes_per_param: float = 2.0, gpus: int = 1,
-                  fraction: float = 0.9, gpu_gb: float = 141.0, skew: float = 1.0) -> int:
+                  fraction: float = 0.9, gpu_gb: float = 141.0, skew: float = 1.0,
+                  transfer_bytes: float | None = None) -> int:
     from baton.engine_sim import timing
 
     weights = timing.estimate_params(timing.shape_from_hf_config(hf_config)) * bytes_per_param
     per_token = kvformat.kv_bytes_per_token(cfg_state) * max(1.0, cfg_state.tp / cfg_state.num_kv_heads)
-    return int((gpu_gb * 1e9 * gpus - weights * skew) * fraction / (per_token * skew))
+    if transfer_bytes is None:
+        transfer_bytes = DEFAULT_TRANSFER_BUFFERS_BYTES_PER_GPU * gpus
+    return int((gpu_gb * 1e9 * gpus - weights * skew - transfer_bytes) * fraction / (per_token * skew))
+
+
+def test_kv_transfer_buffers_are_allocated_before_the_kv_cache(tmp_path):
+    """Every GPU pre-allocates two send buffers and one receive buffer of max_tokens_in_buffer tokens plus one
+    block (TensorRT-LLM's CacheTransBufferManager), or of TRTLLM_KVCACHE_TRANSFER_BUFFER_SIZE (512MB) when it is
+    unset; the KV cache is sized from the memory left."""
+    import yaml
+
+    from baton.engine_sim import config
+
+    kv_token = 128 * 1024  # Llama-3-8B, bf16: 2 x 32 layers x 8 KV heads x 128 x 2 bytes
+    base = load(tmp_path, LLAMA_8B, worker_yaml(ctx=True))
+    assert base.transfer_buffer_tokens == 512 * 2**20 // kv_token == 4096
+    assert base.transfer_buffers_bytes == DEFAULT_TRANSFER_BUFFERS_BYTES_PER_GPU
+    sized = load(tmp_path, LLAMA_8B, worker_yaml(ctx=True, cache_transceiver_config={"max_tokens_in_buffer": 32768}))
+    assert sized.transfer_buffer_tokens == 32768 + 32
+    assert sized.transfer_buffers_bytes == 3 * (32768 + 32) * kv_token
+    assert sized.max_blocks == memory_tokens(sized.cache_state, sized.hf_config,
+                                             transfer_bytes=3 * (32768 + 32) * kv_token) // 32
+    assert sized.max_blocks < base.max_blocks  # 12.9 GB of buffers instead of 1.6 GB
+    assert "GB KV transfer buffers" in sized.kv_capacity_source
+    described = config.describe(sized)
+    assert described["transfer_buffer_tokens"] == 32800
+    assert "max_tokens_in_buffer=32768" in described["transfer_buffer_source"]
+    # TP 2: each GPU holds half of every token's KV, so the same 512 MiB holds twice the tokens
+    tp2 = load(tmp_path, LLAMA_8B, worker_yaml(ctx=True, tensor_parallel_size=2))
+    assert tp2.transfer_buffer_tokens == 8192 and tp2.transfer_buffers_bytes == 2 * DEFAULT_TRANSFER_BUFFERS_BYTES_PER_GPU
+    # the environment sizes the default buffer and the number of send buffers
+    cfg_file = tmp_path / "env.yaml"
+    cfg_file.write_text(yaml.safe_dump(worker_yaml(ctx=True)))
+    env_cfg = config.load_config([str(LLAMA_8B), "--config", str(cfg_file)], env={
+        "TRTLLM_KVCACHE_TRANSFER_BUFFER_SIZE": "1GB", "TRTLLM_KVCACHE_SEND_MAX_CONCURRENCY_NUM": "1"})
+    assert env_cfg.transfer_buffer_tokens == 8192 and env_cfg.transfer_buffers_bytes == 2 * 2**30
+    with pytest.raises(config.StartupError, match="TRTLLM_KVCACHE_TRANSFER_BUFFER_SIZE: not a memory size"):
+        config.load_config([str(LLAMA_8B), "--config", str(cfg_file)],
+                           env={"TRTLLM_KVCACHE_TRANSFER_BUFFER_SIZE": "lots"})
 
 
 def test_uneven_pipeline_split_starts_and_its_largest_stage_bounds_capacity(tmp_path):

@@ -34,6 +34,15 @@ DEFAULT_GPU_MEMORY_GB = 141.0  # one H200: 141 GB (decimal) of HBM3e
 DEFAULT_LINK_GBPS = 400.0  # gigabits/s, NDR400 InfiniBand = 50 GB/s
 DEFAULT_TP_EFFICIENCY = 0.85
 DEFAULT_STATS_MAX = 1000
+# TensorRT-LLM's KV transfer staging buffers (CacheTransBufferManager). Every GPU of a worker allocates them
+# before its KV cache is sized: TRTLLM_KVCACHE_SEND_MAX_CONCURRENCY_NUM send buffers (default 2) and one
+# receive buffer, each holding cache_transceiver_config.max_tokens_in_buffer tokens plus one block of KV, or
+# TRTLLM_KVCACHE_TRANSFER_BUFFER_SIZE bytes (default 512MB) when max_tokens_in_buffer is unset. A transfer
+# whose KV does not fit one buffer goes through a buffer allocated for it: slower with UCX, a failure with NIXL.
+DEFAULT_TRANSFER_BUFFER_SIZE = "512MB"
+DEFAULT_SEND_BUFFERS = 2
+RECV_BUFFERS = 1
+DEFAULT_DYNAMIC_BUFFER_MS = 2.0
 
 
 class StartupError(Exception):
@@ -77,6 +86,11 @@ class SimConfig:
     perf_metrics_max: int = DEFAULT_STATS_MAX
     default_max_tokens: int = 16
     weight_dtype: str = "bf16"  # what the weight-memory estimate assumes (`weight_format`)
+    # Tokens whose KV fits one pre-allocated transfer buffer (per GPU, as TensorRT-LLM sizes it); a transfer of
+    # more goes through a dynamically allocated buffer (`Engine.transfer_buffer_overflow`).
+    transfer_buffer_tokens: int = 1 << 62
+    transfer_buffer_source: str = ""
+    transfer_buffers_bytes: int = 0  # all pre-allocated transfer buffers of the replica (every GPU's)
     notes: list[str] = field(default_factory=list)
 
 
@@ -129,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"TensorRT-LLM version to report and carry in the CacheState (default {DEFAULT_TRTLLM_VERSION})")
     s.add_argument("--sim-link-gbps", metavar="GBIT", type=float, default=DEFAULT_LINK_GBPS,
                    help="KV link rate in gigaBITS per second (default 400 = NDR400 = 50 GB/s)")
+    s.add_argument("--sim-dynamic-buffer-ms", metavar="MS", type=float, default=DEFAULT_DYNAMIC_BUFFER_MS,
+                   help="extra time a KV transfer takes, on each side, when its KV does not fit the pre-allocated "
+                        "transfer buffer and UCX sends it through a buffer allocated for it (an estimate, not "
+                        f"measured; default {DEFAULT_DYNAMIC_BUFFER_MS:g})")
     s.add_argument("--sim-tp-efficiency", metavar="E", type=float, default=DEFAULT_TP_EFFICIENCY,
                    help="TP of N divides compute time by N x E (default 0.85)")
     s.add_argument("--sim-gpu-memory-gb", metavar="GB", type=float, default=DEFAULT_GPU_MEMORY_GB,
@@ -275,6 +293,8 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         raise StartupError("--sim-link-gbps must be > 0")
     if not 0 < args.sim_tp_efficiency <= 1:
         raise StartupError("--sim-tp-efficiency must be in (0, 1]")
+    if args.sim_dynamic_buffer_ms < 0:
+        raise StartupError("--sim-dynamic-buffer-ms must be >= 0")
 
     model_dir = Path(args.model)
     model_name = args.sim_model_name or args.model
@@ -310,6 +330,7 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         timing_model = timing.build_timing_model(
             table, hf_config, tp=state.tp, tp_efficiency=args.sim_tp_efficiency, time_scale=args.sim_speed,
             link_bytes_per_s=args.sim_link_gbps * 1e9 / 8, model_name=args.sim_timing_model,
+            dynamic_buffer_ms=args.sim_dynamic_buffer_ms,
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StartupError(f"cannot load the timing table: {type(exc).__name__}: {exc}") from exc
@@ -328,6 +349,8 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
     stage_layers = state.attention_layer_num_per_pp
     skew = state.pp * max(stage_layers) / state.num_layers if stage_layers and state.num_layers else 1.0
     bytes_per_param, weight_dtype = weight_format(model_dir, hf_config)
+    ctc = options.get("cache_transceiver_config") or {}
+    buffer = transfer_buffers(ctc, tpb, replica_bytes_per_token * skew / gpus, gpus, env)
     if args.sim_kv_cache_gib is not None:
         memory_tokens = int(args.sim_kv_cache_gib * GIB / (replica_bytes_per_token * skew))
         memory_source = f"--sim-kv-cache-gib {args.sim_kv_cache_gib:g}"
@@ -335,16 +358,26 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         fraction = kv_cfg.get("free_gpu_memory_fraction", args.kv_cache_free_gpu_memory_fraction)
         weights = timing.estimate_params(timing.shape_from_hf_config(hf_config)) * bytes_per_param
         total = args.sim_gpu_memory_gb * 1e9 * gpus
+        # The transfer buffers are allocated before the KV cache is sized (TensorRT-LLM subtracts their
+        # pre-allocated size from the memory the KV cache may take).
         free = total - weights * skew
         if free <= 0:
             raise StartupError(
                 f"model weights (~{weights / 1e9:.0f} GB in {weight_dtype}) do not fit in {gpus} GPU(s) of "
                 f"{args.sim_gpu_memory_gb:g} GB; raise --tp_size/--pp_size or set --sim-kv-cache-gib"
             )
+        free -= buffer.total_bytes
+        if free <= 0:
+            raise StartupError(
+                f"model weights (~{weights / 1e9:.0f} GB in {weight_dtype}) and KV transfer buffers "
+                f"({buffer.total_bytes / 1e9:.1f} GB, {buffer.source}) do not fit in {gpus} GPU(s) of "
+                f"{args.sim_gpu_memory_gb:g} GB; lower cache_transceiver_config.max_tokens_in_buffer, raise "
+                "--tp_size/--pp_size or set --sim-kv-cache-gib"
+            )
         memory_tokens = int(free * float(fraction) / (replica_bytes_per_token * skew))
         memory_source = (
             f"free_gpu_memory_fraction {float(fraction):g} x ({gpus} x {args.sim_gpu_memory_gb:g} GB - "
-            f"{weights / 1e9:.1f} GB {weight_dtype} weights)"
+            f"{weights / 1e9:.1f} GB {weight_dtype} weights - {buffer.total_bytes / 1e9:.1f} GB KV transfer buffers)"
         )
         if skew != 1.0:
             memory_source += (
@@ -365,7 +398,6 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
     if max_blocks < 1:
         raise StartupError(f"KV cache holds no block of {tpb} tokens ({source})")
 
-    ctc = options.get("cache_transceiver_config") or {}
     timeout_ms = ctc.get("kv_transfer_timeout_ms")
     if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms <= 0):
         raise StartupError(f"cache_transceiver_config.kv_transfer_timeout_ms must be a positive number, got {timeout_ms!r}")
@@ -426,6 +458,9 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         default_max_tokens=args.sim_default_max_tokens,
         tokenizer=tokenizer,
         weight_dtype=weight_dtype,
+        transfer_buffer_tokens=buffer.tokens,
+        transfer_buffer_source=buffer.source,
+        transfer_buffers_bytes=int(buffer.total_bytes),
     )
 
 
@@ -449,6 +484,9 @@ def describe(cfg: SimConfig) -> dict:
         "kv_capacity_tokens": cfg.max_blocks * cfg.tokens_per_block,
         "kv_capacity_source": cfg.kv_capacity_source,
         "kv_transfer_timeout_ms": None if cfg.kv_transfer_timeout_s is None else cfg.kv_transfer_timeout_s * 1000,
+        "transfer_buffer_tokens": cfg.transfer_buffer_tokens,
+        "transfer_buffer_source": cfg.transfer_buffer_source,
+        "transfer_buffers_bytes": cfg.transfer_buffers_bytes,
         "timing_model": cfg.timing.model.name,
         "timing_param_scale": round(cfg.timing.param_scale, 4),
         "time_scale": cfg.time_scale,
@@ -456,6 +494,57 @@ def describe(cfg: SimConfig) -> dict:
         "tp_speedup": cfg.timing.tp_speedup,
         "tokenizer": cfg.tokenizer.source if cfg.tokenizer is not None else tokens.ESTIMATE_SOURCE,
     }
+
+
+_MEMORY_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+
+
+def memory_size(text: str) -> int:
+    """A TensorRT-LLM memory size ("512MB", "1GB", "4096"; binary units, as its parseMemorySize reads them)."""
+    raw = text.strip().upper()
+    number = raw.rstrip("KMGB")
+    unit = raw[len(number):]
+    if not number.isdigit() or unit not in _MEMORY_UNITS:
+        raise ValueError(f"not a memory size: {text!r} (use a number of bytes, or KB, MB, GB)")
+    return int(number) * _MEMORY_UNITS[unit]
+
+
+@dataclass(frozen=True)
+class TransferBuffers:
+    tokens: int  # tokens whose KV fits one buffer
+    total_bytes: float  # every buffer of every GPU of the replica
+    source: str
+
+
+def transfer_buffers(ctc: Mapping, tokens_per_block: int, gpu_bytes_per_token: float, gpus: int,
+                     env: Mapping[str, str]) -> TransferBuffers:
+    """The KV transfer staging buffers one worker pre-allocates (see DEFAULT_TRANSFER_BUFFER_SIZE), from its
+    cache_transceiver_config and environment; `gpu_bytes_per_token` is the KV one GPU holds per token."""
+    sends_text = env.get("TRTLLM_KVCACHE_SEND_MAX_CONCURRENCY_NUM", "")
+    if sends_text and not sends_text.strip().isdigit():
+        raise StartupError(f"TRTLLM_KVCACHE_SEND_MAX_CONCURRENCY_NUM must be a whole number, got {sends_text!r}")
+    buffers = (int(sends_text) if sends_text else DEFAULT_SEND_BUFFERS) + RECV_BUFFERS
+    max_tokens = ctc.get("max_tokens_in_buffer")
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise StartupError(f"cache_transceiver_config.max_tokens_in_buffer must be a positive integer, "
+                               f"got {max_tokens!r}")
+        if max_tokens % tokens_per_block:
+            # CacheTransBufferManager's TLLM_CHECK, at worker start
+            raise StartupError(
+                "[TensorRT-LLM][ERROR] Assertion failed: maxNumTokens.value() % tokensPerBlock == 0 "
+                f"(cache_transceiver_config.max_tokens_in_buffer {max_tokens} is not a multiple of "
+                f"kv_cache_config.tokens_per_block {tokens_per_block})")
+        tokens = max_tokens + tokens_per_block  # the buffer holds one block more
+        return TransferBuffers(tokens, tokens * gpu_bytes_per_token * buffers * gpus,
+                               f"cache_transceiver_config.max_tokens_in_buffer={max_tokens} (+ one block)")
+    size_text = env.get("TRTLLM_KVCACHE_TRANSFER_BUFFER_SIZE") or DEFAULT_TRANSFER_BUFFER_SIZE
+    try:
+        size = memory_size(size_text)
+    except ValueError as exc:
+        raise StartupError(f"TRTLLM_KVCACHE_TRANSFER_BUFFER_SIZE: {exc}") from exc
+    return TransferBuffers(int(size // gpu_bytes_per_token) if gpu_bytes_per_token > 0 else 0, size * buffers * gpus,
+                           f"TRTLLM_KVCACHE_TRANSFER_BUFFER_SIZE={size_text} (max_tokens_in_buffer unset)")
 
 
 def blocks_for(tokens: int, tokens_per_block: int) -> int:

@@ -161,7 +161,7 @@ class _Held:
 _COUNTERS = (
     "requestsReceived", "requestsCompleted", "requestsFailed", "requestsRejected", "requestsCancelled",
     "kvFormatRejections", "kvPullsServed", "kvPullsFailed", "kvExpired", "kvTransfersCompleted",
-    "kvTransferFailures", "kvBytesSent", "kvBytesReceived",
+    "kvTransferFailures", "kvBytesSent", "kvBytesReceived", "kvTransfersDynamicBuffer",
 )
 
 
@@ -445,6 +445,43 @@ class Engine:
                 f"kv_transfer_timeout_ms={timeout_ms:g} of the context worker; the context request was cancelled "
                 "and its KV cache freed")
 
+    def send_failed(self, held: _Held, message: str, x_request_id: str = "") -> None:
+        """The transfer begun by `begin_pull` cannot be sent (`transfer_buffer_check` refused it): the context
+        request fails and its blocks are freed, as TensorRT-LLM ends a request whose transfer failed."""
+        self._sending.pop(held.rid, None)
+        self._release_held(held)
+        self.counters["kvPullsFailed"] += 1
+        self._forget(held.rid, f"its transfer failed and it was freed: {message}")
+
+    def transfer_buffer_check(self, num_tokens: int, side: str, ctx_request_id: int, x_request_id: str = "") -> float:
+        """One side (`side`: "context" sends, "generation" receives) of a transfer of `num_tokens` tokens of KV:
+        the extra seconds it takes (0 when the KV fits this worker's pre-allocated transfer buffer). What does
+        not fit goes through a buffer allocated for the transfer, as in TensorRT-LLM's CacheTransBufferManager:
+        with UCX slower, with a warning; with NIXL it fails (EngineError)."""
+        cfg = self.cfg
+        if blocks_for(num_tokens, cfg.tokens_per_block) * cfg.tokens_per_block <= cfg.transfer_buffer_tokens:
+            return 0.0
+        self.counters["kvTransfersDynamicBuffer"] += 1
+        fields = {"request_id": x_request_id, "ctx_request_id": ctx_request_id, "side": side,
+                  "tokens": num_tokens, "buffer_tokens": cfg.transfer_buffer_tokens,
+                  "buffer": cfg.transfer_buffer_source, "backend": self.state.transfer_backend}
+        if self.state.transfer_backend == "NIXL":
+            message = (
+                f"KV cache transfer failed: the KV cache of ctx_request_id {ctx_request_id} ({num_tokens} tokens) "
+                f"does not fit the {side} worker's pre-allocated transfer buffer ({cfg.transfer_buffer_source}: "
+                f"room for {cfg.transfer_buffer_tokens} tokens), and the NIXL backend cannot transfer through a "
+                "buffer allocated for one transfer; set cache_transceiver_config.max_tokens_in_buffer to at least "
+                "the longest prompt")
+            log.error("KV transfer failed: transfer buffer too small for NIXL",
+                      extra={"fields": {"event": "kv_transfer_buffer_too_small", **fields, "error": message}})
+            raise EngineError(message, 500, "InternalServerError")
+        log.warning(
+            f"KV cache of ctx_request_id {ctx_request_id} ({num_tokens} tokens) does not fit the pre-allocated "
+            f"transfer buffer ({cfg.transfer_buffer_source}); sending it through a dynamically allocated buffer, "
+            "which is slower (and fails with NIXL): set cache_transceiver_config.max_tokens_in_buffer to at least "
+            "the longest prompt", extra={"fields": {"event": "kv_transfer_dynamic_buffer", **fields}})
+        return cfg.timing.dynamic_buffer_seconds()
+
     def pull_seconds(self, held: _Held, link_bytes_per_s: float | None,
                      peer: kvformat.CacheState | None = None) -> float:
         """How long sending `held` takes: its bytes over the slower of the two workers' per-GPU links, the
@@ -607,8 +644,17 @@ class Engine:
         assert s.handle is not None
         s.kv_start = time.monotonic()
         try:
+            extra = self.transfer_buffer_check(s.prompt.length, "generation", s.handle.ctx_request_id, s.x_request_id)
+        except EngineError as exc:  # the receive side cannot take it: the context worker frees the KV
+            self.counters["kvTransferFailures"] += 1
+            self._refuse_handoff(s.handle, exc.message, s.x_request_id)
+            self._fail(s, exc)
+            return
+        try:
             result = await self.puller.pull(s.handle, self.state, link_bytes_per_s=self.cfg.link_bytes_per_s,
                                             x_request_id=s.x_request_id, timeout_s=self.cfg.kv_transfer_timeout_s)
+            if extra > 0:  # the receive side's dynamically allocated buffer
+                await asyncio.sleep(extra)
         except HandoffError as exc:
             if exc.kind == "format":
                 self.counters["kvFormatRejections"] += 1

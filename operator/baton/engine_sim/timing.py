@@ -13,7 +13,9 @@ Assumed (documented in docs/engine-simulator.md):
 - a pass's tokens attend only to their own sequence: a batch of prompts costs the pass over all their
   tokens plus each prompt's own attention, and a chunk of a chunked prefill (enable_chunked_prefill) over
   prompt positions [start, end) is charged the attention it adds, c x (end^2 - start^2);
-- KV transfer time = KV bytes / link rate.
+- KV transfer time = KV bytes / link rate, plus `--sim-dynamic-buffer-ms` (default 2 ms, an estimate) on each
+  side whose pre-allocated transfer buffer the KV does not fit (UCX then sends through a buffer allocated
+  for that transfer; NIXL cannot, and the transfer fails).
 Every modelled delay is multiplied by the time scale (`--sim-speed`; 0 = no delays at all).
 
 Interpolation is log-log between table points, clamped below the first point (small work costs what the
@@ -345,6 +347,7 @@ class TimingModel:
     tp_efficiency: float = 0.85
     time_scale: float = 1.0  # --sim-speed: 1 = calibrated real time, 0 = no delays
     link_bytes_per_s: float = 50e9
+    dynamic_buffer_ms: float = 2.0  # --sim-dynamic-buffer-ms
 
     @property
     def tp_speedup(self) -> float:
@@ -378,6 +381,11 @@ class TimingModel:
         rate = min(self.link_bytes_per_s, link_bytes_per_s or self.link_bytes_per_s) * max(1, streams)
         return num_bytes / rate * self.time_scale
 
+    def dynamic_buffer_seconds(self) -> float:
+        """What one side of a KV transfer adds when its KV does not fit the pre-allocated buffer and UCX sends
+        it through a buffer allocated (and registered) for it."""
+        return self.dynamic_buffer_ms / 1000.0 * self.time_scale
+
 
 def build_timing_model(
     table: TimingTable,
@@ -388,6 +396,7 @@ def build_timing_model(
     time_scale: float = 1.0,
     link_bytes_per_s: float = 50e9,
     model_name: str | None = None,
+    dynamic_buffer_ms: float = 2.0,
 ) -> TimingModel:
     """Pick the calibrated model (by name, else nearest by parameter count) and scale it to `hf_config`."""
     params = estimate_params(shape_from_hf_config(hf_config))
@@ -404,4 +413,5 @@ def build_timing_model(
         tp_efficiency=tp_efficiency,
         time_scale=time_scale,
         link_bytes_per_s=link_bytes_per_s,
+        dynamic_buffer_ms=dynamic_buffer_ms,
     )

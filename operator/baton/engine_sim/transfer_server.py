@@ -7,7 +7,8 @@ described in handoff.py, which holds the gen side (`KVPuller`).
 
 Each pull runs `Engine.begin_pull` (instance, CacheState and availability checks, with TensorRT-LLM's error
 text; a failed CacheState check, or a refusal sent by the gen side, fails the context request and frees its
-KV), keeps the blocks for the modelled transfer time, then `Engine.end_pull` frees them and the answer goes
+KV), keeps the blocks for the modelled transfer time (`Engine.transfer_buffer_check` adds to it, or fails the
+transfer, when the KV does not fit the worker's pre-allocated transfer buffer), then `Engine.end_pull` frees them and the answer goes
 back. With kv_transfer_timeout_ms set, a transfer that would end after the timeout (counted from the end of the
 prefill) is cut off when it runs out: `Engine.send_timed_out` frees the blocks and the gen side gets a
 "KVTransferTimeout" error. A pull whose connection drops before its answer is sent, or that the gen side
@@ -101,8 +102,14 @@ class _Connection(asyncio.Protocol):
         except EngineError as exc:
             transport.write(_error(fid, exc.message, exc.status, exc.err_type))
             return
+        try:
+            extra = engine.transfer_buffer_check(held.num_tokens, "context", ctx_request_id, x_rid)
+        except EngineError as exc:
+            engine.send_failed(held, exc.message, x_rid)
+            transport.write(_error(fid, exc.message, exc.status, exc.err_type))
+            return
         started = time.monotonic()
-        delay = engine.pull_seconds(held, link, peer)
+        delay = engine.pull_seconds(held, link, peer) + extra
         budget = engine.send_budget(held)  # None: no kv_transfer_timeout_ms
         if budget is not None and budget <= 0:
             transport.write(_error(fid, engine.send_timed_out(held, x_rid), 500, "KVTransferTimeout"))
