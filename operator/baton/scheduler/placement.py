@@ -55,7 +55,9 @@ class ReplicaState:
         self.queued_tokens = 0  # prefill: prompt tokens of the requests in flight
         self.dispatched = 0
         self.failures = 0
-        self.last_ok = 0.0
+        # never heard from: the first heartbeat probes it. (Not 0.0: the clock is monotonic time, which on a
+        # host up for less than a heartbeat period is itself below the period, so a new replica went unprobed.)
+        self.last_ok = -math.inf
         self.prefill_tps = 0.0  # observed prefill throughput (tokens/s), 0 = unknown
 
     @property
