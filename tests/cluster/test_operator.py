@@ -285,6 +285,9 @@ INVALID = [
     ("spec.engine.kvCache.dtype", "auto", 'Unsupported value: "auto"'),
     ("spec.engine.kvCache.tokensPerBlock", 48, "Unsupported value: 48"),
     ("spec.engine.kvTransfer.backend", "DEFAULT", 'Unsupported value: "DEFAULT"'),
+    ("spec.engine.kvTransfer.maxTokensInBuffer", 1000, "must be a multiple of the KV tokens per block"),
+    ("spec.engine.kvTransfer", {"backend": "NIXL", "maxTokensInBuffer": 8192},  # maxPromptTokens 16384
+     "maxTokensInBuffer is below prefill.maxPromptTokens with the NIXL backend"),
     ("spec.model.source", {"pvc": {"claimName": "w"}, "huggingFace": {"id": "x/y"}}, "exactly one of pvc, hostPath or huggingFace"),
     ("spec.engine.trtllmVersion", "latest", "spec.engine.trtllmVersion"),
     ("spec.scheduler.algorithm", "fastest", 'Unsupported value: "fastest"'),

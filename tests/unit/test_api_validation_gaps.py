@@ -230,3 +230,55 @@ def test_an_integer_gpu_quantity_is_compared_as_the_operator_compares_it(gpu, gp
     if refused:
         rule = next(r for r in _rules("spec", "decode") if "nvidia.com/gpu" in r["message"])
         assert cel_eval(rule["messageExpression"], wire).startswith(f"decode.resources sets nvidia.com/gpu={gpu}, ")
+
+
+# ----------------------------------------------------------- the KV transfer buffer (max_tokens_in_buffer)
+
+
+@pytest.mark.parametrize("backend,tokens,prompt,expected", [
+    ("UCX", None, 32768, 8192),  # longer prompts go through a per-transfer buffer: slower, but they work
+    ("NIXL", None, 32768, 32768),  # NIXL cannot do that: room for the longest prompt
+    ("NIXL", None, 16390, 16416),  # in whole blocks of 32, as TensorRT-LLM requires
+    ("UCX", 4096, 32768, 4096),
+    ("NIXL", 65536, 32768, 65536),
+])
+def test_the_transfer_buffer_is_rendered_alike_on_both_tiers(backend, tokens, prompt, expected):
+    transfer = {"backend": backend, **({"maxTokensInBuffer": tokens} if tokens else {})}
+    m = model("small.yaml", engine__kvTransfer=transfer, prefill__maxPromptTokens=prompt)
+    for tier in ("prefill", "decode"):
+        assert engine_config.engine_options(m.spec, tier)["cache_transceiver_config"]["max_tokens_in_buffer"] == expected
+    assert spec_problems(m.spec) == []
+
+
+def test_a_nixl_buffer_is_rounded_up_with_the_tiers_own_block_size():
+    m = model("small.yaml", engine__kvTransfer={"backend": "NIXL"}, prefill__maxPromptTokens=1000,
+              engine__kvCache__tokensPerBlock=16, prefill__engineOverrides={"tokensPerBlock": 128},
+              decode__engineOverrides={"tokensPerBlock": 128})
+    assert {engine_config.engine_options(m.spec, tier)["cache_transceiver_config"]["max_tokens_in_buffer"]
+            for tier in ("prefill", "decode")} == {1024}
+
+
+@pytest.mark.parametrize("transfer,prompt,overrides,refused", [
+    ({"maxTokensInBuffer": 1000}, 32768, {}, [api.TRANSFER_BUFFER_NOT_WHOLE_BLOCKS]),
+    ({"maxTokensInBuffer": 8192}, 32768, {}, []),
+    ({"maxTokensInBuffer": 8192}, 32768, {"tokensPerBlock": 128}, []),
+    ({"maxTokensInBuffer": 8224}, 32768, {"tokensPerBlock": 64}, [api.TRANSFER_BUFFER_NOT_WHOLE_BLOCKS]),
+    ({"backend": "NIXL", "maxTokensInBuffer": 8192}, 32768, {}, [api.TRANSFER_BUFFER_BELOW_PROMPT_NIXL]),
+    ({"backend": "NIXL", "maxTokensInBuffer": 32768}, 32768, {}, []),
+    ({"backend": "NIXL", "maxTokensInBuffer": 1000}, 32768, {},
+     [api.TRANSFER_BUFFER_NOT_WHOLE_BLOCKS, api.TRANSFER_BUFFER_BELOW_PROMPT_NIXL]),
+    ({"backend": "NIXL"}, 32768, {}, []),  # left out: sized from maxPromptTokens
+    ({"backend": "UCX", "maxTokensInBuffer": 8192}, 131072, {}, []),  # UCX: slower for longer prompts, not refused
+])
+def test_transfer_buffer_rules_at_admission_and_in_the_operator(transfer, prompt, overrides, refused):
+    """Refused at `kubectl apply` (the CRD's CEL) and, for objects admitted before the rules, by the operator
+    (InvalidSpec) with the same sentence plus the values."""
+    fields = {"engine__kvTransfer": transfer, "prefill__maxPromptTokens": prompt}
+    if overrides:
+        fields.update(prefill__engineOverrides=overrides, decode__engineOverrides=overrides)
+    m = model("small.yaml", **fields)
+    assert _refused(_rules("spec"), _wire(m)) == refused
+    problems = spec_problems(m.spec)
+    assert [p.split(" (maxTokensInBuffer")[0] for p in problems] == refused
+    if api.TRANSFER_BUFFER_BELOW_PROMPT_NIXL in refused:
+        assert f"(maxTokensInBuffer {transfer['maxTokensInBuffer']}, maxPromptTokens {prompt})" in problems[-1]

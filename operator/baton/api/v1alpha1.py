@@ -172,7 +172,12 @@ class KVTransferSpec(ApiModel):
     backend: Literal["UCX", "NIXL"] = Field(default="UCX", description="KV transfer backend between tiers. Rendered explicitly (never DEFAULT, whose meaning changed between TensorRT-LLM versions).")
     compression: Literal["none", "fp8"] = Field(default="none", description="Compress KV to fp8 for transfer. Requests flagged high-precision take the uncompressed path (prefilled on the decode replica).")
     high_precision_fallback: bool = Field(default=True, description="With compression on, let requests flagged high-precision bypass it by prefilling on the decode tier.")
-    max_tokens_in_buffer: int = Field(default=8192, ge=256, le=1048576, description="Transfer staging buffer in tokens; should be at least the longest prompt.")
+    max_tokens_in_buffer: int | None = Field(default=None, ge=256, le=1048576, description=(
+        "KV transfer staging buffer, in tokens (cache_transceiver_config.max_tokens_in_buffer), on both tiers. "
+        "Every GPU allocates three (two to send, one to receive) out of the memory its KV cache would get. KV of "
+        "a longer prompt goes through a buffer allocated for that transfer: slower with UCX, and a failed "
+        "transfer with NIXL, so with NIXL it must be at least prefill.maxPromptTokens. A multiple of the KV "
+        "tokens per block. Empty: 8192 with UCX; with NIXL, prefill.maxPromptTokens rounded up to whole blocks."))
     timeout: str = Field(default="30s", pattern=DURATION_PATTERN, description="How long a prefill replica keeps KV waiting for its decode replica to pull it (kv_transfer_timeout_ms, in whole milliseconds): at least 1ms.")
 
     @field_validator("timeout")
@@ -519,6 +524,17 @@ KV_CACHE_SIZE_NEEDS_ARCHITECTURE = (
 )
 
 
+TRANSFER_BUFFER_NOT_WHOLE_BLOCKS = (
+    "engine.kvTransfer.maxTokensInBuffer must be a multiple of the KV tokens per block (engine.kvCache.tokensPerBlock): "
+    "TensorRT-LLM refuses to start otherwise; round it to whole blocks, or leave it out for Baton's default"
+)
+TRANSFER_BUFFER_BELOW_PROMPT_NIXL = (
+    "engine.kvTransfer.maxTokensInBuffer is below prefill.maxPromptTokens with the NIXL backend, which cannot "
+    "transfer KV that does not fit the buffer: the KV transfer of every longer prompt would fail; raise "
+    "maxTokensInBuffer to at least prefill.maxPromptTokens, or leave it out to size it from maxPromptTokens"
+)
+
+
 class DisaggregatedModelSpec(ApiModel):
     # The KV-format fields a tier can override: the operator refuses a spec whose tiers differ on them
     # (KVFormatMismatch); the API server refuses it first. The operator check stays as a second line.
@@ -528,6 +544,21 @@ class DisaggregatedModelSpec(ApiModel):
                 _kv_format_rule("kvCacheDtype", "''", "kvCache.dtype"),
                 _kv_format_rule("tokensPerBlock", "0", "kvCache.tokensPerBlock", numeric=True),
                 _kv_format_rule("trtllmVersion", "''", "trtllmVersion"),
+                # Also checked by the operator (baton.operator.validation.kv_transfer_buffer_problems).
+                _cel(
+                    f"!has(self.engine.kvTransfer) || !has(self.engine.kvTransfer.maxTokensInBuffer) || "
+                    f"self.engine.kvTransfer.maxTokensInBuffer % "
+                    f"{_tier_engine('prefill', 'tokensPerBlock', '0', 'kvCache.tokensPerBlock')} == 0",
+                    TRANSFER_BUFFER_NOT_WHOLE_BLOCKS,
+                    fieldPath=".engine.kvTransfer.maxTokensInBuffer",
+                ),
+                _cel(
+                    "!has(self.engine.kvTransfer) || !has(self.engine.kvTransfer.maxTokensInBuffer) || "
+                    "!has(self.engine.kvTransfer.backend) || self.engine.kvTransfer.backend != 'NIXL' || "
+                    "self.engine.kvTransfer.maxTokensInBuffer >= self.prefill.maxPromptTokens",
+                    TRANSFER_BUFFER_BELOW_PROMPT_NIXL,
+                    fieldPath=".engine.kvTransfer.maxTokensInBuffer",
+                ),
                 # Also checked by the operator (baton.operator.validation), with the capacity check.
                 _cel(
                     "self.decode.kvCacheSize == '' || has(self.model.architecture)",

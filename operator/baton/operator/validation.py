@@ -8,7 +8,12 @@ import math
 from pydantic import ValidationError
 
 from baton.api.units import parse_quantity
-from baton.api.v1alpha1 import KV_CACHE_SIZE_NEEDS_ARCHITECTURE, DisaggregatedModelSpec
+from baton.api.v1alpha1 import (
+    KV_CACHE_SIZE_NEEDS_ARCHITECTURE,
+    TRANSFER_BUFFER_BELOW_PROMPT_NIXL,
+    TRANSFER_BUFFER_NOT_WHOLE_BLOCKS,
+    DisaggregatedModelSpec,
+)
 from baton.render import engine_config, scheduler, tiers
 from baton.render.derived import derive
 from baton.render.naming import Target
@@ -129,6 +134,24 @@ def kv_cache_size_problems(spec: DisaggregatedModelSpec) -> list[str]:
     ]
 
 
+def kv_transfer_buffer_problems(spec: DisaggregatedModelSpec) -> list[str]:
+    """The CRD's rules on engine.kvTransfer.maxTokensInBuffer, for objects admitted before them: whole KV blocks
+    (TensorRT-LLM asserts it at start) and, with NIXL, room for the longest prompt (NIXL cannot transfer KV
+    that does not fit the buffer)."""
+    transfer = spec.engine.kv_transfer
+    tokens = transfer.max_tokens_in_buffer
+    if tokens is None:
+        return []
+    problems = []
+    if any(tokens % spec.tier_engine(tier).tokens_per_block for tier in ("prefill", "decode")):
+        problems.append(f"{TRANSFER_BUFFER_NOT_WHOLE_BLOCKS} (maxTokensInBuffer {tokens}, tokensPerBlock "
+                        f"{spec.tier_engine('prefill').tokens_per_block})")
+    if transfer.backend == "NIXL" and tokens < spec.prefill.max_prompt_tokens:
+        problems.append(f"{TRANSFER_BUFFER_BELOW_PROMPT_NIXL} (maxTokensInBuffer {tokens}, maxPromptTokens "
+                        f"{spec.prefill.max_prompt_tokens})")
+    return problems
+
+
 def spec_problems(spec: DisaggregatedModelSpec) -> list[str]:
     problems = engine_config.reserved_override_problems(spec)
     for tier_name, tier in (("prefill", spec.prefill), ("decode", spec.decode)):
@@ -139,6 +162,7 @@ def spec_problems(spec: DisaggregatedModelSpec) -> list[str]:
                 f"{tier.gpus_per_replica}; drop nvidia.com/gpu from resources (it comes from gpusPerReplica)"
             )
     problems.extend(tiers.reserved_env_overrides(spec))
+    problems.extend(kv_transfer_buffer_problems(spec))
     problems.extend(kv_cache_size_problems(spec))
     problems.extend(scheduler_config_problems(spec))
     return problems

@@ -81,6 +81,24 @@ def kv_transfer_timeout_ms(spec: DisaggregatedModelSpec) -> int:
     return max(1, round(parse_duration(spec.engine.kv_transfer.timeout) * 1000))
 
 
+# engine.kvTransfer.maxTokensInBuffer when it is left out, with UCX: longer prompts go through a buffer
+# allocated for their transfer (slower), and 8192 tokens keep the three pre-allocated buffers per GPU small.
+UCX_TRANSFER_BUFFER_TOKENS = 8192
+
+
+def transfer_buffer_tokens(spec: DisaggregatedModelSpec, tier: Tier) -> int:
+    """cache_transceiver_config.max_tokens_in_buffer for one tier: engine.kvTransfer.maxTokensInBuffer, else
+    8192 with UCX and, with NIXL (which cannot transfer KV that does not fit the buffer), prefill.maxPromptTokens
+    rounded up to whole blocks of the tier's tokens per block (TensorRT-LLM requires whole blocks)."""
+    transfer = spec.engine.kv_transfer
+    if transfer.max_tokens_in_buffer is not None:
+        return transfer.max_tokens_in_buffer
+    if transfer.backend != "NIXL":
+        return UCX_TRANSFER_BUFFER_TOKENS
+    block = spec.tier_engine(tier).tokens_per_block
+    return -(-spec.prefill.max_prompt_tokens // block) * block
+
+
 def decode_kv_capacity_tokens(spec: DisaggregatedModelSpec, kv_bytes_per_token: int) -> int:
     """KV tokens one decode replica can hold, from decode.kvCacheSize (0 when not set or not sizable)."""
     if not spec.decode.kv_cache_size or kv_bytes_per_token <= 0:
@@ -113,7 +131,7 @@ def engine_options(spec: DisaggregatedModelSpec, tier: Tier, kv_bytes_per_token:
             "kv_cache_config": kv_cache,
             "cache_transceiver_config": {
                 "backend": engine.kv_transfer.backend,
-                "max_tokens_in_buffer": engine.kv_transfer.max_tokens_in_buffer,
+                "max_tokens_in_buffer": transfer_buffer_tokens(spec, tier),
                 "kv_transfer_timeout_ms": kv_transfer_timeout_ms(spec),
             },
             "enable_iter_perf_stats": True,
