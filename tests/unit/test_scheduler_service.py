@@ -99,6 +99,31 @@ def test_generation_failure_is_retried_on_another_pair():
     run(main())
 
 
+def test_the_first_heartbeat_probes_a_replica_never_heard_from_on_a_host_up_for_less_than_a_period():
+    """The clock is monotonic time, which starts near 0 at boot. A replica whose arrival was not probed (its
+    endpoints came before the event loop ran) is probed at the first heartbeat even when the host has been up
+    for less than one heartbeat period (this failed on a machine up for 13 minutes, heartbeatSeconds 3600)."""
+    cfg = parse_config("model: m\nheartbeatSeconds: 15\n")
+    engine = FakeEngine()
+    probed: list[str] = []
+
+    async def health(endpoint, timeout):
+        probed.append(endpoint.address)
+        return True
+    engine.health = health
+    svc = SchedulerService(cfg, engine=engine, discover=False, clock=lambda: 5.0)  # the host is up for 5 s
+    svc.update_endpoints([], [Endpoint("d1:1", "decode")])  # no loop yet: no arrival probe
+
+    async def main():
+        await svc.heartbeat_once()
+        assert probed == ["d1:1"]
+        await svc.heartbeat_once()  # heard from at 5.0: not again within the period
+        assert probed == ["d1:1"]
+        await svc.stop()
+
+    run(main())
+
+
 def test_connection_failure_marks_the_replica_unhealthy():
     async def main():
         svc, engine = make(decode=("d1:1",))
