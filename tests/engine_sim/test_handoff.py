@@ -434,39 +434,57 @@ LONG_PROMPT = list(range(1, 400))  # 13 blocks of 32 = 416 tokens of KV: more th
 SHORT_PROMPT = list(range(1, 250))  # 8 blocks: fits
 
 
-def test_nixl_fails_a_transfer_that_does_not_fit_the_buffer_and_frees_its_kv(engines):
-    """TensorRT-LLM sends KV that does not fit the pre-allocated transfer buffer through a buffer allocated for
-    it, which the NIXL backend cannot do: the transfer fails, with an error naming max_tokens_in_buffer, and
-    the context worker frees the KV at once. KV that fits is handed off as usual."""
-    ctx = engines.start(worker_yaml(ctx=True, backend="NIXL", cache_transceiver_config=small_buffer("NIXL")),
+@pytest.mark.parametrize(("ctx_buffer", "gen_buffer", "where", "counted"), [
+    (256, 256, "the pre-allocated transfer buffers of both workers", ("ctx", "gen")),
+    (256, 1024, "the context worker's pre-allocated transfer buffer", ("ctx",)),
+    (1024, 256, "the generation worker's pre-allocated transfer buffer", ("gen",)),
+])
+def test_nixl_fails_a_transfer_that_does_not_fit_a_buffer_and_frees_its_kv(engines, ctx_buffer, gen_buffer, where,
+                                                                           counted):
+    """TensorRT-LLM sends KV that does not fit a pre-allocated transfer buffer (the context worker's send
+    buffer, or the generation worker's receive buffer) through a buffer allocated for it, which the NIXL
+    backend cannot do: the transfer fails with an error naming max_tokens_in_buffer, and the context worker
+    frees the KV at once. KV that fits is handed off as usual. Each worker counts its own buffer's misses."""
+    ctx = engines.start(worker_yaml(ctx=True, backend="NIXL", cache_transceiver_config={"max_tokens_in_buffer": ctx_buffer}),
                         "--sim-speed", "0")
-    gen = engines.start(worker_yaml(ctx=False, backend="NIXL", cache_transceiver_config=small_buffer("NIXL")),
+    gen = engines.start(worker_yaml(ctx=False, backend="NIXL", cache_transceiver_config={"max_tokens_in_buffer": gen_buffer}),
                         "--sim-speed", "0")
     _, (status, resp) = handoff(ctx, gen, {"prompt": SHORT_PROMPT, "max_tokens": 3})
     assert status == 200, resp
     used = ctx.state()["kvCacheStats"]["usedNumBlocks"]
     _, (status, err) = handoff(ctx, gen, {"prompt": LONG_PROMPT, "max_tokens": 3})
     assert status == 500
-    assert "does not fit the generation worker's pre-allocated transfer buffer" in err["message"]
-    assert "max_tokens_in_buffer=256" in err["message"] and "NIXL" in err["message"]
-    ctx.wait_for(lambda: held(ctx) == 0, "the refused KV to be freed", deadline_s=5)
-    assert ctx.state()["kvCacheStats"]["usedNumBlocks"] == used
-    counters = gen.state()["counters"]
-    assert counters["kvTransfersDynamicBuffer"] == 1 and counters["kvTransferFailures"] == 1
-
-    # a generation worker with a large enough buffer: now the context worker's own buffer is too small
-    roomy = engines.start(worker_yaml(ctx=False, backend="NIXL", cache_transceiver_config={"max_tokens_in_buffer": 1024}),
-                          "--sim-speed", "0")
-    _, (status, err) = handoff(ctx, roomy, {"prompt": LONG_PROMPT, "max_tokens": 3})
-    assert status == 500 and "does not fit the context worker's pre-allocated transfer buffer" in err["message"]
-    assert held(ctx) == 0 and ctx.state()["counters"]["kvTransfersDynamicBuffer"] == 1
-    _, (status, resp) = handoff(ctx, roomy, {"prompt": SHORT_PROMPT, "max_tokens": 3})
+    assert f"(399 tokens) does not fit {where}, and the NIXL backend cannot" in err["message"]
+    assert "set cache_transceiver_config.max_tokens_in_buffer to at least the longest prompt" in err["message"]
+    assert held(ctx) == 0 and ctx.state()["kvCacheStats"]["usedNumBlocks"] == used  # freed at once
+    assert ctx.state()["counters"]["kvPullsFailed"] == 1 and gen.state()["counters"]["kvTransferFailures"] == 1
+    for name, engine in (("ctx", ctx), ("gen", gen)):
+        assert engine.state()["counters"]["kvTransfersDynamicBuffer"] == (1 if name in counted else 0), name
+    _, (status, resp) = handoff(ctx, gen, {"prompt": SHORT_PROMPT, "max_tokens": 3})
     assert status == 200, resp
 
 
-def test_ucx_sends_what_does_not_fit_the_buffer_more_slowly_with_a_warning(engines):
-    """With UCX the same transfer succeeds through a dynamically allocated buffer, each side taking
-    --sim-dynamic-buffer-ms longer and logging a warning that names max_tokens_in_buffer."""
+def test_a_handle_that_fails_the_handshake_is_not_reported_as_a_buffer_problem(engines):
+    """The buffers are checked after the handshake: KV that is gone is reported as gone, however long."""
+    ctx = engines.start(worker_yaml(ctx=True, backend="NIXL", timeout_ms=200,
+                                    cache_transceiver_config={"max_tokens_in_buffer": 256}), "--sim-speed", "0")
+    gen = engines.start(worker_yaml(ctx=False, backend="NIXL", cache_transceiver_config={"max_tokens_in_buffer": 256}),
+                        "--sim-speed", "0")
+    ctx_resp = ctx.complete({"prompt": LONG_PROMPT, "max_tokens": 3,
+                             "disaggregated_params": {"request_type": "context_only"}})
+    ctx.wait_for(lambda: held(ctx) == 0, "held KV to expire", deadline_s=10)
+    params = {**ctx_resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
+    status, err = gen.post("/v1/completions", {"prompt": ctx_resp["prompt_token_ids"], "max_tokens": 3,
+                                               "disaggregated_params": params})
+    assert status == 500 and "expired after kv_transfer_timeout_ms=200" in err["message"]
+    assert gen.state()["counters"]["kvTransfersDynamicBuffer"] == 0
+    assert ctx.state()["counters"]["kvTransfersDynamicBuffer"] == 0
+
+
+def test_ucx_sends_what_does_not_fit_the_buffers_more_slowly_with_a_warning(engines):
+    """With UCX the same transfer succeeds through dynamically allocated buffers, each side whose buffer is too
+    small adding --sim-dynamic-buffer-ms (counted in the context worker's transfer time, so within its
+    kv_transfer_timeout_ms) and logging a warning that names max_tokens_in_buffer."""
     args = ("--sim-speed", "1", "--sim-dynamic-buffer-ms", "400")
     ctx = engines.start(worker_yaml(ctx=True, cache_transceiver_config=small_buffer("UCX")), *args)
     gen = engines.start(worker_yaml(ctx=False, cache_transceiver_config=small_buffer("UCX")), *args)
@@ -476,8 +494,12 @@ def test_ucx_sends_what_does_not_fit_the_buffer_more_slowly_with_a_warning(engin
     _, (status, resp) = handoff(ctx, gen, {"prompt": LONG_PROMPT, "max_tokens": 1})
     elapsed = time.monotonic() - start
     assert status == 200, resp
-    assert elapsed >= 0.8  # 400 ms on each side, on top of the prefill and the transfer itself
+    assert elapsed >= 0.8  # 400 ms for each side, on top of the prefill and the transfer itself
     for engine in (ctx, gen):
         assert engine.state()["counters"]["kvTransfersDynamicBuffer"] == 1
         assert '"event": "kv_transfer_dynamic_buffer"' in engine.log()
         assert "max_tokens_in_buffer to at least the longest prompt" in engine.log()
+    # a transfer that would end past the context worker's kv_transfer_timeout_ms because of it is cut off
+    strict = engines.start(worker_yaml(ctx=True, timeout_ms=300, cache_transceiver_config=small_buffer("UCX")), *args)
+    _, (status, err) = handoff(strict, gen, {"prompt": LONG_PROMPT, "max_tokens": 1})
+    assert status == 500 and "was not sent within kv_transfer_timeout_ms=300 of the context worker" in err["message"]

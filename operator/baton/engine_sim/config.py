@@ -87,7 +87,7 @@ class SimConfig:
     default_max_tokens: int = 16
     weight_dtype: str = "bf16"  # what the weight-memory estimate assumes (`weight_format`)
     # Tokens whose KV fits one pre-allocated transfer buffer (per GPU, as TensorRT-LLM sizes it); a transfer of
-    # more goes through a dynamically allocated buffer (`Engine.transfer_buffer_overflow`).
+    # more goes through a dynamically allocated buffer (`Engine.transfer_buffer_check`).
     transfer_buffer_tokens: int = 1 << 62
     transfer_buffer_source: str = ""
     transfer_buffers_bytes: int = 0  # all pre-allocated transfer buffers of the replica (every GPU's)
@@ -350,7 +350,10 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
     skew = state.pp * max(stage_layers) / state.num_layers if stage_layers and state.num_layers else 1.0
     bytes_per_param, weight_dtype = weight_format(model_dir, hf_config)
     ctc = options.get("cache_transceiver_config") or {}
-    buffer = transfer_buffers(ctc, tpb, replica_bytes_per_token * skew / gpus, gpus, env)
+    # One GPU's share of a token's KV, what its buffers are sized in: its stage's layers, its TP rank's heads
+    # (all of them with attention DP, where each rank serves its own requests); CP ranks each hold whole tokens.
+    gpu_bytes_per_token = replica_bytes_per_token * skew / (state.pp * (1 if state.enable_attention_dp else state.tp))
+    buffer = transfer_buffers(ctc, tpb, gpu_bytes_per_token, gpus, env)
     if args.sim_kv_cache_gib is not None:
         memory_tokens = int(args.sim_kv_cache_gib * GIB / (replica_bytes_per_token * skew))
         memory_source = f"--sim-kv-cache-gib {args.sim_kv_cache_gib:g}"

@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 from baton import kvformat
 from baton.engine_sim.config import SimConfig, blocks_for
-from baton.engine_sim.handoff import HandoffError, KVPuller, OpaqueState
+from baton.engine_sim.handoff import BUFFER_TOO_SMALL, HandoffError, KVPuller, OpaqueState
 from baton.idlists import ids_text
 
 log = logging.getLogger("baton.engine_sim.engine")
@@ -144,6 +144,20 @@ class Seq:
     @property
     def finished(self) -> bool:
         return self.phase == FINISHED
+
+
+def buffer_too_small_for_nixl(ctx_request_id: int, num_tokens: int, sides: list[str]) -> str:
+    where = (f"the {sides[0]} worker's pre-allocated transfer buffer" if len(sides) == 1
+             else "the pre-allocated transfer buffers of both workers")
+    return (f"KV cache transfer failed: the KV cache of ctx_request_id {ctx_request_id} ({num_tokens} tokens) does "
+            f"not fit {where}, and the NIXL backend cannot transfer through a buffer allocated for one transfer; "
+            "set cache_transceiver_config.max_tokens_in_buffer to at least the longest prompt")
+
+
+def dynamic_buffer_warning(ctx_request_id: int, num_tokens: int, source: str) -> str:
+    return (f"KV cache of ctx_request_id {ctx_request_id} ({num_tokens} tokens) does not fit the pre-allocated "
+            f"transfer buffer ({source}); it goes through a dynamically allocated buffer, which is slower (and "
+            "fails with NIXL): set cache_transceiver_config.max_tokens_in_buffer to at least the longest prompt")
 
 
 class _Held:
@@ -453,34 +467,50 @@ class Engine:
         self.counters["kvPullsFailed"] += 1
         self._forget(held.rid, f"its transfer failed and it was freed: {message}")
 
-    def transfer_buffer_check(self, num_tokens: int, side: str, ctx_request_id: int, x_request_id: str = "") -> float:
-        """One side (`side`: "context" sends, "generation" receives) of a transfer of `num_tokens` tokens of KV:
-        the extra seconds it takes (0 when the KV fits this worker's pre-allocated transfer buffer). What does
-        not fit goes through a buffer allocated for the transfer, as in TensorRT-LLM's CacheTransBufferManager:
-        with UCX slower, with a warning; with NIXL it fails (EngineError)."""
+    def buffer_fits(self, num_tokens: int, buffer_tokens: int) -> bool:
+        """Whether the KV of `num_tokens` tokens (whole blocks) fits a transfer buffer of `buffer_tokens`."""
+        tpb = self.cfg.tokens_per_block
+        return blocks_for(num_tokens, tpb) * tpb <= buffer_tokens
+
+    def transfer_buffer_check(self, held: _Held, recv_buffer_tokens: int | None, x_request_id: str = "") -> float:
+        """The ctx side of a transfer that passed the handshake: does the KV fit this worker's send buffer and
+        the gen worker's receive buffer (`recv_buffer_tokens`, None: not said)? Returns the extra seconds the
+        transfer takes (0 when both fit). KV that does not fit goes through a buffer allocated for the
+        transfer, as in TensorRT-LLM's CacheTransBufferManager: with UCX slower (`--sim-dynamic-buffer-ms` per
+        side), with a warning; NIXL cannot do that, and the transfer fails (EngineError)."""
         cfg = self.cfg
-        if blocks_for(num_tokens, cfg.tokens_per_block) * cfg.tokens_per_block <= cfg.transfer_buffer_tokens:
+        short = [side for side, room in (("context", cfg.transfer_buffer_tokens), ("generation", recv_buffer_tokens))
+                 if room is not None and not self.buffer_fits(held.num_tokens, room)]
+        if not short:
             return 0.0
-        self.counters["kvTransfersDynamicBuffer"] += 1
-        fields = {"request_id": x_request_id, "ctx_request_id": ctx_request_id, "side": side,
-                  "tokens": num_tokens, "buffer_tokens": cfg.transfer_buffer_tokens,
-                  "buffer": cfg.transfer_buffer_source, "backend": self.state.transfer_backend}
+        if "context" in short:
+            self.counters["kvTransfersDynamicBuffer"] += 1
+        fields = {"request_id": x_request_id, "ctx_request_id": held.rid, "tokens": held.num_tokens,
+                  "sides": short, "send_buffer_tokens": cfg.transfer_buffer_tokens,
+                  "recv_buffer_tokens": recv_buffer_tokens, "backend": self.state.transfer_backend}
         if self.state.transfer_backend == "NIXL":
-            message = (
-                f"KV cache transfer failed: the KV cache of ctx_request_id {ctx_request_id} ({num_tokens} tokens) "
-                f"does not fit the {side} worker's pre-allocated transfer buffer ({cfg.transfer_buffer_source}: "
-                f"room for {cfg.transfer_buffer_tokens} tokens), and the NIXL backend cannot transfer through a "
-                "buffer allocated for one transfer; set cache_transceiver_config.max_tokens_in_buffer to at least "
-                "the longest prompt")
+            message = buffer_too_small_for_nixl(held.rid, held.num_tokens, short)
             log.error("KV transfer failed: transfer buffer too small for NIXL",
                       extra={"fields": {"event": "kv_transfer_buffer_too_small", **fields, "error": message}})
-            raise EngineError(message, 500, "InternalServerError")
-        log.warning(
-            f"KV cache of ctx_request_id {ctx_request_id} ({num_tokens} tokens) does not fit the pre-allocated "
-            f"transfer buffer ({cfg.transfer_buffer_source}); sending it through a dynamically allocated buffer, "
-            "which is slower (and fails with NIXL): set cache_transceiver_config.max_tokens_in_buffer to at least "
-            "the longest prompt", extra={"fields": {"event": "kv_transfer_dynamic_buffer", **fields}})
-        return cfg.timing.dynamic_buffer_seconds()
+            raise EngineError(message, 500, BUFFER_TOO_SMALL)
+        if "context" in short:
+            log.warning(dynamic_buffer_warning(held.rid, held.num_tokens, cfg.transfer_buffer_source),
+                        extra={"fields": {"event": "kv_transfer_dynamic_buffer", **fields}})
+        return cfg.timing.dynamic_buffer_seconds() * len(short)
+
+    def received_through_dynamic_buffer(self, s: Seq, error: str | None) -> None:
+        """The gen side, once its pull is answered: count (and, when the transfer went through, warn) when the
+        KV did not fit this worker's own receive buffer. The ctx side already modelled what that costs."""
+        if s.handle is None or self.buffer_fits(s.prompt.length, self.cfg.transfer_buffer_tokens):
+            return
+        self.counters["kvTransfersDynamicBuffer"] += 1
+        if error is None:
+            log.warning(dynamic_buffer_warning(s.handle.ctx_request_id, s.prompt.length,
+                                               self.cfg.transfer_buffer_source),
+                        extra={"fields": {"event": "kv_transfer_dynamic_buffer", "request_id": s.x_request_id,
+                                          "ctx_request_id": s.handle.ctx_request_id, "tokens": s.prompt.length,
+                                          "sides": ["generation"], "recv_buffer_tokens": self.cfg.transfer_buffer_tokens,
+                                          "backend": self.state.transfer_backend}})
 
     def pull_seconds(self, held: _Held, link_bytes_per_s: float | None,
                      peer: kvformat.CacheState | None = None) -> float:
@@ -644,18 +674,12 @@ class Engine:
         assert s.handle is not None
         s.kv_start = time.monotonic()
         try:
-            extra = self.transfer_buffer_check(s.prompt.length, "generation", s.handle.ctx_request_id, s.x_request_id)
-        except EngineError as exc:  # the receive side cannot take it: the context worker frees the KV
-            self.counters["kvTransferFailures"] += 1
-            self._refuse_handoff(s.handle, exc.message, s.x_request_id)
-            self._fail(s, exc)
-            return
-        try:
             result = await self.puller.pull(s.handle, self.state, link_bytes_per_s=self.cfg.link_bytes_per_s,
+                                            recv_buffer_tokens=self.cfg.transfer_buffer_tokens,
                                             x_request_id=s.x_request_id, timeout_s=self.cfg.kv_transfer_timeout_s)
-            if extra > 0:  # the receive side's dynamically allocated buffer
-                await asyncio.sleep(extra)
         except HandoffError as exc:
+            if exc.kind == "buffer":
+                self.received_through_dynamic_buffer(s, exc.message)
             if exc.kind == "format":
                 self.counters["kvFormatRejections"] += 1
             self.counters["kvTransferFailures"] += 1
@@ -670,6 +694,7 @@ class Engine:
                 self._fail(s, EngineError(exc.message, 500, "InternalServerError"))
             return
         s.kv_end = time.monotonic()
+        self.received_through_dynamic_buffer(s, None)
         if s.phase != TRANSFER:
             return
         s.kv_size = int(result.get("kv_cache_size") or 0)

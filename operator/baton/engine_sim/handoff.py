@@ -13,7 +13,8 @@ refused instead of pulling somebody else's KV.
 The channel: one TCP connection from a gen worker to each ctx worker it pulls from, carrying any number of
 pulls at once. Each message is a frame: a 4-byte big-endian length, then compact JSON.
   pull    (gen -> ctx) {"id": N, "ctx_request_id", "instance", "cache_state": <gen CacheState>,
-                        "link_bytes_per_s", "request_id"}
+                        "link_bytes_per_s", "recv_buffer_tokens", "request_id"}  (recv_buffer_tokens: what
+                        the gen worker's pre-allocated receive buffer holds; the ctx side checks both buffers)
   refusal (gen -> ctx) a pull with "refused": <the gen side's error>: the gen worker refused the handle (its
                         CacheState differs), the handshake fails and the ctx side frees the KV
   cancel  (gen -> ctx) {"id": N, "cancel": true}: the gen side gave up pull N (kv_transfer_timeout_ms); the
@@ -39,13 +40,18 @@ from dataclasses import dataclass
 
 from baton import kvformat
 
+# The error type of a transfer whose KV does not fit a pre-allocated transfer buffer, with NIXL (which cannot
+# use a buffer allocated for one transfer): HandoffError kind "buffer".
+BUFFER_TOO_SMALL = "KVTransferBufferTooSmall"
+
 PROTOCOL = "baton-engine-sim/1"
 MAX_FRAME_BYTES = 1 << 20  # far above any pull or answer; a larger length means the peer does not speak this
 
 
 class HandoffError(Exception):
     """A handoff failed; `kind` says why ("format" = KV-format mismatch, "timeout" = not received within the
-    gen side's kv_transfer_timeout_ms, else "transfer")."""
+    gen side's kv_transfer_timeout_ms, "buffer" = the KV does not fit a transfer buffer and the backend is
+    NIXL, else "transfer")."""
 
     def __init__(self, message: str, kind: str = "transfer") -> None:
         super().__init__(message)
@@ -242,6 +248,7 @@ class KVPuller:
         own_state: kvformat.CacheState,
         *,
         link_bytes_per_s: float,
+        recv_buffer_tokens: int | None = None,
         x_request_id: str = "",
         timeout_s: float | None = None,
     ) -> dict:
@@ -251,6 +258,8 @@ class KVPuller:
         transfer time and the answer. When it runs out the pull is cancelled on the ctx side too, and this
         raises a HandoffError of kind "timeout". Without it, the puller's own limit applies (60 s)."""
         extra = b'"link_bytes_per_s":%s' % _compact(link_bytes_per_s).encode()
+        if recv_buffer_tokens is not None:
+            extra += b',"recv_buffer_tokens":%d' % recv_buffer_tokens
         return await self._ask(handle, own_state, extra, x_request_id, timeout_s)
 
     async def refuse(
@@ -316,7 +325,7 @@ class KVPuller:
             return ok
         error = answer.get("error")
         error = error if isinstance(error, dict) else {}
-        kind = "format" if error.get("type") == "CacheStateMismatch" else "transfer"
+        kind = {"CacheStateMismatch": "format", BUFFER_TOO_SMALL: "buffer"}.get(error.get("type"), "transfer")
         raise HandoffError(str(error.get("message") or f"KV transfer from context worker {where} failed"), kind)
 
     @staticmethod

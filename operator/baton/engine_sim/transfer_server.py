@@ -92,6 +92,8 @@ class _Connection(asyncio.Protocol):
             link = float(link) if link else None
             refused = msg.get("refused")
             refused = None if refused is None else str(refused)
+            recv_buffer = msg.get("recv_buffer_tokens")
+            recv_buffer = None if recv_buffer is None else int(recv_buffer)
             x_rid = str(x_rid)
         except (ValueError, KeyError, TypeError) as exc:
             transport.write(_error(fid, f"invalid KV pull request: {exc}", 400, "BadRequestError"))
@@ -103,7 +105,7 @@ class _Connection(asyncio.Protocol):
             transport.write(_error(fid, exc.message, exc.status, exc.err_type))
             return
         try:
-            extra = engine.transfer_buffer_check(held.num_tokens, "context", ctx_request_id, x_rid)
+            extra = engine.transfer_buffer_check(held, recv_buffer, x_rid)
         except EngineError as exc:
             engine.send_failed(held, exc.message, x_rid)
             transport.write(_error(fid, exc.message, exc.status, exc.err_type))
