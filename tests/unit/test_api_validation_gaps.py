@@ -237,6 +237,7 @@ def test_an_integer_gpu_quantity_is_compared_as_the_operator_compares_it(gpu, gp
 
 @pytest.mark.parametrize("backend,tokens,prompt,expected", [
     ("UCX", None, 32768, 8192),  # longer prompts go through a per-transfer buffer: slower, but they work
+    ("UCX", None, 2000, 2016),  # no bigger than the longest prompt, in whole blocks of 32
     ("NIXL", None, 32768, 32768),  # NIXL cannot do that: room for the longest prompt
     ("NIXL", None, 16390, 16416),  # in whole blocks of 32, as TensorRT-LLM requires
     ("UCX", 4096, 32768, 4096),
@@ -280,5 +281,11 @@ def test_transfer_buffer_rules_at_admission_and_in_the_operator(transfer, prompt
     assert _refused(_rules("spec"), _wire(m)) == refused
     problems = spec_problems(m.spec)
     assert [p.split(" (maxTokensInBuffer")[0] for p in problems] == refused
+    if api.TRANSFER_BUFFER_NOT_WHOLE_BLOCKS in refused:
+        block = overrides.get("tokensPerBlock", 32)
+        assert f"(maxTokensInBuffer {transfer['maxTokensInBuffer']}, prefill tokens per block {block})" in problems[0]
     if api.TRANSFER_BUFFER_BELOW_PROMPT_NIXL in refused:
-        assert f"(maxTokensInBuffer {transfer['maxTokensInBuffer']}, maxPromptTokens {prompt})" in problems[-1]
+        assert f"(maxTokensInBuffer {transfer['maxTokensInBuffer']}, maxPromptTokens {prompt};" in problems[-1]
+        # the way out for a model that got 8192 from the old default without asking for it
+        assert "kubectl patch dm NAME --type=json" in problems[-1]
+        assert '"path":"/spec/engine/kvTransfer/maxTokensInBuffer"' in problems[-1]

@@ -177,7 +177,8 @@ class KVTransferSpec(ApiModel):
         "Every GPU allocates three (two to send, one to receive) out of the memory its KV cache would get. KV of "
         "a longer prompt goes through a buffer allocated for that transfer: slower with UCX, and a failed "
         "transfer with NIXL, so with NIXL it must be at least prefill.maxPromptTokens. A multiple of the KV "
-        "tokens per block. Empty: 8192 with UCX; with NIXL, prefill.maxPromptTokens rounded up to whole blocks."))
+        "tokens per block. Empty: 8192 with UCX (less when prefill.maxPromptTokens is smaller); with NIXL, "
+        "prefill.maxPromptTokens, both rounded up to whole blocks."))
     timeout: str = Field(default="30s", pattern=DURATION_PATTERN, description="How long a prefill replica keeps KV waiting for its decode replica to pull it (kv_transfer_timeout_ms, in whole milliseconds): at least 1ms.")
 
     @field_validator("timeout")
@@ -525,8 +526,9 @@ KV_CACHE_SIZE_NEEDS_ARCHITECTURE = (
 
 
 TRANSFER_BUFFER_NOT_WHOLE_BLOCKS = (
-    "engine.kvTransfer.maxTokensInBuffer must be a multiple of the KV tokens per block (engine.kvCache.tokensPerBlock): "
-    "TensorRT-LLM refuses to start otherwise; round it to whole blocks, or leave it out for Baton's default"
+    "engine.kvTransfer.maxTokensInBuffer must be a multiple of the KV tokens per block (engine.kvCache.tokensPerBlock, "
+    "or the tiers' engineOverrides.tokensPerBlock): TensorRT-LLM refuses to start otherwise; round it to whole "
+    "blocks, or leave it out for Baton's default"
 )
 TRANSFER_BUFFER_BELOW_PROMPT_NIXL = (
     "engine.kvTransfer.maxTokensInBuffer is below prefill.maxPromptTokens with the NIXL backend, which cannot "

@@ -143,12 +143,20 @@ def kv_transfer_buffer_problems(spec: DisaggregatedModelSpec) -> list[str]:
     if tokens is None:
         return []
     problems = []
-    if any(tokens % spec.tier_engine(tier).tokens_per_block for tier in ("prefill", "decode")):
-        problems.append(f"{TRANSFER_BUFFER_NOT_WHOLE_BLOCKS} (maxTokensInBuffer {tokens}, tokensPerBlock "
-                        f"{spec.tier_engine('prefill').tokens_per_block})")
+    for tier in ("prefill", "decode"):
+        block = spec.tier_engine(tier).tokens_per_block
+        if tokens % block:
+            problems.append(f"{TRANSFER_BUFFER_NOT_WHOLE_BLOCKS} (maxTokensInBuffer {tokens}, {tier} tokens per "
+                            f"block {block})")
+            break
     if transfer.backend == "NIXL" and tokens < spec.prefill.max_prompt_tokens:
-        problems.append(f"{TRANSFER_BUFFER_BELOW_PROMPT_NIXL} (maxTokensInBuffer {tokens}, maxPromptTokens "
-                        f"{spec.prefill.max_prompt_tokens})")
+        # An object created while the default was 8192 holds that value without its author having set it:
+        # say how to take it out (an apply that leaves the field out does not remove it).
+        problems.append(
+            f"{TRANSFER_BUFFER_BELOW_PROMPT_NIXL} (maxTokensInBuffer {tokens}, maxPromptTokens "
+            f"{spec.prefill.max_prompt_tokens}; a model created with Baton's earlier default holds 8192 unasked: "
+            "set the field in its manifest, or remove it with kubectl patch dm NAME --type=json "
+            "-p '[{\"op\":\"remove\",\"path\":\"/spec/engine/kvTransfer/maxTokensInBuffer\"}]')")
     return problems
 
 

@@ -88,15 +88,14 @@ UCX_TRANSFER_BUFFER_TOKENS = 8192
 
 def transfer_buffer_tokens(spec: DisaggregatedModelSpec, tier: Tier) -> int:
     """cache_transceiver_config.max_tokens_in_buffer for one tier: engine.kvTransfer.maxTokensInBuffer, else
-    8192 with UCX and, with NIXL (which cannot transfer KV that does not fit the buffer), prefill.maxPromptTokens
-    rounded up to whole blocks of the tier's tokens per block (TensorRT-LLM requires whole blocks)."""
+    prefill.maxPromptTokens (the longest prompt) in whole blocks of the tier's tokens per block (TensorRT-LLM
+    requires whole blocks), at most 8192 with UCX. NIXL cannot transfer KV that does not fit the buffer."""
     transfer = spec.engine.kv_transfer
     if transfer.max_tokens_in_buffer is not None:
         return transfer.max_tokens_in_buffer
-    if transfer.backend != "NIXL":
-        return UCX_TRANSFER_BUFFER_TOKENS
     block = spec.tier_engine(tier).tokens_per_block
-    return -(-spec.prefill.max_prompt_tokens // block) * block
+    longest = -(-spec.prefill.max_prompt_tokens // block) * block
+    return longest if transfer.backend == "NIXL" else min(longest, UCX_TRANSFER_BUFFER_TOKENS)
 
 
 def decode_kv_capacity_tokens(spec: DisaggregatedModelSpec, kv_bytes_per_token: int) -> int:
