@@ -306,6 +306,33 @@ def test_a_transfer_cut_off_midway_frees_the_blocks(engines):
     assert state["counters"]["numHeldKvRequests"] == 0
 
 
+def test_concurrent_transfers_share_the_context_workers_link(engines):
+    """Two pulls at once from one context worker take the link one after the other: the pair is done after
+    twice the time one takes alone, not side by side at the full rate each."""
+    slow = engines.start(worker_yaml(ctx=True), "--sim-speed", "1", "--sim-link-gbps", "0.1")  # 12.5 MB/s
+    own = kvformat.from_wire(slow.state()["cache_state"])
+    handles = []
+    for _ in range(3):
+        resp = slow.complete({"prompt": list(range(1, 33)), "max_tokens": 3,
+                              "disaggregated_params": {"request_type": "context_only"}})
+        handles.append(decode_opaque(resp["choices"][0]["disaggregated_params"]["encoded_opaque_state"]))
+    one = 32 * 131_072 / 12.5e6  # 0.34 s: 32 tokens x 128 KiB at 12.5 MB/s
+
+    async def timed(batch) -> float:
+        puller = KVPuller(timeout_s=10)
+        start = time.monotonic()
+        try:
+            await asyncio.gather(*(puller.pull(h, own, link_bytes_per_s=50e9) for h in batch))
+        finally:
+            await puller.close()
+        return time.monotonic() - start
+
+    alone = asyncio.run(timed(handles[:1]))
+    pair = asyncio.run(timed(handles[1:]))
+    assert alone >= one * 0.95
+    assert pair >= 2 * one * 0.95, (alone, pair)  # side by side at the full rate each would be ~one
+
+
 def test_refused_handoffs_do_not_starve_the_context_worker(engines, bad_gens):
     """A gen worker that refuses a handle (CacheState mismatch) tells the ctx worker in the handshake, which
     frees the KV at once: refused handoffs no longer pile up held KV until kv_transfer_timeout_ms (here unset:

@@ -206,6 +206,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._transfers: set[asyncio.Task] = set()
+        self._link_free_at = 0.0  # monotonic time the KV sends already begun are done with the link
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -514,13 +515,20 @@ class Engine:
 
     def pull_seconds(self, held: _Held, link_bytes_per_s: float | None,
                      peer: kvformat.CacheState | None = None) -> float:
-        """How long sending `held` takes: its bytes over the slower of the two workers' per-GPU links, the
-        ranks of each side that hold parts of its KV sending in parallel, one NIC per GPU (so as many
-        streams as the side with fewer such ranks has: `kv_transfer_streams`)."""
+        """How long sending `held` takes from now: its bytes over the slower of the two workers' per-GPU
+        links, the ranks of each side that hold parts of its KV sending in parallel, one NIC per GPU (so as
+        many streams as the side with fewer such ranks has: `kv_transfer_streams`), after the transfers this
+        worker is already sending. The worker's links are shared: transfers go out one after another at the
+        link rate, as the aggregate rate of transfers sharing a NIC is that NIC's."""
         streams = kvformat.kv_transfer_streams(self.state)
         if peer is not None:
             streams = min(streams, kvformat.kv_transfer_streams(peer))
-        return self.cfg.timing.transfer_seconds(held.kv_bytes, link_bytes_per_s, streams)
+        seconds = self.cfg.timing.transfer_seconds(held.kv_bytes, link_bytes_per_s, streams)
+        if seconds <= 0:
+            return 0.0
+        now = time.monotonic()
+        self._link_free_at = max(now, self._link_free_at) + seconds
+        return self._link_free_at - now
 
     def end_pull(self, held: _Held, started: float, *, sent: bool = True, x_request_id: str = "") -> dict:
         """The transfer begun by `begin_pull` is over: the blocks are freed. `sent` is False when it broke off
