@@ -8,8 +8,8 @@ described in handoff.py, which holds the gen side (`KVPuller`).
 Each pull runs `Engine.begin_pull` (instance, CacheState and availability checks, with TensorRT-LLM's error
 text; a failed CacheState check, or a refusal sent by the gen side, fails the context request and frees its
 KV), keeps the blocks for the modelled transfer time (`Engine.transfer_buffer_check` adds to it, or fails the
-transfer, when the KV does not fit the worker's pre-allocated transfer buffer), then `Engine.end_pull` frees them and the answer goes
-back. With kv_transfer_timeout_ms set, a transfer that would end after the timeout (counted from the end of the
+transfer, when the KV does not fit a pre-allocated transfer buffer), then `Engine.end_pull` frees them and
+the answer goes back. With kv_transfer_timeout_ms set, a transfer that would end after the timeout (counted from the end of the
 prefill) is cut off when it runs out: `Engine.send_timed_out` frees the blocks and the gen side gets a
 "KVTransferTimeout" error. A pull whose connection drops before its answer is sent, or that the gen side
 cancels (its own timeout ran out), frees the blocks without counting as served.
@@ -110,12 +110,12 @@ class _Connection(asyncio.Protocol):
             engine.send_failed(held, exc.message, x_rid)
             transport.write(_error(fid, exc.message, exc.status, exc.err_type))
             return
-        started = time.monotonic()
-        delay = engine.pull_seconds(held, link, peer) + extra
         budget = engine.send_budget(held)  # None: no kv_transfer_timeout_ms
-        if budget is not None and budget <= 0:
+        if budget is not None and budget <= 0:  # never started: it takes no time on the link
             transport.write(_error(fid, engine.send_timed_out(held, x_rid), 500, "KVTransferTimeout"))
             return
+        started = time.monotonic()
+        delay = engine.pull_seconds(held, link, peer) + extra
         if delay <= 0:
             transport.write(frame_json({"id": fid, "ok": engine.end_pull(held, started, x_request_id=x_rid)}))
             return
