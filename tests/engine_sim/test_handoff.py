@@ -530,3 +530,28 @@ def test_ucx_sends_what_does_not_fit_the_buffers_more_slowly_with_a_warning(engi
     strict = engines.start(worker_yaml(ctx=True, timeout_ms=300, cache_transceiver_config=small_buffer("UCX")), *args)
     _, (status, err) = handoff(strict, gen, {"prompt": LONG_PROMPT, "max_tokens": 1})
     assert status == 500 and "was not sent within kv_transfer_timeout_ms=300 of the context worker" in err["message"]
+
+
+@pytest.mark.parametrize(("backend", "dynamic"), [("NIXL", 0), ("UCX", 1)])
+def test_the_buffer_baton_renders_lets_the_longest_prompts_through(engines, backend, dynamic):
+    """The engine configs the operator renders for examples/small.yaml (maxPromptTokens 16384), left without
+    maxTokensInBuffer: with NIXL the buffer holds the longest prompt and a 10,000-token handoff goes through
+    it; with UCX (8192 tokens) it goes through a buffer allocated for it, counted on both workers."""
+    from pathlib import Path
+
+    import yaml
+    from spec_fields import set_spec_fields
+
+    from baton.api.v1alpha1 import DisaggregatedModel
+    from baton.render import engine_config
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "small.yaml").read_text())
+    set_spec_fields(data["spec"], {"engine__kvTransfer": {"backend": backend}})
+    m = DisaggregatedModel.model_validate(data)
+    ctx = engines.start(engine_config.engine_options(m.spec, "prefill"), "--sim-speed", "0")
+    gen = engines.start(engine_config.engine_options(m.spec, "decode"), "--sim-speed", "0")
+    assert ctx.state()["transfer_buffer_tokens"] == (16384 if backend == "NIXL" else 8192) + 32
+    _, (status, resp) = handoff(ctx, gen, {"prompt": list(range(1, 10_001)), "max_tokens": 2})
+    assert status == 200, resp
+    assert ctx.state()["counters"]["kvTransfersDynamicBuffer"] == dynamic
+    assert gen.state()["counters"]["kvTransfersDynamicBuffer"] == dynamic
