@@ -206,7 +206,6 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._transfers: set[asyncio.Task] = set()
-        self._link_free_at = 0.0  # monotonic time the KV sends already begun are done with the link
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -444,9 +443,10 @@ class Engine:
             return None
         return held.created + timeout - time.monotonic()
 
-    def send_timed_out(self, held: _Held, x_request_id: str = "") -> str:
+    def send_timed_out(self, held: _Held, x_request_id: str = "", *, waited_s: float = 0.0) -> str:
         """The transfer begun by `begin_pull` did not end within kv_transfer_timeout_ms: the context request
-        is cancelled and its blocks freed. Returns the error the generation worker gets."""
+        is cancelled and its blocks freed. Returns the error the generation worker gets. `waited_s`: how long
+        it waited for the worker's link behind other transfers."""
         self._sending.pop(held.rid, None)
         self._release_held(held)
         self.counters["kvExpired"] += 1
@@ -455,10 +455,12 @@ class Engine:
                                "it was freed")
         log.warning(f"Terminating context request {held.rid} due to KV cache transfer timeout", extra={"fields": {
             "event": "kv_send_timed_out", "request_id": x_request_id, "ctx_request_id": held.rid,
-            "blocks": held.blocks, "timeout_ms": timeout_ms}})
+            "blocks": held.blocks, "timeout_ms": timeout_ms, "link_wait_ms": round(waited_s * 1000, 3)}})
+        queued = (f" (it waited {waited_s * 1000:.0f} ms for the context worker's link behind other transfers)"
+                  if waited_s >= 0.0005 else "")
         return (f"KV cache transfer timed out: ctx_request_id {held.rid} was not sent within "
-                f"kv_transfer_timeout_ms={timeout_ms:g} of the context worker; the context request was cancelled "
-                "and its KV cache freed")
+                f"kv_transfer_timeout_ms={timeout_ms:g} of the context worker{queued}; the context request was "
+                "cancelled and its KV cache freed")
 
     def send_failed(self, held: _Held, message: str, x_request_id: str = "") -> None:
         """The transfer begun by `begin_pull` cannot be sent (`transfer_buffer_check` refused it): the context
@@ -515,20 +517,14 @@ class Engine:
 
     def pull_seconds(self, held: _Held, link_bytes_per_s: float | None,
                      peer: kvformat.CacheState | None = None) -> float:
-        """How long sending `held` takes from now: its bytes over the slower of the two workers' per-GPU
-        links, the ranks of each side that hold parts of its KV sending in parallel, one NIC per GPU (so as
-        many streams as the side with fewer such ranks has: `kv_transfer_streams`), after the transfers this
-        worker is already sending. The worker's links are shared: transfers go out one after another at the
-        link rate, as the aggregate rate of transfers sharing a NIC is that NIC's."""
+        """How long sending `held` takes once it has the worker's link (`KVTransferServer.link`: a worker's
+        transfers go out one after another): its bytes over the slower of the two workers' per-GPU links, the
+        ranks of each side that hold parts of its KV sending in parallel, one NIC per GPU (so as many streams
+        as the side with fewer such ranks has: `kv_transfer_streams`)."""
         streams = kvformat.kv_transfer_streams(self.state)
         if peer is not None:
             streams = min(streams, kvformat.kv_transfer_streams(peer))
-        seconds = self.cfg.timing.transfer_seconds(held.kv_bytes, link_bytes_per_s, streams)
-        if seconds <= 0:
-            return 0.0
-        now = time.monotonic()
-        self._link_free_at = max(now, self._link_free_at) + seconds
-        return self._link_free_at - now
+        return self.cfg.timing.transfer_seconds(held.kv_bytes, link_bytes_per_s, streams)
 
     def end_pull(self, held: _Held, started: float, *, sent: bool = True, x_request_id: str = "") -> dict:
         """The transfer begun by `begin_pull` is over: the blocks are freed. `sent` is False when it broke off

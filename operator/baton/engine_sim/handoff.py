@@ -313,8 +313,9 @@ class KVPuller:
                 timer.cancel()
                 chan.waiting.pop(fid, None)
         except _PullTimeout as exc:
-            if timeout_s is not None and not chan.closed and chan.transport is not None:
-                chan.transport.write(frame(b'{"id":%d,"cancel":true}' % fid))  # stop the ctx side's transfer too
+            if not chan.closed and chan.transport is not None:
+                # stop the ctx side's transfer too (its blocks, its place on the link), whichever limit ran out
+                chan.transport.write(frame(b'{"id":%d,"cancel":true}' % fid))
             raise self._timed_out(where, handle, timeout_s, exc) from exc
         except OSError as exc:  # the channel broke with the pull in flight
             raise HandoffError(

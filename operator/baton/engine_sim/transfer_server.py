@@ -7,7 +7,8 @@ described in handoff.py, which holds the gen side (`KVPuller`).
 
 Each pull runs `Engine.begin_pull` (instance, CacheState and availability checks, with TensorRT-LLM's error
 text; a failed CacheState check, or a refusal sent by the gen side, fails the context request and frees its
-KV), keeps the blocks for the modelled transfer time (`Engine.transfer_buffer_check` adds to it, or fails the
+KV), keeps the blocks while the transfer waits for the worker's link (one transfer at a time, first come
+first served) and for the modelled transfer time (`Engine.transfer_buffer_check` adds to it, or fails the
 transfer, when the KV does not fit a pre-allocated transfer buffer), then `Engine.end_pull` frees them and
 the answer goes back. With kv_transfer_timeout_ms set, a transfer that would end after the timeout (counted from the end of the
 prefill) is cut off when it runs out: `Engine.send_timed_out` frees the blocks and the gen side gets a
@@ -93,9 +94,10 @@ class _Connection(asyncio.Protocol):
             refused = msg.get("refused")
             refused = None if refused is None else str(refused)
             recv_buffer = msg.get("recv_buffer_tokens")
-            recv_buffer = None if recv_buffer is None else int(recv_buffer)
+            if recv_buffer is not None and (type(recv_buffer) is not int or recv_buffer < 0):
+                raise TypeError(f"recv_buffer_tokens must be a whole number of tokens, got {recv_buffer!r}")
             x_rid = str(x_rid)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             transport.write(_error(fid, f"invalid KV pull request: {exc}", 400, "BadRequestError"))
             return
         engine = self.engine
@@ -104,48 +106,53 @@ class _Connection(asyncio.Protocol):
         except EngineError as exc:
             transport.write(_error(fid, exc.message, exc.status, exc.err_type))
             return
+        budget = engine.send_budget(held)  # None: no kv_transfer_timeout_ms
+        if budget is not None and budget <= 0:  # out of time before it began
+            transport.write(_error(fid, engine.send_timed_out(held, x_rid), 500, "KVTransferTimeout"))
+            return
         try:
             extra = engine.transfer_buffer_check(held, recv_buffer, x_rid)
         except EngineError as exc:
             engine.send_failed(held, exc.message, x_rid)
             transport.write(_error(fid, exc.message, exc.status, exc.err_type))
             return
-        budget = engine.send_budget(held)  # None: no kv_transfer_timeout_ms
-        if budget is not None and budget <= 0:  # never started: it takes no time on the link
-            transport.write(_error(fid, engine.send_timed_out(held, x_rid), 500, "KVTransferTimeout"))
+        seconds = engine.pull_seconds(held, link, peer)
+        if seconds <= 0 and extra <= 0:  # no modelled time (--sim-speed 0): answered at once
+            transport.write(frame_json({"id": fid, "ok": engine.end_pull(held, time.monotonic(), x_request_id=x_rid)}))
             return
-        started = time.monotonic()
-        delay = engine.pull_seconds(held, link, peer) + extra
-        if delay <= 0:
-            transport.write(frame_json({"id": fid, "ok": engine.end_pull(held, started, x_request_id=x_rid)}))
-            return
-        if budget is not None and budget < delay:
-            task = asyncio.get_running_loop().create_task(self._time_out_later(fid, held, started, budget, x_rid))
-        else:
-            task = asyncio.get_running_loop().create_task(self._send_later(fid, held, started, delay, x_rid))
+        task = asyncio.get_running_loop().create_task(self._send(fid, held, seconds, extra, budget, x_rid))
         self.transfers[fid] = task
         task.add_done_callback(lambda t: self.transfers.pop(fid, None) if self.transfers.get(fid) is t else None)
 
-    async def _send_later(self, fid: int, held, started: float, delay: float, x_rid: str) -> None:
+    async def _send(self, fid: int, held, seconds: float, extra: float, budget: float | None, x_rid: str) -> None:
+        """Allocate what the buffers need (`extra`), wait for the worker's link (its transfers go out one after
+        another, first come first served), then send for `seconds`. With kv_transfer_timeout_ms (`budget`
+        left of it) the transfer is cut off when it runs out, waiting or sending: the blocks are freed and the
+        gen side gets a KVTransferTimeout error. Cancelled (the gen side gave up, the channel broke): the blocks
+        are freed, not counted as served; a transfer that leaves the link's queue takes no time on it."""
+        engine = self.engine
+        queued = time.monotonic()
+        started = queued
+        sending = False
         try:
-            await asyncio.sleep(delay)
+            async with asyncio.timeout(budget):
+                if extra > 0:
+                    await asyncio.sleep(extra)
+                async with self.server.link:
+                    started, sending = time.monotonic(), True
+                    await asyncio.sleep(seconds)
+        except TimeoutError:
+            waited = (started if sending else time.monotonic()) - queued
+            message = engine.send_timed_out(held, x_rid, waited_s=waited)
+            assert self.transport is not None
+            self.transport.write(_error(fid, message, 500, "KVTransferTimeout"))
+            return
         except asyncio.CancelledError:
-            self.engine.end_pull(held, started, sent=False, x_request_id=x_rid)
+            engine.end_pull(held, started, sent=False, x_request_id=x_rid)
             raise
-        answer = self.engine.end_pull(held, started, x_request_id=x_rid)
+        answer = engine.end_pull(held, started, x_request_id=x_rid)
         assert self.transport is not None
         self.transport.write(frame_json({"id": fid, "ok": answer}))
-
-    async def _time_out_later(self, fid: int, held, started: float, budget: float, x_rid: str) -> None:
-        """A transfer that cannot end within kv_transfer_timeout_ms: sent until the time is up, then cancelled."""
-        try:
-            await asyncio.sleep(budget)
-        except asyncio.CancelledError:
-            self.engine.end_pull(held, started, sent=False, x_request_id=x_rid)
-            raise
-        message = self.engine.send_timed_out(held, x_rid)
-        assert self.transport is not None
-        self.transport.write(_error(fid, message, 500, "KVTransferTimeout"))
 
 
 class KVTransferServer:
@@ -155,6 +162,9 @@ class KVTransferServer:
         self.engine = engine
         self.port: int | None = None
         self.connections: set[_Connection] = set()
+        # The worker's links to the gen workers: one transfer at a time on them, at the link rate (several at
+        # once would share the NIC, for the same aggregate rate); asyncio.Lock serves waiters in arrival order.
+        self.link = asyncio.Lock()
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int = 0) -> int:
