@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
+
+import pytest
 
 from http1_harness import until
 
@@ -808,6 +811,44 @@ def test_a_hold_stranded_twice_fails_with_a_message_that_says_so_not_a_ttl_expir
         assert reply.status == 503 and error["code"] == "hold_stranded" and "p1:1" in error["message"]
         assert "holdTtlSeconds" not in error["message"]
         assert events == ["held", "stranded", "reprefilled", "held", "stranded"]
+        await svc.stop()
+
+    run(main())
+
+
+HOLD_CONFIG = ("routing: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100}\n"
+               "backpressure: {maxActivePerDecodeReplica: 1}\ndegradation: {holdTtlSeconds: %s}\n")
+
+
+@pytest.mark.parametrize(("before", "after"), [(30.0, 0.2), (0.3, 30.0)])
+def test_a_reload_that_shortens_the_hold_ttl_ends_the_holds_already_waiting_by_it(before, after):
+    """Lowered, the new TTL applies to the holds already waiting, counted from when each was held (their
+    request is prefilled again once, held again, and fails 503 when that hold ends too). Raised, it applies
+    to new holds only: the waiting one ends when it would have."""
+    async def main():
+        svc, _ = make(HOLD_CONFIG % before, prefill=("p1:1",), decode=("d1:1",))
+        events: list[str] = []
+        counted = svc.hooks.hold
+        svc.hooks.hold = lambda event: (events.append(event), counted(event))
+        svc.decode["d1:1"].active = 1  # decode full: every finished prefill is held
+        start = time.monotonic()
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: events.count("held") == 1, 1.0, "the hold")
+        svc.apply_config(parse_config("model: m\n" + HOLD_CONFIG % after))
+        await until(lambda: "expired" in events, 1.0, "the first hold to end by the shorter TTL")
+        assert time.monotonic() - start < 1.0 and events[:2] == ["held", "expired"]
+        if after < before:
+            reply = await asyncio.wait_for(task, 1.0)  # held again under the new TTL, which ends too
+            error = json.loads(reply.body)["error"]
+            assert reply.status == 503 and error["code"] == "hold_expired"
+            assert "holdTtlSeconds=0.2s" in error["message"]
+            assert events == ["held", "expired", "reprefilled", "held", "expired"]
+        else:
+            await until(lambda: events.count("held") == 2, 1.0, "the second hold, under the longer TTL")
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert len(svc.holds) == 0 and not svc._hold_limits
         await svc.stop()
 
     run(main())

@@ -349,6 +349,9 @@ class SchedulerService:
         self._decode_settle_timer: asyncio.TimerHandle | None = None
         self._replicas_event = asyncio.Event()  # set (and replaced) whenever replicas change: settle waiters look again
         self._settling = 0  # requests waiting out a settle window (`_decode_replaced`)
+        # the holds waiting for a decode slot, with the timeout that ends each (a reload that shortens
+        # degradation.holdTtlSeconds brings their ends forward: `_shorten_holds`)
+        self._hold_limits: dict[str, tuple[Hold, asyncio.Timeout]] = {}
 
     # ------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -426,6 +429,8 @@ class SchedulerService:
         self.prefill_bucket.configure(adm.prefill_tokens_per_second, adm.prefill_burst_tokens)
         self.decode_bucket.configure(adm.decode_requests_per_second, adm.decode_burst)
         self.retry_budget.ratio = new.retries.budget_ratio
+        if new.degradation.hold_ttl_seconds < old.degradation.hold_ttl_seconds:
+            self._shorten_holds(new.degradation.hold_ttl_seconds)
         if new.heartbeat_seconds != old.heartbeat_seconds:
             self._heartbeat_changed.set()
         if (new.server.host, new.server.port) != (old.server.host, old.server.port):
@@ -445,6 +450,18 @@ class SchedulerService:
         self.prefill_queue.notify()
         self.decode_queue.notify()
         return self._reload_tokenizer(new, failed)
+
+    def _shorten_holds(self, ttl: float) -> None:
+        """A reload lowered the hold TTL: the holds already waiting end when the new TTL, counted from when
+        each was held, runs out (at once if it already has). A longer TTL applies to new holds only."""
+        loop = asyncio.get_running_loop()
+        now_clock, now_loop = self.clock(), loop.time()
+        for hold, limit in self._hold_limits.values():
+            hold.expires = min(hold.expires, hold.created + ttl)
+            when = now_loop + max(0.0, hold.expires - now_clock)
+            current = limit.when()
+            if current is None or when < current:
+                limit.reschedule(when)
 
     async def reloads_settled(self) -> None:
         """Wait for what reloads started in the background: tokenizer loads, closing replaced hold stores and
@@ -1303,12 +1320,16 @@ class SchedulerService:
                  ",".join(ring), ttl)
         excluded = ctx.excluded
         try:
-            # The ring is looked up on every attempt: endpoints may change while the request is held
-            # (a generation switch), and the handle fits any decode replica of the prefill's KV format.
-            lease = await self.decode_queue.acquire(
-                lambda: self._try_decode(self._held_ring(prefill, ring, excluded), excluded, False),
-                _DecodeLease.release, ttl, priority=True,
-            )
+            # The hold's end is a timeout a reload can bring forward (`_shorten_holds`); the queue's own
+            # limit, a little later, only backs it up.
+            async with asyncio.timeout(ttl) as limit:
+                self._hold_limits[hold.key] = (hold, limit)
+                # The ring is looked up on every attempt: endpoints may change while the request is held
+                # (a generation switch), and the handle fits any decode replica of the prefill's KV format.
+                lease = await self.decode_queue.acquire(
+                    lambda: self._try_decode(self._held_ring(prefill, ring, excluded), excluded, False),
+                    _DecodeLease.release, ttl + 1.0, priority=True,
+                )
         except _StrandedHold:
             # The prefill replica holding the KV is gone (`_held_ring`): give up the handle now and let the
             # request be prefilled again.
@@ -1316,7 +1337,7 @@ class SchedulerService:
             self.hooks.hold("stranded")
             log.warning("event=hold_stranded request_id=%s prefill=%s", ctx.rid, prefill.address)
             return None
-        except QueueTimeout:
+        except (QueueTimeout, TimeoutError):
             ctx.stranded = False
             self.hooks.hold("expired")
             log.warning("event=hold_expired request_id=%s prefill=%s", ctx.rid, prefill.address)
@@ -1332,6 +1353,7 @@ class SchedulerService:
             self.hooks.hold("resumed")
             return lease
         finally:
+            self._hold_limits.pop(hold.key, None)
             await self.holds.remove(hold.key)
             self._waited(ctx, "hold", now)  # a wait, however the hold ended
 
