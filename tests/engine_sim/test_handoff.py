@@ -606,3 +606,45 @@ def test_the_buffer_baton_renders_lets_the_longest_prompts_through(engines, back
     assert status == 200, resp
     assert ctx.state()["counters"]["kvTransfersDynamicBuffer"] == dynamic
     assert gen.state()["counters"]["kvTransfersDynamicBuffer"] == dynamic
+
+
+def test_a_cancel_right_behind_its_pull_frees_the_kv(engines):
+    """A cancel frame that arrives with its pull (the generation side gave up at once) frees the KV even
+    though the transfer never began."""
+    from baton.engine_sim.handoff import frame_json
+
+    ctx = engines.start(worker_yaml(ctx=True), "--sim-speed", "1", "--sim-link-gbps", "0.1")
+    used = ctx.state()["kvCacheStats"]["usedNumBlocks"]
+    handle = context_handle(ctx, "given up at once")
+    pull_frame = frame_json({"id": 1, "ctx_request_id": handle.ctx_request_id, "instance": handle.instance,
+                             "cache_state": ctx.state()["cache_state"], "link_bytes_per_s": 50e9})
+    with socket.create_connection(("127.0.0.1", ctx.state()["kv_port"]), timeout=5) as sock:
+        sock.sendall(pull_frame + frame_json({"id": 1, "cancel": True}))
+        ctx.wait_for(lambda: ctx.state()["kvCacheStats"]["usedNumBlocks"] == used, "the KV to be freed",
+                     deadline_s=5)
+    state = ctx.state()
+    assert state["counters"]["kvPullsFailed"] == 1 and state["counters"]["numSendingKvRequests"] == 0
+    assert state["counters"]["kvPullsServed"] == 0
+
+
+def test_a_generation_request_cancelled_mid_transfer_stops_the_transfer(engines):
+    """The client of a generation_only request goes away while its KV is on the way: the pull is cancelled,
+    and the context worker frees the KV and its link then, not when the transfer would have ended."""
+    ctx = engines.start(worker_yaml(ctx=True), "--sim-speed", "1", "--sim-link-gbps", "0.1")
+    gen = engines.start(worker_yaml(ctx=False), "--sim-speed", "1")
+    used = ctx.state()["kvCacheStats"]["usedNumBlocks"]
+    resp = ctx.complete({"prompt": list(range(1, 321)), "max_tokens": 3,  # 320 x 128 KiB at 12.5 MB/s: 3.4 s
+                         "disaggregated_params": {"request_type": "context_only"}})
+    params = {**resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
+    body = json.dumps({"prompt": resp["prompt_token_ids"], "max_tokens": 3, "stream": True,
+                       "disaggregated_params": params}).encode()
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", gen.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        ctx.wait_for(lambda: ctx.state()["counters"]["numSendingKvRequests"] == 1, "the transfer to start",
+                     deadline_s=5)
+    ctx.wait_for(lambda: ctx.state()["kvCacheStats"]["usedNumBlocks"] == used, "the KV to be freed", deadline_s=5)
+    assert time.monotonic() - start < 2.5  # the transfer alone would have taken 3.4 s
+    assert ctx.state()["counters"]["kvPullsFailed"] == 1 and ctx.state()["counters"]["kvPullsServed"] == 0
+    assert gen.state()["counters"]["requestsCancelled"] == 1

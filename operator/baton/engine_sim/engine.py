@@ -112,7 +112,7 @@ class Seq:
     __slots__ = (
         "rid", "x_request_id", "kind", "prompt", "max_tokens", "need_blocks", "tokens", "phase", "done", "changed",
         "notify", "error", "arrival", "first_scheduled", "first_token_time", "last_token_time", "first_iter", "last_iter",
-        "handle", "first_tokens", "kv_size", "kv_start", "kv_end", "prefilled",
+        "handle", "first_tokens", "kv_size", "kv_start", "kv_end", "prefilled", "pulling",
     )
 
     def __init__(self, rid: int, kind: str, prompt: Prompt, max_tokens: int, x_request_id: str) -> None:
@@ -125,6 +125,7 @@ class Seq:
         self.tokens: list[int] = []
         self.phase = QUEUED
         self.prefilled = 0  # prompt tokens already prefilled (by earlier chunks of a chunked prefill)
+        self.pulling: asyncio.Task | None = None  # generation_only: the KV pull under way
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.changed: asyncio.Event | None = None  # set at each change, for a consumer that waits (stream=True)
         self.notify: Callable[[], None] | None = None  # called at each change: new tokens, the end, a failure
@@ -375,6 +376,8 @@ class Engine:
             return
         self.counters["requestsCancelled"] += 1
         self._fail(seq, EngineError("request cancelled by the client", 499, "RequestCancelled"), count=False)
+        if seq.pulling is not None:  # its KV pull too: the context worker frees the KV and its link
+            seq.pulling.cancel()
 
     # ------------------------------------------------------------------ the ctx side of a handoff
     def begin_pull(
@@ -669,6 +672,7 @@ class Engine:
             if s.kind == GEN_ONLY:
                 s.phase = TRANSFER
                 task = asyncio.get_running_loop().create_task(self._transfer(s))
+                s.pulling = task
                 self._transfers.add(task)
                 task.add_done_callback(self._transfers.discard)
             else:
@@ -677,6 +681,13 @@ class Engine:
     async def _transfer(self, s: Seq) -> None:
         assert s.handle is not None
         s.kv_start = time.monotonic()
+        try:
+            await self._pull(s)
+        finally:
+            s.pulling = None
+
+    async def _pull(self, s: Seq) -> None:
+        assert s.handle is not None
         try:
             result = await self.puller.pull(s.handle, self.state, link_bytes_per_s=self.cfg.link_bytes_per_s,
                                             recv_buffer_tokens=self.cfg.transfer_buffer_tokens,

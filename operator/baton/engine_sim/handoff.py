@@ -313,10 +313,11 @@ class KVPuller:
                 timer.cancel()
                 chan.waiting.pop(fid, None)
         except _PullTimeout as exc:
-            if not chan.closed and chan.transport is not None:
-                # stop the ctx side's transfer too (its blocks, its place on the link), whichever limit ran out
-                chan.transport.write(frame(b'{"id":%d,"cancel":true}' % fid))
+            self._cancel(chan, fid)
             raise self._timed_out(where, handle, timeout_s, exc) from exc
+        except asyncio.CancelledError:  # the generation request went away
+            self._cancel(chan, fid)
+            raise
         except OSError as exc:  # the channel broke with the pull in flight
             raise HandoffError(
                 f"KV transfer from context worker {where} failed: {type(exc).__name__}: {exc}"
@@ -328,6 +329,13 @@ class KVPuller:
         error = error if isinstance(error, dict) else {}
         kind = {"CacheStateMismatch": "format", BUFFER_TOO_SMALL: "buffer"}.get(error.get("type"), "transfer")
         raise HandoffError(str(error.get("message") or f"KV transfer from context worker {where} failed"), kind)
+
+    @staticmethod
+    def _cancel(chan: _Channel, fid: int) -> None:
+        """Stop the ctx side's transfer of pull `fid` too (its blocks, its place on the link): the gen side
+        gave it up, whatever the reason."""
+        if not chan.closed and chan.transport is not None:
+            chan.transport.write(frame(b'{"id":%d,"cancel":true}' % fid))
 
     @staticmethod
     def _timed_out(where: str, handle: OpaqueState, timeout_s: float | None, exc: Exception) -> HandoffError:
