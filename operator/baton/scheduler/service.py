@@ -351,7 +351,7 @@ class SchedulerService:
         self._settling = 0  # requests waiting out a settle window (`_decode_replaced`)
         # the holds waiting for a decode slot, with the timeout that ends each (a reload that shortens
         # degradation.holdTtlSeconds brings their ends forward: `_shorten_holds`)
-        self._hold_limits: dict[str, tuple[Hold, asyncio.Timeout]] = {}
+        self._hold_limits: dict[str, tuple[float, asyncio.Timeout]] = {}  # hold key: (loop time held, its end)
 
     # ------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -454,13 +454,10 @@ class SchedulerService:
     def _shorten_holds(self, ttl: float) -> None:
         """A reload lowered the hold TTL: the holds already waiting end when the new TTL, counted from when
         each was held, runs out (at once if it already has). A longer TTL applies to new holds only."""
-        loop = asyncio.get_running_loop()
-        now_clock, now_loop = self.clock(), loop.time()
-        for hold, limit in self._hold_limits.values():
-            hold.expires = min(hold.expires, hold.created + ttl)
-            when = now_loop + max(0.0, hold.expires - now_clock)
+        for held_at, limit in self._hold_limits.values():
+            when = held_at + ttl  # loop time, as the timeout's
             current = limit.when()
-            if current is None or when < current:
+            if not limit.expired() and (current is None or when < current):
                 limit.reschedule(when)
 
     async def reloads_settled(self) -> None:
@@ -1319,11 +1316,12 @@ class SchedulerService:
         log.info("event=hold request_id=%s key=%s prefill=%s ring=%s ttl_s=%g", ctx.rid, hold.key, prefill.address,
                  ",".join(ring), ttl)
         excluded = ctx.excluded
+        limit: asyncio.Timeout | None = None
         try:
             # The hold's end is a timeout a reload can bring forward (`_shorten_holds`); the queue's own
             # limit, a little later, only backs it up.
             async with asyncio.timeout(ttl) as limit:
-                self._hold_limits[hold.key] = (hold, limit)
+                self._hold_limits[hold.key] = (asyncio.get_running_loop().time(), limit)
                 # The ring is looked up on every attempt: endpoints may change while the request is held
                 # (a generation switch), and the handle fits any decode replica of the prefill's KV format.
                 lease = await self.decode_queue.acquire(
@@ -1337,7 +1335,9 @@ class SchedulerService:
             self.hooks.hold("stranded")
             log.warning("event=hold_stranded request_id=%s prefill=%s", ctx.rid, prefill.address)
             return None
-        except (QueueTimeout, TimeoutError):
+        except (QueueTimeout, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError) and not (limit is not None and limit.expired()):
+                raise  # not the hold's end: some call inside timed out on its own
             ctx.stranded = False
             self.hooks.hold("expired")
             log.warning("event=hold_expired request_id=%s prefill=%s", ctx.rid, prefill.address)
