@@ -125,7 +125,7 @@ class Seq:
         self.tokens: list[int] = []
         self.phase = QUEUED
         self.prefilled = 0  # prompt tokens already prefilled (by earlier chunks of a chunked prefill)
-        self.pulling: asyncio.Task | None = None  # generation_only: the KV pull under way
+        self.pulling: asyncio.Task | None = None  # generation_only: the task pulling its KV (done once it has)
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.changed: asyncio.Event | None = None  # set at each change, for a consumer that waits (stream=True)
         self.notify: Callable[[], None] | None = None  # called at each change: new tokens, the end, a failure
@@ -376,7 +376,7 @@ class Engine:
             return
         self.counters["requestsCancelled"] += 1
         self._fail(seq, EngineError("request cancelled by the client", 499, "RequestCancelled"), count=False)
-        if seq.pulling is not None:  # its KV pull too: the context worker frees the KV and its link
+        if seq.pulling is not None:  # its KV pull too, if under way: the context worker frees the KV and its link
             seq.pulling.cancel()
 
     # ------------------------------------------------------------------ the ctx side of a handoff
@@ -450,8 +450,7 @@ class Engine:
         """The transfer begun by `begin_pull` did not end within kv_transfer_timeout_ms: the context request
         is cancelled and its blocks freed. Returns the error the generation worker gets. `waited_s`: how long
         it waited for the worker's link behind other transfers."""
-        self._sending.pop(held.rid, None)
-        self._release_held(held)
+        self._end_send(held)
         self.counters["kvExpired"] += 1
         timeout_ms = (self.cfg.kv_transfer_timeout_s or 0) * 1000
         self._forget(held.rid, f"its transfer did not finish within kv_transfer_timeout_ms={timeout_ms:g} and "
@@ -468,8 +467,7 @@ class Engine:
     def send_failed(self, held: _Held, message: str, x_request_id: str = "") -> None:
         """The transfer begun by `begin_pull` cannot be sent (`transfer_buffer_check` refused it): the context
         request fails and its blocks are freed, as TensorRT-LLM ends a request whose transfer failed."""
-        self._sending.pop(held.rid, None)
-        self._release_held(held)
+        self._end_send(held)
         self.counters["kvPullsFailed"] += 1
         self._forget(held.rid, f"its transfer failed and it was freed: {message}")
 
@@ -491,18 +489,28 @@ class Engine:
             return 0.0
         if "context" in short:
             self.counters["kvTransfersDynamicBuffer"] += 1
-        fields = {"request_id": x_request_id, "ctx_request_id": held.rid, "tokens": held.num_tokens,
-                  "sides": short, "send_buffer_tokens": cfg.transfer_buffer_tokens,
-                  "recv_buffer_tokens": recv_buffer_tokens, "backend": self.state.transfer_backend}
         if self.state.transfer_backend == "NIXL":
             message = buffer_too_small_for_nixl(held.rid, held.num_tokens, short)
-            log.error("KV transfer failed: transfer buffer too small for NIXL",
-                      extra={"fields": {"event": "kv_transfer_buffer_too_small", **fields, "error": message}})
+            log.error("KV transfer failed: transfer buffer too small for NIXL", extra={"fields": {
+                "event": "kv_transfer_buffer_too_small", "error": message,
+                **self._buffer_fields(held.rid, held.num_tokens, short, x_request_id, recv_buffer_tokens)}})
             raise EngineError(message, 500, BUFFER_TOO_SMALL)
         if "context" in short:
-            log.warning(dynamic_buffer_warning(held.rid, held.num_tokens, cfg.transfer_buffer_source),
-                        extra={"fields": {"event": "kv_transfer_dynamic_buffer", **fields}})
+            self._warn_dynamic_buffer(held.rid, held.num_tokens, short, x_request_id, recv_buffer_tokens)
         return cfg.timing.dynamic_buffer_seconds() * len(short)
+
+    def _buffer_fields(self, ctx_request_id: int, num_tokens: int, sides: list[str], x_request_id: str,
+                       recv_buffer_tokens: int | None) -> dict:
+        """The log fields of a transfer whose KV does not fit a pre-allocated buffer on `sides`."""
+        return {"request_id": x_request_id, "ctx_request_id": ctx_request_id, "tokens": num_tokens, "sides": sides,
+                "send_buffer_tokens": self.cfg.transfer_buffer_tokens, "recv_buffer_tokens": recv_buffer_tokens,
+                "backend": self.state.transfer_backend}
+
+    def _warn_dynamic_buffer(self, ctx_request_id: int, num_tokens: int, sides: list[str], x_request_id: str,
+                             recv_buffer_tokens: int | None) -> None:
+        log.warning(dynamic_buffer_warning(ctx_request_id, num_tokens, self.cfg.transfer_buffer_source),
+                    extra={"fields": {"event": "kv_transfer_dynamic_buffer", **self._buffer_fields(
+                        ctx_request_id, num_tokens, sides, x_request_id, recv_buffer_tokens)}})
 
     def received_through_dynamic_buffer(self, s: Seq, error: str | None) -> None:
         """The gen side, once its pull is answered: count (and, when the transfer went through, warn) when the
@@ -511,12 +519,8 @@ class Engine:
             return
         self.counters["kvTransfersDynamicBuffer"] += 1
         if error is None:
-            log.warning(dynamic_buffer_warning(s.handle.ctx_request_id, s.prompt.length,
-                                               self.cfg.transfer_buffer_source),
-                        extra={"fields": {"event": "kv_transfer_dynamic_buffer", "request_id": s.x_request_id,
-                                          "ctx_request_id": s.handle.ctx_request_id, "tokens": s.prompt.length,
-                                          "sides": ["generation"], "recv_buffer_tokens": self.cfg.transfer_buffer_tokens,
-                                          "backend": self.state.transfer_backend}})
+            self._warn_dynamic_buffer(s.handle.ctx_request_id, s.prompt.length, ["generation"], s.x_request_id,
+                                      self.cfg.transfer_buffer_tokens)
 
     def pull_seconds(self, held: _Held, link_bytes_per_s: float | None,
                      peer: kvformat.CacheState | None = None) -> float:
@@ -531,9 +535,10 @@ class Engine:
 
     def end_pull(self, held: _Held, started: float, *, sent: bool = True, x_request_id: str = "") -> dict:
         """The transfer begun by `begin_pull` is over: the blocks are freed. `sent` is False when it broke off
-        (the generation worker went away, or this worker stops): the KV is lost, and not counted as served."""
-        self._sending.pop(held.rid, None)
-        self._release_held(held)
+        (the generation worker went away, or this worker stops): the KV is lost, and not counted as served.
+        A transfer that had already ended (timed out, failed, broken off) is left as it is: returns {}."""
+        if not self._end_send(held):
+            return {}
         if not sent:
             self.counters["kvPullsFailed"] += 1
             return {}
@@ -548,6 +553,15 @@ class Engine:
             "transfer_start": started,
             "transfer_end": time.monotonic(),
         }
+
+    def _end_send(self, held: _Held) -> bool:
+        """End the send of `held` begun by `begin_pull`, freeing its blocks; False (and nothing done) when it had
+        already ended: each send ends once, however many of its endings race."""
+        if self._sending.get(held.rid) is not held:
+            return False
+        del self._sending[held.rid]
+        self._release_held(held)
+        return True
 
     def _release_held(self, held: _Held) -> None:
         self._reserved -= held.blocks
@@ -681,13 +695,6 @@ class Engine:
     async def _transfer(self, s: Seq) -> None:
         assert s.handle is not None
         s.kv_start = time.monotonic()
-        try:
-            await self._pull(s)
-        finally:
-            s.pulling = None
-
-    async def _pull(self, s: Seq) -> None:
-        assert s.handle is not None
         try:
             result = await self.puller.pull(s.handle, self.state, link_bytes_per_s=self.cfg.link_bytes_per_s,
                                             recv_buffer_tokens=self.cfg.transfer_buffer_tokens,

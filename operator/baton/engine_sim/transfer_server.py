@@ -120,25 +120,23 @@ class _Connection(asyncio.Protocol):
         if seconds <= 0 and extra <= 0:  # no modelled time (--sim-speed 0): answered at once
             transport.write(frame_json({"id": fid, "ok": engine.end_pull(held, time.monotonic(), x_request_id=x_rid)}))
             return
-        begun: list[bool] = []  # `_send` appends True once it runs: only then do its own handlers free the KV
-        task = asyncio.get_running_loop().create_task(self._send(fid, held, seconds, extra, budget, x_rid, begun))
+        task = asyncio.get_running_loop().create_task(self._send(fid, held, seconds, extra, budget, x_rid))
 
         def done(t: asyncio.Task) -> None:
             if self.transfers.get(fid) is t:
                 del self.transfers[fid]
-            if t.cancelled() and not begun:  # cancelled before its first step (a cancel right behind the pull)
+            if t.cancelled():  # also before its first step (a cancel right behind the pull), when `_send`'s own
+                # handler never ran; after it, the send has ended and this does nothing
                 engine.end_pull(held, time.monotonic(), sent=False, x_request_id=x_rid)
         self.transfers[fid] = task
         task.add_done_callback(done)
 
-    async def _send(self, fid: int, held, seconds: float, extra: float, budget: float | None, x_rid: str,
-                    begun: list[bool]) -> None:
+    async def _send(self, fid: int, held, seconds: float, extra: float, budget: float | None, x_rid: str) -> None:
         """Allocate what the buffers need (`extra`), wait for the worker's link (its transfers go out one after
         another, first come first served), then send for `seconds`. With kv_transfer_timeout_ms (`budget`
         left of it) the transfer is cut off when it runs out, waiting or sending: the blocks are freed and the
         gen side gets a KVTransferTimeout error. Cancelled (the gen side gave up, the channel broke): the blocks
         are freed, not counted as served; a transfer that leaves the link's queue takes no time on it."""
-        begun.append(True)
         engine = self.engine
         started = time.monotonic()
         queued: float | None = None  # when it began to wait for the link (after the buffers' allocation)
