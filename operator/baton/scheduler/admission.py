@@ -159,11 +159,11 @@ class WaitQueue(Generic[T]):
         self,
         try_acquire: Callable[[], T | None],
         release: Callable[[T], None],
-        timeout: float,
+        timeout: float | None,
         priority: bool = False,
     ) -> T:
-        """Reserve a slot now or wait for one; raises QueueTimeout after `timeout` seconds, and what `shut`
-        was given once the queue is shut."""
+        """Reserve a slot now or wait for one; raises QueueTimeout after `timeout` seconds (None: no limit of
+        its own, the caller bounds the wait), and what `shut` was given once the queue is shut."""
         self.check_open()
         ahead = self._priority if priority else (self._priority or self._normal)
         queued_behind = self.strict and bool(ahead)
@@ -174,7 +174,7 @@ class WaitQueue(Generic[T]):
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), try_acquire, priority)
         (self._priority if priority else self._normal).append(waiter)
-        timer = loop.call_later(timeout, self._expire, waiter)
+        timer = None if timeout is None else loop.call_later(timeout, self._expire, waiter)
         if queued_behind:
             self.notify()  # the waiters ahead may all be passing on what is free
         granted = False
@@ -188,7 +188,8 @@ class WaitQueue(Generic[T]):
                 release(fut.result())  # got a slot just as the caller went away: give it back
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._discard(waiter)
             if not granted and self.strict:
                 self.notify()  # it may have been blocking the head of the queue

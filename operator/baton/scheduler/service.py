@@ -1318,15 +1318,14 @@ class SchedulerService:
         excluded = ctx.excluded
         limit: asyncio.Timeout | None = None
         try:
-            # The hold's end is a timeout a reload can bring forward (`_shorten_holds`); the queue's own
-            # limit, a little later, only backs it up.
+            # The hold's end is a timeout a reload can bring forward (`_shorten_holds`): the queue sets none.
             async with asyncio.timeout(ttl) as limit:
                 self._hold_limits[hold.key] = (asyncio.get_running_loop().time(), limit)
                 # The ring is looked up on every attempt: endpoints may change while the request is held
                 # (a generation switch), and the handle fits any decode replica of the prefill's KV format.
                 lease = await self.decode_queue.acquire(
                     lambda: self._try_decode(self._held_ring(prefill, ring, excluded), excluded, False),
-                    _DecodeLease.release, ttl + 1.0, priority=True,
+                    _DecodeLease.release, None, priority=True,
                 )
         except _StrandedHold:
             # The prefill replica holding the KV is gone (`_held_ring`): give up the handle now and let the
@@ -1335,8 +1334,8 @@ class SchedulerService:
             self.hooks.hold("stranded")
             log.warning("event=hold_stranded request_id=%s prefill=%s", ctx.rid, prefill.address)
             return None
-        except (QueueTimeout, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError) and not (limit is not None and limit.expired()):
+        except TimeoutError:
+            if limit is None or not limit.expired():
                 raise  # not the hold's end: some call inside timed out on its own
             ctx.stranded = False
             self.hooks.hold("expired")
