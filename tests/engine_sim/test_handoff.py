@@ -192,7 +192,7 @@ def pull(handles: list[OpaqueState], own: kvformat.CacheState) -> list:
     return asyncio.run(run())
 
 
-def context_handle(ctx, prompt: str) -> OpaqueState:
+def context_handle(ctx, prompt: str | list[int]) -> OpaqueState:
     resp = ctx.complete({"prompt": prompt, "max_tokens": 3, "disaggregated_params": {"request_type": "context_only"}})
     return decode_opaque(resp["choices"][0]["disaggregated_params"]["encoded_opaque_state"])
 
@@ -311,11 +311,7 @@ def test_concurrent_transfers_share_the_context_workers_link(engines):
     twice the time one takes alone, not side by side at the full rate each."""
     slow = engines.start(worker_yaml(ctx=True), "--sim-speed", "1", "--sim-link-gbps", "0.1")  # 12.5 MB/s
     own = kvformat.from_wire(slow.state()["cache_state"])
-    handles = []
-    for _ in range(3):
-        resp = slow.complete({"prompt": list(range(1, 33)), "max_tokens": 3,
-                              "disaggregated_params": {"request_type": "context_only"}})
-        handles.append(decode_opaque(resp["choices"][0]["disaggregated_params"]["encoded_opaque_state"]))
+    handles = [context_handle(slow, list(range(1, 33))) for _ in range(3)]
     one = 32 * 131_072 / 12.5e6  # 0.34 s: 32 tokens x 128 KiB at 12.5 MB/s
 
     async def timed(batch) -> float:
@@ -342,9 +338,7 @@ def test_transfers_that_run_out_of_time_waiting_for_the_link_leave_it(engines):
     used = ctx.state()["kvCacheStats"]["usedNumBlocks"]
 
     def handle() -> OpaqueState:
-        resp = ctx.complete({"prompt": list(range(1, 33)), "max_tokens": 3,
-                             "disaggregated_params": {"request_type": "context_only"}})
-        return decode_opaque(resp["choices"][0]["disaggregated_params"]["encoded_opaque_state"])
+        return context_handle(ctx, list(range(1, 33)))
 
     answers = pull([handle() for _ in range(6)], own)  # 0.34 s each on the link: at most two fit in 0.5 s
     assert isinstance(answers[0], dict)
