@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -386,55 +388,97 @@ def test_a_model_deleted_while_the_operator_is_down_goes_away_with_its_children(
              60, what="children collected without the operator")
 
 
-def test_a_watch_stream_that_ends_for_good_stops_the_operator_so_that_it_is_restarted(cluster, namespace, monkeypatch):
-    """kopf never restarts a watch stream that failed (here the ConfigMaps' stream gets an error event other
-    than 410 Gone, as from an API server in trouble). Were the operator to go on, it would be blind to those
-    objects with its liveness probe green; instead the operator stops with the stream's error (its
-    container then exits, and the kubelet starts it again with every stream afresh)."""
-    import socket
-    import urllib.error
-    import urllib.request
+class FailingWatchOperator:
+    """`baton operator` as a process of its own, whose ConfigMaps watch stream fails for good on `fail()`
+    (see operator_with_failing_watch.py): what happens to the process is what the tests check."""
 
-    from kopf._cogs.clients import watching
-    from kopf.testing import KopfRunner
+    def __init__(self, cluster, namespace, tmp_path, **overrides):
+        import socket
 
-    failing = {"configmaps": False}
-    original = watching.watch_objs
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/healthz"
+        self.marker = tmp_path / "fail-configmaps-watch"
+        self.log = tmp_path / "operator.log"
+        env = {key: value for key, value in os.environ.items()
+               if key != "BATON_EXIT_TIMEOUT_SECONDS"}  # the operator's default, not the in-process operators' 0
+        env.update({"KUBECONFIG": str(cluster.kubeconfig), "FAIL_CONFIGMAPS_WATCH_WHEN": str(self.marker),
+                    "BATON_WATCH_SERVER_TIMEOUT": "2",  # each watch request ends (and is made again) every 2 s
+                    "NO_PROXY": "127.0.0.1,localhost", **overrides})
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen([sys.executable, str(REPO / "tests/cluster/operator_with_failing_watch.py"),
+                                          "operator", "--namespace", namespace, "--liveness", self.url],
+                                         env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
-    async def watch_objs(*, resource, **kwargs):
-        if failing.get(resource.plural):  # what an API server in trouble may send on a watch
-            yield {"type": "ERROR", "object": {"kind": "Status", "code": 500, "reason": "InternalError",
-                                               "message": "etcdserver: request timed out"}}
-            return
-        async for event in original(resource=resource, **kwargs):
-            yield event
+    def health(self):
+        import urllib.error
+        import urllib.request
 
-    monkeypatch.setattr(watching, "watch_objs", watch_objs)
-    monkeypatch.setenv("BATON_WATCH_SERVER_TIMEOUT", "2")  # each watch request ends (and is made again) every 2 s
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/healthz"
-
-    def health():
         try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
+            with urllib.request.urlopen(self.url, timeout=5) as resp:
                 return resp.status
         except urllib.error.HTTPError as exc:
             return exc.code
         except OSError:
             return None
 
-    with KopfRunner(["run", "--standalone", "--namespace", namespace, "--liveness", url,
-                     "-m", "baton.operator.handlers"], timeout=60, reraise=False) as runner:
-        assert wait_for(health, 30, what="the liveness endpoint") == 200
-        create(cluster, namespace, small())
-        wait_for(lambda: cluster.core.list_namespaced_config_map(namespace, label_selector="baton.dev/model=llama-8b").items,
-                 30, what="the model's ConfigMaps")
-        failing["configmaps"] = True  # the stream fails the next time its watch request is made
-        wait_for(lambda: health() is None, 30, what="the operator to stop")
-    assert isinstance(runner.exception, watching.WatchingError), runner.output[-2000:]
-    assert "InternalError" in str(runner.exception)
+    def fail(self):
+        self.marker.touch()  # the stream fails the next time its watch request is made
+
+    def output(self):
+        return self.log.read_text()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def failing_watch_operator(cluster, namespace, tmp_path):
+    started = []
+
+    def start(**env):
+        started.append(FailingWatchOperator(cluster, namespace, tmp_path, **env))
+        return started[-1]
+
+    yield start
+    for operator in started:
+        operator.close()
+
+
+def test_a_watch_stream_that_ends_for_good_stops_the_operator_so_that_it_is_restarted(cluster, namespace, failing_watch_operator):
+    """kopf never restarts a watch stream that failed (here the ConfigMaps' stream gets an error event other
+    than 410 Gone, as from an API server in trouble). Were the operator to go on, it would be blind to those
+    objects with its liveness probe green; instead the process exits with the stream's error (and the
+    kubelet starts the container again with every stream afresh)."""
+    operator = failing_watch_operator()
+    assert wait_for(operator.health, 30, what="the liveness endpoint") == 200
+    create(cluster, namespace, small())
+    wait_for(lambda: cluster.core.list_namespaced_config_map(namespace, label_selector="baton.dev/model=llama-8b").items,
+             30, what="the model's ConfigMaps")
+    operator.fail()
+    # Within the exit timeout (30 s) even when kopf's own stop hangs; a clean stop takes a few seconds.
+    wait_for(lambda: operator.proc.poll() is not None, 60, what="the operator process to exit")
+    assert operator.proc.returncode != 0
+    assert operator.health() is None
+    output = operator.output()
+    assert "WatchingError" in output and "InternalError" in output, output[-3000:]
+
+
+def test_an_operator_whose_stop_hangs_is_gone_within_its_exit_timeout(cluster, namespace, failing_watch_operator):
+    """A stop that never finishes (kopf's can, after a watch stream failed) must not leave a dead operator
+    behind a failing probe for minutes: the process is killed BATON_EXIT_TIMEOUT_SECONDS after stopping
+    began, and the kubelet starts it again."""
+    operator = failing_watch_operator(HANG_ON_CLEANUP="1", BATON_EXIT_TIMEOUT_SECONDS="5")
+    assert wait_for(operator.health, 30, what="the liveness endpoint") == 200
+    operator.fail()
+    wait_for(lambda: "cleanup: hanging" in operator.output(), 30, what="the operator to begin stopping")
+    began = time.monotonic()
+    wait_for(lambda: operator.proc.poll() is not None, 30, what="the operator process to be killed")
+    assert operator.proc.returncode == -signal.SIGKILL
+    assert time.monotonic() - began < 15, "killed, but long after its exit timeout"
 
 
 def test_a_repeated_event_counts_on_the_first_instead_of_piling_up(cluster, namespace):

@@ -74,6 +74,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Measured on such a restart, peak RSS: unpaged 317 MiB, pages of 250 163 MiB, of 50 137 MiB.
     settings.watching.chunk_size = 50
     settings.networking.request_timeout = 60
+    # kopf's backstop for a stop that hangs: SIGKILL this long after stopping began (kopf's default is ten
+    # minutes). A watch stream that fails for good stops the operator but leaves kopf's other watchers
+    # running until its hung-task sweep cancels them, and that sweep can cancel a watcher's job-cleaning
+    # task before the watcher waits on it, which never ends. A clean stop takes 5 to 7 s. 0: never killed.
+    exit_timeout = float(os.environ.get("BATON_EXIT_TIMEOUT_SECONDS", "30"))
+    settings.process.ultimate_exiting_timeout = exit_timeout if exit_timeout > 0 else None
     # kopf keeps a worker task per object for this long after its last event; thousands of children
     # change at once when many models start (or are listed at a restart), and idle workers are pure
     # memory (1.0 s -> 0.1 s: 8 MiB less peak RSS on a restart among 1,000 models).
