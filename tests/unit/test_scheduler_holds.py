@@ -57,6 +57,21 @@ def test_holds_of_one_request_id_are_kept_and_removed_apart():
     asyncio.run(main())
 
 
+def test_a_shortened_hold_ends_by_the_new_ttl_counted_from_its_creation():
+    clock = Clock()
+    store = MemoryHoldStore(clock)
+
+    async def main():
+        await store.put(Hold("r1", "p:1", {"ctx_request_id": 1}, 2.0, 32.0))
+        assert not store.shorten("r1", 40.0)  # a longer TTL leaves it be
+        assert store.shorten("r1", 5.0) and (await store.get("r1")).expires == 7.0
+        assert not store.shorten("r1", 6.0) and not store.shorten("unknown", 1.0)
+        clock.now = 7.0
+        assert [h.request_id for h in await store.expired()] == ["r1"]
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------------------------------------- redis
 def _keys(server: RedisServer) -> list[str]:
     with server.client() as c:
@@ -100,6 +115,29 @@ def test_redis_store_publishes_each_hold_with_its_ttl_and_deletes_it_on_remove(r
         await store.flush()
         assert _keys(redis) == [] and len(store) == 0
         assert store.healthy() and store.writes == 2 and errors == []
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_redis_store_publishes_a_shortened_hold_again_with_its_shorter_ttl(redis):
+    clock = Clock()
+    store = RedisHoldStore(redis.url, clock)
+
+    async def main():
+        await store.put(_hold("r1", 30.0))
+        await store.flush()
+        clock.now = 1.0  # a second after it was held, the TTL goes down to 5 s: 4 s are left
+        assert store.shorten("r1", 5.0)
+        await store.flush()
+        with redis.client() as c:
+            assert 3_000 < c.pttl("baton:hold:r1") <= 4_000
+            published = json.loads(c.get("baton:hold:r1"))
+        assert published["expires"] - published["created"] == pytest.approx(5.0)
+        assert not store.shorten("r1", 20.0)
+        await store.flush()
+        with redis.client() as c:
+            assert c.pttl("baton:hold:r1") <= 4_000  # not lengthened again
         await store.close()
 
     asyncio.run(main())

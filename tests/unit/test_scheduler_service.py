@@ -835,6 +835,8 @@ def test_a_reload_that_shortens_the_hold_ttl_ends_the_holds_already_waiting_by_i
         task = asyncio.create_task(svc.complete("completions", long_request(), {}))
         await until(lambda: events.count("held") == 1, 1.0, "the hold")
         svc.apply_config(parse_config("model: m\n" + HOLD_CONFIG % after))
+        # the store's record (what redis publishes) ends by the new TTL too, if that is sooner
+        assert [hold.expires - hold.created for hold in svc.holds.held()] == [pytest.approx(min(before, after))]
         await until(lambda: "expired" in events, 1.0, "the first hold to end by the shorter TTL")
         assert time.monotonic() - start < 1.0 and events[:2] == ["held", "expired"]
         if after < before:

@@ -84,6 +84,11 @@ class HoldStore(Protocol):
 
     async def expired(self) -> list[Hold]: ...
 
+    def shorten(self, key: str, ttl: float) -> bool:
+        """The hold now ends `ttl` seconds after it was created, if that is sooner than its end (a reload
+        lowered the TTL). True if it was brought forward."""
+        ...
+
     def held(self) -> list[Hold]:
         """Every hold filed now (a reload moving them to another store)."""
         ...
@@ -132,6 +137,13 @@ class MemoryHoldStore:
         for hold in gone:
             del self._holds[hold.key]
         return gone
+
+    def shorten(self, key: str, ttl: float) -> bool:
+        hold = self._holds.get(key)
+        if hold is None or hold.created + ttl >= hold.expires:
+            return False
+        hold.expires = hold.created + ttl
+        return True
 
     def held(self) -> list[Hold]:
         return list(self._holds.values())
@@ -223,6 +235,12 @@ class RedisHoldStore(MemoryHoldStore):
         record["created"] = hold.created + offset
         record["expires"] = hold.expires + offset
         self._write(_Write(hold.key, "put", self.PREFIX + hold.key, json.dumps(record), hold.expires))
+
+    def shorten(self, key: str, ttl: float) -> bool:
+        if not super().shorten(key, ttl):
+            return False
+        self._publish(self._holds[key])  # set again: the record's expiry and its key's TTL
+        return True
 
     def _republish(self) -> None:
         """Publish every hold held now again: those whose writes were skipped while redis was failing are

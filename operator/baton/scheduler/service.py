@@ -453,12 +453,14 @@ class SchedulerService:
 
     def _shorten_holds(self, ttl: float) -> None:
         """A reload lowered the hold TTL: the holds already waiting end when the new TTL, counted from when
-        each was held, runs out (at once if it already has). A longer TTL applies to new holds only."""
-        for held_at, limit in self._hold_limits.values():
+        each was held, runs out (at once if it already has); the store's record of each (and its redis key's
+        TTL) ends then too. A longer TTL applies to new holds only."""
+        for key, (held_at, limit) in self._hold_limits.items():
             when = held_at + ttl  # loop time, as the timeout's
             current = limit.when()
             if not limit.expired() and (current is None or when < current):
                 limit.reschedule(when)
+                self.holds.shorten(key, ttl)
 
     async def reloads_settled(self) -> None:
         """Wait for what reloads started in the background: tokenizer loads, closing replaced hold stores and
