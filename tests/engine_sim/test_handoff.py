@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
+import re
 import socket
 import time
 
@@ -180,15 +182,17 @@ def test_separately_started_workers_cannot_hand_off_over_mpi(engines):
 
 
 def pull(handles: list[OpaqueState], own: kvformat.CacheState) -> list:
-    """Pull over the KV channel as a gen worker does, all of `handles` at once on one channel: the answers
-    or HandoffErrors, in the order of `handles`."""
+    """Pull over the KV channel as gen workers do, all of `handles` at once, each by a gen worker of its own (a
+    gen worker receives one request's KV at a time): the answers or HandoffErrors, in the order of `handles`."""
     async def run() -> list:
-        puller = KVPuller(timeout_s=10)
+        pullers = [KVPuller(timeout_s=10) for _ in handles]
         try:
             return await asyncio.gather(*(puller.pull(h, own, link_bytes_per_s=50e9, x_request_id=f"t-{i}")
-                                          for i, h in enumerate(handles)), return_exceptions=True)
+                                          for i, (puller, h) in enumerate(zip(pullers, handles))),
+                                        return_exceptions=True)
         finally:
-            await puller.close()
+            for puller in pullers:
+                await puller.close()
     return asyncio.run(run())
 
 
@@ -307,26 +311,89 @@ def test_a_transfer_cut_off_midway_frees_the_blocks(engines):
 
 
 def test_concurrent_transfers_share_the_context_workers_link(engines):
-    """Two pulls at once from one context worker take the link one after the other: the pair is done after
-    twice the time one takes alone, not side by side at the full rate each."""
+    """Two pulls at once from one context worker (by two gen workers) take the link one after the other: the
+    pair is done after twice the time one takes alone, not side by side at the full rate each."""
     slow = engines.start(worker_yaml(ctx=True), "--sim-speed", "1", "--sim-link-gbps", "0.1")  # 12.5 MB/s
     own = kvformat.from_wire(slow.state()["cache_state"])
     handles = [context_handle(slow, list(range(1, 33))) for _ in range(3)]
     one = 32 * 131_072 / 12.5e6  # 0.34 s: 32 tokens x 128 KiB at 12.5 MB/s
 
     async def timed(batch) -> float:
-        puller = KVPuller(timeout_s=10)
+        pullers = [KVPuller(timeout_s=10, receive_per_context_worker=True) for _ in batch]
         start = time.monotonic()
         try:
-            await asyncio.gather(*(puller.pull(h, own, link_bytes_per_s=50e9) for h in batch))
+            await asyncio.gather(*(p.pull(h, own, link_bytes_per_s=50e9) for p, h in zip(pullers, batch)))
         finally:
-            await puller.close()
+            for puller in pullers:
+                await puller.close()
         return time.monotonic() - start
 
     alone = asyncio.run(timed(handles[:1]))
     pair = asyncio.run(timed(handles[1:]))
     assert alone >= one * 0.95
     assert pair >= 1.8 * alone, (alone, pair)  # side by side at the full rate each would take ~alone
+
+
+def test_a_generation_worker_receives_one_requests_kv_at_a_time_unless_told_otherwise(engines):
+    """TensorRT-LLM's generation executor reuses one set of receive resources, so it takes in one request's KV
+    at a time, even from two context workers with idle links; TRTLLM_REQUEST_KV_CACHE_CONCURRENT=1 gives it
+    resources per context worker, and transfers from two of them arrive side by side."""
+    ctxs = [engines.start(worker_yaml(ctx=True), "--sim-speed", "1", "--sim-link-gbps", "0.1") for _ in range(2)]
+    serial = engines.start(worker_yaml(ctx=False), "--sim-speed", "0")
+    side_by_side = engines.start(worker_yaml(ctx=False), "--sim-speed", "0",
+                                 env={"TRTLLM_REQUEST_KV_CACHE_CONCURRENT": "1"})
+    assert serial.state()["kv_receive"] == "one at a time"
+    assert side_by_side.state()["kv_receive"] == "one at a time per context worker"
+    one = 64 * 131_072 / 12.5e6  # 0.67 s: 64 tokens x 128 KiB at 12.5 MB/s
+
+    def both(gen) -> float:
+        """One request prefilled on each context worker, both generated on `gen` at once: how long they took."""
+        bodies = []
+        for ctx in ctxs:
+            resp = ctx.complete({"prompt": list(range(1, 65)), "max_tokens": 2,
+                                 "disaggregated_params": {"request_type": "context_only"}})
+            params = {**resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
+            bodies.append({"prompt": resp["prompt_token_ids"], "max_tokens": 2, "disaggregated_params": params})
+        start = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda body: gen.post("/v1/completions", body), bodies))
+        took = time.monotonic() - start
+        assert [status for status, _ in answers] == [200, 200], answers
+        return took
+
+    one_at_a_time = both(serial)
+    at_once = both(side_by_side)
+    assert one_at_a_time >= 1.8 * one, (one_at_a_time, one)  # the second waited for the first
+    assert at_once < 0.75 * one_at_a_time, (at_once, one_at_a_time)
+    assert serial.state()["counters"]["kvTransfersCompleted"] == 2
+
+
+def test_a_pull_that_runs_out_of_time_waiting_for_its_turn_to_receive_says_so(engines):
+    """kv_transfer_timeout_ms also bounds a pull's wait for the generation worker's turn to receive: one that
+    runs out there fails without having reached the context worker, and its error says how long it waited."""
+    slow = engines.start(worker_yaml(ctx=True), "--sim-speed", "1", "--sim-link-gbps", "0.1")  # 12.5 MB/s
+    own = kvformat.from_wire(slow.state()["cache_state"])
+    first, second = (context_handle(slow, list(range(1, 65))) for _ in range(2))  # 0.67 s each on the link
+
+    async def main() -> list:
+        puller = KVPuller(timeout_s=10)
+        try:
+            receiving = asyncio.ensure_future(puller.pull(first, own, link_bytes_per_s=50e9))
+            await asyncio.sleep(0.05)
+            return await asyncio.gather(receiving, puller.pull(second, own, link_bytes_per_s=50e9, timeout_s=0.2),
+                                        return_exceptions=True)
+        finally:
+            await puller.close()
+
+    done, err = asyncio.run(main())
+    assert done["ctx_request_id"] == first.ctx_request_id
+    assert isinstance(err, HandoffError) and err.kind == "timeout", err
+    assert (f"ctx_request_id {second.ctx_request_id} was not received from context worker 127.0.0.1:"
+            f"{second.port} within kv_transfer_timeout_ms=200 of the generation worker") in err.message
+    assert re.search(r"\(it waited 2\d\d ms for this generation worker's turn to receive KV", err.message), err.message
+    assert slow.state()["counters"]["kvPullsServed"] == 1  # the second never reached the context worker
+    [late] = pull([second], own)  # its KV is still held there (until that worker's own timeout)
+    assert late["ctx_request_id"] == second.ctx_request_id
 
 
 def test_transfers_that_run_out_of_time_waiting_for_the_link_leave_it(engines):

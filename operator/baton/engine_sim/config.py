@@ -91,6 +91,9 @@ class SimConfig:
     transfer_buffer_tokens: int = 1 << 62
     transfer_buffer_source: str = ""
     transfer_buffers_bytes: int = 0  # all pre-allocated transfer buffers of the replica (every GPU's)
+    # How a generation worker receives KV: one request at a time (TensorRT-LLM's default), or, with
+    # TRTLLM_REQUEST_KV_CACHE_CONCURRENT=1, one at a time per context worker, different ones side by side.
+    kv_receive_per_context_worker: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -464,6 +467,7 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         transfer_buffer_tokens=buffer.tokens,
         transfer_buffer_source=buffer.source,
         transfer_buffers_bytes=int(buffer.total_bytes),
+        kv_receive_per_context_worker=env.get("TRTLLM_REQUEST_KV_CACHE_CONCURRENT", "").strip() == "1",
     )
 
 
@@ -490,6 +494,7 @@ def describe(cfg: SimConfig) -> dict:
         "transfer_buffer_tokens": cfg.transfer_buffer_tokens,
         "transfer_buffer_source": cfg.transfer_buffer_source,
         "transfer_buffers_bytes": cfg.transfer_buffers_bytes,
+        "kv_receive": "one at a time per context worker" if cfg.kv_receive_per_context_worker else "one at a time",
         "timing_model": cfg.timing.model.name,
         "timing_param_scale": round(cfg.timing.param_scale, 4),
         "time_scale": cfg.time_scale,

@@ -205,12 +205,19 @@ def _time_out(fut: asyncio.Future, seconds: float) -> None:
 
 
 class KVPuller:
-    """The gen side of the KV transfer: one channel per ctx worker, opened on first use, shared by all pulls."""
+    """The gen side of the KV transfer: one channel per ctx worker, opened on first use, shared by all pulls.
 
-    def __init__(self, *, timeout_s: float = 60.0) -> None:
+    A gen worker receives KV one request at a time, as TensorRT-LLM's generation executor does by default (it
+    reuses one set of receive resources); with `receive_per_context_worker` (TRTLLM_REQUEST_KV_CACHE_CONCURRENT=1)
+    one at a time per ctx worker, different ctx workers' side by side. A pull holds its turn from sending its
+    request until the answer, so it also waits out the ctx side's queue for that worker's link."""
+
+    def __init__(self, *, timeout_s: float = 60.0, receive_per_context_worker: bool = False) -> None:
         self._timeout = timeout_s  # the whole pull: connect, the ctx side's transfer time, the answer
         self._channels: dict[tuple[str, int], _Channel] = {}
         self._connecting: dict[tuple[str, int], asyncio.Task] = {}
+        self._per_context_worker = receive_per_context_worker
+        self._turns: dict[tuple[str, int] | None, asyncio.Lock] = {}  # the receive turns, by ctx worker or None
 
     async def close(self) -> None:
         for task in list(self._connecting.values()):
@@ -254,13 +261,31 @@ class KVPuller:
     ) -> dict:
         """Pull the KV named by `handle`; returns the ctx answer ({"kv_cache_size", "num_tokens", ...}).
 
-        `timeout_s` (the worker's kv_transfer_timeout_ms) bounds the whole pull: connecting, the ctx side's
-        transfer time and the answer. When it runs out the pull is cancelled on the ctx side too, and this
+        `timeout_s` (the worker's kv_transfer_timeout_ms) bounds the whole pull: the wait for this worker's turn
+        to receive, connecting, the ctx side's transfer time and the answer. When it runs out the pull is cancelled on the ctx side too, and this
         raises a HandoffError of kind "timeout". Without it, the puller's own limit applies (60 s)."""
         extra = b'"link_bytes_per_s":%s' % _compact(link_bytes_per_s).encode()
         if recv_buffer_tokens is not None:
             extra += b',"recv_buffer_tokens":%d' % recv_buffer_tokens
-        return await self._ask(handle, own_state, extra, x_request_id, timeout_s)
+        loop = asyncio.get_running_loop()
+        limit = self._timeout if timeout_s is None else timeout_s
+        deadline = loop.time() + limit
+        key = (handle.host, handle.port) if self._per_context_worker else None
+        turn = self._turns.get(key)
+        if turn is None:
+            turn = self._turns[key] = asyncio.Lock()
+        queued = loop.time()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await turn.acquire()
+        except TimeoutError as exc:
+            raise self._timed_out(f"{handle.host}:{handle.port}", handle, timeout_s,
+                                  _PullTimeout(f"not begun within {limit:g} s"), loop.time() - queued) from exc
+        try:
+            return await self._ask(handle, own_state, extra, x_request_id, timeout_s, deadline=deadline,
+                                   waited_s=loop.time() - queued)
+        finally:
+            turn.release()
 
     async def refuse(
         self, handle: OpaqueState, own_state: kvformat.CacheState, reason: str, *, x_request_id: str = "",
@@ -277,22 +302,24 @@ class KVPuller:
 
     async def _ask(
         self, handle: OpaqueState, own_state: kvformat.CacheState, extra: bytes, x_request_id: str,
-        timeout_s: float | None,
+        timeout_s: float | None, *, deadline: float | None = None, waited_s: float = 0.0,
     ) -> dict:
-        """Send one pull frame (with `extra` fields) and wait for its answer."""
+        """Send one pull frame (with `extra` fields) and wait for its answer, until `deadline` (loop time; else
+        the limit from now). `waited_s`: how long the pull waited for its turn to receive (said on a timeout)."""
         host = handle.host
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         where = f"{handle.host}:{handle.port}"
         loop = asyncio.get_running_loop()
         limit = self._timeout if timeout_s is None else timeout_s
-        deadline = loop.time() + limit
+        if deadline is None:
+            deadline = loop.time() + limit
         try:
             async with asyncio.timeout_at(deadline):
                 chan = await self._channel(host, handle.port)
         except TimeoutError as exc:
-            raise self._timed_out(where, handle, timeout_s, _PullTimeout(f"not connected within {limit:g} s")) \
-                from exc
+            raise self._timed_out(where, handle, timeout_s, _PullTimeout(f"not connected within {limit:g} s"),
+                                  waited_s) from exc
         except OSError as exc:  # ConnectionError (refused, reset, closed early)
             raise HandoffError(
                 f"KV transfer from context worker {where} failed: {type(exc).__name__}: {exc}"
@@ -314,7 +341,7 @@ class KVPuller:
                 chan.waiting.pop(fid, None)
         except _PullTimeout as exc:
             self._cancel(chan, fid)
-            raise self._timed_out(where, handle, timeout_s, exc) from exc
+            raise self._timed_out(where, handle, timeout_s, exc, waited_s) from exc
         except asyncio.CancelledError:  # the generation request went away
             self._cancel(chan, fid)
             raise
@@ -338,10 +365,14 @@ class KVPuller:
             chan.transport.write(frame(b'{"id":%d,"cancel":true}' % fid))
 
     @staticmethod
-    def _timed_out(where: str, handle: OpaqueState, timeout_s: float | None, exc: Exception) -> HandoffError:
+    def _timed_out(where: str, handle: OpaqueState, timeout_s: float | None, exc: Exception,
+                   waited_s: float = 0.0) -> HandoffError:
+        """The pull's limit ran out; `waited_s`: how much of it went on waiting for this worker's turn to receive."""
+        waited = (f" (it waited {waited_s * 1000:.0f} ms for this generation worker's turn to receive KV, one "
+                  "request at a time, behind other requests)") if waited_s >= 0.001 else ""
         if timeout_s is None:  # the puller's own limit: a context worker that does not answer
-            return HandoffError(f"KV transfer from context worker {where} failed: TimeoutError: {exc}")
+            return HandoffError(f"KV transfer from context worker {where} failed: TimeoutError: {exc}{waited}")
         return HandoffError(
             f"KV cache transfer timed out: ctx_request_id {handle.ctx_request_id} was not received from context "
             f"worker {where} within kv_transfer_timeout_ms={timeout_s * 1000:g} of the generation worker; the "
-            "request was cancelled", "timeout")
+            f"request was cancelled{waited}", "timeout")
