@@ -339,11 +339,13 @@ def test_a_generation_worker_receives_one_requests_kv_at_a_time_unless_told_othe
     at a time, even from two context workers with idle links; TRTLLM_REQUEST_KV_CACHE_CONCURRENT=1 gives it
     resources per context worker, and transfers from two of them arrive side by side."""
     ctxs = [engines.start(worker_yaml(ctx=True), "--sim-speed", "1", "--sim-link-gbps", "0.1") for _ in range(2)]
-    serial = engines.start(worker_yaml(ctx=False), "--sim-speed", "0")
-    side_by_side = engines.start(worker_yaml(ctx=False), "--sim-speed", "0",
+    serial = engines.start(worker_yaml(ctx=False), "--sim-speed", "1")
+    side_by_side = engines.start(worker_yaml(ctx=False), "--sim-speed", "1",
                                  env={"TRTLLM_REQUEST_KV_CACHE_CONCURRENT": "1"})
     assert serial.state()["kv_receive"] == "one at a time"
     assert side_by_side.state()["kv_receive"] == "one at a time per context worker"
+    unmodelled = engines.start(worker_yaml(ctx=False), "--sim-speed", "0")
+    assert unmodelled.state()["kv_receive"] == "unordered (no modelled time)"
     one = 64 * 131_072 / 12.5e6  # 0.67 s: 64 tokens x 128 KiB at 12.5 MB/s
 
     def both(gen) -> float:

@@ -494,7 +494,8 @@ def describe(cfg: SimConfig) -> dict:
         "transfer_buffer_tokens": cfg.transfer_buffer_tokens,
         "transfer_buffer_source": cfg.transfer_buffer_source,
         "transfer_buffers_bytes": cfg.transfer_buffers_bytes,
-        "kv_receive": "one at a time per context worker" if cfg.kv_receive_per_context_worker else "one at a time",
+        "kv_receive": ("unordered (no modelled time)" if cfg.time_scale <= 0 else "one at a time per context worker"
+                       if cfg.kv_receive_per_context_worker else "one at a time"),
         "timing_model": cfg.timing.model.name,
         "timing_param_scale": round(cfg.timing.param_scale, 4),
         "time_scale": cfg.time_scale,

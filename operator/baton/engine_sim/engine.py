@@ -186,7 +186,8 @@ class Engine:
         self.state = cfg.cache_state
         self.instance = uuid.uuid4().hex[:16]
         self.kv_bytes_per_token = kvformat.kv_bytes_per_token(cfg.cache_state)
-        self.puller = puller or KVPuller(receive_per_context_worker=cfg.kv_receive_per_context_worker)
+        self.puller = puller or KVPuller(receive_per_context_worker=cfg.kv_receive_per_context_worker,
+                                         in_turn=cfg.time_scale > 0)
         # a prompt longer than max_num_tokens is prefilled in chunks instead of refused
         self._chunked_prefill = bool(cfg.options.get("enable_chunked_prefill"))
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)

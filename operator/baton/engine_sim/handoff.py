@@ -210,13 +210,17 @@ class KVPuller:
     A gen worker receives KV one request at a time, as TensorRT-LLM's generation executor does by default (it
     reuses one set of receive resources); with `receive_per_context_worker` (TRTLLM_REQUEST_KV_CACHE_CONCURRENT=1)
     one at a time per ctx worker, different ctx workers' side by side. A pull holds its turn from sending its
-    request until the answer, so it also waits out the ctx side's queue for that worker's link."""
+    request until the answer, so it also waits out the ctx side's queue for that worker's link. Without
+    `in_turn` (no modelled time: --sim-speed 0, where the ctx side does not take its link either) pulls do
+    not wait for turns."""
 
-    def __init__(self, *, timeout_s: float = 60.0, receive_per_context_worker: bool = False) -> None:
+    def __init__(self, *, timeout_s: float = 60.0, receive_per_context_worker: bool = False,
+                 in_turn: bool = True) -> None:
         self._timeout = timeout_s  # the whole pull: connect, the ctx side's transfer time, the answer
         self._channels: dict[tuple[str, int], _Channel] = {}
         self._connecting: dict[tuple[str, int], asyncio.Task] = {}
         self._per_context_worker = receive_per_context_worker
+        self._in_turn = in_turn
         self._turns: dict[tuple[str, int] | None, asyncio.Lock] = {}  # the receive turns, by ctx worker or None
 
     async def close(self) -> None:
@@ -267,6 +271,8 @@ class KVPuller:
         extra = b'"link_bytes_per_s":%s' % _compact(link_bytes_per_s).encode()
         if recv_buffer_tokens is not None:
             extra += b',"recv_buffer_tokens":%d' % recv_buffer_tokens
+        if not self._in_turn:
+            return await self._ask(handle, own_state, extra, x_request_id, timeout_s)
         loop = asyncio.get_running_loop()
         limit = self._timeout if timeout_s is None else timeout_s
         deadline = loop.time() + limit
