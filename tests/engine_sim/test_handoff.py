@@ -182,17 +182,16 @@ def test_separately_started_workers_cannot_hand_off_over_mpi(engines):
 
 
 def pull(handles: list[OpaqueState], own: kvformat.CacheState) -> list:
-    """Pull over the KV channel as gen workers do, all of `handles` at once, each by a gen worker of its own (a
-    gen worker receives one request's KV at a time): the answers or HandoffErrors, in the order of `handles`."""
+    """Pull over the KV channel as a gen worker does, all of `handles` at once on one channel (without turns to
+    receive, so that they all reach the ctx worker at once): the answers or HandoffErrors, in the order of
+    `handles`."""
     async def run() -> list:
-        pullers = [KVPuller(timeout_s=10) for _ in handles]
+        puller = KVPuller(timeout_s=10, in_turn=False)
         try:
             return await asyncio.gather(*(puller.pull(h, own, link_bytes_per_s=50e9, x_request_id=f"t-{i}")
-                                          for i, (puller, h) in enumerate(zip(pullers, handles))),
-                                        return_exceptions=True)
+                                          for i, h in enumerate(handles)), return_exceptions=True)
         finally:
-            for puller in pullers:
-                await puller.close()
+            await puller.close()
     return asyncio.run(run())
 
 
@@ -311,21 +310,20 @@ def test_a_transfer_cut_off_midway_frees_the_blocks(engines):
 
 
 def test_concurrent_transfers_share_the_context_workers_link(engines):
-    """Two pulls at once from one context worker (by two gen workers) take the link one after the other: the
-    pair is done after twice the time one takes alone, not side by side at the full rate each."""
+    """Two pulls at once from one context worker take the link one after the other: the pair is done after
+    twice the time one takes alone, not side by side at the full rate each."""
     slow = engines.start(worker_yaml(ctx=True), "--sim-speed", "1", "--sim-link-gbps", "0.1")  # 12.5 MB/s
     own = kvformat.from_wire(slow.state()["cache_state"])
     handles = [context_handle(slow, list(range(1, 33))) for _ in range(3)]
     one = 32 * 131_072 / 12.5e6  # 0.34 s: 32 tokens x 128 KiB at 12.5 MB/s
 
     async def timed(batch) -> float:
-        pullers = [KVPuller(timeout_s=10, receive_per_context_worker=True) for _ in batch]
+        puller = KVPuller(timeout_s=10, in_turn=False)  # both reach the context worker at once
         start = time.monotonic()
         try:
-            await asyncio.gather(*(p.pull(h, own, link_bytes_per_s=50e9) for p, h in zip(pullers, batch)))
+            await asyncio.gather(*(puller.pull(h, own, link_bytes_per_s=50e9) for h in batch))
         finally:
-            for puller in pullers:
-                await puller.close()
+            await puller.close()
         return time.monotonic() - start
 
     alone = asyncio.run(timed(handles[:1]))
@@ -339,20 +337,20 @@ def test_a_generation_worker_receives_one_requests_kv_at_a_time_unless_told_othe
     at a time, even from two context workers with idle links; TRTLLM_REQUEST_KV_CACHE_CONCURRENT=1 gives it
     resources per context worker, and transfers from two of them arrive side by side."""
     ctxs = [engines.start(worker_yaml(ctx=True), "--sim-speed", "1", "--sim-link-gbps", "0.1") for _ in range(2)]
-    serial = engines.start(worker_yaml(ctx=False), "--sim-speed", "1")
+    serial = engines.start(worker_yaml(ctx=False), "--sim-speed", "1", env={"TRTLLM_REQUEST_KV_CACHE_CONCURRENT": "0"})
     side_by_side = engines.start(worker_yaml(ctx=False), "--sim-speed", "1",
                                  env={"TRTLLM_REQUEST_KV_CACHE_CONCURRENT": "1"})
     assert serial.state()["kv_receive"] == "one at a time"
     assert side_by_side.state()["kv_receive"] == "one at a time per context worker"
     unmodelled = engines.start(worker_yaml(ctx=False), "--sim-speed", "0")
     assert unmodelled.state()["kv_receive"] == "unordered (no modelled time)"
-    one = 64 * 131_072 / 12.5e6  # 0.67 s: 64 tokens x 128 KiB at 12.5 MB/s
+    one = 96 * 131_072 / 12.5e6  # 1.0 s: 96 tokens x 128 KiB at 12.5 MB/s
 
     def both(gen) -> float:
         """One request prefilled on each context worker, both generated on `gen` at once: how long they took."""
         bodies = []
         for ctx in ctxs:
-            resp = ctx.complete({"prompt": list(range(1, 65)), "max_tokens": 2,
+            resp = ctx.complete({"prompt": list(range(1, 97)), "max_tokens": 2,
                                  "disaggregated_params": {"request_type": "context_only"}})
             params = {**resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
             bodies.append({"prompt": resp["prompt_token_ids"], "max_tokens": 2, "disaggregated_params": params})
@@ -370,32 +368,42 @@ def test_a_generation_worker_receives_one_requests_kv_at_a_time_unless_told_othe
     assert serial.state()["counters"]["kvTransfersCompleted"] == 2
 
 
-def test_a_pull_that_runs_out_of_time_waiting_for_its_turn_to_receive_says_so(engines):
+def test_pulls_given_up_while_waiting_for_their_turn_to_receive_free_the_kv_and_leave_the_queue(engines):
     """kv_transfer_timeout_ms also bounds a pull's wait for the generation worker's turn to receive: one that
-    runs out there fails without having reached the context worker, and its error says how long it waited."""
+    runs out there fails saying how long it waited, and one whose request goes away leaves the queue. Neither
+    reached the context worker, which is told and frees their KV; the next pull gets its turn as usual."""
     slow = engines.start(worker_yaml(ctx=True), "--sim-speed", "1", "--sim-link-gbps", "0.1")  # 12.5 MB/s
     own = kvformat.from_wire(slow.state()["cache_state"])
-    first, second = (context_handle(slow, list(range(1, 65))) for _ in range(2))  # 0.67 s each on the link
+    first, timed_out, cancelled, last = (context_handle(slow, list(range(1, 65))) for _ in range(4))  # 0.67 s each
 
-    async def main() -> list:
+    async def main() -> tuple:
         puller = KVPuller(timeout_s=10)
         try:
             receiving = asyncio.ensure_future(puller.pull(first, own, link_bytes_per_s=50e9))
             await asyncio.sleep(0.05)
-            return await asyncio.gather(receiving, puller.pull(second, own, link_bytes_per_s=50e9, timeout_s=0.2),
-                                        return_exceptions=True)
+            waiting = asyncio.ensure_future(puller.pull(cancelled, own, link_bytes_per_s=50e9))
+            expired = await asyncio.gather(puller.pull(timed_out, own, link_bytes_per_s=50e9, timeout_s=0.2),
+                                           return_exceptions=True)
+            waiting.cancel()  # its client went away
+            done = await receiving
+            after = await puller.pull(last, own, link_bytes_per_s=50e9, timeout_s=5)
+            return done, expired[0], after
         finally:
+            await asyncio.sleep(0.2)  # the context worker being told of the two given up
             await puller.close()
 
-    done, err = asyncio.run(main())
-    assert done["ctx_request_id"] == first.ctx_request_id
+    done, err, after = asyncio.run(main())
+    assert done["ctx_request_id"] == first.ctx_request_id and after["ctx_request_id"] == last.ctx_request_id
     assert isinstance(err, HandoffError) and err.kind == "timeout", err
-    assert (f"ctx_request_id {second.ctx_request_id} was not received from context worker 127.0.0.1:"
-            f"{second.port} within kv_transfer_timeout_ms=200 of the generation worker") in err.message
-    assert re.search(r"\(it waited 2\d\d ms for this generation worker's turn to receive KV", err.message), err.message
-    assert slow.state()["counters"]["kvPullsServed"] == 1  # the second never reached the context worker
-    [late] = pull([second], own)  # its KV is still held there (until that worker's own timeout)
-    assert late["ctx_request_id"] == second.ctx_request_id
+    assert (f"ctx_request_id {timed_out.ctx_request_id} was not received from context worker 127.0.0.1:"
+            f"{timed_out.port} within kv_transfer_timeout_ms=200 of the generation worker") in err.message
+    assert re.search(r"\(it waited \d+ ms for this generation worker's turn to receive KV, one request at a time "
+                     r"behind other requests\)", err.message), err.message
+    slow.wait_for(lambda: held(slow) == 0, "the KV of the pulls given up to be freed", deadline_s=5)
+    counters = slow.state()["counters"]
+    assert counters["kvPullsServed"] == 2 and counters["kvPullsFailed"] == 2
+    [gone] = pull([cancelled], own)
+    assert isinstance(gone, HandoffError) and "gave up the pull" in gone.message, gone
 
 
 def test_transfers_that_run_out_of_time_waiting_for_the_link_leave_it(engines):

@@ -414,7 +414,7 @@ class Engine:
             held = self._held.get(ctx_request_id)
             if held is not None:
                 self._drop_held(held)
-                why = "the KV cache formats differ" if mismatches else "the generation worker refused it"
+                why = "the KV cache formats differ" if mismatches else f"the generation worker refused it: {refused}"
                 self._forget(ctx_request_id, f"its handoff failed in the handshake with a generation worker ({why}) "
                                              "and it was freed")
                 log.info("held KV freed: handoff refused", extra={"fields": {

@@ -36,9 +36,12 @@ import base64
 import binascii
 import functools
 import json
+import logging
 from dataclasses import dataclass
 
 from baton import kvformat
+
+log = logging.getLogger("baton.engine_sim.handoff")
 
 # The error type of a transfer whose KV does not fit a pre-allocated transfer buffer, with NIXL (which cannot
 # use a buffer allocated for one transfer): HandoffError kind "buffer".
@@ -222,9 +225,10 @@ class KVPuller:
         self._per_context_worker = receive_per_context_worker
         self._in_turn = in_turn
         self._turns: dict[tuple[str, int] | None, asyncio.Lock] = {}  # the receive turns, by ctx worker or None
+        self._telling: set[asyncio.Task] = set()  # ctx workers being told of pulls given up before their turn
 
     async def close(self) -> None:
-        for task in list(self._connecting.values()):
+        for task in [*self._connecting.values(), *self._telling]:
             task.cancel()
         for chan in list(self._channels.values()):
             chan.fail(ConnectionAbortedError("the generation worker is shutting down"))
@@ -265,33 +269,59 @@ class KVPuller:
     ) -> dict:
         """Pull the KV named by `handle`; returns the ctx answer ({"kv_cache_size", "num_tokens", ...}).
 
-        `timeout_s` (the worker's kv_transfer_timeout_ms) bounds the whole pull: the wait for this worker's turn
-        to receive, connecting, the ctx side's transfer time and the answer. When it runs out the pull is cancelled on the ctx side too, and this
-        raises a HandoffError of kind "timeout". Without it, the puller's own limit applies (60 s)."""
+        `timeout_s` (the worker's kv_transfer_timeout_ms) bounds the whole pull: the wait for this worker's
+        turn to receive, connecting, the ctx side's transfer time and the answer. When it runs out the pull is
+        cancelled on the ctx side too, and this raises a HandoffError of kind "timeout". Without it, the
+        puller's own limit (60 s) applies from the pull's turn. A pull given up before its turn (its timeout,
+        its request cancelled) never reached the ctx worker: that worker is told, and frees the KV."""
         extra = b'"link_bytes_per_s":%s' % _compact(link_bytes_per_s).encode()
         if recv_buffer_tokens is not None:
             extra += b',"recv_buffer_tokens":%d' % recv_buffer_tokens
         if not self._in_turn:
             return await self._ask(handle, own_state, extra, x_request_id, timeout_s)
         loop = asyncio.get_running_loop()
-        limit = self._timeout if timeout_s is None else timeout_s
-        deadline = loop.time() + limit
+        queued = loop.time()
+        deadline = None if timeout_s is None else queued + timeout_s
         key = (handle.host, handle.port) if self._per_context_worker else None
         turn = self._turns.get(key)
         if turn is None:
             turn = self._turns[key] = asyncio.Lock()
-        queued = loop.time()
         try:
             async with asyncio.timeout_at(deadline):
                 await turn.acquire()
+            if deadline is not None and loop.time() >= deadline:  # its turn came as its time ran out
+                turn.release()
+                raise TimeoutError
         except TimeoutError as exc:
+            self._give_up_unsent(handle, own_state, x_request_id, "its kv_transfer_timeout_ms ran out while it "
+                                 "waited for its turn to receive")
             raise self._timed_out(f"{handle.host}:{handle.port}", handle, timeout_s,
-                                  _PullTimeout(f"not begun within {limit:g} s"), loop.time() - queued) from exc
+                                  _PullTimeout(f"not begun within {timeout_s:g} s"), loop.time() - queued) from exc
+        except asyncio.CancelledError:
+            self._give_up_unsent(handle, own_state, x_request_id, "its request went away while it waited for its "
+                                 "turn to receive")
+            raise
         try:
             return await self._ask(handle, own_state, extra, x_request_id, timeout_s, deadline=deadline,
                                    waited_s=loop.time() - queued)
         finally:
             turn.release()
+
+    def _give_up_unsent(self, handle: OpaqueState, own_state: kvformat.CacheState, x_request_id: str,
+                        why: str) -> None:
+        """A pull given up before its turn never asked the ctx worker for the KV: tell that worker (in the
+        background), which frees the KV now instead of at its own kv_transfer_timeout_ms, or never without one."""
+        async def tell() -> None:
+            try:
+                await self.refuse(handle, own_state, f"it gave up the pull: {why}", x_request_id=x_request_id)
+            except HandoffError as exc:
+                log.info("could not tell the context worker about a pull given up", extra={"fields": {
+                    "event": "kv_give_up_unsent", "request_id": x_request_id,
+                    "ctx_request_id": handle.ctx_request_id, "error": exc.message}})
+
+        task = asyncio.get_running_loop().create_task(tell())
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
 
     async def refuse(
         self, handle: OpaqueState, own_state: kvformat.CacheState, reason: str, *, x_request_id: str = "",
@@ -370,12 +400,12 @@ class KVPuller:
         if not chan.closed and chan.transport is not None:
             chan.transport.write(frame(b'{"id":%d,"cancel":true}' % fid))
 
-    @staticmethod
-    def _timed_out(where: str, handle: OpaqueState, timeout_s: float | None, exc: Exception,
+    def _timed_out(self, where: str, handle: OpaqueState, timeout_s: float | None, exc: Exception,
                    waited_s: float = 0.0) -> HandoffError:
         """The pull's limit ran out; `waited_s`: how much of it went on waiting for this worker's turn to receive."""
+        order = "from this context worker " if self._per_context_worker else ""
         waited = (f" (it waited {waited_s * 1000:.0f} ms for this generation worker's turn to receive KV, one "
-                  "request at a time, behind other requests)") if waited_s >= 0.001 else ""
+                  f"request at a time {order}behind other requests)") if waited_s >= 0.001 else ""
         if timeout_s is None:  # the puller's own limit: a context worker that does not answer
             return HandoffError(f"KV transfer from context worker {where} failed: TimeoutError: {exc}{waited}")
         return HandoffError(

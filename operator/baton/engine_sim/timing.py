@@ -14,9 +14,10 @@ Assumed (documented in docs/engine-simulator.md):
   tokens plus each prompt's own attention, and a chunk of a chunked prefill (enable_chunked_prefill) over
   prompt positions [start, end) is charged the attention it adds, c x (end^2 - start^2);
 - KV transfer time = KV bytes / link rate (a context worker's transfers share its link, one after
-  another: `Engine.pull_seconds`; a generation worker receives one request's KV at a time: `KVPuller`), plus `--sim-dynamic-buffer-ms` (default 2 ms, an estimate) on each
-  side whose pre-allocated transfer buffer the KV does not fit (UCX then sends through a buffer allocated
-  for that transfer; NIXL cannot, and the transfer fails).
+  another: `Engine.pull_seconds`; a generation worker receives one request's KV at a time: `KVPuller`),
+  plus `--sim-dynamic-buffer-ms` (default 2 ms, an estimate) on each side whose pre-allocated transfer
+  buffer the KV does not fit (UCX then sends through a buffer allocated for that transfer; NIXL cannot,
+  and the transfer fails).
 Every modelled delay is multiplied by the time scale (`--sim-speed`; 0 = no delays at all).
 
 Interpolation is log-log between table points, clamped below the first point (small work costs what the
