@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import random
@@ -45,6 +46,7 @@ class _Runtime:
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     triggers: dict[tuple[str, str], asyncio.Event] = {}
     loops: dict[tuple[str, str], asyncio.Task] = {}
+    passes: set[concurrent.futures.Future] = set()  # reconcile passes submitted to the executor, not ended
     seen: dict[tuple[str, str], tuple[Any, ...]] = {}
     pause_follower: asyncio.Task | None = None
     trimmer: asyncio.Task | None = None
@@ -109,18 +111,39 @@ async def trim_memory(interval: float = 15.0) -> None:
         memory.trim()
 
 
+# A pass reads and applies with a 10 s connect and 60 s answer limit per call: this covers one stuck call.
+PASS_DRAIN_SECONDS = 90.0
+
+
+async def _passes_ended() -> None:
+    """Wait for the passes already under way in reconcile threads (a thread cannot be cancelled): each writes
+    what it reads and applies into the cache, and a write landing after the cache was emptied for a pause
+    would outlive a deletion made while paused, which brings no event."""
+    running = [asyncio.wrap_future(f) for f in list(runtime.passes)]
+    if not running:
+        return
+    done, pending = await asyncio.wait(running, timeout=PASS_DRAIN_SECONDS)
+    for ended in done:
+        if not ended.cancelled():
+            ended.exception()  # retrieved (the loop that started the pass logs it)
+    if pending:
+        log.warning("%d reconcile passes still running %.0fs after pausing; emptying the cache anyway",
+                    len(pending), PASS_DRAIN_SECONDS)
+
+
 async def follow_pauses() -> None:
     """Stop every model loop while kopf pauses this replica for a peer; kopf restarts them on resume.
 
     On resume kopf lists every watched object again, so `model_event` starts the loops afresh and
-    the child cache fills again. The cache is emptied while paused: deletions that happened in the
-    meantime produce no event, and a cold cache only costs reads.
+    the child cache fills again. The cache is emptied while paused, once the passes under way have
+    ended: deletions that happened in the meantime produce no event, and a cold cache only costs reads.
     """
     while True:
         await pause_gate.wait(True)
         log.info("paused in favour of a peer: stopping %d model loops", len(runtime.loops))
         for key in list(runtime.loops):
             _stop_loop(key)
+        await _passes_ended()
         runtime.cache.clear()
         await pause_gate.wait(False)
         log.info("resumed: model loops restart as kopf lists the models again")
@@ -162,7 +185,7 @@ async def reconcile_loop(namespace: str, name: str) -> None:
             trigger.clear()
             try:
                 with metrics.RECONCILE_SECONDS.time():
-                    outcome = await loop.run_in_executor(runtime.executor, runtime.reconciler.reconcile, namespace, name)
+                    outcome = await _run_pass(loop, namespace, name)
                 metrics.RECONCILES.labels("stalled" if outcome.failed else "transient" if outcome.transient
                                           else "ok").inc()
                 if outcome.gone:
@@ -189,6 +212,21 @@ async def reconcile_loop(namespace: str, name: str) -> None:
             runtime.reconciler.forget(namespace, name)
         if runtime.loops.get(key) is asyncio.current_task():
             runtime.loops.pop(key, None)  # ended by itself (the model is gone): a new one starts if it comes back
+
+
+async def _run_pass(loop: asyncio.AbstractEventLoop, namespace: str, name: str) -> Any:
+    """One reconcile pass in the executor, known to `runtime.passes` until it ends (even if its loop is
+    cancelled first: the thread goes on)."""
+    assert runtime.executor is not None and runtime.reconciler is not None
+    running = runtime.executor.submit(runtime.reconciler.reconcile, namespace, name)
+    runtime.passes.add(running)
+
+    def ended(f: concurrent.futures.Future) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed first (the operator stopped): nothing to tell
+            loop.call_soon_threadsafe(runtime.passes.discard, f)
+
+    running.add_done_callback(ended)
+    return await asyncio.wrap_future(running)
 
 
 def _stop_loop(key: tuple[str, str]) -> None:
