@@ -357,19 +357,10 @@ class Engine:
     def _refuse_handoff(self, handle: OpaqueState, message: str, x_request_id: str) -> None:
         """Tell the context worker that this worker refused its handle (TensorRT-LLM fails the handoff in the
         handshake between the two workers, which fails the context request there too): it frees the KV at
-        once instead of holding it until kv_transfer_timeout_ms, or forever without one. Runs in the
-        background: the refused request's answer does not wait for it."""
-        async def tell() -> None:
-            try:
-                await self.puller.refuse(handle, self.state, message, x_request_id=x_request_id)
-            except HandoffError as exc:
-                log.info("could not tell the context worker about a refused handoff", extra={"fields": {
-                    "event": "kv_refusal_unsent", "request_id": x_request_id,
-                    "ctx_request_id": handle.ctx_request_id, "error": exc.message}})
-
-        task = asyncio.get_running_loop().create_task(tell())
-        self._transfers.add(task)
-        task.add_done_callback(self._transfers.discard)
+        once instead of holding it until kv_transfer_timeout_ms, or forever without one. In the background:
+        the refused request's answer does not wait for it."""
+        self.puller.tell_refused(handle, self.state, message, x_request_id=x_request_id, what="a refused handoff",
+                                 event="kv_refusal_unsent")
 
     def cancel(self, seq: Seq) -> None:
         """The client went away: drop the request and free what it holds (held KV of a finished ctx stays)."""

@@ -309,15 +309,22 @@ class KVPuller:
 
     def _give_up_unsent(self, handle: OpaqueState, own_state: kvformat.CacheState, x_request_id: str,
                         why: str) -> None:
-        """A pull given up before its turn never asked the ctx worker for the KV: tell that worker (in the
-        background), which frees the KV now instead of at its own kv_transfer_timeout_ms, or never without one."""
+        """A pull given up before its turn never asked the ctx worker for the KV: tell that worker, which frees
+        the KV now instead of at its own kv_transfer_timeout_ms, or never without one."""
+        self.tell_refused(handle, own_state, f"it gave up the pull: {why}", x_request_id=x_request_id,
+                          what="a pull given up", event="kv_give_up_unsent")
+
+    def tell_refused(self, handle: OpaqueState, own_state: kvformat.CacheState, reason: str, *,
+                     x_request_id: str, what: str, event: str) -> None:
+        """`refuse` in the background (until `close`): the caller's answer does not wait for it. When the ctx
+        worker cannot be told, that is logged (`event`, about `what`)."""
         async def tell() -> None:
             try:
-                await self.refuse(handle, own_state, f"it gave up the pull: {why}", x_request_id=x_request_id)
+                await self.refuse(handle, own_state, reason, x_request_id=x_request_id)
             except HandoffError as exc:
-                log.info("could not tell the context worker about a pull given up", extra={"fields": {
-                    "event": "kv_give_up_unsent", "request_id": x_request_id,
-                    "ctx_request_id": handle.ctx_request_id, "error": exc.message}})
+                log.info(f"could not tell the context worker about {what}", extra={"fields": {
+                    "event": event, "request_id": x_request_id, "ctx_request_id": handle.ctx_request_id,
+                    "error": exc.message}})
 
         task = asyncio.get_running_loop().create_task(tell())
         self._telling.add(task)
