@@ -228,11 +228,13 @@ class KVPuller:
         self._telling: set[asyncio.Task] = set()  # ctx workers being told of pulls given up before their turn
 
     async def close(self) -> None:
-        for task in [*self._connecting.values(), *self._telling]:
+        telling = list(self._telling)
+        for task in [*self._connecting.values(), *telling]:
             task.cancel()
         for chan in list(self._channels.values()):
             chan.fail(ConnectionAbortedError("the generation worker is shutting down"))
         self._channels.clear()
+        await asyncio.gather(*telling, return_exceptions=True)
 
     def _forget(self, chan: _Channel) -> None:
         if self._channels.get(chan.key) is chan:
