@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +26,13 @@ REPO = Path(__file__).resolve().parent.parent
 # take the whole test session with it. Tests of that kill run the operator as a process of its own.
 os.environ["BATON_EXIT_TIMEOUT_SECONDS"] = "0"
 CLUSTER_NAME = os.environ.get("BATON_TEST_CLUSTER", "baton-test")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for a local process the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.25, what: str = "condition") -> Any:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import yaml
 from kubernetes.client.rest import ApiException
 
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
-from cluster_plugin import REPO, load_example, wait_for
+from cluster_plugin import REPO, free_port, load_example, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -385,12 +384,6 @@ def test_namespace_scoped_install_serves_only_its_namespaces(cluster, namespace,
         delete_namespace(cluster, other_ns)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         return resp.read().decode()
@@ -454,7 +447,7 @@ def test_two_peered_replicas_run_the_charts_command_line_one_active_at_a_time(cl
         kubeconfig = service_account_kubeconfig(cluster, release_ns, release, tmp_path / "sa.kubeconfig")
 
         for identity in ("replica-a", "replica-b"):
-            metrics, health = _free_port(), _free_port()
+            metrics, health = free_port(), free_port()
             args = [a.replace("$(POD_IP)", "127.0.0.1").replace(":8080", f":{metrics}").replace(":8081/", f":{health}/")
                     for a in container.args]
             # The image's entrypoint is `baton`; the chart passes the rest.
@@ -498,7 +491,7 @@ def test_a_replica_that_hands_over_to_a_higher_priority_peer_stops_reconciling(c
     replicas: list[Replica] = []
     try:
         def start(identity: str, priority: int) -> Replica:
-            port = _free_port()
+            port = free_port()
             command = [sys.executable, "-m", "kopf", "run", "--peering=baton", f"--priority={priority}",
                        f"--namespace={namespace}", "-m", "baton.operator.handlers"]
             env = {"KUBECONFIG": str(cluster.kubeconfig), "BATON_METRICS_ADDRESS": f"127.0.0.1:{port}",

@@ -19,7 +19,7 @@ from baton.devcluster.pools import POOL_LABEL
 from baton.operator.cache import ChildCache
 from baton.operator.kube import Kube
 from baton.operator.reconciler import Reconciler
-from cluster_plugin import REPO, load_example, wait_for
+from cluster_plugin import REPO, free_port, load_example, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -393,12 +393,7 @@ class FailingWatchOperator:
     (see operator_with_failing_watch.py): what happens to the process is what the tests check."""
 
     def __init__(self, cluster, namespace, tmp_path, **overrides):
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/healthz"
+        self.url = f"http://127.0.0.1:{free_port()}/healthz"
         self.marker = tmp_path / "fail-configmaps-watch"
         self.log = tmp_path / "operator.log"
         env = {key: value for key, value in os.environ.items()
