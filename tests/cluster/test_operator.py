@@ -135,6 +135,28 @@ def test_moving_a_tier_to_another_pool_moves_its_pods(cluster, namespace, operat
     wait_for(lambda: pools_of_pods(cluster, namespace, "prefill") == ["decode-l40s"], 60, what="prefill pod on decode-l40s")
 
 
+def test_a_field_removed_from_the_spec_is_removed_from_the_children(cluster, namespace, operator):
+    """Taking a setting out of the spec takes it out of what runs: a scheduler CPU limit and an extra
+    pool label dropped from the spec leave the Deployment (the live object still carried them, so a
+    comparison of 'every wanted field is there' alone would never re-apply it)."""
+    manifest = small()
+    manifest["spec"]["scheduler"]["resources"] = {"limits": {"cpu": "2"}}
+    manifest["spec"]["scheduler"]["pool"]["nodeSelector"]["baton.dev/zone"] = "any"
+    create(cluster, namespace, manifest)
+    wait_for(lambda: cluster.apps.read_namespaced_deployment("llama-8b-scheduler", namespace), 60, what="scheduler")
+    pod = lambda: cluster.apps.read_namespaced_deployment("llama-8b-scheduler", namespace).spec.template.spec  # noqa: E731
+    container = lambda: next(c for c in pod().containers if c.name == "scheduler")  # noqa: E731
+    assert (container().resources.limits or {}).get("cpu") == "2"
+    assert pod().node_selector.get("baton.dev/zone") == "any"
+    # a merge patch: null removes the field from the spec
+    patch_dm(cluster, namespace, "llama-8b", {"scheduler": {"resources": {"limits": {"cpu": None}},
+                                                            "pool": {"nodeSelector": {"baton.dev/zone": None}}}})
+    wait_for(lambda: "cpu" not in (container().resources.limits or {}) and "baton.dev/zone" not in pod().node_selector,
+             60, what="the dropped limit and pool label gone from the scheduler Deployment")
+    obj = wait_ready(cluster, namespace, "llama-8b")
+    assert pools_of_pods(cluster, namespace, "scheduler") == ["system"] and obj["status"]["observedGeneration"] == 2
+
+
 def test_drift_is_repaired(cluster, namespace, operator):
     create(cluster, namespace, small())
     wait_ready(cluster, namespace, "llama-8b")

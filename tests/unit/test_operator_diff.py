@@ -60,3 +60,17 @@ def test_only_resource_quantities_compare_by_value():
     assert diff.in_sync(want, live)
     live["spec"]["resources"]["requests"]["cpu"] = "2"
     assert not diff.in_sync(want, live)
+
+
+def test_a_field_baton_stopped_rendering_is_drift():
+    """The live object still has a field the new rendering dropped (a nodeSelector key): only the
+    rendering's digest can tell, and it does; an unchanged rendering stays in sync."""
+    before = diff.stamp(_decode_sts())
+    live = copy.deepcopy(before)
+    live["metadata"]["resourceVersion"] = "7"
+    assert diff.in_sync(diff.stamp(_decode_sts()), live)
+    after = copy.deepcopy(_decode_sts())
+    del after["spec"]["template"]["spec"]["nodeSelector"]
+    assert diff.contains({k: v for k, v in after.items() if k != "metadata"}, live)  # a superset all the same
+    assert not diff.in_sync(diff.stamp(after), live)
+    assert diff.stamp(diff.stamp(after)) == diff.stamp(after)  # stamping is idempotent

@@ -5,13 +5,22 @@ The live object is a superset of what Baton rendered (the API server adds defaul
 metadata, and other field managers may add items to merged lists), so the question is whether every
 field Baton sets has the value Baton wants. Resource quantities are compared by value: the API server
 canonicalises them ("1000m" comes back as "1").
+
+Being a superset cannot tell that Baton stopped setting a field (a nodeSelector key, a limit, a volume
+dropped from the spec): the live object still has it, and Baton's apply, which would remove it, would
+never be sent. So every child carries a digest of what Baton rendered for it (`stamp`); when the
+rendering changes, even by losing a field, the live object's digest differs and the child is applied,
+and server-side apply removes the fields Baton no longer sets.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from baton.api.units import parse_quantity
+from baton.render.naming import ANNOTATION_RENDERED
 
 # Server-managed metadata that never counts as drift.
 _IGNORED_METADATA = {"resourceVersion", "uid", "generation", "creationTimestamp", "managedFields"}
@@ -84,3 +93,12 @@ def in_sync(desired: dict[str, Any], live: dict[str, Any] | None) -> bool:
     want = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "status")}
     want["metadata"] = {k: v for k, v in desired["metadata"].items() if k not in _IGNORED_METADATA}
     return contains(want, live)
+
+
+def stamp(desired: dict[str, Any]) -> dict[str, Any]:
+    """`desired` with the digest of its own rendering in an annotation (see the module's docstring)."""
+    meta = desired["metadata"]
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != ANNOTATION_RENDERED}
+    bare = {**desired, "metadata": {**meta, "annotations": annotations}}
+    digest = hashlib.sha256(json.dumps(bare, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    return {**desired, "metadata": {**meta, "annotations": {**annotations, ANNOTATION_RENDERED: digest}}}

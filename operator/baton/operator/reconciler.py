@@ -390,7 +390,7 @@ class Reconciler:
         `prefix` starts what `changed` says of a generation's children (objects with a generation label)."""
         live_objects: dict[str, dict[str, Any] | None] = {}
         stale = []
-        for desired in children:
+        for desired in map(diff.stamp, children):
             kind, obj_name = desired["kind"], desired["metadata"]["name"]
             # What was verified against an unchanged object need not be decoded and compared again.
             digest = hash(json.dumps(desired, separators=(",", ":"))) if self.cache is not None else 0

@@ -18,6 +18,7 @@ LABEL_TIER = "baton.dev/tier"
 LABEL_REVISION = "baton.dev/revision"
 LABEL_GENERATION = "baton.dev/generation"
 ANNOTATION_KV_FINGERPRINT = "baton.dev/kv-fingerprint"
+ANNOTATION_RENDERED = "baton.dev/rendered"  # digest of what Baton rendered for a child (operator.diff.stamp)
 MANAGED_BY = "baton-operator"
 FIELD_MANAGER = "baton-operator"
 
