@@ -237,6 +237,7 @@ def test_a_new_generation_that_never_becomes_ready_is_rolled_back(cluster, names
     assert traffic.failed() == 0 and traffic.outcomes["ok"] > 20, (traffic.outcomes, traffic.errors[:3])
     obj = get_dm(cluster, namespace)
     assert condition(obj, "Ready")["status"] == "True" and condition(obj, "RolloutSucceeded")["status"] == "False"
+    assert condition(obj, "Stalled")["status"] == "True" and condition(obj, "Stalled")["reason"] == "RolledBack"
     assert any(r == "RolledBack" for r, _ in events_of(cluster, namespace))
 
 

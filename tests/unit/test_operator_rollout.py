@@ -371,10 +371,15 @@ def test_reverting_the_spec_after_a_rollback_clears_the_failed_rollout():
     m.annotate(ANNOTATION_ROLLBACK, "true")
     m.pass_()
     assert m.ro["phase"] == "RolledBack" and m.cond("RolloutSucceeded")["status"] == "False"
+    # The old generation serves, but the spec does not run and is not tried again: Baton needs the user
+    # (kstatus Failed, Argo CD Degraded), not a model that looks healthy and current.
+    stalled = m.cond("Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "RolledBack" and "rolled back" in stalled["message"]
     m.image("1.2.0")  # back to what serves
     m.pass_()
     assert m.ro["servingGeneration"] == old and m.ro["targetGeneration"] == old and m.ro["failedGeneration"] == ""
     assert m.ro["phase"] == "Serving" and m.cond("RolloutSucceeded")["status"] == "True"
+    assert m.cond("Stalled")["status"] == "False"
 
 
 # ---------------------------------------------------------------- 4. fingerprints after a rollback

@@ -376,6 +376,8 @@ class Reconciler:
             rolling=rollout_state.rolling,
             rolling_note=in_place_held_back(serving, gen) if serving and serving != gen else "",
             drop=forget,
+            rolled_back=(rollout_state.problem[3] if rollout_state.problem
+                         and rollout_state.problem[2] == status.REASON_ROLLED_BACK else ""),
             selectors=(label_selector(selector_labels(target, "prefill")), label_selector(selector_labels(target, "decode"))),
         )
         new_status["rollout"] = ro

@@ -26,6 +26,7 @@ REASON_INVALID_SPEC = "InvalidSpec"  # the spec passed the schema but cannot be 
 REASON_APPLY_FAILED = "ApplyFailed"  # the API server refused a child object
 REASON_PODS_UNSCHEDULABLE = "PodsUnschedulable"  # pods cannot be placed (GPUs, selectors, taints)
 REASON_ROLLOUT = "RollingOut"  # a new generation of both tiers is being created, probed or drained
+REASON_ROLLED_BACK = "RolledBack"  # the spec's generation failed and was rolled back; another serves
 REASON_KV_FORMAT_MISMATCH = "KVFormatMismatch"  # prefill and decode could not hand KV to each other
 REASON_KV_FORMAT_MATCH = "KVFormatMatch"  # every hard-equal KV-format field agrees
 
@@ -135,10 +136,14 @@ def compute(
     rolling_note: str = "",
     selectors: tuple[str, str] = ("", ""),
     drop: list[str] | tuple[str, ...] = (),
+    rolled_back: str = "",
 ) -> dict[str, Any]:
     """The whole status object; `lastTransitionTime`s move only when a condition's status changes.
     Conditions of the types in `drop` are left out (a merge patch replaces the whole list). `rolling_note`
-    completes the message of Reconciling while a new generation rolls out."""
+    completes the message of Reconciling while a new generation rolls out. `rolled_back` says why the
+    spec's generation was rolled back: another generation serves (Ready says how well) and the spec is
+    not tried again until it changes, so Baton needs the user: Stalled (kstatus Failed, Argo CD
+    Degraded, a Flux wait fails), not a healthy and current model."""
     conditions = [c for c in previous.get("conditions", []) or [] if c.get("type") not in drop]
     prefill = tier_status(observed.prefill, desired_prefill, fingerprints[0], selectors[0])
     decode = tier_status(observed.decode, desired_decode, fingerprints[1], selectors[1])
@@ -177,6 +182,8 @@ def compute(
         rolling_message = "; ".join(filter(None, ["a new generation is rolling out; see status.rollout", rolling_note]))
         reconciling = (True, REASON_ROLLOUT, rolling_message) if rolling else (False, REASON_RECONCILED, "")
         stalled = (False, REASON_RECONCILED, "")
+    if rolled_back and not observed.problem:
+        stalled = (True, REASON_ROLLED_BACK, rolled_back)
     return {
         "observedGeneration": generation,
         "conditions": [
