@@ -284,6 +284,32 @@ def test_a_generation_losing_readiness_after_the_switch_is_still_rolled_back():
     assert "lost readiness after the switch" in m.ro["message"]
 
 
+def test_a_drain_timeout_shorter_than_the_rollback_window_does_not_cut_the_window_short(monkeypatch):
+    """drainTimeout caps how long in-flight requests may keep the previous generation; it never deletes
+    that generation before rollbackWindow, which is what a failing new generation is rolled back onto."""
+    m = Model()
+    m.edit(lambda s: s.setdefault("rollout", {}).update({"drainTimeout": "2s", "rollbackWindow": "10m"}))
+    m.pass_()
+    old = m.ro["servingGeneration"]
+    new = m.switch("1.2.1")
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 5.0 if ts else 0.0)  # past the drain timeout
+    monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 1)
+    m.pass_()
+    assert m.ro["phase"] == "Draining" and old in m.generations(), m.ro
+    m.kube.settle(ready=False, gen=new)
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == old
+    # past the window, the drain timeout (long over) no longer waits for the requests in flight
+    m2 = Model()
+    m2.edit(lambda s: s.setdefault("rollout", {}).update({"drainTimeout": "2s", "rollbackWindow": "10m"}))
+    m2.pass_()
+    old = m2.ro["servingGeneration"]
+    m2.switch("1.2.1")
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 601.0 if ts else 0.0)
+    m2.pass_()
+    assert m2.ro["phase"] == "Serving" and old not in m2.generations() and "drain timeout reached" in m2.ro["message"]
+
+
 # ---------------------------------------------------------------- 2. transient API errors
 
 @pytest.mark.parametrize("code,expected", [(500, True), (503, True), (429, True), (409, True), (0, True),

@@ -476,7 +476,7 @@ class RolloutSpec(ApiModel):
         "per tier (a surge of one), is probed, serves beside the old one (schedulers pair only equal KV formats), "
         "then grows one replica per tier as the old generation shrinks, each step probed, until it has all replicas."))
     progress_deadline: str = Field(default="15m", pattern=DURATION_PATTERN, description="How long a new generation may take to become Ready and pass its handoff probe before it is rolled back.")
-    drain_timeout: str = Field(default="5m", pattern=DURATION_PATTERN, description="How long the old generation may finish in-flight KV transfers and decodes after the switch.")
+    drain_timeout: str = Field(default="5m", pattern=DURATION_PATTERN, description="How long after the switch the old generation may finish in-flight KV transfers and decodes; it is kept for rollbackWindow in any case, and deleted after that once idle or at this timeout.")
     rollback_window: str = Field(default="60s", pattern=DURATION_PATTERN, description="How long the previous generation is kept after the switch, so a new generation that fails can be rolled back in one step.")
     error_rate_threshold_percent: int = Field(default=5, ge=1, le=100, description="After the switch and until rollbackWindow ends, roll back when more than this percentage of the requests the schedulers dispatched to the new generation failed (100 turns the check off).")
     error_rate_min_requests: int = Field(default=20, ge=1, le=1000000, description="Requests the new generation must have served before its error rate is judged.")

@@ -457,7 +457,9 @@ class RolloutPass:
         window = parse_duration(self.spec.rollout.rollback_window)
         timeout = parse_duration(self.spec.rollout.drain_timeout)
         in_flight = sum(rollout.active_requests(a) for t in ("prefill", "decode") for a in self._pod_addresses(previous, t))
-        if since >= timeout or (since >= window and in_flight == 0):
+        # The previous generation stays for the whole rollback window (a failing new generation is rolled
+        # back onto it); after that it goes once idle, or at the drain timeout with requests in flight.
+        if since >= window and (in_flight == 0 or since >= timeout):
             self.r.delete_generation(self.ns, self.name, previous)
             self.generations.pop(previous, None)
             fps = (self.derived.fingerprint("prefill"), self.derived.fingerprint("decode"))
