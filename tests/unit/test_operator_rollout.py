@@ -920,6 +920,24 @@ def test_the_rollback_annotation_works_while_a_refused_edit_is_stalled():
     assert m.cond("RollbackRequestHandled")["status"] == "True" and m.cond("Stalled")["reason"] == "InvalidSpec"
 
 
+def test_a_rollback_asked_for_while_stalled_with_nothing_draining_is_answered_not_kept_for_later():
+    """Nothing to roll back (no switched generation drains, the spec is refused): the request is answered
+    at once, visibly, instead of waiting unseen to abort the next valid rollout."""
+    m = Model()
+    g0 = m.ro["servingGeneration"]
+    m.edit(lambda s: s["engine"].__setitem__("env", [{"name": "POD_IP", "value": "1.2.3.4"}]))
+    m.pass_()
+    assert m.cond("Stalled")["reason"] == "InvalidSpec"
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    handled = m.cond("RollbackRequestHandled")
+    assert handled["status"] == "True" and "nothing to roll back" in handled["message"], handled
+    m.edit(lambda s: s["engine"].__setitem__("env", []))  # the spec fixed, and a new engine shipped
+    m.image("1.2.1")
+    m.pass_()
+    assert m.ro["phase"] == "Progressing" and m.ro["servingGeneration"] == g0, m.ro
+
+
 # ---------------------------------------------------------------- a refused child changes nothing
 
 def test_an_in_place_edit_with_one_refused_child_changes_no_shared_object_either():

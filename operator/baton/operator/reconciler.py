@@ -501,6 +501,14 @@ class Reconciler:
             if guard.rollback_request:
                 extra.append(handled_condition(ANNOTATION_ROLLBACK, guard.rollback_request,
                                                guard.rollback_done or "no rollout of that generation in progress"))
+        else:
+            # Nothing drains that a rollback could act on: answer the request now rather than keep it
+            # pending, unseen, to abort whatever rollout comes once the spec is accepted.
+            request = self._rollback_request(body["metadata"].get("annotations") or {}, previous.get("conditions") or [])
+            if request:
+                extra = [*extra, handled_condition(
+                    ANNOTATION_ROLLBACK, request, "nothing to roll back: no generation switched to is draining, "
+                    "and the spec is refused (see Stalled); traffic stays where it is")]
         new_status = dict(previous)
         observed = status.Observed(problem=(reason, message))
         computed = status.compute(
