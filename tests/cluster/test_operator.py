@@ -334,6 +334,15 @@ def test_invalid_objects_are_rejected_at_admission_with_a_clear_message(cluster,
     assert message in json.loads(err.value.body)["message"]
 
 
+def test_more_pipeline_stages_than_layers_is_rejected_at_admission(cluster, namespace):
+    manifest = _mutate("spec.model.architecture.numLayers", 1)
+    manifest["spec"]["decode"].update({"pipelineParallelSize": 2, "gpusPerReplica": 2})
+    with pytest.raises(ApiException) as err:
+        create(cluster, namespace, manifest)
+    assert err.value.status == 422
+    assert "decode.pipelineParallelSize is above model.architecture.numLayers" in json.loads(err.value.body)["message"]
+
+
 def test_the_documented_invalid_example_is_rejected(cluster, namespace):
     with pytest.raises(ApiException) as err:
         create(cluster, namespace, load_example("invalid-spot-decode.yaml"))

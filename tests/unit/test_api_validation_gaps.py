@@ -289,3 +289,21 @@ def test_transfer_buffer_rules_at_admission_and_in_the_operator(transfer, prompt
         # the way out for a model that got 8192 from the old default without asking for it
         assert "kubectl patch dm NAME --type=json" in problems[-1]
         assert '"path":"/spec/engine/kvTransfer/maxTokensInBuffer"' in problems[-1]
+
+
+# ----------------------------------------------------------- pipeline stages without layers
+
+@pytest.mark.parametrize("tier", ["prefill", "decode"])
+def test_a_pipeline_stage_without_layers_is_refused_at_admission_and_by_the_operator(tier):
+    """PP 4 over a 2-layer model: TensorRT-LLM would refuse to start the engines, so a new generation would
+    only be rolled back at its progress deadline (and a first deployment would never become Ready)."""
+    m = model("small.yaml", model__architecture={"numLayers": 2, "numKvHeads": 8, "headDim": 128},
+              **{f"{tier}__pipelineParallelSize": 4, f"{tier}__gpusPerReplica": 4})
+    messages = _refused(_rules("spec"), _wire(m))
+    assert messages == [f"{tier}.{api.PIPELINE_STAGE_WITHOUT_LAYERS}"]
+    problems = spec_problems(m.spec)
+    assert len(problems) == 1 and problems[0].startswith(f"{tier}.pipelineParallelSize is above model.architecture.numLayers")
+    assert "(pipelineParallelSize=4, numLayers=2)" in problems[0]
+    ok = model("small.yaml", model__architecture={"numLayers": 4, "numKvHeads": 8, "headDim": 128},
+               **{f"{tier}__pipelineParallelSize": 4, f"{tier}__gpusPerReplica": 4})
+    assert _refused(_rules("spec"), _wire(ok)) == [] and spec_problems(ok.spec) == []

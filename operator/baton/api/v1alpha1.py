@@ -537,6 +537,13 @@ TRANSFER_BUFFER_BELOW_PROMPT_NIXL = (
 )
 
 
+PIPELINE_STAGE_WITHOUT_LAYERS = (
+    "pipelineParallelSize is above model.architecture.numLayers: TensorRT-LLM gives every pipeline stage at "
+    "least one layer and refuses to start otherwise; lower the tier's pipelineParallelSize (and gpusPerReplica), "
+    "or check numLayers"
+)
+
+
 class DisaggregatedModelSpec(ApiModel):
     # The KV-format fields a tier can override: the operator refuses a spec whose tiers differ on them
     # (KVFormatMismatch); the API server refuses it first. The operator check stays as a second line.
@@ -561,6 +568,11 @@ class DisaggregatedModelSpec(ApiModel):
                     TRANSFER_BUFFER_BELOW_PROMPT_NIXL,
                     fieldPath=".engine.kvTransfer.maxTokensInBuffer",
                 ),
+                # Also checked by the operator (baton.operator.validation.pipeline_problems).
+                *(_cel(f"!has(self.model.architecture) || self.{tier}.pipelineParallelSize <= "
+                       "self.model.architecture.numLayers",
+                       f"{tier}.{PIPELINE_STAGE_WITHOUT_LAYERS}", fieldPath=f".{tier}.pipelineParallelSize")
+                  for tier in ("prefill", "decode")),
                 # Also checked by the operator (baton.operator.validation), with the capacity check.
                 _cel(
                     "self.decode.kvCacheSize == '' || has(self.model.architecture)",

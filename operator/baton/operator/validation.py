@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from baton.api.units import parse_quantity
 from baton.api.v1alpha1 import (
     KV_CACHE_SIZE_NEEDS_ARCHITECTURE,
+    PIPELINE_STAGE_WITHOUT_LAYERS,
     TRANSFER_BUFFER_BELOW_PROMPT_NIXL,
     TRANSFER_BUFFER_NOT_WHOLE_BLOCKS,
     DisaggregatedModelSpec,
@@ -107,6 +108,16 @@ def _bytes(n: int) -> str:
     return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
 
 
+def pipeline_problems(spec: DisaggregatedModelSpec) -> list[str]:
+    """Every pipeline stage needs a layer (also a CEL rule; here for specs an older CRD let through)."""
+    arch = spec.model.architecture
+    if arch is None:
+        return []
+    return [f"{name}.{PIPELINE_STAGE_WITHOUT_LAYERS} (pipelineParallelSize={t.pipeline_parallel_size}, "
+            f"numLayers={arch.num_layers})"
+            for name, t in (("prefill", spec.prefill), ("decode", spec.decode)) if t.pipeline_parallel_size > arch.num_layers]
+
+
 def kv_cache_size_problems(spec: DisaggregatedModelSpec) -> list[str]:
     """decode.kvCacheSize must be sizable (model.architecture) and hold at least one sequence."""
     size = spec.decode.kv_cache_size
@@ -172,5 +183,6 @@ def spec_problems(spec: DisaggregatedModelSpec) -> list[str]:
     problems.extend(tiers.reserved_env_overrides(spec))
     problems.extend(kv_transfer_buffer_problems(spec))
     problems.extend(kv_cache_size_problems(spec))
+    problems.extend(pipeline_problems(spec))
     problems.extend(scheduler_config_problems(spec))
     return problems
