@@ -584,6 +584,39 @@ def pairwise_swap(replicas: int):
     return mutate
 
 
+def test_a_pairwise_swap_is_not_blamed_for_a_replica_of_the_old_generation_that_was_already_down(monkeypatch):
+    """One old decode pod NotReady (a bad node): each step still waits for the old generation's scale-down
+    to finish, but not for that pod, so the healthy new generation is not rolled back at the deadline."""
+    m = Model(gpus=4, mutate=pairwise_swap(3))
+    g0 = m.ro["servingGeneration"]
+
+    def degrade_old():
+        sts = m.kube.objs[("StatefulSet", "ns", f"m-decode-{g0}")]
+        n = sts["spec"]["replicas"]
+        sts["status"].update(readyReplicas=n - 1, availableReplicas=n - 1)
+
+    # Every step that was already waiting at the start of a pass is past every deadline: a step not done
+    # by the next pass after its StatefulSets settled is rolled back.
+    stamps = (f"2026-01-01T00:00:{i:02d}Z" for i in range(60))
+    earlier: set[str] = set()
+    monkeypatch.setattr(rollout_pass, "_now", lambda: next(stamps))
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 1e6 if ts in earlier else 0.0)
+    monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 0)
+    m.image("1.2.1")
+    g1 = None
+    for _ in range(20):
+        earlier.update(str(v) for v in m.ro.values() if isinstance(v, str))
+        m.pass_()
+        g1 = g1 or m.ro["targetGeneration"]
+        assert m.ro["phase"] != "RolledBack", m.ro
+        if m.ro["servingGeneration"] == g1:
+            break
+        m.kube.settle()
+        if g0 in m.generations():
+            degrade_old()
+    assert m.ro["servingGeneration"] == g1 and m.replicas(g1) == {"prefill": 3, "decode": 3}, m.ro
+
+
 def test_a_respec_mid_pairwise_swap_records_the_full_size_to_restore():
     m, g0, _ = mid_pairwise_swap(gpus=4)
     assert m.replicas(g0)["prefill"] < 3  # mid-swap: the serving generation shrank

@@ -706,8 +706,10 @@ class RolloutPass:
         summary = (f"generation {gen} at {new_counts['prefill']}/{desired['prefill']} prefill, "
                    f"{new_counts['decode']}/{desired['decode']} decode; generation {serving} at "
                    f"{old_counts['prefill']} prefill, {old_counts['decode']} decode")
+        # A step is done when the new replicas are Ready and the old generation's scale-down has finished
+        # (its GPUs are free); an old replica that is not Ready for reasons of its own is not the step's.
         steady = (all(self._tier_settled(new.get(t), new_counts[t]) for t in tiers)
-                  and all(self._tier_settled(old.get(t), old_counts[t]) for t in tiers))
+                  and all(status.scaled_to(old.get(t), old_counts[t]) for t in tiers))
         if not steady:
             deadline = parse_duration(self.spec.rollout.progress_deadline)
             if self._start_deadline(gen, "stepStartedAt") > deadline:

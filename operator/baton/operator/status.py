@@ -91,6 +91,14 @@ def tier_status(sts: dict[str, Any] | None, desired: int, fingerprint: str, sele
     }
 
 
+def scaled_to(obj: dict[str, Any] | None, desired: int) -> bool:
+    """The workload has exactly `desired` pods (a scale-down has finished), Ready or not."""
+    if obj is None:
+        return False
+    meta, status = obj.get("metadata", {}), obj.get("status", {})
+    return status.get("observedGeneration", 0) >= meta.get("generation", 1) and int(status.get("replicas", 0) or 0) == desired
+
+
 def workload_settled(obj: dict[str, Any] | None, desired: int) -> bool:
     if obj is None:
         return False
