@@ -191,7 +191,7 @@ class KVTransferSpec(ApiModel):
 
 
 class EngineSpec(ApiModel):
-    runtime: Literal["trtllm-serve", "triton"] = Field(default="trtllm-serve", description="Serving front end: trtllm-serve (OpenAI-compatible HTTP) or triton (KServe v2).")
+    runtime: Literal["trtllm-serve", "triton"] = Field(default="trtllm-serve", description="Serving front end: trtllm-serve (OpenAI-compatible HTTP) or triton (KServe v2, tensorrtllm_backend's request_type and context_phase_params). With triton the engines run `tritonserver --model-repository` on the model source: the model repository's config.pbtxt, not this spec, sets parallelism, KV cache and transfer, and engine options, and rollouts are not probed. NVIDIA's Triton backend moves KV over MPI inside one server, so KV handoff between separately started Triton pods is not something it supports (as of TensorRT-LLM 1.2): prefer trtllm-serve; see docs/scheduler.md.")
     image: str = Field(min_length=1, description="Engine container image, e.g. nvcr.io/nvidia/tensorrt-llm/release:1.2.0.")
     trtllm_version: str = Field(max_length=64, pattern=r"^[0-9]+\.[0-9]+\.[0-9]+([a-z0-9.+-]*)?$", description="TensorRT-LLM version inside the image (e.g. 1.2.0). Both tiers must run the same version: the KV handle format carries no version tag.")
     kv_cache: KVCacheSpec = Field(description="KV cache layout, shared by both tiers.")
