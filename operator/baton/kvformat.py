@@ -11,9 +11,10 @@ operator (static gate), the scheduler (pairing tiers) and the engine simulator (
 Hard-equal fields (`HARD_EQUAL_FIELDS`) must be identical on both tiers: the ones TensorRT-LLM checks (KV
 dtype, attention type, kv factor, tokens per block, head size, layer count, context parallelism) plus the
 ones it does not check but that still have to agree (global KV heads, resolved transfer backend, TensorRT-LLM
-version, speculative-decoding config, model identity). TP, PP, attention DP and beam width are not compared
-between tiers; single-tier rules (`rule_violations`) cover them. PP splits the layers as TensorRT-LLM does
-(`pp_layer_counts`, its `attentionLayerNumPerPP`): unevenly when PP does not divide the layer count.
+version, speculative-decoding config, model identity, attention window). TP, PP, attention DP and beam
+width are not compared between tiers; single-tier rules (`rule_violations`) cover them. PP splits the layers
+as TensorRT-LLM does (`pp_layer_counts`, its `attentionLayerNumPerPP`): unevenly when PP does not divide the
+layer count, or as the YAML's `pp_partition` says.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "BACKENDS",
     "HARD_EQUAL_FIELDS",
     "KV_DTYPES",
+    "MODEL_DTYPE_CHOICES",
     "TRANSCEIVER_DISABLED_MESSAGE",
     "TRTLLM_KV_DTYPE_CHOICES",
     "TRTLLM_CACHESTATE_ERROR",
@@ -41,6 +43,7 @@ __all__ = [
     "compare",
     "fingerprint",
     "from_wire",
+    "option_bool",
     "kv_bytes_per_token",
     "normalize_kv_dtype",
     "resolve_kv_dtype",
@@ -58,6 +61,10 @@ KV_DTYPES = ("fp16", "bf16", "fp8")  # resolved KV dtypes a CacheState carries
 # What the PyTorch backend accepts in kv_cache_config.dtype (tensorrt_llm/_torch/pyexecutor/model_loader.py
 # _VALID_KV_CACHE_DTYPES); anything else fails at start-up with `trtllm_kv_dtype_error`.
 TRTLLM_KV_DTYPE_CHOICES = ("fp8", "nvfp4", "auto")
+# What the LLM-API top-level `dtype` (the model dtype) may be: TensorRT-LLM's default "auto" (the checkpoint's)
+# or a torch dtype name (str_dtype_to_torch); with kv_cache_config.dtype auto and no KV quantization in the
+# checkpoint, the KV cache is kept in it.
+MODEL_DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 BACKENDS = ("UCX", "NIXL", "MPI", "MOONCAKE")
 DEFAULT_TOKENS_PER_BLOCK = 32  # PyTorch backend default of kv_cache_config.tokens_per_block
 
@@ -117,11 +124,22 @@ class CacheState:
     speculative: str  # canonical string of speculative_config, "" when none
     model_identity: str  # what names the weights (e.g. hf:<id>@<revision>, `checkpoint_identity`); "" when unknown
     beam_width: int = 1
+    # kv_cache_config.max_attention_window, canonical (`attention_window`): () = unset (full attention)
+    attention_window: tuple[int, ...] = ()
+    # KV layers of each pipeline stage when the YAML's pp_partition sets them; () = TensorRT-LLM's even split
+    pp_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        # tuple fields given as lists (e.g. `CacheState(**to_wire(...))`) are kept as tuples: hashable and equal
+        for name in _TUPLE_FIELDS:
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def attention_layer_num_per_pp(self) -> tuple[int, ...]:
-        """KV layers of each pipeline stage, as TensorRT-LLM's CacheState `attentionLayerNumPerPP` holds them."""
-        return pp_layer_counts(self.num_layers, self.pp)
+        """KV layers of each pipeline stage, as TensorRT-LLM's CacheState `attentionLayerNumPerPP` holds them:
+        `pp_layers` (from pp_partition) when set, else TensorRT-LLM's split (`pp_layer_counts`)."""
+        return self.pp_layers or pp_layer_counts(self.num_layers, self.pp)
 
 
 def kv_transfer_streams(state: CacheState) -> int:
@@ -169,7 +187,11 @@ HARD_EQUAL_FIELDS: dict[str, str] = {
     "trtllm_version": "trtllmVersion",
     "speculative": "speculativeConfig",
     "model_identity": "modelIdentity",
+    "attention_window": "maxAttentionWindow",
 }
+# Hard-equal fields added after fingerprints were first published: left out of `fingerprint` at this default,
+# so the fingerprint of a layout that does not set them stays what it was.
+_FINGERPRINT_OMITTED_AT = {"attention_window": ()}
 
 # camelCase field -> the failing check named in the error. TensorRT-LLM's own fragments (cacheFormatter.cpp)
 # where it checks the field; Baton's wording, marked "(Baton)", where TensorRT-LLM does not check it and a real
@@ -187,6 +209,7 @@ _CHECK_TEXT = {
     "trtllmVersion": "only support same TensorRT-LLM version: the serialized state is positional (Baton)",
     "speculativeConfig": "only support same speculative_config (Baton)",
     "modelIdentity": "only support same model (Baton)",
+    "maxAttentionWindow": "only support same max_attention_window: it sets the KV pool layout (Baton)",
 }
 
 
@@ -219,6 +242,7 @@ def trtllm_kv_dtype_error(dtype: object) -> str:
 
 # torch dtype names in config.json -> KV dtype; float32 checkpoints are not simulated.
 _TORCH_DTYPES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+_MODEL_DTYPES = {"float16": "fp16", "bfloat16": "bf16"}  # simulated values of the top-level `dtype`
 
 
 def _read_json_object(path: Path) -> dict | None:
@@ -247,14 +271,30 @@ def _kv_quant_algo(model_dir: Path, config: Mapping) -> tuple[str, str] | None:
     return None
 
 
-def checkpoint_kv_dtype(model_dir: Path, config: Mapping | None = None) -> str:
+def _model_kv_dtype(model_dtype: object) -> str | None:
+    """The KV dtype an unquantized KV cache gets from the LLM-API top-level `dtype` (the model dtype), None when
+    it is "auto" or unset (the checkpoint's dtype then). "float16" -> "fp16", "bfloat16" -> "bf16"; "float32"
+    is valid in TensorRT-LLM but not simulated; anything else is refused (MODEL_DTYPE_CHOICES)."""
+    if model_dtype is None or model_dtype == "auto":
+        return None
+    if model_dtype == "float32":
+        raise KVFormatError("dtype 'float32' is accepted by TensorRT-LLM but not simulated (only float16 and "
+                            "bfloat16 models are)")
+    if not isinstance(model_dtype, str) or model_dtype not in _MODEL_DTYPES:
+        raise KVFormatError(f"dtype must be one of {', '.join(MODEL_DTYPE_CHOICES)}, got {model_dtype!r}")
+    return _MODEL_DTYPES[model_dtype]
+
+
+def checkpoint_kv_dtype(model_dir: Path, config: Mapping | None = None, *, model_dtype: object = None) -> str:
     """The KV dtype `kv_cache_config.dtype: auto` (TensorRT-LLM's default) gives on the PyTorch backend.
 
     "auto" keeps the checkpoint's KV quantization: a checkpoint whose `hf_quant_config.json`
     (`quantization.kv_cache_quant_algo`, or config.json `quantization_config.kv_cache_quant_algo`) says FP8
-    caches fp8 (NVFP4 and INT8 KV are not simulated). Otherwise the KV cache is in the model's dtype:
-    config.json `torch_dtype` (newer transformers write `dtype`; `text_config` for multimodal checkpoints),
-    bfloat16 when it has none (TensorRT-LLM's `ModelConfig.torch_dtype` assumes bfloat16)."""
+    caches fp8 (NVFP4 and INT8 KV are not simulated). Otherwise the KV cache is in the model's dtype: the
+    LLM-API top-level `dtype` (`model_dtype`) unless it is "auto" or unset, else config.json
+    `torch_dtype` (newer transformers write `dtype`; `text_config` for multimodal checkpoints), bfloat16 when
+    it has none (TensorRT-LLM's `ModelConfig.torch_dtype` assumes bfloat16)."""
+    from_option = _model_kv_dtype(model_dtype)
     if config is None:
         config = _read_json_object(Path(model_dir) / "config.json")
         if config is None:
@@ -268,6 +308,8 @@ def checkpoint_kv_dtype(model_dir: Path, config: Mapping | None = None) -> str:
             f"{where} is {algo!r}: only FP8 KV cache quantization is simulated (kv_cache_config.dtype auto keeps "
             "the checkpoint's KV quantization)"
         )
+    if from_option is not None:
+        return from_option
     for where in (_text_config(dict(config)), config):
         value = where.get("torch_dtype") or where.get("dtype")
         if value:
@@ -281,15 +323,19 @@ def checkpoint_kv_dtype(model_dir: Path, config: Mapping | None = None) -> str:
     return "bf16"
 
 
-def resolve_kv_dtype(dtype: object, model_dir: Path, config: Mapping | None = None) -> str:
+def resolve_kv_dtype(dtype: object, model_dir: Path, config: Mapping | None = None, *,
+                     model_dtype: object = None) -> str:
     """The KV dtype a PyTorch-backend worker ends up with for `kv_cache_config.dtype` = `dtype`.
 
-    Unset or "auto" (the default): the checkpoint's (`checkpoint_kv_dtype`). "fp8": fp8, overriding the
+    Unset or "auto" (the default): the checkpoint's KV quantization, else the model dtype (the top-level
+    `dtype` = `model_dtype` when set, else the checkpoint's; `checkpoint_kv_dtype`). "fp8": fp8, overriding the
     checkpoint's KV quantization (TensorRT-LLM warns and goes on). "nvfp4" is accepted by TensorRT-LLM but
     not simulated. Anything else, "bf16" and "fp16" included, fails at start-up in TensorRT-LLM, with the
-    text of `trtllm_kv_dtype_error` (raised here as KVFormatError)."""
+    text of `trtllm_kv_dtype_error` (raised here as KVFormatError). An invalid `model_dtype` is refused
+    whatever `dtype` says (TensorRT-LLM validates both)."""
     if dtype is None or dtype == "auto":
-        return checkpoint_kv_dtype(model_dir, config)
+        return checkpoint_kv_dtype(model_dir, config, model_dtype=model_dtype)
+    _model_kv_dtype(model_dtype)
     if dtype == "fp8":
         return "fp8"
     if dtype == "nvfp4":
@@ -352,6 +398,69 @@ def _positive_int(value: object, what: str) -> int:
     return value
 
 
+def _positive_ints(value: object, what: str) -> tuple[int, ...]:
+    if (not isinstance(value, (list, tuple)) or not value
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+        raise KVFormatError(f"{what} must be a list of positive integers, got {value!r}")
+    return tuple(value)
+
+
+# How pydantic (TensorRT-LLM's LLM-API models) reads a `bool` field from a string, case-insensitively.
+_TRUE_WORDS = ("1", "on", "t", "true", "y", "yes")
+_FALSE_WORDS = ("0", "off", "f", "false", "n", "no")
+
+
+def option_bool(options: Mapping, key: str, default: bool = False) -> bool:
+    """The boolean LLM-API option `key` (`default` when absent), read as TensorRT-LLM's pydantic models read it:
+    true/false, 0/1 (integers or floats), or the strings "true"/"false", "yes"/"no", "on"/"off", "t"/"f",
+    "y"/"n", "1"/"0" in any case; anything else (null included) raises KVFormatError, as pydantic refuses it
+    at start-up. `bool("false")` would be True."""
+    if key not in options:
+        return default
+    value = options[key]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return value.lower() in _TRUE_WORDS
+    raise KVFormatError(f"{key}: Input should be a valid boolean, unable to interpret input {value!r}")
+
+
+def _attention_window(max_attention_window: object, num_layers: int) -> tuple[int, ...]:
+    """The canonical `CacheState.attention_window` of kv_cache_config.max_attention_window: () when unset.
+
+    TensorRT-LLM repeats the list over the layers (layer i gets entry i % len) and ignores entries beyond the
+    layer count; the canonical form is the shortest list that repeats to the same per-layer windows, so [512]
+    and [512, 512] are the same window, and [4096, 512] over 32 layers equals [4096, 512, 4096, 512]."""
+    if max_attention_window is None:
+        return ()
+    windows = _positive_ints(max_attention_window, "kv_cache_config.max_attention_window")
+    per_layer = [windows[i % len(windows)] for i in range(max(1, num_layers))]
+    for period in range(1, len(per_layer) + 1):
+        if all(per_layer[i] == per_layer[i % period] for i in range(len(per_layer))):
+            return tuple(per_layer[:period])
+    return tuple(per_layer)  # not reached: the whole list is a period
+
+
+def _pp_partition_layers(pp_partition: object, num_hidden_layers: int, pp: int, extra_layers: int = 0) -> tuple[int, ...]:
+    """KV layers of each pipeline stage from the LLM-API `pp_partition` (layers per stage), () when unset.
+
+    As TensorRT-LLM's `Mapping.pp_layers` checks it: one entry per stage (`pp`) summing to the model's
+    `num_hidden_layers`, else the worker fails at start-up. KV layers that speculative decoding adds (MTP,
+    `extra_layers`) go on the last stage, where the draft layers run (Baton's reading)."""
+    if pp_partition is None:
+        return ()
+    stages = _positive_ints(pp_partition, "pp_partition")
+    if len(stages) != pp:
+        raise KVFormatError(f"pp_partition {list(stages)} has {len(stages)} entries, pipeline_parallel_size is {pp}: "
+                            "it needs one layer count per pipeline stage")
+    if sum(stages) != num_hidden_layers:
+        raise KVFormatError(f"pp_partition {list(stages)} sums to {sum(stages)} layers, the model has "
+                            f"{num_hidden_layers} (config.json num_hidden_layers)")
+    return (*stages[:-1], stages[-1] + extra_layers)
+
+
 # config.json keys that name where or by what a checkpoint was saved, not what it is.
 _VOLATILE_CONFIG_KEYS = ("transformers_version",)
 _IDENTITY_FILES = ("config.json", "hf_quant_config.json")
@@ -401,10 +510,13 @@ def cache_state_from_files(
       `hidden_size // num_attention_heads`). MLA (`kv_lora_rank` set): kv_factor 1, one KV head, head size
       `kv_lora_rank + qk_rope_head_dim`. MTP speculative decoding adds `num_nextn_predict_layers` KV layers.
     - YAML (`llm_api_options`, the parsed --extra_llm_api_options/--config): `kv_cache_config.dtype` ("auto",
-      the default, or "fp8"; resolved by `resolve_kv_dtype`: "auto" gives the checkpoint's KV dtype, explicit
-      "bf16"/"fp16" fail with TensorRT-LLM's start-up error), `kv_cache_config.tokens_per_block` (default 32), `cache_transceiver_config.backend` (required;
-      DEFAULT resolved by `resolve_backend`), `tensor_parallel_size`, `pipeline_parallel_size`,
-      `context_parallel_size`, `enable_attention_dp`, `speculative_config`, `max_beam_width`.
+      the default, or "fp8"; resolved by `resolve_kv_dtype`: "auto" gives the checkpoint's KV quantization,
+      else the top-level `dtype` (the model dtype) when set, else the checkpoint's dtype; explicit
+      "bf16"/"fp16" fail with TensorRT-LLM's start-up error), `kv_cache_config.tokens_per_block` (default
+      32), `kv_cache_config.max_attention_window` (`_attention_window`), `cache_transceiver_config.backend`
+      (required; DEFAULT resolved by `resolve_backend`), `tensor_parallel_size`, `pipeline_parallel_size`,
+      `pp_partition` (`_pp_partition_layers`), `context_parallel_size`, `enable_attention_dp` (read by
+      `option_bool`), `speculative_config`, `max_beam_width`.
     - `tp`/`pp`/`beam_width` are the command-line `--tp_size`/`--pp_size`/`--max_beam_width`; as in
       trtllm-serve (the extra LLM-API options are applied over the command-line arguments) the YAML's
       `tensor_parallel_size`/`pipeline_parallel_size`/`max_beam_width` win when they are set.
@@ -449,18 +561,21 @@ def cache_state_from_files(
     kv_cfg = options.get("kv_cache_config") or {}
     if not isinstance(kv_cfg, dict):
         raise KVFormatError("kv_cache_config must be a mapping")
-    kv_dtype = resolve_kv_dtype(kv_cfg.get("dtype"), Path(model_dir), config)
+    kv_dtype = resolve_kv_dtype(kv_cfg.get("dtype"), Path(model_dir), config, model_dtype=options.get("dtype"))
     tokens_per_block = _positive_int(
         kv_cfg.get("tokens_per_block", DEFAULT_TOKENS_PER_BLOCK), "kv_cache_config.tokens_per_block"
     )
 
     spec = options.get("speculative_config") or None
     speculative = speculative_string(spec)
+    hidden_layers, extra_layers = num_layers, 0
     if isinstance(spec, dict) and str(spec.get("decoding_type", "")).upper() == "MTP":
-        num_layers += int(spec.get("num_nextn_predict_layers") or 1)
+        extra_layers = int(spec.get("num_nextn_predict_layers") or 1)
+        num_layers += extra_layers
 
     tp_size = options.get("tensor_parallel_size", tp if tp is not None else 1)
-    pp_size = options.get("pipeline_parallel_size", pp if pp is not None else 1)
+    pp_size = _positive_int(options.get("pipeline_parallel_size", pp if pp is not None else 1),
+                            "pipeline_parallel_size")
     return CacheState(
         kv_dtype=kv_dtype,
         tokens_per_block=tokens_per_block,
@@ -470,9 +585,9 @@ def cache_state_from_files(
         attention_type=attention_type,
         kv_factor=kv_factor,
         tp=_positive_int(tp_size, "tensor_parallel_size"),
-        pp=_positive_int(pp_size, "pipeline_parallel_size"),
+        pp=pp_size,
         cp=_positive_int(options.get("context_parallel_size", 1), "context_parallel_size"),
-        enable_attention_dp=bool(options.get("enable_attention_dp", False)),
+        enable_attention_dp=option_bool(options, "enable_attention_dp"),
         transfer_backend=backend,
         trtllm_version=str(trtllm_version),
         speculative=speculative,
@@ -480,6 +595,8 @@ def cache_state_from_files(
         beam_width=_positive_int(
             options.get("max_beam_width", beam_width if beam_width is not None else 1), "max_beam_width"
         ),
+        attention_window=_attention_window(kv_cfg.get("max_attention_window"), num_layers),
+        pp_layers=_pp_partition_layers(options.get("pp_partition"), hidden_layers, pp_size, extra_layers),
     )
 
 
@@ -521,6 +638,14 @@ def rule_violations(state: CacheState) -> list[str]:
             f"every pipeline stage needs at least one layer: numLayers={state.num_layers}, "
             f"pipelineParallelSize={state.pp}"
         )
+    if state.pp_layers and (len(state.pp_layers) != state.pp or sum(state.pp_layers) != state.num_layers
+                            or min(state.pp_layers) < 1):
+        problems.append(
+            f"layers per pipeline stage {list(state.pp_layers)} must be {state.pp} stages of at least one layer "
+            f"summing to numLayers={state.num_layers}"
+        )
+    if any(w < 1 for w in state.attention_window):
+        problems.append(f"maxAttentionWindow must hold positive windows, got {list(state.attention_window)}")
     if state.beam_width != 1:
         problems.append(f"Currently, only beam width 1 is supported (maxBeamWidth={state.beam_width})")
     if state.attention_type not in ("DEFAULT", "MLA"):
@@ -560,8 +685,15 @@ def trtllm_error(mismatches: list[Mismatch]) -> str:
     checks = []
     for m in mismatches:
         check = _CHECK_TEXT.get(m.field, f"only support same {m.field} (Baton)")
-        checks.append(f"{check} ({m.field}: context={m.context}, generation={m.generation})")
+        checks.append(f"{check} ({m.field}: context={_shown(m.context)}, generation={_shown(m.generation)})")
     return f"{TRTLLM_CACHESTATE_ERROR}: " + "; ".join(checks)
+
+
+def _shown(value: object) -> object:
+    # tuple fields (the attention window) as the YAML writes them; () is an unset option
+    if isinstance(value, tuple):
+        return list(value) if value else "unset"
+    return value
 
 
 def _kv_bytes_per_layer_token(state: CacheState) -> int:
@@ -584,19 +716,33 @@ def stage_kv_bytes_per_token(state: CacheState) -> tuple[int, ...]:
 
 
 def fingerprint(state: CacheState) -> str:
-    """First 12 hex digits of sha256 over the hard-equal fields: equal fingerprints <=> compare() == []."""
-    payload = _canonical_json({label: getattr(state, attr) for attr, label in HARD_EQUAL_FIELDS.items()})
+    """First 12 hex digits of sha256 over the hard-equal fields: equal fingerprints <=> compare() == [].
+
+    A field of `_FINGERPRINT_OMITTED_AT` at that default value is left out, so adding such a field did not
+    change the fingerprint of any layout that does not set it."""
+    payload = _canonical_json({
+        label: getattr(state, attr) for attr, label in HARD_EQUAL_FIELDS.items()
+        if attr not in _FINGERPRINT_OMITTED_AT or getattr(state, attr) != _FINGERPRINT_OMITTED_AT[attr]
+    })
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(CacheState)}
+_TUPLE_FIELDS = tuple(name for name, kind in _FIELD_TYPES.items() if kind.startswith("tuple"))
+
+
+# Fields a peer of an older Baton does not send: their defaults stand in.
+_WIRE_OPTIONAL = ("beam_width", "attention_window", "pp_layers")
 
 
 def to_wire(state: CacheState) -> dict:
-    """A JSON-able dict of every field (snake_case keys, as in the dataclass). The fields are all scalars, so
-    a flat copy is enough (dataclasses.asdict's deep copy was a few percent of a generation request's CPU:
-    every handoff sends a cache state twice)."""
-    return {name: getattr(state, name) for name in _FIELD_TYPES}
+    """A JSON-able dict of every field (snake_case keys, as in the dataclass; tuples of integers become JSON
+    lists). The fields are scalars or tuples of integers, so a flat copy is enough (dataclasses.asdict's deep
+    copy was a few percent of a generation request's CPU: every handoff sends a cache state twice)."""
+    wire = {name: getattr(state, name) for name in _FIELD_TYPES}
+    for name in _TUPLE_FIELDS:
+        wire[name] = list(wire[name])
+    return wire
 
 
 _last_read: tuple[dict[str, object], CacheState] | None = None
@@ -617,10 +763,15 @@ def from_wire(d: Mapping[str, object]) -> CacheState:
     values: dict[str, object] = {}
     for f in fields(CacheState):
         if f.name not in d:
-            if f.name == "beam_width":
+            if f.name in _WIRE_OPTIONAL:
                 continue
             raise KVFormatError(f"cache state is missing {f.name!r}")
         value = d[f.name]
+        if f.name in _TUPLE_FIELDS:
+            if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int)
+                                                           for v in value):
+                raise KVFormatError(f"cache state field {f.name!r} must be a list of integers, got {value!r}")
+            value = tuple(value)
         if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
             raise KVFormatError(f"cache state field {f.name!r} must be an integer, got {value!r}")
         if f.type == "str" and not isinstance(value, str):

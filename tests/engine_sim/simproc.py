@@ -34,11 +34,14 @@ def free_port() -> int:
 
 
 def worker_yaml(*, ctx: bool, dtype: str | None = "auto", tokens_per_block: int = 32, backend: str | None = "UCX",
-                timeout_ms: int | None = None, **extra) -> dict:
+                timeout_ms: int | None = None, model_dtype: str | None = None, **extra) -> dict:
     """LLM-API options of a ctx (overlap scheduler off) or gen (overlap on) worker. `dtype` is
     kv_cache_config.dtype: "auto" (the checkpoint's dtype, bf16 for the test models) or "fp8", as the PyTorch
-    backend accepts; None leaves it unset (TensorRT-LLM's default, auto)."""
+    backend accepts; None leaves it unset (TensorRT-LLM's default, auto). `model_dtype` is the top-level
+    `dtype` (the model dtype, e.g. "float16"), left unset when None."""
     opts: dict = {"kv_cache_config": {"tokens_per_block": tokens_per_block}}
+    if model_dtype is not None:
+        opts["dtype"] = model_dtype
     if dtype is not None:
         opts["kv_cache_config"]["dtype"] = dtype
     if backend is not None:

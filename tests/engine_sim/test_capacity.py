@@ -156,6 +156,9 @@ def test_prompt_over_max_num_tokens_is_refused_without_chunked_prefill(engines):
     assert err["message"] == "The sum of prompt length (2000.0), query length (0) should not exceed max_num_tokens (512)"
     off = engines.start(worker_yaml(ctx=True, max_num_tokens=512, enable_chunked_prefill=False), "--sim-speed", "0")
     assert off.post("/v1/completions", {"prompt": list(range(1, 2001)), "max_tokens": 1})[0] == 400
+    # a quoted "false" is false, as TensorRT-LLM's pydantic options read it (not a non-empty, truthy string)
+    quoted = engines.start(worker_yaml(ctx=True, max_num_tokens=512, enable_chunked_prefill="false"), "--sim-speed", "0")
+    assert quoted.post("/v1/completions", {"prompt": list(range(1, 2001)), "max_tokens": 1})[0] == 400
 
 
 def test_request_that_can_never_fit_the_cache_is_refused(small_cache):

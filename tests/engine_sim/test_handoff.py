@@ -22,6 +22,12 @@ MISMATCHES = {
     "tokens_per_block": ({"tokens_per_block": 64}, (),
                          "only support same tokens per block and size per head (tokensPerBlock: context=32, generation=64)"),
     "version": ({}, ("--sim-trtllm-version", "1.1.0"), "trtllmVersion: context=1.2.0, generation=1.1.0"),
+    # the model run in float16 (top-level dtype): kv_cache_config.dtype auto caches fp16, not the checkpoint's bf16
+    "model_dtype": ({"model_dtype": "float16"}, (),
+                    "only support same kv cache dtype (kvCacheDtype: context=bf16, generation=fp16)"),
+    "attention_window": ({"kv_cache_config": {"max_attention_window": [512]}}, (),
+                         "only support same max_attention_window: it sets the KV pool layout (Baton) "
+                         "(maxAttentionWindow: context=unset, generation=[512])"),
 }
 
 

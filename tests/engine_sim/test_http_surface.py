@@ -25,13 +25,13 @@ def test_health_version_models(worker):
     assert worker.get("/version") == (200, {"version": "1.2.0"})
     status, models = worker.get("/v1/models")
     assert status == 200 and models["object"] == "list"
-    # trtllm-serve uses the model argument as the model id
-    assert [m["id"] for m in models["data"]] == [str(LLAMA_8B)]
+    # trtllm-serve serves an existing model directory under its name (`model_dir.name`), not its path
+    assert [m["id"] for m in models["data"]] == [LLAMA_8B.name]
 
 
 def test_completion_non_streaming(worker):
     resp = worker.complete({"prompt": "The quick brown fox jumps over the lazy dog", "max_tokens": 7})
-    assert resp["object"] == "text_completion" and resp["model"] == str(LLAMA_8B)
+    assert resp["object"] == "text_completion" and resp["model"] == LLAMA_8B.name
     choice = resp["choices"][0]
     assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == 7
     assert len(choice["text"].split()) == 7  # one word per token

@@ -31,6 +31,21 @@ from baton import kvformat
         pytest.param(worker_yaml(ctx=True), ("--backend", "trt"), "models the pytorch backend", id="trt-backend"),
         pytest.param(worker_yaml(ctx=True, cache_transceiver_config={"max_tokens_in_buffer": 1000}), (),
                      "Assertion failed: maxNumTokens.value() % tokensPerBlock == 0", id="buffer-not-whole-blocks"),
+        # Llama-3-8B has 32 layers: pp_partition needs one entry per stage, summing to them
+        pytest.param(worker_yaml(ctx=True, pipeline_parallel_size=2, pp_partition=[30, 1, 1]), (),
+                     "pp_partition [30, 1, 1] has 3 entries, pipeline_parallel_size is 2", id="pp_partition-stages"),
+        pytest.param(worker_yaml(ctx=True, pipeline_parallel_size=2, pp_partition=[30, 1]), (),
+                     "pp_partition [30, 1] sums to 31 layers, the model has 32", id="pp_partition-layers"),
+        pytest.param(worker_yaml(ctx=True, enable_chunked_prefill="maybe"), (),
+                     "enable_chunked_prefill: Input should be a valid boolean", id="bool-chunked-prefill"),
+        pytest.param(worker_yaml(ctx=True, disable_overlap_scheduler="sometimes"), (),
+                     "disable_overlap_scheduler: Input should be a valid boolean", id="bool-overlap"),
+        pytest.param(worker_yaml(ctx=True, enable_attention_dp="nope"), (),
+                     "enable_attention_dp: Input should be a valid boolean", id="bool-attention-dp"),
+        pytest.param(worker_yaml(ctx=True, model_dtype="float32"), (),
+                     "dtype 'float32' is accepted by TensorRT-LLM but not simulated", id="model-dtype-float32"),
+        pytest.param(worker_yaml(ctx=True, model_dtype="fp16"), (),
+                     "dtype must be one of auto, float16, bfloat16, float32, got 'fp16'", id="model-dtype-fp16"),
     ],
 )
 def test_startup_failures(fresh_engines, options, args, expected):
@@ -58,6 +73,24 @@ def test_auto_kv_dtype_resolves_from_the_checkpoint(tmp_path, model, dtype, expe
     from baton.engine_sim import config
 
     cfg = load(tmp_path, model, worker_yaml(ctx=True, dtype=dtype))
+    assert cfg.cache_state.kv_dtype == expected
+    assert config.describe(cfg)["cache_state"]["kv_dtype"] == expected
+    assert config.describe(cfg)["kv_bytes_per_token"] == (65_536 if expected == "fp8" else 131_072)
+
+
+@pytest.mark.parametrize(("model", "model_dtype", "dtype", "expected"), [
+    (LLAMA_8B, "float16", "auto", "fp16"),  # a bfloat16 checkpoint run in float16: its KV cache is fp16
+    (LLAMA_8B, "float16", None, "fp16"),
+    (LLAMA_8B_FP16, "bfloat16", "auto", "bf16"),
+    (LLAMA_8B_FP16, "auto", "auto", "fp16"),  # auto: the checkpoint's
+    (LLAMA_8B, "float16", "fp8", "fp8"),  # an explicit KV dtype wins
+])
+def test_the_model_dtype_is_the_auto_kv_dtype(tmp_path, model, model_dtype, dtype, expected):
+    """kv_cache_config.dtype auto keeps an unquantized KV cache in the model dtype: the LLM-API top-level `dtype`
+    when it is set, else the checkpoint's."""
+    from baton.engine_sim import config
+
+    cfg = load(tmp_path, model, worker_yaml(ctx=True, dtype=dtype, model_dtype=model_dtype))
     assert cfg.cache_state.kv_dtype == expected
     assert config.describe(cfg)["cache_state"]["kv_dtype"] == expected
     assert config.describe(cfg)["kv_bytes_per_token"] == (65_536 if expected == "fp8" else 131_072)
@@ -194,6 +227,18 @@ def test_port_zero_picks_a_free_port(fresh_engines):
         assert resp.status == 200
 
 
+def test_served_model_id_is_the_model_directory_name(fresh_engines, tmp_path, monkeypatch):
+    """trtllm-serve serves an existing MODEL directory under its name (`self.model = model_dir.name`), not the
+    path it was given; --sim-model-name overrides it."""
+    eng = fresh_engines.start(worker_yaml(ctx=True), "--sim-speed", "0")
+    assert [m["id"] for m in eng.get("/v1/models")[1]["data"]] == ["llama-3-8b"]
+    assert eng.complete({"prompt": "hi", "max_tokens": 1})["model"] == "llama-3-8b"
+    monkeypatch.chdir(LLAMA_8B.parent)
+    for spelling in ("llama-3-8b", "llama-3-8b/", "./llama-3-8b", str(LLAMA_8B) + "/"):
+        assert load(tmp_path, spelling, worker_yaml(ctx=True)).model_name == "llama-3-8b"
+    assert load(tmp_path, LLAMA_8B, worker_yaml(ctx=True), "--sim-model-name", "/models").model_name == "/models"
+
+
 def test_model_identity_and_name_options(fresh_engines):
     eng = fresh_engines.start(worker_yaml(ctx=True), "--sim-speed", "0", "--sim-model-name", "llama",
                               "--sim-model-identity", "hf:meta-llama/Meta-Llama-3-8B@main")
@@ -286,6 +331,34 @@ def test_kv_transfer_buffers_are_allocated_before_the_kv_cache(tmp_path):
                            env={"TRTLLM_KVCACHE_TRANSFER_BUFFER_SIZE": "lots"})
 
 
+def test_concurrent_kv_receives_have_their_own_receive_buffers(tmp_path):
+    """With TRTLLM_REQUEST_KV_CACHE_CONCURRENT=1 each GPU allocates TRTLLM_KVCACHE_RECV_BUFFER_COUNT receive
+    buffers (default 2) instead of one (BaseTransBufferManager's mRecvBufferCount), before the KV cache."""
+    import yaml
+
+    from baton.engine_sim import config
+
+    cfg_file = tmp_path / "concurrent.yaml"
+    cfg_file.write_text(yaml.safe_dump(worker_yaml(ctx=False)))
+
+    def with_env(**env):
+        return config.load_config([str(LLAMA_8B), "--config", str(cfg_file)], env=env)
+
+    buffer = 512 * 2**20
+    base = with_env()
+    assert base.transfer_buffers_bytes == 3 * buffer  # two send buffers, one receive buffer
+    concurrent = with_env(TRTLLM_REQUEST_KV_CACHE_CONCURRENT="1")
+    assert concurrent.transfer_buffers_bytes == 4 * buffer and concurrent.kv_receive_per_context_worker
+    assert concurrent.max_blocks == memory_tokens(concurrent.cache_state, concurrent.hf_config,
+                                                  transfer_bytes=4 * buffer) // 32 < base.max_blocks
+    assert with_env(TRTLLM_REQUEST_KV_CACHE_CONCURRENT="1",
+                    TRTLLM_KVCACHE_RECV_BUFFER_COUNT="3").transfer_buffers_bytes == 5 * buffer
+    # the count only applies to concurrent receives
+    assert with_env(TRTLLM_KVCACHE_RECV_BUFFER_COUNT="3").transfer_buffers_bytes == 3 * buffer
+    with pytest.raises(config.StartupError, match="TRTLLM_KVCACHE_RECV_BUFFER_COUNT must be a whole number"):
+        with_env(TRTLLM_REQUEST_KV_CACHE_CONCURRENT="1", TRTLLM_KVCACHE_RECV_BUFFER_COUNT="two")
+
+
 def test_uneven_pipeline_split_starts_and_its_largest_stage_bounds_capacity(tmp_path):
     from baton.engine_sim import config
 
@@ -303,6 +376,36 @@ def test_uneven_pipeline_split_starts_and_its_largest_stage_bounds_capacity(tmp_
     # an even split is sized as before
     even = load(tmp_path, LLAMA_8B, worker_yaml(ctx=True, pipeline_parallel_size=2))
     assert even.max_blocks == memory_tokens(even.cache_state, even.hf_config, gpus=2) // 32
+
+
+def test_pp_partition_sets_the_layers_of_each_stage_and_the_largest_bounds_capacity(tmp_path):
+    from baton.engine_sim import config
+
+    cfg = load(tmp_path, LLAMA_8B, worker_yaml(ctx=True, pipeline_parallel_size=2, pp_partition=[30, 2]))
+    assert cfg.cache_state.attention_layer_num_per_pp == (30, 2)
+    assert config.describe(cfg)["attention_layer_num_per_pp"] == [30, 2]
+    # the first stage holds 30 of 32 layers (not 16): it fills first, with its share of the weights
+    assert cfg.max_blocks == memory_tokens(cfg.cache_state, cfg.hf_config, gpus=2, skew=2 * 30 / 32) // 32
+    even = load(tmp_path, LLAMA_8B, worker_yaml(ctx=True, pipeline_parallel_size=2))
+    assert even.cache_state.attention_layer_num_per_pp == (16, 16) and cfg.max_blocks < even.max_blocks
+    # one GPU of the first stage holds 30 layers of a token's KV: its 512 MiB buffer holds fewer tokens
+    assert cfg.transfer_buffer_tokens == 512 * 2**20 // (30 * 4096) < even.transfer_buffer_tokens
+    # the split is not part of the KV format
+    assert kvformat.compare(cfg.cache_state, even.cache_state) == []
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (True, True), (False, False), ("true", True), ("false", False), ("False", False), ("yes", True), ("no", False),
+    ("on", True), ("off", False), ("1", True), ("0", False), (1, True), (0, False),
+])
+def test_boolean_options_are_read_as_trtllm_reads_them(tmp_path, value, expected):
+    """enable_chunked_prefill, disable_overlap_scheduler and enable_attention_dp are pydantic booleans in
+    TensorRT-LLM: "false" (a quoted string) is false, not a truthy string."""
+    cfg = load(tmp_path, LLAMA_8B, worker_yaml(ctx=False, enable_chunked_prefill=value, disable_overlap_scheduler=value,
+                                               enable_attention_dp=value, tensor_parallel_size=2))
+    assert cfg.chunked_prefill is expected
+    assert cfg.overlap_enabled is not expected
+    assert cfg.cache_state.enable_attention_dp is expected
 
 
 def test_kv_max_tokens_is_capped_by_the_memory_fraction(tmp_path):

@@ -345,6 +345,7 @@ HARD = {
     "trtllm_version": ("1.1.0", "trtllmVersion"),
     "speculative": ('{"decoding_type":"Eagle"}', "speculativeConfig"),
     "model_identity": ("other-model", "modelIdentity"),
+    "attention_window": ((512,), "maxAttentionWindow"),
 }
 
 
@@ -506,3 +507,152 @@ def test_kv_transfer_streams_count_the_gpus_that_hold_a_share_of_a_requests_kv()
     assert kv_transfer_streams(replace(base, tp=4, pp=2)) == 8
     assert kv_transfer_streams(replace(base, tp=16)) == 8  # 8 KV heads: beyond that they are replicated
     assert kv_transfer_streams(replace(base, tp=8, enable_attention_dp=True)) == 1  # a request's KV on one rank
+
+
+# ---------------------------------------------------------------- options that change the KV format
+
+
+def with_options(model: Path, opts: dict, **kw) -> CacheState:
+    return kvformat.cache_state_from_files(model, opts, trtllm_version="1.2.0", env={}, **kw)
+
+
+@pytest.mark.parametrize(
+    ("model", "model_dtype", "expected"),
+    [
+        (LLAMA_70B, "float16", "fp16"),  # bfloat16 checkpoint, model run in float16: the KV cache follows
+        (LLAMA_70B_FP16, "bfloat16", "bf16"),
+        (LLAMA_70B, "auto", "bf16"),  # auto: the checkpoint's torch_dtype
+        (LLAMA_70B_FP16, None, "fp16"),
+    ],
+)
+def test_top_level_dtype_is_the_kv_dtype_of_kv_cache_config_auto(model, model_dtype, expected):
+    """kv_cache_config.dtype auto keeps an unquantized KV cache in the model dtype: the top-level `dtype` when it
+    is set, else the checkpoint's."""
+    opts = options()
+    if model_dtype is not None:
+        opts["dtype"] = model_dtype
+    assert with_options(model, opts).kv_dtype == expected
+
+
+def test_top_level_dtype_makes_a_kv_mismatch_with_a_default_tier():
+    ctx = with_options(LLAMA_70B, {**options(), "dtype": "float16"})
+    gen = with_options(LLAMA_70B, options())
+    assert kvformat.compare(ctx, gen) == [Mismatch("kvCacheDtype", "fp16", "bf16")]
+    assert kvformat.fingerprint(ctx) != kvformat.fingerprint(gen)
+
+
+def test_top_level_dtype_does_not_override_kv_quantization(tmp_path):
+    fp8_checkpoint = write_config(tmp_path, quant={"quantization": {"kv_cache_quant_algo": "FP8"}})
+    assert with_options(fp8_checkpoint, {**options(), "dtype": "bfloat16"}).kv_dtype == "fp8"
+    assert with_options(LLAMA_70B, {**options(dtype="fp8"), "dtype": "float16"}).kv_dtype == "fp8"
+
+
+@pytest.mark.parametrize(("model_dtype", "message"), [
+    ("float32", "accepted by TensorRT-LLM but not simulated"),
+    ("fp16", "dtype must be one of auto, float16, bfloat16, float32"),
+    ("half", "dtype must be one of"),
+    (["float16"], "dtype must be one of"),
+])
+def test_top_level_dtype_other_values_are_refused(model_dtype, message):
+    with pytest.raises(kvformat.KVFormatError, match=message):
+        with_options(LLAMA_70B, {**options(), "dtype": model_dtype})
+    with pytest.raises(kvformat.KVFormatError, match=message):  # also beside an explicit KV dtype
+        with_options(LLAMA_70B, {**options(dtype="fp8"), "dtype": model_dtype})
+
+
+def test_max_attention_window_is_a_hard_equal_field():
+    windowed = with_options(LLAMA_8B, options(kv_cache_config={"max_attention_window": [512]}))
+    full = with_options(LLAMA_8B, options())
+    assert (windowed.attention_window, full.attention_window) == ((512,), ())
+    assert kvformat.compare(windowed, full) == [Mismatch("maxAttentionWindow", (512,), ())]
+    assert kvformat.fingerprint(windowed) != kvformat.fingerprint(full)
+    text = kvformat.trtllm_error(kvformat.compare(windowed, full))
+    assert "only support same max_attention_window" in text
+    assert "(maxAttentionWindow: context=[512], generation=unset)" in text
+
+
+@pytest.mark.parametrize(("windows", "expected"), [
+    ([512], (512,)),
+    ([512, 512, 512], (512,)),  # repeated over the layers: the same window
+    ([4096, 512], (4096, 512)),
+    ([4096, 512, 4096, 512], (4096, 512)),  # 32 layers: the same alternation
+    ([4096, 512, 512], (4096, 512, 512)),
+])
+def test_max_attention_window_is_compared_per_layer(windows, expected):
+    s = with_options(LLAMA_8B, options(kv_cache_config={"max_attention_window": windows}))
+    assert s.attention_window == expected
+    assert kvformat.rule_violations(s) == []
+
+
+@pytest.mark.parametrize("windows", [512, [], [0], [512, True], "512"])
+def test_max_attention_window_must_be_a_list_of_positive_integers(windows):
+    with pytest.raises(kvformat.KVFormatError, match="max_attention_window must be a list of positive integers"):
+        with_options(LLAMA_8B, options(kv_cache_config={"max_attention_window": windows}))
+
+
+def test_pp_partition_sets_the_layers_of_each_stage(tmp_path):
+    model = tinyllama(tmp_path)
+    ctx = with_options(model, options(pipeline_parallel_size=2, pp_partition=[20, 2]))
+    assert ctx.attention_layer_num_per_pp == (20, 2)
+    assert kvformat.stage_kv_bytes_per_token(ctx) == (20480, 2048)
+    assert kvformat.rule_violations(ctx) == []
+    # the stage split is not compared: a TP-only or evenly split peer takes the same KV
+    even = with_options(model, options(pipeline_parallel_size=2))
+    assert even.attention_layer_num_per_pp == (11, 11)
+    assert kvformat.compare(ctx, even) == [] and kvformat.fingerprint(ctx) == kvformat.fingerprint(even)
+    assert kvformat.from_wire(json.loads(json.dumps(kvformat.to_wire(ctx)))) == ctx
+
+
+def test_pp_partition_takes_the_command_line_pp_size(tmp_path):
+    s = with_options(tinyllama(tmp_path), options(pp_partition=[2, 20]), pp=2)
+    assert s.attention_layer_num_per_pp == (2, 20)
+
+
+@pytest.mark.parametrize(("partition", "pp", "message"), [
+    ([20, 2], 1, "has 2 entries, pipeline_parallel_size is 1"),
+    ([12, 12], 2, "sums to 24 layers, the model has 22"),
+    ([22, 0], 2, "pp_partition must be a list of positive integers"),
+    (22, 1, "pp_partition must be a list of positive integers"),
+])
+def test_pp_partition_must_match_pp_and_the_layer_count(tmp_path, partition, pp, message):
+    with pytest.raises(kvformat.KVFormatError, match=message):
+        with_options(tinyllama(tmp_path), options(pipeline_parallel_size=pp, pp_partition=partition))
+
+
+def test_pp_partition_puts_mtp_layers_on_the_last_stage(tmp_path):
+    spec = {"decoding_type": "MTP", "num_nextn_predict_layers": 1}
+    s = with_options(tinyllama(tmp_path), options(pipeline_parallel_size=2, pp_partition=[20, 2],
+                                                  speculative_config=spec))
+    assert s.num_layers == 23 and s.attention_layer_num_per_pp == (20, 3)
+
+
+def test_a_peer_without_the_newer_fields_reads_as_unset():
+    wire = kvformat.to_wire(state())
+    old = {k: v for k, v in wire.items() if k not in ("attention_window", "pp_layers")}
+    assert kvformat.from_wire(old) == state()
+    with pytest.raises(kvformat.KVFormatError, match="list of integers"):
+        kvformat.from_wire({**wire, "attention_window": [512, "x"]})
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (True, True), (False, False), (1, True), (0, False), (1.0, True),
+    ("true", True), ("false", False), ("False", False), ("TRUE", True), ("yes", True), ("no", False),
+    ("on", True), ("off", False), ("1", True), ("0", False), ("y", True), ("n", False), ("t", True), ("f", False),
+])
+def test_option_bool_reads_booleans_as_pydantic_does(value, expected):
+    assert kvformat.option_bool({"enable_attention_dp": value}, "enable_attention_dp") is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", "", 2, None, [True]])
+def test_option_bool_refuses_what_pydantic_refuses(value):
+    with pytest.raises(kvformat.KVFormatError, match="enable_chunked_prefill: Input should be a valid boolean"):
+        kvformat.option_bool({"enable_chunked_prefill": value}, "enable_chunked_prefill")
+    assert kvformat.option_bool({}, "enable_chunked_prefill") is False
+    assert kvformat.option_bool({}, "enable_chunked_prefill", True) is True
+
+
+def test_quoted_false_attention_dp_is_off():
+    s = with_options(LLAMA_8B, options(enable_attention_dp="false", tensor_parallel_size=2))
+    assert s.enable_attention_dp is False
+    with pytest.raises(kvformat.KVFormatError, match="valid boolean"):
+        with_options(LLAMA_8B, options(enable_attention_dp="nope"))

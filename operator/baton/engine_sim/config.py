@@ -34,14 +34,17 @@ DEFAULT_GPU_MEMORY_GB = 141.0  # one H200: 141 GB (decimal) of HBM3e
 DEFAULT_LINK_GBPS = 400.0  # gigabits/s, NDR400 InfiniBand = 50 GB/s
 DEFAULT_TP_EFFICIENCY = 0.85
 DEFAULT_STATS_MAX = 1000
-# TensorRT-LLM's KV transfer staging buffers (CacheTransBufferManager). Every GPU of a worker allocates them
-# before its KV cache is sized: TRTLLM_KVCACHE_SEND_MAX_CONCURRENCY_NUM send buffers (default 2) and one
-# receive buffer, each holding cache_transceiver_config.max_tokens_in_buffer tokens plus one block of KV, or
-# TRTLLM_KVCACHE_TRANSFER_BUFFER_SIZE bytes (default 512MB) when max_tokens_in_buffer is unset. A transfer
-# whose KV does not fit one buffer goes through a buffer allocated for it: slower with UCX, a failure with NIXL.
+# TensorRT-LLM's KV transfer staging buffers (CacheTransBufferManager; their counts in BaseTransBufferManager).
+# Every GPU of a worker allocates them before its KV cache is sized: TRTLLM_KVCACHE_SEND_MAX_CONCURRENCY_NUM
+# send buffers (default 2) and one receive buffer, or TRTLLM_KVCACHE_RECV_BUFFER_COUNT (default 2) with
+# TRTLLM_REQUEST_KV_CACHE_CONCURRENT=1; each holds cache_transceiver_config.max_tokens_in_buffer tokens plus
+# one block of KV, or TRTLLM_KVCACHE_TRANSFER_BUFFER_SIZE bytes (default 512MB) when max_tokens_in_buffer is
+# unset. A transfer whose KV does not fit one buffer goes through a buffer allocated for it: slower with UCX, a
+# failure with NIXL.
 DEFAULT_TRANSFER_BUFFER_SIZE = "512MB"
 DEFAULT_SEND_BUFFERS = 2
 RECV_BUFFERS = 1
+DEFAULT_CONCURRENT_RECV_BUFFERS = 2
 DEFAULT_DYNAMIC_BUFFER_MS = 2.0
 
 
@@ -66,6 +69,7 @@ class SimConfig:
     max_seq_len: int
     max_input_len: int | None
     overlap_enabled: bool
+    chunked_prefill: bool  # enable_chunked_prefill: a prompt longer than max_num_tokens is prefilled in chunks
     tokens_per_block: int
     max_blocks: int
     kv_capacity_source: str
@@ -169,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sim-advertise-host", metavar="HOST", default=None,
                    help="host put in the handoff CommState (default: --host, or 127.0.0.1 for a wildcard bind)")
     s.add_argument("--sim-model-name", metavar="NAME", default=None,
-                   help="served model id (default: the MODEL_DIR argument, as trtllm-serve does)")
+                   help="served model id (default: MODEL_DIR's directory name, as trtllm-serve does)")
     s.add_argument("--sim-model-identity", metavar="ID", default=None,
                    help="model identity carried in the CacheState (default: a digest of MODEL_DIR's config.json, "
                         "kvformat.checkpoint_identity; never the path)")
@@ -300,7 +304,7 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         raise StartupError("--sim-dynamic-buffer-ms must be >= 0")
 
     model_dir = Path(args.model)
-    model_name = args.sim_model_name or args.model
+    model_name = args.sim_model_name or served_model_id(args.model)
     options = _read_yaml(args.config_file)
     hf_config = _read_hf_config(model_dir)
     version = args.sim_trtllm_version
@@ -325,7 +329,11 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
     model_max_len = text_cfg.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN
     max_seq_len = _int_option(options, "max_seq_len", args.max_seq_len or int(model_max_len))
     max_input_len = _int_option(options, "max_input_len", None)
-    overlap_enabled = not bool(options.get("disable_overlap_scheduler", False))
+    try:
+        overlap_enabled = not kvformat.option_bool(options, "disable_overlap_scheduler")
+        chunked_prefill = kvformat.option_bool(options, "enable_chunked_prefill")
+    except kvformat.KVFormatError as exc:
+        raise StartupError(str(exc)) from exc
 
     # Timing.
     try:
@@ -447,6 +455,7 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN,
         max_input_len=max_input_len,
         overlap_enabled=overlap_enabled,
+        chunked_prefill=chunked_prefill,
         tokens_per_block=tpb,
         max_blocks=max_blocks,
         kv_capacity_source=source,
@@ -467,8 +476,28 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         transfer_buffer_tokens=buffer.tokens,
         transfer_buffer_source=buffer.source,
         transfer_buffers_bytes=int(buffer.total_bytes),
-        kv_receive_per_context_worker=env.get("TRTLLM_REQUEST_KV_CACHE_CONCURRENT", "").strip() == "1",
+        kv_receive_per_context_worker=request_kv_cache_concurrent(env),
     )
+
+
+def served_model_id(model: str) -> str:
+    """The model id trtllm-serve serves for its MODEL argument: the directory's name when MODEL is an existing
+    directory (`self.model = model_dir.name` in OpenAIServer), else MODEL as given (a Hugging Face id)."""
+    path = Path(model)
+    return path.name if path.is_dir() else model
+
+
+def request_kv_cache_concurrent(env: Mapping[str, str]) -> bool:
+    """TRTLLM_REQUEST_KV_CACHE_CONCURRENT=1: a generation worker receives KV from different context workers
+    side by side, into TRTLLM_KVCACHE_RECV_BUFFER_COUNT receive buffers."""
+    return env.get("TRTLLM_REQUEST_KV_CACHE_CONCURRENT", "").strip() == "1"
+
+
+def _count_env(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name, "")
+    if text and not text.strip().isdigit():
+        raise StartupError(f"{name} must be a whole number, got {text!r}")
+    return int(text) if text else default
 
 
 def describe(cfg: SimConfig) -> dict:
@@ -529,10 +558,10 @@ def transfer_buffers(ctc: Mapping, tokens_per_block: int, gpu_bytes_per_token: f
                      env: Mapping[str, str]) -> TransferBuffers:
     """The KV transfer staging buffers one worker pre-allocates (see DEFAULT_TRANSFER_BUFFER_SIZE), from its
     cache_transceiver_config and environment; `gpu_bytes_per_token` is the KV one GPU holds per token."""
-    sends_text = env.get("TRTLLM_KVCACHE_SEND_MAX_CONCURRENCY_NUM", "")
-    if sends_text and not sends_text.strip().isdigit():
-        raise StartupError(f"TRTLLM_KVCACHE_SEND_MAX_CONCURRENCY_NUM must be a whole number, got {sends_text!r}")
-    buffers = (int(sends_text) if sends_text else DEFAULT_SEND_BUFFERS) + RECV_BUFFERS
+    sends = _count_env(env, "TRTLLM_KVCACHE_SEND_MAX_CONCURRENCY_NUM", DEFAULT_SEND_BUFFERS)
+    receives = (_count_env(env, "TRTLLM_KVCACHE_RECV_BUFFER_COUNT", DEFAULT_CONCURRENT_RECV_BUFFERS)
+                if request_kv_cache_concurrent(env) else RECV_BUFFERS)
+    buffers = sends + receives
     max_tokens = ctc.get("max_tokens_in_buffer")
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:

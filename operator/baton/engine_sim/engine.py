@@ -189,7 +189,7 @@ class Engine:
         self.puller = puller or KVPuller(receive_per_context_worker=cfg.kv_receive_per_context_worker,
                                          in_turn=cfg.time_scale > 0)
         # a prompt longer than max_num_tokens is prefilled in chunks instead of refused
-        self._chunked_prefill = bool(cfg.options.get("enable_chunked_prefill"))
+        self._chunked_prefill = cfg.chunked_prefill
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self.fatal: str | None = None
         self.on_fatal: Callable[[str], None] | None = None
