@@ -249,3 +249,18 @@ def test_the_real_installer_failing_says_how_to_get_debians_python(tmp_path: Pat
     assert f"{tmp_path}/missing/python3.11 not found" in message
     assert "apt-get install -y python3.11 python3.11-venv libpython3.11" in message
     assert runner.processes == {}
+
+
+@pytest.mark.parametrize("source,served", [({"hostPath": {"path": str(MODEL_DIR)}}, "models"),
+                                           ({"huggingFace": {"id": "meta-llama/Llama-3.1-8B-Instruct"}},
+                                            "meta-llama/Llama-3.1-8B-Instruct")])
+def test_a_trtllm_serve_engine_serves_the_model_id_trtllm_serve_would(tmp_path: Path, source: dict, served: str) -> None:
+    """trtllm-serve serves an existing model directory under its name (the pod's mount, not wherever the
+    runner found the checkpoint on this machine), and a Hugging Face id as it is."""
+    m = example_model("small.yaml", model__source=source)
+    objects = render_children(Target(name=m.metadata["name"], namespace="ns", uid="uid-1", spec=m.spec))
+    pod = triton_pod(objects, "decode", "127.64.0.9")
+    assert pod.spec.containers[0].command == ["trtllm-serve"]
+    runner = make_runner(tmp_path, fake_core(objects, pod))
+    runner.sync()
+    assert argv_value(runner.processes[f"ns/{pod.metadata.name}"].argv, "--sim-model-name") == served

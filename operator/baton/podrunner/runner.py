@@ -74,7 +74,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -713,7 +713,10 @@ class PodRunner:
             version = trtllm_version_from_image(container.image or "")
             if version and "--sim-trtllm-version" not in self.sim_args:
                 argv += ["--sim-trtllm-version", version]
-            argv += ["--sim-model-name", args[0]]
+            # The id trtllm-serve serves: an existing model directory's name (the pod's /models mount is
+            # "models"), else the argument itself (a Hugging Face id).
+            pod_model = expand((container.args or [""])[0], env)
+            argv += ["--sim-model-name", PurePosixPath(pod_model).name if pod_model.startswith("/") else pod_model]
             # Fault injection for tests: extra simulator flags from the pod's own environment.
             argv += env.get("BATON_SIM_ARGS", "").split()
         elif command[:2] == ["baton", "scheduler"]:
