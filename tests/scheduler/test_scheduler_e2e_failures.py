@@ -222,3 +222,36 @@ def test_on_sigterm_waiting_requests_get_503_with_retry_after_once_the_drain_end
     log = sched.log()
     assert "event=shutdown_shed waiting=1" in log and "event=stream_cut_at_shutdown" in log
     assert "outcome=failed" in log and "outcome=cancelled" not in log
+
+
+def test_on_sigterm_requests_still_in_an_engine_call_get_503_not_a_closed_connection(engines, make_scheduler):
+    """Non-streamed requests whose generation (local, or after their prefill) still runs a second after the
+    drain ends are answered 503 shutting_down with Retry-After, counted failed: not left with a connection
+    closed on them and counted as clients that went away."""
+    import signal
+    import threading
+
+    decode = engines["decode2"]
+    sched = make_scheduler([engines["prefill"]], [decode], extra_args=["--drain-seconds", "1"])
+    bodies = {"local": {"model": MODEL, "prompt": prompt_ids(30, 41), "max_tokens": 5000},
+              "disaggregated": {"model": MODEL, "prompt": prompt_ids(2000, 42), "max_tokens": 5000}}
+    answers: dict = {}
+    threads = [threading.Thread(target=lambda route=route, body=body: answers.__setitem__(
+        route, post(sched.url + "/v1/completions", body, timeout=30))) for route, body in bodies.items()]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: json.loads(http("GET", decode.url + "/_sim/state")[2])["numActiveRequests"] == 2, 10,
+             "both generations to run")
+    sched.proc.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(15)
+    assert set(answers) == set(bodies), "a request got no answer"
+    for route, (status, headers, body) in answers.items():
+        assert status == 503 and headers["Retry-After"] == "1", (route, status, body)
+        assert body["error"]["code"] == "shutting_down" and headers["X-Baton-Route"] == route
+    assert sched.proc.wait(15) == 0
+    log = sched.log()
+    assert log.count("event=cut_at_shutdown") == 2
+    assert log.count("outcome=failed status=503") == 2 and "outcome=cancelled" not in log
+    wait_for(lambda: json.loads(http("GET", decode.url + "/_sim/state")[2])["numActiveRequests"] == 0, 10,
+             "the engine to drop the sequences cut")

@@ -145,6 +145,26 @@ def test_service_endpoints_and_errors(engines, make_scheduler):
     assert 'baton_scheduler_endpoints{state="healthy",tier="decode"}' in values
 
 
+def test_bodies_the_scheduler_cannot_read_are_the_clients_400_not_a_500(engines, make_scheduler):
+    """A body nested past the JSON decoder's recursion, and chat content parts whose text is not a string,
+    are the client's error: 400 naming what is wrong, counted invalid, no traceback in the log."""
+    sched = make_scheduler([engines["prefill"]], [engines["decode1"]])
+    deep = b"[" * 50_000 + b"]" * 50_000
+    for path, field in (("/v1/completions", b"prompt"), ("/v1/chat/completions", b"messages")):
+        status, headers, body = post(sched.url + path, b'{"model": "%s", "%s": %s}' % (MODEL.encode(), field, deep))
+        assert status == 400 and body["error"]["code"] == "invalid_request", body
+        assert "levels deep" in body["error"]["message"] and headers["X-Baton-Error"] == "invalid_request"
+    for text in (None, 5):
+        status, _, body = post(sched.url + "/v1/chat/completions", {
+            "model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]})
+        assert status == 400 and body["error"]["code"] == "invalid_request" and body["error"]["param"] == "messages"
+        assert "`messages[0].content[0].text` must be a string" in body["error"]["message"]
+    values = metrics(sched.url)
+    assert metric(values, "baton_scheduler_requests_total", route="unrouted", outcome="invalid") == 4
+    assert metric(values, "baton_scheduler_requests_total", outcome="failed") == 0
+    assert "Traceback" not in sched.log()
+
+
 def test_scheduler_freezes_its_start_up_heap_and_exports_gc_pauses(engines, make_scheduler):
     sched = make_scheduler([engines["prefill"]], [engines["decode1"]])
     for i in range(20):

@@ -24,6 +24,7 @@ from baton.http1.server import (
     Request,
     Response,
     StreamResponse,
+    cancelled_by_stop,
     json_response,
     text_response,
 )
@@ -1630,6 +1631,51 @@ def test_stop_does_not_call_before_cancel_when_handlers_finish_in_time_and_survi
         await asyncio.wait_for(stuck.stop(grace_s=0.05, before_cancel=failing, after_s=0.1), 2)
         await expect_eof(reader)
         await close(writer)
+
+    run(main())
+
+
+def test_a_handler_cancelled_by_stop_can_still_answer_its_client():
+    """The cancellation `stop` gives the handlers still running at its end says so (`cancelled_by_stop`),
+    unlike a client going away: a handler that answers it anyway (a 503 its client can retry on, instead of
+    a connection closed with no answer) has that answer written before the connection closes; one that lets
+    the cancellation through leaves its client with none, as before."""
+    seen: list[tuple[str, bool]] = []
+
+    async def waiting(request):
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError as exc:
+            seen.append((request.query, cancelled_by_stop(exc)))
+            if request.query == "answers" and cancelled_by_stop(exc):
+                asyncio.current_task().uncancel()
+                await asyncio.sleep(0.01)  # unwinding may take a moment
+                return Response(503, b"stopping", headers={"Retry-After": "1"})
+            raise
+        return Response(200)
+
+    async def main():
+        server = HttpServer(cancel_on_disconnect=True)
+        server.route("GET", "/w", waiting)
+        await server.start(HOST, 0)
+        clients = {}
+        for query in ("answers", "silent", "leaves"):
+            clients[query] = await connect(server.port)
+            clients[query][1].write(get("/w?" + query))
+        await until(lambda: sum(c.task is not None for c in server.connections) == 3, what="three handlers")
+        await close(clients["leaves"][1])
+        await until(lambda: ("leaves", False) in seen, what="the handler of the client that left to be cancelled")
+        started = time.monotonic()
+        await server.stop(grace_s=0.1, after_s=0.1)
+        assert time.monotonic() - started < 1.5
+        resp = await read_response(clients["answers"][0])
+        assert (resp.status, resp.body, resp.headers["retry-after"]) == (503, b"stopping", "1")
+        assert resp.headers["connection"] == "close"
+        await expect_eof(clients["answers"][0])
+        await expect_eof(clients["silent"][0])  # no answer, just closed
+        assert sorted(seen) == [("answers", True), ("leaves", False), ("silent", True)]
+        for query in ("answers", "silent"):
+            await close(clients[query][1])
 
     run(main())
 

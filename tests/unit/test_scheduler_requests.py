@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from baton.scheduler.requests import RequestError, parse_request
+from baton.scheduler.requests import MAX_JSON_DEPTH, RequestError, parse_request
 from baton.tokens import chat_prompt_text, count_text_tokens
 
 
@@ -89,3 +89,46 @@ def test_a_lone_surrogate_escape_is_the_clients_error_and_a_pair_is_text(api, fi
     pair = base.replace('"hi"', '"smile \\ud83d\\ude00"')
     req = parse_request(pair.encode(), api, {}, "m")
     assert "\U0001F600" in json.dumps(json.loads(req.local_body()), ensure_ascii=False)
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+@pytest.mark.parametrize("depth", [101, 900, 50_000])
+def test_a_body_nested_too_deep_is_the_clients_400(api, depth):
+    """Past the JSON decoder's recursion (50,000), or decoded but deeper than MAX_JSON_DEPTH (encoding it
+    again for an engine, deeper in the stack, could fail then): 400, never a RecursionError (a 500)."""
+    field = "prompt" if api == "completions" else "messages"
+    nested = b"[" * depth + b"]" * depth
+    for raw in (b'{"%s": %s}' % (field.encode(), nested), b'{"%s": "hi", "x": %s}' % (field.encode(), nested)):
+        with pytest.raises(RequestError, match="more than 100 levels deep") as e:
+            parse_request(raw, api, {}, "m")
+        assert e.value.status == 400 and e.value.code == "invalid_request"
+
+
+def test_a_body_nested_up_to_the_limit_is_fine():
+    nested = b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1)  # inside the body's object: 100 levels
+    assert parse_request(b'{"prompt": "hi", "x": %s}' % nested, "completions", {}, "m").tokens == 1
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ([{"type": "text", "text": None}], "`messages[0].content[0].text` must be a string, got null"),
+    ([{"type": "text", "text": 5}], "`messages[0].content[0].text` must be a string, got a number"),
+    ([{"type": "text"}], "`messages[0].content[0].text` must be a string, got null"),
+    ([{"type": "image_url", "text": ["a"]}], "`messages[0].content[0].text` must be a string, got an array"),
+    (["hi"], "`messages[0].content[0]` must be a content part object, got a string"),
+    ({"text": "hi"}, "`messages[0].content` must be a string or a list of content parts, got an object"),
+    (7, "`messages[0].content` must be a string or a list of content parts, got a number"),
+])
+def test_chat_content_that_cannot_be_counted_is_the_clients_400_naming_the_field(content, message):
+    with pytest.raises(RequestError) as e:
+        parse({"model": "m", "messages": [{"role": "user", "content": content}]}, "chat")
+    assert (e.value.status, e.value.code, e.value.param, e.value.message) == (400, "invalid_request", "messages",
+                                                                              message)
+    with pytest.raises(RequestError, match=r"`messages\[1\]\.role` must be a string, got a number"):
+        parse({"model": "m", "messages": [{"role": "user", "content": "a"}, {"role": 1, "content": "b"}]}, "chat")
+
+
+def test_chat_content_parts_and_null_content_are_counted():
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "image_url",
+                                                                               "image_url": {"url": "x"}}]},
+                {"role": "assistant", "content": None, "tool_calls": []}]
+    assert parse({"model": "m", "messages": messages}, "chat").tokens == count_text_tokens(chat_prompt_text(messages))

@@ -13,9 +13,10 @@ import pytest
 
 from http1_harness import until
 
+from baton.http1.server import STOPPING
 from baton.scheduler.config import parse_config
 from baton.scheduler.endpoints import Endpoint
-from baton.scheduler.engines import EngineFailure
+from baton.scheduler.engines import EngineFailure, IteratedResponse
 from baton.scheduler.metrics import SchedulerHooks
 from baton.scheduler.service import Reply, SchedulerService
 
@@ -1042,6 +1043,276 @@ def test_every_hold_ends_with_one_event():
         reply = await asyncio.wait_for(shed, 2)
         assert reply.status == 503 and reply.headers["X-Baton-Error"] == "shutting_down"
         assert sorted(events) == ["cancelled", "held", "held", "shed"]
+        await svc.stop()
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- endings
+class _Discovery:
+    """Stands in for endpoint discovery following a rollout: the generation requests are dispatched to."""
+
+    generation = "g1"
+
+    def stop(self) -> None:
+        pass
+
+
+def _generation_outcomes(svc) -> dict[str, float]:
+    """generation_requests_total{generation="g1"} by outcome, from the exposition."""
+    out: dict[str, float] = {}
+    for line in svc.metrics.exposition().decode().splitlines():
+        if line.startswith('baton_scheduler_generation_requests_total{generation="g1"'):
+            outcome = re.search(r'outcome="([^"]+)"', line).group(1)
+            out[outcome] = float(line.rpartition(" ")[2])
+    return out
+
+
+class StreamingEngine(FakeEngine):
+    """FakeEngine whose streamed generations yield `pieces()`'s chunks (an `IteratedResponse`, as Triton's)."""
+
+    def __init__(self, pieces) -> None:
+        super().__init__()
+        self.pieces = pieces
+
+    async def open(self, endpoint, path, body, request_id):
+        self.calls.append((endpoint.address, "stream"))
+        return IteratedResponse(200, self.pieces(), "text/event-stream")
+
+
+class StreamSink:
+    def __init__(self) -> None:
+        self.data = b""
+        self.ended = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def end(self, data: bytes = b"") -> None:
+        self.data += data
+        self.ended.set()
+
+
+def _stream_request(n=5):
+    return json.dumps({"model": "m", "prompt": list(range(1, n + 1)), "max_tokens": 2, "stream": True}).encode()
+
+
+def test_a_request_in_an_engine_call_when_the_drain_runs_out_is_answered_503_not_cut_off():
+    """The HTTP server cancels the handlers still running when the drain (and the second after it) ran out,
+    with STOPPING: a request then in an engine call -- its prefill, a generation not streamed -- is answered
+    503 shutting_down with Retry-After (another scheduler replica can take it) and counted failed, and what
+    it held is given back. A client that leaves is still counted cancelled."""
+    async def main():
+        for body, engine_call in ((long_request(), "context_only"), (long_request(5), "context_and_generation")):
+            svc, engine = make()
+            outcomes = _outcomes(svc)
+            engine.delay = 5
+            task = asyncio.create_task(svc.complete("completions", body, {}))
+            await until(lambda: engine.calls, what="the engine call")
+            assert engine.calls[0][1] == engine_call
+            task.cancel(STOPPING)
+            reply = await asyncio.wait_for(task, 1)
+            assert reply.status == 503 and reply.headers["Retry-After"] == "1", reply
+            assert json.loads(reply.body)["error"]["code"] == "shutting_down"
+            assert reply.headers["X-Baton-Error"] == "shutting_down"
+            assert outcomes == ["failed"]
+            assert svc.prefills_in_flight == 0 and all(r.active == 0 for r in [*svc.prefill.values(),
+                                                                                *svc.decode.values()])
+            left = asyncio.create_task(svc.complete("completions", body, {}))
+            await until(lambda: len(engine.calls) == 2, what="the second engine call")
+            left.cancel()  # the client went away
+            with pytest.raises(asyncio.CancelledError):
+                await left
+            assert outcomes == ["failed", "cancelled"]
+            await svc.stop()
+
+    run(main())
+
+
+def test_the_generation_metric_counts_only_its_engines_failures():
+    """generation_requests_total, which the operator rolls a new generation back on, counts `failed` only
+    what its engines did (an engine error here); what the scheduler decided itself -- a hold that expired
+    with decode saturated, shutting down (waiting, in an engine call, or a stream cut) -- counts `shed`.
+    requests_total counts them all `failed`, as the client sees them."""
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\ndegradation: {holdTtlSeconds: 0.05}\n"
+                           "retries: {maxAttempts: 1}\n", decode=("d1:1",))
+        svc._discovery = _Discovery()
+        outcomes = _outcomes(svc)
+        svc.decode["d1:1"].active = 1  # decode saturated: held, prefilled again, held again, expired
+        reply = await asyncio.wait_for(svc.complete("completions", long_request(), {}), 2)
+        assert reply.status == 503 and json.loads(reply.body)["error"]["code"] == "hold_expired"
+        svc.decode["d1:1"].active = 0
+        engine.fail["d1:1"] = "500"
+        reply = await asyncio.wait_for(svc.complete("completions", long_request(), {}), 2)
+        assert reply.status == 502 and json.loads(reply.body)["error"]["code"] == "engine_error"
+        assert outcomes == ["failed", "failed"]
+        assert _generation_outcomes(svc) == {"shed": 1.0, "failed": 1.0}
+        engine.fail.clear()
+        svc.decode["d1:1"].active = 1
+        held = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: len(svc.holds) == 1, what="the hold")
+        engine.delay = 5
+        svc.decode["d1:1"].active = 0
+        in_call = asyncio.create_task(svc.complete("completions", long_request(5), {}))  # local, in its call
+        await until(lambda: engine.calls[-1] == ("d1:1", "context_and_generation"), what="the local call")
+        svc.shed_waiting()
+        assert (await asyncio.wait_for(held, 1)).status == 503
+        in_call.cancel(STOPPING)
+        assert (await asyncio.wait_for(in_call, 1)).status == 503
+        assert outcomes == ["failed"] * 4
+        assert _generation_outcomes(svc) == {"shed": 3.0, "failed": 1.0}
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_stream_cut_at_shutdown_is_shed_for_its_generation_and_one_that_breaks_is_failed():
+    gate = asyncio.Event()
+
+    async def pieces():
+        yield b'data: {"choices": [{"text": "a"}]}\n\n'
+        await gate.wait()
+        raise RuntimeError("the stream broke")
+
+    async def main():
+        svc, _ = make(decode=("d1:1",))
+        svc._engine_slot.client = svc._engines("trtllm", 1.0, StreamingEngine(pieces))
+        svc._discovery = _Discovery()
+        for ending in ("cut", "broken"):
+            reply = await svc.complete("completions", _stream_request(), {})
+            sink = StreamSink()
+            reply.producer.start(sink)
+            if ending == "cut":
+                reply.producer.cut()
+            else:
+                gate.set()
+            await asyncio.wait_for(sink.ended.wait(), 1)
+        assert _generation_outcomes(svc) == {"shed": 1.0, "failed": 1.0}
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_stream_whose_engine_iterator_fails_ends_with_an_error_and_gives_its_slot_back():
+    """A Triton stream (an `IteratedResponse`) whose iterator raises something other than a transport error
+    (an answer that cannot be translated, a bug) still ends the client's stream with an explicit error event,
+    counts failed and frees the decode slot, rather than leaving the stream open with nothing coming. It is
+    not a lost connection: the replica stays in rotation (the failure counts as a 5xx does)."""
+    async def pieces():
+        yield b'data: {"choices": [{"text": "a"}]}\n\n'
+        raise KeyError("output_ids")
+
+    async def main():
+        svc, _ = make(decode=("d1:1",))
+        svc._engine_slot.client = svc._engines("trtllm", 1.0, StreamingEngine(pieces))
+        outcomes = _outcomes(svc)
+        reply = await svc.complete("completions", _stream_request(), {})
+        sink = StreamSink()
+        reply.producer.start(sink)
+        await asyncio.wait_for(sink.ended.wait(), 1)
+        error = json.loads(sink.data.strip().splitlines()[-1][len(b"data: "):])["error"]
+        assert error["code"] == "stream_interrupted" and "KeyError" in error["message"]
+        assert b"[DONE]" not in sink.data
+        assert outcomes == ["failed"] and svc.decode["d1:1"].active == 0
+        assert svc.decode["d1:1"].healthy and svc.decode["d1:1"].failures == 1
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_request_routed_locally_after_its_hold_names_no_prefill_replica_and_avoids_a_failing_decode_one():
+    """The prefill replica of a held request leaves; prefilled again, the request finds no prefill tier and
+    is served locally. It carries no X-Baton-Prefill-Endpoint then, and a 5xx from its decode replica is
+    that replica's failure (the retry avoids it), not a failed handoff of a pair it never used."""
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\n", decode=("d1:1", "d2:1"))
+        svc.decode["d1:1"].active = svc.decode["d2:1"].active = 1  # decode saturated: the prefill is held
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: len(svc.holds) == 1, what="the hold")
+        svc.update_endpoints([], [Endpoint("d1:1", "decode"), Endpoint("d2:1", "decode")])  # the prefill left
+        await until(lambda: svc.decode_queue.waiting == 1, what="the local request to wait for decode")
+        engine.fail["d1:1"] = "500"
+        svc.decode["d1:1"].active = 0
+        svc.decode_queue.notify()
+        await until(lambda: ("d1:1", "context_and_generation") in engine.calls, what="the local call on d1")
+        svc.decode["d2:1"].active = 0
+        svc.decode_queue.notify()
+        reply = await asyncio.wait_for(task, 2)
+        assert reply.status == 200, reply
+        assert reply.headers["X-Baton-Route"] == "local" and reply.headers["X-Baton-Decode-Endpoint"] == "d2:1"
+        assert "X-Baton-Prefill-Endpoint" not in reply.headers
+        assert engine.calls.count(("d1:1", "context_and_generation")) == 1
+        await svc.stop()
+
+    run(main())
+
+
+@pytest.mark.parametrize("busy", ["backlog_full", "prefill_busy"])
+def test_a_request_prefilled_again_after_its_hold_is_never_turned_away_as_new(busy):
+    """A request whose hold expired was admitted and waited the hold TTL already: prefilled again, it is not
+    refused 429 because the backlog is full, and when no prefill slot frees within queue.maxWaitSeconds for
+    it, it gets 503 hold_expired (counted failed), not 429 queue_timeout (counted rejected)."""
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\ndegradation: {holdTtlSeconds: 0.05}\n"
+                           "queue: {maxDepth: 1, maxWaitSeconds: 0.2}\n", decode=("d1:1",))
+        outcomes = _outcomes(svc)
+        rejected = []
+        svc.hooks.rejected = lambda route, reason: rejected.append(reason)
+        svc.decode["d1:1"].active = 1  # decode saturated
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: len(svc.holds) == 1, what="the hold")
+        if busy == "backlog_full":  # as many prefills in flight as allowed: the backlog is full too
+            svc.prefills_in_flight = svc.config.routing.max_concurrent_prefills
+        else:
+            svc.prefill["p1:1"].active = svc.config.routing.prefill_batch_size
+        reply = await asyncio.wait_for(task, 2)
+        error = json.loads(reply.body)["error"]
+        assert reply.status == 503 and error["code"] == "hold_expired", error
+        assert "queue.maxWaitSeconds" in error["message"]
+        assert outcomes == ["failed"] and rejected == []
+        assert engine.calls == [("p1:1", "context_only")]
+        svc.prefills_in_flight = svc.prefill["p1:1"].active = 0
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_request_prefilled_again_under_a_full_backlog_waits_for_its_prefill_and_is_served():
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\ndegradation: {holdTtlSeconds: 0.05}\n"
+                           "queue: {maxDepth: 1}\n", decode=("d1:1",))
+        svc.decode["d1:1"].active = 1
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: len(svc.holds) == 1, what="the hold")
+        svc.prefills_in_flight = svc.config.routing.max_concurrent_prefills
+        await until(lambda: svc.prefill_queue.waiting == 1, what="the second prefill to wait")
+        svc.prefills_in_flight = 0
+        svc.decode["d1:1"].active = 0
+        svc.prefill_queue.notify()
+        reply = await asyncio.wait_for(task, 2)
+        assert reply.status == 200 and reply.headers["X-Baton-Route"] == "disaggregated"
+        assert [k for _, k in engine.calls] == ["context_only", "context_only", "generation_only"]
+        await svc.stop()
+
+    run(main())
+
+
+@pytest.mark.parametrize(("messages", "field"), [
+    ([{"role": "user", "content": [{"type": "text", "text": None}]}], "messages[0].content[0].text"),
+    ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages[0].content[0].text"),
+    ([{"role": "user", "content": "hi"}, {"role": "user", "content": 5}], "messages[1].content"),
+])
+def test_a_chat_message_counting_cannot_read_is_the_clients_400_not_a_500(messages, field):
+    """(Bodies nested too deep: test_scheduler_requests.py.)"""
+    async def main():
+        svc, _ = make()
+        outcomes = _outcomes(svc)
+        reply = await svc.complete("chat", json.dumps({"model": "m", "messages": messages}).encode(), {})
+        error = json.loads(reply.body)["error"]
+        assert reply.status == 400 and error["code"] == "invalid_request" and error["param"] == "messages"
+        assert f"`{field}` must be" in error["message"]
+        assert outcomes == ["invalid"]
         await svc.stop()
 
     run(main())

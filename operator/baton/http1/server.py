@@ -12,8 +12,9 @@ A handler takes a `Request` and returns one of:
 
 Requests on one connection are answered in order (pipelining is allowed, not parallelised). Handlers are
 not cancelled when their client disconnects unless `cancel_on_disconnect` is set; a stream the client
-abandons is closed either way. A HEAD request gets the head of the GET answer (or of the 404/405/500), with
-its Content-Length, never a body.
+abandons is closed either way. A handler still running when `stop` ends the drain is cancelled with
+`STOPPING` as the message (`cancelled_by_stop`), and may still answer its client. A HEAD request gets the
+head of the GET answer (or of the 404/405/500), with its Content-Length, never a body.
 
 Requests are parsed strictly where laxness would let a client smuggle one request inside another or inject
 header lines (RFC 9112, RFC 9110); these are answered 400 (501 for a transfer coding other than chunked)
@@ -70,6 +71,11 @@ IDLE_TIMEOUT_S = 75.0  # longer than clients' keep-alive expiry, so a client nev
 # time again, however slowly the client reads.
 SEND_TIMEOUT_S = 60.0
 SWEEP_INTERVAL_S = 5.0
+# The message of the cancellation `HttpServer.stop` gives a handler still running when the drain (and
+# `after_s`) ran out, so that it can tell that from its client going away (`cancelled_by_stop`); and how
+# long such handlers then get to write an answer of their own (an explicit 503, say) before the close.
+STOPPING = "baton.http1.server: the server is stopping"
+STOP_ANSWER_S = 1.0
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 # What a field line may hold (RFC 9110 5.5, RFC 9112 5): HTAB, SP, visible ASCII, obs-text. Deleting these
@@ -166,6 +172,13 @@ class PushResponse:
 
 AnyResponse = Response | StreamResponse | PushResponse
 Handler = Callable[[Request], Awaitable[AnyResponse]]
+
+
+def cancelled_by_stop(exc: BaseException) -> bool:
+    """Whether `exc` is the cancellation `HttpServer.stop` gives a handler still running at its end, rather
+    than its client going away: its client is still connected, and an answer the handler returns anyway is
+    written before the connection closes (within STOP_ANSWER_S)."""
+    return isinstance(exc, asyncio.CancelledError) and exc.args[:1] == (STOPPING,)
 
 
 def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -851,12 +864,15 @@ class HttpServer:
                    after_s: float = 1.0) -> None:
         """Stop accepting, let in-flight requests finish (up to `grace_s`), then close every connection.
 
-        Handlers still running when the grace period ends are cancelled (and push producers aborted), their
-        clients getting no answer. If `before_cancel` is given, it is called once at that point first (not
-        at all if every handler finished in time), as a last chance to make them answer (the scheduler
-        answers the requests still waiting in its queues 503), and they get up to `after_s` more seconds to
-        write those answers; only then is the rest cancelled. An awaitable it returns is awaited (within
-        `after_s`); an exception from it is logged and shutting down goes on."""
+        Handlers still running when the grace period ends are cancelled (and push producers cut or aborted).
+        If `before_cancel` is given, it is called once at that point first (not at all if every handler
+        finished in time), as a last chance to make them answer (the scheduler answers the requests still
+        waiting in its queues 503), and they get up to `after_s` more seconds to write those answers; only
+        then is the rest cancelled. An awaitable it returns is awaited (within `after_s`); an exception from
+        it is logged and shutting down goes on. The cancellation carries STOPPING (`cancelled_by_stop`): a
+        handler that answers anyway (a 503 rather than a connection closed on its client) has its answer
+        written, within STOP_ANSWER_S; a handler that lets the cancellation through leaves its client with
+        no answer."""
         self.draining = True
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -886,7 +902,13 @@ class HttpServer:
             if conn.push_done is not None and not conn.push_done.done():
                 conn.push_done.set_result(None)
             if conn.task is not None:
-                conn.task.cancel()
+                conn.task.cancel(STOPPING)
+        answering = [c.task for c in self.connections if c.task is not None]
+        if answering:  # the handlers that answer the cancellation write their answers before the close
+            await asyncio.wait(answering, timeout=STOP_ANSWER_S)
+        for conn in list(self.connections):
+            if conn.task is not None:
+                conn.task.cancel(STOPPING)  # still not done: no answer of its own
             conn._close()  # noqa: SLF001
         if self._server is not None:
             with contextlib.suppress(Exception):

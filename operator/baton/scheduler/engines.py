@@ -142,7 +142,8 @@ class EngineClient(Protocol):
 
 class IteratedResponse:
     """An `EngineResponse` over an async iterator of body pieces (Triton's streams, complete answers):
-    `relay` pumps the iterator from a task."""
+    `relay` pumps the iterator from a task, which ends with `on_end` when the iterator does and with
+    `on_error` when it raises, whatever it raises."""
 
     def __init__(self, status: int, chunks: AsyncIterator[bytes], content_type: str,
                  on_release: Callable[[], None] | None = None) -> None:
@@ -176,8 +177,8 @@ class IteratedResponse:
                         await self._running.wait()
             except asyncio.CancelledError:
                 raise
-            except (asyncio.TimeoutError, OSError) as exc:
-                on_error(exc)
+            except Exception as exc:  # noqa: BLE001 - a transport error, an answer that cannot be translated, a bug:
+                on_error(exc)  # the stream ends with an error either way, never left open with nothing coming
                 return
             on_end()
 

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML/JSON config file (reloaded when its content changes)")
     p.add_argument("--drain-seconds", type=_positive_seconds, default=SHUTDOWN_GRACE_S,
                    help="on SIGTERM, how long in-flight requests may finish; requests still waiting for a slot "
-                        "then get 503 shutting_down with Retry-After (keep it below the pod's "
+                        "then get 503 shutting_down with Retry-After (keep it a few seconds below the pod's "
                         "terminationGracePeriodSeconds)")
     p.add_argument("--reload-interval", type=_positive_seconds, default=1.0,
                    help="seconds between config file checks (> 0; a change applies once two checks agree)")

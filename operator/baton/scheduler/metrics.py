@@ -164,10 +164,13 @@ class PrometheusHooks(SchedulerHooks):
         self.requests = Counter(
             f"{PREFIX}_requests_total", "Requests by route and final outcome", ["route", "outcome"], registry=r
         )
-        # The operator reads this after a generation switch and rolls back when the new one fails too often.
+        # The operator reads this after a generation switch and rolls back when the new one fails too often:
+        # `failed` counts the failures of the generation's engines only, `shed` the requests the scheduler
+        # itself gave up on (capacity, shutdown).
         self.generation_requests = Counter(
             f"{PREFIX}_generation_requests_total",
-            "Requests dispatched to each engine generation, by final outcome", ["generation", "outcome"], registry=r
+            "Requests dispatched to each engine generation, by final outcome (failed: by its engines; shed: by "
+            "the scheduler's own capacity or shutdown decision)", ["generation", "outcome"], registry=r
         )
         self.routing_decisions = Counter(
             f"{PREFIX}_routing_decisions_total", "Routing decisions by route and reason", ["route", "reason"], registry=r

@@ -59,10 +59,14 @@ AnyReply = Reply | StreamReply | RelayReply
 
 
 class SchedulerError(Exception):
-    """A request ends with an error the scheduler itself produces (OpenAI-style body)."""
+    """A request ends with an error the scheduler itself produces (OpenAI-style body). `shed`: a failure
+    that is the scheduler's own decision about capacity or shutdown (a hold that ran out, a held prefill
+    whose replica left, shutting down), not a failure of the engines the request was dispatched to: counted
+    `failed` among the requests, `shed` for their engine generation (what the operator's rollback reads)."""
 
     def __init__(self, status: int, message: str, code: str, err_type: str = "server_error",
-                 outcome: str = "failed", retry_after: int | None = None, param: str | None = None) -> None:
+                 outcome: str = "failed", retry_after: int | None = None, param: str | None = None,
+                 shed: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -71,6 +75,7 @@ class SchedulerError(Exception):
         self.outcome = outcome
         self.retry_after = retry_after
         self.param = param  # the request field at fault, for the error body's `param`
+        self.shed = shed
 
 
 def error_body(message: str, err_type: str, code: str, param: str | None = None) -> bytes:

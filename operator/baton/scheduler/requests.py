@@ -33,6 +33,10 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 _IDS_KEY = b'"prompt_token_ids"'
 _PROMPT_KEY = b'"prompt"'
+# How deep a request body may nest arrays and objects. Far beyond any real request (a JSON schema in
+# `response_format` included), and low enough that encoding the body again for an engine never comes near
+# Python's recursion limit (which a body that only just decoded could hit, deeper in the call stack).
+MAX_JSON_DEPTH = 100
 
 
 def parse_context_answer(data: bytes) -> tuple[Any, RawJSON | None]:
@@ -61,6 +65,62 @@ def _is_token_ids(value: object) -> bool:
     json.loads only produces exact ints, so `type(t) is int` (which excludes bools) is the same test.
     """
     return isinstance(value, list) and (not value or set(map(type, value)) == {int})
+
+
+def _nests_too_deep(raw: bytes, data: Any) -> bool:
+    """Whether `data`, decoded from `raw`, nests arrays and objects more than MAX_JSON_DEPTH levels deep.
+    A body with no more brackets than that cannot: almost every request is spared the walk."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    level = [data]
+    for _ in range(MAX_JSON_DEPTH):  # level n + 1 from level n, breadth first: no recursion
+        level = [v for value in level for v in (value.values() if isinstance(value, dict) else value)
+                 if isinstance(v, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
+def _too_deep() -> RequestError:
+    return RequestError(400, f"request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep",
+                        "invalid_request")
+
+
+def _json_type(value: object) -> str:
+    """What a decoded JSON value is, in JSON's words (for error messages)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _check_messages(messages: list[dict[str, Any]]) -> None:
+    """The shape counting a chat prompt relies on (`baton.tokens.chat_prompt_text`, a chat template): a
+    message's `role`, when given, is a string; its `content` is a string, a list of content parts (objects
+    whose `text`, when given or when the part is a text part, is a string), or absent or null (an assistant
+    message with tool calls). RequestError (400) naming the field at fault otherwise."""
+    def refuse(field: str, wanted: str, value: object) -> RequestError:
+        return RequestError(400, f"`{field}` must be {wanted}, got {_json_type(value)}", "invalid_request",
+                            "messages")
+
+    for i, message in enumerate(messages):
+        if "role" in message and not isinstance(message["role"], str):
+            raise refuse(f"messages[{i}].role", "a string", message["role"])
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise refuse(f"messages[{i}].content", "a string or a list of content parts", content)
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise refuse(f"messages[{i}].content[{j}]", "a content part object", part)
+            if ("text" in part or part.get("type") == "text") and not isinstance(part.get("text"), str):
+                raise refuse(f"messages[{i}].content[{j}].text", "a string", part.get("text"))
 
 
 def _truthy(value: object) -> bool:
@@ -177,6 +237,10 @@ def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) 
             data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
+    except RecursionError:  # nested deeper than the decoder can follow
+        raise _too_deep() from None
+    if _nests_too_deep(raw, data):
+        raise _too_deep()
     if not isinstance(data, dict):
         raise RequestError(400, "request body must be a JSON object", "invalid_request")
     if b"\\ud" in raw or b"\\uD" in raw:  # only then can a string hold half a surrogate pair
@@ -223,6 +287,7 @@ def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) 
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise RequestError(400, "`messages` must be a non-empty list of message objects", "invalid_request",
                                "messages")
+        _check_messages(messages)
         if (token_counting.active_tokenizer() is not None
                 and sum(len(str(m.get("content", ""))) for m in messages) > OFFLOAD_CHARS):
             tokens, uncounted = 0, messages

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 
 from baton import tokens
+from baton.http1.server import cancelled_by_stop
 from baton.model_tokenizer import ModelTokenizer, fetch_tokenizer, load_tokenizer
 from baton.scheduler.admission import (
     PASS,
@@ -87,6 +88,9 @@ log = logging.getLogger("baton.scheduler")
 LOCAL = Route.LOCAL.value
 DISAGG = Route.DISAGGREGATED.value
 
+# The outcome `generation_requests_total` counts a request under when it failed by the scheduler's own
+# decision (capacity, shutdown) rather than by its engines' (`SchedulerError.shed`)
+GENERATION_SHED = "shed"
 DEFAULT_PREFILL_TPS = 20_000.0  # prefill throughput assumed until one is observed (tokens/s)
 INCOMPATIBLE_PAIR_TTL_S = 300.0  # how long a KV-format mismatch keeps a pair out of placement
 # While decode is throttled, requests waiting for a decode slot look again this often: the throttle lifts
@@ -122,6 +126,12 @@ def _request_id(headers: Mapping[str, str]) -> str:
 
 def _no_decode_endpoints() -> SchedulerError:
     return SchedulerError(503, "no healthy decode endpoint is available", "no_decode_endpoints", "service_unavailable")
+
+
+def _shutting_down(message: str) -> SchedulerError:
+    """503 shutting_down with Retry-After (another scheduler replica can take the request): the scheduler's
+    own decision, not its engines' failure (`shed`)."""
+    return SchedulerError(503, message, "shutting_down", "service_unavailable", retry_after=1, shed=True)
 
 
 class _NoPrefillPair(Exception):
@@ -649,8 +659,7 @@ class SchedulerService:
         from now on (a prefill that finishes after this, a retry): the queues stay shut. Returns how many
         were waiting."""
         def shutting_down() -> SchedulerError:
-            return SchedulerError(503, "the scheduler is shutting down before a slot freed for this request; "
-                                  "retry it", "shutting_down", "service_unavailable", retry_after=1)
+            return _shutting_down("the scheduler is shutting down before a slot freed for this request; retry it")
 
         n = self.prefill_queue.shut(shutting_down) + self.decode_queue.shut(shutting_down)
         if n:
@@ -984,8 +993,10 @@ class SchedulerService:
         return depth
 
     def _check_backlog(self, ctx: _Ctx) -> None:
-        """Refuse (429 queue_full) a request that would wait while the backlog is at `queue.maxDepth`."""
-        if self._backlog() >= self.config.queue.max_depth:
+        """Refuse (429 queue_full) a request that would wait while the backlog is at `queue.maxDepth`. Not a
+        request served again after its hold ended (`ctx.reprefilled`): it was admitted, and counted in the
+        backlog while held; it is not turned away now as if it were new."""
+        if not ctx.reprefilled and self._backlog() >= self.config.queue.max_depth:
             raise self._reject(ctx, "queue_full", f"the scheduler queue is full ({self.config.queue.max_depth} "
                                "requests waiting); retry later")
 
@@ -994,6 +1005,9 @@ class SchedulerService:
         return SchedulerError(429, message, reason, "rate_limit_error", outcome="rejected", retry_after=retry_after)
 
     async def _admit(self, ctx: _Ctx, queue: WaitQueue[Any], try_acquire: Any, release: Any, pool: str) -> Any:
+        """A slot from `queue`, now or after a wait: 429 queue_full when the backlog is full (`_check_backlog`),
+        429 queue_timeout after `queue.maxWaitSeconds`; a request served again after its hold ended
+        (`ctx.reprefilled`), which waited the hold TTL already, gets 503 hold_expired (hold_stranded) then."""
         queue.check_open()  # shutting down: nothing new starts
         t = self.clock()
         value = None
@@ -1005,6 +1019,12 @@ class SchedulerService:
             try:
                 value = await queue.acquire(try_acquire, release, self.config.queue.max_wait_seconds)
             except QueueTimeout:
+                if ctx.reprefilled:
+                    raise self._hold_lost(ctx, "this request's prefill was held until "
+                                          f"{'its prefill replica left' if ctx.stranded else 'its hold expired'}, "
+                                          f"and no {pool} slot freed within queue.maxWaitSeconds="
+                                          f"{self.config.queue.max_wait_seconds:g}s to serve it again; "
+                                          "retry it") from None
                 raise self._reject(ctx, "queue_timeout", "no capacity became free within "
                                    f"{self.config.queue.max_wait_seconds:g}s; retry later") from None
             finally:  # a wait, however it ended (a slot, a timeout, shed at shutdown, the client gone)
@@ -1105,10 +1125,19 @@ class SchedulerService:
                     return self._finish_error(ctx, exc)
             self._decide(ctx)
             return await self._run(ctx)
-        except asyncio.CancelledError:
-            # the client went away before its answer started (the HTTP server cancels the handler):
-            # whatever the request held -- a queue place, a hold, a slot, an engine call -- is given back
-            # on the way out; it is counted here
+        except asyncio.CancelledError as exc:
+            # the client went away before its answer started, or the server stopped with the answer not
+            # started (the HTTP server cancels the handler either way): whatever the request held -- a queue
+            # place, a hold, a slot, an engine call -- is given back on the way out
+            if cancelled_by_stop(exc):
+                # the drain ran out during an engine call (a prefill, a generation not streamed): the client,
+                # still there, is told so, as the requests still waiting were (`shed_waiting`)
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # answered, not cancelled
+                log.warning("event=cut_at_shutdown request_id=%s route=%s", ctx.rid, ctx.route)
+                return self._finish_error(ctx, _shutting_down(
+                    "the scheduler shut down before this request's answer was ready; retry it"))
             self._account(ctx, "cancelled", 499, "the client closed the connection before the answer started")
             raise
 
@@ -1185,6 +1214,9 @@ class SchedulerService:
     async def _serve_local(self, ctx: _Ctx) -> AnyReply:
         req = ctx.req
         assert req is not None
+        # no prefill replica serves a local request: not the one of a hold that ended (the request was routed
+        # here after it), which its headers, its log line and its failures must not name
+        ctx.prefill = None
         if not self._healthy_decode(ctx.excluded) and not await self._decode_replaced(ctx):
             raise _no_decode_endpoints()
         excluded = ctx.excluded
@@ -1280,19 +1312,25 @@ class SchedulerService:
                     ctx.mark = self.clock()
                     continue
                 if ctx.stranded:
-                    raise SchedulerError(
-                        503, f"the prefill replica {prefill.address} holding this request's KV cache left before a "
+                    raise self._hold_lost(
+                        ctx, f"the prefill replica {prefill.address} holding this request's KV cache left before a "
                         "decode slot freed (an engine generation switch or a restart), and the request was already "
-                        "prefilled again once (or the retry budget is spent); retry it",
-                        "hold_stranded", "service_unavailable")
-                raise SchedulerError(
-                    503, f"no decode slot freed within degradation.holdTtlSeconds="
-                    f"{self.config.degradation.hold_ttl_seconds:g}s after prefill (decode tier saturated)",
-                    "hold_expired", "service_unavailable")
+                        "prefilled again once (or the retry budget is spent); retry it")
+                raise self._hold_lost(
+                    ctx, f"no decode slot freed within degradation.holdTtlSeconds="
+                    f"{self.config.degradation.hold_ttl_seconds:g}s after prefill (decode tier saturated)")
             ctx.decode = lease.replica
             ctx.generation = self._serving_generation()
             body = req.generation_body(handle, ids_json if ids_json is not None else answer.get("prompt_token_ids"))
             return await self._generate(ctx, lease, body, handoff=True)
+
+    @staticmethod
+    def _hold_lost(ctx: _Ctx, message: str) -> SchedulerError:
+        """503 for a request whose held prefill was lost -- the hold expired (`hold_expired`: decode stayed
+        saturated), or its prefill replica left (`hold_stranded`) -- and that could not be served otherwise.
+        The scheduler's own decision about capacity (`shed`), not a failure of the engines."""
+        return SchedulerError(503, message, "hold_stranded" if ctx.stranded else "hold_expired",
+                              "service_unavailable", shed=True)
 
     def _held_ring(self, prefill: ReplicaState, ring: tuple[str, ...], excluded: set[str]) -> list[str]:
         """The decode replicas a held handle may go to now: its prefill's current ring (or the ring it was
@@ -1430,10 +1468,15 @@ class SchedulerService:
 
     def _stream_broken(self, ctx: _Ctx, replica: ReplicaState, exc: Exception,
                        slot: _EngineSlot | None = None) -> str:
-        failure = EngineFailure(replica.endpoint, f"{type(exc).__name__}: {exc}", kind="connection")
+        # A lost connection (or a timeout) takes the replica out at once; anything else (an answer that could
+        # not be read, a bug) counts against it as a 5xx answer does, with its traceback logged.
+        connection = isinstance(exc, OSError)
+        failure = EngineFailure(replica.endpoint, f"{type(exc).__name__}: {exc}",
+                                kind="connection" if connection else "retryable")
         self._engine_failed(failure, replica, slot)
         log.error("event=stream_broken request_id=%s endpoint=%s error=%r%s", ctx.rid, replica.address,
-                  failure.message, " cause=engine_client_closed" if slot is not None and slot.closed else "")
+                  failure.message, " cause=engine_client_closed" if slot is not None and slot.closed else "",
+                  exc_info=None if connection else exc)
         return failure.message
 
     def _stream_finished(self, ctx: _Ctx, lease: _DecodeLease, outcome: str, relay: StreamRelay,
@@ -1441,6 +1484,7 @@ class SchedulerService:
         lease.release()
         if slot is not None:
             self._engine_released(slot)
+        shed = outcome == "shutdown"
         if outcome == "truncated":
             log.error("event=stream_truncated request_id=%s endpoint=%s", ctx.rid, lease.replica.address)
             outcome = "failed"
@@ -1456,18 +1500,21 @@ class SchedulerService:
                 tpot = (relay.t_last - relay.t_first) / (tokens - 1)
                 self.hooks.tpot(ctx.route, tpot)
                 self.tpot_window.record(tpot)
-        self._account(ctx, outcome, 200)
+        self._account(ctx, outcome, 200, shed=shed)
 
     # ------------------------------------------------------------------------------ endings
     def _serving_generation(self) -> str:
         """The generation discovery follows (status.rollout.servingGeneration); empty when standalone."""
         return getattr(self._discovery, "generation", "") or ""
 
-    def _account(self, ctx: _Ctx, outcome: str, status: int, error: str = "") -> None:
+    def _account(self, ctx: _Ctx, outcome: str, status: int, error: str = "", shed: bool = False) -> None:
+        """Count the request's final outcome, and log it. `shed`: a failure that is the scheduler's own
+        decision (see `SchedulerError`), counted `shed` instead of `failed` for the engine generation the
+        request was dispatched to: the operator rolls a generation back on the failures of its engines only."""
         elapsed = self.clock() - ctx.t0
         self.hooks.finished(ctx.route, outcome, elapsed)
         if ctx.generation:
-            self.metrics.generation_finished(ctx.generation, outcome)
+            self.metrics.generation_finished(ctx.generation, GENERATION_SHED if shed else outcome)
         if outcome == "completed":
             self.completions.tick()
         log.info(
@@ -1492,7 +1539,7 @@ class SchedulerService:
     def _finish_error(self, ctx: _Ctx, exc: SchedulerError) -> Reply:
         if exc.outcome == "rejected":
             self.hooks.rejected(ctx.route, exc.code)
-        self._account(ctx, exc.outcome, exc.status, exc.message)
+        self._account(ctx, exc.outcome, exc.status, exc.message, exc.shed)
         headers = ctx.headers()
         headers[HDR_ERROR] = exc.code
         if exc.retry_after is not None:
