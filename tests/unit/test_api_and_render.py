@@ -213,6 +213,19 @@ def test_generation_changes_with_the_engine_but_not_with_in_place_fields():
         assert generation_key(model(**new_generation).spec) != base, new_generation
 
 
+def test_high_precision_fallback_reaches_the_scheduler_and_starts_no_generation():
+    """A routing setting of the scheduler: it is in the scheduler's config, and toggling it changes neither
+    the generation (no second set of GPUs for a rollout that changes nothing) nor the engines' revision."""
+    from baton.render.naming import generation_key
+
+    m = model(engine__kvTransfer={"compression": "fp8"})
+    off = model(engine__kvTransfer={"compression": "fp8", "highPrecisionFallback": False})
+    assert generation_key(off.spec) == generation_key(m.spec) and revision(off.spec) == revision(m.spec)
+    config, _, _ = _scheduler_parts(off)
+    assert config.routing.high_precision_fallback is False and config.routing.kv_transfer_compression == "fp8"
+    assert _scheduler_parts(m)[0].routing.high_precision_fallback is True
+
+
 def test_rendering_is_deterministic_and_revision_ignores_replicas():
     m = model()
     assert render_children(target(m)) == render_children(target(model()))

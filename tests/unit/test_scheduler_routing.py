@@ -39,6 +39,12 @@ def test_high_precision_takes_local_path_only_with_fp8_transfer():
     assert decide(5000, True, CFG, LoadView()).route is Route.DISAGGREGATED
 
 
+def test_high_precision_is_handed_off_compressed_when_its_fallback_is_off():
+    no_fallback = FP8.model_copy(update={"high_precision_fallback": False})
+    d = decide(5000, True, no_fallback, LoadView())
+    assert (d.route, d.reason) == (Route.DISAGGREGATED, "long-prompt")
+
+
 def test_throughput_optimized_prefers_disaggregation_unless_prefill_backed_up():
     assert decide(500, False, CFG, LoadView()).route is Route.DISAGGREGATED
     assert decide(500, False, CFG, LoadView(prefill_backed_up=True)).route is Route.LOCAL

@@ -171,7 +171,7 @@ class KVTransferSpec(ApiModel):
     )
     backend: Literal["UCX", "NIXL"] = Field(default="UCX", description="KV transfer backend between tiers. Rendered explicitly (never DEFAULT, whose meaning changed between TensorRT-LLM versions).")
     compression: Literal["none", "fp8"] = Field(default="none", description="Compress KV to fp8 for transfer. Requests flagged high-precision take the uncompressed path (prefilled on the decode replica).")
-    high_precision_fallback: bool = Field(default=True, description="With compression on, let requests flagged high-precision bypass it by prefilling on the decode tier.")
+    high_precision_fallback: bool = Field(default=True, description="With compression on, let requests flagged high-precision bypass it by prefilling on the decode tier; false: they are handed off compressed like any other. A scheduler setting: a change reloads the scheduler and never starts a new generation.")
     max_tokens_in_buffer: int | None = Field(default=None, ge=256, le=1048576, description=(
         "KV transfer staging buffer, in tokens (cache_transceiver_config.max_tokens_in_buffer), on both tiers. "
         "Every GPU allocates three (two to send, one to receive) out of the memory its KV cache would get. KV of "

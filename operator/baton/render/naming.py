@@ -90,6 +90,15 @@ def stable_hash(value: Any, length: int = 10) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+def _engine_fields(spec: DisaggregatedModelSpec, exclude: set[str] | None = None) -> dict[str, Any]:
+    """spec.engine as hashed: `kvTransfer.highPrecisionFallback` is a routing setting of the scheduler (it
+    reaches the engines in no way), so it counts at its default whatever it is, keeping every hash what it
+    was before the scheduler read it."""
+    engine = spec.engine.model_dump(mode="json", exclude=exclude)
+    engine["kv_transfer"]["high_precision_fallback"] = True
+    return engine
+
+
 def revision(spec: DisaggregatedModelSpec) -> str:
     """Hash of what shapes the engines' pods: model, engine and each tier's template-relevant fields.
 
@@ -99,7 +108,7 @@ def revision(spec: DisaggregatedModelSpec) -> str:
     return stable_hash(
         {
             "model": spec.model.model_dump(mode="json"),
-            "engine": spec.engine.model_dump(mode="json"),
+            "engine": _engine_fields(spec),
             "prefill": spec.prefill.model_dump(mode="json", exclude=tier_fields),
             "decode": spec.decode.model_dump(mode="json", exclude=tier_fields),
         }
@@ -114,7 +123,7 @@ def generation_key(spec: DisaggregatedModelSpec) -> str:
     return stable_hash(
         {
             "model": spec.model.model_dump(mode="json"),
-            "engine": spec.engine.model_dump(mode="json", exclude={"env"}),
+            "engine": _engine_fields(spec, exclude={"env"}),
             "tiers": {
                 tier: {
                     "engine": spec.tier_engine(tier).model_dump(mode="json"),

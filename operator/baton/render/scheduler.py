@@ -89,6 +89,7 @@ def scheduler_config(target: Target, serving: dict[str, str] | None = None) -> d
             "decodeBatchSize": s.decode_batch_size,
             "maxConcurrentPrefills": s.max_concurrent_prefills,
             "kvTransferCompression": bound["kvTransferCompression"],
+            "highPrecisionFallback": spec.engine.kv_transfer.high_precision_fallback,
         },
         "queue": {"maxDepth": s.max_queue_depth},
         "admission": {

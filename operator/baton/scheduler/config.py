@@ -125,6 +125,8 @@ class RoutingConfig(_Model):
     decode_batch_size: int = Field(1, ge=1)
     max_concurrent_prefills: int = Field(64, ge=1)
     kv_transfer_compression: Literal["none", "fp8"] = "none"
+    # with compression on, high-precision requests take the uncompressed path (prefilled on decode)
+    high_precision_fallback: bool = True
     ring_size: int = Field(0, ge=0)
 
     @model_validator(mode="after")

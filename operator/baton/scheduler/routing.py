@@ -65,8 +65,9 @@ def classify(tokens: int, config: RoutingConfig) -> Band:
 
 
 def must_stay_uncompressed(high_precision: bool, config: RoutingConfig) -> bool:
-    """A high-precision request while KV transfers are compressed: it is served locally, never handed off."""
-    return high_precision and config.kv_transfer_compression == "fp8"
+    """A high-precision request while KV transfers are compressed (and `highPrecisionFallback` is on): it is
+    served locally, never handed off."""
+    return high_precision and config.kv_transfer_compression == "fp8" and config.high_precision_fallback
 
 
 def decide(tokens: int, high_precision: bool, config: RoutingConfig, view: LoadView) -> Decision:
