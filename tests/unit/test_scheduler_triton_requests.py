@@ -394,3 +394,16 @@ def test_the_channel_of_a_replica_long_out_of_the_endpoint_lists_is_closed():
         await by_runtime.close()
 
     asyncio.run(main())
+
+
+def test_a_failed_handoff_answered_400_as_trtllm_serve_does_is_still_a_mismatch_or_lost_kv():
+    """trtllm-serve answers any exception of a generation 400 BadRequestError: the text, not the status,
+    says a handoff failed (never passed through to the client as its own mistake)."""
+    def body(message):
+        return json.dumps({"object": "error", "message": message, "type": "BadRequestError", "code": 400}).encode()
+
+    assert classify_failure(EP, 400, body(MISMATCH)).kind == "kv_mismatch"
+    lost = classify_failure(EP, 400, body("Terminating generation request 7 due to KV cache transfer timeout"))
+    assert lost.kind == "kv_lost" and lost.status == 400
+    assert classify_failure(EP, 400, body("max_tokens must be at least 1")) is None
+    assert classify_failure(EP, 404, body("model not found")) is None

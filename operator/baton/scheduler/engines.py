@@ -4,8 +4,8 @@
 trtllm-serve workers (and Baton's engine simulator) over HTTP with `baton.http1`'s keep-alive pools.
 Requests are sent as ready-made JSON bytes (the service serializes each body once), and responses are
 either read whole (`post`) or streamed (`open`). `classify_failure` decides what a failed call means:
-a KV-format mismatch (never retried onto the same pair), a retryable replica failure (connection error,
-timeout, 5xx), or an engine answer to pass through (4xx).
+a KV-format mismatch (never retried onto the same pair, whatever its status), lost KV (prefilled again), a
+retryable replica failure (connection error, timeout, 5xx), or an engine answer to pass through (other 4xx).
 
 `TritonClient` implements the same interface for `runtime: triton` with `tritonclient.grpc.aio`: it turns
 each OpenAI body into KServe v2 requests on the `tensorrt_llm`-style models (`context`, unary `infer`, for
@@ -67,11 +67,15 @@ class EngineFailure(Exception):
 
 
 def classify_failure(endpoint: Endpoint, status: int, body: bytes) -> EngineFailure | None:
-    """None for answers to pass through (2xx, 4xx); an EngineFailure for 5xx."""
-    if status < 500:
+    """None for answers to pass through (2xx, and 4xx about the request); an EngineFailure for 5xx, and for a
+    4xx that is a KV-format mismatch or lost KV: trtllm-serve answers any exception of a generation 400
+    BadRequestError (`create_error_response(str(e))`), a failed handoff included, so the text decides."""
+    if status < 400:
         return None
     text = body.decode("utf-8", "replace")
     kind = "kv_mismatch" if is_kv_mismatch(text) else "kv_lost" if is_kv_lost(text) else "retryable"
+    if status < 500 and kind == "retryable":
+        return None
     return EngineFailure(endpoint, _error_message(text) or f"HTTP {status}", status, body, kind)
 
 
