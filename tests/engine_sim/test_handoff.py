@@ -142,7 +142,7 @@ def test_kv_held_until_pulled_then_freed(ctx, gen):
     # a second pull of the same KV fails clearly
     status, err = gen.post("/v1/completions", {"prompt": ctx_resp["prompt_token_ids"], "max_tokens": 8,
                                                "disaggregated_params": params})
-    assert status == 500 and "already transferred" in err["message"]
+    assert status == 400 and "already transferred" in err["message"]
 
 
 def test_decode_worker_with_overlap_rejects_context_only(gen):
@@ -162,7 +162,7 @@ def test_mismatched_tiers_are_rejected_and_counted(ctx, bad_gens, name):
     held0 = held(ctx)
     bad.get("/perf_metrics")
     _, (status, err) = handoff(ctx, bad, {"prompt": "cross-generation handoff", "max_tokens": 4})
-    assert status == 500
+    assert status == 400
     assert err["message"].startswith("Disagg server does not currently support these cacheState")
     assert MISMATCHES[name][2] in err["message"]
     # counted in /metrics (cumulative counter) and visible in /perf_metrics
@@ -181,7 +181,7 @@ def test_separately_started_workers_cannot_hand_off_over_mpi(engines):
     ctx = engines.start(worker_yaml(ctx=True, backend="MPI"), "--sim-speed", "0")
     gen = engines.start(worker_yaml(ctx=False, backend="MPI"), "--sim-speed", "0")
     _, (status, err) = handoff(ctx, gen, {"prompt": "over mpi", "max_tokens": 4})
-    assert status == 500
+    assert status == 400
     assert err["message"].startswith("KV cache transfer over MPI needs the context and generation executors in one")
     assert "UCX or NIXL" in err["message"]
     ctx.wait_for(lambda: held(ctx) == 0, "the refused handoff's KV to be freed on the ctx side", deadline_s=5)
@@ -273,7 +273,7 @@ def test_held_kv_expires_after_timeout(engines, gen):
     params = {**ctx_resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
     status, err = gen.post("/v1/completions", {"prompt": ctx_resp["prompt_token_ids"], "max_tokens": 4,
                                                "disaggregated_params": params})
-    assert status == 500 and "expired after kv_transfer_timeout_ms=300" in err["message"]
+    assert status == 400 and "expired after kv_transfer_timeout_ms=300" in err["message"]
 
 
 def test_gen_failure_when_ctx_is_gone(engines, gen):
@@ -285,7 +285,7 @@ def test_gen_failure_when_ctx_is_gone(engines, gen):
     params = {**ctx_resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
     status, err = gen.post("/v1/completions", {"prompt": ctx_resp["prompt_token_ids"], "max_tokens": 4,
                                                "disaggregated_params": params})
-    assert status == 500 and "KV transfer from context worker 127.0.0.1:" in err["message"]
+    assert status == 400 and "KV transfer from context worker 127.0.0.1:" in err["message"]
     assert gen.state()["counters"]["kvTransferFailures"] >= 1
 
 
@@ -470,7 +470,7 @@ def test_refused_handoffs_do_not_starve_the_context_worker(engines, bad_gens):
     handles = []
     for i in range(2):  # 500 tokens = 16 blocks each: together they fill the cache
         ctx_resp, (status, err) = handoff(small, bad, {"prompt": [5 + i] * 500, "max_tokens": 8})
-        assert status == 500 and err["message"].startswith("Disagg server does not currently support these cacheState")
+        assert status == 400 and err["message"].startswith("Disagg server does not currently support these cacheState")
         handles.append(decode_opaque(ctx_resp["choices"][0]["disaggregated_params"]["encoded_opaque_state"]))
     small.wait_for(lambda: small.state()["counters"]["heldKvBlocks"] == 0, "the refused handoffs' KV to be freed",
                    deadline_s=5)
@@ -521,7 +521,7 @@ def test_kv_transfer_timeout_bounds_the_pull_on_the_gen_side(engines, gen):
     status, err = impatient.request("POST", "/v1/completions", {
         "prompt": ctx_resp["prompt_token_ids"], "max_tokens": 4, "disaggregated_params": params}, timeout=20)
     assert time.monotonic() - started < 10
-    assert status == 500 and err["type"] == "InternalServerError"
+    assert status == 400 and err["type"] == "BadRequestError"
     assert err["message"].startswith("KV cache transfer timed out")
     assert "within kv_transfer_timeout_ms=500 of the generation worker" in err["message"]
     assert impatient.state()["counters"]["kvTransferFailures"] == 1
@@ -547,7 +547,7 @@ def test_kv_transfer_timeout_bounds_the_send_on_the_ctx_side(engines, gen):
     status, err = gen.request("POST", "/v1/completions", {
         "prompt": ctx_resp["prompt_token_ids"], "max_tokens": 4, "disaggregated_params": params}, timeout=20)
     assert time.monotonic() - started < 10  # the 52 s transfer was cut off
-    assert status == 500 and err["message"].startswith("KV cache transfer timed out")
+    assert status == 400 and err["message"].startswith("KV cache transfer timed out")
     assert "was not sent within kv_transfer_timeout_ms=3000 of the context worker" in err["message"]
     assert gen.state()["counters"]["kvTransferFailures"] == failures + 1
     state = slow.state()
@@ -608,7 +608,7 @@ def test_nixl_fails_a_transfer_that_does_not_fit_a_buffer_and_frees_its_kv(engin
     assert status == 200, resp
     used = ctx.state()["kvCacheStats"]["usedNumBlocks"]
     _, (status, err) = handoff(ctx, gen, {"prompt": LONG_PROMPT, "max_tokens": 3})
-    assert status == 500
+    assert status == 400
     assert f"(399 tokens) does not fit {where}, and the NIXL backend cannot" in err["message"]
     assert "set cache_transceiver_config.max_tokens_in_buffer to at least the longest prompt" in err["message"]
     assert held(ctx) == 0 and ctx.state()["kvCacheStats"]["usedNumBlocks"] == used  # freed at once
@@ -631,7 +631,7 @@ def test_a_handle_that_fails_the_handshake_is_not_reported_as_a_buffer_problem(e
     params = {**ctx_resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
     status, err = gen.post("/v1/completions", {"prompt": ctx_resp["prompt_token_ids"], "max_tokens": 3,
                                                "disaggregated_params": params})
-    assert status == 500 and "expired after kv_transfer_timeout_ms=200" in err["message"]
+    assert status == 400 and "expired after kv_transfer_timeout_ms=200" in err["message"]
     assert gen.state()["counters"]["kvTransfersDynamicBuffer"] == 0
     assert ctx.state()["counters"]["kvTransfersDynamicBuffer"] == 0
 
@@ -657,7 +657,7 @@ def test_ucx_sends_what_does_not_fit_the_buffers_more_slowly_with_a_warning(engi
     # a transfer that would end past the context worker's kv_transfer_timeout_ms because of it is cut off
     strict = engines.start(worker_yaml(ctx=True, timeout_ms=300, cache_transceiver_config=small_buffer("UCX")), *args)
     _, (status, err) = handoff(strict, gen, {"prompt": LONG_PROMPT, "max_tokens": 1})
-    assert status == 500 and "was not sent within kv_transfer_timeout_ms=300 of the context worker" in err["message"]
+    assert status == 400 and "was not sent within kv_transfer_timeout_ms=300 of the context worker" in err["message"]
 
 
 @pytest.mark.parametrize(("backend", "dynamic"), [("NIXL", 0), ("UCX", 1)])
@@ -725,3 +725,94 @@ def test_a_generation_request_cancelled_mid_transfer_stops_the_transfer(engines)
     assert time.monotonic() - start < 2.5  # the transfer alone would have taken 3.4 s
     assert ctx.state()["counters"]["kvPullsFailed"] == 1 and ctx.state()["counters"]["kvPullsServed"] == 0
     assert gen.state()["counters"]["requestsCancelled"] == 1
+
+
+# ------------------------------------------------------------------------------ failed generations, as trtllm-serve
+def raw_post(engine, path: str, body: dict, timeout: float = 10.0) -> tuple[bytes, bytes]:
+    """POST `body` on a fresh connection and read until the server closes it: (head, raw body as sent)."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", engine.port), timeout=timeout) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (path.encode(), len(data)) + data)
+        got = b""
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            got += piece
+    head, _, rest = got.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def generation_body(ctx_resp: dict, path: str, **extra) -> dict:
+    params = {**ctx_resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
+    key = "prompt_token_ids" if "chat" in path else "prompt"
+    return {key: ctx_resp["prompt_token_ids"], "max_tokens": 4, "disaggregated_params": params, **extra}
+
+
+def test_a_failed_handoff_not_streamed_is_a_400_bad_request_with_the_message(ctx, gen, bad_gens):
+    """trtllm-serve answers any exception of a generation `create_error_response(str(e))`: 400 BadRequestError
+    with the message, a failed KV handoff included (a CacheState mismatch, KV the context worker no longer has);
+    the failure is logged as one (WARNING), not as a refused request."""
+    _, (status, err) = handoff(ctx, bad_gens["fp8"], {"prompt": "mismatched, not streamed", "max_tokens": 4})
+    assert status == 400
+    assert err == {"object": "error", "message": err["message"], "type": "BadRequestError", "param": None,
+                   "code": 400}
+    assert err["message"].startswith("Disagg server does not currently support these cacheState")
+    ctx_resp = ctx.complete({"prompt": "pulled twice", "max_tokens": 4,
+                             "disaggregated_params": {"request_type": "context_only"}})
+    assert gen.post("/v1/completions", generation_body(ctx_resp, "/v1/completions"),
+                    headers={"X-Request-Id": "pulled-twice"})[0] == 200
+    status, err = gen.post("/v1/completions", generation_body(ctx_resp, "/v1/completions"),
+                           headers={"X-Request-Id": "pulled-twice-again"})
+    assert status == 400 and err["type"] == "BadRequestError" and err["code"] == 400
+    assert "is not available on this context worker" in err["message"]
+    failed = [json.loads(line) for line in gen.log().splitlines() if "pulled-twice-again" in line]
+    assert any(e.get("event") == "request_failed" and e["level"] == "WARNING" for e in failed), failed
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("failure", ["kv_mismatch", "kv_gone"])
+def test_a_failed_streamed_handoff_answers_200_then_closes_the_connection_mid_body(ctx, gen, bad_gens, path, failure):
+    """trtllm-serve returns its StreamingResponse once the request is accepted: the 200 and the SSE headers are
+    out before the first token. When the generation then raises (a failed handoff), the stream generator
+    re-raises and uvicorn closes the connection: a chunked body without its last chunk, no error event, no
+    [DONE]. The chat role chunk comes with the first token, so nothing at all is in the body."""
+    ctx_resp = ctx.complete({"prompt": f"streamed {failure} {path}", "max_tokens": 4,
+                             "disaggregated_params": {"request_type": "context_only"}})
+    target = gen
+    if failure == "kv_mismatch":
+        target = bad_gens["tokens_per_block"]
+    else:  # the KV was pulled already: the context worker no longer has it (failed during the transfer)
+        assert gen.post(path, generation_body(ctx_resp, path))[0] == 200
+    head, body = raw_post(target, path, generation_body(ctx_resp, path, stream=True))
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 200 OK", head
+    fields = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    assert fields["content-type"].startswith("text/event-stream") and fields["transfer-encoding"] == "chunked"
+    assert body == b""  # no event, no [DONE], and no last chunk ("0\r\n\r\n"): the connection just closed
+
+
+def test_a_stream_that_fails_after_its_first_tokens_is_cut_without_an_error_event(engines):
+    """A generation that fails after some tokens were streamed (here the engine enters its fatal state): the
+    tokens sent stay sent, then the connection closes without the last chunk, an error event or [DONE]."""
+    worker = engines.start(worker_yaml(ctx=False), "--sim-speed", "1")
+    data = json.dumps({"prompt": "a long story", "max_tokens": 2000, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(data) + data)
+        got = b""
+        while got.count(b"data: ") < 3:
+            piece = sock.recv(65536)
+            assert piece, got
+            got += piece
+        assert worker.post("/_sim/fatal", {"reason": "mid-stream test"})[0] == 200
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            got += piece
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert body.count(b"data: ") >= 3 and b"[DONE]" not in body and b'"object": "error"' not in body
+    assert not body.endswith(b"0\r\n\r\n")

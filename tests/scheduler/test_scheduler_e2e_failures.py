@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import pytest
@@ -11,9 +12,11 @@ from scheduler_harness import (
     http,
     metric,
     metrics,
+    parse_sse,
     post,
     prompt_ids,
     start_engine,
+    stream_text,
     wait_all,
     wait_for,
 )
@@ -65,10 +68,12 @@ def test_decode_killed_mid_stream_ends_the_stream_with_an_explicit_error(fresh_e
     assert status == 200 and headers["X-Baton-Decode-Endpoint"] != victim.address
 
 
-def test_a_decode_engine_reporting_an_error_mid_stream_ends_the_stream_as_an_error(fresh_engines, make_scheduler):
-    """trtllm-serve reports a fatal engine error inside the stream ({"object": "error"} then [DONE]): the
-    client gets the scheduler's stream_interrupted event with the engine's message and no [DONE], so an
-    OpenAI client raises instead of taking a cut answer for a whole one; the request counts as failed."""
+def test_a_decode_engine_failing_mid_stream_ends_the_stream_as_an_error(fresh_engines, make_scheduler):
+    """A generation that fails after tokens were streamed: trtllm-serve's stream generator re-raises and the
+    connection closes without an error event or [DONE] (here the engine enters its fatal state). The client
+    gets the scheduler's stream_interrupted event naming the replica and no [DONE], so an OpenAI client raises
+    instead of taking a cut answer for a whole one; the request counts as failed, and the replica, whose
+    health check now fails, leaves rotation."""
     prefill, d1, d2 = fresh_engines
     sched = make_scheduler([prefill], [d1, d2])
     body = {"model": MODEL, "prompt": prompt_ids(2000, 1), "max_tokens": 3000, "stream": True}
@@ -80,10 +85,12 @@ def test_a_decode_engine_reporting_an_error_mid_stream_ends_the_stream_as_an_err
     events = [line[len("data: "):] for line in rest.splitlines() if line.startswith("data: ")]
     assert "[DONE]" not in events and '"object": "error"' not in rest
     error = json.loads(events[-1])["error"]
-    assert error["code"] == "stream_interrupted" and "GPU has fallen off the bus" in error["message"]
-    assert victim.address in error["message"]
+    assert error["code"] == "stream_interrupted" and victim.address in error["message"]
+    assert "closed the connection mid-stream with no error event" in error["message"]
     values = metrics(sched.url)
     assert metric(values, "baton_scheduler_requests_total", route="disaggregated", outcome="failed") == 1
+    wait_for(lambda: not [d for d in _state(sched.url)["decode"] if d["address"] == victim.address][0]["healthy"],
+             5, "the failed replica to be marked unhealthy")
 
 
 def test_decode_killed_before_the_answer_is_retried_on_another_pair(fresh_engines, make_scheduler):
@@ -128,6 +135,65 @@ def test_incompatible_kv_formats_fail_with_the_engines_error(engines, make_sched
     values = metrics(sched.url)
     assert metric(values, "baton_scheduler_routing_decisions_total", reason="no-prefill-pair") == 1
     assert metric(values, "baton_scheduler_retries_total") == 0
+
+
+def _stream_events(sched, body: dict) -> tuple[int, dict, list]:
+    status, headers, raw = http("POST", sched.url + "/v1/completions", {**body, "stream": True})
+    return status, headers, parse_sse(raw) if status == 200 else json.loads(raw)
+
+
+def _decode_state(sched, address: str) -> dict:
+    return [d for d in _state(sched.url)["decode"] if d["address"] == address][0]
+
+
+def test_a_streamed_handoff_the_decode_replica_cuts_is_retried_on_another_pair(engines, make_scheduler):
+    """trtllm-serve answers a streamed generation_only request 200 at once, and when the handoff then fails (here
+    a KV-format mismatch) closes the stream before its first event, saying why only in its log. Nothing
+    reached the client: the request is prefilled again and served by another pair, and the decode replica that
+    refused the handoff stays in rotation (its health check passes; only repeated failures take it out)."""
+    prefill, good, mismatched = engines["prefill"], engines["decode1"], engines["decode_fp16"]
+    sched = make_scheduler([prefill], [good, mismatched])
+    for seed in (31, 32):  # idle replicas are picked in turn: one of the two requests goes to `mismatched` first
+        status, headers, events = _stream_events(sched, {"model": MODEL, "prompt": prompt_ids(2000, seed),
+                                                         "max_tokens": 6})
+        assert status == 200, events
+        assert headers["X-Baton-Decode-Endpoint"] == good.address and headers["X-Baton-Route"] == "disaggregated"
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+        assert stream_text(events[:-1])[1] and len(stream_text(events[:-1])[1]) == 6
+    values = metrics(sched.url)
+    assert metric(values, "baton_scheduler_retries_total", route="disaggregated", reason="stream_cut") >= 1
+    assert metric(values, "baton_scheduler_requests_total", outcome="completed") == 2
+    log = sched.log()
+    assert "event=stream_cut_before_first_token request_id=" in log and f"decode={mismatched.address}" in log
+    time.sleep(1.0)  # the health check the cut started has answered
+    assert _decode_state(sched, mismatched.address)["healthy"]
+    assert f"event=endpoint_unhealthy tier=decode endpoint={mismatched.address}" not in sched.log()
+
+
+def test_an_incompatible_pair_streamed_fails_502_naming_both_replicas_and_where_the_reason_is(engines,
+                                                                                              make_scheduler):
+    """No retry allowed: the streamed request the decode replica cut before its first event fails with a 502
+    that says what happened (200, then the stream ended with no error event), names both replicas, and says
+    that trtllm-serve reports the reason (a KV-format mismatch, or KV already freed) only in its own log. The
+    decode replica is not taken out of rotation for it."""
+    prefill, decode16 = engines["prefill"], engines["decode_fp16"]
+    sched = make_scheduler([prefill], [decode16], retries={"maxAttempts": 1})
+    status, headers, answer = _stream_events(sched, {"model": MODEL, "prompt": prompt_ids(2000, 33),
+                                                     "max_tokens": 4})
+    assert status == 502, answer
+    assert headers["X-Baton-Error"] == "engine_stream_cut" and headers["X-Baton-Route"] == "disaggregated"
+    error = answer["error"]
+    assert error["code"] == "engine_stream_cut" and error["type"] == "engine_error"
+    message = error["message"]
+    assert f"decode replica {decode16.address} ended its stream before the first token" in message
+    assert f"prefill replica {prefill.address}" in message
+    assert "trtllm-serve reports the reason only in its own log" in message
+    assert "KV-format mismatch" in message and "already freed" in message
+    assert headers["X-Request-Id"] in message
+    time.sleep(1.0)  # the health check the cut started has answered
+    assert _decode_state(sched, decode16.address)["healthy"]
+    values = metrics(sched.url)
+    assert metric(values, "baton_scheduler_requests_total", route="disaggregated", outcome="failed") == 1
 
 
 def test_client_leaving_mid_stream_frees_the_slot_and_is_counted(engines, make_scheduler):

@@ -1,6 +1,7 @@
 """The engine simulator's streamed answers (`_TokenStream`), pushed by the engine loop: what the client
-receives when it keeps up, when its connection is full for a while, when a request fails mid-stream,
-when it goes away, and when writing fails (which must not reach the engine loop)."""
+receives when it keeps up, when its connection is full for a while, when a request fails (before its first
+token or mid-stream: broken off, as trtllm-serve's are), when it goes away, and when writing fails (which
+must not reach the engine loop)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class Sink:
     def __init__(self, fail: bool = False) -> None:
         self.writes: list[bytes] = []
         self.ended: bytes | None = None
+        self.cut_with: bytes | None = None  # what `cut` wrote before breaking the answer off
         self.fail = fail
 
     def write(self, data: bytes) -> None:
@@ -26,6 +28,9 @@ class Sink:
 
     def end(self, data: bytes = b"") -> None:
         self.ended = data
+
+    def cut(self, data: bytes = b"") -> None:
+        self.cut_with = data
 
 
 def _events(data: bytes) -> list:
@@ -61,8 +66,8 @@ def test_tokens_go_out_as_produced_and_a_full_connection_holds_them_in_order():
         stream, _ = _stream(include_usage=True)
         seq = stream.seq
         seq.tokens.append(11)
-        stream.changed()  # before the response starts: only marks the first token
-        assert stream.first.done() and stream.sink is None
+        stream.changed()  # before the response starts: nothing to write to yet
+        assert stream.sink is None
         sink = Sink()
         stream.start(sink)
         seq.tokens.append(12)
@@ -89,7 +94,9 @@ def test_tokens_go_out_as_produced_and_a_full_connection_holds_them_in_order():
     run(go)
 
 
-def test_a_failure_mid_stream_ends_with_the_error_event():
+def test_a_failure_mid_stream_breaks_the_stream_off_without_an_error_event_or_done():
+    """As trtllm-serve's stream generator re-raises and uvicorn closes the connection: the tokens produced go
+    out, then the answer is cut (no error event, no [DONE], no last chunk)."""
     async def go():
         stream, cancelled = _stream(chat=True)
         seq = stream.seq
@@ -97,14 +104,33 @@ def test_a_failure_mid_stream_ends_with_the_error_event():
         stream.changed()
         sink = Sink()
         stream.start(sink)
+        seq.tokens.append(6)
         seq.finished = True
-        seq.error = EngineError("KV transfer failed", 500, "InternalServerError")
+        seq.error = EngineError("engine is in a fatal state: boom", 503, "ServiceUnavailableError")
         stream.changed()
-        events = _events(b"".join(sink.writes) + sink.ended)
+        assert sink.ended is None and sink.cut_with is not None
+        events = _events(b"".join(sink.writes) + sink.cut_with)
         assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
         assert events[1]["choices"][0]["delta"]["content"] == token_text(5)
-        assert events[2]["message"] == "KV transfer failed" and events[2]["code"] == 500
-        assert events[3] == "[DONE]" and cancelled == []
+        assert events[2]["choices"][0]["delta"]["content"] == token_text(6)
+        assert events[2]["choices"][0]["finish_reason"] is None
+        assert len(events) == 3 and cancelled == []
+    run(go)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_failure_before_the_first_token_breaks_off_a_started_stream_with_nothing_in_it(chat):
+    """The response starts before the first token (trtllm-serve's StreamingResponse): a chat stream's role
+    chunk waits for the first token, so a failed handoff leaves the client a 200 with an empty, cut body."""
+    async def go():
+        stream, _ = _stream(chat=chat)
+        sink = Sink()
+        stream.start(sink)
+        assert sink.writes == [] and sink.ended is None and sink.cut_with is None  # nothing yet, not even the role
+        stream.seq.finished = True
+        stream.seq.error = EngineError("KV cache transfer timed out", in_generation=True)
+        stream.changed()
+        assert sink.writes == [] and sink.ended is None and sink.cut_with == b""
     run(go)
 
 
@@ -128,7 +154,7 @@ def test_a_failing_write_ends_the_stream_without_raising_into_the_engine_loop():
         stream.seq.tokens.append(5)
         sink = Sink(fail=True)
         stream.start(sink)  # must not raise
-        assert cancelled == [7] and sink.ended == b""
+        assert cancelled == [7] and sink.cut_with == b"" and sink.ended is None
         stream.seq.tokens.append(6)
         stream.changed()  # must not raise either
     run(go)

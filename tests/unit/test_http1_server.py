@@ -1220,6 +1220,60 @@ def test_push_response_delivers_a_small_body_in_chunked_framing():
     run(main())
 
 
+class Cutter:
+    """A producer that writes `pieces`, then breaks its answer off (`sink.cut`)."""
+
+    def __init__(self, pieces: list[bytes], last: bytes = b"") -> None:
+        self.pieces = pieces
+        self.last = last
+
+    def start(self, sink) -> None:
+        for piece in self.pieces:
+            sink.write(piece)
+        sink.cut(self.last)
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("pieces", "last"), [([], b""), ([b"data: 1\n\n"], b"data: 2\n\n")])
+def test_a_push_producer_can_cut_its_answer_off_the_connection_closes_without_the_last_chunk(pieces, last):
+    """What uvicorn does when a streamed response's generator raises: the head (sent even when nothing else
+    was) and what was written go out, then the connection closes, without the chunked body's last chunk; the
+    client's HttpClient reports that as ClosedMidAnswer."""
+    from baton.http1.client import ClosedMidAnswer
+
+    async def push(request):
+        return PushResponse(Cutter(list(pieces), last))
+
+    async def main():
+        async with serving({("GET", "/p"): push, **ROUTES}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/p"))
+            raw = await asyncio.wait_for(reader.read(), 5)  # until the server closes the connection
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK") and b"transfer-encoding: chunked" in head.lower()
+            expected = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in [*pieces, last] if p)
+            assert body == expected and not body.endswith(b"0\r\n\r\n")
+            await close(writer)
+            client = HttpClient()
+            try:
+                resp = await client.open("GET", HOST, server.port, "/p")
+                assert resp.status == 200
+                with pytest.raises(ClosedMidAnswer):
+                    await (resp.read() if pieces else resp.first())
+            finally:
+                await client.close()
+
+    run(main())
+
+
 def test_push_producer_is_paused_while_the_client_does_not_read_and_resumed_after():
     total = 16 * 1024 * 1024
     producers = []

@@ -407,3 +407,24 @@ def test_a_failed_handoff_answered_400_as_trtllm_serve_does_is_still_a_mismatch_
     assert lost.kind == "kv_lost" and lost.status == 400
     assert classify_failure(EP, 400, body("max_tokens must be at least 1")) is None
     assert classify_failure(EP, 404, body("model not found")) is None
+
+
+@pytest.mark.parametrize("message", [
+    "Error in kv cache transfer for generation requests",  # TensorRT-LLM's PyExecutor
+    "KV transfer from context worker 127.0.0.1:9 failed: ConnectionRefusedError: [Errno 111] Connect call failed",
+    "KV cache transfer failed: the KV cache of ctx_request_id 3 (399 tokens) does not fit the context worker's "
+    "pre-allocated transfer buffer, and the NIXL backend cannot transfer through a buffer allocated for one transfer",
+])
+def test_another_failed_kv_transfer_answered_400_is_retried_not_passed_through(message):
+    """A KV transfer that failed otherwise (the context worker died, a buffer too small for NIXL) comes as
+    trtllm-serve's 400 too: a failure of the handoff, retried as a 5xx answer is, not the client's mistake."""
+    body = json.dumps({"object": "error", "message": message, "type": "BadRequestError", "code": 400}).encode()
+    failure = classify_failure(EP, 400, body)
+    assert failure is not None and failure.kind == "retryable" and failure.message == message
+
+
+def test_kv_of_a_context_worker_that_restarted_since_the_prefill_is_lost_kv():
+    text = ("KV cache for ctx_request_id 4 is not available: the handle names context worker instance ab, this "
+            "worker is cd (it restarted since the prefill)")
+    body = json.dumps({"object": "error", "message": text, "type": "BadRequestError", "code": 400}).encode()
+    assert classify_failure(EP, 400, body).kind == "kv_lost"

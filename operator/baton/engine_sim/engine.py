@@ -97,13 +97,20 @@ def token_text(token: int) -> str:
 
 
 class EngineError(Exception):
-    """A request failed; `status` is the HTTP status and `err_type` the error type the server reports."""
+    """A request failed; `status` is the HTTP status and `err_type` the error type the server reports.
 
-    def __init__(self, message: str, status: int = 400, err_type: str = "BadRequestError") -> None:
+    `in_generation`: the request was accepted and its generation failed (in TensorRT-LLM, an exception raised
+    from the request's promise, such as a failed KV handoff), as opposed to a refusal when it is submitted.
+    trtllm-serve answers such a failure of a request not streamed 400 BadRequestError with the message, and
+    breaks off a streamed one (its 200 and SSE headers are out already); see server.py."""
+
+    def __init__(self, message: str, status: int = 400, err_type: str = "BadRequestError", *,
+                 in_generation: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.err_type = err_type
+        self.in_generation = in_generation
 
 
 class Seq:
@@ -339,7 +346,9 @@ class Engine:
                                       "ctx": f"{handle.host}:{handle.port}", "error": message}},
                 )
                 seq.handle = handle
-                seq.error = EngineError(message, 500, "InternalServerError")
+                # TensorRT-LLM fails the handoff in the cache transceiver, after the request was accepted: a
+                # generation failure (400 when not streamed, a broken-off stream when streamed)
+                seq.error = EngineError(message, in_generation=True)
                 self._record_perf(seq, "rejected")
                 self._refuse_handoff(handle, message, x_request_id)
                 raise seq.error
@@ -705,7 +714,7 @@ class Engine:
                 log.warning("KV transfer failed", extra={"fields": {
                     "event": "kv_transfer_failed", "request_id": s.x_request_id,
                     "ctx_request_id": s.handle.ctx_request_id, "error": exc.message}})
-                self._fail(s, EngineError(exc.message, 500, "InternalServerError"))
+                self._fail(s, EngineError(exc.message, in_generation=True))
             return
         s.kv_end = time.monotonic()
         self.received_through_dynamic_buffer(s, None)

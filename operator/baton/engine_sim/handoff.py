@@ -400,7 +400,10 @@ class KVPuller:
         error = answer.get("error")
         error = error if isinstance(error, dict) else {}
         kind = {"CacheStateMismatch": "format", BUFFER_TOO_SMALL: "buffer"}.get(error.get("type"), "transfer")
-        raise HandoffError(str(error.get("message") or f"KV transfer from context worker {where} failed"), kind)
+        message = str(error.get("message") or "")
+        if not message or error.get("type") == "ServiceUnavailableError":  # e.g. its engine is in a fatal state
+            message = f"KV transfer from context worker {where} failed" + (f": {message}" if message else "")
+        raise HandoffError(message, kind)
 
     @staticmethod
     def _cancel(chan: _Channel, fid: int) -> None:

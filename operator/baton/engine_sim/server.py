@@ -317,12 +317,7 @@ class SimServer:
             raise EngineError(f"injected fault: request {n} failed (--sim-error-ratio {ratio:g})", 500, "InternalServerError")
 
     def _error(self, exc: EngineError, x_rid: str) -> Response:
-        if exc.status >= 500:
-            log.warning("request failed", extra={"fields": {
-                "event": "request_failed", "request_id": x_rid, "status": exc.status, "error": exc.message}})
-        else:
-            log.debug("request refused", extra={"fields": {
-                "event": "request_refused", "request_id": x_rid, "status": exc.status, "error": exc.message}})
+        _log_failure(exc, x_rid)
         return error_response(exc.message, exc.status, exc.err_type)
 
     async def _generate(self, request: Request, chat: bool) -> AnyResponse:
@@ -330,6 +325,7 @@ class SimServer:
         reason = self.not_ready_reason()
         if reason:
             return error_response(reason, 503, "ServiceUnavailableError")
+        stream: _TokenStream | None = None
         try:
             try:
                 # the prompt's ids are cut out of the body as text, not decoded (`baton.idlists`)
@@ -355,18 +351,18 @@ class SimServer:
                 on_change=stream.changed if stream is not None else None,
             )
         except EngineError as exc:
+            if stream is not None and exc.in_generation:
+                # failed where TensorRT-LLM fails it after accepting the request (a handoff refused in the
+                # cache transceiver): trtllm-serve had returned its StreamingResponse already
+                _log_failure(exc, x_rid)
+                return PushResponse(_BrokenStream(), headers=_STREAM_HEADERS)
             return self._error(exc, x_rid)
         if stream is not None:
+            # As trtllm-serve returns its StreamingResponse once the request is accepted: the status line and
+            # the SSE headers go out now, before the first token; a failure from here on (a failed handoff
+            # included) breaks the stream off (`_TokenStream`). The stream owns `seq` (it cancels it if the
+            # client goes away).
             stream.seq = seq
-            # Hold the status line until the first token (or the failure): a failed handoff is still an HTTP
-            # error. Once the response starts, the stream owns `seq` (it cancels it if the client goes away).
-            try:
-                await stream.first
-            except asyncio.CancelledError:  # the client went away first
-                self.engine.cancel(seq)
-                raise
-            if seq.error is not None and not seq.tokens:
-                return self._error(seq.error, seq.x_request_id)
             return PushResponse(stream, headers=_STREAM_HEADERS)
         try:
             try:
@@ -427,20 +423,51 @@ class SimServer:
         return out
 
 
+def _log_failure(exc: EngineError, x_rid: str) -> None:
+    if exc.status >= 500 or exc.in_generation:
+        log.warning("request failed", extra={"fields": {
+            "event": "request_failed", "request_id": x_rid, "status": exc.status, "error": exc.message}})
+    else:
+        log.debug("request refused", extra={"fields": {
+            "event": "request_refused", "request_id": x_rid, "status": exc.status, "error": exc.message}})
+
+
+class _BrokenStream:
+    """The streamed answer of a request whose generation failed as it was submitted: the status line and the
+    SSE headers, then the connection closes without the last chunk (what trtllm-serve's client sees when the
+    stream's generator raises before its first token)."""
+
+    def start(self, sink: Any) -> None:
+        sink.cut(b"")
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
 class _TokenStream:
     """The SSE answer of a streamed request, as trtllm-serve frames it, pushed to the client by the engine
     loop (a `baton.http1` push producer).
 
-    The engine calls `changed` after each change of the sequence (new tokens, its end, a failure). Until the
-    response starts, that only resolves `first` (the handler waits for the first token or the failure, so a
-    failed handoff is still an HTTP error). From `start` on, the tokens produced since the last write go out
-    as one write right away: one write per engine iteration, as a server loop draining the executor's
-    responses does, without a task woken per stream and per token. While the client's connection is full
-    (`pause`) tokens wait in the sequence and go out together on `resume`. `abort` (the client went away)
+    The response starts (status line and headers) as soon as the request is accepted, before its first
+    token, as trtllm-serve's StreamingResponse does. The engine calls `changed` after each change of the
+    sequence (new tokens, its end, a failure); what happened before the response starts goes out then. From
+    `start` on, the tokens produced since the last write go out as one write right away: one write per engine
+    iteration, as a server loop draining the executor's responses does, without a task woken per stream and
+    per token. A chat stream's role chunk goes out with the first token (trtllm-serve's postprocessor makes
+    it from the first output). While the client's connection is full (`pause`) tokens wait in the sequence
+    and go out together on `resume`. A failure -- before the first token (a failed handoff) or after some --
+    is logged and breaks the stream off (`sink.cut`: no error event, no `[DONE]`, no last chunk), as uvicorn
+    closes the connection when trtllm-serve's stream generator re-raises. `abort` (the client went away)
     cancels the sequence."""
 
-    __slots__ = ("chat", "closed", "closing", "first", "head", "include_usage", "middle", "opening", "paused",
-                 "pending", "sent", "seq", "sim", "sink", "unfinished")
+    __slots__ = ("chat", "closed", "closing", "head", "include_usage", "middle", "opening", "paused",
+                 "pending", "role", "sent", "seq", "sim", "sink", "unfinished")
 
     _FINISH = b', "logprobs": null, "finish_reason": '
 
@@ -449,19 +476,15 @@ class _TokenStream:
         self.seq: Seq = None  # type: ignore[assignment]  # set right after submit, before the engine runs it
         self.chat = chat
         self.include_usage = include_usage
-        self.first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.sink: Any = None
         self.sent = 0
         self.paused = False
         self.closed = False
-        self.head = self.opening = self.middle = self.closing = self.unfinished = b""
+        self.head = self.opening = self.middle = self.closing = self.unfinished = self.role = b""
         self.pending: list[bytes] = []
 
     def changed(self) -> None:
-        if self.sink is None:
-            if not self.first.done():
-                self.first.set_result(None)
-        elif not self.paused:
+        if self.sink is not None and not self.paused:  # before `start`, `start` writes what there is
             self._flush()
 
     # ------------------------------------------------------------------ producer interface
@@ -477,8 +500,8 @@ class _TokenStream:
             self.opening = self.head + b'[{"index": 0, "delta": {"content": '
             self.middle = b'}, "token_ids": '
             self.closing = b"}]}\n\n"
-            self.pending.append(self.head + b'[{"index": 0, "delta": {"role": "assistant", "content": ""}, '
-                                            b'"logprobs": null, "finish_reason": null}]}\n\n')
+            self.role = (self.head + b'[{"index": 0, "delta": {"role": "assistant", "content": ""}, '
+                                     b'"logprobs": null, "finish_reason": null}]}\n\n')
         else:
             self.opening = self.head + b'[{"index": 0, "text": '
             self.middle = b', "token_ids": '
@@ -508,7 +531,7 @@ class _TokenStream:
             log.exception("stream failed", extra={"fields": {"event": "stream_failed",
                                                              "request_id": self.seq.x_request_id}})
             self.closed = True
-            self.sink.end(b"")
+            self.sink.cut(b"")
             if not self.seq.finished:
                 self.sim.engine.cancel(self.seq)
 
@@ -518,6 +541,9 @@ class _TokenStream:
         produced = len(tokens_)
         out = self.pending
         if self.sent < produced:
+            if self.role:  # the chat role chunk, with the first token
+                out.append(self.role)
+                self.role = b""
             if produced - self.sent == 1:
                 token = tokens_[self.sent]
                 text = token_text(token)
@@ -537,9 +563,14 @@ class _TokenStream:
             out.append(b"".join((self.opening, text_json, self.middle, ids, end)))
         if seq.finished:
             if seq.error is not None:
-                err = error_body(seq.error.message, seq.error.status, seq.error.err_type)
-                out.append(b"data: " + _dumps(err).encode() + b"\n\n")
-            elif self.include_usage:
+                # trtllm-serve's stream generator logs and re-raises; uvicorn closes the connection: what was
+                # produced goes out, then the body ends without its last chunk (no error event, no [DONE])
+                _log_failure(seq.error, seq.x_request_id)
+                self.closed = True
+                self.pending = []
+                self.sink.cut(b"".join(out))
+                return
+            if self.include_usage:
                 out.append(self.head + b'[], "usage": ' + _dumps(self.sim._usage(seq)).encode()
                            + b"}\n\n")
             out.append(_DONE)

@@ -118,6 +118,10 @@ class EngineRequestError(Exception):
 
     @classmethod
     def from_engine(cls, exc: EngineError) -> EngineRequestError:
+        if exc.in_generation and exc.status < 500:
+            # a generation that failed (a failed KV handoff): the HTTP front end answers it 400 as trtllm-serve
+            # does; through Triton it stays the backend's internal error
+            return cls(exc.message, 500, "InternalServerError")
         return cls(exc.message, exc.status, exc.err_type)
 
 
@@ -653,9 +657,11 @@ class TritonFrontend:
         return parsed, seq
 
     def _log_failure(self, exc: EngineError, x_rid: str) -> None:
-        fields = {"event": "request_failed" if exc.status >= 500 else "request_refused", "request_id": x_rid,
-                  "status": exc.status, "error": exc.message, "frontend": "triton"}
-        if exc.status >= 500:
+        failed = exc.status >= 500 or exc.in_generation
+        fields = {"event": "request_failed" if failed else "request_refused", "request_id": x_rid,
+                  "status": 500 if exc.in_generation and exc.status < 500 else exc.status, "error": exc.message,
+                  "frontend": "triton"}
+        if failed:
             log.warning("request failed", extra={"fields": fields})
         else:
             log.debug("request refused", extra={"fields": fields})

@@ -6,7 +6,8 @@ line and headers have arrived; its body is then either read whole (`read`), or i
 scheduler relays a token stream without a coroutine switch per chunk. A relayed body can be paused and
 resumed (the client's connection applies backpressure through them).
 
-Every failure is an `OSError`: `ConnectionError` (refused, reset, closed early, unparseable answer) or
+Every failure is an `OSError`: `ConnectionError` (refused, reset, closed early -- `ClosedMidAnswer` when the
+server closed it in order after its answer began --, unparseable answer) or
 `TimeoutError` (connect timeout, no bytes for `read_timeout` seconds, a request's own `timeout`).
 Idle connections expire after `keepalive_s` (below uvicorn's 5 s default, so a server never closes one
 under a request); a request that fails on a reused connection before any answer byte is sent once more
@@ -80,6 +81,11 @@ class ProtocolError(ConnectionError):
     """The server's answer is not HTTP/1.1 we understand."""
 
 
+class ClosedMidAnswer(ConnectionResetError):
+    """The server closed the connection (an orderly close, not a reset) after it began its answer and before
+    the answer's end: what a client of uvicorn sees when a streamed response's generator raises."""
+
+
 class _Conn(ReusedBufferProtocol):
     def __init__(self, client: HttpClient, key: tuple[str, int]) -> None:
         self.client = client
@@ -116,8 +122,14 @@ class _Conn(ReusedBufferProtocol):
             self._end()  # the body is delimited by the server closing the connection
             return
         if self.state not in (_IDLE, _DONE):
-            err: Exception = exc if isinstance(exc, OSError) else ConnectionResetError(
-                "the server closed the connection" + (" mid-answer" if self.got_bytes else " before answering"))
+            err: Exception
+            if isinstance(exc, OSError):
+                err = exc
+            elif self.got_bytes and exc is None:
+                err = ClosedMidAnswer("the server closed the connection mid-answer")
+            else:
+                err = ConnectionResetError("the server closed the connection"
+                                           + (" mid-answer" if self.got_bytes else " before answering"))
             self._fail(err)
 
     def data_received(self, data: memoryview) -> None:  # valid during the call only (ReusedBufferProtocol)

@@ -8,7 +8,9 @@ A handler takes a `Request` and returns one of:
   splices an engine's stream into the client's connection without a coroutine switch per chunk). The
   producer is told to pause and resume with the client connection's write buffer, and is aborted when
   the client goes away; when the server stops with its answer unfinished, a producer with a `cut()`
-  method ends the answer itself (an error event, the last chunk) before the connection closes.
+  method ends the answer itself (an error event, the last chunk) before the connection closes. A producer
+  whose answer fails can break it off with `sink.cut()`: the connection closes without the last chunk, as
+  uvicorn closes it when a streamed response's generator raises.
 
 Requests on one connection are answered in order (pipelining is allowed, not parallelised). Handlers are
 not cancelled when their client disconnects unless `cancel_on_disconnect` is set; a stream the client
@@ -141,6 +143,11 @@ class Sink(Protocol):
     def write(self, data: bytes) -> None: ...
 
     def end(self, data: bytes = b"") -> None: ...
+
+    def cut(self, data: bytes = b"") -> None:
+        """End the answer broken, as a server whose response generator raised mid-body does (uvicorn closes
+        the connection): `data` (and the head, if not sent yet) goes out, then the connection closes without
+        the last chunk, so the client sees a body cut short."""
 
 
 class Producer(Protocol):
@@ -742,20 +749,21 @@ class _Connection(ReusedBufferProtocol):
         finally:
             self.producer = None
             self.push_done = None
-        return keep and not self.closed
+        return keep and not self.closed and not sink.broken
 
 
 class _PushSink:
-    """Where a producer writes; `end` finishes the response. The response head goes out with the first
-    write (one write, one TCP segment for head and first token)."""
+    """Where a producer writes; `end` finishes the response, `cut` breaks it off. The response head goes out
+    with the first write (one write, one TCP segment for head and first token)."""
 
-    __slots__ = ("conn", "done", "chunked", "head")
+    __slots__ = ("conn", "done", "chunked", "head", "broken")
 
     def __init__(self, conn: _Connection, done: asyncio.Future[None], chunked: bool, head: bytes) -> None:
         self.conn = conn
         self.done = done
         self.chunked = chunked
         self.head = head
+        self.broken = False  # `cut`: the connection closes after what was written
 
     def flush_head(self) -> None:
         if self.head and not self.done.done():
@@ -775,6 +783,15 @@ class _PushSink:
             self.conn._write(head + (_frame(data) if data else b"") + b"0\r\n\r\n")  # noqa: SLF001
         elif head or data:
             self.conn._write(head + data)  # noqa: SLF001
+        self.done.set_result(None)
+
+    def cut(self, data: bytes = b"") -> None:
+        if self.done.done():
+            return
+        head, self.head = self.head, b""
+        if head or data:
+            self.conn._write(head + (_frame(data) if data and self.chunked else data))  # noqa: SLF001
+        self.broken = True  # no last chunk: `_push` tells the connection to close after this
         self.done.set_result(None)
 
 

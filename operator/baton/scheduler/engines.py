@@ -5,7 +5,8 @@ trtllm-serve workers (and Baton's engine simulator) over HTTP with `baton.http1`
 Requests are sent as ready-made JSON bytes (the service serializes each body once), and responses are
 either read whole (`post`) or streamed (`open`). `classify_failure` decides what a failed call means:
 a KV-format mismatch (never retried onto the same pair, whatever its status), lost KV (prefilled again), a
-retryable replica failure (connection error, timeout, 5xx), or an engine answer to pass through (other 4xx).
+retryable replica failure (connection error, timeout, 5xx, another failed KV transfer), or an engine answer to
+pass through (other 4xx).
 
 `TritonClient` implements the same interface for `runtime: triton` with `tritonclient.grpc.aio`: it turns
 each OpenAI body into KServe v2 requests on the `tensorrt_llm`-style models (`context`, unary `infer`, for
@@ -59,7 +60,9 @@ class EngineFailure(Exception):
         self.message = message
         self.status = status
         self.body = body
-        self.kind = kind  # "retryable" | "kv_mismatch" | "connection"
+        # "retryable" | "kv_mismatch" | "kv_lost" | "connection" | "stream_cut" (a streamed answer the engine
+        # ended, in order, before its first event: trtllm-serve's stream generator raised after the 200)
+        self.kind = kind
 
     @property
     def connection_level(self) -> bool:
@@ -68,22 +71,35 @@ class EngineFailure(Exception):
 
 def classify_failure(endpoint: Endpoint, status: int, body: bytes) -> EngineFailure | None:
     """None for answers to pass through (2xx, and 4xx about the request); an EngineFailure for 5xx, and for a
-    4xx that is a KV-format mismatch or lost KV: trtllm-serve answers any exception of a generation 400
-    BadRequestError (`create_error_response(str(e))`), a failed handoff included, so the text decides."""
+    4xx that is a KV-format mismatch, lost KV or another failed KV transfer: trtllm-serve answers any exception
+    of a generation 400 BadRequestError (`create_error_response(str(e))`), a failed handoff included, so the
+    text decides."""
     if status < 400:
         return None
     text = body.decode("utf-8", "replace")
     kind = "kv_mismatch" if is_kv_mismatch(text) else "kv_lost" if is_kv_lost(text) else "retryable"
-    if status < 500 and kind == "retryable":
+    if status < 500 and kind == "retryable" and not is_kv_transfer_failure(text):
         return None
     return EngineFailure(endpoint, _error_message(text) or f"HTTP {status}", status, body, kind)
 
 
+# A KV transfer that failed otherwise (TensorRT-LLM's "Error in kv cache transfer for generation requests"; the
+# engine simulator's failed pull from the context worker, or a transfer buffer too small for NIXL): answered
+# 400 by trtllm-serve like any failed generation, but a failure of the handoff, retried as a 5xx is.
+_KV_TRANSFER_FAILED_MARKERS = ("Error in kv cache transfer", "KV transfer from context worker",
+                               "KV cache transfer failed")
+
+
+def is_kv_transfer_failure(text: str) -> bool:
+    return any(marker in text for marker in _KV_TRANSFER_FAILED_MARKERS)
+
+
 # A generation worker could not get a handle's KV because the context worker no longer has it: freed at its
 # kv_transfer_timeout_ms (TensorRT-LLM logs "due to KV cache transfer timeout"; the simulator's KVTransferTimeout
-# and NotFoundError answers), or already sent. The decode replica is fine; the request needs a new prefill.
+# and NotFoundError answers), or already sent, or the context worker restarted since (the simulator's handle naming
+# an earlier instance). The decode replica is fine; the request needs a new prefill.
 _KV_LOST_MARKERS = ("KV cache transfer timed out", "due to KV cache transfer timeout", "KVTransferTimeout",
-                    "is not available on this context worker")
+                    "is not available on this context worker", "(it restarted since the prefill)")
 
 
 def is_kv_lost(text: str) -> bool:

@@ -1,8 +1,8 @@
 """Relaying an engine's token stream to the client: `StreamRelay`, a `baton.http1` push producer.
 
 The engine connection's data callback hands each piece straight on to the client's connection (no
-coroutine, no copy of the stream), counting SSE events and watching for `[DONE]` and trtllm-serve's
-in-stream error events on the way. Pieces that arrive sooner than `interval_s` after the last write to
+coroutine, no copy of the stream), counting SSE events and watching for `[DONE]` and in-stream error
+events on the way. Pieces that arrive sooner than `interval_s` after the last write to
 the client are held and written together when the interval is up, so a fast stream costs one write to
 the client per interval instead of one per token. The engine connection is read on meanwhile: the piece
 with `[DONE]` (the last event) goes out, with whatever was held, as soon as the read that brought it is
@@ -13,12 +13,13 @@ interval: at 500 req/s on a fast engine that cost more latency than the whole ta
 first piece is never held. The client's write backpressure pauses reading the engine. Exactly one
 ending (the stream's end, its failure, the client going away) calls `on_finish`.
 
-Endings passed to `on_finish(outcome, relay)`: "completed"; "engine_error" (trtllm-serve's error event
-inside the stream, `{"object": "error", ...}`, which OpenAI clients do not read as an error and which it
-follows with `[DONE]`: the stream ends instead with the scheduler's `stream_interrupted` error event
+Endings passed to `on_finish(outcome, relay)`: "completed"; "engine_error" (an error event inside the
+stream, `{"object": "error", ...}`, as some engine versions send -- the trtllm-serve this targets closes the
+connection instead, see "failed" --, which OpenAI clients do not read as an error and which is followed by
+`[DONE]`: the stream ends instead with the scheduler's `stream_interrupted` error event
 carrying the engine's message, and nothing of the engine's after it); "truncated" (the engine ended the stream before `[DONE]`; an error event is
-appended); "failed" (the engine connection broke; `on_broken` names the failure for the error event
-appended); "shutdown" (the scheduler stopped before the stream ended: a `shutting_down` error event ends
+appended); "failed" (the engine connection broke, or the engine closed it mid-stream as trtllm-serve does
+when a generation fails; `on_broken` names the failure for the error event appended); "shutdown" (the scheduler stopped before the stream ended: a `shutting_down` error event ends
 it, so the client can tell it from a complete answer and retry); "cancelled" (the client went away).
 """
 

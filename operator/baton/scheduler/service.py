@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 
 from baton import tokens
+from baton.http1.client import ClosedMidAnswer
 from baton.http1.server import cancelled_by_stop
 from baton.model_tokenizer import ModelTokenizer, fetch_tokenizer, load_tokenizer
 from baton.scheduler.admission import (
@@ -761,19 +762,22 @@ class SchedulerService:
             self._settling -= 1
             self._waited(ctx, DECODE, since)
 
-    def _start_probe(self, replicas: list[ReplicaState]) -> None:
+    def _start_probe(self, replicas: list[ReplicaState], keep_failures: bool = False) -> None:
         if not replicas:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        task = loop.create_task(self._probe(replicas))
+        task = loop.create_task(self._probe(replicas, keep_failures))
         self._probe_tasks.add(task)
         task.add_done_callback(self._probe_tasks.discard)
 
     # ------------------------------------------------------------------------------ health
-    async def _probe(self, replicas: list[ReplicaState]) -> None:
+    async def _probe(self, replicas: list[ReplicaState], keep_failures: bool = False) -> None:
+        """Health-check `replicas` now: a failed check takes a replica out, a good one brings it back (and
+        clears its count of failed calls, unless `keep_failures`: a check made because a call failed in a way
+        that does not say the replica is down, which repeated failures must still be able to take out)."""
         timeout = min(5.0, max(0.5, self.config.heartbeat_seconds))
         engine = self._engine_slot.client
         results = await asyncio.gather(*(engine.health(r.endpoint, timeout) for r in replicas))
@@ -785,7 +789,8 @@ class SchedulerService:
             self.hooks.heartbeat(replica.endpoint.tier, ok)
             if ok:
                 replica.last_ok = now
-                replica.failures = 0
+                if not keep_failures:
+                    replica.failures = 0
                 if not replica.healthy:
                     replica.healthy = True
                     changed = True
@@ -845,6 +850,11 @@ class SchedulerService:
             log.warning("event=endpoint_unhealthy tier=%s endpoint=%s cause=%r",
                         replica.endpoint.tier, replica.address, failure.message[:200])
             self._replicas_changed()
+        elif replica.healthy and failure.kind == "stream_cut":
+            # trtllm-serve ends a stream so when one generation fails (a refused handoff) and when it dies (the
+            # connection of a killed process closes the same way): a health check now tells them apart, without
+            # waiting for the heartbeat
+            self._start_probe([replica], keep_failures=True)
 
     def ready(self) -> tuple[bool, str]:
         if not self.config_loaded:
@@ -1196,6 +1206,8 @@ class SchedulerService:
                     ctx.mark = self.clock()  # the failed attempt's engine time is not the scheduler's
                     self._decide(ctx)
                     continue
+                if failure.kind == "stream_cut":
+                    return self._finish_error(ctx, self._stream_cut_error(ctx, failure))
                 if failure.kind == "kv_lost":
                     return self._finish_error(ctx, SchedulerError(
                         503, f"the prefill replica {ctx.prefill.address if ctx.prefill else '?'} no longer had this "
@@ -1209,6 +1221,26 @@ class SchedulerService:
                 if ctx.slot is slot:  # not handed on to a stream relay (which gives it back when the stream ends)
                     ctx.slot = None
                     self._engine_released(slot)
+
+    @staticmethod
+    def _stream_cut_error(ctx: _Ctx, failure: EngineFailure) -> SchedulerError:
+        """502 for a stream the decode replica ended before its first token (and no retry): trtllm-serve sends
+        no error event, so the message says what happened and where the reason is (the engines' logs)."""
+        decode = failure.endpoint.address
+        if ctx.prefill is not None:
+            where = (f" while taking over this request's KV cache from prefill replica {ctx.prefill.address}. "
+                     f"trtllm-serve reports the reason only in its own log: look for request id {ctx.rid} in the "
+                     f"log of decode replica {decode} (and of prefill replica {ctx.prefill.address}); for a failed "
+                     "KV handoff it is typically a KV-format mismatch between the two tiers ('Disagg server does "
+                     "not currently support these cacheState') or KV the prefill replica had already freed (its "
+                     "KV transfer timeout)")
+        else:
+            where = (f". trtllm-serve reports the reason only in its own log: look for request id {ctx.rid} in the "
+                     f"log of decode replica {decode}")
+        return SchedulerError(
+            502, f"decode replica {decode} ended its stream before the first token (it answered 200, then closed "
+            f"the connection with no error event){where}; it could not be retried (retries or the retry budget "
+            "spent, or no other replica)", "engine_stream_cut", "engine_error")
 
     # ------------------------------------------------------------------------------ local route
     async def _serve_local(self, ctx: _Ctx) -> AnyReply:
@@ -1434,6 +1466,18 @@ class SchedulerService:
                 return self._finish_passthrough(ctx, resp.status, data, resp.content_type)
             try:
                 first = await resp.first()
+            except ClosedMidAnswer as exc:
+                # 200, then the connection closed in order before any event: trtllm-serve's stream generator
+                # raised (a failed KV handoff, or any failure of the generation) after the response started.
+                # Not a dead replica (that is found out by its next call, the heartbeat, or repeated
+                # failures): counted against it as a 5xx answer is, and retried elsewhere.
+                resp.release()
+                log.warning("event=stream_cut_before_first_token request_id=%s prefill=%s decode=%s",
+                            ctx.rid, ctx.prefill.address if handoff and ctx.prefill else "-", replica.address)
+                raise EngineFailure(
+                    replica.endpoint, f"decode replica {replica.address} ended its stream before the first token "
+                    "(it answered 200, then closed the connection with no error event)",
+                    200, kind="stream_cut") from exc
             except (asyncio.TimeoutError, OSError) as exc:
                 resp.release()
                 raise EngineFailure(replica.endpoint, f"{type(exc).__name__}: {exc}", kind="connection") from exc
@@ -1468,15 +1512,21 @@ class SchedulerService:
 
     def _stream_broken(self, ctx: _Ctx, replica: ReplicaState, exc: Exception,
                        slot: _EngineSlot | None = None) -> str:
-        # A lost connection (or a timeout) takes the replica out at once; anything else (an answer that could
-        # not be read, a bug) counts against it as a 5xx answer does, with its traceback logged.
-        connection = isinstance(exc, OSError)
-        failure = EngineFailure(replica.endpoint, f"{type(exc).__name__}: {exc}",
-                                kind="connection" if connection else "retryable")
+        # A lost connection (or a timeout) takes the replica out at once; a stream the engine closed in order
+        # (trtllm-serve's generator raised for this request: it says why only in its log) and anything else
+        # (an answer that could not be read, a bug) count against it as a 5xx answer does, the latter with
+        # its traceback logged.
+        if isinstance(exc, ClosedMidAnswer):
+            failure = EngineFailure(replica.endpoint, "it closed the connection mid-stream with no error event "
+                                    "(trtllm-serve reports why only in its own log)", kind="stream_cut")
+        else:
+            failure = EngineFailure(replica.endpoint, f"{type(exc).__name__}: {exc}",
+                                    kind="connection" if isinstance(exc, OSError) else "retryable")
+        unexpected = not isinstance(exc, OSError)
         self._engine_failed(failure, replica, slot)
         log.error("event=stream_broken request_id=%s endpoint=%s error=%r%s", ctx.rid, replica.address,
                   failure.message, " cause=engine_client_closed" if slot is not None and slot.closed else "",
-                  exc_info=None if connection else exc)
+                  exc_info=exc if unexpected else None)
         return failure.message
 
     def _stream_finished(self, ctx: _Ctx, lease: _DecodeLease, outcome: str, relay: StreamRelay,
