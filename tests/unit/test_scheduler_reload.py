@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from test_scheduler_service import FakeEngine, long_request
+from test_scheduler_service import FakeEngine, StreamSink, long_request
 
 from baton import tokens
 from baton.model_tokenizer import TokenizerError
@@ -67,19 +67,6 @@ class Engine(FakeEngine):
         self.closed = True
 
 
-class Sink:
-    """The client's side of a relayed stream."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.ended = asyncio.Event()
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def end(self, data: bytes = b"") -> None:
-        self.data += data
-        self.ended.set()
 
 
 # What the service builds its engine clients with (`make_engine_client`) and loads tokenizers with
@@ -200,7 +187,7 @@ def test_a_stream_keeps_its_client_open_until_it_ends():
         body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": True}).encode()
         reply = await svc.complete("completions", body, {})
         assert isinstance(reply, RelayReply)
-        sink = Sink()
+        sink = StreamSink()
         reply.producer.start(sink)
 
         svc.apply_config(parse_config(BASE + "runtime: triton\n"))
@@ -247,7 +234,7 @@ def test_a_client_still_in_use_after_the_grace_is_closed_anyway(monkeypatch, cap
         built[0].gate = asyncio.Event()  # a stream that never ends
         body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": True}).encode()
         reply = await svc.complete("completions", body, {})
-        reply.producer.start(Sink())
+        reply.producer.start(StreamSink())
         svc.apply_config(parse_config(BASE + "runtime: triton\n"))
         await asyncio.sleep(0.3)
         assert built[0].closed
@@ -303,7 +290,7 @@ def test_calls_broken_by_closing_a_replaced_client_do_not_mark_their_replicas_un
         old.hang = True
         body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": True}).encode()
         reply = await svc.complete("completions", body, {})  # a stream on d1:1, still relaying
-        sink = Sink()
+        sink = StreamSink()
         reply.producer.start(sink)
         prefilling = asyncio.create_task(svc.complete("completions", long_request(), {}))  # p1:1 never answers
         await asyncio.sleep(0.05)

@@ -1081,6 +1081,8 @@ class StreamingEngine(FakeEngine):
 
 
 class StreamSink:
+    """The client's side of a relayed stream."""
+
     def __init__(self) -> None:
         self.data = b""
         self.ended = asyncio.Event()
