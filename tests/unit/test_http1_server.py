@@ -1734,6 +1734,41 @@ def test_a_handler_cancelled_by_stop_can_still_answer_its_client():
     run(main())
 
 
+def test_a_handler_still_unwinding_when_stop_closes_its_connection_is_not_told_it_may_answer():
+    """A handler that took the stop's cancellation as a chance to answer, but is still unwinding when
+    STOP_ANSWER_S is over, is cancelled again as its connection closes: that cancellation no longer says it
+    may answer (`cancelled_by_stop` is false), since no answer can reach its client any more."""
+    seen: list[bool] = []
+
+    async def slow_to_unwind(request):
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError as exc:
+            seen.append(cancelled_by_stop(exc))
+            asyncio.current_task().uncancel()
+            try:
+                await asyncio.sleep(30)  # e.g. giving back a hold kept in a slow Redis
+            except asyncio.CancelledError as again:
+                seen.append(cancelled_by_stop(again))
+                raise
+        return Response(503, b"too late")
+
+    async def main():
+        server = HttpServer()
+        server.route("GET", "/w", slow_to_unwind)
+        await server.start(HOST, 0)
+        reader, writer = await connect(server.port)
+        writer.write(get("/w"))
+        await until(lambda: any(c.task is not None for c in server.connections), what="the handler")
+        await server.stop(grace_s=0.1, after_s=0.1)
+        await until(lambda: len(seen) == 2, what="the second cancellation")
+        assert seen == [True, False]
+        await expect_eof(reader)
+        await close(writer)
+
+    run(main())
+
+
 def test_idle_connections_are_reaped_but_busy_ones_are_not(monkeypatch):
     monkeypatch.setattr(server_mod, "IDLE_TIMEOUT_S", 0.15)
     monkeypatch.setattr(server_mod, "SWEEP_INTERVAL_S", 0.03)

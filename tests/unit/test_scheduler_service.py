@@ -1318,3 +1318,69 @@ def test_a_chat_message_counting_cannot_read_is_the_clients_400_not_a_500(messag
         await svc.stop()
 
     run(main())
+
+
+def test_a_health_check_started_by_cut_streams_never_brings_back_a_replica_they_took_out():
+    """Cut streams each start a health check; the replica's /health keeps answering 200 while its
+    generations fail. Three cuts take it out; the checks still in flight must not put it back (only the
+    heartbeat does, with its count cleared)."""
+    async def main():
+        svc, _ = make()
+        await asyncio.sleep(0.05)  # the probe of fresh endpoints
+        d1 = svc.decode["d1:1"]
+        for _ in range(3):
+            svc._engine_failed(EngineFailure(d1.endpoint, "cut", 200, kind="stream_cut"), d1)
+        assert not d1.healthy and d1.failures == 3
+        await asyncio.sleep(0.05)  # the checks the cuts started have answered 200
+        assert not d1.healthy and d1.failures == 3
+        await svc.heartbeat_once()
+        assert d1.healthy and d1.failures == 0
+        await svc.stop()
+
+    run(main())
+
+
+def test_handoffs_a_decode_replica_cuts_do_not_count_against_it_but_a_dead_one_is_taken_out_before_the_retry():
+    """trtllm-serve cuts a stream whose handoff it refused (a KV-format mismatch, KV already freed): that
+    says nothing of the decode replica, which stays in rotation however often it happens. A process that
+    ended closes its streams the same way: its health is checked before the retry is placed, so the retry
+    never goes back to it."""
+    from baton.http1.client import ClosedMidAnswer
+
+    async def cut():
+        raise ClosedMidAnswer("the server closed the connection mid-answer")
+        yield b""  # pragma: no cover - an async generator that fails at its first item
+
+    async def tokens():
+        yield b'data: {"choices": [{"index": 0, "text": " a"}]}\n\n'
+        yield b"data: [DONE]\n\n"
+
+    class CuttingEngine(FakeEngine):
+        async def open(self, endpoint, path, body, request_id):
+            self.calls.append((endpoint.address, "stream"))
+            return IteratedResponse(200, cut() if endpoint.address == "d1:1" else tokens(), "text/event-stream")
+
+    async def main():
+        cfg = parse_config("model: m\nrouting: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100}\n"
+                           "retries: {budgetRatio: 1.0}\n")  # every request may be retried once
+        engine = CuttingEngine()
+        svc = SchedulerService(cfg, engine=engine, discover=False)
+        svc.update_endpoints([Endpoint("p1:1", "prefill")], [Endpoint("d1:1", "decode"), Endpoint("d2:1", "decode")])
+        await asyncio.sleep(0.05)
+        d1 = svc.decode["d1:1"]
+        for _ in range(6):
+            reply = await svc.complete("completions", _stream_request(200), {})
+            assert reply.status == 200 and reply.headers["X-Baton-Decode-Endpoint"] == "d2:1"
+            reply.producer.start(StreamSink())
+        assert ("d1:1", "stream") in engine.calls  # it was tried, and cut
+        assert d1.healthy and d1.failures == 0
+        engine.fail["d1:1"] = "connect"  # now the process is gone: its health check fails
+        engine.calls.clear()
+        while ("d1:1", "stream") not in engine.calls:
+            reply = await svc.complete("completions", _stream_request(200), {})
+            assert reply.status == 200 and reply.headers["X-Baton-Decode-Endpoint"] == "d2:1"
+            reply.producer.start(StreamSink())
+        assert not d1.healthy  # taken out by the check before the retry, not by the next heartbeat
+        await svc.stop()
+
+    run(main())

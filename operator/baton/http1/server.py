@@ -925,7 +925,7 @@ class HttpServer:
             await asyncio.wait(answering, timeout=STOP_ANSWER_S)
         for conn in list(self.connections):
             if conn.task is not None:
-                conn.task.cancel(STOPPING)  # still not done: no answer of its own
+                conn.task.cancel()  # still not done: its connection closes now, with no answer of its own
             conn._close()  # noqa: SLF001
         if self._server is not None:
             with contextlib.suppress(Exception):

@@ -775,9 +775,10 @@ class SchedulerService:
 
     # ------------------------------------------------------------------------------ health
     async def _probe(self, replicas: list[ReplicaState], keep_failures: bool = False) -> None:
-        """Health-check `replicas` now: a failed check takes a replica out, a good one brings it back (and
-        clears its count of failed calls, unless `keep_failures`: a check made because a call failed in a way
-        that does not say the replica is down, which repeated failures must still be able to take out)."""
+        """Health-check `replicas` now: a failed check takes a replica out, a good one brings it back and
+        clears its count of failed calls. With `keep_failures` -- a check made because a call failed in a way
+        that does not say whether the replica is down (a stream it cut) -- a good answer changes nothing: a
+        replica its failed calls took out meanwhile stays out until the heartbeat brings it back."""
         timeout = min(5.0, max(0.5, self.config.heartbeat_seconds))
         engine = self._engine_slot.client
         results = await asyncio.gather(*(engine.health(r.endpoint, timeout) for r in replicas))
@@ -789,8 +790,9 @@ class SchedulerService:
             self.hooks.heartbeat(replica.endpoint.tier, ok)
             if ok:
                 replica.last_ok = now
-                if not keep_failures:
-                    replica.failures = 0
+                if keep_failures:
+                    continue
+                replica.failures = 0
                 if not replica.healthy:
                     replica.healthy = True
                     changed = True
@@ -798,8 +800,8 @@ class SchedulerService:
             elif replica.healthy:
                 replica.healthy = False
                 changed = True
-                log.warning("event=endpoint_unhealthy tier=%s endpoint=%s cause=heartbeat",
-                            replica.endpoint.tier, replica.address)
+                log.warning("event=endpoint_unhealthy tier=%s endpoint=%s cause=%s", replica.endpoint.tier,
+                            replica.address, "health_check_after_a_cut_stream" if keep_failures else "heartbeat")
         if changed:
             self._replicas_changed()
 
@@ -1191,6 +1193,12 @@ class SchedulerService:
                         f"{failure.message}",
                         "kv_format_mismatch", "engine_error",
                     ))
+                if failure.kind == "stream_cut":
+                    # an orderly close: a refused handoff or a process that ended; its health, checked now,
+                    # tells them apart before the retry is placed (a dead replica is not chosen again)
+                    cut = self.decode.get(failure.endpoint.address)
+                    if cut is not None and cut.healthy:
+                        await self._probe([cut], keep_failures=True)
                 if ctx.prefill is not None and ctx.decode is not None and not failure.connection_level:
                     # a generation-only request failed without losing the connection: the handoff between
                     # this pair failed (e.g. the context worker lost the KV); avoid the pair, not the replicas
@@ -1486,7 +1494,11 @@ class SchedulerService:
                 raise
         except EngineFailure as failure:
             lease.release()
-            self._engine_failed(failure, replica, ctx.slot)
+            if not (handoff and failure.kind == "stream_cut"):
+                # a handoff the decode replica refused before its first token (trtllm-serve cuts the stream, as
+                # for a KV-format mismatch or KV already freed) says nothing of its health, as kv_lost does not;
+                # whether it died instead is checked before the retry (`_run`)
+                self._engine_failed(failure, replica, ctx.slot)
             if failure.kind == "kv_mismatch" and ctx.prefill is not None:
                 self.incompatible[(ctx.prefill.address, replica.address)] = (
                     self.clock() + INCOMPATIBLE_PAIR_TTL_S, failure.message)
@@ -1517,8 +1529,9 @@ class SchedulerService:
         # (an answer that could not be read, a bug) count against it as a 5xx answer does, the latter with
         # its traceback logged.
         if isinstance(exc, ClosedMidAnswer):
-            failure = EngineFailure(replica.endpoint, "it closed the connection mid-stream with no error event "
-                                    "(trtllm-serve reports why only in its own log)", kind="stream_cut")
+            failure = EngineFailure(replica.endpoint, "it closed the connection mid-stream with no error event: "
+                                    "its generation failed (trtllm-serve reports why only in its own log), or "
+                                    "the engine stopped", kind="stream_cut")
         else:
             failure = EngineFailure(replica.endpoint, f"{type(exc).__name__}: {exc}",
                                     kind="connection" if isinstance(exc, OSError) else "retryable")
