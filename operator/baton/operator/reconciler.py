@@ -14,7 +14,6 @@ The steps, each able to end the pass early:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -51,6 +50,7 @@ from baton.render import render_shared
 from baton.render.derived import derive
 from baton.render.scheduler import generation_config_of_configmap
 from baton.render.naming import (
+    ANNOTATION_RENDERED,
     LABEL_GENERATION,
     LABEL_MODEL,
     MANAGED_BY,
@@ -394,8 +394,9 @@ class Reconciler:
         stale = []
         for desired in map(diff.stamp, children):
             kind, obj_name = desired["kind"], desired["metadata"]["name"]
-            # What was verified against an unchanged object need not be decoded and compared again.
-            digest = hash(json.dumps(desired, separators=(",", ":"))) if self.cache is not None else 0
+            # What was verified against an unchanged object need not be decoded and compared again (the
+            # digest `stamp` put on it identifies the rendering).
+            digest = int(desired["metadata"]["annotations"][ANNOTATION_RENDERED], 16)
             if self.cache is not None and self.cache.verified(kind, namespace, obj_name) == digest:
                 continue
             live = self._read(kind, namespace, obj_name)

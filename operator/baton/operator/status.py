@@ -100,16 +100,13 @@ def scaled_to(obj: dict[str, Any] | None, desired: int) -> bool:
 
 
 def workload_settled(obj: dict[str, Any] | None, desired: int) -> bool:
-    if obj is None:
+    if not scaled_to(obj, desired):
         return False
-    meta, status = obj.get("metadata", {}), obj.get("status", {})
-    if status.get("observedGeneration", 0) < meta.get("generation", 1):
-        return False
+    status = obj.get("status", {})  # type: ignore[union-attr]  # scaled_to: not None
     # Available = Ready for at least minReadySeconds: a pod that only flickered Ready does not count.
     available = int(status.get("availableReplicas", status.get("readyReplicas", 0)) or 0)
     updated = int(status.get("updatedReplicas", 0) or 0)
-    total = int(status.get("replicas", 0) or 0)
-    return available >= desired and updated >= desired and total == desired
+    return available >= desired and updated >= desired
 
 
 def _condition(ctype: str, ok: bool, reason: str, message: str, generation: int, previous: list[dict]) -> dict:
