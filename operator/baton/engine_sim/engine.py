@@ -112,6 +112,12 @@ class EngineError(Exception):
         self.err_type = err_type
         self.in_generation = in_generation
 
+    @property
+    def is_failure(self) -> bool:
+        """A failure of the engine or of an accepted request's generation, logged as such; the rest are refusals
+        of a request (logged at debug level)."""
+        return self.status >= 500 or self.in_generation
+
 
 class Seq:
     """One request inside the engine."""

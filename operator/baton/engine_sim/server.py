@@ -424,7 +424,7 @@ class SimServer:
 
 
 def _log_failure(exc: EngineError, x_rid: str) -> None:
-    if exc.status >= 500 or exc.in_generation:
+    if exc.is_failure:
         log.warning("request failed", extra={"fields": {
             "event": "request_failed", "request_id": x_rid, "status": exc.status, "error": exc.message}})
     else:

@@ -657,11 +657,9 @@ class TritonFrontend:
         return parsed, seq
 
     def _log_failure(self, exc: EngineError, x_rid: str) -> None:
-        failed = exc.status >= 500 or exc.in_generation
-        fields = {"event": "request_failed" if failed else "request_refused", "request_id": x_rid,
-                  "status": 500 if exc.in_generation and exc.status < 500 else exc.status, "error": exc.message,
-                  "frontend": "triton"}
-        if failed:
+        fields = {"event": "request_failed" if exc.is_failure else "request_refused", "request_id": x_rid,
+                  "status": EngineRequestError.from_engine(exc).status, "error": exc.message, "frontend": "triton"}
+        if exc.is_failure:
             log.warning("request failed", extra={"fields": fields})
         else:
             log.debug("request refused", extra={"fields": fields})
