@@ -762,23 +762,24 @@ class SchedulerService:
             self._settling -= 1
             self._waited(ctx, DECODE, since)
 
-    def _start_probe(self, replicas: list[ReplicaState], keep_failures: bool = False) -> None:
+    def _start_probe(self, replicas: list[ReplicaState], take_out_only: bool = False) -> None:
         if not replicas:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        task = loop.create_task(self._probe(replicas, keep_failures))
+        task = loop.create_task(self._probe(replicas, take_out_only))
         self._probe_tasks.add(task)
         task.add_done_callback(self._probe_tasks.discard)
 
     # ------------------------------------------------------------------------------ health
-    async def _probe(self, replicas: list[ReplicaState], keep_failures: bool = False) -> None:
+    async def _probe(self, replicas: list[ReplicaState], take_out_only: bool = False) -> None:
         """Health-check `replicas` now: a failed check takes a replica out, a good one brings it back and
-        clears its count of failed calls. With `keep_failures` -- a check made because a call failed in a way
+        clears its count of failed calls. With `take_out_only` -- a check made because a call failed in a way
         that does not say whether the replica is down (a stream it cut) -- a good answer changes nothing: a
-        replica its failed calls took out meanwhile stays out until the heartbeat brings it back."""
+        replica its failed calls took out meanwhile stays out until the heartbeat brings it back, and its count
+        of failed calls stands."""
         timeout = min(5.0, max(0.5, self.config.heartbeat_seconds))
         engine = self._engine_slot.client
         results = await asyncio.gather(*(engine.health(r.endpoint, timeout) for r in replicas))
@@ -790,7 +791,7 @@ class SchedulerService:
             self.hooks.heartbeat(replica.endpoint.tier, ok)
             if ok:
                 replica.last_ok = now
-                if keep_failures:
+                if take_out_only:
                     continue
                 replica.failures = 0
                 if not replica.healthy:
@@ -801,7 +802,7 @@ class SchedulerService:
                 replica.healthy = False
                 changed = True
                 log.warning("event=endpoint_unhealthy tier=%s endpoint=%s cause=%s", replica.endpoint.tier,
-                            replica.address, "health_check_after_a_cut_stream" if keep_failures else "heartbeat")
+                            replica.address, "health_check_after_a_cut_stream" if take_out_only else "heartbeat")
         if changed:
             self._replicas_changed()
 
@@ -852,11 +853,6 @@ class SchedulerService:
             log.warning("event=endpoint_unhealthy tier=%s endpoint=%s cause=%r",
                         replica.endpoint.tier, replica.address, failure.message[:200])
             self._replicas_changed()
-        elif replica.healthy and failure.kind == "stream_cut":
-            # trtllm-serve ends a stream so when one generation fails (a refused handoff) and when it dies (the
-            # connection of a killed process closes the same way): a health check now tells them apart, without
-            # waiting for the heartbeat
-            self._start_probe([replica], keep_failures=True)
 
     def ready(self) -> tuple[bool, str]:
         if not self.config_loaded:
@@ -1198,7 +1194,7 @@ class SchedulerService:
                     # tells them apart before the retry is placed (a dead replica is not chosen again)
                     cut = self.decode.get(failure.endpoint.address)
                     if cut is not None and cut.healthy:
-                        await self._probe([cut], keep_failures=True)
+                        await self._probe([cut], take_out_only=True)
                 if ctx.prefill is not None and ctx.decode is not None and not failure.connection_level:
                     # a generation-only request failed without losing the connection: the handoff between
                     # this pair failed (e.g. the context worker lost the KV); avoid the pair, not the replicas
@@ -1234,21 +1230,18 @@ class SchedulerService:
     def _stream_cut_error(ctx: _Ctx, failure: EngineFailure) -> SchedulerError:
         """502 for a stream the decode replica ended before its first token (and no retry): trtllm-serve sends
         no error event, so the message says what happened and where the reason is (the engines' logs)."""
-        decode = failure.endpoint.address
-        if ctx.prefill is not None:
-            where = (f" while taking over this request's KV cache from prefill replica {ctx.prefill.address}. "
-                     f"trtllm-serve reports the reason only in its own log: look for request id {ctx.rid} in the "
-                     f"log of decode replica {decode} (and of prefill replica {ctx.prefill.address}); for a failed "
-                     "KV handoff it is typically a KV-format mismatch between the two tiers ('Disagg server does "
-                     "not currently support these cacheState') or KV the prefill replica had already freed (its "
-                     "KV transfer timeout)")
-        else:
-            where = (f". trtllm-serve reports the reason only in its own log: look for request id {ctx.rid} in the "
-                     f"log of decode replica {decode}")
+        decode, prefill = failure.endpoint.address, ctx.prefill.address if ctx.prefill is not None else ""
+        handoff = f" while taking over this request's KV cache from prefill replica {prefill}" if prefill else ""
+        also = f" (and of prefill replica {prefill})" if prefill else ""
+        typically = ("; for a failed KV handoff it is typically a KV-format mismatch between the two tiers ('Disagg "
+                     "server does not currently support these cacheState') or KV the prefill replica had already "
+                     "freed (its KV transfer timeout)") if prefill else ""
         return SchedulerError(
             502, f"decode replica {decode} ended its stream before the first token (it answered 200, then closed "
-            f"the connection with no error event){where}; it could not be retried (retries or the retry budget "
-            "spent, or no other replica)", "engine_stream_cut", "engine_error")
+            f"the connection with no error event){handoff}. trtllm-serve reports the reason only in its own log: "
+            f"look for request id {ctx.rid} in the log of decode replica {decode}{also}{typically}; it could not "
+            "be retried (retries or the retry budget spent, or no other replica)", "engine_stream_cut",
+            "engine_error")
 
     # ------------------------------------------------------------------------------ local route
     async def _serve_local(self, ctx: _Ctx) -> AnyReply:
@@ -1476,9 +1469,8 @@ class SchedulerService:
                 first = await resp.first()
             except ClosedMidAnswer as exc:
                 # 200, then the connection closed in order before any event: trtllm-serve's stream generator
-                # raised (a failed KV handoff, or any failure of the generation) after the response started.
-                # Not a dead replica (that is found out by its next call, the heartbeat, or repeated
-                # failures): counted against it as a 5xx answer is, and retried elsewhere.
+                # raised (a failed KV handoff, or any failure of the generation) after the response started,
+                # or the process ended. Retried elsewhere, after a health check tells the two apart (`_run`).
                 resp.release()
                 log.warning("event=stream_cut_before_first_token request_id=%s prefill=%s decode=%s",
                             ctx.rid, ctx.prefill.address if handoff and ctx.prefill else "-", replica.address)
@@ -1537,6 +1529,11 @@ class SchedulerService:
                                     kind="connection" if isinstance(exc, OSError) else "retryable")
         unexpected = not isinstance(exc, OSError)
         self._engine_failed(failure, replica, slot)
+        if failure.kind == "stream_cut" and replica.healthy and not (slot is not None and slot.closed):
+            # trtllm-serve ends a stream so when one generation fails and when it dies (the connection of a
+            # killed process closes the same way): a health check now tells them apart, without waiting for
+            # the heartbeat (a cut before the first token is checked before its retry instead: `_run`)
+            self._start_probe([replica], take_out_only=True)
         log.error("event=stream_broken request_id=%s endpoint=%s error=%r%s", ctx.rid, replica.address,
                   failure.message, " cause=engine_client_closed" if slot is not None and slot.closed else "",
                   exc_info=exc if unexpected else None)
