@@ -293,3 +293,24 @@ def test_a_bucket_takes_back_what_was_taken_for_work_that_did_not_happen():
     assert bucket.available() == pytest.approx(100)
     bucket.give_back(50)  # never above the burst
     assert bucket.available() == pytest.approx(100)
+
+
+def test_the_retry_budget_counts_recent_requests_not_every_request_since_start():
+    """`budgetRatio` x recent requests: what hours of calm traffic deposited has decayed by the time a
+    burst of failures arrives; only the reserve, and the recent traffic's share, are left."""
+    clock = Clock()
+    budget = RetryBudget(0.2, clock, reserve=3, reserve_per_s=0.5, window_s=10)
+    for _ in range(1000):
+        budget.record_request()  # 1,000 x 0.2 = 200 retries, capped at 100
+        clock.now += 0.1
+    clock.now += 120  # two quiet minutes
+    spent = 0
+    while budget.try_spend():
+        spent += 1
+    assert spent == 3  # the reserve only
+    for _ in range(50):
+        budget.record_request()  # a recent burst of 50 requests: 10 retries
+    spent = 0
+    while budget.try_spend():
+        spent += 1
+    assert spent == 10

@@ -1384,3 +1384,187 @@ def test_handoffs_a_decode_replica_cuts_do_not_count_against_it_but_a_dead_one_i
         await svc.stop()
 
     run(main())
+
+
+def _short_request():
+    return json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2}).encode()
+
+
+def test_prefill_results_waiting_on_the_decode_rate_limit_stay_within_the_queue_limit():
+    """A decode bucket that is empty saturates the decode tier as full replicas do: prefills that would
+    only feed holds are turned away 429 queue_full (with Retry-After) beyond queue.maxDepth, instead of
+    piling up held and failing 503 hold_expired later."""
+    async def main():
+        svc, _ = make("queue: {maxDepth: 2, maxWaitSeconds: 5}\n"
+                      "admission: {decodeRequestsPerSecond: 1, decodeBurst: 1}\ndegradation: {holdTtlSeconds: 3}\n"
+                      "routing: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100, "
+                      "maxConcurrentPrefills: 4}\n")
+        tasks = [asyncio.create_task(svc.complete("completions", long_request(), {})) for _ in range(12)]
+        peak = 0
+        while not all(t.done() for t in tasks):
+            peak = max(peak, len(svc.holds))
+            await asyncio.sleep(0.01)
+        replies = [t.result() for t in tasks]
+        assert peak <= 2
+        codes = [json.loads(r.body)["error"]["code"] for r in replies if r.status != 200]
+        assert codes and set(codes) == {"queue_full"}, codes
+        assert all(r.headers.get("Retry-After") for r in replies if r.status == 429)
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_prefill_result_whose_ring_filled_during_the_prefill_is_not_held_past_the_queue_limit():
+    """The check before a prefill looks at the whole decode tier; a result whose own ring is full is held
+    only while the backlog has room for it, else answered 429 queue_full."""
+    async def main():
+        svc, _ = make("queue: {maxDepth: 1}\nbackpressure: {maxActivePerDecodeReplica: 1}\n"
+                      "degradation: {holdTtlSeconds: 5}\n"
+                      "routing: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100, prefillBatchSize: 1}\n",
+                      prefill=("p1:1", "p2:1"), decode=("d1:1", "d2:1"))
+        assert svc.rings == {"p1:1": ("d1:1",), "p2:1": ("d2:1",)}
+        svc.prefill["p2:1"].active = 1  # p2 busy: every prefill goes to p1, whose ring (d1) is full
+        svc.decode["d1:1"].active = 1
+        first = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: len(svc.holds) == 1)
+        second = await svc.complete("completions", long_request(), {})  # d2 has room, but not p1's ring
+        assert second.status == 429 and json.loads(second.body)["error"]["code"] == "queue_full"
+        assert second.headers.get("Retry-After") and len(svc.holds) == 1
+        svc.decode["d1:1"].active = 0
+        svc.decode_queue.notify()
+        assert (await asyncio.wait_for(first, 2)).status == 200
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_prefill_goes_to_a_replica_whose_ring_has_a_free_decode_slot():
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\n", prefill=("p1:1", "p2:1"),
+                           decode=("d1:1", "d2:1"))
+        svc.decode["d1:1"].active = 1  # p1's ring is full; p1 would win the tie on its address
+        reply = await svc.complete("completions", long_request(), {})
+        assert reply.status == 200 and reply.headers["X-Baton-Prefill-Endpoint"] == "p2:1"
+        assert engine.calls == [("p2:1", "context_only"), ("d2:1", "generation_only")]  # never held
+        await svc.stop()
+
+    run(main())
+
+
+@pytest.mark.parametrize("route", ["local", "disaggregated"])
+def test_a_slot_granted_to_a_waiter_whose_client_has_gone_gives_its_bucket_tokens_back(route):
+    """The slot and the bucket's tokens are taken together when a waiter is served; a client that left in
+    the same turn gets neither, and the next request is not made to wait for a refill."""
+    async def main():
+        local = route == "local"
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\nrouting: {localPrefillBelowTokens: 10, "
+                           "alwaysPrefillAtOrAboveTokens: 100, prefillBatchSize: 1}\n"
+                           "admission: {decodeRequestsPerSecond: 0.01, decodeBurst: 2, prefillTokensPerSecond: 1, "
+                           "prefillBurstTokens: 1000}\n", prefill=() if local else ("p1:1",), decode=("d1:1",))
+        busy = svc.decode["d1:1"] if local else svc.prefill["p1:1"]
+        bucket = svc.decode_bucket if local else svc.prefill_bucket
+        busy.active = 1
+        waiter = asyncio.create_task(svc.complete("completions", _short_request() if local else long_request(), {}))
+        await until(lambda: (svc.decode_queue if local else svc.prefill_queue).waiting == 1)
+        before = bucket.available()
+        busy.active = 0
+        (svc.decode_queue if local else svc.prefill_queue).notify()  # served: slot and tokens taken ...
+        assert bucket.available() < before
+        waiter.cancel()  # ... as its client goes away, before it ran again
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert engine.calls == []
+        assert bucket.available() == pytest.approx(before, abs=0.01)
+        assert busy.active == 0
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_replica_described_anew_keeps_its_load_and_its_held_handles():
+    """Discovery publishes the same pod again with other details (its pod lookup failed the first time):
+    the same process, so the sequences in flight still count against its cap, and handles held on it
+    still resume."""
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\nqueue: {maxWaitSeconds: 2}\n",
+                           prefill=(), decode=())
+        svc.update_endpoints([Endpoint("p1:1", "prefill", pod="prefill-0")], [Endpoint("d1:1", "decode", pod="decode-0")])
+        in_engine, peak = 0, 0
+        gate = asyncio.Event()
+        post = engine.post
+
+        async def counting(ep, path, body, rid):
+            nonlocal in_engine, peak
+            if ep.address == "d1:1":
+                in_engine += 1
+                peak = max(peak, in_engine)
+                await gate.wait()
+            try:
+                return await post(ep, path, body, rid)
+            finally:
+                if ep.address == "d1:1":
+                    in_engine -= 1
+
+        engine.post = counting
+        first = asyncio.create_task(svc.complete("completions", _short_request(), {}))
+        await until(lambda: in_engine == 1)
+        held = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: len(svc.holds) == 1)
+        svc.update_endpoints([Endpoint("p1:1", "prefill", "fp", pod="prefill-0")],
+                             [Endpoint("d1:1", "decode", "fp", pod="decode-0")])
+        second = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: len(svc.holds) == 2)  # d1 is still full: held too, not sent to it
+        await asyncio.sleep(0.05)
+        assert peak == 1 and svc.decode["d1:1"].active == 1
+        gate.set()
+        replies = await asyncio.wait_for(asyncio.gather(first, held, second), 5)
+        assert [r.status for r in replies] == [200, 200, 200]
+        # both held handles resumed on the same prefill replica, neither was prefilled again
+        assert [k for a, k in engine.calls if a == "p1:1"] == ["context_only", "context_only"]
+        assert peak == 1 and svc.decode["d1:1"].active == 0
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_prefill_replica_that_comes_back_shares_the_ties_instead_of_taking_them_all():
+    """Placement breaks ties by how many requests each replica took; one that left and came back starts
+    level with the least-used one, not at 0 (which would win every tie until it caught up)."""
+    async def main():
+        svc, _ = make(prefill=("p1:1", "p2:1"), decode=("d1:1", "d2:1", "d3:1", "d4:1"))
+        for _ in range(40):
+            assert (await svc.complete("completions", long_request(), {})).status == 200
+        eps = [Endpoint(a, "decode") for a in ("d1:1", "d2:1", "d3:1", "d4:1")]
+        svc.update_endpoints([Endpoint("p2:1", "prefill")], eps)  # p1 blinks out of the lists ...
+        svc.update_endpoints([Endpoint("p1:1", "prefill"), Endpoint("p2:1", "prefill")], eps)  # ... and back
+        used = []
+        for _ in range(10):
+            reply = await svc.complete("completions", long_request(), {})
+            used.append(reply.headers["X-Baton-Prefill-Endpoint"])
+        assert used.count("p1:1") == used.count("p2:1") == 5, used
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_held_handle_whose_ring_lost_every_compatible_decode_replica_is_not_handed_to_the_old_ring():
+    """The held handle's ring is looked up afresh; when no decode replica of its prefill's KV format is
+    left (the ring is empty now), it does not fall back to the replicas it was held with, which may now
+    be of another format: it waits, and when the hold ends the request is served another way."""
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\ndegradation: {holdTtlSeconds: 0.2}\n",
+                           prefill=(), decode=())
+        svc.update_endpoints([Endpoint("p1:1", "prefill", "fp-a", pod="prefill-0")],
+                             [Endpoint("d1:1", "decode", "fp-a", pod="decode-0")])
+        svc.decode["d1:1"].active = 1
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: len(svc.holds) == 1)
+        # decode-0 replaced by a pod of another KV format at the same address
+        svc.update_endpoints([Endpoint("p1:1", "prefill", "fp-a", pod="prefill-0")],
+                             [Endpoint("d1:1", "decode", "fp-b", pod="decode-0-new")])
+        reply = await asyncio.wait_for(task, 3)
+        assert ("d1:1", "generation_only") not in engine.calls
+        assert reply.status == 200 and "X-Baton-Prefill-Endpoint" not in reply.headers  # served locally
+        await svc.stop()
+
+    run(main())

@@ -271,7 +271,9 @@ class WaitQueue(Generic[T]):
 
 
 class RetryBudget:
-    """Allow retries up to `ratio` x recent requests, plus `reserve` retries refilled at `reserve_per_s`."""
+    """Allow retries up to `ratio` x recent requests, plus `reserve` retries refilled at `reserve_per_s`.
+    Recent: each request's deposit decays with time constant `window_s`, so a burst of failures after a
+    long calm finds only the recent traffic's share, not everything saved up since (capped at `cap`)."""
 
     def __init__(
         self,
@@ -280,22 +282,28 @@ class RetryBudget:
         reserve: float = 3.0,
         reserve_per_s: float = 0.5,
         cap: float = 100.0,
+        window_s: float = 10.0,
     ) -> None:
         self.ratio = ratio
         self.clock = clock
         self.reserve = reserve
         self.reserve_per_s = reserve_per_s
         self.cap = cap
+        self.window_s = window_s
         self._deposits = 0.0  # from requests
         self._reserve = reserve  # time-refilled floor
         self._stamp = clock()
 
     def record_request(self) -> None:
+        self._refill()
         self._deposits = min(self.cap, self._deposits + self.ratio)
 
     def _refill(self) -> None:
         now = self.clock()
-        self._reserve = min(self.reserve, self._reserve + (now - self._stamp) * self.reserve_per_s)
+        elapsed = now - self._stamp
+        if elapsed > 0:
+            self._reserve = min(self.reserve, self._reserve + elapsed * self.reserve_per_s)
+            self._deposits *= math.exp(-elapsed / self.window_s)
         self._stamp = now
 
     def try_spend(self) -> bool:

@@ -263,6 +263,11 @@ class _DecodeLease:
             self.replica.active -= 1
             self.svc.decode_queue.notify()
 
+    def unused(self) -> None:
+        """Give back a slot granted to a waiter that went away before using it, with its bucket token."""
+        self.svc.decode_bucket.give_back(1)
+        self.release()
+
 
 class _RateMeter:
     """Events per second, exponentially decayed (time constant `tau` seconds)."""
@@ -675,11 +680,19 @@ class SchedulerService:
         had_decode = self._healthy_decode()
 
         def merge(old: dict[str, ReplicaState], eps: list[Endpoint]) -> dict[str, ReplicaState]:
+            # A newcomer starts level with the least-used replica it joins: placement breaks ties by
+            # `dispatched`, and from 0 it would win every tie until it caught up with its peers' lifetimes.
+            floor = min((r.dispatched for r in old.values()), default=0)
             out = {}
             for ep in eps:
                 state = old.get(ep.address)
-                if state is None or state.endpoint != ep:
+                if state is not None and state.endpoint != ep and state.endpoint.pod == ep.pod:
+                    # The same pod, described anew (a pod lookup that failed before now answered): the
+                    # same process, whose sequences in flight and held KV are still there.
+                    state.endpoint = ep
+                elif state is None or state.endpoint != ep:
                     state = ReplicaState(ep)
+                    state.dispatched = floor
                     fresh.append(state)
                 out[ep.address] = state
             return out
@@ -996,9 +1009,14 @@ class SchedulerService:
         """What `queue.maxDepth` bounds: requests waiting for a slot, plus held prefills; while the decode
         tier is saturated, prefills in flight count too (each will wait for a decode slot next)."""
         depth = self.prefill_queue.waiting + self.decode_queue.waiting + len(self.holds) + self._settling
-        if not self._decode_candidates(None, set(), False):
+        if self._decode_saturated(set()):
             depth += self.prefills_in_flight
         return depth
+
+    def _decode_saturated(self, excluded: set[str]) -> bool:
+        """Whether a prefill finishing now would find no decode slot to hand off to: every decode replica
+        (that a request avoiding `excluded` may use) is at its cap, or the decode token bucket is empty."""
+        return not self._decode_candidates(None, excluded, False) or not self.decode_bucket.can_take(1)
 
     def _check_backlog(self, ctx: _Ctx) -> None:
         """Refuse (429 queue_full) a request that would wait while the backlog is at `queue.maxDepth`. Not a
@@ -1084,6 +1102,11 @@ class SchedulerService:
         if not self.prefill_bucket.try_take(tokens):
             self.prefill_queue.wake_after(self.prefill_bucket.time_until(tokens))
             return None
+        if len(candidates) > 1:
+            # a prefill replica whose ring has a free decode slot first: on a full ring the result is held
+            with_room = [r for r in candidates
+                         if self._decode_candidates(self._ring(r.address, excluded), excluded, False)]
+            candidates = with_room or candidates
         replica = self.policy.pick(candidates, tokens)
         assert replica is not None
         replica.active += 1
@@ -1091,6 +1114,11 @@ class SchedulerService:
         replica.dispatched += 1
         self.prefills_in_flight += 1
         return replica
+
+    def _unused_prefill(self, replica: ReplicaState, tokens: int) -> None:
+        """Give back a prefill slot granted to a waiter that went away before using it, with its tokens."""
+        self.prefill_bucket.give_back(tokens)
+        self._release_prefill(replica, tokens)
 
     def _release_prefill(self, replica: ReplicaState, tokens: int) -> None:
         replica.active -= 1
@@ -1254,7 +1282,7 @@ class SchedulerService:
             raise _no_decode_endpoints()
         excluded = ctx.excluded
         lease: _DecodeLease = await self._admit(
-            ctx, self.decode_queue, lambda: self._try_decode(None, excluded, True), _DecodeLease.release, DECODE
+            ctx, self.decode_queue, lambda: self._try_decode(None, excluded, True), _DecodeLease.unused, DECODE
         )
         ctx.decode = lease.replica
         ctx.generation = self._serving_generation()
@@ -1278,7 +1306,7 @@ class SchedulerService:
                 raise SchedulerError(503, "no healthy prefill/decode endpoint pair is available",
                                      "no_endpoints", "service_unavailable")
             excluded = ctx.excluded
-            if (not ctx.reprefilled and not self._decode_candidates(None, excluded, False)
+            if (not ctx.reprefilled and self._decode_saturated(excluded)
                     and self._backlog() >= self.config.queue.max_depth):
                 # decode is saturated and the backlog is full: prefilling now would only feed a hold
                 raise self._reject(ctx, "queue_full", "the decode tier is saturated and the scheduler queue is "
@@ -1286,7 +1314,7 @@ class SchedulerService:
             try:
                 prefill: ReplicaState = await self._admit(
                     ctx, self.prefill_queue, lambda: self._try_prefill(req.tokens, excluded),
-                    lambda r: self._release_prefill(r, req.tokens), PREFILL,
+                    lambda r: self._unused_prefill(r, req.tokens), PREFILL,
                 )
             except _NoPrefillPair:
                 continue  # the prefill tier went away while this request waited: route it again (above)
@@ -1336,6 +1364,12 @@ class SchedulerService:
             self.decode_queue.check_open()  # shutting down: no generation starts only to be cut
             lease = self._try_decode(ring, ctx.excluded, False)
             if lease is None:
+                if not ctx.reprefilled and self._backlog() >= self.config.queue.max_depth:
+                    # Its ring filled up (or the decode bucket ran dry) during the prefill, which the check
+                    # before it could not see: holding it would take the backlog past queue.maxDepth.
+                    raise self._reject(ctx, "queue_full", "no decode slot is free for this request's prefill "
+                                       "result and the scheduler queue is full "
+                                       f"({self.config.queue.max_depth}); retry later")
                 lease = await self._hold(ctx, prefill, handle, tuple(ring))
             if lease is None:  # the hold expired, or was stranded (ctx.stranded says which)
                 if not ctx.reprefilled and self.retry_budget.try_spend():
@@ -1367,15 +1401,16 @@ class SchedulerService:
 
     def _held_ring(self, prefill: ReplicaState, ring: tuple[str, ...], excluded: set[str]) -> list[str]:
         """The decode replicas a held handle may go to now: its prefill's current ring (or the ring it was
-        held with), less pairs known to be KV-incompatible and pairs that already failed this request."""
-        now_at = self.prefill.get(prefill.address)
-        if now_at is None or now_at.endpoint != prefill.endpoint:
+        held with), less pairs known to be KV-incompatible and pairs that already failed this request. An
+        empty current ring stays empty (no decode replica of its KV format and generation is left): the
+        ring it was held with may now hold replicas of another."""
+        if self.prefill.get(prefill.address) is not prefill:
             # The prefill replica left the endpoint lists (a generation switch, a pod no longer ready: one that
             # restarts comes back with an empty cache) or another engine answers at its address: the handle's
             # KV left with it.
             raise _StrandedHold()
         return [
-            d for d in (self.rings.get(prefill.address) or ring)
+            d for d in self.rings.get(prefill.address, ring)
             if self._pair_ok(prefill.address, d) and not (excluded and f"{prefill.address}->{d}" in excluded)
         ]
 
@@ -1398,7 +1433,7 @@ class SchedulerService:
                 # (a generation switch), and the handle fits any decode replica of the prefill's KV format.
                 lease = await self.decode_queue.acquire(
                     lambda: self._try_decode(self._held_ring(prefill, ring, excluded), excluded, False),
-                    _DecodeLease.release, None, priority=True,
+                    _DecodeLease.unused, None, priority=True,
                 )
         except _StrandedHold:
             # The prefill replica holding the KV is gone (`_held_ring`): give up the handle now and let the
