@@ -231,6 +231,7 @@ def test_a_tier_change_during_a_generation_switch_is_not_overwritten_by_the_swit
                                lambda prefill, decode: published.append([e.address for e in decode]), loop)
     disc._pod_info = pod_info
     disc.generation = "old"
+    disc._raw["prefill"] = ("slices", {})  # both tiers listed: discovery publishes nothing before
     disc._raw["decode"] = ("slices", slices("127.0.0.1", "127.0.0.2"))
     try:
         switch = threading.Thread(target=disc._switch, args=("new", ""), name="switch")
@@ -314,3 +315,150 @@ def test_endpoints_from_pods_use_each_pods_http_port():
 
     eps = endpoints_from_pods([pod("a", "127.64.0.1", 8000), pod("b", "127.64.0.2", 9000)], 9000, "decode")
     assert [e.address for e in eps] == ["127.64.0.1:8000", "127.64.0.2:9000"]
+
+
+def test_a_pod_that_cannot_be_read_is_left_out_until_it_can_and_a_forbidden_read_is_not(monkeypatch):
+    """A pod read that fails (the API server throttling during a rollout) leaves the endpoint out: with its
+    generation and KV format unknown it could be paired across them. Its tier is computed again shortly
+    after, without waiting for the next watch event. Reading pods forbidden (standalone, no RBAC) is the
+    documented exception: the pod is used, without a fingerprint."""
+    import asyncio
+
+    from kubernetes.client.exceptions import ApiException
+
+    from baton.scheduler import endpoints as endpoints_module
+    from baton.scheduler.config import KubernetesEndpoints
+    from baton.scheduler.endpoints import KubernetesDiscovery
+
+    monkeypatch.setattr(endpoints_module, "POD_LOOKUP_RETRY_S", 0.05)
+    failures = {"pod-2": [429], "pod-3": [403, 403]}
+
+    class FakeCoreApi:
+        def __init__(self, api_client):
+            pass
+
+        def read_namespaced_pod(self, name, namespace):
+            if failures.get(name):
+                raise ApiException(status=failures[name].pop(0), reason="refused")
+            return client.V1Pod(metadata=client.V1ObjectMeta(
+                name=name, labels={"baton.dev/generation": "g1"}, annotations={"baton.dev/kv-fingerprint": "fp"}))
+
+    monkeypatch.setattr(client, "CoreV1Api", FakeCoreApi)
+
+    def slices(*ips):
+        return {"s": {"addressType": "IPv4", "endpoints": [
+            {"addresses": [f"127.0.0.{i}"], "conditions": {"ready": True},
+             "targetRef": {"kind": "Pod", "name": f"pod-{i}", "uid": f"u{i}"}} for i in ips]}}
+
+    async def main():
+        published = []
+        disc = KubernetesDiscovery(KubernetesEndpoints(namespace="ns", prefill_service="p", decode_service="d",
+                                                       port=8000), lambda p, d: published.append(d),
+                                   asyncio.get_running_loop())
+        disc._api_client = object()
+        disc.generation = "g1"
+        disc._update_tier("prefill", "slices", slices(1))
+        disc._update_tier("decode", "slices", slices(2, 3))
+        await asyncio.sleep(0)
+        assert [(e.pod, e.fingerprint) for e in published[-1]] == [("pod-3", None)]  # pod-2 unknown: left out
+        await asyncio.sleep(0.3)  # the retry, with no watch event
+        assert [(e.pod, e.fingerprint) for e in published[-1]] == [("pod-2", "fp"), ("pod-3", None)]
+        disc.stop()
+
+    asyncio.run(main())
+
+
+def test_discovery_publishes_nothing_before_it_knows_both_tiers_and_the_serving_generation(monkeypatch):
+    """A scheduler that starts (or follows a reload that changes `endpoints`) never routes with one tier
+    missing or to a generation that does not serve: discovery publishes only once both tiers were listed
+    and the model was read; a reload keeps the running discovery's serving generation and the replicas'
+    load."""
+    import asyncio
+    import threading
+    import time
+
+    from kubernetes import watch as k8s_watch
+
+    from baton.scheduler import endpoints as endpoints_module
+    from baton.scheduler.config import parse_config
+    from baton.scheduler.service import SchedulerService
+    from test_scheduler_service import FakeEngine
+
+    stop = threading.Event()
+    generation_of = {"m-prefill-g1-0": "g1", "m-decode-g1-0": "g1", "m-decode-g2-0": "g2"}
+    ip_of = {"m-prefill-g1-0": "127.0.0.1", "m-decode-g1-0": "127.0.1.1", "m-decode-g2-0": "127.0.1.2"}
+
+    def slice_for(service):
+        tier = service.rsplit("-", 1)[1]
+        return client.V1EndpointSlice(
+            address_type="IPv4", metadata=client.V1ObjectMeta(name=service + "-x"),
+            ports=[client.DiscoveryV1EndpointPort(name="http", port=8000)],
+            endpoints=[client.V1Endpoint(addresses=[ip_of[p]], conditions=client.V1EndpointConditions(ready=True),
+                                         target_ref=client.V1ObjectReference(kind="Pod", name=p, uid=p))
+                       for p in generation_of if f"-{tier}-" in p])
+
+    class FakeDiscoveryApi:
+        def __init__(self, api_client):
+            pass
+
+        def list_namespaced_endpoint_slice(self, namespace, label_selector, **kw):
+            service = label_selector.split("=", 1)[1]
+            if service.endswith("decode"):
+                time.sleep(0.1)  # the decode tier is listed later than the prefill tier
+            return client.V1EndpointSliceList(items=[slice_for(service)], metadata=client.V1ListMeta(resource_version="1"))
+
+    class FakeCoreApi:
+        def __init__(self, api_client):
+            pass
+
+        def read_namespaced_pod(self, name, namespace):
+            return client.V1Pod(metadata=client.V1ObjectMeta(name=name, labels={"baton.dev/generation": generation_of[name]},
+                                                             annotations={"baton.dev/kv-fingerprint": "fp"}))
+
+    class FakeCustomObjectsApi:
+        def __init__(self, api_client):
+            pass
+
+        def list_namespaced_custom_object(self, *args, **kwargs):
+            raise AssertionError("only watched")
+
+    class FakeWatch:
+        def stream(self, fn, *args, **kwargs):
+            if fn.__name__ == "list_namespaced_custom_object":
+                time.sleep(0.3)  # the model is read last
+                yield {"type": "ADDED", "object": {"status": {"rollout": {"servingGeneration": "g1"}}}}
+            stop.wait(5)
+            return
+            yield
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(client, "DiscoveryV1Api", FakeDiscoveryApi)
+    monkeypatch.setattr(client, "CoreV1Api", FakeCoreApi)
+    monkeypatch.setattr(client, "CustomObjectsApi", FakeCustomObjectsApi)
+    monkeypatch.setattr(k8s_watch, "Watch", FakeWatch)
+    monkeypatch.setattr(endpoints_module.KubernetesDiscovery, "_client", lambda self: object())
+    config = ("model: m\nendpoints: {discovery: kubernetes, kubernetes: {namespace: ns, prefillService: m-prefill, "
+              "decodeService: m-decode, model: m, decodePort: %d}}\n")
+
+    async def main():
+        svc = SchedulerService(parse_config(config % 8000), engine=FakeEngine())
+        seen = []
+        update = svc.update_endpoints
+        svc.update_endpoints = lambda p, d: (seen.append(([e.pod for e in p], [e.pod for e in d])), update(p, d))
+        await svc.start()
+        await until(lambda: seen, 3, "the first lists")
+        assert seen == [(["m-prefill-g1-0"], ["m-decode-g1-0"])]  # both tiers, the serving generation only
+        svc.decode["127.0.1.1:8000"].active = 7  # sequences in flight
+        seen.clear()
+        svc.apply_config(parse_config(config % 8001))  # the operator re-rendered the config
+        await until(lambda: seen, 3, "the lists after the reload")
+        await asyncio.sleep(0.2)
+        assert seen and all(lists == (["m-prefill-g1-0"], ["m-decode-g1-0"]) for lists in seen), seen
+        assert svc.decode["127.0.1.1:8000"].active == 7
+        stop.set()
+        await svc.stop()
+
+    from http1_harness import until
+    asyncio.run(main())

@@ -789,6 +789,30 @@ def test_a_discovery_that_cannot_be_built_is_a_rejected_reload_counted_once(monk
     run(main())
 
 
+def test_a_reload_to_kubernetes_discovery_without_credentials_is_rejected_and_keeps_the_running_one(
+        monkeypatch, tmp_path, caplog):
+    """No in-cluster service account and no kubeconfig: the new discovery could only fail in its watch
+    threads forever, so the reload is refused up front and the running discovery goes on."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+
+    async def main():
+        svc = SchedulerService(parse_config(BASE + "endpoints: {static: {decode: ['d1:1']}}\n"), engine=Engine())
+        await svc.start()
+        seen = reloads(svc)
+        with caplog.at_level(logging.ERROR, logger="baton.scheduler"):
+            svc.apply_config(parse_config(BASE + "endpoints: {discovery: kubernetes, kubernetes: "
+                                          "{namespace: ns, prefillService: p, decodeService: d}}\n"))
+            await svc.reloads_settled()
+        assert seen == ["rejected"]
+        assert "event=config_reload_failed field=endpoints discovery=kubernetes" in caplog.text
+        assert list(svc.decode) == ["d1:1"]  # still served from the running (static) discovery
+        assert type(svc._discovery).__name__ == "StaticDiscovery"
+        await svc.stop()
+
+    run(main())
+
+
 def test_a_reload_that_raises_is_counted_once_and_starts_no_tokenizer_load(monkeypatch, tokenizer_loader):
     loaded: list[str] = []
     tokenizer_loader(lambda config, environ: loaded.append(config.path) or CharTokenizer(config.path))

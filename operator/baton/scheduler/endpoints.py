@@ -35,6 +35,9 @@ RUNTIME_OF_COMMAND = {"trtllm-serve": "trtllm-serve", "tritonserver": "triton"}
 
 PREFILL = "prefill"
 DECODE = "decode"
+# A pod that could not be read (the API server throttled, timed out, failed) is left out of its tier's
+# list; the tier is computed again after this long, without waiting for its next watch event.
+POD_LOOKUP_RETRY_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +123,9 @@ def endpoints_from_slices(
     slice with the old port and the new ones in another; `port` (the configured one) only for a slice
     that names none. An endpoint counts when `conditions.ready` is true or unset (the API says nil means
     ready); terminating and not-ready endpoints are skipped, as are FQDN slices. `pod_info(pod_name,
-    pod_uid)` returns the pod's `PodInfo`; with `generation` set, pods labelled with another generation
-    are skipped.
+    pod_uid)` returns the pod's `PodInfo`, or None when the pod could not be read just now: such an
+    endpoint is left out (its generation, KV format and runtime are unknown, so it could be paired across
+    them). With `generation` set, pods labelled with another generation are skipped.
     """
     seen: dict[str, Endpoint] = {}
     for raw in slices:
@@ -139,7 +143,7 @@ def endpoints_from_slices(
             target = ep.get("targetRef") or {}
             pod = target.get("name") if target.get("kind", "Pod") == "Pod" else None
             info = pod_info(pod, target.get("uid")) if pod and pod_info is not None else PodInfo()
-            if not _generation_accepted(info.generation, generation):
+            if info is None or not _generation_accepted(info.generation, generation):
                 continue
             address = format_address(addresses[0], slice_port)
             seen.setdefault(address, Endpoint(address=address, tier=tier, fingerprint=info.fingerprint, pod=pod,
@@ -236,6 +240,9 @@ class KubernetesDiscovery:
         self.generation = config.generation  # status.rollout.servingGeneration
         self.swap_generation = ""  # status.rollout.swap.generation: routed to as well during a PairwiseSwap
         self._raw: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._listed: set[str] = set()  # tiers listed at least once
+        self._model_read = False  # the model's status read at least once (see `_publish`)
+        self._retries: set[str] = set()  # tiers with a recompute pending (`_retry_later`)
 
     def _client(self) -> Any:
         if self._api_client is None:
@@ -248,7 +255,10 @@ class KubernetesDiscovery:
             self._api_client = client.ApiClient()
         return self._api_client
 
-    def _pod_info(self, name: str, uid: str | None) -> PodInfo:
+    def _pod_info(self, name: str, uid: str | None) -> PodInfo | None:
+        """The pod's `PodInfo`; None when it could not be read now (the endpoint is left out and its tier
+        computed again in `POD_LOOKUP_RETRY_S`). Reading pods forbidden (RBAC, standalone): an empty
+        `PodInfo`, usable with peers that carry no fingerprint either."""
         # StatefulSet pods keep their names across rollouts, so the cache is keyed by uid too.
         key = f"{name}/{uid}"
         with self._lock:
@@ -261,9 +271,14 @@ class KubernetesDiscovery:
             meta = pod.get("metadata") or {}
             info = PodInfo((meta.get("annotations") or {}).get(FINGERPRINT_ANNOTATION),
                            (meta.get("labels") or {}).get(GENERATION_LABEL), runtime_of_pod(pod))
-        except Exception as exc:  # pod gone or RBAC missing: no fingerprint, still usable with None peers
-            log.warning("event=pod_lookup_failed pod=%s error=%r", name, str(exc))
-            return PodInfo()
+        except Exception as exc:  # noqa: BLE001 - throttled, timed out, gone, forbidden
+            if getattr(exc, "status", None) == 403:
+                log.warning("event=pod_lookup_failed pod=%s error=%r detail=%r", name, str(exc),
+                            "reading pods is forbidden: used without a KV-format fingerprint")
+                return PodInfo()
+            log.warning("event=pod_lookup_failed pod=%s error=%r detail=%r", name, str(exc),
+                        f"left out of the endpoint lists until it can be read (again in {POD_LOOKUP_RETRY_S:g}s)")
+            return None
         with self._lock:
             if uid:  # without a uid the answer cannot be tied to one pod incarnation: do not cache it
                 self._pods[key] = info
@@ -277,17 +292,40 @@ class KubernetesDiscovery:
 
     def _update_tier(self, tier: str, kind: str, objects: dict[str, Any]) -> None:
         """A tier's objects changed: recompute its list and publish both tiers. Serialized with
-        `_switch`, so a list computed before a generation switch never lands after it."""
+        `_switch`, so a list computed before a generation switch never lands after it. The objects are
+        copied: the watch thread goes on changing its own dict while a switch or a retry reads this one."""
         with self._publish_lock:
-            self._raw[tier] = (kind, objects)
-            self._publish({tier: self._tier_endpoints(tier, kind, objects)})
+            self._raw[tier] = (kind, dict(objects))
+            self._publish({tier: self._tier_endpoints(tier, kind, self._raw[tier][1])})
+
+    def _recompute(self, tier: str) -> None:
+        """A pod of `tier` could not be read: compute the tier again from its last objects."""
+        with self._publish_lock:
+            self._retries.discard(tier)
+            if tier in self._raw and not self._stop.is_set():
+                kind, objects = self._raw[tier]
+                self._publish({tier: self._tier_endpoints(tier, kind, objects)})
+
+    def _retry_later(self, tier: str) -> None:
+        with self._lock:
+            if tier in self._retries or self._stop.is_set():
+                return
+            self._retries.add(tier)
+        timer = threading.Timer(POD_LOOKUP_RETRY_S, self._recompute, (tier,))
+        timer.daemon = True
+        timer.start()
 
     def _publish(self, lists: dict[str, list[Endpoint]]) -> None:
         """Install new lists for some tiers and queue both tiers' lists for the event loop (the caller
-        holds `_publish_lock`)."""
+        holds `_publish_lock`). Nothing goes out before both tiers were listed and, when a model's status
+        names the generations to route to, before that was read: a scheduler starting (or following a
+        reload) would otherwise route with one tier missing, or to generations that do not serve."""
         with self._lock:
             self._lists.update(lists)
+            self._listed.update(lists)
             prefill, decode = list(self._lists[PREFILL]), list(self._lists[DECODE])
+            if len(self._listed) < 2 or (self.config.model and not self._model_read):
+                return
         if not self.loop.is_closed() and not self._stop.is_set():
             self.loop.call_soon_threadsafe(self._deliver, prefill, decode)
 
@@ -365,7 +403,18 @@ class KubernetesDiscovery:
                 self._stop.wait(2.0)
 
     def _compute(self, tier: str, slices: Iterable[Any]) -> list[Endpoint]:
-        return endpoints_from_slices(slices, self.config.tier_port(tier), tier, self._pod_info, self.accepted_generations)
+        unread: list[str] = []
+
+        def pod_info(name: str, uid: str | None) -> PodInfo | None:
+            info = self._pod_info(name, uid)
+            if info is None:
+                unread.append(name)
+            return info
+
+        endpoints = endpoints_from_slices(slices, self.config.tier_port(tier), tier, pod_info, self.accepted_generations)
+        if unread:
+            self._retry_later(tier)
+        return endpoints
 
     @property
     def accepted_generations(self) -> str:
@@ -398,12 +447,28 @@ class KubernetesDiscovery:
                     ro = (obj.get("status") or {}).get("rollout") or {}
                     serving = ro.get("servingGeneration", "")
                     swap = (ro.get("swap") or {}).get("generation", "")
+                    first, self._model_read = not self._model_read, True
                     if serving and (serving, swap) != (self.generation, self.swap_generation):
                         log.info("event=generation_switch from=%s to=%s swap=%s", self.generation or "-", serving, swap or "-")
                         self._switch(serving, swap)
+                    elif first:  # the generations to route to are known now: publish what was held back
+                        self._switch(self.generation, self.swap_generation)
             except Exception as exc:
                 log.warning("event=model_watch_error model=%s error=%r", name, str(exc))
                 self._stop.wait(2.0)
+
+    def follow(self, previous: Any) -> None:
+        """Start from what `previous` (the discovery a reload replaces) knew of the same model's serving
+        generations, so the new one routes as the old one did from its first lists on."""
+        if (isinstance(previous, KubernetesDiscovery) and previous._model_read and self.config.model
+                and (previous.config.model, previous.config.namespace) == (self.config.model, self.config.namespace)):
+            self.generation, self.swap_generation = previous.generation, previous.swap_generation
+            self._model_read = True
+
+    def check_credentials(self) -> None:
+        """Load the Kubernetes client configuration now (in-cluster, else kubeconfig): raises when there is
+        none, so that a reload to this discovery is refused instead of a watch failing forever."""
+        self._client()
 
     def start(self) -> None:
         for tier, service in ((PREFILL, self.config.prefill_service), (DECODE, self.config.decode_service)):

@@ -45,7 +45,7 @@ from baton.scheduler.admission import (
     retry_after_seconds,
 )
 from baton.scheduler.config import ConfigError, SchedulerConfig, TokenizerConfig
-from baton.scheduler.endpoints import DECODE, PREFILL, Endpoint, make_discovery
+from baton.scheduler.endpoints import DECODE, PREFILL, Endpoint, KubernetesDiscovery, make_discovery
 from baton.scheduler.engines import (
     EngineClient,
     EnginesByRuntime,
@@ -500,6 +500,9 @@ class SchedulerService:
         Kubernetes credentials) keeps the running one, and a later reload tries again."""
         try:
             discovery = make_discovery(new.endpoints, self.update_endpoints, asyncio.get_running_loop())
+            if isinstance(discovery, KubernetesDiscovery):
+                discovery.check_credentials()
+                discovery.follow(self._discovery)
         except Exception as exc:  # noqa: BLE001 - keep following the endpoints as now
             failed.append("endpoints")
             log.error("event=config_reload_failed field=endpoints discovery=%s error=%r detail=%r",
