@@ -111,6 +111,18 @@ def test_helm_lint_strict(sets):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("version,supported", [("1.32.9", False), ("1.33.0", True), (KUBE_VERSION, True)])
+def test_the_chart_installs_on_kubernetes_1_33_or_newer_as_the_quickstart_says(version, supported):
+    """Before 1.33 the API server runs the CRD's CEL rules on /status writes without ratcheting unchanged fields
+    (kubernetes/kubernetes#129506): the operator could not write InvalidSpec on a model stored before a newer
+    rule. Helm refuses the install there, and the quickstart names the same minimum."""
+    out = subprocess.run([helm(), "template", "rel", str(CHART), "--kube-version", version], capture_output=True, text=True)
+    assert (out.returncode == 0) == supported, out.stderr
+    if not supported:
+        assert "chart requires kubeVersion: >=1.33.0-0" in out.stderr
+    assert "Kubernetes 1.33 or newer" in (REPO / "docs" / "quickstart.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------ defaults
 
 
