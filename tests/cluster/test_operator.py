@@ -302,9 +302,12 @@ _DELETE = object()
 
 INVALID = [
     ("spec.decode.allowSpot", True, "decode.allowSpot must be false"),
-    ("spec.prefill.tensorParallelSize", 2, "tensorParallelSize x pipelineParallelSize must equal gpusPerReplica"),
-    ("spec.prefill.minReplicas", 3, "minReplicas must be less than or equal to maxReplicas"),
-    ("spec.decode.replicas", 9, "replicas must not exceed maxReplicas"),
+    ("spec.prefill.tensorParallelSize", 2, "spec.prefill.gpusPerReplica: Invalid value: prefill.tensorParallelSize x "
+     "pipelineParallelSize must equal prefill.gpusPerReplica (all three default to 1)"),
+    ("spec.prefill.minReplicas", 3, "spec.prefill.maxReplicas: Invalid value: prefill.minReplicas must be at most "
+     "prefill.maxReplicas (maxReplicas defaults to 1)"),
+    ("spec.decode.replicas", 9, "spec.decode.maxReplicas: Invalid value: decode.replicas must be at most "
+     "decode.maxReplicas"),
     ("spec.scheduler.localPrefillBelowTokens", 20000, "localPrefillBelowTokens must be less than or equal to alwaysPrefillAtOrAboveTokens"),
     ("spec.engine.kvCache.dtype", "auto", 'Unsupported value: "auto"'),
     ("spec.engine.kvCache.tokensPerBlock", 48, "Unsupported value: 48"),
@@ -348,7 +351,7 @@ def test_the_documented_invalid_example_is_rejected(cluster, namespace):
         create(cluster, namespace, load_example("invalid-spot-decode.yaml"))
     body = json.loads(err.value.body)["message"]
     assert "decode.allowSpot must be false" in body
-    assert "tensorParallelSize x pipelineParallelSize must equal gpusPerReplica" in body
+    assert "decode.tensorParallelSize x pipelineParallelSize must equal decode.gpusPerReplica" in body
 
 
 def test_converted_design_brief_config_is_accepted_by_the_api_server(cluster, namespace):

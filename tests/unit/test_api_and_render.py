@@ -296,9 +296,15 @@ class _Missing(Exception):
 
 
 def cel_eval(rule, self_value):
-    """Evaluate the CEL subset Baton's rules use (no macros): literals, self paths, has(), ! && || ?: == != <
-    <= > >= in + * %, indexing, size(), string(), matches(), duration() of ms|s|m|h. A missing field raises."""
+    """Evaluate the CEL subset Baton's rules use: literals and list literals, self paths, has(), ! && || ?: ==
+    != < <= > >= in + * %, indexing, size(), string(), matches(), indexOf(), duration() of ms|s|m|h, and the
+    all() macro over a list's items or a map's keys. A missing field raises."""
     toks, i = _tokens(rule), [0]
+    env = {}  # the variables all() binds
+
+    def bind(var, item, body):
+        env[var] = item
+        return body()
 
     def peek():
         return toks[i[0]]
@@ -342,7 +348,14 @@ def cel_eval(rule, self_value):
             if peek() == ("op", "."):
                 take()
                 name = take("id")[1]
-                if peek() == ("op", "("):
+                if peek() == ("op", "(") and name == "all":
+                    take()
+                    var = take("id")[1]
+                    take("op", ",")
+                    body = ternary()
+                    take("op", ")")
+                    node = (lambda n, var, body: lambda: all(bind(var, item, body) for item in n()))(node, var, body)
+                elif peek() == ("op", "("):
                     take()
                     args = [] if peek() == ("op", ")") else [ternary()]
                     take("op", ")")
@@ -367,6 +380,14 @@ def cel_eval(rule, self_value):
             inner = ternary()
             take("op", ")")
             return inner
+        if (kind, value) == ("op", "["):
+            items = []
+            while peek() != ("op", "]"):
+                items.append(ternary())
+                if peek() == ("op", ","):
+                    take()
+            take("op", "]")
+            return lambda: [item() for item in items]
         if kind == "id" and value == "self":
             return lambda: self_value
         if kind == "id" and value in ("true", "false"):
@@ -386,6 +407,8 @@ def cel_eval(rule, self_value):
             if value == "string":
                 return lambda: str(arg())
             return lambda: _duration(arg())
+        if kind == "id":
+            return lambda: env[value]
         raise AssertionError(f"unsupported token {kind} {value}")
 
     rel = binary(binary(binary(unary, {"*", "%"}), {"+"}), {"==", "!=", "<", "<=", ">", ">=", "in"})
@@ -424,6 +447,8 @@ def _method(value, name, args):
         return len(value)
     if name == "matches":
         return re.search(args[0], value) is not None
+    if name == "indexOf":
+        return value.find(args[0])
     raise AssertionError(name)
 
 
@@ -648,3 +673,36 @@ def test_kv_dtype_renders_what_the_pytorch_backend_accepts_and_the_gate_keeps_th
     # bf16 on one tier and fp16 on the other both render auto, but the static gate still refuses them
     mixed = model("small.yaml", engine__kvCache={"dtype": "bf16"}, decode__engineOverrides={"kvCacheDtype": "fp16"})
     assert [mm.field for mm in derive(mixed.spec).kv_mismatches()] == ["kvCacheDtype"]
+
+
+# 8. MLA architecture
+
+
+def test_an_mla_architecture_set_as_documented_sizes_kv_as_the_checkpoint_does(tmp_path):
+    """DeepSeek-V3 caches one compressed KV per layer and token, kv_lora_rank + qk_rope_head_dim wide: what
+    headDim documents for MLA, and what kvformat reads from the checkpoint's config.json. numKvHeads is
+    documented as ignored for MLA, and is."""
+    import json
+
+    from baton import kvformat
+    from baton.api.v1alpha1 import ModelArchitecture
+
+    config = {"num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128, "hidden_size": 7168,
+              "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    options = {"kv_cache_config": {"dtype": "fp8"}, "cache_transceiver_config": {"backend": "UCX"}}
+    checkpoint = kvformat.cache_state_from_files(tmp_path, options, trtllm_version="1.2.0", env={})
+
+    docs = ModelArchitecture.model_fields
+    assert "MLA: the compressed KV's width, config.json kv_lora_rank + qk_rope_head_dim" in docs["head_dim"].description
+    assert "Ignored with attentionType MLA" in docs["num_kv_heads"].description
+    documented_head_dim = config["kv_lora_rank"] + config["qk_rope_head_dim"]
+    for num_kv_heads in (1, config["num_key_value_heads"]):
+        m = model("small.yaml", engine__kvCache={"dtype": "fp8"}, model__architecture={
+            "numLayers": config["num_hidden_layers"], "numKvHeads": num_kv_heads, "headDim": documented_head_dim,
+            "attentionType": "MLA"})
+        derived = derive(m.spec)
+        assert derived.kv_bytes_per_token == kvformat.kv_bytes_per_token(checkpoint) == 61 * 576
+        shape = ("attention_type", "kv_factor", "num_layers", "num_kv_heads", "head_dim", "kv_dtype")
+        for state in (derived.prefill_state, derived.decode_state):
+            assert [getattr(state, f) for f in shape] == [getattr(checkpoint, f) for f in shape]

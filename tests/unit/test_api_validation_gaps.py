@@ -9,6 +9,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
+from baton import pod_volumes
 from baton.api import v1alpha1 as api
 from baton.operator import validation
 from baton.operator.validation import spec_problems
@@ -307,3 +308,161 @@ def test_a_pipeline_stage_without_layers_is_refused_at_admission_and_by_the_oper
     ok = model("small.yaml", model__architecture={"numLayers": 4, "numKvHeads": 8, "headDim": 128},
                **{f"{tier}__pipelineParallelSize": 4, f"{tier}__gpusPerReplica": 4})
     assert _refused(_rules("spec"), _wire(ok)) == [] and spec_problems(ok.spec) == []
+
+
+# ------------------------------------------------------------- tier rules a default makes fail
+
+
+def _tier_as_stored(tier: str, **fields) -> dict:
+    """A tier the user wrote with only `fields`, as the API server stores it (every default filled in)."""
+    model_class = api.PrefillTierSpec if tier == "prefill" else api.DecodeTierSpec
+    return model_class.model_validate(fields).model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+@pytest.mark.parametrize("tier", ["prefill", "decode"])
+@pytest.mark.parametrize("fields,field_path,message", [
+    ({"tensorParallelSize": 8}, ".gpusPerReplica",
+     "{t}.tensorParallelSize x pipelineParallelSize must equal {t}.gpusPerReplica (all three default to 1): set "
+     "gpusPerReplica to tensorParallelSize x pipelineParallelSize, or change the sizes"),
+    ({"minReplicas": 2}, ".maxReplicas",
+     "{t}.minReplicas must be at most {t}.maxReplicas (maxReplicas defaults to 1): set maxReplicas to at least "
+     "minReplicas, or lower minReplicas"),
+    ({"replicas": 3}, ".maxReplicas",
+     "{t}.replicas must be at most {t}.maxReplicas (maxReplicas defaults to 1): set maxReplicas to at least "
+     "replicas, or lower replicas"),
+])
+def test_a_tier_rule_failed_by_a_default_says_which_default_and_points_at_the_field_to_set(
+        tier, fields, field_path, message):
+    """`prefill: {tensorParallelSize: 8}` fails on gpusPerReplica, which the user never set."""
+    rules = _rules("spec", tier)
+    [refused] = _refused(rules, _tier_as_stored(tier, **fields))
+    assert refused == message.format(t=tier)
+    assert next(r for r in rules if r["message"] == refused)["fieldPath"] == field_path
+    fixed = {**fields, field_path[1:]: 8}
+    assert _refused(rules, _tier_as_stored(tier, **fixed)) == []
+
+
+# ------------------------------------------------------------------------- empty resource quantities
+
+
+@pytest.mark.parametrize("owner,kind,key,refused", [
+    ("prefill", "requests", "cpu", True), ("decode", "limits", "memory", True),
+    ("decode", "requests", "ephemeral-storage", True),
+    ("prefill", "limits", "nvidia.com/gpu", False), ("decode", "requests", "nvidia.com/gpu", False),
+    ("scheduler", "requests", "cpu", True), ("scheduler", "limits", "nvidia.com/gpu", True),
+])
+def test_an_empty_quantity_is_refused_at_admission_and_by_the_operator_but_for_a_tiers_gpu(owner, kind, key, refused):
+    """'' passes the quantity pattern (it stands for "not set" in a tier's nvidia.com/gpu, which gpusPerReplica
+    always overwrites), but Kubernetes refuses it in a pod: the StatefulSet or Deployment would fail to apply."""
+    m = model("small.yaml", **{f"{owner}__resources": {kind: {key: "", "cpu" if key != "cpu" else "memory": "1"}}})
+    messages = [msg for msg in _refused(_rules("spec", owner), _wire(m)[owner]) if "is empty" in msg]
+    problems = [p for p in spec_problems(m.spec) if "is empty" in p]
+    if not refused:
+        assert messages == problems == []
+        return
+    gpu = " (only nvidia.com/gpu may be empty: it comes from gpusPerReplica)" if owner != "scheduler" else ""
+    assert messages == [f"{owner}.resources.{kind}: a quantity is empty (''), which Kubernetes refuses in a pod; set "
+                        f"a quantity such as 4, 500m or 32Gi, or remove the key{gpu}"]
+    rule = next(r for r in _rules("spec", owner) if r["message"] == messages[0])
+    assert rule["fieldPath"] == f".resources.{kind}"
+    assert problems == [f"{owner}.resources.{kind}[{key}] is empty (''), which Kubernetes refuses in a pod; set a "
+                        f"quantity such as 4, 500m or 32Gi, or remove {key}"]
+    # the same quantity as an unquoted integer, as the API server may hold it, passes
+    wire = _wire(model("small.yaml"))[owner]
+    wire["resources"] = {kind: {key: 2}}
+    assert [msg for msg in _refused(_rules("spec", owner), wire) if "is empty" in msg] == []
+
+
+# ----------------------------------------------------------- podTemplate volumes and mounts Baton uses
+
+
+SOURCES = {"pvc": {"pvc": {"claimName": "weights"}}, "hostPath": {"hostPath": {"path": "/data/llama"}},
+           "huggingFace": {"huggingFace": {"id": "meta-llama/Llama-3.1-8B-Instruct"}}}
+
+
+def _batons_volumes_and_mounts(source: dict) -> tuple[set[str], set[str]]:
+    """The volume names and engine mount paths the renderer gives a tier's pod of this source, user's aside."""
+    objs = render_children(target(model("small.yaml", model__source=source)))
+    pod = next(o for o in objs if o["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    return {v["name"] for v in pod["volumes"]}, {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("tier", ["prefill", "decode"])
+def test_a_volume_or_mount_colliding_with_batons_own_is_refused_at_admission_and_by_the_operator(source, tier):
+    """Kubernetes refuses a pod with two volumes of one name and a container with two mounts at one path
+    (ApplyFailed): what collides is whatever the renderer gives this model source, and nothing else."""
+    names, paths = _batons_volumes_and_mounts(SOURCES[source])
+    assert {"dshm", "engine-config"} < names and {"/dev/shm", "/etc/baton/engine"} < paths
+    others = {"model", "hf-cache", "scratch"} - names, {"/models", "/cache", "/scratch", "/dev/shm/x"} - paths
+    assert len(others[0]) == 2 and len(others[1]) == 3  # one of model and hf-cache is free, so is its path
+    for name in names:
+        m = model("small.yaml", model__source=SOURCES[source],
+                  **{f"{tier}__podTemplate": {"volumes": [{"name": "ok", "emptyDir": {}}, {"name": name, "emptyDir": {}}]}})
+        [refused] = _refused(_rules("spec"), _wire(m))
+        assert refused.startswith(f"{tier}.podTemplate.volumes: a volume is named like one of Baton's own (")
+        assert [p for p in spec_problems(m.spec) if "podTemplate" in p] == [
+            f"{tier}.podTemplate.volumes[1].name is {name}, the name of Baton's own {pod_volumes.PURPOSE[name]} volume, "
+            "and Kubernetes refuses two volumes of one name; give the volume another name (and its volumeMounts too)"]
+    for path in paths:
+        m = model("small.yaml", model__source=SOURCES[source],
+                  **{f"{tier}__podTemplate": {"volumeMounts": [{"name": "ok", "mountPath": path}]}})
+        [refused] = _refused(_rules("spec"), _wire(m))
+        assert refused.startswith(f"{tier}.podTemplate.volumeMounts: a mount is at one of Baton's own mount paths (")
+        [problem] = [p for p in spec_problems(m.spec) if "podTemplate" in p]
+        assert problem.startswith(f"{tier}.podTemplate.volumeMounts[0].mountPath is {path}, where Baton mounts its own ")
+        assert problem.endswith("; mount it at another path")
+    free = model("small.yaml", model__source=SOURCES[source], **{f"{tier}__podTemplate": {
+        "volumes": [{"name": n, "emptyDir": {}} for n in sorted(others[0])],
+        "volumeMounts": [{"name": "scratch", "mountPath": p} for p in sorted(others[1])] + [{"name": "no-path"}]}})
+    assert _refused(_rules("spec"), _wire(free)) == [] and spec_problems(free.spec) == []
+
+
+def test_the_volume_rules_read_fields_the_schema_declares_and_stay_within_the_cost_budget():
+    """CEL cannot read a field a schema only preserves, and iterating a list needs a bound on its length."""
+    template = _quantity_schema("decode", "podTemplate")["properties"]
+    assert template["volumes"]["items"]["properties"]["name"]["type"] == "string"
+    assert template["volumeMounts"]["items"]["properties"]["mountPath"]["type"] == "string"
+    for field in ("volumes", "volumeMounts"):
+        assert template[field]["items"]["x-kubernetes-preserve-unknown-fields"] is True  # the rest passes through
+        assert template[field]["maxItems"] == api.MAX_EXTRA_VOLUMES
+    assert template["labels"]["maxProperties"] == api.MAX_EXTRA_LABELS
+
+
+# ----------------------------------------------------------------------------------- podTemplate labels
+
+
+@pytest.mark.parametrize("key,valid", [
+    ("team", True), ("example.com/team", True), ("app.kubernetes.io/part-of", True), ("a", True),
+    ("a_b.c-d", True), ("x" * 63, True), ("p" * 253 + "/n", True),
+    ("bad key", False), ("-team", False), ("team-", False), ("x" * 64, False), ("Example.com/team", False),
+    ("example.com/", False), ("/team", False), ("a/b/c", False), ("p" * 254 + "/n", False), ("", False),
+    ("ex_ample.com/team", False),
+])
+def test_pod_label_keys_are_checked_at_admission_and_by_the_operator(key, valid):
+    m = model("small.yaml", decode__podTemplate={"labels": {key: "v"}})
+    refused = _refused(_rules("spec", "decode"), _wire(m)["decode"])
+    problems = spec_problems(m.spec)
+    if valid:
+        assert refused == problems == []
+        return
+    assert refused == ["decode.podTemplate.labels: a key is not a Kubernetes label key: a name of at most 63 letters, "
+                       "digits, '-', '_' and '.' starting and ending with a letter or digit, optionally prefixed by a "
+                       "DNS subdomain (lowercase letters, digits, '-' and '.', at most 253 characters) and '/'; use a "
+                       "key such as team or example.com/team"]
+    assert problems == [f"decode.podTemplate.labels key {key!r} is not a Kubernetes label key: "
+                        + refused[0].split("a Kubernetes label key: ", 1)[1]]
+
+
+@pytest.mark.parametrize("value,valid", [("v1", True), ("", True), ("a.b_c-d", True), ("x" * 63, True),
+                                         ("x" * 64, False), ("a b", False), ("-v", False), ("v-", False),
+                                         ("a/b", False)])
+def test_pod_label_values_are_refused_by_the_schema_and_the_models(value, valid):
+    values = _quantity_schema("prefill", "podTemplate", "labels")["additionalProperties"]
+    assert values["maxLength"] == 63
+    assert (re.search(values["pattern"], value) is not None and len(value) <= values["maxLength"]) == valid
+    if valid:
+        assert model("small.yaml", prefill__podTemplate={"labels": {"team": value}}).spec.prefill.pod_template.labels
+    else:
+        with pytest.raises(ValidationError):
+            model("small.yaml", prefill__podTemplate={"labels": {"team": value}})

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
 from pydantic.alias_generators import to_camel
 
+from baton import pod_volumes
 from baton.api.units import DURATION_PATTERN, QUANTITY_PATTERN, parse_duration
 
 GROUP = "serving.baton.dev"
@@ -81,12 +82,13 @@ def _nested(model: type, description: str):
     return Field(default_factory=model, description=description, json_schema_extra={"default": default})
 
 
-def _free_form_list(description: str):
-    return Field(
-        default_factory=list,
-        description=description,
-        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
-    )
+def _free_form_list(description: str, properties: dict[str, Any] | None = None, **kw: Any):
+    """A list of free-form objects. `properties`: fields of each object a CEL rule reads (CEL cannot read the
+    fields a schema only preserves); the others are still passed through untouched."""
+    items: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    if properties:
+        items["properties"] = properties
+    return Field(default_factory=list, description=description, json_schema_extra={"items": items}, **kw)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -130,9 +132,17 @@ class ModelSource(ApiModel):
 
 class ModelArchitecture(ApiModel):
     num_layers: int = Field(ge=1, le=1024, description="Transformer layers that carry KV cache (config.json num_hidden_layers).")
-    num_kv_heads: int = Field(ge=1, le=1024, description="Global key/value heads (config.json num_key_value_heads).")
-    head_dim: int = Field(ge=1, le=4096, description="Size of one attention head (config.json head_dim, else hidden_size / num_attention_heads).")
-    attention_type: Literal["DEFAULT", "MLA"] = Field(default="DEFAULT", description="DEFAULT for MHA/GQA (K and V cached), MLA for multi-head latent attention (one compressed KV).")
+    # What baton.render.derived.cache_state does with these, as baton.kvformat.cache_state_from_files reads a
+    # config.json: for MLA the cache holds one compressed KV of kv_lora_rank + qk_rope_head_dim per layer and token.
+    num_kv_heads: int = Field(ge=1, le=1024, description=(
+        "Global key/value heads (config.json num_key_value_heads, else num_attention_heads). Ignored with "
+        "attentionType MLA, which caches one compressed KV per layer: Baton counts 1 KV head whatever is set "
+        "here (set 1)."))
+    head_dim: int = Field(ge=1, le=4096, description=(
+        "Width of the KV cached per KV head, layer and token. DEFAULT: the size of one attention head "
+        "(config.json head_dim, else hidden_size / num_attention_heads). MLA: the compressed KV's width, "
+        "config.json kv_lora_rank + qk_rope_head_dim (576 for DeepSeek-V3: 512 + 64), not head_dim."))
+    attention_type: Literal["DEFAULT", "MLA"] = Field(default="DEFAULT", description="DEFAULT for MHA/GQA (K and V cached), MLA for multi-head latent attention (one compressed KV; config.json sets kv_lora_rank).")
 
 
 class ModelSpec(ApiModel):
@@ -213,7 +223,8 @@ class PoolSpec(ApiModel):
 # A resource quantity as a core pod spec takes it: a string (32Gi, 500m, 1.5) or an unquoted integer (cpu: 4),
 # in Kubernetes' quantity syntax (Kubernetes' own pattern for resource.Quantity, without a minus sign), so a
 # value the API server would refuse in the pod (32GB, 4 cores) is refused at admission instead. '' is kept
-# as "not set" for nvidia.com/gpu, which always comes from gpusPerReplica.
+# as "not set" for a tier's nvidia.com/gpu, which always comes from gpusPerReplica: a schema cannot give one
+# key of a map its own pattern, so a CEL rule on the map (_empty_quantity_rules) refuses '' for every other key.
 RESOURCE_QUANTITY_PATTERN = (
     r"^$|^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
@@ -246,12 +257,48 @@ class ResourcesSpec(ApiModel):
     limits: ResourceQuantities = Field(default_factory=dict, max_length=64, description="Resource limits besides GPUs, as Kubernetes quantities (4, 500m, 32Gi). nvidia.com/gpu is always set from gpusPerReplica.")
 
 
+MAX_EXTRA_VOLUMES = 128
+# Baton's own volumes in every engine pod (baton.pod_volumes), by model source, in words.
+_BATON_VOLUMES = (f"{pod_volumes.ENGINE_CONFIG_VOLUME}, {pod_volumes.SHM_VOLUME}, and {pod_volumes.MODEL_VOLUME} with a "
+                  f"pvc or hostPath model source or {pod_volumes.HF_CACHE_VOLUME} with a huggingFace one")
+_BATON_MOUNTS = (f"{pod_volumes.ENGINE_CONFIG_DIR}, {pod_volumes.SHM_MOUNT}, and {pod_volumes.MODEL_MOUNT} with a "
+                 f"pvc or hostPath model source or {pod_volumes.HF_CACHE_MOUNT} with a huggingFace one")
+
+
+# Kubernetes' label syntax (IsValidLabelValue for values, IsQualifiedName for keys), as RE2 and Python read
+# it alike ([.], not an escape a CEL string would need doubled). A schema bounds a map's values but not its
+# keys: a CEL rule on the tier checks the keys (_tier_rules), within the cost budget as the map has at most
+# MAX_EXTRA_LABELS keys.
+LABEL_NAME = rf"[A-Za-z0-9]([-A-Za-z0-9_.]{{0,{LABEL_VALUE_MAX - 2}}}[A-Za-z0-9])?"  # 1 to 63 characters
+LABEL_VALUE_PATTERN = rf"^({LABEL_NAME})?$"
+LABEL_PREFIX = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"  # a DNS-1123 subdomain
+LABEL_PREFIX_MAX = 253
+LABEL_KEY_PATTERN = rf"^({LABEL_PREFIX}/)?{LABEL_NAME}$"
+MAX_EXTRA_LABELS = 64
+LabelValue = Annotated[str, StringConstraints(max_length=LABEL_VALUE_MAX, pattern=LABEL_VALUE_PATTERN)]
+LABEL_KEY_SYNTAX = (
+    "a name of at most 63 letters, digits, '-', '_' and '.' starting and ending with a letter or digit, optionally "
+    f"prefixed by a DNS subdomain (lowercase letters, digits, '-' and '.', at most {LABEL_PREFIX_MAX} characters) "
+    "and '/'; use a key such as team or example.com/team"
+)
+
+
 class PodTemplateOverrides(ApiModel):
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels (Baton's own labels win on conflict).")
+    labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=MAX_EXTRA_LABELS, description=(
+        f"Extra pod labels, at most {MAX_EXTRA_LABELS} (Baton's own labels win on conflict), in Kubernetes' label "
+        "syntax: values of at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit "
+        "(or empty); keys a name like that, optionally prefixed by a DNS subdomain and '/'."))
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
     env: list[KubeObject] = _free_form_list("Extra environment variables (core/v1 EnvVar) for this tier's engine container.")
-    volumes: list[KubeObject] = _free_form_list("Extra pod volumes (core/v1 Volume).")
-    volume_mounts: list[KubeObject] = _free_form_list("Extra mounts (core/v1 VolumeMount) for the engine container.")
+    # Bounded so that the CEL rules reading them (_reserved_volume_rules) stay within the API server's cost budget.
+    volumes: list[KubeObject] = _free_form_list(
+        f"Extra pod volumes (core/v1 Volume), at most {MAX_EXTRA_VOLUMES}, named unlike Baton's own: {_BATON_VOLUMES}.",
+        {"name": {"type": "string", "description": "The volume's name."}}, max_length=MAX_EXTRA_VOLUMES)
+    volume_mounts: list[KubeObject] = _free_form_list(
+        f"Extra mounts (core/v1 VolumeMount) for the engine container, at most {MAX_EXTRA_VOLUMES}, at paths other "
+        f"than Baton's own: {_BATON_MOUNTS}.",
+        {"mountPath": {"type": "string", "description": "Where the volume is mounted in the engine container."}},
+        max_length=MAX_EXTRA_VOLUMES)
     priority_class_name: str = Field(default="", description="PriorityClass for the tier's pods.")
     topology_spread_constraints: list[KubeObject] = _free_form_list("core/v1 TopologySpreadConstraints for the tier's pods.")
     service_account_name: str = Field(default="", description="ServiceAccount for the tier's pods (default: the namespace's default account).")
@@ -262,6 +309,27 @@ class TierEngineOverrides(ApiModel):
     trtllm_version: str = Field(default="", max_length=64, pattern=r"^$|^[0-9]+\.[0-9]+\.[0-9]+([a-z0-9.+-]*)?$", description="TensorRT-LLM version for this tier only (default: engine.trtllmVersion). Must equal the other tier's: the KV handle format carries no version tag.")
     kv_cache_dtype: Literal["", "fp16", "bf16", "fp8"] = Field(default="", description="KV cache dtype for this tier only (default: engine.kvCache.dtype). Must equal the other tier's.")
     tokens_per_block: Literal[0, 8, 16, 32, 64, 128] = Field(default=0, description="KV tokens per block for this tier only (0: engine.kvCache.tokensPerBlock). Must equal the other tier's.")
+
+
+GPU_RESOURCE = "nvidia.com/gpu"
+EMPTY_QUANTITY = "is empty (''), which Kubernetes refuses in a pod; set a quantity such as 4, 500m or 32Gi, or remove"
+
+
+def _empty_quantity_rules(owner: str, gpu_may_be_empty: bool) -> list[dict[str, str]]:
+    """No empty quantity in `owner`.resources, but for a tier's nvidia.com/gpu (rendered from gpusPerReplica
+    whatever it holds). Also checked by the operator (baton.operator.validation.empty_quantity_problems).
+    A map holds at most 64 quantities of at most 64 characters: cheap within the API server's cost budget."""
+    skip = f"k == '{GPU_RESOURCE}' || " if gpu_may_be_empty else ""
+    except_gpu = f" (only {GPU_RESOURCE} may be empty: it comes from gpusPerReplica)" if gpu_may_be_empty else ""
+    return [
+        _cel(
+            f"!has(self.resources) || !has(self.resources.{kind}) || "
+            f"self.resources.{kind}.all(k, {skip}string(self.resources.{kind}[k]) != '')",
+            f"{owner}.resources.{kind}: a quantity {EMPTY_QUANTITY} the key{except_gpu}",
+            fieldPath=f".resources.{kind}",
+        )
+        for kind in ("requests", "limits")
+    ]
 
 
 def _gpu_resource(kind: str) -> str:
@@ -279,12 +347,26 @@ _GPU_IN_RESOURCES = (
 
 
 def _tier_rules(tier: str) -> list[dict[str, str]]:
+    # maxReplicas and gpusPerReplica default to 1, so these fail for a spec that never set the field they
+    # name: each message says so, and fieldPath points at the field to set.
     return [
-        _cel("self.minReplicas <= self.maxReplicas", "minReplicas must be less than or equal to maxReplicas"),
-        _cel("!has(self.replicas) || self.replicas <= self.maxReplicas", "replicas must not exceed maxReplicas"),
+        _cel(
+            "self.minReplicas <= self.maxReplicas",
+            f"{tier}.minReplicas must be at most {tier}.maxReplicas (maxReplicas defaults to 1): set maxReplicas "
+            "to at least minReplicas, or lower minReplicas",
+            fieldPath=".maxReplicas",
+        ),
+        _cel(
+            "!has(self.replicas) || self.replicas <= self.maxReplicas",
+            f"{tier}.replicas must be at most {tier}.maxReplicas (maxReplicas defaults to 1): set maxReplicas to "
+            "at least replicas, or lower replicas",
+            fieldPath=".maxReplicas",
+        ),
         _cel(
             "self.tensorParallelSize * self.pipelineParallelSize == self.gpusPerReplica",
-            "tensorParallelSize x pipelineParallelSize must equal gpusPerReplica",
+            f"{tier}.tensorParallelSize x pipelineParallelSize must equal {tier}.gpusPerReplica (all three default "
+            "to 1): set gpusPerReplica to tensorParallelSize x pipelineParallelSize, or change the sizes",
+            fieldPath=".gpusPerReplica",
         ),
         # Also checked by the operator (a second line for objects admitted before this rule existed).
         _cel(
@@ -297,6 +379,14 @@ def _tier_rules(tier: str) -> list[dict[str, str]]:
                 "gpusPerReplica; drop nvidia.com/gpu from resources (it comes from gpusPerReplica)'"
             ),
             fieldPath=".resources",
+        ),
+        *_empty_quantity_rules(tier, gpu_may_be_empty=True),
+        # Also checked by the operator (baton.operator.validation.pod_label_problems), which names the key.
+        _cel(
+            "!has(self.podTemplate) || !has(self.podTemplate.labels) || self.podTemplate.labels.all(k, "
+            f"k.matches('{LABEL_KEY_PATTERN}') && k.indexOf('/') <= {LABEL_PREFIX_MAX})",
+            f"{tier}.podTemplate.labels: a key is not a Kubernetes label key: {LABEL_KEY_SYNTAX}",
+            fieldPath=".podTemplate.labels",
         ),
     ]
 
@@ -431,6 +521,8 @@ class SchedulerSpec(ApiModel):
                     "scheduler health-checks idle decode replicas, and the scheduler refuses 0",
                     fieldPath=".heartbeatInterval",
                 ),
+                # The scheduler's resources are rendered as written, nvidia.com/gpu included.
+                *_empty_quantity_rules("scheduler", gpu_may_be_empty=False),
             ]
         }
     )
@@ -544,6 +636,32 @@ PIPELINE_STAGE_WITHOUT_LAYERS = (
 )
 
 
+def _reserved_volume_rules(tier: str) -> list[dict[str, str]]:
+    """No podTemplate volume named like Baton's own, no mount at their paths: Kubernetes would refuse the pod.
+    Rules on the spec, where the model source (which volume holds the checkpoint) can be read. Also checked by
+    the operator (baton.render.tiers.reserved_volume_overrides), which names the entry."""
+    t = f"self.{tier}.podTemplate"
+    hf = "has(self.model.source.huggingFace)"
+    pv = pod_volumes
+    names = f"['{pv.ENGINE_CONFIG_VOLUME}', '{pv.SHM_VOLUME}', {hf} ? '{pv.HF_CACHE_VOLUME}' : '{pv.MODEL_VOLUME}']"
+    paths = f"['{pv.ENGINE_CONFIG_DIR}', '{pv.SHM_MOUNT}', {hf} ? '{pv.HF_CACHE_MOUNT}' : '{pv.MODEL_MOUNT}']"
+    return [
+        _cel(
+            f"!has({t}) || !has({t}.volumes) || {t}.volumes.all(v, !has(v.name) || !(v.name in {names}))",
+            f"{tier}.podTemplate.volumes: a volume is named like one of Baton's own ({_BATON_VOLUMES}), and "
+            "Kubernetes refuses two volumes of one name; give it another name (and its volumeMounts too)",
+            fieldPath=f".{tier}.podTemplate.volumes",
+        ),
+        _cel(
+            f"!has({t}) || !has({t}.volumeMounts) || "
+            f"{t}.volumeMounts.all(m, !has(m.mountPath) || !(m.mountPath in {paths}))",
+            f"{tier}.podTemplate.volumeMounts: a mount is at one of Baton's own mount paths ({_BATON_MOUNTS}), "
+            "and Kubernetes refuses two mounts at one path; mount it at another path",
+            fieldPath=f".{tier}.podTemplate.volumeMounts",
+        ),
+    ]
+
+
 class DisaggregatedModelSpec(ApiModel):
     # The KV-format fields a tier can override: the operator refuses a spec whose tiers differ on them
     # (KVFormatMismatch); the API server refuses it first. The operator check stays as a second line.
@@ -579,6 +697,8 @@ class DisaggregatedModelSpec(ApiModel):
                     KV_CACHE_SIZE_NEEDS_ARCHITECTURE,
                     fieldPath=".decode.kvCacheSize",
                 ),
+                *_reserved_volume_rules("prefill"),
+                *_reserved_volume_rules("decode"),
             ]
         }
     )

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 from pydantic import ValidationError
 
 from baton.api.units import parse_quantity
 from baton.api.v1alpha1 import (
+    EMPTY_QUANTITY,
+    GPU_RESOURCE,
     KV_CACHE_SIZE_NEEDS_ARCHITECTURE,
+    LABEL_KEY_PATTERN,
+    LABEL_KEY_SYNTAX,
+    LABEL_PREFIX_MAX,
     PIPELINE_STAGE_WITHOUT_LAYERS,
     TRANSFER_BUFFER_BELOW_PROMPT_NIXL,
     TRANSFER_BUFFER_NOT_WHOLE_BLOCKS,
@@ -171,6 +177,31 @@ def kv_transfer_buffer_problems(spec: DisaggregatedModelSpec) -> list[str]:
     return problems
 
 
+def empty_quantity_problems(spec: DisaggregatedModelSpec) -> list[str]:
+    """The CRD's rule against empty resource quantities, for objects admitted before it: the API server would
+    refuse the pod template (ApplyFailed). A tier's nvidia.com/gpu may be empty: it is rendered from
+    gpusPerReplica whatever it holds."""
+    owners = (("prefill", spec.prefill.resources, True), ("decode", spec.decode.resources, True),
+              ("scheduler", spec.scheduler.resources, False))
+    return [f"{owner}.resources.{kind}[{key}] {EMPTY_QUANTITY} {key}"
+            for owner, resources, gpu_may_be_empty in owners
+            for kind, quantities in (("requests", resources.requests), ("limits", resources.limits))
+            for key, value in quantities.items()
+            if str(value) == "" and not (gpu_may_be_empty and key == GPU_RESOURCE)]
+
+
+def _is_label_key(key: str) -> bool:
+    """Kubernetes' label key syntax (IsQualifiedName), as the CRD's rule checks it."""
+    return re.search(LABEL_KEY_PATTERN, key) is not None and key.find("/") <= LABEL_PREFIX_MAX
+
+
+def pod_label_problems(spec: DisaggregatedModelSpec) -> list[str]:
+    """The CRD's rule on podTemplate label keys, for objects admitted before it, naming the key: Kubernetes
+    would refuse the StatefulSet (ApplyFailed). The models check the values (their pattern)."""
+    return [f"{tier}.podTemplate.labels key {key!r} is not a Kubernetes label key: {LABEL_KEY_SYNTAX}"
+            for tier in ("prefill", "decode") for key in spec.tier(tier).pod_template.labels if not _is_label_key(key)]
+
+
 def spec_problems(spec: DisaggregatedModelSpec) -> list[str]:
     problems = engine_config.reserved_override_problems(spec)
     for tier_name, tier in (("prefill", spec.prefill), ("decode", spec.decode)):
@@ -180,7 +211,10 @@ def spec_problems(spec: DisaggregatedModelSpec) -> list[str]:
                 f"{tier_name}.resources sets nvidia.com/gpu={gpu_limit} but gpusPerReplica is "
                 f"{tier.gpus_per_replica}; drop nvidia.com/gpu from resources (it comes from gpusPerReplica)"
             )
+    problems.extend(empty_quantity_problems(spec))
     problems.extend(tiers.reserved_env_overrides(spec))
+    problems.extend(tiers.reserved_volume_overrides(spec))
+    problems.extend(pod_label_problems(spec))
     problems.extend(kv_transfer_buffer_problems(spec))
     problems.extend(kv_cache_size_problems(spec))
     problems.extend(pipeline_problems(spec))

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from baton import pod_volumes
 from baton.api.units import parse_duration, parse_quantity
 from baton.api.v1alpha1 import DisaggregatedModelSpec
 from baton.render.naming import Tier
 
 CONFIG_FILE = "config.yaml"
-ENGINE_CONFIG_DIR = "/etc/baton/engine"
+ENGINE_CONFIG_DIR = pod_volumes.ENGINE_CONFIG_DIR
 
 # Keys engine.extraOptions cannot set, each with what to use instead: every key engine_options renders
 # (they decide the KV layout, the parallelism the pod's GPU count was sized for, the tier's role, the

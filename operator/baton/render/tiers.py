@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from baton import pod_volumes
 from baton.api.units import quantity_or_none
 from baton.api.v1alpha1 import DecodeTierSpec, DisaggregatedModelSpec, PrefillTierSpec
 from baton.render import engine_config, yaml_text
@@ -28,7 +29,7 @@ SPOT_TOLERATIONS = [
     {"key": "kubernetes.azure.com/scalesetpriority", "operator": "Equal", "value": "spot", "effect": "NoSchedule"},
     {"key": "eks.amazonaws.com/capacityType", "operator": "Equal", "value": "SPOT", "effect": "NoSchedule"},
 ]
-MODEL_MOUNT = "/models"
+MODEL_MOUNT = pod_volumes.MODEL_MOUNT
 SHM_SIZE = "16Gi"
 
 
@@ -41,23 +42,24 @@ def model_argument_and_volume(spec: DisaggregatedModelSpec) -> tuple[str, list[d
     source = spec.model.source
     if source.pvc:
         sub = source.pvc.sub_path.strip("/")
-        volume = {"name": "model", "persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True}}
+        volume = {"name": pod_volumes.MODEL_VOLUME,
+                  "persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True}}
         return (f"{MODEL_MOUNT}/{sub}" if sub else MODEL_MOUNT), [volume], [
-            {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}], []
+            {"name": pod_volumes.MODEL_VOLUME, "mountPath": MODEL_MOUNT, "readOnly": True}], []
     if source.host_path:
-        volume = {"name": "model", "hostPath": {"path": source.host_path.path, "type": "Directory"}}
-        return MODEL_MOUNT, [volume], [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}], []
+        volume = {"name": pod_volumes.MODEL_VOLUME, "hostPath": {"path": source.host_path.path, "type": "Directory"}}
+        return MODEL_MOUNT, [volume], [{"name": pod_volumes.MODEL_VOLUME, "mountPath": MODEL_MOUNT, "readOnly": True}], []
     hf = source.hugging_face
     assert hf is not None  # the CRD's CEL rule guarantees exactly one source
-    env: list[dict] = [{"name": "HF_HOME", "value": "/cache/huggingface"}]
+    env: list[dict] = [{"name": "HF_HOME", "value": f"{pod_volumes.HF_CACHE_MOUNT}/huggingface"}]
     if hf.revision:
         # Informational only: neither huggingface_hub nor trtllm-serve reads HF_REVISION; what pins the weights
         # is the `revision` LLM-API option (engine_config). Kept for images/entrypoints that read it.
         env.append({"name": "HF_REVISION", "value": hf.revision})
     if hf.token_secret:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hf.token_secret.name, "key": hf.token_secret.key}}})
-    cache = {"name": "hf-cache", "emptyDir": {}}
-    return hf.id, [cache], [{"name": "hf-cache", "mountPath": "/cache"}], env
+    cache = {"name": pod_volumes.HF_CACHE_VOLUME, "emptyDir": {}}
+    return hf.id, [cache], [{"name": pod_volumes.HF_CACHE_VOLUME, "mountPath": pod_volumes.HF_CACHE_MOUNT}], env
 
 
 def engine_configmap(target: Target, tier: Tier, kv_bytes_per_token: int, generation: str) -> dict[str, Any]:
@@ -155,6 +157,43 @@ def reserved_env_overrides(spec: DisaggregatedModelSpec) -> list[str]:
     return problems
 
 
+def baton_volume_mounts(spec: DisaggregatedModelSpec) -> list[dict]:
+    """The mounts of Baton's own volumes in an engine container, one per volume of the pod (the engine config,
+    shared memory, the model source's), before the tier's podTemplate.volumeMounts."""
+    _, _, model_mounts, _ = model_argument_and_volume(spec)
+    return [
+        {"name": pod_volumes.ENGINE_CONFIG_VOLUME, "mountPath": engine_config.ENGINE_CONFIG_DIR, "readOnly": True},
+        {"name": pod_volumes.SHM_VOLUME, "mountPath": pod_volumes.SHM_MOUNT},
+        *model_mounts,
+    ]
+
+
+def reserved_volume_overrides(spec: DisaggregatedModelSpec) -> list[str]:
+    """Problems for each podTemplate volume named like one of Baton's and each podTemplate mount at one of
+    Baton's mount paths (empty: none), naming the entry: Kubernetes refuses a pod with two volumes of one name
+    and a container with two mounts at one path (ApplyFailed). Meant for the operator's spec validation; the
+    CRD refuses the same at admission. Derived from what the renderer mounts for this spec's model source."""
+    mounts = baton_volume_mounts(spec)
+    names = {m["name"]: pod_volumes.PURPOSE[m["name"]] for m in mounts}
+    paths = {m["mountPath"]: pod_volumes.PURPOSE[m["name"]] for m in mounts}
+    problems = []
+    for tier in ("prefill", "decode"):
+        template = tier_spec(spec, tier).pod_template
+        for i, volume in enumerate(template.volumes):
+            name = volume.get("name") if isinstance(volume, dict) else None
+            if name in names:
+                problems.append(f"{tier}.podTemplate.volumes[{i}].name is {name}, the name of Baton's own "
+                                f"{names[name]} volume, and Kubernetes refuses two volumes of one name; give the "
+                                "volume another name (and its volumeMounts too)")
+        for i, mount in enumerate(template.volume_mounts):
+            path = mount.get("mountPath") if isinstance(mount, dict) else None
+            if path in paths:
+                problems.append(f"{tier}.podTemplate.volumeMounts[{i}].mountPath is {path}, where Baton mounts its "
+                                f"own {paths[path]} volume, and Kubernetes refuses two mounts at one path; mount it "
+                                "at another path")
+    return problems
+
+
 def merge_env(*sources: list[dict], reserved: frozenset[str] | set[str] = frozenset()) -> list[dict]:
     """Concatenate env lists, later sources overriding earlier ones by name: one entry per name (the API
     server refuses duplicates), at the place its first definition had, holding the last definition. Entries
@@ -174,7 +213,7 @@ def merge_env(*sources: list[dict], reserved: frozenset[str] | set[str] = frozen
 def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
     spec = target.spec
     t = tier_spec(spec, tier)
-    model_arg, _, model_mounts, _ = model_argument_and_volume(spec)
+    model_arg, _, _, _ = model_argument_and_volume(spec)
     # Baton's defaults < engine.env < the tier's podTemplate.env, one entry per name.
     env = merge_env(_baton_env(spec), spec.engine.env, t.pod_template.env, reserved=set(reserved_env(spec)))
     config_path = f"{engine_config.ENGINE_CONFIG_DIR}/{engine_config.CONFIG_FILE}"
@@ -207,12 +246,7 @@ def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
         "startupProbe": {**probe, "failureThreshold": 180},
         "readinessProbe": {**probe, "failureThreshold": 3},
         "livenessProbe": {**probe, "failureThreshold": 6},
-        "volumeMounts": [
-            {"name": "engine-config", "mountPath": engine_config.ENGINE_CONFIG_DIR, "readOnly": True},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-            *model_mounts,
-            *t.pod_template.volume_mounts,
-        ],
+        "volumeMounts": [*baton_volume_mounts(spec), *t.pod_template.volume_mounts],
     }
 
 
@@ -232,8 +266,9 @@ def statefulset(target: Target, tier: Tier, revision: str, generation: str, kv_f
         # Decode replicas finish in-flight generations; prefill replicas keep KV until it is pulled.
         "terminationGracePeriodSeconds": 120,
         "volumes": [
-            {"name": "engine-config", "configMap": {"name": generation_child_name(target, tier, generation, "-engine")}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
+            {"name": pod_volumes.ENGINE_CONFIG_VOLUME,
+             "configMap": {"name": generation_child_name(target, tier, generation, "-engine")}},
+            {"name": pod_volumes.SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
             *model_volumes,
             *t.pod_template.volumes,
         ],
