@@ -144,6 +144,9 @@ def test_endpointslice_discovery_with_the_schedulers_own_rbac(cluster, namespace
         try:
             await until([("192.0.2.10:8000", "fp-a")], [("192.0.2.20:8000", "fp-a"), ("192.0.2.21:8000", "fp-a")],
                         "generation g1's endpoints")
+            # nothing was handed over before the model was read: g2's pods (not serving) never showed
+            assert all(not {"192.0.2.11:8000", "192.0.2.30:8000"} & {a for tier in lists for a, _ in tier}
+                       for lists in seen), seen
             write_slice("m-decode-a", "m-decode", [("192.0.2.20", "d1-g1", True), ("192.0.2.21", "d2-g1", False)])
             await until([("192.0.2.10:8000", "fp-a")], [("192.0.2.20:8000", "fp-a")], "an endpoint turning unready")
             serve_generation("g1", swap="g2")  # a PairwiseSwap routes to both generations
