@@ -325,3 +325,35 @@ def test_the_done_event_is_seen_when_split_across_reads_and_as_the_first_piece(d
         assert [outcome for outcome, _ in endings] == ["completed"]
 
     asyncio.run(scenario())
+
+
+def test_tokens_are_counted_by_event_starts_and_by_the_usage_chunk_when_there_is_one():
+    """TPOT divides by the tokens generated. 'data:' inside a token's text (code) is no event; an event whose
+    'data:' is split across two reads is one; a usage chunk's completion_tokens counts the tokens an engine
+    merged into fewer events (speculative decoding, a slow reader)."""
+    async def scenario():
+        def text_event(text: str) -> bytes:
+            return b'data: {"choices": [{"index": 0, "text": %s}]}\n\n' % json.dumps(text).encode()
+
+        relay, resp, sink, endings = make(0.0, first=text_event("x = {'data:': 1}"))
+        piece = text_event("data: y") + event(2)
+        resp.on_data(piece[:-len(event(2)) + 3])  # the next event's 'data:' straddles two reads
+        resp.on_data(piece[-len(event(2)) + 3:] + DONE)
+        resp.on_end()
+        assert relay.token_events == 3 and relay.tokens == 3
+        merged = b'data: {"choices": [{"index": 0, "text": " a b c"}]}\n\n'
+        usage = b'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 7}}\n\n'
+        relay, resp, sink, endings = make(0.0, first=merged)
+        resp.on_data(merged + usage + DONE)
+        resp.on_end()
+        assert relay.token_events == 2 and relay.tokens == 7
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_is_known_to_start_with_an_error_event_only_when_its_first_event_is_one():
+    from baton.scheduler.relay import starts_with_error_event
+
+    assert starts_with_error_event(ENGINE_ERROR + DONE)
+    assert not starts_with_error_event(event(0) + ENGINE_ERROR)
+    assert not starts_with_error_event(event(0))

@@ -1568,3 +1568,34 @@ def test_a_held_handle_whose_ring_lost_every_compatible_decode_replica_is_not_ha
         await svc.stop()
 
     run(main())
+
+
+def test_decode_utilisation_is_measured_against_the_cap_in_force_while_throttled():
+    svc, _ = make("backpressure: {maxActivePerDecodeReplica: 8, decodeP95LatencyThresholdMs: 50}\n")
+    for _ in range(20):
+        svc.tpot_window.record(0.080)  # p95 80 ms > 50 ms: the cap is halved to 4
+    svc.tpot_window._cached = None
+    for replica in svc.decode.values():
+        replica.active = 4  # every replica full at that cap: nothing more is admitted
+    assert svc.decode_throttled() and not svc._decode_candidates(None, set(), False)
+    assert svc.snapshot()["utilization"]["decode"] == 1.0
+
+
+def test_a_stream_whose_first_event_is_an_engine_error_adds_no_first_token_or_transfer_sample():
+    async def main():
+        async def pieces():
+            yield b'data: {"object": "error", "message": "Error in kv cache transfer", "type": "x", "code": 500}\n\n'
+
+        svc, _ = make(decode=("d1:1",))
+        svc._engine_slot.client = svc._engines("trtllm", 1.0, StreamingEngine(pieces))
+        reply = await svc.complete("completions", _stream_request(200), {})  # long: a handoff
+        sink = StreamSink()
+        reply.producer.start(sink)
+        await asyncio.wait_for(sink.ended.wait(), 2)
+        text = svc.metrics.exposition().decode()
+        assert 'baton_scheduler_requests_total{outcome="failed",route="disaggregated"} 1.0' in text
+        assert "baton_scheduler_time_to_first_token_seconds_count" not in text
+        assert "baton_scheduler_kv_transfer_seconds_count" not in text
+        await svc.stop()
+
+    run(main())

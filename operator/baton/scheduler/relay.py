@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -39,12 +40,23 @@ _DONE_EVENT_COMPACT = b"\ndata:[DONE]"
 # Events that carry no generated token: a chat stream's first, role-only delta, and the usage chunk
 # (`stream_options.include_usage`, empty choices). The time per output token counts the others.
 _NO_TOKEN_MARKERS = (b'"role": "assistant"', b'"role":"assistant"', b'"choices": []', b'"choices":[]')
+_EVENT_START = b"\ndata:"  # an event's first line; JSON escapes a newline, so text never holds one
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+
+
+def starts_with_error_event(piece: bytes) -> bool:
+    """Whether the first event of `piece` (the start of a stream) is an error event, not a token."""
+    at = piece.find(STREAM_ERROR)
+    if at < 0:
+        at = piece.find(STREAM_ERROR_COMPACT)
+    end = piece.find(b"\n\n")
+    return at >= 0 and (end < 0 or at < end)
 
 
 class StreamRelay:
     __slots__ = ("resp", "first", "address", "interval", "clock", "on_broken", "on_finish", "t_first", "t_last",
-                 "events", "no_token_events", "tail", "done", "errored", "sink", "finished", "flushed_at", "held",
-                 "timer", "loop")
+                 "events", "no_token_events", "completion_tokens", "tail", "done", "errored", "sink", "finished",
+                 "flushed_at", "held", "timer", "loop")
 
     def __init__(self, resp: Any, first: bytes, address: str, interval_s: float, clock: Callable[[], float], *,
                  on_broken: Callable[[Exception], str], on_finish: Callable[[str, StreamRelay], None]) -> None:
@@ -58,6 +70,7 @@ class StreamRelay:
         self.t_first = self.t_last = clock()
         self.events = 0  # SSE events seen ("data:" lines)
         self.no_token_events = 0  # of them, a chat role chunk and a usage chunk (`_NO_TOKEN_MARKERS`)
+        self.completion_tokens = 0  # from a usage chunk's `completion_tokens`, when the stream has one
         self.tail = b"\n"  # the end of the previous piece, so markers split across pieces are still seen
         self.done = False
         self.errored = False
@@ -113,10 +126,15 @@ class StreamRelay:
 
     # ------------------------------------------------------------------ engine callbacks
     def _scan(self, chunk: bytes) -> None:
-        self.events += chunk.count(b"data:")
+        # events start a line; one whose "\ndata:" straddles the seam is counted with the piece it ends in
+        self.events += chunk.count(_EVENT_START) + (self.tail[-5:] + chunk[:5]).count(_EVENT_START)
         for marker in _NO_TOKEN_MARKERS:
             if marker in chunk:
                 self.no_token_events += chunk.count(marker)
+        if b'"completion_tokens"' in chunk:  # usage: the last one counts (it may come with every chunk)
+            counts = _COMPLETION_TOKENS.findall(chunk)
+            if counts:
+                self.completion_tokens = int(counts[-1])
         # Markers are looked for in the piece, and across the seam with the previous one (no copy of the piece).
         seam = self.tail + chunk[:24]
         if (b"[DONE]" in chunk or b"[DONE]" in seam) and (
@@ -130,8 +148,14 @@ class StreamRelay:
 
     @property
     def token_events(self) -> int:
-        """Events that carried generated tokens (one each from trtllm-serve and the simulator)."""
+        """Events that carried generated tokens: one token each, unless the engine merged tokens into one
+        event (a client reading slower than tokens come, speculative decoding, stream_interval > 1)."""
         return max(0, self.events - self.no_token_events - (1 if self.done else 0))
+
+    @property
+    def tokens(self) -> int:
+        """Tokens generated: the usage chunk's count when the stream carries one, else `token_events`."""
+        return self.completion_tokens or self.token_events
 
     def _data(self, chunk: bytes) -> None:
         if self.finished:

@@ -61,7 +61,7 @@ from baton.scheduler.placement import (
     make_policy,
     pick_decode,
 )
-from baton.scheduler.relay import StreamRelay
+from baton.scheduler.relay import StreamRelay, starts_with_error_event
 from baton.scheduler.replies import (
     HDR_DECODE,
     HDR_ERROR,
@@ -955,7 +955,6 @@ class SchedulerService:
 
     def snapshot(self) -> dict[str, Any]:
         """Current state for the scrape-time gauges and /debug."""
-        cap = self.config.backpressure.max_active_per_decode_replica
         routing = self.config.routing
         healthy_d = sum(1 for r in self.decode.values() if r.healthy)
         healthy_p = sum(1 for r in self.prefill.values() if r.healthy)
@@ -974,7 +973,8 @@ class SchedulerService:
             "active": {PREFILL: active_p, DECODE: active_d},
             "utilization": {
                 PREFILL: active_p / p_cap if p_cap else 0.0,
-                DECODE: active_d / (cap * healthy_d) if healthy_d else 0.0,
+                # against the cap in force (halved while decode is throttled): 1.0 is "no room"
+                DECODE: active_d / (self._decode_cap() * healthy_d) if healthy_d else 0.0,
             },
             "endpoint_active": {
                 **{(PREFILL, a): r.active for a, r in self.prefill.items()},
@@ -1541,9 +1541,10 @@ class SchedulerService:
         lease.first_token()
         self._engine_ok(replica)
         t_first = self.clock()
-        self.hooks.first_token(ctx.route, t_first - ctx.t0)
-        if handoff:
-            self.hooks.kv_transfer(t_first - t_dispatch, "handoff")
+        if not starts_with_error_event(first):  # an error event is no first token, nor a finished transfer
+            self.hooks.first_token(ctx.route, t_first - ctx.t0)
+            if handoff:
+                self.hooks.kv_transfer(t_first - t_dispatch, "handoff")
         slot, ctx.slot = ctx.slot, None  # the stream keeps the engine client in use until it ends
         relay = StreamRelay(
             resp, first, replica.address, self.config.server.stream_flush_interval_ms / 1000.0, self.clock,
@@ -1593,7 +1594,7 @@ class SchedulerService:
             log.warning("event=stream_cut_at_shutdown request_id=%s endpoint=%s", ctx.rid, lease.replica.address)
             outcome = "failed"
         elif outcome == "completed":
-            tokens = relay.token_events  # not a chat role chunk, the usage chunk or [DONE]
+            tokens = relay.tokens  # not a chat role chunk, the usage chunk or [DONE]
             if tokens >= 2:
                 tpot = (relay.t_last - relay.t_first) / (tokens - 1)
                 self.hooks.tpot(ctx.route, tpot)
