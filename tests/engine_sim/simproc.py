@@ -95,11 +95,12 @@ class Engine:
         assert status == 200, (status, data)
         return data  # type: ignore[return-value]
 
-    def stream(self, body: dict, path: str = "/v1/completions") -> tuple[int, list]:
+    def stream(self, body: dict, path: str = "/v1/completions", headers: dict | None = None) -> tuple[int, list]:
         """POST with stream=true; returns (status, [parsed data chunks..., "[DONE]"]) or (status, error body)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
-            conn.request("POST", path, json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+            conn.request("POST", path, json.dumps({**body, "stream": True}),
+                         {"Content-Type": "application/json", **(headers or {})})
             resp = conn.getresponse()
             if resp.status != 200:
                 return resp.status, json.loads(resp.read())

@@ -816,3 +816,23 @@ def test_a_stream_that_fails_after_its_first_tokens_is_cut_without_an_error_even
     assert head.startswith(b"HTTP/1.1 200 ")
     assert body.count(b"data: ") >= 3 and b"[DONE]" not in body and b'"object": "error"' not in body
     assert not body.endswith(b"0\r\n\r\n")
+
+
+def test_every_finished_request_is_logged_at_info_with_the_request_id_it_came_with(ctx, gen):
+    """One request followed through both workers' logs by the scheduler's X-Request-Id: its context phase on
+    the context worker, its generation on the generation worker, streamed or not."""
+    for rid, streamed in (("followed-streamed", True), ("followed-whole", False)):
+        ctx_resp = ctx.complete({"prompt": f"a request to follow, {rid}", "max_tokens": 4,
+                                 "disaggregated_params": {"request_type": "context_only"}},
+                                headers={"X-Request-Id": rid})
+        body = generation_body(ctx_resp, "/v1/completions")
+        if streamed:
+            status, chunks = gen.stream(body, headers={"X-Request-Id": rid})
+            assert status == 200 and chunks[-1] == "[DONE]"
+        else:
+            assert gen.post("/v1/completions", body, headers={"X-Request-Id": rid})[0] == 200
+        for engine, kind in ((ctx, "context_only"), (gen, "generation_only")):
+            engine.wait_for(lambda: rid in engine.log(), f"{rid} in the {kind} worker's log")
+            done = [json.loads(line) for line in engine.log().splitlines() if f'"{rid}"' in line]
+            assert [(e["event"], e["level"], e["request_type"]) for e in done] == [("request_done", "INFO", kind)]
+            assert done[0]["completion_tokens"] == (1 if kind == "context_only" else 4)

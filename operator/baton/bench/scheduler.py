@@ -165,7 +165,9 @@ class Cluster:
         cfg = self.workdir / f"{name}.json"
         cfg.write_text(json.dumps(options))  # JSON is YAML
         argv = [*baton_command(), "engine-sim", str(self.model_dir), "--host", "127.0.0.1", "--port", "0",
-                "--extra_llm_api_options", str(cfg), "--sim-speed", repr(sim_speed), "--sim-model-name", MODEL]
+                "--extra_llm_api_options", str(cfg), "--sim-speed", repr(sim_speed), "--sim-model-name", MODEL,
+                # a line per request is the engines' cost, not the scheduler's: kept out of their CPU here
+                "--sim-log-level", "WARNING"]
         proc = ListeningProcess(name, argv, self.workdir / f"{name}.log")
         self.procs.append(proc)
         return proc

@@ -372,10 +372,7 @@ class SimServer:
         finally:
             if not seq.finished:
                 self.engine.cancel(seq)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("request done", extra={"fields": {
-                "event": "request_done", "request_id": x_rid or seq.rid, "request_type": seq.kind,
-                "prompt_tokens": seq.prompt.length, "completion_tokens": len(seq.tokens)}})
+        _log_done(seq, x_rid)
         data = _compact(self._full_response(seq, chat)).encode()
         if seq.kind == CTX_ONLY:
             data = data.replace(_IDS_MARK_JSON, seq.prompt.ids_json, 1)
@@ -421,6 +418,15 @@ class SimServer:
         if seq.kind == CTX_ONLY:
             out["prompt_token_ids"] = _IDS_MARK  # spliced in as text by the caller
         return out
+
+
+def _log_done(seq: Seq, x_rid: str | None) -> None:
+    """One line per finished request, with the id the scheduler sent (X-Request-Id): a request can be
+    followed from the scheduler's log through the context worker's and the generation worker's."""
+    if log.isEnabledFor(logging.INFO):
+        log.info("request done", extra={"fields": {
+            "event": "request_done", "request_id": x_rid or seq.rid, "request_type": seq.kind,
+            "prompt_tokens": seq.prompt.length, "completion_tokens": len(seq.tokens)}})
 
 
 def _log_failure(exc: EngineError, x_rid: str) -> None:
@@ -574,6 +580,7 @@ class _TokenStream:
                 out.append(self.head + b'[], "usage": ' + _dumps(self.sim._usage(seq)).encode()
                            + b"}\n\n")
             out.append(_DONE)
+            _log_done(seq, seq.x_request_id)
             self.closed = True
             self.pending = []
             self.sink.end(b"".join(out))
