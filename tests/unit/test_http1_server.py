@@ -2117,3 +2117,81 @@ def test_the_servers_own_errors_take_the_applications_error_shape():
                 await close(writer)
 
     run(main())
+
+
+def test_a_client_pipelining_requests_it_never_reads_the_answers_of_keeps_what_is_buffered_bounded():
+    """Whole answers obey the client's reading as streams do: while its connection's write buffer is full the
+    next pipelined request waits, the pipeline fills, reading pauses, and memory stays bounded however many
+    requests it sends (before, every answer went into the write buffer: gigabytes within seconds)."""
+    body = b"x" * 32 * 1024
+
+    async def big(request):
+        return Response(200, body, "text/plain")
+
+    async def main():
+        async with serving({("GET", "/metrics"): big}) as server:
+            loop = asyncio.get_running_loop()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((HOST, server.port))
+            sock.setblocking(False)
+            burst = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 200
+            sent, deadline = 0, time.monotonic() + 2.0
+            try:
+                while time.monotonic() < deadline:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(loop.sock_sendall(sock, burst), 0.2)
+                        sent += 200
+                    await asyncio.sleep(0)
+                (conn,) = server.connections
+                assert conn.write_paused and conn.paused_reading
+                assert conn.transport.get_write_buffer_size() < 4 * 1024 * 1024, conn.transport.get_write_buffer_size()
+                assert sent * len(body) > 64 * 1024 * 1024  # answers for what was sent would have taken that much
+            finally:
+                sock.close()
+
+    run(main())
+
+
+def test_a_request_trickled_in_is_answered_408_once_it_has_taken_too_long_to_arrive(monkeypatch):
+    """Each byte restarts the idle timeout, so a client sending a byte now and then would hold its connection
+    (and a partial body's buffer) for good: the whole request must arrive within RECEIVE_TIMEOUT_S of its
+    first byte. A client that is quiet between requests is not affected."""
+    monkeypatch.setattr(server_mod, "SWEEP_INTERVAL_S", 0.03)
+    monkeypatch.setattr(server_mod, "RECEIVE_TIMEOUT_S", 0.3)
+
+    async def ok(request):
+        return Response(200, b"ok", "text/plain")
+
+    async def main():
+        async with serving({("POST", "/v1/completions"): ok}) as server:
+            reader, writer = await asyncio.open_connection(HOST, server.port)
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz")
+            assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.5)  # quiet between requests: no request is arriving, nothing to time out
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+            for _ in range(8):  # a byte every 0.1 s: never idle, never whole
+                await asyncio.sleep(0.1)
+                if writer.is_closing():
+                    break
+                writer.write(b"a")
+            answer = await asyncio.wait_for(reader.read(), 2)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in answer
+            writer.close()
+
+    run(main())
+
+
+def test_connection_close_among_other_options_closes_the_connection():
+    async def ok(request):
+        return Response(200, b"ok", "text/plain")
+
+    async def main():
+        async with serving({("GET", "/"): ok}) as server:
+            reader, writer = await asyncio.open_connection(HOST, server.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: TE, close\r\nTE: trailers\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 2)  # read to the end: the server closes
+            assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" in answer
+            writer.close()
+
+    run(main())

@@ -72,6 +72,11 @@ IDLE_TIMEOUT_S = 75.0  # longer than clients' keep-alive expiry, so a client nev
 # given back, instead of waiting for as long as the client keeps its socket open. Any progress starts the
 # time again, however slowly the client reads.
 SEND_TIMEOUT_S = 60.0
+# A request must arrive whole (head and body) within this long of its first byte, else it is answered 408
+# and the connection closed: a client trickling a byte now and then would otherwise hold its connection
+# and buffer for as long as it likes (the idle timeout restarts with every byte). Time in which the
+# server does not read (its pipeline full) or owes the client a 100 Continue does not count.
+RECEIVE_TIMEOUT_S = 60.0
 SWEEP_INTERVAL_S = 5.0
 # The message of the cancellation `HttpServer.stop` gives a handler still running when the drain (and
 # `after_s`) ran out, so that it can tell that from its client going away (`cancelled_by_stop`); and how
@@ -310,6 +315,11 @@ def _repeat_fault(lines: list[str]) -> _BadRequest | None:
     return None
 
 
+def _connection_options(value: str) -> set[str]:
+    """The Connection header's options, a comma-separated list (RFC 9110 7.6.1): `TE, close` closes."""
+    return {option.strip(" \t").lower() for option in value.split(",")} if value else set()
+
+
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER = range(5)
 
 
@@ -333,6 +343,7 @@ class _Connection(ReusedBufferProtocol):
         self.write_paused_size = 0  # how much that was (-1: not seen since the buffer filled)
         self.drain_waiter: asyncio.Future[None] | None = None
         self.producer: Producer | None = None
+        self.receiving_since = 0.0  # loop time the request being received began to arrive (0: none)
         self.push_done: asyncio.Future[None] | None = None
         self.last_active = 0.0
         self.linger: asyncio.TimerHandle | None = None  # half-closed after a final answer, dropping input
@@ -388,7 +399,7 @@ class _Connection(ReusedBufferProtocol):
                 if self.discarded > LINGER_BYTES:
                     self._close()
             return
-        self.last_active = self.server.loop.time()
+        now = self.last_active = self.server.loop.time()
         self.buf += data
         try:
             self._parse()
@@ -396,6 +407,8 @@ class _Connection(ReusedBufferProtocol):
             self._fail(exc.status, exc.message)
         except (ValueError, UnicodeDecodeError) as exc:
             self._fail(400, f"malformed request: {exc}")
+        if not self.receiving_since and (self.buf or self.state != _HEAD) and not self.dead:
+            self.receiving_since = now  # a request has begun to arrive (`RECEIVE_TIMEOUT_S`)
 
     def eof_received(self) -> bool | None:
         if self.server.cancel_on_disconnect:
@@ -507,8 +520,8 @@ class _Connection(ReusedBufferProtocol):
         path, _, query = target.partition("?")
         self._method, self._path, self._query, self._version = method, path, query, version
         self._headers = headers
-        conn = dict.get(headers, "connection", "").lower()
-        self._keep = conn == "keep-alive" if version == "HTTP/1.0" else conn != "close"
+        options = _connection_options(dict.get(headers, "connection", ""))
+        self._keep = "keep-alive" in options if version == "HTTP/1.0" else "close" not in options
         coding = dict.get(headers, "transfer-encoding")
         length_field = dict.get(headers, "content-length")
         if coding is not None:  # RFC 9112 6.1: a smuggling vector unless unambiguous
@@ -543,6 +556,7 @@ class _Connection(ReusedBufferProtocol):
 
     def _complete(self, body: bytes) -> None:
         self.state = _HEAD
+        self.receiving_since = 0.0
         self.continue_owed = False  # the body is here: no 100 Continue is owed for it any more
         self._enqueue(Request(self._method, self._path, self._query, self._version, self._headers, body, self._keep))
         self._path = ""  # a fault in the next request's head is not charged to this one's path
@@ -619,13 +633,25 @@ class _Connection(ReusedBufferProtocol):
                     if self.continue_owed:
                         self.continue_owed = False
                         self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        self.receiving_since = self.server.loop.time()  # its body can come only now
                     if self.eof:
                         self._close()
                     break
+                if self.write_paused:
+                    # The client is not reading its answers: the next one waits, so the pipeline fills, reading
+                    # pauses, and what is queued for it stays bounded however many requests it sends.
+                    try:
+                        await self._drain()
+                    except ConnectionError:
+                        break
+                    if self.closed:
+                        break
                 item = self.pending.popleft()
                 if self.paused_reading and len(self.pending) < 8 and self.transport is not None:
                     self.paused_reading = False
                     self.transport.resume_reading()
+                    if self.receiving_since:  # the time reading was paused is not the client's
+                        self.receiving_since = self.server.loop.time()
         finally:
             self.task = None
 
@@ -859,7 +885,13 @@ class HttpServer:
     def _sweep(self) -> None:
         now = self.loop.time()
         for conn in list(self.connections):
-            if conn.task is None and now - conn.last_active > IDLE_TIMEOUT_S:
+            if (conn.receiving_since and not conn.paused_reading and not conn.continue_owed and not conn.dead
+                    and now - conn.receiving_since > RECEIVE_TIMEOUT_S):
+                conn.receiving_since = 0.0
+                log.warning("a client sent too little of its request in %.0f s: answered 408", RECEIVE_TIMEOUT_S)
+                conn._fail(408, f"the request did not arrive whole within {RECEIVE_TIMEOUT_S:g}s of its "  # noqa: SLF001
+                           "first byte")
+            elif conn.task is None and now - conn.last_active > IDLE_TIMEOUT_S:
                 conn._close()  # noqa: SLF001 - the server owns its connections
             elif conn.write_paused and conn.transport is not None:  # closing ones too: a flush can stall
                 size = _unsent(conn.transport)
