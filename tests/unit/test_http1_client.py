@@ -506,7 +506,7 @@ def test_server_closing_an_idle_keep_alive_connection():
     run(main())
 
 
-def test_reused_connection_closed_before_any_answer_byte_is_retried_once():
+def test_a_get_on_a_reused_connection_closed_before_any_answer_byte_is_retried_once():
     async def script(srv, reader, writer, index):
         await srv.read_request(reader, index)
         writer.write(answer(b"conn%d" % index))
@@ -519,10 +519,32 @@ def test_reused_connection_closed_before_any_answer_byte_is_retried_once():
 
     async def main():
         async with Scripted(script) as srv, http_client() as client:
+            assert (await client.request("GET", HOST, srv.port, "/one"))[2] == b"conn0"
+            assert (await client.request("GET", HOST, srv.port, "/two"))[2] == b"conn1"
+            assert [(r[0], r[1].split()[1]) for r in srv.requests] == [(0, "/one"), (0, "/two"), (1, "/two")]
+            assert (await client.request("GET", HOST, srv.port, "/three"))[2] == b"conn1"
+
+    run(main())
+
+
+def test_a_post_on_a_reused_connection_closed_before_any_answer_byte_is_not_sent_again():
+    """The server may have read the POST and worked on it before its connection died (a worker that
+    crashed, a proxy that cut it): sending it again would run it twice. The caller gets the error."""
+    async def script(srv, reader, writer, index):
+        await srv.read_request(reader, index)
+        writer.write(answer(b"conn%d" % index))
+        if index == 0:
+            await srv.read_request(reader, index)  # read, worked on, then dropped unanswered
+            return
+        while await srv.read_request(reader, index) is not None:
+            writer.write(answer(b"conn%d" % index))
+
+    async def main():
+        async with Scripted(script) as srv, http_client() as client:
             assert (await client.request("POST", HOST, srv.port, "/", b"one"))[2] == b"conn0"
-            assert (await client.request("POST", HOST, srv.port, "/", b"two"))[2] == b"conn1"
-            assert [(r[0], r[3]) for r in srv.requests] == [(0, b"one"), (0, b"two"), (1, b"two")]
-            assert (await client.request("POST", HOST, srv.port, "/", b"three"))[2] == b"conn1"
+            with pytest.raises(ConnectionError):
+                await client.request("POST", HOST, srv.port, "/", b"charge me once")
+            assert [(r[0], r[3]) for r in srv.requests] == [(0, b"one"), (0, b"charge me once")]
 
     run(main())
 

@@ -10,8 +10,10 @@ Every failure is an `OSError`: `ConnectionError` (refused, reset, closed early -
 server closed it in order after its answer began --, unparseable answer) or
 `TimeoutError` (connect timeout, no bytes for `read_timeout` seconds, a request's own `timeout`).
 Idle connections expire after `keepalive_s` (below uvicorn's 5 s default, so a server never closes one
-under a request); a request that fails on a reused connection before any answer byte is sent once more
-on a fresh one.
+under a request). A GET or HEAD that fails on a reused connection before any answer byte is sent once
+more on a fresh one; a POST is not (RFC 9112 9.3.1): the server may have read it and worked on it before
+the connection died, and sending it again would run a generation twice, unseen by the caller's own
+accounting of failures and retries.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ EndCallback = Callable[[], None]
 ErrorCallback = Callable[[Exception], None]
 
 SWEEP_INTERVAL_S = 1.0
+_IDEMPOTENT = ("GET", "HEAD")  # sent once more after a reused connection failed before answering
 
 _IDLE, _HEAD, _LENGTH, _CHUNKS, _TRAILER, _UNTIL_CLOSE, _DONE = range(7)
 
@@ -210,7 +213,8 @@ class _Conn(ReusedBufferProtocol):
                     continue  # 100 Continue and friends: the real answer follows
                 self.status = status
                 self.headers = headers
-                self.keep = headers.get("connection", "").lower() != "close" and parts[0] != "HTTP/1.0"
+                self.keep = ("close" not in {o.strip(" \t").lower() for o in headers.get("connection", "").split(",")}
+                             and parts[0] != "HTTP/1.0")
                 if headers.get("transfer-encoding", "").lower() == "chunked":
                     self.state = _CHUNKS
                 elif status in (204, 304) or self.method == "HEAD":
@@ -483,7 +487,7 @@ class HttpClient:
             try:
                 await conn.send(method, head, body)
             except ConnectionError:
-                if attempt == 0 and reused and not conn.got_bytes and not self.closed:
+                if attempt == 0 and reused and not conn.got_bytes and not self.closed and method in _IDEMPOTENT:
                     conn.close()
                     conn = None  # the server dropped an idle connection as we used it: once more, fresh
                     continue
