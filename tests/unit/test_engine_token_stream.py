@@ -53,7 +53,8 @@ def _stream(include_usage: bool = False, chat: bool = False):
                             "total_tokens": 3 + len(seq.tokens)},
     )
     stream = _TokenStream(sim, chat, include_usage)
-    stream.seq = SimpleNamespace(rid=7, x_request_id="r", tokens=[], finished=False, error=None)
+    stream.seq = SimpleNamespace(rid=7, x_request_id="r", tokens=[], finished=False, error=None,
+                                 kind="context_and_generation", prompt=SimpleNamespace(length=3))
     return stream, cancelled
 
 

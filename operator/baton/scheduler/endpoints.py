@@ -425,6 +425,8 @@ class KubernetesDiscovery:
         scheduler must never see the new prefill tier beside the old decode tier."""
         with self._publish_lock:
             self.generation, self.swap_generation = serving, swap
+            # the model is read: from here on lists go out (`_publish`), never one computed before the filter
+            self._model_read = True
             self._publish({tier: self._tier_endpoints(tier, kind, objects) for tier, (kind, objects) in self._raw.items()})
 
     def _watch_serving_generation(self) -> None:
@@ -447,11 +449,10 @@ class KubernetesDiscovery:
                     ro = (obj.get("status") or {}).get("rollout") or {}
                     serving = ro.get("servingGeneration", "")
                     swap = (ro.get("swap") or {}).get("generation", "")
-                    first, self._model_read = not self._model_read, True
                     if serving and (serving, swap) != (self.generation, self.swap_generation):
                         log.info("event=generation_switch from=%s to=%s swap=%s", self.generation or "-", serving, swap or "-")
                         self._switch(serving, swap)
-                    elif first:  # the generations to route to are known now: publish what was held back
+                    elif not self._model_read:  # the generations to route to are known now: publish what was held
                         self._switch(self.generation, self.swap_generation)
             except Exception as exc:
                 log.warning("event=model_watch_error model=%s error=%r", name, str(exc))
