@@ -75,6 +75,12 @@ class Cluster:
         return client.CustomObjectsApi(self.api_client)
 
     @property
+    def policy(self):
+        from kubernetes import client
+
+        return client.PolicyV1Api(self.api_client)
+
+    @property
     def extensions(self):
         from kubernetes import client
 

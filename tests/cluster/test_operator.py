@@ -127,6 +127,42 @@ def test_scaling_a_tier_reaches_the_statefulset_and_status(cluster, namespace, o
     assert obj["status"]["revision"] == get_dm(cluster, namespace, "llama-8b")["status"]["revision"]
 
 
+def test_a_node_drain_evicts_one_pod_of_a_tier_at_a_time(cluster, namespace, operator):
+    """Each tier and the scheduler have a PodDisruptionBudget over their pods of every generation: an
+    eviction (what kubectl drain and node upgrades do) takes one decode replica, and the next is refused
+    429 until that one is back, so a drain never takes a tier dark at once."""
+    from kubernetes import client
+
+    manifest = small()
+    manifest["spec"]["decode"]["replicas"] = 3
+    manifest["spec"]["decode"]["maxReplicas"] = 3
+    create(cluster, namespace, manifest)
+    wait_ready(cluster, namespace, "llama-8b")
+
+    def budget(component):
+        return cluster.policy.read_namespaced_pod_disruption_budget(f"llama-8b-{component}", namespace)
+
+    wait_for(lambda: budget("decode").status.expected_pods == 3 and budget("decode").status.disruptions_allowed == 1,
+             60, what="the decode budget covering the three decode pods")
+    assert budget("prefill").status.expected_pods == 1 and budget("scheduler").status.expected_pods == 1
+    assert budget("decode").metadata.owner_references[0].kind == "DisaggregatedModel"
+    pods = sorted(p.metadata.name for p in cluster.core.list_namespaced_pod(
+        namespace, label_selector="baton.dev/model=llama-8b,baton.dev/tier=decode").items)
+
+    def evict(pod):
+        body = client.V1Eviction(metadata=client.V1ObjectMeta(name=pod, namespace=namespace))
+        cluster.core.create_namespaced_pod_eviction(pod, namespace, body)
+
+    evict(pods[0])
+    with pytest.raises(ApiException) as refused:
+        evict(pods[1])
+    assert refused.value.status == 429 and "disruption budget" in refused.value.body
+    # the one-replica prefill tier is not held hostage: its only pod may still go
+    (prefill_pod,) = cluster.core.list_namespaced_pod(
+        namespace, label_selector="baton.dev/model=llama-8b,baton.dev/tier=prefill").items
+    evict(prefill_pod.metadata.name)
+
+
 def test_moving_a_tier_to_another_pool_moves_its_pods(cluster, namespace, operator):
     create(cluster, namespace, small())
     wait_ready(cluster, namespace, "llama-8b")

@@ -706,3 +706,21 @@ def test_an_mla_architecture_set_as_documented_sizes_kv_as_the_checkpoint_does(t
         shape = ("attention_type", "kv_factor", "num_layers", "num_kv_heads", "head_dim", "kv_dtype")
         for state in (derived.prefill_state, derived.decode_state):
             assert [getattr(state, f) for f in shape] == [getattr(checkpoint, f) for f in shape]
+
+
+def test_each_tier_and_the_scheduler_has_a_disruption_budget_over_its_pods_of_every_generation():
+    """A drain evicts at most one pod of a tier (or of the scheduler) at a time. The budget selects by model
+    and tier, not generation, so the pods of both generations of a rollout count under it."""
+    model = example_model("llama-70b.yaml")
+    children = render_children(Target(name="m", namespace="ns", uid="u", spec=model.spec))
+    budgets = {c["metadata"]["name"]: c for c in children if c["kind"] == "PodDisruptionBudget"}
+    assert set(budgets) == {"m-prefill", "m-decode", "m-scheduler"}
+    workloads = [c for c in children if c["kind"] in ("StatefulSet", "Deployment")]
+    for budget in budgets.values():
+        spec = budget["spec"]
+        assert spec["maxUnavailable"] == 1 and spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        assert "baton.dev/generation" not in spec["selector"]["matchLabels"]
+        covered = [w for w in workloads
+                   if spec["selector"]["matchLabels"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(covered) == 1, budget["metadata"]["name"]  # exactly its own component's pods
+        assert budget["metadata"]["ownerReferences"][0]["kind"] == "DisaggregatedModel"

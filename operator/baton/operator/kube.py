@@ -35,12 +35,14 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Deployment": ("/apis/apps/v1", "deployments"),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "DisaggregatedModel": (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 
 
 # The kinds Baton renders for a model: watched (kopf, `api_resource`) and listed (the child cache's check).
-CHILD_KINDS = ("StatefulSet", "Deployment", "Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding")
+CHILD_KINDS = ("StatefulSet", "Deployment", "Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding",
+               "PodDisruptionBudget")
 
 
 def api_resource(kind: str) -> tuple[str, str, str]:

@@ -3,24 +3,27 @@
 No client, no I/O: every function takes the parsed spec and returns plain dicts, deterministic for the
 same input, so the operator can compare them with what is in the cluster and tests can check them
 alone. Modules: `naming` (names and labels), `engine_config` (the TensorRT-LLM YAML per tier),
-`tiers` (prefill/decode StatefulSets and Services), `scheduler` (Deployment, Service, config, RBAC).
+`tiers` (prefill/decode StatefulSets and Services), `scheduler` (Deployment, Service, config, RBAC),
+`disruption` (PodDisruptionBudgets).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from baton.render import scheduler, tiers
+from baton.render import disruption, scheduler, tiers
 from baton.render.derived import Derived, derive
 from baton.render.naming import Target
 
 
 def render_shared(target: Target, serving: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Objects every generation shares: the tier Services and the scheduler with its config and RBAC.
-    `serving`: the generation-bound scheduler settings (`scheduler.generation_config`) of the generation
-    that serves, when that is not the spec's (a rollout in progress, blocked or rolled back)."""
+    """Objects every generation shares: the tier Services, the scheduler with its config and RBAC, and the
+    disruption budgets of the tiers and the scheduler. `serving`: the generation-bound scheduler settings
+    (`scheduler.generation_config`) of the generation that serves, when that is not the spec's (a rollout in
+    progress, blocked or rolled back)."""
     return [tiers.headless_service(target, "prefill"), tiers.headless_service(target, "decode"),
-            *scheduler.render_scheduler(target, serving)]
+            *scheduler.render_scheduler(target, serving),
+            *(disruption.disruption_budget(target, c) for c in ("prefill", "decode", scheduler.COMPONENT))]
 
 
 def render_generation(target: Target, derived: Derived) -> list[dict[str, Any]]:
