@@ -7,7 +7,8 @@ place makes no write at all (no apply, no status patch, no Event).
 The steps, each able to end the pass early:
 1. read the DisaggregatedModel (gone or being deleted: nothing to do, ownerReferences clean up);
 2. parse and check the spec beyond what the CRD schema can say; a spec Baton cannot serve is reported
-   (Stalled, an Event) and the children that are already serving are left exactly as they are;
+   (Stalled, an Event) and the children that are already serving are left as they are, but for their
+   replica counts: those still follow the spec's (an autoscaler, `kubectl scale`) when the spec parses;
 3. render the children and server-side apply each one that is missing or differs (drift repaired);
 4. compute status from the live children and patch it if anything changed.
 """
@@ -39,6 +40,7 @@ from baton.operator.rollout_pass import (
     RolloutPass,
     _fingerprints,
     _replicas,
+    _swap_sized,
     generation_children,
     handled_condition,
     handled_value,
@@ -490,13 +492,60 @@ class Reconciler:
         guard.guard_drain()
         return guard
 
+    def _scale_refused(self, body: dict, target: Target, previous: dict,
+                       guard: RolloutPass | None) -> dict[str, dict[str, Any]]:
+        """The spec is refused as a whole but parses: its replica counts (an autoscaler or `kubectl scale`
+        writing spec.<tier>.replicas through the model's scale subresource) still reach the serving
+        generation's StatefulSets, through their scale subresource (as RolloutPass.scale_serving does), each
+        tier at desired_replicas() and never above maxReplicas. Nothing else of the spec is applied, and a
+        StatefulSet already at its count is not written. Nothing is scaled before any generation serves,
+        while a pairwise swap under way sizes the serving generation (as status says, whatever strategy the
+        refused spec names), nor in a pass whose drain guard switched traffic back (the next pass scales
+        the generation that serves then). Returns, per tier of the serving generation, the replica numbers
+        for status: its StatefulSet as listed, at the count it now has."""
+        ro = guard.ro if guard is not None else (previous.get("rollout") or {})
+        serving = ro.get("servingGeneration", "")
+        if not serving or serving != (previous.get("rollout") or {}).get("servingGeneration"):
+            return {}
+        generations = guard.generations if guard is not None else self._generations(target.namespace, target.name)
+        tiers = generations.get(serving, {})
+        swapping = _swap_sized(ro.get("swap") or {}) and ro.get("targetGeneration", "") not in ("", serving)
+        changed, numbers = [], {}
+        for tier in ("prefill", "decode"):
+            sts = tiers.get(tier)
+            if not sts:
+                continue
+            now = before = _replicas(sts, 0)
+            spec_tier = target.spec.tier(tier)
+            want = min(spec_tier.desired_replicas(), spec_tier.max_replicas)
+            if not swapping and want != before:
+                sts_name = sts["metadata"]["name"]
+                try:
+                    self.kube.scale("StatefulSet", target.namespace, sts_name, want)
+                    now = want
+                    changed.append(f"scaled generation {serving} {tier} from {before} to {want} replicas "
+                                   "(the spec is refused: only its replica counts were applied)")
+                except ApiException as exc:
+                    if transient(exc):
+                        raise TransientApiError(f"StatefulSet/{sts_name}: {api_error_message(exc)}", delay=2) from exc
+                    log.warning("%s/%s: scaling StatefulSet %s to %d replicas while the spec is refused failed: %s",
+                                target.namespace, target.name, sts_name, want, api_error_message(exc))
+            # (A scale changes what the StatefulSet reports only later: its status as listed, at its new count.)
+            live = status.tier_status(sts, now, "")
+            numbers[tier] = {k: live[k] for k in ("replicas", "readyReplicas", "updatedReplicas", "summary")}
+        if changed:
+            events.record(self.kube, body, "Normal", "Applied", "; ".join(changed))
+        return numbers
+
     def _stalled(self, body: dict, reason: str, message: str, previous: dict, generation: int,
                  extra: list[tuple[str, bool, str, str]] = (), target: Target | None = None) -> Outcome:
-        """Report a problem the user must fix; touch no child (what serves keeps serving). With the refused
-        spec's `target`, a drain in progress still rolls a failing generation back (traffic only: the
-        failed generation is deleted once a spec is accepted)."""
+        """Report a problem the user must fix; touch no child (what serves keeps serving) but for the serving
+        generation's replica counts. With the refused spec's `target` (it parses), those follow the spec
+        (see _scale_refused), and a drain in progress still rolls a failing generation back (traffic only:
+        the failed generation is deleted once a spec is accepted)."""
         writes_before = self.kube.writes()
         guard = self._guard_drain(body, target, previous) if target is not None else None
+        tier_numbers = self._scale_refused(body, target, previous, guard) if target is not None else {}
         if guard is not None and guard.rolling:
             extra = [*extra, *([guard.problem] if guard.problem else [])]
             if guard.rollback_request:
@@ -525,10 +574,13 @@ class Reconciler:
             decode_kv_capacity_tokens=previous.get("decodeKvCapacityTokens", 0),
             extra=extra,
         )
-        # Keep the last observed tier numbers: they still describe what is serving.
+        # Keep the last observed tier numbers (they still describe what is serving), but for the replica
+        # numbers of the serving StatefulSets read in this pass: what the autoscaler reads back.
         for key in ("prefill", "decode"):
             if key in previous:
                 computed[key] = previous[key]
+            if key in tier_numbers:
+                computed[key] = {**computed[key], **tier_numbers[key]}
         new_status.update(computed)
         if guard is not None and guard.rolling:
             new_status["rollout"] = guard.ro

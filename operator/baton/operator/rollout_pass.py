@@ -10,7 +10,8 @@ Phases of status.rollout.phase:
   longer Ready, too many failed requests, or the rollback annotation) can be switched back in one step.
   Scaling a tier meanwhile is not a failure. An engine change in this phase ends the window: the
   serving generation becomes lastKnownGood and the previous one is deleted once idle. A spec the
-  reconciler refuses (Stalled) in this phase applies nothing, but these checks still run (guard_drain).
+  reconciler refuses (Stalled) in this phase applies nothing but its replica counts (Reconciler.
+  _scale_refused), and these checks still run (guard_drain).
 - Swapping (strategy PairwiseSwap): the new generation runs beside the serving one with a surge of one
   replica per tier; both serve (schedulers pair only equal KV fingerprints) while the new one grows
   and the old one shrinks a replica per tier at a time, each step probed; then the switch and drain.
