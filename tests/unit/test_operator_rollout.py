@@ -861,6 +861,106 @@ def test_a_pairwise_swap_rollback_stops_routing_to_the_new_generation_before_del
     assert m.generations() == [g0]
 
 
+# ---------------------------------------------------------------- 15b. a GitOps revert mid-swap, a rollback after a scale
+
+ORIGINAL_IMAGE = yaml.safe_load(EXAMPLE.read_text())["spec"]["engine"]["image"]
+
+
+def log_swap_writes(m):
+    """Also log, after each status write, the swap generation schedulers route to from then on."""
+    write = m.kube.patch_status
+
+    def patch_status(ns, name, status):
+        write(ns, name, status)
+        m.kube.log.append(("swap", m.ro.get("swap", {}).get("generation", "")))
+
+    m.kube.patch_status = patch_status
+
+
+def test_a_gitops_revert_mid_pairwise_swap_stops_routing_to_the_new_generation_before_deleting_it():
+    """The image is reverted in Git while a swap serves both generations (the old one at 1 replica per tier,
+    the new one at 2): the status write that clears swap.generation comes first, the old generation goes
+    back to the spec's 3 replicas per tier, and the new one is deleted only on a later pass."""
+    m, g0, g1 = mid_pairwise_swap(gpus=4)
+    assert m.replicas(g0) == {"prefill": 1, "decode": 1} and m.replicas(g1) == {"prefill": 2, "decode": 2}
+    log_swap_writes(m)
+    m.kube.log.clear()
+    m.edit(lambda s: s["engine"].__setitem__("image", ORIGINAL_IMAGE))  # the revert commit
+    m.pass_()
+    assert g1 in m.generations(), f"deleted while schedulers still routed to it: {m.kube.log}"
+    assert m.ro["servingGeneration"] == g0 and m.ro["swap"]["generation"] == "", m.ro
+    assert not rollout_pass._swap_sized(m.ro["swap"]), m.ro["swap"]
+    assert m.replicas(g0) == {"prefill": 3, "decode": 3}
+    m.pass_()
+    assert m.generations() == [g0]
+    first_delete = next(i for i, (what, name) in enumerate(m.kube.log) if what == "delete" and name.endswith(g1))
+    assert ("swap", "") in m.kube.log[:first_delete] and ("swap", g1) not in m.kube.log, m.kube.log
+    m.kube.settle()
+    m.pass_()
+    assert m.ro["phase"] == "Serving" and m.ro["targetGeneration"] == g0 and m.ro["failedGeneration"] == ""
+    assert m.replicas(g0) == {"prefill": 3, "decode": 3} and m.cond("Ready")["status"] == "True"
+    assert not m.warnings(), m.warnings()
+
+
+def test_a_gitops_revert_mid_pairwise_swap_deletes_the_new_generation_while_an_older_one_drains():
+    """The swap started while the generation before the serving one was still draining: the revert ends
+    the swap the same way, and its generation does not wait for that drain (it holds GPUs the serving
+    generation needs to grow back)."""
+    m = Model(gpus=5, mutate=pairwise_swap(3))
+    g0 = m.ro["servingGeneration"]
+    m.image("1.2.1")
+    for _ in range(12):
+        m.pass_()
+        m.kube.settle()
+        if m.ro["phase"] == "Draining":
+            break
+    g1 = m.ro["servingGeneration"]
+    assert g1 != g0 and m.ro["previousGeneration"] == g0, m.ro  # g0 drains (requests in flight)
+    m.image("1.2.2")
+    for _ in range(4):
+        m.pass_()
+        m.kube.settle()
+    g2 = m.ro["targetGeneration"]
+    assert m.ro["swap"]["generation"] == g2 and m.ro["previousGeneration"] == g0, m.ro
+    log_swap_writes(m)
+    m.kube.log.clear()
+    m.image("1.2.1")  # back to the serving generation
+    m.pass_()
+    assert m.ro["servingGeneration"] == g1 and m.ro["swap"]["generation"] == "" and g2 in m.generations()
+    assert m.replicas(g1) == {"prefill": 3, "decode": 3}
+    m.pass_()
+    assert m.generations() == sorted([g0, g1]) and m.ro["previousGeneration"] == g0  # g0 still drains
+    first_delete = next(i for i, (what, name) in enumerate(m.kube.log) if what == "delete" and name.endswith(g2))
+    assert ("swap", "") in m.kube.log[:first_delete], m.kube.log
+
+
+def test_a_pairwise_rollback_after_a_mid_swap_scale_down_restores_the_spec_size_directly():
+    """decode is scaled from 3 to 2 mid-swap, then the swap is rolled back: the old generation's decode
+    goes from 1 straight to 2 replicas (the spec), never up to the 3 recorded before the swap and down."""
+    m, g0, _ = mid_pairwise_swap(gpus=4)
+    m.edit(lambda s: s["decode"].__setitem__("replicas", 2))
+    m.pass_()
+    m.kube.settle()
+    assert m.replicas(g0) == {"prefill": 1, "decode": 1} and m.ro["swap"]["decodeReplicas"] == 3
+    sizes = []
+    scale = m.kube.scale
+
+    def record(kind, ns, name, replicas):
+        sizes.append((name, replicas))
+        return scale(kind, ns, name, replicas)
+
+    m.kube.scale = record
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.replicas(g0) == {"prefill": 3, "decode": 2}
+    for _ in range(2):
+        m.pass_()
+        m.kube.settle()
+    assert m.generations() == [g0] and m.replicas(g0) == {"prefill": 3, "decode": 2}
+    assert [n for name, n in sizes if name == f"m-decode-{g0}"] == [2], sizes
+    assert [n for name, n in sizes if name == f"m-prefill-{g0}"] == [3], sizes
+
+
 # ---------------------------------------------------------------- 16. a tier at 0 replicas
 
 @pytest.mark.parametrize("strategy", ["AtomicGeneration", "PairwiseSwap"])

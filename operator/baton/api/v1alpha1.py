@@ -758,8 +758,8 @@ class ErrorRateStatus(ApiModel):
 class SwapStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
     generation: str = Field(default="", description="The incoming generation of a PairwiseSwap once its first pair passed the probe: schedulers route to it beside servingGeneration, pairing only equal KV fingerprints.")
-    prefill_replicas: int = Field(default=0, description="The serving generation's prefill replicas before the swap first shrank it (restored on rollback).")
-    decode_replicas: int = Field(default=0, description="The serving generation's decode replicas before the swap first shrank it (restored on rollback).")
+    prefill_replicas: int = Field(default=0, description="The serving generation's prefill replicas before the swap first shrank it: the swap's budget (a rollback gives the serving generation the spec's counts).")
+    decode_replicas: int = Field(default=0, description="The serving generation's decode replicas before the swap first shrank it: the swap's budget (a rollback gives the serving generation the spec's counts).")
 
 
 class GenerationRef(ApiModel):

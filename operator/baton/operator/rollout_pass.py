@@ -302,11 +302,11 @@ class RolloutPass:
         routed = switched_back or swap.get("generation") == failed
         if _swap_sized(swap):
             # A pairwise swap had shrunk the good generation: traffic leaves the failed one first
-            # (swap.generation cleared), then the good one grows back to its size before the swap.
+            # (swap.generation cleared), then the good one grows back to what the spec asks for (its size
+            # before the swap unless a tier was scaled since: straight there, as the next pass's
+            # scale_serving would set it anyway, never up to the recorded size and down again).
             for tier in ("prefill", "decode"):
-                want = int(swap.get(f"{tier}Replicas", 0))
-                if want:
-                    self._scale(good, tier, want)
+                self._scale(good, tier, self.spec.tier(tier).desired_replicas())
             self.ro["swap"] = dict(NO_SWAP)
         if routed:
             # Delete it on the next pass, never before the status write that stops the routing.
@@ -389,8 +389,8 @@ class RolloutPass:
     # ------------------------------------------------------------------ phases
 
     def swap_sizes_serving(self) -> bool:
-        """A PairwiseSwap owns the serving generation's size: it shrinks it step by step, and restores the
-        size recorded in status.rollout.swap on a rollback."""
+        """A PairwiseSwap owns the serving generation's size: it shrinks it step by step (within the size
+        recorded in status.rollout.swap), and gives it the spec's replica counts back on a rollback."""
         swap = self.ro.get("swap") or {}
         return self.spec.rollout.strategy == "PairwiseSwap" and _swap_sized(swap)
 
@@ -429,24 +429,52 @@ class RolloutPass:
                 self.rolling = True
                 self.requeue = 2.0
             return
+        self._revert_swap(gen)
         previous = self.ro.get("previousGeneration", "")
-        if previous and previous in self.generations and previous != gen:
+        draining = bool(previous) and previous in self.generations and previous != gen
+        # Leftovers of an aborted rollout (the operator died mid-way, a target the spec went back from, also
+        # while a previous generation drains): removed, but a reverted swap's generation that schedulers
+        # still route to until this pass's status write only on the next pass (see _revert_swap).
+        self._remove_leftovers({gen, previous} if draining else {gen})
+        if draining:
             self._drain(gen, previous)
             return
-        else:
-            # Leftovers of an aborted rollout (e.g. the operator died mid-way): remove them.
-            for other in [g for g in self.generations if g != gen]:
-                self.r.delete_generation(self.ns, self.name, other)
-                self.changed.append(f"deleted generation {other}")
-            if self.ro.get("phase") != "Serving" or self.ro.get("previousGeneration"):
-                self.ro.update({"previousGeneration": "", "lastKnownGood": self._ref(gen, fps)})
-                self._phase("Serving", f"generation {gen} serves")
+        if self.ro.get("phase") != "Serving" or self.ro.get("previousGeneration"):
+            self.ro.update({"previousGeneration": "", "lastKnownGood": self._ref(gen, fps)})
+            self._phase("Serving", f"generation {gen} serves")
         if self.rollback_request:
             self.rollback_done = "nothing to roll back"
         # The spec is back on the serving generation (e.g. reverted after a failed rollout): no rollout
         # is targeted or failed any more.
         if self.ro.get("targetGeneration") != gen or self.ro.get("failedGeneration"):
             self.ro.update({"targetGeneration": gen, "failedGeneration": ""})
+
+    def _revert_swap(self, gen: str) -> None:
+        """The spec went back to the serving generation during a PairwiseSwap (a GitOps revert): the swap
+        ends. Schedulers stop routing to its generation in this pass's status write (swap cleared); the
+        serving generation already got the spec's replica counts from this pass's in-place apply; the
+        swap's generation is deleted on the next pass, never before that write (as in _rollback)."""
+        swap, target = self.ro.get("swap") or {}, self.ro.get("targetGeneration", "")
+        reverted = swap.get("generation", "")
+        # (After a swap's final switch its record stays until the drain ends: a rollback in the window uses it.)
+        if reverted in ("", gen) and not (_swap_sized(swap) and target not in ("", gen)):
+            return
+        self.ro["swap"] = dict(NO_SWAP)
+        if reverted in ("", gen) or reverted not in self.generations:
+            return  # not routed to (the swap had not passed its first probe): a leftover, deleted at once
+        # The in-place apply scaled the serving generation after `generations` was listed: read it again,
+        # so that it is not scaled a second time (a no-op unless that apply left a tier short).
+        self.generations = self.r._generations(self.ns, self.name)
+        for tier in ("prefill", "decode"):
+            self._scale(gen, tier, self.spec.tier(tier).desired_replicas())
+        self.deferred_delete = reverted
+        self.rolling = True
+        self.requeue = 2.0
+        self._event("Normal", "Switched",
+                    f"the spec went back to generation {gen} during the pairwise swap: all traffic on generation {gen}, "
+                    f"which grows back to {self.spec.prefill.desired_replicas()} prefill, "
+                    f"{self.spec.decode.desired_replicas()} decode; generation {reverted} gets no new work and is deleted "
+                    "on the next pass")
 
     def _drain(self, gen: str, previous: str) -> None:
         """After the switch: watch the new generation, let the old one finish, then delete it."""
@@ -696,8 +724,9 @@ class RolloutPass:
         else:
             new_counts = {t: _replicas(self.generations[gen].get(t), 0) for t in tiers}
         if not _swap_sized(swap):
-            # The serving generation's size to restore on a rollback, recorded before it first shrinks (also
-            # when the strategy became PairwiseSwap after the new generation had started).
+            # The serving generation's size, recorded before it first shrinks (also when the strategy became
+            # PairwiseSwap after the new generation had started): the swap's budget, and the mark that the
+            # swap sizes the serving generation (a rollback gives it the spec's counts back).
             swap = {**swap, **{f"{t}Replicas": _replicas(old.get(t), desired[t]) for t in tiers}}
             self.ro["swap"] = swap
         if self._apply_new(gen, new_counts):
