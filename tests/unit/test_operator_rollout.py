@@ -401,8 +401,11 @@ def test_reverting_the_spec_after_a_rollback_clears_the_failed_rollout():
     # (kstatus Failed, Argo CD Degraded), not a model that looks healthy and current.
     stalled = m.cond("Stalled")
     assert stalled["status"] == "True" and stalled["reason"] == "RolledBack" and "rolled back" in stalled["message"]
+    # counted as a stalled pass (baton_operator_reconciles_total{result="stalled"}: the Stalled alert)
+    assert m.r.reconcile("ns", "m").failed
     m.image("1.2.0")  # back to what serves
     m.pass_()
+    assert not m.r.reconcile("ns", "m").failed
     assert m.ro["servingGeneration"] == old and m.ro["targetGeneration"] == old and m.ro["failedGeneration"] == ""
     assert m.ro["phase"] == "Serving" and m.cond("RolloutSucceeded")["status"] == "True"
     assert m.cond("Stalled")["status"] == "False"

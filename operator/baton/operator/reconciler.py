@@ -362,6 +362,8 @@ class Reconciler:
                 rollout_state.succeeded or any(c.get("type") == ROLLOUT for c in previous.get("conditions") or [])):
             # A rollout's condition: True again once a generation serves with nothing blocked or failed.
             extra.append((ROLLOUT, True, "Serving", f"generation {serving} serves"))
+        rolled_back = (rollout_state.problem[3] if rollout_state.problem
+                       and rollout_state.problem[2] == status.REASON_ROLLED_BACK else "")
         new_status = status.compute(
             generation=generation,
             previous=previous,
@@ -378,14 +380,15 @@ class Reconciler:
             rolling=rollout_state.rolling,
             rolling_note=in_place_held_back(serving, gen) if serving and serving != gen else "",
             drop=forget,
-            rolled_back=(rollout_state.problem[3] if rollout_state.problem
-                         and rollout_state.problem[2] == status.REASON_ROLLED_BACK else ""),
+            rolled_back=rolled_back,
             selectors=(label_selector(selector_labels(target, "prefill")), label_selector(selector_labels(target, "decode"))),
         )
         new_status["rollout"] = ro
         self._write_status(body, previous, new_status)
         requeue = RESYNC_SECONDS if settled and not rollout_state.rolling else PROGRESS_SECONDS
-        return Outcome(requeue_after=min(requeue, rollout_state.requeue), writes=self.kube.writes() - writes_before)
+        # A rolled-back spec is Stalled too (the user must act): counted so, as the Stalled alert reads it.
+        return Outcome(requeue_after=min(requeue, rollout_state.requeue), writes=self.kube.writes() - writes_before,
+                       failed=bool(rolled_back))
 
     # ------------------------------------------------------------------------------------------
 
