@@ -1599,3 +1599,14 @@ def test_a_stream_whose_first_event_is_an_engine_error_adds_no_first_token_or_tr
         await svc.stop()
 
     run(main())
+
+
+def test_the_http_layers_own_answers_carry_their_own_error_codes():
+    """A request the HTTP layer answers itself (408 for one that did not arrive in time, among others) gets a
+    code that says what happened, not the 500's internal_error."""
+    from baton.scheduler.server import openai_http_error
+
+    for status, code in ((408, "request_timeout"), (413, "request_too_large"), (431, "request_header_fields_too_large")):
+        body, ctype = openai_http_error(status, "x")
+        error = json.loads(body)["error"]
+        assert ctype == "application/json" and error["code"] == code and error["type"] == "invalid_request_error"

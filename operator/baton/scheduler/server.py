@@ -23,6 +23,7 @@ _STREAM_HEADERS = {"Cache-Control": "no-cache"}
 # The HTTP layer's own answers in OpenAI's error shape, as the scheduler's other errors are
 _HTTP_ERRORS = {400: ("invalid_request_error", "bad_request"), 404: ("invalid_request_error", "not_found"),
                 405: ("invalid_request_error", "method_not_allowed"),
+                408: ("invalid_request_error", "request_timeout"),
                 413: ("invalid_request_error", "request_too_large"),
                 431: ("invalid_request_error", "request_header_fields_too_large"),
                 501: ("invalid_request_error", "not_implemented"),
