@@ -1105,18 +1105,22 @@ class SchedulerService:
         if not self.prefill_bucket.try_take(tokens):
             self.prefill_queue.wake_after(self.prefill_bucket.time_until(tokens))
             return None
-        if len(candidates) > 1:
-            # a prefill replica whose ring has a free decode slot first: on a full ring the result is held
-            with_room = [r for r in candidates
-                         if self._decode_candidates(self._ring(r.address, excluded), excluded, False)]
-            candidates = with_room or candidates
         replica = self.policy.pick(candidates, tokens)
+        if len(candidates) > 1 and not self._ring_has_room(replica, excluded):
+            # a prefill replica whose ring has a free decode slot first: on a full ring the result is held
+            # (looked at only when the policy's pick has none, so the usual request pays one ring check)
+            with_room = [r for r in candidates if r is not replica and self._ring_has_room(r, excluded)]
+            if with_room:
+                replica = self.policy.pick(with_room, tokens)
         assert replica is not None
         replica.active += 1
         replica.queued_tokens += tokens
         replica.dispatched += 1
         self.prefills_in_flight += 1
         return replica
+
+    def _ring_has_room(self, prefill: ReplicaState, excluded: set[str]) -> bool:
+        return bool(self._decode_candidates(self._ring(prefill.address, excluded), excluded, False))
 
     def _unused_prefill(self, replica: ReplicaState, tokens: int) -> None:
         """Give back a prefill slot granted to a waiter that went away before using it, with its tokens."""
