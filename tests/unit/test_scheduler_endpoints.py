@@ -462,3 +462,62 @@ def test_discovery_publishes_nothing_before_it_knows_both_tiers_and_the_serving_
 
     from http1_harness import until
     asyncio.run(main())
+
+
+def test_a_model_that_cannot_be_found_is_said_so_while_nothing_is_published(monkeypatch, caplog):
+    """With `model` set nothing is published before the model is read; a model that does not exist (a wrong
+    name or namespace) must not leave the scheduler silently without endpoints."""
+    import asyncio
+    import logging
+    import threading
+
+    from kubernetes import watch as k8s_watch
+
+    from baton.scheduler import endpoints as endpoints_module
+    from baton.scheduler.config import KubernetesEndpoints
+    from baton.scheduler.endpoints import KubernetesDiscovery
+
+    stop = threading.Event()
+
+    class FakeDiscoveryApi:
+        def __init__(self, api_client):
+            pass
+
+        def list_namespaced_endpoint_slice(self, namespace, label_selector, **kw):
+            return client.V1EndpointSliceList(items=[], metadata=client.V1ListMeta(resource_version="1"))
+
+    class FakeCustomObjectsApi:
+        def __init__(self, api_client):
+            pass
+
+        def list_namespaced_custom_object(self, *args, **kwargs):
+            raise AssertionError("only watched")
+
+    class FakeWatch:
+        def stream(self, fn, *args, **kwargs):
+            stop.wait(0.1 if fn.__name__ == "list_namespaced_custom_object" else 5)  # a watch period, no event
+            return
+            yield
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(client, "DiscoveryV1Api", FakeDiscoveryApi)
+    monkeypatch.setattr(client, "CustomObjectsApi", FakeCustomObjectsApi)
+    monkeypatch.setattr(k8s_watch, "Watch", FakeWatch)
+    monkeypatch.setattr(endpoints_module.KubernetesDiscovery, "_client", lambda self: object())
+
+    async def main():
+        published = []
+        disc = KubernetesDiscovery(KubernetesEndpoints(namespace="ns", prefill_service="p", decode_service="d",
+                                                       model="no-such-model"),
+                                   lambda p, d: published.append((p, d)), asyncio.get_running_loop())
+        with caplog.at_level(logging.WARNING, logger="baton.scheduler.endpoints"):
+            disc.start()
+            await asyncio.sleep(0.5)
+            disc.stop()
+            stop.set()
+        assert published == []
+        assert "event=model_not_found model=no-such-model namespace=ns" in caplog.text
+
+    asyncio.run(main())

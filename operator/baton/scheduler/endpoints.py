@@ -454,6 +454,10 @@ class KubernetesDiscovery:
                         self._switch(serving, swap)
                     elif not self._model_read:  # the generations to route to are known now: publish what was held
                         self._switch(self.generation, self.swap_generation)
+                if not self._model_read and not self._stop.is_set():  # a whole watch period without the model
+                    log.warning("event=model_not_found model=%s namespace=%s detail=%r", name, self.config.namespace,
+                                "no endpoints are used until this DisaggregatedModel can be read (its status names "
+                                "the generations to route to); check endpoints.kubernetes.model and namespace")
             except Exception as exc:
                 log.warning("event=model_watch_error model=%s error=%r", name, str(exc))
                 self._stop.wait(2.0)
