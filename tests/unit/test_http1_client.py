@@ -14,7 +14,7 @@ import time
 
 import baton.http1.client as client_mod
 import pytest
-from baton.http1.client import HttpClient, ProtocolError
+from baton.http1.client import ClosedBeforeAnswer, HttpClient, ProtocolError
 from baton.http1.server import (
     PushResponse,
     Response,
@@ -542,7 +542,7 @@ def test_a_post_on_a_reused_connection_closed_before_any_answer_byte_is_not_sent
     async def main():
         async with Scripted(script) as srv, http_client() as client:
             assert (await client.request("POST", HOST, srv.port, "/", b"one"))[2] == b"conn0"
-            with pytest.raises(ConnectionError):
+            with pytest.raises(ClosedBeforeAnswer):  # a ConnectionError the caller can tell from a dead server
                 await client.request("POST", HOST, srv.port, "/", b"charge me once")
             assert [(r[0], r[3]) for r in srv.requests] == [(0, b"one"), (0, b"charge me once")]
 

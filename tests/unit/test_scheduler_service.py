@@ -46,6 +46,9 @@ class FakeEngine:
         mode = self.fail.get(endpoint.address)
         if mode == "connect":
             raise EngineFailure(endpoint, "ClientConnectorError: refused", kind="connection")
+        if mode == "closed" and kind == "generation_only":  # a reused connection closed before any answer
+            self.fail.pop(endpoint.address)  # once
+            raise EngineFailure(endpoint, "ClosedBeforeAnswer: closed", kind="closed_before_answer")
         if mode == "kv" and kind == "generation_only":
             return 500, json.dumps({"object": "error", "message": KV_ERROR}).encode(), "application/json"
         if mode == "500":
@@ -1610,3 +1613,20 @@ def test_the_http_layers_own_answers_carry_their_own_error_codes():
         body, ctype = openai_http_error(status, "x")
         error = json.loads(body)["error"]
         assert ctype == "application/json" and error["code"] == code and error["type"] == "invalid_request_error"
+
+
+def test_a_reused_connection_closed_before_any_answer_is_retried_without_taking_the_replica_out():
+    """The HTTP client no longer sends a POST again when a reused connection dies before answering (the
+    engine may have read it): the scheduler retries it on another pair, visibly, and the replica stays in
+    rotation (an idle connection the engine closed as it was reused says nothing of its health)."""
+    async def main():
+        svc, engine = make()
+        engine.fail["d1:1"] = "closed"
+        reply = await svc.complete("completions", long_request(), {})
+        assert reply.status == 200 and reply.headers["X-Baton-Decode-Endpoint"] == "d2:1"
+        assert svc.decode["d1:1"].healthy and svc.decode["d1:1"].failures == 1
+        assert 'baton_scheduler_retries_total{reason="closed_before_answer",route="disaggregated"} 1.0' in (
+            svc.metrics.exposition().decode())
+        await svc.stop()
+
+    run(main())

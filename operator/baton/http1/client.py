@@ -84,6 +84,12 @@ class ProtocolError(ConnectionError):
     """The server's answer is not HTTP/1.1 we understand."""
 
 
+class ClosedBeforeAnswer(ConnectionResetError):
+    """A request that is not sent again (a POST) failed on a reused connection before any answer byte: the
+    server closed an idle connection as it was reused (its keep-alive ran out), or read the request and then
+    died. Which one cannot be told, so it is neither re-sent nor proof that the server is down."""
+
+
 class ClosedMidAnswer(ConnectionResetError):
     """The server closed the connection (an orderly close, not a reset) after it began its answer and before
     the answer's end: what a client of uvicorn sees when a streamed response's generator raises."""
@@ -486,12 +492,14 @@ class HttpClient:
                     f"{method} {host}:{port}{path} got no answer within {timeout:g}s"))
             try:
                 await conn.send(method, head, body)
-            except ConnectionError:
-                if attempt == 0 and reused and not conn.got_bytes and not self.closed and method in _IDEMPOTENT:
-                    conn.close()
-                    conn = None  # the server dropped an idle connection as we used it: once more, fresh
-                    continue
+            except ConnectionError as exc:
                 conn.close()
+                if attempt == 0 and reused and not conn.got_bytes and not self.closed:
+                    if method in _IDEMPOTENT:
+                        conn = None  # the server dropped an idle connection as we used it: once more, fresh
+                        continue
+                    raise ClosedBeforeAnswer(f"a reused connection closed before any answer ({exc}): the server "
+                                             "dropped it while idle, or read the request and then failed") from exc
                 raise
             except BaseException:
                 conn.close()

@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol
 
-from baton.http1.client import HttpClient
+from baton.http1.client import ClosedBeforeAnswer, HttpClient
 from baton.scheduler.endpoints import Endpoint
 from baton.scheduler.replies import error_body
 from baton.tokens import EstimateTokenizer, active_tokenizer, chat_text, is_token_ids, tokenize_async
@@ -61,7 +61,9 @@ class EngineFailure(Exception):
         self.status = status
         self.body = body
         # "retryable" | "kv_mismatch" | "kv_lost" | "connection" | "stream_cut" (a streamed answer the engine
-        # ended, in order, before its first event: trtllm-serve's stream generator raised after the 200)
+        # ended, in order, before its first event: trtllm-serve's stream generator raised after the 200) |
+        # "closed_before_answer" (a reused connection closed before any answer: counted as a 5xx is, not
+        # taken as the replica being down, which a fresh connection for the retry shows if it is)
         self.kind = kind
 
     @property
@@ -242,6 +244,8 @@ class TrtllmServeClient:
         host, port = endpoint.host_port
         try:
             status, headers, data = await self.http.request("POST", host, port, path, body, self._headers(request_id))
+        except ClosedBeforeAnswer as exc:
+            raise EngineFailure(endpoint, f"{type(exc).__name__}: {exc}", kind="closed_before_answer") from exc
         except OSError as exc:  # ConnectionError, TimeoutError
             raise EngineFailure(endpoint, f"{type(exc).__name__}: {exc}", kind="connection") from exc
         return status, data, headers.get("content-type", "application/json")
@@ -250,6 +254,8 @@ class TrtllmServeClient:
         host, port = endpoint.host_port
         try:
             return await self.http.open("POST", host, port, path, body, self._headers(request_id))
+        except ClosedBeforeAnswer as exc:
+            raise EngineFailure(endpoint, f"{type(exc).__name__}: {exc}", kind="closed_before_answer") from exc
         except OSError as exc:
             raise EngineFailure(endpoint, f"{type(exc).__name__}: {exc}", kind="connection") from exc
 
