@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import urllib.parse
 from functools import cache
 from pathlib import Path
@@ -620,3 +621,21 @@ def test_argocd_health_check_reads_the_operator_conditions():
     assert argocd_health(_model(None)) == ("Progressing", "Waiting for the Baton operator to report status")
     stale = dict(ready, observedGeneration=1)
     assert argocd_health(_model(stale)) == ("Progressing", "Waiting for the Baton operator to observe generation 2")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_disruption_budgets_can_be_turned_off_for_clusters_whose_own_budgets_select_batons_pods(enabled):
+    """operator.disruptionBudgets reaches the operator, which then renders no budget and watches none
+    (Kubernetes refuses to evict a pod two budgets select)."""
+    docs = render(f"operator.disruptionBudgets={str(enabled).lower()}")
+    env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+    assert env["BATON_DISRUPTION_BUDGETS"] == str(enabled).lower()
+    probe = ("import baton.operator.kube as k; from baton.render import render_children; from baton.render.naming "
+             "import Target; from baton.api.v1alpha1 import DisaggregatedModel; import yaml; "
+             f"m = DisaggregatedModel.model_validate(yaml.safe_load(open({str(REPO / 'examples' / 'small.yaml')!r}))); "
+             "kinds = {c['kind'] for c in render_children(Target(name='m', namespace='ns', uid='u', spec=m.spec))}; "
+             "print('PodDisruptionBudget' in k.CHILD_KINDS, 'PodDisruptionBudget' in kinds)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, "BATON_DISRUPTION_BUDGETS": env["BATON_DISRUPTION_BUDGETS"]})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(enabled), str(enabled)]

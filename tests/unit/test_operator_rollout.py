@@ -1155,3 +1155,27 @@ def test_a_model_gone_without_its_delete_event_ends_its_loop_and_leaves_nothing_
     outcome = m.r.reconcile("ns", "m")
     assert outcome.gone
     assert ("ns", "m") not in m.r._unschedulable and ("ns", "m") not in m.r._transient
+
+
+# ---------------------------------------------------------------- disruption budgets
+
+def test_a_disruption_budget_the_api_server_refuses_is_a_warning_not_a_stalled_model():
+    """The budgets protect what serves, they are not needed to serve: a policy or RBAC that refuses them
+    leaves the model Ready and its rollouts running, with a Warning saying what to do."""
+    m = Model()
+    for key in [k for k in m.kube.objs if k[0] == "PodDisruptionBudget"]:
+        del m.kube.objs[key]  # as before an operator upgrade, on a cluster that refuses budgets
+    m.kube.fail_apply = lambda o: 403 if o["kind"] == "PodDisruptionBudget" else None
+    m.edit(lambda spec: spec["decode"].__setitem__("replicas", 2))  # and the model's own changes go on
+    m.pass_()
+    m.kube.settle()
+    m.pass_()
+    assert m.cond("Ready")["status"] == "True" and m.cond("Stalled")["status"] == "False"
+    assert m.obj["status"]["decode"]["summary"] == "2/2"
+    warnings = [e for e in m.kube.events if e[0] == "Warning"]
+    assert warnings and {e[1] for e in warnings} == {"DisruptionBudgetNotApplied"}
+    assert "operator.disruptionBudgets" in warnings[0][2]
+    assert not any(k[0] == "PodDisruptionBudget" for k in m.kube.objs)
+    m.kube.fail_apply = None
+    m.pass_()  # allowed again: applied
+    assert {k[2] for k in m.kube.objs if k[0] == "PodDisruptionBudget"} == {"m-prefill", "m-decode", "m-scheduler"}

@@ -19,6 +19,7 @@ from kubernetes.client.rest import ApiException
 
 from baton import __version__
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
+from baton.render import disruption
 from baton.render.naming import FIELD_MANAGER
 
 USER_AGENT = f"baton-operator/{__version__}"
@@ -42,7 +43,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
 
 # The kinds Baton renders for a model: watched (kopf, `api_resource`) and listed (the child cache's check).
 CHILD_KINDS = ("StatefulSet", "Deployment", "Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding",
-               "PodDisruptionBudget")
+               *(("PodDisruptionBudget",) if disruption.ENABLED else ()))
 
 
 def api_resource(kind: str) -> tuple[str, str, str]:

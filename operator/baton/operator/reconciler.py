@@ -66,6 +66,7 @@ from baton.render.naming import (
 log = logging.getLogger("baton.operator")
 
 RESYNC_SECONDS = float(os.environ.get("BATON_RESYNC_SECONDS", "60"))
+REASON_BUDGET_NOT_APPLIED = "DisruptionBudgetNotApplied"  # a Warning Event; the model is not stalled for it
 # How often (on average; each model's own, jittered) a model's cached children are checked against a list:
 # a deletion the watch missed (kopf lists again after a gap, and a list carries no deletions) leaves a
 # child the cache still holds, which no pass would then re-create.
@@ -261,10 +262,19 @@ class Reconciler:
         # First deployment, or a change that keeps the KV format and engine: the generation's children roll
         # in place, in one all-or-nothing batch with the shared objects (a refusal of any leaves all as they were).
         in_place = not serving or gen == serving
+        budgets = [c for c in shared if c["kind"] == "PodDisruptionBudget"]
+        shared = [c for c in shared if c["kind"] != "PodDisruptionBudget"]
         failure = self._apply_all(shared + (generation_children(target, derived) if in_place else []),
                                   namespace, changed, prefix="in place: ")
         if failure:
             return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation, target=target)
+        # The disruption budgets protect what serves but are not needed to serve: one the API server refuses
+        # (a policy, RBAC the chart did not grant) is a Warning, never a reason to stall the model.
+        refused = self._apply_all(budgets, namespace, changed)
+        if refused:
+            events.record(self.kube, body, "Warning", REASON_BUDGET_NOT_APPLIED,
+                          f"{refused}; the model serves without it (set the chart's operator.disruptionBudgets: "
+                          "false if your own budgets select Baton's pods)")
 
         # The control annotations, each acted on once per value (see rollout_pass.HANDLED).
         conditions = previous.get("conditions") or []

@@ -23,7 +23,8 @@ def render_shared(target: Target, serving: dict[str, str] | None = None) -> list
     progress, blocked or rolled back)."""
     return [tiers.headless_service(target, "prefill"), tiers.headless_service(target, "decode"),
             *scheduler.render_scheduler(target, serving),
-            *(disruption.disruption_budget(target, c) for c in ("prefill", "decode", scheduler.COMPONENT))]
+            *(disruption.disruption_budget(target, c) for c in ("prefill", "decode", scheduler.COMPONENT)
+              if disruption.ENABLED)]
 
 
 def render_generation(target: Target, derived: Derived) -> list[dict[str, Any]]:

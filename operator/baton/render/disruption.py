@@ -11,11 +11,16 @@ failing) may always be evicted, so a pod stuck loading cannot hold a node drain 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from baton.render.naming import Target, metadata, selector_labels
 
 MAX_UNAVAILABLE = 1
+# BATON_DISRUPTION_BUDGETS=false (the chart's operator.disruptionBudgets): no budgets, for clusters whose own
+# budgets already select Baton's pods (Kubernetes refuses to evict a pod two budgets select) or whose
+# policy forbids them. Read once: the operator's watches are set up from it at import.
+ENABLED = os.environ.get("BATON_DISRUPTION_BUDGETS", "true").strip().lower() not in ("false", "0", "no")
 
 
 def disruption_budget(target: Target, component: str) -> dict[str, Any]:
