@@ -121,3 +121,15 @@ def test_a_restarted_pod_keeps_every_ring_as_it_was():
     many = [ep("decode", i, f"127.0.1.{i}") for i in (10, 2, 1)]
     assert build_rings([ep("prefill", 0, "127.0.0.1")], many, ring_size=3)["127.0.0.1:8000"] == (
         "127.0.1.1:8000", "127.0.1.2:8000", "127.0.1.10:8000")
+
+
+def test_round_robin_keeps_its_turns_when_asked_twice_for_one_grant():
+    """Placement asks again among the candidates whose ring has room when the first pick's ring is full:
+    the turn passes on from the replica picked, so the free ones still share the work evenly."""
+    rr = make_policy("round-robin")
+    a, b, c = states((0, 0), (0, 0), (0, 0))
+    picked = []
+    for _ in range(300):
+        first = rr.pick([a, b, c], 1)
+        picked.append(first.address if first is not a else rr.pick([b, c], 1).address)  # a's ring is full
+    assert picked.count("h1:1") == picked.count("h2:1") == 150

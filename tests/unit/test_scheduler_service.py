@@ -1630,3 +1630,20 @@ def test_a_reused_connection_closed_before_any_answer_is_retried_without_taking_
         await svc.stop()
 
     run(main())
+
+
+def test_a_decode_replica_that_closed_a_handoff_unanswered_is_not_tried_again_for_that_request():
+    """A reused connection closed before any answer may be a replica that died after reading the request:
+    the retry avoids that replica (not only the pair), even when another prefill's ring leads back to it."""
+    async def main():
+        svc, engine = make("routing: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100, ringSize: 1}\n",
+                           prefill=("p1:1", "p2:1", "p3:1"), decode=("d1:1", "d2:1"))
+        svc.rings = {"p1:1": ("d1:1",), "p2:1": ("d1:1",), "p3:1": ("d2:1",)}  # rings that overlap on d1
+        svc.prefill["p3:1"].dispatched = 10  # p1 then p2 win the ties: the retry would go back to d1
+        engine.fail["d1:1"] = "closed"
+        reply = await svc.complete("completions", long_request(), {})
+        assert reply.status == 200 and reply.headers["X-Baton-Decode-Endpoint"] == "d2:1"
+        assert [a for a, k in engine.calls if k == "generation_only"] == ["d1:1", "d2:1"]
+        await svc.stop()
+
+    run(main())

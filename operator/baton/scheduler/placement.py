@@ -99,14 +99,16 @@ class RoundRobin:
     name = "round-robin"
 
     def __init__(self) -> None:
-        self._next = 0
+        self._last = ""  # the address picked last: the turn passes to the next one after it
 
     def pick(self, candidates: Sequence[ReplicaState], tokens: int) -> ReplicaState | None:
+        """The candidate whose address follows the last pick's (wrapping): the turn moves through the
+        replicas however often, and among however many candidates, it is asked."""
         if not candidates:
             return None
         ordered = sorted(candidates, key=lambda r: r.address)
-        choice = ordered[self._next % len(ordered)]
-        self._next += 1
+        choice = next((r for r in ordered if r.address > self._last), ordered[0])
+        self._last = choice.address
         return choice
 
 

@@ -1230,7 +1230,8 @@ class SchedulerService:
                     cut = self.decode.get(failure.endpoint.address)
                     if cut is not None and cut.healthy:
                         await self._probe([cut], take_out_only=True)
-                if ctx.prefill is not None and ctx.decode is not None and not failure.connection_level:
+                if (ctx.prefill is not None and ctx.decode is not None and not failure.connection_level
+                        and failure.kind != "closed_before_answer"):
                     # a generation-only request failed without losing the connection: the handoff between
                     # this pair failed (e.g. the context worker lost the KV); avoid the pair, not the replicas
                     ctx.excluded.add(f"{ctx.prefill.address}->{ctx.decode.address}")
