@@ -1165,7 +1165,8 @@ def test_a_disruption_budget_the_api_server_refuses_is_a_warning_not_a_stalled_m
     m = Model()
     for key in [k for k in m.kube.objs if k[0] == "PodDisruptionBudget"]:
         del m.kube.objs[key]  # as before an operator upgrade, on a cluster that refuses budgets
-    m.kube.fail_apply = lambda o: 403 if o["kind"] == "PodDisruptionBudget" else None
+    attempts = []
+    m.kube.fail_apply = lambda o: attempts.append(o["kind"]) or (403 if o["kind"] == "PodDisruptionBudget" else None)
     m.edit(lambda spec: spec["decode"].__setitem__("replicas", 2))  # and the model's own changes go on
     m.pass_()
     m.kube.settle()
@@ -1173,9 +1174,15 @@ def test_a_disruption_budget_the_api_server_refuses_is_a_warning_not_a_stalled_m
     assert m.cond("Ready")["status"] == "True" and m.cond("Stalled")["status"] == "False"
     assert m.obj["status"]["decode"]["summary"] == "2/2"
     warnings = [e for e in m.kube.events if e[0] == "Warning"]
-    assert warnings and {e[1] for e in warnings} == {"DisruptionBudgetNotApplied"}
+    assert len(warnings) == 1 and warnings[0][1] == "DisruptionBudgetNotApplied"
+    assert all(f"PodDisruptionBudget/m-{c}" in warnings[0][2] for c in ("prefill", "decode", "scheduler"))
     assert "operator.disruptionBudgets" in warnings[0][2]
     assert not any(k[0] == "PodDisruptionBudget" for k in m.kube.objs)
+    tried = attempts.count("PodDisruptionBudget")
+    m.pass_(2)  # settled: the refused budgets are not tried again each pass, nor the Warning posted again
+    assert attempts.count("PodDisruptionBudget") == tried
+    assert len([e for e in m.kube.events if e[0] == "Warning"]) == 1
     m.kube.fail_apply = None
-    m.pass_()  # allowed again: applied
+    m.r.child_list_seconds = 0  # a child-listing period later they are tried again: allowed now, applied
+    m.pass_()
     assert {k[2] for k in m.kube.objs if k[0] == "PodDisruptionBudget"} == {"m-prefill", "m-decode", "m-scheduler"}

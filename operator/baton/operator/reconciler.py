@@ -118,6 +118,39 @@ class Reconciler:
         self._unschedulable: dict[tuple[str, str], tuple[float, tuple[list[str], list[str]]]] = {}
         self._fresh = threading.local()  # .model: the pass is the first one of a model no operator has reconciled
         self._transient: dict[tuple[str, str], int] = {}  # model -> transient API errors in a row
+        # model -> (its metadata.generation, when, what was refused) of its disruption budgets' last refusal
+        self._budgets_refused: dict[tuple[str, str], tuple[Any, float, str]] = {}
+
+    def _apply_budgets(self, body: dict, budgets: list[dict], changed: list[str]) -> None:
+        """The disruption budgets protect what serves but are not needed to serve: one the API server refuses
+        (a policy, RBAC without poddisruptionbudgets) is a Warning Event, never a reason to stall the model.
+        After a refusal they are tried again only when the spec changes or every child-listing period, and
+        the Warning is posted when what is refused changes: a settled pass makes no write for them."""
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        last = self._budgets_refused.get(key)
+        now = time.monotonic()
+        if last is not None and last[0] == meta.get("generation") and now - last[1] < self.child_list_seconds:
+            return
+        refusals = []
+        for budget in budgets:  # each on its own: one refused does not keep the others back
+            try:
+                refused = self._apply_all([budget], meta["namespace"], changed)
+            except ApiException as exc:  # reading it was refused (a 403 on a cache miss)
+                if transient(exc):
+                    raise TransientApiError(f"{_short(budget)}: {api_error_message(exc)}", delay=2) from exc
+                refused = f"{_short(budget)} could not be read: {api_error_message(exc)}"
+            if refused:
+                refusals.append(refused)
+        if not refusals:
+            self._budgets_refused.pop(key, None)
+            return
+        message = "; ".join(refusals)
+        if last is None or last[2] != message:
+            events.record(self.kube, body, "Warning", REASON_BUDGET_NOT_APPLIED,
+                          f"{message}; the model serves without them (with your own budgets over Baton's pods, or "
+                          "without RBAC for them, install the chart with operator.disruptionBudgets: false)")
+        self._budgets_refused[key] = (meta.get("generation"), now, message)
 
     def _new_model(self) -> bool:
         return getattr(self._fresh, "model", False)
@@ -154,6 +187,7 @@ class Reconciler:
         again under the name starts afresh."""
         self._unschedulable.pop((namespace, name), None)
         self._transient.pop((namespace, name), None)
+        self._budgets_refused.pop((namespace, name), None)
         self._children_due.pop((namespace, name), None)
         self._updated.pop((namespace, name), None)
 
@@ -268,13 +302,7 @@ class Reconciler:
                                   namespace, changed, prefix="in place: ")
         if failure:
             return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation, target=target)
-        # The disruption budgets protect what serves but are not needed to serve: one the API server refuses
-        # (a policy, RBAC the chart did not grant) is a Warning, never a reason to stall the model.
-        refused = self._apply_all(budgets, namespace, changed)
-        if refused:
-            events.record(self.kube, body, "Warning", REASON_BUDGET_NOT_APPLIED,
-                          f"{refused}; the model serves without it (set the chart's operator.disruptionBudgets: "
-                          "false if your own budgets select Baton's pods)")
+        self._apply_budgets(body, budgets, changed)
 
         # The control annotations, each acted on once per value (see rollout_pass.HANDLED).
         conditions = previous.get("conditions") or []
