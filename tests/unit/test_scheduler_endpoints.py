@@ -30,6 +30,16 @@ SLICE = {
 }
 
 
+class WatchOnlyCustomObjectsApi:
+    """The model's API as discovery uses it: only watched (the watch itself is faked per test)."""
+
+    def __init__(self, api_client):
+        pass
+
+    def list_namespaced_custom_object(self, *args, **kwargs):
+        raise AssertionError("only watched")
+
+
 def test_ready_endpoints_only_with_the_slices_port_sorted():
     out = endpoints_from_slices([SLICE], 8001, "decode")  # the slice's port, not the configured one
     assert [e.address for e in out] == ["127.244.1.5:8000", "127.244.1.7:8000", "127.244.2.10:8000"]
@@ -415,13 +425,6 @@ def test_discovery_publishes_nothing_before_it_knows_both_tiers_and_the_serving_
             return client.V1Pod(metadata=client.V1ObjectMeta(name=name, labels={"baton.dev/generation": generation_of[name]},
                                                              annotations={"baton.dev/kv-fingerprint": "fp"}))
 
-    class FakeCustomObjectsApi:
-        def __init__(self, api_client):
-            pass
-
-        def list_namespaced_custom_object(self, *args, **kwargs):
-            raise AssertionError("only watched")
-
     class FakeWatch:
         def stream(self, fn, *args, **kwargs):
             if fn.__name__ == "list_namespaced_custom_object":
@@ -436,7 +439,7 @@ def test_discovery_publishes_nothing_before_it_knows_both_tiers_and_the_serving_
 
     monkeypatch.setattr(client, "DiscoveryV1Api", FakeDiscoveryApi)
     monkeypatch.setattr(client, "CoreV1Api", FakeCoreApi)
-    monkeypatch.setattr(client, "CustomObjectsApi", FakeCustomObjectsApi)
+    monkeypatch.setattr(client, "CustomObjectsApi", WatchOnlyCustomObjectsApi)
     monkeypatch.setattr(k8s_watch, "Watch", FakeWatch)
     monkeypatch.setattr(endpoints_module.KubernetesDiscovery, "_client", lambda self: object())
     config = ("model: m\nendpoints: {discovery: kubernetes, kubernetes: {namespace: ns, prefillService: m-prefill, "
@@ -486,13 +489,6 @@ def test_a_model_that_cannot_be_found_is_said_so_while_nothing_is_published(monk
         def list_namespaced_endpoint_slice(self, namespace, label_selector, **kw):
             return client.V1EndpointSliceList(items=[], metadata=client.V1ListMeta(resource_version="1"))
 
-    class FakeCustomObjectsApi:
-        def __init__(self, api_client):
-            pass
-
-        def list_namespaced_custom_object(self, *args, **kwargs):
-            raise AssertionError("only watched")
-
     class FakeWatch:
         def stream(self, fn, *args, **kwargs):
             stop.wait(0.1 if fn.__name__ == "list_namespaced_custom_object" else 5)  # a watch period, no event
@@ -503,7 +499,7 @@ def test_a_model_that_cannot_be_found_is_said_so_while_nothing_is_published(monk
             pass
 
     monkeypatch.setattr(client, "DiscoveryV1Api", FakeDiscoveryApi)
-    monkeypatch.setattr(client, "CustomObjectsApi", FakeCustomObjectsApi)
+    monkeypatch.setattr(client, "CustomObjectsApi", WatchOnlyCustomObjectsApi)
     monkeypatch.setattr(k8s_watch, "Watch", FakeWatch)
     monkeypatch.setattr(endpoints_module.KubernetesDiscovery, "_client", lambda self: object())
 
