@@ -12,6 +12,7 @@ into the client's connection.
             with write backpressure, idle-connection reaping, a send timeout for clients that stop reading,
             and graceful shutdown.
 - `reading` socket reads into a reused buffer (asyncio allocates 256 KiB per read otherwise).
+- `fields`  header field values both sides read alike (the Connection header's options).
 - `client`  keep-alive connection pools per host:port: whole answers, or a streamed answer whose first
             bytes are awaited and whose rest is pushed to callbacks, with connect and read timeouts.
 """

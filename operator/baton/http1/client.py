@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+from baton.http1.fields import connection_options
 from baton.http1.reading import ReusedBufferProtocol
 
 DataCallback = Callable[[bytes], None]
@@ -219,8 +220,7 @@ class _Conn(ReusedBufferProtocol):
                     continue  # 100 Continue and friends: the real answer follows
                 self.status = status
                 self.headers = headers
-                self.keep = ("close" not in {o.strip(" \t").lower() for o in headers.get("connection", "").split(",")}
-                             and parts[0] != "HTTP/1.0")
+                self.keep = "close" not in connection_options(headers.get("connection", "")) and parts[0] != "HTTP/1.0"
                 if headers.get("transfer-encoding", "").lower() == "chunked":
                     self.state = _CHUNKS
                 elif status in (204, 304) or self.method == "HEAD":

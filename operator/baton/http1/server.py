@@ -49,6 +49,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Protocol
 
+from baton.http1.fields import connection_options
 from baton.http1.reading import ReusedBufferProtocol
 
 try:  # the kernel's unsent/unacknowledged bytes of a TCP socket (Linux): progress of a slow reader
@@ -315,11 +316,6 @@ def _repeat_fault(lines: list[str]) -> _BadRequest | None:
     return None
 
 
-def _connection_options(value: str) -> set[str]:
-    """The Connection header's options, a comma-separated list (RFC 9110 7.6.1): `TE, close` closes."""
-    return {option.strip(" \t").lower() for option in value.split(",")} if value else set()
-
-
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER = range(5)
 
 
@@ -520,7 +516,7 @@ class _Connection(ReusedBufferProtocol):
         path, _, query = target.partition("?")
         self._method, self._path, self._query, self._version = method, path, query, version
         self._headers = headers
-        options = _connection_options(dict.get(headers, "connection", ""))
+        options = connection_options(dict.get(headers, "connection", ""))
         self._keep = "keep-alive" in options if version == "HTTP/1.0" else "close" not in options
         coding = dict.get(headers, "transfer-encoding")
         length_field = dict.get(headers, "content-length")
