@@ -230,6 +230,13 @@ def _static(status: int, body: bytes, content_type: str = "application/json") ->
     return IteratedResponse(status, once(), content_type)
 
 
+def _call_failure(endpoint: Endpoint, exc: OSError) -> EngineFailure:
+    """The EngineFailure of an HTTP call that did not get its answer: a connection failure, but for a reused
+    connection closed before any answer (`ClosedBeforeAnswer`), which does not say the replica is down."""
+    kind = "closed_before_answer" if isinstance(exc, ClosedBeforeAnswer) else "connection"
+    return EngineFailure(endpoint, f"{type(exc).__name__}: {exc}", kind=kind)
+
+
 class TrtllmServeClient:
     """trtllm-serve's OpenAI HTTP API over `baton.http1`'s keep-alive pools (one client for all replicas)."""
 
@@ -244,20 +251,16 @@ class TrtllmServeClient:
         host, port = endpoint.host_port
         try:
             status, headers, data = await self.http.request("POST", host, port, path, body, self._headers(request_id))
-        except ClosedBeforeAnswer as exc:
-            raise EngineFailure(endpoint, f"{type(exc).__name__}: {exc}", kind="closed_before_answer") from exc
         except OSError as exc:  # ConnectionError, TimeoutError
-            raise EngineFailure(endpoint, f"{type(exc).__name__}: {exc}", kind="connection") from exc
+            raise _call_failure(endpoint, exc) from exc
         return status, data, headers.get("content-type", "application/json")
 
     async def open(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> EngineResponse:
         host, port = endpoint.host_port
         try:
             return await self.http.open("POST", host, port, path, body, self._headers(request_id))
-        except ClosedBeforeAnswer as exc:
-            raise EngineFailure(endpoint, f"{type(exc).__name__}: {exc}", kind="closed_before_answer") from exc
         except OSError as exc:
-            raise EngineFailure(endpoint, f"{type(exc).__name__}: {exc}", kind="connection") from exc
+            raise _call_failure(endpoint, exc) from exc
 
     async def health(self, endpoint: Endpoint, timeout: float) -> bool:
         host, port = endpoint.host_port
