@@ -44,11 +44,15 @@ _EVENT_START = b"\ndata:"  # an event's first line; JSON escapes a newline, so t
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
+def _error_event_at(buf: bytes) -> int:
+    """Where the first error event's marker is in `buf` (spaced or compact JSON), -1 if none."""
+    at = buf.find(STREAM_ERROR)
+    return at if at >= 0 else buf.find(STREAM_ERROR_COMPACT)
+
+
 def starts_with_error_event(piece: bytes) -> bool:
     """Whether the first event of `piece` (the start of a stream) is an error event, not a token."""
-    at = piece.find(STREAM_ERROR)
-    if at < 0:
-        at = piece.find(STREAM_ERROR_COMPACT)
+    at = _error_event_at(piece)
     end = piece.find(b"\n\n")
     return at >= 0 and (end < 0 or at < end)
 
@@ -211,9 +215,7 @@ class StreamRelay:
         if self.finished:
             return
         buf = b"".join(self.held)
-        at = buf.find(STREAM_ERROR)
-        if at < 0:
-            at = buf.find(STREAM_ERROR_COMPACT)
+        at = _error_event_at(buf)
         line_end = buf.find(b"\n", at) if at >= 0 else -1
         if at >= 0 and line_end < 0 and not complete:
             return
