@@ -2165,7 +2165,7 @@ def test_a_request_trickled_in_is_answered_408_once_it_has_taken_too_long_to_arr
 
     async def main():
         async with serving({("POST", "/v1/completions"): ok}) as server:
-            reader, writer = await asyncio.open_connection(HOST, server.port)
+            reader, writer = await connect(server.port)
             writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz")
             assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
             await asyncio.sleep(0.5)  # quiet between requests: no request is arriving, nothing to time out
@@ -2188,7 +2188,7 @@ def test_connection_close_among_other_options_closes_the_connection():
 
     async def main():
         async with serving({("GET", "/"): ok}) as server:
-            reader, writer = await asyncio.open_connection(HOST, server.port)
+            reader, writer = await connect(server.port)
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: TE, close\r\nTE: trailers\r\n\r\n")
             answer = await asyncio.wait_for(reader.read(), 2)  # read to the end: the server closes
             assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" in answer
