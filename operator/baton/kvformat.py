@@ -358,16 +358,22 @@ def resolve_backend(backend: str | None, env: Mapping[str, str], trtllm_version:
     order (the first one set to "1" wins, as in cacheTransceiver.cpp), else the version's built-in default:
     NIXL for TensorRT-LLM >= 1.0, UCX before (Baton's reading of the history; never rely on it, render an
     explicit backend).
+
+    From 1.0 the name is spelt as TensorRT-LLM's `CacheTransceiverConfig.backend` Literal spells it, in
+    capitals: pydantic refuses "ucx" at start-up. (Earlier releases spelt the Literal in lower case; for
+    them either spelling is taken.)
     """
     if backend is None or str(backend).strip() == "":
         raise KVFormatError(TRANSCEIVER_DISABLED_MESSAGE)
+    choices = ("DEFAULT", *BACKENDS)
     name = str(backend).strip().upper()
+    if name not in choices or (backend != name and _major_version(trtllm_version) >= 1):
+        raise KVFormatError(
+            f"unknown cache_transceiver_config.backend {backend!r}: Input should be "
+            f"{', '.join(repr(c) for c in choices[:-1])} or {choices[-1]!r} (in capitals)"
+        )
     if name in BACKENDS:
         return name
-    if name != "DEFAULT":
-        raise KVFormatError(
-            f"unknown cache_transceiver_config.backend {backend!r}; use DEFAULT, {', '.join(BACKENDS)}"
-        )
     for var, resolved in _BACKEND_ENV:
         if str(env.get(var, "")).strip() == "1":
             return resolved
@@ -390,6 +396,28 @@ def _text_config(config: dict) -> dict:
     if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict):
         return config["text_config"]
     return config
+
+
+# layer_types / layers_block_type entries of a layer that holds attention KV (the others: mamba, linear
+# attention, convolution, hold none).
+_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention"})
+
+
+def _unequal_layers(shape: dict) -> str | None:
+    """What in a checkpoint's config makes its layers hold unequal KV, None when every layer holds
+    `num_key_value_heads` heads: per-layer head counts (DeciLM / Nemotron-NAS `block_configs`) or layers
+    without attention (hybrid Mamba, linear-attention and convolution checkpoints)."""
+    if shape.get("block_configs"):
+        return "block_configs (per-layer attention, as in DeciLM / Nemotron-NAS checkpoints)"
+    if shape.get("hybrid_override_pattern"):
+        return "hybrid_override_pattern (Mamba layers, which hold no attention KV)"
+    for key in ("layer_types", "layers_block_type"):
+        kinds = shape.get(key)
+        if isinstance(kinds, list):
+            others = sorted({str(kind) for kind in kinds} - _ATTENTION_LAYER_TYPES)
+            if others:
+                return f"{key} with {', '.join(others)} layers, which hold no attention KV"
+    return None
 
 
 def _positive_int(value: object, what: str) -> int:
@@ -537,6 +565,12 @@ def cache_state_from_files(
     if not isinstance(options, dict):
         raise KVFormatError("the LLM-API options must be a mapping (YAML object)")
     shape = _text_config(config)
+    unequal = _unequal_layers(shape)
+    if unequal:
+        raise KVFormatError(
+            f"{config_path}: {unequal}: models whose layers hold unequal KV are not simulated (the layout "
+            "assumes num_hidden_layers layers of num_key_value_heads KV heads each)"
+        )
 
     num_layers = _positive_int(shape.get("num_hidden_layers"), "config.json num_hidden_layers")
     num_heads = shape.get("num_attention_heads")

@@ -515,3 +515,67 @@ def test_context_worker_ids_are_valid_for_the_generation_worker(fresh_engines, t
     assert all(0 <= t < 32000 for t in ids) and len(ids) == ctx_resp["usage"]["prompt_tokens"] == 10
     assert body["usage"]["prompt_tokens"] == len(ids)
     assert ctx.state()["counters"]["heldKvBlocks"] == 0
+
+
+def test_attention_dp_keeps_each_token_once_so_tp_does_not_shrink_the_cache(tmp_path):
+    """With attention data parallelism each TP rank keeps every KV head of its own requests (TensorRT-LLM's
+    KV tp_size is 1): a token's KV is held once, not once per rank. TinyLlama's 4 KV heads on TP 8 would
+    otherwise be counted twice over."""
+    model = model_dir(tmp_path / "tinyllama", TINYLLAMA)
+    split = load(tmp_path, model, worker_yaml(ctx=False, tensor_parallel_size=8), "--sim-kv-cache-gib", "8")
+    adp = load(tmp_path, model, worker_yaml(ctx=False, tensor_parallel_size=8, enable_attention_dp=True),
+               "--sim-kv-cache-gib", "8")
+    per_token = kvformat.kv_bytes_per_token(adp.cache_state)  # 22 layers x 4 heads x 64 x 2 (K, V) x 2 bytes
+    assert per_token == 22 * 4 * 64 * 2 * 2
+    assert adp.max_blocks == int(8 * 2**30 / per_token) // 32
+    assert split.max_blocks == int(8 * 2**30 / (per_token * 2)) // 32  # heads duplicated on 8 ranks of 4 heads
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    ({"block_configs": [{"attention": {"n_heads_in_group": 8}}, {"attention": {"no_op": True}}]}, "block_configs"),
+    ({"hybrid_override_pattern": "M-M*-"}, "hybrid_override_pattern"),
+    ({"layer_types": ["linear_attention", "full_attention"]}, "layer_types with linear_attention layers"),
+    ({"layers_block_type": ["mamba", "attention"]}, "layers_block_type with mamba layers"),
+])
+def test_models_whose_layers_hold_unequal_kv_are_refused_at_start(tmp_path, extra, named):
+    """The layout (and so the handoff check and the KV sizing) assumes every layer holds num_key_value_heads
+    heads: a checkpoint with per-layer heads or layers without attention is refused by name, not mis-sized."""
+    from baton.engine_sim import config
+
+    model = model_dir(tmp_path / "mixed", {**TINYLLAMA, **extra})
+    with pytest.raises(config.StartupError, match=f"{named}.*layers hold unequal KV are not simulated"):
+        load(tmp_path, model, worker_yaml(ctx=True))
+
+
+def test_sliding_window_layers_still_hold_attention_kv(tmp_path):
+    model = model_dir(tmp_path / "windowed", {**TINYLLAMA, "layer_types": ["sliding_attention", "full_attention"] * 11})
+    assert load(tmp_path, model, worker_yaml(ctx=True)).cache_state.num_layers == 22
+
+
+@pytest.mark.parametrize(("backend", "version", "accepted"), [
+    ("UCX", "1.2.0", True), ("ucx", "1.2.0", False), ("Nixl", "1.0.0", False), ("DEFAULT", "1.2.0", True),
+    ("default", "1.2.0", False), ("ucx", "0.20.0", True),
+])
+def test_backend_is_spelt_as_trtllm_spells_it(tmp_path, backend, version, accepted):
+    """TensorRT-LLM 1.x's CacheTransceiverConfig.backend is a Literal in capitals: "ucx" fails at start."""
+    from baton.engine_sim import config
+
+    options = worker_yaml(ctx=True, backend=backend)
+    if accepted:
+        assert load(tmp_path, LLAMA_8B, options, "--sim-trtllm-version", version).cache_state.transfer_backend
+    else:
+        with pytest.raises(config.StartupError, match=f"backend '{backend}': Input should be 'DEFAULT', 'UCX'"):
+            load(tmp_path, LLAMA_8B, options, "--sim-trtllm-version", version)
+
+
+@pytest.mark.parametrize(("timeout", "accepted"), [(1500, True), (1500.0, True), (1500.5, False), (0, False),
+                                                   ("1500", False), (float("inf"), False)])
+def test_kv_transfer_timeout_is_a_whole_number_of_milliseconds(tmp_path, timeout, accepted):
+    from baton.engine_sim import config
+
+    options = worker_yaml(ctx=True, cache_transceiver_config={"kv_transfer_timeout_ms": timeout})
+    if accepted:
+        assert load(tmp_path, LLAMA_8B, options).kv_transfer_timeout_s == 1.5
+    else:
+        with pytest.raises(config.StartupError, match="must be a positive whole number of milliseconds"):
+            load(tmp_path, LLAMA_8B, options)

@@ -225,7 +225,7 @@ def test_default_backend_resolution(env, version, expected):
 
 
 def test_explicit_backend_ignores_env():
-    assert kvformat.resolve_backend("ucx", {"TRTLLM_USE_NIXL_KVCACHE": "1"}, "1.2.0") == "UCX"
+    assert kvformat.resolve_backend("UCX", {"TRTLLM_USE_NIXL_KVCACHE": "1"}, "1.2.0") == "UCX"
     assert kvformat.resolve_backend("MOONCAKE", {}, "1.2.0") == "MOONCAKE"
 
 
@@ -234,6 +234,8 @@ def test_backend_errors():
         kvformat.resolve_backend(None, {}, "1.2.0")
     with pytest.raises(kvformat.KVFormatError, match="unknown cache_transceiver_config.backend"):
         kvformat.resolve_backend("TCP", {}, "1.2.0")
+    with pytest.raises(kvformat.KVFormatError, match="Input should be 'DEFAULT', 'UCX', 'NIXL', 'MPI' or 'MOONCAKE'"):
+        kvformat.resolve_backend("nixl", {}, "1.2.0")
 
 
 def test_cache_state_resolves_default_backend_through_env():

@@ -350,8 +350,12 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
     kv_cfg = options.get("kv_cache_config") or {}
     tpb = state.tokens_per_block
     bytes_per_token = kvformat.kv_bytes_per_token(state)
-    # Beyond one KV head per rank, heads are duplicated on every rank that needs them.
-    dup = max(1.0, state.tp / state.num_kv_heads) if state.attention_type != "MLA" else float(state.tp)
+    # Beyond one KV head per rank, heads are duplicated on every rank that needs them; with attention data
+    # parallelism each rank keeps all heads of its own requests, and no token's KV is held twice.
+    if state.enable_attention_dp:
+        dup = 1.0
+    else:
+        dup = max(1.0, state.tp / state.num_kv_heads) if state.attention_type != "MLA" else float(state.tp)
     replica_bytes_per_token = bytes_per_token * dup
     gpus = state.tp * state.pp * state.cp
     # Each pipeline stage has its own GPUs and KV pool; with an uneven split (TensorRT-LLM's
@@ -413,8 +417,13 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         raise StartupError(f"KV cache holds no block of {tpb} tokens ({source})")
 
     timeout_ms = ctc.get("kv_transfer_timeout_ms")
-    if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms <= 0):
-        raise StartupError(f"cache_transceiver_config.kv_transfer_timeout_ms must be a positive number, got {timeout_ms!r}")
+    # CacheTransceiverConfig.kv_transfer_timeout_ms: Optional[int], gt=0 (pydantic takes 1500.0, not 1500.5).
+    if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))
+                                   or not float(timeout_ms).is_integer() or timeout_ms <= 0):
+        raise StartupError(
+            f"cache_transceiver_config.kv_transfer_timeout_ms must be a positive whole number of milliseconds, "
+            f"got {timeout_ms!r}"
+        )
 
     advertise = args.sim_advertise_host or args.host
     if advertise in ("0.0.0.0", "::", ""):
