@@ -1,20 +1,23 @@
 """`baton replay`: replay a request trace against a scheduler (or any OpenAI-compatible server).
 
     baton replay TRACE.csv --url http://127.0.0.1:8000 [--speedup X | --rate R] [--limit N]
-                 [--max-tokens-cap N] [--json] [--model NAME] [--timeout S]
+                 [--max-tokens-cap N] [--max-concurrency N] [--json] [--model NAME] [--timeout S]
 
 The trace is a CSV with TIMESTAMP,ContextTokens,GeneratedTokens (the Azure LLM inference trace format;
 the one beside this checkout, ../shared/traces/azure-llm-inference-2023-code.csv, is from Azure/AzurePublicDataset, CC-BY 4.0, Patel et al.,
 "Splitwise: Efficient generative LLM inference using phase splitting", ISCA 2024). Each row becomes one
 streaming /v1/completions request whose prompt is exactly ContextTokens token ids and whose max_tokens is
-GeneratedTokens, sent at its arrival time divided by --speedup (or at a fixed --rate per second).
+GeneratedTokens, sent at its arrival time divided by --speedup (or at a fixed --rate per second). A zero
+count is sent as 1 (no server takes an empty prompt or max_tokens 0) and the summary counts those rows.
 Timestamps with a UTC offset are converted to UTC; timestamps without one are taken as UTC, so a trace may
 mix both. --limit N keeps the N earliest arrivals (the whole trace is read and sorted first).
 
-It measures time to first token (first streamed token), time per output token, end-to-end latency, and
-counts completed / rejected (HTTP 429, by reason) / failed requests and the routes the scheduler reports
-(X-Baton-Route). A progress line goes to stderr when it is a terminal; the summary to stdout, as a table
-or (--json) one object.
+It measures time to first token (first streamed token), time per output token, end-to-end latency (all
+from the moment a request is handed to the HTTP client), each request's send lag (that moment less its
+scheduled time: the replay's own lateness, with a warning when it is large), and counts completed /
+rejected (HTTP 429, by reason) / failed requests and the routes the scheduler reports (X-Baton-Route).
+A progress line goes to stderr when it is a terminal; the summary to stdout, as a table or (--json) one
+object. Requests in flight are not bounded unless --max-concurrency says so.
 The run is bounded: every request has a timeout and no request is sent after the schedule ends.
 Ctrl-C stops sending, cancels the requests in flight and prints the summary of those that finished,
 marked as interrupted.
@@ -27,7 +30,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
+import errno
+import functools
+import itertools
 import json
 import math
 import re
@@ -48,12 +55,18 @@ EXIT_NONE_COMPLETED = 1  # every request was rejected or failed
 EXIT_USAGE = 2  # bad arguments or an unreadable trace (argparse's own code)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after printing the partial summary
 
+# A p99 send lag above this means the replay could not keep its schedule: its event loop was too busy to send
+# on time, so the offered rate was not kept and the latencies it measured include its own queueing. Well over
+# the timer's jitter on a loaded machine, well under the TTFT of any model.
+SEND_LAG_WARN_MS = 20.0
+
 
 @dataclass(frozen=True)
 class TraceRow:
     offset_s: float  # arrival time relative to the first row
     context_tokens: int
     generated_tokens: int
+    zero_raised: bool = False  # a count was 0 in the trace and is sent as 1
 
 
 @dataclass
@@ -65,6 +78,7 @@ class Result:
     tpot_s: float | None = None
     latency_s: float | None = None
     output_tokens: int = 0
+    send_lag_s: float | None = None  # sent this late against the schedule (None: not sent)
 
 
 @dataclass
@@ -72,6 +86,7 @@ class Summary:
     results: list[Result] = field(default_factory=list)
     duration_s: float = 0.0
     interrupted: bool = False
+    zero_counts_raised: int = 0  # rows whose zero ContextTokens or GeneratedTokens was sent as 1
 
 
 _FRACTION = re.compile(r"\.(\d+)")
@@ -98,7 +113,9 @@ def read_trace(path: str | Path | TextIO, limit: int | None = None) -> list[Trac
     """Rows sorted by arrival, offsets relative to the first; bad rows raise ValueError with the line number.
 
     A UTF-8 byte order mark and spaces around header names and values are ignored; blank rows are skipped.
-    `limit` keeps the `limit` earliest arrivals (the whole trace is read and sorted first).
+    `limit` keeps the `limit` earliest arrivals (the whole trace is read and sorted first). A zero count
+    becomes 1, marked `zero_raised`: no server takes an empty prompt or max_tokens 0, and a trace may well
+    hold such rows (a request cancelled before its first token).
     """
     handle = open(path, newline="", encoding="utf-8-sig") if isinstance(path, (str, Path)) else path
     try:
@@ -135,7 +152,7 @@ def read_trace(path: str | Path | TextIO, limit: int | None = None) -> list[Trac
     if not raw:
         return []
     t0 = raw[0][0]
-    return [TraceRow((ts - t0).total_seconds(), max(1, c), max(1, g)) for ts, c, g in raw]
+    return [TraceRow((ts - t0).total_seconds(), max(1, c), max(1, g), not (c and g)) for ts, c, g in raw]
 
 
 def schedule(rows: Sequence[TraceRow], speedup: float | None = None, rate: float | None = None) -> list[float]:
@@ -159,19 +176,53 @@ def percentile(values: Iterable[float], q: float) -> float | None:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
+def _ms(seconds: float | None) -> float | None:
+    return round(seconds * 1000.0, 3) if seconds is not None else None
+
+
 def _ms_stats(values: Sequence[float]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for q in (50, 90, 99):
-        p = percentile(values, q)
-        out[f"p{q}"] = round(p * 1000.0, 3) if p is not None else None
-    return out
+    return {f"p{q}": _ms(percentile(values, q)) for q in (50, 90, 99)}
+
+
+_ID_SPAN = VOCAB_HIGH - VOCAB_LOW
+_INDEX_STEP, _ID_STEP = 7919, 31  # _ID_STEP is prime to _ID_SPAN: the ids run through the span before repeating
 
 
 def synthetic_prompt(index: int, length: int) -> list[int]:
     """`length` token ids, different for each request index, within every Llama vocabulary."""
-    span = VOCAB_HIGH - VOCAB_LOW
-    start = (index * 7919) % span
-    return [VOCAB_LOW + (start + i * 31) % span for i in range(length)]
+    start = (index * _INDEX_STEP) % _ID_SPAN
+    return [VOCAB_LOW + (start + i * _ID_STEP) % _ID_SPAN for i in range(length)]
+
+
+@functools.cache
+def _id_cycle_json() -> tuple[bytes, list[int]]:
+    """One period of the ids every synthetic prompt is a run of (request 0's), as JSON numbers each followed by
+    a comma, and where each number starts (one more entry: the text's length)."""
+    numbers = [b"%d," % i for i in synthetic_prompt(0, _ID_SPAN)]
+    return b"".join(numbers), list(itertools.accumulate(map(len, numbers), initial=0))
+
+
+def synthetic_prompt_json(index: int, length: int) -> bytes:
+    """synthetic_prompt(index, length) as a JSON array, cut from the text of one period of the ids: a
+    request's body costs a copy, not an encoding (~1 ms for a 7,000-token prompt, on the replay's loop)."""
+    if length == 0:
+        return b"[]"
+    text, starts = _id_cycle_json()
+    first = (index * _INDEX_STEP) * pow(_ID_STEP, -1, _ID_SPAN) % _ID_SPAN  # request 0's term it starts at
+    laps, end = divmod(first + length, _ID_SPAN)
+    if laps:
+        ids = text[starts[first]:] + text * (laps - 1) + text[:starts[end]]
+    else:
+        ids = text[starts[first]:starts[end]]
+    return b"[" + ids[:-1] + b"]"
+
+
+def request_body(model: str, index: int, row: TraceRow, max_tokens_cap: int | None) -> bytes:
+    max_tokens = min(row.generated_tokens, max_tokens_cap) if max_tokens_cap else row.generated_tokens
+    # usage at the end: the token count TPOT divides by, whatever the server's chunks carry
+    fields = json.dumps({"model": model, "max_tokens": max_tokens, "stream": True,
+                         "stream_options": {"include_usage": True}}, separators=(",", ":")).encode()
+    return fields[:-1] + b',"prompt":' + synthetic_prompt_json(index, row.context_tokens) + b"}"
 
 
 def summarize(summary: Summary) -> dict[str, Any]:
@@ -180,6 +231,7 @@ def summarize(summary: Summary) -> dict[str, Any]:
     completed = [r for r in results if r.status == "completed"]
     rejected = [r for r in results if r.status == "rejected"]
     failed = [r for r in results if r.status == "failed"]
+    lags = [r.send_lag_s for r in results if r.send_lag_s is not None]
     return {
         "requests": len(results),
         "completed": len(completed),
@@ -191,6 +243,8 @@ def summarize(summary: Summary) -> dict[str, Any]:
         "ttft_ms": _ms_stats([r.ttft_s for r in completed if r.ttft_s is not None]),
         "tpot_ms": _ms_stats([r.tpot_s for r in completed if r.tpot_s is not None]),
         "latency_ms": _ms_stats([r.latency_s for r in completed if r.latency_s is not None]),
+        "send_lag_ms": {**_ms_stats(lags), "max": _ms(max(lags, default=None))},
+        "zero_counts_raised": summary.zero_counts_raised,
         "output_tokens": sum(r.output_tokens for r in completed),
         "duration_s": round(summary.duration_s, 3),
         "throughput_rps": round(len(completed) / summary.duration_s, 3) if summary.duration_s > 0 else 0.0,
@@ -212,9 +266,13 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     if report.get("interrupted"):
         lines.insert(0, f"interrupted: {report['unfinished']} request(s) not sent or cancelled, not counted below")
-    for key, label in (("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("latency_ms", "latency ms")):
+    for key, label in (("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("latency_ms", "latency ms"),
+                       ("send_lag_ms", "send lag ms")):
         s = report[key]
-        lines.append(f"{label:<14}{f(s['p50']):>10}{f(s['p90']):>10}{f(s['p99']):>10}")
+        most = f"   (max {f(s['max'])})" if "max" in s else ""
+        lines.append(f"{label:<14}{f(s['p50']):>10}{f(s['p90']):>10}{f(s['p99']):>10}{most}")
+    if report["zero_counts_raised"]:
+        lines += ["", f"zero token counts: {report['zero_counts_raised']} trace row(s) sent with 1 instead of 0"]
     if report["routes"]:
         lines += ["", "routes: " + ", ".join(f"{k}={v}" for k, v in sorted(report["routes"].items()))]
     if report["rejected_by_reason"]:
@@ -304,15 +362,18 @@ def sse_data(event: bytes) -> bytes | None:
     return b"\n".join(data).strip() if data else None
 
 
-async def send_one(session: Any, url: str, model: str, index: int, row: TraceRow, max_tokens_cap: int | None,
-                   timeout: float) -> Result:
+def exception_reason(exc: BaseException) -> str:
+    """A request's failure reason for an exception: its class, and the name of its errno when it has one
+    (ClientConnectorError:EMFILE is the replay out of file descriptors, ...:ECONNREFUSED the server)."""
+    code = getattr(exc, "errno", None)
+    name = errno.errorcode.get(code) if isinstance(code, int) else None
+    return f"{type(exc).__name__}:{name}" if name else type(exc).__name__
+
+
+async def send_one(session: Any, url: str, index: int, body: bytes, timeout: float) -> Result:
+    """POST one request body and read its answer; times are from the call."""
     import aiohttp
 
-    max_tokens = min(row.generated_tokens, max_tokens_cap) if max_tokens_cap else row.generated_tokens
-    # usage at the end: the token count TPOT divides by, whatever the server's chunks carry
-    body = json.dumps({"model": model, "prompt": synthetic_prompt(index, row.context_tokens),
-                       "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}},
-                      separators=(",", ":")).encode()
     headers = {"Content-Type": "application/json", "X-Request-Id": f"replay-{index}"}
     t0 = time.perf_counter()
     route = ""
@@ -377,7 +438,7 @@ async def send_one(session: Any, url: str, model: str, index: int, row: TraceRow
     except TimeoutError:
         return Result("failed", "timeout", route)
     except (aiohttp.ClientError, OSError) as exc:
-        return Result("failed", type(exc).__name__, route)
+        return Result("failed", exception_reason(exc), route)
 
 
 def event_tokens(data: dict[str, Any]) -> int | None:
@@ -403,12 +464,14 @@ def event_tokens(data: dict[str, Any]) -> int | None:
 
 async def run_replay(rows: Sequence[TraceRow], url: str, *, model: str, speedup: float | None = None,
                      rate: float | None = None, max_tokens_cap: int | None = None, timeout: float = 60.0,
-                     progress: Progress | None = None, summary: Summary | None = None) -> Summary:
+                     max_concurrency: int | None = None, progress: Progress | None = None,
+                     summary: Summary | None = None) -> Summary:
     """Send every row on schedule and collect the results into `summary` (a new one if None).
 
-    Results are recorded as requests finish, so when the run is cancelled (Ctrl-C under asyncio.run) the
-    caller's `summary` still holds those that finished, with the duration so far; requests not sent or
-    cancelled in flight stay "unfinished".
+    At most `max_concurrency` requests are in flight (None: no bound); one due while they are waits for one
+    to finish, and that wait is part of its send lag. Results are recorded as requests finish, so when the
+    run is cancelled (Ctrl-C under asyncio.run) the caller's `summary` still holds those that finished, with
+    the duration so far; requests not sent or cancelled in flight stay "unfinished".
     """
     import aiohttp
 
@@ -417,7 +480,10 @@ async def run_replay(rows: Sequence[TraceRow], url: str, *, model: str, speedup:
     if summary is None:
         summary = Summary()
     summary.results = [Result("unfinished")] * len(rows)
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    summary.zero_counts_raised = sum(row.zero_raised for row in rows)
+    slots = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
+    _id_cycle_json()  # made once, before the clock starts
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)  # the slots bound the connections
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -426,10 +492,14 @@ async def run_replay(rows: Sequence[TraceRow], url: str, *, model: str, speedup:
             delay = start + times[i] - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            try:
-                result = await send_one(session, url, model, i, rows[i], max_tokens_cap, timeout)
-            except Exception as exc:  # noqa: BLE001 - one request's surprise must not end the run
-                result = Result("failed", type(exc).__name__)
+            async with slots:
+                body = request_body(model, i, rows[i], max_tokens_cap)  # not ahead: a trace's bodies are ~100 MB
+                lag = max(0.0, loop.time() - start - times[i])  # a timer may fire a clock tick early
+                try:
+                    result = await send_one(session, url, i, body, timeout)
+                except Exception as exc:  # noqa: BLE001 - one request's surprise must not end the run
+                    result = Result("failed", exception_reason(exc))
+            result.send_lag_s = lag
             summary.results[i] = result
             if progress is not None:
                 progress.update(result.status)
@@ -510,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name to send (default: the first id the URL's /v1/models lists)")
     p.add_argument("--timeout", type=positive_number, default=60.0,
                    help="per-request timeout in seconds (default 60)")
+    p.add_argument("--max-concurrency", type=positive_int,
+                   help="at most N requests in flight; one due while N are waits, and counts as send lag "
+                        "(default: no bound, each request goes out on time)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
@@ -536,13 +609,19 @@ def main(argv: list[str] | None = None) -> int:
     summary = Summary()
     try:
         asyncio.run(run_replay(rows, args.url, model=model, speedup=args.speedup, rate=args.rate,
-                               max_tokens_cap=args.max_tokens_cap, timeout=args.timeout, progress=progress,
-                               summary=summary))
+                               max_tokens_cap=args.max_tokens_cap, timeout=args.timeout,
+                               max_concurrency=args.max_concurrency, progress=progress, summary=summary))
     except KeyboardInterrupt:  # asyncio.run has cancelled the replay: summary holds what finished
         summary.interrupted = True
     progress.close()
     report = summarize(summary)
     print(json.dumps(report) if args.json else format_table(report), flush=True)
+    lag = report["send_lag_ms"]["p99"]
+    if lag is not None and lag > SEND_LAG_WARN_MS:
+        print(f"baton replay: warning: p99 send lag {lag:.1f} ms (over {SEND_LAG_WARN_MS:g} ms): requests went "
+              "out late, so the offered rate was not kept and the latencies include the replay's own queueing; "
+              "try a lower --rate or --speedup, or fewer or shorter prompts"
+              + (", or a higher --max-concurrency" if args.max_concurrency else ""), file=sys.stderr)
     if summary.interrupted:
         print(f"baton replay: interrupted; {report['unfinished']} request(s) not sent or cancelled",
               file=sys.stderr)

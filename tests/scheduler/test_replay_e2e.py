@@ -1,5 +1,5 @@
 """`baton replay` against a real scheduler and engines (the JSON summary adds up), and against a stub server
-(SSE line endings, exit codes, Ctrl-C)."""
+(SSE line endings, exit codes, Ctrl-C, running out of file descriptors, --max-concurrency)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ def test_replay_reports_a_correct_json_summary(engines, make_scheduler, tmp_path
         assert set(report[key]) == {"p50", "p90", "p99"}
         assert 0 < report[key]["p50"] <= report[key]["p90"] <= report[key]["p99"]
     assert report["ttft_ms"]["p50"] <= report["latency_ms"]["p50"]
+    lag = report["send_lag_ms"]  # every request sent has one
+    assert set(lag) == {"p50", "p90", "p99", "max"} and 0 <= lag["p50"] <= lag["p99"] <= lag["max"]
+    assert report["zero_counts_raised"] == 0
     assert report["throughput_rps"] > 0
     assert "30 request(s) to" in out.stderr and "30/30" not in out.stderr  # no progress bar off a terminal
 
@@ -153,9 +156,10 @@ def write_trace(path: Path, offsets: list[float]) -> Path:
     return path
 
 
-def replay(trace: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*BATON, "replay", str(trace), "--url", url, "--model", "stub", "--json", "--no-progress",
-                           "--timeout", "20", *extra], capture_output=True, text=True, timeout=60)
+def replay(trace: Path, url: str, *extra: str, max_fds: int | None = None) -> subprocess.CompletedProcess[str]:
+    limit = ["sh", "-c", f'ulimit -n {max_fds} && exec "$@"', "sh"] if max_fds else []
+    return subprocess.run([*limit, *BATON, "replay", str(trace), "--url", url, "--model", "stub", "--json",
+                           "--no-progress", "--timeout", "20", *extra], capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
@@ -243,3 +247,24 @@ def test_ctrl_c_cancels_in_flight_requests_and_prints_what_finished(stub, tmp_pa
     assert "Traceback" not in stderr and "interrupted" in stderr
     wait_for(lambda: 1 in server.hung_up, 10, "the stub to see replay-1's connection closed")
     assert 2 not in server.arrived  # nothing is sent after Ctrl-C
+
+
+def test_running_out_of_file_descriptors_is_named_and_max_concurrency_stays_within(stub, tmp_path):
+    """Each request in flight holds a connection: under `ulimit -n 40`, 100 at once run the replay out of file
+    descriptors, and the summary says so (not a bare ClientConnectorError, which reads as the server refusing).
+    --max-concurrency keeps within the limit; the wait for a free slot is send lag, with a warning."""
+    server = stub(lambda i: "hang")
+    out = replay(write_trace(tmp_path / "t.csv", [0] * 100), server.url, "--timeout", "3", max_fds=40)
+    assert out.returncode == 1, out.stderr
+    report = json.loads(out.stdout)
+    assert report["failed"] == 100 and report["failed_by_reason"].get("ClientConnectorError:EMFILE", 0) > 0, report
+    assert set(report["failed_by_reason"]) <= {"timeout", "ClientConnectorError:EMFILE"}, report
+
+    out = replay(write_trace(tmp_path / "t30.csv", [0] * 30), server.url, "--timeout", "0.5",
+                 "--max-concurrency", "10", max_fds=40)
+    assert out.returncode == 1, out.stderr
+    report = json.loads(out.stdout)
+    assert report["failed_by_reason"] == {"timeout": 30}, report
+    # all due at once: the last ten go out when the second ten have timed out, a second after the start at least
+    assert report["send_lag_ms"]["max"] >= 900, report
+    assert "warning: p99 send lag" in out.stderr and "--max-concurrency" in out.stderr

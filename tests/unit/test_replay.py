@@ -1,11 +1,19 @@
-"""`baton replay`: trace parsing, scheduling, percentile math and the summary shape."""
+"""`baton replay`: trace parsing, scheduling, percentile math and the summary shape, and runs against small
+stub servers on 127.0.0.1 (timeouts, errors, send lag, --max-concurrency)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from baton.replay import (
     EXIT_USAGE,
@@ -18,6 +26,7 @@ from baton.replay import (
     parse_timestamp,
     percentile,
     read_trace,
+    run_replay,
     schedule,
     split_sse_events,
     sse_data,
@@ -43,6 +52,7 @@ def test_read_trace_sorts_offsets_and_clamps_zero_lengths():
     assert rows[0] == TraceRow(0.0, 4808, 10)
     assert rows[1].offset_s == pytest.approx(0.052)
     assert rows[2].generated_tokens == 1
+    assert [r.zero_raised for r in rows] == [False, False, True]
     assert len(read_trace(io.StringIO(CSV), limit=2)) == 2
 
 
@@ -89,19 +99,27 @@ def test_synthetic_prompt_length_and_range():
 
 def test_summary_counts_and_percentiles():
     results = [
-        Result("completed", route="local", ttft_s=0.010, tpot_s=0.002, latency_s=0.1, output_tokens=5),
-        Result("completed", route="disaggregated", ttft_s=0.030, tpot_s=0.004, latency_s=0.3, output_tokens=5),
-        Result("rejected", "queue_full", route="local"),
-        Result("failed", "timeout"),
+        Result("completed", route="local", ttft_s=0.010, tpot_s=0.002, latency_s=0.1, output_tokens=5,
+               send_lag_s=0.001),
+        Result("completed", route="disaggregated", ttft_s=0.030, tpot_s=0.004, latency_s=0.3, output_tokens=5,
+               send_lag_s=0.003),
+        Result("rejected", "queue_full", route="local", send_lag_s=0.002),
+        Result("failed", "timeout", send_lag_s=0.250),
+        Result("unfinished"),
     ]
-    report = summarize(Summary(results, duration_s=2.0))
+    report = summarize(Summary(results, duration_s=2.0, interrupted=True))
     assert (report["requests"], report["completed"], report["rejected"], report["failed"]) == (4, 2, 1, 1)
     assert report["rejected_by_reason"] == {"queue_full": 1}
     assert report["routes"] == {"local": 2, "disaggregated": 1}
     assert report["ttft_ms"]["p50"] == pytest.approx(20.0)
     assert report["latency_ms"]["p99"] == pytest.approx(298.0)
     assert report["throughput_rps"] == 1.0
-    assert "TTFT ms" in format_table(report)
+    # every request sent counts in the send lag, whatever its answer
+    assert report["send_lag_ms"] == pytest.approx({"p50": 2.5, "p90": 175.9, "p99": 242.59, "max": 250.0})
+    table = format_table(report)
+    assert "TTFT ms" in table
+    assert [line.split() for line in table.splitlines() if line.startswith("send lag ms")] == [
+        ["send", "lag", "ms", "2.5", "175.9", "242.6", "(max", "250.0)"]]
 
 
 # ------------------------------------------------------------------------------ timestamps with offsets
@@ -248,3 +266,142 @@ def test_interrupted_summary_counts_only_finished_requests():
     report = summarize(Summary([Result("completed")], duration_s=1.0))
     assert report["interrupted"] is False and report["unfinished"] == 0
     assert "interrupted" not in format_table(report)
+
+
+# ------------------------------------------------------------------------------ runs against a stub server
+Handler = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[str]:
+    """An OpenAI-style /v1/completions on 127.0.0.1 that `handler` answers, given the request's replay index."""
+    async def completions(req: web.Request) -> web.StreamResponse:
+        return await handler(req, int(req.headers["X-Request-Id"].rsplit("-", 1)[1]))
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)  # then a handler still waiting is cancelled
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def stream(req: web.Request, events: list[bytes], end: bool = True) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(req)
+    for event in events:
+        await resp.write(b"data: " + event + b"\n\n")
+    if end:
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+    return resp
+
+
+async def answer(req: web.Request, index: int) -> web.StreamResponse:
+    body = await req.json()
+    return await stream(req, [json.dumps({"choices": [{"index": 0, "text": " w", "token_ids": [100 + i]}]}).encode()
+                              for i in range(body["max_tokens"])])
+
+
+def replay_report(rows: list[TraceRow], handler: Handler, **options: Any) -> dict[str, Any]:
+    async def scenario() -> dict[str, Any]:
+        async with serving(handler) as url:
+            return summarize(await run_replay(rows, url, model="stub", rate=1000, **options))
+
+    return asyncio.run(scenario())
+
+
+def rows_of(count: int, context: int = 16, generated: int = 3) -> list[TraceRow]:
+    return [TraceRow(0.0, context, generated)] * count
+
+
+@pytest.mark.parametrize("stall", ["before the headers", "mid-stream"])
+def test_timeout_fails_a_request_the_server_never_finishes(stall):
+    async def handler(req: web.Request, index: int) -> web.StreamResponse:
+        if index != 1:
+            return await answer(req, index)
+        if stall == "mid-stream":
+            await stream(req, [b'{"choices": [{"index": 0, "text": " w", "token_ids": [1]}]}'], end=False)
+        await asyncio.sleep(60)  # cancelled at the stub's shutdown
+        raise AssertionError("not reached")
+
+    report = replay_report(rows_of(3), handler, timeout=0.5)
+    assert (report["completed"], report["failed"], report["failed_by_reason"]) == (2, 1, {"timeout": 1}), report
+
+
+def test_error_event_mid_stream_and_a_503_fail_their_requests_by_reason():
+    async def handler(req: web.Request, index: int) -> web.StreamResponse:
+        token = b'{"choices": [{"index": 0, "text": " w", "token_ids": [1]}]}'
+        if index == 0:
+            return await stream(req, [token, b'{"error": {"code": "engine_failed", "message": "boom"}}'])
+        if index == 1:
+            return await stream(req, [token, b'{"object": "error", "message": "boom"}'])
+        if index == 2:
+            return web.json_response({"error": {"code": "no_decode_endpoints"}}, status=503,
+                                     headers={"X-Baton-Error": "no_decode_endpoints"})
+        if index == 3:
+            return web.Response(status=503)
+        return await answer(req, index)
+
+    report = replay_report(rows_of(5), handler, timeout=10)
+    assert (report["completed"], report["rejected"], report["failed"]) == (1, 0, 4), report
+    assert report["failed_by_reason"] == {"engine_failed": 1, "stream_error": 1, "no_decode_endpoints": 1,
+                                          "http_503": 1}
+
+
+def test_connection_refused_is_named_with_its_errno():
+    with socket.socket() as sock:  # bound, not listening: connections are refused, and no one else takes it
+        sock.bind(("127.0.0.1", 0))
+        summary = asyncio.run(run_replay(rows_of(2), f"http://127.0.0.1:{sock.getsockname()[1]}", model="stub",
+                                         rate=1000, timeout=10))
+    assert summarize(summary)["failed_by_reason"] == {"ClientConnectorError:ECONNREFUSED": 2}
+
+
+def test_max_concurrency_bounds_requests_in_flight_and_the_wait_is_send_lag():
+    in_flight: set[int] = set()  # not yet answered: the client cannot have its answer
+    seen: list[int] = []  # how many were in flight as each one arrived, itself included
+
+    async def handler(req: web.Request, index: int) -> web.StreamResponse:
+        in_flight.add(index)
+        seen.append(len(in_flight))
+        await asyncio.sleep(0.2)
+        in_flight.discard(index)
+        return await answer(req, index)
+
+    report = replay_report(rows_of(5), handler, timeout=10, max_concurrency=2)
+    assert report["completed"] == 5 and max(seen) == 2, (report, seen)
+    # all five are due at once: the third goes out when one of the first two has answered, 0.2 s on at least
+    lag = report["send_lag_ms"]
+    assert set(lag) == {"p50", "p90", "p99", "max"}
+    assert lag["max"] >= 200 and lag["p50"] <= lag["p90"] <= lag["p99"] <= lag["max"], lag
+
+
+def test_zero_counts_are_sent_as_one_and_counted():
+    received = []
+
+    async def handler(req: web.Request, index: int) -> web.StreamResponse:
+        body = await req.json()
+        received.append((len(body["prompt"]), body["max_tokens"]))
+        return await answer(req, index)
+
+    rows = read_trace(io.StringIO("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:00,0,4\n"
+                                  "2023-11-16 18:17:00,5,0\n2023-11-16 18:17:00,5,4\n"))
+    report = replay_report(rows, handler, timeout=10)
+    assert report["completed"] == 3 and sorted(received) == [(1, 4), (5, 1), (5, 4)]
+    assert report["zero_counts_raised"] == 2
+    assert "zero token counts: 2 trace row(s) sent with 1 instead of 0" in format_table(report)
+
+
+@pytest.mark.parametrize("context", [1, 7433, 28999, 29000, 29001, 61000])
+def test_prompts_are_the_synthetic_ids_whatever_their_length(context):
+    prompts = {}
+
+    async def handler(req: web.Request, index: int) -> web.StreamResponse:
+        prompts[index] = (await req.json())["prompt"]
+        return await answer(req, index)
+
+    replay_report([TraceRow(0.0, context, 1)] * 3, handler, timeout=10)
+    assert prompts == {i: synthetic_prompt(i, context) for i in range(3)}
