@@ -20,8 +20,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_tokenizer(directory: Path, *, chat_template: bool = True) -> Path:
-    """tokenizer.json and tokenizer_config.json in `directory` (created); returns `directory`."""
+def write_tokenizer(directory: Path, *, chat_template: bool | str = True) -> Path:
+    """tokenizer.json and tokenizer_config.json in `directory` (created); returns `directory`. The config's
+    chat template is CHAT_TEMPLATE, or `chat_template` when that is a template, or none when it is False."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -36,7 +37,7 @@ def write_tokenizer(directory: Path, *, chat_template: bool = True) -> Path:
     tok.save(str(directory / "tokenizer.json"))
     config = {"bos_token": BOS, "eos_token": {"content": EOS, "special": True}, "model_max_length": 131072}
     if chat_template:
-        config["chat_template"] = CHAT_TEMPLATE
+        config["chat_template"] = CHAT_TEMPLATE if chat_template is True else chat_template
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
 

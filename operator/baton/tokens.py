@@ -29,13 +29,15 @@ class Tokenizer(Protocol):
 
     def encode_text(self, text: str) -> list[int]: ...
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], request: Mapping[str, Any] | None = None,
+                    ) -> list[int]: ...
 
     def count_text(self, text: str) -> int: ...
 
-    def count_chat(self, messages: Sequence[Mapping[str, Any]]) -> int: ...
+    def count_chat(self, messages: Sequence[Mapping[str, Any]], request: Mapping[str, Any] | None = None) -> int: ...
 
-    def chat_text(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, bool]: ...
+    def chat_text(self, messages: Sequence[Mapping[str, Any]], request: Mapping[str, Any] | None = None,
+                  ) -> tuple[str, bool]: ...
 
     async def encode_async(self, text: str, special: bool = True) -> list[int]: ...
 
@@ -81,16 +83,18 @@ class EstimateTokenizer:
     def encode_text(self, text: str) -> list[int]:
         return _estimate_ids(text, self.vocab_size)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], request: Mapping[str, Any] | None = None,
+                    ) -> list[int]:
         return _estimate_ids(chat_prompt_text(messages), self.vocab_size)
 
     def count_text(self, text: str) -> int:
         return _estimate_count(text)
 
-    def count_chat(self, messages: Sequence[Mapping[str, Any]]) -> int:
+    def count_chat(self, messages: Sequence[Mapping[str, Any]], request: Mapping[str, Any] | None = None) -> int:
         return _estimate_count(chat_prompt_text(messages))
 
-    def chat_text(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, bool]:
+    def chat_text(self, messages: Sequence[Mapping[str, Any]], request: Mapping[str, Any] | None = None,
+                  ) -> tuple[str, bool]:
         return chat_prompt_text(messages), False
 
     async def encode_async(self, text: str, special: bool = True) -> list[int]:
@@ -107,18 +111,20 @@ def tokenize(text: str) -> list[int]:
     return _estimate_ids(text)
 
 
-def tokenize_chat(messages: Sequence[Mapping[str, Any]]) -> list[int]:
-    """Token ids of a chat prompt: the model's chat template and tokenizer, else the flattened messages."""
+def tokenize_chat(messages: Sequence[Mapping[str, Any]], request: Mapping[str, Any] | None = None) -> list[int]:
+    """Token ids of a chat prompt: the model's chat template and tokenizer, else the flattened messages.
+    `request` is the chat request's body: the fields trtllm-serve passes to the template besides the messages
+    (`tools`, `documents`, `add_generation_prompt`, `chat_template_kwargs`) are read from it."""
     if _tokenizer is not None:
-        return _tokenizer.encode_chat(messages)
+        return _tokenizer.encode_chat(messages, request)
     return _estimate_ids(chat_prompt_text(messages))
 
 
-def chat_text(messages: Sequence[Mapping[str, Any]]) -> str:
+def chat_text(messages: Sequence[Mapping[str, Any]], request: Mapping[str, Any] | None = None) -> str:
     """A chat prompt as text (what a text-input runtime such as Triton gets): the model's chat template
     when there is one, else the flattened messages."""
     if _tokenizer is not None:
-        return _tokenizer.chat_text(messages)[0]
+        return _tokenizer.chat_text(messages, request)[0]
     return chat_prompt_text(messages)
 
 
@@ -129,19 +135,20 @@ def count_text_tokens(text: str) -> int:
     return _estimate_count(text)
 
 
-def count_chat_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+def count_chat_tokens(messages: Sequence[Mapping[str, Any]], request: Mapping[str, Any] | None = None) -> int:
     if _tokenizer is not None:
-        return _tokenizer.count_chat(messages)
+        return _tokenizer.count_chat(messages, request)
     return count_text_tokens(chat_prompt_text(messages))
 
 
-async def tokenize_async(text: str, chat_messages: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
-    """`tokenize` (or `tokenize_chat` when `chat_messages` is given), with a real tokenizer's work on a long
-    text done off the event loop."""
+async def tokenize_async(text: str, chat_messages: Sequence[Mapping[str, Any]] | None = None,
+                         request: Mapping[str, Any] | None = None) -> list[int]:
+    """`tokenize` (or `tokenize_chat` when `chat_messages` is given, with its `request`), with a real
+    tokenizer's work on a long text done off the event loop."""
     if _tokenizer is None:
         return _estimate_ids(chat_prompt_text(chat_messages) if chat_messages is not None else text)
     if chat_messages is not None:
-        text, special = _tokenizer.chat_text(chat_messages)
+        text, special = _tokenizer.chat_text(chat_messages, request)
         return await _tokenizer.encode_async(text, special)
     return await _tokenizer.encode_async(text)
 
@@ -159,12 +166,14 @@ def count_prompt_tokens(prompt: str | Sequence[int]) -> int:
     raise ValueError("prompt must be a string or a list of integer token ids")
 
 
-def chat_prompt_text(messages: Sequence[dict]) -> str:
-    """Flatten OpenAI chat messages into the text both sides tokenize (role, then content, per message)."""
+def chat_prompt_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """Flatten OpenAI chat messages into the text both sides tokenize (role, then content, per message). A
+    null or absent content (an assistant message with tool calls) adds nothing; of a list of content parts,
+    the texts of its text parts are kept."""
     parts = []
     for message in messages:
-        content = message.get("content", "")
+        content = message.get("content") or ""
         if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            content = "".join(text for p in content if isinstance(p, dict) and isinstance(text := p.get("text"), str))
         parts.append(f"<|{message.get('role', 'user')}|>{content}")
     return "".join(parts)

@@ -5,12 +5,14 @@ Hugging Face Hub endpoint (a loopback stand-in), and the process-wide switch in 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import http.server
+import json
 import threading
 from pathlib import Path
 
 import pytest
-from tokenizer_fixture import BOS, WORDS, write_tokenizer
+from tokenizer_fixture import BOS, CHAT_TEMPLATE, WORDS, write_tokenizer
 
 from baton import tokens
 from baton.model_tokenizer import OFFLOAD_CHARS, TokenizerError, fetch_tokenizer, load_tokenizer
@@ -57,6 +59,92 @@ def test_without_a_chat_template_chat_prompts_are_flattened_as_documented(tmp_pa
     messages = [{"role": "user", "content": "alpha bravo"}]
     assert t.chat_text(messages) == ("<|user|>alpha bravo", True)
     assert t.count_chat(messages) == len(raw.encode("<|user|>alpha bravo").ids)
+
+
+def test_chat_template_jinja_is_the_template_and_wins_over_the_configs(tmp_path, raw):
+    """transformers >= 4.47 saves the template as chat_template.jinja and reads it before tokenizer_config.json."""
+    write_tokenizer(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+    t = load_tokenizer(tmp_path)
+    messages = [{"role": "user", "content": "alpha bravo"}]
+    assert t.chat_text(messages) == ("[user] alpha bravo\n", False)
+    assert t.count_chat(messages) == len(raw.encode("[user] alpha bravo\n", add_special_tokens=False).ids)
+    (tmp_path / "chat_template.jinja").write_text("{% for %}")
+    with pytest.raises(TokenizerError, match="chat_template.jinja is not a valid jinja2 template"):
+        load_tokenizer(tmp_path)
+
+
+def test_templates_render_as_transformers_renders_them(tmp_path):
+    """transformers' environment: {% break %}/{% continue %}, {% generation %}, its tojson (non-ASCII and HTML
+    characters as they are, keys in their order, indent and separators), strftime_now and raise_exception."""
+    template = ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+                "{% generation %}{{ m.content }}{% endgeneration %}{% if loop.index > 2 %}{% break %}{% endif %}"
+                "{% endfor %}|{{ messages[0] | tojson }}|{{ {'k': 1} | tojson(indent=2) }}"
+                "|{{ [1, 2] | tojson(separators=(',', ':')) }}|{{ strftime_now('%Y') }}")
+    t = load_tokenizer(write_tokenizer(tmp_path, chat_template=template))
+    messages = [{"role": "system", "content": "kilo"}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    first = {"role": "system", "content": "été <b> & 'q'"}
+    text, _ = t.chat_text([first, *messages[1:]])
+    assert text == ('ab|{"role": "system", "content": "été <b> & \'q\'"}|{\n  "k": 1\n}|[1,2]|'
+                    f"{datetime.date.today().year}")
+
+
+def test_the_requests_template_fields_reach_the_template(tmp_path, raw):
+    """What trtllm-serve passes apply_chat_template besides the messages: tools, documents,
+    add_generation_prompt (default true) and chat_template_kwargs (continue_final_message among them)."""
+    template = ("{{ bos_token }}{% if tools %}tools={{ tools | tojson }}\n{% endif %}"
+                "{% for d in documents or [] %}doc={{ d.title }}\n{% endfor %}"
+                "{% if enable_thinking %}think\n{% endif %}" + CHAT_TEMPLATE.replace("{{ bos_token }}", ""))
+    t = load_tokenizer(write_tokenizer(tmp_path, chat_template=template))
+    messages = [{"role": "user", "content": "alpha"}]
+    header = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nalpha<|eot_id|>"
+    request = {"tools": [{"type": "function", "function": {"name": "golf"}}], "documents": [{"title": "kilo"}],
+               "chat_template_kwargs": {"enable_thinking": True}}
+    text, _ = t.chat_text(messages, request)
+    assert text == ('<|begin_of_text|>tools=[{"type": "function", "function": {"name": "golf"}}]\ndoc=kilo\nthink\n'
+                    + header[len(BOS):] + "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert t.count_chat(messages, request) == len(t.encode_chat(messages, request)) == len(
+        raw.encode(text, add_special_tokens=False).ids)
+    assert t.chat_text(messages, {"add_generation_prompt": False})[0] == header
+    # continue_final_message: the last message left open, without its end of turn (as transformers cuts it)
+    prefill = [*messages, {"role": "assistant", "content": "bravo "}]
+    continued = {"add_generation_prompt": False, "chat_template_kwargs": {"continue_final_message": True}}
+    assert t.chat_text(prefill, continued)[0] == header + "<|start_header_id|>assistant<|end_header_id|>\n\nbravo "
+    # refused as trtllm-serve refuses them (its request model, or apply_chat_template failing): a 400
+    for bad, message in [({"chat_template_kwargs": {"continue_final_message": True}}, "not compatible"),
+                         ({"chat_template_kwargs": {"tools": []}}, "must not set tools"),
+                         ({"tools": "golf"}, "`tools` must be a list"),
+                         ({"add_generation_prompt": "no"}, "`add_generation_prompt` must be a boolean")]:
+        with pytest.raises(ValueError, match=message):
+            t.count_chat(messages, bad)
+
+
+def test_a_request_with_tools_takes_the_tool_use_template(tmp_path):
+    write_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": "plain"}, {"name": "tool_use", "template": "tools"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    t = load_tokenizer(tmp_path)
+    messages = [{"role": "user", "content": "alpha"}]
+    assert t.chat_text(messages) == ("plain", False) and t.chat_text(messages, {"tools": []}) == ("tools", False)
+
+
+def test_truncation_and_padding_saved_in_tokenizer_json_do_not_cut_or_pad_a_prompt(tmp_path, raw):
+    """transformers turns both off for an ordinary encode, as trtllm-serve's; tokenizers would apply them."""
+    write_tokenizer(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    saved["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    saved["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                        "pad_type_id": 0, "pad_token": BOS}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved))
+    t = load_tokenizer(tmp_path)
+    text = " ".join(WORDS)
+    assert t.count_text(text) == len(t.encode_text(text)) == len(WORDS) + 1
+    assert t.count_text("alpha") == 2
+    assert t.count_chat([{"role": "user", "content": text}]) == len(
+        raw.encode(t.chat_text([{"role": "user", "content": text}])[0], add_special_tokens=False).ids)
+    assert asyncio.run(t.encode_async(text * 100)) == raw.encode(text * 100).ids
 
 
 def test_long_prompts_are_encoded_off_the_event_loop_with_the_same_result(tok_dir):
@@ -125,12 +213,25 @@ def test_a_gated_model_tokenizer_is_fetched_from_the_hub_endpoint_with_the_token
         hub.close()
 
 
+def test_a_hub_models_chat_template_jinja_is_fetched_and_used(tok_dir):
+    files = {"/org/new/resolve/main/tokenizer.json": (tok_dir / "tokenizer.json").read_bytes(),
+             "/org/new/resolve/main/tokenizer_config.json": (tok_dir / "tokenizer_config.json").read_bytes(),
+             "/org/new/resolve/main/chat_template.jinja": b"{% for m in messages %}{{ m.content }}{% endfor %}"}
+    hub = _Hub(files, token="")
+    try:
+        t = fetch_tokenizer("org/new", "", {"HF_ENDPOINT": hub.url})
+        assert t.chat_text([{"role": "user", "content": "alpha"}]) == ("alpha", False)
+    finally:
+        hub.close()
+
+
 def test_a_hub_model_without_tokenizer_config_still_loads(tok_dir):
     hub = _Hub({"/org/open/resolve/main/tokenizer.json": (tok_dir / "tokenizer.json").read_bytes()}, token="")
     try:
         t = fetch_tokenizer("org/open", "", {"HF_ENDPOINT": hub.url})
         assert t.chat_template is None and t.count_text("alpha") == 2
-        assert hub.paths == ["/org/open/resolve/main/tokenizer.json", "/org/open/resolve/main/tokenizer_config.json"]
+        assert hub.paths == ["/org/open/resolve/main/tokenizer.json", "/org/open/resolve/main/tokenizer_config.json",
+                             "/org/open/resolve/main/chat_template.jinja"]
     finally:
         hub.close()
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
+from tokenizer_fixture import write_tokenizer
 
+from baton import tokens
+from baton.model_tokenizer import load_tokenizer
 from baton.scheduler.requests import MAX_JSON_DEPTH, RequestError, parse_request
 from baton.tokens import chat_prompt_text, count_text_tokens
 
@@ -132,3 +136,58 @@ def test_chat_content_parts_and_null_content_are_counted():
                                                                                "image_url": {"url": "x"}}]},
                 {"role": "assistant", "content": None, "tool_calls": []}]
     assert parse({"model": "m", "messages": messages}, "chat").tokens == count_text_tokens(chat_prompt_text(messages))
+    # the flattening counted: "<|user|>hello<|assistant|>", 26 bytes (a null content adds nothing, not "None")
+    assert parse({"model": "m", "messages": messages}, "chat").tokens == 7
+
+
+def test_a_chat_requests_prompt_token_ids_are_its_prompt():
+    """As trtllm-serve and the engine simulator prompt from them: counted, and routed by that count."""
+    ids = list(range(1, 5001))
+    req = parse({"model": "m", "messages": [{"role": "user", "content": "hi"}], "prompt_token_ids": ids,
+                 "max_tokens": 3}, "chat")
+    assert req.tokens == 5000
+    assert json.loads(req.context_body())["prompt_token_ids"] == ids
+    handle = {"request_type": "context_only", "first_gen_tokens": [5], "ctx_request_id": 42,
+              "encoded_opaque_state": "abc", "draft_tokens": None}
+    assert json.loads(req.generation_body(handle, b"[7,8]"))["prompt_token_ids"] == [7, 8]
+    assert json.loads(req.generation_body(handle, None))["prompt_token_ids"] == ids  # no ids in the answer
+    assert parse({"model": "m", "messages": [{"role": "user", "content": "hi"}], "prompt_token_ids": []},
+                 "chat").tokens == 0
+    for bad in ("1 2 3", [1, "2"], [1.5], {"ids": [1]}):
+        with pytest.raises(RequestError) as e:
+            parse({"model": "m", "messages": [{"role": "user", "content": "hi"}], "prompt_token_ids": bad}, "chat")
+        assert (e.value.status, e.value.param) == (400, "prompt_token_ids")
+
+
+@pytest.fixture
+def model_tokenizer(tmp_path):
+    template = ("{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}\n"
+                "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer = load_tokenizer(write_tokenizer(tmp_path, chat_template=template))
+    tokens.set_tokenizer(tokenizer)
+    try:
+        yield tokenizer
+    finally:
+        tokens.set_tokenizer(None)
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_a_chat_prompt_is_counted_with_the_requests_template_fields(model_tokenizer, long):
+    """`tools`, `add_generation_prompt`, ... reach the chat template, as trtllm-serve (and the engine simulator,
+    through the same `baton.tokens`) passes them; long chats too (counted off the event loop)."""
+    messages = [{"role": "user", "content": "alpha bravo " * (2000 if long else 1)}]
+    plain = {"model": "m", "messages": messages}
+    body = {**plain, "tools": [{"type": "function", "function": {"name": "kilo", "description": "lima mike"}}],
+            "add_generation_prompt": False}
+
+    def count(request):
+        req = parse(request, "chat")
+        asyncio.run(req.count_deferred())
+        return req.tokens
+
+    assert count(body) > count(plain) == model_tokenizer.count_chat(messages)
+    assert count(body) == model_tokenizer.count_chat(messages, body) == len(
+        asyncio.run(tokens.tokenize_async("", messages, body)))  # what the engine simulator encodes
+    with pytest.raises(RequestError) as e:
+        count({**plain, "chat_template_kwargs": {"add_generation_prompt": False}})
+    assert e.value.status == 400 and "add_generation_prompt" in e.value.message

@@ -64,3 +64,12 @@ def test_llama3_vocabulary_keeps_the_documented_ids():
 def test_vocabulary_must_be_a_positive_integer(bad):
     with pytest.raises(ValueError, match="vocab_size"):
         tokens.EstimateTokenizer(bad)  # type: ignore[arg-type]
+
+
+def test_a_null_content_adds_nothing_and_only_the_texts_of_content_parts_count():
+    """An assistant message with tool calls has `content: null`: it flattens to its role alone, not "None"."""
+    assert tokens.chat_prompt_text([{"role": "assistant", "content": None, "tool_calls": []}]) == "<|assistant|>"
+    assert tokens.count_chat_tokens([{"role": "assistant", "content": None}]) == 4  # 13 bytes
+    parts = [{"type": "text", "text": "hello "}, {"type": "image_url", "image_url": {"url": "x"}},
+             {"type": "text", "text": None}, "stray", {"type": "text", "text": "there"}]
+    assert tokens.chat_prompt_text([{"role": "user", "content": parts}]) == "<|user|>hello there"

@@ -241,8 +241,8 @@ class SimServer:
                 if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
                     raise EngineError("messages must be a non-empty list of message objects")
                 try:
-                    prompt = Prompt.of(await tokens.tokenize_async("", messages))
-                except ValueError as exc:  # the chat template refused the messages
+                    prompt = Prompt.of(await tokens.tokenize_async("", messages, body))
+                except ValueError as exc:  # the chat template refused the messages (or the request's fields for it)
                     raise EngineError(str(exc)) from None
             max_tokens = body.get("max_completion_tokens")
             if max_tokens is None:

@@ -156,7 +156,7 @@ class ParsedRequest:
             if isinstance(pending, str):
                 self.tokens = len(await token_counting.tokenize_async(pending))
             else:
-                self.tokens = len(await token_counting.tokenize_async("", pending))
+                self.tokens = len(await token_counting.tokenize_async("", pending, self.data))
         except ValueError as exc:
             raise _template_refused(exc) from None
 
@@ -223,7 +223,8 @@ class ParsedRequest:
 
 
 def _template_refused(exc: ValueError) -> RequestError:
-    """The model's chat template refused the messages (`baton.model_tokenizer`): the client's error."""
+    """The model's chat template refused the messages, or the request's fields for it (`tools`, ...:
+    `baton.model_tokenizer`): the client's error."""
     return RequestError(400, str(exc), "invalid_request", "messages")
 
 
@@ -288,12 +289,20 @@ def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) 
             raise RequestError(400, "`messages` must be a non-empty list of message objects", "invalid_request",
                                "messages")
         _check_messages(messages)
-        if (token_counting.active_tokenizer() is not None
+        prompt_ids = data.get("prompt_token_ids")
+        # the prompt when given, as trtllm-serve and the engine simulator take it; decoded with the body (cutting
+        # it out, as a completions prompt's, would cost every chat request a search through its bytes)
+        if prompt_ids is not None:
+            if not _is_token_ids(prompt_ids):
+                raise RequestError(400, "`prompt_token_ids` must be a list of token ids", "invalid_request",
+                                   "prompt_token_ids")
+            tokens = len(prompt_ids)
+        elif (token_counting.active_tokenizer() is not None
                 and sum(len(str(m.get("content", ""))) for m in messages) > OFFLOAD_CHARS):
             tokens, uncounted = 0, messages
         else:
             try:
-                tokens = token_counting.count_chat_tokens(messages)
+                tokens = token_counting.count_chat_tokens(messages, data)
             except ValueError as exc:
                 raise _template_refused(exc) from None
     extension = data.get(BATON_FIELD)
