@@ -176,12 +176,17 @@ def send_requests(api_client: Any, namespace: str, name: str, manifest: dict[str
 
 
 def wait_claimed(core: Any, namespace: str, runner: subprocess.Popen, runner_log: Path, timeout: float = 60) -> None:
-    """Wait until the pod runner has claimed the namespace: from then on it, not the cluster's
-    readiness stand-in, decides when a Baton pod there is Ready."""
-    from baton.podrunner.runner import CLAIM_ANNOTATION
+    """Wait until the pod runner `runner` has claimed the namespace (a live claim of its own, not one an
+    earlier runner left): from then on it, not the cluster's readiness stand-in, decides when a Baton pod
+    there is Ready."""
+    from baton.podrunner.runner import CLAIM_ANNOTATION, claim_holder_pid, claim_live
+
+    def claimed() -> bool:
+        value = (core.read_namespace(namespace).metadata.annotations or {}).get(CLAIM_ANNOTATION)
+        return claim_live(value) and claim_holder_pid(value) == runner.pid
 
     deadline = time.monotonic() + timeout
-    while CLAIM_ANNOTATION not in (core.read_namespace(namespace).metadata.annotations or {}):
+    while not claimed():
         if runner.poll() is not None:
             raise SystemExit(f"the pod runner exited with code {runner.returncode}; see {runner_log}")
         if time.monotonic() > deadline:

@@ -24,6 +24,18 @@ from baton.direct_http import NO_PROXY_OPENER
 LISTENING = re.compile(rb"listening on http://[^:\s]+:(\d+)|event=listening url=http://[^:\s]+:(\d+)")
 
 
+def proc_start_time(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot), to tell it from a later process that got
+    its pid (after it exited, or after a reboot): record it with the pid, and signal the pid only while
+    they still match. None when no such process runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
 def baton_command() -> list[str]:
     """How to run the `baton` CLI of this interpreter's environment."""
     script = Path(sys.executable).with_name("baton")

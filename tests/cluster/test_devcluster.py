@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -210,15 +211,32 @@ def test_pods_of_a_runner_that_died_are_taken_over_once_its_claim_lapses(cluster
     from baton.podrunner.runner import CLAIM_ANNOTATION, claim_value
 
     lease_s = 4
-    cluster.core.patch_namespace(namespace, {"metadata": {"annotations": {
-        CLAIM_ANNOTATION: claim_value("test/dead-runner", lease_s=lease_s)}}})
-    claimed_at = time.monotonic()
+
+    def renew_claim() -> float:
+        """What a live runner does: renew its claim (for `lease_s` from now); when."""
+        now = time.time()
+        cluster.core.patch_namespace(namespace, {"metadata": {"annotations": {
+            CLAIM_ANNOTATION: claim_value("test/dead-runner", now, lease_s=lease_s)}}})
+        return now
+
+    renew_claim()
     baton_labels = {"app.kubernetes.io/managed-by": "baton-operator", "baton.dev/tier": "prefill"}
     cluster.core.create_namespaced_pod(namespace, _pod("orphan", baton_labels, probe=True))
-    wait_for(lambda: _ready(cluster, namespace, "orphan")[0].status.pod_ip, 60, what="the pod running with an IP")
-    pod, ready = _ready(cluster, namespace, "orphan")
-    if time.monotonic() - claimed_at < lease_s - 1:  # while the claim holds, the pod is the runner's
-        assert (ready.status, ready.reason) == ("False", "ReadinessProbePending")
+
+    def running_with_an_ip():
+        renew_claim()  # the runner is alive all along, however long the pod takes to start
+        return _ready(cluster, namespace, "orphan")[0].status.pod_ip
+
+    wait_for(running_with_an_ip, 60, what="the pod running with an IP")
+    # While the claim holds (renewed at most 0.5 s ago, for 4 s), the pod is the runner's, however long the
+    # stand-in has had to look at it.
+    hold_until = time.monotonic() + 2
+    while time.monotonic() < hold_until:
+        last_renewal = renew_claim()
+        time.sleep(0.5)
+    _, ready = _ready(cluster, namespace, "orphan")
+    assert (ready.status, ready.reason) == ("False", "ReadinessProbePending")
+    # The runner dies (no more renewals).
 
     def taken_over():
         _, ready = _ready(cluster, namespace, "orphan")
@@ -226,7 +244,11 @@ def test_pods_of_a_runner_that_died_are_taken_over_once_its_claim_lapses(cluster
 
     ready = wait_for(taken_over, 60, what="the orphaned pod Ready from the stand-in after the claim lapsed")
     assert ready.reason == "ReadinessStandIn"
-    assert time.monotonic() - claimed_at >= lease_s - 1  # not before the lease ran out
+    # Not before the lease of the last renewal ran out. The claim counts whole seconds (its renewal time is
+    # truncated to the second, so it lapses after int(renewal) + lease) and so does the condition's
+    # lastTransitionTime (the stand-in's clock, this machine's, truncated): exact, no margin needed.
+    lapsed = datetime.fromtimestamp(int(last_renewal) + lease_s, timezone.utc)
+    assert ready.last_transition_time >= lapsed, f"Ready at {ready.last_transition_time}, the claim held until {lapsed}"
 
 def test_every_node_and_pod_address_is_loopback(cluster, namespace):
     cluster.apps.create_namespaced_stateful_set(namespace, _gpu_statefulset("addr", 2, 1, "decode-l40s"))

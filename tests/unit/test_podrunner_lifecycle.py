@@ -1,5 +1,7 @@
 """The pod runner's life cycle (no cluster): departed pods stopped together without holding up the others,
-processes a killed runner left behind stopped by the next one, SIGHUP as SIGTERM, a claim that expires."""
+processes a killed runner left behind stopped by the next one, an exited process's whole session ended,
+SIGHUP as SIGTERM, pods left unready by a runner that stops, a claim that expires, a runner that stops once
+its own claim lapsed, never two runners for the same pods, and never one on a cluster other than the local one."""
 
 from __future__ import annotations
 
@@ -10,10 +12,15 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+import yaml
+from baton import demo
 from baton.podrunner import main as podrunner_main
 from baton.podrunner import runner as podrunner
-from baton.podrunner.runner import CLAIM_ANNOTATION, LocalProcess
+from baton.podrunner.runner import ALL_NAMESPACES_CLAIM, CLAIM_ANNOTATION, LocalProcess, PodRunner, claim_value
+from kubernetes.client import ApiClient
 from process_harness import alive
 from test_podrunner_sync import FakeCore, make_runner, scheduler_pod
 
@@ -150,3 +157,159 @@ def test_the_claim_is_a_lease_the_runner_renews_and_a_dead_runner_loses(tmp_path
     assert podrunner.claim_identity(core.annotations["ns"][CLAIM_ANNOTATION]) == runner._identity
     runner.release()
     assert CLAIM_ANNOTATION not in core.annotations["ns"]
+
+
+def sleeper_runner(tmp_path: Path, core: FakeCore, **kwargs) -> PodRunner:
+    """A runner whose every pod's process is a plain sleep (no probe: Ready once it runs)."""
+    runner = make_runner(tmp_path, core, tend=True, stop_grace_s=1.0, **kwargs)
+    runner.translate = lambda pod: LocalProcess(
+        key=f"{pod.metadata.namespace}/{pod.metadata.name}", uid=pod.metadata.uid, probe_url=None, env={},
+        argv=[sys.executable, "-c", "import time; time.sleep(60)"], log_path=tmp_path / f"{pod.metadata.name}.log")
+    return runner
+
+
+SPAWNS_A_CHILD_AND_EXITS = ("import subprocess, sys; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+                            "time.sleep(60)']); open(sys.argv[1], 'w').write(str(child.pid)); sys.exit(3)")
+
+
+def test_a_process_that_exits_takes_the_rest_of_its_session_with_it(tmp_path: Path) -> None:
+    """A Triton pod's server is a child of the simulator: left running after the simulator exited, it would
+    keep the pod's ports, and every restart would fail to bind them."""
+    runner = make_runner(tmp_path, FakeCore(), tend=True)
+    child_file = tmp_path / "child.pid"
+    local = LocalProcess(key="ns/p", uid="u", argv=[sys.executable, "-c", SPAWNS_A_CHILD_AND_EXITS, str(child_file)],
+                         env={}, probe_url=None, log_path=tmp_path / "p.log")
+    pod = SimpleNamespace(metadata=SimpleNamespace(namespace="ns", name="p"))
+    child = None
+    try:
+        runner._tend(local, pod)  # starts it
+        local.proc.wait(timeout=20)
+        child = int(child_file.read_text())
+        assert alive(child)
+        runner._tend(local, pod)  # sees it exit
+        assert _wait_for(lambda: not alive(child), 5.0), "the exited process's child still runs"
+    finally:
+        if child is not None and alive(child):
+            os.kill(child, signal.SIGKILL)
+        runner._stop_process(local, grace_s=1.0)
+
+
+def test_a_runner_that_stops_leaves_its_pods_unready(tmp_path: Path) -> None:
+    core = FakeCore()
+    core.pods = [scheduler_pod()]
+    runner = sleeper_runner(tmp_path, core)
+    thread = runner.start()
+    try:
+        assert _wait_for(lambda: core.conditions("m-scheduler-abc")[-1:] == [
+            ("True", "ProbeSucceeded", "readiness probe succeeded")], 10.0)
+        proc = runner.processes["ns/m-scheduler-abc"].proc
+    finally:
+        runner.stop()
+        thread.join(timeout=15)
+    assert proc.poll() is not None
+    assert core.conditions("m-scheduler-abc")[-1] == (
+        "False", "PodRunnerStopped", "the pod runner stopped, and with it this pod's local process")
+    assert CLAIM_ANNOTATION not in core.annotations["ns"]
+
+
+def test_a_runner_whose_claim_lapsed_stops_its_processes_and_exits(tmp_path: Path) -> None:
+    """`baton devcluster down` under a running runner: the API server is gone and the claim cannot be
+    renewed. Once a whole lease has passed, its processes are stopped (the next cluster hands the same pod
+    IPs out again) and the runner exits, saying why."""
+    core = FakeCore()
+    core.pods = [scheduler_pod()]
+    runner = sleeper_runner(tmp_path, core, claim_lease_s=1)
+    thread = runner.start()
+    try:
+        assert _wait_for(lambda: "ns/m-scheduler-abc" in runner.processes and runner.processes["ns/m-scheduler-abc"].proc,
+                         10.0)
+        proc = runner.processes["ns/m-scheduler-abc"].proc
+
+        def gone(*args, **kwargs):
+            raise ConnectionRefusedError(111, "Connection refused")
+
+        for call in ("list_namespaced_pod", "read_namespace", "patch_namespace", "patch_namespaced_pod_status"):
+            setattr(core, call, gone)
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "the runner carried on with a claim that lapsed"
+        assert proc.poll() is not None, "its process still runs"
+        assert "could not renew its claim" in runner.claim_lost and "Connection refused" in runner.claim_lost
+    finally:
+        runner.stop()
+        thread.join(timeout=15)
+
+
+def test_a_runner_does_not_start_over_the_live_claim_of_another(tmp_path: Path) -> None:
+    core = FakeCore()
+    other = claim_value("elsewhere/4242/abc")
+    core.annotations["ns"] = {CLAIM_ANNOTATION: other}
+    runner = make_runner(tmp_path, core)
+    with pytest.raises(RuntimeError) as refused:
+        runner.claim()
+    assert core.annotations["ns"] == {CLAIM_ANNOTATION: other}, "the other runner's claim was taken over"
+    assert "namespace ns is claimed by pod runner elsewhere/4242/abc" in str(refused.value)
+    assert "kubectl annotate namespace ns baton.dev/pod-runner-)" in str(refused.value)
+
+    # a claim of every namespace covers this one; a claim of any namespace bars a runner of every namespace
+    core.annotations = {"kube-system": {ALL_NAMESPACES_CLAIM: other}}
+    with pytest.raises(RuntimeError, match="every namespace is claimed by pod runner elsewhere/4242/abc"):
+        make_runner(tmp_path, core).claim()
+    core.annotations = {"kube-system": {}, "ns": {CLAIM_ANNOTATION: other}}
+    everywhere = PodRunner(ApiClient(), tmp_path / "everywhere")
+    everywhere.core = core
+    with pytest.raises(RuntimeError, match="namespace ns is claimed by pod runner elsewhere/4242/abc"):
+        everywhere.claim()
+    assert ALL_NAMESPACES_CLAIM not in core.annotations["kube-system"]
+
+    # the claim of a runner that was killed lapses with its lease: then it is taken over
+    core.annotations = {"ns": {CLAIM_ANNOTATION: claim_value("elsewhere/4242/abc", now=time.time() - 120)}}
+    runner.claim()
+    assert podrunner.claim_identity(core.annotations["ns"][CLAIM_ANNOTATION]) == runner._identity
+
+
+def test_the_runner_refuses_an_api_server_that_is_not_the_local_clusters(tmp_path: Path, monkeypatch, capsys) -> None:
+    """With KUBECONFIG unset it would take ~/.kube/config: on a real cluster it would claim kube-system and
+    write the readiness of every Baton pod."""
+    started: list[dict] = []
+
+    class StubRunner:
+        claim_lost = None
+
+        def __init__(self, **kwargs) -> None:
+            started.append(kwargs)
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(podrunner_main, "PodRunner", StubRunner)
+    monkeypatch.setattr(podrunner_main, "install_stop_handlers", lambda runner: None)
+
+    def use_cluster(server: str) -> None:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "c", "cluster": {"server": server}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+
+    use_cluster("https://10.20.0.1:6443")
+    assert podrunner_main.main(["--workdir", str(tmp_path / "work")]) == 1
+    assert started == [], "it ran against a real cluster"
+    error = capsys.readouterr().err
+    assert "refusing to run against the API server at https://10.20.0.1:6443" in error
+    assert 'eval "$(baton devcluster env)"' in error
+
+    use_cluster("https://127.0.0.1:6443")  # the local cluster's
+    assert podrunner_main.main(["--workdir", str(tmp_path / "work")]) == 0
+    assert len(started) == 1
+
+
+def test_the_demo_waits_for_the_claim_of_the_runner_it_started(tmp_path: Path) -> None:
+    core = FakeCore()
+    core.annotations["ns"] = {CLAIM_ANNOTATION: claim_value("host/4242/abc", now=time.time() - 120)}  # long gone
+    started = SimpleNamespace(pid=os.getpid(), returncode=None, poll=lambda: None)  # this process plays the runner
+    with pytest.raises(SystemExit, match="did not claim namespace ns"):
+        demo.wait_claimed(core, "ns", started, tmp_path / "runner.log", timeout=0.5)
+    make_runner(tmp_path, core).claim()
+    demo.wait_claimed(core, "ns", started, tmp_path / "runner.log", timeout=5)

@@ -51,12 +51,12 @@ class FakeCore:
         data = {k: base64.b64encode(v.encode()).decode() for k, v in self.secrets[(namespace, name)].items()}
         return SimpleNamespace(data=data)
 
-    def patch_namespaced_pod_status(self, name, namespace, body):
+    def patch_namespaced_pod_status(self, name, namespace, body, **request_options):
         if self.fail_patch:
             raise self.fail_patch.pop(0)
         self.patches.append((namespace, name, body))
 
-    def patch_namespace(self, namespace, body):
+    def patch_namespace(self, namespace, body, **request_options):
         annotations = self.annotations.setdefault(namespace, {})
         for key, value in body["metadata"]["annotations"].items():
             if value is None:
@@ -64,8 +64,11 @@ class FakeCore:
             else:
                 annotations[key] = value
 
-    def read_namespace(self, namespace):
-        return SimpleNamespace(metadata=SimpleNamespace(annotations=dict(self.annotations.get(namespace, {}))))
+    def read_namespace(self, namespace, **request_options):
+        return SimpleNamespace(metadata=SimpleNamespace(name=namespace, annotations=dict(self.annotations.get(namespace, {}))))
+
+    def list_namespace(self, **request_options):
+        return SimpleNamespace(items=[self.read_namespace(namespace) for namespace in self.annotations])
 
     def conditions(self, name: str) -> list[tuple[str, str, str]]:
         """(status, reason, message) of every Ready write to pod `name`, in order."""
@@ -309,3 +312,83 @@ def test_probes_never_go_through_a_proxy(monkeypatch, health_server) -> None:
     with environment_proxy(monkeypatch) as hits:
         assert PodRunner._probe(f"http://127.0.0.1:{health_server.server_port}/health", 2.0)
         assert hits == []
+
+
+def test_a_pod_at_a_non_loopback_ip_is_left_alone(tmp_path: Path, caplog) -> None:
+    """A pod a real node runs (its IP is not a loopback address): never run here, its status never written."""
+    core = FakeCore()
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n"}
+    core.pods = [scheduler_pod("real", "ur", "10.0.3.7"), scheduler_pod("local", "ul", "127.64.0.8")]
+    runner = make_runner(tmp_path, core)
+    caplog.set_level(logging.WARNING, logger="baton.podrunner")
+    runner.sync()
+    runner.sync()
+    assert sorted(runner.processes) == ["ns/local"]
+    assert core.conditions("real") == [], "the status of a pod this runner does not run was written"
+    assert [r.getMessage() for r in caplog.records if "ns/real" in r.getMessage()] == [
+        "ns/real left alone: its IP 10.0.3.7 is not a loopback address, so a real node runs it, not this runner"]
+
+
+def test_a_process_does_not_inherit_the_in_cluster_api_server_address(tmp_path: Path, monkeypatch) -> None:
+    """Run inside a pod, the runner has KUBERNETES_SERVICE_*/KUBERNETES_PORT*: a scheduler inheriting them
+    would take the in-cluster configuration (a ClusterIP nothing here routes) over its KUBECONFIG."""
+    for name, value in {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443",
+                        "KUBERNETES_SERVICE_PORT_HTTPS": "443", "KUBERNETES_PORT": "tcp://10.96.0.1:443",
+                        "KUBERNETES_PORT_443_TCP_ADDR": "10.96.0.1", "BATON_TEST_INHERITED": "yes"}.items():
+        monkeypatch.setenv(name, value)
+    core = FakeCore()
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n"}
+    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+           {"name": "KUBERNETES_PORT", "value": "set-by-the-pod"}]
+    local = make_runner(tmp_path, core, kubeconfig="/k/config").translate(scheduler_pod(env=env))
+    assert sorted(k for k in local.env if k.startswith("KUBERNETES")) == ["KUBERNETES_PORT"]
+    assert local.env["KUBERNETES_PORT"] == "set-by-the-pod", "the pod's own variable is the pod's"
+    assert local.env["BATON_TEST_INHERITED"] == "yes" and local.env["KUBECONFIG"] == "/k/config"
+
+
+def test_a_sub_path_mount_is_the_one_file_it_names_and_is_not_updated(tmp_path: Path) -> None:
+    """As the kubelet mounts it: the file of that key at the mount path (not a directory of every key), and
+    never updated afterwards."""
+    core = FakeCore()
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n", "other.txt": "not mounted"}
+    pod = scheduler_pod()
+    mount = pod.spec.containers[0].volume_mounts[0]
+    mount.mount_path, mount.sub_path = "/etc/baton/scheduler/config.yaml", "config.yaml"
+    core.pods = [pod]
+    runner = make_runner(tmp_path, core)
+    runner.sync()
+    cfg = config_path(runner, "ns/m-scheduler-abc")
+    assert cfg.is_file() and cfg.read_text() == "model: m\n"
+    assert [p.name for p in (runner.workdir / "ns").rglob("other.txt")] == [], "a key the mount does not name"
+
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: changed\n"}
+    runner.sync()
+    assert cfg.read_text() == "model: m\n", "a subPath mount was updated (the kubelet never updates one)"
+
+    missing = scheduler_pod("m-scheduler-new", "u2", "127.64.0.9")
+    mount = missing.spec.containers[0].volume_mounts[0]
+    mount.mount_path, mount.sub_path = "/etc/baton/scheduler/config.yaml", "nope.yaml"
+    core.pods.append(missing)
+    runner.sync()
+    assert "ns/m-scheduler-new" not in runner.processes
+    assert core.conditions("m-scheduler-new") == [(
+        "False", "CannotRunLocally", "ConfigMap ns/m-scheduler has no file 'nope.yaml' for the subPath of its "
+        "mount at /etc/baton/scheduler/config.yaml (its files: config.yaml)")]
+
+
+def test_a_replaced_pods_process_log_is_kept_while_its_process_may_still_write_to_it(tmp_path: Path) -> None:
+    core = FakeCore()
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n"}
+    core.pods = [scheduler_pod("m-scheduler-0", "u1", "127.64.0.5")]
+    runner = make_runner(tmp_path, core)
+    runner.sync()
+    log_path = runner.processes["ns/m-scheduler-0"].log_path
+    with open(log_path, "ab") as old_process:  # the old pod's process, still writing as it stops
+        old_process.write(b"old: serving\n")
+        old_process.flush()
+        core.pods = [scheduler_pod("m-scheduler-0", "u2", "127.64.0.6")]  # replaced: same name, new pod
+        runner.sync()
+        assert runner.processes["ns/m-scheduler-0"].uid == "u2"
+        old_process.write(b"old: stopped\n")
+    assert (log_path.parent / "process.previous.log").read_bytes() == b"old: serving\nold: stopped\n"
+    assert not log_path.exists(), "the new pod's process starts a log of its own"

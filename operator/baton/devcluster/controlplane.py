@@ -3,9 +3,11 @@ kube-scheduler and the KWOK controller, each a real process listening on 127.0.0
 readiness stand-in (`readiness.py`), which passes the readiness probe of pods no local process runs.
 
 State lives in one directory per cluster (default `~/.local/state/baton/devcluster/<name>`): PKI, the
-etcd data, one log per component, the kubeconfig and `state.json` (ports and pids). The processes run
-in their own sessions, so they outlive the `baton devcluster up` that started them; `down` stops
-them and removes the directory.
+etcd data, one log per component, the kubeconfig and `state.json` (ports, and each component's pid with
+its process's start time). The processes run in their own sessions, so they outlive the `baton
+devcluster up` that started them; `down` stops them and removes the directory. A recorded pid counts as
+the component's only while its process has the recorded start time: after a reboot (or once a component
+exited) the pid may be another process's, which is never signalled.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import yaml
 
 from baton.direct_http import NO_PROXY_OPENER, no_proxy_opener
+from baton.localproc import proc_start_time
 
 LOOPBACK = "127.0.0.1"
 # Fake pod IPs come from this range: inside 127.0.0.0/8, so every pod address is a loopback address.
@@ -69,18 +72,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pid_alive(pid: int) -> bool:
+def _signal_session(pid: int, sig: int) -> None:
+    """`sig` to the session a component leads; nothing when it is gone, or is another user's (not ours)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is not alive; /proc tells.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -133,9 +130,17 @@ class ControlPlane:
     def component_pids(self) -> dict[str, int]:
         return dict(self.state().get("pids", {}))
 
+    def _live_pids(self, state: dict[str, Any] | None = None) -> dict[str, int]:
+        """The pid of each component whose process still runs: the one `up` started, with the start time
+        recorded then (a state without one, from an older `up`, proves nothing)."""
+        state = self.state() if state is None else state
+        starts = state.get("pidStarts", {})
+        return {component: pid for component, pid in state.get("pids", {}).items()
+                if starts.get(component) is not None and proc_start_time(pid) == starts[component]}
+
     def running_components(self) -> dict[str, bool]:
-        pids = self.component_pids()
-        return {c: c in pids and _pid_alive(pids[c]) for c in COMPONENTS}
+        live = self._live_pids()
+        return {c: c in live for c in COMPONENTS}
 
     def is_healthy(self) -> bool:
         if not all(self.running_components().values()):
@@ -184,6 +189,7 @@ class ControlPlane:
             "schedulerPort": _free_port(),
             "kwokPort": _free_port(),
             "pids": {},
+            "pidStarts": {},
         }
         self._save_state(state)
         self._make_pki()
@@ -194,7 +200,8 @@ class ControlPlane:
         deadline = time.monotonic() + timeout
         try:
             for component in COMPONENTS:
-                state["pids"][component] = self._spawn(component, self._command(component, state))
+                pid = self._spawn(component, self._command(component, state))
+                state["pids"][component], state["pidStarts"][component] = pid, proc_start_time(pid)
                 self._save_state(state)
                 if component == "etcd":
                     self._wait(lambda: self._etcd_healthy(state), "etcd", deadline)
@@ -206,24 +213,17 @@ class ControlPlane:
         return self.kubeconfig
 
     def down(self, keep_logs: bool = False) -> None:
-        """Stop every component (TERM, then KILL after 10 s) and remove the cluster's state."""
-        pids = self.component_pids()
+        """Stop every component still running (TERM, then KILL after 10 s) and remove the cluster's state."""
+        state = self.state()
+        live = self._live_pids(state)
         for component in reversed(COMPONENTS):
-            pid = pids.get(component)
-            if pid and _pid_alive(pid):
-                try:
-                    os.killpg(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            if component in live:
+                _signal_session(live[component], signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for pid in pids.values():
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _pid_alive(pid):
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        while self._live_pids(state) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in self._live_pids(state).values():
+            _signal_session(pid, signal.SIGKILL)
         if keep_logs:
             logs = self.dir / "logs"
             for child in self.dir.iterdir() if self.dir.exists() else []:
@@ -236,8 +236,8 @@ class ControlPlane:
 
     def _wait(self, check, what: str, deadline: float) -> None:
         while time.monotonic() < deadline:
-            pid = self.component_pids().get(what)
-            if pid and not _pid_alive(pid):
+            state = self.state()
+            if what in state.get("pids", {}) and what not in self._live_pids(state):
                 raise ControlPlaneError(f"{what} exited during start-up; last log lines:\n{_tail(self.log(what))}")
             try:
                 if check():

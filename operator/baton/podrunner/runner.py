@@ -19,9 +19,11 @@ this runner starts what the container would run, as a real process on this machi
   pointed at the materialised copy of the mounted Secret.
 The process gets the container's environment, resolved as the kubelet resolves it (`$(VAR)`
 expansion with `$$` escapes, downward-API fields, ConfigMap keys, `envFrom` ConfigMaps; Secrets when
-they exist, since nothing local needs credentials that are missing), its ConfigMap and Secret volumes
-materialised as files (paths in the arguments rewritten to them), and binds the pod's own IP (a
-loopback address) and container port. As the kubelet updates a ConfigMap or Secret volume, every pass
+they exist, since nothing local needs credentials that are missing; not the runner's proxies nor an
+in-cluster API server address), its ConfigMap and Secret volumes materialised as files (paths in the
+arguments rewritten to them; a `subPath` mount as the one file it names, written once, as the kubelet
+does), and binds the pod's own IP (a loopback address) and container port. A pod at any other IP is a
+real node's: the runner leaves it alone. As the kubelet updates a ConfigMap or Secret volume, every pass
 re-reads the pod's ConfigMaps and Secrets and replaces the files whose content changed (atomically: a
 temporary file renamed over the old one), so a process that reloads its configuration (or a rotated
 credential) sees the update. A pod the runner cannot run (a missing ConfigMap or Secret that a volume
@@ -35,22 +37,26 @@ the probe's `failureThreshold` consecutive failures; probes run every runner pas
 `periodSeconds`, so tests stay quick) with a timeout of at most `PROBE_TIMEOUT_S`, since one thread
 probes every pod. A process that exits turns its pod unready at once with reason `ProcessExited`, its
 exit code and its log file in the message (and in the runner's log), and is restarted with back-off,
-like a kubelet would. A status write that fails is retried on the next pass. When the pod goes away
-its process is stopped (SIGTERM, then SIGKILL after `stop_grace_s`) in the background, so the other
-pods are still probed and restarted meanwhile.
+like a kubelet would (whatever is left of its session is killed first: it would hold the pod's ports). A
+status write that fails is retried on the next pass. When the pod goes away its process is stopped
+(SIGTERM, then SIGKILL after `stop_grace_s`) in the background, so the other pods are still probed and
+restarted meanwhile; a new pod of the same name keeps the old process's log as `process.previous.log`.
 
 Before running anything the runner claims its namespace (or every namespace), so that the local
 cluster's readiness stand-in (`baton.devcluster.readiness`) leaves these pods alone: KWOK starts a
 probed pod not Ready, and only this runner's probe of the pod's own process turns it Ready. The claim
 is a lease (`claim_live`): the runner renews it while it runs, so the claim of a runner that died
-without withdrawing it expires. A pod that takes over the IP of one deleted a moment ago is never
-Ready while the old process still answers there: a pod is not started while a departed pod's process
-at its IP is still stopping.
+without withdrawing it expires. A runner does not start while another runner's live claim covers pods it
+would run, and stops (its processes with it) once it could not renew its own for a whole lease: the
+cluster is gone, and the next one would hand the same pod IPs out again. A pod that takes over the IP
+of one deleted a moment ago is never Ready while the old process still answers there: a pod is not
+started while a departed pod's process at its IP is still stopping.
 
 Every process runs in a session of its own, which is what gets stopped (Triton and its Python-backend
 stubs are children of the simulator), and has a pid file under `<workdir>/.pids`; a runner that starts
 stops whatever an earlier runner that died (SIGKILL) left running. SIGHUP and SIGTERM stop the runner
-(`baton pod-runner`) cleanly.
+(`baton pod-runner`) cleanly: its processes stopped, their pods written unready (reason
+`PodRunnerStopped`), its claim withdrawn.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ import yaml
 from baton.atomicfile import write_atomic
 from baton.checkout import repo_root
 from baton.direct_http import NO_PROXY_OPENER
+from baton.localproc import proc_start_time
 from baton.model_tokenizer import TOKENIZER_FILE
 from baton.render.engine_config import CONFIG_FILE as ENGINE_CONFIG_FILE
 from baton.render.engine_config import ENGINE_CONFIG_DIR
@@ -92,6 +99,8 @@ LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 TIER_LABEL = "baton.dev/tier"
 PROBE_TIMEOUT_S = 1.0
 STOP_GRACE_S = 10.0
+API_TIMEOUT_S = 10.0  # for each status and claim write: a hung API server must not hold the runner up
+STOP_WRITES_S = 10.0  # what a stopping runner spends at most on writing its pods unready
 MANAGED_BY = "baton-operator"
 # A runner claims the namespace it runs (annotation on it), or every namespace (annotation on
 # CLAIM_HOLDER_NAMESPACE), before it runs anything: the devcluster's readiness stand-in then leaves
@@ -101,6 +110,8 @@ CLAIM_ANNOTATION = "baton.dev/pod-runner"
 ALL_NAMESPACES_CLAIM = "baton.dev/pod-runner-all-namespaces"
 CLAIM_HOLDER_NAMESPACE = "kube-system"
 CLAIM_LEASE_S = 30
+PROCESS_LOG = "process.log"  # in the pod's directory, <workdir>/<namespace>/<pod>
+PREVIOUS_LOG = "process.previous.log"  # the log of the process run for the last pod of that name
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 # Triton tier pods (`spec.engine.runtime: triton`). Their stand-in runs from the PyTriton venv (made from
@@ -122,6 +133,15 @@ TRITON_IGNORED_OPTIONS = frozenset({
 })
 
 
+def inherited_environment() -> dict[str, str]:
+    """What a local process inherits from the runner's environment: everything but the proxies (every
+    address it talks to is a loopback one) and the in-cluster API server's address (KUBERNETES_SERVICE_*,
+    KUBERNETES_PORT*, set when the runner itself runs in a pod), which would make the scheduler take the
+    in-cluster configuration, a ClusterIP nothing here routes, over the KUBECONFIG it is given."""
+    return {k: v for k, v in os.environ.items()
+            if not k.lower().endswith("_proxy") and not k.startswith(("KUBERNETES_SERVICE_", "KUBERNETES_PORT"))}
+
+
 def runs_locally(labels: dict[str, str]) -> bool:
     """The pods a runner runs as local processes: Baton's tiers and scheduler."""
     return labels.get("app.kubernetes.io/managed-by") == MANAGED_BY and TIER_LABEL in labels
@@ -135,6 +155,12 @@ def claim_value(identity: str, now: float | None = None, lease_s: int = CLAIM_LE
 
 def claim_identity(value: str | None) -> str | None:
     return None if value is None else value.split(";", 1)[0]
+
+
+def claim_holder_pid(value: str | None) -> int | None:
+    """The pid of the runner a claim annotation's value names (its identity is `<host>/<pid>/<object>`)."""
+    parts = (claim_identity(value) or "").split("/")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
 def claim_live(value: str | None, now: float | None = None) -> bool:
@@ -229,17 +255,6 @@ def expand(value: str, env: Mapping[str, str]) -> str:
     return "".join(out)
 
 
-def _proc_start_time(pid: int) -> str | None:
-    """The start time of process `pid` (clock ticks since boot), to tell it from a later one with its pid;
-    None when no such process runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
 def _last_line(path: Path, limit: int = 300) -> str:
     try:
         with open(path, "rb") as handle:
@@ -248,6 +263,10 @@ def _last_line(path: Path, limit: int = 300) -> str:
     except OSError:
         return ""
     return lines[-1].strip()[:limit] if lines else ""
+
+
+class ClaimHeld(RuntimeError):
+    """Another runner's live claim covers pods this runner would run (the message says whose, and what to do)."""
 
 
 class CannotRunLocally(RuntimeError):
@@ -390,6 +409,11 @@ class ObjectVolume:
     target: Path
     files: dict[str, bytes] = field(default_factory=dict)  # relative path -> content the object gave
 
+    @property
+    def mode(self) -> int:
+        """Its files' mode: a Secret's readable by this user alone."""
+        return 0o600 if self.kind == "Secret" else 0o644
+
 
 @dataclass
 class LocalProcess:
@@ -446,8 +470,10 @@ class PodRunner:
         self._stoppers: list[threading.Thread] = []
         self._claimed = False
         self._claim_renewed = 0.0
+        self.claim_lost: str | None = None  # why the runner stopped on its own: its claim lapsed (renew_claim)
         self._identity = f"{socket.gethostname()}/{os.getpid()}/{id(self):x}"
         self._errors: dict[str, str] = {}
+        self._elsewhere: set[str] = set()  # uids of the pods at a non-loopback IP seen (and logged) so far
         self._reaped = False
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pid_dir = self.workdir / ".pids"
@@ -555,8 +581,9 @@ class PodRunner:
         return {k: base64.b64decode(v).decode(errors="replace") for k, v in (secret.data or {}).items()}
 
     def _object_volumes(self, pod: Any, container: Any, root: Path) -> tuple[list[ObjectVolume], dict[str, Path]]:
-        """The container's ConfigMap and Secret mounts (local directories under `root`); and mountPath ->
-        directory."""
+        """The container's ConfigMap and Secret mounts (local directories under `root`, kept up to date);
+        and mountPath -> local directory, or file for a `subPath` mount (written here once: as the kubelet
+        does, such a mount is never updated)."""
         volumes = {v.name: v for v in pod.spec.volumes or []}
         result: list[ObjectVolume] = []
         mounts: dict[str, Path] = {}
@@ -570,10 +597,26 @@ class PodRunner:
                 continue
             items = [(i.key, i.path) for i in source.items] if source.items else None
             target = root / mount.mount_path.strip("/")
-            target.mkdir(parents=True, exist_ok=True)
-            result.append(ObjectVolume(kind, name, bool(source.optional), items, target))
+            volume = ObjectVolume(kind, name, bool(source.optional), items, target)
+            if mount.sub_path:
+                self._write_sub_path(pod.metadata.namespace, volume, mount.sub_path, mount.mount_path)
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                result.append(volume)
             mounts[mount.mount_path.rstrip("/")] = target
         return result, mounts
+
+    def _write_sub_path(self, namespace: str, volume: ObjectVolume, sub_path: str, mount_path: str) -> None:
+        """A `subPath` mount of a ConfigMap or Secret volume: the one file of the volume it names, written at
+        the volume's target (nothing for a missing optional object)."""
+        files = self._project(namespace, volume)
+        sub_path = sub_path.strip("/")
+        if sub_path in files:
+            volume.target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(volume.target, files[sub_path], mode=volume.mode)
+        elif not volume.optional:
+            raise CannotRunLocally(f"{volume.kind} {namespace}/{volume.name} has no file {sub_path!r} for the subPath "
+                                   f"of its mount at {mount_path} (its files: {', '.join(sorted(files)) or 'none'})")
 
     def _project(self, namespace: str, volume: ObjectVolume) -> dict[str, bytes]:
         """The files a ConfigMap or Secret volume holds now: relative path -> content."""
@@ -605,13 +648,12 @@ class PodRunner:
             except Exception as exc:  # noqa: BLE001 - raised once the other volumes are up to date
                 failures.append(exc)
                 continue
-            mode = 0o600 if volume.kind == "Secret" else 0o644
             for rel, content in files.items():
                 if volume.files.get(rel) == content:
                     continue
                 path = volume.target / rel
                 transform = local.localise.get(path)
-                write_atomic(path, transform(content) if transform else content, mode=mode)
+                write_atomic(path, transform(content) if transform else content, mode=volume.mode)
                 volume.files[rel] = content
                 changed = True
             for rel in set(volume.files) - set(files):
@@ -690,13 +732,29 @@ class PodRunner:
             if localised != text:
                 write_atomic(config_file, localised.encode())
 
+    @staticmethod
+    def _clear_pod_dir(root: Path) -> None:
+        """An empty directory for a pod's files, but for the log of the last process run for a pod of that
+        name (a replaced pod's, whose process may still be stopping and writing to it), kept as
+        PREVIOUS_LOG (as `kubectl logs --previous` shows the last container's)."""
+        kept = root.parent / f".{root.name}.{PREVIOUS_LOG}"  # no pod name starts with a dot
+        for log_file in (root / PROCESS_LOG, root / PREVIOUS_LOG):
+            try:
+                os.replace(log_file, kept)  # the same file: a process still writing to it goes on doing so
+                break
+            except FileNotFoundError:
+                continue
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        if kept.exists():
+            os.replace(kept, root / PREVIOUS_LOG)
+
     def translate(self, pod: Any) -> LocalProcess:
         """The local process standing in for `pod`'s main container."""
         container = pod.spec.containers[0]
         key = f"{pod.metadata.namespace}/{pod.metadata.name}"
         root = self.workdir / pod.metadata.namespace / pod.metadata.name
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
+        self._clear_pod_dir(root)
         env = self._resolve_env(pod, container)
         volumes, mounts = self._object_volumes(pod, container, root)
 
@@ -748,13 +806,13 @@ class PodRunner:
             if isinstance(port, str) and not port.isdigit():
                 port = next(p.container_port for p in container.ports or [] if p.name == port)
             probe_url = f"http://{pod.status.pod_ip}:{port}{probe.http_get.path or '/'}"
-        proc_env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        proc_env = inherited_environment()
         proc_env.update(env)
         proc_env["NO_PROXY"] = proc_env["no_proxy"] = "127.0.0.1,localhost"
         if self.kubeconfig:
             proc_env["KUBECONFIG"] = self.kubeconfig  # what a pod gets from its ServiceAccount
         local = LocalProcess(key=key, uid=pod.metadata.uid, argv=argv, env=proc_env, probe_url=probe_url,
-                             log_path=root / "process.log", probe_timeout_s=probe_timeout_s,
+                             log_path=root / PROCESS_LOG, probe_timeout_s=probe_timeout_s,
                              failure_threshold=failure_threshold, pod_ip=pod.status.pod_ip or "",
                              volumes=volumes, localise=transforms)
         self._refresh_volumes(local, pod.metadata.namespace)
@@ -829,7 +887,8 @@ class PodRunner:
             pods = self.core.list_namespaced_pod(self.namespace, label_selector=TIER_LABEL).items
         else:
             pods = self.core.list_pod_for_all_namespaces(label_selector=TIER_LABEL).items
-        wanted = {f"{p.metadata.namespace}/{p.metadata.name}": p for p in pods if self._wanted(p)}
+        self._elsewhere &= {p.metadata.uid for p in pods}
+        wanted = {f"{p.metadata.namespace}/{p.metadata.name}": p for p in pods if self._wanted(p) and self._on_loopback(p)}
         with self._lock:
             self.unrunnable = {k: v for k, v in self.unrunnable.items() if k in wanted and wanted[k].metadata.uid == v[0]}
             self._errors = {k: v for k, v in self._errors.items() if k in wanted}
@@ -851,6 +910,17 @@ class PodRunner:
                 else:
                     self._errors.pop(key, None)
 
+    def _on_loopback(self, pod: Any) -> bool:
+        """Whether the pod's IP is a loopback address, as every pod of the local cluster's fake nodes has.
+        Any other pod is a real node's: this runner never runs it nor writes its status (and says so once)."""
+        if ipaddress.ip_address(pod.status.pod_ip) in LOOPBACK:
+            return True
+        if pod.metadata.uid not in self._elsewhere:
+            self._elsewhere.add(pod.metadata.uid)
+            log.warning("%s/%s left alone: its IP %s is not a loopback address, so a real node runs it, not this "
+                        "runner", pod.metadata.namespace, pod.metadata.name, pod.status.pod_ip)
+        return False
+
     def _stopping_ips(self) -> set[str]:
         with self._stopping_lock:
             return {local.pod_ip for local in self._stopping if local.pod_ip}
@@ -858,9 +928,6 @@ class PodRunner:
     def _sync_pod(self, key: str, pod: Any) -> None:
         local = self.processes.get(key)
         if local is None:
-            if not ipaddress.ip_address(pod.status.pod_ip) in LOOPBACK:
-                self._cannot_run(key, pod, f"pod IP {pod.status.pod_ip} is not a loopback address")
-                return
             if pod.status.pod_ip in self._stopping_ips():
                 log.info("%s waits: the process of a departed pod at %s is still stopping", key, pod.status.pod_ip)
                 return
@@ -916,6 +983,9 @@ class PodRunner:
             local.exit_report = (f"{local.last_failure} (restart {local.restarts} in {delay:g}s); "
                                  f"log: {local.log_path}" + (f"; last line: {tail}" if tail else ""))
             log.warning("%s: %s", local.key, local.exit_report)
+            # what is left of its session (Triton's server, a child of the simulator) would keep the pod's
+            # ports, and every restart would fail to bind them
+            self._signal(local, signal.SIGKILL)
             local.proc = None
             self._remove_pidfile(local)
         if local.exit_report is not None:
@@ -975,7 +1045,8 @@ class PodRunner:
             {"type": "ContainersReady", "status": status, "reason": reason, "message": message, "lastTransitionTime": now},
         ]
         try:
-            self.core.patch_namespaced_pod_status(name, namespace, {"status": {"conditions": conditions}})
+            self.core.patch_namespaced_pod_status(name, namespace, {"status": {"conditions": conditions}},
+                                                  _request_timeout=API_TIMEOUT_S)
         except ApiException as exc:
             if exc.status == 404:
                 return True
@@ -1057,8 +1128,8 @@ class PodRunner:
         assert local.proc is not None
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         local.pidfile = self.pid_dir / f"{local.proc.pid}.json"
-        record = {"pid": local.proc.pid, "start": _proc_start_time(local.proc.pid), "key": local.key,
-                  "runner_pid": os.getpid(), "runner_start": _proc_start_time(os.getpid())}
+        record = {"pid": local.proc.pid, "start": proc_start_time(local.proc.pid), "key": local.key,
+                  "runner_pid": os.getpid(), "runner_start": proc_start_time(os.getpid())}
         write_atomic(local.pidfile, json.dumps(record).encode())
 
     @staticmethod
@@ -1080,9 +1151,9 @@ class PodRunner:
             except (OSError, ValueError, KeyError, TypeError):
                 pidfile.unlink(missing_ok=True)
                 continue
-            if owner == os.getpid() or (owner_start is not None and _proc_start_time(owner) == owner_start):
+            if owner == os.getpid() or (owner_start is not None and proc_start_time(owner) == owner_start):
                 continue  # its runner is alive (or is this process): it is that runner's to stop
-            if start is None or _proc_start_time(pid) != start:
+            if start is None or proc_start_time(pid) != start:
                 pidfile.unlink(missing_ok=True)  # long gone (or the pid is another process's now)
                 continue
             victims.append((pid, start, pidfile, record.get("key", "?")))
@@ -1093,7 +1164,7 @@ class PodRunner:
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + grace_s
-        while any(_proc_start_time(pid) == start for pid, start, _, _ in victims) and time.monotonic() < deadline:
+        while any(proc_start_time(pid) == start for pid, start, _, _ in victims) and time.monotonic() < deadline:
             time.sleep(0.05)
         for pid, start, pidfile, _ in victims:
             try:
@@ -1114,36 +1185,90 @@ class PodRunner:
 
     def claim(self) -> None:
         """Tell the readiness stand-in that this runner probes its pods; done before it runs any. The claim
-        holds for `claim_lease_s` unless renewed (`renew_claim`)."""
+        holds for `claim_lease_s` unless renewed (`renew_claim`). ClaimHeld, before anything is written,
+        when another runner's live claim covers some of the pods: two runners would run each twice."""
         namespace, key = self._claim
+        if not self._claimed:
+            self._refuse_rival_claims()
         now = time.time()
-        self.core.patch_namespace(namespace, {"metadata": {"annotations": {key: claim_value(self._identity, now, self.claim_lease_s)}}})
+        value = claim_value(self._identity, now, self.claim_lease_s)
+        self.core.patch_namespace(namespace, {"metadata": {"annotations": {key: value}}}, _request_timeout=API_TIMEOUT_S)
         self._claimed = True
         self._claim_renewed = now
 
+    def _refuse_rival_claims(self) -> None:
+        """ClaimHeld if another runner's live claim covers pods this one would run: a claim of every
+        namespace, or of this runner's namespace (of any namespace, for a runner of them all)."""
+        holder = self._namespace_annotations(CLAIM_HOLDER_NAMESPACE)
+        claims = {(CLAIM_HOLDER_NAMESPACE, ALL_NAMESPACES_CLAIM): holder.get(ALL_NAMESPACES_CLAIM)}
+        if self.namespace:
+            claims[(self.namespace, CLAIM_ANNOTATION)] = self._namespace_annotations(self.namespace).get(CLAIM_ANNOTATION)
+        else:
+            for ns in self.core.list_namespace(_request_timeout=API_TIMEOUT_S).items:
+                claims[(ns.metadata.name, CLAIM_ANNOTATION)] = (ns.metadata.annotations or {}).get(CLAIM_ANNOTATION)
+        rivals = {where: value for where, value in claims.items()
+                  if claim_live(value) and claim_identity(value) != self._identity}
+        if not rivals:
+            return
+        held = "; ".join(
+            f"{'every namespace' if key == ALL_NAMESPACES_CLAIM else f'namespace {namespace}'} is claimed by pod "
+            f"runner {claim_identity(value)} (annotation {key}={value} on namespace {namespace}; to remove it: "
+            f"kubectl annotate namespace {namespace} {key}-)" for (namespace, key), value in rivals.items())
+        raise ClaimHeld(
+            f"another pod runner already runs these pods: {held}. Stop that runner first (SIGTERM or Ctrl-C "
+            f"withdraws its claim; the claim of one that was killed lapses once its lease, in the value, has run "
+            f"out), or remove the annotation if no runner holds it any more")
+
+    def _namespace_annotations(self, namespace: str) -> dict[str, str]:
+        """A namespace's annotations (none for a namespace that does not exist)."""
+        from kubernetes.client.rest import ApiException
+
+        try:
+            return self.core.read_namespace(namespace, _request_timeout=API_TIMEOUT_S).metadata.annotations or {}
+        except ApiException as exc:
+            if exc.status == 404:
+                return {}
+            raise
+
     def renew_claim(self, force: bool = False) -> None:
-        """Renew the claim's lease once a third of it has passed (failures are logged and retried)."""
+        """Renew the claim's lease once a third of it has passed. A failure is logged and retried; once the
+        claim has lapsed (no renewal for a whole lease: the cluster is gone, e.g. `baton devcluster down`,
+        or its API server unreachable), the pods are no longer this runner's: it stops (`claim_lost` says
+        why), and with it their processes, which would otherwise hold the pod IPs that the next cluster
+        hands out again."""
         if not self._claimed or (not force and time.time() - self._claim_renewed < self.claim_lease_s / 3):
             return
         try:
             self.claim()
         except Exception as exc:  # noqa: BLE001 - retried on the next pass
-            log.warning("could not renew the pod-runner claim: %s", exc)
+            unrenewed_s = time.time() - self._claim_renewed
+            if unrenewed_s < self.claim_lease_s:
+                log.warning("could not renew the pod-runner claim (retried): %s", exc)
+                return
+            self.claim_lost = (
+                f"the pod runner could not renew its claim for {unrenewed_s:.0f}s, its whole lease (is the cluster "
+                f"gone, e.g. `baton devcluster down`, or its API server unreachable?), so the claim has lapsed and "
+                f"the pods are no longer its own: it stopped their processes and exited (last error: {exc})")
+            log.error("%s", self.claim_lost)
+            self.stop()
 
     def release(self) -> None:
-        """Withdraw the claim (only if it is still this runner's)."""
-        if not self._claimed:
+        """Withdraw the claim (only if it is still this runner's; a lost one has lapsed already)."""
+        if not self._claimed or self.claim_lost:
+            self._claimed = False
             return
         from kubernetes.client.rest import ApiException
 
         namespace, key = self._claim
         try:
-            current = (self.core.read_namespace(namespace).metadata.annotations or {}).get(key)
-            if claim_identity(current) == self._identity:
-                self.core.patch_namespace(namespace, {"metadata": {"annotations": {key: None}}})
+            if claim_identity(self._namespace_annotations(namespace).get(key)) == self._identity:
+                self.core.patch_namespace(namespace, {"metadata": {"annotations": {key: None}}},
+                                          _request_timeout=API_TIMEOUT_S)
         except ApiException as exc:
             if exc.status != 404:  # a deleted namespace has no claim left to withdraw
                 log.warning("could not withdraw the pod-runner claim on %s: %s", namespace, exc.reason)
+        except Exception as exc:  # noqa: BLE001 - e.g. the API server unreachable: the claim lapses with its lease
+            log.warning("could not withdraw the pod-runner claim on %s (it lapses with its lease): %s", namespace, exc)
         self._claimed = False
 
     # ------------------------------------------------------------------ loop
@@ -1169,13 +1294,30 @@ class PodRunner:
         finally:
             self._stop.set()
             with self._lock:
-                self._stop_all(list(self.processes.values()), self.stop_grace_s)
+                stopped = list(self.processes.values())
+                self._stop_all(stopped, self.stop_grace_s)
                 self.processes.clear()
             for thread in self._stoppers:
                 thread.join(timeout=self.stop_grace_s + 15)
             keeper.join(timeout=15)  # no renewal may land after the release
             self.triton_venv.stop()
+            if not self.claim_lost:  # else the API server is out of reach: the writes would only wait
+                self._mark_stopped(stopped)
             self.release()
+
+    def _mark_stopped(self, stopped: list[LocalProcess]) -> None:
+        """Ready=False, reason `PodRunnerStopped`, on the pods whose processes the runner stopped as it
+        stopped: nothing serves behind them any more. Best effort, within STOP_WRITES_S: a write that
+        fails is not retried (a runner that starts next probes them again)."""
+        deadline = time.monotonic() + STOP_WRITES_S
+        for i, local in enumerate(stopped):
+            if time.monotonic() > deadline:
+                log.warning("%d pod(s) still show their readiness from before the runner stopped (no time left "
+                            "to write them unready): %s", len(stopped) - i, ", ".join(left.key for left in stopped[i:]))
+                return
+            namespace, name = local.key.split("/", 1)
+            self._set_ready(namespace, name, False, "PodRunnerStopped",
+                            "the pod runner stopped, and with it this pod's local process")
 
     def start(self) -> threading.Thread:
         if not self._reaped:

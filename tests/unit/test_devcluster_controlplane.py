@@ -1,0 +1,38 @@
+"""The local control plane's record of its processes (no cluster): `state.json` names each component by its
+pid and that process's start time, so a pid another process has taken since (after a reboot) is never
+signalled, while the components `up` started are stopped by `down`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from baton.devcluster.controlplane import ControlPlane
+from baton.localproc import proc_start_time
+from process_harness import alive
+
+SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def test_down_stops_the_components_up_started_and_never_a_process_that_took_a_recorded_pid(tmp_path: Path) -> None:
+    plane = ControlPlane(bin_dir=tmp_path / "bin", home=tmp_path)
+    plane.dir.mkdir(parents=True)
+    component = subprocess.Popen(SLEEP, start_new_session=True)
+    bystander = subprocess.Popen(SLEEP, start_new_session=True)  # has the pid etcd had before a reboot
+    try:
+        (plane.dir / "state.json").write_text(json.dumps({
+            "pids": {"etcd": bystander.pid, "kube-apiserver": component.pid},
+            "pidStarts": {"etcd": "1", "kube-apiserver": proc_start_time(component.pid)}}))
+        running = plane.running_components()
+        assert (running["etcd"], running["kube-apiserver"]) == (False, True)
+        plane.down()
+        assert component.wait(timeout=15) == -signal.SIGTERM
+        assert alive(bystander.pid), "down signalled a process it did not start"
+        assert not plane.dir.exists()
+    finally:
+        for proc in (component, bystander):
+            proc.kill()
+            proc.wait(timeout=10)
