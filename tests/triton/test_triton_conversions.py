@@ -20,9 +20,19 @@ from baton.engine_sim.triton_frontend import (
     decode_context_phase_params,
     encode_context_phase_params,
     parse_request,
+    response_tensors,
 )
 from baton.scheduler.endpoints import Endpoint
-from baton.scheduler.engines import _BadRequest, _TritonCall, classify_failure, grpc_address, triton_error
+from baton.tokens import is_token_ids
+from baton.scheduler.engines import (
+    EngineFailure,
+    TritonClient,
+    _BadRequest,
+    _TritonCall,
+    classify_failure,
+    grpc_address,
+    triton_error,
+)
 
 VOCAB = 128_256
 MISMATCH = ("Disagg server does not currently support these cacheState, please check the cacheState of the context "
@@ -48,7 +58,288 @@ def _request(params: dict | None = None, **data) -> SimpleNamespace:
     return SimpleNamespace(parameters=params or {}, data=arrays)
 
 
+def _arrays(inputs: list) -> dict[str, np.ndarray]:
+    """The scheduler's Triton inputs as the model receives them: name -> numpy array."""
+    from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
+
+    out = {}
+    for t in inputs:
+        raw = t._get_content()  # noqa: SLF001 - the serialized tensor, as sent on the wire
+        if t.datatype() == "BYTES":
+            out[t.name()] = deserialize_bytes_tensor(raw).reshape(t.shape())
+        else:
+            out[t.name()] = np.frombuffer(raw, dtype=triton_to_np_dtype(t.datatype())).reshape(t.shape())
+    return out
+
+
+class _Result:
+    """An InferResult holding the given outputs (`as_numpy` is None for any other, as for an output not sent)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.arrays = arrays
+
+    def as_numpy(self, name: str) -> np.ndarray | None:
+        return self.arrays.get(name)
+
+
+def _answer(body: dict, path: str = "/v1/completions", generated: tuple[int, ...] = (11, 12),
+            model_excludes_input: bool = True) -> dict:
+    """The OpenAI answer the scheduler builds for `body` from the simulator's response to the scheduler's inputs;
+    `model_excludes_input` stands for the model's exclude_input_in_output parameter (what applies when the
+    request does not set the input)."""
+    call = _TritonCall(json.dumps(body).encode(), path, "r")
+    arrays = {"exclude_input_in_output": np.array([[model_excludes_input]]), **_arrays(call.inputs(False))}
+    parsed = parse_request(_request(**arrays), VOCAB)
+    ids, text, n_in = call.tokens_of(_Result(response_tensors(parsed, len(parsed.prompt), 2, list(generated))))
+    return json.loads(call.full(ids, text, n_in))
+
+
+EP = Endpoint("127.0.0.1:8000", "decode")
+
+
+# The tensors of the engine simulator's models (its default: text_input / text_output included)
+SIM_INPUTS = ["input_ids", "text_input", "input_lengths", "request_output_len", "streaming", "beam_width",
+              "context_phase_params", "return_num_input_tokens", "return_num_output_tokens", "exclude_input_in_output"]
+SIM_OUTPUTS = ["output_ids", "sequence_length", "num_input_tokens", "num_output_tokens", "text_output",
+               "context_phase_params"]
+
+
+class _FakeTriton:
+    """tritonclient.grpc.aio's client in front of models declaring `inputs` / `outputs` (and, as Triton does,
+    refusing a request naming any other): `infer` answers `error` or the first of `responses`; a stream answers
+    `error` as its one response (an error response inside a stream: no status), or `responses` one by one.
+    `sent` holds each request's model, inputs (name -> array) and requested outputs."""
+
+    def __init__(self, error: Exception | None = None, responses: list[dict] | None = None,
+                 inputs: list[str] = SIM_INPUTS, outputs: list[str] = SIM_OUTPUTS,
+                 decoupled: tuple[str, ...] = ("generation",)) -> None:
+        self.error = error
+        self.decoupled = decoupled
+        self.responses = responses or []
+        self.inputs, self.outputs = inputs, outputs
+        self.metadata_reads = 0
+        self.sent: list[dict] = []
+
+    async def get_model_metadata(self, model_name: str, **_: object) -> dict:
+        self.metadata_reads += 1
+        return {"name": model_name, "inputs": [{"name": n} for n in self.inputs],
+                "outputs": [{"name": n} for n in self.outputs]}
+
+    async def get_model_config(self, model_name: str, **_: object) -> dict:
+        return {"config": {"name": model_name, "model_transaction_policy": {"decoupled": model_name in self.decoupled}}}
+
+    def _receive(self, model: str, inputs: list, outputs: list) -> Exception | None:
+        from tritonclient.utils import InferenceServerException
+
+        self.sent.append({"model": model, "inputs": _arrays(inputs), "outputs": [o.name() for o in outputs]})
+        for kind, names, declared in (("input", self.sent[-1]["inputs"], self.inputs),
+                                      ("output", self.sent[-1]["outputs"], self.outputs)):
+            for name in names:
+                if name not in declared:
+                    return InferenceServerException(f"[request id: r] unexpected inference {kind} '{name}' for "
+                                                    f"model '{model}'", "StatusCode.INVALID_ARGUMENT")
+        return self.error
+
+    async def infer(self, model_name: str, inputs: list, outputs: list, **_: object) -> _Result:
+        from tritonclient.utils import InferenceServerException
+
+        if model_name in self.decoupled:  # Triton's own refusal
+            raise InferenceServerException("ModelInfer RPC doesn't support models with decoupled transaction policy",
+                                           "StatusCode.UNIMPLEMENTED")
+        error = self._receive(model_name, inputs, outputs)
+        if error is not None:
+            raise error
+        return _Result(self.responses[0])
+
+    def stream_infer(self, requests: object, headers: object = None) -> object:
+        fake = self
+
+        class Stream:
+            items: list | None = None
+
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                if self.items is None:
+                    request = [r async for r in requests][0]
+                    error = fake._receive(request["model_name"], request["inputs"], request["outputs"])
+                    if error is not None:  # inside a stream: the text only
+                        error = type(error)(error.message())
+                    self.items = [(None, error)] if error is not None else [(_Result(r), None) for r in fake.responses]
+                if not self.items:
+                    raise StopAsyncIteration
+                return self.items.pop(0)
+
+            def cancel(self) -> None:
+                pass
+
+        return Stream()
+
+    async def close(self) -> None:
+        pass
+
+
+def _with(fake: _FakeTriton, client: TritonClient | None = None) -> TritonClient:
+    client = client or TritonClient(read_timeout=5)
+    client._clients[grpc_address(EP)] = fake  # noqa: SLF001 - as `_client` would have made it
+    return client
+
+
+def _post(fake: _FakeTriton, body: dict, client: TritonClient | None = None) -> tuple[int, bytes]:
+    status, data, _ = asyncio.run(_with(fake, client).post(EP, "/v1/completions", json.dumps(body).encode(), "r"))
+    return status, data
+
+
+def _open(fake: _FakeTriton, body: dict) -> tuple[int, bytes]:
+    async def run() -> tuple[int, bytes]:
+        response = await _with(fake).open(EP, "/v1/completions", json.dumps({**body, "stream": True}).encode(), "r")
+        return response.status, await response.read()
+
+    return asyncio.run(run())
+
+
 # ------------------------------------------------------------------------------ scheduler side
+@pytest.mark.parametrize("request_type", ["context_only", "context_and_generation"])  # unary infer, stream_infer
+def test_a_full_triton_queue_is_an_overloaded_replica_retried_elsewhere_not_a_lost_one(request_type):
+    from tritonclient.utils import InferenceServerException
+
+    # as Triton core refuses a request beyond default_queue_policy.max_queue_size (inside a stream: no status)
+    status = "StatusCode.UNAVAILABLE" if request_type == "context_only" else None
+    fake = _FakeTriton(InferenceServerException("Exceeds maximum queue size", status))
+    code, data = _post(fake, {"prompt": [1, 2], "disaggregated_params": {"request_type": request_type}})
+    failure = classify_failure(EP, code, data)
+    assert code == 503 and json.loads(data)["type"] == "ServiceUnavailableError"
+    assert failure is not None and failure.kind == "retryable" and not failure.connection_level
+    assert failure.message == "Exceeds maximum queue size"
+
+
+# NVIDIA's tensorrt_llm model (and the disaggregated context / generation models copied from it): no text tensors
+TRTLLM_INPUTS = [n for n in SIM_INPUTS if n != "text_input"]
+TRTLLM_OUTPUTS = [n for n in SIM_OUTPUTS if n != "text_output"]
+COMPLETION = " alpha \u00e9 bravo"  # the accented letter is two byte-level tokens: its first decodes to U+FFFD
+
+
+@pytest.fixture
+def model_tokenizer(tmp_path):
+    from tokenizer_fixture import write_tokenizer
+
+    from baton import tokens
+    from baton.model_tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(write_tokenizer(tmp_path / "tokenizer"))
+    tokens.set_tokenizer(tokenizer)
+    yield tokenizer
+    tokens.set_tokenizer(None)
+
+
+def _one_token_each(ids: list[int], prompt_tokens: int) -> list[dict]:
+    """A tensorrt_llm model's streamed responses: one token each, no text."""
+    return [{"output_ids": np.array([[[t]]], dtype=np.int32), "sequence_length": np.array([[1]], dtype=np.int32),
+             "num_input_tokens": np.array([[prompt_tokens]], dtype=np.int32)} for t in ids]
+
+
+def test_a_text_prompt_to_a_tensorrt_llm_model_goes_as_the_tokenizers_ids_and_comes_back_as_text(model_tokenizer):
+    from triton_harness import parse_sse
+
+    completion = model_tokenizer.tokenizer.encode(COMPLETION, add_special_tokens=False).ids
+    prompt_ids = model_tokenizer.encode_text("alpha bravo")
+    assert len(completion) > len(COMPLETION.split())  # the accented letter takes more than one token
+    body = {"prompt": "alpha bravo", "max_tokens": len(completion)}
+    fake = _FakeTriton(responses=_one_token_each(completion, len(prompt_ids)), inputs=TRTLLM_INPUTS,
+                       outputs=TRTLLM_OUTPUTS)
+    status, data = _post(fake, body)
+    answer = json.loads(data)
+    assert status == 200, answer
+    assert answer["choices"][0]["text"] == COMPLETION and answer["choices"][0]["token_ids"] == completion
+    assert answer["usage"]["prompt_tokens"] == len(prompt_ids)
+    assert fake.sent[0]["inputs"]["input_ids"].tolist() == [prompt_ids]  # with the tokenizer's BOS
+    status, raw = _open(fake, body)
+    texts = [e["choices"][0]["text"] for e in parse_sse(raw) if isinstance(e, dict)]
+    assert status == 200 and "".join(texts) == COMPLETION
+    assert not any("\ufffd" in t for t in texts)  # the accented letter's first byte is held back, not garbled
+
+
+def test_a_tensorrt_llm_model_without_a_model_tokenizer_is_a_clear_configuration_error():
+    from baton.scheduler.replies import SchedulerError
+
+    fake = _FakeTriton(responses=_one_token_each([1], 2), inputs=TRTLLM_INPUTS, outputs=TRTLLM_OUTPUTS)
+    for body in ({"prompt": "alpha bravo"}, {"prompt": [1, 2]}):  # no text_input; no text_output
+        with pytest.raises(SchedulerError) as info:
+            _post(fake, body)
+        assert info.value.status == 500 and info.value.code == "tokenizer_required"
+        assert "configure the scheduler's model tokenizer" in info.value.message
+    assert fake.sent == []  # nothing was sent that the model would refuse
+
+
+def test_a_models_tensors_are_read_once_per_channel():
+    fake = _FakeTriton(responses=_one_token_each([7], 2))
+    client = TritonClient(read_timeout=5)
+    for _ in range(2):
+        status, data = _post(fake, {"prompt": [1, 2], "max_tokens": 1}, client)
+        assert status == 200 and json.loads(data)["choices"][0]["text"] == ""  # text_output empty in responses
+    assert fake.metadata_reads == 1
+    rebuilt = _FakeTriton(responses=_one_token_each([7], 2), inputs=TRTLLM_INPUTS, outputs=TRTLLM_OUTPUTS)
+    with pytest.raises(Exception, match="tokenizer"):  # the new channel's model is read, and has no text tensors
+        _post(rebuilt, {"prompt": [1, 2], "max_tokens": 1}, client)
+    assert rebuilt.metadata_reads == 1
+
+
+def test_a_decoupled_context_model_is_served_over_a_stream():
+    """NVIDIA's streaming layout makes `context` decoupled too, and Triton refuses unary infer on it: the context
+    step then reads the model's answer from a stream."""
+    raw = _handle_bytes(42)
+    fake = _FakeTriton(decoupled=("context", "generation"), responses=[{
+        "output_ids": np.array([[[7]]], dtype=np.int32), "sequence_length": np.array([[1]], dtype=np.int32),
+        "context_phase_params": np.frombuffer(raw, dtype=np.uint8).reshape(1, -1)}])
+    status, data = _post(fake, {"prompt": [1, 2], "max_tokens": 3,
+                                "disaggregated_params": {"request_type": "context_only"}})
+    answer = json.loads(data)
+    assert status == 200, answer
+    handle = answer["choices"][0]["disaggregated_params"]
+    assert handle["ctx_request_id"] == 42 and base64.b64decode(handle["context_phase_params"]) == raw
+    assert answer["choices"][0]["token_ids"] == [7] and [s["model"] for s in fake.sent] == ["context"]
+
+
+def test_an_unreachable_replica_stays_a_connection_failure():
+    from tritonclient.utils import InferenceServerException
+
+    fake = _FakeTriton(InferenceServerException("failed to connect to all addresses", "StatusCode.UNAVAILABLE"))
+    with pytest.raises(EngineFailure) as info:
+        _post(fake, {"prompt": [1, 2], "disaggregated_params": {"request_type": "context_only"}})
+    assert info.value.connection_level
+
+
+def test_usage_counts_the_prompt_the_backend_reports_when_asked():
+    """The backend fills num_input_tokens only for a request carrying return_num_input_tokens: the scheduler asks,
+    and the prompt tokens of the answer are the engine's count."""
+    usage = _answer({"prompt": [5, 6, 7], "max_tokens": 2})["usage"]
+    assert usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    text = _answer({"prompt": "hello world", "max_tokens": 2})["usage"]  # tokenized by the engine: only it knows
+    assert text["prompt_tokens"] == 3 and text["total_tokens"] == 5
+
+
+@pytest.mark.parametrize("model_excludes_input", [True, False])
+def test_the_completion_never_carries_the_prompt_whatever_the_models_parameter(model_excludes_input):
+    answer = _answer({"prompt": [5, 6, 7], "max_tokens": 2}, model_excludes_input=model_excludes_input)
+    assert answer["choices"][0]["token_ids"] == [11, 12] and answer["usage"]["completion_tokens"] == 2
+
+
+def test_front_end_puts_the_prompt_before_the_first_tokens_when_input_is_not_excluded():
+    parsed = parse_request(_request(input_ids=np.array([[5, 6]], dtype=np.int32),
+                                    exclude_input_in_output=np.array([[False]])), VOCAB)
+    assert response_tensors(parsed, 2, 1, [9])["output_ids"].tolist() == [[[5, 6, 9]]]
+    assert response_tensors(parsed, 2, 2, [10])["output_ids"].tolist() == [[[10]]]  # later responses: new ones
+    assert response_tensors(parse_request(_request(input_ids=np.array([[5, 6]], dtype=np.int32)), VOCAB),
+                            2, 1, [9])["output_ids"].tolist() == [[[9]]]  # not set: the model parameter (true)
+
+
+def test_usage_without_the_engines_count_is_the_length_of_the_ids_sent():
+    call = _TritonCall(b'{"prompt": [5, 6, 7, 8], "max_tokens": 2}', "/v1/completions", "r")
+    answer = json.loads(call.full(*call.tokens_of(_Result({"output_ids": np.array([[[11, 12]]], dtype=np.int32)}))))
+    assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+
+
 def test_engine_errors_keep_status_type_and_message_out_of_the_traceback():
     text = ("Failed to process the request(s) for model 'generation_0_0', message: Traceback (most recent call "
             "last):\n  File \"x.py\", line 1\nbaton.engine_sim.triton_frontend.EngineRequestError: 500 "
@@ -90,6 +381,21 @@ def test_openai_bodies_become_triton_inputs():
         _TritonCall(b'{"prompt": "x", "n": 2}', "/v1/completions", "r5")
     with pytest.raises(_BadRequest, match="max_tokens must be an integer"):
         _TritonCall(b'{"prompt": "x", "max_tokens": "9"}', "/v1/completions", "r6")
+
+
+def test_a_prompts_token_ids_are_looked_at_once(monkeypatch):
+    """Checking that a prompt is token ids is a pass in Python (tens of milliseconds on the event loop for a
+    128K-token prompt): each request's ids are checked once."""
+    from baton.scheduler import engines
+
+    checked = []
+    monkeypatch.setattr(engines, "is_token_ids", lambda ids: checked.append(len(ids)) or is_token_ids(ids))
+    _TritonCall(json.dumps({"prompt": list(range(1000))}).encode(), "/v1/completions", "r1")
+    _TritonCall(json.dumps({"messages": [], "prompt_token_ids": list(range(1000))}).encode(), "/v1/chat/completions",
+                "r2")
+    assert checked == [1000, 1000]
+    with pytest.raises(_BadRequest, match="prompt_token_ids must be a list of integer token ids"):
+        _TritonCall(b'{"prompt_token_ids": [1, "2"]}', "/v1/chat/completions", "r3")
 
 
 def test_context_handle_round_trips_through_the_scheduler():
@@ -197,7 +503,8 @@ def test_sampling_parameters_become_the_backends_input_tensors():
     # unset (or neutral) parameters send nothing: the model's defaults apply
     plain = _tensors({"stop": [], "stop_token_ids": [], "ignore_eos": False, "user": "u", "logprobs": 0,
                       "echo": False, "n": 1, "response_format": {"type": "text"}, "temperature": None})
-    assert set(plain) == {"text_input", "request_output_len", "streaming"}
+    assert set(plain) == {"text_input", "request_output_len", "streaming", "return_num_input_tokens",
+                          "return_num_output_tokens", "exclude_input_in_output"}
     chat = _tensors({"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "logprobs": False,
                      "top_logprobs": 0, "seed": 1}, "/v1/chat/completions")
     assert chat["temperature"][2] == [[0.0]] and chat["seed"][2] == [[1]]

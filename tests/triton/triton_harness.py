@@ -110,7 +110,7 @@ def stop_all(procs: list[Proc]) -> None:
 
 
 def start_triton_engine(python: str, tmp: Path, name: str, tier: str, kv_dtype: str = "fp8",
-                        sim_speed: float = 0.1, model_dir: Path = MODEL_DIR) -> Proc:
+                        sim_speed: float = 0.1, model_dir: Path = MODEL_DIR, extra: tuple[str, ...] = ()) -> Proc:
     """A Triton-fronted engine. On another `model_dir` than MODEL_DIR (MODEL_DIR_FP16: the same checkpoint in
     float16) the engine names MODEL_DIR's weights (--sim-model-identity), so that a KV dtype that `auto`
     resolves differently is the only field its CacheState differs in."""
@@ -121,6 +121,7 @@ def start_triton_engine(python: str, tmp: Path, name: str, tier: str, kv_dtype: 
             "--sim-speed", str(sim_speed), "--sim-model-name", MODEL]
     if model_dir != MODEL_DIR:
         argv += ["--sim-model-identity", kvformat.checkpoint_identity(MODEL_DIR)]
+    argv += extra
     # PYTHONPATH: this checkout's code, whichever clone the shared venv's editable install points at
     return Proc(name, argv, tmp / f"{name}.log", env={"PYTHONPATH": str(REPO / "operator")})
 
@@ -136,7 +137,8 @@ def start_http_engine(tmp: Path, name: str, tier: str, kv_dtype: str = "fp8", si
     return Proc(name, argv, tmp / f"{name}.log")
 
 
-def start_scheduler(tmp: Path, name: str, prefill: list[Proc], decode: list[Proc]) -> Proc:
+def start_scheduler(tmp: Path, name: str, prefill: list[Proc], decode: list[Proc],
+                    extra: dict[str, Any] | None = None) -> Proc:
     config = {
         "model": MODEL,
         "runtime": "triton",
@@ -146,6 +148,7 @@ def start_scheduler(tmp: Path, name: str, prefill: list[Proc], decode: list[Proc
         "heartbeatSeconds": 0.5,
         "engineTimeoutSeconds": 30,
         "server": {"host": "127.0.0.1", "port": 0},
+        **(extra or {}),
     }
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(config))

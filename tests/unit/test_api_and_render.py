@@ -724,3 +724,15 @@ def test_each_tier_and_the_scheduler_has_a_disruption_budget_over_its_pods_of_ev
                    if spec["selector"]["matchLabels"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
         assert len(covered) == 1, budget["metadata"]["name"]  # exactly its own component's pods
         assert budget["metadata"]["ownerReferences"][0]["kind"] == "DisaggregatedModel"
+
+
+def test_tritonserver_lets_in_flight_requests_finish_within_the_pods_grace_period():
+    """tritonserver gives in-flight requests --exit-timeout-secs (30 s by default) after SIGTERM: the operator
+    renders it a little under terminationGracePeriodSeconds, so decode replicas finish their generations."""
+    children = render_children(target(model("small.yaml", engine__runtime="triton")))
+    pods = [c["spec"]["template"]["spec"] for c in children if c["kind"] == "StatefulSet"]
+    assert [p["containers"][0]["command"] for p in pods] == [["tritonserver"]] * 2  # prefill, decode
+    for pod in pods:
+        args = pod["containers"][0]["args"]
+        timeouts = [int(a.split("=", 1)[1]) for a in args if a.startswith("--exit-timeout-secs=")]
+        assert len(timeouts) == 1 and 30 < timeouts[0] < pod["terminationGracePeriodSeconds"], args

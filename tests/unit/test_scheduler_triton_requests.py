@@ -65,6 +65,12 @@ class Stream:
         self.cancelled = True
 
 
+SIM_INPUTS = ["input_ids", "text_input", "input_lengths", "request_output_len", "streaming", "beam_width",
+              "context_phase_params", "return_num_input_tokens", "return_num_output_tokens", "exclude_input_in_output"]
+SIM_OUTPUTS = ["output_ids", "sequence_length", "num_input_tokens", "num_output_tokens", "text_output",
+               "context_phase_params"]
+
+
 class FakeTriton:
     def __init__(self, items: list[tuple[Any, Any]] | None = None, result: Any = None,
                  error: Exception | None = None) -> None:
@@ -73,6 +79,14 @@ class FakeTriton:
         self.error = error
         self.stream: Stream | None = None
         self.infer_inputs: list[Any] | None = None
+
+    async def get_model_metadata(self, model_name: str, **_: Any) -> dict:
+        """The engine simulator's models: the tensorrt_llm model's tensors and the text ones."""
+        return {"name": model_name, "inputs": [{"name": n} for n in SIM_INPUTS],
+                "outputs": [{"name": n} for n in SIM_OUTPUTS]}
+
+    async def get_model_config(self, model_name: str, **_: Any) -> dict:
+        return {"config": {"name": model_name, "model_transaction_policy": {"decoupled": model_name == "generation"}}}
 
     def stream_infer(self, inputs_iterator: Any, headers: Any = None) -> Stream:
         self.stream = Stream(inputs_iterator, self.items)

@@ -3,7 +3,8 @@
 The same simulated worker as the trtllm-serve front end (`engine.Engine`: batching, KV accounting, the
 CacheState check, the KV pull), served by a real Triton Inference Server started with PyTriton and spoken
 to over the KServe v2 protocol (HTTP and gRPC). The models follow the `tensorrt_llm` model of
-TensorRT-LLM's Triton backend, batch size 1:
+TensorRT-LLM's Triton backend, batch size 1, plus (unless `--sim-triton-text-io off`) the text tensors of its
+ensemble (`text_input`, `text_output`, `stop_words`/`bad_words`), which that model does not have:
 
 - `context` (not decoupled: unary `infer`) and `generation` (decoupled: gRPC `stream_infer` or
   `/generate_stream`) both serve every request type; the request *parameter* `request_type` is
@@ -19,8 +20,10 @@ TensorRT-LLM's Triton backend, batch size 1:
   end's `temperature`/`stop`/..., ignored: tokens are a function of the prompt, generation runs to
   `request_output_len` (no EOS, no stop-word match). What each request carried is kept for tests
   (GET /_sim/triton/requests on the simulator's own endpoint).
-- Outputs: `output_ids` INT32 [1, 1, n] (generated tokens only: `exclude_input_in_output` behaviour),
-  `sequence_length` INT32 [1, 1], `num_input_tokens` / `num_output_tokens` INT32 [1, 1], `text_output`
+- Outputs: `output_ids` INT32 [1, 1, n] (generated tokens only, unless the BOOL input
+  `exclude_input_in_output` is false: then the first response starts with the prompt ids),
+  `sequence_length` INT32 [1, 1], `num_input_tokens` / `num_output_tokens` INT32 [1, 1] (only when the BOOL
+  inputs `return_num_input_tokens` / `return_num_output_tokens` ask for them, as in the backend), `text_output`
   BYTES [1, 1] (the tokens' text, as the ensemble's postprocessing would), and `context_phase_params` UINT8
   [1, -1] on `context_only`.
 
@@ -133,6 +136,7 @@ class TritonOptions:
     context_instances: int
     log_verbose: int
     metrics_port: int | None = None  # None: Triton's metrics endpoint off
+    text_io: bool = True  # False: exactly the tensorrt_llm model's tensors (no text_input/text_output, no text words)
 
 
 def _options_parser() -> argparse.ArgumentParser:
@@ -149,6 +153,10 @@ def _options_parser() -> argparse.ArgumentParser:
                         "as tritonserver --metrics-port does (default: Triton's metrics endpoint off; the engine's "
                         "statistics are on the simulator endpoint either way)")
     p.add_argument("--sim-triton-log-verbose", type=int, default=0, metavar="N", help="Triton's --log-verbose")
+    p.add_argument("--sim-triton-text-io", choices=("on", "off"), default="on",
+                   help="on (default): the models also have text_input/text_output and the text word lists "
+                        "stop_words/bad_words (the ensemble's pre/postprocessing folded in); off: exactly the tensors "
+                        "of TensorRT-LLM's tensorrt_llm model (token ids only), as NVIDIA's context/generation models")
     return p
 
 
@@ -160,7 +168,7 @@ def split_options(argv: list[str]) -> tuple[TritonOptions, list[str]]:
     if ns.sim_triton_metrics_port is not None and not 0 < ns.sim_triton_metrics_port < 65536:
         raise StartupError("--sim-triton-metrics-port must be a port number (1-65535): Triton cannot bind port 0")
     return TritonOptions(ns.sim_triton_grpc_port, ns.sim_http_port, ns.sim_triton_context_instances,
-                         ns.sim_triton_log_verbose, ns.sim_triton_metrics_port), rest
+                         ns.sim_triton_log_verbose, ns.sim_triton_metrics_port, ns.sim_triton_text_io == "on"), rest
 
 
 def options_help() -> str:
@@ -223,6 +231,9 @@ SAMPLING_INPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
     "stop_words": ("BYTES", (1, -1)),
     "bad_words": ("BYTES", (1, -1)),
 }
+# The inputs of the models' text I/O (`--sim-triton-text-io on`), which the tensorrt_llm model does not have: the
+# ensemble's text prompt and its text word lists.
+TEXT_INPUTS = ("text_input", "stop_words", "bad_words")
 _NUMPY_NAMES = {"INT32": "int32", "FP32": "float32", "UINT64": "uint64", "BOOL": "bool", "UINT8": "uint8"}
 _TRITON_NAMES = {**{v: k for k, v in _NUMPY_NAMES.items()}, "float64": "FP64", "float16": "FP16"}
 # TensorRT-LLM's executor SamplingConfig checks (samplingConfig.cpp); runtime_top_p <= 0 means "not set" there
@@ -248,6 +259,12 @@ class TritonRequest:
     handle: OpaqueState | None = None
     first_tokens: list[int] | None = None
     sampling: dict[str, Any] | None = None  # the sampling inputs given: name -> value (word lists decoded)
+    # the backend's optional BOOL inputs asking for the token counts (it fills those outputs only when asked)
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
+    # the backend's optional `exclude_input_in_output` (absent: the model parameter, true here): false puts the
+    # prompt ids before the first response's tokens
+    exclude_input: bool = True
 
 
 def _datatype(array: Any) -> str:
@@ -385,7 +402,10 @@ def parse_request(req: Any, vocab_size: int) -> TritonRequest:
     if int(beam) != 1:
         raise EngineRequestError(BEAM_MESSAGE)
     parsed = TritonRequest(kind, prompt, int(max_tokens), bool(_scalar(data, "streaming", False)), x_rid,
-                           sampling=parse_sampling(data))
+                           sampling=parse_sampling(data),
+                           return_num_input_tokens=bool(_scalar(data, "return_num_input_tokens", False)),
+                           return_num_output_tokens=bool(_scalar(data, "return_num_output_tokens", False)),
+                           exclude_input=bool(_scalar(data, "exclude_input_in_output", True)))
     cpp = data.get("context_phase_params")
     if kind == GEN_ONLY:
         if cpp is None or cpp.size == 0:
@@ -394,6 +414,25 @@ def parse_request(req: Any, vocab_size: int) -> TritonRequest:
     elif cpp is not None and cpp.size:
         raise EngineRequestError(f"context_phase_params is only accepted with request_type generation_only, not {kind}")
     return parsed
+
+
+def response_tensors(parsed: TritonRequest, prompt_length: int, generated: int, new: list[int]) -> dict[str, Any]:
+    """The outputs of one response with `new` tokens (`generated` so far), as the backend fills them: the token
+    counts only when the request asked for them (`return_num_input_tokens` / `return_num_output_tokens`), the
+    prompt ids before the first response's tokens unless `exclude_input_in_output`."""
+    import numpy as np
+
+    ids = new if parsed.exclude_input or generated > len(new) else parsed.prompt + new
+    out = {
+        "output_ids": np.array([[ids]], dtype=np.int32).reshape(1, 1, len(ids)),
+        "sequence_length": np.array([[len(ids)]], dtype=np.int32),
+        "text_output": np.array([["".join(token_text(t) for t in new).encode()]], dtype=np.object_),
+    }
+    if parsed.return_num_input_tokens:
+        out["num_input_tokens"] = np.array([[prompt_length]], dtype=np.int32)
+    if parsed.return_num_output_tokens:
+        out["num_output_tokens"] = np.array([[generated]], dtype=np.int32)
+    return out
 
 
 def _aiohttp(handler: Handler) -> Callable[[web.Request], Any]:
@@ -540,7 +579,7 @@ class TritonFrontend:
             self.triton = Triton(config=triton_config, workspace=f"{self._workspace}/workspace",
                                  triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=False,
                                                                                local_model_store=True))
-            inputs, outputs = self._signature()
+            inputs, outputs = self._signature(self.opts.text_io)
             self.triton.bind(
                 model_name=CONTEXT_MODEL, infer_func=[self._context_infer] * self.opts.context_instances,
                 inputs=inputs, outputs=outputs, config=ModelConfig(batching=False),
@@ -579,7 +618,8 @@ class TritonFrontend:
             shutil.rmtree(self._workspace, ignore_errors=True)
 
     @staticmethod
-    def _signature() -> tuple[list, list]:
+    def _signature(text_io: bool) -> tuple[list, list]:
+        """The models' inputs and outputs: the tensorrt_llm model's, plus the text tensors with `text_io`."""
         import numpy as np
         from pytriton.model_config import Tensor
 
@@ -591,6 +631,9 @@ class TritonFrontend:
             Tensor(name="streaming", dtype=np.bool_, shape=(1, 1), optional=True),
             Tensor(name="beam_width", dtype=np.int32, shape=(1, 1), optional=True),
             Tensor(name="context_phase_params", dtype=np.uint8, shape=(1, -1), optional=True),
+            Tensor(name="return_num_input_tokens", dtype=np.bool_, shape=(1, 1), optional=True),
+            Tensor(name="return_num_output_tokens", dtype=np.bool_, shape=(1, 1), optional=True),
+            Tensor(name="exclude_input_in_output", dtype=np.bool_, shape=(1, 1), optional=True),
         ]
         inputs += [Tensor(name=name, dtype=bytes if datatype == "BYTES" else np.dtype(_NUMPY_NAMES[datatype]).type,
                           shape=shape, optional=True) for name, (datatype, shape) in SAMPLING_INPUTS.items()]
@@ -602,6 +645,9 @@ class TritonFrontend:
             Tensor(name="text_output", dtype=bytes, shape=(1, 1)),
             Tensor(name="context_phase_params", dtype=np.uint8, shape=(1, -1)),
         ]
+        if not text_io:
+            inputs = [t for t in inputs if t.name not in TEXT_INPUTS]
+            outputs = [t for t in outputs if t.name != "text_output"]
         return inputs, outputs
 
     # ------------------------------------------------------------------ inference callables (PyTriton loops)
@@ -664,16 +710,10 @@ class TritonFrontend:
         else:
             log.debug("request refused", extra={"fields": fields})
 
-    def _response(self, seq: Seq, new: list[int], *, final: bool) -> dict:
+    def _response(self, parsed: TritonRequest, seq: Seq, new: list[int], *, final: bool) -> dict:
         import numpy as np
 
-        out = {
-            "output_ids": np.array([[new]], dtype=np.int32).reshape(1, 1, len(new)),
-            "sequence_length": np.array([[len(new)]], dtype=np.int32),
-            "num_input_tokens": np.array([[seq.prompt.length]], dtype=np.int32),
-            "num_output_tokens": np.array([[len(seq.tokens)]], dtype=np.int32),
-            "text_output": np.array([["".join(token_text(t) for t in new).encode()]], dtype=np.object_),
-        }
+        out = response_tensors(parsed, seq.prompt.length, len(seq.tokens), new)
         if final and seq.kind == CTX_ONLY:
             handle = OpaqueState(self.cfg.advertise_host, self.server.kv_port, self.engine.instance, seq.rid,
                                  self.cfg.cache_state)
@@ -690,7 +730,7 @@ class TritonFrontend:
             except EngineError as exc:
                 self._log_failure(exc, parsed.x_request_id)
                 raise EngineRequestError.from_engine(exc) from None
-            return self._response(seq, list(seq.tokens), final=True)
+            return self._response(parsed, seq, list(seq.tokens), final=True)
         finally:
             if seq is not None and not seq.finished:
                 self.engine.cancel(seq)
@@ -710,7 +750,7 @@ class TritonFrontend:
                     self._log_failure(exc, parsed.x_request_id)
                     put(("error", EngineRequestError.from_engine(exc)))
                     return
-                put(("data", self._response(seq, list(seq.tokens), final=True)))
+                put(("data", self._response(parsed, seq, list(seq.tokens), final=True)))
                 put(("end", None))
                 return
             changed = seq.changed
@@ -720,7 +760,7 @@ class TritonFrontend:
                 if sent < produced:
                     new = seq.tokens[sent:produced]
                     sent = produced
-                    put(("data", self._response(seq, new, final=seq.finished and seq.error is None)))
+                    put(("data", self._response(parsed, seq, new, final=seq.finished and seq.error is None)))
                     continue
                 if seq.finished:
                     break

@@ -22,6 +22,11 @@ from baton.render.naming import (
 )
 
 GPU_RESOURCE = "nvidia.com/gpu"
+# Decode replicas finish in-flight generations; prefill replicas keep KV until it is pulled.
+TERMINATION_GRACE_S = 120
+# How long tritonserver waits for in-flight requests after SIGTERM before it exits (its own default is 30 s): a
+# little under the pod's grace period, so that it ends what is left itself before the kubelet's SIGKILL.
+TRITON_EXIT_TIMEOUT_S = TERMINATION_GRACE_S - 10
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 # The taints the big clouds put on spot/preemptible nodes; tolerated only when a tier allows spot.
 SPOT_TOLERATIONS = [
@@ -229,7 +234,7 @@ def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
         command = ["tritonserver"]
         args = [
             f"--model-repository={MODEL_MOUNT}", f"--http-port={t.port}", f"--grpc-port={t.port + 1}",
-            f"--metrics-port={t.port + 2}", "--strict-readiness=true",
+            f"--metrics-port={t.port + 2}", "--strict-readiness=true", f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}",
         ]
         health = "/v2/health/ready"
     probe = {"httpGet": {"path": health, "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
@@ -263,8 +268,7 @@ def statefulset(target: Target, tier: Tier, revision: str, generation: str, kv_f
         "containers": [engine_container(target, tier)],
         "nodeSelector": dict(t.pool.node_selector),
         "tolerations": tolerations,
-        # Decode replicas finish in-flight generations; prefill replicas keep KV until it is pulled.
-        "terminationGracePeriodSeconds": 120,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "volumes": [
             {"name": pod_volumes.ENGINE_CONFIG_VOLUME,
              "configMap": {"name": generation_child_name(target, tier, generation, "-engine")}},

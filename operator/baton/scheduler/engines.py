@@ -9,9 +9,13 @@ retryable replica failure (connection error, timeout, 5xx, another failed KV tra
 pass through (other 4xx).
 
 `TritonClient` implements the same interface for `runtime: triton` with `tritonclient.grpc.aio`: it turns
-each OpenAI body into KServe v2 requests on the `tensorrt_llm`-style models (`context`, unary `infer`, for
-`context_only`; `generation`, decoupled, gRPC `stream_infer`, for the rest) and their answers back into the
-OpenAI JSON / SSE bytes the request flow expects, so everything above this module is runtime-agnostic.
+each OpenAI body into KServe v2 requests on the `tensorrt_llm`-style models (`context`, unary `infer`, or a
+stream when it is decoupled, for `context_only`; `generation`, decoupled, gRPC `stream_infer`, for the rest)
+and their answers back into the OpenAI JSON / SSE bytes the request flow expects, so everything above this
+module is runtime-agnostic. Each replica's models are described once per channel (`ModelLayout`: metadata and
+config): only the outputs a model declares are requested, and a model without `text_input` / `text_output`
+(NVIDIA's `tensorrt_llm` model) gets token ids encoded, and gives token ids decoded, with the scheduler's model
+tokenizer (`detokenize`).
 Sampling parameters become the backend's optional input tensors (`_sampling_inputs`); a parameter no tensor
 carries is refused with a 400 `invalid_request_error` naming it, never dropped.
 """
@@ -24,12 +28,14 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from baton.http1.client import ClosedBeforeAnswer, HttpClient
+from baton.scheduler.detokenize import Detokenizer, model_tokenizer
 from baton.scheduler.endpoints import Endpoint
-from baton.scheduler.replies import error_body
-from baton.tokens import EstimateTokenizer, active_tokenizer, chat_text, is_token_ids, tokenize_async
+from baton.scheduler.replies import SchedulerError, error_body
+from baton.tokens import chat_text, is_token_ids, tokenize_async
 
 # Fragments of TensorRT-LLM's cache-transceiver errors for incompatible KV layouts (cacheFormatter.cpp,
 # cacheTransferLayer.cpp). A generation-only request failing with one of these will fail the same way on
@@ -280,10 +286,18 @@ TRITON_GENERATION_MODEL = "generation"
 TRITON_GRPC_PORT_OFFSET = 1  # the operator renders Triton pods with --http-port=P --grpc-port=P+1
 DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default; request_output_len is a required Triton input
 _TRITON_OUTPUTS = ("output_ids", "sequence_length", "num_input_tokens", "num_output_tokens", "text_output")
+# Optional BOOL inputs of the tensorrt_llm model sent true with every request: without the first two the backend
+# leaves num_input_tokens / num_output_tokens out of its answer (model_instance_state.cc); without the third,
+# output_ids carry the prompt before the completion when the model's exclude_input_in_output parameter is false.
+_TRUE_INPUTS = ("return_num_input_tokens", "return_num_output_tokens", "exclude_input_in_output")
 # The engine simulator's errors end with "EngineRequestError: <status> <type>: <message>" inside Triton's
 # error text (PyTriton wraps the traceback); other Triton errors are mapped by their gRPC status.
 _ENGINE_ERROR_RE = re.compile(r"EngineRequestError: (\d{3}) ([A-Za-z]+): ([^\n]*)")
 _CONNECTION_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+# Triton core's refusal of a request its model's queue has no room for (`default_queue_policy { max_queue_size }`):
+# gRPC status UNAVAILABLE on unary calls, no status inside a stream. The replica is up but overloaded: answered as
+# an HTTP engine's 503 is (retried on another replica, counted as a 5xx), not as a connection failure.
+_QUEUE_FULL_MARKER = "Exceeds maximum queue size"
 # Triton's own checks of a request against the model configuration (triton-inference-server/core: model.cc,
 # infer_request.cc; all INVALID_ARG). An error response inside a gRPC stream carries only its text
 # (ModelStreamInferResponse.error_message: tritonclient's aio `stream_infer` raises no status with it), so
@@ -305,6 +319,34 @@ _VALIDATION_RE = re.compile(
     r"|incomplete string length indicator for inference input '"
     r"|string elements for inference input '"
 )
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The tensors a replica's Triton model declares (its metadata) and whether it is decoupled (its config):
+    read once per model and channel (`TritonClient._layout`). NVIDIA's `tensorrt_llm` model, of which the
+    disaggregated `context` / `generation` models are copies, has no `text_input` / `text_output` (the
+    ensemble's pre/postprocessing has them); the engine simulator's models have both by default."""
+
+    inputs: frozenset[str]
+    outputs: frozenset[str]
+    decoupled: bool = False
+
+    @classmethod
+    def of(cls, metadata: dict, config: dict) -> ModelLayout:
+        """From `get_model_metadata` and `get_model_config` answers (as JSON)."""
+        policy = config.get("config", config).get("model_transaction_policy") or {}
+        return cls(frozenset(t["name"] for t in metadata.get("inputs", [])),
+                   frozenset(t["name"] for t in metadata.get("outputs", [])), bool(policy.get("decoupled")))
+
+
+def _tokenizer_required(model: str, missing: str) -> SchedulerError:
+    """The answer for a model without text tensors when the scheduler has no model tokenizer to stand in."""
+    return SchedulerError(
+        500, f"the Triton model {model!r} has no {missing} tensor (TensorRT-LLM's tensorrt_llm model has token ids "
+        "only), so the scheduler must encode prompts and decode answers itself: configure the scheduler's model "
+        "tokenizer (`tokenizer.path` or `tokenizer.huggingFaceId` in its config, or --tokenizer), or serve "
+        "models with text_input/text_output", "tokenizer_required", "server_error")
 
 
 class _BadRequest(Exception):
@@ -385,11 +427,20 @@ def triton_error(text: str, grpc_status: str | None = None) -> tuple[int, bytes]
         status, err_type, message = matches[-1]
         return int(status), _error_json(message.strip(), int(status), err_type)
     code = (grpc_status or "").rsplit(".", 1)[-1]
-    if not code and is_request_validation_error(text or ""):
+    if _QUEUE_FULL_MARKER in (text or ""):
+        code = "UNAVAILABLE"  # an overloaded replica's 503, with or without its status (inside a stream)
+    elif not code and is_request_validation_error(text or ""):
         code = "INVALID_ARGUMENT"  # Triton's own refusal, reported inside a stream without its status
     status = 400 if code in ("INVALID_ARGUMENT", "NOT_FOUND") else 503 if code == "UNAVAILABLE" else 500
     err_type = {400: "BadRequestError", 503: "ServiceUnavailableError"}.get(status, "InternalServerError")
     return status, _error_json((text or f"Triton error {code}").strip()[:2000], status, err_type)
+
+
+def is_transport_failure(message: str, grpc_status: str | None) -> bool:
+    """Whether a failed unary call says the replica cannot be reached (UNAVAILABLE, DEADLINE_EXCEEDED), rather
+    than answering with an error: the engine's own errors and Triton's queue-full refusal are answers."""
+    return ((grpc_status or "").rsplit(".", 1)[-1] in _CONNECTION_CODES and _QUEUE_FULL_MARKER not in message
+            and not _ENGINE_ERROR_RE.search(message))
 
 
 def is_request_validation_error(text: str) -> bool:
@@ -505,12 +556,13 @@ class _TritonCall:
         if self.chat:
             if data.get("prompt_token_ids") is not None:
                 self.ids, ids_field = data["prompt_token_ids"], "prompt_token_ids"
+                if not is_token_ids(self.ids):
+                    raise _BadRequest(f"{ids_field} must be a list of integer token ids", ids_field)
             else:
                 messages = data.get("messages")
                 if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
                     raise _BadRequest("messages must be a non-empty list of message objects")
-                tokenizer = active_tokenizer()
-                if tokenizer is not None and not isinstance(tokenizer, EstimateTokenizer):
+                if model_tokenizer() is not None:
                     # the model's chat template and tokenizer, as trtllm-serve encodes a chat (the template's
                     # BOS only): sent as input_ids, since the preprocessing would add a second BOS to text_input
                     self.messages = messages
@@ -539,8 +591,8 @@ class _TritonCall:
                                   "max_tokens", "max_completion_tokens")
             tokens_field = "max_tokens"
             max_tokens = data.get(tokens_field)
-        if self.ids is not None:
-            self._check_ids(self.ids, ids_field)
+        if self.ids is not None:  # token ids already (`is_token_ids`, a pass in Python over a long prompt: once)
+            self._check_range(self.ids, ids_field)
         self.max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else _integer(tokens_field, max_tokens, *_INT32)
         n = data.get("n")
         if n is not None and (n != 1 or isinstance(n, bool)):
@@ -566,14 +618,14 @@ class _TritonCall:
         options = data.get("stream_options") or {}
         self.include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
         self.context_phase_params: bytes | None = None
+        self.layout: ModelLayout | None = None  # the replica's model (`prepare`); None: every tensor is sent
+        self.detokenizer: Detokenizer | None = None  # the answer's text from its token ids (`prepare`)
         if self.kind == "generation_only":
             self.context_phase_params = self._handle_bytes(dp)
 
     @staticmethod
-    def _check_ids(ids: Any, field: str) -> None:
+    def _check_range(ids: list[int], field: str) -> None:
         """Token ids the INT32 `input_ids` tensor can hold (their range in the vocabulary is the engine's)."""
-        if not is_token_ids(ids):
-            raise _BadRequest(f"{field} must be a list of integer token ids", field)
         lo, hi = _INT32
         if min(ids, default=lo) < lo or max(ids, default=hi) > hi:  # at C speed: a prompt can hold 100K ids
             bad = next(t for t in ids if not lo <= t <= hi)
@@ -621,6 +673,9 @@ class _TritonCall:
         if self.beam_width != 1:
             out.append(tensor("beam_width", np.array([[self.beam_width]], dtype=np.int32), "INT32"))
         out.append(tensor("streaming", np.array([[streaming]], dtype=bool), "BOOL"))
+        for flag in _TRUE_INPUTS:
+            if self.layout is None or flag in self.layout.inputs:  # optional: an older model may not declare it
+                out.append(tensor(flag, np.array([[True]], dtype=bool), "BOOL"))
         if self.context_phase_params is not None:
             cpp = np.frombuffer(self.context_phase_params, dtype=np.uint8).reshape(1, -1)
             out.append(tensor("context_phase_params", cpp, "UINT8"))
@@ -634,12 +689,36 @@ class _TritonCall:
             out.append(tensor(name, array, dtype))
         return out
 
-    @staticmethod
-    def outputs(context: bool) -> list[Any]:
+    def outputs(self, context: bool) -> list[Any]:
+        """The outputs to ask for: those of _TRITON_OUTPUTS (and the handle, on context) the model declares
+        (Triton refuses a request for an output its model does not have)."""
         from tritonclient.grpc import InferRequestedOutput
 
         names = (*_TRITON_OUTPUTS, "context_phase_params") if context else _TRITON_OUTPUTS
-        return [InferRequestedOutput(n) for n in names]
+        return [InferRequestedOutput(n) for n in names if self.layout is None or n in self.layout.outputs]
+
+    async def prepare(self, model: str, layout: ModelLayout) -> None:
+        """Fit the request to the replica's model: a text prompt becomes token ids (encoded with the model
+        tokenizer as trtllm-serve encodes a completions prompt) when the model has no `text_input`, and the
+        answer's text is decoded from its token ids when it has no `text_output`. SchedulerError (500
+        `tokenizer_required`) when that is needed and the scheduler has no model tokenizer."""
+        self.layout = layout
+        needs_ids = self.ids is None and "text_input" not in layout.inputs
+        needs_text = "text_output" not in layout.outputs
+        if not (needs_ids or needs_text):
+            self.detokenizer = None
+            return
+        tokenizer = model_tokenizer()
+        if tokenizer is None:
+            raise _tokenizer_required(model, "text_input" if needs_ids else "text_output")
+        if needs_ids:
+            self.ids = await tokenize_async(self.text or "")
+        self.detokenizer = Detokenizer(tokenizer.tokenizer) if needs_text else None
+
+    def text_of(self, ids: list[int], text: str, final: bool = False) -> str:
+        """A response's text: its `text_output`, or what its token ids add to the answer's decoded text
+        (`final`: the answer's last response, nothing held back)."""
+        return text if self.detokenizer is None else self.detokenizer.push(ids, final)
 
     @staticmethod
     def tokens_of(result: Any) -> tuple[list[int], str, int | None]:
@@ -662,6 +741,23 @@ class _TritonCall:
         return new, piece, int(n_in.reshape(-1)[0]) if n_in is not None and n_in.size else None
 
     # ---------------------------------------------------------------- OpenAI side
+    def answer(self, results: list[Any]) -> bytes:
+        """The whole OpenAI answer from the request's responses (one, unless a decoupled model sent several),
+        with the context-only handle when they carry `context_phase_params`."""
+        ids: list[int] = []
+        texts: list[str] = []
+        prompt_tokens = raw = None
+        for result in results:
+            new, text, n_in = self.tokens_of(result)
+            ids += new
+            texts.append(self.text_of(new, text))
+            prompt_tokens = n_in if n_in is not None else prompt_tokens
+            cpp = result.as_numpy("context_phase_params")
+            raw = cpp if cpp is not None else raw
+        texts.append(self.text_of([], "", final=True))
+        handle = self.context_handle(ids, raw.astype("uint8").tobytes()) if raw is not None else None
+        return self.full(ids, "".join(texts), prompt_tokens, handle)
+
     @property
     def cid(self) -> str:
         return f"{'chatcmpl' if self.chat else 'cmpl'}-{self.request_id}"
@@ -676,9 +772,9 @@ class _TritonCall:
             return "length"
         return "length" if produced >= self.max_tokens else "stop"
 
-    @staticmethod
-    def usage(prompt_tokens: int | None, completion_tokens: int) -> dict:
-        p = prompt_tokens or 0
+    def usage(self, prompt_tokens: int | None, completion_tokens: int) -> dict:
+        """OpenAI `usage`: the prompt length the engine reported (`num_input_tokens`), else that of the ids sent."""
+        p = prompt_tokens if prompt_tokens is not None else len(self.ids) if self.ids is not None else 0
         return {"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens}
 
     def full(self, ids: list[int], text: str, prompt_tokens: int | None, handle: dict | None = None) -> bytes:
@@ -776,11 +872,13 @@ class _TritonStream:
             ids, text, n_in = call.tokens_of(result)
             prompt_tokens = n_in if n_in is not None else prompt_tokens
             produced += len(ids)
+            last = produced >= call.max_tokens
+            text = call.text_of(ids, text, final=last)
             if ids or text:
-                yield call.chunk(ids, text, call.finish_reason(produced) if produced >= call.max_tokens else None)
+                yield call.chunk(ids, text, call.finish_reason(produced) if last else None)
             item = await self._next()
         if produced < call.max_tokens:  # ended early (a real engine's EOS): say so in an empty last chunk
-            yield call.chunk([], "", call.finish_reason(produced))
+            yield call.chunk([], call.text_of([], "", final=True), call.finish_reason(produced))
         if call.include_usage:
             yield call.usage_chunk(prompt_tokens, produced)
         yield b"data: [DONE]\n\n"
@@ -830,6 +928,9 @@ class TritonClient:
         self.connect_timeout = connect_timeout
         self._clock = clock
         self._clients: dict[str, Any] = {}
+        # (gRPC address, model) -> (the channel it was read on, its layout being read or read): read again on a
+        # new channel (the replica's channel was rebuilt), and after a failed read
+        self._layouts: dict[tuple[str, str], tuple[Any, asyncio.Future[ModelLayout]]] = {}
         self._departed: dict[str, float] = {}  # gRPC address -> when its replica left the endpoint lists
         self._in_use: dict[str, int] = {}  # gRPC address -> calls and streams in flight on its channel
 
@@ -846,6 +947,8 @@ class TritonClient:
             elif now - self._departed.setdefault(address, now) >= RETIRED_CHANNEL_S and not self._in_use.get(address):
                 retired.append(self._clients.pop(address))
                 del self._departed[address]
+                for key in [k for k in self._layouts if k[0] == address]:
+                    del self._layouts[key]
         for client in retired:
             try:
                 await client.close()
@@ -878,12 +981,50 @@ class TritonClient:
     def _metadata(request_id: str) -> dict[str, str]:
         return {"x-request-id": request_id}
 
+    async def _layout(self, endpoint: Endpoint, model: str) -> ModelLayout:
+        """The tensors `model` declares on `endpoint`'s replica, read once per channel (concurrent calls share
+        one read). A failed read is an EngineFailure (a connection failure when the replica cannot be reached),
+        and the next call reads again."""
+        client = self._client(endpoint)
+        key = (grpc_address(endpoint), model)
+        cached = self._layouts.get(key)
+        if cached is None or cached[0] is not client:
+            cached = self._layouts[key] = (client, asyncio.ensure_future(self._read_layout(client, model)))
+        try:
+            return await asyncio.shield(cached[1])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # InferenceServerException, timeouts
+            from tritonclient.utils import InferenceServerException
+
+            if self._layouts.get(key) is cached:
+                del self._layouts[key]
+            if isinstance(exc, InferenceServerException) and not is_transport_failure(exc.message() or "",
+                                                                                      str(exc.status() or "")):
+                # an answer (e.g. the model is not there): counted as a 5xx is, not as the replica being down
+                raise EngineFailure(endpoint, f"cannot read model {model!r}: {exc.message()}") from exc
+            raise self._failure(endpoint, exc) from exc
+
+    async def _read_layout(self, client: Any, model: str) -> ModelLayout:
+        metadata = await client.get_model_metadata(model, as_json=True, client_timeout=self.connect_timeout)
+        config = await client.get_model_config(model, as_json=True, client_timeout=self.connect_timeout)
+        return ModelLayout.of(metadata, config)
+
+    async def _prepared(self, endpoint: Endpoint, call: _TritonCall, model: str) -> ModelLayout:
+        layout = await self._layout(endpoint, model)
+        await call.prepare(model, layout)
+        return layout
+
     def _failure(self, endpoint: Endpoint, exc: Exception) -> EngineFailure:
         return EngineFailure(endpoint, f"{type(exc).__name__}: {exc}", kind="connection")
 
     async def _context(self, endpoint: Endpoint, call: _TritonCall) -> tuple[int, bytes, str]:
+        """The context step: unary `infer` on `context`, or a stream when that model is decoupled (NVIDIA's
+        streaming layout makes both models decoupled, and Triton refuses unary `infer` on a decoupled model)."""
         from tritonclient.utils import InferenceServerException
 
+        if (await self._prepared(endpoint, call, TRITON_CONTEXT_MODEL)).decoupled:
+            return await self._whole(endpoint, call, TRITON_CONTEXT_MODEL)
         try:
             result = await self._client(endpoint).infer(
                 TRITON_CONTEXT_MODEL, call.inputs(False), outputs=call.outputs(context=True),
@@ -892,19 +1033,18 @@ class TritonClient:
             )
         except InferenceServerException as exc:
             status = str(exc.status() or "")
-            if status.rsplit(".", 1)[-1] in _CONNECTION_CODES and not _ENGINE_ERROR_RE.search(exc.message() or ""):
+            if is_transport_failure(exc.message() or "", status):
                 raise self._failure(endpoint, exc) from exc
             code, body = triton_error(exc.message() or "", status)
             return code, body, "application/json"
-        ids, text, n_in = call.tokens_of(result)
-        raw = result.as_numpy("context_phase_params")
-        handle = call.context_handle(ids, raw.astype("uint8").tobytes()) if raw is not None else None
-        return 200, call.full(ids, text, n_in, handle), "application/json"
+        return 200, call.answer([result]), "application/json"
 
-    async def _start_stream(self, endpoint: Endpoint, call: _TritonCall, streaming: bool) -> tuple[Any, Any]:
-        """Open the generation stream and wait for its first response (result, error)."""
-        request = {"model_name": TRITON_GENERATION_MODEL, "inputs": call.inputs(streaming),
-                   "outputs": call.outputs(context=False), "request_id": call.request_id,
+    async def _start_stream(self, endpoint: Endpoint, call: _TritonCall, streaming: bool,
+                            model: str = TRITON_GENERATION_MODEL) -> tuple[Any, Any]:
+        """Open a stream on `model` (decoupled; `call` prepared for it) and wait for its first response
+        (result, error)."""
+        request = {"model_name": model, "inputs": call.inputs(streaming),
+                   "outputs": call.outputs(context=model == TRITON_CONTEXT_MODEL), "request_id": call.request_id,
                    "parameters": {"request_type": call.kind}}
 
         async def one() -> AsyncIterator[dict]:
@@ -918,6 +1058,28 @@ class TritonClient:
         except Exception as exc:  # InferenceServerException, grpc.aio.AioRpcError, timeouts: transport-level
             raise self._failure(endpoint, exc) from exc
         return responses, first
+
+    async def _whole(self, endpoint: Endpoint, call: _TritonCall, model: str) -> tuple[int, bytes, str]:
+        """A request not streamed on a decoupled `model`: its responses, read to the stream's end, as one answer."""
+        responses, item = await self._start_stream(endpoint, call, False, model)
+        results = []
+        try:
+            while item is not None:
+                result, error = item
+                if error is not None:
+                    code, err = triton_error(error.message(), error.status())
+                    return code, err, "application/json"
+                results.append(result)
+                try:
+                    item = await asyncio.wait_for(responses.__anext__(), self.read_timeout)
+                except StopAsyncIteration:
+                    item = None
+        except Exception as exc:
+            raise self._failure(endpoint, exc) from exc
+        finally:
+            if item is not None:  # left before the stream's end
+                _cancel(responses)
+        return 200, call.answer(results), "application/json"
 
     @staticmethod
     async def _call(body: bytes, path: str, request_id: str) -> _TritonCall:
@@ -939,30 +1101,8 @@ class TritonClient:
             return 400, exc.body(), "application/json"
         if call.kind == "context_only":
             return await self._context(endpoint, call)
-        responses, item = await self._start_stream(endpoint, call, streaming=False)
-        ids: list[int] = []
-        texts: list[str] = []
-        prompt_tokens = None
-        try:
-            while item is not None:
-                result, error = item
-                if error is not None:
-                    code, err = triton_error(error.message(), error.status())
-                    return code, err, "application/json"
-                new, text, n_in = call.tokens_of(result)
-                ids += new
-                texts.append(text)
-                prompt_tokens = n_in if n_in is not None else prompt_tokens
-                try:
-                    item = await asyncio.wait_for(responses.__anext__(), self.read_timeout)
-                except StopAsyncIteration:
-                    item = None
-        except Exception as exc:
-            raise self._failure(endpoint, exc) from exc
-        finally:
-            if item is not None:  # left before the stream's end
-                _cancel(responses)
-        return 200, call.full(ids, "".join(texts), prompt_tokens), "application/json"
+        await self._prepared(endpoint, call, TRITON_GENERATION_MODEL)
+        return await self._whole(endpoint, call, TRITON_GENERATION_MODEL)
 
     async def open(self, endpoint: Endpoint, path: str, body: bytes, request_id: str) -> EngineResponse:
         address = self._using(endpoint)
@@ -975,6 +1115,7 @@ class TritonClient:
             if call.kind == "context_only":
                 status, data, ctype = await self._context(endpoint, call)
                 return _static(status, data, ctype)
+            await self._prepared(endpoint, call, TRITON_GENERATION_MODEL)
             responses, first = await self._start_stream(endpoint, call, streaming=True)
             if first is not None and first[1] is not None:  # failed before the first token: an ordinary error
                 _cancel(responses)
@@ -996,6 +1137,7 @@ class TritonClient:
 
     async def close(self) -> None:
         clients, self._clients = self._clients, {}
+        self._layouts.clear()
         for client in clients.values():
             try:
                 await client.close()
