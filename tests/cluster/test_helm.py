@@ -305,12 +305,12 @@ def test_cluster_wide_install_is_sufficient_least_privilege_and_upgrades_and_uni
         assert before
 
         # helm upgrade: a changed value rolls the operator; the same values change nothing.
-        run(cluster, "helm", "upgrade", release, str(CHART), "-n", release_ns, "--reuse-values",
+        run(cluster, "helm", "upgrade", release, str(CHART), "-n", release_ns, "--reset-then-reuse-values",
             "--set", "operator.verbose=true", "--wait", "--timeout", "90s")
         upgraded = deployment_of(cluster, release_ns, release)
         assert "--verbose" in upgraded.spec.template.spec.containers[0].args
         assert upgraded.metadata.generation == deployment.metadata.generation + 1
-        run(cluster, "helm", "upgrade", release, str(CHART), "-n", release_ns, "--reuse-values", "--wait", "--timeout", "90s")
+        run(cluster, "helm", "upgrade", release, str(CHART), "-n", release_ns, "--reset-then-reuse-values", "--wait", "--timeout", "90s")
         assert deployment_of(cluster, release_ns, release).metadata.generation == upgraded.metadata.generation
         assert children_versions(cluster, namespace) == before  # the serving model never noticed
 

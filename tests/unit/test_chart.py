@@ -124,6 +124,22 @@ def test_the_chart_installs_on_kubernetes_1_33_or_newer_as_the_quickstart_says(v
     assert "Kubernetes 1.33 or newer" in (REPO / "docs" / "quickstart.md").read_text()
 
 
+def test_the_quickstart_creates_the_token_secret_the_examples_download_their_gated_models_with():
+    """Meta's checkpoints are gated on the Hugging Face Hub: an example serving one names the Secret with the
+    token, and the quickstart creates that Secret before it applies a model (the engine pods need it to start)."""
+    quickstart = (REPO / "docs" / "quickstart.md").read_text()
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        if path.name.startswith("invalid-"):  # refused by the API server on purpose: never created
+            continue
+        hub = yaml.safe_load(path.read_text())["spec"]["model"]["source"].get("huggingFace")
+        if hub and hub["id"].startswith("meta-llama/"):
+            secret = hub.get("tokenSecret")
+            assert secret, f"examples/{path.name} downloads gated {hub['id']} without a tokenSecret"
+            create = f"kubectl create secret generic {secret['name']} -n models --from-literal={secret['key']}="
+            assert create in quickstart, f"the quickstart never creates the Secret examples/{path.name} names"
+            assert quickstart.index(create) < quickstart.index("kubectl apply -n models -f examples/")
+
+
 # ------------------------------------------------------------------------------------------ defaults
 
 
@@ -165,6 +181,13 @@ def test_hardening_cannot_be_switched_off_through_values():
     assert "readOnlyRootFilesystem" in render_error("securityContext.readOnlyRootFilesystem=false")
     assert "allowPrivilegeEscalation" in render_error("securityContext.allowPrivilegeEscalation=true")
     assert "runAsNonRoot" in render_error("podSecurityContext.runAsNonRoot=false")
+    assert "runAsUser" in render_error("podSecurityContext.runAsUser=0")
+    # The container's own settings win over the pod's: they cannot undo it there either.
+    assert "runAsNonRoot" in render_error("securityContext.runAsNonRoot=false", "securityContext.runAsUser=0")
+    assert "runAsUser" in render_error("securityContext.runAsUser=0")
+    assert "privileged" in render_error("securityContext.privileged=true")
+    # another non-root UID is still yours to choose
+    assert container(render("securityContext.runAsUser=20000"))["securityContext"]["runAsUser"] == 20000
 
 
 @pytest.mark.parametrize("pod_ip", ["10.244.1.5", "fd00:10:244::5"], ids=["ipv4", "ipv6"])
@@ -212,6 +235,17 @@ def test_the_upgrade_note_applies_the_charts_crds_taking_over_helms_fields():
     command = "kubectl apply --server-side --force-conflicts -f charts/baton/crds/"
     assert command in (CHART / "templates" / "NOTES.txt").read_text()
     assert command in (REPO / "docs" / "operations.md").read_text()
+
+
+def test_the_upgrade_command_takes_the_new_charts_defaults():
+    """`helm upgrade --reuse-values` keeps the old release's values, the old chart's defaults included, so a value
+    a newer chart adds renders empty; `--reset-then-reuse-values` keeps only what the user set."""
+    command = "helm upgrade baton charts/baton -n baton-system --reset-then-reuse-values"
+    assert command in (REPO / "docs" / "operations.md").read_text()
+    assert "--reset-then-reuse-values" in subprocess.run([helm(), "upgrade", "--help"], capture_output=True,
+                                                         text=True, check=True).stdout
+    for doc in [REPO / "README.md", *(REPO / "docs").glob("*.md"), CHART / "README.md", CHART / "templates" / "NOTES.txt"]:
+        assert not re.search(r"helm upgrade [^\n`]*--reuse-values", doc.read_text()), doc.relative_to(REPO)
 
 
 def test_the_metrics_service_reaches_the_metrics_port():
@@ -480,17 +514,31 @@ def _schema_paths(schema: dict, prefix: str = "") -> set[str]:
     return {prefix}
 
 
+def _values_read(template: str) -> str:
+    """The template with each variable bound to a value (`$r := .Values.metrics.prometheusRule`) spelled out,
+    so that `$r.downFor` reads as `.Values.metrics.prometheusRule.downFor`."""
+    for var, path in re.findall(r"(\$\w+) := (\.Values\.[\w.]+)", template):
+        template = template.replace(f"{var}.", f"{path}.")
+    return template
+
+
 def test_values_and_schema_describe_the_same_keys_and_every_value_is_used():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     schema = json.loads((CHART / "values.schema.json").read_text())
     leaves = _leaves(values)
     schema_paths = _schema_paths(schema) - {"global"}
     assert leaves == schema_paths
-    templates = "\n".join(p.read_text() for p in (CHART / "templates").glob("*"))
-    unused = [leaf for leaf in leaves if f".Values.{leaf}" not in templates
-              and not any(f".Values.{leaf.rsplit('.', i)[0]}" in templates for i in range(1, leaf.count(".") + 1))
-              and f"$r.{leaf.removeprefix('metrics.prometheusRule.')}" not in templates]
-    assert unused == []
+    templates = "\n".join(_values_read(p.read_text()) for p in (CHART / "templates").glob("*"))
+
+    def read(path: str) -> bool:
+        return re.search(rf"\.Values\.{re.escape(path)}(?![\w-])", templates) is not None
+
+    # Each leaf must be read by its own path: a template that reads its parent does not count, except for the
+    # leaves listed here, which a template passes on whole with their parent (`toYaml .Values.resources`).
+    passed_whole = {"resources.requests": "resources", "resources.limits": "resources"}
+    assert all(read(parent) for parent in passed_whole.values())
+    unused = sorted(leaf for leaf in leaves if not read(leaf) and leaf not in passed_whole)
+    assert unused == [], "values no template reads: wire them or drop them from values.yaml and the schema"
 
 
 # ------------------------------------------------------------------------------------------ Dockerfile
@@ -639,3 +687,10 @@ def test_disruption_budgets_can_be_turned_off_for_clusters_whose_own_budgets_sel
                          env={**os.environ, "BATON_DISRUPTION_BUDGETS": env["BATON_DISRUPTION_BUDGETS"]})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(enabled), str(enabled)]
+
+
+def test_the_metrics_and_health_ports_must_differ():
+    """Two servers cannot bind one port: the chart says so at install, instead of a crash-looping operator."""
+    health_port = yaml.safe_load((CHART / "values.yaml").read_text())["healthPort"]
+    assert "metrics.port and healthPort are both" in render_error(f"metrics.port={health_port}")
+    render(f"metrics.port={health_port}", "metrics.enabled=false")  # no metrics server, no clash
