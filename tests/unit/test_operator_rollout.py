@@ -172,9 +172,15 @@ def node(name, pool, gpus):
 
 @pytest.fixture(autouse=True)
 def engines(monkeypatch):
-    """Probes pass, the old generation has work in flight, the schedulers saw no errors."""
+    """Probes pass (but, as the real probe, fail with no Ready pod in a tier), the old generation has work in
+    flight, the schedulers saw no errors."""
     calls = []
-    monkeypatch.setattr(rollout, "probe_handoffs", lambda p, d, m, timeout=20.0: (calls.append(1), (True, "ok"))[1])
+
+    def probe_handoffs(prefill, decode, model, timeout=20.0):
+        calls.append(1)
+        return (True, "ok") if prefill and decode else (False, "no ready pods to probe")
+
+    monkeypatch.setattr(rollout, "probe_handoffs", probe_handoffs)
     monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 1)
     monkeypatch.setattr(rollout, "generation_outcomes", lambda a, g, timeout=2.0: {})
     return calls
@@ -348,6 +354,35 @@ def test_transient_errors_in_a_row_back_off():
     assert [o.requeue_after for o in outcomes] == [1, 2, 4, 8, 16, 32, 60, 60]
     assert all(o.transient and not o.failed for o in outcomes)  # counted as result="transient", not "ok"
     assert issubclass(TransientApiError, __import__("kopf").TemporaryError)
+
+
+@pytest.mark.parametrize("call", ["scale", "delete"])
+def test_a_transient_error_scaling_or_deleting_in_a_rollout_is_retried_with_backoff(call):
+    """A 503 on the scale that gives the serving generation its replicas back, or on the delete of the
+    rolled-back generation: the pass ends as for any transient error (retried after 1 s, nothing
+    decided, no status write), and the retry finishes the rollback."""
+    m, g0, g1 = mid_pairwise_swap(gpus=4)
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    if call == "delete":
+        m.pass_()  # rolled back: the generation goes on the next pass
+    before = copy.deepcopy(m.ro)
+    real = getattr(m.kube, call)
+    failures = {"n": 1}
+
+    def flaky(*args):
+        if failures["n"]:
+            failures["n"] -= 1
+            raise ApiException(status=503, reason="Service Unavailable")
+        return real(*args)
+
+    setattr(m.kube, call, flaky)
+    outcome = m.r.reconcile("ns", "m")
+    assert outcome.transient and outcome.requeue_after == 1.0 and not failures["n"]
+    assert m.ro == before
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["swap"]["generation"] == "" and m.replicas(g0) == {"prefill": 3, "decode": 3}
+    m.pass_()
+    assert m.generations() == [g0]
 
 
 def test_an_invalid_new_generation_is_still_rolled_back():
@@ -634,6 +669,23 @@ def test_a_respec_mid_pairwise_swap_records_the_full_size_to_restore():
     assert m.ro["phase"] == "RolledBack" and m.replicas(g0) == {"prefill": 3, "decode": 3}
 
 
+@pytest.mark.parametrize("strategy", ["PairwiseSwap", "AtomicGeneration"])
+def test_an_edit_mid_pairwise_swap_is_not_reported_as_a_failure(strategy):
+    """Another engine change while a swap serves both generations ends the swap (routing first, the serving
+    generation's size back), but nothing failed: no RolledBack phase, Warning or condition, not Stalled."""
+    m, g0, g1 = mid_pairwise_swap(gpus=8)
+    m.edit(lambda s: (s["rollout"].update(strategy=strategy), s["engine"].update(image=IMAGE + "1.2.2")))
+    m.pass_()
+    g2 = m.ro["targetGeneration"]
+    assert m.ro["phase"] != "RolledBack" and f"rollout of generation {g1} is abandoned" in m.ro["message"], m.ro
+    assert m.ro["swap"]["generation"] == "" and g1 in m.generations() and m.replicas(g0) == {"prefill": 3, "decode": 3}
+    assert not m.warnings() and m.cond("Stalled").get("status") != "True", m.warnings()
+    assert m.cond("RolloutSucceeded").get("reason") != "RolledBack" and m.ro["failedGeneration"] == ""
+    assert any(e[:2] == ("Normal", "Abandoned") for e in m.kube.events)
+    m.pass_()
+    assert g1 not in m.generations() and m.ro["targetGeneration"] == g2 and m.ro["phase"] != "RolledBack"
+
+
 def test_a_respec_to_atomic_mid_pairwise_swap_stops_routing_to_the_abandoned_generation_before_deleting_it():
     """The strategy goes back to AtomicGeneration with another engine change while a swap serves both
     generations: status stops routing to the swap's generation and restores the serving one's size in one
@@ -648,6 +700,21 @@ def test_a_respec_to_atomic_mid_pairwise_swap_stops_routing_to_the_abandoned_gen
     assert m.replicas(g0) == {"prefill": 3, "decode": 3} and m.ro["failedGeneration"] == ""
     m.pass_()
     assert g1 not in m.generations()
+
+
+def test_going_back_to_atomic_mid_pairwise_swap_gives_the_generation_a_fresh_deadline():
+    """A swap that has been stepping for longer than progressDeadline (each step within it) is taken over by
+    AtomicGeneration (the same generation, now room for a full one): the generation grows to full size
+    against a deadline that starts then, not when the swap began."""
+    m, g0, g1 = mid_pairwise_swap(gpus=8)
+    m.obj["status"]["rollout"]["startedAt"] = iso(20 * 60)  # the swap began 20 minutes ago (progressDeadline 15m)
+    m.edit(lambda s: s["rollout"].__setitem__("strategy", "AtomicGeneration"))
+    m.pass_()
+    assert m.ro["phase"] == "Progressing" and m.ro["targetGeneration"] == g1, m.ro
+    m.kube.settle()
+    m.pass_()
+    assert m.ro["phase"] == "Draining" and m.ro["servingGeneration"] == g1, m.ro
+    assert m.replicas(g1) == {"prefill": 3, "decode": 3} and not m.warnings(), m.warnings()
 
 
 # ---------------------------------------------------------------- 10. rollback annotation while draining
@@ -735,6 +802,33 @@ def test_a_rollback_after_the_switch_restores_the_old_model_name_with_the_traffi
     assert m.ro["servingGeneration"] == old and generation_bound(m)[0] == "llama-3-8b"
 
 
+def test_a_rollback_switches_traffic_back_even_when_the_scheduler_config_is_refused():
+    """A policy refuses the scheduler ConfigMap with the old model name (422) when the new generation is rolled
+    back: traffic still goes back (status written, and before the failed generation is deleted), the model
+    is Stalled on the refusal, and the scheduler config follows once the policy lets it."""
+    m = Model()
+    g0 = m.ro["servingGeneration"]
+    m.edit(lambda s: s["model"].__setitem__("name", "llama-3.1-8b"))
+    m.pass_()
+    m.kube.settle()
+    m.pass_()
+    g1 = m.ro["servingGeneration"]
+    assert m.ro["phase"] == "Draining" and g1 != g0
+    m.kube.fail_apply = lambda o: 422 if o["metadata"]["name"] == "m-scheduler" and "llama-3-8b" in str(o.get("data")) else None
+    m.kube.log.clear()
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g0, m.ro
+    assert f"generation {g1} rolled back" in m.cond("RollbackRequestHandled")["message"]
+    assert m.cond("Stalled")["reason"] == "ApplyFailed" and g1 in m.generations()
+    m.pass_()
+    assert m.ro["servingGeneration"] == g0 and g1 in m.generations()  # nothing more while refused
+    assert m.kube.log[0] == ("status", g0), m.kube.log
+    m.kube.fail_apply = None
+    m.pass_(2)
+    assert m.generations() == [g0] and m.ro["servingGeneration"] == g0 and generation_bound(m)[0] == "llama-3-8b"
+
+
 def test_a_pairwise_swap_serves_the_old_model_name_until_the_final_switch():
     m = Model(gpus=3, mutate=pairwise_swap(2))
     old = m.ro["servingGeneration"]
@@ -784,6 +878,26 @@ def test_a_rollback_after_a_revert_during_the_drain_returns_to_the_generation_th
     m.pass_()
     assert m.generations() == [g1] and m.replicas(g1) == {"prefill": 1, "decode": 1}
     assert m.cond("Ready")["status"] == "True" and m.obj["status"]["revision"] == g1
+
+
+def test_a_rollback_of_the_next_generation_lets_the_older_one_still_draining_finish(monkeypatch):
+    """g1 serves, g0 still drains (requests in flight) when the engine changes again and g2 fails: g0 is not
+    cut off with its requests, but drained like any previous generation (once idle, or at drainTimeout)."""
+    m = Model()
+    g0 = m.ro["servingGeneration"]
+    g1 = m.switch("1.2.1")
+    m.image("1.2.2")
+    m.pass_()
+    g2 = m.ro["targetGeneration"]
+    monkeypatch.setattr(rollout, "probe_handoffs", lambda p, d, mm, timeout=20.0: (False, "handoff failed"))
+    m.kube.settle(gen=g2)
+    m.pass_(3)
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g1 and m.ro["failedGeneration"] == g2
+    assert m.generations() == sorted([g0, g1]) and m.ro["previousGeneration"] == g0, m.ro
+    monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 0)  # g0's last request finished
+    m.pass_()
+    assert m.generations() == [g1] and m.ro["previousGeneration"] == "" and m.ro["servingGeneration"] == g1
+    assert any(e[:2] == ("Normal", "Drained") and g0 in e[2] for e in m.kube.events), m.kube.events
 
 
 # ---------------------------------------------------------------- 13. scaling while another generation is targeted
@@ -985,6 +1099,59 @@ def test_a_rollout_with_a_tier_at_zero_replicas_skips_the_probe_and_switches(str
     assert m.replicas(g1) == {"prefill": 0, "decode": 1}
 
 
+def swap_to_the_end(m, old):
+    """Passes (each followed by the StatefulSets settling) until the swap's final switch or a rollback."""
+    for _ in range(20):
+        m.pass_()
+        m.kube.settle()
+        if m.ro["servingGeneration"] != old or m.ro["phase"] == "RolledBack":
+            break
+
+
+def test_a_pass_cut_short_between_creating_the_two_tiers_of_a_swap_does_not_fail_it():
+    """A transient API error (or an operator restart) right after the new generation's prefill StatefulSet
+    was created: the next pass creates the decode one with its surge replica, and the swap goes on."""
+    m = Model(gpus=5, mutate=pairwise_swap(3))
+    g0 = m.ro["servingGeneration"]
+    failures = {"n": 1}
+
+    def once(obj):
+        name = obj["metadata"]["name"]
+        if obj["kind"] == "StatefulSet" and name.startswith("m-decode-") and not name.endswith(g0) and failures["n"]:
+            failures["n"] -= 1
+            return 500
+        return None
+
+    m.kube.fail_apply = once
+    m.image("1.2.1")
+    m.pass_()
+    assert failures["n"] == 0 and len(m.generations()) == 2  # prefill created, decode not
+    m.kube.fail_apply = None
+    swap_to_the_end(m, g0)
+    assert m.ro["phase"] == "Draining" and m.ro["servingGeneration"] != g0, m.ro
+    assert m.replicas(m.ro["servingGeneration"]) == {"prefill": 3, "decode": 3} and not m.warnings(), m.warnings()
+
+
+def test_scaling_a_tier_up_from_zero_mid_swap_does_not_fail_the_swap():
+    def mutate(s):
+        s["rollout"] = {"strategy": "PairwiseSwap"}
+        s["prefill"].update(minReplicas=0, maxReplicas=4, replicas=0)
+        s["decode"].update(minReplicas=1, maxReplicas=4, replicas=3)
+
+    m = Model(gpus=5, mutate=mutate)
+    g0 = m.ro["servingGeneration"]
+    m.image("1.2.1")
+    for _ in range(3):
+        m.pass_()
+        m.kube.settle()
+    assert m.ro["phase"] == "Swapping" and m.ro["swap"]["generation"], m.ro
+    m.edit(lambda s: s["prefill"].__setitem__("replicas", 1))  # an autoscaler wakes prefill up
+    swap_to_the_end(m, g0)
+    assert m.ro["phase"] == "Draining" and m.ro["servingGeneration"] != g0, m.ro
+    assert m.replicas(m.ro["servingGeneration"]) == {"prefill": 1, "decode": 3} and not m.warnings(), m.warnings()
+    assert m.ro["probe"]["passed"] and m.ro["probe"]["message"] == "ok"  # probed through the prefill replica
+
+
 # ---------------------------------------------------------------- 17. PairwiseSwap chosen mid-rollout
 
 def test_switching_to_pairwise_swap_mid_rollout_never_shrinks_the_old_generation_unrecorded():
@@ -1054,6 +1221,27 @@ def test_the_rollback_annotation_works_while_a_refused_edit_is_stalled():
     m.pass_()
     assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g0
     assert m.cond("RollbackRequestHandled")["status"] == "True" and m.cond("Stalled")["reason"] == "InvalidSpec"
+
+
+def test_the_rollback_annotation_ends_a_pairwise_swap_while_a_refused_edit_is_stalled():
+    """Both generations serve mid-swap when an edit is refused: a rollback asked for then stops the routing
+    to the swap's generation and gives the serving one its replicas back, as without the refused edit; the
+    swap's generation is deleted once a spec is accepted, and fixing the spec does not undo the rollback."""
+    m, g0, g1 = mid_pairwise_swap(gpus=4)
+    m.edit(lambda s: s["engine"].__setitem__("env", [{"name": "POD_IP", "value": "1.2.3.4"}]))
+    m.pass_()
+    assert m.cond("Stalled")["reason"] == "InvalidSpec" and m.ro["swap"]["generation"] == g1
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["swap"]["generation"] == "" and m.ro["servingGeneration"] == g0, m.ro
+    assert m.replicas(g0) == {"prefill": 3, "decode": 3} and m.cond("Stalled")["reason"] == "InvalidSpec"
+    assert f"generation {g1} rolled back" in m.cond("RollbackRequestHandled")["message"]
+    m.edit(lambda s: s["engine"].__setitem__("env", []))  # the spec fixed
+    m.pass_()
+    m.kube.settle()
+    m.pass_()
+    assert m.generations() == [g0] and m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g0, m.ro
+    assert m.replicas(g0) == {"prefill": 3, "decode": 3} and m.cond("Ready")["status"] == "True"
 
 
 def test_a_rollback_asked_for_while_stalled_with_nothing_draining_is_answered_not_kept_for_later():

@@ -106,6 +106,12 @@ def transient(exc: ApiException) -> bool:
     return code == 0 or code in (409, 429) or code >= 500
 
 
+def raise_if_transient(exc: ApiException, what: str) -> None:
+    """A transient API error (see `transient`) on `what` ends the pass as a TransientApiError."""
+    if transient(exc):
+        raise TransientApiError(f"{what}: {api_error_message(exc)}", delay=2) from exc
+
+
 class Reconciler:
     def __init__(self, kube: Kube, cache: ChildCache | None = None):
         self.kube = kube
@@ -137,8 +143,7 @@ class Reconciler:
             try:
                 refused = self._apply_all([budget], meta["namespace"], changed)
             except ApiException as exc:  # reading it was refused (a 403 on a cache miss)
-                if transient(exc):
-                    raise TransientApiError(f"{_short(budget)}: {api_error_message(exc)}", delay=2) from exc
+                raise_if_transient(exc, _short(budget))
                 refused = f"{_short(budget)} could not be read: {api_error_message(exc)}"
             if refused:
                 refusals.append(refused)
@@ -352,13 +357,21 @@ class Reconciler:
             # Traffic switched in this pass (to the new generation, or back): the scheduler's
             # generation-bound settings switch with it, in the same pass as the status write.
             # (The StatefulSets as listed: what the pass holds for a rescaled one may be its Scale.)
+            switched_back = bool(serving) and rollout_state.deferred_delete == serving  # the generation that served failed
             serving = ro.get("servingGeneration", "")
             failure = self._apply_all(
                 render_shared(target, self._serving_generation_config(target, gen, serving,
                                                                       self._generations(namespace, name))),
                 namespace, changed, prefix="switch: ")
             if failure:
-                return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation)
+                # A switch forward waits (the serving generation keeps serving). A switch back is written all
+                # the same: traffic leaves the failed generation now, with the scheduler config to follow once
+                # it is accepted; the failed generation is deleted only after that write (by a later pass).
+                if not switched_back:
+                    return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation)
+                return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation,
+                                     extra=[*handled, *([rollout_state.problem] if rollout_state.problem else [])],
+                                     rollout=ro)
         if changed:
             events.record(self.kube, body, "Normal", "Applied", "; ".join(changed))
         self._note_updates(body, changed)
@@ -457,16 +470,14 @@ class Reconciler:
             try:
                 self.kube.apply(desired, dry_run=True)
             except ApiException as exc:
-                if transient(exc):
-                    raise TransientApiError(f"{_short(desired)}: {api_error_message(exc)}", delay=2) from exc
+                raise_if_transient(exc, _short(desired))
                 return f"{_short(desired)} would be refused by the API server: {api_error_message(exc)}"
         for desired in stale:
             action = "created " if live_objects[_short(desired)] is None else "updated "
             try:
                 live = self.kube.apply(desired)
             except ApiException as exc:
-                if transient(exc):
-                    raise TransientApiError(f"{_short(desired)}: {api_error_message(exc)}", delay=2) from exc
+                raise_if_transient(exc, _short(desired))
                 return f"{_short(desired)} was refused by the API server: {api_error_message(exc)}"
             if self.cache is not None:
                 self.cache.put(live)
@@ -507,12 +518,27 @@ class Reconciler:
         return out
 
     def delete_generation(self, namespace: str, name: str, gen: str) -> None:
+        """Delete a generation's children; a transient API error ends the pass (TransientApiError), as in
+        _apply_all: the next pass, reading the cluster again, deletes what is left."""
         for tier in ("prefill", "decode"):
             for kind, suffix in (("StatefulSet", ""), ("ConfigMap", "-engine")):
                 obj_name = f"{name}-{tier}{suffix}-{gen}"
-                self.kube.delete(kind, namespace, obj_name)
+                try:
+                    self.kube.delete(kind, namespace, obj_name)
+                except ApiException as exc:
+                    raise_if_transient(exc, f"{kind}/{obj_name}")
+                    raise
                 if self.cache is not None:
                     self.cache.forget(kind, namespace, obj_name)
+
+    def scale_statefulset(self, namespace: str, sts_name: str, replicas: int) -> dict[str, Any]:
+        """Scale a StatefulSet through its scale subresource; a transient API error ends the pass
+        (TransientApiError), as in _apply_all."""
+        try:
+            return self.kube.scale("StatefulSet", namespace, sts_name, replicas)
+        except ApiException as exc:
+            raise_if_transient(exc, f"StatefulSet/{sts_name}")
+            raise
 
 
     @staticmethod
@@ -522,11 +548,12 @@ class Reconciler:
         return "" if value == handled_value(conditions, ANNOTATION_ROLLBACK) else value
 
     def _guard_drain(self, body: dict, target: Target, previous: dict) -> RolloutPass | None:
-        """While the spec is refused, a generation switched to keeps its rollback protection: the drain's
-        checks run against the live generations (see RolloutPass.guard_drain). None when nothing drains."""
+        """While the spec is refused, a generation switched to keeps its rollback protection, and a pairwise
+        swap's generation schedulers route to can still be rolled back: the checks run against the live
+        generations (see RolloutPass.guard_drain). None when nothing drains or is swapped to."""
         meta = body["metadata"]
         ro = dict(previous.get("rollout") or {})
-        if not ro.get("previousGeneration"):
+        if not ro.get("previousGeneration") and not (ro.get("swap") or {}).get("generation"):
             return None
         request = self._rollback_request(meta.get("annotations") or {}, previous.get("conditions") or [])
         guard = RolloutPass(self, body, target, None, ro, self._generations(target.namespace, target.name), [], request)
@@ -562,13 +589,11 @@ class Reconciler:
             if not swapping and want != before:
                 sts_name = sts["metadata"]["name"]
                 try:
-                    self.kube.scale("StatefulSet", target.namespace, sts_name, want)
+                    self.scale_statefulset(target.namespace, sts_name, want)
                     now = want
                     changed.append(f"scaled generation {serving} {tier} from {before} to {want} replicas "
                                    "(the spec is refused: only its replica counts were applied)")
                 except ApiException as exc:
-                    if transient(exc):
-                        raise TransientApiError(f"StatefulSet/{sts_name}: {api_error_message(exc)}", delay=2) from exc
                     log.warning("%s/%s: scaling StatefulSet %s to %d replicas while the spec is refused failed: %s",
                                 target.namespace, target.name, sts_name, want, api_error_message(exc))
             # (A scale changes what the StatefulSet reports only later: its status as listed, at its new count.)
@@ -579,27 +604,30 @@ class Reconciler:
         return numbers
 
     def _stalled(self, body: dict, reason: str, message: str, previous: dict, generation: int,
-                 extra: list[tuple[str, bool, str, str]] = (), target: Target | None = None) -> Outcome:
+                 extra: list[tuple[str, bool, str, str]] = (), target: Target | None = None,
+                 rollout: dict[str, Any] | None = None) -> Outcome:
         """Report a problem the user must fix; touch no child (what serves keeps serving) but for the serving
         generation's replica counts. With the refused spec's `target` (it parses), those follow the spec
         (see _scale_refused), and a drain in progress still rolls a failing generation back (traffic only:
-        the failed generation is deleted once a spec is accepted)."""
+        the failed generation is deleted once a spec is accepted). `rollout`: what the pass decided before
+        it was refused (a switch back), written all the same, with its conditions in `extra`."""
         writes_before = self.kube.writes()
         guard = self._guard_drain(body, target, previous) if target is not None else None
         tier_numbers = self._scale_refused(body, target, previous, guard) if target is not None else {}
         if guard is not None and guard.rolling:
+            rollout = guard.ro
             extra = [*extra, *([guard.problem] if guard.problem else [])]
             if guard.rollback_request:
                 extra.append(handled_condition(ANNOTATION_ROLLBACK, guard.rollback_request,
                                                guard.rollback_done or "no rollout of that generation in progress"))
-        else:
-            # Nothing drains that a rollback could act on: answer the request now rather than keep it
-            # pending, unseen, to abort whatever rollout comes once the spec is accepted.
+        elif rollout is None:
+            # Nothing drains or is swapped to that a rollback could act on: answer the request now rather than
+            # keep it pending, unseen, to abort whatever rollout comes once the spec is accepted.
             request = self._rollback_request(body["metadata"].get("annotations") or {}, previous.get("conditions") or [])
             if request:
                 extra = [*extra, handled_condition(
-                    ANNOTATION_ROLLBACK, request, "nothing to roll back: no generation switched to is draining, "
-                    "and the spec is refused (see Stalled); traffic stays where it is")]
+                    ANNOTATION_ROLLBACK, request, "nothing to roll back: no generation switched or swapped to is "
+                    "draining or serving, and the spec is refused (see Stalled); traffic stays where it is")]
         new_status = dict(previous)
         observed = status.Observed(problem=(reason, message))
         computed = status.compute(
@@ -623,8 +651,8 @@ class Reconciler:
             if key in tier_numbers:
                 computed[key] = {**computed[key], **tier_numbers[key]}
         new_status.update(computed)
-        if guard is not None and guard.rolling:
-            new_status["rollout"] = guard.ro
+        if rollout is not None:
+            new_status["rollout"] = rollout
         old_stalled = next((c for c in previous.get("conditions", []) if c.get("type") == status.STALLED), {})
         if old_stalled.get("status") != "True" or old_stalled.get("message") != message:
             events.record(self.kube, body, "Warning", reason, message)

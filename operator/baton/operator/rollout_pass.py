@@ -276,7 +276,7 @@ class RolloutPass:
         sts = self.generations.get(gen, {}).get(tier)
         if not sts or _replicas(sts, replicas) == replicas:
             return
-        scaled = self.r.kube.scale("StatefulSet", self.ns, sts["metadata"]["name"], replicas)
+        scaled = self.r.scale_statefulset(self.ns, sts["metadata"]["name"], replicas)
         self.generations[gen][tier] = scaled if isinstance(scaled, dict) and scaled.get("spec") else {
             **sts, "spec": {**sts.get("spec", {}), "replicas": replicas}}
 
@@ -296,29 +296,17 @@ class RolloutPass:
             self.ro["switchedAt"] = _now()
             if detected_at is not None:
                 self.ro["lastRollbackMillis"] = int((time.monotonic() - detected_at) * 1000)
-        swap = self.ro.get("swap") or {}
         # Schedulers route to the failed generation until this pass's status write: as the serving one,
         # or beside it in a pairwise swap (swap.generation).
-        routed = switched_back or swap.get("generation") == failed
-        if _swap_sized(swap):
-            # A pairwise swap had shrunk the good generation: traffic leaves the failed one first
-            # (swap.generation cleared), then the good one grows back to what the spec asks for (its size
-            # before the swap unless a tier was scaled since: straight there, as the next pass's
-            # scale_serving would set it anyway, never up to the recorded size and down again).
-            for tier in ("prefill", "decode"):
-                self._scale(good, tier, self.spec.tier(tier).desired_replicas())
-            self.ro["swap"] = dict(NO_SWAP)
-        if routed:
-            # Delete it on the next pass, never before the status write that stops the routing.
-            self.deferred_delete = failed
-            self.requeue = 2.0
-        else:
-            self.r.delete_generation(self.ns, self.name, failed)
-            self.generations.pop(failed, None)
+        self._retire(failed, good, switched_back or (self.ro.get("swap") or {}).get("generation") == failed)
         # The spec as it was when the generation failed: an edit of anything that shapes its pods (an env
-        # entry or resources the API server refused, a memory limit it ran out of) tries it again.
-        self.ro.update({"failedGeneration": failed, "failedRevision": revision(self.spec), "previousGeneration": "",
+        # entry or resources the API server refused, a memory limit it ran out of) tries it again. (Not a
+        # refused spec's, which the generation never ran with: fixing that spec does not undo the rollback.)
+        self.ro.update({"failedGeneration": failed, "failedRevision": revision(self.spec) if self.derived else "",
                         "targetGeneration": failed})
+        if self.ro.get("previousGeneration") in (good, failed):
+            # Switched back to (or gone with the failed one); an older generation still draining drains on.
+            self.ro["previousGeneration"] = ""
         where = f"traffic back on generation {good}" if switched_back else f"generation {good} kept serving"
         self._phase("RolledBack", f"generation {failed} rolled back: {why}; {where}")
         self.problem = (ROLLOUT, False, "RolledBack",
@@ -326,6 +314,39 @@ class RolloutPass:
                         "new generation; a change of anything else that shapes its pods tries it again) or set "
                         f"annotation {ANNOTATION_RETRY}={failed} to try it again")
         self._event("Warning", "RolledBack", self.ro["message"])
+
+    def _retire(self, gone: str, good: str, routed: bool) -> None:
+        """`gone` goes and `good` serves on. A pairwise swap ends first: its record is cleared (schedulers
+        stop routing to its generation with this pass's status write) and, as it had shrunk `good`, `good`
+        grows back to what the spec asks for (its size before the swap unless a tier was scaled since:
+        straight there, as the next pass's scale_serving would set it anyway, never up to the recorded size
+        and down again). `gone` is deleted now, or, when schedulers still route to it (`routed`), on the
+        next pass: never before the status write that stops the routing."""
+        swap = self.ro.get("swap") or {}
+        if _swap_sized(swap):
+            for tier in ("prefill", "decode"):
+                self._scale(good, tier, self.spec.tier(tier).desired_replicas())
+        if _swap_sized(swap) or swap.get("generation") == gone:
+            self.ro["swap"] = dict(NO_SWAP)
+        if routed:
+            self.deferred_delete = gone
+            self.requeue = 2.0
+        else:
+            self.r.delete_generation(self.ns, self.name, gone)
+            self.generations.pop(gone, None)
+
+    def _abandon(self, abandoned: str, gen: str) -> None:
+        """The spec moved on to `gen` while generation `abandoned` was being rolled out (a pairwise swap
+        under way, whatever the strategy now): not a failure. It goes as a failed one would (_retire:
+        routing stops and the serving generation gets its replicas back first), with a Normal Event."""
+        serving = self.ro.get("servingGeneration", "")
+        routed = (self.ro.get("swap") or {}).get("generation") == abandoned
+        self._retire(abandoned, serving, routed)
+        when = " on the next pass, once schedulers stop routing to it" if routed else ""
+        message = (f"the spec changed to generation {gen}: the rollout of generation {abandoned} is abandoned; "
+                   f"generation {serving} goes back to the spec's replica counts; generation {abandoned} is deleted{when}")
+        self._phase("Swapping" if self.spec.rollout.strategy == "PairwiseSwap" else "Progressing", message)
+        self._event("Normal", "Abandoned", message)
 
     def _rollback_requested(self, gen: str) -> bool:
         return self.rollback_request in ("true", gen)
@@ -459,17 +480,14 @@ class RolloutPass:
         # (After a swap's final switch its record stays until the drain ends: a rollback in the window uses it.)
         if reverted in ("", gen) and not (_swap_sized(swap) and target not in ("", gen)):
             return
-        self.ro["swap"] = dict(NO_SWAP)
         if reverted in ("", gen) or reverted not in self.generations:
+            self.ro["swap"] = dict(NO_SWAP)
             return  # not routed to (the swap had not passed its first probe): a leftover, deleted at once
         # The in-place apply scaled the serving generation after `generations` was listed: read it again,
         # so that it is not scaled a second time (a no-op unless that apply left a tier short).
         self.generations = self.r._generations(self.ns, self.name)
-        for tier in ("prefill", "decode"):
-            self._scale(gen, tier, self.spec.tier(tier).desired_replicas())
-        self.deferred_delete = reverted
+        self._retire(reverted, gen, routed=True)
         self.rolling = True
-        self.requeue = 2.0
         self._event("Normal", "Switched",
                     f"the spec went back to generation {gen} during the pairwise swap: all traffic on generation {gen}, "
                     f"which grows back to {self.spec.prefill.desired_replicas()} prefill, "
@@ -524,8 +542,15 @@ class RolloutPass:
         return False
 
     def guard_drain(self) -> None:
-        """The spec was refused (Stalled) while a generation drains: nothing of it is applied and the drain
-        does not end, but the checks that protect traffic still run against what serves."""
+        """The spec was refused (Stalled) while a generation drains or a pairwise swap routes to its
+        generation: nothing of it is applied and neither ends, but the checks that protect traffic still run
+        against what serves (for a swap, the rollback annotation, which ends it as in advance_pairwise)."""
+        swapped = (self.ro.get("swap") or {}).get("generation", "")
+        if swapped and self._rollback_requested(swapped):
+            self.rolling = True
+            self.requeue = 2.0
+            self._requested_rollback(swapped)
+            return
         serving, previous = self.ro.get("servingGeneration", ""), self.ro.get("previousGeneration", "")
         if not serving or not previous or previous == serving or previous not in self.generations:
             return
@@ -551,8 +576,10 @@ class RolloutPass:
     def hold_failed(self) -> None:
         gen = self.derived.generation
         serving = self.ro.get("servingGeneration", "")
-        # A generation rolled back after the switch is deleted once traffic is back (see _rollback).
+        # A generation rolled back after the switch is deleted once traffic is back (see _rollback); an older
+        # one still draining goes once idle.
         self._remove_leftovers({serving, self.ro.get("previousGeneration", "")} - {""})
+        self._lingering_previous(gen)
         if self.rollback_request:
             self.rollback_done = f"generation {gen} was already rolled back"
         self.problem = (ROLLOUT, False, "RolledBack",
@@ -574,9 +601,10 @@ class RolloutPass:
         if gen in self.generations and gen == self.ro.get("previousGeneration"):
             self.ro["startedAt"] = self.ro["stepStartedAt"] = _now()
 
-    def _resumed(self, gen: str) -> None:
-        """Time spent paused does not count against the progress deadline."""
-        if self.ro.get("phase") == "Paused" and gen in self.generations:
+    def _resumed(self, gen: str, phases: tuple[str, ...] = ("Paused",)) -> None:
+        """Time spent paused does not count against the progress deadline (nor, for an atomic rollout, time
+        spent swapping pair by pair: its generation is resized to full from now)."""
+        if self.ro.get("phase") in phases and gen in self.generations:
             self.ro["startedAt"] = self.ro["stepStartedAt"] = _now()
 
     def advance(self, rollback_requested: bool | None = None) -> None:
@@ -593,11 +621,8 @@ class RolloutPass:
                 # A pairwise swap was under way (the strategy is AtomicGeneration again): its generation may
                 # still be routed to and the serving one shrunk. Routing stops and the size comes back first;
                 # the abandoned generation goes on the next pass.
-                self._rollback(abandoned, f"the spec changed to generation {gen} during the swap")
-                self.problem = None
-                self.ro["failedGeneration"] = ""
-            self.ro.update({"targetGeneration": gen, "startedAt": "", "stepStartedAt": "", "probe": dict(NO_PROBE),
-                            "failedGeneration": self.ro.get("failedGeneration", "")})
+                self._abandon(abandoned, gen)
+            self.ro.update({"targetGeneration": gen, "startedAt": "", "stepStartedAt": "", "probe": dict(NO_PROBE)})
             self._restarting(gen)
             self._event("Normal", "NewGeneration", f"{why}: generation {gen} of both tiers will be created beside "
                                                    f"serving generation {serving}, probed, then switched to atomically")
@@ -608,7 +633,7 @@ class RolloutPass:
         draining = self._lingering_previous(gen)
         if self._held(gen):
             return
-        self._resumed(gen)
+        self._resumed(gen, ("Paused", "Swapping"))  # Swapping: the strategy became AtomicGeneration mid-swap
         if gen not in self.generations:
             blocked = self._capacity_problems()
             if blocked:
@@ -628,7 +653,7 @@ class RolloutPass:
             else:
                 self._phase("Progressing", f"generation {gen} starting beside serving generation {serving}")
             return
-        if not self._probe(gen):
+        if not self._probe(gen, {t: self.spec.tier(t).desired_replicas() for t in ("prefill", "decode")}):
             return
         if draining:
             self._phase("Progressing", f"generation {gen} is Ready; switching once generation "
@@ -659,13 +684,13 @@ class RolloutPass:
 
     # ------------------------------------------------------------------ PairwiseSwap
 
-    def _probe(self, gen: str, key: str = "") -> bool:
-        """Probe the generation's current pods once (per `key`: a swap step's replica counts); False
-        when the probe failed and the generation was rolled back."""
+    def _probe(self, gen: str, counts: dict[str, int], key: str = "") -> bool:
+        """Probe the generation's current pods, `counts` replicas per tier, once (per `key`: a swap step's
+        replica counts); False when the probe failed and the generation was rolled back."""
         probe = self.ro.get("probe") or {}
         if probe.get("generation") == gen and probe.get("step") == key and probe.get("passed"):
             return True
-        empty = [t for t in ("prefill", "decode") if not self.spec.tier(t).desired_replicas()]
+        empty = [t for t in ("prefill", "decode") if not counts[t]]
         if self.spec.engine.runtime != "trtllm-serve":
             ok, message = True, f"not probed: the {self.spec.engine.runtime} runtime has no HTTP handoff"
         elif empty:
@@ -694,8 +719,7 @@ class RolloutPass:
             abandoned = self.ro.get("targetGeneration", "")
             if abandoned and abandoned != serving and abandoned in self.generations:
                 # The spec moved on mid-swap: give the serving generation its replicas back first.
-                self._rollback(abandoned, f"the spec changed to generation {gen} during the swap")
-                self.problem = None
+                self._abandon(abandoned, gen)
             self.ro.update({"targetGeneration": gen, "startedAt": "", "stepStartedAt": "", "probe": dict(NO_PROBE),
                             "swap": dict(NO_SWAP), "failedGeneration": ""})
             self._restarting(gen)
@@ -712,17 +736,17 @@ class RolloutPass:
         old = self.generations.get(serving, {})
         desired = {t: self.spec.tier(t).desired_replicas() for t in tiers}
         swap = dict(self.ro.get("swap") or {})
+        surge = {t: 1 if desired[t] else 0 for t in tiers}
         if gen not in self.generations:
-            surge = {t: 1 if desired[t] else 0 for t in tiers}
             blocked = self._capacity_problems(surge)
             if blocked:
                 self._blocked("blocked on capacity even for a pairwise swap (one extra replica per tier): "
                               + "; ".join(blocked) + ". Free GPUs or add nodes")
                 return
             self.ro.update({"startedAt": _now(), "stepStartedAt": _now()})
-            new_counts = surge
-        else:
-            new_counts = {t: _replicas(self.generations[gen].get(t), 0) for t in tiers}
+        # A tier the spec wants has at least the surge's replica: also when its StatefulSet is missing (a pass
+        # cut short between creating the two tiers) or at 0 (the tier was scaled up from 0 mid-swap).
+        new_counts = {t: max(_replicas(self.generations.get(gen, {}).get(t), 0), surge[t]) for t in tiers}
         if not _swap_sized(swap):
             # The serving generation's size, recorded before it first shrinks (also when the strategy became
             # PairwiseSwap after the new generation had started): the swap's budget, and the mark that the
@@ -747,7 +771,7 @@ class RolloutPass:
             else:
                 self._phase("Swapping", f"pairwise swap: {summary}; waiting for the step to become Ready")
             return
-        if not self._probe(gen, f"{new_counts['prefill']}x{new_counts['decode']}"):
+        if not self._probe(gen, new_counts, f"{new_counts['prefill']}x{new_counts['decode']}"):
             return
         if swap.get("generation") != gen:
             swap["generation"] = gen  # schedulers now route to both generations
@@ -760,7 +784,7 @@ class RolloutPass:
                   and old_counts[t] + new_counts[t] > budget[t]]
         if shrink:
             for t in shrink:
-                self.r.kube.scale("StatefulSet", self.ns, old[t]["metadata"]["name"], old_counts[t] - 1)
+                self.r.scale_statefulset(self.ns, old[t]["metadata"]["name"], old_counts[t] - 1)
             self.ro["stepStartedAt"] = _now()
             self._phase("Swapping", f"pairwise swap: {summary}; scaling generation {serving} {', '.join(shrink)} down by one")
             return
