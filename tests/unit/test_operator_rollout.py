@@ -1211,6 +1211,29 @@ def test_a_refused_edit_while_draining_keeps_the_rollback_protection(refused):
     assert g0 in m.generations() and m.replicas(g0) == {"prefill": 1, "decode": 1}
 
 
+
+def test_a_refused_edit_after_the_user_moved_on_does_not_reopen_a_closed_rollback_window(monkeypatch):
+    """g1 serves and g0 still drains when the engine changes again (g2): the user chose a newer generation,
+    so g1's rollback window is over (it is the last known-good) and g2 failing rolls back onto g1. A refused
+    edit now must not judge g1 by its window and send traffic back to g0, which only drains."""
+    m = Model()
+    g0 = m.ro["servingGeneration"]
+    g1 = m.switch("1.2.1")
+    m.image("1.2.2")
+    m.pass_()
+    g2 = m.ro["targetGeneration"]
+    monkeypatch.setattr(rollout, "probe_handoffs", lambda p, d, mm, timeout=20.0: (False, "handoff failed"))
+    m.kube.settle(gen=g2)
+    m.pass_(3)
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g1 and m.ro["previousGeneration"] == g0
+    m.edit(lambda s: s["engine"].__setitem__("env", [{"name": "POD_IP", "value": "1.2.3.4"}]))
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    assert m.cond("Stalled")["reason"] == "InvalidSpec"
+    assert m.ro["servingGeneration"] == g1, m.ro  # not back on the draining g0
+    assert g1 in m.generations()
+
+
 def test_the_rollback_annotation_works_while_a_refused_edit_is_stalled():
     m = Model()
     g0 = m.ro["servingGeneration"]

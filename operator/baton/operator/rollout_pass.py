@@ -554,6 +554,8 @@ class RolloutPass:
         serving, previous = self.ro.get("servingGeneration", ""), self.ro.get("previousGeneration", "")
         if not serving or not previous or previous == serving or previous not in self.generations:
             return
+        if (self.ro.get("lastKnownGood") or {}).get("generation") == serving:
+            return  # the spec had moved on from `serving` (_lingering_previous): `previous` only drains
         self.rolling = True
         self.requeue = 2.0
         self._drain_failed(serving)
