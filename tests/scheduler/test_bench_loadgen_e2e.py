@@ -61,6 +61,10 @@ def test_loadgen_records_every_target_kind(tmp_path: Path) -> None:
             assert events == rows[index][1] + 1, (name, index, events)
             assert 0 < ttft <= latency, (name, index)
     assert {r[5] for r in phases["sched"]["requests"]} == {"disaggregated"}
+    # open loops record how late their requests started against the schedule; closed loops have none
+    assert all(phases[name]["send_lag_ms"]["max"] >= phases[name]["send_lag_ms"]["p50"] >= 0
+               for name in ("direct", "handoff", "whole", "proxy"))
+    assert phases["sched"]["send_lag_ms"] == {"p50": None, "p99": None, "max": None}
     assert all(r[6] is not None and r[6] > 0 for r in phases["handoff"]["requests"])  # the two round trips
     assert all(r[9] == 0 for r in phases["whole"]["requests"])  # a whole JSON answer has no SSE events
     # every KV pull the prefill engine served: the handoff, the scheduler's two phases and the disaggregated

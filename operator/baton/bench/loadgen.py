@@ -26,7 +26,8 @@ Output (stdout, one JSON object): {"phases": [RESULT, ...]} where RESULT has "na
 (first send to last answer), "loadgen_cpu_s", "cpu_s" ({name: seconds} of the watched processes),
 "machine_busy_s" (busy CPU seconds of the whole machine, every process included, and the time the
 host ran something else on its CPUs, "steal"), "machine_steal_s" (that steal time alone),
-"send_lag_ms" ({p50, p99, max}: how late sends were against the schedule), and "requests": one list per
+"send_lag_ms" ({p50, p99, max}: how late an open loop's requests started against their schedule, read
+when each request's coroutine starts and its clock with it; null for a closed loop), and "requests": one list per
 request, in index order: [index, status, latency_s, ttft_s, retry_after, route, engine_s, error, sent_at_s,
 sse_events] (`sent_at_s` from the phase's start), where
 `engine_s` (handoff target only) is the sum of the two engine round trips, excluding the client's own
@@ -310,10 +311,15 @@ class Phase:
             self.ctx_pool = pool(target["ctx"])
             self.gen_pool = pool(target["gen"])
         self.results: list[list[Any] | None] = [None] * len(self.payloads)
+        self.lags: list[float] = []  # open loop: how late each request started against its schedule (s)
         self.t_start = time.perf_counter()
 
-    async def one(self, i: int) -> None:
+    async def one(self, i: int, scheduled: float | None = None) -> None:
+        """Send request `i` and record it; `scheduled` (loop time) is when an open loop meant to send it."""
         rid = f"bench-{self.name}-{self.first_index + i}"
+        if scheduled is not None:  # measured where the request starts (and its latency with it), not where
+            # its task was created: a busy loop can run a created task late
+            self.lags.append(max(0.0, asyncio.get_running_loop().time() - scheduled))
         t0 = time.perf_counter()
         sent_at = t0 - self.t_start
         engine_s = None
@@ -358,7 +364,6 @@ class Phase:
         loop = asyncio.get_running_loop()
         n = len(self.payloads)
         max_seconds = float(spec.get("max_seconds", 60.0))
-        lags: list[float] = []
         tasks: list[asyncio.Task[None]] = []
         start = loop.time() + 0.02
         deadline = start + max_seconds
@@ -374,9 +379,7 @@ class Phase:
                     break
                 if at > now:
                     await asyncio.sleep(at - now)
-                    now = loop.time()
-                lags.append(max(0.0, now - at))
-                tasks.append(loop.create_task(self.one(i)))
+                tasks.append(loop.create_task(self.one(i, at)))
                 sent += 1
             if tasks:
                 await asyncio.wait(tasks)
@@ -397,8 +400,8 @@ class Phase:
             "name": self.name,
             "sent": sent,
             "wall_s": wall,
-            "send_lag_ms": {"p50": _ms(_pct(lags, 50)), "p99": _ms(_pct(lags, 99)),
-                            "max": _ms(max(lags, default=None))},
+            "send_lag_ms": {"p50": _ms(_pct(self.lags, 50)), "p99": _ms(_pct(self.lags, 99)),
+                            "max": _ms(max(self.lags, default=None))},
             "requests": [r for r in self.results if r is not None],
         }
 
