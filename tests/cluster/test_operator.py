@@ -148,6 +148,13 @@ def test_a_node_drain_evicts_one_pod_of_a_tier_at_a_time(cluster, namespace, ope
     assert budget("decode").metadata.owner_references[0].kind == "DisaggregatedModel"
     pods = sorted(p.metadata.name for p in cluster.core.list_namespaced_pod(
         namespace, label_selector="baton.dev/model=llama-8b,baton.dev/tier=decode").items)
+    # An evicted replica is "back" once its replacement is Ready. Here the cluster's readiness stand-in would
+    # pass the replacement's probe within a second, racing the second eviction; a pod runner's claim on the
+    # namespace (without a lease: it holds) keeps the stand-in off Baton's pods, so the replacement stays
+    # unready, as an engine still loading its weights would, and the pods Ready now stay Ready.
+    from baton.podrunner.runner import CLAIM_ANNOTATION
+
+    cluster.core.patch_namespace(namespace, {"metadata": {"annotations": {CLAIM_ANNOTATION: "test/hold-replacements"}}})
 
     def evict(pod):
         body = client.V1Eviction(metadata=client.V1ObjectMeta(name=pod, namespace=namespace))
