@@ -291,15 +291,29 @@ def test_the_operator_down_alert_is_made_only_where_its_series_can_exist():
     assert "BatonOperatorDown" not in _alerts("metrics.enabled=false", "metrics.serviceMonitor.enabled=true")
 
 
-def test_the_reconcile_error_alert_looks_back_further_than_the_longest_retry_back_off():
-    # a persistently failing model is retried at most every 300 s (+10%): a shorter window reads 0 between two
-    # retries and resets the alert's `for`
-    expr = _alerts("metrics.serviceMonitor.enabled=true")["BatonReconcileErrors"]["expr"]
-    windows = re.findall(r"\[(\d+)([smh])\]", expr)
-    assert windows, expr
-    seconds = [int(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in windows]
-    assert min(seconds) >= 2 * 300 * 1.1, expr
+def test_the_reconcile_error_alert_fires_only_for_errors_that_persist():
+    # A persistently failing model is retried at most every ERROR_BACKOFF_MAX_SECONDS (+10%): a window shorter
+    # than that gap and a scrape on either side reads 0 between two retries and resets the alert's `for`. A
+    # window as long as `for` keeps one failed pass in view until the alert fires: it pages for a blip.
+    from baton.operator.handlers import ERROR_BACKOFF_MAX_SECONDS
+
+    docs = render("metrics.prometheusRule.enabled=true", "metrics.serviceMonitor.enabled=true")
+    rule = {r["alert"]: r for r in one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]}["BatonReconcileErrors"]
+    expr = rule["expr"]
     assert "increase(" in expr and expr.rstrip().endswith("> 0"), expr
+    scrape = _seconds(one(docs, "ServiceMonitor")["spec"]["endpoints"][0]["interval"])
+    windows = [_seconds(w) for w in re.findall(r"\[(\w+)\]", expr)]
+    assert windows, expr
+    for window in windows:
+        assert ERROR_BACKOFF_MAX_SECONDS * 1.1 + 2 * scrape < window < _seconds(rule["for"]), expr
+
+
+def _seconds(duration: str) -> float:
+    """A Prometheus duration such as 7m or 1h30m, in seconds."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    parts = re.findall(r"(\d+)(ms|s|m|h|d)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(int(n) * units[u] for n, u in parts)
 
 
 def test_object_names_fit_in_63_characters():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 import zlib
 
+from baton.operator import cache as cache_module
 from baton.operator.cache import ChildCache
 
 
@@ -84,6 +86,37 @@ def test_a_deleted_object_is_not_brought_back_by_an_older_copy():
     cache.forget("StatefulSet", "ns", "a-decode")
     cache.put(sts("a-decode", "a", 12))
     assert cache.get("StatefulSet", "ns", "a-decode") is None
+
+
+def test_deleted_models_leave_nothing_behind_once_their_deletions_are_old(monkeypatch):
+    """Each deleted child is remembered (an older copy of it, from a read under way, must not bring it back),
+    but only for `gone_seconds`: an operator that sees thousands of models come and go stays the same size."""
+    now = [1000.0]
+    monkeypatch.setattr(cache_module, "monotonic", lambda: now[0])
+    cache = ChildCache(gone_seconds=600)
+    rv = iter(range(1, 10**6))
+
+    def models_come_and_go(first: int) -> None:
+        for m in range(first, first + 2000):
+            children = [sts(f"m{m}-{tier}", f"m{m}", next(rv)) for tier in ("prefill", "decode", "scheduler")]
+            for child in children:
+                cache.put(child)
+            cache.forget_model("ns", f"m{m}")  # the model's loop ends, then its children's deletion events come
+            for child in children:
+                cache.forget("StatefulSet", "ns", child["metadata"]["name"], next(rv))
+
+    tracemalloc.start()
+    try:
+        models_come_and_go(0)
+        cache.seed("StatefulSet", "ns", "m0", [sts("m0-decode", "m0", 1)])  # a listing from before the deletion
+        assert cache.get("StatefulSet", "ns", "m0-decode") is None
+        after_first = tracemalloc.get_traced_memory()[0]
+        now[0] += 601
+        models_come_and_go(2000)
+        grown = tracemalloc.get_traced_memory()[0] - after_first
+    finally:
+        tracemalloc.stop()
+    assert grown < 2**20 / 4, f"{grown / 2**20:.1f} MiB more after 2,000 more models came and went"
 
 
 def test_a_verification_survives_status_changes_and_ends_with_any_other_change():

@@ -53,7 +53,7 @@ class FakeKube:
         return [copy.deepcopy(o) for (kd, n, _), o in self.objs.items() if kd == kind and n == ns
                 and (k is None or (o["metadata"].get("labels") or {}).get(k) == v)]
 
-    def list_cluster(self, kind):
+    def list_cluster(self, kind, field_selector=""):
         if kind == "Node":
             return copy.deepcopy(self.nodes)
         return [copy.deepcopy(o) for (kd, _, _), o in self.objs.items() if kd == kind]

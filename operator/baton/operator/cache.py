@@ -6,7 +6,8 @@ turn into thousands of GETs per minute. What the cache lacks (not yet seen, or d
 the API server, so a cold or lagging cache is never wrong, only slower.
 
 Writes Baton makes are recorded from their responses at once; a watch event carrying an older
-resourceVersion never overwrites a newer object, nor brings back one that was deleted.
+resourceVersion never overwrites a newer object, nor brings back one that was deleted (deletions are
+remembered for `gone_seconds`, the operator's childListSeconds, and then forgotten).
 
 A per-model list (`list_kind`) is only answered once it is known complete: after an operator starts,
 kopf delivers its initial listing object by object (in pages), so a model can be reconciled while some
@@ -28,7 +29,8 @@ from __future__ import annotations
 import json
 import threading
 import zlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from time import monotonic
 from typing import Any
 
 from baton.render.naming import LABEL_MODEL
@@ -91,11 +93,15 @@ class _Entry:
 
 
 class ChildCache:
-    def __init__(self) -> None:
+    def __init__(self, gone_seconds: float = 600.0) -> None:
         self._objects: dict[Key, _Entry] = {}
         self._by_model: dict[ModelKey, set[Key]] = defaultdict(set)
         self._complete: set[tuple[str, str, str]] = set()  # (kind, namespace, model) lists known complete
-        self._gone: dict[Key, int] = {}  # deleted objects: the resourceVersion they were last seen at
+        # Deleted objects: the resourceVersion they were last seen at, and when, oldest first. Kept for
+        # `gone_seconds`: an older copy comes from a read or listing that was under way at the deletion, and
+        # those end within a minute; a later one would still be dropped by its model's next child listing.
+        self._gone: OrderedDict[Key, tuple[int, float]] = OrderedDict()
+        self._gone_seconds = gone_seconds
         # kind -> (main, status) preset dictionaries; set once per kind, so every stored blob stays readable
         self._zdicts: dict[str, tuple[bytes, bytes]] = {}
         self._lock = threading.Lock()
@@ -115,7 +121,7 @@ class ChildCache:
             current = self._objects.get(key)
             if current is not None and (rv < current.rv or (rv and rv == current.rv)):
                 return  # older, or the same version again (a seeding list, a no-op apply): nothing to redo
-            if rv <= self._gone.get(key, -1):
+            if rv <= self._gone_rv(key):
                 return
         # managedFields are often the largest part of an object and the reconciler never reads them.
         main = {k: v for k, v in obj.items() if k != "status"}
@@ -134,7 +140,7 @@ class ChildCache:
         model = (meta.get("labels") or {}).get(LABEL_MODEL)
         with self._lock:
             latest = self._objects.get(key)
-            if (latest is None or rv >= latest.rv) and rv > self._gone.get(key, -1):
+            if (latest is None or rv >= latest.rv) and rv > self._gone_rv(key):
                 if latest is not None and latest is not current and latest.fingerprint == fingerprint:
                     entry.verified = latest.verified
                 self._objects[key] = entry
@@ -148,12 +154,20 @@ class ChildCache:
         with self._lock:
             self._drop((kind, namespace, name), _version(rv))
 
+    def _gone_rv(self, key: Key) -> int:
+        """The version `key`'s deletion was seen at, -1 if none is remembered (the caller holds the lock)."""
+        return self._gone.get(key, (-1, 0.0))[0]
+
     def _drop(self, key: Key, rv: int) -> None:
         """Drop `key`, remembering the version its deletion was seen at (the caller holds the lock)."""
         entry = self._objects.pop(key, None)
         seen = max(entry.rv if entry else 0, rv)
+        now = monotonic()
+        while self._gone and now - next(iter(self._gone.values()))[1] >= self._gone_seconds:
+            self._gone.popitem(last=False)  # deletions long past: whatever was under way then has ended
         if seen:
-            self._gone[key] = max(seen, self._gone.get(key, 0))
+            self._gone[key] = (max(seen, self._gone_rv(key)), now)
+            self._gone.move_to_end(key)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:

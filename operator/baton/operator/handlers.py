@@ -24,12 +24,12 @@ import kopf
 import prometheus_client
 
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
-from baton.operator import memory, metrics
+from baton.operator import memory, metrics, watchguard
 from baton.operator.bookkeeping import NoDiffBase
 from baton.operator.cache import ChildCache
 from baton.operator.kube import CHILD_KINDS, Kube, api_resource
 from baton.operator.pausing import gate as pause_gate
-from baton.operator.reconciler import Reconciler
+from baton.operator.reconciler import CHILD_LIST_SECONDS, Reconciler
 from baton.render.naming import LABEL_MODEL, MANAGED_BY, label_selector
 
 PREFIX = GROUP
@@ -55,6 +55,8 @@ class _Runtime:
 runtime = _Runtime()
 # kopf builds its pause state when the operator starts, after this module is imported: hook in first.
 pause_gate.install()
+# A namespace being deleted refuses the watch (its Role goes first): that must not stop the operator.
+watchguard.install()
 
 
 @kopf.on.startup()
@@ -88,7 +90,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.queueing.idle_timeout = 0.1
     workers = int(os.environ.get("BATON_RECONCILE_WORKERS", "8"))
     runtime.kube = Kube()
-    runtime.cache = ChildCache()
+    runtime.cache = ChildCache(gone_seconds=CHILD_LIST_SECONDS)
     if os.environ.get("BATON_METRICS_ADDRESS"):
         host, _, port = os.environ["BATON_METRICS_ADDRESS"].rpartition(":")
         metrics.watch_client(runtime.kube)
@@ -167,6 +169,9 @@ async def shutdown(**_: Any) -> None:
 
 
 WAKE_COALESCE_SECONDS = 0.2
+# The longest wait before retrying a pass that failed (then +-10%, as every wait of a loop); the
+# BatonReconcileErrors alert's window is sized on it.
+ERROR_BACKOFF_MAX_SECONDS = 300.0
 
 
 def _wake(namespace: str | None, name: str | None) -> None:
@@ -177,7 +182,7 @@ def _wake(namespace: str | None, name: str | None) -> None:
 async def reconcile_loop(namespace: str, name: str) -> None:
     """Reconcile one model until it is deleted or the operator stops; sleep between passes."""
     key = (namespace, name)
-    trigger = runtime.triggers.setdefault(key, asyncio.Event())
+    trigger = runtime.triggers[key] = asyncio.Event()
     loop = asyncio.get_running_loop()
     failures = 0
     try:
@@ -195,7 +200,7 @@ async def reconcile_loop(namespace: str, name: str) -> None:
             except Exception:  # an API outage or a bug must not kill the loop: back off and retry
                 metrics.RECONCILES.labels("error").inc()
                 failures += 1
-                delay = min(300.0, 2.0**failures)
+                delay = min(ERROR_BACKOFF_MAX_SECONDS, 2.0**failures)
                 log.exception("reconcile of %s/%s failed; retrying in %.0fs", namespace, name, delay)
             try:
                 await asyncio.wait_for(trigger.wait(), timeout=delay * random.uniform(0.9, 1.1))
@@ -205,13 +210,28 @@ async def reconcile_loop(namespace: str, name: str) -> None:
             except asyncio.TimeoutError:
                 pass
     finally:
-        runtime.triggers.pop(key, None)
-        runtime.seen.pop(key, None)
-        runtime.cache.forget_model(namespace, name)
-        if runtime.reconciler is not None:
-            runtime.reconciler.forget(namespace, name)
+        # A model deleted and created again at once can have its next loop by now (a cancelled loop may end
+        # after the next one started): what is registered for the model is then that loop's, and stays.
+        if runtime.triggers.get(key) is trigger:
+            runtime.triggers.pop(key)
         if runtime.loops.get(key) is asyncio.current_task():
-            runtime.loops.pop(key, None)  # ended by itself (the model is gone): a new one starts if it comes back
+            runtime.loops.pop(key)  # ended by itself (the model is gone): a new one starts if it comes back
+            _forget_model(key)
+
+
+def _forget_model(key: tuple[str, str]) -> None:
+    """Drop what the operator keeps about a model whose loop ends."""
+    runtime.seen.pop(key, None)
+    runtime.cache.forget_model(*key)
+    if runtime.reconciler is not None:
+        runtime.reconciler.forget(*key)
+
+
+def _forget_unless_looped(key: tuple[str, str]) -> None:
+    """After a pass that outlived its loop: forget what it wrote, unless a new loop (the model created again)
+    owns the model now."""
+    if key not in runtime.loops:
+        _forget_model(key)
 
 
 async def _run_pass(loop: asyncio.AbstractEventLoop, namespace: str, name: str) -> Any:
@@ -221,18 +241,28 @@ async def _run_pass(loop: asyncio.AbstractEventLoop, namespace: str, name: str) 
     running = runtime.executor.submit(runtime.reconciler.reconcile, namespace, name)
     runtime.passes.add(running)
 
-    def ended(f: concurrent.futures.Future) -> None:
+    def tell(callback: Any, *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed first (the operator stopped): nothing to tell
-            loop.call_soon_threadsafe(runtime.passes.discard, f)
+            loop.call_soon_threadsafe(callback, *args)
 
-    running.add_done_callback(ended)
-    return await asyncio.wrap_future(running)
+    running.add_done_callback(lambda f: tell(runtime.passes.discard, f))
+    try:
+        return await asyncio.wrap_future(running)
+    except asyncio.CancelledError:
+        # The loop is stopping (its model deleted) while the thread goes on: what the pass writes when it ends
+        # (the reconciler's per-model records, the cache entries of its applies) comes after the loop forgot
+        # the model, and would stay for good.
+        running.add_done_callback(lambda f: tell(_forget_unless_looped, (namespace, name)))
+        raise
 
 
 def _stop_loop(key: tuple[str, str]) -> None:
+    """Stop a model's loop and forget the model at once: a loop started for it from now on (the model created
+    again) starts afresh, whenever this one gets to end."""
     task = runtime.loops.pop(key, None)
     if task is not None:
         task.cancel()
+        _forget_model(key)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

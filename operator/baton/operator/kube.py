@@ -12,6 +12,7 @@ import json
 import os
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from kubernetes import client, config
@@ -56,6 +57,8 @@ def api_resource(kind: str) -> tuple[str, str, str]:
 # (connect, read) seconds for every call: without a limit a half-open connection (an API server load balancer
 # failing over) blocks the worker thread of a reconcile pass forever, and a few of them stop every model.
 REQUEST_TIMEOUT = (10.0, 60.0)
+# Objects per page of a cluster-wide list (`Kube.list_cluster`).
+LIST_PAGE = 500
 
 
 class Kube:
@@ -63,12 +66,17 @@ class Kube:
 
     def __init__(self, api_client: client.ApiClient | None = None):
         if api_client is None:
+            # One attempt per call: urllib3 would try a call that timed out three more times, holding a
+            # reconcile worker for four timeouts (a GET: four minutes). The pass and kopf retry on their own.
+            configuration = client.Configuration()
+            configuration.retries = False
             try:
-                config.load_incluster_config()
-                api_client = client.ApiClient()
+                config.load_incluster_config(client_configuration=configuration)
+                api_client = client.ApiClient(configuration)
             except config.ConfigException:
                 # The client reads $KUBECONFIG once, at import; read it now.
-                api_client = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+                api_client = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"),
+                                                           client_configuration=configuration)
         api_client.user_agent = USER_AGENT
         self.api = api_client
         self.requests: Counter[str] = Counter()
@@ -131,10 +139,21 @@ class Kube:
             version = 0
         return data.get("items", []), version
 
-    def list_cluster(self, kind: str) -> list[dict[str, Any]]:
-        """Every object of a kind across the cluster (Nodes, or Pods in all namespaces)."""
+    def list_cluster(self, kind: str, field_selector: str = "") -> Iterator[dict[str, Any]]:
+        """Every object of a kind across the cluster (Nodes, or Pods in all namespaces), read in pages of
+        LIST_PAGE: a page is dropped before the next is asked for, so a caller that keeps only what it needs
+        holds one page at a time, not a whole cluster's pods (10,000 pods are 40 MB of JSON, five times
+        that parsed)."""
         prefix, plural = RESOURCES[kind]
-        return self._call("GET", f"{prefix}/{plural}", count_as="LIST").get("items", [])
+        query = [("limit", str(LIST_PAGE))] + ([("fieldSelector", field_selector)] if field_selector else [])
+        token = ""
+        while True:
+            page = self._call("GET", f"{prefix}/{plural}", count_as="LIST",
+                              query=query + ([("continue", token)] if token else []))
+            token = (page.get("metadata") or {}).get("continue") or ""
+            yield from page.pop("items", None) or []
+            if not token:
+                return
 
     def apply(self, obj: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
         """Server-side apply `obj` under Baton's field manager (forcing: Baton owns what it renders)."""

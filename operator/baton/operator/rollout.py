@@ -10,6 +10,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from typing import Any
 
 from baton.direct_http import NO_PROXY_OPENER
@@ -36,7 +37,7 @@ def _node_matches(node: dict[str, Any], selector: dict[str, str], tolerations: l
     return all(_tolerates(tolerations, t) for t in spec.get("taints") or [] if t.get("effect") in ("NoSchedule", "NoExecute"))
 
 
-def free_gpus(nodes: list[dict[str, Any]], pods: list[dict[str, Any]]) -> dict[str, int]:
+def free_gpus(nodes: list[dict[str, Any]], pods: Iterable[dict[str, Any]]) -> dict[str, int]:
     """nvidia.com/gpu still free on each node: allocatable minus what non-finished pods request."""
     free = {n["metadata"]["name"]: int((n.get("status", {}).get("allocatable") or {}).get(GPU, 0)) for n in nodes}
     for pod in pods:
@@ -47,6 +48,26 @@ def free_gpus(nodes: list[dict[str, Any]], pods: list[dict[str, Any]]) -> dict[s
             resources = c.get("resources") or {}
             free[node] -= int((resources.get("requests") or resources.get("limits") or {}).get(GPU, 0))
     return free
+
+
+# The pods that can hold GPUs, as the scheduler counts them: bound to a node and not finished.
+HOLDING_PODS = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
+
+
+def _node_summary(node: dict[str, Any]) -> dict[str, Any]:
+    """What the capacity check reads of a node (its status lists every image on it, for one)."""
+    meta, spec = node.get("metadata", {}), node.get("spec", {})
+    return {"metadata": {"name": meta["name"], "labels": meta.get("labels") or {}},
+            "spec": {k: spec[k] for k in ("unschedulable", "taints") if k in spec},
+            "status": {"allocatable": {GPU: (node.get("status", {}).get("allocatable") or {}).get(GPU, 0)}}}
+
+
+def cluster_capacity(kube: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The cluster's nodes (what `fit_replicas` reads of them) and the GPUs free on each. Pods are read a
+    page at a time and only their GPU requests counted, so a cluster of 10,000 pods costs a page of them
+    in memory, not the whole list."""
+    nodes = [_node_summary(n) for n in kube.list_cluster("Node")]
+    return nodes, free_gpus(nodes, kube.list_cluster("Pod", field_selector=HOLDING_PODS))
 
 
 def fit_replicas(

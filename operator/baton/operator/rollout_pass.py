@@ -671,8 +671,7 @@ class RolloutPass:
 
     def _capacity_problems(self, counts: dict[str, int] | None = None) -> list[str]:
         """What keeps the pools from taking `counts` more replicas per tier (default: a full generation)."""
-        nodes = self.r.kube.list_cluster("Node")
-        pods = self.r.kube.list_cluster("Pod")
+        nodes, free = rollout.cluster_capacity(self.r.kube)
         from baton.render.tiers import GPU_TOLERATION, SPOT_TOLERATIONS
 
         tiers = []
@@ -682,7 +681,7 @@ class RolloutPass:
             n = t.desired_replicas() if counts is None else counts.get(name, 0)
             if n:
                 tiers.append((name, n, t.gpus_per_replica, dict(t.pool.node_selector), tolerations))
-        return rollout.fit_replicas(nodes, rollout.free_gpus(nodes, pods), tiers)
+        return rollout.fit_replicas(nodes, free, tiers)
 
     # ------------------------------------------------------------------ PairwiseSwap
 

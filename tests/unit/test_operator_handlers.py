@@ -1,0 +1,106 @@
+"""The per-model loops: what the operator keeps about a model goes with it, and a model deleted and created
+again gets a loop of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from baton.operator import handlers
+from baton.operator.cache import ChildCache
+
+
+class Gate:
+    paused = False
+
+
+class Reconciler:
+    """Keeps per-model records and, as a pass that applied a child does, records the child in the cache;
+    `hold` keeps a pass under way until released."""
+
+    def __init__(self, cache: ChildCache) -> None:
+        self.cache = cache
+        self.records: dict[tuple[str, str], int] = {}
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.hold = False
+
+    def reconcile(self, namespace: str, name: str):
+        self.started.set()
+        if self.hold:
+            assert self.release.wait(10)
+        self.records[(namespace, name)] = self.records.get((namespace, name), 0) + 1
+        self.cache.put({"kind": "StatefulSet", "metadata": {"namespace": namespace, "name": f"{name}-decode",
+                                                            "resourceVersion": "7", "labels": {"baton.dev/model": name}}})
+        return SimpleNamespace(failed=False, transient=False, gone=False, requeue_after=60.0)
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.records.pop((namespace, name), None)
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    cache = ChildCache()
+    reconciler = Reconciler(cache)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    monkeypatch.setattr(handlers, "pause_gate", Gate())
+    monkeypatch.setattr(handlers, "WAKE_COALESCE_SECONDS", 0.0)
+    for attr, value in (("cache", cache), ("reconciler", reconciler), ("executor", executor), ("loops", {}),
+                        ("triggers", {}), ("seen", {}), ("passes", set())):
+        monkeypatch.setattr(handlers.runtime, attr, value)
+    yield SimpleNamespace(cache=cache, reconciler=reconciler)
+    reconciler.release.set()
+    executor.shutdown(wait=True)
+
+
+def model(generation: int = 1) -> dict:
+    return {"metadata": {"name": "m", "namespace": "ns", "generation": generation}}
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def test_a_model_deleted_during_a_pass_leaves_nothing_behind_once_the_pass_ends(runtime):
+    runtime.reconciler.hold = True
+
+    async def main():
+        await handlers.model_event(body=model(), name="m", namespace="ns", type="ADDED")
+        await asyncio.to_thread(runtime.reconciler.started.wait, 5)
+        await handlers.model_event(body=model(), name="m", namespace="ns", type="DELETED")  # kubectl delete dm m
+        await asyncio.sleep(0.05)
+        runtime.reconciler.release.set()  # the pass under way ends, writing what it applied
+        await until(lambda: not handlers.runtime.passes)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert runtime.reconciler.records == {}
+    assert runtime.cache.footprint() == (0, 0)
+
+
+def test_a_model_deleted_and_created_again_at_once_still_acts_on_spec_edits_at_once(runtime):
+    """`kubectl replace --force` (or a delete and an apply): the DELETED and ADDED events arrive back to back,
+    and the old loop ends only after the new one started."""
+
+    async def main():
+        await handlers.model_event(body=model(), name="m", namespace="ns", type="ADDED")
+        await until(lambda: runtime.reconciler.records.get(("ns", "m")) == 1)
+        await asyncio.sleep(0.05)  # the loop sleeps until a change or its resync (60 s)
+        await handlers.model_event(body=model(), name="m", namespace="ns", type="DELETED")
+        await handlers.model_event(body=model(), name="m", namespace="ns", type="ADDED")
+        await until(lambda: runtime.reconciler.records.get(("ns", "m")) == 1)  # the new model's first pass
+        await asyncio.sleep(0.2)
+        await handlers.model_event(body=model(generation=2), name="m", namespace="ns", type="MODIFIED")  # a spec edit
+        await until(lambda: runtime.reconciler.records.get(("ns", "m")) == 2, timeout=2)
+        for task in handlers.runtime.loops.values():
+            task.cancel()
+
+    asyncio.run(main())
