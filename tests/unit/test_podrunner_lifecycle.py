@@ -267,6 +267,59 @@ def test_a_runner_does_not_start_over_the_live_claim_of_another(tmp_path: Path) 
     assert podrunner.claim_identity(core.annotations["ns"][CLAIM_ANNOTATION]) == runner._identity
 
 
+
+def _orphan_of_a_killed_runner(runner: PodRunner) -> tuple[subprocess.Popen, int]:
+    """An engine process left running by a runner of this host that was SIGKILLed (its pid file says so), and
+    that runner's pid (no longer running)."""
+    import json
+
+    from baton.localproc import proc_start_time
+
+    killed = subprocess.Popen(["true"])
+    killed.wait()
+    orphan = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    runner.pid_dir.mkdir(parents=True, exist_ok=True)
+    (runner.pid_dir / f"{orphan.pid}.json").write_text(json.dumps({
+        "pid": orphan.pid, "start": proc_start_time(orphan.pid), "key": "ns/m-decode-0",
+        "runner_pid": killed.pid, "runner_start": "1"}))
+    return orphan, killed.pid
+
+
+def test_the_runner_after_a_killed_one_takes_its_claim_and_stops_what_it_left(tmp_path: Path) -> None:
+    """A SIGKILLed runner's claim is still within its lease, but its holder (a pid of this host) is gone:
+    the next runner takes the claim at once and stops the processes the dead one left behind."""
+    import socket
+
+    core = FakeCore()
+    runner = make_runner(tmp_path, core)
+    orphan, killed_pid = _orphan_of_a_killed_runner(runner)
+    try:
+        core.annotations["ns"] = {CLAIM_ANNOTATION: claim_value(f"{socket.gethostname()}/{killed_pid}/abc")}
+        runner.start()
+        assert podrunner.claim_identity(core.annotations["ns"][CLAIM_ANNOTATION]) == runner._identity
+        assert _wait_for(lambda: orphan.poll() is not None, 15), "the dead runner's process was left running"
+    finally:
+        runner.stop()
+        if orphan.poll() is None:
+            orphan.kill()
+
+
+def test_a_runner_that_may_not_start_stops_nothing(tmp_path: Path) -> None:
+    """Refused by another runner's live claim, a runner leaves every process alone: whatever its workdir
+    holds is not its to stop."""
+    core = FakeCore()
+    core.annotations["ns"] = {CLAIM_ANNOTATION: claim_value("elsewhere/4242/abc")}
+    runner = make_runner(tmp_path, core)
+    orphan, _ = _orphan_of_a_killed_runner(runner)
+    try:
+        with pytest.raises(podrunner.ClaimHeld):
+            runner.start()
+        time.sleep(0.3)
+        assert orphan.poll() is None, "a runner that did not start stopped a process"
+    finally:
+        orphan.kill()
+
+
 def test_the_runner_refuses_an_api_server_that_is_not_the_local_clusters(tmp_path: Path, monkeypatch, capsys) -> None:
     """With KUBECONFIG unset it would take ~/.kube/config: on a real cluster it would claim kube-system and
     write the readiness of every Baton pod."""

@@ -163,6 +163,14 @@ def claim_holder_pid(value: str | None) -> int | None:
     return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
+def _holder_gone(value: str | None) -> bool:
+    """Whether a claim names a runner of this host that no longer runs (SIGKILLed: its claim is within its
+    lease, but nothing renews it). A runner elsewhere, or a pid that runs (whoever's), counts as there."""
+    parts = (claim_identity(value) or "").split("/")
+    pid = claim_holder_pid(value)
+    return len(parts) == 3 and parts[0] == socket.gethostname() and pid is not None and proc_start_time(pid) is None
+
+
 def claim_live(value: str | None, now: float | None = None) -> bool:
     """Whether a claim annotation's value still holds: present and renewed within its lease. A value
     without a lease (written by hand, or by an older runner) never expires."""
@@ -1207,7 +1215,7 @@ class PodRunner:
             for ns in self.core.list_namespace(_request_timeout=API_TIMEOUT_S).items:
                 claims[(ns.metadata.name, CLAIM_ANNOTATION)] = (ns.metadata.annotations or {}).get(CLAIM_ANNOTATION)
         rivals = {where: value for where, value in claims.items()
-                  if claim_live(value) and claim_identity(value) != self._identity}
+                  if claim_live(value) and claim_identity(value) != self._identity and not _holder_gone(value)}
         if not rivals:
             return
         held = "; ".join(
@@ -1278,10 +1286,10 @@ class PodRunner:
             self.renew_claim()
 
     def run(self, interval: float = 0.5) -> None:
+        if not self._claimed:
+            self.claim()  # first: a runner that may not start (ClaimHeld) stops nothing
         if not self._reaped:
             self.reap_orphans()
-        if not self._claimed:
-            self.claim()
         keeper = threading.Thread(target=self._keep_claim, name="pod-runner-claim", daemon=True)
         keeper.start()
         try:
@@ -1320,9 +1328,9 @@ class PodRunner:
                             "the pod runner stopped, and with it this pod's local process")
 
     def start(self) -> threading.Thread:
+        self.claim()  # before start() returns: pods created from now on are this runner's to probe
         if not self._reaped:
             self.reap_orphans()
-        self.claim()  # before start() returns: pods created from now on are this runner's to probe
         thread = threading.Thread(target=self.run, name="pod-runner", daemon=True)
         thread.start()
         return thread
