@@ -36,3 +36,20 @@ def test_down_stops_the_components_up_started_and_never_a_process_that_took_a_re
         for proc in (component, bystander):
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_a_cluster_an_older_up_started_is_still_stopped_by_down(tmp_path: Path) -> None:
+    """A state.json from before start times were recorded: its components are judged as that `up` judged
+    them (a process runs under the pid), so `down` stops them rather than deleting their directory under them."""
+    plane = ControlPlane(bin_dir=tmp_path / "bin", home=tmp_path)
+    plane.dir.mkdir(parents=True)
+    component = subprocess.Popen(SLEEP, start_new_session=True)
+    try:
+        (plane.dir / "state.json").write_text(json.dumps({"pids": {"etcd": component.pid}}))
+        assert plane.running_components()["etcd"]
+        plane.down()
+        assert component.wait(timeout=15) == -signal.SIGTERM
+        assert not plane.dir.exists()
+    finally:
+        component.kill()
+        component.wait(timeout=10)

@@ -132,11 +132,13 @@ class ControlPlane:
 
     def _live_pids(self, state: dict[str, Any] | None = None) -> dict[str, int]:
         """The pid of each component whose process still runs: the one `up` started, with the start time
-        recorded then (a state without one, from an older `up`, proves nothing)."""
+        recorded then. A state written by an older `up` has no start times: its pids count while a process
+        runs under them (as that `up` judged them), so its cluster is still stopped, not abandoned."""
         state = self.state() if state is None else state
-        starts = state.get("pidStarts", {})
+        starts = state.get("pidStarts")
         return {component: pid for component, pid in state.get("pids", {}).items()
-                if starts.get(component) is not None and proc_start_time(pid) == starts[component]}
+                if (proc_start_time(pid) is not None if starts is None else
+                    starts.get(component) is not None and proc_start_time(pid) == starts[component])}
 
     def running_components(self) -> dict[str, bool]:
         live = self._live_pids()
