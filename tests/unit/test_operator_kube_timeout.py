@@ -10,7 +10,10 @@ import time
 
 import yaml
 
+from kubernetes.client.rest import ApiException
+
 from baton.operator import kube as kube_module
+from baton.operator.reconciler import transient
 
 
 def test_an_api_server_that_never_answers_times_out_once(monkeypatch, tmp_path):
@@ -56,9 +59,11 @@ def test_an_api_server_that_never_answers_times_out_once(monkeypatch, tmp_path):
         caller.join(10)
         assert not caller.is_alive(), "the call to an API server that never answers is still waiting"
         took = time.monotonic() - started
-        assert len(outcome) == 1 and isinstance(outcome[0], Exception)
+        assert len(outcome) == 1 and isinstance(outcome[0], ApiException)
+        # no answer is "not now" (a transient error, retried with the pass's short backoff), not a bug
+        assert outcome[0].status == 0 and transient(outcome[0]), outcome[0]
         # One read deadline on one connection, not one per retry (four, with urllib3's default of three retries).
-        assert took < 2.0 and len(accepted) == 1, f"{took:.1f}s over {len(accepted)} connections"
+        assert took < 3.5 and len(accepted) == 1, f"{took:.1f}s over {len(accepted)} connections"
     finally:
         stop.set()
         thread.join(2)

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -97,9 +98,14 @@ class Kube:
             header_params={"Content-Type": content_type, "Accept": "application/json"},
             auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(verb, url, header_params=headers, body=payload, post_params=post,
-                                     _request_timeout=REQUEST_TIMEOUT)
-        data = response.read()
+        try:
+            response = self.api.call_api(verb, url, header_params=headers, body=payload, post_params=post,
+                                         _request_timeout=REQUEST_TIMEOUT)
+            data = response.read()
+        except urllib3.exceptions.HTTPError as exc:
+            # No answer at all (refused, reset, timed out): status 0, which callers (`transient`) take as
+            # "not now", as for a 5xx, rather than an unknown error.
+            raise ApiException(status=0, reason=f"no answer from the API server: {exc}") from exc
         if not 200 <= response.status < 300:
             raise ApiException(http_resp=response, body=data.decode(errors="replace") if data else None)
         return json.loads(data) if data else None
