@@ -285,6 +285,40 @@ def test_a_models_tensors_are_read_once_per_channel():
     assert rebuilt.metadata_reads == 1
 
 
+
+def test_a_failed_model_read_nobody_waited_for_is_read_again():
+    """The client that asked for a replica's model left before the read failed: the failure is not kept for
+    the next request, which reads the model again (the replica may well be back)."""
+    from tritonclient.utils import InferenceServerException
+
+    fake = _FakeTriton(responses=_one_token_each([7], 2))
+    read = fake.get_model_metadata
+    gate: list[asyncio.Event] = []  # made in the test's event loop
+
+    async def first_read_fails(model_name: str, **kwargs: object) -> dict:
+        if fake.metadata_reads == 0:
+            fake.metadata_reads += 1
+            await gate[0].wait()
+            raise InferenceServerException("failed to connect to all addresses", "StatusCode.UNAVAILABLE")
+        return await read(model_name, **kwargs)
+
+    fake.get_model_metadata = first_read_fails
+    body = json.dumps({"prompt": [1, 2], "max_tokens": 1}).encode()
+
+    async def run() -> tuple[int, bytes, object]:
+        gate.append(asyncio.Event())
+        client = _with(fake)
+        left = asyncio.ensure_future(client.post(EP, "/v1/completions", body, "r1"))
+        await asyncio.sleep(0.05)
+        left.cancel()  # the client went away while the read was under way
+        gate[0].set()
+        await asyncio.sleep(0.05)  # the read fails, with nobody waiting for it
+        return await client.post(EP, "/v1/completions", body, "r2")
+
+    status, _, _ = asyncio.run(run())
+    assert status == 200 and fake.metadata_reads == 2
+
+
 def test_a_decoupled_context_model_is_served_over_a_stream():
     """NVIDIA's streaming layout makes `context` decoupled too, and Triton refuses unary infer on it: the context
     step then reads the model's answer from a stream."""

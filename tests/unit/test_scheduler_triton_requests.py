@@ -332,6 +332,26 @@ def test_chat_goes_as_the_tokenized_template_when_the_scheduler_has_the_tokenize
     assert sent_inputs(fake)["input_ids"] == [want]
 
 
+
+def test_a_chats_template_fields_reach_its_tokens_as_they_reach_its_count(tmp_path: Path):
+    """`tools: []` selects the template's tool branch (`tools is not none`), as trtllm-serve renders it and as
+    routing counted the chat: the ids sent are those of that rendering."""
+    template = ("{{ bos_token }}{% if tools is not none %}[tools]{% endif %}"
+                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tokenizer = load_tokenizer(write_tokenizer(tmp_path / "tok", chat_template=template))
+    tokens.set_tokenizer(tokenizer)
+    try:
+        body = {"messages": [{"role": "user", "content": "alpha"}], "max_tokens": 1, "tools": []}
+        want = tokenizer.encode_chat(body["messages"], body)
+        assert want != tokenizer.encode_chat(body["messages"])  # the field changes the prompt
+        assert tokens.count_chat_tokens(body["messages"], body) == len(want)
+        fake = FakeTriton([(tokens_result([5]), None)])
+        assert post(fake, body, "/v1/chat/completions")[0] == 200
+        assert sent_inputs(fake)["input_ids"] == [want]
+    finally:
+        tokens.set_tokenizer(None)
+
+
 def test_a_chat_the_template_refuses_is_a_400(model_tokenizer):
     status, data = post(FakeTriton(), {"messages": [{"role": "tool", "content": "x"}]}, "/v1/chat/completions")
     assert status == 400 and "unknown role tool" in data["message"]

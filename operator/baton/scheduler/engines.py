@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import re
 import time
@@ -552,6 +553,7 @@ class _TritonCall:
         self.text: str | None = None
         # chat messages still to be tokenized (`tokenize`): when the scheduler has the model's tokenizer
         self.messages: list[dict] | None = None
+        self.template_request: dict | None = None
         ids_field = "prompt"
         if self.chat:
             if data.get("prompt_token_ids") is not None:
@@ -566,6 +568,7 @@ class _TritonCall:
                     # the model's chat template and tokenizer, as trtllm-serve encodes a chat (the template's
                     # BOS only): sent as input_ids, since the preprocessing would add a second BOS to text_input
                     self.messages = messages
+                    self.template_request = data  # its template fields, as routing counted the chat with them
                 else:
                     try:
                         self.text = chat_text(messages)  # flattened: the preprocessing adds the special tokens
@@ -637,7 +640,7 @@ class _TritonCall:
         if messages is None:
             return
         try:
-            self.ids = await tokenize_async("", messages)
+            self.ids = await tokenize_async("", messages, self.template_request)
         except ValueError as exc:  # the model's chat template refused the messages
             raise _BadRequest(str(exc)) from None
 
@@ -990,6 +993,7 @@ class TritonClient:
         cached = self._layouts.get(key)
         if cached is None or cached[0] is not client:
             cached = self._layouts[key] = (client, asyncio.ensure_future(self._read_layout(client, model)))
+            cached[1].add_done_callback(functools.partial(self._drop_failed_layout, key, cached))
         try:
             return await asyncio.shield(cached[1])
         except asyncio.CancelledError:
@@ -997,13 +1001,18 @@ class TritonClient:
         except Exception as exc:  # InferenceServerException, timeouts
             from tritonclient.utils import InferenceServerException
 
-            if self._layouts.get(key) is cached:
-                del self._layouts[key]
             if isinstance(exc, InferenceServerException) and not is_transport_failure(exc.message() or "",
                                                                                       str(exc.status() or "")):
                 # an answer (e.g. the model is not there): counted as a 5xx is, not as the replica being down
                 raise EngineFailure(endpoint, f"cannot read model {model!r}: {exc.message()}") from exc
             raise self._failure(endpoint, exc) from exc
+
+    def _drop_failed_layout(self, key: tuple[str, str], entry: tuple[Any, asyncio.Future], read: asyncio.Future) -> None:
+        """A failed read is not kept (the next call reads again), also when every caller waiting on it was
+        cancelled first: a later request must not get that old failure."""
+        if read.cancelled() or read.exception() is not None:
+            if self._layouts.get(key) is entry:
+                del self._layouts[key]
 
     async def _read_layout(self, client: Any, model: str) -> ModelLayout:
         metadata = await client.get_model_metadata(model, as_json=True, client_timeout=self.connect_timeout)
