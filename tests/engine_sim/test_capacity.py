@@ -193,3 +193,27 @@ def test_held_kv_counts_against_capacity(small_cache):
     assert small_cache.state()["counters"]["kvExpired"] == expired_before + 1
     (t,) = timings(small_cache)
     assert t["first_scheduled_time"] - t["arrival_time"] > 0.2
+
+
+MLA_CONFIG = {  # DeepSeek-V2-Lite's shape: MLA, which context parallelism is allowed with
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": 2048,
+    "num_attention_heads": 16, "num_hidden_layers": 27, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+    "intermediate_size": 10944, "vocab_size": 102400, "max_position_embeddings": 16384, "torch_dtype": "bfloat16",
+}
+
+
+def test_context_parallel_ranks_each_prefill_their_share_of_a_prompt(engines, tmp_path):
+    """With context_parallel_size 2 a prompt of up to twice max_num_tokens is admitted without chunking (each
+    rank prefills half): it is prefilled, and the request queued behind it runs too."""
+    import json
+
+    model = tmp_path / "deepseek-v2-lite"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(MLA_CONFIG))
+    engine = engines.start(worker_yaml(ctx=False, context_parallel_size=2, max_num_tokens=256),
+                           "--sim-speed", "0", "--sim-kv-cache-gib", "4", model=model)
+    long_prompt, short_prompt = list(range(1, 400)), [5, 6, 7]  # 399 / 2 ranks <= 256
+    results = run_concurrently(engine, [{"prompt": long_prompt, "max_tokens": 2},
+                                        {"prompt": short_prompt, "max_tokens": 2}])
+    assert [status for status, _ in results] == [200, 200], results
+    assert [r["usage"]["prompt_tokens"] for _, r in results] == [399, 3]

@@ -727,6 +727,32 @@ def test_a_generation_request_cancelled_mid_transfer_stops_the_transfer(engines)
     assert gen.state()["counters"]["requestsCancelled"] == 1
 
 
+
+def test_a_generation_request_that_leaves_while_queued_frees_its_kv_on_the_context_worker(engines):
+    """The generation worker's one batch slot is busy, so a generation_only request waits in its queue; its
+    client goes away there, before any pull. The context worker is told and frees the KV now, not at its
+    kv_transfer_timeout_ms (none here: it would hold the KV forever)."""
+    ctx = engines.start(worker_yaml(ctx=True), "--sim-speed", "0")
+    gen = engines.start(worker_yaml(ctx=False, max_batch_size=1), "--sim-speed", "1")
+    used = ctx.state()["kvCacheStats"]["usedNumBlocks"]
+    resp = ctx.complete({"prompt": list(range(1, 200)), "max_tokens": 3,
+                         "disaggregated_params": {"request_type": "context_only"}})
+    assert ctx.state()["kvCacheStats"]["usedNumBlocks"] > used  # held for the handoff
+    hog = json.dumps({"prompt": [1, 2, 3], "max_tokens": 2000, "stream": True}).encode()
+    body = json.dumps(generation_body(resp, "/v1/completions")).encode()
+    with socket.create_connection(("127.0.0.1", gen.port), timeout=5) as busy:
+        busy.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(hog) + hog)
+        gen.wait_for(lambda: gen.state()["numActiveRequests"] == 1, "the slot to be taken", deadline_s=5)
+        with socket.create_connection(("127.0.0.1", gen.port), timeout=5) as waiting:
+            waiting.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            gen.wait_for(lambda: gen.state()["numQueuedRequests"] == 1, "the handoff to queue", deadline_s=5)
+        gen.wait_for(lambda: gen.state()["counters"]["requestsCancelled"] == 1, "the cancel", deadline_s=5)
+        ctx.wait_for(lambda: ctx.state()["kvCacheStats"]["usedNumBlocks"] == used, "the KV to be freed", deadline_s=5)
+        assert ctx.state()["counters"]["kvPullsServed"] == 0
+
+
 # ------------------------------------------------------------------------------ failed generations, as trtllm-serve
 def raw_post(engine, path: str, body: dict, timeout: float = 10.0) -> tuple[bytes, bytes]:
     """POST `body` on a fresh connection and read until the server closes it: (head, raw body as sent)."""

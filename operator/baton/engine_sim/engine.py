@@ -385,6 +385,12 @@ class Engine:
         self._fail(seq, EngineError("request cancelled by the client", 499, "RequestCancelled"), count=False)
         if seq.pulling is not None:  # its KV pull too, if under way: the context worker frees the KV and its link
             seq.pulling.cancel()
+        elif seq.kind == GEN_ONLY and seq.handle is not None:
+            # Still queued, its KV never asked for: the context worker would hold it until its
+            # kv_transfer_timeout_ms (or forever without one). Told, it frees it now.
+            self.puller.tell_refused(seq.handle, self.state, "its request went away before its KV was pulled",
+                                     x_request_id=seq.x_request_id, what="a cancelled request's KV",
+                                     event="kv_cancel_unsent")
 
     # ------------------------------------------------------------------ the ctx side of a handoff
     def begin_pull(
@@ -626,11 +632,15 @@ class Engine:
             ctx_tokens = 0  # context tokens of this iteration: whole prompts and chunks
             spans: list[tuple[int, int]] = []  # (start, end) prompt positions of each prefill in this pass
             tpb = cfg.tokens_per_block
+            cp = self.state.cp
             for s in waiting_prefill:
                 start = s.prefilled
                 left = s.prompt.length - start
                 room = budget - ctx_tokens
-                if left <= room:
+                # each context-parallel rank prefills its share of a prompt in this iteration's token budget
+                # (admission allows a prompt of up to cp x max_num_tokens without chunking)
+                cost = -(-left // cp)
+                if cost <= room:
                     take = left
                 elif self._chunked_prefill:
                     # a chunk that is not the prompt's last is a whole number of chunk units (tokens_per_block);
@@ -644,7 +654,7 @@ class Engine:
                 else:
                     break
                 prefills.append((s, start + take))
-                ctx_tokens += take
+                ctx_tokens += cost if take == left else take
                 spans.append((start, start + take))
                 if take < left:
                     break  # the budget is used up

@@ -57,7 +57,9 @@ async def serve(cfg: SimConfig, *, stop: asyncio.Event | None = None) -> None:
     server.draining = True
     log.info("shutting down", extra={"fields": {"event": "shutdown"}})
     await http.stop(SHUTDOWN_GRACE_S)  # stop accepting, let in-flight requests finish, then close
-    await transfer.stop(SHUTDOWN_GRACE_S)  # pulls of KV still held may come after the last HTTP answer
+    # KV transfers under way get the grace to end; KV held for a pull not yet asked for goes with the worker
+    # (the generation request that would have pulled it fails, and the scheduler prefills again elsewhere)
+    await transfer.stop(SHUTDOWN_GRACE_S)
     await server.engine.stop()
 
 
