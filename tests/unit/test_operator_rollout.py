@@ -880,9 +880,9 @@ def test_a_rollback_after_a_revert_during_the_drain_returns_to_the_generation_th
     assert m.cond("Ready")["status"] == "True" and m.obj["status"]["revision"] == g1
 
 
-def test_a_rollback_of_the_next_generation_lets_the_older_one_still_draining_finish(monkeypatch):
-    """g1 serves, g0 still drains (requests in flight) when the engine changes again and g2 fails: g0 is not
-    cut off with its requests, but drained like any previous generation (once idle, or at drainTimeout)."""
+def rolled_back_while_an_older_generation_drains(monkeypatch) -> tuple[Model, str, str, str]:
+    """g1 serves and g0 still drains (requests in flight) when the engine changes again and g2 fails its
+    probe: rolled back onto g1, with g0 still draining. (model, g0, g1, g2)."""
     m = Model()
     g0 = m.ro["servingGeneration"]
     g1 = m.switch("1.2.1")
@@ -892,6 +892,13 @@ def test_a_rollback_of_the_next_generation_lets_the_older_one_still_draining_fin
     monkeypatch.setattr(rollout, "probe_handoffs", lambda p, d, mm, timeout=20.0: (False, "handoff failed"))
     m.kube.settle(gen=g2)
     m.pass_(3)
+    return m, g0, g1, g2
+
+
+def test_a_rollback_of_the_next_generation_lets_the_older_one_still_draining_finish(monkeypatch):
+    """g1 serves, g0 still drains (requests in flight) when the engine changes again and g2 fails: g0 is not
+    cut off with its requests, but drained like any previous generation (once idle, or at drainTimeout)."""
+    m, g0, g1, g2 = rolled_back_while_an_older_generation_drains(monkeypatch)
     assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g1 and m.ro["failedGeneration"] == g2
     assert m.generations() == sorted([g0, g1]) and m.ro["previousGeneration"] == g0, m.ro
     monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 0)  # g0's last request finished
@@ -1216,15 +1223,7 @@ def test_a_refused_edit_after_the_user_moved_on_does_not_reopen_a_closed_rollbac
     """g1 serves and g0 still drains when the engine changes again (g2): the user chose a newer generation,
     so g1's rollback window is over (it is the last known-good) and g2 failing rolls back onto g1. A refused
     edit now must not judge g1 by its window and send traffic back to g0, which only drains."""
-    m = Model()
-    g0 = m.ro["servingGeneration"]
-    g1 = m.switch("1.2.1")
-    m.image("1.2.2")
-    m.pass_()
-    g2 = m.ro["targetGeneration"]
-    monkeypatch.setattr(rollout, "probe_handoffs", lambda p, d, mm, timeout=20.0: (False, "handoff failed"))
-    m.kube.settle(gen=g2)
-    m.pass_(3)
+    m, g0, g1, _ = rolled_back_while_an_older_generation_drains(monkeypatch)
     assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g1 and m.ro["previousGeneration"] == g0
     m.edit(lambda s: s["engine"].__setitem__("env", [{"name": "POD_IP", "value": "1.2.3.4"}]))
     m.annotate(ANNOTATION_ROLLBACK, "true")
