@@ -86,6 +86,21 @@ def test_every_scheduler_config_setting_from_the_spec_is_named_by_its_spec_field
     assert unnamed == []
 
 
+
+def test_a_triton_model_needs_a_model_repository_source_at_admission_and_by_the_operator():
+    """tritonserver runs --model-repository on the model source's mount: a huggingFace source mounts none, so
+    the pods would crash-loop behind a 30-minute startup budget."""
+    hf = model("small.yaml", engine__runtime="triton")
+    assert hf.spec.model.source.hugging_face is not None
+    assert _refused(_rules("spec"), _wire(hf)) == [api.TRITON_NEEDS_A_MODEL_REPOSITORY]
+    assert spec_problems(hf.spec) == [api.TRITON_NEEDS_A_MODEL_REPOSITORY]
+    repository = model("small.yaml", engine__runtime="triton",
+                       model__source={"pvc": {"claimName": "triton-repo"}})
+    assert _refused(_rules("spec"), _wire(repository)) == [] and spec_problems(repository.spec) == []
+    served = model("small.yaml")  # trtllm-serve downloads from the Hub itself
+    assert _refused(_rules("spec"), _wire(served)) == [] and spec_problems(served.spec) == []
+
+
 # ------------------------------------------------------------------------------ 2. decode.kvCacheSize
 
 

@@ -95,7 +95,7 @@ def _free_form_list(description: str, properties: dict[str, Any] | None = None, 
 
 
 class PVCSource(ApiModel):
-    claim_name: str = Field(min_length=1, description="Name of a PersistentVolumeClaim in the model's namespace holding the checkpoint.")
+    claim_name: str = Field(min_length=1, description="Name of a PersistentVolumeClaim in the model's namespace holding the checkpoint. Every replica of both tiers mounts it (read-only), on several nodes: its access mode must be ReadOnlyMany or ReadWriteMany (with ReadWriteOnce only the pods of the first node start; the others wait on a Multi-Attach error).")
     sub_path: str = Field(default="", description="Directory inside the volume that holds the checkpoint (with its config.json).")
 
 
@@ -109,7 +109,7 @@ class SecretKeyRef(ApiModel):
 
 
 class HuggingFaceSource(ApiModel):
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?$", description="Hugging Face model id, e.g. meta-llama/Llama-3.1-70B-Instruct.")
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?$", description="Hugging Face model id, e.g. meta-llama/Llama-3.1-70B-Instruct. Each engine pod downloads it into an emptyDir (HF_HOME=/cache/huggingface) on its node's disk, again whenever the pod is recreated (a rollout, a drain, a spot reclaim); for a large checkpoint, use a pvc source, or set HF_HOME in engine.env to a path on a shared volume added through podTemplate.volumes.")
     revision: str = Field(default="", description="Git revision (branch, tag or commit) to pin; empty means the default branch.")
     token_secret: SecretKeyRef | None = Field(default=None, description="Secret holding a Hugging Face access token, exposed to the engine as HF_TOKEN.")
 
@@ -567,7 +567,7 @@ class RolloutSpec(ApiModel):
         "second full generation. PairwiseSwap, for GPU-tight clusters: the new generation starts with one replica "
         "per tier (a surge of one), is probed, serves beside the old one (schedulers pair only equal KV formats), "
         "then grows one replica per tier as the old generation shrinks, each step probed, until it has all replicas."))
-    progress_deadline: str = Field(default="15m", pattern=DURATION_PATTERN, description="How long a new generation may take to become Ready and pass its handoff probe before it is rolled back.")
+    progress_deadline: str = Field(default="15m", pattern=DURATION_PATTERN, description="How long a new generation may take to become Ready and pass its handoff probe before it is rolled back. Include the time the engines take to download (huggingFace source) and load the checkpoint: an engine container gets 30 minutes to start (its startupProbe) before it is restarted, so a model that loads in more than 15 minutes needs a longer deadline.")
     drain_timeout: str = Field(default="5m", pattern=DURATION_PATTERN, description="How long after the switch the old generation may finish in-flight KV transfers and decodes; it is kept for rollbackWindow in any case, and deleted after that once idle or at this timeout.")
     rollback_window: str = Field(default="60s", pattern=DURATION_PATTERN, description="How long the previous generation is kept after the switch, so a new generation that fails can be rolled back in one step.")
     error_rate_threshold_percent: int = Field(default=5, ge=1, le=100, description="After the switch and until rollbackWindow ends, roll back when more than this percentage of the requests the schedulers dispatched to the new generation failed (100 turns the check off).")
@@ -610,6 +610,11 @@ def _kv_format_rule(override: str, unset: str, base: str, numeric: bool = False)
     )
 
 
+TRITON_NEEDS_A_MODEL_REPOSITORY = (
+    "engine.runtime triton needs model.source.pvc or hostPath: tritonserver runs on a model repository (its "
+    "config.pbtxt files and engines) mounted from the model source, and a huggingFace source gives the pod "
+    "none; use a pvc or hostPath source holding the repository, or runtime trtllm-serve"
+)
 KV_CACHE_SIZE_NEEDS_ARCHITECTURE = (
     "decode.kvCacheSize needs model.architecture (numLayers, numKvHeads, headDim): Baton turns the size into the "
     "engine's KV token capacity with it, and would otherwise ignore decode.kvCacheSize; set model.architecture, or "
@@ -691,6 +696,13 @@ class DisaggregatedModelSpec(ApiModel):
                        "self.model.architecture.numLayers",
                        f"{tier}.{PIPELINE_STAGE_WITHOUT_LAYERS}", fieldPath=f".{tier}.pipelineParallelSize")
                   for tier in ("prefill", "decode")),
+                # Also checked by the operator (baton.operator.validation.triton_source_problems).
+                _cel(
+                    "!has(self.engine.runtime) || self.engine.runtime != 'triton' || "
+                    "!has(self.model.source.huggingFace)",
+                    TRITON_NEEDS_A_MODEL_REPOSITORY,
+                    fieldPath=".model.source",
+                ),
                 # Also checked by the operator (baton.operator.validation), with the capacity check.
                 _cel(
                     "self.decode.kvCacheSize == '' || has(self.model.architecture)",

@@ -13,6 +13,7 @@ from baton.api.v1alpha1 import (
     EMPTY_QUANTITY,
     GPU_RESOURCE,
     KV_CACHE_SIZE_NEEDS_ARCHITECTURE,
+    TRITON_NEEDS_A_MODEL_REPOSITORY,
     LABEL_KEY_PATTERN,
     LABEL_KEY_SYNTAX,
     LABEL_PREFIX_MAX,
@@ -124,6 +125,13 @@ def pipeline_problems(spec: DisaggregatedModelSpec) -> list[str]:
             for name, t in (("prefill", spec.prefill), ("decode", spec.decode)) if t.pipeline_parallel_size > arch.num_layers]
 
 
+def triton_source_problems(spec: DisaggregatedModelSpec) -> list[str]:
+    """tritonserver needs a model repository from the model source: a huggingFace source mounts none."""
+    if spec.engine.runtime == "triton" and spec.model.source.hugging_face is not None:
+        return [TRITON_NEEDS_A_MODEL_REPOSITORY]
+    return []
+
+
 def kv_cache_size_problems(spec: DisaggregatedModelSpec) -> list[str]:
     """decode.kvCacheSize must be sizable (model.architecture) and hold at least one sequence."""
     size = spec.decode.kv_cache_size
@@ -216,6 +224,7 @@ def spec_problems(spec: DisaggregatedModelSpec) -> list[str]:
     problems.extend(tiers.reserved_volume_overrides(spec))
     problems.extend(pod_label_problems(spec))
     problems.extend(kv_transfer_buffer_problems(spec))
+    problems.extend(triton_source_problems(spec))
     problems.extend(kv_cache_size_problems(spec))
     problems.extend(pipeline_problems(spec))
     problems.extend(scheduler_config_problems(spec))
