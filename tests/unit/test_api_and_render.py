@@ -102,6 +102,34 @@ def test_children_are_pinned_to_their_pools_with_gpus_probes_and_shm():
     assert sts["spec"]["template"]["metadata"]["annotations"]["baton.dev/kv-fingerprint"]
 
 
+
+def _startup_probe(m: DisaggregatedModel, tier: str = "decode") -> dict:
+    gen = derive(m.spec).generation
+    sts = by_name(render_children(target(m)))[f"StatefulSet/{m.metadata['name']}-{tier}-{gen}"]
+    return sts["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+
+
+def test_the_engines_startup_budget_is_engine_startup_timeout_and_changing_it_rolls_in_place():
+    """A 70B checkpoint downloaded from the Hub and loaded can take longer than 30 minutes: startupTimeout
+    raises the startupProbe's budget. It shapes the pods (a new revision, rolled in place), not the KV format
+    (the same generation), and a model that leaves it unset keeps every hash and its pod template."""
+    from baton.render.naming import generation_key
+
+    default = model()
+    probe = _startup_probe(default)
+    assert probe["periodSeconds"] * probe["failureThreshold"] == 30 * 60  # as before the field existed
+    slow = model(engine__startupTimeout="90m")
+    assert _startup_probe(slow)["failureThreshold"] * _startup_probe(slow)["periodSeconds"] == 90 * 60
+    assert _startup_probe(slow, "prefill") == _startup_probe(slow, "decode")
+    assert _startup_probe(model(engine__startupTimeout="95s"))["failureThreshold"] == 10  # rounded up
+    assert generation_key(slow.spec) == generation_key(default.spec) and revision(slow.spec) != revision(default.spec)
+    assert revision(model(engine__startupTimeout="30m").spec) == revision(default.spec)
+    with pytest.raises(ValueError, match="engine.startupTimeout must be at least 1m"):
+        model(engine__startupTimeout="30s")
+    rule = next(r for r in _rules("spec", "engine") if "startupTimeout" in r["rule"])
+    assert not cel_eval(rule["rule"], {"startupTimeout": "30s"}) and cel_eval(rule["rule"], {"startupTimeout": "2h"})
+
+
 def test_scheduler_config_carries_discovery_and_every_routing_setting():
     from baton.scheduler.config import SchedulerConfig
 

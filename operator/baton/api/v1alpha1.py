@@ -200,7 +200,22 @@ class KVTransferSpec(ApiModel):
         return value
 
 
+STARTUP_TIMEOUT_DEFAULT = "30m"
+STARTUP_TIMEOUT_TOO_SHORT = (
+    "engine.startupTimeout must be at least 1m: it is how long an engine container may take to download, load and "
+    "warm up its checkpoint before the kubelet restarts it (its startupProbe)"
+)
+
+
 class EngineSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("!has(self.startupTimeout) || duration(self.startupTimeout) >= duration('1m')",
+                     STARTUP_TIMEOUT_TOO_SHORT, fieldPath=".startupTimeout"),
+            ]
+        }
+    )
     runtime: Literal["trtllm-serve", "triton"] = Field(default="trtllm-serve", description="Serving front end: trtllm-serve (OpenAI-compatible HTTP) or triton (KServe v2, tensorrtllm_backend's request_type and context_phase_params). With triton the engines run `tritonserver --model-repository` on the model source: the model repository's config.pbtxt, not this spec, sets parallelism, KV cache and transfer, and engine options, and rollouts are not probed. NVIDIA's Triton backend moves KV over MPI inside one server, so KV handoff between separately started Triton pods is not something it supports (as of TensorRT-LLM 1.2): prefer trtllm-serve; see docs/scheduler.md.")
     image: str = Field(min_length=1, description="Engine container image, e.g. nvcr.io/nvidia/tensorrt-llm/release:1.2.0.")
     trtllm_version: str = Field(max_length=64, pattern=r"^[0-9]+\.[0-9]+\.[0-9]+([a-z0-9.+-]*)?$", description="TensorRT-LLM version inside the image (e.g. 1.2.0). Both tiers must run the same version: the KV handle format carries no version tag.")
@@ -209,6 +224,14 @@ class EngineSpec(ApiModel):
     speculative_config: KubeObject | None = _free_form("TensorRT-LLM speculative_config, rendered on both tiers (set on one side only, the KV layouts would differ).")
     extra_options: KubeObject | None = _free_form("Extra TensorRT-LLM LLM-API options (the --extra_llm_api_options YAML) merged into both tiers' config. Keys Baton renders itself cannot be overridden here.")
     env: list[KubeObject] = _free_form_list("Extra environment variables (core/v1 EnvVar) for the engine containers of both tiers.")
+    startup_timeout: str = Field(default=STARTUP_TIMEOUT_DEFAULT, pattern=DURATION_PATTERN, description="How long an engine container may take to start (download the checkpoint from a huggingFace source, load it, warm up) before the kubelet restarts it: its startupProbe, checked every 10s. At least 1m. Changing it rolls the tiers' pods in place, not a new generation. Keep rollout.progressDeadline above it, or a new generation that loads slowly is rolled back first.")
+
+    @field_validator("startup_timeout")
+    @classmethod
+    def _startup_timeout_at_least_a_minute(cls, value: str) -> str:
+        if parse_duration(value) < 60:
+            raise ValueError(STARTUP_TIMEOUT_TOO_SHORT)
+        return value
 
 
 # --------------------------------------------------------------------------------------------- tiers
@@ -567,7 +590,7 @@ class RolloutSpec(ApiModel):
         "second full generation. PairwiseSwap, for GPU-tight clusters: the new generation starts with one replica "
         "per tier (a surge of one), is probed, serves beside the old one (schedulers pair only equal KV formats), "
         "then grows one replica per tier as the old generation shrinks, each step probed, until it has all replicas."))
-    progress_deadline: str = Field(default="15m", pattern=DURATION_PATTERN, description="How long a new generation may take to become Ready and pass its handoff probe before it is rolled back. Include the time the engines take to download (huggingFace source) and load the checkpoint: an engine container gets 30 minutes to start (its startupProbe) before it is restarted, so a model that loads in more than 15 minutes needs a longer deadline.")
+    progress_deadline: str = Field(default="15m", pattern=DURATION_PATTERN, description="How long a new generation may take to become Ready and pass its handoff probe before it is rolled back. Include the time the engines take to download (huggingFace source) and load the checkpoint: an engine container gets engine.startupTimeout (30m) to start before it is restarted, so a model that loads in more than 15 minutes needs a longer deadline.")
     drain_timeout: str = Field(default="5m", pattern=DURATION_PATTERN, description="How long after the switch the old generation may finish in-flight KV transfers and decodes; it is kept for rollbackWindow in any case, and deleted after that once idle or at this timeout.")
     rollback_window: str = Field(default="60s", pattern=DURATION_PATTERN, description="How long the previous generation is kept after the switch, so a new generation that fails can be rolled back in one step.")
     error_rate_threshold_percent: int = Field(default=5, ge=1, le=100, description="After the switch and until rollbackWindow ends, roll back when more than this percentage of the requests the schedulers dispatched to the new generation failed (100 turns the check off).")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from baton import __version__
-from baton.api.v1alpha1 import DisaggregatedModelSpec
+from baton.api.v1alpha1 import STARTUP_TIMEOUT_DEFAULT, DisaggregatedModelSpec
 
 Tier = Literal["prefill", "decode"]
 
@@ -93,9 +93,12 @@ def stable_hash(value: Any, length: int = 10) -> str:
 def _engine_fields(spec: DisaggregatedModelSpec, exclude: set[str] | None = None) -> dict[str, Any]:
     """spec.engine as hashed: `kvTransfer.highPrecisionFallback` is a routing setting of the scheduler (it
     reaches the engines in no way), so it counts at its default whatever it is, keeping every hash what it
-    was before the scheduler read it."""
+    was before the scheduler read it; `startupTimeout`, added later, counts only when set to other than its
+    default, for the same reason."""
     engine = spec.engine.model_dump(mode="json", exclude=exclude)
     engine["kv_transfer"]["high_precision_fallback"] = True
+    if engine.get("startup_timeout") == STARTUP_TIMEOUT_DEFAULT:
+        del engine["startup_timeout"]  # hashed only when set otherwise: every hash stays what it was without it
     return engine
 
 
@@ -123,7 +126,7 @@ def generation_key(spec: DisaggregatedModelSpec) -> str:
     return stable_hash(
         {
             "model": spec.model.model_dump(mode="json"),
-            "engine": _engine_fields(spec, exclude={"env"}),
+            "engine": _engine_fields(spec, exclude={"env", "startup_timeout"}),  # both roll in place
             "tiers": {
                 tier: {
                     "engine": spec.tier_engine(tier).model_dump(mode="json"),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from baton import pod_volumes
-from baton.api.units import quantity_or_none
+from baton.api.units import parse_duration, quantity_or_none
 from baton.api.v1alpha1 import DecodeTierSpec, DisaggregatedModelSpec, PrefillTierSpec
 from baton.render import engine_config, yaml_text
 from baton.render.derived import Derived
@@ -22,6 +23,7 @@ from baton.render.naming import (
 )
 
 GPU_RESOURCE = "nvidia.com/gpu"
+PROBE_PERIOD_S = 10  # seconds between two probes of an engine container
 # Decode replicas finish in-flight generations; prefill replicas keep KV until it is pulled.
 TERMINATION_GRACE_S = 120
 # How long tritonserver waits for in-flight requests after SIGTERM before it exits (its own default is 30 s): a
@@ -215,6 +217,11 @@ def merge_env(*sources: list[dict], reserved: frozenset[str] | set[str] = frozen
     return list(merged.values())
 
 
+def startup_probe_failures(spec: DisaggregatedModelSpec) -> int:
+    """The startupProbe's failureThreshold: engine.startupTimeout in probe periods, rounded up."""
+    return math.ceil(parse_duration(spec.engine.startup_timeout) / PROBE_PERIOD_S)
+
+
 def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
     spec = target.spec
     t = tier_spec(spec, tier)
@@ -237,7 +244,7 @@ def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
             f"--metrics-port={t.port + 2}", "--strict-readiness=true", f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}",
         ]
         health = "/v2/health/ready"
-    probe = {"httpGet": {"path": health, "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
+    probe = {"httpGet": {"path": health, "port": "http"}, "periodSeconds": PROBE_PERIOD_S, "timeoutSeconds": 5}
     return {
         "name": "engine",
         "image": spec.tier_engine(tier).image,
@@ -247,8 +254,8 @@ def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
         "env": env,
         "ports": [{"name": "http", "containerPort": t.port, "protocol": "TCP"}],
         "resources": _resources(t),
-        # Model load and warm-up take minutes: give start-up 30 minutes before liveness applies.
-        "startupProbe": {**probe, "failureThreshold": 180},
+        # Download, load and warm-up take minutes: engine.startupTimeout (30 minutes) before liveness applies.
+        "startupProbe": {**probe, "failureThreshold": startup_probe_failures(spec)},
         "readinessProbe": {**probe, "failureThreshold": 3},
         "livenessProbe": {**probe, "failureThreshold": 6},
         "volumeMounts": [*baton_volume_mounts(spec), *t.pod_template.volume_mounts],
