@@ -36,6 +36,15 @@ def proc_start_time(pid: int) -> str | None:
     return None if fields[0] in ("Z", "X") else fields[19]
 
 
+def signal_session(pid: int, sig: int) -> None:
+    """`sig` to the session process `pid` leads (the process and its children); nothing when it is gone or
+    is another user's (not ours to signal)."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def baton_command() -> list[str]:
     """How to run the `baton` CLI of this interpreter's environment."""
     script = Path(sys.executable).with_name("baton")
@@ -139,10 +148,7 @@ class ListeningProcess:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        signal_session(self.proc.pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.wait(timeout=10)
         self._log.close()

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from baton.direct_http import NO_PROXY_OPENER, no_proxy_opener
-from baton.localproc import proc_start_time
+from baton.localproc import proc_start_time, signal_session
 
 LOOPBACK = "127.0.0.1"
 # Fake pod IPs come from this range: inside 127.0.0.0/8, so every pod address is a loopback address.
@@ -70,14 +70,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
-
-
-def _signal_session(pid: int, sig: int) -> None:
-    """`sig` to the session a component leads; nothing when it is gone, or is another user's (not ours)."""
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -220,12 +212,12 @@ class ControlPlane:
         live = self._live_pids(state)
         for component in reversed(COMPONENTS):
             if component in live:
-                _signal_session(live[component], signal.SIGTERM)
+                signal_session(live[component], signal.SIGTERM)
         deadline = time.monotonic() + 10
         while self._live_pids(state) and time.monotonic() < deadline:
             time.sleep(0.1)
         for pid in self._live_pids(state).values():
-            _signal_session(pid, signal.SIGKILL)
+            signal_session(pid, signal.SIGKILL)
         if keep_logs:
             logs = self.dir / "logs"
             for child in self.dir.iterdir() if self.dir.exists() else []:

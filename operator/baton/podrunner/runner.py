@@ -88,7 +88,7 @@ import yaml
 from baton.atomicfile import write_atomic
 from baton.checkout import repo_root
 from baton.direct_http import NO_PROXY_OPENER
-from baton.localproc import proc_start_time
+from baton.localproc import proc_start_time, signal_session
 from baton.model_tokenizer import TOKENIZER_FILE
 from baton.render.engine_config import CONFIG_FILE as ENGINE_CONFIG_FILE
 from baton.render.engine_config import ENGINE_CONFIG_DIR
@@ -166,9 +166,9 @@ def claim_holder_pid(value: str | None) -> int | None:
 def _holder_gone(value: str | None) -> bool:
     """Whether a claim names a runner of this host that no longer runs (SIGKILLed: its claim is within its
     lease, but nothing renews it). A runner elsewhere, or a pid that runs (whoever's), counts as there."""
-    parts = (claim_identity(value) or "").split("/")
-    pid = claim_holder_pid(value)
-    return len(parts) == 3 and parts[0] == socket.gethostname() and pid is not None and proc_start_time(pid) is None
+    pid = claim_holder_pid(value)  # None unless the identity is <host>/<pid>/<object>
+    host = (claim_identity(value) or "").split("/", 1)[0]
+    return pid is not None and host == socket.gethostname() and proc_start_time(pid) is None
 
 
 def claim_live(value: str | None, now: float | None = None) -> bool:
@@ -387,10 +387,7 @@ class TritonVenv:
 
     @staticmethod
     def _kill(proc: subprocess.Popen) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        signal_session(proc.pid, signal.SIGKILL)
 
     def stop(self) -> None:
         """Stop an install in progress (the script is idempotent: the next one starts over)."""
@@ -398,10 +395,7 @@ class TritonVenv:
             self._stopped = True
             proc = self._proc
         if proc is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
+            signal_session(proc.pid, signal.SIGTERM)
         if self._thread is not None:
             self._thread.join(timeout=15)
 
@@ -1094,12 +1088,8 @@ class PodRunner:
 
     @staticmethod
     def _signal(local: LocalProcess, sig: int) -> None:
-        if local.proc is None:
-            return
-        try:
-            os.killpg(local.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if local.proc is not None:
+            signal_session(local.proc.pid, sig)
 
     @classmethod
     def _stop_all(cls, locals_: list[LocalProcess], grace_s: float = STOP_GRACE_S, signalled: bool = False) -> None:
@@ -1167,18 +1157,12 @@ class PodRunner:
             victims.append((pid, start, pidfile, record.get("key", "?")))
         for pid, _, _, key in victims:
             log.warning("stopping %s (pid %d), left running by a runner that died", key, pid)
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
+            signal_session(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while any(proc_start_time(pid) == start for pid, start, _, _ in victims) and time.monotonic() < deadline:
             time.sleep(0.05)
         for pid, start, pidfile, _ in victims:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            signal_session(pid, signal.SIGKILL)
             pidfile.unlink(missing_ok=True)
         return [pid for pid, _, _, _ in victims]
 
