@@ -996,9 +996,7 @@ class TritonClient:
             cached[1].add_done_callback(functools.partial(self._drop_failed_layout, key, cached))
         try:
             return await asyncio.shield(cached[1])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # InferenceServerException, timeouts
+        except Exception as exc:  # InferenceServerException, timeouts (a cancellation is no Exception: it passes)
             from tritonclient.utils import InferenceServerException
 
             if isinstance(exc, InferenceServerException) and not is_transport_failure(exc.message() or "",
