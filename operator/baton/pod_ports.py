@@ -7,6 +7,7 @@ its engine container declares, not the one the spec says now.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,3 +26,14 @@ def http_port(pod: Mapping[str, Any], default: int) -> int:
         if port.get("name") == PORT_NAME and isinstance(port.get("containerPort"), int):
             return int(port["containerPort"])
     return default
+
+
+def format_address(ip: str, port: int) -> str:
+    """host:port of a pod IP, in brackets for IPv6 ([v6]:port): how the scheduler names engine replicas
+    (its /metrics labels too) and how a URL takes the address."""
+    try:
+        if isinstance(ipaddress.ip_address(ip), ipaddress.IPv6Address):
+            return f"[{ip}]:{port}"
+    except ValueError:
+        pass
+    return f"{ip}:{port}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import yaml
 from scheduler_harness import (
@@ -13,6 +14,7 @@ from scheduler_harness import (
     http,
     metric,
     metrics,
+    parse_sse,
     post,
     prompt_ids,
     scheduler_config,
@@ -116,3 +118,42 @@ def test_a_change_made_while_the_tokenizer_loads_is_applied(engines, tmp_path):
     finally:
         hub.close()
         sched.stop()
+
+
+def test_a_replica_taken_out_of_the_lists_counts_its_requests_until_they_end(engines, make_scheduler):
+    """A generation switch takes the old replicas out of the scheduler's lists while requests still run on
+    them: /metrics keeps counting those requests on their replica until they end, which is what the
+    operator waits for before deleting a draining generation (`rollout.in_flight`)."""
+    from baton.operator import rollout
+
+    old, new = engines["decode1"], engines["decode2"]
+    sched = make_scheduler([engines["prefill"]], [old])
+    address = sched.url.removeprefix("http://")
+    answer: dict[str, Any] = {}
+
+    def long_stream() -> None:  # ~4,000 decode steps of ~1 ms: seconds on `old`
+        answer["reply"] = http("POST", sched.url + "/v1/completions", {
+            "model": MODEL, "prompt": prompt_ids(40), "max_tokens": 4000, "stream": True}, timeout=60)
+
+    def counted() -> float:
+        return metric(metrics(sched.url), "baton_scheduler_endpoint_active_requests", endpoint=old.address)
+
+    thread = threading.Thread(target=long_stream, daemon=True)
+    thread.start()
+    wait_for(lambda: counted() == 1, 10, "the stream to start on the old replica")
+    cfg = yaml.safe_load(sched.config_path.read_text())
+    cfg["endpoints"]["static"]["decode"] = [new.address]
+    sched.config_path.write_text(yaml.safe_dump(cfg))
+    wait_for(lambda: metric(metrics(sched.url), "baton_scheduler_endpoint_active_requests", endpoint=new.address,
+                            tier="decode") == 0 and f'endpoint="{new.address}"' in http("GET", sched.url + "/metrics")[2].decode(),
+             10, "the new endpoint list to apply")
+    assert thread.is_alive(), "the stream ended before the lists changed: make it longer"
+    assert counted() == 1, "the replica taken out of the lists no longer counts the request still running on it"
+    by_scheduler, answered = rollout.scheduler_in_flight([address])
+    assert answered == 1 and by_scheduler.get(old.address) == 1, by_scheduler
+    assert rollout.in_flight([old.address], [address]) >= 1
+    thread.join(60)
+    status, _, raw = answer["reply"]
+    assert status == 200 and parse_sse(raw)[-1] == "[DONE]"
+    wait_for(lambda: counted() == 0, 5, "the ended request to leave the count")
+    assert rollout.in_flight([old.address], [address]) == 0

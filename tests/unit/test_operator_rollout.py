@@ -182,6 +182,7 @@ def engines(monkeypatch):
 
     monkeypatch.setattr(rollout, "probe_handoffs", probe_handoffs)
     monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 1)
+    monkeypatch.setattr(rollout, "scheduler_in_flight", lambda schedulers, timeout=2.0: ({}, 0))
     monkeypatch.setattr(rollout, "generation_outcomes", lambda a, g, timeout=2.0: {})
     return calls
 
@@ -1396,3 +1397,30 @@ def test_a_disruption_budget_the_api_server_refuses_is_a_warning_not_a_stalled_m
     m.r.child_list_seconds = 0  # a child-listing period later they are tried again: allowed now, applied
     m.pass_()
     assert {k[2] for k in m.kube.objs if k[0] == "PodDisruptionBudget"} == {"m-prefill", "m-decode", "m-scheduler"}
+
+
+def test_the_previous_generation_stays_while_a_scheduler_has_requests_on_it_that_its_engines_do_not_report(monkeypatch):
+    """trtllm-serve's /metrics may answer [] while a long request runs (it hands out iteration records since
+    the last read, or a buffer only its own collector fills) and Triton has no such records: what the
+    schedulers count on the old replicas keeps the previous generation until they end (or drainTimeout)."""
+    m = Model()
+    m.edit(lambda s: s.setdefault("rollout", {}).update({"drainTimeout": "10m", "rollbackWindow": "5s"}))
+    m.pass_()
+    old = m.ro["servingGeneration"]
+    m.switch("1.2.1")
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 60.0 if ts else 0.0)  # past the window, within the timeout
+    monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 0)  # the engines say nothing
+    old_decode = f"10.0.0.0:{m.obj['spec']['decode'].get('port', 8000)}"  # the old decode tier's first pod
+    seen = []
+
+    def scheduler_in_flight(schedulers, timeout=2.0):
+        seen.append(list(schedulers))
+        return {old_decode: 1}, 1
+
+    monkeypatch.setattr(rollout, "scheduler_in_flight", scheduler_in_flight)
+    m.pass_()
+    assert seen and m.ro["phase"] == "Draining" and old in m.generations(), m.ro
+    assert "drains (0 request" not in m.ro["message"] and "request(s) in flight" in m.ro["message"], m.ro
+    monkeypatch.setattr(rollout, "scheduler_in_flight", lambda schedulers, timeout=2.0: ({}, 1))  # it ended
+    m.pass_()
+    assert m.ro["phase"] == "Serving" and old not in m.generations() and "drained" in m.ro["message"], m.ro

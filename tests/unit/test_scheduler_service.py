@@ -1647,3 +1647,40 @@ def test_a_decode_replica_that_closed_a_handoff_unanswered_is_not_tried_again_fo
         await svc.stop()
 
     run(main())
+
+
+def test_a_replica_back_in_the_lists_after_a_flap_keeps_counting_its_requests_against_its_cap():
+    """A readiness flap takes a decode replica out of the lists and puts it back while its requests still run
+    in the same process: they count against maxActivePerDecodeReplica when it is back (not a fresh 0, which
+    would double the load on it), and /metrics counts them on it all along."""
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 2}\nqueue: {maxWaitSeconds: 10}\n",
+                           prefill=(), decode=("d1:1",))
+        engine.delay = 0.3
+        running, peak = 0, 0
+        post = engine.post
+
+        async def counting(endpoint, path, body, request_id):
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            try:
+                return await post(endpoint, path, body, request_id)
+            finally:
+                running -= 1
+        engine.post = counting
+        short = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2}).encode()
+        first = [asyncio.create_task(svc.complete("completions", short, {})) for _ in range(2)]
+        await until(lambda: running == 2)
+        svc.update_endpoints([], [])  # d1 not Ready for a moment ...
+        assert svc.snapshot()["endpoint_active"][("decode", "d1:1")] == 2
+        svc.update_endpoints([], [Endpoint("d1:1", "decode")])  # ... and back
+        assert svc.snapshot()["endpoint_active"][("decode", "d1:1")] == 2
+        later = [asyncio.create_task(svc.complete("completions", short, {})) for _ in range(2)]
+        replies = await asyncio.gather(*first, *later)
+        assert [r.status for r in replies] == [200] * 4
+        assert peak == 2, f"{peak} requests ran at once on a replica capped at 2"
+        assert svc.snapshot()["endpoint_active"][("decode", "d1:1")] == 0
+        await svc.stop()
+
+    run(main())

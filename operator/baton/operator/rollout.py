@@ -148,7 +148,11 @@ def probe_handoffs(prefill: list[str], decode: list[str], model: str, timeout: f
 
 
 def active_requests(address: str, timeout: float = 3.0) -> int:
-    """Requests an engine still holds (running or queued), from its /metrics; 0 when unreachable."""
+    """Requests an engine still holds (running or queued), from the last iteration record of its /metrics;
+    0 when unreachable, when it has no record, or when it is no trtllm-serve (Triton). trtllm-serve's
+    /metrics hands out the iteration records since it was last read (or, with `return_perf_metrics`, a
+    buffer its own collector fills), so an engine busy with long requests may well answer `[]`: this is
+    only a lower bound, see `in_flight`."""
     try:
         with NO_PROXY_OPENER.open(f"http://{address}/metrics", timeout=timeout) as resp:
             stats = json.loads(resp.read())
@@ -158,6 +162,44 @@ def active_requests(address: str, timeout: float = 3.0) -> int:
         last = stats[-1]
         return int(last.get("numActiveRequests", 0)) + int(last.get("numQueuedRequests", 0))
     return 0
+
+
+ENDPOINT_ACTIVE = "baton_scheduler_endpoint_active_requests"
+ENDPOINT_HELD = "baton_scheduler_endpoint_held_requests"
+
+
+def scheduler_in_flight(schedulers: list[str], timeout: float = 2.0) -> tuple[dict[str, int], int]:
+    """Requests the schedulers have in flight on each engine replica (by address), held prefill results
+    counted with their prefill replica, summed over the schedulers; and how many schedulers answered."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, int] = {}
+    answered = 0
+    for address in schedulers:
+        try:
+            with NO_PROXY_OPENER.open(f"http://{address}/metrics", timeout=timeout) as resp:
+                text = resp.read().decode("utf-8", "replace")
+            families = list(text_string_to_metric_families(text))
+        except (OSError, ValueError):
+            continue
+        answered += 1
+        for family in families:
+            for sample in family.samples:
+                if sample.name in (ENDPOINT_ACTIVE, ENDPOINT_HELD) and sample.value > 0:
+                    endpoint = sample.labels.get("endpoint", "")
+                    counts[endpoint] = counts.get(endpoint, 0) + int(sample.value)
+    return counts, answered
+
+
+def in_flight(engines: list[str], schedulers: list[str]) -> int:
+    """Requests still in flight on the engine replicas `engines` (host:port): per replica the larger of
+    what the schedulers say they have on it (their own count of requests they sent there, also after the
+    replica left their endpoint lists) and what the engine's /metrics says (`active_requests`: requests
+    from elsewhere, and what is left when no scheduler answers)."""
+    if not engines:
+        return 0
+    by_scheduler, _ = scheduler_in_flight(schedulers)
+    return sum(max(by_scheduler.get(address, 0), active_requests(address)) for address in engines)
 
 
 GENERATION_REQUESTS = "baton_scheduler_generation_requests_total"

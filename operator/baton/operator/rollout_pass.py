@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from baton.api.units import parse_duration
 from baton.operator import events, rollout, status
 from baton.render.naming import LABEL_GENERATION, LABEL_TIER, revision
-from baton.pod_ports import http_port
+from baton.pod_ports import format_address, http_port
 
 if TYPE_CHECKING:
     from baton.operator.reconciler import Reconciler
@@ -221,12 +221,17 @@ class RolloutPass:
             labels = pod.get("metadata", {}).get("labels") or {}
             ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in pod.get("status", {}).get("conditions") or [])
             if labels.get(LABEL_GENERATION) == gen and labels.get("baton.dev/tier") == tier and ready and pod["status"].get("podIP"):
-                out.append(f"{pod['status']['podIP']}:{http_port(pod, port)}")
+                out.append(format_address(pod["status"]["podIP"], http_port(pod, port)))
         return sorted(out)
+
+    def _in_flight(self, gen: str) -> int:
+        """Requests still in flight on generation `gen`'s engines (see `rollout.in_flight`)."""
+        engines = [a for t in ("prefill", "decode") for a in self._pod_addresses(gen, t)]
+        return rollout.in_flight(engines, self._scheduler_addresses()) if engines else 0
 
     def _scheduler_addresses(self) -> list[str]:
         pods = self._pods()
-        return sorted(f"{p['status']['podIP']}:{http_port(p, self.spec.scheduler.port)}" for p in pods
+        return sorted(format_address(p["status"]["podIP"], http_port(p, self.spec.scheduler.port)) for p in pods
                       if (p.get("metadata", {}).get("labels") or {}).get(LABEL_TIER) == "scheduler"
                       and p.get("status", {}).get("podIP"))
 
@@ -382,7 +387,7 @@ class RolloutPass:
                 self.ro["previousGeneration"] = ""
             return False
         since = _age(self.ro.get("switchedAt", ""))
-        in_flight = sum(rollout.active_requests(a) for t in ("prefill", "decode") for a in self._pod_addresses(previous, t))
+        in_flight = self._in_flight(previous)
         if in_flight and since < parse_duration(self.spec.rollout.drain_timeout):
             return True
         self.r.delete_generation(self.ns, self.name, previous)
@@ -503,7 +508,7 @@ class RolloutPass:
         since = _age(self.ro.get("switchedAt", ""))
         window = parse_duration(self.spec.rollout.rollback_window)
         timeout = parse_duration(self.spec.rollout.drain_timeout)
-        in_flight = sum(rollout.active_requests(a) for t in ("prefill", "decode") for a in self._pod_addresses(previous, t))
+        in_flight = self._in_flight(previous)
         # The previous generation stays for the whole rollback window (a failing new generation is rolled
         # back onto it); after that it goes once idle, or at the drain timeout with requests in flight.
         if since >= window and (in_flight == 0 or since >= timeout):

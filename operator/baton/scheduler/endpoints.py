@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import logging
 import threading
@@ -21,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from baton.pod_ports import PORT_NAME, engine_container, http_port
+from baton.pod_ports import PORT_NAME, engine_container, format_address, http_port
 from baton.scheduler.config import EndpointsConfig, KubernetesEndpoints
 
 log = logging.getLogger("baton.scheduler.endpoints")
@@ -74,15 +73,6 @@ class Endpoint:
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.address.rpartition(":")
         return host.strip("[]"), int(port)
-
-
-def format_address(ip: str, port: int) -> str:
-    try:
-        if isinstance(ipaddress.ip_address(ip), ipaddress.IPv6Address):
-            return f"[{ip}]:{port}"
-    except ValueError:
-        pass
-    return f"{ip}:{port}"
 
 
 class PodInfo(NamedTuple):

@@ -116,6 +116,14 @@ class _StateCollector(Collector):
         for (tier, address), value in s.get("endpoint_active", {}).items():
             g.add_metric([tier, address], value)
         yield g
+        g = GaugeMetricFamily(
+            f"{PREFIX}_endpoint_held_requests",
+            "Finished prefills held for a decode slot, per prefill replica (their KV cache is still on it)",
+            labels=["endpoint"],
+        )
+        for address, value in s.get("endpoint_held", {}).items():
+            g.add_metric([address], value)
+        yield g
         g = GaugeMetricFamily(f"{PREFIX}_endpoints", "Known engine replicas by health", labels=["tier", "state"])
         for (tier, state), value in s.get("endpoints", {}).items():
             g.add_metric([tier, state], value)

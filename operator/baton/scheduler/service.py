@@ -338,6 +338,10 @@ class SchedulerService:
         self._hold_retirement: asyncio.Task[Any] | None = None  # the latest hold store retirement
         self.prefill: dict[str, ReplicaState] = {}
         self.decode: dict[str, ReplicaState] = {}
+        # Replicas that left the endpoint lists (a generation switch, a scale-down) with requests still in
+        # flight on them: their counts stay in /metrics until those end, which is how the operator knows a
+        # generation it is draining still serves (an engine's own /metrics need not say so).
+        self._departed: dict[tuple[str, str], list[ReplicaState]] = {}
         self._prefill_eps: list[Endpoint] = []
         self._decode_eps: list[Endpoint] = []
         self.rings: dict[str, tuple[str, ...]] = {}
@@ -689,6 +693,9 @@ class SchedulerService:
             out = {}
             for ep in eps:
                 state = old.get(ep.address)
+                if state is None:
+                    # back in the lists (a readiness flap): its requests still in flight count against its cap
+                    state = self._rejoining(ep)
                 if state is not None and state.endpoint != ep and state.endpoint.pod == ep.pod:
                     # The same pod, described anew (a pod lookup that failed before now answered): the
                     # same process, whose sequences in flight and held KV are still there.
@@ -700,8 +707,12 @@ class SchedulerService:
                 out[ep.address] = state
             return out
 
-        self.prefill = merge(self.prefill, prefill)
-        self.decode = merge(self.decode, decode)
+        new_prefill, new_decode = merge(self.prefill, prefill), merge(self.decode, decode)
+        for tier, old, new in ((PREFILL, self.prefill, new_prefill), (DECODE, self.decode, new_decode)):
+            for address, state in old.items():
+                if state.active and new.get(address) is not state:
+                    self._departed.setdefault((tier, address), []).append(state)
+        self.prefill, self.decode = new_prefill, new_decode
         self._prefill_eps, self._decode_eps = list(prefill), list(decode)
         if had_decode and not self._healthy_decode():
             self._decode_settle_until = self.clock() + DECODE_SETTLE_S
@@ -976,14 +987,44 @@ class SchedulerService:
                 # against the cap in force (halved while decode is throttled): 1.0 is "no room"
                 DECODE: active_d / (self._decode_cap() * healthy_d) if healthy_d else 0.0,
             },
-            "endpoint_active": {
-                **{(PREFILL, a): r.active for a, r in self.prefill.items()},
-                **{(DECODE, a): r.active for a, r in self.decode.items()},
-            },
+            "endpoint_active": self._endpoint_active(),
+            "endpoint_held": self._endpoint_held(),
             "endpoints": endpoints,
             "decode_tpot_p95": p95 if p95 is not None else float("nan"),
             "decode_throttled": self.decode_throttled(),
         }
+
+    def _rejoining(self, ep: Endpoint) -> ReplicaState | None:
+        """The state of a replica that left the lists with requests in flight and is back: the same pod
+        (or the same static address), whose requests still run there; None otherwise."""
+        states = self._departed.get((ep.tier, ep.address))
+        for state in states or ():
+            if state.active and state.endpoint.pod == ep.pod:
+                states.remove(state)
+                if not states:
+                    del self._departed[(ep.tier, ep.address)]
+                return state
+        return None
+
+    def _endpoint_active(self) -> dict[tuple[str, str], int]:
+        """Requests in flight per (tier, replica address): the listed replicas', and those of replicas that
+        left the lists with requests still in flight (until they end)."""
+        out = {(PREFILL, a): r.active for a, r in self.prefill.items()}
+        out.update({(DECODE, a): r.active for a, r in self.decode.items()})
+        for key, states in list(self._departed.items()):
+            states[:] = [r for r in states if r.active]
+            if not states:
+                del self._departed[key]
+                continue
+            out[key] = out.get(key, 0) + sum(r.active for r in states)
+        return out
+
+    def _endpoint_held(self) -> dict[str, int]:
+        """Prefill results held for a decode slot, per prefill replica (their KV is still on it)."""
+        out: dict[str, int] = {}
+        for hold in self.holds.held():
+            out[hold.prefill] = out.get(hold.prefill, 0) + 1
+        return out
 
     def debug_state(self) -> dict[str, Any]:
         def replica(r: ReplicaState) -> dict[str, Any]:
