@@ -101,7 +101,7 @@ def context_iterations(records: list[dict]) -> list[tuple[int, int, int]]:
     """(context requests, context tokens, generation requests) of each iteration that ran a prefill."""
     out = []
     for r in records:
-        stats = r.get("inflightBatchingStats")  # the last record is a snapshot without one
+        stats = r.get("inflightBatchingStats")
         if stats and stats["numContextRequests"]:
             out.append((stats["numContextRequests"], stats["numCtxTokens"], stats["numGenRequests"]))
     return out

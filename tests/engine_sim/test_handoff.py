@@ -165,9 +165,8 @@ def test_mismatched_tiers_are_rejected_and_counted(ctx, bad_gens, name):
     assert status == 400
     assert err["message"].startswith("Disagg server does not currently support these cacheState")
     assert MISMATCHES[name][2] in err["message"]
-    # counted in /metrics (cumulative counter) and visible in /perf_metrics
-    status, metrics = bad.get("/metrics")
-    assert metrics[-1]["sim"]["kvFormatRejections"] == before + 1
+    # counted (cumulative counter in /_sim/state) and visible in /perf_metrics
+    assert bad.state()["counters"]["kvFormatRejections"] == before + 1
     rejected = [r for r in bad.get("/perf_metrics")[1] if r["status"] == "rejected"]
     assert len(rejected) == 1 and rejected[0]["error"] == err["message"]
     # the gen side told the ctx side in the handshake: the context request failed there and its KV is freed

@@ -43,8 +43,8 @@ def test_loadgen_records_every_target_kind(tmp_path: Path) -> None:
                           max_seconds=10),
         ]}
         phases = {p["name"]: p for p in sb.run_loadgen(spec, tmp_path, "e2e")}
-        with urllib.request.urlopen(f"http://{prefill.address}/metrics", timeout=10) as answer:
-            prefill_stats = json.loads(answer.read())[-1]["sim"]
+        with urllib.request.urlopen(f"http://{prefill.address}/_sim/state", timeout=10) as answer:
+            prefill_stats = json.loads(answer.read())["counters"]
     finally:
         cluster.stop()
 

@@ -154,7 +154,7 @@ class SimServer:
         })
 
     async def metrics(self, request: Request) -> Response:
-        return _json(self.engine.drain_iteration_stats() + [self.engine.snapshot()])
+        return _json(self.engine.drain_iteration_stats())  # as trtllm-serve: [] when nothing ran since
 
     async def perf_metrics(self, request: Request) -> Response:
         return _json(self.engine.drain_perf())
