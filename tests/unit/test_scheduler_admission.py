@@ -205,6 +205,9 @@ def test_retry_after_is_clamped():
     assert retry_after_seconds(0, 0) == 1
     assert retry_after_seconds(100, 10) == 10
     assert retry_after_seconds(10_000, 1) == 30
+    # a completion rate decayed to a denormal (two hours without a completion): depth / rate is inf
+    assert retry_after_seconds(256, 1e-310) == 30
+    assert retry_after_seconds(1, 5e-324) == 30
 
 
 def test_a_waiter_that_can_never_be_served_fails_without_breaking_notify():

@@ -1684,3 +1684,26 @@ def test_a_replica_back_in_the_lists_after_a_flap_keeps_counting_its_requests_ag
         await svc.stop()
 
     run(main())
+
+
+def test_a_queue_full_after_hours_without_a_completion_is_a_429_with_retry_after_not_a_500():
+    """The completion rate Retry-After divides by decays towards 0 while nothing completes; about two
+    hours on it is a denormal float and depth / rate overflows: still 429 queue_full, Retry-After 30."""
+    async def main():
+        clock = [0.0]
+        cfg = parse_config("model: m\nbackpressure: {maxActivePerDecodeReplica: 1}\n"
+                           "queue: {maxWaitSeconds: 0.05, maxDepth: 1}\n")
+        svc = SchedulerService(cfg, engine=FakeEngine(), discover=False, clock=lambda: clock[0])
+        svc.update_endpoints([], [Endpoint("d1:1", "decode")])
+        svc.completions.tick()  # a request completed, long ago
+        clock[0] = 7200.0  # two hours without a completion (engines wedged)
+        svc.decode["d1:1"].active = 1  # decode full
+        waiting = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        await asyncio.sleep(0.01)
+        second = await svc.complete("completions", long_request(5), {})
+        first = await waiting
+        assert (second.status, second.headers.get("Retry-After")) == (429, "30"), second.body
+        assert first.status == 429 and first.headers.get("Retry-After"), first.body  # its wait timed out
+        await svc.stop()
+
+    run(main())

@@ -356,4 +356,7 @@ def retry_after_seconds(queue_depth: int, completions_per_s: float, lo: int = 1,
     """Retry-After hint for a 429: time to drain the queue at the recent completion rate, clamped."""
     if completions_per_s <= 0:
         return min(hi, max(lo, 1 + queue_depth // 10))
-    return int(min(hi, max(lo, math.ceil(queue_depth / completions_per_s))))
+    seconds = queue_depth / completions_per_s
+    if not seconds < hi:  # also inf: a rate decayed to a denormal after hours without a completion
+        return hi
+    return int(max(lo, math.ceil(seconds)))
