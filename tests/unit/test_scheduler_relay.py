@@ -297,6 +297,24 @@ def test_a_stream_cut_after_its_done_event_ends_as_the_whole_answer_it_is():
     asyncio.run(scenario())
 
 
+def test_a_connection_lost_after_the_done_event_ends_the_stream_as_the_whole_answer_it_is():
+    """The engine sent [DONE], then its connection broke before the end of its chunked response: the client
+    has the whole answer, with no error event after [DONE], and the replica is not blamed."""
+    async def scenario():
+        broken = []
+        resp, sink, endings = FakeEngineResponse(), FakeSink(), []
+        relay = StreamRelay(resp, event(0), "127.0.0.9:8000", 0.05, time.monotonic,
+                            on_broken=lambda exc: broken.append(exc) or str(exc),
+                            on_finish=lambda outcome, r: endings.append((outcome, r.events)))
+        relay.start(sink)
+        resp.on_data(event(1) + DONE)
+        resp.on_error(ConnectionResetError("reset by peer"))
+        assert sink.body().endswith(DONE) and b"stream_interrupted" not in sink.body()
+        assert endings == [("completed", 3)] and broken == [] and resp.released
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("split", [None, 3, 9])
 def test_a_token_that_reads_done_does_not_end_the_stream(split):
     async def scenario():

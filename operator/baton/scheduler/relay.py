@@ -254,6 +254,10 @@ class StreamRelay:
             self._end_at_error_event(complete=True)
             return
         held = self._take_held()
+        if self.done:  # [DONE] came: the answer is whole, whatever became of the rest of the engine's response
+            self.sink.end(held)
+            self._finish("completed")
+            return
         message = self.on_broken(exc)
         self.sink.end(held + sse_error(f"decode replica {self.address} failed mid-stream: {message}",
                                        "engine_error", "stream_interrupted"))
