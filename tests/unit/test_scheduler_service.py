@@ -1707,3 +1707,54 @@ def test_a_queue_full_after_hours_without_a_completion_is_a_429_with_retry_after
         await svc.stop()
 
     run(main())
+
+
+def test_a_held_prefill_whose_whole_ring_failed_resumes_on_another_healthy_decode_replica_at_once():
+    """Rings p1->d1, p2->d2; a prefill result held on p1 waits for d1, which then fails: the handle goes to d2
+    (same KV format and generation) as soon as it has room, not after the hold TTL, and is not prefilled again."""
+    from baton.scheduler.engines import EngineFailure
+
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\ndegradation: {holdTtlSeconds: 5}\n",
+                           prefill=("p1:1", "p2:1"), decode=("d1:1", "d2:1"))
+        svc.decode["d1:1"].active = svc.decode["d2:1"].active = 1  # both full: the prefill result is held
+        t0 = time.monotonic()
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: len(svc.holds) == 1)
+        held_on = engine.calls[0][0]
+        ring = svc.rings[held_on][0]
+        other = "d2:1" if ring == "d1:1" else "d1:1"
+        svc._engine_failed(EngineFailure(svc.decode[ring].endpoint, "refused", kind="connection"), svc.decode[ring])
+        svc.decode[other].active = 0
+        svc.decode_queue.notify()
+        reply = await task
+        assert reply.status == 200 and reply.headers["X-Baton-Decode-Endpoint"] == other
+        assert time.monotonic() - t0 < 2, "the hold waited for its failed ring"
+        assert [k for _, k in engine.calls] == ["context_only", "generation_only"]  # no second prefill
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_held_prefill_never_resumes_on_a_decode_replica_of_another_kv_format():
+    """The fallback outside a failed ring keeps to the prefill's KV format: with only another format's decode
+    replica healthy, the hold waits (and expires) rather than pair across formats."""
+    from baton.scheduler.engines import EngineFailure
+
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\ndegradation: {holdTtlSeconds: 0.3}\n")
+        svc.retry_budget.try_spend = lambda: False  # no second prefill: the expiry answers
+        svc.update_endpoints([Endpoint("p1:1", "prefill", fingerprint="a")],
+                             [Endpoint("d1:1", "decode", fingerprint="a"), Endpoint("d2:1", "decode", fingerprint="b")])
+        svc.decode["d1:1"].active = 1
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: len(svc.holds) == 1)
+        svc._engine_failed(EngineFailure(svc.decode["d1:1"].endpoint, "refused", kind="connection"),
+                           svc.decode["d1:1"])
+        svc.decode_queue.notify()
+        reply = await task
+        assert reply.status == 503 and reply.headers.get("X-Baton-Error") == "hold_expired", reply.body
+        assert "d2:1" not in [a for a, _ in engine.calls]
+        await svc.stop()
+
+    run(main())

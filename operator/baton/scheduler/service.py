@@ -1450,18 +1450,26 @@ class SchedulerService:
 
     def _held_ring(self, prefill: ReplicaState, ring: tuple[str, ...], excluded: set[str]) -> list[str]:
         """The decode replicas a held handle may go to now: its prefill's current ring (or the ring it was
-        held with), less pairs known to be KV-incompatible and pairs that already failed this request. An
-        empty current ring stays empty (no decode replica of its KV format and generation is left): the
-        ring it was held with may now hold replicas of another."""
+        held with), less pairs known to be KV-incompatible and pairs that already failed this request; when
+        none of those is healthy, the healthy decode replicas of the prefill's KV format and generation
+        outside it. Never the ring it was held with once the rings changed: that may now hold replicas of
+        another format."""
         if self.prefill.get(prefill.address) is not prefill:
             # The prefill replica left the endpoint lists (a generation switch, a pod no longer ready: one that
             # restarts comes back with an empty cache) or another engine answers at its address: the handle's
             # KV left with it.
             raise _StrandedHold()
-        return [
-            d for d in self.rings.get(prefill.address, ring)
-            if self._pair_ok(prefill.address, d) and not (excluded and f"{prefill.address}->{d}" in excluded)
-        ]
+        def usable(d: str) -> bool:
+            return self._pair_ok(prefill.address, d) and not (excluded and f"{prefill.address}->{d}" in excluded)
+
+        current = [d for d in self.rings.get(prefill.address, ring) if usable(d)]
+        if any((r := self.decode.get(d)) is not None and r.healthy for d in current):
+            return current
+        # Every decode replica of its ring failed (or none is left): any healthy one of the same KV format and
+        # generation may take the handle, rather than the request waiting out the hold TTL for its ring to
+        # heal while other pairs idle (the ring only bounds cross-traffic; the KV is already computed).
+        pairing = prefill.endpoint.pairing
+        return [a for a, r in self.decode.items() if r.healthy and r.endpoint.pairing == pairing and usable(a)]
 
     async def _hold(self, ctx: _Ctx, prefill: ReplicaState, handle: dict[str, Any],
                     ring: tuple[str, ...]) -> _DecodeLease | None:
