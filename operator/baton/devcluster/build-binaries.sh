@@ -11,7 +11,7 @@ K8S=1.37.2
 STG=v0.37.2
 ETCD=v3.6.16
 KWOK=v0.8.0
-HELM=v3.22.0
+HELM=v3.21.4  # not v3.22.0: served by the module proxy, but not approved for use here
 PROMETHEUS_OPERATOR=v0.94.1  # only its ServiceMonitor and PrometheusRule CRDs, to check the chart against
 MINOR=${K8S#1.}; MINOR=${MINOR%%.*}
 KEY="k8s-$K8S-etcd-$ETCD-kwok-$KWOK-helm-$HELM"
