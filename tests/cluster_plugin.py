@@ -118,14 +118,21 @@ def cluster() -> Iterator[Cluster]:
     plane = ControlPlane(bin_dir=binaries.ensure_built(), name=CLUSTER_NAME)
     started_here = not plane.is_healthy()
     kubeconfig = plane.up(timeout=180)
-    os.environ["KUBECONFIG"] = str(kubeconfig)
-    os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
-    os.environ["PATH"] = f"{plane.bin_dir}:{os.environ['PATH']}"
-    api_client = config.new_client_from_config(config_file=str(kubeconfig))
-    c = Cluster(kubeconfig=kubeconfig, plane=plane, api_client=api_client)
-    names = pools.apply_pools(c.core, pools.load_pools())
-    wait_nodes_ready(c.core, names, timeout=120)
-    c.apply_crd(crd_module.crd())
+    try:
+        os.environ["KUBECONFIG"] = str(kubeconfig)
+        os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+        os.environ["PATH"] = f"{plane.bin_dir}:{os.environ['PATH']}"
+        api_client = config.new_client_from_config(config_file=str(kubeconfig))
+        c = Cluster(kubeconfig=kubeconfig, plane=plane, api_client=api_client)
+        names = pools.apply_pools(c.core, pools.load_pools())
+        wait_nodes_ready(c.core, names, timeout=120)
+        c.apply_crd(crd_module.crd())
+    except BaseException:
+        # Its components run in sessions of their own: left up, they would outlive the run and take the
+        # CPUs from every test after this one.
+        if started_here:
+            plane.down(keep_logs=True)
+        raise
     yield c
     if started_here and os.environ.get("BATON_KEEP_CLUSTER") != "1":
         plane.down()
