@@ -9,11 +9,14 @@ import importlib.util
 import json
 import re
 import sys
+import tempfile
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
+from baton.engine_sim.triton_frontend import WORKSPACE_PREFIX
 from cluster_plugin import REPO, load_example, wait_for
 from process_harness import alive, session_pids
 from test_data_plane import ReadyHistory, _post, _ready_model, _scheduler_ready, _scheduler_url
@@ -34,6 +37,11 @@ def _triton_harness():
         sys.modules["triton_harness"] = module
         spec.loader.exec_module(module)
     return sys.modules["triton_harness"]
+
+
+def _triton_workspaces() -> list[Path]:
+    """The Triton front ends' workspaces in the temp dir that say which simulator made them."""
+    return [p for p in Path(tempfile.gettempdir()).glob(f"{WORKSPACE_PREFIX}*") if p.joinpath("owner").is_file()]
 
 
 def _get(url, timeout=5):
@@ -140,6 +148,9 @@ def test_a_triton_model_serves_through_triton_fronted_engines_on_the_local_clust
         pod = cluster.core.read_namespaced_pod(decode, namespace)
         return next(c for c in pod.status.conditions if c.type == "Ready")
 
+    killed_pid = pod_runner.processes[f"{namespace}/{decode}"].proc.pid
+    workspaces = [p for p in _triton_workspaces() if p.joinpath("owner").read_text().split()[0] == str(killed_pid)]
+    assert len(workspaces) == 1, workspaces  # PyTriton's model store, sockets and tritonserver copy (~20 MB)
     pod_runner.kill(namespace, decode)
     wait_for(lambda: decode_ready().reason == "ProcessExited", 30, what="decode pod unready with ProcessExited")
     assert decode_ready().status == "False"
@@ -148,3 +159,5 @@ def test_a_triton_model_serves_through_triton_fronted_engines_on_the_local_clust
     status, headers, _ = wait_for(lambda: _post(f"{url}/v1/completions", {"model": "llama-3-8b", "prompt": "Hi again", "max_tokens": 3}),
                                   30, what="the scheduler serving through the restarted engine")
     assert status == 200 and headers["X-Baton-Decode-Endpoint"] == f"{decode_ip}:{PORT}"
+    # SIGKILL skipped every cleanup: the restarted engine removed the killed one's workspace
+    assert not workspaces[0].exists(), f"{workspaces[0]} of the killed engine is still there"

@@ -94,6 +94,7 @@ from baton.engine_sim.handoff import OpaqueState, decode_opaque, encode_opaque
 from baton.engine_sim.server import SimServer
 from baton.engine_sim.transfer_server import KVTransferServer
 from baton.http1.server import Handler, Headers, Request, Response
+from baton.localproc import proc_start_time
 
 log = logging.getLogger("baton.engine_sim.triton")
 
@@ -572,8 +573,11 @@ class TritonFrontend:
         # PyTriton's extra model instances wait one second for instance 0's handshake socket and fail to load
         # when they lose that race (likely on a busy machine); with several instances, start over a few times.
         attempts = 3 if self.opts.context_instances > 1 else 1
+        for path in sweep_stale_workspaces():
+            log.info("removed the Triton workspace of a simulator that is gone",
+                     extra={"fields": {"event": "stale_workspace_removed", "path": path}})
         for attempt in range(1, attempts + 1):
-            self._workspace = tempfile.mkdtemp(prefix="baton-triton-")
+            self._workspace = new_workspace()
             # The models go in the model store before Triton starts and load with it: readiness is never true
             # without them (PyTriton's default loads them after the server answers, ready with no models).
             self.triton = Triton(config=triton_config, workspace=f"{self._workspace}/workspace",
@@ -782,6 +786,45 @@ class TritonFrontend:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
+WORKSPACE_PREFIX = "baton-triton-"
+WORKSPACE_OWNER = "owner"  # "<pid> <start time>" of the simulator that made the workspace
+
+
+def new_workspace() -> str:
+    """A fresh directory for PyTriton's workspace (its model store, sockets, a copy of tritonserver: ~20 MB),
+    marked with this process: `stop()` removes it, and should the process be killed (SIGKILL skips every
+    cleanup) the next simulator to start on the machine does (`sweep_stale_workspaces`)."""
+    path = tempfile.mkdtemp(prefix=WORKSPACE_PREFIX)
+    pid = os.getpid()
+    with open(os.path.join(path, WORKSPACE_OWNER), "w") as handle:
+        handle.write(f"{pid} {proc_start_time(pid)}\n")
+    return path
+
+
+def sweep_stale_workspaces(root: str | None = None) -> list[str]:
+    """Remove the workspaces under `root` (the temp dir) of simulators no longer running, as their owner
+    file says (a reused pid has another start time); a directory without one is left alone. The paths
+    removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(root or tempfile.gettempdir()))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(WORKSPACE_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            with open(os.path.join(entry.path, WORKSPACE_OWNER)) as handle:
+                pid, started = handle.read().split()
+            owner_alive = proc_start_time(int(pid)) == started
+        except (OSError, ValueError):
+            continue  # being made right now, or not made by this code
+        if not owner_alive:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
 def main(argv: list[str]) -> int:
     """`baton engine-sim --sim-frontend triton ...` (the flag itself already removed by engine_sim.main)."""
     if "-h" in argv or "--help" in argv:
