@@ -117,6 +117,25 @@ def test_decode_killed_before_the_answer_is_retried_on_another_pair(fresh_engine
     assert metric(values, "baton_scheduler_requests_total", outcome="failed") == 0
 
 
+def test_a_decode_engine_whose_executor_is_gone_is_retried_elsewhere_not_passed_on_as_the_clients_400(
+        fresh_engines, make_scheduler):
+    """trtllm-serve whose executor died answers every request 400 "LLM is shutting down" (its /health may well
+    still say 200 for a while): each request that meets it goes to the other replica, and the client never sees
+    that 400 as its own mistake."""
+    prefill, d1, d2 = fresh_engines
+    sched = make_scheduler([prefill], [d1, d2], heartbeatSeconds=3600)  # no probe finds it first
+    assert http("POST", d1.url + "/_sim/fatal", {"reason": "xid 79: GPU has fallen off the bus"})[0] == 200
+    status, _, err = post(d1.url + "/v1/completions", {"model": MODEL, "prompt": prompt_ids(10), "max_tokens": 2})
+    assert status == 400 and err["message"] == "LLM is shutting down", err  # what the scheduler meets
+    answers = [post(sched.url + "/v1/completions", {"model": MODEL, "prompt": prompt_ids(n, n), "max_tokens": 2})
+               for n in (20, 30, 40, 50, 600, 700)]  # local and disaggregated
+    assert [a[0] for a in answers] == [200] * 6, [a[2] for a in answers if a[0] != 200]
+    assert {a[1]["X-Baton-Decode-Endpoint"] for a in answers} == {d2.address}
+    values = metrics(sched.url)
+    assert metric(values, "baton_scheduler_retries_total") >= 1  # it met the gone one at least once
+    assert metric(values, "baton_scheduler_requests_total", outcome="invalid") == 0
+
+
 def test_incompatible_kv_formats_fail_with_the_engines_error(engines, make_scheduler):
     prefill, decode16 = engines["prefill"], engines["decode_fp16"]  # fp8 KV vs fp16 KV
     sched = make_scheduler([prefill], [decode16])

@@ -46,6 +46,10 @@ CTX_AND_GEN = "context_and_generation"
 CTX_ONLY = "context_only"
 GEN_ONLY = "generation_only"
 REQUEST_TYPES = (CTX_AND_GEN, CTX_ONLY, GEN_ONLY)
+# What a request to an engine in the fatal state gets (a 400 BadRequestError): trtllm-serve's LLM.generate_async
+# raises it once the executor has shut down, and the server answers that like any failed generation. The
+# scheduler knows the text: a replica failure, retried elsewhere, not the client's mistake.
+ENGINE_GONE = "LLM is shutting down"
 
 QUEUED, PREFILL, TRANSFER, DECODE, FINISHED = range(5)
 _LIVE = (PREFILL, TRANSFER, DECODE)
@@ -287,7 +291,7 @@ class Engine:
     def _submit(self, kind, prompt, max_tokens, x_request_id, stream, handle, first_tokens, on_change) -> Seq:
         cfg = self.cfg
         if self.fatal is not None:
-            raise EngineError(f"engine is in a fatal state: {self.fatal}", 503, "ServiceUnavailableError")
+            raise EngineError(ENGINE_GONE, 400, "BadRequestError")  # see ENGINE_GONE
         if kind not in REQUEST_TYPES:
             raise EngineError(f"unknown disaggregated_params.request_type {kind!r}")
         if kind == CTX_ONLY and cfg.overlap_enabled:

@@ -26,6 +26,7 @@ from baton.engine_sim.config import SimConfig
 from baton.engine_sim.engine import (
     CTX_AND_GEN,
     CTX_ONLY,
+    ENGINE_GONE,
     GEN_ONLY,
     REQUEST_TYPES,
     Engine,
@@ -322,6 +323,10 @@ class SimServer:
 
     async def _generate(self, request: Request, chat: bool) -> AnyResponse:
         x_rid = request.headers.get("x-request-id", "")
+        if self.engine.fatal is not None:
+            # as trtllm-serve once its executor is gone: generate_async raises "LLM is shutting down", which
+            # openai_completion answers like any exception of a generation, 400 BadRequestError
+            return self._error(EngineError(ENGINE_GONE, 400, "BadRequestError"), x_rid)
         reason = self.not_ready_reason()
         if reason:
             return error_response(reason, 503, "ServiceUnavailableError")

@@ -80,14 +80,14 @@ class EngineFailure(Exception):
 
 def classify_failure(endpoint: Endpoint, status: int, body: bytes) -> EngineFailure | None:
     """None for answers to pass through (2xx, and 4xx about the request); an EngineFailure for 5xx, and for a
-    4xx that is a KV-format mismatch, lost KV or another failed KV transfer: trtllm-serve answers any exception
-    of a generation 400 BadRequestError (`create_error_response(str(e))`), a failed handoff included, so the
-    text decides."""
+    4xx that is a KV-format mismatch, lost KV, another failed KV transfer or an executor that is gone:
+    trtllm-serve answers any exception of a generation 400 BadRequestError (`create_error_response(str(e))`),
+    a failed handoff included, so the text decides."""
     if status < 400:
         return None
     text = body.decode("utf-8", "replace")
     kind = "kv_mismatch" if is_kv_mismatch(text) else "kv_lost" if is_kv_lost(text) else "retryable"
-    if status < 500 and kind == "retryable" and not is_kv_transfer_failure(text):
+    if status < 500 and kind == "retryable" and not is_kv_transfer_failure(text) and not is_engine_gone(text):
         return None
     return EngineFailure(endpoint, _error_message(text) or f"HTTP {status}", status, body, kind)
 
@@ -101,6 +101,16 @@ _KV_TRANSFER_FAILED_MARKERS = ("Error in kv cache transfer", "KV transfer from c
 
 def is_kv_transfer_failure(text: str) -> bool:
     return any(marker in text for marker in _KV_TRANSFER_FAILED_MARKERS)
+
+
+# trtllm-serve whose executor has shut down (a fatal error in a worker, or the server stopping) answers every
+# request 400 with LLM.generate_async's "LLM is shutting down": the replica's failure, retried on another one and
+# counted against it (the error rate a rollout is judged on included), not the client's mistake passed on.
+_ENGINE_GONE_MARKERS = ("LLM is shutting down",)
+
+
+def is_engine_gone(text: str) -> bool:
+    return any(marker in text for marker in _ENGINE_GONE_MARKERS)
 
 
 # A generation worker could not get a handle's KV because the context worker no longer has it: freed at its
