@@ -98,6 +98,16 @@ def test_streaming_equals_non_streaming(worker):
     assert chunks[-2]["usage"]["completion_tokens"] == 12
 
 
+@pytest.mark.parametrize("options,usage", [({}, True), ({"include_usage": False}, False), (None, False)])
+def test_the_usage_chunk_follows_stream_options_defaults(worker, options, usage):
+    """trtllm-serve's StreamOptions.include_usage defaults to true: `"stream_options": {}` gets the usage chunk;
+    without stream_options, none."""
+    body = {"prompt": "usage or not", "max_tokens": 3, **({} if options is None else {"stream_options": options})}
+    status, chunks = worker.stream(body)
+    assert status == 200 and chunks[-1] == "[DONE]"
+    assert any(c.get("usage") for c in chunks[:-1]) is usage
+
+
 def test_beam_search_with_one_beam_is_served(worker):
     """use_beam_search with n = 1 and no best_of is a beam width of 1 in TensorRT-LLM: served as usual."""
     plain = worker.complete({"prompt": "one beam", "max_tokens": 4})

@@ -575,8 +575,10 @@ def test_a_stream_the_prefill_finished_carries_usage_when_asked():
         engine.post = post
         for api, body in (("completions", {"model": "m", "prompt": list(range(1, 201))}),
                           ("chat", {"model": "m", "messages": [{"role": "user", "content": "x " * 400}]})):
-            for include in (True, False):
-                req = {**body, "max_tokens": 2, "stream": True, "stream_options": {"include_usage": include}}
+            # trtllm-serve's StreamOptions.include_usage defaults to true: {} asks for the usage chunk too
+            for options, include in (({"include_usage": True}, True), ({"include_usage": False}, False),
+                                     ({}, True)):
+                req = {**body, "max_tokens": 2, "stream": True, "stream_options": options}
                 reply = await svc.complete(api, json.dumps(req).encode(), {})
                 events = [e async for e in reply.chunks]
                 text = b"".join(events).decode()
@@ -590,7 +592,7 @@ def test_a_stream_the_prefill_finished_carries_usage_when_asked():
                     assert usage == []
         # each of those streams had its time to first token recorded, as every other stream has
         exposition = svc.metrics.exposition().decode()
-        assert 'baton_scheduler_time_to_first_token_seconds_count{route="disaggregated"} 4.0' in exposition
+        assert 'baton_scheduler_time_to_first_token_seconds_count{route="disaggregated"} 6.0' in exposition
         await svc.stop()
 
     run(main())

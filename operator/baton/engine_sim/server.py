@@ -282,13 +282,14 @@ class SimServer:
                 raise EngineError("only top_logprobs=0 is supported: the simulator computes no log probabilities")
         elif body.get("logprobs") not in (None, 0):
             raise EngineError("only logprobs=null (or 0) is supported: the simulator computes no log probabilities")
-        stream_options = body.get("stream_options") or {}
+        stream_options = body.get("stream_options")
         parsed = Parsed(
             kind=kind,
             prompt=prompt,
             max_tokens=max_tokens,
             stream=bool(body.get("stream")),
-            include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
+            # StreamOptions.include_usage defaults to true: `"stream_options": {}` asks for the usage chunk
+            include_usage=isinstance(stream_options, dict) and bool(stream_options.get("include_usage", True)),
         )
         if kind == GEN_ONLY:
             parsed.first_tokens = self._token_list(dp.get("first_gen_tokens"), "disaggregated_params.first_gen_tokens")

@@ -628,8 +628,9 @@ class _TritonCall:
                     "best_of beams, or use runtime: trtllm-serve", "best_of", unsupported=True)
         self.beam_width = (best_of or 1) if use_beam_search else 1
         self.stream = bool(data.get("stream")) and self.kind != "context_only"
-        options = data.get("stream_options") or {}
-        self.include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+        options = data.get("stream_options")
+        # as trtllm-serve's StreamOptions, whose include_usage defaults to true: `{}` asks for the usage chunk
+        self.include_usage = isinstance(options, dict) and bool(options.get("include_usage", True))
         self.context_phase_params: bytes | None = None
         self.layout: ModelLayout | None = None  # the replica's model (`prepare`); None: every tensor is sent
         self.detokenizer: Detokenizer | None = None  # the answer's text from its token ids (`prepare`)

@@ -1721,7 +1721,7 @@ class SchedulerService:
                  "model": answer.get("model", self.config.model), "choices": [chunk_choice]}
         payload = b"data: " + json.dumps(chunk).encode() + b"\n\n"
         options = req.data.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
+        if isinstance(options, dict) and options.get("include_usage", True):  # trtllm-serve's default: true
             usage = answer.get("usage")
             if not isinstance(usage, dict):
                 produced = len(choice.get("token_ids") or ()) or 1
