@@ -1760,3 +1760,27 @@ def test_a_held_prefill_never_resumes_on_a_decode_replica_of_another_kv_format()
         await svc.stop()
 
     run(main())
+
+
+def test_a_retried_local_request_whose_remaining_replicas_fail_while_it_waits_gets_503_at_once():
+    """A local request failed on d1 (5xx) and waits for d2 (full); d2 then fails while d1 is healthy again:
+    nothing it may use is left, so it is answered 503 no_decode_endpoints now, not 429 after queue.maxWaitSeconds."""
+    from baton.scheduler.engines import EngineFailure
+
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\nqueue: {maxWaitSeconds: 5}\n",
+                           prefill=(), decode=("d1:1", "d2:1"))
+        engine.fail["d1:1"] = "500"
+        svc.decode["d2:1"].active = 1  # d2 busy: the first attempt goes to d1
+        t0 = time.monotonic()
+        task = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        await until(lambda: svc.decode_queue.waiting == 1)  # failed on d1, waiting for d2
+        engine.fail.clear()
+        svc._engine_failed(EngineFailure(svc.decode["d2:1"].endpoint, "refused", kind="connection"),
+                           svc.decode["d2:1"])
+        reply = await task
+        assert reply.status == 503 and reply.headers["X-Baton-Error"] == "no_decode_endpoints", reply.body
+        assert time.monotonic() - t0 < 2, "it waited out queue.maxWaitSeconds"
+        await svc.stop()
+
+    run(main())

@@ -1330,9 +1330,16 @@ class SchedulerService:
         if not self._healthy_decode(ctx.excluded) and not await self._decode_replaced(ctx):
             raise _no_decode_endpoints()
         excluded = ctx.excluded
-        lease: _DecodeLease = await self._admit(
-            ctx, self.decode_queue, lambda: self._try_decode(None, excluded, True), _DecodeLease.unused, DECODE
-        )
+
+        def try_local() -> _DecodeLease | None:
+            lease = self._try_decode(None, excluded, True)
+            if lease is None and excluded and not self._healthy_decode(excluded):
+                # a retry: the replicas it may still use failed while it waited (the one that failed it is
+                # healthy again, or it would have been failed with the tier): an answer now, not a timeout
+                raise _no_decode_endpoints()
+            return lease
+
+        lease: _DecodeLease = await self._admit(ctx, self.decode_queue, try_local, _DecodeLease.unused, DECODE)
         ctx.decode = lease.replica
         ctx.generation = self._serving_generation()
         return await self._generate(ctx, lease, req.local_body())
