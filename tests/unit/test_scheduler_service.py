@@ -1784,3 +1784,24 @@ def test_a_retried_local_request_whose_remaining_replicas_fail_while_it_waits_ge
         await svc.stop()
 
     run(main())
+
+
+def test_a_reload_lowering_max_wait_seconds_bounds_the_requests_already_waiting():
+    """queue.maxWaitSeconds lowered from 30 s to 0.2 s while a request waits: it gets its 429 queue_timeout by
+    the new bound (from when it began to wait), not up to 30 s later, after requests that came after it."""
+    async def main():
+        base = "backpressure: {maxActivePerDecodeReplica: 1}\n"
+        svc, engine = make(base + "queue: {maxWaitSeconds: 30}\n", prefill=(), decode=("d1:1",))
+        svc.decode["d1:1"].active = 1  # full: requests wait
+        t0 = time.monotonic()
+        waiting = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        await until(lambda: svc.decode_queue.waiting == 1)
+        svc.apply_config(parse_config(
+            "model: m\nrouting: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100}\n"
+            + base + "queue: {maxWaitSeconds: 0.2}\n"))
+        reply = await asyncio.wait_for(waiting, 5)
+        assert reply.status == 429 and reply.headers["X-Baton-Error"] == "queue_timeout", reply.body
+        assert time.monotonic() - t0 < 1.5, "it waited by the old bound"
+        await svc.stop()
+
+    run(main())

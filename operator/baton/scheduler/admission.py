@@ -125,12 +125,15 @@ PASS: Any = _Pass()  # see the module doc: not served, but not blocking the wait
 
 
 class _Waiter:
-    __slots__ = ("future", "try_acquire", "priority")
+    __slots__ = ("future", "try_acquire", "priority", "since", "timer")
 
-    def __init__(self, future: asyncio.Future[Any], try_acquire: Callable[[], Any], priority: bool) -> None:
+    def __init__(self, future: asyncio.Future[Any], try_acquire: Callable[[], Any], priority: bool,
+                 since: float) -> None:
         self.future = future
         self.try_acquire = try_acquire
         self.priority = priority
+        self.since = since  # loop time it started waiting
+        self.timer: asyncio.TimerHandle | None = None  # its QueueTimeout, when it has a limit
 
 
 class WaitQueue(Generic[T]):
@@ -172,9 +175,10 @@ class WaitQueue(Generic[T]):
             if value is not None and value is not PASS:
                 return value
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future(), try_acquire, priority)
+        waiter = _Waiter(loop.create_future(), try_acquire, priority, loop.time())
         (self._priority if priority else self._normal).append(waiter)
-        timer = None if timeout is None else loop.call_later(timeout, self._expire, waiter)
+        if timeout is not None:
+            waiter.timer = loop.call_later(timeout, self._expire, waiter)
         if queued_behind:
             self.notify()  # the waiters ahead may all be passing on what is free
         granted = False
@@ -188,8 +192,8 @@ class WaitQueue(Generic[T]):
                 release(fut.result())  # got a slot just as the caller went away: give it back
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            if waiter.timer is not None:
+                waiter.timer.cancel()
             self._discard(waiter)
             if not granted and self.strict:
                 self.notify()  # it may have been blocking the head of the queue
@@ -200,6 +204,23 @@ class WaitQueue(Generic[T]):
             queue.remove(waiter)
         except ValueError:
             pass
+
+    def shorten_waits(self, timeout: float) -> int:
+        """A lower limit for the waits under way (a reload lowered it): each waiter with a limit now ends at
+        most `timeout` after it started waiting (at once if that is past). Returns how many were brought
+        forward; a higher limit leaves the waits under way as they are."""
+        loop = asyncio.get_running_loop()
+        moved = 0
+        for waiter in list(self._normal) + list(self._priority):
+            timer = waiter.timer
+            if timer is None or waiter.future.done():
+                continue
+            end = waiter.since + timeout
+            if end < timer.when():
+                timer.cancel()
+                waiter.timer = loop.call_at(end, self._expire, waiter)
+                moved += 1
+        return moved
 
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():

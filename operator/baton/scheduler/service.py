@@ -451,6 +451,10 @@ class SchedulerService:
         self.retry_budget.ratio = new.retries.budget_ratio
         if new.degradation.hold_ttl_seconds < old.degradation.hold_ttl_seconds:
             self._shorten_holds(new.degradation.hold_ttl_seconds)
+        if new.queue.max_wait_seconds < old.queue.max_wait_seconds:
+            # requests already waiting keep to the new bound too (measured from when each began to wait)
+            for queue in (self.prefill_queue, self.decode_queue):
+                queue.shorten_waits(new.queue.max_wait_seconds)
         if new.heartbeat_seconds != old.heartbeat_seconds:
             self._heartbeat_changed.set()
         if (new.server.host, new.server.port) != (old.server.host, old.server.port):
