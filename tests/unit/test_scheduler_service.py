@@ -1805,3 +1805,23 @@ def test_a_reload_lowering_max_wait_seconds_bounds_the_requests_already_waiting(
         await svc.stop()
 
     run(main())
+
+
+def test_a_settle_window_wait_the_client_leaves_is_recorded_as_a_wait():
+    """The last decode replica left the lists: a request waits for a replacement (the settle window) before
+    it is routed; its client leaving then still leaves the wait in queue_wait_seconds (route unrouted)."""
+    async def main():
+        svc, engine = make(prefill=(), decode=("d1:1",))
+        svc.update_endpoints([], [])  # the last decode replica left: a settle window
+        task = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        text = svc.metrics.exposition().decode()
+        count = [line for line in text.splitlines()
+                 if line.startswith('baton_scheduler_queue_wait_seconds_count{pool="decode",route="unrouted"}')
+                 or line.startswith('baton_scheduler_queue_wait_seconds_count{route="unrouted",pool="decode"}')]
+        assert count and float(count[0].split()[-1]) == 1.0, [l for l in text.splitlines() if "queue_wait_seconds_count" in l]
+        await svc.stop()
+
+    run(main())

@@ -1676,6 +1676,9 @@ class SchedulerService:
         decision (see `SchedulerError`), counted `shed` instead of `failed` for the engine generation the
         request was dispatched to: the operator rolls a generation back on the failures of its engines only."""
         elapsed = self.clock() - ctx.t0
+        if ctx.settle_wait:  # a settle window it waited in, never routed after it (the client left, a 429)
+            self.hooks.queue_wait(ctx.route, DECODE, ctx.settle_wait)
+            ctx.settle_wait = 0.0
         self.hooks.finished(ctx.route, outcome, elapsed)
         if ctx.generation:
             self.metrics.generation_finished(ctx.generation, GENERATION_SHED if shed else outcome)
