@@ -36,8 +36,12 @@ redis-server: ## install redis-server (Debian's package) for the redis hold-stor
 	         && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server >/dev/null; }; \
 	}
 
+.PHONY: triton-venv
+triton-venv: ## the PyTriton venv the Triton tests run the simulator in, once per machine (~/.cache/baton-triton-venv)
+	bash operator/baton/engine_sim/triton-venv.sh $(CURDIR) >/dev/null
+
 .PHONY: test
-test: install binaries redis-server ## run every test (brings the local cluster and a redis-server up itself)
+test: install binaries redis-server triton-venv ## run every test (brings the local cluster and a redis-server up itself)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: demo
