@@ -49,7 +49,7 @@ demo: install binaries ## run Baton's main job on a local cluster it brings up i
 	$(BATON) demo
 
 .PHONY: bench-operator
-bench-operator: install binaries ## operator benchmark (N = 1, 100, 500 models) -> BENCHMARKS.md
+bench-operator: install binaries ## operator benchmark (N = 1, 100, 500 models; memory at 1,000) -> BENCHMARKS.md
 	$(BATON) bench operator
 
 .PHONY: bench-scheduler

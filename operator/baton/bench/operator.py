@@ -90,17 +90,22 @@ class Cluster:
 
         self.plane = ControlPlane(bin_dir=binaries.ensure_built(), name=name)
         self.kubeconfig = self.plane.up(timeout=180)
-        self.api_client = config.new_client_from_config(config_file=str(self.kubeconfig))
-        self.api_client.configuration.connection_pool_maxsize = 16
-        self.core = client.CoreV1Api(self.api_client)
-        self.apps = client.AppsV1Api(self.api_client)
-        self.custom = client.CustomObjectsApi(self.api_client)
-        self.workdir = workdir
-        self.size_for(n)
-        install_crd(self.api_client)
+        try:
+            self.api_client = config.new_client_from_config(config_file=str(self.kubeconfig))
+            self.api_client.configuration.connection_pool_maxsize = 16
+            self.core = client.CoreV1Api(self.api_client)
+            self.apps = client.AppsV1Api(self.api_client)
+            self.custom = client.CustomObjectsApi(self.api_client)
+            self.workdir = workdir
+            self.size_for(n)
+            install_crd(self.api_client)
+        except BaseException:
+            self.plane.down(keep_logs=True)  # its components run in sessions of their own: they would stay up
+            raise
 
     def size_for(self, n: int) -> None:
-        """Node pools for `n` models (pools only grow: existing nodes are kept)."""
+        """Node pools for `n` models (nodes beyond what `n` needs are removed, with whatever pods they have:
+        call it between phases, not during one)."""
         from baton.devcluster import pools
         from baton.devcluster.cli import wait_nodes_ready
 
@@ -129,6 +134,10 @@ class Cluster:
                 time.sleep(1)
             except Exception:  # noqa: BLE001 - gone
                 return
+        # Its pods would still hold the GPUs the next phase's models need: they would wait Pending and the
+        # time to all Ready, and the ratio, would be wrong without a word.
+        raise RuntimeError(f"namespace {name} still there 300 s after its deletion: its pods may still hold "
+                           "the GPUs the next phase needs")
 
     def wait_workloads_ready(self, namespace: str, n_sts: int, n_deploy: int, timeout: float) -> None:
         """Until every StatefulSet and Deployment is available (Ready for its minReadySeconds): the state
@@ -268,12 +277,13 @@ class Operator:
             [sys.executable, "-m", "baton.cli", "operator", "--namespace", namespace,
              "--metrics-address", f"127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 self.metrics()
                 return
             except OSError:
                 time.sleep(0.3)
+        self.stop()
         raise RuntimeError(f"operator did not start; see {log}")
 
     def metrics(self) -> dict[str, float]:
