@@ -33,7 +33,7 @@ def helm() -> str:
 
     path = binaries.bin_dir() / "helm"
     if not os.access(path, os.X_OK):
-        pytest.skip(f"helm is not built yet ({path}); `make binaries` builds it")
+        pytest.fail(f"helm is not built yet ({path}); `make binaries` builds it", pytrace=False)
     return str(path)
 
 
@@ -629,7 +629,7 @@ def argocd_health(obj: dict[str, Any]) -> tuple[str, str]:
     try:
         import lupa  # a Lua runtime from PyPI, when no interpreter is installed
     except ImportError:
-        pytest.skip("no Lua interpreter: apt-get install lua5.4 (or pip install lupa) to run the Argo CD health check")
+        pytest.fail("no Lua interpreter: apt-get install lua5.4 (or pip install lupa, a test extra) to run the Argo CD health check", pytrace=False)
     runtime = lupa.LuaRuntime()
     runtime.execute(f"obj = {_lua_table(obj)}")
     hs = runtime.execute(script.read_text())
