@@ -66,6 +66,15 @@ def default_home() -> Path:
     return state / "baton" / "devcluster"
 
 
+def _healthz_ok(url: str) -> bool:
+    """A component's /healthz answers "ok" (its serving certificate is self-signed: not verified)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with no_proxy_opener(context).open(url, timeout=2) as resp:
+        return resp.read().decode().strip() == "ok"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
@@ -201,6 +210,15 @@ class ControlPlane:
                     self._wait(lambda: self._etcd_healthy(state), "etcd", deadline)
                 elif component == "kube-apiserver":
                     self._wait(lambda: self._get("/readyz") == "ok", "kube-apiserver", deadline)
+            # The others serve health endpoints too: one that died (a port taken between picking it and
+            # binding it) fails the start here, with its log, not later as nodes that never turn Ready.
+            for component, url in (
+                ("kube-controller-manager", f"https://{LOOPBACK}:{state['controllerManagerPort']}/healthz"),
+                ("kube-scheduler", f"https://{LOOPBACK}:{state['schedulerPort']}/healthz"),
+                ("kwok", f"http://{LOOPBACK}:{state['kwokPort']}/healthz"),
+            ):
+                self._wait(lambda url=url: _healthz_ok(url), component, deadline)
+            self._wait(lambda: "readiness" in self._live_pids(self.state()), "readiness", deadline)
         except BaseException:
             self.down(keep_logs=True)
             raise
