@@ -17,6 +17,7 @@ import urllib.request
 import baton.http1.server as server_mod
 import pytest
 from baton.http1.client import HttpClient
+from baton.http1.reading import READ_BUFFER_BYTES
 from baton.http1.server import (
     Headers,
     HttpServer,
@@ -365,6 +366,64 @@ def test_chunked_request_body_split_across_writes():
             assert resp.status == 200 and resp.body == b"21"
             assert seen[0].body == b"hello0123456789abcdef"
             writer.write(get("/up"))  # the connection is in a clean state after the trailer: next request parses
+            assert (await read_response(reader)).status == 405
+            await close(writer)
+
+    run(main())
+
+
+def test_chunked_body_in_many_tiny_chunks_is_refused_400_at_once():
+    """Each chunk costs the parser microseconds whatever its size, and the body limit counts only data: a body
+    in 2-byte chunks held the event loop for seconds (and a bytes object per chunk: 111 MiB for 4 MiB). Past
+    MANY_CHUNKS chunks averaging under MIN_CHUNK_BYTES bytes it is refused, as soon as that is so."""
+    calls = []
+
+    async def capture(request):
+        calls.append(request)
+        return Response(200)
+
+    async def main():
+        async with serving({("POST", "/up"): capture}) as server:
+            reader, writer = await connect(server.port)
+            request = (b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       + b"2\r\nxx\r\n" * (1024 * 1024 // 2) + b"0\r\n\r\n")  # 1 MiB in 2-byte chunks
+            started = time.monotonic()
+            writer.write(request)
+            resp = await read_response(reader)
+            elapsed = time.monotonic() - started
+            assert resp.status == 400 and resp.headers["connection"] == "close"
+            assert b"chunked body in too many small chunks: 4097 chunks averaging 2 bytes" in resp.body, resp.body
+            assert elapsed < 0.5, elapsed
+            await expect_eof(reader)
+            assert calls == []
+            await close(writer)
+
+    run(main())
+
+
+@pytest.mark.parametrize("size, chunk", [
+    (4 * 1024 * 1024, 4096),  # an ordinary chunked upload
+    (2 * 1024 * 1024, 256),   # 8192 chunks, averaging exactly MIN_CHUNK_BYTES
+    (4096, 1),                # MANY_CHUNKS chunks, however small
+], ids=["4MiB-in-4KiB", "2MiB-in-256B", "4096-in-1B"])
+def test_chunked_body_in_chunks_of_reasonable_size_or_number_arrives_whole(size, chunk):
+    seen = []
+
+    async def capture(request):
+        seen.append(request.body)
+        return Response(200, b"%d" % len(request.body))
+
+    async def main():
+        async with serving({("POST", "/up"): capture}) as server:
+            reader, writer = await connect(server.port)
+            data = (bytes(range(251)) * (size // 251 + 1))[:size]  # 251: no two chunks alike
+            writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + b"".join(b"%x\r\n%s\r\n" % (chunk, data[i:i + chunk]) for i in range(0, size, chunk))
+                         + b"0\r\n\r\n")
+            resp = await read_response(reader, timeout=10)
+            assert resp.status == 200 and resp.body == b"%d" % size
+            assert seen == [data] and type(seen[0]) is bytes
+            writer.write(get("/up"))  # the connection goes on
             assert (await read_response(reader)).status == 405
             await close(writer)
 
@@ -745,6 +804,27 @@ def test_head_with_a_bare_cr_lf_control_character_or_invalid_field_is_400(raw, r
     run(main())
 
 
+@pytest.mark.parametrize("raw", [
+    b"GET /n HTTP/1.1\nHost: t\n\n",
+    b"GET /n HTTP/1.1\r\nHost: t\r\n\n",
+    b"GET /n HTTP/1.1\nHost: t\n\r\n",
+], ids=["lf-lf", "crlf-lf", "lf-crlf"])
+def test_head_ended_with_bare_lfs_is_400_at_once_not_408_after_the_receive_timeout(raw):
+    """Such a head never contains CRLF CRLF, so it was never taken for a whole one: the client waited for the
+    408 (a minute) for the 400 the module promises for a bare LF."""
+    async def main():
+        async with serving(ROUTES) as server:
+            reader, writer = await connect(server.port)
+            writer.write(raw)
+            resp = await read_response(reader, timeout=1.0)
+            assert resp.status == 400 and resp.headers["connection"] == "close"
+            assert b"bare CR or LF" in resp.body, resp.body
+            await expect_eof(reader, timeout=1.0)
+            await close(writer)
+
+    run(main())
+
+
 def test_field_values_keep_htab_and_obs_text_and_any_token_is_a_name():
     seen = []
 
@@ -1089,6 +1169,40 @@ def test_stream_generator_error_mid_stream_closes_without_the_terminating_chunk(
             assert rest == b"7\r\npartial\r\n"
             await close(writer)
             reader2, writer2 = await connect(server.port)
+            writer2.write(get("/n?alive"))
+            assert (await read_response(reader2)).body == b"alive"
+            await close(writer2)
+
+    run(main())
+
+
+@pytest.mark.parametrize("error, first", [
+    (RuntimeError("generator bug"), None),
+    (ConnectionResetError("upstream went away"), None),
+    (RuntimeError("generator bug"), b""),  # an empty piece sends nothing: still nothing sent
+], ids=["raises", "connection-error", "after-an-empty-piece"])
+def test_stream_generator_failing_before_its_first_piece_is_a_clean_500(error, first):
+    """Nothing was sent yet: the client gets a 500 (as when a push producer fails to start), not a connection
+    closed before any answer."""
+    async def stream(request):
+        async def chunks():
+            if first is not None:
+                yield first
+            raise error
+            yield b"never"
+
+        return StreamResponse(chunks())
+
+    async def main():
+        async with serving({("GET", "/s"): stream, **ROUTES}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(get("/s"))
+            resp = await read_response(reader)
+            assert resp.status == 500 and resp.headers["connection"] == "close"
+            assert resp.headers["content-type"] == "text/plain; charset=utf-8"
+            await expect_eof(reader)
+            await close(writer)
+            reader2, writer2 = await connect(server.port)  # the server is fine
             writer2.write(get("/n?alive"))
             assert (await read_response(reader2)).body == b"alive"
             await close(writer2)
@@ -2149,6 +2263,40 @@ def test_a_client_pipelining_requests_it_never_reads_the_answers_of_keeps_what_i
                 assert sent * len(body) > 64 * 1024 * 1024  # answers for what was sent would have taken that much
             finally:
                 sock.close()
+
+    run(main())
+
+
+def test_pipelined_large_bodies_behind_a_slow_handler_pause_reading_by_their_bytes():
+    """Reading paused only once 16 requests waited: behind a slow handler one connection held up to 16 bodies
+    at the limit. It pauses too once the waiting bodies come to more than max(max_body_bytes, PIPELINE_BYTES),
+    so what the connection holds stays about twice the limit; every request is still answered, in order."""
+    limit = 1024 * 1024  # not over PIPELINE_BYTES: the bound is the limit itself
+    count = 10
+    release = asyncio.Event()
+
+    async def slow(request):
+        await release.wait()
+        return text_response(request.query)
+
+    async def main():
+        async with serving({("POST", "/slow"): slow}, max_body_bytes=limit) as server:
+            reader, writer = await connect(server.port)
+            for i in range(count):
+                writer.write(post(f"/slow?{i}", b"x" * limit))
+            await until(lambda: server.connections, what="the connection")
+            (conn,) = server.connections
+            await until(lambda: conn.paused_reading, what="reading to pause")
+            await asyncio.sleep(0.2)  # time to read on, were reading not paused
+            held = sum(len(item.body) for item in conn.pending) + len(conn.buf)
+            assert conn.paused_reading and len(conn.pending) < 16
+            assert held <= 2 * limit + READ_BUFFER_BYTES, held
+            release.set()
+            for i in range(count):
+                resp = await read_response(reader)
+                assert resp.status == 200 and resp.body == b"%d" % i
+            assert not conn.paused_reading and conn.pending_bytes == 0
+            await close(writer)
 
     run(main())
 

@@ -3,7 +3,8 @@
 A handler takes a `Request` and returns one of:
 - `Response`: a whole answer (Content-Length);
 - `StreamResponse`: chunked, from an async iterator of bytes; the iterator is always exhausted or closed
-  (`aclose`), so its `finally` block runs even when the client goes away;
+  (`aclose`), so its `finally` block runs even when the client goes away; one that raises before its first
+  piece is answered 500 (as a push producer that fails to start), one that raises later cuts the answer;
 - `PushResponse`: chunked, pushed by a producer through a `Sink` from data callbacks (how the scheduler
   splices an engine's stream into the client's connection without a coroutine switch per chunk). The
   producer is told to pause and resume with the client connection's write buffer, and is aborted when
@@ -12,7 +13,8 @@ A handler takes a `Request` and returns one of:
   whose answer fails can break it off with `sink.cut()`: the connection closes without the last chunk, as
   uvicorn closes it when a streamed response's generator raises.
 
-Requests on one connection are answered in order (pipelining is allowed, not parallelised). Handlers are
+Requests on one connection are answered in order (pipelining is allowed, not parallelised; reading pauses
+while 16 requests, or bodies of more than max(max_body_bytes, PIPELINE_BYTES), wait their turn). Handlers are
 not cancelled when their client disconnects unless `cancel_on_disconnect` is set; a stream the client
 abandons is closed either way. A handler still running when `stop` ends the drain is cancelled with
 `STOPPING` as the message (`cancelled_by_stop`), and may still answer its client. A HEAD request gets the
@@ -28,6 +30,8 @@ and the connection closes:
   Content-Length that is not plain digits, or repeated with different values;
 - a chunk size that is not plain hex, chunk data not followed by CRLF; a trailer section over
   `MAX_HEAD_BYTES` (431) or with stray CR/LF/control characters (trailer fields are dropped).
+A chunked body in more than `MANY_CHUNKS` chunks averaging under `MIN_CHUNK_BYTES` bytes is refused the same
+way (400): parsing it would cost far more than its size says.
 
 When the server closes a connection after an answer (an error, `Connection: close`, shutting down) while the
 client may still be sending (a body over `max_body_bytes`, say), it does not reset the connection, which
@@ -64,6 +68,20 @@ except (ImportError, AttributeError):
 log = logging.getLogger("baton.http1.server")
 
 MAX_HEAD_BYTES = 64 * 1024  # the request line and header fields; also the trailer section of a chunked body
+# Each chunk of a chunked body costs the parser a few microseconds of Python whatever its size, and the body
+# limit counts only data: 4 MiB in 2-byte chunks took seconds of the event loop's time. So past MANY_CHUNKS
+# chunks (a client writing a small body as it produces it, a piece at a time, stays under that) a body whose
+# chunks average under MIN_CHUNK_BYTES bytes is refused (400). A body then has at most max_body_bytes /
+# MIN_CHUNK_BYTES chunks: at the 64 MiB default, under a second of parsing in all, where 2-byte chunks would
+# take minutes.
+MANY_CHUNKS = 4096
+MIN_CHUNK_BYTES = 256
+# Requests read ahead of the one being answered (pipelining) wait in `pending`. Reading pauses while 16 of
+# them wait, or while their bodies come to more than max(max_body_bytes, PIPELINE_BYTES): without the
+# second bound one connection behind a slow handler could hold 16 bodies at the limit. This floor leaves
+# pipelines of small bodies under a small limit (16 at up to 64 KiB) to the count alone, which bounds them
+# well enough, rather than pausing and resuming reading for every other request.
+PIPELINE_BYTES = 1024 * 1024
 LINGER_S = 2.0  # after a closing answer, how long what the client still sends is read and dropped
 LINGER_BYTES = 64 * 1024 * 1024  # ... and how much of it (an over-limit body at the default limit fits)
 IDLE_TIMEOUT_S = 75.0  # longer than clients' keep-alive expiry, so a client never reuses a connection we close
@@ -344,12 +362,14 @@ class _Connection(ReusedBufferProtocol):
         self.last_active = 0.0
         self.linger: asyncio.TimerHandle | None = None  # half-closed after a final answer, dropping input
         self.discarded = 0  # bytes dropped while lingering
+        self.pending_bytes = 0  # the sum of the bodies in `pending`
         # request being parsed
         self._method = self._path = self._query = self._version = ""
         self._headers = Headers()
         self._keep = True
         self._need = 0
-        self._parts: list[bytes] = []
+        self._chunked = bytearray()  # a chunked body's data so far: one buffer, not an object per chunk
+        self._chunks = 0
         self._size = 0
         self._scan = 0  # where the search for the trailer section's end resumes
 
@@ -363,6 +383,7 @@ class _Connection(ReusedBufferProtocol):
         self.closed = True
         self.server.connections.discard(self)
         self.pending.clear()
+        self.pending_bytes = 0
         if self.linger is not None:
             self.linger.cancel()
         producer, self.producer = self.producer, None
@@ -425,8 +446,13 @@ class _Connection(ReusedBufferProtocol):
                     del buf[:2]
                 end = buf.find(b"\r\n\r\n")
                 if end < 0:
-                    if len(buf) > MAX_HEAD_BYTES:
-                        raise _BadRequest(431, "request header fields too large")
+                    if buf:  # empty after each whole request: the usual case costs this one test
+                        if len(buf) > MAX_HEAD_BYTES:
+                            raise _BadRequest(431, "request header fields too large")
+                        # A head ended with bare LFs is never taken for a whole one: it would wait for the 408.
+                        # With no CRLF CRLF in the buffer, an LF LF or LF CRLF in it is such an end (its LF bare).
+                        if b"\n\n" in buf or b"\n\r\n" in buf:
+                            raise _BadRequest(400, _control_fault(bytes(buf).decode("latin-1").split("\r\n")))
                     return
                 if end > MAX_HEAD_BYTES:
                     raise _BadRequest(431, "request header fields too large")
@@ -459,6 +485,10 @@ class _Connection(ReusedBufferProtocol):
                     self._size += size
                     if self._size > self.server.max_body_bytes:
                         raise _BadRequest(413, f"request body exceeds {self.server.max_body_bytes} bytes")
+                    self._chunks += 1
+                    if self._chunks > MANY_CHUNKS and self._size < self._chunks * MIN_CHUNK_BYTES:
+                        raise _BadRequest(400, f"chunked body in too many small chunks: {self._chunks} chunks "
+                                          f"averaging {self._size // self._chunks} bytes; send larger chunks")
                     self._need = size
                     self.state = _CHUNK_DATA
             elif state == _CHUNK_DATA:
@@ -467,7 +497,7 @@ class _Connection(ReusedBufferProtocol):
                     return
                 if buf[need:need + 2] != b"\r\n":
                     raise _BadRequest(400, "chunk data not followed by CRLF")
-                self._parts.append(bytes(buf[:need]))
+                self._chunked += buf[:need]
                 del buf[:need + 2]
                 self.state = _CHUNK_SIZE
             else:  # _TRAILER: field lines, then an empty line; checked like the head, bounded, dropped
@@ -484,8 +514,8 @@ class _Connection(ReusedBufferProtocol):
                     if len(trailer.translate(None, _FIELD_BYTES)) != 2 * trailer.count(b"\r\n"):
                         raise _BadRequest(400, "bare CR or LF, or a control character, in the trailer section")
                 del buf[:end + 4]
-                body = b"".join(self._parts)
-                self._parts = []
+                body = bytes(self._chunked)
+                self._chunked = bytearray()
                 self._complete(body)
 
     def _start(self, head: bytes) -> None:
@@ -527,8 +557,8 @@ class _Connection(ReusedBufferProtocol):
                 raise _BadRequest(501, f"unsupported Transfer-Encoding {coding[:100]!r}: only chunked is")
             if version == "HTTP/1.0":
                 raise _BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
-            self._parts = []
-            self._size = 0
+            self._chunked = bytearray()
+            self._chunks = self._size = 0
             self.state = _CHUNK_SIZE
         else:
             if length_field is None:
@@ -564,7 +594,10 @@ class _Connection(ReusedBufferProtocol):
             self.task = self.server.loop.create_task(self._serve(item))
         else:
             self.pending.append(item)
-            if len(self.pending) >= 16 and not self.paused_reading and self.transport is not None:
+            if isinstance(item, Request):
+                self.pending_bytes += len(item.body)
+            if ((len(self.pending) >= 16 or self.pending_bytes > max(self.server.max_body_bytes, PIPELINE_BYTES))
+                    and not self.paused_reading and self.transport is not None):
                 self.paused_reading = True
                 self.transport.pause_reading()
 
@@ -597,6 +630,7 @@ class _Connection(ReusedBufferProtocol):
         self.dead = True  # nothing more is parsed or answered
         self.buf.clear()
         self.pending.clear()
+        self.pending_bytes = 0
         self.discarded = 0
         transport.write_eof()
         if self.paused_reading:
@@ -643,7 +677,11 @@ class _Connection(ReusedBufferProtocol):
                     if self.closed:
                         break
                 item = self.pending.popleft()
-                if self.paused_reading and len(self.pending) < 8 and self.transport is not None:
+                if isinstance(item, Request):
+                    self.pending_bytes -= len(item.body)
+                # as reading paused when the pipeline was full, it resumes once half of it has emptied
+                if (self.paused_reading and len(self.pending) < 8 and self.transport is not None
+                        and self.pending_bytes <= max(self.server.max_body_bytes, PIPELINE_BYTES) // 2):
                     self.paused_reading = False
                     self.transport.resume_reading()
                     if self.receiving_since:  # the time reading was paused is not the client's
@@ -708,6 +746,7 @@ class _Connection(ReusedBufferProtocol):
     async def _iterate(self, response: StreamResponse, request: Request, keep: bool) -> bool:
         chunks = response.chunks
         chunked = request.version != "HTTP/1.0"
+        head = b""
         try:
             if self.closed:
                 await _step_once(chunks)  # the client left while the handler ran
@@ -724,10 +763,13 @@ class _Connection(ReusedBufferProtocol):
                     await self._drain()
             self._write(head + b"0\r\n\r\n" if chunked else head)
             return keep
-        except ConnectionError:
-            if not self.closed:
-                raise  # the stream's own source failed: the answer is cut, and the connection closes
-            return False  # the client went away; closing the iterator below runs its accounting
+        except Exception as exc:
+            if isinstance(exc, ConnectionError) and self.closed:
+                return False  # the client went away; closing the iterator below runs its accounting
+            if head:  # the stream failed before its first piece: a clean error instead of a cut 200, as for a push
+                body, ctype = self.server.error_body(500, "internal server error")
+                self._write(_head(500, ctype, None, len(body), False) + body)
+            raise  # the stream's own source failed: the answer is cut, and the connection closes
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
