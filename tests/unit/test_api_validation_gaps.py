@@ -27,7 +27,7 @@ def test_heartbeat_interval_must_be_above_zero_at_admission(value, refused):
     messages = _refused(_rules("spec", "scheduler"), _wire(m)["scheduler"])
     if refused:
         assert messages == ["scheduler.heartbeatInterval must be greater than 0s (the default is 15s): it is how often "
-                            "the scheduler health-checks idle decode replicas, and the scheduler refuses 0"]
+                            "the scheduler health-checks idle and unhealthy engine replicas, and the scheduler refuses 0"]
     else:
         assert messages == []
 

@@ -221,7 +221,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m baton.api.reference", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="baton api-reference", description=__doc__.splitlines()[0])
     parser.add_argument("--output", help=f"write the reference there (e.g. {DEFAULT_OUTPUT}) instead of printing it")
     parser.add_argument("--check", action="store_true", help="exit 1 when --output differs from what would be written")
     args = parser.parse_args(argv)

@@ -541,7 +541,7 @@ class SchedulerSpec(ApiModel):
                 _cel(
                     "duration(self.heartbeatInterval) > duration('0s')",
                     "scheduler.heartbeatInterval must be greater than 0s (the default is 15s): it is how often the "
-                    "scheduler health-checks idle decode replicas, and the scheduler refuses 0",
+                    "scheduler health-checks idle and unhealthy engine replicas, and the scheduler refuses 0",
                     fieldPath=".heartbeatInterval",
                 ),
                 # The scheduler's resources are rendered as written, nvidia.com/gpu included.
@@ -556,7 +556,7 @@ class SchedulerSpec(ApiModel):
     local_prefill_below_tokens: int = Field(default=4096, ge=0, le=2097152, description="Prompts shorter than this may be prefilled on a decode replica (no KV transfer).")
     always_prefill_at_or_above_tokens: int = Field(default=16384, ge=0, le=2097152, description="Prompts at least this long always go to the prefill tier.")
     prefill_batch_size: int = Field(default=32, ge=1, le=4096, description="Most prefills the scheduler batches towards one prefill replica at a time.")
-    decode_batch_size: int = Field(default=1, ge=1, le=4096, description="Most requests the scheduler hands to one decode replica at a time.")
+    decode_batch_size: int = Field(default=1, ge=1, le=4096, description="Most prompts one decode replica prefills itself (the local route) at a time; the sequences in flight on it are bounded by backpressure.maxActivePerDecodeReplica.")
     max_queue_depth: int = Field(default=256, ge=1, le=1000000, description="Requests that may wait; beyond it the scheduler answers 429 with Retry-After.")
     max_concurrent_prefills: int = Field(default=64, ge=1, le=100000, description="Most prefills in flight across the prefill tier.")
     admission: AdmissionSpec = _nested(AdmissionSpec, "Token-bucket admission per pool.")
@@ -568,7 +568,7 @@ class SchedulerSpec(ApiModel):
         "template, read from spec.model.source (a PVC must allow ReadOnlyMany or ReadWriteMany, a hostPath must "
         "exist on the scheduler's nodes, a Hugging Face model is fetched at start with its tokenSecret): exact, "
         "at some CPU per text prompt."))
-    heartbeat_interval: str = Field(default="15s", pattern=DURATION_PATTERN, description="Health-check interval for idle decode replicas.")
+    heartbeat_interval: str = Field(default="15s", pattern=DURATION_PATTERN, description="Health-check interval for idle and unhealthy engine replicas (both tiers).")
     port: int = Field(default=8000, ge=1024, le=65535, description="Port the scheduler serves the OpenAI-compatible API on.")
     stream_flush_interval_ms: int = Field(default=1, ge=0, le=100, description=(
         "Streamed tokens an engine sends sooner than this many milliseconds after the scheduler's previous write to "

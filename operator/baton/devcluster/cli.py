@@ -1,4 +1,4 @@
-"""`baton devcluster up | down | status | kubeconfig | env`."""
+"""`baton devcluster up | down | status | kubeconfig | env | readiness`."""
 
 from __future__ import annotations
 

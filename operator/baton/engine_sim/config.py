@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
             "line, HTTP surface, disaggregated handoff and startup failures, with simulated timing from a "
             "calibration table. Options starting with --sim- are the simulator's own."
         ),
+        epilog=(
+            "--sim-frontend http|triton (default http): triton serves the same engine behind a real Triton "
+            "server (PyTriton, KServe v2 over HTTP and gRPC) instead of the OpenAI endpoints; "
+            "`baton engine-sim --sim-frontend triton --help` lists its own options."
+        ),
     )
     p.add_argument("model", help="MODEL_DIR holding a Hugging Face config.json; also the served model id")
     p.add_argument("--host", default="localhost", help="address to bind (default: localhost)")
