@@ -1825,3 +1825,45 @@ def test_a_settle_window_wait_the_client_leaves_is_recorded_as_a_wait():
         await svc.stop()
 
     run(main())
+
+
+def test_a_decode_replica_whose_executor_is_gone_is_avoided_by_the_retry_not_only_its_pair():
+    """trtllm-serve with its executor gone answers every request 400 "LLM is shutting down": on a disaggregated
+    request the retry avoids that decode replica (through any prefill replica) and it leaves rotation."""
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 8}\n",
+                           prefill=("p1:1", "p2:1"), decode=("d1:1", "d2:1"))
+        post = engine.post
+
+        async def gone(endpoint, path, body, rid):
+            if endpoint.address == "d1:1":
+                engine.calls.append((endpoint.address, "gone"))
+                return 400, json.dumps({"object": "error", "message": "LLM is shutting down",
+                                        "type": "BadRequestError", "param": None, "code": 400}).encode(), \
+                    "application/json"
+            return await post(endpoint, path, body, rid)
+        engine.post = gone
+        svc.decode["d2:1"].active = 2  # d1, failing at once, is the least loaded
+        reply = await svc.complete("completions", long_request(), {})
+        assert reply.status == 200 and reply.headers["X-Baton-Decode-Endpoint"] == "d2:1", reply.body
+        assert [a for a, k in engine.calls if a.startswith("d")] == ["d1:1", "d2:1"]  # d1 met once, not again
+        assert not svc.decode["d1:1"].healthy
+        await svc.stop()
+
+    run(main())
+
+
+@pytest.mark.parametrize("status,body,kind", [
+    (400, {"object": "error", "message": "LLM is shutting down", "type": "BadRequestError", "code": 400},
+     "engine_gone"),
+    # a 400 about the client's own field quotes its value: passed through, no replica blamed
+    (400, {"error": "1 validation error for CompletionRequest\ntemperature\n  Input should be a valid number, "
+                    "unable to parse string as a number [input_value='LLM is shutting down']"}, None),
+    (400, {"object": "error", "message": "prompt 'LLM is shutting down' is too long", "code": 400}, None),
+])
+def test_only_the_whole_llm_is_shutting_down_message_is_an_engine_gone(status, body, kind):
+    from baton.scheduler.engines import classify_failure
+
+    failure = classify_failure(Endpoint("d1:1", "decode"), status, json.dumps(body).encode())
+    assert (failure.kind if failure else None) == kind
+    assert failure is None or failure.connection_level

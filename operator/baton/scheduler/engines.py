@@ -70,12 +70,15 @@ class EngineFailure(Exception):
         # "retryable" | "kv_mismatch" | "kv_lost" | "connection" | "stream_cut" (a streamed answer the engine
         # ended, in order, before its first event: trtllm-serve's stream generator raised after the 200) |
         # "closed_before_answer" (a reused connection closed before any answer: counted as a 5xx is, not
-        # taken as the replica being down, which a fresh connection for the retry shows if it is)
+        # taken as the replica being down, which a fresh connection for the retry shows if it is) |
+        # "engine_gone" (its executor has shut down: it answers every request "LLM is shutting down")
         self.kind = kind
 
     @property
     def connection_level(self) -> bool:
-        return self.kind == "connection"
+        """The replica itself failed (unreachable, or its executor gone), not one request on it: it leaves
+        rotation at once and the retry avoids it, not only the pair."""
+        return self.kind in ("connection", "engine_gone")
 
 
 def classify_failure(endpoint: Endpoint, status: int, body: bytes) -> EngineFailure | None:
@@ -86,10 +89,13 @@ def classify_failure(endpoint: Endpoint, status: int, body: bytes) -> EngineFail
     if status < 400:
         return None
     text = body.decode("utf-8", "replace")
+    message = _error_message(text)
+    if message == ENGINE_GONE_MESSAGE:  # the whole message, not text a client's own field could carry
+        return EngineFailure(endpoint, message, status, body, "engine_gone")
     kind = "kv_mismatch" if is_kv_mismatch(text) else "kv_lost" if is_kv_lost(text) else "retryable"
-    if status < 500 and kind == "retryable" and not is_kv_transfer_failure(text) and not is_engine_gone(text):
+    if status < 500 and kind == "retryable" and not is_kv_transfer_failure(text):
         return None
-    return EngineFailure(endpoint, _error_message(text) or f"HTTP {status}", status, body, kind)
+    return EngineFailure(endpoint, message or f"HTTP {status}", status, body, kind)
 
 
 # A KV transfer that failed otherwise (TensorRT-LLM's "Error in kv cache transfer for generation requests"; the
@@ -104,13 +110,11 @@ def is_kv_transfer_failure(text: str) -> bool:
 
 
 # trtllm-serve whose executor has shut down (a fatal error in a worker, or the server stopping) answers every
-# request 400 with LLM.generate_async's "LLM is shutting down": the replica's failure, retried on another one and
-# counted against it (the error rate a rollout is judged on included), not the client's mistake passed on.
-_ENGINE_GONE_MARKERS = ("LLM is shutting down",)
-
-
-def is_engine_gone(text: str) -> bool:
-    return any(marker in text for marker in _ENGINE_GONE_MARKERS)
+# request 400 with LLM.generate_async's "LLM is shutting down" as the whole message: the replica's failure
+# (kind "engine_gone": out of rotation, the request retried on another replica and counted against this one,
+# the error rate a rollout is judged on included), not the client's mistake passed on. Only the whole message
+# counts: a 400 about a client's field quotes the field's value, which could be that text.
+ENGINE_GONE_MESSAGE = "LLM is shutting down"
 
 
 # A generation worker could not get a handle's KV because the context worker no longer has it: freed at its
