@@ -34,13 +34,42 @@ _IDEMPOTENT = ("GET", "HEAD")  # sent once more after a reused connection failed
 
 _IDLE, _HEAD, _LENGTH, _CHUNKS, _TRAILER, _UNTIL_CLOSE, _DONE = range(7)
 
+# as baton.http1.server reads a chunk size line: hex digits, then optional extensions after ';'
+_HEX = b"0123456789abcdefABCDEF"
+_FIELD_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])  # HTAB, visible, space, obs-text
+# _LEAST[k]: the least size written in k hex digits without a leading zero. int(line, 16) also takes a sign,
+# blanks, '_' and a 0x prefix; a line with any of them has fewer digits than characters, so a size below
+# _LEAST[len(line)]. That one compare (where `size <= 0` was) keeps the usual line off the strict path.
+_LEAST = tuple(16 ** (k - 1) if k else 0 for k in range(17))
+
+
+def _chunk_size(line: bytes) -> int:
+    """The size on a chunk size line, read strictly (the slow path: an extension, a leading zero, the
+    unusual and the malformed): 1*HEXDIG, then BWS and chunk extensions (ignored), no control characters.
+    int() alone would also take a sign, blanks, '_' and a 0x prefix."""
+    digits = line.split(b";", 1)[0].rstrip(b" \t")  # BWS may precede a chunk extension
+    if not digits or digits.strip(_HEX) or line.translate(None, _FIELD_BYTES):
+        raise ValueError(f"malformed chunk size line {line[:100]!r}")
+    return int(digits, 16)
+
+
+def _length_conflict(lines: list[str]) -> bool:
+    """Content-Length is repeated with different values (the slow path: some header field is repeated)."""
+    lengths = set()
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "content-length":
+            lengths.add(value.strip())  # as the head is read
+    return len(lengths) > 1
+
 
 def _take_chunks(buf: bytearray, out: list[bytes]) -> bool:
     """Move the data of every complete chunk at the front of `buf` to `out`; True when the last chunk
     (size 0) was reached and taken. A streamed answer is one chunk per SSE event, many per read: they are
     walked by index and cut from `buf` once, not one deletion and state change per chunk. Per chunk: one
-    find, one int() of the size line (a line with an extension is split only when that fails), two byte
-    compares for the CRLF after the data, one copy of the data."""
+    find, one int() of the size line and one compare of it with `_LEAST` (any other line -- an extension, a
+    leading zero, the malformed -- goes to `_chunk_size`), two byte compares for the CRLF after the data, one
+    copy of the data."""
     pos = 0
     last = False
     n = len(buf)
@@ -55,17 +84,16 @@ def _take_chunks(buf: bytearray, out: list[bytes]) -> bool:
                 break
             try:
                 size = int(buf[pos:end], 16)
-            except ValueError:
-                line = bytes(buf[pos:end])
-                if b";" not in line:
-                    raise
-                size = int(line.split(b";", 1)[0], 16)  # a chunk extension, ignored
-            if size <= 0:
-                if size < 0:
-                    raise ValueError("negative chunk size")
-                pos = end + 2
-                last = True
-                break
+                least = _LEAST[end - pos]
+            except (ValueError, IndexError):  # not a number to int(), or a line over 16 characters
+                size, least = -1, 0
+            if size < least:  # not all hex digits (or a leading zero, or the last chunk): read strictly
+                if size or end - pos != 1:  # but the last chunk's usual "0" needs no second look
+                    size = _chunk_size(bytes(buf[pos:end]))
+                if not size:
+                    pos = end + 2
+                    last = True
+                    break
             start = end + 2
             stop = start + size
             if stop + 2 > n:
@@ -221,14 +249,19 @@ class _Conn(ReusedBufferProtocol):
                 self.status = status
                 self.headers = headers
                 self.keep = "close" not in connection_options(headers.get("connection", "")) and parts[0] != "HTTP/1.0"
-                if headers.get("transfer-encoding", "").lower() == "chunked":
-                    self.state = _CHUNKS
-                elif status in (204, 304) or self.method == "HEAD":
+                if status in (204, 304) or self.method == "HEAD":  # RFC 9112 6.3: first, before any framing field
                     self.need = 0
                     self.state = _LENGTH
-                    ended = True  # no body, whatever the headers say
-                elif "content-length" in headers:
-                    self.need = int(headers["content-length"])
+                    ended = True  # no body, whatever the headers say (Transfer-Encoding included)
+                elif headers.get("transfer-encoding", "").lower() == "chunked":
+                    self.state = _CHUNKS
+                elif (length := headers.get("content-length")) is not None:
+                    # ASCII digits only (a latin-1 str has no other decimals): int() would take "-1", "+3", "0_3"
+                    if not length.isdecimal():
+                        raise ValueError(f"invalid Content-Length {length[:40]!r}")
+                    if len(headers) != len(lines) - 1 and _length_conflict(lines):  # some field is repeated
+                        raise ValueError("conflicting Content-Length values")
+                    self.need = int(length)
                     self.state = _LENGTH
                     if self.need == 0:
                         ended = True
