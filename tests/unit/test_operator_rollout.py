@@ -1424,3 +1424,53 @@ def test_the_previous_generation_stays_while_a_scheduler_has_requests_on_it_that
     monkeypatch.setattr(rollout, "scheduler_in_flight", lambda schedulers, timeout=2.0: ({}, 1))  # it ended
     m.pass_()
     assert m.ro["phase"] == "Serving" and old not in m.generations() and "drained" in m.ro["message"], m.ro
+
+
+def test_the_previous_generation_stays_while_a_scheduler_does_not_answer_and_goes_at_the_drain_timeout(monkeypatch):
+    """A scheduler that does not answer /metrics (busy, restarting) may have requests on the old generation that
+    nothing else shows: in flight is unknown, so the generation stays until drainTimeout, not a moment less."""
+    m = Model()
+    m.edit(lambda s: s.setdefault("rollout", {}).update({"drainTimeout": "10m", "rollbackWindow": "5s"}))
+    m.pass_()
+    old = m.ro["servingGeneration"]
+    m.switch("1.2.1")
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 60.0 if ts else 0.0)  # past the window
+    monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 0)
+    monkeypatch.setattr(rollout_pass.RolloutPass, "_scheduler_addresses", lambda self: ["10.0.9.1:8000"])
+    monkeypatch.setattr(rollout, "scheduler_in_flight", lambda schedulers, timeout=2.0: ({}, 0))  # no answer
+    m.pass_()
+    assert m.ro["phase"] == "Draining" and old in m.generations(), m.ro
+    assert "in flight unknown: a scheduler did not answer" in m.ro["message"], m.ro
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 601.0 if ts else 0.0)  # the drain timeout
+    m.pass_()
+    assert m.ro["phase"] == "Serving" and old not in m.generations(), m.ro
+    assert "drain timeout reached with requests in flight unknown" in m.ro["message"], m.ro
+
+
+def test_requests_on_an_old_pod_that_lost_readiness_still_keep_the_previous_generation(monkeypatch):
+    """A pod of the draining generation that is no longer Ready may still run requests (a readiness flap): what
+    the schedulers count on it keeps the generation."""
+    m = Model()
+    m.edit(lambda s: s.setdefault("rollout", {}).update({"drainTimeout": "10m", "rollbackWindow": "5s"}))
+    m.pass_()
+    old = m.ro["servingGeneration"]
+    m.switch("1.2.1")
+    for key, pod in m.kube.objs.items():  # every old pod loses readiness
+        if key[0] == "Pod" and pod["metadata"]["labels"].get("baton.dev/generation") == old:
+            pod["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 60.0 if ts else 0.0)
+    monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 0)
+    asked = []
+
+    def scheduler_in_flight(schedulers, timeout=2.0):
+        return {f"10.0.0.0:{m.obj['spec']['decode'].get('port', 8000)}": 1}, len(schedulers)
+
+    def in_flight(engines, schedulers):
+        asked.append(list(engines))
+        return real_in_flight(engines, schedulers)
+    real_in_flight = rollout.in_flight
+    monkeypatch.setattr(rollout, "scheduler_in_flight", scheduler_in_flight)
+    monkeypatch.setattr(rollout, "in_flight", in_flight)
+    m.pass_()
+    assert asked and asked[-1], "the old generation's unready pods were not asked about"
+    assert m.ro["phase"] == "Draining" and old in m.generations(), m.ro

@@ -6,6 +6,7 @@ to engine pods at their pod IPs, the way the scheduler does.
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -180,7 +181,7 @@ def scheduler_in_flight(schedulers: list[str], timeout: float = 2.0) -> tuple[di
             with NO_PROXY_OPENER.open(f"http://{address}/metrics", timeout=timeout) as resp:
                 text = resp.read().decode("utf-8", "replace")
             families = list(text_string_to_metric_families(text))
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):  # unreachable, slow, cut short, garbled
             continue
         answered += 1
         for family in families:
@@ -191,14 +192,17 @@ def scheduler_in_flight(schedulers: list[str], timeout: float = 2.0) -> tuple[di
     return counts, answered
 
 
-def in_flight(engines: list[str], schedulers: list[str]) -> int:
+def in_flight(engines: list[str], schedulers: list[str]) -> int | None:
     """Requests still in flight on the engine replicas `engines` (host:port): per replica the larger of
     what the schedulers say they have on it (their own count of requests they sent there, also after the
     replica left their endpoint lists) and what the engine's /metrics says (`active_requests`: requests
-    from elsewhere, and what is left when no scheduler answers)."""
+    from elsewhere). None (unknown) when a scheduler did not answer: what it has on them cannot be told,
+    and an engine's /metrics may say nothing of a long request (see `active_requests`)."""
     if not engines:
         return 0
-    by_scheduler, _ = scheduler_in_flight(schedulers)
+    by_scheduler, answered = scheduler_in_flight(schedulers)
+    if answered < len(schedulers):
+        return None
     return sum(max(by_scheduler.get(address, 0), active_requests(address)) for address in engines)
 
 

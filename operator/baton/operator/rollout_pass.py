@@ -211,22 +211,25 @@ class RolloutPass:
     def _ref(self, gen: str, fingerprints: tuple[str, str]) -> dict[str, str]:
         return {"generation": gen, "prefillFingerprint": fingerprints[0], "decodeFingerprint": fingerprints[1]}
 
-    def _pod_addresses(self, gen: str, tier: str) -> list[str]:
-        """The Ready pods of a generation's tier, each on the port it serves on (a pod not yet replaced
-        after a port change still serves on the old one)."""
+    def _pod_addresses(self, gen: str, tier: str, ready_only: bool = True) -> list[str]:
+        """The Ready pods of a generation's tier (every one with an IP unless `ready_only`: a pod that lost
+        readiness may still run requests), each on the port it serves on (a pod not yet replaced after a
+        port change still serves on the old one)."""
         port = self.spec.tier(tier).port
         pods = self._pods()
         out = []
         for pod in pods:
             labels = pod.get("metadata", {}).get("labels") or {}
-            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in pod.get("status", {}).get("conditions") or [])
+            ready = not ready_only or any(c.get("type") == "Ready" and c.get("status") == "True"
+                                          for c in pod.get("status", {}).get("conditions") or [])
             if labels.get(LABEL_GENERATION) == gen and labels.get("baton.dev/tier") == tier and ready and pod["status"].get("podIP"):
                 out.append(format_address(pod["status"]["podIP"], http_port(pod, port)))
         return sorted(out)
 
-    def _in_flight(self, gen: str) -> int:
-        """Requests still in flight on generation `gen`'s engines (see `rollout.in_flight`)."""
-        engines = [a for t in ("prefill", "decode") for a in self._pod_addresses(gen, t)]
+    def _in_flight(self, gen: str) -> int | None:
+        """Requests still in flight on generation `gen`'s engines, Ready or not; None when a scheduler did
+        not answer (see `rollout.in_flight`): the generation is then kept, up to rollout.drainTimeout."""
+        engines = [a for t in ("prefill", "decode") for a in self._pod_addresses(gen, t, ready_only=False)]
         return rollout.in_flight(engines, self._scheduler_addresses()) if engines else 0
 
     def _scheduler_addresses(self) -> list[str]:
@@ -388,8 +391,8 @@ class RolloutPass:
             return False
         since = _age(self.ro.get("switchedAt", ""))
         in_flight = self._in_flight(previous)
-        if in_flight and since < parse_duration(self.spec.rollout.drain_timeout):
-            return True
+        if in_flight != 0 and since < parse_duration(self.spec.rollout.drain_timeout):
+            return True  # requests in flight, or unknown
         self.r.delete_generation(self.ns, self.name, previous)
         self.generations.pop(previous, None)
         self.ro["previousGeneration"] = ""
@@ -516,7 +519,7 @@ class RolloutPass:
             self.generations.pop(previous, None)
             fps = (self.derived.fingerprint("prefill"), self.derived.fingerprint("decode"))
             self.ro.update({"previousGeneration": "", "lastKnownGood": self._ref(gen, fps), "swap": dict(NO_SWAP)})
-            how = "drained" if in_flight == 0 else f"drain timeout reached with {in_flight} request(s) in flight"
+            how = "drained" if in_flight == 0 else f"drain timeout reached with {_in_flight_text(in_flight)}"
             self._phase("Serving", f"generation {gen} serves; previous generation {previous} {how} and deleted")
             self._event("Normal", "Drained", self.ro["message"])
             self.succeeded = True
@@ -527,7 +530,7 @@ class RolloutPass:
             errors = (f"; {counted.get('failed', 0)} of {counted.get('total', 0)} request(s) dispatched to it "
                       "failed since the switch") if counted.get("generation") == gen else ""
             self._phase("Draining", f"generation {gen} serves{errors}; generation {previous} drains "
-                                    f"({in_flight} request(s) in flight) and stays for rollback until "
+                                    f"({_in_flight_text(in_flight)}) and stays for rollback until "
                                     f"{max(0, int(window - since))}s from now")
 
     def _drain_failed(self, gen: str) -> bool:
@@ -832,3 +835,9 @@ class RolloutPass:
         self.generations = self.r._generations(self.ns, self.name)
         self._pod_list = None
         return False
+
+
+def _in_flight_text(in_flight: int | None) -> str:
+    if in_flight is None:
+        return "requests in flight unknown: a scheduler did not answer"
+    return f"{in_flight} request(s) in flight"
