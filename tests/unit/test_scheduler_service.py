@@ -1867,3 +1867,89 @@ def test_only_the_whole_llm_is_shutting_down_message_is_an_engine_gone(status, b
     failure = classify_failure(Endpoint("d1:1", "decode"), status, json.dumps(body).encode())
     assert (failure.kind if failure else None) == kind
     assert failure is None or failure.connection_level
+
+
+def test_a_held_prefill_whose_ring_has_only_replicas_the_request_must_avoid_resumes_elsewhere():
+    """The request failed on d1 (excluded); its retry is held on p1 for d2; d1 is healthy again and then d2
+    fails: d1 does not count as a healthy member of the ring for this request, so it resumes on d3 at once."""
+    from baton.scheduler.engines import EngineFailure
+
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\ndegradation: {holdTtlSeconds: 5}\n"
+                           "routing: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100, ringSize: 2}\n",
+                           prefill=("p1:1", "p2:1"), decode=("d1:1", "d2:1", "d3:1"))
+        ring = list(svc.rings["p1:1"])
+        failed, held_for = ring
+        other = next(d for d in svc.decode if d not in ring)
+        serve = svc._serve_disaggregated
+
+        async def after_a_failure_on(ctx):
+            ctx.excluded.add(failed)  # as _run does after a connection failure on it
+            return await serve(ctx)
+        svc._serve_disaggregated = after_a_failure_on
+        svc.prefill["p2:1"].healthy = False  # the prefill lands on p1
+        svc.decode[held_for].active = svc.decode[other].active = 1  # full: the result is held
+        t0 = time.monotonic()
+        task = asyncio.create_task(svc.complete("completions", long_request(), {}))
+        await until(lambda: len(svc.holds) == 1)
+        svc._engine_failed(EngineFailure(svc.decode[held_for].endpoint, "refused", kind="connection"),
+                           svc.decode[held_for])
+        svc.decode[other].active = 0
+        svc.decode_queue.notify()
+        reply = await task
+        assert reply.status == 200 and reply.headers["X-Baton-Decode-Endpoint"] == other, reply.body
+        assert time.monotonic() - t0 < 2, "the hold waited for a ring member this request must avoid"
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_retried_local_request_waits_through_a_settle_window_for_the_replacement():
+    """An endpoint update empties the decode tier for a moment (a generation switch): a retried local request
+    waits for the replacement like any other, not 503 at once."""
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 1}\nqueue: {maxWaitSeconds: 5}\n",
+                           prefill=(), decode=("d1:1", "d2:1"))
+        engine.fail["d1:1"] = "500"
+        svc.decode["d2:1"].active = 1
+        retried = asyncio.create_task(svc.complete("completions", long_request(5), {}))
+        await until(lambda: svc.decode_queue.waiting == 1)  # failed on d1, waits for d2
+        engine.fail.clear()
+        svc.update_endpoints([], [])  # the old replicas leave ...
+        await asyncio.sleep(0.2)
+        svc.update_endpoints([], [Endpoint("d3:1", "decode")])  # ... the new one comes within the window
+        reply = await retried
+        assert reply.status == 200 and reply.headers["X-Baton-Decode-Endpoint"] == "d3:1", reply.body
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_replica_back_after_a_flap_is_probed_if_it_was_out_and_leaves_no_state_behind():
+    async def main():
+        svc, engine = make(prefill=(), decode=("d1:1", "d2:1"))
+        probed = []
+        health = engine.health
+
+        async def probe(ep, timeout):
+            probed.append(ep.address)
+            return await health(ep, timeout)
+        engine.health = probe
+        await asyncio.sleep(0.05)
+        probed.clear()
+        d1 = svc.decode["d1:1"]
+        d1.active, d1.healthy = 1, False  # a request still on it; it was taken out
+        svc.update_endpoints([], [Endpoint("d2:1", "decode")])  # readiness flap ...
+        svc.update_endpoints([], [Endpoint("d1:1", "decode"), Endpoint("d2:1", "decode")])  # ... back
+        await until(lambda: d1.healthy)
+        assert svc.decode["d1:1"] is d1 and probed == ["d1:1"]
+        for _ in range(50):  # flaps whose requests end while it is out leave nothing behind, scraped or not
+            state = svc.decode["d1:1"]
+            state.active = 1
+            svc.update_endpoints([], [Endpoint("d2:1", "decode")])
+            state.active = 0
+            svc.update_endpoints([], [Endpoint("d1:1", "decode"), Endpoint("d2:1", "decode")])
+        assert sum(len(v) for v in svc._departed.values()) <= 1
+        await svc.stop()
+
+    run(main())

@@ -700,6 +700,8 @@ class SchedulerService:
                 if state is None:
                     # back in the lists (a readiness flap): its requests still in flight count against its cap
                     state = self._rejoining(ep)
+                    if state is not None and not state.healthy:
+                        fresh.append(state)  # probed now, as a newcomer is, not at the next heartbeat
                 if state is not None and state.endpoint != ep and state.endpoint.pod == ep.pod:
                     # The same pod, described anew (a pod lookup that failed before now answered): the
                     # same process, whose sequences in flight and held KV are still there.
@@ -712,6 +714,10 @@ class SchedulerService:
             return out
 
         new_prefill, new_decode = merge(self.prefill, prefill), merge(self.decode, decode)
+        for key, states in list(self._departed.items()):  # those whose requests all ended go now
+            states[:] = [r for r in states if r.active]
+            if not states:
+                del self._departed[key]
         for tier, old, new in ((PREFILL, self.prefill, new_prefill), (DECODE, self.decode, new_decode)):
             for address, state in old.items():
                 if state.active and new.get(address) is not state:
@@ -1337,7 +1343,8 @@ class SchedulerService:
 
         def try_local() -> _DecodeLease | None:
             lease = self._try_decode(None, excluded, True)
-            if lease is None and excluded and not self._healthy_decode(excluded):
+            if (lease is None and excluded and not self._healthy_decode(excluded)
+                    and self._decode_settle_until <= self.clock()):  # not while a replacement is awaited
                 # a retry: the replicas it may still use failed while it waited (the one that failed it is
                 # healthy again, or it would have been failed with the tier): an answer now, not a timeout
                 raise _no_decode_endpoints()
@@ -1471,7 +1478,8 @@ class SchedulerService:
             # KV left with it.
             raise _StrandedHold()
         def usable(d: str) -> bool:
-            return self._pair_ok(prefill.address, d) and not (excluded and f"{prefill.address}->{d}" in excluded)
+            return self._pair_ok(prefill.address, d) and not (
+                excluded and (d in excluded or f"{prefill.address}->{d}" in excluded))
 
         current = [d for d in self.rings.get(prefill.address, ring) if usable(d)]
         if any((r := self.decode.get(d)) is not None and r.healthy for d in current):
