@@ -51,3 +51,14 @@ def test_a_new_workspace_is_marked_with_its_process(tmp_path, monkeypatch):
     assert path.parent == tmp_path and path.name.startswith(WORKSPACE_PREFIX)
     assert (path / WORKSPACE_OWNER).read_text().split() == [str(os.getpid()), proc_start_time(os.getpid())]
     assert sweep_stale_workspaces(str(tmp_path)) == [] and path.exists()
+
+
+def test_without_proc_a_workspace_is_left_unmarked_and_never_swept(tmp_path, monkeypatch):
+    """No /proc (no start times): a live simulator's workspace must not look like a dead one's."""
+    import baton.engine_sim.triton_frontend as frontend
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setattr(frontend, "proc_start_time", lambda pid: None)
+    path = Path(new_workspace())
+    assert not (path / WORKSPACE_OWNER).exists()
+    assert sweep_stale_workspaces(str(tmp_path)) == [] and path.exists()

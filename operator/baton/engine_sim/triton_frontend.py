@@ -796,8 +796,10 @@ def new_workspace() -> str:
     cleanup) the next simulator to start on the machine does (`sweep_stale_workspaces`)."""
     path = tempfile.mkdtemp(prefix=WORKSPACE_PREFIX)
     pid = os.getpid()
-    with open(os.path.join(path, WORKSPACE_OWNER), "w") as handle:
-        handle.write(f"{pid} {proc_start_time(pid)}\n")
+    started = proc_start_time(pid)
+    if started is not None:  # without /proc nothing could tell it from a dead one's: left unmarked, never swept
+        with open(os.path.join(path, WORKSPACE_OWNER), "w") as handle:
+            handle.write(f"{pid} {started}\n")
     return path
 
 
