@@ -622,3 +622,59 @@ def test_a_runtime_change_rolls_to_triton_under_traffic_without_restarting_the_s
     with urllib.request.urlopen(f"{traffic.url}/debug/state", timeout=5) as resp:
         state = json.loads(resp.read())
     assert {r["runtime"] for tier in ("prefill", "decode") for r in state[tier]} == {"triton"}, state
+
+
+def test_a_triton_generation_is_kept_while_a_stream_runs_on_it_and_deleted_once_it_ends(cluster, namespace, operator, pod_runner):
+    """Triton has no iteration records to say what runs on it: the operator keeps the draining generation,
+    past its rollback window, for as long as the scheduler has a request on it, and deletes it once that ends."""
+    from test_data_plane_triton import MODEL_DIR, _triton_harness
+
+    _triton_harness().triton_python()
+    m = manifest(model={"source": {"hostPath": {"path": str(MODEL_DIR)}}}, engine={"runtime": "triton"})
+    m["spec"]["decode"].update({"minReplicas": 1, "replicas": 1,
+                                # calibrated timing x3 on decode: thousands of tokens take minutes
+                                "podTemplate": {"env": [{"name": "BATON_SIM_ARGS", "value": "--sim-speed 3"}]}})
+    m["spec"]["rollout"].update({"progressDeadline": "120s", "rollbackWindow": "5s", "drainTimeout": "300s"})
+    old = deploy(cluster, namespace, m)["status"]["rollout"]["servingGeneration"]
+    url = Traffic(cluster, namespace, limit=0).url
+    body = json.dumps({"model": "llama-3-8b", "prompt": list(range(1, 41)), "max_tokens": 6000, "stream": True}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    stream = urllib.request.urlopen(request, timeout=60)
+    assert stream.status == 200 and stream.readline().startswith(b"data: "), "the stream did not start"
+    stop, lines, errors = threading.Event(), [0], []
+
+    def read_on():
+        try:
+            while not stop.is_set():
+                line = stream.readline()
+                if not line:
+                    errors.append("the stream ended")
+                    return
+                if b'"error"' in line:
+                    errors.append(line.decode()[:300])
+                lines[0] += 1
+        except (OSError, ValueError, AttributeError) as exc:  # closed by us at the end (a closed response has no fp)
+            if not stop.is_set():
+                errors.append(repr(exc))
+
+    reader = threading.Thread(target=read_on, daemon=True)
+    reader.start()
+    try:
+        patch_spec(cluster, namespace, {"engine": {"kvCache": {"dtype": "fp8"}}})
+        switched = wait_phase(cluster, namespace, "Draining", timeout=150)
+        assert switched["servingGeneration"] != old
+        time.sleep(12)  # the 5 s rollback window, and several drain passes after it
+        ro = rollout(cluster, namespace)
+        assert old in generations(cluster, namespace), ("the draining generation was deleted under a running stream", ro)
+        assert ro["phase"] == "Draining" and "1 request(s) in flight" in ro["message"], ro
+        assert not errors and reader.is_alive(), errors
+        seen = lines[0]
+        time.sleep(1)
+        assert lines[0] > seen, "the stream stopped flowing"
+    finally:
+        stop.set()
+        stream.close()  # the client leaves: nothing is in flight on the old generation any more
+        reader.join(timeout=10)
+    ro = wait_phase(cluster, namespace, "Serving", timeout=60)
+    assert old not in generations(cluster, namespace)
+    assert "drained" in ro["message"] and "drain timeout" not in ro["message"], ro
