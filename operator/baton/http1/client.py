@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from baton.http1.fields import connection_options
+from baton.http1.fields import chunk_size, connection_options
 from baton.http1.reading import ReusedBufferProtocol
 
 DataCallback = Callable[[bytes], None]
@@ -34,23 +34,10 @@ _IDEMPOTENT = ("GET", "HEAD")  # sent once more after a reused connection failed
 
 _IDLE, _HEAD, _LENGTH, _CHUNKS, _TRAILER, _UNTIL_CLOSE, _DONE = range(7)
 
-# as baton.http1.server reads a chunk size line: hex digits, then optional extensions after ';'
-_HEX = b"0123456789abcdefABCDEF"
-_FIELD_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])  # HTAB, visible, space, obs-text
 # _LEAST[k]: the least size written in k hex digits without a leading zero. int(line, 16) also takes a sign,
 # blanks, '_' and a 0x prefix; a line with any of them has fewer digits than characters, so a size below
 # _LEAST[len(line)]. That one compare (where `size <= 0` was) keeps the usual line off the strict path.
 _LEAST = tuple(16 ** (k - 1) if k else 0 for k in range(17))
-
-
-def _chunk_size(line: bytes) -> int:
-    """The size on a chunk size line, read strictly (the slow path: an extension, a leading zero, the
-    unusual and the malformed): 1*HEXDIG, then BWS and chunk extensions (ignored), no control characters.
-    int() alone would also take a sign, blanks, '_' and a 0x prefix."""
-    digits = line.split(b";", 1)[0].rstrip(b" \t")  # BWS may precede a chunk extension
-    if not digits or digits.strip(_HEX) or line.translate(None, _FIELD_BYTES):
-        raise ValueError(f"malformed chunk size line {line[:100]!r}")
-    return int(digits, 16)
 
 
 def _length_conflict(lines: list[str]) -> bool:
@@ -68,8 +55,8 @@ def _take_chunks(buf: bytearray, out: list[bytes]) -> bool:
     (size 0) was reached and taken. A streamed answer is one chunk per SSE event, many per read: they are
     walked by index and cut from `buf` once, not one deletion and state change per chunk. Per chunk: one
     find, one int() of the size line and one compare of it with `_LEAST` (any other line -- an extension, a
-    leading zero, the malformed -- goes to `_chunk_size`), two byte compares for the CRLF after the data, one
-    copy of the data."""
+    leading zero, the malformed -- is read strictly, as the server reads it: `fields.chunk_size`), two byte
+    compares for the CRLF after the data, one copy of the data."""
     pos = 0
     last = False
     n = len(buf)
@@ -89,7 +76,7 @@ def _take_chunks(buf: bytearray, out: list[bytes]) -> bool:
                 size, least = -1, 0
             if size < least:  # not all hex digits (or a leading zero, or the last chunk): read strictly
                 if size or end - pos != 1:  # but the last chunk's usual "0" needs no second look
-                    size = _chunk_size(bytes(buf[pos:end]))
+                    size = chunk_size(bytes(buf[pos:end]))
                 if not size:
                     pos = end + 2
                     last = True

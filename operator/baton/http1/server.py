@@ -53,7 +53,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Protocol
 
-from baton.http1.fields import connection_options
+from baton.http1.fields import FIELD_BYTES, chunk_size, connection_options
 from baton.http1.reading import ReusedBufferProtocol
 
 try:  # the kernel's unsent/unacknowledged bytes of a TCP socket (Linux): progress of a slow reader
@@ -104,14 +104,9 @@ STOPPING = "baton.http1.server: the server is stopping"
 STOP_ANSWER_S = 1.0
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
-# What a field line may hold (RFC 9110 5.5, RFC 9112 5): HTAB, SP, visible ASCII, obs-text. Deleting these
-# from a head leaves exactly one CR LF pair per line end when it is well formed: one C pass finds any bare
-# CR or LF, NUL or other control character.
-_FIELD_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 # RFC 9110 5.6.2, lower-case (names are checked once lower-cased): deleting these from all the names of a
 # head, joined, leaves nothing when each is a token
 _TCHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
-_HEX = b"0123456789abcdefABCDEF"
 
 
 class Headers(dict):  # type: ignore[type-arg]
@@ -472,11 +467,10 @@ class _Connection(ReusedBufferProtocol):
                     if len(buf) > 1024:
                         raise _BadRequest(400, "malformed chunk size line")
                     return
-                line = bytes(buf[:end])
-                digits = line.split(b";", 1)[0].rstrip(b" \t")  # BWS may precede a chunk extension
-                if not digits or digits.strip(_HEX) or line.translate(None, _FIELD_BYTES):
-                    raise _BadRequest(400, f"malformed chunk size line {line[:100]!r}")
-                size = int(digits, 16)
+                try:
+                    size = chunk_size(bytes(buf[:end]))
+                except ValueError as exc:
+                    raise _BadRequest(400, str(exc)) from None
                 del buf[:end + 2]
                 if size == 0:
                     self._scan = 0
@@ -511,7 +505,7 @@ class _Connection(ReusedBufferProtocol):
                         self._scan = max(0, len(buf) - 3)  # the part searched is not searched again
                         return
                     trailer = bytes(buf[:end + 2])
-                    if len(trailer.translate(None, _FIELD_BYTES)) != 2 * trailer.count(b"\r\n"):
+                    if len(trailer.translate(None, FIELD_BYTES)) != 2 * trailer.count(b"\r\n"):
                         raise _BadRequest(400, "bare CR or LF, or a control character, in the trailer section")
                 del buf[:end + 4]
                 body = bytes(self._chunked)
@@ -522,7 +516,7 @@ class _Connection(ReusedBufferProtocol):
         lines = head.decode("latin-1").split("\r\n")
         # One C pass over the whole head: every CR and LF is in a CRLF line end (so no line hides inside
         # another), and there is no NUL or other control character but HTAB.
-        if len(head.translate(None, _FIELD_BYTES)) != 2 * len(lines) - 2:
+        if len(head.translate(None, FIELD_BYTES)) != 2 * len(lines) - 2:
             raise _BadRequest(400, _control_fault(lines))
         try:
             method, target, version = lines[0].split(" ")
@@ -596,7 +590,7 @@ class _Connection(ReusedBufferProtocol):
             self.pending.append(item)
             if isinstance(item, Request):
                 self.pending_bytes += len(item.body)
-            if ((len(self.pending) >= 16 or self.pending_bytes > max(self.server.max_body_bytes, PIPELINE_BYTES))
+            if ((len(self.pending) >= 16 or self.pending_bytes > self.server.pipeline_bytes)
                     and not self.paused_reading and self.transport is not None):
                 self.paused_reading = True
                 self.transport.pause_reading()
@@ -681,7 +675,7 @@ class _Connection(ReusedBufferProtocol):
                     self.pending_bytes -= len(item.body)
                 # as reading paused when the pipeline was full, it resumes once half of it has emptied
                 if (self.paused_reading and len(self.pending) < 8 and self.transport is not None
-                        and self.pending_bytes <= max(self.server.max_body_bytes, PIPELINE_BYTES) // 2):
+                        and self.pending_bytes <= self.server.pipeline_bytes // 2):
                     self.paused_reading = False
                     self.transport.resume_reading()
                     if self.receiving_since:  # the time reading was paused is not the client's
@@ -889,6 +883,7 @@ class HttpServer:
         # 501, 505): plain text unless the application speaks another error shape (the scheduler: OpenAI's).
         self.error_body = error_body or _plain_error
         self.max_body_bytes = max_body_bytes
+        self.pipeline_bytes = max(max_body_bytes, PIPELINE_BYTES)  # reading pauses past this much waiting
         self.cancel_on_disconnect = cancel_on_disconnect
         self.connections: set[_Connection] = set()
         self.draining = False
