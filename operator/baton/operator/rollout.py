@@ -169,26 +169,34 @@ ENDPOINT_ACTIVE = "baton_scheduler_endpoint_active_requests"
 ENDPOINT_HELD = "baton_scheduler_endpoint_held_requests"
 
 
-def scheduler_in_flight(schedulers: list[str], timeout: float = 2.0) -> tuple[dict[str, int], int]:
-    """Requests the schedulers have in flight on each engine replica (by address), held prefill results
-    counted with their prefill replica, summed over the schedulers; and how many schedulers answered."""
+def _scheduler_samples(schedulers: list[str], names: frozenset[str], timeout: float) -> tuple[list[Any], int]:
+    """The samples named `names` in the schedulers' /metrics, and how many schedulers answered (one that is
+    unreachable, slow, cuts its answer short or garbles it gives none)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    counts: dict[str, int] = {}
+    samples: list[Any] = []
     answered = 0
     for address in schedulers:
         try:
             with NO_PROXY_OPENER.open(f"http://{address}/metrics", timeout=timeout) as resp:
                 text = resp.read().decode("utf-8", "replace")
             families = list(text_string_to_metric_families(text))
-        except (OSError, ValueError, http.client.HTTPException):  # unreachable, slow, cut short, garbled
+        except (OSError, ValueError, http.client.HTTPException):
             continue
         answered += 1
-        for family in families:
-            for sample in family.samples:
-                if sample.name in (ENDPOINT_ACTIVE, ENDPOINT_HELD) and sample.value > 0:
-                    endpoint = sample.labels.get("endpoint", "")
-                    counts[endpoint] = counts.get(endpoint, 0) + int(sample.value)
+        samples += [s for family in families for s in family.samples if s.name in names]
+    return samples, answered
+
+
+def scheduler_in_flight(schedulers: list[str], timeout: float = 2.0) -> tuple[dict[str, int], int]:
+    """Requests the schedulers have in flight on each engine replica (by address), held prefill results
+    counted with their prefill replica, summed over the schedulers; and how many schedulers answered."""
+    samples, answered = _scheduler_samples(schedulers, frozenset((ENDPOINT_ACTIVE, ENDPOINT_HELD)), timeout)
+    counts: dict[str, int] = {}
+    for sample in samples:
+        if sample.value > 0:
+            endpoint = sample.labels.get("endpoint", "")
+            counts[endpoint] = counts.get(endpoint, 0) + int(sample.value)
     return counts, answered
 
 
@@ -212,18 +220,10 @@ GENERATION_REQUESTS = "baton_scheduler_generation_requests_total"
 def generation_outcomes(addresses: list[str], generation: str, timeout: float = 2.0) -> dict[str, float]:
     """Requests the schedulers dispatched to `generation`, by outcome, summed over the schedulers that
     answered (from their /metrics)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
+    samples, _ = _scheduler_samples(addresses, frozenset((GENERATION_REQUESTS,)), timeout)
     totals: dict[str, float] = {}
-    for address in addresses:
-        try:
-            with NO_PROXY_OPENER.open(f"http://{address}/metrics", timeout=timeout) as resp:
-                text = resp.read().decode("utf-8", "replace")
-        except OSError:
-            continue
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == GENERATION_REQUESTS and sample.labels.get("generation") == generation:
-                    outcome = sample.labels.get("outcome", "")
-                    totals[outcome] = totals.get(outcome, 0.0) + sample.value
+    for sample in samples:
+        if sample.labels.get("generation") == generation:
+            outcome = sample.labels.get("outcome", "")
+            totals[outcome] = totals.get(outcome, 0.0) + sample.value
     return totals
