@@ -714,10 +714,7 @@ class SchedulerService:
             return out
 
         new_prefill, new_decode = merge(self.prefill, prefill), merge(self.decode, decode)
-        for key, states in list(self._departed.items()):  # those whose requests all ended go now
-            states[:] = [r for r in states if r.active]
-            if not states:
-                del self._departed[key]
+        self._prune_departed()
         for tier, old, new in ((PREFILL, self.prefill, new_prefill), (DECODE, self.decode, new_decode)):
             for address, state in old.items():
                 if state.active and new.get(address) is not state:
@@ -1021,13 +1018,17 @@ class SchedulerService:
         left the lists with requests still in flight (until they end)."""
         out = {(PREFILL, a): r.active for a, r in self.prefill.items()}
         out.update({(DECODE, a): r.active for a, r in self.decode.items()})
+        self._prune_departed()
+        for key, states in self._departed.items():
+            out[key] = out.get(key, 0) + sum(r.active for r in states)
+        return out
+
+    def _prune_departed(self) -> None:
+        """Forget the departed replicas whose requests have all ended."""
         for key, states in list(self._departed.items()):
             states[:] = [r for r in states if r.active]
             if not states:
                 del self._departed[key]
-                continue
-            out[key] = out.get(key, 0) + sum(r.active for r in states)
-        return out
 
     def _endpoint_held(self) -> dict[str, int]:
         """Prefill results held for a decode slot, per prefill replica (their KV is still on it)."""
