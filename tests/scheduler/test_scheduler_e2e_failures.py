@@ -187,6 +187,17 @@ def test_a_streamed_handoff_the_decode_replica_cuts_is_retried_on_another_pair(e
     time.sleep(1.0)  # the health check the cut started has answered
     assert _decode_state(sched, mismatched.address)["healthy"]
     assert f"event=endpoint_unhealthy tier=decode endpoint={mismatched.address}" not in sched.log()
+    # The cut said nothing of why; the scheduler's own unstreamed check of the pair got the engine's reason, and
+    # the pair is kept out of placement: later streamed requests no longer cost a prefill and a retry there.
+    wait_for(lambda: _state(sched.url)["incompatiblePairs"] == [f"{prefill.address}->{mismatched.address}"], 10,
+             "the pair to be found incompatible")
+    assert "event=kv_format_mismatch found_by=pair_check" in sched.log()
+    retries = metric(metrics(sched.url), "baton_scheduler_retries_total", route="disaggregated")
+    for seed in (33, 34, 35, 36):
+        status, headers, events = _stream_events(sched, {"model": MODEL, "prompt": prompt_ids(2000, seed),
+                                                         "max_tokens": 6})
+        assert status == 200 and headers["X-Baton-Decode-Endpoint"] == good.address and events[-1] == "[DONE]"
+    assert metric(metrics(sched.url), "baton_scheduler_retries_total", route="disaggregated") == retries
 
 
 def test_an_incompatible_pair_streamed_fails_502_naming_both_replicas_and_where_the_reason_is(engines,
@@ -213,6 +224,12 @@ def test_an_incompatible_pair_streamed_fails_502_naming_both_replicas_and_where_
     assert _decode_state(sched, decode16.address)["healthy"]
     values = metrics(sched.url)
     assert metric(values, "baton_scheduler_requests_total", route="disaggregated", outcome="failed") == 1
+    # its pair, checked unstreamed, is known incompatible now: the next long prompt is prefilled on the decode
+    # replica itself (as with no prefill tier) and served, rather than failing the same way
+    wait_for(lambda: _state(sched.url)["incompatiblePairs"] == [f"{prefill.address}->{decode16.address}"], 10,
+             "the pair to be found incompatible")
+    status, headers, events = _stream_events(sched, {"model": MODEL, "prompt": prompt_ids(2000, 34), "max_tokens": 4})
+    assert status == 200 and headers["X-Baton-Route"] == "local" and events[-1] == "[DONE]", events
 
 
 def test_client_leaving_mid_stream_frees_the_slot_and_is_counted(engines, make_scheduler):

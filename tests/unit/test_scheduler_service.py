@@ -1953,3 +1953,44 @@ def test_a_replica_back_after_a_flap_is_probed_if_it_was_out_and_leaves_no_state
         await svc.stop()
 
     run(main())
+
+
+def test_a_pair_whose_streamed_handoff_was_cut_is_checked_unstreamed_and_kept_out_only_on_a_kv_mismatch(caplog):
+    """A cut stream gives no reason; the pair check does a tiny unstreamed handoff on the pair. The engine's
+    KV-format mismatch keeps the pair out of placement; KV already freed (or anything else) changes nothing. A
+    pair is checked at most once per PAIR_CHECK_INTERVAL_S, however many streams are cut on it."""
+    from baton.scheduler import service as service_module
+
+    async def checked(svc, prefill, decode):
+        svc._start_pair_check(svc.prefill[prefill], svc.decode[decode], "m")
+        await asyncio.gather(*svc._probe_tasks)
+
+    async def main():
+        now = [1000.0]
+        svc, engine = make()
+        svc.clock = lambda: now[0]
+        engine.fail["d2:1"] = "kv_gone"
+        await checked(svc, "p1:1", "d2:1")
+        assert svc.incompatible == {}
+        assert engine.calls[-2:] == [("p1:1", "context_only"), ("d2:1", "generation_only")]
+        engine.fail["d1:1"] = "kv"
+        await checked(svc, "p1:1", "d1:1")
+        assert set(svc.incompatible) == {("p1:1", "d1:1")}
+        assert "cacheState" in svc.incompatible[("p1:1", "d1:1")][1]
+        calls = len(engine.calls)
+        engine.fail["d2:1"] = "kv"
+        now[0] += service_module.PAIR_CHECK_INTERVAL_S - 1
+        await checked(svc, "p1:1", "d2:1")  # checked a moment ago: not again yet
+        assert len(engine.calls) == calls and ("p1:1", "d2:1") not in svc.incompatible
+        now[0] += 1
+        await checked(svc, "p1:1", "d2:1")
+        assert ("p1:1", "d2:1") in svc.incompatible
+        # both pairs out: a long prompt is prefilled on a decode replica itself
+        reply = await svc.complete("completions", long_request(), {})
+        assert reply.status == 200 and reply.headers["X-Baton-Route"] == "local"
+        await svc.stop()
+
+    with caplog.at_level("INFO", logger="baton.scheduler"):
+        run(main())
+    assert "event=pair_check_inconclusive pair=p1:1->d2:1" in caplog.text
+    assert "event=kv_format_mismatch found_by=pair_check prefill=p1:1 decode=d1:1" in caplog.text

@@ -11,7 +11,9 @@ One `SchedulerService` per process (tests build several). For each OpenAI reques
    expires -- and sends `generation_only` with the handle and the prompt token ids;
 5. retries on another replica/pair when an engine fails before anything reached the client (connection
    error, 5xx), within `retries.maxAttempts` and the retry budget; a KV-format mismatch is never retried
-   onto the same pair: the pair is remembered as incompatible and the engine's message is returned.
+   onto the same pair: the pair is remembered as incompatible and the engine's message is returned. A
+   streamed handoff cut with no reason given (trtllm-serve's way) is retried, and its pair checked with a tiny
+   unstreamed handoff that gets the engine's error text (`_check_pair`).
 Every request ends in a response or an explicit error and is counted once by outcome:
 completed | rejected (429) | failed | invalid (4xx from the client's own request) | cancelled (client left).
 """
@@ -77,6 +79,7 @@ from baton.scheduler.replies import (
 )
 from baton.scheduler.requests import (
     CHAT,
+    COMPLETIONS,
     ParsedRequest,
     RequestError,
     parse_context_answer,
@@ -94,6 +97,10 @@ DISAGG = Route.DISAGGREGATED.value
 GENERATION_SHED = "shed"
 DEFAULT_PREFILL_TPS = 20_000.0  # prefill throughput assumed until one is observed (tokens/s)
 INCOMPATIBLE_PAIR_TTL_S = 300.0  # how long a KV-format mismatch keeps a pair out of placement
+# A pair whose streamed handoff was cut with no reason given is checked (`_check_pair`) at most this often
+PAIR_CHECK_INTERVAL_S = 30.0
+PAIR_CHECK_TIMEOUT_S = 30.0  # the whole check: a tiny context_only, then its generation_only
+PAIR_CHECK_PROMPT = list(range(1, 17))  # token ids: a prompt a block or two long, whatever the engine's vocabulary
 # While decode is throttled, requests waiting for a decode slot look again this often: the throttle lifts
 # as slow samples age out of the p95 window, which no release or arrival announces.
 THROTTLE_RECHECK_S = 0.5
@@ -354,6 +361,7 @@ class SchedulerService:
         self.retry_budget = RetryBudget(config.retries.budget_ratio, clock)
         self.tpot_window = LatencyWindow(clock=clock)
         self.incompatible: dict[tuple[str, str], tuple[float, str]] = {}
+        self.pair_checked: dict[tuple[str, str], float] = {}  # when each pair was last checked (`_check_pair`)
         self.prefills_in_flight = 0
         self.prefill_tps = 0.0
         self.completions = _RateMeter(clock)
@@ -728,6 +736,7 @@ class SchedulerService:
         self.rings = build_rings(prefill, decode, self.config.routing.ring_size)
         known = set(self.prefill) | set(self.decode)
         self.incompatible = {k: v for k, v in self.incompatible.items() if k[0] in known and k[1] in known}
+        self.pair_checked = {k: v for k, v in self.pair_checked.items() if k[0] in known and k[1] in known}
         log.info(
             "event=endpoints_updated prefill=%s decode=%s",
             ",".join(self.prefill) or "-", ",".join(self.decode) or "-",
@@ -806,6 +815,71 @@ class SchedulerService:
         task = loop.create_task(self._probe(replicas, take_out_only))
         self._probe_tasks.add(task)
         task.add_done_callback(self._probe_tasks.discard)
+
+    def _start_pair_check(self, prefill: ReplicaState, decode: ReplicaState, model: Any) -> None:
+        """Check the pair `prefill` -> `decode` in the background (`_check_pair`), unless it was checked within
+        PAIR_CHECK_INTERVAL_S or is already known to be incompatible."""
+        key = (prefill.address, decode.address)
+        now = self.clock()
+        last = self.pair_checked.get(key)
+        if (last is not None and now - last < PAIR_CHECK_INTERVAL_S) or not self._pair_ok(*key):
+            return
+        self.pair_checked[key] = now
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(self._check_pair(prefill, decode, model))
+        self._probe_tasks.add(task)
+        task.add_done_callback(self._probe_tasks.discard)
+
+    async def _check_pair(self, prefill: ReplicaState, decode: ReplicaState, model: Any) -> None:
+        """A streamed handoff the decode replica cut before its first token: trtllm-serve gives the reason only
+        in its log (a KV-format mismatch, or KV the prefill replica had freed). The same handoff, tiny and not
+        streamed, gets the engine's error text in its answer: a KV-format mismatch then keeps the pair out of
+        placement, as one met unstreamed does, instead of costing every streamed request routed to it a
+        prefill and a retry. Anything else found changes nothing (the requests' own failures count)."""
+        slot = self._engine_slot
+        slot.users += 1
+        rid = f"baton-pair-check-{uuid.uuid4().hex[:12]}"
+        pair = f"{prefill.address}->{decode.address}"
+        try:
+            fields: dict[str, Any] = {"prompt": PAIR_CHECK_PROMPT, "max_tokens": 2}
+            if isinstance(model, str):
+                fields["model"] = model
+            probe = parse_request(json.dumps(fields).encode(), COMPLETIONS, {}, self.config.model)
+            engine = slot.client
+
+            async def handoff() -> tuple[int, bytes]:
+                status, data, _ = await engine.client_for(prefill.endpoint).post(
+                    prefill.endpoint, probe.path, probe.context_body(), rid)
+                if status != 200:
+                    raise EngineFailure(prefill.endpoint, f"context_only answered {status}", status, data)
+                answer, ids_json = parse_context_answer(data)
+                handle = answer["choices"][0]["disaggregated_params"]
+                status, data, _ = await engine.client_for(decode.endpoint).post(
+                    decode.endpoint, probe.path, probe.generation_body(handle, ids_json), rid)
+                return status, data
+
+            status, data = await asyncio.wait_for(handoff(), PAIR_CHECK_TIMEOUT_S)
+        except (EngineFailure, asyncio.TimeoutError, OSError, ValueError, KeyError, IndexError, TypeError,
+                RequestError) as exc:
+            log.warning("event=pair_check_inconclusive pair=%s request_id=%s error=%r", pair, rid, str(exc)[:300])
+            return
+        finally:
+            self._engine_released(slot)
+        failure = classify_failure(decode.endpoint, status, data)
+        if failure is not None and failure.kind == "kv_mismatch":
+            if self.prefill.get(prefill.address) is prefill and self.decode.get(decode.address) is decode:
+                self.incompatible[(prefill.address, decode.address)] = (
+                    self.clock() + INCOMPATIBLE_PAIR_TTL_S, failure.message)
+            log.error("event=kv_format_mismatch found_by=pair_check prefill=%s decode=%s request_id=%s error=%r",
+                      prefill.address, decode.address, rid, failure.message[:500])
+        elif failure is None and status == 200:
+            log.info("event=pair_check_passed pair=%s request_id=%s", pair, rid)
+        else:
+            log.warning("event=pair_check_inconclusive pair=%s request_id=%s status=%d error=%r", pair, rid, status,
+                        failure.message[:300] if failure is not None else data[:300].decode("utf-8", "replace"))
 
     # ------------------------------------------------------------------------------ health
     async def _probe(self, replicas: list[ReplicaState], take_out_only: bool = False) -> None:
@@ -1282,6 +1356,9 @@ class SchedulerService:
                     cut = self.decode.get(failure.endpoint.address)
                     if cut is not None and cut.healthy:
                         await self._probe([cut], take_out_only=True)
+                    if cut is not None and cut.healthy and ctx.prefill is not None and ctx.req is not None:
+                        # it lives: the handoff itself failed, and only the engines' logs say why
+                        self._start_pair_check(ctx.prefill, cut, ctx.req.data.get("model"))
                 if (ctx.prefill is not None and ctx.decode is not None and not failure.connection_level
                         and failure.kind != "closed_before_answer"):
                     # a generation-only request failed without losing the connection: the handoff between
