@@ -45,6 +45,7 @@ from baton.http1.server import (
     text_response,
 )
 from baton.idlists import RawJSON, all_below, cut_id_list
+from baton.openai_stream import wants_usage
 
 log = logging.getLogger("baton.engine_sim.server")
 
@@ -288,8 +289,7 @@ class SimServer:
             prompt=prompt,
             max_tokens=max_tokens,
             stream=bool(body.get("stream")),
-            # StreamOptions.include_usage defaults to true: `"stream_options": {}` asks for the usage chunk
-            include_usage=isinstance(stream_options, dict) and bool(stream_options.get("include_usage", True)),
+            include_usage=wants_usage(stream_options),
         )
         if kind == GEN_ONLY:
             parsed.first_tokens = self._token_list(dp.get("first_gen_tokens"), "disaggregated_params.first_gen_tokens")

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from baton.http1.client import ClosedBeforeAnswer, HttpClient
+from baton.openai_stream import wants_usage
 from baton.scheduler.detokenize import Detokenizer, model_tokenizer
 from baton.scheduler.endpoints import Endpoint
 from baton.scheduler.replies import SchedulerError, error_body
@@ -632,9 +633,7 @@ class _TritonCall:
                     "best_of beams, or use runtime: trtllm-serve", "best_of", unsupported=True)
         self.beam_width = (best_of or 1) if use_beam_search else 1
         self.stream = bool(data.get("stream")) and self.kind != "context_only"
-        options = data.get("stream_options")
-        # as trtllm-serve's StreamOptions, whose include_usage defaults to true: `{}` asks for the usage chunk
-        self.include_usage = isinstance(options, dict) and bool(options.get("include_usage", True))
+        self.include_usage = wants_usage(data.get("stream_options"))
         self.context_phase_params: bytes | None = None
         self.layout: ModelLayout | None = None  # the replica's model (`prepare`); None: every tensor is sent
         self.detokenizer: Detokenizer | None = None  # the answer's text from its token ids (`prepare`)

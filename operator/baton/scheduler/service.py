@@ -37,6 +37,7 @@ from baton import tokens
 from baton.http1.client import ClosedMidAnswer
 from baton.http1.server import cancelled_by_stop
 from baton.model_tokenizer import ModelTokenizer, fetch_tokenizer, load_tokenizer
+from baton.openai_stream import wants_usage
 from baton.scheduler.admission import (
     PASS,
     LatencyWindow,
@@ -1820,8 +1821,7 @@ class SchedulerService:
         chunk = {"id": answer.get("id", ctx.rid), "object": obj, "created": answer.get("created", int(time.time())),
                  "model": answer.get("model", self.config.model), "choices": [chunk_choice]}
         payload = b"data: " + json.dumps(chunk).encode() + b"\n\n"
-        options = req.data.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage", True):  # trtllm-serve's default: true
+        if wants_usage(req.data.get("stream_options")):
             usage = answer.get("usage")
             if not isinstance(usage, dict):
                 produced = len(choice.get("token_ids") or ()) or 1
