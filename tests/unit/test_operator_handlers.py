@@ -28,11 +28,25 @@ class Reconciler:
         self.started = threading.Event()
         self.release = threading.Event()
         self.hold = False
+        self.begun: list[str | None] = []  # the uid of each pass, as it began
+        self.ended: list[tuple[str | None, bool]] = []  # (uid, whether its loop had stopped) as each ended
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
 
-    def reconcile(self, namespace: str, name: str):
+    def reconcile(self, namespace: str, name: str, uid=None, stop=None):
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.begun.append(uid)
         self.started.set()
-        if self.hold:
-            assert self.release.wait(10)
+        try:
+            if self.hold:
+                assert self.release.wait(10)
+        finally:
+            with self._lock:
+                self.running -= 1
+                self.ended.append((uid, stop is not None and stop.is_set()))
         self.records[(namespace, name)] = self.records.get((namespace, name), 0) + 1
         self.cache.put({"kind": "StatefulSet", "metadata": {"namespace": namespace, "name": f"{name}-decode",
                                                             "resourceVersion": "7", "labels": {"baton.dev/model": name}}})
@@ -50,15 +64,16 @@ def runtime(monkeypatch):
     monkeypatch.setattr(handlers, "pause_gate", Gate())
     monkeypatch.setattr(handlers, "WAKE_COALESCE_SECONDS", 0.0)
     for attr, value in (("cache", cache), ("reconciler", reconciler), ("executor", executor), ("loops", {}),
-                        ("triggers", {}), ("seen", {}), ("passes", set())):
+                        ("triggers", {}), ("seen", {}), ("passes", set()), ("uids", {}),
+                        ("stops", {}), ("running", {})):
         monkeypatch.setattr(handlers.runtime, attr, value)
     yield SimpleNamespace(cache=cache, reconciler=reconciler)
     reconciler.release.set()
     executor.shutdown(wait=True)
 
 
-def model(generation: int = 1) -> dict:
-    return {"metadata": {"name": "m", "namespace": "ns", "generation": generation}}
+def model(generation: int = 1, uid: str = "uid-1") -> dict:
+    return {"metadata": {"name": "m", "namespace": "ns", "generation": generation, "uid": uid}}
 
 
 async def until(condition, timeout: float = 5.0) -> None:
@@ -100,6 +115,38 @@ def test_a_model_deleted_and_created_again_at_once_still_acts_on_spec_edits_at_o
         await asyncio.sleep(0.2)
         await handlers.model_event(body=model(generation=2), name="m", namespace="ns", type="MODIFIED")  # a spec edit
         await until(lambda: runtime.reconciler.records.get(("ns", "m")) == 2, timeout=2)
+        for task in handlers.runtime.loops.values():
+            task.cancel()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("deleted_event", [True, False], ids=["with its DELETED event", "DELETED event missed"])
+def test_a_model_created_again_while_a_pass_runs_gets_its_first_pass_only_after_that_one_which_writes_no_more(
+        runtime, deleted_event):
+    """`kubectl replace --force` (or an Argo CD Replace) while a pass of the old model is under way in its thread:
+    the old pass must not act on the new model (a thread cannot be cancelled, so it is told to stop writing) and
+    the new model's first pass waits for it to end: two passes of one name never run at once. Also when the
+    DELETED event was missed (a watch re-listing): the new uid alone starts a new loop."""
+    r = runtime.reconciler
+    r.hold = True
+
+    async def main():
+        await handlers.model_event(body=model(uid="a"), name="m", namespace="ns", type="ADDED")
+        await asyncio.to_thread(r.started.wait, 5)
+        if deleted_event:
+            await handlers.model_event(body=model(uid="a"), name="m", namespace="ns", type="DELETED")
+        await handlers.model_event(body=model(uid="b"), name="m", namespace="ns", type="ADDED")
+        await asyncio.sleep(0.2)
+        assert r.begun == ["a"]  # the new model's first pass waits
+        r.release.set()
+        await until(lambda: [uid for uid, _ in r.ended] == ["a", "b"])
+        assert r.ended == [("a", True), ("b", False)]  # the old pass was told to stop writing; the new one runs
+        assert r.most_at_once == 1
+        assert handlers.runtime.uids == {("ns", "m"): "b"}
+        # a DELETED event of the old object coming late does not stop the new model's loop
+        await handlers.model_event(body=model(uid="a"), name="m", namespace="ns", type="DELETED")
+        assert ("ns", "m") in handlers.runtime.loops
         for task in handlers.runtime.loops.values():
             task.cancel()
 

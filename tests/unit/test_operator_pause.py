@@ -42,7 +42,7 @@ class SlowReconciler:
         self.started = threading.Event()
         self.release = threading.Event()
 
-    def reconcile(self, namespace: str, name: str):
+    def reconcile(self, namespace: str, name: str, uid=None, stop=None):
         self.started.set()
         assert self.release.wait(10)
         self.cache.put({"kind": "Service", "metadata": {"namespace": namespace, "name": f"{name}-decode",
@@ -61,7 +61,8 @@ def runtime(monkeypatch):
     gate = Gate()
     monkeypatch.setattr(handlers, "pause_gate", gate)
     for attr, value in (("cache", cache), ("reconciler", reconciler), ("executor", executor), ("loops", {}),
-                        ("triggers", {}), ("seen", {}), ("passes", set())):
+                        ("triggers", {}), ("seen", {}), ("passes", set()), ("uids", {}),
+                        ("stops", {}), ("running", {})):
         monkeypatch.setattr(handlers.runtime, attr, value)
     yield SimpleNamespace(cache=cache, reconciler=reconciler, gate=gate)
     reconciler.release.set()

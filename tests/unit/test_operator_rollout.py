@@ -3,6 +3,7 @@ Kubernetes: rollouts, rollbacks, the control annotations and API errors."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -16,6 +17,7 @@ import yaml
 from kubernetes.client.rest import ApiException
 
 from baton.operator import rollout, rollout_pass
+from baton.operator.kube import PassStopped
 from baton.operator.reconciler import Reconciler, TransientApiError, transient
 from baton.operator.rollout_pass import ANNOTATION_RETRY, ANNOTATION_ROLLBACK, handled_value, lost_ready_pods
 
@@ -36,6 +38,19 @@ class FakeKube:
         self.nodes = nodes
         self.fail_apply = None  # obj -> HTTP status to fail with (or None)
         self.log: list[tuple[str, str]] = []  # ("status", servingGeneration) / ("delete", name), in order
+        self.stop = None  # as Kube.stopping_on: writes raise PassStopped once it is set
+
+    @contextlib.contextmanager
+    def stopping_on(self, stop):
+        self.stop = stop
+        try:
+            yield
+        finally:
+            self.stop = None
+
+    def _write(self):
+        if self.stop is not None and self.stop.is_set():
+            raise PassStopped("the pass's model loop stopped")
 
     def writes(self):
         return sum(n for v, n in self.requests.items() if v not in ("GET", "LIST", "DRYRUN"))
@@ -59,6 +74,7 @@ class FakeKube:
         return [copy.deepcopy(o) for (kd, _, _), o in self.objs.items() if kd == kind]
 
     def apply(self, obj, dry_run=False):
+        self._write()
         code = self.fail_apply(obj) if self.fail_apply else None
         if code:
             exc = ApiException(status=code, reason="injected")
@@ -85,6 +101,7 @@ class FakeKube:
         return copy.deepcopy(new)
 
     def scale(self, kind, ns, name, replicas):
+        self._write()
         self.requests["PATCH"] += 1
         o = self.objs[(kind, ns, name)]
         o["spec"]["replicas"] = replicas
@@ -92,9 +109,15 @@ class FakeKube:
         self._bump(o)
         return copy.deepcopy(o)
 
-    def patch_status(self, ns, name, status):
+    def patch_status(self, ns, name, status, resource_version=""):
+        self._write()
         self.requests["PATCH"] += 1
         o = self.objs[("DisaggregatedModel", ns, name)]
+        if resource_version and o["metadata"].get("resourceVersion") != resource_version:
+            exc = ApiException(status=409, reason="Conflict")
+            exc.body = json.dumps({"message": "the object has been modified; please apply your changes to the "
+                                              "latest version and try again"})
+            raise exc
 
         def merge(a, b):
             for k, v in b.items():
@@ -110,6 +133,7 @@ class FakeKube:
         self._bump(o)
 
     def delete(self, kind, ns, name):
+        self._write()
         self.requests["DELETE"] += 1
         self.log.append(("delete", name))
         self.objs.pop((kind, ns, name), None)
@@ -118,6 +142,7 @@ class FakeKube:
                 self.objs.pop(k)
 
     def create_event(self, ev):
+        self._write()
         self.events.append((ev["type"], ev["reason"], ev["message"]))
         self.posted[ev["metadata"]["name"]] = self.events[-1]
 
@@ -572,8 +597,7 @@ def test_the_progress_deadline_holds_when_the_start_was_never_recorded(monkeypat
 
     real = m.kube.patch_status
     m.kube.patch_status = unavailable
-    with pytest.raises(ApiException):
-        m.pass_()
+    assert m.r.reconcile("ns", "m").transient  # the status write failed: retried with backoff
     m.kube.patch_status = real
     m.kube.settle(ready=False, gen=[g for g in m.generations() if g != m.ro["servingGeneration"]][0])
     m.pass_()
@@ -995,8 +1019,8 @@ def log_swap_writes(m):
     """Also log, after each status write, the swap generation schedulers route to from then on."""
     write = m.kube.patch_status
 
-    def patch_status(ns, name, status):
-        write(ns, name, status)
+    def patch_status(ns, name, status, **kwargs):
+        write(ns, name, status, **kwargs)
         m.kube.log.append(("swap", m.ro.get("swap", {}).get("generation", "")))
 
     m.kube.patch_status = patch_status
@@ -1474,3 +1498,69 @@ def test_requests_on_an_old_pod_that_lost_readiness_still_keep_the_previous_gene
     m.pass_()
     assert asked and asked[-1], "the old generation's unready pods were not asked about"
     assert m.ro["phase"] == "Draining" and old in m.generations(), m.ro
+
+
+# ---------------------------------------------------------------- a model deleted and created again mid-pass
+
+def _replaced_by(m, spec, uid="uid-B"):
+    """`kubectl replace --force` (Argo CD Replace=true, Flux force, helm uninstall + install): the model is
+    deleted and one of the same name created, with no status yet."""
+    m.kube.objs[("DisaggregatedModel", "ns", "m")] = {
+        "apiVersion": m.obj.get("apiVersion"), "kind": "DisaggregatedModel",
+        "metadata": {"name": "m", "namespace": "ns", "uid": uid, "generation": 1, "annotations": {},
+                     "resourceVersion": "1"},
+        "spec": copy.deepcopy(spec)}
+
+
+def test_a_pass_whose_model_is_replaced_under_it_deletes_nothing_and_writes_nothing_into_the_new_model(monkeypatch):
+    """A Draining pass of model A is reading the schedulers when A is replaced by B with A's previous spec (a
+    GitOps revert by re-creation). A's loop is stopped (`handlers._stop_loop` sets its stop): the pass must not
+    go on to delete the previous generation, which B is about to adopt, nor write A's rollout into B's status.
+    B's own first pass then serves that generation."""
+    import threading
+
+    m = Model()
+    x = m.ro["servingGeneration"]
+    spec_x = copy.deepcopy(m.obj["spec"])
+    y = m.switch("1.2.1")
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 120.0 if ts else 0.0)  # past the rollback window
+    stop = threading.Event()
+
+    def in_flight(engines, schedulers):  # the pass is reading /metrics when the model is replaced
+        _replaced_by(m, spec_x)
+        stop.set()
+        return 0
+
+    monkeypatch.setattr(rollout, "in_flight", in_flight)
+    writes = m.kube.writes()
+    outcome = m.r.reconcile("ns", "m", uid="model-uid", stop=stop)
+    assert outcome.gone and m.kube.writes() == writes
+    assert ("StatefulSet", "ns", f"m-prefill-{x}") in m.kube.objs and "status" not in m.obj
+    # a pass of A's loop that starts after the replace is not B's either
+    assert m.r.reconcile("ns", "m", uid="model-uid").gone and "status" not in m.obj
+    monkeypatch.undo()
+    outcome = m.r.reconcile("ns", "m", uid="uid-B")
+    assert not outcome.failed and m.ro["servingGeneration"] == x, m.ro
+    owners = m.kube.objs[("StatefulSet", "ns", f"m-decode-{x}")]["metadata"]["ownerReferences"]
+    assert [o["uid"] for o in owners] == ["uid-B"] and y != x
+
+
+def test_a_status_write_into_a_model_changed_since_the_pass_read_it_is_refused_and_the_pass_is_retried():
+    """The status is written only into the model as the pass read it (its resourceVersion): a model changed
+    meanwhile (an edit, or another object of the same name) gets no status computed from the old one."""
+    m = Model()
+    read = m.kube.get
+
+    def get(kind, ns, name):
+        obj = read(kind, ns, name)
+        if kind == "DisaggregatedModel":
+            m.kube._bump(m.obj)  # changed right after this pass read it
+        return obj
+
+    m.kube.get = get
+    m.image("1.2.1")
+    before = copy.deepcopy(m.obj.get("status"))
+    outcome = m.r.reconcile("ns", "m")
+    assert outcome.transient and m.obj.get("status") == before
+    m.kube.get = read
+    assert not m.r.reconcile("ns", "m").transient and m.ro["targetGeneration"] != m.ro["servingGeneration"]

@@ -3,7 +3,10 @@
 Each DisaggregatedModel gets an asyncio task that runs `Reconciler.reconcile` in a worker thread, then
 sleeps until something relevant changes (the object's generation or annotations, or one of its
 children) or its resync interval passes. One loop per object means passes for one model never
-overlap, and a burst of events collapses into a single pass.
+overlap, and a burst of events collapses into a single pass. A loop is for one object (its
+metadata.uid), not a name: a model deleted and created again gets a new loop, whose first pass waits
+for the old loop's pass still running in its thread (a thread cannot be cancelled), and that pass
+writes nothing more once its loop stopped (`Kube.stopping_on`).
 
 kopf's own bookkeeping (progress, finalizer) is kept in annotations under Baton's prefix: the CRD's
 structural schema would prune anything kopf wrote into an undeclared status field. With only event
@@ -18,6 +21,7 @@ import contextlib
 import logging
 import os
 import random
+import threading
 from typing import Any
 
 import kopf
@@ -46,7 +50,10 @@ class _Runtime:
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     triggers: dict[tuple[str, str], asyncio.Event] = {}
     loops: dict[tuple[str, str], asyncio.Task] = {}
+    uids: dict[tuple[str, str], str] = {}  # the metadata.uid of the model each loop is for
+    stops: dict[tuple[str, str], threading.Event] = {}  # set when the loop stops: its pass writes no more
     passes: set[concurrent.futures.Future] = set()  # reconcile passes submitted to the executor, not ended
+    running: dict[tuple[str, str], concurrent.futures.Future] = {}  # the latest pass of each name
     seen: dict[tuple[str, str], tuple[Any, ...]] = {}
     pause_follower: asyncio.Task | None = None
     trimmer: asyncio.Task | None = None
@@ -179,8 +186,10 @@ def _wake(namespace: str | None, name: str | None) -> None:
         runtime.triggers[(namespace, name)].set()
 
 
-async def reconcile_loop(namespace: str, name: str) -> None:
-    """Reconcile one model until it is deleted or the operator stops; sleep between passes."""
+async def reconcile_loop(namespace: str, name: str, uid: str | None = None,
+                         stop: threading.Event | None = None) -> None:
+    """Reconcile one model (the object of metadata.uid `uid`) until it is deleted or the operator stops;
+    sleep between passes. `stop` is set when the loop is stopped (`_stop_loop`)."""
     key = (namespace, name)
     trigger = runtime.triggers[key] = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -190,7 +199,7 @@ async def reconcile_loop(namespace: str, name: str) -> None:
             trigger.clear()
             try:
                 with metrics.RECONCILE_SECONDS.time():
-                    outcome = await _run_pass(loop, namespace, name)
+                    outcome = await _run_pass(loop, namespace, name, uid, stop)
                 metrics.RECONCILES.labels("stalled" if outcome.failed else "transient" if outcome.transient
                                           else "ok").inc()
                 if outcome.gone:
@@ -216,6 +225,8 @@ async def reconcile_loop(namespace: str, name: str) -> None:
             runtime.triggers.pop(key)
         if runtime.loops.get(key) is asyncio.current_task():
             runtime.loops.pop(key)  # ended by itself (the model is gone): a new one starts if it comes back
+            runtime.uids.pop(key, None)
+            runtime.stops.pop(key, None)
             _forget_model(key)
 
 
@@ -234,18 +245,48 @@ def _forget_unless_looped(key: tuple[str, str]) -> None:
         _forget_model(key)
 
 
-async def _run_pass(loop: asyncio.AbstractEventLoop, namespace: str, name: str) -> Any:
+# While a new loop waits for the pass of an earlier loop of the same name, it says so this often.
+PASS_WAIT_NOTE_SECONDS = 30.0
+
+
+async def _after_earlier_pass(key: tuple[str, str]) -> None:
+    """Wait for the pass an earlier loop of this name (its model deleted, or the operator paused) left running
+    in its thread: two passes of one name must never run at once. Its writes stop once its loop stopped; the
+    reads it is in the middle of end within their timeouts."""
+    earlier = runtime.running.get(key)
+    if earlier is None or earlier.done():
+        return
+    waiting = asyncio.wrap_future(earlier)
+    while True:
+        done, _ = await asyncio.wait([waiting], timeout=PASS_WAIT_NOTE_SECONDS)
+        if done:
+            if not waiting.cancelled():
+                waiting.exception()  # retrieved (the loop that started the pass logged it)
+            return
+        log.warning("reconcile of %s/%s waits for a pass of its previous loop to end", *key)
+
+
+async def _run_pass(loop: asyncio.AbstractEventLoop, namespace: str, name: str, uid: str | None = None,
+                    stop: threading.Event | None = None) -> Any:
     """One reconcile pass in the executor, known to `runtime.passes` until it ends (even if its loop is
-    cancelled first: the thread goes on)."""
+    cancelled first: the thread goes on), and to `runtime.running` as its name's latest pass."""
     assert runtime.executor is not None and runtime.reconciler is not None
-    running = runtime.executor.submit(runtime.reconciler.reconcile, namespace, name)
+    key = (namespace, name)
+    await _after_earlier_pass(key)
+    running = runtime.executor.submit(runtime.reconciler.reconcile, namespace, name, uid=uid, stop=stop)
     runtime.passes.add(running)
+    runtime.running[key] = running
+
+    def ended(f: concurrent.futures.Future) -> None:
+        runtime.passes.discard(f)
+        if runtime.running.get(key) is f:
+            runtime.running.pop(key)
 
     def tell(callback: Any, *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed first (the operator stopped): nothing to tell
             loop.call_soon_threadsafe(callback, *args)
 
-    running.add_done_callback(lambda f: tell(runtime.passes.discard, f))
+    running.add_done_callback(lambda f: tell(ended, f))
     try:
         return await asyncio.wrap_future(running)
     except asyncio.CancelledError:
@@ -258,8 +299,12 @@ async def _run_pass(loop: asyncio.AbstractEventLoop, namespace: str, name: str) 
 
 def _stop_loop(key: tuple[str, str]) -> None:
     """Stop a model's loop and forget the model at once: a loop started for it from now on (the model created
-    again) starts afresh, whenever this one gets to end."""
+    again) starts afresh, whenever this one gets to end. The pass it may have running writes nothing more."""
     task = runtime.loops.pop(key, None)
+    runtime.uids.pop(key, None)
+    stop = runtime.stops.pop(key, None)
+    if stop is not None:
+        stop.set()
     if task is not None:
         task.cancel()
         _forget_model(key)
@@ -274,13 +319,23 @@ async def model_event(body: kopf.Body, name: str, namespace: str, type: str, **_
     """
     meta = body.get("metadata", {})
     key = (namespace, name)
+    uid = meta.get("uid") or ""
     if type == "DELETED" or meta.get("deletionTimestamp"):
-        _stop_loop(key)
+        if not uid or runtime.uids.get(key) in (None, "", uid):  # not a later model's of that name
+            _stop_loop(key)
         return
     if pause_gate.paused:  # an event kopf delivered as it paused: the replica in charge handles it
         return
+    if uid and runtime.uids.get(key) not in (None, "", uid):
+        # Another object of that name than the loop's: the model was deleted and created again, and its
+        # DELETED event never came (a watch that was down, re-listing).
+        log.info("%s/%s was created again (uid %s): its reconcile loop starts afresh", namespace, name, uid)
+        _stop_loop(key)
     if key not in runtime.loops or runtime.loops[key].done():
-        runtime.loops[key] = asyncio.create_task(reconcile_loop(namespace, name), name=f"reconcile {namespace}/{name}")
+        stop = runtime.stops[key] = threading.Event()
+        runtime.uids[key] = uid
+        runtime.loops[key] = asyncio.create_task(reconcile_loop(namespace, name, uid or None, stop),
+                                                 name=f"reconcile {namespace}/{name}")
     # Status writes (Baton's own) change neither generation nor annotations: they need no new pass.
     # Hashed: annotations can hold a whole manifest (kubectl's last-applied-configuration).
     fingerprint = (meta.get("generation"), hash(frozenset((meta.get("annotations") or {}).items())))

@@ -8,6 +8,7 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -62,6 +63,11 @@ REQUEST_TIMEOUT = (10.0, 60.0)
 LIST_PAGE = 500
 
 
+class PassStopped(Exception):
+    """The loop of the pass making this call was stopped (its model deleted, perhaps created again under the
+    same name, or the operator paused for a peer): the pass writes nothing more (`Kube.stopping_on`)."""
+
+
 class Kube:
     """A thin, thread-safe REST client over the official client's ApiClient."""
 
@@ -82,6 +88,17 @@ class Kube:
         self.api = api_client
         self.requests: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._pass = threading.local()  # .stop: the Event that stops the writes of this thread's pass
+
+    @contextlib.contextmanager
+    def stopping_on(self, stop: threading.Event | None) -> Iterator[None]:
+        """Within this, a write from this thread raises PassStopped once `stop` is set (reads go on): a pass
+        whose loop stopped while it ran must not write into what replaced its model."""
+        self._pass.stop = stop
+        try:
+            yield
+        finally:
+            self._pass.stop = None
 
     def _count(self, verb: str) -> None:
         with self._lock:
@@ -92,6 +109,10 @@ class Kube:
 
     def _call(self, method: str, path: str, body: Any = None, query: list | None = None,
               content_type: str = "application/json", count_as: str = "") -> Any:
+        if method != "GET":
+            stop = getattr(self._pass, "stop", None)
+            if stop is not None and stop.is_set():
+                raise PassStopped(f"{method} {path}: the pass's model loop stopped")
         self._count(count_as or method)
         verb, url, headers, payload, post = self.api.param_serialize(
             method=method, resource_path=path, query_params=query or [], body=body,
@@ -176,10 +197,16 @@ class Kube:
                           query=[("fieldManager", FIELD_MANAGER)],
                           content_type="application/merge-patch+json")
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any],
+                     resource_version: str = "") -> dict[str, Any]:
+        """Merge `status` into a model's; with `resource_version`, only into that version of the model
+        (409 otherwise: it changed since it was read, or it is another object of the same name)."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         return self._call(
             "PATCH", self.path("DisaggregatedModel", namespace, name, "status"),
-            body={"status": status}, content_type="application/merge-patch+json",
+            body=body, content_type="application/merge-patch+json",
         )
 
     def delete(self, kind: str, namespace: str, name: str) -> None:

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from baton.api.v1alpha1 import DisaggregatedModel
 from baton.operator import diff, events, status
 from baton.operator.cache import ChildCache
-from baton.operator.kube import CHILD_KINDS, Kube, api_error_message
+from baton.operator.kube import CHILD_KINDS, Kube, PassStopped, api_error_message
 from baton.operator.rollout_pass import (
     ANNOTATION_RETRY,
     ANNOTATION_ROLLBACK,
@@ -126,6 +126,7 @@ class Reconciler:
         self._transient: dict[tuple[str, str], int] = {}  # model -> transient API errors in a row
         # model -> (its metadata.generation, when, what was refused) of its disruption budgets' last refusal
         self._budgets_refused: dict[tuple[str, str], tuple[Any, float, str]] = {}
+        self._uids: dict[tuple[str, str], str] = {}  # model -> the metadata.uid the records above are of
 
     def _apply_budgets(self, body: dict, budgets: list[dict], changed: list[str]) -> None:
         """The disruption budgets protect what serves but are not needed to serve: one the API server refuses
@@ -172,12 +173,26 @@ class Reconciler:
                 return None
         return self.kube.get(kind, namespace, name)
 
-    def reconcile(self, namespace: str, name: str) -> Outcome:
+    def reconcile(self, namespace: str, name: str, uid: str | None = None,
+                  stop: threading.Event | None = None) -> Outcome:
         """One pass. A transient API error ends it early with nothing decided (no rollback, no Stalled, no
-        status write) and a retry after a backoff: 1 s, 2 s, 4 s... up to 60 s."""
+        status write) and a retry after a backoff: 1 s, 2 s, 4 s... up to 60 s.
+
+        `uid`: the model's metadata.uid when its loop started; a model of that name with another uid (deleted
+        and created again) is not this loop's, and the pass ends as for a deleted one. `stop`: set when the
+        loop stops (see `Kube.stopping_on`); the pass then writes nothing more. Passes of one name never run
+        at once (the loops see to it), so what passes remember of a model can be dropped here when its uid
+        changes."""
         key = (namespace, name)
+        if uid is not None and self._uids.get(key) != uid:
+            self.forget(namespace, name)  # what passes remembered of an earlier model of that name
+            self._uids[key] = uid
         try:
-            outcome = self._reconcile(namespace, name)
+            with self.kube.stopping_on(stop):
+                outcome = self._reconcile(namespace, name, uid)
+        except PassStopped as exc:
+            log.info("reconcile of %s/%s stopped before it ended, its loop stopped (%s)", namespace, name, exc)
+            return Outcome(requeue_after=RESYNC_SECONDS, gone=True)
         except TransientApiError as exc:
             failures = self._transient.get(key, 0) + 1
             self._transient[key] = failures
@@ -195,6 +210,7 @@ class Reconciler:
         self._budgets_refused.pop((namespace, name), None)
         self._children_due.pop((namespace, name), None)
         self._updated.pop((namespace, name), None)
+        self._uids.pop((namespace, name), None)
 
     def _note_updates(self, body: dict, changed: list[str]) -> None:
         """Warn (DriftNotConverging) of a child this pass updated for the DRIFT_PASSES-th pass in a row: some
@@ -247,11 +263,15 @@ class Reconciler:
                 log.warning("%s/%s: %s %s deleted while the watch was away; reading from the API server",
                             namespace, name, kind, ", ".join(dropped))
 
-    def _reconcile(self, namespace: str, name: str) -> Outcome:
+    def _reconcile(self, namespace: str, name: str, uid: str | None = None) -> Outcome:
         body = self.kube.get("DisaggregatedModel", namespace, name)
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             # Deleted, also while the watch was down and its DELETED event never came: the loop ends.
             self.forget(namespace, name)
+            return Outcome(requeue_after=RESYNC_SECONDS, gone=True)
+        if uid is not None and body["metadata"].get("uid") != uid:
+            # Deleted and created again: the new model has a loop of its own (its ADDED event), which this
+            # one must not act for. What passes remember is the new model's from its first pass on.
             return Outcome(requeue_after=RESYNC_SECONDS, gone=True)
         meta = body["metadata"]
         generation = int(meta.get("generation", 0))
@@ -665,7 +685,16 @@ class Reconciler:
             return
         was_ready = next((c.get("status") for c in previous.get("conditions", []) if c.get("type") == status.READY), None)
         now_ready = next(c for c in new_status["conditions"] if c["type"] == status.READY)
-        self.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"], new_status)
+        meta = body["metadata"]
+        try:
+            # Only into the model as this pass read it: a model changed since (its next pass sees the change)
+            # or deleted and created again under the name (not this pass's to write) gets a 409, which ends
+            # the pass as any conflict does.
+            self.kube.patch_status(meta["namespace"], meta["name"], new_status,
+                                   resource_version=str(meta.get("resourceVersion") or ""))
+        except ApiException as exc:
+            raise_if_transient(exc, "the model's status")
+            raise
         if was_ready != now_ready["status"] and now_ready["status"] == "True":
             events.record(self.kube, body, "Normal", "Ready", now_ready["message"])
 
