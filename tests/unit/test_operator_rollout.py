@@ -1564,3 +1564,54 @@ def test_a_status_write_into_a_model_changed_since_the_pass_read_it_is_refused_a
     assert outcome.transient and m.obj.get("status") == before
     m.kube.get = read
     assert not m.r.reconcile("ns", "m").transient and m.ro["targetGeneration"] != m.ro["servingGeneration"]
+
+
+def test_traffic_never_switches_back_to_a_generation_that_cannot_serve():
+    """In the rollback window the previous generation lost its prefill StatefulSet (deleted by hand, or a
+    deletion cut short) and its decode pods are down; then the new generation loses a replica's readiness.
+    Switching back would leave no prefill tier at all: the new generation keeps serving, with a Warning."""
+    m = Model()
+    old = m.ro["servingGeneration"]
+    new = m.switch("1.2.1")
+    m.kube.objs.pop(("StatefulSet", "ns", f"m-prefill-{old}"))
+    m.kube.settle(ready=False, gen=old)
+    m.kube.settle(ready=False, gen=new)
+    m.pass_(2)
+    assert m.ro["servingGeneration"] == new and new in m.generations()
+    assert any(w[1] == "RolledBack" and "no other generation is there to serve instead" in w[2] for w in m.warnings())
+
+
+def test_readiness_lost_after_the_rollback_window_is_no_rollback(monkeypatch):
+    """Past rollout.rollbackWindow the new generation is accepted: a replica losing readiness then (while long
+    requests still drain from the old one) is an incident for the serving generation, not a failed rollout."""
+    m = Model()
+    new = m.switch("1.2.1")
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 120.0 if ts else 0.0)  # past the 60 s window
+    m.kube.settle(ready=False, gen=new)
+    m.pass_()
+    assert m.ro["servingGeneration"] == new and m.ro["phase"] == "Draining", m.ro
+
+
+def test_a_rollback_whose_status_write_is_lost_is_not_undone_by_a_fresh_start(monkeypatch):
+    """The new generation missed its progress deadline and is rolled back, but that pass's status write fails
+    (etcd timeout, the operator restarted): the generation must still be there for the next pass, which rolls
+    it back again from the same deadline, rather than gone and created anew with a fresh deadline (holding
+    GPUs for another whole progressDeadline)."""
+    m = Model()
+    m.image("1.2.1")
+    m.pass_()
+    new = m.ro["targetGeneration"]
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 10_000.0 if ts else 0.0)  # past progressDeadline
+    real = m.kube.patch_status
+
+    def lost(*args, **kwargs):
+        raise ApiException(status=500, reason="etcd timeout")
+
+    m.kube.patch_status = lost
+    assert m.r.reconcile("ns", "m").transient
+    assert new in m.generations() and m.ro["phase"] == "Progressing"  # nothing recorded, nothing deleted
+    m.kube.patch_status = real
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["failedGeneration"] == new, m.ro
+    m.pass_()
+    assert new not in m.generations()

@@ -273,10 +273,17 @@ class RolloutPass:
 
     def _good_generation(self, failed: str) -> str:
         """Where traffic goes when `failed` is rolled back: the last known-good generation, else the one
-        draining, else the one serving; never `failed` itself ("" when no other generation is there)."""
+        draining, else the one serving; never `failed` itself ("" when no other generation could serve).
+        Traffic is only switched to a generation that can take it: both tiers there, each with a Ready
+        replica (one half-deleted, or whose pods are all down, would be a worse outage than the failed one)."""
         serving = self.ro.get("servingGeneration", "")
         candidates = ((self.ro.get("lastKnownGood") or {}).get("generation", ""), self.ro.get("previousGeneration", ""), serving)
-        return next((g for g in candidates if g and g != failed and (g in self.generations or g == serving)), "")
+        return next((g for g in candidates if g and g != failed and (g == serving or self._can_serve(g))), "")
+
+    def _can_serve(self, gen: str) -> bool:
+        tiers = self.generations.get(gen, {})
+        return all(int(((tiers.get(t) or {}).get("status") or {}).get("readyReplicas") or 0) > 0
+                   for t in ("prefill", "decode"))
 
     def _scale(self, gen: str, tier: str, replicas: int) -> None:
         """Scale one StatefulSet of a generation, when it exists at another size; what this pass reads
@@ -295,7 +302,8 @@ class RolloutPass:
         if not good:
             # The failed generation serves and no other generation could: it is never deleted while it serves.
             self.problem = (ROLLOUT, False, "RolledBack", f"generation {failed} failed ({why}) but no other generation "
-                                                          "is there to serve instead; it keeps serving. Fix the spec")
+                                                          "is there to serve instead (with both tiers and a Ready "
+                                                          "replica in each); it keeps serving. Fix the spec")
             self._event("Warning", "RolledBack", self.problem[3])
             return
         switched_back = serving == failed
@@ -304,9 +312,10 @@ class RolloutPass:
             self.ro["switchedAt"] = _now()
             if detected_at is not None:
                 self.ro["lastRollbackMillis"] = int((time.monotonic() - detected_at) * 1000)
-        # Schedulers route to the failed generation until this pass's status write: as the serving one,
-        # or beside it in a pairwise swap (swap.generation).
-        self._retire(failed, good, switched_back or (self.ro.get("swap") or {}).get("generation") == failed)
+        # Deleted on the next pass, after this pass's status write: schedulers route to the failed generation
+        # until that write (as the serving one, or beside it in a pairwise swap), and a write that fails (an
+        # API error, an operator restart) must find it still there, not create it again with a new deadline.
+        self._retire(failed, good, routed=True)
         # The spec as it was when the generation failed: an edit of anything that shapes its pods (an env
         # entry or resources the API server refused, a memory limit it ran out of) tries it again. (Not a
         # refused spec's, which the generation never ran with: fixing that spec does not undo the rollback.)
@@ -538,11 +547,11 @@ class RolloutPass:
         asked for, readiness lost, too many failed requests within the rollback window; True when it did."""
         if self._requested_rollback(gen):
             return True
-        lost = self._lost_readiness(gen)
-        if lost:
-            self._rollback(gen, f"it lost readiness after the switch ({lost})", detected_at=time.monotonic())
-            return True
         if _age(self.ro.get("switchedAt", "")) < parse_duration(self.spec.rollout.rollback_window):
+            lost = self._lost_readiness(gen)
+            if lost:
+                self._rollback(gen, f"it lost readiness after the switch ({lost})", detected_at=time.monotonic())
+                return True
             errors = self._error_rate_problem(gen)
             if errors:
                 self._rollback(gen, errors, detected_at=time.monotonic())
