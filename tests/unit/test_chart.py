@@ -452,6 +452,10 @@ def required_permissions() -> tuple[set[tuple[str, str, str]], set[tuple[str, st
     children = render_children(Target(name="m", namespace="ns", uid="u", spec=model.spec))
     for child in children:
         namespaced |= {(*resource(child["kind"]), "patch"), (*resource(child["kind"]), "create")}
+        if any(ref.get("blockOwnerDeletion") for ref in child["metadata"].get("ownerReferences") or []):
+            # OwnerReferencesPermissionEnforcement (OpenShift): blockOwnerDeletion takes update on the
+            # owner's finalizers
+            namespaced.add(("serving.baton.dev", "disaggregatedmodels/finalizers", "update"))
         if child["kind"] == "Role":
             namespaced |= {(g, r, v) for rule in child["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     # Every direct call.
@@ -479,7 +483,7 @@ def required_permissions() -> tuple[set[tuple[str, str, str]], set[tuple[str, st
             assert found, f"cannot tell which kinds {method}() in {func.name}() touches"
             for k in found:
                 (cluster if method == "list_cluster" else namespaced).add((*resource(k), verbs[method]))
-        elif method not in ("writes", "requests"):
+        elif method not in ("writes", "requests", "stopping_on"):
             raise AssertionError(f"unknown Kube method {method}(): map it to an RBAC verb in this test")
     # kopf itself: events for its warnings, and the finalizer it removes from models when no
     # handler needs one (models created by earlier Baton builds carry serving.baton.dev/finalizer).

@@ -87,6 +87,9 @@ tests/unit/test_chart.py re-derives it and fails when the code and these rules d
   not read by the operator itself, but the scheduler Role it creates grants get/list/watch on pods
   and endpointslices, and Kubernetes lets it create and bind that Role only if it holds the same
   permissions itself (RBAC escalation prevention), so it holds exactly those.
+- disaggregatedmodels/finalizers: update, never called: children's ownerReferences set
+  blockOwnerDeletion, which the OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift)
+  allows only to those who may update the owner's finalizers.
 - events: create (Baton's own Events and kopf's warnings; both post core/v1 Events), patch (a repeat of
   one of Baton's Events within 10 minutes counts on it rather than posting another), list (a StatefulSet
   that cannot create its pods says why only in its FailedCreate Events).
@@ -98,6 +101,9 @@ tests/unit/test_chart.py re-derives it and fails when the code and these rules d
 - apiGroups: [serving.baton.dev]
   resources: [disaggregatedmodels/status]
   verbs: [patch]
+- apiGroups: [serving.baton.dev]
+  resources: [disaggregatedmodels/finalizers]
+  verbs: [update]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, list, watch, create, patch, delete]

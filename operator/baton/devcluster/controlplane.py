@@ -295,6 +295,9 @@ class ControlPlane:
                 f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--token-auth-file={d / 'tokens.csv'}",
                 "--authorization-mode=Node,RBAC",
+                # As OpenShift runs it: setting an ownerReference's blockOwnerDeletion takes `update` on the
+                # owner's finalizers, so the chart's RBAC is tested against the strictest common setup.
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
