@@ -149,11 +149,11 @@ def test_a_replica_taken_out_of_the_lists_counts_its_requests_until_they_end(eng
              10, "the new endpoint list to apply")
     assert thread.is_alive(), "the stream ended before the lists changed: make it longer"
     assert counted() == 1, "the replica taken out of the lists no longer counts the request still running on it"
-    by_scheduler, answered = rollout.scheduler_in_flight([address])
-    assert answered == 1 and by_scheduler.get(old.address) == 1, by_scheduler
-    assert rollout.in_flight([old.address], [address]) >= 1
+    readout = rollout.read_schedulers([address])
+    assert readout.complete and readout.in_flight.get(old.address) == 1, readout
+    assert rollout.in_flight([old.address], readout) >= 1
     thread.join(60)
     status, _, raw = answer["reply"]
     assert status == 200 and parse_sse(raw)[-1] == "[DONE]"
     wait_for(lambda: counted() == 0, 5, "the ended request to leave the count")
-    assert rollout.in_flight([old.address], [address]) == 0
+    assert rollout.in_flight([old.address], rollout.read_schedulers([address])) == 0

@@ -98,7 +98,7 @@ def test_the_operators_handoff_probe_and_drain_checks_go_straight_to_the_pods(en
         assert rollout.probe_handoffs([engine], [engine], "m", timeout=5) == (
             True, "1 handoff(s) succeeded across 1 prefill and 1 decode replica(s)")
         assert rollout.active_requests(engine) == 3
-        assert rollout.generation_outcomes([scheduler], "g1") == {"completed": 7.0}
+        assert rollout.generation_outcomes(rollout.read_schedulers([scheduler]), "g1") == {"completed": 7.0}
     assert hits == []
     assert [m for m, _ in Engine.seen].count("POST") == 2
 

@@ -207,8 +207,7 @@ def engines(monkeypatch):
 
     monkeypatch.setattr(rollout, "probe_handoffs", probe_handoffs)
     monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 1)
-    monkeypatch.setattr(rollout, "scheduler_in_flight", lambda schedulers, timeout=2.0: ({}, 0))
-    monkeypatch.setattr(rollout, "generation_outcomes", lambda a, g, timeout=2.0: {})
+    monkeypatch.setattr(rollout, "read_schedulers", lambda schedulers, optional=(), timeout=2.0: rollout.SchedulerReadout())
     return calls
 
 
@@ -972,7 +971,8 @@ def test_scaling_while_blocked_on_capacity_reaches_the_serving_generation():
 
 def test_a_retried_generation_is_judged_on_the_requests_after_its_switch(monkeypatch):
     counters = {}  # the schedulers' counters: per generation, from the scheduler's start, never reset
-    monkeypatch.setattr(rollout, "generation_outcomes", lambda a, g, timeout=2.0: dict(counters.get(g, {})))
+    monkeypatch.setattr(rollout, "read_schedulers",
+                        lambda schedulers, optional=(), timeout=2.0: rollout.SchedulerReadout(outcomes=copy.deepcopy(counters)))
     m = Model()
     g1 = m.switch("1.2.1")
     counters[g1] = {"failed": 15, "completed": 10}
@@ -1437,15 +1437,15 @@ def test_the_previous_generation_stays_while_a_scheduler_has_requests_on_it_that
     old_decode = f"10.0.0.0:{m.obj['spec']['decode'].get('port', 8000)}"  # the old decode tier's first pod
     seen = []
 
-    def scheduler_in_flight(schedulers, timeout=2.0):
+    def read_schedulers(schedulers, optional=(), timeout=2.0):
         seen.append(list(schedulers))
-        return {old_decode: 1}, 1
+        return rollout.SchedulerReadout(in_flight={old_decode: 1})
 
-    monkeypatch.setattr(rollout, "scheduler_in_flight", scheduler_in_flight)
+    monkeypatch.setattr(rollout, "read_schedulers", read_schedulers)
     m.pass_()
     assert seen and m.ro["phase"] == "Draining" and old in m.generations(), m.ro
     assert "drains (0 request" not in m.ro["message"] and "request(s) in flight" in m.ro["message"], m.ro
-    monkeypatch.setattr(rollout, "scheduler_in_flight", lambda schedulers, timeout=2.0: ({}, 1))  # it ended
+    monkeypatch.setattr(rollout, "read_schedulers", lambda schedulers, optional=(), timeout=2.0: rollout.SchedulerReadout())  # it ended
     m.pass_()
     assert m.ro["phase"] == "Serving" and old not in m.generations() and "drained" in m.ro["message"], m.ro
 
@@ -1460,8 +1460,8 @@ def test_the_previous_generation_stays_while_a_scheduler_does_not_answer_and_goe
     m.switch("1.2.1")
     monkeypatch.setattr(rollout_pass, "_age", lambda ts: 60.0 if ts else 0.0)  # past the window
     monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 0)
-    monkeypatch.setattr(rollout_pass.RolloutPass, "_scheduler_addresses", lambda self: ["10.0.9.1:8000"])
-    monkeypatch.setattr(rollout, "scheduler_in_flight", lambda schedulers, timeout=2.0: ({}, 0))  # no answer
+    monkeypatch.setattr(rollout, "read_schedulers",  # no answer
+                        lambda schedulers, optional=(), timeout=2.0: rollout.SchedulerReadout(complete=False))
     m.pass_()
     assert m.ro["phase"] == "Draining" and old in m.generations(), m.ro
     assert "in flight unknown: a scheduler did not answer" in m.ro["message"], m.ro
@@ -1486,14 +1486,14 @@ def test_requests_on_an_old_pod_that_lost_readiness_still_keep_the_previous_gene
     monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: 0)
     asked = []
 
-    def scheduler_in_flight(schedulers, timeout=2.0):
-        return {f"10.0.0.0:{m.obj['spec']['decode'].get('port', 8000)}": 1}, len(schedulers)
+    def read_schedulers(schedulers, optional=(), timeout=2.0):
+        return rollout.SchedulerReadout(in_flight={f"10.0.0.0:{m.obj['spec']['decode'].get('port', 8000)}": 1})
 
-    def in_flight(engines, schedulers):
+    def in_flight(engines, schedulers, engine_reads=True):
         asked.append(list(engines))
-        return real_in_flight(engines, schedulers)
+        return real_in_flight(engines, schedulers, engine_reads)
     real_in_flight = rollout.in_flight
-    monkeypatch.setattr(rollout, "scheduler_in_flight", scheduler_in_flight)
+    monkeypatch.setattr(rollout, "read_schedulers", read_schedulers)
     monkeypatch.setattr(rollout, "in_flight", in_flight)
     m.pass_()
     assert asked and asked[-1], "the old generation's unready pods were not asked about"
@@ -1526,7 +1526,7 @@ def test_a_pass_whose_model_is_replaced_under_it_deletes_nothing_and_writes_noth
     monkeypatch.setattr(rollout_pass, "_age", lambda ts: 120.0 if ts else 0.0)  # past the rollback window
     stop = threading.Event()
 
-    def in_flight(engines, schedulers):  # the pass is reading /metrics when the model is replaced
+    def in_flight(engines, schedulers, engine_reads=True):  # the pass is reading /metrics when the model is replaced
         _replaced_by(m, spec_x)
         stop.set()
         return 0
@@ -1615,3 +1615,59 @@ def test_a_rollback_whose_status_write_is_lost_is_not_undone_by_a_fresh_start(mo
     assert m.ro["phase"] == "RolledBack" and m.ro["failedGeneration"] == new, m.ro
     m.pass_()
     assert new not in m.generations()
+
+
+def _scheduler_pod(name, ip, ready=True, deleting=False):
+    meta = {"name": name, "namespace": "ns", "labels": {"baton.dev/model": "m", "baton.dev/tier": "scheduler"}}
+    if deleting:
+        meta["deletionTimestamp"] = iso()
+    return {"metadata": meta, "spec": {},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+def test_a_draining_pass_reads_each_scheduler_once_and_the_engines_only_when_their_answer_decides(monkeypatch):
+    """Within the rollback window a Draining pass needs the schedulers' request outcomes (the error rate) and
+    their in-flight counts (the message): one /metrics read per scheduler serves both. The engines' /metrics is
+    read only once the window is over (trtllm-serve hands its records out once: reading them for a message
+    takes them from whoever else reads them). A terminating or unready scheduler pod is asked too, but one that
+    does not answer leaves in flight known."""
+    m = Model()
+    m.switch("1.2.1")
+    for pod in (_scheduler_pod("m-scheduler-a", "10.0.9.1"), _scheduler_pod("m-scheduler-b", "10.0.9.2", deleting=True),
+                _scheduler_pod("m-scheduler-c", "10.0.9.3", ready=False)):
+        m.kube.objs[("Pod", "ns", pod["metadata"]["name"])] = pod
+    reads, engine_reads = [], []
+
+    def read_schedulers(schedulers, optional=(), timeout=2.0):
+        reads.append((list(schedulers), list(optional)))
+        return rollout.SchedulerReadout()
+
+    monkeypatch.setattr(rollout, "read_schedulers", read_schedulers)
+    monkeypatch.setattr(rollout, "active_requests", lambda a, timeout=3.0: engine_reads.append(a) or 0)
+    m.pass_()
+    assert m.ro["phase"] == "Draining"
+    port = m.obj["spec"].get("scheduler", {}).get("port", 8000)
+    assert reads == [([f"10.0.9.1:{port}"], [f"10.0.9.2:{port}", f"10.0.9.3:{port}"])]
+    assert engine_reads == []
+    message = m.ro["message"]
+    m.pass_()
+    assert m.ro["message"] == message and "stays for rollback until 20" in message  # a time, not a countdown
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 120.0 if ts else 0.0)  # past the window
+    m.pass_()
+    assert engine_reads and m.ro["phase"] == "Serving"
+
+
+def test_only_schedulers_whose_answer_counts_make_in_flight_unknown(monkeypatch):
+    """Loopback ports nothing listens on: a required scheduler that does not answer makes the readout
+    incomplete (in flight unknown); an optional one (terminating, not Ready) does not."""
+    import socket
+
+    monkeypatch.undo()  # the real reads, not the `engines` fixture's
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        silent = f"127.0.0.1:{probe.getsockname()[1]}"  # bound, not listening: refused
+        assert not rollout.read_schedulers([silent], timeout=1.0).complete
+        readout = rollout.read_schedulers([], [silent], timeout=1.0)
+        assert readout.complete and rollout.in_flight(["127.0.0.1:9"], readout, engine_reads=False) == 0
+        assert rollout.in_flight(["127.0.0.1:9"], rollout.read_schedulers([silent], timeout=1.0)) is None

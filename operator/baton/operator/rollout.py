@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from baton.direct_http import NO_PROXY_OPENER
@@ -167,63 +168,67 @@ def active_requests(address: str, timeout: float = 3.0) -> int:
 
 ENDPOINT_ACTIVE = "baton_scheduler_endpoint_active_requests"
 ENDPOINT_HELD = "baton_scheduler_endpoint_held_requests"
+GENERATION_REQUESTS = "baton_scheduler_generation_requests_total"
 
 
-def _scheduler_samples(schedulers: list[str], names: frozenset[str], timeout: float) -> tuple[list[Any], int]:
-    """The samples named `names` in the schedulers' /metrics, and how many schedulers answered (one that is
-    unreachable, slow, cuts its answer short or garbles it gives none)."""
+@dataclass(frozen=True)
+class SchedulerReadout:
+    """What the schedulers' /metrics said, read once per pass (`read_schedulers`)."""
+
+    # requests the schedulers have in flight on each engine replica (by address), held prefill results
+    # counted with their prefill replica, summed over the schedulers that answered
+    in_flight: dict[str, int] = field(default_factory=dict)
+    # requests the schedulers dispatched to each engine generation, by outcome, summed likewise
+    outcomes: dict[str, dict[str, float]] = field(default_factory=dict)
+    complete: bool = True  # every scheduler whose answer counts answered
+
+
+def read_schedulers(schedulers: list[str], optional: Iterable[str] = (), timeout: float = 2.0) -> SchedulerReadout:
+    """Read each scheduler's /metrics once. `schedulers` must answer (one that is unreachable, slow, cuts its
+    answer short or garbles it makes the readout incomplete: what it has in flight is unknown); `optional`
+    ones (terminating or not Ready: one stuck on a lost node never answers) count when they answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    samples: list[Any] = []
-    answered = 0
-    for address in schedulers:
+    in_flight: dict[str, int] = {}
+    outcomes: dict[str, dict[str, float]] = {}
+    complete = True
+    required = set(schedulers)
+    for address in [*schedulers, *optional]:
         try:
             with NO_PROXY_OPENER.open(f"http://{address}/metrics", timeout=timeout) as resp:
                 text = resp.read().decode("utf-8", "replace")
             families = list(text_string_to_metric_families(text))
         except (OSError, ValueError, http.client.HTTPException):
+            if address in required:
+                complete = False
             continue
-        answered += 1
-        samples += [s for family in families for s in family.samples if s.name in names]
-    return samples, answered
+        for sample in (s for family in families for s in family.samples):
+            if sample.name in (ENDPOINT_ACTIVE, ENDPOINT_HELD):
+                if sample.value > 0:
+                    endpoint = sample.labels.get("endpoint", "")
+                    in_flight[endpoint] = in_flight.get(endpoint, 0) + int(sample.value)
+            elif sample.name == GENERATION_REQUESTS:
+                by_outcome = outcomes.setdefault(sample.labels.get("generation", ""), {})
+                outcome = sample.labels.get("outcome", "")
+                by_outcome[outcome] = by_outcome.get(outcome, 0.0) + sample.value
+    return SchedulerReadout(in_flight, outcomes, complete)
 
 
-def scheduler_in_flight(schedulers: list[str], timeout: float = 2.0) -> tuple[dict[str, int], int]:
-    """Requests the schedulers have in flight on each engine replica (by address), held prefill results
-    counted with their prefill replica, summed over the schedulers; and how many schedulers answered."""
-    samples, answered = _scheduler_samples(schedulers, frozenset((ENDPOINT_ACTIVE, ENDPOINT_HELD)), timeout)
-    counts: dict[str, int] = {}
-    for sample in samples:
-        if sample.value > 0:
-            endpoint = sample.labels.get("endpoint", "")
-            counts[endpoint] = counts.get(endpoint, 0) + int(sample.value)
-    return counts, answered
-
-
-def in_flight(engines: list[str], schedulers: list[str]) -> int | None:
+def in_flight(engines: list[str], schedulers: SchedulerReadout, engine_reads: bool = True) -> int | None:
     """Requests still in flight on the engine replicas `engines` (host:port): per replica the larger of
     what the schedulers say they have on it (their own count of requests they sent there, also after the
-    replica left their endpoint lists) and what the engine's /metrics says (`active_requests`: requests
-    from elsewhere). None (unknown) when a scheduler did not answer: what it has on them cannot be told,
-    and an engine's /metrics may say nothing of a long request (see `active_requests`)."""
+    replica left their endpoint lists) and, with `engine_reads`, what the engine's /metrics says
+    (`active_requests`: requests from elsewhere). None (unknown) when a scheduler did not answer: what it has
+    on them cannot be told, and an engine's /metrics may say nothing of a long request (see
+    `active_requests`)."""
     if not engines:
         return 0
-    by_scheduler, answered = scheduler_in_flight(schedulers)
-    if answered < len(schedulers):
+    if not schedulers.complete:
         return None
-    return sum(max(by_scheduler.get(address, 0), active_requests(address)) for address in engines)
+    counted = schedulers.in_flight
+    return sum(max(counted.get(address, 0), active_requests(address) if engine_reads else 0) for address in engines)
 
 
-GENERATION_REQUESTS = "baton_scheduler_generation_requests_total"
-
-
-def generation_outcomes(addresses: list[str], generation: str, timeout: float = 2.0) -> dict[str, float]:
-    """Requests the schedulers dispatched to `generation`, by outcome, summed over the schedulers that
-    answered (from their /metrics)."""
-    samples, _ = _scheduler_samples(addresses, frozenset((GENERATION_REQUESTS,)), timeout)
-    totals: dict[str, float] = {}
-    for sample in samples:
-        if sample.labels.get("generation") == generation:
-            outcome = sample.labels.get("outcome", "")
-            totals[outcome] = totals.get(outcome, 0.0) + sample.value
-    return totals
+def generation_outcomes(schedulers: SchedulerReadout, generation: str) -> dict[str, float]:
+    """Requests the schedulers dispatched to `generation`, by outcome, summed over those that answered."""
+    return dict(schedulers.outcomes.get(generation, {}))

@@ -109,6 +109,11 @@ def _now() -> str:
     return status.now()
 
 
+def _iso(moment: datetime.datetime) -> str:
+    """A time as status timestamps are written (UTC, seconds, `Z`)."""
+    return moment.astimezone(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
 def _age(timestamp: str) -> float:
     if not timestamp:
         return 0.0
@@ -180,6 +185,7 @@ class RolloutPass:
         self.rolling = False
         self.requeue = 60.0
         self._pod_list: list[dict] | None = None
+        self._readout: rollout.SchedulerReadout | None = None  # the schedulers' /metrics, read once per pass
         # A value of the rollback annotation not acted on yet ("" when none): "true" or a generation key.
         self.rollback_request = rollback_request
         self.rollback_done = ""  # what the rollback request did, for the handled condition
@@ -226,22 +232,37 @@ class RolloutPass:
                 out.append(format_address(pod["status"]["podIP"], http_port(pod, port)))
         return sorted(out)
 
-    def _in_flight(self, gen: str) -> int | None:
+    def _in_flight(self, gen: str, engine_reads: bool = True) -> int | None:
         """Requests still in flight on generation `gen`'s engines, Ready or not; None when a scheduler did
-        not answer (see `rollout.in_flight`): the generation is then kept, up to rollout.drainTimeout."""
+        not answer (see `rollout.in_flight`): the generation is then kept, up to rollout.drainTimeout.
+        Without `engine_reads`, only what the schedulers count (for a message: trtllm-serve's /metrics hands
+        out its records once, so it is read only when the answer decides something)."""
         engines = [a for t in ("prefill", "decode") for a in self._pod_addresses(gen, t, ready_only=False)]
-        return rollout.in_flight(engines, self._scheduler_addresses()) if engines else 0
+        return rollout.in_flight(engines, self._schedulers(), engine_reads) if engines else 0
 
-    def _scheduler_addresses(self) -> list[str]:
-        pods = self._pods()
-        return sorted(format_address(p["status"]["podIP"], http_port(p, self.spec.scheduler.port)) for p in pods
-                      if (p.get("metadata", {}).get("labels") or {}).get(LABEL_TIER) == "scheduler"
-                      and p.get("status", {}).get("podIP"))
+    def _scheduler_addresses(self) -> tuple[list[str], list[str]]:
+        """The scheduler pods' addresses: those whose answer counts (Ready, not being deleted), and the others
+        (starting, or terminating: one stuck on a lost node would never answer), heard when they answer."""
+        counted, others = [], []
+        for p in self._pods():
+            meta = p.get("metadata", {})
+            if (meta.get("labels") or {}).get(LABEL_TIER) != "scheduler" or not p.get("status", {}).get("podIP"):
+                continue
+            address = format_address(p["status"]["podIP"], http_port(p, self.spec.scheduler.port))
+            (counted if _ready(p) and not meta.get("deletionTimestamp") else others).append(address)
+        return sorted(counted), sorted(others)
+
+    def _schedulers(self) -> rollout.SchedulerReadout:
+        """The schedulers' /metrics, read at most once per pass (in flight and request outcomes alike)."""
+        if self._readout is None:
+            counted, others = self._scheduler_addresses()
+            self._readout = rollout.read_schedulers(counted, others)
+        return self._readout
 
     def _request_counters(self, gen: str) -> tuple[int, int]:
         """(failed, completed + failed) requests the schedulers dispatched to `gen`, summed over them; their
         counters count from each scheduler's start and never reset."""
-        outcomes = rollout.generation_outcomes(self._scheduler_addresses(), gen)
+        outcomes = rollout.generation_outcomes(self._schedulers(), gen)
         failed = int(outcomes.get("failed", 0))
         return failed, failed + int(outcomes.get("completed", 0))
 
@@ -520,7 +541,7 @@ class RolloutPass:
         since = _age(self.ro.get("switchedAt", ""))
         window = parse_duration(self.spec.rollout.rollback_window)
         timeout = parse_duration(self.spec.rollout.drain_timeout)
-        in_flight = self._in_flight(previous)
+        in_flight = self._in_flight(previous, engine_reads=since >= window)
         # The previous generation stays for the whole rollback window (a failing new generation is rolled
         # back onto it); after that it goes once idle, or at the drain timeout with requests in flight.
         if since >= window and (in_flight == 0 or since >= timeout):
@@ -538,9 +559,12 @@ class RolloutPass:
             counted = self.ro.get("errorRate") or {}
             errors = (f"; {counted.get('failed', 0)} of {counted.get('total', 0)} request(s) dispatched to it "
                       "failed since the switch") if counted.get("generation") == gen else ""
+            # A time, not a countdown: a message that changes every pass would rewrite the status every pass.
+            switched = self.ro.get("switchedAt", "")
+            until = _iso(_ts(switched) + datetime.timedelta(seconds=window)) if switched else "the window ends"
+            after = f"for rollback until {until}" if since < window else "until it is idle"
             self._phase("Draining", f"generation {gen} serves{errors}; generation {previous} drains "
-                                    f"({_in_flight_text(in_flight)}) and stays for rollback until "
-                                    f"{max(0, int(window - since))}s from now")
+                                    f"({_in_flight_text(in_flight)}) and stays {after}")
 
     def _drain_failed(self, gen: str) -> bool:
         """Roll back the generation switched to when it fails while the previous one is kept: a rollback
