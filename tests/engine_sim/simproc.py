@@ -226,3 +226,14 @@ def handoff(ctx: Engine, gen: Engine, body: dict, *, stream: bool = False, path:
     if stream:
         return ctx_resp, gen.stream(gen_body, path)
     return ctx_resp, gen.post(path, gen_body)
+
+
+def sim_config(tmp: Path, *args: str, ctx: bool, speed: str = "1", **options):
+    """The SimConfig of a worker built in this process (`baton.engine_sim.engine.Engine(sim_config(...))`), with
+    `worker_yaml(ctx=ctx, **options)` as its LLM-API options and `args` on its command line."""
+    from baton.engine_sim.config import load_config
+
+    path = tmp / f"sim-{'ctx' if ctx else 'gen'}-{abs(hash((repr(options), args)))}.yaml"
+    path.write_text(yaml.safe_dump(worker_yaml(ctx=ctx, **options)))
+    return load_config([str(LLAMA_8B), "--host", "127.0.0.1", "--port", "0", "--config", str(path),
+                        "--sim-speed", speed, *args], env={})

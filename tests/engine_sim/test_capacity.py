@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from simproc import worker_yaml
+from simproc import sim_config, worker_yaml
 
 
 def run_concurrently(engine, bodies):
@@ -145,6 +146,89 @@ def test_chunked_prefill_shares_the_budget_with_decoding_sequences(engines):
         assert decoding.result()[0] == 200
     chunks = [c for c in context_iterations(engine.get("/metrics")[1]) if c != (1, 3, 0)]
     assert chunks == [(1, 480, 1)] * 4 + [(1, 80, 1)]
+
+
+def _run_in_process(cfg, submit) -> tuple[list, list[dict]]:
+    """Run an engine built in this process on what `submit(engine)` queues before it starts (so the first
+    iteration sees all of it); returns (the requests, the iteration records)."""
+    from baton.engine_sim.engine import Engine
+
+    async def main():
+        engine = Engine(cfg)
+        seqs = submit(engine)
+        engine.start()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.done for s in seqs)), 10)
+            return seqs, engine.drain_iteration_stats()
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+def test_pipeline_parallelism_admits_a_micro_batch_per_stage(tmp_path):
+    """TensorRT-LLM's PyTorch backend admits max_batch_size x pp_size requests (PyExecutor's
+    max_num_active_requests = get_max_num_sequences(); the capacity scheduler's max_num_sequences), one
+    micro-batch of up to max_batch_size in flight per pipeline stage; an iteration still runs at most
+    max_batch_size of them. The simulator takes the active requests in turn, those that waited longest first."""
+    from baton.engine_sim.engine import CTX_AND_GEN, Prompt
+
+    def submit(engine):
+        return [engine.submit(kind=CTX_AND_GEN, prompt=Prompt.of([i, i + 1, i + 2]), max_tokens=6)
+                for i in range(1, 6)]
+
+    cfg = sim_config(tmp_path, ctx=True, speed="0", max_batch_size=2, pipeline_parallel_size=2)
+    seqs, records = _run_in_process(cfg, submit)
+    assert max(r["numActiveRequests"] for r in records) == 4  # 2 x 2; the fifth waits in the queue
+    assert {(r["maxNumActiveRequests"], r["maxBatchSizeStatic"]) for r in records} == {(4, 2)}
+    assert max(r["inflightBatchingStats"]["numScheduledRequests"] for r in records) == 2
+    admitted = seqs[:4]  # they take turns, two an iteration: their first tokens come in iterations 1 and 2,
+    assert [s.first_iter for s in admitted] == [1, 1, 2, 2]  # and they finish together
+    assert max(s.last_iter for s in admitted) - min(s.last_iter for s in admitted) <= 2
+    # without pipeline parallelism: max_batch_size active, all of them in every iteration
+    plain = sim_config(tmp_path, ctx=True, speed="0", max_batch_size=2)
+    _, records = _run_in_process(plain, submit)
+    assert max(r["numActiveRequests"] for r in records) == 2
+    assert {r["maxNumActiveRequests"] for r in records} == {2}
+
+
+def test_an_iteration_decodes_at_most_max_num_tokens_sequences(tmp_path):
+    """Each decoding sequence takes one token of max_num_tokens; TensorRT-LLM's MicroBatchScheduler stops at
+    the first one that would go past it. Generation-only requests, whose prompts were prefilled elsewhere,
+    can be more than that: the ones beyond it wait for a later iteration."""
+    from baton.engine_sim.engine import CTX_ONLY, GEN_ONLY, Engine, Prompt
+    from baton.engine_sim.handoff import OpaqueState
+    from baton.engine_sim.transfer_server import KVTransferServer
+
+    async def main():
+        ctx = Engine(sim_config(tmp_path, ctx=True, speed="0"))
+        server = KVTransferServer(ctx)
+        port = await server.start("127.0.0.1", 0)
+        ctx.start()
+        gen = Engine(sim_config(tmp_path, ctx=False, speed="0", max_num_tokens=2))
+        try:
+            handed = []
+            for i in range(1, 5):
+                prompt = Prompt.of(list(range(i, i + 40)))
+                seq = ctx.submit(kind=CTX_ONLY, prompt=prompt, max_tokens=1)
+                await seq.done
+                handed.append((prompt, OpaqueState("127.0.0.1", port, ctx.instance, seq.rid, ctx.state), seq.tokens))
+            seqs = [gen.submit(kind=GEN_ONLY, prompt=prompt, max_tokens=5, handle=handle, first_tokens=list(tokens))
+                    for prompt, handle, tokens in handed]
+            gen._admit()
+            await asyncio.gather(*(s.pulling for s in seqs))  # all four decoding before the first iteration
+            gen.start()
+            await asyncio.wait_for(asyncio.gather(*(s.done for s in seqs)), 10)
+            return seqs, gen.drain_iteration_stats()
+        finally:
+            await gen.stop()
+            await server.stop()
+            await ctx.stop()
+
+    seqs, records = asyncio.run(main())
+    assert all(len(s.tokens) == 5 for s in seqs)
+    scheduled = [r["inflightBatchingStats"]["numGenRequests"] for r in records]
+    assert max(scheduled) == 2 and sum(scheduled) == 4 * 4, scheduled  # 4 tokens each after the first
 
 
 def test_prompt_over_max_num_tokens_is_refused_without_chunked_prefill(engines):

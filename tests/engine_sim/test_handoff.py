@@ -11,7 +11,7 @@ import socket
 import time
 
 import pytest
-from simproc import handoff, stream_text, text_of, worker_yaml
+from simproc import handoff, sim_config, stream_text, text_of, worker_yaml
 
 from baton import kvformat, tokens
 from baton.engine_sim.handoff import HandoffError, KVPuller, OpaqueState, decode_opaque
@@ -137,7 +137,7 @@ def test_kv_held_until_pulled_then_freed(ctx, gen):
     rec = records[0]
     assert rec["ctx_request_id"] == params["ctx_request_id"]
     t = rec["perf_metrics"]["timing_metrics"]
-    assert t["kv_cache_size"] == 100 * 131_072  # 8B fp16
+    assert t["kv_cache_size"] == 4 * 32 * 131_072  # 8B bf16: 100 tokens move as 4 whole blocks of 32
     assert t["kv_cache_transfer_start"] <= t["kv_cache_transfer_end"]
     # a second pull of the same KV fails clearly
     status, err = gen.post("/v1/completions", {"prompt": ctx_resp["prompt_token_ids"], "max_tokens": 8,
@@ -222,7 +222,8 @@ def test_ctx_side_also_checks_the_format(ctx):
     assert "its handoff failed in the handshake with a generation worker (the KV cache formats differ)" in gone.message
     ok_handle = context_handle(ctx, "guarded KV, pulled right")
     [ok] = pull([ok_handle], own)
-    assert ok["ctx_request_id"] == ok_handle.ctx_request_id and ok["kv_cache_size"] == ok["num_tokens"] * 131_072
+    assert ok["ctx_request_id"] == ok_handle.ctx_request_id
+    assert ok["kv_cache_size"] == -(-ok["num_tokens"] // 32) * 32 * 131_072  # whole blocks of 32 tokens
 
 
 def test_kv_channel_serves_concurrent_pulls_and_refuses_stale_handles(ctx):
@@ -574,7 +575,7 @@ def test_chunked_prefill_prompt_hands_off(engines):
     assert gen_resp["usage"] == {"prompt_tokens": 2000, "completion_tokens": 6, "total_tokens": 2006}
     assert gen_resp["choices"][0]["token_ids"][0] == ctx_resp["choices"][0]["token_ids"][0]
     (rec,) = [r for r in gen.get("/perf_metrics")[1] if r["request_type"] == "generation_only"]
-    assert rec["perf_metrics"]["timing_metrics"]["kv_cache_size"] == 2000 * ctx.state()["kv_bytes_per_token"]
+    assert rec["perf_metrics"]["timing_metrics"]["kv_cache_size"] == 63 * 32 * ctx.state()["kv_bytes_per_token"]
     assert held(ctx) == 0
     local = ctx.complete(body)
     assert text_of(local) == text_of(gen_resp)
@@ -750,6 +751,209 @@ def test_a_generation_request_that_leaves_while_queued_frees_its_kv_on_the_conte
         gen.wait_for(lambda: gen.state()["counters"]["requestsCancelled"] == 1, "the cancel", deadline_s=5)
         ctx.wait_for(lambda: ctx.state()["kvCacheStats"]["usedNumBlocks"] == used, "the KV to be freed", deadline_s=5)
         assert ctx.state()["counters"]["kvPullsServed"] == 0
+
+
+# ------------------------------------------------------------------------------ in process
+async def _ctx_with_a_handle(tmp_path, *args: str, speed: str = "1", prompt_len: int = 499):
+    """A context worker (in process, with its KV listener; no kv_transfer_timeout_ms, so unpulled KV is held
+    for ever) and the handle of one finished context-only request: (engine, listener, handle, prompt, seq)."""
+    from baton.engine_sim.engine import CTX_ONLY, Engine, Prompt
+    from baton.engine_sim.transfer_server import KVTransferServer
+
+    ctx = Engine(sim_config(tmp_path, *args, ctx=True, speed=speed))
+    server = KVTransferServer(ctx)
+    port = await server.start("127.0.0.1", 0)
+    ctx.start()
+    prompt = Prompt.of(list(range(1, prompt_len + 1)))
+    seq = ctx.submit(kind=CTX_ONLY, prompt=prompt, max_tokens=1)
+    await seq.done
+    return ctx, server, OpaqueState("127.0.0.1", port, ctx.instance, seq.rid, ctx.state), prompt, seq
+
+
+async def _until(predicate, deadline_s: float = 5.0) -> bool:
+    end = time.monotonic() + deadline_s
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def test_a_generation_request_cancelled_before_its_pull_task_ran_frees_its_kv(tmp_path):
+    """The engine loop admitted the request and created its pull task, and the client's disconnect is handled
+    before that task's first step: the task never runs, so the pull frame never goes out. The context worker
+    is told, and frees the KV (it has no kv_transfer_timeout_ms: it would hold it for ever)."""
+    from baton.engine_sim.engine import GEN_ONLY, Engine
+
+    async def main():
+        ctx, server, handle, prompt, seq = await _ctx_with_a_handle(tmp_path)
+        gen = Engine(sim_config(tmp_path, ctx=False))
+        try:
+            assert ctx.snapshot()["sim"]["numHeldKvRequests"] == 1
+            g = gen.submit(kind=GEN_ONLY, prompt=prompt, max_tokens=50, handle=handle, first_tokens=list(seq.tokens))
+            gen._admit()  # what the loop does at the top of an iteration: the pull task is created, not yet run
+            assert g.pulling is not None and not g.pulling.done()
+            gen.cancel(g)
+            freed = await _until(lambda: ctx.snapshot()["sim"]["numHeldKvRequests"] == 0)
+            return freed, ctx.snapshot(), g.pulling.cancelled()
+        finally:
+            await gen.stop()
+            await server.stop()
+            await ctx.stop()
+
+    freed, snapshot, cancelled = asyncio.run(main())
+    assert cancelled and freed, snapshot["sim"]
+    assert snapshot["sim"]["heldKvBlocks"] == 0 and snapshot["sim"]["reservedNumBlocks"] == 0
+    assert snapshot["sim"]["kvPullsFailed"] == 1 and snapshot["sim"]["kvPullsServed"] == 0  # told once
+
+
+@pytest.mark.parametrize("how", ["cancelled", "timed_out"])
+def test_a_pull_given_up_while_it_connects_frees_the_kv(tmp_path, monkeypatch, how):
+    """The pull has its turn and is connecting to the context worker (a slow connect: SYN retries, DNS) when its
+    request goes away, or when the generation worker's kv_transfer_timeout_ms runs out: its frame never went
+    out, so no cancel frame can follow it. The context worker is told instead and frees the KV."""
+    from baton.engine_sim.engine import GEN_ONLY, TRANSFER, Engine, EngineError
+
+    connect = KVPuller._channel
+
+    async def slow_channel(self, host, port):
+        await asyncio.sleep(0.3)
+        return await connect(self, host, port)
+
+    monkeypatch.setattr(KVPuller, "_channel", slow_channel)
+
+    async def main():
+        ctx, server, handle, prompt, seq = await _ctx_with_a_handle(tmp_path)
+        gen = Engine(sim_config(tmp_path, ctx=False, **({"timeout_ms": 100} if how == "timed_out" else {})))
+        gen.start()
+        try:
+            g = gen.submit(kind=GEN_ONLY, prompt=prompt, max_tokens=50, handle=handle, first_tokens=list(seq.tokens))
+            if how == "cancelled":
+                await asyncio.sleep(0.05)  # admitted; the pull has its turn and is connecting (for 0.3 s)
+                assert g.phase == TRANSFER and not g.pulling.done()
+                gen.cancel(g)
+            else:  # 100 ms: it runs out while the pull connects
+                with pytest.raises(EngineError, match="KV cache transfer timed out"):
+                    await g.done
+            freed = await _until(lambda: ctx.snapshot()["sim"]["numHeldKvRequests"] == 0)
+            return freed, ctx.snapshot()
+        finally:
+            await gen.stop()
+            await server.stop()
+            await ctx.stop()
+
+    freed, snapshot = asyncio.run(main())
+    assert freed, snapshot["sim"]
+    assert snapshot["sim"]["heldKvBlocks"] == 0 and snapshot["sim"]["reservedNumBlocks"] == 0
+    assert snapshot["sim"]["kvPullsFailed"] == 1 and snapshot["sim"]["kvPullsServed"] == 0
+
+
+def test_a_puller_keeps_no_receive_turn_for_context_workers_it_no_longer_pulls_from(engines):
+    """With TRTLLM_REQUEST_KV_CACHE_CONCURRENT=1 a generation worker takes turns per context worker; a turn
+    nobody holds or waits for is dropped, so a long-lived worker does not keep one for every context worker
+    it ever pulled from (context workers come and go with every rollout)."""
+    ctxs = [engines.start(worker_yaml(ctx=True), "--sim-speed", "1") for _ in range(2)]
+    own = kvformat.from_wire(ctxs[0].state()["cache_state"])
+    handles = [context_handle(c, [1, 2, 3]) for c in ctxs]
+
+    async def main():
+        puller = KVPuller(timeout_s=10, receive_per_context_worker=True)
+        try:
+            answers = await asyncio.gather(*(puller.pull(h, own, link_bytes_per_s=50e9) for h in handles))
+            return answers, dict(puller._turns)
+        finally:
+            await puller.close()
+
+    answers, turns = asyncio.run(main())
+    assert [a["ctx_request_id"] for a in answers] == [h.ctx_request_id for h in handles]
+    assert turns == {}
+
+
+def test_kv_moves_and_is_counted_in_whole_blocks(tmp_path):
+    """TensorRT-LLM sends a request's KV block by block, the last one partly filled, and counts the blocks'
+    bytes in kv_cache_size: a 100-token prompt in blocks of 32 moves 4 blocks, 128 tokens' worth of KV, and the
+    transfer takes their time over the link."""
+    from baton.engine_sim.engine import CTX_ONLY, Engine, Prompt
+
+    async def main():
+        ctx = Engine(sim_config(tmp_path, ctx=True))  # --sim-speed 1, the default 50 GB/s link
+        ctx.start()
+        try:
+            seq = ctx.submit(kind=CTX_ONLY, prompt=Prompt.of(list(range(1, 101))), max_tokens=1)
+            await seq.done
+            held = ctx.begin_pull(seq.rid, ctx.instance, ctx.state)
+            seconds = ctx.pull_seconds(held, None)
+            return held, seconds, ctx.end_pull(held, time.monotonic()), dict(ctx.counters)
+        finally:
+            await ctx.stop()
+
+    held, seconds, answer, counters = asyncio.run(main())
+    block_bytes = 32 * 131_072  # Llama-3-8B, bf16: 128 KiB per token
+    assert held.kv_bytes == answer["kv_cache_size"] == counters["kvBytesSent"] == 4 * block_bytes
+    assert answer["num_tokens"] == 100
+    assert seconds == pytest.approx(4 * block_bytes / 50e9)
+
+
+def test_a_generation_request_that_ends_with_its_transfer_counts_as_completed(tmp_path):
+    """A generation_only request whose max_tokens the context worker's tokens already cover ends as its KV
+    arrives, outside any iteration: the next iteration record counts it in numCompletedRequests, and
+    --sim-fail-after counts it at once."""
+    from baton.engine_sim.engine import CTX_AND_GEN, GEN_ONLY, Engine, Prompt
+
+    async def main(*gen_args: str):
+        ctx, server, handle, prompt, seq = await _ctx_with_a_handle(tmp_path, speed="0")
+        gen = Engine(sim_config(tmp_path, *gen_args, ctx=False, speed="0"))
+        gen.start()
+        try:
+            g = gen.submit(kind=GEN_ONLY, prompt=prompt, max_tokens=1, handle=handle, first_tokens=list(seq.tokens))
+            await g.done
+            await asyncio.sleep(0.05)
+            fatal = gen.fatal
+            if fatal is None:
+                local = gen.submit(kind=CTX_AND_GEN, prompt=Prompt.of([1, 2, 3]), max_tokens=2)
+                await local.done
+            return fatal, gen.drain_iteration_stats(), dict(gen.counters)
+        finally:
+            await gen.stop()
+            await server.stop()
+            await ctx.stop()
+
+    fatal, records, counters = asyncio.run(main())
+    assert fatal is None and counters["requestsCompleted"] == 2
+    assert sum(r["numCompletedRequests"] for r in records) == 2
+    fatal, _, counters = asyncio.run(main("--sim-fail-after", "1"))
+    assert counters["requestsCompleted"] == 1
+    assert fatal == "injected fault after 1 finished requests (--sim-fail-after)"
+
+
+def test_a_pull_that_fails_after_the_engine_went_fatal_is_not_a_transfer_failure(tmp_path):
+    """The generation worker enters the fatal state while a KV transfer is under way: its request fails with the
+    fatal reason then. The pull breaking off afterwards (here the context worker goes away) is no transfer
+    failure of a live request, and is not counted in kvTransferFailures."""
+    from baton.engine_sim.engine import GEN_ONLY, TRANSFER, Engine, EngineError
+
+    async def main():
+        # 499 tokens = 16 blocks of 4 MiB at 12.5 MB/s: a 5 s transfer
+        ctx, server, handle, prompt, seq = await _ctx_with_a_handle(tmp_path, "--sim-link-gbps", "0.1")
+        gen = Engine(sim_config(tmp_path, "--sim-link-gbps", "0.1", ctx=False))
+        gen.start()
+        try:
+            g = gen.submit(kind=GEN_ONLY, prompt=prompt, max_tokens=4, handle=handle, first_tokens=list(seq.tokens))
+            assert await _until(lambda: ctx.snapshot()["sim"]["numSendingKvRequests"] == 1)
+            assert g.phase == TRANSFER
+            gen.set_fatal("test")
+            with pytest.raises(EngineError, match="engine is in a fatal state: test"):
+                await g.done
+            await server.stop()  # the channel breaks: the pull still under way fails
+            await asyncio.wait_for(asyncio.shield(g.pulling), 5)
+            return dict(gen.counters)
+        finally:
+            await gen.stop()
+            await server.stop()
+            await ctx.stop()
+
+    counters = asyncio.run(main())
+    assert counters["kvTransferFailures"] == 0 and counters["requestsFailed"] == 1
 
 
 # ------------------------------------------------------------------------------ failed generations, as trtllm-serve

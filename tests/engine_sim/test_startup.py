@@ -118,8 +118,9 @@ def test_trtllm_transceiver_message_is_verbatim(fresh_engines):
 
 
 def test_model_that_does_not_fit_is_refused(fresh_engines):
-    code, output = fresh_engines.run_to_exit(worker_yaml(ctx=True), model=LLAMA_70B)
-    assert code == 1 and "do not fit" in output
+    # Llama-3-70B in bf16 (~141 GB of weights) on one 80 GB GPU (an H100)
+    code, output = fresh_engines.run_to_exit(worker_yaml(ctx=True), "--sim-gpu-memory-gb", "80", model=LLAMA_70B)
+    assert code == 1 and "model weights (~141 GB in bf16) do not fit in 1 GPU(s) of 80 GB" in output
 
 
 def test_missing_model_config(fresh_engines, tmp_path):
@@ -284,8 +285,12 @@ def load(tmp_path, model, options: dict, *args: str):
 DEFAULT_TRANSFER_BUFFERS_BYTES_PER_GPU = 3 * 512 * 2**20
 
 
+# One H200 as nvidia-smi reports it: 143,771 MiB.
+H200_BYTES = 143_771 * 2**20
+
+
 def memory_tokens(cfg_state, hf_config: dict, *, bytes_per_param: float = 2.0, gpus: int = 1,
-                  fraction: float = 0.9, gpu_gb: float = 141.0, skew: float = 1.0,
+                  fraction: float = 0.9, gpu_gb: float = H200_BYTES / 1e9, skew: float = 1.0,
                   transfer_bytes: float | None = None) -> int:
     from baton.engine_sim import timing
 
@@ -427,8 +432,22 @@ def test_kv_max_tokens_is_capped_by_the_memory_fraction(tmp_path):
 def test_max_tokens_does_not_make_weights_fit(tmp_path):
     from baton.engine_sim import config
 
-    with pytest.raises(config.StartupError, match="do not fit"):
-        load(tmp_path, LLAMA_70B, worker_yaml(ctx=True, kv_cache_config={"max_tokens": 4096}))
+    with pytest.raises(config.StartupError, match="do not fit"):  # 70B bf16 on one 80 GB GPU
+        load(tmp_path, LLAMA_70B, worker_yaml(ctx=True, kv_cache_config={"max_tokens": 4096}),
+             "--sim-gpu-memory-gb", "80")
+
+
+def test_the_default_gpu_is_an_h200_as_nvidia_smi_reports_it(tmp_path):
+    """An H200 reports 143,771 MiB (150.75e9 bytes; NVIDIA's "141 GB" is about that in GiB). Llama-3-70B in
+    bf16 (~141.1e9 bytes of weights) fits one, leaving a small KV cache, as it does on the real GPU; read as
+    141e9 bytes, the GPU could not even hold the weights."""
+    from baton.engine_sim import config
+
+    assert config.DEFAULT_GPU_MEMORY_GB * 1e9 == H200_BYTES
+    cfg = load(tmp_path, LLAMA_70B, worker_yaml(ctx=True))
+    assert cfg.max_blocks == memory_tokens(cfg.cache_state, cfg.hf_config) // 32
+    assert 20_000 < cfg.max_blocks * 32 < 25_000  # ~7 GB of KV at 320 KiB per token
+    assert "1 x 150.755 GB" in cfg.kv_capacity_source
 
 
 def test_command_line_max_beam_width_counts(tmp_path):
@@ -475,7 +494,7 @@ def test_quantized_checkpoint_weights_count_their_bytes(tmp_path, quant, dtype):
     hf = {**json.loads((LLAMA_70B / "config.json").read_text()), **quant.get("config", {})}
     files = {"hf_quant_config": quant["hf_quant_config"]} if "hf_quant_config" in quant else {}
     model = model_dir(tmp_path / "llama-70b-quant", hf, **files)
-    # 70B in bf16 (~141 GB) does not fit one 141 GB GPU; in fp8 (~71 GB) it does
+    # 70B in fp8 (~71 GB) or fp4 (~35 GB) leaves most of an H200 to the KV cache (bf16, ~141 GB, leaves ~8 GB)
     cfg = load(tmp_path, model, worker_yaml(ctx=True, dtype="fp8"))
     assert cfg.weight_dtype == dtype and config.describe(cfg)["weight_dtype"] == dtype
     per_param = {"fp8": 1.0, "fp4": 0.5}[dtype]
@@ -486,8 +505,8 @@ def test_quantized_checkpoint_weights_count_their_bytes(tmp_path, quant, dtype):
 def test_unquantized_weights_stay_bf16(tmp_path):
     from baton.engine_sim import config
 
-    with pytest.raises(config.StartupError, match=r"~141 GB in bf16\) do not fit"):
-        load(tmp_path, LLAMA_70B, worker_yaml(ctx=True, dtype="fp8"))
+    with pytest.raises(config.StartupError, match=r"~141 GB in bf16\) do not fit in 1 GPU\(s\) of 80 GB"):
+        load(tmp_path, LLAMA_70B, worker_yaml(ctx=True, dtype="fp8"), "--sim-gpu-memory-gb", "80")
     assert load(tmp_path, LLAMA_8B, worker_yaml(ctx=True)).weight_dtype == "bf16"
 
 

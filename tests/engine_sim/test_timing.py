@@ -70,6 +70,59 @@ def test_decode_interpolates_between_batches_and_contexts():
     assert m.decode(512, 1024) > m.decode(256, 1024)  # extrapolated beyond the table
 
 
+# One H200: HBM3e peak bandwidth 4.8 TB/s (NVIDIA's H200 datasheet).
+H200_HBM_BYTES_PER_S = 4.8e12
+
+
+def _implied_bandwidth(model: timing.ModelTiming, batch: int, context: int) -> float:
+    """Bytes a decode step must read from HBM (bf16 weights once, every sequence's KV) over its modelled time."""
+    shape = model.shape
+    weights = 2 * timing.estimate_params(shape)
+    kv_per_token = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2  # K and V, bf16
+    return (weights + kv_per_token * batch * context) / (model.decode(batch, context) / 1000)
+
+
+@pytest.mark.parametrize("name", ["llama3-8b", "llama3-70b"])
+def test_decode_beyond_the_table_never_reads_faster_than_the_gpu_can(name):
+    """Past the longest measured context (16K) and the largest measured batch (256) decode grows linearly, as
+    its KV reads do: the HBM bandwidth a step implies stays within an H200's 4.8 TB/s at any context and batch
+    (a log-log extrapolation of the last segment had 8B decode B=4 at 128K context in 11.5 ms: 7.4 TB/s), and
+    the measured grid is still reproduced exactly."""
+    model = timing.load_table().models[name]
+    for b, row in zip(model.decode_batches, model.decode_grid_ms):
+        for c, ms in zip(model.decode_contexts, row):
+            assert model.decode(b, c) == pytest.approx(ms, rel=1e-12)
+    for batch in (1, 2, 4, 8, 16, 64, 256, 512, 1024, 2048, 4096):
+        for context in (1024, 16384, 32768, 65536, 131072, 262144, 1 << 20):
+            bandwidth = _implied_bandwidth(model, batch, context)
+            assert bandwidth <= H200_HBM_BYTES_PER_S, (batch, context, bandwidth / 1e12)
+    # beyond the table each cached token of each sequence of a measured batch costs the measured kv_slope
+    far, farther = model.decode(8, 65536), model.decode(8, 131072)
+    assert farther - far == pytest.approx(model.kv_slope * 8 * 65536)
+    assert model.kv_slope == pytest.approx(json.loads(timing.DEFAULT_TABLE_PATH.read_text())["models"][name][
+        "kv_slope_ms_per_token"])
+    if name == "llama3-8b":
+        assert 20 < model.decode(4, 131072) < 30  # ~22 ms; the log-log extrapolation said 11.5
+
+
+def test_a_table_without_kv_slope_extrapolates_decode_with_the_grids_own():
+    """A table written before kv_slope_ms_per_token was read still loads; beyond its grid decode grows by the
+    median ms per cached token its cells measure, and past its last batch by at least the last segment's cost
+    per sequence."""
+    grid = {"batches": [1, 10], "contexts": [100, 1000], "ms": [[1.0, 1.9], [2.0, 11.0]]}  # 0.001 ms per token
+    m = timing.table_from_dict(_table(decode=grid)).models["x"]
+    assert m.kv_slope_ms_per_token is None and m.kv_slope == pytest.approx(0.001)
+    assert m.decode(1, 2000) == pytest.approx(1.9 + 0.001 * 1000)
+    assert m.decode(10, 3000) == pytest.approx(11.0 + 0.001 * 10 * 2000)
+    assert m.decode(20, 1000) == pytest.approx(11.0 + (11.0 - 1.9) / 9 * 10)  # the last segment: 1.01 ms per sequence
+    # a table that gives it is taken at its word; an added sequence costs at least reading its KV (here 2 ms)
+    given = timing.table_from_dict(_table(decode=grid, kv_slope_ms_per_token=0.002)).models["x"]
+    assert given.decode(1, 2000) == pytest.approx(1.9 + 0.002 * 1000)
+    assert given.decode(20, 1000) == pytest.approx(11.0 + 0.002 * 1000 * 10)
+    with pytest.raises(ValueError, match="kv_slope_ms_per_token must be a number >= 0"):
+        timing.table_from_dict(_table(decode=grid, kv_slope_ms_per_token=-1))
+
+
 def test_table_from_raw_calibration_fills_missing_cells():
     raw = {
         "device": "test",
@@ -223,10 +276,10 @@ def test_kv_transfer_time_grows_with_prompt(engines):
         assert status == 200
         (rec,) = [r for r in gen.get("/perf_metrics")[1] if r["request_type"] == "generation_only"]
         t = rec["perf_metrics"]["timing_metrics"]
-        assert t["kv_cache_size"] == prompt_len * 131_072
+        assert t["kv_cache_size"] == -(-prompt_len // 32) * 32 * 131_072  # whole blocks of 32 tokens
         return t["kv_cache_transfer_end"] - t["kv_cache_transfer_start"]
 
-    small, large = transfer_time(16), transfer_time(256)  # modelled: ~17 ms vs ~268 ms
+    small, large = transfer_time(16), transfer_time(256)  # modelled: ~34 ms (one block) vs ~268 ms
     assert large > small
     assert not math.isclose(large, small, rel_tol=0.5)
 
@@ -393,3 +446,25 @@ def test_the_engine_times_each_prompt_of_a_pass_by_its_own_positions(tmp_path):
     assert batch[0] == [(0, 1024)] * 4 + [(0, 512)]
     chunked = asyncio.run(go({"max_num_tokens": 2048, "max_seq_len": 8192, "enable_chunked_prefill": True}, [5000]))
     assert chunked == [[(0, 2048)], [(2048, 4096)], [(4096, 5000)]]
+
+
+def test_chunked_prefill_fills_what_a_cut_chunk_leaves_with_later_prompts(tmp_path):
+    """TensorRT-LLM's FIRST_COME_FIRST_SERVED chunking (MicroBatchScheduler::setCtxRequestsChunkSize) gives each
+    prompt in turn what is left of the iteration's budget, not only the first: after a chunk cut to whole units
+    of tokens_per_block (500 -> 480), a later prompt that fits the 20 tokens left is prefilled in the same
+    pass; one that does not waits, and the one after it still gets its turn."""
+    async def go(prompts):
+        engine, recorder = _engine_with_recorder(tmp_path, max_num_tokens=500, max_seq_len=8192,
+                                                 enable_chunked_prefill=True)
+        seqs = [engine.submit(kind=CTX_AND_GEN, prompt=Prompt.of(list(range(1, n + 1))), max_tokens=1)
+                for n in prompts]
+        engine.start()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.done for s in seqs)), 10)
+        finally:
+            await engine.stop()
+        return recorder.spans
+
+    spans = asyncio.run(go([1000, 30, 12]))
+    # 30 tokens do not fit the 20 left, and 20 is no whole unit: that prompt gets nothing; the 12 after it fit
+    assert spans == [[(0, 480), (0, 12)], [(480, 960)], [(960, 1000), (0, 30)]]

@@ -30,7 +30,11 @@ DEFAULT_MAX_NUM_TOKENS = 8192
 DEFAULT_FREE_GPU_MEMORY_FRACTION = 0.9
 DEFAULT_MAX_SEQ_LEN = 8192  # when config.json has no max_position_embeddings
 # Simulator assumptions.
-DEFAULT_GPU_MEMORY_GB = 141.0  # one H200: 141 GB (decimal) of HBM3e
+# One H200 as nvidia-smi reports it (memory.total 143771 MiB = 150.75e9 bytes = 140.4 GiB), the memory
+# TensorRT-LLM's free-memory sizing starts from. NVIDIA's "141 GB" is that in GiB, rounded: read as 10^9 bytes
+# it would leave out 9.75 GB.
+H200_MEMORY_MIB = 143_771
+DEFAULT_GPU_MEMORY_GB = H200_MEMORY_MIB * 2**20 / 1e9  # 150.754820096
 DEFAULT_LINK_GBPS = 400.0  # gigabits/s, NDR400 InfiniBand = 50 GB/s
 DEFAULT_TP_EFFICIENCY = 0.85
 DEFAULT_STATS_MAX = 1000
@@ -162,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sim-tp-efficiency", metavar="E", type=float, default=DEFAULT_TP_EFFICIENCY,
                    help="TP of N divides compute time by N x E (default 0.85)")
     s.add_argument("--sim-gpu-memory-gb", metavar="GB", type=float, default=DEFAULT_GPU_MEMORY_GB,
-                   help="memory of one GPU in GB (10^9 bytes; default 141 = H200)")
+                   help="memory of one GPU in GB (10^9 bytes; default 150.75 = an H200's 143,771 MiB as "
+                        "nvidia-smi reports it)")
     s.add_argument("--sim-kv-cache-gib", metavar="GIB", type=float, default=None,
                    help="KV cache size of the replica, overriding the memory-fraction derivation")
     s.add_argument("--sim-load-seconds", metavar="S", type=float, default=0.0,

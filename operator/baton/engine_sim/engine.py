@@ -1,17 +1,21 @@
 """The engine core: continuous batching, KV-block accounting, held KV for handoffs, and statistics.
 
 One asyncio task (`Engine._run`) plays the executor loop. Each iteration it
-1. admits queued requests in FIFO order while a batch slot is free and the KV cache can reserve
-   ceil((prompt + max_tokens) / tokens_per_block) blocks (TensorRT-LLM's GUARANTEED_NO_EVICT policy);
-   a generation-only request starts its KV pull instead of a prefill;
-2. schedules every decoding sequence (one token each) and, in FIFO order, the prefills that fit in
-   max_num_tokens minus the decode tokens. With `enable_chunked_prefill` a prompt that does not fit is
-   prefilled in chunks over several iterations, as TensorRT-LLM does: each chunk takes what is left of the
-   iteration's token budget, rounded down to whole chunk units of tokens_per_block (the last chunk takes
-   the rest of the prompt), and its attention covers the prompt tokens of the chunks before it;
-3. sleeps the modelled iteration time (timing.TimingModel; a later chunk over prompt positions [start, end)
-   costs prefill(end) - prefill(start) on the calibrated batch-1 curve; nothing at --sim-speed 0, but still
-   yields);
+1. admits queued requests in FIFO order while an active slot is free (max_batch_size x pipeline-parallel
+   size: TensorRT-LLM's PyTorch backend keeps a micro-batch of up to max_batch_size in flight per pipeline
+   stage) and the KV cache can reserve ceil((prompt + max_tokens) / tokens_per_block) blocks (TensorRT-LLM's
+   GUARANTEED_NO_EVICT policy); a generation-only request starts its KV pull instead of a prefill;
+2. picks at most max_batch_size of the active sequences (all of them without pipeline parallelism; with it,
+   those that waited longest first), schedules their decoding sequences (one token each, at most
+   max_num_tokens of them) and, in FIFO order, the prefills that fit in max_num_tokens minus the decode
+   tokens, as TensorRT-LLM's MicroBatchScheduler does. With `enable_chunked_prefill` a prompt that does not
+   fit is prefilled in chunks over several iterations (first come, first served): each chunk takes what is
+   left of the iteration's token budget, rounded down to whole chunk units of tokens_per_block (the last
+   chunk takes the rest of the prompt), and a later prompt takes what is left after that, whole if it fits;
+   a chunk's attention covers the prompt tokens of the chunks before it;
+3. sleeps the modelled iteration time (timing.TimingModel: the prefill pass costs its linear part over all
+   its tokens plus each sequence's attention, a x (end^2 - start^2) over the prompt positions [start, end) it
+   covers, `ModelTiming.prefill_pass`; nothing at --sim-speed 0, but still yields);
 4. emits one token per scheduled sequence whose prompt is fully prefilled (the first token comes with the
    last chunk) and per decoding sequence, and finishes those that reached max_tokens.
 
@@ -129,7 +133,7 @@ class Seq:
     __slots__ = (
         "rid", "x_request_id", "kind", "prompt", "max_tokens", "need_blocks", "tokens", "phase", "done", "changed",
         "notify", "error", "arrival", "first_scheduled", "first_token_time", "last_token_time", "first_iter", "last_iter",
-        "handle", "first_tokens", "kv_size", "kv_start", "kv_end", "prefilled", "pulling",
+        "handle", "first_tokens", "kv_size", "kv_start", "kv_end", "prefilled", "pulling", "ran_iter",
     )
 
     def __init__(self, rid: int, kind: str, prompt: Prompt, max_tokens: int, x_request_id: str) -> None:
@@ -143,6 +147,7 @@ class Seq:
         self.phase = QUEUED
         self.prefilled = 0  # prompt tokens already prefilled (by earlier chunks of a chunked prefill)
         self.pulling: asyncio.Task | None = None  # generation_only: the task pulling its KV (done once it has)
+        self.ran_iter = 0  # the last iteration it was scheduled in (0: never): who goes first when not all fit
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.changed: asyncio.Event | None = None  # set at each change, for a consumer that waits (stream=True)
         self.notify: Callable[[], None] | None = None  # called at each change: new tokens, the end, a failure
@@ -176,6 +181,10 @@ def dynamic_buffer_warning(ctx_request_id: int, num_tokens: int, source: str) ->
     return (f"KV cache of ctx_request_id {ctx_request_id} ({num_tokens} tokens) does not fit the pre-allocated "
             f"transfer buffer ({source}); it goes through a dynamically allocated buffer, which is slower (and "
             "fails with NIXL): set cache_transceiver_config.max_tokens_in_buffer to at least the longest prompt")
+
+
+def _ran_iter(s: Seq) -> int:
+    return s.ran_iter
 
 
 class _Held:
@@ -214,6 +223,12 @@ class Engine:
         self._next_id = random.randrange(1, 1 << 40)
         self._queue: collections.deque[Seq] = collections.deque()
         self._active: list[Seq] = []
+        # TensorRT-LLM's PyTorch backend admits max_batch_size x pp_size requests (PyExecutor's
+        # max_num_active_requests = PyTorchModelEngine.get_max_num_sequences(), the capacity scheduler's
+        # max_num_sequences): with pipeline parallelism one micro-batch of up to max_batch_size is in flight
+        # per stage. One iteration still runs at most max_batch_size of them (the MicroBatchScheduler's limit).
+        self.max_active = cfg.max_batch_size * max(1, cfg.cache_state.pp)
+        self._completed_between = 0  # requests that finished outside an iteration (`_transfer`), for the next record
         self._reserved = 0  # blocks reserved by live sequences and held KV
         self._held: dict[int, _Held] = {}
         self._sending: dict[int, _Held] = {}
@@ -387,11 +402,15 @@ class Engine:
             return
         self.counters["requestsCancelled"] += 1
         self._fail(seq, EngineError("request cancelled by the client", 499, "RequestCancelled"), count=False)
-        if seq.pulling is not None:  # its KV pull too, if under way: the context worker frees the KV and its link
+        started = seq.kv_start is not None  # its pull task has run (`_transfer` sets kv_start first)
+        if seq.pulling is not None:
+            # Its KV pull too: the puller tells the context worker, which frees the KV (and its link), whatever
+            # the pull was doing (a cancel frame once the pull frame is out, a refusal before).
             seq.pulling.cancel()
-        elif seq.kind == GEN_ONLY and seq.handle is not None:
-            # Still queued, its KV never asked for: the context worker would hold it until its
-            # kv_transfer_timeout_ms (or forever without one). Told, it frees it now.
+        if seq.kind == GEN_ONLY and seq.handle is not None and not started:
+            # Still queued, or admitted with its pull task not yet run (a task cancelled before its first step
+            # never runs, so the puller cannot tell): its KV was never asked for, and the context worker would
+            # hold it until its kv_transfer_timeout_ms (or forever without one). Told, it frees it now.
             self.puller.tell_refused(seq.handle, self.state, "its request went away before its KV was pulled",
                                      x_request_id=seq.x_request_id, what="a cancelled request's KV",
                                      event="kv_cancel_unsent")
@@ -626,10 +645,20 @@ class Engine:
             self._admit()
             decoders: list[Seq] = []
             waiting_prefill: list[Seq] = []
-            for s in self._active:
+            runnable = [s for s in self._active if s.phase == DECODE or s.phase == PREFILL]
+            if len(runnable) > cfg.max_batch_size:
+                # More active than one iteration runs (pipeline parallelism: the other micro-batches are in
+                # flight). Those that ran longest ago go first (stable: FIFO among equals), so every sequence
+                # takes its turn as the micro-batches of the pipeline do.
+                runnable.sort(key=_ran_iter)
+                del runnable[cfg.max_batch_size:]
+            for s in runnable:
                 if s.phase == DECODE:
-                    decoders.append(s)
-                elif s.phase == PREFILL:
+                    # one token each; TensorRT-LLM's MicroBatchScheduler stops at the first one that would
+                    # take the iteration past max_num_tokens
+                    if len(decoders) < cfg.max_num_tokens:
+                        decoders.append(s)
+                else:
                     waiting_prefill.append(s)
             budget = cfg.max_num_tokens - len(decoders)
             prefills: list[tuple[Seq, int]] = []  # (sequence, prompt position its prefill reaches this iteration)
@@ -649,19 +678,19 @@ class Engine:
                 elif self._chunked_prefill:
                     # a chunk that is not the prompt's last is a whole number of chunk units (tokens_per_block);
                     # an iteration with nothing else to do takes what it can, so that a budget below one unit
-                    # still moves
+                    # still moves. First come, first served (TensorRT-LLM's FIRST_COME_FIRST_SERVED chunking):
+                    # the prompts after a cut one get what is left of the budget, a prompt that fits it whole
+                    # included, and a prompt that gets nothing waits for the next iteration.
                     take = room - room % tpb
                     if take <= 0 and not prefills and not decoders:
                         take = room
                     if take <= 0:
-                        break
+                        continue
                 else:
-                    break
+                    break  # without chunking the first prompt that does not fit ends the pass (FIFO)
                 prefills.append((s, start + take))
                 ctx_tokens += cost if take == left else take
                 spans.append((start, start + take))
-                if take < left:
-                    break  # the budget is used up
             if not prefills and not decoders:
                 self._wake.clear()
                 await self._wake.wait()
@@ -676,6 +705,7 @@ class Engine:
             completed = 0
             vocab = cfg.vocab_size
             for s, end in prefills:
+                s.ran_iter = it
                 if s.phase == PREFILL:
                     if s.first_iter is None:
                         s.first_iter = it
@@ -683,22 +713,32 @@ class Engine:
                     if end >= s.prompt.length:
                         completed += self._emit(s, token_at(s.prompt.seed, 0, vocab), now, it)
             for s in decoders:
+                s.ran_iter = it
                 if s.phase == DECODE:
                     completed += self._emit(s, token_at(s.prompt.seed, len(s.tokens), vocab), now, it)
             self._active = [s for s in self._active if s.phase in _LIVE]
+            # requests that finished since the last record without running in an iteration (`_transfer`)
+            completed += self._completed_between
+            self._completed_between = 0
             self._record_iteration(it, (loop.time() - started) * 1000.0, len(prefills), len(decoders),
                                    ctx_tokens, completed)
-            if cfg.fail_after is not None and self.counters["requestsCompleted"] >= cfg.fail_after:
-                self.set_fatal(f"injected fault after {cfg.fail_after} finished requests (--sim-fail-after)")
+            self._check_fail_after()
+
+    def _check_fail_after(self) -> None:
+        """--sim-fail-after: enter the fatal state once that many requests have finished."""
+        fail_after = self.cfg.fail_after
+        if fail_after is not None and self.counters["requestsCompleted"] >= fail_after:
+            self.set_fatal(f"injected fault after {fail_after} finished requests (--sim-fail-after)")
 
     def _admit(self) -> None:
         cfg = self.cfg
         queue = self._queue
-        if queue and len(self._active) >= cfg.max_batch_size:
+        limit = self.max_active
+        if queue and len(self._active) >= limit:
             self._active = [s for s in self._active if s.phase in _LIVE]
         while queue:
             s = queue[0]
-            if len(self._active) >= cfg.max_batch_size or self._reserved + s.need_blocks > cfg.max_blocks:
+            if len(self._active) >= limit or self._reserved + s.need_blocks > cfg.max_blocks:
                 break
             queue.popleft()
             self._reserved += s.need_blocks
@@ -725,7 +765,8 @@ class Engine:
                 self.received_through_dynamic_buffer(s, exc.message)
             if exc.kind == "format":
                 self.counters["kvFormatRejections"] += 1
-            self.counters["kvTransferFailures"] += 1
+            if s.phase == TRANSFER:  # not a pull whose request had already ended (the engine went fatal)
+                self.counters["kvTransferFailures"] += 1
             if exc.kind == "timeout" and s.phase == TRANSFER:
                 log.warning(f"Terminating generation request {s.rid} due to KV cache transfer timeout",
                             extra={"fields": {"event": "kv_receive_timed_out", "request_id": s.x_request_id,
@@ -747,6 +788,10 @@ class Engine:
         s.first_iter = it
         for token in s.first_tokens[: s.max_tokens]:
             if self._emit(s, token, s.kv_end, it):
+                # max_tokens no more than the context worker produced: it ends here, with no iteration of its
+                # own; the next iteration record counts it, and --sim-fail-after counts it now
+                self._completed_between += 1
+                self._check_fail_after()
                 break
         self._active = [x for x in self._active if x.phase in _LIVE]
         self._wake.set()
@@ -770,9 +815,11 @@ class Engine:
     def _finish(self, s: Seq) -> None:
         s.phase = FINISHED
         if s.kind == CTX_ONLY:
-            kept = blocks_for(s.prompt.length, self.cfg.tokens_per_block)
+            tpb = self.cfg.tokens_per_block
+            kept = blocks_for(s.prompt.length, tpb)
             self._reserved -= s.need_blocks - kept
-            held = _Held(s.rid, kept, s.prompt.length, s.prompt.length * self.kv_bytes_per_token)
+            # TensorRT-LLM sends, and counts in kv_cache_size, whole blocks (the last one partly filled)
+            held = _Held(s.rid, kept, s.prompt.length, kept * tpb * self.kv_bytes_per_token)
             self._held[s.rid] = held
             self._held_blocks += kept
             if self.cfg.kv_transfer_timeout_s is not None:
@@ -867,7 +914,7 @@ class Engine:
             "numActiveRequests": active,
             "numQueuedRequests": queued,
             "numCompletedRequests": completed,
-            "maxNumActiveRequests": self.cfg.max_batch_size,
+            "maxNumActiveRequests": self.max_active,
             "maxBatchSizeStatic": self.cfg.max_batch_size,
             "maxNumTokensStatic": self.cfg.max_num_tokens,
             "gpuMemUsage": 0,

@@ -17,8 +17,9 @@ pulls at once. Each message is a frame: a 4-byte big-endian length, then compact
                         the gen worker's pre-allocated receive buffer holds; the ctx side checks both buffers)
   refusal (gen -> ctx) a pull with "refused": <the gen side's error>: the gen worker refused the handle (its
                         CacheState differs), the handshake fails and the ctx side frees the KV
-  cancel  (gen -> ctx) {"id": N, "cancel": true}: the gen side gave up pull N (kv_transfer_timeout_ms); the
-                        ctx side stops that transfer and frees the KV, and sends no answer
+  cancel  (gen -> ctx) {"id": N, "cancel": true}: the gen side gave up pull N (kv_transfer_timeout_ms, its
+                        request cancelled); the ctx side stops that transfer and frees the KV, and sends no answer.
+                        A pull given up before its frame went out is told as a refusal instead
   answer  (ctx -> gen) {"id": N, "ok": {"ctx_request_id", "kv_cache_size", "num_tokens",
                                          "transfer_start", "transfer_end"}}
                     or {"id": N, "error": {"message", "status", "type"}}
@@ -207,6 +208,28 @@ def _time_out(fut: asyncio.Future, seconds: float) -> None:
         fut.set_exception(_PullTimeout(f"no answer within {seconds:g} s"))
 
 
+class _PullState:
+    """How far one pull got: whether its pull frame went out (`sent`), and what it was doing before (`stage`, for
+    the context worker's log when the pull is given up before that)."""
+
+    __slots__ = ("sent", "stage")
+
+    def __init__(self) -> None:
+        self.sent = False
+        self.stage = "waited for its turn to receive"
+
+
+class _Turn:
+    """One receive turn (a lock) and how many pulls hold or wait for it: dropped when none does, so a puller
+    does not keep a lock for every context worker it ever pulled from."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class KVPuller:
     """The gen side of the KV transfer: one channel per ctx worker, opened on first use, shared by all pulls.
 
@@ -224,8 +247,8 @@ class KVPuller:
         self._connecting: dict[tuple[str, int], asyncio.Task] = {}
         self._per_context_worker = receive_per_context_worker
         self._in_turn = in_turn
-        self._turns: dict[tuple[str, int] | None, asyncio.Lock] = {}  # the receive turns, by ctx worker or None
-        self._telling: set[asyncio.Task] = set()  # ctx workers being told of pulls given up before their turn
+        self._turns: dict[tuple[str, int] | None, _Turn] = {}  # the receive turns in use, by ctx worker or None
+        self._telling: set[asyncio.Task] = set()  # ctx workers being told of pulls given up unsent
 
     async def close(self) -> None:
         telling = list(self._telling)
@@ -274,45 +297,59 @@ class KVPuller:
         `timeout_s` (the worker's kv_transfer_timeout_ms) bounds the whole pull: the wait for this worker's
         turn to receive, connecting, the ctx side's transfer time and the answer. When it runs out the pull is
         cancelled on the ctx side too, and this raises a HandoffError of kind "timeout". Without it, the
-        puller's own limit (60 s) applies from the pull's turn. A pull given up before its turn (its timeout,
-        its request cancelled) never reached the ctx worker: that worker is told, and frees the KV."""
+        puller's own limit (60 s) applies from the pull's turn. A pull given up before its pull frame went out
+        (its timeout, or its request cancelled, while it waited for its turn or connected) never asked the ctx
+        worker for the KV: that worker is told, and frees the KV."""
         extra = b'"link_bytes_per_s":%s' % _compact(link_bytes_per_s).encode()
         if recv_buffer_tokens is not None:
             extra += b',"recv_buffer_tokens":%d' % recv_buffer_tokens
-        if not self._in_turn:
-            return await self._ask(handle, own_state, extra, x_request_id, timeout_s)
+        state = _PullState()
+        try:
+            if not self._in_turn:
+                return await self._ask(handle, own_state, extra, x_request_id, timeout_s, pull=state)
+            return await self._pull_in_turn(handle, own_state, extra, x_request_id, timeout_s, state)
+        except asyncio.CancelledError:
+            if not state.sent:
+                self._give_up_unsent(handle, own_state, x_request_id, f"its request went away while it {state.stage}")
+            raise
+
+    async def _pull_in_turn(self, handle: OpaqueState, own_state: kvformat.CacheState, extra: bytes,
+                            x_request_id: str, timeout_s: float | None, state: _PullState) -> dict:
+        """`pull` once this worker's turn to receive (from that ctx worker) comes."""
         loop = asyncio.get_running_loop()
         queued = loop.time()
         deadline = None if timeout_s is None else queued + timeout_s
         key = (handle.host, handle.port) if self._per_context_worker else None
         turn = self._turns.get(key)
         if turn is None:
-            turn = self._turns[key] = asyncio.Lock()
+            turn = self._turns[key] = _Turn()
+        turn.users += 1
         try:
-            async with asyncio.timeout_at(deadline):
-                await turn.acquire()
-            if deadline is not None and loop.time() >= deadline:  # its turn came as its time ran out
-                turn.release()
-                raise TimeoutError
-        except TimeoutError as exc:
-            self._give_up_unsent(handle, own_state, x_request_id, "its kv_transfer_timeout_ms ran out while it "
-                                 "waited for its turn to receive")
-            raise self._timed_out(f"{handle.host}:{handle.port}", handle, timeout_s,
-                                  _PullTimeout(f"not begun within {timeout_s:g} s"), loop.time() - queued) from exc
-        except asyncio.CancelledError:
-            self._give_up_unsent(handle, own_state, x_request_id, "its request went away while it waited for its "
-                                 "turn to receive")
-            raise
-        try:
-            return await self._ask(handle, own_state, extra, x_request_id, timeout_s, deadline=deadline,
-                                   waited_s=loop.time() - queued)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await turn.lock.acquire()
+                if deadline is not None and loop.time() >= deadline:  # its turn came as its time ran out
+                    turn.lock.release()
+                    raise TimeoutError
+            except TimeoutError as exc:
+                self._give_up_unsent(handle, own_state, x_request_id, "its kv_transfer_timeout_ms ran out while it "
+                                     "waited for its turn to receive")
+                raise self._timed_out(f"{handle.host}:{handle.port}", handle, timeout_s,
+                                      _PullTimeout(f"not begun within {timeout_s:g} s"), loop.time() - queued) from exc
+            try:
+                return await self._ask(handle, own_state, extra, x_request_id, timeout_s, deadline=deadline,
+                                       waited_s=loop.time() - queued, pull=state)
+            finally:
+                turn.lock.release()
         finally:
-            turn.release()
+            turn.users -= 1
+            if not turn.users and self._turns.get(key) is turn:
+                del self._turns[key]
 
     def _give_up_unsent(self, handle: OpaqueState, own_state: kvformat.CacheState, x_request_id: str,
                         why: str) -> None:
-        """A pull given up before its turn never asked the ctx worker for the KV: tell that worker, which frees
-        the KV now instead of at its own kv_transfer_timeout_ms, or never without one."""
+        """A pull given up before its pull frame went out never asked the ctx worker for the KV: tell that worker,
+        which frees the KV now instead of at its own kv_transfer_timeout_ms, or never without one."""
         self.tell_refused(handle, own_state, f"it gave up the pull: {why}", x_request_id=x_request_id,
                           what="a pull given up", event="kv_give_up_unsent")
 
@@ -348,9 +385,12 @@ class KVPuller:
     async def _ask(
         self, handle: OpaqueState, own_state: kvformat.CacheState, extra: bytes, x_request_id: str,
         timeout_s: float | None, *, deadline: float | None = None, waited_s: float = 0.0,
+        pull: _PullState | None = None,
     ) -> dict:
         """Send one pull frame (with `extra` fields) and wait for its answer, until `deadline` (loop time; else
-        the limit from now). `waited_s`: how long the pull waited for its turn to receive (said on a timeout)."""
+        the limit from now). `waited_s`: how long the pull waited for its turn to receive (said on a timeout).
+        `pull`: the state of a KV pull (None for a refusal), marked sent once its frame is written; a pull whose
+        limit runs out while it connects tells the ctx worker, which frees the KV."""
         host = handle.host
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
@@ -359,10 +399,15 @@ class KVPuller:
         limit = self._timeout if timeout_s is None else timeout_s
         if deadline is None:
             deadline = loop.time() + limit
+        if pull is not None:
+            pull.stage = "connected to the context worker"
         try:
             async with asyncio.timeout_at(deadline):
                 chan = await self._channel(host, handle.port)
         except TimeoutError as exc:
+            if pull is not None:
+                self._give_up_unsent(handle, own_state, x_request_id, "its time ran out while it connected to the "
+                                     "context worker")
             raise self._timed_out(where, handle, timeout_s, _PullTimeout(f"not connected within {limit:g} s"),
                                   waited_s) from exc
         except OSError as exc:  # ConnectionError (refused, reset, closed early)
@@ -378,6 +423,8 @@ class KVPuller:
                                        b'%s,"request_id":%s}' % (
                 fid, handle.ctx_request_id, _compact(handle.instance).encode(), _state_json(own_state),
                 extra, _compact(x_request_id).encode())))
+            if pull is not None:
+                pull.sent = True
             timer = loop.call_at(deadline, _time_out, fut, limit)
             try:
                 answer = await fut
