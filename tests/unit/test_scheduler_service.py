@@ -1994,3 +1994,37 @@ def test_a_pair_whose_streamed_handoff_was_cut_is_checked_unstreamed_and_kept_ou
         run(main())
     assert "event=pair_check_inconclusive pair=p1:1->d2:1" in caplog.text
     assert "event=kv_format_mismatch found_by=pair_check prefill=p1:1 decode=d1:1" in caplog.text
+
+
+def test_requests_count_under_the_generation_of_the_replicas_that_served_them():
+    """During a PairwiseSwap the scheduler routes to both generations: the new generation's failures must be
+    counted under it (the operator rolls it back on them), not under the serving generation."""
+    class Swapping:
+        generation, swap_generation = "g1", "g2"
+
+        def stop(self) -> None:
+            pass
+
+    async def main():
+        cfg = parse_config("model: m\nrouting: {localPrefillBelowTokens: 10, alwaysPrefillAtOrAboveTokens: 100, "
+                           "placementPolicy: round-robin}\nretries: {maxAttempts: 1}\n")
+        engine = FakeEngine()
+        svc = SchedulerService(cfg, engine=engine, discover=False)
+        svc._discovery = Swapping()
+        svc.update_endpoints([Endpoint("p1:1", "prefill", pod="m-prefill-g1-0", generation="g1"),
+                              Endpoint("p2:1", "prefill", pod="m-prefill-g2-0", generation="g2")],
+                             [Endpoint("d1:1", "decode", pod="m-decode-g1-0", generation="g1"),
+                              Endpoint("d2:1", "decode", pod="m-decode-g2-0", generation="g2")])
+        engine.fail["p2:1"] = engine.fail["d2:1"] = "500"  # the new generation's engines are broken
+        statuses = [(await svc.complete("completions", long_request(), {})).status for _ in range(6)]
+        assert sorted(statuses) == [200] * 3 + [502] * 3
+        counted = {}
+        for line in svc.metrics.exposition().decode().splitlines():
+            if line.startswith("baton_scheduler_generation_requests_total{"):
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+                counted[(labels["generation"], labels["outcome"])] = float(line.rpartition(" ")[2])
+        assert counted.get(("g1", "completed")) == 3 and counted.get(("g2", "failed")) == 3, counted
+        assert not counted.get(("g1", "failed")), counted
+        await svc.stop()
+
+    run(main())

@@ -1431,7 +1431,7 @@ class SchedulerService:
 
         lease: _DecodeLease = await self._admit(ctx, self.decode_queue, try_local, _DecodeLease.unused, DECODE)
         ctx.decode = lease.replica
-        ctx.generation = self._serving_generation()
+        ctx.generation = self._generation_of(lease.replica)
         return await self._generate(ctx, lease, req.local_body())
 
     # ------------------------------------------------------------------------------ disaggregated route
@@ -1470,7 +1470,7 @@ class SchedulerService:
                 continue
             ctx.prefill = prefill
             ctx.decode = None
-            ctx.generation = self._serving_generation()
+            ctx.generation = self._generation_of(prefill)
             t_ctx = self.clock()
             self.hooks.dispatched(ctx.route, max(0.0, t_ctx - ctx.mark))
             try:
@@ -1533,7 +1533,7 @@ class SchedulerService:
                     ctx, f"no decode slot freed within degradation.holdTtlSeconds="
                     f"{self.config.degradation.hold_ttl_seconds:g}s after prefill (decode tier saturated)")
             ctx.decode = lease.replica
-            ctx.generation = self._serving_generation()
+            ctx.generation = self._generation_of(lease.replica)
             body = req.generation_body(handle, ids_json if ids_json is not None else answer.get("prompt_token_ids"))
             return await self._generate(ctx, lease, body, handoff=True)
 
@@ -1757,6 +1757,12 @@ class SchedulerService:
     def _serving_generation(self) -> str:
         """The generation discovery follows (status.rollout.servingGeneration); empty when standalone."""
         return getattr(self._discovery, "generation", "") or ""
+
+    def _generation_of(self, replica: ReplicaState) -> str:
+        """The engine generation a request dispatched to `replica` is counted under: the replica's own (during
+        a PairwiseSwap both generations serve, and at a switch the lists change after the serving generation
+        does), else the one discovery follows."""
+        return replica.endpoint.generation or self._serving_generation()
 
     def _account(self, ctx: _Ctx, outcome: str, status: int, error: str = "", shed: bool = False) -> None:
         """Count the request's final outcome, and log it. `shed`: a failure that is the scheduler's own
