@@ -147,7 +147,7 @@ def test_kubernetes_discovery_lists_watches_and_reads_fingerprints(monkeypatch):
         def __init__(self, api_client):
             pass
 
-        def read_namespaced_pod(self, name, namespace):
+        def read_namespaced_pod(self, name, namespace, **kw):
             return client.V1Pod(metadata=client.V1ObjectMeta(name=name,
                                                              annotations={"baton.dev/kv-fingerprint": "fp-" + name}))
 
@@ -341,13 +341,13 @@ def test_a_pod_that_cannot_be_read_is_left_out_until_it_can_and_a_forbidden_read
     from baton.scheduler.endpoints import KubernetesDiscovery
 
     monkeypatch.setattr(endpoints_module, "POD_LOOKUP_RETRY_S", 0.05)
-    failures = {"pod-2": [429], "pod-3": [403, 403]}
+    failures = {"pod-2": [429], "pod-3": [403] * 3}  # a forbidden read is not cached: read again each time
 
     class FakeCoreApi:
         def __init__(self, api_client):
             pass
 
-        def read_namespaced_pod(self, name, namespace):
+        def read_namespaced_pod(self, name, namespace, **kw):
             if failures.get(name):
                 raise ApiException(status=failures[name].pop(0), reason="refused")
             return client.V1Pod(metadata=client.V1ObjectMeta(
@@ -421,7 +421,7 @@ def test_discovery_publishes_nothing_before_it_knows_both_tiers_and_the_serving_
         def __init__(self, api_client):
             pass
 
-        def read_namespaced_pod(self, name, namespace):
+        def read_namespaced_pod(self, name, namespace, **kw):
             return client.V1Pod(metadata=client.V1ObjectMeta(name=name, labels={"baton.dev/generation": generation_of[name]},
                                                              annotations={"baton.dev/kv-fingerprint": "fp"}))
 
@@ -517,3 +517,112 @@ def test_a_model_that_cannot_be_found_is_said_so_while_nothing_is_published(monk
         assert "event=model_not_found model=no-such-model namespace=ns" in caplog.text
 
     asyncio.run(main())
+
+
+def test_a_watch_connection_gone_silent_is_given_up_and_listed_again_and_a_hung_pod_read_ends(tmp_path, monkeypatch):
+    """An API server (on loopback) that answers the lists but then sends nothing on the watch connections, as a
+    dead peer behind a lost NAT entry looks: the server-side timeout never comes, so only the client's own
+    read limit ends the watch and gets the tier listed again. A pod read that hangs likewise ends, so a
+    generation switch waiting for the publish lock goes out."""
+    import asyncio
+    import http.server
+    import json
+    import threading
+    import time
+
+    from baton.scheduler.config import KubernetesEndpoints
+    from baton.scheduler.endpoints import KubernetesDiscovery
+
+    calls = {"list": 0, "watch": 0}
+    hang_pods = threading.Event()
+    release = threading.Event()
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _json(self, body):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _silent(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+            release.wait(30)
+
+        def do_GET(self):
+            if "/endpointslices" in self.path:
+                if "watch=" in self.path:
+                    calls["watch"] += 1
+                    return self._silent()
+                calls["list"] += 1
+                pod = "p-0" if "svc-p" in self.path else "d-0"
+                return self._json({"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1",
+                                   "metadata": {"resourceVersion": "1"}, "items": [{
+                                       "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                                       "addressType": "IPv4", "metadata": {"name": pod, "resourceVersion": "1"},
+                                       "ports": [{"name": "http", "port": 8000}],
+                                       "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True},
+                                                      "targetRef": {"kind": "Pod", "name": pod, "uid": pod}}]}]})
+            if "/pods/" in self.path:
+                if hang_pods.is_set():
+                    release.wait(30)
+                    return
+                name = self.path.rsplit("/", 1)[1].split("?")[0]
+                return self._json({"kind": "Pod", "apiVersion": "v1", "metadata": {
+                    "name": name, "uid": name, "labels": {"baton.dev/generation": "g1"}}})
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    from kubernetes.config import kube_config
+
+    kubeconfig = tmp_path / "kubeconfig"  # the discovery's own client (`_client`), pointed at the fake API server
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
+        "users": [{"name": "fake", "user": {"token": "t"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    for proxy in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+
+    async def main():
+        disc = KubernetesDiscovery(KubernetesEndpoints(namespace="ns", prefill_service="svc-p", decode_service="svc-d",
+                                                       port=8000), lambda p, d: None, asyncio.get_running_loop())
+        disc.WATCH_TIMEOUT_S = 30  # asked of the server, which never honours it here
+        disc.WATCH_READ_TIMEOUT_S = 1.0
+        disc.CALL_TIMEOUT = (1.0, 1.0)
+        disc.generation = "g1"
+        disc.start()
+        deadline = time.monotonic() + 15
+        while calls["list"] < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert calls["list"] >= 4 and calls["watch"] >= 2, calls  # each tier listed again after its silent watch
+        hang_pods.set()
+        with disc._lock:
+            disc._pods.clear()
+        started = time.monotonic()
+        await asyncio.to_thread(disc._switch, "g2", "")  # recomputes both tiers: their pod reads hang
+        assert disc.generation == "g2" and time.monotonic() - started < 10
+        disc.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        server.shutdown()
+        client.Configuration.set_default(None)  # load_kube_config made the fake API server the default

@@ -16,7 +16,7 @@ import asyncio
 import os
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -209,9 +209,14 @@ class KubernetesDiscovery:
 
     Runs the blocking `kubernetes` client in one daemon thread per tier; results are handed to the event
     loop with `call_soon_threadsafe`. Each watch is bounded (`timeout_seconds`) and re-listed after errors.
+    Every call also has a client-side limit (`_request_timeout`) and TCP keepalive: the server-side bound
+    alone leaves a read blocked for good on a connection that went silent (a lost NAT entry, an API server
+    that died hard), freezing a tier's endpoints or the generation followed, with nothing logged.
     """
 
     WATCH_TIMEOUT_S = 30
+    CALL_TIMEOUT = (5.0, 10.0)  # (connect, read) seconds for a list or a read
+    WATCH_READ_TIMEOUT_S = WATCH_TIMEOUT_S + 15  # a watch's read: the server ends it at WATCH_TIMEOUT_S
 
     def __init__(self, config: KubernetesEndpoints, on_update: UpdateCallback, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
@@ -220,7 +225,7 @@ class KubernetesDiscovery:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lists: dict[str, list[Endpoint]] = {PREFILL: [], DECODE: []}
-        self._pods: dict[str, tuple[str | None, str | None]] = {}
+        self._pods: dict[str, PodInfo] = {}  # by "name/uid"
         self._lock = threading.Lock()
         # Held while a list is computed and queued for the event loop, so lists reach the scheduler in
         # the order they were computed (the tier watches and the generation watch are three threads).
@@ -242,8 +247,18 @@ class KubernetesDiscovery:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()
-            self._api_client = client.ApiClient()
+            import urllib3
+
+            configuration = client.Configuration.get_default_copy()
+            configuration.keep_alive = True  # TCP keepalive: a dead peer is found out, not waited on
+            # A failed connect is tried again, a read that timed out is not: urllib3's default (3 retries of
+            # everything) made each call that hangs cost four times its limit. The loops here retry.
+            configuration.retries = urllib3.util.Retry(total=2, connect=2, read=0, status=0, other=0, redirect=0)
+            self._api_client = client.ApiClient(configuration)
         return self._api_client
+
+    def _watch_timeout(self) -> tuple[float, float]:
+        return (self.CALL_TIMEOUT[0], float(self.WATCH_READ_TIMEOUT_S))
 
     def _pod_info(self, name: str, uid: str | None) -> PodInfo | None:
         """The pod's `PodInfo`; None when it could not be read now (the endpoint is left out and its tier
@@ -257,7 +272,8 @@ class KubernetesDiscovery:
         from kubernetes import client
 
         try:
-            pod = _as_dict(client.CoreV1Api(self._client()).read_namespaced_pod(name, self.config.namespace))
+            pod = _as_dict(client.CoreV1Api(self._client()).read_namespaced_pod(
+                name, self.config.namespace, _request_timeout=self.CALL_TIMEOUT))
             meta = pod.get("metadata") or {}
             info = PodInfo((meta.get("annotations") or {}).get(FINGERPRINT_ANNOTATION),
                            (meta.get("labels") or {}).get(GENERATION_LABEL), runtime_of_pod(pod))
@@ -274,19 +290,52 @@ class KubernetesDiscovery:
                 self._pods[key] = info
         return info
 
-    def _tier_endpoints(self, tier: str, kind: str, objects: dict[str, Any]) -> list[Endpoint]:
+    def _tier_endpoints(self, tier: str, kind: str, objects: dict[str, Any],
+                        unread: Collection[str] = ()) -> list[Endpoint]:
         values = list(objects.values())
         if kind == "pods":
             return endpoints_from_pods(values, self.config.tier_port(tier), tier, self.accepted_generations)
-        return self._compute(tier, values)
+        return self._compute(tier, values, unread)
 
     def _update_tier(self, tier: str, kind: str, objects: dict[str, Any]) -> None:
         """A tier's objects changed: recompute its list and publish both tiers. Serialized with
         `_switch`, so a list computed before a generation switch never lands after it. The objects are
-        copied: the watch thread goes on changing its own dict while a switch or a retry reads this one."""
+        copied: the watch thread goes on changing its own dict while a switch or a retry reads this one.
+        The pods the slices name are read first, outside the lock: a slow read must not hold up a switch."""
+        unread = self._read_pods(objects.values()) if kind == "slices" else set()
         with self._publish_lock:
             self._raw[tier] = (kind, dict(objects))
-            self._publish({tier: self._tier_endpoints(tier, kind, self._raw[tier][1])})
+            self._publish({tier: self._tier_endpoints(tier, kind, self._raw[tier][1], unread)})
+
+    @staticmethod
+    def _pod_uids(slices: Iterable[Any]) -> set[str]:
+        return {uid for raw in slices for ep in _as_dict(raw).get("endpoints") or []
+                if (uid := (ep.get("targetRef") or {}).get("uid"))}
+
+    def _forget_pods_not_in(self, tier: str, slices: Iterable[Any]) -> None:
+        """At a re-list of `tier`: drop the cached pods no tier's slices name any more (pods of earlier
+        rollouts and restarts), so the cache follows the live pods, not every pod there ever was."""
+        keep = self._pod_uids(slices)
+        for other, (kind, objects) in list(self._raw.items()):
+            if other != tier and kind == "slices":
+                keep |= self._pod_uids(list(objects.values()))
+        with self._lock:
+            self._pods = {key: info for key, info in self._pods.items() if key.rpartition("/")[2] in keep}
+
+    def _read_pods(self, slices: Iterable[Any]) -> set[str]:
+        """Read (into the cache) the pods the ready endpoints of `slices` name, that are not cached yet; the
+        names of those that could not be read (not read again under the lock: left out, retried shortly)."""
+        unread: set[str] = set()
+        for raw in slices:
+            for ep in _as_dict(raw).get("endpoints") or []:
+                target = ep.get("targetRef") or {}
+                if target.get("kind", "Pod") == "Pod" and target.get("name") and target.get("uid") \
+                        and (ep.get("conditions") or {}).get("ready") is not False:
+                    with self._lock:
+                        cached = f"{target['name']}/{target['uid']}" in self._pods
+                    if not cached and not self._stop.is_set() and self._pod_info(target["name"], target["uid"]) is None:
+                        unread.add(target["name"])
+        return unread
 
     def _recompute(self, tier: str) -> None:
         """A pod of `tier` could not be read: compute the tier again from its last objects."""
@@ -334,8 +383,10 @@ class KubernetesDiscovery:
         while not self._stop.is_set():
             try:
                 api = client.DiscoveryV1Api(self._client())
-                listing = api.list_namespaced_endpoint_slice(self.config.namespace, label_selector=selector)
+                listing = api.list_namespaced_endpoint_slice(self.config.namespace, label_selector=selector,
+                                                             _request_timeout=self.CALL_TIMEOUT)
                 slices = {s.metadata.name: s for s in listing.items}
+                self._forget_pods_not_in(tier, slices.values())
                 self._update_tier(tier, "slices", slices)
                 version = listing.metadata.resource_version
                 w = watch.Watch()
@@ -345,6 +396,7 @@ class KubernetesDiscovery:
                     label_selector=selector,
                     resource_version=version,
                     timeout_seconds=self.WATCH_TIMEOUT_S,
+                    _request_timeout=self._watch_timeout(),
                 ):
                     if self._stop.is_set():
                         w.stop()
@@ -368,15 +420,17 @@ class KubernetesDiscovery:
         while not self._stop.is_set():
             try:
                 core = client.CoreV1Api(self._client())
-                selector_map = core.read_namespaced_service(service, self.config.namespace).spec.selector or {}
+                selector_map = core.read_namespaced_service(service, self.config.namespace,
+                                                            _request_timeout=self.CALL_TIMEOUT).spec.selector or {}
                 selector = ",".join(f"{k}={v}" for k, v in sorted(selector_map.items()))
-                listing = core.list_namespaced_pod(self.config.namespace, label_selector=selector)
+                listing = core.list_namespaced_pod(self.config.namespace, label_selector=selector,
+                                                   _request_timeout=self.CALL_TIMEOUT)
                 pods = {p.metadata.name: p for p in listing.items}
                 self._update_tier(tier, "pods", pods)
                 w = watch.Watch()
                 for event in w.stream(core.list_namespaced_pod, self.config.namespace, label_selector=selector,
                                       resource_version=listing.metadata.resource_version,
-                                      timeout_seconds=self.WATCH_TIMEOUT_S):
+                                      timeout_seconds=self.WATCH_TIMEOUT_S, _request_timeout=self._watch_timeout()):
                     if self._stop.is_set():
                         w.stop()
                         break
@@ -392,11 +446,12 @@ class KubernetesDiscovery:
                 log.warning("event=pod_watch_error tier=%s service=%s error=%r", tier, service, str(exc))
                 self._stop.wait(2.0)
 
-    def _compute(self, tier: str, slices: Iterable[Any]) -> list[Endpoint]:
+    def _compute(self, tier: str, slices: Iterable[Any], skip: Collection[str] = ()) -> list[Endpoint]:
+        """The tier's endpoints from its slices; the pods in `skip` just failed to be read: left out."""
         unread: list[str] = []
 
         def pod_info(name: str, uid: str | None) -> PodInfo | None:
-            info = self._pod_info(name, uid)
+            info = None if name in skip else self._pod_info(name, uid)
             if info is None:
                 unread.append(name)
             return info
@@ -431,7 +486,8 @@ class KubernetesDiscovery:
                 w = watch.Watch()
                 for event in w.stream(api.list_namespaced_custom_object, "serving.baton.dev", "v1alpha1",
                                       self.config.namespace, "disaggregatedmodels",
-                                      field_selector=f"metadata.name={name}", timeout_seconds=self.WATCH_TIMEOUT_S):
+                                      field_selector=f"metadata.name={name}", timeout_seconds=self.WATCH_TIMEOUT_S,
+                                      _request_timeout=self._watch_timeout()):
                     if self._stop.is_set():
                         w.stop()
                         break
