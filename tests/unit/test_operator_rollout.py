@@ -1671,3 +1671,25 @@ def test_only_schedulers_whose_answer_counts_make_in_flight_unknown(monkeypatch)
         readout = rollout.read_schedulers([], [silent], timeout=1.0)
         assert readout.complete and rollout.in_flight(["127.0.0.1:9"], readout, engine_reads=False) == 0
         assert rollout.in_flight(["127.0.0.1:9"], rollout.read_schedulers([silent], timeout=1.0)) is None
+
+
+def test_fields_from_a_crd_newer_than_the_operator_are_ignored_not_a_reason_to_stall(caplog):
+    """The CRD is upgraded before the operator (the documented order), or kept through a `helm rollback` of the
+    operator: the API server serves every model with the newer CRD's defaults filled in, fields this operator
+    has never heard of. They are left out, said once in the log, and the model goes on being reconciled; a
+    real problem beside them is still refused."""
+    m = Model()
+    m.obj["spec"]["engine"]["someFutureField"] = "30m"
+    m.obj["spec"]["rollout"] = {**(m.obj["spec"].get("rollout") or {}), "futureKnob": True}
+    m.obj["status"]["rollout"]["futureStatus"] = {"x": 1}
+    with caplog.at_level("WARNING", logger="baton.operator"):
+        m.pass_(2)
+        m.image("1.2.1")
+        m.pass_()
+    assert m.cond("Stalled").get("status") != "True", m.cond("Stalled")
+    assert m.ro["targetGeneration"] != m.ro["servingGeneration"]  # the edit is acted on
+    warned = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert len(warned) == 1 and "spec.engine.someFutureField" in warned[0] and "spec.rollout.futureKnob" in warned[0]
+    m.obj["spec"]["decode"]["replicas"] = "many"  # a real problem: refused, as ever
+    m.pass_()
+    assert m.cond("Stalled")["status"] == "True" and "decode.replicas" in m.cond("Stalled")["message"]

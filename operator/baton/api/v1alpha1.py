@@ -854,3 +854,36 @@ class DisaggregatedModel(ApiModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     spec: DisaggregatedModelSpec
     status: DisaggregatedModelStatus = Field(default_factory=DisaggregatedModelStatus)
+
+
+def read_model(obj: dict[str, Any]) -> tuple[DisaggregatedModel, list[str]]:
+    """The object as the operator reads it, and the fields this version of Baton does not know (dotted paths),
+    which are left out. The API server serves an object with every default of the CRD it has filled in, so a
+    CRD newer than the operator (applied before the operator's upgrade, or kept through a `helm rollback` of
+    the operator, which leaves CRDs alone) adds fields this code has never heard of: no reason to stop
+    serving every model. Anything else wrong raises pydantic's ValidationError as validation does."""
+    from pydantic import ValidationError
+
+    try:
+        return DisaggregatedModel.model_validate(obj), []
+    except ValidationError as exc:
+        unknown = [e["loc"] for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if not unknown:
+            raise
+    import copy
+
+    data = copy.deepcopy(obj)
+    for loc in unknown:
+        _drop(data, loc)
+    return DisaggregatedModel.model_validate(data), [".".join(map(str, loc)) for loc in unknown]
+
+
+def _drop(data: Any, loc: tuple[Any, ...]) -> None:
+    """Remove the value at `loc` (keys and list indices) from `data`, if it is there."""
+    for step in loc[:-1]:
+        try:
+            data = data[step]
+        except (KeyError, IndexError, TypeError):
+            return
+    if isinstance(data, dict):
+        data.pop(loc[-1], None)

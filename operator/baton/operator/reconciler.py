@@ -27,7 +27,8 @@ import kopf
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from baton.api.v1alpha1 import DisaggregatedModel
+from baton import __version__
+from baton.api.v1alpha1 import read_model
 from baton.operator import diff, events, status
 from baton.operator.cache import ChildCache
 from baton.operator.kube import CHILD_KINDS, Kube, PassStopped, api_error_message
@@ -127,6 +128,7 @@ class Reconciler:
         # model -> (its metadata.generation, when, what was refused) of its disruption budgets' last refusal
         self._budgets_refused: dict[tuple[str, str], tuple[Any, float, str]] = {}
         self._uids: dict[tuple[str, str], str] = {}  # model -> the metadata.uid the records above are of
+        self._unknown_fields: dict[tuple[str, str], list[str]] = {}  # model -> fields said to be unknown
 
     def _apply_budgets(self, body: dict, budgets: list[dict], changed: list[str]) -> None:
         """The disruption budgets protect what serves but are not needed to serve: one the API server refuses
@@ -202,6 +204,18 @@ class Reconciler:
         self._transient.pop(key, None)
         return outcome
 
+    def _note_unknown_fields(self, namespace: str, name: str, unknown: list[str]) -> None:
+        """Say once (per model and set of fields) that the model has fields this operator does not know."""
+        key = (namespace, name)
+        if not unknown:
+            self._unknown_fields.pop(key, None)
+            return
+        if self._unknown_fields.get(key) != unknown:
+            self._unknown_fields[key] = unknown
+            log.warning("%s/%s has fields this operator (Baton %s) does not know, ignored: %s; the CRD installed is "
+                        "newer than the operator: upgrade the operator to the CRD's version (or apply its own CRD)",
+                        namespace, name, __version__, ", ".join(unknown))
+
     def forget(self, namespace: str, name: str) -> None:
         """Drop what passes remember of a model (its model loop ended: deleted, or stopped): a model created
         again under the name starts afresh."""
@@ -211,6 +225,7 @@ class Reconciler:
         self._children_due.pop((namespace, name), None)
         self._updated.pop((namespace, name), None)
         self._uids.pop((namespace, name), None)
+        self._unknown_fields.pop((namespace, name), None)
 
     def _note_updates(self, body: dict, changed: list[str]) -> None:
         """Warn (DriftNotConverging) of a child this pass updated for the DRIFT_PASSES-th pass in a row: some
@@ -282,12 +297,13 @@ class Reconciler:
             self._list_cached_children(namespace, name)
 
         try:
-            model = DisaggregatedModel.model_validate(body)
+            model, unknown = read_model(body)
         except ValidationError as exc:
             # The CRD schema normally stops this at admission; an older CRD may not have.
             problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
             return self._stalled(body, status.REASON_INVALID_SPEC, "; ".join(problems), previous, generation)
 
+        self._note_unknown_fields(namespace, name, unknown)
         spec = model.spec
         target = Target(name=name, namespace=namespace, uid=meta["uid"], spec=spec)
         problems = spec_problems(spec)
