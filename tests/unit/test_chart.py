@@ -360,6 +360,14 @@ def test_rbac_can_be_left_to_the_installer():
     assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
 
 
+def test_an_existing_service_account_must_be_named_never_the_namespaces_default():
+    """serviceAccount.create=false without a name bound the operator's cluster-wide roles to the namespace's
+    `default` ServiceAccount, which every pod there that names none runs as."""
+    assert "serviceAccount.name" in render_error("serviceAccount.create=false")
+    docs = render("serviceAccount.create=false", "serviceAccount.name=ops")
+    assert {s["name"] for s in one(docs, "ClusterRoleBinding")["subjects"]} == {"ops"}
+
+
 def test_namespaces_must_be_dns_labels_and_unknown_values_fail():
     assert "watch" in render_error("watch.namespaces={Team_A}")
     assert "additional properties" in render_error("watch.namespace=team-a")

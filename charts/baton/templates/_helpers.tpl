@@ -38,7 +38,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "baton.fullname" .) .Values.serviceAccount.name -}}
 {{- else -}}
-{{- default "default" .Values.serviceAccount.name -}}
+{{- /* Never the namespace's "default" ServiceAccount: every pod there that names none would get the operator's
+      cluster-wide rights. */ -}}
+{{- required "serviceAccount.name: with serviceAccount.create=false, name the existing ServiceAccount the operator runs as (the chart binds its roles to it)" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
 
