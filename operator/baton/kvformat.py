@@ -741,6 +741,15 @@ def kv_bytes_per_token(state: CacheState) -> int:
     return _kv_bytes_per_layer_token(state) * state.num_layers
 
 
+def replica_kv_bytes_per_token(state: CacheState) -> int:
+    """KV bytes one token occupies on all the GPUs of one replica together: `kv_bytes_per_token`, times the
+    copies tensor parallelism makes of KV heads it cannot split (each of `tp` ranks holds ceil(heads / tp)
+    of them: more ranks than KV heads duplicate them, and MLA's single latent head is on every rank)."""
+    heads = max(1, state.num_kv_heads)
+    tp = max(1, state.tp)
+    return kv_bytes_per_token(state) * tp * -(-heads // tp) // heads
+
+
 def stage_kv_bytes_per_token(state: CacheState) -> tuple[int, ...]:
     """KV bytes one token occupies on each pipeline stage (global heads, before TP sharding): the stage's
     layers (`attention_layer_num_per_pp`) x kv_factor x KV heads x head_dim x bytes. Sums to

@@ -64,8 +64,8 @@ def test_crd_names_printer_columns_and_subresources():
 def test_prefill_and_decode_engine_configs_follow_the_disaggregation_rules():
     m = model()
     derived = derive(m.spec)
-    prefill = engine_config.engine_options(m.spec, "prefill", derived.kv_bytes_per_token)
-    decode = engine_config.engine_options(m.spec, "decode", derived.kv_bytes_per_token)
+    prefill = engine_config.engine_options(m.spec, "prefill", derived.decode_kv_capacity_tokens)
+    decode = engine_config.engine_options(m.spec, "decode", derived.decode_kv_capacity_tokens)
     assert prefill["disable_overlap_scheduler"] is True and decode["disable_overlap_scheduler"] is False
     for opts in (prefill, decode):
         assert opts["cache_transceiver_config"]["backend"] in ("UCX", "NIXL")  # never DEFAULT

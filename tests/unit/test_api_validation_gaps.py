@@ -14,6 +14,7 @@ from baton.api import v1alpha1 as api
 from baton.operator import validation
 from baton.operator.validation import spec_problems
 from baton.render import engine_config, render_children, scheduler
+from baton.render.derived import derive
 from baton.render.naming import Target
 from test_api_and_render import _refused, _rules, _schema, _wire, cel_eval, model, target
 
@@ -126,8 +127,9 @@ def test_kv_cache_size_in_milli_bytes_is_refused_at_admission(size, refused):
 
 
 @pytest.mark.parametrize("size,expected", [
-    ("1Gi", "decode.kvCacheSize 1Gi holds 8192 tokens at 131072 KV bytes per token (from model.architecture and KV "
-            "dtype bf16), fewer than one sequence: prefill.maxPromptTokens 16384 + decode.maxGeneratedTokens 2048 = "
+    ("1Gi", "decode.kvCacheSize 1Gi holds 8192 tokens at 131072 KV bytes per token on the replica's GPUs (from "
+            "model.architecture, KV dtype bf16 and decode tensorParallelSize 1), fewer than one sequence: "
+            "prefill.maxPromptTokens 16384 + decode.maxGeneratedTokens 2048 = "
             "18432 tokens; set decode.kvCacheSize to at least 2304Mi, or lower those limits"),
     ("24000", "decode.kvCacheSize 24000 (24000 bytes: the size is in bytes; use a unit such as Gi) holds 0 tokens"),
     ("24m", "decode.kvCacheSize 24m (0.024 bytes: m is milli; use M or Mi, G or Gi) holds 0 tokens"),
@@ -145,11 +147,27 @@ def test_kv_cache_size_below_one_sequence_is_an_invalid_spec_with_the_numbers(si
 def test_kv_cache_size_is_judged_with_the_decode_kv_dtype_and_the_token_limits():
     fp8 = model("small.yaml", decode__kvCacheSize="1Gi", engine__kvCache={"dtype": "fp8"})
     [problem] = spec_problems(fp8.spec)
-    assert "holds 16384 tokens at 65536 KV bytes per token" in problem and "at least 1152Mi" in problem
+    assert "holds 16384 tokens at 65536 KV bytes per token on the replica's GPUs" in problem
+    assert "at least 1152Mi" in problem
     fits = model("small.yaml", decode__kvCacheSize="1Gi", prefill__maxPromptTokens=6144, decode__maxGeneratedTokens=2048)
     assert spec_problems(fits.spec) == []
     assert render_children(target(fits))  # and it renders, with its capacity
-    assert engine_config.engine_options(fits.spec, "decode", 131072)["kv_cache_config"]["max_tokens"] == 8192
+    capacity = derive(fits.spec).decode_kv_capacity_tokens
+    assert capacity == 8192 and engine_config.engine_options(fits.spec, "decode", capacity)["kv_cache_config"]["max_tokens"] == 8192
+
+
+@pytest.mark.parametrize("architecture,tp,tokens", [
+    ({"numLayers": 80, "numKvHeads": 8, "headDim": 128}, 4, 24 * 2**30 // 163840),  # heads split: no copies
+    ({"numLayers": 80, "numKvHeads": 8, "headDim": 128}, 16, 24 * 2**30 // (163840 * 2)),  # 2 ranks per head
+    ({"numLayers": 61, "numKvHeads": 1, "headDim": 576, "attentionType": "MLA"}, 8, 24 * 2**30 // (61 * 576 * 8)),
+])
+def test_kv_cache_size_counts_the_kv_heads_tensor_parallelism_duplicates(architecture, tp, tokens):
+    """decode.kvCacheSize is the KV memory of one decode replica: with more TP ranks than KV heads each rank holds
+    a copy of its head, and MLA's one latent KV is on every rank, so the replica holds fewer tokens than the
+    size over the model's bytes per token (TensorRT-LLM's max_tokens counts tokens, each rank its own copy)."""
+    m = model("llama-70b.yaml", model__architecture=architecture, decode__kvCacheSize="24Gi",
+              decode__tensorParallelSize=tp, decode__gpusPerReplica=tp, engine__kvCache={"dtype": "fp8"})
+    assert derive(m.spec).decode_kv_capacity_tokens == tokens
 
 
 # ------------------------------------------------------------------- 3. extraOptions Baton renders itself

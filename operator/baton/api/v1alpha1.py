@@ -162,7 +162,7 @@ class KVCacheSpec(ApiModel):
         "must equal the checkpoint's config.json torch_dtype: TensorRT-LLM's PyTorch backend accepts only auto or "
         "fp8 there, so Baton renders auto, which resolves from torch_dtype."))
     tokens_per_block: Literal[8, 16, 32, 64, 128] = Field(default=32, description="Tokens per KV cache block; must be equal on both tiers.")
-    free_gpu_memory_fraction: float = Field(default=0.9, ge=0.05, le=0.99, description="Fraction of free GPU memory the engine may use for KV cache when no explicit size is given.")
+    free_gpu_memory_fraction: float = Field(default=0.9, ge=0.05, le=0.99, description="Fraction of free GPU memory the engine may use for KV cache. Always applies: with decode.kvCacheSize set too, TensorRT-LLM takes the smaller of the two.")
     enable_block_reuse: bool = Field(default=True, description="Reuse KV blocks across requests sharing a prefix.")
 
 
@@ -180,7 +180,7 @@ class KVTransferSpec(ApiModel):
         }
     )
     backend: Literal["UCX", "NIXL"] = Field(default="UCX", description="KV transfer backend between tiers. Rendered explicitly (never DEFAULT, whose meaning changed between TensorRT-LLM versions).")
-    compression: Literal["none", "fp8"] = Field(default="none", description="Compress KV to fp8 for transfer. Requests flagged high-precision take the uncompressed path (prefilled on the decode replica).")
+    compression: Literal["none", "fp8"] = Field(default="none", description="Declares the tiers' KV transfer lossy (fp8): Baton configures no compression in the engines; the scheduler then keeps requests flagged high-precision off the link (prefilled on the decode replica, see highPrecisionFallback). Moot with kvCache.dtype fp8 (the KV is fp8 either way). Part of the engine generation: a change rolls out a new generation, as an engine change does.")
     high_precision_fallback: bool = Field(default=True, description="With compression on, let requests flagged high-precision bypass it by prefilling on the decode tier; false: they are handed off compressed like any other. A scheduler setting: a change reloads the scheduler and never starts a new generation.")
     max_tokens_in_buffer: int | None = Field(default=None, ge=256, le=1048576, description=(
         "KV transfer staging buffer, in tokens (cache_transceiver_config.max_tokens_in_buffer), on both tiers. "
@@ -467,10 +467,12 @@ class DecodeTierSpec(TierSpec):
         "HorizontalPodAutoscaler). At most maxReplicas; the tier runs at least minReplicas, so the default "
         "of 1 means minReplicas. Leave it out of GitOps manifests when an autoscaler drives the tier."))
     kv_cache_size: str = Field(default="", max_length=64, pattern=r"^$|^" + QUANTITY_PATTERN[1:], description=(
-        "KV cache memory per decode replica in bytes (e.g. 24Gi); sets the engine's KV token capacity "
-        "(kv_cache_config.max_tokens: this size over the KV bytes per token). Needs model.architecture, and must "
-        "hold at least one sequence (prefill.maxPromptTokens + maxGeneratedTokens). Empty: a fraction of free GPU "
-        "memory (engine.kvCache.freeGpuMemoryFraction)."))
+        "KV cache memory of one decode replica, all its GPUs together, in bytes (e.g. 24Gi): an upper bound on "
+        "its KV token capacity (kv_cache_config.max_tokens: this size over what one token takes on the replica's "
+        "GPUs, KV heads that tensor parallelism duplicates counted, as with MLA or more TP ranks than KV heads). "
+        "engine.kvCache.freeGpuMemoryFraction still applies and TensorRT-LLM takes the smaller. Needs "
+        "model.architecture, and must hold at least one sequence (prefill.maxPromptTokens + maxGeneratedTokens). "
+        "Empty: only the fraction of free GPU memory."))
     max_generated_tokens: int = Field(default=4096, ge=1, le=1048576, description="Most tokens one request may generate.")
 
 
@@ -840,8 +842,8 @@ class DisaggregatedModelStatus(ApiModel):
     prefill: TierStatus = Field(default_factory=TierStatus, description="Prefill tier replicas.")
     decode: TierStatus = Field(default_factory=TierStatus, description="Decode tier replicas.")
     scheduler_endpoint: str = Field(default="", description="Service address clients send requests to (host:port).")
-    kv_bytes_per_token: int = Field(default=0, description="KV cache bytes per token of context, from the architecture and KV dtype.")
-    decode_kv_capacity_tokens: int = Field(default=0, description="KV cache capacity in tokens per decode replica, from decode.kvCacheSize.")
+    kv_bytes_per_token: int = Field(default=0, description="KV cache bytes per token of context across the model (layers x KV heads x head size x K/V x dtype), from the architecture and KV dtype; KV heads duplicated by tensor parallelism not counted.")
+    decode_kv_capacity_tokens: int = Field(default=0, description="KV cache capacity in tokens per decode replica from decode.kvCacheSize (an upper bound: the engine's freeGpuMemoryFraction may allow fewer); 0 when it is not set.")
     rollout: RolloutStatus = Field(default_factory=RolloutStatus, description="Generations and the state of the current rollout.")
 
 

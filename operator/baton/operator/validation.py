@@ -8,6 +8,7 @@ import re
 
 from pydantic import ValidationError
 
+from baton import kvformat
 from baton.api.units import parse_quantity
 from baton.api.v1alpha1 import (
     EMPTY_QUANTITY,
@@ -140,7 +141,8 @@ def kv_cache_size_problems(spec: DisaggregatedModelSpec) -> list[str]:
     if spec.model.architecture is None:
         return [KV_CACHE_SIZE_NEEDS_ARCHITECTURE]
     derived = derive(spec)
-    per_token, tokens = derived.kv_bytes_per_token, derived.decode_kv_capacity_tokens
+    # what one token takes on all the replica's GPUs together (KV heads tensor parallelism duplicates counted)
+    per_token, tokens = kvformat.replica_kv_bytes_per_token(derived.decode_state), derived.decode_kv_capacity_tokens
     prompt, generated = spec.prefill.max_prompt_tokens, spec.decode.max_generated_tokens
     sequence = prompt + generated
     if tokens >= sequence:
@@ -152,8 +154,9 @@ def kv_cache_size_problems(spec: DisaggregatedModelSpec) -> list[str]:
     elif size_bytes < 2**20:
         unit = f" ({int(size_bytes)} bytes: the size is in bytes; use a unit such as Gi)"
     return [
-        f"decode.kvCacheSize {size}{unit} holds {tokens} tokens at {per_token} KV bytes per token (from "
-        f"model.architecture and KV dtype {spec.tier_engine('decode').kv_cache_dtype}), fewer than one sequence: "
+        f"decode.kvCacheSize {size}{unit} holds {tokens} tokens at {per_token} KV bytes per token on the replica's "
+        f"GPUs (from model.architecture, KV dtype {spec.tier_engine('decode').kv_cache_dtype} and decode "
+        f"tensorParallelSize {spec.decode.tensor_parallel_size}), fewer than one sequence: "
         f"prefill.maxPromptTokens {prompt} + decode.maxGeneratedTokens {generated} = {sequence} tokens; set "
         f"decode.kvCacheSize to at least {_bytes(sequence * per_token)}, or lower those limits"
     ]

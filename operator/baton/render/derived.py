@@ -76,5 +76,6 @@ def derive(spec: DisaggregatedModelSpec) -> Derived:
         prefill_state=prefill,
         decode_state=decode,
         kv_bytes_per_token=per_token,
-        decode_kv_capacity_tokens=engine_config.decode_kv_capacity_tokens(spec, per_token),
+        decode_kv_capacity_tokens=engine_config.decode_kv_capacity_tokens(
+            spec, kvformat.replica_kv_bytes_per_token(decode) if spec.model.architecture else 0),
     )

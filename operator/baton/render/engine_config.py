@@ -99,15 +99,18 @@ def transfer_buffer_tokens(spec: DisaggregatedModelSpec, tier: Tier) -> int:
     return longest if transfer.backend == "NIXL" else min(longest, UCX_TRANSFER_BUFFER_TOKENS)
 
 
-def decode_kv_capacity_tokens(spec: DisaggregatedModelSpec, kv_bytes_per_token: int) -> int:
-    """KV tokens one decode replica can hold, from decode.kvCacheSize (0 when not set or not sizable)."""
-    if not spec.decode.kv_cache_size or kv_bytes_per_token <= 0:
+def decode_kv_capacity_tokens(spec: DisaggregatedModelSpec, replica_kv_bytes_per_token: int) -> int:
+    """KV tokens one decode replica can hold, from decode.kvCacheSize (0 when not set or not sizable):
+    the size over what one token occupies on all the replica's GPUs together
+    (`kvformat.replica_kv_bytes_per_token`: KV heads duplicated by tensor parallelism counted)."""
+    if not spec.decode.kv_cache_size or replica_kv_bytes_per_token <= 0:
         return 0
-    return int(parse_quantity(spec.decode.kv_cache_size)) // kv_bytes_per_token
+    return int(parse_quantity(spec.decode.kv_cache_size)) // replica_kv_bytes_per_token
 
 
-def engine_options(spec: DisaggregatedModelSpec, tier: Tier, kv_bytes_per_token: int = 0) -> dict[str, Any]:
-    """The LLM-API options for one tier, as a dict ready to dump to YAML."""
+def engine_options(spec: DisaggregatedModelSpec, tier: Tier, decode_capacity_tokens: int = 0) -> dict[str, Any]:
+    """The LLM-API options for one tier, as a dict ready to dump to YAML; `decode_capacity_tokens`: the decode
+    replica's KV token capacity (`Derived.decode_kv_capacity_tokens`; 0: not sized)."""
     engine = spec.engine
     tier_spec = spec.prefill if tier == "prefill" else spec.decode
     kv_cache: dict[str, Any] = {
@@ -139,10 +142,8 @@ def engine_options(spec: DisaggregatedModelSpec, tier: Tier, kv_bytes_per_token:
             "perf_metrics_max_requests": 1000,
         }
     )
-    if tier == "decode":
-        capacity = decode_kv_capacity_tokens(spec, kv_bytes_per_token)
-        if capacity:
-            kv_cache["max_tokens"] = capacity
+    if tier == "decode" and decode_capacity_tokens:
+        kv_cache["max_tokens"] = decode_capacity_tokens
     if engine.speculative_config:
         options["speculative_config"] = engine.speculative_config
     if max_input > tier_spec.max_num_tokens:

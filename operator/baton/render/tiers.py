@@ -69,8 +69,8 @@ def model_argument_and_volume(spec: DisaggregatedModelSpec) -> tuple[str, list[d
     return hf.id, [cache], [{"name": pod_volumes.HF_CACHE_VOLUME, "mountPath": pod_volumes.HF_CACHE_MOUNT}], env
 
 
-def engine_configmap(target: Target, tier: Tier, kv_bytes_per_token: int, generation: str) -> dict[str, Any]:
-    options = engine_config.engine_options(target.spec, tier, kv_bytes_per_token)
+def engine_configmap(target: Target, tier: Tier, decode_capacity_tokens: int, generation: str) -> dict[str, Any]:
+    options = engine_config.engine_options(target.spec, tier, decode_capacity_tokens)
     meta = metadata(target, tier, name=generation_child_name(target, tier, generation, "-engine"))
     meta["labels"][LABEL_GENERATION] = generation
     return {
@@ -318,6 +318,6 @@ def statefulset(target: Target, tier: Tier, revision: str, generation: str, kv_f
 def render_generation(target: Target, tier: Tier, derived: Derived) -> list[dict[str, Any]]:
     """One tier of one generation: its engine config and its StatefulSet."""
     return [
-        engine_configmap(target, tier, derived.kv_bytes_per_token, derived.generation),
+        engine_configmap(target, tier, derived.decode_kv_capacity_tokens, derived.generation),
         statefulset(target, tier, derived.revision, derived.generation, derived.fingerprint(tier)),
     ]
