@@ -325,7 +325,7 @@ class _Missing(Exception):
 
 def cel_eval(rule, self_value):
     """Evaluate the CEL subset Baton's rules use: literals and list literals, self paths, has(), ! && || ?: ==
-    != < <= > >= in + * %, indexing, size(), string(), matches(), indexOf(), duration() of ms|s|m|h, and the
+    != < <= > >= in + * %, indexing, size(), string(), matches(), indexOf(), duration() of ms|s|m|h with getSeconds(), and the
     all() macro over a list's items or a map's keys. A missing field raises."""
     toks, i = _tokens(rule), [0]
     env = {}  # the variables all() binds
@@ -477,6 +477,8 @@ def _method(value, name, args):
         return re.search(args[0], value) is not None
     if name == "indexOf":
         return value.find(args[0])
+    if name == "getSeconds":  # a duration (here: seconds as a float), in whole seconds as CEL truncates it
+        return int(value)
     raise AssertionError(name)
 
 

@@ -499,3 +499,18 @@ def test_pod_label_values_are_refused_by_the_schema_and_the_models(value, valid)
     else:
         with pytest.raises(ValidationError):
             model("small.yaml", prefill__podTemplate={"labels": {"team": value}})
+
+
+@pytest.mark.parametrize("deadline,min_ready,refused", [("5s", 5, True), ("0s", 0, True), ("1m", 60, True),
+                                                        ("6s", 5, False), ("10s", 5, False), ("15m", 5, False)])
+def test_a_progress_deadline_no_rollout_can_meet_is_refused_at_admission_and_by_the_operator(deadline, min_ready, refused):
+    """Pods count as available only after minReadySeconds Ready: a progressDeadline no longer than that rolls
+    every rollout (and every PairwiseSwap step) back, whatever the engines do."""
+    rollout = {**_wire(model("small.yaml"))["rollout"], "progressDeadline": deadline, "minReadySeconds": min_ready}
+    messages = _refused(_rules("spec", "rollout"), rollout)
+    assert messages == ([api.PROGRESS_DEADLINE_TOO_SHORT] if refused else [])
+    if refused:
+        with pytest.raises(ValidationError, match="progressDeadline must be longer than rollout.minReadySeconds"):
+            api.RolloutSpec.model_validate(rollout)
+    else:
+        api.RolloutSpec.model_validate(rollout)

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from baton import pod_volumes
@@ -224,7 +233,7 @@ class EngineSpec(ApiModel):
     speculative_config: KubeObject | None = _free_form("TensorRT-LLM speculative_config, rendered on both tiers (set on one side only, the KV layouts would differ).")
     extra_options: KubeObject | None = _free_form("Extra TensorRT-LLM LLM-API options (the --extra_llm_api_options YAML) merged into both tiers' config. Keys Baton renders itself cannot be overridden here.")
     env: list[KubeObject] = _free_form_list("Extra environment variables (core/v1 EnvVar) for the engine containers of both tiers.")
-    startup_timeout: str = Field(default=STARTUP_TIMEOUT_DEFAULT, pattern=DURATION_PATTERN, description="How long an engine container may take to start (download the checkpoint from a huggingFace source, load it, warm up) before the kubelet restarts it: its startupProbe, checked every 10s. At least 1m. Changing it rolls the tiers' pods in place, not a new generation. Keep rollout.progressDeadline above it, or a new generation that loads slowly is rolled back first.")
+    startup_timeout: str = Field(default=STARTUP_TIMEOUT_DEFAULT, pattern=DURATION_PATTERN, description="How long an engine container may take to start (download the checkpoint from a huggingFace source, load it, warm up) before the kubelet restarts it: its startupProbe, checked every 10s. At least 1m. Changing it rolls the tiers' pods in place, not a new generation. rollout.progressDeadline (15m by default) bounds a new generation's start too: for a model that takes longer to load, raise both.")
 
     @field_validator("startup_timeout")
     @classmethod
@@ -585,7 +594,28 @@ class SchedulerSpec(ApiModel):
 # -------------------------------------------------------------------------------------------- rollout
 
 
+PROGRESS_DEADLINE_TOO_SHORT = (
+    "rollout.progressDeadline must be longer than rollout.minReadySeconds: a new generation's pods count as "
+    "available only after minReadySeconds Ready, so every rollout would miss its deadline and be rolled back"
+)
+
+
 class RolloutSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("duration(self.progressDeadline).getSeconds() > self.minReadySeconds",
+                     PROGRESS_DEADLINE_TOO_SHORT, fieldPath=".progressDeadline"),
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _deadline_after_min_ready(self) -> RolloutSpec:
+        if parse_duration(self.progress_deadline) <= self.min_ready_seconds:
+            raise ValueError(PROGRESS_DEADLINE_TOO_SHORT)
+        return self
+
     strategy: Literal["AtomicGeneration", "PairwiseSwap"] = Field(default="AtomicGeneration", description=(
         "AtomicGeneration: a change to the engine or KV format starts a full new generation of both tiers beside the "
         "serving one, probes a real KV handoff through it, and switches traffic in one step; it needs GPUs for a "
