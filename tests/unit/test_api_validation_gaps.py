@@ -102,6 +102,15 @@ def test_a_triton_model_needs_a_model_repository_source_at_admission_and_by_the_
     assert _refused(_rules("spec"), _wire(served)) == [] and spec_problems(served.spec) == []
 
 
+@pytest.mark.parametrize("runtime,port,refused", [("triton", 65534, True), ("triton", 65535, True),
+                                                  ("triton", 65533, False), ("trtllm-serve", 65535, False)])
+def test_a_triton_tier_port_leaves_room_for_its_grpc_and_metrics_ports(runtime, port, refused):
+    """tritonserver is rendered with --grpc-port=port+1 and --metrics-port=port+2: above 65533 it cannot start."""
+    m = model("small.yaml", engine__runtime=runtime, model__source={"pvc": {"claimName": "repo"}}, decode__port=port)
+    expected = [f"decode.port: {api.TRITON_PORT_TOO_HIGH}"] if refused else []
+    assert _refused(_rules("spec"), _wire(m)) == expected and spec_problems(m.spec) == expected
+
+
 # ------------------------------------------------------------------------------ 2. decode.kvCacheSize
 
 

@@ -436,7 +436,7 @@ class TierSpec(ApiModel):
     max_num_tokens: int = Field(default=8192, ge=64, le=1048576, description="Most tokens processed per engine iteration (max_num_tokens).")
     resources: ResourcesSpec = _nested(ResourcesSpec, "CPU, memory and other resources for the engine container.")
     pod_template: PodTemplateOverrides = _nested(PodTemplateOverrides, "Overrides merged into the tier's pod template.")
-    port: int = Field(default=8000, ge=1024, le=65535, description="Port the engine serves HTTP on.")
+    port: int = Field(default=8000, ge=1024, le=65535, description="Port the engine serves HTTP on. With engine.runtime triton also port + 1 (gRPC) and port + 2 (metrics), so at most 65533.")
     engine_overrides: TierEngineOverrides = _nested(TierEngineOverrides, "Per-tier engine settings (e.g. a patched image). Baton refuses overrides that would make the two tiers' KV formats incompatible.")
 
     def desired_replicas(self) -> int:
@@ -497,7 +497,7 @@ class AdmissionSpec(ApiModel):
 
 class BackpressureSpec(ApiModel):
     max_active_per_decode_replica: int = Field(default=64, ge=1, le=65536, description="Most sequences in flight on one decode replica before the scheduler holds new work.")
-    decode_p95_latency_threshold: str = Field(default="200ms", pattern=DURATION_PATTERN, description="Throttle new decode admissions while the decode tier's p95 time per output token exceeds this.")
+    decode_p95_latency_threshold: str = Field(default="200ms", pattern=DURATION_PATTERN, description="Throttle new decode admissions (half of maxActivePerDecodeReplica per replica) while the decode tier's p95 time per output token exceeds this. 0s turns the throttle off.")
 
 
 class RedisUrlSecretRef(ApiModel):
@@ -670,6 +670,10 @@ TRITON_NEEDS_A_MODEL_REPOSITORY = (
     "config.pbtxt files and engines) mounted from the model source, and a huggingFace source gives the pod "
     "none; use a pvc or hostPath source holding the repository, or runtime trtllm-serve"
 )
+TRITON_PORT_TOO_HIGH = (
+    "with engine.runtime triton a tier's port must be at most 65533: tritonserver serves gRPC on port + 1 and "
+    "metrics on port + 2"
+)
 KV_CACHE_SIZE_NEEDS_ARCHITECTURE = (
     "decode.kvCacheSize needs model.architecture (numLayers, numKvHeads, headDim): Baton turns the size into the "
     "engine's KV token capacity with it, and would otherwise ignore decode.kvCacheSize; set model.architecture, or "
@@ -758,6 +762,9 @@ class DisaggregatedModelSpec(ApiModel):
                     TRITON_NEEDS_A_MODEL_REPOSITORY,
                     fieldPath=".model.source",
                 ),
+                *(_cel(f"!has(self.engine.runtime) || self.engine.runtime != 'triton' || self.{tier}.port <= 65533",
+                       f"{tier}.port: {TRITON_PORT_TOO_HIGH}", fieldPath=f".{tier}.port")
+                  for tier in ("prefill", "decode")),
                 # Also checked by the operator (baton.operator.validation), with the capacity check.
                 _cel(
                     "self.decode.kvCacheSize == '' || has(self.model.architecture)",

@@ -15,6 +15,7 @@ from baton.api.v1alpha1 import (
     GPU_RESOURCE,
     KV_CACHE_SIZE_NEEDS_ARCHITECTURE,
     TRITON_NEEDS_A_MODEL_REPOSITORY,
+    TRITON_PORT_TOO_HIGH,
     LABEL_KEY_PATTERN,
     LABEL_KEY_SYNTAX,
     LABEL_PREFIX_MAX,
@@ -127,10 +128,13 @@ def pipeline_problems(spec: DisaggregatedModelSpec) -> list[str]:
 
 
 def triton_source_problems(spec: DisaggregatedModelSpec) -> list[str]:
-    """tritonserver needs a model repository from the model source: a huggingFace source mounts none."""
-    if spec.engine.runtime == "triton" and spec.model.source.hugging_face is not None:
-        return [TRITON_NEEDS_A_MODEL_REPOSITORY]
-    return []
+    """tritonserver needs a model repository from the model source (a huggingFace source mounts none), and
+    two ports above the tier's."""
+    if spec.engine.runtime != "triton":
+        return []
+    problems = [TRITON_NEEDS_A_MODEL_REPOSITORY] if spec.model.source.hugging_face is not None else []
+    return problems + [f"{tier}.port: {TRITON_PORT_TOO_HIGH}" for tier in ("prefill", "decode")
+                       if spec.tier(tier).port > 65533]
 
 
 def kv_cache_size_problems(spec: DisaggregatedModelSpec) -> list[str]:
