@@ -308,6 +308,13 @@ def test_the_reconcile_error_alert_fires_only_for_errors_that_persist():
         assert ERROR_BACKOFF_MAX_SECONDS * 1.1 + 2 * scrape < window < _seconds(rule["for"]), expr
 
 
+def test_the_stalled_alert_reads_a_gauge_that_holds_between_the_passes_of_a_stalled_model():
+    """A stalled model is passed again only every operator.resyncSeconds (up to a day): a rate of stalled passes
+    reads 0 between them and keeps resetting the alert's `for`."""
+    rule = _alerts("metrics.serviceMonitor.enabled=true", "operator.resyncSeconds=3600")["BatonModelStalled"]
+    assert "baton_operator_models_stalled" in rule["expr"] and "rate(" not in rule["expr"], rule["expr"]
+
+
 def _seconds(duration: str) -> float:
     """A Prometheus duration such as 7m or 1h30m, in seconds."""
     units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -65,7 +65,7 @@ def runtime(monkeypatch):
     monkeypatch.setattr(handlers, "WAKE_COALESCE_SECONDS", 0.0)
     for attr, value in (("cache", cache), ("reconciler", reconciler), ("executor", executor), ("loops", {}),
                         ("triggers", {}), ("seen", {}), ("passes", set()), ("uids", {}),
-                        ("stops", {}), ("running", {})):
+                        ("stops", {}), ("running", {}), ("stalled", set())):
         monkeypatch.setattr(handlers.runtime, attr, value)
     yield SimpleNamespace(cache=cache, reconciler=reconciler)
     reconciler.release.set()
@@ -149,5 +149,34 @@ def test_a_model_created_again_while_a_pass_runs_gets_its_first_pass_only_after_
         assert ("ns", "m") in handlers.runtime.loops
         for task in handlers.runtime.loops.values():
             task.cancel()
+
+    asyncio.run(main())
+
+
+def test_the_stalled_models_gauge_follows_each_models_last_pass(runtime):
+    """baton_operator_models_stalled, what the BatonModelStalled alert reads, holds between passes and drops when
+    the model's next pass is fine or the model goes."""
+    from baton.operator import metrics
+
+    r = runtime.reconciler
+    outcomes = iter([True, False, True])
+    real = r.reconcile
+
+    def reconcile(namespace, name, uid=None, stop=None):
+        real(namespace, name, uid, stop)
+        return SimpleNamespace(failed=next(outcomes, True), transient=False, gone=False, requeue_after=60.0)
+
+    r.reconcile = reconcile
+    gauge = lambda: metrics.REGISTRY.get_sample_value("baton_operator_models_stalled")  # noqa: E731
+
+    async def main():
+        await handlers.model_event(body=model(), name="m", namespace="ns", type="ADDED")
+        await until(lambda: gauge() == 1)
+        await handlers.model_event(body=model(generation=2), name="m", namespace="ns", type="MODIFIED")
+        await until(lambda: gauge() == 0)
+        await handlers.model_event(body=model(generation=3), name="m", namespace="ns", type="MODIFIED")
+        await until(lambda: gauge() == 1)
+        await handlers.model_event(body=model(generation=3), name="m", namespace="ns", type="DELETED")
+        assert gauge() == 0
 
     asyncio.run(main())

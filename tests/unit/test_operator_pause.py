@@ -62,7 +62,7 @@ def runtime(monkeypatch):
     monkeypatch.setattr(handlers, "pause_gate", gate)
     for attr, value in (("cache", cache), ("reconciler", reconciler), ("executor", executor), ("loops", {}),
                         ("triggers", {}), ("seen", {}), ("passes", set()), ("uids", {}),
-                        ("stops", {}), ("running", {})):
+                        ("stops", {}), ("running", {}), ("stalled", set())):
         monkeypatch.setattr(handlers.runtime, attr, value)
     yield SimpleNamespace(cache=cache, reconciler=reconciler, gate=gate)
     reconciler.release.set()

@@ -54,6 +54,7 @@ class _Runtime:
     stops: dict[tuple[str, str], threading.Event] = {}  # set when the loop stops: its pass writes no more
     passes: set[concurrent.futures.Future] = set()  # reconcile passes submitted to the executor, not ended
     running: dict[tuple[str, str], concurrent.futures.Future] = {}  # the latest pass of each name
+    stalled: set[tuple[str, str]] = set()  # models whose last pass found them Stalled
     seen: dict[tuple[str, str], tuple[Any, ...]] = {}
     pause_follower: asyncio.Task | None = None
     trimmer: asyncio.Task | None = None
@@ -202,6 +203,8 @@ async def reconcile_loop(namespace: str, name: str, uid: str | None = None,
                     outcome = await _run_pass(loop, namespace, name, uid, stop)
                 metrics.RECONCILES.labels("stalled" if outcome.failed else "transient" if outcome.transient
                                           else "ok").inc()
+                if not outcome.transient:
+                    _note_stalled(key, bool(outcome.failed) and not outcome.gone)
                 if outcome.gone:
                     break
                 delay = outcome.requeue_after
@@ -230,8 +233,19 @@ async def reconcile_loop(namespace: str, name: str, uid: str | None = None,
             _forget_model(key)
 
 
+def _note_stalled(key: tuple[str, str], stalled: bool) -> None:
+    """Keep `baton_operator_models_stalled` (what the BatonModelStalled alert reads) current: a gauge, not a
+    rate of stalled passes, which a stalled model makes only once per resync period."""
+    if stalled:
+        runtime.stalled.add(key)
+    else:
+        runtime.stalled.discard(key)
+    metrics.STALLED_MODELS.set(len(runtime.stalled))
+
+
 def _forget_model(key: tuple[str, str]) -> None:
     """Drop what the operator keeps about a model whose loop ends."""
+    _note_stalled(key, False)
     runtime.seen.pop(key, None)
     runtime.cache.forget_model(*key)
     if runtime.reconciler is not None:

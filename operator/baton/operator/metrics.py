@@ -4,13 +4,18 @@ cache."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 REGISTRY = CollectorRegistry()
 
 RECONCILES = Counter(
     "baton_operator_reconciles_total", "Reconcile passes, by result (ok, stalled, transient, error).", ["result"], registry=REGISTRY
+)
+STALLED_MODELS = Gauge(
+    "baton_operator_models_stalled",
+    "Models whose last reconcile pass found them Stalled (a spec Baton cannot serve, a rolled-back generation).",
+    registry=REGISTRY,
 )
 RECONCILE_SECONDS = Histogram(
     "baton_operator_reconcile_duration_seconds", "Duration of one reconcile pass.",
