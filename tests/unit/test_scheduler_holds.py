@@ -409,3 +409,36 @@ def test_an_unparseable_redis_url_is_refused_without_quoting_it():
     with pytest.raises(RuntimeError, match="cannot be parsed: percent-encode") as raised:
         make_hold_store("redis", "redis://:xyzzy/plugh@r:6379/0")  # an unescaped / in the password
     assert "xyzzy" not in str(raised.value) and "plugh" not in str(raised.value)
+
+
+def test_a_redis_that_refuses_every_write_is_unhealthy_and_the_holds_reach_it_once_it_takes_writes(tmp_path):
+    """A reachable Redis that answers each write with an error (out of memory under noeviction, a replica
+    gone READONLY) keeps no record, as an unreachable one does: the store says it is unhealthy, and what was
+    held meanwhile is published once Redis takes writes again."""
+    server = RedisServer(tmp_path).start()
+    clock = Clock()
+    store = RedisHoldStore(server.url, clock, backoff_s=0.2)
+
+    async def main():
+        await store.put(_hold("a", 60.0))
+        await store.flush()
+        assert store.healthy() and _keys(server) == ["baton:hold:a"]
+        with server.client() as c:
+            c.config_set("maxmemory-policy", "noeviction")
+            c.config_set("maxmemory", "1")  # every write now: OOM command not allowed
+        await store.put(_hold("b", 60.0))
+        await store.put(_hold("c", 60.0))
+        await store.flush()
+        assert not store.healthy() and store.errors >= 1
+        with server.client() as c:
+            c.config_set("maxmemory", "0")
+        await asyncio.sleep(0.3)  # the back-off
+        await store.expired()  # the periodic sweep republishes what the record lacks
+        await store.flush()
+        assert store.healthy() and _keys(server) == ["baton:hold:a", "baton:hold:b", "baton:hold:c"]
+        await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()

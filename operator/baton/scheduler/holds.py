@@ -354,13 +354,27 @@ class RedisHoldStore(MemoryHoldStore):
             for write in sent:
                 self._failed(write.operation, exc)
             return
-        self._confirmed = True
+        refused = 0
         for write, result in zip(sent, results):
             if isinstance(result, Exception):  # redis answered with an error for this one command
+                refused += 1
                 self._count_error(write.operation)
                 self._log_error(write.operation, result)
             else:
                 self.writes += 1
+        if refused == len(sent):
+            # Every write refused (OOM under noeviction, READONLY replica, a full disk): the record is not being
+            # kept, as when redis is unreachable. Unhealthy, backed off, and republished once a write succeeds.
+            self._failing = True
+            self._confirmed = False
+            self._down_until = time.monotonic() + self.backoff_s
+            return
+        self._confirmed = True
+        if refused:
+            # Some refused: they are missing from the record; what is held is published again once redis
+            # takes every write of a batch.
+            self._failing = True
+            return
         if self._failing:
             self._failing = False
             log.info("event=hold_store_recovered store=redis failed_writes=%d republished=%d",
