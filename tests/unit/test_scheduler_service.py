@@ -459,6 +459,7 @@ def test_a_request_waiting_for_decode_when_the_tier_goes_away_gets_503_at_once_n
         fresh = await svc.complete("completions", long_request(5), {})
         assert fresh.status == 503 and json.loads(fresh.body)["error"]["code"] == "no_decode_endpoints"
         assert outcomes == ["failed", "failed"] and svc.decode_queue.waiting == 0
+        assert reply.headers["Retry-After"] == fresh.headers["Retry-After"] == "5"  # a client backs off
         await svc.stop()
 
     run(main())
@@ -1149,6 +1150,7 @@ def test_the_generation_metric_counts_only_its_engines_failures():
         svc.decode["d1:1"].active = 1  # decode saturated: held, prefilled again, held again, expired
         reply = await asyncio.wait_for(svc.complete("completions", long_request(), {}), 2)
         assert reply.status == 503 and json.loads(reply.body)["error"]["code"] == "hold_expired"
+        assert 1 <= int(reply.headers["Retry-After"]) <= 30  # as for a 429: backlog over completion rate
         svc.decode["d1:1"].active = 0
         engine.fail["d1:1"] = "500"
         reply = await asyncio.wait_for(svc.complete("completions", long_request(), {}), 2)

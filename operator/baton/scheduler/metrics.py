@@ -24,16 +24,17 @@ from baton.gcpauses import PauseClock, frozen_objects, pause_clock
 
 PREFIX = "baton_scheduler"
 
-# 1 ms .. 2 min: time to first token and end-to-end latency (long prompts, long outputs).
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# 1 ms .. 10 min: time to first token and end-to-end latency (long prompts, long outputs: engineTimeoutSeconds 600).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 # 1 ms .. 1 s: time per output token.
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.35, 0.5, 1)
-# 0.1 ms .. 60 s: time spent waiting in the scheduler's queue.
-QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
+# 0.1 ms .. 5 min: time spent waiting in the scheduler's queue, and a held prefill's wait (holdTtlSeconds,
+# 120 s by default).
+QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # 0.5 ms .. 10 s: prefill -> decode KV handoff.
 KV_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # 10 us .. 100 ms: latency the scheduler itself adds (parse, route, serialize) before dispatch.
-OVERHEAD_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1)
+OVERHEAD_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 ROUTE_UNROUTED = "unrouted"
 

@@ -133,8 +133,14 @@ def _request_id(headers: Mapping[str, str]) -> str:
     return rid if rid and _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
 
 
+# Retry-After on a 503 for a tier with no healthy replica: a replica restarting or scaled from zero takes
+# longer than this, but a client that retries sooner only adds load while none is there.
+NO_ENDPOINTS_RETRY_AFTER_S = 5
+
+
 def _no_decode_endpoints() -> SchedulerError:
-    return SchedulerError(503, "no healthy decode endpoint is available", "no_decode_endpoints", "service_unavailable")
+    return SchedulerError(503, "no healthy decode endpoint is available", "no_decode_endpoints", "service_unavailable",
+                          retry_after=NO_ENDPOINTS_RETRY_AFTER_S)
 
 
 def _shutting_down(message: str) -> SchedulerError:
@@ -1450,7 +1456,7 @@ class SchedulerService:
                     self._route(ctx, LOCAL, "no-prefill-pair")
                     return await self._serve_local(ctx)
                 raise SchedulerError(503, "no healthy prefill/decode endpoint pair is available",
-                                     "no_endpoints", "service_unavailable")
+                                     "no_endpoints", "service_unavailable", retry_after=NO_ENDPOINTS_RETRY_AFTER_S)
             excluded = ctx.excluded
             if (not ctx.reprefilled and self._decode_saturated(excluded)
                     and self._backlog() >= self.config.queue.max_depth):
@@ -1537,13 +1543,14 @@ class SchedulerService:
             body = req.generation_body(handle, ids_json if ids_json is not None else answer.get("prompt_token_ids"))
             return await self._generate(ctx, lease, body, handoff=True)
 
-    @staticmethod
-    def _hold_lost(ctx: _Ctx, message: str) -> SchedulerError:
+    def _hold_lost(self, ctx: _Ctx, message: str) -> SchedulerError:
         """503 for a request whose held prefill was lost -- the hold expired (`hold_expired`: decode stayed
         saturated), or its prefill replica left (`hold_stranded`) -- and that could not be served otherwise.
-        The scheduler's own decision about capacity (`shed`), not a failure of the engines."""
+        The scheduler's own decision about capacity (`shed`), not a failure of the engines. Retry-After as
+        for a 429: the backlog over the recent completion rate."""
         return SchedulerError(503, message, "hold_stranded" if ctx.stranded else "hold_expired",
-                              "service_unavailable", shed=True)
+                              "service_unavailable", shed=True,
+                              retry_after=retry_after_seconds(self._backlog(), self.completions.rate()))
 
     def _held_ring(self, prefill: ReplicaState, ring: tuple[str, ...], excluded: set[str]) -> list[str]:
         """The decode replicas a held handle may go to now: its prefill's current ring (or the ring it was
