@@ -16,11 +16,15 @@ stay within small groups (bounded cross-traffic and connection fan-out). Replica
 fingerprint, runtime and generation first (`Endpoint.pairing`): a prefill replica only ever pairs with
 decode replicas of the same fingerprint, runtime and generation (None pairs only with None). Within a
 group of P prefill and D decode replicas, in the order of their pod names (a StatefulSet's ordinals, so a
-restarted pod, which comes back with another IP, keeps its place and every ring stays as it was; static
+restarted pod, which comes back with another IP, gets its place back and every ring is as it was; static
 endpoints by address), the
 ring size is `ringSize` or ceil(D / P), and prefill i feeds decode replicas floor(i * D / P) onwards,
 wrapping around. When D is a multiple of P the rings are disjoint; otherwise neighbouring rings overlap
-by one replica. Every decode replica is in at least one ring when `ringSize` is 0.
+by one replica. Every decode replica is in at least one ring when `ringSize` is 0. Rings are built over
+the replicas present: while one is away (not ready, restarting) the others' rings shift so that every
+decode replica stays fed, at the cost of some pairs that are new for a while (a first transfer between
+two replicas sets up its connection); they shift back when it returns. Rings over fixed slots would keep
+the other pairs, but leave the decode replicas of an absent prefill replica without handoffs.
 """
 
 from __future__ import annotations
