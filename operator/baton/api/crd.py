@@ -27,7 +27,7 @@ PRINTER_COLUMNS = [
     {"name": "Decode", "type": "string", "jsonPath": ".status.decode.summary",
      "description": "Decode replicas ready/desired"},
     {"name": "Revision", "type": "string", "jsonPath": ".status.revision",
-     "description": "Revision of the engine configuration serving traffic"},
+     "description": "The engine generation serving traffic (its pods' baton.dev/generation label)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
