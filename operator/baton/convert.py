@@ -102,6 +102,8 @@ GPU_PRODUCTS = {
     "l4": "NVIDIA-L4",
     "a10g": "NVIDIA-A10G",
 }
+# GPUs without FP8 (Ampere): an fp8 KV cache cannot run on them, so converting for them defaults to bf16.
+NO_FP8_PRODUCTS = {GPU_PRODUCTS["a100"], GPU_PRODUCTS["a10g"]}
 TIERS = ("prefill", "decode")
 KV_CACHE_DTYPES = typing.get_args(KVCacheSpec.model_fields["dtype"].annotation)
 DEFAULT_KV_CACHE_DTYPE = "fp8"
@@ -629,11 +631,18 @@ def convert(config: dict[str, Any], *, name: str | None = None, image: str = DEF
                    f"{m.sources['engine.kvCache.dtype']} {in_file}")
         m.set("engine.kvCache.dtype", kv_cache_dtype, "--kv-cache-dtype")
     elif in_file is None:
-        m.set("engine.kvCache.dtype", DEFAULT_KV_CACHE_DTYPE, "--kv-cache-dtype")
-        if trtllm_serve:
-            m.warn(f"engine.kvCache.dtype: {DEFAULT_KV_CACHE_DTYPE}, as kv_cache_config.dtype is unset or auto (the "
-                   "checkpoint's dtype) and Baton sets it explicitly; pass --kv-cache-dtype bf16 or fp16 for an "
-                   "unquantized KV cache")
+        unset = ("kv_cache_config.dtype is unset or auto (the checkpoint's dtype)" if trtllm_serve
+                 else "the file does not say")
+        ampere = sorted({(m.get(f"{t}.pool.nodeSelector") or {}).get("nvidia.com/gpu.product") for t in TIERS}
+                        & NO_FP8_PRODUCTS)
+        if ampere:
+            m.set("engine.kvCache.dtype", "bf16", "--kv-cache-dtype")
+            m.warn(f"engine.kvCache.dtype: bf16, as {unset} and {', '.join(ampere)} has no FP8 (Ampere); it must "
+                   "equal the checkpoint's torch_dtype: pass --kv-cache-dtype fp16 for an fp16 checkpoint")
+        else:
+            m.set("engine.kvCache.dtype", DEFAULT_KV_CACHE_DTYPE, "--kv-cache-dtype")
+            m.warn(f"engine.kvCache.dtype: {DEFAULT_KV_CACHE_DTYPE}, as {unset} and Baton sets it explicitly; pass "
+                   "--kv-cache-dtype bf16 or fp16 for an unquantized KV cache")
     if scheduler_command:
         _scheduler_command(scheduler_command, m)
     _routing_thresholds(m)

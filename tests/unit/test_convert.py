@@ -253,6 +253,16 @@ def test_without_a_kv_dtype_the_flag_or_fp8_is_used_and_said(convert):
     assert "warning: engine.kvCache.dtype: --kv-cache-dtype bf16 overrides kv_cache_config.dtype fp8" in overridden.warnings
 
 
+@pytest.mark.parametrize("gpu,dtype", [("h100", "fp8"), ("l40s", "fp8"), ("a100", "bf16"), ("a10g", "bf16")])
+def test_a_brief_without_a_kv_dtype_gets_one_its_gpus_can_run_and_says_so(convert, gpu, dtype):
+    """The design brief's format says nothing of the KV cache dtype: fp8 where the GPUs have FP8, bf16 on
+    Ampere (A100, A10G), which has none; either way a warning says what was chosen."""
+    result = convert({"model": "m", "tiers": {"prefill": {"instance_type": f"{gpu}-x8"},
+                                              "decode": {"instance_type": f"{gpu}-x4"}}})
+    assert accepted(result)["spec"]["engine"]["kvCache"]["dtype"] == dtype
+    assert f"warning: engine.kvCache.dtype: {dtype}, as the file does not say" in result.warnings, result.warnings
+
+
 @pytest.mark.parametrize("backend", ["pytorch", "PyTorch"])
 def test_the_pytorch_backend_is_the_one_baton_runs(convert, backend):
     assert accepted(convert({**TRTLLM_SERVE, "backend": backend}))["spec"]["engine"]["runtime"] == "trtllm-serve"
