@@ -19,8 +19,9 @@ rejected (HTTP 429, by reason) / failed requests and the routes the scheduler re
 A progress line goes to stderr when it is a terminal; the summary to stdout, as a table or (--json) one
 object. Requests in flight are not bounded unless --max-concurrency says so.
 The run is bounded: every request has a timeout and no request is sent after the schedule ends.
-Ctrl-C stops sending, cancels the requests in flight and prints the summary of those that finished,
-marked as interrupted.
+Ctrl-C (or SIGTERM, SIGHUP) stops sending, cancels the requests in flight and prints the summary of those
+that finished, marked as interrupted. Each request sends ignore_eos: true (--no-ignore-eos: not), so that a
+real engine generates the trace's output lengths rather than stopping at an end-of-sequence token.
 
 Exit status: 0 when at least one request completed (rejections are a normal outcome of a load test),
 1 when none did, 2 for bad arguments or an unreadable trace, 130 when interrupted.
@@ -38,12 +39,14 @@ import itertools
 import json
 import math
 import re
+import signal
+import socket
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -79,6 +82,7 @@ class Result:
     latency_s: float | None = None
     output_tokens: int = 0
     send_lag_s: float | None = None  # sent this late against the schedule (None: not sent)
+    requested_tokens: int = 0  # max_tokens asked for
 
 
 @dataclass
@@ -92,18 +96,34 @@ class Summary:
 _FRACTION = re.compile(r"\.(\d+)")
 
 
+_EPOCH = datetime(1970, 1, 1)
+
+
 def parse_timestamp(text: str) -> datetime:
-    """'2023-11-16 18:17:03.9799600' (7 fractional digits) or ISO 8601, as naive UTC.
+    """'2023-11-16 18:17:03.9799600' (7 fractional digits) or ISO 8601, as naive UTC; or a number of seconds
+    (a trace of offsets such as 0.0, 0.25, ...).
 
     A timestamp with an offset ('+02:00', 'Z') is converted to UTC; one without is taken as UTC already,
     so naive and offset timestamps in one trace compare correctly.
     """
-    text = text.strip()
+    text = original = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds):
+            raise ValueError(f"timestamp {original!r} is not a time")
+        return _EPOCH + timedelta(seconds=seconds)
     match = _FRACTION.search(text)
     if match:  # only the digits right after the dot: an offset such as '+00:00' follows them
         digits = (match.group(1) + "000000")[:6]
         text = f"{text[:match.start()]}.{digits}{text[match.end():]}"
-    ts = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    try:
+        ts = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"timestamp {original!r} is neither ISO 8601 (e.g. 2023-11-16 18:17:03.9799600) nor a "
+                         "number of seconds") from None
     if ts.tzinfo is not None:
         ts = ts.astimezone(timezone.utc).replace(tzinfo=None)
     return ts
@@ -124,7 +144,9 @@ def read_trace(path: str | Path | TextIO, limit: int | None = None) -> list[Trac
             reader.fieldnames = [(name or "").strip().lstrip("\ufeff").strip() for name in reader.fieldnames]
         missing = set(COLUMNS) - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"trace is missing column(s) {', '.join(sorted(missing))}")
+            found = ", ".join(reader.fieldnames or []) or "none"
+            raise ValueError(f"trace is missing column(s) {', '.join(sorted(missing))} (found: {found}; the "
+                             f"header must name {', '.join(COLUMNS)}, comma-separated, as written)")
         raw: list[tuple[datetime, int, int]] = []
         for row in reader:
             values = [row.get(name) for name in COLUMNS]
@@ -217,12 +239,20 @@ def synthetic_prompt_json(index: int, length: int) -> bytes:
     return b"[" + ids[:-1] + b"]"
 
 
-def request_body(model: str, index: int, row: TraceRow, max_tokens_cap: int | None) -> bytes:
-    max_tokens = min(row.generated_tokens, max_tokens_cap) if max_tokens_cap else row.generated_tokens
-    # usage at the end: the token count TPOT divides by, whatever the server's chunks carry
-    fields = json.dumps({"model": model, "max_tokens": max_tokens, "stream": True,
-                         "stream_options": {"include_usage": True}}, separators=(",", ":")).encode()
-    return fields[:-1] + b',"prompt":' + synthetic_prompt_json(index, row.context_tokens) + b"}"
+def requested_tokens(row: TraceRow, max_tokens_cap: int | None) -> int:
+    return min(row.generated_tokens, max_tokens_cap) if max_tokens_cap else row.generated_tokens
+
+
+def request_body(model: str, index: int, row: TraceRow, max_tokens_cap: int | None, ignore_eos: bool = True) -> bytes:
+    """The request for one row. `ignore_eos`: generate max_tokens whatever the model would end on (a real
+    engine given a synthetic prompt may stop early, and the decode load would not be the trace's)."""
+    fields: dict[str, Any] = {"model": model, "max_tokens": requested_tokens(row, max_tokens_cap), "stream": True,
+                              # usage at the end: the token count TPOT divides by, whatever the chunks carry
+                              "stream_options": {"include_usage": True}}
+    if ignore_eos:
+        fields["ignore_eos"] = True
+    head = json.dumps(fields, separators=(",", ":")).encode()
+    return head[:-1] + b',"prompt":' + synthetic_prompt_json(index, row.context_tokens) + b"}"
 
 
 def summarize(summary: Summary) -> dict[str, Any]:
@@ -239,13 +269,14 @@ def summarize(summary: Summary) -> dict[str, Any]:
         "failed": len(failed),
         "rejected_by_reason": dict(Counter(r.reason or "unknown" for r in rejected)),
         "failed_by_reason": dict(Counter(r.reason or "unknown" for r in failed)),
-        "routes": dict(Counter(r.route for r in results if r.route)),
+        "routes": dict(Counter(r.route for r in completed if r.route)),
         "ttft_ms": _ms_stats([r.ttft_s for r in completed if r.ttft_s is not None]),
         "tpot_ms": _ms_stats([r.tpot_s for r in completed if r.tpot_s is not None]),
         "latency_ms": _ms_stats([r.latency_s for r in completed if r.latency_s is not None]),
         "send_lag_ms": {**_ms_stats(lags), "max": _ms(max(lags, default=None))},
         "zero_counts_raised": summary.zero_counts_raised,
         "output_tokens": sum(r.output_tokens for r in completed),
+        "requested_output_tokens": sum(r.requested_tokens for r in completed),
         "duration_s": round(summary.duration_s, 3),
         "throughput_rps": round(len(completed) / summary.duration_s, 3) if summary.duration_s > 0 else 0.0,
         "interrupted": summary.interrupted,
@@ -465,13 +496,14 @@ def event_tokens(data: dict[str, Any]) -> int | None:
 async def run_replay(rows: Sequence[TraceRow], url: str, *, model: str, speedup: float | None = None,
                      rate: float | None = None, max_tokens_cap: int | None = None, timeout: float = 60.0,
                      max_concurrency: int | None = None, progress: Progress | None = None,
-                     summary: Summary | None = None) -> Summary:
+                     summary: Summary | None = None, ignore_eos: bool = True) -> Summary:
     """Send every row on schedule and collect the results into `summary` (a new one if None).
 
-    At most `max_concurrency` requests are in flight (None: no bound); one due while they are waits for one
-    to finish, and that wait is part of its send lag. Results are recorded as requests finish, so when the
-    run is cancelled (Ctrl-C under asyncio.run) the caller's `summary` still holds those that finished, with
-    the duration so far; requests not sent or cancelled in flight stay "unfinished".
+    One dispatcher sleeps until each row is due and only then starts its request (memory and start-up time do
+    not grow with the trace's length). At most `max_concurrency` requests are in flight (None: no bound); one
+    due while they are waits for one to finish, and that wait is part of its send lag. Results are recorded as
+    requests finish, so when the run is cancelled (Ctrl-C under asyncio.run) the caller's `summary` still holds
+    those that finished, with the duration so far; requests not sent or cancelled in flight stay "unfinished".
     """
     import aiohttp
 
@@ -489,35 +521,59 @@ async def run_replay(rows: Sequence[TraceRow], url: str, *, model: str, speedup:
         start = loop.time()
 
         async def fire(i: int) -> None:
-            delay = start + times[i] - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
             async with slots:
-                body = request_body(model, i, rows[i], max_tokens_cap)  # not ahead: a trace's bodies are ~100 MB
+                # not ahead: a trace's bodies are ~100 MB
+                body = request_body(model, i, rows[i], max_tokens_cap, ignore_eos)
                 lag = max(0.0, loop.time() - start - times[i])  # a timer may fire a clock tick early
                 try:
                     result = await send_one(session, url, i, body, timeout)
                 except Exception as exc:  # noqa: BLE001 - one request's surprise must not end the run
                     result = Result("failed", exception_reason(exc))
             result.send_lag_s = lag
+            result.requested_tokens = requested_tokens(rows[i], max_tokens_cap)
             summary.results[i] = result
             if progress is not None:
                 progress.update(result.status)
 
+        in_flight: set[asyncio.Task[None]] = set()
         try:
-            await asyncio.gather(*(fire(i) for i in range(len(rows))))  # cancelled, it cancels every fire()
+            for i in range(len(rows)):
+                delay = start + times[i] - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = loop.create_task(fire(i))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            while in_flight:
+                await asyncio.wait(list(in_flight))
         finally:
+            for task in list(in_flight):  # cancelled (Ctrl-C, a signal): so are the requests in flight
+                task.cancel()
+            if in_flight:
+                await asyncio.wait(list(in_flight))
             summary.duration_s = loop.time() - start
     return summary
 
 
 def discover_model(url: str, timeout: float) -> str:
-    """The first model id served at `url` (GET /v1/models), or "model" when it cannot be read."""
+    """The first model id served at `url` (GET /v1/models), or "model" when it cannot be read. Nothing
+    listening at `url` (connection refused, no such host) raises OSError: the replay would only fail every
+    request."""
+    import urllib.error
+
     from baton.direct_http import NO_PROXY_OPENER
 
     try:  # like the requests themselves (aiohttp, which ignores proxy variables by default): no proxy
         with NO_PROXY_OPENER.open(url.rstrip("/") + "/v1/models", timeout=min(timeout, 10.0)) as resp:
             return str(json.loads(resp.read())["data"][0]["id"])
+    except urllib.error.URLError as exc:
+        reason = getattr(exc, "reason", None)
+        if not isinstance(exc, urllib.error.HTTPError) and isinstance(reason, (ConnectionRefusedError, socket.gaierror)):
+            raise OSError(f"nothing answers at {url.rstrip('/')} ({reason}): start the scheduler, or check --url") \
+                from None
+        print(f"baton replay: could not read the model name from {url.rstrip('/')}/v1/models "
+              f"({type(exc).__name__}: {exc}); sending model \"model\" (name one with --model)", file=sys.stderr)
+        return "model"
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         print(f"baton replay: could not read the model name from {url.rstrip('/')}/v1/models "
               f"({type(exc).__name__}: {exc}); sending model \"model\" (name one with --model)", file=sys.stderr)
@@ -559,6 +615,9 @@ def base_url(text: str) -> str:
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"must be an http:// or https:// URL such as http://127.0.0.1:8000, "
                                          f"got {text!r}")
+    if parts.path.rstrip("/").endswith("/v1"):
+        # the usual OpenAI base URL: requests go to <url>/v1/completions, not /v1/v1/completions
+        return text.rstrip("/")[:-len("/v1")]
     return text
 
 
@@ -567,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="baton replay", description="Replay a request trace against a scheduler.",
         epilog=f"Exit status: {EXIT_OK} when at least one request completed (rejections are a normal outcome); "
                f"{EXIT_NONE_COMPLETED} when none did; {EXIT_USAGE} for bad arguments or an unreadable trace; "
-               f"{EXIT_INTERRUPTED} when interrupted by Ctrl-C (after printing the summary of the requests "
+               f"{EXIT_INTERRUPTED} when interrupted by Ctrl-C, SIGTERM or SIGHUP (after printing the summary of the requests "
                "that finished).")
     p.add_argument("trace", help="CSV with TIMESTAMP,ContextTokens,GeneratedTokens")
     p.add_argument("--url", required=True, type=base_url, help="scheduler base URL, e.g. http://127.0.0.1:8000")
@@ -583,9 +642,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=positive_int,
                    help="at most N requests in flight; one due while N are waits, and counts as send lag "
                         "(default: no bound, each request goes out on time)")
+    p.add_argument("--no-ignore-eos", action="store_true",
+                   help="let the server end a generation before max_tokens (by default each request sends "
+                        "ignore_eos: true, so the output lengths are the trace's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
+
+
+def _stop_on_signals() -> list[str]:
+    """SIGTERM and SIGHUP (`timeout`, a CI job cancelled, a closed terminal) stop the replay as Ctrl-C does:
+    what finished is summarized. Returns the list the name of the signal that stopped it goes in."""
+    caught: list[str] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        caught.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+    return caught
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -607,10 +683,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{times[-1]:.1f} s", file=sys.stderr)
     progress = Progress(len(rows), enabled=not args.no_progress and sys.stderr.isatty())
     summary = Summary()
+    stopped_by = _stop_on_signals()
     try:
         asyncio.run(run_replay(rows, args.url, model=model, speedup=args.speedup, rate=args.rate,
                                max_tokens_cap=args.max_tokens_cap, timeout=args.timeout,
-                               max_concurrency=args.max_concurrency, progress=progress, summary=summary))
+                               max_concurrency=args.max_concurrency, progress=progress, summary=summary,
+                               ignore_eos=not args.no_ignore_eos))
     except KeyboardInterrupt:  # asyncio.run has cancelled the replay: summary holds what finished
         summary.interrupted = True
     progress.close()
@@ -622,8 +700,15 @@ def main(argv: list[str] | None = None) -> int:
               "out late, so the offered rate was not kept and the latencies include the replay's own queueing; "
               "try a lower --rate or --speedup, or fewer or shorter prompts"
               + (", or a higher --max-concurrency" if args.max_concurrency else ""), file=sys.stderr)
+    short = report["requested_output_tokens"] - report["output_tokens"]
+    if short > 0:
+        print(f"baton replay: warning: the completed requests generated {report['output_tokens']} of the "
+              f"{report['requested_output_tokens']} tokens asked for: the server ended generations early"
+              + (" (--no-ignore-eos)" if args.no_ignore_eos else " although ignore_eos was sent")
+              + ", so the decode load was lighter than the trace's", file=sys.stderr)
     if summary.interrupted:
-        print(f"baton replay: interrupted; {report['unfinished']} request(s) not sent or cancelled",
+        how = f" by {stopped_by[0]}" if stopped_by else ""
+        print(f"baton replay: interrupted{how}; {report['unfinished']} request(s) not sent or cancelled",
               file=sys.stderr)
         return EXIT_INTERRUPTED
     if not report["completed"]:

@@ -64,6 +64,7 @@ class Stub:
         self.arrived: list[int] = []
         self.answered: list[int] = []
         self.hung_up: list[int] = []
+        self.bodies: dict[int, dict] = {}
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="replay-stub", daemon=True)
         self.thread.start()
@@ -85,6 +86,7 @@ class Stub:
     async def _completions(self, req: web.Request) -> web.StreamResponse:
         index = int(req.headers["X-Request-Id"].rsplit("-", 1)[1])
         body = await req.json()
+        self.bodies[index] = body
         self.arrived.append(index)
         mode = self.behave(index)
         if mode == "429":
@@ -120,7 +122,10 @@ class Stub:
                 return resp
             await resp.write_eof()
             return resp
-        for i in range(body["max_tokens"]):
+        # "eos": as a real engine given a synthetic prompt may do, it ends at half of max_tokens unless asked to
+        # ignore end-of-sequence
+        count = body["max_tokens"] if mode != "eos" or body.get("ignore_eos") else body["max_tokens"] // 2
+        for i in range(count):
             event = {"choices": [{"index": 0, "text": " w", "token_ids": [100 + i]}]}
             await resp.write(b"data: " + json.dumps(event).encode() + end)
         await resp.write(b": keep-alive" + end + b"data: [DONE]" + end)
@@ -181,7 +186,7 @@ def test_replay_survives_odd_streams_and_counts_tokens_from_usage(stub, tmp_path
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert (report["completed"], report["failed"], report["failed_by_reason"]) == (2, 1, {"bad_event": 1}), report
-    assert report["routes"] == {"local": 3}
+    assert report["routes"] == {"local": 2}  # the completed ones
     assert report["output_tokens"] == 2 + 4  # "open": two chunks with text; "text": usage says 4
     assert time.monotonic() - started < 10  # the open body was not waited on until --timeout (20 s)
     assert "3 request(s) to" in out.stderr and "sent over 0.0 s" in out.stderr
@@ -268,3 +273,60 @@ def test_running_out_of_file_descriptors_is_named_and_max_concurrency_stays_with
     # all due at once: the last ten go out when the second ten have timed out, a second after the start at least
     assert report["send_lag_ms"]["max"] >= 900, report
     assert "warning: p99 send lag" in out.stderr and "--max-concurrency" in out.stderr
+
+
+def test_replay_asks_for_the_traces_output_lengths_and_says_when_it_did_not_get_them(stub, tmp_path):
+    """Each request sends ignore_eos: true, so a real engine generates GeneratedTokens rather than stopping
+    at an end-of-sequence token of a synthetic prompt; with --no-ignore-eos it may stop early, and the replay
+    says the decode load was lighter than the trace's."""
+    server = stub(lambda i: "eos")
+    trace = write_trace(tmp_path / "t.csv", [0, 0])
+    out = replay(trace, server.url, "--rate", "1000")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert all(b["ignore_eos"] is True and b["max_tokens"] == 3 for b in server.bodies.values()), server.bodies
+    assert report["output_tokens"] == report["requested_output_tokens"] == 6 and "ended generations" not in out.stderr
+    server.bodies.clear()
+    out = replay(trace, server.url, "--rate", "1000", "--no-ignore-eos")
+    report = json.loads(out.stdout)
+    assert not any("ignore_eos" in b for b in server.bodies.values())
+    assert (report["output_tokens"], report["requested_output_tokens"]) == (2, 6)
+    assert "generated 2 of the 6 tokens asked for: the server ended generations early" in out.stderr
+
+
+def test_sigterm_stops_a_replay_with_the_summary_of_what_finished(stub, tmp_path):
+    """`timeout`, a CI job cancelled or a closed terminal: the replay stops as on Ctrl-C, printing what
+    finished and exiting 130, rather than dying with nothing printed."""
+    import signal
+
+    server = stub(lambda i: "ok" if i < 2 else "hang")
+    trace = write_trace(tmp_path / "t.csv", [0, 0, 0, 0, 30])
+    proc = subprocess.Popen([*BATON, "replay", str(trace), "--url", server.url, "--model", "stub", "--json",
+                             "--no-progress", "--timeout", "20", "--speedup", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(server.answered) == 2 and len(server.arrived) == 4, 20, "two answered, two hanging")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    report = json.loads(out)
+    assert report["interrupted"] is True and report["completed"] == 2 and report["unfinished"] == 3, report
+    assert "interrupted by SIGTERM" in err
+
+
+def test_an_openai_style_base_url_is_taken_and_nothing_listening_is_an_error_not_an_hour_of_failures(stub, tmp_path):
+    server = stub(lambda i: "ok")
+    trace = write_trace(tmp_path / "t.csv", [0, 0])
+    out = replay(trace, server.url + "/v1/", "--rate", "1000")  # the usual OpenAI base URL
+    assert out.returncode == 0 and json.loads(out.stdout)["completed"] == 2, out.stderr
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        out = subprocess.run([*BATON, "replay", str(trace), "--url", url, "--json", "--no-progress"],
+                             capture_output=True, text=True, timeout=60)  # no --model: /v1/models is asked
+    assert out.returncode == 2 and "nothing answers at" in out.stderr, (out.returncode, out.stderr)

@@ -110,7 +110,7 @@ def test_summary_counts_and_percentiles():
     report = summarize(Summary(results, duration_s=2.0, interrupted=True))
     assert (report["requests"], report["completed"], report["rejected"], report["failed"]) == (4, 2, 1, 1)
     assert report["rejected_by_reason"] == {"queue_full": 1}
-    assert report["routes"] == {"local": 2, "disaggregated": 1}
+    assert report["routes"] == {"local": 1, "disaggregated": 1}  # of the completed: a rejection took no route
     assert report["ttft_ms"]["p50"] == pytest.approx(20.0)
     assert report["latency_ms"]["p99"] == pytest.approx(298.0)
     assert report["throughput_rps"] == 1.0
@@ -405,3 +405,37 @@ def test_prompts_are_the_synthetic_ids_whatever_their_length(context):
 
     replay_report([TraceRow(0.0, context, 1)] * 3, handler, timeout=10)
     assert prompts == {i: synthetic_prompt(i, context) for i in range(3)}
+
+
+def test_a_trace_of_second_offsets_is_read_and_a_bad_timestamp_is_quoted_as_written():
+    rows = read_trace(io.StringIO("TIMESTAMP,ContextTokens,GeneratedTokens\n0.0,10,2\n0.25,20,3\n1.5,30,4\n"))
+    assert [r.offset_s for r in rows] == [0.0, 0.25, 1.5]
+    with pytest.raises(ValueError, match=r"trace line 2: timestamp '0\.0\.1' is neither ISO 8601"):
+        read_trace(io.StringIO("TIMESTAMP,ContextTokens,GeneratedTokens\n0.0.1,10,2\n"))
+    with pytest.raises(ValueError, match=r"missing column\(s\) .* \(found: timestamp, contexttokens, generatedtokens;"):
+        read_trace(io.StringIO("timestamp,contexttokens,generatedtokens\n0,1,1\n"))
+
+
+def test_requests_are_started_when_due_not_all_at_the_start(monkeypatch):
+    """A long trace must not become one task (and timer) per row before the first request goes out: that cost
+    ~2 KB and 10 us a row, all after the clock started, and sent everything due meanwhile in a burst."""
+    from baton import replay as replay_module
+
+    async def instant(session, url, index, body, timeout):
+        return Result("completed", output_tokens=1)
+
+    monkeypatch.setattr(replay_module, "send_one", instant)
+    rows = [TraceRow(i * 0.01, 10, 1) for i in range(3000)]  # 30 s of trace
+    seen: list[int] = []
+
+    async def main():
+        run = asyncio.ensure_future(run_replay(rows, "http://127.0.0.1:9", model="m"))
+        for _ in range(5):
+            await asyncio.sleep(0.05)
+            seen.append(len(asyncio.all_tasks()))
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+
+    asyncio.run(main())
+    assert max(seen) < 50, seen
