@@ -122,17 +122,34 @@ def _stream(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, A
     start = time.monotonic()
     first = None
     tokens = 0
+    usage = None
+    error = ""
     with NO_PROXY_OPENER.open(request, timeout=timeout) as resp:  # the scheduler pod's IP: never via a proxy
         headers = dict(resp.headers)
         for raw in resp:
             line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                 continue
-            if first is None:
-                first = time.monotonic()
-            tokens += 1
+            try:
+                event = json.loads(line[5:])
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            if "error" in event:  # an error event mid-stream: no token, and the row says so
+                err = event["error"]
+                error = str(err.get("code") or err.get("message") if isinstance(err, dict) else err)
+                break
+            if isinstance(event.get("usage"), dict):
+                usage = event["usage"].get("completion_tokens")
+            choices = event.get("choices") or []
+            if any(c.get("token_ids") or c.get("text") for c in choices if isinstance(c, dict)):
+                if first is None:
+                    first = time.monotonic()
+                tokens += sum(len(c.get("token_ids") or ()) or 1 for c in choices if isinstance(c, dict))
     end = time.monotonic()
-    return {"headers": headers, "ttft": (first or end) - start, "total": end - start, "tokens": tokens}
+    return {"headers": headers, "ttft": (first or end) - start, "total": end - start,
+            "tokens": usage if isinstance(usage, int) else tokens, "error": error}
 
 
 def send_requests(api_client: Any, namespace: str, name: str, manifest: dict[str, Any]) -> None:
@@ -145,16 +162,20 @@ def send_requests(api_client: Any, namespace: str, name: str, manifest: dict[str
     by_ip = {p.status.pod_ip: p.metadata.name for p in pods if p.status.pod_ip}
     scheduler = next(p for p in pods if p.metadata.labels.get("baton.dev/tier") == "scheduler" and p.status.pod_ip)
     url = f"http://{scheduler.status.pod_ip}:{manifest['spec'].get('scheduler', {}).get('port', 8000)}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            from baton.direct_http import NO_PROXY_OPENER
+    from baton.direct_http import NO_PROXY_OPENER
 
+    deadline = time.monotonic() + 60
+    while True:
+        try:
             with NO_PROXY_OPENER.open(f"{url}/readyz", timeout=2) as resp:
                 if resp.status == 200:
                     break
         except OSError:
-            time.sleep(0.5)
+            pass
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"the scheduler at {url} did not answer /readyz with 200 within 60 s; its log is in the "
+                            "pod runner's work directory")
+        time.sleep(0.5)
     model = manifest["spec"]["model"]["name"]
     say(f"scheduler at {url} (its pod IP), model {model!r}")
     rows = [("PROMPT TOKENS", "ROUTE", "PREFILL REPLICA", "DECODE REPLICA", "TTFT (ms)", "TOTAL (ms)", "TOKENS")]
@@ -164,7 +185,14 @@ def send_requests(api_client: Any, namespace: str, name: str, manifest: dict[str
         except urllib.error.HTTPError as exc:
             rows.append((str(prompt_tokens), f"error {exc.code}", exc.read().decode()[:60], "", "", "", ""))
             continue
+        except OSError as exc:  # no answer at all (refused, reset, timed out)
+            rows.append((str(prompt_tokens), "error", f"{type(exc).__name__}: {exc}"[:60], "", "", "", ""))
+            continue
         h = result["headers"]
+        if result["error"]:
+            rows.append((str(prompt_tokens), h.get("X-Baton-Route", "?"), f"error event: {result['error']}"[:60],
+                         "", "", "", ""))
+            continue
         name_of = lambda endpoint: by_ip.get((endpoint or "").rsplit(":", 1)[0], "-")  # noqa: E731
         rows.append((str(prompt_tokens), h.get("X-Baton-Route", "?"), name_of(h.get("X-Baton-Prefill-Endpoint")),
                      name_of(h.get("X-Baton-Decode-Endpoint")), f"{result['ttft'] * 1000:.0f}",

@@ -114,3 +114,37 @@ def test_replay_reads_the_served_model_straight_from_the_scheduler(engine, monke
     with environment_proxy(monkeypatch) as hits:
         assert replay.discover_model(f"http://{engine}", timeout=5) == "served-model"
     assert hits == []
+
+
+class _Streams(http.server.BaseHTTPRequestHandler):
+    """Streams as the scheduler may send them: a role-less empty first chunk, tokens, a usage chunk; or an
+    error event after a token."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        chunks = [{"choices": [{"text": ""}]}, {"choices": [{"text": " a", "token_ids": [5]}]}]
+        if body["prompt"] == "fail":
+            chunks.append({"error": {"message": "decode replica ... reported an error", "code": "stream_interrupted"}})
+        else:
+            chunks += [{"choices": [{"text": " b c", "token_ids": [6, 7]}]}, {"choices": [], "usage": {"completion_tokens": 3}}]
+        events = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(events)))
+        self.end_headers()
+        self.wfile.write(events)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_demo_counts_tokens_not_events_and_reports_an_error_event():
+    """Neither an empty chunk nor the usage chunk is a token (nor starts TTFT), a chunk may carry several, and
+    an error event mid-stream is reported as the row's error, not counted as a token."""
+    for address in _serve(_Streams):
+        ok = demo._stream(f"http://{address}", {"model": "m", "prompt": "hi", "max_tokens": 3}, timeout=5)
+        failed = demo._stream(f"http://{address}", {"model": "m", "prompt": "fail", "max_tokens": 3}, timeout=5)
+    assert (ok["tokens"], ok["error"]) == (3, "")
+    assert failed["error"] == "stream_interrupted" and failed["tokens"] == 1
