@@ -207,6 +207,19 @@ class ModelTokenizer:
         self.special_tokens = {name: text for name in _SPECIAL_TOKENS
                                if (text := _token_text(config.get(name))) is not None}
 
+    def _special_id(self, name: str) -> int | None:
+        text = self.special_tokens.get(name)
+        return None if text is None else self.tokenizer.token_to_id(text)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The id of the tokenizer's end-of-sequence token (tokenizer_config.json eos_token), if it has one."""
+        return self._special_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
     # ------------------------------------------------------------------ encoding
     def encode_text(self, text: str) -> list[int]:
         """A completions prompt's ids (with the tokenizer's special tokens)."""

@@ -462,3 +462,60 @@ def test_kv_of_a_context_worker_that_restarted_since_the_prefill_is_lost_kv():
             "worker is cd (it restarted since the prefill)")
     body = json.dumps({"object": "error", "message": text, "type": "BadRequestError", "code": 400}).encode()
     assert classify_failure(EP, 400, body).kind == "kv_lost"
+
+
+# ------------------------------------------------------------------------------ NVIDIA's bare models
+class BareTriton(FakeTriton):
+    """NVIDIA's context/generation models (copies of tensorrt_llm): token ids in and out, end_id and pad_id
+    optional inputs, no preprocessing model to fill them."""
+
+    async def get_model_metadata(self, model_name: str, **_: Any) -> dict:
+        inputs = [n for n in SIM_INPUTS if n != "text_input"] + ["end_id", "pad_id"]
+        outputs = [n for n in SIM_OUTPUTS if n != "text_output"]
+        return {"name": model_name, "inputs": [{"name": n} for n in inputs], "outputs": [{"name": n} for n in outputs]}
+
+
+def test_the_bare_models_get_the_tokenizers_end_id_so_generation_stops_at_the_end_of_the_sequence(model_tokenizer):
+    """NVIDIA's ensemble fills end_id in its preprocessing model; calling the bare models, the scheduler must
+    send it, or the engine's end id stays -1 and every generation runs to max_tokens."""
+    from tokenizer_fixture import EOS
+
+    eos = model_tokenizer.tokenizer.token_to_id(EOS)
+    fake = BareTriton(result=tokens_result([7, 8]))
+    status, _ = post(fake, {"prompt": [1, 2, 3], "max_tokens": 4})
+    sent = sent_inputs(fake)
+    assert status == 200 and sent["end_id"] == [[eos]] and sent["pad_id"] == [[eos]]  # no pad token: the EOS
+    fake = BareTriton(result=tokens_result([7, 8]))
+    post(fake, {"prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": True})
+    assert sent_inputs(fake)["end_id"] == [[-1]]  # ignore_eos wins, as TensorRT-LLM's LLM API has it
+    fake = FakeTriton(result=tokens_result([7, 8], " a"))  # a model that declares no end_id gets none
+    post(fake, {"prompt": [1, 2, 3], "max_tokens": 4})
+    assert "end_id" not in sent_inputs(fake)
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1), ("top_k", -1), ("top_p", 1.5),
+                                         ("repetition_penalty", 0), ("min_tokens", -2)])
+def test_sampling_values_tensorrt_llm_refuses_are_the_clients_400_before_any_replica(field, value):
+    """TensorRT-LLM's executor checks these ranges and its Triton backend reports a failure as INTERNAL, which
+    would read as the replica's fault (retried, and three in a row take it out of rotation)."""
+    fake = FakeTriton(result=tokens_result([7]))
+    status, body = post(fake, {"prompt": [1, 2, 3], "max_tokens": 4, field: value})
+    assert status == 400 and body["param"] == field and fake.infer_inputs is None, body
+
+
+@pytest.mark.parametrize("message", [
+    "Executor failed process requestId 7 due to the following error: [TensorRT-LLM][ERROR] Assertion failed: "
+    "Prompt length (9000) exceeds maximum input length (8192). (llmRequest.h:412)",
+    "[TensorRT-LLM][ERROR] Assertion failed: temperature.value() >= 0.f (samplingConfig.cpp:233)",
+    "request_output_len is not present in the request",
+])
+@pytest.mark.parametrize("grpc_status", [None, "StatusCode.INTERNAL"])
+def test_the_backends_refusals_of_a_request_are_400s_not_replica_failures(message, grpc_status):
+    status, body = triton_error(message, grpc_status)
+    assert status == 400 and classify_failure(EP, status, body) is None
+
+
+def test_streamed_beam_search_is_refused_rather_than_relayed_as_repeated_tokens():
+    """Streaming with beam width > 1, TensorRT-LLM returns every beam whole at each step."""
+    status, raw = open_(FakeTriton([]), {"prompt": [1, 2, 3], "max_tokens": 4, "use_beam_search": True, "best_of": 2})
+    assert status == 400 and "stream with use_beam_search is not supported" in raw.decode(), raw

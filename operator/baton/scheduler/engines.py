@@ -334,6 +334,12 @@ _VALIDATION_RE = re.compile(
     r"|unexpected number of string elements"
     r"|incomplete string length indicator for inference input '"
     r"|string elements for inference input '"
+    # TensorRT-LLM's backend refusing the request it builds from the inputs (model_instance_state.cc: the
+    # exception becomes TRITONSERVER_ERROR_INTERNAL, also "Executor failed process requestId N due to ..."):
+    # a prompt over the engine's limit (LlmRequest::validate), a sampling value out of range (SamplingConfig)
+    r"|Prompt length \(\d+\) exceeds maximum input length"
+    r"|Assertion failed: [^\n]*(?:samplingConfig|SamplingConfig)"
+    r"|request_output_len is not present"
 )
 
 
@@ -390,7 +396,8 @@ def _error_json(message: str, status: int, err_type: str, param: str | None = No
 # OpenAI / trtllm-serve request fields -> optional inputs of TensorRT-LLM's Triton models (names, datatypes and
 # shapes of all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt; `stop_words` is the ensemble's / BLS's
 # text form). Every value is a [1, 1] tensor (batch 1) unless noted. Values are checked for the tensor's type
-# here; their ranges are the engine's to check (its 400 is passed through).
+# here, and for the ranges TensorRT-LLM's executor asserts (`_SAMPLING_LOWEST`); the engine's own 400s are
+# passed through.
 _FP32_MAX = 3.4028234663852886e38
 _INT32 = (-(2**31), 2**31 - 1)
 _TENSOR_FIELDS: dict[str, tuple[str, str]] = {  # field -> (Triton input, datatype)
@@ -404,6 +411,13 @@ _TENSOR_FIELDS: dict[str, tuple[str, str]] = {  # field -> (Triton input, dataty
     "length_penalty": ("len_penalty", "FP32"),
     "min_tokens": ("min_tokens", "INT32"),
 }
+# The ranges TensorRT-LLM's executor checks (SamplingConfig: TLLM_CHECK, which the Triton backend reports as an
+# INTERNAL error that would read as the replica's failure): field -> (lowest, whether the lowest is allowed),
+# and top_p's highest. The client's mistake, answered 400 here as trtllm-serve's validation answers it.
+_SAMPLING_LOWEST: dict[str, tuple[float, bool]] = {
+    "temperature": (0.0, True), "top_k": (0, True), "repetition_penalty": (0.0, False), "min_tokens": (0, True),
+}
+_TOP_P_HIGHEST = 1.0
 # Fields read elsewhere in `_TritonCall` (prompt, lengths, streaming, beam width, the disaggregated handle).
 _HANDLED_FIELDS = frozenset((
     "model", "prompt", "messages", "prompt_token_ids", "max_tokens", "max_completion_tokens", "stream",
@@ -445,8 +459,10 @@ def triton_error(text: str, grpc_status: str | None = None) -> tuple[int, bytes]
     code = (grpc_status or "").rsplit(".", 1)[-1]
     if _QUEUE_FULL_MARKER in (text or ""):
         code = "UNAVAILABLE"  # an overloaded replica's 503, with or without its status (inside a stream)
-    elif not code and is_request_validation_error(text or ""):
-        code = "INVALID_ARGUMENT"  # Triton's own refusal, reported inside a stream without its status
+    elif code in ("", "INTERNAL", "UNKNOWN") and is_request_validation_error(text or ""):
+        # Triton's own refusal, reported inside a stream without its status, or TensorRT-LLM's backend refusing
+        # the request it builds (as INTERNAL): the client's request, which every replica refuses alike
+        code = "INVALID_ARGUMENT"
     status = 400 if code in ("INVALID_ARGUMENT", "NOT_FOUND") else 503 if code == "UNAVAILABLE" else 500
     err_type = {400: "BadRequestError", 503: "ServiceUnavailableError"}.get(status, "InternalServerError")
     return status, _error_json((text or f"Triton error {code}").strip()[:2000], status, err_type)
@@ -507,6 +523,14 @@ def _sampling_inputs(data: dict) -> list[tuple[str, str, Any]]:
         spec = _TENSOR_FIELDS.get(key)
         if spec is not None:
             name, dtype = spec
+            lowest = _SAMPLING_LOWEST.get(key)
+            if lowest is not None and not isinstance(value, bool) and isinstance(value, (int, float)) and (
+                    value < lowest[0] or (value == lowest[0] and not lowest[1])):
+                raise _BadRequest(f"{key} must be {'at least' if lowest[1] else 'above'} {lowest[0]:g}, got "
+                                  f"{json.dumps(value)}", key)
+            if key == "top_p" and not isinstance(value, bool) and isinstance(value, (int, float)) \
+                    and value > _TOP_P_HIGHEST:
+                raise _BadRequest(f"top_p must be at most {_TOP_P_HIGHEST:g}, got {json.dumps(value)}", key)
             if dtype == "FP32":
                 number = _number(key, value)
                 if key == "top_p" and number <= 0:
@@ -633,6 +657,12 @@ class _TritonCall:
                     "best_of beams, or use runtime: trtllm-serve", "best_of", unsupported=True)
         self.beam_width = (best_of or 1) if use_beam_search else 1
         self.stream = bool(data.get("stream")) and self.kind != "context_only"
+        if self.stream and self.beam_width > 1:
+            # streamed beam search returns every beam whole at each step (TensorRT-LLM's
+            # returnAllGeneratedTokens), which a stream of new tokens cannot carry
+            raise _BadRequest("stream with use_beam_search is not supported with runtime: triton (each step "
+                              "returns every beam whole); set stream: false, or use runtime: trtllm-serve",
+                              "stream", unsupported=True)
         self.include_usage = wants_usage(data.get("stream_options"))
         self.context_phase_params: bytes | None = None
         self.layout: ModelLayout | None = None  # the replica's model (`prepare`); None: every tensor is sent
@@ -722,10 +752,20 @@ class _TritonCall:
         self.layout = layout
         needs_ids = self.ids is None and "text_input" not in layout.inputs
         needs_text = "text_output" not in layout.outputs
+        tokenizer = model_tokenizer()
+        if "end_id" in layout.inputs and tokenizer is not None and not any(n == "end_id" for n, _, _ in self.sampling):
+            # NVIDIA's ensemble fills end_id (and pad_id) in its preprocessing model from the tokenizer; the
+            # bare context/generation models the scheduler calls get none, and the engine then never stops at
+            # the end of the sequence (its end id defaults to -1): sent here, as TensorRT-LLM's LLM API sets them
+            eos = tokenizer.eos_token_id
+            if eos is not None:
+                self.sampling.append(("end_id", "INT32", eos))
+                if "pad_id" in layout.inputs:
+                    pad = tokenizer.pad_token_id
+                    self.sampling.append(("pad_id", "INT32", eos if pad is None else pad))
         if not (needs_ids or needs_text):
             self.detokenizer = None
             return
-        tokenizer = model_tokenizer()
         if tokenizer is None:
             raise _tokenizer_required(model, "text_input" if needs_ids else "text_output")
         if needs_ids:
