@@ -756,6 +756,19 @@ def test_each_tier_and_the_scheduler_has_a_disruption_budget_over_its_pods_of_ev
         assert budget["metadata"]["ownerReferences"][0]["kind"] == "DisaggregatedModel"
 
 
+def test_a_triton_engine_is_restarted_only_when_the_server_is_not_live_not_when_a_model_is_not_ready():
+    """With --strict-readiness /v2/health/ready fails while a model is not ready: that takes the pod out of
+    rotation (readiness); only /v2/health/live failing restarts the server (liveness), as NVIDIA's chart has it."""
+    children = render_children(target(model("small.yaml", engine__runtime="triton")))
+    for sts in (c for c in children if c["kind"] == "StatefulSet"):
+        engine = sts["spec"]["template"]["spec"]["containers"][0]
+        assert engine["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+        assert engine["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    served = render_children(target(model("small.yaml")))  # trtllm-serve: /health for both
+    engine = next(c for c in served if c["kind"] == "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    assert engine["readinessProbe"]["httpGet"]["path"] == engine["livenessProbe"]["httpGet"]["path"] == "/health"
+
+
 def test_tritonserver_lets_in_flight_requests_finish_within_the_pods_grace_period():
     """tritonserver gives in-flight requests --exit-timeout-secs (30 s by default) after SIGTERM: the operator
     renders it a little under terminationGracePeriodSeconds, so decode replicas finish their generations."""

@@ -245,6 +245,9 @@ def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
         ]
         health = "/v2/health/ready"
     probe = {"httpGet": {"path": health, "port": "http"}, "periodSeconds": PROBE_PERIOD_S, "timeoutSeconds": 5}
+    # Triton's liveness is /v2/health/live: with --strict-readiness a model not ready (loading, unloaded)
+    # makes /ready fail, which must take the pod out of rotation, not restart the server
+    live = probe if command != ["tritonserver"] else {**probe, "httpGet": {"path": "/v2/health/live", "port": "http"}}
     return {
         "name": "engine",
         "image": spec.tier_engine(tier).image,
@@ -257,7 +260,7 @@ def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
         # Download, load and warm-up take minutes: engine.startupTimeout (30 minutes) before liveness applies.
         "startupProbe": {**probe, "failureThreshold": startup_probe_failures(spec)},
         "readinessProbe": {**probe, "failureThreshold": 3},
-        "livenessProbe": {**probe, "failureThreshold": 6},
+        "livenessProbe": {**live, "failureThreshold": 6},
         "volumeMounts": [*baton_volume_mounts(spec), *t.pod_template.volume_mounts],
     }
 
