@@ -37,24 +37,29 @@ def _wait_for(predicate, timeout: float) -> bool:
     return True
 
 
-def test_departed_pods_are_stopped_together_while_the_others_are_tended(tmp_path: Path) -> None:
+def test_departed_pods_get_their_own_grace_period_while_the_others_are_tended(tmp_path: Path) -> None:
+    """As the kubelet stops a deleted pod's container: SIGTERM, then SIGKILL after the pod's
+    terminationGracePeriodSeconds (not a fixed time of the runner's), in the background; and a new pod at a
+    departed one's IP starts as soon as that one's process is gone, whatever the others still stopping."""
     core = FakeCore()
     runner = make_runner(tmp_path, core, tend=True, stop_grace_s=1.0)
     started: list[str] = []
     runner._start = lambda local: started.append(local.key)
     procs = []
-    for i, name in enumerate(["old-0", "old-1", "live-0"]):
+    for i, (name, grace) in enumerate([("old-0", 1.0), ("old-1", 4.0), ("live-0", 30.0)]):
         core.pods.append(scheduler_pod(name, name, f"127.64.0.{20 + i}"))
         local = LocalProcess(key=f"ns/{name}", uid=name, argv=[], env={}, probe_url=None, log_path=tmp_path / f"{name}.log",
                              pod_ip=f"127.64.0.{20 + i}", ready=True)
+        local.grace_s = grace  # the pod's terminationGracePeriodSeconds (translate reads it from the pod's spec)
         local.proc = subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM], start_new_session=True)
         procs.append(local.proc)
         runner.processes[local.key] = local
     try:
         time.sleep(0.3)  # the SIGTERM handlers are in place
-        # the old generation is deleted; a new pod takes old-0's IP; live-0's process crashes
+        # the old generation is deleted; new pods take the old ones' IPs; live-0's process crashes
         core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n"}
-        core.pods = [core.pods[2], scheduler_pod("new-0", "new-0", "127.64.0.20")]
+        core.pods = [core.pods[2], scheduler_pod("new-0", "new-0", "127.64.0.20"),
+                     scheduler_pod("new-1", "new-1", "127.64.0.21")]
         procs[2].kill()
         procs[2].wait(timeout=10)
         t0 = time.monotonic()
@@ -62,11 +67,56 @@ def test_departed_pods_are_stopped_together_while_the_others_are_tended(tmp_path
         assert time.monotonic() - t0 < 0.8, "the pass waited for the departed pods' processes"
         assert core.conditions("live-0")[0][1] == "ProcessExited", "the live pod was not tended meanwhile"
         assert "ns/new-0" not in runner.processes, "started while the old process at its IP still runs"
-        assert _wait_for(lambda: not runner._stopping, 4.0), "not stopped within one shared grace period (+ margin)"
-        assert procs[0].returncode == procs[1].returncode == -signal.SIGKILL
+        assert _wait_for(lambda: procs[0].poll() is not None, 3.0), "old-0 not stopped after its grace period"
+        assert procs[0].returncode == -signal.SIGKILL
+        assert _wait_for(lambda: "127.64.0.20" not in runner._stopping_ips(), 1.0), "old-0's IP still held"
+        assert procs[1].poll() is None, "old-1 killed before its own grace period was over"
         runner.sync()
-        assert "ns/new-0" in runner.processes and started[-1] == "ns/new-0"
+        assert "ns/new-0" in runner.processes and started[-1] == "ns/new-0", "new-0 waited for another pod's process"
+        assert "ns/new-1" not in runner.processes
+        assert _wait_for(lambda: procs[1].poll() is not None, 5.0)
+        assert 3.5 < time.monotonic() - t0 and procs[1].returncode == -signal.SIGKILL
+        assert _wait_for(lambda: not runner._stopping, 1.0)
+        runner.sync()
+        assert "ns/new-1" in runner.processes
+        # meanwhile the waiting pods said what they waited for
+        assert core.conditions("new-0")[0] == ("False", "PreviousPodStopping", "waiting for the process of departed "
+                                               "pod ns/old-0, which had this pod's IP 127.64.0.20, to stop")
     finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def test_the_runners_own_shutdown_is_bounded_whatever_the_grace_periods(tmp_path: Path) -> None:
+    """A stopping runner (SIGTERM, `baton devcluster down`, a test's teardown) gives its processes, and the
+    departed pods' ones still stopping, at most `stop_grace_s`, not their pods' minutes."""
+    core = FakeCore()
+    core.pods = [scheduler_pod("live-0", "u-live", "127.64.0.30"), scheduler_pod("gone-0", "u-gone", "127.64.0.31")]
+    runner = make_runner(tmp_path, core, tend=True, stop_grace_s=1.0)
+    runner._start = lambda local: None
+    runner._reaped = True
+    procs = []
+    for pod in core.pods:
+        local = LocalProcess(key=f"ns/{pod.metadata.name}", uid=pod.metadata.uid, argv=[], env={}, probe_url=None,
+                             log_path=tmp_path / f"{pod.metadata.name}.log", pod_ip=pod.status.pod_ip)
+        local.grace_s = 120.0
+        local.proc = subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM], start_new_session=True)
+        procs.append(local.proc)
+        runner.processes[local.key] = local
+    time.sleep(0.3)
+    core.pods = core.pods[:1]  # gone-0 is deleted: its process stops in the background, with 120 s of grace
+    thread = runner.start()
+    try:
+        assert _wait_for(lambda: runner._stopping, 5.0)
+        t0 = time.monotonic()
+        runner.stop()
+        thread.join(timeout=20)
+        assert not thread.is_alive() and time.monotonic() - t0 < 6.0, "the runner waited out its pods' grace periods"
+        assert [proc.poll() for proc in procs] == [-signal.SIGKILL, -signal.SIGKILL]
+    finally:
+        runner.stop()
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
@@ -139,6 +189,49 @@ def test_sighup_stops_the_runner_as_sigterm_does() -> None:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_a_second_ctrl_c_does_not_abort_the_cleanup() -> None:
+    """SIGINT only asks the runner to stop, as SIGTERM does: a KeyboardInterrupt raised in the middle of
+    stopping the processes and writing the pods unready (a second Ctrl-C) would leave both half done."""
+    stopped: list[bool] = []
+
+    class Stub:
+        def stop(self) -> None:
+            stopped.append(True)
+
+    interrupted: list[bool] = []
+    saved = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # stands in for KeyboardInterrupt
+    try:
+        podrunner_main.install_stop_handlers(Stub())
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert _wait_for(lambda: len(stopped) == 2, 2.0) and not interrupted, "Ctrl-C interrupts the runner"
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
+def test_the_restart_back_off_starts_over_after_ten_minutes_without_an_exit(tmp_path: Path) -> None:
+    """As the kubelet's: a process that crashed often gets ever longer back-offs, but one that then ran
+    BACKOFF_RESET_S before exiting is restarted after the first back-off again (restartCount still counts)."""
+    runner = make_runner(tmp_path, FakeCore(), tend=True)
+    pod = SimpleNamespace(metadata=SimpleNamespace(namespace="ns", name="p"))
+
+    def crash(ran_s: float) -> float:
+        """The back-off after an exit of a process that ran `ran_s`."""
+        local.proc = subprocess.Popen(["true"])
+        local.proc.wait(timeout=10)
+        local.started_mono = time.monotonic() - ran_s
+        runner._tend(local, pod)
+        return local.next_start - time.monotonic()
+
+    local = LocalProcess(key="ns/p", uid="u", argv=["true"], env={}, probe_url=None, log_path=tmp_path / "p.log")
+    local.restarts = local.crashes = 6  # it crashed often: the back-off is at its longest
+    runner._start = lambda local: None
+    assert 25 < crash(ran_s=5.0) <= 30
+    assert 0.5 < crash(ran_s=10 * 60 + 1) <= 1.0, "the back-off did not start over"
+    assert 1.5 < crash(ran_s=5.0) <= 2.0
+    assert local.restarts == 9
 
 
 def test_the_claim_is_a_lease_the_runner_renews_and_a_dead_runner_loses(tmp_path: Path) -> None:

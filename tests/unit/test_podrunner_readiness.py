@@ -31,9 +31,14 @@ class RecordingRunner(PodRunner):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.marks: list[tuple[bool, str, str]] = []
+        self.container_writes: list[dict] = []
 
-    def _set_ready(self, namespace, name, ready, reason, message):
+    def _set_ready(self, namespace, name, ready, reason, message, **status):
         self.marks.append((ready, reason, message))
+
+    def _patch_status(self, namespace, name, uid, *, conditions=None, statuses=None):
+        self.container_writes.append(statuses[0])
+        return True
 
 
 def test_a_ready_pod_turns_unready_after_failure_threshold_probes_in_a_row(tmp_path: Path) -> None:

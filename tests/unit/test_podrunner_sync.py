@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
 import logging
 import subprocess
 import sys
@@ -52,9 +53,29 @@ class FakeCore:
         return SimpleNamespace(data=data)
 
     def patch_namespaced_pod_status(self, name, namespace, body, **request_options):
+        """As the API server applies a strategic-merge patch of a pod's status: conditions merged by type,
+        containerStatuses (an atomic list) replaced whole; refused (422) when the patch names another uid
+        than the pod's (a listed pod; one that is not listed is only recorded)."""
         if self.fail_patch:
             raise self.fail_patch.pop(0)
+        index = next((i for i, p in enumerate(self.pods) if p.metadata.name == name and p.metadata.namespace == namespace), None)
+        uid = (body.get("metadata") or {}).get("uid")
+        if index is not None and uid is not None and uid != self.pods[index].metadata.uid:
+            refused = ApiException(status=422, reason="Unprocessable Entity")
+            refused.body = json.dumps({"kind": "Status", "status": "Failure", "reason": "Invalid", "code": 422, "message":
+                                       f'Pod "{name}" is invalid: metadata.uid: Invalid value: "{uid}": field is immutable'})
+            raise refused
         self.patches.append((namespace, name, body))
+        if index is not None:
+            pod = ApiClient().sanitize_for_serialization(self.pods[index])
+            status = pod.setdefault("status", {})
+            conditions = {c["type"]: c for c in status.get("conditions") or []}
+            for condition in body["status"].get("conditions") or []:
+                conditions[condition["type"]] = {**conditions.get(condition["type"], {}), **condition}
+            status["conditions"] = list(conditions.values())
+            if "containerStatuses" in body["status"]:
+                status["containerStatuses"] = body["status"]["containerStatuses"]
+            self.pods[index] = V1Pod.from_dict(pod)
 
     def patch_namespace(self, namespace, body, **request_options):
         annotations = self.annotations.setdefault(namespace, {})
@@ -73,7 +94,12 @@ class FakeCore:
     def conditions(self, name: str) -> list[tuple[str, str, str]]:
         """(status, reason, message) of every Ready write to pod `name`, in order."""
         return [(c["status"], c["reason"], c["message"]) for _, n, body in self.patches if n == name
-                for c in body["status"]["conditions"] if c["type"] == "Ready"]
+                for c in body["status"].get("conditions") or [] if c["type"] == "Ready"]
+
+    def container_statuses(self, name: str) -> list[dict]:
+        """The entry of the (one) container in every containerStatuses write to pod `name`, in order."""
+        return [body["status"]["containerStatuses"][0] for _, n, body in self.patches
+                if n == name and "containerStatuses" in body["status"]]
 
 
 def scheduler_pod(name: str = "m-scheduler-abc", uid: str = "u1", ip: str = "127.64.0.5", *, config_map: str = "m-scheduler",
@@ -275,7 +301,7 @@ def test_a_ready_write_that_fails_is_made_again_on_the_next_pass(tmp_path: Path,
         pod = SimpleNamespace(metadata=SimpleNamespace(namespace="ns", name="p"))
         core.fail_patch = [ApiException(status=500, reason="etcdserver: request timed out")]
         runner._tend(local, pod)
-        assert local.ready is None and core.patches == []
+        assert local.ready is None and core.conditions("p") == []
         runner._tend(local, pod)
         runner._tend(local, pod)
         assert core.conditions("p") == [("True", "ProbeSucceeded", "readiness probe succeeded")]
@@ -392,3 +418,69 @@ def test_a_replaced_pods_process_log_is_kept_while_its_process_may_still_write_t
         old_process.write(b"old: stopped\n")
     assert (log_path.parent / "process.previous.log").read_bytes() == b"old: serving\nold: stopped\n"
     assert not log_path.exists(), "the new pod's process starts a log of its own"
+
+
+def test_a_volume_whose_new_content_cannot_be_localised_holds_no_other_volume_back(tmp_path: Path) -> None:
+    """The scheduler's ConfigMap changes to a tokenizer the runner cannot localise: that volume keeps its files
+    (as a kubelet keeps a volume it cannot update), and the rotated Secret still reaches its file."""
+    core = FakeCore()
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\ndegradation: {store: redis, redisUrlFile: /etc/baton/redis-url/url}\n"}
+    core.secrets[("ns", "hold-store")] = {"url": "redis://:pw1@127.0.0.1:6379/0"}
+    core.pods = [scheduler_pod(redis_secret="hold-store")]
+    runner = make_runner(tmp_path, core, models_root=tmp_path / "models")
+    runner.sync()
+    cfg = config_path(runner, "ns/m-scheduler-abc")
+    before = cfg.read_text()
+    url_file = Path(yaml.safe_load(before)["degradation"]["redisUrlFile"])
+
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\ntokenizer: {huggingFaceId: org/absent}\n"
+                                                      "degradation: {store: redis, redisUrlFile: /etc/baton/redis-url/url}\n"}
+    core.secrets[("ns", "hold-store")] = {"url": "redis://:pw2@127.0.0.1:6380/0"}
+    runner.sync()
+    assert url_file.read_text() == "redis://:pw2@127.0.0.1:6380/0", "the Secret's update was held back"
+    assert cfg.read_text() == before, "a file the runner could not localise was replaced"
+    assert "Hugging Face Hub" in runner.processes["ns/m-scheduler-abc"].refresh_error
+
+
+def test_a_pod_whose_translation_fails_in_any_way_is_told_so(tmp_path: Path) -> None:
+    """Not only a RuntimeError: a scheduler ConfigMap that is not YAML, a trtllm-serve container without
+    arguments; each pod is unready with reason CannotRunLocally and why, the others run."""
+    core = FakeCore()
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n"}
+    core.cms[("ns", "broken")] = {"config.yaml": "model: [m\n"}
+    engine = ApiClient().sanitize_for_serialization(scheduler_pod("engine", "ue", "127.64.0.8"))
+    engine["spec"]["containers"][0].update(command=["trtllm-serve"], args=[])
+    core.pods = [scheduler_pod("yaml", "uy", "127.64.0.6", config_map="broken"), V1Pod.from_dict(engine),
+                 scheduler_pod("good", "ug", "127.64.0.7")]
+    runner = make_runner(tmp_path, core)
+    runner.sync()
+    assert sorted(runner.processes) == ["ns/good"]
+    status, reason, message = core.conditions("yaml")[-1]
+    assert (status, reason) == ("False", "CannotRunLocally") and "while parsing a flow sequence" in message, message
+    assert core.conditions("engine")[-1] == ("False", "CannotRunLocally",
+                                             "the trtllm-serve container has no arguments: it names no model")
+
+
+def test_a_probe_answered_with_garbage_is_a_failed_probe(tmp_path: Path) -> None:
+    """http.client's own errors (a status line that is not HTTP) fail the probe; they must not escape it."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        assert PodRunner._probe(f"http://127.0.0.1:{listener.getsockname()[1]}/health", 2.0) is False
+    finally:
+        listener.close()

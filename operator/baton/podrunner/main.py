@@ -15,10 +15,11 @@ from baton.podrunner.runner import LOOPBACK, ClaimHeld, PodRunner, packaged_mode
 
 
 def install_stop_handlers(runner: PodRunner) -> None:
-    """SIGTERM and SIGHUP (the terminal closed, the parent session gone) stop the runner cleanly: its
-    processes stopped, its pods written unready, its claim withdrawn. (After a SIGKILL, the next runner
-    with the same workdir stops the processes left behind, and the claim expires with its lease.)"""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    """SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed, the parent session gone) stop the runner
+    cleanly: its processes stopped, its pods written unready, its claim withdrawn. None of them interrupts
+    that cleanup (a second Ctrl-C included): each only asks the runner to stop. (After a SIGKILL, the next
+    runner with the same workdir stops the processes left behind, and the claim expires with its lease.)"""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: runner.stop())
 
 

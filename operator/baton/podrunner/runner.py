@@ -30,16 +30,32 @@ credential) sees the update. A pod the runner cannot run (a missing ConfigMap or
 needs, an environment source it cannot resolve, no local model) is marked unready with reason
 `CannotRunLocally` and the reason in its message; the other pods carry on.
 
-The container's readinessProbe is run against the process (never through a proxy) and its result
-written to the pod's Ready condition, so EndpointSlices, and therefore the scheduler and the operator,
-see exactly the processes that can serve. As the kubelet does, a Ready pod turns unready only after
-the probe's `failureThreshold` consecutive failures; probes run every runner pass (faster than
-`periodSeconds`, so tests stay quick) with a timeout of at most `PROBE_TIMEOUT_S`, since one thread
-probes every pod. A process that exits turns its pod unready at once with reason `ProcessExited`, its
-exit code and its log file in the message (and in the runner's log), and is restarted with back-off,
-like a kubelet would (whatever is left of its session is killed first: it would hold the pod's ports). A
-status write that fails is retried on the next pass. When the pod goes away its process is stopped
-(SIGTERM, then SIGKILL after `stop_grace_s`) in the background, so the other pods are still probed and
+The container's probes are run against the process (never through a proxy), with the kubelet's
+semantics. The readinessProbe's result is written to the pod's Ready condition, so EndpointSlices, and
+therefore the scheduler and the operator, see exactly the processes that can serve: a Ready pod turns
+unready only after the probe's `failureThreshold` consecutive failures; it runs every runner pass (faster
+than `periodSeconds`, so tests stay quick). A startupProbe, if there is one, must pass before the other two
+run (it too runs every pass, but a failure counts once per `periodSeconds`); a livenessProbe runs every
+`periodSeconds` from `initialDelaySeconds` after the start. Either failing `failureThreshold` times in a row
+gets the process restarted as the kubelet restarts such a container: SIGTERM to its session, SIGKILL after
+the grace period (on a later pass: the other pods are tended meanwhile), then the restart below. Every probe
+has a timeout of at most `PROBE_TIMEOUT_S`, since one thread probes every pod; only httpGet probes are run,
+any other kind (exec, tcpSocket, grpc) counts as passing. A process that exits turns its pod unready at
+once with reason `ProcessExited`, its exit code and its log file in the message (and in the runner's log),
+and is restarted with back-off (1 s doubling to `BACKOFF_MAX_S`, the kubelet's is 10 s to 5 min; it
+starts over once a process ran `BACKOFF_RESET_S` without exiting), like a kubelet would (whatever is left
+of its session is killed first: it would hold the pod's ports). The container's status is written with
+the conditions, as the kubelet's status manager writes it: `ready`, `started`, `restartCount`,
+`state.running.startedAt` of the current process; after an exit `lastState.terminated` (exit code, 128 +
+the signal for a killed process, reason `Error` or `Completed`) and, until the restart, `state.waiting`
+with reason `CrashLoopBackOff`; for a pod that cannot run, `state.waiting` with reason
+`CreateContainerConfigError` (a missing ConfigMap, Secret or key its environment needs), `ContainerCreating`
+(a volume's, as the kubelet cannot mount it) or `CannotRunLocally` (a limit of this runner). Every status
+patch carries the pod's uid (as the kubelet's do), so a write meant for a pod that was just replaced by one of
+the same name is refused instead of landing on the new pod; a condition whose status does not change keeps
+its lastTransitionTime. A status write that fails is retried on the next pass. When the pod goes away its
+process is stopped (SIGTERM, then SIGKILL after the pod's `terminationGracePeriodSeconds`, or the deleted
+pod's own grace period) in the background, each process on its own, so the other pods are still probed and
 restarted meanwhile; a new pod of the same name keeps the old process's log as `process.previous.log`.
 
 Before running anything the runner claims its namespace (or every namespace), so that the local
@@ -50,19 +66,23 @@ without withdrawing it expires. A runner does not start while another runner's l
 would run, and stops (its processes with it) once it could not renew its own for a whole lease: the
 cluster is gone, and the next one would hand the same pod IPs out again. A pod that takes over the IP
 of one deleted a moment ago is never Ready while the old process still answers there: a pod is not
-started while a departed pod's process at its IP is still stopping.
+started while a departed pod's process at its IP is still stopping (it is unready meanwhile, with reason
+`PreviousPodStopping`).
 
 Every process runs in a session of its own, which is what gets stopped (Triton and its Python-backend
 stubs are children of the simulator), and has a pid file under `<workdir>/.pids`; a runner that starts
-stops whatever an earlier runner that died (SIGKILL) left running. SIGHUP and SIGTERM stop the runner
-(`baton pod-runner`) cleanly: its processes stopped, their pods written unready (reason
-`PodRunnerStopped`), its claim withdrawn.
+stops whatever an earlier runner that died (SIGKILL) left running. SIGTERM, SIGINT and SIGHUP stop the
+runner (`baton pod-runner`) cleanly, a second one included: its processes stopped (each within its grace
+period, but at most `stop_grace_s`), their pods written unready (reason `PodRunnerStopped`, the container
+terminated), its claim withdrawn.
 """
 
 from __future__ import annotations
 
 import base64
 import calendar
+import copy
+import http.client
 import ipaddress
 import json
 import logging
@@ -71,6 +91,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -87,7 +108,7 @@ import yaml
 
 from baton.atomicfile import write_atomic
 from baton.checkout import repo_root
-from baton.direct_http import NO_PROXY_OPENER
+from baton.direct_http import NO_PROXY_OPENER, no_proxy_opener
 from baton.localproc import proc_start_time, signal_session
 from baton.model_tokenizer import TOKENIZER_FILE
 from baton.render.engine_config import CONFIG_FILE as ENGINE_CONFIG_FILE
@@ -98,7 +119,15 @@ log = logging.getLogger("baton.podrunner")
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 TIER_LABEL = "baton.dev/tier"
 PROBE_TIMEOUT_S = 1.0
+# The most the runner's own shutdown (and its reaping of a dead runner's leftovers) waits between SIGTERM and
+# SIGKILL; a pod's process otherwise gets its pod's terminationGracePeriodSeconds (the kubelet's default 30 s).
 STOP_GRACE_S = 10.0
+DEFAULT_GRACE_S = 30.0
+MIN_GRACE_S = 2.0  # as the kubelet: a container always gets this much time to stop
+# Restart back-off of an exited process: 1 s doubling to BACKOFF_MAX_S (the kubelet's is 10 s to 300 s; shorter
+# here so tests stay quick), reset once a process has run BACKOFF_RESET_S without exiting (as the kubelet does).
+BACKOFF_MAX_S = 30.0
+BACKOFF_RESET_S = 600.0
 API_TIMEOUT_S = 10.0  # for each status and claim write: a hung API server must not hold the runner up
 STOP_WRITES_S = 10.0  # what a stopping runner spends at most on writing its pods unready
 MANAGED_BY = "baton-operator"
@@ -273,12 +302,60 @@ def _last_line(path: Path, limit: int = 300) -> str:
     return lines[-1].strip()[:limit] if lines else ""
 
 
+def _pod_ready(pod: Any) -> bool | None:
+    """The status of the pod's Ready condition as listed (None: it has none, or the pod was not listed)."""
+    for condition in getattr(getattr(pod, "status", None), "conditions", None) or []:
+        kind = condition.get("type") if isinstance(condition, dict) else getattr(condition, "type", None)
+        if kind == "Ready":
+            status = condition.get("status") if isinstance(condition, dict) else getattr(condition, "status", None)
+            return status == "True"
+    return None
+
+
+def _with_entry(statuses: list[dict[str, Any]], entry: dict[str, Any], image: str) -> list[dict[str, Any]]:
+    """The pod's whole containerStatuses list (an atomic list: a patch replaces it whole) with the runner's
+    fields of one container's entry (matched by name) replaced, and the others' (e.g. KWOK's image, imageID)
+    kept."""
+    out: list[dict[str, Any]] = []
+    found = False
+    for status in statuses:
+        if status.get("name") == entry["name"] and not found:
+            out.append({**status, **entry})
+            found = True
+        else:
+            out.append(status)
+    if not found:
+        out.append({"image": image, "imageID": "", **entry})
+    return out
+
+
+# an HTTPS probe, as the kubelet's, does not check the server's certificate
+_INSECURE_OPENER = no_proxy_opener(ssl._create_unverified_context())  # noqa: S323
+
+
 class ClaimHeld(RuntimeError):
     """Another runner's live claim covers pods this runner would run (the message says whose, and what to do)."""
 
 
 class CannotRunLocally(RuntimeError):
-    """A pod the runner cannot run as a local process (the message says why)."""
+    """A pod the runner cannot run as a local process (the message says why). `waiting_reason` is what its
+    container status shows (state.waiting.reason): for a limit of the runner, this class's name."""
+
+    waiting_reason = "CannotRunLocally"
+
+
+class ContainerConfigError(CannotRunLocally):
+    """A ConfigMap, Secret or key the container's environment needs is missing: the kubelet does not create
+    such a container, and reports CreateContainerConfigError."""
+
+    waiting_reason = "CreateContainerConfigError"
+
+
+class MountError(CannotRunLocally):
+    """A ConfigMap or Secret (or key) a volume needs is missing: the kubelet cannot mount the volume, and the
+    container waits in ContainerCreating (with FailedMount events)."""
+
+    waiting_reason = "ContainerCreating"
 
 
 class NotYetRunnable(Exception):
@@ -418,19 +495,47 @@ class ObjectVolume:
 
 
 @dataclass
+class ProbeSpec:
+    """A liveness or startup probe of the container, as the runner runs it (the readinessProbe's are
+    LocalProcess fields of their own)."""
+
+    url: str | None  # an httpGet probe's URL; None: another kind (exec, tcpSocket, grpc), which counts as passing
+    timeout_s: float = PROBE_TIMEOUT_S
+    period_s: float = 10.0
+    initial_delay_s: float = 0.0
+    failure_threshold: int = 3
+    grace_s: float | None = None  # the probe's own terminationGracePeriodSeconds, for a restart it causes
+
+    def __str__(self) -> str:
+        return self.url or "(not an httpGet probe: counted as passing)"
+
+
+def _time(at: float | None = None) -> str:
+    """RFC 3339 UTC, as in a pod's status."""
+    return time.strftime(_TIME_FORMAT, time.gmtime(time.time() if at is None else at))
+
+
+@dataclass
 class LocalProcess:
     key: str  # namespace/name
     uid: str
     argv: list[str]
     env: dict[str, str]
-    probe_url: str | None
+    probe_url: str | None  # the readinessProbe's URL (None: no httpGet readinessProbe, Ready while it runs)
     log_path: Path
     probe_timeout_s: float = PROBE_TIMEOUT_S
     failure_threshold: int = 3  # consecutive failed probes that make a Ready pod unready
     probe_failures: int = 0
+    readiness_delay_s: float = 0.0  # the readinessProbe's initialDelaySeconds
+    liveness: ProbeSpec | None = None
+    startup: ProbeSpec | None = None
+    grace_s: float = DEFAULT_GRACE_S  # the pod's terminationGracePeriodSeconds: SIGTERM to SIGKILL
+    container: str = ""  # the container's name and image (for its containerStatuses entry)
+    image: str = ""
     proc: subprocess.Popen | None = None
     ready: bool | None = None  # as last written to the pod (None: nothing written yet)
-    restarts: int = 0
+    restarts: int = 0  # the container's restartCount
+    crashes: int = 0  # exits since a process last ran BACKOFF_RESET_S: the restart back-off's exponent
     next_start: float = 0.0
     last_failure: str = ""
     pod_ip: str = ""
@@ -440,6 +545,22 @@ class LocalProcess:
     pidfile: Path | None = None
     exit_report: str | None = None  # a ProcessExited condition not written yet
     refresh_error: str = ""
+    # the container's status as the kubelet reports it (containerStatuses[]): started (its startupProbe
+    # passed), state, the last termination; and this process's start (monotonic, for the probes' delays)
+    started: bool = False
+    started_at: str = ""
+    started_mono: float = 0.0
+    state: dict[str, Any] = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
+    last_terminated: dict[str, Any] | None = None
+    startup_failures: int = 0
+    next_startup_count: float = 0.0  # a failed startup probe counts once per periodSeconds
+    liveness_failures: int = 0
+    next_liveness: float = 0.0
+    # SIGTERMed for a restart (its liveness or startup probe failed): SIGKILL at this time; and why
+    kill_at: float | None = None
+    kill_cause: str = ""
+    base_statuses: list[dict[str, Any]] = field(default_factory=list)  # the pod's containerStatuses as listed
+    written_status: dict[str, Any] | None = None  # this container's entry as last written
 
 
 @dataclass
@@ -454,6 +575,9 @@ class PodRunner:
     kubeconfig: str | None = None
     processes: dict[str, LocalProcess] = field(default_factory=dict)
     unrunnable: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (uid, message written)
+    # The most the runner's own shutdown waits for its processes between SIGTERM and SIGKILL (each process gets
+    # its pod's terminationGracePeriodSeconds when its pod goes or it is restarted, but this bound when the
+    # runner stops).
     stop_grace_s: float = STOP_GRACE_S
     claim_lease_s: int = CLAIM_LEASE_S
     # The PyTriton venv's python for Triton pods; None: triton-venv.sh finds or makes it on the first one.
@@ -470,6 +594,7 @@ class PodRunner:
         self._stopping_lock = threading.Lock()
         self._stopping: list[LocalProcess] = []  # departed pods' processes still being stopped
         self._stoppers: list[threading.Thread] = []
+        self._shutdown_by: float | None = None  # once the runner stops: when every process must be gone (monotonic)
         self._claimed = False
         self._claim_renewed = 0.0
         self.claim_lost: str | None = None  # why the runner stopped on its own: its claim lapsed (renew_claim)
@@ -493,7 +618,8 @@ class PodRunner:
         for source in container.env_from or []:
             prefix = source.prefix or ""
             if source.config_map_ref:
-                data = self._object_data("ConfigMap", namespace, source.config_map_ref.name, source.config_map_ref.optional)
+                data = self._object_data("ConfigMap", namespace, source.config_map_ref.name, source.config_map_ref.optional,
+                                         missing=ContainerConfigError)
                 env.update({prefix + k: v for k, v in (data or {}).items()})
             elif source.secret_ref:
                 data = self._secret_data(pod, source.secret_ref.name)
@@ -506,13 +632,13 @@ class PodRunner:
                 env[item.name] = self._field_value(pod, source.field_ref.field_path, item.name)
             elif source.config_map_key_ref:
                 ref = source.config_map_key_ref
-                data = self._object_data("ConfigMap", namespace, ref.name, ref.optional)
+                data = self._object_data("ConfigMap", namespace, ref.name, ref.optional, missing=ContainerConfigError)
                 if data is None:
                     continue
                 if ref.key not in data:
                     if ref.optional:
                         continue
-                    raise CannotRunLocally(f"env {item.name}: ConfigMap {namespace}/{ref.name} has no key {ref.key!r}")
+                    raise ContainerConfigError(f"env {item.name}: ConfigMap {namespace}/{ref.name} has no key {ref.key!r}")
                 env[item.name] = data[ref.key]
             elif source.secret_key_ref:
                 ref = source.secret_key_ref
@@ -548,11 +674,13 @@ class PodRunner:
             return (getattr(meta, found.group(1)) or {}).get(found.group(2), "")
         raise CannotRunLocally(f"env {name}: fieldRef {path!r} is not supported by the pod runner")
 
-    def _object_data(self, kind: str, namespace: str, name: str, optional: bool | None) -> dict[str, bytes | str] | None:
+    def _object_data(self, kind: str, namespace: str, name: str, optional: bool | None,
+                     missing: type[CannotRunLocally] = MountError) -> dict[str, bytes | str] | None:
         """A ConfigMap's data (binaryData decoded) or a Secret's (decoded), `kind` saying which; None for a
-        missing optional one, CannotRunLocally for a missing required one (the kubelet does not start a
-        container whose volume or variable source is missing). Other API errors propagate (a hiccup: the
-        pod is retried next pass)."""
+        missing optional one, `missing` (a CannotRunLocally: MountError for a volume's object,
+        ContainerConfigError for an environment source's) for a missing required one (the kubelet does not
+        start a container whose volume or variable source is missing). Other API errors propagate (a hiccup:
+        the pod is retried next pass)."""
         from kubernetes.client.rest import ApiException
 
         try:
@@ -564,7 +692,7 @@ class PodRunner:
             if exc.status == 404:
                 if optional:
                     return None
-                raise CannotRunLocally(f"{kind} {namespace}/{name} not found") from None
+                raise missing(f"{kind} {namespace}/{name} not found") from None
             raise
         data: dict[str, bytes | str] = dict(cm.data or {})
         for key, value in (cm.binary_data or {}).items():
@@ -616,9 +744,9 @@ class PodRunner:
         if sub_path in files:
             volume.target.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(volume.target, files[sub_path], mode=volume.mode)
-        elif not volume.optional:
-            raise CannotRunLocally(f"{volume.kind} {namespace}/{volume.name} has no file {sub_path!r} for the subPath "
-                                   f"of its mount at {mount_path} (its files: {', '.join(sorted(files)) or 'none'})")
+        elif not volume.optional:  # the kubelet cannot prepare the subPath: CreateContainerConfigError
+            raise ContainerConfigError(f"{volume.kind} {namespace}/{volume.name} has no file {sub_path!r} for the subPath "
+                                       f"of its mount at {mount_path} (its files: {', '.join(sorted(files)) or 'none'})")
 
     def _project(self, namespace: str, volume: ObjectVolume) -> dict[str, bytes]:
         """The files a ConfigMap or Secret volume holds now: relative path -> content."""
@@ -633,31 +761,33 @@ class PodRunner:
             if key in encoded:
                 files[path] = encoded[key]
             elif not volume.optional:
-                raise CannotRunLocally(f"{volume.kind} {namespace}/{volume.name} has no key {key!r}")
+                raise MountError(f"{volume.kind} {namespace}/{volume.name} has no key {key!r}")
         return files
 
     def _refresh_volumes(self, local: LocalProcess, namespace: str) -> bool:
         """Bring the materialised ConfigMap and Secret files up to date (as the kubelet updates such a
         volume): changed files replaced atomically, re-localised; removed keys removed; Secret files
-        readable by this user alone. Each volume on its own, as the kubelet does: one that cannot be read
-        keeps its files and the others are still updated, then its error is raised. Whether anything
-        changed."""
+        readable by this user alone. Each volume on its own, as the kubelet does: one that cannot be read (or
+        whose new content cannot be localised) keeps all its files as they were and the others are still
+        updated, then its error is raised. Whether anything changed."""
         changed = False
         failures: list[Exception] = []
         for volume in local.volumes:
             try:
                 files = self._project(namespace, volume)
+                # every changed file of the volume first, then written: a volume is updated as a whole
+                updates = {}
+                for rel, content in files.items():
+                    if volume.files.get(rel) != content:
+                        transform = local.localise.get(volume.target / rel)
+                        updates[rel] = transform(content) if transform else content
+                for rel, content in updates.items():
+                    write_atomic(volume.target / rel, content, mode=volume.mode)
+                    volume.files[rel] = files[rel]
+                    changed = True
             except Exception as exc:  # noqa: BLE001 - raised once the other volumes are up to date
                 failures.append(exc)
                 continue
-            for rel, content in files.items():
-                if volume.files.get(rel) == content:
-                    continue
-                path = volume.target / rel
-                transform = local.localise.get(path)
-                write_atomic(path, transform(content) if transform else content, mode=volume.mode)
-                volume.files[rel] = content
-                changed = True
             for rel in set(volume.files) - set(files):
                 (volume.target / rel).unlink(missing_ok=True)
                 del volume.files[rel]
@@ -768,6 +898,8 @@ class PodRunner:
         args = [localise(a) for a in (container.args or [])]
         transforms: dict[Path, Callable[[bytes], bytes]] = {}
         if command[:1] == ["trtllm-serve"]:
+            if not args:
+                raise CannotRunLocally("the trtllm-serve container has no arguments: it names no model")
             model_dir = self._model_dir(pod, container, args[0])
             argv = [sys.executable, "-m", "baton.cli", "engine-sim", str(model_dir), *args[1:], *self.sim_args]
             version = trtllm_version_from_image(container.image or "")
@@ -797,28 +929,60 @@ class PodRunner:
             env["PYTHONPATH"] = os.pathsep.join([str(OPERATOR_DIR), *filter(None, [env.get("PYTHONPATH")])])
         else:
             raise RuntimeError(f"container command {command!r} has no local stand-in")
-        probe = container.readiness_probe
-        probe_url = None
-        failure_threshold, probe_timeout_s = 3, PROBE_TIMEOUT_S  # the kubelet's defaults: 3, 1 s
-        if probe:
-            failure_threshold = max(1, probe.failure_threshold or 3)
-            probe_timeout_s = min(PROBE_TIMEOUT_S, probe.timeout_seconds or 1)
-        if probe and probe.http_get:
-            port = probe.http_get.port
-            if isinstance(port, str) and not port.isdigit():
-                port = next(p.container_port for p in container.ports or [] if p.name == port)
-            probe_url = f"http://{pod.status.pod_ip}:{port}{probe.http_get.path or '/'}"
+        readiness = self._probe_spec(pod, container, container.readiness_probe)
         proc_env = inherited_environment()
         proc_env.update(env)
         proc_env["NO_PROXY"] = proc_env["no_proxy"] = "127.0.0.1,localhost"
         if self.kubeconfig:
             proc_env["KUBECONFIG"] = self.kubeconfig  # what a pod gets from its ServiceAccount
-        local = LocalProcess(key=key, uid=pod.metadata.uid, argv=argv, env=proc_env, probe_url=probe_url,
-                             log_path=root / PROCESS_LOG, probe_timeout_s=probe_timeout_s,
-                             failure_threshold=failure_threshold, pod_ip=pod.status.pod_ip or "",
-                             volumes=volumes, localise=transforms)
+        grace = pod.spec.termination_grace_period_seconds
+        local = LocalProcess(key=key, uid=pod.metadata.uid, argv=argv, env=proc_env,
+                             probe_url=readiness.url if readiness else None, log_path=root / PROCESS_LOG,
+                             probe_timeout_s=readiness.timeout_s if readiness else PROBE_TIMEOUT_S,
+                             failure_threshold=readiness.failure_threshold if readiness else 3,
+                             readiness_delay_s=readiness.initial_delay_s if readiness else 0.0,
+                             liveness=self._probe_spec(pod, container, container.liveness_probe),
+                             startup=self._probe_spec(pod, container, container.startup_probe),
+                             grace_s=max(MIN_GRACE_S, float(DEFAULT_GRACE_S if grace is None else grace)),
+                             container=container.name or "", image=container.image or "",
+                             pod_ip=pod.status.pod_ip or "", volumes=volumes, localise=transforms)
+        # The container's restart history as the pod shows it: a runner that takes over from another one goes on
+        # counting where that one left off (and a container that one left terminated is restarted now)
+        local.base_statuses = self._listed_statuses(pod)
+        mine = next((s for s in local.base_statuses if s.get("name") == local.container), {})
+        local.restarts = int(mine.get("restartCount") or 0)
+        local.last_terminated = copy.deepcopy((mine.get("lastState") or {}).get("terminated")) or None
+        if (mine.get("state") or {}).get("terminated"):
+            local.last_terminated = copy.deepcopy(mine["state"]["terminated"])
+            local.restarts += 1
         self._refresh_volumes(local, pod.metadata.namespace)
         return local
+
+    @staticmethod
+    def _probe_spec(pod: Any, container: Any, probe: Any) -> ProbeSpec | None:
+        """A probe of the container as the runner runs it (None: the container has no such probe): an httpGet
+        probe against the process at the pod's IP (or the probe's host), its timeout at most PROBE_TIMEOUT_S
+        (one thread probes every pod); any other kind is counted as passing. Defaults are the kubelet's."""
+        if probe is None:
+            return None
+        url = None
+        if probe.http_get:
+            port = probe.http_get.port
+            if isinstance(port, str) and not port.isdigit():
+                named = [p.container_port for p in container.ports or [] if p.name == port]
+                if not named:
+                    raise CannotRunLocally(f"a probe of container {container.name} names port {port!r}, which the "
+                                           f"container does not declare")
+                port = named[0]
+            scheme = (probe.http_get.scheme or "HTTP").lower()
+            host = probe.http_get.host or pod.status.pod_ip
+            path = probe.http_get.path or "/"
+            url = f"{scheme}://{host}:{port}{path if path.startswith('/') else '/' + path}"
+        grace = getattr(probe, "termination_grace_period_seconds", None)
+        return ProbeSpec(url=url, timeout_s=min(PROBE_TIMEOUT_S, probe.timeout_seconds or 1),
+                         period_s=float(probe.period_seconds or 10), initial_delay_s=float(probe.initial_delay_seconds or 0),
+                         failure_threshold=max(1, probe.failure_threshold or 3),
+                         grace_s=None if grace is None else max(MIN_GRACE_S, float(grace)))
 
     def _triton_argv(self, pod: Any, container: Any, args: list[str], mounts: dict[str, Path],
                      env: Mapping[str, str]) -> list[str]:
@@ -890,6 +1054,7 @@ class PodRunner:
         else:
             pods = self.core.list_pod_for_all_namespaces(label_selector=TIER_LABEL).items
         self._elsewhere &= {p.metadata.uid for p in pods}
+        listed = {p.metadata.uid: p for p in pods}
         wanted = {f"{p.metadata.namespace}/{p.metadata.name}": p for p in pods if self._wanted(p) and self._on_loopback(p)}
         with self._lock:
             self.unrunnable = {k: v for k, v in self.unrunnable.items() if k in wanted and wanted[k].metadata.uid == v[0]}
@@ -900,6 +1065,11 @@ class PodRunner:
                 pod = wanted.get(key)
                 if pod is None or pod.metadata.uid != local.uid:
                     departed.append(self.processes.pop(key))
+                    # a pod deleted with a grace period of its own (kubectl delete --grace-period) gets that one
+                    deleting = listed.get(local.uid)
+                    grace = getattr(deleting.metadata, "deletion_grace_period_seconds", None) if deleting else None
+                    if grace is not None:
+                        local.grace_s = max(MIN_GRACE_S, float(grace))
             self._stop_in_background(departed)
             for key, pod in wanted.items():
                 try:
@@ -923,32 +1093,43 @@ class PodRunner:
                         "runner", pod.metadata.namespace, pod.metadata.name, pod.status.pod_ip)
         return False
 
-    def _stopping_ips(self) -> set[str]:
+    def _stopping_ips(self) -> dict[str, str]:
+        """IP -> the departed pod whose process at that IP is still stopping."""
         with self._stopping_lock:
-            return {local.pod_ip for local in self._stopping if local.pod_ip}
+            return {local.pod_ip: local.key for local in self._stopping if local.pod_ip}
 
     def _sync_pod(self, key: str, pod: Any) -> None:
         local = self.processes.get(key)
         if local is None:
-            if pod.status.pod_ip in self._stopping_ips():
-                log.info("%s waits: the process of a departed pod at %s is still stopping", key, pod.status.pod_ip)
+            stopping = self._stopping_ips().get(pod.status.pod_ip)
+            if stopping is not None:
+                self._cannot_run(key, pod, f"waiting for the process of departed pod {stopping}, which had this pod's "
+                                           f"IP {pod.status.pod_ip}, to stop", reason="PreviousPodStopping",
+                                 waiting="ContainerCreating")
                 return
             from kubernetes.client.rest import ApiException
+            from urllib3.exceptions import HTTPError as TransportError
 
             try:
                 local = self.translate(pod)
-            except (RuntimeError, StopIteration) as exc:
-                self._cannot_run(key, pod, str(exc) or type(exc).__name__)
-                return
             except NotYetRunnable as exc:  # e.g. the PyTriton venv being installed: tried again next pass
-                self._cannot_run(key, pod, str(exc), reason="Starting")
+                self._cannot_run(key, pod, str(exc), reason="Starting", waiting="ContainerCreating")
                 return
-            except ApiException as exc:
-                self._cannot_run(key, pod, f"API error reading what the pod refers to: {exc.status} {exc.reason}")
+            except (ApiException, TransportError) as exc:  # tried again next pass
+                what = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else f"{type(exc).__name__}: {exc}"
+                self._cannot_run(key, pod, f"API error reading what the pod refers to: {what}")
+                return
+            except CannotRunLocally as exc:
+                self._cannot_run(key, pod, str(exc) or type(exc).__name__, waiting=exc.waiting_reason)
+                return
+            except Exception as exc:  # noqa: BLE001 - e.g. a scheduler ConfigMap that is not YAML: this pod's problem
+                message = str(exc) if isinstance(exc, RuntimeError) and str(exc) else f"{type(exc).__name__}: {exc}"
+                self._cannot_run(key, pod, message)
                 return
             self.processes[key] = local
             self.unrunnable.pop(key, None)
-            self._set_ready(pod.metadata.namespace, pod.metadata.name, False, "Starting", "local process starting")
+            self._set_ready(pod.metadata.namespace, pod.metadata.name, False, "Starting", "local process starting",
+                            uid=local.uid, was=_pod_ready(pod))
         else:
             try:
                 self._refresh_volumes(local, pod.metadata.namespace)
@@ -960,36 +1141,39 @@ class PodRunner:
                     local.refresh_error = message
         self._tend(local, pod)
 
-    def _cannot_run(self, key: str, pod: Any, message: str, reason: str = "CannotRunLocally") -> None:
-        """Write (once per message) that `pod` cannot run here (or, with another reason, not yet); retried
-        next pass if the write fails."""
+    def _cannot_run(self, key: str, pod: Any, message: str, reason: str = "CannotRunLocally",
+                    waiting: str = "CannotRunLocally") -> None:
+        """Write (once per message) that `pod` cannot run here (or, with another reason, not yet): its Ready
+        condition, and its container waiting with reason `waiting` (CreateContainerConfigError for a missing
+        environment source, as the kubelet reports it); retried next pass if the write fails."""
         if self.unrunnable.get(key) == (pod.metadata.uid, message):
             return
         if reason == "CannotRunLocally":
             log.error("cannot run %s locally: %s", key, message)
         else:
             log.info("%s: %s", key, message)
-        if self._set_ready(pod.metadata.namespace, pod.metadata.name, False, reason, message) is not False:
+        container = pod.spec.containers[0]
+        base = self._listed_statuses(pod)
+        mine = next((s for s in base if s.get("name") == container.name), {})
+        entry = {"name": container.name, "ready": False, "restartCount": int(mine.get("restartCount") or 0),
+                 "started": False, "state": {"waiting": {"reason": waiting, "message": message}},
+                 "lastState": mine.get("lastState") or {}}
+        statuses = _with_entry(base, entry, container.image or "")
+        if self._set_ready(pod.metadata.namespace, pod.metadata.name, False, reason, message, uid=pod.metadata.uid,
+                           statuses=statuses, was=_pod_ready(pod)) is not False:
             self.unrunnable[key] = (pod.metadata.uid, message)
 
     def _tend(self, local: LocalProcess, pod: Any) -> None:
+        """Run the process as the kubelet runs a container: start it (again, with back-off, once it exited);
+        its startupProbe until it passes, then its livenessProbe (restarting it after `failureThreshold`
+        failures in a row of either) and its readinessProbe, whose result is the pod's readiness; and the
+        container's status written with it."""
         now = time.monotonic()
+        listed = self._listed_statuses(pod)
+        if listed:
+            local.base_statuses = listed
         if local.proc is not None and local.proc.poll() is not None:
-            code = local.proc.returncode
-            how = f"code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"code {code}"
-            local.restarts += 1
-            delay = min(30.0, 0.5 * 2 ** min(local.restarts, 6))
-            local.next_start = now + delay
-            local.last_failure = f"process exited with {how}"
-            tail = _last_line(local.log_path)
-            local.exit_report = (f"{local.last_failure} (restart {local.restarts} in {delay:g}s); "
-                                 f"log: {local.log_path}" + (f"; last line: {tail}" if tail else ""))
-            log.warning("%s: %s", local.key, local.exit_report)
-            # what is left of its session (Triton's server, a child of the simulator) would keep the pod's
-            # ports, and every restart would fail to bind them
-            self._signal(local, signal.SIGKILL)
-            local.proc = None
-            self._remove_pidfile(local)
+            self._exited(local, pod, now)
         if local.exit_report is not None:
             # always written, whatever was written before: a crash must show even on a pod never Ready
             if self._mark(local, pod, False, "ProcessExited", local.exit_report, force=True):
@@ -997,94 +1181,273 @@ class PodRunner:
         if local.proc is None:
             if now >= local.next_start:
                 self._start(local)
+            self._write_container(local, pod)
             return
-        healthy = self._probe(local.probe_url, local.probe_timeout_s) if local.probe_url else True
-        if healthy:
-            local.probe_failures = 0
-            self._mark(local, pod, True, "ProbeSucceeded", "readiness probe succeeded")
+        if local.kill_at is not None:  # being stopped for a restart: SIGKILL once its grace is over
+            if now >= local.kill_at:
+                log.warning("%s did not stop within its grace period after SIGTERM: SIGKILL", local.key)
+                self._signal(local, signal.SIGKILL)
+                local.kill_at = now + 10.0
             return
-        local.probe_failures += 1
-        if local.ready is not True or local.probe_failures >= local.failure_threshold:
-            self._mark(local, pod, False, "ProbeFailed",
-                       f"readiness probe {local.probe_url} failed {local.probe_failures} time(s) in a row")
+        if not local.started and not self._startup_passed(local, pod, now):
+            self._write_container(local, pod)
+            return
+        if local.liveness is not None and not self._alive(local, pod, now):
+            return
+        if now >= local.started_mono + local.readiness_delay_s:
+            healthy = self._probe(local.probe_url, local.probe_timeout_s) if local.probe_url else True
+            if healthy:
+                local.probe_failures = 0
+                self._mark(local, pod, True, "ProbeSucceeded", "readiness probe succeeded")
+            else:
+                local.probe_failures += 1
+                if local.ready is not True or local.probe_failures >= local.failure_threshold:
+                    self._mark(local, pod, False, "ProbeFailed",
+                               f"readiness probe {local.probe_url} failed {local.probe_failures} time(s) in a row")
+        self._write_container(local, pod)
+
+    def _startup_passed(self, local: LocalProcess, pod: Any, now: float) -> bool:
+        """Run the startupProbe (every pass, so that a pass is seen at once; a failure counts once per
+        periodSeconds). Whether it has passed now; after `failureThreshold` counted failures in a row the
+        process is stopped and restarted, as for a failed livenessProbe."""
+        spec = local.startup
+        if spec is None:
+            local.started = True
+            return True
+        if now < local.started_mono + spec.initial_delay_s:
+            return False
+        if spec.url is None or self._probe(spec.url, spec.timeout_s):
+            local.started = True
+            local.startup_failures = 0
+            return True
+        if now >= local.next_startup_count:
+            local.startup_failures += 1
+            local.next_startup_count = now + spec.period_s
+            if local.startup_failures >= spec.failure_threshold:
+                self._restart(local, pod, "StartupProbeFailed",
+                              f"startup probe {spec} failed {local.startup_failures} time(s) in a row", spec.grace_s)
+                return False
+        self._mark(local, pod, False, "Starting", f"startup probe {spec} has not passed yet")
+        return False
+
+    def _alive(self, local: LocalProcess, pod: Any, now: float) -> bool:
+        """Run the livenessProbe when due (every periodSeconds, from initialDelaySeconds after the start).
+        False once it failed `failureThreshold` times in a row: the process is being restarted."""
+        spec = local.liveness
+        assert spec is not None
+        if now < local.next_liveness:
+            return True
+        local.next_liveness = now + spec.period_s
+        if spec.url is None or self._probe(spec.url, spec.timeout_s):
+            local.liveness_failures = 0
+            return True
+        local.liveness_failures += 1
+        log.info("%s: liveness probe %s failed (%d of %d in a row)", local.key, spec, local.liveness_failures,
+                 spec.failure_threshold)
+        if local.liveness_failures < spec.failure_threshold:
+            return True
+        self._restart(local, pod, "LivenessProbeFailed",
+                      f"liveness probe {spec} failed {local.liveness_failures} time(s) in a row", spec.grace_s)
+        return False
+
+    def _restart(self, local: LocalProcess, pod: Any, reason: str, why: str, grace_s: float | None = None) -> None:
+        """Stop the process because a probe says so, as the kubelet kills such a container: SIGTERM to its
+        session now, SIGKILL after the probe's grace period, else the pod's (on a later pass: the others are
+        tended meanwhile). Its exit then restarts it (with back-off), counted in restartCount."""
+        grace = local.grace_s if grace_s is None else grace_s
+        log.warning("%s: %s: restarting it (SIGTERM, SIGKILL after %gs)", local.key, why, grace)
+        local.kill_cause = why
+        local.kill_at = time.monotonic() + grace
+        self._signal(local, signal.SIGTERM)
+        self._mark(local, pod, False, reason, f"{why}: the process is being restarted", force=True)
+
+    def _exited(self, local: LocalProcess, pod: Any, now: float) -> None:
+        """The process exited: its termination recorded (the container's lastState), a restart planned with
+        back-off (the container waits in CrashLoopBackOff), what is left of its session killed."""
+        assert local.proc is not None
+        code = local.proc.returncode
+        how = f"code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"code {code}"
+        exit_code = code if code >= 0 else 128 - code  # a signal as a container runtime reports it: 137 for SIGKILL
+        finished = _time()
+        local.last_terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                                 "startedAt": local.started_at or finished, "finishedAt": finished}
+        local.restarts += 1
+        if now - local.started_mono >= BACKOFF_RESET_S:  # it ran long enough: the back-off starts over
+            local.crashes = 0
+        local.crashes += 1
+        delay = min(BACKOFF_MAX_S, 0.5 * 2 ** min(local.crashes, 6))
+        local.next_start = now + delay
+        namespace, name = local.key.split("/", 1)
+        local.state = {"waiting": {"reason": "CrashLoopBackOff", "message": (
+            f"back-off {delay:g}s restarting failed container={self._container_name(local)} "
+            f"pod={name}_{namespace}({local.uid})")}}
+        local.last_failure = (f"{local.kill_cause}, so it was stopped: " if local.kill_cause else "") + f"process exited with {how}"
+        tail = _last_line(local.log_path)
+        local.exit_report = (f"{local.last_failure} (restart {local.restarts} in {delay:g}s); "
+                             f"log: {local.log_path}" + (f"; last line: {tail}" if tail else ""))
+        log.warning("%s: %s", local.key, local.exit_report)
+        # what is left of its session (Triton's server, a child of the simulator) would keep the pod's
+        # ports, and every restart would fail to bind them
+        self._signal(local, signal.SIGKILL)
+        local.proc = None
+        local.started = False
+        local.kill_at, local.kill_cause = None, ""
+        self._remove_pidfile(local)
 
     def _start(self, local: LocalProcess) -> None:
         log.info("starting %s: %s (log %s)", local.key, " ".join(local.argv[2:]), local.log_path)
-        local.probe_failures = 0
-        local.next_start = time.monotonic() + 0.5  # a start that fails is retried, not on every pass
+        now = time.monotonic()
+        local.probe_failures = local.startup_failures = local.liveness_failures = 0
+        local.next_startup_count = 0.0
+        local.next_liveness = now + (local.liveness.initial_delay_s if local.liveness else 0.0)
+        local.next_start = now + 0.5  # a start that fails is retried, not on every pass
         with open(local.log_path, "ab") as out:
             local.proc = subprocess.Popen(local.argv, env=local.env, stdout=out, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True)
+        local.started_mono, local.started_at = now, _time()
+        local.started = local.startup is None
+        local.state = {"running": {"startedAt": local.started_at}}
         self._write_pidfile(local)
 
+    # ------------------------------------------------------------------ status
+
+    def _listed_statuses(self, pod: Any) -> list[dict[str, Any]]:
+        """The pod's containerStatuses as listed (as the API shows them, e.g. `imageID`)."""
+        statuses = getattr(getattr(pod, "status", None), "container_statuses", None) or []
+        return [dict(s) if isinstance(s, dict) else self.api_client.sanitize_for_serialization(s) for s in statuses]
+
+    @staticmethod
+    def _container_name(local: LocalProcess) -> str:
+        return local.container or next((s.get("name", "") for s in local.base_statuses), "")
+
+    def _container_entry(self, local: LocalProcess, ready: bool) -> dict[str, Any]:
+        """The container's status fields the runner owns, as the kubelet would report them."""
+        running = local.proc is not None
+        return {"name": self._container_name(local), "ready": bool(ready and running), "restartCount": local.restarts,
+                "started": bool(running and local.started), "state": copy.deepcopy(local.state),
+                "lastState": {"terminated": dict(local.last_terminated)} if local.last_terminated else {}}
+
+    def _write_container(self, local: LocalProcess, pod: Any) -> None:
+        """Write the container's status if it changed since it was last written (retried next pass if the
+        write fails)."""
+        entry = self._container_entry(local, bool(local.ready))
+        if entry == local.written_status:
+            return
+        namespace, name = local.key.split("/", 1)
+        if self._patch_status(namespace, name, local.uid, statuses=_with_entry(local.base_statuses, entry, local.image)):
+            local.written_status = entry
+
     def _mark(self, local: LocalProcess, pod: Any, ready: bool, reason: str, message: str, force: bool = False) -> bool:
-        """Write the pod's readiness if it changed (or `force`); remember it only once written, so a write
-        that fails is made again on the next pass. Whether the pod now shows it."""
+        """Write the pod's readiness if it changed (or `force`), with the container's status; remember it only
+        once written, so a write that fails is made again on the next pass. Whether the pod now shows it."""
         if local.ready == ready and not force:
             return True
-        if self._set_ready(pod.metadata.namespace, pod.metadata.name, ready, reason, message) is False:
+        entry = self._container_entry(local, ready)
+        was = local.ready if local.ready is not None else _pod_ready(pod)
+        namespace, name = local.key.split("/", 1)
+        if self._set_ready(namespace, name, ready, reason, message, uid=local.uid,
+                           statuses=_with_entry(local.base_statuses, entry, local.image), was=was) is False:
             return False
         local.ready = ready
+        local.written_status = entry
         return True
 
     @staticmethod
     def _probe(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+        """An httpGet probe as the kubelet's: passed on a status from 200 to 399, never through a proxy (and,
+        as the kubelet, without checking an HTTPS server's certificate)."""
+        opener = _INSECURE_OPENER if url.startswith("https:") else NO_PROXY_OPENER
         try:
-            with NO_PROXY_OPENER.open(url, timeout=timeout_s) as resp:
+            with opener.open(url, timeout=timeout_s) as resp:
                 return 200 <= resp.status < 400
-        except (urllib.error.URLError, OSError, ValueError):
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
             return False
 
-    def _set_ready(self, namespace: str, name: str, ready: bool, reason: str, message: str) -> bool:
-        """Patch the pod's Ready and ContainersReady conditions; False when the write failed (a pod that
-        is gone counts as written: there is nothing left to tell)."""
+    def _set_ready(self, namespace: str, name: str, ready: bool, reason: str, message: str, *, uid: str | None = None,
+                   statuses: list[dict[str, Any]] | None = None, was: bool | None = None) -> bool:
+        """Patch the pod's Ready and ContainersReady conditions (and its containerStatuses, when given), as
+        the pod of `uid`; False when the write failed (a pod that is gone counts as written: there is nothing
+        left to tell). `was`: the pod's readiness before (None: not known); a condition whose status stays
+        keeps its lastTransitionTime."""
+        status = "True" if ready else "False"
+        conditions = []
+        for kind in ("Ready", "ContainersReady"):
+            condition = {"type": kind, "status": status, "reason": reason, "message": message}
+            if was is None or was != ready:
+                condition["lastTransitionTime"] = _time()
+            conditions.append(condition)
+        return self._patch_status(namespace, name, uid, conditions=conditions, statuses=statuses)
+
+    def _patch_status(self, namespace: str, name: str, uid: str | None, *, conditions: list[dict[str, Any]] | None = None,
+                      statuses: list[dict[str, Any]] | None = None) -> bool:
+        """One strategic-merge patch of the pod's status (conditions merge by type; containerStatuses, an
+        atomic list, is replaced whole), carrying the pod's uid as the kubelet's status manager does: a write
+        meant for a pod that was replaced by one of the same name is refused (409 or 422), as is one for a
+        pod that is gone (404), and both count as written. False when the write failed (retried next pass)."""
         from kubernetes.client.rest import ApiException
 
-        status = "True" if ready else "False"
-        now = time.strftime(_TIME_FORMAT, time.gmtime())
-        conditions = [
-            {"type": "Ready", "status": status, "reason": reason, "message": message, "lastTransitionTime": now},
-            {"type": "ContainersReady", "status": status, "reason": reason, "message": message, "lastTransitionTime": now},
-        ]
+        body: dict[str, Any] = {"status": {}}
+        if uid:
+            body["metadata"] = {"uid": uid}
+        if conditions is not None:
+            body["status"]["conditions"] = conditions
+        if statuses is not None:
+            body["status"]["containerStatuses"] = statuses
         try:
-            self.core.patch_namespaced_pod_status(name, namespace, {"status": {"conditions": conditions}},
-                                                  _request_timeout=API_TIMEOUT_S)
+            self.core.patch_namespaced_pod_status(name, namespace, body, _request_timeout=API_TIMEOUT_S)
         except ApiException as exc:
-            if exc.status == 404:
+            if exc.status in (404, 409, 422):
+                if exc.status == 422 and "uid" not in str(exc.body or "").lower():
+                    log.warning("the status of %s/%s was refused (not retried): %s", namespace, name, exc.body or exc.reason)
+                else:
+                    log.debug("status of %s/%s not written: the pod is gone (%s)", namespace, name, exc.status)
                 return True
-            log.warning("could not update readiness of %s/%s (retried next pass): %s %s", namespace, name, exc.status, exc.reason)
+            log.warning("could not update the status of %s/%s (retried next pass): %s %s", namespace, name, exc.status, exc.reason)
             return False
         except Exception as exc:  # noqa: BLE001 - e.g. the API server unreachable for a moment
-            log.warning("could not update readiness of %s/%s (retried next pass): %s", namespace, name, exc)
+            log.warning("could not update the status of %s/%s (retried next pass): %s", namespace, name, exc)
             return False
         return True
 
     # ------------------------------------------------------------------ stopping
 
     def _stop_in_background(self, departed: list[LocalProcess]) -> None:
-        """SIGTERM to the departed pods' processes now; wait for them (one shared deadline, then SIGKILL)
-        in a thread, so this pass goes on probing and restarting the other pods."""
-        running = [local for local in departed if local.proc is not None]
-        if not running:
-            return
-        for local in running:
-            log.info("stopping %s", local.key)
+        """SIGTERM to the departed pods' processes now; wait for each (its pod's grace period, then SIGKILL)
+        in a thread of its own, so this pass goes on probing and restarting the other pods, and a new pod at
+        a departed one's IP starts as soon as that one's process is gone."""
+        for local in departed:
+            if local.proc is None:
+                continue
+            log.info("stopping %s (SIGTERM, SIGKILL after %gs)", local.key, local.grace_s)
             self._signal(local, signal.SIGTERM)
-        with self._stopping_lock:
-            self._stopping.extend(running)
+            with self._stopping_lock:
+                self._stopping.append(local)
+            thread = threading.Thread(target=self._finish_stop, args=(local,), name=f"pod-runner-stop {local.key}",
+                                      daemon=True)
+            self._stoppers = [t for t in self._stoppers if t.is_alive()] + [thread]
+            thread.start()
 
-        def finish() -> None:
-            try:
-                self._stop_all(running, self.stop_grace_s, signalled=True)
-            finally:
-                with self._stopping_lock:
-                    for local in running:
-                        if local in self._stopping:
-                            self._stopping.remove(local)
-
-        thread = threading.Thread(target=finish, name="pod-runner-stop", daemon=True)
-        self._stoppers = [t for t in self._stoppers if t.is_alive()] + [thread]
-        thread.start()
+    def _finish_stop(self, local: LocalProcess) -> None:
+        """Wait for a SIGTERMed process up to its grace period (cut short when the runner stops: its own
+        shutdown is bounded by `stop_grace_s`), SIGKILL whatever is left of its session, release its IP."""
+        try:
+            deadline = time.monotonic() + local.grace_s
+            while True:
+                limit = deadline if self._shutdown_by is None else min(deadline, self._shutdown_by)
+                remaining = limit - time.monotonic()
+                if remaining <= 0:
+                    log.warning("%s did not stop within %gs of SIGTERM: SIGKILL", local.key, local.grace_s)
+                    break
+                try:
+                    local.proc.wait(timeout=min(remaining, 0.25))
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            self._kill_session(local)
+        finally:
+            with self._stopping_lock:
+                if local in self._stopping:
+                    self._stopping.remove(local)
 
     @staticmethod
     def _signal(local: LocalProcess, sig: int) -> None:
@@ -1092,29 +1455,34 @@ class PodRunner:
             signal_session(local.proc.pid, sig)
 
     @classmethod
-    def _stop_all(cls, locals_: list[LocalProcess], grace_s: float = STOP_GRACE_S, signalled: bool = False) -> None:
-        """SIGTERM to every process's session, then up to `grace_s` in all for them to exit, then SIGKILL
-        to whatever is left of each session."""
+    def _kill_session(cls, local: LocalProcess) -> None:
+        """SIGKILL to whatever is left of the process's session; its pid file removed once it is gone."""
+        cls._signal(local, signal.SIGKILL)
+        try:
+            local.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.error("%s (pid %d) survived SIGKILL", local.key, local.proc.pid)
+            return
+        cls._remove_pidfile(local)
+
+    @classmethod
+    def _stop_all(cls, locals_: list[LocalProcess], grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM to every process's session, then for each up to its pod's grace period but at most `grace_s`
+        (all from now) to exit, then SIGKILL to whatever is left of each session."""
         running = [local for local in locals_ if local.proc is not None]
-        if not signalled:
-            for local in running:
-                if local.proc.poll() is None:
-                    log.info("stopping %s", local.key)
-                cls._signal(local, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
         for local in running:
-            try:
-                local.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %gs of SIGTERM: SIGKILL", local.key, grace_s)
+            if local.proc.poll() is None:
+                log.info("stopping %s", local.key)
+            cls._signal(local, signal.SIGTERM)
+        start = time.monotonic()
         for local in running:
-            cls._signal(local, signal.SIGKILL)  # the session's leftovers too
+            grace = min(local.grace_s, grace_s)
             try:
-                local.proc.wait(timeout=10)
+                local.proc.wait(timeout=max(0.0, start + grace - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("%s (pid %d) survived SIGKILL", local.key, local.proc.pid)
-                continue
-            cls._remove_pidfile(local)
+                log.warning("%s did not stop within %gs of SIGTERM: SIGKILL", local.key, grace)
+        for local in running:
+            cls._kill_session(local)
 
     @classmethod
     def _stop_process(cls, local: LocalProcess, grace_s: float = STOP_GRACE_S) -> None:
@@ -1285,12 +1653,14 @@ class PodRunner:
                 self._stop.wait(interval)
         finally:
             self._stop.set()
+            # the departed pods' processes still stopping get no longer than the runner's own
+            self._shutdown_by = time.monotonic() + self.stop_grace_s
             with self._lock:
                 stopped = list(self.processes.values())
                 self._stop_all(stopped, self.stop_grace_s)
                 self.processes.clear()
             for thread in self._stoppers:
-                thread.join(timeout=self.stop_grace_s + 15)
+                thread.join(timeout=max(0.0, self._shutdown_by - time.monotonic()) + 15)
             keeper.join(timeout=15)  # no renewal may land after the release
             self.triton_venv.stop()
             if not self.claim_lost:  # else the API server is out of reach: the writes would only wait
@@ -1299,8 +1669,8 @@ class PodRunner:
 
     def _mark_stopped(self, stopped: list[LocalProcess]) -> None:
         """Ready=False, reason `PodRunnerStopped`, on the pods whose processes the runner stopped as it
-        stopped: nothing serves behind them any more. Best effort, within STOP_WRITES_S: a write that
-        fails is not retried (a runner that starts next probes them again)."""
+        stopped, their container terminated: nothing serves behind them any more. Best effort, within
+        STOP_WRITES_S: a write that fails is not retried (a runner that starts next probes them again)."""
         deadline = time.monotonic() + STOP_WRITES_S
         for i, local in enumerate(stopped):
             if time.monotonic() > deadline:
@@ -1308,8 +1678,15 @@ class PodRunner:
                             "to write them unready): %s", len(stopped) - i, ", ".join(left.key for left in stopped[i:]))
                 return
             namespace, name = local.key.split("/", 1)
+            entry = {**self._container_entry(local, False), "started": False}
+            code = local.proc.returncode if local.proc is not None else None
+            if code is not None:
+                exit_code = code if code >= 0 else 128 - code
+                entry["state"] = {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                                                 "startedAt": local.started_at or _time(), "finishedAt": _time()}}
             self._set_ready(namespace, name, False, "PodRunnerStopped",
-                            "the pod runner stopped, and with it this pod's local process")
+                            "the pod runner stopped, and with it this pod's local process", uid=local.uid,
+                            statuses=_with_entry(local.base_statuses, entry, local.image), was=local.ready)
 
     def start(self) -> threading.Thread:
         self.claim()  # before start() returns: pods created from now on are this runner's to probe
