@@ -1693,3 +1693,22 @@ def test_fields_from_a_crd_newer_than_the_operator_are_ignored_not_a_reason_to_s
     m.obj["spec"]["decode"]["replicas"] = "many"  # a real problem: refused, as ever
     m.pass_()
     assert m.cond("Stalled")["status"] == "True" and "decode.replicas" in m.cond("Stalled")["message"]
+
+
+def test_a_crash_looping_container_is_reported_between_its_back_offs_too():
+    """Between two back-offs a crash-looping container runs again (not ready): the model's message must not
+    drop it each time, so its restarts and last exit are said until it is ready."""
+    from baton.operator.status import failing_containers
+
+    def pod(state, ready=False, restarts=3):
+        return {"metadata": {"name": "m-decode-g-0"}, "status": {"containerStatuses": [{
+            "name": "engine", "ready": ready, "restartCount": restarts, "state": state,
+            "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}}
+
+    waiting = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}}
+    assert failing_containers(pod(waiting)) == [
+        "m-decode-g-0: engine CrashLoopBackOff: back-off 40s restarting failed container"]
+    running = {"running": {"startedAt": "2026-12-07T17:00:00Z"}}
+    assert failing_containers(pod(running)) == ["m-decode-g-0: engine restarted 3 time(s), last exit code 1 (Error)"]
+    assert failing_containers(pod(running, ready=True)) == []
+    assert failing_containers(pod(running, restarts=0)) == []

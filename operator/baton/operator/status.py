@@ -62,6 +62,14 @@ def failing_containers(pod: dict[str, Any]) -> list[str]:
         if waiting.get("reason") in FAILING_WAIT_REASONS:
             detail = f": {waiting['message'][:200]}" if waiting.get("message") else ""
             out.append(f"{pod['metadata']['name']}: {cs.get('name')} {waiting['reason']}{detail}")
+            continue
+        # A crash-looping container is running again between its back-offs: not ready, restarted, its last
+        # exit said (else the message would come and go with each restart)
+        last = ((cs.get("lastState") or {}).get("terminated") or {})
+        restarts = int(cs.get("restartCount") or 0)
+        if restarts and last and not cs.get("ready"):
+            how = f"exit code {last.get('exitCode')}" + (f" ({last['reason']})" if last.get("reason") else "")
+            out.append(f"{pod['metadata']['name']}: {cs.get('name')} restarted {restarts} time(s), last {how}")
     return out
 
 
