@@ -10,6 +10,7 @@ import json
 import re
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -97,7 +98,15 @@ def test_a_triton_model_serves_through_triton_fronted_engines_on_the_local_clust
         assert local.argv[0] == pod_runner.triton_venv.installed  # the PyTriton venv's python
         # Triton on the container's ports at the pod's IP: KServe v2 HTTP, metrics (gRPC: the requests below)
         assert _get(f"http://{ip}:{PORT}/v2/health/ready")[0] == 200
-        assert _get(f"http://{ip}:{PORT}/v2/models/generation/ready")[0] == 200
+        # only the tier's own model is loaded (--model-control-mode=explicit --load-model=...)
+        served, other = ("context", "generation") if tier == "prefill" else ("generation", "context")
+        assert _get(f"http://{ip}:{PORT}/v2/models/{served}/ready")[0] == 200
+        assert local.argv[local.argv.index("--sim-triton-models") + 1] == served
+        try:
+            not_loaded = _get(f"http://{ip}:{PORT}/v2/models/{other}/ready")[0]
+        except urllib.error.HTTPError as exc:
+            not_loaded = exc.code
+        assert not_loaded != 200, f"{other} is loaded on the {tier} pod"
         status, metrics = _get(f"http://{ip}:{PORT + 2}/metrics")
         assert status == 200 and "nv_inference_request_success" in metrics
         # every socket the pod's processes (the simulator, Triton, its Python-backend stubs) listen on is

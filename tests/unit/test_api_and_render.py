@@ -762,6 +762,11 @@ def test_a_triton_engine_is_restarted_only_when_the_server_is_not_live_not_when_
     children = render_children(target(model("small.yaml", engine__runtime="triton")))
     for sts in (c for c in children if c["kind"] == "StatefulSet"):
         engine = sts["spec"]["template"]["spec"]["containers"][0]
+        # each tier loads only its own model from the shared repository (a second executor: a second copy
+        # of the weights and of the KV cache on the same GPUs)
+        tier = sts["metadata"]["labels"]["baton.dev/tier"]
+        served = {"prefill": "context", "decode": "generation"}[tier]
+        assert "--model-control-mode=explicit" in engine["args"] and f"--load-model={served}" in engine["args"]
         assert engine["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
         assert engine["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     served = render_children(target(model("small.yaml")))  # trtllm-serve: /health for both

@@ -96,6 +96,8 @@ def test_a_tritonserver_container_becomes_the_engine_simulator_behind_triton(tmp
         assert local.argv == [
             VENV_PYTHON, "-m", "baton.cli", "engine-sim", str(MODEL_DIR), "--sim-frontend", "triton",
             "--host", ip, "--port", "8000", "--sim-triton-grpc-port", "8001", "--sim-triton-metrics-port", "8002",
+            # --model-control-mode=explicit --load-model=<the tier's model>: only that one is loaded
+            "--sim-triton-models", {"prefill": "context", "decode": "generation"}[tier],
             "--extra_llm_api_options", str(config_file), "--sim-speed", "0.05", "--sim-trtllm-version", "1.2.0",
             "--sim-model-name", "/models",
         ], tier
@@ -125,6 +127,7 @@ def test_the_translated_command_line_is_one_the_triton_front_end_accepts(tmp_pat
     cfg = sim_config.load_config(rest)
     assert (cfg.host, cfg.port, opts.grpc_port, opts.metrics_port) == ("127.64.0.7", 8000, 8001, 8002)
     assert opts.sim_http_port == 0  # the simulator's own endpoint: any free port on the pod's IP
+    assert opts.models == ("context",)  # a prefill pod loads only its model
     assert cfg.cache_state.tp == 1 and cfg.cache_state.kv_dtype == "bf16"  # small.yaml: bf16, from config.json
 
 
@@ -153,7 +156,32 @@ def test_tritonserver_options_in_either_spelling_and_the_ones_with_no_stand_in(t
     assert argv_value(argv, "--host") == "127.64.0.9"  # the pod's IP, whatever address Triton was told
     status, reason, message = core.conditions(refused.metadata.name)[-1]
     assert (status, reason) == ("False", "CannotRunLocally")
-    assert "--model-control-mode, --repository-poll-secs" in message and "no stand-in" in message
+    assert "--repository-poll-secs" in message and "no stand-in" in message
+
+
+def test_only_the_models_tritonserver_is_told_to_load_are_served(tmp_path: Path) -> None:
+    """--model-control-mode=explicit --load-model=NAME (what the operator renders: a tier's own model) becomes
+    the front end's --sim-triton-models; a mode or a model it cannot stand in for is refused, saying so."""
+    objects = rendered()
+
+    def args(*extra: str):
+        def edit(container: dict) -> None:
+            container["args"] = ["--model-repository=/models", *extra]
+        return edit
+
+    both = triton_pod(objects, "decode", "127.64.0.9", "d-0", edit=args())
+    star = triton_pod(objects, "decode", "127.64.0.10", "d-1",
+                      edit=args("--model-control-mode=explicit", "--load-model=*"))
+    poll = triton_pod(objects, "prefill", "127.64.0.7", "p-0", edit=args("--model-control-mode=poll"))
+    other = triton_pod(objects, "prefill", "127.64.0.8", "p-1",
+                       edit=args("--model-control-mode=explicit", "--load-model=ensemble"))
+    core = fake_core(objects, both, star, poll, other)
+    runner = make_runner(tmp_path, core, triton_python=VENV_PYTHON)
+    runner.sync()
+    assert "--sim-triton-models" not in runner.processes[f"ns/{both.metadata.name}"].argv  # none: all of them
+    assert argv_value(runner.processes[f"ns/{star.metadata.name}"].argv, "--sim-triton-models") == "context,generation"
+    assert "--model-control-mode=poll has no stand-in" in core.conditions(poll.metadata.name)[-1][2]
+    assert "--load-model ensemble" in core.conditions(other.metadata.name)[-1][2]
 
 
 def test_a_triton_model_without_a_hostpath_checkpoint_cannot_run_locally(tmp_path: Path) -> None:

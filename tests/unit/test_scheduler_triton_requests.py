@@ -519,3 +519,26 @@ def test_streamed_beam_search_is_refused_rather_than_relayed_as_repeated_tokens(
     """Streaming with beam width > 1, TensorRT-LLM returns every beam whole at each step."""
     status, raw = open_(FakeTriton([]), {"prompt": [1, 2, 3], "max_tokens": 4, "use_beam_search": True, "best_of": 2})
     assert status == 400 and "stream with use_beam_search is not supported" in raw.decode(), raw
+
+
+
+def test_a_replica_is_healthy_when_the_model_its_tier_serves_is_ready():
+    """A prefill pod loads only `context`, a decode pod only `generation` (--load-model)."""
+    class Loaded(FakeTriton):
+        def __init__(self, models):
+            super().__init__()
+            self.models = models
+
+        async def is_server_ready(self, **_):
+            return True
+
+        async def is_model_ready(self, name, **_):
+            return name in self.models
+
+    async def healthy(tier, models):
+        client = TritonClient(read_timeout=5)
+        client._clients["127.0.0.1:8001"] = Loaded(models)  # noqa: SLF001
+        return await client.health(Endpoint("127.0.0.1:8000", tier), 1.0)
+
+    assert asyncio.run(healthy("prefill", {"context"})) and asyncio.run(healthy("decode", {"generation"}))
+    assert not asyncio.run(healthy("prefill", {"generation"})) and not asyncio.run(healthy("decode", {"context"}))

@@ -138,6 +138,7 @@ class TritonOptions:
     log_verbose: int
     metrics_port: int | None = None  # None: Triton's metrics endpoint off
     text_io: bool = True  # False: exactly the tensorrt_llm model's tensors (no text_input/text_output, no text words)
+    models: tuple[str, ...] = ("context", "generation")  # the models loaded (tritonserver --load-model)
 
 
 def _options_parser() -> argparse.ArgumentParser:
@@ -154,6 +155,10 @@ def _options_parser() -> argparse.ArgumentParser:
                         "as tritonserver --metrics-port does (default: Triton's metrics endpoint off; the engine's "
                         "statistics are on the simulator endpoint either way)")
     p.add_argument("--sim-triton-log-verbose", type=int, default=0, metavar="N", help="Triton's --log-verbose")
+    p.add_argument("--sim-triton-models", default="context,generation", metavar="NAMES",
+                   help="the models to load, comma-separated (default both; tritonserver --model-control-mode="
+                        "explicit --load-model=NAME loads only those: a prefill pod needs context, a decode pod "
+                        "generation)")
     p.add_argument("--sim-triton-text-io", choices=("on", "off"), default="on",
                    help="on (default): the models also have text_input/text_output and the text word lists "
                         "stop_words/bad_words (the ensemble's pre/postprocessing folded in); off: exactly the tensors "
@@ -168,8 +173,13 @@ def split_options(argv: list[str]) -> tuple[TritonOptions, list[str]]:
         raise StartupError("--sim-triton-context-instances must be >= 1")
     if ns.sim_triton_metrics_port is not None and not 0 < ns.sim_triton_metrics_port < 65536:
         raise StartupError("--sim-triton-metrics-port must be a port number (1-65535): Triton cannot bind port 0")
+    models = tuple(dict.fromkeys(m.strip() for m in ns.sim_triton_models.split(",") if m.strip()))
+    unknown = sorted(set(models) - {"context", "generation"})
+    if not models or unknown:
+        raise StartupError(f"--sim-triton-models must name context and/or generation, got {ns.sim_triton_models!r}")
     return TritonOptions(ns.sim_triton_grpc_port, ns.sim_http_port, ns.sim_triton_context_instances,
-                         ns.sim_triton_log_verbose, ns.sim_triton_metrics_port, ns.sim_triton_text_io == "on"), rest
+                         ns.sim_triton_log_verbose, ns.sim_triton_metrics_port, ns.sim_triton_text_io == "on",
+                         models), rest
 
 
 def options_help() -> str:
@@ -491,7 +501,7 @@ class TritonFrontend:
     async def _state(self, request: web.Request) -> web.Response:
         data = self.server.state()
         data["triton"] = {"http_port": self.http_port, "grpc_port": self.grpc_port,
-                          "models": [CONTEXT_MODEL, GENERATION_MODEL]}
+                          "models": list(self.opts.models)}
         return web.json_response(data)
 
     async def _requests(self, request: web.Request) -> web.Response:
@@ -584,14 +594,16 @@ class TritonFrontend:
                                  triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=False,
                                                                                local_model_store=True))
             inputs, outputs = self._signature(self.opts.text_io)
-            self.triton.bind(
-                model_name=CONTEXT_MODEL, infer_func=[self._context_infer] * self.opts.context_instances,
-                inputs=inputs, outputs=outputs, config=ModelConfig(batching=False),
-            )
-            self.triton.bind(
-                model_name=GENERATION_MODEL, infer_func=self._generation_infer,
-                inputs=inputs, outputs=outputs, config=ModelConfig(batching=False, decoupled=True),
-            )
+            if CONTEXT_MODEL in self.opts.models:
+                self.triton.bind(
+                    model_name=CONTEXT_MODEL, infer_func=[self._context_infer] * self.opts.context_instances,
+                    inputs=inputs, outputs=outputs, config=ModelConfig(batching=False),
+                )
+            if GENERATION_MODEL in self.opts.models:
+                self.triton.bind(
+                    model_name=GENERATION_MODEL, infer_func=self._generation_infer,
+                    inputs=inputs, outputs=outputs, config=ModelConfig(batching=False, decoupled=True),
+                )
             try:
                 self.triton.run()
                 return
@@ -867,7 +879,7 @@ def main(argv: list[str]) -> int:
             "event": "listening", "frontend": "triton", "url": f"http://{host}:{frontend.http_port}",
             "grpc": f"{host}:{frontend.grpc_port}", "sim_http": f"http://{host}:{frontend.sim_http_port}",
             "kv_transfer": f"{host}:{frontend.server.kv_port}",
-            "models": [CONTEXT_MODEL, GENERATION_MODEL], **config_mod.describe(cfg)}})
+            "models": list(frontend.opts.models), **config_mod.describe(cfg)}})
         print(f"baton engine-sim (triton) listening on http://{host}:{frontend.http_port} "
               f"grpc={host}:{frontend.grpc_port} sim-http=http://{host}:{frontend.sim_http_port}", flush=True)
         while not stop.wait(0.5):

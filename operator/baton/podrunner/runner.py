@@ -150,7 +150,9 @@ TRITON_INSTALL_TIMEOUT_S = 1200.0
 TRITON_INSTALL_RETRY_S = 60.0
 # tritonserver's own defaults, for a port its command line leaves out (the operator always sets all three)
 TRITON_DEFAULT_PORTS = {"http-port": 8000, "grpc-port": 8001, "metrics-port": 8002}
-TRITON_TRANSLATED_OPTIONS = frozenset({"model-repository", *TRITON_DEFAULT_PORTS, "allow-metrics", "log-verbose"})
+TRITON_TRANSLATED_OPTIONS = frozenset({"model-repository", *TRITON_DEFAULT_PORTS, "allow-metrics", "log-verbose",
+                                       "model-control-mode", "load-model"})
+TRITON_MODELS = ("context", "generation")  # what the engine simulator's Triton front end can serve
 # tritonserver options that change nothing a local stand-in could show: accepted and ignored. (The
 # addresses: every port binds the pod's IP, which is what 0.0.0.0 means in a pod. Readiness is strict
 # either way: the simulator's models load with the server.)
@@ -1027,6 +1029,7 @@ class PodRunner:
             argv += ["--sim-triton-metrics-port", ports["metrics-port"]]
         if "log-verbose" in values:
             argv += ["--sim-triton-log-verbose", values["log-verbose"]]
+        argv += self._triton_models(options)
         argv += ["--extra_llm_api_options", str(engine_dir / ENGINE_CONFIG_FILE), *self.sim_args]
         version = trtllm_version_from_image(container.image or "")
         if version and "--sim-trtllm-version" not in self.sim_args:
@@ -1034,6 +1037,25 @@ class PodRunner:
         argv += ["--sim-model-name", repository]
         argv += env.get("BATON_SIM_ARGS", "").split()  # fault injection for tests, as for trtllm-serve
         return [self.triton_venv.python(), *argv]  # last: a pod that cannot run anyway installs nothing
+
+    @staticmethod
+    def _triton_models(options: list[tuple[str, str]]) -> list[str]:
+        """The simulator option for the models tritonserver loads: with --model-control-mode=explicit only the
+        --load-model ones (`*`: all), else every model of the repository."""
+        mode = dict(options).get("model-control-mode", "none")
+        if mode not in ("none", "explicit"):
+            raise CannotRunLocally(f"tritonserver --model-control-mode={mode} has no stand-in (none or explicit)")
+        loads = [value for name, value in options if name == "load-model"]
+        if mode != "explicit":
+            if loads:
+                raise CannotRunLocally("tritonserver --load-model needs --model-control-mode=explicit")
+            return []
+        models = list(TRITON_MODELS) if "*" in loads else list(dict.fromkeys(loads))
+        unknown = sorted(set(models) - set(TRITON_MODELS))
+        if unknown or not models:
+            raise CannotRunLocally(f"tritonserver --load-model {', '.join(unknown) or '(none)'}: the engine "
+                                   f"simulator's Triton front end serves {' and '.join(TRITON_MODELS)}")
+        return ["--sim-triton-models", ",".join(models)]
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -29,6 +29,9 @@ TERMINATION_GRACE_S = 120
 # How long tritonserver waits for in-flight requests after SIGTERM before it exits (its own default is 30 s): a
 # little under the pod's grace period, so that it ends what is left itself before the kubelet's SIGKILL.
 TRITON_EXIT_TIMEOUT_S = TERMINATION_GRACE_S - 10
+# The Triton model each tier serves (the scheduler's context_only calls go to `context`, everything a decode
+# replica does to `generation`, local requests included).
+TRITON_TIER_MODELS = {"prefill": "context", "decode": "generation"}
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 # The taints the big clouds put on spot/preemptible nodes; tolerated only when a tier allows spot.
 SPOT_TOLERATIONS = [
@@ -242,6 +245,9 @@ def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
         args = [
             f"--model-repository={MODEL_MOUNT}", f"--http-port={t.port}", f"--grpc-port={t.port + 1}",
             f"--metrics-port={t.port + 2}", "--strict-readiness=true", f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}",
+            # only the model the tier serves (both tiers mount the same repository): a second executor would
+            # hold a second copy of the weights and of the KV cache on the same GPUs
+            "--model-control-mode=explicit", f"--load-model={TRITON_TIER_MODELS[tier]}",
         ]
         health = "/v2/health/ready"
     probe = {"httpGet": {"path": health, "port": "http"}, "periodSeconds": PROBE_PERIOD_S, "timeoutSeconds": 5}

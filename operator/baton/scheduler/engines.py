@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from baton.http1.client import ClosedBeforeAnswer, HttpClient
 from baton.openai_stream import wants_usage
 from baton.scheduler.detokenize import Detokenizer, model_tokenizer
-from baton.scheduler.endpoints import Endpoint
+from baton.scheduler.endpoints import PREFILL, Endpoint
 from baton.scheduler.replies import SchedulerError, error_body
 from baton.tokens import chat_text, is_token_ids, tokenize_async
 
@@ -1191,8 +1191,10 @@ class TritonClient:
     async def health(self, endpoint: Endpoint, timeout: float) -> bool:
         try:
             client = self._client(endpoint)
+            # the model the replica's tier serves: a prefill pod loads only `context`, a decode pod `generation`
+            model = TRITON_CONTEXT_MODEL if endpoint.tier == PREFILL else TRITON_GENERATION_MODEL
             return bool(await client.is_server_ready(client_timeout=timeout)
-                        and await client.is_model_ready(TRITON_GENERATION_MODEL, client_timeout=timeout))
+                        and await client.is_model_ready(model, client_timeout=timeout))
         except Exception:  # noqa: BLE001 - any failure means not healthy
             return False
 
