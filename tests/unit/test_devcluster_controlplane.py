@@ -53,3 +53,25 @@ def test_a_cluster_an_older_up_started_is_still_stopped_by_down(tmp_path: Path) 
     finally:
         component.kill()
         component.wait(timeout=10)
+
+
+def test_clusters_under_one_home_get_pod_cidrs_of_their_own(tmp_path: Path) -> None:
+    """KWOK hands out pod IPs from the start of its CIDR: two clusters on one CIDR gave their first pods the same
+    loopback addresses, and the pod runners' engine processes collided on them."""
+    import json
+
+    from baton.devcluster.controlplane import POD_CIDR
+
+    first = ControlPlane(bin_dir=tmp_path / "bin", home=tmp_path, name="baton")
+    assert first._pod_cidr() == POD_CIDR == "127.64.0.1/16"  # the first one: as documented
+    first.dir.mkdir(parents=True)
+    first._save_state({"name": "baton", "podCidr": first._pod_cidr()})
+    second = ControlPlane(bin_dir=tmp_path / "bin", home=tmp_path, name="baton-test")
+    assert second._pod_cidr() == "127.65.0.1/16"
+    older = tmp_path / "old"  # a state written before clusters had one: it has the fixed CIDR
+    older.mkdir()
+    (older / "state.json").write_text(json.dumps({"name": "old"}))
+    second.dir.mkdir(parents=True)
+    second._save_state({"name": "baton-test", "podCidr": "127.65.0.1/16"})
+    assert ControlPlane(bin_dir=tmp_path / "bin", home=tmp_path, name="third")._pod_cidr() == "127.66.0.1/16"
+    assert second._pod_cidr() == "127.65.0.1/16"  # its own state does not count against it

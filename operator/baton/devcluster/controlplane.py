@@ -36,7 +36,8 @@ from baton.localproc import proc_start_time, signal_session
 
 LOOPBACK = "127.0.0.1"
 # Fake pod IPs come from this range: inside 127.0.0.0/8, so every pod address is a loopback address.
-POD_CIDR = "127.64.0.1/16"
+POD_CIDR = "127.64.0.1/16"  # the first cluster's; each cluster under one home gets a /16 of its own (`_pod_cidr`)
+POD_CIDR_SECOND_OCTETS = range(64, 127)  # 127.64.0.0/16 .. 127.126.0.0/16
 # Kubernetes refuses loopback Service ranges; this one is allocated from and never reached.
 SERVICE_CIDR = "10.96.0.0/16"
 # Start order; stopped in reverse.
@@ -123,6 +124,25 @@ class ControlPlane:
         except (OSError, ValueError):
             return {}
 
+    def _pod_cidr(self) -> str:
+        """A pod CIDR no other cluster under this home uses: KWOK hands out pod IPs from the start of its CIDR,
+        so two clusters on one CIDR give their first pods the same addresses, and the pod runners' processes
+        collide on them ("address already in use")."""
+        taken = set()
+        for other in self.home.glob("*/state.json"):
+            if other.parent.name == self.name:
+                continue
+            try:
+                taken.add(json.loads(other.read_text()).get("podCidr", POD_CIDR))  # older states: the fixed one
+            except (OSError, ValueError):
+                continue
+        for octet in POD_CIDR_SECOND_OCTETS:
+            cidr = f"127.{octet}.0.1/16"
+            if cidr not in taken:
+                return cidr
+        raise RuntimeError(f"every pod CIDR of 127.64-126.0.0/16 is taken by clusters under {self.home}: take some "
+                           "down (baton devcluster --name NAME down)")
+
     def _save_state(self, state: dict[str, Any]) -> None:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
@@ -191,6 +211,7 @@ class ControlPlane:
             "controllerManagerPort": _free_port(),
             "schedulerPort": _free_port(),
             "kwokPort": _free_port(),
+            "podCidr": self._pod_cidr(),
             "pids": {},
             "pidStarts": {},
         }
@@ -326,7 +347,7 @@ class ControlPlane:
             return [
                 str(b / "kwok"), f"--kubeconfig={kubeconfig}", f"--config={d / 'kwok.yaml'}",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                f"--cidr={POD_CIDR}", f"--node-ip={LOOPBACK}",
+                f"--cidr={s.get('podCidr', POD_CIDR)}", f"--node-ip={LOOPBACK}",
                 f"--server-address={LOOPBACK}:{s['kwokPort']}", "--node-lease-duration-seconds=40",
             ]
         if component == "readiness":
