@@ -20,6 +20,7 @@ from baton.operator.status import failing_containers
 from baton.podrunner.runner import LocalProcess, PodRunner
 from kubernetes.client import ApiClient, V1Pod
 from kubernetes.client.rest import ApiException
+from test_podrunner_readiness import Health
 from test_podrunner_sync import FakeCore, make_runner, scheduler_pod
 
 KWOK_STARTED = "2020-01-02T03:04:05Z"
@@ -40,17 +41,6 @@ def kwok_started(pod: V1Pod, port: int | None = None) -> V1Pod:
         "name": "scheduler", "image": "baton:1", "imageID": "kwok://baton@sha256:0123", "ready": False, "started": True,
         "restartCount": 0, "state": {"running": {"startedAt": KWOK_STARTED}}}]
     return V1Pod.from_dict(data)
-
-
-class Health(http.server.BaseHTTPRequestHandler):
-    healthy = True
-
-    def do_GET(self):  # noqa: N802 - http.server's name
-        self.send_response(200 if Health.healthy else 503)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture
