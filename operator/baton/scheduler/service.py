@@ -832,13 +832,7 @@ class SchedulerService:
         if (last is not None and now - last < PAIR_CHECK_INTERVAL_S) or not self._pair_ok(*key):
             return
         self.pair_checked[key] = now
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        task = loop.create_task(self._check_pair(prefill, decode, model))
-        self._probe_tasks.add(task)
-        task.add_done_callback(self._probe_tasks.discard)
+        self._spawn(self._check_pair(prefill, decode, model), self._probe_tasks)
 
     async def _check_pair(self, prefill: ReplicaState, decode: ReplicaState, model: Any) -> None:
         """A streamed handoff the decode replica cut before its first token: trtllm-serve gives the reason only
