@@ -349,8 +349,7 @@ class RedisHoldStore(MemoryHoldStore):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # redis errors, OSError, TimeoutError: the holds go on from memory
-            self._down_until = time.monotonic() + self.backoff_s
-            self._confirmed = False
+            self._back_off()
             for write in sent:
                 self._failed(write.operation, exc)
             return
@@ -366,8 +365,7 @@ class RedisHoldStore(MemoryHoldStore):
             # Every write refused (OOM under noeviction, READONLY replica, a full disk): the record is not being
             # kept, as when redis is unreachable. Unhealthy, backed off, and republished once a write succeeds.
             self._failing = True
-            self._confirmed = False
-            self._down_until = time.monotonic() + self.backoff_s
+            self._back_off()
             return
         self._confirmed = True
         if refused:
@@ -381,6 +379,11 @@ class RedisHoldStore(MemoryHoldStore):
                      self._errors_since_log, len(self))
             self._errors_since_log = 0
             self._republish()  # what was skipped while it failed
+
+    def _back_off(self) -> None:
+        """Redis keeps no record now: skip writes for `backoff_s`, then probe with one write."""
+        self._down_until = time.monotonic() + self.backoff_s
+        self._confirmed = False
 
     def _count_error(self, operation: str) -> None:
         self.errors += 1
