@@ -523,26 +523,24 @@ def _sampling_inputs(data: dict) -> list[tuple[str, str, Any]]:
         spec = _TENSOR_FIELDS.get(key)
         if spec is not None:
             name, dtype = spec
-            lowest = _SAMPLING_LOWEST.get(key)
-            if lowest is not None and not isinstance(value, bool) and isinstance(value, (int, float)) and (
-                    value < lowest[0] or (value == lowest[0] and not lowest[1])):
-                raise _BadRequest(f"{key} must be {'at least' if lowest[1] else 'above'} {lowest[0]:g}, got "
-                                  f"{json.dumps(value)}", key)
-            if key == "top_p" and not isinstance(value, bool) and isinstance(value, (int, float)) \
-                    and value > _TOP_P_HIGHEST:
-                raise _BadRequest(f"top_p must be at most {_TOP_P_HIGHEST:g}, got {json.dumps(value)}", key)
             if dtype == "FP32":
-                number = _number(key, value)
+                number: float = _number(key, value)
                 if key == "top_p" and number <= 0:
                     raise _BadRequest(
                         f"top_p={json.dumps(value)} is not supported with runtime: triton (TensorRT-LLM's Triton "
                         "backend treats runtime_top_p <= 0 as unset, so the value would be dropped); for greedy "
                         "decoding send top_k: 1, or use runtime: trtllm-serve", key, unsupported=True)
-                out.append((name, dtype, number))
+                if key == "top_p" and number > _TOP_P_HIGHEST:
+                    raise _BadRequest(f"top_p must be at most {_TOP_P_HIGHEST:g}, got {json.dumps(value)}", key)
             elif dtype == "UINT64":
-                out.append((name, dtype, _integer(key, value, 0, 2**64 - 1)))
+                number = _integer(key, value, 0, 2**64 - 1)
             else:
-                out.append((name, dtype, _integer(key, value, *_INT32)))
+                number = _integer(key, value, *_INT32)
+            lowest = _SAMPLING_LOWEST.get(key)
+            if lowest is not None and (number < lowest[0] or (number == lowest[0] and not lowest[1])):
+                raise _BadRequest(f"{key} must be {'at least' if lowest[1] else 'above'} {lowest[0]:g}, got "
+                                  f"{json.dumps(value)}", key)
+            out.append((name, dtype, number))
             continue
         neutral = _NEUTRAL.get(key)
         if neutral is None or value not in neutral:
