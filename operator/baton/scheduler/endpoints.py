@@ -326,15 +326,15 @@ class KubernetesDiscovery:
         """Read (into the cache) the pods the ready endpoints of `slices` name, that are not cached yet; the
         names of those that could not be read (not read again under the lock: left out, retried shortly)."""
         unread: set[str] = set()
-        for raw in slices:
-            for ep in _as_dict(raw).get("endpoints") or []:
-                target = ep.get("targetRef") or {}
-                if target.get("kind", "Pod") == "Pod" and target.get("name") and target.get("uid") \
-                        and (ep.get("conditions") or {}).get("ready") is not False:
-                    with self._lock:
-                        cached = f"{target['name']}/{target['uid']}" in self._pods
-                    if not cached and not self._stop.is_set() and self._pod_info(target["name"], target["uid"]) is None:
-                        unread.add(target["name"])
+
+        def read(name: str, uid: str | None) -> PodInfo:
+            # `_pod_info` answers from the cache when it can; a pod without a uid is not cached, so it is read
+            # in the tier's computation only
+            if uid and not self._stop.is_set() and self._pod_info(name, uid) is None:
+                unread.add(name)
+            return PodInfo()  # every pod of the slices is visited (no generation filter)
+
+        endpoints_from_slices(slices, 0, "", read)  # the same endpoints the tier's computation reads pods for
         return unread
 
     def _recompute(self, tier: str) -> None:
