@@ -109,11 +109,6 @@ def _now() -> str:
     return status.now()
 
 
-def _iso(moment: datetime.datetime) -> str:
-    """A time as status timestamps are written (UTC, seconds, `Z`)."""
-    return moment.astimezone(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
 def _age(timestamp: str) -> float:
     if not timestamp:
         return 0.0
@@ -561,7 +556,7 @@ class RolloutPass:
                       "failed since the switch") if counted.get("generation") == gen else ""
             # A time, not a countdown: a message that changes every pass would rewrite the status every pass.
             switched = self.ro.get("switchedAt", "")
-            until = _iso(_ts(switched) + datetime.timedelta(seconds=window)) if switched else "the window ends"
+            until = status.iso(_ts(switched) + datetime.timedelta(seconds=window)) if switched else "the window ends"
             after = f"for rollback until {until}" if since < window else "until it is idle"
             self._phase("Draining", f"generation {gen} serves{errors}; generation {previous} drains "
                                     f"({_in_flight_text(in_flight)}) and stays {after}")

@@ -32,7 +32,12 @@ REASON_KV_FORMAT_MATCH = "KVFormatMatch"  # every hard-equal KV-format field agr
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return iso(datetime.datetime.now(datetime.timezone.utc))
+
+
+def iso(moment: datetime.datetime) -> str:
+    """A time as status timestamps are written (UTC, whole seconds, `Z`)."""
+    return moment.astimezone(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
