@@ -116,6 +116,7 @@ def _stream(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, A
     import urllib.request
 
     from baton.direct_http import NO_PROXY_OPENER
+    from baton.replay import event_tokens
 
     request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
@@ -142,11 +143,11 @@ def _stream(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, A
                 break
             if isinstance(event.get("usage"), dict):
                 usage = event["usage"].get("completion_tokens")
-            choices = event.get("choices") or []
-            if any(c.get("token_ids") or c.get("text") for c in choices if isinstance(c, dict)):
+            n = event_tokens(event)  # as `baton replay` counts them: ids, else one per choice with text
+            if n:
                 if first is None:
                     first = time.monotonic()
-                tokens += sum(len(c.get("token_ids") or ()) or 1 for c in choices if isinstance(c, dict))
+                tokens += n
     end = time.monotonic()
     return {"headers": headers, "ttft": (first or end) - start, "total": end - start,
             "tokens": usage if isinstance(usage, int) else tokens, "error": error}
