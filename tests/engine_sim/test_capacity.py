@@ -81,6 +81,31 @@ def test_max_tokens_is_lowered_to_what_max_seq_len_leaves(short_seq, path):
             "default_max_tokens instead.") in short_seq.log()
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_request_without_max_tokens_generates_what_max_seq_len_leaves(short_seq, path):
+    """trtllm-serve 1.x: its request models default max_tokens to none and the worker deduces it, so a
+    request that sets none generates up to max_seq_len (here 256), without the lowering warning."""
+    key = "prompt" if "chat" not in path else "prompt_token_ids"
+    body = {key: list(range(1, 181))}
+    if "chat" in path:
+        body["messages"] = [{"role": "user", "content": "x"}]
+    status, resp = short_seq.post(path, body)
+    assert status == 200, resp
+    assert resp["usage"] == {"prompt_tokens": 180, "completion_tokens": 76, "total_tokens": 256}
+    assert resp["choices"][0]["finish_reason"] == "length"
+    assert "is greater than deduced `default_max_tokens` (76)" not in short_seq.log()
+
+
+def test_sim_default_max_tokens_fixes_the_default(engines):
+    engine = engines.start(worker_yaml(ctx=True, max_seq_len=256, max_num_tokens=512), "--sim-speed", "0",
+                           "--sim-default-max-tokens", "5")
+    status, resp = engine.post("/v1/completions", {"prompt": list(range(1, 11))})
+    assert status == 200, resp
+    assert resp["usage"]["completion_tokens"] == 5
+    status, resp = engine.post("/v1/completions", {"prompt": list(range(1, 11)), "max_tokens": 7})
+    assert resp["usage"]["completion_tokens"] == 7
+
+
 @pytest.mark.parametrize("request_type", ["context_and_generation", "context_only"])
 @pytest.mark.parametrize("prompt_len", [256, 300])
 def test_prompt_that_leaves_no_room_in_max_seq_len_is_refused(short_seq, request_type, prompt_len):

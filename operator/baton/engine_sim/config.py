@@ -92,7 +92,9 @@ class SimConfig:
     # None: the module-level estimate (Llama-3 vocabulary)
     tokenizer: ModelTokenizer | tokens.EstimateTokenizer | None = None
     perf_metrics_max: int = DEFAULT_STATS_MAX
-    default_max_tokens: int = 16
+    # max_tokens of a request that sets none: None = what max_seq_len leaves after the prompt (trtllm-serve 1.x
+    # passes None to the worker's _deduce_max_tokens); a number fixes it (lowered as any max_tokens is)
+    default_max_tokens: int | None = None
     weight_dtype: str = "bf16"  # what the weight-memory estimate assumes (`weight_format`)
     # Tokens whose KV fits one pre-allocated transfer buffer (per GPU, as TensorRT-LLM sizes it); a transfer of
     # more goes through a dynamically allocated buffer (`Engine.transfer_buffer_check`).
@@ -187,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sim-model-identity", metavar="ID", default=None,
                    help="model identity carried in the CacheState (default: a digest of MODEL_DIR's config.json, "
                         "kvformat.checkpoint_identity; never the path)")
-    s.add_argument("--sim-default-max-tokens", metavar="N", type=int, default=16,
-                   help="max_tokens when a request does not set it (default 16, OpenAI's completions default)")
+    s.add_argument("--sim-default-max-tokens", metavar="N", type=int, default=None,
+                   help="max_tokens when a request does not set it (default: what max_seq_len leaves after the "
+                        "prompt, as trtllm-serve)")
     s.add_argument("--sim-log-level", metavar="LEVEL", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
     return p
 
@@ -443,7 +446,7 @@ def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> SimCon
         log_level = "INFO"
     perf_max = options.get("perf_metrics_max_requests") or DEFAULT_STATS_MAX
     iter_max = options.get("iter_stats_max_iterations") or DEFAULT_STATS_MAX
-    if args.sim_default_max_tokens < 1:
+    if args.sim_default_max_tokens is not None and args.sim_default_max_tokens < 1:
         raise StartupError("--sim-default-max-tokens must be >= 1")
     vocab = text_cfg.get("vocab_size") or timing.LLAMA3_VOCAB
     if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:

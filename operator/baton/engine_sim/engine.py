@@ -285,7 +285,7 @@ class Engine:
         *,
         kind: str,
         prompt: Prompt,
-        max_tokens: int,
+        max_tokens: int | None,
         x_request_id: str = "",
         stream: bool = False,
         handle: OpaqueState | None = None,
@@ -295,7 +295,8 @@ class Engine:
         """Validate and queue a request; raises EngineError when it must be refused.
 
         A streamed request is followed either by waiting on `seq.changed` (`stream=True`) or through
-        `on_change`, called by the engine loop itself after each change (new tokens, the end, a failure)."""
+        `on_change`, called by the engine loop itself after each change (new tokens, the end, a failure).
+        `max_tokens` None: what max_seq_len leaves after the prompt, as the worker's _deduce_max_tokens."""
         self.counters["requestsReceived"] += 1
         try:
             return self._submit(kind, prompt, max_tokens, x_request_id, stream, handle, first_tokens, on_change)
@@ -314,7 +315,7 @@ class Engine:
         n = prompt.length
         if n == 0:
             raise EngineError("the prompt must contain at least one token")
-        if max_tokens < 1:
+        if max_tokens is not None and max_tokens < 1:
             raise EngineError(f"max_tokens must be at least 1, got {max_tokens}")
         if kind == CTX_ONLY:
             max_tokens = 1  # the PyTorch backend forces max_tokens=1 on context-only requests
@@ -338,7 +339,9 @@ class Engine:
                 f"`default_max_tokens` ({default_max_tokens}) must be greater than 0, `default_max_tokens` "
                 f"({default_max_tokens}) = max_seq_len ({cfg.max_seq_len}) - `splited_prompt_len` ({split_prompt_len})"
             )
-        if max_tokens > default_max_tokens:
+        if max_tokens is None:  # none asked for: the whole rest of the sequence, quietly
+            max_tokens = default_max_tokens
+        elif max_tokens > default_max_tokens:
             log.warning(
                 f"User-specified `max_tokens` ({max_tokens}) is greater than deduced `default_max_tokens` "
                 f"({default_max_tokens}), using default_max_tokens instead.",

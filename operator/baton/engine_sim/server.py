@@ -261,8 +261,8 @@ class SimServer:
                 raise EngineError("prompt must be a string or a list of token ids (one prompt per request)")
             max_tokens = body.get("max_tokens")
         if max_tokens is None:
-            max_tokens = self.cfg.default_max_tokens
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            max_tokens = self.cfg.default_max_tokens  # None: the engine deduces it (`Engine.submit`)
+        elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
             raise EngineError(f"max_tokens must be an integer, got {max_tokens!r}")
         n = body.get("n")
         if n not in (None, 1):
