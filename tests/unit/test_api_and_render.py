@@ -784,3 +784,20 @@ def test_tritonserver_lets_in_flight_requests_finish_within_the_pods_grace_perio
         args = pod["containers"][0]["args"]
         timeouts = [int(a.split("=", 1)[1]) for a in args if a.startswith("--exit-timeout-secs=")]
         assert len(timeouts) == 1 and 30 < timeouts[0] < pod["terminationGracePeriodSeconds"], args
+
+
+def test_tritonserver_serves_the_model_repository_at_the_sources_sub_path():
+    """A PVC source's subPath is the repository (two models on one PVC each serve their own directory), as it is
+    trtllm-serve's model argument; a hostPath is mounted whole."""
+    for source, repository in (({"pvc": {"claimName": "weights", "subPath": "/llama-70b/triton-repo/"}},
+                                "/models/llama-70b/triton-repo"),
+                               ({"pvc": {"claimName": "weights"}}, "/models"),
+                               ({"hostPath": {"path": "/data/repo"}}, "/models")):
+        children = render_children(target(model("small.yaml", engine__runtime="triton", model__source=source)))
+        pods = [c["spec"]["template"]["spec"] for c in children if c["kind"] == "StatefulSet"]
+        assert len(pods) == 2
+        for pod in pods:
+            args = pod["containers"][0]["args"]
+            assert [a for a in args if a.startswith("--model-repository")] == [f"--model-repository={repository}"]
+            mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "model")
+            assert mount["mountPath"] == "/models"
