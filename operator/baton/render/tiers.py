@@ -243,8 +243,10 @@ def engine_container(target: Target, tier: Tier) -> dict[str, Any]:
     else:
         command = ["tritonserver"]
         args = [
-            # the model source's path in the pod, its pvc.subPath included (as trtllm-serve's model argument)
-            f"--model-repository={model_arg}", f"--http-port={t.port}", f"--grpc-port={t.port + 1}",
+            # the model source's path in the pod, its pvc.subPath included (as trtllm-serve's model argument);
+            # a huggingFace source mounts no repository (refused with triton: `triton_source_problems`)
+            f"--model-repository={model_arg if spec.model.source.hugging_face is None else MODEL_MOUNT}",
+            f"--http-port={t.port}", f"--grpc-port={t.port + 1}",
             f"--metrics-port={t.port + 2}", "--strict-readiness=true", f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}",
             # only the model the tier serves (both tiers mount the same repository): a second executor would
             # hold a second copy of the weights and of the KV cache on the same GPUs
