@@ -156,6 +156,35 @@ def test_a_kv_neutral_change_rolls_in_place_with_zero_failed_requests(cluster, n
     assert any(r == "Applied" and "in place" in m for r, m in events_of(cluster, namespace))
 
 
+def test_a_change_to_one_tier_restarts_only_that_tiers_engines(cluster, namespace, operator, pod_runner):
+    """decode.maxBatchSize reaches only the decode engines' config: their pods roll (in place, same
+    generation) and the prefill engine keeps running, the same pod, never restarted."""
+    before = deploy(cluster, namespace)["status"]["rollout"]["servingGeneration"]
+
+    def tier_pods(tier):
+        return cluster.core.list_namespaced_pod(
+            namespace, label_selector=f"baton.dev/model={NAME},baton.dev/tier={tier}").items
+
+    def ready(p):
+        return not p.metadata.deletion_timestamp and any(
+            c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+
+    prefill = {(p.metadata.name, p.metadata.uid) for p in tier_pods("prefill")}
+    old_decode = {p.metadata.uid for p in tier_pods("decode")}
+    assert len(prefill) == 1 and len(old_decode) == 2
+    with Traffic(cluster, namespace) as traffic:
+        time.sleep(1)
+        patch_spec(cluster, namespace, {"decode": {"maxBatchSize": 32}})
+        wait_for(lambda: (pods := tier_pods("decode")) and len(pods) == 2 and all(map(ready, pods))
+                 and not {p.metadata.uid for p in pods} & old_decode, 120, what="both decode pods replaced and Ready")
+        wait_for(lambda: condition(get_dm(cluster, namespace), "Ready").get("status") == "True", 30, what="Ready")
+    assert traffic.outcomes["ok"] > 20 and traffic.failed() == 0, (traffic.outcomes, traffic.errors[:3])
+    after = tier_pods("prefill")
+    assert {(p.metadata.name, p.metadata.uid) for p in after} == prefill, "the prefill engine was restarted"
+    assert all(ready(p) and all(c.restart_count == 0 for c in p.status.container_statuses or []) for p in after)
+    assert rollout(cluster, namespace)["servingGeneration"] == before and generations(cluster, namespace) == [before]
+
+
 def test_a_tier_port_change_rolls_in_place_with_zero_failed_requests(cluster, namespace, operator, pod_runner):
     """The scheduler's config names the new port at once, while the pods still serving were started with
     the old one: it reaches each pod on the port Kubernetes publishes for it (the Services target the

@@ -801,3 +801,75 @@ def test_tritonserver_serves_the_model_repository_at_the_sources_sub_path():
             assert [a for a in args if a.startswith("--model-repository")] == [f"--model-repository={repository}"]
             mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "model")
             assert mount["mountPath"] == "/models"
+
+
+def _tier_objects(m: DisaggregatedModel) -> dict[str, tuple[dict, dict]]:
+    """tier -> (its StatefulSet's pod template, its engine ConfigMap's data): what its pods run."""
+    out: dict[str, list] = {"prefill": [None, None], "decode": [None, None]}
+    for child in render_children(target(m)):
+        tier = child["metadata"]["labels"].get("baton.dev/tier")
+        if child["kind"] == "StatefulSet":
+            out[tier][0] = child["spec"]["template"]
+        elif child["kind"] == "ConfigMap" and child["metadata"]["name"].endswith(f"-{tier}-engine-" + derive(m.spec).generation):
+            out[tier][1] = child["data"]
+    assert all(t and c for t, c in out.values()), out
+    return {tier: (t, c) for tier, (t, c) in out.items()}
+
+
+def _without_revision(template: dict) -> dict:
+    labels = {k: v for k, v in template["metadata"]["labels"].items() if k != "baton.dev/revision"}
+    return {**template, "metadata": {**template["metadata"], "labels": labels}}
+
+
+@pytest.mark.parametrize("change", [
+    dict(decode__maxBatchSize=32), dict(decode__kvCacheSize="20Gi"), dict(decode__maxGeneratedTokens=2048),
+    dict(decode__resources={"requests": {"cpu": "8"}}), dict(decode__podTemplate={"labels": {"team": "a"}}),
+    dict(prefill__maxBatchSize=8), dict(prefill__pool={"nodeSelector": {"baton.dev/pool": "other"}}),
+    dict(prefill__podTemplate={"env": [{"name": "X", "value": "1"}]}), dict(prefill__maxPromptTokens=4096),
+    dict(engine__env=[{"name": "Y", "value": "2"}]), dict(decode__minReplicas=6),
+])
+def test_a_change_rolls_exactly_the_tiers_whose_pods_it_changes(change):
+    """Each tier's pods carry a revision of their own: a change restarts a tier's engines (a new revision
+    label, so new pods) exactly when what those pods run changed (pod template or engine config); a decode
+    batch limit does not restart the prefill engines."""
+    base = model()
+    changed = model(**change)
+    before, after = _tier_objects(base), _tier_objects(changed)
+    rolled = set()
+    for tier in ("prefill", "decode"):
+        (t0, c0), (t1, c1) = before[tier], after[tier]
+        runs_otherwise = _without_revision(t0) != _without_revision(t1) or c0 != c1
+        relabelled = t0["metadata"]["labels"]["baton.dev/revision"] != t1["metadata"]["labels"]["baton.dev/revision"]
+        assert relabelled == runs_otherwise, (tier, change)
+        if relabelled:
+            rolled.add(tier)
+    key = next(iter(change))
+    expected = {"prefill__maxPromptTokens": {"prefill", "decode"}, "engine__env": {"prefill", "decode"},
+                "decode__minReplicas": set()}.get(key, {key.split("__")[0]})
+    assert rolled == expected, (change, rolled)
+
+
+def test_pods_labelled_with_the_whole_spec_revision_keep_it_until_the_spec_changes():
+    """An operator before per-tier revisions labelled both tiers' pods with the whole spec's revision:
+    upgrading the operator must not restart every engine, so that label is kept while it is still the spec's;
+    the next change moves each tier to its own."""
+    from baton.operator.rollout_pass import generation_children
+
+    m = model()
+    derived = derive(m.spec)
+
+    def live_with(label):
+        return {tier: {"spec": {"template": {"metadata": {"labels": {"baton.dev/revision": label}}}}}
+                for tier in ("prefill", "decode")}
+
+    def labels_of(children):
+        return {c["metadata"]["labels"]["baton.dev/tier"]: (c["metadata"]["labels"]["baton.dev/revision"],
+                                                           c["spec"]["template"]["metadata"]["labels"]["baton.dev/revision"])
+                for c in children if c["kind"] == "StatefulSet"}
+
+    kept = labels_of(generation_children(target(m), derived, live_with(revision(m.spec))))
+    assert kept == {t: (revision(m.spec), revision(m.spec)) for t in ("prefill", "decode")}
+    own = {t: (derived.tier_revisions[t],) * 2 for t in ("prefill", "decode")}
+    assert derived.tier_revisions["prefill"] != derived.tier_revisions["decode"] != revision(m.spec)
+    assert labels_of(generation_children(target(m), derived, live_with("an-older-spec"))) == own
+    assert labels_of(generation_children(target(m), derived)) == own

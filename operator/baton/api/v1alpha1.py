@@ -875,7 +875,7 @@ class DisaggregatedModelStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
     observed_generation: int = Field(default=0, description="metadata.generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Reconciling, Stalled (kstatus) and Baton's own conditions.")
-    revision: str = Field(default="", description="The generation serving traffic (rollout.servingGeneration; the spec's generation until a first one serves): a hash of the engine and KV-format settings, not of the whole pod template. Its pods carry it as label baton.dev/generation (kubectl get pods -l baton.dev/generation=<it>); their baton.dev/revision label is another hash, of everything that shapes the pods.")
+    revision: str = Field(default="", description="The generation serving traffic (rollout.servingGeneration; the spec's generation until a first one serves): a hash of the engine and KV-format settings, not of the whole pod template. Its pods carry it as label baton.dev/generation (kubectl get pods -l baton.dev/generation=<it>); their baton.dev/revision label is another hash, per tier, of everything that shapes that tier's pods (a change to one tier restarts only its pods).")
     prefill: TierStatus = Field(default_factory=TierStatus, description="Prefill tier replicas.")
     decode: TierStatus = Field(default_factory=TierStatus, description="Decode tier replicas.")
     scheduler_endpoint: str = Field(default="", description="Service address clients send requests to (host:port).")

@@ -339,8 +339,8 @@ class Reconciler:
         in_place = not serving or gen == serving
         budgets = [c for c in shared if c["kind"] == "PodDisruptionBudget"]
         shared = [c for c in shared if c["kind"] != "PodDisruptionBudget"]
-        failure = self._apply_all(shared + (generation_children(target, derived) if in_place else []),
-                                  namespace, changed, prefix="in place: ")
+        children = generation_children(target, derived, generations.get(gen)) if in_place else []
+        failure = self._apply_all(shared + children, namespace, changed, prefix="in place: ")
         if failure:
             return self._stalled(body, status.REASON_APPLY_FAILED, failure, previous, generation, target=target)
         self._apply_budgets(body, budgets, changed)

@@ -124,11 +124,13 @@ def _fingerprints(tiers: dict[str, dict]) -> tuple[str, str]:
                  .get("annotations", {}).get(ANNOTATION_KV_FINGERPRINT, "") for t in ("prefill", "decode"))  # type: ignore[return-value]
 
 
-def generation_children(target: Any, derived: Any) -> list[dict[str, Any]]:
+def generation_children(target: Any, derived: Any, live: dict[str, dict] | None = None) -> list[dict[str, Any]]:
     """The spec's generation as rendered, each StatefulSet annotated with the generation-bound scheduler
     settings it was rendered with (served model name, runtime, KV transfer compression): what the
-    scheduler config must say while that generation serves (a metadata annotation: no pod restarts)."""
+    scheduler config must say while that generation serves (a metadata annotation: no pod restarts).
+    `live`: the generation's StatefulSets as they are (tier -> object), for `_kept_revision`."""
     from baton.render import render_generation
+    from baton.render.naming import LABEL_REVISION, LABEL_TIER
     from baton.render.scheduler import ANNOTATION_GENERATION_CONFIG, generation_config
 
     value = json.dumps(generation_config(target.spec), sort_keys=True, separators=(",", ":"))
@@ -137,7 +139,23 @@ def generation_children(target: Any, derived: Any) -> list[dict[str, Any]]:
         if child["kind"] == "StatefulSet":
             child["metadata"]["annotations"] = {**(child["metadata"].get("annotations") or {}),
                                                 ANNOTATION_GENERATION_CONFIG: value}
+            kept = _kept_revision((live or {}).get(child["metadata"]["labels"].get(LABEL_TIER)), derived.revision)
+            if kept:
+                child["metadata"]["labels"][LABEL_REVISION] = kept
+                child["spec"]["template"]["metadata"]["labels"][LABEL_REVISION] = kept
     return children
+
+
+def _kept_revision(live: dict | None, whole_spec_revision: str) -> str:
+    """The revision label to keep on a live StatefulSet's pods instead of its tier's own ("" for none). An
+    operator before per-tier revisions labelled both tiers' pods with the hash of the whole spec
+    (`naming.revision`): while their label is still that of the spec as it is (nothing that shapes the pods
+    changed since), it is kept, so that upgrading the operator restarts no engine; the next change to the
+    spec moves each tier to its own."""
+    from baton.render.naming import LABEL_REVISION
+
+    labels = ((((live or {}).get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {}
+    return whole_spec_revision if whole_spec_revision and labels.get(LABEL_REVISION) == whole_spec_revision else ""
 
 
 def rendered_generation_config(tiers: dict[str, dict]) -> dict[str, str]:

@@ -3,22 +3,23 @@ KV layout (TensorRT-LLM's CacheState, as `baton.kvformat` models it), its finger
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from baton import kvformat
 from baton.api.v1alpha1 import DisaggregatedModelSpec
 from baton.render import engine_config
-from baton.render.naming import Tier, generation_key, revision
+from baton.render.naming import Tier, generation_key, revision, tier_revision
 
 
 @dataclass(frozen=True)
 class Derived:
-    revision: str
+    revision: str  # of both tiers (naming.revision)
     generation: str
     prefill_state: kvformat.CacheState
     decode_state: kvformat.CacheState
     kv_bytes_per_token: int
     decode_kv_capacity_tokens: int
+    tier_revisions: dict[str, str] = field(default_factory=dict)  # tier -> naming.tier_revision
 
     def fingerprint(self, tier: Tier) -> str:
         return kvformat.fingerprint(self.prefill_state if tier == "prefill" else self.decode_state)
@@ -72,6 +73,7 @@ def derive(spec: DisaggregatedModelSpec) -> Derived:
     per_token = kvformat.kv_bytes_per_token(decode) if spec.model.architecture else 0
     return Derived(
         revision=revision(spec),
+        tier_revisions={tier: tier_revision(spec, tier) for tier in ("prefill", "decode")},
         generation=generation_key(spec),
         prefill_state=prefill,
         decode_state=decode,

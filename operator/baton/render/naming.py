@@ -102,18 +102,38 @@ def _engine_fields(spec: DisaggregatedModelSpec, exclude: set[str] | None = None
     return engine
 
 
+_REPLICA_FIELDS = {"replicas", "min_replicas", "max_replicas"}
+
+
 def revision(spec: DisaggregatedModelSpec) -> str:
-    """Hash of what shapes the engines' pods: model, engine and each tier's template-relevant fields.
+    """Hash of what shapes both tiers' pods: model, engine and each tier's template-relevant fields (what a
+    failed generation was rendered from, status.rollout.failedRevision; until a change to the spec, also the
+    baton.dev/revision label of pods rendered before each tier had its own, see `tier_revision`).
 
     Replica counts and the scheduler are left out: scaling or retuning routing is not a new revision.
     """
-    tier_fields = {"replicas", "min_replicas", "max_replicas"}
     return stable_hash(
         {
             "model": spec.model.model_dump(mode="json"),
             "engine": _engine_fields(spec),
-            "prefill": spec.prefill.model_dump(mode="json", exclude=tier_fields),
-            "decode": spec.decode.model_dump(mode="json", exclude=tier_fields),
+            "prefill": spec.prefill.model_dump(mode="json", exclude=_REPLICA_FIELDS),
+            "decode": spec.decode.model_dump(mode="json", exclude=_REPLICA_FIELDS),
+        }
+    )
+
+
+def tier_revision(spec: DisaggregatedModelSpec, tier: str) -> str:
+    """Hash of what shapes one tier's pods and engine config, its pods' baton.dev/revision label: model,
+    engine, the tier's own fields, and the one field of the other tier that reaches them (the prefill tier's
+    maxPromptTokens sets both tiers' max_input_len, max_seq_len and transfer buffer). A change to one tier
+    rolls only that tier's pods: a decode batch limit does not restart the prefill engines."""
+    return stable_hash(
+        {
+            "model": spec.model.model_dump(mode="json"),
+            "engine": _engine_fields(spec),
+            "tier": tier,
+            tier: spec.tier(tier).model_dump(mode="json", exclude=_REPLICA_FIELDS),
+            "prefillMaxPromptTokens": spec.prefill.max_prompt_tokens,
         }
     )
 

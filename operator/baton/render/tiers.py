@@ -331,5 +331,5 @@ def render_generation(target: Target, tier: Tier, derived: Derived) -> list[dict
     """One tier of one generation: its engine config and its StatefulSet."""
     return [
         engine_configmap(target, tier, derived.decode_kv_capacity_tokens, derived.generation),
-        statefulset(target, tier, derived.revision, derived.generation, derived.fingerprint(tier)),
+        statefulset(target, tier, derived.tier_revisions[tier], derived.generation, derived.fingerprint(tier)),
     ]
