@@ -164,6 +164,68 @@ def test_kv_mismatch_is_not_retried_and_the_pair_is_avoided():
     run(main())
 
 
+def _quoting_engine(engine, field):
+    """The engine refuses a string `field` 400 and quotes its value, as trtllm-serve's validation errors and the
+    simulator's "got ..." do."""
+    post = engine.post
+
+    async def quoting(endpoint, path, body, request_id):
+        data = json.loads(body)
+        if isinstance(data.get(field), str) and (data.get("disaggregated_params") or {}).get(
+                "request_type") != "context_only":
+            engine.calls.append((endpoint.address, "refused"))
+            return 400, json.dumps({"object": "error", "type": "BadRequestError", "code": 400,
+                                    "message": f"{field} must be an integer, got {data[field]!r}"}).encode(), \
+                "application/json"
+        return await post(endpoint, path, body, request_id)
+    engine.post = quoting
+
+
+@pytest.mark.parametrize("marker", ["only support same", "Error in kv cache transfer", "KVTransferTimeout",
+                                    "only support \\u0073ame"])
+def test_an_engine_quoting_a_clients_field_back_is_the_clients_400_whatever_the_field_says(marker):
+    """A client's field holding the text of a KV-format mismatch or a failed transfer, quoted back in the
+    engine's refusal, is the client's 400: its pair is not kept out, no replica counts as failing, nothing is
+    retried, and the next request is served as usual."""
+    async def main():
+        svc, engine = make()
+        _quoting_engine(engine, "max_tokens")
+        for prompt in (list(range(1, 201)), [1, 2, 3]):  # disaggregated (refused at generation), local
+            body = ('{"model": "m", "prompt": %s, "max_tokens": "%s"}' % (json.dumps(prompt), marker)).encode()
+            for _ in range(3):
+                engine.calls.clear()
+                reply = await svc.complete("completions", body, {})
+                assert reply.status == 400, reply.body
+                assert "must be an integer" in json.loads(reply.body)["message"]
+                assert [k for _, k in engine.calls].count("refused") == 1, engine.calls  # not retried
+        assert svc.incompatible == {}
+        assert all(r.healthy and not r.failures for r in (*svc.prefill.values(), *svc.decode.values()))
+        reply = await svc.complete("completions", long_request(), {})
+        assert reply.status == 200 and reply.headers["X-Baton-Route"] == "disaggregated"
+        await svc.stop()
+
+    run(main())
+
+
+@pytest.mark.parametrize("request_type", ["context_only", "generation_only", "context_and_generation"])
+def test_a_clients_disaggregated_params_are_refused_before_any_engine_sees_them(request_type):
+    """disaggregated_params are the scheduler's: a client's would run a context-only request on a decode
+    replica (its KV held there outside the scheduler's count, the handle returned) or pass a made-up handle."""
+    async def main():
+        svc, engine = make()
+        for prompt in ([1, 2, 3], list(range(1, 201))):
+            body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": 2,
+                               "disaggregated_params": {"request_type": request_type}}).encode()
+            reply = await svc.complete("completions", body, {})
+            err = json.loads(reply.body)["error"]
+            assert reply.status == 400 and err["param"] == "disaggregated_params", err
+            assert "set by the scheduler" in err["message"]
+        assert engine.calls == []
+        await svc.stop()
+
+    run(main())
+
+
 def test_budget_exhausted_fails_explicitly():
     async def main():
         svc, engine = make("retries: {maxAttempts: 3, budgetRatio: 0}\n")

@@ -53,8 +53,28 @@ KV_MISMATCH_MARKERS = (
 )
 
 
-def is_kv_mismatch(text: str) -> bool:
-    return any(marker in text for marker in KV_MISMATCH_MARKERS)
+def is_kv_mismatch(text: str, sent: str = "") -> bool:
+    return _says(text, KV_MISMATCH_MARKERS, sent)
+
+
+def _says(text: str, markers: tuple[str, ...], sent: str) -> bool:
+    """Whether an engine's error `text` carries one of `markers` that is not in `sent` (`_sent_text`, what it
+    was sent): engines quote a request's own values back in their refusals of it (trtllm-serve's validation
+    errors, the simulator's "got ..."), so a marker a client put in a field would otherwise make its own 400
+    look like a KV-format mismatch (its pair kept out for minutes) or a failed transfer (the replica counted
+    as failing)."""
+    return any(marker in text and marker not in sent for marker in markers)
+
+
+def _sent_text(sent: bytes) -> str:
+    """The body an engine was sent as the text it could quote back: JSON escapes undone (a client's \\u0073
+    is an s once the engine has parsed it)."""
+    if not sent:
+        return ""
+    try:
+        return json.dumps(json.loads(sent), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return sent.decode("utf-8", "replace")
 
 
 class EngineFailure(Exception):
@@ -82,19 +102,21 @@ class EngineFailure(Exception):
         return self.kind in ("connection", "engine_gone")
 
 
-def classify_failure(endpoint: Endpoint, status: int, body: bytes) -> EngineFailure | None:
+def classify_failure(endpoint: Endpoint, status: int, body: bytes, sent: bytes = b"") -> EngineFailure | None:
     """None for answers to pass through (2xx, and 4xx about the request); an EngineFailure for 5xx, and for a
     4xx that is a KV-format mismatch, lost KV, another failed KV transfer or an executor that is gone:
     trtllm-serve answers any exception of a generation 400 BadRequestError (`create_error_response(str(e))`),
-    a failed handoff included, so the text decides."""
+    a failed handoff included, so the text decides, but not text that `sent`, the request, carries itself
+    (`_says`)."""
     if status < 400:
         return None
     text = body.decode("utf-8", "replace")
     message = _error_message(text)
     if message == ENGINE_GONE_MESSAGE:  # the whole message, not text a client's own field could carry
         return EngineFailure(endpoint, message, status, body, "engine_gone")
-    kind = "kv_mismatch" if is_kv_mismatch(text) else "kv_lost" if is_kv_lost(text) else "retryable"
-    if status < 500 and kind == "retryable" and not is_kv_transfer_failure(text):
+    asked = _sent_text(sent)
+    kind = "kv_mismatch" if is_kv_mismatch(text, asked) else "kv_lost" if is_kv_lost(text, asked) else "retryable"
+    if status < 500 and kind == "retryable" and not is_kv_transfer_failure(text, asked):
         return None
     return EngineFailure(endpoint, message or f"HTTP {status}", status, body, kind)
 
@@ -106,8 +128,8 @@ _KV_TRANSFER_FAILED_MARKERS = ("Error in kv cache transfer", "KV transfer from c
                                "KV cache transfer failed")
 
 
-def is_kv_transfer_failure(text: str) -> bool:
-    return any(marker in text for marker in _KV_TRANSFER_FAILED_MARKERS)
+def is_kv_transfer_failure(text: str, sent: str = "") -> bool:
+    return _says(text, _KV_TRANSFER_FAILED_MARKERS, sent)
 
 
 # trtllm-serve whose executor has shut down (a fatal error in a worker, or the server stopping) answers every
@@ -126,8 +148,8 @@ _KV_LOST_MARKERS = ("KV cache transfer timed out", "due to KV cache transfer tim
                     "is not available on this context worker", "(it restarted since the prefill)")
 
 
-def is_kv_lost(text: str) -> bool:
-    return any(marker in text for marker in _KV_LOST_MARKERS)
+def is_kv_lost(text: str, sent: str = "") -> bool:
+    return _says(text, _KV_LOST_MARKERS, sent)
 
 
 def _error_message(text: str) -> str:

@@ -250,6 +250,12 @@ def parse_request(raw: bytes, api: str, headers: Mapping[str, str], model: str) 
         except UnicodeEncodeError:
             raise RequestError(400, "request body is not valid JSON: a \\u escape names half of a UTF-16 "
                                "surrogate pair (lone surrogates are not text)", "invalid_json") from None
+    if data.get("disaggregated_params") is not None:
+        # the scheduler's to set: a client's would run a context-only request on a decode replica (its KV held
+        # until the transfer timeout, outside the scheduler's count) or hand it a handle of its own making
+        raise RequestError(400, "`disaggregated_params` is set by the scheduler, which decides where the context "
+                           "and generation phases run; remove it from the request", "invalid_request",
+                           "disaggregated_params")
     rewrite = False
     requested = data.get("model")
     if requested is None:

@@ -858,8 +858,8 @@ class SchedulerService:
                     raise EngineFailure(prefill.endpoint, f"context_only answered {status}", status, data)
                 answer, ids_json = parse_context_answer(data)
                 handle = answer["choices"][0]["disaggregated_params"]
-                status, data, _ = await engine.client_for(decode.endpoint).post(
-                    decode.endpoint, probe.path, probe.generation_body(handle, ids_json), rid)
+                sent = probe.generation_body(handle, ids_json)
+                status, data, _ = await engine.client_for(decode.endpoint).post(decode.endpoint, probe.path, sent, rid)
                 return status, data
 
             status, data = await asyncio.wait_for(handoff(), PAIR_CHECK_TIMEOUT_S)
@@ -1475,14 +1475,15 @@ class SchedulerService:
             self.hooks.dispatched(ctx.route, max(0.0, t_ctx - ctx.mark))
             try:
                 # the replica's runtime's client, called directly (no extra coroutine per call on the hot path)
+                sent = req.context_body()
                 status, data, ctype = await ctx.engine.client_for(prefill.endpoint).post(
-                    prefill.endpoint, req.path, req.context_body(), ctx.rid)
+                    prefill.endpoint, req.path, sent, ctx.rid)
             except EngineFailure as failure:
                 self._engine_failed(failure, prefill, ctx.slot)
                 raise
             finally:
                 self._release_prefill(prefill, req.tokens)
-            failure = classify_failure(prefill.endpoint, status, data)
+            failure = classify_failure(prefill.endpoint, status, data, sent)
             if failure is not None:
                 self._engine_failed(failure, prefill, ctx.slot)
                 raise failure
@@ -1637,7 +1638,7 @@ class SchedulerService:
                     asyncio.get_running_loop().call_later(
                         req.tokens / (self.prefill_tps or DEFAULT_PREFILL_TPS), lease.first_token)
                 status, data, ctype = await engine.post(replica.endpoint, req.path, body, ctx.rid)
-                failure = classify_failure(replica.endpoint, status, data)
+                failure = classify_failure(replica.endpoint, status, data, body)
                 if failure is not None:
                     raise failure
                 self._engine_ok(replica)
@@ -1651,7 +1652,7 @@ class SchedulerService:
                     data = await resp.read()
                 except (asyncio.TimeoutError, OSError) as exc:
                     raise EngineFailure(replica.endpoint, f"{type(exc).__name__}: {exc}", kind="connection") from exc
-                failure = classify_failure(replica.endpoint, resp.status, data)
+                failure = classify_failure(replica.endpoint, resp.status, data, body)
                 if failure is not None:
                     raise failure
                 lease.release()
