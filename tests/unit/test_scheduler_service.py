@@ -1060,6 +1060,7 @@ def test_a_handle_whose_kv_the_prefill_freed_is_prefilled_again_and_the_decode_r
         reply = await svc.complete("completions", long_request(), {})
         error = json.loads(reply.body)["error"]
         assert reply.status == 503 and error["code"] == "kv_cache_lost" and "freed" in error["message"]
+        assert int(reply.headers["Retry-After"]) >= 1  # it asks the client to retry: when, as every 503 says
         assert svc.decode["d1:1"].healthy and svc.decode["d1:1"].failures == 0 and svc.ready() == (True, "ok")
         await svc.stop()
 

@@ -1383,7 +1383,8 @@ class SchedulerService:
                         503, f"the prefill replica {ctx.prefill.address if ctx.prefill else '?'} no longer had this "
                         f"request's KV cache when decode replica {failure.endpoint.address} pulled it (freed at the "
                         f"engines' KV transfer timeout), and it could not be prefilled again (retries or the retry "
-                        f"budget spent): {failure.message}; retry the request", "kv_cache_lost", "service_unavailable"))
+                        f"budget spent): {failure.message}; retry the request", "kv_cache_lost", "service_unavailable",
+                        retry_after=retry_after_seconds(self._backlog(), self.completions.rate())))
                 return self._finish_error(ctx, SchedulerError(
                     502, f"engine {failure.endpoint.address} failed: {failure.message}", "engine_error", "engine_error"
                 ))
