@@ -523,3 +523,39 @@ def test_a_progress_deadline_no_rollout_can_meet_is_refused_at_admission_and_by_
             api.RolloutSpec.model_validate(rollout)
     else:
         api.RolloutSpec.model_validate(rollout)
+
+
+def test_moe_parallelism_in_extra_options_must_fit_both_tiers_tensor_parallelism():
+    """engine.extraOptions go to both tiers: MoE parallelism TensorRT-LLM checks against a worker's TP at
+    start-up (tp = moe_tp × moe_ep × moe_cluster) is refused when it fits only one tier (prefill TP 8, decode
+    TP 4 here), naming the tier, instead of one tier crash-looping behind a valid-looking spec."""
+    def problems(**options):
+        return [p for p in spec_problems(model(engine__extraOptions=options).spec) if "moe_" in p]
+
+    assert problems() == []
+    assert problems(moe_expert_parallel_size=4) == []  # moe_tp 2 on prefill, 1 on decode
+    assert problems(moe_expert_parallel_size=2, moe_tensor_parallel_size=-1) == []  # -1: TensorRT-LLM's unset
+    refused = problems(moe_expert_parallel_size=8)
+    assert len(refused) == 1 and "decode.tensorParallelSize 4" in refused[0], refused
+    refused = problems(moe_expert_parallel_size=2, moe_tensor_parallel_size=2)
+    assert len(refused) == 1 and "prefill.tensorParallelSize 8" in refused[0], refused
+    refused = problems(moe_expert_parallel_size=2, moe_cluster_parallel_size=4)
+    assert len(refused) == 1 and "decode.tensorParallelSize 4" in refused[0], refused
+    for bad in (0, "4", True, 2.0):
+        refused = problems(moe_expert_parallel_size=bad)
+        assert refused == [f"engine.extraOptions moe_expert_parallel_size must be a positive integer, got {bad!r}"]
+
+
+def test_pp_partition_in_extra_options_must_have_a_stage_count_of_each_tier_and_the_models_layers():
+    def problems(options, **tiers):
+        return [p for p in spec_problems(model(engine__extraOptions=options, **tiers).spec) if "pp_partition" in p]
+
+    two_stage_prefill = dict(prefill__tensorParallelSize=4, prefill__pipelineParallelSize=2)
+    refused = problems({"pp_partition": [44, 36]}, **two_stage_prefill)
+    assert len(refused) == 1 and "decode.pipelineParallelSize is 1" in refused[0], refused
+    both = dict(two_stage_prefill, decode__tensorParallelSize=2, decode__pipelineParallelSize=2)
+    assert problems({"pp_partition": [44, 36]}, **both) == []
+    refused = problems({"pp_partition": [40, 36]}, **both)
+    assert refused == ["engine.extraOptions pp_partition [40, 36] sums to 76 layers, model.architecture.numLayers is 80"]
+    assert problems({"pp_partition": "44,36"}, **both) == [
+        "engine.extraOptions pp_partition must be a list of positive layer counts, got '44,36'"]

@@ -231,7 +231,7 @@ class EngineSpec(ApiModel):
     kv_cache: KVCacheSpec = Field(description="KV cache layout, shared by both tiers.")
     kv_transfer: KVTransferSpec = _nested(KVTransferSpec, "How KV moves from the prefill tier to the decode tier.")
     speculative_config: KubeObject | None = _free_form("TensorRT-LLM speculative_config, rendered on both tiers (set on one side only, the KV layouts would differ).")
-    extra_options: KubeObject | None = _free_form("Extra TensorRT-LLM LLM-API options (the --extra_llm_api_options YAML) merged into both tiers' config. Keys Baton renders itself cannot be overridden here.")
+    extra_options: KubeObject | None = _free_form("Extra TensorRT-LLM LLM-API options (the --extra_llm_api_options YAML) merged into both tiers' config. Keys Baton renders itself cannot be overridden here; options checked against a worker's parallelism (moe_tensor_parallel_size, moe_expert_parallel_size, moe_cluster_parallel_size, pp_partition) must fit both tiers.")
     env: list[KubeObject] = _free_form_list("Extra environment variables (core/v1 EnvVar) for the engine containers of both tiers.")
     startup_timeout: str = Field(default=STARTUP_TIMEOUT_DEFAULT, pattern=DURATION_PATTERN, description="How long an engine container may take to start (download the checkpoint from a huggingFace source, load it, warm up) before the kubelet restarts it: its startupProbe, checked every 10s. At least 1m. Changing it rolls the tiers' pods in place, not a new generation. rollout.progressDeadline (15m by default) bounds a new generation's start too: for a model that takes longer to load, raise both.")
 

@@ -127,6 +127,61 @@ def pipeline_problems(spec: DisaggregatedModelSpec) -> list[str]:
             for name, t in (("prefill", spec.prefill), ("decode", spec.decode)) if t.pipeline_parallel_size > arch.num_layers]
 
 
+# LLM-API options that TensorRT-LLM checks against a worker's tensor or pipeline parallelism at start-up.
+MOE_PARALLEL_OPTIONS = ("moe_tensor_parallel_size", "moe_expert_parallel_size", "moe_cluster_parallel_size")
+
+
+def extra_option_parallelism_problems(spec: DisaggregatedModelSpec) -> list[str]:
+    """engine.extraOptions go to both tiers, whose parallelism may differ: an option TensorRT-LLM checks
+    against a worker's TP or PP must fit each tier, else that tier's engines fail at start-up (crash-looping)
+    while the spec looks valid. MoE parallelism: tensor_parallel_size = moe_tensor_parallel_size ×
+    moe_expert_parallel_size × moe_cluster_parallel_size, an unset one of the first two derived from the
+    others (`Mapping`); `pp_partition`: one layer count per pipeline stage, summing to the model's layers."""
+    options = spec.engine.extra_options or {}
+    problems: list[str] = []
+    moe: dict[str, int] = {}
+    for key in MOE_PARALLEL_OPTIONS:
+        value = options.get(key)
+        if value is None or value == -1:  # unset (-1 is TensorRT-LLM's own "unset")
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"engine.extraOptions {key} must be a positive integer, got {value!r}")
+        else:
+            moe[key] = value
+    mtp, ep = moe.get("moe_tensor_parallel_size"), moe.get("moe_expert_parallel_size")
+    cluster = moe.get("moe_cluster_parallel_size", 1)
+    if not problems and (mtp is not None or ep is not None):
+        for tier in ("prefill", "decode"):
+            tp = spec.tier(tier).tensor_parallel_size
+            tier_mtp = mtp if mtp is not None else tp // (ep * cluster)  # type: ignore[operator]
+            tier_ep = ep if ep is not None else tp // (mtp * cluster)  # type: ignore[operator]
+            if tier_mtp * tier_ep * cluster != tp:
+                given = ", ".join(f"{k}={v}" for k, v in moe.items())
+                problems.append(
+                    f"engine.extraOptions {given} do not fit {tier}.tensorParallelSize {tp}: TensorRT-LLM requires "
+                    f"tensor_parallel_size = moe_tensor_parallel_size × moe_expert_parallel_size × "
+                    f"moe_cluster_parallel_size on every worker, and engine.extraOptions go to both tiers; choose "
+                    f"values that fit both tiers' tensorParallelSize")
+    partition = options.get("pp_partition")
+    if partition is not None:
+        layers = spec.model.architecture.num_layers if spec.model.architecture else None
+        stages = partition if isinstance(partition, list) else None
+        if not stages or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in stages):
+            problems.append(f"engine.extraOptions pp_partition must be a list of positive layer counts, got {partition!r}")
+        else:
+            for tier in ("prefill", "decode"):
+                pp = spec.tier(tier).pipeline_parallel_size
+                if len(stages) != pp:
+                    problems.append(
+                        f"engine.extraOptions pp_partition {stages} has {len(stages)} entries, {tier}."
+                        f"pipelineParallelSize is {pp}: TensorRT-LLM needs one layer count per pipeline stage, and "
+                        f"engine.extraOptions go to both tiers (give them the same pipelineParallelSize, or drop it)")
+            if layers is not None and sum(stages) != layers:
+                problems.append(f"engine.extraOptions pp_partition {stages} sums to {sum(stages)} layers, "
+                                f"model.architecture.numLayers is {layers}")
+    return problems
+
+
 def triton_source_problems(spec: DisaggregatedModelSpec) -> list[str]:
     """tritonserver needs a model repository from the model source (a huggingFace source mounts none), and
     two ports above the tier's."""
@@ -234,5 +289,6 @@ def spec_problems(spec: DisaggregatedModelSpec) -> list[str]:
     problems.extend(triton_source_problems(spec))
     problems.extend(kv_cache_size_problems(spec))
     problems.extend(pipeline_problems(spec))
+    problems.extend(extra_option_parallelism_problems(spec))
     problems.extend(scheduler_config_problems(spec))
     return problems
