@@ -306,6 +306,32 @@ def test_a_child_deleted_while_the_watch_was_away_is_applied_again_after_the_nex
     assert kube.requests["LIST"] - lists >= 7  # one per kind of child
 
 
+def test_an_unpinned_hugging_face_revision_draws_a_warning_once_per_spec_change(cluster, namespace, operator):
+    """Engine pods download the weights when they start: a branch can give pods started at different times
+    different weights. Said once per spec change (not every pass), and not once the revision is a commit."""
+    create(cluster, namespace, small())
+    wait_ready(cluster, namespace, "llama-8b")
+
+    def warnings():
+        return [e for e in cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=llama-8b").items
+                if e.reason == "ModelRevisionNotPinned"]
+
+    def observed():
+        obj = get_dm(cluster, namespace, "llama-8b")
+        return obj if (obj.get("status") or {}).get("observedGeneration") == obj["metadata"]["generation"] else None
+
+    (warning,) = wait_for(warnings, 30, what="the ModelRevisionNotPinned event")
+    assert warning.type == "Warning" and "meta-llama/Llama-3.1-8B-Instruct" in warning.message
+    assert "40-character commit hash" in warning.message
+    patch_dm(cluster, namespace, "llama-8b", {"scheduler": {"maxQueueDepth": 77}})  # a spec change: said again
+    wait_for(lambda: [w for w in warnings() if (w.count or 1) == 2], 30, what="the warning counted a second time")
+    patch_dm(cluster, namespace, "llama-8b", {"model": {"source": {"huggingFace": {
+        "revision": "0123456789abcdef0123456789abcdef01234567"}}}})
+    wait_for(observed, 30, what="the pinned spec observed")
+    time.sleep(2)  # a few more passes
+    assert [w.count or 1 for w in warnings()] == [2], "warned of a pinned revision, or more than once per change"
+
+
 def test_a_spec_baton_cannot_serve_is_reported_and_leaves_serving_children_alone(cluster, namespace, operator):
     create(cluster, namespace, small())
     wait_ready(cluster, namespace, "llama-8b")

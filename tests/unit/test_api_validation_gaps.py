@@ -559,3 +559,15 @@ def test_pp_partition_in_extra_options_must_have_a_stage_count_of_each_tier_and_
     assert refused == ["engine.extraOptions pp_partition [40, 36] sums to 76 layers, model.architecture.numLayers is 80"]
     assert problems({"pp_partition": "44,36"}, **both) == [
         "engine.extraOptions pp_partition must be a list of positive layer counts, got '44,36'"]
+
+
+def test_a_hugging_face_source_not_pinned_to_a_commit_is_warned_of():
+    def warning(source):
+        return validation.unpinned_revision_warning(model("small.yaml", model__source=source).spec)
+
+    hf = {"id": "meta-llama/Llama-3.1-8B-Instruct"}
+    assert "no revision (the default branch)" in warning({"huggingFace": hf})
+    assert "revision 'main', a branch or tag" in warning({"huggingFace": {**hf, "revision": "main"}})
+    assert "revision '0e9e39f'" in warning({"huggingFace": {**hf, "revision": "0e9e39f"}})  # abbreviated: a ref
+    assert warning({"huggingFace": {**hf, "revision": "0e9e39f249a16976918f6564b8830bc894c89659"}}) == ""
+    assert warning({"hostPath": {"path": "/data/llama"}}) == warning({"pvc": {"claimName": "w"}}) == ""

@@ -211,11 +211,15 @@ def engines(monkeypatch):
     return calls
 
 
+PINNED = "0123456789abcdef0123456789abcdef01234567"
+
+
 class Model:
     def __init__(self, gpus=8, mutate=None, settle=True):
         self.kube = FakeKube([node("p1", "prefill-h100", gpus), node("d1", "decode-l40s", gpus), node("s", "system", 0)])
         doc = yaml.safe_load(EXAMPLE.read_text())
         doc["metadata"] = {"name": "m", "namespace": "ns", "uid": "model-uid", "generation": 1, "annotations": {}}
+        doc["spec"]["model"]["source"]["huggingFace"]["revision"] = PINNED  # as in production: no warning of it
         if mutate:
             mutate(doc["spec"])
         self.kube.objs[("DisaggregatedModel", "ns", "m")] = doc
@@ -1712,3 +1716,16 @@ def test_a_crash_looping_container_is_reported_between_its_back_offs_too():
     assert failing_containers(pod(running)) == ["m-decode-g-0: engine restarted 3 time(s), last exit code 1 (Error)"]
     assert failing_containers(pod(running, ready=True)) == []
     assert failing_containers(pod(running, restarts=0)) == []
+
+
+def test_an_unpinned_hugging_face_revision_is_warned_of_once_per_spec_change():
+    m = Model(mutate=lambda spec: spec["model"]["source"]["huggingFace"].pop("revision"))
+    m.pass_(3)
+    assert [w[1] for w in m.warnings()] == ["ModelRevisionNotPinned"]
+    assert "40-character commit hash" in m.warnings()[0][2]
+    m.edit(lambda spec: spec["decode"].__setitem__("replicas", 2))
+    m.pass_(2)
+    assert [w[1] for w in m.warnings()] == ["ModelRevisionNotPinned"] * 2
+    m.edit(lambda spec: spec["model"]["source"]["huggingFace"].__setitem__("revision", PINNED))
+    m.pass_(2)
+    assert len(m.warnings()) == 2

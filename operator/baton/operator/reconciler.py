@@ -48,7 +48,7 @@ from baton.operator.rollout_pass import (
     in_place_held_back,
     rendered_generation_config,
 )
-from baton.operator.validation import spec_problems
+from baton.operator.validation import REASON_REVISION_NOT_PINNED, spec_problems, unpinned_revision_warning
 from baton.render import render_shared
 from baton.render.derived import derive
 from baton.render.scheduler import generation_config_of_configmap
@@ -323,6 +323,10 @@ class Reconciler:
                                  target=target)
         kv_ok = [(status.KV_FORMAT_COMPATIBLE, True, status.REASON_KV_FORMAT_MATCH,
                   f"both tiers share KV format {derived.fingerprint('prefill')}")]
+        if previous.get("observedGeneration") != generation:  # once per spec change, not every pass
+            warning = unpinned_revision_warning(spec)
+            if warning:
+                events.record(self.kube, body, "Warning", REASON_REVISION_NOT_PINNED, warning)
 
         # Shared objects (tier Services, scheduler) and the spec's generation.
         gen = derived.generation

@@ -127,6 +127,25 @@ def pipeline_problems(spec: DisaggregatedModelSpec) -> list[str]:
             for name, t in (("prefill", spec.prefill), ("decode", spec.decode)) if t.pipeline_parallel_size > arch.num_layers]
 
 
+REASON_REVISION_NOT_PINNED = "ModelRevisionNotPinned"
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def unpinned_revision_warning(spec: DisaggregatedModelSpec) -> str:
+    """A warning ("" for none) for a Hugging Face source whose revision is not a commit: every engine pod
+    downloads the weights when it starts, so pods started at different times (a rolling update, a rescheduled
+    or replaced pod) can load different commits of a branch that moved, while the KV-format identity
+    (hf:<id>@<revision>) takes them for the same weights. Not refused: a branch is a legitimate choice."""
+    hf = spec.model.source.hugging_face
+    if hf is None or _COMMIT.match(hf.revision):
+        return ""
+    what = f"revision {hf.revision!r}, a branch or tag" if hf.revision else "no revision (the default branch)"
+    return (f"model.source.huggingFace names {hf.id} at {what}, not a commit: each engine pod downloads the "
+            f"weights when it starts, so pods started at different times can load different commits if it moves, "
+            f"and KV handed between different weights gives wrong answers without an error; set "
+            f"model.source.huggingFace.revision to the 40-character commit hash to pin them")
+
+
 # LLM-API options that TensorRT-LLM checks against a worker's tensor or pipeline parallelism at start-up.
 MOE_PARALLEL_OPTIONS = ("moe_tensor_parallel_size", "moe_expert_parallel_size", "moe_cluster_parallel_size")
 
