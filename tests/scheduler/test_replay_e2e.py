@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 from scheduler_harness import BATON, wait_for
 
-TRACE = "/work/shared/traces/azure-llm-inference-2023-code.csv"
+TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "azure-llm-inference-2023-code-first-100.csv"
 
 
 def test_replay_reports_a_correct_json_summary(engines, make_scheduler, tmp_path):

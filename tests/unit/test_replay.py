@@ -10,6 +10,7 @@ import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,7 +70,8 @@ def test_read_trace_reports_bad_lines_and_columns():
 
 
 def test_real_trace_parses():
-    rows = read_trace("/work/shared/traces/azure-llm-inference-2023-code.csv", limit=100)
+    trace = Path(__file__).resolve().parents[1] / "data" / "traces" / "azure-llm-inference-2023-code-first-100.csv"
+    rows = read_trace(trace, limit=100)
     assert len(rows) == 100 and rows[0].offset_s == 0.0
     assert all(1 <= r.context_tokens <= 8192 for r in rows)
 
