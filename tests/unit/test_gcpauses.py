@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
 from baton.gcpauses import PAUSE_BUCKETS, PauseClock, PauseHistogram, freeze_heap, frozen_objects
 
@@ -39,14 +40,24 @@ def test_clock_times_real_collections_by_generation():
     assert clock.generations["2"].count == 1  # uninstalled: no longer called
 
 
+class Node:
+    """An object a weak reference can follow, for a reference cycle of one."""
+
+
 def test_frozen_heap_is_left_out_of_full_collections():
     junk = [[i] for i in range(20_000)]  # tracked objects alive now
     walked_before = len(gc.get_objects())
     try:
         assert freeze_heap() == frozen_objects() >= 20_000
         assert len(gc.get_objects()) < walked_before // 10  # what a full pass still has to walk
-        fresh = [[i] for i in range(1_000)]
-        assert len(gc.get_objects()) >= len(fresh)  # objects made afterwards are collected as before
+        # objects made afterwards are collected as before: a cycle nothing refers to goes at the next full pass
+        collected = []
+        cycle = Node()
+        cycle.self = cycle
+        weakref.finalize(cycle, collected.append, "cycle")
+        del cycle
+        gc.collect()
+        assert collected == ["cycle"]
     finally:
         gc.unfreeze()
     assert frozen_objects() == 0 and len(gc.get_objects()) >= walked_before
