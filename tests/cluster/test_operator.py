@@ -354,8 +354,8 @@ def test_a_spec_baton_cannot_serve_is_reported_and_leaves_serving_children_alone
 BASE = small("bad")
 
 
-def _mutate(path, value):
-    manifest = copy.deepcopy(BASE)
+def _mutate(path, value, manifest=None):
+    manifest = copy.deepcopy(BASE if manifest is None else manifest)
     node = manifest
     keys = path.split(".")
     for key in keys[:-1]:
@@ -402,6 +402,38 @@ INVALID = [
 def test_invalid_objects_are_rejected_at_admission_with_a_clear_message(cluster, namespace, path, value, message):
     with pytest.raises(ApiException) as err:
         create(cluster, namespace, _mutate(path, value))
+    assert err.value.status == 422
+    assert message in json.loads(err.value.body)["message"]
+
+
+# Rules the unit tests also check through their reading of CEL (tests/unit/test_api_validation_gaps.py): here
+# on the API server itself, which is what admits or refuses an object. Each: {dotted path: value}, message.
+INVALID_COMBINATIONS = [
+    ({"spec.scheduler.heartbeatInterval": "0s"}, "scheduler.heartbeatInterval must be greater than 0s"),
+    ({"spec.scheduler.degradation": {"holdTtl": "0ms"}}, "scheduler.degradation.holdTtl must be greater than 0s"),
+    ({"spec.decode.kvCacheSize": "24m"}, "decode.kvCacheSize is a number of bytes: m is milli"),
+    ({"spec.decode.podTemplate": {"labels": {"bad key!": "x"}}},
+     "decode.podTemplate.labels: a key is not a Kubernetes label key"),
+    ({"spec.prefill.podTemplate": {"volumes": [{"name": "dshm", "emptyDir": {}}]}},
+     "prefill.podTemplate.volumes: a volume is named like one of Baton's own ("),
+    ({"spec.decode.podTemplate": {"volumeMounts": [{"name": "x", "mountPath": "/dev/shm"}]}},
+     "decode.podTemplate.volumeMounts: a mount is at one of Baton's own mount paths ("),
+    ({"spec.rollout": {"progressDeadline": "5s", "minReadySeconds": 5}},
+     "rollout.progressDeadline must be longer than rollout.minReadySeconds"),
+    ({"spec.engine.runtime": "triton", "spec.model.source": {"pvc": {"claimName": "w"}}, "spec.decode.port": 65534},
+     "with engine.runtime triton a tier's port must be at most 65533"),
+    ({"spec.engine.runtime": "triton"}, "engine.runtime triton needs model.source.pvc or hostPath"),
+]
+
+
+@pytest.mark.parametrize("changes,message", INVALID_COMBINATIONS,
+                         ids=["+".join(k.removeprefix("spec.") for k in c) for c, _ in INVALID_COMBINATIONS])
+def test_the_crd_rules_refuse_at_admission_on_the_api_server(cluster, namespace, changes, message):
+    manifest = BASE
+    for path, value in changes.items():
+        manifest = _mutate(path, value, manifest)
+    with pytest.raises(ApiException) as err:
+        create(cluster, namespace, manifest)
     assert err.value.status == 422
     assert message in json.loads(err.value.body)["message"]
 
