@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from kubernetes import client
 
+from http1_harness import until
+
 from baton.scheduler.endpoints import Endpoint, PodInfo, endpoints_from_slices, static_endpoints
 from baton.scheduler.config import parse_config
 
@@ -371,8 +373,9 @@ def test_a_pod_that_cannot_be_read_is_left_out_until_it_can_and_a_forbidden_read
         disc._update_tier("decode", "slices", slices(2, 3))
         await asyncio.sleep(0)
         assert [(e.pod, e.fingerprint) for e in published[-1]] == [("pod-3", None)]  # pod-2 unknown: left out
-        await asyncio.sleep(0.3)  # the retry, with no watch event
-        assert [(e.pod, e.fingerprint) for e in published[-1]] == [("pod-2", "fp"), ("pod-3", None)]
+        # the retry, with no watch event
+        await until(lambda: [(e.pod, e.fingerprint) for e in published[-1]] == [("pod-2", "fp"), ("pod-3", None)],
+                    what="pod-2 published once its pod could be read")
         disc.stop()
 
     asyncio.run(main())

@@ -104,10 +104,9 @@ def test_the_last_event_goes_out_after_its_read_when_the_end_comes_later():
     async def scenario():
         _, resp, sink, endings = make(0.05)
         resp.on_data(event(1))
-        t0 = time.monotonic()
         resp.on_data(event(2) + DONE)  # the end of the response is not in this read
         await asyncio.sleep(0)  # the next turn of the loop, not the end of the 50 ms interval
-        assert sink.writes[-1][1] == event(1) + event(2) + DONE and sink.writes[-1][0] - t0 < 0.01
+        assert sink.writes[-1][1] == event(1) + event(2) + DONE  # written by then
         assert sink.ended is None and endings == []
         resp.on_end()
         assert sink.ended == b"" and endings == [("completed", 4)]
