@@ -138,6 +138,44 @@ def test_non_strict_queue_lets_others_use_slots_and_priority_goes_first():
     run(main())
 
 
+def test_what_frees_with_no_notify_goes_to_those_waiting_ahead_of_a_newcomer():
+    """Capacity that comes free with no release (so no notify): an ordinary newcomer takes it only after the
+    waiters, a priority newcomer (a held prefill) after the priority waiters but before the ordinary ones."""
+    async def main():
+        q: WaitQueue[str] = WaitQueue("d", strict=False)
+        free = {"x": 0}
+        got = []
+
+        def take():
+            if free["x"] > 0:
+                free["x"] -= 1
+                return "x"
+            return None
+
+        async def waiter(tag, priority=False):
+            await q.acquire(take, lambda v: None, 5, priority=priority)
+            got.append(tag)
+
+        tasks = [asyncio.create_task(waiter("waiting"))]
+        await asyncio.sleep(0)
+        free["x"] = 1  # silently
+        tasks.append(asyncio.create_task(waiter("newcomer")))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert got == ["waiting"]
+        free["x"] = 1  # silently: the ordinary newcomer now waiting is passed over by a held prefill
+        tasks.append(asyncio.create_task(waiter("held", priority=True)))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert got == ["waiting", "held"]
+        free["x"] = 1
+        q.notify()
+        await asyncio.gather(*tasks)
+        assert got == ["waiting", "held", "newcomer"]
+
+    run(main())
+
+
 def test_queue_timeout_and_cancellation_release():
     async def main():
         q: WaitQueue[int] = WaitQueue("p", strict=True)

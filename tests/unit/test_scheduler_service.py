@@ -226,6 +226,39 @@ def test_a_clients_disaggregated_params_are_refused_before_any_engine_sees_them(
     run(main())
 
 
+def test_capacity_that_frees_with_no_release_goes_to_the_waiting_request_before_a_newcomer():
+    """The decode throttle lifts as slow samples age out, with no release to wake the queue: a request arriving
+    then must not take the slot ahead of one that has been waiting for it (until the queue's next recheck)."""
+    async def main():
+        svc, engine = make("backpressure: {maxActivePerDecodeReplica: 2, decodeP95LatencyThresholdMs: 50}\n"
+                           "queue: {maxWaitSeconds: 5}\n", prefill=(), decode=("d1:1",))
+        started: list[str] = []
+        post = engine.post
+
+        async def recording(endpoint, path, body, request_id):
+            started.append(request_id)
+            return await post(endpoint, path, body, request_id)
+        engine.post = recording
+        svc.tpot_window.window_s, svc.tpot_window.cache_s = 0.3, 0.0
+        for _ in range(20):
+            svc.tpot_window.record(0.2)
+        assert svc._decode_cap() == 1  # throttled: half of 2
+        engine.delay = 1.0
+        first = asyncio.create_task(svc.complete("completions", long_request(5), {"X-Request-Id": "first"}))
+        await until(lambda: started == ["first"])
+        waiting = asyncio.create_task(svc.complete("completions", long_request(5), {"X-Request-Id": "waiting"}))
+        await until(lambda: svc.decode_queue.waiting == 1)
+        await until(lambda: not svc.decode_throttled(), timeout=2)  # the slow samples aged out: room for two
+        newcomer = asyncio.create_task(svc.complete("completions", long_request(5), {"X-Request-Id": "newcomer"}))
+        await until(lambda: len(started) == 2)
+        assert started == ["first", "waiting"], started
+        replies = await asyncio.gather(first, waiting, newcomer)
+        assert [r.status for r in replies] == [200] * 3 and started == ["first", "waiting", "newcomer"]
+        await svc.stop()
+
+    run(main())
+
+
 def test_budget_exhausted_fails_explicitly():
     async def main():
         svc, engine = make("retries: {maxAttempts: 3, budgetRatio: 0}\n")
@@ -1222,13 +1255,12 @@ def test_the_generation_metric_counts_only_its_engines_failures():
         assert outcomes == ["failed", "failed"]
         assert _generation_outcomes(svc) == {"shed": 1.0, "failed": 1.0}
         engine.fail.clear()
-        svc.decode["d1:1"].active = 1
-        held = asyncio.create_task(svc.complete("completions", long_request(), {}))
-        await until(lambda: len(svc.holds) == 1, what="the hold")
         engine.delay = 5
-        svc.decode["d1:1"].active = 0
         in_call = asyncio.create_task(svc.complete("completions", long_request(5), {}))  # local, in its call
         await until(lambda: engine.calls[-1] == ("d1:1", "context_and_generation"), what="the local call")
+        engine.delay = 0  # read by each call as it starts: the local one sleeps on, holding the decode slot
+        held = asyncio.create_task(svc.complete("completions", long_request(), {}))  # decode saturated: held
+        await until(lambda: len(svc.holds) == 1, what="the hold")
         svc.shed_waiting()
         assert (await asyncio.wait_for(held, 1)).status == 503
         in_call.cancel(STOPPING)

@@ -171,6 +171,7 @@ class WaitQueue(Generic[T]):
         ahead = self._priority if priority else (self._priority or self._normal)
         queued_behind = self.strict and bool(ahead)
         if not queued_behind:
+            self.serve_waiting_first(priority)
             value = try_acquire()
             if value is not None and value is not PASS:
                 return value
@@ -227,28 +228,43 @@ class WaitQueue(Generic[T]):
             self._discard(waiter)
             waiter.future.set_exception(QueueTimeout(self.name))
 
+    def serve_waiting_first(self, priority: bool = False) -> None:
+        """Before a newcomer takes what is free: capacity can come free with no release to notify of it (the
+        decode throttle lifting as slow samples age out, a token bucket refilling), and those ahead of the
+        newcomer get it first, as on a release (a non-strict queue would otherwise let the newcomer overtake
+        them until the next recheck): the priority waiters, and for an ordinary newcomer the ordinary ones."""
+        if priority:
+            self._serve(self._priority)
+        elif self._priority or self._normal:
+            self.notify()
+
     def notify(self) -> None:
         """Hand freed capacity to waiters (see the module doc for the order)."""
-        for queue in (self._priority, self._normal):
-            i = 0
-            while i < len(queue):
-                waiter = queue[i]
-                if waiter.future.done():
-                    del queue[i]
-                    continue
-                try:
-                    value = waiter.try_acquire()
-                except Exception as exc:  # the waiter can never be served: fail it, not the notifier
-                    del queue[i]
-                    waiter.future.set_exception(exc)
-                    continue
-                if value is None or value is PASS:
-                    if self.strict and value is None:
-                        return
-                    i += 1
-                    continue
+        if not self._serve(self._priority):
+            self._serve(self._normal)
+
+    def _serve(self, queue: deque[_Waiter]) -> bool:
+        """Hand what is free to `queue`'s waiters in order; True when a strict queue stopped at one."""
+        i = 0
+        while i < len(queue):
+            waiter = queue[i]
+            if waiter.future.done():
                 del queue[i]
-                waiter.future.set_result(value)
+                continue
+            try:
+                value = waiter.try_acquire()
+            except Exception as exc:  # the waiter can never be served: fail it, not the notifier
+                del queue[i]
+                waiter.future.set_exception(exc)
+                continue
+            if value is None or value is PASS:
+                if self.strict and value is None:
+                    return True
+                i += 1
+                continue
+            del queue[i]
+            waiter.future.set_result(value)
+        return False
 
     def shut(self, make_exc: Callable[[], BaseException]) -> int:
         """End every waiter with an exception from `make_exc()`, and every later `acquire` at once (the

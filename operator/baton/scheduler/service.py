@@ -1169,6 +1169,7 @@ class SchedulerService:
         value = None
         ahead = len(queue) if queue.strict else 0
         if not ahead:
+            queue.serve_waiting_first()
             value = try_acquire()
         if value is None or value is PASS:
             self._check_backlog(ctx)
@@ -1510,6 +1511,7 @@ class SchedulerService:
                 return self._finish_from_context(ctx, answer)
             ring = self._ring(prefill.address, ctx.excluded)
             self.decode_queue.check_open()  # shutting down: no generation starts only to be cut
+            self.decode_queue.serve_waiting_first(priority=True)  # prefills held longer go first
             lease = self._try_decode(ring, ctx.excluded, False)
             if lease is None:
                 if not ctx.reprefilled and self._backlog() >= self.config.queue.max_depth:
