@@ -64,8 +64,8 @@ def runtime(monkeypatch):
     monkeypatch.setattr(handlers, "pause_gate", Gate())
     monkeypatch.setattr(handlers, "WAKE_COALESCE_SECONDS", 0.0)
     for attr, value in (("cache", cache), ("reconciler", reconciler), ("executor", executor), ("loops", {}),
-                        ("triggers", {}), ("seen", {}), ("passes", set()), ("uids", {}),
-                        ("stops", {}), ("running", {}), ("stalled", set())):
+                        ("triggers", {}), ("seen", {}), ("passes", set()),
+                        ("running", {}), ("stalled", set())):
         monkeypatch.setattr(handlers.runtime, attr, value)
     yield SimpleNamespace(cache=cache, reconciler=reconciler)
     reconciler.release.set()
@@ -115,8 +115,8 @@ def test_a_model_deleted_and_created_again_at_once_still_acts_on_spec_edits_at_o
         await asyncio.sleep(0.2)
         await handlers.model_event(body=model(generation=2), name="m", namespace="ns", type="MODIFIED")  # a spec edit
         await until(lambda: runtime.reconciler.records.get(("ns", "m")) == 2, timeout=2)
-        for task in handlers.runtime.loops.values():
-            task.cancel()
+        for loop in handlers.runtime.loops.values():
+            loop.task.cancel()
 
     asyncio.run(main())
 
@@ -143,12 +143,12 @@ def test_a_model_created_again_while_a_pass_runs_gets_its_first_pass_only_after_
         await until(lambda: [uid for uid, _ in r.ended] == ["a", "b"])
         assert r.ended == [("a", True), ("b", False)]  # the old pass was told to stop writing; the new one runs
         assert r.most_at_once == 1
-        assert handlers.runtime.uids == {("ns", "m"): "b"}
+        assert {key: loop.uid for key, loop in handlers.runtime.loops.items()} == {("ns", "m"): "b"}
         # a DELETED event of the old object coming late does not stop the new model's loop
         await handlers.model_event(body=model(uid="a"), name="m", namespace="ns", type="DELETED")
         assert ("ns", "m") in handlers.runtime.loops
-        for task in handlers.runtime.loops.values():
-            task.cancel()
+        for loop in handlers.runtime.loops.values():
+            loop.task.cancel()
 
     asyncio.run(main())
 

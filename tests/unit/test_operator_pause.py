@@ -61,8 +61,8 @@ def runtime(monkeypatch):
     gate = Gate()
     monkeypatch.setattr(handlers, "pause_gate", gate)
     for attr, value in (("cache", cache), ("reconciler", reconciler), ("executor", executor), ("loops", {}),
-                        ("triggers", {}), ("seen", {}), ("passes", set()), ("uids", {}),
-                        ("stops", {}), ("running", {}), ("stalled", set())):
+                        ("triggers", {}), ("seen", {}), ("passes", set()),
+                        ("running", {}), ("stalled", set())):
         monkeypatch.setattr(handlers.runtime, attr, value)
     yield SimpleNamespace(cache=cache, reconciler=reconciler, gate=gate)
     reconciler.release.set()
@@ -73,7 +73,7 @@ def test_a_pause_empties_the_cache_after_the_pass_under_way_has_written_to_it(ru
     async def main():
         follower = asyncio.create_task(handlers.follow_pauses())
         key = ("ns", "llama-8b")
-        handlers.runtime.loops[key] = asyncio.create_task(handlers.reconcile_loop(*key))
+        handlers.runtime.loops[key] = handlers.ModelLoop(asyncio.create_task(handlers.reconcile_loop(*key)), "")
         await asyncio.to_thread(runtime.reconciler.started.wait, 5)
         runtime.gate.set(True)  # a peer of higher priority appeared: the loop stops, its pass goes on
         await asyncio.sleep(0.2)

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -41,6 +42,16 @@ log = logging.getLogger("baton.operator")
 _CHILD_FILTER = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
 
+@dataclass
+class ModelLoop:
+    """A model's reconcile loop: its task, the metadata.uid of the model it is for (a model deleted and created
+    again under the name is another), and the event set when it is stopped (its pass writes no more)."""
+
+    task: asyncio.Task
+    uid: str
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
 class _Runtime:
     """Process-wide state, built at start-up (so importing this module has no side effects)."""
 
@@ -49,9 +60,7 @@ class _Runtime:
     cache: ChildCache = ChildCache()
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     triggers: dict[tuple[str, str], asyncio.Event] = {}
-    loops: dict[tuple[str, str], asyncio.Task] = {}
-    uids: dict[tuple[str, str], str] = {}  # the metadata.uid of the model each loop is for
-    stops: dict[tuple[str, str], threading.Event] = {}  # set when the loop stops: its pass writes no more
+    loops: dict[tuple[str, str], ModelLoop] = {}
     passes: set[concurrent.futures.Future] = set()  # reconcile passes submitted to the executor, not ended
     running: dict[tuple[str, str], concurrent.futures.Future] = {}  # the latest pass of each name
     stalled: set[tuple[str, str]] = set()  # models whose last pass found them Stalled
@@ -226,10 +235,9 @@ async def reconcile_loop(namespace: str, name: str, uid: str | None = None,
         # after the next one started): what is registered for the model is then that loop's, and stays.
         if runtime.triggers.get(key) is trigger:
             runtime.triggers.pop(key)
-        if runtime.loops.get(key) is asyncio.current_task():
+        own = runtime.loops.get(key)
+        if own is not None and own.task is asyncio.current_task():
             runtime.loops.pop(key)  # ended by itself (the model is gone): a new one starts if it comes back
-            runtime.uids.pop(key, None)
-            runtime.stops.pop(key, None)
             _forget_model(key)
 
 
@@ -311,16 +319,19 @@ async def _run_pass(loop: asyncio.AbstractEventLoop, namespace: str, name: str, 
         raise
 
 
+def _loop_uid(key: tuple[str, str]) -> str | None:
+    """The metadata.uid of the model a name's loop is for (None: no loop)."""
+    loop = runtime.loops.get(key)
+    return loop.uid if loop is not None else None
+
+
 def _stop_loop(key: tuple[str, str]) -> None:
     """Stop a model's loop and forget the model at once: a loop started for it from now on (the model created
     again) starts afresh, whenever this one gets to end. The pass it may have running writes nothing more."""
-    task = runtime.loops.pop(key, None)
-    runtime.uids.pop(key, None)
-    stop = runtime.stops.pop(key, None)
-    if stop is not None:
-        stop.set()
-    if task is not None:
-        task.cancel()
+    loop = runtime.loops.pop(key, None)
+    if loop is not None:
+        loop.stop.set()
+        loop.task.cancel()
         _forget_model(key)
 
 
@@ -335,21 +346,20 @@ async def model_event(body: kopf.Body, name: str, namespace: str, type: str, **_
     key = (namespace, name)
     uid = meta.get("uid") or ""
     if type == "DELETED" or meta.get("deletionTimestamp"):
-        if not uid or runtime.uids.get(key) in (None, "", uid):  # not a later model's of that name
+        if not uid or _loop_uid(key) in (None, "", uid):  # not a later model's of that name
             _stop_loop(key)
         return
     if pause_gate.paused:  # an event kopf delivered as it paused: the replica in charge handles it
         return
-    if uid and runtime.uids.get(key) not in (None, "", uid):
+    if uid and _loop_uid(key) not in (None, "", uid):
         # Another object of that name than the loop's: the model was deleted and created again, and its
         # DELETED event never came (a watch that was down, re-listing).
         log.info("%s/%s was created again (uid %s): its reconcile loop starts afresh", namespace, name, uid)
         _stop_loop(key)
-    if key not in runtime.loops or runtime.loops[key].done():
-        stop = runtime.stops[key] = threading.Event()
-        runtime.uids[key] = uid
-        runtime.loops[key] = asyncio.create_task(reconcile_loop(namespace, name, uid or None, stop),
-                                                 name=f"reconcile {namespace}/{name}")
+    if key not in runtime.loops or runtime.loops[key].task.done():
+        stop = threading.Event()
+        task = asyncio.create_task(reconcile_loop(namespace, name, uid or None, stop), name=f"reconcile {namespace}/{name}")
+        runtime.loops[key] = ModelLoop(task, uid, stop)
     # Status writes (Baton's own) change neither generation nor annotations: they need no new pass.
     # Hashed: annotations can hold a whole manifest (kubectl's last-applied-configuration).
     fingerprint = (meta.get("generation"), hash(frozenset((meta.get("annotations") or {}).items())))
