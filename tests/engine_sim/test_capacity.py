@@ -65,15 +65,20 @@ def short_seq(engines):
     return engines.start(worker_yaml(ctx=True, max_seq_len=256, max_num_tokens=512), "--sim-speed", "0")
 
 
+def _ids_request(path: str, prompt_len: int, **fields) -> dict:
+    """A completion or chat request whose prompt is `prompt_len` token ids."""
+    key = "prompt" if "chat" not in path else "prompt_token_ids"
+    body = {key: list(range(1, prompt_len + 1)), **fields}
+    if "chat" in path:
+        body["messages"] = [{"role": "user", "content": "x"}]
+    return body
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_max_tokens_is_lowered_to_what_max_seq_len_leaves(short_seq, path):
     """As the PyTorch worker's _deduce_max_tokens: max_tokens above max_seq_len - prompt is lowered (with
     TensorRT-LLM's warning in the log), not refused."""
-    key = "prompt" if "chat" not in path else "prompt_token_ids"
-    body = {key: list(range(1, 201)), "max_tokens": 1000}
-    if "chat" in path:
-        body["messages"] = [{"role": "user", "content": "x"}]
-    status, resp = short_seq.post(path, body)
+    status, resp = short_seq.post(path, _ids_request(path, 200, max_tokens=1000))
     assert status == 200, resp
     assert resp["usage"] == {"prompt_tokens": 200, "completion_tokens": 56, "total_tokens": 256}
     assert resp["choices"][0]["finish_reason"] == "length"
@@ -85,11 +90,7 @@ def test_max_tokens_is_lowered_to_what_max_seq_len_leaves(short_seq, path):
 def test_a_request_without_max_tokens_generates_what_max_seq_len_leaves(short_seq, path):
     """trtllm-serve 1.x: its request models default max_tokens to none and the worker deduces it, so a
     request that sets none generates up to max_seq_len (here 256), without the lowering warning."""
-    key = "prompt" if "chat" not in path else "prompt_token_ids"
-    body = {key: list(range(1, 181))}
-    if "chat" in path:
-        body["messages"] = [{"role": "user", "content": "x"}]
-    status, resp = short_seq.post(path, body)
+    status, resp = short_seq.post(path, _ids_request(path, 180))
     assert status == 200, resp
     assert resp["usage"] == {"prompt_tokens": 180, "completion_tokens": 76, "total_tokens": 256}
     assert resp["choices"][0]["finish_reason"] == "length"
