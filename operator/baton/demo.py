@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ import yaml
 from baton.api import crd as crd_module
 from baton.api.v1alpha1 import GROUP, PLURAL, VERSION
 from baton.devcluster import binaries, pools
-from baton.devcluster.cli import pool_table, wait_nodes_ready
+from baton.devcluster.cli import devcluster_command, pool_table, wait_nodes_ready
 from baton.devcluster.controlplane import ControlPlane
 
 REPO_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -223,6 +224,10 @@ def wait_claimed(core: Any, namespace: str, runner: subprocess.Popen, runner_log
         time.sleep(0.2)
 
 
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="baton demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--example", default=str(REPO_EXAMPLES / "llama-70b.yaml"), help="DisaggregatedModel manifest to apply")
@@ -230,6 +235,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cluster", default="baton", help="local cluster name")
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args(argv)
+    # SIGTERM or a closed terminal ends the demo as Ctrl-C does: through its `finally`, which stops the operator
+    # and pod runner it started (left running, the next demo's pod runner would find the cluster claimed)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
 
     from kubernetes import client, config
 
@@ -284,6 +293,7 @@ def main(argv: list[str]) -> int:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    say("done. Explore with: eval \"$(baton devcluster env)\"; kubectl -n %s describe dm %s" % (args.namespace, name))
-    say("tear down with: baton devcluster down")
+    command = devcluster_command(args.cluster)
+    say(f"done. Explore with: eval \"$({command} env)\"; kubectl -n {args.namespace} describe dm {name}")
+    say(f"tear down with: {command} down")
     return 0

@@ -75,3 +75,15 @@ def test_clusters_under_one_home_get_pod_cidrs_of_their_own(tmp_path: Path) -> N
     second._save_state({"name": "baton-test", "podCidr": "127.65.0.1/16"})
     assert ControlPlane(bin_dir=tmp_path / "bin", home=tmp_path, name="third")._pod_cidr() == "127.66.0.1/16"
     assert second._pod_cidr() == "127.65.0.1/16"  # its own state does not count against it
+
+
+def test_the_printed_hints_name_the_baton_that_was_run_and_the_cluster(monkeypatch):
+    """`.venv/bin/baton` is not on PATH: the hints to copy name the program as it was started, and a cluster
+    other than the default by --name (`devcluster down` without it would stop another cluster)."""
+    from baton.devcluster.cli import devcluster_command
+
+    monkeypatch.setattr(sys, "argv", [".venv/bin/baton", "demo"])
+    assert devcluster_command() == ".venv/bin/baton devcluster"
+    assert devcluster_command("my cluster") == ".venv/bin/baton devcluster --name 'my cluster'"
+    monkeypatch.setattr(sys, "argv", ["/usr/lib/python3/site-packages/baton/cli.py"])  # python -m baton.cli
+    assert devcluster_command() == "baton devcluster"

@@ -80,9 +80,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"[devcluster] Kubernetes {version} ready in {time.monotonic() - started:.1f}s; "
           f"{len(names)} fake nodes", file=sys.stderr)
     print(pool_table(core_v1), file=sys.stderr)
-    print("[devcluster] use it with: eval \"$(baton devcluster env)\"", file=sys.stderr)
+    print(f"[devcluster] use it with: eval \"$({devcluster_command(args.name)} env)\"", file=sys.stderr)
     print(kubeconfig)
     return 0
+
+
+def devcluster_command(name: str = "baton") -> str:
+    """`baton devcluster` as this process was started (`.venv/bin/baton` is not on PATH), for the hints
+    printed to copy: with `--name` unless the cluster is the default one."""
+    program = sys.argv[0] if Path(sys.argv[0]).name == "baton" else "baton"
+    return f"{shlex.quote(program)} devcluster" + (f" --name {shlex.quote(name)}" if name != "baton" else "")
 
 
 def cmd_down(args: argparse.Namespace) -> int:

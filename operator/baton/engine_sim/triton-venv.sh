@@ -35,6 +35,9 @@ PYVER=$("$PY" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')
 case "$PYVER" in 3.11.*) ;; *) die "$PY is Python $PYVER; PyTriton's Triton build needs 3.11" ;; esac
 "$PY" -c 'import venv, ensurepip' 2>/dev/null || die "$PY lacks venv/ensurepip (as root: apt-get install -y python3.11-venv)"
 
+# the versions everything else in the venv is pinned to (pip freeze of a venv the tests passed with)
+CONSTRAINTS=$REPO/operator/baton/engine_sim/triton-constraints.txt
+[ -f "$CONSTRAINTS" ] || die "$CONSTRAINTS is missing"
 KEY="py$PYVER-pytriton$PYTRITON_VERSION"
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/baton-triton-venv
 VENV=${BATON_TRITON_VENV:-$CACHE/$KEY}
@@ -46,18 +49,20 @@ flock 9
 done_marker=$VENV/.baton-complete
 repo_marker=$VENV/.baton-repo
 # which checkout the editable install points at, and its requirements
-repo_id="$REPO $(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
+repo_id="$REPO $(cat "$REPO/pyproject.toml" "$CONSTRAINTS" | sha256sum | cut -c1-16)"
 if [ ! -f "$done_marker" ] || ! "$VENV/bin/python" -c 'import pytriton' 2>/dev/null; then
   start=$(date +%s)
   say "creating $VENV from $PY (Python $PYVER), nvidia-pytriton==$PYTRITON_VERSION"
   say "first run: ~110 MB of wheels (Triton server included), ~0.5 GB installed, 1-2 minutes; later runs reuse it"
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "nvidia-pytriton==$PYTRITON_VERSION" \
-    "setuptools>=68" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$CONSTRAINTS" --upgrade pip >&2
+  # setuptools: Baton's build backend (pyproject's build-system), used in the venv itself below
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$CONSTRAINTS" \
+    "nvidia-pytriton==$PYTRITON_VERSION" "setuptools>=77" >&2
   # the build backend is in the venv: later re-installs (another clone) need nothing from the network
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-build-isolation -e "$REPO" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$CONSTRAINTS" --no-build-isolation \
+    -e "$REPO" >&2
   echo "$repo_id" >"$repo_marker"
   "$VENV/bin/python" -c 'import pytriton, baton.engine_sim.triton_frontend' >&2 \
     || die "the new venv cannot import pytriton and baton.engine_sim.triton_frontend"
@@ -65,7 +70,8 @@ if [ ! -f "$done_marker" ] || ! "$VENV/bin/python" -c 'import pytriton' 2>/dev/n
   say "done in $(( $(date +%s) - start ))s; size $(du -sh "$VENV" | cut -f1)"
 elif [ "$(cat "$repo_marker" 2>/dev/null)" != "$repo_id" ]; then
   say "pointing the editable install at $REPO (and installing its requirements)"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-build-isolation -e "$REPO" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$CONSTRAINTS" --no-build-isolation \
+    -e "$REPO" >&2
   echo "$repo_id" >"$repo_marker"
 fi
 
