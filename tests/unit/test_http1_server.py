@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import gc
 import http.client
 import itertools
 import socket
@@ -2333,11 +2334,176 @@ def test_connection_close_among_other_options_closes_the_connection():
         return Response(200, b"ok", "text/plain")
 
     async def main():
-        async with serving({("GET", "/"): ok}) as server:
+        async with serving({("GET", "/"): echo}) as server:
             reader, writer = await connect(server.port)
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: TE, close\r\nTE: trailers\r\n\r\n")
             answer = await asyncio.wait_for(reader.read(), 2)  # read to the end: the server closes
             assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" in answer
             writer.close()
+
+    run(main())
+
+
+def test_a_client_that_stops_taking_its_answer_is_dropped_whatever_is_left_of_it(monkeypatch):
+    """The send timeout holds however the stall looks: a keep-alive answer whose unsent rest is too small to
+    pause writing (the idle reaper closes it, then its flush stalls), and a client that read slowly past the
+    idle timeout and then stopped. Neither connection (nor the answer it holds) may stay."""
+    monkeypatch.setattr(server_mod, "SEND_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(server_mod, "IDLE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(server_mod, "SWEEP_INTERVAL_S", 0.03)
+
+    async def sized(request):
+        return Response(200, b"x" * int(request.query))
+
+    def stalled_client(port: int, size: int) -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((HOST, port))
+        s.setblocking(False)
+        s.sendall(f"GET /s?{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        return s
+
+    async def main():
+        async with serving({("GET", "/s"): sized}) as server:
+            # how much of an answer the kernel takes off a client that reads nothing: a little more than that
+            # leaves less than the high-water mark in the transport
+            probe = stalled_client(server.port, 8 * 1024 * 1024)
+            await until(lambda: server.connections and next(iter(server.connections)).write_paused,
+                        what="the probe's answer to fill the buffers")
+            await asyncio.sleep(0.2)
+            (conn,) = server.connections
+            taken = 8 * 1024 * 1024 - conn.transport.get_write_buffer_size()
+            probe.close()
+            await until(lambda: not server.connections, what="the probe's connection to go")
+            small = stalled_client(server.port, taken + 20_000)
+            await until(lambda: len(server.connections) == 1, what="the small answer's connection")
+            (held,) = server.connections
+            await asyncio.sleep(0.2)
+            assert not held.write_paused and held.transport.get_write_buffer_size() > 0  # the case under test
+            await until(lambda: not server.connections, timeout=5, what="the small stalled answer to be dropped")
+            small.close()
+
+            slow = stalled_client(server.port, 16 * 1024 * 1024)
+            await until(lambda: len(server.connections) == 1, what="the slow reader's connection")
+            deadline = time.monotonic() + 1.0  # reads past the idle timeout: its answer never stalls that long
+            while time.monotonic() < deadline:
+                with contextlib.suppress(BlockingIOError):
+                    slow.recv(4096)
+                await asyncio.sleep(0.05)
+            assert server.connections  # still being served
+            await until(lambda: not server.connections, timeout=5, what="the stopped reader to be dropped")
+            slow.close()
+
+    run(main())
+
+
+def test_a_head_trickling_in_is_searched_once_not_once_per_byte():
+    """A request head arriving a byte per read: each read searches only what it brought for the end of the
+    head (a client parking 60 KB of head and trickling bytes cost a search of all of it per byte)."""
+    class Counting(bytearray):
+        searched = 0
+
+        def find(self, sub, start=0, *args):
+            Counting.searched += len(self) - start
+            return super().find(sub, start, *args)
+
+    server = server_mod.HttpServer()
+    conn = server_mod._Connection(server)  # noqa: SLF001
+    conn.buf = Counting()
+    server.loop = asyncio.new_event_loop()
+    try:
+        head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20_000
+        conn.data_received(memoryview(head[:10_000]))
+        for i in range(10_000, len(head)):
+            conn.data_received(memoryview(head[i:i + 1]))
+        # a few bytes per read (the new byte and the overlap of the patterns), not the buffer: was ~450 million
+        assert Counting.searched < 20 * len(head), Counting.searched
+    finally:
+        server.loop.close()
+
+
+def test_header_fields_beyond_the_limit_are_refused_431():
+    async def main():
+        async with serving({("GET", "/"): echo}) as server:
+            reader, writer = await connect(server.port)
+            fields = "".join(f"f{i}:\r\n" for i in range(server_mod.MAX_HEADER_FIELDS))  # with Host: one over
+            writer.write(f"GET / HTTP/1.1\r\nHost: x\r\n{fields}\r\n".encode())
+            resp = await read_response(reader)
+            assert resp.status == 431 and b"more than 256 header fields" in resp.body
+            await close(writer)
+            reader, writer = await connect(server.port)
+            fields = "".join(f"f{i}:\r\n" for i in range(server_mod.MAX_HEADER_FIELDS - 1))
+            writer.write(f"GET / HTTP/1.1\r\nHost: x\r\n{fields}\r\n".encode())
+            assert (await read_response(reader)).status == 200
+            await close(writer)
+
+    run(main())
+
+
+def test_one_read_of_many_pipelined_requests_queues_no_more_than_the_pipeline_holds():
+    """Thousands of tiny pipelined requests in one read: parsing stops when the pipeline is full and goes on
+    as it empties, so every request is answered, in order, with at most 16 waiting at a time."""
+    most = 0
+    gate = asyncio.Event()
+
+    async def slow(request):
+        nonlocal most
+        await gate.wait()
+        most = max(most, max(len(c.pending) for c in server_ref[0].connections))
+        return Response(200, request.query.encode())
+
+    server_ref = []
+
+    async def main():
+        async with serving({("GET", "/q"): slow}) as server:
+            server_ref.append(server)
+            reader, writer = await connect(server.port)
+            writer.write(b"".join(f"GET /q?{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for i in range(2000)))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            (conn,) = server.connections
+            assert len(conn.pending) <= 16, len(conn.pending)
+            gate.set()
+            for i in range(2000):
+                resp = await read_response(reader)
+                assert resp.status == 200 and resp.body == str(i).encode()
+            assert most <= 16
+            await close(writer)
+
+    run(main())
+
+
+def test_a_close_in_any_connection_field_closes():
+    """A repeated Connection field is one list (RFC 9110 5.3): close in any line of it ends the connection."""
+    async def main():
+        async with serving({("GET", "/"): echo}) as server:
+            reader, writer = await connect(server.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n"
+                         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_response(reader)).status == 200
+            assert await reader.read() == b""  # closed after the first: the second is never answered
+            await close(writer)
+
+    run(main())
+
+
+def test_a_client_that_leaves_before_its_closing_answer_is_out_raises_nothing():
+    """A request answered with a close (a 400, or Connection: close) from a client that closes at once: shutting
+    down the sending side fails (ENOTCONN), which must end the connection quietly, not as an exception nobody
+    retrieves (logged at ERROR for every such client)."""
+    async def main():
+        unhandled = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
+        async with serving({("GET", "/"): echo}) as server:
+            for raw in (b"BAD\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"):
+                for _ in range(20):
+                    s = socket.create_connection((HOST, server.port))
+                    s.sendall(raw)
+                    s.close()
+                    await asyncio.sleep(0.01)
+            await until(lambda: not server.connections, what="the connections to go")
+            gc.collect()  # an exception nobody retrieved is reported when its task is collected
+            await asyncio.sleep(0.1)
+        assert unhandled == []
 
     run(main())

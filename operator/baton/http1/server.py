@@ -84,6 +84,9 @@ MIN_CHUNK_BYTES = 256
 PIPELINE_BYTES = 1024 * 1024
 LINGER_S = 2.0  # after a closing answer, how long what the client still sends is read and dropped
 LINGER_BYTES = 64 * 1024 * 1024  # ... and how much of it (an over-limit body at the default limit fits)
+# Header fields in one request head at most (431 beyond): each becomes a dict entry, and a 64 KiB head of
+# tiny fields would otherwise hold a megabyte per request while it waits.
+MAX_HEADER_FIELDS = 256
 IDLE_TIMEOUT_S = 75.0  # longer than clients' keep-alive expiry, so a client never reuses a connection we close
 # A client that stops reading while its answer is being written (its connection's write buffer stays full
 # and nothing of what is queued for it, in this process or in the kernel's send queue, goes out) for this
@@ -358,6 +361,7 @@ class _Connection(ReusedBufferProtocol):
         self.linger: asyncio.TimerHandle | None = None  # half-closed after a final answer, dropping input
         self.discarded = 0  # bytes dropped while lingering
         self.pending_bytes = 0  # the sum of the bodies in `pending`
+        self._head_scan = 0  # how much of `buf` was searched for the end of a head already
         # request being parsed
         self._method = self._path = self._query = self._version = ""
         self._headers = Headers()
@@ -413,12 +417,7 @@ class _Connection(ReusedBufferProtocol):
             return
         now = self.last_active = self.server.loop.time()
         self.buf += data
-        try:
-            self._parse()
-        except _BadRequest as exc:
-            self._fail(exc.status, exc.message)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._fail(400, f"malformed request: {exc}")
+        self._feed()
         if not self.receiving_since and (self.buf or self.state != _HEAD) and not self.dead:
             self.receiving_since = now  # a request has begun to arrive (`RECEIVE_TIMEOUT_S`)
 
@@ -432,25 +431,42 @@ class _Connection(ReusedBufferProtocol):
         return True
 
     # ------------------------------------------------------------------ parsing
+    def _feed(self) -> None:
+        """Parse what is buffered; a request that cannot be parsed is answered in its turn (`_fail`)."""
+        try:
+            self._parse()
+        except _BadRequest as exc:
+            self._fail(exc.status, exc.message)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._fail(400, f"malformed request: {exc}")
+
     def _parse(self) -> None:
         buf = self.buf
-        while not self.closed and not self.dead:
+        # no more requests are taken while the pipeline is full (reading paused): what is buffered waits, and
+        # is parsed when reading resumes (`_serve`), so one large read cannot queue thousands of requests
+        while not self.closed and not self.dead and not self.paused_reading:
             state = self.state
             if state == _HEAD:
                 while buf[:2] == b"\r\n":  # blank lines before a request line are ignored (RFC 9112 2.2)
                     del buf[:2]
-                end = buf.find(b"\r\n\r\n")
+                    self._head_scan = 0
+                # what earlier reads brought was searched already: a head trickling in a byte at a time would
+                # otherwise cost a search of the whole buffer per byte
+                end = buf.find(b"\r\n\r\n", max(0, self._head_scan - 3))
                 if end < 0:
                     if buf:  # empty after each whole request: the usual case costs this one test
                         if len(buf) > MAX_HEAD_BYTES:
                             raise _BadRequest(431, "request header fields too large")
                         # A head ended with bare LFs is never taken for a whole one: it would wait for the 408.
                         # With no CRLF CRLF in the buffer, an LF LF or LF CRLF in it is such an end (its LF bare).
-                        if b"\n\n" in buf or b"\n\r\n" in buf:
+                        start = max(0, self._head_scan - 2)
+                        if buf.find(b"\n\n", start) >= 0 or buf.find(b"\n\r\n", start) >= 0:
                             raise _BadRequest(400, _control_fault(bytes(buf).decode("latin-1").split("\r\n")))
+                        self._head_scan = len(buf)
                     return
                 if end > MAX_HEAD_BYTES:
                     raise _BadRequest(431, "request header fields too large")
+                self._head_scan = 0
                 self._start(bytes(buf[:end]))
                 del buf[:end + 4]
                 if self.state == _HEAD:  # no body
@@ -524,6 +540,8 @@ class _Connection(ReusedBufferProtocol):
             raise _BadRequest(400, f"malformed request line {lines[0][:100]!r}") from None
         if not version.startswith("HTTP/1."):
             raise _BadRequest(505, f"unsupported protocol {version[:20]!r}")
+        if len(lines) - 1 > MAX_HEADER_FIELDS:
+            raise _BadRequest(431, f"more than {MAX_HEADER_FIELDS} header fields")
         headers = Headers()
         for line in lines[1:]:
             key, sep, value = line.partition(":")
@@ -537,6 +555,11 @@ class _Connection(ReusedBufferProtocol):
             fault = _repeat_fault(lines)
             if fault is not None:
                 raise fault
+            # a repeated Connection is one list (RFC 9110 5.3): a close in any of its lines counts
+            values = [v.strip(" \t") for k, _, v in (line.partition(":") for line in lines[1:])
+                      if k.lower() == "connection"]
+            if len(values) > 1:
+                dict.__setitem__(headers, "connection", ", ".join(values))
         path, _, query = target.partition("?")
         self._method, self._path, self._query, self._version = method, path, query, version
         self._headers = headers
@@ -626,7 +649,11 @@ class _Connection(ReusedBufferProtocol):
         self.pending.clear()
         self.pending_bytes = 0
         self.discarded = 0
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:  # the client reset the connection already (ENOTCONN): nothing to linger for
+            self._close()
+            return
         if self.paused_reading:
             self.paused_reading = False
             transport.resume_reading()
@@ -680,6 +707,8 @@ class _Connection(ReusedBufferProtocol):
                     self.transport.resume_reading()
                     if self.receiving_since:  # the time reading was paused is not the client's
                         self.receiving_since = self.server.loop.time()
+                    if self.buf:
+                        self._feed()  # requests read before the pause, not parsed yet
         finally:
             self.task = None
 
@@ -924,9 +953,11 @@ class HttpServer:
                 log.warning("a client sent too little of its request in %.0f s: answered 408", RECEIVE_TIMEOUT_S)
                 conn._fail(408, f"the request did not arrive whole within {RECEIVE_TIMEOUT_S:g}s of its "  # noqa: SLF001
                            "first byte")
-            elif conn.task is None and now - conn.last_active > IDLE_TIMEOUT_S:
+            elif conn.task is None and not conn.closed and now - conn.last_active > IDLE_TIMEOUT_S:
                 conn._close()  # noqa: SLF001 - the server owns its connections
-            elif conn.write_paused and conn.transport is not None:  # closing ones too: a flush can stall
+            elif (conn.write_paused or conn.closed) and conn.transport is not None:
+                # a full write buffer, or a closed connection still here: its flush has not ended, however little
+                # is left (under the high-water mark nothing pauses writing), and can stall as well
                 size = _unsent(conn.transport)
                 if size != conn.write_paused_size:  # the client took some of it: progress
                     conn.write_paused_at, conn.write_paused_size = now, size
