@@ -1,7 +1,8 @@
 """pytest plugin: the real local control plane for tests that need Kubernetes.
 
 - `cluster` (session): brings the local cluster `baton-test` up once per test session (or reuses one
-  that is already running and healthy), applies the default node pools and installs Baton's CRD.
+  that is already running and healthy, removing the test namespaces a killed session left on it), applies
+  the default node pools and installs Baton's CRD.
   It stops the cluster at the end only if this session started it (BATON_KEEP_CLUSTER=1 keeps it).
 - `namespace`: a fresh namespace per test, deleted afterwards.
 - `operator`: Baton's operator running in-process (kopf's KopfRunner) against that namespace.
@@ -106,6 +107,29 @@ class Cluster:
         wait_for(established, 30, what=f"CRD {name} Established")
 
 
+TEST_NAMESPACE_LABEL = "baton.dev/test=true"
+
+
+def remove_leftover_test_namespaces(cluster: Cluster, timeout: float = 120.0,
+                                    label: str = TEST_NAMESPACE_LABEL) -> list[str]:
+    """Delete the test namespaces a killed session left on a cluster this session reuses, and wait until they
+    are gone: their pods hold fake GPUs the node pools are sized to, and tests that fill a pool would wait
+    for them. Returns their names."""
+    from kubernetes.client.rest import ApiException
+
+    left = [n.metadata.name for n in cluster.core.list_namespace(label_selector=label).items]
+    for name in left:
+        try:
+            cluster.core.delete_namespace(name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+    if left:
+        wait_for(lambda: not cluster.core.list_namespace(label_selector=label).items, timeout,
+                 what=f"the test namespaces an earlier session left ({', '.join(left)}) to go")
+    return left
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     from kubernetes import config
@@ -126,6 +150,8 @@ def cluster() -> Iterator[Cluster]:
         c = Cluster(kubeconfig=kubeconfig, plane=plane, api_client=api_client)
         names = pools.apply_pools(c.core, pools.load_pools())
         wait_nodes_ready(c.core, names, timeout=120)
+        if not started_here:
+            remove_leftover_test_namespaces(c)
         c.apply_crd(crd_module.crd())
     except BaseException:
         # Its components run in sessions of their own: left up, they would outlive the run and take the

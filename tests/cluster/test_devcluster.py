@@ -322,3 +322,25 @@ def test_control_plane_checks_never_go_through_a_proxy(cluster, monkeypatch):
         assert cluster.plane.version()["major"] == "1"
         assert cluster.plane.is_healthy()
     assert hits == []
+
+
+def test_the_test_namespaces_a_killed_session_left_are_removed_before_a_reused_cluster_serves_again(cluster):
+    """A session killed before its teardown leaves its namespaces, whose pods hold fake GPUs; the next session,
+    reusing the cluster, removes those (and nothing else) before its tests run."""
+    from cluster_plugin import remove_leftover_test_namespaces
+
+    label = f"baton.dev/leftover-{uuid.uuid4().hex[:6]}"  # this test's own: other tests' namespaces stay
+    left = [f"t-left-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    other = f"keep-{uuid.uuid4().hex[:6]}"
+    for name in left:
+        cluster.core.create_namespace({"metadata": {"name": name, "labels": {label: "true"}}})
+    cluster.core.create_namespace({"metadata": {"name": other}})
+    try:
+        assert sorted(remove_leftover_test_namespaces(cluster, label=f"{label}=true")) == sorted(left)
+        for name in left:
+            with pytest.raises(ApiException) as gone:
+                cluster.core.read_namespace(name)
+            assert gone.value.status == 404
+        assert cluster.core.read_namespace(other).status.phase == "Active"
+    finally:
+        cluster.core.delete_namespace(other)
