@@ -24,7 +24,7 @@ from baton.render import render_children
 from baton.render.naming import Target
 from example_models import example_model
 from kubernetes.client import ApiClient, V1Pod
-from test_podrunner_status import kwok_started, sleeper_translation
+from test_podrunner_status import kwok_started, runner_for
 from test_podrunner_sync import FakeCore, make_runner, scheduler_pod
 
 IGNORES_SIGTERM = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, lambda *a: None); time.sleep(60)"]
@@ -65,24 +65,6 @@ def probed_pod(port: int, grace: int = 1, **probes: dict) -> V1Pod:
 
 def http_probe(path: str, **fields: Any) -> dict:
     return {"httpGet": {"path": path, "port": "http"}, **fields}
-
-
-def runner_for(tmp_path: Path, pod: V1Pod, argv: list[str] | None = None) -> tuple[PodRunner, FakeCore]:
-    core = FakeCore()
-    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n"}
-    core.pods = [pod]
-    runner = make_runner(tmp_path, core, tend=True)
-    sleeper_translation(runner)
-    if argv is not None:
-        translate = runner.translate
-
-        def with_argv(pod):
-            local = translate(pod)
-            local.argv = list(argv)
-            return local
-
-        runner.translate = with_argv
-    return runner, core
 
 
 def sync_until(runner: PodRunner, predicate, timeout: float) -> float:

@@ -65,6 +65,25 @@ def sleeper_translation(runner: PodRunner) -> None:
     runner.translate = sleeping
 
 
+def runner_for(tmp_path: Path, pod: V1Pod, argv: list[str] | None = None) -> tuple[PodRunner, FakeCore]:
+    """A runner tending `pod` (a scheduler pod, its ConfigMap there) as a sleeper process, or as `argv`."""
+    core = FakeCore()
+    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n"}
+    core.pods = [pod]
+    runner = make_runner(tmp_path, core, tend=True)
+    sleeper_translation(runner)
+    if argv is not None:
+        translate = runner.translate
+
+        def with_argv(pod):
+            local = translate(pod)
+            local.argv = list(argv)
+            return local
+
+        runner.translate = with_argv
+    return runner, core
+
+
 def ts(value: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
@@ -82,11 +101,7 @@ def _until(predicate, runner: PodRunner, timeout: float = 10.0) -> None:
 
 
 def test_the_container_status_follows_the_process_as_the_kubelets_does(tmp_path: Path, health_port: int) -> None:
-    core = FakeCore()
-    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n"}
-    core.pods = [kwok_started(scheduler_pod(), port=health_port)]
-    runner = make_runner(tmp_path, core, tend=True)
-    sleeper_translation(runner)
+    runner, core = runner_for(tmp_path, kwok_started(scheduler_pod(), port=health_port))
     try:
         runner.sync()  # translated, started
         first = core.container_statuses("m-scheduler-abc")[-1]
@@ -193,11 +208,7 @@ def test_a_status_write_never_lands_on_a_replacement_pod_of_the_same_name(tmp_pa
 
 
 def test_a_condition_keeps_its_last_transition_time_while_its_status_stays(tmp_path: Path, health_port: int) -> None:
-    core = FakeCore()
-    core.cms[("ns", "m-scheduler")] = {"config.yaml": "model: m\n"}
-    core.pods = [kwok_started(scheduler_pod(), port=health_port)]
-    runner = make_runner(tmp_path, core, tend=True)
-    sleeper_translation(runner)
+    runner, core = runner_for(tmp_path, kwok_started(scheduler_pod(), port=health_port))
 
     def ready() -> dict:
         return next(c for c in pod_dict(core, "m-scheduler-abc")["status"]["conditions"] if c["type"] == "Ready")
