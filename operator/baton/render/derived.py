@@ -3,7 +3,7 @@ KV layout (TensorRT-LLM's CacheState, as `baton.kvformat` models it), its finger
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from baton import kvformat
 from baton.api.v1alpha1 import DisaggregatedModelSpec
@@ -14,12 +14,12 @@ from baton.render.naming import Tier, generation_key, revision, tier_revision
 @dataclass(frozen=True)
 class Derived:
     revision: str  # of both tiers (naming.revision)
+    tier_revisions: dict[str, str]  # tier -> naming.tier_revision, its pods' label
     generation: str
     prefill_state: kvformat.CacheState
     decode_state: kvformat.CacheState
     kv_bytes_per_token: int
     decode_kv_capacity_tokens: int
-    tier_revisions: dict[str, str] = field(default_factory=dict)  # tier -> naming.tier_revision
 
     def fingerprint(self, tier: Tier) -> str:
         return kvformat.fingerprint(self.prefill_state if tier == "prefill" else self.decode_state)
