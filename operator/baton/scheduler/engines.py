@@ -114,7 +114,8 @@ def classify_failure(endpoint: Endpoint, status: int, body: bytes, sent: bytes =
     message = _error_message(text)
     if message == ENGINE_GONE_MESSAGE:  # the whole message, not text a client's own field could carry
         return EngineFailure(endpoint, message, status, body, "engine_gone")
-    asked = _sent_text(sent)
+    # what was sent, read only when the answer names a failure (a 220 KB prompt is not parsed for every 5xx)
+    asked = _sent_text(sent) if any(marker in text for marker in _FAILURE_MARKERS) else ""
     kind = "kv_mismatch" if is_kv_mismatch(text, asked) else "kv_lost" if is_kv_lost(text, asked) else "retryable"
     if status < 500 and kind == "retryable" and not is_kv_transfer_failure(text, asked):
         return None
@@ -150,6 +151,9 @@ _KV_LOST_MARKERS = ("KV cache transfer timed out", "due to KV cache transfer tim
 
 def is_kv_lost(text: str, sent: str = "") -> bool:
     return _says(text, _KV_LOST_MARKERS, sent)
+
+
+_FAILURE_MARKERS = KV_MISMATCH_MARKERS + _KV_TRANSFER_FAILED_MARKERS + _KV_LOST_MARKERS
 
 
 def _error_message(text: str) -> str:

@@ -858,8 +858,8 @@ class SchedulerService:
                     raise EngineFailure(prefill.endpoint, f"context_only answered {status}", status, data)
                 answer, ids_json = parse_context_answer(data)
                 handle = answer["choices"][0]["disaggregated_params"]
-                sent = probe.generation_body(handle, ids_json)
-                status, data, _ = await engine.client_for(decode.endpoint).post(decode.endpoint, probe.path, sent, rid)
+                status, data, _ = await engine.client_for(decode.endpoint).post(
+                    decode.endpoint, probe.path, probe.generation_body(handle, ids_json), rid)
                 return status, data
 
             status, data = await asyncio.wait_for(handoff(), PAIR_CHECK_TIMEOUT_S)
