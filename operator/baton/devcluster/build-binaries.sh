@@ -24,6 +24,12 @@ MONITORING_CRDS="monitoring.coreos.com_servicemonitors.yaml monitoring.coreos.co
 if [ "${1:-}" = "--print-bin" ]; then echo "$BIN"; exit 0; fi
 if [ "${1:-}" = "--print-crds" ]; then echo "$CRDS"; exit 0; fi
 
+# One build at a time (`make demo` and `make test` started together on a fresh machine would otherwise
+# remove each other's wrapper modules mid-build); the second waits, then finds what the first built.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.build.lock"
+flock 9
+
 # A command that downloads from the Go module proxy, tried up to three times: Go's module client neither
 # retries a failed fetch nor times out a stalled one, and one bad response would fail the whole build.
 fetch() {
@@ -52,11 +58,6 @@ if have_all; then echo "testbed binaries already built in $BIN"; exit 0; fi
 
 command -v go >/dev/null || { echo "error: Go >= 1.26 is needed to build the local control plane" >&2; exit 1; }
 mkdir -p "$BIN"
-# One build at a time (`make demo` and `make test` started together on a fresh machine would otherwise
-# remove each other's wrapper modules mid-build); the second finds the binaries the first built.
-exec 9>"$CACHE/.build.lock"
-flock 9
-if have_all; then echo "testbed binaries already built in $BIN"; exit 0; fi
 export CGO_ENABLED=0 GOFLAGS=-mod=mod
 start=$(date +%s)
 step() { echo "[testbed $(( $(date +%s) - start ))s] $*"; }
