@@ -297,6 +297,72 @@ def test_lost_ready_pods_counts_only_replicas_that_were_there_at_the_switch():
     assert lost_ready_pods([pod("d", False, iso(120), deleting=True)], switched) == []  # scaled down / evicted
 
 
+def test_lost_ready_pods_tells_replicas_there_at_the_switch_by_ordinal_when_the_status_records_them():
+    def pod(name, tier, ready, created, restarts=0):
+        return {"metadata": {"name": name, "creationTimestamp": created, "labels": {"baton.dev/tier": tier}},
+                "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                           "containerStatuses": [{"restartCount": restarts}]}}
+
+    switched, at_switch = iso(30), {"prefill": 1, "decode": 2}
+    # recreated since the switch (an eviction): still one of the replicas that served, and not Ready
+    assert lost_ready_pods([pod("m-decode-g-1", "decode", False, iso(5))], switched, at_switch) == ["m-decode-g-1"]
+    # an ordinal above the count at the switch is a scale-up still starting, whatever its age
+    assert lost_ready_pods([pod("m-decode-g-2", "decode", False, iso(5)), pod("m-prefill-g-1", "prefill", False, iso(5))],
+                           switched, at_switch) == []
+    assert lost_ready_pods([pod("m-prefill-g-1", "prefill", False, iso(5), restarts=1)], switched, at_switch) == ["m-prefill-g-1"]
+
+
+def _evict(m, gen, tier, recreate=True):
+    """The StatefulSet's pods of a tier evicted (a node drain, a preemption) and, if `recreate`, made again
+    under the same names, newer than the switch and not Ready yet."""
+    sts = m.kube.objs[("StatefulSet", "ns", f"m-{tier}-{gen}")]
+    for key in [k for k, o in m.kube.objs.items() if k[0] == "Pod" and o["metadata"]["labels"].get("sts") == sts["metadata"]["name"]]:
+        pod = m.kube.objs.pop(key)
+        if recreate:
+            pod["metadata"]["creationTimestamp"] = iso(-2)
+            pod["status"] = {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}],
+                             "containerStatuses": [{"restartCount": 0}]}
+            m.kube.objs[key] = pod
+    sts["status"].update(readyReplicas=0, availableReplicas=0)
+
+
+@pytest.mark.parametrize("recreate", [True, False], ids=["recreated-not-ready", "not-recreated"])
+def test_a_tier_evicted_after_the_switch_is_rolled_back_onto_the_generation_kept_for_it(recreate):
+    """Every decode pod of the new generation evicted in the rollback window: the pods the StatefulSet makes
+    again are newer than the switch but are not a scale-up, and a pod it cannot make again (a quota, an
+    admission webhook) is not Ready either. Traffic goes back to the previous generation, which is Ready,
+    instead of the window ending on a generation with no decode replica and deleting the previous one."""
+    m = Model()
+    old = m.ro["servingGeneration"]
+    new = m.switch("1.2.1")
+    assert m.ro["replicasAtSwitch"] == m.replicas(new)
+    _evict(m, new, "decode", recreate=recreate)
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == old and m.ro["failedGeneration"] == new, m.ro
+    assert "lost readiness after the switch" in m.ro["message"]
+    assert ("no pod: " if not recreate else "not Ready: ") + f"m-decode-{new}-0" in m.ro["message"]
+
+
+def test_a_replica_scaled_down_and_up_again_after_the_switch_is_a_new_one_still_starting():
+    m = Model(mutate=lambda s: s["decode"].__setitem__("replicas", 2))
+    new = m.switch("1.2.1")
+    assert m.ro["replicasAtSwitch"]["decode"] == 2
+    m.edit(lambda s: s["decode"].__setitem__("replicas", 1))
+    m.pass_()
+    m.kube.objs.pop(("Pod", "ns", f"m-decode-{new}-1"))
+    m.kube.settle(keep_pods=True)
+    m.pass_()
+    assert m.ro["replicasAtSwitch"]["decode"] == 1
+    m.edit(lambda s: s["decode"].__setitem__("replicas", 2))
+    m.pass_()
+    m.kube.settle(keep_pods=True, ready=False, gen=new)  # the replica added back is starting
+    for key in [("Pod", "ns", f"m-decode-{new}-0"), ("Pod", "ns", f"m-prefill-{new}-0")]:
+        m.kube.objs[key]["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    m.kube.objs[("Pod", "ns", f"m-decode-{new}-1")]["metadata"]["creationTimestamp"] = iso(-2)
+    m.pass_()
+    assert m.ro["phase"] == "Draining" and m.ro["servingGeneration"] == new and not m.warnings(), m.ro
+
+
 def test_scaling_a_tier_during_the_rollback_window_keeps_the_new_generation(engines):
     m = Model()
     new = m.switch("1.2.1")

@@ -836,6 +836,12 @@ class SwapStatus(ApiModel):
     decode_replicas: int = Field(default=0, description="The serving generation's decode replicas before the swap first shrank it: the swap's budget (a rollback gives the serving generation the spec's counts).")
 
 
+class ReplicasAtSwitch(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+    prefill: int = Field(default=0, description="Prefill replicas the serving generation had when traffic switched to it, lowered when the tier is scaled down.")
+    decode: int = Field(default=0, description="Decode replicas the serving generation had when traffic switched to it, lowered when the tier is scaled down.")
+
+
 class GenerationRef(ApiModel):
     model_config = ConfigDict(extra="ignore")
     generation: str = Field(default="", description="Generation key (hash of the engine and KV-format settings).")
@@ -863,6 +869,7 @@ class RolloutStatus(ApiModel):
     last_known_good: GenerationRef = Field(default_factory=GenerationRef, description="The last generation that served successfully.")
     started_at: str = Field(default="", description="When the current rollout started.")
     switched_at: str = Field(default="", description="When traffic last switched generations.")
+    replicas_at_switch: ReplicasAtSwitch | None = Field(default=None, description="The serving generation's replicas per tier at the switch (every one of them Ready then): within the rollback window, a pod below that ordinal that is not Ready, even one recreated since (an eviction), is lost readiness; one above it is a scale-up still starting.")
     step_started_at: str = Field(default="", description="PairwiseSwap: when the current step began (each step must become Ready within progressDeadline).")
     probe: ProbeStatus = Field(default_factory=ProbeStatus, description="The live handoff probe of the updating generation.")
     message: str = Field(default="", description="What the rollout is doing, in words.")

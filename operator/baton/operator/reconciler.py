@@ -389,6 +389,7 @@ class Reconciler:
                 rollout_state.advance_pairwise()
             else:
                 rollout_state.advance()
+        rollout_state.track_serving_replicas()
         if rollback_request:
             handled.append(handled_condition(ANNOTATION_ROLLBACK, rollback_request,
                                              rollout_state.rollback_done or "no rollout of that generation in progress"))

@@ -77,20 +77,29 @@ def _ready(pod: dict) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in pod.get("status", {}).get("conditions") or [])
 
 
-def lost_ready_pods(pods: list[dict], switched_at: str) -> list[str]:
+def lost_ready_pods(pods: list[dict], switched_at: str, at_switch: dict[str, int] | None = None) -> list[str]:
     """Pods that lost readiness since the switch: not Ready now although they were part of the
-    generation when it was switched to (created before the switch, when every replica was Ready), or
-    whose containers restarted. A replica added later (a scale-up in progress) that is still starting
-    is not a loss; a pod being deleted (scale-down, eviction) is not either."""
+    generation when it was switched to (every replica was Ready then), or whose containers restarted.
+    `at_switch` (replicas per tier at the switch) tells those apart by ordinal, so a pod the StatefulSet
+    recreated since (an eviction, a drained node) is still one of them; without it, by creation time. A
+    replica added later (a scale-up in progress) that is still starting is not a loss; a pod being
+    deleted (scale-down, eviction) is not either."""
     lost = []
     for pod in pods:
         meta = pod.get("metadata", {})
         if meta.get("deletionTimestamp") or _ready(pod):
             continue
-        created = meta.get("creationTimestamp", "")
         restarted = any(int(c.get("restartCount", 0) or 0) > 0 for c in pod.get("status", {}).get("containerStatuses") or [])
-        if restarted or not created or not switched_at or _ts(created) < _ts(switched_at):
-            lost.append(meta.get("name", "?"))
+        name = meta.get("name", "?")
+        tier = (meta.get("labels") or {}).get(LABEL_TIER, "")
+        ordinal = name.rsplit("-", 1)[-1]
+        if at_switch is not None and tier in at_switch and ordinal.isdigit():
+            there = int(ordinal) < at_switch[tier]
+        else:
+            created = meta.get("creationTimestamp", "")
+            there = not created or not switched_at or _ts(created) < _ts(switched_at)
+        if restarted or there:
+            lost.append(name)
     return sorted(lost)
 
 
@@ -343,7 +352,7 @@ class RolloutPass:
         switched_back = serving == failed
         if switched_back:
             self.ro["servingGeneration"] = good
-            self.ro["switchedAt"] = _now()
+            self.ro.update(self._record_switch(good))
             if detected_at is not None:
                 self.ro["lastRollbackMillis"] = int((time.monotonic() - detected_at) * 1000)
         # Deleted on the next pass, after this pass's status write: schedulers route to the failed generation
@@ -493,7 +502,7 @@ class RolloutPass:
                 self.changed.append(f"deleted generation {other} (never Ready)")
             if self._settled(gen):
                 self.ro.update({"servingGeneration": gen, "targetGeneration": gen, "lastKnownGood": self._ref(gen, fps),
-                                "switchedAt": _now()})
+                                **self._record_switch(gen)})
                 self._phase("Serving", f"generation {gen} serves")
             else:
                 self.ro["targetGeneration"] = gen
@@ -622,12 +631,43 @@ class RolloutPass:
         missing = [t for t in ("prefill", "decode") if t not in tiers]
         if missing:
             return f"its {' and '.join(missing)} StatefulSet is gone"
+        at_switch = self._replicas_at_switch(tiers)  # lowered on every pass a tier was scaled down in
         if all(status.workload_settled(tiers[t], _replicas(tiers[t], 0)) for t in ("prefill", "decode")):
             return ""
         pods = [p for p in self._pods() if (p.get("metadata", {}).get("labels") or {}).get(LABEL_GENERATION) == gen
                 and (p.get("metadata", {}).get("labels") or {}).get(LABEL_TIER) in ("prefill", "decode")]
-        lost = lost_ready_pods(pods, self.ro.get("switchedAt", ""))
-        return f"not Ready: {', '.join(lost)}" if lost else ""
+        lost = lost_ready_pods(pods, self.ro.get("switchedAt", ""), at_switch)
+        names = {p.get("metadata", {}).get("name") for p in pods}
+        gone = sorted(f"{tiers[t]['metadata']['name']}-{i}" for t in ("prefill", "decode") for i in range((at_switch or {}).get(t, 0))
+                      if f"{tiers[t]['metadata']['name']}-{i}" not in names)
+        why = [f"not Ready: {', '.join(lost)}"] if lost else []
+        return "; ".join(why + ([f"no pod: {', '.join(gone)}"] if gone else []))
+
+    def _replicas_at_switch(self, tiers: dict[str, dict]) -> dict[str, int] | None:
+        """The serving generation's replicas per tier at the switch, lowered to a tier's replicas when it is
+        scaled down (a replica scaled down and then up again is a new one, still starting); None when the
+        status does not say (written by an older operator)."""
+        recorded = self.ro.get("replicasAtSwitch")
+        if not isinstance(recorded, dict):
+            return None
+        counts = {t: min(int(recorded.get(t, 0) or 0), _replicas(tiers.get(t), 0)) for t in ("prefill", "decode")}
+        if counts != recorded:
+            self.ro["replicasAtSwitch"] = counts
+        return counts
+
+    def track_serving_replicas(self) -> None:
+        """Every pass: replicasAtSwitch follows the serving generation's tiers down when they are scaled
+        down (a spec edit, an autoscaler, a pairwise swap shrinking them), so that a replica added back
+        later counts as one still starting."""
+        serving = self.ro.get("servingGeneration", "")
+        tiers = self.r._generations(self.ns, self.name).get(serving) if serving else None
+        if tiers:
+            self._replicas_at_switch(tiers)
+
+    def _record_switch(self, gen: str) -> dict[str, Any]:
+        """What a switch of traffic to `gen` writes besides servingGeneration (and the error-rate baseline)."""
+        tiers = self.generations.get(gen) or {}
+        return {"switchedAt": _now(), "replicasAtSwitch": {t: _replicas(tiers.get(t), 0) for t in ("prefill", "decode")}}
 
     def hold_failed(self) -> None:
         gen = self.derived.generation
@@ -716,7 +756,7 @@ class RolloutPass:
                                        f"{self.ro['previousGeneration']} has drained")
             return
         # The switch: one field, which every scheduler watches.
-        self.ro.update({"servingGeneration": gen, "previousGeneration": serving, "switchedAt": _now(),
+        self.ro.update({"servingGeneration": gen, "previousGeneration": serving, **self._record_switch(gen),
                         "errorRate": self._error_counts(gen)})
         self._phase("Draining", f"switched traffic from generation {serving} to {gen}")
         self._event("Normal", "Switched", f"traffic switched atomically from generation {serving} to {gen} "
@@ -861,7 +901,7 @@ class RolloutPass:
             self._phase("Swapping", f"pairwise swap: {summary}; switching once generation "
                                     f"{self.ro['previousGeneration']} has drained")
             return
-        self.ro.update({"servingGeneration": gen, "previousGeneration": serving, "switchedAt": _now(),
+        self.ro.update({"servingGeneration": gen, "previousGeneration": serving, **self._record_switch(gen),
                         "swap": {**swap, "generation": ""}, "errorRate": self._error_counts(gen)})
         self._phase("Draining", f"pairwise swap complete: traffic on generation {gen}; generation {serving} drains")
         self._event("Normal", "Switched", f"pairwise swap complete: generation {gen} serves with all replicas; "
