@@ -828,7 +828,7 @@ def test_each_run_adds_a_row_to_recent_runs_newest_first_and_the_oldest_go(tmp_p
     rows = table_rows_under(out.read_text(), "scheduler", sb.HISTORY_HEADING)
     evaluated = [m for m in first["metrics"] if m["passed"] is not None]
     assert rows == [sb.run_summary(first)]
-    assert rows[0].startswith(f"| 2026-01-01 00:00 UTC (--quick) | aaaaaaa | {len(evaluated) - len(failed)} of "
+    assert rows[0].startswith(f"| 2026-01-01 00:00 UTC (--quick) | aaaaaaa | 2 CPUs (X) | {len(evaluated) - len(failed)} of "
                               f"{len(evaluated)} | 1,234 req/s | {failed[0]['label']}: {failed[0]['value_text']} "
                               f"(target {failed[0]['target_text']})")
     del results["throughput_disagg"]["proxy"]
@@ -845,16 +845,20 @@ def test_each_run_adds_a_row_to_recent_runs_newest_first_and_the_oldest_go(tmp_p
     assert text.startswith("# Benchmarks\n\nhand-written text\n") and text.count(sb.HISTORY_HEADING) == 1
 
 
-def test_rows_from_before_the_bare_proxy_column_are_carried_over_with_a_dash_in_it(tmp_path):
+def test_rows_from_before_the_machine_and_bare_proxy_columns_are_carried_over_with_a_dash_in_them(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
-    old_row = "| 2025-12-31 00:00 UTC | 0ld0000 | 13 of 14 | routed req/s, disaggregated: 1,400 req/s (target ≥ 1,500 req/s) |"
+    oldest = "| 2025-12-30 00:00 UTC | 0ld0000 | 13 of 14 | routed req/s, disaggregated: 1,400 req/s (target ≥ 1,500 req/s) |"
+    older = "| 2025-12-31 00:00 UTC | 0ld1111 | 14 of 14 | 2,000 req/s | - |"
     report = {**_report(_results()), "date": "2026-01-01 00:00 UTC", "code": "aaaaaaa"}
     sb.write_report(report, out)
-    text = out.read_text().replace(sb.run_summary(report), sb.run_summary(report) + "\n" + old_row)
+    text = out.read_text().replace(sb.run_summary(report), "\n".join([sb.run_summary(report), older, oldest]))
     out.write_text(text)
-    sb.write_report({**report, "date": "2026-01-02 00:00 UTC", "code": "bbbbbbb"}, out)
+    sb.write_report({**report, "date": "2026-01-02 00:00 UTC", "code": "bbbbbbb", "machine": {"nproc": 4, "cpu": "Y"}}, out)
     rows = table_rows_under(out.read_text(), "scheduler", sb.HISTORY_HEADING)
-    assert rows[2] == ("| 2025-12-31 00:00 UTC | 0ld0000 | 13 of 14 | - | routed req/s, disaggregated: 1,400 req/s "
+    assert rows[0].startswith("| 2026-01-02 00:00 UTC (--quick) | bbbbbbb | 4 CPUs (Y) | ")
+    assert rows[1].startswith("| 2026-01-01 00:00 UTC (--quick) | aaaaaaa | 2 CPUs (X) | ")
+    assert rows[2] == "| 2025-12-31 00:00 UTC | 0ld1111 | - | 14 of 14 | 2,000 req/s | - |"
+    assert rows[3] == ("| 2025-12-30 00:00 UTC | 0ld0000 | - | 13 of 14 | - | routed req/s, disaggregated: 1,400 req/s "
                        "(target ≥ 1,500 req/s) |")
     assert all(row.count("|") == len(sb.HISTORY_COLUMNS) + 1 for row in rows)
 
