@@ -1795,3 +1795,85 @@ def test_an_unpinned_hugging_face_revision_is_warned_of_once_per_spec_change():
     m.edit(lambda spec: spec["model"]["source"]["huggingFace"].__setitem__("revision", PINNED))
     m.pass_(2)
     assert len(m.warnings()) == 2
+
+
+# ---------------------------------------------------------------- 15. a pairwise swap's generation is judged while it serves beside the old one
+
+def _counting_schedulers(monkeypatch, complete=lambda: True):
+    """The schedulers' per-generation counters (from their start, never reset), as /metrics reads them."""
+    counters = {}
+    monkeypatch.setattr(rollout, "read_schedulers", lambda schedulers, optional=(), timeout=2.0: rollout.SchedulerReadout(
+        outcomes=copy.deepcopy(counters), complete=complete()))
+    return counters
+
+
+def test_a_pairwise_swaps_generation_failing_beside_the_serving_one_is_rolled_back_mid_swap(monkeypatch):
+    """Schedulers count each request under the generation of the replicas it went to: 80% of the requests
+    the new generation takes beside the old one fail, and the swap ends before it takes everything."""
+    counters = _counting_schedulers(monkeypatch)
+    m, g0, g1 = mid_pairwise_swap(gpus=4)
+    counters[g0] = {"failed": 0, "completed": 500}
+    counters[g1] = {"failed": 40, "completed": 10}
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g0 and m.ro["failedGeneration"] == g1, m.ro
+    assert m.ro["swap"]["generation"] == "", m.ro["swap"]  # schedulers stop routing to it in this write
+    assert "40 of 50 requests dispatched to it failed (80%) since it took traffic beside the serving generation" in m.ro["message"]
+
+
+def test_requests_a_swaps_generation_failed_before_the_final_switch_still_count_after_it(monkeypatch):
+    """15 failures of 15 while both generations serve (fewer than errorRateMinRequests, so not judged yet),
+    then 10 that complete after the final switch: 15 of 25 failed since it took traffic."""
+    counters = _counting_schedulers(monkeypatch)
+    m = Model(gpus=5, mutate=pairwise_swap(3))
+    g0 = m.ro["servingGeneration"]
+    m.image("1.2.1")
+    g1 = None
+    for _ in range(12):
+        m.pass_()
+        m.kube.settle()
+        g1 = m.ro["swap"].get("generation") or g1
+        if g1 and not counters.get(g1):
+            counters[g1] = {"failed": 15, "completed": 0}
+        if m.ro["servingGeneration"] != g0:
+            break
+    assert m.ro["phase"] == "Draining" and m.ro["servingGeneration"] == g1, m.ro
+    assert m.ro["errorRate"]["generation"] == g1 and m.ro["errorRate"]["failedAtSwitch"] == 0, m.ro["errorRate"]
+    counters[g1]["completed"] = 10
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == g0, m.ro
+    assert "15 of 25 requests dispatched to it failed (60%) after the switch" in m.ro["message"]
+
+
+def test_no_error_baseline_is_taken_while_a_scheduler_does_not_answer(monkeypatch):
+    """A scheduler that does not answer when the new generation takes traffic is missing from the baseline:
+    its earlier counts (here 30 failures before the switch) would later read as failures since, and roll a
+    healthy generation back. The baseline waits for a readout every counted scheduler answered."""
+    answered = {"all": False}
+    counters = {}
+    silent = {}  # what the scheduler that does not answer yet has counted
+
+    def read_schedulers(schedulers, optional=(), timeout=2.0):
+        seen = copy.deepcopy(counters)
+        if answered["all"]:
+            for gen, outcomes in silent.items():
+                for k, v in outcomes.items():
+                    seen.setdefault(gen, {})[k] = seen.get(gen, {}).get(k, 0) + v
+        return rollout.SchedulerReadout(outcomes=seen, complete=answered["all"])
+
+    monkeypatch.setattr(rollout, "read_schedulers", read_schedulers)
+    m = Model()
+    m.image("1.2.1")
+    m.pass_()
+    m.kube.settle()
+    g1 = m.ro["targetGeneration"]
+    silent[g1] = {"failed": 30, "completed": 0}
+    m.pass_()
+    assert m.ro["phase"] == "Draining" and m.ro["servingGeneration"] == g1, m.ro
+    assert (m.ro.get("errorRate") or {}).get("generation") != g1, m.ro["errorRate"]
+    answered["all"] = True
+    m.pass_()
+    assert m.ro["errorRate"] == {"generation": g1, "failed": 0, "total": 0, "failedAtSwitch": 30, "totalAtSwitch": 30}
+    counters[g1] = {"failed": 0, "completed": 30}
+    m.pass_()
+    assert m.ro["phase"] == "Draining" and m.ro["servingGeneration"] == g1, m.ro
+    assert m.ro["errorRate"]["total"] == 30 and m.ro["errorRate"]["failed"] == 0

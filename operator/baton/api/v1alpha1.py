@@ -823,10 +823,10 @@ class TierStatus(ApiModel):
 class ErrorRateStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
     generation: str = Field(default="", description="The generation judged (the one switched to).")
-    failed: int = Field(default=0, description="Requests dispatched to it since the switch that failed, summed over the schedulers.")
-    total: int = Field(default=0, description="Requests dispatched to it since the switch that completed or failed.")
-    failed_at_switch: int = Field(default=0, description="The schedulers' failed-request counters for it when traffic switched to it (they never reset): failed counts from there.")
-    total_at_switch: int = Field(default=0, description="The schedulers' completed and failed counters for it when traffic switched to it: total counts from there.")
+    failed: int = Field(default=0, description="Requests dispatched to it since it took traffic that failed, summed over the schedulers.")
+    total: int = Field(default=0, description="Requests dispatched to it since it took traffic that completed or failed.")
+    failed_at_switch: int = Field(default=0, description="The schedulers' failed-request counters for it when it took traffic (they never reset): failed counts from there.")
+    total_at_switch: int = Field(default=0, description="The schedulers' completed and failed counters for it when it took traffic: total counts from there.")
 
 
 class SwapStatus(ApiModel):
@@ -874,7 +874,7 @@ class RolloutStatus(ApiModel):
     probe: ProbeStatus = Field(default_factory=ProbeStatus, description="The live handoff probe of the updating generation.")
     message: str = Field(default="", description="What the rollout is doing, in words.")
     swap: SwapStatus = Field(default_factory=SwapStatus, description="The state of a PairwiseSwap rollout.")
-    error_rate: ErrorRateStatus = Field(default_factory=ErrorRateStatus, description="What the schedulers saw the generation switched to do since the switch (rollout.errorRateThresholdPercent): a retried or reverted-to generation starts from zero.")
+    error_rate: ErrorRateStatus = Field(default_factory=ErrorRateStatus, description="What the schedulers saw the new generation do since it took traffic: the switch, or a PairwiseSwap's first routed pair (rollout.errorRateThresholdPercent); a retried or reverted-to generation starts from zero.")
     last_rollback_millis: int = Field(default=0, description="Time from detecting a failed generation to switching traffic back, in milliseconds.")
 
 

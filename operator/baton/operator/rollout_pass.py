@@ -289,14 +289,24 @@ class RolloutPass:
         return failed, failed + int(outcomes.get("completed", 0))
 
     def _error_counts(self, gen: str) -> dict[str, Any]:
-        """status.rollout.errorRate at the switch to `gen`: the counters as they stand now, so that only the
-        requests after the switch are judged; none of those yet."""
+        """status.rollout.errorRate when `gen` starts taking traffic (the switch, or a pairwise swap's first
+        routed pair): the counters as they stand now, so that only the requests from there on are judged;
+        none of those yet. Nothing ({}) while a scheduler that counts did not answer: its counts, missing
+        from the baseline, would later read as requests since; the next pass records it."""
+        if not self._schedulers().complete:
+            return {}
         failed, total = self._request_counters(gen)
         return {"generation": gen, "failed": 0, "total": 0, "failedAtSwitch": failed, "totalAtSwitch": total}
 
+    def _kept_error_counts(self, gen: str) -> dict[str, Any]:
+        """errorRate at the final switch of a pairwise swap: the one recorded when the swap's generation first
+        took traffic, so that what it did beside the serving generation is still judged."""
+        counted = self.ro.get("errorRate") or {}
+        return counted if counted.get("generation") == gen else self._error_counts(gen)
+
     def _error_rate_problem(self, gen: str) -> str:
-        """Why the new generation must go, judged from what the schedulers saw it do since the switch; ""
-        when it is fine. status.rollout.errorRate shows the requests since the switch."""
+        """Why the new generation must go, judged from what the schedulers saw it do since it took traffic; ""
+        when it is fine. status.rollout.errorRate shows those requests."""
         threshold = self.spec.rollout.error_rate_threshold_percent
         if threshold >= 100:
             return ""
@@ -310,7 +320,9 @@ class RolloutPass:
         total = max(failed, total_now - int(counted.get("totalAtSwitch", 0)))
         self.ro["errorRate"] = {**counted, "failed": failed, "total": total}
         if total >= self.spec.rollout.error_rate_min_requests and failed * 100 > threshold * total:
-            return (f"{failed} of {total} requests dispatched to it failed ({100 * failed / total:.0f}%) after the switch, "
+            since = "since it took traffic beside the serving generation" if self.ro.get("servingGeneration") != gen \
+                else "after the switch"
+            return (f"{failed} of {total} requests dispatched to it failed ({100 * failed / total:.0f}%) {since}, "
                     f"above rollout.errorRateThresholdPercent={threshold}")
         return ""
 
@@ -580,7 +592,7 @@ class RolloutPass:
         else:
             counted = self.ro.get("errorRate") or {}
             errors = (f"; {counted.get('failed', 0)} of {counted.get('total', 0)} request(s) dispatched to it "
-                      "failed since the switch") if counted.get("generation") == gen else ""
+                      "failed since it took traffic") if counted.get("generation") == gen else ""
             # A time, not a countdown: a message that changes every pass would rewrite the status every pass.
             switched = self.ro.get("switchedAt", "")
             until = status.iso(_ts(switched) + datetime.timedelta(seconds=window)) if switched else "the window ends"
@@ -850,6 +862,12 @@ class RolloutPass:
             self.ro["swap"] = swap
         if self._apply_new(gen, new_counts):
             return
+        if swap.get("generation") == gen:
+            # It takes traffic beside the serving generation: judged as after a switch, on every step.
+            errors = self._error_rate_problem(gen)
+            if errors:
+                self._rollback(gen, errors, detected_at=time.monotonic())
+                return
         new = self.generations.get(gen, {})
         old_counts = {t: _replicas(old.get(t), 0) for t in tiers}
         summary = (f"generation {gen} at {new_counts['prefill']}/{desired['prefill']} prefill, "
@@ -871,6 +889,7 @@ class RolloutPass:
         if swap.get("generation") != gen:
             swap["generation"] = gen  # schedulers now route to both generations
             self.ro["swap"] = swap
+            self.ro["errorRate"] = self._error_counts(gen)  # judged from here, through the final switch
             self._event("Normal", "SwapStarted", f"generation {gen} passed the probe and serves beside generation {serving}")
         budget = {t: max(int(swap.get(f"{t}Replicas", 0)), desired[t]) for t in tiers}
         # Shrink the old generation where the surge is in place (never below one replica while it serves),
@@ -902,7 +921,7 @@ class RolloutPass:
                                     f"{self.ro['previousGeneration']} has drained")
             return
         self.ro.update({"servingGeneration": gen, "previousGeneration": serving, **self._record_switch(gen),
-                        "swap": {**swap, "generation": ""}, "errorRate": self._error_counts(gen)})
+                        "swap": {**swap, "generation": ""}, "errorRate": self._kept_error_counts(gen)})
         self._phase("Draining", f"pairwise swap complete: traffic on generation {gen}; generation {serving} drains")
         self._event("Normal", "Switched", f"pairwise swap complete: generation {gen} serves with all replicas; "
                                           f"generation {serving} drains and is kept for rollback")
