@@ -1877,3 +1877,33 @@ def test_no_error_baseline_is_taken_while_a_scheduler_does_not_answer(monkeypatc
     m.pass_()
     assert m.ro["phase"] == "Draining" and m.ro["servingGeneration"] == g1, m.ro
     assert m.ro["errorRate"]["total"] == 30 and m.ro["errorRate"]["failed"] == 0
+
+
+# ---------------------------------------------------------------- 16. the strategy changed mid-swap
+
+def test_a_swap_goes_on_when_the_strategy_becomes_atomic_without_room_for_two_full_generations():
+    """4 GPUs per pool, 3 replicas per tier: the atomic way would want both generations at full size (6 per
+    pool). The serving generation keeps its swap size, the new one grows pair by pair, and status says why."""
+    m, g0, g1 = mid_pairwise_swap(gpus=4)
+    m.edit(lambda s: s["rollout"].__setitem__("strategy", "AtomicGeneration"))
+    m.pass_()
+    for t in ("prefill", "decode"):  # one GPU per replica: what the pools hold
+        assert m.replicas(g0)[t] + m.replicas(g1)[t] <= 4, (m.replicas(g0), m.replicas(g1))
+    assert m.ro["phase"] == "Swapping" and "the pairwise swap goes on" in m.ro["message"], m.ro
+    for _ in range(20):
+        m.kube.settle()
+        m.pass_()
+        for t in ("prefill", "decode"):
+            assert m.replicas(g0)[t] + (m.replicas(g1)[t] if g1 in m.generations() else 0) <= 4, (m.replicas(g0), m.ro)
+        if m.ro["servingGeneration"] == g1:
+            break
+    assert m.ro["servingGeneration"] == g1 and m.ro["phase"] == "Draining", m.ro
+    assert m.replicas(g1) == {"prefill": 3, "decode": 3}
+
+
+def test_an_atomic_takeover_of_a_swap_goes_ahead_where_the_pools_have_room():
+    m, g0, g1 = mid_pairwise_swap(gpus=8)
+    m.edit(lambda s: s["rollout"].__setitem__("strategy", "AtomicGeneration"))
+    m.pass_()
+    assert m.replicas(g0) == {"prefill": 3, "decode": 3} and m.replicas(g1) == {"prefill": 3, "decode": 3}
+    assert m.ro["phase"] != "Swapping" and "goes on" not in m.ro["message"], m.ro

@@ -385,8 +385,9 @@ class Reconciler:
             rollout_state.scale_serving()
             if gen == ro.get("failedGeneration"):  # a retry (above) clears it
                 rollout_state.hold_failed()
-            elif spec.rollout.strategy == "PairwiseSwap":
+            elif spec.rollout.strategy == "PairwiseSwap" or rollout_state.keeps_swapping():
                 rollout_state.advance_pairwise()
+                rollout_state.tell_strategy_waits()
             else:
                 rollout_state.advance()
         rollout_state.track_serving_replicas()

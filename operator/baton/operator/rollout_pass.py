@@ -199,6 +199,8 @@ class RolloutPass:
                  generations: dict[str, dict[str, dict]], changed: list[str], rollback_request: str = ""):
         self.r, self.body, self.target, self.derived = reconciler, body, target, derived
         self.ro = ro
+        self._keeps_swapping: bool | None = None
+        self._takeover_blocked = ""
         self.generations = generations
         self.changed = changed
         self.spec = target.spec
@@ -485,7 +487,28 @@ class RolloutPass:
         """A PairwiseSwap owns the serving generation's size: it shrinks it step by step (within the size
         recorded in status.rollout.swap), and gives it the spec's replica counts back on a rollback."""
         swap = self.ro.get("swap") or {}
-        return self.spec.rollout.strategy == "PairwiseSwap" and _swap_sized(swap)
+        return _swap_sized(swap) and (self.spec.rollout.strategy == "PairwiseSwap" or self.keeps_swapping())
+
+    def keeps_swapping(self) -> bool:
+        """The strategy became AtomicGeneration while a pairwise swap to the spec's generation was under way,
+        and the pools have no room for the atomic way to take over: the new generation at full size beside
+        the serving one grown back to its size. The swap then goes on (and says so); the new strategy
+        applies once there is room, or to the next rollout."""
+        if self._keeps_swapping is None:
+            self._keeps_swapping = False
+            gen, serving, swap = self.derived.generation, self.ro.get("servingGeneration", ""), self.ro.get("swap") or {}
+            if (self.spec.rollout.strategy != "PairwiseSwap" and _swap_sized(swap) and serving and gen != serving
+                    and self.ro.get("targetGeneration") == gen and gen in self.generations):
+                tiers = ("prefill", "decode")
+                desired = {t: self.spec.tier(t).desired_replicas() for t in tiers}
+                new = {t: _replicas(self.generations[gen].get(t), 0) for t in tiers}
+                old = {t: _replicas(self.generations.get(serving, {}).get(t), 0) for t in tiers}
+                more = {t: max(0, desired[t] - new[t]) + max(0, desired[t] - old[t]) for t in tiers}
+                blocked = self._capacity_problems(more) if any(more.values()) else []
+                if blocked:
+                    self._keeps_swapping = True
+                    self._takeover_blocked = "; ".join(blocked)
+        return self._keeps_swapping
 
     def scale_serving(self) -> None:
         """The spec names another generation than the serving one (targeted, or failed): its replica counts
@@ -500,6 +523,13 @@ class RolloutPass:
             after = _replicas(self.generations.get(serving, {}).get(tier), 0)
             if after != before:
                 self.changed.append(f"in place: scaled generation {serving} {tier} from {before} to {after} replicas")
+
+    def tell_strategy_waits(self) -> None:
+        """The status message of a swap that goes on under strategy AtomicGeneration says why."""
+        if self.keeps_swapping() and self.ro.get("phase") == "Swapping":
+            self.ro["message"] += (f"; rollout.strategy is AtomicGeneration, but the pools have no room for generation "
+                                   f"{self.derived.generation} at full size beside the serving one ({self._takeover_blocked}): "
+                                   "the pairwise swap goes on")
 
     def steady(self) -> None:
         """The spec's generation serves (or is being deployed for the first time)."""
