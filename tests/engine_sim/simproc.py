@@ -58,6 +58,20 @@ def worker_yaml(*, ctx: bool, dtype: str | None = "auto", tokens_per_block: int 
     return opts
 
 
+SERVED_MODEL = "llama-3-8b"
+NO_MODEL = "model"  # a key of the body that, set to this, sends the request without `model`
+
+
+def with_model(path: str, body: object) -> object:
+    """An OpenAI request as clients send it: with `model` (trtllm-serve requires it), unless the test asks
+    for none (`{"model": NO_MODEL}` sends no `model` key)."""
+    if not (path.startswith("/v1/") and isinstance(body, dict)):
+        return body
+    if body.get("model") is NO_MODEL:
+        return {k: v for k, v in body.items() if k != "model"}
+    return body if "model" in body else {"model": SERVED_MODEL, **body}
+
+
 class Engine:
     def __init__(self, proc: subprocess.Popen, port: int, log_path: Path) -> None:
         self.proc = proc
@@ -71,6 +85,7 @@ class Engine:
     # -- plain HTTP
     def request(self, method: str, path: str, body: object = None, headers: dict | None = None,
                 timeout: float = 30.0) -> tuple[int, object]:
+        body = with_model(path, body)
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json", **(headers or {})})
@@ -99,7 +114,7 @@ class Engine:
         """POST with stream=true; returns (status, [parsed data chunks..., "[DONE]"]) or (status, error body)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
-            conn.request("POST", path, json.dumps({**body, "stream": True}),
+            conn.request("POST", path, json.dumps(with_model(path, {**body, "stream": True})),
                          {"Content-Type": "application/json", **(headers or {})})
             resp = conn.getresponse()
             if resp.status != 200:

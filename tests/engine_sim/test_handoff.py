@@ -11,7 +11,7 @@ import socket
 import time
 
 import pytest
-from simproc import handoff, sim_config, stream_text, text_of, worker_yaml
+from simproc import SERVED_MODEL, handoff, sim_config, stream_text, text_of, with_model, worker_yaml
 
 from baton import kvformat, tokens
 from baton.engine_sim.handoff import HandoffError, KVPuller, OpaqueState, decode_opaque
@@ -712,7 +712,7 @@ def test_a_generation_request_cancelled_mid_transfer_stops_the_transfer(engines)
     resp = ctx.complete({"prompt": list(range(1, 321)), "max_tokens": 3,  # 320 x 128 KiB at 12.5 MB/s: 3.4 s
                          "disaggregated_params": {"request_type": "context_only"}})
     params = {**resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
-    body = json.dumps({"prompt": resp["prompt_token_ids"], "max_tokens": 3, "stream": True,
+    body = json.dumps({"model": SERVED_MODEL, "prompt": resp["prompt_token_ids"], "max_tokens": 3, "stream": True,
                        "disaggregated_params": params}).encode()
     start = time.monotonic()
     with socket.create_connection(("127.0.0.1", gen.port), timeout=5) as sock:
@@ -737,8 +737,8 @@ def test_a_generation_request_that_leaves_while_queued_frees_its_kv_on_the_conte
     resp = ctx.complete({"prompt": list(range(1, 200)), "max_tokens": 3,
                          "disaggregated_params": {"request_type": "context_only"}})
     assert ctx.state()["kvCacheStats"]["usedNumBlocks"] > used  # held for the handoff
-    hog = json.dumps({"prompt": [1, 2, 3], "max_tokens": 2000, "stream": True}).encode()
-    body = json.dumps(generation_body(resp, "/v1/completions")).encode()
+    hog = json.dumps(with_model("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2000, "stream": True})).encode()
+    body = json.dumps(with_model("/v1/completions", generation_body(resp, "/v1/completions"))).encode()
     with socket.create_connection(("127.0.0.1", gen.port), timeout=5) as busy:
         busy.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(hog) + hog)
@@ -958,7 +958,7 @@ def test_a_pull_that_fails_after_the_engine_went_fatal_is_not_a_transfer_failure
 # ------------------------------------------------------------------------------ failed generations, as trtllm-serve
 def raw_post(engine, path: str, body: dict, timeout: float = 10.0) -> tuple[bytes, bytes]:
     """POST `body` on a fresh connection and read until the server closes it: (head, raw body as sent)."""
-    data = json.dumps(body).encode()
+    data = json.dumps(with_model(path, body)).encode()
     with socket.create_connection(("127.0.0.1", engine.port), timeout=timeout) as sock:
         sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
                      b"Content-Length: %d\r\n\r\n" % (path.encode(), len(data)) + data)
@@ -974,8 +974,11 @@ def raw_post(engine, path: str, body: dict, timeout: float = 10.0) -> tuple[byte
 
 def generation_body(ctx_resp: dict, path: str, **extra) -> dict:
     params = {**ctx_resp["choices"][0]["disaggregated_params"], "request_type": "generation_only"}
-    key = "prompt_token_ids" if "chat" in path else "prompt"
-    return {key: ctx_resp["prompt_token_ids"], "max_tokens": 4, "disaggregated_params": params, **extra}
+    if "chat" in path:  # the request's messages stay (trtllm-serve requires them), its ids carry the prompt
+        prompt = {"messages": [{"role": "user", "content": "x"}], "prompt_token_ids": ctx_resp["prompt_token_ids"]}
+    else:
+        prompt = {"prompt": ctx_resp["prompt_token_ids"]}
+    return {**prompt, "max_tokens": 4, "disaggregated_params": params, **extra}
 
 
 def test_a_failed_handoff_not_streamed_is_a_400_bad_request_with_the_message(ctx, gen, bad_gens):
@@ -1025,7 +1028,7 @@ def test_a_stream_that_fails_after_its_first_tokens_is_cut_without_an_error_even
     """A generation that fails after some tokens were streamed (here the engine enters its fatal state): the
     tokens sent stay sent, then the connection closes without the last chunk, an error event or [DONE]."""
     worker = engines.start(worker_yaml(ctx=False), "--sim-speed", "1")
-    data = json.dumps({"prompt": "a long story", "max_tokens": 2000, "stream": True}).encode()
+    data = json.dumps(with_model("/v1/completions", {"prompt": "a long story", "max_tokens": 2000, "stream": True})).encode()
     with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(data) + data)

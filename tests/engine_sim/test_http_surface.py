@@ -8,7 +8,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from simproc import LLAMA_8B, stream_text, text_of, worker_yaml
+from simproc import LLAMA_8B, NO_MODEL, stream_text, text_of, with_model, worker_yaml
 
 from baton import tokens
 
@@ -65,10 +65,10 @@ def test_token_id_prompts_mean_the_same_however_they_are_written(worker):
     change what a prompt means, and ids at the vocabulary's edge are still in it."""
     ids = [128255, 0, 99999, 7, 100000, 31]
     bodies = [
-        b'{"prompt":[128255,0,99999,7,100000,31],"max_tokens":6}',
-        b'{"prompt": [128255, 0, 99999, 7, 100000, 31], "max_tokens": 6}',
-        b'{"max_tokens": 6, "prompt" : [ 128255 ,\n 0,\t99999 , 7,100000, 31 ]}',
-        b'{"prompt": [[128255, 0, 99999, 7, 100000, 31]], "max_tokens": 6}',
+        b'{"model":"m","prompt":[128255,0,99999,7,100000,31],"max_tokens":6}',
+        b'{"model": "m", "prompt": [128255, 0, 99999, 7, 100000, 31], "max_tokens": 6}',
+        b'{"max_tokens": 6, "model" : "m", "prompt" : [ 128255 ,\n 0,\t99999 , 7,100000, 31 ]}',
+        b'{"prompt": [[128255, 0, 99999, 7, 100000, 31]], "max_tokens": 6, "model": "m"}',
     ]
     answers = [_post_bytes(worker, "/v1/completions", body) for body in bodies]
     assert [status for status, _ in answers] == [200] * len(bodies), answers
@@ -80,7 +80,7 @@ def test_token_id_prompts_mean_the_same_however_they_are_written(worker):
     assert chat["choices"][0]["token_ids"] == generated[0]
     assert worker.complete({"prompt": ids[:-1], "max_tokens": 6})["choices"][0]["token_ids"] != generated[0]
     status, err = _post_bytes(worker, "/v1/chat/completions",
-                              b'{"messages": [{"role": "user", "content": "x"}], "prompt_token_ids": [3, 200000]}')
+                              b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt_token_ids": [3, 200000]}')
     assert status == 400 and "prompt_token_ids contains token id 200000 outside the vocabulary" in err["message"]
 
 
@@ -155,6 +155,54 @@ def test_invalid_requests_get_trtllm_error_shape(worker, body, fragment):
     assert fragment in err["message"]
 
 
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "fragments"),
+    [
+        ("/v1/completions", {"prompt": "hi", "max_token": 4},
+         ["'type': 'extra_forbidden', 'loc': ('body', 'max_token')", "Extra inputs are not permitted"]),
+        ("/v1/chat/completions", {**CHAT, "max_tokns": 4, "temprature": 0.5},
+         ["2 validation errors", "('body', 'max_tokns')", "('body', 'temprature')"]),
+        ("/v1/completions", {"prompt": "hi", "messages": []}, ["('body', 'messages')"]),  # a chat field
+        ("/v1/chat/completions", {**CHAT, "detokenize": False}, ["('body', 'detokenize')"]),  # a completions one
+        ("/v1/completions", {"prompt": [1, 2], "disaggregated_params": {"request_type": "context_only", "bogus": 1}},
+         ["('body', 'disaggregated_params', 'bogus')"]),
+        ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"include_usage": True, "x": 1}},
+         ["('body', 'stream_options', 'x')"]),
+        ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
+         ["Stream options can only be defined when stream is true."]),
+        ("/v1/chat/completions", {**CHAT, "stream_options": {}}, ["stream_options can only be set if stream is true"]),
+        ("/v1/completions", {"prompt": "hi", "suffix": "!"}, ["suffix is not supported"]),
+        ("/v1/completions", {"prompt": "hi", "model": NO_MODEL}, ["'type': 'missing', 'loc': ('body', 'model')", "Field required"]),
+        ("/v1/chat/completions", {"prompt_token_ids": [1, 2, 3], "max_tokens": 2},
+         ["'type': 'missing', 'loc': ('body', 'messages')"]),
+    ],
+)
+def test_fields_trtllm_serve_does_not_define_are_refused_as_its_validation_refuses_them(worker, path, body, fragments):
+    """trtllm-serve's request models forbid extra fields (also in disaggregated_params and stream_options)
+    and require `model` (and chat `messages`): a misspelt field is a 400, never silently ignored."""
+    status, err = worker.post(path, body)
+    assert status == 400, err
+    assert err["object"] == "error" and err["type"] == "BadRequestError" and err["code"] == 400
+    for fragment in fragments:
+        assert fragment in err["message"], err["message"]
+
+
+def test_every_field_trtllm_serve_defines_is_accepted(worker):
+    """Fields of trtllm-serve's request models the simulator does not act on are still taken, at neutral values."""
+    neutral = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "seed": 1, "stop": [], "temperature": 1.0,
+               "top_p": 1.0, "user": "u", "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
+               "early_stopping": False, "stop_token_ids": [], "include_stop_str_in_output": False, "ignore_eos": False,
+               "min_tokens": 0, "skip_special_tokens": True, "spaces_between_special_tokens": True,
+               "add_special_tokens": True, "echo": False, "logit_bias": None, "response_format": None}
+    assert worker.complete({"prompt": "hi", "max_tokens": 2, "suffix": "", "detokenize": True, **neutral})
+    chat = {**CHAT, "max_completion_tokens": 2, "add_generation_prompt": True, "chat_template_kwargs": None,
+            "documents": None, "tool_choice": "none", "cache_salt": "s", **neutral}
+    assert worker.complete(chat, "/v1/chat/completions")
+
+
 def test_metrics_report_iterations_and_kv_stats(worker):
     worker.get("/metrics")  # drain
     worker.complete({"prompt": "count my iterations", "max_tokens": 4})
@@ -226,7 +274,7 @@ def test_client_disconnect_frees_the_request(engines):
 
     slow = engines.start(worker_yaml(ctx=True), "--sim-speed", "1")
     conn = http.client.HTTPConnection("127.0.0.1", slow.port, timeout=30)
-    conn.request("POST", "/v1/completions", _json.dumps({"prompt": "long story", "max_tokens": 2000, "stream": True}),
+    conn.request("POST", "/v1/completions", _json.dumps(with_model("/v1/completions", {"prompt": "long story", "max_tokens": 2000, "stream": True})),
                  {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200

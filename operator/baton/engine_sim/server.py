@@ -36,6 +36,7 @@ from baton.engine_sim.engine import (
     token_text,
 )
 from baton.engine_sim.handoff import OpaqueState, decode_opaque, encode_opaque
+from baton.engine_sim.request_fields import check_request_fields
 from baton.http1.server import (
     AnyResponse,
     Handler,
@@ -226,6 +227,7 @@ class SimServer:
         """`body` decoded, but for the prompt's ids when they were cut out of it as text (`ids_json`, `count`
         of them). Text is tokenized as trtllm-serve does (`baton.tokens`: the model's tokenizer when MODEL_DIR
         has one, a long text off the event loop; else the documented estimate)."""
+        check_request_fields(body, chat)
         dp = body.get("disaggregated_params")
         if dp is None:
             dp = {}
