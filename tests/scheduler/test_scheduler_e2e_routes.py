@@ -193,3 +193,29 @@ def test_scheduler_without_healthy_decode_is_not_ready(engines, tmp_path):
         assert status == 503 and body["error"]["code"] == "no_decode_endpoints"
     finally:
         proc.stop()
+
+
+def test_a_misspelt_field_is_the_engines_400_to_the_client_on_both_routes_and_no_replica_is_blamed(engines, make_scheduler):
+    """trtllm-serve refuses fields its request models do not define: a client's typo comes back as the
+    engine's 400 naming the field, on the local route (decode) and the disaggregated one (the prefill refuses
+    the context request), counted as the client's invalid request; both replicas stay in rotation. The
+    scheduler's own extension field (`baton`) never reaches an engine."""
+    prefill, decode = engines["prefill"], engines["decode1"]
+    sched = make_scheduler([prefill], [decode])
+    for route, prompt in (("local", prompt_ids(20)), ("disaggregated", prompt_ids(2000))):
+        status, headers, body = post(sched.url + "/v1/completions",
+                                     {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temprature": 0.2})
+        assert status == 400, body
+        message = body["message"]  # the engine's answer, relayed as it came
+        assert "('body', 'temprature')" in message and "Extra inputs are not permitted" in message, body
+        assert headers["X-Baton-Route"] == route
+        status, headers, body = post(sched.url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2,
+                                                                     "baton": {"highPrecision": False}})
+        assert status == 200 and headers["X-Baton-Route"] == route, body
+    values = metrics(sched.url)
+    for route in ("local", "disaggregated"):
+        assert metric(values, "baton_scheduler_requests_total", route=route, outcome="invalid") == 1
+        assert metric(values, "baton_scheduler_requests_total", route=route, outcome="completed") == 1
+    assert metric(values, "baton_scheduler_requests_total", outcome="failed") == 0
+    assert metric(values, "baton_scheduler_endpoints", state="healthy", tier="decode") == 1
+    assert metric(values, "baton_scheduler_endpoints", state="healthy", tier="prefill") == 1
