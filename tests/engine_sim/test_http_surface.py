@@ -155,6 +155,13 @@ def test_invalid_requests_get_trtllm_error_shape(worker, body, fragment):
     assert fragment in err["message"]
 
 
+def test_a_generation_request_without_its_handle_names_the_field_once(worker):
+    status, err = worker.post("/v1/completions", {"prompt": [1, 2], "disaggregated_params": {
+        "request_type": "generation_only", "first_gen_tokens": [3], "ctx_request_id": 1}})
+    assert status == 400
+    assert err["message"] == "disaggregated_params.encoded_opaque_state must be a non-empty base64 string"
+
+
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -264,7 +271,7 @@ def test_many_concurrent_requests(worker):
 
 
 def test_health_generate(worker):
-    assert worker.get("/health_generate")[0] == 200
+    assert worker.get("/health_generate") == (200, "Generation health check OK")
     assert worker.post("/kv_cache_events", {}) == (200, [])
 
 

@@ -198,6 +198,9 @@ def test_fatal_state_and_fault_injection(fresh_engines):
     assert other.post("/_sim/fatal", {"reason": "GPU fell off the bus"})[0] == 200
     status, body = other.get("/health")
     assert status == 503 and "GPU fell off the bus" in body
+    # trtllm-serve's /health_generate runs a one-token request and answers any failure of it 500
+    assert other.get("/health_generate") == (500, "Generation health check failed")
+    assert "health_generate_failed" in other.log() and "LLM is shutting down" in other.log()
 
 
 def test_error_ratio_fails_that_share_of_requests_while_health_stays_ok(fresh_engines):

@@ -93,7 +93,7 @@ def encode_opaque(state: OpaqueState) -> str:
 def decode_opaque(text: object) -> OpaqueState:
     """Parse an encoded_opaque_state; ValueError with a readable message when it is not one of ours."""
     if not isinstance(text, str) or not text:
-        raise ValueError("disaggregated_params.encoded_opaque_state must be a non-empty base64 string")
+        raise ValueError("encoded_opaque_state must be a non-empty base64 string")
     try:
         payload = json.loads(base64.b64decode(text.encode("ascii"), validate=True))
     except (binascii.Error, UnicodeError, ValueError) as exc:

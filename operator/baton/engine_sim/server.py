@@ -136,15 +136,17 @@ class SimServer:
 
     async def health_generate(self, request: Request) -> Response:
         reason = self.not_ready_reason()
-        if reason:
+        if reason and self.engine.fatal is None:  # loading or draining; a fatal engine fails the generation
             return text_response(reason, 503)
         try:
             seq = self.engine.submit(kind=CTX_AND_GEN, prompt=Prompt.of([1]), max_tokens=1,
                                       x_request_id="health_generate")
             await seq.done
         except EngineError as exc:
-            return text_response(exc.message, 503)
-        return text_response("", 200)
+            # trtllm-serve runs a one-token chat request and answers any failure of it 500 with this text
+            log.warning("health_generate failed", extra={"fields": {"event": "health_generate_failed", "error": exc.message}})
+            return text_response("Generation health check failed", 500)
+        return text_response("Generation health check OK", 200)
 
     async def version(self, request: Request) -> Response:
         return _json({"version": self.cfg.trtllm_version})
