@@ -291,13 +291,17 @@ def test_the_operator_down_alert_is_made_only_where_its_series_can_exist():
     assert "BatonOperatorDown" not in _alerts("metrics.enabled=false", "metrics.serviceMonitor.enabled=true")
 
 
-def test_the_reconcile_error_alert_fires_only_for_errors_that_persist():
+@pytest.mark.parametrize("interval,errors_for", [("30s", None), ("1m", None), ("1m30s", "15m"), ("2m", "15m")])
+def test_the_reconcile_error_alert_fires_only_for_errors_that_persist(interval, errors_for):
     # A persistently failing model is retried at most every ERROR_BACKOFF_MAX_SECONDS (+10%): a window shorter
     # than that gap and a scrape on either side reads 0 between two retries and resets the alert's `for`. A
-    # window as long as `for` keeps one failed pass in view until the alert fires: it pages for a blip.
+    # window as long as `for` keeps one failed pass in view until the alert fires: it pages for a blip. The
+    # window follows the scrape interval the ServiceMonitor sets.
     from baton.operator.handlers import ERROR_BACKOFF_MAX_SECONDS
 
-    docs = render("metrics.prometheusRule.enabled=true", "metrics.serviceMonitor.enabled=true")
+    docs = render("metrics.prometheusRule.enabled=true", "metrics.serviceMonitor.enabled=true",
+                  f"metrics.serviceMonitor.interval={interval}",
+                  *([f"metrics.prometheusRule.errorsFor={errors_for}"] if errors_for else []))
     rule = {r["alert"]: r for r in one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]}["BatonReconcileErrors"]
     expr = rule["expr"]
     assert "increase(" in expr and expr.rstrip().endswith("> 0"), expr
@@ -306,6 +310,19 @@ def test_the_reconcile_error_alert_fires_only_for_errors_that_persist():
     assert windows, expr
     for window in windows:
         assert ERROR_BACKOFF_MAX_SECONDS * 1.1 + 2 * scrape < window < _seconds(rule["for"]), expr
+
+
+def test_an_error_alert_window_as_long_as_errors_for_is_refused_at_install():
+    """A 2m scrape interval needs a 10m window: errorsFor 10m would page for one failed pass."""
+    message = render_error("metrics.prometheusRule.enabled=true", "metrics.serviceMonitor.interval=2m")
+    assert "metrics.prometheusRule.errorsFor (10m) must be longer than the error alert's window, 10m" in message
+
+
+def test_the_alerts_read_only_this_releases_series():
+    """Two releases of the same name in two namespaces (per-team installs) share a job label: each alert
+    also matches the release's namespace, so neither fires for the other's models."""
+    for rule in _alerts("metrics.serviceMonitor.enabled=true").values():
+        assert 'namespace="baton-system"' in rule["expr"], rule["expr"]
 
 
 def test_the_stalled_alert_reads_a_gauge_that_holds_between_the_passes_of_a_stalled_model():
@@ -513,6 +530,18 @@ def test_cluster_wide_rbac_is_exactly_what_the_code_uses():
     needed = namespaced | cluster
     assert needed - granted == set(), "the operator needs permissions the chart does not grant"
     assert granted - needed == set(), "the chart grants permissions no code path uses"
+
+
+def test_without_disruption_budgets_the_chart_grants_nothing_on_them():
+    """operator.disruptionBudgets=false: the operator renders and watches no PodDisruptionBudget, so neither
+    role grants any verb on them; the rest stays exactly what the code uses."""
+    namespaced, cluster = required_permissions()
+    pdb = {p for p in namespaced if p[1] == "poddisruptionbudgets"}
+    assert pdb, "the default build uses disruption budgets"
+    granted = _rules(one(render("operator.disruptionBudgets=false"), "ClusterRole"))
+    assert granted == (namespaced | cluster) - pdb
+    role = _rules(one(render("operator.disruptionBudgets=false", "watch.namespaces={team-a}", "rbac.scanning=false"), "Role"))
+    assert role == namespaced - pdb
 
 
 def test_namespaced_rbac_is_exactly_what_the_code_uses():

@@ -124,9 +124,11 @@ tests/unit/test_chart.py re-derives it and fails when the code and these rules d
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, list, watch, create, patch]
+{{- if .Values.operator.disruptionBudgets }}
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch]
+{{- end }}
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
@@ -155,4 +157,18 @@ takes every node and every pod in the cluster (pods of other namespaces hold GPU
 {{- define "baton.suffixed" -}}
 {{- $root := index . 0 -}}
 {{- printf "%s-%s" (include "baton.fullname" $root | trunc 55 | trimSuffix "-") (index . 1) -}}
+{{- end -}}
+
+{{/*
+A Prometheus duration (30s, 1m30s, 500ms, 1h) in whole seconds, rounded up.
+*/}}
+{{- define "baton.seconds" -}}
+{{- $ms := 0 -}}
+{{- range $part := regexFindAll "[0-9]+(ms|s|m|h)" . -1 -}}
+{{- $digits := regexFind "^[0-9]+" $part -}}
+{{- $n := atoi $digits -}}
+{{- $unit := trimPrefix $digits $part -}}
+{{- $ms = add $ms (mul $n (get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) $unit)) -}}
+{{- end -}}
+{{- div (add $ms 999) 1000 -}}
 {{- end -}}
