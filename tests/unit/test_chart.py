@@ -312,6 +312,16 @@ def test_the_reconcile_error_alert_fires_only_for_errors_that_persist(interval, 
         assert ERROR_BACKOFF_MAX_SECONDS * 1.1 + 2 * scrape < window < _seconds(rule["for"]), expr
 
 
+def test_every_reconcile_result_series_exists_at_zero_from_the_operators_start():
+    """increase() sees no increase in a series whose first sample is already 1: the first error after an
+    operator start would never count towards BatonReconcileErrors unless its series was there before."""
+    probe = ("from prometheus_client import generate_latest; from baton.operator import metrics; "
+             "print(generate_latest(metrics.REGISTRY).decode())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    for result in ("ok", "stalled", "transient", "error"):
+        assert f'baton_operator_reconciles_total{{result="{result}"}} 0.0' in out, out
+
+
 def test_an_error_alert_window_as_long_as_errors_for_is_refused_at_install():
     """A 2m scrape interval needs a 10m window: errorsFor 10m would page for one failed pass."""
     message = render_error("metrics.prometheusRule.enabled=true", "metrics.serviceMonitor.interval=2m")

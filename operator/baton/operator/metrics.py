@@ -12,6 +12,11 @@ REGISTRY = CollectorRegistry()
 RECONCILES = Counter(
     "baton_operator_reconciles_total", "Reconcile passes, by result (ok, stalled, transient, error).", ["result"], registry=REGISTRY
 )
+RESULTS = ("ok", "stalled", "transient", "error")
+for _result in RESULTS:
+    # Each series exists from the start at 0: the first error after a start is then an increase, which
+    # increase() sees (a series whose first sample is already 1 shows none).
+    RECONCILES.labels(_result)
 STALLED_MODELS = Gauge(
     "baton_operator_models_stalled",
     "Models whose last reconcile pass found them Stalled (a spec Baton cannot serve, a rolled-back generation).",
