@@ -144,7 +144,7 @@ def _stream(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, A
                 break
             if isinstance(event.get("usage"), dict):
                 usage = event["usage"].get("completion_tokens")
-            n = event_tokens(event)  # as `baton replay` counts them: ids, else one per choice with text
+            n = event_tokens(event)  # as `baton replay` counts them: ids, else one per generation step
             if n:
                 if first is None:
                     first = time.monotonic()

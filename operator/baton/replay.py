@@ -473,8 +473,11 @@ async def send_one(session: Any, url: str, index: int, body: bytes, timeout: flo
 
 
 def event_tokens(data: dict[str, Any]) -> int | None:
-    """Tokens one streamed event carries: its choices' token ids, else one per choice with text (a server
-    that sends no ids); None for an event that is not a completion chunk as OpenAI's API shapes one."""
+    """Tokens one streamed event carries: its choices' token ids where it sends them, else one per choice
+    that is a generation step: trtllm-serve (token_ids null) sends a chunk per step also when the step's text
+    is held back (part of a UTF-8 character, a special token skipped), so empty text counts too. Not counted: a chat stream's role chunk,
+    a closing chunk with nothing but its finish_reason, the usage chunk (no choices). None for an event that
+    is not a completion chunk as OpenAI's API shapes one."""
     choices = data.get("choices") or []
     if not isinstance(choices, list):
         return None
@@ -483,12 +486,21 @@ def event_tokens(data: dict[str, Any]) -> int | None:
         if not isinstance(choice, dict):
             return None
         ids = choice.get("token_ids")
-        delta = choice.get("delta") or {}
-        if not isinstance(delta, dict) or not (ids is None or isinstance(ids, list)):
+        delta = choice.get("delta")
+        if not (delta is None or isinstance(delta, dict)) or not (ids is None or isinstance(ids, list)):
             return None
-        if ids:
+        if ids is not None:  # the ids a step produced, when the server sends them (the simulator, Baton's Triton path)
             n += len(ids)
-        elif choice.get("text") or delta.get("content"):
+            continue
+        if delta is None:
+            text = choice.get("text")
+        else:
+            text = delta.get("content")
+            if text is None:
+                text = delta.get("reasoning_content") or delta.get("reasoning")
+            if "role" in delta and not text:
+                continue  # the role chunk
+        if text or (isinstance(text, str) and choice.get("finish_reason") is None):
             n += 1
     return n
 

@@ -117,14 +117,14 @@ def test_replay_reads_the_served_model_straight_from_the_scheduler(engine, monke
 
 
 class _Streams(http.server.BaseHTTPRequestHandler):
-    """Streams as the scheduler may send them: a role-less empty first chunk, tokens, a usage chunk; or an
-    error event after a token."""
+    """Streams as the scheduler may send them: a first chunk whose token ids say it carries none, tokens, a
+    usage chunk; or an error event after a token."""
 
     protocol_version = "HTTP/1.1"
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        chunks = [{"choices": [{"text": ""}]}, {"choices": [{"text": " a", "token_ids": [5]}]}]
+        chunks = [{"choices": [{"text": "", "token_ids": []}]}, {"choices": [{"text": " a", "token_ids": [5]}]}]
         if body["prompt"] == "fail":
             chunks.append({"error": {"message": "decode replica ... reported an error", "code": "stream_interrupted"}})
         else:

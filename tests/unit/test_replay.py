@@ -22,6 +22,7 @@ from baton.replay import (
     Summary,
     TraceRow,
     build_parser,
+    event_tokens,
     format_table,
     main,
     parse_timestamp,
@@ -148,6 +149,36 @@ def test_trace_mixing_naive_and_offset_timestamps():
     ))
     assert [r.context_tokens for r in rows] == [10, 40, 20, 30]
     assert [r.offset_s for r in rows] == pytest.approx([0.0, 0.49007, 0.99007, 1.99007])
+
+
+# ------------------------------------------------------------------------------ tokens per streamed event
+def _completion(text, finish=None, ids=None):
+    return {"choices": [{"index": 0, "text": text, "finish_reason": finish, **({"token_ids": ids} if ids else {})}]}
+
+
+def _chat(delta, finish=None):
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+@pytest.mark.parametrize(("event", "tokens"), [
+    (_completion("Hello"), 1),
+    (_completion("", ids=[5, 6]), 2),
+    ({"choices": [{"index": 0, "text": "", "token_ids": [], "finish_reason": None}]}, 0),  # ids say: none
+    # trtllm-serve sends a chunk per generation step; its text may be held back (half a UTF-8 character)
+    (_completion(""), 1),
+    (_completion("", finish="length"), 0),  # a closing chunk: the finish_reason alone
+    (_completion("!", finish="length"), 1),
+    (_chat({"role": "assistant"}), 0),  # the role chunk, as trtllm-serve sends it
+    (_chat({"role": "assistant", "content": ""}), 0),  # and as OpenAI does
+    (_chat({"content": ""}), 1),
+    (_chat({"content": "Hi"}), 1),
+    (_chat({"reasoning_content": "hmm"}), 1),
+    (_chat({}, finish="stop"), 0),
+    ({"choices": [], "usage": {"completion_tokens": 3}}, 0),
+    ({"choices": "x"}, None),
+])
+def test_a_generation_step_counts_as_a_token_even_when_its_text_is_held_back(event, tokens):
+    assert event_tokens(event) == tokens
 
 
 # ------------------------------------------------------------------------------ SSE line endings

@@ -516,8 +516,8 @@ class _TokenStream:
             self.opening = self.head + b'[{"index": 0, "delta": {"content": '
             self.middle = b'}, "token_ids": '
             self.closing = b"}]}\n\n"
-            self.role = (self.head + b'[{"index": 0, "delta": {"role": "assistant", "content": ""}, '
-                                     b'"logprobs": null, "finish_reason": null}]}\n\n')
+            # as trtllm-serve's first chat chunk (DeltaMessage(role=...), dumped with exclude_none)
+            self.role = self.head + b'[{"index": 0, "delta": {"role": "assistant"}}]}\n\n'
         else:
             self.opening = self.head + b'[{"index": 0, "text": '
             self.middle = b', "token_ids": '
