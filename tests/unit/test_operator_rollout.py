@@ -1907,3 +1907,36 @@ def test_an_atomic_takeover_of_a_swap_goes_ahead_where_the_pools_have_room():
     m.pass_()
     assert m.replicas(g0) == {"prefill": 3, "decode": 3} and m.replicas(g1) == {"prefill": 3, "decode": 3}
     assert m.ro["phase"] != "Swapping" and "goes on" not in m.ro["message"], m.ro
+
+
+# ---------------------------------------------------------------- 17. a first deployment that never becomes Ready
+
+def test_a_first_deployment_past_its_progress_deadline_is_stalled_and_keeps_trying(monkeypatch):
+    """Nothing serves yet, so there is nothing to roll back to: after rollout.progressDeadline the model is
+    Stalled (kstatus Failed, Argo CD Degraded, a Flux wait fails) with what it waits for, nothing is deleted,
+    and it recovers by itself once the pods are Ready. Editing the spec starts its deadline again."""
+    stamps = iter(f"2026-01-01T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}Z" for i in range(1, 86400))
+    monkeypatch.setattr(rollout_pass, "_now", lambda: next(stamps))
+    edited = {"after": ""}
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: 0.0 if not ts or (edited["after"] and ts > edited["after"]) else 960.0)
+    m = Model(settle=False)
+    gens = m.generations()
+    outcome = m.r.reconcile("ns", "m")
+    stalled = m.cond("Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "ProgressDeadlineExceeded", stalled
+    assert "did not become Ready within rollout.progressDeadline 15m of its first deployment" in stalled["message"]
+    assert "waiting for prefill 0/1" in stalled["message"], stalled["message"]
+    assert m.cond("Ready")["status"] == "False" and m.cond("Reconciling")["status"] == "True"
+    assert outcome.failed  # counted Stalled, as the BatonModelStalled alert reads it
+    assert m.generations() == gens and m.ro["phase"] == "Progressing"
+    # a fix in place (the same generation): its own deadline, from the edit
+    edited["after"] = m.ro["startedAt"]
+    m.edit(lambda s: s["decode"].setdefault("podTemplate", {}).setdefault("env", []).append({"name": "X", "value": "1"}))
+    m.pass_()
+    assert m.cond("Stalled")["status"] == "False", m.cond("Stalled")
+    edited["after"] = ""
+    m.pass_()
+    assert m.cond("Stalled")["status"] == "True"
+    m.kube.settle()
+    m.pass_()
+    assert m.cond("Stalled")["status"] == "False" and m.cond("Ready")["status"] == "True" and m.ro["phase"] == "Serving"

@@ -200,6 +200,7 @@ class RolloutPass:
         self.r, self.body, self.target, self.derived = reconciler, body, target, derived
         self.ro = ro
         self._keeps_swapping: bool | None = None
+        self.first_deploy_late = ""  # a first deployment past its progress deadline: why (Stalled)
         self._takeover_blocked = ""
         self.generations = generations
         self.changed = changed
@@ -547,10 +548,19 @@ class RolloutPass:
                                 **self._record_switch(gen)})
                 self._phase("Serving", f"generation {gen} serves")
             else:
+                spec_changed = (self.body.get("metadata", {}).get("generation")
+                                != (self.body.get("status") or {}).get("observedGeneration"))
+                if self.ro.get("targetGeneration") != gen or spec_changed:
+                    self.ro["startedAt"] = ""  # a new or edited first spec: its own deadline, from now
                 self.ro["targetGeneration"] = gen
                 self._phase("Progressing", f"deploying generation {gen}")
                 self.rolling = True
                 self.requeue = 2.0
+                deadline = self.spec.rollout.progress_deadline
+                if self._start_deadline(gen) > parse_duration(deadline):
+                    # Nothing to roll back to: nothing is deleted, it keeps trying, but the user must look.
+                    self.first_deploy_late = (f"generation {gen} did not become Ready within rollout.progressDeadline "
+                                              f"{deadline} of its first deployment; nothing serves yet")
             return
         self._revert_swap(gen)
         previous = self.ro.get("previousGeneration", "")

@@ -27,6 +27,7 @@ REASON_APPLY_FAILED = "ApplyFailed"  # the API server refused a child object
 REASON_PODS_UNSCHEDULABLE = "PodsUnschedulable"  # pods cannot be placed (GPUs, selectors, taints)
 REASON_ROLLOUT = "RollingOut"  # a new generation of both tiers is being created, probed or drained
 REASON_ROLLED_BACK = "RolledBack"  # the spec's generation failed and was rolled back; another serves
+REASON_PROGRESS_DEADLINE = "ProgressDeadlineExceeded"  # a first deployment not Ready within progressDeadline
 REASON_KV_FORMAT_MISMATCH = "KVFormatMismatch"  # prefill and decode could not hand KV to each other
 REASON_KV_FORMAT_MATCH = "KVFormatMatch"  # every hard-equal KV-format field agrees
 
@@ -155,13 +156,15 @@ def compute(
     selectors: tuple[str, str] = ("", ""),
     drop: list[str] | tuple[str, ...] = (),
     rolled_back: str = "",
+    late: str = "",
 ) -> dict[str, Any]:
     """The whole status object; `lastTransitionTime`s move only when a condition's status changes.
     Conditions of the types in `drop` are left out (a merge patch replaces the whole list). `rolling_note`
     completes the message of Reconciling while a new generation rolls out. `rolled_back` says why the
     spec's generation was rolled back: another generation serves (Ready says how well) and the spec is
     not tried again until it changes, so Baton needs the user: Stalled (kstatus Failed, Argo CD
-    Degraded, a Flux wait fails), not a healthy and current model."""
+    Degraded, a Flux wait fails), not a healthy and current model. `late` says why a first deployment whose
+    replicas are still not Ready is past its progress deadline: Stalled too, while it keeps trying."""
     conditions = [c for c in previous.get("conditions", []) or [] if c.get("type") not in drop]
     prefill = tier_status(observed.prefill, desired_prefill, fingerprints[0], selectors[0])
     decode = tier_status(observed.decode, desired_decode, fingerprints[1], selectors[1])
@@ -193,7 +196,8 @@ def compute(
             detail += "; " + "; ".join(why[:3]) + (f" (and {len(why) - 3} more)" if len(why) > 3 else "")
         ready = (False, REASON_NOT_READY, f"waiting for {detail}")
         reconciling = (True, REASON_PROGRESSING, f"waiting for {detail}")
-        stalled = (False, REASON_PROGRESSING, "")
+        stalled = (True, REASON_PROGRESS_DEADLINE, f"{late}: waiting for {detail}") if late \
+            else (False, REASON_PROGRESSING, "")
     else:
         message = f"prefill {prefill['summary']}, decode {decode['summary']}, scheduler at {scheduler_endpoint}"
         ready = (True, REASON_ALL_READY, message)
