@@ -1940,3 +1940,62 @@ def test_a_first_deployment_past_its_progress_deadline_is_stalled_and_keeps_tryi
     m.kube.settle()
     m.pass_()
     assert m.cond("Stalled")["status"] == "False" and m.cond("Ready")["status"] == "True" and m.ro["phase"] == "Serving"
+
+
+# ---------------------------------------------------------------- 18. a rolled-back generation's requests in flight
+
+class _Everywhere(dict):
+    """A readout's in-flight map with `n` requests on every engine address."""
+
+    def __init__(self, box):
+        super().__init__()
+        self.box = box
+
+    def get(self, key, default=None):
+        return self.box["n"]
+
+
+def test_a_rolled_back_generation_finishes_its_requests_in_flight_before_it_is_deleted(monkeypatch):
+    """Traffic goes back at once, but the requests the schedulers had already sent to the failed generation
+    (most of which may well succeed) are not cut: it is deleted when they have ended, or FAILED_DRAIN_SECONDS
+    after the switch back at the latest."""
+    box = {"n": 0}
+    monkeypatch.setattr(rollout, "read_schedulers", lambda schedulers, optional=(), timeout=2.0: rollout.SchedulerReadout(
+        in_flight=_Everywhere(box)))
+    m = Model()
+    old = m.ro["servingGeneration"]
+    new = m.switch("1.2.1")
+    box["n"] = 3
+    m.kube.settle(ready=False, gen=new)
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == old, m.ro
+    m.pass_(2)
+    assert new in m.generations() and m.ro["servingGeneration"] == old, "cut with requests in flight"
+    box["n"] = 0
+    m.pass_()
+    assert m.generations() == [old]
+    # at most FAILED_DRAIN_SECONDS: a request that never ends does not keep it
+    m2 = Model()
+    old2 = m2.ro["servingGeneration"]
+    new2 = m2.switch("1.2.1")
+    box["n"] = 3
+    m2.kube.settle(ready=False, gen=new2)
+    m2.pass_()
+    m2.pass_()
+    assert new2 in m2.generations()
+    monkeypatch.setattr(rollout_pass, "_age", lambda ts: rollout_pass.FAILED_DRAIN_SECONDS if ts else 0.0)
+    m2.pass_()
+    assert m2.generations() == [old2]
+
+
+def test_after_a_pairwise_swap_is_rolled_back_its_generation_goes_at_once_to_give_the_gpus_back(monkeypatch):
+    """The serving generation grows back to its size and needs the GPUs the swap's generation holds."""
+    box = {"n": 3}
+    monkeypatch.setattr(rollout, "read_schedulers", lambda schedulers, optional=(), timeout=2.0: rollout.SchedulerReadout(
+        in_flight=_Everywhere(box)))
+    m, g0, g1 = mid_pairwise_swap(gpus=4)
+    m.annotate(ANNOTATION_ROLLBACK, "true")
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and m.ro["swap"]["generation"] == "", m.ro
+    m.pass_()
+    assert g1 not in m.generations(), m.generations()

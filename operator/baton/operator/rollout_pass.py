@@ -54,6 +54,9 @@ NO_SWAP = {"generation": "", "prefillReplicas": 0, "decodeReplicas": 0}
 NO_PROBE = {"generation": "", "step": "", "passed": False, "message": "", "at": ""}
 
 ROLLOUT = "RolloutSucceeded"  # condition type: False while a rollout is blocked or failed, True once one serves
+# How long a generation traffic was switched back from may finish the requests it still has in flight
+# before it is deleted (it is failing: not the whole drainTimeout).
+FAILED_DRAIN_SECONDS = 30.0
 
 # Which value of each control annotation was already acted on, kept as a condition (the status schema
 # has no free-form field): an annotation left in place (GitOps) is acted on once, not on every rollout.
@@ -724,15 +727,29 @@ class RolloutPass:
     def hold_failed(self) -> None:
         gen = self.derived.generation
         serving = self.ro.get("servingGeneration", "")
-        # A generation rolled back after the switch is deleted once traffic is back (see _rollback); an older
-        # one still draining goes once idle.
-        self._remove_leftovers({serving, self.ro.get("previousGeneration", "")} - {""})
+        # A generation rolled back after the switch is deleted once traffic is back (see _rollback), when the
+        # requests still in flight on it have ended (FAILED_DRAIN_SECONDS at most); an older one still
+        # draining goes once idle.
+        keep = {serving, self.ro.get("previousGeneration", "")} - {""}
+        if gen in self.generations and gen not in keep and self._finishing(gen, serving):
+            keep.add(gen)
+            self.rolling = True
+            self.requeue = 2.0
+        self._remove_leftovers(keep)
         self._lingering_previous(gen)
         if self.rollback_request:
             self.rollback_done = f"generation {gen} was already rolled back"
         self.problem = (ROLLOUT, False, "RolledBack",
                         f"generation {gen} was rolled back ({self.ro.get('message', '')}); generation {serving} serves. "
                         f"Fix the spec or set annotation {ANNOTATION_RETRY}={gen} to try again; {in_place_held_back(serving, gen)}")
+
+    def _finishing(self, failed: str, serving: str) -> bool:
+        """The rolled-back generation still has requests the schedulers dispatched to it before traffic went
+        back, and may finish them: within FAILED_DRAIN_SECONDS of the switch back, while the serving
+        generation has all its replicas (after a pairwise swap it grows back, and needs the GPUs now)."""
+        if _age(self.ro.get("switchedAt", "")) >= FAILED_DRAIN_SECONDS or not self._settled(serving):
+            return False
+        return self._in_flight(failed, engine_reads=False) != 0
 
     def _start_deadline(self, gen: str, key: str = "startedAt") -> float:
         """Seconds since the generation (or swap step) started. When the status write that recorded the
