@@ -1999,3 +1999,35 @@ def test_after_a_pairwise_swap_is_rolled_back_its_generation_goes_at_once_to_giv
     assert m.ro["phase"] == "RolledBack" and m.ro["swap"]["generation"] == "", m.ro
     m.pass_()
     assert g1 not in m.generations(), m.generations()
+
+
+# ---------------------------------------------------------------- 19. the status under steady traffic
+
+def test_steady_traffic_in_the_rollback_window_does_not_rewrite_the_status_every_pass(monkeypatch):
+    """Every scheduler watches the model: the request counts shown in status.rollout.errorRate move when a
+    failure is added or the total grew by a tenth, not on every pass; the verdict uses the counts as they are."""
+    counters = _counting_schedulers(monkeypatch)
+    m = Model()
+    g1 = m.switch("1.2.1")
+    writes = []
+    patch = m.kube.patch_status
+    monkeypatch.setattr(m.kube, "patch_status", lambda *a, **k: (writes.append(1), patch(*a, **k))[1])
+    counters[g1] = {"failed": 0, "completed": 100}
+    m.pass_()
+    assert (m.ro["errorRate"]["failed"], m.ro["errorRate"]["total"]) == (0, 100)
+    writes.clear()
+    for completed in range(101, 110):  # +1 request a pass: under a tenth
+        counters[g1]["completed"] = completed
+        m.pass_()
+    assert writes == [] and m.ro["errorRate"]["total"] == 100, (len(writes), m.ro["errorRate"])
+    counters[g1]["completed"] = 110
+    m.pass_()
+    assert m.ro["errorRate"]["total"] == 110 and len(writes) == 1
+    counters[g1]["failed"] = 1  # a failure is always shown
+    m.pass_()
+    assert (m.ro["errorRate"]["failed"], m.ro["errorRate"]["total"]) == (1, 111) and len(writes) == 2
+    # judged as before: 12 failures of 121 (10%, above the 5% threshold) roll it back
+    counters[g1]["failed"] = 12
+    counters[g1]["completed"] = 109
+    m.pass_()
+    assert m.ro["phase"] == "RolledBack" and "12 of 121" in m.ro["message"], m.ro

@@ -324,7 +324,14 @@ class RolloutPass:
         # Less than at the switch only when a scheduler restarted (its counters start again at 0).
         failed = max(0, failed_now - int(counted.get("failedAtSwitch", 0)))
         total = max(failed, total_now - int(counted.get("totalAtSwitch", 0)))
-        self.ro["errorRate"] = {**counted, "failed": failed, "total": total}
+        # Judged on the counts as they are; shown in the status when a failure was added, when it starts being
+        # judged, or when the total grew by a tenth: under steady traffic the status (which every scheduler
+        # watches) is not rewritten every pass.
+        shown = int(counted.get("total", 0))
+        minimum = self.spec.rollout.error_rate_min_requests
+        if (failed != int(counted.get("failed", 0)) or total * 10 >= shown * 11 or total < shown
+                or (shown < minimum <= total)):
+            self.ro["errorRate"] = {**counted, "failed": failed, "total": total}
         if total >= self.spec.rollout.error_rate_min_requests and failed * 100 > threshold * total:
             since = "since it took traffic beside the serving generation" if self.ro.get("servingGeneration") != gen \
                 else "after the switch"
