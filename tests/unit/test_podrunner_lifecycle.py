@@ -265,6 +265,26 @@ SPAWNS_A_CHILD_AND_EXITS = ("import subprocess, sys; child = subprocess.Popen([s
                             "time.sleep(60)']); open(sys.argv[1], 'w').write(str(child.pid)); sys.exit(3)")
 
 
+def test_a_process_that_cannot_be_started_is_backed_off_and_shown_as_a_start_error(tmp_path: Path) -> None:
+    """As a container runtime that cannot start a container (the venv's interpreter gone, say): a restart
+    counted, CrashLoopBackOff with back-off, StartError as the last termination and the reason on the pod,
+    instead of an exception logged once and a retry every half second with the pod still "Starting"."""
+    runner = make_runner(tmp_path, FakeCore(), tend=True)
+    pod = SimpleNamespace(metadata=SimpleNamespace(namespace="ns", name="p"))
+    local = LocalProcess(key="ns/p", uid="u", argv=[str(tmp_path / "no-such-python"), "-m", "baton"], env={},
+                         probe_url=None, log_path=tmp_path / "p.log")
+    runner._tend(local, pod)
+    assert local.proc is None and local.restarts == 1
+    assert local.state["waiting"]["reason"] == "CrashLoopBackOff"
+    assert local.last_terminated["reason"] == "StartError" and local.last_terminated["exitCode"] == 128
+    assert "no-such-python" in local.last_terminated["message"]
+    assert local.next_start - time.monotonic() > 0.5
+    runner._tend(local, pod)  # within the back-off: not tried again
+    assert local.restarts == 1
+    entry = runner._container_entry(local, False)
+    assert entry["restartCount"] == 1 and entry["lastState"]["terminated"]["reason"] == "StartError"
+
+
 def test_a_process_that_exits_takes_the_rest_of_its_session_with_it(tmp_path: Path) -> None:
     """A Triton pod's server is a child of the simulator: left running after the simulator exited, it would
     keep the pod's ports, and every restart would fail to bind them."""

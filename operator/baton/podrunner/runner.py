@@ -1283,6 +1283,23 @@ class PodRunner:
         self._signal(local, signal.SIGTERM)
         self._mark(local, pod, False, reason, f"{why}: the process is being restarted", force=True)
 
+    def _back_off(self, local: LocalProcess, now: float, failure: str) -> None:
+        """A restart planned with back-off after `failure` (the container waits in CrashLoopBackOff), counted
+        in restartCount and reported on the pod."""
+        local.restarts += 1
+        local.crashes += 1
+        delay = min(BACKOFF_MAX_S, 0.5 * 2 ** min(local.crashes, 6))
+        local.next_start = now + delay
+        namespace, name = local.key.split("/", 1)
+        local.state = {"waiting": {"reason": "CrashLoopBackOff", "message": (
+            f"back-off {delay:g}s restarting failed container={self._container_name(local)} "
+            f"pod={name}_{namespace}({local.uid})")}}
+        local.last_failure = failure
+        tail = _last_line(local.log_path)
+        local.exit_report = (f"{failure} (restart {local.restarts} in {delay:g}s); "
+                             f"log: {local.log_path}" + (f"; last line: {tail}" if tail else ""))
+        log.warning("%s: %s", local.key, local.exit_report)
+
     def _exited(self, local: LocalProcess, pod: Any, now: float) -> None:
         """The process exited: its termination recorded (the container's lastState), a restart planned with
         back-off (the container waits in CrashLoopBackOff), what is left of its session killed."""
@@ -1293,21 +1310,10 @@ class PodRunner:
         finished = _time()
         local.last_terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
                                  "startedAt": local.started_at or finished, "finishedAt": finished}
-        local.restarts += 1
         if now - local.started_mono >= BACKOFF_RESET_S:  # it ran long enough: the back-off starts over
             local.crashes = 0
-        local.crashes += 1
-        delay = min(BACKOFF_MAX_S, 0.5 * 2 ** min(local.crashes, 6))
-        local.next_start = now + delay
-        namespace, name = local.key.split("/", 1)
-        local.state = {"waiting": {"reason": "CrashLoopBackOff", "message": (
-            f"back-off {delay:g}s restarting failed container={self._container_name(local)} "
-            f"pod={name}_{namespace}({local.uid})")}}
-        local.last_failure = (f"{local.kill_cause}, so it was stopped: " if local.kill_cause else "") + f"process exited with {how}"
-        tail = _last_line(local.log_path)
-        local.exit_report = (f"{local.last_failure} (restart {local.restarts} in {delay:g}s); "
-                             f"log: {local.log_path}" + (f"; last line: {tail}" if tail else ""))
-        log.warning("%s: %s", local.key, local.exit_report)
+        self._back_off(local, now, (f"{local.kill_cause}, so it was stopped: " if local.kill_cause else "")
+                       + f"process exited with {how}")
         # what is left of its session (Triton's server, a child of the simulator) would keep the pod's
         # ports, and every restart would fail to bind them
         self._signal(local, signal.SIGKILL)
@@ -1323,9 +1329,18 @@ class PodRunner:
         local.next_startup_count = 0.0
         local.next_liveness = now + (local.liveness.initial_delay_s if local.liveness else 0.0)
         local.next_start = now + 0.5  # a start that fails is retried, not on every pass
-        with open(local.log_path, "ab") as out:
-            local.proc = subprocess.Popen(local.argv, env=local.env, stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            with open(local.log_path, "ab") as out:
+                local.proc = subprocess.Popen(local.argv, env=local.env, stdout=out, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            # As a container runtime that cannot start the container (StartError, exit code 128): counted
+            # as a restart and backed off, the reason on the pod, not retried on every pass unseen.
+            at = _time()
+            local.last_terminated = {"exitCode": 128, "reason": "StartError", "message": str(exc),
+                                     "startedAt": at, "finishedAt": at}
+            self._back_off(local, now, f"the process could not be started: {exc}")
+            return
         local.started_mono, local.started_at = now, _time()
         local.started = local.startup is None
         local.state = {"running": {"startedAt": local.started_at}}
