@@ -1962,30 +1962,28 @@ def test_a_rolled_back_generation_finishes_its_requests_in_flight_before_it_is_d
     box = {"n": 0}
     monkeypatch.setattr(rollout, "read_schedulers", lambda schedulers, optional=(), timeout=2.0: rollout.SchedulerReadout(
         in_flight=_Everywhere(box)))
-    m = Model()
-    old = m.ro["servingGeneration"]
-    new = m.switch("1.2.1")
-    box["n"] = 3
-    m.kube.settle(ready=False, gen=new)
-    m.pass_()
-    assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == old, m.ro
-    m.pass_(2)
-    assert new in m.generations() and m.ro["servingGeneration"] == old, "cut with requests in flight"
+
+    def rolled_back_with_requests_in_flight():
+        m = Model()
+        old = m.ro["servingGeneration"]
+        new = m.switch("1.2.1")
+        box["n"] = 3
+        m.kube.settle(ready=False, gen=new)
+        m.pass_()
+        assert m.ro["phase"] == "RolledBack" and m.ro["servingGeneration"] == old, m.ro
+        m.pass_(2)
+        assert new in m.generations() and m.ro["servingGeneration"] == old, "cut with requests in flight"
+        return m, old
+
+    m, old = rolled_back_with_requests_in_flight()
     box["n"] = 0
     m.pass_()
     assert m.generations() == [old]
     # at most FAILED_DRAIN_SECONDS: a request that never ends does not keep it
-    m2 = Model()
-    old2 = m2.ro["servingGeneration"]
-    new2 = m2.switch("1.2.1")
-    box["n"] = 3
-    m2.kube.settle(ready=False, gen=new2)
-    m2.pass_()
-    m2.pass_()
-    assert new2 in m2.generations()
+    m, old = rolled_back_with_requests_in_flight()
     monkeypatch.setattr(rollout_pass, "_age", lambda ts: rollout_pass.FAILED_DRAIN_SECONDS if ts else 0.0)
-    m2.pass_()
-    assert m2.generations() == [old2]
+    m.pass_()
+    assert m.generations() == [old]
 
 
 def test_after_a_pairwise_swap_is_rolled_back_its_generation_goes_at_once_to_give_the_gpus_back(monkeypatch):
