@@ -887,9 +887,9 @@ class _TritonCall:
                             "choices": [choice]})
 
     def role_chunk(self) -> bytes:
+        """A chat stream's first chunk, as trtllm-serve sends it (DeltaMessage(role=...) dumped with exclude_none)."""
         return self._event({"id": self.cid, "object": "chat.completion.chunk", "created": self.created,
-                            "model": self.model, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                              "logprobs": None, "finish_reason": None}]})
+                            "model": self.model, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
 
     def usage_chunk(self, prompt_tokens: int | None, completion_tokens: int) -> bytes:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
