@@ -507,6 +507,8 @@ class RolloutPass:
         applies once there is room, or to the next rollout."""
         if self._keeps_swapping is None:
             self._keeps_swapping = False
+            if self.derived is None:  # a refused spec's drain guard: no strategy of its own to take over with
+                return False
             gen, serving, swap = self.derived.generation, self.ro.get("servingGeneration", ""), self.ro.get("swap") or {}
             if (self.spec.rollout.strategy != "PairwiseSwap" and _swap_sized(swap) and serving and gen != serving
                     and self.ro.get("targetGeneration") == gen and gen in self.generations):
