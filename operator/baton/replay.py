@@ -474,10 +474,10 @@ async def send_one(session: Any, url: str, index: int, body: bytes, timeout: flo
 
 def event_tokens(data: dict[str, Any]) -> int | None:
     """Tokens one streamed event carries: its choices' token ids where it sends them, else one per choice
-    that is a generation step: trtllm-serve (token_ids null) sends a chunk per step also when the step's text
-    is held back (part of a UTF-8 character, a special token skipped), so empty text counts too. Not counted: a chat stream's role chunk,
-    a closing chunk with nothing but its finish_reason, the usage chunk (no choices). None for an event that
-    is not a completion chunk as OpenAI's API shapes one."""
+    that is a generation step: trtllm-serve (token_ids null) sends a chunk per step also when the step's
+    text is held back (part of a UTF-8 character, a special token skipped), so empty text counts too. Not
+    counted: a chat stream's role chunk, a closing chunk with nothing but its finish_reason, the usage
+    chunk (no choices). None for an event that is not a completion chunk as OpenAI's API shapes one."""
     choices = data.get("choices") or []
     if not isinstance(choices, list):
         return None

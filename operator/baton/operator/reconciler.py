@@ -480,11 +480,11 @@ class Reconciler:
         new_status["rollout"] = ro
         self._write_status(body, previous, new_status)
         requeue = RESYNC_SECONDS if settled and not rollout_state.rolling else PROGRESS_SECONDS
-        # A rolled-back spec is Stalled too (the user must act), as is a first deployment past its deadline:
+        # A rolled-back spec is Stalled (the user must act), as is a first deployment past its deadline:
         # counted so, as the Stalled alert reads it.
-        stalled_now = any(c.get("type") == status.STALLED and c.get("status") == "True" for c in new_status["conditions"])
+        stalled = any(c.get("type") == status.STALLED and c.get("status") == "True" for c in new_status["conditions"])
         return Outcome(requeue_after=min(requeue, rollout_state.requeue), writes=self.kube.writes() - writes_before,
-                       failed=bool(rolled_back) or stalled_now)
+                       failed=stalled)
 
     # ------------------------------------------------------------------------------------------
 

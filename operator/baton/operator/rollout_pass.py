@@ -701,11 +701,12 @@ class RolloutPass:
         pods = [p for p in self._pods() if (p.get("metadata", {}).get("labels") or {}).get(LABEL_GENERATION) == gen
                 and (p.get("metadata", {}).get("labels") or {}).get(LABEL_TIER) in ("prefill", "decode")]
         lost = lost_ready_pods(pods, self.ro.get("switchedAt", ""), at_switch)
+        # a replica there at the switch whose pod is gone and not made again (a quota, an admission webhook)
         names = {p.get("metadata", {}).get("name") for p in pods}
-        gone = sorted(f"{tiers[t]['metadata']['name']}-{i}" for t in ("prefill", "decode") for i in range((at_switch or {}).get(t, 0))
-                      if f"{tiers[t]['metadata']['name']}-{i}" not in names)
-        why = [f"not Ready: {', '.join(lost)}"] if lost else []
-        return "; ".join(why + ([f"no pod: {', '.join(gone)}"] if gone else []))
+        at_ordinals = [f"{tiers[t]['metadata']['name']}-{i}" for t in ("prefill", "decode") for i in range((at_switch or {}).get(t, 0))]
+        gone = sorted(name for name in at_ordinals if name not in names)
+        why = ([f"not Ready: {', '.join(lost)}"] if lost else []) + ([f"no pod: {', '.join(gone)}"] if gone else [])
+        return "; ".join(why)
 
     def _replicas_at_switch(self, tiers: dict[str, dict]) -> dict[str, int] | None:
         """The serving generation's replicas per tier at the switch, lowered to a tier's replicas when it is
